@@ -1,0 +1,67 @@
+"""The interface every meta-learning method implements.
+
+The trainer, evaluator, CLI and distributed runner only ever call these methods, so none of
+them knows which method it runs. A method whose meta-update is not a gradient (Reptile) still
+fits: its ``meta_loss`` is a surrogate whose gradient is the update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metalearn.tasks.batch import TaskBatch
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What a method must know of the tasks to build its network.
+
+    input_shape: one example's shape, e.g. (1, 28, 28) or (1,)
+    output_dim:  classes per task (ways) for classification, target size for regression
+    classification: whether targets are class ids
+    """
+
+    input_shape: tuple[int, ...]
+    output_dim: int
+    classification: bool
+
+
+class MetaLearner(nn.Module):
+    """Base class of all methods. Subclasses set ``name`` and ``Config`` (a frozen dataclass of
+    their hyper-parameters) and implement :meth:`meta_loss` and :meth:`predict`."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """Scalar loss averaged over the batch's tasks, whose gradient is the meta-gradient,
+        and metrics (scalars, e.g. ``accuracy``) for logging. Batched over tasks, never a
+        Python loop over them."""
+        raise NotImplementedError
+
+    def predict(self, batch: TaskBatch) -> Tensor:
+        """Adapt to each task's support set, return query predictions:
+        logits (tasks, n_query, ways) or regression outputs (tasks, n_query, out_dim)."""
+        raise NotImplementedError
+
+    def predict_per_step(self, batch: TaskBatch) -> Tensor:
+        """Predictions after each adaptation step, (steps + 1, tasks, n_query, ...); methods
+        without steps return their single prediction with a leading axis of 1."""
+        return self.predict(batch).unsqueeze(0)
+
+
+def task_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy for class ids, mean squared error for real targets (one task or a batch)."""
+    if torch.is_floating_point(target):
+        return F.mse_loss(prediction, target)
+    return F.cross_entropy(prediction.reshape(-1, prediction.shape[-1]), target.reshape(-1))
+
+
+def accuracy(logits: Tensor, target: Tensor) -> Tensor:
+    """Fraction of correct argmax predictions along the last axis of ``logits``."""
+    return (logits.argmax(dim=-1) == target).float().mean()

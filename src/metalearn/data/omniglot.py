@@ -1,0 +1,312 @@
+"""Omniglot (Lake, Salakhutdinov & Tenenbaum 2015): official archives -> cached uint8 array.
+
+The official release is two archives, ``images_background.zip`` (964 characters) and
+``images_evaluation.zip`` (659 characters), each ``<top>/<Alphabet>/characterNN/XXXX_YY.png``
+where ``XXXX`` numbers the character (0001..1623) and ``YY`` the drawer (01..20). Either the zips
+or the same trees already extracted are read. Preprocessing happens once: every drawing is
+resized with antialiasing (Lanczos) and inverted so strokes are bright, then the whole set is
+cached as one ``(1623, 20, S, S)`` uint8 array with its metadata and a content hash, so later
+loads take a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from metalearn.errors import MetalearnError
+
+ARCHIVES = ("images_background", "images_evaluation")
+CHARACTERS_PER_ARCHIVE = {"images_background": 964, "images_evaluation": 659}
+NUM_CHARACTERS = 1623
+DRAWINGS_PER_CHARACTER = 20
+CACHE_FORMAT_VERSION = 1
+
+# sha256 of the sorted `sha256sum` listing of each tree's PNG files (see `content_digest`): an
+# integrity check that does not depend on how the archive was packed.
+CONTENT_DIGESTS = {
+    "images_background": "deaa02f758afda524b3a045c7af40311f2d9ded3e2a39f715ece8470d474bc6a",
+    "images_evaluation": "3d5e035f27423c362bf9a181af649b43cda64c1008f842177ddc5203269c901e",
+}
+
+
+def default_data_dir() -> Path:
+    """``$METALEARN_DATA``, else the per-user cache folder ``~/.cache/metalearn/omniglot``."""
+    if os.environ.get("METALEARN_DATA"):
+        return Path(os.environ["METALEARN_DATA"]).expanduser()
+    return default_cache_dir() / "omniglot"
+
+
+def default_cache_dir() -> Path:
+    """``$METALEARN_CACHE``, else ``$XDG_CACHE_HOME/metalearn``, else ``~/.cache/metalearn``."""
+    if os.environ.get("METALEARN_CACHE"):
+        return Path(os.environ["METALEARN_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "metalearn"
+
+
+@dataclass(frozen=True)
+class Omniglot:
+    """All 1623 characters x 20 drawings, preprocessed.
+
+    images:     (1623, 20, S, S) uint8, strokes bright (255), background 0
+    names:      "Alphabet/characterNN" per character, in character-number order
+    background: (1623,) bool, True for the 964 characters of images_background
+    drawers:    (1623, 20) int, the drawer number (1..20) of each drawing
+    content_hash: sha256 over the array and metadata, recorded in the cache
+    """
+
+    images: np.ndarray
+    names: tuple[str, ...]
+    background: np.ndarray
+    drawers: np.ndarray
+    content_hash: str
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
+    @property
+    def alphabets(self) -> tuple[str, ...]:
+        return tuple(name.split("/")[0] for name in self.names)
+
+    def index_of(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.names)}
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the release
+
+
+def locate_sources(data_dir: Path) -> dict[str, Path]:
+    """The extracted tree or the zip of each archive under ``data_dir``; a clear error if absent."""
+    data_dir = Path(data_dir)
+    found, missing = {}, []
+    for archive in ARCHIVES:
+        tree, zipped = data_dir / archive, data_dir / f"{archive}.zip"
+        if tree.is_dir():
+            found[archive] = tree
+        elif zipped.is_file():
+            found[archive] = zipped
+        else:
+            missing.append(archive)
+    if missing:
+        raise MetalearnError(
+            f"Omniglot not found in {data_dir}: missing "
+            + ", ".join(f"{m}.zip (or the extracted {m}/ folder)" for m in missing)
+            + ". Put the official archives there, point --data-dir or METALEARN_DATA at the "
+            "folder that holds them, or run `metalearn data prepare --download` to fetch them."
+        )
+    return found
+
+
+def iter_pngs(source: Path) -> Iterator[tuple[str, bytes]]:
+    """(relative path like 'images_background/Alpha/character01/0001_01.png', bytes), sorted."""
+    if source.is_dir():
+        root = source.parent
+        for path in sorted(source.rglob("*.png"), key=lambda p: p.relative_to(root).as_posix()):
+            try:
+                yield path.relative_to(root).as_posix(), path.read_bytes()
+            except OSError as err:
+                raise MetalearnError(f"cannot read {path}: {err}") from None
+        return
+    try:
+        with zipfile.ZipFile(source) as archive:
+            names = sorted(n for n in archive.namelist() if n.endswith(".png"))
+            for name in names:
+                try:
+                    yield name, archive.read(name)
+                except (zipfile.BadZipFile, OSError, EOFError) as err:
+                    raise MetalearnError(
+                        f"{source} is corrupt ({name}: {err}). Delete it and download it again."
+                    ) from None
+    except (zipfile.BadZipFile, EOFError) as err:
+        raise MetalearnError(
+            f"{source} is not a readable zip archive ({err}); it is probably truncated or "
+            "corrupt. Delete it and download it again."
+        ) from None
+
+
+def decode_drawing(name: str, data: bytes, image_size: int) -> np.ndarray:
+    """One PNG -> (S, S) uint8 with strokes bright, resized with antialiasing."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("L")
+            if img.size != (image_size, image_size):
+                img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
+            return 255 - np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise MetalearnError(f"corrupt image {name}: {err}") from None
+
+
+def parse_name(name: str) -> tuple[str, int, int]:
+    """'top/Alpha/character01/0123_07.png' -> ('Alpha/character01', 123, 7)."""
+    parts = name.split("/")
+    stem = parts[-1].rsplit(".", 1)[0]
+    try:
+        number, drawer = (int(t) for t in stem.split("_"))
+    except ValueError:
+        raise MetalearnError(f"unexpected file name {name} (expected XXXX_YY.png)") from None
+    return f"{parts[-3]}/{parts[-2]}", number, drawer
+
+
+def read_release(data_dir: Path, image_size: int = 28, progress: bool = False) -> Omniglot:
+    """Decode and resize every drawing of both archives (a few seconds to a minute)."""
+    sources = locate_sources(data_dir)
+    images = np.zeros((NUM_CHARACTERS, DRAWINGS_PER_CHARACTER, image_size, image_size), np.uint8)
+    drawers = np.zeros((NUM_CHARACTERS, DRAWINGS_PER_CHARACTER), np.int16)
+    names: list[str | None] = [None] * NUM_CHARACTERS
+    background = np.zeros(NUM_CHARACTERS, bool)
+    filled = np.zeros((NUM_CHARACTERS, DRAWINGS_PER_CHARACTER), bool)
+    for archive, source in sources.items():
+        pngs = iter_pngs(source)
+        if progress:
+            from tqdm import tqdm
+
+            pngs = tqdm(pngs, desc=f"reading {source.name}", unit="img", leave=False)
+        characters = set()
+        for name, data in pngs:
+            character, number, drawer = parse_name(name)
+            if not (1 <= number <= NUM_CHARACTERS):
+                raise MetalearnError(f"unexpected character number in {name}")
+            index = number - 1
+            slot = int(filled[index].sum())
+            if slot >= DRAWINGS_PER_CHARACTER:
+                raise MetalearnError(f"more than 20 drawings of {character} in {source}")
+            images[index, slot] = decode_drawing(name, data, image_size)
+            drawers[index, slot] = drawer
+            filled[index, slot] = True
+            names[index] = character
+            background[index] = archive == "images_background"
+            characters.add(index)
+        expected = CHARACTERS_PER_ARCHIVE[archive]
+        if len(characters) != expected:
+            raise MetalearnError(
+                f"{source} holds {len(characters)} characters, expected {expected}: the archive "
+                "is incomplete. Delete it and download it again."
+            )
+    if not filled.all():
+        bad = names[int(np.argwhere(~filled.all(1))[0, 0])]
+        raise MetalearnError(f"character {bad} has fewer than 20 drawings: incomplete data")
+    return Omniglot(images, tuple(names), background, drawers, hash_arrays(images, names))
+
+
+def hash_arrays(images: np.ndarray, names: list[str] | tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(images).tobytes())
+    digest.update("\n".join(names).encode())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Cache
+
+
+def source_fingerprint(sources: dict[str, Path]) -> str:
+    """Cheap identity of the sources (path, size, mtime) to know when the cache is stale."""
+    parts = []
+    for archive, path in sorted(sources.items()):
+        stat = path.stat()
+        parts.append(f"{archive}:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def cache_path(cache_dir: Path, image_size: int) -> Path:
+    return Path(cache_dir) / f"omniglot-{image_size}x{image_size}-v{CACHE_FORMAT_VERSION}.npz"
+
+
+def load_omniglot(
+    data_dir: Path | str | None = None,
+    image_size: int = 28,
+    cache_dir: Path | str | None = None,
+    progress: bool = False,
+) -> Omniglot:
+    """The preprocessed Omniglot array, built from the release on first use and cached.
+
+    ``data_dir`` defaults to ``$METALEARN_DATA`` or the user cache; the cache lives in
+    ``cache_dir`` (default ``$METALEARN_CACHE`` or ``~/.cache/metalearn``), never beside the
+    possibly read-only data.
+    """
+    if image_size < 4:
+        raise MetalearnError(f"image size must be at least 4 pixels, got {image_size}")
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    sources = locate_sources(data_dir)
+    fingerprint = source_fingerprint(sources)
+    path = cache_path(cache_dir, image_size)
+    cached = _read_cache(path, fingerprint)
+    if cached is not None:
+        return cached
+    omniglot = read_release(data_dir, image_size, progress=progress)
+    _write_cache(path, omniglot, fingerprint)
+    return omniglot
+
+
+def _read_cache(path: Path, fingerprint: str) -> Omniglot | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            meta = json.loads(str(archive["meta"]))
+            if meta.get("fingerprint") != fingerprint:
+                return None
+            images = archive["images"]
+            return Omniglot(
+                images,
+                tuple(meta["names"]),
+                archive["background"],
+                archive["drawers"],
+                meta["content_hash"],
+            )
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError):
+        return None  # a damaged cache is rebuilt, not trusted
+
+
+def _write_cache(path: Path, omniglot: Omniglot, fingerprint: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "fingerprint": fingerprint,
+        "names": list(omniglot.names),
+        "content_hash": omniglot.content_hash,
+        "format": CACHE_FORMAT_VERSION,
+    }
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(
+            f,
+            images=omniglot.images,
+            background=omniglot.background,
+            drawers=omniglot.drawers,
+            meta=np.array(json.dumps(meta)),
+        )
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Integrity
+
+
+def content_digest(source: Path) -> str:
+    """sha256 of ``find <top> -name '*.png' | LC_ALL=C sort | xargs sha256sum`` for one archive."""
+    listing = hashlib.sha256()
+    for name, data in iter_pngs(source):
+        listing.update(f"{hashlib.sha256(data).hexdigest()}  {name}\n".encode())
+    return listing.hexdigest()
+
+
+def verify_release(data_dir: Path | str | None = None) -> dict[str, bool]:
+    """Compare each archive's content digest with the official one; True where they match."""
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    return {
+        archive: content_digest(source) == CONTENT_DIGESTS[archive]
+        for archive, source in locate_sources(data_dir).items()
+    }

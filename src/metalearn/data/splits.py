@@ -1,0 +1,86 @@
+"""Named Omniglot splits: which (character, rotation) classes belong to train, val and test.
+
+- ``vinyals``: the standard few-shot split (Vinyals et al. 2016, files from Snell et al. 2017):
+  1028 / 172 / 423 characters, each rotated by 0/90/180/270 degrees into four classes.
+- ``lake``: the release's own background (964) vs evaluation (659) characters, unrotated; it
+  has no validation part.
+- ``maml``: as in the MAML reference code: a seeded shuffle of all 1623 characters into
+  1100 train / 100 val / 423 test, with a rotation drawn afresh per class per task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from metalearn.data.omniglot import Omniglot
+from metalearn.errors import MetalearnError
+
+SPLITS = ("vinyals", "lake", "maml")
+PARTS = ("train", "val", "test")
+RANDOM_ROTATION = -1
+MAML_SPLIT_SEED = 1
+MAML_SPLIT_SIZES = (1100, 100, 423)
+
+
+@dataclass(frozen=True)
+class ClassPool:
+    """The classes of one split part.
+
+    characters: (n_classes,) long, index into the Omniglot array
+    rotations:  (n_classes,) long, quarter turns 0..3, or -1 for "draw one per task"
+    """
+
+    name: str
+    characters: Tensor
+    rotations: Tensor
+
+    def __len__(self) -> int:
+        return int(self.characters.shape[0])
+
+    @property
+    def num_characters(self) -> int:
+        return int(torch.unique(self.characters).numel())
+
+
+def omniglot_split(omniglot: Omniglot, split: str, part: str) -> ClassPool:
+    """The class pool of ``part`` (train/val/test) of the named ``split``."""
+    if split not in SPLITS:
+        raise MetalearnError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    if part not in PARTS:
+        raise MetalearnError(f"unknown split part {part!r}; valid parts: {', '.join(PARTS)}")
+    name = f"{split}/{part}"
+    if split == "vinyals":
+        return _vinyals(omniglot, part, name)
+    if split == "lake":
+        if part == "val":
+            raise MetalearnError("the lake split has no validation part (use vinyals or maml)")
+        characters = np.flatnonzero(omniglot.background == (part == "train"))
+        return ClassPool(name, torch.as_tensor(characters), torch.zeros(len(characters), dtype=torch.long))
+    order = np.random.RandomState(MAML_SPLIT_SEED).permutation(len(omniglot.names))
+    n_train, n_val, _ = MAML_SPLIT_SIZES
+    bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, None)}
+    start, stop = bounds[part]
+    characters = torch.as_tensor(order[start:stop])
+    return ClassPool(name, characters, torch.full_like(characters, RANDOM_ROTATION))
+
+
+def has_part(split: str, part: str) -> bool:
+    return not (split == "lake" and part == "val")
+
+
+def _vinyals(omniglot: Omniglot, part: str, name: str) -> ClassPool:
+    text = resources.files("metalearn.data").joinpath(f"splits/vinyals/{part}.txt").read_text()
+    index = omniglot.index_of()
+    characters, rotations = [], []
+    for line in text.split():
+        character, rotation = line.rsplit("/", 1)
+        if character not in index:
+            raise MetalearnError(f"the vinyals split names {character}, which the data lacks")
+        characters.append(index[character])
+        rotations.append(int(rotation.removeprefix("rot")) // 90)
+    return ClassPool(name, torch.tensor(characters), torch.tensor(rotations))

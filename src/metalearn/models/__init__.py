@@ -1,0 +1,33 @@
+"""Networks: plain ``nn.Module`` s with no running-statistics buffers, so that an algorithm can
+apply them as pure functions of a parameter dict (``torch.func.functional_call``)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from metalearn.errors import MetalearnError
+from metalearn.models.conv4 import Conv4
+from metalearn.models.mlp import MLP
+
+MODELS = ("conv4", "conv4-maxpool", "conv4-embedding", "mlp")
+
+
+def build_model(name: str, input_shape: tuple[int, ...], out_features: int | None) -> nn.Module:
+    """A network by name for inputs of ``input_shape`` (without the batch axis).
+
+    ``out_features`` None gives an embedding network (no head), for metric-based methods.
+    """
+    if name in ("conv4", "conv4-maxpool", "conv4-embedding"):
+        if len(input_shape) != 3:
+            raise MetalearnError(f"model {name} needs image inputs (C, H, W), got shape {input_shape}")
+        pooling = "stride" if name == "conv4" else "max"
+        head = None if name == "conv4-embedding" else out_features
+        return Conv4(input_shape[0], head, pooling=pooling)
+    if name == "mlp":
+        if len(input_shape) != 1:
+            raise MetalearnError(f"model mlp needs vector inputs, got shape {input_shape}")
+        return MLP(input_shape[0], out_features or 1)
+    raise MetalearnError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
+
+
+__all__ = ["Conv4", "MLP", "MODELS", "build_model"]

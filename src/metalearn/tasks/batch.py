@@ -1,0 +1,64 @@
+"""TaskBatch: the one batch type every algorithm consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TaskBatch:
+    """A batch of tasks, each tensor with a leading task axis.
+
+    Classification (e.g. N-way K-shot Omniglot)::
+
+        support_x: (tasks, ways*shots, 1, H, W) float in [0, 1]
+        support_y: (tasks, ways*shots)          long, class ids in [0, ways)
+        query_x:   (tasks, ways*query, 1, H, W)
+        query_y:   (tasks, ways*query)          long
+
+    Regression (e.g. sinusoids): ``x`` is ``(tasks, n, in_dim)`` and ``y`` is
+    ``(tasks, n, out_dim)`` float, shaped like the model's output.
+
+    ``task_params`` carries what generated each task (e.g. amplitude and phase of a sinusoid,
+    each ``(tasks,)``) for plots and for measures against the true function; algorithms never
+    read it. ``ways`` is the number of classes (0 for regression).
+    """
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+    ways: int = 0
+    task_params: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def num_tasks(self) -> int:
+        return self.support_x.shape[0]
+
+    @property
+    def is_classification(self) -> bool:
+        return not torch.is_floating_point(self.query_y)
+
+    def to(self, device: torch.device | str) -> "TaskBatch":
+        return TaskBatch(
+            self.support_x.to(device),
+            self.support_y.to(device),
+            self.query_x.to(device),
+            self.query_y.to(device),
+            self.ways,
+            {k: v.to(device) for k, v in self.task_params.items()},
+        )
+
+    def select(self, tasks: slice | Tensor) -> "TaskBatch":
+        """The sub-batch of the given tasks (a slice or an index tensor)."""
+        return TaskBatch(
+            self.support_x[tasks],
+            self.support_y[tasks],
+            self.query_x[tasks],
+            self.query_y[tasks],
+            self.ways,
+            {k: v[tasks] for k, v in self.task_params.items()},
+        )

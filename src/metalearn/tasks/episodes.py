@@ -1,0 +1,107 @@
+"""N-way K-shot episodes drawn straight from the cached image tensor."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from metalearn.data.splits import ClassPool
+from metalearn.errors import MetalearnError
+from metalearn.tasks.batch import TaskBatch
+
+
+class EpisodeSampler:
+    """Draws batches of N-way K-shot classification tasks.
+
+    Each task picks ``ways`` distinct classes of the pool in random order (so the label of a
+    class is re-drawn every episode), then ``shots + query`` distinct drawings of each. A class
+    whose rotation is -1 gets a random quarter turn per task. Everything is drawn from the given
+    ``torch.Generator``, so a seed gives the same episodes on any run.
+
+    images: (n_characters, drawings, H, W) uint8, strokes bright.
+
+    The pool's images are rotated once, up front, into a bank of every (class, rotation) the
+    pool can produce (at 28x28 about 64 MB for the largest split part), so drawing a batch is
+    one ``index_select`` and one conversion to float.
+    """
+
+    def __init__(self, images: Tensor, pool: ClassPool, ways: int, shots: int, query: int,
+                 dataset: str = "omniglot"):
+        drawings = images.shape[1]
+        if ways < 2:
+            raise MetalearnError(f"--ways must be at least 2, got {ways}")
+        if shots < 1 or query < 1:
+            raise MetalearnError(f"--shots and --query must be at least 1, got {shots} and {query}")
+        if shots + query > drawings:
+            raise MetalearnError(
+                f"{dataset} has {drawings} images per class; --shots {shots} with --query "
+                f"{query} needs {shots + query}. Lower --shots or --query."
+            )
+        if ways > len(pool):
+            raise MetalearnError(
+                f"{dataset} split {pool.name} has {len(pool)} classes; --ways {ways} is more "
+                "than that. Lower --ways or use a split part with more classes."
+            )
+        self.pool = pool
+        self.ways, self.shots, self.query = ways, shots, query
+        self.drawings = drawings
+        self.image_shape = tuple(images.shape[2:])
+        self.random_rotation = bool((pool.rotations < 0).any())
+        if self.random_rotation and not bool((pool.rotations < 0).all()):
+            raise MetalearnError(f"split {pool.name} mixes fixed and random rotations")
+        selected = images[pool.characters]  # (classes, drawings, H, W)
+        if self.random_rotation:  # variants: class * 4 + turns
+            variants = torch.stack([torch.rot90(selected, k, dims=(-2, -1)) for k in range(4)], 1)
+        else:
+            variants = selected.clone()
+            for k in (1, 2, 3):
+                chosen = pool.rotations == k
+                variants[chosen] = torch.rot90(selected[chosen], k, dims=(-2, -1))
+        self.bank = variants.reshape(-1, *self.image_shape).contiguous()  # (variants*drawings, H, W)
+
+    def sample_indices(self, num_tasks: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """(classes, drawings, rotations) of ``num_tasks`` episodes: positions in the pool
+        (tasks, ways), drawing numbers (tasks, ways, shots+query), quarter turns (tasks, ways)."""
+        classes = _distinct_classes(num_tasks, len(self.pool), self.ways, generator)
+        draws = torch.rand(num_tasks, self.ways, self.drawings, generator=generator).argsort(dim=2)
+        draws = draws[..., : self.shots + self.query]
+        random_turns = torch.randint(0, 4, (num_tasks, self.ways), generator=generator)
+        rotations = self.pool.rotations[classes]
+        rotations = torch.where(rotations < 0, random_turns, rotations)
+        return classes, draws, rotations
+
+    def sample(self, num_tasks: int, generator: torch.Generator, tasks: slice | None = None) -> TaskBatch:
+        """A batch of ``num_tasks`` episodes; ``tasks`` keeps only that slice of them (the
+        share of one distributed rank), drawn identically to the full batch."""
+        classes, draws, rotations = self.sample_indices(num_tasks, generator)
+        if tasks is not None:
+            classes, draws, rotations = classes[tasks], draws[tasks], rotations[tasks]
+        variant = classes * 4 + rotations if self.random_rotation else classes
+        flat_index = (variant[:, :, None] * self.drawings + draws).reshape(-1)
+        t, per_class = draws.shape[0], draws.shape[2]
+        images = self.bank.index_select(0, flat_index).to(torch.float32).div_(255.0)
+        x = images.view(t, self.ways, per_class, 1, *self.image_shape)
+        labels = torch.arange(self.ways)
+        support_x = x[:, :, : self.shots].reshape(t, self.ways * self.shots, 1, *self.image_shape)
+        query_x = x[:, :, self.shots :].reshape(t, self.ways * self.query, 1, *self.image_shape)
+        support_y = labels.repeat_interleave(self.shots).expand(t, -1)
+        query_y = labels.repeat_interleave(self.query).expand(t, -1)
+        return TaskBatch(support_x, support_y, query_x, query_y, ways=self.ways)
+
+
+def _distinct_classes(num_tasks: int, n_classes: int, ways: int, generator: torch.Generator) -> Tensor:
+    """(tasks, ways) distinct class ids per row, uniformly, in random order.
+
+    Draws with replacement and redraws the rows that repeat a class: far cheaper than a
+    permutation of thousands of classes per task. When repeats would be common (ways close to
+    n_classes) a top-k over uniform noise is used instead.
+    """
+    if ways * ways > n_classes:
+        return torch.rand(num_tasks, n_classes, generator=generator).topk(ways, dim=1).indices
+    classes = torch.randint(n_classes, (num_tasks, ways), generator=generator)
+    while True:
+        ordered = classes.sort(dim=1).values
+        repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+        if not repeated.any():
+            return classes
+        classes[repeated] = torch.randint(n_classes, (int(repeated.sum()), ways), generator=generator)

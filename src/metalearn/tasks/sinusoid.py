@@ -1,0 +1,96 @@
+"""Regression tasks: sinusoids (MAML, Finn et al. 2017, section 5.1) and the ambiguous
+sinusoid-or-line mixture of Probabilistic MAML (Finn, Xu & Levine 2018, section 6)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from metalearn.errors import MetalearnError
+from metalearn.tasks.batch import TaskBatch
+
+
+def _uniform(shape, bounds, generator) -> Tensor:
+    low, high = bounds
+    return torch.rand(shape, generator=generator) * (high - low) + low
+
+
+@dataclass(frozen=True)
+class SinusoidTasks:
+    """y = amplitude * sin(x - phase), amplitude ~ U[0.1, 5], phase ~ U[0, pi], x ~ U[-5, 5].
+
+    ``shots`` support points (the paper's K) and ``query`` query points per task; x and y are
+    ``(tasks, n, 1)``. ``task_params`` holds ``amplitude``, ``phase`` (each ``(tasks,)``).
+    """
+
+    shots: int = 5
+    query: int = 10
+    amplitude: tuple[float, float] = (0.1, 5.0)
+    phase: tuple[float, float] = (0.0, math.pi)
+    x_range: tuple[float, float] = (-5.0, 5.0)
+    noise_std: float = 0.0
+
+    def __post_init__(self):
+        if self.shots < 1 or self.query < 1:
+            raise MetalearnError(f"--shots and --query must be at least 1, got {self.shots} and {self.query}")
+
+    def sample(self, num_tasks: int, generator: torch.Generator, tasks: slice | None = None) -> TaskBatch:
+        amplitude = _uniform((num_tasks,), self.amplitude, generator)
+        phase = _uniform((num_tasks,), self.phase, generator)
+        x = _uniform((num_tasks, self.shots + self.query, 1), self.x_range, generator)
+        noise = torch.randn(x.shape, generator=generator) * self.noise_std
+        params = {"amplitude": amplitude, "phase": phase}
+        return _split(x, self.function(params, x) + noise, params, self.shots, tasks)
+
+    @staticmethod
+    def function(params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """The noiseless task functions at x (tasks, n, 1)."""
+        return params["amplitude"][:, None, None] * torch.sin(x - params["phase"][:, None, None])
+
+
+@dataclass(frozen=True)
+class SineOrLineTasks:
+    """Ambiguous regression: each task is a sinusoid (as :class:`SinusoidTasks`) or a line
+    y = slope * x + intercept (slope, intercept ~ U[-3, 3]) with equal probability, observed
+    through Gaussian noise. ``task_params``: ``is_line`` (0/1), ``amplitude``, ``phase``,
+    ``slope``, ``intercept``, each ``(tasks,)``."""
+
+    shots: int = 5
+    query: int = 10
+    amplitude: tuple[float, float] = (0.1, 5.0)
+    phase: tuple[float, float] = (0.0, math.pi)
+    slope: tuple[float, float] = (-3.0, 3.0)
+    intercept: tuple[float, float] = (-3.0, 3.0)
+    x_range: tuple[float, float] = (-5.0, 5.0)
+    noise_std: float = 0.3
+
+    def __post_init__(self):
+        if self.shots < 1 or self.query < 1:
+            raise MetalearnError(f"--shots and --query must be at least 1, got {self.shots} and {self.query}")
+
+    def sample(self, num_tasks: int, generator: torch.Generator, tasks: slice | None = None) -> TaskBatch:
+        params = {
+            "is_line": (torch.rand(num_tasks, generator=generator) < 0.5).float(),
+            "amplitude": _uniform((num_tasks,), self.amplitude, generator),
+            "phase": _uniform((num_tasks,), self.phase, generator),
+            "slope": _uniform((num_tasks,), self.slope, generator),
+            "intercept": _uniform((num_tasks,), self.intercept, generator),
+        }
+        x = _uniform((num_tasks, self.shots + self.query, 1), self.x_range, generator)
+        noise = torch.randn(x.shape, generator=generator) * self.noise_std
+        return _split(x, self.function(params, x) + noise, params, self.shots, tasks)
+
+    @staticmethod
+    def function(params: dict[str, Tensor], x: Tensor) -> Tensor:
+        sine = params["amplitude"][:, None, None] * torch.sin(x - params["phase"][:, None, None])
+        line = params["slope"][:, None, None] * x + params["intercept"][:, None, None]
+        is_line = params["is_line"][:, None, None]
+        return is_line * line + (1 - is_line) * sine
+
+
+def _split(x: Tensor, y: Tensor, params: dict[str, Tensor], shots: int, tasks: slice | None) -> TaskBatch:
+    batch = TaskBatch(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:], 0, params)
+    return batch if tasks is None else batch.select(tasks)

@@ -1,0 +1,49 @@
+"""Shared fixtures. Omniglot is read from ``$METALEARN_DATA`` (CI points it at
+``../shared/data/omniglot``), else from that folder beside the project when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+PROJECT = Path(__file__).resolve().parents[1]
+SHARED_OMNIGLOT = PROJECT.parent / "shared" / "data" / "omniglot"
+
+
+def omniglot_dir() -> Path | None:
+    if os.environ.get("METALEARN_DATA"):
+        return Path(os.environ["METALEARN_DATA"])
+    return SHARED_OMNIGLOT if SHARED_OMNIGLOT.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def omniglot_data_dir() -> Path:
+    path = omniglot_dir()
+    if path is None or not path.is_dir():
+        pytest.skip("Omniglot not available: set METALEARN_DATA to the folder holding the archives")
+    return path
+
+
+@pytest.fixture(scope="session")
+def omniglot_cache_dir(tmp_path_factory) -> Path:
+    """``$METALEARN_CACHE`` when set (the preprocessed array is reused across runs), else a
+    fresh folder for this test session."""
+    if os.environ.get("METALEARN_CACHE"):
+        return Path(os.environ["METALEARN_CACHE"])
+    return tmp_path_factory.mktemp("metalearn-cache")
+
+
+@pytest.fixture(scope="session")
+def omniglot(omniglot_data_dir, omniglot_cache_dir):
+    from metalearn.data.omniglot import load_omniglot
+
+    return load_omniglot(omniglot_data_dir, 28, cache_dir=omniglot_cache_dir)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield

@@ -7,28 +7,13 @@ fits: its ``meta_loss`` is a surrogate whose gradient is the update.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalearn.tasks.batch import TaskBatch
-
-
-@dataclass(frozen=True)
-class Problem:
-    """What a method must know of the tasks to build its network.
-
-    input_shape: one example's shape, e.g. (1, 28, 28) or (1,)
-    output_dim:  classes per task (ways) for classification, target size for regression
-    classification: whether targets are class ids
-    """
-
-    input_shape: tuple[int, ...]
-    output_dim: int
-    classification: bool
+from metalearn.tasks.batch import Problem, TaskBatch
 
 
 class MetaLearner(nn.Module):

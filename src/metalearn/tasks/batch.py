@@ -62,3 +62,17 @@ class TaskBatch:
             self.ways,
             {k: v[tasks] for k, v in self.task_params.items()},
         )
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What a method must know of the tasks to build its network.
+
+    input_shape: one example's shape, e.g. (1, 28, 28) or (1,)
+    output_dim:  classes per task (ways) for classification, target size for regression
+    classification: whether targets are class ids
+    """
+
+    input_shape: tuple[int, ...]
+    output_dim: int
+    classification: bool

@@ -1,0 +1,112 @@
+"""What the CLI does, as Python functions: build a config with the papers' defaults, train,
+evaluate and plot a run directory."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from metalearn.config import RunConfig, TaskConfig, TrainConfig
+from metalearn.distributed import World, init_world
+from metalearn.errors import MetalearnError
+from metalearn.evaluation import evaluate
+from metalearn.presets import paper_defaults
+from metalearn.runs import RunDir, default_runs_root, new_run_name
+from metalearn.training import TEST_SEED_OFFSET, build_trainer, load_trained
+
+
+def resolve_config(algorithm: str, task: dict[str, Any] | None = None,
+                   algorithm_config: dict[str, Any] | None = None, train: dict[str, Any] | None = None,
+                   resume_from: Path | str | None = None) -> RunConfig:
+    """A full RunConfig from the options the user gave; everything else takes the paper's value
+    for this algorithm and task (see :mod:`metalearn.presets`), or, when resuming, the value
+    saved in the run directory."""
+    from metalearn.algorithms import make_algorithm_config
+
+    task, algorithm_config, train = dict(task or {}), dict(algorithm_config or {}), dict(train or {})
+    if resume_from is not None and RunDir(resume_from).exists():
+        saved = RunDir(resume_from).read_config()
+        return RunConfig(
+            algorithm,
+            dataclasses.replace(saved.task, **task),
+            {**saved.algorithm_config, **algorithm_config},
+            dataclasses.replace(saved.train, **train),
+        )
+    regression = task.get("dataset", TaskConfig.dataset) != "omniglot"
+    if regression:
+        task.setdefault("shots", 5)  # K = 5 support points
+        task.setdefault("test_query", 100)  # a finer estimate of the same expected MSE
+        task.update(split="none", ways=0)
+    task.setdefault("query", task.get("shots", TaskConfig.shots))  # the MAML code queries K per class
+    task_config = TaskConfig(**task)
+    algo_defaults, train_defaults = paper_defaults(algorithm, task_config)
+    algo = make_algorithm_config(algorithm, {**algo_defaults, **algorithm_config})
+    return RunConfig(algorithm, task_config, dataclasses.asdict(algo),
+                     TrainConfig(**{**train_defaults, **train}))
+
+
+def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path | str | None = None,
+          resume: bool = False, progress: bool = True, evaluate_after: bool = True,
+          announce: Callable[[str], None] = print) -> tuple[Path, dict[str, Any] | None]:
+    """Meta-train ``config`` into ``run_dir`` (joins a torchrun group when launched by one);
+    then, unless told not to, evaluate on the test split. Returns (run dir, eval result)."""
+    world = init_world()
+    if run_dir is None:
+        if resume:
+            raise MetalearnError("--resume needs --run-dir, the run to continue")
+        run_dir = default_runs_root() / new_run_name(config)
+    trainer = build_trainer(config, run_dir, data_dir=data_dir, resume=resume, world=world)
+    if world.is_main:
+        start = f"resuming at step {trainer.step}" if trainer.step else "starting"
+        announce(f"{start}: {config.algorithm} on {config.task.dataset}, run directory {run_dir}")
+    trainer.fit(progress=progress)
+    result = None
+    if evaluate_after:
+        result = evaluate_run(run_dir, data_dir=data_dir, progress=progress, world=world,
+                              learner=trainer.learner)
+    return Path(run_dir), result
+
+
+def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0, part: str = "test",
+                 data_dir: Path | str | None = None, progress: bool = True, world: World | None = None,
+                 learner=None) -> dict[str, Any]:
+    """Evaluate the checkpoint of ``run_dir`` on ``episodes`` episodes of ``part`` and write
+    ``eval.json``. The episodes depend only on ``seed``, so methods compare on the same ones."""
+    from metalearn.tasks import build_task_source
+
+    world = world or init_world()
+    config, loaded, step = load_trained(run_dir)
+    learner = learner or loaded
+    source = build_task_source(config.task, part, data_dir)
+    n = episodes or config.train.eval_episodes
+    result = evaluate(learner, source, n, seed=seed + TEST_SEED_OFFSET, world=world, progress=progress)
+    test = config.task.for_testing()
+    result.update({"part": part, "step": step, "algorithm": config.algorithm, "dataset": config.task.dataset,
+                   "ways": test.ways, "shots": test.shots, "query": test.query})
+    if world.is_main:
+        RunDir(run_dir).write_eval(result)
+    return result
+
+
+def plot_run(run_dir: Path | str, data_dir: Path | str | None = None) -> list[Path]:
+    """Learning curves, plus the regression fits picture for regression runs."""
+    from metalearn.plotting import plot_learning_curves, plot_regression_fits
+    from metalearn.tasks import build_task_source
+
+    run = RunDir(run_dir)
+    config = run.read_config()
+    records = run.read_metrics()
+    if not records:
+        raise MetalearnError(f"{run.path} has no metrics yet: train first")
+    title = f"{config.algorithm} {config.task.dataset}"
+    paths = [plot_learning_curves(records, run.plots_dir / "learning_curves.png", title)]
+    if not config.task.classification:
+        _, learner, step = load_trained(run_dir)
+        source = build_task_source(config.task, "test", data_dir)
+        batch = source.sample(4, torch.Generator().manual_seed(TEST_SEED_OFFSET))
+        paths.append(plot_regression_fits(learner, batch, type(source).function, run.plots_dir / "fits.png",
+                                          title=f"{title}, K={config.task.shots}, step {step}"))
+    return paths

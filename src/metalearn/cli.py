@@ -1,0 +1,223 @@
+"""The ``metalearn`` command. Thin: parses options, calls the Python API, prints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+import types
+import typing
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+
+from metalearn.algorithms import ALGORITHMS
+from metalearn.config import RunConfig, TaskConfig, TrainConfig
+from metalearn.errors import MetalearnError
+
+DATA_DIR_HELP = "folder with images_background.zip / images_evaluation.zip (default: $METALEARN_DATA or ~/.cache/metalearn/omniglot)"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="metalearn")
+def cli():
+    """metalearn: meta-learning (MAML and its peers), batched over tasks with torch.func."""
+
+
+# -- option generation from the config dataclasses ------------------------------------------
+
+
+def _option_for(field: dataclasses.Field, prefix: str = "") -> click.Option:
+    name = "--" + prefix + field.name.replace("_", "-")
+    hint = field.type if isinstance(field.type, type) else _resolve(field.type)
+    if hint is bool:
+        return click.Option([f"{name}/--no-{prefix}{field.name.replace('_', '-')}"], default=None,
+                            help=f"(default {field.default})")
+    click_type = {int: int, float: float, str: str}.get(hint, str)
+    return click.Option([name], type=click_type, default=None, show_default=False,
+                        help=f"(default {field.default})")
+
+
+def _resolve(annotation: str):
+    text = str(annotation).replace(" ", "")
+    for name, value in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if text.startswith(name):
+            return value
+    return str
+
+
+TASK_FIELDS = [f for f in dataclasses.fields(TaskConfig)]
+TRAIN_FIELDS = [f for f in dataclasses.fields(TrainConfig)]
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+
+
+def _make_train_command(algorithm: str) -> click.Command:
+    config_class = ALGORITHMS[algorithm].Config
+    algo_fields = dataclasses.fields(config_class)
+
+    def run(**options):
+        ctx = click.get_current_context()
+        from metalearn.api import resolve_config, train
+
+        given = lambda fields: {f.name: options[f.name] for f in fields if _given(ctx, f.name)}
+        config = resolve_config(
+            algorithm,
+            task=given(TASK_FIELDS),
+            algorithm_config=given(algo_fields),
+            train=given(TRAIN_FIELDS),
+            resume_from=options["run_dir"] if options["resume"] else None,
+        )
+        run_dir, result = train(config, run_dir=options["run_dir"], data_dir=options["data_dir"],
+                                resume=options["resume"], progress=options["progress"],
+                                evaluate_after=options["eval"], announce=click.echo)
+        if result is not None:
+            from metalearn.evaluation import format_result
+
+            click.echo(format_result(result))
+        click.echo(f"run directory: {run_dir}")
+
+    params = [_option_for(f) for f in TASK_FIELDS + TRAIN_FIELDS + list(algo_fields)]
+    params += [
+        click.Option(["--data-dir"], type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP),
+        click.Option(["--run-dir"], type=click.Path(path_type=Path), default=None,
+                     help="where checkpoints and metrics go (default: ~/.cache/metalearn/runs/<name>)"),
+        click.Option(["--resume"], is_flag=True, help="continue the run in --run-dir from its checkpoint"),
+        click.Option(["--progress/--no-progress"], default=True, help="show a progress bar"),
+        click.Option(["--eval/--no-eval"], default=True, help="evaluate on the test split when done"),
+    ]
+    doc = (ALGORITHMS[algorithm].__doc__ or "").strip().splitlines()[0]
+    return click.Command(algorithm, callback=run, params=params,
+                         help=f"Meta-train {algorithm}: {doc} Unset options take the paper's values.")
+
+
+@cli.group()
+def train():
+    """Meta-train a method: metalearn train ALGORITHM --dataset omniglot --ways 5 --shots 1."""
+
+
+for _name in ALGORITHMS:
+    train.add_command(_make_train_command(_name))
+
+
+# -- eval / plot ------------------------------------------------------------------------------
+
+
+@cli.command("eval")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--episodes", type=int, default=None, help="test episodes (default: the run's eval_episodes, 600)")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the test episodes")
+@click.option("--part", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
+@click.option("--progress/--no-progress", default=True)
+def eval_command(run_dir, episodes, seed, part, data_dir, progress):
+    """Evaluate a trained run: mean accuracy (or MSE) with a 95% confidence interval."""
+    from metalearn.api import evaluate_run
+    from metalearn.evaluation import format_result
+
+    result = evaluate_run(run_dir, episodes=episodes, seed=seed, part=part, data_dir=data_dir, progress=progress)
+    click.echo(format_result(result))
+    click.echo(f"written to {Path(run_dir) / 'eval.json'}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
+def plot(run_dir, data_dir):
+    """Draw a run's learning curves (and, for regression, fits after 0/1/10 steps) as PNG."""
+    from metalearn.api import plot_run
+
+    for path in plot_run(run_dir, data_dir=data_dir):
+        click.echo(f"wrote {path}")
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+@cli.group()
+def data():
+    """Omniglot: prepare the cached array, show split sizes, verify integrity."""
+
+
+@data.command()
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
+@click.option("--image-size", type=int, default=28, show_default=True)
+@click.option("--download", is_flag=True, help="fetch the official archives first (checksums verified)")
+def prepare(data_dir, image_size, download):
+    """Build the cached preprocessed array (once; later loads take well under a second)."""
+    from metalearn.data.omniglot import default_data_dir, load_omniglot
+
+    data_dir = data_dir or default_data_dir()
+    if download:
+        from metalearn.data.download import download_omniglot
+
+        for name, path in download_omniglot(data_dir, progress=True).items():
+            click.echo(f"{name}: {path}")
+    start = time.perf_counter()
+    omniglot = load_omniglot(data_dir, image_size, progress=True)
+    click.echo(f"{omniglot.images.shape[0]} characters x {omniglot.images.shape[1]} drawings at "
+               f"{image_size}x{image_size} ready in {time.perf_counter() - start:.1f}s "
+               f"(content hash {omniglot.content_hash[:16]})")
+
+
+@data.command()
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
+@click.option("--image-size", type=int, default=28, show_default=True)
+def info(data_dir, image_size):
+    """Characters and classes in every part of every split."""
+    from metalearn.data.omniglot import load_omniglot
+    from metalearn.data.splits import PARTS, SPLITS, has_part, omniglot_split
+
+    omniglot = load_omniglot(data_dir, image_size, progress=True)
+    click.echo(f"omniglot: {len(omniglot.names)} characters, {omniglot.images.shape[0] * omniglot.images.shape[1]} "
+               f"images, {int(omniglot.background.sum())} background / {int((~omniglot.background).sum())} evaluation")
+    click.echo(f"{'split':10s} {'part':6s} {'characters':>10s} {'classes':>8s}  rotations")
+    for split in SPLITS:
+        for part in PARTS:
+            if not has_part(split, part):
+                continue
+            pool = omniglot_split(omniglot, split, part)
+            rotations = "random per task" if bool((pool.rotations < 0).any()) else (
+                "0/90/180/270 as classes" if bool((pool.rotations > 0).any()) else "none")
+            click.echo(f"{split:10s} {part:6s} {pool.num_characters:10d} {len(pool):8d}  {rotations}")
+
+
+@data.command()
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
+def verify(data_dir):
+    """Check each archive's PNG content against the official content digest."""
+    from metalearn.data.omniglot import verify_release
+
+    results = verify_release(data_dir)
+    for archive, ok in results.items():
+        click.echo(f"{archive}: {'ok' if ok else 'MISMATCH'}")
+    if not all(results.values()):
+        raise MetalearnError("the data does not match the official release; download it again")
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point: user errors print one line and exit 2, never a traceback."""
+    try:
+        code = cli.main(args=args, prog_name="metalearn", standalone_mode=False)
+    except MetalearnError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted; the last checkpoint is kept", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Every knob of a run, as frozen dataclasses saved to ``config.json`` beside the checkpoint,
+so that ``eval``, ``plot`` and ``--resume`` need no flags retyped."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from metalearn.errors import MetalearnError
+
+DATASETS = ("omniglot", "sinusoid", "sine-or-line")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Which tasks: dataset, split, and episode shape for training and for testing.
+
+    For classification ``query`` is query examples per class; for regression ``shots`` is the
+    number of support points (the paper's K) and ``query`` the number of query points.
+    ``test_*`` default to the training values (ProtoNets, e.g., trains 60-way, tests 5-way).
+    """
+
+    dataset: str = "omniglot"
+    split: str = "maml"
+    ways: int = 5
+    shots: int = 1
+    query: int = 1
+    test_ways: int | None = None
+    test_shots: int | None = None
+    test_query: int | None = None
+    image_size: int = 28
+    noise_std: float | None = None
+
+    def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise MetalearnError(f"unknown dataset {self.dataset!r}; valid datasets: {', '.join(DATASETS)}")
+
+    @property
+    def classification(self) -> bool:
+        return self.dataset == "omniglot"
+
+    def for_testing(self) -> "TaskConfig":
+        """The episode shape used at evaluation time."""
+        return dataclasses.replace(
+            self,
+            ways=self.test_ways or self.ways,
+            shots=self.test_shots or self.shots,
+            query=self.test_query or self.query,
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The outer loop: ``steps`` meta-updates of ``meta_batch_size`` tasks with Adam at
+    ``meta_lr`` (halved every ``lr_halve_every`` steps when > 0), everything seeded by ``seed``."""
+
+    steps: int = 60000
+    meta_batch_size: int = 32
+    meta_lr: float = 1e-3
+    lr_halve_every: int = 0
+    seed: int = 0
+    log_every: int = 50
+    val_every: int = 1000
+    val_episodes: int = 200
+    checkpoint_every: int = 500
+    eval_episodes: int = 600
+
+    def __post_init__(self):
+        if self.steps < 0 or self.meta_batch_size < 1:
+            raise MetalearnError("--steps must be >= 0 and --meta-batch-size >= 1")
+        if not self.meta_lr > 0:
+            raise MetalearnError(f"--meta-lr must be positive, got {self.meta_lr}")
+
+
+# Fields that may change when a run is resumed: they do not alter what was already computed.
+RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.val_every", "train.checkpoint_every",
+                     "train.eval_episodes", "train.val_episodes"}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run: the tasks, the method (its name and its own config as a dict) and training."""
+
+    algorithm: str
+    task: TaskConfig = field(default_factory=TaskConfig)
+    algorithm_config: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        try:
+            return cls(
+                algorithm=data["algorithm"],
+                task=TaskConfig(**data["task"]),
+                algorithm_config=dict(data["algorithm_config"]),
+                train=TrainConfig(**data["train"]),
+            )
+        except (KeyError, TypeError) as err:
+            raise MetalearnError(f"invalid run configuration ({err}); was it written by metalearn?") from None
+
+
+def config_differences(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """Flattened ``{"train.steps": (old, new), ...}`` for every field that differs."""
+
+    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for key, value in d.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict) and key != "task_params":
+                out.update(flat(value, name + "."))
+            else:
+                out[name] = value
+        return out
+
+    a, b = flat(old.to_dict()), flat(new.to_dict())
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}

@@ -1,0 +1,83 @@
+"""The process group a run belongs to: one process, or one rank of a ``torchrun`` job.
+
+Every rank draws the same task indices from the shared per-step seed and keeps its own
+contiguous share of the meta-batch; gradients are summed with an all-reduce after each rank
+scaled its loss by its share, so the update equals that of one process taking the whole batch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def share(self, num_items: int) -> slice:
+        """This rank's contiguous share of ``num_items`` (sizes differ by at most one)."""
+        base, extra = divmod(num_items, self.size)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (1 if self.rank < extra else 0))
+
+    def sum_gradients(self, parameters) -> None:
+        if not self.distributed:
+            return
+        grads = [p.grad for p in parameters if p.grad is not None]
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+    def sum(self, value: Tensor) -> Tensor:
+        if self.distributed:
+            value = value.clone()
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
+
+    def gather(self, values: Tensor) -> Tensor:
+        """Concatenate every rank's ``values`` (first axis) in rank order."""
+        if not self.distributed:
+            return values
+        sizes = [torch.zeros((), dtype=torch.long) for _ in range(self.size)]
+        dist.all_gather(sizes, torch.tensor(values.shape[0]))
+        longest = int(max(sizes))
+        padded = torch.zeros((longest, *values.shape[1:]), dtype=values.dtype)
+        padded[: values.shape[0]] = values
+        parts = [torch.zeros_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[: int(n)] for part, n in zip(parts, sizes)])
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def init_world(timeout_s: float = 300.0) -> World:
+    """Join the ``torchrun`` process group when launched by it (WORLD_SIZE > 1), else one
+    process. Gloo on CPU; a rank that dies makes the others fail after ``timeout_s``."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return World(dist.get_rank(), dist.get_world_size())

@@ -1,0 +1,69 @@
+"""Pictures of a run: learning curves, and for regression the MAML Figure 2 picture (true
+function, the K support points, the prediction after 0, 1 and 10 adaptation steps)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from metalearn.algorithms import MetaLearner
+from metalearn.tasks.batch import TaskBatch
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_learning_curves(records: list[dict], path: Path, title: str = "") -> Path:
+    """Training loss and every accuracy/MSE series found in ``metrics.jsonl`` records."""
+    plt = _pyplot()
+    series = sorted({k for r in records for k in r if k not in ("step", "tasks_per_s", "val_ci95")})
+    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * max(len(series), 1), 3.5), squeeze=False)
+    for ax, name in zip(axes[0], series):
+        points = [(r["step"], r[name]) for r in records if name in r]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if name.startswith("val") else None)
+        ax.set_xlabel("meta-step")
+        ax.set_title(name)
+        if name == "loss":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_regression_fits(learner: MetaLearner, batch: TaskBatch, true_function, path: Path,
+                         steps_to_show: tuple[int, ...] = (0, 1, 10), title: str = "") -> Path:
+    """For each task of ``batch``: the true function, the support points and the predictions
+    after ``steps_to_show`` adaptation steps, on a grid over the input range."""
+    plt = _pyplot()
+    grid = torch.linspace(-5, 5, 200).view(1, -1, 1).expand(batch.num_tasks, -1, -1).contiguous()
+    truth = true_function(batch.task_params, grid)
+    on_grid = TaskBatch(batch.support_x, batch.support_y, grid, truth, 0, batch.task_params)
+    predictions = learner.predict_per_step(on_grid)  # (steps+1, tasks, 200, 1)
+    shown = [s for s in steps_to_show if s < predictions.shape[0]] or [predictions.shape[0] - 1]
+    fig, axes = plt.subplots(1, batch.num_tasks, figsize=(4.2 * batch.num_tasks, 3.4), squeeze=False)
+    for t, ax in enumerate(axes[0]):
+        ax.plot(grid[t, :, 0], truth[t, :, 0], color="tab:red", label="ground truth")
+        for s in shown:
+            ax.plot(grid[t, :, 0], predictions[s, t, :, 0], linestyle="--" if s == 0 else "-",
+                    label=f"after {s} step{'s' if s != 1 else ''}")
+        ax.scatter(batch.support_x[t, :, 0], batch.support_y[t, :, 0], color="black", zorder=5,
+                   label=f"{batch.support_x.shape[1]} points")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

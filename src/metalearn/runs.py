@@ -1,0 +1,115 @@
+"""The run directory: everything one training run writes, and nothing else.
+
+    config.json      every knob (RunConfig), so eval/resume/plot need no flags
+    checkpoint.pt    model, optimiser, scheduler, step, RNG state; written atomically
+    metrics.jsonl    one JSON object per logged step (training and validation)
+    eval.json        the last evaluation
+    plots/*.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metalearn.config import RunConfig
+from metalearn.errors import MetalearnError
+
+
+def default_runs_root() -> Path:
+    from metalearn.data.omniglot import default_cache_dir
+
+    return Path(os.environ.get("METALEARN_RUNS") or default_cache_dir() / "runs")
+
+
+def new_run_name(config: RunConfig) -> str:
+    task = config.task
+    shape = f"{task.ways}w{task.shots}s" if task.classification else f"k{task.shots}"
+    return f"{config.algorithm}-{task.dataset}-{shape}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+class RunDir:
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    config_path = property(lambda self: self.path / "config.json")
+    checkpoint_path = property(lambda self: self.path / "checkpoint.pt")
+    metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    eval_path = property(lambda self: self.path / "eval.json")
+    plots_dir = property(lambda self: self.path / "plots")
+
+    def exists(self) -> bool:
+        return self.config_path.is_file()
+
+    # -- config --------------------------------------------------------------------------------
+
+    def write_config(self, config: RunConfig) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.config_path, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
+
+    def read_config(self) -> RunConfig:
+        if not self.config_path.is_file():
+            raise MetalearnError(f"{self.path} is not a metalearn run directory (no config.json)")
+        try:
+            return RunConfig.from_dict(json.loads(self.config_path.read_text()))
+        except json.JSONDecodeError as err:
+            raise MetalearnError(f"{self.config_path} is not valid JSON ({err})") from None
+
+    # -- checkpoint ----------------------------------------------------------------------------
+
+    def write_checkpoint(self, state: dict[str, Any]) -> None:
+        """Write to a temporary file, flush to disk, then rename over the old checkpoint: a
+        kill at any moment leaves either the old or the new checkpoint, never half of one."""
+        tmp = self.checkpoint_path.with_name(f"checkpoint.pt.tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.checkpoint_path)
+
+    def has_checkpoint(self) -> bool:
+        return self.checkpoint_path.is_file()
+
+    def read_checkpoint(self) -> dict[str, Any]:
+        if not self.checkpoint_path.is_file():
+            raise MetalearnError(f"no checkpoint in {self.path}: train first (metalearn train ...)")
+        try:
+            return torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        except Exception as err:  # torch raises many kinds for a damaged file
+            raise MetalearnError(f"{self.checkpoint_path} is unreadable ({type(err).__name__}: {err})") from None
+
+    # -- metrics -------------------------------------------------------------------------------
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.is_file():
+            return []
+        records = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+        return records
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop records after ``step`` (written after the checkpoint a resume starts from)."""
+        kept = [r for r in self.read_metrics() if r.get("step", 0) <= step]
+        atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+    def write_eval(self, result: dict[str, Any]) -> None:
+        atomic_write_bytes(self.eval_path, (json.dumps(result, indent=2) + "\n").encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

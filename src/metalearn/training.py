@@ -1,0 +1,199 @@
+"""The meta-training loop: sample a meta-batch, take the method's meta-loss, step Adam; log,
+validate and checkpoint. Readable top to bottom; it never knows which method it trains."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metalearn.algorithms import MetaLearner, build_learner
+from metalearn.config import RESUMABLE_CHANGES, RunConfig, config_differences
+from metalearn.distributed import World
+from metalearn.errors import MetalearnError
+from metalearn.evaluation import evaluate
+from metalearn.runs import RunDir
+from metalearn.tasks import TaskSource, build_task_source, has_validation, problem_of
+
+VALIDATION_SEED_OFFSET = 1_000_003
+TEST_SEED_OFFSET = 2_000_003
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of meta-step ``step``: episodes and any model randomness at a step depend only
+    on (seed, step), so a resumed run draws exactly what the uninterrupted one would."""
+    return (seed * 1_000_000_007 + step * 7_919 + 1) % (2**62)
+
+
+class Trainer:
+    """Trains ``learner`` on ``train_tasks`` as ``config.train`` says, writing into ``run_dir``."""
+
+    def __init__(self, config: RunConfig, learner: MetaLearner, train_tasks: TaskSource,
+                 val_tasks: TaskSource | None, run_dir: RunDir, world: World = World()):
+        self.config, self.learner, self.run_dir, self.world = config, learner, run_dir, world
+        self.train_tasks, self.val_tasks = train_tasks, val_tasks
+        self.optimizer = torch.optim.Adam(learner.parameters(), lr=config.train.meta_lr)
+        halve = config.train.lr_halve_every
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, halve, 0.5) if halve > 0 else None
+        self.step = 0
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "config": self.config.to_dict(),
+            "learner": self.learner.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def save(self) -> None:
+        if self.world.is_main:
+            self.run_dir.write_checkpoint(self.state())
+        self.world.barrier()
+
+    def restore(self, state: dict[str, Any]) -> None:
+        saved = RunConfig.from_dict(state["config"])
+        check_compatible(saved, self.config, f"the checkpoint in {self.run_dir.path}")
+        load_learner_state(self.learner, state["learner"], self.run_dir.path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(state["step"])
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def fit(self, progress: bool = True) -> None:
+        train = self.config.train
+        bar = None
+        if progress and self.world.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=train.steps, initial=self.step, desc=f"{self.config.algorithm}", unit="step")
+        parameters = list(self.learner.parameters())
+        share = self.world.share(train.meta_batch_size)
+        local_fraction = (share.stop - share.start) / train.meta_batch_size
+        window_start, window_tasks = time.perf_counter(), 0
+        if self.step == 0:
+            self.save()  # eval, resume and a NaN at step 1 always find a checkpoint
+        try:
+            while self.step < train.steps:
+                seed = step_seed(train.seed, self.step)
+                batch = self.train_tasks.sample(train.meta_batch_size, torch.Generator().manual_seed(seed), share)
+                torch.manual_seed(seed + self.world.rank)
+                self.learner.train()
+                loss, metrics = self.learner.meta_loss(batch)
+                total_loss = float(self.world.sum(loss.detach() * local_fraction))
+                if not math.isfinite(total_loss):
+                    raise MetalearnError(
+                        f"the meta-loss became {total_loss} at step {self.step + 1}; training stopped "
+                        f"and the last good checkpoint in {self.run_dir.path} is kept. Try a smaller "
+                        "--inner-lr or --meta-lr, or fewer --inner-steps."
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                (loss * local_fraction).backward()
+                self.world.sum_gradients(parameters)
+                self.optimizer.step()
+                if self.scheduler:
+                    self.scheduler.step()
+                self.step += 1
+                window_tasks += train.meta_batch_size
+
+                if self.step % train.log_every == 0 or self.step == train.steps:
+                    elapsed = time.perf_counter() - window_start
+                    record = {"step": self.step, "loss": total_loss,
+                              "tasks_per_s": window_tasks / max(elapsed, 1e-9)}
+                    for name, value in metrics.items():
+                        if name != "loss":
+                            record[name] = float(self.world.sum(value.detach() * local_fraction))
+                    if self.world.is_main:
+                        self.run_dir.append_metrics(record)
+                        if bar is not None:
+                            bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k != "step"})
+                    window_start, window_tasks = time.perf_counter(), 0
+                if bar is not None:
+                    bar.update(1)
+                if self.val_tasks is not None and train.val_every > 0 and self.step % train.val_every == 0:
+                    self.validate()
+                if self.step % train.checkpoint_every == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            self.save()  # the step counter only counts completed steps
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        self.save()
+
+    def validate(self) -> dict[str, Any]:
+        result = evaluate(self.learner, self.val_tasks, self.config.train.val_episodes,
+                          seed=self.config.train.seed + VALIDATION_SEED_OFFSET, world=self.world)
+        if self.world.is_main:
+            self.run_dir.append_metrics({"step": self.step, f"val_{result['metric']}": result["mean"],
+                                         "val_ci95": result["ci95"]})
+        return result
+
+
+# -- assembling a run ------------------------------------------------------------------------
+
+
+def check_compatible(saved: RunConfig, requested: RunConfig, what: str) -> None:
+    """Refuse to continue ``saved`` with a configuration that changes what it computes."""
+    conflicts = {k: v for k, v in config_differences(saved, requested).items() if k not in RESUMABLE_CHANGES}
+    if conflicts:
+        lines = "; ".join(f"{k}: {old!r} there, {new!r} requested" for k, (old, new) in conflicts.items())
+        raise MetalearnError(
+            f"{what} was made with another configuration ({lines}). Resume with the same options, "
+            "or start a new run directory."
+        )
+
+
+def load_learner_state(learner: MetaLearner, state: dict[str, Any], where: Path) -> None:
+    try:
+        learner.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise MetalearnError(f"the checkpoint in {where} does not fit this model ({first})") from None
+
+
+def build_trainer(config: RunConfig, run_dir: Path | str, data_dir: Path | str | None = None,
+                  resume: bool = False, world: World = World()) -> Trainer:
+    """A trainer for ``config`` writing into ``run_dir``; with ``resume``, continue the run
+    found there (its configuration must agree with ``config``)."""
+    run = RunDir(run_dir)
+    if resume:
+        if not run.exists():
+            raise MetalearnError(f"cannot resume: {run.path} holds no run (no config.json)")
+        check_compatible(run.read_config(), config, f"the run in {run.path}")
+    elif run.has_checkpoint():
+        raise MetalearnError(f"{run.path} already holds a run; pass --resume to continue it or choose another --run-dir")
+    torch.manual_seed(config.train.seed)  # the initial weights
+    learner = build_learner(config.algorithm, config.algorithm_config, problem_of(config.task))
+    train_tasks = build_task_source(config.task, "train", data_dir)
+    val_tasks = build_task_source(config.task, "val", data_dir) if has_validation(config.task) else None
+    trainer = Trainer(config, learner, train_tasks, val_tasks, run, world)
+    if resume and run.has_checkpoint():
+        trainer.restore(run.read_checkpoint())
+        if world.is_main:
+            run.truncate_metrics(trainer.step)
+    if world.is_main:
+        run.write_config(config)
+    world.barrier()
+    return trainer
+
+
+def load_trained(run_dir: Path | str) -> tuple[RunConfig, MetaLearner, int]:
+    """(config, learner with the checkpoint's weights, step) of a finished or running run."""
+    run = RunDir(run_dir)
+    config = run.read_config()
+    state = run.read_checkpoint()
+    check_compatible(RunConfig.from_dict(state["config"]), config, f"the checkpoint in {run.path}")
+    learner = build_learner(config.algorithm, config.algorithm_config, problem_of(config.task))
+    load_learner_state(learner, state["learner"], run.path)
+    return config, learner, int(state["step"])

@@ -1,0 +1,240 @@
+"""N-way K-shot episodes: shapes, labels, which drawings they hold, seeding and slicing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metalearn.data.splits import ClassPool, omniglot_split
+from metalearn.errors import MetalearnError
+from metalearn.tasks.batch import TaskBatch
+from metalearn.tasks.episodes import EpisodeSampler, _distinct_classes
+
+WAYS, SHOTS, QUERY = 5, 2, 3
+
+
+@pytest.fixture(scope="module")
+def raw(omniglot) -> torch.Tensor:
+    return torch.from_numpy(omniglot.images)
+
+
+@pytest.fixture(scope="module")
+def train_pool(omniglot) -> ClassPool:
+    return omniglot_split(omniglot, "vinyals", "train")
+
+
+@pytest.fixture(scope="module")
+def sampler(raw, train_pool) -> EpisodeSampler:
+    return EpisodeSampler(raw, train_pool, WAYS, SHOTS, QUERY)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def assert_batches_equal(a: TaskBatch, b: TaskBatch):
+    for field in ("support_x", "support_y", "query_x", "query_y"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert a.ways == b.ways
+
+
+def expected_images(raw, pool, classes, draws, rotations) -> torch.Tensor:
+    """(tasks, ways, shots+query, H, W) uint8 computed straight from the raw array."""
+    t, w, n = draws.shape
+    out = torch.empty(t, w, n, *raw.shape[2:], dtype=torch.uint8)
+    for i in range(t):
+        for j in range(w):
+            character = int(pool.characters[classes[i, j]])
+            drawings = raw[character, draws[i, j]]
+            out[i, j] = torch.rot90(drawings, int(rotations[i, j]), dims=(-2, -1))
+    return out
+
+
+def test_shapes_and_types(sampler):
+    batch = sampler.sample(4, gen(0))
+    assert batch.support_x.shape == (4, WAYS * SHOTS, 1, 28, 28)
+    assert batch.query_x.shape == (4, WAYS * QUERY, 1, 28, 28)
+    assert batch.support_y.shape == (4, WAYS * SHOTS)
+    assert batch.query_y.shape == (4, WAYS * QUERY)
+    assert batch.support_x.dtype == batch.query_x.dtype == torch.float32
+    assert batch.support_y.dtype == batch.query_y.dtype == torch.long
+    assert 0.0 <= float(batch.support_x.min()) and float(batch.support_x.max()) <= 1.0
+    assert float(batch.query_x.max()) == 1.0  # strokes bright, scaled from 255
+    assert batch.num_tasks == 4 and batch.ways == WAYS and batch.is_classification
+
+
+def test_labels_cover_every_way_exactly_shots_times(sampler):
+    batch = sampler.sample(16, gen(1))
+    for t in range(16):
+        assert batch.support_y[t].min() >= 0 and batch.support_y[t].max() < WAYS
+        assert torch.bincount(batch.support_y[t], minlength=WAYS).tolist() == [SHOTS] * WAYS
+        assert torch.bincount(batch.query_y[t], minlength=WAYS).tolist() == [QUERY] * WAYS
+
+
+def test_images_are_the_drawn_drawings(sampler, raw, train_pool):
+    """Image k of label j is drawing draws[j, k] of class classes[j], rotated by its class's
+    rotation: the sampler's bank and flat indexing agree with the raw array."""
+    classes, draws, rotations = sampler.sample_indices(6, gen(2))
+    batch = sampler.sample(6, gen(2))
+    assert torch.equal(rotations, train_pool.rotations[classes])  # fixed rotations in vinyals
+    expected = expected_images(raw, train_pool, classes, draws, rotations).float() / 255
+    for t in range(6):
+        for j in range(WAYS):
+            support = batch.support_x[t, batch.support_y[t] == j, 0]
+            query = batch.query_x[t, batch.query_y[t] == j, 0]
+            assert torch.equal(support, expected[t, j, :SHOTS])
+            assert torch.equal(query, expected[t, j, SHOTS:])
+
+
+def test_support_and_query_drawings_are_distinct(sampler, raw, train_pool):
+    classes, draws, _ = sampler.sample_indices(200, gen(3))
+    assert draws.shape == (200, WAYS, SHOTS + QUERY)
+    assert draws.min() >= 0 and draws.max() < 20
+    sorted_draws = draws.sort(dim=2).values
+    assert (sorted_draws[..., 1:] != sorted_draws[..., :-1]).all()
+    # and as images: no query image of a class repeats one of its support images (the one known
+    # pair of identical drawings in the release, Braille/character01 3 and 19, aside)
+    batch = sampler.sample(200, gen(3))
+    for t in range(200):
+        for j in range(WAYS):
+            if int(train_pool.characters[classes[t, j]]) == 191:
+                continue
+            support = batch.support_x[t, batch.support_y[t] == j].flatten(1)
+            query = batch.query_x[t, batch.query_y[t] == j].flatten(1)
+            assert not (support[:, None] == query[None]).all(-1).any()
+
+
+def test_classes_within_a_task_are_distinct(sampler, train_pool):
+    classes, _, _ = sampler.sample_indices(2000, gen(4))
+    assert classes.min() >= 0 and classes.max() < len(train_pool)
+    ordered = classes.sort(dim=1).values
+    assert (ordered[:, 1:] != ordered[:, :-1]).all()
+
+
+def test_class_order_and_choice_are_uniform(sampler, train_pool):
+    """Labels are re-drawn per episode: the class order within a task is random, and every
+    class of the pool gets drawn."""
+    classes, _, _ = sampler.sample_indices(6000, gen(5))
+    ascending = (classes[:, 1:] > classes[:, :-1]).all(1).float().mean().item()
+    assert 0.002 < ascending < 0.02  # 1/120 for a random order of 5
+    where_min = torch.bincount(classes.argmin(1), minlength=WAYS).float() / 6000
+    assert (where_min - 0.2).abs().max() < 0.03
+    counts = torch.bincount(classes.flatten(), minlength=len(train_pool)).float()
+    assert (counts > 0).float().mean() > 0.99  # 30,000 draws over 4112 classes
+    assert counts.mean() == pytest.approx(6000 * WAYS / len(train_pool))
+    assert counts.max() < 30
+
+
+def test_distinct_classes_when_ways_is_close_to_the_pool_size():
+    g = gen(6)
+    rows = _distinct_classes(3000, 6, 5, g)  # the top-k path
+    assert rows.shape == (3000, 5)
+    ordered = rows.sort(dim=1).values
+    assert (ordered[:, 1:] != ordered[:, :-1]).all()
+    left_out = 15 - rows.sum(1)  # which of 0..5 is missing
+    frequency = torch.bincount(left_out, minlength=6).float() / 3000
+    assert (frequency - 1 / 6).abs().max() < 0.04
+    first = torch.bincount(rows[:, 0], minlength=6).float() / 3000
+    assert (first - 1 / 6).abs().max() < 0.04
+
+
+def test_same_seed_same_batch_other_seed_other_batch(sampler):
+    a, b = sampler.sample(8, gen(7)), sampler.sample(8, gen(7))
+    assert_batches_equal(a, b)
+    c = sampler.sample(8, gen(8))
+    assert not torch.equal(a.support_x, c.support_x)
+    assert not torch.equal(a.query_x, c.query_x)
+    # consecutive batches of one generator differ
+    g = gen(7)
+    first, second = sampler.sample(8, g), sampler.sample(8, g)
+    assert_batches_equal(first, a)
+    assert not torch.equal(first.support_x, second.support_x)
+
+
+@pytest.mark.parametrize("start, stop", [(0, 2), (2, 5), (7, 8), (3, 3)])
+def test_a_slice_of_the_tasks_equals_that_slice_of_the_full_batch(sampler, start, stop):
+    g_full, g_part = gen(9), gen(9)
+    full = sampler.sample(8, g_full)
+    part = sampler.sample(8, g_part, tasks=slice(start, stop))
+    assert part.num_tasks == stop - start
+    assert_batches_equal(part, full.select(slice(start, stop)))
+    # the generators stay in step, so every rank draws the same next batch
+    assert_batches_equal(sampler.sample(8, g_full), sampler.sample(8, g_part))
+
+
+def test_ranks_together_make_the_full_batch(sampler):
+    full = sampler.sample(12, gen(10))
+    shares = [sampler.sample(12, gen(10), tasks=slice(r * 3, (r + 1) * 3)) for r in range(4)]
+    for field in ("support_x", "support_y", "query_x", "query_y"):
+        joined = torch.cat([getattr(s, field) for s in shares])
+        assert torch.equal(joined, getattr(full, field))
+
+
+def test_random_rotations_of_the_maml_split(omniglot, raw):
+    pool = omniglot_split(omniglot, "maml", "train")
+    sampler = EpisodeSampler(raw, pool, ways=5, shots=1, query=1)
+    classes, draws, rotations = sampler.sample_indices(4000, gen(11))
+    share = torch.bincount(rotations.flatten(), minlength=4).float() / rotations.numel()
+    assert share.shape == (4,) and (share - 0.25).abs().max() < 0.02
+    batch = sampler.sample(4000, gen(11))
+    expected = expected_images(raw, pool, classes[:20], draws[:20], rotations[:20]).float() / 255
+    assert torch.equal(batch.support_x[:20, :, 0], expected[:, :, 0])
+    assert torch.equal(batch.query_x[:20, :, 0], expected[:, :, 1])
+    # the same class gets different rotations in different tasks
+    flat_classes, flat_rotations = classes.flatten(), rotations.flatten()
+    frequent = flat_classes.mode().values  # drawn in about 18 of the 4000 tasks
+    assert torch.unique(flat_rotations[flat_classes == frequent]).numel() > 1
+
+
+def test_lake_split_episodes_are_unrotated(omniglot, raw):
+    pool = omniglot_split(omniglot, "lake", "test")
+    sampler = EpisodeSampler(raw, pool, ways=20, shots=1, query=1)
+    classes, draws, rotations = sampler.sample_indices(3, gen(12))
+    assert (rotations == 0).all()
+    batch = sampler.sample(3, gen(12))
+    expected = expected_images(raw, pool, classes, draws, rotations).float() / 255
+    assert torch.equal(batch.support_x[:, :, 0], expected[:, :, 0])
+
+
+def test_shots_plus_query_beyond_the_drawings(raw, train_pool):
+    with pytest.raises(MetalearnError) as info:
+        EpisodeSampler(raw, train_pool, ways=5, shots=15, query=10)
+    message = str(info.value)
+    assert "20 images per class" in message and "--shots 15" in message
+    assert "--query 10" in message and "needs 25" in message
+
+
+def test_more_ways_than_classes(omniglot, raw):
+    pool = omniglot_split(omniglot, "lake", "test")
+    with pytest.raises(MetalearnError) as info:
+        EpisodeSampler(raw, pool, ways=700, shots=1, query=1)
+    message = str(info.value)
+    assert "lake/test" in message and "659 classes" in message and "--ways 700" in message
+    EpisodeSampler(raw, ClassPool("two", torch.tensor([0, 1]), torch.tensor([0, 0])), 2, 1, 1)
+
+
+@pytest.mark.parametrize("ways", [1, 0, -3])
+def test_fewer_than_two_ways(raw, train_pool, ways):
+    with pytest.raises(MetalearnError, match=f"--ways must be at least 2, got {ways}"):
+        EpisodeSampler(raw, train_pool, ways=ways, shots=1, query=1)
+
+
+@pytest.mark.parametrize("shots, query", [(0, 5), (1, 0)])
+def test_no_shots_or_no_query(raw, train_pool, shots, query):
+    with pytest.raises(MetalearnError, match=f"got {shots} and {query}"):
+        EpisodeSampler(raw, train_pool, ways=5, shots=shots, query=query)
+
+
+def test_mixed_fixed_and_random_rotations_are_refused(raw):
+    pool = ClassPool("odd", torch.tensor([0, 1, 2]), torch.tensor([0, -1, 1]))
+    with pytest.raises(MetalearnError, match="mixes fixed and random rotations"):
+        EpisodeSampler(raw, pool, ways=2, shots=1, query=1)
+
+
+def test_batch_to_and_select(sampler):
+    batch = sampler.sample(4, gen(13))
+    moved = batch.to("cpu")
+    assert_batches_equal(moved, batch)
+    picked = batch.select(torch.tensor([3, 1]))
+    assert torch.equal(picked.support_x[0], batch.support_x[3])
+    assert torch.equal(picked.query_y[1], batch.query_y[1])

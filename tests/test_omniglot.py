@@ -1,0 +1,368 @@
+"""The Omniglot reader, its cache, the named splits and the errors a user can run into."""
+
+from __future__ import annotations
+
+import random
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from metalearn.data.omniglot import (
+    ARCHIVES,
+    CONTENT_DIGESTS,
+    Omniglot,
+    _read_cache,
+    decode_drawing,
+    hash_arrays,
+    load_omniglot,
+    locate_sources,
+    parse_name,
+    read_release,
+    verify_release,
+)
+from metalearn.data.splits import (
+    MAML_SPLIT_SIZES,
+    PARTS,
+    RANDOM_ROTATION,
+    SPLITS,
+    ClassPool,
+    has_part,
+    omniglot_split,
+)
+from metalearn.errors import MetalearnError
+from metalearn.tasks.episodes import EpisodeSampler
+
+VINYALS_ROOT = Path(__file__).resolve().parents[1] / "src" / "metalearn" / "data" / "splits" / "vinyals"
+
+
+# --------------------------------------------------------------------------------------------
+# The array
+
+
+def test_counts_shape_and_dtype(omniglot):
+    assert isinstance(omniglot, Omniglot)
+    assert omniglot.images.shape == (1623, 20, 28, 28)
+    assert omniglot.images.dtype == np.uint8
+    assert omniglot.image_size == 28
+    assert omniglot.images[:, :, 0, 0].size == 32_460  # drawings
+    assert len(omniglot.names) == len(set(omniglot.names)) == 1623
+    assert omniglot.background.dtype == bool and omniglot.background.shape == (1623,)
+    assert int(omniglot.background.sum()) == 964
+    # characters are in number order: 0001..0964 background, 0965..1623 evaluation
+    assert omniglot.background[:964].all() and not omniglot.background[964:].any()
+    assert len(set(omniglot.alphabets)) == 50
+    assert len({a for a, bg in zip(omniglot.alphabets, omniglot.background) if bg}) == 30
+    assert all(len(name.split("/")) == 2 and name.split("/")[1].startswith("character") for name in omniglot.names)
+    # each character is drawn once by each of the 20 drawers, stored in drawer order
+    assert omniglot.drawers.shape == (1623, 20)
+    assert (omniglot.drawers == np.arange(1, 21)).all()
+
+
+def test_strokes_are_bright_on_a_dark_background(omniglot):
+    flat = omniglot.images.reshape(-1, 28 * 28)
+    assert np.median(flat) == 0
+    assert (flat == 0).mean() > 0.6  # mostly background
+    assert flat.max(axis=1).min() > 128  # every drawing has strokes
+    assert ((flat > 128).mean(axis=1) < 0.5).all()  # ... and is not inverted
+
+
+def test_drawings_land_at_their_character_and_drawer(omniglot, omniglot_data_dir):
+    """A few PNGs picked from the zips, decoded on their own, equal their slot in the array."""
+    index = omniglot.index_of()
+    rng = random.Random(0)
+    for archive in ARCHIVES:
+        with zipfile.ZipFile(Path(omniglot_data_dir) / f"{archive}.zip") as zipped:
+            names = [n for n in zipped.namelist() if n.endswith(".png")]
+            for name in rng.sample(names, 5):
+                character, number, drawer = parse_name(name)
+                assert index[character] == number - 1
+                image = decode_drawing(name, zipped.read(name), 28)
+                np.testing.assert_array_equal(omniglot.images[number - 1, drawer - 1], image)
+
+
+def test_known_duplicate_drawings_of_braille(omniglot):
+    """The release's own quirk: Braille/character01 drawings 0192_03 and 0192_19 are the same."""
+    braille = omniglot.index_of()["Braille/character01"]
+    assert braille == 191
+    np.testing.assert_array_equal(omniglot.images[braille, 2], omniglot.images[braille, 18])
+    assert not np.array_equal(omniglot.images[braille, 2], omniglot.images[braille, 3])
+
+
+def test_content_digests_verify(omniglot_data_dir):
+    assert verify_release(omniglot_data_dir) == {archive: True for archive in ARCHIVES}
+    assert set(CONTENT_DIGESTS) == set(ARCHIVES)
+
+
+def test_second_load_comes_from_the_cache(omniglot, omniglot_data_dir, omniglot_cache_dir):
+    timings = []
+    for _ in range(3):  # best of three, so a busy machine does not fail the test
+        start = time.perf_counter()
+        again = load_omniglot(omniglot_data_dir, 28, cache_dir=omniglot_cache_dir)
+        timings.append(time.perf_counter() - start)
+    assert min(timings) < 1.0, f"loading the cached array took {min(timings):.2f} s"
+    np.testing.assert_array_equal(again.images, omniglot.images)
+    np.testing.assert_array_equal(again.background, omniglot.background)
+    np.testing.assert_array_equal(again.drawers, omniglot.drawers)
+    assert again.names == omniglot.names
+    assert again.content_hash == omniglot.content_hash == hash_arrays(omniglot.images, omniglot.names)
+    assert len(list(Path(omniglot_cache_dir).glob("omniglot-28x28-*.npz"))) == 1
+
+
+def test_damaged_cache_is_not_trusted(tmp_path):
+    bad = tmp_path / "omniglot-28x28-v1.npz"
+    bad.write_bytes(b"PK\x03\x04 not really")
+    assert _read_cache(bad, "anything") is None
+    assert _read_cache(tmp_path / "missing.npz", "anything") is None
+
+
+# --------------------------------------------------------------------------------------------
+# Splits
+
+
+def test_vinyals_split_sizes(omniglot):
+    sizes = {part: omniglot_split(omniglot, "vinyals", part) for part in PARTS}
+    assert {p: pool.num_characters for p, pool in sizes.items()} == {"train": 1028, "val": 172, "test": 423}
+    assert {p: len(pool) for p, pool in sizes.items()} == {"train": 4112, "val": 688, "test": 1692}
+    for pool in sizes.values():
+        # every character comes with its four rotations, each once
+        pairs = set(zip(pool.characters.tolist(), pool.rotations.tolist()))
+        assert len(pairs) == len(pool)
+        assert pairs == {(c, k) for c in set(pool.characters.tolist()) for k in range(4)}
+    # the test alphabets come from images_evaluation
+    assert not omniglot.background[sizes["test"].characters.numpy()].any()
+
+
+def test_vinyals_split_matches_its_files(omniglot):
+    names = omniglot.names
+    for part in PARTS:
+        pool = omniglot_split(omniglot, "vinyals", part)
+        lines = (VINYALS_ROOT / f"{part}.txt").read_text().split()
+        read = [f"{names[c]}/rot{90 * k:03d}" for c, k in zip(pool.characters.tolist(), pool.rotations.tolist())]
+        assert read == lines
+
+
+def test_lake_split(omniglot):
+    train = omniglot_split(omniglot, "lake", "train")
+    test = omniglot_split(omniglot, "lake", "test")
+    assert (train.num_characters, len(train)) == (964, 964)
+    assert (test.num_characters, len(test)) == (659, 659)
+    assert omniglot.background[train.characters.numpy()].all()
+    assert not omniglot.background[test.characters.numpy()].any()
+    assert (train.rotations == 0).all() and (test.rotations == 0).all()
+    assert not has_part("lake", "val") and has_part("vinyals", "val") and has_part("maml", "val")
+    with pytest.raises(MetalearnError, match="no validation part"):
+        omniglot_split(omniglot, "lake", "val")
+
+
+def test_maml_split(omniglot):
+    pools = {part: omniglot_split(omniglot, "maml", part) for part in PARTS}
+    assert tuple(len(pools[p]) for p in PARTS) == MAML_SPLIT_SIZES == (1100, 100, 423)
+    assert tuple(pools[p].num_characters for p in PARTS) == (1100, 100, 423)
+    for pool in pools.values():
+        assert (pool.rotations == RANDOM_ROTATION).all()
+    # seeded: the same on every call
+    again = omniglot_split(omniglot, "maml", "train")
+    assert torch.equal(again.characters, pools["train"].characters)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_no_character_in_two_parts(omniglot, split):
+    parts = [set(omniglot_split(omniglot, split, p).characters.tolist()) for p in PARTS if has_part(split, p)]
+    for i in range(len(parts)):
+        for j in range(i + 1, len(parts)):
+            assert not parts[i] & parts[j], f"{split}: a character is in two parts"
+    assert set().union(*parts) == set(range(1623))  # and every character is used
+
+
+def test_unknown_split_or_part_lists_the_valid_ones(omniglot):
+    with pytest.raises(MetalearnError) as info:
+        omniglot_split(omniglot, "omniglot-2000", "train")
+    assert "'omniglot-2000'" in str(info.value)
+    assert all(s in str(info.value) for s in SPLITS)
+    with pytest.raises(MetalearnError) as info:
+        omniglot_split(omniglot, "vinyals", "trainval")
+    assert "'trainval'" in str(info.value) and all(p in str(info.value) for p in PARTS)
+
+
+# --------------------------------------------------------------------------------------------
+# Rotated classes are real rotations
+
+
+def _match(image: torch.Tensor, raw: torch.Tensor, pool: ClassPool) -> set[tuple[int, int]]:
+    """The (pool class, drawing) pairs whose rotated raw drawing equals ``image`` (H, W uint8)."""
+    found = set()
+    for cls, (c, k) in enumerate(zip(pool.characters.tolist(), pool.rotations.tolist())):
+        rotated = torch.rot90(raw[c], k, dims=(-2, -1))  # (drawings, H, W)
+        for d in torch.nonzero((rotated == image).flatten(1).all(1)).flatten().tolist():
+            found.add((cls, d))
+    return found
+
+
+def test_vinyals_rotation_classes_are_rotated_drawings(omniglot):
+    """Sampled images of a rot090 (rot180, rot270) class are torch.rot90 of the raw drawing by
+    one (two, three) quarter turns; each label's images come from one (character, rotation)."""
+    train = omniglot_split(omniglot, "vinyals", "train")
+    raw = torch.from_numpy(omniglot.images)
+    # a small pool of real vinyals classes: two characters (neither symmetric under rotation)
+    # with all four rotations, so each class is told apart from the other rotations
+    chosen = []
+    for c in train.characters.unique().tolist():
+        if all(not torch.equal(torch.rot90(raw[c, 0], k), raw[c, 0]) for k in (1, 2, 3)):
+            chosen.append(c)
+        if len(chosen) == 2:
+            break
+    rows = torch.nonzero(torch.isin(train.characters, torch.tensor(chosen))).flatten()
+    pool = ClassPool("vinyals/train-subset", train.characters[rows], train.rotations[rows])
+    assert sorted(pool.rotations.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+
+    sampler = EpisodeSampler(raw, pool, ways=8, shots=2, query=3)
+    batch = sampler.sample(3, torch.Generator().manual_seed(0))
+    for t in range(3):
+        images = torch.cat([batch.support_x[t], batch.query_x[t]]).mul(255).round().to(torch.uint8)[:, 0]
+        labels = torch.cat([batch.support_y[t], batch.query_y[t]])
+        classes_seen = []
+        for label in range(8):
+            matches = [_match(img, raw, pool) for img in images[labels == label]]
+            assert all(matches), "a sampled image is not a rotated drawing of the pool"
+            classes = set.intersection(*({cls for cls, _ in m} for m in matches))
+            assert len(classes) == 1  # unambiguous: these characters have no rotational symmetry
+            classes_seen.append(classes.pop())
+            drawings = [next(iter(m))[1] for m in matches]
+            assert len(set(drawings)) == 5  # shots + query distinct drawings
+        assert sorted(classes_seen) == list(range(8))  # ways == pool size: every class once
+
+    # and directly: a rot090 class is the counter-clockwise quarter turn of the raw drawing
+    rot090 = int(torch.nonzero(pool.rotations == 1)[0])
+    c = int(pool.characters[rot090])
+    bank = sampler.bank.view(len(pool), 20, 28, 28)
+    assert torch.equal(bank[rot090], torch.rot90(raw[c], 1, dims=(-2, -1)))
+    assert torch.equal(bank[rot090][0], torch.from_numpy(np.rot90(omniglot.images[c, 0]).copy()))
+
+
+# --------------------------------------------------------------------------------------------
+# Errors a user can run into
+
+
+def test_missing_data_dir_says_where_to_put_the_archives(tmp_path):
+    with pytest.raises(MetalearnError) as info:
+        load_omniglot(tmp_path / "nowhere", cache_dir=tmp_path / "cache")
+    message = str(info.value)
+    assert str(tmp_path / "nowhere") in message
+    assert "images_background.zip" in message and "images_evaluation.zip" in message
+    assert "METALEARN_DATA" in message and "--data-dir" in message
+    assert "metalearn data prepare --download" in message
+    assert not (tmp_path / "cache").exists()
+
+
+def test_one_missing_archive_is_named(tmp_path, omniglot_data_dir):
+    (tmp_path / "images_evaluation.zip").symlink_to(Path(omniglot_data_dir) / "images_evaluation.zip")
+    with pytest.raises(MetalearnError) as info:
+        locate_sources(tmp_path)
+    assert "images_background.zip" in str(info.value)
+    assert "images_evaluation.zip" not in str(info.value)
+
+
+def test_extracted_tree_is_preferred_over_the_zip(tmp_path, omniglot_data_dir):
+    (tmp_path / "images_background").mkdir()
+    (tmp_path / "images_evaluation.zip").symlink_to(Path(omniglot_data_dir) / "images_evaluation.zip")
+    sources = locate_sources(tmp_path)
+    assert sources == {
+        "images_background": tmp_path / "images_background",
+        "images_evaluation": tmp_path / "images_evaluation.zip",
+    }
+
+
+def test_corrupt_zip_is_named(tmp_path, omniglot_data_dir):
+    (tmp_path / "images_background.zip").write_bytes(b"\x00garbage, not a zip\xff" * 100)
+    (tmp_path / "images_evaluation.zip").symlink_to(Path(omniglot_data_dir) / "images_evaluation.zip")
+    with pytest.raises(MetalearnError) as info:
+        load_omniglot(tmp_path, cache_dir=tmp_path / "cache")
+    message = str(info.value)
+    assert str(tmp_path / "images_background.zip") in message
+    assert "not a readable zip" in message and "download it again" in message
+
+
+def test_truncated_zip_is_named(tmp_path, omniglot_data_dir):
+    data = (Path(omniglot_data_dir) / "images_background.zip").read_bytes()
+    (tmp_path / "images_background.zip").write_bytes(data[: len(data) // 2])
+    (tmp_path / "images_evaluation.zip").symlink_to(Path(omniglot_data_dir) / "images_evaluation.zip")
+    with pytest.raises(MetalearnError) as info:
+        load_omniglot(tmp_path, cache_dir=tmp_path / "cache")
+    message = str(info.value)
+    assert str(tmp_path / "images_background.zip") in message
+    assert "truncated or corrupt" in message
+
+
+def _real_png(omniglot_data_dir) -> tuple[str, bytes]:
+    with zipfile.ZipFile(Path(omniglot_data_dir) / "images_background.zip") as archive:
+        name = sorted(n for n in archive.namelist() if n.endswith(".png"))[0]
+        return name, archive.read(name)
+
+
+def test_damaged_member_of_a_zip_is_named(tmp_path, omniglot_data_dir):
+    """A zip whose directory is intact but whose member bytes are damaged (bad CRC)."""
+    name, png = _real_png(omniglot_data_dir)
+    path = tmp_path / "images_background.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr(name, png)
+    data = bytearray(path.read_bytes())
+    at = data.find(png) + len(png) // 2
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    (tmp_path / "images_evaluation").mkdir()
+    with pytest.raises(MetalearnError) as info:
+        read_release(tmp_path)
+    message = str(info.value)
+    assert str(path) in message and name in message and "corrupt" in message
+
+
+def test_corrupt_png_in_an_extracted_tree_is_named(tmp_path):
+    png = tmp_path / "images_background" / "Alpha" / "character01" / "0001_01.png"
+    png.parent.mkdir(parents=True)
+    png.write_bytes(b"\x89PNG\r\n\x1a\n but then nothing sensible")
+    (tmp_path / "images_evaluation").mkdir()
+    with pytest.raises(MetalearnError) as info:
+        load_omniglot(tmp_path, cache_dir=tmp_path / "cache")
+    assert "corrupt image images_background/Alpha/character01/0001_01.png" in str(info.value)
+
+
+def test_incomplete_tree_is_reported(tmp_path, omniglot_data_dir):
+    name, png = _real_png(omniglot_data_dir)
+    path = tmp_path / name
+    path.parent.mkdir(parents=True)
+    path.write_bytes(png)
+    (tmp_path / "images_evaluation").mkdir()
+    with pytest.raises(MetalearnError) as info:
+        read_release(tmp_path)
+    assert "holds 1 characters, expected 964" in str(info.value)
+    assert "incomplete" in str(info.value)
+
+
+def test_decode_drawing_names_the_file():
+    with pytest.raises(MetalearnError, match="corrupt image Alpha/character01/0001_01.png"):
+        decode_drawing("Alpha/character01/0001_01.png", b"definitely not a png", 28)
+
+
+def test_decode_drawing_resizes_and_inverts(omniglot_data_dir):
+    name, png = _real_png(omniglot_data_dir)
+    big = decode_drawing(name, png, 105)  # the native size: no resampling, just inverted
+    assert big.shape == (105, 105) and big.dtype == np.uint8
+    assert set(np.unique(big).tolist()) <= {0, 255} and big.mean() < 128
+    small = decode_drawing(name, png, 28)
+    assert small.shape == (28, 28)
+    assert len(np.unique(small)) > 2  # antialiased, not nearest-neighbour
+
+
+def test_unexpected_file_name():
+    with pytest.raises(MetalearnError, match="expected XXXX_YY.png"):
+        parse_name("images_background/Alpha/character01/readme.png")
+    assert parse_name("images_background/Alpha/character07/0123_09.png") == ("Alpha/character07", 123, 9)
+
+
+def test_too_small_image_size(tmp_path):
+    with pytest.raises(MetalearnError, match="at least 4 pixels, got 2"):
+        load_omniglot(tmp_path, image_size=2, cache_dir=tmp_path)

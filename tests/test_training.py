@@ -1,0 +1,152 @@
+"""The trainer: exact resume, atomic checkpoints, NaN handling, configuration checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from metalearn.api import evaluate_run, resolve_config
+from metalearn.errors import MetalearnError
+from metalearn.runs import RunDir
+from metalearn.training import build_trainer, load_trained
+
+
+def sinusoid_config(steps: int, **train):
+    return resolve_config(
+        "maml",
+        task={"dataset": "sinusoid", "shots": 5},
+        algorithm_config={"test_inner_steps": 2},
+        train={"steps": steps, "meta_batch_size": 4, "log_every": 2, "val_every": 3, "val_episodes": 8,
+               "checkpoint_every": 2, "eval_episodes": 20, **train},
+    )
+
+
+def parameters_of(learner):
+    return {k: v.detach().clone() for k, v in learner.state_dict().items()}
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = build_trainer(sinusoid_config(10), tmp_path / "straight")
+    straight.fit(progress=False)
+
+    first = build_trainer(sinusoid_config(5), tmp_path / "split")
+    first.fit(progress=False)
+    resumed = build_trainer(sinusoid_config(10), tmp_path / "split", resume=True)
+    assert resumed.step == 5
+    resumed.fit(progress=False)
+
+    a, b = parameters_of(straight.learner), parameters_of(resumed.learner)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # The optimiser state continues too, and the metrics log has no duplicated steps.
+    assert straight.optimizer.state_dict()["state"][0]["step"] == resumed.optimizer.state_dict()["state"][0]["step"]
+    steps = [r["step"] for r in RunDir(tmp_path / "split").read_metrics() if "loss" in r]
+    assert steps == sorted(set(steps)) == [2, 4, 5, 6, 8, 10]  # 5: the end of the first part
+
+
+def test_resume_exact_on_omniglot_conv4(tmp_path, omniglot_data_dir):
+    def config(steps):
+        return resolve_config("maml", task={"dataset": "omniglot", "ways": 3, "shots": 1},
+                              algorithm_config={"inner_lr": 0.4},
+                              train={"steps": steps, "meta_batch_size": 2, "val_every": 0,
+                                     "checkpoint_every": 2, "log_every": 1})
+
+    straight = build_trainer(config(4), tmp_path / "a", data_dir=omniglot_data_dir)
+    straight.fit(progress=False)
+    build_trainer(config(2), tmp_path / "b", data_dir=omniglot_data_dir).fit(progress=False)
+    resumed = build_trainer(config(4), tmp_path / "b", data_dir=omniglot_data_dir, resume=True)
+    resumed.fit(progress=False)
+    for name, value in parameters_of(straight.learner).items():
+        assert torch.equal(value, parameters_of(resumed.learner)[name]), name
+
+
+def test_resume_with_other_configuration_is_refused(tmp_path):
+    build_trainer(sinusoid_config(2), tmp_path).fit(progress=False)
+    other = resolve_config("maml", task={"dataset": "sinusoid", "shots": 10},
+                           train={"steps": 4, "meta_batch_size": 4})
+    with pytest.raises(MetalearnError, match=r"task.shots: 5 there, 10 requested"):
+        build_trainer(other, tmp_path, resume=True)
+
+
+def test_starting_over_an_existing_run_is_refused(tmp_path):
+    build_trainer(sinusoid_config(2), tmp_path).fit(progress=False)
+    with pytest.raises(MetalearnError, match="--resume"):
+        build_trainer(sinusoid_config(2), tmp_path)
+
+
+def test_checkpoint_holds_everything_and_loads(tmp_path):
+    trainer = build_trainer(sinusoid_config(4), tmp_path)
+    trainer.fit(progress=False)
+    state = RunDir(tmp_path).read_checkpoint()
+    assert {"step", "config", "learner", "optimizer", "torch_rng"} <= set(state)
+    config, learner, step = load_trained(tmp_path)
+    assert step == 4 and config == sinusoid_config(4)
+    for name, value in parameters_of(trainer.learner).items():
+        assert torch.equal(value, learner.state_dict()[name])
+    assert json.loads((tmp_path / "config.json").read_text())["algorithm"] == "maml"
+
+
+def test_interrupted_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
+    trainer = build_trainer(sinusoid_config(2), tmp_path)
+    trainer.fit(progress=False)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+
+    def dying_save(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        RunDir(tmp_path).write_checkpoint(trainer.state())
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    monkeypatch.undo()
+    assert load_trained(tmp_path)[2] == 2
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path):
+    trainer = build_trainer(sinusoid_config(10, checkpoint_every=2), tmp_path)
+    real_meta_loss = trainer.learner.meta_loss
+
+    def diverging(batch):  # finite for five steps, then NaN
+        loss, metrics = real_meta_loss(batch)
+        return (loss * float("nan") if trainer.step >= 5 else loss), metrics
+
+    trainer.learner.meta_loss = diverging
+    with pytest.raises(MetalearnError, match=r"meta-loss became nan at step 6.*--inner-lr"):
+        trainer.fit(progress=False)
+    _, learner, step = load_trained(tmp_path)
+    assert step == 4  # the last checkpoint written before the failure
+    assert all(torch.isfinite(p).all() for p in learner.parameters())
+
+
+def test_diverging_inner_loop_is_reported(tmp_path):
+    config = resolve_config("maml", task={"dataset": "sinusoid"}, algorithm_config={"inner_lr": 1e30},
+                            train={"steps": 5, "meta_batch_size": 4, "val_every": 0})
+    with pytest.raises(MetalearnError, match=r"meta-loss became (nan|inf) at step 1"):
+        build_trainer(config, tmp_path).fit(progress=False)
+    assert load_trained(tmp_path)[2] == 0  # the initial checkpoint survives
+
+
+def test_checkpoint_from_another_configuration_is_refused(tmp_path):
+    build_trainer(sinusoid_config(2), tmp_path / "a").fit(progress=False)
+    other = resolve_config("maml", task={"dataset": "sinusoid"}, algorithm_config={"inner_lr": 0.5},
+                           train={"steps": 2, "meta_batch_size": 4})
+    build_trainer(other, tmp_path / "b").fit(progress=False)
+    (tmp_path / "a" / "checkpoint.pt").write_bytes((tmp_path / "b" / "checkpoint.pt").read_bytes())
+    with pytest.raises(MetalearnError, match="another configuration"):
+        load_trained(tmp_path / "a")
+
+
+def test_evaluation_reports_mean_and_interval(tmp_path):
+    build_trainer(sinusoid_config(2), tmp_path).fit(progress=False)
+    result = evaluate_run(tmp_path, episodes=30, progress=False)
+    scores = torch.tensor(result["scores"])
+    assert result["episodes"] == 30 and len(result["per_step"]) == 3
+    assert result["mean"] == pytest.approx(float(scores.mean()), rel=1e-6)
+    assert result["ci95"] == pytest.approx(1.96 * float(scores.std()) / 30**0.5, rel=1e-6)
+    assert json.loads((tmp_path / "eval.json").read_text())["mean"] == result["mean"]
+    again = evaluate_run(tmp_path, episodes=30, progress=False)
+    assert again["scores"] == result["scores"]  # same seed, same episodes

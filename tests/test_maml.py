@@ -151,7 +151,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-
 @pytest.mark.parametrize("problem", PROBLEMS)
 def test_reference_forward_matches_model(problem):
     """Guards the reference itself: its functional forward is the model's forward."""

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from metalearn.algorithms.maml import MAML
 from metalearn.errors import MetalearnError
-from metalearn.models import MLP, Conv4
+from metalearn.models import MLP, BatchStatNorm, Conv4
 from metalearn.tasks.batch import TaskBatch
 from metalearn.tasks.sinusoid import SinusoidTasks
 
@@ -345,5 +345,23 @@ def test_model_with_running_stat_buffers_is_refused():
     model = nn.Sequential(nn.Linear(1, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
     with pytest.raises(MetalearnError, match="buffers"):
         MAML(model, MAML.Config(inner_lr=0.01, model="mlp"))
-    # the same network with batch statistics only is accepted
-    MAML(nn.Sequential(nn.Linear(1, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.Linear(8, 1)))
+    # native batch norm without running statistics: its second derivative under vmap is wrong in
+    # torch, so second-order MAML refuses it, first-order accepts it, BatchStatNorm is accepted
+    native = nn.Sequential(nn.Linear(1, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.Linear(8, 1))
+    with pytest.raises(MetalearnError, match="BatchStatNorm"):
+        MAML(native)
+    MAML(native, MAML.Config(first_order=True))
+    MAML(nn.Sequential(nn.Linear(1, 8), BatchStatNorm(8), nn.ReLU(), nn.Linear(8, 1)))
+
+
+def test_batch_stat_norm_equals_native_batch_norm():
+    x = torch.randn(6, 4, 5, 5, dtype=torch.float64)
+    ours, native = BatchStatNorm(4).double(), nn.BatchNorm2d(4, track_running_stats=False).double()
+    with torch.no_grad():
+        for layer in (ours, native):
+            layer.weight.copy_(torch.linspace(0.5, 2, 4))
+            layer.bias.copy_(torch.linspace(-1, 1, 4))
+    torch.testing.assert_close(ours(x), native(x), rtol=1e-12, atol=1e-12)
+    x1 = torch.randn(7, 4, dtype=torch.float64)
+    torch.testing.assert_close(ours(x1), nn.functional.batch_norm(x1, None, None, ours.weight, ours.bias, True),
+                               rtol=1e-12, atol=1e-12)

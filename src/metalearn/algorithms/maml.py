@@ -68,12 +68,19 @@ class MAML(MetaLearner):
                 f"MAML needs a model without buffers (found {', '.join(buffers[:3])}); use "
                 "BatchNorm with track_running_stats=False so batch statistics are used."
             )
+        native_norms = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+        if native_norms and not config.first_order:
+            raise MetalearnError(
+                f"second-order MAML cannot use torch's native batch norm ({native_norms[0]}): its "
+                "second derivative under vmap is wrong in torch. Use metalearn.models.BatchStatNorm "
+                "(same parameters, batch statistics) or --first-order."
+            )
         self.model = model
         self.config = config
         names = [name for name, _ in model.named_parameters()]
         self._lr_keys = {name: name.replace(".", "__") for name in names}
         if config.learn_inner_lr:
-            steps = max(config.inner_steps, config.test_inner_steps, 1)
+            steps = config.inner_steps  # test-time steps beyond these reuse the last step size
             self.inner_lrs = nn.ParameterDict(
                 {key: nn.Parameter(torch.full((steps,), config.inner_lr)) for key in self._lr_keys.values()}
             )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from metalearn.models.norm import BatchStatNorm
+
 
 def conv_block(in_channels: int, out_channels: int, pooling: str) -> nn.Sequential:
     """3x3 conv, batch norm on the current batch's statistics (no running statistics, as in the
@@ -12,7 +14,7 @@ def conv_block(in_channels: int, out_channels: int, pooling: str) -> nn.Sequenti
     stride = 2 if pooling == "stride" else 1
     layers: list[nn.Module] = [
         nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1),
-        nn.BatchNorm2d(out_channels, track_running_stats=False),
+        BatchStatNorm(out_channels),
         nn.ReLU(),
     ]
     if pooling == "max":

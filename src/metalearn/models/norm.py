@@ -1,0 +1,38 @@
+"""Batch normalisation that a meta-learner can differentiate twice under ``vmap``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class BatchStatNorm(nn.Module):
+    """Normalise each channel (axis 1) with the current batch's mean and variance, then scale
+    and shift: ``nn.BatchNorm{1,2,3}d(track_running_stats=False)`` in training mode, with the
+    same parameter names (``weight``, ``bias``).
+
+    Why not the native layer: in torch 2.13 the second derivative of the native batch-norm
+    kernel inside ``torch.func.vmap`` is wrong (a conv bias in front of batch norm, which cannot
+    change any output, gets a non-zero second-order MAML meta-gradient). Written with ``mean``
+    and ``var`` it agrees with finite differences (tests/test_maml.py). There are no running
+    statistics, as in the MAML reference code: statistics of the batch at train and test time.
+
+    x: (batch, num_features, *spatial) -> same shape
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_features, self.eps = num_features, eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dims = (0, *range(2, x.dim()))
+        mean = x.mean(dim=dims, keepdim=True)
+        var = x.var(dim=dims, unbiased=False, keepdim=True)
+        shape = (-1, *([1] * (x.dim() - 2)))
+        scale = torch.rsqrt(var + self.eps) * self.weight.view(shape)
+        return (x - mean) * scale + self.bias.view(shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"

@@ -113,7 +113,8 @@ def iter_pngs(source: Path) -> Iterator[tuple[str, bytes]]:
     """(relative path like 'images_background/Alpha/character01/0001_01.png', bytes), sorted."""
     if source.is_dir():
         root = source.parent
-        for path in sorted(source.rglob("*.png"), key=lambda p: p.relative_to(root).as_posix()):
+        paths = [p for p in source.rglob("*.png") if not _is_metadata(p.relative_to(root).as_posix())]
+        for path in sorted(paths, key=lambda p: p.relative_to(root).as_posix()):
             try:
                 yield path.relative_to(root).as_posix(), path.read_bytes()
             except OSError as err:
@@ -121,7 +122,7 @@ def iter_pngs(source: Path) -> Iterator[tuple[str, bytes]]:
         return
     try:
         with zipfile.ZipFile(source) as archive:
-            names = sorted(n for n in archive.namelist() if n.endswith(".png"))
+            names = sorted(n for n in archive.namelist() if n.endswith(".png") and not _is_metadata(n))
             for name in names:
                 try:
                     yield name, archive.read(name)
@@ -134,6 +135,11 @@ def iter_pngs(source: Path) -> Iterator[tuple[str, bytes]]:
             f"{source} is not a readable zip archive ({err}); it is probably truncated or "
             "corrupt. Delete it and download it again."
         ) from None
+
+
+def _is_metadata(name: str) -> bool:
+    """macOS archive droppings (``__MACOSX/``, ``._x.png``), not drawings."""
+    return name.startswith("__MACOSX/") or name.rsplit("/", 1)[-1].startswith("._")
 
 
 def decode_drawing(name: str, data: bytes, image_size: int) -> np.ndarray:
@@ -151,6 +157,8 @@ def decode_drawing(name: str, data: bytes, image_size: int) -> np.ndarray:
 def parse_name(name: str) -> tuple[str, int, int]:
     """'top/Alpha/character01/0123_07.png' -> ('Alpha/character01', 123, 7)."""
     parts = name.split("/")
+    if len(parts) < 3:
+        raise MetalearnError(f"unexpected file name {name} (expected <top>/<Alphabet>/characterNN/XXXX_YY.png)")
     stem = parts[-1].rsplit(".", 1)[0]
     try:
         number, drawer = (int(t) for t in stem.split("_"))
@@ -272,7 +280,6 @@ def _read_cache(path: Path, fingerprint: str) -> Omniglot | None:
 
 
 def _write_cache(path: Path, omniglot: Omniglot, fingerprint: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "fingerprint": fingerprint,
         "names": list(omniglot.names),
@@ -280,15 +287,23 @@ def _write_cache(path: Path, omniglot: Omniglot, fingerprint: str) -> None:
         "format": CACHE_FORMAT_VERSION,
     }
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(
-            f,
-            images=omniglot.images,
-            background=omniglot.background,
-            drawers=omniglot.drawers,
-            meta=np.array(json.dumps(meta)),
-        )
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(
+                f,
+                images=omniglot.images,
+                background=omniglot.background,
+                drawers=omniglot.drawers,
+                meta=np.array(json.dumps(meta)),
+            )
+        os.replace(tmp, path)
+    except OSError as err:
+        raise MetalearnError(
+            f"cannot write the Omniglot cache {path} ({err}); point METALEARN_CACHE at a writable folder"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -84,8 +84,8 @@ class EpisodeSampler:
         labels = torch.arange(self.ways)
         support_x = x[:, :, : self.shots].reshape(t, self.ways * self.shots, 1, *self.image_shape)
         query_x = x[:, :, self.shots :].reshape(t, self.ways * self.query, 1, *self.image_shape)
-        support_y = labels.repeat_interleave(self.shots).expand(t, -1)
-        query_y = labels.repeat_interleave(self.query).expand(t, -1)
+        support_y = labels.repeat_interleave(self.shots).repeat(t, 1)
+        query_y = labels.repeat_interleave(self.query).repeat(t, 1)
         return TaskBatch(support_x, support_y, query_x, query_y, ways=self.ways)
 
 

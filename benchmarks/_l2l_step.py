@@ -4,10 +4,11 @@ Not meant to be run by hand: ``maml_step.py --peer-python DIR/bin/python`` calls
 holding the Conv4 weights and the task batch (so both sides use identical inputs), and it
 prints one JSON line with its timings and writes its meta-gradients for the agreement check.
 
-The network is re-declared here (the peer venv has no metalearn, and metalearn's package
-``__init__`` imports click/matplotlib, which the peer venv lacks); the weights are loaded with
-``strict=True`` from metalearn's ``Conv4.state_dict()``, so the parameter names and shapes must
-match exactly. The meta-step is learn2learn's own Omniglot example
+The network is metalearn's own ``Conv4`` when ``--metalearn-src`` names the ``src`` folder
+(metalearn is not installed in the peer venv, but it only needs torch and imports cleanly under
+the peer's torch); without it, or if that import fails, an identical copy declared below is used
+(the JSON says which). Either way the weights are loaded with ``strict=True`` from the
+benchmark's ``Conv4.state_dict()``, and ``maml_step.py`` compares the meta-gradients. The meta-step is learn2learn's own Omniglot example
 (``examples/vision/maml_omniglot.py``): per task ``learner = maml.clone()``,
 ``learner.adapt(support loss)`` per inner step, then the query loss's ``backward()`` per task
 (scaled by 1 / tasks here instead of dividing the gradients afterwards: the same gradient).
@@ -19,6 +20,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 
 import learn2learn as l2l
@@ -35,7 +37,7 @@ def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
-class Conv4(nn.Module):
+class InlineConv4(nn.Module):
     """metalearn.models.Conv4(1, ways), pooling="stride": same layers, same parameter names."""
 
     def __init__(self, in_channels: int = 1, out_features: int = 5, hidden: int = 64):
@@ -75,10 +77,19 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--orders", default="second,first")
+    p.add_argument("--metalearn-src", default=None, help="metalearn's src folder, to use its Conv4")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
     data = torch.load(args.inputs, weights_only=True)
+    Conv4, source = InlineConv4, "inline copy in _l2l_step.py"
+    if args.metalearn_src:
+        sys.path.insert(0, args.metalearn_src)
+        try:
+            from metalearn.models import Conv4
+            source = f"metalearn.models.Conv4 from {args.metalearn_src}"
+        except Exception as err:  # noqa: BLE001 - fall back, and say so in the JSON
+            source += f" (importing metalearn failed: {type(err).__name__}: {err})"
     model = Conv4(1, args.ways)
     model.load_state_dict(data.pop("state_dict"), strict=True)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
@@ -108,6 +119,7 @@ def main():
         "learn2learn": l2l.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
+        "model": source,
         "times_ms": times,
         "median_ms": {o: statistics.median(t) for o, t in times.items()},
     }))

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+import metalearn
 from metalearn import MAML, TaskBatch
 from metalearn.models import Conv4
 
@@ -153,6 +154,22 @@ def summarize(implementation: str, order: str, times: list[float], tasks: int, *
     }
 
 
+def warn_if_loaded(threads: int) -> None:
+    """Other busy processes plus ``threads`` > cores make OpenMP threads wait on descheduled
+    peers at every parallel region: timings then vary by 10x or more, most of all for the
+    per-task loops (many small ops). Seen on a 2-core machine at load 5: 8 tasks of
+    second-order vmapped MAML took 100 ms with 1 thread and 3700 ms with 2."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return
+    cpus = os.cpu_count() or 1
+    if load > 0.5 and threads > 1 and load + threads > cpus + 0.5:
+        print(f"WARNING: load average {load:.2f} on {cpus} cpus with {threads} torch threads: other "
+              "processes compete for the cores and multi-threaded timings are unreliable; wait for an "
+              "idle machine or use --threads 1.", flush=True)
+
+
 def time_metalearn_maml(batch: TaskBatch, first_order: bool = False, inner_lr: float = 0.4,
                         inner_steps: int = 1, iters: int = 20, warmup: int = 3, seed: int = 0) -> dict:
     """(a) timed: metalearn's vmapped MAML meta-step on ``batch`` with a fresh Conv4.
@@ -195,6 +212,8 @@ def run_peer(peer_python: str, model: nn.Module, batch: TaskBatch, args, threads
             "--warmup", str(args.warmup), "--threads", str(threads),
             "--orders", ",".join(args.orders),
         ]
+        if not args.peer_inline_model:
+            command += ["--metalearn-src", str(Path(metalearn.__file__).resolve().parents[1])]
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
         proc = subprocess.run(command, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
@@ -249,6 +268,8 @@ def parse_args(argv=None):
     p.add_argument("--orders", default="second,first", help="comma-separated: second, first")
     p.add_argument("--peer-python", default=None,
                    help="interpreter of a venv with learn2learn 0.2.0, e.g. /work/peer-venv/bin/python")
+    p.add_argument("--peer-inline-model", action="store_true",
+                   help="in the peer, use the copy of Conv4 in _l2l_step.py instead of importing metalearn's")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -272,6 +293,7 @@ def main(argv=None) -> dict:
         load = None
     print(f"torch {torch.__version__}, threads {threads}, python {platform.python_version()}, "
           f"cpus {os.cpu_count()}, load average {load}")
+    warn_if_loaded(threads)
     print(f"{args.ways}-way {args.shots}-shot, {args.query} query/class, meta-batch {args.meta_batch}, "
           f"inner steps {args.inner_steps}, inner lr {args.inner_lr}; support {tuple(batch.support_x.shape)}, "
           f"query {tuple(batch.query_x.shape)}; {args.warmup} warm-up + {args.iters} timed steps each")
@@ -288,7 +310,7 @@ def main(argv=None) -> dict:
         print(f"running learn2learn under {args.peer_python} ...", flush=True)
         peer = run_peer(args.peer_python, model, batch, args, threads)
         print(f"  peer: torch {peer['torch']}, learn2learn {peer['learn2learn']}, threads {peer['threads']}, "
-              f"python {peer['python']}")
+              f"python {peer['python']}, model {peer['model']}")
         if peer["threads"] != threads:
             print(f"  WARNING: peer ran with {peer['threads']} threads, this process with {threads}")
 

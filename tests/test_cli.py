@@ -89,3 +89,15 @@ def test_data_info_and_verify(capsys, omniglot_data_dir):
     assert "vinyals    train        1028     4112" in out
     code, out, _ = run(["data", "verify", "--data-dir", omniglot_data_dir], capsys)
     assert code == 0 and out.count("ok") == 2
+
+
+def test_eval_with_a_changed_method_option(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 2, "--meta-batch-size", 2, "--run-dir",
+                run_dir, "--no-progress", "--no-eval"], capsys)[0] == 0
+    code, out, _ = run(["eval", run_dir, "--episodes", 10, "--set", "test_inner_steps=3", "--no-progress"], capsys)
+    assert code == 0 and "after 0..3 adaptation steps" in out
+    saved = json.loads((run_dir / "eval-test_inner_steps=3.json").read_text())
+    assert len(saved["per_step"]) == 4 and saved["overrides"] == {"test_inner_steps": 3}
+    code, _, err = run(["eval", run_dir, "--set", "no_such_option=1"], capsys)
+    assert code == 2 and "no_such_option" in err

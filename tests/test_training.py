@@ -150,3 +150,15 @@ def test_evaluation_reports_mean_and_interval(tmp_path):
     assert json.loads((tmp_path / "eval.json").read_text())["mean"] == result["mean"]
     again = evaluate_run(tmp_path, episodes=30, progress=False)
     assert again["scores"] == result["scores"]  # same seed, same episodes
+
+
+def test_learning_rate_schedules():
+    from metalearn.config import TrainConfig
+    from metalearn.training import lr_factor
+
+    halving = TrainConfig(steps=10000, lr_halve_every=2000)
+    assert [lr_factor(halving, s) for s in (0, 1999, 2000, 4000, 9999)] == [1, 1, 0.5, 0.25, 0.0625]
+    linear = TrainConfig(steps=100, lr_anneal="linear")
+    assert [lr_factor(linear, s) for s in (0, 50, 100)] == [1, 0.5, 0]
+    with pytest.raises(MetalearnError, match="--meta-optimizer"):
+        TrainConfig(meta_optimizer="rmsprop")

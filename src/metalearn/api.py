@@ -13,7 +13,6 @@ from metalearn.config import RunConfig, TaskConfig, TrainConfig
 from metalearn.distributed import World, init_world
 from metalearn.errors import MetalearnError
 from metalearn.evaluation import evaluate
-from metalearn.presets import paper_defaults
 from metalearn.runs import RunDir, default_runs_root, new_run_name
 from metalearn.training import TEST_SEED_OFFSET, build_trainer, load_trained
 
@@ -22,9 +21,9 @@ def resolve_config(algorithm: str, task: dict[str, Any] | None = None,
                    algorithm_config: dict[str, Any] | None = None, train: dict[str, Any] | None = None,
                    resume_from: Path | str | None = None) -> RunConfig:
     """A full RunConfig from the options the user gave; everything else takes the paper's value
-    for this algorithm and task (see :mod:`metalearn.presets`), or, when resuming, the value
+    for this algorithm and task (its ``paper_defaults``), or, when resuming, the value
     saved in the run directory."""
-    from metalearn.algorithms import make_algorithm_config
+    from metalearn.algorithms import algorithm_class, make_algorithm_config
 
     task, algorithm_config, train = dict(task or {}), dict(algorithm_config or {}), dict(train or {})
     if resume_from is not None and RunDir(resume_from).exists():
@@ -42,7 +41,7 @@ def resolve_config(algorithm: str, task: dict[str, Any] | None = None,
         task.update(split="none", ways=0)
     task.setdefault("query", task.get("shots", TaskConfig.shots))  # the MAML code queries K per class
     task_config = TaskConfig(**task)
-    algo_defaults, train_defaults = paper_defaults(algorithm, task_config)
+    algo_defaults, train_defaults = algorithm_class(algorithm).paper_defaults(task_config)
     algo = make_algorithm_config(algorithm, {**algo_defaults, **algorithm_config})
     return RunConfig(algorithm, task_config, dataclasses.asdict(algo),
                      TrainConfig(**{**train_defaults, **train}))
@@ -72,22 +71,24 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
 
 def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0, part: str = "test",
                  data_dir: Path | str | None = None, progress: bool = True, world: World | None = None,
-                 learner=None) -> dict[str, Any]:
+                 learner=None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate the checkpoint of ``run_dir`` on ``episodes`` episodes of ``part`` and write
-    ``eval.json``. The episodes depend only on ``seed``, so methods compare on the same ones."""
+    ``eval.json`` (``eval-<key>=<value>.json`` with ``overrides`` of the method's options, e.g.
+    ``{"test_inner_steps": 10}``). The episodes depend only on ``seed``, so methods compare on
+    the same ones."""
     from metalearn.tasks import build_task_source
 
     world = world or init_world()
-    config, loaded, step = load_trained(run_dir)
+    config, loaded, step = load_trained(run_dir, overrides)
     learner = learner or loaded
     source = build_task_source(config.task, part, data_dir)
     n = episodes or config.train.eval_episodes
     result = evaluate(learner, source, n, seed=seed + TEST_SEED_OFFSET, world=world, progress=progress)
     test = config.task.for_testing()
     result.update({"part": part, "step": step, "algorithm": config.algorithm, "dataset": config.task.dataset,
-                   "ways": test.ways, "shots": test.shots, "query": test.query})
+                   "ways": test.ways, "shots": test.shots, "query": test.query, "overrides": overrides or {}})
     if world.is_main:
-        RunDir(run_dir).write_eval(result)
+        RunDir(run_dir).write_eval(result, overrides)
     return result
 
 

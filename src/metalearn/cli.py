@@ -113,15 +113,31 @@ for _name in ALGORITHMS:
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the test episodes")
 @click.option("--part", type=click.Choice(["test", "val"]), default="test", show_default=True)
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
+@click.option("--set", "settings", multiple=True, metavar="OPTION=VALUE",
+              help="change a method option for this evaluation, e.g. --set test_inner_steps=10")
 @click.option("--progress/--no-progress", default=True)
-def eval_command(run_dir, episodes, seed, part, data_dir, progress):
+def eval_command(run_dir, episodes, seed, part, data_dir, settings, progress):
     """Evaluate a trained run: mean accuracy (or MSE) with a 95% confidence interval."""
     from metalearn.api import evaluate_run
     from metalearn.evaluation import format_result
 
-    result = evaluate_run(run_dir, episodes=episodes, seed=seed, part=part, data_dir=data_dir, progress=progress)
+    overrides = dict(parse_setting(s) for s in settings)
+    result = evaluate_run(run_dir, episodes=episodes, seed=seed, part=part, data_dir=data_dir,
+                          progress=progress, overrides=overrides)
     click.echo(format_result(result))
-    click.echo(f"written to {Path(run_dir) / 'eval.json'}")
+    suffix = "".join(f"-{k}={v}" for k, v in sorted(overrides.items()))
+    click.echo(f"written to {Path(run_dir) / f'eval{suffix}.json'}")
+
+
+def parse_setting(text: str) -> tuple[str, object]:
+    """'test_inner_steps=10' -> ('test_inner_steps', 10); values are JSON, else strings."""
+    if "=" not in text:
+        raise MetalearnError(f"--set expects OPTION=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip().replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip().replace("-", "_"), value
 
 
 @cli.command()

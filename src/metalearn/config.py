@@ -52,13 +52,17 @@ class TaskConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The outer loop: ``steps`` meta-updates of ``meta_batch_size`` tasks with Adam at
-    ``meta_lr`` (halved every ``lr_halve_every`` steps when > 0), everything seeded by ``seed``."""
+    """The outer loop: ``steps`` meta-updates of ``meta_batch_size`` tasks with ``meta_optimizer``
+    (adam, or sgd for plain steps such as Reptile's) at ``meta_lr``, halved every
+    ``lr_halve_every`` steps when > 0 and/or annealed linearly to 0 (``lr_anneal="linear"``);
+    everything seeded by ``seed``."""
 
     steps: int = 60000
     meta_batch_size: int = 32
     meta_lr: float = 1e-3
+    meta_optimizer: str = "adam"
     lr_halve_every: int = 0
+    lr_anneal: str = "none"
     seed: int = 0
     log_every: int = 50
     val_every: int = 1000
@@ -71,6 +75,10 @@ class TrainConfig:
             raise MetalearnError("--steps must be >= 0 and --meta-batch-size >= 1")
         if not self.meta_lr > 0:
             raise MetalearnError(f"--meta-lr must be positive, got {self.meta_lr}")
+        if self.meta_optimizer not in ("adam", "sgd"):
+            raise MetalearnError(f"--meta-optimizer must be adam or sgd, got {self.meta_optimizer!r}")
+        if self.lr_anneal not in ("none", "linear"):
+            raise MetalearnError(f"--lr-anneal must be none or linear, got {self.lr_anneal!r}")
 
 
 # Fields that may change when a run is resumed: they do not alter what was already computed.

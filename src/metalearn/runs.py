@@ -105,8 +105,11 @@ class RunDir:
         kept = [r for r in self.read_metrics() if r.get("step", 0) <= step]
         atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
-    def write_eval(self, result: dict[str, Any]) -> None:
-        atomic_write_bytes(self.eval_path, (json.dumps(result, indent=2) + "\n").encode())
+    def write_eval(self, result: dict[str, Any], overrides: dict[str, Any] | None = None) -> Path:
+        suffix = "".join(f"-{k}={v}" for k, v in sorted((overrides or {}).items()))
+        path = self.eval_path.with_name(f"eval{suffix}.json")
+        atomic_write_bytes(path, (json.dumps(result, indent=2) + "\n").encode())
+        return path
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -28,6 +28,14 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_000_007 + step * 7_919 + 1) % (2**62)
 
 
+def lr_factor(train, step: int) -> float:
+    """Multiplier of ``meta_lr`` at ``step``: halvings, then the linear anneal to zero."""
+    factor = 0.5 ** (step // train.lr_halve_every) if train.lr_halve_every > 0 else 1.0
+    if train.lr_anneal == "linear":
+        factor *= max(0.0, 1.0 - step / max(train.steps, 1))
+    return factor
+
+
 class Trainer:
     """Trains ``learner`` on ``train_tasks`` as ``config.train`` says, writing into ``run_dir``."""
 
@@ -35,9 +43,10 @@ class Trainer:
                  val_tasks: TaskSource | None, run_dir: RunDir, world: World = World()):
         self.config, self.learner, self.run_dir, self.world = config, learner, run_dir, world
         self.train_tasks, self.val_tasks = train_tasks, val_tasks
-        self.optimizer = torch.optim.Adam(learner.parameters(), lr=config.train.meta_lr)
-        halve = config.train.lr_halve_every
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, halve, 0.5) if halve > 0 else None
+        train = config.train
+        optimizer = torch.optim.Adam if train.meta_optimizer == "adam" else torch.optim.SGD
+        self.optimizer = optimizer(learner.parameters(), lr=train.meta_lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(train, step))
         self.step = 0
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -48,7 +57,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "learner": self.learner.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
         }
 
@@ -62,8 +71,7 @@ class Trainer:
         check_compatible(saved, self.config, f"the checkpoint in {self.run_dir.path}")
         load_learner_state(self.learner, state["learner"], self.run_dir.path)
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler and state.get("scheduler"):
-            self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
 
@@ -100,8 +108,7 @@ class Trainer:
                 (loss * local_fraction).backward()
                 self.world.sum_gradients(parameters)
                 self.optimizer.step()
-                if self.scheduler:
-                    self.scheduler.step()
+                self.scheduler.step()
                 self.step += 1
                 window_tasks += train.meta_batch_size
 
@@ -188,12 +195,15 @@ def build_trainer(config: RunConfig, run_dir: Path | str, data_dir: Path | str |
     return trainer
 
 
-def load_trained(run_dir: Path | str) -> tuple[RunConfig, MetaLearner, int]:
-    """(config, learner with the checkpoint's weights, step) of a finished or running run."""
+def load_trained(run_dir: Path | str, overrides: dict[str, Any] | None = None) -> tuple[RunConfig, MetaLearner, int]:
+    """(config, learner with the checkpoint's weights, step) of a finished or running run.
+    ``overrides`` changes options of the method that do not touch its weights (for instance
+    the number of test-time steps) for this evaluation only."""
     run = RunDir(run_dir)
     config = run.read_config()
     state = run.read_checkpoint()
     check_compatible(RunConfig.from_dict(state["config"]), config, f"the checkpoint in {run.path}")
-    learner = build_learner(config.algorithm, config.algorithm_config, problem_of(config.task))
+    options = {**config.algorithm_config, **(overrides or {})}
+    learner = build_learner(config.algorithm, options, problem_of(config.task))
     load_learner_state(learner, state["learner"], run.path)
     return config, learner, int(state["step"])

@@ -7,7 +7,7 @@ fits: its ``meta_loss`` is a surrogate whose gradient is the update.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,17 @@ class MetaLearner(nn.Module):
 
     name: ClassVar[str]
     Config: ClassVar[type]
+
+    @classmethod
+    def build(cls, config: Any, problem: Problem) -> "MetaLearner":
+        """The method with its network for tasks described by ``problem``."""
+        raise NotImplementedError
+
+    @classmethod
+    def paper_defaults(cls, task: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The paper's hyper-parameters for ``task`` (a TaskConfig): overrides of this method's
+        Config and of TrainConfig, used where the user sets nothing."""
+        return {}, {}
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """Scalar loss averaged over the batch's tasks, whose gradient is the meta-gradient,

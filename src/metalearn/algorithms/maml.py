@@ -89,6 +89,20 @@ class MAML(MetaLearner):
     def build(cls, config: MAMLConfig, problem: Problem) -> "MAML":
         return cls(build_model(config.model, problem.input_shape, problem.output_dim), config)
 
+    @classmethod
+    def paper_defaults(cls, task) -> tuple[dict, dict]:
+        if not task.classification:
+            # Finn et al. 2017, section 5.1: alpha 0.01, meta-batch 25, 70k steps, K query points.
+            return ({"model": "mlp", "inner_lr": 0.01, "inner_steps": 1, "test_inner_steps": 10},
+                    {"meta_batch_size": 25, "steps": 70000, "val_every": 5000, "checkpoint_every": 5000})
+        if task.ways >= 20:
+            # 20-way Omniglot: alpha 0.1, 5 inner steps, meta-batch 16.
+            return ({"model": "conv4", "inner_lr": 0.1, "inner_steps": 5, "test_inner_steps": 5},
+                    {"meta_batch_size": 16, "steps": 60000})
+        # 5-way Omniglot: alpha 0.4, 1 inner step (3 at test time), meta-batch 32.
+        return ({"model": "conv4", "inner_lr": 0.4, "inner_steps": 1, "test_inner_steps": 3},
+                {"meta_batch_size": 32, "steps": 60000})
+
     # -- the pure functions ------------------------------------------------------------------
 
     def _forward(self, params: Params, x: Tensor) -> Tensor:

@@ -28,11 +28,10 @@ class BatchStatNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dims = (0, *range(2, x.dim()))
-        mean = x.mean(dim=dims, keepdim=True)
-        var = x.var(dim=dims, unbiased=False, keepdim=True)
+        centered = x - x.mean(dim=dims, keepdim=True)
+        var = centered.square().mean(dim=dims, keepdim=True)
         shape = (-1, *([1] * (x.dim() - 2)))
-        scale = torch.rsqrt(var + self.eps) * self.weight.view(shape)
-        return (x - mean) * scale + self.bias.view(shape)
+        return centered * (torch.rsqrt(var + self.eps) * self.weight.view(shape)) + self.bias.view(shape)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"

@@ -4,11 +4,16 @@ Not meant to be run by hand: ``maml_step.py --peer-python DIR/bin/python`` calls
 holding the Conv4 weights and the task batch (so both sides use identical inputs), and it
 prints one JSON line with its timings and writes its meta-gradients for the agreement check.
 
-The network is metalearn's own ``Conv4`` when ``--metalearn-src`` names the ``src`` folder
-(metalearn is not installed in the peer venv, but it only needs torch and imports cleanly under
-the peer's torch); without it, or if that import fails, an identical copy declared below is used
-(the JSON says which). Either way the weights are loaded with ``strict=True`` from the
-benchmark's ``Conv4.state_dict()``, and ``maml_step.py`` compares the meta-gradients. The meta-step is learn2learn's own Omniglot example
+The network is metalearn's own ``Conv4``, imported from ``--metalearn-src`` (metalearn is not
+installed in the peer venv, but it only needs torch and imports cleanly under the peer's torch),
+so it follows any change to the architecture. With ``--model native`` its ``BatchStatNorm``
+layers (batch mean/var written out) are swapped for torch's ``nn.BatchNorm2d(track_running_stats
+=False)``, what a learn2learn user would write (correct here: the native layer's wrong second
+derivative is a vmap-only problem, and learn2learn loops over tasks). The weights are loaded
+with ``strict=True`` from the benchmark's ``Conv4.state_dict()``, and ``maml_step.py`` compares
+the meta-gradients.
+
+The meta-step is learn2learn's own Omniglot example
 (``examples/vision/maml_omniglot.py``): per task ``learner = maml.clone()``,
 ``learner.adapt(support loss)`` per inner step, then the query loss's ``backward()`` per task
 (scaled by 1 / tasks here instead of dividing the gradients afterwards: the same gradient).
@@ -29,27 +34,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1),
-        nn.BatchNorm2d(out_channels, track_running_stats=False),
-        nn.ReLU(),
-    )
+def with_native_batch_norm(model: nn.Module) -> int:
+    """Replace every metalearn ``BatchStatNorm`` in ``model`` by ``nn.BatchNorm2d`` without
+    running statistics (same parameters, same function); returns how many were replaced."""
+    from metalearn.models.norm import BatchStatNorm
 
-
-class InlineConv4(nn.Module):
-    """metalearn.models.Conv4(1, ways), pooling="stride": same layers, same parameter names."""
-
-    def __init__(self, in_channels: int = 1, out_features: int = 5, hidden: int = 64):
-        super().__init__()
-        self.features = nn.Sequential(
-            conv_block(in_channels, hidden), conv_block(hidden, hidden),
-            conv_block(hidden, hidden), conv_block(hidden, hidden),
-        )
-        self.head = nn.Linear(hidden, out_features)
-
-    def forward(self, x):
-        return self.head(self.features(x).mean(dim=(-2, -1)))
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, BatchStatNorm):
+                setattr(parent, name, nn.BatchNorm2d(child.num_features, eps=child.eps, track_running_stats=False))
+                replaced += 1
+    return replaced
 
 
 def l2l_step(maml, data, inner_steps: int):
@@ -77,20 +73,19 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--orders", default="second,first")
-    p.add_argument("--metalearn-src", default=None, help="metalearn's src folder, to use its Conv4")
+    p.add_argument("--model", choices=("metalearn", "native"), default="metalearn")
+    p.add_argument("--metalearn-src", required=True, help="metalearn's src folder (for its Conv4)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
     data = torch.load(args.inputs, weights_only=True)
-    Conv4, source = InlineConv4, "inline copy in _l2l_step.py"
-    if args.metalearn_src:
-        sys.path.insert(0, args.metalearn_src)
-        try:
-            from metalearn.models import Conv4
-            source = f"metalearn.models.Conv4 from {args.metalearn_src}"
-        except Exception as err:  # noqa: BLE001 - fall back, and say so in the JSON
-            source += f" (importing metalearn failed: {type(err).__name__}: {err})"
+    sys.path.insert(0, args.metalearn_src)
+    from metalearn.models import Conv4
+
     model = Conv4(1, args.ways)
+    source = f"metalearn.models.Conv4 from {args.metalearn_src}"
+    if args.model == "native":
+        source += f", {with_native_batch_norm(model)} BatchStatNorm replaced by nn.BatchNorm2d"
     model.load_state_dict(data.pop("state_dict"), strict=True)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -119,7 +114,8 @@ def main():
         "learn2learn": l2l.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
-        "model": source,
+        "model": args.model,
+        "model_source": source,
         "times_ms": times,
         "median_ms": {o: statistics.median(t) for o, t in times.items()},
     }))

@@ -1,24 +1,27 @@
 """Time one MAML meta-step (forward + meta-gradient backward) four ways, in one run.
 
 Omniglot-shaped N-way K-shot tasks (defaults: 5-way 1-shot, 1 query image per class as in the
-MAML reference code, meta-batch 32, 1 inner step, inner lr 0.4), Conv4 (stride version, batch
-norm on batch statistics), second- and first-order:
+MAML reference code, meta-batch 32, 1 inner step, inner lr 0.4), ``metalearn.models.Conv4(1, 5)``
+(stride version; its batch norm is ``BatchStatNorm``: batch statistics, no running ones),
+second- and first-order:
 
-  (a) metalearn  -- ``MAML(model, MAML.Config(...)).meta_loss(batch)`` then ``backward()``:
-                    the whole meta-batch under ``torch.func.vmap``;
-  (b) loop       -- the same model, a Python loop over tasks: ``functional_call`` +
-                    ``torch.autograd.grad(create_graph=not first_order)`` per task, the query
-                    losses summed, divided by the number of tasks, one ``backward()``;
+  (a) metalearn   -- ``MAML(model, MAML.Config(...)).meta_loss(batch)`` then ``backward()``:
+                     the whole meta-batch under ``torch.func.vmap``;
+  (b) loop        -- the same model, a Python loop over tasks: ``functional_call`` +
+                     ``torch.autograd.grad(create_graph=not first_order)`` per task, the query
+                     losses summed, divided by the number of tasks, one ``backward()``;
   (c) learn2learn -- learn2learn 0.2.0's ``MAML(model, lr, first_order).clone()`` /
-                    ``adapt(loss)`` per task (the library's own Omniglot example), in a separate
-                    interpreter (``--peer-python``; see ``benchmarks/_l2l_step.py``);
-  (d) limit      -- no adaptation at all: one forward + backward of the same
-                    tasks * ways * (shots + query) images through one shared set of weights.
+                     ``adapt(loss)`` per task (the library's own Omniglot example), in a separate
+                     interpreter (``--peer-python``; see ``benchmarks/_l2l_step.py``), with the
+                     same Conv4 and, as a second row, the same network with nn.BatchNorm2d;
+  (d) limit       -- no adaptation at all: one forward + backward of the same
+                     tasks * ways * (shots + query) images through one shared set of weights.
 
 Only the meta-step is timed: no sampling (one fixed synthetic batch), no optimizer step;
-gradients are reset to None between steps, outside the timed region. Before timing, the
-meta-gradients of (a), (b) and (c) are computed once from the same weights and batch and
-compared, so the rows measure the same computation.
+gradients are reset to None between steps, outside the timed region. The in-process rows are
+timed round-robin (one step of each per round); learn2learn runs first, in its own process(es).
+Before timing, the meta-gradients of (a), (b) and (c) are computed from the same weights and
+batch and compared, so the rows measure the same computation.
 
     python benchmarks/maml_step.py --iters 20 --peer-python /work/peer-venv/bin/python \
         --json results/maml_step.json
@@ -139,6 +142,23 @@ def time_step(step: Callable[[], None], model: nn.Module, iters: int = 20, warmu
     return times
 
 
+def time_steps_interleaved(steps: dict[str, Callable[[], None]], model: nn.Module, iters: int = 20,
+                           warmup: int = 3) -> dict[str, list[float]]:
+    """Like :func:`time_step` for several steps at once, run round-robin (one call of each per
+    round) so that a change in machine load affects them all alike."""
+    times = {name: [] for name in steps}
+    for i in range(warmup + iters):
+        for name, step in steps.items():
+            model.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            step()
+            elapsed = (time.perf_counter() - start) * 1e3
+            if i >= warmup:
+                times[name].append(elapsed)
+    model.zero_grad(set_to_none=True)
+    return times
+
+
 def summarize(implementation: str, order: str, times: list[float], tasks: int, **extra) -> dict:
     median = statistics.median(times)
     return {
@@ -195,8 +215,12 @@ def relative_difference(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
 
 # -- learn2learn in its own interpreter ---------------------------------------------------------
 
-def run_peer(peer_python: str, model: nn.Module, batch: TaskBatch, args, threads: int) -> dict:
-    """Run ``_l2l_step.py`` under ``peer_python`` on the same weights and batch; returns its
+PEER_ROWS = {"metalearn": "learn2learn", "native": "learn2learn, nn.BatchNorm2d"}
+
+
+def run_peer(peer_python: str, peer_model: str, model: nn.Module, batch: TaskBatch, args, threads: int) -> dict:
+    """Run ``_l2l_step.py`` under ``peer_python`` on the same weights and batch, with metalearn's
+    Conv4 (``peer_model="metalearn"``) or its copy with nn.BatchNorm2d (``"native"``); returns its
     JSON (timings per order, versions, threads) plus its meta-gradients per order."""
     with tempfile.TemporaryDirectory(prefix="maml_step_") as tmp:
         inputs, grads_path = Path(tmp) / "inputs.pt", Path(tmp) / "grads.pt"
@@ -210,10 +234,9 @@ def run_peer(peer_python: str, model: nn.Module, batch: TaskBatch, args, threads
             "--ways", str(batch.ways), "--inner-lr", str(args.inner_lr),
             "--inner-steps", str(args.inner_steps), "--iters", str(args.iters),
             "--warmup", str(args.warmup), "--threads", str(threads),
-            "--orders", ",".join(args.orders),
+            "--orders", ",".join(args.orders), "--model", peer_model,
+            "--metalearn-src", str(Path(metalearn.__file__).resolve().parents[1]),
         ]
-        if not args.peer_inline_model:
-            command += ["--metalearn-src", str(Path(metalearn.__file__).resolve().parents[1])]
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
         proc = subprocess.run(command, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
@@ -268,12 +291,16 @@ def parse_args(argv=None):
     p.add_argument("--orders", default="second,first", help="comma-separated: second, first")
     p.add_argument("--peer-python", default=None,
                    help="interpreter of a venv with learn2learn 0.2.0, e.g. /work/peer-venv/bin/python")
-    p.add_argument("--peer-inline-model", action="store_true",
-                   help="in the peer, use the copy of Conv4 in _l2l_step.py instead of importing metalearn's")
+    p.add_argument("--peer-models", default="metalearn,native",
+                   help="learn2learn rows: 'metalearn' = metalearn's Conv4 (BatchStatNorm), the same "
+                        "model as the other rows; 'native' = the same network with nn.BatchNorm2d")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.orders = [o.strip() for o in args.orders.split(",") if o.strip()]
+    args.peer_models = [m.strip() for m in args.peer_models.split(",") if m.strip()]
+    if any(m not in PEER_ROWS for m in args.peer_models):
+        p.error(f"--peer-models takes {', '.join(PEER_ROWS)}")
     bad = [o for o in args.orders if o not in ORDERS]
     if bad:
         p.error(f"unknown order(s) {bad}; use second and/or first")
@@ -305,12 +332,12 @@ def main(argv=None) -> dict:
         "loop (autograd.grad)": lambda fo: loop_step(model, batch, fo, args.inner_lr, args.inner_steps),
     }
 
-    peer = None
-    if args.peer_python:
-        print(f"running learn2learn under {args.peer_python} ...", flush=True)
-        peer = run_peer(args.peer_python, model, batch, args, threads)
+    peers = {}
+    for peer_model in (args.peer_models if args.peer_python else []):
+        print(f"running {PEER_ROWS[peer_model]} under {args.peer_python} ...", flush=True)
+        peer = peers[peer_model] = run_peer(args.peer_python, peer_model, model, batch, args, threads)
         print(f"  peer: torch {peer['torch']}, learn2learn {peer['learn2learn']}, threads {peer['threads']}, "
-              f"python {peer['python']}, model {peer['model']}")
+              f"python {peer['python']}, model {peer['model_source']}")
         if peer["threads"] != threads:
             print(f"  WARNING: peer ran with {peer['threads']} threads, this process with {threads}")
 
@@ -321,27 +348,29 @@ def main(argv=None) -> dict:
         reference = meta_gradient(model, impls["metalearn (vmap)"](fo))
         checks[f"loop vs metalearn ({order})"] = relative_difference(
             reference, meta_gradient(model, impls["loop (autograd.grad)"](fo)))
-        if peer is not None:
-            checks[f"learn2learn vs metalearn ({order})"] = relative_difference(reference, peer["grads"][order])
+        for peer_model, peer in peers.items():
+            checks[f"{PEER_ROWS[peer_model]} vs metalearn ({order})"] = relative_difference(
+                reference, peer["grads"][order])
     print("meta-gradient agreement, max|diff| / max|grad| (should be ~1e-6 or less):")
     for name, value in checks.items():
         print(f"  {name}: {value:.2e}")
     assert all(v < 1e-4 for v in checks.values()), "implementations disagree on the meta-gradient"
     assert model.state_dict().keys() == initial_state.keys()
 
+    # In-process rows timed round-robin (robust to load drift); learn2learn ran above, alone.
+    limit_name = f"limit: plain fwd+bwd of {images} images"
+    steps = {(name, order): build(ORDERS[order]) for order in args.orders for name, build in impls.items()}
+    steps[(limit_name, "none")] = limit_step(model, batch)
+    print(f"timing {len(steps)} in-process variants round-robin ...", flush=True)
+    times = time_steps_interleaved(steps, model, args.iters, args.warmup)
     rows = []
     for order in args.orders:
-        fo = ORDERS[order]
-        for name, build in impls.items():
-            print(f"timing {name}, {order} order ...", flush=True)
-            rows.append(summarize(name, order, time_step(build(fo), model, args.iters, args.warmup),
-                                  args.meta_batch))
-        if peer is not None:
-            rows.append(summarize("learn2learn", order, peer["times_ms"][order], args.meta_batch,
-                                  torch=peer["torch"], library=f"learn2learn {peer['learn2learn']}"))
-    print("timing limit (plain forward+backward, no adaptation) ...", flush=True)
-    rows.append(summarize(f"limit: plain fwd+bwd of {images} images", "none",
-                          time_step(limit_step(model, batch), model, args.iters, args.warmup), args.meta_batch))
+        rows += [summarize(name, order, times[(name, order)], args.meta_batch) for name in impls]
+        for peer_model, peer in peers.items():
+            rows.append(summarize(PEER_ROWS[peer_model], order, peer["times_ms"][order], args.meta_batch,
+                                  torch=peer["torch"], library=f"learn2learn {peer['learn2learn']}",
+                                  model=peer["model_source"]))
+    rows.append(summarize(limit_name, "none", times[(limit_name, "none")], args.meta_batch))
     for name, param in model.state_dict().items():  # nothing above may have changed the weights
         assert torch.equal(param, initial_state[name]), name
 
@@ -351,7 +380,7 @@ def main(argv=None) -> dict:
     result = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "torch": torch.__version__, "threads": threads, "cpus": os.cpu_count(), "load_average": load,
-        "peer": None if peer is None else {k: v for k, v in peer.items() if k not in ("grads", "times_ms")},
+        "peers": {m: {k: v for k, v in peer.items() if k not in ("grads", "times_ms")} for m, peer in peers.items()},
         "gradient_checks": checks,
         "rows": rows,
         "table": table,

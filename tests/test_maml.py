@@ -35,7 +35,7 @@ def mlp_forward(params: dict[str, Tensor], x: Tensor) -> Tensor:
 def conv4_forward(params: dict[str, Tensor], x: Tensor) -> Tensor:
     """metalearn.models.Conv4 (stride pooling) as a function; batch norm on batch statistics."""
     for block in range(4):
-        x = F.conv2d(x, params[f"features.{block}.0.weight"], params[f"features.{block}.0.bias"],
+        x = F.conv2d(x, params[f"features.{block}.0.weight"], params.get(f"features.{block}.0.bias"),
                      stride=2, padding=1)
         x = F.batch_norm(x, None, None, params[f"features.{block}.1.weight"],
                          params[f"features.{block}.1.bias"], training=True, eps=1e-5)
@@ -214,8 +214,8 @@ def test_meta_gradient_matches_central_finite_differences():
 
 
 def test_conv4_meta_gradient_matches_central_finite_differences():
-    """Ground truth for the batch-norm network, independent of both implementations. A conv bias
-    feeding a batch norm cannot change any output, so its meta-gradient is exactly zero."""
+    """Ground truth for the batch-norm network, independent of both implementations (this is
+    what caught torch's wrong second derivative of native batch norm under vmap)."""
     model, batch, forward = conv_problem(tasks=2)
     maml = MAML(model, MAML.Config(inner_lr=0.4, inner_steps=1))
     _, grads = maml_grads(maml, batch)
@@ -236,8 +236,8 @@ def test_conv4_meta_gradient_matches_central_finite_differences():
                 flat[i] = original
                 numeric = (plus - minus) / (2 * eps)
                 assert named[name].view(-1)[i].item() == pytest.approx(numeric, rel=1e-6, abs=1e-8), (name, i)
-    for block in range(4):
-        assert named[f"features.{block}.0.bias"].abs().max() < 1e-10
+    # conv layers feeding a batch norm carry no (redundant) bias
+    assert not any(name.startswith("features.") and name.endswith("0.bias") for name in named)
 
 
 @pytest.mark.parametrize("first_order", [False, True])

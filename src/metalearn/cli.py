@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 import types
@@ -75,6 +76,8 @@ def _make_train_command(algorithm: str) -> click.Command:
         run_dir, result = train(config, run_dir=options["run_dir"], data_dir=options["data_dir"],
                                 resume=options["resume"], progress=options["progress"],
                                 evaluate_after=options["eval"], announce=click.echo)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return  # under torchrun only rank 0 reports
         if result is not None:
             from metalearn.evaluation import format_result
 

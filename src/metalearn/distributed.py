@@ -71,13 +71,16 @@ class World:
             dist.barrier()
 
 
-def init_world(timeout_s: float = 300.0) -> World:
+def init_world(timeout_s: float | None = None) -> World:
     """Join the ``torchrun`` process group when launched by it (WORLD_SIZE > 1), else one
-    process. Gloo on CPU; a rank that dies makes the others fail after ``timeout_s``."""
+    process. Gloo on CPU, NCCL on GPU. A collective that waits longer than ``timeout_s``
+    (default ``$METALEARN_DIST_TIMEOUT`` or 300 s) fails instead of hanging, so a rank that
+    dies makes the others stop."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
     if not dist.is_initialized():
+        timeout_s = timeout_s or float(os.environ.get("METALEARN_DIST_TIMEOUT", "300"))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return World(dist.get_rank(), dist.get_world_size())

@@ -131,8 +131,17 @@ class Trainer:
                 if self.step % train.checkpoint_every == 0:
                     self.save()
         except KeyboardInterrupt:
-            self.save()  # the step counter only counts completed steps
+            if not self.world.distributed:
+                self.save()  # the step counter only counts completed steps
             raise
+        except (RuntimeError, torch.distributed.DistBackendError) as err:
+            if not self.world.distributed:
+                raise
+            raise MetalearnError(
+                f"rank {self.world.rank} lost contact with the other ranks at step {self.step + 1} "
+                f"({str(err).splitlines()[0][:200]}); another process probably died. The last "
+                f"checkpoint in {self.run_dir.path} is kept: resume with --resume."
+            ) from None
         finally:
             if bar is not None:
                 bar.close()

@@ -13,7 +13,9 @@ def conv_block(in_channels: int, out_channels: int, pooling: str) -> nn.Sequenti
     by a stride-2 convolution (``"stride"``, MAML) or a 2x2 max-pool (``"max"``, ProtoNets)."""
     stride = 2 if pooling == "stride" else 1
     layers: list[nn.Module] = [
-        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1),
+        # no conv bias: the batch norm right after subtracts the mean, so a bias could not change
+        # any output; its gradient would be rounding noise that Adam amplifies into steps
+        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
         BatchStatNorm(out_channels),
         nn.ReLU(),
     ]

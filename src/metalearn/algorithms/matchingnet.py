@@ -1,0 +1,196 @@
+"""Matching Networks (Vinyals, Blundell, Lillicrap, Kavukcuoglu & Wierstra, NeurIPS 2016),
+batched over tasks.
+
+A query ``x`` is labelled by attention over the support set (eq. 1-2):
+``P(y | x, S) = sum_i a(x, x_i) y_i`` with ``a(x, x_i) = softmax_i cos(f(x), g(x_i))`` and
+``y_i`` one-hot; the loss is the negative log-likelihood of the query labels. Without full
+context embeddings, ``f = g`` is the embedding CNN. With them (appendix A.2):
+
+* ``g(x_i, S) = h_fwd_i + h_bwd_i + g'(x_i)``: a bidirectional LSTM over the support
+  embeddings ``g'(x_i)`` in the episode's order, plus a skip connection;
+* ``f(x, S) = attLSTM(f'(x), g(S), K)``: K processing steps of an LSTM whose input is
+  ``f'(x)`` and whose recurrent state is ``[h_{k-1}, r_{k-1}]``, with
+  ``h_k = LSTM(...) + f'(x)`` and the read-out ``r_{k-1} = sum_i softmax_i(h_{k-1} . g(x_i)) g(x_i)``;
+  ``h_0 = f'(x)``, ``c_0 = 0`` (the paper leaves the start open), ``f(x, S) = h_K``.
+
+Everything is batched over the task axis: the CNN with ``vmap`` (one task per slice, so batch
+norm's statistics are those of the task, as in ``protonet``), the LSTMs over the task axis as
+their batch, the attention with ``einsum``.
+
+Example::
+
+    >>> from metalearn.models import Conv4
+    >>> net = MatchingNet(Conv4(1, None, pooling="max"), MatchingNet.Config(full_context_embeddings=True))
+    >>> loss, metrics = net.meta_loss(batch)        # batch: a TaskBatch of episodes
+    >>> log_probs = net.predict(batch)              # (tasks, n_query, ways), logsumexp = 0
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metalearn.algorithms.base import MetaLearner, Problem, accuracy
+from metalearn.algorithms.protonet import embed_episodes, num_ways
+from metalearn.errors import MetalearnError
+from metalearn.models import build_model
+from metalearn.tasks.batch import TaskBatch
+
+
+@dataclass(frozen=True)
+class MatchingNetConfig:
+    """full_context_embeddings: embed the support set with a bidirectional LSTM and the query
+    with an attention LSTM (appendix A.2) instead of the CNN alone; processing_steps: the
+    attention LSTM's K; model: the embedding CNN (used without a classification head)."""
+
+    full_context_embeddings: bool = False
+    processing_steps: int = 5
+    model: str = "conv4-embedding"
+
+    def __post_init__(self):
+        if self.processing_steps < 1:
+            raise MetalearnError(f"--processing-steps must be >= 1, got {self.processing_steps}")
+        if self.model == "mlp":
+            raise MetalearnError("matchingnet classifies images: use --model conv4-embedding (or conv4, conv4-maxpool)")
+
+
+def cosine_attention(query: Tensor, support: Tensor) -> Tensor:
+    """``a(x, x_i)``: softmax over the support set of cosine similarities (Vinyals et al. eq. 2).
+
+    query: (tasks, n_query, dim), support: (tasks, n_support, dim) -> (tasks, n_query, n_support)
+    """
+    return cosine_scores(query, support).softmax(dim=-1)
+
+
+def cosine_scores(query: Tensor, support: Tensor) -> Tensor:
+    """Cosine similarity of every query to every support embedding, (tasks, n_query, n_support)."""
+    return torch.einsum("tqd,tsd->tqs", F.normalize(query, dim=-1), F.normalize(support, dim=-1))
+
+
+def label_log_probs(scores: Tensor, support_y: Tensor, ways: int) -> Tensor:
+    """``log P(y = k | x, S) = log sum_{i: y_i = k} softmax_i(scores)``: the log of the
+    attention-weighted sum of one-hot support labels, computed with ``logsumexp``.
+
+    scores: (tasks, n_query, n_support), support_y: (tasks, n_support) -> (tasks, n_query, ways)
+    """
+    log_attention = scores.log_softmax(dim=-1)
+    log_one_hot = F.one_hot(support_y, ways).to(scores.dtype).log()  # 0 for its class, -inf else
+    return torch.logsumexp(log_attention.unsqueeze(-1) + log_one_hot.unsqueeze(1), dim=2)
+
+
+class SupportContext(nn.Module):
+    """``g(x_i, S) = h_fwd_i + h_bwd_i + g'(x_i)`` (Vinyals et al. appendix A.2, eq. 3-5): a
+    bidirectional LSTM with hidden size ``dim`` over the support embeddings, plus a skip.
+
+    support: (tasks, n_support, dim) -> (tasks, n_support, dim)
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.lstm = nn.LSTM(dim, dim, batch_first=True, bidirectional=True)
+
+    def forward(self, support: Tensor) -> Tensor:
+        states, _ = self.lstm(support)  # (tasks, n_support, 2 * dim): forward, backward
+        return states[..., : self.dim] + states[..., self.dim :] + support
+
+
+class QueryAttentionLSTM(nn.Module):
+    """``f(x, S) = attLSTM(f'(x), g(S), K)`` (Vinyals et al. appendix A.1, eq. 6-9).
+
+    The LSTM's gates read the input ``f'(x)`` and the recurrent state ``[h_{k-1}, r_{k-1}]``;
+    an ``nn.LSTMCell`` fed ``[f'(x), r_{k-1}]`` with hidden state ``h_{k-1}`` computes the same
+    affine function of the three (plus one more bias vector).
+
+    query: (tasks, n_query, dim), support: g(S), (tasks, n_support, dim) -> (tasks, n_query, dim)
+    """
+
+    def __init__(self, dim: int, steps: int):
+        super().__init__()
+        self.steps = steps
+        self.cell = nn.LSTMCell(2 * dim, dim)
+
+    def forward(self, query: Tensor, support: Tensor) -> Tensor:
+        tasks, n_query, dim = query.shape
+        h, c = query, torch.zeros_like(query)
+        for _ in range(self.steps):  # the K processing steps, not tasks: every task at once
+            attention = torch.einsum("tqd,tsd->tqs", h, support).softmax(dim=-1)
+            readout = torch.einsum("tqs,tsd->tqd", attention, support)
+            inputs = torch.cat([query, readout], dim=-1).reshape(tasks * n_query, 2 * dim)
+            h_hat, c = self.cell(inputs, (h.reshape(tasks * n_query, dim), c.reshape(tasks * n_query, dim)))
+            h, c = h_hat.view(tasks, n_query, dim) + query, c.view(tasks, n_query, dim)
+        return h
+
+
+class MatchingNet(MetaLearner):
+    """Matching Networks (Vinyals et al. 2016): attention over the support set's labels."""
+
+    name = "matchingnet"
+    Config = MatchingNetConfig
+
+    def __init__(self, model: nn.Module, config: MatchingNetConfig = MatchingNetConfig(),
+                 embedding_dim: int | None = None):
+        super().__init__()
+        buffers = [name for name, _ in model.named_buffers()]
+        if buffers:
+            raise MetalearnError(
+                f"matchingnet embeds each task under vmap and needs a model without buffers (found "
+                f"{', '.join(buffers[:3])}); use metalearn.models.BatchStatNorm for batch norm."
+            )
+        self.model = model
+        self.config = config
+        if config.full_context_embeddings:
+            if embedding_dim is None:
+                raise MetalearnError("full context embeddings need the embedding size (embedding_dim)")
+            self.support_context = SupportContext(embedding_dim)
+            self.query_context = QueryAttentionLSTM(embedding_dim, config.processing_steps)
+
+    @classmethod
+    def build(cls, config: MatchingNetConfig, problem: Problem) -> "MatchingNet":
+        if not problem.classification:
+            raise MetalearnError("matchingnet is a classification method; use --dataset omniglot")
+        model = build_model(config.model, problem.input_shape, None)
+        with torch.no_grad():
+            dim = model(torch.zeros(2, *problem.input_shape)).shape[-1]
+        return cls(model, config, dim)
+
+    @classmethod
+    def paper_defaults(cls, task) -> tuple[dict, dict]:
+        # Vinyals et al. 2016, section 4.1.1: the Conv4 max-pool CNN (64-d on 28x28), cosine
+        # attention, no full context embeddings on Omniglot (FCE is their miniImageNet and
+        # language variant), training episodes shaped as the test episodes. The paper gives no
+        # optimiser or schedule; Adam 1e-3 over 20,000 meta-batches of 32 episodes is ours.
+        return ({"model": "conv4-embedding", "full_context_embeddings": False},
+                {"meta_batch_size": 32, "meta_lr": 1e-3, "steps": 20000, "eval_episodes": 1000,
+                 "val_every": 1000, "val_episodes": 200, "checkpoint_every": 1000})
+
+    def embed(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
+        """f(query) and g(support): (tasks, n_query, dim), (tasks, n_support, dim)."""
+        support, query = embed_episodes(self.model, batch)
+        if self.config.full_context_embeddings:
+            support = self.support_context(support)
+            query = self.query_context(query, support)
+        return query, support
+
+    def attention(self, batch: TaskBatch) -> Tensor:
+        """a(x, x_i) of every query over its task's support set, (tasks, n_query, n_support)."""
+        query, support = self.embed(batch)
+        return cosine_attention(query, support)
+
+    def log_probs(self, batch: TaskBatch) -> Tensor:
+        """log P(y | x, S) for every query and class, (tasks, n_query, ways)."""
+        query, support = self.embed(batch)
+        return label_log_probs(cosine_scores(query, support), batch.support_y, num_ways(batch))
+
+    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        log_probs = self.log_probs(batch)
+        loss = F.nll_loss(log_probs.flatten(0, 1), batch.query_y.flatten())
+        return loss, {"loss": loss.detach(), "accuracy": accuracy(log_probs.detach(), batch.query_y)}
+
+    def predict(self, batch: TaskBatch) -> Tensor:
+        """Log-probabilities (tasks, n_query, ways): the logits whose softmax is P(y | x, S)."""
+        with torch.no_grad():
+            return self.log_probs(batch)

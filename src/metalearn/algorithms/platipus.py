@@ -1,0 +1,322 @@
+"""Probabilistic MAML, PLATIPUS (Finn, Xu & Levine, "Probabilistic Model-Agnostic
+Meta-Learning", NeurIPS 2018), batched over tasks and over sampled models.
+
+The initial parameters of MAML become a random variable with a learned diagonal Gaussian
+prior ``p(theta) = N(mu_theta, sigma_theta^2)`` (section 4.1). A task's model is obtained by
+sampling ``theta`` and running MAML's inner loop from it; different samples give different,
+individually plausible models when the support set is ambiguous.
+
+Meta-training (Algorithm 1), per task with support set D_tr and query set D_test:
+
+    line 6-7   q(theta | D_tr, D_test) = N(mu_theta - gamma_q * grad_mu L(mu_theta, D_test), v_q)
+               (the variational posterior, the paper's eq. 2 with L = -log p(y | x, .))
+    line 7     theta ~ q                                  (reparameterised: mean + std * eps)
+    line 8-9   phi = theta - alpha * grad_theta L(theta, D_tr)     (MAML's inner loop)
+    line 10    p(theta | D_tr) = N(mu_theta - gamma_p * grad_mu L(mu_theta, D_tr), sigma_theta^2)
+    line 11    minimise  L(phi, D_test) + D_KL(q(theta | D_tr, D_test) || p(theta | D_tr))
+
+the negative of the lower bound of section 4.2 on log p(y_test | x_test, D_tr) (the
+``log p(phi | theta)`` term of the bound is dropped, as Algorithm 1 line 11 does). The learned
+meta-parameters are Theta = {mu_theta, sigma_theta^2, v_q, gamma_p, gamma_q} (Algorithm 1
+line 1); the inner step size alpha stays fixed. Here the KL term has a weight, ``kl_weight``
+(1 is the bound itself), and the query loss is the mean over ``train_samples`` samples of
+theta (Algorithm 1 draws one).
+
+Meta-testing (Algorithm 2): theta ~ p(theta | D_tr) = N(mu_theta - gamma_p * grad L(mu_theta,
+D_tr), sigma_theta^2), then gradient steps on D_tr from each sample. ``num_samples`` samples
+per task give ``num_samples`` models; :meth:`PLATIPUS.predict` returns their average prediction
+(for classification the log of the average of their softmax probabilities).
+
+Everything is one computation: ``vmap`` over tasks of a ``vmap`` over samples, with the
+standard-normal noise drawn beforehand as a ``(tasks, samples, *param_shape)`` tensor per
+parameter, so a seed or ``generator`` makes the samples reproducible.
+
+Example::
+
+    >>> from metalearn.models import MLP
+    >>> platipus = PLATIPUS(MLP(), PLATIPUS.Config(inner_lr=0.01, model="mlp"))
+    >>> loss, metrics = platipus.meta_loss(batch)          # batch: a TaskBatch of sine-or-line tasks
+    >>> loss.backward()                                    # second order, through both gradient steps
+    >>> samples = platipus.sample_predictions(batch, 20)   # (20, tasks, n_query, 1)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from metalearn.algorithms.base import MetaLearner, Problem
+from metalearn.errors import MetalearnError
+from metalearn.models import build_model
+from metalearn.tasks.batch import TaskBatch
+
+Params = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class PLATIPUSConfig:
+    """inner_lr: MAML's alpha, fixed; inner_steps / test_inner_steps: gradient steps on the
+    support set from each sampled theta during meta-training / at test time; num_samples:
+    models sampled per task at test time; train_samples: samples of theta ~ q per task in the
+    meta-loss (Algorithm 1 uses 1); kl_weight: weight of D_KL(q || p) in the meta-loss;
+    prior_step_init / posterior_step_init: initial gamma_p / gamma_q (learned); std_init:
+    initial sigma_theta and sqrt(v_q) (learned, one per weight); first_order: drop second
+    derivatives of every inner gradient; model: network name (see ``metalearn.models``)."""
+
+    inner_lr: float = 0.4
+    inner_steps: int = 1
+    test_inner_steps: int = 3
+    num_samples: int = 10
+    train_samples: int = 1
+    kl_weight: float = 1.0
+    prior_step_init: float = 0.4
+    posterior_step_init: float = 0.4
+    std_init: float = 0.01
+    first_order: bool = False
+    model: str = "conv4"
+
+    def __post_init__(self):
+        if self.inner_steps < 1 or self.test_inner_steps < 0:
+            raise MetalearnError("--inner-steps must be >= 1 and --test-inner-steps >= 0")
+        if not self.inner_lr > 0:
+            raise MetalearnError(f"--inner-lr must be positive, got {self.inner_lr}")
+        if self.num_samples < 1 or self.train_samples < 1:
+            raise MetalearnError("--num-samples and --train-samples must be at least 1")
+        if not self.kl_weight >= 0:
+            raise MetalearnError(f"--kl-weight must be >= 0, got {self.kl_weight}")
+        if not self.std_init > 0:
+            raise MetalearnError(f"--std-init must be positive, got {self.std_init}")
+
+
+def diagonal_gaussian_kl(mean_q: Params, log_std_q: Params, mean_p: Params, log_std_p: Params) -> Tensor:
+    """D_KL(N(mean_q, diag exp(log_std_q)^2) || N(mean_p, diag exp(log_std_p)^2)), summed over
+    every entry of every tensor of the dicts (the closed form for diagonal Gaussians)::
+
+        sum  log(s_p / s_q) + (s_q^2 + (m_q - m_p)^2) / (2 s_p^2) - 1/2
+    """
+    total = 0.0
+    for name, m_q in mean_q.items():
+        lq, lp = log_std_q[name], log_std_p[name]
+        ratio = torch.exp(2 * (lq - lp)) + (m_q - mean_p[name]).square() * torch.exp(-2 * lp)
+        total = total + (lp - lq + 0.5 * ratio - 0.5).sum()
+    return total
+
+
+def task_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """As :func:`metalearn.algorithms.base.task_loss` (cross-entropy, or mean squared error),
+    with the squared error written out: in torch 2.13 ``F.mse_loss`` fails inside a ``vmap``
+    over samples nested in a ``vmap`` over tasks when only the prediction carries the sample
+    axis ("The size of tensor a (10) must match the size of tensor b (5)")."""
+    if torch.is_floating_point(target):
+        return (prediction - target).square().mean()
+    return F.cross_entropy(prediction.reshape(-1, prediction.shape[-1]), target.reshape(-1))
+
+
+class PLATIPUS(MetaLearner):
+    """Probabilistic MAML (Finn, Xu & Levine 2018): a learned Gaussian over MAML's initial
+    parameters, trained with a variational bound; samples several adapted models per task."""
+
+    name = "platipus"
+    Config = PLATIPUSConfig
+
+    def __init__(self, model: nn.Module, config: PLATIPUSConfig = PLATIPUSConfig()):
+        super().__init__()
+        buffers = [name for name, _ in model.named_buffers()]
+        if buffers:
+            raise MetalearnError(
+                f"PLATIPUS needs a model without buffers (found {', '.join(buffers[:3])}); use "
+                "metalearn.models.BatchStatNorm so batch statistics are used."
+            )
+        native_norms = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+        if native_norms and not config.first_order:
+            raise MetalearnError(
+                f"second-order PLATIPUS cannot use torch's native batch norm ({native_norms[0]}): its "
+                "second derivative under vmap is wrong in torch. Use metalearn.models.BatchStatNorm "
+                "or --first-order."
+            )
+        self.model = model  # its parameters are mu_theta
+        self.config = config
+        self._keys = {name: name.replace(".", "__") for name, _ in model.named_parameters()}
+
+        def log_stds() -> nn.ParameterDict:
+            return nn.ParameterDict({key: nn.Parameter(torch.full_like(p.detach(), math.log(config.std_init)))
+                                     for key, p in zip(self._keys.values(), model.parameters())})
+
+        self.log_prior_std = log_stds()  # log sigma_theta
+        self.log_posterior_std = log_stds()  # log sqrt(v_q)
+        self.prior_step = nn.Parameter(torch.tensor(float(config.prior_step_init)))  # gamma_p
+        self.posterior_step = nn.Parameter(torch.tensor(float(config.posterior_step_init)))  # gamma_q
+
+    @classmethod
+    def build(cls, config: PLATIPUSConfig, problem: Problem) -> "PLATIPUS":
+        return cls(build_model(config.model, problem.input_shape, problem.output_dim), config)
+
+    @classmethod
+    def paper_defaults(cls, task) -> tuple[dict, dict]:
+        if not task.classification:
+            # Section 6, ambiguous sinusoid-or-line regression with 5 noisy points. The network
+            # and inner loop follow MAML's sinusoid setup (2x40 MLP, alpha 0.01, meta-batch 25);
+            # 5 inner steps from each sample let one sample commit to a line and another to a
+            # sinusoid; 10 samples per task for the pictures and measures.
+            return ({"model": "mlp", "inner_lr": 0.01, "inner_steps": 5, "test_inner_steps": 5,
+                     "num_samples": 10, "train_samples": 1, "kl_weight": 1.0,
+                     "prior_step_init": 0.01, "posterior_step_init": 0.01, "std_init": 0.01},
+                    {"meta_batch_size": 25, "steps": 70000, "val_every": 5000, "checkpoint_every": 5000})
+        if task.ways >= 20:
+            # As MAML's 20-way Omniglot: alpha 0.1, 5 inner steps, meta-batch 16.
+            return ({"model": "conv4", "inner_lr": 0.1, "inner_steps": 5, "test_inner_steps": 5,
+                     "prior_step_init": 0.1, "posterior_step_init": 0.1},
+                    {"meta_batch_size": 16, "steps": 60000})
+        # Classification builds on MAML's architecture and settings (5-way Omniglot: alpha 0.4,
+        # 1 inner step, 3 at test time, meta-batch 32); gamma_p, gamma_q start at alpha.
+        return ({"model": "conv4", "inner_lr": 0.4, "inner_steps": 1, "test_inner_steps": 3,
+                 "prior_step_init": 0.4, "posterior_step_init": 0.4},
+                {"meta_batch_size": 32, "steps": 60000})
+
+    # -- the pure functions ------------------------------------------------------------------
+
+    def _forward(self, params: Params, x: Tensor) -> Tensor:
+        return functional_call(self.model, params, (x,))
+
+    def _loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
+        return task_loss(self._forward(params, x), y)
+
+    def _gradient(self, params: Params, x: Tensor, y: Tensor) -> Params:
+        grads = grad(self._loss)(params, x, y)
+        if self.config.first_order:
+            grads = {name: g.detach() for name, g in grads.items()}
+        return grads
+
+    def shifted_mean(self, mean: Params, x: Tensor, y: Tensor, step_size: Tensor) -> Params:
+        """``mean - step_size * grad_mean L(mean, (x, y))``: the mean of q (step gamma_q, the
+        query set; Algorithm 1 line 7) or of p(theta | D_tr) (step gamma_p, the support set;
+        line 10 and Algorithm 2 line 1). One task, no task axis."""
+        grads = self._gradient(mean, x, y)
+        return {name: m - step_size * grads[name] for name, m in mean.items()}
+
+    def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, steps: int) -> list[Params]:
+        """MAML's inner loop from a sampled theta: the parameters after 0..steps gradient steps
+        of size alpha on the support set (Algorithm 1 lines 8-9, Algorithm 2 lines 2-3)."""
+        trajectory = [params]
+        for _ in range(steps):
+            grads = self._gradient(params, support_x, support_y)
+            params = {name: p - self.config.inner_lr * grads[name] for name, p in params.items()}
+            trajectory.append(params)
+        return trajectory
+
+    def _mean(self) -> Params:
+        return dict(self.model.named_parameters())
+
+    def _log_std(self, table: nn.ParameterDict) -> Params:
+        return {name: table[key] for name, key in self._keys.items()}
+
+    def standard_normal(self, tasks: int, samples: int, generator: torch.Generator | None = None) -> Params:
+        """The noise eps of ``theta = mean + std * eps``: per parameter ``(tasks, samples, *shape)``."""
+        return {name: torch.randn((tasks, samples, *p.shape), generator=generator, dtype=p.dtype, device=p.device)
+                for name, p in self.model.named_parameters()}
+
+    def kl(self, batch: TaskBatch) -> Tensor:
+        """D_KL(q(theta | D_tr, D_test) || p(theta | D_tr)) per task, ``(tasks,)``."""
+        mean = self._mean()
+        log_q, log_p = self._log_std(self.log_posterior_std), self._log_std(self.log_prior_std)
+
+        def one_task(support_x, support_y, query_x, query_y):
+            mean_q = self.shifted_mean(mean, query_x, query_y, self.posterior_step)
+            mean_p = self.shifted_mean(mean, support_x, support_y, self.prior_step)
+            return diagonal_gaussian_kl(mean_q, log_q, mean_p, log_p)
+
+        return vmap(one_task)(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+
+    # -- the interface -----------------------------------------------------------------------
+
+    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """The negative bound (Algorithm 1 line 11), averaged over tasks: the query loss of the
+        adapted samples (mean over ``train_samples``) + ``kl_weight`` * D_KL(q || p). Noise from
+        the global generator (the trainer seeds it per step)."""
+        mean = self._mean()
+        log_q, log_p = self._log_std(self.log_posterior_std), self._log_std(self.log_prior_std)
+        std_q = {name: s.exp() for name, s in log_q.items()}
+        steps = self.config.inner_steps
+        classification = batch.is_classification
+        noise = self.standard_normal(batch.num_tasks, self.config.train_samples)
+
+        def one_task(support_x, support_y, query_x, query_y, eps):
+            mean_q = self.shifted_mean(mean, query_x, query_y, self.posterior_step)  # lines 6-7
+            mean_p = self.shifted_mean(mean, support_x, support_y, self.prior_step)  # line 10
+
+            def one_sample(eps_one):
+                theta = {name: mean_q[name] + std_q[name] * eps_one[name] for name in mean_q}  # line 7
+                phi = self.adapt(theta, support_x, support_y, steps)[-1]  # lines 8-9
+                prediction = self._forward(phi, query_x)
+                return task_loss(prediction, query_y), prediction
+
+            losses, predictions = vmap(one_sample)(eps)
+            kl = diagonal_gaussian_kl(mean_q, log_q, mean_p, log_p)
+            if classification:
+                mixture = torch.logsumexp(predictions.log_softmax(-1), 0)  # log(S * mean prob)
+                return losses.mean(), kl, (mixture.argmax(-1) == query_y).float().mean()
+            return losses.mean(), kl, torch.zeros(())
+
+        query_losses, kls, accuracies = vmap(one_task)(batch.support_x, batch.support_y, batch.query_x,
+                                                       batch.query_y, noise)
+        loss = (query_losses + self.config.kl_weight * kls).mean()
+        metrics = {"loss": loss.detach(), "query_loss": query_losses.mean().detach(), "kl": kls.mean().detach(),
+                   "prior_std": torch.cat([s.detach().exp().flatten() for s in log_p.values()]).mean()}
+        if classification:
+            metrics["accuracy"] = accuracies.mean()
+        return loss, metrics
+
+    def sample_predictions_per_step(self, batch: TaskBatch, num_samples: int | None = None,
+                                    generator: torch.Generator | None = None) -> Tensor:
+        """Algorithm 2 for every task and sample: theta ~ p(theta | D_tr), then the query outputs
+        (logits or regression values) after 0..test_inner_steps gradient steps from it.
+        Returns ``(steps + 1, samples, tasks, n_query, out)``."""
+        num_samples = num_samples or self.config.num_samples
+        mean = {name: p.detach() for name, p in self._mean().items()}
+        std_p = {name: s.detach().exp() for name, s in self._log_std(self.log_prior_std).items()}
+        prior_step = self.prior_step.detach()
+        steps = self.config.test_inner_steps
+        noise = self.standard_normal(batch.num_tasks, num_samples, generator)
+
+        def one_task(support_x, support_y, query_x, eps):
+            mean_p = self.shifted_mean(mean, support_x, support_y, prior_step)
+
+            def one_sample(eps_one):
+                theta = {name: mean_p[name] + std_p[name] * eps_one[name] for name in mean_p}
+                trajectory = self.adapt(theta, support_x, support_y, steps)
+                return torch.stack([self._forward(p, query_x) for p in trajectory])
+
+            return vmap(one_sample)(eps)  # (samples, steps + 1, n_query, out)
+
+        with torch.no_grad():  # torch.func.grad still differentiates the inner loop
+            per_task = vmap(one_task)(batch.support_x, batch.support_y, batch.query_x, noise)
+        return per_task.permute(2, 1, 0, *range(3, per_task.dim()))
+
+    def sample_predictions(self, batch: TaskBatch, num_samples: int | None = None,
+                           generator: torch.Generator | None = None) -> Tensor:
+        """The query outputs of ``num_samples`` (default ``config.num_samples``) sampled and
+        adapted models per task: ``(samples, tasks, n_query, out)``; logits for classification."""
+        return self.sample_predictions_per_step(batch, num_samples, generator)[-1]
+
+    def predict(self, batch: TaskBatch) -> Tensor:
+        return self.predict_per_step(batch)[-1]
+
+    def predict_per_step(self, batch: TaskBatch) -> Tensor:
+        """The samples' average prediction after each step: for classification the log of the
+        mean softmax probability (so argmax and NLL work), for regression the mean output.
+        ``(steps + 1, tasks, n_query, out)``."""
+        samples = self.sample_predictions_per_step(batch)
+        return average_prediction(samples, batch.is_classification, dim=1)
+
+
+def average_prediction(samples: Tensor, classification: bool, dim: int = 0) -> Tensor:
+    """The mixture's prediction from sampled models stacked along ``dim``: the mean output, or
+    for classification ``log(mean_s softmax(logits_s))``."""
+    if classification:
+        return torch.logsumexp(samples.log_softmax(-1), dim) - math.log(samples.shape[dim])
+    return samples.mean(dim)

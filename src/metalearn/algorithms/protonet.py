@@ -1,0 +1,159 @@
+"""Prototypical Networks (Snell, Swersky & Zemel, NeurIPS 2017), batched over tasks.
+
+Each class of a task is represented by its prototype, the mean embedding of its support
+examples (eq. 1); a query is classified by a softmax over negative squared Euclidean distances
+to the prototypes (eq. 2), and the meta-loss is the query cross-entropy. No inner loop: the
+embedding network is the only thing learned.
+
+Batch norm (``BatchStatNorm``, batch statistics at train and test time) sees one task at a
+time: the support and query images of each task are embedded together in one pass, and the
+tasks of a batch are batched with ``vmap``, so normalisation statistics never mix tasks. An
+episode's predictions therefore do not depend on which other episodes share its batch (the
+evaluator's chunking, the meta-batch size, the number of distributed ranks), and training and
+testing normalise alike. Like MAML's batch statistics, this is mildly transductive: the query
+images of a task take part in its statistics.
+
+Example::
+
+    >>> from metalearn.models import Conv4
+    >>> protonet = ProtoNet(Conv4(1, None, pooling="max"))      # 64-d embedding on 28x28
+    >>> loss, metrics = protonet.meta_loss(batch)                # batch: a TaskBatch of episodes
+    >>> loss.backward()
+    >>> logits = protonet.predict(batch)                         # (tasks, n_query, ways)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import vmap
+
+from metalearn.algorithms.base import MetaLearner, Problem, accuracy
+from metalearn.errors import MetalearnError
+from metalearn.models import build_model
+from metalearn.tasks.batch import TaskBatch
+
+DISTANCES = ("euclidean", "cosine")
+
+
+@dataclass(frozen=True)
+class ProtoNetConfig:
+    """distance: ``euclidean`` (squared Euclidean, the paper's choice) or ``cosine`` (the
+    paper's comparison, section 3.1); model: the embedding network (see ``metalearn.models``;
+    any image model is used without its classification head)."""
+
+    distance: str = "euclidean"
+    model: str = "conv4-embedding"
+
+    def __post_init__(self):
+        if self.distance not in DISTANCES:
+            raise MetalearnError(f"--distance must be one of {', '.join(DISTANCES)}, got {self.distance!r}")
+        if self.model == "mlp":
+            raise MetalearnError("protonet classifies images: use --model conv4-embedding (or conv4, conv4-maxpool)")
+
+
+def embed_episodes(model: nn.Module, batch: TaskBatch) -> tuple[Tensor, Tensor]:
+    """Embed each task's support and query images together, one task per ``vmap`` slice, so
+    batch-norm statistics are those of the task alone.
+
+    Returns support embeddings (tasks, n_support, dim) and query embeddings (tasks, n_query, dim).
+    """
+    n_support = batch.support_x.shape[1]
+    images = torch.cat([batch.support_x, batch.query_x], dim=1)  # (tasks, n_support + n_query, ...)
+    embeddings = vmap(model)(images)
+    return embeddings[:, :n_support], embeddings[:, n_support:]
+
+
+def num_ways(batch: TaskBatch) -> int:
+    """Classes per task: the batch's ``ways``, else one more than the largest support label."""
+    return batch.ways or int(batch.support_y.max()) + 1
+
+
+def class_prototypes(support: Tensor, support_y: Tensor, ways: int) -> Tensor:
+    """Mean support embedding of each class (Snell et al. eq. 1), any number of shots per class.
+
+    support: (tasks, n_support, dim), support_y: (tasks, n_support) in [0, ways)
+    -> (tasks, ways, dim)
+    """
+    one_hot = F.one_hot(support_y, ways).to(support.dtype)  # (tasks, n_support, ways)
+    sums = torch.einsum("tsw,tsd->twd", one_hot, support)
+    counts = one_hot.sum(dim=1).unsqueeze(-1)  # (tasks, ways, 1)
+    if bool((counts == 0).any()):
+        raise MetalearnError("a task has a class without support examples; every class needs at least one shot")
+    return sums / counts
+
+
+def squared_distances(query: Tensor, prototypes: Tensor) -> Tensor:
+    """Squared Euclidean distance of every query to every prototype, computed from the
+    differences (not ``|q|^2 - 2 q.c + |c|^2``, which cancels badly when q is near c).
+
+    query: (tasks, n_query, dim), prototypes: (tasks, ways, dim) -> (tasks, n_query, ways)
+    """
+    return (query.unsqueeze(2) - prototypes.unsqueeze(1)).square().sum(dim=-1)
+
+
+def prototype_logits(query: Tensor, prototypes: Tensor, distance: str = "euclidean") -> Tensor:
+    """Logits of each query over the classes (Snell et al. eq. 2): ``-||q - c_k||^2``, or the
+    cosine similarity ``q.c_k / (|q| |c_k|)``.
+
+    query: (tasks, n_query, dim), prototypes: (tasks, ways, dim) -> (tasks, n_query, ways)
+    """
+    if distance == "euclidean":
+        return -squared_distances(query, prototypes)
+    return torch.einsum("tqd,twd->tqw", F.normalize(query, dim=-1), F.normalize(prototypes, dim=-1))
+
+
+class ProtoNet(MetaLearner):
+    """Prototypical Networks (Snell et al. 2017): nearest class mean in a learned embedding."""
+
+    name = "protonet"
+    Config = ProtoNetConfig
+
+    def __init__(self, model: nn.Module, config: ProtoNetConfig = ProtoNetConfig()):
+        super().__init__()
+        buffers = [name for name, _ in model.named_buffers()]
+        if buffers:
+            raise MetalearnError(
+                f"protonet embeds each task under vmap and needs a model without buffers (found "
+                f"{', '.join(buffers[:3])}); use metalearn.models.BatchStatNorm for batch norm."
+            )
+        self.model = model
+        self.config = config
+
+    @classmethod
+    def build(cls, config: ProtoNetConfig, problem: Problem) -> "ProtoNet":
+        if not problem.classification:
+            raise MetalearnError("protonet is a classification method; use --dataset omniglot")
+        return cls(build_model(config.model, problem.input_shape, None), config)
+
+    @classmethod
+    def paper_defaults(cls, task) -> tuple[dict, dict]:
+        # Snell et al. 2017, section 3.1: Conv4 with max-pooling (64-d embedding), squared
+        # Euclidean distance, one episode per Adam step at 1e-3 halved every 2000 episodes,
+        # 1000 test episodes. The paper trains until the validation loss stops improving; after
+        # 20,000 episodes the step size has been halved ten times (to about 1e-6), so little
+        # changes beyond. The paper's 60-way / 5-query training episodes and 5- or 20-way test
+        # episodes are task options: --ways 60 --query 5 --test-ways 5 --test-query 15.
+        return ({"model": "conv4-embedding", "distance": "euclidean"},
+                {"meta_batch_size": 1, "meta_lr": 1e-3, "lr_halve_every": 2000, "steps": 20000,
+                 "eval_episodes": 1000, "val_every": 1000, "val_episodes": 200, "checkpoint_every": 1000})
+
+    def logits(self, batch: TaskBatch) -> Tensor:
+        """Query logits (tasks, n_query, ways) from the prototypes of each task's support set."""
+        support, query = embed_episodes(self.model, batch)
+        prototypes = class_prototypes(support, batch.support_y, num_ways(batch))
+        return prototype_logits(query, prototypes, self.config.distance)
+
+    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        logits = self.logits(batch)
+        # Every task has the same number of queries, so the mean over all queries is the mean
+        # over tasks of each task's mean query loss.
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
+        return loss, {"loss": loss.detach(), "accuracy": accuracy(logits.detach(), batch.query_y)}
+
+    def predict(self, batch: TaskBatch) -> Tensor:
+        with torch.no_grad():
+            return self.logits(batch)

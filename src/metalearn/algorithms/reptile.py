@@ -1,0 +1,294 @@
+"""Reptile (Nichol, Achiam & Schulman 2018, "On First-Order Meta-Learning Algorithms",
+arXiv:1803.02999), batched over tasks.
+
+Each task of a meta-batch trains its own copy ``phi`` of the weights ``theta`` with SGD or Adam
+for ``inner_steps`` mini-batches of its support set; the initialization then moves towards the
+tasks' adapted weights, ``theta <- theta + epsilon * (mean_tasks(phi) - theta)`` (Algorithm 2,
+the batched version). Nothing is differentiated through the inner loop.
+
+The inner loop is a pure function ``params -> adapted params`` (``torch.func.grad`` plus a
+functional SGD/Adam on the parameter dict), run for the whole meta-batch with ``vmap``. The
+trainer only knows losses and optimisers, so :meth:`Reptile.meta_loss` returns a loss whose
+gradient is the Reptile direction ``theta - mean(phi)``: one plain SGD step at learning rate
+``epsilon`` is then exactly the update above, and the paper's linear annealing of epsilon to 0
+is ``lr_anneal="linear"`` (both set by :meth:`Reptile.paper_defaults`). Gradient all-reduce
+over ranks averages the directions of all tasks, as the update needs.
+
+Evaluation (section 6 of the paper reports both): with ``transductive=True`` the adapted network
+classifies the whole query set in one batch, so batch norm takes its statistics from the query
+examples together; with ``transductive=False`` each query example is classified on its own, in a
+batch made of the support set plus that one example (as ``_test_predictions`` of
+openai/supervised-reptile), so no information passes between query examples. Both are
+vectorised (``vmap`` over tasks and over query examples).
+
+Example::
+
+    >>> from metalearn.models import Conv4
+    >>> reptile = Reptile(Conv4(1, 5), Reptile.Config(inner_lr=1e-3, inner_steps=5))
+    >>> loss, metrics = reptile.meta_loss(batch)   # batch: a TaskBatch of 5-way tasks
+    >>> loss.backward()                            # p.grad == theta - mean(phi)
+    >>> torch.optim.SGD(reptile.parameters(), lr=1.0).step()   # theta <- mean(phi)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from metalearn.algorithms.base import MetaLearner, Problem, accuracy, task_loss
+from metalearn.errors import MetalearnError
+from metalearn.models import build_model
+from metalearn.tasks.batch import TaskBatch
+
+Params = dict[str, Tensor]
+AdamState = tuple[Params, Params, int]  # first moments, second moments, steps taken
+
+ADAM_EPS = 1e-8
+PREDICT_ORDER_SEED = 0  # the test-time mini-batch order: predictions are a function of the batch
+NON_TRANSDUCTIVE_IMAGES = 4096  # images per forward pass when query examples are classified singly
+
+
+@dataclass(frozen=True)
+class ReptileConfig:
+    """inner_optimizer: ``adam`` or ``sgd`` for the task-specific training, at ``inner_lr``;
+    inner_beta1 / inner_beta2: Adam's moment decay rates (the reference code uses beta1 = 0,
+    no momentum); inner_steps / test_inner_steps: mini-batch updates per task during
+    meta-training / at test time, on mini-batches of inner_batch_size / test_inner_batch_size
+    support examples (drawn without replacement, epoch after epoch); transductive: classify the
+    query set in one batch (batch-norm statistics shared by the query examples) or each query
+    example alone with the support set; model: network name (see ``metalearn.models``)."""
+
+    inner_optimizer: str = "adam"
+    inner_lr: float = 0.001
+    inner_beta1: float = 0.0
+    inner_beta2: float = 0.999
+    inner_steps: int = 5
+    inner_batch_size: int = 10
+    test_inner_steps: int = 50
+    test_inner_batch_size: int = 5
+    transductive: bool = True
+    model: str = "conv4"
+
+    def __post_init__(self):
+        if self.inner_optimizer not in ("adam", "sgd"):
+            raise MetalearnError(f"--inner-optimizer must be adam or sgd, got {self.inner_optimizer!r}")
+        if self.inner_steps < 1 or self.test_inner_steps < 0:
+            raise MetalearnError("--inner-steps must be >= 1 and --test-inner-steps >= 0")
+        if self.inner_batch_size < 1 or self.test_inner_batch_size < 1:
+            raise MetalearnError("--inner-batch-size and --test-inner-batch-size must be >= 1")
+        if not self.inner_lr > 0:
+            raise MetalearnError(f"--inner-lr must be positive, got {self.inner_lr}")
+        if not (0 <= self.inner_beta1 < 1 and 0 <= self.inner_beta2 < 1):
+            raise MetalearnError("--inner-beta1 and --inner-beta2 must lie in [0, 1)")
+
+
+# -- pure pieces: optimiser steps and mini-batch order ------------------------------------------
+
+
+def sgd_step(params: Params, grads: Params, lr: float) -> Params:
+    """``p - lr * g`` for every tensor."""
+    return {name: p - lr * grads[name] for name, p in params.items()}
+
+
+def adam_init(params: Params) -> AdamState:
+    """Adam's state before its first step: zero moments, zero steps."""
+    zeros = {name: torch.zeros_like(p) for name, p in params.items()}
+    return zeros, dict(zeros), 0
+
+
+def adam_step(params: Params, grads: Params, state: AdamState, lr: float, beta1: float = 0.9,
+              beta2: float = 0.999, eps: float = ADAM_EPS) -> tuple[Params, AdamState]:
+    """One Adam update (Kingma & Ba 2015, Algorithm 1) of a parameter dict, with the arithmetic
+    of ``torch.optim.Adam`` (no weight decay, no amsgrad): pure, so it runs under ``vmap`` and
+    ``grad``. Returns the new parameters and state."""
+    first, second, steps = state
+    steps += 1
+    first = {name: beta1 * first[name] + (1 - beta1) * g for name, g in grads.items()}
+    second = {name: beta2 * second[name] + (1 - beta2) * g * g for name, g in grads.items()}
+    step_size = lr / (1 - beta1**steps)
+    root_correction = math.sqrt(1 - beta2**steps)
+    new = {name: p - step_size * first[name] / (second[name].sqrt() / root_correction + eps)
+           for name, p in params.items()}
+    return new, (first, second, steps)
+
+
+def minibatch_indices(n_examples: int, batch_size: int, steps: int, tasks: int,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """Positions of each task's mini-batches in its support set: (tasks, steps, batch_size).
+
+    Each task walks through fresh random permutations of its ``n_examples`` examples,
+    ``batch_size`` at a time, a batch running on into the next permutation when
+    ``n_examples`` is not a multiple of it: mini-batches without replacement, as
+    ``_mini_batches`` of openai/supervised-reptile draws them.
+    """
+    epochs = math.ceil(steps * batch_size / n_examples)
+    order = torch.rand(tasks, epochs, n_examples, generator=generator).argsort(dim=-1)
+    return order.reshape(tasks, -1)[:, : steps * batch_size].reshape(tasks, steps, batch_size)
+
+
+class Reptile(MetaLearner):
+    """Reptile around any ``nn.Module`` without running-statistics buffers."""
+
+    name = "reptile"
+    Config = ReptileConfig
+
+    def __init__(self, model: nn.Module, config: ReptileConfig = ReptileConfig()):
+        super().__init__()
+        buffers = [name for name, _ in model.named_buffers()]
+        if buffers:
+            raise MetalearnError(
+                f"Reptile needs a model without buffers (found {', '.join(buffers[:3])}); use "
+                "metalearn.models.BatchStatNorm, or BatchNorm with track_running_stats=False."
+            )
+        self.model = model
+        self.config = config
+
+    @classmethod
+    def build(cls, config: ReptileConfig, problem: Problem) -> "Reptile":
+        return cls(build_model(config.model, problem.input_shape, problem.output_dim), config)
+
+    @classmethod
+    def paper_defaults(cls, task) -> tuple[dict, dict]:
+        # Outer step size 1 annealed linearly to 0, as plain SGD steps on theta - mean(phi).
+        outer = {"meta_optimizer": "sgd", "meta_lr": 1.0, "lr_anneal": "linear", "meta_batch_size": 5}
+        if not task.classification:
+            # Not in the paper's tables: the sinusoid demo published with it (joschu's
+            # reptile-sinewaves-demo gist): SGD 0.02 on mini-batches of 10, one task per
+            # meta-step, outer step 0.1 -> 0 over 30k steps, 32 full-batch steps at test time.
+            return ({"model": "mlp", "inner_optimizer": "sgd", "inner_lr": 0.02, "inner_steps": 5,
+                     "inner_batch_size": 10, "test_inner_steps": 32, "test_inner_batch_size": 10},
+                    {**outer, "meta_lr": 0.1, "meta_batch_size": 1, "steps": 30000, "val_every": 5000,
+                     "checkpoint_every": 5000})
+        # Appendix A, Omniglot table (= the archived supervised-reptile README commands). Both
+        # train on 10 shots per class (``--shots 10 --test-shots K --query 1``).
+        if task.ways >= 20:
+            return ({"model": "conv4", "inner_optimizer": "adam", "inner_lr": 0.0005, "inner_steps": 10,
+                     "inner_batch_size": 20, "test_inner_steps": 50, "test_inner_batch_size": 10},
+                    {**outer, "steps": 200000})
+        return ({"model": "conv4", "inner_optimizer": "adam", "inner_lr": 0.001, "inner_steps": 5,
+                 "inner_batch_size": 10, "test_inner_steps": 50, "test_inner_batch_size": 5},
+                {**outer, "steps": 100000})
+
+    # -- the pure functions ------------------------------------------------------------------
+
+    def _forward(self, params: Params, x: Tensor) -> Tensor:
+        return functional_call(self.model, params, (x,))
+
+    def _batch_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
+        return task_loss(self._forward(params, x), y)
+
+    def adapt(self, params: Params, batches_x: Tensor, batches_y: Tensor,
+              observe: Callable[[Params], Tensor] | None = None) -> tuple[Params, list[Tensor]]:
+        """Train on one task's mini-batches, one optimiser step each, from a fresh optimiser.
+
+        batches_x: (steps, batch_size, *input_shape), batches_y: (steps, batch_size, ...), no
+        task axis (batch over tasks with ``vmap``). Returns the adapted parameters and, when
+        ``observe`` is given, its value on the parameters after 0..steps steps.
+        """
+        config = self.config
+        state = adam_init(params) if config.inner_optimizer == "adam" else None
+        seen = [observe(params)] if observe is not None else []
+        for step in range(batches_x.shape[0]):
+            grads = grad(self._batch_loss)(params, batches_x[step], batches_y[step])
+            if state is None:
+                params = sgd_step(params, grads, config.inner_lr)
+            else:
+                params, state = adam_step(params, grads, state, config.inner_lr, config.inner_beta1,
+                                          config.inner_beta2)
+            if observe is not None:
+                seen.append(observe(params))
+        return params, seen
+
+    @staticmethod
+    def minibatches(support_x: Tensor, support_y: Tensor, steps: int, batch_size: int,
+                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Every task's mini-batches, (tasks, steps, batch_size, ...), from its support set
+        (tasks, n_support, ...) in the order of :func:`minibatch_indices`."""
+        tasks, n_support = support_x.shape[:2]
+        index = minibatch_indices(n_support, batch_size, steps, tasks, generator).to(support_x.device)
+        rows = torch.arange(tasks, device=support_x.device)[:, None, None]
+        return support_x[rows, index], support_y[rows, index]
+
+    def _classify_singly(self, adapted: Params, support_x: Tensor, query_x: Tensor) -> Tensor:
+        """Non-transductive predictions (tasks, n_query, ...): each query example in a batch of
+        the support set plus itself, its own row of the output kept."""
+        tasks, n_support = support_x.shape[:2]
+        chunk = max(1, NON_TRANSDUCTIVE_IMAGES // (tasks * (n_support + 1)))
+
+        def one_task(params, support_x, query_x):
+            def one_query(x):
+                return self._forward(params, torch.cat([support_x, x.unsqueeze(0)]))[-1]
+
+            return vmap(one_query, chunk_size=min(chunk, query_x.shape[0]))(query_x)
+
+        return vmap(one_task)(adapted, support_x, query_x)
+
+    # -- the interface -----------------------------------------------------------------------
+
+    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """Adapt to each task's support set; the returned loss has gradient ``theta - mean(phi)``
+        and the value of the tasks' mean query loss after adaptation (what the trainer logs).
+
+        The gradient comes from ``0.5 * ||theta - sg(mean phi)||^2``, added with its value
+        subtracted; the query set only serves the logged loss and ``accuracy`` (query set in one
+        batch), as Reptile itself trains on the support set alone. Mini-batch order is drawn
+        from torch's global generator, which the trainer seeds every step."""
+        theta = dict(self.model.named_parameters())
+        start = {name: p.detach() for name, p in theta.items()}
+        batches_x, batches_y = self.minibatches(batch.support_x, batch.support_y, self.config.inner_steps,
+                                                self.config.inner_batch_size)
+        classification = batch.is_classification
+
+        def one_task(batches_x, batches_y, query_x, query_y):
+            adapted, _ = self.adapt(start, batches_x, batches_y)
+            prediction = self._forward(adapted, query_x)
+            score = accuracy(prediction, query_y) if classification else torch.zeros((), device=query_x.device)
+            return adapted, task_loss(prediction, query_y), score
+
+        with torch.no_grad():  # torch.func.grad still differentiates each inner step
+            adapted, losses, scores = vmap(one_task)(batches_x, batches_y, batch.query_x, batch.query_y)
+        target = {name: p.mean(dim=0) for name, p in adapted.items()}
+        surrogate = 0.5 * sum((theta[name] - target[name]).square().sum() for name in theta)
+        query_loss = losses.mean()
+        loss = query_loss + (surrogate - surrogate.detach())
+        metrics = {"loss": query_loss, "update_norm": (2 * surrogate.detach()).sqrt()}
+        if classification:
+            metrics["accuracy"] = scores.mean()
+        return loss, metrics
+
+    def predict(self, batch: TaskBatch) -> Tensor:
+        """Adapt with ``test_inner_steps`` mini-batches of ``test_inner_batch_size``, then
+        classify the query set transductively or example by example (``transductive``)."""
+        params, batches_x, batches_y = self._test_setup(batch)
+        with torch.no_grad():
+            adapted = vmap(lambda bx, by: self.adapt(params, bx, by)[0])(batches_x, batches_y)
+            if self.config.transductive:
+                return vmap(self._forward)(adapted, batch.query_x)
+            return self._classify_singly(adapted, batch.support_x, batch.query_x)
+
+    def predict_per_step(self, batch: TaskBatch) -> Tensor:
+        """(test_inner_steps + 1, tasks, n_query, ...) when transductive. Non-transductive
+        predictions cost (n_support + 1) forward passes per query example, so only the final
+        ones are made: (1, tasks, n_query, ...)."""
+        if not self.config.transductive:
+            return self.predict(batch).unsqueeze(0)
+        params, batches_x, batches_y = self._test_setup(batch)
+
+        def one_task(batches_x, batches_y, query_x):
+            _, seen = self.adapt(params, batches_x, batches_y, observe=lambda p: self._forward(p, query_x))
+            return torch.stack(seen)
+
+        with torch.no_grad():
+            return vmap(one_task)(batches_x, batches_y, batch.query_x).transpose(0, 1)
+
+    def _test_setup(self, batch: TaskBatch) -> tuple[Params, Tensor, Tensor]:
+        params = {name: p.detach() for name, p in self.model.named_parameters()}
+        generator = torch.Generator().manual_seed(PREDICT_ORDER_SEED)
+        batches_x, batches_y = self.minibatches(batch.support_x, batch.support_y, self.config.test_inner_steps,
+                                                self.config.test_inner_batch_size, generator)
+        return params, batches_x, batches_y

@@ -1,0 +1,120 @@
+"""torch.distributed (gloo over loopback, 2 CPU processes): the same update as one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from metalearn.runs import RunDir
+
+SINUSOID = ["maml", "--dataset", "sinusoid", "--meta-batch-size", "5", "--log-every", "1", "--val-every", "3",
+            "--val-episodes", "6", "--checkpoint-every", "2", "--eval-episodes", "20", "--no-progress"]
+
+
+def env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "METALEARN_DIST_TIMEOUT": "20"}
+
+
+def metalearn(args, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "metalearn", "train", *map(str, args)], env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def torchrun(args, tmp_path, nproc=2):
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", "-m", "metalearn", "train", *map(str, args)],
+                          env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def weights(run_dir):
+    return RunDir(run_dir).read_checkpoint()["learner"]
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=atol, msg=name)
+
+
+def test_two_ranks_equal_one_process_and_share_evaluation(tmp_path):
+    # meta-batch 5 over 2 ranks: shares of 3 and 2 tasks, weighted exactly
+    single, double = tmp_path / "single", tmp_path / "double"
+    out1 = metalearn(SINUSOID + ["--steps", 6, "--run-dir", single], tmp_path)
+    out2 = torchrun(SINUSOID + ["--steps", 6, "--run-dir", double], tmp_path)
+    assert_same_weights(single, double)
+    assert out2.stdout.count("MSE") == 1  # only rank 0 reports
+    e1 = json.loads((single / "eval.json").read_text())
+    e2 = json.loads((double / "eval.json").read_text())
+    assert e2["episodes"] == e1["episodes"] == 20  # episodes split across ranks, CI over all of them
+    torch.testing.assert_close(torch.tensor(e2["scores"]), torch.tensor(e1["scores"]), rtol=1e-5, atol=1e-5)
+    m1 = [r for r in RunDir(single).read_metrics() if "loss" in r]
+    m2 = [r for r in RunDir(double).read_metrics() if "loss" in r]
+    assert [r["step"] for r in m1] == [r["step"] for r in m2]  # rank 0 alone writes metrics
+    for a, b in zip(m1, m2):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_two_ranks_equal_one_process_on_omniglot(tmp_path, omniglot_data_dir):
+    # Plain SGD steps: Adam's first steps are lr * sign(gradient), so an entry whose gradient is
+    # float32 rounding noise (a few Conv4 weights) would flip with the summation order.
+    args = ["maml", "--dataset", "omniglot", "--ways", 3, "--shots", 1, "--meta-batch-size", 4, "--steps", 3,
+            "--meta-optimizer", "sgd", "--meta-lr", 0.5,
+            "--val-every", 0, "--no-eval", "--no-progress", "--data-dir", omniglot_data_dir]
+    metalearn(args + ["--run-dir", tmp_path / "single"], tmp_path)
+    torchrun(args + ["--run-dir", tmp_path / "double"], tmp_path)
+    assert_same_weights(tmp_path / "single", tmp_path / "double")
+
+
+def test_resume_a_two_rank_checkpoint_on_one_rank(tmp_path):
+    straight, mixed = tmp_path / "straight", tmp_path / "mixed"
+    metalearn(SINUSOID + ["--steps", 8, "--no-eval", "--run-dir", straight], tmp_path)
+    torchrun(SINUSOID + ["--steps", 4, "--no-eval", "--run-dir", mixed], tmp_path)
+    metalearn(["maml", "--run-dir", mixed, "--resume", "--steps", 8, "--no-eval", "--no-progress"], tmp_path)
+    assert_same_weights(straight, mixed)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_dead_rank_stops_the_others_with_a_message(tmp_path):
+    run_dir = tmp_path / "run"
+    port = free_port()
+    procs = []
+    for rank in (0, 1):
+        rank_env = {**env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "metalearn", "train", *SINUSOID, "--steps", "100000", "--checkpoint-every", "5",
+             "--run-dir", str(run_dir)], env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        deadline = time.time() + 120
+        while not any(r.get("step", 0) >= 10 for r in RunDir(run_dir).read_metrics()):
+            assert time.time() < deadline, "training did not start"
+            assert procs[0].poll() is None, procs[0].communicate()[1][-2000:]
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGKILL)
+        _, err = procs[0].communicate(timeout=90)
+        assert procs[0].returncode == 2, err[-2000:]
+        assert "lost contact with the other ranks" in err and "Traceback" not in err
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    state = RunDir(run_dir).read_checkpoint()  # the last good checkpoint survives
+    assert state["step"] >= 5 and state["step"] % 5 == 0

@@ -1,0 +1,217 @@
+"""Prototypical Networks: prototypes, distances and logits against hand-computed values, the
+batched meta-gradient against a per-task reference, per-task batch statistics, learning on
+Omniglot, and the trainer / evaluator / CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metalearn.algorithms import ALGORITHMS, build_learner
+from metalearn.algorithms.protonet import ProtoNet, class_prototypes, prototype_logits, squared_distances
+from metalearn.api import evaluate_run, resolve_config, train
+from metalearn.errors import MetalearnError
+from metalearn.models import Conv4
+from metalearn.tasks.batch import Problem, TaskBatch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def points_batch() -> TaskBatch:
+    """Two tasks of 2-d points (the identity is the embedding). Task 0: class 0 at (0,0), (2,0)
+    -> prototype (1,0); class 1 at (0,2), (0,4) -> (0,3); the support is not sorted by class.
+    Task 1: 3 shots of class 0 and 1 of class 1 (unequal shots)."""
+    support_x = torch.tensor([
+        [[0.0, 2.0], [0.0, 0.0], [0.0, 4.0], [2.0, 0.0]],
+        [[1.0, 1.0], [3.0, 3.0], [2.0, -1.0], [-4.0, 0.0]],
+    ])
+    support_y = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 1]])
+    query_x = torch.tensor([
+        [[1.0, 1.0], [0.0, 4.0], [3.0, 0.0]],
+        [[2.0, 1.0], [-3.0, 1.0], [0.0, 0.0]],
+    ])
+    query_y = torch.tensor([[0, 1, 0], [0, 1, 1]])
+    return TaskBatch(support_x, support_y, query_x, query_y, ways=2)
+
+
+def test_prototypes_distances_and_logits_by_hand():
+    batch = points_batch()
+    protonet = ProtoNet(nn.Identity())
+    prototypes = class_prototypes(batch.support_x, batch.support_y, 2)
+    # task 1: class 0 = mean of (1,1), (3,3), (2,-1) = (2,1); class 1 = (-4,0)
+    expected_prototypes = torch.tensor([[[1.0, 0.0], [0.0, 3.0]], [[2.0, 1.0], [-4.0, 0.0]]])
+    torch.testing.assert_close(prototypes, expected_prototypes)
+
+    # ||q - c_k||^2 by hand, e.g. task 0 query (1,1): to (1,0) 0+1 = 1, to (0,3) 1+4 = 5
+    expected_distances = torch.tensor([
+        [[1.0, 5.0], [17.0, 1.0], [4.0, 18.0]],
+        [[0.0, 37.0], [25.0, 2.0], [5.0, 16.0]],
+    ])
+    torch.testing.assert_close(squared_distances(batch.query_x, prototypes), expected_distances)
+    logits = protonet.predict(batch)
+    torch.testing.assert_close(logits, -expected_distances)
+
+    loss, metrics = protonet.meta_loss(batch)
+    by_hand = [-(-d[y]) + math.log(sum(math.exp(-v) for v in d))  # -log softmax(-d)[y]
+               for task, labels in zip(expected_distances.tolist(), batch.query_y.tolist())
+               for d, y in zip(task, labels)]
+    assert float(loss) == pytest.approx(sum(by_hand) / 6, rel=1e-6)
+    # predictions: task 0 -> 0, 1, 0 (all right); task 1 -> 0, 1, 0 (last wrong)
+    assert float(metrics["accuracy"]) == pytest.approx(5 / 6)
+
+
+def test_cosine_logits_by_hand():
+    query = torch.tensor([[[3.0, 4.0]]])
+    prototypes = torch.tensor([[[1.0, 0.0], [0.0, -2.0], [-1.0, -1.0]]])
+    expected = torch.tensor([[[0.6, -0.8, -7.0 / (5 * math.sqrt(2))]]])
+    torch.testing.assert_close(prototype_logits(query, prototypes, "cosine"), expected)
+    batch = points_batch()
+    cosine = ProtoNet(nn.Identity(), ProtoNet.Config(distance="cosine")).predict(batch)
+    assert cosine.abs().max() <= 1 + 1e-6
+    assert not torch.allclose(cosine.argmax(-1), ProtoNet(nn.Identity()).predict(batch).argmax(-1))
+
+
+def image_batch(tasks=3, ways=3, shots=2, query=2, size=12, seed=0, dtype=torch.float64) -> TaskBatch:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(ways)
+    return TaskBatch(
+        torch.rand(tasks, ways * shots, 1, size, size, generator=g, dtype=dtype),
+        labels.repeat_interleave(shots).repeat(tasks, 1),
+        torch.rand(tasks, ways * query, 1, size, size, generator=g, dtype=dtype),
+        labels.repeat_interleave(query).repeat(tasks, 1),
+        ways,
+    )
+
+
+def reference_loss(model: nn.Module, batch: TaskBatch) -> torch.Tensor:
+    """Per-task Python loop with the plain model (batch statistics of the task's support and
+    query images together), torch.cdist for the distances."""
+    losses = []
+    n_support = batch.support_x.shape[1]
+    for t in range(batch.num_tasks):
+        z = model(torch.cat([batch.support_x[t], batch.query_x[t]]))
+        support, query = z[:n_support], z[n_support:]
+        prototypes = torch.stack([support[batch.support_y[t] == k].mean(0) for k in range(batch.ways)])
+        losses.append(F.cross_entropy(-torch.cdist(query, prototypes) ** 2, batch.query_y[t]))
+    return torch.stack(losses).mean()
+
+
+def test_meta_gradient_matches_per_task_reference():
+    model = Conv4(1, None, hidden=8, pooling="max").double()
+    protonet = ProtoNet(model)
+    batch = image_batch()
+    loss, _ = protonet.meta_loss(batch)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    expected_loss = reference_loss(model, batch)
+    expected = torch.autograd.grad(expected_loss, list(model.parameters()))
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-10, atol=1e-12)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-10)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_batch_statistics_are_per_task():
+    """A task's predictions do not depend on the other tasks of its batch (the evaluator's
+    chunk size), but do depend on its own images (batch norm sees support and query)."""
+    protonet = ProtoNet(Conv4(1, None, hidden=8, pooling="max").double())
+    batch = image_batch(tasks=4)
+    together = protonet.predict(batch)
+    for t in range(4):
+        alone = protonet.predict(batch.select(slice(t, t + 1)))[0]
+        torch.testing.assert_close(together[t], alone, rtol=1e-10, atol=1e-12)
+    # embedding the whole batch at once would mix statistics across tasks: other logits
+    n_support = batch.support_x.shape[1]
+    flat = protonet.model(torch.cat([batch.support_x, batch.query_x], 1).flatten(0, 1)).view(4, -1, 8)
+    mixed = prototype_logits(flat[:, n_support:], class_prototypes(flat[:, :n_support], batch.support_y, 3))
+    assert not torch.allclose(mixed, together, rtol=1e-4, atol=1e-6)
+    assert not together.requires_grad
+
+
+def test_predictions_do_not_depend_on_support_order_or_label_names():
+    protonet = ProtoNet(Conv4(1, None, hidden=8, pooling="max").double())
+    batch = image_batch(tasks=2)
+    logits = protonet.predict(batch)
+    order = torch.tensor([5, 0, 3, 1, 4, 2])
+    relabel = torch.tensor([2, 0, 1])  # class k is now called relabel[k]
+    shuffled = TaskBatch(batch.support_x[:, order], relabel[batch.support_y[:, order]], batch.query_x,
+                         relabel[batch.query_y], batch.ways)
+    torch.testing.assert_close(protonet.predict(shuffled)[..., relabel], logits, rtol=1e-10, atol=1e-10)
+
+
+def test_refuses_regression_and_models_with_buffers():
+    with pytest.raises(MetalearnError, match="classification"):
+        ProtoNet.build(ProtoNet.Config(), Problem((1,), 1, False))
+    with pytest.raises(MetalearnError, match="buffers"):
+        ProtoNet(nn.Sequential(nn.Flatten(), nn.BatchNorm1d(4)))
+    with pytest.raises(MetalearnError, match="--distance"):
+        ProtoNet.Config(distance="manhattan")
+
+
+def test_learns_omniglot_5_way_1_shot(omniglot):
+    """A few hundred episodes with a 16-filter Conv4: far above the 20% of chance."""
+    from metalearn.data.splits import omniglot_split
+    from metalearn.tasks import EpisodeSampler
+
+    images = torch.from_numpy(omniglot.images)
+    train_tasks = EpisodeSampler(images, omniglot_split(omniglot, "vinyals", "train"), ways=5, shots=1, query=5)
+    test_tasks = EpisodeSampler(images, omniglot_split(omniglot, "vinyals", "test"), ways=5, shots=1, query=5)
+    torch.manual_seed(0)
+    protonet = ProtoNet(Conv4(1, None, hidden=16, pooling="max"))
+    held_out = test_tasks.sample(100, torch.Generator().manual_seed(99))
+
+    def held_out_accuracy() -> float:
+        return float((protonet.predict(held_out).argmax(-1) == held_out.query_y).float().mean())
+
+    before = held_out_accuracy()
+    optimizer = torch.optim.Adam(protonet.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        loss, _ = protonet.meta_loss(train_tasks.sample(4, generator))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = held_out_accuracy()
+    assert after > 0.8 and after > before + 0.1, (before, after)
+
+
+def test_paper_defaults_and_trainer_end_to_end(tmp_path, omniglot_data_dir):
+    config = resolve_config("protonet",
+                            task={"dataset": "omniglot", "split": "vinyals", "ways": 10, "shots": 1,
+                                  "query": 2, "test_ways": 5, "test_query": 3},
+                            train={"steps": 3, "val_every": 2, "val_episodes": 4, "log_every": 1})
+    assert config.train.meta_batch_size == 1 and config.train.lr_halve_every == 2000
+    assert config.train.eval_episodes == 1000 and config.train.meta_lr == 1e-3
+    assert config.algorithm_config == {"distance": "euclidean", "model": "conv4-embedding"}
+    run_dir, result = train(config, tmp_path / "run", data_dir=omniglot_data_dir, progress=False,
+                            evaluate_after=False, announce=lambda line: None)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert any("val_accuracy" in r for r in records)
+    result = evaluate_run(run_dir, episodes=10, data_dir=omniglot_data_dir, progress=False)
+    assert result["episodes"] == 10 and result["ways"] == 5 and result["step"] == 3
+    assert len(result["per_step"]) == 1 and 0 <= result["mean"] <= 100
+    assert json.loads((run_dir / "eval.json").read_text())["algorithm"] == "protonet"
+
+
+def test_registered_with_cli_options():
+    from click.testing import CliRunner
+
+    from metalearn.cli import cli
+
+    assert ALGORITHMS["protonet"] is ProtoNet
+    learner = build_learner("protonet", {"distance": "cosine"}, Problem((1, 28, 28), 5, True))
+    assert learner.config.distance == "cosine"
+    assert learner.model(torch.zeros(2, 1, 28, 28)).shape == (2, 64)  # the paper's 64-d embedding
+    out = CliRunner().invoke(cli, ["train", "protonet", "--help"]).output
+    assert "--distance" in out and "Prototypical Networks" in out

@@ -32,6 +32,12 @@ def test_train_eval_plot_sinusoid(tmp_path, capsys):
     assert code == 0
     assert (run_dir / "plots" / "learning_curves.png").stat().st_size > 1000
     assert (run_dir / "plots" / "fits.png").stat().st_size > 1000
+    code, out, _ = run(["export", run_dir, tmp_path / "results"], capsys)
+    assert code == 0
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    assert summary["step"] == 6 and summary["training_wall_time_s"] > 0
+    assert summary["evaluations"]["eval"]["episodes"] == 12 and "scores" not in summary["evaluations"]["eval"]
+    assert (tmp_path / "results" / "fits.png").is_file()
 
 
 def test_resume_from_the_command_line_takes_the_saved_configuration(tmp_path, capsys):

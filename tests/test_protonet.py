@@ -76,13 +76,15 @@ def test_cosine_logits_by_hand():
     prototypes = torch.tensor([[[1.0, 0.0], [0.0, -2.0], [-1.0, -1.0]]])
     expected = torch.tensor([[[0.6, -0.8, -7.0 / (5 * math.sqrt(2))]]])
     torch.testing.assert_close(prototype_logits(query, prototypes, "cosine"), expected)
-    batch = points_batch()
+    # prototypes (1,0) and (0,3): the query (4,3) is nearer (0,3) but points along (1,0)
+    support_x = torch.tensor([[[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [0.0, 4.0]]])
+    batch = TaskBatch(support_x, torch.tensor([[0, 0, 1, 1]]), torch.tensor([[[4.0, 3.0]]]), torch.tensor([[0]]), 2)
     cosine = ProtoNet(nn.Identity(), ProtoNet.Config(distance="cosine")).predict(batch)
-    assert cosine.abs().max() <= 1 + 1e-6
-    assert not torch.allclose(cosine.argmax(-1), ProtoNet(nn.Identity()).predict(batch).argmax(-1))
+    torch.testing.assert_close(cosine, torch.tensor([[[0.8, 0.6]]]))
+    torch.testing.assert_close(ProtoNet(nn.Identity()).predict(batch), torch.tensor([[[-18.0, -16.0]]]))
 
 
-def image_batch(tasks=3, ways=3, shots=2, query=2, size=12, seed=0, dtype=torch.float64) -> TaskBatch:
+def image_batch(tasks=3, ways=3, shots=2, query=2, size=16, seed=0, dtype=torch.float64) -> TaskBatch:
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(ways)
     return TaskBatch(
@@ -159,7 +161,8 @@ def test_refuses_regression_and_models_with_buffers():
 
 
 def test_learns_omniglot_5_way_1_shot(omniglot):
-    """A few hundred episodes with a 16-filter Conv4: far above the 20% of chance."""
+    """240 episodes (60 steps of 4) with a 16-filter Conv4: far above the 20% of chance
+    (about 37% untrained, 74% after; 84% after 200 steps)."""
     from metalearn.data.splits import omniglot_split
     from metalearn.tasks import EpisodeSampler
 
@@ -176,13 +179,13 @@ def test_learns_omniglot_5_way_1_shot(omniglot):
     before = held_out_accuracy()
     optimizer = torch.optim.Adam(protonet.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
-    for _ in range(150):
+    for _ in range(60):
         loss, _ = protonet.meta_loss(train_tasks.sample(4, generator))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     after = held_out_accuracy()
-    assert after > 0.8 and after > before + 0.1, (before, after)
+    assert after > 0.6 and after > before + 0.2, (before, after)
 
 
 def test_paper_defaults_and_trainer_end_to_end(tmp_path, omniglot_data_dir):

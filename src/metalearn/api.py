@@ -111,3 +111,36 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None) -> list[Pa
         paths.append(plot_regression_fits(learner, batch, type(source).function, run.plots_dir / "fits.png",
                                           title=f"{title}, K={config.task.shots}, step {step}"))
     return paths
+
+
+def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str | None = None) -> list[Path]:
+    """A small, committable record of a run: ``summary.json`` (configuration, step, training
+    wall time, every evaluation without per-episode scores, the last metrics) and the plots."""
+    import json
+    import shutil
+
+    run = RunDir(run_dir)
+    config = run.read_config()
+    state = run.read_checkpoint()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    evaluations = {}
+    for path in sorted(run.path.glob("eval*.json")):
+        result = json.loads(path.read_text())
+        result.pop("scores", None)
+        evaluations[path.stem] = result
+    records = run.read_metrics()
+    summary = {
+        "config": config.to_dict(),
+        "step": int(state["step"]),
+        "training_wall_time_s": state.get("elapsed_s"),
+        "evaluations": evaluations,
+        "last_train_metrics": next((r for r in reversed(records) if "loss" in r), None),
+        "validation": [r for r in records if any(k.startswith("val_") for k in r)],
+    }
+    written = [out / "summary.json"]
+    written[0].write_text(json.dumps(summary, indent=2) + "\n")
+    for plot in plot_run(run_dir, data_dir=data_dir):
+        shutil.copy(plot, out / plot.name)
+        written.append(out / plot.name)
+    return written

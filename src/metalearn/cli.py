@@ -7,15 +7,13 @@ import json
 import os
 import sys
 import time
-import types
-import typing
 from pathlib import Path
 
 import click
 from click.core import ParameterSource
 
 from metalearn.algorithms import ALGORITHMS
-from metalearn.config import RunConfig, TaskConfig, TrainConfig
+from metalearn.config import TaskConfig, TrainConfig
 from metalearn.errors import MetalearnError
 
 DATA_DIR_HELP = "folder with images_background.zip / images_evaluation.zip (default: $METALEARN_DATA or ~/.cache/metalearn/omniglot)"
@@ -151,6 +149,18 @@ def plot(run_dir, data_dir):
     from metalearn.api import plot_run
 
     for path in plot_run(run_dir, data_dir=data_dir):
+        click.echo(f"wrote {path}")
+
+
+@cli.command("export")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
+def export_command(run_dir, out_dir, data_dir):
+    """Write a run's summary.json and plots to OUT_DIR (e.g. results/<name>) for committing."""
+    from metalearn.api import export_results
+
+    for path in export_results(run_dir, out_dir, data_dir=data_dir):
         click.echo(f"wrote {path}")
 
 

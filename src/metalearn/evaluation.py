@@ -47,14 +47,16 @@ def evaluate(
         from tqdm import tqdm
 
         bar = tqdm(total=episodes, desc="evaluating", unit="episode", leave=False)
-    while remaining > 0:
-        size = min(chunk, remaining)
-        batch = source.sample(size, generator, tasks=world.share(size))
-        classification = batch.is_classification
-        scores.append(episode_scores(learner, batch))
-        remaining -= size
-        if bar is not None:
-            bar.update(size)
+    with torch.random.fork_rng():  # a stochastic method (PLATIPUS) draws its samples from `seed`
+        torch.manual_seed(seed)
+        while remaining > 0:
+            size = min(chunk, remaining)
+            batch = source.sample(size, generator, tasks=world.share(size))
+            classification = batch.is_classification
+            scores.append(episode_scores(learner, batch))
+            remaining -= size
+            if bar is not None:
+                bar.update(size)
     if bar is not None:
         bar.close()
     learner.train(was_training)

@@ -23,7 +23,7 @@ def _pyplot():
 def plot_learning_curves(records: list[dict], path: Path, title: str = "") -> Path:
     """Training loss and every accuracy/MSE series found in ``metrics.jsonl`` records."""
     plt = _pyplot()
-    series = sorted({k for r in records for k in r if k not in ("step", "tasks_per_s", "val_ci95")})
+    series = sorted({k for r in records for k in r if k not in ("step", "tasks_per_s", "val_ci95", "elapsed_s")})
     fig, axes = plt.subplots(1, len(series), figsize=(4.5 * max(len(series), 1), 3.5), squeeze=False)
     for ax, name in zip(axes[0], series):
         points = [(r["step"], r[name]) for r in records if name in r]

@@ -48,12 +48,14 @@ class Trainer:
         self.optimizer = optimizer(learner.parameters(), lr=train.meta_lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(train, step))
         self.step = 0
+        self.elapsed_s = 0.0  # training wall time so far, across resumes
 
     # -- checkpoints ---------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
         return {
             "step": self.step,
+            "elapsed_s": self.elapsed_s,
             "config": self.config.to_dict(),
             "learner": self.learner.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -74,6 +76,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
+        self.elapsed_s = float(state.get("elapsed_s", 0.0))
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -88,6 +91,7 @@ class Trainer:
         share = self.world.share(train.meta_batch_size)
         local_fraction = (share.stop - share.start) / train.meta_batch_size
         window_start, window_tasks = time.perf_counter(), 0
+        clock = time.perf_counter()
         if self.step == 0:
             self.save()  # eval, resume and a NaN at step 1 always find a checkpoint
         try:
@@ -111,11 +115,15 @@ class Trainer:
                 self.scheduler.step()
                 self.step += 1
                 window_tasks += train.meta_batch_size
+                now = time.perf_counter()
+                self.elapsed_s += now - clock
+                clock = now
 
                 if self.step % train.log_every == 0 or self.step == train.steps:
                     elapsed = time.perf_counter() - window_start
                     record = {"step": self.step, "loss": total_loss,
-                              "tasks_per_s": window_tasks / max(elapsed, 1e-9)}
+                              "tasks_per_s": window_tasks / max(elapsed, 1e-9),
+                              "elapsed_s": round(self.elapsed_s, 2)}
                     for name, value in metrics.items():
                         if name != "loss":
                             record[name] = float(self.world.sum(value.detach() * local_fraction))

@@ -2,25 +2,30 @@
 Meta-Learning", NeurIPS 2018), batched over tasks and over sampled models.
 
 The initial parameters of MAML become a random variable with a learned diagonal Gaussian
-prior ``p(theta) = N(mu_theta, sigma_theta^2)`` (section 4.1). A task's model is obtained by
+prior ``p(theta) = N(mu_theta, sigma_theta^2)`` (section 4). A task's model is obtained by
 sampling ``theta`` and running MAML's inner loop from it; different samples give different,
 individually plausible models when the support set is ambiguous.
 
-Meta-training (Algorithm 1), per task with support set D_tr and query set D_test:
+Meta-training (Algorithm 1), per task with support set D_tr and query set D_test, with L the
+task loss (the negative log-likelihood up to scale: cross-entropy, or squared error):
 
-    line 6-7   q(theta | D_tr, D_test) = N(mu_theta - gamma_q * grad_mu L(mu_theta, D_test), v_q)
-               (the variational posterior, the paper's eq. 2 with L = -log p(y | x, .))
+    lines 6-7  q(theta | D_tr, D_test) = N(mu_theta - gamma_q * grad_mu L(mu_theta, D_test), v_q)
+               (the variational posterior: one gradient step on the query set from the mean)
     line 7     theta ~ q                                  (reparameterised: mean + std * eps)
-    line 8-9   phi = theta - alpha * grad_theta L(theta, D_tr)     (MAML's inner loop)
+    lines 8-9  phi = theta - alpha * grad_theta L(theta, D_tr)     (MAML's inner loop)
     line 10    p(theta | D_tr) = N(mu_theta - gamma_p * grad_mu L(mu_theta, D_tr), sigma_theta^2)
+               (the prior conditioned on the support set)
     line 11    minimise  L(phi, D_test) + D_KL(q(theta | D_tr, D_test) || p(theta | D_tr))
 
-the negative of the lower bound of section 4.2 on log p(y_test | x_test, D_tr) (the
-``log p(phi | theta)`` term of the bound is dropped, as Algorithm 1 line 11 does). The learned
-meta-parameters are Theta = {mu_theta, sigma_theta^2, v_q, gamma_p, gamma_q} (Algorithm 1
-line 1); the inner step size alpha stays fixed. Here the KL term has a weight, ``kl_weight``
-(1 is the bound itself), and the query loss is the mean over ``train_samples`` samples of
-theta (Algorithm 1 draws one).
+the negative of the paper's variational lower bound on log p(y_test | x_test, D_tr) (section
+4; the ``log p(phi | theta)`` term of the bound is dropped, as Algorithm 1 line 11 does). The
+learned meta-parameters are Theta = {mu_theta, sigma_theta^2, v_q, gamma_p, gamma_q}
+(Algorithm 1 line 1); the inner step size alpha stays fixed. Here L is the *mean* loss over the
+query set, so the KL term carries a weight ``kl_weight``: 1 / (query examples) for
+classification and ``2 noise^2 / (query points)`` for regression with Gaussian noise make the
+meta-loss the negative bound divided by a constant (the paper defaults; see
+:func:`bound_weight`). The query loss is the mean over ``train_samples`` samples of theta
+(Algorithm 1 draws one).
 
 Meta-testing (Algorithm 2): theta ~ p(theta | D_tr) = N(mu_theta - gamma_p * grad L(mu_theta,
 D_tr), sigma_theta^2), then gradient steps on D_tr from each sample. ``num_samples`` samples
@@ -107,6 +112,13 @@ def diagonal_gaussian_kl(mean_q: Params, log_std_q: Params, mean_p: Params, log_
     return total
 
 
+def bound_weight(noise_std: float, query_points: int) -> float:
+    """The KL weight that makes ``MSE + weight * KL`` proportional to the negative variational
+    bound when targets carry Gaussian noise of ``noise_std`` and the query set has
+    ``query_points`` points: sum_n (y - f)^2 / (2 noise^2) = n / (2 noise^2) * MSE."""
+    return 2 * noise_std**2 / max(query_points, 1)
+
+
 def task_loss(prediction: Tensor, target: Tensor) -> Tensor:
     """As :func:`metalearn.algorithms.base.task_loss` (cross-entropy, or mean squared error),
     with the squared error written out: in torch 2.13 ``F.mse_loss`` fails inside a ``vmap``
@@ -159,23 +171,30 @@ class PLATIPUS(MetaLearner):
     @classmethod
     def paper_defaults(cls, task) -> tuple[dict, dict]:
         if not task.classification:
-            # Section 6, ambiguous sinusoid-or-line regression with 5 noisy points. The network
-            # and inner loop follow MAML's sinusoid setup (2x40 MLP, alpha 0.01, meta-batch 25);
-            # 5 inner steps from each sample let one sample commit to a line and another to a
-            # sinusoid; 10 samples per task for the pictures and measures.
-            return ({"model": "mlp", "inner_lr": 0.01, "inner_steps": 5, "test_inner_steps": 5,
-                     "num_samples": 10, "train_samples": 1, "kl_weight": 1.0,
-                     "prior_step_init": 0.01, "posterior_step_init": 0.01, "std_init": 0.01},
+            # Section 6, ambiguous sinusoid-or-line regression from 5 noisy points. Network and
+            # inner loop as MAML's sinusoid setup (2x40 MLP, alpha 0.01, 1 step in training,
+            # meta-batch 25, 70k steps): more inner steps make the second-order meta-gradient
+            # blow up on steep lines. kl_weight = 2 * 0.3^2 / 5: with the tasks' Gaussian noise
+            # (std 0.3) on K = 5 query points, MSE + kl_weight * KL is the negative bound of
+            # section 4 up to a constant factor. sigma_theta and sqrt(v_q) start at 0.1 so
+            # that samples differ visibly from the start.
+            noise = 0.3 if task.noise_std is None else task.noise_std
+            return ({"model": "mlp", "inner_lr": 0.01, "inner_steps": 1, "test_inner_steps": 5,
+                     "num_samples": 10, "train_samples": 1, "kl_weight": bound_weight(noise, task.query),
+                     "prior_step_init": 0.01, "posterior_step_init": 0.01, "std_init": 0.1},
                     {"meta_batch_size": 25, "steps": 70000, "val_every": 5000, "checkpoint_every": 5000})
+        # Classification uses MAML's network and settings (the paper builds on MAML's); gamma_p
+        # and gamma_q start at alpha; kl_weight = 1 / (query examples per task) turns the mean
+        # cross-entropy + kl_weight * KL into the negative bound divided by that number.
+        kl_weight = 1.0 / (task.ways * task.query)
         if task.ways >= 20:
             # As MAML's 20-way Omniglot: alpha 0.1, 5 inner steps, meta-batch 16.
             return ({"model": "conv4", "inner_lr": 0.1, "inner_steps": 5, "test_inner_steps": 5,
-                     "prior_step_init": 0.1, "posterior_step_init": 0.1},
+                     "prior_step_init": 0.1, "posterior_step_init": 0.1, "kl_weight": kl_weight},
                     {"meta_batch_size": 16, "steps": 60000})
-        # Classification builds on MAML's architecture and settings (5-way Omniglot: alpha 0.4,
-        # 1 inner step, 3 at test time, meta-batch 32); gamma_p, gamma_q start at alpha.
+        # 5-way Omniglot as MAML: alpha 0.4, 1 inner step (3 at test time), meta-batch 32.
         return ({"model": "conv4", "inner_lr": 0.4, "inner_steps": 1, "test_inner_steps": 3,
-                 "prior_step_init": 0.4, "posterior_step_init": 0.4},
+                 "prior_step_init": 0.4, "posterior_step_init": 0.4, "kl_weight": kl_weight},
                 {"meta_batch_size": 32, "steps": 60000})
 
     # -- the pure functions ------------------------------------------------------------------

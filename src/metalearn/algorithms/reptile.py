@@ -218,15 +218,19 @@ class Reptile(MetaLearner):
         """Non-transductive predictions (tasks, n_query, ...): each query example in a batch of
         the support set plus itself, its own row of the output kept."""
         tasks, n_support = support_x.shape[:2]
-        chunk = max(1, NON_TRANSDUCTIVE_IMAGES // (tasks * (n_support + 1)))
+        n_query = query_x.shape[1]
+        # about NON_TRANSDUCTIVE_IMAGES images per forward pass: chunks of query examples, and
+        # of tasks too when one query example of every task is already more
+        task_chunk = min(tasks, max(1, NON_TRANSDUCTIVE_IMAGES // (n_support + 1)))
+        query_chunk = min(n_query, max(1, NON_TRANSDUCTIVE_IMAGES // (task_chunk * (n_support + 1))))
 
         def one_task(params, support_x, query_x):
             def one_query(x):
                 return self._forward(params, torch.cat([support_x, x.unsqueeze(0)]))[-1]
 
-            return vmap(one_query, chunk_size=min(chunk, query_x.shape[0]))(query_x)
+            return vmap(one_query, chunk_size=query_chunk)(query_x)
 
-        return vmap(one_task)(adapted, support_x, query_x)
+        return vmap(one_task, chunk_size=task_chunk)(adapted, support_x, query_x)
 
     # -- the interface -----------------------------------------------------------------------
 

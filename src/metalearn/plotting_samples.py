@@ -1,0 +1,54 @@
+"""The PLATIPUS Figure 1 picture (Finn, Xu & Levine 2018): for a few ambiguous regression tasks,
+the support points, the true function and many sampled adapted functions, beside MAML's
+single prediction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from metalearn.tasks.batch import TaskBatch
+
+
+def plot_samples(platipus_learner, batch: TaskBatch, true_function, path: Path | str, maml_learner=None,
+                 num_samples: int = 20, x_range: tuple[float, float] = (-5.0, 5.0), title: str = "",
+                 seed: int = 0) -> Path:
+    """One panel per task of ``batch`` (regression): ground truth ``true_function(batch.task_params,
+    x)``, the support points, ``num_samples`` sampled and adapted functions (thin lines) of
+    ``platipus_learner`` (anything with ``sample_predictions``) and, when given, the prediction
+    of ``maml_learner``, on a 200-point grid over ``x_range``. The model noise is seeded by
+    ``seed`` (the global generator is left as it was). Returns ``path``."""
+    from metalearn.plotting import _pyplot
+    from metalearn.uncertainty import predictive_samples
+
+    plt = _pyplot()
+    path = Path(path)
+    grid = torch.linspace(*x_range, 200).view(1, -1, 1).expand(batch.num_tasks, -1, -1).contiguous()
+    truth = true_function(batch.task_params, grid)
+    on_grid = TaskBatch(batch.support_x, batch.support_y, grid, truth, 0, batch.task_params)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            samples = predictive_samples(platipus_learner, on_grid, num_samples)  # (S, tasks, 200, 1)
+            maml = predictive_samples(maml_learner, on_grid)[0] if maml_learner is not None else None
+
+    fig, axes = plt.subplots(1, batch.num_tasks, figsize=(4.2 * batch.num_tasks, 3.4), squeeze=False)
+    x = grid[0, :, 0]
+    for t, ax in enumerate(axes[0]):
+        for s in range(samples.shape[0]):
+            ax.plot(x, samples[s, t, :, 0], color="tab:blue", linewidth=0.7, alpha=0.45,
+                    label="PLATIPUS samples" if s == 0 else None)
+        ax.plot(x, truth[t, :, 0], color="tab:red", linewidth=1.8, label="ground truth")
+        if maml is not None:
+            ax.plot(x, maml[t, :, 0], color="tab:green", linestyle="--", linewidth=1.6, label="MAML")
+        ax.scatter(batch.support_x[t, :, 0], batch.support_y[t, :, 0], color="black", zorder=5,
+                   label=f"{batch.support_x.shape[1]} points")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

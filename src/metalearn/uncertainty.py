@@ -1,0 +1,235 @@
+"""How good a method's uncertainty is: measures on sampled models, for PLATIPUS (Finn, Xu &
+Levine 2018) and, through ``predict``, for any method (MAML counts as one sample).
+
+Regression (ambiguous tasks such as sine-or-line, PLATIPUS section 6):
+
+* :func:`predictive_log_likelihood`: the mean log density of held-out noisy targets under the
+  predictive distribution. ``kind="mixture"``: an equal-weight mixture of Gaussians, one per
+  sampled function, each with the task's known noise std, ``log (1/S) sum_s N(y; f_s(x),
+  noise^2)``; ``kind="gaussian"``: one Gaussian fitted to the samples at each x,
+  ``N(y; mean_s f_s(x), var_s f_s(x) + noise^2)``. With one sample (MAML) both are
+  ``log N(y; f(x), noise^2)``.
+* :func:`coverage`: the fraction of input points at which the true (noiseless) function lies
+  between the samples' minimum and maximum (``kind="minmax"``), or inside their central
+  ``level`` interval (``kind="interval"``, empirical quantiles).
+
+Classification: :func:`expected_calibration_error` (Guo et al. 2017, 15 equal-width confidence
+bins) and :func:`negative_log_likelihood` of the predicted class probabilities.
+
+:func:`compare_runs` evaluates trained run directories (e.g. a PLATIPUS and a MAML run) on the
+same test episodes and returns all of it as a dict.
+
+Example::
+
+    >>> samples = platipus.sample_predictions(batch, 20)            # (20, tasks, n, 1)
+    >>> predictive_log_likelihood(samples, batch.query_y, noise_std=0.3).mean()
+    >>> compare_runs("runs/platipus-sol", "runs/maml-sol", episodes=600)["platipus"]["coverage_minmax"]
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metalearn.errors import MetalearnError
+from metalearn.tasks.batch import TaskBatch
+
+# -- regression ------------------------------------------------------------------------------
+
+
+def predictive_log_likelihood(samples: Tensor, targets: Tensor, noise_std: float, kind: str = "mixture") -> Tensor:
+    """Mean log predictive density per point and output, one value per task.
+
+    samples: (S, tasks, n, out) sampled functions at the query inputs; targets: (tasks, n, out)
+    noisy observations; noise_std: the tasks' observation noise (> 0). Returns (tasks,).
+    """
+    if not noise_std > 0:
+        raise MetalearnError(f"the predictive log-likelihood needs a positive noise std, got {noise_std}")
+    if kind == "mixture":
+        log_normal = torch.distributions.Normal(samples, noise_std).log_prob(targets.unsqueeze(0))
+        log_density = torch.logsumexp(log_normal, 0) - math.log(samples.shape[0])
+    elif kind == "gaussian":
+        variance = samples.var(0, correction=0) + noise_std**2
+        log_density = torch.distributions.Normal(samples.mean(0), variance.sqrt()).log_prob(targets)
+    else:
+        raise MetalearnError(f"kind must be 'mixture' or 'gaussian', got {kind!r}")
+    return log_density.flatten(1).mean(1)
+
+
+def coverage(samples: Tensor, truth: Tensor, kind: str = "minmax", level: float = 0.95) -> Tensor:
+    """Fraction of points where ``truth`` lies within the sampled functions' band, per task.
+
+    samples: (S, tasks, n, out); truth: (tasks, n, out). ``kind="minmax"``: between the samples'
+    minimum and maximum; ``kind="interval"``: between their (1-level)/2 and (1+level)/2
+    empirical quantiles. Returns (tasks,) in [0, 1].
+    """
+    if kind == "minmax":
+        low, high = samples.min(0).values, samples.max(0).values
+    elif kind == "interval":
+        if not 0 < level < 1:
+            raise MetalearnError(f"level must be in (0, 1), got {level}")
+        bounds = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=samples.dtype, device=samples.device)
+        low, high = torch.quantile(samples, bounds, dim=0)
+    else:
+        raise MetalearnError(f"kind must be 'minmax' or 'interval', got {kind!r}")
+    inside = (truth >= low) & (truth <= high)
+    return inside.flatten(1).float().mean(1)
+
+
+# -- classification --------------------------------------------------------------------------
+
+
+def expected_calibration_error(log_probs: Tensor, labels: Tensor, bins: int = 15) -> Tensor:
+    """ECE (Naeini et al. 2015; Guo et al. 2017): sum over equal-width confidence bins of
+    ``|bin| / N * |accuracy(bin) - mean confidence(bin)|``, confidence = max class probability.
+
+    log_probs: (..., classes) log-probabilities or logits (normalised here with log_softmax);
+    labels: (...) class ids. Bins are (k/bins, (k+1)/bins]. Returns a scalar in [0, 1].
+    """
+    probs = log_probs.log_softmax(-1).exp().reshape(-1, log_probs.shape[-1])
+    confidence, predicted = probs.max(-1)
+    correct = (predicted == labels.reshape(-1)).to(probs.dtype)
+    edges = torch.linspace(0, 1, bins + 1, dtype=probs.dtype, device=probs.device)
+    index = torch.bucketize(confidence, edges[1:-1], right=False)  # bin k holds (edges[k], edges[k+1]]
+    count = torch.zeros(bins, dtype=probs.dtype, device=probs.device).index_add_(0, index, torch.ones_like(confidence))
+    confidence_sum = torch.zeros_like(count).index_add_(0, index, confidence)
+    correct_sum = torch.zeros_like(count).index_add_(0, index, correct)
+    return (correct_sum - confidence_sum).abs().sum() / confidence.numel()
+
+
+def negative_log_likelihood(log_probs: Tensor, labels: Tensor) -> Tensor:
+    """Mean -log p(label) over all examples. log_probs: (..., classes) (normalised here)."""
+    flat = log_probs.log_softmax(-1).reshape(-1, log_probs.shape[-1])
+    return -flat.gather(1, labels.reshape(-1, 1)).mean()
+
+
+# -- any learner -----------------------------------------------------------------------------
+
+
+def predictive_samples(learner, batch: TaskBatch, num_samples: int | None = None) -> Tensor:
+    """Query outputs of sampled models, ``(S, tasks, n_query, out)``: the learner's
+    ``sample_predictions`` when it has one (PLATIPUS), else its single ``predict`` (S = 1)."""
+    if hasattr(learner, "sample_predictions"):
+        return learner.sample_predictions(batch, num_samples)
+    return learner.predict(batch).unsqueeze(0)
+
+
+def _mean_ci(values: Tensor) -> tuple[float, float]:
+    n = values.numel()
+    std = float(values.std()) if n > 1 else 0.0
+    return float(values.mean()), 1.96 * std / math.sqrt(n)
+
+
+def uncertainty_scores(learner, batch: TaskBatch, true_function=None, noise_std: float | None = None,
+                       num_samples: int | None = None, grid: Tensor | None = None,
+                       level: float = 0.95) -> dict[str, Tensor]:
+    """Per-task measures of one learner on one batch (each value ``(tasks,)``).
+
+    Classification: ``accuracy``, ``nll``, and per-example (not per-task) ``ece`` inputs are
+    returned as ``log_probs`` / ``labels`` for pooling. Regression: ``mse`` of the mean
+    prediction, ``log_likelihood`` (mixture) and ``log_likelihood_gaussian`` on the query points
+    (needs ``noise_std``), and ``coverage_minmax`` / ``coverage_interval`` of
+    ``true_function(batch.task_params, grid)`` on ``grid`` (1, n, 1) inputs (needs both).
+    """
+    was_training = learner.training
+    learner.eval()
+    try:
+        with torch.no_grad():
+            samples = predictive_samples(learner, batch, num_samples)
+            if batch.is_classification:
+                from metalearn.algorithms.platipus import average_prediction
+
+                log_probs = average_prediction(samples, True)
+                nll = -log_probs.log_softmax(-1).gather(-1, batch.query_y.unsqueeze(-1)).squeeze(-1).mean(-1)
+                accuracy = (log_probs.argmax(-1) == batch.query_y).float().mean(-1)
+                return {"accuracy": accuracy, "nll": nll, "log_probs": log_probs, "labels": batch.query_y}
+            scores = {"mse": (samples.mean(0) - batch.query_y).square().flatten(1).mean(1)}
+            if noise_std:
+                scores["log_likelihood"] = predictive_log_likelihood(samples, batch.query_y, noise_std, "mixture")
+                scores["log_likelihood_gaussian"] = predictive_log_likelihood(samples, batch.query_y, noise_std,
+                                                                              "gaussian")
+            if true_function is not None and grid is not None:
+                x = grid.expand(batch.num_tasks, -1, -1).contiguous()
+                truth = true_function(batch.task_params, x)
+                on_grid = TaskBatch(batch.support_x, batch.support_y, x, truth, 0, batch.task_params)
+                grid_samples = predictive_samples(learner, on_grid, num_samples)
+                scores["coverage_minmax"] = coverage(grid_samples, truth, "minmax")
+                scores["coverage_interval"] = coverage(grid_samples, truth, "interval", level)
+            return scores
+    finally:
+        learner.train(was_training)
+
+
+def compare_runs(platipus_run: Path | str, maml_run: Path | str, **options) -> dict[str, Any]:
+    """:func:`compare_learners` for a PLATIPUS and a MAML run directory; the result's keys
+    include ``"platipus"`` and ``"maml"``."""
+    return compare_learners({"platipus": platipus_run, "maml": maml_run}, **options)
+
+
+def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int = 0, part: str = "test",
+                     num_samples: int | None = None, chunk: int = 50, grid_points: int = 100,
+                     level: float = 0.95, data_dir: Path | str | None = None) -> dict[str, Any]:
+    """Evaluate trained runs ``{label: run_dir}`` on the same ``episodes`` episodes (the ones
+    ``metalearn eval`` uses for ``seed``), with the model noise of sampling methods seeded by
+    ``seed`` too, so the comparison is reproducible.
+
+    Returns ``{"episodes", "seed", "part", "dataset", "num_samples", label: {measure: {"mean",
+    "ci95"}, ..., "run_dir", "algorithm"}}``. Measures: for classification ``accuracy`` (%),
+    ``nll``, ``ece`` (15 bins, pooled over all query examples, no CI); for regression ``mse``,
+    ``log_likelihood`` (mixture), ``log_likelihood_gaussian``, ``coverage_minmax`` and
+    ``coverage_interval`` (central ``level`` interval) of the true function on ``grid_points``
+    inputs spread over the task's input range. All runs must share the task configuration.
+    """
+    from metalearn.tasks import build_task_source
+    from metalearn.training import TEST_SEED_OFFSET, load_trained
+
+    if not runs:
+        raise MetalearnError("compare_learners needs at least one run directory")
+    loaded = {label: load_trained(path) for label, path in runs.items()}
+    tasks = {label: config.task for label, (config, _, _) in loaded.items()}
+    first_label, first_task = next(iter(tasks.items()))
+    for label, task in tasks.items():
+        if task.for_testing() != first_task.for_testing():
+            raise MetalearnError(f"runs {first_label!r} and {label!r} were trained on different tasks "
+                                 f"({first_task.dataset} vs {task.dataset} or another episode shape); "
+                                 "compare runs of the same task")
+    source = build_task_source(first_task, part, data_dir)
+    true_function = getattr(type(source), "function", None)
+    noise_std = getattr(source, "noise_std", None)
+    x_range = getattr(source, "x_range", (-5.0, 5.0))
+    grid = torch.linspace(x_range[0], x_range[1], grid_points).view(1, -1, 1)
+
+    per_task: dict[str, dict[str, list[Tensor]]] = {label: {} for label in runs}
+    pooled: dict[str, list[tuple[Tensor, Tensor]]] = {label: [] for label in runs}
+    generator = torch.Generator().manual_seed(seed + TEST_SEED_OFFSET)
+    remaining = episodes
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        while remaining > 0:
+            batch = source.sample(min(chunk, remaining), generator)
+            remaining -= batch.num_tasks
+            for label, (_, learner, _) in loaded.items():
+                scores = uncertainty_scores(learner, batch, true_function, noise_std, num_samples, grid, level)
+                if "log_probs" in scores:
+                    pooled[label].append((scores.pop("log_probs"), scores.pop("labels")))
+                for name, values in scores.items():
+                    per_task[label].setdefault(name, []).append(values)
+
+    result: dict[str, Any] = {"episodes": episodes, "seed": seed, "part": part, "dataset": first_task.dataset,
+                              "num_samples": num_samples}
+    for label, (config, _, step) in loaded.items():
+        entry: dict[str, Any] = {"run_dir": str(runs[label]), "algorithm": config.algorithm, "step": step}
+        for name, chunks in per_task[label].items():
+            values = torch.cat(chunks) * (100.0 if name == "accuracy" else 1.0)
+            mean, ci95 = _mean_ci(values)
+            entry[name] = {"mean": mean, "ci95": ci95}
+        if pooled[label]:
+            log_probs = torch.cat([lp.reshape(-1, lp.shape[-1]) for lp, _ in pooled[label]])
+            labels = torch.cat([lb.reshape(-1) for _, lb in pooled[label]])
+            entry["ece"] = {"mean": float(expected_calibration_error(log_probs, labels)), "ci95": None}
+        result[label] = entry
+    return result

@@ -1,0 +1,503 @@
+"""PLATIPUS (Finn, Xu & Levine 2018) against independent computations, and the uncertainty
+measures on hand-computed cases.
+
+The reference below shares no code with ``metalearn.algorithms.platipus``: networks are applied
+through their own functional forwards (tests/test_maml.py), gradients come from
+``torch.autograd.grad(create_graph=True)``, KL terms from ``torch.distributions`` and tasks and
+samples are Python loops.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributions import Normal, kl_divergence
+
+from metalearn.algorithms import ALGORITHMS
+from metalearn.algorithms.platipus import PLATIPUS, diagonal_gaussian_kl
+from metalearn.api import evaluate_run, resolve_config, train
+from metalearn.errors import MetalearnError
+from metalearn.models import MLP, Conv4
+from metalearn.tasks.batch import TaskBatch
+from metalearn.tasks.sinusoid import SineOrLineTasks
+from metalearn.uncertainty import (compare_runs, coverage, expected_calibration_error, negative_log_likelihood,
+                                   predictive_log_likelihood, predictive_samples)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- the independent reference -----------------------------------------------------------------
+
+
+def mlp_forward(params: dict[str, Tensor], x: Tensor) -> Tensor:
+    """metalearn.models.MLP as a function: Linear layers ``net.{i}`` with ReLU between."""
+    layers = sorted({name.rsplit(".", 1)[0] for name in params}, key=lambda s: int(s.split(".")[1]))
+    for i, layer in enumerate(layers):
+        x = F.linear(x, params[f"{layer}.weight"], params[f"{layer}.bias"])
+        if i < len(layers) - 1:
+            x = F.relu(x)
+    return x
+
+
+def conv4_forward(params: dict[str, Tensor], x: Tensor) -> Tensor:
+    """metalearn.models.Conv4 (stride pooling) as a function; batch norm on batch statistics."""
+    for block in range(4):
+        x = F.conv2d(x, params[f"features.{block}.0.weight"], params.get(f"features.{block}.0.bias"),
+                     stride=2, padding=1)
+        x = F.batch_norm(x, None, None, params[f"features.{block}.1.weight"],
+                         params[f"features.{block}.1.bias"], training=True, eps=1e-5)
+        x = F.relu(x)
+    return F.linear(x.mean(dim=(-2, -1)), params["head.weight"], params["head.bias"])
+
+
+def ref_task_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    if target.dtype == torch.long:
+        return F.cross_entropy(prediction, target)
+    return ((prediction - target) ** 2).mean()
+
+
+def ref_adapt(forward, params, x, y, steps, lr, first_order):
+    """[params after 0..steps gradient steps of size lr(name, step)] on one task."""
+    trajectory = [params]
+    for step in range(steps):
+        names = list(params)
+        loss = ref_task_loss(forward(params, x), y)
+        grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=not first_order)
+        params = {n: params[n] - lr(n, step) * g for n, g in zip(names, grads)}
+        trajectory.append(params)
+    return trajectory
+
+
+def ref_shift(forward, mean, x, y, step):
+    """mean - step * grad_mean L(mean, (x, y)), differentiable (create_graph)."""
+    names = list(mean)
+    grads = torch.autograd.grad(ref_task_loss(forward(mean, x), y), [mean[n] for n in names], create_graph=True)
+    return {n: mean[n] - step * g for n, g in zip(names, grads)}
+
+
+def ref_kl(mean_q, std_q, mean_p, std_p):
+    return sum(kl_divergence(Normal(mean_q[n], std_q[n]), Normal(mean_p[n], std_p[n])).sum() for n in mean_q)
+
+
+def ref_meta_loss(learner: PLATIPUS, forward, batch: TaskBatch, noise):
+    """Algorithm 1 line 11 spelled out per task and per sample: mean over tasks of the mean query
+    loss of the adapted samples + kl_weight * KL(q || p), with the given standard-normal noise
+    ``{name: (tasks, samples, *shape)}``."""
+    config = learner.config
+    mean = dict(learner.model.named_parameters())
+    std_q = {n: learner.log_posterior_std[n.replace(".", "__")].exp() for n in mean}
+    std_p = {n: learner.log_prior_std[n.replace(".", "__")].exp() for n in mean}
+    lr = lambda name, step: config.inner_lr  # noqa: E731
+    losses = []
+    for t in range(batch.num_tasks):
+        sx, sy, qx, qy = batch.support_x[t], batch.support_y[t], batch.query_x[t], batch.query_y[t]
+        mean_q = ref_shift(forward, mean, qx, qy, learner.posterior_step)
+        mean_p = ref_shift(forward, mean, sx, sy, learner.prior_step)
+        query = []
+        for s in range(config.train_samples):
+            theta = {n: mean_q[n] + std_q[n] * noise[n][t, s] for n in mean}
+            phi = ref_adapt(forward, theta, sx, sy, config.inner_steps, lr, first_order=False)[-1]
+            query.append(ref_task_loss(forward(phi, qx), qy))
+        losses.append(torch.stack(query).mean() + config.kl_weight * ref_kl(mean_q, std_q, mean_p, std_p))
+    return torch.stack(losses).mean()
+
+
+def double(batch: TaskBatch) -> TaskBatch:
+    cast = lambda t: t.double() if torch.is_floating_point(t) else t  # noqa: E731
+    return TaskBatch(cast(batch.support_x), cast(batch.support_y), cast(batch.query_x), cast(batch.query_y),
+                     batch.ways, {k: cast(v) for k, v in batch.task_params.items()})
+
+
+def conv_problem(tasks=2, ways=3, shots=2, query=2, size=12, seed=0):
+    torch.manual_seed(seed)
+    model = Conv4(1, ways, hidden=8).double()
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(ways)
+    batch = TaskBatch(
+        torch.rand(tasks, ways * shots, 1, size, size, generator=g, dtype=torch.float64),
+        labels.repeat_interleave(shots).repeat(tasks, 1),
+        torch.rand(tasks, ways * query, 1, size, size, generator=g, dtype=torch.float64),
+        labels.repeat_interleave(query).repeat(tasks, 1),
+        ways,
+    )
+    return model, batch, conv4_forward
+
+
+def sine_or_line_problem(tasks=3, hidden=(8, 8), seed=0):
+    torch.manual_seed(seed)
+    model = MLP(1, 1, hidden).double()
+    batch = double(SineOrLineTasks(shots=5, query=6).sample(tasks, torch.Generator().manual_seed(seed)))
+    return model, batch, mlp_forward
+
+
+PROBLEMS = {"sine-or-line-mlp": (sine_or_line_problem, 0.01), "conv4": (conv_problem, 0.4)}
+
+
+def make_learner(model, lr, **options) -> PLATIPUS:
+    config = {"inner_lr": lr, "prior_step_init": 0.7 * lr, "posterior_step_init": 1.3 * lr, "std_init": 0.05,
+              "kl_weight": 0.5, "inner_steps": 2, "test_inner_steps": 2, "train_samples": 3, **options}
+    learner = PLATIPUS(model, PLATIPUS.Config(**config)).double()
+    with torch.no_grad():  # distinct stds per weight and for p and q, so a mix-up shows
+        for table in (learner.log_prior_std, learner.log_posterior_std):
+            for value in table.values():
+                value.add_(torch.empty_like(value).uniform_(-0.5, 0.5))
+    return learner
+
+
+# -- the KL term -------------------------------------------------------------------------------
+
+
+def test_diagonal_gaussian_kl_matches_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    shapes = {"a": (3, 4), "b": (5,), "c": ()}
+    mean_q, mean_p, log_q, log_p = ({n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in shapes.items()}
+                                    for _ in range(4))
+    ours = diagonal_gaussian_kl(mean_q, log_q, mean_p, log_p)
+    expected = ref_kl(mean_q, {n: v.exp() for n, v in log_q.items()}, mean_p, {n: v.exp() for n, v in log_p.items()})
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+    assert ours > 0
+    same = diagonal_gaussian_kl(mean_q, log_q, mean_q, log_q)
+    assert abs(float(same)) < 1e-12  # KL(q || q) = 0
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
+def test_learner_kl_is_closed_form_between_posterior_and_prior(problem):
+    make, lr = PROBLEMS[problem]
+    model, batch, forward = make()
+    learner = make_learner(model, lr)
+    mean = dict(model.named_parameters())
+    std = lambda table: {n: table[n.replace(".", "__")].exp() for n in mean}  # noqa: E731
+    for t, kl in enumerate(learner.kl(batch)):
+        mean_q = ref_shift(forward, mean, batch.query_x[t], batch.query_y[t], learner.posterior_step)
+        mean_p = ref_shift(forward, mean, batch.support_x[t], batch.support_y[t], learner.prior_step)
+        expected = ref_kl(mean_q, std(learner.log_posterior_std), mean_p, std(learner.log_prior_std))
+        torch.testing.assert_close(kl, expected, rtol=1e-10, atol=1e-10)
+
+
+# -- the posterior and prior updates -------------------------------------------------------------
+
+
+def test_posterior_mean_is_mu_minus_gamma_q_times_query_gradient_on_a_linear_model():
+    """q's mean for y = w x + b under the squared error, by hand: dL/dw = mean(2 r x),
+    dL/db = mean(2 r) with r = w x + b - y."""
+    model = nn.Linear(1, 1).double()
+    with torch.no_grad():
+        model.weight.fill_(0.5)
+        model.bias.fill_(-1.0)
+    learner = PLATIPUS(model, PLATIPUS.Config(inner_lr=0.1, posterior_step_init=0.05, prior_step_init=0.1,
+                                              model="mlp")).double()
+    x = torch.tensor([[1.0], [3.0]], dtype=torch.float64)
+    y = torch.tensor([[0.0], [2.0]], dtype=torch.float64)
+    r = 0.5 * x - 1.0 - y  # residuals -0.5, -1.5
+    dw, db = float((2 * r * x).mean()), float((2 * r).mean())
+    assert (dw, db) == pytest.approx((-5.0, -2.0))
+    shifted = learner.shifted_mean(dict(model.named_parameters()), x, y, learner.posterior_step)
+    shifted = {name: float(value.detach()) for name, value in shifted.items()}
+    assert shifted["weight"] == pytest.approx(0.5 - 0.05 * dw)  # 0.75
+    assert shifted["bias"] == pytest.approx(-1.0 - 0.05 * db)  # -0.9
+    # against the gradient: the query loss drops at q's mean
+    loss = lambda w, b: float(((w * x + b - y) ** 2).mean())  # noqa: E731
+    assert loss(shifted["weight"], shifted["bias"]) < loss(0.5, -1.0)
+
+
+# -- the meta-loss and its gradient --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
+def test_meta_loss_and_gradient_match_reference(problem):
+    make, lr = PROBLEMS[problem]
+    model, batch, forward = make()
+    learner = make_learner(model, lr)
+    torch.manual_seed(7)
+    loss, metrics = learner.meta_loss(batch)
+    torch.manual_seed(7)  # meta_loss draws its noise first, from the global generator
+    noise = learner.standard_normal(batch.num_tasks, learner.config.train_samples)
+    expected = ref_meta_loss(learner, forward, batch, noise)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(metrics["query_loss"] + 0.5 * metrics["kl"], loss.detach(), rtol=1e-10, atol=1e-12)
+
+    params = list(learner.parameters())
+    names = [n for n, _ in learner.named_parameters()]
+    grads = torch.autograd.grad(loss, params)
+    expected_grads = torch.autograd.grad(expected, params)
+    for name, a, e in zip(names, grads, expected_grads):
+        torch.testing.assert_close(a, e, rtol=1e-7, atol=1e-10, msg=name)
+    # every meta-parameter of Algorithm 1 line 1 learns: mu, sigma, v_q, gamma_p, gamma_q
+    by_name = dict(zip(names, grads))
+    for group in ("model.", "log_prior_std.", "log_posterior_std.", "prior_step", "posterior_step"):
+        assert any(g.abs().sum() > 0 for n, g in by_name.items() if n.startswith(group)), group
+
+
+def test_meta_loss_gradient_matches_central_finite_differences():
+    model, batch, forward = sine_or_line_problem(tasks=2, hidden=(3,))
+    learner = make_learner(model, 0.01, inner_steps=1, train_samples=2)
+
+    def loss_value():
+        torch.manual_seed(3)
+        return learner.meta_loss(batch)[0]
+
+    grads = torch.autograd.grad(loss_value(), [learner.prior_step, learner.posterior_step, model.net[0].weight])
+    eps = 1e-6
+    with torch.no_grad():
+        for param, grad in zip([learner.prior_step, learner.posterior_step, model.net[0].weight], grads):
+            flat, grad_flat = param.view(-1), grad.view(-1)
+            for i in range(min(flat.numel(), 2)):
+                original = flat[i].item()
+                flat[i] = original + eps
+                plus = loss_value().item()
+                flat[i] = original - eps
+                minus = loss_value().item()
+                flat[i] = original
+                assert grad_flat[i].item() == pytest.approx((plus - minus) / (2 * eps), rel=1e-5, abs=1e-7)
+
+
+# -- sampling at test time (Algorithm 2) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
+def test_samples_shapes_reproducibility_and_algorithm_2(problem):
+    make, lr = PROBLEMS[problem]
+    model, batch, forward = make()
+    learner = make_learner(model, lr, num_samples=4)
+    out = batch.ways if batch.is_classification else 1
+    n_query = batch.query_x.shape[1]
+
+    samples = learner.sample_predictions(batch, 5, torch.Generator().manual_seed(1))
+    assert samples.shape == (5, batch.num_tasks, n_query, out)
+    assert not samples.requires_grad
+    assert torch.equal(samples, learner.sample_predictions(batch, 5, torch.Generator().manual_seed(1)))
+    assert not torch.allclose(samples, learner.sample_predictions(batch, 5, torch.Generator().manual_seed(2)))
+    assert not torch.allclose(samples[0], samples[1])  # distinct models per task
+    torch.manual_seed(4)
+    a = learner.predict(batch)
+    torch.manual_seed(4)
+    assert torch.equal(a, learner.predict(batch))
+    per_step = learner.predict_per_step(batch)
+    assert per_step.shape == (learner.config.test_inner_steps + 1, batch.num_tasks, n_query, out)
+
+    # Algorithm 2 by hand: theta = mu - gamma_p grad L(mu, D_tr) + sigma * eps, then 2 steps
+    noise = learner.standard_normal(batch.num_tasks, 5, torch.Generator().manual_seed(1))
+    mean = dict(model.named_parameters())
+    for t in range(batch.num_tasks):
+        mean_p = ref_shift(forward, mean, batch.support_x[t], batch.support_y[t], learner.prior_step)
+        for s in range(5):
+            theta = {n: mean_p[n] + learner.log_prior_std[n.replace(".", "__")].exp() * noise[n][t, s] for n in mean}
+            phi = ref_adapt(forward, theta, batch.support_x[t], batch.support_y[t], 2,
+                            lambda name, step: lr, first_order=True)[-1]
+            torch.testing.assert_close(samples[s, t], forward(phi, batch.query_x[t]).detach(), rtol=1e-8, atol=1e-10)
+
+    # predict averages the sampled models: outputs for regression, probabilities for classification
+    torch.manual_seed(9)
+    prediction = learner.predict(batch)
+    torch.manual_seed(9)
+    drawn = learner.sample_predictions(batch)  # config.num_samples = 4 from the same noise
+    assert drawn.shape[0] == 4
+    if batch.is_classification:
+        torch.testing.assert_close(prediction.exp(), drawn.softmax(-1).mean(0), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(prediction.exp().sum(-1), torch.ones(prediction.shape[:-1], dtype=torch.float64))
+    else:
+        torch.testing.assert_close(prediction, drawn.mean(0), rtol=1e-12, atol=1e-12)
+
+
+def test_prior_std_sets_the_spread_of_the_samples():
+    model, batch, _ = sine_or_line_problem(tasks=2)
+    narrow = make_learner(model, 0.01, std_init=1e-4)
+    with torch.no_grad():
+        for value in narrow.log_prior_std.values():
+            value.fill_(math.log(1e-4))
+    spread_narrow = narrow.sample_predictions(batch, 8, torch.Generator().manual_seed(0)).std(0).mean()
+    with torch.no_grad():
+        for value in narrow.log_prior_std.values():
+            value.fill_(math.log(0.3))
+    spread_wide = narrow.sample_predictions(batch, 8, torch.Generator().manual_seed(0)).std(0).mean()
+    assert spread_wide > 100 * spread_narrow
+
+
+# -- learning ----------------------------------------------------------------------------------
+
+
+def test_sine_or_line_training_lowers_the_negative_bound():
+    torch.manual_seed(0)
+    tasks = SineOrLineTasks(shots=5, query=10)
+    held_out = tasks.sample(200, torch.Generator().manual_seed(1234))
+    learner = PLATIPUS(MLP(), PLATIPUS.Config(inner_lr=0.01, inner_steps=2, test_inner_steps=2, kl_weight=0.1,
+                                              prior_step_init=0.01, posterior_step_init=0.01, std_init=0.05,
+                                              model="mlp"))
+
+    def held_out_bound():
+        torch.manual_seed(99)  # the same noise before and after
+        with torch.no_grad():
+            _, metrics = learner.meta_loss(held_out)
+        return float(metrics["loss"]), float(metrics["query_loss"])
+
+    before = held_out_bound()
+    optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(300):
+        torch.manual_seed(step)
+        loss, _ = learner.meta_loss(tasks.sample(10, generator))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = held_out_bound()
+    assert after[0] < 0.8 * before[0], (before, after)
+    assert after[1] < before[1], (before, after)
+
+
+# -- uncertainty measures ------------------------------------------------------------------------
+
+
+def test_expected_calibration_error_hand_cases():
+    # 10 two-class predictions at confidence 0.7: 7 right is calibrated, ECE 0
+    probs = torch.tensor([[0.7, 0.3]] * 10, dtype=torch.float64)
+    labels = torch.tensor([0] * 7 + [1] * 3)
+    assert float(expected_calibration_error(probs.log(), labels)) == pytest.approx(0.0, abs=1e-12)
+    # the same hits at confidence 0.99: overconfident by 0.29
+    over = torch.tensor([[0.99, 0.01]] * 10, dtype=torch.float64)
+    assert float(expected_calibration_error(over.log(), labels)) == pytest.approx(0.29)
+    # two bins: 4 at 0.9 with 2 right (gap 0.4), 6 at 0.6 with 6 right (gap 0.4): ECE 0.4;
+    # logits work as well as log-probabilities
+    mixed = torch.tensor([[0.9, 0.1]] * 4 + [[0.6, 0.4]] * 6, dtype=torch.float64)
+    hits = torch.tensor([0, 0, 1, 1] + [0] * 6)
+    assert float(expected_calibration_error(mixed.log() + 3.0, hits)) == pytest.approx(0.4)
+    assert float(expected_calibration_error(mixed.log(), hits, bins=1)) == pytest.approx(abs(0.8 - 0.72))
+
+
+def test_negative_log_likelihood_hand_case():
+    probs = torch.tensor([[0.7, 0.3], [0.2, 0.8], [0.5, 0.5]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1])
+    expected = -(math.log(0.7) + math.log(0.2) + math.log(0.5)) / 3
+    assert float(negative_log_likelihood(probs.log(), labels)) == pytest.approx(expected)
+
+
+def test_coverage_of_a_known_band():
+    truth = torch.zeros(1, 10, 1)
+    # samples -1 and +1 around the truth at the first 6 points, both above it at the last 4
+    low = torch.tensor([-1.0] * 6 + [0.5] * 4).view(1, 10, 1)
+    high = torch.tensor([1.0] * 6 + [2.0] * 4).view(1, 10, 1)
+    samples = torch.stack([low, high, (low + high) / 2])
+    assert coverage(samples, truth, "minmax").tolist() == [pytest.approx(0.6)]
+    # 101 samples -50..50 at every point: the central 90% interval is [-45, 45]
+    spread = torch.arange(-50, 51, dtype=torch.float64).view(-1, 1, 1, 1).expand(-1, 1, 4, 1)
+    inside = torch.tensor([0.0, 44.0, -44.9, 46.0], dtype=torch.float64).view(1, 4, 1)
+    assert coverage(spread, inside, "interval", level=0.9).tolist() == [pytest.approx(0.75)]
+    assert coverage(spread, inside, "minmax").tolist() == [pytest.approx(1.0)]
+
+
+def test_predictive_log_likelihood_hand_cases():
+    y = torch.tensor([[[0.5]]], dtype=torch.float64)
+    one = torch.tensor([[[[0.0]]]], dtype=torch.float64)  # a single model (MAML) predicting 0
+    gauss = -0.5 * math.log(2 * math.pi * 0.25) - 0.5 * 0.5**2 / 0.25
+    assert float(predictive_log_likelihood(one, y, 0.5)) == pytest.approx(gauss)
+    assert float(predictive_log_likelihood(one, y, 0.5, "gaussian")) == pytest.approx(gauss)
+    two = torch.tensor([0.0, 2.0], dtype=torch.float64).view(2, 1, 1, 1)
+    pdf = lambda mu, var: math.exp(-((0.5 - mu) ** 2) / (2 * var)) / math.sqrt(2 * math.pi * var)  # noqa: E731
+    mixture = math.log(0.5 * pdf(0.0, 0.25) + 0.5 * pdf(2.0, 0.25))
+    assert float(predictive_log_likelihood(two, y, 0.5)) == pytest.approx(mixture)
+    fitted = math.log(pdf(1.0, 1.0 + 0.25))  # mean 1, population variance 1, plus noise
+    assert float(predictive_log_likelihood(two, y, 0.5, "gaussian")) == pytest.approx(fitted)
+    with pytest.raises(MetalearnError, match="positive noise"):
+        predictive_log_likelihood(one, y, 0.0)
+
+
+# -- the run-level API ---------------------------------------------------------------------------
+
+
+def test_registered_with_paper_defaults():
+    assert ALGORITHMS["platipus"] is PLATIPUS
+    omniglot = resolve_config("platipus", task={"dataset": "omniglot", "ways": 5, "shots": 1})
+    assert omniglot.algorithm_config["model"] == "conv4"
+    assert omniglot.algorithm_config["inner_lr"] == 0.4 and omniglot.algorithm_config["test_inner_steps"] == 3
+    assert omniglot.train.meta_batch_size == 32
+    assert omniglot.algorithm_config["kl_weight"] == pytest.approx(1 / 5)  # mean CE over 5 query images
+    regression = resolve_config("platipus", task={"dataset": "sine-or-line"})
+    assert regression.algorithm_config["model"] == "mlp" and regression.task.shots == 5
+    # MSE over K = 5 query points with noise std 0.3: sum (y - f)^2 / (2 * 0.09) = MSE / 0.036
+    assert regression.algorithm_config["kl_weight"] == pytest.approx(0.036)
+    noisier = resolve_config("platipus", task={"dataset": "sine-or-line", "noise_std": 0.5, "query": 10})
+    assert noisier.algorithm_config["kl_weight"] == pytest.approx(2 * 0.25 / 10)
+    with pytest.raises(MetalearnError, match="num-samples"):
+        PLATIPUS.Config(num_samples=0)
+    with pytest.raises(MetalearnError, match="buffers"):
+        PLATIPUS(nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)))
+
+
+def small_regression_config(algorithm: str, steps: int = 20):
+    options = {"test_inner_steps": 2, "inner_steps": 1}
+    if algorithm == "platipus":
+        options.update(num_samples=6, std_init=0.05)
+    return resolve_config(algorithm, task={"dataset": "sine-or-line"}, algorithm_config=options,
+                          train={"steps": steps, "meta_batch_size": 4, "log_every": 5, "val_every": 10,
+                                 "val_episodes": 8, "checkpoint_every": 10, "eval_episodes": 30})
+
+
+def test_train_evaluate_compare_and_plot_runs(tmp_path):
+    run_dir, result = train(small_regression_config("platipus"), tmp_path / "platipus", progress=False,
+                            announce=lambda _: None)
+    assert result["metric"] == "mse" and len(result["per_step"]) == 3 and result["episodes"] == 30
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "query_loss", "kl", "prior_std"} <= set(records[0])
+    # evaluation is reproducible although the method samples
+    again = evaluate_run(run_dir, progress=False)
+    assert again["scores"] == result["scores"]
+
+    maml_dir, _ = train(small_regression_config("maml"), tmp_path / "maml", progress=False,
+                        evaluate_after=False, announce=lambda _: None)
+    comparison = compare_runs(run_dir, maml_dir, episodes=20, chunk=8, num_samples=6, grid_points=50)
+    assert comparison["episodes"] == 20 and comparison["dataset"] == "sine-or-line"
+    for label in ("platipus", "maml"):
+        entry = comparison[label]
+        for name in ("mse", "log_likelihood", "log_likelihood_gaussian", "coverage_minmax", "coverage_interval"):
+            assert math.isfinite(entry[name]["mean"]), (label, name)
+    # one model covers the true function nowhere; six sampled models cover some of it
+    assert comparison["maml"]["coverage_minmax"]["mean"] == 0.0
+    assert comparison["platipus"]["coverage_minmax"]["mean"] > 0.0
+    assert compare_runs(run_dir, maml_dir, episodes=20, chunk=8, num_samples=6, grid_points=50) == comparison
+
+    from metalearn.plotting_samples import plot_samples
+    from metalearn.training import load_trained
+
+    _, platipus, _ = load_trained(run_dir)
+    _, maml, _ = load_trained(maml_dir)
+    assert predictive_samples(maml, SineOrLineTasks().sample(2, torch.Generator().manual_seed(0))).shape[0] == 1
+    batch = SineOrLineTasks().sample(3, torch.Generator().manual_seed(0))
+    path = plot_samples(platipus, batch, SineOrLineTasks.function, tmp_path / "samples.png", maml_learner=maml)
+    assert path.stat().st_size > 10_000
+
+
+def test_omniglot_classification_run(tmp_path, omniglot_data_dir):
+    config = resolve_config("platipus", task={"dataset": "omniglot", "ways": 3, "shots": 1},
+                            algorithm_config={"num_samples": 3},
+                            train={"steps": 2, "meta_batch_size": 2, "val_every": 0, "log_every": 1,
+                                   "eval_episodes": 6})
+    run_dir, result = train(config, tmp_path / "run", data_dir=omniglot_data_dir, progress=False,
+                            announce=lambda _: None)
+    assert result["metric"] == "accuracy" and 0 <= result["mean"] <= 100 and len(result["per_step"]) == 4
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert "accuracy" in records[-1] and "kl" in records[-1]
+
+
+def test_resume_continues_exactly(tmp_path):
+    """The samples of a meta-step come from the trainer's per-step seed, so resuming is exact."""
+    from metalearn.training import build_trainer
+
+    straight = build_trainer(small_regression_config("platipus", steps=6), tmp_path / "straight")
+    straight.fit(progress=False)
+    build_trainer(small_regression_config("platipus", steps=3), tmp_path / "split").fit(progress=False)
+    resumed = build_trainer(small_regression_config("platipus", steps=6), tmp_path / "split", resume=True)
+    resumed.fit(progress=False)
+    a, b = straight.learner.state_dict(), resumed.learner.state_dict()
+    assert a.keys() == b.keys() and any(k.startswith("log_prior_std") for k in a)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

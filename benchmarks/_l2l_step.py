@@ -1,8 +1,17 @@
 """The learn2learn side of ``benchmarks/maml_step.py``; runs in the peer virtualenv.
 
-Not meant to be run by hand: ``maml_step.py --peer-python DIR/bin/python`` calls it with a file
-holding the Conv4 weights and the task batch (so both sides use identical inputs), and it
-prints one JSON line with its timings and writes its meta-gradients for the agreement check.
+Not meant to be run by hand: ``maml_step.py --peer-python DIR/bin/python`` starts it with a file
+holding the Conv4 weights and the task batch (so both sides use identical inputs) and then
+drives it over stdin/stdout, one JSON object per line, so that its steps are timed round-robin
+with the in-process ones:
+
+  <- {"ready": true, "torch": ..., "learn2learn": ..., "threads": ..., ...}  once, at start
+  -> {"cmd": "grads", "order": "second", "dtype": "float64", "path": FILE}
+                                                        <- {"ok": true}   meta-gradient to FILE
+  -> {"cmd": "step", "order": "first"}                  <- {"ms": 123.4}  one timed meta-step
+  EOF: check the weights are unchanged, exit.
+
+Replies are prefixed with ``@@`` (learn2learn's imports print warnings).
 
 The network is metalearn's own ``Conv4``, imported from ``--metalearn-src`` (metalearn is not
 installed in the peer venv, but it only needs torch and imports cleanly under the peer's torch),
@@ -22,9 +31,9 @@ The meta-step is learn2learn's own Omniglot example
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
-import statistics
 import sys
 import time
 
@@ -65,14 +74,10 @@ def l2l_step(maml, data, inner_steps: int):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--inputs", required=True)
-    p.add_argument("--grads-out", required=True)
     p.add_argument("--ways", type=int, default=5)
     p.add_argument("--inner-lr", type=float, default=0.4)
     p.add_argument("--inner-steps", type=int, default=1)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, required=True)
-    p.add_argument("--orders", default="second,first")
     p.add_argument("--model", choices=("metalearn", "native"), default="metalearn")
     p.add_argument("--metalearn-src", required=True, help="metalearn's src folder (for its Conv4)")
     args = p.parse_args()
@@ -88,37 +93,38 @@ def main():
         source += f", {with_native_batch_norm(model)} BatchStatNorm replaced by nn.BatchNorm2d"
     model.load_state_dict(data.pop("state_dict"), strict=True)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
+    # float32 (timed) and a float64 copy (for the exact agreement check), same weights and tasks
+    model64 = copy.deepcopy(model).double()
+    data64 = {k: v.double() if v.is_floating_point() else v for k, v in data.items()}
+    steps = {(order, dtype): l2l_step(l2l.algorithms.MAML(net, lr=args.inner_lr, first_order=(order == "first")),
+                                      tensors, args.inner_steps)
+             for order in ("second", "first")
+             for dtype, net, tensors in (("float32", model, data), ("float64", model64, data64))}
 
-    times, grads = {}, {}
-    for order in args.orders.split(","):
-        maml = l2l.algorithms.MAML(model, lr=args.inner_lr, first_order=(order == "first"))
-        step = l2l_step(maml, data, args.inner_steps)
-        maml.zero_grad(set_to_none=True)
-        step()  # the meta-gradient, for the agreement check (also the first warm-up step)
-        grads[order] = {n: q.grad.detach().clone() for n, q in model.named_parameters()}
-        measured = []
-        for i in range(args.warmup + args.iters):
-            maml.zero_grad(set_to_none=True)
+    def reply(obj):
+        sys.stdout.write("@@" + json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    reply({"ready": True, "torch": torch.__version__, "learn2learn": l2l.__version__,
+           "python": platform.python_version(), "threads": torch.get_num_threads(),
+           "model": args.model, "model_source": source})
+    for line in sys.stdin:
+        request = json.loads(line)
+        dtype = request.get("dtype", "float32")
+        step, net = steps[(request["order"], dtype)], model64 if dtype == "float64" else model
+        net.zero_grad(set_to_none=True)
+        if request["cmd"] == "grads":
+            step()
+            torch.save({n: q.grad.detach().clone() for n, q in net.named_parameters()}, request["path"])
+            reply({"ok": True})
+        elif request["cmd"] == "step":
             start = time.perf_counter()
             step()
-            elapsed = (time.perf_counter() - start) * 1e3
-            if i >= args.warmup:
-                measured.append(elapsed)
-        times[order] = measured
+            reply({"ms": (time.perf_counter() - start) * 1e3})
+        else:
+            raise ValueError(f"unknown command {request!r}")
     for name, value in model.state_dict().items():
         assert torch.equal(value, initial[name]), name
-
-    torch.save(grads, args.grads_out)
-    print(json.dumps({
-        "torch": torch.__version__,
-        "learn2learn": l2l.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "model": args.model,
-        "model_source": source,
-        "times_ms": times,
-        "median_ms": {o: statistics.median(t) for o, t in times.items()},
-    }))
 
 
 if __name__ == "__main__":

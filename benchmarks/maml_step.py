@@ -19,17 +19,19 @@ second- and first-order:
 
 Only the meta-step is timed: no sampling (one fixed synthetic batch), no optimizer step;
 gradients are reset to None between steps, outside the timed region. The in-process rows are
-timed round-robin (one step of each per round); learn2learn runs first, in its own process(es).
-Before timing, the meta-gradients of (a), (b) and (c) are computed from the same weights and
-batch and compared, so the rows measure the same computation.
+timed round-robin with learn2learn's (one step of each per round), so load changes hit all alike.
+Before timing, the meta-gradients of (a), (b) and (c) are computed in float64 from the same
+weights and batch and must agree to ~1e-12, so the rows measure the same computation; each
+one's float32 error against that is printed too.
 
     python benchmarks/maml_step.py --iters 20 --peer-python /work/peer-venv/bin/python \
-        --json results/maml_step.json
+        --json benchmarks/results/maml_step.json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -72,7 +74,7 @@ def make_batch(ways: int = 5, shots: int = 1, query: int = 1, tasks: int = 32, i
 
 def make_model(ways: int = 5, seed: int = 0) -> Conv4:
     torch.manual_seed(seed)
-    return Conv4(1, ways)  # pooling="stride", BatchNorm2d(track_running_stats=False)
+    return Conv4(1, ways)  # pooling="stride"; batch norm on batch statistics (BatchStatNorm)
 
 
 # -- the meta-steps (each returns a closure: one forward + backward into .grad) ----------------
@@ -130,31 +132,22 @@ def limit_step(model: nn.Module, batch: TaskBatch) -> Callable[[], None]:
 def time_step(step: Callable[[], None], model: nn.Module, iters: int = 20, warmup: int = 3) -> list[float]:
     """Milliseconds of each of ``iters`` calls of ``step`` after ``warmup`` untimed ones;
     gradients are set to None before every call, outside the timed region."""
-    times = []
-    for i in range(warmup + iters):
-        model.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        step()
-        elapsed = (time.perf_counter() - start) * 1e3
-        if i >= warmup:
-            times.append(elapsed)
-    model.zero_grad(set_to_none=True)
-    return times
+    return time_steps_interleaved({"step": step}, model, iters, warmup)["step"]
 
 
-def time_steps_interleaved(steps: dict[str, Callable[[], None]], model: nn.Module, iters: int = 20,
-                           warmup: int = 3) -> dict[str, list[float]]:
+def time_steps_interleaved(steps: dict, model: nn.Module, iters: int = 20, warmup: int = 3) -> dict:
     """Like :func:`time_step` for several steps at once, run round-robin (one call of each per
-    round) so that a change in machine load affects them all alike."""
+    round) so that a change in machine load affects them all alike. A step that returns a number
+    (the learn2learn peer) reports its own milliseconds, measured in its process."""
     times = {name: [] for name in steps}
     for i in range(warmup + iters):
         for name, step in steps.items():
             model.zero_grad(set_to_none=True)
             start = time.perf_counter()
-            step()
+            reported = step()
             elapsed = (time.perf_counter() - start) * 1e3
             if i >= warmup:
-                times[name].append(elapsed)
+                times[name].append(float(reported) if reported is not None else elapsed)
     model.zero_grad(set_to_none=True)
     return times
 
@@ -218,35 +211,104 @@ def relative_difference(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
 PEER_ROWS = {"metalearn": "learn2learn", "native": "learn2learn, nn.BatchNorm2d"}
 
 
-def run_peer(peer_python: str, peer_model: str, model: nn.Module, batch: TaskBatch, args, threads: int) -> dict:
-    """Run ``_l2l_step.py`` under ``peer_python`` on the same weights and batch, with metalearn's
-    Conv4 (``peer_model="metalearn"``) or its copy with nn.BatchNorm2d (``"native"``); returns its
-    JSON (timings per order, versions, threads) plus its meta-gradients per order."""
-    with tempfile.TemporaryDirectory(prefix="maml_step_") as tmp:
-        inputs, grads_path = Path(tmp) / "inputs.pt", Path(tmp) / "grads.pt"
+class Peer:
+    """learn2learn's meta-step in the peer interpreter (``_l2l_step.py``), driven over its
+    stdin/stdout so its steps can be timed round-robin with the in-process ones. Uses the same
+    weights and batch, with metalearn's Conv4 (``peer_model="metalearn"``) or the same network
+    with nn.BatchNorm2d (``"native"``). ``info``: its torch/learn2learn versions and threads."""
+
+    def __init__(self, peer_python: str, peer_model: str, model: nn.Module, batch: TaskBatch, args,
+                 threads: int, workdir: Path):
+        self.workdir, self.name = workdir, peer_model
+        inputs = workdir / f"inputs-{peer_model}.pt"
         torch.save({
             "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "support_x": batch.support_x, "support_y": batch.support_y,
             "query_x": batch.query_x, "query_y": batch.query_y,
         }, inputs)
         command = [
-            peer_python, str(PEER_SCRIPT), "--inputs", str(inputs), "--grads-out", str(grads_path),
-            "--ways", str(batch.ways), "--inner-lr", str(args.inner_lr),
-            "--inner-steps", str(args.inner_steps), "--iters", str(args.iters),
-            "--warmup", str(args.warmup), "--threads", str(threads),
-            "--orders", ",".join(args.orders), "--model", peer_model,
+            peer_python, str(PEER_SCRIPT), "--inputs", str(inputs), "--ways", str(batch.ways),
+            "--inner-lr", str(args.inner_lr), "--inner-steps", str(args.inner_steps),
+            "--threads", str(threads), "--model", peer_model,
             "--metalearn-src", str(Path(metalearn.__file__).resolve().parents[1]),
         ]
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-        proc = subprocess.run(command, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"peer benchmark failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-        if not lines:
-            raise RuntimeError(f"peer benchmark printed no JSON:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-        result = json.loads(lines[-1])
-        result["grads"] = torch.load(grads_path, weights_only=True)
-        return result
+        self.stderr = open(workdir / f"peer-{peer_model}.err", "w+")
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.stderr, text=True, env=env)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("@@"):
+                return json.loads(line[2:])
+        self.proc.wait()
+        self.stderr.seek(0)
+        raise RuntimeError(f"learn2learn peer ({self.name}) exited with {self.proc.returncode}:\n"
+                           f"{self.stderr.read()[-4000:]}")
+
+    def _ask(self, **request) -> dict:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def meta_gradient(self, order: str, dtype: str = "float32") -> dict[str, Tensor]:
+        path = self.workdir / f"grads-{self.name}-{order}-{dtype}.pt"
+        self._ask(cmd="grads", order=order, dtype=dtype, path=str(path))
+        return torch.load(path, weights_only=True)
+
+    def step(self, order: str) -> Callable[[], float]:
+        """One meta-step in the peer; returns the milliseconds the peer measured around it."""
+        return lambda: self._ask(cmd="step", order=order)["ms"]
+
+    def close(self) -> None:
+        """End the peer; it checks its weights were never changed, so a failure raises here."""
+        self.proc.stdin.close()
+        self.proc.stdout.read()
+        code = self.proc.wait()
+        self.stderr.seek(0)
+        errors = self.stderr.read()
+        self.stderr.close()
+        if code != 0:
+            raise RuntimeError(f"learn2learn peer ({self.name}) exited with {code}:\n{errors[-4000:]}")
+
+
+def check_gradients(model: nn.Module, batch: TaskBatch, impls: dict, peers: dict, args) -> tuple[dict, dict]:
+    """Correctness before timing. In float64 every implementation's meta-gradient, from the same
+    weights and batch, must equal metalearn's to ~1e-12 (asserted): they compute the same thing.
+    Also returned, for information: each one's float32 meta-gradient against that float64 one.
+    (float32 errors can reach 1e-3 or more: with batch norm on 5 images a task can be
+    ill-conditioned, and the first conv's weight gradient then depends on the summation order
+    of the kernel that computes it, which differs between the batched and per-task code.)"""
+    model64 = copy.deepcopy(model).double()
+    batch64 = TaskBatch(batch.support_x.double(), batch.support_y, batch.query_x.double(), batch.query_y,
+                        ways=batch.ways)
+    builders64 = {
+        "metalearn (vmap)": lambda fo: vmapped_step(model64, batch64, fo, args.inner_lr, args.inner_steps),
+        "loop (autograd.grad)": lambda fo: loop_step(model64, batch64, fo, args.inner_lr, args.inner_steps),
+    }
+    checks, errors = {}, {}
+    for order in args.orders:
+        fo = ORDERS[order]
+        reference = meta_gradient(model64, builders64["metalearn (vmap)"](fo))
+        grads64 = {"loop (autograd.grad)": meta_gradient(model64, builders64["loop (autograd.grad)"](fo))}
+        grads32 = {name: meta_gradient(model, build(fo)) for name, build in impls.items()}
+        for peer_model, peer in peers.items():
+            grads64[PEER_ROWS[peer_model]] = peer.meta_gradient(order, "float64")
+            grads32[PEER_ROWS[peer_model]] = peer.meta_gradient(order, "float32")
+        for name, grads in grads64.items():
+            checks[f"{name} vs metalearn, {order} order"] = relative_difference(reference, grads)
+        for name, grads in grads32.items():
+            errors[f"{name}, {order} order"] = relative_difference(
+                reference, {k: v.double() for k, v in grads.items()})
+    print("meta-gradients in float64, max|diff| / max|grad| against metalearn's (must be ~1e-12):")
+    for name, value in checks.items():
+        print(f"  {name}: {value:.1e}")
+    print("float32 meta-gradients against the float64 one (rounding; information only):")
+    for name, value in errors.items():
+        print(f"  {name}: {value:.1e}")
+    assert all(v < 1e-9 for v in checks.values()), "implementations disagree on the meta-gradient"
+    return checks, errors
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -332,45 +394,43 @@ def main(argv=None) -> dict:
         "loop (autograd.grad)": lambda fo: loop_step(model, batch, fo, args.inner_lr, args.inner_steps),
     }
 
-    peers = {}
-    for peer_model in (args.peer_models if args.peer_python else []):
-        print(f"running {PEER_ROWS[peer_model]} under {args.peer_python} ...", flush=True)
-        peer = peers[peer_model] = run_peer(args.peer_python, peer_model, model, batch, args, threads)
-        print(f"  peer: torch {peer['torch']}, learn2learn {peer['learn2learn']}, threads {peer['threads']}, "
-              f"python {peer['python']}, model {peer['model_source']}")
-        if peer["threads"] != threads:
-            print(f"  WARNING: peer ran with {peer['threads']} threads, this process with {threads}")
+    with tempfile.TemporaryDirectory(prefix="maml_step_") as workdir:
+        peers = {}
+        try:
+            for peer_model in (args.peer_models if args.peer_python else []):
+                print(f"starting {PEER_ROWS[peer_model]} under {args.peer_python} ...", flush=True)
+                peer = peers[peer_model] = Peer(args.peer_python, peer_model, model, batch, args, threads,
+                                                Path(workdir))
+                info = peer.info
+                print(f"  peer: torch {info['torch']}, learn2learn {info['learn2learn']}, threads "
+                      f"{info['threads']}, python {info['python']}, model {info['model_source']}")
+                if info["threads"] != threads:
+                    print(f"  WARNING: peer runs with {info['threads']} threads, this process with {threads}")
 
-    # Correctness first: every implementation's meta-gradient from the same weights and batch.
-    checks = {}
-    for order in args.orders:
-        fo = ORDERS[order]
-        reference = meta_gradient(model, impls["metalearn (vmap)"](fo))
-        checks[f"loop vs metalearn ({order})"] = relative_difference(
-            reference, meta_gradient(model, impls["loop (autograd.grad)"](fo)))
-        for peer_model, peer in peers.items():
-            checks[f"{PEER_ROWS[peer_model]} vs metalearn ({order})"] = relative_difference(
-                reference, peer["grads"][order])
-    print("meta-gradient agreement, max|diff| / max|grad| (should be ~1e-6 or less):")
-    for name, value in checks.items():
-        print(f"  {name}: {value:.2e}")
-    assert all(v < 1e-4 for v in checks.values()), "implementations disagree on the meta-gradient"
-    assert model.state_dict().keys() == initial_state.keys()
+            checks, float32_errors = check_gradients(model, batch, impls, peers, args)
 
-    # In-process rows timed round-robin (robust to load drift); learn2learn ran above, alone.
-    limit_name = f"limit: plain fwd+bwd of {images} images"
-    steps = {(name, order): build(ORDERS[order]) for order in args.orders for name, build in impls.items()}
-    steps[(limit_name, "none")] = limit_step(model, batch)
-    print(f"timing {len(steps)} in-process variants round-robin ...", flush=True)
-    times = time_steps_interleaved(steps, model, args.iters, args.warmup)
+            # All rows timed round-robin, one step of each per round (robust to load drift).
+            limit_name = f"limit: plain fwd+bwd of {images} images"
+            steps = {}
+            for order in args.orders:
+                for name, build in impls.items():
+                    steps[(name, order)] = build(ORDERS[order])
+                for peer_model, peer in peers.items():
+                    steps[(PEER_ROWS[peer_model], order)] = peer.step(order)
+            steps[(limit_name, "none")] = limit_step(model, batch)
+            print(f"timing {len(steps)} variants round-robin, {args.warmup} + {args.iters} rounds ...", flush=True)
+            times = time_steps_interleaved(steps, model, args.iters, args.warmup)
+        finally:
+            for peer in peers.values():
+                peer.close()
     rows = []
-    for order in args.orders:
-        rows += [summarize(name, order, times[(name, order)], args.meta_batch) for name in impls]
+    for (name, order), measured in times.items():
+        extra = {}
         for peer_model, peer in peers.items():
-            rows.append(summarize(PEER_ROWS[peer_model], order, peer["times_ms"][order], args.meta_batch,
-                                  torch=peer["torch"], library=f"learn2learn {peer['learn2learn']}",
-                                  model=peer["model_source"]))
-    rows.append(summarize(limit_name, "none", times[(limit_name, "none")], args.meta_batch))
+            if name == PEER_ROWS[peer_model]:
+                extra = {"torch": peer.info["torch"], "library": f"learn2learn {peer.info['learn2learn']}",
+                         "model": peer.info["model_source"]}
+        rows.append(summarize(name, order, measured, args.meta_batch, **extra))
     for name, param in model.state_dict().items():  # nothing above may have changed the weights
         assert torch.equal(param, initial_state[name]), name
 
@@ -380,8 +440,9 @@ def main(argv=None) -> dict:
     result = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "torch": torch.__version__, "threads": threads, "cpus": os.cpu_count(), "load_average": load,
-        "peers": {m: {k: v for k, v in peer.items() if k not in ("grads", "times_ms")} for m, peer in peers.items()},
-        "gradient_checks": checks,
+        "peers": {m: peer.info for m, peer in peers.items()},
+        "gradient_checks_float64": checks,
+        "float32_error_vs_float64": float32_errors,
         "rows": rows,
         "table": table,
     }

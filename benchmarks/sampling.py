@@ -8,7 +8,7 @@ second-order vmapped MAML meta-step (forward + backward, Conv4, the function tha
 of ``maml_step.py``) on a batch that sampler drew, and reports sampling time / meta-step time.
 Building the sampler (rotating the class bank) happens once per split and is not timed.
 
-    python benchmarks/sampling.py --json results/sampling.json
+    python benchmarks/sampling.py --json benchmarks/results/sampling.json
 """
 
 from __future__ import annotations

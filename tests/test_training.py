@@ -162,3 +162,9 @@ def test_learning_rate_schedules():
     assert [lr_factor(linear, s) for s in (0, 50, 100)] == [1, 0.5, 0]
     with pytest.raises(MetalearnError, match="--meta-optimizer"):
         TrainConfig(meta_optimizer="rmsprop")
+
+
+def test_extending_a_linearly_annealed_run_is_refused(tmp_path):
+    build_trainer(sinusoid_config(2, lr_anneal="linear"), tmp_path).fit(progress=False)
+    with pytest.raises(MetalearnError, match="train.steps: 2 there, 4 requested"):
+        build_trainer(sinusoid_config(4, lr_anneal="linear"), tmp_path, resume=True)

@@ -169,7 +169,10 @@ class Trainer:
 
 def check_compatible(saved: RunConfig, requested: RunConfig, what: str) -> None:
     """Refuse to continue ``saved`` with a configuration that changes what it computes."""
-    conflicts = {k: v for k, v in config_differences(saved, requested).items() if k not in RESUMABLE_CHANGES}
+    resumable = set(RESUMABLE_CHANGES)
+    if saved.train.lr_anneal == "linear":
+        resumable.discard("train.steps")  # the anneal's horizon: changing it rewrites the schedule
+    conflicts = {k: v for k, v in config_differences(saved, requested).items() if k not in resumable}
     if conflicts:
         lines = "; ".join(f"{k}: {old!r} there, {new!r} requested" for k, (old, new) in conflicts.items())
         raise MetalearnError(

@@ -14,12 +14,17 @@ gradient is the Reptile direction ``theta - mean(phi)``: one plain SGD step at l
 is ``lr_anneal="linear"`` (both set by :meth:`Reptile.paper_defaults`). Gradient all-reduce
 over ranks averages the directions of all tasks, as the update needs.
 
-Evaluation (section 6 of the paper reports both): with ``transductive=True`` the adapted network
+Evaluation (the paper's Tables 1 and 2 report both): with ``transductive=True`` the adapted network
 classifies the whole query set in one batch, so batch norm takes its statistics from the query
 examples together; with ``transductive=False`` each query example is classified on its own, in a
 batch made of the support set plus that one example (as ``_test_predictions`` of
 openai/supervised-reptile), so no information passes between query examples. Both are
 vectorised (``vmap`` over tasks and over query examples).
+
+Where this differs from openai/supervised-reptile: each task's Adam starts afresh (zero moments,
+step 1), while the reference's TensorFlow Adam keeps its moment estimates, which are not
+trainable variables, from task to task and on into evaluation; the mini-batch order at test time
+is a fixed function of the batch, so an evaluation is repeatable.
 
 Example::
 
@@ -61,7 +66,8 @@ class ReptileConfig:
     meta-training / at test time, on mini-batches of inner_batch_size / test_inner_batch_size
     support examples (drawn without replacement, epoch after epoch); transductive: classify the
     query set in one batch (batch-norm statistics shared by the query examples) or each query
-    example alone with the support set; model: network name (see ``metalearn.models``)."""
+    example alone with the support set, at evaluation (meta-training never uses the query set
+    for the update); model: network name (see ``metalearn.models``)."""
 
     inner_optimizer: str = "adam"
     inner_lr: float = 0.001
@@ -83,6 +89,8 @@ class ReptileConfig:
             raise MetalearnError("--inner-batch-size and --test-inner-batch-size must be >= 1")
         if not self.inner_lr > 0:
             raise MetalearnError(f"--inner-lr must be positive, got {self.inner_lr}")
+        if not isinstance(self.transductive, bool):  # e.g. "--set transductive=False" gives a string
+            raise MetalearnError(f"transductive must be true or false (lower case), got {self.transductive!r}")
         if not (0 <= self.inner_beta1 < 1 and 0 <= self.inner_beta2 < 1):
             raise MetalearnError("--inner-beta1 and --inner-beta2 must lie in [0, 1)")
 

@@ -331,7 +331,7 @@ def test_sine_or_line_training_lowers_the_negative_bound():
     torch.manual_seed(0)
     tasks = SineOrLineTasks(shots=5, query=10)
     held_out = tasks.sample(200, torch.Generator().manual_seed(1234))
-    learner = PLATIPUS(MLP(), PLATIPUS.Config(inner_lr=0.01, inner_steps=2, test_inner_steps=2, kl_weight=0.1,
+    learner = PLATIPUS(MLP(), PLATIPUS.Config(inner_lr=0.01, inner_steps=1, test_inner_steps=1, kl_weight=0.036,
                                               prior_step_init=0.01, posterior_step_init=0.01, std_init=0.05,
                                               model="mlp"))
 
@@ -344,15 +344,16 @@ def test_sine_or_line_training_lowers_the_negative_bound():
     before = held_out_bound()
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(0)
-    for step in range(300):
+    for step in range(200):
         torch.manual_seed(step)
         loss, _ = learner.meta_loss(tasks.sample(10, generator))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     after = held_out_bound()
-    assert after[0] < 0.8 * before[0], (before, after)
-    assert after[1] < before[1], (before, after)
+    # about 8.8 -> 4.4 (query loss 8.5 -> 3.6, while the KL grows from 7 to 20)
+    assert after[0] < 0.7 * before[0], (before, after)
+    assert after[1] < 0.7 * before[1], (before, after)
 
 
 # -- uncertainty measures ------------------------------------------------------------------------
@@ -486,6 +487,18 @@ def test_omniglot_classification_run(tmp_path, omniglot_data_dir):
     assert result["metric"] == "accuracy" and 0 <= result["mean"] <= 100 and len(result["per_step"]) == 4
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert "accuracy" in records[-1] and "kl" in records[-1]
+
+    maml_config = resolve_config("maml", task={"dataset": "omniglot", "ways": 3, "shots": 1},
+                                 train={"steps": 1, "meta_batch_size": 2, "val_every": 0})
+    maml_dir, _ = train(maml_config, tmp_path / "maml", data_dir=omniglot_data_dir, progress=False,
+                        evaluate_after=False, announce=lambda _: None)
+    comparison = compare_runs(run_dir, maml_dir, episodes=6, data_dir=omniglot_data_dir)
+    for label in ("platipus", "maml"):
+        entry = comparison[label]
+        assert set(entry) >= {"accuracy", "nll", "ece"}
+        assert 0 <= entry["ece"]["mean"] <= 1 and entry["nll"]["mean"] > 0
+    # the same episodes and model noise as `metalearn eval` with seed 0
+    assert comparison["platipus"]["accuracy"]["mean"] == pytest.approx(result["mean"])
 
 
 def test_resume_continues_exactly(tmp_path):

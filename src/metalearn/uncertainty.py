@@ -95,9 +95,9 @@ def expected_calibration_error(log_probs: Tensor, labels: Tensor, bins: int = 15
     correct = (predicted == labels.reshape(-1)).to(probs.dtype)
     edges = torch.linspace(0, 1, bins + 1, dtype=probs.dtype, device=probs.device)
     index = torch.bucketize(confidence, edges[1:-1], right=False)  # bin k holds (edges[k], edges[k+1]]
-    count = torch.zeros(bins, dtype=probs.dtype, device=probs.device).index_add_(0, index, torch.ones_like(confidence))
-    confidence_sum = torch.zeros_like(count).index_add_(0, index, confidence)
-    correct_sum = torch.zeros_like(count).index_add_(0, index, correct)
+    # sum_b |bin b| / N * |acc_b - conf_b| = sum_b |hits_b - total confidence_b| / N
+    confidence_sum = torch.zeros(bins, dtype=probs.dtype, device=probs.device).index_add_(0, index, confidence)
+    correct_sum = torch.zeros_like(confidence_sum).index_add_(0, index, correct)
     return (correct_sum - confidence_sum).abs().sum() / confidence.numel()
 
 

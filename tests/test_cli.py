@@ -107,3 +107,18 @@ def test_eval_with_a_changed_method_option(tmp_path, capsys):
     assert len(saved["per_step"]) == 4 and saved["overrides"] == {"test_inner_steps": 3}
     code, _, err = run(["eval", run_dir, "--set", "no_such_option=1"], capsys)
     assert code == 2 and "no_such_option" in err
+
+
+def test_platipus_plot_beside_maml_and_compare(tmp_path, capsys):
+    common = ["--dataset", "sine-or-line", "--steps", 3, "--meta-batch-size", 2, "--no-progress", "--no-eval"]
+    assert run(["train", "platipus", *common, "--run-dir", tmp_path / "platipus"], capsys)[0] == 0
+    assert run(["train", "maml", *common, "--run-dir", tmp_path / "maml"], capsys)[0] == 0
+    code, out, err = run(["plot", tmp_path / "platipus", "--compare", tmp_path / "maml"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "platipus" / "plots" / "samples.png").stat().st_size > 1000
+    code, out, err = run(["compare", tmp_path / "platipus", tmp_path / "maml", "--episodes", 10, "--samples", 4,
+                          "--json", tmp_path / "cmp.json"], capsys)
+    assert code == 0, err
+    assert "| platipus |" in out and "| maml |" in out and "coverage_minmax" in out
+    saved = json.loads((tmp_path / "cmp.json").read_text())
+    assert saved["episodes"] == 10 and saved["maml"]["coverage_minmax"]["mean"] <= saved["platipus"]["coverage_minmax"]["mean"]

@@ -92,8 +92,11 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     return result
 
 
-def plot_run(run_dir: Path | str, data_dir: Path | str | None = None) -> list[Path]:
-    """Learning curves, plus the regression fits picture for regression runs."""
+def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
+             compare_with: Path | str | None = None) -> list[Path]:
+    """Learning curves; for regression runs the fits after 0/1/10 steps and, for a method that
+    samples models (PLATIPUS), the sampled functions beside ``compare_with``'s prediction (e.g.
+    a MAML run on the same tasks)."""
     from metalearn.plotting import plot_learning_curves, plot_regression_fits
     from metalearn.tasks import build_task_source
 
@@ -110,10 +113,17 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None) -> list[Pa
         batch = source.sample(4, torch.Generator().manual_seed(TEST_SEED_OFFSET))
         paths.append(plot_regression_fits(learner, batch, type(source).function, run.plots_dir / "fits.png",
                                           title=f"{title}, K={config.task.shots}, step {step}"))
+        if hasattr(learner, "sample_predictions"):
+            from metalearn.plotting_samples import plot_samples
+
+            other = load_trained(compare_with)[1] if compare_with is not None else None
+            paths.append(plot_samples(learner, batch, type(source).function, run.plots_dir / "samples.png",
+                                      maml_learner=other, title=f"{title}: sampled adapted functions"))
     return paths
 
 
-def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str | None = None) -> list[Path]:
+def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str | None = None,
+                   compare_with: Path | str | None = None) -> list[Path]:
     """A small, committable record of a run: ``summary.json`` (configuration, step, training
     wall time, every evaluation without per-episode scores, the last metrics) and the plots."""
     import json
@@ -140,7 +150,7 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
     }
     written = [out / "summary.json"]
     written[0].write_text(json.dumps(summary, indent=2) + "\n")
-    for plot in plot_run(run_dir, data_dir=data_dir):
+    for plot in plot_run(run_dir, data_dir=data_dir, compare_with=compare_with):
         shutil.copy(plot, out / plot.name)
         written.append(out / plot.name)
     return written

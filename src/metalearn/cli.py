@@ -144,23 +144,59 @@ def parse_setting(text: str) -> tuple[str, object]:
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
-def plot(run_dir, data_dir):
-    """Draw a run's learning curves (and, for regression, fits after 0/1/10 steps) as PNG."""
+@click.option("--compare", "compare_with", type=click.Path(path_type=Path), default=None,
+              help="another run on the same tasks (e.g. MAML) whose prediction is drawn beside PLATIPUS's samples")
+def plot(run_dir, data_dir, compare_with):
+    """Draw a run's learning curves (and, for regression, fits after 0/1/10 steps; for PLATIPUS,
+    sampled functions) as PNG."""
     from metalearn.api import plot_run
 
-    for path in plot_run(run_dir, data_dir=data_dir):
+    for path in plot_run(run_dir, data_dir=data_dir, compare_with=compare_with):
         click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--episodes", type=int, default=600, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the test episodes")
+@click.option("--samples", "num_samples", type=int, default=None, help="models sampled per task (sampling methods)")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="also write the result here")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
+def compare(run_dirs, episodes, seed, num_samples, json_path, data_dir):
+    """Uncertainty measures of trained runs on the same test episodes: for classification
+    accuracy, NLL and expected calibration error; for regression MSE, predictive
+    log-likelihood and coverage of the true function by the sampled functions."""
+    from metalearn.uncertainty import compare_learners
+
+    labels = {Path(d).name: d for d in run_dirs}
+    result = compare_learners(labels, episodes=episodes, seed=seed, num_samples=num_samples, data_dir=data_dir)
+    measures = [k for k, v in result[next(iter(labels))].items() if isinstance(v, dict)]
+    click.echo(f"{result['episodes']} test episodes of {result['dataset']}, seed {seed}")
+    click.echo("| run | " + " | ".join(measures) + " |")
+    click.echo("| --- |" + " ---: |" * len(measures))
+    for label in labels:
+        cells = []
+        for m in measures:
+            value = result[label][m]
+            ci = value.get("ci95")
+            cells.append(f"{value['mean']:.4g}" + (f" +/- {ci:.2g}" if ci is not None else ""))
+        click.echo(f"| {label} | " + " | ".join(cells) + " |")
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        click.echo(f"written to {json_path}")
 
 
 @cli.command("export")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
-def export_command(run_dir, out_dir, data_dir):
+@click.option("--compare", "compare_with", type=click.Path(path_type=Path), default=None,
+              help="another run drawn beside this one's samples (see plot)")
+def export_command(run_dir, out_dir, data_dir, compare_with):
     """Write a run's summary.json and plots to OUT_DIR (e.g. results/<name>) for committing."""
     from metalearn.api import export_results
 
-    for path in export_results(run_dir, out_dir, data_dir=data_dir):
+    for path in export_results(run_dir, out_dir, data_dir=data_dir, compare_with=compare_with):
         click.echo(f"wrote {path}")
 
 

@@ -365,3 +365,14 @@ def test_batch_stat_norm_equals_native_batch_norm():
     x1 = torch.randn(7, 4, dtype=torch.float64)
     torch.testing.assert_close(ours(x1), nn.functional.batch_norm(x1, None, None, ours.weight, ours.bias, True),
                                rtol=1e-12, atol=1e-12)
+
+
+def test_batch_stat_norm_without_gradients_uses_the_same_statistics():
+    layer = BatchStatNorm(4).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.linspace(0.5, 2, 4))
+    x = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    with torch.no_grad():
+        fast = torch.vmap(layer)(torch.stack([x, 2 * x]))
+    torch.testing.assert_close(fast[0], layer(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast[1], layer(2 * x), rtol=1e-12, atol=1e-12)

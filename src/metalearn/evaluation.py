@@ -10,6 +10,7 @@ import torch
 
 from metalearn.algorithms.base import MetaLearner
 from metalearn.distributed import World
+from metalearn.errors import MetalearnError
 from metalearn.tasks import TaskSource
 
 
@@ -37,6 +38,8 @@ def evaluate(
     Returns ``metric`` ("accuracy" in percent, or "mse"), ``mean``, ``ci95`` (1.96 standard
     errors over episodes), ``per_step`` means, ``episodes`` and the per-episode ``scores``.
     """
+    if episodes < world.size:
+        raise MetalearnError(f"{episodes} evaluation episodes cannot be shared by {world.size} processes")
     generator = torch.Generator().manual_seed(seed)
     was_training = learner.training
     learner.eval()
@@ -51,9 +54,11 @@ def evaluate(
         torch.manual_seed(seed)
         while remaining > 0:
             size = min(chunk, remaining)
-            batch = source.sample(size, generator, tasks=world.share(size))
+            share = world.share(size)
+            batch = source.sample(size, generator, tasks=share)
             classification = batch.is_classification
-            scores.append(episode_scores(learner, batch))
+            if share.stop > share.start:  # a last chunk smaller than the number of ranks
+                scores.append(episode_scores(learner, batch))
             remaining -= size
             if bar is not None:
                 bar.update(size)

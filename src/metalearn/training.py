@@ -44,6 +44,11 @@ class Trainer:
         self.config, self.learner, self.run_dir, self.world = config, learner, run_dir, world
         self.train_tasks, self.val_tasks = train_tasks, val_tasks
         train = config.train
+        if world.size > train.meta_batch_size:
+            raise MetalearnError(
+                f"--meta-batch-size {train.meta_batch_size} is smaller than the {world.size} processes: "
+                "every rank needs at least one task. Raise --meta-batch-size or start fewer processes."
+            )
         optimizer = torch.optim.Adam if train.meta_optimizer == "adam" else torch.optim.SGD
         self.optimizer = optimizer(learner.parameters(), lr=train.meta_lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(train, step))

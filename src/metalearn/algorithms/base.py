@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metalearn.errors import MetalearnError
 from metalearn.tasks.batch import Problem, TaskBatch
 
 
@@ -49,6 +50,26 @@ class MetaLearner(nn.Module):
         """Predictions after each adaptation step, (steps + 1, tasks, n_query, ...); methods
         without steps return their single prediction with a leading axis of 1."""
         return self.predict(batch).unsqueeze(0)
+
+
+def require_functional_model(model: nn.Module, method: str, second_order: bool) -> None:
+    """Refuse a network that cannot be applied as a pure function of its parameters under
+    ``vmap``: running-statistics buffers would be mutated; and where second derivatives are
+    taken, torch's native batch norm, whose second derivative under ``vmap`` is wrong
+    (torch 2.13; use :class:`metalearn.models.BatchStatNorm`)."""
+    buffers = [name for name, _ in model.named_buffers()]
+    if buffers:
+        raise MetalearnError(
+            f"{method} needs a model without buffers (found {', '.join(buffers[:3])}); use "
+            "metalearn.models.BatchStatNorm so batch statistics are used."
+        )
+    native = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    if native and second_order:
+        raise MetalearnError(
+            f"second-order {method} cannot use torch's native batch norm ({native[0]}): its second "
+            "derivative under vmap is wrong in torch. Use metalearn.models.BatchStatNorm (same "
+            "parameters, batch statistics) or --first-order."
+        )
 
 
 def task_loss(prediction: Tensor, target: Tensor) -> Tensor:

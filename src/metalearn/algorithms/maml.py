@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from metalearn.algorithms.base import MetaLearner, Problem, accuracy, task_loss
+from metalearn.algorithms.base import MetaLearner, require_functional_model, Problem, accuracy, task_loss
 from metalearn.errors import MetalearnError
 from metalearn.models import build_model
 from metalearn.tasks.batch import TaskBatch
@@ -62,19 +62,7 @@ class MAML(MetaLearner):
 
     def __init__(self, model: nn.Module, config: MAMLConfig = MAMLConfig()):
         super().__init__()
-        buffers = [name for name, _ in model.named_buffers()]
-        if buffers:
-            raise MetalearnError(
-                f"MAML needs a model without buffers (found {', '.join(buffers[:3])}); use "
-                "BatchNorm with track_running_stats=False so batch statistics are used."
-            )
-        native_norms = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
-        if native_norms and not config.first_order:
-            raise MetalearnError(
-                f"second-order MAML cannot use torch's native batch norm ({native_norms[0]}): its "
-                "second derivative under vmap is wrong in torch. Use metalearn.models.BatchStatNorm "
-                "(same parameters, batch statistics) or --first-order."
-            )
+        require_functional_model(model, "MAML", not config.first_order)
         self.model = model
         self.config = config
         names = [name for name, _ in model.named_parameters()]

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalearn.algorithms.base import MetaLearner, Problem, accuracy
+from metalearn.algorithms.base import MetaLearner, require_functional_model, Problem, accuracy
 from metalearn.algorithms.protonet import embed_episodes, num_ways
 from metalearn.errors import MetalearnError
 from metalearn.models import build_model
@@ -134,12 +134,7 @@ class MatchingNet(MetaLearner):
     def __init__(self, model: nn.Module, config: MatchingNetConfig = MatchingNetConfig(),
                  embedding_dim: int | None = None):
         super().__init__()
-        buffers = [name for name, _ in model.named_buffers()]
-        if buffers:
-            raise MetalearnError(
-                f"matchingnet embeds each task under vmap and needs a model without buffers (found "
-                f"{', '.join(buffers[:3])}); use metalearn.models.BatchStatNorm for batch norm."
-            )
+        require_functional_model(model, "matchingnet", False)
         self.model = model
         self.config = config
         if config.full_context_embeddings:

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from metalearn.algorithms.base import MetaLearner, Problem
+from metalearn.algorithms.base import MetaLearner, require_functional_model, Problem
 from metalearn.errors import MetalearnError
 from metalearn.models import build_model
 from metalearn.tasks.batch import TaskBatch
@@ -138,19 +138,7 @@ class PLATIPUS(MetaLearner):
 
     def __init__(self, model: nn.Module, config: PLATIPUSConfig = PLATIPUSConfig()):
         super().__init__()
-        buffers = [name for name, _ in model.named_buffers()]
-        if buffers:
-            raise MetalearnError(
-                f"PLATIPUS needs a model without buffers (found {', '.join(buffers[:3])}); use "
-                "metalearn.models.BatchStatNorm so batch statistics are used."
-            )
-        native_norms = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
-        if native_norms and not config.first_order:
-            raise MetalearnError(
-                f"second-order PLATIPUS cannot use torch's native batch norm ({native_norms[0]}): its "
-                "second derivative under vmap is wrong in torch. Use metalearn.models.BatchStatNorm "
-                "or --first-order."
-            )
+        require_functional_model(model, "PLATIPUS", not config.first_order)
         self.model = model  # its parameters are mu_theta
         self.config = config
         self._keys = {name: name.replace(".", "__") for name, _ in model.named_parameters()}

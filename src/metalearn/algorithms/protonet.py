@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
-from metalearn.algorithms.base import MetaLearner, Problem, accuracy
+from metalearn.algorithms.base import MetaLearner, require_functional_model, Problem, accuracy
 from metalearn.errors import MetalearnError
 from metalearn.models import build_model
 from metalearn.tasks.batch import TaskBatch
@@ -114,12 +114,7 @@ class ProtoNet(MetaLearner):
 
     def __init__(self, model: nn.Module, config: ProtoNetConfig = ProtoNetConfig()):
         super().__init__()
-        buffers = [name for name, _ in model.named_buffers()]
-        if buffers:
-            raise MetalearnError(
-                f"protonet embeds each task under vmap and needs a model without buffers (found "
-                f"{', '.join(buffers[:3])}); use metalearn.models.BatchStatNorm for batch norm."
-            )
+        require_functional_model(model, "protonet", False)
         self.model = model
         self.config = config
 

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from metalearn.algorithms.base import MetaLearner, Problem, accuracy, task_loss
+from metalearn.algorithms.base import MetaLearner, require_functional_model, Problem, accuracy, task_loss
 from metalearn.errors import MetalearnError
 from metalearn.models import build_model
 from metalearn.tasks.batch import TaskBatch
@@ -147,12 +147,7 @@ class Reptile(MetaLearner):
 
     def __init__(self, model: nn.Module, config: ReptileConfig = ReptileConfig()):
         super().__init__()
-        buffers = [name for name, _ in model.named_buffers()]
-        if buffers:
-            raise MetalearnError(
-                f"Reptile needs a model without buffers (found {', '.join(buffers[:3])}); use "
-                "metalearn.models.BatchStatNorm, or BatchNorm with track_running_stats=False."
-            )
+        require_functional_model(model, "Reptile", False)
         self.model = model
         self.config = config
 

@@ -64,14 +64,13 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
     trainer.fit(progress=progress)
     result = None
     if evaluate_after:
-        result = evaluate_run(run_dir, data_dir=data_dir, progress=progress, world=world,
-                              learner=trainer.learner)
+        result = evaluate_run(run_dir, data_dir=data_dir, progress=progress, world=world)
     return Path(run_dir), result
 
 
 def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0, part: str = "test",
                  data_dir: Path | str | None = None, progress: bool = True, world: World | None = None,
-                 learner=None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate the checkpoint of ``run_dir`` on ``episodes`` episodes of ``part`` and write
     ``eval.json`` (``eval-<key>=<value>.json`` with ``overrides`` of the method's options, e.g.
     ``{"test_inner_steps": 10}``). The episodes depend only on ``seed``, so methods compare on
@@ -79,8 +78,7 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     from metalearn.tasks import build_task_source
 
     world = world or init_world()
-    config, loaded, step = load_trained(run_dir, overrides)
-    learner = learner or loaded
+    config, learner, step = load_trained(run_dir, overrides)
     source = build_task_source(config.task, part, data_dir)
     n = episodes or config.train.eval_episodes
     result = evaluate(learner, source, n, seed=seed + TEST_SEED_OFFSET, world=world, progress=progress)

@@ -117,7 +117,7 @@ def test_platipus_plot_beside_maml_and_compare(tmp_path, capsys):
     assert code == 0, err
     assert (tmp_path / "platipus" / "plots" / "samples.png").stat().st_size > 1000
     code, out, err = run(["compare", tmp_path / "platipus", tmp_path / "maml", "--episodes", 10, "--samples", 4,
-                          "--json", tmp_path / "cmp.json"], capsys)
+                          "--set", "test_inner_steps=2", "--json", tmp_path / "cmp.json"], capsys)
     assert code == 0, err
     assert "| platipus |" in out and "| maml |" in out and "coverage_minmax" in out
     saved = json.loads((tmp_path / "cmp.json").read_text())

@@ -168,3 +168,13 @@ def test_extending_a_linearly_annealed_run_is_refused(tmp_path):
     build_trainer(sinusoid_config(2, lr_anneal="linear"), tmp_path).fit(progress=False)
     with pytest.raises(MetalearnError, match="train.steps: 2 there, 4 requested"):
         build_trainer(sinusoid_config(4, lr_anneal="linear"), tmp_path, resume=True)
+
+
+def test_diverging_episodes_are_counted_and_reported(tmp_path):
+    from metalearn.evaluation import format_result
+
+    build_trainer(sinusoid_config(2), tmp_path).fit(progress=False)
+    result = evaluate_run(tmp_path, episodes=10, progress=False, overrides={"inner_lr": 1e30})
+    assert result["diverged"] == 10
+    assert "10 of 10 episodes diverged" in format_result(result)
+    assert evaluate_run(tmp_path, episodes=10, progress=False)["diverged"] == 0

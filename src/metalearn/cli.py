@@ -161,15 +161,19 @@ def plot(run_dir, data_dir, compare_with):
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the test episodes")
 @click.option("--samples", "num_samples", type=int, default=None, help="models sampled per task (sampling methods)")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="also write the result here")
+@click.option("--set", "settings", multiple=True, metavar="OPTION=VALUE",
+              help="change a method option of every run for this comparison, e.g. --set test_inner_steps=1")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
-def compare(run_dirs, episodes, seed, num_samples, json_path, data_dir):
+def compare(run_dirs, episodes, seed, num_samples, json_path, settings, data_dir):
     """Uncertainty measures of trained runs on the same test episodes: for classification
     accuracy, NLL and expected calibration error; for regression MSE, predictive
     log-likelihood and coverage of the true function by the sampled functions."""
     from metalearn.uncertainty import compare_learners
 
     labels = {Path(d).name: d for d in run_dirs}
-    result = compare_learners(labels, episodes=episodes, seed=seed, num_samples=num_samples, data_dir=data_dir)
+    overrides = dict(parse_setting(s) for s in settings)
+    result = compare_learners(labels, episodes=episodes, seed=seed, num_samples=num_samples, data_dir=data_dir,
+                              overrides=overrides)
     measures = [k for k, v in result[next(iter(labels))].items() if isinstance(v, dict)]
     click.echo(f"{result['episodes']} test episodes of {result['dataset']}, seed {seed}")
     click.echo("| run | " + " | ".join(measures) + " |")

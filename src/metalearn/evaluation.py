@@ -77,6 +77,7 @@ def evaluate(
         "ci95": 1.96 * std / math.sqrt(n),
         "per_step": [float(v) for v in per_episode.mean(1) * scale],
         "episodes": n,
+        "diverged": int((~torch.isfinite(final)).sum()),
         "seed": seed,
         "scores": [float(v) for v in final],
     }
@@ -89,4 +90,8 @@ def format_result(result: dict[str, Any]) -> str:
     else:
         head = f"MSE {result['mean']:.4f} +/- {result['ci95']:.4f} (95% CI, {result['episodes']} tasks)"
         steps = " ".join(f"{v:.3f}" for v in result["per_step"])
-    return f"{head}\nafter 0..{len(result['per_step']) - 1} adaptation steps: {steps}"
+    text = f"{head}\nafter 0..{len(result['per_step']) - 1} adaptation steps: {steps}"
+    if result.get("diverged"):
+        text += (f"\nwarning: {result['diverged']} of {result['episodes']} episodes diverged (non-finite "
+                 "score); try fewer test-time steps, e.g. --set test_inner_steps=1")
+    return text

@@ -172,7 +172,8 @@ def compare_runs(platipus_run: Path | str, maml_run: Path | str, **options) -> d
 
 def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int = 0, part: str = "test",
                      num_samples: int | None = None, chunk: int = 50, grid_points: int = 100,
-                     level: float = 0.95, data_dir: Path | str | None = None) -> dict[str, Any]:
+                     level: float = 0.95, data_dir: Path | str | None = None,
+                     overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate trained runs ``{label: run_dir}`` on the same ``episodes`` episodes (the ones
     ``metalearn eval`` uses for ``seed``), with the model noise of sampling methods seeded by
     ``seed`` too, so the comparison is reproducible.
@@ -183,13 +184,15 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     ``log_likelihood`` (mixture), ``log_likelihood_gaussian``, ``coverage_minmax`` and
     ``coverage_interval`` (central ``level`` interval) of the true function on ``grid_points``
     inputs spread over the task's input range. All runs must share the task configuration.
+    ``overrides`` changes method options of every run for this comparison (e.g.
+    ``{"test_inner_steps": 1}``).
     """
     from metalearn.tasks import build_task_source
     from metalearn.training import TEST_SEED_OFFSET, load_trained
 
     if not runs:
         raise MetalearnError("compare_learners needs at least one run directory")
-    loaded = {label: load_trained(path) for label, path in runs.items()}
+    loaded = {label: load_trained(path, overrides) for label, path in runs.items()}
     tasks = {label: config.task for label, (config, _, _) in loaded.items()}
     first_label, first_task = next(iter(tasks.items()))
     for label, task in tasks.items():

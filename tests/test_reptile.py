@@ -21,6 +21,7 @@ from torch import nn
 from metalearn.algorithms import ALGORITHMS
 from metalearn.algorithms.reptile import PREDICT_ORDER_SEED, Reptile, adam_init, adam_step, minibatch_indices
 from metalearn.api import evaluate_run, resolve_config, train
+from metalearn.algorithms import make_algorithm_config
 from metalearn.errors import MetalearnError
 from metalearn.models import MLP, Conv4
 from metalearn.tasks.batch import TaskBatch
@@ -306,8 +307,10 @@ def test_paper_defaults_and_registry():
     assert sine.algorithm_config["model"] == "mlp" and sine.train.meta_lr == 0.1
     with pytest.raises(MetalearnError, match="--inner-optimizer"):
         Reptile.Config(inner_optimizer="rmsprop")
-    with pytest.raises(MetalearnError, match="true or false"):  # what --set transductive=False gives
-        Reptile.Config(transductive="False")
+    # what --set transductive=False gives: coerced to the bool, junk refused
+    assert make_algorithm_config("reptile", {"transductive": "False"}).transductive is False
+    with pytest.raises(MetalearnError, match="transductive must be bool"):
+        make_algorithm_config("reptile", {"transductive": "nope"})
     with pytest.raises(MetalearnError, match="buffers"):
         Reptile(nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4)))
 
@@ -355,14 +358,14 @@ def test_resume_continues_exactly(tmp_path):
 
     config = resolve_config("reptile", task={"dataset": "sinusoid", "shots": 6},
                             algorithm_config={"inner_batch_size": 4, "test_inner_steps": 2},
-                            train={"steps": 4, "meta_batch_size": 3, "val_every": 0, "checkpoint_every": 100})
+                            train={"steps": 4, "meta_batch_size": 3, "val_every": 0, "checkpoint_every": 2})
     straight = build_trainer(config, tmp_path / "a")
     straight.fit(progress=False)
 
     interrupted = build_trainer(config, tmp_path / "b")
     meta_loss = interrupted.learner.meta_loss
 
-    def stop_after_two(batch):
+    def stop_after_two(batch):  # killed during step 3: the checkpoint of step 2 is kept
         if interrupted.step == 2:
             raise KeyboardInterrupt
         return meta_loss(batch)

@@ -56,6 +56,8 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
     if run_dir is None:
         if resume:
             raise MetalearnError("--resume needs --run-dir, the run to continue")
+        if world.distributed:
+            raise MetalearnError("under torchrun give --run-dir, so that every rank uses the same run directory")
         run_dir = default_runs_root() / new_run_name(config)
     trainer = build_trainer(config, run_dir, data_dir=data_dir, resume=resume, world=world)
     if world.is_main:
@@ -63,8 +65,9 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
         announce(f"{start}: {config.algorithm} on {config.task.dataset}, run directory {run_dir}")
     trainer.fit(progress=progress)
     result = None
-    if evaluate_after:
-        result = evaluate_run(run_dir, data_dir=data_dir, progress=progress, world=world)
+    if evaluate_after:  # the trained weights in memory: no rank needs to read the checkpoint back
+        result = _evaluate(run_dir, config, trainer.learner, trainer.step, "test", None, 0, data_dir,
+                           progress, world, None)
     return Path(run_dir), result
 
 
@@ -75,10 +78,15 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     ``eval.json`` (``eval-<key>=<value>.json`` with ``overrides`` of the method's options, e.g.
     ``{"test_inner_steps": 10}``). The episodes depend only on ``seed``, so methods compare on
     the same ones."""
+    config, learner, step = load_trained(run_dir, overrides)
+    return _evaluate(run_dir, config, learner, step, part, episodes, seed, data_dir, progress,
+                     world or init_world(), overrides)
+
+
+def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episodes: int | None, seed: int,
+              data_dir, progress: bool, world: World, overrides: dict[str, Any] | None) -> dict[str, Any]:
     from metalearn.tasks import build_task_source
 
-    world = world or init_world()
-    config, learner, step = load_trained(run_dir, overrides)
     source = build_task_source(config.task, part, data_dir)
     n = episodes or config.train.eval_episodes
     result = evaluate(learner, source, n, seed=seed + TEST_SEED_OFFSET, world=world, progress=progress)

@@ -171,6 +171,8 @@ def compare(run_dirs, episodes, seed, num_samples, json_path, settings, data_dir
     from metalearn.uncertainty import compare_learners
 
     labels = {Path(d).name: d for d in run_dirs}
+    if len(labels) != len(run_dirs):
+        raise MetalearnError("compare labels runs by their folder names; give runs with distinct names")
     overrides = dict(parse_setting(s) for s in settings)
     result = compare_learners(labels, episodes=episodes, seed=seed, num_samples=num_samples, data_dir=data_dir,
                               overrides=overrides)

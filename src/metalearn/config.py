@@ -75,6 +75,11 @@ class TrainConfig:
             raise MetalearnError("--steps must be >= 0 and --meta-batch-size >= 1")
         if not self.meta_lr > 0:
             raise MetalearnError(f"--meta-lr must be positive, got {self.meta_lr}")
+        for name in ("log_every", "checkpoint_every", "val_episodes", "eval_episodes"):
+            if getattr(self, name) < 1:
+                raise MetalearnError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.val_every < 0:
+            raise MetalearnError(f"--val-every must be >= 0 (0: no validation), got {self.val_every}")
         if self.meta_optimizer not in ("adam", "sgd"):
             raise MetalearnError(f"--meta-optimizer must be adam or sgd, got {self.meta_optimizer!r}")
         if self.lr_anneal not in ("none", "linear"):

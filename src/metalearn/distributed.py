@@ -15,6 +15,19 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from metalearn.errors import MetalearnError
+
+
+class RankLost(MetalearnError):
+    """A collective failed: another process of the job died or stopped answering."""
+
+
+def _collective(operation, *args, **kwargs):
+    try:
+        return operation(*args, **kwargs)
+    except RuntimeError as err:  # gloo reports a dead peer as a RuntimeError
+        raise RankLost(str(err).splitlines()[0][:200]) from None
+
 
 @dataclass(frozen=True)
 class World:
@@ -41,7 +54,7 @@ class World:
         grads = [p.grad for p in parameters if p.grad is not None]
         if grads:
             flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            _collective(dist.all_reduce, flat, op=dist.ReduceOp.SUM)
             offset = 0
             for g in grads:
                 g.copy_(flat[offset : offset + g.numel()].view_as(g))
@@ -50,7 +63,7 @@ class World:
     def sum(self, value: Tensor) -> Tensor:
         if self.distributed:
             value = value.clone()
-            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            _collective(dist.all_reduce, value, op=dist.ReduceOp.SUM)
         return value
 
     def gather(self, values: Tensor) -> Tensor:
@@ -58,22 +71,22 @@ class World:
         if not self.distributed:
             return values
         sizes = [torch.zeros((), dtype=torch.long) for _ in range(self.size)]
-        dist.all_gather(sizes, torch.tensor(values.shape[0]))
+        _collective(dist.all_gather, sizes, torch.tensor(values.shape[0]))
         longest = int(max(sizes))
         padded = torch.zeros((longest, *values.shape[1:]), dtype=values.dtype)
         padded[: values.shape[0]] = values
         parts = [torch.zeros_like(padded) for _ in range(self.size)]
-        dist.all_gather(parts, padded)
+        _collective(dist.all_gather, parts, padded)
         return torch.cat([part[: int(n)] for part, n in zip(parts, sizes)])
 
     def barrier(self) -> None:
         if self.distributed:
-            dist.barrier()
+            _collective(dist.barrier)
 
 
 def init_world(timeout_s: float | None = None) -> World:
     """Join the ``torchrun`` process group when launched by it (WORLD_SIZE > 1), else one
-    process. Gloo on CPU, NCCL on GPU. A collective that waits longer than ``timeout_s``
+    process, on the gloo backend. A collective that waits longer than ``timeout_s``
     (default ``$METALEARN_DIST_TIMEOUT`` or 300 s) fails instead of hanging, so a rank that
     dies makes the others stop."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -81,6 +94,6 @@ def init_world(timeout_s: float | None = None) -> World:
         return World()
     if not dist.is_initialized():
         timeout_s = timeout_s or float(os.environ.get("METALEARN_DIST_TIMEOUT", "300"))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        # gloo: metalearn keeps its tensors on the CPU today; NCCL needs them on the GPU
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
     return World(dist.get_rank(), dist.get_world_size())

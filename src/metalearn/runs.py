@@ -66,11 +66,14 @@ class RunDir:
         """Write to a temporary file, flush to disk, then rename over the old checkpoint: a
         kill at any moment leaves either the old or the new checkpoint, never half of one."""
         tmp = self.checkpoint_path.with_name(f"checkpoint.pt.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.checkpoint_path)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.checkpoint_path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def has_checkpoint(self) -> bool:
         return self.checkpoint_path.is_file()

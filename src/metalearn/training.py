@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from metalearn.algorithms import MetaLearner, build_learner
+from metalearn.algorithms import MetaLearner, algorithm_class, build_learner
 from metalearn.config import RESUMABLE_CHANGES, RunConfig, config_differences
-from metalearn.distributed import World
+from metalearn.distributed import RankLost, World
 from metalearn.errors import MetalearnError
 from metalearn.evaluation import evaluate
 from metalearn.runs import RunDir
@@ -143,16 +143,12 @@ class Trainer:
                     self.validate()
                 if self.step % train.checkpoint_every == 0:
                     self.save()
-        except KeyboardInterrupt:
-            if not self.world.distributed:
-                self.save()  # the step counter only counts completed steps
-            raise
-        except (RuntimeError, torch.distributed.DistBackendError) as err:
-            if not self.world.distributed:
-                raise
+        except RankLost as err:
+            # (an interrupt is not caught: it may land inside an update, so the last periodic
+            # checkpoint, written between steps, is the one kept)
             raise MetalearnError(
                 f"rank {self.world.rank} lost contact with the other ranks at step {self.step + 1} "
-                f"({str(err).splitlines()[0][:200]}); another process probably died. The last "
+                f"({err}); another process probably died. The last "
                 f"checkpoint in {self.run_dir.path} is kept: resume with --resume."
             ) from None
         finally:
@@ -205,10 +201,17 @@ def build_trainer(config: RunConfig, run_dir: Path | str, data_dir: Path | str |
         check_compatible(run.read_config(), config, f"the run in {run.path}")
     elif run.has_checkpoint():
         raise MetalearnError(f"{run.path} already holds a run; pass --resume to continue it or choose another --run-dir")
+    test_ways = config.task.for_testing().ways
+    if algorithm_class(config.algorithm).fixed_ways and test_ways != config.task.ways:
+        raise MetalearnError(
+            f"{config.algorithm} has one output per class: it is tested with as many ways as it is "
+            f"trained with (--ways {config.task.ways}, --test-ways {test_ways})."
+        )
     torch.manual_seed(config.train.seed)  # the initial weights
     learner = build_learner(config.algorithm, config.algorithm_config, problem_of(config.task))
     train_tasks = build_task_source(config.task, "train", data_dir)
     val_tasks = build_task_source(config.task, "val", data_dir) if has_validation(config.task) else None
+    build_task_source(config.task, "test", data_dir)  # an impossible test episode fails now, not after training
     trainer = Trainer(config, learner, train_tasks, val_tasks, run, world)
     if resume and run.has_checkpoint():
         trainer.restore(run.read_checkpoint())

@@ -211,11 +211,14 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     generator = torch.Generator().manual_seed(seed + TEST_SEED_OFFSET)
     remaining = episodes
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        chunk_index = 0
         while remaining > 0:
             batch = source.sample(min(chunk, remaining), generator)
             remaining -= batch.num_tasks
+            chunk_index += 1
             for label, (_, learner, _) in loaded.items():
+                # every run sees the same model-noise stream, whichever runs it is compared with
+                torch.manual_seed(seed + TEST_SEED_OFFSET + 7919 * chunk_index)
                 scores = uncertainty_scores(learner, batch, true_function, noise_std, num_samples, grid, level)
                 if "log_probs" in scores:
                     pooled[label].append((scores.pop("log_probs"), scores.pop("labels")))

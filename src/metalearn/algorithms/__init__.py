@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any
 
 from metalearn.algorithms.base import MetaLearner, accuracy, task_loss
@@ -30,7 +31,29 @@ def make_algorithm_config(name: str, values: dict[str, Any]) -> Any:
     unknown = set(values) - known
     if unknown:
         raise MetalearnError(f"{name} has no option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
-    return config_class(**values)
+    types = typing.get_type_hints(config_class)
+    return config_class(**{key: _coerce(name, key, value, types[key]) for key, value in values.items()})
+
+
+def _coerce(algorithm: str, option: str, value: Any, expected: Any) -> Any:
+    """``value`` as the option's declared type (bool, int, float or str), or a clear error:
+    values from ``--set`` or a hand-edited config.json arrive as JSON or strings."""
+    if expected is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        ok = isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif expected is str:
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise MetalearnError(f"{algorithm} option {option} must be {getattr(expected, '__name__', expected)}, got {value!r}")
+    return value
 
 
 def build_learner(name: str, values: dict[str, Any], problem: Problem) -> MetaLearner:

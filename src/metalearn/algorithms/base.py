@@ -23,6 +23,9 @@ class MetaLearner(nn.Module):
 
     name: ClassVar[str]
     Config: ClassVar[type]
+    # True for methods whose network has one output per class (MAML, PLATIPUS, Reptile): they
+    # cannot be tested with another number of ways than they were trained with.
+    fixed_ways: ClassVar[bool] = False
 
     @classmethod
     def build(cls, config: Any, problem: Problem) -> "MetaLearner":

@@ -59,6 +59,7 @@ class MAML(MetaLearner):
 
     name = "maml"
     Config = MAMLConfig
+    fixed_ways = True
 
     def __init__(self, model: nn.Module, config: MAMLConfig = MAMLConfig()):
         super().__init__()

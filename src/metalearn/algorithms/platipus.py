@@ -135,6 +135,7 @@ class PLATIPUS(MetaLearner):
 
     name = "platipus"
     Config = PLATIPUSConfig
+    fixed_ways = True
 
     def __init__(self, model: nn.Module, config: PLATIPUSConfig = PLATIPUSConfig()):
         super().__init__()

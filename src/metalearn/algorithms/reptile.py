@@ -89,8 +89,6 @@ class ReptileConfig:
             raise MetalearnError("--inner-batch-size and --test-inner-batch-size must be >= 1")
         if not self.inner_lr > 0:
             raise MetalearnError(f"--inner-lr must be positive, got {self.inner_lr}")
-        if not isinstance(self.transductive, bool):  # e.g. "--set transductive=False" gives a string
-            raise MetalearnError(f"transductive must be true or false (lower case), got {self.transductive!r}")
         if not (0 <= self.inner_beta1 < 1 and 0 <= self.inner_beta2 < 1):
             raise MetalearnError("--inner-beta1 and --inner-beta2 must lie in [0, 1)")
 
@@ -144,6 +142,7 @@ class Reptile(MetaLearner):
 
     name = "reptile"
     Config = ReptileConfig
+    fixed_ways = True
 
     def __init__(self, model: nn.Module, config: ReptileConfig = ReptileConfig()):
         super().__init__()

@@ -22,6 +22,11 @@ def build_model(name: str, input_shape: tuple[int, ...], out_features: int | Non
         if len(input_shape) != 3:
             raise MetalearnError(f"model {name} needs image inputs (C, H, W), got shape {input_shape}")
         pooling = "stride" if name == "conv4" else "max"
+        if name == "conv4-embedding" and out_features is not None:
+            raise MetalearnError("conv4-embedding has no output layer; this method needs conv4 or conv4-maxpool")
+        if pooling == "max" and min(input_shape[1:]) < 16:
+            raise MetalearnError(f"{name} halves the image four times and needs at least 16x16 inputs, "
+                                 f"got {input_shape[1]}x{input_shape[2]}")
         head = None if name == "conv4-embedding" else out_features
         return Conv4(input_shape[0], head, pooling=pooling)
     if name == "mlp":

@@ -28,15 +28,15 @@ def cli():
 # -- option generation from the config dataclasses ------------------------------------------
 
 
-def _option_for(field: dataclasses.Field, prefix: str = "") -> click.Option:
-    name = "--" + prefix + field.name.replace("_", "-")
+def _option_for(field: dataclasses.Field, paper_default: bool = False) -> click.Option:
+    name = "--" + field.name.replace("_", "-")
     hint = field.type if isinstance(field.type, type) else _resolve(field.type)
+    # options of the method and of training default to the paper's value for the task
+    default = f"(default: the paper's value, else {field.default})" if paper_default else f"(default {field.default})"
     if hint is bool:
-        return click.Option([f"{name}/--no-{prefix}{field.name.replace('_', '-')}"], default=None,
-                            help=f"(default {field.default})")
+        return click.Option([f"{name}/--no-{field.name.replace('_', '-')}"], default=None, help=default)
     click_type = {int: int, float: float, str: str}.get(hint, str)
-    return click.Option([name], type=click_type, default=None, show_default=False,
-                        help=f"(default {field.default})")
+    return click.Option([name], type=click_type, default=None, show_default=False, help=default)
 
 
 def _resolve(annotation: str):
@@ -47,8 +47,8 @@ def _resolve(annotation: str):
     return str
 
 
-TASK_FIELDS = [f for f in dataclasses.fields(TaskConfig)]
-TRAIN_FIELDS = [f for f in dataclasses.fields(TrainConfig)]
+TASK_FIELDS = list(dataclasses.fields(TaskConfig))
+TRAIN_FIELDS = list(dataclasses.fields(TrainConfig))
 
 
 def _given(ctx: click.Context, name: str) -> bool:
@@ -82,7 +82,7 @@ def _make_train_command(algorithm: str) -> click.Command:
             click.echo(format_result(result))
         click.echo(f"run directory: {run_dir}")
 
-    params = [_option_for(f) for f in TASK_FIELDS + TRAIN_FIELDS + list(algo_fields)]
+    params = [_option_for(f) for f in TASK_FIELDS] + [_option_for(f, True) for f in TRAIN_FIELDS + list(algo_fields)]
     params += [
         click.Option(["--data-dir"], type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP),
         click.Option(["--run-dir"], type=click.Path(path_type=Path), default=None,

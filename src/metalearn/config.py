@@ -123,7 +123,7 @@ def config_differences(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, A
         out = {}
         for key, value in d.items():
             name = f"{prefix}{key}"
-            if isinstance(value, dict) and key != "task_params":
+            if isinstance(value, dict):
                 out.update(flat(value, name + "."))
             else:
                 out[name] = value

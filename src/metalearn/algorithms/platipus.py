@@ -51,11 +51,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from metalearn.algorithms.base import MetaLearner, require_functional_model, Problem
+from metalearn.algorithms.base import MetaLearner, require_functional_model, Problem, task_loss
 from metalearn.errors import MetalearnError
 from metalearn.models import build_model
 from metalearn.tasks.batch import TaskBatch
@@ -117,16 +116,6 @@ def bound_weight(noise_std: float, query_points: int) -> float:
     bound when targets carry Gaussian noise of ``noise_std`` and the query set has
     ``query_points`` points: sum_n (y - f)^2 / (2 noise^2) = n / (2 noise^2) * MSE."""
     return 2 * noise_std**2 / max(query_points, 1)
-
-
-def task_loss(prediction: Tensor, target: Tensor) -> Tensor:
-    """As :func:`metalearn.algorithms.base.task_loss` (cross-entropy, or mean squared error),
-    with the squared error written out: in torch 2.13 ``F.mse_loss`` fails inside a ``vmap``
-    over samples nested in a ``vmap`` over tasks when only the prediction carries the sample
-    axis ("The size of tensor a (10) must match the size of tensor b (5)")."""
-    if torch.is_floating_point(target):
-        return (prediction - target).square().mean()
-    return F.cross_entropy(prediction.reshape(-1, prediction.shape[-1]), target.reshape(-1))
 
 
 class PLATIPUS(MetaLearner):

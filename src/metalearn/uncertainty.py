@@ -50,11 +50,11 @@ def predictive_log_likelihood(samples: Tensor, targets: Tensor, noise_std: float
     if not noise_std > 0:
         raise MetalearnError(f"the predictive log-likelihood needs a positive noise std, got {noise_std}")
     if kind == "mixture":
-        log_normal = torch.distributions.Normal(samples, noise_std).log_prob(targets.unsqueeze(0))
+        log_normal = torch.distributions.Normal(samples, noise_std, validate_args=False).log_prob(targets.unsqueeze(0))
         log_density = torch.logsumexp(log_normal, 0) - math.log(samples.shape[0])
     elif kind == "gaussian":
         variance = samples.var(0, correction=0) + noise_std**2
-        log_density = torch.distributions.Normal(samples.mean(0), variance.sqrt()).log_prob(targets)
+        log_density = torch.distributions.Normal(samples.mean(0), variance.sqrt(), validate_args=False).log_prob(targets)
     else:
         raise MetalearnError(f"kind must be 'mixture' or 'gaussian', got {kind!r}")
     return log_density.flatten(1).mean(1)

@@ -41,29 +41,50 @@ def plot_learning_curves(records: list[dict], path: Path, title: str = "") -> Pa
     return path
 
 
-def plot_regression_fits(learner: MetaLearner, batch: TaskBatch, true_function, path: Path,
-                         steps_to_show: tuple[int, ...] = (0, 1, 10), title: str = "") -> Path:
-    """For each task of ``batch``: the true function, the support points and the predictions
-    after ``steps_to_show`` adaptation steps, on a grid over the input range."""
-    plt = _pyplot()
-    grid = torch.linspace(-5, 5, 200).view(1, -1, 1).expand(batch.num_tasks, -1, -1).contiguous()
+def tasks_on_grid(batch: TaskBatch, true_function, x_range: tuple[float, float] = (-5.0, 5.0),
+                  points: int = 200) -> TaskBatch:
+    """The regression tasks of ``batch`` with ``points`` evenly spaced query inputs over
+    ``x_range`` and the true function there as query targets, for drawing whole curves."""
+    grid = torch.linspace(*x_range, points).view(1, -1, 1).expand(batch.num_tasks, -1, -1).contiguous()
     truth = true_function(batch.task_params, grid)
-    on_grid = TaskBatch(batch.support_x, batch.support_y, grid, truth, 0, batch.task_params)
-    predictions = learner.predict_per_step(on_grid)  # (steps+1, tasks, 200, 1)
-    shown = [s for s in steps_to_show if s < predictions.shape[0]] or [predictions.shape[0] - 1]
-    fig, axes = plt.subplots(1, batch.num_tasks, figsize=(4.2 * batch.num_tasks, 3.4), squeeze=False)
+    return TaskBatch(batch.support_x, batch.support_y, grid, truth, 0, batch.task_params)
+
+
+def draw_task_panels(on_grid: TaskBatch, draw_predictions, path: Path, title: str = "") -> Path:
+    """One panel per task: ``draw_predictions(ax, t)`` draws the method's curves, then the truth
+    and the support points are added; saved as PNG at ``path``."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, on_grid.num_tasks, figsize=(4.2 * on_grid.num_tasks, 3.4), squeeze=False)
+    x = on_grid.query_x[0, :, 0]
     for t, ax in enumerate(axes[0]):
-        ax.plot(grid[t, :, 0], truth[t, :, 0], color="tab:red", label="ground truth")
-        for s in shown:
-            ax.plot(grid[t, :, 0], predictions[s, t, :, 0], linestyle="--" if s == 0 else "-",
-                    label=f"after {s} step{'s' if s != 1 else ''}")
-        ax.scatter(batch.support_x[t, :, 0], batch.support_y[t, :, 0], color="black", zorder=5,
-                   label=f"{batch.support_x.shape[1]} points")
+        draw_predictions(ax, t)
+        ax.plot(x, on_grid.query_y[t, :, 0], color="tab:red", linewidth=1.8, label="ground truth")
+        ax.scatter(on_grid.support_x[t, :, 0], on_grid.support_y[t, :, 0], color="black", zorder=5,
+                   label=f"{on_grid.support_x.shape[1]} points")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_regression_fits(learner: MetaLearner, batch: TaskBatch, true_function, path: Path,
+                         steps_to_show: tuple[int, ...] = (0, 1, 10), title: str = "",
+                         x_range: tuple[float, float] = (-5.0, 5.0)) -> Path:
+    """For each task of ``batch``: the true function, the support points and the predictions
+    after ``steps_to_show`` adaptation steps, on a grid over ``x_range``."""
+    on_grid = tasks_on_grid(batch, true_function, x_range)
+    predictions = learner.predict_per_step(on_grid)  # (steps+1, tasks, 200, 1)
+    shown = [s for s in steps_to_show if s < predictions.shape[0]] or [predictions.shape[0] - 1]
+    x = on_grid.query_x[0, :, 0]
+
+    def draw(ax, t):
+        for s in shown:
+            ax.plot(x, predictions[s, t, :, 0], linestyle="--" if s == 0 else "-",
+                    label=f"after {s} step{'s' if s != 1 else ''}")
+
+    return draw_task_panels(on_grid, draw, path, title)

@@ -19,36 +19,23 @@ def plot_samples(platipus_learner, batch: TaskBatch, true_function, path: Path |
     ``platipus_learner`` (anything with ``sample_predictions``) and, when given, the prediction
     of ``maml_learner``, on a 200-point grid over ``x_range``. The model noise is seeded by
     ``seed`` (the global generator is left as it was). Returns ``path``."""
-    from metalearn.plotting import _pyplot
+    from metalearn.plotting import draw_task_panels, tasks_on_grid
     from metalearn.uncertainty import predictive_samples
 
-    plt = _pyplot()
-    path = Path(path)
-    grid = torch.linspace(*x_range, 200).view(1, -1, 1).expand(batch.num_tasks, -1, -1).contiguous()
-    truth = true_function(batch.task_params, grid)
-    on_grid = TaskBatch(batch.support_x, batch.support_y, grid, truth, 0, batch.task_params)
+    on_grid = tasks_on_grid(batch, true_function, x_range)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with torch.no_grad():
             samples = predictive_samples(platipus_learner, on_grid, num_samples)  # (S, tasks, 200, 1)
             maml = predictive_samples(maml_learner, on_grid)[0] if maml_learner is not None else None
 
-    fig, axes = plt.subplots(1, batch.num_tasks, figsize=(4.2 * batch.num_tasks, 3.4), squeeze=False)
-    x = grid[0, :, 0]
-    for t, ax in enumerate(axes[0]):
+    x = on_grid.query_x[0, :, 0]
+
+    def draw(ax, t):
         for s in range(samples.shape[0]):
             ax.plot(x, samples[s, t, :, 0], color="tab:blue", linewidth=0.7, alpha=0.45,
                     label="PLATIPUS samples" if s == 0 else None)
-        ax.plot(x, truth[t, :, 0], color="tab:red", linewidth=1.8, label="ground truth")
         if maml is not None:
             ax.plot(x, maml[t, :, 0], color="tab:green", linestyle="--", linewidth=1.6, label="MAML")
-        ax.scatter(batch.support_x[t, :, 0], batch.support_y[t, :, 0], color="black", zorder=5,
-                   label=f"{batch.support_x.shape[1]} points")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+
+    return draw_task_panels(on_grid, draw, path, title)

@@ -1,0 +1,36 @@
+"""The independent reference forwards that the MAML and PLATIPUS gradient tests compare with:
+written with F.linear / F.conv2d / F.batch_norm on explicit weights, sharing no code with the
+package."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def mlp_forward(params: dict[str, Tensor], x: Tensor) -> Tensor:
+    """metalearn.models.MLP as a function: Linear layers ``net.{i}`` with ReLU between."""
+    layers = sorted({name.rsplit(".", 1)[0] for name in params}, key=lambda s: int(s.split(".")[1]))
+    for i, layer in enumerate(layers):
+        x = F.linear(x, params[f"{layer}.weight"], params[f"{layer}.bias"])
+        if i < len(layers) - 1:
+            x = F.relu(x)
+    return x
+
+
+def conv4_forward(params: dict[str, Tensor], x: Tensor) -> Tensor:
+    """metalearn.models.Conv4 (stride pooling) as a function; batch norm on batch statistics."""
+    for block in range(4):
+        x = F.conv2d(x, params[f"features.{block}.0.weight"], params.get(f"features.{block}.0.bias"),
+                     stride=2, padding=1)
+        x = F.batch_norm(x, None, None, params[f"features.{block}.1.weight"],
+                         params[f"features.{block}.1.bias"], training=True, eps=1e-5)
+        x = F.relu(x)
+    return F.linear(x.mean(dim=(-2, -1)), params["head.weight"], params["head.bias"])
+
+
+def ref_task_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    if target.dtype == torch.long:
+        return F.cross_entropy(prediction, target)
+    return ((prediction - target) ** 2).mean()

@@ -52,7 +52,7 @@ def assert_same_weights(a, b, atol=1e-6):
 def test_two_ranks_equal_one_process_and_share_evaluation(tmp_path):
     # meta-batch 5 over 2 ranks: shares of 3 and 2 tasks, weighted exactly
     single, double = tmp_path / "single", tmp_path / "double"
-    out1 = metalearn(SINUSOID + ["--steps", 6, "--run-dir", single], tmp_path)
+    metalearn(SINUSOID + ["--steps", 6, "--run-dir", single], tmp_path)
     out2 = torchrun(SINUSOID + ["--steps", 6, "--run-dir", double], tmp_path)
     assert_same_weights(single, double)
     assert out2.stdout.count("MSE") == 1  # only rank 0 reports

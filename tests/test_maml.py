@@ -8,10 +8,12 @@ model's parameter tensors), differentiates the inner loop with
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from metalearn.algorithms.maml import MAML
 from metalearn.errors import MetalearnError
@@ -350,3 +352,21 @@ def test_batch_stat_norm_without_gradients_uses_the_same_statistics():
         fast = torch.vmap(layer)(torch.stack([x, 2 * x]))
     torch.testing.assert_close(fast[0], layer(x), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fast[1], layer(2 * x), rtol=1e-12, atol=1e-12)
+
+
+def test_first_order_only_batch_norm_gives_the_same_values_and_gradients():
+    """The native kernel that ``first_order_only`` switches on (for ProtoNets and Matching
+    Networks) computes the same function and first derivatives as the twice-differentiable form."""
+    from metalearn.models.norm import first_order_only
+
+    torch.manual_seed(0)
+    twice = Conv4(1, None, hidden=6, pooling="max").double()
+    once = first_order_only(copy.deepcopy(twice))
+    assert all(not m.differentiable_twice for m in once.modules() if isinstance(m, BatchStatNorm))
+    x = torch.rand(7, 1, 16, 16, dtype=torch.float64)
+    outputs = [net(x) for net in (twice, once)]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
+    grads = [torch.autograd.grad(out.square().sum(), list(net.parameters()))
+             for out, net in zip(outputs, (twice, once))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

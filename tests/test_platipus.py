@@ -14,8 +14,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 from metalearn.algorithms import ALGORITHMS

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from metalearn.algorithms import ALGORITHMS, build_learner
-from metalearn.algorithms.protonet import ProtoNet, class_prototypes, prototype_logits, squared_distances
+from metalearn.algorithms.protonet import (ProtoNet, class_prototypes, embed_episodes, prototype_logits,
+                                           squared_distances)
 from metalearn.api import evaluate_run, resolve_config, train
 from metalearn.errors import MetalearnError
 from metalearn.models import Conv4
@@ -218,3 +219,21 @@ def test_registered_with_cli_options():
     assert learner.model(torch.zeros(2, 1, 28, 28)).shape == (2, 64)  # the paper's 64-d embedding
     out = CliRunner().invoke(cli, ["train", "protonet", "--help"]).output
     assert "--distance" in out and "Prototypical Networks" in out
+
+
+def test_channels_last_float32_embedding_matches_a_plain_forward():
+    """``embed_episodes`` runs each task in channels-last layout (a different float32 kernel);
+    it must give each task's plain forward pass, and the same gradients."""
+    torch.manual_seed(0)
+    model = Conv4(1, None, hidden=16, pooling="max")
+    batch = image_batch(tasks=2, ways=5, shots=1, query=3, size=28, dtype=torch.float32)
+    support, query = embed_episodes(model, batch)
+    for t in range(2):
+        plain = model(torch.cat([batch.support_x[t], batch.query_x[t]]))
+        torch.testing.assert_close(torch.cat([support[t], query[t]]), plain, rtol=1e-4, atol=1e-5)
+    ours = torch.autograd.grad(query.sum() + support.square().sum(), list(model.parameters()))
+    plain_out = [model(torch.cat([batch.support_x[t], batch.query_x[t]])) for t in range(2)]
+    expected = torch.autograd.grad(sum(z[5:].sum() + z[:5].square().sum() for z in plain_out),
+                                   list(model.parameters()))
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)

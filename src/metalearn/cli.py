@@ -15,6 +15,7 @@ from click.core import ParameterSource
 from metalearn.algorithms import ALGORITHMS
 from metalearn.config import TaskConfig, TrainConfig
 from metalearn.errors import MetalearnError
+from metalearn.runtime import tune_allocator
 
 DATA_DIR_HELP = "folder with images_background.zip / images_evaluation.zip (default: $METALEARN_DATA or ~/.cache/metalearn/omniglot)"
 
@@ -23,6 +24,7 @@ DATA_DIR_HELP = "folder with images_background.zip / images_evaluation.zip (defa
 @click.version_option(package_name="metalearn")
 def cli():
     """metalearn: meta-learning (MAML and its peers), batched over tasks with torch.func."""
+    tune_allocator()
 
 
 # -- option generation from the config dataclasses ------------------------------------------

@@ -21,14 +21,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
 
 from metalearn.algorithms.base import MetaLearner, require_functional_model, Problem, accuracy, task_loss
-from metalearn.errors import MetalearnError
+from metalearn.algorithms.inner_loop import Params, check_inner_loop_options, gradient_descent
 from metalearn.models import build_model
 from metalearn.tasks.batch import TaskBatch
-
-Params = dict[str, Tensor]
 
 
 @dataclass(frozen=True)
@@ -48,10 +46,7 @@ class MAMLConfig:
     model: str = "conv4"
 
     def __post_init__(self):
-        if self.inner_steps < 1 or self.test_inner_steps < 0:
-            raise MetalearnError("--inner-steps must be >= 1 and --test-inner-steps >= 0")
-        if not self.inner_lr > 0:
-            raise MetalearnError(f"--inner-lr must be positive, got {self.inner_lr}")
+        check_inner_loop_options(self.inner_lr, self.inner_steps, self.test_inner_steps)
 
 
 class MAML(MetaLearner):
@@ -100,9 +95,6 @@ class MAML(MetaLearner):
     def _forward(self, params: Params, x: Tensor) -> Tensor:
         return functional_call(self.model, params, (x,))
 
-    def _support_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
-        return task_loss(self._forward(params, x), y)
-
     def _step_size(self, name: str, step: int) -> Tensor | float:
         if not self.config.learn_inner_lr:
             return self.config.inner_lr
@@ -115,14 +107,8 @@ class MAML(MetaLearner):
         support_x: (n_support, *input_shape), support_y: (n_support, ...), no task axis;
         batch over tasks with ``vmap``.
         """
-        trajectory = [params]
-        for step in range(steps):
-            grads = grad(self._support_loss)(params, support_x, support_y)
-            if self.config.first_order:
-                grads = {name: g.detach() for name, g in grads.items()}
-            params = {name: p - self._step_size(name, step) * grads[name] for name, p in params.items()}
-            trajectory.append(params)
-        return trajectory
+        return gradient_descent(self.model, params, support_x, support_y, steps, self._step_size,
+                                self.config.first_order)
 
     # -- the interface -----------------------------------------------------------------------
 

@@ -13,8 +13,9 @@ context embeddings, ``f = g`` is the embedding CNN. With them (appendix A.2):
   ``h_k = LSTM(...) + f'(x)`` and the read-out ``r_{k-1} = sum_i softmax_i(h_{k-1} . g(x_i)) g(x_i)``;
   ``h_0 = f'(x)``, ``c_0 = 0`` (the paper leaves the start open), ``f(x, S) = h_K``.
 
-Everything is batched over the task axis: the CNN with ``vmap`` (one task per slice, so batch
-norm's statistics are those of the task, as in ``protonet``), the LSTMs over the task axis as
+Everything is batched over the task axis but the CNN, which embeds one task per call (so batch
+norm's statistics are those of the task, as in ``protonet``, whose ``embed_episodes`` says why
+this is not ``vmap``), the LSTMs over the task axis as
 their batch, the attention with ``einsum``.
 
 Example::
@@ -37,6 +38,7 @@ from metalearn.algorithms.base import MetaLearner, require_functional_model, Pro
 from metalearn.algorithms.protonet import embed_episodes, num_ways
 from metalearn.errors import MetalearnError
 from metalearn.models import build_model
+from metalearn.models.norm import first_order_only
 from metalearn.tasks.batch import TaskBatch
 
 
@@ -135,7 +137,7 @@ class MatchingNet(MetaLearner):
                  embedding_dim: int | None = None):
         super().__init__()
         require_functional_model(model, "matchingnet", False)
-        self.model = model
+        self.model = first_order_only(model)
         self.config = config
         if config.full_context_embeddings:
             if embedding_dim is None:

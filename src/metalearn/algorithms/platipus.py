@@ -52,14 +52,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
 
 from metalearn.algorithms.base import MetaLearner, require_functional_model, Problem, task_loss
+from metalearn.algorithms.inner_loop import (Params, check_inner_loop_options, gradient_descent, loss_gradient,
+                                            sgd_step)
 from metalearn.errors import MetalearnError
 from metalearn.models import build_model
 from metalearn.tasks.batch import TaskBatch
-
-Params = dict[str, Tensor]
 
 
 @dataclass(frozen=True)
@@ -85,10 +85,7 @@ class PLATIPUSConfig:
     model: str = "conv4"
 
     def __post_init__(self):
-        if self.inner_steps < 1 or self.test_inner_steps < 0:
-            raise MetalearnError("--inner-steps must be >= 1 and --test-inner-steps >= 0")
-        if not self.inner_lr > 0:
-            raise MetalearnError(f"--inner-lr must be positive, got {self.inner_lr}")
+        check_inner_loop_options(self.inner_lr, self.inner_steps, self.test_inner_steps)
         if self.num_samples < 1 or self.train_samples < 1:
             raise MetalearnError("--num-samples and --train-samples must be at least 1")
         if not self.kl_weight >= 0:
@@ -181,31 +178,17 @@ class PLATIPUS(MetaLearner):
     def _forward(self, params: Params, x: Tensor) -> Tensor:
         return functional_call(self.model, params, (x,))
 
-    def _loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
-        return task_loss(self._forward(params, x), y)
-
-    def _gradient(self, params: Params, x: Tensor, y: Tensor) -> Params:
-        grads = grad(self._loss)(params, x, y)
-        if self.config.first_order:
-            grads = {name: g.detach() for name, g in grads.items()}
-        return grads
-
     def shifted_mean(self, mean: Params, x: Tensor, y: Tensor, step_size: Tensor) -> Params:
         """``mean - step_size * grad_mean L(mean, (x, y))``: the mean of q (step gamma_q, the
         query set; Algorithm 1 line 7) or of p(theta | D_tr) (step gamma_p, the support set;
         line 10 and Algorithm 2 line 1). One task, no task axis."""
-        grads = self._gradient(mean, x, y)
-        return {name: m - step_size * grads[name] for name, m in mean.items()}
+        return sgd_step(mean, loss_gradient(self.model, mean, x, y, self.config.first_order), step_size)
 
     def adapt(self, params: Params, support_x: Tensor, support_y: Tensor, steps: int) -> list[Params]:
         """MAML's inner loop from a sampled theta: the parameters after 0..steps gradient steps
         of size alpha on the support set (Algorithm 1 lines 8-9, Algorithm 2 lines 2-3)."""
-        trajectory = [params]
-        for _ in range(steps):
-            grads = self._gradient(params, support_x, support_y)
-            params = {name: p - self.config.inner_lr * grads[name] for name, p in params.items()}
-            trajectory.append(params)
-        return trajectory
+        return gradient_descent(self.model, params, support_x, support_y, steps, self.config.inner_lr,
+                                self.config.first_order)
 
     def _mean(self) -> Params:
         return dict(self.model.named_parameters())

@@ -6,8 +6,8 @@ to the prototypes (eq. 2), and the meta-loss is the query cross-entropy. No inne
 embedding network is the only thing learned.
 
 Batch norm (``BatchStatNorm``, batch statistics at train and test time) sees one task at a
-time: the support and query images of each task are embedded together in one pass, and the
-tasks of a batch are batched with ``vmap``, so normalisation statistics never mix tasks. An
+time: the support and query images of each task are embedded together in one pass, one task
+per call, so normalisation statistics never mix tasks. An
 episode's predictions therefore do not depend on which other episodes share its batch (the
 evaluator's chunking, the meta-batch size, the number of distributed ranks), and training and
 testing normalise alike. Like MAML's batch statistics, this is mildly transductive: the query
@@ -29,11 +29,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import vmap
+from torch.func import functional_call
 
 from metalearn.algorithms.base import MetaLearner, require_functional_model, Problem, accuracy
 from metalearn.errors import MetalearnError
 from metalearn.models import build_model
+from metalearn.models.norm import first_order_only
 from metalearn.tasks.batch import TaskBatch
 
 DISTANCES = ("euclidean", "cosine")
@@ -56,14 +57,26 @@ class ProtoNetConfig:
 
 
 def embed_episodes(model: nn.Module, batch: TaskBatch) -> tuple[Tensor, Tensor]:
-    """Embed each task's support and query images together, one task per ``vmap`` slice, so
+    """Embed each task's support and query images together, one task per model call, so
     batch-norm statistics are those of the task alone.
+
+    A loop over tasks, not ``vmap``: images go through the network in channels-last layout,
+    whose CPU convolution, batch-norm and max-pool kernels are 2-4x faster than the default
+    layout's (max-pooling most of all), and ``vmap`` cannot carry that layout. Each task is a
+    batch of tens to hundreds of images, so the loop's own cost is negligible.
 
     Returns support embeddings (tasks, n_support, dim) and query embeddings (tasks, n_query, dim).
     """
     n_support = batch.support_x.shape[1]
     images = torch.cat([batch.support_x, batch.query_x], dim=1)  # (tasks, n_support + n_query, ...)
-    embeddings = vmap(model)(images)
+    params, layout = dict(model.named_parameters()), torch.contiguous_format
+    if images.dim() == 5:  # (tasks, n, C, H, W): images, for which channels-last is faster
+        layout = torch.channels_last
+        # clone, not contiguous: a single-channel conv weight counts as contiguous in both layouts,
+        # and only explicit channels-last strides make the first convolution's output channels-last
+        params = {name: p.clone(memory_format=layout) if p.dim() == 4 else p for name, p in params.items()}
+    embeddings = torch.stack([functional_call(model, params, (task.contiguous(memory_format=layout),))
+                              for task in images])
     return embeddings[:, :n_support], embeddings[:, n_support:]
 
 
@@ -115,7 +128,7 @@ class ProtoNet(MetaLearner):
     def __init__(self, model: nn.Module, config: ProtoNetConfig = ProtoNetConfig()):
         super().__init__()
         require_functional_model(model, "protonet", False)
-        self.model = model
+        self.model = first_order_only(model)
         self.config = config
 
     @classmethod

@@ -43,14 +43,14 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
 
 from metalearn.algorithms.base import MetaLearner, require_functional_model, Problem, accuracy, task_loss
+from metalearn.algorithms.inner_loop import Params, check_inner_loop_options, loss_gradient, sgd_step
 from metalearn.errors import MetalearnError
 from metalearn.models import build_model
 from metalearn.tasks.batch import TaskBatch
 
-Params = dict[str, Tensor]
 AdamState = tuple[Params, Params, int]  # first moments, second moments, steps taken
 
 ADAM_EPS = 1e-8
@@ -83,22 +83,14 @@ class ReptileConfig:
     def __post_init__(self):
         if self.inner_optimizer not in ("adam", "sgd"):
             raise MetalearnError(f"--inner-optimizer must be adam or sgd, got {self.inner_optimizer!r}")
-        if self.inner_steps < 1 or self.test_inner_steps < 0:
-            raise MetalearnError("--inner-steps must be >= 1 and --test-inner-steps >= 0")
+        check_inner_loop_options(self.inner_lr, self.inner_steps, self.test_inner_steps)
         if self.inner_batch_size < 1 or self.test_inner_batch_size < 1:
             raise MetalearnError("--inner-batch-size and --test-inner-batch-size must be >= 1")
-        if not self.inner_lr > 0:
-            raise MetalearnError(f"--inner-lr must be positive, got {self.inner_lr}")
         if not (0 <= self.inner_beta1 < 1 and 0 <= self.inner_beta2 < 1):
             raise MetalearnError("--inner-beta1 and --inner-beta2 must lie in [0, 1)")
 
 
 # -- pure pieces: optimiser steps and mini-batch order ------------------------------------------
-
-
-def sgd_step(params: Params, grads: Params, lr: float) -> Params:
-    """``p - lr * g`` for every tensor."""
-    return {name: p - lr * grads[name] for name, p in params.items()}
 
 
 def adam_init(params: Params) -> AdamState:
@@ -181,9 +173,6 @@ class Reptile(MetaLearner):
     def _forward(self, params: Params, x: Tensor) -> Tensor:
         return functional_call(self.model, params, (x,))
 
-    def _batch_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
-        return task_loss(self._forward(params, x), y)
-
     def adapt(self, params: Params, batches_x: Tensor, batches_y: Tensor,
               observe: Callable[[Params], Tensor] | None = None) -> tuple[Params, list[Tensor]]:
         """Train on one task's mini-batches, one optimiser step each, from a fresh optimiser.
@@ -196,7 +185,7 @@ class Reptile(MetaLearner):
         state = adam_init(params) if config.inner_optimizer == "adam" else None
         seen = [observe(params)] if observe is not None else []
         for step in range(batches_x.shape[0]):
-            grads = grad(self._batch_loss)(params, batches_x[step], batches_y[step])
+            grads = loss_gradient(self.model, params, batches_x[step], batches_y[step])
             if state is None:
                 params = sgd_step(params, grads, config.inner_lr)
             else:

@@ -1,0 +1,134 @@
+"""Episodes per second of every method, training and evaluation, on Omniglot-shaped tasks.
+
+Each method is configured as its README reproduction command for 5-way 1-shot configures it
+(``metalearn.api.resolve_config``: the paper's defaults plus the command's task options) and
+timed on fixed synthetic batches of that shape (no sampling, no data on disk):
+
+  train -- one meta-step: ``meta_loss`` + ``backward`` + the meta-optimiser's step, on a batch of
+           ``meta_batch_size`` training tasks; episodes/s = tasks per step / time per step;
+  eval  -- ``predict_per_step`` on a chunk of 50 test episodes (the evaluator's chunk), in the
+           test shape (``--test-ways/--test-shots/--test-query``); episodes/s and the time that
+           1000 test episodes take.
+
+As the ``metalearn`` command does, the allocator is tuned first (``metalearn.runtime``);
+``--default-allocator`` measures without. Median of ``--iters`` timed repetitions after one
+warm-up.
+
+    python benchmarks/methods.py --threads 2 --json benchmarks/results/methods.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+import metalearn
+from metalearn.algorithms import build_learner
+from metalearn.api import resolve_config
+from metalearn.runtime import tune_allocator
+from metalearn.tasks import problem_of
+from metalearn.tasks.batch import TaskBatch
+
+# the README's 5-way 1-shot reproduction commands, as task options
+COMMANDS = {
+    "maml": {"ways": 5, "shots": 1},
+    "platipus": {"ways": 5, "shots": 1},
+    "protonet": {"split": "vinyals", "ways": 60, "shots": 1, "query": 5, "test_ways": 5, "test_query": 15},
+    "matchingnet": {"split": "vinyals", "ways": 5, "shots": 1, "query": 5, "test_query": 15},
+    "matchingnet-fce": {"split": "vinyals", "ways": 5, "shots": 1, "query": 5, "test_query": 15},
+    "reptile": {"ways": 5, "shots": 10, "test_shots": 1, "query": 1},
+}
+EVAL_CHUNK = 50
+
+
+def synthetic_batch(tasks: int, ways: int, shots: int, query: int, size: int, seed: int = 0) -> TaskBatch:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(ways)
+    return TaskBatch(torch.rand(tasks, ways * shots, 1, size, size, generator=g),
+                     labels.repeat_interleave(shots).expand(tasks, -1).contiguous(),
+                     torch.rand(tasks, ways * query, 1, size, size, generator=g),
+                     labels.repeat_interleave(query).expand(tasks, -1).contiguous(), ways=ways)
+
+
+def median_seconds(fn, iters: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(method: str, iters: int) -> dict:
+    algorithm = method.split("-")[0]
+    extra = {"full_context_embeddings": True} if method.endswith("-fce") else {}
+    config = resolve_config(algorithm, task={"dataset": "omniglot", **COMMANDS[method]}, algorithm_config=extra)
+    torch.manual_seed(0)
+    learner = build_learner(algorithm, config.algorithm_config, problem_of(config.task))
+    train = config.train
+    optimizer = (torch.optim.Adam if train.meta_optimizer == "adam" else torch.optim.SGD)(
+        learner.parameters(), lr=train.meta_lr)
+    task, test = config.task, config.task.for_testing()
+    train_batch = synthetic_batch(train.meta_batch_size, task.ways, task.shots, task.query, task.image_size)
+    test_batch = synthetic_batch(EVAL_CHUNK, test.ways, test.shots, test.query, task.image_size, seed=1)
+
+    def train_step():
+        loss, _ = learner.meta_loss(train_batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def eval_chunk():
+        learner.predict_per_step(test_batch)
+
+    learner.train()
+    step_s = median_seconds(train_step, iters)
+    learner.eval()
+    chunk_s = median_seconds(eval_chunk, iters)
+    return {
+        "method": method,
+        "train_shape": f"{train.meta_batch_size} x {task.ways}-way {task.shots}-shot, {task.query} query/class",
+        "test_shape": f"{test.ways}-way {test.shots}-shot, {test.query} query/class",
+        "train_step_ms": 1000 * step_s,
+        "train_episodes_per_s": train.meta_batch_size / step_s,
+        "eval_episodes_per_s": EVAL_CHUNK / chunk_s,
+        "eval_1000_episodes_s": 1000 * chunk_s / EVAL_CHUNK,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", default=",".join(COMMANDS))
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--default-allocator", action="store_true", help="do not tune the allocator")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    tuned = False if args.default_allocator else tune_allocator()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), allocator {'tuned' if tuned else 'default'}, "
+          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cpus")
+    rows = []
+    header = f"{'method':16s} {'train shape':38s} {'ms/step':>8s} {'train ep/s':>10s} {'eval ep/s':>9s} {'1000 eval eps':>13s}"
+    print(header)
+    for method in args.methods.split(","):
+        row = measure(method, args.iters)
+        rows.append(row)
+        print(f"{method:16s} {row['train_shape']:38s} {row['train_step_ms']:8.0f} {row['train_episodes_per_s']:10.1f} "
+              f"{row['eval_episodes_per_s']:9.1f} {row['eval_1000_episodes_s']:12.1f}s", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"metalearn": metalearn.__version__, "torch": torch.__version__, "threads": args.threads,
+                       "allocator": "tuned" if tuned else "default", "cpu": platform.processor() or platform.machine(),
+                       "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()[0], "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The functional inner loop that MAML, PLATIPUS and Reptile share: gradients of a task loss
+with respect to a parameter dict, and plain gradient descent on it, as pure functions that run
+under ``torch.func.vmap`` (over tasks, and over samples within a task)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import Tensor, nn
+from torch.func import functional_call, grad
+
+from metalearn.algorithms.base import task_loss
+from metalearn.errors import MetalearnError
+
+Params = dict[str, Tensor]
+StepSize = Callable[[str, int], "Tensor | float"]  # (parameter name, step) -> step size
+
+
+def check_inner_loop_options(inner_lr: float, inner_steps: int, test_inner_steps: int) -> None:
+    """The option checks every method with an inner loop makes, with the CLI's option names."""
+    if inner_steps < 1 or test_inner_steps < 0:
+        raise MetalearnError("--inner-steps must be >= 1 and --test-inner-steps >= 0")
+    if not inner_lr > 0:
+        raise MetalearnError(f"--inner-lr must be positive, got {inner_lr}")
+
+
+def loss_gradient(model: nn.Module, params: Params, x: Tensor, y: Tensor, first_order: bool = False) -> Params:
+    """grad_params L(model(params, x), y) for one task; detached when ``first_order`` (so no
+    second derivative flows through it into a meta-gradient)."""
+
+    def loss(p: Params) -> Tensor:
+        return task_loss(functional_call(model, p, (x,)), y)
+
+    grads = grad(loss)(params)
+    if first_order:
+        grads = {name: g.detach() for name, g in grads.items()}
+    return grads
+
+
+def sgd_step(params: Params, grads: Params, step_size: StepSize | float, step: int = 0) -> Params:
+    """``p - step_size * g`` for every tensor; ``step_size`` a number or a function of the
+    parameter's name and the step (learned per-tensor step sizes)."""
+    if callable(step_size):
+        return {name: p - step_size(name, step) * grads[name] for name, p in params.items()}
+    return {name: p - step_size * grads[name] for name, p in params.items()}
+
+
+def gradient_descent(model: nn.Module, params: Params, x: Tensor, y: Tensor, steps: int,
+                     step_size: StepSize | float, first_order: bool = False) -> list[Params]:
+    """``steps`` full-batch gradient steps on one task's (x, y): the parameters after 0..steps
+    steps (Finn et al. 2017, eq. 1, repeated). x: (n, *input_shape), no task axis."""
+    trajectory = [params]
+    for step in range(steps):
+        params = sgd_step(params, loss_gradient(model, params, x, y, first_order), step_size, step)
+        trajectory.append(params)
+    return trajectory

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
+from metalearn.algorithms import build_learner
 from metalearn.api import evaluate_run, resolve_config
 from metalearn.errors import MetalearnError
 from metalearn.runs import RunDir
-from metalearn.training import build_trainer, load_trained
+from metalearn.tasks import problem_of
+from metalearn.training import build_trainer, initialise_from_run, load_trained
 
 
 def sinusoid_config(steps: int, **train):
@@ -178,3 +181,28 @@ def test_diverging_episodes_are_counted_and_reported(tmp_path):
     assert result["diverged"] == 10
     assert "10 of 10 episodes diverged" in format_result(result)
     assert evaluate_run(tmp_path, episodes=10, progress=False)["diverged"] == 0
+
+
+def test_init_from_starts_with_another_runs_network(tmp_path):
+    """PLATIPUS's prior mean from a trained MAML run; its own parameters start afresh; a run
+    with another network is refused with a clear message."""
+    maml = build_trainer(sinusoid_config(3), tmp_path / "maml")
+    maml.fit(progress=False)
+    config = resolve_config("platipus", task={"dataset": "sinusoid", "shots": 5},
+                            train={"steps": 0, "init_from": str(tmp_path / "maml")})
+    platipus = build_trainer(config, tmp_path / "platipus").learner
+    trained = maml.learner.model.state_dict()
+    for name, value in platipus.model.state_dict().items():
+        torch.testing.assert_close(value, trained[name], rtol=0, atol=0)
+    fresh = build_trainer(resolve_config("platipus", task={"dataset": "sinusoid", "shots": 5}, train={"steps": 0}),
+                          tmp_path / "fresh").learner
+    assert not torch.equal(fresh.model.state_dict()["net.0.weight"], trained["net.0.weight"])
+    torch.testing.assert_close(platipus.prior_step, fresh.prior_step)
+
+    wider = resolve_config("maml", task={"dataset": "omniglot", "ways": 5, "shots": 1},
+                           train={"steps": 0, "init_from": str(tmp_path / "maml")})
+    with pytest.raises(MetalearnError, match="network differs"):
+        initialise_from_run(build_learner("maml", wider.algorithm_config, problem_of(wider.task)), tmp_path / "maml")
+    nowhere = dataclasses.replace(config, train=dataclasses.replace(config.train, init_from=str(tmp_path / "nowhere")))
+    with pytest.raises(MetalearnError, match="no checkpoint"):
+        build_trainer(nowhere, tmp_path / "other")

@@ -34,7 +34,8 @@ def _option_for(field: dataclasses.Field, paper_default: bool = False) -> click.
     name = "--" + field.name.replace("_", "-")
     hint = field.type if isinstance(field.type, type) else _resolve(field.type)
     # options of the method and of training default to the paper's value for the task
-    default = f"(default: the paper's value, else {field.default})" if paper_default else f"(default {field.default})"
+    shown = "none" if field.default == "" else field.default
+    default = f"(default: the paper's value, else {shown})" if paper_default else f"(default {shown})"
     if hint is bool:
         return click.Option([f"{name}/--no-{field.name.replace('_', '-')}"], default=None, help=default)
     click_type = {int: int, float: float, str: str}.get(hint, str)

@@ -55,7 +55,9 @@ class TrainConfig:
     """The outer loop: ``steps`` meta-updates of ``meta_batch_size`` tasks with ``meta_optimizer``
     (adam, or sgd for plain steps such as Reptile's) at ``meta_lr``, halved every
     ``lr_halve_every`` steps when > 0 and/or annealed linearly to 0 (``lr_anneal="linear"``);
-    everything seeded by ``seed``."""
+    everything seeded by ``seed``. ``init_from``: a run directory whose trained network (the
+    method's ``model``) gives this run's initial weights instead of a random draw, e.g. the
+    prior mean of PLATIPUS from a trained MAML run; the rest of the method starts afresh."""
 
     steps: int = 60000
     meta_batch_size: int = 32
@@ -69,6 +71,7 @@ class TrainConfig:
     val_episodes: int = 200
     checkpoint_every: int = 500
     eval_episodes: int = 600
+    init_from: str = ""
 
     def __post_init__(self):
         if self.steps < 0 or self.meta_batch_size < 1:

@@ -190,6 +190,27 @@ def load_learner_state(learner: MetaLearner, state: dict[str, Any], where: Path)
         raise MetalearnError(f"the checkpoint in {where} does not fit this model ({first})") from None
 
 
+def initialise_from_run(learner: MetaLearner, run_dir: Path | str) -> int:
+    """Copy the network weights (``model.*``) of the checkpoint in ``run_dir`` into ``learner``;
+    everything else of ``learner`` (a method's own parameters) keeps its initial value. The
+    networks must be the same (names and shapes). Returns the number of tensors copied."""
+    source = RunDir(run_dir)
+    if not source.has_checkpoint():
+        raise MetalearnError(f"--init-from {source.path}: no checkpoint there; give a run directory of a trained run")
+    saved = source.read_checkpoint()["learner"]
+    own = {name: p for name, p in learner.state_dict(keep_vars=True).items() if name.startswith("model.")}
+    mismatched = [name for name, p in own.items() if name not in saved or saved[name].shape != p.shape]
+    if mismatched:
+        raise MetalearnError(
+            f"--init-from {source.path}: its network differs from this one (at {mismatched[0]}); "
+            "both runs need the same --model, image size and number of ways"
+        )
+    with torch.no_grad():
+        for name, p in own.items():
+            p.copy_(saved[name])
+    return len(own)
+
+
 def build_trainer(config: RunConfig, run_dir: Path | str, data_dir: Path | str | None = None,
                   resume: bool = False, world: World = World()) -> Trainer:
     """A trainer for ``config`` writing into ``run_dir``; with ``resume``, continue the run
@@ -217,6 +238,8 @@ def build_trainer(config: RunConfig, run_dir: Path | str, data_dir: Path | str |
         trainer.restore(run.read_checkpoint())
         if world.is_main:
             run.truncate_metrics(trainer.step)
+    elif config.train.init_from:
+        initialise_from_run(learner, config.train.init_from)
     if world.is_main:
         run.write_config(config)
     world.barrier()

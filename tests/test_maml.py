@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metalearn.algorithms.maml import MAML
+from metalearn.algorithms.maml import MAML, multi_step_weights
 from metalearn.errors import MetalearnError
 from metalearn.models import MLP, BatchStatNorm, Conv4
 from metalearn.tasks.batch import TaskBatch
@@ -243,6 +243,18 @@ def test_learned_inner_lr_gradient_matches_reference(problem, first_order):
     assert all(g.abs().sum() > 0 for g in grads[len(names):])  # every step size gets a gradient
 
 
+def reference_step_losses(model, forward, batch, steps, lr) -> torch.Tensor:
+    """(tasks, steps): each task's query loss after each inner step, by the reference loop."""
+    params = dict(model.named_parameters())
+    per_step = torch.zeros(batch.num_tasks, steps, dtype=torch.float64)
+    for t in range(batch.num_tasks):
+        trajectory = ref_adapt(forward, params, batch.support_x[t], batch.support_y[t], steps,
+                               lambda name, step: lr, first_order=False)
+        for s in range(steps):
+            per_step[t, s] = ref_task_loss(forward(trajectory[s + 1], batch.query_x[t]), batch.query_y[t])
+    return per_step
+
+
 @pytest.mark.parametrize("problem", PROBLEMS)
 def test_multi_step_loss_is_mean_of_query_losses_after_each_step(problem):
     make, lr = PROBLEMS[problem]
@@ -252,19 +264,39 @@ def test_multi_step_loss_is_mean_of_query_losses_after_each_step(problem):
     loss, grads = maml_grads(maml, batch)
 
     # spelled out: per task, the query loss after each of the 3 steps, then the mean of all
-    params = dict(model.named_parameters())
-    per_step = torch.zeros(batch.num_tasks, steps, dtype=torch.float64)
-    for t in range(batch.num_tasks):
-        trajectory = ref_adapt(forward, params, batch.support_x[t], batch.support_y[t], steps,
-                               lambda name, step: lr, first_order=False)
-        for s in range(steps):
-            per_step[t, s] = ref_task_loss(forward(trajectory[s + 1], batch.query_x[t]), batch.query_y[t])
+    per_step = reference_step_losses(model, forward, batch, steps, lr)
     torch.testing.assert_close(loss, per_step.mean(), rtol=1e-10, atol=1e-12)
 
     _, expected = ref_grads(model, forward, batch, steps, lr, multi_step=True)
     assert_grads_close(grads, expected)
     last_only = MAML(model, MAML.Config(inner_lr=lr, inner_steps=steps)).meta_loss(batch)[0]
     assert not torch.allclose(loss, last_only)
+
+
+def test_multi_step_weights_follow_the_maml_plus_plus_schedule():
+    torch.testing.assert_close(multi_step_weights(5, 0.0), torch.full((5,), 0.2, dtype=torch.float64))
+    # halfway: earlier steps at 0.2 - 0.5 * (0.2 - 0.006) = 0.103, the last takes the rest
+    torch.testing.assert_close(multi_step_weights(5, 0.5),
+                               torch.tensor([0.103] * 4 + [1 - 4 * 0.103], dtype=torch.float64))
+    torch.testing.assert_close(multi_step_weights(5, 1.0),
+                               torch.tensor([0.006] * 4 + [0.976], dtype=torch.float64))
+    torch.testing.assert_close(multi_step_weights(1, 0.7), torch.ones(1, dtype=torch.float64))
+
+
+def test_annealed_multi_step_loss_weights_the_step_losses_by_training_progress():
+    make, lr = PROBLEMS["sinusoid-mlp"]
+    model, batch, forward = make()
+    steps = 3
+    maml = MAML(model, MAML.Config(inner_lr=lr, inner_steps=steps, multi_step_loss=True,
+                                   multi_step_anneal_steps=100))
+    per_step = reference_step_losses(model, forward, batch, steps, lr).mean(0)
+    for training_step, progress in ((0, 0.0), (25, 0.25), (100, 1.0), (400, 1.0)):
+        maml.start_step(training_step)
+        loss, _ = maml.meta_loss(batch)
+        expected = (multi_step_weights(steps, progress) * per_step).sum()
+        torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    with pytest.raises(MetalearnError, match="--multi-step-loss"):
+        MAML.Config(multi_step_anneal_steps=10)
 
 
 @pytest.mark.parametrize("problem", PROBLEMS)

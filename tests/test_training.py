@@ -206,3 +206,12 @@ def test_init_from_starts_with_another_runs_network(tmp_path):
     nowhere = dataclasses.replace(config, train=dataclasses.replace(config.train, init_from=str(tmp_path / "nowhere")))
     with pytest.raises(MetalearnError, match="no checkpoint"):
         build_trainer(nowhere, tmp_path / "other")
+
+
+def test_trainer_tells_the_method_each_step(tmp_path):
+    """The trainer calls ``start_step`` before every meta-step (MAML++'s loss schedule)."""
+    trainer = build_trainer(sinusoid_config(4), tmp_path)
+    seen = []
+    trainer.learner.start_step = seen.append
+    trainer.fit(progress=False)
+    assert seen == [0, 1, 2, 3]

@@ -59,7 +59,7 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
         if world.distributed:
             raise MetalearnError("under torchrun give --run-dir, so that every rank uses the same run directory")
         run_dir = default_runs_root() / new_run_name(config)
-    trainer = build_trainer(config, run_dir, data_dir=data_dir, resume=resume, world=world)
+    trainer = build_trainer(config, run_dir, data_dir=data_dir, resume=resume, world=world, progress=progress)
     if world.is_main:
         start = f"resuming at step {trainer.step}" if trainer.step else "starting"
         announce(f"{start}: {config.algorithm} on {config.task.dataset}, run directory {run_dir}")
@@ -87,7 +87,7 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
               data_dir, progress: bool, world: World, overrides: dict[str, Any] | None) -> dict[str, Any]:
     from metalearn.tasks import build_task_source
 
-    source = build_task_source(config.task, part, data_dir)
+    source = build_task_source(config.task, part, data_dir, progress)
     n = episodes or config.train.eval_episodes
     result = evaluate(learner, source, n, seed=seed + TEST_SEED_OFFSET, world=world, progress=progress)
     test = config.task.for_testing()

@@ -105,6 +105,7 @@ class Trainer:
                 batch = self.train_tasks.sample(train.meta_batch_size, torch.Generator().manual_seed(seed), share)
                 torch.manual_seed(seed + self.world.rank)
                 self.learner.train()
+                self.learner.start_step(self.step)
                 loss, metrics = self.learner.meta_loss(batch)
                 total_loss = float(self.world.sum(loss.detach() * local_fraction))
                 if not math.isfinite(total_loss):
@@ -212,7 +213,7 @@ def initialise_from_run(learner: MetaLearner, run_dir: Path | str) -> int:
 
 
 def build_trainer(config: RunConfig, run_dir: Path | str, data_dir: Path | str | None = None,
-                  resume: bool = False, world: World = World()) -> Trainer:
+                  resume: bool = False, world: World = World(), progress: bool = True) -> Trainer:
     """A trainer for ``config`` writing into ``run_dir``; with ``resume``, continue the run
     found there (its configuration must agree with ``config``)."""
     run = RunDir(run_dir)
@@ -230,9 +231,9 @@ def build_trainer(config: RunConfig, run_dir: Path | str, data_dir: Path | str |
         )
     torch.manual_seed(config.train.seed)  # the initial weights
     learner = build_learner(config.algorithm, config.algorithm_config, problem_of(config.task))
-    train_tasks = build_task_source(config.task, "train", data_dir)
-    val_tasks = build_task_source(config.task, "val", data_dir) if has_validation(config.task) else None
-    build_task_source(config.task, "test", data_dir)  # an impossible test episode fails now, not after training
+    train_tasks = build_task_source(config.task, "train", data_dir, progress)
+    val_tasks = build_task_source(config.task, "val", data_dir, progress) if has_validation(config.task) else None
+    build_task_source(config.task, "test", data_dir, progress)  # an impossible test episode fails now, not after training
     trainer = Trainer(config, learner, train_tasks, val_tasks, run, world)
     if resume and run.has_checkpoint():
         trainer.restore(run.read_checkpoint())

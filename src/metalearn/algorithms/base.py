@@ -38,6 +38,11 @@ class MetaLearner(nn.Module):
         Config and of TrainConfig, used where the user sets nothing."""
         return {}, {}
 
+    def start_step(self, step: int) -> None:
+        """Told by the trainer before each meta-step how many steps were taken so far, for a
+        method whose loss follows a schedule over training (MAML++'s multi-step loss weights).
+        The default ignores it. A pure function of ``step``, so a resumed run matches."""
+
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """Scalar loss averaged over the batch's tasks, whose gradient is the meta-gradient,
         and metrics (scalars, e.g. ``accuracy``) for logging. Batched over tasks, never a

@@ -25,6 +25,7 @@ from torch.func import functional_call, vmap
 
 from metalearn.algorithms.base import MetaLearner, require_functional_model, Problem, accuracy, task_loss
 from metalearn.algorithms.inner_loop import Params, check_inner_loop_options, gradient_descent
+from metalearn.errors import MetalearnError
 from metalearn.models import build_model
 from metalearn.tasks.batch import TaskBatch
 
@@ -34,8 +35,10 @@ class MAMLConfig:
     """inner_lr: the paper's alpha; inner_steps / test_inner_steps: gradient steps on the
     support set during meta-training / at test time; first_order: drop second derivatives;
     learn_inner_lr: one learned step size per parameter tensor and step (Meta-SGD / LSLR);
-    multi_step_loss: average the query loss after every inner step (MAML++), not just the last;
-    model: network name (see ``metalearn.models``)."""
+    multi_step_loss: the query loss after every inner step (MAML++), not just the last one's,
+    weighted equally, or, with ``multi_step_anneal_steps`` > 0, by MAML++'s schedule (see
+    :func:`multi_step_weights`) over that many meta-steps; model: network name (see
+    ``metalearn.models``)."""
 
     inner_lr: float = 0.4
     inner_steps: int = 1
@@ -43,10 +46,31 @@ class MAMLConfig:
     first_order: bool = False
     learn_inner_lr: bool = False
     multi_step_loss: bool = False
+    multi_step_anneal_steps: int = 0
     model: str = "conv4"
 
     def __post_init__(self):
         check_inner_loop_options(self.inner_lr, self.inner_steps, self.test_inner_steps)
+        if self.multi_step_anneal_steps < 0:
+            raise MetalearnError(f"--multi-step-anneal-steps must be >= 0, got {self.multi_step_anneal_steps}")
+        if self.multi_step_anneal_steps and not self.multi_step_loss:
+            raise MetalearnError("--multi-step-anneal-steps anneals the multi-step loss: add --multi-step-loss")
+
+
+MULTI_STEP_FLOOR = 0.03  # MAML++: each earlier step keeps at least 0.03 / steps of the weight
+
+
+def multi_step_weights(steps: int, progress: float) -> Tensor:
+    """Weights of the query losses after inner steps 1..steps in MAML++'s multi-step loss
+    (Antoniou, Edwards & Storkey 2019, section 4, "multi-step loss optimization"): equal
+    (1 / steps) at the start; as ``progress`` goes from 0 to 1, every earlier step's weight
+    falls linearly to a floor of 0.03 / steps and the last step takes what they give up, so
+    training ends close to plain MAML's last-step loss. The weights always sum to 1."""
+    start, floor = 1.0 / steps, MULTI_STEP_FLOOR / steps
+    earlier = max(start - progress * (start - floor), floor)
+    weights = torch.full((steps,), earlier, dtype=torch.float64)
+    weights[-1] = 1.0 - earlier * (steps - 1)
+    return weights
 
 
 class MAML(MetaLearner):
@@ -61,6 +85,7 @@ class MAML(MetaLearner):
         require_functional_model(model, "MAML", not config.first_order)
         self.model = model
         self.config = config
+        self.training_step = 0  # set by the trainer (start_step): the multi-step loss schedule
         names = [name for name, _ in model.named_parameters()]
         self._lr_keys = {name: name.replace(".", "__") for name in names}
         if config.learn_inner_lr:
@@ -112,16 +137,31 @@ class MAML(MetaLearner):
 
     # -- the interface -----------------------------------------------------------------------
 
+    def start_step(self, step: int) -> None:
+        self.training_step = step
+
+    def step_weights(self) -> Tensor | None:
+        """Weights of the query losses after each inner step in the meta-loss at the current
+        training step, or None when only the last step counts."""
+        config = self.config
+        if not config.multi_step_loss:
+            return None
+        anneal = config.multi_step_anneal_steps
+        progress = min(self.training_step / anneal, 1.0) if anneal else 0.0
+        return multi_step_weights(config.inner_steps, progress)
+
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         params = dict(self.model.named_parameters())
         steps = self.config.inner_steps
         classification = batch.is_classification
+        weights = self.step_weights()
 
         def one_task(support_x, support_y, query_x, query_y):
             trajectory = self.adapt(params, support_x, support_y, steps)
-            scored = trajectory[1:] if self.config.multi_step_loss else trajectory[-1:]
+            scored = trajectory[1:] if weights is not None else trajectory[-1:]
             predictions = [self._forward(p, query_x) for p in scored]
-            loss = torch.stack([task_loss(pred, query_y) for pred in predictions]).mean()
+            losses = torch.stack([task_loss(pred, query_y) for pred in predictions])
+            loss = losses[0] if weights is None else (weights.to(losses.dtype) * losses).sum()
             if classification:
                 return loss, accuracy(predictions[-1], query_y)
             return loss, torch.zeros(())

@@ -25,8 +25,10 @@ def problem_of(task: TaskConfig) -> Problem:
     return Problem((1,), 1, False)
 
 
-def build_task_source(task: TaskConfig, part: str, data_dir: Path | str | None = None) -> TaskSource:
-    """The sampler of ``part`` (train/val/test) for ``task``; test uses the ``test_*`` shape."""
+def build_task_source(task: TaskConfig, part: str, data_dir: Path | str | None = None,
+                      progress: bool = True) -> TaskSource:
+    """The sampler of ``part`` (train/val/test) for ``task``; test uses the ``test_*`` shape.
+    ``progress``: show a bar while Omniglot is preprocessed (first use only)."""
     shape = task.for_testing() if part in ("val", "test") else task
     if task.dataset == "sinusoid":
         return SinusoidTasks(shots=shape.shots, query=shape.query, noise_std=task.noise_std or 0.0)
@@ -36,7 +38,7 @@ def build_task_source(task: TaskConfig, part: str, data_dir: Path | str | None =
     from metalearn.data.omniglot import load_omniglot
     from metalearn.data.splits import omniglot_split
 
-    omniglot = load_omniglot(data_dir, task.image_size, progress=True)
+    omniglot = load_omniglot(data_dir, task.image_size, progress=progress)
     pool = omniglot_split(omniglot, task.split, part)
     return EpisodeSampler(torch.from_numpy(omniglot.images), pool, shape.ways, shape.shots, shape.query)
 

@@ -45,8 +45,8 @@ class MetaLearner(nn.Module):
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """Scalar loss averaged over the batch's tasks, whose gradient is the meta-gradient,
-        and metrics (scalars, e.g. ``accuracy``) for logging. Batched over tasks, never a
-        Python loop over them."""
+        and metrics (scalars, e.g. ``accuracy``) for logging. Batched over tasks (``vmap``),
+        unless one call per task is measurably faster (the embedding methods' CNN)."""
         raise NotImplementedError
 
     def predict(self, batch: TaskBatch) -> Tensor:

@@ -13,10 +13,9 @@ context embeddings, ``f = g`` is the embedding CNN. With them (appendix A.2):
   ``h_k = LSTM(...) + f'(x)`` and the read-out ``r_{k-1} = sum_i softmax_i(h_{k-1} . g(x_i)) g(x_i)``;
   ``h_0 = f'(x)``, ``c_0 = 0`` (the paper leaves the start open), ``f(x, S) = h_K``.
 
-Everything is batched over the task axis but the CNN, which embeds one task per call (so batch
-norm's statistics are those of the task, as in ``protonet``, whose ``embed_episodes`` says why
-this is not ``vmap``), the LSTMs over the task axis as
-their batch, the attention with ``einsum``.
+The CNN embeds one task per call, so batch norm's statistics are those of the task (as in
+``protonet``, whose ``embed_episodes`` says why this is a loop and not ``vmap``); the LSTMs take
+the task axis as their batch and the attention is one ``einsum`` over all tasks.
 
 Example::
 

@@ -19,7 +19,8 @@ class BatchStatNorm(nn.Module):
     statistics, as in the MAML reference code: statistics of the batch at train and test time.
 
     ``differentiable_twice=False`` (see ``first_order_only``) uses the native kernel also when
-    gradients are recorded: 20% faster, right for methods that differentiate once.
+    gradients are recorded (a 60-way ProtoNet training episode about 15% faster), which is right
+    for methods that differentiate only once.
 
     x: (batch, num_features, *spatial) -> same shape
     """

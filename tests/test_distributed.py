@@ -130,3 +130,31 @@ def test_a_dead_rank_stops_the_others_with_a_message(tmp_path):
                 p.kill()
     state = RunDir(run_dir).read_checkpoint()  # the last good checkpoint survives
     assert state["step"] >= 5 and state["step"] % 5 == 0
+
+
+def test_device_names_resolve_or_fail_clearly(monkeypatch):
+    from metalearn.distributed import resolve_device
+    from metalearn.errors import MetalearnError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cpu")  # no GPU: the CPU
+    with pytest.raises(MetalearnError, match="sees no GPU"):
+        resolve_device("cuda")
+    with pytest.raises(MetalearnError, match="--device must be"):
+        resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda", local_rank=1) == torch.device("cuda:1")  # torchrun: the rank's GPU
+    assert resolve_device("cuda:0", local_rank=1) == torch.device("cuda:0")
+    with pytest.raises(MetalearnError, match="only 2 GPU"):
+        resolve_device("cuda:5")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_asking_for_a_gpu_without_one_is_a_clear_error(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "metalearn", "train", "maml", "--dataset", "sinusoid",
+                           "--steps", "1", "--device", "cuda", "--run-dir", str(tmp_path / "run")],
+                          env=env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "sees no GPU" in done.stderr and "Traceback" not in done.stderr

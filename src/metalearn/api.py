@@ -49,10 +49,12 @@ def resolve_config(algorithm: str, task: dict[str, Any] | None = None,
 
 def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path | str | None = None,
           resume: bool = False, progress: bool = True, evaluate_after: bool = True,
-          announce: Callable[[str], None] = print) -> tuple[Path, dict[str, Any] | None]:
-    """Meta-train ``config`` into ``run_dir`` (joins a torchrun group when launched by one);
-    then, unless told not to, evaluate on the test split. Returns (run dir, eval result)."""
-    world = init_world()
+          announce: Callable[[str], None] = print, device: str = "cpu") -> tuple[Path, dict[str, Any] | None]:
+    """Meta-train ``config`` into ``run_dir`` (joins a torchrun group when launched by one) on
+    ``device`` (cpu, cuda, cuda:N or auto); then, unless told not to, evaluate on the test
+    split. Returns (run dir, eval result). The device is not part of the run: a run resumes or
+    evaluates on any device."""
+    world = init_world(device)
     if run_dir is None:
         if resume:
             raise MetalearnError("--resume needs --run-dir, the run to continue")
@@ -73,14 +75,14 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
 
 def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0, part: str = "test",
                  data_dir: Path | str | None = None, progress: bool = True, world: World | None = None,
-                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                 overrides: dict[str, Any] | None = None, device: str = "cpu") -> dict[str, Any]:
     """Evaluate the checkpoint of ``run_dir`` on ``episodes`` episodes of ``part`` and write
     ``eval.json`` (``eval-<key>=<value>.json`` with ``overrides`` of the method's options, e.g.
     ``{"test_inner_steps": 10}``). The episodes depend only on ``seed``, so methods compare on
     the same ones."""
     config, learner, step = load_trained(run_dir, overrides)
     return _evaluate(run_dir, config, learner, step, part, episodes, seed, data_dir, progress,
-                     world or init_world(), overrides)
+                     world or init_world(device), overrides)
 
 
 def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episodes: int | None, seed: int,
@@ -88,6 +90,7 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
     from metalearn.tasks import build_task_source
 
     source = build_task_source(config.task, part, data_dir, progress)
+    learner = learner.to(world.device)
     n = episodes or config.train.eval_episodes
     result = evaluate(learner, source, n, seed=seed + TEST_SEED_OFFSET, world=world, progress=progress)
     test = config.task.for_testing()

@@ -17,6 +17,8 @@ from metalearn.config import TaskConfig, TrainConfig
 from metalearn.errors import MetalearnError
 from metalearn.runtime import tune_allocator
 
+DEVICE_HELP = ("cpu, cuda (under torchrun: each rank's GPU, NCCL), cuda:N or auto; not part of the run, "
+               "which resumes or evaluates on any device")
 DATA_DIR_HELP = "folder with images_background.zip / images_evaluation.zip (default: $METALEARN_DATA or ~/.cache/metalearn/omniglot)"
 
 
@@ -76,7 +78,7 @@ def _make_train_command(algorithm: str) -> click.Command:
         )
         run_dir, result = train(config, run_dir=options["run_dir"], data_dir=options["data_dir"],
                                 resume=options["resume"], progress=options["progress"],
-                                evaluate_after=options["eval"], announce=click.echo)
+                                evaluate_after=options["eval"], announce=click.echo, device=options["device"])
         if int(os.environ.get("RANK", "0")) != 0:
             return  # under torchrun only rank 0 reports
         if result is not None:
@@ -93,6 +95,7 @@ def _make_train_command(algorithm: str) -> click.Command:
         click.Option(["--resume"], is_flag=True, help="continue the run in --run-dir from its checkpoint"),
         click.Option(["--progress/--no-progress"], default=True, help="show a progress bar"),
         click.Option(["--eval/--no-eval"], default=True, help="evaluate on the test split when done"),
+        click.Option(["--device"], default="cpu", show_default=True, help=DEVICE_HELP),
     ]
     doc = (ALGORITHMS[algorithm].__doc__ or "").strip().splitlines()[0]
     return click.Command(algorithm, callback=run, params=params,
@@ -120,14 +123,15 @@ for _name in ALGORITHMS:
 @click.option("--set", "settings", multiple=True, metavar="OPTION=VALUE",
               help="change a method option for this evaluation, e.g. --set test_inner_steps=10")
 @click.option("--progress/--no-progress", default=True)
-def eval_command(run_dir, episodes, seed, part, data_dir, settings, progress):
+@click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
+def eval_command(run_dir, episodes, seed, part, data_dir, settings, progress, device):
     """Evaluate a trained run: mean accuracy (or MSE) with a 95% confidence interval."""
     from metalearn.api import evaluate_run
     from metalearn.evaluation import format_result
 
     overrides = dict(parse_setting(s) for s in settings)
     result = evaluate_run(run_dir, episodes=episodes, seed=seed, part=part, data_dir=data_dir,
-                          progress=progress, overrides=overrides)
+                          progress=progress, overrides=overrides, device=device)
     click.echo(format_result(result))
     suffix = "".join(f"-{k}={v}" for k, v in sorted(overrides.items()))
     click.echo(f"written to {Path(run_dir) / f'eval{suffix}.json'}")

@@ -31,8 +31,11 @@ def _collective(operation, *args, **kwargs):
 
 @dataclass(frozen=True)
 class World:
+    """This process's place in the job (rank of size) and the device it computes on."""
+
     rank: int = 0
     size: int = 1
+    device: torch.device = torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
@@ -67,33 +70,59 @@ class World:
         return value
 
     def gather(self, values: Tensor) -> Tensor:
-        """Concatenate every rank's ``values`` (first axis) in rank order."""
+        """Concatenate every rank's ``values`` (first axis) in rank order, on the CPU."""
         if not self.distributed:
-            return values
-        sizes = [torch.zeros((), dtype=torch.long) for _ in range(self.size)]
-        _collective(dist.all_gather, sizes, torch.tensor(values.shape[0]))
+            return values.cpu()
+        device = self.device  # NCCL collectives take tensors on the rank's GPU
+        sizes = [torch.zeros((), dtype=torch.long, device=device) for _ in range(self.size)]
+        _collective(dist.all_gather, sizes, torch.tensor(values.shape[0], device=device))
         longest = int(max(sizes))
-        padded = torch.zeros((longest, *values.shape[1:]), dtype=values.dtype)
+        padded = torch.zeros((longest, *values.shape[1:]), dtype=values.dtype, device=device)
         padded[: values.shape[0]] = values
         parts = [torch.zeros_like(padded) for _ in range(self.size)]
         _collective(dist.all_gather, parts, padded)
-        return torch.cat([part[: int(n)] for part, n in zip(parts, sizes)])
+        return torch.cat([part[: int(n)] for part, n in zip(parts, sizes)]).cpu()
 
     def barrier(self) -> None:
         if self.distributed:
             _collective(dist.barrier)
 
 
-def init_world(timeout_s: float | None = None) -> World:
+def resolve_device(name: str = "cpu", local_rank: int = 0) -> torch.device:
+    """The device a process computes on: ``cpu``, ``cuda`` (the process's GPU: ``cuda:LOCAL_RANK``
+    under torchrun), ``cuda:N``, or ``auto`` (a GPU when torch sees one, else the CPU)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if not name.startswith("cuda"):
+        raise MetalearnError(f"--device must be cpu, cuda, cuda:N or auto, got {name!r}")
+    if not torch.cuda.is_available():
+        raise MetalearnError(f"--device {name}: this torch build sees no GPU (torch.cuda.is_available() is False); "
+                             "use --device cpu, or install a CUDA build of torch")
+    try:
+        device = torch.device(name if ":" in name else f"cuda:{local_rank}")
+    except RuntimeError:
+        raise MetalearnError(f"--device {name!r} is not a device name (cuda or cuda:N)") from None
+    if device.index >= torch.cuda.device_count():
+        raise MetalearnError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
+    return device
+
+
+def init_world(device: str = "cpu", timeout_s: float | None = None) -> World:
     """Join the ``torchrun`` process group when launched by it (WORLD_SIZE > 1), else one
-    process, on the gloo backend. A collective that waits longer than ``timeout_s``
+    process. The backend follows the device: NCCL for GPUs (each rank on the GPU of its
+    LOCAL_RANK), gloo for the CPU. A collective that waits longer than ``timeout_s``
     (default ``$METALEARN_DIST_TIMEOUT`` or 300 s) fails instead of hanging, so a rank that
     dies makes the others stop."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
+    resolved = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)
     if size <= 1:
-        return World()
+        return World(device=resolved)
     if not dist.is_initialized():
         timeout_s = timeout_s or float(os.environ.get("METALEARN_DIST_TIMEOUT", "300"))
-        # gloo: metalearn keeps its tensors on the CPU today; NCCL needs them on the GPU
-        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
-    return World(dist.get_rank(), dist.get_world_size())
+        backend = "nccl" if resolved.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return World(dist.get_rank(), dist.get_world_size(), resolved)

@@ -55,7 +55,7 @@ def evaluate(
         while remaining > 0:
             size = min(chunk, remaining)
             share = world.share(size)
-            batch = source.sample(size, generator, tasks=share)
+            batch = source.sample(size, generator, tasks=share).to(world.device)
             classification = batch.is_classification
             if share.stop > share.start:  # a last chunk smaller than the number of ranks
                 scores.append(episode_scores(learner, batch))

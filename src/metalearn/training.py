@@ -103,6 +103,7 @@ class Trainer:
             while self.step < train.steps:
                 seed = step_seed(train.seed, self.step)
                 batch = self.train_tasks.sample(train.meta_batch_size, torch.Generator().manual_seed(seed), share)
+                batch = batch.to(self.world.device)
                 torch.manual_seed(seed + self.world.rank)
                 self.learner.train()
                 self.learner.start_step(self.step)
@@ -230,7 +231,7 @@ def build_trainer(config: RunConfig, run_dir: Path | str, data_dir: Path | str |
             f"trained with (--ways {config.task.ways}, --test-ways {test_ways})."
         )
     torch.manual_seed(config.train.seed)  # the initial weights
-    learner = build_learner(config.algorithm, config.algorithm_config, problem_of(config.task))
+    learner = build_learner(config.algorithm, config.algorithm_config, problem_of(config.task)).to(world.device)
     train_tasks = build_task_source(config.task, "train", data_dir, progress)
     val_tasks = build_task_source(config.task, "val", data_dir, progress) if has_validation(config.task) else None
     build_task_source(config.task, "test", data_dir, progress)  # an impossible test episode fails now, not after training

@@ -161,7 +161,7 @@ class MAML(MetaLearner):
             scored = trajectory[1:] if weights is not None else trajectory[-1:]
             predictions = [self._forward(p, query_x) for p in scored]
             losses = torch.stack([task_loss(pred, query_y) for pred in predictions])
-            loss = losses[0] if weights is None else (weights.to(losses.dtype) * losses).sum()
+            loss = losses[0] if weights is None else (weights.to(losses) * losses).sum()
             if classification:
                 return loss, accuracy(predictions[-1], query_y)
             return loss, torch.zeros(())

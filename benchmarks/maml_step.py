@@ -233,6 +233,8 @@ class Peer:
             "--metalearn-src", str(Path(metalearn.__file__).resolve().parents[1]),
         ]
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+        if args.tuned_allocator:  # glibc reads these at start-up: the same setting as tune_allocator()
+            env.update(MALLOC_MMAP_THRESHOLD_=str(2**30), MALLOC_TRIM_THRESHOLD_=str(2**31 - 1))
         self.stderr = open(workdir / f"peer-{peer_model}.err", "w+")
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.stderr, text=True, env=env)
@@ -358,6 +360,8 @@ def parse_args(argv=None):
                         "model as the other rows; 'native' = the same network with nn.BatchNorm2d")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tuned-allocator", action="store_true",
+                   help="raise glibc's mmap/trim thresholds in every interpreter (what the metalearn command does)")
     args = p.parse_args(argv)
     args.orders = [o.strip() for o in args.orders.split(",") if o.strip()]
     args.peer_models = [m.strip() for m in args.peer_models.split(",") if m.strip()]
@@ -371,6 +375,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.tuned_allocator:
+        from metalearn.runtime import tune_allocator
+
+        print(f"allocator tuned: {tune_allocator()}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()

@@ -20,6 +20,8 @@ from metalearn.errors import MetalearnError
 from metalearn.models import Conv4
 from metalearn.tasks.batch import Problem, TaskBatch
 
+from learning import held_out_accuracy_before_and_after
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -193,28 +195,9 @@ def test_learns_omniglot_5_way_1_shot(omniglot):
     """400 episodes (100 steps of 4) with a 16-filter Conv4, paper attention (cosines of ReLU
     features lie in [0, 1], so the softmax is flat and learning slower than ProtoNets'):
     about 38% untrained, 63% after; chance is 20%."""
-    from metalearn.data.splits import omniglot_split
-    from metalearn.tasks import EpisodeSampler
-
-    images = torch.from_numpy(omniglot.images)
-    train_tasks = EpisodeSampler(images, omniglot_split(omniglot, "vinyals", "train"), ways=5, shots=1, query=5)
-    test_tasks = EpisodeSampler(images, omniglot_split(omniglot, "vinyals", "test"), ways=5, shots=1, query=5)
     torch.manual_seed(0)
     net = MatchingNet(Conv4(1, None, hidden=16, pooling="max"))
-    held_out = test_tasks.sample(100, torch.Generator().manual_seed(99))
-
-    def held_out_accuracy() -> float:
-        return float((net.predict(held_out).argmax(-1) == held_out.query_y).float().mean())
-
-    before = held_out_accuracy()
-    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(100):
-        loss, _ = net.meta_loss(train_tasks.sample(4, generator))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    after = held_out_accuracy()
+    before, after = held_out_accuracy_before_and_after(net, omniglot, steps=100)
     assert after > 0.5 and after > before + 0.15, (before, after)
 
 

@@ -20,6 +20,8 @@ from metalearn.errors import MetalearnError
 from metalearn.models import Conv4
 from metalearn.tasks.batch import Problem, TaskBatch
 
+from learning import held_out_accuracy_before_and_after
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -164,28 +166,9 @@ def test_refuses_regression_and_models_with_buffers():
 def test_learns_omniglot_5_way_1_shot(omniglot):
     """240 episodes (60 steps of 4) with a 16-filter Conv4: far above the 20% of chance
     (about 37% untrained, 74% after; 84% after 200 steps)."""
-    from metalearn.data.splits import omniglot_split
-    from metalearn.tasks import EpisodeSampler
-
-    images = torch.from_numpy(omniglot.images)
-    train_tasks = EpisodeSampler(images, omniglot_split(omniglot, "vinyals", "train"), ways=5, shots=1, query=5)
-    test_tasks = EpisodeSampler(images, omniglot_split(omniglot, "vinyals", "test"), ways=5, shots=1, query=5)
     torch.manual_seed(0)
     protonet = ProtoNet(Conv4(1, None, hidden=16, pooling="max"))
-    held_out = test_tasks.sample(100, torch.Generator().manual_seed(99))
-
-    def held_out_accuracy() -> float:
-        return float((protonet.predict(held_out).argmax(-1) == held_out.query_y).float().mean())
-
-    before = held_out_accuracy()
-    optimizer = torch.optim.Adam(protonet.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(60):
-        loss, _ = protonet.meta_loss(train_tasks.sample(4, generator))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    after = held_out_accuracy()
+    before, after = held_out_accuracy_before_and_after(protonet, omniglot, steps=60)
     assert after > 0.6 and after > before + 0.2, (before, after)
 
 

@@ -402,3 +402,13 @@ def test_first_order_only_batch_norm_gives_the_same_values_and_gradients():
              for out, net in zip(outputs, (twice, once))]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    # and under vmap with torch.func.grad, as Reptile's inner loop uses it (first derivatives only)
+    tasks = torch.rand(3, 5, 1, 16, 16, dtype=torch.float64)
+
+    def inner_gradients(net):
+        params = dict(net.named_parameters())
+        loss = lambda p, x: torch.func.functional_call(net, p, (x,)).square().sum()
+        return torch.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, tasks)
+
+    for name, g in inner_gradients(once).items():
+        torch.testing.assert_close(g, inner_gradients(twice)[name], rtol=1e-9, atol=1e-12)

@@ -49,6 +49,7 @@ from metalearn.algorithms.base import MetaLearner, require_functional_model, Pro
 from metalearn.algorithms.inner_loop import Params, check_inner_loop_options, loss_gradient, sgd_step
 from metalearn.errors import MetalearnError
 from metalearn.models import build_model
+from metalearn.models.norm import first_order_only
 from metalearn.tasks.batch import TaskBatch
 
 AdamState = tuple[Params, Params, int]  # first moments, second moments, steps taken
@@ -139,7 +140,7 @@ class Reptile(MetaLearner):
     def __init__(self, model: nn.Module, config: ReptileConfig = ReptileConfig()):
         super().__init__()
         require_functional_model(model, "Reptile", False)
-        self.model = model
+        self.model = first_order_only(model)
         self.config = config
 
     @classmethod

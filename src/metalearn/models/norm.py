@@ -47,8 +47,9 @@ class BatchStatNorm(nn.Module):
 
 def first_order_only(model: nn.Module) -> nn.Module:
     """Switch every ``BatchStatNorm`` in ``model`` to the native kernel, for a method that
-    never takes a second derivative through the model (ProtoNets, Matching Networks). Returns
-    ``model``."""
+    never takes a second derivative through the model (ProtoNets, Matching Networks, Reptile).
+    Its first derivatives equal the twice-differentiable form's, also under ``vmap``
+    (tests/test_maml.py). Returns ``model``."""
     for module in model.modules():
         if isinstance(module, BatchStatNorm):
             module.differentiable_twice = False

@@ -1,6 +1,6 @@
-"""The independent reference forwards that the MAML and PLATIPUS gradient tests compare with:
-written with F.linear / F.conv2d / F.batch_norm on explicit weights, sharing no code with the
-package."""
+"""The independent reference that the MAML and PLATIPUS gradient tests compare with: forwards
+written with F.linear / F.conv2d / F.batch_norm on explicit weights, and the inner loop with
+torch.autograd.grad, sharing no code with the package."""
 
 from __future__ import annotations
 
@@ -34,3 +34,18 @@ def ref_task_loss(prediction: Tensor, target: Tensor) -> Tensor:
     if target.dtype == torch.long:
         return F.cross_entropy(prediction, target)
     return ((prediction - target) ** 2).mean()
+
+
+def ref_adapt(forward, params, x, y, steps, lr, first_order):
+    """The inner loop by hand: [params after 0..steps gradient steps of size ``lr(name, step)``]
+    on one task, with ``torch.autograd.grad`` (second order unless ``first_order``)."""
+    trajectory = [params]
+    for step in range(steps):
+        names = list(params)
+        loss = ref_task_loss(forward(params, x), y)
+        grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=not first_order)
+        if first_order:
+            grads = [g.detach() for g in grads]
+        params = {n: params[n] - lr(n, step) * g for n, g in zip(names, grads)}
+        trajectory.append(params)
+    return trajectory

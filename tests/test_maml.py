@@ -20,23 +20,10 @@ from metalearn.errors import MetalearnError
 from metalearn.models import MLP, BatchStatNorm, Conv4
 from metalearn.tasks.batch import TaskBatch
 from metalearn.tasks.sinusoid import SinusoidTasks
-from reference import conv4_forward, mlp_forward, ref_task_loss
+from batches import image_batch
+from reference import conv4_forward, mlp_forward, ref_adapt, ref_task_loss
 
 # -- the independent reference -----------------------------------------------------------------
-
-
-def ref_adapt(forward, params, x, y, steps, lr, first_order):
-    """Trajectory [params after 0..steps inner steps] for one task. ``lr(name, step)``."""
-    trajectory = [params]
-    for step in range(steps):
-        names = list(params)
-        loss = ref_task_loss(forward(params, x), y)
-        grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=not first_order)
-        if first_order:
-            grads = [g.detach() for g in grads]
-        params = {n: params[n] - lr(n, step) * g for n, g in zip(names, grads)}
-        trajectory.append(params)
-    return trajectory
 
 
 def ref_meta_loss(forward, params, batch: TaskBatch, steps, lr, first_order=False, multi_step=False):
@@ -74,15 +61,7 @@ def sinusoid_problem(tasks=4, hidden=(40, 40), seed=0):
 def conv_problem(tasks=3, ways=3, shots=2, query=2, size=12, seed=0):
     torch.manual_seed(seed)
     model = Conv4(1, ways, hidden=8).double()
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(ways)
-    batch = TaskBatch(
-        torch.rand(tasks, ways * shots, 1, size, size, generator=g, dtype=torch.float64),
-        labels.repeat_interleave(shots).repeat(tasks, 1),
-        torch.rand(tasks, ways * query, 1, size, size, generator=g, dtype=torch.float64),
-        labels.repeat_interleave(query).repeat(tasks, 1),
-        ways,
-    )
+    batch = image_batch(tasks, ways, shots, query, size, seed)
     return model, batch, conv4_forward
 
 

@@ -20,6 +20,7 @@ from metalearn.errors import MetalearnError
 from metalearn.models import Conv4
 from metalearn.tasks.batch import Problem, TaskBatch
 
+from batches import image_batch
 from learning import held_out_accuracy_before_and_after
 
 
@@ -59,18 +60,6 @@ def test_attention_and_label_probabilities_by_hand():
     # class 0's two examples is larger: 0.527 vs 0.473
     assert int(attention[0, 1].argmax()) == 1 and probabilities[1][0] > probabilities[1][1]
     assert float(metrics["accuracy"]) == 1.0
-
-
-def image_batch(tasks=3, ways=3, shots=2, query=2, size=16, seed=0, dtype=torch.float64) -> TaskBatch:
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(ways)
-    return TaskBatch(
-        torch.rand(tasks, ways * shots, 1, size, size, generator=g, dtype=dtype),
-        labels.repeat_interleave(shots).repeat(tasks, 1),
-        torch.rand(tasks, ways * query, 1, size, size, generator=g, dtype=dtype),
-        labels.repeat_interleave(query).repeat(tasks, 1),
-        ways,
-    )
 
 
 @pytest.mark.parametrize("fce", [False, True])

@@ -26,7 +26,8 @@ from metalearn.tasks.batch import TaskBatch
 from metalearn.tasks.sinusoid import SineOrLineTasks
 from metalearn.uncertainty import (compare_runs, coverage, expected_calibration_error, negative_log_likelihood,
                                    predictive_log_likelihood, predictive_samples)
-from reference import conv4_forward, mlp_forward, ref_task_loss
+from batches import image_batch
+from reference import conv4_forward, mlp_forward, ref_adapt, ref_task_loss
 
 
 @pytest.fixture(autouse=True)
@@ -38,18 +39,6 @@ def _one_thread():
 
 
 # -- the independent reference -----------------------------------------------------------------
-
-
-def ref_adapt(forward, params, x, y, steps, lr, first_order):
-    """[params after 0..steps gradient steps of size lr(name, step)] on one task."""
-    trajectory = [params]
-    for step in range(steps):
-        names = list(params)
-        loss = ref_task_loss(forward(params, x), y)
-        grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=not first_order)
-        params = {n: params[n] - lr(n, step) * g for n, g in zip(names, grads)}
-        trajectory.append(params)
-    return trajectory
 
 
 def ref_shift(forward, mean, x, y, step):
@@ -95,15 +84,7 @@ def double(batch: TaskBatch) -> TaskBatch:
 def conv_problem(tasks=2, ways=3, shots=2, query=2, size=12, seed=0):
     torch.manual_seed(seed)
     model = Conv4(1, ways, hidden=8).double()
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(ways)
-    batch = TaskBatch(
-        torch.rand(tasks, ways * shots, 1, size, size, generator=g, dtype=torch.float64),
-        labels.repeat_interleave(shots).repeat(tasks, 1),
-        torch.rand(tasks, ways * query, 1, size, size, generator=g, dtype=torch.float64),
-        labels.repeat_interleave(query).repeat(tasks, 1),
-        ways,
-    )
+    batch = image_batch(tasks, ways, shots, query, size, seed)
     return model, batch, conv4_forward
 
 

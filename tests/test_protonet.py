@@ -20,6 +20,7 @@ from metalearn.errors import MetalearnError
 from metalearn.models import Conv4
 from metalearn.tasks.batch import Problem, TaskBatch
 
+from batches import image_batch
 from learning import held_out_accuracy_before_and_after
 
 
@@ -85,18 +86,6 @@ def test_cosine_logits_by_hand():
     cosine = ProtoNet(nn.Identity(), ProtoNet.Config(distance="cosine")).predict(batch)
     torch.testing.assert_close(cosine, torch.tensor([[[0.8, 0.6]]]))
     torch.testing.assert_close(ProtoNet(nn.Identity()).predict(batch), torch.tensor([[[-18.0, -16.0]]]))
-
-
-def image_batch(tasks=3, ways=3, shots=2, query=2, size=16, seed=0, dtype=torch.float64) -> TaskBatch:
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(ways)
-    return TaskBatch(
-        torch.rand(tasks, ways * shots, 1, size, size, generator=g, dtype=dtype),
-        labels.repeat_interleave(shots).repeat(tasks, 1),
-        torch.rand(tasks, ways * query, 1, size, size, generator=g, dtype=dtype),
-        labels.repeat_interleave(query).repeat(tasks, 1),
-        ways,
-    )
 
 
 def reference_loss(model: nn.Module, batch: TaskBatch) -> torch.Tensor:

@@ -26,6 +26,7 @@ from metalearn.errors import MetalearnError
 from metalearn.models import MLP, Conv4
 from metalearn.tasks.batch import TaskBatch
 from metalearn.tasks.sinusoid import SinusoidTasks
+from batches import image_batch as random_image_batch
 
 
 @pytest.fixture(autouse=True)
@@ -37,15 +38,7 @@ def _one_thread():
 
 
 def image_batch(tasks=3, ways=3, shots=4, query=2, size=12, seed=0, dtype=torch.float64) -> TaskBatch:
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(ways)
-    return TaskBatch(
-        torch.rand(tasks, ways * shots, 1, size, size, generator=g, dtype=dtype),
-        labels.repeat_interleave(shots).repeat(tasks, 1),
-        torch.rand(tasks, ways * query, 1, size, size, generator=g, dtype=dtype),
-        labels.repeat_interleave(query).repeat(tasks, 1),
-        ways,
-    )
+    return random_image_batch(tasks, ways, shots, query, size, seed, dtype)
 
 
 def conv_model(ways=3, seed=0) -> nn.Module:

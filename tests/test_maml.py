@@ -341,6 +341,18 @@ def test_model_with_running_stat_buffers_is_refused():
     MAML(nn.Sequential(nn.Linear(1, 8), BatchStatNorm(8), nn.ReLU(), nn.Linear(8, 1)))
 
 
+def test_a_model_switched_to_first_order_batch_norm_is_refused_by_second_order_maml():
+    """A module shared with ProtoNets (which switch its batch norm to the native kernel) would
+    give wrong second derivatives: second-order MAML refuses it, first-order MAML accepts it."""
+    from metalearn.algorithms.protonet import ProtoNet
+
+    model = Conv4(1, None, hidden=4, pooling="max")
+    ProtoNet(model)
+    with pytest.raises(MetalearnError, match="switched to the native kernel"):
+        MAML(model)
+    MAML(model, MAML.Config(first_order=True))
+
+
 def test_batch_stat_norm_equals_native_batch_norm():
     x = torch.randn(6, 4, 5, 5, dtype=torch.float64)
     ours, native = BatchStatNorm(4).double(), nn.BatchNorm2d(4, track_running_stats=False).double()

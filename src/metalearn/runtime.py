@@ -22,10 +22,9 @@ def tune_allocator() -> bool:
     system on ``free``; a Conv4 meta-batch allocates dozens of such blocks per step (a 60-way
     ProtoNet episode's first feature map alone is 72 MiB), so each step page-faults all of them
     in again, and on this machine half the step time was kernel time. Raising the mmap and trim
-    thresholds makes the heap reuse those pages: a 60-way ProtoNet training episode ran 2.4x
-    and a test episode 1.8x faster (one thread, this project's machine;
-    ``benchmarks/methods.py --default-allocator`` measures without). The cost is that the
-    process keeps its peak memory until it exits.
+    thresholds makes the heap reuse those pages: a 60-way ProtoNet training step 681 -> 466 ms
+    (one thread, this project's machine; ``benchmarks/methods.py`` with and without
+    ``--default-allocator``). The cost is that the process keeps its peak memory until it exits.
 
     Applies only to Linux with glibc, once per process, before large allocations matter;
     returns whether it applied. ``METALEARN_DEFAULT_ALLOCATOR=1`` in the environment opts out.

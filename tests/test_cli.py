@@ -107,6 +107,8 @@ def test_eval_with_a_changed_method_option(tmp_path, capsys):
     assert len(saved["per_step"]) == 4 and saved["overrides"] == {"test_inner_steps": 3}
     code, _, err = run(["eval", run_dir, "--set", "no_such_option=1"], capsys)
     assert code == 2 and "no_such_option" in err
+    code, _, err = run(["eval", run_dir, "--ways", 3], capsys)
+    assert code == 2 and "regression" in err
 
 
 def test_platipus_plot_beside_maml_and_compare(tmp_path, capsys):
@@ -153,3 +155,27 @@ def test_bad_set_values_are_refused(tmp_path, capsys, setting, message):
     assert code == 2 and message in err
     code, out, _ = run(["eval", run_dir, "--episodes", 4, "--set", "first_order=False", "--no-progress"], capsys)
     assert code == 0
+
+
+def test_eval_on_episodes_of_another_shape(tmp_path, capsys, omniglot_data_dir):
+    """ProtoNets trains 60-way and is tested 5- and 20-way (its paper); a method with one output
+    per class cannot be, and impossible or meaningless shapes are refused in one line."""
+    proto, maml = tmp_path / "proto", tmp_path / "maml"
+    common = ["--data-dir", omniglot_data_dir, "--steps", 1, "--no-progress", "--no-eval"]
+    assert run(["train", "protonet", "--ways", 10, "--query", 2, "--run-dir", proto] + common, capsys)[0] == 0
+    code, out, _ = run(["eval", proto, "--ways", 20, "--shots", 5, "--query", 1, "--episodes", 4,
+                        "--data-dir", omniglot_data_dir, "--no-progress"], capsys)
+    assert code == 0 and "eval-query=1-shots=5-ways=20.json" in out
+    saved = json.loads((proto / "eval-query=1-shots=5-ways=20.json").read_text())
+    assert (saved["ways"], saved["shots"], saved["query"], saved["episodes"]) == (20, 5, 1, 4)
+    code, _, err = run(["eval", proto, "--ways", 5000, "--data-dir", omniglot_data_dir], capsys)
+    assert code == 2 and "5000" in err and "Traceback" not in err
+    code, _, err = run(["eval", proto, "--shots", 0, "--data-dir", omniglot_data_dir], capsys)
+    assert code == 2 and "positive" in err
+
+    assert run(["train", "maml", "--meta-batch-size", 1, "--run-dir", maml] + common, capsys)[0] == 0
+    code, _, err = run(["eval", maml, "--ways", 20, "--data-dir", omniglot_data_dir], capsys)
+    assert code == 2 and "one output per class" in err
+    code, out, _ = run(["eval", maml, "--shots", 2, "--episodes", 2, "--data-dir", omniglot_data_dir,
+                        "--no-progress"], capsys)
+    assert code == 0 and "eval-shots=2.json" in out

@@ -75,14 +75,40 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
 
 def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0, part: str = "test",
                  data_dir: Path | str | None = None, progress: bool = True, world: World | None = None,
-                 overrides: dict[str, Any] | None = None, device: str = "cpu") -> dict[str, Any]:
+                 overrides: dict[str, Any] | None = None, device: str = "cpu",
+                 episode_shape: dict[str, int] | None = None) -> dict[str, Any]:
     """Evaluate the checkpoint of ``run_dir`` on ``episodes`` episodes of ``part`` and write
     ``eval.json`` (``eval-<key>=<value>.json`` with ``overrides`` of the method's options, e.g.
     ``{"test_inner_steps": 10}``). The episodes depend only on ``seed``, so methods compare on
-    the same ones."""
+    the same ones.
+
+    ``episode_shape`` (keys ``ways``, ``shots``, ``query``) tests on episodes of another shape
+    than the run's, e.g. a Prototypical Network trained 60-way tested 20-way, as in its paper.
+    """
     config, learner, step = load_trained(run_dir, overrides)
+    if episode_shape:
+        config = with_test_shape(config, episode_shape)
+    labels = {**(overrides or {}), **(episode_shape or {})}
     return _evaluate(run_dir, config, learner, step, part, episodes, seed, data_dir, progress,
-                     world or init_world(device), overrides)
+                     world or init_world(device), labels)
+
+
+def with_test_shape(config: RunConfig, shape: dict[str, int]) -> RunConfig:
+    """``config`` whose test episodes have ``shape``'s ways / shots / query per class."""
+    from metalearn.training import check_test_ways
+
+    unknown = set(shape) - {"ways", "shots", "query"}
+    if unknown:
+        raise MetalearnError(f"an episode shape has ways, shots and query, not {', '.join(sorted(unknown))}")
+    for key, value in shape.items():
+        if not isinstance(value, int) or value < 1:
+            raise MetalearnError(f"test {key} must be a positive whole number, got {value!r}")
+    if not config.task.classification and "ways" in shape:
+        raise MetalearnError(f"{config.task.dataset} is regression: its tasks have no ways")
+    task = dataclasses.replace(config.task, **{f"test_{key}": value for key, value in shape.items()})
+    config = dataclasses.replace(config, task=task)
+    check_test_ways(config)
+    return config
 
 
 def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episodes: int | None, seed: int,

@@ -122,18 +122,24 @@ for _name in ALGORITHMS:
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
 @click.option("--set", "settings", multiple=True, metavar="OPTION=VALUE",
               help="change a method option for this evaluation, e.g. --set test_inner_steps=10")
+@click.option("--ways", type=int, default=None,
+              help="test on episodes of this many classes instead of the run's (methods without "
+                   "a per-class output layer: protonet, matchingnet)")
+@click.option("--shots", type=int, default=None, help="support examples per class instead of the run's")
+@click.option("--query", type=int, default=None, help="query examples per class (points, for regression) instead of the run's")
 @click.option("--progress/--no-progress", default=True)
 @click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
-def eval_command(run_dir, episodes, seed, part, data_dir, settings, progress, device):
+def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots, query, progress, device):
     """Evaluate a trained run: mean accuracy (or MSE) with a 95% confidence interval."""
     from metalearn.api import evaluate_run
     from metalearn.evaluation import format_result
 
     overrides = dict(parse_setting(s) for s in settings)
+    shape = {k: v for k, v in (("ways", ways), ("shots", shots), ("query", query)) if v is not None}
     result = evaluate_run(run_dir, episodes=episodes, seed=seed, part=part, data_dir=data_dir,
-                          progress=progress, overrides=overrides, device=device)
+                          progress=progress, overrides=overrides, device=device, episode_shape=shape)
     click.echo(format_result(result))
-    suffix = "".join(f"-{k}={v}" for k, v in sorted(overrides.items()))
+    suffix = "".join(f"-{k}={v}" for k, v in sorted({**overrides, **shape}.items()))
     click.echo(f"written to {Path(run_dir) / f'eval{suffix}.json'}")
 
 

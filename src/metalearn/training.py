@@ -213,6 +213,17 @@ def initialise_from_run(learner: MetaLearner, run_dir: Path | str) -> int:
     return len(own)
 
 
+def check_test_ways(config: RunConfig) -> None:
+    """A method with one output per class (MAML, PLATIPUS, Reptile) can only be tested with as
+    many ways as it was trained with; the others (ProtoNets, Matching Nets) with any number."""
+    test_ways = config.task.for_testing().ways
+    if algorithm_class(config.algorithm).fixed_ways and test_ways != config.task.ways:
+        raise MetalearnError(
+            f"{config.algorithm} has one output per class: it is tested with as many ways as it is "
+            f"trained with ({config.task.ways}), not {test_ways}."
+        )
+
+
 def build_trainer(config: RunConfig, run_dir: Path | str, data_dir: Path | str | None = None,
                   resume: bool = False, world: World = World(), progress: bool = True) -> Trainer:
     """A trainer for ``config`` writing into ``run_dir``; with ``resume``, continue the run
@@ -224,12 +235,7 @@ def build_trainer(config: RunConfig, run_dir: Path | str, data_dir: Path | str |
         check_compatible(run.read_config(), config, f"the run in {run.path}")
     elif run.has_checkpoint():
         raise MetalearnError(f"{run.path} already holds a run; pass --resume to continue it or choose another --run-dir")
-    test_ways = config.task.for_testing().ways
-    if algorithm_class(config.algorithm).fixed_ways and test_ways != config.task.ways:
-        raise MetalearnError(
-            f"{config.algorithm} has one output per class: it is tested with as many ways as it is "
-            f"trained with (--ways {config.task.ways}, --test-ways {test_ways})."
-        )
+    check_test_ways(config)
     torch.manual_seed(config.train.seed)  # the initial weights
     learner = build_learner(config.algorithm, config.algorithm_config, problem_of(config.task)).to(world.device)
     train_tasks = build_task_source(config.task, "train", data_dir, progress)

@@ -62,6 +62,23 @@ def test_attention_and_label_probabilities_by_hand():
     assert float(metrics["accuracy"]) == 1.0
 
 
+@pytest.mark.parametrize("distance, scale, scores", [
+    # the same episode as above; query (2,0): cosines 1, 0, 1/sqrt(2); squared distances 1, 5, 2
+    ("cosine", 3.0, [3.0, 0.0, 3 / math.sqrt(2)]),
+    ("euclidean", 1.0, [-1.0, -5.0, -2.0]),
+    ("euclidean", 0.5, [-0.5, -2.5, -1.0]),
+])
+def test_attention_with_a_distance_and_a_scale_by_hand(distance, scale, scores):
+    batch = TaskBatch(torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]]), torch.tensor([[0, 1, 0]]),
+                      torch.tensor([[[2.0, 0.0]]]), torch.tensor([[0]]), ways=2)
+    net = MatchingNet(nn.Identity(), MatchingNet.Config(distance=distance, scale=scale))
+    e = [math.exp(v) for v in scores]
+    attention = [v / sum(e) for v in e]
+    torch.testing.assert_close(net.attention(batch), torch.tensor([[attention]]))
+    probabilities = [attention[0] + attention[2], attention[1]]
+    torch.testing.assert_close(net.predict(batch).exp(), torch.tensor([[probabilities]]))
+
+
 @pytest.mark.parametrize("fce", [False, True])
 def test_predictions_are_distributions_over_the_ways(fce):
     net = MatchingNet(Conv4(1, None, hidden=8, pooling="max"), MatchingNet.Config(full_context_embeddings=fce), 8)
@@ -174,6 +191,10 @@ def test_options_are_checked():
         MatchingNet.build(MatchingNet.Config(), Problem((1,), 1, False))
     with pytest.raises(MetalearnError, match="--processing-steps"):
         MatchingNet.Config(processing_steps=0)
+    with pytest.raises(MetalearnError, match="--distance"):
+        MatchingNet.Config(distance="manhattan")
+    with pytest.raises(MetalearnError, match="--scale"):
+        MatchingNet.Config(scale=0.0)
     with pytest.raises(MetalearnError, match="buffers"):
         MatchingNet(nn.Sequential(nn.Flatten(), nn.BatchNorm1d(4)))
     built = MatchingNet.build(fce_config(), Problem((1, 28, 28), 5, True))
@@ -212,7 +233,7 @@ def test_cli_train_and_eval_with_full_context_embeddings(tmp_path, capsys, omnig
     assert "accuracy" in out and "6 episodes" in out
     config = json.loads((run_dir / "config.json").read_text())
     assert config["algorithm_config"] == {"full_context_embeddings": True, "processing_steps": 2,
-                                          "model": "conv4-embedding"}
+                                          "model": "conv4-embedding", "distance": "cosine", "scale": 1.0}
     assert config["train"]["eval_episodes"] == 6 and config["train"]["meta_lr"] == 1e-3
     code, out, err = run(["eval", run_dir, "--episodes", 4, "--set", "processing_steps=4",
                           "--data-dir", omniglot_data_dir, "--no-progress"], capsys)

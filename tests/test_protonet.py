@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metalearn.algorithms import ALGORITHMS, build_learner
-from metalearn.algorithms.protonet import (ProtoNet, class_prototypes, embed_episodes, prototype_logits,
+from metalearn.algorithms.protonet import (ProtoNet, class_prototypes, embed_episodes, similarities,
                                            squared_distances)
 from metalearn.api import evaluate_run, resolve_config, train
 from metalearn.errors import MetalearnError
@@ -79,7 +79,7 @@ def test_cosine_logits_by_hand():
     query = torch.tensor([[[3.0, 4.0]]])
     prototypes = torch.tensor([[[1.0, 0.0], [0.0, -2.0], [-1.0, -1.0]]])
     expected = torch.tensor([[[0.6, -0.8, -7.0 / (5 * math.sqrt(2))]]])
-    torch.testing.assert_close(prototype_logits(query, prototypes, "cosine"), expected)
+    torch.testing.assert_close(similarities(query, prototypes, "cosine"), expected)
     # prototypes (1,0) and (0,3): the query (4,3) is nearer (0,3) but points along (1,0)
     support_x = torch.tensor([[[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [0.0, 4.0]]])
     batch = TaskBatch(support_x, torch.tensor([[0, 0, 1, 1]]), torch.tensor([[[4.0, 3.0]]]), torch.tensor([[0]]), 2)
@@ -127,7 +127,7 @@ def test_batch_statistics_are_per_task():
     # embedding the whole batch at once would mix statistics across tasks: other logits
     n_support = batch.support_x.shape[1]
     flat = protonet.model(torch.cat([batch.support_x, batch.query_x], 1).flatten(0, 1)).view(4, -1, 8)
-    mixed = prototype_logits(flat[:, n_support:], class_prototypes(flat[:, :n_support], batch.support_y, 3))
+    mixed = similarities(flat[:, n_support:], class_prototypes(flat[:, :n_support], batch.support_y, 3))
     assert not torch.allclose(mixed, together, rtol=1e-4, atol=1e-6)
     assert not together.requires_grad
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalearn.algorithms.base import MetaLearner, require_functional_model, Problem, accuracy
-from metalearn.algorithms.protonet import embed_episodes, num_ways
+from metalearn.algorithms.protonet import DISTANCES, embed_episodes, num_ways, similarities
 from metalearn.errors import MetalearnError
 from metalearn.models import build_model
 from metalearn.models.norm import first_order_only
@@ -45,30 +45,29 @@ from metalearn.tasks.batch import TaskBatch
 class MatchingNetConfig:
     """full_context_embeddings: embed the support set with a bidirectional LSTM and the query
     with an attention LSTM (appendix A.2) instead of the CNN alone; processing_steps: the
-    attention LSTM's K; model: the embedding CNN (used without a classification head)."""
+    attention LSTM's K; model: the embedding CNN (used without a classification head).
+
+    distance and scale shape the attention ``softmax_i(scale * sim(f(x), g(x_i)))``: ``cosine``
+    (the paper's) or ``euclidean`` (negative squared distance, as ProtoNets). A cosine of
+    ReLU features lies in [0, 1], so with scale 1 a 5-way 1-shot query can put at most
+    e / (e + 4) = 40% of its attention on the right example; a larger scale (e.g. 10) lets the
+    attention become confident."""
 
     full_context_embeddings: bool = False
     processing_steps: int = 5
     model: str = "conv4-embedding"
+    distance: str = "cosine"
+    scale: float = 1.0
 
     def __post_init__(self):
         if self.processing_steps < 1:
             raise MetalearnError(f"--processing-steps must be >= 1, got {self.processing_steps}")
+        if self.distance not in DISTANCES:
+            raise MetalearnError(f"--distance must be one of {', '.join(DISTANCES)}, got {self.distance!r}")
+        if not self.scale > 0:
+            raise MetalearnError(f"--scale must be positive, got {self.scale}")
         if self.model == "mlp":
             raise MetalearnError("matchingnet classifies images: use --model conv4-embedding (or conv4, conv4-maxpool)")
-
-
-def cosine_attention(query: Tensor, support: Tensor) -> Tensor:
-    """``a(x, x_i)``: softmax over the support set of cosine similarities (Vinyals et al. eq. 2).
-
-    query: (tasks, n_query, dim), support: (tasks, n_support, dim) -> (tasks, n_query, n_support)
-    """
-    return cosine_scores(query, support).softmax(dim=-1)
-
-
-def cosine_scores(query: Tensor, support: Tensor) -> Tensor:
-    """Cosine similarity of every query to every support embedding, (tasks, n_query, n_support)."""
-    return torch.einsum("tqd,tsd->tqs", F.normalize(query, dim=-1), F.normalize(support, dim=-1))
 
 
 def label_log_probs(scores: Tensor, support_y: Tensor, ways: int) -> Tensor:
@@ -171,15 +170,19 @@ class MatchingNet(MetaLearner):
             query = self.query_context(query, support)
         return query, support
 
-    def attention(self, batch: TaskBatch) -> Tensor:
-        """a(x, x_i) of every query over its task's support set, (tasks, n_query, n_support)."""
+    def scores(self, batch: TaskBatch) -> Tensor:
+        """``scale * sim(f(x), g(x_i))``, the attention's logits, (tasks, n_query, n_support)."""
         query, support = self.embed(batch)
-        return cosine_attention(query, support)
+        return self.config.scale * similarities(query, support, self.config.distance)
+
+    def attention(self, batch: TaskBatch) -> Tensor:
+        """a(x, x_i) of every query over its task's support set (Vinyals et al. eq. 2),
+        (tasks, n_query, n_support)."""
+        return self.scores(batch).softmax(dim=-1)
 
     def log_probs(self, batch: TaskBatch) -> Tensor:
         """log P(y | x, S) for every query and class, (tasks, n_query, ways)."""
-        query, support = self.embed(batch)
-        return label_log_probs(cosine_scores(query, support), batch.support_y, num_ways(batch))
+        return label_log_probs(self.scores(batch), batch.support_y, num_ways(batch))
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         log_probs = self.log_probs(batch)

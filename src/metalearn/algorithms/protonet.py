@@ -109,15 +109,18 @@ def squared_distances(query: Tensor, prototypes: Tensor) -> Tensor:
     return (query.unsqueeze(2) - prototypes.unsqueeze(1)).square().sum(dim=-1)
 
 
-def prototype_logits(query: Tensor, prototypes: Tensor, distance: str = "euclidean") -> Tensor:
-    """Logits of each query over the classes (Snell et al. eq. 2): ``-||q - c_k||^2``, or the
-    cosine similarity ``q.c_k / (|q| |c_k|)``.
+def similarities(query: Tensor, keys: Tensor, distance: str = "euclidean") -> Tensor:
+    """Similarity of every query to every key: ``-||q - k||^2`` (``euclidean``), or the cosine
+    ``q.k / (|q| |k|)`` (``cosine``). With class prototypes as keys these are ProtoNets'
+    logits (Snell et al. eq. 2); with support embeddings, Matching Networks' attention scores.
 
-    query: (tasks, n_query, dim), prototypes: (tasks, ways, dim) -> (tasks, n_query, ways)
+    query: (tasks, n_query, dim), keys: (tasks, n_keys, dim) -> (tasks, n_query, n_keys)
     """
     if distance == "euclidean":
-        return -squared_distances(query, prototypes)
-    return torch.einsum("tqd,twd->tqw", F.normalize(query, dim=-1), F.normalize(prototypes, dim=-1))
+        return -squared_distances(query, keys)
+    if distance == "cosine":
+        return torch.einsum("tqd,tkd->tqk", F.normalize(query, dim=-1), F.normalize(keys, dim=-1))
+    raise MetalearnError(f"distance must be one of {', '.join(DISTANCES)}, got {distance!r}")
 
 
 class ProtoNet(MetaLearner):
@@ -154,7 +157,7 @@ class ProtoNet(MetaLearner):
         """Query logits (tasks, n_query, ways) from the prototypes of each task's support set."""
         support, query = embed_episodes(self.model, batch)
         prototypes = class_prototypes(support, batch.support_y, num_ways(batch))
-        return prototype_logits(query, prototypes, self.config.distance)
+        return similarities(query, prototypes, self.config.distance)
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.logits(batch)

@@ -341,16 +341,24 @@ def test_model_with_running_stat_buffers_is_refused():
     MAML(nn.Sequential(nn.Linear(1, 8), BatchStatNorm(8), nn.ReLU(), nn.Linear(8, 1)))
 
 
-def test_a_model_switched_to_first_order_batch_norm_is_refused_by_second_order_maml():
-    """A module shared with ProtoNets (which switch its batch norm to the native kernel) would
-    give wrong second derivatives: second-order MAML refuses it, first-order MAML accepts it."""
+def test_a_model_shared_with_protonet_stays_right_for_second_order_maml():
+    """ProtoNets run the model with the native batch norm (first derivatives only) inside a
+    scoped block; the module itself is untouched, so second-order MAML on the same module
+    gets the meta-gradient of a copy that ProtoNets never saw."""
     from metalearn.algorithms.protonet import ProtoNet
 
-    model = Conv4(1, None, hidden=4, pooling="max")
-    ProtoNet(model)
-    with pytest.raises(MetalearnError, match="switched to the native kernel"):
-        MAML(model)
-    MAML(model, MAML.Config(first_order=True))
+    torch.manual_seed(0)
+    shared = Conv4(1, 3, hidden=4, pooling="max").double()
+    untouched = copy.deepcopy(shared)
+    batch = image_batch(tasks=2, ways=3, shots=1, query=2, size=16)
+    ProtoNet(shared).meta_loss(batch)[0].backward()
+    shared.zero_grad()
+    grads = []
+    for model in (shared, untouched):
+        loss, _ = MAML(model, MAML.Config(inner_lr=0.3, inner_steps=2)).meta_loss(batch)
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_batch_stat_norm_equals_native_batch_norm():
@@ -377,17 +385,33 @@ def test_batch_stat_norm_without_gradients_uses_the_same_statistics():
     torch.testing.assert_close(fast[1], layer(2 * x), rtol=1e-12, atol=1e-12)
 
 
-def test_first_order_only_batch_norm_gives_the_same_values_and_gradients():
-    """The native kernel that ``first_order_only`` switches on (for ProtoNets and Matching
-    Networks) computes the same function and first derivatives as the twice-differentiable form."""
-    from metalearn.models.norm import first_order_only
+def test_first_order_batch_norm_gives_the_same_values_and_gradients(monkeypatch):
+    """The native kernel used inside ``first_order_batch_norm()`` (by ProtoNets, Matching
+    Networks and Reptile) computes the same function and first derivatives as the
+    twice-differentiable form."""
+    from metalearn.models import norm
 
+    native_calls = []
+    native = F.batch_norm
+    monkeypatch.setattr(norm.F, "batch_norm", lambda *a, **k: native_calls.append(1) or native(*a, **k))
     torch.manual_seed(0)
     twice = Conv4(1, None, hidden=6, pooling="max").double()
-    once = first_order_only(copy.deepcopy(twice))
-    assert all(not m.differentiable_twice for m in once.modules() if isinstance(m, BatchStatNorm))
+
+    class Once(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            with norm.first_order_batch_norm():
+                return self.net(x)
+
+    once = Once(copy.deepcopy(twice))
     x = torch.rand(7, 1, 16, 16, dtype=torch.float64)
-    outputs = [net(x) for net in (twice, once)]
+    outputs = [twice(x)]
+    assert not native_calls  # recording gradients outside the block: the twice-differentiable form
+    outputs.append(once(x))
+    assert len(native_calls) == 4  # one per Conv4 block
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
     grads = [torch.autograd.grad(out.square().sum(), list(net.parameters()))
              for out, net in zip(outputs, (twice, once))]
@@ -401,5 +425,24 @@ def test_first_order_only_batch_norm_gives_the_same_values_and_gradients():
         loss = lambda p, x: torch.func.functional_call(net, p, (x,)).square().sum()
         return torch.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, tasks)
 
-    for name, g in inner_gradients(once).items():
-        torch.testing.assert_close(g, inner_gradients(twice)[name], rtol=1e-9, atol=1e-12)
+    for a, b in zip(inner_gradients(once).values(), inner_gradients(twice).values()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["protonet", "matchingnet", "reptile", "maml"])
+def test_only_the_methods_that_differentiate_once_use_the_native_kernel(monkeypatch, method):
+    """ProtoNets, Matching Networks and Reptile train with the faster native batch norm;
+    second-order MAML never does (its second derivative under vmap would be wrong)."""
+    from metalearn.algorithms import ALGORITHMS
+    from metalearn.models import norm
+
+    native_calls = []
+    native = F.batch_norm
+    monkeypatch.setattr(norm.F, "batch_norm", lambda *a, **k: native_calls.append(1) or native(*a, **k))
+    torch.manual_seed(0)
+    ways = 3
+    model = Conv4(1, ways if method in ("reptile", "maml") else None, hidden=4, pooling="max").double()
+    options = {"inner_steps": 1, "inner_batch_size": 2, "test_inner_steps": 1} if method == "reptile" else {}
+    learner = ALGORITHMS[method](model, ALGORITHMS[method].Config(**options))
+    learner.meta_loss(image_batch(tasks=2, ways=ways, shots=2, query=2, size=16))[0].backward()
+    assert bool(native_calls) == (method != "maml")

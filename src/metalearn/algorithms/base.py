@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalearn.errors import MetalearnError
-from metalearn.models.norm import BatchStatNorm
 from metalearn.tasks.batch import Problem, TaskBatch
 
 
@@ -71,14 +70,6 @@ def require_functional_model(model: nn.Module, method: str, second_order: bool) 
         raise MetalearnError(
             f"{method} needs a model without buffers (found {', '.join(buffers[:3])}); use "
             "metalearn.models.BatchStatNorm so batch statistics are used."
-        )
-    switched = [name for name, m in model.named_modules()
-                if isinstance(m, BatchStatNorm) and not m.differentiable_twice]
-    if switched and second_order:
-        raise MetalearnError(
-            f"second-order {method} needs batch norm it can differentiate twice, but {switched[0]} was "
-            "switched to the native kernel (first_order_only, done by ProtoNet, MatchingNet and Reptile "
-            "to the model they are given). Give it a fresh model, or use --first-order."
         )
     native = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
     if native and second_order:

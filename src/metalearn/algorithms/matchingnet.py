@@ -37,7 +37,7 @@ from metalearn.algorithms.base import MetaLearner, require_functional_model, Pro
 from metalearn.algorithms.protonet import DISTANCES, embed_episodes, num_ways, similarities
 from metalearn.errors import MetalearnError
 from metalearn.models import build_model
-from metalearn.models.norm import first_order_only
+from metalearn.models.norm import first_order_batch_norm
 from metalearn.tasks.batch import TaskBatch
 
 
@@ -135,7 +135,7 @@ class MatchingNet(MetaLearner):
                  embedding_dim: int | None = None):
         super().__init__()
         require_functional_model(model, "matchingnet", False)
-        self.model = first_order_only(model)
+        self.model = model
         self.config = config
         if config.full_context_embeddings:
             if embedding_dim is None:
@@ -164,7 +164,8 @@ class MatchingNet(MetaLearner):
 
     def embed(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
         """f(query) and g(support): (tasks, n_query, dim), (tasks, n_support, dim)."""
-        support, query = embed_episodes(self.model, batch)
+        with first_order_batch_norm():  # differentiated once: the native kernel is right
+            support, query = embed_episodes(self.model, batch)
         if self.config.full_context_embeddings:
             support = self.support_context(support)
             query = self.query_context(query, support)

@@ -49,7 +49,7 @@ from metalearn.algorithms.base import MetaLearner, require_functional_model, Pro
 from metalearn.algorithms.inner_loop import Params, check_inner_loop_options, loss_gradient, sgd_step
 from metalearn.errors import MetalearnError
 from metalearn.models import build_model
-from metalearn.models.norm import first_order_only
+from metalearn.models.norm import first_order_batch_norm
 from metalearn.tasks.batch import TaskBatch
 
 AdamState = tuple[Params, Params, int]  # first moments, second moments, steps taken
@@ -140,7 +140,7 @@ class Reptile(MetaLearner):
     def __init__(self, model: nn.Module, config: ReptileConfig = ReptileConfig()):
         super().__init__()
         require_functional_model(model, "Reptile", False)
-        self.model = first_order_only(model)
+        self.model = model
         self.config = config
 
     @classmethod
@@ -246,7 +246,8 @@ class Reptile(MetaLearner):
             score = accuracy(prediction, query_y) if classification else torch.zeros((), device=query_x.device)
             return adapted, task_loss(prediction, query_y), score
 
-        with torch.no_grad():  # torch.func.grad still differentiates each inner step
+        # torch.func.grad still differentiates each inner step, once: the native batch norm is right
+        with torch.no_grad(), first_order_batch_norm():
             adapted, losses, scores = vmap(one_task)(batches_x, batches_y, batch.query_x, batch.query_y)
         target = {name: p.mean(dim=0) for name, p in adapted.items()}
         surrogate = 0.5 * sum((theta[name] - target[name]).square().sum() for name in theta)
@@ -261,7 +262,7 @@ class Reptile(MetaLearner):
         """Adapt with ``test_inner_steps`` mini-batches of ``test_inner_batch_size``, then
         classify the query set transductively or example by example (``transductive``)."""
         params, batches_x, batches_y = self._test_setup(batch)
-        with torch.no_grad():
+        with torch.no_grad(), first_order_batch_norm():
             adapted = vmap(lambda bx, by: self.adapt(params, bx, by)[0])(batches_x, batches_y)
             if self.config.transductive:
                 return vmap(self._forward)(adapted, batch.query_x)
@@ -279,7 +280,7 @@ class Reptile(MetaLearner):
             _, seen = self.adapt(params, batches_x, batches_y, observe=lambda p: self._forward(p, query_x))
             return torch.stack(seen)
 
-        with torch.no_grad():
+        with torch.no_grad(), first_order_batch_norm():
             return vmap(one_task)(batches_x, batches_y, batch.query_x).transpose(0, 1)
 
     def _test_setup(self, batch: TaskBatch) -> tuple[Params, Tensor, Tensor]:

@@ -8,7 +8,7 @@ from torch import nn
 from metalearn.errors import MetalearnError
 from metalearn.models.conv4 import Conv4
 from metalearn.models.mlp import MLP
-from metalearn.models.norm import BatchStatNorm
+from metalearn.models.norm import BatchStatNorm, first_order_batch_norm
 
 MODELS = ("conv4", "conv4-maxpool", "conv4-embedding", "mlp")
 
@@ -36,4 +36,4 @@ def build_model(name: str, input_shape: tuple[int, ...], out_features: int | Non
     raise MetalearnError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
 
 
-__all__ = ["BatchStatNorm", "Conv4", "MLP", "MODELS", "build_model"]
+__all__ = ["BatchStatNorm", "Conv4", "MLP", "MODELS", "build_model", "first_order_batch_norm"]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -18,22 +22,22 @@ class BatchStatNorm(nn.Module):
     and ``var`` it agrees with finite differences (tests/test_maml.py). There are no running
     statistics, as in the MAML reference code: statistics of the batch at train and test time.
 
-    ``differentiable_twice=False`` (see ``first_order_only``) uses the native kernel also when
-    gradients are recorded (faster: a Reptile training step 1.7x, see the README), which is
-    right for methods that differentiate only once.
+    The native kernel is also used when gradients are recorded inside
+    ``first_order_batch_norm()`` (how ProtoNets, Matching Networks and Reptile run the model:
+    they differentiate only once, and it is faster, a Reptile training step 1.7x, see the
+    README).
 
     x: (batch, num_features, *spatial) -> same shape
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, differentiable_twice: bool = True):
+    def __init__(self, num_features: int, eps: float = 1e-5):
         super().__init__()
         self.num_features, self.eps = num_features, eps
-        self.differentiable_twice = differentiable_twice
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (torch.is_grad_enabled() and self.differentiable_twice):  # the fast native kernel
+        if not torch.is_grad_enabled() or _FIRST_ORDER.get():  # the fast native kernel
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
         dims = (0, *range(2, x.dim()))
         centered = x - x.mean(dim=dims, keepdim=True)
@@ -45,12 +49,18 @@ class BatchStatNorm(nn.Module):
         return f"{self.num_features}, eps={self.eps}"
 
 
-def first_order_only(model: nn.Module) -> nn.Module:
-    """Switch every ``BatchStatNorm`` in ``model`` to the native kernel, for a method that
+_FIRST_ORDER = contextvars.ContextVar("metalearn_first_order_batch_norm", default=False)
+
+
+@contextlib.contextmanager
+def first_order_batch_norm() -> Iterator[None]:
+    """Within this block every ``BatchStatNorm`` uses torch's native kernel, for a method that
     never takes a second derivative through the model (ProtoNets, Matching Networks, Reptile).
-    Its first derivatives equal the twice-differentiable form's, also under ``vmap``
-    (tests/test_maml.py). Returns ``model``."""
-    for module in model.modules():
-        if isinstance(module, BatchStatNorm):
-            module.differentiable_twice = False
-    return model
+    Its values and first derivatives equal the twice-differentiable form's, also under ``vmap``
+    (tests/test_maml.py). A setting of the block, not of the model: the same module stays
+    right for second-order MAML outside it."""
+    token = _FIRST_ORDER.set(True)
+    try:
+        yield
+    finally:
+        _FIRST_ORDER.reset(token)

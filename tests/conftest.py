@@ -47,3 +47,12 @@ def omniglot(omniglot_data_dir, omniglot_cache_dir):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """For tests of tiny tensors: extra intra-op threads would only contend with other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,17 +6,10 @@ import json
 
 import pytest
 
-from metalearn.cli import main
+from cli_runner import run
 
 
-def run(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
+
 
 
 def test_train_eval_plot_sinusoid(tmp_path, capsys):

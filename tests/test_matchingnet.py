@@ -15,21 +15,16 @@ from torch import Tensor, nn
 
 from metalearn.algorithms import ALGORITHMS
 from metalearn.algorithms.matchingnet import MatchingNet
-from metalearn.cli import main
 from metalearn.errors import MetalearnError
 from metalearn.models import Conv4
 from metalearn.tasks.batch import Problem, TaskBatch
 
 from batches import image_batch
+from cli_runner import run
 from learning import held_out_accuracy_before_and_after
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fce_config(steps: int = 3) -> MatchingNet.Config:
@@ -211,14 +206,6 @@ def test_learns_omniglot_5_way_1_shot(omniglot):
     assert after > 0.5 and after > before + 0.15, (before, after)
 
 
-def run(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_train_and_eval_with_full_context_embeddings(tmp_path, capsys, omniglot_data_dir):

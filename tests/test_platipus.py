@@ -30,12 +30,7 @@ from batches import image_batch
 from reference import conv4_forward, mlp_forward, ref_adapt, ref_task_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- the independent reference -----------------------------------------------------------------

@@ -24,12 +24,7 @@ from batches import image_batch
 from learning import held_out_accuracy_before_and_after
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def points_batch() -> TaskBatch:

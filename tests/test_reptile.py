@@ -29,12 +29,7 @@ from metalearn.tasks.sinusoid import SinusoidTasks
 from batches import image_batch as random_image_batch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small ops: more threads only contend on a busy machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def image_batch(tasks=3, ways=3, shots=4, query=2, size=12, seed=0, dtype=torch.float64) -> TaskBatch:

@@ -19,8 +19,9 @@ SINUSOID = ["maml", "--dataset", "sinusoid", "--meta-batch-size", "5", "--log-ev
             "--val-episodes", "6", "--checkpoint-every", "2", "--eval-episodes", "20", "--no-progress"]
 
 
-def env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "METALEARN_DIST_TIMEOUT": "20"}
+def env(dist_timeout_s: int = 120):
+    """A collective timeout long enough for a loaded CI machine; the dead-rank test shortens it."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "METALEARN_DIST_TIMEOUT": str(dist_timeout_s)}
 
 
 def metalearn(args, tmp_path):
@@ -109,7 +110,7 @@ def test_a_dead_rank_stops_the_others_with_a_message(tmp_path):
     port = free_port()
     procs = []
     for rank in (0, 1):
-        rank_env = {**env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+        rank_env = {**env(dist_timeout_s=20), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "metalearn", "train", *SINUSOID, "--steps", "100000", "--checkpoint-every", "5",

@@ -220,7 +220,7 @@ def test_cli_train_and_eval_with_full_context_embeddings(tmp_path, capsys, omnig
     assert "accuracy" in out and "6 episodes" in out
     config = json.loads((run_dir / "config.json").read_text())
     assert config["algorithm_config"] == {"full_context_embeddings": True, "processing_steps": 2,
-                                          "model": "conv4-embedding", "distance": "cosine", "scale": 1.0}
+                                          "model": "conv4-embedding", "distance": "cosine", "scale": 10.0}
     assert config["train"]["eval_episodes"] == 6 and config["train"]["meta_lr"] == 1e-3
     code, out, err = run(["eval", run_dir, "--episodes", 4, "--set", "processing_steps=4",
                           "--data-dir", omniglot_data_dir, "--no-progress"], capsys)

@@ -159,3 +159,40 @@ def test_asking_for_a_gpu_without_one_is_a_clear_error(tmp_path):
                           env=env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "sees no GPU" in done.stderr and "Traceback" not in done.stderr
+
+
+def wait_for_step(run_dir, procs, step: int, timeout_s: float = 120) -> None:
+    deadline = time.time() + timeout_s
+    while not any(r.get("step", 0) >= step for r in RunDir(run_dir).read_metrics()):
+        assert time.time() < deadline, "training did not start"
+        for p in procs:
+            assert p.poll() is None, p.communicate()[1][-2000:]
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_stop_signal_to_one_process_stops_every_rank_after_a_saved_step(tmp_path, ranks):
+    """SIGTERM to one process (rank 1 of 2, or the only one): every rank finishes the same
+    step, rank 0 saves it, and all exit with 143 and a message saying how to resume."""
+    run_dir = tmp_path / "run"
+    port = free_port()
+    procs = []
+    for rank in range(ranks):
+        rank_env = {**env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks),
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "metalearn", "train", *SINUSOID, "--steps", "100000", "--checkpoint-every", "1000",
+             "--run-dir", str(run_dir)], env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        wait_for_step(run_dir, procs, 5)
+        procs[-1].send_signal(signal.SIGTERM)
+        errs = [p.communicate(timeout=90)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [143] * ranks, errs
+    step = RunDir(run_dir).read_checkpoint()["step"]
+    assert step >= 5
+    assert f"after step {step} of 100000" in errs[0] and "--resume" in errs[0] and "Traceback" not in errs[0]
+    assert "stopped by SIGTERM" in errs[-1]

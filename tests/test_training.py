@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 
 import pytest
 import torch
 
 from metalearn.algorithms import build_learner
 from metalearn.api import evaluate_run, resolve_config
-from metalearn.errors import MetalearnError
+from metalearn.errors import MetalearnError, TrainingStopped
 from metalearn.runs import RunDir
 from metalearn.tasks import problem_of
 from metalearn.training import build_trainer, initialise_from_run, load_trained
@@ -107,6 +109,53 @@ def test_interrupted_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypa
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     monkeypatch.undo()
     assert load_trained(tmp_path)[2] == 2
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_the_step_and_resume_stays_exact(tmp_path, sig):
+    """SIGTERM or Ctrl-C mid-step: the step finishes, is checkpointed (3 is not a periodic
+    checkpoint here), training stops with the signal's exit code, and resuming gives the same
+    parameters as an uninterrupted run."""
+    straight = build_trainer(sinusoid_config(6), tmp_path / "straight")
+    straight.fit(progress=False)
+
+    trainer = build_trainer(sinusoid_config(6), tmp_path / "stopped")
+    real_meta_loss = trainer.learner.meta_loss
+
+    def signalled_in_step_3(batch):
+        if trainer.step == 2:
+            os.kill(os.getpid(), sig)
+        return real_meta_loss(batch)
+
+    trainer.learner.meta_loss = signalled_in_step_3
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingStopped, match=f"stopped by {sig.name} after step 3 of 6.*--resume") as stopped:
+        trainer.fit(progress=False)
+    assert stopped.value.exit_code == 128 + sig
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    assert load_trained(tmp_path / "stopped")[2] == 3
+
+    resumed = build_trainer(sinusoid_config(6), tmp_path / "stopped", resume=True)
+    resumed.fit(progress=False)
+    a, b = parameters_of(straight.learner), parameters_of(resumed.learner)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    trainer = build_trainer(sinusoid_config(6), tmp_path)
+    real_meta_loss = trainer.learner.meta_loss
+
+    def interrupted_twice(batch):
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_meta_loss(batch)
+
+    trainer.learner.meta_loss = interrupted_twice
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(progress=False)
+    assert load_trained(tmp_path)[2] == 2  # the periodic checkpoint before the interrupt
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path):

@@ -14,7 +14,7 @@ from click.core import ParameterSource
 
 from metalearn.algorithms import ALGORITHMS
 from metalearn.config import TaskConfig, TrainConfig
-from metalearn.errors import MetalearnError
+from metalearn.errors import MetalearnError, TrainingStopped
 from metalearn.runtime import tune_allocator
 
 DEVICE_HELP = ("cpu, cuda (under torchrun: each rank's GPU, NCCL), cuda:N or auto; not part of the run, "
@@ -287,6 +287,9 @@ def main(args: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit 2, never a traceback."""
     try:
         code = cli.main(args=args, prog_name="metalearn", standalone_mode=False)
+    except TrainingStopped as err:  # Ctrl-C or SIGTERM: the last step is saved
+        click.echo(str(err), err=True)
+        sys.exit(err.exit_code)
     except MetalearnError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)

@@ -9,3 +9,12 @@ of showing a traceback from deep inside torch.
 
 class MetalearnError(Exception):
     """A problem the user can act on; its message is shown as is."""
+
+
+class TrainingStopped(MetalearnError):
+    """Training stopped on request (Ctrl-C or SIGTERM) after saving a checkpoint of its last
+    step; ``exit_code`` is the shell's for that signal (130, 143)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -4,6 +4,8 @@ validate and checkpoint. Readable top to bottom; it never knows which method it 
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ import torch
 from metalearn.algorithms import MetaLearner, algorithm_class, build_learner
 from metalearn.config import RESUMABLE_CHANGES, RunConfig, config_differences
 from metalearn.distributed import RankLost, World
-from metalearn.errors import MetalearnError
+from metalearn.errors import MetalearnError, TrainingStopped
 from metalearn.evaluation import evaluate
 from metalearn.runs import RunDir
 from metalearn.tasks import TaskSource, build_task_source, has_validation, problem_of
@@ -34,6 +36,33 @@ def lr_factor(train, step: int) -> float:
     if train.lr_anneal == "linear":
         factor *= max(0.0, 1.0 - step / max(train.steps, 1))
     return factor
+
+
+class StopRequests:
+    """While active, the first SIGINT or SIGTERM is only noted, so that training finishes the
+    step it is in and saves it; a second one acts as usual (Ctrl-C twice stops at once).
+    Signal handlers can only be set from the main thread; elsewhere nothing is caught."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: signal.Signals | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum, frame) -> None:
+        self.received = signal.Signals(signum)
+        signal.signal(signum, self._previous[signum])
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 class Trainer:
@@ -95,59 +124,12 @@ class Trainer:
         parameters = list(self.learner.parameters())
         share = self.world.share(train.meta_batch_size)
         local_fraction = (share.stop - share.start) / train.meta_batch_size
-        window_start, window_tasks = time.perf_counter(), 0
-        clock = time.perf_counter()
         if self.step == 0:
             self.save()  # eval, resume and a NaN at step 1 always find a checkpoint
         try:
-            while self.step < train.steps:
-                seed = step_seed(train.seed, self.step)
-                batch = self.train_tasks.sample(train.meta_batch_size, torch.Generator().manual_seed(seed), share)
-                batch = batch.to(self.world.device)
-                torch.manual_seed(seed + self.world.rank)
-                self.learner.train()
-                self.learner.start_step(self.step)
-                loss, metrics = self.learner.meta_loss(batch)
-                total_loss = float(self.world.sum(loss.detach() * local_fraction))
-                if not math.isfinite(total_loss):
-                    raise MetalearnError(
-                        f"the meta-loss became {total_loss} at step {self.step + 1}; training stopped "
-                        f"and the last good checkpoint in {self.run_dir.path} is kept. Try a smaller "
-                        "--inner-lr or --meta-lr, or fewer --inner-steps."
-                    )
-                self.optimizer.zero_grad(set_to_none=True)
-                (loss * local_fraction).backward()
-                self.world.sum_gradients(parameters)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.step += 1
-                window_tasks += train.meta_batch_size
-                now = time.perf_counter()
-                self.elapsed_s += now - clock
-                clock = now
-
-                if self.step % train.log_every == 0 or self.step == train.steps:
-                    elapsed = time.perf_counter() - window_start
-                    record = {"step": self.step, "loss": total_loss,
-                              "tasks_per_s": window_tasks / max(elapsed, 1e-9),
-                              "elapsed_s": round(self.elapsed_s, 2)}
-                    for name, value in metrics.items():
-                        if name != "loss":
-                            record[name] = float(self.world.sum(value.detach() * local_fraction))
-                    if self.world.is_main:
-                        self.run_dir.append_metrics(record)
-                        if bar is not None:
-                            bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k != "step"})
-                    window_start, window_tasks = time.perf_counter(), 0
-                if bar is not None:
-                    bar.update(1)
-                if self.val_tasks is not None and train.val_every > 0 and self.step % train.val_every == 0:
-                    self.validate()
-                if self.step % train.checkpoint_every == 0:
-                    self.save()
+            with StopRequests() as stop:
+                self._loop(stop, bar, parameters, share, local_fraction)
         except RankLost as err:
-            # (an interrupt is not caught: it may land inside an update, so the last periodic
-            # checkpoint, written between steps, is the one kept)
             raise MetalearnError(
                 f"rank {self.world.rank} lost contact with the other ranks at step {self.step + 1} "
                 f"({err}); another process probably died. The last "
@@ -157,6 +139,72 @@ class Trainer:
             if bar is not None:
                 bar.close()
         self.save()
+
+    def _loop(self, stop: StopRequests, bar, parameters, share: slice, local_fraction: float) -> None:
+        train = self.config.train
+        window_start, window_tasks = time.perf_counter(), 0
+        clock = time.perf_counter()
+        while self.step < train.steps:
+            seed = step_seed(train.seed, self.step)
+            batch = self.train_tasks.sample(train.meta_batch_size, torch.Generator().manual_seed(seed), share)
+            batch = batch.to(self.world.device)
+            torch.manual_seed(seed + self.world.rank)
+            self.learner.train()
+            self.learner.start_step(self.step)
+            loss, metrics = self.learner.meta_loss(batch)
+            total_loss = float(self.world.sum(loss.detach() * local_fraction))
+            if not math.isfinite(total_loss):
+                raise MetalearnError(
+                    f"the meta-loss became {total_loss} at step {self.step + 1}; training stopped "
+                    f"and the last good checkpoint in {self.run_dir.path} is kept. Try a smaller "
+                    "--inner-lr or --meta-lr, or fewer --inner-steps."
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            (loss * local_fraction).backward()
+            self.world.sum_gradients(parameters)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            window_tasks += train.meta_batch_size
+            now = time.perf_counter()
+            self.elapsed_s += now - clock
+            clock = now
+
+            if self.step % train.log_every == 0 or self.step == train.steps:
+                elapsed = time.perf_counter() - window_start
+                record = {"step": self.step, "loss": total_loss,
+                          "tasks_per_s": window_tasks / max(elapsed, 1e-9),
+                          "elapsed_s": round(self.elapsed_s, 2)}
+                for name, value in metrics.items():
+                    if name != "loss":
+                        record[name] = float(self.world.sum(value.detach() * local_fraction))
+                if self.world.is_main:
+                    self.run_dir.append_metrics(record)
+                    if bar is not None:
+                        bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k != "step"})
+                window_start, window_tasks = time.perf_counter(), 0
+            if bar is not None:
+                bar.update(1)
+            if self.val_tasks is not None and train.val_every > 0 and self.step % train.val_every == 0:
+                self.validate()
+            stopping = self._stop_requested(stop) and self.step < train.steps
+            if self.step % train.checkpoint_every == 0 or stopping:
+                self.save()
+            if stopping:
+                name = stop.received.name if stop.received else "another rank's signal"
+                raise TrainingStopped(
+                    f"stopped by {name} after step {self.step} of {train.steps}; its checkpoint is "
+                    f"saved in {self.run_dir.path}: continue with `metalearn train "
+                    f"{self.config.algorithm} --run-dir {self.run_dir.path} --resume`",
+                    128 + int(stop.received or signal.SIGTERM),
+                )
+
+    def _stop_requested(self, stop: StopRequests) -> bool:
+        """Whether any rank was asked to stop: all ranks then stop after the same step."""
+        asked = stop.received is not None
+        if not self.world.distributed:
+            return asked
+        return bool(self.world.sum(torch.tensor(float(asked), device=self.world.device)) > 0)
 
     def validate(self) -> dict[str, Any]:
         result = evaluate(self.learner, self.val_tasks, self.config.train.val_episodes,

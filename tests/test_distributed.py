@@ -105,22 +105,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_dead_rank_stops_the_others_with_a_message(tmp_path):
-    run_dir = tmp_path / "run"
+def start_ranks(ranks: int, run_dir, args, dist_timeout_s: int = 120) -> list[subprocess.Popen]:
+    """``ranks`` training processes of one job, started by hand (not torchrun) so that a test
+    can signal or kill one of them."""
     port = free_port()
     procs = []
-    for rank in (0, 1):
-        rank_env = {**env(dist_timeout_s=20), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+    for rank in range(ranks):
+        rank_env = {**env(dist_timeout_s), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks),
                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "metalearn", "train", *SINUSOID, "--steps", "100000", "--checkpoint-every", "5",
-             "--run-dir", str(run_dir)], env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            [sys.executable, "-m", "metalearn", "train", *SINUSOID, *map(str, args), "--run-dir", str(run_dir)],
+            env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def test_a_dead_rank_stops_the_others_with_a_message(tmp_path):
+    run_dir = tmp_path / "run"
+    procs = start_ranks(2, run_dir, ["--steps", 100000, "--checkpoint-every", 5], dist_timeout_s=20)
     try:
-        deadline = time.time() + 120
-        while not any(r.get("step", 0) >= 10 for r in RunDir(run_dir).read_metrics()):
-            assert time.time() < deadline, "training did not start"
-            assert procs[0].poll() is None, procs[0].communicate()[1][-2000:]
-            time.sleep(0.2)
+        wait_for_step(run_dir, procs, 10)
         procs[1].send_signal(signal.SIGKILL)
         _, err = procs[0].communicate(timeout=90)
         assert procs[0].returncode == 2, err[-2000:]
@@ -175,14 +178,7 @@ def test_a_stop_signal_to_one_process_stops_every_rank_after_a_saved_step(tmp_pa
     """SIGTERM to one process (rank 1 of 2, or the only one): every rank finishes the same
     step, rank 0 saves it, and all exit with 143 and a message saying how to resume."""
     run_dir = tmp_path / "run"
-    port = free_port()
-    procs = []
-    for rank in range(ranks):
-        rank_env = {**env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks),
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "metalearn", "train", *SINUSOID, "--steps", "100000", "--checkpoint-every", "1000",
-             "--run-dir", str(run_dir)], env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    procs = start_ranks(ranks, run_dir, ["--steps", 100000, "--checkpoint-every", 1000])
     try:
         wait_for_step(run_dir, procs, 5)
         procs[-1].send_signal(signal.SIGTERM)

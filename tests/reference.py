@@ -4,6 +4,8 @@ torch.autograd.grad, sharing no code with the package."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -49,3 +51,17 @@ def ref_adapt(forward, params, x, y, steps, lr, first_order):
         params = {n: params[n] - lr(n, step) * g for n, g in zip(names, grads)}
         trajectory.append(params)
     return trajectory
+
+
+def central_difference(loss: Callable[[], Tensor], param: Tensor, index: int, eps: float = 1e-6) -> float:
+    """d loss / d param.view(-1)[index] by central finite differences, moving that one entry of
+    ``param`` in place by +-eps and putting it back: the ground truth of the gradient tests."""
+    with torch.no_grad():
+        flat = param.view(-1)
+        original = flat[index].item()
+        flat[index] = original + eps
+        plus = loss().item()
+        flat[index] = original - eps
+        minus = loss().item()
+        flat[index] = original
+    return (plus - minus) / (2 * eps)

@@ -232,6 +232,18 @@ def test_diverging_episodes_are_counted_and_reported(tmp_path):
     assert evaluate_run(tmp_path, episodes=10, progress=False)["diverged"] == 0
 
 
+def test_result_text_lists_per_step_scores_only_when_there_are_several():
+    from metalearn.evaluation import format_result
+
+    result = {"metric": "accuracy", "mean": 91.2, "ci95": 0.23, "episodes": 1000, "diverged": 0}
+    stepped = format_result({**result, "per_step": [5.0, 86.0, 91.2]})
+    assert stepped == ("accuracy 91.20% +/- 0.23% (95% CI, 1000 episodes)\n"
+                       "after 0..2 adaptation steps: 5.0 86.0 91.2")
+    # a metric-based method, or Reptile without transduction (only final predictions are made):
+    # no "after 0..0 adaptation steps" line that would misstate how many steps were taken
+    assert format_result({**result, "per_step": [91.2]}) == "accuracy 91.20% +/- 0.23% (95% CI, 1000 episodes)"
+
+
 def test_init_from_starts_with_another_runs_network(tmp_path):
     """PLATIPUS's prior mean from a trained MAML run; its own parameters start afresh; a run
     with another network is refused with a clear message."""

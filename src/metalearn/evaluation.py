@@ -90,7 +90,9 @@ def format_result(result: dict[str, Any]) -> str:
     else:
         head = f"MSE {result['mean']:.4f} +/- {result['ci95']:.4f} (95% CI, {result['episodes']} tasks)"
         steps = " ".join(f"{v:.3f}" for v in result["per_step"])
-    text = f"{head}\nafter 0..{len(result['per_step']) - 1} adaptation steps: {steps}"
+    text = head
+    if len(result["per_step"]) > 1:  # one entry: no per-step scores (no inner loop, or not recorded)
+        text += f"\nafter 0..{len(result['per_step']) - 1} adaptation steps: {steps}"
     if result.get("diverged"):
         text += (f"\nwarning: {result['diverged']} of {result['episodes']} episodes diverged (non-finite "
                  "score); try fewer test-time steps, e.g. --set test_inner_steps=1")

@@ -454,10 +454,15 @@ def main(argv=None) -> dict:
         "table": table,
     }
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-        print(f"\nwrote {args.json}")
+        save_json(args.json, result)
     return result
+
+
+def save_json(path: Path, result: dict) -> None:
+    """Write a benchmark's result as JSON, so a README figure can name the file it came from."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

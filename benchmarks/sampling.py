@@ -14,7 +14,6 @@ Building the sampler (rotating the class bank) happens once per split and is not
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from maml_step import time_metalearn_maml, warn_if_loaded  # noqa: E402
+from maml_step import save_json, time_metalearn_maml, warn_if_loaded  # noqa: E402
 
 from metalearn.data.omniglot import load_omniglot  # noqa: E402
 from metalearn.data.splits import omniglot_split  # noqa: E402
@@ -120,9 +119,7 @@ def main(argv=None) -> dict:
         "rows": rows, "maml_steps": {str(q): s for q, s in steps.items()}, "table": table,
     }
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-        print(f"\nwrote {args.json}")
+        save_json(args.json, result)
     return result
 
 

@@ -127,6 +127,8 @@ def test_platipus_plot_beside_maml_and_compare(tmp_path, capsys):
         (["--test-ways", 3], "tested with as many ways as it is trained with"),
         (["--model", "conv4-embedding"], "conv4-embedding has no output layer"),
         (["--log-every", 0], "--log-every must be at least 1"),
+        (["--ways", 1], "--ways must be at least 2"),
+        (["--test-query", 0], "--test-query must be at least 1"),
         (["--split", "lake", "--test-shots", 10, "--test-query", 15], "--shots 10 with --query 15 needs 25"),
     ],
 )

@@ -35,6 +35,15 @@ class TaskConfig:
     def __post_init__(self):
         if self.dataset not in DATASETS:
             raise MetalearnError(f"unknown dataset {self.dataset!r}; valid datasets: {', '.join(DATASETS)}")
+        # checked here, before any network is built for the shape (its head has `ways` outputs)
+        if self.classification:
+            for option, ways in (("--ways", self.ways), ("--test-ways", self.test_ways)):
+                if ways is not None and ways < 2:
+                    raise MetalearnError(f"{option} must be at least 2 (a task tells classes apart), got {ways}")
+        for option in ("shots", "query", "test_shots", "test_query"):
+            value = getattr(self, option)
+            if value is not None and value < 1:
+                raise MetalearnError(f"--{option.replace('_', '-')} must be at least 1, got {value}")
 
     @property
     def classification(self) -> bool:

@@ -148,6 +148,8 @@ def test_bad_set_values_are_refused(tmp_path, capsys, setting, message):
                 run_dir, "--no-progress", "--no-eval"], capsys)[0] == 0
     code, _, err = run(["eval", run_dir, "--set", setting], capsys)
     assert code == 2 and message in err
+    code, _, err = run(["eval", run_dir, "--episodes", 0], capsys)  # not "the default number"
+    assert code == 2 and "0 is not in the range x>=1" in err and not (run_dir / "eval.json").exists()
     code, out, _ = run(["eval", run_dir, "--episodes", 4, "--set", "first_order=False", "--no-progress"], capsys)
     assert code == 0
 

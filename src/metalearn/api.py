@@ -117,7 +117,7 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
 
     source = build_task_source(config.task, part, data_dir, progress)
     learner = learner.to(world.device)
-    n = episodes or config.train.eval_episodes
+    n = config.train.eval_episodes if episodes is None else episodes
     result = evaluate(learner, source, n, seed=seed + TEST_SEED_OFFSET, world=world, progress=progress)
     test = config.task.for_testing()
     result.update({"part": part, "step": step, "algorithm": config.algorithm, "dataset": config.task.dataset,

@@ -116,7 +116,7 @@ for _name in ALGORITHMS:
 
 @cli.command("eval")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--episodes", type=int, default=None, help="test episodes (default: the run's eval_episodes, 600)")
+@click.option("--episodes", type=click.IntRange(min=1), default=None, help="test episodes (default: the run's eval_episodes, 600)")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the test episodes")
 @click.option("--part", type=click.Choice(["test", "val"]), default="test", show_default=True)
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
@@ -170,7 +170,7 @@ def plot(run_dir, data_dir, compare_with):
 
 @cli.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--episodes", type=int, default=600, show_default=True)
+@click.option("--episodes", type=click.IntRange(min=1), default=600, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the test episodes")
 @click.option("--samples", "num_samples", type=int, default=None, help="models sampled per task (sampling methods)")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="also write the result here")

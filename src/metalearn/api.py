@@ -101,8 +101,9 @@ def with_test_shape(config: RunConfig, shape: dict[str, int]) -> RunConfig:
     if unknown:
         raise MetalearnError(f"an episode shape has ways, shots and query, not {', '.join(sorted(unknown))}")
     for key, value in shape.items():
-        if not isinstance(value, int) or value < 1:
-            raise MetalearnError(f"test {key} must be a positive whole number, got {value!r}")
+        least = 2 if key == "ways" else 1
+        if not isinstance(value, int) or value < least:
+            raise MetalearnError(f"test {key} must be a whole number of at least {least}, got {value!r}")
     if not config.task.classification and "ways" in shape:
         raise MetalearnError(f"{config.task.dataset} is regression: its tasks have no ways")
     task = dataclasses.replace(config.task, **{f"test_{key}": value for key, value in shape.items()})

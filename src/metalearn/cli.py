@@ -172,7 +172,7 @@ def plot(run_dir, data_dir, compare_with):
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--episodes", type=click.IntRange(min=1), default=600, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the test episodes")
-@click.option("--samples", "num_samples", type=int, default=None, help="models sampled per task (sampling methods)")
+@click.option("--samples", "num_samples", type=click.IntRange(min=1), default=None, help="models sampled per task (sampling methods)")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="also write the result here")
 @click.option("--set", "settings", multiple=True, metavar="OPTION=VALUE",
               help="change a method option of every run for this comparison, e.g. --set test_inner_steps=1")

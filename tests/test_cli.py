@@ -168,7 +168,9 @@ def test_eval_on_episodes_of_another_shape(tmp_path, capsys, omniglot_data_dir):
     code, _, err = run(["eval", proto, "--ways", 5000, "--data-dir", omniglot_data_dir], capsys)
     assert code == 2 and "5000" in err and "Traceback" not in err
     code, _, err = run(["eval", proto, "--shots", 0, "--data-dir", omniglot_data_dir], capsys)
-    assert code == 2 and "positive" in err
+    assert code == 2 and "test shots must be a whole number of at least 1" in err
+    code, _, err = run(["eval", proto, "--ways", 1, "--data-dir", omniglot_data_dir], capsys)
+    assert code == 2 and "test ways must be a whole number of at least 2" in err
 
     assert run(["train", "maml", "--meta-batch-size", 1, "--run-dir", maml] + common, capsys)[0] == 0
     code, _, err = run(["eval", maml, "--ways", 20, "--data-dir", omniglot_data_dir], capsys)

@@ -91,6 +91,18 @@ def test_two_ranks_equal_one_process_for_prototypical_networks(tmp_path, omniglo
     assert_same_weights(tmp_path / "single", tmp_path / "double", atol=5e-4)
 
 
+def test_two_ranks_carry_reptiles_inner_adam_state_like_one_process(tmp_path):
+    """The carried inner Adam state advances by every rank's tasks (``end_step``), so both the
+    weights and the state in the checkpoint are those of one process (shares of 3 and 2 tasks)."""
+    args = ["reptile", "--dataset", "sinusoid", "--meta-batch-size", 5, "--steps", 3, "--inner-optimizer", "adam",
+            "--inner-lr", 0.01, "--inner-adam-state", "carried", "--val-every", 0, "--no-eval", "--no-progress"]
+    metalearn(args + ["--run-dir", tmp_path / "single"], tmp_path)
+    torchrun(args + ["--run-dir", tmp_path / "double"], tmp_path)
+    assert_same_weights(tmp_path / "single", tmp_path / "double")
+    state = weights(tmp_path / "double")
+    assert int(state["carried_adam.steps"]) == 3 * 5 * 5  # steps x tasks x inner steps, all ranks' tasks
+
+
 def test_resume_a_two_rank_checkpoint_on_one_rank(tmp_path):
     straight, mixed = tmp_path / "straight", tmp_path / "mixed"
     metalearn(SINUSOID + ["--steps", 8, "--no-eval", "--run-dir", straight], tmp_path)

@@ -183,6 +183,90 @@ def test_vmapped_inner_loop_equals_per_task_torch_optim_loop(optimizer, lr):
     assert float(metrics["accuracy"]) == pytest.approx(float(correct.double().mean()))
 
 
+def test_carried_adam_state_is_one_torch_adam_running_through_the_tasks():
+    """``inner_adam_state="carried"`` against the reference code's behaviour, written with one
+    ``torch.optim.Adam`` that lives through meta-training: each task starts from the current
+    initialization but from the optimiser's state as the last task left it, and each test task
+    starts from the trained state, which it leaves unchanged. One task per meta-step, where
+    the side-by-side tasks of a meta-batch are exactly the sequence."""
+    from metalearn.distributed import World
+
+    model = conv_model()
+    steps, batch_size, epsilon, lr = 3, 5, 0.5, 0.01
+    config = Reptile.Config(inner_lr=lr, inner_steps=steps, inner_batch_size=batch_size, inner_adam_state="carried",
+                            test_inner_steps=4, test_inner_batch_size=batch_size)
+    reptile = Reptile(copy.deepcopy(model), config)
+    outer = torch.optim.SGD(reptile.parameters(), lr=epsilon)
+
+    runner = copy.deepcopy(model)  # the reference: theta lives in `theta`, the optimiser in `adam`
+    adam = torch.optim.Adam(runner.parameters(), lr=lr, betas=(0.0, 0.999), eps=1e-8)
+    theta = [p.detach().clone() for p in model.parameters()]
+    for step in range(3):
+        batch = image_batch(tasks=1, seed=step)
+        torch.manual_seed(step)
+        loss, _ = reptile.meta_loss(batch)
+        outer.zero_grad()
+        loss.backward()
+        outer.step()
+        reptile.end_step(World())
+
+        torch.manual_seed(step)
+        index = minibatch_indices(batch.support_x.shape[1], batch_size, steps, 1)[0]
+        with torch.no_grad():
+            for p, t in zip(runner.parameters(), theta):
+                p.copy_(t)
+        for rows in index:
+            adam.zero_grad()
+            F.cross_entropy(runner(batch.support_x[0][rows]), batch.support_y[0][rows]).backward()
+            adam.step()
+        theta = [t + epsilon * (p.detach() - t) for p, t in zip(runner.parameters(), theta)]
+
+    torch.testing.assert_close(flat(reptile.model.parameters()).detach(), flat(theta), rtol=1e-9, atol=1e-11)
+    first, second, taken = reptile.carried_adam.state()
+    states = [adam.state[p] for p in runner.parameters()]
+    assert taken == 3 * steps == int(states[0]["step"])
+    torch.testing.assert_close(flat(first.values()), flat(s["exp_avg"] for s in states), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(flat(second.values()), flat(s["exp_avg_sq"] for s in states), rtol=1e-9, atol=1e-14)
+    assert flat(second.values()).abs().max() > 0
+
+    # at test time: the trained state, left as it was
+    test = image_batch(tasks=1, seed=7)
+    logits = reptile.predict(test)[0]
+    assert reptile.carried_adam.state()[2] == 3 * steps
+    index = minibatch_indices(test.support_x.shape[1], batch_size, 4, 1,
+                              torch.Generator().manual_seed(PREDICT_ORDER_SEED))[0]
+    with torch.no_grad():
+        for p, t in zip(runner.parameters(), theta):
+            p.copy_(t)
+    for rows in index:
+        adam.zero_grad()
+        F.cross_entropy(runner(test.support_x[0][rows]), test.support_y[0][rows]).backward()
+        adam.step()
+    with torch.no_grad():
+        torch.testing.assert_close(logits, runner(test.query_x[0]), rtol=1e-8, atol=1e-10)
+
+
+def test_carried_adam_state_advances_as_tasks_in_sequence():
+    """Several tasks side by side: the state advances by the closed form of
+    :class:`CarriedAdamState`, which is the sequence when every task changes the moments alike."""
+    from metalearn.algorithms.reptile import CarriedAdamState
+
+    start = ({"w": torch.tensor([1.0, 2.0], dtype=torch.float64)}, {"w": torch.tensor([3.0, 4.0], dtype=torch.float64)}, 6)
+    per_task = {"w": torch.tensor([0.5, -1.0], dtype=torch.float64)}  # each task adds this after its K steps
+    tasks, k, beta1, beta2 = 3, 2, 0.5, 0.9
+    state = CarriedAdamState({"w": torch.zeros(2, dtype=torch.float64)}).double()
+    changes = ({"w": tasks * per_task["w"]}, {"w": tasks * per_task["w"] ** 2})
+    state.advance(start, changes, tasks, k, beta1, beta2)
+    first, second = start[0]["w"], start[1]["w"]
+    for _ in range(tasks):  # one task after another: decay over its K steps, plus its own change
+        first = beta1**k * first + per_task["w"]
+        second = beta2**k * second + per_task["w"] ** 2
+    new_first, new_second, taken = state.state()
+    torch.testing.assert_close(new_first["w"], first)
+    torch.testing.assert_close(new_second["w"], second)
+    assert taken == 6 + tasks * k
+
+
 # -- evaluation --------------------------------------------------------------------------------
 
 
@@ -282,13 +366,14 @@ def test_paper_defaults_and_registry():
     assert ALGORITHMS["reptile"] is Reptile
     omniglot = {"dataset": "omniglot", "shots": 10, "query": 1}
     five = resolve_config("reptile", task={**omniglot, "ways": 5, "test_shots": 1})
-    assert five.algorithm_config == dataclasses.asdict(Reptile.Config())  # the defaults are the 5-way values
+    # the defaults are the 5-way values, but for the Adam state the reference code carries over
+    assert five.algorithm_config == dataclasses.asdict(Reptile.Config(inner_adam_state="carried"))
     assert (five.train.meta_optimizer, five.train.meta_lr, five.train.lr_anneal) == ("sgd", 1.0, "linear")
     assert (five.train.meta_batch_size, five.train.steps) == (5, 100000)
     twenty = resolve_config("reptile", task={**omniglot, "ways": 20, "test_shots": 5},
                             algorithm_config={"transductive": False})
     expected = {"inner_lr": 0.0005, "inner_steps": 10, "inner_batch_size": 20, "test_inner_steps": 50,
-                "test_inner_batch_size": 10, "transductive": False}
+                "test_inner_batch_size": 10, "transductive": False, "inner_adam_state": "carried"}
     assert expected.items() <= twenty.algorithm_config.items()
     assert twenty.train.steps == 200000 and twenty.task.for_testing().shots == 5
     sine = resolve_config("reptile", task={"dataset": "sinusoid"})
@@ -338,14 +423,17 @@ def test_command_line_options(capsys):
         assert option in out
 
 
-def test_resume_continues_exactly(tmp_path):
-    """The mini-batch order comes from the generator the trainer seeds per step, and plain SGD
-    with the linear anneal has only the scheduler as state: interrupted after 2 of 4 steps and
-    resumed gives the weights of 4 steps straight."""
+@pytest.mark.parametrize("inner", [{}, {"inner_optimizer": "adam", "inner_lr": 0.01, "inner_adam_state": "carried"}],
+                         ids=["sgd", "carried-adam"])
+def test_resume_continues_exactly(tmp_path, inner):
+    """The mini-batch order comes from the generator the trainer seeds per step, plain SGD with
+    the linear anneal has only the scheduler as state, and a carried inner Adam state is in the
+    checkpoint: interrupted after 2 of 4 steps and resumed gives the weights (and the carried
+    state) of 4 steps straight."""
     from metalearn.training import build_trainer
 
     config = resolve_config("reptile", task={"dataset": "sinusoid", "shots": 6},
-                            algorithm_config={"inner_batch_size": 4, "test_inner_steps": 2},
+                            algorithm_config={"inner_batch_size": 4, "test_inner_steps": 2, **inner},
                             train={"steps": 4, "meta_batch_size": 3, "val_every": 0, "checkpoint_every": 2})
     straight = build_trainer(config, tmp_path / "a")
     straight.fit(progress=False)
@@ -365,6 +453,8 @@ def test_resume_continues_exactly(tmp_path):
     assert resumed.step == 2
     resumed.fit(progress=False)
     final = resumed.learner.state_dict()
+    assert final.keys() == straight.learner.state_dict().keys()
+    assert any(name.startswith("carried_adam.") for name in final) == bool(inner)
     for name, value in straight.learner.state_dict().items():
         assert torch.equal(value, final[name]), name
     initial = build_trainer(config, tmp_path / "c").learner.state_dict()

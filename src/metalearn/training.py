@@ -163,6 +163,7 @@ class Trainer:
             (loss * local_fraction).backward()
             self.world.sum_gradients(parameters)
             self.optimizer.step()
+            self.learner.end_step(self.world)
             self.scheduler.step()
             self.step += 1
             window_tasks += train.meta_batch_size

@@ -43,6 +43,11 @@ class MetaLearner(nn.Module):
         method whose loss follows a schedule over training (MAML++'s multi-step loss weights).
         The default ignores it. A pure function of ``step``, so a resumed run matches."""
 
+    def end_step(self, world: Any) -> None:
+        """Told by the trainer after each meta-update, with its ``World``, for a method that keeps
+        state besides its parameters which every rank must agree on (Reptile's carried inner
+        Adam state, advanced by every rank's tasks). The default does nothing."""
+
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """Scalar loss averaged over the batch's tasks, whose gradient is the meta-gradient,
         and metrics (scalars, e.g. ``accuracy``) for logging. Batched over tasks (``vmap``),

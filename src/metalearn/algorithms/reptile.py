@@ -21,10 +21,13 @@ batch made of the support set plus that one example (as ``_test_predictions`` of
 openai/supervised-reptile), so no information passes between query examples. Both are
 vectorised (``vmap`` over tasks and over query examples).
 
-Where this differs from openai/supervised-reptile: each task's Adam starts afresh (zero moments,
-step 1), while the reference's TensorFlow Adam keeps its moment estimates, which are not
-trainable variables, from task to task and on into evaluation; the mini-batch order at test time
-is a fixed function of the batch, so an evaluation is repeatable.
+The inner Adam's state: by default each task's Adam starts afresh (zero moments, step 1). The
+reference code's TensorFlow Adam keeps its moment estimates, which are not trainable variables,
+from task to task and on into evaluation; ``inner_adam_state="carried"`` does that (see
+:class:`CarriedAdamState`), and the paper's Omniglot settings use it. Where this still differs
+from openai/supervised-reptile: the tasks of a meta-batch run side by side from the same state,
+not one after another; the mini-batch order at test time is a fixed function of the batch, so an
+evaluation is repeatable.
 
 Example::
 
@@ -68,7 +71,11 @@ class ReptileConfig:
     support examples (drawn without replacement, epoch after epoch); transductive: classify the
     query set in one batch (batch-norm statistics shared by the query examples) or each query
     example alone with the support set, at evaluation (meta-training never uses the query set
-    for the update); model: network name (see ``metalearn.models``)."""
+    for the update); inner_adam_state: ``fresh`` starts every task's Adam from zero moments at
+    step 0; ``carried`` keeps the moments and step count from task to task through training
+    and starts every test task from them, as the reference code's TensorFlow optimiser does
+    (its slots are not trainable variables, so neither the meta-update nor the end of a task
+    resets them); model: network name (see ``metalearn.models``)."""
 
     inner_optimizer: str = "adam"
     inner_lr: float = 0.001
@@ -79,11 +86,14 @@ class ReptileConfig:
     test_inner_steps: int = 50
     test_inner_batch_size: int = 5
     transductive: bool = True
+    inner_adam_state: str = "fresh"
     model: str = "conv4"
 
     def __post_init__(self):
         if self.inner_optimizer not in ("adam", "sgd"):
             raise MetalearnError(f"--inner-optimizer must be adam or sgd, got {self.inner_optimizer!r}")
+        if self.inner_adam_state not in ("fresh", "carried"):
+            raise MetalearnError(f"--inner-adam-state must be fresh or carried, got {self.inner_adam_state!r}")
         check_inner_loop_options(self.inner_lr, self.inner_steps, self.test_inner_steps)
         if self.inner_batch_size < 1 or self.test_inner_batch_size < 1:
             raise MetalearnError("--inner-batch-size and --test-inner-batch-size must be >= 1")
@@ -130,6 +140,46 @@ def minibatch_indices(n_examples: int, batch_size: int, steps: int, tasks: int,
     return order.reshape(tasks, -1)[:, : steps * batch_size].reshape(tasks, steps, batch_size)
 
 
+class CarriedAdamState(nn.Module):
+    """The inner Adam's moments and step count, carried from task to task
+    (``inner_adam_state="carried"``). Buffers, so a checkpoint holds them and a resumed run
+    continues exactly.
+
+    The reference code trains a meta-batch's tasks one after another with one optimiser. Here
+    they train side by side from the same state, and the state then advances as if they had
+    run in sequence, each task contributing the change of its own moments: with decay ``b``,
+    ``K`` steps per task and ``T`` tasks, ``m <- b^(KT) m + (1 - b^(KT)) / (1 - b^K) *
+    mean_tasks(m_task - b^K m)``. This is the sequential result when the tasks contribute
+    equally, and independent of task order otherwise, so it does not depend on how a
+    meta-batch is split over ranks.
+    """
+
+    def __init__(self, params: Params):
+        super().__init__()
+        self.names = list(params)
+        for i, p in enumerate(params.values()):
+            self.register_buffer(f"first_{i}", torch.zeros_like(p))
+            self.register_buffer(f"second_{i}", torch.zeros_like(p))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def state(self) -> AdamState:
+        first = {name: getattr(self, f"first_{i}") for i, name in enumerate(self.names)}
+        second = {name: getattr(self, f"second_{i}") for i, name in enumerate(self.names)}
+        return first, second, int(self.steps)
+
+    def advance(self, start: AdamState, changes: tuple[Params, Params], tasks: int, steps_per_task: int,
+                beta1: float, beta2: float) -> None:
+        """Set the state to ``start`` advanced by ``tasks`` tasks of ``steps_per_task`` steps whose
+        moments changed by ``changes`` in all (sums over tasks of ``m_task - b^K m_start``)."""
+        for i, name in enumerate(self.names):
+            for kind, beta, moments, change in (("first", beta1, start[0], changes[0]),
+                                                ("second", beta2, start[1], changes[1])):
+                per_task, total = beta**steps_per_task, beta ** (steps_per_task * tasks)
+                spread = tasks if per_task == 1 else (1 - total) / (1 - per_task)
+                getattr(self, f"{kind}_{i}").copy_(total * moments[name] + spread / tasks * change[name])
+        self.steps.fill_(start[2] + steps_per_task * tasks)
+
+
 class Reptile(MetaLearner):
     """Reptile around any ``nn.Module`` without running-statistics buffers."""
 
@@ -142,6 +192,9 @@ class Reptile(MetaLearner):
         require_functional_model(model, "Reptile", False)
         self.model = model
         self.config = config
+        carried = config.inner_adam_state == "carried" and config.inner_optimizer == "adam"
+        self.carried_adam = CarriedAdamState(dict(model.named_parameters())) if carried else None
+        self._pending: tuple | None = None  # this meta-step's state change, until end_step
 
     @classmethod
     def build(cls, config: ReptileConfig, problem: Problem) -> "Reptile":
@@ -160,13 +213,16 @@ class Reptile(MetaLearner):
                     {**outer, "meta_lr": 0.1, "meta_batch_size": 1, "steps": 30000, "val_every": 5000,
                      "checkpoint_every": 5000})
         # Appendix A, Omniglot table (= the archived supervised-reptile README commands). Both
-        # train on 10 shots per class (``--shots 10 --test-shots K --query 1``).
+        # train on 10 shots per class (``--shots 10 --test-shots K --query 1``), and the code's
+        # Adam carries its state across tasks.
         if task.ways >= 20:
             return ({"model": "conv4", "inner_optimizer": "adam", "inner_lr": 0.0005, "inner_steps": 10,
-                     "inner_batch_size": 20, "test_inner_steps": 50, "test_inner_batch_size": 10},
+                     "inner_batch_size": 20, "test_inner_steps": 50, "test_inner_batch_size": 10,
+                     "inner_adam_state": "carried"},
                     {**outer, "steps": 200000})
         return ({"model": "conv4", "inner_optimizer": "adam", "inner_lr": 0.001, "inner_steps": 5,
-                 "inner_batch_size": 10, "test_inner_steps": 50, "test_inner_batch_size": 5},
+                 "inner_batch_size": 10, "test_inner_steps": 50, "test_inner_batch_size": 5,
+                 "inner_adam_state": "carried"},
                 {**outer, "steps": 100000})
 
     # -- the pure functions ------------------------------------------------------------------
@@ -175,15 +231,20 @@ class Reptile(MetaLearner):
         return functional_call(self.model, params, (x,))
 
     def adapt(self, params: Params, batches_x: Tensor, batches_y: Tensor,
-              observe: Callable[[Params], Tensor] | None = None) -> tuple[Params, list[Tensor]]:
-        """Train on one task's mini-batches, one optimiser step each, from a fresh optimiser.
+              observe: Callable[[Params], Tensor] | None = None,
+              adam_state: AdamState | None = None) -> tuple[Params, list[Tensor], AdamState | None]:
+        """Train on one task's mini-batches, one optimiser step each, from a fresh optimiser or,
+        for Adam, from ``adam_state`` when given.
 
         batches_x: (steps, batch_size, *input_shape), batches_y: (steps, batch_size, ...), no
-        task axis (batch over tasks with ``vmap``). Returns the adapted parameters and, when
-        ``observe`` is given, its value on the parameters after 0..steps steps.
+        task axis (batch over tasks with ``vmap``). Returns the adapted parameters, when
+        ``observe`` is given its value on the parameters after 0..steps steps, and the final
+        Adam state (None for SGD).
         """
         config = self.config
-        state = adam_init(params) if config.inner_optimizer == "adam" else None
+        state = None
+        if config.inner_optimizer == "adam":
+            state = adam_state if adam_state is not None else adam_init(params)
         seen = [observe(params)] if observe is not None else []
         for step in range(batches_x.shape[0]):
             grads = loss_gradient(self.model, params, batches_x[step], batches_y[step])
@@ -194,7 +255,10 @@ class Reptile(MetaLearner):
                                           config.inner_beta2)
             if observe is not None:
                 seen.append(observe(params))
-        return params, seen
+        return params, seen, state
+
+    def _adam_start(self) -> AdamState | None:
+        return self.carried_adam.state() if self.carried_adam is not None else None
 
     @staticmethod
     def minibatches(support_x: Tensor, support_y: Tensor, steps: int, batch_size: int,
@@ -240,15 +304,20 @@ class Reptile(MetaLearner):
                                                 self.config.inner_batch_size)
         classification = batch.is_classification
 
+        adam_start = self._adam_start()
+
         def one_task(batches_x, batches_y, query_x, query_y):
-            adapted, _ = self.adapt(start, batches_x, batches_y)
+            adapted, _, adam_end = self.adapt(start, batches_x, batches_y, adam_state=adam_start)
             prediction = self._forward(adapted, query_x)
             score = accuracy(prediction, query_y) if classification else torch.zeros((), device=query_x.device)
-            return adapted, task_loss(prediction, query_y), score
+            moments = adam_end[:2] if adam_start is not None else ()
+            return adapted, task_loss(prediction, query_y), score, moments
 
         # torch.func.grad still differentiates each inner step, once: the native batch norm is right
         with torch.no_grad(), first_order_batch_norm():
-            adapted, losses, scores = vmap(one_task)(batches_x, batches_y, batch.query_x, batch.query_y)
+            adapted, losses, scores, moments = vmap(one_task)(batches_x, batches_y, batch.query_x, batch.query_y)
+            if adam_start is not None:
+                self._carry_adam_state(adam_start, moments, batch.num_tasks)
         target = {name: p.mean(dim=0) for name, p in adapted.items()}
         surrogate = 0.5 * sum((theta[name] - target[name]).square().sum() for name in theta)
         query_loss = losses.mean()
@@ -258,12 +327,46 @@ class Reptile(MetaLearner):
             metrics["accuracy"] = scores.mean()
         return loss, metrics
 
+    def _carry_adam_state(self, start: AdamState, moments: tuple[Params, Params], tasks: int) -> None:
+        """Advance the carried Adam state by this meta-batch's tasks (``moments``: their final
+        first and second moments, task axis first); :meth:`end_step` redoes it over every rank's
+        tasks when training is distributed."""
+        config, k = self.config, self.config.inner_steps
+        start = ({n: m.clone() for n, m in start[0].items()}, {n: v.clone() for n, v in start[1].items()}, start[2])
+        changes = tuple({n: (task[n] - beta**k * start[j][n]).sum(dim=0) for n in task}
+                        for j, (task, beta) in enumerate(zip(moments, (config.inner_beta1, config.inner_beta2))))
+        self.carried_adam.advance(start, changes, tasks, k, config.inner_beta1, config.inner_beta2)
+        self._pending = (start, changes, tasks)
+
+    def end_step(self, world) -> None:
+        """Over several ranks, the carried Adam state advances by the tasks of all of them, so
+        every rank keeps the same state."""
+        pending, self._pending = self._pending, None
+        if pending is None or not world.distributed:
+            return
+        start, changes, tasks = pending
+        names = list(changes[0])
+        flat = torch.cat([c[n].reshape(-1) for c in changes for n in names]
+                         + [torch.tensor([float(tasks)], dtype=changes[0][names[0]].dtype,
+                                         device=changes[0][names[0]].device)])
+        flat = world.sum(flat)
+        summed, offset = ({}, {}), 0
+        for j in range(2):
+            for n in names:
+                size = changes[j][n].numel()
+                summed[j][n] = flat[offset:offset + size].view_as(changes[j][n])
+                offset += size
+        config = self.config
+        self.carried_adam.advance(start, summed, int(round(float(flat[-1]))), config.inner_steps,
+                                  config.inner_beta1, config.inner_beta2)
+
     def predict(self, batch: TaskBatch) -> Tensor:
         """Adapt with ``test_inner_steps`` mini-batches of ``test_inner_batch_size``, then
         classify the query set transductively or example by example (``transductive``)."""
         params, batches_x, batches_y = self._test_setup(batch)
         with torch.no_grad(), first_order_batch_norm():
-            adapted = vmap(lambda bx, by: self.adapt(params, bx, by)[0])(batches_x, batches_y)
+            adam_start = self._adam_start()
+            adapted = vmap(lambda bx, by: self.adapt(params, bx, by, adam_state=adam_start)[0])(batches_x, batches_y)
             if self.config.transductive:
                 return vmap(self._forward)(adapted, batch.query_x)
             return self._classify_singly(adapted, batch.support_x, batch.query_x)
@@ -276,8 +379,11 @@ class Reptile(MetaLearner):
             return self.predict(batch).unsqueeze(0)
         params, batches_x, batches_y = self._test_setup(batch)
 
+        adam_start = self._adam_start()
+
         def one_task(batches_x, batches_y, query_x):
-            _, seen = self.adapt(params, batches_x, batches_y, observe=lambda p: self._forward(p, query_x))
+            _, seen, _ = self.adapt(params, batches_x, batches_y, observe=lambda p: self._forward(p, query_x),
+                                    adam_state=adam_start)
             return torch.stack(seen)
 
         with torch.no_grad(), first_order_batch_norm():

@@ -410,6 +410,22 @@ def test_train_and_evaluate_with_and_without_transduction(tmp_path, omniglot_dat
     assert json.loads((run_dir / "config.json").read_text())["algorithm_config"]["transductive"] is True
 
 
+def test_a_carried_run_can_be_tested_with_fresh_adam_but_not_the_reverse(tmp_path):
+    common = {"train": {"steps": 2, "meta_batch_size": 2, "val_every": 0, "eval_episodes": 4}}
+    inner = {"inner_optimizer": "adam", "inner_lr": 0.01, "inner_batch_size": 4, "test_inner_steps": 3}
+    runs = {}
+    for state in ("carried", "fresh"):
+        config = resolve_config("reptile", task={"dataset": "sinusoid", "shots": 6},
+                                algorithm_config={**inner, "inner_adam_state": state}, **common)
+        runs[state], _ = train(config, tmp_path / state, progress=False, evaluate_after=False, announce=lambda _: None)
+    carried = evaluate_run(runs["carried"], progress=False)
+    fresh = evaluate_run(runs["carried"], progress=False, overrides={"inner_adam_state": "fresh"})
+    assert carried["per_step"][0] == fresh["per_step"][0]  # the same weights before adaptation
+    assert carried["per_step"][-1] != fresh["per_step"][-1]  # adapted from different Adam states
+    with pytest.raises(MetalearnError, match="no carried inner Adam state"):
+        evaluate_run(runs["fresh"], progress=False, overrides={"inner_adam_state": "carried"})
+
+
 def test_command_line_options(capsys):
     from metalearn.cli import main
 

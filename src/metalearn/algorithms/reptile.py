@@ -41,6 +41,7 @@ Example::
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -256,6 +257,21 @@ class Reptile(MetaLearner):
             if observe is not None:
                 seen.append(observe(params))
         return params, seen, state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """A checkpoint with a carried Adam state also loads into a ``fresh`` Reptile, to test a
+        carried run with fresh test-time Adam (``--set inner_adam_state=fresh``); the reverse
+        has no state to carry and is refused."""
+        carried = [name for name in state_dict if name.startswith("carried_adam.")]
+        if self.carried_adam is None and carried:
+            kept = OrderedDict((k, v) for k, v in state_dict.items() if k not in carried)
+            if hasattr(state_dict, "_metadata"):
+                kept._metadata = state_dict._metadata
+            state_dict = kept
+        elif self.carried_adam is not None and not carried:
+            raise MetalearnError("this checkpoint has no carried inner Adam state (it was trained with "
+                                 "inner_adam_state=fresh), so it can only be tested with fresh")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _adam_start(self) -> AdamState | None:
         return self.carried_adam.state() if self.carried_adam is not None else None

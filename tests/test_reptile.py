@@ -201,6 +201,16 @@ def test_carried_adam_state_is_one_torch_adam_running_through_the_tasks():
     runner = copy.deepcopy(model)  # the reference: theta lives in `theta`, the optimiser in `adam`
     adam = torch.optim.Adam(runner.parameters(), lr=lr, betas=(0.0, 0.999), eps=1e-8)
     theta = [p.detach().clone() for p in model.parameters()]
+
+    def train_from_theta(task: TaskBatch, index) -> None:  # the runner adapts from theta, adam's state as it is
+        with torch.no_grad():
+            for p, t in zip(runner.parameters(), theta):
+                p.copy_(t)
+        for rows in index:
+            adam.zero_grad()
+            F.cross_entropy(runner(task.support_x[0][rows]), task.support_y[0][rows]).backward()
+            adam.step()
+
     for step in range(3):
         batch = image_batch(tasks=1, seed=step)
         torch.manual_seed(step)
@@ -211,14 +221,7 @@ def test_carried_adam_state_is_one_torch_adam_running_through_the_tasks():
         reptile.end_step(World())
 
         torch.manual_seed(step)
-        index = minibatch_indices(batch.support_x.shape[1], batch_size, steps, 1)[0]
-        with torch.no_grad():
-            for p, t in zip(runner.parameters(), theta):
-                p.copy_(t)
-        for rows in index:
-            adam.zero_grad()
-            F.cross_entropy(runner(batch.support_x[0][rows]), batch.support_y[0][rows]).backward()
-            adam.step()
+        train_from_theta(batch, minibatch_indices(batch.support_x.shape[1], batch_size, steps, 1)[0])
         theta = [t + epsilon * (p.detach() - t) for p, t in zip(runner.parameters(), theta)]
 
     torch.testing.assert_close(flat(reptile.model.parameters()).detach(), flat(theta), rtol=1e-9, atol=1e-11)
@@ -233,15 +236,8 @@ def test_carried_adam_state_is_one_torch_adam_running_through_the_tasks():
     test = image_batch(tasks=1, seed=7)
     logits = reptile.predict(test)[0]
     assert reptile.carried_adam.state()[2] == 3 * steps
-    index = minibatch_indices(test.support_x.shape[1], batch_size, 4, 1,
-                              torch.Generator().manual_seed(PREDICT_ORDER_SEED))[0]
-    with torch.no_grad():
-        for p, t in zip(runner.parameters(), theta):
-            p.copy_(t)
-    for rows in index:
-        adam.zero_grad()
-        F.cross_entropy(runner(test.support_x[0][rows]), test.support_y[0][rows]).backward()
-        adam.step()
+    train_from_theta(test, minibatch_indices(test.support_x.shape[1], batch_size, 4, 1,
+                                             torch.Generator().manual_seed(PREDICT_ORDER_SEED))[0])
     with torch.no_grad():
         torch.testing.assert_close(logits, runner(test.query_x[0]), rtol=1e-8, atol=1e-10)
 

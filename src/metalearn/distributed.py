@@ -52,16 +52,16 @@ class World:
         return slice(start, start + base + (1 if self.rank < extra else 0))
 
     def sum_gradients(self, parameters) -> None:
-        if not self.distributed:
+        self.sum_in_place([p.grad for p in parameters if p.grad is not None])
+
+    def sum_in_place(self, tensors: list[Tensor]) -> None:
+        """Replace each tensor (one dtype and device) by its sum over ranks, in one collective."""
+        if not self.distributed or not tensors:
             return
-        grads = [p.grad for p in parameters if p.grad is not None]
-        if grads:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            _collective(dist.all_reduce, flat, op=dist.ReduceOp.SUM)
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        _collective(dist.all_reduce, flat, op=dist.ReduceOp.SUM)
+        for t, summed in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(summed.view_as(t))
 
     def sum(self, value: Tensor) -> Tensor:
         if self.distributed:

@@ -361,19 +361,11 @@ class Reptile(MetaLearner):
         if pending is None or not world.distributed:
             return
         start, changes, tasks = pending
-        names = list(changes[0])
-        flat = torch.cat([c[n].reshape(-1) for c in changes for n in names]
-                         + [torch.tensor([float(tasks)], dtype=changes[0][names[0]].dtype,
-                                         device=changes[0][names[0]].device)])
-        flat = world.sum(flat)
-        summed, offset = ({}, {}), 0
-        for j in range(2):
-            for n in names:
-                size = changes[j][n].numel()
-                summed[j][n] = flat[offset:offset + size].view_as(changes[j][n])
-                offset += size
+        some = next(iter(changes[0].values()))
+        count = torch.tensor([float(tasks)], dtype=some.dtype, device=some.device)
+        world.sum_in_place([*changes[0].values(), *changes[1].values(), count])  # this step's own tensors
         config = self.config
-        self.carried_adam.advance(start, summed, int(round(float(flat[-1]))), config.inner_steps,
+        self.carried_adam.advance(start, changes, int(round(float(count))), config.inner_steps,
                                   config.inner_beta1, config.inner_beta2)
 
     def predict(self, batch: TaskBatch) -> Tensor:

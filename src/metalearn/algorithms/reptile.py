@@ -118,11 +118,16 @@ def adam_step(params: Params, grads: Params, state: AdamState, lr: float, beta1:
     ``grad``. Returns the new parameters and state."""
     first, second, steps = state
     steps += 1
-    first = {name: beta1 * first[name] + (1 - beta1) * g for name, g in grads.items()}
-    second = {name: beta2 * second[name] + (1 - beta2) * g * g for name, g in grads.items()}
+    # the fused forms torch.optim.Adam uses: each op reads and writes every parameter of every
+    # task, so their number sets the cost (13 unfused, 6 here with the reference's beta1 = 0)
+    if beta1 == 0:
+        first = dict(grads)
+    else:
+        first = {name: torch.lerp(first[name], g, 1 - beta1) for name, g in grads.items()}
+    second = {name: torch.addcmul(second[name] * beta2, g, g, value=1 - beta2) for name, g in grads.items()}
     step_size = lr / (1 - beta1**steps)
     root_correction = math.sqrt(1 - beta2**steps)
-    new = {name: p - step_size * first[name] / (second[name].sqrt() / root_correction + eps)
+    new = {name: torch.addcdiv(p, first[name], (second[name].sqrt() / root_correction).add_(eps), value=-step_size)
            for name, p in params.items()}
     return new, (first, second, steps)
 

@@ -59,6 +59,7 @@ from metalearn.algorithms.inner_loop import (Params, check_inner_loop_options, g
                                             sgd_step)
 from metalearn.errors import MetalearnError
 from metalearn.models import build_model
+from metalearn.models.norm import first_order_batch_norm
 from metalearn.tasks.batch import TaskBatch
 
 
@@ -282,7 +283,8 @@ class PLATIPUS(MetaLearner):
 
             return vmap(one_sample)(eps)  # (samples, steps + 1, n_query, out)
 
-        with torch.no_grad():  # torch.func.grad still differentiates the inner loop
+        # torch.func.grad still differentiates the inner loop, once: the native batch norm is right
+        with torch.no_grad(), first_order_batch_norm():
             per_task = vmap(one_task)(batch.support_x, batch.support_y, batch.query_x, noise)
         return per_task.permute(2, 1, 0, *range(3, per_task.dim()))
 

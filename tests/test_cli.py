@@ -50,6 +50,9 @@ def test_resume_from_the_command_line_takes_the_saved_configuration(tmp_path, ca
     [
         (["--shots", 10, "--query", 15], "omniglot has 20 images per class; --shots 10 with --query 15 needs 25"),
         (["--ways", 2000], "--ways 2000 is more than that"),
+        # test episodes' shape: the message names train's --test-* options and eval's own
+        (["--test-shots", 20], "--test-shots 20 with --test-query 1 needs 21. Lower --test-shots or "
+                               "--test-query (in metalearn eval: --shots or --query)"),
         (["--split", "nope"], "valid splits: vinyals, lake, maml"),
         (["--split", "lake", "--steps", 1, "--val-every", 1], None),
     ],
@@ -129,7 +132,7 @@ def test_platipus_plot_beside_maml_and_compare(tmp_path, capsys):
         (["--log-every", 0], "--log-every must be at least 1"),
         (["--ways", 1], "--ways must be at least 2"),
         (["--test-query", 0], "--test-query must be at least 1"),
-        (["--split", "lake", "--test-shots", 10, "--test-query", 15], "--shots 10 with --query 15 needs 25"),
+        (["--split", "lake", "--test-shots", 10, "--test-query", 15], "--test-shots 10 with --test-query 15 needs 25"),
     ],
 )
 def test_bad_options_are_refused_before_training(tmp_path, capsys, omniglot_data_dir, extra, message):
@@ -167,6 +170,8 @@ def test_eval_on_episodes_of_another_shape(tmp_path, capsys, omniglot_data_dir):
     assert (saved["ways"], saved["shots"], saved["query"], saved["episodes"]) == (20, 5, 1, 4)
     code, _, err = run(["eval", proto, "--ways", 5000, "--data-dir", omniglot_data_dir], capsys)
     assert code == 2 and "5000" in err and "Traceback" not in err
+    code, _, err = run(["eval", proto, "--shots", 19, "--query", 3, "--data-dir", omniglot_data_dir], capsys)
+    assert code == 2 and "needs 22" in err and "(in metalearn eval: --shots or --query)" in err
     code, _, err = run(["eval", proto, "--shots", 0, "--data-dir", omniglot_data_dir], capsys)
     assert code == 2 and "test shots must be a whole number of at least 1" in err
     code, _, err = run(["eval", proto, "--ways", 1, "--data-dir", omniglot_data_dir], capsys)

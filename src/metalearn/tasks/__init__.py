@@ -40,7 +40,8 @@ def build_task_source(task: TaskConfig, part: str, data_dir: Path | str | None =
 
     omniglot = load_omniglot(data_dir, task.image_size, progress=progress)
     pool = omniglot_split(omniglot, task.split, part)
-    return EpisodeSampler(torch.from_numpy(omniglot.images), pool, shape.ways, shape.shots, shape.query)
+    return EpisodeSampler(torch.from_numpy(omniglot.images), pool, shape.ways, shape.shots, shape.query,
+                          test=part != "train")
 
 
 def has_validation(task: TaskConfig) -> bool:

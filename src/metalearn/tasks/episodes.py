@@ -26,21 +26,29 @@ class EpisodeSampler:
     """
 
     def __init__(self, images: Tensor, pool: ClassPool, ways: int, shots: int, query: int,
-                 dataset: str = "omniglot"):
+                 dataset: str = "omniglot", test: bool = False):
         drawings = images.shape[1]
+        # errors name the options that set this shape: the training ones, or for test episodes
+        # train's --test-* options (which `metalearn eval` calls --ways/--shots/--query)
+        prefix = "--test-" if test else "--"
+
+        def also(*names: str) -> str:
+            return f" (in metalearn eval: {' or '.join('--' + n for n in names)})" if test else ""
+
         if ways < 2:
-            raise MetalearnError(f"--ways must be at least 2, got {ways}")
+            raise MetalearnError(f"{prefix}ways must be at least 2, got {ways}{also('ways')}")
         if shots < 1 or query < 1:
-            raise MetalearnError(f"--shots and --query must be at least 1, got {shots} and {query}")
+            raise MetalearnError(f"{prefix}shots and {prefix}query must be at least 1, got {shots} and "
+                                 f"{query}{also('shots', 'query')}")
         if shots + query > drawings:
             raise MetalearnError(
-                f"{dataset} has {drawings} images per class; --shots {shots} with --query "
-                f"{query} needs {shots + query}. Lower --shots or --query."
+                f"{dataset} has {drawings} images per class; {prefix}shots {shots} with {prefix}query "
+                f"{query} needs {shots + query}. Lower {prefix}shots or {prefix}query{also('shots', 'query')}."
             )
         if ways > len(pool):
             raise MetalearnError(
-                f"{dataset} split {pool.name} has {len(pool)} classes; --ways {ways} is more "
-                "than that. Lower --ways or use a split part with more classes."
+                f"{dataset} split {pool.name} has {len(pool)} classes; {prefix}ways {ways} is more "
+                f"than that. Lower {prefix}ways{also('ways')} or use a split part with more classes."
             )
         self.pool = pool
         self.ways, self.shots, self.query = ways, shots, query

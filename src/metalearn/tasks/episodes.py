@@ -18,7 +18,8 @@ class EpisodeSampler:
     whose rotation is -1 gets a random quarter turn per task. Everything is drawn from the given
     ``torch.Generator``, so a seed gives the same episodes on any run.
 
-    images: (n_characters, drawings, H, W) uint8, strokes bright.
+    images: (n_characters, drawings, H, W) uint8, strokes bright. ``test``: these are test or
+    validation episodes, so a shape they cannot have is reported with the options that set it.
 
     The pool's images are rotated once, up front, into a bank of every (class, rotation) the
     pool can produce (at 28x28 about 64 MB for the largest split part), so drawing a batch is

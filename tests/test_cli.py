@@ -182,4 +182,7 @@ def test_eval_on_episodes_of_another_shape(tmp_path, capsys, omniglot_data_dir):
     assert code == 2 and "one output per class" in err
     code, out, _ = run(["eval", maml, "--shots", 2, "--episodes", 2, "--data-dir", omniglot_data_dir,
                         "--no-progress"], capsys)
-    assert code == 0 and "eval-shots=2.json" in out
+    assert code == 0 and "eval-shots=2.json" in out and "after 0..3 adaptation steps" in out
+    code, out, _ = run(["eval", maml, "--shots", 2, "--episodes", 2, "--data-dir", omniglot_data_dir,
+                        "--no-progress", "--final-only"], capsys)
+    assert code == 0 and "accuracy" in out and "adaptation steps" not in out

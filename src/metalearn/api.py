@@ -76,7 +76,7 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
 def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0, part: str = "test",
                  data_dir: Path | str | None = None, progress: bool = True, world: World | None = None,
                  overrides: dict[str, Any] | None = None, device: str = "cpu",
-                 episode_shape: dict[str, int] | None = None) -> dict[str, Any]:
+                 episode_shape: dict[str, int] | None = None, per_step: bool = True) -> dict[str, Any]:
     """Evaluate the checkpoint of ``run_dir`` on ``episodes`` episodes of ``part`` and write
     ``eval.json`` (``eval-<key>=<value>.json`` with ``overrides`` of the method's options, e.g.
     ``{"test_inner_steps": 10}``). The episodes depend only on ``seed``, so methods compare on
@@ -84,13 +84,14 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
 
     ``episode_shape`` (keys ``ways``, ``shots``, ``query``) tests on episodes of another shape
     than the run's, e.g. a Prototypical Network trained 60-way tested 20-way, as in its paper.
+    ``per_step`` False skips the scores after each adaptation step (see ``evaluate``).
     """
     config, learner, step = load_trained(run_dir, overrides)
     if episode_shape:
         config = with_test_shape(config, episode_shape)
     labels = {**(overrides or {}), **(episode_shape or {})}
     return _evaluate(run_dir, config, learner, step, part, episodes, seed, data_dir, progress,
-                     world or init_world(device), labels)
+                     world or init_world(device), labels, per_step)
 
 
 def with_test_shape(config: RunConfig, shape: dict[str, int]) -> RunConfig:
@@ -113,13 +114,15 @@ def with_test_shape(config: RunConfig, shape: dict[str, int]) -> RunConfig:
 
 
 def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episodes: int | None, seed: int,
-              data_dir, progress: bool, world: World, overrides: dict[str, Any] | None) -> dict[str, Any]:
+              data_dir, progress: bool, world: World, overrides: dict[str, Any] | None,
+              per_step: bool = True) -> dict[str, Any]:
     from metalearn.tasks import build_task_source
 
     source = build_task_source(config.task, part, data_dir, progress)
     learner = learner.to(world.device)
     n = config.train.eval_episodes if episodes is None else episodes
-    result = evaluate(learner, source, n, seed=seed + TEST_SEED_OFFSET, world=world, progress=progress)
+    result = evaluate(learner, source, n, seed=seed + TEST_SEED_OFFSET, world=world, progress=progress,
+                      per_step=per_step)
     test = config.task.for_testing()
     result.update({"part": part, "step": step, "algorithm": config.algorithm, "dataset": config.task.dataset,
                    "ways": test.ways, "shots": test.shots, "query": test.query, "overrides": overrides or {}})

@@ -208,8 +208,8 @@ class Trainer:
         return bool(self.world.sum(torch.tensor(float(asked), device=self.world.device)) > 0)
 
     def validate(self) -> dict[str, Any]:
-        result = evaluate(self.learner, self.val_tasks, self.config.train.val_episodes,
-                          seed=self.config.train.seed + VALIDATION_SEED_OFFSET, world=self.world)
+        result = evaluate(self.learner, self.val_tasks, self.config.train.val_episodes,  # final score only
+                          seed=self.config.train.seed + VALIDATION_SEED_OFFSET, world=self.world, per_step=False)
         if self.world.is_main:
             self.run_dir.append_metrics({"step": self.step, f"val_{result['metric']}": result["mean"],
                                          "val_ci95": result["ci95"]})

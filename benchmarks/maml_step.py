@@ -29,6 +29,9 @@ one's float32 error against that is printed too.
 
     python benchmarks/maml_step.py --iters 20 --peer-python /work/peer-venv/bin/python \
         --json benchmarks/results/maml_step.json
+
+``--device cuda`` times rows (a), (b) and (d) on a GPU (learn2learn stays on the CPU), each step
+from an idle device to its last finished kernel.
 """
 
 from __future__ import annotations
@@ -145,16 +148,26 @@ def time_step(step: Callable[[], None], model: nn.Module, iters: int = 20, warmu
     return time_steps_interleaved({"step": step}, model, iters, warmup)["step"]
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so a step's time includes its kernels, not only their launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_steps_interleaved(steps: dict, model: nn.Module, iters: int = 20, warmup: int = 3) -> dict:
     """Like :func:`time_step` for several steps at once, run round-robin (one call of each per
     round) so that a change in machine load affects them all alike. A step that returns a number
-    (the learn2learn peer) reports its own milliseconds, measured in its process."""
+    (the learn2learn peer) reports its own milliseconds, measured in its process. On a GPU each
+    step is timed from an idle device until its last kernel has finished."""
+    device = next(model.parameters()).device
     times = {name: [] for name in steps}
     for i in range(warmup + iters):
         for name, step in steps.items():
             model.zero_grad(set_to_none=True)
+            synchronize(device)
             start = time.perf_counter()
             reported = step()
+            synchronize(device)
             elapsed = (time.perf_counter() - start) * 1e3
             if i >= warmup:
                 times[name].append(float(reported) if reported is not None else elapsed)
@@ -370,6 +383,10 @@ def parse_args(argv=None):
                         "model as the other rows; 'native' = the same network with nn.BatchNorm2d")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N; the learn2learn rows run on the CPU only")
+    p.add_argument("--gpu-kernels", choices=("reproducible", "fast"), default="reproducible",
+                   help="reproducible: what metalearn runs (full float32, deterministic cuDNN); fast: torch's "
+                        "defaults (TF32 convolutions, any cuDNN algorithm)")
     p.add_argument("--tuned-allocator", action="store_true",
                    help="raise glibc's mmap/trim thresholds in every interpreter (what the metalearn command does)")
     args = p.parse_args(argv)
@@ -380,6 +397,8 @@ def parse_args(argv=None):
     bad = [o for o in args.orders if o not in ORDERS]
     if bad:
         p.error(f"unknown order(s) {bad}; use second and/or first")
+    if args.device != "cpu" and args.peer_python:
+        p.error("--peer-python times learn2learn on the CPU: compare on --device cpu")
     return args
 
 
@@ -392,20 +411,28 @@ def main(argv=None) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    batch = make_batch(args.ways, args.shots, args.query, args.meta_batch, seed=args.seed)
+    device = torch.device(args.device)
+    if device.type == "cuda" and args.gpu_kernels == "reproducible":
+        from metalearn.runtime import configure_gpu_kernels
+
+        configure_gpu_kernels()
+    batch = make_batch(args.ways, args.shots, args.query, args.meta_batch, seed=args.seed).to(device)
     images = batch.num_tasks * (batch.support_x.shape[1] + batch.query_x.shape[1])
     try:
         load = os.getloadavg()
     except OSError:
         load = None
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     print(f"torch {torch.__version__}, threads {threads}, python {platform.python_version()}, "
-          f"cpus {os.cpu_count()}, load average {load}")
+          f"cpus {os.cpu_count()}, load average {load}, device {device}"
+          + (f" ({gpu}, {args.gpu_kernels} kernels: TF32 convolutions "
+             f"{'on' if torch.backends.cudnn.allow_tf32 else 'off'})" if gpu else ""))
     warn_if_loaded(threads)
     print(f"{args.ways}-way {args.shots}-shot, {args.query} query/class, meta-batch {args.meta_batch}, "
           f"inner steps {args.inner_steps}, inner lr {args.inner_lr}; support {tuple(batch.support_x.shape)}, "
           f"query {tuple(batch.query_x.shape)}; {args.warmup} warm-up + {args.iters} timed steps each")
 
-    model = make_model(args.ways, args.seed)
+    model = make_model(args.ways, args.seed).to(device)
     initial_state = {k: v.clone() for k, v in model.state_dict().items()}
     impls = {
         "metalearn (vmap)": lambda fo: vmapped_step(model, batch, fo, args.inner_lr, args.inner_steps),
@@ -458,6 +485,7 @@ def main(argv=None) -> dict:
     result = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "torch": torch.__version__, "threads": threads, "cpus": os.cpu_count(), "load_average": load,
+        "device": str(device), "gpu": gpu, "gpu_kernels": args.gpu_kernels if gpu else None,
         "peers": {m: peer.info for m, peer in peers.items()},
         "gradient_checks_float64": checks,
         "float32_error_vs_float64": float32_errors,

@@ -12,7 +12,7 @@ timed on fixed synthetic batches of that shape (no sampling, no data on disk):
 
 As the ``metalearn`` command does, the allocator is tuned first (``metalearn.runtime``);
 ``--default-allocator`` measures without. Median of ``--iters`` timed repetitions after one
-warm-up.
+warm-up. ``--device cuda`` measures on a GPU, each repetition until its last kernel has finished.
 
     python benchmarks/methods.py --threads 2 --json benchmarks/results/methods.json
 """
@@ -56,28 +56,34 @@ def synthetic_batch(tasks: int, ways: int, shots: int, query: int, size: int, se
                      labels.repeat_interleave(query).expand(tasks, -1).contiguous(), ways=ways)
 
 
-def median_seconds(fn, iters: int) -> float:
+def median_seconds(fn, iters: int, device: torch.device = torch.device("cpu")) -> float:
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     fn()  # warm-up
     times = []
     for _ in range(iters):
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def measure(method: str, iters: int) -> dict:
+def measure(method: str, iters: int, device: torch.device = torch.device("cpu")) -> dict:
     algorithm = method.split("-")[0]
     extra = {"full_context_embeddings": True} if method.endswith("-fce") else {}
     config = resolve_config(algorithm, task={"dataset": "omniglot", **COMMANDS[method]}, algorithm_config=extra)
     torch.manual_seed(0)
-    learner = build_learner(algorithm, config.algorithm_config, problem_of(config.task))
+    learner = build_learner(algorithm, config.algorithm_config, problem_of(config.task)).to(device)
     train = config.train
     optimizer = (torch.optim.Adam if train.meta_optimizer == "adam" else torch.optim.SGD)(
         learner.parameters(), lr=train.meta_lr)
     task, test = config.task, config.task.for_testing()
-    train_batch = synthetic_batch(train.meta_batch_size, task.ways, task.shots, task.query, task.image_size)
-    test_batch = synthetic_batch(EVAL_CHUNK, test.ways, test.shots, test.query, task.image_size, seed=1)
+    train_batch = synthetic_batch(train.meta_batch_size, task.ways, task.shots, task.query, task.image_size).to(device)
+    test_batch = synthetic_batch(EVAL_CHUNK, test.ways, test.shots, test.query, task.image_size, seed=1).to(device)
 
     def train_step():
         loss, _ = learner.meta_loss(train_batch)
@@ -89,9 +95,9 @@ def measure(method: str, iters: int) -> dict:
         learner.predict_per_step(test_batch)
 
     learner.train()
-    step_s = median_seconds(train_step, iters)
+    step_s = median_seconds(train_step, iters, device)
     learner.eval()
-    chunk_s = median_seconds(eval_chunk, iters)
+    chunk_s = median_seconds(eval_chunk, iters, device)
     return {
         "method": method,
         "train_shape": f"{train.meta_batch_size} x {task.ways}-way {task.shots}-shot, {task.query} query/class",
@@ -109,17 +115,26 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--default-allocator", action="store_true", help="do not tune the allocator")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--gpu-kernels", choices=("reproducible", "fast"), default="reproducible",
+                        help="reproducible: what metalearn runs (full float32, deterministic cuDNN); fast: torch's defaults")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and args.gpu_kernels == "reproducible":
+        from metalearn.runtime import configure_gpu_kernels
+
+        configure_gpu_kernels()
     tuned = False if args.default_allocator else tune_allocator()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), allocator {'tuned' if tuned else 'default'}, "
-          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cpus")
+          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cpus, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)}, {args.gpu_kernels} kernels)" if device.type == "cuda" else ""))
     rows = []
     header = f"{'method':16s} {'train shape':38s} {'ms/step':>8s} {'train ep/s':>10s} {'eval ep/s':>9s} {'1000 eval eps':>13s}"
     print(header)
     for method in args.methods.split(","):
-        row = measure(method, args.iters)
+        row = measure(method, args.iters, device)
         rows.append(row)
         print(f"{method:16s} {row['train_shape']:38s} {row['train_step_ms']:8.0f} {row['train_episodes_per_s']:10.1f} "
               f"{row['eval_episodes_per_s']:9.1f} {row['eval_1000_episodes_s']:12.1f}s", flush=True)
@@ -127,7 +142,8 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"metalearn": metalearn.__version__, "torch": torch.__version__, "threads": args.threads,
                        "allocator": "tuned" if tuned else "default", "cpu": platform.processor() or platform.machine(),
-                       "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()[0], "rows": rows}, f, indent=2)
+                       "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()[0], "device": str(device), "gpu_kernels": args.gpu_kernels,
+                       "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

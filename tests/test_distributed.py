@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from checkpoints import assert_same_weights, weights
 from metalearn.runs import RunDir
 
 SINUSOID = ["maml", "--dataset", "sinusoid", "--meta-batch-size", "5", "--log-every", "1", "--val-every", "3",
@@ -37,17 +38,6 @@ def torchrun(args, tmp_path, nproc=2):
                           env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
-
-
-def weights(run_dir):
-    return RunDir(run_dir).read_checkpoint()["learner"]
-
-
-def assert_same_weights(a, b, atol=1e-6):
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=atol, msg=name)
 
 
 def test_two_ranks_equal_one_process_and_share_evaluation(tmp_path):

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from metalearn.errors import MetalearnError
+from metalearn.runtime import configure_gpu_kernels
 
 
 class RankLost(MetalearnError):
@@ -119,6 +120,7 @@ def init_world(device: str = "cpu", timeout_s: float | None = None) -> World:
     resolved = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
+        configure_gpu_kernels()
     if size <= 1:
         return World(device=resolved)
     if not dist.is_initialized():

@@ -206,8 +206,14 @@ class PLATIPUS(MetaLearner):
         return {name: table[key] for name, key in self._keys.items()}
 
     def standard_normal(self, tasks: int, samples: int, generator: torch.Generator | None = None) -> Params:
-        """The noise eps of ``theta = mean + std * eps``: per parameter ``(tasks, samples, *shape)``."""
-        return {name: torch.randn((tasks, samples, *p.shape), generator=generator, dtype=p.dtype, device=p.device)
+        """The noise eps of ``theta = mean + std * eps``: per parameter ``(tasks, samples, *shape)``.
+        Drawn on the generator's device (the CPU for torch's global generator, used when
+        ``generator`` is None) and then moved to the weights' device: a seed gives the same
+        models on any device, and a CPU generator (what the evaluators pass) works with weights
+        on a GPU."""
+        source = generator.device if generator is not None else torch.device("cpu")
+        return {name: torch.randn((tasks, samples, *p.shape), generator=generator, dtype=p.dtype,
+                                  device=source).to(p.device)
                 for name, p in self.model.named_parameters()}
 
     def kl(self, batch: TaskBatch) -> Tensor:

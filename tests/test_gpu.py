@@ -170,7 +170,7 @@ dist.destroy_process_group()
 """
 
 
-def torchrun(nproc, args, tmp_path=None, check=True, timeout=600):
+def torchrun(nproc, args, check=True, timeout=600):
     return run(["torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args], check=check,
                timeout=timeout, env_extra={"METALEARN_DIST_TIMEOUT": "60"})
 

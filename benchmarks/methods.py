@@ -35,6 +35,8 @@ from metalearn.runtime import tune_allocator
 from metalearn.tasks import problem_of
 from metalearn.tasks.batch import TaskBatch
 
+from maml_step import synchronize  # this folder's module
+
 # the README's 5-way 1-shot reproduction commands, as task options
 COMMANDS = {
     "maml": {"ways": 5, "shots": 1},
@@ -57,17 +59,13 @@ def synthetic_batch(tasks: int, ways: int, shots: int, query: int, size: int, se
 
 
 def median_seconds(fn, iters: int, device: torch.device = torch.device("cpu")) -> float:
-    def synchronize():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     fn()  # warm-up
     times = []
     for _ in range(iters):
-        synchronize()
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        synchronize()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

@@ -1,0 +1,257 @@
+"""Two ways to make the second-order MAML meta-step faster that were tried and not kept.
+
+Both attack what a profile of the shipped step shows beside the convolutions: about half of a
+second-order step (one thread) is element-wise work on the first block's 160 x 64 x 14 x 14
+activations, mostly the twice-differentiable batch norm, its derivative and the derivative of
+that, each a separate pass over memory. Rows, timed round-robin on ``maml_step.py``'s batch
+(Omniglot 5-way 1-shot, 1 query, meta-batch 32, 1 inner step, inner lr 0.4):
+
+  shipped      -- ``MAML.meta_loss(batch).backward()``, as the trainer runs it;
+  native-bn    -- the same, with the second-order batch norm replaced by torch's fused
+                  batch-norm kernels for the forward pass and the first derivative, and a
+                  hand-written second derivative (``NativeBatchNorm`` below; torch's own second
+                  derivative of that kernel is wrong under ``vmap``, see
+                  ``metalearn/models/norm.py``);
+  functional   -- the same meta-gradient as one pure function, ``torch.func.grad`` of the vmapped
+                  meta-loss (no outer autograd), eager;
+  compiled     -- that function through ``torch.compile(fullgraph=True)`` (inductor fuses the
+                  element-wise passes; compile time printed, not in the step time);
+  hvp          -- no double backward at all: with one inner step the meta-gradient is
+                  mean_i (v_i - alpha H_i v_i), v_i the query gradient at the adapted weights and
+                  H_i the support loss's Hessian at the shared ones; the inner and query gradients
+                  are taken once with torch's fused batch norm, then H_i v_i forward-over-reverse
+                  (``torch.func.jvp`` of ``grad``).
+
+Every row's meta-gradient is compared with the shipped one before timing (float32; the run
+stops above 1e-2 relative: the compiled kernels round differently, ~1e-3 in the first conv's
+weight gradient, the size of the per-task loops' float32 error in ``maml_step.py``). First order is not timed: it already runs torch's fused batch norm.
+
+    python benchmarks/maml_alternatives.py --threads 2 --iters 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call, grad, jvp, vmap
+
+import metalearn.runtime
+from metalearn.models import norm
+from maml_step import make_batch, make_model, relative_difference, vmapped_step, warn_if_loaded
+
+SHIPPED_FORWARD = norm.BatchStatNorm.forward
+
+
+def channel_shape(x: Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The reduced dimensions of a batch norm over axis 1, and the shape that broadcasts a
+    per-channel vector against x."""
+    return (0, *range(2, x.dim())), (-1, *([1] * (x.dim() - 2)))
+
+
+class NativeBatchNorm(torch.autograd.Function):
+    """Batch norm on the current batch's statistics with torch's fused kernels; its backward is
+    :class:`NativeBatchNormBackward`, so that it can be differentiated a second time."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, eps):
+        return torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _, eps = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.eps = eps
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_rstd):
+        x, weight, mean, rstd = ctx.saved_tensors
+        return (*NativeBatchNormBackward.apply(grad_y, x, weight, mean, rstd, ctx.eps), None)
+
+
+class NativeBatchNormBackward(torch.autograd.Function):
+    """(g, x, w) -> (dx, dw, db) of batch norm with the fused kernel; its own backward written
+    out. With x^ = (x - mean) r, P(h) = h - <h> - x^ <h x^> (<.>: mean over a channel's n
+    elements) and cotangents (a, cw, cb) of (dx, dw, db):
+      d/dg = w r P(a) + cw x^ + cb
+      d/dw = n r (<a g> - <a><g> - <a x^><g x^>)
+      d/dx = w r^2 [x^ (<a><g> - <a g> + 3 <a x^><g x^>) - <g x^> P(a) - <a x^> P(g)]
+             + cw r P(g)  (expanded below into per-channel coefficients)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_y, x, weight, mean, rstd, eps):
+        return torch.ops.aten.native_batch_norm_backward(grad_y, x, weight, None, None, mean, rstd, True, eps,
+                                                         [True, True, True])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_y, x, weight, mean, rstd, _ = inputs
+        ctx.save_for_backward(grad_y, x, weight, mean, rstd)
+
+    @staticmethod
+    def backward(ctx, a, cw, cb):
+        g, x, weight, mean, rstd = ctx.saved_tensors
+        dims, shape = channel_shape(x)
+        n = x.numel() // x.shape[1]
+        r, w = rstd.view(shape), weight.view(shape)
+        a = torch.zeros_like(g) if a is None else a
+        cw = torch.zeros_like(weight) if cw is None else cw
+        cb = torch.zeros_like(weight) if cb is None else cb
+        cw, cb = cw.view(shape), cb.view(shape)
+        xhat = torch.addcmul(-mean.view(shape) * r, x, r)
+
+        def avg(t):
+            return t.sum(dims, keepdim=True) / n
+
+        g_mean, g_xhat, a_mean, a_xhat, ag = avg(g), avg(g * xhat), avg(a), avg(a * xhat), avg(a * g)
+        wr = w * r
+        wr2 = wr * r
+        d_g = torch.addcmul(torch.addcmul(cb - wr * a_mean, xhat, cw - wr * a_xhat), a, wr)
+        d_w = (n * r * (ag - a_mean * g_mean - a_xhat * g_xhat)).view(-1)
+        coef_xhat = wr2 * (a_mean * g_mean - ag + 3 * a_xhat * g_xhat) - cw * r * g_xhat
+        coef_const = wr2 * (g_xhat * a_mean + a_xhat * g_mean) - cw * r * g_mean
+        d_x = torch.addcmul(torch.addcmul(torch.addcmul(coef_const, xhat, coef_xhat), a, -wr2 * g_xhat),
+                            g, cw * r - wr2 * a_xhat)
+        return d_g, d_x, d_w, None, None, None
+
+
+def native_forward(self, x: Tensor) -> Tensor:
+    if not torch.is_grad_enabled() or norm._FIRST_ORDER.get():
+        return SHIPPED_FORWARD(self, x)
+    return NativeBatchNorm.apply(x, self.weight, self.bias, self.eps)[0]
+
+
+def decomposed_forward(self, x: Tensor) -> Tensor:
+    """The shipped twice-differentiable branch alone (``torch.compile`` cannot trace its
+    context-variable switch)."""
+    dims, shape = channel_shape(x)
+    centered = x - x.mean(dim=dims, keepdim=True)
+    var = centered.square().mean(dim=dims, keepdim=True)
+    return centered * (torch.rsqrt(var + self.eps) * self.weight.view(shape)) + self.bias.view(shape)
+
+
+@contextlib.contextmanager
+def batch_norm_forward(forward):
+    norm.BatchStatNorm.forward = forward
+    try:
+        yield
+    finally:
+        norm.BatchStatNorm.forward = SHIPPED_FORWARD
+
+
+def functional_meta_gradient(model, inner_lr: float):
+    """params, support_x, support_y, query_x, query_y -> meta-gradient dict (second order)."""
+
+    def meta_loss(params, support_x, support_y, query_x, query_y):
+        def one_task(sx, sy, qx, qy):
+            inner = grad(lambda p: F.cross_entropy(functional_call(model, p, (sx,)), sy))(params)
+            adapted = {k: params[k] - inner_lr * inner[k] for k in params}
+            return F.cross_entropy(functional_call(model, adapted, (qx,)), qy)
+
+        return vmap(one_task)(support_x, support_y, query_x, query_y).mean()
+
+    return grad(meta_loss)
+
+
+def hvp_meta_gradient(model, inner_lr: float):
+    """The same meta-gradient (one inner step) as v - alpha H v, H v forward-over-reverse."""
+
+    def loss(p, x, y):
+        return F.cross_entropy(functional_call(model, p, (x,)), y)
+
+    def meta_gradient(params, support_x, support_y, query_x, query_y):
+        with torch.no_grad():  # torch.func still differentiates; the fused batch norm (see norm.py)
+            inner = vmap(grad(loss), in_dims=(None, 0, 0))(params, support_x, support_y)
+            adapted = {k: params[k] - inner_lr * inner[k] for k in params}
+            query_grad = vmap(grad(loss))(adapted, query_x, query_y)
+
+            def hessian_vector(v, x, y):
+                return jvp(lambda p: grad(loss)(p, x, y), (params,), (v,))[1]
+
+            hv = vmap(hessian_vector)(query_grad, support_x, support_y)
+        return {k: (query_grad[k] - inner_lr * hv[k]).mean(0) for k in params}
+
+    return meta_gradient
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile row")
+    args = p.parse_args(argv)
+    metalearn.runtime.tune_allocator()  # as the metalearn command runs
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warn_if_loaded(torch.get_num_threads())
+    batch, inner_lr = make_batch(), 0.4
+    model = make_model(batch.ways)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    inputs = (params, batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+    shipped = vmapped_step(model, batch, first_order=False, inner_lr=inner_lr)
+
+    def autograd_row(forward):
+        def step():
+            with batch_norm_forward(forward):
+                shipped()
+            return {n: q.grad for n, q in model.named_parameters()}
+        return step
+
+    functional = functional_meta_gradient(model, inner_lr)
+    hvp = hvp_meta_gradient(model, inner_lr)
+
+    def functional_row(fn):
+        def step():
+            with batch_norm_forward(decomposed_forward):
+                return fn(*inputs)
+        return step
+
+    rows = {"shipped": autograd_row(SHIPPED_FORWARD), "native-bn": autograd_row(native_forward),
+            "functional": functional_row(functional), "hvp": lambda: hvp(*inputs)}
+    if not args.skip_compile:
+        compiled = torch.compile(functional, fullgraph=True)
+        start = time.perf_counter()
+        with batch_norm_forward(decomposed_forward):
+            compiled(*inputs)
+        print(f"torch.compile: {time.perf_counter() - start:.0f} s to compile", flush=True)
+        rows["compiled"] = functional_row(compiled)
+
+    def run(step):
+        model.zero_grad(set_to_none=True)
+        return {n: g.detach().clone() for n, g in step().items()}
+
+    reference = run(rows["shipped"])
+    for name, step in rows.items():
+        difference = relative_difference(reference, run(step))
+        print(f"{name}: meta-gradient vs shipped, max relative difference {difference:.1e}")
+        if difference > 1e-2:
+            raise SystemExit(f"{name} computes a different meta-gradient")
+    times = {name: [] for name in rows}
+    for i in range(args.warmup + args.iters):
+        for name, step in rows.items():
+            model.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            step()
+            if i >= args.warmup:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    base = statistics.median(times["shipped"])
+    print(f"\nsecond-order meta-step, {torch.get_num_threads()} thread(s), median of {args.iters}\n")
+    print("| row | ms/step | vs shipped |\n| --- | ---: | ---: |")
+    for name, ts in times.items():
+        print(f"| {name} | {statistics.median(ts):.1f} | {base / statistics.median(ts):.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import metalearn
+import metalearn.runtime
 from metalearn import MAML, TaskBatch
 from metalearn.models import Conv4
 from metalearn.models.norm import first_order_batch_norm
@@ -146,6 +147,13 @@ def time_step(step: Callable[[], None], model: nn.Module, iters: int = 20, warmu
     """Milliseconds of each of ``iters`` calls of ``step`` after ``warmup`` untimed ones;
     gradients are set to None before every call, outside the timed region."""
     return time_steps_interleaved({"step": step}, model, iters, warmup)["step"]
+
+
+def select_gpu_kernels(device: torch.device, kernels: str) -> None:
+    """``--gpu-kernels``: "reproducible" (what metalearn runs on a GPU: full float32, deterministic
+    cuDNN) or "fast" (torch's defaults); nothing to choose on the CPU."""
+    if device.type == "cuda" and kernels == "reproducible":
+        metalearn.runtime.configure_gpu_kernels()
 
 
 def synchronize(device: torch.device) -> None:
@@ -412,10 +420,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     device = torch.device(args.device)
-    if device.type == "cuda" and args.gpu_kernels == "reproducible":
-        from metalearn.runtime import configure_gpu_kernels
-
-        configure_gpu_kernels()
+    select_gpu_kernels(device, args.gpu_kernels)
     batch = make_batch(args.ways, args.shots, args.query, args.meta_batch, seed=args.seed).to(device)
     images = batch.num_tasks * (batch.support_x.shape[1] + batch.query_x.shape[1])
     try:

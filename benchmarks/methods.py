@@ -35,7 +35,7 @@ from metalearn.runtime import tune_allocator
 from metalearn.tasks import problem_of
 from metalearn.tasks.batch import TaskBatch
 
-from maml_step import synchronize  # this folder's module
+from maml_step import select_gpu_kernels, synchronize  # this folder's module
 
 # the README's 5-way 1-shot reproduction commands, as task options
 COMMANDS = {
@@ -119,10 +119,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     device = torch.device(args.device)
-    if device.type == "cuda" and args.gpu_kernels == "reproducible":
-        from metalearn.runtime import configure_gpu_kernels
-
-        configure_gpu_kernels()
+    select_gpu_kernels(device, args.gpu_kernels)
     tuned = False if args.default_allocator else tune_allocator()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), allocator {'tuned' if tuned else 'default'}, "

@@ -229,12 +229,19 @@ def test_multi_step_loss_is_mean_of_query_losses_after_each_step(problem):
 
 
 def test_multi_step_weights_follow_the_maml_plus_plus_schedule():
+    """MAML++'s code: earlier weights 1/N - progress/N, clamped at 0.03/N; the last takes the
+    rest; from the end of the anneal on, the last step's loss alone."""
     torch.testing.assert_close(multi_step_weights(5, 0.0), torch.full((5,), 0.2, dtype=torch.float64))
-    # halfway: earlier steps at 0.2 - 0.5 * (0.2 - 0.006) = 0.103, the last takes the rest
+    # halfway: earlier steps at 0.2 * (1 - 0.5) = 0.1, the last takes the rest
     torch.testing.assert_close(multi_step_weights(5, 0.5),
-                               torch.tensor([0.103] * 4 + [1 - 4 * 0.103], dtype=torch.float64))
-    torch.testing.assert_close(multi_step_weights(5, 1.0),
+                               torch.tensor([0.1] * 4 + [0.6], dtype=torch.float64))
+    # at 98% of the anneal the floor 0.03 / 5 = 0.006 holds (0.2 * 0.02 = 0.004 would be below it)
+    torch.testing.assert_close(multi_step_weights(5, 0.98),
                                torch.tensor([0.006] * 4 + [0.976], dtype=torch.float64))
+    torch.testing.assert_close(multi_step_weights(5, 1.0),
+                               torch.tensor([0.0] * 4 + [1.0], dtype=torch.float64))
+    torch.testing.assert_close(multi_step_weights(5, 3.0),
+                               torch.tensor([0.0] * 4 + [1.0], dtype=torch.float64))
     torch.testing.assert_close(multi_step_weights(1, 0.7), torch.ones(1, dtype=torch.float64))
 
 

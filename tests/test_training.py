@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import signal
@@ -232,6 +233,24 @@ def test_diverging_episodes_are_counted_and_reported(tmp_path):
     assert evaluate_run(tmp_path, episodes=10, progress=False)["diverged"] == 0
 
 
+def test_diverged_classification_episodes_score_nan_not_chance():
+    """NaN logits have an argmax (class 0): without a check they would score like guesses."""
+    from metalearn.evaluation import episode_scores
+    from batches import image_batch
+
+    batch = image_batch(tasks=4, ways=3, shots=1, query=2, dtype=torch.float32)
+
+    class Diverging:
+        def predict_per_step(self, batch):
+            logits = torch.zeros(2, batch.num_tasks, batch.query_y.shape[1], batch.ways)
+            logits[1, 1:3] = float("nan")  # tasks 1 and 2 diverge in the last step
+            return logits
+
+    scores = episode_scores(Diverging(), batch)
+    assert torch.isfinite(scores[0]).all()
+    assert torch.isnan(scores[1, 1:3]).all() and torch.isfinite(scores[1, [0, 3]]).all()
+
+
 def test_result_text_lists_per_step_scores_only_when_there_are_several():
     from metalearn.evaluation import format_result
 
@@ -276,3 +295,101 @@ def test_trainer_tells_the_method_each_step(tmp_path):
     trainer.learner.start_step = seen.append
     trainer.fit(progress=False)
     assert seen == [0, 1, 2, 3]
+
+
+def test_a_non_finite_gradient_stops_before_the_update_and_keeps_the_checkpoint(tmp_path):
+    """A finite loss whose gradient is infinite (sqrt at 0) must not reach Adam, which would
+    write NaN into every weight and then into the next checkpoint."""
+    trainer = build_trainer(sinusoid_config(6, checkpoint_every=2), tmp_path)
+    real_meta_loss = trainer.learner.meta_loss
+
+    def infinite_gradient_in_step_3(batch):
+        loss, metrics = real_meta_loss(batch)
+        if trainer.step == 2:
+            loss = loss + torch.sqrt(loss - loss.detach())  # value unchanged, gradient infinite
+        return loss, metrics
+
+    trainer.learner.meta_loss = infinite_gradient_in_step_3
+    with pytest.raises(MetalearnError, match=r"meta-gradient became non-finite at step 3.*--inner-lr"):
+        trainer.fit(progress=False)
+    _, learner, step = load_trained(tmp_path)
+    assert step == 2
+    assert all(torch.isfinite(p).all() for p in learner.parameters())
+    assert all(torch.isfinite(p).all() for p in trainer.learner.parameters())  # no update was taken
+
+
+def test_a_stop_signal_in_the_last_step_saves_it_and_skips_the_test_evaluation(tmp_path, monkeypatch):
+    """A scheduler's SIGTERM (then SIGKILL) must not be answered with a whole test evaluation."""
+    from metalearn.api import train
+
+    def signalled_in_the_last_step(*args, **kwargs):
+        trainer = build_trainer(*args, **kwargs)
+        real_meta_loss = trainer.learner.meta_loss
+
+        def meta_loss(batch):
+            if trainer.step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_meta_loss(batch)
+
+        trainer.learner.meta_loss = meta_loss
+        return trainer
+
+    monkeypatch.setattr("metalearn.api.build_trainer", signalled_in_the_last_step)
+    with pytest.raises(TrainingStopped, match=r"after step 3 of 3.*training is complete; evaluate with"):
+        train(sinusoid_config(3), tmp_path, progress=False)
+    assert load_trained(tmp_path)[2] == 3
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_training_time_counts_meta_steps_only(tmp_path, monkeypatch):
+    import time
+
+    trainer = build_trainer(sinusoid_config(4, val_every=1, log_every=4), tmp_path)
+    monkeypatch.setattr(trainer, "validate", lambda: time.sleep(0.5))
+    start = time.perf_counter()
+    trainer.fit(progress=False)
+    wall = time.perf_counter() - start
+    assert wall > 2.0  # four validations of 0.5 s
+    assert trainer.elapsed_s < wall - 1.9
+    record = [r for r in RunDir(tmp_path).read_metrics() if "tasks_per_s" in r][-1]
+    assert record["tasks_per_s"] > 16 / 1.0  # 4 steps x 4 tasks in well under a second of steps
+    assert record["elapsed_s"] == pytest.approx(trainer.elapsed_s, abs=0.01)
+
+
+def test_resuming_with_fewer_steps_than_done_is_refused(tmp_path):
+    build_trainer(sinusoid_config(4), tmp_path).fit(progress=False)
+    with pytest.raises(MetalearnError, match="already at step 4; --steps 2 would end it before that"):
+        build_trainer(sinusoid_config(2), tmp_path, resume=True)
+
+
+def test_checkpoints_hold_tensors_and_plain_values_only(tmp_path):
+    """They load with ``weights_only=True``, and a file that would run pickled code is refused."""
+    from metalearn.training import on_cpu
+
+    trainer = build_trainer(sinusoid_config(2), tmp_path)
+    trainer.fit(progress=False)
+    torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    nested = on_cpu({"a": [torch.ones(2), (torch.zeros(1), 3)], "b": "x"})
+    assert isinstance(nested["a"], list) and isinstance(nested["a"][1], tuple) and nested["b"] == "x"
+    torch.save({"step": 1, "payload": datetime.date(2026, 11, 30)}, tmp_path / "checkpoint.pt")  # not a tensor
+    with pytest.raises(MetalearnError, match="checkpoint.pt is unreadable"):
+        RunDir(tmp_path).read_checkpoint()
+
+
+def test_default_run_directories_never_collide(tmp_path):
+    from metalearn.runs import claim_new_run_dir
+
+    first = claim_new_run_dir(tmp_path / "runs", "maml-sinusoid-k5-20261130-010203")
+    second = claim_new_run_dir(tmp_path / "runs", "maml-sinusoid-k5-20261130-010203")
+    assert first.is_dir() and second.is_dir() and first != second
+    assert second.name == "maml-sinusoid-k5-20261130-010203-2"
+
+
+def test_bad_schedule_and_seed_options_are_refused():
+    from metalearn.config import MAX_SEED, TrainConfig
+
+    with pytest.raises(MetalearnError, match="--lr-halve-every must be >= 0"):
+        TrainConfig(lr_halve_every=-1)
+    with pytest.raises(MetalearnError, match="--seed must be between 0 and"):
+        TrainConfig(seed=MAX_SEED + 1)
+    TrainConfig(seed=MAX_SEED)

@@ -13,7 +13,7 @@ from metalearn.config import RunConfig, TaskConfig, TrainConfig
 from metalearn.distributed import World, init_world
 from metalearn.errors import MetalearnError
 from metalearn.evaluation import evaluate
-from metalearn.runs import RunDir, default_runs_root, new_run_name
+from metalearn.runs import RunDir, claim_new_run_dir, default_runs_root, new_run_name
 from metalearn.training import TEST_SEED_OFFSET, build_trainer, load_trained
 
 
@@ -60,7 +60,7 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
             raise MetalearnError("--resume needs --run-dir, the run to continue")
         if world.distributed:
             raise MetalearnError("under torchrun give --run-dir, so that every rank uses the same run directory")
-        run_dir = default_runs_root() / new_run_name(config)
+        run_dir = claim_new_run_dir(default_runs_root(), new_run_name(config))
     trainer = build_trainer(config, run_dir, data_dir=data_dir, resume=resume, world=world, progress=progress)
     if world.is_main:
         start = f"resuming at step {trainer.step}" if trainer.step else "starting"

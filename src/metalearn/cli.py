@@ -13,7 +13,7 @@ import click
 from click.core import ParameterSource
 
 from metalearn.algorithms import ALGORITHMS
-from metalearn.config import TaskConfig, TrainConfig
+from metalearn.config import MAX_SEED, TaskConfig, TrainConfig
 from metalearn.errors import MetalearnError, TrainingStopped
 from metalearn.runtime import tune_allocator
 
@@ -117,7 +117,8 @@ for _name in ALGORITHMS:
 @cli.command("eval")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--episodes", type=click.IntRange(min=1), default=None, help="test episodes (default: the run's eval_episodes, 600)")
-@click.option("--seed", type=int, default=0, show_default=True, help="seed of the test episodes")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+              help="seed of the test episodes")
 @click.option("--part", type=click.Choice(["test", "val"]), default="test", show_default=True)
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
 @click.option("--set", "settings", multiple=True, metavar="OPTION=VALUE",
@@ -175,7 +176,8 @@ def plot(run_dir, data_dir, compare_with):
 @cli.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--episodes", type=click.IntRange(min=1), default=600, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="seed of the test episodes")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+              help="seed of the test episodes")
 @click.option("--samples", "num_samples", type=click.IntRange(min=1), default=None, help="models sampled per task (sampling methods)")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="also write the result here")
 @click.option("--set", "settings", multiple=True, metavar="OPTION=VALUE",
@@ -205,6 +207,7 @@ def compare(run_dirs, episodes, seed, num_samples, json_path, settings, data_dir
             cells.append(f"{value['mean']:.4g}" + (f" +/- {ci:.2g}" if ci is not None else ""))
         click.echo(f"| {label} | " + " | ".join(cells) + " |")
     if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=2) + "\n")
         click.echo(f"written to {json_path}")
 
@@ -297,11 +300,8 @@ def main(args: list[str] | None = None) -> None:
     except MetalearnError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("interrupted; the last checkpoint is kept", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns a KeyboardInterrupt into Abort
+        click.echo("interrupted (a training run keeps its last checkpoint: continue it with --resume)", err=True)
         sys.exit(130)
     except click.ClickException as err:
         err.show()

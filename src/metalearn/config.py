@@ -10,6 +10,7 @@ from typing import Any
 from metalearn.errors import MetalearnError
 
 DATASETS = ("omniglot", "sinusoid", "sine-or-line")
+MAX_SEED = 2**62 - 1  # seeds plus their offsets (validation, test episodes) stay in torch's range
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,10 @@ class TrainConfig:
                 raise MetalearnError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.val_every < 0:
             raise MetalearnError(f"--val-every must be >= 0 (0: no validation), got {self.val_every}")
+        if self.lr_halve_every < 0:
+            raise MetalearnError(f"--lr-halve-every must be >= 0 (0: never), got {self.lr_halve_every}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise MetalearnError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
         if self.meta_optimizer not in ("adam", "sgd"):
             raise MetalearnError(f"--meta-optimizer must be adam or sgd, got {self.meta_optimizer!r}")
         if self.lr_anneal not in ("none", "linear"):

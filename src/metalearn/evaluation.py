@@ -17,13 +17,16 @@ from metalearn.tasks import TaskSource
 def episode_scores(learner: MetaLearner, batch, per_step: bool = True) -> torch.Tensor:
     """Per-step, per-task score: accuracy for classification, MSE for regression.
     Returns (steps + 1, tasks), or (1, tasks) for the final predictions alone (``per_step``
-    False)."""
+    False). A task whose predictions are not all finite scores NaN (a diverged adaptation),
+    also for classification, where ``argmax`` would turn NaN logits into a class."""
     if per_step:
         predictions = learner.predict_per_step(batch)  # (steps+1, tasks, n_query, ...)
     else:
         predictions = learner.predict(batch).unsqueeze(0)
     if batch.is_classification:
-        return (predictions.argmax(-1) == batch.query_y).float().mean(-1)
+        correct = (predictions.argmax(-1) == batch.query_y).float().mean(-1)
+        finite = torch.isfinite(predictions).flatten(2).all(-1)
+        return torch.where(finite, correct, torch.full_like(correct, math.nan))
     return ((predictions - batch.query_y) ** 2).flatten(2).mean(-1)
 
 

@@ -33,6 +33,20 @@ def new_run_name(config: RunConfig) -> str:
     return f"{config.algorithm}-{task.dataset}-{shape}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def claim_new_run_dir(root: Path, name: str) -> Path:
+    """Create and return ``root/name``, or ``root/name-2``, ``-3``, ... when taken: creating the
+    folder claims it, so runs started in the same second (a seed sweep) never share one."""
+    root.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 10_000):
+        path = root / (name if attempt == 1 else f"{name}-{attempt}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise MetalearnError(f"no free run directory name {name}-N in {root}; give --run-dir")
+
+
 class RunDir:
     def __init__(self, path: Path | str):
         self.path = Path(path)
@@ -72,6 +86,7 @@ class RunDir:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.checkpoint_path)
+            fsync_directory(self.path)  # the rename itself survives a power loss
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -82,7 +97,8 @@ class RunDir:
         if not self.checkpoint_path.is_file():
             raise MetalearnError(f"no checkpoint in {self.path}: train first (metalearn train ...)")
         try:
-            return torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+            # tensors and plain values only: opening someone else's run runs no pickled code
+            return torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises many kinds for a damaged file
             raise MetalearnError(f"{self.checkpoint_path} is unreadable ({type(err).__name__}: {err})") from None
 
@@ -116,6 +132,28 @@ class RunDir:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a kill or power loss leaves the old or the new file."""
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_directory(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def fsync_directory(path: Path) -> None:
+    """Flush a folder's entries (a rename) to disk, where the platform allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -24,6 +24,17 @@ VALIDATION_SEED_OFFSET = 1_000_003
 TEST_SEED_OFFSET = 2_000_003
 
 
+def on_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it (through dicts, lists and tuples) moved to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(v) for v in value)
+    return value
+
+
 def step_seed(seed: int, step: int) -> int:
     """The seed of meta-step ``step``: episodes and any model randomness at a step depend only
     on (seed, step), so a resumed run draws exactly what the uninterrupted one would."""
@@ -87,7 +98,9 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        return {
+        """Everything a resume needs, as CPU tensors: a run trained on a GPU resumes or
+        evaluates anywhere, also with a plain ``torch.load``."""
+        return on_cpu({
             "step": self.step,
             "elapsed_s": self.elapsed_s,
             "config": self.config.to_dict(),
@@ -95,7 +108,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
-        }
+        })
 
     def save(self) -> None:
         if self.world.is_main:
@@ -142,9 +155,9 @@ class Trainer:
 
     def _loop(self, stop: StopRequests, bar, parameters, share: slice, local_fraction: float) -> None:
         train = self.config.train
-        window_start, window_tasks = time.perf_counter(), 0
-        clock = time.perf_counter()
+        window_time, window_tasks = 0.0, 0  # meta-steps only: no validation or checkpoint time
         while self.step < train.steps:
+            clock = time.perf_counter()
             seed = step_seed(train.seed, self.step)
             batch = self.train_tasks.sample(train.meta_batch_size, torch.Generator().manual_seed(seed), share)
             batch = batch.to(self.world.device)
@@ -162,19 +175,25 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             (loss * local_fraction).backward()
             self.world.sum_gradients(parameters)
+            if not gradients_finite(parameters):  # the same on every rank: gradients are summed
+                raise MetalearnError(
+                    f"the meta-gradient became non-finite at step {self.step + 1} (the meta-loss was "
+                    f"{total_loss:.4g}); training stopped before the update, and the last good checkpoint "
+                    f"in {self.run_dir.path} is kept. Try a smaller --inner-lr or --meta-lr, or fewer "
+                    "--inner-steps."
+                )
             self.optimizer.step()
             self.learner.end_step(self.world)
             self.scheduler.step()
             self.step += 1
             window_tasks += train.meta_batch_size
-            now = time.perf_counter()
-            self.elapsed_s += now - clock
-            clock = now
+            step_time = time.perf_counter() - clock
+            self.elapsed_s += step_time
+            window_time += step_time
 
             if self.step % train.log_every == 0 or self.step == train.steps:
-                elapsed = time.perf_counter() - window_start
                 record = {"step": self.step, "loss": total_loss,
-                          "tasks_per_s": window_tasks / max(elapsed, 1e-9),
+                          "tasks_per_s": window_tasks / max(window_time, 1e-9),
                           "elapsed_s": round(self.elapsed_s, 2)}
                 for name, value in metrics.items():
                     if name != "loss":
@@ -183,20 +202,22 @@ class Trainer:
                     self.run_dir.append_metrics(record)
                     if bar is not None:
                         bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k != "step"})
-                window_start, window_tasks = time.perf_counter(), 0
+                window_time, window_tasks = 0.0, 0
             if bar is not None:
                 bar.update(1)
             if self.val_tasks is not None and train.val_every > 0 and self.step % train.val_every == 0:
                 self.validate()
-            stopping = self._stop_requested(stop) and self.step < train.steps
+            stopping = self._stop_requested(stop)
             if self.step % train.checkpoint_every == 0 or stopping:
                 self.save()
-            if stopping:
+            if stopping:  # also after the last step: the test evaluation is then skipped
                 name = stop.received.name if stop.received else "another rank's signal"
+                then = (f"continue with `metalearn train {self.config.algorithm} --run-dir "
+                        f"{self.run_dir.path} --resume`" if self.step < train.steps
+                        else f"training is complete; evaluate with `metalearn eval {self.run_dir.path}`")
                 raise TrainingStopped(
                     f"stopped by {name} after step {self.step} of {train.steps}; its checkpoint is "
-                    f"saved in {self.run_dir.path}: continue with `metalearn train "
-                    f"{self.config.algorithm} --run-dir {self.run_dir.path} --resume`",
+                    f"saved in {self.run_dir.path}: {then}",
                     128 + int(stop.received or signal.SIGTERM),
                 )
 
@@ -217,6 +238,12 @@ class Trainer:
 
 
 # -- assembling a run ------------------------------------------------------------------------
+
+
+def gradients_finite(parameters: list[torch.Tensor]) -> bool:
+    """Whether every gradient is finite (one synchronisation for all tensors)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 def check_compatible(saved: RunConfig, requested: RunConfig, what: str) -> None:
@@ -293,6 +320,11 @@ def build_trainer(config: RunConfig, run_dir: Path | str, data_dir: Path | str |
     trainer = Trainer(config, learner, train_tasks, val_tasks, run, world)
     if resume and run.has_checkpoint():
         trainer.restore(run.read_checkpoint())
+        if trainer.step > config.train.steps:
+            raise MetalearnError(
+                f"the run in {run.path} is already at step {trainer.step}; --steps {config.train.steps} "
+                f"would end it before that. Give --steps {trainer.step} or more."
+            )
         if world.is_main:
             run.truncate_metrics(trainer.step)
     elif config.train.init_from:

@@ -4,8 +4,9 @@ The inner loop is a pure function ``params -> adapted params`` built on ``torch.
 (``functional_call`` + ``grad``); a meta-batch is processed with ``vmap`` over the task axis.
 Second-order by default: the meta-gradient flows through the inner gradient steps
 (Finn et al. 2017, eq. 1 and Algorithm 2). Options: first-order MAML (section 5.2), inner step
-sizes learned per parameter tensor and per step (Meta-SGD, Li et al. 2017; "LSLR" of MAML++,
-Antoniou et al. 2019), and the MAML++ multi-step loss (query loss after every inner step).
+sizes learned per parameter tensor and per step ("LSLR" of MAML++, Antoniou et al. 2019; the
+per-tensor form of Meta-SGD, Li et al. 2017), and the MAML++ multi-step loss (query loss after
+every inner step).
 
 Example::
 
@@ -36,7 +37,7 @@ from metalearn.tasks.batch import TaskBatch
 class MAMLConfig:
     """inner_lr: the paper's alpha; inner_steps / test_inner_steps: gradient steps on the
     support set during meta-training / at test time; first_order: drop second derivatives;
-    learn_inner_lr: one learned step size per parameter tensor and step (Meta-SGD / LSLR);
+    learn_inner_lr: one learned step size per parameter tensor and step (MAML++'s LSLR);
     multi_step_loss: the query loss after every inner step (MAML++), not just the last one's,
     weighted equally, or, with ``multi_step_anneal_steps`` > 0, by MAML++'s schedule (see
     :func:`multi_step_weights`) over that many meta-steps; model: network name (see
@@ -64,14 +65,19 @@ MULTI_STEP_FLOOR = 0.03  # MAML++: each earlier step keeps at least 0.03 / steps
 
 def multi_step_weights(steps: int, progress: float) -> Tensor:
     """Weights of the query losses after inner steps 1..steps in MAML++'s multi-step loss
-    (Antoniou, Edwards & Storkey 2019, section 4, "multi-step loss optimization"): equal
-    (1 / steps) at the start; as ``progress`` goes from 0 to 1, every earlier step's weight
-    falls linearly to a floor of 0.03 / steps and the last step takes what they give up, so
-    training ends close to plain MAML's last-step loss. The weights always sum to 1."""
+    (Antoniou, Edwards & Storkey 2019, section 4, "multi-step loss optimization"; the schedule of
+    their code): equal (1 / steps) at the start; as ``progress`` goes from 0 to 1, every earlier
+    step's weight falls by (1 / steps) x progress, clamped at a floor of 0.03 / steps (reached
+    at progress 0.97), and the last step takes what they give up; from progress 1 on, only the
+    last step's loss counts, plain MAML's. The weights always sum to 1. MAML++ moves the schedule
+    once per epoch; here ``progress`` is meta-steps / ``multi_step_anneal_steps``, every step."""
+    weights = torch.zeros(steps, dtype=torch.float64)
+    if progress >= 1.0:
+        weights[-1] = 1.0
+        return weights
     start, floor = 1.0 / steps, MULTI_STEP_FLOOR / steps
-    earlier = max(start - progress * (start - floor), floor)
-    weights = torch.full((steps,), earlier, dtype=torch.float64)
-    weights[-1] = 1.0 - earlier * (steps - 1)
+    weights[:-1] = max(start * (1.0 - progress), floor)
+    weights[-1] = 1.0 - weights[:-1].sum()
     return weights
 
 

@@ -23,9 +23,9 @@ learned meta-parameters are Theta = {mu_theta, sigma_theta^2, v_q, gamma_p, gamm
 (Algorithm 1 line 1); the inner step size alpha stays fixed. Here L is the *mean* loss over the
 query set, so the KL term carries a weight ``kl_weight``: 1 / (query examples) for
 classification and ``2 noise^2 / (query points)`` for regression with Gaussian noise make the
-meta-loss the negative bound divided by a constant (the paper defaults; see
-:func:`bound_weight`). The query loss is the mean over ``train_samples`` samples of theta
-(Algorithm 1 draws one).
+meta-loss the negative bound divided by a constant (:func:`bound_weight`, the regression
+default; Omniglot defaults to a measured 1e-4, see ``OMNIGLOT_KL_WEIGHT``). The query loss
+is the mean over ``train_samples`` samples of theta (Algorithm 1 draws one).
 
 Meta-testing (Algorithm 2): theta ~ p(theta | D_tr) = N(mu_theta - gamma_p * grad L(mu_theta,
 D_tr), sigma_theta^2), then gradient steps on D_tr from each sample. ``num_samples`` samples

@@ -211,9 +211,12 @@ class Reptile(MetaLearner):
         # Outer step size 1 annealed linearly to 0, as plain SGD steps on theta - mean(phi).
         outer = {"meta_optimizer": "sgd", "meta_lr": 1.0, "lr_anneal": "linear", "meta_batch_size": 5}
         if not task.classification:
-            # Not in the paper's tables: the sinusoid demo published with it (joschu's
+            # Not in the paper's tables: after the sinusoid demo published with it (joschu's
             # reptile-sinewaves-demo gist): SGD 0.02 on mini-batches of 10, one task per
-            # meta-step, outer step 0.1 -> 0 over 30k steps, 32 full-batch steps at test time.
+            # meta-step, outer step 0.1 -> 0 over 30k steps, 32 steps at test time. Unlike the
+            # demo, the network is metalearn's 40-40 ReLU MLP and a task has --shots points (5
+            # by default, so a "mini-batch of 10" is all of them, twice); the demo samples 50
+            # points per task.
             return ({"model": "mlp", "inner_optimizer": "sgd", "inner_lr": 0.02, "inner_steps": 5,
                      "inner_batch_size": 10, "test_inner_steps": 32, "test_inner_batch_size": 10},
                     {**outer, "meta_lr": 0.1, "meta_batch_size": 1, "steps": 30000, "val_every": 5000,

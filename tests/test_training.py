@@ -393,3 +393,19 @@ def test_bad_schedule_and_seed_options_are_refused():
     with pytest.raises(MetalearnError, match="--seed must be between 0 and"):
         TrainConfig(seed=MAX_SEED + 1)
     TrainConfig(seed=MAX_SEED)
+
+
+@pytest.mark.parametrize("train, message", [
+    ({"meta_batch_size": 4}, "--meta-batch-size 4 is smaller than the 8 processes"),
+    ({"meta_batch_size": 8, "val_episodes": 4}, "--val-episodes 4 cannot be shared by 8 processes"),
+])
+def test_shares_too_small_for_the_ranks_are_refused_at_the_start(tmp_path, train, message):
+    from metalearn.distributed import World
+    from metalearn.tasks import build_task_source
+    from metalearn.training import Trainer
+
+    config = sinusoid_config(2, **train)
+    learner = build_learner(config.algorithm, config.algorithm_config, problem_of(config.task))
+    tasks = build_task_source(config.task, "train")
+    with pytest.raises(MetalearnError, match=message):
+        Trainer(config, learner, tasks, build_task_source(config.task, "val"), RunDir(tmp_path), World(0, 8))

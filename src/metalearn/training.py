@@ -89,6 +89,11 @@ class Trainer:
                 f"--meta-batch-size {train.meta_batch_size} is smaller than the {world.size} processes: "
                 "every rank needs at least one task. Raise --meta-batch-size or start fewer processes."
             )
+        if val_tasks is not None and train.val_every > 0 and train.val_episodes < world.size:
+            raise MetalearnError(
+                f"--val-episodes {train.val_episodes} cannot be shared by {world.size} processes: "
+                "raise --val-episodes or start fewer processes."
+            )
         optimizer = torch.optim.Adam if train.meta_optimizer == "adam" else torch.optim.SGD
         self.optimizer = optimizer(learner.parameters(), lr=train.meta_lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(train, step))

@@ -41,15 +41,17 @@ def torchrun(args, tmp_path, nproc=2):
 
 
 def test_two_ranks_equal_one_process_and_share_evaluation(tmp_path):
-    # meta-batch 5 over 2 ranks: shares of 3 and 2 tasks, weighted exactly
+    # meta-batch 5 over 2 ranks: shares of 3 and 2 tasks, weighted exactly; 75 test episodes are
+    # two chunks (50 + 25), split 25/25 and 13/12: the scores come back in episode order
+    args = SINUSOID + ["--steps", 6, "--eval-episodes", 75]
     single, double = tmp_path / "single", tmp_path / "double"
-    metalearn(SINUSOID + ["--steps", 6, "--run-dir", single], tmp_path)
-    out2 = torchrun(SINUSOID + ["--steps", 6, "--run-dir", double], tmp_path)
+    metalearn(args + ["--run-dir", single], tmp_path)
+    out2 = torchrun(args + ["--run-dir", double], tmp_path)
     assert_same_weights(single, double)
     assert out2.stdout.count("MSE") == 1  # only rank 0 reports
     e1 = json.loads((single / "eval.json").read_text())
     e2 = json.loads((double / "eval.json").read_text())
-    assert e2["episodes"] == e1["episodes"] == 20  # episodes split across ranks, CI over all of them
+    assert e2["episodes"] == e1["episodes"] == 75  # episodes split across ranks, CI over all of them
     torch.testing.assert_close(torch.tensor(e2["scores"]), torch.tensor(e1["scores"]), rtol=1e-5, atol=1e-5)
     m1 = [r for r in RunDir(single).read_metrics() if "loss" in r]
     m2 = [r for r in RunDir(double).read_metrics() if "loss" in r]

@@ -53,10 +53,12 @@ def evaluate(
     """
     if episodes < world.size:
         raise MetalearnError(f"{episodes} evaluation episodes cannot be shared by {world.size} processes")
+    chunk = max(chunk, world.size)  # every rank gets an episode of the first chunk
     generator = torch.Generator().manual_seed(seed)
     was_training = learner.training
     learner.eval()
     scores, classification = [], True
+    chunks = []  # (first episode, size) of each chunk, to put the ranks' scores back in episode order
     remaining = episodes
     bar = None
     if progress and world.is_main:
@@ -67,6 +69,7 @@ def evaluate(
         torch.manual_seed(seed)
         while remaining > 0:
             size = min(chunk, remaining)
+            chunks.append((episodes - remaining, size))
             share = world.share(size)
             batch = source.sample(size, generator, tasks=share).to(world.device)
             classification = batch.is_classification
@@ -79,7 +82,7 @@ def evaluate(
         bar.close()
     learner.train(was_training)
     local = torch.cat(scores, dim=1).T.contiguous()  # (episodes on this rank, steps + 1)
-    per_episode = world.gather(local).T  # (steps + 1, episodes)
+    per_episode = episode_order(world, chunks, world.gather(local)).T  # (steps + 1, episodes)
     scale = 100.0 if classification else 1.0
     final = per_episode[-1] * scale
     n = final.numel()
@@ -94,6 +97,18 @@ def evaluate(
         "seed": seed,
         "scores": [float(v) for v in final],
     }
+
+
+def episode_order(world: World, chunks: list[tuple[int, int]], gathered: torch.Tensor) -> torch.Tensor:
+    """The ranks' gathered rows (rank 0's episodes of every chunk, then rank 1's, ...) in
+    episode order, as one process would have scored them."""
+    if not world.distributed:
+        return gathered
+    order = [start + i for rank in range(world.size) for start, size in chunks
+             for i in range(*World(rank, world.size).share(size).indices(size))]
+    restored = torch.empty_like(gathered)
+    restored[torch.tensor(order)] = gathered
+    return restored
 
 
 def format_result(result: dict[str, Any]) -> str:

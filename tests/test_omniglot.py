@@ -117,6 +117,8 @@ def test_damaged_cache_is_not_trusted(tmp_path):
     bad.write_bytes(b"PK\x03\x04 not really")
     assert _read_cache(bad, "anything") is None
     assert _read_cache(tmp_path / "missing.npz", "anything") is None
+    np.savez(tmp_path / "list-meta.npz", meta=np.array("[1, 2]"))  # valid JSON, not an object
+    assert _read_cache(tmp_path / "list-meta.npz", "anything") is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,21 +305,37 @@ def _real_png(omniglot_data_dir) -> tuple[str, bytes]:
         return name, archive.read(name)
 
 
-def test_damaged_member_of_a_zip_is_named(tmp_path, omniglot_data_dir):
-    """A zip whose directory is intact but whose member bytes are damaged (bad CRC)."""
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_damaged_member_of_a_zip_is_named(tmp_path, omniglot_data_dir, compression):
+    """A zip whose directory is intact but whose member bytes are damaged: a bad CRC (stored),
+    or a broken deflate stream, which zlib reports with its own exception (the official
+    archives are deflated)."""
     name, png = _real_png(omniglot_data_dir)
     path = tmp_path / "images_background.zip"
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+    with zipfile.ZipFile(path, "w", compression) as archive:
         archive.writestr(name, png)
     data = bytearray(path.read_bytes())
-    at = data.find(png) + len(png) // 2
-    data[at] ^= 0xFF
+    member = zipfile.ZipFile(path).getinfo(name)
+    member_start = member.header_offset + 30 + len(member.filename.encode()) + len(member.extra)
+    data[member_start] ^= 0xFF  # the first byte of the member's data: a deflate block header
     path.write_bytes(bytes(data))
     (tmp_path / "images_evaluation").mkdir()
     with pytest.raises(MetalearnError) as info:
         read_release(tmp_path)
     message = str(info.value)
     assert str(path) in message and name in message and "corrupt" in message
+
+
+def test_a_png_replaced_inside_an_extracted_tree_makes_the_cache_stale(tmp_path):
+    from metalearn.data.omniglot import locate_sources, source_fingerprint
+
+    for archive in ("images_background", "images_evaluation"):
+        png = tmp_path / archive / "Alpha" / "character01" / "0001_01.png"
+        png.parent.mkdir(parents=True)
+        png.write_bytes(b"one")
+    before = source_fingerprint(locate_sources(tmp_path))
+    png.write_bytes(b"two, longer")  # the folders' sizes and times stay as they were
+    assert source_fingerprint(locate_sources(tmp_path)) != before
 
 
 def test_corrupt_png_in_an_extracted_tree_is_named(tmp_path):

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -40,7 +41,8 @@ CONTENT_DIGESTS = {
 
 
 def default_data_dir() -> Path:
-    """``$METALEARN_DATA``, else the per-user cache folder ``~/.cache/metalearn/omniglot``."""
+    """``$METALEARN_DATA``, else ``omniglot`` in the cache folder (:func:`default_cache_dir`,
+    ``~/.cache/metalearn`` unless ``$METALEARN_CACHE`` or ``$XDG_CACHE_HOME`` say otherwise)."""
     if os.environ.get("METALEARN_DATA"):
         return Path(os.environ["METALEARN_DATA"]).expanduser()
     return default_cache_dir() / "omniglot"
@@ -125,11 +127,15 @@ def iter_pngs(source: Path) -> Iterator[tuple[str, bytes]]:
             names = sorted(n for n in archive.namelist() if n.endswith(".png") and not _is_metadata(n))
             for name in names:
                 try:
-                    yield name, archive.read(name)
-                except (zipfile.BadZipFile, OSError, EOFError) as err:
+                    data = archive.read(name)
+                except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, RuntimeError) as err:
+                    # a damaged deflate stream (zlib.error), an unsupported compression method
+                    # (NotImplementedError) or an encrypted member (RuntimeError)
                     raise MetalearnError(
-                        f"{source} is corrupt ({name}: {err}). Delete it and download it again."
+                        f"{source} is corrupt or unreadable ({name}: {type(err).__name__}: {err}). "
+                        "Delete it and download it again."
                     ) from None
+                yield name, data
     except (zipfile.BadZipFile, EOFError) as err:
         raise MetalearnError(
             f"{source} is not a readable zip archive ({err}); it is probably truncated or "
@@ -220,11 +226,15 @@ def hash_arrays(images: np.ndarray, names: list[str] | tuple[str, ...]) -> str:
 
 
 def source_fingerprint(sources: dict[str, Path]) -> str:
-    """Cheap identity of the sources (path, size, mtime) to know when the cache is stale."""
+    """Cheap identity of the sources (path, size, mtime) to know when the cache is stale: of the
+    zip, or of every file in an extracted tree (a PNG replaced deep inside it changes no
+    folder's size or time; about 20k stat calls, a fraction of a second)."""
     parts = []
     for archive, path in sorted(sources.items()):
-        stat = path.stat()
-        parts.append(f"{archive}:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            stat = file.stat()
+            parts.append(f"{archive}:{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
@@ -265,7 +275,7 @@ def _read_cache(path: Path, fingerprint: str) -> Omniglot | None:
     try:
         with np.load(path, allow_pickle=False) as archive:
             meta = json.loads(str(archive["meta"]))
-            if meta.get("fingerprint") != fingerprint:
+            if not isinstance(meta, dict) or meta.get("fingerprint") != fingerprint:
                 return None
             images = archive["images"]
             return Omniglot(
@@ -275,7 +285,7 @@ def _read_cache(path: Path, fingerprint: str) -> Omniglot | None:
                 archive["drawers"],
                 meta["content_hash"],
             )
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError):
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, json.JSONDecodeError):
         return None  # a damaged cache is rebuilt, not trusted
 
 

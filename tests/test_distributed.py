@@ -159,6 +159,18 @@ def test_device_names_resolve_or_fail_clearly(monkeypatch):
         resolve_device("cuda:5")
 
 
+def test_one_gpu_for_every_rank_and_a_bad_timeout_are_refused_before_joining(monkeypatch):
+    from metalearn.distributed import init_world
+    from metalearn.errors import MetalearnError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(MetalearnError, match="--device cuda:0 under torchrun would put all 2 ranks on one GPU"):
+        init_world("cuda:0")
+    monkeypatch.setenv("METALEARN_DIST_TIMEOUT", "five minutes")
+    with pytest.raises(MetalearnError, match="METALEARN_DIST_TIMEOUT must be a positive number"):
+        init_world("cpu")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 def test_asking_for_a_gpu_without_one_is_a_clear_error(tmp_path):
     done = subprocess.run([sys.executable, "-m", "metalearn", "train", "maml", "--dataset", "sinusoid",

@@ -110,6 +110,18 @@ def resolve_device(name: str = "cpu", local_rank: int = 0) -> torch.device:
     return device
 
 
+def dist_timeout_s() -> float:
+    """``$METALEARN_DIST_TIMEOUT`` (seconds a collective may wait), default 300."""
+    text = os.environ.get("METALEARN_DIST_TIMEOUT", "300")
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise MetalearnError(f"METALEARN_DIST_TIMEOUT must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def init_world(device: str = "cpu", timeout_s: float | None = None) -> World:
     """Join the ``torchrun`` process group when launched by it (WORLD_SIZE > 1), else one
     process. The backend follows the device: NCCL for GPUs (each rank on the GPU of its
@@ -117,6 +129,11 @@ def init_world(device: str = "cpu", timeout_s: float | None = None) -> World:
     (default ``$METALEARN_DIST_TIMEOUT`` or 300 s) fails instead of hanging, so a rank that
     dies makes the others stop."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size > 1 and device.startswith("cuda:"):
+        raise MetalearnError(
+            f"--device {device} under torchrun would put all {size} ranks on one GPU; use --device cuda "
+            "(each rank takes the GPU of its LOCAL_RANK)"
+        )
     resolved = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
@@ -124,7 +141,7 @@ def init_world(device: str = "cpu", timeout_s: float | None = None) -> World:
     if size <= 1:
         return World(device=resolved)
     if not dist.is_initialized():
-        timeout_s = timeout_s or float(os.environ.get("METALEARN_DIST_TIMEOUT", "300"))
+        timeout_s = timeout_s or dist_timeout_s()
         backend = "nccl" if resolved.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return World(dist.get_rank(), dist.get_world_size(), resolved)

@@ -4,8 +4,9 @@
   1028 / 172 / 423 characters, each rotated by 0/90/180/270 degrees into four classes.
 - ``lake``: the release's own background (964) vs evaluation (659) characters, unrotated; it
   has no validation part.
-- ``maml``: as in the MAML reference code: a seeded shuffle of all 1623 characters into
-  1100 train / 100 val / 423 test, with a rotation drawn afresh per class per task.
+- ``maml``: the MAML reference code's sizes and rotations: a seeded shuffle of all 1623
+  characters into 1100 train / 100 val / 423 test, with a rotation drawn afresh per class per
+  task (our own shuffle, NumPy seed 1, so the members differ from the reference code's).
 """
 
 from __future__ import annotations

@@ -114,6 +114,13 @@ def test_platipus_plot_beside_maml_and_compare(tmp_path, capsys):
     code, out, err = run(["plot", tmp_path / "platipus", "--compare", tmp_path / "maml"], capsys)
     assert code == 0, err
     assert (tmp_path / "platipus" / "plots" / "samples.png").stat().st_size > 1000
+    # --compare needs a run of the same tasks, beside a run that samples functions
+    assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--meta-batch-size", 2, "--no-progress",
+                "--no-eval", "--run-dir", tmp_path / "maml-sinusoid"], capsys)[0] == 0
+    code, _, err = run(["plot", tmp_path / "platipus", "--compare", tmp_path / "maml-sinusoid"], capsys)
+    assert code == 2 and "trained on other tasks" in err
+    code, _, err = run(["plot", tmp_path / "maml", "--compare", tmp_path / "platipus"], capsys)
+    assert code == 2 and "only a probabilistic method on regression tasks has" in err
     code, out, err = run(["compare", tmp_path / "platipus", tmp_path / "maml", "--episodes", 10, "--samples", 4,
                           "--set", "test_inner_steps=2", "--json", tmp_path / "cmp.json"], capsys)
     assert code == 0, err

@@ -145,6 +145,7 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
     if not records:
         raise MetalearnError(f"{run.path} has no metrics yet: train first")
     title = f"{config.algorithm} {config.task.dataset}"
+    other = _comparison_run(config, compare_with) if compare_with is not None else None
     paths = [plot_learning_curves(records, run.plots_dir / "learning_curves.png", title)]
     if not config.task.classification:
         _, learner, step = load_trained(run_dir)
@@ -155,10 +156,31 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
         if hasattr(learner, "sample_predictions"):
             from metalearn.plotting_samples import plot_samples
 
-            other = load_trained(compare_with)[1] if compare_with is not None else None
+            other_config, other_learner = other or (None, None)
+            label = None
+            if other_config is not None:
+                label = other_config.algorithm.upper()
+                if hasattr(other_learner, "sample_predictions"):
+                    label += " (one sample)"
             paths.append(plot_samples(learner, batch, type(source).function, run.plots_dir / "samples.png",
-                                      maml_learner=other, title=f"{title}: sampled adapted functions"))
+                                      maml_learner=other_learner, compare_label=label or "MAML",
+                                      title=f"{title}: sampled adapted functions"))
     return paths
+
+
+def _comparison_run(config: RunConfig, compare_with: Path | str) -> tuple[RunConfig, Any]:
+    """(config, learner) of the ``--compare`` run, checked to fit beside ``config``'s samples."""
+    from metalearn.algorithms import algorithm_class
+
+    if config.task.classification or not hasattr(algorithm_class(config.algorithm), "sample_predictions"):
+        raise MetalearnError(f"--compare draws another run beside sampled functions, which only a "
+                             f"probabilistic method on regression tasks has (this run: {config.algorithm} "
+                             f"on {config.task.dataset})")
+    other_config, other_learner, _ = load_trained(compare_with)
+    if other_config.task != config.task:
+        raise MetalearnError(f"--compare {compare_with}: trained on other tasks ({other_config.task}) than this run "
+                             f"({config.task}); compare runs of the same tasks")
+    return other_config, other_learner
 
 
 def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str | None = None,

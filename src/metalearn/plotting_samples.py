@@ -13,11 +13,11 @@ from metalearn.tasks.batch import TaskBatch
 
 def plot_samples(platipus_learner, batch: TaskBatch, true_function, path: Path | str, maml_learner=None,
                  num_samples: int = 20, x_range: tuple[float, float] = (-5.0, 5.0), title: str = "",
-                 seed: int = 0) -> Path:
+                 seed: int = 0, compare_label: str = "MAML") -> Path:
     """One panel per task of ``batch`` (regression): ground truth ``true_function(batch.task_params,
     x)``, the support points, ``num_samples`` sampled and adapted functions (thin lines) of
     ``platipus_learner`` (anything with ``sample_predictions``) and, when given, the prediction
-    of ``maml_learner``, on a 200-point grid over ``x_range``. The model noise is seeded by
+    of ``maml_learner`` (labelled ``compare_label``), on a 200-point grid over ``x_range``. The model noise is seeded by
     ``seed`` (the global generator is left as it was). Returns ``path``."""
     from metalearn.plotting import draw_task_panels, tasks_on_grid
     from metalearn.uncertainty import predictive_samples
@@ -36,6 +36,6 @@ def plot_samples(platipus_learner, batch: TaskBatch, true_function, path: Path |
             ax.plot(x, samples[s, t, :, 0], color="tab:blue", linewidth=0.7, alpha=0.45,
                     label="PLATIPUS samples" if s == 0 else None)
         if maml is not None:
-            ax.plot(x, maml[t, :, 0], color="tab:green", linestyle="--", linewidth=1.6, label="MAML")
+            ax.plot(x, maml[t, :, 0], color="tab:green", linestyle="--", linewidth=1.6, label=compare_label)
 
     return draw_task_panels(on_grid, draw, path, title)

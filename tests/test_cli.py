@@ -193,3 +193,16 @@ def test_eval_on_episodes_of_another_shape(tmp_path, capsys, omniglot_data_dir):
     code, out, _ = run(["eval", maml, "--shots", 2, "--episodes", 2, "--data-dir", omniglot_data_dir,
                         "--no-progress", "--final-only"], capsys)
     assert code == 0 and "accuracy" in out and "adaptation steps" not in out
+
+
+@pytest.mark.parametrize("failure", [
+    MemoryError(),
+    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes."),
+])
+def test_running_out_of_memory_is_a_message_not_a_traceback(tmp_path, capsys, monkeypatch, failure):
+    def out_of_memory(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr("metalearn.api.train", out_of_memory)
+    code, _, err = run(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--run-dir", tmp_path / "r"], capsys)
+    assert code == 2 and "out of memory" in err and "--meta-batch-size" in err and "Traceback" not in err

@@ -290,6 +290,13 @@ def verify(data_dir):
         raise MetalearnError("the data does not match the official release; download it again")
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure (torch reports CPU and GPU ones as RuntimeError
+    subclasses with these words)."""
+    text = str(err)
+    return isinstance(err, MemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit 2, never a traceback."""
     try:
@@ -306,6 +313,14 @@ def main(args: list[str] | None = None) -> None:
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
+    except (MemoryError, RuntimeError) as err:
+        if not is_out_of_memory(err):
+            raise
+        detail = (str(err).splitlines() or [type(err).__name__])[0][:160]
+        click.echo(f"error: out of memory ({detail}). Use fewer tasks or images at "
+                   "once: a smaller --meta-batch-size, fewer --ways, --shots, --query or --inner-steps; "
+                   "a training run keeps its last checkpoint (continue with --resume).", err=True)
+        sys.exit(2)
     if isinstance(code, int) and code:
         sys.exit(code)
 

@@ -371,6 +371,9 @@ def test_checkpoints_hold_tensors_and_plain_values_only(tmp_path):
     torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     nested = on_cpu({"a": [torch.ones(2), (torch.zeros(1), 3)], "b": "x"})
     assert isinstance(nested["a"], list) and isinstance(nested["a"][1], tuple) and nested["b"] == "x"
+    state = trainer.learner.state_dict()
+    moved = on_cpu(state)
+    assert type(moved) is type(state) and moved._metadata == state._metadata  # module versions kept
     torch.save({"step": 1, "payload": datetime.date(2026, 11, 30)}, tmp_path / "checkpoint.pt")  # not a tensor
     with pytest.raises(MetalearnError, match="checkpoint.pt is unreadable"):
         RunDir(tmp_path).read_checkpoint()

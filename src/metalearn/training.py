@@ -28,8 +28,11 @@ def on_cpu(value: Any) -> Any:
     """``value`` with every tensor in it (through dicts, lists and tuples) moved to the CPU."""
     if isinstance(value, torch.Tensor):
         return value.cpu()
-    if isinstance(value, dict):
-        return {k: on_cpu(v) for k, v in value.items()}
+    if isinstance(value, dict):  # a module's state dict is an OrderedDict with version metadata
+        moved = type(value)((k, on_cpu(v)) for k, v in value.items())
+        if hasattr(value, "_metadata"):
+            moved._metadata = value._metadata
+        return moved
     if isinstance(value, (list, tuple)):
         return type(value)(on_cpu(v) for v in value)
     return value

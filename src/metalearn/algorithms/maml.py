@@ -163,6 +163,8 @@ class MAML(MetaLearner):
         steps = self.config.inner_steps
         classification = batch.is_classification
         weights = self.step_weights()
+        if weights is not None and not weights[:-1].any():
+            weights = None  # after the anneal only the last step counts: skip the others' query passes
 
         def one_task(support_x, support_y, query_x, query_y):
             trajectory = self.adapt(params, support_x, support_y, steps)

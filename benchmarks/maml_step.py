@@ -44,6 +44,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -257,8 +258,10 @@ class Peer:
             "support_x": batch.support_x, "support_y": batch.support_y,
             "query_x": batch.query_x, "query_y": batch.query_y,
         }, inputs)
+        launcher = [peer_python] if not args.peer_on_project_torch else [
+            sys.executable, str(HERE / "_peer_on_project_torch.py"), args.peer_on_project_torch]
         command = [
-            peer_python, str(PEER_SCRIPT), "--inputs", str(inputs), "--ways", str(batch.ways),
+            *launcher, str(PEER_SCRIPT), "--inputs", str(inputs), "--ways", str(batch.ways),
             "--inner-lr", str(args.inner_lr), "--inner-steps", str(args.inner_steps),
             "--threads", str(threads), "--model", peer_model,
             "--metalearn-src", str(Path(metalearn.__file__).resolve().parents[1]),
@@ -386,6 +389,9 @@ def parse_args(argv=None):
     p.add_argument("--orders", default="second,first", help="comma-separated: second, first")
     p.add_argument("--peer-python", default=None,
                    help="interpreter of a venv with learn2learn 0.2.0, e.g. /work/peer-venv/bin/python")
+    p.add_argument("--peer-on-project-torch", default=None, metavar="PEER_SITE_PACKAGES",
+                   help="run learn2learn from this site-packages folder of the peer venv on this "
+                        "interpreter's torch (the same build as the other rows) instead of --peer-python's")
     p.add_argument("--peer-models", default="metalearn,native",
                    help="learn2learn rows: 'metalearn' = metalearn's Conv4 (BatchStatNorm), the same "
                         "model as the other rows; 'native' = the same network with nn.BatchNorm2d")
@@ -405,6 +411,8 @@ def parse_args(argv=None):
     bad = [o for o in args.orders if o not in ORDERS]
     if bad:
         p.error(f"unknown order(s) {bad}; use second and/or first")
+    if args.peer_on_project_torch:
+        args.peer_python = args.peer_python or sys.executable  # rows and messages name the peer by it
     if args.device != "cpu" and args.peer_python:
         p.error("--peer-python times learn2learn on the CPU: compare on --device cpu")
     return args

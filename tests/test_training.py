@@ -379,6 +379,16 @@ def test_checkpoints_hold_tensors_and_plain_values_only(tmp_path):
         RunDir(tmp_path).read_checkpoint()
 
 
+def test_a_run_refused_before_it_starts_leaves_no_empty_default_folder(tmp_path, monkeypatch):
+    from metalearn.api import train
+
+    monkeypatch.setenv("METALEARN_RUNS", str(tmp_path / "runs"))
+    config = resolve_config("maml", task={"dataset": "omniglot", "ways": 3000}, train={"steps": 1})
+    with pytest.raises(MetalearnError):
+        train(config, data_dir=tmp_path / "no-data", progress=False)
+    assert not any((tmp_path / "runs").iterdir())
+
+
 def test_default_run_directories_never_collide(tmp_path):
     from metalearn.runs import claim_new_run_dir
 

@@ -61,7 +61,15 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
         if world.distributed:
             raise MetalearnError("under torchrun give --run-dir, so that every rank uses the same run directory")
         run_dir = claim_new_run_dir(default_runs_root(), new_run_name(config))
-    trainer = build_trainer(config, run_dir, data_dir=data_dir, resume=resume, world=world, progress=progress)
+        try:
+            trainer = build_trainer(config, run_dir, data_dir=data_dir, resume=resume, world=world,
+                                    progress=progress)
+        except BaseException:
+            if not any(run_dir.iterdir()):
+                run_dir.rmdir()  # a run refused before it wrote anything leaves no empty folder
+            raise
+    else:
+        trainer = build_trainer(config, run_dir, data_dir=data_dir, resume=resume, world=world, progress=progress)
     if world.is_main:
         start = f"resuming at step {trainer.step}" if trainer.step else "starting"
         announce(f"{start}: {config.algorithm} on {config.task.dataset}, run directory {run_dir}")

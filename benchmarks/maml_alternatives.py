@@ -135,10 +135,7 @@ def native_forward(self, x: Tensor) -> Tensor:
 def decomposed_forward(self, x: Tensor) -> Tensor:
     """The shipped twice-differentiable branch alone (``torch.compile`` cannot trace its
     context-variable switch)."""
-    dims, shape = channel_shape(x)
-    centered = x - x.mean(dim=dims, keepdim=True)
-    var = centered.square().mean(dim=dims, keepdim=True)
-    return centered * (torch.rsqrt(var + self.eps) * self.weight.view(shape)) + self.bias.view(shape)
+    return norm.batch_stat_norm(x, self.weight, self.bias, self.eps)
 
 
 @contextlib.contextmanager

@@ -164,20 +164,15 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
         if hasattr(learner, "sample_predictions"):
             from metalearn.plotting_samples import plot_samples
 
-            other_config, other_learner = other or (None, None)
-            label = None
-            if other_config is not None:
-                label = other_config.algorithm.upper()
-                if hasattr(other_learner, "sample_predictions"):
-                    label += " (one sample)"
+            other_learner, label = other or (None, "MAML")
             paths.append(plot_samples(learner, batch, type(source).function, run.plots_dir / "samples.png",
-                                      maml_learner=other_learner, compare_label=label or "MAML",
+                                      maml_learner=other_learner, compare_label=label,
                                       title=f"{title}: sampled adapted functions"))
     return paths
 
 
-def _comparison_run(config: RunConfig, compare_with: Path | str) -> tuple[RunConfig, Any]:
-    """(config, learner) of the ``--compare`` run, checked to fit beside ``config``'s samples."""
+def _comparison_run(config: RunConfig, compare_with: Path | str) -> tuple[Any, str]:
+    """(learner, label) of the ``--compare`` run, checked to fit beside ``config``'s samples."""
     from metalearn.algorithms import algorithm_class
 
     if config.task.classification or not hasattr(algorithm_class(config.algorithm), "sample_predictions"):
@@ -188,7 +183,8 @@ def _comparison_run(config: RunConfig, compare_with: Path | str) -> tuple[RunCon
     if other_config.task != config.task:
         raise MetalearnError(f"--compare {compare_with}: trained on other tasks ({other_config.task}) than this run "
                              f"({config.task}); compare runs of the same tasks")
-    return other_config, other_learner
+    label = other_config.algorithm.upper()
+    return other_learner, label + (" (one sample)" if hasattr(other_learner, "sample_predictions") else "")
 
 
 def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str | None = None,

@@ -13,7 +13,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -79,16 +79,7 @@ class RunDir:
     def write_checkpoint(self, state: dict[str, Any]) -> None:
         """Write to a temporary file, flush to disk, then rename over the old checkpoint: a
         kill at any moment leaves either the old or the new checkpoint, never half of one."""
-        tmp = self.checkpoint_path.with_name(f"checkpoint.pt.tmp{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.checkpoint_path)
-            fsync_directory(self.path)  # the rename itself survives a power loss
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(self.checkpoint_path, lambda f: torch.save(state, f))
 
     def has_checkpoint(self) -> bool:
         return self.checkpoint_path.is_file()
@@ -132,11 +123,17 @@ class RunDir:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a kill or power loss leaves the old or the new file."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """``write`` into a temporary file beside ``path``, flush it to disk, rename it over
+    ``path`` and flush the folder: a kill or power loss leaves the old or the new file, never
+    half of one."""
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -39,14 +39,20 @@ class BatchStatNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled() or _FIRST_ORDER.get():  # the fast native kernel
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
-        dims = (0, *range(2, x.dim()))
-        centered = x - x.mean(dim=dims, keepdim=True)
-        var = centered.square().mean(dim=dims, keepdim=True)
-        shape = (-1, *([1] * (x.dim() - 2)))
-        return centered * (torch.rsqrt(var + self.eps) * self.weight.view(shape)) + self.bias.view(shape)
+        return batch_stat_norm(x, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
+
+
+def batch_stat_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """The twice-differentiable form of :class:`BatchStatNorm`, written with ``mean`` and
+    ``var`` over every axis but the channels (1)."""
+    dims = (0, *range(2, x.dim()))
+    centered = x - x.mean(dim=dims, keepdim=True)
+    var = centered.square().mean(dim=dims, keepdim=True)
+    shape = (-1, *([1] * (x.dim() - 2)))
+    return centered * (torch.rsqrt(var + eps) * weight.view(shape)) + bias.view(shape)
 
 
 _FIRST_ORDER = contextvars.ContextVar("metalearn_first_order_batch_norm", default=False)

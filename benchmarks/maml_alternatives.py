@@ -1,6 +1,6 @@
-"""Two ways to make the second-order MAML meta-step faster that were tried and not kept.
+"""Ways to make the second-order MAML meta-step faster that were tried and not kept.
 
-Both attack what a profile of the shipped step shows beside the convolutions: about half of a
+They attack what a profile of the shipped step shows beside the convolutions: about half of a
 second-order step (one thread) is element-wise work on the first block's 160 x 64 x 14 x 14
 activations, mostly the twice-differentiable batch norm, its derivative and the derivative of
 that, each a separate pass over memory. Rows, timed round-robin on ``maml_step.py``'s batch
@@ -16,12 +16,19 @@ that, each a separate pass over memory. Rows, timed round-robin on ``maml_step.p
                   meta-loss (no outer autograd), eager;
   compiled     -- that function through ``torch.compile(fullgraph=True)`` (inductor fuses the
                   element-wise passes; compile time printed, not in the step time);
+  bn-function  -- the twice-differentiable batch norm as a ``torch.autograd.Function``
+                  (``ClosedFormBatchNorm`` below) whose backward is the closed-form
+                  derivative, written with differentiable operations: fewer passes over memory
+                  in the first derivative than autograd derives from ``mean``/``var``, and its
+                  second derivative is autograd's of that backward;
   hvp          -- no double backward at all: with one inner step the meta-gradient is
                   mean_i (v_i - alpha H_i v_i), v_i the query gradient at the adapted weights and
                   H_i the support loss's Hessian at the shared ones; the inner and query gradients
                   are taken once with torch's fused batch norm, then H_i v_i forward-over-reverse
                   (``torch.func.jvp`` of ``grad``).
 
+The two hand-written derivatives (``native-bn``'s second, ``bn-function``'s first) pass
+``torch.autograd.gradcheck`` and ``gradgradcheck`` in float64 before anything is timed.
 Every row's meta-gradient is compared with the shipped one before timing (float32; the run
 stops above 1e-2 relative: the compiled kernels round differently, ~1e-3 in the first conv's
 weight gradient, the size of the per-task loops' float32 error in ``maml_step.py``). First order is not timed: it already runs torch's fused batch norm.
@@ -126,6 +133,49 @@ class NativeBatchNormBackward(torch.autograd.Function):
         return d_g, d_x, d_w, None, None, None
 
 
+class ClosedFormBatchNorm(torch.autograd.Function):
+    """x -> (y, x^, r): batch norm on the current batch's statistics, y = x^ w + b, x^ = (x - mean) r,
+    r = 1 / sqrt(var + eps). x^ and r are outputs so that the backward, written in terms of them
+    with differentiable operations, can itself be differentiated: their cotangents come back
+    here. With G = g_y w + g_x^ and <.> a channel's mean over its n elements:
+      d/dx = r (G - <G> - x^ <G x^>) - (g_r r^2 / n) x^,  d/dw = sum g_y x^,  d/db = sum g_y."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, eps):
+        dims, shape = channel_shape(x)
+        var, mean = torch.var_mean(x, dim=dims, keepdim=True, correction=0)
+        rstd = torch.rsqrt(var + eps)
+        xhat = (x - mean) * rstd
+        return torch.addcmul(bias.view(shape), xhat, weight.view(shape)), xhat, rstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, xhat, rstd = output
+        ctx.save_for_backward(inputs[1], xhat, rstd)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_xhat, grad_rstd):
+        weight, xhat, rstd = ctx.saved_tensors
+        dims, shape = channel_shape(xhat)
+        n = xhat.numel() // xhat.shape[1]
+        total = grad_y * weight.view(shape)
+        if grad_xhat is not None:
+            total = total + grad_xhat
+        grad_x = (total - total.mean(dims, keepdim=True)
+                  - xhat * (total * xhat).mean(dims, keepdim=True)) * rstd
+        if grad_rstd is not None:
+            grad_x = grad_x - xhat * (grad_rstd * rstd * rstd / n)
+        return grad_x, (grad_y * xhat).sum(dims), grad_y.sum(dims), None
+
+
+def closed_form_forward(self, x: Tensor) -> Tensor:
+    if not torch.is_grad_enabled() or norm._FIRST_ORDER.get():
+        return SHIPPED_FORWARD(self, x)
+    return ClosedFormBatchNorm.apply(x, self.weight, self.bias, self.eps)[0]
+
+
 def native_forward(self, x: Tensor) -> Tensor:
     if not torch.is_grad_enabled() or norm._FIRST_ORDER.get():
         return SHIPPED_FORWARD(self, x)
@@ -182,6 +232,20 @@ def hvp_meta_gradient(model, inner_lr: float):
     return meta_gradient
 
 
+def check_hand_written_derivatives() -> None:
+    """gradcheck and gradgradcheck, float64, of both hand-written batch-norm derivatives."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64, generator=g)
+    weight, bias = torch.randn(3, dtype=torch.float64, generator=g), torch.randn(3, dtype=torch.float64, generator=g)
+    inputs = tuple(t.requires_grad_() for t in (x, weight, bias))
+    for name, fn in (("native-bn", NativeBatchNorm), ("bn-function", ClosedFormBatchNorm)):
+        def y(x, w, b, fn=fn):
+            return fn.apply(x, w, b, 1e-5)[0]
+        if not (torch.autograd.gradcheck(y, inputs) and torch.autograd.gradgradcheck(y, inputs)):
+            raise SystemExit(f"{name}: derivatives differ from finite differences")
+        print(f"{name}: gradcheck and gradgradcheck passed (float64)")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=None)
@@ -193,6 +257,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     warn_if_loaded(torch.get_num_threads())
+    check_hand_written_derivatives()
     batch, inner_lr = make_batch(), 0.4
     model = make_model(batch.ways)
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -216,6 +281,7 @@ def main(argv=None) -> None:
         return step
 
     rows = {"shipped": autograd_row(SHIPPED_FORWARD), "native-bn": autograd_row(native_forward),
+            "bn-function": autograd_row(closed_form_forward),
             "functional": functional_row(functional), "hvp": lambda: hvp(*inputs)}
     if not args.skip_compile:
         compiled = torch.compile(functional, fullgraph=True)

@@ -50,6 +50,9 @@ def test_resume_from_the_command_line_takes_the_saved_configuration(tmp_path, ca
     [
         (["--shots", 10, "--query", 15], "omniglot has 20 images per class; --shots 10 with --query 15 needs 25"),
         (["--ways", 2000], "--ways 2000 is more than that"),
+        # 200 classes fit the training part but not the validation part (100), whose episodes
+        # take the test shape: the message says where an option the user never typed comes from
+        (["--ways", 200], "--test-ways 200 (it defaults to --ways) is more than that"),
         # test episodes' shape: the message names train's --test-* options and eval's own
         (["--test-shots", 20], "--test-shots 20 with --test-query 1 needs 21. Lower --test-shots or "
                                "--test-query (in metalearn eval: --shots or --query)"),
@@ -137,6 +140,9 @@ def test_platipus_plot_beside_maml_and_compare(tmp_path, capsys):
         (["--test-ways", 3], "tested with as many ways as it is trained with"),
         (["--model", "conv4-embedding"], "conv4-embedding has no output layer"),
         (["--log-every", 0], "--log-every must be at least 1"),
+        (["--meta-batch-size", 0], "--meta-batch-size must be at least 1, got 0"),
+        (["--steps", -5], "--steps must be >= 0, got -5"),
+        (["--noise-std", 0.1], "--noise-std is the noise on regression targets"),
         (["--ways", 1], "--ways must be at least 2"),
         (["--test-query", 0], "--test-query must be at least 1"),
         (["--split", "lake", "--test-shots", 10, "--test-query", 15], "--test-shots 10 with --test-query 15 needs 25"),
@@ -151,7 +157,7 @@ def test_bad_options_are_refused_before_training(tmp_path, capsys, omniglot_data
 
 @pytest.mark.parametrize("setting, message", [("test_inner_steps=abc", "test_inner_steps must be int"),
                                               ("test_inner_steps=2.5", "test_inner_steps must be int"),
-                                              ("first_order=maybe", "first_order must be bool")])
+                                              ("first_order=maybe", "first_order must be bool (true or false)")])
 def test_bad_set_values_are_refused(tmp_path, capsys, setting, message):
     run_dir = tmp_path / "run"
     assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--meta-batch-size", 2, "--run-dir",
@@ -206,3 +212,44 @@ def test_running_out_of_memory_is_a_message_not_a_traceback(tmp_path, capsys, mo
     monkeypatch.setattr("metalearn.api.train", out_of_memory)
     code, _, err = run(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--run-dir", tmp_path / "r"], capsys)
     assert code == 2 and "out of memory" in err and "--meta-batch-size" in err and "Traceback" not in err
+
+
+def test_print_config_shows_the_resolved_paper_settings_and_trains_nothing(tmp_path, capsys):
+    code, out, err = run(["train", "maml", "--ways", 20, "--shots", 5, "--run-dir", tmp_path / "r",
+                          "--print-config"], capsys)
+    assert code == 0, err
+    config = json.loads(out)
+    assert config["algorithm_config"]["inner_lr"] == 0.1 and config["algorithm_config"]["inner_steps"] == 5
+    assert config["train"]["meta_batch_size"] == 16 and config["task"]["query"] == 5
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--ways", 7], "sinusoid is regression: --ways does not apply to it"),
+    (["--split", "vinyals", "--image-size", 32], "--split, --image-size do not apply"),
+    (["--noise-std", -1], "--noise-std must be >= 0, got -1.0"),
+])
+def test_options_that_do_not_fit_a_regression_task_are_refused(tmp_path, capsys, extra, message):
+    code, _, err = run(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--run-dir", tmp_path / "r",
+                        "--no-progress"] + extra, capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_validation_evaluation_keeps_the_test_result(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 2, "--meta-batch-size", 2, "--eval-episodes", 6,
+                "--run-dir", run_dir, "--no-progress"], capsys)[0] == 0
+    test_result = (run_dir / "eval.json").read_text()
+    code, out, err = run(["eval", run_dir, "--part", "val", "--episodes", 4, "--no-progress"], capsys)
+    assert code == 0, err
+    assert (run_dir / "eval.json").read_text() == test_result
+    saved = json.loads((run_dir / "eval-part=val.json").read_text())
+    assert saved["part"] == "val" and saved["episodes"] == 4
+
+
+def test_compare_names_the_episode_shape_that_differs(tmp_path, capsys):
+    for shots in (5, 10):
+        assert run(["train", "maml", "--dataset", "sinusoid", "--shots", shots, "--steps", 1, "--meta-batch-size", 2,
+                    "--run-dir", tmp_path / f"k{shots}", "--no-progress", "--no-eval"], capsys)[0] == 0
+    code, _, err = run(["compare", tmp_path / "k5", tmp_path / "k10", "--episodes", 4], capsys)
+    assert code == 2 and "(shots 5 vs 10)" in err  # both tested on 100 query points

@@ -421,7 +421,13 @@ def test_only_the_methods_that_differentiate_once_use_the_native_kernel(monkeypa
 
     native_calls = []
     native = F.batch_norm
-    monkeypatch.setattr(norm.F, "batch_norm", lambda *a, **k: native_calls.append(1) or native(*a, **k))
+
+    def counting(*args, **kwargs):
+        if torch.is_grad_enabled():  # what a meta-gradient flows through (not e.g. a shape check)
+            native_calls.append(1)
+        return native(*args, **kwargs)
+
+    monkeypatch.setattr(norm.F, "batch_norm", counting)
     torch.manual_seed(0)
     ways = 3
     model = Conv4(1, ways if method in ("reptile", "maml") else None, hidden=4, pooling="max").double()
@@ -429,3 +435,18 @@ def test_only_the_methods_that_differentiate_once_use_the_native_kernel(monkeypa
     learner = ALGORITHMS[method](model, ALGORITHMS[method].Config(**options))
     learner.meta_loss(image_batch(tasks=2, ways=ways, shots=2, query=2, size=16))[0].backward()
     assert bool(native_calls) == (method != "maml")
+
+
+def test_a_network_with_the_wrong_number_of_outputs_is_a_clear_error():
+    """Conv4 defaults to 5 outputs; on 3-way tasks cross-entropy would fail deep in torch (or,
+    with more outputs than classes, predictions could name classes the task lacks)."""
+    from batches import image_batch
+
+    batch = image_batch(tasks=2, ways=3, dtype=torch.float32)
+    for outputs in (2, 5):
+        maml = MAML(Conv4(1, outputs), MAML.Config(inner_lr=0.1))
+        with pytest.raises(MetalearnError, match=f"{outputs} outputs but the tasks are 3-way"):
+            maml.meta_loss(batch)
+        with pytest.raises(MetalearnError, match="one output per class"):
+            maml.predict(batch)
+    MAML(Conv4(1, 3), MAML.Config(inner_lr=0.1)).meta_loss(batch)  # the right width passes

@@ -422,3 +422,15 @@ def test_shares_too_small_for_the_ranks_are_refused_at_the_start(tmp_path, train
     tasks = build_task_source(config.task, "train")
     with pytest.raises(MetalearnError, match=message):
         Trainer(config, learner, tasks, build_task_source(config.task, "val"), RunDir(tmp_path), World(0, 8))
+
+
+def test_a_linearly_annealed_run_refuses_a_new_step_count_and_says_why():
+    from metalearn.config import RunConfig, TrainConfig
+    from metalearn.training import check_compatible
+
+    saved = RunConfig("reptile", train=TrainConfig(steps=4, lr_anneal="linear"))
+    longer = dataclasses.replace(saved, train=dataclasses.replace(saved.train, steps=6))
+    with pytest.raises(MetalearnError, match="annealed linearly to 0 over --steps"):
+        check_compatible(saved, longer, "the run")
+    check_compatible(dataclasses.replace(saved, train=TrainConfig(steps=4)),
+                     dataclasses.replace(longer, train=TrainConfig(steps=6)), "the run")  # no anneal: fine

@@ -36,9 +36,16 @@ def resolve_config(algorithm: str, task: dict[str, Any] | None = None,
         )
     regression = task.get("dataset", TaskConfig.dataset) != "omniglot"
     if regression:
+        given = [name for name in ("split", "ways", "test_ways", "image_size") if name in task]
+        if given:
+            options = ", ".join("--" + name.replace("_", "-") for name in given)
+            verb = "does" if len(given) == 1 else "do"
+            raise MetalearnError(f"{task['dataset']} is regression: {options} {verb} not apply to it")
         task.setdefault("shots", 5)  # K = 5 support points
         task.setdefault("test_query", 100)  # a finer estimate of the same expected MSE
         task.update(split="none", ways=0)
+    elif task.get("noise_std") is not None:
+        raise MetalearnError("--noise-std is the noise on regression targets: it does not apply to omniglot")
     task.setdefault("query", task.get("shots", TaskConfig.shots))  # the MAML code queries K per class
     task_config = TaskConfig(**task)
     algo_defaults, train_defaults = algorithm_class(algorithm).paper_defaults(task_config)
@@ -87,8 +94,8 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
                  episode_shape: dict[str, int] | None = None, per_step: bool = True) -> dict[str, Any]:
     """Evaluate the checkpoint of ``run_dir`` on ``episodes`` episodes of ``part`` and write
     ``eval.json`` (``eval-<key>=<value>.json`` with ``overrides`` of the method's options, e.g.
-    ``{"test_inner_steps": 10}``). The episodes depend only on ``seed``, so methods compare on
-    the same ones.
+    ``{"test_inner_steps": 10}``, and ``eval-part=val.json`` for the validation split). The
+    episodes depend only on ``seed``, so methods compare on the same ones.
 
     ``episode_shape`` (keys ``ways``, ``shots``, ``query``) tests on episodes of another shape
     than the run's, e.g. a Prototypical Network trained 60-way tested 20-way, as in its paper.
@@ -135,7 +142,7 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
     result.update({"part": part, "step": step, "algorithm": config.algorithm, "dataset": config.task.dataset,
                    "ways": test.ways, "shots": test.shots, "query": test.query, "overrides": overrides or {}})
     if world.is_main:
-        RunDir(run_dir).write_eval(result, overrides)
+        RunDir(run_dir).write_eval(result, overrides, part)
     return result
 
 

@@ -19,7 +19,9 @@ from metalearn.runtime import tune_allocator
 
 DEVICE_HELP = ("cpu, cuda (under torchrun: each rank's GPU, NCCL), cuda:N or auto; not part of the run, "
                "which resumes or evaluates on any device")
-DATA_DIR_HELP = "folder with images_background.zip / images_evaluation.zip (default: $METALEARN_DATA or ~/.cache/metalearn/omniglot)"
+CACHE_HELP = "the cache folder: $METALEARN_CACHE, else $XDG_CACHE_HOME/metalearn, else ~/.cache/metalearn"
+DATA_DIR_HELP = ("folder with images_background.zip / images_evaluation.zip (default: $METALEARN_DATA, else "
+                 f"omniglot/ in {CACHE_HELP})")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,16 +34,38 @@ def cli():
 # -- option generation from the config dataclasses ------------------------------------------
 
 
+# what an option's values are and its default, where the type and the field's default do not say
+OPTION_HELP = {
+    "dataset": "omniglot, sinusoid or sine-or-line (default omniglot)",
+    "split": "omniglot's class split: maml, vinyals or lake (default maml)",
+    "ways": "classes per task (default 5; omniglot only)",
+    "shots": "support examples per class, or support points K for regression (default 1; 5 for regression)",
+    "query": "query examples per class, or query points for regression (default: as many as --shots)",
+    "test_ways": "classes per test and validation task (default: --ways)",
+    "test_shots": "support examples per class in test and validation tasks (default: --shots)",
+    "test_query": "query examples per class in test and validation tasks (default: --query; 100 points for regression)",
+    "image_size": "omniglot images are resized to this many pixels square (default 28)",
+    "noise_std": "standard deviation of the noise on regression targets (default 0 for sinusoid, 0.3 for sine-or-line)",
+    "model": "conv4, conv4-maxpool, conv4-embedding or mlp (default: the paper's network for the task)",
+    "init_from": "a trained run directory whose network gives the initial weights (default none)",
+}
+
+
 def _option_for(field: dataclasses.Field, paper_default: bool = False) -> click.Option:
     name = "--" + field.name.replace("_", "-")
     hint = field.type if isinstance(field.type, type) else _resolve(field.type)
-    # options of the method and of training default to the paper's value for the task
-    shown = "none" if field.default == "" else field.default
-    default = f"(default: the paper's value, else {shown})" if paper_default else f"(default {shown})"
+    # options of the method and of training default to the paper's value for the task, which
+    # depends on the other options: --print-config shows what a command line resolves to
+    if field.name in OPTION_HELP:
+        text = OPTION_HELP[field.name]
+    elif paper_default:
+        text = "(default: the paper's setting for the task; see --print-config)"
+    else:
+        text = f"(default {field.default})"
     if hint is bool:
-        return click.Option([f"{name}/--no-{field.name.replace('_', '-')}"], default=None, help=default)
+        return click.Option([f"{name}/--no-{field.name.replace('_', '-')}"], default=None, help=text)
     click_type = {int: int, float: float, str: str}.get(hint, str)
-    return click.Option([name], type=click_type, default=None, show_default=False, help=default)
+    return click.Option([name], type=click_type, default=None, show_default=False, help=text)
 
 
 def _resolve(annotation: str):
@@ -76,6 +100,9 @@ def _make_train_command(algorithm: str) -> click.Command:
             train=given(TRAIN_FIELDS),
             resume_from=options["run_dir"] if options["resume"] else None,
         )
+        if options["print_config"]:
+            click.echo(json.dumps(config.to_dict(), indent=2))
+            return
         run_dir, result = train(config, run_dir=options["run_dir"], data_dir=options["data_dir"],
                                 resume=options["resume"], progress=options["progress"],
                                 evaluate_after=options["eval"], announce=click.echo, device=options["device"])
@@ -91,15 +118,25 @@ def _make_train_command(algorithm: str) -> click.Command:
     params += [
         click.Option(["--data-dir"], type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP),
         click.Option(["--run-dir"], type=click.Path(path_type=Path), default=None,
-                     help="where checkpoints and metrics go (default: ~/.cache/metalearn/runs/<name>)"),
+                     help="where checkpoints and metrics go (default: a new folder <algorithm>-<dataset>-<shape>-<time> "
+                          f"in $METALEARN_RUNS, else runs/ in {CACHE_HELP})"),
         click.Option(["--resume"], is_flag=True, help="continue the run in --run-dir from its checkpoint"),
         click.Option(["--progress/--no-progress"], default=True, help="show a progress bar"),
         click.Option(["--eval/--no-eval"], default=True, help="evaluate on the test split when done"),
         click.Option(["--device"], default="cpu", show_default=True, help=DEVICE_HELP),
+        click.Option(["--print-config"], is_flag=True,
+                     help="print the full configuration these options resolve to (paper defaults "
+                          "filled in) as JSON and exit without training"),
     ]
-    doc = (ALGORITHMS[algorithm].__doc__ or "").strip().splitlines()[0]
     return click.Command(algorithm, callback=run, params=params,
-                         help=f"Meta-train {algorithm}: {doc} Unset options take the paper's values.")
+                         help=f"Meta-train {algorithm}: {_summary(algorithm)} Unset options take the "
+                              "paper's values for the task (--print-config shows them).")
+
+
+def _summary(algorithm: str) -> str:
+    """The first paragraph of the method's module docstring: its name, paper and how it runs."""
+    doc = sys.modules[ALGORITHMS[algorithm].__module__].__doc__ or ""
+    return " ".join(doc.strip().split("\n\n")[0].split())
 
 
 @cli.group()

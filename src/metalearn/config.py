@@ -41,6 +41,8 @@ class TaskConfig:
             for option, ways in (("--ways", self.ways), ("--test-ways", self.test_ways)):
                 if ways is not None and ways < 2:
                     raise MetalearnError(f"{option} must be at least 2 (a task tells classes apart), got {ways}")
+        if self.noise_std is not None and not self.noise_std >= 0:
+            raise MetalearnError(f"--noise-std must be >= 0, got {self.noise_std}")
         for option in ("shots", "query", "test_shots", "test_query"):
             value = getattr(self, option)
             if value is not None and value < 1:
@@ -84,8 +86,10 @@ class TrainConfig:
     init_from: str = ""
 
     def __post_init__(self):
-        if self.steps < 0 or self.meta_batch_size < 1:
-            raise MetalearnError("--steps must be >= 0 and --meta-batch-size >= 1")
+        if self.steps < 0:
+            raise MetalearnError(f"--steps must be >= 0, got {self.steps}")
+        if self.meta_batch_size < 1:
+            raise MetalearnError(f"--meta-batch-size must be at least 1, got {self.meta_batch_size}")
         if not self.meta_lr > 0:
             raise MetalearnError(f"--meta-lr must be positive, got {self.meta_lr}")
         for name in ("log_every", "checkpoint_every", "val_episodes", "eval_episodes"):

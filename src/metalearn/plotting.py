@@ -20,16 +20,26 @@ def _pyplot():
     return plt
 
 
+SERIES_LABELS = {  # metrics.jsonl key -> (factor, panel title)
+    "loss": (1.0, "training loss (meta-batch)"),
+    "accuracy": (100.0, "training accuracy (%, meta-batch)"),
+    "val_accuracy": (1.0, "validation accuracy (%)"),
+    "val_mse": (1.0, "validation MSE"),
+}
+
+
 def plot_learning_curves(records: list[dict], path: Path, title: str = "") -> Path:
     """Training loss and every accuracy/MSE series found in ``metrics.jsonl`` records."""
     plt = _pyplot()
     series = sorted({k for r in records for k in r if k not in ("step", "tasks_per_s", "val_ci95", "elapsed_s")})
     fig, axes = plt.subplots(1, len(series), figsize=(4.5 * max(len(series), 1), 3.5), squeeze=False)
     for ax, name in zip(axes[0], series):
-        points = [(r["step"], r[name]) for r in records if name in r]
+        # metrics.jsonl keeps training accuracy as a fraction and validation accuracy in percent
+        scale, label = SERIES_LABELS.get(name, (1.0, name))
+        points = [(r["step"], r[name] * scale) for r in records if name in r]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if name.startswith("val") else None)
         ax.set_xlabel("meta-step")
-        ax.set_title(name)
+        ax.set_title(label)
         if name == "loss":
             ax.set_yscale("log")
         ax.grid(alpha=0.3)

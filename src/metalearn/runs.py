@@ -115,8 +115,13 @@ class RunDir:
         kept = [r for r in self.read_metrics() if r.get("step", 0) <= step]
         atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
-    def write_eval(self, result: dict[str, Any], overrides: dict[str, Any] | None = None) -> Path:
-        suffix = "".join(f"-{k}={v}" for k, v in sorted((overrides or {}).items()))
+    def write_eval(self, result: dict[str, Any], overrides: dict[str, Any] | None = None,
+                   part: str = "test") -> Path:
+        """``eval.json`` for the test split as trained; other evaluations get their own file,
+        named by what differs (``eval-part=val.json``, ``eval-ways=20.json``), so none
+        replaces the run's test result."""
+        labels = {**(overrides or {}), **({"part": part} if part != "test" else {})}
+        suffix = "".join(f"-{k}={v}" for k, v in sorted(labels.items()))
         path = self.eval_path.with_name(f"eval{suffix}.json")
         atomic_write_bytes(path, (json.dumps(result, indent=2) + "\n").encode())
         return path

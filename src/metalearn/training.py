@@ -262,8 +262,10 @@ def check_compatible(saved: RunConfig, requested: RunConfig, what: str) -> None:
     conflicts = {k: v for k, v in config_differences(saved, requested).items() if k not in resumable}
     if conflicts:
         lines = "; ".join(f"{k}: {old!r} there, {new!r} requested" for k, (old, new) in conflicts.items())
+        why = (" Its learning rate is annealed linearly to 0 over --steps, so the step count cannot change."
+               if "train.steps" in conflicts else "")
         raise MetalearnError(
-            f"{what} was made with another configuration ({lines}). Resume with the same options, "
+            f"{what} was made with another configuration ({lines}).{why} Resume with the same options, "
             "or start a new run directory."
         )
 

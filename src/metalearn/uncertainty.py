@@ -28,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -197,8 +198,9 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     first_label, first_task = next(iter(tasks.items()))
     for label, task in tasks.items():
         if task.for_testing() != first_task.for_testing():
-            raise MetalearnError(f"runs {first_label!r} and {label!r} were trained on different tasks "
-                                 f"({first_task.dataset} vs {task.dataset} or another episode shape); "
+            a, b = dataclasses.asdict(first_task.for_testing()), dataclasses.asdict(task.for_testing())
+            differ = ", ".join(f"{key} {a[key]} vs {b[key]}" for key in a if a[key] != b[key])
+            raise MetalearnError(f"runs {first_label!r} and {label!r} are tested on different tasks ({differ}); "
                                  "compare runs of the same task")
     source = build_task_source(first_task, part, data_dir)
     true_function = getattr(type(source), "function", None)

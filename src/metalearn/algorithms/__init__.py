@@ -52,7 +52,9 @@ def _coerce(algorithm: str, option: str, value: Any, expected: Any) -> Any:
     else:
         ok = True
     if not ok:
-        raise MetalearnError(f"{algorithm} option {option} must be {getattr(expected, '__name__', expected)}, got {value!r}")
+        spelled = " (true or false)" if expected is bool else ""
+        raise MetalearnError(f"{algorithm} option {option} must be {getattr(expected, '__name__', expected)}"
+                             f"{spelled}, got {value!r}")
     return value
 
 

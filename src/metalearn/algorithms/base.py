@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalearn.errors import MetalearnError
+from metalearn.models.norm import first_order_batch_norm
 from metalearn.tasks.batch import Problem, TaskBatch
 
 
@@ -63,6 +64,29 @@ class MetaLearner(nn.Module):
         """Predictions after each adaptation step, (steps + 1, tasks, n_query, ...); methods
         without steps return their single prediction with a leading axis of 1."""
         return self.predict(batch).unsqueeze(0)
+
+
+def check_output_size(learner: MetaLearner, batch: TaskBatch) -> None:
+    """Refuse, with a clear message, a network whose number of outputs is not the batch's
+    number of classes, for a method that reads one logit per class (MAML, PLATIPUS, Reptile):
+    the loss would otherwise fail deep inside torch (too few) or the prediction could name a
+    class the task does not have (too many). Checked once per episode shape, with a forward
+    pass of one support example."""
+    if not batch.ways:
+        return
+    key = (batch.ways, tuple(batch.support_x.shape[2:]))
+    checked = learner.__dict__.setdefault("_checked_output_sizes", set())
+    if key in checked:
+        return
+    with torch.no_grad(), first_order_batch_norm():
+        outputs = learner.model(batch.support_x[0, :2]).shape[-1]
+    if outputs != batch.ways:
+        raise MetalearnError(
+            f"{learner.name}: the network has {outputs} outputs but the tasks are {batch.ways}-way; it "
+            f"needs one output per class (e.g. Conv4(in_channels, {batch.ways}), or build_model(..., "
+            f"out_features={batch.ways}))"
+        )
+    checked.add(key)
 
 
 def require_functional_model(model: nn.Module, method: str, second_order: bool) -> None:

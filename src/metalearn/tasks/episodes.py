@@ -47,8 +47,9 @@ class EpisodeSampler:
                 f"{query} needs {shots + query}. Lower {prefix}shots or {prefix}query{also('shots', 'query')}."
             )
         if ways > len(pool):
+            given = f"{prefix}ways {ways}" + (" (it defaults to --ways)" if test else "")
             raise MetalearnError(
-                f"{dataset} split {pool.name} has {len(pool)} classes; {prefix}ways {ways} is more "
+                f"{dataset} split {pool.name} has {len(pool)} classes; {given} is more "
                 f"than that. Lower {prefix}ways{also('ways')} or use a split part with more classes."
             )
         self.pool = pool

@@ -437,16 +437,22 @@ def test_only_the_methods_that_differentiate_once_use_the_native_kernel(monkeypa
     assert bool(native_calls) == (method != "maml")
 
 
-def test_a_network_with_the_wrong_number_of_outputs_is_a_clear_error():
+def test_a_network_that_does_not_fit_the_tasks_is_a_clear_error():
     """Conv4 defaults to 5 outputs; on 3-way tasks cross-entropy would fail deep in torch (or,
-    with more outputs than classes, predictions could name classes the task lacks)."""
-    from batches import image_batch
-
+    with more outputs than classes, predictions could name classes the task lacks); an MLP with
+    two outputs on one-dimensional targets would broadcast silently in the squared error."""
     batch = image_batch(tasks=2, ways=3, dtype=torch.float32)
     for outputs in (2, 5):
         maml = MAML(Conv4(1, outputs), MAML.Config(inner_lr=0.1))
-        with pytest.raises(MetalearnError, match=f"{outputs} outputs but the tasks are 3-way"):
+        with pytest.raises(MetalearnError, match=rf"outputs of shape \({outputs},\) .* the tasks are 3-way"):
             maml.meta_loss(batch)
         with pytest.raises(MetalearnError, match="one output per class"):
             maml.predict(batch)
-    MAML(Conv4(1, 3), MAML.Config(inner_lr=0.1)).meta_loss(batch)  # the right width passes
+    with pytest.raises(MetalearnError, match=r"cannot take these tasks' inputs, of shape \(1, 16, 16\)"):
+        MAML(Conv4(3, 3), MAML.Config(inner_lr=0.1)).meta_loss(batch)  # Conv4(3): three input channels
+    MAML(Conv4(1, 3), MAML.Config(inner_lr=0.1)).meta_loss(batch)  # the right network passes
+
+    sinusoid = SinusoidTasks(shots=5, query=5).sample(2, torch.Generator().manual_seed(0))
+    with pytest.raises(MetalearnError, match=r"regression targets have shape \(1,\)"):
+        MAML(MLP(1, 2), MAML.Config(inner_lr=0.01)).meta_loss(sinusoid)
+    MAML(MLP(1, 1), MAML.Config(inner_lr=0.01)).meta_loss(sinusoid)

@@ -66,26 +66,33 @@ class MetaLearner(nn.Module):
         return self.predict(batch).unsqueeze(0)
 
 
-def check_output_size(learner: MetaLearner, batch: TaskBatch) -> None:
-    """Refuse, with a clear message, a network whose number of outputs is not the batch's
-    number of classes, for a method that reads one logit per class (MAML, PLATIPUS, Reptile):
-    the loss would otherwise fail deep inside torch (too few) or the prediction could name a
-    class the task does not have (too many). Checked once per episode shape, with a forward
-    pass of one support example."""
-    if not batch.ways:
-        return
-    key = (batch.ways, tuple(batch.support_x.shape[2:]))
-    checked = learner.__dict__.setdefault("_checked_output_sizes", set())
+def check_network_fits(learner: MetaLearner, batch: TaskBatch) -> None:
+    """Refuse, with a clear message, a network that does not fit the batch's tasks, for the
+    methods that adapt the network's own outputs (MAML, PLATIPUS, Reptile): inputs it cannot
+    take (torch would fail deep inside ``vmap``), or outputs of another size than one per class
+    (too few: cross-entropy fails inside torch; too many: a prediction could name a class the
+    task lacks) or than the regression targets (the squared error would broadcast silently).
+    Checked once per input and target shape, with a forward pass of two support examples."""
+    per_example = (batch.ways,) if batch.ways else tuple(batch.query_y.shape[2:])
+    key = (per_example, tuple(batch.support_x.shape[2:]))
+    checked = learner.__dict__.setdefault("_fitting_shapes", set())
     if key in checked:
         return
-    with torch.no_grad(), first_order_batch_norm():
-        outputs = learner.model(batch.support_x[0, :2]).shape[-1]
-    if outputs != batch.ways:
-        raise MetalearnError(
-            f"{learner.name}: the network has {outputs} outputs but the tasks are {batch.ways}-way; it "
-            f"needs one output per class (e.g. Conv4(in_channels, {batch.ways}), or build_model(..., "
-            f"out_features={batch.ways}))"
-        )
+    examples = batch.support_x[0, :2]
+    try:
+        with torch.no_grad(), first_order_batch_norm():
+            outputs = tuple(learner.model(examples).shape[1:])
+    except RuntimeError as err:
+        raise MetalearnError(f"{learner.name}: the network cannot take these tasks' inputs, of shape "
+                             f"{tuple(examples.shape[1:])} ({str(err).splitlines()[0]})") from None
+    if outputs != per_example:
+        if batch.ways:
+            need = (f"the tasks are {batch.ways}-way; it needs one output per class (e.g. "
+                    f"Conv4(in_channels, {batch.ways}), or build_model(..., out_features={batch.ways}))")
+        else:
+            need = f"the regression targets have shape {per_example} per example"
+        raise MetalearnError(f"{learner.name}: the network has outputs of shape {outputs} (per example) "
+                             f"but {need}")
     checked.add(key)
 
 

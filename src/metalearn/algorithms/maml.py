@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from metalearn.algorithms.base import MetaLearner, check_output_size, require_functional_model, Problem, accuracy, task_loss
+from metalearn.algorithms.base import MetaLearner, check_network_fits, require_functional_model, Problem, accuracy, task_loss
 from metalearn.algorithms.inner_loop import Params, check_inner_loop_options, gradient_descent
 from metalearn.errors import MetalearnError
 from metalearn.models import build_model
@@ -159,7 +159,7 @@ class MAML(MetaLearner):
         return multi_step_weights(config.inner_steps, progress)
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        check_output_size(self, batch)
+        check_network_fits(self, batch)
         params = dict(self.model.named_parameters())
         steps = self.config.inner_steps
         classification = batch.is_classification
@@ -189,7 +189,7 @@ class MAML(MetaLearner):
         return self.predict_per_step(batch)[-1]
 
     def predict_per_step(self, batch: TaskBatch) -> Tensor:
-        check_output_size(self, batch)
+        check_network_fits(self, batch)
         params = {name: p.detach() for name, p in self.model.named_parameters()}
         steps = self.config.test_inner_steps
 

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from metalearn.algorithms.base import MetaLearner, check_output_size, require_functional_model, Problem, task_loss
+from metalearn.algorithms.base import MetaLearner, check_network_fits, require_functional_model, Problem, task_loss
 from metalearn.algorithms.inner_loop import (Params, check_inner_loop_options, gradient_descent, loss_gradient,
                                             sgd_step)
 from metalearn.errors import MetalearnError
@@ -234,7 +234,7 @@ class PLATIPUS(MetaLearner):
         """The negative bound (Algorithm 1 line 11), averaged over tasks: the query loss of the
         adapted samples (mean over ``train_samples``) + ``kl_weight`` * D_KL(q || p). Noise from
         the global generator (the trainer seeds it per step)."""
-        check_output_size(self, batch)
+        check_network_fits(self, batch)
         mean = self._mean()
         log_q, log_p = self._log_std(self.log_posterior_std), self._log_std(self.log_prior_std)
         std_q = {name: s.exp() for name, s in log_q.items()}
@@ -273,7 +273,7 @@ class PLATIPUS(MetaLearner):
         """Algorithm 2 for every task and sample: theta ~ p(theta | D_tr), then the query outputs
         (logits or regression values) after 0..test_inner_steps gradient steps from it.
         Returns ``(steps + 1, samples, tasks, n_query, out)``."""
-        check_output_size(self, batch)
+        check_network_fits(self, batch)
         num_samples = num_samples or self.config.num_samples
         mean = {name: p.detach() for name, p in self._mean().items()}
         std_p = {name: s.detach().exp() for name, s in self._log_std(self.log_prior_std).items()}

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from metalearn.algorithms.base import MetaLearner, check_output_size, require_functional_model, Problem, accuracy, task_loss
+from metalearn.algorithms.base import MetaLearner, check_network_fits, require_functional_model, Problem, accuracy, task_loss
 from metalearn.algorithms.inner_loop import Params, check_inner_loop_options, loss_gradient, sgd_step
 from metalearn.errors import MetalearnError
 from metalearn.models import build_model
@@ -322,7 +322,7 @@ class Reptile(MetaLearner):
         subtracted; the query set only serves the logged loss and ``accuracy`` (query set in one
         batch), as Reptile itself trains on the support set alone. Mini-batch order is drawn
         from torch's global generator, which the trainer seeds every step."""
-        check_output_size(self, batch)
+        check_network_fits(self, batch)
         theta = dict(self.model.named_parameters())
         start = {name: p.detach() for name, p in theta.items()}
         batches_x, batches_y = self.minibatches(batch.support_x, batch.support_y, self.config.inner_steps,
@@ -407,7 +407,7 @@ class Reptile(MetaLearner):
             return vmap(one_task)(batches_x, batches_y, batch.query_x).transpose(0, 1)
 
     def _test_setup(self, batch: TaskBatch) -> tuple[Params, Tensor, Tensor]:
-        check_output_size(self, batch)
+        check_network_fits(self, batch)
         params = {name: p.detach() for name, p in self.model.named_parameters()}
         generator = torch.Generator().manual_seed(PREDICT_ORDER_SEED)
         batches_x, batches_y = self.minibatches(batch.support_x, batch.support_y, self.config.test_inner_steps,

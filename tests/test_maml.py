@@ -451,8 +451,59 @@ def test_a_network_that_does_not_fit_the_tasks_is_a_clear_error():
     with pytest.raises(MetalearnError, match=r"cannot take these tasks' inputs, of shape \(1, 16, 16\)"):
         MAML(Conv4(3, 3), MAML.Config(inner_lr=0.1)).meta_loss(batch)  # Conv4(3): three input channels
     MAML(Conv4(1, 3), MAML.Config(inner_lr=0.1)).meta_loss(batch)  # the right network passes
+    unlabelled = TaskBatch(batch.support_x, batch.support_y, batch.query_x, batch.query_y)  # ways left at 0
+    with pytest.raises(MetalearnError, match="has class labels but ways=0"):
+        MAML(Conv4(1, 3), MAML.Config(inner_lr=0.1)).meta_loss(unlabelled)
 
     sinusoid = SinusoidTasks(shots=5, query=5).sample(2, torch.Generator().manual_seed(0))
     with pytest.raises(MetalearnError, match=r"regression targets have shape \(1,\)"):
         MAML(MLP(1, 2), MAML.Config(inner_lr=0.01)).meta_loss(sinusoid)
     MAML(MLP(1, 1), MAML.Config(inner_lr=0.01)).meta_loss(sinusoid)
+
+
+def test_frozen_parameters_stay_fixed_in_the_inner_loop():
+    """A parameter with requires_grad=False is neither meta-learned nor adapted (as in
+    learn2learn, where the inner loop skips it by default)."""
+    torch.manual_seed(0)
+    model = Conv4(1, 3, hidden=4)
+    model.features[0][0].weight.requires_grad_(False)
+    maml = MAML(model, MAML.Config(inner_lr=0.5, inner_steps=2))
+    batch = image_batch(tasks=2, ways=3, dtype=torch.float32)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    adapted = maml.adapt(params, batch.support_x[0], batch.support_y[0], steps=2)[-1]
+    assert torch.equal(adapted["features.0.0.weight"], params["features.0.0.weight"])
+    assert not torch.equal(adapted["features.1.0.weight"], params["features.1.0.weight"])
+    maml.meta_loss(batch)[0].backward()
+    assert model.features[0][0].weight.grad is None and model.features[1][0].weight.grad is not None
+
+
+def test_a_model_with_dropout_trains_with_its_own_mask_per_task():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Dropout(0.5), nn.Linear(40, 1))
+    maml = MAML(model, MAML.Config(inner_lr=0.01))
+    batch = SinusoidTasks(shots=5, query=5).sample(4, torch.Generator().manual_seed(0))
+    loss, _ = maml.meta_loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+    maml.eval()  # no dropout at test time: predictions are deterministic
+    assert torch.equal(maml.predict(batch), maml.predict(batch))
+
+
+def test_a_constant_buffer_is_fine():
+    """Only running statistics are refused: a buffer the forward pass only reads is a constant."""
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = MLP(1, 1)
+            self.register_buffer("scale", torch.tensor(2.0))
+
+        def forward(self, x):
+            return self.body(x * self.scale)
+
+    torch.manual_seed(0)
+    maml = MAML(Scaled(), MAML.Config(inner_lr=0.01))
+    batch = SinusoidTasks(shots=5, query=5).sample(3, torch.Generator().manual_seed(0))
+    loss, _ = maml.meta_loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and maml.model.scale == 2.0

@@ -434,3 +434,22 @@ def test_a_linearly_annealed_run_refuses_a_new_step_count_and_says_why():
         check_compatible(saved, longer, "the run")
     check_compatible(dataclasses.replace(saved, train=TrainConfig(steps=4)),
                      dataclasses.replace(longer, train=TrainConfig(steps=6)), "the run")  # no anneal: fine
+
+
+def test_a_trainer_built_by_hand_makes_a_run_directory_that_loads(tmp_path):
+    """Your own task source and learner through Trainer: a path is enough; the folder and its
+    config.json are written, so load_trained and `metalearn eval` read the run later."""
+    from metalearn import MAML, SinusoidTasks, Trainer
+    from metalearn.config import RunConfig, TaskConfig, TrainConfig
+    from metalearn.models import MLP
+
+    config = RunConfig("maml", TaskConfig(dataset="sinusoid", split="none", ways=0, shots=5, query=5),
+                       {"model": "mlp", "inner_lr": 0.01}, TrainConfig(steps=3, meta_batch_size=2, val_every=0))
+    torch.manual_seed(0)
+    learner = MAML(MLP(), MAML.Config(model="mlp", inner_lr=0.01))
+    trainer = Trainer(config, learner, SinusoidTasks(shots=5, query=5), None, tmp_path / "new" / "run")
+    trainer.fit(progress=False)
+    loaded_config, loaded, step = load_trained(tmp_path / "new" / "run")
+    assert step == 3 and loaded_config == config
+    for (name, a), b in zip(learner.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -117,9 +117,10 @@ class RunDir:
 
     def write_eval(self, result: dict[str, Any], overrides: dict[str, Any] | None = None,
                    part: str = "test") -> Path:
-        """``eval.json`` for the test split as trained; other evaluations get their own file,
-        named by what differs (``eval-part=val.json``, ``eval-ways=20.json``), so none
-        replaces the run's test result."""
+        """``eval.json``: the latest evaluation on the test split with the run's own episode
+        shape and method options (a new one, e.g. with more episodes, replaces it). Evaluations
+        on another part, shape or with changed options get a file of their own, named by what
+        differs (``eval-part=val.json``, ``eval-ways=20.json``), and leave ``eval.json`` alone."""
         labels = {**(overrides or {}), **({"part": part} if part != "test" else {})}
         suffix = "".join(f"-{k}={v}" for k, v in sorted(labels.items()))
         path = self.eval_path.with_name(f"eval{suffix}.json")

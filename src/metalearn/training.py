@@ -83,7 +83,10 @@ class Trainer:
     """Trains ``learner`` on ``train_tasks`` as ``config.train`` says, writing into ``run_dir``."""
 
     def __init__(self, config: RunConfig, learner: MetaLearner, train_tasks: TaskSource,
-                 val_tasks: TaskSource | None, run_dir: RunDir, world: World = World()):
+                 val_tasks: TaskSource | None, run_dir: RunDir | Path | str, world: World = World()):
+        run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        if world.is_main:
+            run_dir.path.mkdir(parents=True, exist_ok=True)
         self.config, self.learner, self.run_dir, self.world = config, learner, run_dir, world
         self.train_tasks, self.val_tasks = train_tasks, val_tasks
         train = config.train
@@ -120,6 +123,8 @@ class Trainer:
 
     def save(self) -> None:
         if self.world.is_main:
+            if not self.run_dir.exists():  # a Trainer built by hand: the folder and config.json too
+                self.run_dir.write_config(self.config)
             self.run_dir.write_checkpoint(self.state())
         self.world.barrier()
 

@@ -73,6 +73,9 @@ def check_network_fits(learner: MetaLearner, batch: TaskBatch) -> None:
     (too few: cross-entropy fails inside torch; too many: a prediction could name a class the
     task lacks) or than the regression targets (the squared error would broadcast silently).
     Checked once per input and target shape, with a forward pass of two support examples."""
+    if not batch.ways and not torch.is_floating_point(batch.query_y):
+        raise MetalearnError(f"{learner.name}: this TaskBatch has class labels but ways=0; give TaskBatch(..., "
+                             "ways=N), the number of classes per task")
     per_example = (batch.ways,) if batch.ways else tuple(batch.query_y.shape[2:])
     key = (per_example, tuple(batch.support_x.shape[2:]))
     checked = learner.__dict__.setdefault("_fitting_shapes", set())
@@ -98,19 +101,22 @@ def check_network_fits(learner: MetaLearner, batch: TaskBatch) -> None:
 
 def require_functional_model(model: nn.Module, method: str, second_order: bool) -> None:
     """Refuse a network that cannot be applied as a pure function of its parameters under
-    ``vmap``: running-statistics buffers would be mutated; and where second derivatives are
-    taken, torch's native batch norm, whose second derivative under ``vmap`` is wrong
-    (torch 2.13; use :class:`metalearn.models.BatchStatNorm`)."""
-    buffers = [name for name, _ in model.named_buffers()]
-    if buffers:
+    ``vmap``: running-statistics buffers would be mutated (other buffers, constants, are fine);
+    and where second derivatives are taken, torch's native batch norm, whose second derivative
+    under ``vmap`` is wrong (torch 2.13; use :class:`metalearn.models.BatchStatNorm`)."""
+    running = [name for name, m in model.named_modules()
+               if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+    if running:
         raise MetalearnError(
-            f"{method} needs a model without buffers (found {', '.join(buffers[:3])}); use "
-            "metalearn.models.BatchStatNorm so batch statistics are used."
+            f"{method} needs a model without running-statistics buffers (found them in {running[0] or type(model).__name__}): it "
+            "applies the network as a pure function of its parameters, and running statistics are state "
+            "that every forward pass would change. Use metalearn.models.BatchStatNorm (the statistics of "
+            "the current batch, as in the MAML reference code)."
         )
     native = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
     if native and second_order:
         raise MetalearnError(
-            f"second-order {method} cannot use torch's native batch norm ({native[0]}): its second "
+            f"second-order {method} cannot use torch's native batch or instance norm ({native[0]}): its second "
             "derivative under vmap is wrong in torch. Use metalearn.models.BatchStatNorm (same "
             "parameters, batch statistics) or --first-order."
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad
 
@@ -26,15 +27,19 @@ def check_inner_loop_options(inner_lr: float, inner_steps: int, test_inner_steps
 
 def loss_gradient(model: nn.Module, params: Params, x: Tensor, y: Tensor, first_order: bool = False) -> Params:
     """grad_params L(model(params, x), y) for one task; detached when ``first_order`` (so no
-    second derivative flows through it into a meta-gradient)."""
+    second derivative flows through it into a meta-gradient). The model's parameters with
+    ``requires_grad=False`` are frozen: not differentiated, their gradient is zero, so no inner
+    step (SGD or Adam) moves them."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    fixed = {name: p for name, p in params.items() if name in frozen}
 
     def loss(p: Params) -> Tensor:
-        return task_loss(functional_call(model, p, (x,)), y)
+        return task_loss(functional_call(model, {**p, **fixed}, (x,)), y)
 
-    grads = grad(loss)(params)
+    grads = grad(loss)({name: p for name, p in params.items() if name not in frozen})
     if first_order:
         grads = {name: g.detach() for name, g in grads.items()}
-    return grads
+    return {name: grads[name] if name in grads else torch.zeros_like(p) for name, p in params.items()}
 
 
 def sgd_step(params: Params, grads: Params, step_size: StepSize | float, step: int = 0) -> Params:

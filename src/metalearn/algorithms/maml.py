@@ -40,8 +40,9 @@ class MAMLConfig:
     learn_inner_lr: one learned step size per parameter tensor and step (MAML++'s LSLR);
     multi_step_loss: the query loss after every inner step (MAML++), not just the last one's,
     weighted equally, or, with ``multi_step_anneal_steps`` > 0, by MAML++'s schedule (see
-    :func:`multi_step_weights`) over that many meta-steps; model: network name (see
-    ``metalearn.models``)."""
+    :func:`multi_step_weights`) over that many meta-steps, as told by ``start_step`` (the
+    Trainer calls it every step; a loop of your own must too); model: network name (see
+    ``metalearn.models``) for :meth:`MAML.build`; a module passed to ``MAML`` is used as it is."""
 
     inner_lr: float = 0.4
     inner_steps: int = 1
@@ -179,7 +180,9 @@ class MAML(MetaLearner):
 
         # first order never differentiates twice, so batch norm may use the native kernel (faster)
         with first_order_batch_norm() if self.config.first_order else contextlib.nullcontext():
-            losses, accuracies = vmap(one_task)(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+            # randomness="different": a model with dropout draws its own mask for every task
+            losses, accuracies = vmap(one_task, randomness="different")(batch.support_x, batch.support_y,
+                                                                        batch.query_x, batch.query_y)
         metrics = {"loss": losses.mean().detach()}
         if classification:
             metrics["accuracy"] = accuracies.mean()

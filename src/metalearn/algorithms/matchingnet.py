@@ -20,7 +20,8 @@ the task axis as their batch and the attention is one ``einsum`` over all tasks.
 Example::
 
     >>> from metalearn.models import Conv4
-    >>> net = MatchingNet(Conv4(1, None, pooling="max"), MatchingNet.Config(full_context_embeddings=True))
+    >>> net = MatchingNet(Conv4(1, None, pooling="max"), MatchingNet.Config(full_context_embeddings=True),
+    ...                   embedding_dim=64)                  # Conv4's 64-d embedding, for the LSTMs
     >>> loss, metrics = net.meta_loss(batch)        # batch: a TaskBatch of episodes
     >>> log_probs = net.predict(batch)              # (tasks, n_query, ways), logsumexp = 0
 """

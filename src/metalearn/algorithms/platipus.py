@@ -252,14 +252,14 @@ class PLATIPUS(MetaLearner):
                 prediction = self._forward(phi, query_x)
                 return task_loss(prediction, query_y), prediction
 
-            losses, predictions = vmap(one_sample)(eps)
+            losses, predictions = vmap(one_sample, randomness="different")(eps)
             kl = diagonal_gaussian_kl(mean_q, log_q, mean_p, log_p)
             if classification:
                 mixture = torch.logsumexp(predictions.log_softmax(-1), 0)  # log(S * mean prob)
                 return losses.mean(), kl, (mixture.argmax(-1) == query_y).float().mean()
             return losses.mean(), kl, torch.zeros(())
 
-        query_losses, kls, accuracies = vmap(one_task)(batch.support_x, batch.support_y, batch.query_x,
+        query_losses, kls, accuracies = vmap(one_task, randomness="different")(batch.support_x, batch.support_y, batch.query_x,
                                                        batch.query_y, noise)
         loss = (query_losses + self.config.kl_weight * kls).mean()
         metrics = {"loss": loss.detach(), "query_loss": query_losses.mean().detach(), "kl": kls.mean().detach(),

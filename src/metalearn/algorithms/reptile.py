@@ -340,7 +340,7 @@ class Reptile(MetaLearner):
 
         # torch.func.grad still differentiates each inner step, once: the native batch norm is right
         with torch.no_grad(), first_order_batch_norm():
-            adapted, losses, scores, moments = vmap(one_task)(batches_x, batches_y, batch.query_x, batch.query_y)
+            adapted, losses, scores, moments = vmap(one_task, randomness="different")(batches_x, batches_y, batch.query_x, batch.query_y)
             if adam_start is not None:
                 self._carry_adam_state(adam_start, moments, batch.num_tasks)
         target = {name: p.mean(dim=0) for name, p in adapted.items()}

@@ -28,6 +28,14 @@ class EpisodeSampler:
 
     def __init__(self, images: Tensor, pool: ClassPool, ways: int, shots: int, query: int,
                  dataset: str = "omniglot", test: bool = False):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise MetalearnError(
+                f"EpisodeSampler takes uint8 images shaped (classes, examples, H, W), one grey channel "
+                f"as Omniglot's 0-255 pixels, got {images.dtype} {tuple(images.shape)}; for other images "
+                "build TaskBatch objects yourself"
+            )
+        if images.shape[2] != images.shape[3] and bool((pool.rotations != 0).any()):
+            raise MetalearnError(f"rotated classes need square images, got {images.shape[2]}x{images.shape[3]}")
         drawings = images.shape[1]
         # errors name the options that set this shape: the training ones, or for test episodes
         # train's --test-* options (which `metalearn eval` calls --ways/--shots/--query)
@@ -66,7 +74,8 @@ class EpisodeSampler:
             variants = selected.clone()
             for k in (1, 2, 3):
                 chosen = pool.rotations == k
-                variants[chosen] = torch.rot90(selected[chosen], k, dims=(-2, -1))
+                if bool(chosen.any()):
+                    variants[chosen] = torch.rot90(selected[chosen], k, dims=(-2, -1))
         self.bank = variants.reshape(-1, *self.image_shape).contiguous()  # (variants*drawings, H, W)
 
     def sample_indices(self, num_tasks: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:

@@ -321,7 +321,10 @@ class Reptile(MetaLearner):
         The gradient comes from ``0.5 * ||theta - sg(mean phi)||^2``, added with its value
         subtracted; the query set only serves the logged loss and ``accuracy`` (query set in one
         batch), as Reptile itself trains on the support set alone. Mini-batch order is drawn
-        from torch's global generator, which the trainer seeds every step."""
+        from torch's global generator, which the trainer seeds every step. With
+        ``inner_adam_state="carried"`` every call advances the carried inner Adam state by the
+        batch's tasks, as a training step must: to score tasks without training, use
+        :meth:`predict` (or :func:`metalearn.evaluate`), not this."""
         check_network_fits(self, batch)
         theta = dict(self.model.named_parameters())
         start = {name: p.detach() for name, p in theta.items()}

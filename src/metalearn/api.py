@@ -14,7 +14,7 @@ from metalearn.distributed import World, init_world
 from metalearn.errors import MetalearnError
 from metalearn.evaluation import evaluate
 from metalearn.runs import RunDir, claim_new_run_dir, default_runs_root, new_run_name
-from metalearn.training import TEST_SEED_OFFSET, build_trainer, load_trained
+from metalearn.training import TEST_SEED_OFFSET, VALIDATION_SEED_OFFSET, build_trainer, load_trained
 
 
 def resolve_config(algorithm: str, task: dict[str, Any] | None = None,
@@ -136,7 +136,11 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
     source = build_task_source(config.task, part, data_dir, progress)
     learner = learner.to(world.device)
     n = config.train.eval_episodes if episodes is None else episodes
-    result = evaluate(learner, source, n, seed=seed + TEST_SEED_OFFSET, world=world, progress=progress,
+    # the validation part is drawn as the trainer's validation draws it (the same episodes for
+    # the run's seed); for regression, where val and test share one task family, that also
+    # keeps --part val from scoring the test episodes
+    offset = VALIDATION_SEED_OFFSET if part == "val" else TEST_SEED_OFFSET
+    result = evaluate(learner, source, n, seed=seed + offset, world=world, progress=progress,
                       per_step=per_step)
     test = config.task.for_testing()
     result.update({"part": part, "step": step, "algorithm": config.algorithm, "dataset": config.task.dataset,

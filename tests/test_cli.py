@@ -242,6 +242,7 @@ def test_validation_evaluation_keeps_the_test_result_and_redraws_the_trainers_ep
     test_result = (run_dir / "eval.json").read_text()
     code, out, err = run(["eval", run_dir, "--part", "val", "--episodes", 6, "--final-only", "--no-progress"], capsys)
     assert code == 0, err
+    assert f"written to {run_dir / 'eval-part=val.json'}" in out
     assert (run_dir / "eval.json").read_text() == test_result
     saved = json.loads((run_dir / "eval-part=val.json").read_text())
     assert saved["part"] == "val" and saved["episodes"] == 6

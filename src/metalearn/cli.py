@@ -15,6 +15,7 @@ from click.core import ParameterSource
 from metalearn.algorithms import ALGORITHMS
 from metalearn.config import MAX_SEED, TaskConfig, TrainConfig
 from metalearn.errors import MetalearnError, TrainingStopped
+from metalearn.runs import RunDir
 from metalearn.runtime import tune_allocator
 
 DEVICE_HELP = ("cpu, cuda (under torchrun: each rank's GPU, NCCL), cuda:N or auto; not part of the run, "
@@ -181,8 +182,7 @@ def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots,
                           progress=progress, overrides=overrides, device=device, episode_shape=shape,
                           per_step=per_step)
     click.echo(format_result(result))
-    suffix = "".join(f"-{k}={v}" for k, v in sorted({**overrides, **shape}.items()))
-    click.echo(f"written to {Path(run_dir) / f'eval{suffix}.json'}")
+    click.echo(f"written to {RunDir(run_dir).eval_file({**overrides, **shape}, part)}")
 
 
 def parse_setting(text: str) -> tuple[str, object]:

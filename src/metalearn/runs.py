@@ -115,15 +115,20 @@ class RunDir:
         kept = [r for r in self.read_metrics() if r.get("step", 0) <= step]
         atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
+    def eval_file(self, labels: dict[str, Any] | None = None, part: str = "test") -> Path:
+        """Where an evaluation is written: ``eval.json``, the latest evaluation on the test part
+        with the run's own episode shape and method options (a new one, e.g. with more
+        episodes, replaces it). Evaluations on another part, shape or with changed options
+        (``labels``) get a file of their own, named by what differs (``eval-part=val.json``,
+        ``eval-ways=20.json``), and leave ``eval.json`` alone."""
+        labels = {**(labels or {}), **({"part": part} if part != "test" else {})}
+        suffix = "".join(f"-{k}={v}" for k, v in sorted(labels.items()))
+        return self.eval_path.with_name(f"eval{suffix}.json")
+
     def write_eval(self, result: dict[str, Any], overrides: dict[str, Any] | None = None,
                    part: str = "test") -> Path:
-        """``eval.json``: the latest evaluation on the test split with the run's own episode
-        shape and method options (a new one, e.g. with more episodes, replaces it). Evaluations
-        on another part, shape or with changed options get a file of their own, named by what
-        differs (``eval-part=val.json``, ``eval-ways=20.json``), and leave ``eval.json`` alone."""
-        labels = {**(overrides or {}), **({"part": part} if part != "test" else {})}
-        suffix = "".join(f"-{k}={v}" for k, v in sorted(labels.items()))
-        path = self.eval_path.with_name(f"eval{suffix}.json")
+        """Write ``result`` to :meth:`eval_file`."""
+        path = self.eval_file(overrides, part)
         atomic_write_bytes(path, (json.dumps(result, indent=2) + "\n").encode())
         return path
 

@@ -19,8 +19,8 @@ from metalearn.training import Trainer, build_trainer, load_trained
 __version__ = "0.1.0"
 
 __all__ = [
-    "ALGORITHMS", "MAML", "PLATIPUS", "ProtoNet", "MatchingNet", "Reptile", "MetaLearner", "build_learner", "evaluate_run", "plot_run", "resolve_config",
-    "train", "RunConfig", "TaskConfig", "TrainConfig", "MetalearnError", "evaluate", "EpisodeSampler",
-    "SineOrLineTasks", "SinusoidTasks", "TaskBatch", "Problem", "build_task_source", "Trainer", "build_trainer",
-    "load_trained", "RunDir",
+    "ALGORITHMS", "MAML", "PLATIPUS", "ProtoNet", "MatchingNet", "Reptile", "MetaLearner", "build_learner",
+    "evaluate_run", "plot_run", "resolve_config", "train", "RunConfig", "TaskConfig", "TrainConfig",
+    "MetalearnError", "evaluate", "EpisodeSampler", "SineOrLineTasks", "SinusoidTasks", "TaskBatch", "Problem",
+    "build_task_source", "Trainer", "build_trainer", "load_trained", "RunDir",
 ]

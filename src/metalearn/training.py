@@ -85,8 +85,6 @@ class Trainer:
     def __init__(self, config: RunConfig, learner: MetaLearner, train_tasks: TaskSource,
                  val_tasks: TaskSource | None, run_dir: RunDir | Path | str, world: World = World()):
         run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-        if world.is_main:
-            run_dir.path.mkdir(parents=True, exist_ok=True)
         self.config, self.learner, self.run_dir, self.world = config, learner, run_dir, world
         self.train_tasks, self.val_tasks = train_tasks, val_tasks
         train = config.train
@@ -105,6 +103,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(train, step))
         self.step = 0
         self.elapsed_s = 0.0  # training wall time so far, across resumes
+        if world.is_main:  # last: a Trainer refused above leaves no folder behind
+            run_dir.path.mkdir(parents=True, exist_ok=True)
 
     # -- checkpoints ---------------------------------------------------------------------------
 

@@ -154,10 +154,11 @@ for _name in ALGORITHMS:
 
 @cli.command("eval")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--episodes", type=click.IntRange(min=1), default=None, help="test episodes (default: the run's eval_episodes, 600)")
+@click.option("--episodes", type=click.IntRange(min=1), default=None, help="episodes (default: the run's eval_episodes, 600)")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
-              help="seed of the test episodes")
-@click.option("--part", type=click.Choice(["test", "val"]), default="test", show_default=True)
+              help="seed of the episodes (with --part val, the run's own seed redraws its validation episodes)")
+@click.option("--part", type=click.Choice(["test", "val"]), default="test", show_default=True,
+              help="the split part to score; val writes eval-part=val.json")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
 @click.option("--set", "settings", multiple=True, metavar="OPTION=VALUE",
               help="change a method option for this evaluation, e.g. --set test_inner_steps=10")

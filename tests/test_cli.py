@@ -238,15 +238,16 @@ def test_options_that_do_not_fit_a_regression_task_are_refused(tmp_path, capsys,
 def test_validation_evaluation_keeps_the_test_result_and_redraws_the_trainers_episodes(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 2, "--meta-batch-size", 2, "--eval-episodes", 6,
-                "--val-every", 2, "--val-episodes", 6, "--run-dir", run_dir, "--no-progress"], capsys)[0] == 0
+                "--val-every", 2, "--val-episodes", 6, "--seed", 3, "--run-dir", run_dir, "--no-progress"], capsys)[0] == 0
     test_result = (run_dir / "eval.json").read_text()
-    code, out, err = run(["eval", run_dir, "--part", "val", "--episodes", 6, "--final-only", "--no-progress"], capsys)
+    code, out, err = run(["eval", run_dir, "--part", "val", "--episodes", 6, "--seed", 3, "--final-only",
+                          "--no-progress"], capsys)
     assert code == 0, err
     assert f"written to {run_dir / 'eval-part=val.json'}" in out
     assert (run_dir / "eval.json").read_text() == test_result
     saved = json.loads((run_dir / "eval-part=val.json").read_text())
     assert saved["part"] == "val" and saved["episodes"] == 6
-    # the episodes the trainer validated on at the last step (seed 0), not the test episodes
+    # the episodes the trainer validated on at the last step (the run's seed, 3), not the test episodes
     validated = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "val_mse" in r]
     assert saved["mean"] == pytest.approx(validated[-1]["val_mse"], rel=1e-6)
     assert saved["mean"] != json.loads(test_result)["mean"]

@@ -473,8 +473,22 @@ def test_frozen_parameters_stay_fixed_in_the_inner_loop():
     adapted = maml.adapt(params, batch.support_x[0], batch.support_y[0], steps=2)[-1]
     assert torch.equal(adapted["features.0.0.weight"], params["features.0.0.weight"])
     assert not torch.equal(adapted["features.1.0.weight"], params["features.1.0.weight"])
-    maml.meta_loss(batch)[0].backward()
-    assert model.features[0][0].weight.grad is None and model.features[1][0].weight.grad is not None
+
+
+def test_the_meta_gradient_with_a_frozen_parameter_equals_a_loop_that_holds_it_constant():
+    model, batch, forward = conv_problem()
+    frozen = "features.1.0.weight"
+    model.get_parameter(frozen).requires_grad_(False)
+    constant = model.get_parameter(frozen).detach()
+    maml = MAML(model, MAML.Config(inner_lr=0.4, inner_steps=2))
+    loss, _ = maml.meta_loss(batch)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    actual = torch.autograd.grad(loss, list(trainable.values()))
+    # the reference adapts only the trainable tensors; the frozen one is part of the function
+    ref_loss = ref_meta_loss(lambda p, x: forward({**p, frozen: constant}, x), trainable, batch, 2, 0.4)
+    expected = torch.autograd.grad(ref_loss, list(trainable.values()))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    assert_grads_close(actual, expected)
 
 
 @pytest.mark.parametrize("method", ["maml", "platipus", "reptile"])
@@ -488,9 +502,12 @@ def test_a_model_with_dropout_trains_and_is_deterministic_in_eval_mode(method):
     options = {"inner_lr": 0.01} if method != "reptile" else {"inner_steps": 2, "inner_batch_size": 5}
     learner = ALGORITHMS[method](model, ALGORITHMS[method].Config(**options))
     batch = SinusoidTasks(shots=5, query=5).sample(4, torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
     loss, _ = learner.meta_loss(batch)
     loss.backward()
-    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert torch.isfinite(loss) and all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    torch.manual_seed(2)
+    assert learner.meta_loss(batch)[0] != loss  # dropout is active: other masks, another loss
     if method != "platipus":  # PLATIPUS samples models at test time: not deterministic by design
         learner.eval()  # no dropout at test time
         assert torch.equal(learner.predict(batch), learner.predict(batch))
@@ -509,8 +526,10 @@ def test_a_constant_buffer_is_fine():
             return self.body(x * self.scale)
 
     torch.manual_seed(0)
-    maml = MAML(Scaled(), MAML.Config(inner_lr=0.01))
+    scaled = Scaled()
+    maml = MAML(scaled, MAML.Config(inner_lr=0.01))
     batch = SinusoidTasks(shots=5, query=5).sample(3, torch.Generator().manual_seed(0))
     loss, _ = maml.meta_loss(batch)
-    loss.backward()
-    assert torch.isfinite(loss) and maml.model.scale == 2.0
+    # the same body on inputs scaled by hand: the buffer is used, as a constant
+    doubled = TaskBatch(2 * batch.support_x, batch.support_y, 2 * batch.query_x, batch.query_y)
+    torch.testing.assert_close(loss, MAML(scaled.body, MAML.Config(inner_lr=0.01)).meta_loss(doubled)[0])

@@ -455,3 +455,5 @@ def test_resume_continues_exactly(tmp_path):
     assert a.keys() == b.keys() and any(k.startswith("log_prior_std") for k in a)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    initial = build_trainer(small_regression_config("platipus", steps=6), tmp_path / "fresh").learner.state_dict()
+    assert any(not torch.equal(initial[name], a[name]) for name in a)  # the six steps did move the weights

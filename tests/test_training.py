@@ -201,8 +201,17 @@ def test_evaluation_reports_mean_and_interval(tmp_path):
     assert result["mean"] == pytest.approx(float(scores.mean()), rel=1e-6)
     assert result["ci95"] == pytest.approx(1.96 * float(scores.std()) / 30**0.5, rel=1e-6)
     assert json.loads((tmp_path / "eval.json").read_text())["mean"] == result["mean"]
+    assert result["per_step"][-1] == pytest.approx(result["mean"], rel=1e-6)
     again = evaluate_run(tmp_path, episodes=30, progress=False)
     assert again["scores"] == result["scores"]  # same seed, same episodes
+    # the scores, computed independently: the same 30 test tasks, adapted, squared error per task
+    from metalearn.tasks import build_task_source
+    from metalearn.training import TEST_SEED_OFFSET
+
+    config, learner, _ = load_trained(tmp_path)
+    batch = build_task_source(config.task, "test").sample(30, torch.Generator().manual_seed(TEST_SEED_OFFSET))
+    expected = (learner.eval().predict(batch) - batch.query_y).square().mean(dim=(1, 2))
+    assert torch.allclose(scores.double(), expected.double(), rtol=1e-5)
 
 
 def test_learning_rate_schedules():
@@ -247,7 +256,7 @@ def test_diverged_classification_episodes_score_nan_not_chance():
             return logits
 
     scores = episode_scores(Diverging(), batch)
-    assert torch.isfinite(scores[0]).all()
+    assert torch.equal(scores[0], (batch.query_y == 0).float().mean(-1))  # all-zero logits: class 0
     assert torch.isnan(scores[1, 1:3]).all() and torch.isfinite(scores[1, [0, 3]]).all()
 
 
@@ -421,7 +430,8 @@ def test_shares_too_small_for_the_ranks_are_refused_at_the_start(tmp_path, train
     learner = build_learner(config.algorithm, config.algorithm_config, problem_of(config.task))
     tasks = build_task_source(config.task, "train")
     with pytest.raises(MetalearnError, match=message):
-        Trainer(config, learner, tasks, build_task_source(config.task, "val"), RunDir(tmp_path), World(0, 8))
+        Trainer(config, learner, tasks, build_task_source(config.task, "val"), tmp_path / "new", World(0, 8))
+    assert not (tmp_path / "new").exists()  # refused before it made a folder
 
 
 def test_a_linearly_annealed_run_refuses_a_new_step_count_and_says_why():

@@ -22,7 +22,8 @@ native kernel (``first_order_batch_norm``), as metalearn does.
 
 Only the meta-step is timed: no sampling (one fixed synthetic batch), no optimizer step;
 gradients are reset to None between steps, outside the timed region. The in-process rows are
-timed round-robin with learn2learn's (one step of each per round), so load changes hit all alike.
+timed round-robin with learn2learn's (one step of each per round, in a new shuffled order every
+round), so load changes hit all alike. Speed-ups are against the faster learn2learn row.
 Before timing, the meta-gradients of (a), (b) and (c) are computed in float64 from the same
 weights and batch and must agree to ~1e-12, so the rows measure the same computation; each
 one's float32 error against that is printed too.
@@ -166,8 +167,9 @@ def synchronize(device: torch.device) -> None:
 
 def time_steps_interleaved(steps: dict, model: nn.Module, iters: int = 20, warmup: int = 3) -> dict:
     """Like :func:`time_step` for several steps at once, run round-robin (one call of each per
-    round, in a shuffled order) so that a change in machine load affects them all alike. A step that returns a number
-    (the learn2learn peer) reports its own milliseconds, measured in its process. On a GPU each
+    round, in a shuffled order) so that a change in machine load affects them all alike. A step
+    that returns a number (the learn2learn peer) reports its own milliseconds, measured in its
+    process. On a GPU each
     step is timed from an idle device until its last kernel has finished."""
     device = next(model.parameters()).device
     times = {name: [] for name in steps}

@@ -169,8 +169,7 @@ def time_steps_interleaved(steps: dict, model: nn.Module, iters: int = 20, warmu
     """Like :func:`time_step` for several steps at once, run round-robin (one call of each per
     round, in a shuffled order) so that a change in machine load affects them all alike. A step
     that returns a number (the learn2learn peer) reports its own milliseconds, measured in its
-    process. On a GPU each
-    step is timed from an idle device until its last kernel has finished."""
+    process. On a GPU each step is timed from an idle device until its last kernel has finished."""
     device = next(model.parameters()).device
     times = {name: [] for name in steps}
     order = random.Random(0)  # a new order every round: no row always runs after the same one

@@ -171,6 +171,19 @@ def test_one_gpu_for_every_rank_and_a_bad_timeout_are_refused_before_joining(mon
         init_world("cpu")
 
 
+def test_leaving_the_world_closes_the_process_group(tmp_path):
+    # A rank that exits with its gloo group open can abort in C++ teardown (seen once in CI):
+    # every command leaves its group first. A one-rank group stands in for a torchrun job.
+    import torch.distributed as dist
+    from metalearn.distributed import leave_world
+
+    leave_world()  # no group: nothing to do
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    assert dist.is_initialized()
+    leave_world(orderly=True)  # the barrier of one rank returns at once
+    assert not dist.is_initialized()
+    leave_world()  # and a second leave (the exit hook after the CLI's) is harmless
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 def test_asking_for_a_gpu_without_one_is_a_clear_error(tmp_path):
     done = subprocess.run([sys.executable, "-m", "metalearn", "train", "maml", "--dataset", "sinusoid",

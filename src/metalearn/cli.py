@@ -14,6 +14,7 @@ from click.core import ParameterSource
 
 from metalearn.algorithms import ALGORITHMS
 from metalearn.config import MAX_SEED, TaskConfig, TrainConfig
+from metalearn.distributed import leave_world
 from metalearn.errors import MetalearnError, TrainingStopped
 from metalearn.runs import RunDir
 from metalearn.runtime import tune_allocator
@@ -339,6 +340,7 @@ def main(args: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit 2, never a traceback."""
     try:
         code = cli.main(args=args, prog_name="metalearn", standalone_mode=False)
+        leave_world(orderly=True)
     except TrainingStopped as err:  # Ctrl-C or SIGTERM: the last step is saved
         click.echo(str(err), err=True)
         sys.exit(err.exit_code)

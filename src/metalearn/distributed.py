@@ -7,6 +7,7 @@ scaled its loss by its share, so the update equals that of one process taking th
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -144,4 +145,25 @@ def init_world(device: str = "cpu", timeout_s: float | None = None) -> World:
         timeout_s = timeout_s or dist_timeout_s()
         backend = "nccl" if resolved.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        atexit.register(leave_world, orderly=False)
     return World(dist.get_rank(), dist.get_world_size(), resolved)
+
+
+def leave_world(orderly: bool = True) -> None:
+    """Leave the process group, if this process joined one, before the interpreter exits.
+
+    A gloo rank that exits with its group still open can abort in its C++ teardown ("terminate
+    called without an active exception") and so fail a job whose work had all succeeded.
+    ``orderly`` first waits at a barrier for the other ranks, so that no rank closes its
+    connections while another still reads from them; the CLI leaves this way after a command
+    succeeded. ``init_world`` registers a plain leave at exit for every other ending (an error,
+    or a Python program that never calls this), where a barrier could wait on a dead rank.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    if orderly:
+        try:
+            dist.barrier()
+        except RuntimeError:
+            pass  # a peer is gone: leave all the same
+    dist.destroy_process_group()

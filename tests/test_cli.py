@@ -19,8 +19,12 @@ def test_train_eval_plot_sinusoid(tmp_path, capsys):
     assert code == 0, err
     assert "MSE" in out and (run_dir / "checkpoint.pt").is_file() and (run_dir / "eval.json").is_file()
     code, out, _ = run(["eval", run_dir, "--episodes", 12, "--no-progress"], capsys)
-    assert code == 0 and "12 tasks" in out
-    assert json.loads((run_dir / "eval.json").read_text())["episodes"] == 12
+    assert code == 0 and "12 tasks" in out and "eval-episodes=12.json" in out
+    # a check with other episodes gets its own file: the run's own evaluation stays
+    assert json.loads((run_dir / "eval.json").read_text())["episodes"] == 10
+    assert json.loads((run_dir / "eval-episodes=12.json").read_text())["episodes"] == 12
+    code, out, _ = run(["eval", run_dir, "--episodes", 10, "--seed", 3, "--no-progress"], capsys)
+    assert code == 0 and (run_dir / "eval-seed=3.json").is_file()
     code, out, _ = run(["plot", run_dir], capsys)
     assert code == 0
     assert (run_dir / "plots" / "learning_curves.png").stat().st_size > 1000
@@ -29,7 +33,8 @@ def test_train_eval_plot_sinusoid(tmp_path, capsys):
     assert code == 0
     summary = json.loads((tmp_path / "results" / "summary.json").read_text())
     assert summary["step"] == 6 and summary["training_wall_time_s"] > 0
-    assert summary["evaluations"]["eval"]["episodes"] == 12 and "scores" not in summary["evaluations"]["eval"]
+    assert summary["evaluations"]["eval"]["episodes"] == 10 and "scores" not in summary["evaluations"]["eval"]
+    assert summary["evaluations"]["eval-episodes=12"]["episodes"] == 12
     assert (tmp_path / "results" / "fits.png").is_file()
 
 
@@ -43,6 +48,9 @@ def test_resume_from_the_command_line_takes_the_saved_configuration(tmp_path, ca
     assert code == 0 and "resuming at step 3" in out
     code, _, err = run(["train", "maml", "--run-dir", run_dir, "--resume", "--inner-lr", 0.5, "--no-progress"], capsys)
     assert code == 2 and "inner_lr" in err and "Traceback" not in err
+    # another dataset makes the saved options invalid (ways 0): the message names the dataset
+    code, _, err = run(["train", "maml", "--run-dir", run_dir, "--resume", "--dataset", "omniglot"], capsys)
+    assert code == 2 and "task.dataset: 'sinusoid' there, 'omniglot' requested" in err
 
 
 @pytest.mark.parametrize(
@@ -57,14 +65,15 @@ def test_resume_from_the_command_line_takes_the_saved_configuration(tmp_path, ca
         (["--test-shots", 20], "--test-shots 20 with --test-query 1 needs 21. Lower --test-shots or "
                                "--test-query (in metalearn eval: --shots or --query)"),
         (["--split", "nope"], "valid splits: vinyals, lake, maml"),
-        (["--split", "lake", "--steps", 1, "--val-every", 1], None),
+        (["--split", "lake", "--steps", 1], None),
+        (["--split", "lake", "--steps", 1, "--val-every", 1], "the lake split has no validation part: --val-every"),
     ],
 )
 def test_bad_episode_options(tmp_path, capsys, omniglot_data_dir, extra, message):
     code, out, err = run(["train", "maml", "--dataset", "omniglot", "--data-dir", omniglot_data_dir,
                           "--run-dir", tmp_path / "r", "--no-progress", "--meta-batch-size", 2,
                           "--no-eval"] + extra, capsys)
-    if message is None:  # lake has no validation part: training runs without validating
+    if message is None:  # lake has no validation part: training runs without validating, unless asked to
         assert code == 0, err
         return
     assert code == 2
@@ -102,7 +111,7 @@ def test_eval_with_a_changed_method_option(tmp_path, capsys):
                 run_dir, "--no-progress", "--no-eval"], capsys)[0] == 0
     code, out, _ = run(["eval", run_dir, "--episodes", 10, "--set", "test_inner_steps=3", "--no-progress"], capsys)
     assert code == 0 and "after 0..3 adaptation steps" in out
-    saved = json.loads((run_dir / "eval-test_inner_steps=3.json").read_text())
+    saved = json.loads((run_dir / "eval-episodes=10-test_inner_steps=3.json").read_text())
     assert len(saved["per_step"]) == 4 and saved["overrides"] == {"test_inner_steps": 3}
     code, _, err = run(["eval", run_dir, "--set", "no_such_option=1"], capsys)
     assert code == 2 and "no_such_option" in err
@@ -157,7 +166,10 @@ def test_bad_options_are_refused_before_training(tmp_path, capsys, omniglot_data
 
 @pytest.mark.parametrize("setting, message", [("test_inner_steps=abc", "test_inner_steps must be int"),
                                               ("test_inner_steps=2.5", "test_inner_steps must be int"),
-                                              ("first_order=maybe", "first_order must be bool (true or false)")])
+                                              ("first_order=maybe", "first_order must be bool (true or false)"),
+                                              ("model=conv4", "a network cannot change at evaluation"),
+                                              ("learn_inner_lr=true", "--set learn_inner_lr changes the trained "
+                                                                      "network; Missing key(s)")])
 def test_bad_set_values_are_refused(tmp_path, capsys, setting, message):
     run_dir = tmp_path / "run"
     assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--meta-batch-size", 2, "--run-dir",
@@ -178,8 +190,8 @@ def test_eval_on_episodes_of_another_shape(tmp_path, capsys, omniglot_data_dir):
     assert run(["train", "protonet", "--ways", 10, "--query", 2, "--run-dir", proto] + common, capsys)[0] == 0
     code, out, _ = run(["eval", proto, "--ways", 20, "--shots", 5, "--query", 1, "--episodes", 4,
                         "--data-dir", omniglot_data_dir, "--no-progress"], capsys)
-    assert code == 0 and "eval-query=1-shots=5-ways=20.json" in out
-    saved = json.loads((proto / "eval-query=1-shots=5-ways=20.json").read_text())
+    assert code == 0 and "eval-episodes=4-query=1-shots=5-ways=20.json" in out
+    saved = json.loads((proto / "eval-episodes=4-query=1-shots=5-ways=20.json").read_text())
     assert (saved["ways"], saved["shots"], saved["query"], saved["episodes"]) == (20, 5, 1, 4)
     code, _, err = run(["eval", proto, "--ways", 5000, "--data-dir", omniglot_data_dir], capsys)
     assert code == 2 and "5000" in err and "Traceback" not in err
@@ -195,7 +207,7 @@ def test_eval_on_episodes_of_another_shape(tmp_path, capsys, omniglot_data_dir):
     assert code == 2 and "one output per class" in err
     code, out, _ = run(["eval", maml, "--shots", 2, "--episodes", 2, "--data-dir", omniglot_data_dir,
                         "--no-progress"], capsys)
-    assert code == 0 and "eval-shots=2.json" in out and "after 0..3 adaptation steps" in out
+    assert code == 0 and "eval-episodes=2-shots=2.json" in out and "after 0..3 adaptation steps" in out
     code, out, _ = run(["eval", maml, "--shots", 2, "--episodes", 2, "--data-dir", omniglot_data_dir,
                         "--no-progress", "--final-only"], capsys)
     assert code == 0 and "accuracy" in out and "adaptation steps" not in out
@@ -222,6 +234,12 @@ def test_print_config_shows_the_resolved_paper_settings_and_trains_nothing(tmp_p
     assert config["algorithm_config"]["inner_lr"] == 0.1 and config["algorithm_config"]["inner_steps"] == 5
     assert config["train"]["meta_batch_size"] == 16 and config["task"]["query"] == 5
     assert not (tmp_path / "r").exists()
+    # a dry run refuses what training would refuse
+    for args, message in ((["protonet", "--dataset", "sinusoid"], "classification"),
+                          (["maml", "--ways", 5000], "--ways 5000 is more than that"),
+                          (["maml", "--test-ways", 10], "one output per class")):
+        code, out, err = run(["train", *args, "--print-config"], capsys)
+        assert code == 2 and message in err and out == "", (args, err)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -243,9 +261,9 @@ def test_validation_evaluation_keeps_the_test_result_and_redraws_the_trainers_ep
     code, out, err = run(["eval", run_dir, "--part", "val", "--episodes", 6, "--seed", 3, "--final-only",
                           "--no-progress"], capsys)
     assert code == 0, err
-    assert f"written to {run_dir / 'eval-part=val.json'}" in out
+    assert f"written to {run_dir / 'eval-part=val-seed=3.json'}" in out
     assert (run_dir / "eval.json").read_text() == test_result
-    saved = json.loads((run_dir / "eval-part=val.json").read_text())
+    saved = json.loads((run_dir / "eval-part=val-seed=3.json").read_text())
     assert saved["part"] == "val" and saved["episodes"] == 6
     # the episodes the trainer validated on at the last step (the run's seed, 3), not the test episodes
     validated = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "val_mse" in r]
@@ -259,3 +277,48 @@ def test_compare_names_the_episode_shape_that_differs(tmp_path, capsys):
                     "--run-dir", tmp_path / f"k{shots}", "--no-progress", "--no-eval"], capsys)[0] == 0
     code, _, err = run(["compare", tmp_path / "k5", tmp_path / "k10", "--episodes", 4], capsys)
     assert code == 2 and "(shots 5 vs 10)" in err  # both tested on 100 query points
+
+
+def test_compare_takes_runs_tested_on_the_same_episodes(tmp_path, capsys):
+    # trained on K=10 and tested on K=5, or trained and tested on K=5: the same test episodes
+    common = ["--dataset", "sinusoid", "--steps", 1, "--meta-batch-size", 2, "--no-progress", "--no-eval"]
+    assert run(["train", "maml", "--shots", 10, "--test-shots", 5, "--run-dir", tmp_path / "a"] + common, capsys)[0] == 0
+    assert run(["train", "maml", "--shots", 5, "--run-dir", tmp_path / "b"] + common, capsys)[0] == 0
+    code, out, err = run(["compare", tmp_path / "a", tmp_path / "b", "--episodes", 3, "--samples", 2], capsys)
+    assert code == 0, err
+    assert "| a |" in out and "| b |" in out
+
+
+def test_unusable_paths_are_one_line_errors(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    code, _, err = run(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--meta-batch-size", 2,
+                        "--run-dir", tmp_path / "file", "--no-progress"], capsys)
+    assert code == 2 and err.startswith(f"error: {tmp_path / 'file'}") and "Traceback" not in err
+    assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--meta-batch-size", 2,
+                "--run-dir", tmp_path / "run", "--no-progress", "--no-eval"], capsys)[0] == 0
+    code, _, err = run(["export", tmp_path / "run", tmp_path / "file"], capsys)
+    assert code == 2 and err.startswith("error:") and "Traceback" not in err
+    code, _, err = run(["compare", tmp_path / "run", "--json", tmp_path], capsys)  # refused before evaluating
+    assert code == 2 and "is a folder" in err
+
+
+def test_every_training_option_says_what_it_does():
+    from metalearn.cli import PAPER_DEFAULT, cli
+
+    for name, command in cli.commands["train"].commands.items():
+        for param in command.params:
+            text = (param.help or "").replace(PAPER_DEFAULT, "").strip()
+            assert len(text) > 10, (name, param.name, param.help)
+    maml_help = {p.name: p.help for p in cli.commands["train"].commands["maml"].params}
+    assert "conv4-embedding" not in maml_help["model"]  # MAML needs a head
+    assert "LSLR" in maml_help["learn_inner_lr"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["matchingnet", "--processing-steps", 3], "--processing-steps applies only with --full-context-embeddings"),
+    (["reptile", "--inner-optimizer", "sgd", "--inner-beta1", 0.9], "--inner-beta1 applies only with --inner-optimizer adam"),
+])
+def test_options_that_would_go_unused_are_refused(capsys, args, message):
+    code, _, err = run(["train", *args, "--print-config"], capsys)
+    assert code == 2 and message in err
+    assert run(["train", *args[:1], "--print-config"], capsys)[0] == 0  # the defaults alone are fine

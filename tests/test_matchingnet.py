@@ -225,6 +225,6 @@ def test_cli_train_and_eval_with_full_context_embeddings(tmp_path, capsys, omnig
     code, out, err = run(["eval", run_dir, "--episodes", 4, "--set", "processing_steps=4",
                           "--data-dir", omniglot_data_dir, "--no-progress"], capsys)
     assert code == 0, err
-    assert json.loads((run_dir / "eval-processing_steps=4.json").read_text())["episodes"] == 4
+    assert json.loads((run_dir / "eval-episodes=4-processing_steps=4.json").read_text())["episodes"] == 4
     code, _, err = run(["train", "matchingnet", "--dataset", "sinusoid", "--run-dir", tmp_path / "r"], capsys)
     assert code == 2 and "classification method" in err

@@ -369,6 +369,9 @@ def test_registered_with_paper_defaults():
     assert regression.algorithm_config["kl_weight"] == pytest.approx(0.036)
     noisier = resolve_config("platipus", task={"dataset": "sine-or-line", "noise_std": 0.5, "query": 10})
     assert noisier.algorithm_config["kl_weight"] == pytest.approx(2 * 0.25 / 10)
+    # noiseless tasks: a nominal 0.3, not the bound's 0 that would switch the prior off
+    for task in ({"dataset": "sinusoid"}, {"dataset": "sine-or-line", "noise_std": 0.0}):
+        assert resolve_config("platipus", task=task).algorithm_config["kl_weight"] == pytest.approx(0.036)
     with pytest.raises(MetalearnError, match="num-samples"):
         PLATIPUS.Config(num_samples=0)
     with pytest.raises(MetalearnError, match="buffers"):

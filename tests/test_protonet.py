@@ -172,7 +172,7 @@ def test_paper_defaults_and_trainer_end_to_end(tmp_path, omniglot_data_dir):
     result = evaluate_run(run_dir, episodes=10, data_dir=omniglot_data_dir, progress=False)
     assert result["episodes"] == 10 and result["ways"] == 5 and result["step"] == 3
     assert len(result["per_step"]) == 1 and 0 <= result["mean"] <= 100
-    assert json.loads((run_dir / "eval.json").read_text())["algorithm"] == "protonet"
+    assert json.loads((run_dir / "eval-episodes=10.json").read_text())["algorithm"] == "protonet"
 
 
 def test_registered_with_cli_options():

@@ -404,7 +404,7 @@ def test_train_and_evaluate_with_and_without_transduction(tmp_path, omniglot_dat
     assert len(transductive["per_step"]) == 3 and len(single["per_step"]) == 1
     final_only = evaluate_run(run_dir, data_dir=omniglot_data_dir, progress=False, per_step=False)
     assert final_only["scores"] == transductive["scores"] and final_only["per_step"] == [transductive["mean"]]
-    assert (run_dir / "eval.json").is_file() and (run_dir / "eval-transductive=False.json").is_file()
+    assert (run_dir / "eval.json").is_file() and (run_dir / "eval-transductive=false.json").is_file()
     assert json.loads((run_dir / "config.json").read_text())["algorithm_config"]["transductive"] is True
 
 

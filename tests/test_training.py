@@ -81,6 +81,16 @@ def test_starting_over_an_existing_run_is_refused(tmp_path):
     build_trainer(sinusoid_config(2), tmp_path).fit(progress=False)
     with pytest.raises(MetalearnError, match="--resume"):
         build_trainer(sinusoid_config(2), tmp_path)
+    # without its checkpoint the folder still holds a run (config, metrics): neither resumed
+    # from step 0 nor started over on top of the old metrics
+    (tmp_path / "checkpoint.pt").unlink()
+    with pytest.raises(MetalearnError, match="has no checkpoint.pt"):
+        build_trainer(sinusoid_config(2), tmp_path, resume=True)
+    with pytest.raises(MetalearnError, match="already holds a run"):
+        build_trainer(sinusoid_config(2), tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(MetalearnError, match="already holds a run"):
+        build_trainer(sinusoid_config(2), tmp_path)  # metrics.jsonl alone
 
 
 def test_checkpoint_holds_everything_and_loads(tmp_path):
@@ -200,7 +210,7 @@ def test_evaluation_reports_mean_and_interval(tmp_path):
     assert result["episodes"] == 30 and len(result["per_step"]) == 3
     assert result["mean"] == pytest.approx(float(scores.mean()), rel=1e-6)
     assert result["ci95"] == pytest.approx(1.96 * float(scores.std()) / 30**0.5, rel=1e-6)
-    assert json.loads((tmp_path / "eval.json").read_text())["mean"] == result["mean"]
+    assert json.loads((tmp_path / "eval-episodes=30.json").read_text())["mean"] == result["mean"]
     assert result["per_step"][-1] == pytest.approx(result["mean"], rel=1e-6)
     again = evaluate_run(tmp_path, episodes=30, progress=False)
     assert again["scores"] == result["scores"]  # same seed, same episodes
@@ -295,6 +305,7 @@ def test_init_from_starts_with_another_runs_network(tmp_path):
     nowhere = dataclasses.replace(config, train=dataclasses.replace(config.train, init_from=str(tmp_path / "nowhere")))
     with pytest.raises(MetalearnError, match="no checkpoint"):
         build_trainer(nowhere, tmp_path / "other")
+    assert not (tmp_path / "other").exists()  # a refused run leaves no folder behind
 
 
 def test_trainer_tells_the_method_each_step(tmp_path):
@@ -463,3 +474,15 @@ def test_a_trainer_built_by_hand_makes_a_run_directory_that_loads(tmp_path):
     assert step == 3 and loaded_config == config
     for (name, a), b in zip(learner.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_learning_curves_show_a_run_of_a_single_record(tmp_path):
+    # one metrics line (a run shorter than --log-every): its point is drawn, not an empty panel
+    from PIL import Image
+
+    from metalearn.plotting import plot_learning_curves
+
+    path = plot_learning_curves([{"step": 20, "loss": 1.5}], tmp_path / "curves.png")
+    pixels = torch.tensor(list(Image.open(path).convert("RGB").tobytes())).view(-1, 3)
+    line_colour = torch.tensor([31, 119, 180])  # matplotlib's first colour
+    assert int(((pixels - line_colour).abs().sum(dim=1) < 30).sum()) > 5

@@ -28,12 +28,24 @@ def resolve_config(algorithm: str, task: dict[str, Any] | None = None,
     task, algorithm_config, train = dict(task or {}), dict(algorithm_config or {}), dict(train or {})
     if resume_from is not None and RunDir(resume_from).exists():
         saved = RunDir(resume_from).read_config()
-        return RunConfig(
-            algorithm,
-            dataclasses.replace(saved.task, **task),
-            {**saved.algorithm_config, **algorithm_config},
-            dataclasses.replace(saved.train, **train),
-        )
+        try:
+            return RunConfig(
+                algorithm,
+                dataclasses.replace(saved.task, **task),
+                {**saved.algorithm_config, **algorithm_config},
+                dataclasses.replace(saved.train, **train),
+            )
+        except MetalearnError:
+            # a given option that contradicts the run makes its saved ones invalid (--dataset
+            # omniglot over a sinusoid run's ways 0): name the contradiction, not the symptom
+            given = [("task", task, dataclasses.asdict(saved.task)), ("train", train, dataclasses.asdict(saved.train)),
+                     ("algorithm_config", algorithm_config, saved.algorithm_config)]
+            differ = [f"{part}.{key}: {old[key]!r} there, {value!r} requested"
+                      for part, options, old in given for key, value in options.items() if old.get(key) != value]
+            if not differ:
+                raise
+            raise MetalearnError(f"the run in {resume_from} was made with another configuration ({'; '.join(differ)}). "
+                                 "Resume with the same options, or start a new run directory.") from None
     regression = task.get("dataset", TaskConfig.dataset) != "omniglot"
     if regression:
         given = [name for name in ("split", "ways", "test_ways", "image_size") if name in task]
@@ -50,8 +62,28 @@ def resolve_config(algorithm: str, task: dict[str, Any] | None = None,
     task_config = TaskConfig(**task)
     algo_defaults, train_defaults = algorithm_class(algorithm).paper_defaults(task_config)
     algo = make_algorithm_config(algorithm, {**algo_defaults, **algorithm_config})
+    check_options_apply(algorithm, algorithm_config, algo, task_config, train)
     return RunConfig(algorithm, task_config, dataclasses.asdict(algo),
                      TrainConfig(**{**train_defaults, **train}))
+
+
+def check_options_apply(algorithm: str, given_method: dict[str, Any], method_config: Any, task: TaskConfig,
+                        given_train: dict[str, Any]) -> None:
+    """Refuse options the user gave that this run would store and never use: a method option
+    that acts only beside another's value, validation on a split without a validation part."""
+    from metalearn.algorithms import algorithm_class
+    from metalearn.tasks import has_validation
+
+    flag = lambda name: "--" + name.replace("_", "-")
+    for option, (other, needed) in algorithm_class(algorithm).option_requires.items():
+        if option in given_method and getattr(method_config, other) != needed:
+            wanted = flag(other) if needed is True else f"{flag(other)} {needed}"
+            raise MetalearnError(f"{flag(option)} applies only with {wanted}")
+    if not has_validation(task):
+        given = [flag(name) for name in ("val_every", "val_episodes") if given_train.get(name)]
+        if given:
+            raise MetalearnError(f"the {task.split} split has no validation part: {', '.join(given)} "
+                                 "cannot apply (the maml and vinyals splits have one)")
 
 
 def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path | str | None = None,
@@ -93,9 +125,11 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
                  overrides: dict[str, Any] | None = None, device: str = "cpu",
                  episode_shape: dict[str, int] | None = None, per_step: bool = True) -> dict[str, Any]:
     """Evaluate the checkpoint of ``run_dir`` on ``episodes`` episodes of ``part`` and write
-    ``eval.json`` (``eval-<key>=<value>.json`` with ``overrides`` of the method's options, e.g.
-    ``{"test_inner_steps": 10}``, and ``eval-part=val.json`` for the validation split). The
-    episodes depend only on ``seed``, so methods compare on the same ones.
+    ``eval.json``, or ``eval-<key>=<value>.json`` named by what differs from the run's own
+    evaluation (see :func:`evaluation_labels`): ``overrides`` of the method's options, e.g.
+    ``{"test_inner_steps": 10}``, another number of episodes or seed, ``eval-part=val.json``
+    for the validation split. The episodes depend only on ``seed``, so methods compare on the
+    same ones.
 
     ``episode_shape`` (keys ``ways``, ``shots``, ``query``) tests on episodes of another shape
     than the run's, e.g. a Prototypical Network trained 60-way tested 20-way, as in its paper.
@@ -104,9 +138,23 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     config, learner, step = load_trained(run_dir, overrides)
     if episode_shape:
         config = with_test_shape(config, episode_shape)
-    labels = {**(overrides or {}), **(episode_shape or {})}
     return _evaluate(run_dir, config, learner, step, part, episodes, seed, data_dir, progress,
-                     world or init_world(device), labels, per_step)
+                     world or init_world(device), {**(overrides or {}), **(episode_shape or {})}, per_step,
+                     evaluation_labels(config, overrides, episode_shape, episodes, seed))
+
+
+def evaluation_labels(config: RunConfig, overrides: dict[str, Any] | None = None,
+                      episode_shape: dict[str, int] | None = None, episodes: int | None = None,
+                      seed: int = 0) -> dict[str, Any]:
+    """What sets an evaluation's score apart from the run's own (its method options and episode
+    shape, ``--eval-episodes`` episodes of seed 0): these name the file it is written to, so
+    that a quick check with fewer episodes never replaces ``eval.json``."""
+    labels = {**(overrides or {}), **(episode_shape or {})}
+    if episodes is not None and episodes != config.train.eval_episodes:
+        labels["episodes"] = episodes
+    if seed:
+        labels["seed"] = seed
+    return labels
 
 
 def with_test_shape(config: RunConfig, shape: dict[str, int]) -> RunConfig:
@@ -130,7 +178,7 @@ def with_test_shape(config: RunConfig, shape: dict[str, int]) -> RunConfig:
 
 def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episodes: int | None, seed: int,
               data_dir, progress: bool, world: World, overrides: dict[str, Any] | None,
-              per_step: bool = True) -> dict[str, Any]:
+              per_step: bool = True, labels: dict[str, Any] | None = None) -> dict[str, Any]:
     from metalearn.tasks import build_task_source
 
     source = build_task_source(config.task, part, data_dir, progress)
@@ -144,9 +192,9 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
                       per_step=per_step)
     test = config.task.for_testing()
     result.update({"part": part, "step": step, "algorithm": config.algorithm, "dataset": config.task.dataset,
-                   "ways": test.ways, "shots": test.shots, "query": test.query, "overrides": overrides or {}})
+                   "ways": test.ways, "shots": test.shots, "query": test.query, "seed": seed, "overrides": overrides or {}})
     if world.is_main:
-        RunDir(run_dir).write_eval(result, overrides, part)
+        RunDir(run_dir).write_eval(result, labels, part)
     return result
 
 

@@ -36,7 +36,7 @@ def cli():
 # -- option generation from the config dataclasses ------------------------------------------
 
 
-# what an option's values are and its default, where the type and the field's default do not say
+# what an option means, its values and its default, where the type and the field's default do not say
 OPTION_HELP = {
     "dataset": "omniglot, sinusoid or sine-or-line (default omniglot)",
     "split": "omniglot's class split: maml, vinyals or lake (default maml)",
@@ -48,21 +48,86 @@ OPTION_HELP = {
     "test_query": "query examples per class in test and validation tasks (default: --query; 100 points for regression)",
     "image_size": "omniglot images are resized to this many pixels square (default 28)",
     "noise_std": "standard deviation of the noise on regression targets (default 0 for sinusoid, 0.3 for sine-or-line)",
-    "model": "conv4, conv4-maxpool, conv4-embedding or mlp (default: the paper's network for the task)",
     "init_from": "a trained run directory whose network gives the initial weights (default none)",
+    # training: defaults follow the paper for the task (--print-config)
+    "steps": "meta-updates to train for",
+    "meta_batch_size": "tasks per meta-update",
+    "meta_lr": "the meta-optimiser's learning rate (MAML's beta)",
+    "meta_optimizer": "the meta-optimiser: adam or sgd",
+    "lr_halve_every": "halve the meta learning rate every this many steps (0: never)",
+    "lr_anneal": "none, or linear: the meta learning rate falls linearly to 0 over --steps (Reptile)",
+    "seed": "seeds the initial weights and every task drawn; the same seed repeats a run exactly",
+    "log_every": "steps between lines of metrics.jsonl",
+    "val_every": "steps between validations on the validation split (0: none)",
+    "val_episodes": "episodes per validation",
+    "checkpoint_every": "steps between checkpoints (one is also written at the end and on Ctrl-C)",
+    "eval_episodes": "test episodes of the evaluation after training",
+    # the gradient-based methods
+    "inner_lr": "step size of the inner-loop gradient steps (MAML's alpha)",
+    "inner_steps": "inner-loop gradient steps on a task's support set during meta-training",
+    "test_inner_steps": "inner-loop gradient steps at validation and test time",
+    "first_order": "drop the second derivatives of the inner steps from the meta-gradient",
+    "model": "the network: conv4, conv4-maxpool or mlp",
 }
 
+# where a method's option means something else than OPTION_HELP says
+METHOD_OPTION_HELP = {
+    "maml": {
+        "learn_inner_lr": "learn one inner step size per parameter tensor and inner step (MAML++'s LSLR)",
+        "multi_step_loss": "the query loss after every inner step, not just the last (MAML++)",
+        "multi_step_anneal_steps": "with --multi-step-loss: shift its weight onto the last step over this many "
+                                   "meta-updates (MAML++'s schedule; 0: equal weights throughout)",
+    },
+    "platipus": {
+        "inner_steps": "inner-loop gradient steps from each sampled set of weights during meta-training",
+        "num_samples": "models sampled per task at test time (their predictions are averaged)",
+        "train_samples": "weight samples per task in the meta-loss (the paper's Algorithm 1: 1)",
+        "kl_weight": "weight of KL(q || p) in the meta-loss",
+        "prior_step_init": "initial step size gamma_p of the prior's adaptation (learned)",
+        "posterior_step_init": "initial step size gamma_q of the posterior's adaptation (learned)",
+        "std_init": "initial standard deviation of every weight's prior and posterior (learned)",
+    },
+    "protonet": {
+        "distance": "euclidean (squared, the paper's choice) or cosine",
+        "model": "the embedding network: conv4-embedding, conv4 or conv4-maxpool (used without a head)",
+    },
+    "matchingnet": {
+        "distance": "cosine (the paper's) or euclidean (negative squared distance)",
+        "scale": "the attention is softmax(scale * similarity); cosine similarities of ReLU features lie in "
+                 "[0, 1], so a scale of 1 keeps the attention diffuse",
+        "full_context_embeddings": "embed the support set with a bidirectional LSTM and the query with an "
+                                   "attention LSTM (the paper's appendix A.2)",
+        "processing_steps": "steps K of the query's attention LSTM (with --full-context-embeddings)",
+        "model": "the embedding network: conv4-embedding, conv4 or conv4-maxpool (used without a head)",
+    },
+    "reptile": {
+        "inner_optimizer": "the task-specific optimiser: adam or sgd",
+        "inner_lr": "the task-specific optimiser's learning rate",
+        "inner_beta1": "Adam's first-moment decay in the inner loop (the reference code: 0, no momentum)",
+        "inner_beta2": "Adam's second-moment decay in the inner loop",
+        "inner_steps": "mini-batch updates per task during meta-training",
+        "inner_batch_size": "support examples per inner mini-batch during meta-training",
+        "test_inner_steps": "mini-batch updates per task at validation and test time",
+        "test_inner_batch_size": "support examples per inner mini-batch at validation and test time",
+        "transductive": "classify a task's query examples in one batch (sharing batch-norm statistics), "
+                        "or each with the support set alone",
+        "inner_adam_state": "fresh: every task's Adam starts from zero moments; carried: the moments pass "
+                            "from task to task and on into evaluation, as in the reference code",
+    },
+}
 
-def _option_for(field: dataclasses.Field, paper_default: bool = False) -> click.Option:
+PAPER_DEFAULT = "(default: see --print-config)"
+
+
+def _option_for(field: dataclasses.Field, paper_default: bool = False, algorithm: str | None = None) -> click.Option:
     name = "--" + field.name.replace("_", "-")
     hint = field.type if isinstance(field.type, type) else _resolve(field.type)
     # options of the method and of training default to the paper's value for the task, which
     # depends on the other options: --print-config shows what a command line resolves to
-    if field.name in OPTION_HELP:
-        text = OPTION_HELP[field.name]
-    elif paper_default:
-        text = "(default: the paper's setting for the task; see --print-config)"
-    else:
+    text = METHOD_OPTION_HELP.get(algorithm, {}).get(field.name) or OPTION_HELP.get(field.name, "")
+    if paper_default and field.name != "init_from":
+        text = f"{text} {PAPER_DEFAULT}".strip()
+    elif not text:
         text = f"(default {field.default})"
     if hint is bool:
         return click.Option([f"{name}/--no-{field.name.replace('_', '-')}"], default=None, help=text)
@@ -103,6 +168,9 @@ def _make_train_command(algorithm: str) -> click.Command:
             resume_from=options["run_dir"] if options["resume"] else None,
         )
         if options["print_config"]:
+            from metalearn.training import prepare_run
+
+            prepare_run(config, options["data_dir"])  # what training would refuse, refused here too
             click.echo(json.dumps(config.to_dict(), indent=2))
             return
         run_dir, result = train(config, run_dir=options["run_dir"], data_dir=options["data_dir"],
@@ -116,7 +184,7 @@ def _make_train_command(algorithm: str) -> click.Command:
             click.echo(format_result(result))
         click.echo(f"run directory: {run_dir}")
 
-    params = [_option_for(f) for f in TASK_FIELDS] + [_option_for(f, True) for f in TRAIN_FIELDS + list(algo_fields)]
+    params = [_option_for(f) for f in TASK_FIELDS] + [_option_for(f, True, algorithm) for f in TRAIN_FIELDS + list(algo_fields)]
     params += [
         click.Option(["--data-dir"], type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP),
         click.Option(["--run-dir"], type=click.Path(path_type=Path), default=None,
@@ -155,7 +223,7 @@ for _name in ALGORITHMS:
 
 @cli.command("eval")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--episodes", type=click.IntRange(min=1), default=None, help="episodes (default: the run's eval_episodes, 600)")
+@click.option("--episodes", type=click.IntRange(min=1), default=None, help="test episodes (default: the run's --eval-episodes: 600, 1000 for protonet and matchingnet)")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="seed of the episodes (with --part val, the run's own seed redraws its validation episodes)")
 @click.option("--part", type=click.Choice(["test", "val"]), default="test", show_default=True,
@@ -175,7 +243,7 @@ for _name in ALGORITHMS:
 @click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
 def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots, query, per_step, progress, device):
     """Evaluate a trained run: mean accuracy (or MSE) with a 95% confidence interval."""
-    from metalearn.api import evaluate_run
+    from metalearn.api import evaluate_run, evaluation_labels
     from metalearn.evaluation import format_result
 
     overrides = dict(parse_setting(s) for s in settings)
@@ -184,7 +252,9 @@ def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots,
                           progress=progress, overrides=overrides, device=device, episode_shape=shape,
                           per_step=per_step)
     click.echo(format_result(result))
-    click.echo(f"written to {RunDir(run_dir).eval_file({**overrides, **shape}, part)}")
+    config = RunDir(run_dir).read_config()
+    labels = evaluation_labels(config, overrides, shape, episodes, seed)
+    click.echo(f"written to {RunDir(run_dir).eval_file(labels, part)}")
 
 
 def parse_setting(text: str) -> tuple[str, object]:
@@ -232,6 +302,8 @@ def compare(run_dirs, episodes, seed, num_samples, json_path, settings, data_dir
     if len(labels) != len(run_dirs):
         raise MetalearnError("compare labels runs by their folder names; give runs with distinct names")
     overrides = dict(parse_setting(s) for s in settings)
+    if json_path and json_path.is_dir():  # found out now, not after minutes of evaluation
+        raise MetalearnError(f"--json {json_path} is a folder; give a file name, e.g. {json_path / 'compare.json'}")
     result = compare_learners(labels, episodes=episodes, seed=seed, num_samples=num_samples, data_dir=data_dir,
                               overrides=overrides)
     measures = [k for k, v in result[next(iter(labels))].items() if isinstance(v, dict)]
@@ -346,6 +418,10 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(err.exit_code)
     except MetalearnError as err:
         click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except OSError as err:  # a path that is a file, a folder, unwritable or gone
+        where = f"{err.filename}: " if err.filename else ""
+        click.echo(f"error: {where}{err.strerror or err}", err=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns a KeyboardInterrupt into Abort
         click.echo("interrupted (a training run keeps its last checkpoint: continue it with --resume)", err=True)

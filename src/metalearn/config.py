@@ -53,12 +53,14 @@ class TaskConfig:
         return self.dataset == "omniglot"
 
     def for_testing(self) -> "TaskConfig":
-        """The episode shape used at evaluation time."""
+        """The tasks of evaluation time: the test shape as the shape, no ``test_*`` left, so
+        that two configurations tested on the same episodes compare equal."""
         return dataclasses.replace(
             self,
             ways=self.test_ways or self.ways,
             shots=self.test_shots or self.shots,
             query=self.test_query or self.query,
+            test_ways=None, test_shots=None, test_query=None,
         )
 
 

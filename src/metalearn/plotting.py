@@ -37,7 +37,8 @@ def plot_learning_curves(records: list[dict], path: Path, title: str = "") -> Pa
         # metrics.jsonl keeps training accuracy as a fraction and validation accuracy in percent
         scale, label = SERIES_LABELS.get(name, (1.0, name))
         points = [(r["step"], r[name] * scale) for r in records if name in r]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if name.startswith("val") else None)
+        sparse = name.startswith("val") or len(points) < 20  # a line of one point draws nothing
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if sparse else None)
         ax.set_xlabel("meta-step")
         ax.set_title(label)
         if name == "loss":

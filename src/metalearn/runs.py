@@ -24,7 +24,8 @@ from metalearn.errors import MetalearnError
 def default_runs_root() -> Path:
     from metalearn.data.omniglot import default_cache_dir
 
-    return Path(os.environ.get("METALEARN_RUNS") or default_cache_dir() / "runs")
+    root = os.environ.get("METALEARN_RUNS")
+    return Path(root).expanduser() if root else default_cache_dir() / "runs"
 
 
 def new_run_name(config: RunConfig) -> str:
@@ -116,13 +117,14 @@ class RunDir:
         atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def eval_file(self, labels: dict[str, Any] | None = None, part: str = "test") -> Path:
-        """Where an evaluation is written: ``eval.json``, the latest evaluation on the test part
-        with the run's own episode shape and method options (a new one, e.g. with more
-        episodes, replaces it). Evaluations on another part, shape or with changed options
-        (``labels``) get a file of their own, named by what differs (``eval-part=val.json``,
-        ``eval-ways=20.json``), and leave ``eval.json`` alone."""
+        """Where an evaluation is written: ``eval.json``, the run's own evaluation (test part,
+        its episode shape, method options and number of episodes, seed 0). Evaluations on
+        another part or shape, with changed options, episodes or seed (``labels``) get a file
+        of their own, named by what differs (``eval-part=val.json``, ``eval-ways=20.json``,
+        ``eval-transductive=false.json``), and leave ``eval.json`` alone."""
         labels = {**(labels or {}), **({"part": part} if part != "test" else {})}
-        suffix = "".join(f"-{k}={v}" for k, v in sorted(labels.items()))
+        spell = lambda value: json.dumps(value) if isinstance(value, bool) else value  # true, as typed
+        suffix = "".join(f"-{k}={spell(v)}" for k, v in sorted(labels.items()))
         return self.eval_path.with_name(f"eval{suffix}.json")
 
     def write_eval(self, result: dict[str, Any], overrides: dict[str, Any] | None = None,

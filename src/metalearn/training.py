@@ -259,7 +259,8 @@ def gradients_finite(parameters: list[torch.Tensor]) -> bool:
     return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
-def check_compatible(saved: RunConfig, requested: RunConfig, what: str) -> None:
+def check_compatible(saved: RunConfig, requested: RunConfig, what: str,
+                     advice: str = "Resume with the same options, or start a new run directory.") -> None:
     """Refuse to continue ``saved`` with a configuration that changes what it computes."""
     resumable = set(RESUMABLE_CHANGES)
     if saved.train.lr_anneal == "linear":
@@ -270,17 +271,21 @@ def check_compatible(saved: RunConfig, requested: RunConfig, what: str) -> None:
         why = (" Its learning rate is annealed linearly to 0 over --steps, so the step count cannot change."
                if "train.steps" in conflicts else "")
         raise MetalearnError(
-            f"{what} was made with another configuration ({lines}).{why} Resume with the same options, "
-            "or start a new run directory."
+            f"{what} was made with another configuration ({lines}).{why} {advice}"
         )
 
 
-def load_learner_state(learner: MetaLearner, state: dict[str, Any], where: Path) -> None:
+def load_learner_state(learner: MetaLearner, state: dict[str, Any], where: Path, changed: str = "") -> None:
+    """Load ``state`` into ``learner``; a mismatch is one line naming what does not fit (and
+    ``changed``, the options a caller altered, as the likely cause)."""
     try:
         learner.load_state_dict(state)
     except RuntimeError as err:
-        first = str(err).splitlines()[0]
-        raise MetalearnError(f"the checkpoint in {where} does not fit this model ({first})") from None
+        # torch's first line is a header ("Error(s) in loading state_dict for MAML:"); the next says what
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 else lines[0])[:200]
+        cause = f"{changed} changes the trained network; " if changed else ""
+        raise MetalearnError(f"the checkpoint in {where} does not fit this model: {cause}{detail}") from None
 
 
 def initialise_from_run(learner: MetaLearner, run_dir: Path | str) -> int:
@@ -315,6 +320,20 @@ def check_test_ways(config: RunConfig) -> None:
         )
 
 
+def prepare_run(config: RunConfig, data_dir: Path | str | None = None, progress: bool = False):
+    """(learner with its initial weights, training tasks, validation tasks or None) of
+    ``config``, after every check a run makes before it starts: the method fits the task, the
+    test shape fits the method, every part of the split holds its episodes (the data is read).
+    ``train --print-config`` runs it too, so that a dry run says what training would refuse."""
+    check_test_ways(config)
+    torch.manual_seed(config.train.seed)  # the initial weights
+    learner = build_learner(config.algorithm, config.algorithm_config, problem_of(config.task))
+    train_tasks = build_task_source(config.task, "train", data_dir, progress)
+    val_tasks = build_task_source(config.task, "val", data_dir, progress) if has_validation(config.task) else None
+    build_task_source(config.task, "test", data_dir, progress)  # an impossible test episode fails now, not after training
+    return learner, train_tasks, val_tasks
+
+
 def build_trainer(config: RunConfig, run_dir: Path | str, data_dir: Path | str | None = None,
                   resume: bool = False, world: World = World(), progress: bool = True) -> Trainer:
     """A trainer for ``config`` writing into ``run_dir``; with ``resume``, continue the run
@@ -323,17 +342,19 @@ def build_trainer(config: RunConfig, run_dir: Path | str, data_dir: Path | str |
     if resume:
         if not run.exists():
             raise MetalearnError(f"cannot resume: {run.path} holds no run (no config.json)")
+        if not run.has_checkpoint():
+            raise MetalearnError(f"cannot resume: {run.path} has no checkpoint.pt (removed, or the run stopped "
+                                 "before its first one); start afresh in another --run-dir")
         check_compatible(run.read_config(), config, f"the run in {run.path}")
-    elif run.has_checkpoint():
+    elif run.has_checkpoint() or run.exists() or run.metrics_path.exists():
         raise MetalearnError(f"{run.path} already holds a run; pass --resume to continue it or choose another --run-dir")
-    check_test_ways(config)
-    torch.manual_seed(config.train.seed)  # the initial weights
-    learner = build_learner(config.algorithm, config.algorithm_config, problem_of(config.task)).to(world.device)
-    train_tasks = build_task_source(config.task, "train", data_dir, progress)
-    val_tasks = build_task_source(config.task, "val", data_dir, progress) if has_validation(config.task) else None
-    build_task_source(config.task, "test", data_dir, progress)  # an impossible test episode fails now, not after training
+    world.barrier()  # every rank has looked at the folder before rank 0 writes into it
+    learner, train_tasks, val_tasks = prepare_run(config, data_dir, progress)
+    learner = learner.to(world.device)
+    if config.train.init_from and not resume:  # before the Trainer, which creates the run's folder
+        initialise_from_run(learner, config.train.init_from)
     trainer = Trainer(config, learner, train_tasks, val_tasks, run, world)
-    if resume and run.has_checkpoint():
+    if resume:
         trainer.restore(run.read_checkpoint())
         if trainer.step > config.train.steps:
             raise MetalearnError(
@@ -342,8 +363,6 @@ def build_trainer(config: RunConfig, run_dir: Path | str, data_dir: Path | str |
             )
         if world.is_main:
             run.truncate_metrics(trainer.step)
-    elif config.train.init_from:
-        initialise_from_run(learner, config.train.init_from)
     if world.is_main:
         run.write_config(config)
     world.barrier()
@@ -357,8 +376,14 @@ def load_trained(run_dir: Path | str, overrides: dict[str, Any] | None = None) -
     run = RunDir(run_dir)
     config = run.read_config()
     state = run.read_checkpoint()
-    check_compatible(RunConfig.from_dict(state["config"]), config, f"the checkpoint in {run.path}")
+    check_compatible(RunConfig.from_dict(state["config"]), config, f"the checkpoint in {run.path}",
+                     "Its config.json and checkpoint.pt come from different runs: put back the run's own files.")
+    if "model" in (overrides or {}) and overrides["model"] != config.algorithm_config.get("model"):
+        # same-shaped weights would load into another architecture without complaint
+        raise MetalearnError(f"--set model={overrides['model']}: the run trained "
+                             f"{config.algorithm_config.get('model')}; a network cannot change at evaluation")
     options = {**config.algorithm_config, **(overrides or {})}
     learner = build_learner(config.algorithm, options, problem_of(config.task))
-    load_learner_state(learner, state["learner"], run.path)
+    changed = ", ".join(f"--set {key}" for key in (overrides or {}))
+    load_learner_state(learner, state["learner"], run.path, changed)
     return config, learner, int(state["step"])

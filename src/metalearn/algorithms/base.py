@@ -27,6 +27,9 @@ class MetaLearner(nn.Module):
     # True for methods whose network has one output per class (MAML, PLATIPUS, Reptile): they
     # cannot be tested with another number of ways than they were trained with.
     fixed_ways: ClassVar[bool] = False
+    # options that act only beside another option's value: {option: (other option, its value)};
+    # giving one without the other is refused (it would be stored and silently unused)
+    option_requires: ClassVar[dict[str, tuple[str, Any]]] = {}
 
     @classmethod
     def build(cls, config: Any, problem: Problem) -> "MetaLearner":

@@ -135,6 +135,7 @@ class MatchingNet(MetaLearner):
 
     name = "matchingnet"
     Config = MatchingNetConfig
+    option_requires = {"processing_steps": ("full_context_embeddings", True)}
 
     def __init__(self, model: nn.Module, config: MatchingNetConfig = MatchingNetConfig(),
                  embedding_dim: int | None = None):

@@ -157,8 +157,10 @@ class PLATIPUS(MetaLearner):
             # the adapted functions (a 70k-step run diverged on some tasks from step 5 on). kl_weight = 2 * 0.3^2 / 5:
             # with the tasks' Gaussian noise (std 0.3) on K = 5 query points, MSE + kl_weight *
             # KL is the negative bound of section 4 up to a constant factor. sigma_theta and
-            # sqrt(v_q) start at 0.1 so that samples differ visibly from the start.
-            noise = 0.3 if task.noise_std is None else task.noise_std
+            # sqrt(v_q) start at 0.1 so that samples differ visibly from the start. Noiseless
+            # tasks (sinusoid, --noise-std 0) take 0.3 as a nominal noise: the bound's weight
+            # for no noise is 0, which would switch the prior off altogether.
+            noise = task.noise_std or 0.3
             return ({"model": "mlp", "inner_lr": 0.01, "inner_steps": 1, "test_inner_steps": 1,
                      "num_samples": 10, "train_samples": 1, "kl_weight": bound_weight(noise, task.query),
                      "prior_step_init": 0.01, "posterior_step_init": 0.01, "std_init": 0.1},

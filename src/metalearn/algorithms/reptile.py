@@ -192,6 +192,8 @@ class Reptile(MetaLearner):
     name = "reptile"
     Config = ReptileConfig
     fixed_ways = True
+    option_requires = {"inner_beta1": ("inner_optimizer", "adam"), "inner_beta2": ("inner_optimizer", "adam"),
+                       "inner_adam_state": ("inner_optimizer", "adam")}
 
     def __init__(self, model: nn.Module, config: ReptileConfig = ReptileConfig()):
         super().__init__()

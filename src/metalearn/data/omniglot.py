@@ -106,7 +106,8 @@ def locate_sources(data_dir: Path) -> dict[str, Path]:
             f"Omniglot not found in {data_dir}: missing "
             + ", ".join(f"{m}.zip (or the extracted {m}/ folder)" for m in missing)
             + ". Put the official archives there, point --data-dir or METALEARN_DATA at the "
-            "folder that holds them, or run `metalearn data prepare --download` to fetch them."
+            f"folder that holds them, or run `metalearn data prepare --download --data-dir {data_dir}` to fetch "
+            "them there."
         )
     return found
 

@@ -226,9 +226,9 @@ def test_running_out_of_memory_is_a_message_not_a_traceback(tmp_path, capsys, mo
     assert code == 2 and "out of memory" in err and "--meta-batch-size" in err and "Traceback" not in err
 
 
-def test_print_config_shows_the_resolved_paper_settings_and_trains_nothing(tmp_path, capsys):
+def test_print_config_shows_the_resolved_paper_settings_and_trains_nothing(tmp_path, capsys, omniglot_data_dir):
     code, out, err = run(["train", "maml", "--ways", 20, "--shots", 5, "--run-dir", tmp_path / "r",
-                          "--print-config"], capsys)
+                          "--data-dir", omniglot_data_dir, "--print-config"], capsys)
     assert code == 0, err
     config = json.loads(out)
     assert config["algorithm_config"]["inner_lr"] == 0.1 and config["algorithm_config"]["inner_steps"] == 5
@@ -238,7 +238,7 @@ def test_print_config_shows_the_resolved_paper_settings_and_trains_nothing(tmp_p
     for args, message in ((["protonet", "--dataset", "sinusoid"], "classification"),
                           (["maml", "--ways", 5000], "--ways 5000 is more than that"),
                           (["maml", "--test-ways", 10], "one output per class")):
-        code, out, err = run(["train", *args, "--print-config"], capsys)
+        code, out, err = run(["train", *args, "--data-dir", omniglot_data_dir, "--print-config"], capsys)
         assert code == 2 and message in err and out == "", (args, err)
 
 
@@ -318,7 +318,8 @@ def test_every_training_option_says_what_it_does():
     (["matchingnet", "--processing-steps", 3], "--processing-steps applies only with --full-context-embeddings"),
     (["reptile", "--inner-optimizer", "sgd", "--inner-beta1", 0.9], "--inner-beta1 applies only with --inner-optimizer adam"),
 ])
-def test_options_that_would_go_unused_are_refused(capsys, args, message):
+def test_options_that_would_go_unused_are_refused(capsys, omniglot_data_dir, args, message):
     code, _, err = run(["train", *args, "--print-config"], capsys)
     assert code == 2 and message in err
-    assert run(["train", *args[:1], "--print-config"], capsys)[0] == 0  # the defaults alone are fine
+    # the defaults alone are fine
+    assert run(["train", *args[:1], "--data-dir", omniglot_data_dir, "--print-config"], capsys)[0] == 0

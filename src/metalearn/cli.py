@@ -426,6 +426,10 @@ def main(args: list[str] | None = None) -> None:
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns a KeyboardInterrupt into Abort
         click.echo("interrupted (a training run keeps its last checkpoint: continue it with --resume)", err=True)
         sys.exit(130)
+    except click.UsageError as err:  # one line, as every other mistake, not click's three
+        where = f" (see {err.ctx.command_path} --help)" if err.ctx is not None else ""
+        click.echo(f"error: {err.format_message()}{where}", err=True)
+        sys.exit(err.exit_code)
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)

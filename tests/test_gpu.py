@@ -208,3 +208,20 @@ def test_more_ranks_than_gpus_fail_with_a_clear_message(omniglot_data_dir, tmp_p
     output = done.stdout + done.stderr
     assert "only 1 GPU(s) visible" in output
     assert "metalearn/distributed.py" not in output  # a message, not a traceback from inside metalearn
+
+
+def test_evaluate_and_trainer_follow_the_learners_device(tmp_path):
+    """From Python, a learner moved to the GPU is all it takes: the evaluator and a Trainer built
+    by hand put every batch where the learner is (the default World is the CPU's)."""
+    from metalearn import MAML, SinusoidTasks, Trainer, evaluate
+    from metalearn.config import RunConfig, TaskConfig, TrainConfig
+    from metalearn.models import MLP
+
+    torch.manual_seed(0)
+    learner = MAML(MLP(), MAML.Config(model="mlp", inner_lr=0.01)).to(DEVICE)
+    config = RunConfig("maml", TaskConfig(dataset="sinusoid", split="none", ways=0, shots=5, query=5),
+                       {"model": "mlp", "inner_lr": 0.01}, TrainConfig(steps=2, meta_batch_size=2, val_every=0))
+    Trainer(config, learner, SinusoidTasks(shots=5, query=5), None, tmp_path / "run").fit(progress=False)
+    on_gpu = evaluate(learner, SinusoidTasks(shots=5, query=20), episodes=8)
+    on_cpu = evaluate(copy.deepcopy(learner).cpu(), SinusoidTasks(shots=5, query=20), episodes=8)
+    torch.testing.assert_close(torch.tensor(on_gpu["scores"]), torch.tensor(on_cpu["scores"]), rtol=1e-4, atol=1e-5)

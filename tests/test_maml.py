@@ -508,6 +508,10 @@ def test_a_model_with_dropout_trains_and_is_deterministic_in_eval_mode(method):
     assert torch.isfinite(loss) and all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     torch.manual_seed(2)
     assert learner.meta_loss(batch)[0] != loss  # dropout is active: other masks, another loss
+    # predictions in training mode draw masks too (test-time vmaps allow random operations)
+    with torch.no_grad():
+        predicted = learner.predict(batch)
+        assert torch.isfinite(predicted).all() and learner.predict_per_step(batch).shape[0] >= 2
     if method != "platipus":  # PLATIPUS samples models at test time: not deterministic by design
         learner.eval()  # no dropout at test time
         assert torch.equal(learner.predict(batch), learner.predict(batch))

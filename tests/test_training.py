@@ -474,6 +474,16 @@ def test_a_trainer_built_by_hand_makes_a_run_directory_that_loads(tmp_path):
     assert step == 3 and loaded_config == config
     for (name, a), b in zip(learner.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
+    # rerunning the same lines (a notebook cell) is refused, not written over the run; a resume
+    # continues it
+    with pytest.raises(MetalearnError, match="already holds a run"):
+        Trainer(config, learner, SinusoidTasks(shots=5, query=5), None, tmp_path / "new" / "run")
+    more = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=5))
+    again = Trainer(more, learner, SinusoidTasks(shots=5, query=5), None, tmp_path / "new" / "run", resume=True)
+    again.restore(RunDir(tmp_path / "new" / "run").read_checkpoint())
+    again.fit(progress=False)
+    assert load_trained(tmp_path / "new" / "run")[2] == 5
+    assert RunDir(tmp_path / "new" / "run").read_config().train.steps == 5
 
 
 def test_learning_curves_show_a_run_of_a_single_record(tmp_path):
@@ -486,3 +496,24 @@ def test_learning_curves_show_a_run_of_a_single_record(tmp_path):
     pixels = torch.tensor(list(Image.open(path).convert("RGB").tobytes())).view(-1, 3)
     line_colour = torch.tensor([31, 119, 180])  # matplotlib's first colour
     assert int(((pixels - line_colour).abs().sum(dim=1) < 30).sum()) > 5
+
+
+def test_a_run_on_a_task_source_of_your_own_is_not_evaluated_on_a_built_in_one(tmp_path):
+    """config.json can only name a built-in dataset; the checkpoint records the task source, so
+    `eval` refuses a run whose tasks it cannot rebuild instead of scoring it on sinusoids."""
+    from metalearn import MAML, SinusoidTasks, Trainer
+    from metalearn.config import RunConfig, TaskConfig, TrainConfig
+    from metalearn.models import MLP
+
+    class LineTasks(SinusoidTasks):  # the user's own tasks, here lines in a sinusoid's clothing
+        pass
+
+    config = RunConfig("maml", TaskConfig(dataset="sinusoid", split="none", ways=0, shots=5, query=5),
+                       {"model": "mlp", "inner_lr": 0.01}, TrainConfig(steps=1, meta_batch_size=2, val_every=0))
+    learner = MAML(MLP(), MAML.Config(model="mlp", inner_lr=0.01))
+    Trainer(config, learner, LineTasks(shots=5, query=5), None, tmp_path / "own").fit(progress=False)
+    state = RunDir(tmp_path / "own").read_checkpoint()
+    assert state["task_source"].endswith("LineTasks")
+    with pytest.raises(MetalearnError, match="task source of your own"):
+        evaluate_run(tmp_path / "own", episodes=4, progress=False)
+    learner.load_state_dict(state["learner"])  # the documented way back to the weights

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from metalearn.algorithms.base import MetaLearner
+from metalearn.algorithms.base import MetaLearner, device_of
 from metalearn.distributed import World
 from metalearn.errors import MetalearnError
 from metalearn.tasks import TaskSource
@@ -43,6 +43,11 @@ def evaluate(
     """Score ``learner`` on ``episodes`` test tasks drawn from ``seed`` (the same episodes for
     every method given the same seed), split across the ranks of ``world``.
 
+    ``seed`` is the generator's seed as it is. ``evaluate_run(seed=s)`` and ``metalearn eval
+    --seed s`` draw from ``s + TEST_SEED_OFFSET`` (``metalearn.training``; validation from ``s +
+    VALIDATION_SEED_OFFSET``), so that test episodes never repeat training's: to score your own
+    learner on a run's test episodes, pass ``seed=s + TEST_SEED_OFFSET``.
+
     ``per_step``: also score the predictions after every adaptation step. False scores the
     final predictions alone, the same numbers at less cost where the steps must be observed
     apart from the adaptation (Reptile's transductive evaluation: about a third of a 20-way
@@ -55,6 +60,7 @@ def evaluate(
         raise MetalearnError(f"{episodes} evaluation episodes cannot be shared by {world.size} processes")
     chunk = max(chunk, world.size)  # every rank gets an episode of the first chunk
     generator = torch.Generator().manual_seed(seed)
+    device = device_of(learner)  # world.device when the API built it; any device for a learner of your own
     was_training = learner.training
     learner.eval()
     scores, classification = [], True
@@ -71,7 +77,7 @@ def evaluate(
             size = min(chunk, remaining)
             chunks.append((episodes - remaining, size))
             share = world.share(size)
-            batch = source.sample(size, generator, tasks=share).to(world.device)
+            batch = source.sample(size, generator, tasks=share).to(device)
             classification = batch.is_classification
             if share.stop > share.start:  # a last chunk smaller than the number of ranks
                 scores.append(episode_scores(learner, batch, per_step))

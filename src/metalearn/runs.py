@@ -61,6 +61,11 @@ class RunDir:
     def exists(self) -> bool:
         return self.config_path.is_file()
 
+    def holds_run(self) -> bool:
+        """Whether any trace of a run is here (config, checkpoint or metrics): a new run must
+        not write over it."""
+        return self.exists() or self.has_checkpoint() or self.metrics_path.exists()
+
     # -- config --------------------------------------------------------------------------------
 
     def write_config(self, config: RunConfig) -> None:

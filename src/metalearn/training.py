@@ -1,5 +1,6 @@
-"""The meta-training loop: sample a meta-batch, take the method's meta-loss, step Adam; log,
-validate and checkpoint. Readable top to bottom; it never knows which method it trains."""
+"""The meta-training loop: sample a meta-batch, take the method's meta-loss, step the
+meta-optimiser (Adam, or SGD as for Reptile); log, validate and checkpoint. Readable top to
+bottom; it never knows which method it trains."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 from metalearn.algorithms import MetaLearner, algorithm_class, build_learner
+from metalearn.algorithms.base import device_of
 from metalearn.config import RESUMABLE_CHANGES, RunConfig, config_differences
 from metalearn.distributed import RankLost, World
 from metalearn.errors import MetalearnError, TrainingStopped
@@ -80,12 +82,21 @@ class StopRequests:
 
 
 class Trainer:
-    """Trains ``learner`` on ``train_tasks`` as ``config.train`` says, writing into ``run_dir``."""
+    """Trains ``learner`` on ``train_tasks`` as ``config.train`` says, writing into ``run_dir``.
+
+    ``run_dir`` must not hold a run already, unless ``resume`` says that the run there is to be
+    continued (then :meth:`restore` its checkpoint before :meth:`fit`)."""
 
     def __init__(self, config: RunConfig, learner: MetaLearner, train_tasks: TaskSource,
-                 val_tasks: TaskSource | None, run_dir: RunDir | Path | str, world: World = World()):
+                 val_tasks: TaskSource | None, run_dir: RunDir | Path | str, world: World = World(),
+                 resume: bool = False):
         run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        # rank 0 alone looks: it writes config.json only after this, other ranks may come later
+        if not resume and world.is_main and run_dir.holds_run():
+            raise MetalearnError(f"{run_dir.path} already holds a run; continue it (--resume, or Trainer(..., "
+                                 "resume=True) and restore) or choose another folder")
         self.config, self.learner, self.run_dir, self.world = config, learner, run_dir, world
+        self.device = device_of(learner)  # the batches go where the learner is
         self.train_tasks, self.val_tasks = train_tasks, val_tasks
         train = config.train
         if world.size > train.meta_batch_size:
@@ -103,6 +114,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(train, step))
         self.step = 0
         self.elapsed_s = 0.0  # training wall time so far, across resumes
+        self.config_written = False  # by the first save: the config this Trainer continues with
         if world.is_main:  # last: a Trainer refused above leaves no folder behind
             run_dir.path.mkdir(parents=True, exist_ok=True)
 
@@ -119,12 +131,15 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            # a task source of the user's own: config.json's dataset does not describe its tasks
+            "task_source": f"{type(self.train_tasks).__module__}.{type(self.train_tasks).__qualname__}",
         })
 
     def save(self) -> None:
         if self.world.is_main:
-            if not self.run_dir.exists():  # a Trainer built by hand: the folder and config.json too
+            if not self.config_written:  # a Trainer built by hand: the folder and config.json too
                 self.run_dir.write_config(self.config)
+                self.config_written = True
             self.run_dir.write_checkpoint(self.state())
         self.world.barrier()
 
@@ -173,7 +188,7 @@ class Trainer:
             clock = time.perf_counter()
             seed = step_seed(train.seed, self.step)
             batch = self.train_tasks.sample(train.meta_batch_size, torch.Generator().manual_seed(seed), share)
-            batch = batch.to(self.world.device)
+            batch = batch.to(self.device)
             torch.manual_seed(seed + self.world.rank)
             self.learner.train()
             self.learner.start_step(self.step)
@@ -346,14 +361,14 @@ def build_trainer(config: RunConfig, run_dir: Path | str, data_dir: Path | str |
             raise MetalearnError(f"cannot resume: {run.path} has no checkpoint.pt (removed, or the run stopped "
                                  "before its first one); start afresh in another --run-dir")
         check_compatible(run.read_config(), config, f"the run in {run.path}")
-    elif run.has_checkpoint() or run.exists() or run.metrics_path.exists():
+    elif run.holds_run():
         raise MetalearnError(f"{run.path} already holds a run; pass --resume to continue it or choose another --run-dir")
     world.barrier()  # every rank has looked at the folder before rank 0 writes into it
     learner, train_tasks, val_tasks = prepare_run(config, data_dir, progress)
     learner = learner.to(world.device)
     if config.train.init_from and not resume:  # before the Trainer, which creates the run's folder
         initialise_from_run(learner, config.train.init_from)
-    trainer = Trainer(config, learner, train_tasks, val_tasks, run, world)
+    trainer = Trainer(config, learner, train_tasks, val_tasks, run, world, resume=resume)
     if resume:
         trainer.restore(run.read_checkpoint())
         if trainer.step > config.train.steps:
@@ -376,6 +391,13 @@ def load_trained(run_dir: Path | str, overrides: dict[str, Any] | None = None) -
     run = RunDir(run_dir)
     config = run.read_config()
     state = run.read_checkpoint()
+    source = state.get("task_source", "metalearn.")  # checkpoints before 2026-11-30: the library's tasks
+    if not source.startswith("metalearn."):
+        raise MetalearnError(
+            f"{run.path} was trained on a task source of your own ({source}): its config.json names a built-in "
+            "dataset that is not what it learned. Load the weights with learner.load_state_dict(RunDir(run_dir)"
+            ".read_checkpoint()['learner']) and score them with metalearn.evaluate(learner, your_source)."
+        )
     check_compatible(RunConfig.from_dict(state["config"]), config, f"the checkpoint in {run.path}",
                      "Its config.json and checkpoint.pt come from different runs: put back the run's own files.")
     if "model" in (overrides or {}) and overrides["model"] != config.algorithm_config.get("model"):

@@ -7,6 +7,7 @@ fits: its ``meta_loss`` is a surrogate whose gradient is the update.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, ClassVar
 
 import torch
@@ -16,6 +17,14 @@ from torch import Tensor, nn
 from metalearn.errors import MetalearnError
 from metalearn.models.norm import first_order_batch_norm
 from metalearn.tasks.batch import Problem, TaskBatch
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: the device of its first parameter or buffer, else the CPU. The
+    trainer and the evaluator put each task batch there, so ``learner.cuda()`` is all a GPU needs."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 class MetaLearner(nn.Module):

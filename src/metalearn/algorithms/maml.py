@@ -202,5 +202,5 @@ class MAML(MetaLearner):
 
         # torch.func.grad still differentiates the inner loop, once: the native batch norm is right
         with torch.no_grad(), first_order_batch_norm():
-            per_task = vmap(one_task)(batch.support_x, batch.support_y, batch.query_x)
+            per_task = vmap(one_task, randomness="different")(batch.support_x, batch.support_y, batch.query_x)
         return per_task.transpose(0, 1)

@@ -39,7 +39,8 @@ parameter, so a seed or ``generator`` makes the samples reproducible.
 Example::
 
     >>> from metalearn.models import MLP
-    >>> platipus = PLATIPUS(MLP(), PLATIPUS.Config(inner_lr=0.01, model="mlp"))
+    >>> platipus = PLATIPUS(MLP(), PLATIPUS.Config(inner_lr=0.01, prior_step_init=0.01, posterior_step_init=0.01,
+    ...                                            std_init=0.1, kl_weight=0.036, model="mlp"))  # sine-or-line's
     >>> loss, metrics = platipus.meta_loss(batch)          # batch: a TaskBatch of sine-or-line tasks
     >>> loss.backward()                                    # second order, through both gradient steps
     >>> samples = platipus.sample_predictions(batch, 20)   # (20, tasks, n_query, 1)
@@ -228,7 +229,7 @@ class PLATIPUS(MetaLearner):
             mean_p = self.shifted_mean(mean, support_x, support_y, self.prior_step)
             return diagonal_gaussian_kl(mean_q, log_q, mean_p, log_p)
 
-        return vmap(one_task)(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+        return vmap(one_task, randomness="different")(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
 
     # -- the interface -----------------------------------------------------------------------
 
@@ -291,11 +292,11 @@ class PLATIPUS(MetaLearner):
                 trajectory = self.adapt(theta, support_x, support_y, steps)
                 return torch.stack([self._forward(p, query_x) for p in trajectory])
 
-            return vmap(one_sample)(eps)  # (samples, steps + 1, n_query, out)
+            return vmap(one_sample, randomness="different")(eps)  # (samples, steps + 1, n_query, out)
 
         # torch.func.grad still differentiates the inner loop, once: the native batch norm is right
         with torch.no_grad(), first_order_batch_norm():
-            per_task = vmap(one_task)(batch.support_x, batch.support_y, batch.query_x, noise)
+            per_task = vmap(one_task, randomness="different")(batch.support_x, batch.support_y, batch.query_x, noise)
         return per_task.permute(2, 1, 0, *range(3, per_task.dim()))
 
     def sample_predictions(self, batch: TaskBatch, num_samples: int | None = None,

@@ -310,9 +310,9 @@ class Reptile(MetaLearner):
             def one_query(x):
                 return self._forward(params, torch.cat([support_x, x.unsqueeze(0)]))[-1]
 
-            return vmap(one_query, chunk_size=query_chunk)(query_x)
+            return vmap(one_query, chunk_size=query_chunk, randomness="different")(query_x)
 
-        return vmap(one_task, chunk_size=task_chunk)(adapted, support_x, query_x)
+        return vmap(one_task, chunk_size=task_chunk, randomness="different")(adapted, support_x, query_x)
 
     # -- the interface -----------------------------------------------------------------------
 
@@ -388,9 +388,9 @@ class Reptile(MetaLearner):
         params, batches_x, batches_y = self._test_setup(batch)
         with torch.no_grad(), first_order_batch_norm():
             adam_start = self._adam_start()
-            adapted = vmap(lambda bx, by: self.adapt(params, bx, by, adam_state=adam_start)[0])(batches_x, batches_y)
+            adapted = vmap(lambda bx, by: self.adapt(params, bx, by, adam_state=adam_start)[0], randomness="different")(batches_x, batches_y)
             if self.config.transductive:
-                return vmap(self._forward)(adapted, batch.query_x)
+                return vmap(self._forward, randomness="different")(adapted, batch.query_x)
             return self._classify_singly(adapted, batch.support_x, batch.query_x)
 
     def predict_per_step(self, batch: TaskBatch) -> Tensor:
@@ -409,7 +409,7 @@ class Reptile(MetaLearner):
             return torch.stack(seen)
 
         with torch.no_grad(), first_order_batch_norm():
-            return vmap(one_task)(batches_x, batches_y, batch.query_x).transpose(0, 1)
+            return vmap(one_task, randomness="different")(batches_x, batches_y, batch.query_x).transpose(0, 1)
 
     def _test_setup(self, batch: TaskBatch) -> tuple[Params, Tensor, Tensor]:
         check_network_fits(self, batch)

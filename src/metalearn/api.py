@@ -192,7 +192,7 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
                       per_step=per_step)
     test = config.task.for_testing()
     result.update({"part": part, "step": step, "algorithm": config.algorithm, "dataset": config.task.dataset,
-                   "ways": test.ways, "shots": test.shots, "query": test.query, "seed": seed, "overrides": overrides or {}})
+                   "ways": test.ways, "shots": test.shots, "query": test.query, "overrides": overrides or {}})
     if world.is_main:
         RunDir(run_dir).write_eval(result, labels, part)
     return result

@@ -17,6 +17,11 @@ from metalearn.runs import RunDir, claim_new_run_dir, default_runs_root, new_run
 from metalearn.training import TEST_SEED_OFFSET, VALIDATION_SEED_OFFSET, build_trainer, load_trained
 
 
+def flag(option: str) -> str:
+    """The command-line spelling of a config field: ``inner_lr`` -> ``--inner-lr``."""
+    return "--" + option.replace("_", "-")
+
+
 def resolve_config(algorithm: str, task: dict[str, Any] | None = None,
                    algorithm_config: dict[str, Any] | None = None, train: dict[str, Any] | None = None,
                    resume_from: Path | str | None = None) -> RunConfig:
@@ -38,19 +43,20 @@ def resolve_config(algorithm: str, task: dict[str, Any] | None = None,
         except MetalearnError:
             # a given option that contradicts the run makes its saved ones invalid (--dataset
             # omniglot over a sinusoid run's ways 0): name the contradiction, not the symptom
+            from metalearn.training import configuration_conflict
+
             given = [("task", task, dataclasses.asdict(saved.task)), ("train", train, dataclasses.asdict(saved.train)),
                      ("algorithm_config", algorithm_config, saved.algorithm_config)]
-            differ = [f"{part}.{key}: {old[key]!r} there, {value!r} requested"
-                      for part, options, old in given for key, value in options.items() if old.get(key) != value]
+            differ = {f"{part}.{key}": (old.get(key), value)
+                      for part, options, old in given for key, value in options.items() if old.get(key) != value}
             if not differ:
                 raise
-            raise MetalearnError(f"the run in {resume_from} was made with another configuration ({'; '.join(differ)}). "
-                                 "Resume with the same options, or start a new run directory.") from None
+            raise configuration_conflict(f"the run in {resume_from}", differ) from None
     regression = task.get("dataset", TaskConfig.dataset) != "omniglot"
     if regression:
         given = [name for name in ("split", "ways", "test_ways", "image_size") if name in task]
         if given:
-            options = ", ".join("--" + name.replace("_", "-") for name in given)
+            options = ", ".join(flag(name) for name in given)
             verb = "does" if len(given) == 1 else "do"
             raise MetalearnError(f"{task['dataset']} is regression: {options} {verb} not apply to it")
         task.setdefault("shots", 5)  # K = 5 support points
@@ -74,7 +80,6 @@ def check_options_apply(algorithm: str, given_method: dict[str, Any], method_con
     from metalearn.algorithms import algorithm_class
     from metalearn.tasks import has_validation
 
-    flag = lambda name: "--" + name.replace("_", "-")
     for option, (other, needed) in algorithm_class(algorithm).option_requires.items():
         if option in given_method and getattr(method_config, other) != needed:
             wanted = flag(other) if needed is True else f"{flag(other)} {needed}"

@@ -274,20 +274,27 @@ def gradients_finite(parameters: list[torch.Tensor]) -> bool:
     return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
-def check_compatible(saved: RunConfig, requested: RunConfig, what: str,
-                     advice: str = "Resume with the same options, or start a new run directory.") -> None:
+RESUME_ADVICE = "Resume with the same options, or start a new run directory."
+
+
+def configuration_conflict(what: str, conflicts: dict[str, tuple[Any, Any]], why: str = "",
+                           advice: str = RESUME_ADVICE) -> MetalearnError:
+    """The error for ``what`` (a run, a checkpoint) made with other values: ``conflicts`` maps
+    ``part.option`` to (saved value, requested value)."""
+    lines = "; ".join(f"{k}: {old!r} there, {new!r} requested" for k, (old, new) in conflicts.items())
+    return MetalearnError(f"{what} was made with another configuration ({lines}).{why} {advice}")
+
+
+def check_compatible(saved: RunConfig, requested: RunConfig, what: str, advice: str = RESUME_ADVICE) -> None:
     """Refuse to continue ``saved`` with a configuration that changes what it computes."""
     resumable = set(RESUMABLE_CHANGES)
     if saved.train.lr_anneal == "linear":
         resumable.discard("train.steps")  # the anneal's horizon: changing it rewrites the schedule
     conflicts = {k: v for k, v in config_differences(saved, requested).items() if k not in resumable}
     if conflicts:
-        lines = "; ".join(f"{k}: {old!r} there, {new!r} requested" for k, (old, new) in conflicts.items())
         why = (" Its learning rate is annealed linearly to 0 over --steps, so the step count cannot change."
                if "train.steps" in conflicts else "")
-        raise MetalearnError(
-            f"{what} was made with another configuration ({lines}).{why} {advice}"
-        )
+        raise configuration_conflict(what, conflicts, why, advice)
 
 
 def load_learner_state(learner: MetaLearner, state: dict[str, Any], where: Path, changed: str = "") -> None:

@@ -36,6 +36,22 @@ def omniglot_cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("metalearn-cache")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _omniglot_cache_of_the_session(omniglot_cache_dir):
+    """Point ``$METALEARN_CACHE`` at the session's cache folder for the whole session: tasks built
+    through ``build_task_source`` (and CLI or torchrun subprocesses, which inherit the environment)
+    write the preprocessed array there, not into the user's ``~/.cache/metalearn``. The data
+    folder is pinned first (the one :func:`omniglot_dir` finds, else the library's default), since
+    the library's default lies inside the cache folder and would move with it."""
+    from metalearn.data.omniglot import default_data_dir
+
+    with pytest.MonkeyPatch.context() as patch:
+        if not os.environ.get("METALEARN_DATA"):
+            patch.setenv("METALEARN_DATA", str(omniglot_dir() or default_data_dir()))
+        patch.setenv("METALEARN_CACHE", str(omniglot_cache_dir))
+        yield
+
+
 @pytest.fixture(scope="session")
 def omniglot(omniglot_data_dir, omniglot_cache_dir):
     from metalearn.data.omniglot import load_omniglot

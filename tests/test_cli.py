@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from cli_runner import run
 
@@ -36,6 +38,59 @@ def test_train_eval_plot_sinusoid(tmp_path, capsys):
     assert summary["evaluations"]["eval"]["episodes"] == 10 and "scores" not in summary["evaluations"]["eval"]
     assert summary["evaluations"]["eval-episodes=12"]["episodes"] == 12
     assert (tmp_path / "results" / "fits.png").is_file()
+
+
+def test_plot_draws_the_true_functions_and_the_predictions_after_0_1_and_10_steps(tmp_path, capsys, monkeypatch):
+    """What ``plot`` draws in fits.png, read from the figure rather than the PNG: per test task
+    the predictions after 0, 1 and 10 steps of the trained learner on a 200-point grid, the
+    true sinusoid there (computed here from the task's amplitude and phase) and the K points."""
+    import matplotlib.figure
+    import numpy as np
+
+    from metalearn.runs import RunDir
+    from metalearn.tasks import SinusoidTasks, TaskBatch
+    from metalearn.training import TEST_SEED_OFFSET, load_trained
+
+    run_dir = tmp_path / "run"
+    assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 2, "--meta-batch-size", 2, "--no-eval",
+                "--no-progress", "--run-dir", run_dir], capsys)[0] == 0
+    saved = {}
+
+    def recording_savefig(figure, path, *args, **kwargs):  # keeps the figure, skips the rendering
+        saved[Path(path).name] = figure
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", recording_savefig)
+    assert run(["plot", run_dir], capsys)[0] == 0
+    axes = saved["fits.png"].axes
+
+    # the plot's tasks: the first 4 test episodes, of the test shape (their support points are
+    # drawn after the amplitudes and phases, from an x of shots + query points per task)
+    test_shape = RunDir(run_dir).read_config().task.for_testing()
+    assert (test_shape.shots, test_shape.query) == (5, 100)
+    batch = SinusoidTasks(shots=5, query=100).sample(4, torch.Generator().manual_seed(TEST_SEED_OFFSET))
+    x = np.linspace(-5.0, 5.0, 200)
+    amplitude, phase = batch.task_params["amplitude"].numpy(), batch.task_params["phase"].numpy()
+    grid = torch.linspace(-5.0, 5.0, 200).view(1, -1, 1).expand(4, -1, -1)
+    on_grid = TaskBatch(batch.support_x, batch.support_y, grid,
+                        torch.as_tensor(amplitude[:, None, None] * np.sin(x[None, :, None] - phase[:, None, None])),
+                        0, batch.task_params)
+    _, learner, _ = load_trained(run_dir)
+    predictions = learner.predict_per_step(on_grid)  # (11, 4, 200, 1): the sinusoid default is 10 test steps
+    assert predictions.shape[0] == 11
+    assert len(axes) == 4
+    for t, ax in enumerate(axes):
+        *fits, truth = ax.get_lines()
+        assert [line.get_label() for line in fits] == ["after 0 steps", "after 1 step", "after 10 steps"]
+        for step, line in zip((0, 1, 10), fits):
+            np.testing.assert_allclose(line.get_xdata(), x, rtol=0, atol=1e-6)
+            np.testing.assert_allclose(line.get_ydata(), predictions[step, t, :, 0].numpy(), rtol=1e-5, atol=1e-6)
+        assert truth.get_label() == "ground truth"
+        np.testing.assert_allclose(truth.get_xdata(), x, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(truth.get_ydata(), amplitude[t] * np.sin(x - phase[t]), rtol=1e-5, atol=1e-5)
+        support = np.column_stack([batch.support_x[t, :, 0].numpy(), batch.support_y[t, :, 0].numpy()])
+        np.testing.assert_allclose(ax.collections[0].get_offsets(), support, rtol=1e-6)
+    # the three steps draw three different curves (the learner adapts)
+    assert not np.allclose(axes[0].get_lines()[0].get_ydata(), axes[0].get_lines()[2].get_ydata(), atol=1e-3)
 
 
 def test_resume_from_the_command_line_takes_the_saved_configuration(tmp_path, capsys):

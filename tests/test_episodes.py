@@ -232,12 +232,28 @@ def test_mixed_fixed_and_random_rotations_are_refused(raw):
 
 
 def test_batch_to_and_select(sampler):
-    batch = sampler.sample(4, gen(13))
+    """``select`` with an index tensor (any order, repeats) picks those tasks in every field.
+    Episode labels are the same in every task (0..ways-1 by class) and episodes carry no
+    ``task_params``, so each task here gets labels named by its own permutation and a
+    parameter of its own: a field taken from the wrong task would show."""
+    sampled = sampler.sample(4, gen(13))
+    names = torch.stack([torch.randperm(WAYS, generator=gen(t)) for t in range(4)])  # task t calls class k names[t, k]
+    batch = TaskBatch(sampled.support_x, names.gather(1, sampled.support_y), sampled.query_x,
+                      names.gather(1, sampled.query_y), WAYS, {"task": torch.arange(4.0) * 10})
+    fields = ("support_x", "support_y", "query_x", "query_y")
+    for field in fields:
+        values = getattr(batch, field)
+        assert all(not torch.equal(values[i], values[j]) for i in range(4) for j in range(i)), field
     moved = batch.to("cpu")
     assert_batches_equal(moved, batch)
-    picked = batch.select(torch.tensor([3, 1]))
-    assert torch.equal(picked.support_x[0], batch.support_x[3])
-    assert torch.equal(picked.query_y[1], batch.query_y[1])
+    assert torch.equal(moved.task_params["task"], batch.task_params["task"])
+    index = [3, 1, 1]
+    picked = batch.select(torch.tensor(index))
+    assert picked.num_tasks == 3 and picked.ways == WAYS
+    for field in fields:
+        assert torch.equal(getattr(picked, field), torch.stack([getattr(batch, field)[t] for t in index])), field
+    assert picked.task_params.keys() == {"task"}
+    assert picked.task_params["task"].tolist() == [30.0, 10.0, 10.0]
 
 
 def test_images_of_another_kind_are_refused_with_what_it_takes():

@@ -137,6 +137,32 @@ def test_first_order_meta_gradient_matches_reference_and_differs_from_second_ord
     assert relative_difference(grads, second) > 1e-3
 
 
+@pytest.mark.parametrize("first_order", [False, True])
+def test_accuracy_metric_is_the_fraction_of_right_query_predictions(first_order):
+    """Query images: the support images with a little noise, so that adaptation helps (25 of 36
+    right after two steps, 9 before, 9 by the lowest logit)."""
+    model, images, forward = conv_problem(tasks=4, shots=3)
+    noise = 0.1 * torch.rand(images.support_x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    batch = TaskBatch(images.support_x, images.support_y, (images.support_x + noise).clamp(0, 1), images.support_y,
+                      images.ways)
+    steps, lr = 2, 0.4
+    loss, metrics = MAML(model, MAML.Config(inner_lr=lr, inner_steps=steps, first_order=first_order)).meta_loss(batch)
+    params = dict(model.named_parameters())
+    right, unadapted = 0, 0
+    for t in range(batch.num_tasks):
+        trajectory = ref_adapt(forward, params, batch.support_x[t], batch.support_y[t], steps,
+                               lambda name, step: lr, first_order=True)
+        right += int((forward(trajectory[-1], batch.query_x[t]).argmax(-1) == batch.query_y[t]).sum())
+        unadapted += int((forward(params, batch.query_x[t]).argmax(-1) == batch.query_y[t]).sum())
+    total = batch.query_y.numel()  # 4 tasks x 9 queries
+    assert float(metrics["accuracy"]) == pytest.approx(right / total, abs=1e-6)
+    assert right != unadapted and 0 < right < total  # the adapted predictions are scored, and not trivially
+    torch.testing.assert_close(metrics["loss"], loss.detach())
+
+    model, sinusoid, _ = sinusoid_problem(tasks=2)
+    assert "accuracy" not in MAML(model, MAML.Config(inner_lr=0.01)).meta_loss(sinusoid)[1]
+
+
 def test_meta_gradient_matches_central_finite_differences():
     torch.manual_seed(1)
     model = MLP(1, 1, hidden=(3,)).double()
@@ -196,6 +222,39 @@ def test_learned_inner_lr_gradient_matches_reference(problem, first_order):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
     assert_grads_close(grads, expected)
     assert all(g.abs().sum() > 0 for g in grads[len(names):])  # every step size gets a gradient
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
+def test_learned_inner_lr_beyond_the_training_steps_reuses_the_last_step_size(problem):
+    """MAML++'s LSLR learns one step size per tensor and per training step; test-time steps
+    beyond ``inner_steps`` take the last learned one: step s uses table[name][min(s, steps - 1)]."""
+    make, lr = PROBLEMS[problem]
+    model, batch, forward = make()
+    steps, test_steps = 2, 4
+    maml = MAML(model, MAML.Config(inner_lr=lr, inner_steps=steps, test_inner_steps=test_steps,
+                                   learn_inner_lr=True)).double()
+    names = [name for name, _ in model.named_parameters()]
+    with torch.no_grad():  # distinct values per tensor and step: the first step's, the last's, any mix-up shows
+        for i, name in enumerate(names):
+            maml.inner_lrs[name.replace(".", "__")].copy_(
+                lr * torch.tensor([1.0 - 0.03 * i, 0.5 + 0.04 * i], dtype=torch.float64))
+    table = {name: maml.inner_lrs[name.replace(".", "__")].detach() for name in names}
+    with torch.no_grad():
+        per_step = maml.predict_per_step(batch)
+    assert per_step.shape[0] == test_steps + 1
+
+    params = {name: p.detach().requires_grad_() for name, p in model.named_parameters()}
+    for t in range(batch.num_tasks):
+        trajectory = ref_adapt(forward, params, batch.support_x[t], batch.support_y[t], test_steps,
+                               lambda name, step: table[name][min(step, steps - 1)], first_order=True)
+        for s in range(test_steps + 1):
+            expected = forward(trajectory[s], batch.query_x[t]).detach()
+            torch.testing.assert_close(per_step[s, t], expected, rtol=1e-8, atol=1e-10)
+    # a wrong rule (the first step size again after the trained steps) would predict otherwise
+    t = 0
+    wrong = ref_adapt(forward, params, batch.support_x[t], batch.support_y[t], test_steps,
+                      lambda name, step: table[name][step if step < steps else 0], first_order=True)
+    assert not torch.allclose(per_step[-1, t], forward(wrong[-1], batch.query_x[t]).detach(), rtol=1e-6, atol=1e-9)
 
 
 def reference_step_losses(model, forward, batch, steps, lr) -> torch.Tensor:
@@ -309,6 +368,29 @@ def test_sinusoid_meta_training_lowers_post_adaptation_error():
     # about 3.6 -> 1.7 after three steps; adaptation itself now helps a lot (unadapted about 2.8)
     assert after[-1] < 0.6 * before[-1], (before, after)
     assert after[-1] < 0.8 * after[0], (before, after)
+
+
+def test_paper_defaults_are_finn_et_al_2017():
+    """Section 5.1 (regression) and 5.2 (Omniglot) of the MAML paper; Adam's meta step size
+    beta = 0.001 as in its code. Sine-or-line (not in the paper) tests with the one trained step."""
+    from metalearn.api import resolve_config
+
+    expected = {  # task: (model, alpha, inner steps, test steps, meta-batch, meta-steps)
+        ("sinusoid", 0): ("mlp", 0.01, 1, 10, 25, 70000),
+        ("sine-or-line", 0): ("mlp", 0.01, 1, 1, 25, 70000),
+        ("omniglot", 5): ("conv4", 0.4, 1, 3, 32, 60000),
+        ("omniglot", 20): ("conv4", 0.1, 5, 5, 16, 60000),
+    }
+    for (dataset, ways), (model, alpha, steps, test_steps, meta_batch, meta_steps) in expected.items():
+        task = {"dataset": dataset, **({"ways": ways, "shots": 1} if ways else {})}
+        config = resolve_config("maml", task=task)
+        method = config.algorithm_config
+        assert (method["model"], method["inner_lr"], method["inner_steps"], method["test_inner_steps"]) == \
+            (model, alpha, steps, test_steps), (dataset, ways)
+        assert (config.train.meta_batch_size, config.train.steps) == (meta_batch, meta_steps), (dataset, ways)
+        assert config.train.meta_lr == 1e-3 and not method["first_order"] and not method["learn_inner_lr"]
+        if not ways:
+            assert config.task.shots == 5 == config.task.query  # K = 5 (the paper also reports 10 and 20)
 
 
 def test_model_with_running_stat_buffers_is_refused():

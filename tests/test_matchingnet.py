@@ -192,6 +192,9 @@ def test_options_are_checked():
         MatchingNet.Config(scale=0.0)
     with pytest.raises(MetalearnError, match="buffers"):
         MatchingNet(nn.Sequential(nn.Flatten(), nn.BatchNorm1d(4)))
+    # the context LSTMs are sized by the embedding: built by hand, it must be given
+    with pytest.raises(MetalearnError, match=r"full context embeddings need the embedding size \(embedding_dim\)"):
+        MatchingNet(Conv4(1, None, hidden=8, pooling="max"), fce_config())
     built = MatchingNet.build(fce_config(), Problem((1, 28, 28), 5, True))
     assert built.support_context.lstm.hidden_size == 64  # the paper's 64-d embedding
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -36,10 +38,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # -- the independent reference -----------------------------------------------------------------
 
 
-def ref_shift(forward, mean, x, y, step):
-    """mean - step * grad_mean L(mean, (x, y)), differentiable (create_graph)."""
+def ref_shift(forward, mean, x, y, step, first_order=False):
+    """mean - step * grad_mean L(mean, (x, y)), differentiable (create_graph); first order: the
+    gradient a constant (no second derivative; mean and step still get theirs)."""
     names = list(mean)
-    grads = torch.autograd.grad(ref_task_loss(forward(mean, x), y), [mean[n] for n in names], create_graph=True)
+    grads = torch.autograd.grad(ref_task_loss(forward(mean, x), y), [mean[n] for n in names],
+                                create_graph=not first_order)
+    if first_order:
+        grads = [g.detach() for g in grads]
     return {n: mean[n] - step * g for n, g in zip(names, grads)}
 
 
@@ -47,27 +53,36 @@ def ref_kl(mean_q, std_q, mean_p, std_p):
     return sum(kl_divergence(Normal(mean_q[n], std_q[n]), Normal(mean_p[n], std_p[n])).sum() for n in mean_q)
 
 
-def ref_meta_loss(learner: PLATIPUS, forward, batch: TaskBatch, noise):
+def ref_meta_loss(learner: PLATIPUS, forward, batch: TaskBatch, noise, first_order=False):
     """Algorithm 1 line 11 spelled out per task and per sample: mean over tasks of the mean query
     loss of the adapted samples + kl_weight * KL(q || p), with the given standard-normal noise
-    ``{name: (tasks, samples, *shape)}``."""
+    ``{name: (tasks, samples, *shape)}``; ``first_order``: every inner gradient (the shifts of q's
+    and p's means, the steps from theta) a constant. Returns (loss, accuracy): for
+    classification the fraction of query examples whose class has the highest mean probability
+    over the samples, else None."""
     config = learner.config
     mean = dict(learner.model.named_parameters())
     std_q = {n: learner.log_posterior_std[n.replace(".", "__")].exp() for n in mean}
     std_p = {n: learner.log_prior_std[n.replace(".", "__")].exp() for n in mean}
     lr = lambda name, step: config.inner_lr  # noqa: E731
-    losses = []
+    losses, right = [], 0
     for t in range(batch.num_tasks):
         sx, sy, qx, qy = batch.support_x[t], batch.support_y[t], batch.query_x[t], batch.query_y[t]
-        mean_q = ref_shift(forward, mean, qx, qy, learner.posterior_step)
-        mean_p = ref_shift(forward, mean, sx, sy, learner.prior_step)
-        query = []
+        mean_q = ref_shift(forward, mean, qx, qy, learner.posterior_step, first_order)
+        mean_p = ref_shift(forward, mean, sx, sy, learner.prior_step, first_order)
+        query, probabilities = [], 0
         for s in range(config.train_samples):
             theta = {n: mean_q[n] + std_q[n] * noise[n][t, s] for n in mean}
-            phi = ref_adapt(forward, theta, sx, sy, config.inner_steps, lr, first_order=False)[-1]
-            query.append(ref_task_loss(forward(phi, qx), qy))
+            phi = ref_adapt(forward, theta, sx, sy, config.inner_steps, lr, first_order=first_order)[-1]
+            logits = forward(phi, qx)
+            query.append(ref_task_loss(logits, qy))
+            if batch.is_classification:
+                probabilities = probabilities + torch.softmax(logits.detach(), -1) / config.train_samples
+        if batch.is_classification:
+            right += int((probabilities.argmax(-1) == qy).sum())
         losses.append(torch.stack(query).mean() + config.kl_weight * ref_kl(mean_q, std_q, mean_p, std_p))
-    return torch.stack(losses).mean()
+    accuracy = right / batch.query_y.numel() if batch.is_classification else None
+    return torch.stack(losses).mean(), accuracy
 
 
 def double(batch: TaskBatch) -> TaskBatch:
@@ -163,18 +178,24 @@ def test_posterior_mean_is_mu_minus_gamma_q_times_query_gradient_on_a_linear_mod
 # -- the meta-loss and its gradient --------------------------------------------------------------
 
 
+@pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("problem", PROBLEMS)
-def test_meta_loss_and_gradient_match_reference(problem):
+def test_meta_loss_and_gradient_match_reference(problem, first_order):
     make, lr = PROBLEMS[problem]
-    model, batch, forward = make()
-    learner = make_learner(model, lr)
+    model, batch, forward = make(**({"query": 4, "seed": 1} if problem == "conv4" else {}))
+    learner = make_learner(model, lr, first_order=first_order)
     torch.manual_seed(7)
     loss, metrics = learner.meta_loss(batch)
     torch.manual_seed(7)  # meta_loss draws its noise first, from the global generator
     noise = learner.standard_normal(batch.num_tasks, learner.config.train_samples)
-    expected = ref_meta_loss(learner, forward, batch, noise)
+    expected, accuracy = ref_meta_loss(learner, forward, batch, noise, first_order)
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(metrics["query_loss"] + 0.5 * metrics["kl"], loss.detach(), rtol=1e-10, atol=1e-12)
+    if batch.is_classification:  # the mixture of the 3 samples, on 2 tasks x 12 queries: 11 right here,
+        # where the samples alone get 12, 8 and 12, and the prior mean unadapted 6
+        assert float(metrics["accuracy"]) == pytest.approx(accuracy, abs=1e-6)
+    else:
+        assert "accuracy" not in metrics
 
     params = list(learner.parameters())
     names = [n for n, _ in learner.named_parameters()]
@@ -186,6 +207,10 @@ def test_meta_loss_and_gradient_match_reference(problem):
     by_name = dict(zip(names, grads))
     for group in ("model.", "log_prior_std.", "log_posterior_std.", "prior_step", "posterior_step"):
         assert any(g.abs().sum() > 0 for n, g in by_name.items() if n.startswith(group)), group
+    if first_order:  # dropping the second derivatives changes the meta-gradient
+        second = torch.autograd.grad(ref_meta_loss(learner, forward, batch, noise)[0], params)
+        flat = lambda gs: torch.cat([g.flatten() for g in gs])  # noqa: E731
+        assert float((flat(grads) - flat(second)).norm() / flat(second).norm()) > 1e-3
 
 
 def test_meta_loss_gradient_matches_central_finite_differences():
@@ -387,6 +412,61 @@ def small_regression_config(algorithm: str, steps: int = 20):
                                  "val_episodes": 8, "checkpoint_every": 10, "eval_episodes": 30})
 
 
+def true_sine_or_line(params, x):
+    """Sine-or-line's noiseless function, written out: a line where ``is_line``, else a sine."""
+    sine = params["amplitude"].view(-1, 1, 1) * torch.sin(x - params["phase"].view(-1, 1, 1))
+    line = params["slope"].view(-1, 1, 1) * x + params["intercept"].view(-1, 1, 1)
+    return torch.where(params["is_line"].view(-1, 1, 1) > 0.5, line, sine)
+
+
+def mean_and_ci95(values):
+    return statistics.fmean(values), 1.96 * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def ref_regression_comparison(learners, task, episodes, chunk, num_samples, grid_points, model_seed):
+    """compare_learners' regression measures recomputed: the test episodes of seed 0 in chunks
+    of ``chunk``, each learner's sampled models drawn after ``torch.manual_seed(model_seed(k))``
+    for chunk k = 1, 2, ... (first at the query points, then on the grid); the measures in
+    float64 by hand, per task, then mean and 1.96 standard errors over the tasks."""
+    from metalearn.training import TEST_SEED_OFFSET
+
+    source = SineOrLineTasks(shots=task.shots, query=task.query, noise_std=0.3)
+    generator = torch.Generator().manual_seed(TEST_SEED_OFFSET)
+    grid = torch.linspace(-5.0, 5.0, grid_points).view(1, -1, 1)
+    per_task = {label: {} for label in learners}
+    var = 0.3**2
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        for k, start in enumerate(range(0, episodes, chunk), 1):
+            size = min(chunk, episodes - start)
+            batch = source.sample(size, generator)
+            x = grid.expand(size, -1, -1).contiguous()
+            truth = true_sine_or_line(batch.task_params, x)
+            on_grid = TaskBatch(batch.support_x, batch.support_y, x, truth, 0, batch.task_params)
+            for label, learner in learners.items():
+                learner.eval()
+                torch.manual_seed(model_seed(k))
+                draw = ((lambda b: learner.sample_predictions(b, num_samples)) if label == "platipus"
+                        else (lambda b: learner.predict(b).unsqueeze(0)))
+                f, y = draw(batch).double(), batch.query_y.double()  # (S, tasks, n, 1), (tasks, n, 1)
+                log_normal = -0.5 * math.log(2 * math.pi * var) - (y - f) ** 2 / (2 * var)
+                spread = f.var(0, unbiased=False) + var
+                gaussian = -0.5 * torch.log(2 * math.pi * spread) - (y - f.mean(0)) ** 2 / (2 * spread)
+                g = draw(on_grid).double().numpy()  # the same stream, on to the grid
+                low, high = np.quantile(g, [0.025, 0.975], axis=0)
+                t = truth.double().numpy()
+                scores = {
+                    "mse": ((f.mean(0) - y) ** 2).mean((1, 2)),
+                    "log_likelihood": (torch.logsumexp(log_normal, 0) - math.log(f.shape[0])).mean((1, 2)),
+                    "log_likelihood_gaussian": gaussian.mean((1, 2)),
+                    "coverage_minmax": ((t >= g.min(0)) & (t <= g.max(0))).mean((1, 2)),
+                    "coverage_interval": ((t >= low) & (t <= high)).mean((1, 2)),
+                }
+                for name, values in scores.items():
+                    per_task[label].setdefault(name, []).extend(float(v) for v in values)
+    return {label: {name: mean_and_ci95(values) for name, values in measures.items()}
+            for label, measures in per_task.items()}
+
+
 def test_train_evaluate_compare_and_plot_runs(tmp_path):
     run_dir, result = train(small_regression_config("platipus"), tmp_path / "platipus", progress=False,
                             announce=lambda _: None)
@@ -401,10 +481,25 @@ def test_train_evaluate_compare_and_plot_runs(tmp_path):
                         evaluate_after=False, announce=lambda _: None)
     comparison = compare_runs(run_dir, maml_dir, episodes=20, chunk=8, num_samples=6, grid_points=50)
     assert comparison["episodes"] == 20 and comparison["dataset"] == "sine-or-line"
+    # every figure recomputed on the same episodes and model noise: chunks of 8, 8 and 4 tasks,
+    # chunk k's samples seeded by TEST_SEED_OFFSET + 7919 k for every run (uncertainty.py)
+    from metalearn.training import TEST_SEED_OFFSET, load_trained
+
+    config, platipus, _ = load_trained(run_dir)
+    learners = {"platipus": platipus, "maml": load_trained(maml_dir)[1]}
+    expected = ref_regression_comparison(learners, config.task.for_testing(), 20, 8, 6, 50,
+                                         lambda k: TEST_SEED_OFFSET + 7919 * k)
+    names = ("mse", "log_likelihood", "log_likelihood_gaussian", "coverage_minmax", "coverage_interval")
     for label in ("platipus", "maml"):
-        entry = comparison[label]
-        for name in ("mse", "log_likelihood", "log_likelihood_gaussian", "coverage_minmax", "coverage_interval"):
-            assert math.isfinite(entry[name]["mean"]), (label, name)
+        for name in names:
+            mean, ci95 = expected[label][name]
+            assert comparison[label][name]["mean"] == pytest.approx(mean, rel=1e-5, abs=1e-9), (label, name)
+            assert comparison[label][name]["ci95"] == pytest.approx(ci95, rel=1e-5, abs=1e-9), (label, name)
+    assert comparison["platipus"]["coverage_interval"]["ci95"] > 0  # not all tasks alike
+    # the tolerances tell the model noise apart: eval's stream (TEST_SEED_OFFSET) gives other samples
+    other = ref_regression_comparison({"platipus": platipus}, config.task.for_testing(), 20, 8, 6, 50,
+                                      lambda k: TEST_SEED_OFFSET)["platipus"]
+    assert any(other[name][0] != pytest.approx(expected["platipus"][name][0], rel=1e-5) for name in names)
     # one model covers the true function nowhere; six sampled models cover some of it
     assert comparison["maml"]["coverage_minmax"]["mean"] == 0.0
     assert comparison["platipus"]["coverage_minmax"]["mean"] > 0.0
@@ -423,7 +518,7 @@ def test_train_evaluate_compare_and_plot_runs(tmp_path):
 
 def test_omniglot_classification_run(tmp_path, omniglot_data_dir):
     config = resolve_config("platipus", task={"dataset": "omniglot", "ways": 3, "shots": 1},
-                            algorithm_config={"num_samples": 3},
+                            algorithm_config={"num_samples": 3, "std_init": 1.0},  # samples far apart
                             train={"steps": 2, "meta_batch_size": 2, "val_every": 0, "log_every": 1,
                                    "eval_episodes": 6})
     run_dir, result = train(config, tmp_path / "run", data_dir=omniglot_data_dir, progress=False,
@@ -441,8 +536,28 @@ def test_omniglot_classification_run(tmp_path, omniglot_data_dir):
         entry = comparison[label]
         assert set(entry) >= {"accuracy", "nll", "ece"}
         assert 0 <= entry["ece"]["mean"] <= 1 and entry["nll"]["mean"] > 0
-    # the same episodes and model noise as `metalearn eval` with seed 0
-    assert comparison["platipus"]["accuracy"]["mean"] == pytest.approx(result["mean"])
+    # the same episodes as `metalearn eval` with seed 0 (MAML, deterministic, scores them alike),
+    # but not the same sampled models (README, "Uncertainty"): eval draws them from one stream
+    # seeded TEST_SEED_OFFSET, compare per chunk from TEST_SEED_OFFSET + 7919 k (k = 1 here)
+    from metalearn.tasks import build_task_source
+    from metalearn.training import TEST_SEED_OFFSET, load_trained
+
+    maml_eval = evaluate_run(maml_dir, episodes=6, data_dir=omniglot_data_dir, progress=False)
+    assert maml_eval["episodes"] == 6 and comparison["maml"]["accuracy"]["mean"] == pytest.approx(maml_eval["mean"])
+    config, platipus, _ = load_trained(run_dir)
+    platipus.eval()
+    batch = build_task_source(config.task, "test", omniglot_data_dir).sample(
+        6, torch.Generator().manual_seed(TEST_SEED_OFFSET))
+
+    def mixture_accuracy(model_seed: int) -> float:  # % right by the samples' mean probability
+        torch.manual_seed(model_seed)
+        with torch.no_grad():
+            probabilities = platipus.sample_predictions(batch).softmax(-1).mean(0)  # config's 3 samples
+        return 100 * float((probabilities.argmax(-1) == batch.query_y).double().mean())
+
+    assert comparison["platipus"]["accuracy"]["mean"] == pytest.approx(mixture_accuracy(TEST_SEED_OFFSET + 7919))
+    assert result["mean"] == pytest.approx(mixture_accuracy(TEST_SEED_OFFSET))
+    assert comparison["platipus"]["accuracy"]["mean"] != pytest.approx(result["mean"])  # 27.8% vs 55.6% here
 
 
 def test_resume_continues_exactly(tmp_path):

@@ -147,6 +147,20 @@ def test_refuses_regression_and_models_with_buffers():
         ProtoNet.Config(distance="manhattan")
 
 
+def test_a_class_without_support_examples_is_refused():
+    """Its prototype would be 0/0 (NaN logits, or for an identity embedding a prototype at the
+    origin): the episode is refused instead. Task 1 of the batch lost its one class-1 example."""
+    batch = points_batch()
+    support_y = batch.support_y.clone()
+    support_y[1, 3] = 0
+    missing = TaskBatch(batch.support_x, support_y, batch.query_x, batch.query_y, ways=2)
+    message = "a task has a class without support examples; every class needs at least one shot"
+    with pytest.raises(MetalearnError, match=message):
+        ProtoNet(nn.Identity()).predict(missing)
+    with pytest.raises(MetalearnError, match=message):
+        ProtoNet(nn.Identity()).meta_loss(missing)
+
+
 def test_learns_omniglot_5_way_1_shot(omniglot):
     """240 episodes (60 steps of 4) with a 16-filter Conv4: far above the 20% of chance
     (about 37% untrained, 74% after; 84% after 200 steps)."""

@@ -293,6 +293,33 @@ def test_transductive_and_non_transductive_predictions():
     torch.testing.assert_close(single_changed[:, 0], single[:, 0], rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("images, task_chunk, query_chunk", [
+    (8, 1, 1),    # 8 // (6 support + 1): one task and one query example at a time
+    (30, 2, 2),   # both tasks, query examples in chunks of 2, 2, 2, 2, 1
+])
+def test_non_transductive_predictions_in_chunks_equal_the_unsplit_ones(monkeypatch, images, task_chunk, query_chunk):
+    """At the test sizes one forward pass takes everything; a small NON_TRANSDUCTIVE_IMAGES
+    forces the splits of a 20-way evaluation (over tasks, over query examples, a short last
+    chunk) without changing a prediction."""
+    from metalearn.algorithms import reptile as reptile_module
+
+    model, batch = conv_model(), image_batch(tasks=2, ways=3, shots=2, query=3)  # 6 support, 9 query
+    config = Reptile.Config(inner_lr=0.01, test_inner_steps=3, test_inner_batch_size=4, transductive=False)
+    unsplit = Reptile(model, config).predict(batch)
+    chunk_sizes, vmap = [], reptile_module.vmap
+
+    def recording_vmap(function, *args, chunk_size=None, **kwargs):
+        if chunk_size is not None:  # the vmaps over tasks, then over query examples, of the classification
+            chunk_sizes.append(chunk_size)
+        return vmap(function, *args, chunk_size=chunk_size, **kwargs)
+
+    monkeypatch.setattr(reptile_module, "vmap", recording_vmap)
+    monkeypatch.setattr(reptile_module, "NON_TRANSDUCTIVE_IMAGES", images)
+    split = Reptile(model, config).predict(batch)
+    assert chunk_sizes[0] == task_chunk and set(chunk_sizes[1:]) == {query_chunk}
+    torch.testing.assert_close(split, unsplit, rtol=1e-10, atol=1e-12)
+
+
 def test_modes_agree_without_batch_norm():
     torch.manual_seed(0)
     model = MLP(1, 1).double()

@@ -236,6 +236,45 @@ def test_learning_rate_schedules():
         TrainConfig(meta_optimizer="rmsprop")
 
 
+def record_learning_rates(trainer) -> list[float]:
+    """The meta-optimiser's learning rate as each meta-step computes its loss (the rate its
+    update then uses), appended as training runs."""
+    rates = []
+    real_meta_loss = trainer.learner.meta_loss
+
+    def meta_loss(batch):
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+        return real_meta_loss(batch)
+
+    trainer.learner.meta_loss = meta_loss
+    return rates
+
+
+def test_training_follows_the_learning_rate_schedule_also_after_a_resume(tmp_path):
+    """The scheduler is stepped once per meta-step and restored with the checkpoint: halvings
+    every 2 steps and the linear anneal together give a different rate at every step."""
+    from metalearn.training import lr_factor
+
+    both = sinusoid_config(6, meta_lr=0.01, lr_halve_every=2, lr_anneal="linear", val_every=0)
+    trainer = build_trainer(both, tmp_path / "both")
+    rates = record_learning_rates(trainer)
+    trainer.fit(progress=False)
+    assert rates == pytest.approx([0.01 * lr_factor(both.train, step) for step in range(6)], rel=1e-12)
+    assert rates == pytest.approx([0.01 * h * (1 - step / 6) for step, h in enumerate([1, 1, .5, .5, .25, .25])],
+                                  rel=1e-12)
+
+    # 3 steps, then resumed to 6: the halvings go on from the checkpoint's step (a scheduler
+    # started afresh would restart at the full rate)
+    halving = dict(meta_lr=0.01, lr_halve_every=2, val_every=0)
+    first = build_trainer(sinusoid_config(3, **halving), tmp_path / "split")
+    before = record_learning_rates(first)
+    first.fit(progress=False)
+    resumed = build_trainer(sinusoid_config(6, **halving), tmp_path / "split", resume=True)
+    after = record_learning_rates(resumed)
+    resumed.fit(progress=False)
+    assert before + after == pytest.approx([0.01, 0.01, 0.005, 0.005, 0.0025, 0.0025], rel=1e-12)
+
+
 def test_extending_a_linearly_annealed_run_is_refused(tmp_path):
     build_trainer(sinusoid_config(2, lr_anneal="linear"), tmp_path).fit(progress=False)
     with pytest.raises(MetalearnError, match="train.steps: 2 there, 4 requested"):
@@ -362,18 +401,37 @@ def test_a_stop_signal_in_the_last_step_saves_it_and_skips_the_test_evaluation(t
 
 
 def test_training_time_counts_meta_steps_only(tmp_path, monkeypatch):
-    import time
+    """elapsed_s and tasks_per_s measure meta-steps alone: on a fake clock, step s takes
+    (s + 1) / 4 s and every validation and checkpoint 100 s, so the numbers are exact."""
+    from types import SimpleNamespace
 
-    trainer = build_trainer(sinusoid_config(4, val_every=1, log_every=4), tmp_path)
-    monkeypatch.setattr(trainer, "validate", lambda: time.sleep(0.5))
-    start = time.perf_counter()
+    clock = [1000.0]
+    monkeypatch.setattr("metalearn.training.time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    trainer = build_trainer(sinusoid_config(4, val_every=1, log_every=2, checkpoint_every=1), tmp_path)
+    real_meta_loss, real_save = trainer.learner.meta_loss, trainer.save
+
+    def meta_loss(batch):
+        clock[0] += (trainer.step + 1) / 4
+        return real_meta_loss(batch)
+
+    def save():
+        real_save()
+        clock[0] += 100
+
+    def validate():
+        clock[0] += 100
+
+    trainer.learner.meta_loss = meta_loss
+    monkeypatch.setattr(trainer, "save", save)
+    monkeypatch.setattr(trainer, "validate", validate)
     trainer.fit(progress=False)
-    wall = time.perf_counter() - start
-    assert wall > 2.0  # four validations of 0.5 s
-    assert trainer.elapsed_s < wall - 1.9
-    record = [r for r in RunDir(tmp_path).read_metrics() if "tasks_per_s" in r][-1]
-    assert record["tasks_per_s"] > 16 / 1.0  # 4 steps x 4 tasks in well under a second of steps
-    assert record["elapsed_s"] == pytest.approx(trainer.elapsed_s, abs=0.01)
+    assert clock[0] == 1000 + 2.5 + 100 * (4 + 6)  # four validations, six checkpoints (0, 1..4, the end)
+    assert trainer.elapsed_s == 2.5  # 0.25 + 0.5 + 0.75 + 1
+    records = [r for r in RunDir(tmp_path).read_metrics() if "tasks_per_s" in r]
+    # each record covers the steps since the last one: 2 steps x 4 tasks in 0.75 s, then in 1.75 s
+    assert [(r["step"], r["tasks_per_s"], r["elapsed_s"]) for r in records] == [(2, 8 / 0.75, 0.75),
+                                                                              (4, 8 / 1.75, 2.5)]
+    assert RunDir(tmp_path).read_checkpoint()["elapsed_s"] == 2.5
 
 
 def test_resuming_with_fewer_steps_than_done_is_refused(tmp_path):

@@ -43,6 +43,10 @@ def evaluate(
     """Score ``learner`` on ``episodes`` test tasks drawn from ``seed`` (the same episodes for
     every method given the same seed), split across the ranks of ``world``.
 
+    The episodes depend on ``seed`` and ``chunk`` (episodes drawn per batch), not on the number
+    of ranks, with one exception: with more ranks than ``chunk`` (over 50 at the default), each
+    chunk grows to one episode per rank, which draws other episodes than one process would.
+
     ``seed`` is the generator's seed as it is. ``evaluate_run(seed=s)`` and ``metalearn eval
     --seed s`` draw from ``s + TEST_SEED_OFFSET`` (``metalearn.training``; validation from ``s +
     VALIDATION_SEED_OFFSET``), so that test episodes never repeat training's: to score your own
@@ -58,7 +62,7 @@ def evaluate(
     """
     if episodes < world.size:
         raise MetalearnError(f"{episodes} evaluation episodes cannot be shared by {world.size} processes")
-    chunk = max(chunk, world.size)  # every rank gets an episode of the first chunk
+    chunk = max(chunk, world.size)  # every rank gets an episode of the first chunk (changes the draw)
     generator = torch.Generator().manual_seed(seed)
     device = device_of(learner)  # world.device when the API built it; any device for a learner of your own
     was_training = learner.training

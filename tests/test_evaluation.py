@@ -1,0 +1,87 @@
+"""The evaluator's bookkeeping across ranks: which episodes each rank scores, and how the
+gathered rows are put back in the order one process would have scored them.
+
+A real job runs in test_distributed.py (two ranks, chunks that split evenly enough that no rank
+sits a chunk out); here ranks are simulated in one process, so that uneven splits, a last chunk
+smaller than the number of ranks included, run on any machine in a few seconds.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metalearn.algorithms import MAML
+from metalearn.distributed import World
+from metalearn.errors import MetalearnError
+from metalearn.evaluation import episode_order, evaluate
+from metalearn.models import MLP
+from metalearn.tasks import SinusoidTasks
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_episode_order_by_hand_with_a_last_chunk_smaller_than_the_ranks():
+    # 51 episodes on 3 ranks in chunks of 50 and 1. Chunk 0 splits 17/17/16: rank 0 scores
+    # episodes 0-16, rank 1 17-33, rank 2 34-49. Chunk 1 (episode 50) goes to rank 0 alone.
+    # The gather concatenates by rank: 0-16, 50 | 17-33 | 34-49.
+    gathered_episodes = [*range(0, 17), 50, *range(17, 34), *range(34, 50)]
+    gathered = torch.tensor(gathered_episodes, dtype=torch.float64)[:, None].repeat(1, 2)  # two score columns
+    chunks = [(0, 50), (50, 1)]
+    for rank in range(3):  # every rank restores the same order (rank 0 alone reports it)
+        restored = episode_order(World(rank, 3), chunks, gathered)
+        assert torch.equal(restored, torch.arange(51, dtype=torch.float64)[:, None].repeat(1, 2))
+    # one process: its rows are already in episode order
+    assert episode_order(World(), chunks, gathered) is gathered
+
+
+def evaluate_as_ranks(size: int, **kwargs) -> tuple[dict, dict[int, torch.Tensor]]:
+    """``evaluate(**kwargs)`` as each rank of a ``size``-rank job runs it, in this process:
+    ranks ``size-1 .. 1`` hand their rows over at the gather (and stop there), then rank 0
+    gathers every rank's rows in rank order, as :meth:`World.gather` does. Returns rank 0's
+    result and the rows of each rank."""
+    rows: dict[int, torch.Tensor] = {}
+
+    class HandedOver(Exception):
+        pass
+
+    class SimulatedRank(World):
+        def gather(self, values):
+            rows[self.rank] = values
+            if self.rank != 0:
+                raise HandedOver
+            return torch.cat([rows[r] for r in range(self.size)])
+
+    for rank in reversed(range(size)):
+        try:
+            result = evaluate(world=SimulatedRank(rank, size), **kwargs)
+        except HandedOver:
+            pass
+    return result, rows
+
+
+@pytest.mark.parametrize("episodes, chunk, rows_per_rank", [
+    (51, 50, [18, 17, 16]),  # chunks 50 + 1: ranks 1 and 2 sit the last one out
+    (8, 3, [3, 3, 2]),       # chunks 3 + 3 + 2: one episode each, then rank 2 sits the last one out
+])
+def test_ranks_scores_come_back_in_the_single_process_order(episodes, chunk, rows_per_rank):
+    torch.manual_seed(0)
+    learner = MAML(MLP(), MAML.Config(model="mlp", inner_lr=0.01, test_inner_steps=1))
+    source = SinusoidTasks(shots=5, query=5)
+    single = evaluate(learner, source, episodes=episodes, seed=3, chunk=chunk)
+    shared, rows = evaluate_as_ranks(3, learner=learner, source=source, episodes=episodes, seed=3, chunk=chunk)
+    assert [rows[r].shape for r in range(3)] == [(n, 2) for n in rows_per_rank]  # after 0 and 1 steps
+    assert shared["episodes"] == single["episodes"] == episodes
+    # the rows as gathered (rank by rank) are not in episode order: the test would see a mix-up
+    as_gathered = torch.cat([rows[r] for r in range(3)])[:, -1]
+    assert not torch.allclose(as_gathered, torch.tensor(single["scores"]), rtol=1e-3)
+    torch.testing.assert_close(torch.tensor(shared["scores"]), torch.tensor(single["scores"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(shared["per_step"]), torch.tensor(single["per_step"]),
+                               rtol=1e-5, atol=1e-6)
+    assert shared["ci95"] == pytest.approx(single["ci95"], rel=1e-5)
+
+
+def test_fewer_episodes_than_ranks_are_refused():
+    learner = MAML(MLP(), MAML.Config(model="mlp", inner_lr=0.01))
+    with pytest.raises(MetalearnError, match="2 evaluation episodes cannot be shared by 3 processes"):
+        evaluate(learner, SinusoidTasks(), episodes=2, world=World(0, 3))

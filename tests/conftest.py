@@ -41,13 +41,13 @@ def _omniglot_cache_of_the_session(omniglot_cache_dir):
     """Point ``$METALEARN_CACHE`` at the session's cache folder for the whole session: tasks built
     through ``build_task_source`` (and CLI or torchrun subprocesses, which inherit the environment)
     write the preprocessed array there, not into the user's ``~/.cache/metalearn``. The data
-    folder is pinned first (the one :func:`omniglot_dir` finds, else the library's default), since
-    the library's default lies inside the cache folder and would move with it."""
-    from metalearn.data.omniglot import default_data_dir
-
+    folder that :func:`omniglot_dir` finds is pinned first, since the library's default data
+    folder lies inside the cache folder and would move with it; without one, the data tests skip
+    as before (the user's default data folder is not taken up)."""
     with pytest.MonkeyPatch.context() as patch:
-        if not os.environ.get("METALEARN_DATA"):
-            patch.setenv("METALEARN_DATA", str(omniglot_dir() or default_data_dir()))
+        found = omniglot_dir()
+        if found is not None and not os.environ.get("METALEARN_DATA"):
+            patch.setenv("METALEARN_DATA", str(found))
         patch.setenv("METALEARN_CACHE", str(omniglot_cache_dir))
         yield
 

@@ -136,7 +136,7 @@ def test_a_cache_of_other_sources_is_stale_and_rebuilt(tmp_path, monkeypatch):
         assert a.names == b.names and a.content_hash == b.content_hash
 
     old, new = tiny(0), tiny(1)
-    path = tmp_path / "cache" / "omniglot-4x4-v1.npz"
+    path = cache_path(tmp_path / "cache", 4)
     _write_cache(path, old, "fingerprint-a")
     assert _read_cache(path, "fingerprint-b") is None
     assert_same(_read_cache(path, "fingerprint-a"), old)
@@ -146,7 +146,6 @@ def test_a_cache_of_other_sources_is_stale_and_rebuilt(tmp_path, monkeypatch):
         png = tmp_path / "data" / archive / "Alpha" / "character01" / "0001_01.png"
         png.parent.mkdir(parents=True)
         png.write_bytes(b"one")
-    assert cache_path(tmp_path / "cache", 4) == path
     _write_cache(path, old, source_fingerprint(locate_sources(tmp_path / "data")))
     reads = []
     monkeypatch.setattr("metalearn.data.omniglot.read_release", lambda *args, **kwargs: reads.append(args) or new)

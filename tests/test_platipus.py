@@ -549,15 +549,19 @@ def test_omniglot_classification_run(tmp_path, omniglot_data_dir):
     batch = build_task_source(config.task, "test", omniglot_data_dir).sample(
         6, torch.Generator().manual_seed(TEST_SEED_OFFSET))
 
-    def mixture_accuracy(model_seed: int) -> float:  # % right by the samples' mean probability
+    def mixture_probabilities(model_seed: int) -> torch.Tensor:  # the samples' mean probability
         torch.manual_seed(model_seed)
         with torch.no_grad():
-            probabilities = platipus.sample_predictions(batch).softmax(-1).mean(0)  # config's 3 samples
-        return 100 * float((probabilities.argmax(-1) == batch.query_y).double().mean())
+            return platipus.sample_predictions(batch).softmax(-1).mean(0)  # config's 3 samples
+
+    def mixture_accuracy(model_seed: int) -> float:  # % right by the samples' mean probability
+        return 100 * float((mixture_probabilities(model_seed).argmax(-1) == batch.query_y).double().mean())
 
     assert comparison["platipus"]["accuracy"]["mean"] == pytest.approx(mixture_accuracy(TEST_SEED_OFFSET + 7919))
     assert result["mean"] == pytest.approx(mixture_accuracy(TEST_SEED_OFFSET))
-    assert comparison["platipus"]["accuracy"]["mean"] != pytest.approx(result["mean"])  # 27.8% vs 55.6% here
+    # the two seeds draw other models (so the two checks above tell them apart)
+    assert not torch.allclose(mixture_probabilities(TEST_SEED_OFFSET + 7919), mixture_probabilities(TEST_SEED_OFFSET),
+                              atol=1e-3)
 
 
 def test_resume_continues_exactly(tmp_path):

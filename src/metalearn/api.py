@@ -9,12 +9,15 @@ from typing import Any, Callable
 
 import torch
 
+from metalearn.algorithms import algorithm_class, make_algorithm_config
 from metalearn.config import RunConfig, TaskConfig, TrainConfig
 from metalearn.distributed import World, init_world
 from metalearn.errors import MetalearnError
 from metalearn.evaluation import evaluate
 from metalearn.runs import RunDir, claim_new_run_dir, default_runs_root, new_run_name
-from metalearn.training import TEST_SEED_OFFSET, VALIDATION_SEED_OFFSET, build_trainer, load_trained
+from metalearn.tasks import has_validation
+from metalearn.training import (TEST_SEED_OFFSET, VALIDATION_SEED_OFFSET, build_trainer, configuration_conflict,
+                                load_trained)
 
 
 def flag(option: str) -> str:
@@ -28,7 +31,6 @@ def resolve_config(algorithm: str, task: dict[str, Any] | None = None,
     """A full RunConfig from the options the user gave; everything else takes the paper's value
     for this algorithm and task (its ``paper_defaults``), or, when resuming, the value
     saved in the run directory."""
-    from metalearn.algorithms import algorithm_class, make_algorithm_config
 
     task, algorithm_config, train = dict(task or {}), dict(algorithm_config or {}), dict(train or {})
     if resume_from is not None and RunDir(resume_from).exists():
@@ -43,8 +45,6 @@ def resolve_config(algorithm: str, task: dict[str, Any] | None = None,
         except MetalearnError:
             # a given option that contradicts the run makes its saved ones invalid (--dataset
             # omniglot over a sinusoid run's ways 0): name the contradiction, not the symptom
-            from metalearn.training import configuration_conflict
-
             given = [("task", task, dataclasses.asdict(saved.task)), ("train", train, dataclasses.asdict(saved.train)),
                      ("algorithm_config", algorithm_config, saved.algorithm_config)]
             differ = {f"{part}.{key}": (old.get(key), value)
@@ -77,9 +77,6 @@ def check_options_apply(algorithm: str, given_method: dict[str, Any], method_con
                         given_train: dict[str, Any]) -> None:
     """Refuse options the user gave that this run would store and never use: a method option
     that acts only beside another's value, validation on a split without a validation part."""
-    from metalearn.algorithms import algorithm_class
-    from metalearn.tasks import has_validation
-
     for option, (other, needed) in algorithm_class(algorithm).option_requires.items():
         if option in given_method and getattr(method_config, other) != needed:
             wanted = flag(other) if needed is True else f"{flag(other)} {needed}"
@@ -237,8 +234,6 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
 
 def _comparison_run(config: RunConfig, compare_with: Path | str) -> tuple[Any, str]:
     """(learner, label) of the ``--compare`` run, checked to fit beside ``config``'s samples."""
-    from metalearn.algorithms import algorithm_class
-
     if config.task.classification or not hasattr(algorithm_class(config.algorithm), "sample_predictions"):
         raise MetalearnError(f"--compare draws another run beside sampled functions, which only a "
                              f"probabilistic method on regression tasks has (this run: {config.algorithm} "

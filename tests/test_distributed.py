@@ -184,6 +184,33 @@ def test_leaving_the_world_closes_the_process_group(tmp_path):
     assert not dist.is_initialized()
     leave_world()  # and a second leave (the exit hook after the CLI's) is harmless
 
+
+RANK_THREADS_AFTER_LEAVING = """
+import os, torch
+from metalearn.distributed import init_world, leave_world
+world = init_world("cpu")
+optimizer = torch.optim.Adam([torch.nn.Parameter(torch.ones(3))])  # as the Trainer does: imports torch._dynamo
+world.sum(torch.ones(3))
+leave_world(orderly=True)
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print("threads:", sorted(names))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists the threads in /proc (Linux)")
+def test_leaving_the_world_ends_the_gloo_threads_even_after_an_optimizer_was_built(tmp_path):
+    # The CI failure behind this: a rank's torch.optim imported torch._dynamo after the group
+    # existed, which kept the group alive past destroy_process_group; its gloo threads then
+    # ran into the interpreter's teardown, which aborted one rank in a few hundred runs.
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_THREADS_AFTER_LEAVING)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("threads:")]
+    assert len(lines) == 2
+    assert not any("gloo" in line for line in lines), lines
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 def test_asking_for_a_gpu_without_one_is_a_clear_error(tmp_path):
     done = subprocess.run([sys.executable, "-m", "metalearn", "train", "maml", "--dataset", "sinusoid",

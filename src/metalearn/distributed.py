@@ -144,6 +144,13 @@ def init_world(device: str = "cpu", timeout_s: float | None = None) -> World:
     if not dist.is_initialized():
         timeout_s = timeout_s or dist_timeout_s()
         backend = "nccl" if resolved.type == "cuda" else "gloo"
+        # torch._dynamo, which the first torch.optim optimiser imports, takes references to the
+        # default process group when it is imported after the group exists (torch 2.13); then
+        # destroy_process_group cannot free the group, its gloo threads outlive leave_world, and
+        # the interpreter's teardown can abort ("terminate called without an active
+        # exception"). Imported first, it takes none (tests/test_distributed.py).
+        import torch._dynamo  # noqa: F401
+
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
         atexit.register(leave_world, orderly=False)
     return World(dist.get_rank(), dist.get_world_size(), resolved)

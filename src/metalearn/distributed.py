@@ -8,6 +8,7 @@ scaled its loss by its share, so the update equals that of one process taking th
 from __future__ import annotations
 
 import atexit
+import importlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -149,7 +150,7 @@ def init_world(device: str = "cpu", timeout_s: float | None = None) -> World:
         # destroy_process_group cannot free the group, its gloo threads outlive leave_world, and
         # the interpreter's teardown can abort ("terminate called without an active
         # exception"). Imported first, it takes none (tests/test_distributed.py).
-        import torch._dynamo  # noqa: F401
+        importlib.import_module("torch._dynamo")
 
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
         atexit.register(leave_world, orderly=False)

@@ -17,7 +17,7 @@ from torch import nn
 
 from metalearn.algorithms.maml import MAML, multi_step_weights
 from metalearn.errors import MetalearnError
-from metalearn.models import MLP, BatchStatNorm, Conv4
+from metalearn.models import MLP, BatchStatNorm, Conv4, reference_conv4
 from metalearn.tasks.batch import TaskBatch
 from metalearn.tasks.sinusoid import SinusoidTasks
 from batches import image_batch
@@ -619,3 +619,74 @@ def test_a_constant_buffer_is_fine():
     # the same body on inputs scaled by hand: the buffer is used, as a constant
     doubled = TaskBatch(2 * batch.support_x, batch.support_y, 2 * batch.query_x, batch.query_y)
     torch.testing.assert_close(loss, MAML(scaled.body, MAML.Config(inner_lr=0.01)).meta_loss(doubled)[0])
+
+
+# -- the reference code's network and inner loop ------------------------------------------
+
+
+def reference_network_forward(params, x):
+    """The MAML reference network by hand: batch norm with offsets only, epsilon 1e-3."""
+    for block in range(4):
+        x = F.conv2d(x, params[f"features.{block}.0.weight"], stride=2, padding=1)
+        x = F.batch_norm(x, None, None, None, params[f"features.{block}.1.bias"], training=True, eps=1e-3)
+        x = F.relu(x)
+    return F.linear(x.mean(dim=(-2, -1)), params["head.weight"], params["head.bias"])
+
+
+def test_reference_conv4_is_built_and_initialised_as_the_authors_code():
+    torch.manual_seed(0)
+    model = reference_conv4(1, 20)
+    names = {name for name, _ in model.named_parameters()}
+    assert {f"features.{b}.1.bias" for b in range(4)} <= names
+    assert not any(name.endswith(".1.weight") for name in names)  # no batch-norm scale
+    assert all(block[1].eps == 1e-3 for block in model.features)
+    head = model.head.weight.detach()
+    assert 0.9 < float(head.std()) < 1.1 and abs(float(head.mean())) < 0.1  # N(0, 1), 1280 draws
+    assert torch.equal(model.head.bias, torch.zeros(20))
+    for block in model.features:
+        conv = block[0].weight.detach()
+        fan_in, fan_out = conv.shape[1] * 9, conv.shape[0] * 9
+        bound = (6 / (fan_in + fan_out)) ** 0.5  # Xavier (Glorot) uniform
+        assert float(conv.abs().max()) <= bound and float(conv.abs().max()) > 0.9 * bound
+    x = torch.randn(6, 1, 28, 28)
+    params = dict(model.named_parameters())
+    torch.testing.assert_close(model(x), reference_network_forward(params, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_the_meta_gradient_without_adapting_the_norm_equals_a_loop_that_holds_it(first_order):
+    """--no-adapt-norm: the batch-norm offsets are meta-learned (they get a meta-gradient) but
+    every task's inner steps leave them as they are, as in the reference code."""
+    torch.manual_seed(0)
+    model = reference_conv4(1, 3, hidden=8).double()
+    batch = image_batch(3, 3, 2, 2, 12, 0)
+    maml = MAML(model, MAML.Config(inner_lr=0.4, inner_steps=2, adapt_norm=False, first_order=first_order))
+    loss, grads = maml_grads(maml, batch)
+    params = dict(model.named_parameters())
+    norm = {name: p for name, p in params.items() if name.endswith(".1.bias")}
+    adapted = {name: p for name, p in params.items() if name not in norm}
+    assert len(norm) == 4
+    ref_loss = ref_meta_loss(lambda p, x: reference_network_forward({**p, **norm}, x), adapted, batch, 2,
+                             0.4, first_order)
+    expected = torch.autograd.grad(ref_loss, list(params.values()))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    assert_grads_close(grads, expected)
+    assert all(g.abs().sum() > 0 for name, g in zip(params, grads) if name in norm)
+    # the inner loop moves every other tensor and none of the offsets
+    plain = {name: p.detach() for name, p in params.items()}
+    after = maml.adapt(plain, batch.support_x[0], batch.support_y[0], steps=2)[-1]
+    assert all(torch.equal(after[name], plain[name]) == (name in norm) for name in plain)
+
+
+def test_learned_step_sizes_without_adapting_the_norm_cover_only_the_adapted_tensors():
+    model = reference_conv4(1, 3, hidden=4)
+    maml = MAML(model, MAML.Config(learn_inner_lr=True, adapt_norm=False))
+    assert len(maml.inner_lrs) == len(list(model.parameters())) - 4
+    loss, _ = maml.meta_loss(image_batch(tasks=2, ways=3, dtype=torch.float32))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in maml.inner_lrs.values())
+
+
+def test_no_adapt_norm_on_a_network_without_normalisation_is_refused():
+    with pytest.raises(MetalearnError, match="has none"):
+        MAML(MLP(1, 1), MAML.Config(inner_lr=0.01, adapt_norm=False))

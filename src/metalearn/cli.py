@@ -67,7 +67,7 @@ OPTION_HELP = {
     "inner_steps": "inner-loop gradient steps on a task's support set during meta-training",
     "test_inner_steps": "inner-loop gradient steps at validation and test time",
     "first_order": "drop the second derivatives of the inner steps from the meta-gradient",
-    "model": "the network: conv4, conv4-maxpool or mlp",
+    "model": "the network: conv4, conv4-maxpool, conv4-reference (conv4 as the MAML authors' code builds it) or mlp",
 }
 
 # where a method's option means something else than OPTION_HELP says
@@ -77,6 +77,8 @@ METHOD_OPTION_HELP = {
         "multi_step_loss": "the query loss after every inner step, not just the last (MAML++)",
         "multi_step_anneal_steps": "with --multi-step-loss: shift its weight onto the last step over this many "
                                    "meta-updates (MAML++'s schedule; 0: equal weights throughout)",
+        "adapt_norm": "the inner loop adapts the batch-norm parameters too (the reference code's does not: "
+                      "--no-adapt-norm)",
     },
     "platipus": {
         "inner_steps": "inner-loop gradient steps from each sampled set of weights during meta-training",

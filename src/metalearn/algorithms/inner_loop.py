@@ -12,6 +12,7 @@ from torch.func import functional_call, grad
 
 from metalearn.algorithms.base import task_loss
 from metalearn.errors import MetalearnError
+from metalearn.models.norm import BatchStatNorm
 
 Params = dict[str, Tensor]
 StepSize = Callable[[str, int], "Tensor | float"]  # (parameter name, step) -> step size
@@ -25,12 +26,14 @@ def check_inner_loop_options(inner_lr: float, inner_steps: int, test_inner_steps
         raise MetalearnError(f"--inner-lr must be positive, got {inner_lr}")
 
 
-def loss_gradient(model: nn.Module, params: Params, x: Tensor, y: Tensor, first_order: bool = False) -> Params:
+def loss_gradient(model: nn.Module, params: Params, x: Tensor, y: Tensor, first_order: bool = False,
+                  held: frozenset[str] = frozenset()) -> Params:
     """grad_params L(model(params, x), y) for one task; detached when ``first_order`` (so no
     second derivative flows through it into a meta-gradient). The model's parameters with
-    ``requires_grad=False`` are frozen: not differentiated, their gradient is zero, so no inner
-    step (SGD or Adam) moves them."""
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    ``requires_grad=False``, and those named in ``held``, are frozen: not differentiated, their
+    gradient is zero, so no inner step (SGD or Adam) moves them. (A held parameter still gets a
+    meta-gradient: it is meta-learned, only not adapted to each task.)"""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad} | held
     fixed = {name: p for name, p in params.items() if name in frozen}
 
     def loss(p: Params) -> Tensor:
@@ -51,11 +54,25 @@ def sgd_step(params: Params, grads: Params, step_size: StepSize | float, step: i
 
 
 def gradient_descent(model: nn.Module, params: Params, x: Tensor, y: Tensor, steps: int,
-                     step_size: StepSize | float, first_order: bool = False) -> list[Params]:
+                     step_size: StepSize | float, first_order: bool = False,
+                     held: frozenset[str] = frozenset()) -> list[Params]:
     """``steps`` full-batch gradient steps on one task's (x, y): the parameters after 0..steps
-    steps (Finn et al. 2017, eq. 1, repeated). x: (n, *input_shape), no task axis."""
+    steps (Finn et al. 2017, eq. 1, repeated). x: (n, *input_shape), no task axis. The
+    parameters named in ``held`` keep their values (see :func:`loss_gradient`); ``step_size``
+    is never asked for them."""
     trajectory = [params]
     for step in range(steps):
-        params = sgd_step(params, loss_gradient(model, params, x, y, first_order), step_size, step)
+        grads = loss_gradient(model, params, x, y, first_order, held)
+        adapted = {name: p for name, p in params.items() if name not in held}
+        params = {**params, **sgd_step(adapted, grads, step_size, step)}
         trajectory.append(params)
     return trajectory
+
+
+def normalisation_parameters(model: nn.Module) -> frozenset[str]:
+    """The names of ``model``'s parameters that belong to normalisation layers (batch, layer,
+    group or instance norm: scales and offsets), for an inner loop that does not adapt them."""
+    kinds = (BatchStatNorm, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+    return frozenset(f"{prefix}.{name}" if prefix else name
+                     for prefix, module in model.named_modules() if isinstance(module, kinds)
+                     for name, _ in module.named_parameters(recurse=False))

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from metalearn.algorithms.base import MetaLearner, check_network_fits, require_functional_model, Problem, accuracy, task_loss
-from metalearn.algorithms.inner_loop import Params, check_inner_loop_options, gradient_descent
+from metalearn.algorithms.inner_loop import (Params, check_inner_loop_options, gradient_descent,
+                                              normalisation_parameters)
 from metalearn.errors import MetalearnError
 from metalearn.models import build_model
 from metalearn.models.norm import first_order_batch_norm
@@ -41,8 +42,10 @@ class MAMLConfig:
     multi_step_loss: the query loss after every inner step (MAML++), not just the last one's,
     weighted equally, or, with ``multi_step_anneal_steps`` > 0, by MAML++'s schedule (see
     :func:`multi_step_weights`) over that many meta-steps, as told by ``start_step`` (the
-    Trainer calls it every step; a loop of your own must too); model: network name (see
-    ``metalearn.models``) for :meth:`MAML.build`; a module passed to ``MAML`` is used as it is."""
+    Trainer calls it every step; a loop of your own must too); adapt_norm: the inner loop also
+    adapts the normalisation layers' parameters (the reference code's inner loop does not: its
+    batch-norm offsets are meta-learned only); model: network name (see ``metalearn.models``)
+    for :meth:`MAML.build`; a module passed to ``MAML`` is used as it is."""
 
     inner_lr: float = 0.4
     inner_steps: int = 1
@@ -51,6 +54,7 @@ class MAMLConfig:
     learn_inner_lr: bool = False
     multi_step_loss: bool = False
     multi_step_anneal_steps: int = 0
+    adapt_norm: bool = True
     model: str = "conv4"
 
     def __post_init__(self):
@@ -95,7 +99,11 @@ class MAML(MetaLearner):
         self.model = model
         self.config = config
         self.training_step = 0  # set by the trainer (start_step): the multi-step loss schedule
-        names = [name for name, _ in model.named_parameters()]
+        self._held = frozenset() if config.adapt_norm else normalisation_parameters(model)
+        if not config.adapt_norm and not self._held:
+            raise MetalearnError("--no-adapt-norm keeps normalisation layers' parameters out of the inner loop, "
+                                 "but this network has none")
+        names = [name for name, _ in model.named_parameters() if name not in self._held]
         self._lr_keys = {name: name.replace(".", "__") for name in names}
         if config.learn_inner_lr:
             steps = config.inner_steps  # test-time steps beyond these reuse the last step size
@@ -142,7 +150,7 @@ class MAML(MetaLearner):
         batch over tasks with ``vmap``.
         """
         return gradient_descent(self.model, params, support_x, support_y, steps, self._step_size,
-                                self.config.first_order)
+                                self.config.first_order, self._held)
 
     # -- the interface -----------------------------------------------------------------------
 

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+
 from torch import Tensor, nn
 
 from metalearn.models.norm import BatchStatNorm
 
 
-def conv_block(in_channels: int, out_channels: int, pooling: str) -> nn.Sequential:
+def conv_block(in_channels: int, out_channels: int, pooling: str, norm_scale: bool = True,
+               norm_eps: float = 1e-5) -> nn.Sequential:
     """3x3 conv, batch norm on the current batch's statistics (no running statistics, as in the
     MAML reference code, so the block is a pure function of its parameters), ReLU; downsampled
-    by a stride-2 convolution (``"stride"``, MAML) or a 2x2 max-pool (``"max"``, ProtoNets)."""
+    by a stride-2 convolution (``"stride"``, MAML) or a 2x2 max-pool (``"max"``, ProtoNets).
+    ``norm_scale`` / ``norm_eps``: the batch norm's scale parameter and epsilon."""
     stride = 2 if pooling == "stride" else 1
     layers: list[nn.Module] = [
         # no conv bias: the batch norm right after subtracts the mean, so a bias could not change
         # any output; its gradient would be rounding noise that Adam amplifies into steps
         nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
-        BatchStatNorm(out_channels),
+        BatchStatNorm(out_channels, eps=norm_eps, scale=norm_scale),
         nn.ReLU(),
     ]
     if pooling == "max":
@@ -31,20 +34,35 @@ class Conv4(nn.Module):
     ``out_features`` is None (an embedding for metric-based methods). With ``pooling="stride"``
     this is the MAML Omniglot network (the reference code averages the final feature map);
     ``pooling="max"`` is the max-pool variant (on 28x28 the map is 1x1, a 64-d embedding).
+    ``norm_scale`` / ``norm_eps``: see :func:`conv_block`.
     """
 
     def __init__(self, in_channels: int = 1, out_features: int | None = 5, hidden: int = 64,
-                 pooling: str = "stride"):
+                 pooling: str = "stride", norm_scale: bool = True, norm_eps: float = 1e-5):
         super().__init__()
         if pooling not in ("stride", "max"):
             raise ValueError(f"pooling must be 'stride' or 'max', got {pooling!r}")
-        self.features = nn.Sequential(
-            conv_block(in_channels, hidden, pooling),
-            conv_block(hidden, hidden, pooling),
-            conv_block(hidden, hidden, pooling),
-            conv_block(hidden, hidden, pooling),
-        )
+        self.features = nn.Sequential(*(
+            conv_block(in_channels if i == 0 else hidden, hidden, pooling, norm_scale, norm_eps) for i in range(4)
+        ))
         self.head = nn.Linear(hidden, out_features) if out_features is not None else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x).mean(dim=(-2, -1)))
+
+
+def reference_conv4(in_channels: int = 1, out_features: int = 5, hidden: int = 64) -> Conv4:
+    """The MAML Omniglot network as the authors' code (cbfinn/maml) builds it, where it differs
+    from :class:`Conv4`'s PyTorch defaults: batch norm without a scale and with epsilon 1e-3
+    (``tf.contrib.layers.batch_norm``'s defaults), Xavier-uniform convolution weights, and head
+    weights drawn from a standard normal (``tf.random_normal``), so the initial logits are about
+    ten times larger. (The reference code's conv biases are left out here as in Conv4: the batch
+    norm cancels them. Its inner loop does not adapt the batch-norm offsets: that is MAML's
+    ``adapt_norm=False``, an option of the algorithm, not of the network.)"""
+    model = Conv4(in_channels, out_features, hidden, pooling="stride", norm_scale=False, norm_eps=1e-3)
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.xavier_uniform_(module.weight)
+    nn.init.normal_(model.head.weight, std=1.0)
+    nn.init.zeros_(model.head.bias)
+    return model

@@ -21,6 +21,8 @@ class BatchStatNorm(nn.Module):
     change any output, gets a non-zero second-order MAML meta-gradient). Written with ``mean``
     and ``var`` it agrees with finite differences (tests/test_maml.py). There are no running
     statistics, as in the MAML reference code: statistics of the batch at train and test time.
+    ``scale=False`` drops the scale (no ``weight``), as the reference code's
+    ``tf.contrib.layers.batch_norm`` does by default.
 
     The native kernel is also used when gradients are recorded inside
     ``first_order_batch_norm()`` (how ProtoNets, Matching Networks and Reptile run the model:
@@ -30,10 +32,10 @@ class BatchStatNorm(nn.Module):
     x: (batch, num_features, *spatial) -> same shape
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5):
+    def __init__(self, num_features: int, eps: float = 1e-5, scale: bool = True):
         super().__init__()
         self.num_features, self.eps = num_features, eps
-        self.weight = nn.Parameter(torch.ones(num_features))
+        self.weight = nn.Parameter(torch.ones(num_features)) if scale else None
         self.bias = nn.Parameter(torch.zeros(num_features))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -42,17 +44,20 @@ class BatchStatNorm(nn.Module):
         return batch_stat_norm(x, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}"
+        return f"{self.num_features}, eps={self.eps}" + ("" if self.weight is not None else ", scale=False")
 
 
-def batch_stat_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+def batch_stat_norm(x: Tensor, weight: Tensor | None, bias: Tensor, eps: float) -> Tensor:
     """The twice-differentiable form of :class:`BatchStatNorm`, written with ``mean`` and
-    ``var`` over every axis but the channels (1)."""
+    ``var`` over every axis but the channels (1); ``weight`` None: no scale."""
     dims = (0, *range(2, x.dim()))
     centered = x - x.mean(dim=dims, keepdim=True)
     var = centered.square().mean(dim=dims, keepdim=True)
     shape = (-1, *([1] * (x.dim() - 2)))
-    return centered * (torch.rsqrt(var + eps) * weight.view(shape)) + bias.view(shape)
+    inverse_std = torch.rsqrt(var + eps)
+    if weight is not None:
+        inverse_std = inverse_std * weight.view(shape)
+    return centered * inverse_std + bias.view(shape)
 
 
 _FIRST_ORDER = contextvars.ContextVar("metalearn_first_order_batch_norm", default=False)

@@ -185,15 +185,46 @@ def test_leaving_the_world_closes_the_process_group(tmp_path):
     leave_world()  # and a second leave (the exit hook after the CLI's) is harmless
 
 
+GATHER_WITH_AN_EMPTY_RANK = """
+import sys, torch
+from metalearn.distributed import init_world, leave_world
+world = init_world("cpu")
+# rank 0 scored three episodes over two steps; rank 1 none, so it knows no step count either
+mine = torch.arange(6, dtype=torch.float64).view(3, 2) if world.rank == 0 else torch.zeros(0, 0, dtype=torch.float64)
+gathered = world.gather(mine).tolist()
+none = tuple(world.gather(torch.zeros(0, 0, dtype=torch.float64)).shape)
+leave_world(orderly=True)
+with open(f"{sys.argv[1]}/rank{world.rank}.txt", "w") as out:  # one file each: ranks' prints interleave
+    out.write(f"{gathered} {none}")
+"""
+
+
+def test_gather_takes_a_rank_without_rows(tmp_path):
+    run_script(GATHER_WITH_AN_EMPTY_RANK, tmp_path)
+    for rank in range(2):  # every rank gets rank 0's rows, and an empty gather stays empty
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "[[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]] (0, 0)"
+
+
+def run_script(text: str, tmp_path) -> None:
+    """``text`` as a Python script on two ranks started by torchrun; it gets ``tmp_path`` as its
+    argument, to write into."""
+    script = tmp_path / "rank.py"
+    script.write_text(text)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path)], env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 RANK_THREADS_AFTER_LEAVING = """
-import os, torch
+import os, sys, torch
 from metalearn.distributed import init_world, leave_world
 world = init_world("cpu")
 optimizer = torch.optim.Adam([torch.nn.Parameter(torch.ones(3))])  # as the Trainer does: imports torch._dynamo
 world.sum(torch.ones(3))
 leave_world(orderly=True)
 names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-print("threads:", sorted(names))
+with open(f"{sys.argv[1]}/rank{world.rank}.txt", "w") as out:
+    out.write(" ".join(sorted(names)))
 """
 
 
@@ -202,14 +233,9 @@ def test_leaving_the_world_ends_the_gloo_threads_even_after_an_optimizer_was_bui
     # The CI failure behind this: a rank's torch.optim imported torch._dynamo after the group
     # existed, which kept the group alive past destroy_process_group; its gloo threads then
     # ran into the interpreter's teardown, which aborted one rank in a few hundred runs.
-    script = tmp_path / "rank.py"
-    script.write_text(RANK_THREADS_AFTER_LEAVING)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script)], env=env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = [line for line in done.stdout.splitlines() if line.startswith("threads:")]
-    assert len(lines) == 2
-    assert not any("gloo" in line for line in lines), lines
+    run_script(RANK_THREADS_AFTER_LEAVING, tmp_path)
+    threads = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
+    assert all(threads) and not any("gloo" in names for names in threads), threads
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 def test_asking_for_a_gpu_without_one_is_a_clear_error(tmp_path):

@@ -73,18 +73,26 @@ class World:
         return value
 
     def gather(self, values: Tensor) -> Tensor:
-        """Concatenate every rank's ``values`` (first axis) in rank order, on the CPU."""
+        """Concatenate every rank's ``values`` (first axis) in rank order, on the CPU.
+
+        Every rank passes a tensor of the same dtype and number of axes; a rank with no rows
+        may give any size on the other axes (it need not know them: an evaluator rank that
+        scored no episode does not know how many steps the others scored)."""
         if not self.distributed:
             return values.cpu()
         device = self.device  # NCCL collectives take tensors on the rank's GPU
-        sizes = [torch.zeros((), dtype=torch.long, device=device) for _ in range(self.size)]
-        _collective(dist.all_gather, sizes, torch.tensor(values.shape[0], device=device))
-        longest = int(max(sizes))
-        padded = torch.zeros((longest, *values.shape[1:]), dtype=values.dtype, device=device)
-        padded[: values.shape[0]] = values
+        shapes = [torch.zeros(values.dim(), dtype=torch.long, device=device) for _ in range(self.size)]
+        _collective(dist.all_gather, shapes, torch.tensor(values.shape, dtype=torch.long, device=device))
+        filled = [shape for shape in shapes if shape[0] > 0]
+        if not filled:
+            return values.cpu()
+        rows = [int(shape[0]) for shape in shapes]
+        padded = torch.zeros((max(rows), *filled[0][1:].tolist()), dtype=values.dtype, device=device)
+        if values.shape[0]:
+            padded[: values.shape[0]] = values
         parts = [torch.zeros_like(padded) for _ in range(self.size)]
         _collective(dist.all_gather, parts, padded)
-        return torch.cat([part[: int(n)] for part, n in zip(parts, sizes)]).cpu()
+        return torch.cat([part[:n] for part, n in zip(parts, rows)]).cpu()
 
     def barrier(self) -> None:
         if self.distributed:

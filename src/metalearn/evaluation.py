@@ -44,8 +44,8 @@ def evaluate(
     every method given the same seed), split across the ranks of ``world``.
 
     The episodes depend on ``seed`` and ``chunk`` (episodes drawn per batch), not on the number
-    of ranks, with one exception: with more ranks than ``chunk`` (over 50 at the default), each
-    chunk grows to one episode per rank, which draws other episodes than one process would.
+    of ranks: each chunk is shared out, and with more ranks than episodes in a chunk some ranks
+    score none of it (a rank may score no episode at all).
 
     ``seed`` is the generator's seed as it is. ``evaluate_run(seed=s)`` and ``metalearn eval
     --seed s`` draw from ``s + TEST_SEED_OFFSET`` (``metalearn.training``; validation from ``s +
@@ -62,7 +62,6 @@ def evaluate(
     """
     if episodes < world.size:
         raise MetalearnError(f"{episodes} evaluation episodes cannot be shared by {world.size} processes")
-    chunk = max(chunk, world.size)  # every rank gets an episode of the first chunk (changes the draw)
     generator = torch.Generator().manual_seed(seed)
     device = device_of(learner)  # world.device when the API built it; any device for a learner of your own
     was_training = learner.training
@@ -83,7 +82,7 @@ def evaluate(
             share = world.share(size)
             batch = source.sample(size, generator, tasks=share).to(device)
             classification = batch.is_classification
-            if share.stop > share.start:  # a last chunk smaller than the number of ranks
+            if share.stop > share.start:  # a chunk smaller than the number of ranks
                 scores.append(episode_scores(learner, batch, per_step))
             remaining -= size
             if bar is not None:
@@ -91,7 +90,9 @@ def evaluate(
     if bar is not None:
         bar.close()
     learner.train(was_training)
-    local = torch.cat(scores, dim=1).T.contiguous()  # (episodes on this rank, steps + 1)
+    # (episodes on this rank, steps + 1), in float64 so that a rank without episodes, which knows
+    # neither the steps nor the learner's dtype, sends what the others do
+    local = torch.cat(scores, dim=1).T.double().contiguous() if scores else torch.zeros(0, 0, dtype=torch.float64)
     per_episode = episode_order(world, chunks, world.gather(local)).T  # (steps + 1, episodes)
     scale = 100.0 if classification else 1.0
     final = per_episode[-1] * scale

@@ -288,11 +288,18 @@ def test_print_config_shows_the_resolved_paper_settings_and_trains_nothing(tmp_p
     config = json.loads(out)
     assert config["algorithm_config"]["inner_lr"] == 0.1 and config["algorithm_config"]["inner_steps"] == 5
     assert config["train"]["meta_batch_size"] == 16 and config["task"]["query"] == 5
+    assert config["algorithm_config"]["adapt_norm"] is True and config["algorithm_config"]["model"] == "conv4"
     assert not (tmp_path / "r").exists()
+    code, out, err = run(["train", "maml", "--model", "conv4-reference", "--no-adapt-norm", "--run-dir", tmp_path / "r",
+                          "--data-dir", omniglot_data_dir, "--print-config"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["algorithm_config"] | {"adapt_norm": False, "model": "conv4-reference"} == \
+        json.loads(out)["algorithm_config"]
     # a dry run refuses what training would refuse
     for args, message in ((["protonet", "--dataset", "sinusoid"], "classification"),
                           (["maml", "--ways", 5000], "--ways 5000 is more than that"),
-                          (["maml", "--test-ways", 10], "one output per class")):
+                          (["maml", "--test-ways", 10], "one output per class"),
+                          (["maml", "--dataset", "sinusoid", "--no-adapt-norm"], "this network has none")):
         code, out, err = run(["train", *args, "--data-dir", omniglot_data_dir, "--print-config"], capsys)
         assert code == 2 and message in err and out == "", (args, err)
 

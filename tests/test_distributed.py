@@ -32,12 +32,17 @@ def metalearn(args, tmp_path):
     return done
 
 
-def torchrun(args, tmp_path, nproc=2):
+def launch(program: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    """torchrun ``program`` (a script and its arguments, or ``-m module ...``) on ``nproc``
+    local processes; it must succeed."""
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={nproc}", "-m", "metalearn", "train", *map(str, args)],
-                          env=env(), capture_output=True, text=True, timeout=300)
+                           f"--nproc_per_node={nproc}", *program], env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def torchrun(args, tmp_path, nproc=2):
+    return launch(["-m", "metalearn", "train", *map(str, args)], nproc)
 
 
 def test_two_ranks_equal_one_process_and_share_evaluation(tmp_path):
@@ -210,9 +215,7 @@ def run_script(text: str, tmp_path) -> None:
     argument, to write into."""
     script = tmp_path / "rank.py"
     script.write_text(text)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(tmp_path)], env=env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch([str(script), str(tmp_path)])
 
 
 RANK_THREADS_AFTER_LEAVING = """
@@ -236,6 +239,7 @@ def test_leaving_the_world_ends_the_gloo_threads_even_after_an_optimizer_was_bui
     run_script(RANK_THREADS_AFTER_LEAVING, tmp_path)
     threads = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
     assert all(threads) and not any("gloo" in names for names in threads), threads
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 def test_asking_for_a_gpu_without_one_is_a_clear_error(tmp_path):

@@ -687,6 +687,13 @@ def test_learned_step_sizes_without_adapting_the_norm_cover_only_the_adapted_ten
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in maml.inner_lrs.values())
 
 
+def test_the_reference_network_takes_small_images_as_conv4_does():
+    from metalearn.models import build_model
+
+    for name in ("conv4", "conv4-reference"):  # stride-2 convolutions, no 16x16 minimum of the max-pool network
+        assert build_model(name, (1, 12, 12), 5)(torch.rand(4, 1, 12, 12)).shape == (4, 5)
+
+
 def test_no_adapt_norm_on_a_network_without_normalisation_is_refused():
     with pytest.raises(MetalearnError, match="has none"):
         MAML(MLP(1, 1), MAML.Config(inner_lr=0.01, adapt_norm=False))

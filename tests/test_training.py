@@ -488,7 +488,6 @@ def test_bad_schedule_and_seed_options_are_refused():
 
 @pytest.mark.parametrize("train, message", [
     ({"meta_batch_size": 4}, "--meta-batch-size 4 is smaller than the 8 processes"),
-    ({"meta_batch_size": 8, "val_episodes": 4}, "--val-episodes 4 cannot be shared by 8 processes"),
 ])
 def test_shares_too_small_for_the_ranks_are_refused_at_the_start(tmp_path, train, message):
     from metalearn.distributed import World
@@ -501,6 +500,18 @@ def test_shares_too_small_for_the_ranks_are_refused_at_the_start(tmp_path, train
     with pytest.raises(MetalearnError, match=message):
         Trainer(config, learner, tasks, build_task_source(config.task, "val"), tmp_path / "new", World(0, 8))
     assert not (tmp_path / "new").exists()  # refused before it made a folder
+
+
+def test_a_run_older_than_an_option_resumes_with_its_default_and_refuses_another_value():
+    from metalearn.config import RunConfig
+    from metalearn.training import check_compatible
+
+    requested = RunConfig("maml", algorithm_config={"inner_lr": 0.4, "adapt_norm": True})
+    saved = RunConfig("maml", algorithm_config={"inner_lr": 0.4})  # config.json written before adapt_norm existed
+    check_compatible(saved, requested, "the run")
+    check_compatible(requested, saved, "the run")
+    with pytest.raises(MetalearnError, match="algorithm_config.adapt_norm: True there, False requested"):
+        check_compatible(saved, dataclasses.replace(requested, algorithm_config={"adapt_norm": False}), "the run")
 
 
 def test_a_linearly_annealed_run_refuses_a_new_step_count_and_says_why():

@@ -83,11 +83,13 @@ class World:
         device = self.device  # NCCL collectives take tensors on the rank's GPU
         shapes = [torch.zeros(values.dim(), dtype=torch.long, device=device) for _ in range(self.size)]
         _collective(dist.all_gather, shapes, torch.tensor(values.shape, dtype=torch.long, device=device))
-        filled = [shape for shape in shapes if shape[0] > 0]
+        filled = [shape[1:].tolist() for shape in shapes if shape[0] > 0]
         if not filled:
             return values.cpu()
+        if any(shape != filled[0] for shape in filled):  # every rank sees it, so all stop here
+            raise MetalearnError(f"World.gather: the ranks' rows differ in shape ({filled})")
         rows = [int(shape[0]) for shape in shapes]
-        padded = torch.zeros((max(rows), *filled[0][1:].tolist()), dtype=values.dtype, device=device)
+        padded = torch.zeros((max(rows), *filled[0]), dtype=values.dtype, device=device)
         if values.shape[0]:
             padded[: values.shape[0]] = values
         parts = [torch.zeros_like(padded) for _ in range(self.size)]
@@ -159,7 +161,6 @@ def init_world(device: str = "cpu", timeout_s: float | None = None) -> World:
         # the interpreter's teardown can abort ("terminate called without an active
         # exception"). Imported first, it takes none (tests/test_distributed.py).
         importlib.import_module("torch._dynamo")
-
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
         atexit.register(leave_world, orderly=False)
     return World(dist.get_rank(), dist.get_world_size(), resolved)

@@ -10,7 +10,6 @@ import torch
 
 from metalearn.algorithms.base import MetaLearner, device_of
 from metalearn.distributed import World
-from metalearn.errors import MetalearnError
 from metalearn.tasks import TaskSource
 
 
@@ -60,8 +59,6 @@ def evaluate(
     Returns ``metric`` ("accuracy" in percent, or "mse"), ``mean``, ``ci95`` (1.96 standard
     errors over episodes), ``per_step`` means, ``episodes`` and the per-episode ``scores``.
     """
-    if episodes < world.size:
-        raise MetalearnError(f"{episodes} evaluation episodes cannot be shared by {world.size} processes")
     generator = torch.Generator().manual_seed(seed)
     device = device_of(learner)  # world.device when the API built it; any device for a learner of your own
     was_training = learner.training
@@ -92,7 +89,8 @@ def evaluate(
     learner.train(was_training)
     # (episodes on this rank, steps + 1), in float64 so that a rank without episodes, which knows
     # neither the steps nor the learner's dtype, sends what the others do
-    local = torch.cat(scores, dim=1).T.double().contiguous() if scores else torch.zeros(0, 0, dtype=torch.float64)
+    local = (torch.cat(scores, dim=1).T.to("cpu", torch.float64).contiguous() if scores
+             else torch.zeros(0, 0, dtype=torch.float64))
     per_episode = episode_order(world, chunks, world.gather(local)).T  # (steps + 1, episodes)
     scale = 100.0 if classification else 1.0
     final = per_episode[-1] * scale

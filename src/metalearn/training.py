@@ -4,6 +4,7 @@ bottom; it never knows which method it trains."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import threading
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from metalearn.algorithms import MetaLearner, algorithm_class, build_learner
+from metalearn.algorithms import MetaLearner, algorithm_class, build_learner, make_algorithm_config
 from metalearn.algorithms.base import device_of
 from metalearn.config import RESUMABLE_CHANGES, RunConfig, config_differences
 from metalearn.distributed import RankLost, World
@@ -103,11 +104,6 @@ class Trainer:
             raise MetalearnError(
                 f"--meta-batch-size {train.meta_batch_size} is smaller than the {world.size} processes: "
                 "every rank needs at least one task. Raise --meta-batch-size or start fewer processes."
-            )
-        if val_tasks is not None and train.val_every > 0 and train.val_episodes < world.size:
-            raise MetalearnError(
-                f"--val-episodes {train.val_episodes} cannot be shared by {world.size} processes: "
-                "raise --val-episodes or start fewer processes."
             )
         optimizer = torch.optim.Adam if train.meta_optimizer == "adam" else torch.optim.SGD
         self.optimizer = optimizer(learner.parameters(), lr=train.meta_lr)
@@ -286,7 +282,9 @@ def configuration_conflict(what: str, conflicts: dict[str, tuple[Any, Any]], why
 
 
 def check_compatible(saved: RunConfig, requested: RunConfig, what: str, advice: str = RESUME_ADVICE) -> None:
-    """Refuse to continue ``saved`` with a configuration that changes what it computes."""
+    """Refuse to continue ``saved`` with a configuration that changes what it computes. An
+    option that ``saved`` lacks (the run is older than the option) counts as its default."""
+    saved, requested = with_all_options(saved), with_all_options(requested)
     resumable = set(RESUMABLE_CHANGES)
     if saved.train.lr_anneal == "linear":
         resumable.discard("train.steps")  # the anneal's horizon: changing it rewrites the schedule
@@ -295,6 +293,12 @@ def check_compatible(saved: RunConfig, requested: RunConfig, what: str, advice: 
         why = (" Its learning rate is annealed linearly to 0 over --steps, so the step count cannot change."
                if "train.steps" in conflicts else "")
         raise configuration_conflict(what, conflicts, why, advice)
+
+
+def with_all_options(config: RunConfig) -> RunConfig:
+    """``config`` with every option of its algorithm spelled out, defaults included."""
+    options = make_algorithm_config(config.algorithm, config.algorithm_config)
+    return dataclasses.replace(config, algorithm_config=dataclasses.asdict(options))
 
 
 def load_learner_state(learner: MetaLearner, state: dict[str, Any], where: Path, changed: str = "") -> None:

@@ -71,8 +71,8 @@ def gradient_descent(model: nn.Module, params: Params, x: Tensor, y: Tensor, ste
 
 def normalisation_parameters(model: nn.Module) -> frozenset[str]:
     """The names of ``model``'s parameters that belong to normalisation layers (batch, layer,
-    group or instance norm: scales and offsets), for an inner loop that does not adapt them."""
-    kinds = (BatchStatNorm, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+    group, instance or RMS norm: scales and offsets), for an inner loop that does not adapt them."""
+    kinds = (BatchStatNorm, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
     return frozenset(f"{prefix}.{name}" if prefix else name
                      for prefix, module in model.named_modules() if isinstance(module, kinds)
                      for name, _ in module.named_parameters(recurse=False))

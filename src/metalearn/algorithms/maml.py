@@ -101,8 +101,8 @@ class MAML(MetaLearner):
         self.training_step = 0  # set by the trainer (start_step): the multi-step loss schedule
         self._held = frozenset() if config.adapt_norm else normalisation_parameters(model)
         if not config.adapt_norm and not self._held:
-            raise MetalearnError("--no-adapt-norm keeps normalisation layers' parameters out of the inner loop, "
-                                 "but this network has none")
+            raise MetalearnError("--no-adapt-norm (adapt_norm=False) keeps normalisation layers' parameters out of "
+                                 "the inner loop, but this network has none")
         names = [name for name, _ in model.named_parameters() if name not in self._held]
         self._lr_keys = {name: name.replace(".", "__") for name in names}
         if config.learn_inner_lr:

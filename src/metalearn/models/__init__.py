@@ -23,7 +23,7 @@ def build_model(name: str, input_shape: tuple[int, ...], out_features: int | Non
     if name in ("conv4", "conv4-maxpool", "conv4-embedding", "conv4-reference"):
         if len(input_shape) != 3:
             raise MetalearnError(f"model {name} needs image inputs (C, H, W), got shape {input_shape}")
-        pooling = "stride" if name == "conv4" else "max"
+        pooling = "stride" if name in ("conv4", "conv4-reference") else "max"
         if name == "conv4-embedding" and out_features is not None:
             raise MetalearnError("conv4-embedding has no output layer; this method needs conv4 or conv4-maxpool")
         if pooling == "max" and min(input_shape[1:]) < 16:

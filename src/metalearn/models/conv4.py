@@ -54,10 +54,13 @@ def reference_conv4(in_channels: int = 1, out_features: int = 5, hidden: int = 6
     """The MAML Omniglot network as the authors' code (cbfinn/maml) builds it, where it differs
     from :class:`Conv4`'s PyTorch defaults: batch norm without a scale and with epsilon 1e-3
     (``tf.contrib.layers.batch_norm``'s defaults), Xavier-uniform convolution weights, and head
-    weights drawn from a standard normal (``tf.random_normal``), so the initial logits are about
-    ten times larger. (The reference code's conv biases are left out here as in Conv4: the batch
-    norm cancels them. Its inner loop does not adapt the batch-norm offsets: that is MAML's
-    ``adapt_norm=False``, an option of the algorithm, not of the network.)"""
+    weights drawn from a standard normal (``tf.random_normal``), about 14 times PyTorch's default,
+    so the initial logits are that much larger. (The reference code's conv biases are left out
+    here as in Conv4: the batch norm cancels them. TensorFlow's ``SAME`` padding of a stride-2
+    convolution on an even size pads only the bottom and right, PyTorch's ``padding=1`` both
+    sides: the same output sizes on a grid shifted by one pixel; not reproduced. Its inner loop
+    does not adapt the batch-norm offsets: that is MAML's ``adapt_norm=False``, an option of the
+    algorithm, not of the network.)"""
     model = Conv4(in_channels, out_features, hidden, pooling="stride", norm_scale=False, norm_eps=1e-3)
     for module in model.modules():
         if isinstance(module, nn.Conv2d):

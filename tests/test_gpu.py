@@ -148,7 +148,7 @@ def test_resume_on_the_gpu_and_across_devices(algorithm, omniglot_data_dir, tmp_
 # A one-rank job is not a process group for metalearn (it runs as one process), so on a
 # one-GPU machine the probe joins NCCL itself and has World use its collectives all the same.
 WORLD_PROBE = """
-import sys, torch, torch.distributed as dist
+import json, sys, torch, torch.distributed as dist
 from metalearn.distributed import World, init_world
 
 class OneRankGroup(World):
@@ -166,6 +166,11 @@ line = ["probe", dist.get_backend(), world.rank, world.size, world.device, float
         gathered.device, gathered.tolist()]
 with open(sys.argv[1] + f"/probe-{world.rank}.txt", "w") as f:
     f.write(" ".join(map(str, line)))
+# evaluation's gather: float64 rows, and (with two ranks) a rank without any
+rows = torch.arange(6, dtype=torch.float64, device=world.device).view(3, 2)
+mine = rows if world.rank == 0 else torch.zeros(0, 0, dtype=torch.float64, device=world.device)
+with open(sys.argv[1] + f"/rows-{world.rank}.txt", "w") as f:
+    f.write(json.dumps(world.gather(mine).tolist()))
 dist.destroy_process_group()
 """
 
@@ -190,6 +195,8 @@ def test_torchrun_on_the_gpu_uses_nccl_and_equals_one_process(omniglot_data_dir,
         assert float(line[5]) == ranks  # all-reduce of a scalar
         assert float(line[6]) == ranks * (ranks + 1) / 2  # the flattened gradient all-reduce
         assert line[7] == "cpu" and json.loads(line[8]) == gathered
+    for r in range(ranks):
+        assert json.loads((tmp_path / f"rows-{r}.txt").read_text()) == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
 
     common = ["--meta-optimizer", "sgd", "--meta-lr", 0.5, "--steps", 3, "--no-eval", "--device", "cuda"]
     run(omniglot_args("maml", omniglot_data_dir, *common, "--run-dir", tmp_path / "single"))

@@ -590,6 +590,10 @@ def test_a_model_with_dropout_trains_and_is_deterministic_in_eval_mode(method):
     assert torch.isfinite(loss) and all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     torch.manual_seed(2)
     assert learner.meta_loss(batch)[0] != loss  # dropout is active: other masks, another loss
+    # the same seed gives the same masks on the first call (which also checks that the network
+    # fits the tasks) as on later ones: a resumed run's first step equals the uninterrupted run's
+    torch.manual_seed(1)
+    assert learner.meta_loss(batch)[0] == loss
     # predictions in training mode draw masks too (test-time vmaps allow random operations)
     with torch.no_grad():
         predicted = learner.predict(batch)

@@ -274,10 +274,10 @@ def test_transductive_and_non_transductive_predictions():
     single = Reptile(model, dataclasses.replace(config, transductive=False)).predict(batch)
     assert transductive.shape == single.shape == (2, 9, 3)
 
-    index = minibatch_indices(batch.support_x.shape[1], batch_size, steps, batch.num_tasks,
-                              torch.Generator().manual_seed(PREDICT_ORDER_SEED))
+    order = minibatch_indices(batch.support_x.shape[1], batch_size, steps, 1,
+                              torch.Generator().manual_seed(PREDICT_ORDER_SEED))[0]  # the same for every task
     for t in range(batch.num_tasks):
-        adapted = reference_adapt(model, batch.support_x[t], batch.support_y[t], index[t], "adam", 0.01)
+        adapted = reference_adapt(model, batch.support_x[t], batch.support_y[t], order, "adam", 0.01)
         with torch.no_grad():
             torch.testing.assert_close(transductive[t], adapted(batch.query_x[t]), rtol=1e-9, atol=1e-11)
             for j in range(batch.query_x.shape[1]):  # the support set plus this one query example
@@ -291,6 +291,22 @@ def test_transductive_and_non_transductive_predictions():
     assert not torch.allclose(Reptile(model, config).predict(changed)[:, 0], transductive[:, 0])
     single_changed = Reptile(model, dataclasses.replace(config, transductive=False)).predict(changed)
     torch.testing.assert_close(single_changed[:, 0], single[:, 0], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("transductive", [True, False])
+def test_a_task_scores_the_same_wherever_it_sits_in_the_batch(transductive):
+    """A distributed evaluation gives each rank a slice of a chunk of episodes: a task's
+    predictions must not depend on its position (they did when every position had its own
+    mini-batch order)."""
+    model, batch = conv_model(), image_batch(tasks=4, ways=3, shots=2, query=2)
+    reptile = Reptile(model, Reptile.Config(inner_lr=0.01, test_inner_steps=3, test_inner_batch_size=4,
+                                            transductive=transductive))
+    whole = reptile.predict(batch)
+    tail = TaskBatch(batch.support_x[2:], batch.support_y[2:], batch.query_x[2:], batch.query_y[2:], batch.ways)
+    torch.testing.assert_close(reptile.predict(tail), whole[2:], rtol=1e-9, atol=1e-11)
+    if transductive:
+        torch.testing.assert_close(reptile.predict_per_step(tail), reptile.predict_per_step(batch)[:, 2:],
+                                   rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("images, task_chunk, query_chunk", [

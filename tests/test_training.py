@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 import os
 import signal
 
 import pytest
 import torch
+from torch import nn
 
 from metalearn.algorithms import build_learner
 from metalearn.api import evaluate_run, resolve_config
@@ -289,6 +291,31 @@ def test_diverging_episodes_are_counted_and_reported(tmp_path):
     assert result["diverged"] == 10
     assert "10 of 10 episodes diverged" in format_result(result)
     assert evaluate_run(tmp_path, episodes=10, progress=False)["diverged"] == 0
+
+
+def test_some_diverged_episodes_make_the_mean_nan_and_the_others_are_reported():
+    from metalearn.evaluation import evaluate, format_result
+    from metalearn.tasks import SinusoidTasks
+
+    class EveryOtherDiverges(nn.Module):
+        """Predicts 0 (MSE = the targets' mean square); every other task's prediction is NaN."""
+
+        def __init__(self):
+            super().__init__()
+            self.unused = nn.Parameter(torch.zeros(1))
+
+        def predict_per_step(self, batch):
+            predictions = torch.zeros_like(batch.query_y).unsqueeze(0)
+            predictions[:, ::2] = float("nan")
+            return predictions
+
+    source = SinusoidTasks(shots=5, query=10)
+    result = evaluate(EveryOtherDiverges(), source, episodes=6, seed=3, chunk=6)
+    targets = source.sample(6, torch.Generator().manual_seed(3)).query_y
+    assert result["diverged"] == 3 and math.isnan(result["mean"])
+    assert result["mean_of_finite"] == pytest.approx(float(targets[1::2].square().mean()), rel=1e-6)
+    assert f"3 of 6 episodes diverged (non-finite score); the other 3 score {result['mean_of_finite']:.4f}" \
+        in format_result(result)
 
 
 def test_diverged_classification_episodes_score_nan_not_chance():

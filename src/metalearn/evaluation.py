@@ -57,7 +57,10 @@ def evaluate(
     one); training's validation does so.
 
     Returns ``metric`` ("accuracy" in percent, or "mse"), ``mean``, ``ci95`` (1.96 standard
-    errors over episodes), ``per_step`` means, ``episodes`` and the per-episode ``scores``.
+    errors over episodes), ``per_step`` means, ``episodes``, the per-episode ``scores`` and the
+    number of ``diverged`` episodes (non-finite score). One diverged episode makes the mean
+    non-finite, on purpose: a score that leaves them out would flatter the method. Where some
+    but not all diverged, ``mean_of_finite`` is the mean of the others.
     """
     generator = torch.Generator().manual_seed(seed)
     device = device_of(learner)  # world.device when the API built it; any device for a learner of your own
@@ -96,16 +99,20 @@ def evaluate(
     final = per_episode[-1] * scale
     n = final.numel()
     std = float(final.std()) if n > 1 else 0.0
-    return {
+    finite = final[torch.isfinite(final)]
+    result = {
         "metric": "accuracy" if classification else "mse",
         "mean": float(final.mean()),
         "ci95": 1.96 * std / math.sqrt(n),
         "per_step": [float(v) for v in per_episode.mean(1) * scale],
         "episodes": n,
-        "diverged": int((~torch.isfinite(final)).sum()),
+        "diverged": n - finite.numel(),
         "seed": seed,
         "scores": [float(v) for v in final],
     }
+    if 0 < finite.numel() < n:  # the mean above is NaN or inf; say what the rest scored
+        result["mean_of_finite"] = float(finite.mean())
+    return result
 
 
 def episode_order(world: World, chunks: list[tuple[int, int]], gathered: torch.Tensor) -> torch.Tensor:
@@ -132,5 +139,10 @@ def format_result(result: dict[str, Any]) -> str:
         text += f"\nafter 0..{len(result['per_step']) - 1} adaptation steps: {steps}"
     if result.get("diverged"):
         text += (f"\nwarning: {result['diverged']} of {result['episodes']} episodes diverged (non-finite "
-                 "score); try fewer test-time steps, e.g. --set test_inner_steps=1")
+                 "score)")
+        if "mean_of_finite" in result:
+            unit = "%" if result["metric"] == "accuracy" else ""
+            text += (f"; the other {result['episodes'] - result['diverged']} score "
+                     f"{result['mean_of_finite']:.{2 if unit else 4}f}{unit} on average")
+        text += "; try fewer test-time steps, e.g. --set test_inner_steps=1"
     return text

@@ -94,12 +94,19 @@ def check_network_fits(learner: MetaLearner, batch: TaskBatch) -> None:
     if key in checked:
         return
     examples = batch.support_x[0, :2]
+    # in eval mode: a dropout layer would otherwise draw from the random streams the trainer
+    # seeded for this step, and a resumed run's first step would differ from the uninterrupted one's
+    modes = [(module, module.training) for module in learner.model.modules()]
+    learner.model.eval()
     try:
         with torch.no_grad(), first_order_batch_norm():
             outputs = tuple(learner.model(examples).shape[1:])
     except RuntimeError as err:
         raise MetalearnError(f"{learner.name}: the network cannot take these tasks' inputs, of shape "
                              f"{tuple(examples.shape[1:])} ({str(err).splitlines()[0]})") from None
+    finally:
+        for module, training in modes:
+            module.training = training
     if outputs != per_example:
         if batch.ways:
             need = (f"the tasks are {batch.ways}-way; it needs one output per class (e.g. "

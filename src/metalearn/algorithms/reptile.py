@@ -59,7 +59,7 @@ from metalearn.tasks.batch import TaskBatch
 AdamState = tuple[Params, Params, int]  # first moments, second moments, steps taken
 
 ADAM_EPS = 1e-8
-PREDICT_ORDER_SEED = 0  # the test-time mini-batch order: predictions are a function of the batch
+PREDICT_ORDER_SEED = 0  # the test-time mini-batch order, one for every task: a task's predictions are its own
 NON_TRANSDUCTIVE_IMAGES = 4096  # images per forward pass when query examples are classified singly
 
 
@@ -288,11 +288,15 @@ class Reptile(MetaLearner):
 
     @staticmethod
     def minibatches(support_x: Tensor, support_y: Tensor, steps: int, batch_size: int,
-                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                    generator: torch.Generator | None = None,
+                    one_order: bool = False) -> tuple[Tensor, Tensor]:
         """Every task's mini-batches, (tasks, steps, batch_size, ...), from its support set
-        (tasks, n_support, ...) in the order of :func:`minibatch_indices`."""
+        (tasks, n_support, ...) in the order of :func:`minibatch_indices`: a fresh order per
+        task, or with ``one_order`` the first task's order for all of them, so that what a task
+        gets does not depend on where it sits in the batch."""
         tasks, n_support = support_x.shape[:2]
-        index = minibatch_indices(n_support, batch_size, steps, tasks, generator).to(support_x.device)
+        index = minibatch_indices(n_support, batch_size, steps, 1 if one_order else tasks, generator)
+        index = index.expand(tasks, -1, -1).to(support_x.device)
         rows = torch.arange(tasks, device=support_x.device)[:, None, None]
         return support_x[rows, index], support_y[rows, index]
 
@@ -415,6 +419,8 @@ class Reptile(MetaLearner):
         check_network_fits(self, batch)
         params = {name: p.detach() for name, p in self.model.named_parameters()}
         generator = torch.Generator().manual_seed(PREDICT_ORDER_SEED)
+        # one order for every task: a task scores the same wherever it sits in the batch, so the
+        # ranks of a distributed evaluation, each given a slice, score what one process would
         batches_x, batches_y = self.minibatches(batch.support_x, batch.support_y, self.config.test_inner_steps,
-                                                self.config.test_inner_batch_size, generator)
+                                                self.config.test_inner_batch_size, generator, one_order=True)
         return params, batches_x, batches_y

@@ -304,10 +304,31 @@ def test_print_config_shows_the_resolved_paper_settings_and_trains_nothing(tmp_p
         assert code == 2 and message in err and out == "", (args, err)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["maml", "--inner-lr", "inf"], "--inner-lr must be a finite number > 0, got inf"),
+    (["maml", "--meta-lr", "1e39"], "--meta-lr must be a finite number > 0, got 1e+39"),  # beyond float32
+    (["maml", "--meta-lr", "nan"], "--meta-lr must be a finite number > 0, got nan"),
+    (["maml", "--noise-std", "inf"], "--noise-std must be a finite number >= 0, got inf"),
+    (["maml", "--inner-steps", 0], "--inner-steps must be at least 1, got 0"),
+    (["maml", "--test-inner-steps", -1], "--test-inner-steps must be >= 0, got -1"),
+    (["platipus", "--prior-step-init", -1], "--prior-step-init must be a finite number >= 0, got -1.0"),
+    (["platipus", "--kl-weight", "inf"], "--kl-weight must be a finite number >= 0, got inf"),
+    (["platipus", "--std-init", 0], "--std-init must be a finite number > 0, got 0.0"),
+    (["matchingnet", "--scale", "inf"], "--scale must be a finite number > 0, got inf"),
+    (["maml", "--meta-batch-size", "99999999999999999999"], "--meta-batch-size"),  # beyond int64: click's range
+])
+def test_numbers_that_would_only_fail_later_are_refused_at_once(capsys, args, message):
+    """Infinite or NaN step sizes used to pass the "> 0" checks and end in a NaN loss whose
+    message blamed something else; integers beyond int64 ended in a traceback from torch."""
+    dataset = [] if args[0] == "matchingnet" else ["--dataset", "sinusoid"]
+    code, out, err = run(["train", *args, *dataset, "--print-config"], capsys)
+    assert code == 2 and message in err and "Traceback" not in err and out == "", err
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--ways", 7], "sinusoid is regression: --ways does not apply to it"),
     (["--split", "vinyals", "--image-size", 32], "--split, --image-size do not apply"),
-    (["--noise-std", -1], "--noise-std must be >= 0, got -1.0"),
+    (["--noise-std", -1], "--noise-std must be a finite number >= 0, got -1.0"),
 ])
 def test_options_that_do_not_fit_a_regression_task_are_refused(tmp_path, capsys, extra, message):
     code, _, err = run(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--run-dir", tmp_path / "r",
@@ -355,13 +376,25 @@ def test_unusable_paths_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "file").write_text("not a folder")
     code, _, err = run(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--meta-batch-size", 2,
                         "--run-dir", tmp_path / "file", "--no-progress"], capsys)
-    assert code == 2 and err.startswith(f"error: {tmp_path / 'file'}") and "Traceback" not in err
+    assert code == 2 and err == f"error: {tmp_path / 'file'} is a file, not a folder; give a folder path\n"
+    code, _, err = run(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--meta-batch-size", 2,
+                        "--run-dir", tmp_path / "file" / "run", "--no-progress"], capsys)
+    assert code == 2 and err == f"error: {tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is a file, not a folder\n"
     assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--meta-batch-size", 2,
                 "--run-dir", tmp_path / "run", "--no-progress", "--no-eval"], capsys)[0] == 0
     code, _, err = run(["export", tmp_path / "run", tmp_path / "file"], capsys)
     assert code == 2 and err.startswith("error:") and "Traceback" not in err
-    code, _, err = run(["compare", tmp_path / "run", "--json", tmp_path], capsys)  # refused before evaluating
-    assert code == 2 and "is a folder" in err
+    # refused before evaluating, not after minutes of it
+    code, out, err = run(["compare", tmp_path / "run", "--json", tmp_path], capsys)
+    assert code == 2 and "is a folder" in err and out == ""
+    code, out, err = run(["compare", tmp_path / "run", "--json", tmp_path / "file" / "deeper" / "c.json"], capsys)
+    assert code == 2 and f"{tmp_path / 'file'} is a file, not a folder" in err and out == ""
+
+
+def test_a_bare_command_shows_its_help(capsys):
+    for args in ([], ["train"], ["data"]):
+        code, out, err = run(args, capsys)
+        assert code == 2 and err.startswith("Usage: metalearn") and "error:" not in err, (args, err)
 
 
 def test_every_training_option_says_what_it_does():

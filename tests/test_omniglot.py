@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import zipfile
 from pathlib import Path
@@ -165,6 +166,17 @@ def test_damaged_cache_is_not_trusted(tmp_path):
     assert _read_cache(tmp_path / "missing.npz", "anything") is None
     np.savez(tmp_path / "list-meta.npz", meta=np.array("[1, 2]"))  # valid JSON, not an object
     assert _read_cache(tmp_path / "list-meta.npz", "anything") is None
+    # the right fingerprint, arrays that do not fit together: rebuilt, not read out of bounds later
+    names = ("Alpha/character01", "Beta/character01")
+    meta = np.array(json.dumps({"fingerprint": "f", "names": names, "content_hash": "h"}))
+    drawers = np.ones((2, 20), np.int16)
+    fine = np.zeros((2, 20, 4, 4), np.uint8)
+    np.savez(tmp_path / "fine.npz", images=fine, background=np.array([True, False]), drawers=drawers, meta=meta)
+    assert _read_cache(tmp_path / "fine.npz", "f", 4) is not None
+    assert _read_cache(tmp_path / "fine.npz", "f", 28) is None  # another image size
+    for images in (np.zeros((1, 100, 4, 4), np.uint8), np.zeros((2, 20, 4, 4), np.float32), np.zeros((2, 20, 4), np.uint8)):
+        np.savez(tmp_path / "odd.npz", images=images, background=np.array([True, False]), drawers=drawers, meta=meta)
+        assert _read_cache(tmp_path / "odd.npz", "f", 4) is None, images.shape
 
 
 # --------------------------------------------------------------------------------------------

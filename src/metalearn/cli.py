@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import click
 from click.core import ParameterSource
+from click.exceptions import NoArgsIsHelpError
 
 from metalearn.algorithms import ALGORITHMS
 from metalearn.config import MAX_SEED, TaskConfig, TrainConfig
@@ -119,6 +121,9 @@ METHOD_OPTION_HELP = {
 }
 
 PAPER_DEFAULT = "(default: see --print-config)"
+# an integer torch can hold: a larger one would end in an overflow deep inside torch; the
+# configs check the sensible range
+INTEGER = click.IntRange(-(2**63), 2**63 - 1)
 
 
 def _option_for(field: dataclasses.Field, paper_default: bool = False, algorithm: str | None = None) -> click.Option:
@@ -133,7 +138,7 @@ def _option_for(field: dataclasses.Field, paper_default: bool = False, algorithm
         text = f"(default {field.default})"
     if hint is bool:
         return click.Option([f"{name}/--no-{field.name.replace('_', '-')}"], default=None, help=text)
-    click_type = {int: int, float: float, str: str}.get(hint, str)
+    click_type = {int: INTEGER, float: float, str: str}.get(hint, str)
     return click.Option([name], type=click_type, default=None, show_default=False, help=text)
 
 
@@ -233,11 +238,11 @@ for _name in ALGORITHMS:
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
 @click.option("--set", "settings", multiple=True, metavar="OPTION=VALUE",
               help="change a method option for this evaluation, e.g. --set test_inner_steps=10")
-@click.option("--ways", type=int, default=None,
+@click.option("--ways", type=INTEGER, default=None,
               help="test on episodes of this many classes instead of the run's (methods without "
                    "a per-class output layer: protonet, matchingnet)")
-@click.option("--shots", type=int, default=None, help="support examples per class instead of the run's")
-@click.option("--query", type=int, default=None, help="query examples per class (points, for regression) instead of the run's")
+@click.option("--shots", type=INTEGER, default=None, help="support examples per class instead of the run's")
+@click.option("--query", type=INTEGER, default=None, help="query examples per class (points, for regression) instead of the run's")
 @click.option("--per-step/--final-only", default=True, show_default=True,
               help="also score the predictions after every adaptation step; --final-only gives the same "
                    "final score faster where those steps cost extra (Reptile: about a third of a 20-way evaluation)")
@@ -304,8 +309,8 @@ def compare(run_dirs, episodes, seed, num_samples, json_path, settings, data_dir
     if len(labels) != len(run_dirs):
         raise MetalearnError("compare labels runs by their folder names; give runs with distinct names")
     overrides = dict(parse_setting(s) for s in settings)
-    if json_path and json_path.is_dir():  # found out now, not after minutes of evaluation
-        raise MetalearnError(f"--json {json_path} is a folder; give a file name, e.g. {json_path / 'compare.json'}")
+    if json_path:  # found out now, not after minutes of evaluation
+        check_writable_file("--json", json_path)
     result = compare_learners(labels, episodes=episodes, seed=seed, num_samples=num_samples, data_dir=data_dir,
                               overrides=overrides)
     measures = [k for k, v in result[next(iter(labels))].items() if isinstance(v, dict)]
@@ -323,6 +328,18 @@ def compare(run_dirs, episodes, seed, num_samples, json_path, settings, data_dir
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=2) + "\n")
         click.echo(f"written to {json_path}")
+
+
+def check_writable_file(option: str, path: Path) -> None:
+    """Refuse an output file that could not be written: a folder, below a file, or in a folder
+    this user cannot write to (its missing folders are made when it is written)."""
+    if path.is_dir():
+        raise MetalearnError(f"{option} {path} is a folder; give a file name, e.g. {path / 'compare.json'}")
+    existing = next(p for p in path.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise MetalearnError(f"{option} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise MetalearnError(f"{option} {path}: cannot write in {existing}")
 
 
 @cli.command("export")
@@ -349,7 +366,7 @@ def data():
 
 @data.command()
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
-@click.option("--image-size", type=int, default=28, show_default=True)
+@click.option("--image-size", type=INTEGER, default=28, show_default=True)
 @click.option("--download", is_flag=True, help="fetch the official archives first (checksums verified)")
 def prepare(data_dir, image_size, download):
     """Build the cached preprocessed array (once; later loads take well under a second)."""
@@ -370,7 +387,7 @@ def prepare(data_dir, image_size, download):
 
 @data.command()
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
-@click.option("--image-size", type=int, default=28, show_default=True)
+@click.option("--image-size", type=INTEGER, default=28, show_default=True)
 def info(data_dir, image_size):
     """Characters and classes in every part of every split."""
     from metalearn.data.omniglot import load_omniglot
@@ -410,6 +427,21 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, MemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
+def describe_os_error(err: OSError) -> str:
+    """One line for a path that cannot be used; "File exists" from making a folder where a
+    file is says which it is."""
+    if err.filename is None:
+        return str(err.strerror or err)
+    path = Path(err.filename)
+    if err.errno == errno.EEXIST and path.exists() and not path.is_dir():
+        return f"{path} is a file, not a folder; give a folder path"
+    if err.errno == errno.ENOTDIR:  # a file where the path needs a folder
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            return f"{path}: {blocking} is a file, not a folder"
+    return f"{path}: {err.strerror or err}"
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit 2, never a traceback."""
     try:
@@ -422,12 +454,14 @@ def main(args: list[str] | None = None) -> None:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
     except OSError as err:  # a path that is a file, a folder, unwritable or gone
-        where = f"{err.filename}: " if err.filename else ""
-        click.echo(f"error: {where}{err.strerror or err}", err=True)
+        click.echo(f"error: {describe_os_error(err)}", err=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns a KeyboardInterrupt into Abort
         click.echo("interrupted (a training run keeps its last checkpoint: continue it with --resume)", err=True)
         sys.exit(130)
+    except NoArgsIsHelpError as err:  # `metalearn`, `metalearn train`: the help, not an "error: Usage: ..."
+        click.echo(err.format_message(), err=True)
+        sys.exit(err.exit_code)
     except click.UsageError as err:  # one line, as every other mistake, not click's three
         where = f" (see {err.ctx.command_path} --help)" if err.ctx is not None else ""
         click.echo(f"error: {err.format_message()}{where}", err=True)

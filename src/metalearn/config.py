@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from metalearn.errors import MetalearnError
+from metalearn.errors import MetalearnError, require_number
 
 DATASETS = ("omniglot", "sinusoid", "sine-or-line")
 MAX_SEED = 2**62 - 1  # seeds plus their offsets (validation, test episodes) stay in torch's range
@@ -41,8 +41,8 @@ class TaskConfig:
             for option, ways in (("--ways", self.ways), ("--test-ways", self.test_ways)):
                 if ways is not None and ways < 2:
                     raise MetalearnError(f"{option} must be at least 2 (a task tells classes apart), got {ways}")
-        if self.noise_std is not None and not self.noise_std >= 0:
-            raise MetalearnError(f"--noise-std must be >= 0, got {self.noise_std}")
+        if self.noise_std is not None:
+            require_number("--noise-std", self.noise_std, zero_allowed=True)
         for option in ("shots", "query", "test_shots", "test_query"):
             value = getattr(self, option)
             if value is not None and value < 1:
@@ -92,8 +92,7 @@ class TrainConfig:
             raise MetalearnError(f"--steps must be >= 0, got {self.steps}")
         if self.meta_batch_size < 1:
             raise MetalearnError(f"--meta-batch-size must be at least 1, got {self.meta_batch_size}")
-        if not self.meta_lr > 0:
-            raise MetalearnError(f"--meta-lr must be positive, got {self.meta_lr}")
+        require_number("--meta-lr", self.meta_lr)
         for name in ("log_every", "checkpoint_every", "val_episodes", "eval_episodes"):
             if getattr(self, name) < 1:
                 raise MetalearnError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

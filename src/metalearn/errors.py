@@ -7,8 +7,23 @@ of showing a traceback from deep inside torch.
 """
 
 
+import math
+
+FLOAT32_MAX = 3.4028234663852886e38  # the networks compute in float32: a larger value overflows
+
+
 class MetalearnError(Exception):
     """A problem the user can act on; its message is shown as is."""
+
+
+def require_number(option: str, value: float, *, zero_allowed: bool = False) -> None:
+    """Refuse a learning rate, scale or standard deviation that is not a finite number above 0
+    (at least 0 with ``zero_allowed``): NaN, infinity or a value beyond float32 would only
+    surface later as a NaN loss whose message blames something else."""
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and abs(value) <= FLOAT32_MAX
+    if not ok or not (value >= 0 if zero_allowed else value > 0):
+        bound = ">= 0" if zero_allowed else "> 0"
+        raise MetalearnError(f"{option} must be a finite number {bound}, got {value}")
 
 
 class TrainingStopped(MetalearnError):

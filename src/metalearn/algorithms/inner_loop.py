@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad
 
 from metalearn.algorithms.base import task_loss
-from metalearn.errors import MetalearnError
+from metalearn.errors import MetalearnError, require_number
 from metalearn.models.norm import BatchStatNorm
 
 Params = dict[str, Tensor]
@@ -20,10 +20,11 @@ StepSize = Callable[[str, int], "Tensor | float"]  # (parameter name, step) -> s
 
 def check_inner_loop_options(inner_lr: float, inner_steps: int, test_inner_steps: int) -> None:
     """The option checks every method with an inner loop makes, with the CLI's option names."""
-    if inner_steps < 1 or test_inner_steps < 0:
-        raise MetalearnError("--inner-steps must be >= 1 and --test-inner-steps >= 0")
-    if not inner_lr > 0:
-        raise MetalearnError(f"--inner-lr must be positive, got {inner_lr}")
+    if inner_steps < 1:
+        raise MetalearnError(f"--inner-steps must be at least 1, got {inner_steps}")
+    if test_inner_steps < 0:
+        raise MetalearnError(f"--test-inner-steps must be >= 0, got {test_inner_steps}")
+    require_number("--inner-lr", inner_lr)
 
 
 def loss_gradient(model: nn.Module, params: Params, x: Tensor, y: Tensor, first_order: bool = False,

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from metalearn.algorithms.base import MetaLearner, require_functional_model, Problem, accuracy
 from metalearn.algorithms.protonet import DISTANCES, embed_episodes, num_ways, similarities
-from metalearn.errors import MetalearnError
+from metalearn.errors import MetalearnError, require_number
 from metalearn.models import build_model
 from metalearn.models.norm import first_order_batch_norm
 from metalearn.tasks.batch import TaskBatch
@@ -69,8 +69,7 @@ class MatchingNetConfig:
             raise MetalearnError(f"--processing-steps must be >= 1, got {self.processing_steps}")
         if self.distance not in DISTANCES:
             raise MetalearnError(f"--distance must be one of {', '.join(DISTANCES)}, got {self.distance!r}")
-        if not self.scale > 0:
-            raise MetalearnError(f"--scale must be positive, got {self.scale}")
+        require_number("--scale", self.scale)
         if self.model == "mlp":
             raise MetalearnError("matchingnet classifies images: use --model conv4-embedding (or conv4, conv4-maxpool)")
 

@@ -58,7 +58,7 @@ from torch.func import functional_call, vmap
 from metalearn.algorithms.base import MetaLearner, check_network_fits, require_functional_model, Problem, task_loss
 from metalearn.algorithms.inner_loop import (Params, check_inner_loop_options, gradient_descent, loss_gradient,
                                             sgd_step)
-from metalearn.errors import MetalearnError
+from metalearn.errors import MetalearnError, require_number
 from metalearn.models import build_model
 from metalearn.models.norm import first_order_batch_norm
 from metalearn.tasks.batch import TaskBatch
@@ -90,10 +90,10 @@ class PLATIPUSConfig:
         check_inner_loop_options(self.inner_lr, self.inner_steps, self.test_inner_steps)
         if self.num_samples < 1 or self.train_samples < 1:
             raise MetalearnError("--num-samples and --train-samples must be at least 1")
-        if not self.kl_weight >= 0:
-            raise MetalearnError(f"--kl-weight must be >= 0, got {self.kl_weight}")
-        if not self.std_init > 0:
-            raise MetalearnError(f"--std-init must be positive, got {self.std_init}")
+        require_number("--kl-weight", self.kl_weight, zero_allowed=True)
+        require_number("--std-init", self.std_init)
+        require_number("--prior-step-init", self.prior_step_init, zero_allowed=True)
+        require_number("--posterior-step-init", self.posterior_step_init, zero_allowed=True)
 
 
 def diagonal_gaussian_kl(mean_q: Params, log_std_q: Params, mean_p: Params, log_std_p: Params) -> Tensor:

@@ -269,7 +269,7 @@ def load_omniglot(
     sources = locate_sources(data_dir)
     fingerprint = source_fingerprint(sources)
     path = cache_path(cache_dir, image_size)
-    cached = _read_cache(path, fingerprint)
+    cached = _read_cache(path, fingerprint, image_size)
     if cached is not None:
         return cached
     omniglot = read_release(data_dir, image_size, progress=progress)
@@ -277,7 +277,9 @@ def load_omniglot(
     return omniglot
 
 
-def _read_cache(path: Path, fingerprint: str) -> Omniglot | None:
+def _read_cache(path: Path, fingerprint: str, image_size: int | None = None) -> Omniglot | None:
+    """The cached array if it was made from these sources and its arrays fit together, else
+    None (the release is then read again)."""
     if not path.is_file():
         return None
     try:
@@ -285,9 +287,8 @@ def _read_cache(path: Path, fingerprint: str) -> Omniglot | None:
             meta = json.loads(str(archive["meta"]))
             if not isinstance(meta, dict) or meta.get("fingerprint") != fingerprint:
                 return None
-            images = archive["images"]
-            return Omniglot(
-                images,
+            omniglot = Omniglot(
+                archive["images"],
                 tuple(meta["names"]),
                 archive["background"],
                 archive["drawers"],
@@ -295,6 +296,12 @@ def _read_cache(path: Path, fingerprint: str) -> Omniglot | None:
             )
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, json.JSONDecodeError):
         return None  # a damaged cache is rebuilt, not trusted
+    images, characters = omniglot.images, len(omniglot.names)
+    fits = (images.dtype == np.uint8 and images.ndim == 4
+            and images.shape[:2] == (characters, DRAWINGS_PER_CHARACTER) == omniglot.drawers.shape
+            and images.shape[2] == images.shape[3] == (image_size or images.shape[2])
+            and omniglot.background.shape == (characters,))
+    return omniglot if fits else None  # e.g. a cache written by hand or by another version
 
 
 def _write_cache(path: Path, omniglot: Omniglot, fingerprint: str) -> None:

@@ -4,10 +4,15 @@ written whole or not at all."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
+import cli_runner
+from metalearn.cli import main
 from metalearn.errors import MetalearnError
 from metalearn.runs import RunDir, atomic_write, atomic_write_bytes
 
@@ -76,3 +81,119 @@ def test_checkpoint_round_trip_and_a_damaged_one_is_a_clear_error(tmp_path):
     run.checkpoint_path.write_bytes(run.checkpoint_path.read_bytes()[:40])  # cut short outside atomic_write
     with pytest.raises(MetalearnError, match="checkpoint.pt is unreadable"):
         run.read_checkpoint()
+
+
+# -- damaged or foreign files and diverged runs: one line, exit code 2, no traceback -----------
+
+
+TINY_RUN = ["--dataset", "sinusoid", "--meta-batch-size", 2, "--log-every", 1, "--no-progress", "--no-eval"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished two-step MAML sinusoid run; tests copy it before damaging anything."""
+    path = tmp_path_factory.mktemp("tiny") / "run"
+    main([str(a) for a in ["train", "maml", "--steps", 2, "--run-dir", path, *TINY_RUN]])
+    return path
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
+
+
+def refused(code: int, err: str, *messages: str) -> None:
+    """Exit code 2 and one line of error holding every one of ``messages``."""
+    assert code == 2, err
+    assert "Traceback" not in err and err.startswith("error: ") and err.count("\n") == 1, err
+    for message in messages:
+        assert message in err, err
+
+
+def test_an_update_that_makes_the_weights_non_finite_stops_before_their_checkpoint(tmp_path, capsys):
+    """A finite gradient times a huge --meta-lr overflows to inf weights with a finite loss: the
+    step stops there, so the checkpoint kept is the one from before it, and it evaluates."""
+    run_dir = tmp_path / "run"
+    code, _, err = cli_runner.run(["train", "maml", "--steps", 3, "--checkpoint-every", 1, "--meta-optimizer", "sgd",
+                        "--meta-lr", 3e38, "--inner-lr", 1, "--run-dir", run_dir, *TINY_RUN], capsys)
+    refused(code, err, "the update of step 1 made the parameters non-finite",
+            "the last good checkpoint in", "(from before this step) is kept", "smaller --meta-lr")
+    state = RunDir(run_dir).read_checkpoint()
+    assert state["step"] == 0
+    assert all(torch.isfinite(w).all() for w in state["learner"].values())
+
+
+def test_eval_and_resume_refuse_a_checkpoint_with_non_finite_weights(tiny_run, tmp_path, capsys):
+    run_dir = copy_of(tiny_run, tmp_path)
+    state = RunDir(run_dir).read_checkpoint()
+    name = next(iter(state["learner"]))
+    state["learner"][name].view(-1)[0] = float("nan")  # saved by a version that did not check its updates
+    RunDir(run_dir).write_checkpoint(state)
+    message = f"the checkpoint in {run_dir} holds non-finite weights ({name})"
+    refused(*cli_runner.run(["eval", run_dir, "--episodes", 2, "--no-progress"], capsys)[::2], message, "smaller --meta-lr")
+    refused(*cli_runner.run(["train", "maml", "--resume", "--run-dir", run_dir, "--steps", 4, "--no-progress"], capsys)[::2],
+            message)
+    assert not RunDir(run_dir).eval_file({"episodes": 2}).exists()
+
+
+@pytest.mark.parametrize("content", ["a dict of its own", "a tensor", "random bytes", "cut in half"])
+def test_eval_refuses_a_checkpoint_that_is_not_a_metalearn_one_in_one_line(tiny_run, tmp_path, capsys, content):
+    run_dir = copy_of(tiny_run, tmp_path)
+    path = run_dir / "checkpoint.pt"
+    if content == "a dict of its own":
+        torch.save({"foo": 1}, path)
+    elif content == "a tensor":
+        torch.save(torch.zeros(3), path)
+    elif content == "random bytes":
+        path.write_bytes(os.urandom(4096))
+    else:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    code, _, err = cli_runner.run(["eval", run_dir, "--episodes", 2, "--no-progress"], capsys)
+    refused(code, err, f"{path} is unreadable", "truncated, corrupt or not a metalearn checkpoint",
+            "Put back the run's own checkpoint.pt, or train the run again")
+    assert "weights_only" not in err
+
+
+@pytest.mark.parametrize("text", ['{"mean": 0.5, "ci95"', "5"])
+def test_export_refuses_a_damaged_eval_json_and_writes_nothing(tiny_run, tmp_path, capsys, text):
+    run_dir = copy_of(tiny_run, tmp_path)
+    (run_dir / "eval.json").write_text(text)
+    code, _, err = cli_runner.run(["export", run_dir, tmp_path / "out"], capsys)
+    refused(code, err, f"{run_dir / 'eval.json'} ", f"delete it or rerun `metalearn eval {run_dir}`")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_of_a_run_without_metrics_leaves_no_summary_behind(tiny_run, tmp_path, capsys):
+    run_dir = copy_of(tiny_run, tmp_path)
+    (run_dir / "metrics.jsonl").unlink()
+    code, _, err = cli_runner.run(["export", run_dir, tmp_path / "out"], capsys)
+    refused(code, err, "has no metrics yet")
+    assert not (tmp_path / "out" / "summary.json").exists() and not (tmp_path / "out").exists()
+
+
+def test_metrics_lines_that_are_no_record_are_skipped_and_a_damaged_config_is_one_line(tiny_run, tmp_path):
+    run_dir = copy_of(tiny_run, tmp_path)
+    run = RunDir(run_dir)
+    records = run.read_metrics()
+    with open(run.metrics_path, "ab") as f:
+        f.write(b'5\n[1, 2]\n"loss"\n\xff\xfe garbage \x00\n')  # JSON that is no object, and no text at all
+    run.append_metrics({"step": 3, "loss": 0.5})
+    assert run.read_metrics() == [*records, {"step": 3, "loss": 0.5}]
+    from metalearn.plotting import plot_learning_curves
+
+    plot_learning_curves(run.read_metrics(), tmp_path / "curves.png", "tiny")  # plot no longer meets a bare 5
+    run.config_path.write_bytes(b"\xff\xfe\x00\x01 not JSON")
+    with pytest.raises(MetalearnError, match="config.json is not valid JSON .*put back the run's own config.json"):
+        run.read_config()
+    run.config_path.write_text("[]")
+    with pytest.raises(MetalearnError, match="config.json holds a JSON array"):
+        run.read_config()
+
+
+def test_resuming_a_run_as_another_method_names_the_method_it_is(tiny_run, tmp_path, capsys):
+    run_dir = copy_of(tiny_run, tmp_path)
+    before = (run_dir / "config.json").read_text()
+    for other in ("protonet", "reptile"):
+        code, _, err = cli_runner.run(["train", other, "--resume", "--run-dir", run_dir, "--no-progress"], capsys)
+        refused(code, err, f"{run_dir} is a maml run, not {other}",
+                f"`metalearn train maml --resume --run-dir {run_dir}`")
+    assert (run_dir / "config.json").read_text() == before

@@ -14,10 +14,10 @@ from metalearn.config import RunConfig, TaskConfig, TrainConfig
 from metalearn.distributed import World, init_world
 from metalearn.errors import MetalearnError
 from metalearn.evaluation import evaluate
-from metalearn.runs import RunDir, claim_new_run_dir, default_runs_root, new_run_name
+from metalearn.runs import RunDir, atomic_write_bytes, claim_new_run_dir, default_runs_root, new_run_name
 from metalearn.tasks import has_validation
-from metalearn.training import (TEST_SEED_OFFSET, VALIDATION_SEED_OFFSET, build_trainer, configuration_conflict,
-                                load_trained)
+from metalearn.training import (TEST_SEED_OFFSET, VALIDATION_SEED_OFFSET, build_trainer, check_same_method,
+                                configuration_conflict, load_trained)
 
 
 def flag(option: str) -> str:
@@ -35,6 +35,7 @@ def resolve_config(algorithm: str, task: dict[str, Any] | None = None,
     task, algorithm_config, train = dict(task or {}), dict(algorithm_config or {}), dict(train or {})
     if resume_from is not None and RunDir(resume_from).exists():
         saved = RunDir(resume_from).read_config()
+        check_same_method(saved, algorithm, resume_from)  # before its options meet another method's
         try:
             return RunConfig(
                 algorithm,
@@ -249,20 +250,18 @@ def _comparison_run(config: RunConfig, compare_with: Path | str) -> tuple[Any, s
 def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str | None = None,
                    compare_with: Path | str | None = None) -> list[Path]:
     """A small, committable record of a run: ``summary.json`` (configuration, step, training
-    wall time, every evaluation without per-episode scores, the last metrics) and the plots."""
+    wall time, every evaluation without per-episode scores, the last metrics) and the plots.
+    Everything is read and drawn before ``out_dir`` is touched: a run that cannot be exported
+    leaves no partial record there."""
     import json
     import shutil
 
     run = RunDir(run_dir)
     config = run.read_config()
-    state = run.read_checkpoint()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    evaluations = {}
-    for path in sorted(run.path.glob("eval*.json")):
-        result = json.loads(path.read_text())
+    state = run.read_checkpoint("step")
+    evaluations = run.read_evaluations()
+    for result in evaluations.values():
         result.pop("scores", None)
-        evaluations[path.stem] = result
     records = run.read_metrics()
     summary = {
         "config": config.to_dict(),
@@ -272,9 +271,12 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
         "last_train_metrics": next((r for r in reversed(records) if "loss" in r), None),
         "validation": [r for r in records if any(k.startswith("val_") for k in r)],
     }
+    plots = plot_run(run_dir, data_dir=data_dir, compare_with=compare_with)  # refuses a run without metrics
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     written = [out / "summary.json"]
-    written[0].write_text(json.dumps(summary, indent=2) + "\n")
-    for plot in plot_run(run_dir, data_dir=data_dir, compare_with=compare_with):
+    atomic_write_bytes(written[0], (json.dumps(summary, indent=2) + "\n").encode())
+    for plot in plots:
         shutil.copy(plot, out / plot.name)
         written.append(out / plot.name)
     return written

@@ -75,10 +75,8 @@ class RunDir:
     def read_config(self) -> RunConfig:
         if not self.config_path.is_file():
             raise MetalearnError(f"{self.path} is not a metalearn run directory (no config.json)")
-        try:
-            return RunConfig.from_dict(json.loads(self.config_path.read_text()))
-        except json.JSONDecodeError as err:
-            raise MetalearnError(f"{self.config_path} is not valid JSON ({err})") from None
+        data = read_json_object(self.config_path, "put back the run's own config.json")
+        return RunConfig.from_dict(data)
 
     # -- checkpoint ----------------------------------------------------------------------------
 
@@ -90,14 +88,33 @@ class RunDir:
     def has_checkpoint(self) -> bool:
         return self.checkpoint_path.is_file()
 
-    def read_checkpoint(self) -> dict[str, Any]:
+    def read_checkpoint(self, *needed: str) -> dict[str, Any]:
+        """The state :meth:`write_checkpoint` saved. ``needed``: the entries the caller reads
+        (``"step"``, ``"config"``, ``"learner"``, ...); a file that lacks one, or that holds no
+        dict at all, is refused as not a metalearn checkpoint instead of failing where it is read."""
         if not self.checkpoint_path.is_file():
             raise MetalearnError(f"no checkpoint in {self.path}: train first (metalearn train ...)")
+
+        def unreadable(why: str) -> MetalearnError:
+            # torch's own message spans lines and suggests weights_only=False: never for a file of unknown origin
+            return MetalearnError(f"{self.checkpoint_path} is unreadable ({why}): it is truncated, corrupt or not "
+                                  "a metalearn checkpoint. Put back the run's own checkpoint.pt, or train the run "
+                                  "again in a new --run-dir.")
+
         try:
             # tensors and plain values only: opening someone else's run runs no pickled code
-            return torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        except PermissionError:
+            raise  # not the file's content: the CLI names the file and the refusal
         except Exception as err:  # torch raises many kinds for a damaged file
-            raise MetalearnError(f"{self.checkpoint_path} is unreadable ({type(err).__name__}: {err})") from None
+            raise unreadable(type(err).__name__) from None
+        if not isinstance(state, dict):
+            raise unreadable(f"it holds a {type(state).__name__}, not a dict")
+        missing = [repr(key) for key in needed if key not in state]
+        if missing:
+            others = ", ".join(missing[:-1]) + " or " if missing[:-1] else ""
+            raise unreadable(f"it has no {others}{missing[-1]}")
+        return state
 
     # -- metrics -------------------------------------------------------------------------------
 
@@ -109,11 +126,14 @@ class RunDir:
         if not self.metrics_path.is_file():
             return []
         records = []
-        for line in self.metrics_path.read_text().splitlines():
+        # undecodable bytes only spoil their own line, which is then skipped
+        for line in self.metrics_path.read_text(errors="replace").splitlines():
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+                record = json.loads(line)
+            except ValueError:
                 continue  # a line cut short by a kill
+            if isinstance(record, dict):  # a bare number or list is no record (an edit, or garbage)
+                records.append(record)
         return records
 
     def truncate_metrics(self, step: int) -> None:
@@ -132,12 +152,34 @@ class RunDir:
         suffix = "".join(f"-{k}={spell(v)}" for k, v in sorted(labels.items()))
         return self.eval_path.with_name(f"eval{suffix}.json")
 
+    def read_evaluations(self) -> dict[str, dict[str, Any]]:
+        """Every evaluation written here (``eval.json``, ``eval-*.json``), by file stem."""
+        def advice(path: Path) -> str:
+            options = "" if path.stem == "eval" else " with the options its name lists"
+            return f"delete it or rerun `metalearn eval {self.path}`{options}"
+
+        return {path.stem: read_json_object(path, advice(path)) for path in sorted(self.path.glob("eval*.json"))}
+
     def write_eval(self, result: dict[str, Any], overrides: dict[str, Any] | None = None,
                    part: str = "test") -> Path:
         """Write ``result`` to :meth:`eval_file`."""
         path = self.eval_file(overrides, part)
         atomic_write_bytes(path, (json.dumps(result, indent=2) + "\n").encode())
         return path
+
+
+def read_json_object(path: Path, advice: str) -> dict[str, Any]:
+    """The JSON object in ``path``; a file cut short, damaged or holding another JSON value is one
+    line naming it and ``advice``, what to do."""
+    try:
+        data = json.loads(path.read_bytes())
+    except ValueError as err:  # JSONDecodeError, or bytes that are no text at all
+        detail = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise MetalearnError(f"{path} is not valid JSON ({detail}): it was cut short or damaged; {advice}") from None
+    if not isinstance(data, dict):
+        kind = {list: "array", str: "string", bool: "boolean"}.get(type(data), "number" if data is not None else "null")
+        raise MetalearnError(f"{path} holds a JSON {kind}, not the object metalearn writes; {advice}")
+    return data
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

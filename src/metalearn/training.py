@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -25,6 +25,7 @@ from metalearn.tasks import TaskSource, build_task_source, has_validation, probl
 
 VALIDATION_SEED_OFFSET = 1_000_003
 TEST_SEED_OFFSET = 2_000_003
+RESUME_ENTRIES = ("step", "config", "learner", "optimizer", "scheduler", "torch_rng")  # what restore reads
 
 
 def on_cpu(value: Any) -> Any:
@@ -142,6 +143,7 @@ class Trainer:
     def restore(self, state: dict[str, Any]) -> None:
         saved = RunConfig.from_dict(state["config"])
         check_compatible(saved, self.config, f"the checkpoint in {self.run_dir.path}")
+        check_weights_finite(state["learner"], self.run_dir.path)
         load_learner_state(self.learner, state["learner"], self.run_dir.path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -208,6 +210,14 @@ class Trainer:
                 )
             self.optimizer.step()
             self.learner.end_step(self.world)
+            # a huge --meta-lr can overflow a finite gradient into inf weights; caught here, before
+            # this step's checkpoint would keep them (every rank holds the same weights: no collective)
+            if not all_finite(parameters):
+                raise MetalearnError(
+                    f"the update of step {self.step + 1} made the parameters non-finite (the meta-loss was "
+                    f"{total_loss:.4g}); training stopped, and the last good checkpoint in {self.run_dir.path} "
+                    "(from before this step) is kept. Try a smaller --meta-lr."
+                )
             self.scheduler.step()
             self.step += 1
             window_tasks += train.meta_batch_size
@@ -264,10 +274,37 @@ class Trainer:
 # -- assembling a run ------------------------------------------------------------------------
 
 
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every element of ``tensors`` is finite (one synchronisation for all tensors).
+    Not a norm: the norm of large finite weights overflows to inf."""
+    flags = [torch.isfinite(t.detach()).all() for t in tensors]
+    return not flags or bool(torch.stack(flags).all())
+
+
 def gradients_finite(parameters: list[torch.Tensor]) -> bool:
     """Whether every gradient is finite (one synchronisation for all tensors)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    return all_finite(p.grad for p in parameters if p.grad is not None)
+
+
+def check_weights_finite(weights: dict[str, Any], where: Path) -> None:
+    """Refuse a checkpoint whose learner holds a NaN or inf weight (one saved before training
+    checked its updates): evaluating it only prints NaN scores, resuming it a NaN loss."""
+    for name, value in weights.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not all_finite([value]):
+            raise MetalearnError(
+                f"the checkpoint in {where} holds non-finite weights ({name}): the run diverged before it "
+                "was saved. Train it again in a new --run-dir with a smaller --meta-lr."
+            )
+
+
+def check_same_method(saved: RunConfig, algorithm: str, run_path: Path | str) -> None:
+    """Refuse to continue a run of one method as another: its saved options are the other
+    method's, which this one would only call unknown."""
+    if saved.algorithm != algorithm:
+        raise MetalearnError(
+            f"{run_path} is a {saved.algorithm} run, not {algorithm}: continue it with `metalearn train "
+            f"{saved.algorithm} --resume --run-dir {run_path}`, or train {algorithm} in another --run-dir"
+        )
 
 
 RESUME_ADVICE = "Resume with the same options, or start a new run directory."
@@ -284,6 +321,8 @@ def configuration_conflict(what: str, conflicts: dict[str, tuple[Any, Any]], why
 def check_compatible(saved: RunConfig, requested: RunConfig, what: str, advice: str = RESUME_ADVICE) -> None:
     """Refuse to continue ``saved`` with a configuration that changes what it computes. An
     option that ``saved`` lacks (the run is older than the option) counts as its default."""
+    if saved.algorithm != requested.algorithm:  # the options of one method are unknown to the other
+        raise configuration_conflict(what, {"algorithm": (saved.algorithm, requested.algorithm)}, "", advice)
     saved, requested = with_all_options(saved), with_all_options(requested)
     resumable = set(RESUMABLE_CHANGES)
     if saved.train.lr_anneal == "linear":
@@ -321,7 +360,8 @@ def initialise_from_run(learner: MetaLearner, run_dir: Path | str) -> int:
     source = RunDir(run_dir)
     if not source.has_checkpoint():
         raise MetalearnError(f"--init-from {source.path}: no checkpoint there; give a run directory of a trained run")
-    saved = source.read_checkpoint()["learner"]
+    saved = source.read_checkpoint("learner")["learner"]
+    check_weights_finite(saved, source.path)
     own = {name: p for name, p in learner.state_dict(keep_vars=True).items() if name.startswith("model.")}
     mismatched = [name for name, p in own.items() if name not in saved or saved[name].shape != p.shape]
     if mismatched:
@@ -371,7 +411,9 @@ def build_trainer(config: RunConfig, run_dir: Path | str, data_dir: Path | str |
         if not run.has_checkpoint():
             raise MetalearnError(f"cannot resume: {run.path} has no checkpoint.pt (removed, or the run stopped "
                                  "before its first one); start afresh in another --run-dir")
-        check_compatible(run.read_config(), config, f"the run in {run.path}")
+        saved = run.read_config()
+        check_same_method(saved, config.algorithm, run.path)
+        check_compatible(saved, config, f"the run in {run.path}")
     elif run.holds_run():
         raise MetalearnError(f"{run.path} already holds a run; pass --resume to continue it or choose another --run-dir")
     world.barrier()  # every rank has looked at the folder before rank 0 writes into it
@@ -381,7 +423,7 @@ def build_trainer(config: RunConfig, run_dir: Path | str, data_dir: Path | str |
         initialise_from_run(learner, config.train.init_from)
     trainer = Trainer(config, learner, train_tasks, val_tasks, run, world, resume=resume)
     if resume:
-        trainer.restore(run.read_checkpoint())
+        trainer.restore(run.read_checkpoint(*RESUME_ENTRIES))
         if trainer.step > config.train.steps:
             raise MetalearnError(
                 f"the run in {run.path} is already at step {trainer.step}; --steps {config.train.steps} "
@@ -401,7 +443,7 @@ def load_trained(run_dir: Path | str, overrides: dict[str, Any] | None = None) -
     the number of test-time steps) for this evaluation only."""
     run = RunDir(run_dir)
     config = run.read_config()
-    state = run.read_checkpoint()
+    state = run.read_checkpoint("config", "learner", "step")
     source = state.get("task_source", "metalearn.")  # checkpoints before 2026-11-30: the library's tasks
     if not source.startswith("metalearn."):
         raise MetalearnError(
@@ -415,6 +457,7 @@ def load_trained(run_dir: Path | str, overrides: dict[str, Any] | None = None) -
         # same-shaped weights would load into another architecture without complaint
         raise MetalearnError(f"--set model={overrides['model']}: the run trained "
                              f"{config.algorithm_config.get('model')}; a network cannot change at evaluation")
+    check_weights_finite(state["learner"], run.path)
     options = {**config.algorithm_config, **(overrides or {})}
     learner = build_learner(config.algorithm, options, problem_of(config.task))
     changed = ", ".join(f"--set {key}" for key in (overrides or {}))

@@ -325,6 +325,27 @@ def test_numbers_that_would_only_fail_later_are_refused_at_once(capsys, args, me
     assert code == 2 and message in err and "Traceback" not in err and out == "", err
 
 
+def test_a_dry_run_refuses_the_run_folder_device_and_init_from_that_training_would(tmp_path, capsys):
+    common = ["--dataset", "sinusoid", "--steps", 1, "--meta-batch-size", 2, "--no-progress", "--no-eval"]
+    assert run(["train", "maml", *common, "--run-dir", tmp_path / "small"], capsys)[0] == 0
+    (tmp_path / "empty").mkdir()
+    for args, message in (
+        (["--resume", "--run-dir", tmp_path / "empty"], "cannot resume"),
+        (["--run-dir", tmp_path / "small"], "already holds a run"),
+        (["--resume", "--run-dir", tmp_path / "small", "--inner-lr", 0.5], "inner_lr"),
+        (["--init-from", tmp_path / "nowhere"], "no checkpoint there"),
+        (["--init-from", tmp_path / "small", "--dataset", "sine-or-line"], None),  # the same network: accepted
+        (["--device", "foo"], "--device must be cpu, cuda, cuda:N or auto"),
+    ):
+        code, out, err = run(["train", "maml", *common, *args, "--print-config"], capsys)
+        if message is None:
+            assert code == 0, err
+            continue
+        assert code == 2 and message in err and out == "" and "Traceback" not in err, (args, err)
+    # the dry run wrote nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "small"] and not any((tmp_path / "empty").iterdir())
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--ways", 7], "sinusoid is regression: --ways does not apply to it"),
     (["--split", "vinyals", "--image-size", 32], "--split, --image-size do not apply"),

@@ -174,10 +174,12 @@ def _make_train_command(algorithm: str) -> click.Command:
             train=given(TRAIN_FIELDS),
             resume_from=options["run_dir"] if options["resume"] else None,
         )
-        if options["print_config"]:
-            from metalearn.training import prepare_run
+        if options["print_config"]:  # what training would refuse, refused here too
+            from metalearn.distributed import resolve_device
+            from metalearn.training import check_before_training
 
-            prepare_run(config, options["data_dir"])  # what training would refuse, refused here too
+            resolve_device(options["device"])
+            check_before_training(config, options["run_dir"], options["data_dir"], options["resume"])
             click.echo(json.dumps(config.to_dict(), indent=2))
             return
         run_dir, result = train(config, run_dir=options["run_dir"], data_dir=options["data_dir"],

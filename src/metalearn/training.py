@@ -400,11 +400,9 @@ def prepare_run(config: RunConfig, data_dir: Path | str | None = None, progress:
     return learner, train_tasks, val_tasks
 
 
-def build_trainer(config: RunConfig, run_dir: Path | str, data_dir: Path | str | None = None,
-                  resume: bool = False, world: World = World(), progress: bool = True) -> Trainer:
-    """A trainer for ``config`` writing into ``run_dir``; with ``resume``, continue the run
-    found there (its configuration must agree with ``config``)."""
-    run = RunDir(run_dir)
+def check_run_dir(config: RunConfig, run: RunDir, resume: bool) -> None:
+    """Refuse a run folder that ``config`` cannot train into: with ``resume``, one without a
+    run of the same method and options to continue; without, one that already holds a run."""
     if resume:
         if not run.exists():
             raise MetalearnError(f"cannot resume: {run.path} holds no run (no config.json)")
@@ -416,6 +414,28 @@ def build_trainer(config: RunConfig, run_dir: Path | str, data_dir: Path | str |
         check_compatible(saved, config, f"the run in {run.path}")
     elif run.holds_run():
         raise MetalearnError(f"{run.path} already holds a run; pass --resume to continue it or choose another --run-dir")
+
+
+def check_before_training(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path | str | None = None,
+                          resume: bool = False) -> None:
+    """Every check :func:`build_trainer` makes before the first step, without training or
+    writing anything: what ``train --print-config`` runs, so that a dry run says what training
+    would refuse (the run folder, the data, the network, ``--init-from``)."""
+    if resume and run_dir is None:
+        raise MetalearnError("--resume needs --run-dir, the run to continue")
+    if run_dir is not None:
+        check_run_dir(config, RunDir(run_dir), resume)
+    learner, _, _ = prepare_run(config, data_dir)
+    if config.train.init_from and not resume:
+        initialise_from_run(learner, config.train.init_from)
+
+
+def build_trainer(config: RunConfig, run_dir: Path | str, data_dir: Path | str | None = None,
+                  resume: bool = False, world: World = World(), progress: bool = True) -> Trainer:
+    """A trainer for ``config`` writing into ``run_dir``; with ``resume``, continue the run
+    found there (its configuration must agree with ``config``)."""
+    run = RunDir(run_dir)
+    check_run_dir(config, run, resume)
     world.barrier()  # every rank has looked at the folder before rank 0 writes into it
     learner, train_tasks, val_tasks = prepare_run(config, data_dir, progress)
     learner = learner.to(world.device)

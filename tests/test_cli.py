@@ -185,7 +185,8 @@ def test_platipus_plot_beside_maml_and_compare(tmp_path, capsys):
     assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--meta-batch-size", 2, "--no-progress",
                 "--no-eval", "--run-dir", tmp_path / "maml-sinusoid"], capsys)[0] == 0
     code, _, err = run(["plot", tmp_path / "platipus", "--compare", tmp_path / "maml-sinusoid"], capsys)
-    assert code == 2 and "trained on other tasks" in err
+    assert code == 2 and "trained on other tasks than this run (dataset sinusoid vs sine-or-line" in err
+    assert "TaskConfig(" not in err  # what differs, not two dataclass dumps
     code, _, err = run(["plot", tmp_path / "maml", "--compare", tmp_path / "platipus"], capsys)
     assert code == 2 and "only a probabilistic method on regression tasks has" in err
     code, out, err = run(["compare", tmp_path / "platipus", tmp_path / "maml", "--episodes", 10, "--samples", 4,

@@ -403,7 +403,8 @@ def test_corrupt_png_in_an_extracted_tree_is_named(tmp_path):
     (tmp_path / "images_evaluation").mkdir()
     with pytest.raises(MetalearnError) as info:
         load_omniglot(tmp_path, cache_dir=tmp_path / "cache")
-    assert "corrupt image images_background/Alpha/character01/0001_01.png" in str(info.value)
+    assert "corrupt image images_background/Alpha/character01/0001_01.png: not a readable image" in str(info.value)
+    assert "BytesIO" not in str(info.value) and "metalearn data verify" in str(info.value)
 
 
 def test_incomplete_tree_is_reported(tmp_path, omniglot_data_dir):

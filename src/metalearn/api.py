@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 
 from metalearn.algorithms import algorithm_class, make_algorithm_config
-from metalearn.config import RunConfig, TaskConfig, TrainConfig
+from metalearn.config import RunConfig, TaskConfig, TrainConfig, task_differences
 from metalearn.distributed import World, init_world
 from metalearn.errors import MetalearnError
 from metalearn.evaluation import evaluate
@@ -241,8 +241,8 @@ def _comparison_run(config: RunConfig, compare_with: Path | str) -> tuple[Any, s
                              f"on {config.task.dataset})")
     other_config, other_learner, _ = load_trained(compare_with)
     if other_config.task != config.task:
-        raise MetalearnError(f"--compare {compare_with}: trained on other tasks ({other_config.task}) than this run "
-                             f"({config.task}); compare runs of the same tasks")
+        raise MetalearnError(f"--compare {compare_with}: trained on other tasks than this run "
+                             f"({task_differences(other_config.task, config.task)}); compare runs of the same tasks")
     label = other_config.algorithm.upper()
     return other_learner, label + (" (one sample)" if hasattr(other_learner, "sample_predictions") else "")
 

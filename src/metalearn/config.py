@@ -153,3 +153,9 @@ def config_differences(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, A
 
     a, b = flat(old.to_dict()), flat(new.to_dict())
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def task_differences(a: TaskConfig, b: TaskConfig) -> str:
+    """What differs between two task configurations, for a message: ``"shots 5 vs 10"``."""
+    first, second = dataclasses.asdict(a), dataclasses.asdict(b)
+    return ", ".join(f"{key} {first[key]} vs {second[key]}" for key in first if first[key] != second[key])

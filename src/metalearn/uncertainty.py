@@ -28,7 +28,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from metalearn.config import task_differences
 from metalearn.errors import MetalearnError
 from metalearn.tasks.batch import TaskBatch
 
@@ -198,8 +198,7 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     first_label, first_task = next(iter(tasks.items()))
     for label, task in tasks.items():
         if task.for_testing() != first_task.for_testing():
-            a, b = dataclasses.asdict(first_task.for_testing()), dataclasses.asdict(task.for_testing())
-            differ = ", ".join(f"{key} {a[key]} vs {b[key]}" for key in a if a[key] != b[key])
+            differ = task_differences(first_task.for_testing(), task.for_testing())
             raise MetalearnError(f"runs {first_label!r} and {label!r} are tested on different tasks ({differ}); "
                                  "compare runs of the same task")
     source = build_task_source(first_task, part, data_dir)

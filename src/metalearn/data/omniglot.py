@@ -157,8 +157,12 @@ def decode_drawing(name: str, data: bytes, image_size: int) -> np.ndarray:
             if img.size != (image_size, image_size):
                 img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
             return 255 - np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise MetalearnError(f"corrupt image {name}: {err}") from None
+    except UnidentifiedImageError:  # its own message names an in-memory buffer, not the file
+        raise MetalearnError(f"corrupt image {name}: not a readable image. The data is damaged: run `metalearn "
+                             "data verify`, and download the archive again") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise MetalearnError(f"corrupt image {name}: {err}. The data is damaged: run `metalearn data verify`, "
+                             "and download the archive again") from None
 
 
 def parse_name(name: str) -> tuple[str, int, int]:

@@ -475,9 +475,9 @@ def main(args: list[str] | None = None) -> None:
         if not is_out_of_memory(err):
             raise
         detail = (str(err).splitlines() or [type(err).__name__])[0][:160]
-        click.echo(f"error: out of memory ({detail}). Use fewer tasks or images at "
-                   "once: a smaller --meta-batch-size, fewer --ways, --shots, --query or --inner-steps; "
-                   "a training run keeps its last checkpoint (continue with --resume).", err=True)
+        click.echo(f"error: out of memory ({detail}). Use fewer tasks or images at once, or smaller ones: "
+                   "a smaller --meta-batch-size, fewer --ways, --shots, --query or --inner-steps, a smaller "
+                   "--image-size; a training run keeps its last checkpoint (continue with --resume).", err=True)
         sys.exit(2)
     if isinstance(code, int) and code:
         sys.exit(code)

@@ -58,7 +58,8 @@ OPTION_HELP = {
     "meta_optimizer": "the meta-optimiser: adam or sgd",
     "lr_halve_every": "halve the meta learning rate every this many steps (0: never)",
     "lr_anneal": "none, or linear: the meta learning rate falls linearly to 0 over --steps (Reptile)",
-    "seed": "seeds the initial weights and every task drawn; the same seed repeats a run exactly",
+    "seed": "seeds the initial weights and every task drawn; the same seed repeats a run exactly on the same "
+            "machine and versions",
     "log_every": "steps between lines of metrics.jsonl",
     "val_every": "steps between validations on the validation split (0: none)",
     "val_episodes": "episodes per validation",
@@ -121,9 +122,20 @@ METHOD_OPTION_HELP = {
 }
 
 PAPER_DEFAULT = "(default: see --print-config)"
-# an integer torch can hold: a larger one would end in an overflow deep inside torch; the
-# configs check the sensible range
-INTEGER = click.IntRange(-(2**63), 2**63 - 1)
+
+
+class Int64(click.types.IntParamType):
+    """An integer torch can hold: a larger one would end in an overflow deep inside torch. The
+    configs check the sensible range; this only keeps the help free of a 19-digit range."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not -(2**63) <= number < 2**63:
+            self.fail(f"{number} does not fit in a 64-bit integer", param, ctx)
+        return number
+
+
+INTEGER = Int64()
 
 
 def _option_for(field: dataclasses.Field, paper_default: bool = False, algorithm: str | None = None) -> click.Option:

@@ -188,10 +188,10 @@ def _make_train_command(algorithm: str) -> click.Command:
         )
         if options["print_config"]:  # what training would refuse, refused here too
             from metalearn.distributed import resolve_device
-            from metalearn.training import check_before_training
+            from metalearn.training import prepare_training
 
             resolve_device(options["device"])
-            check_before_training(config, options["run_dir"], options["data_dir"], options["resume"])
+            prepare_training(config, options["run_dir"], options["data_dir"], options["resume"])
             click.echo(json.dumps(config.to_dict(), indent=2))
             return
         run_dir, result = train(config, run_dir=options["run_dir"], data_dir=options["data_dir"],

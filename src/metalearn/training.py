@@ -409,25 +409,25 @@ def check_run_dir(config: RunConfig, run: RunDir, resume: bool) -> None:
         if not run.has_checkpoint():
             raise MetalearnError(f"cannot resume: {run.path} has no checkpoint.pt (removed, or the run stopped "
                                  "before its first one); start afresh in another --run-dir")
-        saved = run.read_config()
-        check_same_method(saved, config.algorithm, run.path)
-        check_compatible(saved, config, f"the run in {run.path}")
+        check_compatible(run.read_config(), config, f"the run in {run.path}")  # the method too
     elif run.holds_run():
         raise MetalearnError(f"{run.path} already holds a run; pass --resume to continue it or choose another --run-dir")
 
 
-def check_before_training(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path | str | None = None,
-                          resume: bool = False) -> None:
-    """Every check :func:`build_trainer` makes before the first step, without training or
-    writing anything: what ``train --print-config`` runs, so that a dry run says what training
-    would refuse (the run folder, the data, the network, ``--init-from``)."""
+def prepare_training(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path | str | None = None,
+                     resume: bool = False, progress: bool = False):
+    """(learner with its initial weights, training tasks, validation tasks or None), after every
+    check a run makes before its first step (the run folder, the data, the network,
+    ``--init-from``), writing nothing: :func:`build_trainer` starts from it, and ``train
+    --print-config`` runs it alone, so that a dry run refuses what training would."""
     if resume and run_dir is None:
         raise MetalearnError("--resume needs --run-dir, the run to continue")
     if run_dir is not None:
         check_run_dir(config, RunDir(run_dir), resume)
-    learner, _, _ = prepare_run(config, data_dir)
+    learner, train_tasks, val_tasks = prepare_run(config, data_dir, progress)
     if config.train.init_from and not resume:
         initialise_from_run(learner, config.train.init_from)
+    return learner, train_tasks, val_tasks
 
 
 def build_trainer(config: RunConfig, run_dir: Path | str, data_dir: Path | str | None = None,
@@ -435,12 +435,9 @@ def build_trainer(config: RunConfig, run_dir: Path | str, data_dir: Path | str |
     """A trainer for ``config`` writing into ``run_dir``; with ``resume``, continue the run
     found there (its configuration must agree with ``config``)."""
     run = RunDir(run_dir)
-    check_run_dir(config, run, resume)
-    world.barrier()  # every rank has looked at the folder before rank 0 writes into it
-    learner, train_tasks, val_tasks = prepare_run(config, data_dir, progress)
+    learner, train_tasks, val_tasks = prepare_training(config, run_dir, data_dir, resume, progress)
+    world.barrier()  # every rank has looked at the folder before rank 0 writes into it (the Trainer)
     learner = learner.to(world.device)
-    if config.train.init_from and not resume:  # before the Trainer, which creates the run's folder
-        initialise_from_run(learner, config.train.init_from)
     trainer = Trainer(config, learner, train_tasks, val_tasks, run, world, resume=resume)
     if resume:
         trainer.restore(run.read_checkpoint(*RESUME_ENTRIES))

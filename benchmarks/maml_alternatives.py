@@ -25,13 +25,24 @@ that, each a separate pass over memory. Rows, timed round-robin on ``maml_step.p
                   mean_i (v_i - alpha H_i v_i), v_i the query gradient at the adapted weights and
                   H_i the support loss's Hessian at the shared ones; the inner and query gradients
                   are taken once with torch's fused batch norm, then H_i v_i forward-over-reverse
-                  (``torch.func.jvp`` of ``grad``).
+                  (``torch.func.jvp`` of ``grad``);
+  folded       -- no ``vmap``: the 32 tasks' copies of Conv4 as one network in the layout
+                  ``vmap`` itself uses inside (task axis folded into the channels, grouped
+                  convolutions, torch's fused batch norm over task x channel, whose second
+                  derivative is right outside ``vmap``), differentiated with plain autograd
+                  (``folded_meta_gradient`` below; Conv4 with stride only: a second
+                  implementation of the network, which is why it would need to win clearly);
+  folded-cl    -- the same with the activations in channels-last memory layout, where this
+                  CPU's stride-2 convolution input gradient runs about twice as fast on one set
+                  of weights (README, *Performance*); under ``vmap`` that layout is lost.
 
 The two hand-written derivatives (``native-bn``'s second, ``bn-function``'s first) pass
 ``torch.autograd.gradcheck`` and ``gradgradcheck`` in float64 before anything is timed.
 Every row's meta-gradient is compared with the shipped one before timing (float32; the run
 stops above 1e-2 relative: the compiled kernels round differently, ~1e-3 in the first conv's
-weight gradient, the size of the per-task loops' float32 error in ``maml_step.py``). First order is not timed: it already runs torch's fused batch norm.
+weight gradient, the size of the per-task loops' float32 error in ``maml_step.py``), the folded
+rows' in float64 instead (their float32 rounding reached 5.6e-2 on this batch), and every
+row's float32 error against the float64 meta-gradient is printed. First order is not timed: it already runs torch's fused batch norm.
 
     python benchmarks/maml_alternatives.py --threads 2 --iters 20
 """
@@ -40,6 +51,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import functools
 import statistics
 import time
 
@@ -49,8 +62,9 @@ from torch import Tensor
 from torch.func import functional_call, grad, jvp, vmap
 
 import metalearn.runtime
+from metalearn import TaskBatch
 from metalearn.models import norm
-from maml_step import make_batch, make_model, relative_difference, vmapped_step, warn_if_loaded
+from maml_step import cpu_description, make_batch, make_model, relative_difference, vmapped_step, warn_if_loaded
 
 SHIPPED_FORWARD = norm.BatchStatNorm.forward
 
@@ -232,6 +246,62 @@ def hvp_meta_gradient(model, inner_lr: float):
     return meta_gradient
 
 
+def folded_meta_gradient(model, inner_lr: float, channels_last: bool):
+    """The same meta-gradient (one inner step, second order) in the folded layout, for
+    ``Conv4(pooling="stride")`` only: params, support_x, ... -> meta-gradient dict."""
+    blocks = len(model.features)
+
+    def forward(params, x):  # params: name -> (tasks, *shape); x: (tasks, n, c, h, w) -> (tasks, n, ways)
+        tasks, n = x.shape[:2]
+        h = x.transpose(0, 1).reshape(n, tasks * x.shape[2], *x.shape[3:])
+        if channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
+        for i in range(blocks):
+            w = params[f"features.{i}.0.weight"]
+            h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), None, stride=2, padding=1, groups=tasks)
+            h = F.batch_norm(h, None, None, params[f"features.{i}.1.weight"].reshape(-1),
+                             params[f"features.{i}.1.bias"].reshape(-1), True, 0.0, model.features[i][1].eps)
+            h = F.relu(h)
+        features = h.mean(dim=(-2, -1)).view(n, tasks, -1)
+        return torch.einsum("ntc,tkc->tnk", features, params["head.weight"]) + params["head.bias"][:, None, :]
+
+    def summed_task_losses(logits, y):  # the sum over tasks of each task's mean cross-entropy
+        tasks, n, ways = logits.shape
+        return F.cross_entropy(logits.reshape(-1, ways), y.reshape(-1), reduction="sum") / n
+
+    def meta_gradient(params, support_x, support_y, query_x, query_y):
+        tasks = support_x.shape[0]
+        shared = {k: v.detach().requires_grad_() for k, v in params.items()}
+        per_task = {k: v.expand(tasks, *v.shape) for k, v in shared.items()}
+        inner = torch.autograd.grad(summed_task_losses(forward(per_task, support_x), support_y),
+                                    list(per_task.values()), create_graph=True)
+        adapted = {k: v - inner_lr * g for (k, v), g in zip(per_task.items(), inner)}
+        query_loss = summed_task_losses(forward(adapted, query_x), query_y) / tasks
+        return dict(zip(shared, torch.autograd.grad(query_loss, list(shared.values()))))
+
+    return meta_gradient
+
+
+def check_folded_in_float64(model, batch, inner_lr: float) -> dict[str, Tensor]:
+    """The folded rows compute the shipped meta-gradient: compared in float64, where rounding
+    cannot hide a difference. Returns the float64 meta-gradient, to measure every row's float32
+    rounding error against."""
+    model64 = copy.deepcopy(model).double()
+    batch64 = TaskBatch(batch.support_x.double(), batch.support_y, batch.query_x.double(), batch.query_y,
+                        ways=batch.ways)
+    vmapped_step(model64, batch64, first_order=False, inner_lr=inner_lr)()
+    reference = {n: q.grad for n, q in model64.named_parameters()}
+    params = {k: v.detach() for k, v in model64.named_parameters()}
+    for name, channels_last in (("folded", False), ("folded-cl", True)):
+        folded = folded_meta_gradient(model64, inner_lr, channels_last)(
+            params, batch64.support_x, batch64.support_y, batch64.query_x, batch64.query_y)
+        difference = relative_difference(reference, folded)
+        print(f"{name}: meta-gradient vs shipped in float64, max relative difference {difference:.1e}")
+        if difference > 1e-10:
+            raise SystemExit(f"{name} computes a different meta-gradient")
+    return reference
+
+
 def check_hand_written_derivatives() -> None:
     """gradcheck and gradgradcheck, float64, of both hand-written batch-norm derivatives."""
     g = torch.Generator().manual_seed(0)
@@ -283,6 +353,8 @@ def main(argv=None) -> None:
     rows = {"shipped": autograd_row(SHIPPED_FORWARD), "native-bn": autograd_row(native_forward),
             "bn-function": autograd_row(closed_form_forward),
             "functional": functional_row(functional), "hvp": lambda: hvp(*inputs)}
+    for name, channels_last in (("folded", False), ("folded-cl", True)):
+        rows[name] = functools.partial(folded_meta_gradient(model, inner_lr, channels_last), *inputs)
     if not args.skip_compile:
         compiled = torch.compile(functional, fullgraph=True)
         start = time.perf_counter()
@@ -295,11 +367,15 @@ def main(argv=None) -> None:
         model.zero_grad(set_to_none=True)
         return {n: g.detach().clone() for n, g in step().items()}
 
+    exact = check_folded_in_float64(model, batch, inner_lr)
     reference = run(rows["shipped"])
     for name, step in rows.items():
-        difference = relative_difference(reference, run(step))
-        print(f"{name}: meta-gradient vs shipped, max relative difference {difference:.1e}")
-        if difference > 1e-2:
+        gradient = run(step)
+        difference = relative_difference(reference, gradient)
+        error = relative_difference(exact, {n: g.double() for n, g in gradient.items()})
+        print(f"{name}: meta-gradient vs shipped, max relative difference {difference:.1e}; "
+              f"float32 error (vs float64) {error:.1e}")
+        if difference > 1e-2 and not name.startswith("folded"):  # folded: checked in float64 above
             raise SystemExit(f"{name} computes a different meta-gradient")
     times = {name: [] for name in rows}
     for i in range(args.warmup + args.iters):
@@ -310,7 +386,8 @@ def main(argv=None) -> None:
             if i >= args.warmup:
                 times[name].append((time.perf_counter() - start) * 1e3)
     base = statistics.median(times["shipped"])
-    print(f"\nsecond-order meta-step, {torch.get_num_threads()} thread(s), median of {args.iters}\n")
+    print(f"\nsecond-order meta-step, {torch.get_num_threads()} thread(s), {cpu_description()}, "
+          f"median of {args.iters}\n")
     print("| row | ms/step | vs shipped |\n| --- | ---: | ---: |")
     for name, ts in times.items():
         print(f"| {name} | {statistics.median(ts):.1f} | {base / statistics.median(ts):.2f}x |")

@@ -205,6 +205,21 @@ def summarize(implementation: str, order: str, times: list[float], tasks: int, *
     }
 
 
+def cpu_description() -> str:
+    """The processor and the vector instructions torch's kernels use on it, e.g. "AMD EPYC
+    (torch kernels: AVX2)". Recorded with every timing: the machines a session gets differ
+    (README, *Performance*: the same step on two of them)."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} (torch kernels: {torch.backends.cpu.get_cpu_capability()})"
+
+
 def warn_if_loaded(threads: int) -> None:
     """Other busy processes plus ``threads`` > cores make OpenMP threads wait on descheduled
     peers at every parallel region: timings then vary by 10x or more, most of all for the
@@ -452,7 +467,7 @@ def main(argv=None) -> dict:
         load = None
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     print(f"torch {torch.__version__}, threads {threads}, python {platform.python_version()}, "
-          f"cpus {os.cpu_count()}, load average {load}, device {device}"
+          f"cpus {os.cpu_count()} ({cpu_description()}), load average {load}, device {device}"
           + (f" ({gpu}, {args.gpu_kernels} kernels: TF32 convolutions "
              f"{'on' if torch.backends.cudnn.allow_tf32 else 'off'})" if gpu else ""))
     warn_if_loaded(threads)
@@ -516,8 +531,8 @@ def main(argv=None) -> dict:
         load_after = None
     result = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "torch": torch.__version__, "threads": threads, "cpus": os.cpu_count(), "load_average": load,
-        "load_average_after": load_after,
+        "torch": torch.__version__, "threads": threads, "cpus": os.cpu_count(), "cpu": cpu_description(),
+        "load_average": load, "load_average_after": load_after,
         "device": str(device), "gpu": gpu, "gpu_kernels": args.gpu_kernels if gpu else None,
         "peers": {m: peer.info for m, peer in peers.items()},
         "gradient_checks_float64": checks,

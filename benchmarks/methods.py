@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -35,7 +34,7 @@ from metalearn.runtime import tune_allocator
 from metalearn.tasks import problem_of
 from metalearn.tasks.batch import TaskBatch
 
-from maml_step import select_gpu_kernels, synchronize  # this folder's module
+from maml_step import cpu_description, select_gpu_kernels, synchronize  # this folder's module
 
 # the README's 5-way 1-shot reproduction commands, as task options
 COMMANDS = {
@@ -123,7 +122,7 @@ def main() -> None:
     tuned = False if args.default_allocator else tune_allocator()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), allocator {'tuned' if tuned else 'default'}, "
-          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cpus, device {device}"
+          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cpus ({cpu_description()}), device {device}"
           + (f" ({torch.cuda.get_device_name(device)}, {args.gpu_kernels} kernels)" if device.type == "cuda" else ""))
     rows = []
     header = f"{'method':16s} {'train shape':38s} {'ms/step':>8s} {'train ep/s':>10s} {'eval ep/s':>9s} {'1000 eval eps':>13s}"
@@ -136,7 +135,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"metalearn": metalearn.__version__, "torch": torch.__version__, "threads": args.threads,
-                       "allocator": "tuned" if tuned else "default", "cpu": platform.processor() or platform.machine(),
+                       "allocator": "tuned" if tuned else "default", "cpu": cpu_description(),
                        "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()[0], "device": str(device), "gpu_kernels": args.gpu_kernels,
                        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "rows": rows}, f, indent=2)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from maml_step import save_json, time_metalearn_maml, warn_if_loaded  # noqa: E402
+from maml_step import cpu_description, save_json, time_metalearn_maml, warn_if_loaded  # noqa: E402
 
 from metalearn.data.omniglot import load_omniglot  # noqa: E402
 from metalearn.data.splits import omniglot_split  # noqa: E402
@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
     queries = [int(q) for q in args.queries.split(",")]
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
 
-    print(f"torch {torch.__version__}, threads {threads}, cpus {os.cpu_count()}, "
+    print(f"torch {torch.__version__}, threads {threads}, cpus {os.cpu_count()} ({cpu_description()}), "
           f"load average {os.getloadavg()}; data {data_dir}")
     warn_if_loaded(threads)
     omniglot = load_omniglot(data_dir)
@@ -115,7 +115,7 @@ def main(argv=None) -> dict:
     print(table)
     result = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "torch": torch.__version__, "threads": threads, "load_average": os.getloadavg(),
+        "torch": torch.__version__, "threads": threads, "cpu": cpu_description(), "load_average": os.getloadavg(),
         "rows": rows, "maml_steps": {str(q): s for q, s in steps.items()}, "table": table,
     }
     if args.json:

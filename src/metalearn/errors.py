@@ -8,6 +8,8 @@ of showing a traceback from deep inside torch.
 
 
 import math
+import re
+from typing import Callable
 
 FLOAT32_MAX = 3.4028234663852886e38  # the networks compute in float32: a larger value overflows
 
@@ -24,6 +26,32 @@ def require_number(option: str, value: float, *, zero_allowed: bool = False) -> 
     if not ok or not (value >= 0 if zero_allowed else value > 0):
         bound = ">= 0" if zero_allowed else "> 0"
         raise MetalearnError(f"{option} must be a finite number {bound}, got {value}")
+
+
+class ConfigError(MetalearnError):
+    """An option value a config refuses. The library's message names the field
+    (``MAML.Config.inner_lr must be > 0, got -1``); the CLI shows the same problem with the flag
+    (``--inner-lr must be > 0, got -1``) through :meth:`with_flags`, its one field-to-flag mapping.
+
+    ``problem`` is the rest of the sentence; other fields it mentions are written in backticks
+    (``"must be at most `memory_size` (8192)"``) and are named the same way in either form."""
+
+    def __init__(self, owner: str, field: str, problem: str):
+        self.owner, self.field, self.problem = owner, field, problem
+        super().__init__(self.render(lambda name: f"{owner}.{name}" if owner else name))
+
+    def render(self, name: Callable[[str], str]) -> str:
+        text = re.sub(r"`([A-Za-z_][A-Za-z0-9_]*)`", lambda m: name(m.group(1)), self.problem)
+        return f"{name(self.field)} {text}"
+
+    def with_flags(self) -> str:
+        """The message as the command line spells options: ``--inner-lr must be > 0, got -1``."""
+        return self.render(flag)
+
+
+def flag(field: str) -> str:
+    """The command-line spelling of a config field: ``inner_lr`` -> ``--inner-lr``."""
+    return "--" + field.replace("_", "-")
 
 
 class TrainingStopped(MetalearnError):

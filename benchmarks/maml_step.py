@@ -430,7 +430,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N; the learn2learn rows run on the CPU only")
     p.add_argument("--gpu-kernels", choices=("reproducible", "fast"), default="reproducible",
                    help="reproducible: what metalearn runs (full float32, deterministic cuDNN); fast: torch's "
-                        "defaults (TF32 convolutions, any cuDNN algorithm)")
+                        "defaults (TF32 convolutions, any cuDNN method)")
     p.add_argument("--tuned-allocator", action="store_true",
                    help="raise glibc's mmap/trim thresholds in every interpreter (what the metalearn command does)")
     args = p.parse_args(argv)

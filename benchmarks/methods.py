@@ -70,11 +70,11 @@ def median_seconds(fn, iters: int, device: torch.device = torch.device("cpu")) -
 
 
 def measure(method: str, iters: int, device: torch.device = torch.device("cpu")) -> dict:
-    algorithm = method.split("-")[0]
+    method = method.split("-")[0]
     extra = {"full_context_embeddings": True} if method.endswith("-fce") else {}
-    config = resolve_config(algorithm, task={"dataset": "omniglot", **COMMANDS[method]}, algorithm_config=extra)
+    config = resolve_config(method, task={"dataset": "omniglot", **COMMANDS[method]}, method_config=extra)
     torch.manual_seed(0)
-    learner = build_learner(algorithm, config.algorithm_config, problem_of(config.task)).to(device)
+    learner = build_learner(method, config.method_config, problem_of(config.task)).to(device)
     train = config.train
     optimizer = (torch.optim.Adam if train.meta_optimizer == "adam" else torch.optim.SGD)(
         learner.parameters(), lr=train.meta_lr)

@@ -40,7 +40,7 @@ def main(argv=None) -> None:
         config = resolve_config("reptile", task={"dataset": "omniglot", "ways": ways, "shots": 10,
                                                  "test_shots": 1, "query": 1})
         torch.manual_seed(0)
-        learner = build_learner("reptile", config.algorithm_config, problem_of(config.task)).eval()
+        learner = build_learner("reptile", config.method_config, problem_of(config.task)).eval()
         batch = synthetic_batch(args.episodes, ways, 1, 1, config.task.image_size, seed=1)
         per_step = median_seconds(lambda: learner.predict_per_step(batch), args.iters)
         final = median_seconds(lambda: learner.predict(batch), args.iters)

@@ -49,7 +49,8 @@ def test_plot_draws_the_true_functions_and_the_predictions_after_0_1_and_10_step
 
     from metalearn.runs import RunDir
     from metalearn.tasks import SinusoidTasks, TaskBatch
-    from metalearn.training import TEST_SEED_OFFSET, load_trained
+    from metalearn.checkpoints import load_trained
+    from metalearn.training import TEST_SEED_OFFSET
 
     run_dir = tmp_path / "run"
     assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 2, "--meta-batch-size", 2, "--no-eval",
@@ -121,7 +122,7 @@ def test_resume_from_the_command_line_takes_the_saved_configuration(tmp_path, ca
                                "--test-query (in metalearn eval: --shots or --query)"),
         (["--split", "nope"], "valid splits: vinyals, lake, maml"),
         (["--split", "lake", "--steps", 1], None),
-        (["--split", "lake", "--steps", 1, "--val-every", 1], "the lake split has no validation part: --val-every"),
+        (["--split", "lake", "--steps", 1, "--val-every", 1], "--val-every cannot apply: the lake split has no validation part"),
     ],
 )
 def test_bad_episode_options(tmp_path, capsys, omniglot_data_dir, extra, message):
@@ -137,7 +138,7 @@ def test_bad_episode_options(tmp_path, capsys, omniglot_data_dir, extra, message
 
 def test_unknown_dataset_lists_the_valid_ones(tmp_path, capsys):
     code, _, err = run(["train", "maml", "--dataset", "mnist", "--run-dir", tmp_path], capsys)
-    assert code == 2 and "valid datasets: omniglot, sinusoid, sine-or-line" in err
+    assert code == 2 and "--dataset must be one of omniglot, sinusoid, sine-or-line, got 'mnist'" in err
 
 
 def test_missing_data_directory_says_where_to_put_the_archives(tmp_path, capsys):
@@ -207,7 +208,7 @@ def test_platipus_plot_beside_maml_and_compare(tmp_path, capsys):
         (["--log-every", 0], "--log-every must be at least 1"),
         (["--meta-batch-size", 0], "--meta-batch-size must be at least 1, got 0"),
         (["--steps", -5], "--steps must be >= 0, got -5"),
-        (["--noise-std", 0.1], "--noise-std is the noise on regression targets"),
+        (["--noise-std", 0.1], "--noise-std does not apply to omniglot, a classification dataset"),
         (["--ways", 1], "--ways must be at least 2"),
         (["--test-query", 0], "--test-query must be at least 1"),
         (["--split", "lake", "--test-shots", 10, "--test-query", 15], "--test-shots 10 with --test-query 15 needs 25"),
@@ -220,9 +221,9 @@ def test_bad_options_are_refused_before_training(tmp_path, capsys, omniglot_data
     assert not (tmp_path / "r" / "checkpoint.pt").exists()
 
 
-@pytest.mark.parametrize("setting, message", [("test_inner_steps=abc", "test_inner_steps must be int"),
-                                              ("test_inner_steps=2.5", "test_inner_steps must be int"),
-                                              ("first_order=maybe", "first_order must be bool (true or false)"),
+@pytest.mark.parametrize("setting, message", [("test_inner_steps=abc", "--test-inner-steps must be int"),
+                                              ("test_inner_steps=2.5", "--test-inner-steps must be int"),
+                                              ("first_order=maybe", "--first-order must be bool (true or false)"),
                                               ("model=conv4", "a network cannot change at evaluation"),
                                               ("learn_inner_lr=true", "--set learn_inner_lr changes the trained "
                                                                       "network; Missing key(s)")])
@@ -287,14 +288,14 @@ def test_print_config_shows_the_resolved_paper_settings_and_trains_nothing(tmp_p
                           "--data-dir", omniglot_data_dir, "--print-config"], capsys)
     assert code == 0, err
     config = json.loads(out)
-    assert config["algorithm_config"]["inner_lr"] == 0.1 and config["algorithm_config"]["inner_steps"] == 5
+    assert config["method_config"]["inner_lr"] == 0.1 and config["method_config"]["inner_steps"] == 5
     assert config["train"]["meta_batch_size"] == 16 and config["task"]["query"] == 5
-    assert config["algorithm_config"]["adapt_norm"] is True and config["algorithm_config"]["model"] == "conv4"
+    assert config["method_config"]["adapt_norm"] is True and config["method_config"]["model"] == "conv4"
     assert not (tmp_path / "r").exists()
     code, out, err = run(["train", "maml", "--model", "conv4-reference", "--no-adapt-norm", "--run-dir", tmp_path / "r",
                           "--data-dir", omniglot_data_dir, "--print-config"], capsys)
     assert code == 0, err
-    options = json.loads(out)["algorithm_config"]
+    options = json.loads(out)["method_config"]
     assert options["adapt_norm"] is False and options["model"] == "conv4-reference"
     # a dry run refuses what training would refuse
     for args, message in ((["protonet", "--dataset", "sinusoid"], "classification"),
@@ -348,7 +349,7 @@ def test_a_dry_run_refuses_the_run_folder_device_and_init_from_that_training_wou
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--ways", 7], "sinusoid is regression: --ways does not apply to it"),
+    (["--ways", 7], "--ways does not apply to sinusoid, a regression dataset"),
     (["--split", "vinyals", "--image-size", 32], "--split, --image-size do not apply"),
     (["--noise-std", -1], "--noise-std must be a finite number >= 0, got -1.0"),
 ])
@@ -422,11 +423,15 @@ def test_a_bare_command_shows_its_help(capsys):
 def test_every_training_option_says_what_it_does():
     from metalearn.cli import PAPER_DEFAULT, cli
 
-    for name, command in cli.commands["train"].commands.items():
-        for param in command.params:
+    import click
+
+    group = cli.commands["train"]
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        for param in group.get_command(ctx, name).params:
             text = (param.help or "").replace(PAPER_DEFAULT, "").strip()
             assert len(text) > 10, (name, param.name, param.help)
-    maml_help = {p.name: p.help for p in cli.commands["train"].commands["maml"].params}
+    maml_help = {p.name: p.help for p in group.get_command(ctx, "maml").params}
     assert "conv4-embedding" not in maml_help["model"]  # MAML needs a head
     assert "LSLR" in maml_help["learn_inner_lr"]
 

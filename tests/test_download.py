@@ -264,10 +264,10 @@ def test_interrupt_removes_the_partial_file(server, shared_sha256, tmp_path, mon
 @pytest.mark.parametrize(
     "checksums, message",
     [
-        ({"images_background": ("crc99", "00")}, "unknown checksum algorithm 'crc99'; use one of"),
+        ({"images_background": ("crc99", "00")}, "unknown checksum method 'crc99'; use one of"),
         ({"images_background": ("sha256", "abc")}, "must be 64 hex digits"),
         ({"images_background": ("md5", "z" * 32)}, "must be 32 hex digits"),
-        ({"images_background": "68d2efa1b9178cc56df9314c21c6e718"}, "must be (algorithm, hexdigest)"),
+        ({"images_background": "68d2efa1b9178cc56df9314c21c6e718"}, "must be (method, hexdigest)"),
         ({}, "checksum table is empty"),
     ],
 )

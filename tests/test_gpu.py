@@ -28,7 +28,7 @@ DEVICE = os.environ.get("METALEARN_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (set METALEARN_TEST_DEVICE=cpu for a dry run)")
 
-# (algorithm, options): every method, and the options that change what runs
+# (method, options): every method, and the options that change what runs
 VARIANTS = [
     ("maml", {}),
     ("maml", {"first_order": True}),
@@ -42,20 +42,20 @@ VARIANTS = [
 ]
 
 
-def build(algorithm: str, options: dict, ways: int = 3):
-    config = resolve_config(algorithm, {"dataset": "omniglot", "ways": ways, "shots": 2, "query": 2},
-                            algorithm_config=options)
+def build(method: str, options: dict, ways: int = 3):
+    config = resolve_config(method, {"dataset": "omniglot", "ways": ways, "shots": 2, "query": 2},
+                            method_config=options)
     torch.manual_seed(0)
-    return build_learner(algorithm, config.algorithm_config, problem_of(config.task)).double()
+    return build_learner(method, config.method_config, problem_of(config.task)).double()
 
 
-@pytest.mark.parametrize("algorithm,options", VARIANTS, ids=lambda v: v if isinstance(v, str) else
+@pytest.mark.parametrize("method,options", VARIANTS, ids=lambda v: v if isinstance(v, str) else
                          ",".join(f"{k}={x}" for k, x in v.items()) or "defaults")
-def test_each_method_computes_the_same_meta_gradient_and_predictions_on_the_gpu(algorithm, options):
+def test_each_method_computes_the_same_meta_gradient_and_predictions_on_the_gpu(method, options):
     """float64: the meta-loss, every meta-gradient and the per-step predictions on the GPU
     equal the CPU's to rounding. Model noise (PLATIPUS) and mini-batch orders (Reptile) come
     from the CPU generator whatever the device, so one seed gives the same numbers."""
-    on_cpu = build(algorithm, options)
+    on_cpu = build(method, options)
     on_gpu = copy.deepcopy(on_cpu).to(DEVICE)
     batch = image_batch(tasks=3, ways=3, shots=2, query=2, size=28)
     gpu_batch = batch.to(torch.device(DEVICE))
@@ -94,16 +94,16 @@ def run(args, check=True, timeout=600, env_extra=None):
     return done
 
 
-def omniglot_args(algorithm, data_dir, *extra):
-    return ["metalearn", "train", algorithm, "--dataset", "omniglot", "--ways", 5, "--shots", 1,
+def omniglot_args(method, data_dir, *extra):
+    return ["metalearn", "train", method, "--dataset", "omniglot", "--ways", 5, "--shots", 1,
             "--meta-batch-size", 2, "--val-every", 0, "--no-progress", "--data-dir", data_dir, *extra]
 
 
-@pytest.mark.parametrize("algorithm", ["maml", "platipus", "protonet", "matchingnet", "reptile"])
-def test_train_and_evaluate_on_the_gpu_then_evaluate_the_checkpoint_on_the_cpu(algorithm, omniglot_data_dir,
+@pytest.mark.parametrize("method", ["maml", "platipus", "protonet", "matchingnet", "reptile"])
+def test_train_and_evaluate_on_the_gpu_then_evaluate_the_checkpoint_on_the_cpu(method, omniglot_data_dir,
                                                                                 tmp_path):
     run_dir = tmp_path / "run"
-    done = run(omniglot_args(algorithm, omniglot_data_dir, "--steps", 3, "--eval-episodes", 40,
+    done = run(omniglot_args(method, omniglot_data_dir, "--steps", 3, "--eval-episodes", 40,
                              "--device", DEVICE, "--run-dir", run_dir))
     assert "accuracy" in done.stdout
     on_gpu = json.loads((run_dir / "eval.json").read_text())
@@ -117,8 +117,8 @@ def test_train_and_evaluate_on_the_gpu_then_evaluate_the_checkpoint_on_the_cpu(a
     assert on_gpu["mean"] == pytest.approx(on_cpu["mean"], abs=1.0)
 
 
-@pytest.mark.parametrize("algorithm", ["maml", "reptile"])
-def test_resume_on_the_gpu_and_across_devices(algorithm, omniglot_data_dir, tmp_path):
+@pytest.mark.parametrize("method", ["maml", "reptile"])
+def test_resume_on_the_gpu_and_across_devices(method, omniglot_data_dir, tmp_path):
     """4 steps straight on the GPU; 2 + resume + 2 on the GPU: equal (deterministic kernels);
     2 on the GPU + 2 resumed on the CPU: the last 2 steps move the weights as the GPU's did, up
     to the CPU's other float32 rounding. A constant meta step size, so that the run's length may
@@ -126,14 +126,14 @@ def test_resume_on_the_gpu_and_across_devices(algorithm, omniglot_data_dir, tmp_
     common = ["--meta-optimizer", "sgd", "--meta-lr", 0.5, "--lr-anneal", "none", "--checkpoint-every", 1,
               "--no-eval"]
     straight, resumed, moved = tmp_path / "straight", tmp_path / "resumed", tmp_path / "moved"
-    run(omniglot_args(algorithm, omniglot_data_dir, *common, "--steps", 4, "--device", DEVICE,
+    run(omniglot_args(method, omniglot_data_dir, *common, "--steps", 4, "--device", DEVICE,
                       "--run-dir", straight))
     halfway = {}
     for run_dir, second_device in ((resumed, DEVICE), (moved, "cpu")):
-        run(omniglot_args(algorithm, omniglot_data_dir, *common, "--steps", 2, "--device", DEVICE,
+        run(omniglot_args(method, omniglot_data_dir, *common, "--steps", 2, "--device", DEVICE,
                           "--run-dir", run_dir))
         halfway[run_dir] = weights(run_dir)
-        run(omniglot_args(algorithm, omniglot_data_dir, *common, "--steps", 4, "--device", second_device,
+        run(omniglot_args(method, omniglot_data_dir, *common, "--steps", 4, "--device", second_device,
                           "--run-dir", run_dir, "--resume"))
         assert RunDir(run_dir).read_checkpoint()["step"] == 4
     assert_same_weights(straight, resumed, atol=1e-6)

@@ -316,7 +316,7 @@ def test_annealed_multi_step_loss_weights_the_step_losses_by_training_progress()
         loss, _ = maml.meta_loss(batch)
         expected = (multi_step_weights(steps, progress) * per_step).sum()
         torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
-    with pytest.raises(MetalearnError, match="--multi-step-loss"):
+    with pytest.raises(MetalearnError, match="MAML.Config.multi_step_anneal_steps anneals the multi-step loss: it needs MAML.Config.multi_step_loss"):
         MAML.Config(multi_step_anneal_steps=10)
 
 
@@ -384,7 +384,7 @@ def test_paper_defaults_are_finn_et_al_2017():
     for (dataset, ways), (model, alpha, steps, test_steps, meta_batch, meta_steps) in expected.items():
         task = {"dataset": dataset, **({"ways": ways, "shots": 1} if ways else {})}
         config = resolve_config("maml", task=task)
-        method = config.algorithm_config
+        method = config.method_config
         assert (method["model"], method["inner_lr"], method["inner_steps"], method["test_inner_steps"]) == \
             (model, alpha, steps, test_steps), (dataset, ways)
         assert (config.train.meta_batch_size, config.train.steps) == (meta_batch, meta_steps), (dataset, ways)
@@ -498,7 +498,7 @@ def test_first_order_batch_norm_gives_the_same_values_and_gradients(monkeypatch)
 def test_only_the_methods_that_differentiate_once_use_the_native_kernel(monkeypatch, method):
     """ProtoNets, Matching Networks and Reptile train with the faster native batch norm;
     second-order MAML never does (its second derivative under vmap would be wrong)."""
-    from metalearn.algorithms import ALGORITHMS
+    from metalearn.algorithms import METHODS
     from metalearn.models import norm
 
     native_calls = []
@@ -514,7 +514,7 @@ def test_only_the_methods_that_differentiate_once_use_the_native_kernel(monkeypa
     ways = 3
     model = Conv4(1, ways if method in ("reptile", "maml") else None, hidden=4, pooling="max").double()
     options = {"inner_steps": 1, "inner_batch_size": 2, "test_inner_steps": 1} if method == "reptile" else {}
-    learner = ALGORITHMS[method](model, ALGORITHMS[method].Config(**options))
+    learner = METHODS[method](model, METHODS[method].Config(**options))
     learner.meta_loss(image_batch(tasks=2, ways=ways, shots=2, query=2, size=16))[0].backward()
     assert bool(native_calls) == (method != "maml")
 
@@ -577,12 +577,12 @@ def test_the_meta_gradient_with_a_frozen_parameter_equals_a_loop_that_holds_it_c
 def test_a_model_with_dropout_trains_and_is_deterministic_in_eval_mode(method):
     """vmap over tasks runs with randomness="different" in training (each task draws its own
     dropout mask; the default mode would refuse any random operation)."""
-    from metalearn.algorithms import ALGORITHMS
+    from metalearn.algorithms import METHODS
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Dropout(0.5), nn.Linear(40, 1))
     options = {"inner_lr": 0.01} if method != "reptile" else {"inner_steps": 2, "inner_batch_size": 5}
-    learner = ALGORITHMS[method](model, ALGORITHMS[method].Config(**options))
+    learner = METHODS[method](model, METHODS[method].Config(**options))
     batch = SinusoidTasks(shots=5, query=5).sample(4, torch.Generator().manual_seed(0))
     torch.manual_seed(1)
     loss, _ = learner.meta_loss(batch)

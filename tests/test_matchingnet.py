@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalearn.algorithms import ALGORITHMS
+from metalearn.algorithms import METHODS
 from metalearn.algorithms.matchingnet import MatchingNet
 from metalearn.errors import MetalearnError
 from metalearn.models import Conv4
@@ -184,11 +184,11 @@ def test_batch_statistics_are_per_task(fce):
 def test_options_are_checked():
     with pytest.raises(MetalearnError, match="classification"):
         MatchingNet.build(MatchingNet.Config(), Problem((1,), 1, False))
-    with pytest.raises(MetalearnError, match="--processing-steps"):
+    with pytest.raises(MetalearnError, match="MatchingNet.Config.processing_steps"):
         MatchingNet.Config(processing_steps=0)
-    with pytest.raises(MetalearnError, match="--distance"):
+    with pytest.raises(MetalearnError, match="MatchingNet.Config.distance"):
         MatchingNet.Config(distance="manhattan")
-    with pytest.raises(MetalearnError, match="--scale"):
+    with pytest.raises(MetalearnError, match="MatchingNet.Config.scale"):
         MatchingNet.Config(scale=0.0)
     with pytest.raises(MetalearnError, match="buffers"):
         MatchingNet(nn.Sequential(nn.Flatten(), nn.BatchNorm1d(4)))
@@ -212,7 +212,7 @@ def test_learns_omniglot_5_way_1_shot(omniglot):
 
 
 def test_cli_train_and_eval_with_full_context_embeddings(tmp_path, capsys, omniglot_data_dir):
-    assert ALGORITHMS["matchingnet"] is MatchingNet
+    assert METHODS["matchingnet"] is MatchingNet
     run_dir = tmp_path / "run"
     code, out, err = run(["train", "matchingnet", "--dataset", "omniglot", "--split", "vinyals",
                           "--ways", 5, "--shots", 1, "--query", 1, "--test-query", 2, "--steps", 2,
@@ -222,7 +222,7 @@ def test_cli_train_and_eval_with_full_context_embeddings(tmp_path, capsys, omnig
     assert code == 0, err
     assert "accuracy" in out and "6 episodes" in out
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["algorithm_config"] == {"full_context_embeddings": True, "processing_steps": 2,
+    assert config["method_config"] == {"full_context_embeddings": True, "processing_steps": 2,
                                           "model": "conv4-embedding", "distance": "cosine", "scale": 10.0}
     assert config["train"]["eval_episodes"] == 6 and config["train"]["meta_lr"] == 1e-3
     code, out, err = run(["eval", run_dir, "--episodes", 4, "--set", "processing_steps=4",

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
-from metalearn.algorithms import ALGORITHMS
+from metalearn.algorithms import METHODS
 from metalearn.algorithms.platipus import PLATIPUS, diagonal_gaussian_kl
 from metalearn.api import evaluate_run, resolve_config, train
 from metalearn.errors import MetalearnError
@@ -382,32 +382,32 @@ def test_predictive_log_likelihood_hand_cases():
 
 
 def test_registered_with_paper_defaults():
-    assert ALGORITHMS["platipus"] is PLATIPUS
+    assert METHODS["platipus"] is PLATIPUS
     omniglot = resolve_config("platipus", task={"dataset": "omniglot", "ways": 5, "shots": 1})
-    assert omniglot.algorithm_config["model"] == "conv4"
-    assert omniglot.algorithm_config["inner_lr"] == 0.4 and omniglot.algorithm_config["test_inner_steps"] == 3
+    assert omniglot.method_config["model"] == "conv4"
+    assert omniglot.method_config["inner_lr"] == 0.4 and omniglot.method_config["test_inner_steps"] == 3
     assert omniglot.train.meta_batch_size == 32
-    assert omniglot.algorithm_config["kl_weight"] == pytest.approx(1e-4)  # measured; the bound's 1/5 fails
+    assert omniglot.method_config["kl_weight"] == pytest.approx(1e-4)  # measured; the bound's 1/5 fails
     regression = resolve_config("platipus", task={"dataset": "sine-or-line"})
-    assert regression.algorithm_config["model"] == "mlp" and regression.task.shots == 5
+    assert regression.method_config["model"] == "mlp" and regression.task.shots == 5
     # MSE over K = 5 query points with noise std 0.3: sum (y - f)^2 / (2 * 0.09) = MSE / 0.036
-    assert regression.algorithm_config["kl_weight"] == pytest.approx(0.036)
+    assert regression.method_config["kl_weight"] == pytest.approx(0.036)
     noisier = resolve_config("platipus", task={"dataset": "sine-or-line", "noise_std": 0.5, "query": 10})
-    assert noisier.algorithm_config["kl_weight"] == pytest.approx(2 * 0.25 / 10)
+    assert noisier.method_config["kl_weight"] == pytest.approx(2 * 0.25 / 10)
     # noiseless tasks: a nominal 0.3, not the bound's 0 that would switch the prior off
     for task in ({"dataset": "sinusoid"}, {"dataset": "sine-or-line", "noise_std": 0.0}):
-        assert resolve_config("platipus", task=task).algorithm_config["kl_weight"] == pytest.approx(0.036)
-    with pytest.raises(MetalearnError, match="num-samples"):
+        assert resolve_config("platipus", task=task).method_config["kl_weight"] == pytest.approx(0.036)
+    with pytest.raises(MetalearnError, match="PLATIPUS.Config.num_samples"):
         PLATIPUS.Config(num_samples=0)
     with pytest.raises(MetalearnError, match="buffers"):
         PLATIPUS(nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)))
 
 
-def small_regression_config(algorithm: str, steps: int = 20):
+def small_regression_config(method: str, steps: int = 20):
     options = {"test_inner_steps": 2, "inner_steps": 1}
-    if algorithm == "platipus":
+    if method == "platipus":
         options.update(num_samples=6, std_init=0.05)
-    return resolve_config(algorithm, task={"dataset": "sine-or-line"}, algorithm_config=options,
+    return resolve_config(method, task={"dataset": "sine-or-line"}, method_config=options,
                           train={"steps": steps, "meta_batch_size": 4, "log_every": 5, "val_every": 10,
                                  "val_episodes": 8, "checkpoint_every": 10, "eval_episodes": 30})
 
@@ -483,7 +483,8 @@ def test_train_evaluate_compare_and_plot_runs(tmp_path):
     assert comparison["episodes"] == 20 and comparison["dataset"] == "sine-or-line"
     # every figure recomputed on the same episodes and model noise: chunks of 8, 8 and 4 tasks,
     # chunk k's samples seeded by TEST_SEED_OFFSET + 7919 k for every run (uncertainty.py)
-    from metalearn.training import TEST_SEED_OFFSET, load_trained
+    from metalearn.checkpoints import load_trained
+    from metalearn.training import TEST_SEED_OFFSET
 
     config, platipus, _ = load_trained(run_dir)
     learners = {"platipus": platipus, "maml": load_trained(maml_dir)[1]}
@@ -506,7 +507,7 @@ def test_train_evaluate_compare_and_plot_runs(tmp_path):
     assert compare_runs(run_dir, maml_dir, episodes=20, chunk=8, num_samples=6, grid_points=50) == comparison
 
     from metalearn.plotting_samples import plot_samples
-    from metalearn.training import load_trained
+    from metalearn.checkpoints import load_trained
 
     _, platipus, _ = load_trained(run_dir)
     _, maml, _ = load_trained(maml_dir)
@@ -518,7 +519,7 @@ def test_train_evaluate_compare_and_plot_runs(tmp_path):
 
 def test_omniglot_classification_run(tmp_path, omniglot_data_dir):
     config = resolve_config("platipus", task={"dataset": "omniglot", "ways": 3, "shots": 1},
-                            algorithm_config={"num_samples": 3, "std_init": 1.0},  # samples far apart
+                            method_config={"num_samples": 3, "std_init": 1.0},  # samples far apart
                             train={"steps": 2, "meta_batch_size": 2, "val_every": 0, "log_every": 1,
                                    "eval_episodes": 6})
     run_dir, result = train(config, tmp_path / "run", data_dir=omniglot_data_dir, progress=False,
@@ -540,7 +541,8 @@ def test_omniglot_classification_run(tmp_path, omniglot_data_dir):
     # but not the same sampled models (README, "Uncertainty"): eval draws them from one stream
     # seeded TEST_SEED_OFFSET, compare per chunk from TEST_SEED_OFFSET + 7919 k (k = 1 here)
     from metalearn.tasks import build_task_source
-    from metalearn.training import TEST_SEED_OFFSET, load_trained
+    from metalearn.checkpoints import load_trained
+    from metalearn.training import TEST_SEED_OFFSET
 
     maml_eval = evaluate_run(maml_dir, episodes=6, data_dir=omniglot_data_dir, progress=False)
     assert maml_eval["episodes"] == 6 and comparison["maml"]["accuracy"]["mean"] == pytest.approx(maml_eval["mean"])

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metalearn.algorithms import ALGORITHMS, build_learner
+from metalearn.algorithms import METHODS, build_learner
 from metalearn.algorithms.protonet import (ProtoNet, class_prototypes, embed_episodes, similarities,
                                            squared_distances)
 from metalearn.api import evaluate_run, resolve_config, train
@@ -143,7 +143,7 @@ def test_refuses_regression_and_models_with_buffers():
         ProtoNet.build(ProtoNet.Config(), Problem((1,), 1, False))
     with pytest.raises(MetalearnError, match="buffers"):
         ProtoNet(nn.Sequential(nn.Flatten(), nn.BatchNorm1d(4)))
-    with pytest.raises(MetalearnError, match="--distance"):
+    with pytest.raises(MetalearnError, match="ProtoNet.Config.distance"):
         ProtoNet.Config(distance="manhattan")
 
 
@@ -177,7 +177,7 @@ def test_paper_defaults_and_trainer_end_to_end(tmp_path, omniglot_data_dir):
                             train={"steps": 3, "val_every": 2, "val_episodes": 4, "log_every": 1})
     assert config.train.meta_batch_size == 1 and config.train.lr_halve_every == 2000
     assert config.train.eval_episodes == 1000 and config.train.meta_lr == 1e-3
-    assert config.algorithm_config == {"distance": "euclidean", "model": "conv4-embedding"}
+    assert config.method_config == {"distance": "euclidean", "model": "conv4-embedding"}
     run_dir, result = train(config, tmp_path / "run", data_dir=omniglot_data_dir, progress=False,
                             evaluate_after=False, announce=lambda line: None)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -186,7 +186,7 @@ def test_paper_defaults_and_trainer_end_to_end(tmp_path, omniglot_data_dir):
     result = evaluate_run(run_dir, episodes=10, data_dir=omniglot_data_dir, progress=False)
     assert result["episodes"] == 10 and result["ways"] == 5 and result["step"] == 3
     assert len(result["per_step"]) == 1 and 0 <= result["mean"] <= 100
-    assert json.loads((run_dir / "eval-episodes=10.json").read_text())["algorithm"] == "protonet"
+    assert json.loads((run_dir / "eval-episodes=10.json").read_text())["method"] == "protonet"
 
 
 def test_registered_with_cli_options():
@@ -194,7 +194,7 @@ def test_registered_with_cli_options():
 
     from metalearn.cli import cli
 
-    assert ALGORITHMS["protonet"] is ProtoNet
+    assert METHODS["protonet"] is ProtoNet
     learner = build_learner("protonet", {"distance": "cosine"}, Problem((1, 28, 28), 5, True))
     assert learner.config.distance == "cosine"
     assert learner.model(torch.zeros(2, 1, 28, 28)).shape == (2, 64)  # the paper's 64-d embedding

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metalearn.algorithms import ALGORITHMS
+from metalearn.algorithms import METHODS
 from metalearn.algorithms.reptile import PREDICT_ORDER_SEED, Reptile, adam_init, adam_step, minibatch_indices
 from metalearn.api import evaluate_run, resolve_config, train
-from metalearn.algorithms import make_algorithm_config
+from metalearn.algorithms import make_method_config
 from metalearn.errors import MetalearnError
 from metalearn.models import MLP, Conv4
 from metalearn.tasks.batch import TaskBatch
@@ -402,27 +402,27 @@ def test_sinusoid_meta_training_lowers_post_adaptation_error():
 
 
 def test_paper_defaults_and_registry():
-    assert ALGORITHMS["reptile"] is Reptile
+    assert METHODS["reptile"] is Reptile
     omniglot = {"dataset": "omniglot", "shots": 10, "query": 1}
     five = resolve_config("reptile", task={**omniglot, "ways": 5, "test_shots": 1})
     # the defaults are the 5-way values, but for the Adam state the reference code carries over
-    assert five.algorithm_config == dataclasses.asdict(Reptile.Config(inner_adam_state="carried"))
+    assert five.method_config == dataclasses.asdict(Reptile.Config(inner_adam_state="carried"))
     assert (five.train.meta_optimizer, five.train.meta_lr, five.train.lr_anneal) == ("sgd", 1.0, "linear")
     assert (five.train.meta_batch_size, five.train.steps) == (5, 100000)
     twenty = resolve_config("reptile", task={**omniglot, "ways": 20, "test_shots": 5},
-                            algorithm_config={"transductive": False})
+                            method_config={"transductive": False})
     expected = {"inner_lr": 0.0005, "inner_steps": 10, "inner_batch_size": 20, "test_inner_steps": 50,
                 "test_inner_batch_size": 10, "transductive": False, "inner_adam_state": "carried"}
-    assert expected.items() <= twenty.algorithm_config.items()
+    assert expected.items() <= twenty.method_config.items()
     assert twenty.train.steps == 200000 and twenty.task.for_testing().shots == 5
     sine = resolve_config("reptile", task={"dataset": "sinusoid"})
-    assert sine.algorithm_config["model"] == "mlp" and sine.train.meta_lr == 0.1
-    with pytest.raises(MetalearnError, match="--inner-optimizer"):
+    assert sine.method_config["model"] == "mlp" and sine.train.meta_lr == 0.1
+    with pytest.raises(MetalearnError, match="Reptile.Config.inner_optimizer"):
         Reptile.Config(inner_optimizer="rmsprop")
     # what --set transductive=False gives: coerced to the bool, junk refused
-    assert make_algorithm_config("reptile", {"transductive": "False"}).transductive is False
+    assert make_method_config("reptile", {"transductive": "False"}).transductive is False
     with pytest.raises(MetalearnError, match="transductive must be bool"):
-        make_algorithm_config("reptile", {"transductive": "nope"})
+        make_method_config("reptile", {"transductive": "nope"})
     with pytest.raises(MetalearnError, match="buffers"):
         Reptile(nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4)))
 
@@ -431,7 +431,7 @@ def test_train_and_evaluate_with_and_without_transduction(tmp_path, omniglot_dat
     config = resolve_config(
         "reptile",
         task={"dataset": "omniglot", "ways": 3, "shots": 3, "test_shots": 1, "query": 1},
-        algorithm_config={"inner_steps": 2, "inner_batch_size": 4, "test_inner_steps": 2,
+        method_config={"inner_steps": 2, "inner_batch_size": 4, "test_inner_steps": 2,
                           "test_inner_batch_size": 3},
         train={"steps": 3, "meta_batch_size": 2, "val_every": 0, "log_every": 1, "eval_episodes": 4},
     )
@@ -448,7 +448,7 @@ def test_train_and_evaluate_with_and_without_transduction(tmp_path, omniglot_dat
     final_only = evaluate_run(run_dir, data_dir=omniglot_data_dir, progress=False, per_step=False)
     assert final_only["scores"] == transductive["scores"] and final_only["per_step"] == [transductive["mean"]]
     assert (run_dir / "eval.json").is_file() and (run_dir / "eval-transductive=false.json").is_file()
-    assert json.loads((run_dir / "config.json").read_text())["algorithm_config"]["transductive"] is True
+    assert json.loads((run_dir / "config.json").read_text())["method_config"]["transductive"] is True
 
 
 def test_a_carried_run_can_be_tested_with_fresh_adam_but_not_the_reverse(tmp_path):
@@ -457,7 +457,7 @@ def test_a_carried_run_can_be_tested_with_fresh_adam_but_not_the_reverse(tmp_pat
     runs = {}
     for state in ("carried", "fresh"):
         config = resolve_config("reptile", task={"dataset": "sinusoid", "shots": 6},
-                                algorithm_config={**inner, "inner_adam_state": state}, **common)
+                                method_config={**inner, "inner_adam_state": state}, **common)
         runs[state], _ = train(config, tmp_path / state, progress=False, evaluate_after=False, announce=lambda _: None)
     carried = evaluate_run(runs["carried"], progress=False)
     fresh = evaluate_run(runs["carried"], progress=False, overrides={"inner_adam_state": "fresh"})
@@ -490,7 +490,7 @@ def test_resume_continues_exactly(tmp_path, inner):
     from metalearn.training import build_trainer
 
     config = resolve_config("reptile", task={"dataset": "sinusoid", "shots": 6},
-                            algorithm_config={"inner_batch_size": 4, "test_inner_steps": 2, **inner},
+                            method_config={"inner_batch_size": 4, "test_inner_steps": 2, **inner},
                             train={"steps": 4, "meta_batch_size": 3, "val_every": 0, "checkpoint_every": 2})
     straight = build_trainer(config, tmp_path / "a")
     straight.fit(progress=False)

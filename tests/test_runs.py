@@ -115,8 +115,8 @@ def test_an_update_that_makes_the_weights_non_finite_stops_before_their_checkpoi
     run_dir = tmp_path / "run"
     code, _, err = cli_runner.run(["train", "maml", "--steps", 3, "--checkpoint-every", 1, "--meta-optimizer", "sgd",
                         "--meta-lr", 3e38, "--inner-lr", 1, "--run-dir", run_dir, *TINY_RUN], capsys)
-    refused(code, err, "the update of step 1 made the parameters non-finite",
-            "the last good checkpoint in", "(from before this step) is kept", "smaller --meta-lr")
+    refused(code, err, "the update made the parameters non-finite at step 1",
+            "the last good checkpoint in", "training stopped before saving it", "smaller --meta-lr")
     state = RunDir(run_dir).read_checkpoint()
     assert state["step"] == 0
     assert all(torch.isfinite(w).all() for w in state["learner"].values())

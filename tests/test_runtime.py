@@ -1,5 +1,6 @@
-"""The process-wide settings: the allocator the ``metalearn`` command applies, and the GPU
-kernels every CUDA device gets."""
+"""The process-wide settings, each applied only when asked for: the allocator (the ``metalearn``
+command's default, ``--allocator default`` leaves it), and the GPU kernels (``init_world``'s
+default for a CUDA device, ``exact_gpu_kernels=False`` leaves them)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,34 @@ import pytest
 
 import torch
 
-from metalearn.runtime import FAST_GPU_VARIABLE, OPT_OUT_VARIABLE, configure_gpu_kernels, tune_allocator
+from metalearn.runtime import configure_gpu_kernels
 
 
-def test_opt_out_leaves_the_allocator_alone(monkeypatch):
-    monkeypatch.setenv(OPT_OUT_VARIABLE, "1")
-    assert tune_allocator() is False
+@pytest.mark.parametrize("args, tuned", [([], True), (["--allocator", "tuned"], True), (["--allocator", "default"], False)])
+def test_the_command_tunes_the_allocator_unless_told_not_to(monkeypatch, capsys, args, tuned):
+    import metalearn.cli
+
+    calls = []
+    monkeypatch.setattr(metalearn.cli, "tune_allocator", lambda: calls.append(1) or True)
+    metalearn.cli.main([*args, "data", "info", "--help"])
+    assert bool(calls) == tuned
+
+
+def test_importing_the_library_changes_no_process_setting():
+    """A Python program that imports metalearn and trains on the CPU keeps glibc's allocator
+    (mallopt is never called) unless it calls tune_allocator itself."""
+    script = (
+        "import ctypes, ctypes.util\n"
+        "import metalearn.runtime as r\n"
+        "called = []\n"
+        "r.tune_allocator = lambda: called.append(1)\n"
+        "import metalearn, metalearn.api, metalearn.cli\n"
+        "from metalearn.distributed import init_world\n"
+        "init_world('cpu')\n"
+        "print(len(called))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0"
 
 
 @pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"),
@@ -49,17 +72,24 @@ def restore_backend_flags():
         setattr(module, name, value)
 
 
-def test_gpu_kernels_are_full_float32_and_deterministic(monkeypatch, restore_backend_flags):
-    monkeypatch.delenv(FAST_GPU_VARIABLE, raising=False)
+def test_gpu_kernels_are_full_float32_and_deterministic(restore_backend_flags):
     torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic = True, False
     torch.backends.cudnn.benchmark = True
-    assert configure_gpu_kernels() is True
+    configure_gpu_kernels()
     assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
 
 
-def test_fast_gpu_kernels_opt_out_keeps_torchs_defaults(monkeypatch, restore_backend_flags):
-    monkeypatch.setenv(FAST_GPU_VARIABLE, "1")
-    torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic = True, False
-    assert configure_gpu_kernels() is False
-    assert torch.backends.cudnn.allow_tf32 and not torch.backends.cudnn.deterministic
+def test_init_world_applies_the_gpu_kernels_only_when_asked(monkeypatch):
+    """exact_gpu_kernels=False (--fast-gpu-kernels) keeps torch's flags; True sets them. The
+    CUDA calls are stood in for: no GPU is needed to check which path is taken."""
+    import metalearn.distributed as distributed
+
+    calls = []
+    monkeypatch.setattr(distributed, "configure_gpu_kernels", lambda: calls.append("exact"))
+    monkeypatch.setattr(distributed, "resolve_device", lambda name, rank=0: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    distributed.init_world("cuda", exact_gpu_kernels=False)
+    assert calls == []
+    distributed.init_world("cuda")
+    assert calls == ["exact"]

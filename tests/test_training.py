@@ -18,14 +18,15 @@ from metalearn.api import evaluate_run, resolve_config
 from metalearn.errors import MetalearnError, TrainingStopped
 from metalearn.runs import RunDir
 from metalearn.tasks import problem_of
-from metalearn.training import build_trainer, initialise_from_run, load_trained
+from metalearn.checkpoints import initialise_from_run, load_trained
+from metalearn.training import build_trainer
 
 
 def sinusoid_config(steps: int, **train):
     return resolve_config(
         "maml",
         task={"dataset": "sinusoid", "shots": 5},
-        algorithm_config={"test_inner_steps": 2},
+        method_config={"test_inner_steps": 2},
         train={"steps": steps, "meta_batch_size": 4, "log_every": 2, "val_every": 3, "val_episodes": 8,
                "checkpoint_every": 2, "eval_episodes": 20, **train},
     )
@@ -58,7 +59,7 @@ def test_resume_continues_exactly(tmp_path):
 def test_resume_exact_on_omniglot_conv4(tmp_path, omniglot_data_dir):
     def config(steps):
         return resolve_config("maml", task={"dataset": "omniglot", "ways": 3, "shots": 1},
-                              algorithm_config={"inner_lr": 0.4},
+                              method_config={"inner_lr": 0.4},
                               train={"steps": steps, "meta_batch_size": 2, "val_every": 0,
                                      "checkpoint_every": 2, "log_every": 1})
 
@@ -104,7 +105,7 @@ def test_checkpoint_holds_everything_and_loads(tmp_path):
     assert step == 4 and config == sinusoid_config(4)
     for name, value in parameters_of(trainer.learner).items():
         assert torch.equal(value, learner.state_dict()[name])
-    assert json.loads((tmp_path / "config.json").read_text())["algorithm"] == "maml"
+    assert json.loads((tmp_path / "config.json").read_text())["method"] == "maml"
 
 
 def test_interrupted_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
@@ -188,7 +189,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path):
 
 
 def test_diverging_inner_loop_is_reported(tmp_path):
-    config = resolve_config("maml", task={"dataset": "sinusoid"}, algorithm_config={"inner_lr": 1e30},
+    config = resolve_config("maml", task={"dataset": "sinusoid"}, method_config={"inner_lr": 1e30},
                             train={"steps": 5, "meta_batch_size": 4, "val_every": 0})
     with pytest.raises(MetalearnError, match=r"meta-loss became (nan|inf) at step 1"):
         build_trainer(config, tmp_path).fit(progress=False)
@@ -197,7 +198,7 @@ def test_diverging_inner_loop_is_reported(tmp_path):
 
 def test_checkpoint_from_another_configuration_is_refused(tmp_path):
     build_trainer(sinusoid_config(2), tmp_path / "a").fit(progress=False)
-    other = resolve_config("maml", task={"dataset": "sinusoid"}, algorithm_config={"inner_lr": 0.5},
+    other = resolve_config("maml", task={"dataset": "sinusoid"}, method_config={"inner_lr": 0.5},
                            train={"steps": 2, "meta_batch_size": 4})
     build_trainer(other, tmp_path / "b").fit(progress=False)
     (tmp_path / "a" / "checkpoint.pt").write_bytes((tmp_path / "b" / "checkpoint.pt").read_bytes())
@@ -234,7 +235,7 @@ def test_learning_rate_schedules():
     assert [lr_factor(halving, s) for s in (0, 1999, 2000, 4000, 9999)] == [1, 1, 0.5, 0.25, 0.0625]
     linear = TrainConfig(steps=100, lr_anneal="linear")
     assert [lr_factor(linear, s) for s in (0, 50, 100)] == [1, 0.5, 0]
-    with pytest.raises(MetalearnError, match="--meta-optimizer"):
+    with pytest.raises(MetalearnError, match="TrainConfig.meta_optimizer"):
         TrainConfig(meta_optimizer="rmsprop")
 
 
@@ -367,7 +368,7 @@ def test_init_from_starts_with_another_runs_network(tmp_path):
     wider = resolve_config("maml", task={"dataset": "omniglot", "ways": 5, "shots": 1},
                            train={"steps": 0, "init_from": str(tmp_path / "maml")})
     with pytest.raises(MetalearnError, match="network differs"):
-        initialise_from_run(build_learner("maml", wider.algorithm_config, problem_of(wider.task)), tmp_path / "maml")
+        initialise_from_run(build_learner("maml", wider.method_config, problem_of(wider.task)), tmp_path / "maml")
     nowhere = dataclasses.replace(config, train=dataclasses.replace(config.train, init_from=str(tmp_path / "nowhere")))
     with pytest.raises(MetalearnError, match="no checkpoint"):
         build_trainer(nowhere, tmp_path / "other")
@@ -469,7 +470,7 @@ def test_resuming_with_fewer_steps_than_done_is_refused(tmp_path):
 
 def test_checkpoints_hold_tensors_and_plain_values_only(tmp_path):
     """They load with ``weights_only=True``, and a file that would run pickled code is refused."""
-    from metalearn.training import on_cpu
+    from metalearn.checkpoints import on_cpu
 
     trainer = build_trainer(sinusoid_config(2), tmp_path)
     trainer.fit(progress=False)
@@ -506,9 +507,9 @@ def test_default_run_directories_never_collide(tmp_path):
 def test_bad_schedule_and_seed_options_are_refused():
     from metalearn.config import MAX_SEED, TrainConfig
 
-    with pytest.raises(MetalearnError, match="--lr-halve-every must be >= 0"):
+    with pytest.raises(MetalearnError, match="TrainConfig.lr_halve_every must be >= 0"):
         TrainConfig(lr_halve_every=-1)
-    with pytest.raises(MetalearnError, match="--seed must be between 0 and"):
+    with pytest.raises(MetalearnError, match="TrainConfig.seed must be between 0 and"):
         TrainConfig(seed=MAX_SEED + 1)
     TrainConfig(seed=MAX_SEED)
 
@@ -522,7 +523,7 @@ def test_shares_too_small_for_the_ranks_are_refused_at_the_start(tmp_path, train
     from metalearn.training import Trainer
 
     config = sinusoid_config(2, **train)
-    learner = build_learner(config.algorithm, config.algorithm_config, problem_of(config.task))
+    learner = build_learner(config.method, config.method_config, problem_of(config.task))
     tasks = build_task_source(config.task, "train")
     with pytest.raises(MetalearnError, match=message):
         Trainer(config, learner, tasks, build_task_source(config.task, "val"), tmp_path / "new", World(0, 8))
@@ -531,19 +532,19 @@ def test_shares_too_small_for_the_ranks_are_refused_at_the_start(tmp_path, train
 
 def test_a_run_older_than_an_option_resumes_with_its_default_and_refuses_another_value():
     from metalearn.config import RunConfig
-    from metalearn.training import check_compatible
+    from metalearn.checkpoints import check_compatible
 
-    requested = RunConfig("maml", algorithm_config={"inner_lr": 0.4, "adapt_norm": True})
-    saved = RunConfig("maml", algorithm_config={"inner_lr": 0.4})  # config.json written before adapt_norm existed
+    requested = RunConfig("maml", method_config={"inner_lr": 0.4, "adapt_norm": True})
+    saved = RunConfig("maml", method_config={"inner_lr": 0.4})  # config.json written before adapt_norm existed
     check_compatible(saved, requested, "the run")
     check_compatible(requested, saved, "the run")
-    with pytest.raises(MetalearnError, match="algorithm_config.adapt_norm: True there, False requested"):
-        check_compatible(saved, dataclasses.replace(requested, algorithm_config={"adapt_norm": False}), "the run")
+    with pytest.raises(MetalearnError, match="method_config.adapt_norm: True there, False requested"):
+        check_compatible(saved, dataclasses.replace(requested, method_config={"adapt_norm": False}), "the run")
 
 
 def test_a_linearly_annealed_run_refuses_a_new_step_count_and_says_why():
     from metalearn.config import RunConfig, TrainConfig
-    from metalearn.training import check_compatible
+    from metalearn.checkpoints import check_compatible
 
     saved = RunConfig("reptile", train=TrainConfig(steps=4, lr_anneal="linear"))
     longer = dataclasses.replace(saved, train=dataclasses.replace(saved.train, steps=6))

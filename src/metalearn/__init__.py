@@ -6,20 +6,21 @@ Small pieces, one job each::
     from metalearn.models import MLP
 """
 
-from metalearn.algorithms import (ALGORITHMS, MAML, PLATIPUS, MatchingNet, MetaLearner, ProtoNet, Reptile,
-                                  build_learner)
+from metalearn.algorithms import (METHODS, MAML, PLATIPUS, MatchingNet, MetaLearner, ProtoNet, Reptile,
+                                  build_learner, register_method)
 from metalearn.api import evaluate_run, plot_run, resolve_config, train
 from metalearn.config import RunConfig, TaskConfig, TrainConfig
 from metalearn.errors import MetalearnError
 from metalearn.evaluation import evaluate
 from metalearn.runs import RunDir
 from metalearn.tasks import EpisodeSampler, Problem, SineOrLineTasks, SinusoidTasks, TaskBatch, build_task_source
-from metalearn.training import Trainer, build_trainer, load_trained
+from metalearn.checkpoints import load_trained
+from metalearn.training import Trainer, build_trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ALGORITHMS", "MAML", "PLATIPUS", "ProtoNet", "MatchingNet", "Reptile", "MetaLearner", "build_learner",
+    "METHODS", "MAML", "PLATIPUS", "ProtoNet", "MatchingNet", "Reptile", "MetaLearner", "build_learner", "register_method",
     "evaluate_run", "plot_run", "resolve_config", "train", "RunConfig", "TaskConfig", "TrainConfig",
     "MetalearnError", "evaluate", "EpisodeSampler", "SineOrLineTasks", "SinusoidTasks", "TaskBatch", "Problem",
     "build_task_source", "Trainer", "build_trainer", "load_trained", "RunDir",

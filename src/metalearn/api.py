@@ -9,94 +9,89 @@ from typing import Any, Callable
 
 import torch
 
-from metalearn.algorithms import algorithm_class, make_algorithm_config
+from metalearn.algorithms import method_class, make_method_config
 from metalearn.config import RunConfig, TaskConfig, TrainConfig, task_differences
 from metalearn.distributed import World, init_world
-from metalearn.errors import MetalearnError
+from metalearn.datasets import get_dataset
+from metalearn.errors import ConfigError, MetalearnError
 from metalearn.evaluation import evaluate
 from metalearn.runs import RunDir, atomic_write_bytes, claim_new_run_dir, default_runs_root, new_run_name
 from metalearn.tasks import has_validation
-from metalearn.training import (TEST_SEED_OFFSET, VALIDATION_SEED_OFFSET, build_trainer, check_same_method,
-                                configuration_conflict, load_trained)
+from metalearn.checkpoints import check_same_method, check_test_ways, configuration_conflict, load_trained
+from metalearn.training import TEST_SEED_OFFSET, VALIDATION_SEED_OFFSET, build_trainer
 
 
-def flag(option: str) -> str:
-    """The command-line spelling of a config field: ``inner_lr`` -> ``--inner-lr``."""
-    return "--" + option.replace("_", "-")
-
-
-def resolve_config(algorithm: str, task: dict[str, Any] | None = None,
-                   algorithm_config: dict[str, Any] | None = None, train: dict[str, Any] | None = None,
+def resolve_config(method: str, task: dict[str, Any] | None = None,
+                   method_config: dict[str, Any] | None = None, train: dict[str, Any] | None = None,
                    resume_from: Path | str | None = None) -> RunConfig:
     """A full RunConfig from the options the user gave; everything else takes the paper's value
-    for this algorithm and task (its ``paper_defaults``), or, when resuming, the value
+    for this method and task (its ``paper_defaults``), or, when resuming, the value
     saved in the run directory."""
 
-    task, algorithm_config, train = dict(task or {}), dict(algorithm_config or {}), dict(train or {})
+    task, method_config, train = dict(task or {}), dict(method_config or {}), dict(train or {})
     if resume_from is not None and RunDir(resume_from).exists():
         saved = RunDir(resume_from).read_config()
-        check_same_method(saved, algorithm, resume_from)  # before its options meet another method's
+        check_same_method(saved, method, resume_from)  # before its options meet another method's
         try:
             return RunConfig(
-                algorithm,
+                method,
                 dataclasses.replace(saved.task, **task),
-                {**saved.algorithm_config, **algorithm_config},
+                {**saved.method_config, **method_config},
                 dataclasses.replace(saved.train, **train),
             )
         except MetalearnError:
             # a given option that contradicts the run makes its saved ones invalid (--dataset
             # omniglot over a sinusoid run's ways 0): name the contradiction, not the symptom
             given = [("task", task, dataclasses.asdict(saved.task)), ("train", train, dataclasses.asdict(saved.train)),
-                     ("algorithm_config", algorithm_config, saved.algorithm_config)]
+                     ("method_config", method_config, saved.method_config)]
             differ = {f"{part}.{key}": (old.get(key), value)
                       for part, options, old in given for key, value in options.items() if old.get(key) != value}
             if not differ:
                 raise
             raise configuration_conflict(f"the run in {resume_from}", differ) from None
-    regression = task.get("dataset", TaskConfig.dataset) != "omniglot"
-    if regression:
-        given = [name for name in ("split", "ways", "test_ways", "image_size") if name in task]
-        if given:
-            options = ", ".join(flag(name) for name in given)
-            verb = "does" if len(given) == 1 else "do"
-            raise MetalearnError(f"{task['dataset']} is regression: {options} {verb} not apply to it")
-        task.setdefault("shots", 5)  # K = 5 support points
-        task.setdefault("test_query", 100)  # a finer estimate of the same expected MSE
-        task.update(split="none", ways=0)
-    elif task.get("noise_std") is not None:
-        raise MetalearnError("--noise-std is the noise on regression targets: it does not apply to omniglot")
+    dataset = get_dataset(task.get("dataset", TaskConfig.dataset))  # an unknown name, before its options
+    given = [name for name in dataset.inapplicable if task.get(name) is not None]
+    if given:
+        verb = "does" if len(given) == 1 else "do"
+        raise ConfigError("TaskConfig", tuple(given), f"{verb} not apply to {dataset.name}, a {dataset.kind} dataset")
+    for name, value in dataset.defaults.items():
+        task.setdefault(name, value)
+    task.update(dataset.fixed)
     task.setdefault("query", task.get("shots", TaskConfig.shots))  # the MAML code queries K per class
     task_config = TaskConfig(**task)
-    algo_defaults, train_defaults = algorithm_class(algorithm).paper_defaults(task_config)
-    algo = make_algorithm_config(algorithm, {**algo_defaults, **algorithm_config})
-    check_options_apply(algorithm, algorithm_config, algo, task_config, train)
-    return RunConfig(algorithm, task_config, dataclasses.asdict(algo),
+    algo_defaults, train_defaults = method_class(method).paper_defaults(task_config)
+    algo = make_method_config(method, {**algo_defaults, **method_config})
+    check_options_apply(method, method_config, algo, task_config, train)
+    return RunConfig(method, task_config, dataclasses.asdict(algo),
                      TrainConfig(**{**train_defaults, **train}))
 
 
-def check_options_apply(algorithm: str, given_method: dict[str, Any], method_config: Any, task: TaskConfig,
+def check_options_apply(method: str, given_method: dict[str, Any], method_config: Any, task: TaskConfig,
                         given_train: dict[str, Any]) -> None:
     """Refuse options the user gave that this run would store and never use: a method option
     that acts only beside another's value, validation on a split without a validation part."""
-    for option, (other, needed) in algorithm_class(algorithm).option_requires.items():
+    cls = method_class(method)
+    for option, (other, needed) in cls.option_requires.items():
         if option in given_method and getattr(method_config, other) != needed:
-            wanted = flag(other) if needed is True else f"{flag(other)} {needed}"
-            raise MetalearnError(f"{flag(option)} applies only with {wanted}")
+            wanted = f"`{other}`" if needed is True else f"`{other}` {needed}"
+            raise ConfigError(f"{cls.__name__}.Config", option, f"applies only with {wanted}")
     if not has_validation(task):
-        given = [flag(name) for name in ("val_every", "val_episodes") if given_train.get(name)]
+        given = tuple(name for name in ("val_every", "val_episodes") if given_train.get(name))
         if given:
-            raise MetalearnError(f"the {task.split} split has no validation part: {', '.join(given)} "
-                                 "cannot apply (the maml and vinyals splits have one)")
+            raise ConfigError("TrainConfig", given, f"cannot apply: the {task.split} split has no validation part "
+                                                    "(the maml and vinyals splits have one)")
 
 
 def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path | str | None = None,
           resume: bool = False, progress: bool = True, evaluate_after: bool = True,
-          announce: Callable[[str], None] = print, device: str = "cpu") -> tuple[Path, dict[str, Any] | None]:
+          announce: Callable[[str], None] = print, device: str = "cpu",
+          exact_gpu_kernels: bool = True) -> tuple[Path, dict[str, Any] | None]:
     """Meta-train ``config`` into ``run_dir`` (joins a torchrun group when launched by one) on
     ``device`` (cpu, cuda, cuda:N or auto); then, unless told not to, evaluate on the test
     split. Returns (run dir, eval result). The device is not part of the run: a run resumes or
-    evaluates on any device."""
-    world = init_world(device)
+    evaluates on any device. ``exact_gpu_kernels``: on a GPU, full-precision deterministic
+    kernels, set process-wide (see :mod:`metalearn.runtime`); False keeps torch's defaults."""
+    world = init_world(device, exact_gpu_kernels=exact_gpu_kernels)
     if run_dir is None:
         if resume:
             raise MetalearnError("--resume needs --run-dir, the run to continue")
@@ -114,7 +109,7 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
         trainer = build_trainer(config, run_dir, data_dir=data_dir, resume=resume, world=world, progress=progress)
     if world.is_main:
         start = f"resuming at step {trainer.step}" if trainer.step else "starting"
-        announce(f"{start}: {config.algorithm} on {config.task.dataset}, run directory {run_dir}")
+        announce(f"{start}: {config.method} on {config.task.dataset}, run directory {run_dir}")
     trainer.fit(progress=progress)
     result = None
     if evaluate_after:  # the trained weights in memory: no rank needs to read the checkpoint back
@@ -126,7 +121,8 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
 def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0, part: str = "test",
                  data_dir: Path | str | None = None, progress: bool = True, world: World | None = None,
                  overrides: dict[str, Any] | None = None, device: str = "cpu",
-                 episode_shape: dict[str, int] | None = None, per_step: bool = True) -> dict[str, Any]:
+                 episode_shape: dict[str, int] | None = None, per_step: bool = True,
+                 exact_gpu_kernels: bool = True) -> dict[str, Any]:
     """Evaluate the checkpoint of ``run_dir`` on ``episodes`` episodes of ``part`` and write
     ``eval.json``, or ``eval-<key>=<value>.json`` named by what differs from the run's own
     evaluation (see :func:`evaluation_labels`): ``overrides`` of the method's options, e.g.
@@ -137,12 +133,13 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     ``episode_shape`` (keys ``ways``, ``shots``, ``query``) tests on episodes of another shape
     than the run's, e.g. a Prototypical Network trained 60-way tested 20-way, as in its paper.
     ``per_step`` False skips the scores after each adaptation step (see ``evaluate``).
+    ``exact_gpu_kernels`` as for :func:`train`.
     """
     config, learner, step = load_trained(run_dir, overrides)
     if episode_shape:
         config = with_test_shape(config, episode_shape)
     return _evaluate(run_dir, config, learner, step, part, episodes, seed, data_dir, progress,
-                     world or init_world(device), {**(overrides or {}), **(episode_shape or {})}, per_step,
+                     world or init_world(device, exact_gpu_kernels=exact_gpu_kernels), {**(overrides or {}), **(episode_shape or {})}, per_step,
                      evaluation_labels(config, overrides, episode_shape, episodes, seed))
 
 
@@ -162,8 +159,6 @@ def evaluation_labels(config: RunConfig, overrides: dict[str, Any] | None = None
 
 def with_test_shape(config: RunConfig, shape: dict[str, int]) -> RunConfig:
     """``config`` whose test episodes have ``shape``'s ways / shots / query per class."""
-    from metalearn.training import check_test_ways
-
     unknown = set(shape) - {"ways", "shots", "query"}
     if unknown:
         raise MetalearnError(f"an episode shape has ways, shots and query, not {', '.join(sorted(unknown))}")
@@ -194,7 +189,7 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
     result = evaluate(learner, source, n, seed=seed + offset, world=world, progress=progress,
                       per_step=per_step)
     test = config.task.for_testing()
-    result.update({"part": part, "step": step, "algorithm": config.algorithm, "dataset": config.task.dataset,
+    result.update({"part": part, "step": step, "method": config.method, "dataset": config.task.dataset,
                    "ways": test.ways, "shots": test.shots, "query": test.query, "overrides": overrides or {}})
     if world.is_main:
         RunDir(run_dir).write_eval(result, labels, part)
@@ -214,7 +209,7 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
     records = run.read_metrics()
     if not records:
         raise MetalearnError(f"{run.path} has no metrics yet: train first")
-    title = f"{config.algorithm} {config.task.dataset}"
+    title = f"{config.method} {config.task.dataset}"
     other = _comparison_run(config, compare_with) if compare_with is not None else None
     paths = [plot_learning_curves(records, run.plots_dir / "learning_curves.png", title)]
     if not config.task.classification:
@@ -235,15 +230,15 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
 
 def _comparison_run(config: RunConfig, compare_with: Path | str) -> tuple[Any, str]:
     """(learner, label) of the ``--compare`` run, checked to fit beside ``config``'s samples."""
-    if config.task.classification or not hasattr(algorithm_class(config.algorithm), "sample_predictions"):
+    if config.task.classification or not hasattr(method_class(config.method), "sample_predictions"):
         raise MetalearnError(f"--compare draws another run beside sampled functions, which only a "
-                             f"probabilistic method on regression tasks has (this run: {config.algorithm} "
+                             f"probabilistic method on regression tasks has (this run: {config.method} "
                              f"on {config.task.dataset})")
     other_config, other_learner, _ = load_trained(compare_with)
     if other_config.task != config.task:
         raise MetalearnError(f"--compare {compare_with}: trained on other tasks than this run "
                              f"({task_differences(other_config.task, config.task)}); compare runs of the same tasks")
-    label = other_config.algorithm.upper()
+    label = other_config.method.upper()
     return other_learner, label + (" (one sample)" if hasattr(other_learner, "sample_predictions") else "")
 
 

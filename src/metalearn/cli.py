@@ -14,13 +14,17 @@ import click
 from click.core import ParameterSource
 from click.exceptions import NoArgsIsHelpError
 
-from metalearn.algorithms import ALGORITHMS
+from metalearn.algorithms import METHODS
 from metalearn.config import MAX_SEED, TaskConfig, TrainConfig
 from metalearn.distributed import leave_world
-from metalearn.errors import MetalearnError, TrainingStopped
+from metalearn.errors import ConfigError, MetalearnError, TrainingStopped, flag
+from metalearn.options import help_of
 from metalearn.runs import RunDir
 from metalearn.runtime import tune_allocator
 
+FAST_GPU_HELP = ("on a GPU, keep torch's default kernels (TF32 convolutions, non-deterministic cuDNN "
+                 "algorithms): faster, but MAML's meta-gradient loses accuracy and a resumed run no longer "
+                 "repeats the uninterrupted one exactly")
 DEVICE_HELP = ("cpu, cuda (under torchrun: each rank's GPU, NCCL), cuda:N or auto; not part of the run, "
                "which resumes or evaluates on any device")
 CACHE_HELP = "the cache folder: $METALEARN_CACHE, else $XDG_CACHE_HOME/metalearn, else ~/.cache/metalearn"
@@ -30,96 +34,18 @@ DATA_DIR_HELP = ("folder with images_background.zip / images_evaluation.zip (def
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="metalearn")
-def cli():
+@click.option("--allocator", type=click.Choice(["tuned", "default"]), default="tuned", show_default=True,
+              help="tuned: glibc keeps freed memory for reuse, which speeds up CPU meta-training (see the "
+                   "performance docs) and keeps the process's peak memory until it exits; default: glibc's "
+                   "own behaviour")
+def cli(allocator):
     """metalearn: meta-learning (MAML and its peers), batched over tasks with torch.func."""
-    tune_allocator()
+    if allocator == "tuned":
+        tune_allocator()
 
 
 # -- option generation from the config dataclasses ------------------------------------------
 
-
-# what an option means, its values and its default, where the type and the field's default do not say
-OPTION_HELP = {
-    "dataset": "omniglot, sinusoid or sine-or-line (default omniglot)",
-    "split": "omniglot's class split: maml, vinyals or lake (default maml)",
-    "ways": "classes per task (default 5; omniglot only)",
-    "shots": "support examples per class, or support points K for regression (default 1; 5 for regression)",
-    "query": "query examples per class, or query points for regression (default: as many as --shots)",
-    "test_ways": "classes per test and validation task (default: --ways)",
-    "test_shots": "support examples per class in test and validation tasks (default: --shots)",
-    "test_query": "query examples per class in test and validation tasks (default: --query; 100 points for regression)",
-    "image_size": "omniglot images are resized to this many pixels square (default 28)",
-    "noise_std": "standard deviation of the noise on regression targets (default 0 for sinusoid, 0.3 for sine-or-line)",
-    "init_from": "a trained run directory whose network gives the initial weights (default none)",
-    # training: defaults follow the paper for the task (--print-config)
-    "steps": "meta-updates to train for",
-    "meta_batch_size": "tasks per meta-update",
-    "meta_lr": "the meta-optimiser's learning rate (MAML's beta)",
-    "meta_optimizer": "the meta-optimiser: adam or sgd",
-    "lr_halve_every": "halve the meta learning rate every this many steps (0: never)",
-    "lr_anneal": "none, or linear: the meta learning rate falls linearly to 0 over --steps (Reptile)",
-    "seed": "seeds the initial weights and every task drawn; the same seed repeats a run exactly on the same "
-            "machine and versions",
-    "log_every": "steps between lines of metrics.jsonl",
-    "val_every": "steps between validations on the validation split (0: none)",
-    "val_episodes": "episodes per validation",
-    "checkpoint_every": "steps between checkpoints (one is also written at the end and on Ctrl-C)",
-    "eval_episodes": "test episodes of the evaluation after training",
-    # the gradient-based methods
-    "inner_lr": "step size of the inner-loop gradient steps (MAML's alpha)",
-    "inner_steps": "inner-loop gradient steps on a task's support set during meta-training",
-    "test_inner_steps": "inner-loop gradient steps at validation and test time",
-    "first_order": "drop the second derivatives of the inner steps from the meta-gradient",
-    "model": "the network: conv4, conv4-maxpool, conv4-reference (conv4 as the MAML authors' code builds it) or mlp",
-}
-
-# where a method's option means something else than OPTION_HELP says
-METHOD_OPTION_HELP = {
-    "maml": {
-        "learn_inner_lr": "learn one inner step size per parameter tensor and inner step (MAML++'s LSLR)",
-        "multi_step_loss": "the query loss after every inner step, not just the last (MAML++)",
-        "multi_step_anneal_steps": "with --multi-step-loss: shift its weight onto the last step over this many "
-                                   "meta-updates (MAML++'s schedule; 0: equal weights throughout)",
-        "adapt_norm": "the inner loop adapts the batch-norm parameters too (the reference code's does not: "
-                      "--no-adapt-norm)",
-    },
-    "platipus": {
-        "inner_steps": "inner-loop gradient steps from each sampled set of weights during meta-training",
-        "num_samples": "models sampled per task at test time (their predictions are averaged)",
-        "train_samples": "weight samples per task in the meta-loss (the paper's Algorithm 1: 1)",
-        "kl_weight": "weight of KL(q || p) in the meta-loss",
-        "prior_step_init": "initial step size gamma_p of the prior's adaptation (learned)",
-        "posterior_step_init": "initial step size gamma_q of the posterior's adaptation (learned)",
-        "std_init": "initial standard deviation of every weight's prior and posterior (learned)",
-    },
-    "protonet": {
-        "distance": "euclidean (squared, the paper's choice) or cosine",
-        "model": "the embedding network: conv4-embedding, conv4 or conv4-maxpool (used without a head)",
-    },
-    "matchingnet": {
-        "distance": "cosine (the paper's) or euclidean (negative squared distance)",
-        "scale": "the attention is softmax(scale * similarity); cosine similarities of ReLU features lie in "
-                 "[0, 1], so a scale of 1 keeps the attention diffuse",
-        "full_context_embeddings": "embed the support set with a bidirectional LSTM and the query with an "
-                                   "attention LSTM (the paper's appendix A.2)",
-        "processing_steps": "steps K of the query's attention LSTM (with --full-context-embeddings)",
-        "model": "the embedding network: conv4-embedding, conv4 or conv4-maxpool (used without a head)",
-    },
-    "reptile": {
-        "inner_optimizer": "the task-specific optimiser: adam or sgd",
-        "inner_lr": "the task-specific optimiser's learning rate",
-        "inner_beta1": "Adam's first-moment decay in the inner loop (the reference code: 0, no momentum)",
-        "inner_beta2": "Adam's second-moment decay in the inner loop",
-        "inner_steps": "mini-batch updates per task during meta-training",
-        "inner_batch_size": "support examples per inner mini-batch during meta-training",
-        "test_inner_steps": "mini-batch updates per task at validation and test time",
-        "test_inner_batch_size": "support examples per inner mini-batch at validation and test time",
-        "transductive": "classify a task's query examples in one batch (sharing batch-norm statistics), "
-                        "or each with the support set alone",
-        "inner_adam_state": "fresh: every task's Adam starts from zero moments; carried: the moments pass "
-                            "from task to task and on into evaluation, as in the reference code",
-    },
-}
 
 PAPER_DEFAULT = "(default: see --print-config)"
 
@@ -138,12 +64,14 @@ class Int64(click.types.IntParamType):
 INTEGER = Int64()
 
 
-def _option_for(field: dataclasses.Field, paper_default: bool = False, algorithm: str | None = None) -> click.Option:
-    name = "--" + field.name.replace("_", "-")
+def _option_for(field: dataclasses.Field, paper_default: bool = False) -> click.Option:
+    """The flag of a config field: its name with dashes, its type, and the help declared next to
+    the field (:func:`metalearn.options.option`). Options of the method and of training default
+    to the paper's value for the task, which depends on the other options: --print-config shows
+    what a command line resolves to."""
+    name = flag(field.name)
     hint = field.type if isinstance(field.type, type) else _resolve(field.type)
-    # options of the method and of training default to the paper's value for the task, which
-    # depends on the other options: --print-config shows what a command line resolves to
-    text = METHOD_OPTION_HELP.get(algorithm, {}).get(field.name) or OPTION_HELP.get(field.name, "")
+    text = help_of(field)
     if paper_default and field.name != "init_from":
         text = f"{text} {PAPER_DEFAULT}".strip()
     elif not text:
@@ -170,9 +98,8 @@ def _given(ctx: click.Context, name: str) -> bool:
     return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
 
 
-def _make_train_command(algorithm: str) -> click.Command:
-    config_class = ALGORITHMS[algorithm].Config
-    algo_fields = dataclasses.fields(config_class)
+def _make_train_command(method: str) -> click.Command:
+    method_fields = dataclasses.fields(METHODS[method].Config)
 
     def run(**options):
         ctx = click.get_current_context()
@@ -180,23 +107,24 @@ def _make_train_command(algorithm: str) -> click.Command:
 
         given = lambda fields: {f.name: options[f.name] for f in fields if _given(ctx, f.name)}
         config = resolve_config(
-            algorithm,
+            method,
             task=given(TASK_FIELDS),
-            algorithm_config=given(algo_fields),
+            method_config=given(method_fields),
             train=given(TRAIN_FIELDS),
             resume_from=options["run_dir"] if options["resume"] else None,
         )
         if options["print_config"]:  # what training would refuse, refused here too
             from metalearn.distributed import resolve_device
-            from metalearn.training import prepare_training
+            from metalearn.training import build_trainer
 
             resolve_device(options["device"])
-            prepare_training(config, options["run_dir"], options["data_dir"], options["resume"])
+            build_trainer(config, options["run_dir"], options["data_dir"], options["resume"], progress=False)
             click.echo(json.dumps(config.to_dict(), indent=2))
             return
         run_dir, result = train(config, run_dir=options["run_dir"], data_dir=options["data_dir"],
                                 resume=options["resume"], progress=options["progress"],
-                                evaluate_after=options["eval"], announce=click.echo, device=options["device"])
+                                evaluate_after=options["eval"], announce=click.echo, device=options["device"],
+                                exact_gpu_kernels=not options["fast_gpu_kernels"])
         if int(os.environ.get("RANK", "0")) != 0:
             return  # under torchrun only rank 0 reports
         if result is not None:
@@ -205,38 +133,47 @@ def _make_train_command(algorithm: str) -> click.Command:
             click.echo(format_result(result))
         click.echo(f"run directory: {run_dir}")
 
-    params = [_option_for(f) for f in TASK_FIELDS] + [_option_for(f, True, algorithm) for f in TRAIN_FIELDS + list(algo_fields)]
+    params = [_option_for(f) for f in TASK_FIELDS] + [_option_for(f, True) for f in TRAIN_FIELDS + list(method_fields)]
     params += [
         click.Option(["--data-dir"], type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP),
         click.Option(["--run-dir"], type=click.Path(path_type=Path), default=None,
-                     help="where checkpoints and metrics go (default: a new folder <algorithm>-<dataset>-<shape>-<time> "
+                     help="where checkpoints and metrics go (default: a new folder <method>-<dataset>-<shape>-<time> "
                           f"in $METALEARN_RUNS, else runs/ in {CACHE_HELP})"),
         click.Option(["--resume"], is_flag=True, help="continue the run in --run-dir from its checkpoint"),
         click.Option(["--progress/--no-progress"], default=True, help="show a progress bar"),
         click.Option(["--eval/--no-eval"], default=True, help="evaluate on the test split when done"),
         click.Option(["--device"], default="cpu", show_default=True, help=DEVICE_HELP),
+        click.Option(["--fast-gpu-kernels"], is_flag=True, help=FAST_GPU_HELP),
         click.Option(["--print-config"], is_flag=True,
                      help="print the full configuration these options resolve to (paper defaults "
                           "filled in) as JSON and exit without training"),
     ]
-    return click.Command(algorithm, callback=run, params=params,
-                         help=f"Meta-train {algorithm}: {_summary(algorithm)} Unset options take the "
+    return click.Command(method, callback=run, params=params,
+                         help=f"Meta-train {method}: {_summary(method)} Unset options take the "
                               "paper's values for the task (--print-config shows them).")
 
 
-def _summary(algorithm: str) -> str:
+def _summary(method: str) -> str:
     """The first paragraph of the method's module docstring: its name, paper and how it runs."""
-    doc = sys.modules[ALGORITHMS[algorithm].__module__].__doc__ or ""
+    doc = sys.modules[METHODS[method].__module__].__doc__ or ""
     return " ".join(doc.strip().split("\n\n")[0].split())
 
 
-@cli.group()
+class MethodCommands(click.Group):
+    """``metalearn train METHOD``: one command per registered method, made from the registry
+    when it is asked for, so that a method registered after import (a user's own, with
+    :func:`metalearn.algorithms.register_method`) is trainable with no edit here."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(METHODS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return _make_train_command(name) if name in METHODS else None
+
+
+@cli.group(cls=MethodCommands)
 def train():
-    """Meta-train a method: metalearn train ALGORITHM --dataset omniglot --ways 5 --shots 1."""
-
-
-for _name in ALGORITHMS:
-    train.add_command(_make_train_command(_name))
+    """Meta-train a method: metalearn train METHOD --dataset omniglot --ways 5 --shots 1."""
 
 
 # -- eval / plot ------------------------------------------------------------------------------
@@ -262,7 +199,9 @@ for _name in ALGORITHMS:
                    "final score faster where those steps cost extra (Reptile: about a third of a 20-way evaluation)")
 @click.option("--progress/--no-progress", default=True)
 @click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
-def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots, query, per_step, progress, device):
+@click.option("--fast-gpu-kernels", is_flag=True, help=FAST_GPU_HELP)
+def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots, query, per_step, progress, device,
+                 fast_gpu_kernels):
     """Evaluate a trained run: mean accuracy (or MSE) with a 95% confidence interval."""
     from metalearn.api import evaluate_run, evaluation_labels
     from metalearn.evaluation import format_result
@@ -271,7 +210,7 @@ def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots,
     shape = {k: v for k, v in (("ways", ways), ("shots", shots), ("query", query)) if v is not None}
     result = evaluate_run(run_dir, episodes=episodes, seed=seed, part=part, data_dir=data_dir,
                           progress=progress, overrides=overrides, device=device, episode_shape=shape,
-                          per_step=per_step)
+                          per_step=per_step, exact_gpu_kernels=not fast_gpu_kernels)
     click.echo(format_result(result))
     config = RunDir(run_dir).read_config()
     labels = evaluation_labels(config, overrides, shape, episodes, seed)
@@ -464,6 +403,9 @@ def main(args: list[str] | None = None) -> None:
     except TrainingStopped as err:  # Ctrl-C or SIGTERM: the last step is saved
         click.echo(str(err), err=True)
         sys.exit(err.exit_code)
+    except ConfigError as err:  # the field named as the command line spells it
+        click.echo(f"error: {err.with_flags()}", err=True)
+        sys.exit(2)
     except MetalearnError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)

@@ -7,9 +7,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from metalearn.errors import MetalearnError, require_number
+from metalearn.errors import ConfigError, MetalearnError, require_number
+from metalearn.datasets import get_dataset
+from metalearn.options import option
 
-DATASETS = ("omniglot", "sinusoid", "sine-or-line")
 MAX_SEED = 2**62 - 1  # seeds plus their offsets (validation, test episodes) stay in torch's range
 
 
@@ -22,35 +23,38 @@ class TaskConfig:
     ``test_*`` default to the training values (ProtoNets, e.g., trains 60-way, tests 5-way).
     """
 
-    dataset: str = "omniglot"
-    split: str = "maml"
-    ways: int = 5
-    shots: int = 1
-    query: int = 1
-    test_ways: int | None = None
-    test_shots: int | None = None
-    test_query: int | None = None
-    image_size: int = 28
-    noise_std: float | None = None
+    dataset: str = option("omniglot", "omniglot, sinusoid or sine-or-line (default omniglot)")
+    split: str = option("maml", "omniglot's class split: maml, vinyals or lake (default maml)")
+    ways: int = option(5, "classes per task (default 5; classification only)")
+    shots: int = option(1, "support examples per class, or support points K for regression "
+                           "(default 1; 5 for regression)")
+    query: int = option(1, "query examples per class, or query points for regression (default: as many as --shots)")
+    test_ways: int | None = option(None, "classes per test and validation task (default: --ways)")
+    test_shots: int | None = option(None, "support examples per class in test and validation tasks (default: --shots)")
+    test_query: int | None = option(None, "query examples per class in test and validation tasks (default: "
+                                          "--query; 100 points for regression)")
+    image_size: int = option(28, "images are resized to this many pixels square (default 28)")
+    noise_std: float | None = option(None, "standard deviation of the noise on regression targets (default 0 for "
+                                           "sinusoid, 0.3 for sine-or-line)")
 
     def __post_init__(self):
-        if self.dataset not in DATASETS:
-            raise MetalearnError(f"unknown dataset {self.dataset!r}; valid datasets: {', '.join(DATASETS)}")
+        get_dataset(self.dataset)  # a known name
         # checked here, before any network is built for the shape (its head has `ways` outputs)
         if self.classification:
-            for option, ways in (("--ways", self.ways), ("--test-ways", self.test_ways)):
+            for name in ("ways", "test_ways"):
+                ways = getattr(self, name)
                 if ways is not None and ways < 2:
-                    raise MetalearnError(f"{option} must be at least 2 (a task tells classes apart), got {ways}")
+                    raise ConfigError("TaskConfig", name, f"must be at least 2 (a task tells classes apart), got {ways}")
         if self.noise_std is not None:
-            require_number("--noise-std", self.noise_std, zero_allowed=True)
-        for option in ("shots", "query", "test_shots", "test_query"):
-            value = getattr(self, option)
+            require_number(self.noise_std, "TaskConfig", "noise_std", zero_allowed=True)
+        for name in ("shots", "query", "test_shots", "test_query"):
+            value = getattr(self, name)
             if value is not None and value < 1:
-                raise MetalearnError(f"--{option.replace('_', '-')} must be at least 1, got {value}")
+                raise ConfigError("TaskConfig", name, f"must be at least 1, got {value}")
 
     @property
     def classification(self) -> bool:
-        return self.dataset == "omniglot"
+        return get_dataset(self.dataset).classification
 
     def for_testing(self) -> "TaskConfig":
         """The tasks of evaluation time: the test shape as the shape, no ``test_*`` left, so
@@ -73,39 +77,44 @@ class TrainConfig:
     method's ``model``) gives this run's initial weights instead of a random draw, e.g. the
     prior mean of PLATIPUS from a trained MAML run; the rest of the method starts afresh."""
 
-    steps: int = 60000
-    meta_batch_size: int = 32
-    meta_lr: float = 1e-3
-    meta_optimizer: str = "adam"
-    lr_halve_every: int = 0
-    lr_anneal: str = "none"
-    seed: int = 0
-    log_every: int = 50
-    val_every: int = 1000
-    val_episodes: int = 200
-    checkpoint_every: int = 500
-    eval_episodes: int = 600
-    init_from: str = ""
+    steps: int = option(60000, "meta-updates to train for")
+    meta_batch_size: int = option(32, "tasks per meta-update")
+    meta_lr: float = option(1e-3, "the meta-optimiser's learning rate (MAML's beta)")
+    meta_optimizer: str = option("adam", "the meta-optimiser: adam or sgd")
+    lr_halve_every: int = option(0, "halve the meta learning rate every this many steps (0: never)")
+    lr_anneal: str = option("none", "none, or linear: the meta learning rate falls linearly to 0 over --steps "
+                                    "(Reptile)")
+    seed: int = option(0, "seeds the initial weights and every task drawn; the same seed repeats a run exactly "
+                          "on the same machine and versions")
+    log_every: int = option(50, "steps between lines of metrics.jsonl")
+    val_every: int = option(1000, "steps between validations on the validation split (0: none)")
+    val_episodes: int = option(200, "episodes per validation")
+    checkpoint_every: int = option(500, "steps between checkpoints (one is also written at the end and on Ctrl-C)")
+    eval_episodes: int = option(600, "test episodes of the evaluation after training")
+    init_from: str = option("", "a trained run directory whose network gives the initial weights (default none)")
 
     def __post_init__(self):
+        def refuse(name: str, problem: str) -> None:
+            raise ConfigError("TrainConfig", name, f"{problem}, got {getattr(self, name)!r}")
+
         if self.steps < 0:
-            raise MetalearnError(f"--steps must be >= 0, got {self.steps}")
+            refuse("steps", "must be >= 0")
         if self.meta_batch_size < 1:
-            raise MetalearnError(f"--meta-batch-size must be at least 1, got {self.meta_batch_size}")
-        require_number("--meta-lr", self.meta_lr)
+            refuse("meta_batch_size", "must be at least 1")
+        require_number(self.meta_lr, "TrainConfig", "meta_lr")
         for name in ("log_every", "checkpoint_every", "val_episodes", "eval_episodes"):
             if getattr(self, name) < 1:
-                raise MetalearnError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                refuse(name, "must be at least 1")
         if self.val_every < 0:
-            raise MetalearnError(f"--val-every must be >= 0 (0: no validation), got {self.val_every}")
+            refuse("val_every", "must be >= 0 (0: no validation)")
         if self.lr_halve_every < 0:
-            raise MetalearnError(f"--lr-halve-every must be >= 0 (0: never), got {self.lr_halve_every}")
+            refuse("lr_halve_every", "must be >= 0 (0: never)")
         if not 0 <= self.seed <= MAX_SEED:
-            raise MetalearnError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
+            refuse("seed", f"must be between 0 and {MAX_SEED}")
         if self.meta_optimizer not in ("adam", "sgd"):
-            raise MetalearnError(f"--meta-optimizer must be adam or sgd, got {self.meta_optimizer!r}")
+            refuse("meta_optimizer", "must be adam or sgd")
         if self.lr_anneal not in ("none", "linear"):
-            raise MetalearnError(f"--lr-anneal must be none or linear, got {self.lr_anneal!r}")
+            refuse("lr_anneal", "must be none or linear")
 
 
 # Fields that may change when a run is resumed: they do not alter what was already computed.
@@ -117,9 +126,9 @@ RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.val_every", "train
 class RunConfig:
     """One run: the tasks, the method (its name and its own config as a dict) and training."""
 
-    algorithm: str
+    method: str
     task: TaskConfig = field(default_factory=TaskConfig)
-    algorithm_config: dict[str, Any] = field(default_factory=dict)
+    method_config: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,11 +136,13 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        if "method" not in data and "algorithm" in data:  # written before "algorithm" became "method"
+            data = {**data, "method": data["algorithm"], "method_config": data.get("algorithm_config", {})}
         try:
             return cls(
-                algorithm=data["algorithm"],
+                method=data["method"],
                 task=TaskConfig(**data["task"]),
-                algorithm_config=dict(data["algorithm_config"]),
+                method_config=dict(data["method_config"]),
                 train=TrainConfig(**data["train"]),
             )
         except (KeyError, TypeError) as err:

@@ -134,12 +134,13 @@ def dist_timeout_s() -> float:
     return value
 
 
-def init_world(device: str = "cpu", timeout_s: float | None = None) -> World:
+def init_world(device: str = "cpu", timeout_s: float | None = None, exact_gpu_kernels: bool = True) -> World:
     """Join the ``torchrun`` process group when launched by it (WORLD_SIZE > 1), else one
     process. The backend follows the device: NCCL for GPUs (each rank on the GPU of its
     LOCAL_RANK), gloo for the CPU. A collective that waits longer than ``timeout_s``
     (default ``$METALEARN_DIST_TIMEOUT`` or 300 s) fails instead of hanging, so a rank that
-    dies makes the others stop."""
+    dies makes the others stop. On a CUDA device, ``exact_gpu_kernels`` applies
+    :func:`metalearn.runtime.configure_gpu_kernels` (process-wide torch flags)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size > 1 and device.startswith("cuda:"):
         raise MetalearnError(
@@ -149,7 +150,8 @@ def init_world(device: str = "cpu", timeout_s: float | None = None) -> World:
     resolved = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
-        configure_gpu_kernels()
+        if exact_gpu_kernels:
+            configure_gpu_kernels()
     if size <= 1:
         return World(device=resolved)
     if not dist.is_initialized():

@@ -18,14 +18,14 @@ class MetalearnError(Exception):
     """A problem the user can act on; its message is shown as is."""
 
 
-def require_number(option: str, value: float, *, zero_allowed: bool = False) -> None:
+def require_number(value: float, owner: str, field: str, *, zero_allowed: bool = False) -> None:
     """Refuse a learning rate, scale or standard deviation that is not a finite number above 0
     (at least 0 with ``zero_allowed``): NaN, infinity or a value beyond float32 would only
     surface later as a NaN loss whose message blames something else."""
     ok = isinstance(value, (int, float)) and math.isfinite(value) and abs(value) <= FLOAT32_MAX
     if not ok or not (value >= 0 if zero_allowed else value > 0):
         bound = ">= 0" if zero_allowed else "> 0"
-        raise MetalearnError(f"{option} must be a finite number {bound}, got {value}")
+        raise ConfigError(owner, field, f"must be a finite number {bound}, got {value}")
 
 
 class ConfigError(MetalearnError):
@@ -36,13 +36,15 @@ class ConfigError(MetalearnError):
     ``problem`` is the rest of the sentence; other fields it mentions are written in backticks
     (``"must be at most `memory_size` (8192)"``) and are named the same way in either form."""
 
-    def __init__(self, owner: str, field: str, problem: str):
-        self.owner, self.field, self.problem = owner, field, problem
+    def __init__(self, owner: str, field: str | tuple[str, ...], problem: str):
+        self.owner, self.problem = owner, problem
+        self.fields = (field,) if isinstance(field, str) else tuple(field)
+        self.field = self.fields[0]
         super().__init__(self.render(lambda name: f"{owner}.{name}" if owner else name))
 
     def render(self, name: Callable[[str], str]) -> str:
         text = re.sub(r"`([A-Za-z_][A-Za-z0-9_]*)`", lambda m: name(m.group(1)), self.problem)
-        return f"{name(self.field)} {text}"
+        return f"{', '.join(name(field) for field in self.fields)} {text}"
 
     def with_flags(self) -> str:
         """The message as the command line spells options: ``--inner-lr must be > 0, got -1``."""

@@ -31,7 +31,7 @@ def default_runs_root() -> Path:
 def new_run_name(config: RunConfig) -> str:
     task = config.task
     shape = f"{task.ways}w{task.shots}s" if task.classification else f"k{task.shots}"
-    return f"{config.algorithm}-{task.dataset}-{shape}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return f"{config.method}-{task.dataset}-{shape}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def claim_new_run_dir(root: Path, name: str) -> Path:

@@ -4,19 +4,20 @@ bottom; it never knows which method it trains."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
-from metalearn.algorithms import MetaLearner, algorithm_class, build_learner, make_algorithm_config
+from metalearn.algorithms import MetaLearner, build_learner
 from metalearn.algorithms.base import device_of
-from metalearn.config import RESUMABLE_CHANGES, RunConfig, config_differences
+from metalearn.checkpoints import (RESUME_ENTRIES, all_finite, check_compatible, check_run_dir, check_test_ways,
+                                   check_weights_finite, initialise_from_run, load_learner_state, on_cpu)
+from metalearn.config import RunConfig
 from metalearn.distributed import RankLost, World
 from metalearn.errors import MetalearnError, TrainingStopped
 from metalearn.evaluation import evaluate
@@ -25,21 +26,6 @@ from metalearn.tasks import TaskSource, build_task_source, has_validation, probl
 
 VALIDATION_SEED_OFFSET = 1_000_003
 TEST_SEED_OFFSET = 2_000_003
-RESUME_ENTRIES = ("step", "config", "learner", "optimizer", "scheduler", "torch_rng")  # what restore reads
-
-
-def on_cpu(value: Any) -> Any:
-    """``value`` with every tensor in it (through dicts, lists and tuples) moved to the CPU."""
-    if isinstance(value, torch.Tensor):
-        return value.cpu()
-    if isinstance(value, dict):  # a module's state dict is an OrderedDict with version metadata
-        moved = type(value)((k, on_cpu(v)) for k, v in value.items())
-        if hasattr(value, "_metadata"):
-            moved._metadata = value._metadata
-        return moved
-    if isinstance(value, (list, tuple)):
-        return type(value)(on_cpu(v) for v in value)
-    return value
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -87,19 +73,22 @@ class Trainer:
     """Trains ``learner`` on ``train_tasks`` as ``config.train`` says, writing into ``run_dir``.
 
     ``run_dir`` must not hold a run already, unless ``resume`` says that the run there is to be
-    continued (then :meth:`restore` its checkpoint before :meth:`fit`)."""
+    continued (then :meth:`restore` its checkpoint before :meth:`fit`). Nothing is written
+    before :meth:`fit`: a Trainer that is built and dropped (``train --print-config``) leaves
+    the folder as it was."""
 
     def __init__(self, config: RunConfig, learner: MetaLearner, train_tasks: TaskSource,
-                 val_tasks: TaskSource | None, run_dir: RunDir | Path | str, world: World = World(),
+                 val_tasks: TaskSource | None, run_dir: RunDir | Path | str | None, world: World = World(),
                  resume: bool = False):
-        run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        run_dir = run_dir if isinstance(run_dir, RunDir) or run_dir is None else RunDir(run_dir)
         # rank 0 alone looks: it writes config.json only after this, other ranks may come later
-        if not resume and world.is_main and run_dir.holds_run():
+        if not resume and world.is_main and run_dir is not None and run_dir.holds_run():
             raise MetalearnError(f"{run_dir.path} already holds a run; continue it (--resume, or Trainer(..., "
                                  "resume=True) and restore) or choose another folder")
         self.config, self.learner, self.run_dir, self.world = config, learner, run_dir, world
         self.device = device_of(learner)  # the batches go where the learner is
         self.train_tasks, self.val_tasks = train_tasks, val_tasks
+        self.task_source = f"{type(train_tasks).__module__}.{type(train_tasks).__qualname__}"
         train = config.train
         if world.size > train.meta_batch_size:
             raise MetalearnError(
@@ -111,9 +100,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(train, step))
         self.step = 0
         self.elapsed_s = 0.0  # training wall time so far, across resumes
-        self.config_written = False  # by the first save: the config this Trainer continues with
-        if world.is_main:  # last: a Trainer refused above leaves no folder behind
-            run_dir.path.mkdir(parents=True, exist_ok=True)
+        self.config_written = False  # by fit's start or the first save: the config this Trainer continues with
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -128,16 +115,33 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
-            # a task source of the user's own: config.json's dataset does not describe its tasks
-            "task_source": f"{type(self.train_tasks).__module__}.{type(self.train_tasks).__qualname__}",
+            # "dataset:NAME" when the registry built the tasks that config.json names; else the
+            # class of a task source of the user's own, which config.json's dataset does not describe
+            "task_source": self.task_source,
         })
 
     def save(self) -> None:
         if self.world.is_main:
-            if not self.config_written:  # a Trainer built by hand: the folder and config.json too
-                self.run_dir.write_config(self.config)
-                self.config_written = True
+            self._write_config()
             self.run_dir.write_checkpoint(self.state())
+        self.world.barrier()
+
+    def _write_config(self) -> None:
+        """The folder and config.json, once: the configuration this Trainer trains with (on a
+        resume it may change what RESUMABLE_CHANGES allows, such as --steps)."""
+        if not self.config_written:
+            self.run_dir.write_config(self.config)
+            self.config_written = True
+
+    def _begin(self) -> None:
+        """What fit writes before its first step, rank 0 alone, after every rank has read the
+        folder: config.json, and on a resume the metrics cut back to the checkpoint's step (a
+        run killed after logging a step it had not saved logs that step again)."""
+        self.world.barrier()
+        if self.world.is_main:
+            if self.step:
+                self.run_dir.truncate_metrics(self.step)
+            self._write_config()
         self.world.barrier()
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -154,15 +158,18 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
 
     def fit(self, progress: bool = True) -> None:
+        if self.run_dir is None:
+            raise MetalearnError("this Trainer has no run folder to write into; build it with a run_dir")
         train = self.config.train
         bar = None
         if progress and self.world.is_main:
             from tqdm import tqdm
 
-            bar = tqdm(total=train.steps, initial=self.step, desc=f"{self.config.algorithm}", unit="step")
+            bar = tqdm(total=train.steps, initial=self.step, desc=f"{self.config.method}", unit="step")
         parameters = list(self.learner.parameters())
         share = self.world.share(train.meta_batch_size)
         local_fraction = (share.stop - share.start) / train.meta_batch_size
+        self._begin()
         if self.step == 0:
             self.save()  # eval, resume and a NaN at step 1 always find a checkpoint
         try:
@@ -193,31 +200,19 @@ class Trainer:
             loss, metrics = self.learner.meta_loss(batch)
             total_loss = float(self.world.sum(loss.detach() * local_fraction))
             if not math.isfinite(total_loss):
-                raise MetalearnError(
-                    f"the meta-loss became {total_loss} at step {self.step + 1}; training stopped "
-                    f"and the last good checkpoint in {self.run_dir.path} is kept. Try a smaller "
-                    "--inner-lr or --meta-lr, or fewer --inner-steps."
-                )
+                raise self._diverged(f"the meta-loss became {total_loss}", "")
             self.optimizer.zero_grad(set_to_none=True)
             (loss * local_fraction).backward()
             self.world.sum_gradients(parameters)
             if not gradients_finite(parameters):  # the same on every rank: gradients are summed
-                raise MetalearnError(
-                    f"the meta-gradient became non-finite at step {self.step + 1} (the meta-loss was "
-                    f"{total_loss:.4g}); training stopped before the update, and the last good checkpoint "
-                    f"in {self.run_dir.path} is kept. Try a smaller --inner-lr or --meta-lr, or fewer "
-                    "--inner-steps."
-                )
+                raise self._diverged("the meta-gradient became non-finite", f" (the meta-loss was {total_loss:.4g})")
             self.optimizer.step()
             self.learner.end_step(self.world)
             # a huge --meta-lr can overflow a finite gradient into inf weights; caught here, before
             # this step's checkpoint would keep them (every rank holds the same weights: no collective)
             if not all_finite(parameters):
-                raise MetalearnError(
-                    f"the update of step {self.step + 1} made the parameters non-finite (the meta-loss was "
-                    f"{total_loss:.4g}); training stopped, and the last good checkpoint in {self.run_dir.path} "
-                    "(from before this step) is kept. Try a smaller --meta-lr."
-                )
+                raise self._diverged("the update made the parameters non-finite",
+                                     f" (the meta-loss was {total_loss:.4g})", "Try a smaller --meta-lr.")
             self.scheduler.step()
             self.step += 1
             window_tasks += train.meta_batch_size
@@ -246,7 +241,7 @@ class Trainer:
                 self.save()
             if stopping:  # also after the last step: the test evaluation is then skipped
                 name = stop.received.name if stop.received else "another rank's signal"
-                then = (f"continue with `metalearn train {self.config.algorithm} --run-dir "
+                then = (f"continue with `metalearn train {self.config.method} --run-dir "
                         f"{self.run_dir.path} --resume`" if self.step < train.steps
                         else f"training is complete; evaluate with `metalearn eval {self.run_dir.path}`")
                 raise TrainingStopped(
@@ -254,6 +249,13 @@ class Trainer:
                     f"saved in {self.run_dir.path}: {then}",
                     128 + int(stop.received or signal.SIGTERM),
                 )
+
+    def _diverged(self, what: str, detail: str,
+                  advice: str = "Try a smaller --inner-lr or --meta-lr, or fewer --inner-steps.") -> MetalearnError:
+        """The one error for a step that went non-finite: training stops before that step is
+        saved, so the last checkpoint (from before it) holds good weights."""
+        return MetalearnError(f"{what} at step {self.step + 1}{detail}; training stopped before saving it, and "
+                              f"the last good checkpoint in {self.run_dir.path} is kept. {advice}")
 
     def _stop_requested(self, stop: StopRequests) -> bool:
         """Whether any rank was asked to stop: all ranks then stop after the same step."""
@@ -274,171 +276,35 @@ class Trainer:
 # -- assembling a run ------------------------------------------------------------------------
 
 
-def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
-    """Whether every element of ``tensors`` is finite (one synchronisation for all tensors).
-    Not a norm: the norm of large finite weights overflows to inf."""
-    flags = [torch.isfinite(t.detach()).all() for t in tensors]
-    return not flags or bool(torch.stack(flags).all())
-
-
 def gradients_finite(parameters: list[torch.Tensor]) -> bool:
     """Whether every gradient is finite (one synchronisation for all tensors)."""
     return all_finite(p.grad for p in parameters if p.grad is not None)
 
 
-def check_weights_finite(weights: dict[str, Any], where: Path) -> None:
-    """Refuse a checkpoint whose learner holds a NaN or inf weight (one saved before training
-    checked its updates): evaluating it only prints NaN scores, resuming it a NaN loss."""
-    for name, value in weights.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not all_finite([value]):
-            raise MetalearnError(
-                f"the checkpoint in {where} holds non-finite weights ({name}): the run diverged before it "
-                "was saved. Train it again in a new --run-dir with a smaller --meta-lr."
-            )
-
-
-def check_same_method(saved: RunConfig, algorithm: str, run_path: Path | str) -> None:
-    """Refuse to continue a run of one method as another: its saved options are the other
-    method's, which this one would only call unknown."""
-    if saved.algorithm != algorithm:
-        raise MetalearnError(
-            f"{run_path} is a {saved.algorithm} run, not {algorithm}: continue it with `metalearn train "
-            f"{saved.algorithm} --resume --run-dir {run_path}`, or train {algorithm} in another --run-dir"
-        )
-
-
-RESUME_ADVICE = "Resume with the same options, or start a new run directory."
-
-
-def configuration_conflict(what: str, conflicts: dict[str, tuple[Any, Any]], why: str = "",
-                           advice: str = RESUME_ADVICE) -> MetalearnError:
-    """The error for ``what`` (a run, a checkpoint) made with other values: ``conflicts`` maps
-    ``part.option`` to (saved value, requested value)."""
-    lines = "; ".join(f"{k}: {old!r} there, {new!r} requested" for k, (old, new) in conflicts.items())
-    return MetalearnError(f"{what} was made with another configuration ({lines}).{why} {advice}")
-
-
-def check_compatible(saved: RunConfig, requested: RunConfig, what: str, advice: str = RESUME_ADVICE) -> None:
-    """Refuse to continue ``saved`` with a configuration that changes what it computes. An
-    option that ``saved`` lacks (the run is older than the option) counts as its default."""
-    if saved.algorithm != requested.algorithm:  # the options of one method are unknown to the other
-        raise configuration_conflict(what, {"algorithm": (saved.algorithm, requested.algorithm)}, "", advice)
-    saved, requested = with_all_options(saved), with_all_options(requested)
-    resumable = set(RESUMABLE_CHANGES)
-    if saved.train.lr_anneal == "linear":
-        resumable.discard("train.steps")  # the anneal's horizon: changing it rewrites the schedule
-    conflicts = {k: v for k, v in config_differences(saved, requested).items() if k not in resumable}
-    if conflicts:
-        why = (" Its learning rate is annealed linearly to 0 over --steps, so the step count cannot change."
-               if "train.steps" in conflicts else "")
-        raise configuration_conflict(what, conflicts, why, advice)
-
-
-def with_all_options(config: RunConfig) -> RunConfig:
-    """``config`` with every option of its algorithm spelled out, defaults included."""
-    options = make_algorithm_config(config.algorithm, config.algorithm_config)
-    return dataclasses.replace(config, algorithm_config=dataclasses.asdict(options))
-
-
-def load_learner_state(learner: MetaLearner, state: dict[str, Any], where: Path, changed: str = "") -> None:
-    """Load ``state`` into ``learner``; a mismatch is one line naming what does not fit (and
-    ``changed``, the options a caller altered, as the likely cause)."""
-    try:
-        learner.load_state_dict(state)
-    except RuntimeError as err:
-        # torch's first line is a header ("Error(s) in loading state_dict for MAML:"); the next says what
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        detail = (lines[1] if len(lines) > 1 else lines[0])[:200]
-        cause = f"{changed} changes the trained network; " if changed else ""
-        raise MetalearnError(f"the checkpoint in {where} does not fit this model: {cause}{detail}") from None
-
-
-def initialise_from_run(learner: MetaLearner, run_dir: Path | str) -> int:
-    """Copy the network weights (``model.*``) of the checkpoint in ``run_dir`` into ``learner``;
-    everything else of ``learner`` (a method's own parameters) keeps its initial value. The
-    networks must be the same (names and shapes). Returns the number of tensors copied."""
-    source = RunDir(run_dir)
-    if not source.has_checkpoint():
-        raise MetalearnError(f"--init-from {source.path}: no checkpoint there; give a run directory of a trained run")
-    saved = source.read_checkpoint("learner")["learner"]
-    check_weights_finite(saved, source.path)
-    own = {name: p for name, p in learner.state_dict(keep_vars=True).items() if name.startswith("model.")}
-    mismatched = [name for name, p in own.items() if name not in saved or saved[name].shape != p.shape]
-    if mismatched:
-        raise MetalearnError(
-            f"--init-from {source.path}: its network differs from this one (at {mismatched[0]}); "
-            "both runs need the same --model, image size and number of ways"
-        )
-    with torch.no_grad():
-        for name, p in own.items():
-            p.copy_(saved[name])
-    return len(own)
-
-
-def check_test_ways(config: RunConfig) -> None:
-    """A method with one output per class (MAML, PLATIPUS, Reptile) can only be tested with as
-    many ways as it was trained with; the others (ProtoNets, Matching Nets) with any number."""
-    test_ways = config.task.for_testing().ways
-    if algorithm_class(config.algorithm).fixed_ways and test_ways != config.task.ways:
-        raise MetalearnError(
-            f"{config.algorithm} has one output per class: it is tested with as many ways as it is "
-            f"trained with ({config.task.ways}), not {test_ways}."
-        )
-
-
-def prepare_run(config: RunConfig, data_dir: Path | str | None = None, progress: bool = False):
-    """(learner with its initial weights, training tasks, validation tasks or None) of
-    ``config``, after every check a run makes before it starts: the method fits the task, the
-    test shape fits the method, every part of the split holds its episodes (the data is read).
-    ``train --print-config`` runs it too, so that a dry run says what training would refuse."""
+def build_trainer(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path | str | None = None,
+                  resume: bool = False, world: World = World(), progress: bool = True) -> Trainer:
+    """A trainer for ``config`` writing into ``run_dir``; with ``resume``, the run found there
+    continues (its configuration must agree with ``config``). Every check a run makes before
+    its first step is made here: the run folder, the test shape against the method, the data
+    (every part of the split holds its episodes), the network, ``--init-from``. Nothing is
+    written until :meth:`Trainer.fit`, so ``train --print-config`` builds one (``run_dir`` may
+    then be None) and drops it: a dry run refuses what training would."""
+    if resume and run_dir is None:
+        raise MetalearnError("--resume needs --run-dir, the run to continue")
+    run = RunDir(run_dir) if run_dir is not None else None
+    if run is not None:
+        check_run_dir(config, run, resume)
     check_test_ways(config)
     torch.manual_seed(config.train.seed)  # the initial weights
-    learner = build_learner(config.algorithm, config.algorithm_config, problem_of(config.task))
+    learner = build_learner(config.method, config.method_config, problem_of(config.task))
     train_tasks = build_task_source(config.task, "train", data_dir, progress)
     val_tasks = build_task_source(config.task, "val", data_dir, progress) if has_validation(config.task) else None
     build_task_source(config.task, "test", data_dir, progress)  # an impossible test episode fails now, not after training
-    return learner, train_tasks, val_tasks
-
-
-def check_run_dir(config: RunConfig, run: RunDir, resume: bool) -> None:
-    """Refuse a run folder that ``config`` cannot train into: with ``resume``, one without a
-    run of the same method and options to continue; without, one that already holds a run."""
-    if resume:
-        if not run.exists():
-            raise MetalearnError(f"cannot resume: {run.path} holds no run (no config.json)")
-        if not run.has_checkpoint():
-            raise MetalearnError(f"cannot resume: {run.path} has no checkpoint.pt (removed, or the run stopped "
-                                 "before its first one); start afresh in another --run-dir")
-        check_compatible(run.read_config(), config, f"the run in {run.path}")  # the method too
-    elif run.holds_run():
-        raise MetalearnError(f"{run.path} already holds a run; pass --resume to continue it or choose another --run-dir")
-
-
-def prepare_training(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path | str | None = None,
-                     resume: bool = False, progress: bool = False):
-    """(learner with its initial weights, training tasks, validation tasks or None), after every
-    check a run makes before its first step (the run folder, the data, the network,
-    ``--init-from``), writing nothing: :func:`build_trainer` starts from it, and ``train
-    --print-config`` runs it alone, so that a dry run refuses what training would."""
-    if resume and run_dir is None:
-        raise MetalearnError("--resume needs --run-dir, the run to continue")
-    if run_dir is not None:
-        check_run_dir(config, RunDir(run_dir), resume)
-    learner, train_tasks, val_tasks = prepare_run(config, data_dir, progress)
     if config.train.init_from and not resume:
         initialise_from_run(learner, config.train.init_from)
-    return learner, train_tasks, val_tasks
-
-
-def build_trainer(config: RunConfig, run_dir: Path | str, data_dir: Path | str | None = None,
-                  resume: bool = False, world: World = World(), progress: bool = True) -> Trainer:
-    """A trainer for ``config`` writing into ``run_dir``; with ``resume``, continue the run
-    found there (its configuration must agree with ``config``)."""
-    run = RunDir(run_dir)
-    learner, train_tasks, val_tasks = prepare_training(config, run_dir, data_dir, resume, progress)
-    world.barrier()  # every rank has looked at the folder before rank 0 writes into it (the Trainer)
     learner = learner.to(world.device)
     trainer = Trainer(config, learner, train_tasks, val_tasks, run, world, resume=resume)
+    trainer.task_source = f"dataset:{config.task.dataset}"
     if resume:
         trainer.restore(run.read_checkpoint(*RESUME_ENTRIES))
         if trainer.step > config.train.steps:
@@ -446,37 +312,4 @@ def build_trainer(config: RunConfig, run_dir: Path | str, data_dir: Path | str |
                 f"the run in {run.path} is already at step {trainer.step}; --steps {config.train.steps} "
                 f"would end it before that. Give --steps {trainer.step} or more."
             )
-        if world.is_main:
-            run.truncate_metrics(trainer.step)
-    if world.is_main:
-        run.write_config(config)
-    world.barrier()
     return trainer
-
-
-def load_trained(run_dir: Path | str, overrides: dict[str, Any] | None = None) -> tuple[RunConfig, MetaLearner, int]:
-    """(config, learner with the checkpoint's weights, step) of a finished or running run.
-    ``overrides`` changes options of the method that do not touch its weights (for instance
-    the number of test-time steps) for this evaluation only."""
-    run = RunDir(run_dir)
-    config = run.read_config()
-    state = run.read_checkpoint("config", "learner", "step")
-    source = state.get("task_source", "metalearn.")  # checkpoints before 2026-11-30: the library's tasks
-    if not source.startswith("metalearn."):
-        raise MetalearnError(
-            f"{run.path} was trained on a task source of your own ({source}): its config.json names a built-in "
-            "dataset that is not what it learned. Load the weights with learner.load_state_dict(RunDir(run_dir)"
-            ".read_checkpoint()['learner']) and score them with metalearn.evaluate(learner, your_source)."
-        )
-    check_compatible(RunConfig.from_dict(state["config"]), config, f"the checkpoint in {run.path}",
-                     "Its config.json and checkpoint.pt come from different runs: put back the run's own files.")
-    if "model" in (overrides or {}) and overrides["model"] != config.algorithm_config.get("model"):
-        # same-shaped weights would load into another architecture without complaint
-        raise MetalearnError(f"--set model={overrides['model']}: the run trained "
-                             f"{config.algorithm_config.get('model')}; a network cannot change at evaluation")
-    check_weights_finite(state["learner"], run.path)
-    options = {**config.algorithm_config, **(overrides or {})}
-    learner = build_learner(config.algorithm, options, problem_of(config.task))
-    changed = ", ".join(f"--set {key}" for key in (overrides or {}))
-    load_learner_state(learner, state["learner"], run.path, changed)
-    return config, learner, int(state["step"])

@@ -180,7 +180,7 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     ``seed`` too, so the comparison is reproducible.
 
     Returns ``{"episodes", "seed", "part", "dataset", "num_samples", label: {measure: {"mean",
-    "ci95"}, ..., "run_dir", "algorithm"}}``. Measures: for classification ``accuracy`` (%),
+    "ci95"}, ..., "run_dir", "method"}}``. Measures: for classification ``accuracy`` (%),
     ``nll``, ``ece`` (15 bins, pooled over all query examples, no CI); for regression ``mse``,
     ``log_likelihood`` (mixture), ``log_likelihood_gaussian``, ``coverage_minmax`` and
     ``coverage_interval`` (central ``level`` interval) of the true function on ``grid_points``
@@ -189,7 +189,8 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     ``{"test_inner_steps": 1}``).
     """
     from metalearn.tasks import build_task_source
-    from metalearn.training import TEST_SEED_OFFSET, load_trained
+    from metalearn.checkpoints import load_trained
+    from metalearn.training import TEST_SEED_OFFSET
 
     if not runs:
         raise MetalearnError("compare_learners needs at least one run directory")
@@ -229,7 +230,7 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     result: dict[str, Any] = {"episodes": episodes, "seed": seed, "part": part, "dataset": first_task.dataset,
                               "num_samples": num_samples}
     for label, (config, _, step) in loaded.items():
-        entry: dict[str, Any] = {"run_dir": str(runs[label]), "algorithm": config.algorithm, "step": step}
+        entry: dict[str, Any] = {"run_dir": str(runs[label]), "method": config.method, "step": step}
         for name, chunks in per_task[label].items():
             values = torch.cat(chunks) * (100.0 if name == "accuracy" else 1.0)
             mean, ci95 = _mean_ci(values)

@@ -1,4 +1,10 @@
-"""Meta-learning methods, one per module, all on the :class:`MetaLearner` interface."""
+"""Meta-learning methods, one per module, all on the :class:`MetaLearner` interface.
+
+Adding a method is one module with a :class:`MetaLearner` subclass (its ``name``, its ``Config``
+whose fields are declared with :func:`metalearn.options.option`) and one line in ``METHODS``
+below; a method of your own can be registered at run time with :func:`register_method`. The
+trainer, the evaluator and every command of the CLI then work for it unchanged.
+"""
 
 from __future__ import annotations
 
@@ -12,30 +18,48 @@ from metalearn.algorithms.matchingnet import MatchingNet, MatchingNetConfig
 from metalearn.algorithms.platipus import PLATIPUS, PLATIPUSConfig
 from metalearn.algorithms.protonet import ProtoNet, ProtoNetConfig
 from metalearn.algorithms.reptile import Reptile, ReptileConfig
-from metalearn.errors import MetalearnError
+from metalearn.errors import ConfigError, MetalearnError
 from metalearn.tasks.batch import Problem
 
-ALGORITHMS: dict[str, type[MetaLearner]] = {cls.name: cls for cls in (MAML, ProtoNet, MatchingNet, PLATIPUS, Reptile)}
+METHODS: dict[str, type[MetaLearner]] = {
+    "maml": MAML,
+    "protonet": ProtoNet,
+    "matchingnet": MatchingNet,
+    "platipus": PLATIPUS,
+    "reptile": Reptile,
+}
 
 
-def algorithm_class(name: str) -> type[MetaLearner]:
-    if name not in ALGORITHMS:
-        raise MetalearnError(f"unknown algorithm {name!r}; valid algorithms: {', '.join(ALGORITHMS)}")
-    return ALGORITHMS[name]
+def register_method(cls: type[MetaLearner]) -> type[MetaLearner]:
+    """Make ``cls`` known under ``cls.name`` to configurations, the trainer and ``metalearn
+    train``; usable as a class decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, MetaLearner)):
+        raise MetalearnError(f"{cls!r} is not a MetaLearner subclass")
+    if not dataclasses.is_dataclass(getattr(cls, "Config", None)):
+        raise MetalearnError(f"{cls.__name__}.Config must be a dataclass of the method's options")
+    METHODS[cls.name] = cls
+    return cls
 
 
-def make_algorithm_config(name: str, values: dict[str, Any]) -> Any:
-    """The algorithm's config dataclass from a plain dict (e.g. read from config.json)."""
-    config_class = algorithm_class(name).Config
+def method_class(name: str) -> type[MetaLearner]:
+    if name not in METHODS:
+        raise MetalearnError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def make_method_config(name: str, values: dict[str, Any]) -> Any:
+    """The method's config dataclass from a plain dict (e.g. read from config.json)."""
+    config_class = method_class(name).Config
     known = {f.name for f in dataclasses.fields(config_class)}
     unknown = set(values) - known
     if unknown:
         raise MetalearnError(f"{name} has no option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
     types = typing.get_type_hints(config_class)
-    return config_class(**{key: _coerce(name, key, value, types[key]) for key, value in values.items()})
+    owner = f"{method_class(name).__name__}.Config"
+    return config_class(**{key: _coerce(owner, key, value, types[key]) for key, value in values.items()})
 
 
-def _coerce(algorithm: str, option: str, value: Any, expected: Any) -> Any:
+def _coerce(owner: str, option: str, value: Any, expected: Any) -> Any:
     """``value`` as the option's declared type (bool, int, float or str), or a clear error:
     values from ``--set`` or a hand-edited config.json arrive as JSON or strings."""
     if expected is bool:
@@ -53,16 +77,16 @@ def _coerce(algorithm: str, option: str, value: Any, expected: Any) -> Any:
         ok = True
     if not ok:
         spelled = " (true or false)" if expected is bool else ""
-        raise MetalearnError(f"{algorithm} option {option} must be {getattr(expected, '__name__', expected)}"
-                             f"{spelled}, got {value!r}")
+        raise ConfigError(owner, option, f"must be {getattr(expected, '__name__', expected)}{spelled}, "
+                                         f"got {value!r}")
     return value
 
 
 def build_learner(name: str, values: dict[str, Any], problem: Problem) -> MetaLearner:
     """A ready-to-train method by name, with its config given as a dict."""
-    return algorithm_class(name).build(make_algorithm_config(name, values), problem)
+    return method_class(name).build(make_method_config(name, values), problem)
 
 
-__all__ = ["ALGORITHMS", "MAML", "MAMLConfig", "MetaLearner", "Problem", "accuracy", "task_loss",
-           "algorithm_class", "build_learner", "make_algorithm_config", "ProtoNet", "ProtoNetConfig",
+__all__ = ["METHODS", "register_method", "MAML", "MAMLConfig", "MetaLearner", "Problem", "accuracy", "task_loss",
+           "method_class", "build_learner", "make_method_config", "ProtoNet", "ProtoNetConfig",
            "MatchingNet", "MatchingNetConfig", "PLATIPUS", "PLATIPUSConfig", "Reptile", "ReptileConfig"]

@@ -11,20 +11,21 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad
 
 from metalearn.algorithms.base import task_loss
-from metalearn.errors import MetalearnError, require_number
+from metalearn.errors import ConfigError, require_number
 from metalearn.models.norm import BatchStatNorm
 
 Params = dict[str, Tensor]
 StepSize = Callable[[str, int], "Tensor | float"]  # (parameter name, step) -> step size
 
 
-def check_inner_loop_options(inner_lr: float, inner_steps: int, test_inner_steps: int) -> None:
-    """The option checks every method with an inner loop makes, with the CLI's option names."""
+def check_inner_loop_options(owner: str, inner_lr: float, inner_steps: int, test_inner_steps: int) -> None:
+    """The option checks every method with an inner loop makes; ``owner`` names the config
+    (``"MAML.Config"``) in the error."""
     if inner_steps < 1:
-        raise MetalearnError(f"--inner-steps must be at least 1, got {inner_steps}")
+        raise ConfigError(owner, "inner_steps", f"must be at least 1, got {inner_steps}")
     if test_inner_steps < 0:
-        raise MetalearnError(f"--test-inner-steps must be >= 0, got {test_inner_steps}")
-    require_number("--inner-lr", inner_lr)
+        raise ConfigError(owner, "test_inner_steps", f"must be >= 0, got {test_inner_steps}")
+    require_number(inner_lr, owner, "inner_lr")
 
 
 def loss_gradient(model: nn.Module, params: Params, x: Tensor, y: Tensor, first_order: bool = False,

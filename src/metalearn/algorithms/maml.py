@@ -28,7 +28,8 @@ from torch.func import functional_call, vmap
 from metalearn.algorithms.base import MetaLearner, check_network_fits, require_functional_model, Problem, accuracy, task_loss
 from metalearn.algorithms.inner_loop import (Params, check_inner_loop_options, gradient_descent,
                                               normalisation_parameters)
-from metalearn.errors import MetalearnError
+from metalearn.errors import ConfigError, MetalearnError
+from metalearn.options import option
 from metalearn.models import build_model
 from metalearn.models.norm import first_order_batch_norm
 from metalearn.tasks.batch import TaskBatch
@@ -47,22 +48,28 @@ class MAMLConfig:
     batch-norm offsets are meta-learned only); model: network name (see ``metalearn.models``)
     for :meth:`MAML.build`; a module passed to ``MAML`` is used as it is."""
 
-    inner_lr: float = 0.4
-    inner_steps: int = 1
-    test_inner_steps: int = 3
-    first_order: bool = False
-    learn_inner_lr: bool = False
-    multi_step_loss: bool = False
-    multi_step_anneal_steps: int = 0
-    adapt_norm: bool = True
-    model: str = "conv4"
+    inner_lr: float = option(0.4, "step size of the inner-loop gradient steps (MAML's alpha)")
+    inner_steps: int = option(1, "inner-loop gradient steps on a task's support set during meta-training")
+    test_inner_steps: int = option(3, "inner-loop gradient steps at validation and test time")
+    first_order: bool = option(False, "drop the second derivatives of the inner steps from the meta-gradient")
+    learn_inner_lr: bool = option(False, "learn one inner step size per parameter tensor and inner step "
+                                         "(MAML++'s LSLR)")
+    multi_step_loss: bool = option(False, "the query loss after every inner step, not just the last (MAML++)")
+    multi_step_anneal_steps: int = option(0, "with --multi-step-loss: shift its weight onto the last step over "
+                                             "this many meta-updates (MAML++'s schedule; 0: equal weights throughout)")
+    adapt_norm: bool = option(True, "the inner loop adapts the batch-norm parameters too (the reference code's "
+                                    "does not: --no-adapt-norm)")
+    model: str = option("conv4", "the network: conv4, conv4-maxpool, conv4-reference (conv4 as the MAML "
+                                 "authors' code builds it) or mlp")
 
     def __post_init__(self):
-        check_inner_loop_options(self.inner_lr, self.inner_steps, self.test_inner_steps)
+        check_inner_loop_options("MAML.Config", self.inner_lr, self.inner_steps, self.test_inner_steps)
         if self.multi_step_anneal_steps < 0:
-            raise MetalearnError(f"--multi-step-anneal-steps must be >= 0, got {self.multi_step_anneal_steps}")
+            raise ConfigError("MAML.Config", "multi_step_anneal_steps",
+                              f"must be >= 0, got {self.multi_step_anneal_steps}")
         if self.multi_step_anneal_steps and not self.multi_step_loss:
-            raise MetalearnError("--multi-step-anneal-steps anneals the multi-step loss: add --multi-step-loss")
+            raise ConfigError("MAML.Config", "multi_step_anneal_steps",
+                              "anneals the multi-step loss: it needs `multi_step_loss`")
 
 
 MULTI_STEP_FLOOR = 0.03  # MAML++: each earlier step keeps at least 0.03 / steps of the weight

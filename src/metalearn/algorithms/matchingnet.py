@@ -36,7 +36,8 @@ from torch import Tensor, nn
 
 from metalearn.algorithms.base import MetaLearner, require_functional_model, Problem, accuracy
 from metalearn.algorithms.protonet import DISTANCES, embed_episodes, num_ways, similarities
-from metalearn.errors import MetalearnError, require_number
+from metalearn.errors import ConfigError, MetalearnError, require_number
+from metalearn.options import option
 from metalearn.models import build_model
 from metalearn.models.norm import first_order_batch_norm
 from metalearn.tasks.batch import TaskBatch
@@ -58,20 +59,26 @@ class MatchingNetConfig:
     e / (e + 4) = 40% of its attention on the right example; a larger scale (e.g. 10) lets the
     attention become confident."""
 
-    full_context_embeddings: bool = False
-    processing_steps: int = 5
-    model: str = "conv4-embedding"
-    distance: str = "cosine"
-    scale: float = 1.0
+    full_context_embeddings: bool = option(False, "embed the support set with a bidirectional LSTM and the query "
+                                                  "with an attention LSTM (the paper's appendix A.2)")
+    processing_steps: int = option(5, "steps K of the query's attention LSTM (with --full-context-embeddings)")
+    model: str = option("conv4-embedding", "the embedding network: conv4-embedding, conv4 or conv4-maxpool "
+                                           "(used without a head)")
+    distance: str = option("cosine", "cosine (the paper's) or euclidean (negative squared distance)")
+    scale: float = option(1.0, "the attention is softmax(scale * similarity); cosine similarities of ReLU "
+                               "features lie in [0, 1], so a scale of 1 keeps the attention diffuse")
 
     def __post_init__(self):
         if self.processing_steps < 1:
-            raise MetalearnError(f"--processing-steps must be >= 1, got {self.processing_steps}")
+            raise ConfigError("MatchingNet.Config", "processing_steps", f"must be >= 1, got {self.processing_steps}")
         if self.distance not in DISTANCES:
-            raise MetalearnError(f"--distance must be one of {', '.join(DISTANCES)}, got {self.distance!r}")
-        require_number("--scale", self.scale)
+            raise ConfigError("MatchingNet.Config", "distance",
+                              f"must be one of {', '.join(DISTANCES)}, got {self.distance!r}")
+        require_number(self.scale, "MatchingNet.Config", "scale")
         if self.model == "mlp":
-            raise MetalearnError("matchingnet classifies images: use --model conv4-embedding (or conv4, conv4-maxpool)")
+            raise ConfigError("MatchingNet.Config", "model",
+                              "must be an image network (conv4-embedding, conv4, conv4-maxpool): matchingnet "
+                              "classifies images, got 'mlp'")
 
 
 def label_log_probs(scores: Tensor, support_y: Tensor, ways: int) -> Tensor:

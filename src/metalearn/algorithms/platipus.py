@@ -58,7 +58,8 @@ from torch.func import functional_call, vmap
 from metalearn.algorithms.base import MetaLearner, check_network_fits, require_functional_model, Problem, task_loss
 from metalearn.algorithms.inner_loop import (Params, check_inner_loop_options, gradient_descent, loss_gradient,
                                             sgd_step)
-from metalearn.errors import MetalearnError, require_number
+from metalearn.errors import ConfigError, require_number
+from metalearn.options import option
 from metalearn.models import build_model
 from metalearn.models.norm import first_order_batch_norm
 from metalearn.tasks.batch import TaskBatch
@@ -74,26 +75,27 @@ class PLATIPUSConfig:
     initial sigma_theta and sqrt(v_q) (learned, one per weight); first_order: drop second
     derivatives of every inner gradient; model: network name (see ``metalearn.models``)."""
 
-    inner_lr: float = 0.4
-    inner_steps: int = 1
-    test_inner_steps: int = 3
-    num_samples: int = 10
-    train_samples: int = 1
-    kl_weight: float = 1.0
-    prior_step_init: float = 0.4
-    posterior_step_init: float = 0.4
-    std_init: float = 0.01
-    first_order: bool = False
-    model: str = "conv4"
+    inner_lr: float = option(0.4, "step size of the inner-loop gradient steps (MAML's alpha, fixed)")
+    inner_steps: int = option(1, "inner-loop gradient steps from each sampled set of weights during meta-training")
+    test_inner_steps: int = option(3, "inner-loop gradient steps at validation and test time")
+    num_samples: int = option(10, "models sampled per task at test time (their predictions are averaged)")
+    train_samples: int = option(1, "weight samples per task in the meta-loss (the paper's Algorithm 1: 1)")
+    kl_weight: float = option(1.0, "weight of KL(q || p) in the meta-loss")
+    prior_step_init: float = option(0.4, "initial step size gamma_p of the prior's adaptation (learned)")
+    posterior_step_init: float = option(0.4, "initial step size gamma_q of the posterior's adaptation (learned)")
+    std_init: float = option(0.01, "initial standard deviation of every weight's prior and posterior (learned)")
+    first_order: bool = option(False, "drop the second derivatives of every inner gradient from the meta-gradient")
+    model: str = option("conv4", "the network: conv4, conv4-maxpool, conv4-reference or mlp")
 
     def __post_init__(self):
-        check_inner_loop_options(self.inner_lr, self.inner_steps, self.test_inner_steps)
-        if self.num_samples < 1 or self.train_samples < 1:
-            raise MetalearnError("--num-samples and --train-samples must be at least 1")
-        require_number("--kl-weight", self.kl_weight, zero_allowed=True)
-        require_number("--std-init", self.std_init)
-        require_number("--prior-step-init", self.prior_step_init, zero_allowed=True)
-        require_number("--posterior-step-init", self.posterior_step_init, zero_allowed=True)
+        check_inner_loop_options("PLATIPUS.Config", self.inner_lr, self.inner_steps, self.test_inner_steps)
+        for name in ("num_samples", "train_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError("PLATIPUS.Config", name, f"must be at least 1, got {getattr(self, name)}")
+        require_number(self.kl_weight, "PLATIPUS.Config", "kl_weight", zero_allowed=True)
+        require_number(self.std_init, "PLATIPUS.Config", "std_init")
+        require_number(self.prior_step_init, "PLATIPUS.Config", "prior_step_init", zero_allowed=True)
+        require_number(self.posterior_step_init, "PLATIPUS.Config", "posterior_step_init", zero_allowed=True)
 
 
 def diagonal_gaussian_kl(mean_q: Params, log_std_q: Params, mean_p: Params, log_std_p: Params) -> Tensor:

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metalearn.algorithms.base import MetaLearner, require_functional_model, Problem, accuracy
-from metalearn.errors import MetalearnError
+from metalearn.errors import ConfigError, MetalearnError
+from metalearn.options import option
 from metalearn.models import build_model
 from metalearn.models.norm import first_order_batch_norm
 from metalearn.tasks.batch import TaskBatch
@@ -46,14 +47,18 @@ class ProtoNetConfig:
     paper's comparison, section 3.1); model: the embedding network (see ``metalearn.models``;
     any image model is used without its classification head)."""
 
-    distance: str = "euclidean"
-    model: str = "conv4-embedding"
+    distance: str = option("euclidean", "euclidean (squared, the paper's choice) or cosine")
+    model: str = option("conv4-embedding", "the embedding network: conv4-embedding, conv4 or conv4-maxpool "
+                                           "(used without a head)")
 
     def __post_init__(self):
         if self.distance not in DISTANCES:
-            raise MetalearnError(f"--distance must be one of {', '.join(DISTANCES)}, got {self.distance!r}")
+            raise ConfigError("ProtoNet.Config", "distance",
+                              f"must be one of {', '.join(DISTANCES)}, got {self.distance!r}")
         if self.model == "mlp":
-            raise MetalearnError("protonet classifies images: use --model conv4-embedding (or conv4, conv4-maxpool)")
+            raise ConfigError("ProtoNet.Config", "model",
+                              "must be an image network (conv4-embedding, conv4, conv4-maxpool): protonet "
+                              "classifies images, got 'mlp'")
 
 
 def embed_episodes(model: nn.Module, batch: TaskBatch) -> tuple[Tensor, Tensor]:
@@ -61,9 +66,8 @@ def embed_episodes(model: nn.Module, batch: TaskBatch) -> tuple[Tensor, Tensor]:
     batch-norm statistics are those of the task alone.
 
     A loop over tasks, not ``vmap``: images go through the network in channels-last layout,
-    whose CPU kernels are faster than the default layout's (on this project's machine a 2x2
-    max-pool of the first feature map 15x, a whole 5-way test episode 3.5x), and ``vmap``
-    cannot carry that layout. Each task is a batch of tens to hundreds of images, so the
+    whose CPU kernels are faster than the default layout's (the performance docs give the
+    measurement), and ``vmap`` cannot carry that layout. Each task is a batch of tens to hundreds of images, so the
     loop's own cost is negligible.
 
     Returns support embeddings (tasks, n_support, dim) and query embeddings (tasks, n_query, dim).

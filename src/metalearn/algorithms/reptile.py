@@ -51,7 +51,8 @@ from torch.func import functional_call, vmap
 
 from metalearn.algorithms.base import MetaLearner, check_network_fits, require_functional_model, Problem, accuracy, task_loss
 from metalearn.algorithms.inner_loop import Params, check_inner_loop_options, loss_gradient, sgd_step
-from metalearn.errors import MetalearnError
+from metalearn.errors import ConfigError, MetalearnError
+from metalearn.options import option
 from metalearn.models import build_model
 from metalearn.models.norm import first_order_batch_norm
 from metalearn.tasks.batch import TaskBatch
@@ -78,28 +79,35 @@ class ReptileConfig:
     (its slots are not trainable variables, so neither the meta-update nor the end of a task
     resets them); model: network name (see ``metalearn.models``)."""
 
-    inner_optimizer: str = "adam"
-    inner_lr: float = 0.001
-    inner_beta1: float = 0.0
-    inner_beta2: float = 0.999
-    inner_steps: int = 5
-    inner_batch_size: int = 10
-    test_inner_steps: int = 50
-    test_inner_batch_size: int = 5
-    transductive: bool = True
-    inner_adam_state: str = "fresh"
-    model: str = "conv4"
+    inner_optimizer: str = option("adam", "the task-specific optimiser: adam or sgd")
+    inner_lr: float = option(0.001, "the task-specific optimiser's learning rate")
+    inner_beta1: float = option(0.0, "Adam's first-moment decay in the inner loop (the reference code: 0, "
+                                     "no momentum)")
+    inner_beta2: float = option(0.999, "Adam's second-moment decay in the inner loop")
+    inner_steps: int = option(5, "mini-batch updates per task during meta-training")
+    inner_batch_size: int = option(10, "support examples per inner mini-batch during meta-training")
+    test_inner_steps: int = option(50, "mini-batch updates per task at validation and test time")
+    test_inner_batch_size: int = option(5, "support examples per inner mini-batch at validation and test time")
+    transductive: bool = option(True, "classify a task's query examples in one batch (sharing batch-norm "
+                                      "statistics), or each with the support set alone")
+    inner_adam_state: str = option("fresh", "fresh: every task's Adam starts from zero moments; carried: the "
+                                            "moments pass from task to task and on into evaluation, as in the "
+                                            "reference code")
+    model: str = option("conv4", "the network: conv4, conv4-maxpool, conv4-reference or mlp")
 
     def __post_init__(self):
+        owner = "Reptile.Config"
         if self.inner_optimizer not in ("adam", "sgd"):
-            raise MetalearnError(f"--inner-optimizer must be adam or sgd, got {self.inner_optimizer!r}")
+            raise ConfigError(owner, "inner_optimizer", f"must be adam or sgd, got {self.inner_optimizer!r}")
         if self.inner_adam_state not in ("fresh", "carried"):
-            raise MetalearnError(f"--inner-adam-state must be fresh or carried, got {self.inner_adam_state!r}")
-        check_inner_loop_options(self.inner_lr, self.inner_steps, self.test_inner_steps)
-        if self.inner_batch_size < 1 or self.test_inner_batch_size < 1:
-            raise MetalearnError("--inner-batch-size and --test-inner-batch-size must be >= 1")
-        if not (0 <= self.inner_beta1 < 1 and 0 <= self.inner_beta2 < 1):
-            raise MetalearnError("--inner-beta1 and --inner-beta2 must lie in [0, 1)")
+            raise ConfigError(owner, "inner_adam_state", f"must be fresh or carried, got {self.inner_adam_state!r}")
+        check_inner_loop_options(owner, self.inner_lr, self.inner_steps, self.test_inner_steps)
+        for name in ("inner_batch_size", "test_inner_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(owner, name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("inner_beta1", "inner_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(owner, name, f"must lie in [0, 1), got {getattr(self, name)}")
 
 
 # -- pure pieces: optimiser steps and mini-batch order ------------------------------------------

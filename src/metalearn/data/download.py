@@ -49,7 +49,7 @@ def download_omniglot(
     """Make ``<data_dir>/<name>.zip`` present and verified for every archive in ``checksums``.
 
     ``checksums`` maps an archive name (``images_background``; a trailing ``.zip`` is accepted)
-    to ``(algorithm, hexdigest)`` with any :mod:`hashlib` algorithm; each archive is fetched
+    to ``(method, hexdigest)`` with any :mod:`hashlib` method; each archive is fetched
     from ``<base_url>/<name>.zip``. An archive already in ``data_dir`` is kept when its digest
     matches, and otherwise replaced, but only by a download that verifies. Returns
     ``{name: path of the verified zip}``. Raises :class:`MetalearnError` (naming the URL or file,
@@ -62,8 +62,8 @@ def download_omniglot(
     plan = []
     for name, spec in checksums.items():
         name = name.removesuffix(".zip")
-        algorithm, expected = _checksum_spec(name, spec)
-        plan.append((name, algorithm, expected))
+        method, expected = _checksum_spec(name, spec)
+        plan.append((name, method, expected))
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -73,22 +73,22 @@ def download_omniglot(
         ) from None
 
     result = {}
-    for name, algorithm, expected in plan:
+    for name, method, expected in plan:
         final = data_dir / f"{name}.zip"
-        if final.is_file() and file_digest(final, algorithm) == expected:
+        if final.is_file() and file_digest(final, method) == expected:
             if progress:
-                print(f"{final} is present and verified ({algorithm}); not downloading it", file=sys.stderr)
+                print(f"{final} is present and verified ({method}); not downloading it", file=sys.stderr)
             result[name] = final
             continue
         url = f"{base_url}/{name}.zip"
-        _fetch(url, final, algorithm, expected, timeout, progress)
+        _fetch(url, final, method, expected, timeout, progress)
         result[name] = final
     return result
 
 
-def file_digest(path: Path | str, algorithm: str) -> str:
-    """Hex digest of a file's bytes with the named :mod:`hashlib` algorithm."""
-    digest = _new_hash(algorithm)
+def file_digest(path: Path | str, method: str) -> str:
+    """Hex digest of a file's bytes with the named :mod:`hashlib` method."""
+    digest = _new_hash(method)
     try:
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -98,10 +98,10 @@ def file_digest(path: Path | str, algorithm: str) -> str:
     return digest.hexdigest()
 
 
-def verify_archive(path: Path | str, algorithm: str, expected: str) -> bool:
+def verify_archive(path: Path | str, method: str, expected: str) -> bool:
     """True when the file exists and its digest equals ``expected``."""
     path = Path(path)
-    return path.is_file() and file_digest(path, algorithm) == expected.lower()
+    return path.is_file() and file_digest(path, method) == expected.lower()
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,44 +109,44 @@ def verify_archive(path: Path | str, algorithm: str, expected: str) -> bool:
 
 def _checksum_spec(name: str, spec) -> tuple[str, str]:
     try:
-        algorithm, expected = spec
+        method, expected = spec
     except (TypeError, ValueError):
         raise MetalearnError(
-            f"the checksum of {name} must be (algorithm, hexdigest), got {spec!r}"
+            f"the checksum of {name} must be (method, hexdigest), got {spec!r}"
         ) from None
-    algorithm, expected = str(algorithm).lower(), str(expected).lower()
-    size = _new_hash(algorithm).digest_size  # fails early on an unknown algorithm
+    method, expected = str(method).lower(), str(expected).lower()
+    size = _new_hash(method).digest_size  # fails early on an unknown method
     if len(expected) != 2 * size or any(c not in "0123456789abcdef" for c in expected):
         raise MetalearnError(
-            f"the expected {algorithm} of {name} must be {2 * size} hex digits, got {spec[1]!r}"
+            f"the expected {method} of {name} must be {2 * size} hex digits, got {spec[1]!r}"
         )
-    return algorithm, expected
+    return method, expected
 
 
-def _new_hash(algorithm: str):
+def _new_hash(method: str):
     try:
-        digest = hashlib.new(algorithm, usedforsecurity=False)
+        digest = hashlib.new(method, usedforsecurity=False)
         if digest.digest_size == 0:  # the variable-length shake_* digests
-            raise ValueError(algorithm)
+            raise ValueError(method)
         return digest
     except (ValueError, TypeError):
         raise MetalearnError(
-            f"unknown checksum algorithm {algorithm!r}; use one of "
+            f"unknown checksum method {method!r}; use one of "
             + ", ".join(sorted(a for a in hashlib.algorithms_guaranteed if not a.startswith("shake")))
         ) from None
 
 
-def _fetch(url: str, final: Path, algorithm: str, expected: str, timeout: float, progress: bool) -> None:
+def _fetch(url: str, final: Path, method: str, expected: str, timeout: float, progress: bool) -> None:
     """Stream ``url`` into ``final.part<pid>`` while hashing, verify, then rename to ``final``.
 
     The temporary file is removed whatever happens (including Ctrl-C, which propagates)."""
     tmp = final.with_name(f"{final.name}.part{os.getpid()}")
     manual = (
-        f"Alternatively download {url} yourself (it must have {algorithm} {expected}) and put "
+        f"Alternatively download {url} yourself (it must have {method} {expected}) and put "
         f"it in {final.parent}."
     )
     try:
-        actual, received, announced = _stream(url, tmp, algorithm, timeout, progress, manual)
+        actual, received, announced = _stream(url, tmp, method, timeout, progress, manual)
         if announced is not None and received != announced:
             raise MetalearnError(
                 f"the download of {url} was cut short: received {received} of {announced} bytes. "
@@ -154,7 +154,7 @@ def _fetch(url: str, final: Path, algorithm: str, expected: str, timeout: float,
             )
         if actual != expected:
             raise MetalearnError(
-                f"checksum mismatch for {url}: expected {algorithm} {expected}, got {actual} "
+                f"checksum mismatch for {url}: expected {method} {expected}, got {actual} "
                 f"({received} bytes). The file was discarded and {final} was not written. Try "
                 "again; if it persists the server is not serving the official archive (a proxy "
                 f"or a changed release). {manual}"
@@ -170,9 +170,9 @@ def _fetch(url: str, final: Path, algorithm: str, expected: str, timeout: float,
             pass
 
 
-def _stream(url, tmp: Path, algorithm: str, timeout: float, progress: bool, manual: str):
+def _stream(url, tmp: Path, method: str, timeout: float, progress: bool, manual: str):
     """(hex digest, bytes received, Content-Length or None) of ``url`` written to ``tmp``."""
-    digest = _new_hash(algorithm)
+    digest = _new_hash(method)
     received = 0
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     try:

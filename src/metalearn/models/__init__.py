@@ -1,4 +1,4 @@
-"""Networks: plain ``nn.Module`` s with no running-statistics buffers, so that an algorithm can
+"""Networks: plain ``nn.Module`` s with no running-statistics buffers, so that an method can
 apply them as pure functions of a parameter dict (``torch.func.functional_call``)."""
 
 from __future__ import annotations

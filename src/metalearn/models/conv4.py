@@ -60,7 +60,7 @@ def reference_conv4(in_channels: int = 1, out_features: int = 5, hidden: int = 6
     convolution on an even size pads only the bottom and right, PyTorch's ``padding=1`` both
     sides: the same output sizes on a grid shifted by one pixel; not reproduced. Its inner loop
     does not adapt the batch-norm offsets: that is MAML's ``adapt_norm=False``, an option of the
-    algorithm, not of the network.)"""
+    method, not of the network.)"""
     model = Conv4(in_channels, out_features, hidden, pooling="stride", norm_scale=False, norm_eps=1e-3)
     for module in model.modules():
         if isinstance(module, nn.Conv2d):

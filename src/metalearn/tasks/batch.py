@@ -1,4 +1,4 @@
-"""TaskBatch: the one batch type every algorithm consumes."""
+"""TaskBatch: the one batch type every method consumes."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class TaskBatch:
     ``(tasks, n, out_dim)`` float, shaped like the model's output.
 
     ``task_params`` carries what generated each task (e.g. amplitude and phase of a sinusoid,
-    each ``(tasks,)``) for plots and for measures against the true function; algorithms never
+    each ``(tasks,)``) for plots and for measures against the true function; methods never
     read it. ``ways`` is the number of classes (0 for regression).
     """
 

@@ -1,0 +1,188 @@
+"""Reading a run back: checkpoints and the checks that decide whether they fit.
+
+Whether a run folder can be trained into (:func:`check_run_dir`), whether a saved run may be
+continued with a configuration (:func:`check_compatible`), whether a checkpoint's weights are
+usable and fit a learner, and :func:`load_trained` for evaluation. The trainer writes run
+folders; everything here only reads them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from metalearn.algorithms import MetaLearner, build_learner, make_method_config, method_class
+from metalearn.config import RESUMABLE_CHANGES, RunConfig, config_differences
+from metalearn.errors import MetalearnError
+from metalearn.runs import RunDir
+from metalearn.tasks import problem_of
+
+RESUME_ENTRIES = ("step", "config", "learner", "optimizer", "scheduler", "torch_rng")  # what a resume reads
+
+
+def on_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it (through dicts, lists and tuples) moved to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):  # a module's state dict is an OrderedDict with version metadata
+        moved = type(value)((k, on_cpu(v)) for k, v in value.items())
+        if hasattr(value, "_metadata"):
+            moved._metadata = value._metadata
+        return moved
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(v) for v in value)
+    return value
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every element of ``tensors`` is finite (one synchronisation for all tensors).
+    Not a norm: the norm of large finite weights overflows to inf."""
+    flags = [torch.isfinite(t.detach()).all() for t in tensors]
+    return not flags or bool(torch.stack(flags).all())
+
+
+def check_weights_finite(weights: dict[str, Any], where: Path) -> None:
+    """Refuse a checkpoint whose learner holds a NaN or inf weight (one saved before training
+    checked its updates): evaluating it only prints NaN scores, resuming it a NaN loss."""
+    for name, value in weights.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not all_finite([value]):
+            raise MetalearnError(
+                f"the checkpoint in {where} holds non-finite weights ({name}): the run diverged before it "
+                "was saved. Train it again in a new --run-dir with a smaller --meta-lr."
+            )
+
+
+def check_same_method(saved: RunConfig, method: str, run_path: Path | str) -> None:
+    """Refuse to continue a run of one method as another: its saved options are the other
+    method's, which this one would only call unknown."""
+    if saved.method != method:
+        raise MetalearnError(
+            f"{run_path} is a {saved.method} run, not {method}: continue it with `metalearn train "
+            f"{saved.method} --resume --run-dir {run_path}`, or train {method} in another --run-dir"
+        )
+
+
+RESUME_ADVICE = "Resume with the same options, or start a new run directory."
+
+
+def configuration_conflict(what: str, conflicts: dict[str, tuple[Any, Any]], why: str = "",
+                           advice: str = RESUME_ADVICE) -> MetalearnError:
+    """The error for ``what`` (a run, a checkpoint) made with other values: ``conflicts`` maps
+    ``part.option`` to (saved value, requested value)."""
+    lines = "; ".join(f"{k}: {old!r} there, {new!r} requested" for k, (old, new) in conflicts.items())
+    return MetalearnError(f"{what} was made with another configuration ({lines}).{why} {advice}")
+
+
+def check_compatible(saved: RunConfig, requested: RunConfig, what: str, advice: str = RESUME_ADVICE) -> None:
+    """Refuse to continue ``saved`` with a configuration that changes what it computes. An
+    option that ``saved`` lacks (the run is older than the option) counts as its default."""
+    if saved.method != requested.method:  # the options of one method are unknown to the other
+        raise configuration_conflict(what, {"method": (saved.method, requested.method)}, "", advice)
+    saved, requested = with_all_options(saved), with_all_options(requested)
+    resumable = set(RESUMABLE_CHANGES)
+    if saved.train.lr_anneal == "linear":
+        resumable.discard("train.steps")  # the anneal's horizon: changing it rewrites the schedule
+    conflicts = {k: v for k, v in config_differences(saved, requested).items() if k not in resumable}
+    if conflicts:
+        why = (" Its learning rate is annealed linearly to 0 over --steps, so the step count cannot change."
+               if "train.steps" in conflicts else "")
+        raise configuration_conflict(what, conflicts, why, advice)
+
+
+def with_all_options(config: RunConfig) -> RunConfig:
+    """``config`` with every option of its method spelled out, defaults included."""
+    options = make_method_config(config.method, config.method_config)
+    return dataclasses.replace(config, method_config=dataclasses.asdict(options))
+
+
+def load_learner_state(learner: MetaLearner, state: dict[str, Any], where: Path, changed: str = "") -> None:
+    """Load ``state`` into ``learner``; a mismatch is one line naming what does not fit (and
+    ``changed``, the options a caller altered, as the likely cause)."""
+    try:
+        learner.load_state_dict(state)
+    except RuntimeError as err:
+        # torch's first line is a header ("Error(s) in loading state_dict for MAML:"); the next says what
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 else lines[0])[:200]
+        cause = f"{changed} changes the trained network; " if changed else ""
+        raise MetalearnError(f"the checkpoint in {where} does not fit this model: {cause}{detail}") from None
+
+
+def initialise_from_run(learner: MetaLearner, run_dir: Path | str) -> int:
+    """Copy the network weights (``model.*``) of the checkpoint in ``run_dir`` into ``learner``;
+    everything else of ``learner`` (a method's own parameters) keeps its initial value. The
+    networks must be the same (names and shapes). Returns the number of tensors copied."""
+    source = RunDir(run_dir)
+    if not source.has_checkpoint():
+        raise MetalearnError(f"--init-from {source.path}: no checkpoint there; give a run directory of a trained run")
+    saved = source.read_checkpoint("learner")["learner"]
+    check_weights_finite(saved, source.path)
+    own = {name: p for name, p in learner.state_dict(keep_vars=True).items() if name.startswith("model.")}
+    mismatched = [name for name, p in own.items() if name not in saved or saved[name].shape != p.shape]
+    if mismatched:
+        raise MetalearnError(
+            f"--init-from {source.path}: its network differs from this one (at {mismatched[0]}); "
+            "both runs need the same --model, image size and number of ways"
+        )
+    with torch.no_grad():
+        for name, p in own.items():
+            p.copy_(saved[name])
+    return len(own)
+
+
+def check_test_ways(config: RunConfig) -> None:
+    """A method with one output per class (MAML, PLATIPUS, Reptile) can only be tested with as
+    many ways as it was trained with; the others (ProtoNets, Matching Nets) with any number."""
+    test_ways = config.task.for_testing().ways
+    if method_class(config.method).fixed_ways and test_ways != config.task.ways:
+        raise MetalearnError(
+            f"{config.method} has one output per class: it is tested with as many ways as it is "
+            f"trained with ({config.task.ways}), not {test_ways}."
+        )
+
+
+def check_run_dir(config: RunConfig, run: RunDir, resume: bool) -> None:
+    """Refuse a run folder that ``config`` cannot train into: with ``resume``, one without a
+    run of the same method and options to continue; without, one that already holds a run."""
+    if resume:
+        if not run.exists():
+            raise MetalearnError(f"cannot resume: {run.path} holds no run (no config.json)")
+        if not run.has_checkpoint():
+            raise MetalearnError(f"cannot resume: {run.path} has no checkpoint.pt (removed, or the run stopped "
+                                 "before its first one); start afresh in another --run-dir")
+        check_compatible(run.read_config(), config, f"the run in {run.path}")  # the method too
+    elif run.holds_run():
+        raise MetalearnError(f"{run.path} already holds a run; pass --resume to continue it or choose another --run-dir")
+
+
+def load_trained(run_dir: Path | str, overrides: dict[str, Any] | None = None) -> tuple[RunConfig, MetaLearner, int]:
+    """(config, learner with the checkpoint's weights, step) of a finished or running run.
+    ``overrides`` changes options of the method that do not touch its weights (for instance
+    the number of test-time steps) for this evaluation only."""
+    run = RunDir(run_dir)
+    config = run.read_config()
+    state = run.read_checkpoint("config", "learner", "step")
+    # "dataset:NAME": built from the registry; "metalearn.*": a built-in source (older checkpoints
+    # name its class); absent in the oldest checkpoints, whose tasks were always the library's
+    source = state.get("task_source", "metalearn.")
+    if not source.startswith(("dataset:", "metalearn.")):
+        raise MetalearnError(
+            f"{run.path} was trained on a task source of your own ({source}): its config.json names a built-in "
+            "dataset that is not what it learned. Load the weights with learner.load_state_dict(RunDir(run_dir)"
+            ".read_checkpoint()['learner']) and score them with metalearn.evaluate(learner, your_source)."
+        )
+    check_compatible(RunConfig.from_dict(state["config"]), config, f"the checkpoint in {run.path}",
+                     "Its config.json and checkpoint.pt come from different runs: put back the run's own files.")
+    if "model" in (overrides or {}) and overrides["model"] != config.method_config.get("model"):
+        # same-shaped weights would load into another architecture without complaint
+        raise MetalearnError(f"--set model={overrides['model']}: the run trained "
+                             f"{config.method_config.get('model')}; a network cannot change at evaluation")
+    check_weights_finite(state["learner"], run.path)
+    options = {**config.method_config, **(overrides or {})}
+    learner = build_learner(config.method, options, problem_of(config.task))
+    changed = ", ".join(f"--set {key}" for key in (overrides or {}))
+    load_learner_state(learner, state["learner"], run.path, changed)
+    return config, learner, int(state["step"])

@@ -1,0 +1,110 @@
+"""The datasets a run can name: one registry, consulted by the configuration (is the name known,
+is it classification), the task layer (which sampler) and the API (which options apply).
+
+Adding a dataset is one :class:`Dataset` entry with a function that builds its task source;
+nothing else names datasets. The builders import their modules when called, so that this
+registry sits below the configuration and the task layer without importing either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from metalearn.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One dataset: ``build(task, shape, part, data_dir, progress)`` returns the task source of
+    ``part`` (train, val or test), where ``shape`` is ``task`` or, for val and test,
+    ``task.for_testing()``; ``problem(task)`` is the input shape and output size a network
+    needs; ``has_part(split, part)`` whether the split has that part (no validation part: the
+    run trains without validation). ``defaults`` fill task options the user left unset;
+    ``fixed`` are values the tasks always take; ``inapplicable`` options are refused."""
+
+    name: str
+    classification: bool
+    build: Callable[..., Any]
+    problem: Callable[[Any], Any]
+    has_part: Callable[[str, str], bool] = lambda split, part: True
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    inapplicable: tuple[str, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        return "classification" if self.classification else "regression"
+
+
+DATASETS: dict[str, Dataset] = {}
+
+
+def register_dataset(dataset: Dataset) -> Dataset:
+    """Make ``dataset`` known to configurations, ``--dataset`` and the task layer."""
+    DATASETS[dataset.name] = dataset
+    return dataset
+
+
+def get_dataset(name: str) -> Dataset:
+    if name not in DATASETS:
+        raise ConfigError("TaskConfig", "dataset", f"must be one of {', '.join(DATASETS)}, got {name!r}")
+    return DATASETS[name]
+
+
+# -- the built-in datasets -------------------------------------------------------------------
+
+
+def _omniglot(task, shape, part: str, data_dir: Path | str | None, progress: bool):
+    import torch
+
+    from metalearn.data.omniglot import load_omniglot
+    from metalearn.data.splits import omniglot_split
+    from metalearn.tasks.episodes import EpisodeSampler
+
+    omniglot = load_omniglot(data_dir, task.image_size, progress=progress)
+    pool = omniglot_split(omniglot, task.split, part)
+    return EpisodeSampler(torch.from_numpy(omniglot.images), pool, shape.ways, shape.shots, shape.query,
+                          test=part != "train")
+
+
+def _omniglot_has_part(split: str, part: str) -> bool:
+    from metalearn.data.splits import has_part
+
+    return has_part(split, part)
+
+
+def _image_problem(task):
+    from metalearn.tasks.batch import Problem
+
+    return Problem((1, task.image_size, task.image_size), task.ways, True)
+
+
+def _regression_problem(task):
+    from metalearn.tasks.batch import Problem
+
+    return Problem((1,), 1, False)
+
+
+def _sinusoid(task, shape, part, data_dir, progress):
+    from metalearn.tasks.sinusoid import SinusoidTasks
+
+    return SinusoidTasks(shots=shape.shots, query=shape.query, noise_std=task.noise_std or 0.0)
+
+
+def _sine_or_line(task, shape, part, data_dir, progress):
+    from metalearn.tasks.sinusoid import SineOrLineTasks
+
+    noise = 0.3 if task.noise_std is None else task.noise_std
+    return SineOrLineTasks(shots=shape.shots, query=shape.query, noise_std=noise)
+
+
+# regression: K = 5 support points; 100 test points, a finer estimate of the same expected MSE
+_REGRESSION = dict(classification=False, problem=_regression_problem, defaults={"shots": 5, "test_query": 100},
+                   fixed={"split": "none", "ways": 0}, inapplicable=("split", "ways", "test_ways", "image_size"))
+
+register_dataset(Dataset("omniglot", True, _omniglot, _image_problem, _omniglot_has_part,
+                         inapplicable=("noise_std",)))
+register_dataset(Dataset("sinusoid", build=_sinusoid, **_REGRESSION))
+register_dataset(Dataset("sine-or-line", build=_sine_or_line, **_REGRESSION))

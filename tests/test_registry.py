@@ -1,0 +1,142 @@
+"""Adding a method or a dataset is one class and one registration: a toy method and a toy
+dataset, defined here and nowhere in the library, train, evaluate, resume and print their
+configuration through the command line with no other change."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cli_runner import run
+from metalearn.algorithms import METHODS, MetaLearner, accuracy, register_method
+from metalearn.datasets import DATASETS, Dataset, register_dataset
+from metalearn.options import option
+from metalearn.tasks.batch import Problem, TaskBatch
+
+
+@dataclass(frozen=True)
+class NearestMeanConfig:
+    temperature: float = option(1.0, "divides the negative squared distances before the softmax")
+    width: int = option(8, "size of the learned embedding")
+
+
+class NearestMean(MetaLearner):
+    """Prototypes (class means) of a learned linear embedding; a query goes to the nearest."""
+
+    name = "toy-nearest-mean"
+    Config = NearestMeanConfig
+
+    def __init__(self, problem: Problem, config: NearestMeanConfig):
+        super().__init__()
+        self.config = config
+        self.model = nn.Linear(problem.input_shape[0], config.width)
+
+    @classmethod
+    def build(cls, config, problem):
+        return cls(problem, config)
+
+    def predict(self, batch: TaskBatch) -> torch.Tensor:
+        support, query = self.model(batch.support_x), self.model(batch.query_x)
+        onehot = F.one_hot(batch.support_y, batch.ways).float()                  # (tasks, n_support, ways)
+        prototypes = onehot.transpose(1, 2) @ support / onehot.sum(1)[..., None]  # (tasks, ways, width)
+        return -torch.cdist(query, prototypes).square() / self.config.temperature
+
+    def meta_loss(self, batch: TaskBatch):
+        logits = self.predict(batch)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
+        return loss, {"accuracy": accuracy(logits, batch.query_y)}
+
+
+@dataclass(frozen=True)
+class Blobs:
+    """N-way tasks of Gaussian blobs in 6 dimensions: each class a random centre, its examples
+    the centre plus noise; only the first two coordinates carry the centre, the rest is noise
+    (an embedding that learns to drop them classifies better)."""
+
+    ways: int
+    shots: int
+    query: int
+
+    def sample(self, num_tasks: int, generator: torch.Generator, tasks: slice | None = None) -> TaskBatch:
+        centres = torch.zeros(num_tasks, self.ways, 1, 6)
+        centres[..., :2] = torch.randn(num_tasks, self.ways, 1, 2, generator=generator) * 2
+        per_class = self.shots + self.query
+        noise = torch.randn(num_tasks, self.ways, per_class, 6, generator=generator)
+        noise[..., 2:] *= 3
+        points = centres + noise
+        labels = torch.arange(self.ways).repeat_interleave(per_class).reshape(self.ways, per_class)
+        labels = labels.expand(num_tasks, -1, -1)
+        support_x, query_x = points[:, :, :self.shots].flatten(1, 2), points[:, :, self.shots:].flatten(1, 2)
+        support_y, query_y = labels[:, :, :self.shots].flatten(1), labels[:, :, self.shots:].flatten(1)
+        batch = TaskBatch(support_x, support_y, query_x, query_y, self.ways)
+        return batch if tasks is None else batch.select(tasks)
+
+
+@pytest.fixture
+def toy_registry():
+    """The toy method and dataset registered for one test, and removed after it."""
+    register_method(NearestMean)
+    register_dataset(Dataset("toy-blobs", True, build=lambda task, shape, part, data_dir, progress: Blobs(
+        shape.ways, shape.shots, shape.query), problem=lambda task: Problem((6,), task.ways, True),
+        inapplicable=("noise_std", "image_size")))
+    yield
+    METHODS.pop(NearestMean.name)
+    DATASETS.pop("toy-blobs")
+
+
+def test_a_method_and_a_dataset_registered_in_a_test_train_evaluate_resume_and_print(toy_registry, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    common = ["--dataset", "toy-blobs", "--ways", 3, "--shots", 2, "--meta-batch-size", 4, "--val-every", 0,
+              "--meta-lr", 0.05, "--no-progress", "--run-dir", run_dir]
+    code, out, err = run(["train", "toy-nearest-mean", *common, "--temperature", 2.0, "--print-config"], capsys)
+    assert code == 0, err
+    printed = json.loads(out)
+    assert printed["method"] == "toy-nearest-mean" and printed["method_config"] == {"temperature": 2.0, "width": 8}
+    assert not run_dir.exists()  # a dry run writes nothing
+
+    code, out, err = run(["train", "toy-nearest-mean", "--help"], capsys)
+    assert code == 0 and "--temperature" in out and "divides the negative squared distances" in out
+
+    code, out, err = run(["train", "toy-nearest-mean", *common, "--steps", 10, "--no-eval"], capsys)
+    assert code == 0, err
+    code, out, err = run(["train", "toy-nearest-mean", *common, "--steps", 60, "--eval-episodes", 200,
+                          "--resume"], capsys)
+    assert code == 0, err
+    assert "resuming at step 10" in out
+    # learning happened: far above the 33% of chance on 3-way tasks of noisy blobs
+    assert json.loads((run_dir / "eval.json").read_text())["mean"] > 60
+
+    # resumed at step 10 equals uninterrupted
+    straight = tmp_path / "straight"
+    code, out, err = run(["train", "toy-nearest-mean", *common[:-1], straight, "--steps", 60, "--no-eval"], capsys)
+    assert code == 0, err
+    resumed = torch.load(run_dir / "checkpoint.pt", weights_only=True)["learner"]
+    uninterrupted = torch.load(straight / "checkpoint.pt", weights_only=True)["learner"]
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+    code, out, err = run(["eval", run_dir, "--episodes", 50, "--no-progress"], capsys)
+    assert code == 0 and "accuracy" in out, err
+
+    # an option it does not have is refused as for any method
+    code, out, err = run(["train", "toy-nearest-mean", *common, "--inner-lr", 0.1], capsys)
+    assert code == 2 and "--inner-lr" in err
+
+
+def test_a_registered_method_refuses_bad_values_naming_its_field(toy_registry):
+    from metalearn.algorithms import make_method_config
+    from metalearn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^NearestMean.Config.width must be int, got 'wide'$"):
+        make_method_config("toy-nearest-mean", {"width": "wide"})
+
+
+def test_register_method_refuses_what_is_not_a_method():
+    from metalearn.errors import MetalearnError
+
+    with pytest.raises(MetalearnError, match="not a MetaLearner subclass"):
+        register_method(dict)

@@ -137,6 +137,25 @@ def test_first_order_meta_gradient_matches_reference_and_differs_from_second_ord
     assert relative_difference(grads, second) > 1e-3
 
 
+@pytest.mark.parametrize("problem", PROBLEMS)
+def test_derivative_order_annealing_is_first_order_then_second_order(problem):
+    """MAML++'s derivative-order annealing: the meta-gradient of steps 0..N-1 equals the
+    first-order reference's, from step N on the second-order reference's (float64)."""
+    make, lr = PROBLEMS[problem]
+    model, batch, forward = make()
+    maml = MAML(model, MAML.Config(inner_lr=lr, inner_steps=2, first_order_steps=3))
+    _, first = ref_grads(model, forward, batch, 2, lr, first_order=True)
+    _, second = ref_grads(model, forward, batch, 2, lr, first_order=False)
+    for step, expected in ((0, first), (2, first), (3, second), (50, second)):
+        maml.start_step(step)
+        assert maml.first_order_now() == (step < 3)
+        assert_grads_close(maml_grads(maml, batch)[1], expected)
+    with pytest.raises(MetalearnError, match="MAML.Config.first_order_steps switches from first to second order"):
+        MAML.Config(first_order=True, first_order_steps=5)
+    with pytest.raises(MetalearnError, match="MAML.Config.first_order_steps must be >= 0"):
+        MAML.Config(first_order_steps=-1)
+
+
 @pytest.mark.parametrize("first_order", [False, True])
 def test_accuracy_metric_is_the_fraction_of_right_query_predictions(first_order):
     """Query images: the support images with a little noise, so that adaptation helps (25 of 36

@@ -83,11 +83,12 @@ def check_compatible(saved: RunConfig, requested: RunConfig, what: str, advice: 
         raise configuration_conflict(what, {"method": (saved.method, requested.method)}, "", advice)
     saved, requested = with_all_options(saved), with_all_options(requested)
     resumable = set(RESUMABLE_CHANGES)
-    if saved.train.lr_anneal == "linear":
+    if saved.train.lr_anneal != "none":
         resumable.discard("train.steps")  # the anneal's horizon: changing it rewrites the schedule
     conflicts = {k: v for k, v in config_differences(saved, requested).items() if k not in resumable}
     if conflicts:
-        why = (" Its learning rate is annealed linearly to 0 over --steps, so the step count cannot change."
+        why = (f" Its learning rate is annealed ({saved.train.lr_anneal}) over --steps, so the step count "
+               "cannot change."
                if "train.steps" in conflicts else "")
         raise configuration_conflict(what, conflicts, why, advice)
 

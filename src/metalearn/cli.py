@@ -77,7 +77,7 @@ def _option_for(field: dataclasses.Field, paper_default: bool = False) -> click.
     elif not text:
         text = f"(default {field.default})"
     if hint is bool:
-        return click.Option([f"{name}/--no-{field.name.replace('_', '-')}"], default=None, help=text)
+        return click.Option([f"{name}/--no-{name[2:]}"], default=None, help=text)
     click_type = {int: INTEGER, float: float, str: str}.get(hint, str)
     return click.Option([name], type=click_type, default=None, show_default=False, help=text)
 
@@ -191,7 +191,7 @@ def train():
               help="change a method option for this evaluation, e.g. --set test_inner_steps=10")
 @click.option("--ways", type=INTEGER, default=None,
               help="test on episodes of this many classes instead of the run's (methods without "
-                   "a per-class output layer: protonet, matchingnet)")
+                   "a per-class output layer, such as protonet and matchingnet)")
 @click.option("--shots", type=INTEGER, default=None, help="support examples per class instead of the run's")
 @click.option("--query", type=INTEGER, default=None, help="query examples per class (points, for regression) instead of the run's")
 @click.option("--per-step/--final-only", default=True, show_default=True,

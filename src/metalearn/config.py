@@ -82,8 +82,10 @@ class TrainConfig:
     meta_lr: float = option(1e-3, "the meta-optimiser's learning rate (MAML's beta)")
     meta_optimizer: str = option("adam", "the meta-optimiser: adam or sgd")
     lr_halve_every: int = option(0, "halve the meta learning rate every this many steps (0: never)")
-    lr_anneal: str = option("none", "none, or linear: the meta learning rate falls linearly to 0 over --steps "
-                                    "(Reptile)")
+    lr_anneal: str = option("none", "none; linear: the meta learning rate falls linearly to 0 over --steps "
+                                    "(Reptile); cosine: it follows half a cosine down to --min-meta-lr over "
+                                    "--steps (MAML++)")
+    min_meta_lr: float = option(0.0, "with --lr-anneal cosine: the meta learning rate at the last step")
     seed: int = option(0, "seeds the initial weights and every task drawn; the same seed repeats a run exactly "
                           "on the same machine and versions")
     log_every: int = option(50, "steps between lines of metrics.jsonl")
@@ -113,8 +115,13 @@ class TrainConfig:
             refuse("seed", f"must be between 0 and {MAX_SEED}")
         if self.meta_optimizer not in ("adam", "sgd"):
             refuse("meta_optimizer", "must be adam or sgd")
-        if self.lr_anneal not in ("none", "linear"):
-            refuse("lr_anneal", "must be none or linear")
+        if self.lr_anneal not in ("none", "linear", "cosine"):
+            refuse("lr_anneal", "must be none, linear or cosine")
+        require_number(self.min_meta_lr, "TrainConfig", "min_meta_lr", zero_allowed=True)
+        if self.min_meta_lr > self.meta_lr:
+            refuse("min_meta_lr", "must be at most `meta_lr`")
+        if self.min_meta_lr and self.lr_anneal != "cosine":
+            refuse("min_meta_lr", "applies only with `lr_anneal` cosine")
 
 
 # Fields that may change when a run is resumed: they do not alter what was already computed.

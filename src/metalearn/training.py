@@ -35,10 +35,17 @@ def step_seed(seed: int, step: int) -> int:
 
 
 def lr_factor(train, step: int) -> float:
-    """Multiplier of ``meta_lr`` at ``step``: halvings, then the linear anneal to zero."""
+    """Multiplier of ``meta_lr`` at ``step``: halvings, then the anneal over ``steps``: linear to
+    zero (Reptile), or cosine from 1 to ``min_meta_lr / meta_lr`` (MAML++, section 4, "cosine
+    annealing of meta-optimizer learning rate", SGDR's schedule without restarts; their code
+    moves it once per epoch, here every step)."""
     factor = 0.5 ** (step // train.lr_halve_every) if train.lr_halve_every > 0 else 1.0
+    progress = min(step / max(train.steps, 1), 1.0)
     if train.lr_anneal == "linear":
-        factor *= max(0.0, 1.0 - step / max(train.steps, 1))
+        factor *= 1.0 - progress
+    elif train.lr_anneal == "cosine":
+        floor = train.min_meta_lr / train.meta_lr
+        factor *= floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return factor
 
 

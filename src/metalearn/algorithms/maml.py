@@ -39,6 +39,8 @@ from metalearn.tasks.batch import TaskBatch
 class MAMLConfig:
     """inner_lr: the paper's alpha; inner_steps / test_inner_steps: gradient steps on the
     support set during meta-training / at test time; first_order: drop second derivatives;
+    first_order_steps: first order for that many meta-steps, then second (MAML++'s derivative-order
+    annealing, told the step by ``start_step`` as the multi-step loss is);
     learn_inner_lr: one learned step size per parameter tensor and step (MAML++'s LSLR);
     multi_step_loss: the query loss after every inner step (MAML++), not just the last one's,
     weighted equally, or, with ``multi_step_anneal_steps`` > 0, by MAML++'s schedule (see
@@ -57,6 +59,8 @@ class MAMLConfig:
     multi_step_loss: bool = option(False, "the query loss after every inner step, not just the last (MAML++)")
     multi_step_anneal_steps: int = option(0, "with --multi-step-loss: shift its weight onto the last step over "
                                              "this many meta-updates (MAML++'s schedule; 0: equal weights throughout)")
+    first_order_steps: int = option(0, "meta-train first order for this many meta-updates, then second order "
+                                       "(MAML++'s derivative-order annealing; 0: as --first-order says throughout)")
     adapt_norm: bool = option(True, "the inner loop adapts the batch-norm parameters too (the reference code's "
                                     "does not: --no-adapt-norm)")
     model: str = option("conv4", "the network: conv4, conv4-maxpool, conv4-reference (conv4 as the MAML "
@@ -67,6 +71,11 @@ class MAMLConfig:
         if self.multi_step_anneal_steps < 0:
             raise ConfigError("MAML.Config", "multi_step_anneal_steps",
                               f"must be >= 0, got {self.multi_step_anneal_steps}")
+        if self.first_order_steps < 0:
+            raise ConfigError("MAML.Config", "first_order_steps", f"must be >= 0, got {self.first_order_steps}")
+        if self.first_order_steps and self.first_order:
+            raise ConfigError("MAML.Config", "first_order_steps",
+                              "switches from first to second order: it does not combine with `first_order`")
         if self.multi_step_anneal_steps and not self.multi_step_loss:
             raise ConfigError("MAML.Config", "multi_step_anneal_steps",
                               "anneals the multi-step loss: it needs `multi_step_loss`")
@@ -157,12 +166,20 @@ class MAML(MetaLearner):
         batch over tasks with ``vmap``.
         """
         return gradient_descent(self.model, params, support_x, support_y, steps, self._step_size,
-                                self.config.first_order, self._held)
+                                self.first_order_now(), self._held)
 
     # -- the interface -----------------------------------------------------------------------
 
     def start_step(self, step: int) -> None:
         self.training_step = step
+
+    def first_order_now(self) -> bool:
+        """Whether the meta-gradient of the current training step drops second derivatives:
+        always with ``first_order``; with ``first_order_steps`` N, for meta-steps 0..N-1
+        (MAML++, section 4, "derivative-order annealing": first order as a cheap and stable
+        start, then second order). A pure function of the step the trainer announced, so a run
+        resumed on either side of the switch matches the uninterrupted one."""
+        return self.config.first_order or self.training_step < self.config.first_order_steps
 
     def step_weights(self) -> Tensor | None:
         """Weights of the query losses after each inner step in the meta-loss at the current
@@ -194,7 +211,7 @@ class MAML(MetaLearner):
             return loss, torch.zeros(())
 
         # first order never differentiates twice, so batch norm may use the native kernel (faster)
-        with first_order_batch_norm() if self.config.first_order else contextlib.nullcontext():
+        with first_order_batch_norm() if self.first_order_now() else contextlib.nullcontext():
             # randomness="different": a model with dropout draws its own mask for every task
             losses, accuracies = vmap(one_task, randomness="different")(batch.support_x, batch.support_y,
                                                                         batch.query_x, batch.query_y)

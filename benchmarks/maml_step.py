@@ -29,7 +29,7 @@ weights and batch and must agree to ~1e-12, so the rows measure the same computa
 one's float32 error against that is printed too.
 
     python benchmarks/maml_step.py --iters 20 --peer-python /work/peer-venv/bin/python \
-        --json benchmarks/results/maml_step.json
+        --json benchmarks/results/maml_step_2threads.json
 
 ``--device cuda`` times rows (a), (b) and (d) on a GPU (learn2learn stays on the CPU), each step
 from an idle device to its last finished kernel.

@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,10 @@ def test_python_examples_run(page, tmp_path, monkeypatch):
         pytest.skip(f"{page.name}: no Python block to run here")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("METALEARN_RUNS", str(tmp_path / "runs"))
-    namespace = {"__name__": "__docs__"}
+    # a real module, so that a block may define dataclasses (they look their module up)
+    module = types.ModuleType("metalearn_docs_example")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    namespace = module.__dict__
     threads = torch.get_num_threads()
     # one thread: these tiny examples gain nothing from two, and lose much when the cores are shared
     torch.set_num_threads(1)

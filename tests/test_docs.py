@@ -99,3 +99,7 @@ def test_site_builds_strict(tmp_path):
     cli_page = (site / "cli" / "index.html").read_text()
     assert "--inner-lr" in cli_page and "metalearn train maml" in cli_page  # generated, not copied
     assert (site / "results" / "maml-sinusoid-k5" / "fits.png").is_file()  # the plots are served
+    for method in ("maml", "platipus", "protonet", "matchingnet", "reptile"):
+        page = (site / "methods" / method / "index.html").read_text()
+        # the options table that scripts/docs_hooks.py generates from the method's Config
+        assert "<!-- options" not in page and "Config()</code> default" in page, method

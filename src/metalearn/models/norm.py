@@ -26,8 +26,7 @@ class BatchStatNorm(nn.Module):
 
     The native kernel is also used when gradients are recorded inside
     ``first_order_batch_norm()`` (how ProtoNets, Matching Networks and Reptile run the model:
-    they differentiate only once, and it is faster, a Reptile training step 1.7x, see the
-    README).
+    they differentiate only once, and it is faster; see docs/performance.md).
 
     x: (batch, num_features, *spatial) -> same shape
     """

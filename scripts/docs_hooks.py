@@ -96,3 +96,11 @@ def options_table(method: str, *settings: str) -> str:
         values = " | ".join(_cell(train[name]) for _, train in resolved)
         lines.append(f"| `{flag}` (training) | {text} | {_cell(field.default)} | {values} |")
     return "\n".join(lines) + "\n"
+
+
+def on_page_content(html: str, page: Any, config: Any, files: Any) -> str:
+    """The CLI reference's "Default" cells: an option without a default of its own (click's
+    UNSET, or None where the paper's value for the task applies) reads "-"."""
+    if page.file.src_uri != "cli.md":
+        return html
+    return html.replace("<td><code>Sentinel.UNSET</code></td>", "<td>-</td>").replace("<td>None</td>", "<td>-</td>")

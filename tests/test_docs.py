@@ -54,14 +54,15 @@ def test_python_blocks_are_found_and_markers_known():
     assert len(tutorial) >= 6 and all(marker != "no-run" for _, _, marker in tutorial)
 
 
-@pytest.mark.parametrize("page", pages(), ids=lambda page: str(page.relative_to(PROJECT)))
+@pytest.mark.parametrize("page", [page for page in pages() if python_blocks(page.read_text())],
+                         ids=lambda page: str(page.relative_to(PROJECT)))
 def test_python_examples_run(page, tmp_path, monkeypatch):
     blocks = python_blocks(page.read_text())
     have_omniglot = omniglot_dir() is not None and omniglot_dir().is_dir()
     runnable = [(line, code) for line, code, marker in blocks
                 if marker is None or (marker == "needs-omniglot" and have_omniglot)]
     if not runnable:
-        pytest.skip(f"{page.name}: no Python block to run here")
+        pytest.skip(f"{page.name}: its Python blocks need Omniglot, which is not available")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("METALEARN_RUNS", str(tmp_path / "runs"))
     # a real module, so that a block may define dataclasses (they look their module up)

@@ -3,7 +3,7 @@ losses after 0..k inner steps, averaged over Omniglot training episodes, for MAM
 metalearn builds it (``conv4``) and as the authors' code does (``conv4-reference``, batch norm
 held in the inner loop), each with alpha 0.1 (the paper's 20-way value on our mean loss) and 2.0
 (the same step on the reference code's summed loss). It shows where meta-training starts from
-in the README's 20-way comparison of the two networks. Not a timing.
+in the 20-way comparison of docs/methods/maml.md of the two networks. Not a timing.
 
     METALEARN_DATA=/path/to/omniglot python benchmarks/inner_loop_at_init.py --ways 20 --steps 5
 """

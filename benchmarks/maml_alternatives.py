@@ -34,7 +34,7 @@ that, each a separate pass over memory. Rows, timed round-robin on ``maml_step.p
                   implementation of the network, which is why it would need to win clearly);
   folded-cl    -- the same with the activations in channels-last memory layout, in which a
                   stride-2 convolution's input gradient ran about twice as fast, on one set of
-                  weights (README, *Performance*); under ``vmap`` that layout is lost.
+                  weights (docs/performance.md); under ``vmap`` that layout is lost.
 
 The two hand-written derivatives (``native-bn``'s second, ``bn-function``'s first) pass
 ``torch.autograd.gradcheck`` and ``gradgradcheck`` in float64 before anything is timed.

@@ -1,6 +1,6 @@
 """Where a second-order MAML meta-step's convolution work goes, and whether channels-last helps.
 
-The figures behind the README's *Performance* paragraph on the second-order floor:
+The figures behind docs/performance.md's paragraph on the second-order floor:
 
   1. the convolution work of one meta-step (Omniglot 5-way 1-shot, 1 query, meta-batch 32, 1
      inner step, ``maml_step.py``'s batch and Conv4), as multiply-adds of every convolution and

@@ -29,7 +29,7 @@ weights and batch and must agree to ~1e-12, so the rows measure the same computa
 one's float32 error against that is printed too.
 
     python benchmarks/maml_step.py --iters 20 --peer-python /work/peer-venv/bin/python \
-        --json benchmarks/results/maml_step.json
+        --json benchmarks/results/maml_step_2threads.json
 
 ``--device cuda`` times rows (a), (b) and (d) on a GPU (learn2learn stays on the CPU), each step
 from an idle device to its last finished kernel.
@@ -208,7 +208,7 @@ def summarize(implementation: str, order: str, times: list[float], tasks: int, *
 def cpu_description() -> str:
     """The processor and the vector instructions torch's kernels use on it, e.g. "AMD EPYC
     (torch kernels: AVX2)". Recorded with every timing: the machines a session gets differ
-    (README, *Performance*: the same step on two of them)."""
+    (docs/performance.md: the same step on two of them)."""
     name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -546,7 +546,7 @@ def main(argv=None) -> dict:
 
 
 def save_json(path: Path, result: dict) -> None:
-    """Write a benchmark's result as JSON, so a README figure can name the file it came from."""
+    """Write a benchmark's result as JSON, so a documented figure can name the file it came from."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {path}")

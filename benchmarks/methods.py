@@ -1,6 +1,6 @@
 """Episodes per second of every method, training and evaluation, on Omniglot-shaped tasks.
 
-Each method is configured as its README reproduction command for 5-way 1-shot configures it
+Each method is configured as its reproduction command (docs/methods/) for 5-way 1-shot configures it
 (``metalearn.api.resolve_config``: the paper's defaults plus the command's task options) and
 timed on fixed synthetic batches of that shape (no sampling, no data on disk):
 
@@ -36,7 +36,7 @@ from metalearn.tasks.batch import TaskBatch
 
 from maml_step import cpu_description, select_gpu_kernels, synchronize  # this folder's module
 
-# the README's 5-way 1-shot reproduction commands, as task options
+# the 5-way 1-shot reproduction commands of docs/methods/, as task options
 COMMANDS = {
     "maml": {"ways": 5, "shots": 1},
     "platipus": {"ways": 5, "shots": 1},

@@ -1,8 +1,8 @@
 """What Reptile's per-step scores cost at evaluation: ``predict_per_step`` (the accuracy after
 every one of the 50 test-time Adam steps, what ``metalearn eval`` reports by default) against
 ``predict`` (the final predictions alone: ``metalearn eval --final-only`` and training's
-validation), on synthetic Omniglot-shaped 1-shot episodes configured as the README's 5-way and
-20-way reproduction commands, with the carried inner Adam state at zero (its values do not
+validation), on synthetic Omniglot-shaped 1-shot episodes configured as the 5-way and 20-way
+reproduction commands of docs/methods/reptile.md, with the carried inner Adam state at zero (its values do not
 change the cost). Median of ``--iters`` timed repetitions after one warm-up.
 
     python benchmarks/reptile_eval.py --threads 1 --episodes 20

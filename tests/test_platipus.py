@@ -538,7 +538,7 @@ def test_omniglot_classification_run(tmp_path, omniglot_data_dir):
         assert set(entry) >= {"accuracy", "nll", "ece"}
         assert 0 <= entry["ece"]["mean"] <= 1 and entry["nll"]["mean"] > 0
     # the same episodes as `metalearn eval` with seed 0 (MAML, deterministic, scores them alike),
-    # but not the same sampled models (README, "Uncertainty"): eval draws them from one stream
+    # but not the same sampled models (docs/methods/platipus.md, "Options"): eval draws them from one stream
     # seeded TEST_SEED_OFFSET, compare per chunk from TEST_SEED_OFFSET + 7919 k (k = 1 here)
     from metalearn.tasks import build_task_source
     from metalearn.checkpoints import load_trained

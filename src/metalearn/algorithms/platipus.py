@@ -174,7 +174,7 @@ class PLATIPUS(MetaLearner):
         # MAML's trained weights, against a query loss of 0.3) dominate the loss and undo
         # learning on Omniglot 5-way 1-shot (from random weights: 33-44% training accuracy over
         # 250 steps where MAML reached 90%; from MAML's weights: 98.9% -> 80.5% test accuracy
-        # in 250 steps); at 1e-4 it learns from random weights (README, Results) and, from
+        # in 250 steps); at 1e-4 it learns from random weights (docs/methods/platipus.md) and, from
         # MAML's weights, matches MAML's accuracy. Untested on 20-way.
         kl_weight = OMNIGLOT_KL_WEIGHT
         if task.ways >= 20:

@@ -26,7 +26,7 @@ class BatchStatNorm(nn.Module):
 
     The native kernel is also used when gradients are recorded inside
     ``first_order_batch_norm()`` (how ProtoNets, Matching Networks and Reptile run the model:
-    they differentiate only once, and it is faster: see the performance docs).
+    they differentiate only once, and it is faster; see docs/performance.md).
 
     x: (batch, num_features, *spatial) -> same shape
     """

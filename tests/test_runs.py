@@ -3,6 +3,7 @@ written whole or not at all."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import torch
 import cli_runner
 from metalearn.cli import main
 from metalearn.errors import MetalearnError
+from metalearn.files import WriteError
 from metalearn.runs import RunDir, atomic_write, atomic_write_bytes
 
 
@@ -39,32 +41,31 @@ def test_no_metrics_file_reads_as_no_records(tmp_path):
     assert RunDir(tmp_path / "fresh").read_metrics() == []
 
 
-@pytest.mark.parametrize("trace", ["config.json", "checkpoint.pt", "metrics.jsonl"])
-def test_any_trace_of_a_run_holds_the_folder(tmp_path, trace):
-    """A new run must not start over a folder holding any of them (e.g. a run whose config was
-    lost still has its checkpoint): each alone is enough."""
+@pytest.mark.parametrize("trace", ["checkpoint.pt", "metrics.jsonl"])
+def test_any_trace_of_a_started_run_holds_the_folder(tmp_path, trace):
+    """A new run must not start over a folder holding either (e.g. a run whose config was lost
+    still has its checkpoint): each alone is enough. config.json alone is a run that never
+    started (it is written just before the first checkpoint): it does not hold the folder."""
     run = RunDir(tmp_path)
     assert not run.holds_run()
     (tmp_path / "notes.txt").write_text("a folder of the user's own")
     (tmp_path / "plots").mkdir()
-    assert not run.holds_run()
+    (tmp_path / "config.json").write_text("{}")
+    assert not run.holds_run() and run.never_started()
     (tmp_path / trace).write_text("{}")
-    assert run.holds_run()
-    assert run.exists() == (trace == "config.json")  # a run to resume needs its config
+    assert run.holds_run() and not run.never_started()
 
 
 def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary_one(tmp_path):
     path = tmp_path / "eval.json"
     atomic_write_bytes(path, b'{"mean": 1.0}\n')
 
-    class Full(OSError):
-        pass
-
     def failing_write(f):
         f.write(b'{"mean": 2.')
-        raise Full("no space left on device")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    with pytest.raises(Full):
+    with pytest.raises(WriteError, match=r"cannot write .*eval.json: No space left on device \(.* free there\); "
+                                         "the previous eval.json is unchanged"):
         atomic_write(path, failing_write)
     assert path.read_bytes() == b'{"mean": 1.0}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]  # the .tmpPID file is gone

@@ -20,7 +20,7 @@ from metalearn.config import RESUMABLE_CHANGES, RunConfig, config_differences
 from metalearn.distributed import RankLost, World
 from metalearn.errors import MetalearnError, TrainingStopped
 from metalearn.evaluation import evaluate
-from metalearn.runs import RunDir
+from metalearn.runs import RunDir, lock_for_training
 from metalearn.tasks import TaskSource, build_task_source, has_validation, problem_of
 
 VALIDATION_SEED_OFFSET = 1_000_003
@@ -91,7 +91,7 @@ class Trainer:
 
     def __init__(self, config: RunConfig, learner: MetaLearner, train_tasks: TaskSource,
                  val_tasks: TaskSource | None, run_dir: RunDir | Path | str, world: World = World(),
-                 resume: bool = False):
+                 resume: bool = False, lock=None):
         run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         # rank 0 alone looks: it writes config.json only after this, other ranks may come later
         if not resume and world.is_main and run_dir.holds_run():
@@ -112,6 +112,7 @@ class Trainer:
         self.step = 0
         self.elapsed_s = 0.0  # training wall time so far, across resumes
         self.config_written = False  # by the first save: the config this Trainer continues with
+        self.lock = lock  # the hold on the run folder (build_trainer's, or fit takes one; see lock_for_training)
         if world.is_main:  # last: a Trainer refused above leaves no folder behind
             run_dir.path.mkdir(parents=True, exist_ok=True)
 
@@ -163,11 +164,14 @@ class Trainer:
         parameters = list(self.learner.parameters())
         share = self.world.share(train.meta_batch_size)
         local_fraction = (share.stop - share.start) / train.meta_batch_size
-        if self.step == 0:
-            self.save()  # eval, resume and a NaN at step 1 always find a checkpoint
+        if self.lock is None:  # one writer per folder, until fit returns (the same test on every rank)
+            self.lock = lock_for_training(self.run_dir, self.world)
         try:
+            if self.step == 0:
+                self.save()  # eval, resume and a NaN at step 1 always find a checkpoint
             with StopRequests() as stop:
                 self._loop(stop, bar, parameters, share, local_fraction)
+            self.save()
         except RankLost as err:
             raise MetalearnError(
                 f"rank {self.world.rank} lost contact with the other ranks at step {self.step + 1} "
@@ -177,7 +181,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        self.save()
+            self.lock.release()
+            self.lock = None
 
     def _loop(self, stop: StopRequests, bar, parameters, share: slice, local_fraction: float) -> None:
         train = self.config.train
@@ -407,8 +412,10 @@ def check_run_dir(config: RunConfig, run: RunDir, resume: bool) -> None:
         if not run.exists():
             raise MetalearnError(f"cannot resume: {run.path} holds no run (no config.json)")
         if not run.has_checkpoint():
-            raise MetalearnError(f"cannot resume: {run.path} has no checkpoint.pt (removed, or the run stopped "
-                                 "before its first one); start afresh in another --run-dir")
+            if run.never_started():
+                return  # killed between config.json and its first checkpoint: it starts now
+            raise MetalearnError(f"cannot resume: {run.path} has no checkpoint.pt (removed; its metrics.jsonl "
+                                 "remains); start afresh in another --run-dir")
         check_compatible(run.read_config(), config, f"the run in {run.path}")  # the method too
     elif run.holds_run():
         raise MetalearnError(f"{run.path} already holds a run; pass --resume to continue it or choose another --run-dir")
@@ -425,7 +432,7 @@ def prepare_training(config: RunConfig, run_dir: Path | str | None = None, data_
     if run_dir is not None:
         check_run_dir(config, RunDir(run_dir), resume)
     learner, train_tasks, val_tasks = prepare_run(config, data_dir, progress)
-    if config.train.init_from and not resume:
+    if config.train.init_from and not (resume and RunDir(run_dir).has_checkpoint()):
         initialise_from_run(learner, config.train.init_from)
     return learner, train_tasks, val_tasks
 
@@ -435,23 +442,27 @@ def build_trainer(config: RunConfig, run_dir: Path | str, data_dir: Path | str |
     """A trainer for ``config`` writing into ``run_dir``; with ``resume``, continue the run
     found there (its configuration must agree with ``config``)."""
     run = RunDir(run_dir)
-    learner, train_tasks, val_tasks = prepare_training(config, run_dir, data_dir, resume, progress)
-    world.barrier()  # every rank has looked at the folder before rank 0 writes into it (the Trainer)
-    learner = learner.to(world.device)
-    trainer = Trainer(config, learner, train_tasks, val_tasks, run, world, resume=resume)
-    if resume:
-        trainer.restore(run.read_checkpoint(*RESUME_ENTRIES))
-        if trainer.step > config.train.steps:
-            raise MetalearnError(
-                f"the run in {run.path} is already at step {trainer.step}; --steps {config.train.steps} "
-                f"would end it before that. Give --steps {trainer.step} or more."
-            )
-        if world.is_main:
-            run.truncate_metrics(trainer.step)
-    if world.is_main:
-        run.write_config(config)
-    world.barrier()
-    return trainer
+    lock = lock_for_training(run, world)  # before any check: another writer is refused at once
+    try:
+        learner, train_tasks, val_tasks = prepare_training(config, run_dir, data_dir, resume, progress)
+        resume = resume and run.has_checkpoint()  # a run that never started starts now
+        world.barrier()  # every rank has looked at the folder before rank 0 writes into it (the Trainer)
+        learner = learner.to(world.device)
+        trainer = Trainer(config, learner, train_tasks, val_tasks, run, world, resume=resume, lock=lock)
+        if resume:
+            trainer.restore(run.read_checkpoint(*RESUME_ENTRIES))
+            if trainer.step > config.train.steps:
+                raise MetalearnError(
+                    f"the run in {run.path} is already at step {trainer.step}; --steps {config.train.steps} "
+                    f"would end it before that. Give --steps {trainer.step} or more."
+                )
+            if world.is_main:
+                run.truncate_metrics(trainer.step)
+        world.barrier()
+    except BaseException:
+        lock.release()
+        raise
+    return trainer  # config.json is written by its first checkpoint, just before it
 
 
 def load_trained(run_dir: Path | str, overrides: dict[str, Any] | None = None) -> tuple[RunConfig, MetaLearner, int]:

@@ -13,6 +13,12 @@ DATASETS = ("omniglot", "sinusoid", "sine-or-line")
 MAX_SEED = 2**62 - 1  # seeds plus their offsets (validation, test episodes) stay in torch's range
 
 
+def check_dataset(name: str) -> None:
+    """Refuse a dataset name that is none of :data:`DATASETS`, naming them."""
+    if name not in DATASETS:
+        raise MetalearnError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
+
+
 @dataclass(frozen=True)
 class TaskConfig:
     """Which tasks: dataset, split, and episode shape for training and for testing.
@@ -34,8 +40,7 @@ class TaskConfig:
     noise_std: float | None = None
 
     def __post_init__(self):
-        if self.dataset not in DATASETS:
-            raise MetalearnError(f"unknown dataset {self.dataset!r}; valid datasets: {', '.join(DATASETS)}")
+        check_dataset(self.dataset)
         # checked here, before any network is built for the shape (its head has `ways` outputs)
         if self.classification:
             for option, ways in (("--ways", self.ways), ("--test-ways", self.test_ways)):

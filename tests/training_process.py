@@ -61,6 +61,39 @@ def finish(process: subprocess.Popen, timeout_s: float = 300) -> tuple[int, str,
     return process.returncode, out, err
 
 
+TIMING = {"tasks_per_s", "elapsed_s"}
+
+
+def assert_same_state(a: Path, b: Path) -> None:
+    """Bit for bit: every tensor of the checkpoints (learner, optimiser, scheduler, RNG) and
+    every metrics record but its timings."""
+    import torch
+
+    from metalearn.runs import RunDir
+
+    sa, sb = RunDir(a).read_checkpoint(), RunDir(b).read_checkpoint()
+    assert sa["step"] == sb["step"]
+
+    def same(x, y, where):
+        if isinstance(x, torch.Tensor):
+            assert isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y), where
+        elif isinstance(x, dict):
+            assert x.keys() == y.keys(), where
+            for key in x:
+                same(x[key], y[key], f"{where}.{key}")
+        elif isinstance(x, (list, tuple)):
+            assert len(x) == len(y), where
+            for i, (u, v) in enumerate(zip(x, y)):
+                same(u, v, f"{where}[{i}]")
+        else:
+            assert x == y, where
+
+    for entry in ("learner", "optimizer", "scheduler", "torch_rng", "config"):
+        same(sa[entry], sb[entry], entry)
+    strip = lambda run: [{k: v for k, v in r.items() if k not in TIMING} for r in RunDir(run).read_metrics()]
+    assert strip(a) == strip(b)
+
+
 def _run_with_hooks() -> None:
     import torch
 

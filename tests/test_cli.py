@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -534,3 +535,14 @@ sys.exit({function}())
     child.send_signal(signal.SIGINT)
     out, err = child.communicate(timeout=60)
     assert child.returncode == 130 and err == "interrupted while starting\n", err
+
+
+def test_a_full_disk_met_outside_the_run_folder_is_the_same_one_line():
+    import errno
+    import os
+
+    from metalearn.cli import describe_os_error
+
+    err = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/tmp/results/fits.png")
+    assert re.fullmatch(r"cannot write /tmp/results/fits.png: No space left on device \(\d.* free there\)",
+                        describe_os_error(err))

@@ -84,3 +84,19 @@ def test_a_second_training_process_is_refused_and_the_first_is_unharmed(tmp_path
     for name, value in expected["learner"].items():
         assert value.equal(state["learner"][name]), name
     assert not (run / ".lock").exists()
+
+
+def test_a_file_system_without_locks_is_used_unlocked_with_one_warning(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    run = tmp_path / "run"
+    code, _, err = cli_runner.run([*TRAIN, "--steps", 1, "--run-dir", run], capsys)
+    assert code == 0
+    assert err == (f"warning: the file system of {run} refuses file locks (No locks available): nothing keeps a "
+                   "second process from writing there at the same time\n")
+    assert RunDir(run).read_checkpoint()["step"] == 1 and not (run / ".lock").exists()

@@ -460,6 +460,10 @@ def describe_os_error(err: OSError) -> str:
     if err.filename is None:
         return str(err.strerror or err)
     path = Path(err.filename)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):  # the file and the space left, as every write failure
+        from metalearn.files import WriteError
+
+        return str(WriteError(path, err))
     if err.errno == errno.EEXIST and path.exists() and not path.is_dir():
         return f"{path} is a file, not a folder; give a folder path"
     if err.errno == errno.ENOTDIR:  # a file where the path needs a folder

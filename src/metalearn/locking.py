@@ -19,8 +19,9 @@ Where this holds:
   reboots (NFSv3) or when its lease runs out (NFSv4, typically 90 s). A mount with ``nolock``
   or ``local_lock=flock``/``all`` keeps locks on one machine: two machines are then not kept
   apart.
-* Lustre needs the ``flock`` mount option; CIFS/SMB, GPFS and BeeGFS lock between machines as
-  their servers allow; sshfs and other FUSE file systems usually only within one machine.
+* Lustre locks between clients with its ``flock`` mount option, within one machine with
+  ``localflock``, not at all with ``noflock``; CIFS/SMB, GPFS and BeeGFS lock between machines
+  as their servers allow; sshfs and other FUSE file systems usually only within one machine.
 * A file system that refuses locks altogether (``ENOLCK``, ``EOPNOTSUPP``): the folder is used
   unlocked, with a warning.
 

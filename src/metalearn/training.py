@@ -156,6 +156,8 @@ class Trainer:
 
     def fit(self, progress: bool = True) -> None:
         train = self.config.train
+        if self.lock is None:  # one writer per folder, until fit returns (the same test on every rank)
+            self.lock = lock_for_training(self.run_dir, self.world)
         bar = None
         if progress and self.world.is_main:
             from tqdm import tqdm
@@ -164,8 +166,6 @@ class Trainer:
         parameters = list(self.learner.parameters())
         share = self.world.share(train.meta_batch_size)
         local_fraction = (share.stop - share.start) / train.meta_batch_size
-        if self.lock is None:  # one writer per folder, until fit returns (the same test on every rank)
-            self.lock = lock_for_training(self.run_dir, self.world)
         try:
             if self.step == 0:
                 self.save()  # eval, resume and a NaN at step 1 always find a checkpoint
@@ -440,28 +440,34 @@ def prepare_training(config: RunConfig, run_dir: Path | str | None = None, data_
 def build_trainer(config: RunConfig, run_dir: Path | str, data_dir: Path | str | None = None,
                   resume: bool = False, world: World = World(), progress: bool = True) -> Trainer:
     """A trainer for ``config`` writing into ``run_dir``; with ``resume``, continue the run
-    found there (its configuration must agree with ``config``)."""
-    run = RunDir(run_dir)
-    lock = lock_for_training(run, world)  # before any check: another writer is refused at once
+    found there (its configuration must agree with ``config``). The trainer holds the run
+    folder's lock (rank 0) until its ``fit`` returns."""
+    lock = lock_for_training(RunDir(run_dir), world)  # before any check: another writer is refused at once
     try:
-        learner, train_tasks, val_tasks = prepare_training(config, run_dir, data_dir, resume, progress)
-        resume = resume and run.has_checkpoint()  # a run that never started starts now
-        world.barrier()  # every rank has looked at the folder before rank 0 writes into it (the Trainer)
-        learner = learner.to(world.device)
-        trainer = Trainer(config, learner, train_tasks, val_tasks, run, world, resume=resume, lock=lock)
-        if resume:
-            trainer.restore(run.read_checkpoint(*RESUME_ENTRIES))
-            if trainer.step > config.train.steps:
-                raise MetalearnError(
-                    f"the run in {run.path} is already at step {trainer.step}; --steps {config.train.steps} "
-                    f"would end it before that. Give --steps {trainer.step} or more."
-                )
-            if world.is_main:
-                run.truncate_metrics(trainer.step)
-        world.barrier()
+        return _build_trainer(config, run_dir, data_dir, resume, world, progress, lock)
     except BaseException:
         lock.release()
         raise
+
+
+def _build_trainer(config: RunConfig, run_dir: Path | str, data_dir: Path | str | None, resume: bool,
+                   world: World, progress: bool, lock) -> Trainer:
+    run = RunDir(run_dir)
+    learner, train_tasks, val_tasks = prepare_training(config, run_dir, data_dir, resume, progress)
+    resume = resume and run.has_checkpoint()  # a run that never started starts now
+    world.barrier()  # every rank has looked at the folder before rank 0 writes into it (the Trainer)
+    learner = learner.to(world.device)
+    trainer = Trainer(config, learner, train_tasks, val_tasks, run, world, resume=resume, lock=lock)
+    if resume:
+        trainer.restore(run.read_checkpoint(*RESUME_ENTRIES))
+        if trainer.step > config.train.steps:
+            raise MetalearnError(
+                f"the run in {run.path} is already at step {trainer.step}; --steps {config.train.steps} "
+                f"would end it before that. Give --steps {trainer.step} or more."
+            )
+        if world.is_main:
+            run.truncate_metrics(trainer.step)
+    world.barrier()
     return trainer  # config.json is written by its first checkpoint, just before it
 
 

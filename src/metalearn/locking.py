@@ -111,6 +111,8 @@ class FolderLock:
                 os.close(fd)
                 if err.errno not in UNSUPPORTED:
                     raise
+                with contextlib.suppress(OSError):
+                    path.unlink()  # no one can hold it here: it would only be litter
                 warnings.warn(MetalearnWarning(
                     f"the file system of {path.parent} refuses file locks ({err.strerror}): nothing keeps "
                     "a second process from writing there at the same time"), stacklevel=2)

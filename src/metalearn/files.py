@@ -10,7 +10,6 @@ file, which :func:`remove_temporaries` deletes on the next start.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
 import shutil
@@ -165,7 +164,6 @@ def remove_temporaries(folder: Path, owned: Iterable[str] = (), unowned_age_s: f
             if entry.is_file() or entry.is_symlink():
                 entry.unlink()
                 removed.append(entry)
-        except OSError as err:
-            if err.errno not in (errno.ENOENT,):  # gone already: another cleaner was first
-                continue
+        except OSError:
+            continue  # gone already (another cleaner was first), or not ours to delete
     return removed

@@ -54,8 +54,10 @@ class FolderInUse(MetalearnError):
 
 
 def holder_note(purpose: str) -> dict:
+    program = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
+    name = program.parent.name if program.name == "__main__.py" else program.name  # python -m metalearn
     return {"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose,
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200] if sys.argv else "",
+            "command": " ".join([name, *sys.argv[1:]])[:200],
             "since": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
 
 

@@ -7,12 +7,16 @@ The CI test (tests/test_kill_resume.py) does three kills; this does as many as a
     python scripts/kill-resume.py --kills 40                   # MAML on sinusoids
     python scripts/kill-resume.py --kills 20 --method protonet  # ProtoNets on 5-way 1-shot Omniglot
 
+Omniglot is read from $METALEARN_DATA, else from ../shared/data/omniglot beside the project
+(as the tests find it).
+
 Prints one line per kill and, at the end, the verdict; exits 1 on a difference.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import tempfile
@@ -39,6 +43,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="seeds the kill moments (not the training)")
     parser.add_argument("--folder", type=Path, default=None, help="where the two runs go (default: a temporary folder)")
     args = parser.parse_args()
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+    if not os.environ.get("METALEARN_DATA") and shared.is_dir():
+        os.environ["METALEARN_DATA"] = str(shared)  # the children inherit it
     rng = random.Random(args.seed)
     folder = args.folder or Path(tempfile.mkdtemp(prefix="kill-resume-"))
     args.steps = args.steps or 10 * args.kills + 20

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -445,3 +446,108 @@ def test_options_that_would_go_unused_are_refused(capsys, omniglot_data_dir, arg
     assert code == 2 and message in err
     # the defaults alone are fine
     assert run(["train", *args[:1], "--data-dir", omniglot_data_dir, "--print-config"], capsys)[0] == 0
+
+
+# -- hardening: what the resolved configuration says, re-evaluations, start-up ------------------
+
+
+def test_an_unknown_dataset_is_named_also_with_options_of_a_kind(capsys):
+    for options in ([], ["--ways", 5], ["--noise-std", 0.1]):
+        code, _, err = run(["train", "maml", "--dataset", "nope", *options, "--print-config"], capsys)
+        assert code == 2 and err.startswith("error: --dataset must be one of omniglot, sinusoid, sine-or-line"), err
+        assert err.endswith(", got 'nope'\n") and err.count("\n") == 1, err
+
+
+def test_a_split_without_a_validation_part_resolves_to_validation_off(capsys, omniglot_data_dir):
+    code, out, err = run(["train", "protonet", "--split", "lake", "--print-config"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["train"]["val_every"] == 0  # what happens, not the paper's 1000
+    code, out, err = run(["train", "protonet", "--split", "vinyals", "--print-config"], capsys)
+    assert json.loads(out)["train"]["val_every"] == 1000
+
+
+@pytest.mark.parametrize("steps, warned", [(20000, False), (22000, False), (22001, True), (75000, True)])
+def test_a_schedule_that_halves_the_rate_to_nothing_is_one_warning_line(capsys, steps, warned):
+    """ProtoNets' paper halves the rate every 2,000 of its 20,000 steps (9 halvings); kept for a
+    run of 75,000 steps it halves it 37 times."""
+    from metalearn.api import resolve_config
+
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resolve_config("maml", task={"dataset": "sinusoid"}, train={"steps": steps, "lr_halve_every": 2000})
+    messages = [str(w.message) for w in caught]
+    if not warned:
+        assert messages == []
+        return
+    halvings = (steps - 1) // 2000
+    assert messages == [f"--lr-halve-every 2000 halves the meta learning rate {halvings} times over --steps {steps}, "
+                        f"to {1e-3 * 0.5 ** halvings:.2g} (from --meta-lr 0.001), where its steps barely change the "
+                        f"weights; give --lr-halve-every {-(-steps // 11)} (at most 10 halvings) or 0 (none)"]
+    assert (steps - 1) // -(-steps // 11) <= 10
+
+
+def test_the_schedule_warning_is_one_line_on_the_command_line(capsys):
+    code, out, err = run(["train", "maml", "--dataset", "sinusoid", "--steps", 75000, "--lr-halve-every", 2000,
+                          "--print-config"], capsys)
+    assert code == 0 and json.loads(out)["train"]["lr_halve_every"] == 2000
+    assert err.startswith("warning: --lr-halve-every 2000 halves the meta learning rate 37 times over --steps 75000")
+    assert err.count("\n") == 1
+
+
+def test_evaluating_again_says_that_it_replaces_the_earlier_evaluation(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, _, err = run(["train", "maml", "--dataset", "sinusoid", "--steps", 2, "--meta-batch-size", 2,
+                        "--eval-episodes", 4, "--run-dir", run_dir, "--no-progress"], capsys)
+    assert code == 0, err
+    earlier = json.loads((run_dir / "eval.json").read_text())
+    (run_dir / "eval.json").write_text(json.dumps({**earlier, "mean": 0.123456}))
+    code, out, err = run(["eval", run_dir, "--no-progress"], capsys)
+    assert code == 0, err
+    assert out.splitlines()[-1] == (f"written to {run_dir / 'eval.json'} (replacing the earlier evaluation there: "
+                                    "mse 0.1235 at step 2)")
+    code, out, err = run(["eval", run_dir, "--no-progress", "--seed", 1], capsys)  # a file of its own: new
+    assert out.splitlines()[-1] == f"written to {run_dir / 'eval-seed=1.json'}"
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path):
+    """The console script's entry point catches an interrupt during the import of torch (the
+    first seconds of every command), run here as the installed script runs it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tomllib
+
+    entry = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]["metalearn"]
+    module, function = entry.split(":")
+    program = f"""
+import sys, time
+class TorchImportsSlowly:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            print("importing torch", flush=True)
+            time.sleep(60)
+sys.meta_path.insert(0, TorchImportsSlowly())
+sys.argv = ["metalearn", "--help"]
+from {module} import {function}
+sys.exit({function}())
+"""
+    child = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    assert child.stdout.readline() == "importing torch\n"
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 130 and err == "interrupted while starting\n", err
+
+
+def test_a_full_disk_met_outside_the_run_folder_is_the_same_one_line():
+    import errno
+    import os
+
+    from metalearn.cli import describe_os_error
+
+    err = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/tmp/results/fits.png")
+    assert re.fullmatch(r"cannot write /tmp/results/fits.png: No space left on device \(\d.* free there\)",
+                        describe_os_error(err))

@@ -278,3 +278,22 @@ def test_a_stop_signal_to_one_process_stops_every_rank_after_a_saved_step(tmp_pa
     assert step >= 5
     assert f"after step {step} of 100000" in errs[0] and "--resume" in errs[0] and "Traceback" not in errs[0]
     assert "stopped by SIGTERM" in errs[-1]
+
+
+def test_a_torchrun_job_on_a_folder_another_process_trains_in_is_refused_on_every_rank(tmp_path):
+    """Rank 0 takes the run folder's lock for the job; when another process holds it, every
+    rank stops with one line at once (none waits at a collective for the job's timeout)."""
+    run_dir = tmp_path / "run"
+    with RunDir(run_dir).lock():  # another writer (this test process) holds the folder
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "metalearn", "train", *SINUSOID, "--steps", "2", "--run-dir", str(run_dir)],
+                              env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert f"{run_dir} is in use by process {os.getpid()}" in done.stderr, done.stderr[-3000:]
+    assert "rank 0 could not take" in done.stderr, done.stderr[-3000:]  # the other rank's line
+    # each rank says one line; the only traceback is torchrun's own, of the launcher
+    assert sum(line.startswith("error: ") for line in done.stderr.splitlines()) == 2, done.stderr[-3000:]
+    assert not [line for line in done.stderr.splitlines() if 'File "' in line and "metalearn" in line]
+    assert time.monotonic() - started < 120  # not the collective timeout
+    assert not (run_dir / "config.json").exists()

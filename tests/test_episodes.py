@@ -269,3 +269,36 @@ def test_images_of_another_kind_are_refused_with_what_it_takes():
     turned = ClassPool("turned", torch.arange(4), torch.tensor([0, 1, 0, 1]))
     with pytest.raises(MetalearnError, match="rotated classes need square images, got 16x20"):
         EpisodeSampler(wide, turned, 2, 1, 1)
+
+
+def test_to_a_dtype_converts_the_floating_tensors_and_keeps_the_labels(sampler):
+    """Converting the labels too made them floats: the batch then passed for regression and
+    MAML fitted the class ids by squared error, without a word."""
+    batch = sampler.sample(2, gen(1))
+    double = batch.to(torch.float64)
+    assert double.support_x.dtype == double.query_x.dtype == torch.float64
+    assert double.support_y.dtype == double.query_y.dtype == torch.long and double.is_classification
+    assert torch.equal(double.support_x, batch.support_x.double()) and torch.equal(double.query_y, batch.query_y)
+    assert batch.to("cpu", torch.float64).query_x.dtype == torch.float64
+    assert batch.to(dtype=torch.float64).support_y.dtype == torch.long
+    with pytest.raises(MetalearnError, match="torch.int32 is not a floating-point type"):
+        batch.to(torch.int32)
+
+
+def test_a_classification_batch_with_float_labels_is_refused(sampler):
+    batch = sampler.sample(2, gen(1))
+    with pytest.raises(MetalearnError, match=r"a classification TaskBatch \(ways=5\) takes integer class ids as "
+                                             r"labels, but query_y is torch.float32: give them as long"):
+        TaskBatch(batch.support_x, batch.support_y, batch.query_x, batch.query_y.float(), WAYS)
+    with pytest.raises(MetalearnError, match="support_y and query_y are torch.float64"):
+        TaskBatch(batch.support_x, batch.support_y.double(), batch.query_x, batch.query_y.double(), WAYS)
+
+
+def test_the_sampler_draws_the_floating_point_type_asked_for(raw, train_pool, sampler):
+    float64 = EpisodeSampler(raw, train_pool, WAYS, SHOTS, QUERY, dtype=torch.float64).sample(3, gen(5))
+    float32 = sampler.sample(3, gen(5))
+    assert float64.support_x.dtype == float64.query_x.dtype == torch.float64
+    assert torch.equal(float64.support_x * 255, (float32.support_x.double() * 255).round())  # the same pixels
+    assert torch.equal(float64.query_y, float32.query_y) and float64.query_y.dtype == torch.long
+    with pytest.raises(MetalearnError, match="dtype must be a floating-point type, got torch.uint8"):
+        EpisodeSampler(raw, train_pool, WAYS, SHOTS, QUERY, dtype=torch.uint8)

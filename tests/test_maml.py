@@ -720,3 +720,20 @@ def test_the_reference_network_takes_small_images_as_conv4_does():
 def test_no_adapt_norm_on_a_network_without_normalisation_is_refused():
     with pytest.raises(MetalearnError, match="has none"):
         MAML(MLP(1, 1), MAML.Config(inner_lr=0.01, adapt_norm=False))
+
+
+def test_a_float64_model_trains_on_a_converted_classification_batch_and_refuses_a_float32_one():
+    torch.manual_seed(0)
+    float32 = image_batch(2, 3, 1, 1, 12, seed=1, dtype=torch.float32)
+    maml = MAML(Conv4(1, 3, hidden=8).double(), MAML.Config(inner_lr=0.4, inner_steps=1, test_inner_steps=1, learn_inner_lr=True))
+    # the learned step sizes take the network's type from the start (not float32 until .double())
+    assert {p.dtype for p in maml.parameters()} == {torch.float64}
+    with pytest.raises(MetalearnError, match=r"maml: the batch's inputs are torch.float32 and the network's weights "
+                                             r"torch.float64; convert the batch \(batch.to\(torch.float64\)"):
+        maml.meta_loss(float32)
+    loss, metrics = maml.meta_loss(float32.to(torch.float64))
+    # cross-entropy of the class ids (one query per class: a squared error would broadcast too)
+    logits = maml.predict(float32.to(torch.float64))
+    expected = F.cross_entropy(logits.flatten(0, 1), float32.query_y.flatten())
+    assert loss.dtype == torch.float64 and "accuracy" in metrics
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-6, atol=1e-9)

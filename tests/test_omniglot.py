@@ -443,3 +443,48 @@ def test_unexpected_file_name():
 def test_too_small_image_size(tmp_path):
     with pytest.raises(MetalearnError, match="at least 4 pixels, got 2"):
         load_omniglot(tmp_path, image_size=2, cache_dir=tmp_path)
+
+
+def test_building_the_cache_removes_what_a_killed_build_left_and_waits_for_a_running_one(tmp_path, monkeypatch):
+    """A kill during `data prepare` leaves omniglot-...npz.tmp<pid> (megabytes): the next build,
+    which holds the cache's lock, removes it; a second process meanwhile waits for the lock and
+    reads the cache the first wrote instead of building it again."""
+    from metalearn.locking import FolderLock
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 20, 4, 4), dtype=np.uint8)
+    names = ("Alpha/character01", "Beta/character01")
+    tiny = Omniglot(images, names, np.array([True, False]), np.tile(np.arange(1, 21, dtype=np.int16), (2, 1)),
+                    hash_arrays(images, names))
+    for archive in ARCHIVES:
+        png = tmp_path / "data" / archive / "Alpha" / "character01" / "0001_01.png"
+        png.parent.mkdir(parents=True)
+        png.write_bytes(b"one")
+    path = cache_path(tmp_path / "cache", 4)
+    path.parent.mkdir()
+    litter = path.with_name(f"{path.name}.tmp{2**22 + 13}")  # of a process that no longer exists
+    litter.write_bytes(b"\0" * 10_000)
+    reads = []
+    monkeypatch.setattr("metalearn.data.omniglot.read_release", lambda *args, **kwargs: reads.append(args) or tiny)
+    load_omniglot(tmp_path / "data", 4, cache_dir=tmp_path / "cache")
+    assert reads and not litter.exists()
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # nor its lock file
+
+    # another build holds the lock (a thread here: locks of two open files exclude each other
+    # as those of two processes do): this one waits, then reads the cache the other wrote
+    import threading
+    import time
+
+    path.unlink()
+    held = FolderLock.take(path.with_name(path.name + ".lock"), "another build")
+
+    def the_other_build():
+        time.sleep(0.5)
+        _write_cache(path, tiny, source_fingerprint(locate_sources(tmp_path / "data")))
+        held.release()
+
+    other = threading.Thread(target=the_other_build)
+    other.start()
+    reads.clear()
+    load_omniglot(tmp_path / "data", 4, cache_dir=tmp_path / "cache")
+    other.join()
+    assert reads == []

@@ -218,3 +218,14 @@ def test_channels_last_float32_embedding_matches_a_plain_forward():
                                    list(model.parameters()))
     for a, b in zip(ours, expected):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["protonet", "matchingnet"])
+def test_a_batch_of_another_floating_point_type_than_the_network_is_one_line(method):
+    learner = build_learner(method, {"model": "conv4-embedding"}, Problem((1, 16, 16), 3, True)).double()
+    float32 = image_batch(2, 3, 1, 1, 16, dtype=torch.float32)
+    with pytest.raises(MetalearnError, match=r"the embedding network: the batch's inputs are torch.float32 and the "
+                                             r"network's weights torch.float64; convert the batch"):
+        learner.meta_loss(float32)
+    loss, _ = learner.meta_loss(float32.to(torch.float64))
+    assert loss.dtype == torch.float64 and torch.isfinite(loss)

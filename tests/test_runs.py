@@ -3,6 +3,7 @@ written whole or not at all."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import torch
 import cli_runner
 from metalearn.cli import main
 from metalearn.errors import MetalearnError
+from metalearn.files import WriteError
 from metalearn.runs import RunDir, atomic_write, atomic_write_bytes
 
 
@@ -39,32 +41,31 @@ def test_no_metrics_file_reads_as_no_records(tmp_path):
     assert RunDir(tmp_path / "fresh").read_metrics() == []
 
 
-@pytest.mark.parametrize("trace", ["config.json", "checkpoint.pt", "metrics.jsonl"])
-def test_any_trace_of_a_run_holds_the_folder(tmp_path, trace):
-    """A new run must not start over a folder holding any of them (e.g. a run whose config was
-    lost still has its checkpoint): each alone is enough."""
+@pytest.mark.parametrize("trace", ["checkpoint.pt", "metrics.jsonl"])
+def test_any_trace_of_a_started_run_holds_the_folder(tmp_path, trace):
+    """A new run must not start over a folder holding either (e.g. a run whose config was lost
+    still has its checkpoint): each alone is enough. config.json alone is a run that never
+    started (it is written just before the first checkpoint): it does not hold the folder."""
     run = RunDir(tmp_path)
     assert not run.holds_run()
     (tmp_path / "notes.txt").write_text("a folder of the user's own")
     (tmp_path / "plots").mkdir()
-    assert not run.holds_run()
+    (tmp_path / "config.json").write_text("{}")
+    assert not run.holds_run() and run.never_started()
     (tmp_path / trace).write_text("{}")
-    assert run.holds_run()
-    assert run.exists() == (trace == "config.json")  # a run to resume needs its config
+    assert run.holds_run() and not run.never_started()
 
 
 def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary_one(tmp_path):
     path = tmp_path / "eval.json"
     atomic_write_bytes(path, b'{"mean": 1.0}\n')
 
-    class Full(OSError):
-        pass
-
     def failing_write(f):
         f.write(b'{"mean": 2.')
-        raise Full("no space left on device")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    with pytest.raises(Full):
+    with pytest.raises(WriteError, match=r"cannot write .*eval.json: No space left on device \(.* free there\); "
+                                         "the previous eval.json is unchanged"):
         atomic_write(path, failing_write)
     assert path.read_bytes() == b'{"mean": 1.0}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]  # the .tmpPID file is gone
@@ -197,3 +198,37 @@ def test_resuming_a_run_as_another_method_names_the_method_it_is(tiny_run, tmp_p
         refused(code, err, f"{run_dir} is a maml run, not {other}",
                 f"`metalearn train maml --resume --run-dir {run_dir}`")
     assert (run_dir / "config.json").read_text() == before
+
+
+# -- a full disk, temporary files of killed writers ----------------------------------------------
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full on this system")
+def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys):
+    """torch's zip writer hides the ENOSPC of a file it writes to (a RuntimeError "enforce fail
+    at inline_container.cc ... unexpected pos"): the checkpoint is serialised in memory and
+    written here, so a full disk is one line naming the file and the free space."""
+    run_dir = tmp_path / "run"
+    assert cli_runner.run(["train", "maml", "--steps", 2, "--run-dir", run_dir, *TINY_RUN], capsys)[0] == 0
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    # the checkpoint this process writes next lands on a full disk (every write: ENOSPC)
+    (run_dir / f"checkpoint.pt.tmp{os.getpid()}").symlink_to("/dev/full")
+    code, _, err = cli_runner.run(["train", "maml", "--steps", 4, "--run-dir", run_dir, "--resume", *TINY_RUN], capsys)
+    refused(code, err, f"cannot write {run_dir / 'checkpoint.pt'}: No space left on device (",
+            " free there); the previous checkpoint.pt is unchanged")
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
+    assert not (run_dir / f"checkpoint.pt.tmp{os.getpid()}").exists()
+    code, _, err = cli_runner.run(["train", "maml", "--steps", 4, "--run-dir", run_dir, "--resume", *TINY_RUN], capsys)
+    assert code == 0, err  # space again: it resumes from the checkpoint kept
+
+
+def test_a_training_start_removes_the_temporary_files_killed_writers_left(tiny_run, tmp_path, capsys):
+    run_dir = copy_of(tiny_run, tmp_path)
+    dead = 2**22 + 11  # above Linux's largest process id: no process has it
+    litter = [f"checkpoint.pt.tmp{dead}", f"config.json.tmp{dead}", f"metrics.jsonl.tmp{dead}"]
+    for name in litter:
+        (run_dir / name).write_bytes(b"\0" * 1000)
+    code, _, err = cli_runner.run(["train", "maml", "--steps", 3, "--run-dir", run_dir, "--resume", *TINY_RUN], capsys)
+    assert code == 0, err
+    assert not [name for name in litter if (run_dir / name).exists()]
+    assert RunDir(run_dir).read_checkpoint()["step"] == 3

@@ -655,3 +655,44 @@ def test_a_run_on_a_task_source_of_your_own_is_not_evaluated_on_a_built_in_one(t
     with pytest.raises(MetalearnError, match="task source of your own"):
         evaluate_run(tmp_path / "own", episodes=4, progress=False)
     learner.load_state_dict(state["learner"])  # the documented way back to the weights
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, resume):
+    """config.json and no checkpoint: a run that never started. Started again, with --resume or
+    without, with its options or others, it trains as a new run would."""
+    RunDir(tmp_path / "run").write_config(sinusoid_config(2))  # what a kill between the two leaves
+    other = sinusoid_config(3, seed=5)
+    trainer = build_trainer(other, tmp_path / "run", resume=resume)
+    assert trainer.step == 0
+    trainer.fit(progress=False)
+    alone = build_trainer(other, tmp_path / "alone")
+    alone.fit(progress=False)
+    assert RunDir(tmp_path / "run").read_config() == other
+    for name, value in parameters_of(alone.learner).items():
+        assert torch.equal(value, trainer.learner.state_dict()[name]), name
+
+
+def test_a_run_killed_before_its_first_checkpoint_restarts_from_the_command_line(tmp_path, capsys):
+    import cli_runner
+
+    args = ["train", "maml", "--dataset", "sinusoid", "--steps", 2, "--meta-batch-size", 2, "--no-progress",
+            "--no-eval", "--run-dir", tmp_path]
+    RunDir(tmp_path).write_config(resolve_config("maml", task={"dataset": "sinusoid"}, train={"steps": 2}))
+    code, out, err = cli_runner.run([*args, "--resume"], capsys)
+    assert code == 0 and "starting: maml" in out, err
+    (tmp_path / "checkpoint.pt").unlink()
+    (tmp_path / "metrics.jsonl").unlink()
+    code, out, err = cli_runner.run([*args, "--seed", 4], capsys)  # afresh, another seed
+    assert code == 0, err
+    assert RunDir(tmp_path).read_config().train.seed == 4
+
+
+def test_config_json_is_written_once_at_the_start(tmp_path, monkeypatch):
+    written = []
+    plain = RunDir.write_config
+    monkeypatch.setattr(RunDir, "write_config", lambda self, config: written.append(config) or plain(self, config))
+    trainer = build_trainer(sinusoid_config(2, checkpoint_every=100), tmp_path)
+    assert written == [] and not (tmp_path / "config.json").exists()  # not before the first checkpoint
+    trainer.fit(progress=False)
+    assert written == [sinusoid_config(2, checkpoint_every=100)]

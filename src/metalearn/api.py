@@ -4,6 +4,7 @@ evaluate and plot a run directory."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -11,9 +12,9 @@ import torch
 
 from metalearn.algorithms import method_class, make_method_config
 from metalearn.config import RunConfig, TaskConfig, TrainConfig, task_differences
-from metalearn.distributed import World, init_world
 from metalearn.datasets import get_dataset
-from metalearn.errors import ConfigError, MetalearnError
+from metalearn.distributed import World, init_world
+from metalearn.errors import ConfigError, MetalearnError, MetalearnWarning
 from metalearn.evaluation import evaluate
 from metalearn.runs import RunDir, atomic_write_bytes, claim_new_run_dir, default_runs_root, new_run_name
 from metalearn.tasks import has_validation
@@ -59,11 +60,33 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
     task.update(dataset.fixed)
     task.setdefault("query", task.get("shots", TaskConfig.shots))  # the MAML code queries K per class
     task_config = TaskConfig(**task)
-    algo_defaults, train_defaults = method_class(method).paper_defaults(task_config)
-    algo = make_method_config(method, {**algo_defaults, **method_config})
-    check_options_apply(method, method_config, algo, task_config, train)
-    return RunConfig(method, task_config, dataclasses.asdict(algo),
-                     TrainConfig(**{**train_defaults, **train}))
+    method_defaults, train_defaults = method_class(method).paper_defaults(task_config)
+    method_options = make_method_config(method, {**method_defaults, **method_config})
+    check_options_apply(method, method_config, method_options, task_config, train)
+    if not has_validation(task_config):  # the saved configuration says what happens: no validation
+        train_defaults = {**train_defaults, "val_every": 0}
+    train_config = TrainConfig(**{**train_defaults, **train})
+    warn_of_schedule(train_config)
+    return RunConfig(method, task_config, dataclasses.asdict(method_options), train_config)
+
+
+MAX_HALVINGS = 10  # the rate then ends below 1/1000 of --meta-lr: later steps barely move the weights
+
+
+def warn_of_schedule(train: TrainConfig) -> None:
+    """Warn (:class:`MetalearnWarning`) when ``--lr-halve-every`` halves the meta learning rate
+    more than :data:`MAX_HALVINGS` times over ``--steps`` (a paper's schedule kept for a much
+    longer run: ProtoNets' halving every 2,000 steps over 75,000 is 37 halvings, a factor 7e-12)."""
+    if train.lr_halve_every <= 0 or train.steps <= 0:
+        return
+    halvings = (train.steps - 1) // train.lr_halve_every
+    if halvings > MAX_HALVINGS:
+        final = train.meta_lr * 0.5 ** halvings
+        warnings.warn(MetalearnWarning(
+            f"--lr-halve-every {train.lr_halve_every} halves the meta learning rate {halvings} times over --steps "
+            f"{train.steps}, to {final:.2g} (from --meta-lr {train.meta_lr:g}), where its steps barely change the "
+            f"weights; give --lr-halve-every {-(-train.steps // (MAX_HALVINGS + 1))} (at most {MAX_HALVINGS} "
+            "halvings) or 0 (none)"), stacklevel=3)
 
 
 def check_options_apply(method: str, given_method: dict[str, Any], method_config: Any, task: TaskConfig,

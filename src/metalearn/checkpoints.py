@@ -152,8 +152,10 @@ def check_run_dir(config: RunConfig, run: RunDir, resume: bool) -> None:
         if not run.exists():
             raise MetalearnError(f"cannot resume: {run.path} holds no run (no config.json)")
         if not run.has_checkpoint():
-            raise MetalearnError(f"cannot resume: {run.path} has no checkpoint.pt (removed, or the run stopped "
-                                 "before its first one); start afresh in another --run-dir")
+            if run.never_started():
+                return  # killed between config.json and its first checkpoint: it starts now
+            raise MetalearnError(f"cannot resume: {run.path} has no checkpoint.pt (removed; its metrics.jsonl "
+                                 "remains); start afresh in another --run-dir")
         check_compatible(run.read_config(), config, f"the run in {run.path}")  # the method too
     elif run.holds_run():
         raise MetalearnError(f"{run.path} already holds a run; pass --resume to continue it or choose another --run-dir")

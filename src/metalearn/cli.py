@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import click
@@ -17,7 +18,7 @@ from click.exceptions import NoArgsIsHelpError
 from metalearn.algorithms import METHODS
 from metalearn.config import MAX_SEED, TaskConfig, TrainConfig
 from metalearn.distributed import leave_world
-from metalearn.errors import ConfigError, MetalearnError, TrainingStopped, flag
+from metalearn.errors import ConfigError, MetalearnError, MetalearnWarning, TrainingStopped, flag
 from metalearn.options import help_of
 from metalearn.runs import RunDir
 from metalearn.runtime import tune_allocator
@@ -118,7 +119,7 @@ def _make_train_command(method: str) -> click.Command:
             from metalearn.training import build_trainer
 
             resolve_device(options["device"])
-            build_trainer(config, options["run_dir"], options["data_dir"], options["resume"], progress=False)
+            build_trainer(config, options["run_dir"], options["data_dir"], options["resume"], progress=False, lock=False)
             click.echo(json.dumps(config.to_dict(), indent=2))
             return
         run_dir, result = train(config, run_dir=options["run_dir"], data_dir=options["data_dir"],
@@ -208,13 +209,25 @@ def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots,
 
     overrides = dict(parse_setting(s) for s in settings)
     shape = {k: v for k, v in (("ways", ways), ("shots", shots), ("query", query)) if v is not None}
+    labels = evaluation_labels(RunDir(run_dir).read_config(), overrides, shape, episodes, seed)
+    target = RunDir(run_dir).eval_file(labels, part)
+    earlier = describe_evaluation(target)  # said when it is replaced
     result = evaluate_run(run_dir, episodes=episodes, seed=seed, part=part, data_dir=data_dir,
                           progress=progress, overrides=overrides, device=device, episode_shape=shape,
                           per_step=per_step, exact_gpu_kernels=not fast_gpu_kernels)
     click.echo(format_result(result))
-    config = RunDir(run_dir).read_config()
-    labels = evaluation_labels(config, overrides, shape, episodes, seed)
-    click.echo(f"written to {RunDir(run_dir).eval_file(labels, part)}")
+    click.echo(f"written to {target}" + (f" (replacing the earlier evaluation there: {earlier})" if earlier else ""))
+
+
+def describe_evaluation(path: Path) -> str:
+    """The evaluation in ``path`` in a few words (``"mse 0.41 at step 70000"``), "" if none is there."""
+    try:
+        old = json.loads(path.read_text())
+        return f"{old['metric']} {float(old['mean']):.4g} at step {int(old['step'])}"
+    except FileNotFoundError:
+        return ""
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unreadable"
 
 
 def parse_setting(text: str) -> tuple[str, object]:
@@ -386,6 +399,10 @@ def describe_os_error(err: OSError) -> str:
     if err.filename is None:
         return str(err.strerror or err)
     path = Path(err.filename)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):  # the file and the space left, as every write failure
+        from metalearn.files import WriteError
+
+        return str(WriteError(path, err))
     if err.errno == errno.EEXIST and path.exists() and not path.is_dir():
         return f"{path} is a file, not a folder; give a folder path"
     if err.errno == errno.ENOTDIR:  # a file where the path needs a folder
@@ -395,8 +412,23 @@ def describe_os_error(err: OSError) -> str:
     return f"{path}: {err.strerror or err}"
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None, _plain=warnings.showwarning) -> None:
+    """A :class:`MetalearnWarning` as one ``warning:`` line (rank 0's alone under torchrun);
+    other warnings as Python shows them."""
+    if not issubclass(category, MetalearnWarning):
+        return _plain(message, category, filename, lineno, file, line)
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"warning: {message}", err=True)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit 2, never a traceback."""
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warning
+        _main(args)
+
+
+def _main(args: list[str] | None) -> None:
     try:
         code = cli.main(args=args, prog_name="metalearn", standalone_mode=False)
         leave_world(orderly=True)

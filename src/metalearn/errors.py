@@ -18,6 +18,11 @@ class MetalearnError(Exception):
     """A problem the user can act on; its message is shown as is."""
 
 
+class MetalearnWarning(UserWarning):
+    """Something the user may want to change, though the run can go on (a learning-rate
+    schedule that ends far below a useful rate); the CLI shows it as one ``warning:`` line."""
+
+
 def require_number(value: float, owner: str, field: str, *, zero_allowed: bool = False) -> None:
     """Refuse a learning rate, scale or standard deviation that is not a finite number above 0
     (at least 0 with ``zero_allowed``): NaN, infinity or a value beyond float32 would only

@@ -5,20 +5,34 @@
     metrics.jsonl    one JSON object per logged step (training and validation)
     eval.json        the last evaluation
     plots/*.png
+    .lock            present while a training process holds the folder (see :meth:`RunDir.lock`)
+
+One process trains in a folder at a time (it holds the folder's lock, :mod:`metalearn.locking`);
+any number may read it meanwhile (``eval``, ``plot``, ``export``), since every file is replaced
+whole (:mod:`metalearn.files`). A folder with ``config.json`` and no checkpoint holds a run that
+never started (killed before its first checkpoint): it may be started again, with any options.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import torch
 
 from metalearn.config import RunConfig
 from metalearn.errors import MetalearnError
+from metalearn.files import (WriteError, append_line, atomic_write, atomic_write_bytes, fsync_directory,  # noqa: F401
+                             remove_temporaries)
+from metalearn.locking import FolderInUse, FolderLock
+
+# what only the process holding a run folder's lock writes: a temporary file of these is never
+# a live write of someone else's
+WRITER_FILES = ("config.json", "checkpoint.pt", "metrics.jsonl")
 
 
 def default_runs_root() -> Path:
@@ -58,13 +72,32 @@ class RunDir:
     eval_path = property(lambda self: self.path / "eval.json")
     plots_dir = property(lambda self: self.path / "plots")
 
+    lock_path = property(lambda self: self.path / ".lock")
+
     def exists(self) -> bool:
         return self.config_path.is_file()
 
     def holds_run(self) -> bool:
-        """Whether any trace of a run is here (config, checkpoint or metrics): a new run must
-        not write over it."""
-        return self.exists() or self.has_checkpoint() or self.metrics_path.exists()
+        """Whether a run has started here (a checkpoint or metrics): a new run must not write
+        over it. ``config.json`` alone is not one: it is written just before the first
+        checkpoint, so a folder with only it holds a run killed before it started."""
+        return self.has_checkpoint() or self.metrics_path.exists()
+
+    def never_started(self) -> bool:
+        """Whether the run here was set up and killed before its first checkpoint (a config,
+        nothing else): starting it again, with the same options or others, loses nothing."""
+        return self.exists() and not self.holds_run()
+
+    def lock(self, purpose: str = "training") -> FolderLock:
+        """Take this folder for writing (creating it if needed): raises :class:`FolderInUse`,
+        naming the process, while another holds it. The lock goes when the holder releases it
+        or ends in any way (SIGKILL too). Then removes the temporary files that a killed
+        writer left (``checkpoint.pt.tmp<pid>``, ...). Readers never take it."""
+        lock = FolderLock.take(self.lock_path, purpose, refusal=lambda holder: (
+            f"{self.path} is in use by {holder}: one run folder has one writer. Wait for it to finish "
+            "(or stop it), or choose another --run-dir"))
+        remove_temporaries(self.path, owned=WRITER_FILES)
+        return lock
 
     # -- config --------------------------------------------------------------------------------
 
@@ -82,8 +115,13 @@ class RunDir:
 
     def write_checkpoint(self, state: dict[str, Any]) -> None:
         """Write to a temporary file, flush to disk, then rename over the old checkpoint: a
-        kill at any moment leaves either the old or the new checkpoint, never half of one."""
-        atomic_write(self.checkpoint_path, lambda f: torch.save(state, f))
+        kill at any moment leaves either the old or the new checkpoint, never half of one. The
+        state is serialised in memory first: torch's zip writer would turn a full disk into a
+        ``RuntimeError`` without the file's name; written here it is a one-line
+        :class:`~metalearn.files.WriteError` naming the file and the free space."""
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(self.checkpoint_path, buffer.getbuffer())
 
     def has_checkpoint(self) -> bool:
         return self.checkpoint_path.is_file()
@@ -119,8 +157,7 @@ class RunDir:
     # -- metrics -------------------------------------------------------------------------------
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.metrics_path, json.dumps(record) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
@@ -182,35 +219,22 @@ def read_json_object(path: Path, advice: str) -> dict[str, Any]:
     return data
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """``write`` into a temporary file beside ``path``, flush it to disk, rename it over
-    ``path`` and flush the folder: a kill or power loss leaves the old or the new file, never
-    half of one."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_directory(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def fsync_directory(path: Path) -> None:
-    """Flush a folder's entries (a rename) to disk, where the platform allows it."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def lock_for_training(run: RunDir, world) -> FolderLock:
+    """Rank 0 takes the run folder's lock (the other ranks of a torchrun job write nothing
+    there); every rank learns whether it could, so that a job refused because another holds
+    the folder ends on all its ranks at once instead of waiting at the next collective.
+    ``world``: a :class:`~metalearn.distributed.World`. Every rank gets a lock to release (on
+    the other ranks one that holds nothing)."""
+    lock, failure = FolderLock(run.lock_path, None, False), None  # the other ranks hold nothing
+    if world.is_main:
+        try:
+            lock = run.lock()
+        except (MetalearnError, OSError) as err:
+            failure = err
+    if world.distributed:
+        failed = float(world.sum(torch.tensor(float(failure is not None), device=world.device)))
+        if failed and failure is None:
+            raise FolderInUse(f"rank 0 could not take {run.path} for this job (its message says why)")
+    if failure is not None:
+        raise failure
+    return lock

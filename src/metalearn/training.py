@@ -21,7 +21,7 @@ from metalearn.config import RunConfig
 from metalearn.distributed import RankLost, World
 from metalearn.errors import MetalearnError, TrainingStopped
 from metalearn.evaluation import evaluate
-from metalearn.runs import RunDir
+from metalearn.runs import RunDir, lock_for_training
 from metalearn.tasks import TaskSource, build_task_source, has_validation, problem_of
 
 VALIDATION_SEED_OFFSET = 1_000_003
@@ -86,7 +86,7 @@ class Trainer:
 
     def __init__(self, config: RunConfig, learner: MetaLearner, train_tasks: TaskSource,
                  val_tasks: TaskSource | None, run_dir: RunDir | Path | str | None, world: World = World(),
-                 resume: bool = False):
+                 resume: bool = False, lock=None):
         run_dir = run_dir if isinstance(run_dir, RunDir) or run_dir is None else RunDir(run_dir)
         # rank 0 alone looks: it writes config.json only after this, other ranks may come later
         if not resume and world.is_main and run_dir is not None and run_dir.holds_run():
@@ -107,7 +107,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(train, step))
         self.step = 0
         self.elapsed_s = 0.0  # training wall time so far, across resumes
-        self.config_written = False  # by fit's start or the first save: the config this Trainer continues with
+        self.config_written = False  # by the first save: the config this Trainer continues with
+        self.lock = lock  # the hold on the run folder (build_trainer's, or fit takes one; see lock_for_training)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -168,6 +169,8 @@ class Trainer:
         if self.run_dir is None:
             raise MetalearnError("this Trainer has no run folder to write into; build it with a run_dir")
         train = self.config.train
+        if self.lock is None:  # one writer per folder, until fit returns (the same test on every rank)
+            self.lock = lock_for_training(self.run_dir, self.world)
         bar = None
         if progress and self.world.is_main:
             from tqdm import tqdm
@@ -176,12 +179,13 @@ class Trainer:
         parameters = list(self.learner.parameters())
         share = self.world.share(train.meta_batch_size)
         local_fraction = (share.stop - share.start) / train.meta_batch_size
-        self._begin()
-        if self.step == 0:
-            self.save()  # eval, resume and a NaN at step 1 always find a checkpoint
         try:
+            self._begin()
+            if self.step == 0:
+                self.save()  # eval, resume and a NaN at step 1 always find a checkpoint
             with StopRequests() as stop:
                 self._loop(stop, bar, parameters, share, local_fraction)
+            self.save()
         except RankLost as err:
             raise MetalearnError(
                 f"rank {self.world.rank} lost contact with the other ranks at step {self.step + 1} "
@@ -191,7 +195,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        self.save()
+            self.lock.release()
+            self.lock = None
 
     def _loop(self, stop: StopRequests, bar, parameters, share: slice, local_fraction: float) -> None:
         train = self.config.train
@@ -289,18 +294,35 @@ def gradients_finite(parameters: list[torch.Tensor]) -> bool:
 
 
 def build_trainer(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path | str | None = None,
-                  resume: bool = False, world: World = World(), progress: bool = True) -> Trainer:
+                  resume: bool = False, world: World = World(), progress: bool = True,
+                  lock: bool = True) -> Trainer:
     """A trainer for ``config`` writing into ``run_dir``; with ``resume``, the run found there
-    continues (its configuration must agree with ``config``). Every check a run makes before
-    its first step is made here: the run folder, the test shape against the method, the data
-    (every part of the split holds its episodes), the network, ``--init-from``. Nothing is
-    written until :meth:`Trainer.fit`, so ``train --print-config`` builds one (``run_dir`` may
-    then be None) and drops it: a dry run refuses what training would."""
+    continues (its configuration must agree with ``config``; a run that never reached its first
+    checkpoint starts again). Every check a run makes before its first step is made here: the
+    run folder, the test shape against the method, the data (every part of the split holds its
+    episodes), the network, ``--init-from``.
+
+    With ``lock`` (the default), rank 0 takes the run folder's lock first, so that a second
+    writer is refused at once, and the trainer holds it until its :meth:`Trainer.fit` returns.
+    Nothing else is written until ``fit``: ``train --print-config`` builds a trainer without the
+    lock (``run_dir`` may then be None) and drops it, so a dry run refuses what training would."""
     if resume and run_dir is None:
         raise MetalearnError("--resume needs --run-dir, the run to continue")
+    hold = lock_for_training(RunDir(run_dir), world) if lock and run_dir is not None else None
+    try:
+        return _build_trainer(config, run_dir, data_dir, resume, world, progress, hold)
+    except BaseException:
+        if hold is not None:
+            hold.release()
+        raise
+
+
+def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path | str | None, resume: bool,
+                   world: World, progress: bool, lock) -> Trainer:
     run = RunDir(run_dir) if run_dir is not None else None
     if run is not None:
         check_run_dir(config, run, resume)
+        resume = resume and run.has_checkpoint()  # a run that never started starts now
     check_test_ways(config)
     torch.manual_seed(config.train.seed)  # the initial weights
     learner = build_learner(config.method, config.method_config, problem_of(config.task))
@@ -310,7 +332,7 @@ def build_trainer(config: RunConfig, run_dir: Path | str | None = None, data_dir
     if config.train.init_from and not resume:
         initialise_from_run(learner, config.train.init_from)
     learner = learner.to(world.device)
-    trainer = Trainer(config, learner, train_tasks, val_tasks, run, world, resume=resume)
+    trainer = Trainer(config, learner, train_tasks, val_tasks, run, world, resume=resume, lock=lock)
     trainer.task_source = f"dataset:{config.task.dataset}"
     if resume:
         trainer.restore(run.read_checkpoint(*RESUME_ENTRIES))

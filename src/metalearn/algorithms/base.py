@@ -78,6 +78,17 @@ class MetaLearner(nn.Module):
         return self.predict(batch).unsqueeze(0)
 
 
+def check_input_dtype(method: str, model: nn.Module, batch: TaskBatch) -> None:
+    """Refuse a batch whose inputs are another floating-point type than the network's weights
+    (a float32 batch for a float64 model): torch would fail deep inside the first layer."""
+    weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    inputs = batch.support_x.dtype
+    if weights is not None and torch.is_floating_point(batch.support_x) and inputs != weights:
+        raise MetalearnError(f"{method}: the batch's inputs are {inputs} and the network's weights {weights}; "
+                             f"convert the batch (batch.to({weights}); EpisodeSampler(..., dtype={weights}) draws "
+                             f"it so) or the learner (learner.to({inputs}))")
+
+
 def check_network_fits(learner: MetaLearner, batch: TaskBatch) -> None:
     """Refuse, with a clear message, a network that does not fit the batch's tasks, for the
     methods that adapt the network's own outputs (MAML, PLATIPUS, Reptile): inputs it cannot
@@ -85,6 +96,7 @@ def check_network_fits(learner: MetaLearner, batch: TaskBatch) -> None:
     (too few: cross-entropy fails inside torch; too many: a prediction could name a class the
     task lacks) or than the regression targets (the squared error would broadcast silently).
     Checked once per input and target shape, with a forward pass of two support examples."""
+    check_input_dtype(learner.name, learner.model, batch)
     if not batch.ways and not torch.is_floating_point(batch.query_y):
         raise MetalearnError(f"{learner.name}: this TaskBatch has class labels but ways=0; give TaskBatch(..., "
                              "ways=N), the number of classes per task")

@@ -123,8 +123,9 @@ class MAML(MetaLearner):
         self._lr_keys = {name: name.replace(".", "__") for name in names}
         if config.learn_inner_lr:
             steps = config.inner_steps  # test-time steps beyond these reuse the last step size
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
             self.inner_lrs = nn.ParameterDict(
-                {key: nn.Parameter(torch.full((steps,), config.inner_lr)) for key in self._lr_keys.values()}
+                {key: nn.Parameter(torch.full((steps,), config.inner_lr, dtype=dtype)) for key in self._lr_keys.values()}
             )
 
     @classmethod

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metalearn.algorithms.base import MetaLearner, require_functional_model, Problem, accuracy
+from metalearn.algorithms.base import MetaLearner, check_input_dtype, require_functional_model, Problem, accuracy
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.options import option
 from metalearn.models import build_model
@@ -72,6 +72,7 @@ def embed_episodes(model: nn.Module, batch: TaskBatch) -> tuple[Tensor, Tensor]:
 
     Returns support embeddings (tasks, n_support, dim) and query embeddings (tasks, n_query, dim).
     """
+    check_input_dtype("the embedding network", model, batch)
     n_support = batch.support_x.shape[1]
     images = torch.cat([batch.support_x, batch.query_x], dim=1)  # (tasks, n_support + n_query, ...)
     params, layout = dict(model.named_parameters()), torch.contiguous_format

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from metalearn.errors import MetalearnError
+from metalearn.files import WriteError, remove_temporaries
+from metalearn.locking import FolderLock
 
 ARCHIVES = ("images_background", "images_evaluation")
 CHARACTERS_PER_ARCHIVE = {"images_background": 964, "images_evaluation": 659}
@@ -276,8 +279,21 @@ def load_omniglot(
     cached = _read_cache(path, fingerprint, image_size)
     if cached is not None:
         return cached
-    omniglot = read_release(data_dir, image_size, progress=progress)
-    _write_cache(path, omniglot, fingerprint)
+    # one process builds a cache file at a time (others wait, then read it), and the builder
+    # removes the temporary file of one killed while writing it
+    waiting = (lambda holder: print(f"waiting for {holder}, which is preparing {path}", file=sys.stderr)) \
+        if progress else (lambda holder: None)
+    try:
+        lock = FolderLock.take(path.with_name(path.name + ".lock"), "preparing the Omniglot cache", wait=waiting)
+    except OSError as err:
+        raise MetalearnError(f"{WriteError(path, err)}; point METALEARN_CACHE at a writable folder") from None
+    with lock:
+        remove_temporaries(path.parent, owned=(path.name,))
+        cached = _read_cache(path, fingerprint, image_size)
+        if cached is not None:
+            return cached  # built by the process this one waited for
+        omniglot = read_release(data_dir, image_size, progress=progress)
+        _write_cache(path, omniglot, fingerprint)
     return omniglot
 
 
@@ -328,9 +344,7 @@ def _write_cache(path: Path, omniglot: Omniglot, fingerprint: str) -> None:
             )
         os.replace(tmp, path)
     except OSError as err:
-        raise MetalearnError(
-            f"cannot write the Omniglot cache {path} ({err}); point METALEARN_CACHE at a writable folder"
-        ) from None
+        raise MetalearnError(f"{WriteError(path, err)}; point METALEARN_CACHE at a writable folder") from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from metalearn.errors import MetalearnError
+
 
 @dataclass(frozen=True)
 class TaskBatch:
@@ -24,7 +26,9 @@ class TaskBatch:
 
     ``task_params`` carries what generated each task (e.g. amplitude and phase of a sinusoid,
     each ``(tasks,)``) for plots and for measures against the true function; methods never
-    read it. ``ways`` is the number of classes (0 for regression).
+    read it. ``ways`` is the number of classes (0 for regression): a batch with ``ways`` takes
+    integer labels, and one with float labels is refused (it would pass for regression, and a
+    method would fit the class ids by squared error).
     """
 
     support_x: Tensor
@@ -34,6 +38,14 @@ class TaskBatch:
     ways: int = 0
     task_params: dict[str, Tensor] = field(default_factory=dict)
 
+    def __post_init__(self):
+        floating = [name for name in ("support_y", "query_y") if torch.is_floating_point(getattr(self, name))]
+        if self.ways and floating:
+            raise MetalearnError(
+                f"a classification TaskBatch (ways={self.ways}) takes integer class ids as labels, but "
+                f"{' and '.join(floating)} {'are' if len(floating) > 1 else 'is'} {getattr(self, floating[0]).dtype}: "
+                "give them as long (y.long()); TaskBatch.to(dtype) converts only the floating-point tensors")
+
     @property
     def num_tasks(self) -> int:
         return self.support_x.shape[0]
@@ -42,15 +54,22 @@ class TaskBatch:
     def is_classification(self) -> bool:
         return not torch.is_floating_point(self.query_y)
 
-    def to(self, device: torch.device | str) -> "TaskBatch":
-        return TaskBatch(
-            self.support_x.to(device),
-            self.support_y.to(device),
-            self.query_x.to(device),
-            self.query_y.to(device),
-            self.ways,
-            {k: v.to(device) for k, v in self.task_params.items()},
-        )
+    def to(self, device: torch.device | str | torch.dtype | None = None,
+           dtype: torch.dtype | None = None) -> "TaskBatch":
+        """This batch on ``device`` and/or with its floating-point tensors (inputs, regression
+        targets, ``task_params``) in ``dtype``; integer class labels stay integers.
+        ``batch.to("cuda")``, ``batch.to(torch.float64)`` and ``batch.to("cuda", torch.float64)``
+        read as for a tensor."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
+        if dtype is not None and not dtype.is_floating_point:
+            raise MetalearnError(f"TaskBatch.to converts the floating-point tensors; {dtype} is not a floating-point type")
+
+        def move(t: Tensor) -> Tensor:
+            return t.to(device=device, dtype=dtype if torch.is_floating_point(t) else None)
+
+        return TaskBatch(move(self.support_x), move(self.support_y), move(self.query_x), move(self.query_y),
+                         self.ways, {k: move(v) for k, v in self.task_params.items()})
 
     def select(self, tasks: slice | Tensor) -> "TaskBatch":
         """The sub-batch of the given tasks (a slice or an index tensor)."""

@@ -20,6 +20,7 @@ class EpisodeSampler:
 
     images: (n_characters, drawings, H, W) uint8, strokes bright. ``test``: these are test or
     validation episodes, so a shape they cannot have is reported with the options that set it.
+    ``dtype``: the floating-point type of the images drawn (float64 for a float64 model).
 
     The pool's images are rotated once, up front, into a bank of every (class, rotation) the
     pool can produce (at 28x28 about 64 MB for the largest split part), so drawing a batch is
@@ -27,7 +28,7 @@ class EpisodeSampler:
     """
 
     def __init__(self, images: Tensor, pool: ClassPool, ways: int, shots: int, query: int,
-                 dataset: str = "omniglot", test: bool = False):
+                 dataset: str = "omniglot", test: bool = False, dtype: torch.dtype = torch.float32):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise MetalearnError(
                 f"EpisodeSampler takes uint8 images shaped (classes, examples, H, W), one grey channel "
@@ -60,6 +61,9 @@ class EpisodeSampler:
                 f"{dataset} split {pool.name} has {len(pool)} classes; {given} is more "
                 f"than that. Lower {prefix}ways{also('ways')} or use a split part with more classes."
             )
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise MetalearnError(f"EpisodeSampler draws images as floats: dtype must be a floating-point type, got {dtype}")
+        self.dtype = dtype
         self.pool = pool
         self.ways, self.shots, self.query = ways, shots, query
         self.drawings = drawings
@@ -98,7 +102,7 @@ class EpisodeSampler:
         variant = classes * 4 + rotations if self.random_rotation else classes
         flat_index = (variant[:, :, None] * self.drawings + draws).reshape(-1)
         t, per_class = draws.shape[0], draws.shape[2]
-        images = self.bank.index_select(0, flat_index).to(torch.float32).div_(255.0)
+        images = self.bank.index_select(0, flat_index).to(self.dtype).div_(255.0)
         x = images.view(t, self.ways, per_class, 1, *self.image_shape)
         labels = torch.arange(self.ways)
         support_x = x[:, :, : self.shots].reshape(t, self.ways * self.shots, 1, *self.image_shape)

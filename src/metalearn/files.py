@@ -1,0 +1,169 @@
+"""Writing files so that a kill, a full disk or a second process never leaves half a file:
+atomic replacement, a write failure as one line naming the file and the free space, and the
+removal of the temporary files a killed writer left behind.
+
+Every file is written to ``<name>.tmp<pid>`` beside it, flushed to disk and renamed over
+``<name>``; a kill at any moment leaves the old or the new file, plus at most that temporary
+file, which :func:`remove_temporaries` deletes on the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterable
+
+from metalearn.errors import MetalearnError
+
+# a temporary file of a file that others read without taking the folder's lock (eval.json,
+# written by `metalearn eval` beside a training run) is only removed once it is this old and
+# its process is gone from this machine: the writer may be on another machine, and no write of
+# such a file takes this long
+UNOWNED_TEMPORARY_AGE_S = 600.0
+
+
+class WriteError(MetalearnError):
+    """A file could not be written (full disk, quota, read-only or vanished folder). The
+    message is one line naming the file, the reason and the free space; the file as it was
+    before (if any) is unchanged. ``errno`` is the operating system's code."""
+
+    def __init__(self, path: Path, err: OSError):
+        self.path, self.errno = Path(path), err.errno
+        reason = err.strerror or str(err) or type(err).__name__
+        kept = f"; the previous {self.path.name} is unchanged" if self.path.exists() else ""
+        super().__init__(f"cannot write {self.path}: {reason} ({free_space(self.path.parent)} free there){kept}")
+
+
+def format_bytes(n: int) -> str:
+    """``1536`` -> ``"1.5 KB"`` (powers of 1000, as ``df -H``)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def free_space(folder: Path) -> str:
+    """The space this user can still write in ``folder`` (its nearest existing ancestor), or
+    ``"unknown"`` where the file system does not say."""
+    folder = Path(folder).absolute()
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), folder)
+    try:
+        return format_bytes(shutil.disk_usage(existing).free)
+    except OSError:
+        return "unknown space"
+
+
+def temporary_path(path: Path) -> Path:
+    """Where this process writes ``path`` before renaming it into place."""
+    return path.with_name(f"{path.name}.tmp{os.getpid()}")
+
+
+def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """``write`` into a temporary file beside ``path``, flush it to disk, rename it over
+    ``path`` and flush the folder: a kill or power loss leaves the old or the new file, never
+    half of one. A failure of the file system (full disk, quota, the folder gone; also when it
+    only shows at the flush or the close, as on network file systems) raises :class:`WriteError`
+    and leaves the old file and no temporary one. ``write`` must only write to the file object:
+    a serialiser that can hide the ``OSError`` (torch's zip writer turns it into a
+    ``RuntimeError``) serialises into memory first and passes the bytes."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_directory(path.parent)
+    except OSError as err:
+        raise WriteError(path, err) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append ``line`` (with its newline) to ``path``; a failure is a :class:`WriteError`.
+    A line cut short by a full disk or a kill is for the reader to skip."""
+    try:
+        with open(path, "a") as f:
+            f.write(line)
+    except OSError as err:
+        raise WriteError(path, err) from None
+
+
+def fsync_directory(path: Path) -> None:
+    """Flush a folder's entries (a rename) to disk, where the platform allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+TEMPORARY_NAME = re.compile(r"(?P<name>.+)\.tmp(?P<pid>\d+)")
+
+
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (one of another user counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_temporaries(folder: Path, owned: Iterable[str] = (), unowned_age_s: float = UNOWNED_TEMPORARY_AGE_S,
+                       now: float | None = None) -> list[Path]:
+    """Delete the temporary files (``<name>.tmp<pid>``) that writers killed mid-write left in
+    ``folder``; returns the paths deleted.
+
+    ``owned``: names whose writers all hold a lock the caller now holds (a run folder's
+    ``checkpoint.pt``, ``config.json``, ``metrics.jsonl`` while training holds the run's lock):
+    their temporary files belong to no live writer and all go. Any other temporary file goes
+    only when its process is not running on this machine and it has not been written to for
+    ``unowned_age_s`` seconds (its writer might be on another machine sharing the folder).
+    The caller's own temporary files are never touched."""
+    owned = set(owned)
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = TEMPORARY_NAME.fullmatch(entry.name)
+        if match is None or int(match["pid"]) == os.getpid():
+            continue
+        if match["name"] not in owned:
+            try:
+                old = now - entry.lstat().st_mtime >= unowned_age_s
+            except OSError:
+                continue
+            if not old or process_running(int(match["pid"])):
+                continue
+        try:
+            if entry.is_file() or entry.is_symlink():
+                entry.unlink()
+                removed.append(entry)
+        except OSError:
+            continue  # gone already (another cleaner was first), or not ours to delete
+    return removed

@@ -1,0 +1,163 @@
+"""One writer per folder: an operating-system lock on a file in it, held while writing.
+
+A :class:`FolderLock` is an exclusive ``flock`` on ``<folder>/<name>`` (a run folder's
+``.lock``). The lock belongs to the open file, not to the file's existence: the kernel drops it
+when its holder exits in any way, SIGKILL included, so a killed run never blocks the next one
+and there is no stale lock to detect or break by hand. The file itself holds who took it
+(process id, host, command, time) so that a refused process can name the holder; a file left
+by a killed holder is only that note, and the next holder overwrites it. The holder deletes
+the file when it lets go.
+
+Where this holds:
+
+* Local file systems (ext4, xfs, btrfs, tmpfs, APFS): always, between any processes of the
+  machine.
+* NFS on Linux: the kernel emulates ``flock`` with an NFS byte-range lock over the whole file
+  (since Linux 2.6.12), so the lock holds between machines: through the NLM lock manager
+  (``lockd``/``statd``) for NFSv3, within the protocol for NFSv4. A holder whose machine
+  crashes or loses the network keeps the lock until the server notices: when that machine
+  reboots (NFSv3) or when its lease runs out (NFSv4, typically 90 s). A mount with ``nolock``
+  or ``local_lock=flock``/``all`` keeps locks on one machine: two machines are then not kept
+  apart.
+* Lustre locks between clients with its ``flock`` mount option, within one machine with
+  ``localflock``, not at all with ``noflock``; CIFS/SMB, GPFS and BeeGFS lock between machines
+  as their servers allow; sshfs and other FUSE file systems usually only within one machine.
+* A file system that refuses locks altogether (``ENOLCK``, ``EOPNOTSUPP``): the folder is used
+  unlocked, with a warning.
+
+A process that forks children (``multiprocessing`` with the fork start method) passes the
+open lock file on: the lock then lasts until the last of them exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable
+
+from metalearn.errors import MetalearnError, MetalearnWarning
+from metalearn.files import process_running
+
+UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENOTSUP}
+
+
+class FolderInUse(MetalearnError):
+    """Another process holds the folder's lock; the message names it."""
+
+
+def holder_note(purpose: str) -> dict:
+    program = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
+    name = program.parent.name if program.name == "__main__.py" else program.name  # python -m metalearn
+    return {"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose,
+            "command": " ".join([name, *sys.argv[1:]])[:200],
+            "since": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
+
+
+def describe_holder(lock_path: Path) -> str:
+    """Who holds ``lock_path``, from the note its holder wrote, for a message."""
+    try:
+        note = json.loads(lock_path.read_text())
+        pid, host = int(note["pid"]), str(note["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process (it has not written its name yet)"
+    where = "this machine" if host == socket.gethostname() else f"host {host}"
+    ended = ", which has ended (a process it started still holds the lock)" if (
+        host == socket.gethostname() and not process_running(pid)) else ""
+    doing = f" ({note.get('command')})" if note.get("command") else ""
+    return f"process {pid} on {where}{doing}, since {note.get('since', '?')}{ended}"
+
+
+class FolderLock:
+    """The exclusive lock on ``path`` (a file in the folder it guards), taken by :meth:`take`
+    and let go by :meth:`release` (also on exit from a ``with`` block, when the object is
+    collected, and by the kernel when the process ends)."""
+
+    def __init__(self, path: Path, fd: int | None, made_folder: bool):
+        self.path, self._fd, self._made_folder = path, fd, made_folder
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    @classmethod
+    def take(cls, path: Path | str, purpose: str, refusal: Callable[[str], str] | None = None,
+             wait: Callable[[str], None] | None = None) -> "FolderLock":
+        """Lock ``path``, creating its folder if needed. When another process holds it: with
+        ``wait`` None, raise :class:`FolderInUse` with ``refusal(holder)`` (default: the
+        folder is in use by the holder); else call ``wait(holder)`` once and block until it
+        is free. On a file system without locks, warn and return a lock that holds nothing."""
+        path = Path(path)
+        made_folder = not path.parent.exists()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = describe_holder(path)
+                    if wait is None:
+                        raise FolderInUse(refusal(holder) if refusal else
+                                          f"{path.parent} is in use by {holder}") from None
+                    wait(holder)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as err:
+                os.close(fd)
+                if err.errno not in UNSUPPORTED:
+                    raise
+                with contextlib.suppress(OSError):
+                    path.unlink()  # no one can hold it here: it would only be litter
+                warnings.warn(MetalearnWarning(
+                    f"the file system of {path.parent} refuses file locks ({err.strerror}): nothing keeps "
+                    "a second process from writing there at the same time"), stacklevel=2)
+                return cls(path, None, made_folder)
+            except BaseException:
+                os.close(fd)
+                raise
+            # the holder before us deletes the file as it lets go: a lock on that deleted file
+            # guards nothing, so take the one now at the path
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        try:
+            note = (json.dumps(holder_note(purpose)) + "\n").encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, note, 0)
+        except OSError:
+            pass  # a full disk: the lock holds all the same, only its note is missing
+        return cls(path, fd, made_folder)
+
+    def release(self) -> None:
+        """Let go: delete the lock file (under the lock, so no one else takes a lock on it in
+        between) and close it; a folder this lock created and left empty is removed too."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        os.close(fd)
+        if self._made_folder:
+            with contextlib.suppress(OSError):
+                self.path.parent.rmdir()  # only if nothing else was written there
+
+    def __enter__(self) -> "FolderLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.release()

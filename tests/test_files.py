@@ -1,0 +1,85 @@
+"""Writing files: a failure of the file system is one line naming the file and the free
+space, the old file stays whole; temporary files of killed writers are removed, and only those."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from metalearn.files import WriteError, append_line, atomic_write, atomic_write_bytes, format_bytes, remove_temporaries
+
+FULL = "/dev/full"  # every write to it fails with ENOSPC, from the kernel
+needs_dev_full = pytest.mark.skipif(not os.path.exists(FULL), reason="no /dev/full on this system")
+ONE_LINE = re.compile(r"cannot write (?P<path>\S+): No space left on device \(\d+(\.\d)? [KMGT]?B free there\)"
+                      r"(?P<kept>; the previous \S+ is unchanged)?")
+
+
+def test_sizes_read_as_df_writes_them():
+    assert [format_bytes(n) for n in (0, 999, 1000, 1_400_000, 27 * 10**9)] == ["0 B", "999 B", "1.0 KB", "1.4 MB",
+                                                                                   "27.0 GB"]
+
+
+@needs_dev_full
+def test_a_full_disk_while_writing_is_one_line_and_the_old_file_stays(tmp_path):
+    path = tmp_path / "eval.json"
+    atomic_write_bytes(path, b"old\n")
+    (tmp_path / f"eval.json.tmp{os.getpid()}").symlink_to(FULL)  # the temporary file lands on a full disk
+    with pytest.raises(WriteError) as caught:
+        atomic_write_bytes(path, b"new\n" * 10_000)
+    message = str(caught.value)
+    assert ONE_LINE.fullmatch(message) and ONE_LINE.fullmatch(message)["path"] == str(path), message
+    assert caught.value.errno == errno.ENOSPC
+    assert path.read_bytes() == b"old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
+
+
+def test_a_failure_only_at_the_flush_is_caught_too(tmp_path, monkeypatch):
+    """Network file systems may report a full disk only when the data is flushed or closed."""
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(WriteError, match=r"cannot write .*config.json: No space left on device \(.* free there\)$"):
+        atomic_write(tmp_path / "config.json", lambda f: f.write(b"{}"))
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_dev_full
+def test_a_full_disk_while_appending_a_line_is_one_line(tmp_path):
+    (tmp_path / "metrics.jsonl").symlink_to(FULL)
+    with pytest.raises(WriteError, match=r"metrics.jsonl: No space left on device \(.* free there\)"):
+        append_line(tmp_path / "metrics.jsonl", '{"step": 1}\n')
+
+
+def test_temporary_files_of_killed_writers_are_removed_and_no_others(tmp_path):
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        names = {
+            f"checkpoint.pt.tmp{alive.pid}": "owned: the lock holder's alone, whoever made it",
+            f"metrics.jsonl.tmp{dead.pid}": "owned",
+            f"eval.json.tmp{dead.pid}": "another file's, dead process, old",
+            f"eval-part=val.json.tmp{alive.pid}": "another file's, live process: kept",
+            f"eval-ways=20.json.tmp{dead.pid}": "another file's, dead process, just written: kept",
+            f"checkpoint.pt.tmp{os.getpid()}": "this process's own: kept",
+            "checkpoint.pt": "not temporary", "notes.tmp.txt": "not temporary",
+        }
+        for name in names:
+            (tmp_path / name).write_text(name)
+        hour_ago = time.time() - 3600
+        for name in (f"eval.json.tmp{dead.pid}", f"eval-part=val.json.tmp{alive.pid}"):
+            os.utime(tmp_path / name, (hour_ago, hour_ago))
+        removed = remove_temporaries(tmp_path, owned=("checkpoint.pt", "metrics.jsonl"))
+    finally:
+        alive.kill()
+        alive.wait()
+    gone = {f"checkpoint.pt.tmp{alive.pid}", f"metrics.jsonl.tmp{dead.pid}", f"eval.json.tmp{dead.pid}"}
+    assert {p.name for p in removed} == gone
+    assert {p.name for p in tmp_path.iterdir()} == set(names) - gone

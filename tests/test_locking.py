@@ -1,0 +1,101 @@
+"""One writer per run folder: a second training process is refused at once with a line naming
+the first, which goes on unharmed; a lock left by a killed process blocks nothing; readers
+never wait."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+
+import cli_runner
+import training_process as child
+from metalearn.cli import main
+from metalearn.locking import FolderInUse, FolderLock
+from metalearn.runs import RunDir
+
+TRAIN = ["train", "maml", "--dataset", "sinusoid", "--steps", 4, "--meta-batch-size", 2, "--checkpoint-every", 1,
+         "--log-every", 1, "--val-every", 0, "--no-progress", "--no-eval"]
+
+
+def test_a_held_lock_refuses_others_names_its_holder_and_goes_with_its_release(tmp_path):
+    folder = tmp_path / "run"
+    lock = RunDir(folder).lock()
+    assert lock.held and folder.is_dir()
+    note = json.loads((folder / ".lock").read_text())
+    assert note["pid"] == os.getpid() and note["host"] == socket.gethostname()
+    # another open file of the same lock is refused as another process would be
+    with pytest.raises(FolderInUse, match=rf"{folder} is in use by process {os.getpid()} on this machine .*"
+                                          "one run folder has one writer.*choose another --run-dir"):
+        RunDir(folder).lock()
+    lock.release()
+    assert not (folder / ".lock").exists()  # no litter
+    with RunDir(folder).lock():
+        pass
+
+
+def test_a_lock_file_left_by_a_dead_process_blocks_nothing(tmp_path):
+    """What a SIGKILL leaves: the note, without the lock (the kernel dropped it with the process)."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / ".lock").write_text(json.dumps({"pid": 2**22 + 7, "host": socket.gethostname(), "since": "then"}))
+    with RunDir(folder).lock() as lock:
+        assert lock.held and json.loads((folder / ".lock").read_text())["pid"] == os.getpid()
+
+
+def test_a_lock_that_creates_its_folder_removes_it_if_nothing_was_written(tmp_path):
+    FolderLock.take(tmp_path / "new" / ".lock", "test").release()
+    assert not (tmp_path / "new").exists()
+    lock = FolderLock.take(tmp_path / "kept" / ".lock", "test")
+    (tmp_path / "kept" / "config.json").write_text("{}")
+    lock.release()
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["config.json"]
+
+
+def test_a_second_training_process_is_refused_and_the_first_is_unharmed(tmp_path, capsys, one_thread):
+    run, go = tmp_path / "run", tmp_path / "go"
+    first = child.start([*TRAIN, "--run-dir", run], HOLD_WRITE="2", HOLD_UNTIL=str(go))
+    try:
+        child.wait_for(first, "WRITING 2")  # it holds the folder, its checkpoint of step 0 is in place
+        for extra in ([], ["--resume"], ["--seed", 3]):
+            code, _, err = cli_runner.run([*TRAIN, "--run-dir", run, *extra], capsys)
+            assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+            assert f"{run} is in use by process {first.pid} on this machine" in err, err
+            assert "train maml" in err and "choose another --run-dir" in err, err
+        # readers do not wait for the writer
+        code, out, err = cli_runner.run(["eval", run, "--episodes", 4, "--no-progress"], capsys)
+        assert code == 0 and "MSE" in out, err
+        go.touch()
+        code, _, err = child.finish(first)
+        assert code == 0, err
+    finally:
+        if first.poll() is None:
+            child.kill(first)
+    # the first run is what it would have been alone: every step once, the weights of a run
+    # trained with no one else about
+    alone = tmp_path / "alone"
+    main([*map(str, TRAIN), "--run-dir", str(alone)])
+    assert [r["step"] for r in RunDir(run).read_metrics()] == [1, 2, 3, 4]
+    state, expected = RunDir(run).read_checkpoint(), RunDir(alone).read_checkpoint()
+    assert state["step"] == 4 and state["config"] == expected["config"]
+    for name, value in expected["learner"].items():
+        assert value.equal(state["learner"][name]), name
+    assert not (run / ".lock").exists()
+
+
+def test_a_file_system_without_locks_is_used_unlocked_with_one_warning(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    run = tmp_path / "run"
+    code, _, err = cli_runner.run([*TRAIN, "--steps", 1, "--run-dir", run], capsys)
+    assert code == 0
+    assert err == (f"warning: the file system of {run} refuses file locks (No locks available): nothing keeps a "
+                   "second process from writing there at the same time\n")
+    assert RunDir(run).read_checkpoint()["step"] == 1 and not (run / ".lock").exists()

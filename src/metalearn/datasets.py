@@ -39,6 +39,8 @@ class Dataset:
 
 
 DATASETS: dict[str, Dataset] = {}
+# datasets of photographs: the methods' paper defaults there are their mini-ImageNet settings
+NATURAL_IMAGES = ("folder", "mini-imagenet")
 
 
 def register_dataset(dataset: Dataset) -> Dataset:

@@ -100,7 +100,7 @@ def _folder(task, shape, part: str, data_dir: Path | str | None, progress: bool)
     check_class_sizes(folder, pool, shape.shots + shape.query,
                       f"{prefix}shots {shape.shots} with {prefix}query {shape.query}")
     return EpisodeSampler(torch.from_numpy(folder.images), pool, shape.ways, shape.shots, shape.query,
-                          dataset=f"{task.dataset} {data_dir}", test=test,
+                          dataset=f"image folder {data_dir}", test=test,
                           class_sizes=torch.from_numpy(folder.class_sizes))
 
 

@@ -336,7 +336,7 @@ def folder_split(folder: ImageFolder, part: str, fractions: str = "", split_file
                else f"give the folder classes for {part}")
         raise MetalearnError(f"the image folder has no {part} classes: {fix}")
     characters = torch.tensor(members, dtype=torch.long)
-    return ClassPool(f"folder/{part}", characters, torch.zeros_like(characters))
+    return ClassPool(part, characters, torch.zeros_like(characters))
 
 
 def check_class_sizes(folder: ImageFolder, pool: ClassPool, needed: int, options: str) -> None:

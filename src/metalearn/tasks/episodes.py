@@ -131,13 +131,15 @@ class EpisodeSampler:
         if tasks is not None:
             classes, draws, rotations = classes[tasks], draws[tasks], rotations[tasks]
         variant = classes * 4 + rotations if self.random_rotation else classes
-        flat_index = (self.starts[variant][:, :, None] + draws).reshape(-1)
-        t, per_class = draws.shape[0], draws.shape[2]
-        images = to_float(self.bank.index_select(0, flat_index))
-        x = images.view(t, self.ways, per_class, *self.image_shape)
+        index = self.starts[variant][:, :, None] + draws  # (tasks, ways, shots + query) rows of the bank
+        t = draws.shape[0]
+
+        def gather(rows: Tensor) -> Tensor:  # support and query gathered apart: no copy of a slice
+            per_task = rows.shape[1] * rows.shape[2]
+            return to_float(self.bank.index_select(0, rows.reshape(-1))).view(t, per_task, *self.image_shape)
+
         labels = torch.arange(self.ways)
-        support_x = x[:, :, : self.shots].reshape(t, self.ways * self.shots, *self.image_shape)
-        query_x = x[:, :, self.shots :].reshape(t, self.ways * self.query, *self.image_shape)
+        support_x, query_x = gather(index[..., : self.shots]), gather(index[..., self.shots :])
         support_y = labels.repeat_interleave(self.shots).repeat(t, 1)
         query_y = labels.repeat_interleave(self.query).repeat(t, 1)
         return TaskBatch(support_x, support_y, query_x, query_y, ways=self.ways)

@@ -5,13 +5,13 @@ the ImageNet photographs mini-ImageNet is cut from; or ``--source-size`` pixels 
 temporary folder, then times:
 
 - preparing it: ``load_image_folder(root, 84, 3)`` with an empty cache (decode every file,
-  resize to 84x84 RGB, write the cached array): images/s;
+  resize to 84x84 RGB, write the cached array), in 1 and in ``--workers`` processes: images/s;
 - loading it again from the cache (the folder unchanged: only its file list is checked);
 - ``EpisodeSampler.sample(meta_batch)`` of 5-way 1-shot 15-query 84x84 RGB episodes (the MAML
   paper's mini-ImageNet shape), drawn from the train part: meta-batches/s and images/s.
 
-Preparing is one pass over the files on one core, so its time grows linearly with the number
-of images: 60,000 images (mini-ImageNet) take 60,000 / (images/s) seconds. Sampling does not
+Preparing is one pass over the files, so its time grows linearly with the number of images
+(and falls with the processes, up to the cores that are free): 60,000 images (mini-ImageNet) take 60,000 / (images/s) seconds. Sampling does not
 depend on the number of images in the folder (one index_select from the cached array).
 
     python benchmarks/folder.py --classes 100 --per-class 60 --json benchmarks/results/folder.json
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -70,7 +71,9 @@ def main(argv=None) -> dict:
     p.add_argument("--shots", type=int, default=1)
     p.add_argument("--query", type=int, default=15)
     p.add_argument("--iters", type=int, default=200, help="timed sample() calls")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads while sampling")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="decoding processes (also timed with 1)")
     p.add_argument("--note", default="", help="recorded with the result, e.g. 'machine shared with 4 other engineers'")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -85,10 +88,15 @@ def main(argv=None) -> dict:
         result["generate_s"] = time.perf_counter() - start
         result["images"], result["jpeg_megabytes"] = n, size / 1e6
 
-        start = time.perf_counter()
-        folder = load_image_folder(root, args.image_size, 3, cache_dir=cache)
-        prepare = time.perf_counter() - start
-        result["prepare_s"], result["prepare_images_per_s"] = prepare, n / prepare
+        folder_module.PARALLEL_FROM = 0  # --workers as given, whatever the count
+        for workers in sorted({1, args.workers}):
+            shutil.rmtree(cache, ignore_errors=True)
+            folder_module._LOADED.clear()
+            start = time.perf_counter()
+            folder = load_image_folder(root, args.image_size, 3, cache_dir=cache, workers=workers)
+            prepare = time.perf_counter() - start
+            result[f"prepare_s_{workers}_workers"] = prepare
+            result[f"prepare_images_per_s_{workers}_workers"] = n / prepare
         result["cache_megabytes"] = sum(f.stat().st_size for f in cache.iterdir()) / 1e6
 
         folder_module._LOADED.clear()
@@ -112,7 +120,7 @@ def main(argv=None) -> dict:
     result["sample_median_ms"] = per_batch * 1e3
     result["meta_batches_per_s"] = 1 / per_batch
     result["sampled_images_per_s"] = images / per_batch
-    result["seconds_for_60000_images"] = 60000 / result["prepare_images_per_s"]
+    result["seconds_for_60000_images"] = 60000 / result[f"prepare_images_per_s_{args.workers}_workers"]
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

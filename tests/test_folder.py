@@ -152,6 +152,14 @@ def test_folder_is_read_split_and_sampled_in_colour(shapes, tmp_path):
     assert bool((x[:, 0].mean((1, 2)) > x[:, 2].mean((1, 2)) + 0.02).all())
 
 
+def test_decoding_in_several_processes_gives_the_same_array(shapes, monkeypatch):
+    monkeypatch.setattr(folder_module, "PARALLEL_FROM", 1)
+    monkeypatch.setattr(folder_module, "CHUNK", 100)
+    one = folder_module.read_folder(shapes, 12, 3, workers=1)
+    two = folder_module.read_folder(shapes, 12, 3, workers=2)
+    assert np.array_equal(one.images, two.images) and one.content_hash == two.content_hash
+
+
 def test_a_split_file_chooses_the_classes(shapes, tmp_path):
     folder = load_image_folder(shapes, 8, 3, cache_dir=tmp_path)
     spec = {"train": list(folder.class_names[:10]), "val": [folder.class_names[10]], "test": list(folder.class_names[11:15])}

@@ -172,23 +172,25 @@ def fingerprint(root: Path, classes: list[tuple[str, str, list[Path]]], extra: l
 
 
 def read_folder(root: Path | str, image_size: int, channels: int, progress: bool = False,
-                scanned: tuple | None = None) -> ImageFolder:
-    """Decode every image of the folder (the slow part: about a thousand images a second per
-    core; see ``benchmarks/folder.py``)."""
+                scanned: tuple | None = None, workers: int | None = None) -> ImageFolder:
+    """Decode every image of the folder: the slow part, one pass over the files, spread over
+    ``workers`` processes (default: every core, up to 16; folders of fewer than
+    ``PARALLEL_FROM`` images are read in this process). See ``benchmarks/folder.py``."""
     layout, classes, _ = scanned or scan_folder(Path(root))
-    total = sum(len(files) for _, _, files in classes)
-    images = np.empty((total, channels, image_size, image_size), np.uint8)
+    paths = [path for _, _, files in classes for path in files]
+    images = np.empty((len(paths), channels, image_size, image_size), np.uint8)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, desc=f"reading {Path(root).name}", unit="img", leave=False)
-    index = 0
+        bar = tqdm(total=len(paths), desc=f"reading {Path(root).name}", unit="img", leave=False)
+    workers = min(workers or os.cpu_count() or 1, 16)
     try:
-        for name, _, files in classes:
-            for path in files:
+        if workers > 1 and len(paths) >= PARALLEL_FROM:
+            _decode_in_processes(paths, images, image_size, channels, workers, bar)
+        else:
+            for index, path in enumerate(paths):
                 images[index] = decode_image(path, image_size, channels)
-                index += 1
                 if bar is not None:
                     bar.update()
     finally:
@@ -201,17 +203,49 @@ def read_folder(root: Path | str, image_size: int, channels: int, progress: bool
                        tuple(part for _, part, _ in classes), layout, digest.hexdigest())
 
 
+PARALLEL_FROM = 2000  # below this, starting processes costs more than it saves
+CHUNK = 256  # images decoded per task handed to a process
+
+
+def _decode_chunk(paths: list[Path], image_size: int, channels: int) -> np.ndarray:
+    return np.stack([decode_image(path, image_size, channels) for path in paths])
+
+
+def _decode_in_processes(paths: list[Path], images: np.ndarray, image_size: int, channels: int, workers: int,
+                         bar) -> None:
+    """Fill ``images`` with the decoded ``paths``, chunk by chunk, in ``workers`` processes; the
+    first unreadable file's error is raised as in one process."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+        starts = range(0, len(paths), CHUNK)
+        futures = [pool.submit(_decode_chunk, paths[start:start + CHUNK], image_size, channels) for start in starts]
+        try:
+            for start, future in zip(starts, futures):
+                chunk = future.result()
+                images[start:start + len(chunk)] = chunk
+                if bar is not None:
+                    bar.update(len(chunk))
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
 def cache_path(cache_dir: Path, root: Path, image_size: int, channels: int) -> Path:
     key = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
     return Path(cache_dir) / f"folder-{Path(root).resolve().name}-{key}-{image_size}x{image_size}x{channels}-v{CACHE_FORMAT_VERSION}.npz"
 
 
 def load_image_folder(root: Path | str | None, image_size: int = 84, channels: int = 3,
-                      cache_dir: Path | str | None = None, progress: bool = False) -> ImageFolder:
+                      cache_dir: Path | str | None = None, progress: bool = False,
+                      workers: int | None = None) -> ImageFolder:
     """The folder's images at ``image_size`` with ``channels`` (1 grey, 3 RGB), from the cache
     when the folder has not changed since it was written, else read and cached anew. The cache
     lives in ``cache_dir`` (default ``$METALEARN_CACHE`` or ``~/.cache/metalearn``), never
-    beside the possibly read-only images."""
+    beside the possibly read-only images. ``workers``: decoding processes (see :func:`read_folder`)."""
     if root is None:
         raise MetalearnError("an image folder dataset needs --data-dir, the folder of class folders")
     if image_size < 4:
@@ -226,7 +260,7 @@ def load_image_folder(root: Path | str | None, image_size: int = 84, channels: i
         return _LOADED[path][1]
     folder = _read_cache(path, print_)
     if folder is None:
-        folder = read_folder(root, image_size, channels, progress, scanned)
+        folder = read_folder(root, image_size, channels, progress, scanned, workers)
         _write_cache(path, folder, print_)
     _LOADED.clear()  # one folder held at a time: a mini-ImageNet array is over a gigabyte
     _LOADED[path] = (print_, folder)

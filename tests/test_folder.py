@@ -334,8 +334,8 @@ def split_support_query(shapes: Path, classes: list[str], root: Path, shots: int
 def test_protonet_learns_the_shapes_and_predicts_new_classes(shapes, tmp_path, capsys):
     run_dir = tmp_path / "run"
     code, out, err = run(["train", "protonet", "--dataset", "folder", "--data-dir", shapes, "--image-size", 16,
-                          "--ways", 5, "--shots", 1, "--query", 3, "--steps", 60, "--val-every", 0,
-                          "--eval-episodes", 50, "--run-dir", run_dir, "--no-progress"], capsys)
+                          "--ways", 5, "--shots", 1, "--query", 3, "--steps", 40, "--val-every", 0,
+                          "--eval-episodes", 30, "--run-dir", run_dir, "--no-progress"], capsys)
     assert code == 0, err
     accuracy = json.loads((run_dir / "eval.json").read_text())["mean"]
     assert accuracy > 60, accuracy  # chance: 20%, on test classes never trained on
@@ -357,7 +357,7 @@ def test_protonet_learns_the_shapes_and_predicts_new_classes(shapes, tmp_path, c
     with Image.open(outputs / "sheet.png") as sheet:
         assert sheet.size[0] > 400 and sheet.size[1] > 400
     lines = out.strip().splitlines()
-    assert lines[0].startswith("protonet (step 60), classes:") and lines[-1].startswith("wrote")
+    assert lines[0].startswith("protonet (step 40), classes:") and lines[-1].startswith("wrote")
     assert f"{first['label']}\t{first['probability']:.3f}" in out
     # one query file; the Python convenience gives the same probabilities
     code, out, err = run(["predict", run_dir, "--support", support, "--query", first["file"]], capsys)

@@ -141,6 +141,8 @@ def test_folder_is_read_split_and_sampled_in_colour(shapes, tmp_path):
     assert [parts.count(p) for p in ("train", "val", "test")] == [46, 12, 14]  # round(0.64 * 72), round(0.16 * 72)
     assert class_parts(folder) == parts  # seeded: the same split every time
     assert class_parts(folder, "0.5,0.25,0.25").count("train") == 36
+    with pytest.raises(MetalearnError, match="three fractions train,val,test summing to 1"):
+        class_parts(folder, "0.5,0.6,0.1")
     task = TaskConfig(dataset="folder", image_size=20, channels=3, ways=5, shots=2, query=3)
     batch = build_task_source(task, "train", shapes).sample(4, gen(0))
     assert batch.support_x.shape == (4, 10, 3, 20, 20) and batch.query_x.shape == (4, 15, 3, 20, 20)
@@ -244,6 +246,8 @@ def test_mini_imagenet_csv_layout_and_the_cache_rebuilt_after_a_change(tmp_path,
     assert folder.layout == "csv" and folder.images.shape == (15 * 6, 3, 16, 16)
     assert folder.parts.count("train") == 8 and folder.parts.count("test") == 4
     assert folder.class_names[0] == "n01000000"
+    with pytest.raises(MetalearnError, match="--split-fractions cannot apply: this folder's train.csv"):
+        class_parts(folder, "0.5,0.25,0.25")  # the release's split, not a silently unused option
     task = resolve_config("protonet", {"dataset": "mini-imagenet", "image_size": 16, "ways": 3, "shots": 1,
                                        "query": 2}).task
     assert task.channels == 3 and task.split == "folder"

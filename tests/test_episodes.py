@@ -257,12 +257,15 @@ def test_batch_to_and_select(sampler):
 
 
 def test_images_of_another_kind_are_refused_with_what_it_takes():
-    """Your own images: uint8 (classes, examples, H, W) like Omniglot's; others get a message
+    """Your own images: uint8 (classes, examples, [C,] H, W) like Omniglot's; others get a message
     instead of silently wrong pixels (floats divided by 255 again) or batches of the wrong rank."""
     pool = ClassPool("mine", torch.arange(4), torch.zeros(4, dtype=torch.long))
-    for images in (torch.rand(4, 6, 16, 16), torch.zeros(4, 6, 3, 16, 16, dtype=torch.uint8)):
-        with pytest.raises(MetalearnError, match=r"uint8 images shaped \(classes, examples, H, W\)"):
+    for images in (torch.rand(4, 6, 16, 16), torch.zeros(4, 6, 3, 1, 16, 16, dtype=torch.uint8)):
+        with pytest.raises(MetalearnError, match=r"uint8 images shaped \(classes, examples, \[C,\] H, W\)"):
             EpisodeSampler(images, pool, 2, 1, 1)
+    rgb = torch.randint(0, 255, (4, 6, 3, 16, 16), dtype=torch.uint8)
+    batch = EpisodeSampler(rgb, pool, 2, 1, 1).sample(3, gen(0))
+    assert batch.support_x.shape == (3, 2, 3, 16, 16)
     wide = torch.randint(0, 255, (4, 6, 16, 20), dtype=torch.uint8)
     batch = EpisodeSampler(wide, pool, 2, 1, 1).sample(3, gen(0))  # not rotated: any shape works
     assert batch.support_x.shape == (3, 2, 1, 16, 20)

@@ -8,8 +8,9 @@ Small pieces, one job each::
 
 from metalearn.algorithms import (METHODS, MAML, PLATIPUS, MatchingNet, MetaLearner, ProtoNet, Reptile,
                                   build_learner, register_method)
-from metalearn.api import evaluate_run, plot_run, resolve_config, train
+from metalearn.api import evaluate_run, plot_run, predict_run, resolve_config, train
 from metalearn.config import RunConfig, TaskConfig, TrainConfig
+from metalearn.data.images import prepare_images
 from metalearn.errors import MetalearnError
 from metalearn.evaluation import evaluate
 from metalearn.runs import RunDir
@@ -23,5 +24,5 @@ __all__ = [
     "METHODS", "MAML", "PLATIPUS", "ProtoNet", "MatchingNet", "Reptile", "MetaLearner", "build_learner", "register_method",
     "evaluate_run", "plot_run", "resolve_config", "train", "RunConfig", "TaskConfig", "TrainConfig",
     "MetalearnError", "evaluate", "EpisodeSampler", "SineOrLineTasks", "SinusoidTasks", "TaskBatch", "Problem",
-    "build_task_source", "Trainer", "build_trainer", "load_trained", "RunDir",
+    "build_task_source", "Trainer", "build_trainer", "load_trained", "RunDir", "predict_run", "prepare_images",
 ]

@@ -298,3 +298,41 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
         shutil.copy(plot, out / plot.name)
         written.append(out / plot.name)
     return written
+
+
+def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | list[Path | str],
+                json_out: Path | str | None = None, csv_out: Path | str | None = None,
+                sheet: Path | str | None = None, num_samples: int | None = None,
+                device: str = "cpu") -> dict[str, Any]:
+    """Classify new images among new classes with a trained run (``metalearn predict``).
+
+    ``support``: a folder with one sub-folder per new class holding 1 or more images;
+    ``query``: a folder of images (searched recursively) or a list of image files and folders.
+    Images are prepared as the run's training images were (its ``image_size`` and
+    ``channels``). A method with one output per class (MAML, PLATIPUS, Reptile) needs as many
+    classes as it was trained with. Returns :func:`metalearn.prediction.predict_new_classes`'s
+    result (per query: ``label``, ``probability``, for PLATIPUS the ``spread`` over sampled
+    models); writes it as JSON to ``json_out``, as CSV to ``csv_out`` and a contact sheet
+    PNG to ``sheet`` when given, each only once everything has been predicted, and atomically.
+    """
+    from metalearn.prediction import as_csv, as_json, contact_sheet, predict_new_classes
+
+    config, learner, step = load_trained(run_dir)
+    if not config.task.classification:
+        raise MetalearnError(f"{run_dir} learned {config.task.dataset} regression; predict classifies images")
+    queries = [query] if isinstance(query, (str, Path)) else list(query)
+    learner = learner.to(init_world(device).device)
+    result = predict_new_classes(learner, support, queries, config.task.image_size, config.task.channels,
+                                 num_samples)
+    result.update({"run": str(run_dir), "method": config.method, "step": step})
+    outputs = []
+    if json_out is not None:
+        outputs.append((Path(json_out), as_json(result)))
+    if csv_out is not None:
+        outputs.append((Path(csv_out), as_csv(result)))
+    if sheet is not None:
+        outputs.append((Path(sheet), contact_sheet(result, f"{config.method} ({Path(run_dir).name}, step {step})")))
+    for path, data in outputs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, data)
+    return result

@@ -162,7 +162,16 @@ def check_run_dir(config: RunConfig, run: RunDir, resume: bool) -> None:
 
 
 def load_trained(run_dir: Path | str, overrides: dict[str, Any] | None = None) -> tuple[RunConfig, MetaLearner, int]:
-    """(config, learner with the checkpoint's weights, step) of a finished or running run.
+    """A trained run, ready to predict: returns ``(config, learner, step)``.
+
+    - ``config``: the run's :class:`RunConfig` (``config.task.image_size`` and
+      ``config.task.channels`` are how its images were prepared; ``config.task.ways`` the ways
+      it trained on);
+    - ``learner``: the method (a :class:`MetaLearner`, in training mode, on the CPU) with the
+      checkpoint's weights; ``learner.problem`` records the tasks it was built for, so
+      ``learner.fit_predict(support_x, support_y, query_x)`` prepares new images as training did;
+    - ``step``: the number of meta-updates the checkpoint holds.
+
     ``overrides`` changes options of the method that do not touch its weights (for instance
     the number of test-time steps) for this evaluation only."""
     run = RunDir(run_dir)

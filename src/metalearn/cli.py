@@ -29,8 +29,8 @@ FAST_GPU_HELP = ("on a GPU, keep torch's default kernels (TF32 convolutions, non
 DEVICE_HELP = ("cpu, cuda (under torchrun: each rank's GPU, NCCL), cuda:N or auto; not part of the run, "
                "which resumes or evaluates on any device")
 CACHE_HELP = "the cache folder: $METALEARN_CACHE, else $XDG_CACHE_HOME/metalearn, else ~/.cache/metalearn"
-DATA_DIR_HELP = ("folder with images_background.zip / images_evaluation.zip (default: $METALEARN_DATA, else "
-                 f"omniglot/ in {CACHE_HELP})")
+DATA_DIR_HELP = ("omniglot: the folder with images_background.zip / images_evaluation.zip (default: $METALEARN_DATA, "
+                 f"else omniglot/ in {CACHE_HELP}); folder and mini-imagenet: the image folder (required)")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -306,6 +306,42 @@ def check_writable_file(option: str, path: Path) -> None:
         raise MetalearnError(f"{option} {path}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK):
         raise MetalearnError(f"{option} {path}: cannot write in {existing}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--support", type=click.Path(path_type=Path), required=True,
+              help="a folder with one sub-folder per new class, each holding 1 or more example images")
+@click.option("--query", "queries", type=click.Path(path_type=Path), required=True, multiple=True,
+              help="a folder of images to classify, or an image file (repeat for several)")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="also write the predictions here as JSON")
+@click.option("--csv", "csv_path", type=click.Path(path_type=Path), default=None, help="also write the predictions here as CSV")
+@click.option("--sheet", type=click.Path(path_type=Path), default=None,
+              help="draw a contact sheet here (PNG): the support images by class, then each query with its prediction")
+@click.option("--samples", "num_samples", type=click.IntRange(min=1), default=None,
+              help="models sampled per task (PLATIPUS; default the run's --num-samples)")
+@click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
+def predict(run_dir, support, queries, json_path, csv_path, sheet, num_samples, device):
+    """Classify new images among new classes from a few labelled examples of each, with a trained
+    run: metalearn predict RUN_DIR --support DIR --query DIR_OR_FILE."""
+    from metalearn.api import predict_run
+
+    for option, path in (("--json", json_path), ("--csv", csv_path), ("--sheet", sheet)):
+        if path is not None:  # found out now, not after the images are read
+            check_writable_file(option, path)
+    result = predict_run(run_dir, support, list(queries), json_out=json_path, csv_out=csv_path, sheet=sheet,
+                         num_samples=num_samples, device=device)
+    shots = ", ".join(f"{name} ({n})" for name, n in zip(result["classes"], result["shots"]))
+    click.echo(f"{result['method']} (step {result['step']}), classes: {shots}")
+    for p in result["predictions"]:
+        spread = f" +/- {p['spread']:.3f}" if "spread" in p else ""
+        click.echo(f"{p['file']}\t{p['label']}\t{p['probability']:.3f}{spread}")
+    if "accuracy" in result:
+        labelled = sum("true" in p for p in result["predictions"])
+        click.echo(f"accuracy on the {labelled} queries in folders named like a class: {100 * result['accuracy']:.1f}%")
+    for path in (json_path, csv_path, sheet):
+        if path is not None:
+            click.echo(f"wrote {path}")
 
 
 @cli.command("export")

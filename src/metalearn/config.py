@@ -23,7 +23,8 @@ class TaskConfig:
     ``test_*`` default to the training values (ProtoNets, e.g., trains 60-way, tests 5-way).
     """
 
-    dataset: str = option("omniglot", "omniglot, sinusoid or sine-or-line (default omniglot)")
+    dataset: str = option("omniglot", "omniglot, folder (your own class folders, --data-dir), mini-imagenet, "
+                                      "sinusoid or sine-or-line (default omniglot)")
     split: str = option("maml", "omniglot's class split: maml, vinyals or lake (default maml)")
     ways: int = option(5, "classes per task (default 5; classification only)")
     shots: int = option(1, "support examples per class, or support points K for regression "
@@ -33,7 +34,14 @@ class TaskConfig:
     test_shots: int | None = option(None, "support examples per class in test and validation tasks (default: --shots)")
     test_query: int | None = option(None, "query examples per class in test and validation tasks (default: "
                                           "--query; 100 points for regression)")
-    image_size: int = option(28, "images are resized to this many pixels square (default 28)")
+    image_size: int = option(28, "images are resized to this many pixels square (default 28; 84 for folder and "
+                                 "mini-imagenet)")
+    channels: int = option(1, "colour channels the images are converted to: 1 (grey) or 3 (RGB) (default 1; 3 "
+                              "for folder and mini-imagenet)")
+    split_fractions: str = option("", "train,val,test fractions of an image folder's classes, split by a seeded "
+                                      "shuffle (default 0.64,0.16,0.2; unused when the folder has train/ val/ test/)")
+    split_file: str = option("", 'a JSON file {"train": [class, ...], "val": [...], "test": [...]} that splits '
+                                 "an image folder's classes (default: --split-fractions)")
     noise_std: float | None = option(None, "standard deviation of the noise on regression targets (default 0 for "
                                            "sinusoid, 0.3 for sine-or-line)")
 
@@ -45,6 +53,8 @@ class TaskConfig:
                 ways = getattr(self, name)
                 if ways is not None and ways < 2:
                     raise ConfigError("TaskConfig", name, f"must be at least 2 (a task tells classes apart), got {ways}")
+        if self.channels not in (1, 3):
+            raise ConfigError("TaskConfig", "channels", f"must be 1 (grey) or 3 (RGB), got {self.channels}")
         if self.noise_std is not None:
             require_number(self.noise_std, "TaskConfig", "noise_std", zero_allowed=True)
         for name in ("shots", "query", "test_shots", "test_query"):

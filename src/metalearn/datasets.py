@@ -39,6 +39,8 @@ class Dataset:
 
 
 DATASETS: dict[str, Dataset] = {}
+# datasets of photographs: the methods' paper defaults there are their mini-ImageNet settings
+NATURAL_IMAGES = ("folder", "mini-imagenet")
 
 
 def register_dataset(dataset: Dataset) -> Dataset:
@@ -78,7 +80,28 @@ def _omniglot_has_part(split: str, part: str) -> bool:
 def _image_problem(task):
     from metalearn.tasks.batch import Problem
 
-    return Problem((1, task.image_size, task.image_size), task.ways, True)
+    return Problem((task.channels, task.image_size, task.image_size), task.ways, True)
+
+
+def _folder(task, shape, part: str, data_dir: Path | str | None, progress: bool):
+    import torch
+
+    from metalearn.data.folder import check_class_sizes, folder_split, load_image_folder
+    from metalearn.tasks.episodes import EpisodeSampler
+
+    folder = load_image_folder(data_dir, task.image_size, task.channels, progress=progress)
+    if task.dataset == "mini-imagenet" and folder.layout == "classes":
+        raise ConfigError("TaskConfig", "dataset", f"mini-imagenet reads images/ with train.csv, val.csv and "
+                                                   f"test.csv, or train/ val/ test/ folders; {data_dir} has neither "
+                                                   "(for class folders of your own use folder)")
+    pool = folder_split(folder, part, task.split_fractions, task.split_file)
+    test = part != "train"
+    prefix = "--test-" if test else "--"
+    check_class_sizes(folder, pool, shape.shots + shape.query,
+                      f"{prefix}shots {shape.shots} with {prefix}query {shape.query}")
+    return EpisodeSampler(torch.from_numpy(folder.images), pool, shape.ways, shape.shots, shape.query,
+                          dataset=f"image folder {data_dir}", test=test,
+                          class_sizes=torch.from_numpy(folder.class_sizes))
 
 
 def _regression_problem(task):
@@ -102,9 +125,19 @@ def _sine_or_line(task, shape, part, data_dir, progress):
 
 # regression: K = 5 support points; 100 test points, a finer estimate of the same expected MSE
 _REGRESSION = dict(classification=False, problem=_regression_problem, defaults={"shots": 5, "test_query": 100},
-                   fixed={"split": "none", "ways": 0}, inapplicable=("split", "ways", "test_ways", "image_size"))
+                   fixed={"split": "none", "ways": 0},
+                   inapplicable=("split", "ways", "test_ways", "image_size", "channels", "split_fractions",
+                                 "split_file"))
+# images of your own: class folders (split by folders, fractions or a file), RGB 84x84 as the
+# mini-ImageNet papers; mini-imagenet is the same reader with the papers' 15 queries per class
+# (Finn et al. 2017, section 5.2) and its release's train/val/test split only
+_FOLDER = dict(classification=True, build=_folder, problem=_image_problem, fixed={"split": "folder"})
 
 register_dataset(Dataset("omniglot", True, _omniglot, _image_problem, _omniglot_has_part,
-                         inapplicable=("noise_std",)))
+                         inapplicable=("noise_std", "channels", "split_fractions", "split_file")))
+register_dataset(Dataset("folder", defaults={"image_size": 84, "channels": 3},
+                         inapplicable=("noise_std", "split"), **_FOLDER))
+register_dataset(Dataset("mini-imagenet", defaults={"image_size": 84, "channels": 3, "query": 15},
+                         inapplicable=("noise_std", "split", "split_fractions", "split_file"), **_FOLDER))
 register_dataset(Dataset("sinusoid", build=_sinusoid, **_REGRESSION))
 register_dataset(Dataset("sine-or-line", build=_sine_or_line, **_REGRESSION))

@@ -84,7 +84,9 @@ def _coerce(owner: str, option: str, value: Any, expected: Any) -> Any:
 
 def build_learner(name: str, values: dict[str, Any], problem: Problem) -> MetaLearner:
     """A ready-to-train method by name, with its config given as a dict."""
-    return method_class(name).build(make_method_config(name, values), problem)
+    learner = method_class(name).build(make_method_config(name, values), problem)
+    learner.problem = problem  # the tasks it was built for: image size, channels, ways (MetaLearner.task_batch)
+    return learner
 
 
 __all__ = ["METHODS", "register_method", "MAML", "MAMLConfig", "MetaLearner", "Problem", "accuracy", "task_loss",

@@ -77,6 +77,66 @@ class MetaLearner(nn.Module):
         without steps return their single prediction with a leading axis of 1."""
         return self.predict(batch).unsqueeze(0)
 
+    # -- one task, no TaskBatch --------------------------------------------------------------
+
+    # set by build_learner (and so by load_trained): the tasks the network was built for, so that
+    # new images are prepared at the training size and a fixed-ways method names its ways
+    problem: Problem | None = None
+
+    def task_batch(self, support_x: Any, support_y: Any, query_x: Any, *, image_size: int | None = None,
+                   channels: int | None = None) -> TaskBatch:
+        """One classification task as a TaskBatch of one task, without query labels (they are
+        -1, which no ``predict`` reads).
+
+        support_x, query_x: images as :func:`metalearn.data.images.prepare_images` takes them
+        (files, PIL images, uint8 or [0, 1] float tensors ``(n, C, H, W)``), prepared at
+        ``image_size`` with ``channels``, by default the training run's (``self.problem``);
+        support_y: ``(n_support,)`` class ids in [0, ways), every class present.
+        """
+        from metalearn.data.images import prepare_images
+
+        shape = self.problem.input_shape if self.problem is not None else None
+        if len(shape or ()) == 3:
+            channels = channels or shape[0]
+            image_size = image_size or shape[-1]
+
+        def prepare(images: Any) -> Tensor:
+            if image_size is None or channels is None:  # tensors as they are: the caller's network knows
+                images = torch.as_tensor(images)
+                return images.to(torch.float32).div(255.0) if images.dtype == torch.uint8 else images.float()
+            return prepare_images(images, image_size, channels)
+
+        support, query = prepare(support_x), prepare(query_x)
+        labels = torch.as_tensor(support_y, dtype=torch.long).reshape(-1)
+        if labels.numel() != support.shape[0]:
+            raise MetalearnError(f"{labels.numel()} support labels for {support.shape[0]} support images")
+        ways = int(labels.max()) + 1 if labels.numel() else 0
+        if labels.numel() == 0 or int(labels.min()) < 0 or set(labels.tolist()) != set(range(ways)):
+            raise MetalearnError(f"support labels must be class ids 0..ways-1 with every class present, got "
+                                 f"{sorted(set(labels.tolist()))}")
+        if self.fixed_ways and self.problem is not None and ways != self.problem.output_dim:
+            raise MetalearnError(
+                f"{self.name} was trained for {self.problem.output_dim}-way tasks (one output per class) and "
+                f"cannot classify {ways} classes: give it {self.problem.output_dim} classes, or use a method "
+                "without a per-class output layer (protonet, matchingnet)")
+        device = device_of(self)
+        query_y = torch.full((1, query.shape[0]), -1, dtype=torch.long)
+        return TaskBatch(support[None], labels[None], query[None], query_y, ways=ways).to(device)
+
+    def fit_predict(self, support_x: Any, support_y: Any, query_x: Any, **prepare: Any) -> Tensor:
+        """Adapt to one task's support set and classify its query images: class probabilities
+        ``(n_query, ways)``, in the order of the class ids of ``support_y``. Images and labels as
+        :meth:`task_batch` takes them; no query labels are needed. For a method that samples
+        models (PLATIPUS) this is the mean over the samples (``sample_probabilities`` gives
+        them all).
+
+        >>> config, learner, step = metalearn.load_trained("runs/protonet-folder-...")
+        >>> probs = learner.fit_predict(["a1.jpg", "b1.jpg"], [0, 1], ["new.jpg"])   # (1, 2)
+        """
+        batch = self.task_batch(support_x, support_y, query_x, **prepare)
+        with torch.no_grad():
+            return self.predict(batch)[0].float().softmax(dim=-1)
+
 
 def check_input_dtype(method: str, model: nn.Module, batch: TaskBatch) -> None:
     """Refuse a batch whose inputs are another floating-point type than the network's weights

@@ -28,6 +28,7 @@ from torch.func import functional_call, vmap
 from metalearn.algorithms.base import MetaLearner, check_network_fits, require_functional_model, Problem, accuracy, task_loss
 from metalearn.algorithms.inner_loop import (Params, check_inner_loop_options, gradient_descent,
                                               normalisation_parameters)
+from metalearn.datasets import NATURAL_IMAGES
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.options import option
 from metalearn.models import build_model
@@ -63,7 +64,8 @@ class MAMLConfig:
                                        "(MAML++'s derivative-order annealing; 0: as --first-order says throughout)")
     adapt_norm: bool = option(True, "the inner loop adapts the batch-norm parameters too (the reference code's "
                                     "does not: --no-adapt-norm)")
-    model: str = option("conv4", "the network: conv4, conv4-maxpool, conv4-reference (conv4 as the MAML "
+    model: str = option("conv4", "the network: conv4, conv4-maxpool, conv4-maxpool-32 (mini-ImageNet's), "
+                                 "conv4-reference (conv4 as the MAML "
                                  "authors' code builds it) or mlp")
 
     def __post_init__(self):
@@ -141,6 +143,11 @@ class MAML(MetaLearner):
             test_steps = 10 if task.dataset == "sinusoid" else 1
             return ({"model": "mlp", "inner_lr": 0.01, "inner_steps": 1, "test_inner_steps": test_steps},
                     {"meta_batch_size": 25, "steps": 70000, "val_every": 5000, "checkpoint_every": 5000})
+        if task.dataset in NATURAL_IMAGES:
+            # mini-ImageNet (section 5.2): 32-filter max-pool Conv4, alpha 0.01, 5 inner steps in
+            # training and 10 at test time, meta-batch 4 for 1-shot and 2 for 5-shot
+            return ({"model": "conv4-maxpool-32", "inner_lr": 0.01, "inner_steps": 5, "test_inner_steps": 10},
+                    {"meta_batch_size": 4 if task.shots == 1 else 2, "steps": 60000})
         if task.ways >= 20:
             # 20-way Omniglot: alpha 0.1, 5 inner steps, meta-batch 16.
             return ({"model": "conv4", "inner_lr": 0.1, "inner_steps": 5, "test_inner_steps": 5},

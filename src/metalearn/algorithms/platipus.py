@@ -58,6 +58,7 @@ from torch.func import functional_call, vmap
 from metalearn.algorithms.base import MetaLearner, check_network_fits, require_functional_model, Problem, task_loss
 from metalearn.algorithms.inner_loop import (Params, check_inner_loop_options, gradient_descent, loss_gradient,
                                             sgd_step)
+from metalearn.datasets import NATURAL_IMAGES
 from metalearn.errors import ConfigError, require_number
 from metalearn.options import option
 from metalearn.models import build_model
@@ -85,7 +86,7 @@ class PLATIPUSConfig:
     posterior_step_init: float = option(0.4, "initial step size gamma_q of the posterior's adaptation (learned)")
     std_init: float = option(0.01, "initial standard deviation of every weight's prior and posterior (learned)")
     first_order: bool = option(False, "drop the second derivatives of every inner gradient from the meta-gradient")
-    model: str = option("conv4", "the network: conv4, conv4-maxpool, conv4-reference or mlp")
+    model: str = option("conv4", "the network: conv4, conv4-maxpool, conv4-maxpool-32 (mini-ImageNet's), conv4-reference or mlp")
 
     def __post_init__(self):
         check_inner_loop_options("PLATIPUS.Config", self.inner_lr, self.inner_steps, self.test_inner_steps)
@@ -177,6 +178,11 @@ class PLATIPUS(MetaLearner):
         # in 250 steps); at 1e-4 it learns from random weights (docs/methods/platipus.md) and, from
         # MAML's weights, matches MAML's accuracy. Untested on 20-way.
         kl_weight = OMNIGLOT_KL_WEIGHT
+        if task.dataset in NATURAL_IMAGES:
+            # as MAML's mini-ImageNet (alpha 0.01, 5 steps, 10 at test, meta-batch 4 / 2); untested
+            return ({"model": "conv4-maxpool-32", "inner_lr": 0.01, "inner_steps": 5, "test_inner_steps": 10,
+                     "prior_step_init": 0.01, "posterior_step_init": 0.01, "kl_weight": kl_weight},
+                    {"meta_batch_size": 4 if task.shots == 1 else 2, "steps": 60000})
         if task.ways >= 20:
             # As MAML's 20-way Omniglot: alpha 0.1, 5 inner steps, meta-batch 16.
             return ({"model": "conv4", "inner_lr": 0.1, "inner_steps": 5, "test_inner_steps": 5,
@@ -309,6 +315,14 @@ class PLATIPUS(MetaLearner):
 
     def predict(self, batch: TaskBatch) -> Tensor:
         return self.predict_per_step(batch)[-1]
+
+    def sample_probabilities(self, support_x, support_y, query_x, num_samples: int | None = None,
+                             generator: torch.Generator | None = None, **prepare) -> Tensor:
+        """One task's class probabilities under each of ``num_samples`` sampled and adapted
+        models, ``(samples, n_query, ways)``: their mean is :meth:`fit_predict`'s answer, their
+        standard deviation the spread between models. Inputs as :meth:`task_batch` takes them."""
+        batch = self.task_batch(support_x, support_y, query_x, **prepare)
+        return self.sample_predictions(batch, num_samples, generator)[:, 0].float().softmax(dim=-1)
 
     def predict_per_step(self, batch: TaskBatch) -> Tensor:
         """The samples' average prediction after each step: for classification the log of the

@@ -51,6 +51,7 @@ from torch.func import functional_call, vmap
 
 from metalearn.algorithms.base import MetaLearner, check_network_fits, require_functional_model, Problem, accuracy, task_loss
 from metalearn.algorithms.inner_loop import Params, check_inner_loop_options, loss_gradient, sgd_step
+from metalearn.datasets import NATURAL_IMAGES
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.options import option
 from metalearn.models import build_model
@@ -93,7 +94,7 @@ class ReptileConfig:
     inner_adam_state: str = option("fresh", "fresh: every task's Adam starts from zero moments; carried: the "
                                             "moments pass from task to task and on into evaluation, as in the "
                                             "reference code")
-    model: str = option("conv4", "the network: conv4, conv4-maxpool, conv4-reference or mlp")
+    model: str = option("conv4", "the network: conv4, conv4-maxpool, conv4-maxpool-32 (mini-ImageNet's), conv4-reference or mlp")
 
     def __post_init__(self):
         owner = "Reptile.Config"
@@ -231,6 +232,15 @@ class Reptile(MetaLearner):
                      "inner_batch_size": 10, "test_inner_steps": 32, "test_inner_batch_size": 10},
                     {**outer, "meta_lr": 0.1, "meta_batch_size": 1, "steps": 30000, "val_every": 5000,
                      "checkpoint_every": 5000})
+        if task.dataset in NATURAL_IMAGES:
+            # Appendix A, Mini-ImageNet table: 32-filter max-pool Conv4 (as MAML's), Adam 0.001,
+            # 8 inner steps on mini-batches of 10, 15 training shots (``--shots 15 --test-shots
+            # K --query 1``), 50 test steps on mini-batches of 5 (1-shot) or 15 (5-shot)
+            return ({"model": "conv4-maxpool-32", "inner_optimizer": "adam", "inner_lr": 0.001, "inner_steps": 8,
+                     "inner_batch_size": 10, "test_inner_steps": 50,
+                     "test_inner_batch_size": 5 if (task.test_shots or task.shots) == 1 else 15,
+                     "inner_adam_state": "carried"},
+                    {**outer, "steps": 100000})
         # Appendix A, Omniglot table (= the archived supervised-reptile README commands). Both
         # train on 10 shots per class (``--shots 10 --test-shots K --query 1``), and the code's
         # Adam carries its state across tasks.

@@ -10,7 +10,7 @@ from metalearn.models.conv4 import Conv4, reference_conv4
 from metalearn.models.mlp import MLP
 from metalearn.models.norm import BatchStatNorm, first_order_batch_norm
 
-MODELS = ("conv4", "conv4-maxpool", "conv4-embedding", "conv4-reference", "mlp")
+MODELS = ("conv4", "conv4-maxpool", "conv4-embedding", "conv4-reference", "conv4-maxpool-32", "mlp")
 
 
 def build_model(name: str, input_shape: tuple[int, ...], out_features: int | None) -> nn.Module:
@@ -18,8 +18,17 @@ def build_model(name: str, input_shape: tuple[int, ...], out_features: int | Non
 
     ``out_features`` None gives an embedding network (no head), for metric-based methods.
     ``conv4-reference`` is ``conv4`` as the MAML authors' code builds and initialises it
-    (see :func:`~metalearn.models.conv4.reference_conv4`).
+    (see :func:`~metalearn.models.conv4.reference_conv4`). ``conv4-maxpool-32`` is MAML's
+    mini-ImageNet network (Finn et al. 2017, section 5.2): 32 filters, max-pooling, the head on
+    the flattened final map (5x5 on 84x84 inputs). ``input_shape[0]`` is the channel count
+    (1 grey, 3 RGB).
     """
+    if name == "conv4-maxpool-32":
+        if len(input_shape) != 3 or min(input_shape[1:]) < 16:
+            raise MetalearnError(f"{name} needs image inputs (C, H, W) of at least 16x16, got shape {input_shape}")
+        side = lambda n: n // 2 // 2 // 2 // 2  # four 2x2 max-pools, each rounding down
+        return Conv4(input_shape[0], out_features, hidden=32, pooling="max",
+                     flat_map=(side(input_shape[1]), side(input_shape[2])))
     if name in ("conv4", "conv4-maxpool", "conv4-embedding", "conv4-reference"):
         if len(input_shape) != 3:
             raise MetalearnError(f"model {name} needs image inputs (C, H, W), got shape {input_shape}")

@@ -37,17 +37,23 @@ class Conv4(nn.Module):
     """
 
     def __init__(self, in_channels: int = 1, out_features: int | None = 5, hidden: int = 64,
-                 pooling: str = "stride", norm_scale: bool = True, norm_eps: float = 1e-5):
+                 pooling: str = "stride", norm_scale: bool = True, norm_eps: float = 1e-5,
+                 flat_map: tuple[int, int] | None = None):
         super().__init__()
         if pooling not in ("stride", "max"):
             raise ValueError(f"pooling must be 'stride' or 'max', got {pooling!r}")
         self.features = nn.Sequential(*(
             conv_block(in_channels if i == 0 else hidden, hidden, pooling, norm_scale, norm_eps) for i in range(4)
         ))
-        self.head = nn.Linear(hidden, out_features) if out_features is not None else nn.Identity()
+        # flat_map (h, w): the head reads the flattened final feature map of that size (MAML's
+        # mini-ImageNet network: 5x5x32 on 84x84) instead of its spatial mean
+        self.flat_map = flat_map
+        features = hidden * (flat_map[0] * flat_map[1] if flat_map else 1)
+        self.head = nn.Linear(features, out_features) if out_features is not None else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x).mean(dim=(-2, -1)))
+        features = self.features(x)
+        return self.head(features.flatten(-3) if self.flat_map else features.mean(dim=(-2, -1)))
 
 
 def reference_conv4(in_channels: int = 1, out_features: int = 5, hidden: int = 64) -> Conv4:

@@ -14,12 +14,12 @@ from metalearn.errors import MetalearnError
 class TaskBatch:
     """A batch of tasks, each tensor with a leading task axis.
 
-    Classification (e.g. N-way K-shot Omniglot)::
+    Classification (e.g. N-way K-shot Omniglot, C = 1; image folders, C = 3)::
 
-        support_x: (tasks, ways*shots, 1, H, W) float in [0, 1]
+        support_x: (tasks, ways*shots, C, H, W) float in [0, 1]
         support_y: (tasks, ways*shots)          long, class ids in [0, ways)
-        query_x:   (tasks, ways*query, 1, H, W)
-        query_y:   (tasks, ways*query)          long
+        query_x:   (tasks, ways*query, C, H, W)
+        query_y:   (tasks, ways*query)          long (-1: unknown, for prediction only)
 
     Regression (e.g. sinusoids): ``x`` is ``(tasks, n, in_dim)`` and ``y`` is
     ``(tasks, n, out_dim)`` float, shaped like the model's output.
@@ -87,7 +87,7 @@ class TaskBatch:
 class Problem:
     """What a method must know of the tasks to build its network.
 
-    input_shape: one example's shape, e.g. (1, 28, 28) or (1,)
+    input_shape: one example's shape, e.g. (1, 28, 28), (3, 84, 84) or (1,)
     output_dim:  classes per task (ways) for classification, target size for regression
     classification: whether targets are class ids
     """

@@ -1,10 +1,11 @@
-"""N-way K-shot episodes drawn straight from the cached image tensor."""
+"""N-way K-shot episodes drawn straight from a cached uint8 image tensor."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from metalearn.data.images import to_float
 from metalearn.data.splits import ClassPool
 from metalearn.errors import MetalearnError
 from metalearn.tasks.batch import TaskBatch
@@ -14,30 +15,50 @@ class EpisodeSampler:
     """Draws batches of N-way K-shot classification tasks.
 
     Each task picks ``ways`` distinct classes of the pool in random order (so the label of a
-    class is re-drawn every episode), then ``shots + query`` distinct drawings of each. A class
+    class is re-drawn every episode), then ``shots + query`` distinct images of each. A class
     whose rotation is -1 gets a random quarter turn per task. Everything is drawn from the given
     ``torch.Generator``, so a seed gives the same episodes on any run.
 
-    images: (n_characters, drawings, H, W) uint8, strokes bright. ``test``: these are test or
-    validation episodes, so a shape they cannot have is reported with the options that set it.
-    ``dtype``: the floating-point type of the images drawn (float64 for a float64 model).
+    images: uint8 pixels, one of
+      - ``(classes, examples, H, W)``: one grey channel (Omniglot, strokes bright);
+      - ``(classes, examples, C, H, W)``;
+      - ``(n_images, C, H, W)`` with ``class_sizes`` ``(classes,)``: the images of each class
+        follow those of the class before (an image folder, any number of images per class).
+    ``pool.characters`` index the classes. ``test``: these are test or validation episodes, so a
+    shape they cannot have is reported with the options that set it. ``dtype``: the
+    floating-point type of the images drawn (float64 for a float64 model).
 
     The pool's images are rotated once, up front, into a bank of every (class, rotation) the
-    pool can produce (at 28x28 about 64 MB for the largest split part), so drawing a batch is
-    one ``index_select`` and one conversion to float.
+    pool can produce (at 28x28 about 64 MB for the largest Omniglot split part), so drawing a
+    batch is one ``index_select`` and one conversion to float (:func:`metalearn.data.images.to_float`,
+    the conversion :func:`~metalearn.data.images.prepare_images` gives new images). Unrotated
+    classes are read from ``images`` in place, with no copy.
     """
 
     def __init__(self, images: Tensor, pool: ClassPool, ways: int, shots: int, query: int,
-                 dataset: str = "omniglot", test: bool = False, dtype: torch.dtype = torch.float32):
-        if images.dtype != torch.uint8 or images.dim() != 4:
+                 dataset: str = "omniglot", test: bool = False, class_sizes: Tensor | None = None,
+                 dtype: torch.dtype = torch.float32):
+        dims = (4,) if class_sizes is not None else (4, 5)
+        if images.dtype != torch.uint8 or images.dim() not in dims:
             raise MetalearnError(
-                f"EpisodeSampler takes uint8 images shaped (classes, examples, H, W), one grey channel "
-                f"as Omniglot's 0-255 pixels, got {images.dtype} {tuple(images.shape)}; for other images "
-                "build TaskBatch objects yourself"
+                f"EpisodeSampler takes uint8 images shaped (classes, examples, [C,] H, W), or (n_images, C, H, W) "
+                f"with class_sizes, got {images.dtype} {tuple(images.shape)}; for other images build TaskBatch "
+                "objects yourself"
             )
-        if images.shape[2] != images.shape[3] and bool((pool.rotations != 0).any()):
-            raise MetalearnError(f"rotated classes need square images, got {images.shape[2]}x{images.shape[3]}")
-        drawings = images.shape[1]
+        if class_sizes is None:
+            if images.dim() == 4:
+                images = images.unsqueeze(2)  # (classes, examples, 1, H, W)
+            sizes = torch.full((images.shape[0],), images.shape[1], dtype=torch.long)
+        else:
+            sizes = torch.as_tensor(class_sizes, dtype=torch.long)
+            if int(sizes.sum()) != images.shape[0]:
+                raise MetalearnError(f"class_sizes add up to {int(sizes.sum())} images, but there are {images.shape[0]}")
+        if images.shape[-2] != images.shape[-1] and bool((pool.rotations != 0).any()):
+            raise MetalearnError(f"rotated classes need square images, got {images.shape[-2]}x{images.shape[-1]}")
+        if class_sizes is not None and bool((pool.rotations != 0).any()):
+            raise MetalearnError("rotated classes need images shaped (classes, examples, [C,] H, W)")
+        pool_sizes = sizes[pool.characters]
+        drawings = int(pool_sizes.min()) if len(pool) else 0
         # errors name the options that set this shape: the training ones, or for test episodes
         # train's --test-* options (which `metalearn eval` calls --ways/--shots/--query)
         prefix = "--test-" if test else "--"
@@ -50,9 +71,10 @@ class EpisodeSampler:
         if shots < 1 or query < 1:
             raise MetalearnError(f"{prefix}shots and {prefix}query must be at least 1, got {shots} and "
                                  f"{query}{also('shots', 'query')}")
-        if shots + query > drawings:
+        if shots + query > drawings and len(pool):
+            has = f"has {drawings} images per class" if class_sizes is None else f"has a class of {drawings} images"
             raise MetalearnError(
-                f"{dataset} has {drawings} images per class; {prefix}shots {shots} with {prefix}query "
+                f"{dataset} {has}; {prefix}shots {shots} with {prefix}query "
                 f"{query} needs {shots + query}. Lower {prefix}shots or {prefix}query{also('shots', 'query')}."
             )
         if ways > len(pool):
@@ -66,28 +88,42 @@ class EpisodeSampler:
         self.dtype = dtype
         self.pool = pool
         self.ways, self.shots, self.query = ways, shots, query
-        self.drawings = drawings
-        self.image_shape = tuple(images.shape[2:])
         self.random_rotation = bool((pool.rotations < 0).any())
         if self.random_rotation and not bool((pool.rotations < 0).all()):
             raise MetalearnError(f"split {pool.name} mixes fixed and random rotations")
-        selected = images[pool.characters]  # (classes, drawings, H, W)
-        if self.random_rotation:  # variants: class * 4 + turns
-            variants = torch.stack([torch.rot90(selected, k, dims=(-2, -1)) for k in range(4)], 1)
+        if class_sizes is not None:  # a flat bank, read in place: variant = pool position
+            self.image_shape = tuple(images.shape[1:])
+            self.bank = images
+            self.starts = (torch.cumsum(sizes, 0) - sizes)[pool.characters]
+            self.sizes = pool_sizes
         else:
-            variants = selected.clone()
-            for k in (1, 2, 3):
-                chosen = pool.rotations == k
-                if bool(chosen.any()):
-                    variants[chosen] = torch.rot90(selected[chosen], k, dims=(-2, -1))
-        self.bank = variants.reshape(-1, *self.image_shape).contiguous()  # (variants*drawings, H, W)
+            self.image_shape = tuple(images.shape[2:])
+            selected = images[pool.characters]  # (classes, drawings, C, H, W)
+            if self.random_rotation:  # variants: class * 4 + turns
+                variants = torch.stack([torch.rot90(selected, k, dims=(-2, -1)) for k in range(4)], 1)
+            else:
+                variants = selected.clone()
+                for k in (1, 2, 3):
+                    chosen = pool.rotations == k
+                    if bool(chosen.any()):
+                        variants[chosen] = torch.rot90(selected[chosen], k, dims=(-2, -1))
+            per_class = images.shape[1]
+            self.bank = variants.reshape(-1, *self.image_shape).contiguous()  # (variants*drawings, C, H, W)
+            n_variants = self.bank.shape[0] // per_class
+            self.starts = torch.arange(n_variants) * per_class
+            self.sizes = torch.full((len(pool),), per_class, dtype=torch.long)
+        self.drawings = int(self.sizes.max())  # the most images of any class: the draw's width
 
     def sample_indices(self, num_tasks: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         """(classes, drawings, rotations) of ``num_tasks`` episodes: positions in the pool
-        (tasks, ways), drawing numbers (tasks, ways, shots+query), quarter turns (tasks, ways)."""
+        (tasks, ways), image numbers within each class (tasks, ways, shots+query), quarter turns
+        (tasks, ways). A class with fewer images than the largest draws among its own only."""
         classes = _distinct_classes(num_tasks, len(self.pool), self.ways, generator)
-        draws = torch.rand(num_tasks, self.ways, self.drawings, generator=generator).argsort(dim=2)
-        draws = draws[..., : self.shots + self.query]
+        keys = torch.rand(num_tasks, self.ways, self.drawings, generator=generator)
+        sizes = self.sizes[classes]
+        if bool((sizes < self.drawings).any()):  # positions beyond a class's images sort last
+            keys = keys.masked_fill(torch.arange(self.drawings) >= sizes[..., None], 2.0)
+        draws = keys.argsort(dim=2)[..., : self.shots + self.query]
         random_turns = torch.randint(0, 4, (num_tasks, self.ways), generator=generator)
         rotations = self.pool.rotations[classes]
         rotations = torch.where(rotations < 0, random_turns, rotations)
@@ -100,13 +136,15 @@ class EpisodeSampler:
         if tasks is not None:
             classes, draws, rotations = classes[tasks], draws[tasks], rotations[tasks]
         variant = classes * 4 + rotations if self.random_rotation else classes
-        flat_index = (variant[:, :, None] * self.drawings + draws).reshape(-1)
-        t, per_class = draws.shape[0], draws.shape[2]
-        images = self.bank.index_select(0, flat_index).to(self.dtype).div_(255.0)
-        x = images.view(t, self.ways, per_class, 1, *self.image_shape)
+        index = self.starts[variant][:, :, None] + draws  # (tasks, ways, shots + query) rows of the bank
+        t = draws.shape[0]
+
+        def gather(rows: Tensor) -> Tensor:  # support and query gathered apart: no copy of a slice
+            per_task = rows.shape[1] * rows.shape[2]
+            return to_float(self.bank.index_select(0, rows.reshape(-1)), self.dtype).view(t, per_task, *self.image_shape)
+
         labels = torch.arange(self.ways)
-        support_x = x[:, :, : self.shots].reshape(t, self.ways * self.shots, 1, *self.image_shape)
-        query_x = x[:, :, self.shots :].reshape(t, self.ways * self.query, 1, *self.image_shape)
+        support_x, query_x = gather(index[..., : self.shots]), gather(index[..., self.shots :])
         support_y = labels.repeat_interleave(self.shots).repeat(t, 1)
         query_y = labels.repeat_interleave(self.query).repeat(t, 1)
         return TaskBatch(support_x, support_y, query_x, query_y, ways=self.ways)

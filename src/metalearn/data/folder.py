@@ -1,0 +1,382 @@
+"""Your own images: a folder of class folders -> one cached uint8 array, and its class split.
+
+Three layouts are read (see ``docs/data-folders.md``):
+
+- ``classes``: ``ROOT/<class>/<image>`` (images may sit deeper inside a class folder). The
+  classes are split into train / val / test by a seeded shuffle with the fractions of
+  ``--split-fractions``, or by a split file (``--split-file``, JSON ``{"train": [class, ...],
+  "val": [...], "test": [...]}``).
+- ``parts``: ``ROOT/train/<class>/...``, ``ROOT/val/<class>/...``, ``ROOT/test/<class>/...``:
+  the split is the folders' (how mini-ImageNet, tiered-ImageNet and CUB releases often come).
+- ``csv``: mini-ImageNet as Ravi & Larochelle (2017) ship it: ``ROOT/images/<file>.jpg`` and
+  ``ROOT/{train,val,test}.csv`` with lines ``filename,label``.
+
+Every image is decoded once (:func:`metalearn.data.images.decode_image`: grey or RGB, stretched
+to ``S x S``) into one ``(n_images, C, S, S)`` uint8 array, class after class, cached with its
+metadata in the cache folder and rebuilt when the folder's file names, sizes or modification
+times change.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metalearn.data.images import check_channels, decode_image, is_image_file
+from metalearn.data.omniglot import default_cache_dir
+from metalearn.data.splits import PARTS, ClassPool
+from metalearn.errors import MetalearnError
+
+CACHE_FORMAT_VERSION = 1
+SPLIT_SEED = 1  # the seeded shuffle of class names behind --split-fractions
+DEFAULT_FRACTIONS = (0.64, 0.16, 0.20)  # mini-ImageNet's 64 / 16 / 20 classes of 100
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """The images of a folder, preprocessed.
+
+    images:      (n_images, C, S, S) uint8, the images of class 0, then of class 1, ...
+    class_names: (classes,) the class folder's path below the root ("dog", "train/dog"), or the
+                 CSV label
+    class_sizes: (classes,) int64, images per class
+    parts:       (classes,) "train", "val" or "test" where the layout says, else ""
+    layout:      "classes", "parts" or "csv"
+    content_hash: sha256 over the array and the class names
+    """
+
+    images: np.ndarray
+    class_names: tuple[str, ...]
+    class_sizes: np.ndarray
+    parts: tuple[str, ...]
+    layout: str
+    content_hash: str
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Finding the classes
+
+
+def _listdir(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
+
+
+def _class_images(folder: Path, name: str) -> list[Path]:
+    files = sorted((p for p in folder.rglob("*") if p.is_file() and is_image_file(p)),
+                   key=lambda p: p.relative_to(folder).as_posix())
+    if not files:
+        raise MetalearnError(f"class folder {name} ({folder}) has no images (PNG or JPEG); remove it or add images")
+    return files
+
+
+def _classes_in(folder: Path, prefix: str, part: str) -> list[tuple[str, str, list[Path]]]:
+    """(name, part, files) of every class folder in ``folder``."""
+    classes = []
+    for entry in _listdir(folder):
+        if entry.is_dir():
+            name = prefix + entry.name
+            classes.append((name, part, _class_images(entry, name)))
+        elif is_image_file(entry):
+            raise MetalearnError(f"{entry}: images go in one folder per class ({folder}/<class>/{entry.name}), "
+                                 "not loose in the folder")
+    return classes
+
+
+def scan_folder(root: Path) -> tuple[str, list[tuple[str, str, list[Path]]], list[Path]]:
+    """(layout, [(class name, part, image files)], other files the content depends on)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MetalearnError(f"--data-dir {root} is not a folder; give the folder that holds one folder per class")
+    csvs = [root / f"{part}.csv" for part in PARTS if (root / f"{part}.csv").is_file()]
+    if csvs and (root / "images").is_dir():
+        return "csv", _csv_classes(root, csvs), csvs
+    part_dirs = [root / part for part in PARTS if (root / part).is_dir()]
+    if part_dirs:
+        others = [p.name for p in _listdir(root) if p.is_dir() and p.name not in PARTS]
+        if others:
+            raise MetalearnError(f"{root} has {', '.join(p.name + '/' for p in part_dirs)} beside other folders "
+                                 f"({', '.join(others[:3])}): put every class folder under train/, val/ or test/")
+        classes = [c for folder in part_dirs for c in _classes_in(folder, folder.name + "/", folder.name)]
+        layout = "parts"
+    else:
+        classes, layout = _classes_in(root, "", ""), "classes"
+    if not classes:
+        raise MetalearnError(f"no images in {root}: expected one folder per class holding PNG or JPEG images "
+                             "(or train/ val/ test/ folders of class folders, or mini-ImageNet's images/ + "
+                             "train.csv)")
+    return layout, classes, []
+
+
+def _csv_classes(root: Path, csvs: list[Path]) -> list[tuple[str, str, list[Path]]]:
+    """mini-ImageNet's CSV layout: ``filename,label`` lines (a header line is skipped)."""
+    classes: dict[str, tuple[str, list[Path]]] = {}
+    images = root / "images"
+    for path in csvs:
+        part = path.stem
+        try:
+            rows = list(csv.reader(path.read_text().splitlines()))
+        except (OSError, UnicodeDecodeError, csv.Error) as err:
+            raise MetalearnError(f"cannot read {path}: {err}") from None
+        for number, row in enumerate(rows, 1):
+            if not row or (number == 1 and row[:2] == ["filename", "label"]):
+                continue
+            if len(row) != 2:
+                raise MetalearnError(f"{path} line {number}: expected filename,label, got {','.join(row)!r}")
+            filename, label = row
+            file = images / filename
+            if not file.is_file():
+                raise MetalearnError(f"{path} line {number} names {filename}, which is not in {images}")
+            owner = classes.setdefault(label, (part, []))
+            if owner[0] != part:
+                raise MetalearnError(f"class {label} is in both {owner[0]}.csv and {part}.csv: a class belongs to "
+                                     "one part")
+            owner[1].append(file)
+    if not classes:
+        raise MetalearnError(f"no images listed in {', '.join(p.name for p in csvs)} of {root}")
+    return [(label, part, files) for label, (part, files) in classes.items()]
+
+
+def fingerprint(root: Path, classes: list[tuple[str, str, list[Path]]], extra: list[Path]) -> str:
+    """Cheap identity of the folder's content: every image's path, size and modification time
+    (a file replaced deep inside a class folder changes no folder's own size or time)."""
+    digest = hashlib.sha256(str(Path(root).resolve()).encode())
+    for name, part, files in classes:
+        digest.update(f"\n{part}|{name}".encode())
+        for path in files:
+            stat = path.stat()
+            digest.update(f"|{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    for path in extra:
+        stat = path.stat()
+        digest.update(f"\n{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and caching
+
+
+def read_folder(root: Path | str, image_size: int, channels: int, progress: bool = False,
+                scanned: tuple | None = None, workers: int | None = None) -> ImageFolder:
+    """Decode every image of the folder: the slow part, one pass over the files, spread over
+    ``workers`` processes (default: every core, up to 16; folders of fewer than
+    ``PARALLEL_FROM`` images are read in this process). See ``benchmarks/folder.py``."""
+    layout, classes, _ = scanned or scan_folder(Path(root))
+    paths = [path for _, _, files in classes for path in files]
+    images = np.empty((len(paths), channels, image_size, image_size), np.uint8)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(paths), desc=f"reading {Path(root).name}", unit="img", leave=False)
+    workers = min(workers or os.cpu_count() or 1, 16)
+    try:
+        if workers > 1 and len(paths) >= PARALLEL_FROM:
+            _decode_in_processes(paths, images, image_size, channels, workers, bar)
+        else:
+            for index, path in enumerate(paths):
+                images[index] = decode_image(path, image_size, channels)
+                if bar is not None:
+                    bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
+    names = tuple(name for name, _, _ in classes)
+    digest = hashlib.sha256(images.tobytes())
+    digest.update("\n".join(names).encode())
+    return ImageFolder(images, names, np.array([len(f) for _, _, f in classes], np.int64),
+                       tuple(part for _, part, _ in classes), layout, digest.hexdigest())
+
+
+PARALLEL_FROM = 2000  # below this, starting processes costs more than it saves
+CHUNK = 256  # images decoded per task handed to a process
+
+
+def _decode_chunk(paths: list[Path], image_size: int, channels: int) -> np.ndarray:
+    return np.stack([decode_image(path, image_size, channels) for path in paths])
+
+
+def _decode_in_processes(paths: list[Path], images: np.ndarray, image_size: int, channels: int, workers: int,
+                         bar) -> None:
+    """Fill ``images`` with the decoded ``paths``, chunk by chunk, in ``workers`` processes; the
+    first unreadable file's error is raised as in one process."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+        starts = range(0, len(paths), CHUNK)
+        futures = [pool.submit(_decode_chunk, paths[start:start + CHUNK], image_size, channels) for start in starts]
+        try:
+            for start, future in zip(starts, futures):
+                chunk = future.result()
+                images[start:start + len(chunk)] = chunk
+                if bar is not None:
+                    bar.update(len(chunk))
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def cache_path(cache_dir: Path, root: Path, image_size: int, channels: int) -> Path:
+    key = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"folder-{Path(root).resolve().name}-{key}-{image_size}x{image_size}x{channels}-v{CACHE_FORMAT_VERSION}.npz"
+
+
+def load_image_folder(root: Path | str | None, image_size: int = 84, channels: int = 3,
+                      cache_dir: Path | str | None = None, progress: bool = False,
+                      workers: int | None = None) -> ImageFolder:
+    """The folder's images at ``image_size`` with ``channels`` (1 grey, 3 RGB), from the cache
+    when the folder has not changed since it was written, else read and cached anew. The cache
+    lives in ``cache_dir`` (default ``$METALEARN_CACHE`` or ``~/.cache/metalearn``), never
+    beside the possibly read-only images. ``workers``: decoding processes (see :func:`read_folder`)."""
+    if root is None:
+        raise MetalearnError("an image folder dataset needs --data-dir, the folder of class folders")
+    if image_size < 4:
+        raise MetalearnError(f"image size must be at least 4 pixels, got {image_size}")
+    check_channels(channels)
+    root = Path(root)
+    scanned = scan_folder(root)
+    layout, classes, extra = scanned
+    print_ = fingerprint(root, classes, extra)
+    path = cache_path(Path(cache_dir) if cache_dir is not None else default_cache_dir(), root, image_size, channels)
+    if path in _LOADED and _LOADED[path][0] == print_:  # train, val and test of one run share one array
+        return _LOADED[path][1]
+    folder = _read_cache(path, print_)
+    if folder is None:
+        folder = read_folder(root, image_size, channels, progress, scanned, workers)
+        _write_cache(path, folder, print_)
+    _LOADED.clear()  # one folder held at a time: a mini-ImageNet array is over a gigabyte
+    _LOADED[path] = (print_, folder)
+    return folder
+
+
+_LOADED: dict[Path, tuple[str, ImageFolder]] = {}
+
+
+def _read_cache(path: Path, fingerprint: str) -> ImageFolder | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            meta = json.loads(str(archive["meta"]))
+            if not isinstance(meta, dict) or meta.get("fingerprint") != fingerprint:
+                return None
+            folder = ImageFolder(archive["images"], tuple(meta["class_names"]), archive["class_sizes"],
+                                 tuple(meta["parts"]), meta["layout"], meta["content_hash"])
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, json.JSONDecodeError):
+        return None  # a damaged cache is rebuilt, not trusted
+    fits = (folder.images.dtype == np.uint8 and folder.images.ndim == 4
+            and int(folder.class_sizes.sum()) == folder.images.shape[0]
+            and len(folder.class_names) == len(folder.parts) == len(folder.class_sizes))
+    return folder if fits else None
+
+
+def _write_cache(path: Path, folder: ImageFolder, fingerprint: str) -> None:
+    meta = {"fingerprint": fingerprint, "class_names": list(folder.class_names), "parts": list(folder.parts),
+            "layout": folder.layout, "content_hash": folder.content_hash, "format": CACHE_FORMAT_VERSION}
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, images=folder.images, class_sizes=folder.class_sizes, meta=np.array(json.dumps(meta)))
+        os.replace(tmp, path)
+    except OSError as err:
+        raise MetalearnError(f"cannot write the image cache {path} ({err}); point METALEARN_CACHE at a "
+                             "writable folder") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Splits
+
+
+def parse_fractions(text: str) -> tuple[float, float, float]:
+    """``"0.64,0.16,0.2"`` -> the train / val / test fractions of the classes (they sum to 1)."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or any(not (0 <= v <= 1) for v in values) or abs(sum(values) - 1) > 1e-6:
+        raise MetalearnError(f"--split-fractions must be three fractions train,val,test summing to 1 "
+                             f"(e.g. 0.64,0.16,0.2), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def class_parts(folder: ImageFolder, fractions: str = "", split_file: str = "") -> tuple[str, ...]:
+    """The part (train / val / test, or "" for none) of every class of ``folder``."""
+    if folder.layout != "classes":
+        if fractions or split_file:
+            given = "--split-fractions" if fractions else "--split-file"
+            where = "train.csv / val.csv / test.csv" if folder.layout == "csv" else "train/ val/ test/ folders"
+            raise MetalearnError(f"{given} cannot apply: this folder's {where} set the split")
+        return folder.parts
+    if fractions and split_file:
+        raise MetalearnError("give --split-fractions or --split-file, not both")
+    if split_file:
+        return _parts_from_file(folder, Path(split_file))
+    train, val, _ = parse_fractions(fractions) if fractions else DEFAULT_FRACTIONS
+    n = len(folder.class_names)
+    order = np.random.RandomState(SPLIT_SEED).permutation(n)
+    n_train, n_val = round(train * n), round(val * n)
+    parts = [""] * n
+    for position, index in enumerate(order):
+        parts[index] = "train" if position < n_train else "val" if position < n_train + n_val else "test"
+    return tuple(parts)
+
+
+def _parts_from_file(folder: ImageFolder, path: Path) -> tuple[str, ...]:
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MetalearnError(f"--split-file {path}: cannot read it as JSON ({err})") from None
+    if not isinstance(spec, dict) or set(spec) - set(PARTS) or not all(isinstance(v, list) for v in spec.values()):
+        raise MetalearnError(f'--split-file {path}: expected {{"train": [class, ...], "val": [...], "test": [...]}}')
+    index = {name: i for i, name in enumerate(folder.class_names)}
+    parts = [""] * len(index)
+    for part, names in spec.items():
+        for name in names:
+            if name not in index:
+                raise MetalearnError(f"--split-file {path} names class {name!r}, which the folder lacks")
+            if parts[index[name]]:
+                raise MetalearnError(f"--split-file {path} puts class {name!r} in both {parts[index[name]]} and {part}")
+            parts[index[name]] = part
+    return tuple(parts)
+
+
+def folder_split(folder: ImageFolder, part: str, fractions: str = "", split_file: str = "") -> ClassPool:
+    """The classes of ``part`` (unrotated), or a clear error when the part has none."""
+    parts = class_parts(folder, fractions, split_file)
+    members = [i for i, p in enumerate(parts) if p == part]
+    if not members:
+        fix = ("add a val/ folder of classes, or train without validation (--val-every 0)" if part == "val"
+               else f"give the folder classes for {part}")
+        raise MetalearnError(f"the image folder has no {part} classes: {fix}")
+    characters = torch.tensor(members, dtype=torch.long)
+    return ClassPool(part, characters, torch.zeros_like(characters))
+
+
+def check_class_sizes(folder: ImageFolder, pool: ClassPool, needed: int, options: str) -> None:
+    """Every class of ``pool`` has ``needed`` images (shots + query), or an error naming one."""
+    sizes = folder.class_sizes[pool.characters.numpy()]
+    if (sizes < needed).any():
+        small = int(pool.characters[int(np.argmin(sizes))])
+        raise MetalearnError(f"class {folder.class_names[small]} has {folder.class_sizes[small]} images; {options} "
+                             f"needs {needed} per class. Add images or lower them")

@@ -1,0 +1,138 @@
+"""Images as the networks see them: one decoding for the cache and for prediction, one
+conversion to float for the samplers and for :func:`prepare_images`.
+
+A training run sees every image (a file, any size, grey or colour) decoded by
+:func:`decode_image` into ``(C, S, S)`` uint8 and cached; the episode samplers turn those
+bytes into floats with :func:`to_float`. :func:`prepare_images` does the same to new images
+(files, PIL images, uint8 or float tensors), so that a prediction sees what training saw.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from metalearn.errors import MetalearnError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+CHANNEL_MODES = {1: "L", 3: "RGB"}
+
+
+def is_image_file(path: Path) -> bool:
+    """Whether ``path`` names an image by its suffix (macOS ``._`` droppings excluded)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def check_channels(channels: int) -> None:
+    if channels not in CHANNEL_MODES:
+        raise MetalearnError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
+
+
+def pil_to_array(img: Image.Image, image_size: int, channels: int) -> np.ndarray:
+    """A PIL image -> ``(channels, S, S)`` uint8: converted to grey or RGB (grey is repeated
+    into three channels; transparency is dropped), then stretched to ``S x S`` (no crop, as the
+    mini-ImageNet images of Ravi & Larochelle) with Lanczos antialiasing."""
+    check_channels(channels)
+    if img.mode in ("I;16", "I", "F"):  # 16-bit or float grey: scaled into 8 bits first
+        values = np.asarray(img, dtype=np.float64)
+        top = values.max() or 1.0
+        img = Image.fromarray(np.clip(values / top * 255.0, 0, 255).astype(np.uint8))
+    img = img.convert(CHANNEL_MODES[channels])
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
+    array = np.asarray(img, dtype=np.uint8)
+    return array[None] if channels == 1 else np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def decode_image(source: Path | str | bytes, image_size: int, channels: int, name: str | None = None) -> np.ndarray:
+    """One image file (a path or its bytes) -> ``(channels, S, S)`` uint8; an unreadable file is a
+    :class:`MetalearnError` naming it (``name``, else the path)."""
+    label = name or str(source if not isinstance(source, bytes) else "<bytes>")
+    try:
+        stream = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+        with stream, Image.open(stream) as img:
+            if img.format == "JPEG":  # decode at a reduced scale when the image is far larger (fast, exact enough)
+                img.draft(CHANNEL_MODES[channels], (image_size, image_size))
+            return pil_to_array(img, image_size, channels)
+    except UnidentifiedImageError:
+        raise MetalearnError(f"cannot read image {label}: not an image file PIL can decode") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise MetalearnError(f"cannot read image {label}: {err}") from None
+
+
+def to_float(images: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """uint8 pixels -> floats in [0, 1] (float32 unless ``dtype`` says otherwise), the networks'
+    input (the samplers' conversion)."""
+    return images.to(dtype).div_(255.0)
+
+
+def prepare_images(images: Any, image_size: int, channels: int) -> Tensor:
+    """New images, prepared exactly as a run's training images were: ``(n, channels, S, S)``
+    float32 in [0, 1].
+
+    ``images``: a path or a list of paths (decoded as the dataset cache decodes files), a PIL
+    image or a list of them, or a tensor / NumPy array of ``n`` images shaped ``(n, C, H, W)``
+    (or one image ``(C, H, W)`` / ``(H, W)``): uint8 pixels 0-255, or floats in [0, 1]. A tensor
+    of another size or channel count is converted and resized as a file would be (floats are
+    rounded to 8 bits first, as a saved file would be).
+
+    >>> x = prepare_images(["cat/1.jpg", "cat/2.png"], image_size=84, channels=3)   # (2, 3, 84, 84)
+    """
+    check_channels(channels)
+    if isinstance(images, (str, Path, Image.Image)):
+        images = [images]
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    if isinstance(images, Tensor):
+        return _prepare_tensor(images, image_size, channels)
+    arrays = []
+    for item in _as_list(images):
+        if isinstance(item, Image.Image):
+            arrays.append(pil_to_array(item, image_size, channels))
+        elif isinstance(item, (str, Path)):
+            arrays.append(decode_image(Path(item), image_size, channels))
+        else:
+            raise MetalearnError(f"prepare_images takes image files, PIL images or tensors, got {type(item).__name__}")
+    if not arrays:
+        raise MetalearnError("prepare_images: no images given")
+    return to_float(torch.from_numpy(np.stack(arrays)))
+
+
+def _as_list(images: Any) -> list:
+    if isinstance(images, Iterable):
+        return list(images)
+    raise MetalearnError(f"prepare_images takes image files, PIL images or tensors, got {type(images).__name__}")
+
+
+def _prepare_tensor(images: Tensor, image_size: int, channels: int) -> Tensor:
+    if images.dim() == 2:
+        images = images[None, None]
+    elif images.dim() == 3:
+        images = images[None]
+    if images.dim() != 4 or images.shape[1] not in (1, 3, 4):
+        raise MetalearnError(f"image tensors are (n, C, H, W) with 1, 3 or 4 channels, got shape {tuple(images.shape)}")
+    if torch.is_floating_point(images):
+        low, high = float(images.min()), float(images.max())
+        if low < 0 or high > 1:
+            raise MetalearnError(f"float images must be in [0, 1] (pixels / 255), got values in [{low:.3g}, {high:.3g}]")
+        if tuple(images.shape[1:]) == (channels, image_size, image_size):
+            return images.to(torch.float32)
+        images = (images * 255.0).round().to(torch.uint8)
+    elif images.dtype != torch.uint8:
+        raise MetalearnError(f"image tensors are uint8 (0-255) or float (0-1), got {images.dtype}")
+    if tuple(images.shape[1:]) == (channels, image_size, image_size):
+        return to_float(images)
+    modes = {1: "L", 3: "RGB", 4: "RGBA"}
+    arrays = []
+    for image in images.cpu():
+        pixels = image.numpy()
+        pixels = pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0)
+        arrays.append(pil_to_array(Image.fromarray(np.ascontiguousarray(pixels), modes[image.shape[0]]),
+                                   image_size, channels))
+    return to_float(torch.from_numpy(np.stack(arrays)))

@@ -1,0 +1,167 @@
+"""Few-shot prediction on new classes: a support folder of class folders, query images, and a
+trained run's method (``metalearn predict``; :func:`metalearn.api.predict_run`)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metalearn.algorithms import MetaLearner
+from metalearn.data.images import is_image_file, prepare_images
+from metalearn.errors import MetalearnError
+
+QUERY_CHUNK = 256  # query images classified per pass (with the whole support set)
+
+
+def read_support(folder: Path | str) -> tuple[list[str], list[list[Path]]]:
+    """(class names, image files of each class) of a folder with one sub-folder per class."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MetalearnError(f"--support {folder} is not a folder; give a folder with one sub-folder per class")
+    names, files = [], []
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            images = sorted((p for p in entry.rglob("*") if p.is_file() and is_image_file(p)), key=str)
+            if not images:
+                raise MetalearnError(f"support class folder {entry} has no images (PNG or JPEG)")
+            names.append(entry.name)
+            files.append(images)
+        elif is_image_file(entry):
+            raise MetalearnError(f"--support {entry}: support images go in one sub-folder per class "
+                                 f"({folder}/<class>/{entry.name})")
+    if not names:
+        raise MetalearnError(f"--support {folder} has no class folders: give one sub-folder per new class, "
+                             "holding 1 or more example images")
+    if len(names) < 2:
+        raise MetalearnError(f"--support {folder} has one class ({names[0]}): a task tells at least 2 classes apart")
+    return names, files
+
+
+def read_query(paths: list[Path | str]) -> list[Path]:
+    """Query image files: the images under each folder given (sorted), and each file given."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted((p for p in path.rglob("*") if p.is_file() and is_image_file(p)), key=str)
+            if not found:
+                raise MetalearnError(f"--query {path} holds no images (PNG or JPEG)")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise MetalearnError(f"--query {path} does not exist")
+    if not files:
+        raise MetalearnError("no query images given")
+    return files
+
+
+def predict_new_classes(learner: MetaLearner, support: Path | str, query: list[Path | str],
+                        image_size: int, channels: int, num_samples: int | None = None) -> dict[str, Any]:
+    """Classify every query image among the support folder's classes.
+
+    Returns ``{"classes": [...], "shots": [...], "predictions": [{"file", "label", "probability",
+    "probabilities": {class: p}, ["spread", "spreads"], ["true"]}], ["accuracy"]}``: for a
+    method that samples models (PLATIPUS) ``probability`` is the mean over the samples and
+    ``spread`` their standard deviation. ``true`` is set where a query image sits in a folder
+    named like a support class (then ``accuracy`` is given too)."""
+    names, files = read_support(support)
+    query_files = read_query(query)
+    support_x = prepare_images([f for group in files for f in group], image_size, channels)
+    support_y = torch.tensor([c for c, group in enumerate(files) for _ in group])
+    sampling = hasattr(learner, "sample_probabilities")
+    learner.eval()
+    means, spreads, query_images = [], [], []
+    generator = torch.Generator().manual_seed(0)
+    for start in range(0, len(query_files), QUERY_CHUNK):
+        query_x = prepare_images(query_files[start:start + QUERY_CHUNK], image_size, channels)
+        query_images.append(query_x)
+        if sampling:
+            with torch.no_grad():
+                samples = learner.sample_probabilities(support_x, support_y, query_x, num_samples, generator)
+            means.append(samples.mean(0).cpu())
+            spreads.append(samples.std(0, unbiased=False).cpu())
+        else:
+            means.append(learner.fit_predict(support_x, support_y, query_x).cpu())
+    probabilities = torch.cat(means)
+    spread = torch.cat(spreads) if sampling else None
+    predictions = []
+    for i, path in enumerate(query_files):
+        best = int(probabilities[i].argmax())
+        entry: dict[str, Any] = {
+            "file": str(path), "label": names[best], "probability": float(probabilities[i, best]),
+            "probabilities": {name: float(p) for name, p in zip(names, probabilities[i])},
+        }
+        if spread is not None:
+            entry["spread"] = float(spread[i, best])
+            entry["spreads"] = {name: float(s) for name, s in zip(names, spread[i])}
+        if path.parent.name in names:
+            entry["true"] = path.parent.name
+        predictions.append(entry)
+    result: dict[str, Any] = {"classes": names, "shots": [len(group) for group in files], "predictions": predictions}
+    labelled = [p for p in predictions if "true" in p]
+    if labelled:
+        result["accuracy"] = sum(p["label"] == p["true"] for p in labelled) / len(labelled)
+    result["_images"] = (support_x, support_y, torch.cat(query_images))  # for the contact sheet; not written
+    return result
+
+
+def as_json(result: dict[str, Any]) -> bytes:
+    return (json.dumps({k: v for k, v in result.items() if not k.startswith("_")}, indent=2) + "\n").encode()
+
+
+def as_csv(result: dict[str, Any]) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    spread = any("spread" in p for p in result["predictions"])
+    writer.writerow(["file", "label", "probability"] + (["spread"] if spread else []) + ["true"])
+    for p in result["predictions"]:
+        writer.writerow([p["file"], p["label"], f"{p['probability']:.6f}"]
+                        + ([f"{p['spread']:.6f}"] if spread else []) + [p.get("true", "")])
+    return out.getvalue().encode()
+
+
+def contact_sheet(result: dict[str, Any], title: str = "") -> bytes:
+    """A PNG: the support images by class (one row each), then every query image with its
+    predicted class and probability (green when it matches the folder it came from, red when
+    not, black when unknown)."""
+    from metalearn.plotting import _pyplot
+
+    plt = _pyplot()
+    support_x, support_y, query_x = result["_images"]
+    names, predictions = result["classes"], result["predictions"]
+    columns = max(8, max(result["shots"]))
+    query_rows = -(-len(predictions) // columns)
+    rows = len(names) + query_rows
+    fig, axes = plt.subplots(rows, columns, figsize=(1.3 * columns, 1.45 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+
+    def show(ax, image):
+        pixels = image.permute(1, 2, 0).numpy()
+        ax.imshow(pixels[..., 0] if pixels.shape[-1] == 1 else pixels, cmap="gray", vmin=0, vmax=1)
+
+    for c, name in enumerate(names):
+        for k, image in enumerate(support_x[support_y == c][:columns]):
+            show(axes[c, k], image)
+            if k == 0:
+                axes[c, k].set_title(f"support: {name}", fontsize=7, loc="left")
+    for i, p in enumerate(predictions):
+        ax = axes[len(names) + i // columns, i % columns]
+        show(ax, query_x[i])
+        colour = "black" if "true" not in p else ("green" if p["true"] == p["label"] else "red")
+        spread = f" ±{p['spread']:.2f}" if "spread" in p else ""
+        ax.set_title(f"{p['label']} {p['probability']:.2f}{spread}", fontsize=7, color=colour)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()

@@ -1,0 +1,481 @@
+"""Datasets from image folders, the mini-ImageNet CSV layout, and few-shot prediction on new
+classes (``metalearn predict``, ``MetaLearner.fit_predict``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from cli_runner import run
+from metalearn.algorithms import METHODS, build_learner
+from metalearn.api import resolve_config
+from metalearn.config import TaskConfig
+from metalearn.data import folder as folder_module
+from metalearn.data.folder import class_parts, folder_split, load_image_folder
+from metalearn.data.images import decode_image, prepare_images, to_float
+from metalearn.data.splits import ClassPool
+from metalearn.errors import MetalearnError
+from metalearn.tasks import build_task_source, problem_of
+from metalearn.tasks.episodes import EpisodeSampler
+
+SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "hbar", "vbar", "dot-pair")
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
+           "purple": (150, 50, 190), "cyan": (40, 200, 210), "orange": (240, 140, 30), "grey": (130, 130, 130)}
+
+
+def draw_shape(shape: str, colour: tuple[int, int, int], size: int, rng: np.random.Generator) -> Image.Image:
+    """One image of a coloured shape at a random place and scale on a noisy light background."""
+    background = rng.integers(200, 256, (size, size, 3), dtype=np.uint8)
+    img = Image.fromarray(background, "RGB")
+    draw = ImageDraw.Draw(img)
+    r = size * rng.uniform(0.22, 0.34)
+    cx, cy = size * rng.uniform(0.38, 0.62, 2)
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    elif shape == "cross":
+        draw.rectangle((cx - r, cy - r / 3, cx + r, cy + r / 3), fill=colour)
+        draw.rectangle((cx - r / 3, cy - r, cx + r / 3, cy + r), fill=colour)
+    elif shape == "ring":
+        draw.ellipse(box, outline=colour, width=max(2, int(r / 3)))
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=colour)
+    elif shape == "hbar":
+        draw.rectangle((cx - r, cy - r / 4, cx + r, cy + r / 4), fill=colour)
+    elif shape == "vbar":
+        draw.rectangle((cx - r / 4, cy - r, cx + r / 4, cy + r), fill=colour)
+    else:
+        draw.ellipse((cx - r, cy - r / 3, cx - r / 3, cy + r / 3), fill=colour)
+        draw.ellipse((cx + r / 3, cy - r / 3, cx + r, cy + r / 3), fill=colour)
+    return img
+
+
+def write_shapes(root: Path, per_class: int = 10, seed: int = 0) -> list[str]:
+    """72 classes (shape x colour), ``per_class`` images each: RGB, sizes 24 to 64 pixels, PNG
+    and JPEG mixed, one grey image among them. Returns the class names."""
+    rng = np.random.default_rng(seed)
+    names = []
+    for shape in SHAPES:
+        for colour_name, colour in COLOURS.items():
+            name = f"{colour_name}-{shape}"
+            folder = root / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                img = draw_shape(shape, colour, int(rng.integers(24, 65)), rng)
+                if i % 2:
+                    img.save(folder / f"{i:03d}.jpg", quality=90)
+                else:
+                    img.save(folder / f"{i:03d}.png")
+            names.append(name)
+    Image.fromarray(rng.integers(0, 256, (30, 40), dtype=np.uint8), "L").save(root / names[0] / "grey.png")
+    return names
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    write_shapes(root)
+    return root
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def one_line_error(code: int, out: str, err: str, match: str) -> None:
+    assert code == 2, (code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert match in lines[0], lines[0]
+    assert "Traceback" not in err + out
+
+
+# -- images as training sees them -----------------------------------------------------------
+
+
+def test_prepare_images_is_the_samplers_conversion_and_the_caches_decoding(shapes, tmp_path):
+    """Files, PIL images, uint8 and float tensors all come out as the cache and the sampler make
+    them: decode_image's bytes divided by 255."""
+    files = sorted((shapes / "red-circle").iterdir())[:3]
+    expected = torch.stack([torch.from_numpy(decode_image(f, 28, 3)) for f in files]).float() / 255
+    assert torch.equal(prepare_images(files, 28, 3), expected)
+    assert torch.equal(prepare_images([str(f) for f in files], 28, 3), expected)
+    with Image.open(files[0]) as img:
+        assert torch.equal(prepare_images(img, 28, 3), expected[:1])
+    uint8 = (expected * 255).round().to(torch.uint8)
+    assert torch.equal(prepare_images(uint8, 28, 3), expected)
+    assert torch.equal(to_float(uint8), expected)
+    assert torch.equal(prepare_images(expected, 28, 3), expected)  # floats at the right size: as they are
+    grey = prepare_images(files, 28, 1)
+    assert grey.shape == (3, 1, 28, 28) and grey.dtype == torch.float32
+    big = prepare_images(uint8, 56, 3)  # another size: resized as a file would be
+    assert big.shape == (3, 3, 56, 56)
+    with pytest.raises(MetalearnError, match="in \\[0, 1\\]"):
+        prepare_images(expected * 255, 28, 3)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(MetalearnError, match="cannot read image .*broken.png"):
+        prepare_images([bad], 28, 3)
+
+
+# -- the folder dataset ---------------------------------------------------------------------
+
+
+def test_folder_is_read_split_and_sampled_in_colour(shapes, tmp_path):
+    folder = load_image_folder(shapes, 20, 3, cache_dir=tmp_path)
+    assert folder.layout == "classes" and len(folder.class_names) == 72
+    assert folder.images.shape == (72 * 10 + 1, 3, 20, 20)
+    assert folder.class_sizes[folder.class_names.index("red-circle")] == 11  # with its grey image
+    parts = class_parts(folder)
+    assert [parts.count(p) for p in ("train", "val", "test")] == [46, 12, 14]  # round(0.64 * 72), round(0.16 * 72)
+    assert class_parts(folder) == parts  # seeded: the same split every time
+    assert class_parts(folder, "0.5,0.25,0.25").count("train") == 36
+    with pytest.raises(MetalearnError, match="three fractions train,val,test summing to 1"):
+        class_parts(folder, "0.5,0.6,0.1")
+    task = TaskConfig(dataset="folder", image_size=20, channels=3, ways=5, shots=2, query=3)
+    batch = build_task_source(task, "train", shapes).sample(4, gen(0))
+    assert batch.support_x.shape == (4, 10, 3, 20, 20) and batch.query_x.shape == (4, 15, 3, 20, 20)
+    assert problem_of(task).input_shape == (3, 20, 20)
+    # colour survives: a red class's support images are redder than they are blue
+    train = folder_split(folder, "train")
+    red = next(i for i, c in enumerate(train.characters.tolist()) if folder.class_names[c].startswith("red-"))
+    x = to_float(torch.from_numpy(folder.images[int(folder.class_sizes[:train.characters[red]].sum()):][:10]))
+    assert bool((x[:, 0].mean((1, 2)) > x[:, 2].mean((1, 2)) + 0.02).all())
+
+
+def test_decoding_in_several_processes_gives_the_same_array(shapes, monkeypatch):
+    monkeypatch.setattr(folder_module, "PARALLEL_FROM", 1)
+    monkeypatch.setattr(folder_module, "CHUNK", 100)
+    one = folder_module.read_folder(shapes, 12, 3, workers=1)
+    two = folder_module.read_folder(shapes, 12, 3, workers=2)
+    assert np.array_equal(one.images, two.images) and one.content_hash == two.content_hash
+
+
+def test_a_split_file_chooses_the_classes(shapes, tmp_path):
+    folder = load_image_folder(shapes, 8, 3, cache_dir=tmp_path)
+    spec = {"train": list(folder.class_names[:10]), "val": [folder.class_names[10]], "test": list(folder.class_names[11:15])}
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps(spec))
+    parts = class_parts(folder, split_file=str(path))
+    assert parts[:10] == ("train",) * 10 and parts[10] == "val" and parts[11:15] == ("test",) * 4
+    assert set(parts[15:]) == {""}  # classes the file leaves out are not used
+    path.write_text(json.dumps({"train": ["no-such-class"]}))
+    with pytest.raises(MetalearnError, match="names class 'no-such-class', which the folder lacks"):
+        class_parts(folder, split_file=str(path))
+
+
+def test_classes_of_unequal_sizes_draw_only_their_own_images():
+    """A flat bank of ragged classes: every draw lies within its class, and when every class has
+    as many images the draws are the dense sampler's, image for image."""
+    sizes = torch.tensor([3, 7, 5, 9])
+    images = torch.arange(int(sizes.sum()), dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous()
+    pool = ClassPool("mine", torch.arange(4), torch.zeros(4, dtype=torch.long))
+    sampler = EpisodeSampler(images, pool, 3, 1, 2, class_sizes=sizes)
+    classes, draws, _ = sampler.sample_indices(500, gen(0))
+    assert bool((draws < sizes[classes][..., None]).all())
+    batch = sampler.sample(500, gen(0))
+    values = torch.cat([batch.support_x.view(500, 3, 1, -1)[..., 0],
+                        batch.query_x.view(500, 3, 2, -1)[..., 0]], 2) * 255
+    starts = torch.cumsum(sizes, 0) - sizes
+    assert torch.equal(values.round().long(), starts[classes][..., None] + draws)
+    dense = torch.randint(0, 255, (4, 6, 1, 5, 5), dtype=torch.uint8)
+    flat = EpisodeSampler(dense.reshape(24, 1, 5, 5), pool, 3, 2, 2, class_sizes=torch.full((4,), 6))
+    a, b = EpisodeSampler(dense, pool, 3, 2, 2).sample(20, gen(1)), flat.sample(20, gen(1))
+    assert torch.equal(a.support_x, b.support_x) and torch.equal(a.query_x, b.query_x)
+
+
+def test_omniglot_written_as_class_folders_gives_the_same_episodes(omniglot, tmp_path):
+    """The first 40 characters written as grey PNGs under train/ and 10 under val/ and test/:
+    the folder dataset reads the same pixels and draws the same episodes as the built-in loader."""
+    root = tmp_path / "omniglot-folders"
+    layout = {"train": range(0, 40), "val": range(40, 50), "test": range(50, 60)}
+    for part, characters in layout.items():
+        for c in characters:
+            folder = root / part / f"c{c:04d}"
+            folder.mkdir(parents=True)
+            for d in range(20):
+                Image.fromarray(omniglot.images[c, d], "L").save(folder / f"{d:02d}.png")
+    task = TaskConfig(dataset="folder", image_size=28, channels=1, ways=5, shots=1, query=3)
+    from_folder = build_task_source(task, "train", root, progress=False)
+    images = torch.from_numpy(omniglot.images)
+    pool = ClassPool("first-40", torch.arange(40), torch.zeros(40, dtype=torch.long))
+    built_in = EpisodeSampler(images, pool, 5, 1, 3)
+    for seed in (0, 1):
+        a, b = built_in.sample(16, gen(seed)), from_folder.sample(16, gen(seed))
+        for name in ("support_x", "support_y", "query_x", "query_y"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+    test_pool = ClassPool("test", torch.arange(50, 60), torch.zeros(10, dtype=torch.long))
+    a = EpisodeSampler(images, test_pool, 5, 1, 3).sample(8, gen(2))
+    b = build_task_source(task, "test", root, progress=False).sample(8, gen(2))
+    assert torch.equal(a.query_x, b.query_x)
+
+
+def write_mini_imagenet(root: Path, classes: dict[str, int], per_class: int = 6, seed: int = 0) -> None:
+    """An imitation of Ravi & Larochelle's release: images/<wnid><number>.jpg and one CSV per part."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    rows = {"train": [], "val": [], "test": []}
+    parts = ["train"] * classes["train"] + ["val"] * classes["val"] + ["test"] * classes["test"]
+    for c, part in enumerate(parts):
+        wnid = f"n{1000000 + c:08d}"
+        shape, colour = SHAPES[c % len(SHAPES)], list(COLOURS.values())[c // len(SHAPES) % len(COLOURS)]
+        for i in range(per_class):
+            name = f"{wnid}{i + 1:08d}.jpg"
+            draw_shape(shape, colour, int(rng.integers(40, 100)), rng).save(root / "images" / name)
+            rows[part].append(f"{name},{wnid}")
+    for part, lines in rows.items():
+        (root / f"{part}.csv").write_text("filename,label\n" + "\n".join(lines) + "\n")
+
+
+def test_mini_imagenet_csv_layout_and_the_cache_rebuilt_after_a_change(tmp_path, monkeypatch):
+    root = tmp_path / "mini"
+    write_mini_imagenet(root, {"train": 8, "val": 3, "test": 4})
+    cache = tmp_path / "cache"
+    folder = load_image_folder(root, 16, 3, cache_dir=cache)
+    assert folder.layout == "csv" and folder.images.shape == (15 * 6, 3, 16, 16)
+    assert folder.parts.count("train") == 8 and folder.parts.count("test") == 4
+    assert folder.class_names[0] == "n01000000"
+    with pytest.raises(MetalearnError, match="--split-fractions cannot apply: this folder's train.csv"):
+        class_parts(folder, "0.5,0.25,0.25")  # the release's split, not a silently unused option
+    task = resolve_config("protonet", {"dataset": "mini-imagenet", "image_size": 16, "ways": 3, "shots": 1,
+                                       "query": 2}).task
+    assert task.channels == 3 and task.split == "folder"
+    assert build_task_source(task, "val", root, progress=False).sample(2, gen(0)).query_x.shape == (2, 6, 3, 16, 16)
+    # the paper's setting for mini-imagenet: 84x84 RGB, 15 queries per class, MAML's 32-filter network
+    maml = resolve_config("maml", {"dataset": "mini-imagenet"})
+    assert (maml.task.image_size, maml.task.channels, maml.task.query) == (84, 3, 15)
+    assert maml.method_config["model"] == "conv4-maxpool-32" and maml.method_config["inner_lr"] == 0.01
+    assert (maml.method_config["inner_steps"], maml.method_config["test_inner_steps"]) == (5, 10)
+    assert maml.train.meta_batch_size == 4
+    assert resolve_config("maml", {"dataset": "mini-imagenet", "shots": 5}).train.meta_batch_size == 2
+
+    # unchanged: read from the cache (decoding would fail)
+    monkeypatch.setattr(folder_module, "_LOADED", {})
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the folder was decoded again")
+
+    monkeypatch.setattr(folder_module, "decode_image", no_decoding)
+    again = load_image_folder(root, 16, 3, cache_dir=cache)
+    assert np.array_equal(again.images, folder.images) and again.content_hash == folder.content_hash
+    monkeypatch.undo()
+    # one image replaced by another (its size and time change): rebuilt, with the new pixels
+    first = root / "images" / "n0100000000000001.jpg"
+    Image.new("RGB", (50, 50), (0, 0, 0)).save(first)
+    os.utime(first, ns=(1, 1))
+    changed = load_image_folder(root, 16, 3, cache_dir=cache)
+    assert changed.images[0].max() < 30 and not np.array_equal(changed.images[0], folder.images[0])
+    assert [p.name for p in cache.iterdir()] == [next(cache.iterdir()).name]  # one cache file, no leftovers
+    # a class added to test.csv: rebuilt too
+    with open(root / "test.csv", "a") as f:
+        f.write("n0100000000000001.jpg,extra\n")
+    assert "extra" in load_image_folder(root, 16, 3, cache_dir=cache).class_names
+    with pytest.raises(MetalearnError, match="class n01000000 is in both train.csv and test.csv"):
+        with open(root / "test.csv", "a") as f:
+            f.write("n0100000000000002.jpg,n01000000\n")
+        load_image_folder(root, 16, 3, cache_dir=cache)
+
+
+# -- every method on RGB images ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains_and_predicts_on_rgb_84x84(shapes, method):
+    """One meta-update and one one-task prediction of each method on 3-way RGB 84x84 tasks with
+    the method's own defaults for photographs (one inner step and first order, to stay fast)."""
+    options = {"inner_steps": 1, "test_inner_steps": 1} if method in ("maml", "platipus", "reptile") else {}
+    if method in ("maml", "platipus"):
+        options["first_order"] = True
+    config = resolve_config(method, {"dataset": "folder", "ways": 3, "shots": 1, "query": 2}, options)
+    assert (config.task.image_size, config.task.channels) == (84, 3)
+    learner = build_learner(method, config.method_config, problem_of(config.task))
+    batch = build_task_source(config.task, "train", shapes, progress=False).sample(1, gen(0))
+    assert batch.support_x.shape == (1, 3, 3, 84, 84)
+    loss, _ = learner.meta_loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert sum(p.grad is not None for p in learner.model.parameters()) >= len(list(learner.model.parameters())) - 1
+    files = sorted((shapes / "red-circle").iterdir())[:3]
+    probs = learner.fit_predict(files, [0, 1, 2], files[:2])
+    assert probs.shape == (2, 3) and torch.allclose(probs.sum(-1), torch.ones(2))
+    # images given as files or as the uint8 pixels the cache holds: the same task
+    uint8 = torch.from_numpy(np.stack([decode_image(f, 84, 3) for f in files]))
+    a, b = learner.task_batch(files, [0, 1, 2], files), learner.task_batch(uint8, [0, 1, 2], uint8)
+    assert torch.equal(a.support_x, b.support_x) and torch.equal(a.query_x, b.query_x) and a.ways == 3
+    assert bool((a.query_y == -1).all())  # no query labels
+    if learner.fixed_ways:
+        with pytest.raises(MetalearnError, match=f"{method} was trained for 3-way tasks .* cannot classify 2 classes"):
+            learner.fit_predict(files[:2], [0, 1], files)
+
+
+# -- learning, and predicting new classes ---------------------------------------------------
+
+
+def split_support_query(shapes: Path, classes: list[str], root: Path, shots: int) -> tuple[Path, Path]:
+    support, query = root / "support", root / "query"
+    for name in classes:
+        files = sorted(f for f in (shapes / name).iterdir() if f.name != "grey.png")
+        (support / name).mkdir(parents=True)
+        (query / name).mkdir(parents=True)
+        for f in files[:shots]:
+            shutil.copy(f, support / name / f.name)
+        for f in files[shots:]:
+            shutil.copy(f, query / name / f.name)
+    return support, query
+
+
+def test_protonet_learns_the_shapes_and_predicts_new_classes(shapes, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, out, err = run(["train", "protonet", "--dataset", "folder", "--data-dir", shapes, "--image-size", 16,
+                          "--ways", 5, "--shots", 1, "--query", 3, "--steps", 40, "--val-every", 0,
+                          "--eval-episodes", 30, "--run-dir", run_dir, "--no-progress"], capsys)
+    assert code == 0, err
+    accuracy = json.loads((run_dir / "eval.json").read_text())["mean"]
+    assert accuracy > 60, accuracy  # chance: 20%, on test classes never trained on
+    folder = load_image_folder(shapes, 16, 3)
+    test_classes = [n for n, p in zip(folder.class_names, class_parts(folder)) if p == "test"][:5]
+    support, query = split_support_query(shapes, test_classes, tmp_path, shots=2)
+    outputs = tmp_path / "out"
+    code, out, err = run(["predict", run_dir, "--support", support, "--query", query, "--json", outputs / "p.json",
+                          "--csv", outputs / "p.csv", "--sheet", outputs / "sheet.png"], capsys)
+    assert code == 0, err
+    result = json.loads((outputs / "p.json").read_text())
+    assert result["classes"] == sorted(test_classes) and result["shots"] == [2] * 5
+    assert len(result["predictions"]) == 5 * 8
+    assert result["accuracy"] > 0.6, result["accuracy"]  # chance: 20%
+    first = result["predictions"][0]
+    assert first["label"] in test_classes and abs(sum(first["probabilities"].values()) - 1) < 1e-5
+    assert first["probability"] == max(first["probabilities"].values())
+    assert len((outputs / "p.csv").read_text().splitlines()) == 41
+    with Image.open(outputs / "sheet.png") as sheet:
+        assert sheet.size[0] > 400 and sheet.size[1] > 400
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("protonet (step 40), classes:") and lines[-1].startswith("wrote")
+    assert f"{first['label']}\t{first['probability']:.3f}" in out
+    # one query file; the Python convenience gives the same probabilities
+    code, out, err = run(["predict", run_dir, "--support", support, "--query", first["file"]], capsys)
+    assert code == 0 and first["file"] in out
+
+
+def test_platipus_predicts_with_a_spread_and_fixed_ways_are_named(shapes, tmp_path, capsys):
+    run_dir = tmp_path / "platipus"
+    code, out, err = run(["train", "platipus", "--dataset", "folder", "--data-dir", shapes, "--image-size", 16,
+                          "--ways", 3, "--shots", 1, "--query", 1, "--steps", 2, "--meta-batch-size", 2,
+                          "--inner-steps", 1, "--test-inner-steps", 1, "--model", "conv4-maxpool",
+                          "--val-every", 0, "--no-eval", "--run-dir", run_dir, "--no-progress"], capsys)
+    assert code == 0, err
+    support, query = split_support_query(shapes, ["red-circle", "blue-square", "green-ring"], tmp_path, shots=1)
+    code, out, err = run(["predict", run_dir, "--support", support, "--query", query / "red-circle",
+                          "--json", tmp_path / "p.json", "--samples", 4], capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert all(0 <= p["spread"] <= 0.5 for p in result["predictions"]) and "+/-" in out
+    # another number of classes than trained: refused, naming the trained ways, nothing written
+    shutil.rmtree(support / "green-ring")
+    code, out, err = run(["predict", run_dir, "--support", support, "--query", query, "--json", tmp_path / "two.json"],
+                         capsys)
+    one_line_error(code, out, err, "platipus was trained for 3-way tasks (one output per class) and cannot classify 2")
+    assert not (tmp_path / "two.json").exists()
+
+
+# -- bad inputs: one line, exit 2, nothing half-written ---------------------------------------
+
+
+def bad_folders(root: Path) -> dict[str, tuple[Path, list, str]]:
+    """name -> (data dir, extra options, message)."""
+    cases = {}
+    rng = np.random.default_rng(0)
+
+    def classes(folder: Path, n: int, per_class: int) -> None:
+        for c in range(n):
+            (folder / f"class{c}").mkdir(parents=True)
+            for i in range(per_class):
+                draw_shape(SHAPES[c % 9], (200, 0, 0), 20, rng).save(folder / f"class{c}" / f"{i}.png")
+
+    empty_class = root / "empty-class"
+    classes(empty_class, 12, 4)
+    (empty_class / "class3" / "notes").mkdir()
+    for f in (empty_class / "class3").glob("*.png"):
+        f.unlink()
+    cases["empty class"] = (empty_class, [], "class folder class3")
+    few = root / "few-classes"
+    classes(few, 12, 4)
+    cases["fewer classes than ways"] = (few, ["--ways", 8], f"image folder {few} split val has 2 classes; --test-ways 8")
+    small = root / "small-class"
+    classes(small, 12, 4)
+    for f in sorted((small / "class5").glob("*.png"))[2:]:
+        f.unlink()
+    cases["fewer images than shots + query"] = (small, ["--shots", 1, "--query", 2], "has 2 images; --shots 1 with --query 2 needs 3")
+    broken = root / "broken-image"
+    classes(broken, 12, 4)
+    (broken / "class2" / "9.png").write_bytes(b"\x89PNG truncated")
+    cases["unreadable image"] = (broken, [], "cannot read image " + str(broken / "class2" / "9.png"))
+    nothing = root / "no-images"
+    (nothing / "a").mkdir(parents=True)
+    (nothing / "readme.txt").write_text("no images here")
+    cases["no images at all"] = (nothing, [], "class folder a")
+    bare = root / "bare"
+    bare.mkdir()
+    cases["a folder with nothing"] = (bare, [], "no images in")
+    return cases
+
+
+def test_every_bad_folder_is_one_line_and_leaves_nothing_behind(tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("METALEARN_CACHE", str(cache))
+    for name, (data_dir, extra, message) in bad_folders(tmp_path / "data").items():
+        run_dir = tmp_path / "runs" / name.replace(" ", "-")
+        code, out, err = run(["train", "protonet", "--dataset", "folder", "--data-dir", data_dir, "--image-size", 16,
+                              "--ways", 3, "--steps", 1, "--run-dir", run_dir, "--no-progress", *extra], capsys)
+        one_line_error(code, out, err, message)
+        assert not run_dir.exists() or not any(run_dir.iterdir()), name
+        assert not any(p.name.count(".tmp") for p in cache.rglob("*")) if cache.exists() else True
+    code, out, err = run(["train", "protonet", "--dataset", "folder", "--steps", 1, "--no-progress",
+                          "--run-dir", tmp_path / "r"], capsys)
+    one_line_error(code, out, err, "needs --data-dir")
+    code, out, err = run(["train", "protonet", "--dataset", "omniglot", "--channels", 3], capsys)
+    one_line_error(code, out, err, "--channels does not apply to omniglot")
+    code, out, err = run(["train", "protonet", "--dataset", "folder", "--channels", 2], capsys)
+    one_line_error(code, out, err, "--channels must be 1 (grey) or 3 (RGB), got 2")
+
+
+def test_bad_predict_inputs_are_one_line_and_write_nothing(shapes, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, out, err = run(["train", "protonet", "--dataset", "folder", "--data-dir", shapes, "--image-size", 16,
+                          "--ways", 3, "--steps", 1, "--no-eval", "--val-every", 0, "--run-dir", run_dir,
+                          "--no-progress"], capsys)
+    assert code == 0, err
+    support, query = split_support_query(shapes, ["red-circle", "blue-square"], tmp_path, shots=1)
+    out_json = tmp_path / "out" / "p.json"
+    (support / "empty").mkdir()
+    cases = [(support, query, "support class folder " + str(support / "empty") + " has no images")]
+    good = tmp_path / "good-support"
+    shutil.copytree(support, good)
+    (good / "empty").rmdir()
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really")
+    cases += [(good, broken, f"cannot read image {broken}"), (good, tmp_path / "missing", "does not exist"),
+              (tmp_path / "nowhere", query, "is not a folder")]
+    lonely = tmp_path / "lonely"
+    shutil.copytree(good / "red-circle", lonely / "red-circle")
+    cases.append((lonely, query, "has one class (red-circle)"))
+    for support_dir, query_path, message in cases:
+        code, out, err = run(["predict", run_dir, "--support", support_dir, "--query", query_path,
+                              "--json", out_json, "--sheet", tmp_path / "out" / "s.png"], capsys)
+        one_line_error(code, out, err, message)
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    (tmp_path / "a-folder.json").mkdir()
+    code, out, err = run(["predict", run_dir, "--support", good, "--query", query, "--json", tmp_path / "a-folder.json"],
+                         capsys)
+    one_line_error(code, out, err, "is a folder")

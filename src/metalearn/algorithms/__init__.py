@@ -9,13 +9,14 @@ from typing import Any
 from metalearn.algorithms.base import MetaLearner, accuracy, task_loss
 from metalearn.algorithms.maml import MAML, MAMLConfig
 from metalearn.algorithms.matchingnet import MatchingNet, MatchingNetConfig
+from metalearn.algorithms.memory import MemoryConfig, MemoryModule
 from metalearn.algorithms.platipus import PLATIPUS, PLATIPUSConfig
 from metalearn.algorithms.protonet import ProtoNet, ProtoNetConfig
 from metalearn.algorithms.reptile import Reptile, ReptileConfig
 from metalearn.errors import MetalearnError
 from metalearn.tasks.batch import Problem
 
-ALGORITHMS: dict[str, type[MetaLearner]] = {cls.name: cls for cls in (MAML, ProtoNet, MatchingNet, PLATIPUS, Reptile)}
+ALGORITHMS: dict[str, type[MetaLearner]] = {cls.name: cls for cls in (MAML, ProtoNet, MatchingNet, PLATIPUS, Reptile, MemoryModule)}
 
 
 def algorithm_class(name: str) -> type[MetaLearner]:
@@ -65,4 +66,4 @@ def build_learner(name: str, values: dict[str, Any], problem: Problem) -> MetaLe
 
 __all__ = ["ALGORITHMS", "MAML", "MAMLConfig", "MetaLearner", "Problem", "accuracy", "task_loss",
            "algorithm_class", "build_learner", "make_algorithm_config", "ProtoNet", "ProtoNetConfig",
-           "MatchingNet", "MatchingNetConfig", "PLATIPUS", "PLATIPUSConfig", "Reptile", "ReptileConfig"]
+           "MatchingNet", "MatchingNetConfig", "MemoryModule", "MemoryConfig", "PLATIPUS", "PLATIPUSConfig", "Reptile", "ReptileConfig"]

@@ -223,10 +223,13 @@ def update_memory(memory: Memory, queries: Tensor, values: Tensor, noise: Tensor
     Every query reads the memory as it was before the batch. A hit (the nearest filled slot
     holds the query's value) sets that slot's key to the normalised sum of key and query and its
     age to 0. The misses, in query order, take the slots of greatest ``age + noise`` that no hit
-    of the batch updates, never-written slots first; each gets the query, its value and age 0.
-    Every other age grows by one. Equal to writing the queries one at a time whenever no query's
-    nearest slot would change by an earlier write of the batch (with distinct values, two writes
-    never meet in one slot).
+    of the batch updates, never-written slots first and the lower slot first among equal
+    scores; each gets the query, its value and age 0.
+    Every other age grows by one: a batch is one step of the memory's clock (the authors'
+    ``make_update_op``). The keys and values equal those of writing the queries one at a time
+    whenever no query's nearest slot would change by an earlier write of the batch (with
+    distinct values, two writes never meet in one slot); one at a time, the ages would instead
+    count every query as a step.
     """
     keys, stored, ages = memory
     memories, slots = stored.shape
@@ -246,7 +249,8 @@ def update_memory(memory: Memory, queries: Tensor, values: Tensor, noise: Tensor
     score = torch.where(stored == EMPTY, ceiling + noise - noise.amin(-1, keepdim=True), score)
     updated = _scatter_flags(stored, nearest, hit)
     score = score.masked_fill(updated, -math.inf)
-    oldest = score.topk(count, dim=-1).indices  # (memories, count), oldest first
+    # oldest first, the lower slot first among equals (a stable sort): the same choice one by one
+    oldest = score.sort(dim=-1, descending=True, stable=True).indices[:, :count]
     rank = (miss.long().cumsum(-1) - 1).clamp(min=0)
     slot = torch.where(hit, nearest, oldest.gather(1, rank))
     dim = keys.shape[-1]
@@ -391,6 +395,10 @@ class MemoryModule(MetaLearner):
         offset = int(world.gather(torch.tensor([tasks]))[: world.rank].sum()) if world.distributed else 0
         task_values = (torch.arange(tasks, device=labels.device) + offset).unsqueeze(1) * ways
         values = labels + task_values  # distinct across tasks
+        all_tasks = int(world.gather(torch.tensor([tasks])).sum()) if world.distributed else tasks
+        if config.memory_size < all_tasks * ways:
+            raise ConfigError(OWNER, "memory_size", f"must hold one round of the meta-batch's writes ({all_tasks} "
+                                                    f"tasks x {ways} classes = {all_tasks * ways}), got {config.memory_size}")
         device = examples.device
         memory = empty_memory(1, config.memory_size, config.key_dim, device, examples.dtype)
         losses, correct, counted, first_correct, first_counted = [], [], [], [], []

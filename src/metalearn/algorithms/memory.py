@@ -122,7 +122,12 @@ class MemoryConfig:
 class LeNet(nn.Module):
     """The authors' Omniglot embedder (``model.py``): two blocks of two 3x3 convolutions (64, then
     128 channels, ReLU, 'same' padding) each followed by a 2x2 max-pool, then a linear layer to
-    ``out_features``. No normalisation layer. x: (batch, C, H, W) -> (batch, out_features)."""
+    ``out_features``. No normalisation layer. x: (batch, C, H, W) -> (batch, out_features).
+
+    Initialised as the authors': weights truncated normal with standard deviation 0.1, biases 0.
+    Without a normalisation layer this matters: PyTorch's default initialisation shrinks the
+    activations layer by layer until every image embeds to nearly the bias of the last layer (all
+    queries alike), and the memory loss then makes them collapse to one point."""
 
     def __init__(self, input_shape: tuple[int, ...], out_features: int = 128):
         super().__init__()
@@ -137,6 +142,11 @@ class LeNet(nn.Module):
         )
         self.head = nn.Linear(128 * math.ceil(math.ceil(height / 2) / 2) * math.ceil(math.ceil(width / 2) / 2),
                               out_features)
+
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.trunc_normal_(module.weight, std=0.1, a=-0.2, b=0.2)  # TensorFlow's: cut at 2 sigma
+                nn.init.zeros_(module.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x).flatten(1))
@@ -172,6 +182,7 @@ class Lookup(NamedTuple):
     loss: Tensor
     positive: Tensor
     negative: Tensor
+    similarity: Tensor  # (memories, queries, slots), detached: for update_memory
 
 
 def look_up(memory: Memory, queries: Tensor, values: Tensor, choose_k: int, margin: float) -> Lookup:
@@ -209,16 +220,17 @@ def look_up(memory: Memory, queries: Tensor, values: Tensor, choose_k: int, marg
     loss = F.relu(negative - positive + margin)
     nearest = top_slots[..., 0]
     prediction = torch.where(valid[..., 0], top_values[..., 0], torch.full_like(nearest, EMPTY))
-    return Lookup(prediction, nearest, loss, positive, negative)
+    return Lookup(prediction, nearest, loss, positive, negative, similarity.detach())
 
 
 def update_memory(memory: Memory, queries: Tensor, values: Tensor, noise: Tensor,
-                  active: Tensor | None = None) -> Memory:
+                  active: Tensor | None = None, similarity: Tensor | None = None) -> Memory:
     """The memory after a batch of queries is written with the update rule (section 3).
 
     queries: (memories, queries, key_dim) unit vectors (not differentiated); values: (memories,
     queries), distinct within each memory; noise: (memories, slots) uniform age noise; active:
-    (memories, queries) bool, the queries that write (default all).
+    (memories, queries) bool, the queries that write (default all); similarity: the queries'
+    cosines with the keys, (memories, queries, slots), when :func:`look_up` computed them already.
 
     Every query reads the memory as it was before the batch. A hit (the nearest filled slot
     holds the query's value) sets that slot's key to the normalised sum of key and query and its
@@ -238,7 +250,9 @@ def update_memory(memory: Memory, queries: Tensor, values: Tensor, noise: Tensor
         raise MetalearnError(f"a batch of {count} writes does not fit a memory of {slots} slots")
     queries = queries.detach()
     active = torch.ones_like(values, dtype=torch.bool) if active is None else active
-    similarity = torch.einsum("mqd,msd->mqs", queries, keys).masked_fill((stored == EMPTY).unsqueeze(1), -math.inf)
+    if similarity is None:
+        similarity = torch.einsum("mqd,msd->mqs", queries, keys)
+    similarity = similarity.masked_fill((stored == EMPTY).unsqueeze(1), -math.inf)
     best, nearest = similarity.max(-1)
     nearest_value = stored.gather(1, nearest)
     hit = active & torch.isfinite(best) & (nearest_value == values)
@@ -256,12 +270,16 @@ def update_memory(memory: Memory, queries: Tensor, values: Tensor, noise: Tensor
     dim = keys.shape[-1]
     merged = F.normalize(queries + keys.gather(1, nearest.unsqueeze(-1).expand(-1, -1, dim)), dim=-1)
     new_keys = torch.where(hit.unsqueeze(-1), merged, queries)
-    # inactive queries write into one extra slot, dropped afterwards
-    slot = torch.where(active, slot, slots)
-    pad = torch.zeros(memories, 1, dim, dtype=keys.dtype, device=keys.device)
-    keys = torch.cat([keys, pad], 1).scatter(1, slot.unsqueeze(-1).expand(-1, -1, dim), new_keys)[:, :slots]
-    stored = torch.cat([stored, stored[:, :1]], 1).scatter(1, slot, values)[:, :slots]
-    written = _scatter_flags(torch.cat([ages, ages[:, :1]], 1), slot, active)[:, :slots]
+    if bool(active.all()):
+        keys = keys.scatter(1, slot.unsqueeze(-1).expand(-1, -1, dim), new_keys)
+        stored = stored.scatter(1, slot, values)
+        written = _scatter_flags(ages, slot, active)
+    else:  # inactive queries write into one extra slot, dropped afterwards
+        slot = torch.where(active, slot, slots)
+        pad = torch.zeros(memories, 1, dim, dtype=keys.dtype, device=keys.device)
+        keys = torch.cat([keys, pad], 1).scatter(1, slot.unsqueeze(-1).expand(-1, -1, dim), new_keys)[:, :slots]
+        stored = torch.cat([stored, stored[:, :1]], 1).scatter(1, slot, values)[:, :slots]
+        written = _scatter_flags(torch.cat([ages, ages[:, :1]], 1), slot, active)[:, :slots]
     ages = torch.where(written, torch.zeros_like(ages), ages + 1)
     return Memory(keys, stored, ages)
 
@@ -379,23 +397,29 @@ class MemoryModule(MetaLearner):
         module docstring) to one memory that all tasks (of all ranks) share, cleared first.
 
         Metrics: ``accuracy`` of the predictions on the query examples (each class's examples
-        after its support examples), ``first_accuracy`` on the examples of round 1 (a class's
-        second showing: one-shot accuracy)."""
-        config = self.config
-        ways = _ways(batch)
+        after its support examples), ``one_shot_accuracy`` on the examples of round 1 (a class's
+        second showing)."""
         support, query = self.queries(batch)
         self.check_fits(batch, support.shape[1])
         examples = torch.cat([support, query], dim=1)  # (tasks, n, key_dim)
         labels = torch.cat([batch.support_y, batch.query_y], dim=1)
+        return self.sequence_loss(examples, labels, support.shape[1], _ways(batch))
+
+    def sequence_loss(self, examples: Tensor, labels: Tensor, n_support: int,
+                      ways: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`meta_loss` from the query vectors on: examples (tasks, n, key_dim) unit vectors,
+        the first ``n_support`` of each task its support set; labels (tasks, n) in [0, ways).
+        Leaves the final memory in the ``memory_*`` buffers."""
+        config = self.config
         is_query = torch.zeros_like(labels, dtype=torch.bool)
-        is_query[:, support.shape[1]:] = True
+        is_query[:, n_support:] = True
         order = class_rounds(labels, ways)  # (tasks, rounds, ways)
         tasks = examples.shape[0]
         world = _world(examples.device)
-        offset = int(world.gather(torch.tensor([tasks]))[: world.rank].sum()) if world.distributed else 0
+        counts = world.gather(torch.tensor([tasks])) if world.distributed else torch.tensor([tasks])
+        offset, all_tasks = int(counts[: world.rank].sum()), int(counts.sum())
         task_values = (torch.arange(tasks, device=labels.device) + offset).unsqueeze(1) * ways
-        values = labels + task_values  # distinct across tasks
-        all_tasks = int(world.gather(torch.tensor([tasks])).sum()) if world.distributed else tasks
+        values = labels + task_values  # distinct across tasks (and ranks)
         if config.memory_size < all_tasks * ways:
             raise ConfigError(OWNER, "memory_size", f"must hold one round of the meta-batch's writes ({all_tasks} "
                                                     f"tasks x {ways} classes = {all_tasks * ways}), got {config.memory_size}")
@@ -419,14 +443,15 @@ class MemoryModule(MetaLearner):
             if r == 1:
                 first_correct.append(right.sum())
                 first_counted.append(present_flat.sum())
-            q_all, v_all, p_all = q.detach(), v, present
-            if world.distributed:
+            q_all, v_all, p_all, known = q.detach(), v, present, found.similarity
+            if world.distributed:  # every rank's writes, in rank order; their similarities anew
+                known = None
                 q_all = world.gather(q_all).to(device)
                 v_all = world.gather(v_all).to(device)
                 p_all = world.gather(p_all).to(device)
             noise = self._age_noise(1, config.memory_size, device)
             memory = update_memory(memory, q_all.reshape(1, -1, config.key_dim), v_all.reshape(1, -1), noise,
-                                   p_all.reshape(1, -1))
+                                   p_all.reshape(1, -1), known)
         with torch.no_grad():
             self.memory_keys.copy_(memory.keys[0])
             self.memory_values.copy_(memory.values[0])
@@ -444,20 +469,22 @@ class MemoryModule(MetaLearner):
         each class's keys, times the temperature (see the module docstring). A memory of
         ``memory_size`` slots only ever fills as many as the support set has examples, so the
         memory used here has that many slots: the same result at a fraction of the cost."""
-        config = self.config
-        ways = _ways(batch)
         with torch.no_grad():
             support, query = self.queries(batch)
-            n_support = support.shape[1]
-            self.check_fits(batch, n_support)
-            memory = write_support(support, batch.support_y, ways, config.age_noise)
-            similarity = torch.einsum("tqd,tsd->tqs", query, memory.keys)
-            holds = F.one_hot(memory.values.clamp(min=0), ways).bool() & (memory.values != EMPTY).unsqueeze(-1)
-            per_class = similarity.unsqueeze(-1).masked_fill(~holds.unsqueeze(1), -math.inf).amax(2)
-            return per_class * config.temperature
+            self.check_fits(batch, support.shape[1])
+            return self.predict_from_queries(support, query, batch.support_y, _ways(batch))
+
+    def predict_from_queries(self, support: Tensor, query: Tensor, support_y: Tensor, ways: int) -> Tensor:
+        """:meth:`predict` from the query vectors on: support (tasks, n_support, key_dim), query
+        (tasks, n_query, key_dim), support_y (tasks, n_support) -> logits (tasks, n_query, ways)."""
+        memory = write_support(support, support_y, ways)
+        similarity = torch.einsum("tqd,tsd->tqs", query, memory.keys)
+        holds = F.one_hot(memory.values.clamp(min=0), ways).bool() & (memory.values != EMPTY).unsqueeze(-1)
+        per_class = similarity.unsqueeze(-1).masked_fill(~holds.unsqueeze(1), -math.inf).amax(2)
+        return per_class * self.config.temperature
 
 
-def write_support(support: Tensor, labels: Tensor, ways: int, age_noise: float) -> Memory:
+def write_support(support: Tensor, labels: Tensor, ways: int) -> Memory:
     """Each task's own memory, (tasks, n_support slots), after its support examples (tasks,
     n_support, key_dim) are written with the update rule, round ``r`` being the ``r``-th example
     of every class. Slots are never short, so which slot a write takes (the age noise) changes
@@ -525,7 +552,7 @@ def lifelong_accuracy(learner: MemoryModule, source: Any, episodes: int = 1000, 
                 with torch.no_grad():
                     found = look_up(memory, q, v, config.choose_k, config.margin)
                     noise = (torch.rand(count, slots, generator=generator) * 2 - 1).to(device) * config.age_noise
-                    memory = update_memory(memory, q, v, noise, present.unsqueeze(1))
+                    memory = update_memory(memory, q, v, noise, present.unsqueeze(1), found.similarity)
                 right = (found.prediction[:, 0] == v[:, 0]) & present
                 shot = p // ways
                 if shot <= max_shot:

@@ -13,13 +13,13 @@ After each query the memory is updated: if ``V[n_1] = v`` then ``K[n_1] <- (q + 
 ||q + K[n_1]||`` and ``A[n_1] <- 0``; otherwise ``(q, v)`` is written into the oldest slot
 ``n' = argmax(A + noise)`` with age 0. Every other age grows by one. Gradients reach the query
 (the CNN and the projection) and never the keys: the keys are not parameters, only the update
-rule changes them (section 3, "the memory is not trained by gradient descent"; the authors'
-code reads them under ``stop_gradient``).
+rule changes them (section 3; the authors' code keeps them in non-trainable variables and reads
+them under ``stop_gradient``).
 
 As in the authors' code (tensorflow/models, research/learning_to_remember_rare_events):
 
 * no positive among the ``choose_k`` neighbours: the most recently written slot of value ``v``
-  stands in (the paper: "any vector from memory with value v"; the code: ``recent_idx``); with
+  stands in (the paper lets any slot of value ``v`` stand in; the code's ``recent_idx``); with
   no slot of value ``v`` at all the positive similarity is 0, and so is the negative one when
   none of the ``choose_k`` neighbours has another value (the code's empty slots are zero keys);
 * a batch of queries reads the memory as it was before the batch, and all their writes then
@@ -36,13 +36,14 @@ Training (one meta-step): each task's support and query examples form one sequen
 (support first); round ``r`` presents the ``r``-th example of every class of every task as one
 batch: each is looked up (prediction and loss), then all are written. The loss is the mean over
 all examples, so a round-0 example (the class's first showing) is pushed away from the other
-classes' keys. One optimiser step per meta-batch (the authors take one per round).
+classes' keys. One optimiser step per meta-batch (the authors take one per position of the
+episode).
 
 Evaluation (a), :meth:`MemoryModule.predict`: each test episode starts from an empty memory, its
 support set is written round by round with the update rule, and each query is classified by its
 nearest key's value. The logits are, per class, the largest similarity among that class's keys
 times the code's softmax temperature ``max(1, log(0.2 choose_k) / margin)``: their argmax is the
-nearest key's value and their softmax a calibrated probability. (b) :func:`lifelong_accuracy`:
+nearest key's value and their softmax a probability (for the NLL of ``metalearn compare``). (b) :func:`lifelong_accuracy`:
 the paper's own protocol, episodes of ``episode_width`` classes and ``episode_length`` examples
 shown one at a time, each predicted then written; accuracy on a class's ``k``-th showing.
 
@@ -125,9 +126,10 @@ class LeNet(nn.Module):
     ``out_features``. No normalisation layer. x: (batch, C, H, W) -> (batch, out_features).
 
     Initialised as the authors': weights truncated normal with standard deviation 0.1, biases 0.
-    Without a normalisation layer this matters: PyTorch's default initialisation shrinks the
-    activations layer by layer until every image embeds to nearly the bias of the last layer (all
-    queries alike), and the memory loss then makes them collapse to one point."""
+    Without a normalisation layer this matters: with PyTorch's default initialisation all
+    Omniglot images embed nearly parallel (mean cosine 0.94 between queries) and training makes
+    them collapse to one point (the loss stays at the margin); from the authors' it trains
+    (``tests/test_memory.py``)."""
 
     def __init__(self, input_shape: tuple[int, ...], out_features: int = 128):
         super().__init__()
@@ -142,7 +144,6 @@ class LeNet(nn.Module):
         )
         self.head = nn.Linear(128 * math.ceil(math.ceil(height / 2) / 2) * math.ceil(math.ceil(width / 2) / 2),
                               out_features)
-
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.trunc_normal_(module.weight, std=0.1, a=-0.2, b=0.2)  # TensorFlow's: cut at 2 sigma

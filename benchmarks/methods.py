@@ -44,7 +44,11 @@ COMMANDS = {
     "matchingnet": {"split": "vinyals", "ways": 5, "shots": 1, "query": 5, "test_query": 15},
     "matchingnet-fce": {"split": "vinyals", "ways": 5, "shots": 1, "query": 5, "test_query": 15},
     "reptile": {"ways": 5, "shots": 10, "test_shots": 1, "query": 1},
+    # the authors' episodes: 5 classes x 6 examples; memory-conv4: with the Conv4 embedding
+    "memory": {"split": "vinyals", "ways": 5, "shots": 1, "query": 5, "test_query": 15},
+    "memory-conv4": {"split": "vinyals", "ways": 5, "shots": 1, "query": 5, "test_query": 15},
 }
+METHOD_OPTIONS = {"matchingnet-fce": {"full_context_embeddings": True}, "memory-conv4": {"model": "conv4-embedding"}}
 EVAL_CHUNK = 50
 
 
@@ -70,11 +74,11 @@ def median_seconds(fn, iters: int, device: torch.device = torch.device("cpu")) -
 
 
 def measure(method: str, iters: int, device: torch.device = torch.device("cpu")) -> dict:
-    method = method.split("-")[0]
-    extra = {"full_context_embeddings": True} if method.endswith("-fce") else {}
-    config = resolve_config(method, task={"dataset": "omniglot", **COMMANDS[method]}, method_config=extra)
+    name = method.split("-")[0]
+    config = resolve_config(name, task={"dataset": "omniglot", **COMMANDS[method]},
+                            method_config=METHOD_OPTIONS.get(method, {}))
     torch.manual_seed(0)
-    learner = build_learner(method, config.method_config, problem_of(config.task)).to(device)
+    learner = build_learner(name, config.method_config, problem_of(config.task)).to(device)
     train = config.train
     optimizer = (torch.optim.Adam if train.meta_optimizer == "adam" else torch.optim.SGD)(
         learner.parameters(), lr=train.meta_lr)
@@ -95,7 +99,9 @@ def measure(method: str, iters: int, device: torch.device = torch.device("cpu"))
     step_s = median_seconds(train_step, iters, device)
     learner.eval()
     chunk_s = median_seconds(eval_chunk, iters, device)
+    split = memory_split(learner, train_batch, test_batch, iters, device) if name == "memory" else {}
     return {
+        **split, **({"memory_size": learner.config.memory_size} if split else {}),
         "method": method,
         "train_shape": f"{train.meta_batch_size} x {task.ways}-way {task.shots}-shot, {task.query} query/class",
         "test_shape": f"{test.ways}-way {test.shots}-shot, {test.query} query/class",
@@ -104,6 +110,31 @@ def measure(method: str, iters: int, device: torch.device = torch.device("cpu"))
         "eval_episodes_per_s": EVAL_CHUNK / chunk_s,
         "eval_1000_episodes_s": 1000 * chunk_s / EVAL_CHUNK,
     }
+
+
+def memory_split(learner, train_batch: TaskBatch, test_batch: TaskBatch, iters: int, device: torch.device) -> dict:
+    """Where a Memory Module step spends its time, forward only: the CNN (embedding and
+    projection of every example) against the memory's rounds (nearest-neighbour search over all
+    ``memory_size`` slots, loss and update, on the precomputed queries); and at evaluation the
+    CNN against writing the support set and scoring the queries."""
+    from metalearn.algorithms.memory import write_support
+
+    ways = train_batch.ways
+    labels = torch.cat([train_batch.support_y, train_batch.query_y], dim=1)
+    with torch.no_grad():
+        learner.train()
+        support, query = learner.queries(train_batch)
+        examples = torch.cat([support, query], dim=1)
+        cnn_s = median_seconds(lambda: learner.queries(train_batch), iters, device)
+        memory_s = median_seconds(lambda: learner.sequence_loss(examples, labels, support.shape[1], ways), iters, device)
+        learner.eval()
+        test_support, _ = learner.queries(test_batch)
+        eval_cnn_s = median_seconds(lambda: learner.queries(test_batch), iters, device)
+        eval_memory_s = median_seconds(
+            lambda: learner.predict_from_queries(*learner.queries(test_batch), test_batch.support_y, test_batch.ways),
+            iters, device) - eval_cnn_s
+    return {"train_cnn_forward_ms": 1000 * cnn_s, "train_memory_ms": 1000 * memory_s,
+            "eval_cnn_forward_ms": 1000 * eval_cnn_s, "eval_memory_ms": 1000 * max(eval_memory_s, 0.0)}
 
 
 def main() -> None:
@@ -132,6 +163,10 @@ def main() -> None:
         rows.append(row)
         print(f"{method:16s} {row['train_shape']:38s} {row['train_step_ms']:8.0f} {row['train_episodes_per_s']:10.1f} "
               f"{row['eval_episodes_per_s']:9.1f} {row['eval_1000_episodes_s']:12.1f}s", flush=True)
+        if "train_memory_ms" in row:
+            print(f"{'':16s} forward of a train step: CNN {row['train_cnn_forward_ms']:.0f} ms, memory (search over "
+                  f"{row['memory_size']} slots, loss, update) {row['train_memory_ms']:.0f} ms; eval chunk: CNN "
+                  f"{row['eval_cnn_forward_ms']:.0f} ms, memory {row['eval_memory_ms']:.0f} ms", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"metalearn": metalearn.__version__, "torch": torch.__version__, "threads": args.threads,

@@ -15,6 +15,7 @@ from typing import Any
 from metalearn.algorithms.base import MetaLearner, accuracy, task_loss
 from metalearn.algorithms.maml import MAML, MAMLConfig
 from metalearn.algorithms.matchingnet import MatchingNet, MatchingNetConfig
+from metalearn.algorithms.memory import MemoryConfig, MemoryModule
 from metalearn.algorithms.platipus import PLATIPUS, PLATIPUSConfig
 from metalearn.algorithms.protonet import ProtoNet, ProtoNetConfig
 from metalearn.algorithms.reptile import Reptile, ReptileConfig
@@ -27,6 +28,7 @@ METHODS: dict[str, type[MetaLearner]] = {
     "matchingnet": MatchingNet,
     "platipus": PLATIPUS,
     "reptile": Reptile,
+    "memory": MemoryModule,
 }
 
 
@@ -91,4 +93,5 @@ def build_learner(name: str, values: dict[str, Any], problem: Problem) -> MetaLe
 
 __all__ = ["METHODS", "register_method", "MAML", "MAMLConfig", "MetaLearner", "Problem", "accuracy", "task_loss",
            "method_class", "build_learner", "make_method_config", "ProtoNet", "ProtoNetConfig",
-           "MatchingNet", "MatchingNetConfig", "PLATIPUS", "PLATIPUSConfig", "Reptile", "ReptileConfig"]
+           "MatchingNet", "MatchingNetConfig", "MemoryModule", "MemoryConfig", "PLATIPUS", "PLATIPUSConfig",
+           "Reptile", "ReptileConfig"]

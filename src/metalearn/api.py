@@ -23,12 +23,20 @@ from metalearn.training import TEST_SEED_OFFSET, VALIDATION_SEED_OFFSET, build_t
 
 def resolve_config(method: str, task: dict[str, Any] | None = None,
                    method_config: dict[str, Any] | None = None, train: dict[str, Any] | None = None,
-                   resume_from: Path | str | None = None) -> RunConfig:
+                   resume_from: Path | str | None = None, preset: str | None = None) -> RunConfig:
     """A full RunConfig from the options the user gave; everything else takes the paper's value
-    for this method and task (its ``paper_defaults``), or, when resuming, the value
-    saved in the run directory."""
+    for this method and task (its ``paper_defaults``), or ``preset``'s (one of the method's
+    ``presets``, e.g. MAML's ``"maml++"``), or, when resuming, the value saved in the run directory."""
 
     task, method_config, train = dict(task or {}), dict(method_config or {}), dict(train or {})
+    cls = method_class(method)
+    if preset is not None:
+        if preset not in cls.presets:
+            known = ", ".join(cls.presets) if cls.presets else "none"
+            raise MetalearnError(f"{method} has no preset {preset!r} (its presets: {known})")
+        if resume_from is not None:
+            raise MetalearnError("--preset sets the options of a new run; a resumed run keeps the options it "
+                                 "saved: leave --preset out")
     if resume_from is not None and RunDir(resume_from).exists():
         saved = RunDir(resume_from).read_config()
         check_same_method(saved, method, resume_from)  # before its options meet another method's
@@ -59,7 +67,8 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
     task.update(dataset.fixed)
     task.setdefault("query", task.get("shots", TaskConfig.shots))  # the MAML code queries K per class
     task_config = TaskConfig(**task)
-    algo_defaults, train_defaults = method_class(method).paper_defaults(task_config)
+    algo_defaults, train_defaults = (cls.preset_defaults(preset, task_config) if preset is not None
+                                     else cls.paper_defaults(task_config))
     algo = make_method_config(method, {**algo_defaults, **method_config})
     check_options_apply(method, method_config, algo, task_config, train)
     return RunConfig(method, task_config, dataclasses.asdict(algo),

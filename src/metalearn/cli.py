@@ -112,6 +112,7 @@ def _make_train_command(method: str) -> click.Command:
             method_config=given(method_fields),
             train=given(TRAIN_FIELDS),
             resume_from=options["run_dir"] if options["resume"] else None,
+            preset=options.get("preset"),
         )
         if options["print_config"]:  # what training would refuse, refused here too
             from metalearn.distributed import resolve_device
@@ -144,6 +145,11 @@ def _make_train_command(method: str) -> click.Command:
         click.Option(["--eval/--no-eval"], default=True, help="evaluate on the test split when done"),
         click.Option(["--device"], default="cpu", show_default=True, help=DEVICE_HELP),
         click.Option(["--fast-gpu-kernels"], is_flag=True, help=FAST_GPU_HELP),
+        *([click.Option(["--preset"], type=click.Choice(list(METHODS[method].presets)), default=None,
+                        help="start from a named set of defaults instead of the paper's; options given "
+                             "still override it: " + "; ".join(f"{name}: {text}" for name, text in
+                                                               METHODS[method].presets.items()))]
+          if METHODS[method].presets else []),
         click.Option(["--print-config"], is_flag=True,
                      help="print the full configuration these options resolve to (paper defaults "
                           "filled in) as JSON and exit without training"),

@@ -6,11 +6,11 @@ from __future__ import annotations
 from torch import nn
 
 from metalearn.errors import MetalearnError
-from metalearn.models.conv4 import Conv4, reference_conv4
+from metalearn.models.conv4 import Conv4, mamlpp_conv4, reference_conv4
 from metalearn.models.mlp import MLP
 from metalearn.models.norm import BatchStatNorm, first_order_batch_norm
 
-MODELS = ("conv4", "conv4-maxpool", "conv4-embedding", "conv4-reference", "mlp")
+MODELS = ("conv4", "conv4-maxpool", "conv4-embedding", "conv4-reference", "conv4-mamlpp", "mlp")
 
 
 def build_model(name: str, input_shape: tuple[int, ...], out_features: int | None) -> nn.Module:
@@ -18,9 +18,10 @@ def build_model(name: str, input_shape: tuple[int, ...], out_features: int | Non
 
     ``out_features`` None gives an embedding network (no head), for metric-based methods.
     ``conv4-reference`` is ``conv4`` as the MAML authors' code builds and initialises it
-    (see :func:`~metalearn.models.conv4.reference_conv4`).
+    (see :func:`~metalearn.models.conv4.reference_conv4`); ``conv4-mamlpp`` the MAML++ network
+    (max-pooling, leaky ReLU: :func:`~metalearn.models.conv4.mamlpp_conv4`).
     """
-    if name in ("conv4", "conv4-maxpool", "conv4-embedding", "conv4-reference"):
+    if name in ("conv4", "conv4-maxpool", "conv4-embedding", "conv4-reference", "conv4-mamlpp"):
         if len(input_shape) != 3:
             raise MetalearnError(f"model {name} needs image inputs (C, H, W), got shape {input_shape}")
         pooling = "stride" if name in ("conv4", "conv4-reference") else "max"
@@ -29,10 +30,11 @@ def build_model(name: str, input_shape: tuple[int, ...], out_features: int | Non
         if pooling == "max" and min(input_shape[1:]) < 16:
             raise MetalearnError(f"{name} halves the image four times and needs at least 16x16 inputs, "
                                  f"got {input_shape[1]}x{input_shape[2]}")
-        if name == "conv4-reference":
+        if name in ("conv4-reference", "conv4-mamlpp"):
             if out_features is None:
-                raise MetalearnError("conv4-reference is a classifier (MAML's network); use conv4-embedding here")
-            return reference_conv4(input_shape[0], out_features)
+                raise MetalearnError(f"{name} is a classifier (MAML's network); use conv4-embedding here")
+            builder = reference_conv4 if name == "conv4-reference" else mamlpp_conv4
+            return builder(input_shape[0], out_features)
         head = None if name == "conv4-embedding" else out_features
         return Conv4(input_shape[0], head, pooling=pooling)
     if name == "mlp":
@@ -42,4 +44,5 @@ def build_model(name: str, input_shape: tuple[int, ...], out_features: int | Non
     raise MetalearnError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
 
 
-__all__ = ["BatchStatNorm", "Conv4", "MLP", "MODELS", "build_model", "first_order_batch_norm", "reference_conv4"]
+__all__ = ["BatchStatNorm", "Conv4", "MLP", "MODELS", "build_model", "first_order_batch_norm", "mamlpp_conv4",
+           "reference_conv4"]

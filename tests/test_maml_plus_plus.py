@@ -198,6 +198,18 @@ def test_without_running_statistics_evaluation_uses_the_batch_statistics():
     torch.testing.assert_close(learner.predict(batch), train_mode)
 
 
+def test_weights_trained_with_running_statistics_evaluate_without_them():
+    """``eval --set per_step_bn_statistics=false`` scores a MAML++ run as the authors' code does
+    (batch statistics): the checkpoint's running statistics are left unused, the rest loads."""
+    trained = small_learner(per_step_bn_weights=True, per_step_bn_statistics=True)
+    plain = small_learner(seed=1, per_step_bn_weights=True)
+    plain.load_state_dict(trained.state_dict())
+    batch = image_batch(tasks=2, ways=3, shots=2, query=2, size=16, seed=5)
+    trained.train()
+    plain.eval()
+    torch.testing.assert_close(plain.predict(batch), trained.predict(batch))
+
+
 def test_per_step_options_need_a_batch_norm_network():
     for option in ("per_step_bn_weights", "per_step_bn_statistics"):
         with pytest.raises(ConfigError, match=f"MAML.Config.{option} needs a network with batch norm"):

@@ -88,6 +88,14 @@ class BatchStatNorm(nn.Module):
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
         return batch_stat_norm(x, weight, bias, self.eps)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.running_mean is None:
+            # weights trained with per-step running statistics, loaded to normalise with batch
+            # statistics (``--set per_step_bn_statistics=false``: the authors' code's evaluation)
+            for name in ("running_mean", "running_var"):
+                state_dict.pop(prefix + name, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @torch.no_grad()
     def update_running_statistics(self, step: int, mean: Tensor, var: Tensor, momentum: float) -> None:
         """``running <- (1 - momentum) running + momentum batch`` for set ``step``, as torch's

@@ -5,8 +5,11 @@ The inner loop is a pure function ``params -> adapted params`` built on ``torch.
 Second-order by default: the meta-gradient flows through the inner gradient steps
 (Finn et al. 2017, eq. 1 and Algorithm 2). Options: first-order MAML (section 5.2), inner step
 sizes learned per parameter tensor and per step ("LSLR" of MAML++, Antoniou et al. 2019; the
-per-tensor form of Meta-SGD, Li et al. 2017), and the MAML++ multi-step loss (query loss after
-every inner step).
+per-tensor form of Meta-SGD, Li et al. 2017), and the rest of MAML++ (Antoniou, Edwards & Storkey
+2019, section 4): the multi-step loss (query loss after every inner step), derivative-order
+annealing, per-step batch-norm scales and offsets and running statistics; ``--preset maml++``
+(:meth:`MAML.preset_defaults`) turns all of them on with the paper's Omniglot settings (with the
+trainer's cosine anneal of the meta learning rate). See docs/methods/maml-plus-plus.md.
 
 Example::
 
@@ -110,7 +113,8 @@ def multi_step_weights(steps: int, progress: float) -> Tensor:
 
 
 class MAML(MetaLearner):
-    """MAML around any ``nn.Module`` without running-statistics buffers."""
+    """MAML around any ``nn.Module`` without running-statistics buffers (those of its own
+    per-step batch norm, ``per_step_bn_statistics``, are state it updates in :meth:`end_step`)."""
 
     name = "maml"
     Config = MAMLConfig

@@ -1,5 +1,6 @@
-"""Networks: plain ``nn.Module`` s with no running-statistics buffers, so that an method can
-apply them as pure functions of a parameter dict (``torch.func.functional_call``)."""
+"""Networks: plain ``nn.Module`` s with no running-statistics buffers, so that a method can
+apply them as pure functions of a parameter dict (``torch.func.functional_call``). (MAML's
+per-step batch-norm statistics are buffers that only the method's own update writes.)"""
 
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ class BatchStatNorm(nn.Module):
     kernel inside ``torch.func.vmap`` is wrong (a conv bias in front of batch norm, which cannot
     change any output, gets a non-zero second-order MAML meta-gradient). Written with ``mean``
     and ``var`` it agrees with finite differences (tests/test_maml.py). There are no running
-    statistics, as in the MAML reference code: statistics of the batch at train and test time.
+    statistics, as in the MAML reference code: statistics of the batch at train and test time;
+    :meth:`make_per_step` adds MAML++'s per-step sets (scales and offsets, running statistics).
     ``scale=False`` drops the scale (no ``weight``), as the reference code's
     ``tf.contrib.layers.batch_norm`` does by default.
 

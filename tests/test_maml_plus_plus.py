@@ -235,6 +235,7 @@ def test_the_maml_plus_plus_preset_and_its_overrides():
     assert (m["multi_step_anneal_steps"], m["first_order_steps"], m["adapt_norm"]) == (5000, 25000, False)
     assert (train.steps, train.meta_batch_size, train.meta_lr, train.lr_anneal, train.min_meta_lr) == \
         (50000, 8, 1e-3, "cosine", 1e-5)
+    assert (train.val_every, train.val_episodes, train.keep_best) == (500, 600, 5)
     # each part stays its own option: the ablation turns one off
     ablated = resolve_config("maml", method_config={"per_step_bn_statistics": False, "inner_steps": 3},
                              train={"meta_batch_size": 16}, preset="maml++")
@@ -291,3 +292,44 @@ def test_resume_is_exact_with_per_step_running_statistics(tmp_path, omniglot_dat
     assert not torch.equal(a["model.features.0.1.running_mean"], torch.zeros_like(a["model.features.0.1.running_mean"]))
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_the_best_validation_checkpoints_are_kept_and_evaluated_as_an_ensemble(tmp_path, capsys):
+    """--keep-best 2 keeps the checkpoints of the two best validations (lowest MSE here; ties:
+    the earlier step); eval --ensemble scores the average of their predictions on the run's
+    test episodes, as MAML++'s code averages the logits of its best checkpoints."""
+    from metalearn.api import evaluate_run
+    from metalearn.checkpoints import load_trained
+    from metalearn.runs import RunDir
+    from metalearn.tasks import build_task_source
+    from metalearn.training import TEST_SEED_OFFSET
+
+    config = resolve_config("maml", task={"dataset": "sinusoid", "shots": 5}, method_config={"test_inner_steps": 2},
+                            train={"steps": 6, "meta_batch_size": 4, "log_every": 1, "val_every": 1,
+                                   "val_episodes": 8, "checkpoint_every": 3, "eval_episodes": 10, "keep_best": 2,
+                                   "meta_lr": 0.01})
+    run_dir = tmp_path / "run"
+    build_trainer(config, run_dir).fit(progress=False)
+    folder = RunDir(run_dir)
+    validations = [(r["val_mse"], r["step"]) for r in folder.read_metrics() if "val_mse" in r]
+    best = [step for _, step in sorted(validations)[:2]]
+    paths = folder.best_checkpoints()
+    assert [p.name for p in paths] == [f"step-{step}.pt" for step in best]
+    assert sorted(p.name for p in folder.best_dir.glob("*.pt")) == sorted(p.name for p in paths)
+
+    result = evaluate_run(run_dir, progress=False, ensemble=True)
+    assert result["ensemble"] == best and result["step"] == 6
+    members = [load_trained(run_dir, checkpoint=path)[1] for path in paths]
+    batch = build_task_source(config.task, "test").sample(10, torch.Generator().manual_seed(TEST_SEED_OFFSET))
+    average = torch.stack([member.predict(batch) for member in members]).mean(0)
+    mse = ((average - batch.query_y) ** 2).flatten(1).mean(-1)
+    torch.testing.assert_close(torch.tensor(result["scores"], dtype=mse.dtype), mse, rtol=1e-5, atol=1e-7)
+    assert (run_dir / "eval-ensemble=2.json").is_file()
+
+    code, out, _ = run(["eval", run_dir, "--ensemble", "--no-progress"], capsys)
+    assert code == 0 and "eval-ensemble=2.json" in out
+    plain = tmp_path / "plain"
+    build_trainer(resolve_config("maml", task={"dataset": "sinusoid"},
+                                 train={"steps": 1, "val_every": 0, "eval_episodes": 2}), plain).fit(progress=False)
+    code, _, err = run(["eval", plain, "--ensemble", "--no-progress"], capsys)
+    assert code == 2 and "kept no best checkpoints: train with --keep-best N" in err

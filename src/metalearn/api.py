@@ -131,7 +131,7 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
                  data_dir: Path | str | None = None, progress: bool = True, world: World | None = None,
                  overrides: dict[str, Any] | None = None, device: str = "cpu",
                  episode_shape: dict[str, int] | None = None, per_step: bool = True,
-                 exact_gpu_kernels: bool = True) -> dict[str, Any]:
+                 exact_gpu_kernels: bool = True, ensemble: bool = False) -> dict[str, Any]:
     """Evaluate the checkpoint of ``run_dir`` on ``episodes`` episodes of ``part`` and write
     ``eval.json``, or ``eval-<key>=<value>.json`` named by what differs from the run's own
     evaluation (see :func:`evaluation_labels`): ``overrides`` of the method's options, e.g.
@@ -142,14 +142,28 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     ``episode_shape`` (keys ``ways``, ``shots``, ``query``) tests on episodes of another shape
     than the run's, e.g. a Prototypical Network trained 60-way tested 20-way, as in its paper.
     ``per_step`` False skips the scores after each adaptation step (see ``evaluate``).
-    ``exact_gpu_kernels`` as for :func:`train`.
+    ``exact_gpu_kernels`` as for :func:`train`. ``ensemble``: score the average prediction of
+    the checkpoints the run kept with ``keep_best`` (MAML++'s model selection; the result's
+    ``step`` is then the latest checkpoint's, ``ensemble`` the members' steps).
     """
     config, learner, step = load_trained(run_dir, overrides)
+    members = []
+    if ensemble:
+        from metalearn.evaluation import Ensemble
+
+        paths = RunDir(run_dir).best_checkpoints()
+        members = [load_trained(run_dir, overrides, path) for path in paths]
+        learner = Ensemble([member for _, member, _ in members])
     if episode_shape:
         config = with_test_shape(config, episode_shape)
-    return _evaluate(run_dir, config, learner, step, part, episodes, seed, data_dir, progress,
-                     world or init_world(device, exact_gpu_kernels=exact_gpu_kernels), {**(overrides or {}), **(episode_shape or {})}, per_step,
-                     evaluation_labels(config, overrides, episode_shape, episodes, seed))
+    labels = evaluation_labels(config, overrides, episode_shape, episodes, seed)
+    if ensemble:
+        labels["ensemble"] = len(members)
+    result = _evaluate(run_dir, config, learner, step, part, episodes, seed, data_dir, progress,
+                       world or init_world(device, exact_gpu_kernels=exact_gpu_kernels),
+                       {**(overrides or {}), **(episode_shape or {})}, per_step, labels,
+                       {"ensemble": [member_step for _, _, member_step in members]} if ensemble else None)
+    return result
 
 
 def evaluation_labels(config: RunConfig, overrides: dict[str, Any] | None = None,
@@ -185,7 +199,8 @@ def with_test_shape(config: RunConfig, shape: dict[str, int]) -> RunConfig:
 
 def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episodes: int | None, seed: int,
               data_dir, progress: bool, world: World, overrides: dict[str, Any] | None,
-              per_step: bool = True, labels: dict[str, Any] | None = None) -> dict[str, Any]:
+              per_step: bool = True, labels: dict[str, Any] | None = None,
+              extra: dict[str, Any] | None = None) -> dict[str, Any]:
     from metalearn.tasks import build_task_source
 
     source = build_task_source(config.task, part, data_dir, progress)
@@ -199,7 +214,8 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
                       per_step=per_step)
     test = config.task.for_testing()
     result.update({"part": part, "step": step, "method": config.method, "dataset": config.task.dataset,
-                   "ways": test.ways, "shots": test.shots, "query": test.query, "overrides": overrides or {}})
+                   "ways": test.ways, "shots": test.shots, "query": test.query, "overrides": overrides or {},
+                   **(extra or {})})
     if world.is_main:
         RunDir(run_dir).write_eval(result, labels, part)
     return result

@@ -206,8 +206,11 @@ def train():
 @click.option("--progress/--no-progress", default=True)
 @click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
 @click.option("--fast-gpu-kernels", is_flag=True, help=FAST_GPU_HELP)
+@click.option("--ensemble", is_flag=True,
+              help="score the average prediction of the best validation checkpoints the run kept (train "
+                   "--keep-best N; MAML++'s model selection) instead of the latest checkpoint")
 def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots, query, per_step, progress, device,
-                 fast_gpu_kernels):
+                 fast_gpu_kernels, ensemble):
     """Evaluate a trained run: mean accuracy (or MSE) with a 95% confidence interval."""
     from metalearn.api import evaluate_run, evaluation_labels
     from metalearn.evaluation import format_result
@@ -216,10 +219,12 @@ def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots,
     shape = {k: v for k, v in (("ways", ways), ("shots", shots), ("query", query)) if v is not None}
     result = evaluate_run(run_dir, episodes=episodes, seed=seed, part=part, data_dir=data_dir,
                           progress=progress, overrides=overrides, device=device, episode_shape=shape,
-                          per_step=per_step, exact_gpu_kernels=not fast_gpu_kernels)
+                          per_step=per_step, exact_gpu_kernels=not fast_gpu_kernels, ensemble=ensemble)
     click.echo(format_result(result))
     config = RunDir(run_dir).read_config()
     labels = evaluation_labels(config, overrides, shape, episodes, seed)
+    if ensemble:
+        labels["ensemble"] = len(result["ensemble"])
     click.echo(f"written to {RunDir(run_dir).eval_file(labels, part)}")
 
 

@@ -192,7 +192,8 @@ class MAML(MetaLearner):
         switches after the paper's 50 epochs (the released configurations use second order
         throughout, their README's example switches at epoch 80); 100 epochs of 500 meta-steps
         and meta-batch 8 as released (the README's example: 150 epochs, meta-batch 16). An epoch
-        here is 500 meta-steps; the schedules move every step, theirs once per epoch."""
+        here is 500 meta-steps; the schedules move every step, theirs once per epoch. The 5 best
+        validation checkpoints are kept, for their code's model selection (``eval --ensemble``)."""
         if not task.classification:
             raise MetalearnError(f"the maml++ preset is the paper's Omniglot set-up (a batch-norm network); "
                                  f"{task.dataset} is regression: give MAML++'s options one by one")
@@ -202,7 +203,8 @@ class MAML(MetaLearner):
                  "first_order_steps": 50 * epoch, "per_step_bn_weights": True, "per_step_bn_statistics": True,
                  "adapt_norm": False},
                 {"meta_batch_size": 8, "steps": 100 * epoch, "meta_lr": 1e-3, "lr_anneal": "cosine",
-                 "min_meta_lr": 1e-5, "val_every": epoch, "val_episodes": 600, "checkpoint_every": epoch})
+                 "min_meta_lr": 1e-5, "val_every": epoch, "val_episodes": 600, "checkpoint_every": epoch,
+                 "keep_best": 5})
 
     # -- the pure functions ------------------------------------------------------------------
 

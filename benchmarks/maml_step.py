@@ -33,6 +33,17 @@ one's float32 error against that is printed too.
 
 ``--device cuda`` times rows (a), (b) and (d) on a GPU (learn2learn stays on the CPU), each step
 from an idle device to its last finished kernel.
+
+``--mamlpp`` adds a row (e), timed in the same rounds: metalearn's MAML with every MAML++ part
+that changes a meta-step (learned per-step step sizes, the multi-step loss, per-step batch-norm
+scales and offsets and running statistics, with their update; batch-norm sets meta-learned
+only, as in the preset) on a copy of the same Conv4 with the same inner steps, so that its
+difference from row (a) is the cost of those parts. (The preset's own network, max-pooling
+conv4-mamlpp, costs more than the strided Conv4 on its own.) It is a different computation, so
+it is left out of the gradient check; learn2learn has no row for it (its MetaBatchNorm is
+per-step, but its MAML has no multi-step loss or running-statistics update to run it the same).
+
+    python benchmarks/maml_step.py --ways 20 --meta-batch 8 --inner-steps 5 --inner-lr 0.1 --mamlpp
 """
 
 from __future__ import annotations
@@ -98,6 +109,25 @@ def vmapped_step(model: nn.Module, batch: TaskBatch, first_order: bool, inner_lr
     def step():
         loss, _ = maml.meta_loss(batch)
         loss.backward()
+
+    return step
+
+
+def mamlpp_step(model: nn.Module, batch: TaskBatch, first_order: bool, inner_lr: float = 0.4,
+                inner_steps: int = 1) -> Callable[[], None]:
+    """(e) MAML++'s meta-step: a copy of ``model`` made per-step, every part on, the running
+    statistics' update included (one process: ``World()``)."""
+    from metalearn.distributed import World
+
+    maml = MAML(copy.deepcopy(model), MAML.Config(
+        inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, learn_inner_lr=True,
+        multi_step_loss=True, per_step_bn_weights=True, per_step_bn_statistics=True, adapt_norm=False))
+
+    def step():
+        maml.zero_grad(set_to_none=True)
+        loss, _ = maml.meta_loss(batch)
+        loss.backward()
+        maml.end_step(World())
 
     return step
 
@@ -425,6 +455,8 @@ def parse_args(argv=None):
     p.add_argument("--peer-models", default="metalearn,native",
                    help="learn2learn rows: 'metalearn' = metalearn's Conv4 (BatchStatNorm), the same "
                         "model as the other rows; 'native' = the same network with nn.BatchNorm2d")
+    p.add_argument("--mamlpp", action="store_true",
+                   help="add row (e): MAML++ (every part that changes a meta-step) on the same network")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N; the learn2learn rows run on the CPU only")
@@ -503,6 +535,9 @@ def main(argv=None) -> dict:
             for order in args.orders:
                 for name, build in impls.items():
                     steps[(name, order)] = build(ORDERS[order])
+                if args.mamlpp:
+                    steps[("metalearn MAML++ (vmap)", order)] = mamlpp_step(model, batch, ORDERS[order],
+                                                                            args.inner_lr, args.inner_steps)
                 for peer_model, peer in peers.items():
                     steps[(PEER_ROWS[peer_model], order)] = peer.step(order)
             steps[(limit_name, "none")] = limit_step(model, batch)

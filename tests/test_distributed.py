@@ -76,6 +76,24 @@ def test_two_ranks_equal_one_process_on_omniglot(tmp_path, omniglot_data_dir):
     assert_same_weights(tmp_path / "single", tmp_path / "double")
 
 
+def test_two_ranks_gather_maml_plus_plus_running_statistics_like_one_process(tmp_path, omniglot_data_dir):
+    # MAML++'s per-step running statistics are averaged over every rank's tasks (shares of 2 and
+    # 1 here), so the buffers, like the weights, equal one process's; validation uses them
+    args = ["maml", "--dataset", "omniglot", "--ways", 3, "--shots", 1, "--meta-batch-size", 3, "--steps", 2,
+            "--model", "conv4", "--inner-steps", 2, "--test-inner-steps", 2, "--learn-inner-lr",
+            "--multi-step-loss", "--per-step-bn-weights", "--per-step-bn-statistics", "--no-adapt-norm",
+            "--meta-optimizer", "sgd", "--meta-lr", 0.5, "--val-every", 1, "--val-episodes", 2,
+            "--no-eval", "--no-progress", "--data-dir", omniglot_data_dir]
+    metalearn(args + ["--run-dir", tmp_path / "single"], tmp_path)
+    torchrun(args + ["--run-dir", tmp_path / "double"], tmp_path)
+    assert_same_weights(tmp_path / "single", tmp_path / "double")
+    statistics = weights(tmp_path / "double")["model.features.0.1.running_var"]
+    assert statistics.shape == (2, 64) and not torch.equal(statistics, torch.ones_like(statistics))
+    v1 = [r for r in RunDir(tmp_path / "single").read_metrics() if "val_accuracy" in r]
+    v2 = [r for r in RunDir(tmp_path / "double").read_metrics() if "val_accuracy" in r]
+    assert [r["val_accuracy"] for r in v1] == pytest.approx([r["val_accuracy"] for r in v2])
+
+
 def test_two_ranks_equal_one_process_for_prototypical_networks(tmp_path, omniglot_data_dir):
     # Tolerance: the ranks embed 2 and 1 tasks where one process embeds 3, and the float32 conv
     # kernels round differently for those batch sizes; through batch norm over few images the

@@ -15,7 +15,7 @@ from metalearn.algorithms.memory import (EMPTY, Memory, MemoryConfig, class_roun
                                          look_up, update_memory)
 from metalearn.api import resolve_config
 from metalearn.config import TaskConfig
-from metalearn.errors import ConfigError, MetalearnError
+from metalearn.errors import ConfigError
 from metalearn.tasks import build_task_source, problem_of
 from metalearn.tasks.batch import Problem, TaskBatch
 
@@ -314,4 +314,4 @@ def test_a_checkpoint_of_another_memory_size_is_refused(tmp_path, capsys, omnigl
     code, _, err = run(["eval", tmp_path / "r", "--set", "memory_size=32", "--episodes", 2,
                         "--data-dir", omniglot_data_dir], capsys)
     assert code == 2 and "Traceback" not in err
-    assert "memory_size is 32 but the checkpoint's memory has 16 slots" in err
+    assert "memory-size is 32 but the checkpoint's memory has 16 slots" in err

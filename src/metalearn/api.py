@@ -24,12 +24,20 @@ from metalearn.training import TEST_SEED_OFFSET, VALIDATION_SEED_OFFSET, build_t
 
 def resolve_config(method: str, task: dict[str, Any] | None = None,
                    method_config: dict[str, Any] | None = None, train: dict[str, Any] | None = None,
-                   resume_from: Path | str | None = None) -> RunConfig:
+                   resume_from: Path | str | None = None, preset: str | None = None) -> RunConfig:
     """A full RunConfig from the options the user gave; everything else takes the paper's value
-    for this method and task (its ``paper_defaults``), or, when resuming, the value
-    saved in the run directory."""
+    for this method and task (its ``paper_defaults``), or ``preset``'s (one of the method's
+    ``presets``, e.g. MAML's ``"maml++"``), or, when resuming, the value saved in the run directory."""
 
     task, method_config, train = dict(task or {}), dict(method_config or {}), dict(train or {})
+    cls = method_class(method)
+    if preset is not None:
+        if preset not in cls.presets:
+            known = ", ".join(cls.presets) if cls.presets else "none"
+            raise MetalearnError(f"{method} has no preset {preset!r} (its presets: {known})")
+        if resume_from is not None:
+            raise MetalearnError("--preset sets the options of a new run; a resumed run keeps the options it "
+                                 "saved: leave --preset out")
     if resume_from is not None and RunDir(resume_from).exists():
         saved = RunDir(resume_from).read_config()
         check_same_method(saved, method, resume_from)  # before its options meet another method's
@@ -60,7 +68,8 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
     task.update(dataset.fixed)
     task.setdefault("query", task.get("shots", TaskConfig.shots))  # the MAML code queries K per class
     task_config = TaskConfig(**task)
-    method_defaults, train_defaults = method_class(method).paper_defaults(task_config)
+    method_defaults, train_defaults = (cls.preset_defaults(preset, task_config) if preset is not None
+                                       else cls.paper_defaults(task_config))
     method_options = make_method_config(method, {**method_defaults, **method_config})
     check_options_apply(method, method_config, method_options, task_config, train)
     if not has_validation(task_config):  # the saved configuration says what happens: no validation
@@ -145,7 +154,8 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
                  data_dir: Path | str | None = None, progress: bool = True, world: World | None = None,
                  overrides: dict[str, Any] | None = None, device: str = "cpu",
                  episode_shape: dict[str, int] | None = None, per_step: bool = True,
-                 exact_gpu_kernels: bool = True) -> dict[str, Any]:
+                 exact_gpu_kernels: bool = True, ensemble: bool = False,
+                 protocol: str | None = None) -> dict[str, Any]:
     """Evaluate the checkpoint of ``run_dir`` on ``episodes`` episodes of ``part`` and write
     ``eval.json``, or ``eval-<key>=<value>.json`` named by what differs from the run's own
     evaluation (see :func:`evaluation_labels`): ``overrides`` of the method's options, e.g.
@@ -156,14 +166,57 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     ``episode_shape`` (keys ``ways``, ``shots``, ``query``) tests on episodes of another shape
     than the run's, e.g. a Prototypical Network trained 60-way tested 20-way, as in its paper.
     ``per_step`` False skips the scores after each adaptation step (see ``evaluate``).
-    ``exact_gpu_kernels`` as for :func:`train`.
+    ``exact_gpu_kernels`` as for :func:`train`. ``ensemble``: score the average prediction of
+    the checkpoints the run kept with ``keep_best`` (MAML++'s model selection; the result's
+    ``step`` is then the latest checkpoint's, ``ensemble`` the members' steps). ``protocol``:
+    one of the method's other evaluation protocols (``MetaLearner.protocols``, e.g. the Memory
+    Module's ``"lifelong"``) instead of the standard episodes; written to
+    ``eval-protocol=<name>.json``.
     """
     config, learner, step = load_trained(run_dir, overrides)
+    if protocol is not None:
+        return _evaluate_protocol(run_dir, config, learner, step, protocol, part, episodes, seed, data_dir, progress,
+                                  world or init_world(device, exact_gpu_kernels=exact_gpu_kernels),
+                                  {**evaluation_labels(config, overrides, None, episodes, seed), "protocol": protocol})
+    members = []
+    if ensemble:
+        from metalearn.evaluation import Ensemble
+
+        paths = RunDir(run_dir).best_checkpoints()
+        members = [load_trained(run_dir, overrides, path) for path in paths]
+        learner = Ensemble([member for _, member, _ in members])
     if episode_shape:
         config = with_test_shape(config, episode_shape)
-    return _evaluate(run_dir, config, learner, step, part, episodes, seed, data_dir, progress,
-                     world or init_world(device, exact_gpu_kernels=exact_gpu_kernels), {**(overrides or {}), **(episode_shape or {})}, per_step,
-                     evaluation_labels(config, overrides, episode_shape, episodes, seed))
+    labels = evaluation_labels(config, overrides, episode_shape, episodes, seed)
+    if ensemble:
+        labels["ensemble"] = len(members)
+    result = _evaluate(run_dir, config, learner, step, part, episodes, seed, data_dir, progress,
+                       world or init_world(device, exact_gpu_kernels=exact_gpu_kernels),
+                       {**(overrides or {}), **(episode_shape or {})}, per_step, labels,
+                       {"ensemble": [member_step for _, _, member_step in members]} if ensemble else None)
+    return result
+
+
+def _evaluate_protocol(run_dir, config: RunConfig, learner, step: int, protocol: str, part: str,
+                       episodes: int | None, seed: int, data_dir, progress: bool, world: World,
+                       labels: dict[str, Any]) -> dict[str, Any]:
+    """``metalearn eval --protocol NAME``: the method's own protocol on the run's test (or
+    validation) tasks, seeded as the standard evaluation is; rank 0 writes the result."""
+    from metalearn.tasks import build_task_source
+
+    protocols = type(learner).protocols
+    if protocol not in protocols:
+        known = ", ".join(protocols) if protocols else "none besides the standard episodes"
+        raise MetalearnError(f"{config.method} has no evaluation protocol {protocol!r} (its protocols: {known})")
+    source = build_task_source(config.task.for_testing(), part, data_dir, progress)
+    offset = VALIDATION_SEED_OFFSET if part == "val" else TEST_SEED_OFFSET
+    n = config.train.eval_episodes if episodes is None else episodes
+    result = protocols[protocol](learner.to(world.device), source, episodes=n, seed=seed + offset)
+    result.update({"protocol": protocol, "part": part, "step": step, "method": config.method,
+                   "dataset": config.task.dataset})
+    if world.is_main:
+        RunDir(run_dir).write_eval(result, labels, part)
+    return result
 
 
 def evaluation_labels(config: RunConfig, overrides: dict[str, Any] | None = None,
@@ -199,7 +252,8 @@ def with_test_shape(config: RunConfig, shape: dict[str, int]) -> RunConfig:
 
 def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episodes: int | None, seed: int,
               data_dir, progress: bool, world: World, overrides: dict[str, Any] | None,
-              per_step: bool = True, labels: dict[str, Any] | None = None) -> dict[str, Any]:
+              per_step: bool = True, labels: dict[str, Any] | None = None,
+              extra: dict[str, Any] | None = None) -> dict[str, Any]:
     from metalearn.tasks import build_task_source
 
     source = build_task_source(config.task, part, data_dir, progress)
@@ -213,7 +267,8 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
                       per_step=per_step)
     test = config.task.for_testing()
     result.update({"part": part, "step": step, "method": config.method, "dataset": config.task.dataset,
-                   "ways": test.ways, "shots": test.shots, "query": test.query, "overrides": overrides or {}})
+                   "ways": test.ways, "shots": test.shots, "query": test.query, "overrides": overrides or {},
+                   **(extra or {})})
     if world.is_main:
         RunDir(run_dir).write_eval(result, labels, part)
     return result

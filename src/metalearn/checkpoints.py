@@ -161,7 +161,8 @@ def check_run_dir(config: RunConfig, run: RunDir, resume: bool) -> None:
         raise MetalearnError(f"{run.path} already holds a run; pass --resume to continue it or choose another --run-dir")
 
 
-def load_trained(run_dir: Path | str, overrides: dict[str, Any] | None = None) -> tuple[RunConfig, MetaLearner, int]:
+def load_trained(run_dir: Path | str, overrides: dict[str, Any] | None = None,
+                 checkpoint: Path | None = None) -> tuple[RunConfig, MetaLearner, int]:
     """A trained run, ready to predict: returns ``(config, learner, step)``.
 
     - ``config``: the run's :class:`RunConfig` (``config.task.image_size`` and
@@ -173,10 +174,11 @@ def load_trained(run_dir: Path | str, overrides: dict[str, Any] | None = None) -
     - ``step``: the number of meta-updates the checkpoint holds.
 
     ``overrides`` changes options of the method that do not touch its weights (for instance
-    the number of test-time steps) for this evaluation only."""
+    the number of test-time steps) for this evaluation only. ``checkpoint``: another of the
+    run's checkpoints than its latest (one of ``RunDir.best_checkpoints``)."""
     run = RunDir(run_dir)
     config = run.read_config()
-    state = run.read_checkpoint("config", "learner", "step")
+    state = run.read_checkpoint("config", "learner", "step", path=checkpoint)
     # "dataset:NAME": built from the registry; "metalearn.*": a built-in source (older checkpoints
     # name its class); absent in the oldest checkpoints, whose tasks were always the library's
     source = state.get("task_source", "metalearn.")

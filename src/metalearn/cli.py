@@ -113,6 +113,7 @@ def _make_train_command(method: str) -> click.Command:
             method_config=given(method_fields),
             train=given(TRAIN_FIELDS),
             resume_from=options["run_dir"] if options["resume"] else None,
+            preset=options.get("preset"),
         )
         if options["print_config"]:  # what training would refuse, refused here too
             from metalearn.distributed import resolve_device
@@ -145,6 +146,11 @@ def _make_train_command(method: str) -> click.Command:
         click.Option(["--eval/--no-eval"], default=True, help="evaluate on the test split when done"),
         click.Option(["--device"], default="cpu", show_default=True, help=DEVICE_HELP),
         click.Option(["--fast-gpu-kernels"], is_flag=True, help=FAST_GPU_HELP),
+        *([click.Option(["--preset"], type=click.Choice(list(METHODS[method].presets)), default=None,
+                        help="start from a named set of defaults instead of the paper's; options given "
+                             "still override it: " + "; ".join(f"{name}: {text}" for name, text in
+                                                               METHODS[method].presets.items()))]
+          if METHODS[method].presets else []),
         click.Option(["--print-config"], is_flag=True,
                      help="print the full configuration these options resolve to (paper defaults "
                           "filled in) as JSON and exit without training"),
@@ -201,8 +207,14 @@ def train():
 @click.option("--progress/--no-progress", default=True)
 @click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
 @click.option("--fast-gpu-kernels", is_flag=True, help=FAST_GPU_HELP)
+@click.option("--ensemble", is_flag=True,
+              help="score the average prediction of the best validation checkpoints the run kept (train "
+                   "--keep-best N; MAML++'s model selection) instead of the latest checkpoint")
+@click.option("--protocol", default=None, metavar="NAME",
+              help="one of the method's own evaluation protocols instead of the standard episodes (the "
+                   "Memory Module: lifelong); written to eval-protocol=NAME.json")
 def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots, query, per_step, progress, device,
-                 fast_gpu_kernels):
+                 fast_gpu_kernels, ensemble, protocol):
     """Evaluate a trained run: mean accuracy (or MSE) with a 95% confidence interval."""
     from metalearn.api import evaluate_run, evaluation_labels
     from metalearn.evaluation import format_result
@@ -210,19 +222,40 @@ def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots,
     overrides = dict(parse_setting(s) for s in settings)
     shape = {k: v for k, v in (("ways", ways), ("shots", shots), ("query", query)) if v is not None}
     labels = evaluation_labels(RunDir(run_dir).read_config(), overrides, shape, episodes, seed)
+    if ensemble:
+        labels["ensemble"] = len(RunDir(run_dir).best_checkpoints())
+    if protocol is not None:
+        labels["protocol"] = protocol
     target = RunDir(run_dir).eval_file(labels, part)
     earlier = describe_evaluation(target)  # said when it is replaced
     result = evaluate_run(run_dir, episodes=episodes, seed=seed, part=part, data_dir=data_dir,
                           progress=progress, overrides=overrides, device=device, episode_shape=shape,
-                          per_step=per_step, exact_gpu_kernels=not fast_gpu_kernels)
-    click.echo(format_result(result))
+                          per_step=per_step, exact_gpu_kernels=not fast_gpu_kernels, ensemble=ensemble,
+                          protocol=protocol)
+    click.echo(format_result(result) if protocol is None else format_protocol_result(result))
     click.echo(f"written to {target}" + (f" (replacing the earlier evaluation there: {earlier})" if earlier else ""))
+
+
+def format_protocol_result(result: dict) -> str:
+    """A protocol's result, one ``name: value`` line per score (lists of numbers on one line)."""
+    lines = [f"protocol {result['protocol']} ({result['part']} part, step {result['step']})"]
+    for key, value in result.items():
+        if key in ("protocol", "part", "step", "method", "dataset"):
+            continue
+        if isinstance(value, (list, tuple)):
+            value = " ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in value)
+        elif isinstance(value, float):
+            value = f"{value:.2f}"
+        lines.append(f"{key}: {value}")
+    return "\n".join(lines)
 
 
 def describe_evaluation(path: Path) -> str:
     """The evaluation in ``path`` in a few words (``"mse 0.41 at step 70000"``), "" if none is there."""
     try:
         old = json.loads(path.read_text())
+        if "protocol" in old:
+            return f"the {old['protocol']} protocol at step {int(old['step'])}"
         return f"{old['metric']} {float(old['mean']):.4g} at step {int(old['step'])}"
     except FileNotFoundError:
         return ""

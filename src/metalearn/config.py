@@ -103,6 +103,8 @@ class TrainConfig:
     val_episodes: int = option(200, "episodes per validation")
     checkpoint_every: int = option(500, "steps between checkpoints (one is also written at the end and on Ctrl-C)")
     eval_episodes: int = option(600, "test episodes of the evaluation after training")
+    keep_best: int = option(0, "keep the checkpoints of this many best validations in best/, for eval --ensemble "
+                               "(MAML++'s model selection; 0: none)")
     init_from: str = option("", "a trained run directory whose network gives the initial weights (default none)")
 
     def __post_init__(self):
@@ -117,6 +119,8 @@ class TrainConfig:
         for name in ("log_every", "checkpoint_every", "val_episodes", "eval_episodes"):
             if getattr(self, name) < 1:
                 refuse(name, "must be at least 1")
+        if self.keep_best < 0:
+            refuse("keep_best", "must be >= 0 (0: none)")
         if self.val_every < 0:
             refuse("val_every", "must be >= 0 (0: no validation)")
         if self.lr_halve_every < 0:
@@ -136,7 +140,7 @@ class TrainConfig:
 
 # Fields that may change when a run is resumed: they do not alter what was already computed.
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.val_every", "train.checkpoint_every",
-                     "train.eval_episodes", "train.val_episodes"}
+                     "train.eval_episodes", "train.val_episodes", "train.keep_best"}
 
 
 @dataclass(frozen=True)

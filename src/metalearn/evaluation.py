@@ -7,10 +7,12 @@ import math
 from typing import Any
 
 import torch
+from torch import nn
 
 from metalearn.algorithms.base import MetaLearner, device_of
 from metalearn.distributed import World
 from metalearn.tasks import TaskSource
+from metalearn.tasks.batch import TaskBatch
 
 
 def episode_scores(learner: MetaLearner, batch, per_step: bool = True) -> torch.Tensor:
@@ -113,6 +115,24 @@ def evaluate(
     if 0 < finite.numel() < n:  # the mean above is NaN or inf; say what the rest scored
         result["mean_of_finite"] = float(finite.mean())
     return result
+
+
+class Ensemble(MetaLearner):
+    """The average prediction of several trained learners of one run on the same episodes: logits
+    (or regression outputs) averaged after each adaptation step, as MAML++'s code averages the
+    logits of its best validation checkpoints (Antoniou et al. 2019, section 5)."""
+
+    name = "ensemble"
+
+    def __init__(self, members: list[MetaLearner]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def predict(self, batch: TaskBatch) -> torch.Tensor:
+        return torch.stack([member.predict(batch) for member in self.members]).mean(0)
+
+    def predict_per_step(self, batch: TaskBatch) -> torch.Tensor:
+        return torch.stack([member.predict_per_step(batch) for member in self.members]).mean(0)
 
 
 def episode_order(world: World, chunks: list[tuple[int, int]], gathered: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@
     checkpoint.pt    model, optimiser, scheduler, step, RNG state; written atomically
     metrics.jsonl    one JSON object per logged step (training and validation)
     eval.json        the last evaluation
+    best/            with --keep-best N: the checkpoints of the N best validations (index.json: scores)
     plots/*.png
     .lock            present while a training process holds the folder (see :meth:`RunDir.lock`)
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -71,6 +73,7 @@ class RunDir:
     metrics_path = property(lambda self: self.path / "metrics.jsonl")
     eval_path = property(lambda self: self.path / "eval.json")
     plots_dir = property(lambda self: self.path / "plots")
+    best_dir = property(lambda self: self.path / "best")
 
     lock_path = property(lambda self: self.path / ".lock")
 
@@ -126,22 +129,24 @@ class RunDir:
     def has_checkpoint(self) -> bool:
         return self.checkpoint_path.is_file()
 
-    def read_checkpoint(self, *needed: str) -> dict[str, Any]:
-        """The state :meth:`write_checkpoint` saved. ``needed``: the entries the caller reads
+    def read_checkpoint(self, *needed: str, path: Path | None = None) -> dict[str, Any]:
+        """The state :meth:`write_checkpoint` saved (or the checkpoint at ``path``, one of
+        :meth:`best_checkpoints`). ``needed``: the entries the caller reads
         (``"step"``, ``"config"``, ``"learner"``, ...); a file that lacks one, or that holds no
         dict at all, is refused as not a metalearn checkpoint instead of failing where it is read."""
-        if not self.checkpoint_path.is_file():
+        checkpoint_path = self.checkpoint_path if path is None else Path(path)
+        if not checkpoint_path.is_file():
             raise MetalearnError(f"no checkpoint in {self.path}: train first (metalearn train ...)")
 
         def unreadable(why: str) -> MetalearnError:
             # torch's own message spans lines and suggests weights_only=False: never for a file of unknown origin
-            return MetalearnError(f"{self.checkpoint_path} is unreadable ({why}): it is truncated, corrupt or not "
+            return MetalearnError(f"{checkpoint_path} is unreadable ({why}): it is truncated, corrupt or not "
                                   "a metalearn checkpoint. Put back the run's own checkpoint.pt, or train the run "
                                   "again in a new --run-dir.")
 
         try:
             # tensors and plain values only: opening someone else's run runs no pickled code
-            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+            state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         except PermissionError:
             raise  # not the file's content: the CLI names the file and the refusal
         except Exception as err:  # torch raises many kinds for a damaged file
@@ -153,6 +158,36 @@ class RunDir:
             others = ", ".join(missing[:-1]) + " or " if missing[:-1] else ""
             raise unreadable(f"it has no {others}{missing[-1]}")
         return state
+
+    def keep_best(self, state: dict[str, Any], score: float, keep: int, higher_is_better: bool) -> None:
+        """Keep ``state`` as ``best/step-N.pt`` while its validation ``score`` is among the ``keep``
+        best (ties: the earlier step), dropping the checkpoint it displaces; ``best/index.json``
+        maps each kept file to its score. A step validated again (after a resume) replaces its
+        entry. A non-finite score is never kept."""
+        if not math.isfinite(score):
+            return
+        self.best_dir.mkdir(parents=True, exist_ok=True)
+        index_path = self.best_dir / "index.json"
+        index = read_json_object(index_path, "delete best/ to start it afresh") if index_path.is_file() else {}
+        name = f"step-{int(state['step'])}.pt"
+        index[name] = score
+        step_of = lambda file: int(file[len("step-"):-len(".pt")])
+        ranked = sorted(index, key=lambda file: (-index[file] if higher_is_better else index[file], step_of(file)))
+        kept = {file: index[file] for file in ranked[:keep]}
+        if name in kept:
+            atomic_write(self.best_dir / name, lambda f: torch.save(state, f))
+        atomic_write_bytes(index_path, (json.dumps(kept, indent=2) + "\n").encode())
+        for file in set(index) - set(kept):
+            (self.best_dir / file).unlink(missing_ok=True)
+
+    def best_checkpoints(self) -> list[Path]:
+        """The checkpoints :meth:`keep_best` kept, best first."""
+        index_path = self.best_dir / "index.json"
+        if not index_path.is_file():
+            raise MetalearnError(f"{self.path} kept no best checkpoints: train with --keep-best N (and validation) "
+                                 "to evaluate an ensemble")
+        index = read_json_object(index_path, "train the run again with --keep-best N")
+        return [self.best_dir / file for file in index]
 
     # -- metrics -------------------------------------------------------------------------------
 

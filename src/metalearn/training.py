@@ -282,6 +282,9 @@ class Trainer:
         if self.world.is_main:
             self.run_dir.append_metrics({"step": self.step, f"val_{result['metric']}": result["mean"],
                                          "val_ci95": result["ci95"]})
+            if self.config.train.keep_best:
+                self.run_dir.keep_best(self.state(), result["mean"], self.config.train.keep_best,
+                                       higher_is_better=result["metric"] == "accuracy")
         return result
 
 

@@ -40,6 +40,21 @@ class MetaLearner(nn.Module):
     # giving one without the other is refused (it would be stored and silently unused)
     option_requires: ClassVar[dict[str, tuple[str, Any]]] = {}
 
+    # named sets of defaults a user picks with ``--preset NAME`` (``resolve_config(preset=)``):
+    # {name: one line saying what it is}; the values come from :meth:`preset_defaults`
+    presets: ClassVar[dict[str, str]] = {}
+    # evaluation protocols besides the standard N-way K-shot episodes, picked with ``metalearn
+    # eval --protocol NAME`` (``evaluate_run(protocol=)``): {name: function(learner, source,
+    # episodes, seed) -> result dict}, where ``source`` is the task source of the evaluated part
+    protocols: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def preset_defaults(cls, name: str, task: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Preset ``name``'s overrides of this method's Config and of TrainConfig for ``task``:
+        used instead of :meth:`paper_defaults`, and, like them, only where the user sets nothing.
+        Called only with a name in :attr:`presets`."""
+        raise NotImplementedError
+
     @classmethod
     def build(cls, config: Any, problem: Problem) -> "MetaLearner":
         """The method with its network for tasks described by ``problem``."""

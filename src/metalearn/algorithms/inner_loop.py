@@ -12,7 +12,8 @@ from torch.func import functional_call, grad
 
 from metalearn.algorithms.base import task_loss
 from metalearn.errors import ConfigError, require_number
-from metalearn.models.norm import BatchStatNorm
+from metalearn.models.norm import (BatchStatNorm, batch_statistics_collector, collect_batch_statistics, inner_step,
+                                   merge_batch_statistics)
 
 Params = dict[str, Tensor]
 StepSize = Callable[[str, int], "Tensor | float"]  # (parameter name, step) -> step size
@@ -38,10 +39,17 @@ def loss_gradient(model: nn.Module, params: Params, x: Tensor, y: Tensor, first_
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad} | held
     fixed = {name: p for name, p in params.items() if name in frozen}
 
-    def loss(p: Params) -> Tensor:
-        return task_loss(functional_call(model, {**p, **fixed}, (x,)), y)
+    outer = batch_statistics_collector()
 
-    grads = grad(loss)({name: p for name, p in params.items() if name not in frozen})
+    def loss(p: Params) -> tuple[Tensor, dict]:
+        # batch statistics (running-statistics layers) leave the transform as its aux output
+        with collect_batch_statistics() as statistics:
+            value = task_loss(functional_call(model, {**p, **fixed}, (x,)), y)
+        return value, statistics
+
+    grads, statistics = grad(loss, has_aux=True)({name: p for name, p in params.items() if name not in frozen})
+    if outer is not None:
+        merge_batch_statistics(outer, statistics)
     if first_order:
         grads = {name: g.detach() for name, g in grads.items()}
     return {name: grads[name] if name in grads else torch.zeros_like(p) for name, p in params.items()}
@@ -59,12 +67,14 @@ def gradient_descent(model: nn.Module, params: Params, x: Tensor, y: Tensor, ste
                      step_size: StepSize | float, first_order: bool = False,
                      held: frozenset[str] = frozenset()) -> list[Params]:
     """``steps`` full-batch gradient steps on one task's (x, y): the parameters after 0..steps
-    steps (Finn et al. 2017, eq. 1, repeated). x: (n, *input_shape), no task axis. The
+    steps (Finn et al. 2017, eq. 1, repeated). x: (n, *input_shape), no task axis. Step k's
+    forward pass runs inside ``inner_step(k)`` (per-step batch norm, MAML++). The
     parameters named in ``held`` keep their values (see :func:`loss_gradient`); ``step_size``
     is never asked for them."""
     trajectory = [params]
     for step in range(steps):
-        grads = loss_gradient(model, params, x, y, first_order, held)
+        with inner_step(step):  # per-step batch-norm layers use this step's set (MAML++)
+            grads = loss_gradient(model, params, x, y, first_order, held)
         adapted = {name: p for name, p in params.items() if name not in held}
         params = {**params, **sgd_step(adapted, grads, step_size, step)}
         trajectory.append(params)

@@ -5,8 +5,11 @@ The inner loop is a pure function ``params -> adapted params`` built on ``torch.
 Second-order by default: the meta-gradient flows through the inner gradient steps
 (Finn et al. 2017, eq. 1 and Algorithm 2). Options: first-order MAML (section 5.2), inner step
 sizes learned per parameter tensor and per step ("LSLR" of MAML++, Antoniou et al. 2019; the
-per-tensor form of Meta-SGD, Li et al. 2017), and the MAML++ multi-step loss (query loss after
-every inner step).
+per-tensor form of Meta-SGD, Li et al. 2017), and the rest of MAML++ (Antoniou, Edwards & Storkey
+2019, section 4): the multi-step loss (query loss after every inner step), derivative-order
+annealing, per-step batch-norm scales and offsets and running statistics; ``--preset maml++``
+(:meth:`MAML.preset_defaults`) turns all of them on with the paper's Omniglot settings (with the
+trainer's cosine anneal of the meta learning rate). See docs/methods/maml-plus-plus.md.
 
 Example::
 
@@ -32,7 +35,7 @@ from metalearn.datasets import NATURAL_IMAGES
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.options import option
 from metalearn.models import build_model
-from metalearn.models.norm import first_order_batch_norm
+from metalearn.models.norm import BatchStatNorm, collect_batch_statistics, first_order_batch_norm, inner_step
 from metalearn.tasks.batch import TaskBatch
 
 
@@ -48,8 +51,10 @@ class MAMLConfig:
     :func:`multi_step_weights`) over that many meta-steps, as told by ``start_step`` (the
     Trainer calls it every step; a loop of your own must too); adapt_norm: the inner loop also
     adapts the normalisation layers' parameters (the reference code's inner loop does not: its
-    batch-norm offsets are meta-learned only); model: network name (see ``metalearn.models``)
-    for :meth:`MAML.build`; a module passed to ``MAML`` is used as it is."""
+    batch-norm offsets are meta-learned only); per_step_bn_weights / per_step_bn_statistics:
+    MAML++'s per-step batch-norm scales and offsets ("BNWB") and running statistics ("BNRS"), see
+    :meth:`MAML.__init__`; model: network name (see ``metalearn.models``) for :meth:`MAML.build`;
+    a module passed to ``MAML`` is used as it is (made per-step in place by those two options)."""
 
     inner_lr: float = option(0.4, "step size of the inner-loop gradient steps (MAML's alpha)")
     inner_steps: int = option(1, "inner-loop gradient steps on a task's support set during meta-training")
@@ -64,8 +69,12 @@ class MAMLConfig:
                                        "(MAML++'s derivative-order annealing; 0: as --first-order says throughout)")
     adapt_norm: bool = option(True, "the inner loop adapts the batch-norm parameters too (the reference code's "
                                     "does not: --no-adapt-norm)")
+    per_step_bn_weights: bool = option(False, "a batch-norm scale and offset per inner step, each used by its own "
+                                              "step's forward passes (MAML++'s BNWB)")
+    per_step_bn_statistics: bool = option(False, "batch-norm running statistics per inner step, gathered in "
+                                                 "training and used to normalise at evaluation (MAML++'s BNRS)")
     model: str = option("conv4", "the network: conv4, conv4-maxpool, conv4-maxpool-32 (mini-ImageNet's), "
-                                 "conv4-reference (conv4 as the MAML "
+                                 "conv4-mamlpp (MAML++'s), conv4-reference (conv4 as the MAML "
                                  "authors' code builds it) or mlp")
 
     def __post_init__(self):
@@ -84,6 +93,7 @@ class MAMLConfig:
 
 
 MULTI_STEP_FLOOR = 0.03  # MAML++: each earlier step keeps at least 0.03 / steps of the weight
+BN_MOMENTUM = 0.1  # per-step running statistics move by this much per meta-step (torch's, and MAML++'s, default)
 
 
 def multi_step_weights(steps: int, progress: float) -> Tensor:
@@ -105,13 +115,27 @@ def multi_step_weights(steps: int, progress: float) -> Tensor:
 
 
 class MAML(MetaLearner):
-    """MAML around any ``nn.Module`` without running-statistics buffers."""
+    """MAML around any ``nn.Module`` without running-statistics buffers (those of its own
+    per-step batch norm, ``per_step_bn_statistics``, are state it updates in :meth:`end_step`)."""
 
     name = "maml"
     Config = MAMLConfig
     fixed_ways = True
 
     def __init__(self, model: nn.Module, config: MAMLConfig = MAMLConfig()):
+        """Per-step batch norm (MAML++, Antoniou et al. 2019, section 4): with
+        ``per_step_bn_weights`` or ``per_step_bn_statistics`` every ``BatchStatNorm`` of ``model``
+        gets ``inner_steps`` sets (:meth:`BatchStatNorm.make_per_step`). Set k serves the forward
+        passes of inner step k: the support pass at the parameters after k steps, whose gradient
+        takes step k, and the query pass that scores the parameters after step k (so the final
+        query pass uses the last set, as the authors' code does); test-time steps beyond
+        ``inner_steps`` use the last set, and a query pass before any step the first. The sets of
+        scales and offsets are meta-learned, and with ``adapt_norm`` also adapted (the authors'
+        code keeps them out of the inner loop, ``enable_inner_loop_optimizable_bn_params``
+        false: ``adapt_norm=False``). Running statistics are gathered from the training forward
+        passes, one update per meta-step (see :meth:`end_step`), and normalise every forward pass
+        in eval mode (validation, test), as the paper describes; training always normalises with
+        the batch's statistics."""
         super().__init__()
         require_functional_model(model, "MAML", not config.first_order)
         self.model = model
@@ -121,6 +145,16 @@ class MAML(MetaLearner):
         if not config.adapt_norm and not self._held:
             raise MetalearnError("--no-adapt-norm (adapt_norm=False) keeps normalisation layers' parameters out of "
                                  "the inner loop, but this network has none")
+        self._per_step_norms: list[BatchStatNorm] = []
+        if config.per_step_bn_weights or config.per_step_bn_statistics:
+            self._per_step_norms = [m for m in model.modules() if isinstance(m, BatchStatNorm)]
+            if not self._per_step_norms:
+                given = "per_step_bn_weights" if config.per_step_bn_weights else "per_step_bn_statistics"
+                raise ConfigError("MAML.Config", given, "needs a network with batch norm (metalearn.models."
+                                                        "BatchStatNorm layers), and this one has none")
+            for norm in self._per_step_norms:
+                norm.make_per_step(config.inner_steps, config.per_step_bn_weights, config.per_step_bn_statistics)
+        self._pending_statistics: tuple[dict[str, Tensor], int] | None = None
         names = [name for name, _ in model.named_parameters() if name not in self._held]
         self._lr_keys = {name: name.replace(".", "__") for name in names}
         if config.learn_inner_lr:
@@ -156,10 +190,40 @@ class MAML(MetaLearner):
         return ({"model": "conv4", "inner_lr": 0.4, "inner_steps": 1, "test_inner_steps": 3},
                 {"meta_batch_size": 32, "steps": 60000})
 
+    presets = {"maml++": "MAML++ (Antoniou, Edwards & Storkey 2019) with its Omniglot settings: every part on"}
+
+    @classmethod
+    def preset_defaults(cls, name: str, task) -> tuple[dict, dict]:
+        """``maml++``: all six MAML++ parts (section 4) with the Omniglot settings of the paper and
+        its authors' released configurations (``experiment_config/omniglot_maml++-*.json``), for
+        any number of ways and shots. Where the sources differ: derivative-order annealing
+        switches after the paper's 50 epochs (the released configurations use second order
+        throughout, their README's example switches at epoch 80); 100 epochs of 500 meta-steps
+        and meta-batch 8 as released (the README's example: 150 epochs, meta-batch 16). An epoch
+        here is 500 meta-steps; the schedules move every step, theirs once per epoch. The 5 best
+        validation checkpoints are kept, for their code's model selection (``eval --ensemble``)."""
+        if not task.classification:
+            raise MetalearnError(f"the maml++ preset is the paper's Omniglot set-up (a batch-norm network); "
+                                 f"{task.dataset} is regression: give MAML++'s options one by one")
+        epoch = 500
+        return ({"model": "conv4-mamlpp", "inner_lr": 0.1, "inner_steps": 5, "test_inner_steps": 5,
+                 "learn_inner_lr": True, "multi_step_loss": True, "multi_step_anneal_steps": 10 * epoch,
+                 "first_order_steps": 50 * epoch, "per_step_bn_weights": True, "per_step_bn_statistics": True,
+                 "adapt_norm": False},
+                {"meta_batch_size": 8, "steps": 100 * epoch, "meta_lr": 1e-3, "lr_anneal": "cosine",
+                 "min_meta_lr": 1e-5, "val_every": epoch, "val_episodes": 600, "checkpoint_every": epoch,
+                 "keep_best": 5})
+
     # -- the pure functions ------------------------------------------------------------------
 
     def _forward(self, params: Params, x: Tensor) -> Tensor:
         return functional_call(self.model, params, (x,))
+
+    def _query_forward(self, params: Params, query_x: Tensor, steps_taken: int) -> Tensor:
+        """The query pass at the parameters after ``steps_taken`` inner steps, in the context of
+        the step that produced them (per-step batch norm: set ``steps_taken - 1``; 0 before any)."""
+        with inner_step(max(steps_taken - 1, 0)):
+            return self._forward(params, query_x)
 
     def _step_size(self, name: str, step: int) -> Tensor | float:
         if not self.config.learn_inner_lr:
@@ -180,6 +244,30 @@ class MAML(MetaLearner):
 
     def start_step(self, step: int) -> None:
         self.training_step = step
+
+    def end_step(self, world) -> None:
+        """After the meta-update: move each per-step running statistic towards the mean, over this
+        meta-step's tasks (on every rank: summed over ``world``, so torchrun equals one process),
+        of the batch statistics that its forward passes saw (:data:`BN_MOMENTUM`). One update per
+        meta-step, of the task average; the authors' code moves them after every forward pass,
+        task by task. Nothing to do without ``per_step_bn_statistics`` or outside training."""
+        pending, self._pending_statistics = self._pending_statistics, None
+        if pending is None:
+            return
+        sums, tasks = pending
+        keys = [(norm, k, f"{id(norm)}:{k}") for norm in self._per_step_norms for k in range(norm.steps)]
+        keys = [(norm, k, key) for norm, k, key in keys if key in sums]
+        if not keys:
+            return
+        flat = torch.cat([sums[key].reshape(-1) for _, _, key in keys] + [torch.tensor([float(tasks)]).to(sums[keys[0][2]])])
+        flat = world.sum(flat)
+        total = flat[-1]
+        offset = 0
+        for norm, k, key in keys:
+            size = sums[key].numel()
+            mean, var = (flat[offset:offset + size] / total).view(2, -1)
+            norm.update_running_statistics(k, mean, var, BN_MOMENTUM)
+            offset += size
 
     def first_order_now(self) -> bool:
         """Whether the meta-gradient of the current training step drops second derivatives:
@@ -208,21 +296,29 @@ class MAML(MetaLearner):
         if weights is not None and not weights[:-1].any():
             weights = None  # after the anneal only the last step counts: skip the others' query passes
 
+        collect = self.config.per_step_bn_statistics and self.training
+
         def one_task(support_x, support_y, query_x, query_y):
-            trajectory = self.adapt(params, support_x, support_y, steps)
-            scored = trajectory[1:] if weights is not None else trajectory[-1:]
-            predictions = [self._forward(p, query_x) for p in scored]
+            with collect_batch_statistics() as statistics:
+                trajectory = self.adapt(params, support_x, support_y, steps)
+                first = 1 if weights is not None else steps  # index in the trajectory of the first scored
+                predictions = [self._query_forward(p, query_x, first + i) for i, p in enumerate(trajectory[first:])]
             losses = torch.stack([task_loss(pred, query_y) for pred in predictions])
             loss = losses[0] if weights is None else (weights.to(losses) * losses).sum()
+            # the mean over its forward passes of each set's batch statistics (2, C): returned, not stored
+            means = {key: torch.stack(values).mean(0) for key, values in statistics.items()} if collect else {}
             if classification:
-                return loss, accuracy(predictions[-1], query_y)
-            return loss, torch.zeros(())
+                return loss, accuracy(predictions[-1], query_y), means
+            return loss, torch.zeros(()), means
 
         # first order never differentiates twice, so batch norm may use the native kernel (faster)
         with first_order_batch_norm() if self.first_order_now() else contextlib.nullcontext():
             # randomness="different": a model with dropout draws its own mask for every task
-            losses, accuracies = vmap(one_task, randomness="different")(batch.support_x, batch.support_y,
-                                                                        batch.query_x, batch.query_y)
+            losses, accuracies, statistics = vmap(one_task, randomness="different")(
+                batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+        if collect:  # for end_step, after the meta-update: sums over this rank's tasks, and their number
+            self._pending_statistics = ({key: value.sum(0) for key, value in statistics.items()},
+                                        batch.support_x.shape[0])
         metrics = {"loss": losses.mean().detach()}
         if classification:
             metrics["accuracy"] = accuracies.mean()
@@ -238,7 +334,7 @@ class MAML(MetaLearner):
 
         def one_task(support_x, support_y, query_x):
             trajectory = self.adapt(params, support_x, support_y, steps)
-            return torch.stack([self._forward(p, query_x) for p in trajectory])
+            return torch.stack([self._query_forward(p, query_x, j) for j, p in enumerate(trajectory)])
 
         # torch.func.grad still differentiates the inner loop, once: the native batch norm is right
         with torch.no_grad(), first_order_batch_norm():

@@ -388,7 +388,7 @@ class MemoryModule(MetaLearner):
         saved = state_dict.get("memory_values")
         if saved is not None and saved.shape[0] != self.config.memory_size:
             raise ConfigError(OWNER, "memory_size", f"is {self.config.memory_size} but the checkpoint's memory has "
-                                                    f"{saved.shape[0]} slots; use the run's memory_size")
+                                                    f"{saved.shape[0]} slots; use the run's `memory_size`")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # -- the interface -----------------------------------------------------------------------
@@ -580,3 +580,7 @@ def _world(device: torch.device):
     if dist.is_available() and dist.is_initialized():
         return World(dist.get_rank(), dist.get_world_size(), device)
     return World(device=device)
+
+
+# `metalearn eval RUN --protocol lifelong`: the paper's own protocol beside the standard episodes
+MemoryModule.protocols = {"lifelong": lifelong_accuracy}

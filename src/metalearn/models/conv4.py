@@ -8,18 +8,19 @@ from metalearn.models.norm import BatchStatNorm
 
 
 def conv_block(in_channels: int, out_channels: int, pooling: str, norm_scale: bool = True,
-               norm_eps: float = 1e-5) -> nn.Sequential:
+               norm_eps: float = 1e-5, leaky: bool = False) -> nn.Sequential:
     """3x3 conv, batch norm on the current batch's statistics (no running statistics, as in the
     MAML reference code, so the block is a pure function of its parameters), ReLU; downsampled
     by a stride-2 convolution (``"stride"``, MAML) or a 2x2 max-pool (``"max"``, ProtoNets).
-    ``norm_scale`` / ``norm_eps``: the batch norm's scale parameter and epsilon."""
+    ``norm_scale`` / ``norm_eps``: the batch norm's scale parameter and epsilon; ``leaky``: a
+    leaky ReLU (slope 0.01) instead of the ReLU."""
     stride = 2 if pooling == "stride" else 1
     layers: list[nn.Module] = [
         # no conv bias: the batch norm right after subtracts the mean, so a bias could not change
         # any output; its gradient would be rounding noise that Adam amplifies into steps
         nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
         BatchStatNorm(out_channels, eps=norm_eps, scale=norm_scale),
-        nn.ReLU(),
+        nn.LeakyReLU() if leaky else nn.ReLU(),
     ]
     if pooling == "max":
         layers.append(nn.MaxPool2d(2))
@@ -33,17 +34,17 @@ class Conv4(nn.Module):
     ``out_features`` is None (an embedding for metric-based methods). With ``pooling="stride"``
     this is the MAML Omniglot network (the reference code averages the final feature map);
     ``pooling="max"`` is the max-pool variant (on 28x28 the map is 1x1, a 64-d embedding).
-    ``norm_scale`` / ``norm_eps``: see :func:`conv_block`.
+    ``norm_scale`` / ``norm_eps`` / ``leaky``: see :func:`conv_block`.
     """
 
     def __init__(self, in_channels: int = 1, out_features: int | None = 5, hidden: int = 64,
                  pooling: str = "stride", norm_scale: bool = True, norm_eps: float = 1e-5,
-                 flat_map: tuple[int, int] | None = None):
+                 flat_map: tuple[int, int] | None = None, leaky: bool = False):
         super().__init__()
         if pooling not in ("stride", "max"):
             raise ValueError(f"pooling must be 'stride' or 'max', got {pooling!r}")
         self.features = nn.Sequential(*(
-            conv_block(in_channels if i == 0 else hidden, hidden, pooling, norm_scale, norm_eps) for i in range(4)
+            conv_block(in_channels if i == 0 else hidden, hidden, pooling, norm_scale, norm_eps, leaky) for i in range(4)
         ))
         # flat_map (h, w): the head reads the flattened final feature map of that size (MAML's
         # mini-ImageNet network: 5x5x32 on 84x84) instead of its spatial mean
@@ -72,5 +73,22 @@ def reference_conv4(in_channels: int = 1, out_features: int = 5, hidden: int = 6
         if isinstance(module, nn.Conv2d):
             nn.init.xavier_uniform_(module.weight)
     nn.init.normal_(model.head.weight, std=1.0)
+    nn.init.zeros_(model.head.bias)
+    return model
+
+
+def mamlpp_conv4(in_channels: int = 1, out_features: int = 5, hidden: int = 64) -> Conv4:
+    """The Omniglot network of MAML++ (Antoniou, Edwards & Storkey 2019, section 5; their code's
+    ``VGGReLUNormNetwork`` with ``max_pooling``): four blocks of a 3x3 convolution of 64 filters
+    (stride 1, padding 1), batch norm with scale and offset, leaky ReLU and 2x2 max-pooling
+    (28 -> 14 -> 7 -> 3 -> 1), then a linear head; Xavier-uniform convolution and head weights,
+    zero head bias. (Their convolutions have a bias, which a batch norm on batch statistics
+    cancels and whose meta-gradient is therefore zero, so it stays at its initial 0: left out
+    here, as in :class:`Conv4`.) The per-step batch norm of MAML++ is an option of the method
+    (MAML's ``per_step_bn_weights`` / ``per_step_bn_statistics``), not of the network."""
+    model = Conv4(in_channels, out_features, hidden, pooling="max", leaky=True)
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(module.weight)
     nn.init.zeros_(model.head.bias)
     return model

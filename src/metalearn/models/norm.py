@@ -20,7 +20,8 @@ class BatchStatNorm(nn.Module):
     kernel inside ``torch.func.vmap`` is wrong (a conv bias in front of batch norm, which cannot
     change any output, gets a non-zero second-order MAML meta-gradient). Written with ``mean``
     and ``var`` it agrees with finite differences (tests/test_maml.py). There are no running
-    statistics, as in the MAML reference code: statistics of the batch at train and test time.
+    statistics, as in the MAML reference code: statistics of the batch at train and test time;
+    :meth:`make_per_step` adds MAML++'s per-step sets (scales and offsets, running statistics).
     ``scale=False`` drops the scale (no ``weight``), as the reference code's
     ``tf.contrib.layers.batch_norm`` does by default.
 
@@ -36,14 +37,79 @@ class BatchStatNorm(nn.Module):
         self.num_features, self.eps = num_features, eps
         self.weight = nn.Parameter(torch.ones(num_features)) if scale else None
         self.bias = nn.Parameter(torch.zeros(num_features))
+        self.steps = 0  # > 0: per-step sets (see make_per_step)
+        self.per_step_weights = False
+        self.register_buffer("running_mean", None)  # per-step running statistics: see make_per_step
+        self.register_buffer("running_var", None)
+
+    def make_per_step(self, steps: int, weights: bool, statistics: bool) -> None:
+        """Give the layer ``steps`` sets, one per inner step, chosen by :func:`inner_step`
+        (MAML++, Antoniou et al. 2019, section 4): ``weights``, a scale and offset per step
+        ("BNWB": ``weight`` and ``bias`` become (steps, num_features), each row starting at the
+        shared value); ``statistics``, running mean and variance per step ("BNRS": buffers
+        ``running_mean`` / ``running_var`` of (steps, num_features), starting at 0 and 1),
+        used to normalise in eval mode. Running statistics are state: the forward pass never
+        writes them (it stays a pure function of parameters and buffers under ``vmap``); it
+        reports the batch statistics inside :func:`collect_batch_statistics`, and the owner
+        moves the buffers with :meth:`update_running_statistics`."""
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        self.steps = steps
+        if weights and not self.per_step_weights:
+            with torch.no_grad():
+                if self.weight is not None:
+                    self.weight = nn.Parameter(self.weight.detach().expand(steps, -1).clone())
+                self.bias = nn.Parameter(self.bias.detach().expand(steps, -1).clone())
+            self.per_step_weights = True
+        if statistics and self.running_mean is None:
+            like = {"dtype": self.bias.dtype, "device": self.bias.device}
+            self.running_mean = torch.zeros(steps, self.num_features, **like)
+            self.running_var = torch.ones(steps, self.num_features, **like)
+
+    def set_index(self) -> int:
+        """The per-step set the current inner step uses: that step's, or the last set for test-time
+        steps beyond the trained count (as learned step sizes are reused)."""
+        return min(_STEP.get(), max(self.steps, 1) - 1)
 
     def forward(self, x: Tensor) -> Tensor:
+        k = self.set_index()
+        weight, bias = self.weight, self.bias
+        if self.per_step_weights:
+            weight = None if weight is None else weight[k]
+            bias = bias[k]
+        if self.running_mean is not None:
+            if not self.training:  # the paper's evaluation: this step's running statistics
+                shape = (-1, *([1] * (x.dim() - 2)))
+                inverse_std = torch.rsqrt(self.running_var[k] + self.eps)
+                if weight is not None:
+                    inverse_std = inverse_std * weight
+                return (x - self.running_mean[k].view(shape)) * inverse_std.view(shape) + bias.view(shape)
+            _record_batch_statistics(self, k, x)
         if not torch.is_grad_enabled() or _FIRST_ORDER.get():  # the fast native kernel
-            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
-        return batch_stat_norm(x, self.weight, self.bias, self.eps)
+            return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+        return batch_stat_norm(x, weight, bias, self.eps)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.running_mean is None:
+            # weights trained with per-step running statistics, loaded to normalise with batch
+            # statistics (``--set per_step_bn_statistics=false``: the authors' code's evaluation)
+            for name in ("running_mean", "running_var"):
+                state_dict.pop(prefix + name, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def update_running_statistics(self, step: int, mean: Tensor, var: Tensor, momentum: float) -> None:
+        """``running <- (1 - momentum) running + momentum batch`` for set ``step``, as torch's
+        batch norm moves its running statistics (``var`` the unbiased batch variance)."""
+        self.running_mean[step].lerp_(mean.to(self.running_mean), momentum)
+        self.running_var[step].lerp_(var.to(self.running_var), momentum)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}" + ("" if self.weight is not None else ", scale=False")
+        text = f"{self.num_features}, eps={self.eps}" + ("" if self.weight is not None else ", scale=False")
+        if self.steps:
+            text += f", steps={self.steps}, per_step_weights={self.per_step_weights}, " \
+                    f"running_statistics={self.running_mean is not None}"
+        return text
 
 
 def batch_stat_norm(x: Tensor, weight: Tensor | None, bias: Tensor, eps: float) -> Tensor:
@@ -74,3 +140,57 @@ def first_order_batch_norm() -> Iterator[None]:
         yield
     finally:
         _FIRST_ORDER.reset(token)
+
+
+_STEP = contextvars.ContextVar("metalearn_inner_step", default=0)
+
+
+@contextlib.contextmanager
+def inner_step(step: int) -> Iterator[None]:
+    """Within this block, per-step batch-norm layers use set ``step`` (their last set beyond it):
+    set by the inner loop around the forward passes of step ``step`` (the support pass that
+    takes the step, and the query pass that scores its result); 0 outside any inner loop."""
+    token = _STEP.set(step)
+    try:
+        yield
+    finally:
+        _STEP.reset(token)
+
+
+_STATISTICS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("metalearn_batch_statistics",
+                                                                          default=None)
+
+
+@contextlib.contextmanager
+def collect_batch_statistics() -> Iterator[dict[str, list[Tensor]]]:
+    """Within this block every training-mode forward of a layer with running statistics adds its
+    batch statistics to the yielded dict: key ``"<id(layer)>:<set>"``, a list of (2, num_features)
+    tensors (mean, unbiased variance), detached. The dict is plain data, so a function under
+    ``vmap`` or ``torch.func.grad`` can return it (``has_aux``) rather than mutate a buffer."""
+    collected: dict[str, list[Tensor]] = {}
+    token = _STATISTICS.set(collected)
+    try:
+        yield collected
+    finally:
+        _STATISTICS.reset(token)
+
+
+def _record_batch_statistics(layer: BatchStatNorm, step: int, x: Tensor) -> None:
+    collected = _STATISTICS.get()
+    if collected is None:
+        return
+    dims = (0, *range(2, x.dim()))
+    values = x.detach()
+    stats = torch.stack([values.mean(dim=dims), values.var(dim=dims, correction=1)])
+    collected.setdefault(f"{id(layer)}:{step}", []).append(stats)
+
+
+def merge_batch_statistics(into: dict[str, list[Tensor]], more: dict[str, list[Tensor]]) -> None:
+    """Add the lists of ``more`` (returned from a transformed function) to those of ``into``."""
+    for key, values in more.items():
+        into.setdefault(key, []).extend(values)
+
+
+def batch_statistics_collector() -> dict[str, list[Tensor]] | None:
+    """The dict of the innermost :func:`collect_batch_statistics` block, or None outside one."""
+    return _STATISTICS.get()

@@ -12,10 +12,12 @@ from metalearn.algorithms.matchingnet import MatchingNet, MatchingNetConfig
 from metalearn.algorithms.platipus import PLATIPUS, PLATIPUSConfig
 from metalearn.algorithms.protonet import ProtoNet, ProtoNetConfig
 from metalearn.algorithms.reptile import Reptile, ReptileConfig
+from metalearn.algorithms.statistician import NeuralStatistician, StatisticianConfig
 from metalearn.errors import MetalearnError
 from metalearn.tasks.batch import Problem
 
-ALGORITHMS: dict[str, type[MetaLearner]] = {cls.name: cls for cls in (MAML, ProtoNet, MatchingNet, PLATIPUS, Reptile)}
+ALGORITHMS: dict[str, type[MetaLearner]] = {cls.name: cls for cls in (MAML, ProtoNet, MatchingNet, PLATIPUS, Reptile,
+                                                                   NeuralStatistician)}
 
 
 def algorithm_class(name: str) -> type[MetaLearner]:
@@ -65,4 +67,5 @@ def build_learner(name: str, values: dict[str, Any], problem: Problem) -> MetaLe
 
 __all__ = ["ALGORITHMS", "MAML", "MAMLConfig", "MetaLearner", "Problem", "accuracy", "task_loss",
            "algorithm_class", "build_learner", "make_algorithm_config", "ProtoNet", "ProtoNetConfig",
-           "MatchingNet", "MatchingNetConfig", "PLATIPUS", "PLATIPUSConfig", "Reptile", "ReptileConfig"]
+           "MatchingNet", "MatchingNetConfig", "PLATIPUS", "PLATIPUSConfig", "Reptile", "ReptileConfig",
+           "NeuralStatistician", "StatisticianConfig"]

@@ -5,7 +5,8 @@ Each method is configured as its README reproduction command for 5-way 1-shot co
 timed on fixed synthetic batches of that shape (no sampling, no data on disk):
 
   train -- one meta-step: ``meta_loss`` + ``backward`` + the meta-optimiser's step, on a batch of
-           ``meta_batch_size`` training tasks; episodes/s = tasks per step / time per step;
+           ``meta_batch_size`` training tasks; episodes/s = tasks per step / time per step, sets/s
+           = classes (each one set of support images, the Neural Statistician's unit) per second;
   eval  -- ``predict_per_step`` on a chunk of 50 test episodes (the evaluator's chunk), in the
            test shape (``--test-ways/--test-shots/--test-query``); episodes/s and the time that
            1000 test episodes take.
@@ -44,6 +45,8 @@ COMMANDS = {
     "matchingnet": {"split": "vinyals", "ways": 5, "shots": 1, "query": 5, "test_query": 15},
     "matchingnet-fce": {"split": "vinyals", "ways": 5, "shots": 1, "query": 5, "test_query": 15},
     "reptile": {"ways": 5, "shots": 10, "test_shots": 1, "query": 1},
+    # trained on sets of 5 images of a character (5-way 5-shot episodes), tested 5-way 1-shot
+    "statistician": {"split": "vinyals", "ways": 5, "shots": 5, "query": 1, "test_shots": 1, "test_query": 5},
 }
 EVAL_CHUNK = 50
 
@@ -101,6 +104,7 @@ def measure(method: str, iters: int, device: torch.device = torch.device("cpu"))
         "test_shape": f"{test.ways}-way {test.shots}-shot, {test.query} query/class",
         "train_step_ms": 1000 * step_s,
         "train_episodes_per_s": train.meta_batch_size / step_s,
+        "train_sets_per_s": train.meta_batch_size * task.ways / step_s,  # classes of support images: the statistician's sets
         "eval_episodes_per_s": EVAL_CHUNK / chunk_s,
         "eval_1000_episodes_s": 1000 * chunk_s / EVAL_CHUNK,
     }
@@ -125,13 +129,15 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cpus ({cpu_description()}), device {device}"
           + (f" ({torch.cuda.get_device_name(device)}, {args.gpu_kernels} kernels)" if device.type == "cuda" else ""))
     rows = []
-    header = f"{'method':16s} {'train shape':38s} {'ms/step':>8s} {'train ep/s':>10s} {'eval ep/s':>9s} {'1000 eval eps':>13s}"
+    header = (f"{'method':16s} {'train shape':38s} {'ms/step':>8s} {'train ep/s':>10s} {'sets/s':>7s} {'eval ep/s':>9s} "
+              f"{'1000 eval eps':>13s}")
     print(header)
     for method in args.methods.split(","):
         row = measure(method, args.iters, device)
         rows.append(row)
         print(f"{method:16s} {row['train_shape']:38s} {row['train_step_ms']:8.0f} {row['train_episodes_per_s']:10.1f} "
-              f"{row['eval_episodes_per_s']:9.1f} {row['eval_1000_episodes_s']:12.1f}s", flush=True)
+              f"{row['train_sets_per_s']:7.1f} {row['eval_episodes_per_s']:9.1f} {row['eval_1000_episodes_s']:12.1f}s",
+              flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"metalearn": metalearn.__version__, "torch": torch.__version__, "threads": args.threads,

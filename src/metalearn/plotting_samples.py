@@ -70,10 +70,12 @@ def plot_image_rows(entries: list[tuple[torch.Tensor, str | None]], path: Path |
     scale = 0.022
     fig, ax = plt.subplots(figsize=(max(canvas.shape[1] * scale, 3) + 0.8, canvas.shape[0] * scale + 0.6))
     ax.imshow(canvas.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    for y, label in labels:
-        if label:
-            ax.text(-4, y, label, ha="right", va="center", fontsize=7)
-    ax.set_axis_off()
+    named = [(y, label) for y, label in labels if label]  # as tick labels, which tight_layout makes room for
+    ax.set_yticks([y for y, _ in named], [label for _, label in named], fontsize=7)
+    ax.set_xticks([])
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
     if title:
         ax.set_title(title, fontsize=8)
     fig.tight_layout()

@@ -18,6 +18,7 @@ from metalearn.algorithms import ALGORITHMS
 from metalearn.config import MAX_SEED, TaskConfig, TrainConfig
 from metalearn.distributed import leave_world
 from metalearn.errors import MetalearnError, TrainingStopped
+from metalearn.options import help_of
 from metalearn.runs import RunDir
 from metalearn.runtime import tune_allocator
 
@@ -143,7 +144,7 @@ def _option_for(field: dataclasses.Field, paper_default: bool = False, algorithm
     hint = field.type if isinstance(field.type, type) else _resolve(field.type)
     # options of the method and of training default to the paper's value for the task, which
     # depends on the other options: --print-config shows what a command line resolves to
-    text = METHOD_OPTION_HELP.get(algorithm, {}).get(field.name) or OPTION_HELP.get(field.name, "")
+    text = METHOD_OPTION_HELP.get(algorithm, {}).get(field.name) or help_of(field) or OPTION_HELP.get(field.name, "")
     if paper_default and field.name != "init_from":
         text = f"{text} {PAPER_DEFAULT}".strip()
     elif not text:

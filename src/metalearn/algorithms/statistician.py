@@ -3,13 +3,17 @@ whose learned statistic of a set classifies new characters and draws new images 
 
 Each class's support images in a task form one set D. A statistic network pools a shared
 convolutional encoding of every image (mean over the set) into q(c | D), a diagonal Gaussian
-over the context c with prior p(c) = N(0, I) (section 3.1). Given c, each image has latents
+over the context c with prior p(c) = N(0, I) (section 3). Given c, each image has latents
 z_1..z_L with inference network q(z_l | z_{l-1}, x, c) and latent decoder p(z_l | z_{l-1}, c)
-(top layer: given c alone), and a Bernoulli observation decoder p(x | z_1..z_L, c) (section 3.3,
+(top layer: given c alone), and a Bernoulli observation decoder p(x | z_1..z_L, c) (section 3,
 appendix B.1 for the Omniglot networks). The meta-loss is the negative per-set lower bound
-(section 3.2, eq. 9-10), in nats per image, averaged over the batch's sets::
+(section 3, eq. 8-10), in nats per image, averaged over the batch's sets::
 
     L_D = E_q [ sum_x log p(x | z, c) ] - KL(q(c | D) || p(c)) - E_q [ sum_x sum_l KL(q(z_l | .) || p(z_l | .)) ]
+
+Early in training the reconstruction is weighted by 1 + a and the KL terms by 1 / (1 + a), with a
+halved every ``alpha_halve_every`` steps, as the public re-implementation of the paper by Conor
+Durkan does (``reweight_alpha`` 0: the plain bound); the metric ``bound`` is always the plain one.
 
 Few-shot classification (section 5.4, Algorithm 1): a query x goes to the class i whose
 q(c | D_i) is closest to q(c | {x}), by D_KL(q(c | D_i) || q(c | x)); ``predict`` returns
@@ -294,7 +298,7 @@ class NeuralStatistician(MetaLearner):
         x = (sets > 0.5).to(sets.dtype)
         return self.statistic(self.encoder(x.flatten(0, 1)).view(*x.shape[:2], -1))
 
-    # -- the bound (section 3.2) ----------------------------------------------------------------
+    # -- the bound (section 3) ------------------------------------------------------------------
 
     def set_noise(self, sets: Tensor, step: int, binarize: bool) -> dict[str, Tensor]:
         """The noise of each set: uniforms for its binarisation (sets, n, 1, H, W) (when
@@ -322,7 +326,7 @@ class NeuralStatistician(MetaLearner):
         return noise
 
     def bound_terms(self, sets: Tensor, noise: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """One-sample estimates of the terms of each set's bound (section 3.2, eq. 8-10), each (sets,):
+        """One-sample estimates of the terms of each set's bound (section 3, eq. 8-10), each (sets,):
         ``log_likelihood`` R_D = sum_x log p(x | z, c), ``kl_context`` C_D = KL(q(c|D) || p(c)),
         ``kl_latent`` L_D = sum_x sum_l KL(q(z_l | z_{l-1}, x, c) || p(z_l | z_{l-1}, c)).
         ``sets``: (sets, n, 1, 28, 28) images in {0, 1}; ``noise``: the standard normals "c"

@@ -5,7 +5,8 @@ Each method is configured as its reproduction command (docs/methods/) for 5-way 
 timed on fixed synthetic batches of that shape (no sampling, no data on disk):
 
   train -- one meta-step: ``meta_loss`` + ``backward`` + the meta-optimiser's step, on a batch of
-           ``meta_batch_size`` training tasks; episodes/s = tasks per step / time per step;
+           ``meta_batch_size`` training tasks; episodes/s = tasks per step / time per step, sets/s
+           = classes (each one set of support images, the Neural Statistician's unit) per second;
   eval  -- ``predict_per_step`` on a chunk of 50 test episodes (the evaluator's chunk), in the
            test shape (``--test-ways/--test-shots/--test-query``); episodes/s and the time that
            1000 test episodes take.
@@ -47,6 +48,8 @@ COMMANDS = {
     # the authors' episodes: 5 classes x 6 examples; memory-conv4: with the Conv4 embedding
     "memory": {"split": "vinyals", "ways": 5, "shots": 1, "query": 5, "test_query": 15},
     "memory-conv4": {"split": "vinyals", "ways": 5, "shots": 1, "query": 5, "test_query": 15},
+    # trained on sets of 5 images of a character (5-way 5-shot episodes), tested 5-way 1-shot
+    "statistician": {"split": "vinyals", "ways": 5, "shots": 5, "query": 1, "test_shots": 1, "test_query": 5},
 }
 METHOD_OPTIONS = {"matchingnet-fce": {"full_context_embeddings": True}, "memory-conv4": {"model": "conv4-embedding"}}
 EVAL_CHUNK = 50
@@ -107,6 +110,7 @@ def measure(method: str, iters: int, device: torch.device = torch.device("cpu"))
         "test_shape": f"{test.ways}-way {test.shots}-shot, {test.query} query/class",
         "train_step_ms": 1000 * step_s,
         "train_episodes_per_s": train.meta_batch_size / step_s,
+        "train_sets_per_s": train.meta_batch_size * task.ways / step_s,  # classes of support images: the statistician's sets
         "eval_episodes_per_s": EVAL_CHUNK / chunk_s,
         "eval_1000_episodes_s": 1000 * chunk_s / EVAL_CHUNK,
     }
@@ -117,7 +121,6 @@ def memory_split(learner, train_batch: TaskBatch, test_batch: TaskBatch, iters: 
     projection of every example) against the memory's rounds (nearest-neighbour search over all
     ``memory_size`` slots, loss and update, on the precomputed queries); and at evaluation the
     CNN against writing the support set and scoring the queries."""
-    from metalearn.algorithms.memory import write_support
 
     ways = train_batch.ways
     labels = torch.cat([train_batch.support_y, train_batch.query_y], dim=1)
@@ -156,13 +159,15 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cpus ({cpu_description()}), device {device}"
           + (f" ({torch.cuda.get_device_name(device)}, {args.gpu_kernels} kernels)" if device.type == "cuda" else ""))
     rows = []
-    header = f"{'method':16s} {'train shape':38s} {'ms/step':>8s} {'train ep/s':>10s} {'eval ep/s':>9s} {'1000 eval eps':>13s}"
+    header = (f"{'method':16s} {'train shape':38s} {'ms/step':>8s} {'train ep/s':>10s} {'sets/s':>7s} {'eval ep/s':>9s} "
+              f"{'1000 eval eps':>13s}")
     print(header)
     for method in args.methods.split(","):
         row = measure(method, args.iters, device)
         rows.append(row)
         print(f"{method:16s} {row['train_shape']:38s} {row['train_step_ms']:8.0f} {row['train_episodes_per_s']:10.1f} "
-              f"{row['eval_episodes_per_s']:9.1f} {row['eval_1000_episodes_s']:12.1f}s", flush=True)
+              f"{row['train_sets_per_s']:7.1f} {row['eval_episodes_per_s']:9.1f} {row['eval_1000_episodes_s']:12.1f}s",
+              flush=True)
         if "train_memory_ms" in row:
             print(f"{'':16s} forward of a train step: CNN {row['train_cnn_forward_ms']:.0f} ms, memory (search over "
                   f"{row['memory_size']} slots, loss, update) {row['train_memory_ms']:.0f} ms; eval chunk: CNN "

@@ -265,6 +265,8 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
     offset = VALIDATION_SEED_OFFSET if part == "val" else TEST_SEED_OFFSET
     result = evaluate(learner, source, n, seed=seed + offset, world=world, progress=progress,
                       per_step=per_step)
+    if hasattr(learner, "test_bound") and world.is_main:  # a generative method: its bound on the test sets
+        result["lower_bound"] = learner.test_bound(source, min(n, 100), seed + offset)
     test = config.task.for_testing()
     result.update({"part": part, "step": step, "method": config.method, "dataset": config.task.dataset,
                    "ways": test.ways, "shots": test.shots, "query": test.query, "overrides": overrides or {},
@@ -290,6 +292,8 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
     title = f"{config.method} {config.task.dataset}"
     other = _comparison_run(config, compare_with) if compare_with is not None else None
     paths = [plot_learning_curves(records, run.plots_dir / "learning_curves.png", title)]
+    if config.task.classification and hasattr(method_class(config.method), "sample"):
+        paths.append(plot_conditional_samples(run_dir, data_dir))
     if not config.task.classification:
         _, learner, step = load_trained(run_dir)
         source = build_task_source(config.task, "test", data_dir)
@@ -391,3 +395,90 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, data)
     return result
+
+
+# -- few-shot generation (methods with a ``sample``: the Neural Statistician) --------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def load_support_images(paths: list[Path | str], image_size: int) -> torch.Tensor:
+    """Images of one character from files and folders (a folder: every file in it, by name),
+    as the Omniglot pipeline prepares drawings: grey, resized to ``image_size`` (Lanczos),
+    strokes bright. A picture whose strokes are already bright on dark (e.g. one that
+    ``metalearn sample`` wrote) is not inverted. Returns (n, 1, image_size, image_size) in [0, 1]."""
+    import numpy as np
+
+    from metalearn.data.omniglot import decode_drawing
+
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise MetalearnError(f"--support {path}: no such file or folder")
+    if not files:
+        raise MetalearnError(f"--support {', '.join(map(str, paths))}: no image files there; give PNG or JPEG "
+                             "drawings of one character, or a folder of them")
+    images = []
+    for file in files:
+        try:
+            drawing = decode_drawing(str(file), file.read_bytes(), image_size)
+        except MetalearnError:
+            raise MetalearnError(f"--support {file} is not an image (give PNG or JPEG drawings of one "
+                                 "character)") from None
+        if drawing.mean() > 127:  # bright background after inversion: the strokes were bright already
+            drawing = 255 - drawing
+        images.append(torch.from_numpy(np.ascontiguousarray(drawing)).float().div(255.0))
+    return torch.stack(images).unsqueeze(1)
+
+
+def generative_run(run_dir: Path | str) -> RunConfig:
+    """The config of ``run_dir``, refused unless its method can draw new images."""
+    config = RunDir(run_dir).read_config()
+    if not hasattr(method_class(config.method), "sample"):
+        raise MetalearnError(f"{run_dir} is a {config.method} run, which cannot draw new images: sampling needs a "
+                             "generative method (statistician)")
+    return config
+
+
+def sample_run(run_dir: Path | str, support: list[Path | str], num: int = 20, out: Path | str | None = None,
+               seed: int = 0) -> Path:
+    """Draw ``num`` new images of the character shown by the ``support`` images (files or
+    folders) with the trained generative method of ``run_dir``, and save them as a PNG grid
+    (the inputs in the first row, the samples beneath) at ``out`` (default
+    ``RUN_DIR/plots/samples.png``). The noise is seeded by ``seed``. Returns the path."""
+    from metalearn.plotting_samples import plot_image_rows
+
+    if not isinstance(num, int) or num < 1:
+        raise MetalearnError(f"--num must be a whole number of at least 1, got {num!r}")
+    config = generative_run(run_dir)
+    images = load_support_images(support, config.task.image_size)
+    _, learner, step = load_trained(run_dir)
+    samples = learner.sample(images, num, generator=torch.Generator().manual_seed(seed))[0]
+    out = Path(out) if out is not None else RunDir(run_dir).plots_dir / "samples.png"
+    return plot_image_rows([(images, "input"), (samples, "samples")], out,
+                           title=f"{config.method}, step {step}: {num} new images of the character shown")
+
+
+def plot_conditional_samples(run_dir: Path | str, data_dir: Path | str | None = None, sets: int = 6,
+                             set_size: int = 5, num: int = 10, seed: int = 0) -> Path:
+    """The paper's conditional-samples picture (figure 5): ``sets`` test-split characters, each
+    a row of ``set_size`` input images with ``num`` samples beneath, at
+    ``RUN_DIR/plots/conditional_samples.png``."""
+    from metalearn.plotting_samples import plot_image_rows
+    from metalearn.tasks import build_task_source
+
+    config = generative_run(run_dir)
+    _, learner, step = load_trained(run_dir)
+    task = dataclasses.replace(config.task, test_ways=sets, test_shots=set_size, test_query=1)
+    batch = build_task_source(task, "test", data_dir).sample(1, torch.Generator().manual_seed(TEST_SEED_OFFSET + seed))
+    inputs = learner.support_sets(batch)  # (sets, set_size, 1, H, W)
+    samples = learner.sample(inputs, num, generator=torch.Generator().manual_seed(seed))
+    rows = []
+    for s in range(sets):
+        rows += [(inputs[s], "input" if s == 0 else None), (samples[s], "samples" if s == 0 else None)]
+    return plot_image_rows(rows, RunDir(run_dir).plots_dir / "conditional_samples.png", width=set_size,
+                           title=f"{config.method}, step {step}: unseen {config.task.split} test characters")

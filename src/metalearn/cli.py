@@ -377,6 +377,24 @@ def predict(run_dir, support, queries, json_path, csv_path, sheet, num_samples, 
             click.echo(f"wrote {path}")
 
 
+@cli.command("sample")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--support", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="drawings of one character: image files or a folder of them (repeatable)")
+@click.option("--num", type=click.IntRange(min=1), default=20, show_default=True, help="new images to draw")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="the PNG grid to write (default RUN_DIR/plots/samples.png)")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True, help="seed of the noise")
+def sample_command(run_dir, support, num, out, seed):
+    """Draw new images of the character shown by --support with a generative run (statistician):
+    a PNG grid, the inputs in the first row and the samples beneath."""
+    from metalearn.api import sample_run
+
+    if out is not None:
+        check_writable_file("--out", out)
+    click.echo(f"wrote {sample_run(run_dir, list(support), num=num, out=out, seed=seed)}")
+
+
 @cli.command("export")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.argument("out_dir", type=click.Path(path_type=Path))

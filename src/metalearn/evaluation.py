@@ -157,6 +157,10 @@ def format_result(result: dict[str, Any]) -> str:
     text = head
     if len(result["per_step"]) > 1:  # one entry: no per-step scores (no inner loop, or not recorded)
         text += f"\nafter 0..{len(result['per_step']) - 1} adaptation steps: {steps}"
+    if "lower_bound" in result:  # a generative method's bound on the test sets
+        bound = result["lower_bound"]
+        text += (f"\ntest lower bound {bound['bound_nats_per_image']:.2f} nats per image ({bound['bound_sets']} sets of "
+                 f"{bound['bound_episodes']} episodes)")
     if result.get("diverged"):
         text += (f"\nwarning: {result['diverged']} of {result['episodes']} episodes diverged (non-finite "
                  "score)")

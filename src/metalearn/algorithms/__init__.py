@@ -19,6 +19,7 @@ from metalearn.algorithms.memory import MemoryConfig, MemoryModule
 from metalearn.algorithms.platipus import PLATIPUS, PLATIPUSConfig
 from metalearn.algorithms.protonet import ProtoNet, ProtoNetConfig
 from metalearn.algorithms.reptile import Reptile, ReptileConfig
+from metalearn.algorithms.statistician import NeuralStatistician, StatisticianConfig
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.tasks.batch import Problem
 
@@ -29,6 +30,7 @@ METHODS: dict[str, type[MetaLearner]] = {
     "platipus": PLATIPUS,
     "reptile": Reptile,
     "memory": MemoryModule,
+    "statistician": NeuralStatistician,
 }
 
 
@@ -93,5 +95,5 @@ def build_learner(name: str, values: dict[str, Any], problem: Problem) -> MetaLe
 
 __all__ = ["METHODS", "register_method", "MAML", "MAMLConfig", "MetaLearner", "Problem", "accuracy", "task_loss",
            "method_class", "build_learner", "make_method_config", "ProtoNet", "ProtoNetConfig",
-           "MatchingNet", "MatchingNetConfig", "MemoryModule", "MemoryConfig", "PLATIPUS", "PLATIPUSConfig",
-           "Reptile", "ReptileConfig"]
+           "MatchingNet", "MatchingNetConfig", "MemoryModule", "MemoryConfig", "NeuralStatistician",
+           "StatisticianConfig", "PLATIPUS", "PLATIPUSConfig", "Reptile", "ReptileConfig"]

@@ -1,0 +1,252 @@
+"""The Neural Statistician: its distributions and bound against torch.distributions, the
+statistic's symmetry, learning on a small problem, sampling, resume, two ranks, bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import distributions as D
+
+from checkpoints import assert_same_weights, weights
+from cli_runner import run
+from metalearn.algorithms.statistician import (NeuralStatistician, StatisticianConfig, bernoulli_log_likelihood,
+                                               gaussian_kl, standard_normal_kl)
+from metalearn.errors import ConfigError, MetalearnError
+from metalearn.runs import RunDir
+from metalearn.tasks.batch import TaskBatch
+from metalearn.training import prepare_run
+
+TINY = StatisticianConfig(context_dim=6, latent_dim=3, latent_layers=2, hidden_dim=16, channels=4)
+TINY_FLAGS = ["--context-dim", 6, "--latent-dim", 3, "--latent-layers", 2, "--hidden-dim", 16, "--channels", 4]
+
+
+def tiny(config: StatisticianConfig = TINY, seed: int = 0) -> NeuralStatistician:
+    torch.manual_seed(seed)
+    return NeuralStatistician(config)
+
+
+def binary_images(*shape: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(*shape, 1, 28, 28, generator=g) < 0.2).float()
+
+
+# -- the pieces against torch.distributions ----------------------------------------------------
+
+
+def test_gaussian_kl_and_bernoulli_log_likelihood_match_torch_distributions():
+    g = torch.Generator().manual_seed(1)
+    m1, m2, l1, l2 = (torch.randn(4, 7, generator=g) for _ in range(4))
+    q, p = D.Normal(m1, (0.5 * l1).exp()), D.Normal(m2, (0.5 * l2).exp())
+    torch.testing.assert_close(gaussian_kl(m1, l1, m2, l2), D.kl_divergence(q, p).sum(-1))
+    prior = D.Normal(torch.zeros(4, 7), torch.ones(4, 7))
+    torch.testing.assert_close(standard_normal_kl(m1, l1), D.kl_divergence(q, prior).sum(-1))
+    logits, x = torch.randn(3, 2, 1, 28, 28, generator=g), binary_images(3, 2)
+    torch.testing.assert_close(bernoulli_log_likelihood(logits, x),
+                               D.Bernoulli(logits=logits).log_prob(x).sum((-3, -2, -1)))
+
+
+def test_the_bound_of_a_tiny_model_matches_an_independent_computation():
+    """Each set alone, two stochastic layers, every density and divergence from torch.distributions."""
+    model = tiny().double()
+    sets = binary_images(3, 4).double()
+    g = torch.Generator().manual_seed(2)
+    noise = {"c": torch.randn(3, 6, generator=g, dtype=torch.float64),
+             "z": torch.randn(3, 4, 2, 3, generator=g, dtype=torch.float64)}
+    terms = model.bound_terms(sets, noise)
+    for s in range(3):
+        x = sets[s]  # (n, 1, 28, 28)
+        h = model.encoder(x)  # (n, features)
+        pooled = model.statistic.pre(h).sum(0) / x.shape[0]
+        c_mean, c_logvar = model.statistic.post(pooled).chunk(2, -1)
+        q_c = D.Normal(c_mean, (0.5 * c_logvar).exp())
+        c = c_mean + q_c.stddev * noise["c"][s]
+        kl_c = D.kl_divergence(q_c, D.Normal(torch.zeros(6), torch.ones(6))).sum()
+        zs, kl_z, above = [], 0.0, None
+        for layer in range(2):
+            q_mean, q_logvar = model.inference[layer](c.view(1, 1, -1), h.unsqueeze(0), above)
+            p_mean, p_logvar = model.latent_decoders[layer](c.view(1, 1, -1), None, above)
+            q_z, p_z = D.Normal(q_mean[0], (0.5 * q_logvar[0]).exp()), D.Normal(p_mean[0], (0.5 * p_logvar[0]).exp())
+            kl_z = kl_z + D.kl_divergence(q_z, p_z).sum()
+            z = q_z.mean + q_z.stddev * noise["z"][s, :, layer]
+            zs.append(z)
+            above = z.unsqueeze(0)
+        logits = model.decoder(torch.cat(zs, -1).unsqueeze(0), c.view(1, 1, -1))[0]
+        log_likelihood = D.Bernoulli(logits=logits).log_prob(x).sum()
+        torch.testing.assert_close(terms["log_likelihood"][s], log_likelihood)
+        torch.testing.assert_close(terms["kl_context"][s], kl_c)
+        torch.testing.assert_close(terms["kl_latent"][s], kl_z)
+
+
+def test_the_statistic_is_permutation_invariant_and_depends_on_every_member():
+    model = tiny().double()  # in float64 a reordering changes the mean pooling's sum by ~1e-16 only
+    sets = binary_images(2, 5).double()
+    mean, logvar = model.context(sets)
+    order = torch.tensor([3, 0, 4, 1, 2])
+    mean_p, logvar_p = model.context(sets[:, order])
+    torch.testing.assert_close(mean_p, mean, atol=1e-12, rtol=0)
+    torch.testing.assert_close(logvar_p, logvar, atol=1e-12, rtol=0)
+    for member in range(5):
+        changed = sets.clone()
+        changed[:, member] = binary_images(2, seed=10 + member).double()
+        assert (model.context(changed)[0] - mean).abs().max(dim=1).values.min() > 1e-8, member
+
+
+# -- learning, classification, sampling --------------------------------------------------------
+
+
+def block_templates(classes: int, seed: int = 3) -> torch.Tensor:
+    """(classes, 28, 28): each class fills a random subset of the nine blocks of a 3 x 3 grid."""
+    g = torch.Generator().manual_seed(seed)
+    templates = torch.zeros(classes, 28, 28)
+    for t in range(classes):
+        for block in torch.nonzero(torch.rand(9, generator=g) < 0.5).flatten().tolist():
+            r, c = divmod(block, 3)
+            templates[t, 1 + 9 * r: 9 + 9 * r, 1 + 9 * c: 9 + 9 * c] = 1
+    return templates
+
+
+def template_tasks(tasks: int, ways: int, shots: int, query: int, templates: torch.Tensor,
+                   g: torch.Generator) -> TaskBatch:
+    """Tasks over a fixed set of templates: each image its class's template with 5% of its
+    pixels flipped."""
+    classes = torch.rand(tasks, len(templates), generator=g).argsort(1)[:, :ways]
+    images = templates[classes].unsqueeze(2).expand(-1, -1, shots + query, -1, -1)
+    images = torch.where(torch.rand(images.shape, generator=g) < 0.05, 1 - images, images).unsqueeze(3)
+    labels = torch.arange(ways)
+    return TaskBatch(images[:, :, :shots].reshape(tasks, ways * shots, 1, 28, 28),
+                     labels.repeat_interleave(shots).repeat(tasks, 1),
+                     images[:, :, shots:].reshape(tasks, ways * query, 1, 28, 28),
+                     labels.repeat_interleave(query).repeat(tasks, 1), ways=ways)
+
+
+def test_learning_improves_the_bound_classifies_far_above_chance_and_samples_new_images():
+    templates, g = block_templates(8), torch.Generator().manual_seed(0)
+    model = tiny(StatisticianConfig(context_dim=8, latent_dim=2, latent_layers=1, hidden_dim=32, channels=4,
+                                    reweight_alpha=0.0))
+    test = template_tasks(50, 3, 1, 5, templates, torch.Generator().manual_seed(5))  # 3-way 1-shot, chance 1/3
+
+    def accuracy() -> float:
+        logits = model.predict(test)
+        assert logits.shape == (50, 15, 3) and bool((logits <= 1e-5).all())  # -KL
+        return float((logits.argmax(-1) == test.query_y).float().mean())
+
+    untrained = accuracy()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    bounds = []
+    for step in range(60):
+        model.start_step(step)
+        loss, metrics = model.meta_loss(template_tasks(4, 3, 3, 2, templates, g))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        bounds.append(float(metrics["bound"]))
+    first, last = sum(bounds[:10]) / 10, sum(bounds[-10:]) / 10
+    assert last > first + 30, (first, last)  # nats per image, from about -540
+    trained = accuracy()
+    assert untrained < 0.75 and trained > 0.9, (untrained, trained)
+
+    inputs = NeuralStatistician.support_sets(template_tasks(2, 3, 4, 1, templates, g))  # (6, 4, 1, 28, 28)
+    samples = model.sample(inputs, num=7, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (6, 7, 1, 28, 28)
+    assert float(samples.min()) >= 0 and float(samples.max()) <= 1
+    drawn = (samples > 0.5).float()
+    nearest = (drawn.unsqueeze(2) - inputs.unsqueeze(1)).abs().mean((-3, -2, -1)).min(-1).values
+    assert float(nearest.min()) > 0.01  # new images, not copies of the inputs
+    assert torch.equal(samples, model.sample(inputs, num=7, generator=torch.Generator().manual_seed(0)))
+
+
+def test_sets_follow_the_labels_and_bad_sets_are_refused():
+    x = binary_images(1, 4)
+    batch = TaskBatch(x, torch.tensor([[1, 0, 1, 0]]), x[:, :2], torch.tensor([[0, 1]]), ways=2)
+    sets = NeuralStatistician.support_sets(batch)
+    assert torch.equal(sets, torch.stack([x[0, [1, 3]], x[0, [0, 2]]]))
+    model = tiny()
+    empty = TaskBatch(x[:, :0], torch.zeros(1, 0, dtype=torch.long), x[:, :2], torch.tensor([[0, 1]]), ways=2)
+    for call in (lambda: model.meta_loss(empty), lambda: model.predict(empty)):
+        with pytest.raises(MetalearnError, match="at least one image"):
+            call()
+    with pytest.raises(MetalearnError, match="set of size 0"):
+        model.sample(x[0, :0], num=3)
+    uneven = TaskBatch(x, torch.tensor([[0, 0, 0, 1]]), x[:, :2], torch.tensor([[0, 1]]), ways=2)
+    with pytest.raises(MetalearnError, match="same number"):
+        model.meta_loss(uneven)
+    with pytest.raises(ConfigError, match="kl_direction"):
+        StatisticianConfig(kl_direction="sideways")
+
+
+# -- runs: resume, two ranks, the command line -------------------------------------------------
+
+
+def omniglot_args(data_dir, steps: int) -> list:
+    return ["statistician", "--dataset", "omniglot", "--split", "vinyals", "--ways", 3, "--shots", 2, "--query", 1,
+            "--meta-batch-size", 3, "--steps", steps, "--val-every", 0, "--no-eval", "--no-progress",
+            "--checkpoint-every", 2, "--data-dir", data_dir, *TINY_FLAGS]
+
+
+def test_resume_is_bit_exact(tmp_path, omniglot_data_dir, capsys):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run(["train", *omniglot_args(omniglot_data_dir, 4), "--run-dir", straight], capsys)[0] == 0
+    assert run(["train", *omniglot_args(omniglot_data_dir, 2), "--run-dir", resumed], capsys)[0] == 0
+    assert run(["train", *omniglot_args(omniglot_data_dir, 4), "--run-dir", resumed, "--resume"], capsys)[0] == 0
+    assert_same_weights(straight, resumed, atol=0)
+
+
+def test_two_gloo_ranks_equal_one_process(tmp_path, omniglot_data_dir):
+    # Plain SGD (Adam's first steps are lr * sign(gradient)); shares of 2 and 1 tasks. The
+    # noise of a set follows its pixels, not the rank; only the float32 rounding of convolutions
+    # over other batch sizes differs (measured: at most 1e-4 of a tensor's update).
+    args = [*omniglot_args(omniglot_data_dir, 3), "--meta-optimizer", "sgd", "--meta-lr", 0.01]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "METALEARN_DIST_TIMEOUT": "120"}
+    for ranks, folder in ((None, "single"), (2, "double")):
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks else []
+        done = subprocess.run([sys.executable, *launcher, "-m", "metalearn", "train", *map(str, args),
+                               "--run-dir", str(tmp_path / folder)], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    single, double = weights(tmp_path / "single"), weights(tmp_path / "double")
+    initial = prepare_run(RunDir(tmp_path / "single").read_config(), omniglot_data_dir)[0].state_dict()
+    for name, start in initial.items():  # each tensor's ranks-vs-process gap far below its update
+        update = float((single[name] - start).abs().max())
+        gap = float((single[name] - double[name]).abs().max())
+        assert gap <= 1e-2 * update + 1e-6, (name, gap, update)
+
+
+def test_sample_and_plot_from_the_command_line_and_their_errors(tmp_path, omniglot_data_dir, capsys):
+    statistician = tmp_path / "statistician"
+    assert run(["train", *omniglot_args(omniglot_data_dir, 1), "--run-dir", statistician], capsys)[0] == 0
+    folder = tmp_path / "drawings"
+    folder.mkdir()
+    from metalearn.plotting_samples import plot_image_rows
+
+    for i in range(3):  # a drawing as the user has it: dark strokes on white, 105 x 105
+        image = torch.ones(105, 105)
+        image[20 + 10 * i: 30 + 10 * i, 20:80] = 0
+        from PIL import Image
+
+        Image.fromarray((image * 255).byte().numpy(), mode="L").save(folder / f"{i}.png")
+    code, out, err = run(["sample", statistician, "--support", folder, "--num", 4, "--out", tmp_path / "grid.png"],
+                         capsys)
+    assert code == 0, err
+    assert (tmp_path / "grid.png").stat().st_size > 1000 and "grid.png" in out
+    code, out, err = run(["plot", statistician, "--data-dir", omniglot_data_dir], capsys)
+    assert code == 0 and (statistician / "plots" / "conditional_samples.png").exists(), err
+    assert plot_image_rows  # the grid drawer is public
+
+    not_image = tmp_path / "notes.txt"
+    not_image.write_text("not a drawing")
+    code, _, err = run(["sample", statistician, "--support", not_image], capsys)
+    assert code == 2 and err.count("\n") == 1 and "is not an image" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run(["sample", statistician, "--support", empty], capsys)
+    assert code == 2 and err.count("\n") == 1 and "no image files" in err
+
+    maml = tmp_path / "maml"
+    assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--meta-batch-size", 2, "--no-eval",
+                "--no-progress", "--val-every", 0, "--run-dir", maml], capsys)[0] == 0
+    code, _, err = run(["sample", maml, "--support", folder], capsys)
+    assert code == 2 and err.count("\n") == 1 and "cannot draw new images" in err

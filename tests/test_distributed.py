@@ -278,3 +278,12 @@ def test_a_stop_signal_to_one_process_stops_every_rank_after_a_saved_step(tmp_pa
     assert step >= 5
     assert f"after step {step} of 100000" in errs[0] and "--resume" in errs[0] and "Traceback" not in errs[0]
     assert "stopped by SIGTERM" in errs[-1]
+
+
+def test_two_ranks_in_chunks_equal_one_process_with_the_whole_batch(tmp_path):
+    # meta-batch 5: ranks of 3 and 2 tasks, each taking its share 2 tasks at a time (2 + 1, 2)
+    args = SINUSOID + ["--steps", 3, "--val-every", 0]
+    metalearn(args + ["--run-dir", tmp_path / "whole"], tmp_path)
+    torchrun(args + ["--run-dir", tmp_path / "chunked", "--task-chunk", 2], tmp_path)
+    assert_same_weights(tmp_path / "whole", tmp_path / "chunked")
+    assert json.loads((tmp_path / "chunked" / "config.json").read_text())["train"]["task_chunk"] == 2

@@ -143,11 +143,12 @@ def measure(python: str, config: str, order: str, row: str, chunk: int = 0) -> d
 
 
 def markdown(results: list[dict], meta: dict) -> str:
-    rows = sorted({r["row"] for r in results}, key=lambda n: (n != "metalearn", n.startswith("metalearn chunk"),
-                                                               int(n.split()[-1]) if n.startswith("metalearn chunk")
-                                                               else 0, n))
-    rows.sort(key=lambda n: {"metalearn": 0, "loop": 8, "learn2learn": 9}.get(n, 1 + CHUNKS.index(int(n.split()[-1]))
-                                                                             / 10))
+    def order(row: str) -> tuple[int, int]:  # whole batch, chunks from large to small, loop, learn2learn
+        if row.startswith("metalearn chunk"):
+            return 1, -int(row.split()[-1])
+        return {"metalearn": 0, "loop": 2, "learn2learn": 3}[row], 0
+
+    rows = sorted({r["row"] for r in results}, key=order)
     columns = [(c, o) for c in CONFIGS for o in ("second", "first")]
     head = "| peak RSS, GiB (step's own) | " + " | ".join(f"{c} {o[:3]}." for c, o in columns) + " |"
     lines = [head, "| --- |" + " ---: |" * len(columns)]
@@ -180,17 +181,26 @@ def main() -> None:
     parser.add_argument("--peer-python", default=None, help="the peer venv's python (learn2learn rows)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
-    parser.add_argument("--table-from", type=Path, default=None,
-                        help="print the table of a results file (or of a stopped run's .partial.json)")
+    parser.add_argument("--table-from", type=Path, nargs="+", default=None,
+                        help="the table of results files (or of stopped runs' .partial.json), merged; written "
+                             "to --json / --markdown when given")
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
     if args.table_from:
-        data = json.loads(args.table_from.read_text())
-        results = data["results"] if isinstance(data, dict) else data
-        print(markdown(results, data.get("meta", {"load_note": "taken under load"}) if isinstance(data, dict)
-                       else {"load_note": "taken under load"}))
+        results, sources = [], []
+        for path in args.table_from:
+            data = json.loads(path.read_text())
+            results += data["results"] if isinstance(data, dict) else data
+            sources.append(data.get("meta", {"partial": str(path.name)}) if isinstance(data, dict)
+                           else {"partial": path.name})
+        meta = {"merged_from": sources, "load_note": "taken under load: do not compare"}
+        if args.json:
+            args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+        if args.markdown:
+            args.markdown.write_text(markdown(results, meta))
+        print(markdown(results, meta))
         return
 
     import torch

@@ -13,6 +13,12 @@ The figures behind docs/performance.md's paragraph on the second-order floor:
      weights forced into the same ``vmap``.
 
     python benchmarks/maml_convolutions.py --threads 1
+
+Other shapes for part 1 (``--count-only`` skips the 5-way timings of parts 2 and 3), e.g. the
+20-way settings (meta-batch 16, 5 inner steps, 1 or 5 shots and queries per class)::
+
+    python benchmarks/maml_convolutions.py --count-only --ways 20 --shots 5 --query 5 \
+        --tasks 16 --inner-steps 5 --inner-lr 0.1
 """
 
 from __future__ import annotations
@@ -96,22 +102,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--iters", type=int, default=15)
+    parser.add_argument("--ways", type=int, default=5)
+    parser.add_argument("--shots", type=int, default=1)
+    parser.add_argument("--query", type=int, default=1, help="query images per class")
+    parser.add_argument("--tasks", type=int, default=32, help="meta-batch size")
+    parser.add_argument("--inner-steps", type=int, default=1)
+    parser.add_argument("--inner-lr", type=float, default=0.4)
+    parser.add_argument("--count-only", action="store_true", help="part 1 only")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     metalearn.runtime.tune_allocator()
-    model, batch = make_model(), make_batch()
+    model = make_model(args.ways)
+    batch = make_batch(args.ways, args.shots, args.query, args.tasks)
 
     images = batch.support_x.shape[0] * batch.support_x.shape[1]  # 160 support images
     x = batch.support_x.reshape(images, *batch.support_x.shape[2:])
     with torch.no_grad():
         unit = convolution_work(lambda: model(x))  # one forward pass over 160 images
-    print(f"1. convolution work, in forward passes over {images} images")
+    queries = batch.query_x.shape[0] * batch.query_x.shape[1]
+    print(f"1. convolution work of {args.ways}-way {args.shots}-shot, {args.query} queries per class, "
+          f"{args.tasks} tasks, {args.inner_steps} inner steps: in forward passes over the {images} "
+          f"support images ({unit / 1e9:.3f} G multiply-adds)")
     for order, first_order in (("second-order MAML", False), ("first-order MAML", True)):
-        maml = MAML(model, MAML.Config(inner_lr=0.4, inner_steps=1, first_order=first_order))
+        maml = MAML(model, MAML.Config(inner_lr=args.inner_lr, inner_steps=args.inner_steps, first_order=first_order))
         print(f"   {order}: {convolution_work(lambda: maml.meta_loss(batch)[0].backward()) / unit:.2f}")
-    print(f"   limit (forward + backward of all {2 * images} images): "
+    print(f"   limit (forward + backward of all {images + queries} images): "
           f"{convolution_work(limit_step(model, batch)) / unit:.2f}")
+    if args.count_only:
+        return
 
     print("2. that layer, 160 images, ms (median)")
     x, w = torch.randn(160, 64, 14, 14), torch.randn(64, 64, 3, 3)

@@ -315,3 +315,12 @@ def test_a_torchrun_job_on_a_folder_another_process_trains_in_is_refused_on_ever
     assert not [line for line in done.stderr.splitlines() if 'File "' in line and "metalearn" in line]
     assert time.monotonic() - started < 120  # not the collective timeout
     assert not (run_dir / "config.json").exists()
+
+
+def test_two_ranks_in_chunks_equal_one_process_with_the_whole_batch(tmp_path):
+    # meta-batch 5: ranks of 3 and 2 tasks, each taking its share 2 tasks at a time (2 + 1, 2)
+    args = SINUSOID + ["--steps", 3, "--val-every", 0]
+    metalearn(args + ["--run-dir", tmp_path / "whole"], tmp_path)
+    torchrun(args + ["--run-dir", tmp_path / "chunked", "--task-chunk", 2], tmp_path)
+    assert_same_weights(tmp_path / "whole", tmp_path / "chunked")
+    assert json.loads((tmp_path / "chunked" / "config.json").read_text())["train"]["task_chunk"] == 2

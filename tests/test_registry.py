@@ -140,3 +140,24 @@ def test_register_method_refuses_what_is_not_a_method():
 
     with pytest.raises(MetalearnError, match="not a MetaLearner subclass"):
         register_method(dict)
+
+
+def test_no_method_option_shares_a_flag_with_a_task_or_training_option():
+    from metalearn.algorithms import check_option_names
+
+    for cls in METHODS.values():
+        check_option_names(cls)
+
+    @dataclass(frozen=True)
+    class Clashing:
+        steps: int = option(3, "a method option named like the training length")
+
+    class Clash(NearestMean):
+        name = "toy-clash"
+        Config = Clashing
+
+    from metalearn.errors import MetalearnError
+
+    with pytest.raises(MetalearnError, match="share a flag: steps"):
+        register_method(Clash)
+

@@ -20,7 +20,7 @@ from metalearn.runs import RunDir
 from metalearn.tasks.batch import TaskBatch
 from metalearn.training import prepare_run
 
-TINY = StatisticianConfig(context_dim=6, latent_dim=3, latent_layers=2, hidden_dim=16, channels=4)
+TINY = StatisticianConfig(context_dim=6, latent_dim=3, latent_layers=2, hidden_dim=16, filters=4)
 TINY_FLAGS = ["--context-dim", 6, "--latent-dim", 3, "--latent-layers", 2, "--hidden-dim", 16, "--channels", 4]
 
 
@@ -125,7 +125,7 @@ def template_tasks(tasks: int, ways: int, shots: int, query: int, templates: tor
 
 def test_learning_improves_the_bound_classifies_far_above_chance_and_samples_new_images():
     templates, g = block_templates(8), torch.Generator().manual_seed(0)
-    model = tiny(StatisticianConfig(context_dim=8, latent_dim=2, latent_layers=1, hidden_dim=32, channels=4,
+    model = tiny(StatisticianConfig(context_dim=8, latent_dim=2, latent_layers=1, hidden_dim=32, filters=4,
                                     reweight_alpha=0.0))
     test = template_tasks(50, 3, 1, 5, templates, torch.Generator().manual_seed(5))  # 3-way 1-shot, chance 1/3
 

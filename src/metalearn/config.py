@@ -106,6 +106,13 @@ class TrainConfig:
     keep_best: int = option(0, "keep the checkpoints of this many best validations in best/, for eval --ensemble "
                                "(MAML++'s model selection; 0: none)")
     init_from: str = option("", "a trained run directory whose network gives the initial weights (default none)")
+    # `str | int`: the command line reads it as text ("auto" or a number), normalised below
+    task_chunk: str | int = option(0, "tasks per forward and backward pass within a meta-batch, gradients "
+                                      "accumulated (the same meta-gradient to float rounding, less memory): "
+                                      "0 for the whole batch at once, or auto: the most whose step fits in "
+                                      "--memory-budget")
+    memory_budget: float = option(0.8, "with --task-chunk auto: the fraction of the memory available when "
+                                       "training starts (RAM, or the GPU's) that one step may use")
 
     def __post_init__(self):
         def refuse(name: str, problem: str) -> None:
@@ -136,11 +143,21 @@ class TrainConfig:
             refuse("min_meta_lr", "must be at most `meta_lr`")
         if self.min_meta_lr and self.lr_anneal != "cosine":
             refuse("min_meta_lr", "applies only with `lr_anneal` cosine")
+        chunk = self.task_chunk
+        if isinstance(chunk, str) and chunk.strip().isdigit():
+            object.__setattr__(self, "task_chunk", chunk := int(chunk))
+        if chunk != "auto" and not (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 0):
+            refuse("task_chunk", "must be a number of tasks >= 0 (0: the whole meta-batch) or auto")
+        if not (isinstance(self.memory_budget, (int, float)) and 0 < self.memory_budget <= 1):
+            refuse("memory_budget", "must be a fraction in (0, 1]")
 
 
 # Fields that may change when a run is resumed: they do not alter what was already computed.
+# task_chunk and memory_budget change only how a step is computed (to float rounding; the random
+# draws of a sampling method), so that a run resumed on a machine with less memory still fits.
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.val_every", "train.checkpoint_every",
-                     "train.eval_episodes", "train.val_episodes", "train.keep_best"}
+                     "train.eval_episodes", "train.val_episodes", "train.keep_best", "train.task_chunk",
+                     "train.memory_budget"}
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ bottom; it never knows which method it trains."""
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 import time
@@ -19,8 +20,9 @@ from metalearn.checkpoints import (RESUME_ENTRIES, all_finite, check_compatible,
                                    check_weights_finite, initialise_from_run, load_learner_state, on_cpu)
 from metalearn.config import RunConfig
 from metalearn.distributed import RankLost, World
-from metalearn.errors import MetalearnError, TrainingStopped
+from metalearn.errors import ConfigError, MetalearnError, TrainingStopped
 from metalearn.evaluation import evaluate
+from metalearn.memory_budget import available_memory, chunk_sizes, largest_chunk, peak_memory_of
 from metalearn.runs import RunDir, lock_for_training
 from metalearn.tasks import TaskSource, build_task_source, has_validation, problem_of
 
@@ -102,6 +104,11 @@ class Trainer:
                 f"--meta-batch-size {train.meta_batch_size} is smaller than the {world.size} processes: "
                 "every rank needs at least one task. Raise --meta-batch-size or start fewer processes."
             )
+        refused = learner.chunking_refused() if train.task_chunk != 0 else None
+        if refused:
+            raise ConfigError("TrainConfig", "task_chunk", f"cannot split the meta-batch of {refused}; leave it at 0 "
+                                                          f"(the whole meta-batch at once), got {train.task_chunk!r}")
+        self.task_chunk = train.task_chunk if train.task_chunk != "auto" else None  # auto: chosen by fit
         optimizer = torch.optim.Adam if train.meta_optimizer == "adam" else torch.optim.SGD
         self.optimizer = optimizer(learner.parameters(), lr=train.meta_lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(train, step))
@@ -177,6 +184,8 @@ class Trainer:
 
             bar = tqdm(total=train.steps, initial=self.step, desc=f"{self.config.method}", unit="step")
         parameters = list(self.learner.parameters())
+        if train.task_chunk == "auto":
+            self.task_chunk = None  # measured again at the first step: a resume may run on another machine
         share = self.world.share(train.meta_batch_size)
         local_fraction = (share.stop - share.start) / train.meta_batch_size
         try:
@@ -206,15 +215,16 @@ class Trainer:
             seed = step_seed(train.seed, self.step)
             batch = self.train_tasks.sample(train.meta_batch_size, torch.Generator().manual_seed(seed), share)
             batch = batch.to(self.device)
-            torch.manual_seed(seed + self.world.rank)
             self.learner.train()
             self.learner.start_step(self.step)
-            loss, metrics = self.learner.meta_loss(batch)
-            total_loss = float(self.world.sum(loss.detach() * local_fraction))
+            if self.task_chunk is None:
+                self.task_chunk = self._choose_task_chunk(batch, bar)
+            torch.manual_seed(seed + self.world.rank)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, metrics = meta_gradient(self.learner, batch, self.task_chunk, local_fraction)
+            total_loss = float(self.world.sum(loss * local_fraction))
             if not math.isfinite(total_loss):
                 raise self._diverged(f"the meta-loss became {total_loss}", "")
-            self.optimizer.zero_grad(set_to_none=True)
-            (loss * local_fraction).backward()
             self.world.sum_gradients(parameters)
             if not gradients_finite(parameters):  # the same on every rank: gradients are summed
                 raise self._diverged("the meta-gradient became non-finite", f" (the meta-loss was {total_loss:.4g})")
@@ -262,6 +272,29 @@ class Trainer:
                     128 + int(stop.received or signal.SIGTERM),
                 )
 
+    def _choose_task_chunk(self, batch, bar) -> int:
+        """``task_chunk="auto"``: the most tasks per chunk whose step fits in ``memory_budget`` of
+        the memory available now, from the measured peak memory of this step on one task (its
+        meta-loss and backward pass, which include the step's fixed costs: an overestimate per
+        task, on the safe side). The gradients of the probe are dropped; the trainer seeds the
+        random generators after it, so the step itself draws what it would without it."""
+        train = self.config.train
+        budget = int(train.memory_budget * available_memory(self.device))
+        if self.device.type == "cpu":  # the processes torchrun starts on one machine share its memory
+            budget //= max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+
+        def one_task():
+            loss, _ = self.learner.meta_loss(batch.select(slice(0, 1)))
+            loss.backward()
+
+        per_task = peak_memory_of(one_task, self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        chunk = largest_chunk(batch.num_tasks, per_task, budget)
+        if bar is not None:
+            bar.write(f"--task-chunk auto: {chunk} of {batch.num_tasks} tasks at a time (one task's step "
+                      f"{per_task / 2**20:.0f} MiB, budget {budget / 2**20:.0f} MiB)")
+        return chunk
+
     def _diverged(self, what: str, detail: str,
                   advice: str = "Try a smaller --inner-lr or --meta-lr, or fewer --inner-steps.") -> MetalearnError:
         """The one error for a step that went non-finite: training stops before that step is
@@ -286,6 +319,33 @@ class Trainer:
                 self.run_dir.keep_best(self.state(), result["mean"], self.config.train.keep_best,
                                        higher_is_better=result["metric"] == "accuracy")
         return result
+
+
+def meta_gradient(learner: MetaLearner, batch, task_chunk: int = 0,
+                  scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The meta-loss of ``batch`` and its metrics (detached), with the meta-gradient times
+    ``scale`` accumulated into the parameters' ``.grad``, ``task_chunk`` tasks at a time (0:
+    all at once): each chunk's loss, gradient and metrics are weighted by its share of the
+    tasks, and only one chunk's autograd graph is held at a time, which bounds the memory.
+
+    The meta-loss is a mean over tasks that are independent within the batch
+    (:meth:`MetaLearner.chunking_refused` names the exception), so the weighted sum has the
+    whole batch's gradient to float rounding. A metric that is not a mean over tasks (Reptile's
+    update_norm) becomes the chunks' weighted mean, as it does over torchrun's ranks. A method
+    that draws random numbers (PLATIPUS's noise, Reptile's mini-batch order) draws them chunk
+    by chunk: other draws than the whole batch's, of the same distribution."""
+    tasks, start = batch.num_tasks, 0
+    loss_sum, metric_sums = torch.zeros(()), {}
+    for size in chunk_sizes(tasks, task_chunk):
+        chunk = batch if size == tasks else batch.select(slice(start, start + size))
+        start += size
+        share = size / tasks
+        loss, metrics = learner.meta_loss(chunk)
+        (loss * (scale * share)).backward()
+        loss_sum = loss_sum.to(loss) + loss.detach() * share
+        for name, value in metrics.items():
+            metric_sums[name] = metric_sums.get(name, 0) + value.detach() * share
+    return loss_sum, metric_sums
 
 
 # -- assembling a run ------------------------------------------------------------------------

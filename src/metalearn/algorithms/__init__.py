@@ -41,8 +41,21 @@ def register_method(cls: type[MetaLearner]) -> type[MetaLearner]:
         raise MetalearnError(f"{cls!r} is not a MetaLearner subclass")
     if not dataclasses.is_dataclass(getattr(cls, "Config", None)):
         raise MetalearnError(f"{cls.__name__}.Config must be a dataclass of the method's options")
+    check_option_names(cls)
     METHODS[cls.name] = cls
     return cls
+
+
+def check_option_names(cls: type[MetaLearner]) -> None:
+    """Refuse a method option named like a task or training option: both would be the same
+    command-line flag."""
+    from metalearn.config import TaskConfig, TrainConfig
+
+    shared = {f.name for f in dataclasses.fields(cls.Config)} & {
+        f.name for config in (TaskConfig, TrainConfig) for f in dataclasses.fields(config)}
+    if shared:
+        raise MetalearnError(f"{cls.__name__}.Config has option(s) named like task or training options, which "
+                             f"would share a flag: {', '.join(sorted(shared))}; rename them")
 
 
 def method_class(name: str) -> type[MetaLearner]:

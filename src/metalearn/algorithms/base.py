@@ -76,6 +76,13 @@ class MetaLearner(nn.Module):
         state besides its parameters which every rank must agree on (Reptile's carried inner
         Adam state, advanced by every rank's tasks). The default does nothing."""
 
+    def chunking_refused(self) -> str | None:
+        """Why this method's meta-batch cannot be split into chunks of tasks, each with its own
+        :meth:`meta_loss` and backward pass (``TrainConfig.task_chunk``), or None when it can:
+        the tasks of a meta-batch must be independent, so that the chunks' losses weighted by
+        their share of tasks have the whole batch's gradient. The default: they are."""
+        return None
+
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """Scalar loss averaged over the batch's tasks, whose gradient is the meta-gradient,
         and metrics (scalars, e.g. ``accuracy``) for logging. Batched over tasks (``vmap``),

@@ -338,6 +338,12 @@ class Reptile(MetaLearner):
 
     # -- the interface -----------------------------------------------------------------------
 
+    def chunking_refused(self) -> str | None:
+        if self.carried_adam is not None:
+            return ("Reptile with --inner-adam-state carried: every meta_loss call advances the carried inner "
+                    "Adam state, so a second chunk of tasks would start from another state than the first")
+        return None
+
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """Adapt to each task's support set; the returned loss has gradient ``theta - mean(phi)``
         and the value of the tasks' mean query loss after adaptation (what the trainer logs).

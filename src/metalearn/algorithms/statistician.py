@@ -63,7 +63,7 @@ class StatisticianConfig:
     latent_dim: int = option(16, "dimension of each stochastic layer z_l of an image (paper, Omniglot: 16)")
     latent_layers: int = option(1, "stochastic layers z_1..z_L per image (paper, Omniglot: 1)")
     hidden_dim: int = option(256, "width of the fully connected layers (paper: 256)")
-    channels: int = option(64, "feature maps of the first convolutional block; the second and third have "
+    filters: int = option(64, "feature maps of the first convolutional block; the second and third have "
                                "twice and four times as many (paper: 64, 128, 256)")
     kl_direction: str = option("support-query", "few-shot classification by D_KL(q(c|D_i) || q(c|x)) "
                                                 "(support-query, the paper's Algorithm 1) or D_KL(q(c|x) || "
@@ -76,7 +76,7 @@ class StatisticianConfig:
     alpha_halve_every: int = option(500, "steps between halvings of --reweight-alpha")
 
     def __post_init__(self):
-        for name in ("context_dim", "latent_dim", "latent_layers", "hidden_dim", "channels", "alpha_halve_every"):
+        for name in ("context_dim", "latent_dim", "latent_layers", "hidden_dim", "filters", "alpha_halve_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(OWNER, name, f"must be a whole number of at least 1, got {value!r}")
@@ -235,7 +235,7 @@ class NeuralStatistician(MetaLearner):
         super().__init__()
         self.config = config
         cfg = config
-        self.encoder = SharedEncoder(cfg.channels)
+        self.encoder = SharedEncoder(cfg.filters)
         features = self.encoder.features
         self.statistic = StatisticNetwork(features, cfg.hidden_dim, cfg.context_dim)
         self.inference = nn.ModuleList(GaussianLayer(features, cfg.context_dim, cfg.latent_dim, cfg.hidden_dim, l > 0)
@@ -243,7 +243,7 @@ class NeuralStatistician(MetaLearner):
         self.latent_decoders = nn.ModuleList(GaussianLayer(0, cfg.context_dim, cfg.latent_dim, cfg.hidden_dim, l > 0)
                                              for l in range(cfg.latent_layers))
         self.decoder = ObservationDecoder(cfg.latent_layers * cfg.latent_dim, cfg.context_dim, cfg.hidden_dim,
-                                          cfg.channels)
+                                          cfg.filters)
         self.step = 0
 
     @classmethod

@@ -1,0 +1,104 @@
+"""How much memory a training step may use, and how much one task of it takes: what
+``TrainConfig.task_chunk="auto"`` chooses the chunk size from.
+
+- :func:`available_memory`: on a GPU what ``torch.cuda.mem_get_info`` reports free plus what
+  torch's caching allocator holds unused; on the CPU Linux's ``MemAvailable`` (lowered to the
+  control group's limit where one is set).
+- :func:`peak_memory_of`: the peak memory a call adds above what was in use before it. On a GPU
+  ``torch.cuda.max_memory_allocated``; on the CPU the process's peak resident set (``VmHWM``),
+  reset through ``/proc/self/clear_refs`` after glibc has returned its free memory
+  (``malloc_trim``), so that memory the call reuses from earlier steps still counts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import math
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from metalearn.errors import MetalearnError
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes a step on ``device`` could still use."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        raise MetalearnError(f"--task-chunk auto knows the memory of CPUs and CUDA GPUs only, not {device.type}; "
+                             "give --task-chunk a number")
+    available = _meminfo_bytes("MemAvailable")
+    limit, used = _read_int("/sys/fs/cgroup/memory.max"), _read_int("/sys/fs/cgroup/memory.current")
+    if limit is not None and used is not None:
+        available = min(available, max(limit - used, 0))
+    return available
+
+
+def peak_memory_of(call: Callable[[], None], device: torch.device) -> int:
+    """Bytes of memory that ``call()`` needs at its peak beyond what was in use before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        call()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    _return_free_memory()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS (Linux >= 4.0)
+    except OSError as err:
+        raise MetalearnError(f"--task-chunk auto measures a step's memory through /proc/self/clear_refs, which "
+                             f"this system does not allow ({err.strerror}); give --task-chunk a number") from None
+    before = _status_bytes("VmRSS")
+    call()
+    return max(_status_bytes("VmHWM") - before, 0)
+
+
+def largest_chunk(tasks: int, per_task: int, budget: int) -> int:
+    """The most tasks, up to ``tasks``, whose footprint of ``per_task`` bytes each fits in
+    ``budget`` (at least 1), then evened out: the same number of chunks, sizes differing by at
+    most one (16 tasks in chunks of at most 6: 6, 5, 5 rather than 6, 6, 4)."""
+    most = max(1, min(tasks, budget // max(per_task, 1)))
+    chunks = math.ceil(tasks / most)
+    return math.ceil(tasks / chunks)
+
+
+def chunk_sizes(tasks: int, chunk: int) -> list[int]:
+    """Sizes of the chunks of ``tasks`` tasks taken ``chunk`` at a time (0: all at once)."""
+    if chunk <= 0 or chunk >= tasks:
+        return [tasks]
+    return [chunk] * (tasks // chunk) + ([tasks % chunk] if tasks % chunk else [])
+
+
+def _return_free_memory() -> None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: freed memory may be reused unseen (an underestimate)
+        pass
+
+
+def _status_bytes(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1)) * 1024
+
+
+def _meminfo_bytes(field: str) -> int:
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        raise MetalearnError("--task-chunk auto reads the available memory from /proc/meminfo, which this system "
+                             "lacks; give --task-chunk a number") from None
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1)) * 1024
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        return int(Path(path).read_text().strip())
+    except (OSError, ValueError):  # no such file, or "max" (no limit)
+        return None

@@ -1,0 +1,164 @@
+"""Bounded memory: a meta-batch in chunks of tasks (``TrainConfig.task_chunk``) has the whole
+batch's meta-gradient, and ``task_chunk="auto"`` chooses the chunk from a memory budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from batches import image_batch
+from metalearn import memory_budget as memory
+from metalearn.algorithms import METHODS
+from metalearn.api import resolve_config
+from metalearn.errors import ConfigError
+from metalearn.models import Conv4
+from metalearn.runs import RunDir
+from metalearn.training import build_trainer, meta_gradient
+
+DETERMINISTIC = [
+    ("maml", {"inner_lr": 0.1, "inner_steps": 2}),
+    ("maml", {"inner_lr": 0.1, "inner_steps": 2, "first_order": True}),
+    ("maml", {"inner_lr": 0.1, "inner_steps": 2, "learn_inner_lr": True, "multi_step_loss": True}),
+    ("protonet", {}),
+    ("matchingnet", {"full_context_embeddings": True, "processing_steps": 2}),
+]
+
+
+def gradient(learner, batch, chunk):
+    learner.zero_grad(set_to_none=True)
+    loss, metrics = meta_gradient(learner, batch, chunk)
+    return loss, metrics, [p.grad.clone() for p in learner.parameters()]
+
+
+@pytest.mark.parametrize("method,options", DETERMINISTIC,
+                         ids=["maml", "maml-first-order", "maml++", "protonet", "matchingnet-fce"])
+def test_chunks_have_the_whole_batch_meta_gradient_in_float64(method, options):
+    torch.manual_seed(0)
+    ways = 3
+    embedding = method not in ("maml",)
+    model = Conv4(1, None if embedding else ways, hidden=4, pooling="max").double()
+    extra = {"embedding_dim": 4} if method == "matchingnet" else {}  # 4 channels of 1 x 1 after four poolings
+    learner = METHODS[method](model, METHODS[method].Config(**options), **extra).double()
+    batch = image_batch(tasks=5, ways=ways, shots=2, query=2, size=16)
+    whole_loss, whole_metrics, whole = gradient(learner, batch, 0)
+    for chunk in (1, 2, 3):  # 3: chunks of 3 and 2, weighted 3/5 and 2/5
+        loss, metrics, chunked = gradient(learner, batch, chunk)
+        torch.testing.assert_close(loss, whole_loss, rtol=1e-12, atol=0)
+        # accuracy is a float32 mean of 0/1 hits: equal to float32 rounding
+        torch.testing.assert_close(metrics["accuracy"], whole_metrics["accuracy"], rtol=1e-6, atol=0)
+        for a, b in zip(chunked, whole):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    assert any(g.abs().max() > 1e-3 for g in whole)  # a real gradient, not zeros compared with zeros
+
+
+def test_reptile_with_one_draw_for_all_tasks_chunks_to_the_same_direction():
+    """Reptile's direction theta - mean(phi) is linear in the tasks: with the mini-batch order
+    drawn once for all tasks (the same seed before each call) the chunks give the whole batch's."""
+    torch.manual_seed(0)
+    learner = METHODS["reptile"](Conv4(1, 3, hidden=4, pooling="max").double(),
+                                 METHODS["reptile"].Config(inner_steps=2, inner_batch_size=3)).double()
+    batch = image_batch(tasks=4, ways=3, shots=2, query=1, size=16)
+    # one task per chunk, each drawing its order from the same seed as the whole batch's first task
+    learner.minibatches = lambda x, y, steps, size, generator=None, one_order=False: \
+        type(learner).minibatches(x, y, steps, size, torch.Generator().manual_seed(7), one_order=True)
+    _, _, whole = gradient(learner, batch, 0)
+    _, _, chunked = gradient(learner, batch, 1)
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_reptile_with_carried_adam_state_refuses_chunks(tmp_path):
+    config = resolve_config("reptile", task={"dataset": "sinusoid"}, method_config={"inner_optimizer": "adam", "inner_adam_state": "carried"},
+                            train={"steps": 1, "meta_batch_size": 4, "task_chunk": 2})
+    with pytest.raises(ConfigError, match="task_chunk cannot split the meta-batch of Reptile .*carried"):
+        build_trainer(config, tmp_path / "run")
+    with pytest.raises(ConfigError) as err:
+        build_trainer(resolve_config("reptile", task={"dataset": "sinusoid"},
+                                     method_config={"inner_optimizer": "adam", "inner_adam_state": "carried"},
+                                     train={"steps": 1, "task_chunk": "auto"}), tmp_path / "run")
+    assert err.value.with_flags().startswith("--task-chunk cannot split")
+
+
+@pytest.mark.parametrize("value,message", [("two", "or auto, got 'two'"), (-1, ">= 0"), (True, ">= 0")])
+def test_bad_task_chunks_are_refused(value, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config("maml", task={"dataset": "sinusoid"}, train={"task_chunk": value})
+    with pytest.raises(ConfigError, match=r"memory_budget must be a fraction in \(0, 1\]"):
+        resolve_config("maml", task={"dataset": "sinusoid"}, train={"memory_budget": 1.5})
+    # the command line gives text: a number becomes an int, so config.json holds 3, not "3"
+    assert resolve_config("maml", task={"dataset": "sinusoid"}, train={"task_chunk": "3"}).train.task_chunk == 3
+
+
+def sinusoid_run(steps, **train):
+    return resolve_config("maml", task={"dataset": "sinusoid", "shots": 5},
+                          method_config={"test_inner_steps": 1},
+                          train={"steps": steps, "meta_batch_size": 5, "log_every": 1, "val_every": 0,
+                                 "checkpoint_every": 2, "eval_episodes": 5, **train})
+
+
+def weights(trainer):
+    return {k: v.detach().clone() for k, v in trainer.learner.state_dict().items()}
+
+
+def test_a_chunked_run_trains_as_the_whole_batch_and_resumes_exactly(tmp_path):
+    whole = build_trainer(sinusoid_run(6), tmp_path / "whole")
+    whole.fit(progress=False)
+    chunked = build_trainer(sinusoid_run(6, task_chunk=2), tmp_path / "chunked")
+    chunked.fit(progress=False)
+    for name, value in weights(whole).items():
+        torch.testing.assert_close(weights(chunked)[name], value, rtol=0, atol=1e-6, msg=name)
+    logged = [r for r in RunDir(tmp_path / "chunked").read_metrics() if "loss" in r]
+    reference = [r for r in RunDir(tmp_path / "whole").read_metrics() if "loss" in r]
+    assert [r["loss"] for r in logged] == pytest.approx([r["loss"] for r in reference], rel=1e-5)
+
+    build_trainer(sinusoid_run(3, task_chunk=2), tmp_path / "split").fit(progress=False)
+    resumed = build_trainer(sinusoid_run(6, task_chunk=2), tmp_path / "split", resume=True)
+    resumed.fit(progress=False)
+    for name, value in weights(chunked).items():
+        assert torch.equal(weights(resumed)[name], value), name
+
+
+def test_auto_chooses_chunks_that_fit_the_budget(tmp_path, monkeypatch):
+    """A budget below one task's measured step forces chunks of one task; a large one keeps the
+    whole batch; both train the same weights to float rounding."""
+    measured = []
+    real_peak = memory.peak_memory_of
+
+    def recording_peak(call, device):
+        measured.append(real_peak(call, device))
+        return measured[-1]
+
+    monkeypatch.setattr("metalearn.training.peak_memory_of", recording_peak)
+    monkeypatch.setattr("metalearn.training.available_memory", lambda device: 1)
+    tight = build_trainer(sinusoid_run(3, task_chunk="auto"), tmp_path / "tight")
+    tight.fit(progress=False)
+    assert tight.task_chunk == 1 and measured[0] > 0
+
+    monkeypatch.setattr("metalearn.training.available_memory", lambda device: 2**40)
+    roomy = build_trainer(sinusoid_run(3, task_chunk="auto"), tmp_path / "roomy")
+    roomy.fit(progress=False)
+    assert roomy.task_chunk == 5
+    whole = build_trainer(sinusoid_run(3), tmp_path / "whole")
+    whole.fit(progress=False)
+    for name, value in weights(whole).items():
+        assert torch.equal(weights(roomy)[name], value), name  # the probe leaves no trace
+        torch.testing.assert_close(weights(tight)[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_largest_chunk_fits_the_budget_and_evens_out_the_chunks():
+    assert memory.largest_chunk(16, per_task=100, budget=600) == 6  # 6 + 5 + 5: at most 6 (600 bytes)
+    assert memory.chunk_sizes(16, 6) == [6, 6, 4]
+    assert memory.largest_chunk(16, per_task=100, budget=10**6) == 16
+    assert memory.largest_chunk(16, per_task=100, budget=50) == 1  # even one task does not fit: one at a time
+    assert memory.largest_chunk(16, per_task=100, budget=800) == 8  # 8 + 8
+    assert memory.chunk_sizes(5, 0) == [5] and memory.chunk_sizes(5, 7) == [5]
+
+
+def test_peak_memory_of_a_call_is_measured_on_the_cpu():
+    def allocate():
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, written, then freed
+        del x
+
+    peak = memory.peak_memory_of(allocate, torch.device("cpu"))
+    assert 60 * 2**20 < peak < 90 * 2**20
+    assert memory.available_memory(torch.device("cpu")) > 0

@@ -299,6 +299,10 @@ def test_every_method_trains_and_predicts_on_rgb_84x84(shapes, method):
         options["first_order"] = True
     config = resolve_config(method, {"dataset": "folder", "ways": 3, "shots": 1, "query": 2}, options)
     assert (config.task.image_size, config.task.channels) == (84, 3)
+    if method == "statistician":  # the paper's networks take 28x28 grey images only: one clear line
+        with pytest.raises(MetalearnError, match="statistician's networks are the paper's for 1x28x28 images"):
+            build_learner(method, config.method_config, problem_of(config.task))
+        return
     learner = build_learner(method, config.method_config, problem_of(config.task))
     batch = build_task_source(config.task, "train", shapes, progress=False).sample(1, gen(0))
     assert batch.support_x.shape == (1, 3, 3, 84, 84)

@@ -18,10 +18,10 @@ from metalearn.algorithms.statistician import (NeuralStatistician, StatisticianC
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.runs import RunDir
 from metalearn.tasks.batch import TaskBatch
-from metalearn.training import prepare_run
+from metalearn.training import build_trainer
 
 TINY = StatisticianConfig(context_dim=6, latent_dim=3, latent_layers=2, hidden_dim=16, filters=4)
-TINY_FLAGS = ["--context-dim", 6, "--latent-dim", 3, "--latent-layers", 2, "--hidden-dim", 16, "--channels", 4]
+TINY_FLAGS = ["--context-dim", 6, "--latent-dim", 3, "--latent-layers", 2, "--hidden-dim", 16, "--filters", 4]
 
 
 def tiny(config: StatisticianConfig = TINY, seed: int = 0) -> NeuralStatistician:
@@ -208,7 +208,8 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, omniglot_data_dir):
                               timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
     single, double = weights(tmp_path / "single"), weights(tmp_path / "double")
-    initial = prepare_run(RunDir(tmp_path / "single").read_config(), omniglot_data_dir)[0].state_dict()
+    initial = build_trainer(RunDir(tmp_path / "single").read_config(), data_dir=omniglot_data_dir, lock=False,
+                            progress=False).learner.state_dict()  # the initial weights, from the seed
     for name, start in initial.items():  # each tensor's ranks-vs-process gap far below its update
         update = float((single[name] - start).abs().max())
         gap = float((single[name] - double[name]).abs().max())

@@ -162,3 +162,11 @@ def test_peak_memory_of_a_call_is_measured_on_the_cpu():
     peak = memory.peak_memory_of(allocate, torch.device("cpu"))
     assert 60 * 2**20 < peak < 90 * 2**20
     assert memory.available_memory(torch.device("cpu")) > 0
+
+
+def test_a_memory_budget_without_the_automatic_chunk_is_refused():
+    task = {"dataset": "sinusoid"}
+    with pytest.raises(ConfigError, match="TrainConfig.memory_budget applies only with TrainConfig.task_chunk auto"):
+        resolve_config("maml", task=task, train={"memory_budget": 0.5})
+    assert resolve_config("maml", task=task, train={"memory_budget": 0.5, "task_chunk": "auto"}).train.memory_budget == 0.5
+

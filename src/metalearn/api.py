@@ -75,6 +75,8 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
     if not has_validation(task_config):  # the saved configuration says what happens: no validation
         train_defaults = {**train_defaults, "val_every": 0}
     train_config = TrainConfig(**{**train_defaults, **train})
+    if "memory_budget" in train and train_config.task_chunk != "auto":  # it would be stored and unused
+        raise ConfigError("TrainConfig", "memory_budget", "applies only with `task_chunk` auto")
     warn_of_schedule(train_config)
     return RunConfig(method, task_config, dataclasses.asdict(method_options), train_config)
 

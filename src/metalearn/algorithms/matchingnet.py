@@ -38,7 +38,7 @@ from metalearn.algorithms.base import MetaLearner, require_functional_model, Pro
 from metalearn.algorithms.protonet import DISTANCES, embed_episodes, num_ways, similarities
 from metalearn.errors import ConfigError, MetalearnError, require_number
 from metalearn.options import option
-from metalearn.models import build_model
+from metalearn.models import build_model, output_size
 from metalearn.models.norm import first_order_batch_norm
 from metalearn.tasks.batch import TaskBatch
 
@@ -160,8 +160,7 @@ class MatchingNet(MetaLearner):
         if not problem.classification:
             raise MetalearnError("matchingnet is a classification method; use --dataset omniglot")
         model = build_model(config.model, problem.input_shape, None)
-        with torch.no_grad():
-            dim = model(torch.zeros(2, *problem.input_shape)).shape[-1]
+        dim = output_size(model, problem.input_shape)
         return cls(model, config, dim)
 
     @classmethod

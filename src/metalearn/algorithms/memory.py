@@ -74,7 +74,7 @@ from torch import Tensor, nn
 from metalearn.algorithms.base import MetaLearner, Problem, require_functional_model
 from metalearn.algorithms.protonet import embed_episodes
 from metalearn.errors import ConfigError, MetalearnError
-from metalearn.models import build_model
+from metalearn.models import build_model, output_size
 from metalearn.options import option
 from metalearn.tasks.batch import TaskBatch
 
@@ -344,8 +344,7 @@ class MemoryModule(MetaLearner):
                 raise MetalearnError(f"lenet needs image inputs (C, H, W), got shape {problem.input_shape}")
             return cls(LeNet(problem.input_shape, config.key_dim), config.key_dim, config)
         model = build_model(config.model, problem.input_shape, None)
-        with torch.no_grad():
-            dim = model(torch.zeros(2, *problem.input_shape)).shape[-1]
+        dim = output_size(model, problem.input_shape)
         return cls(model, dim, config)
 
     @classmethod

@@ -4,6 +4,7 @@ per-step batch-norm statistics are buffers that only the method's own update wri
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from metalearn.errors import MetalearnError
@@ -54,5 +55,12 @@ def build_model(name: str, input_shape: tuple[int, ...], out_features: int | Non
     raise MetalearnError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
 
 
-__all__ = ["BatchStatNorm", "Conv4", "MLP", "MODELS", "build_model", "first_order_batch_norm", "mamlpp_conv4",
+def output_size(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """The size of ``model``'s output per example (an embedding network's dimension), from one
+    forward pass of two zero inputs of ``input_shape`` without gradients."""
+    with torch.no_grad():
+        return model(torch.zeros(2, *input_shape)).shape[-1]
+
+
+__all__ = ["BatchStatNorm", "output_size", "Conv4", "MLP", "MODELS", "build_model", "first_order_batch_norm", "mamlpp_conv4",
            "reference_conv4"]

@@ -10,9 +10,9 @@ from typing import Any, Callable
 
 import torch
 
-from metalearn.algorithms import method_class, make_method_config
+from metalearn.algorithms import METHODS, method_class, make_method_config
 from metalearn.config import RunConfig, TaskConfig, TrainConfig, task_differences
-from metalearn.datasets import get_dataset
+from metalearn.datasets import DATASETS, get_dataset
 from metalearn.distributed import World, init_world
 from metalearn.errors import ConfigError, MetalearnError, MetalearnWarning
 from metalearn.evaluation import evaluate
@@ -58,7 +58,9 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
             if not differ:
                 raise
             raise configuration_conflict(f"the run in {resume_from}", differ) from None
-    dataset = get_dataset(task.get("dataset", TaskConfig.dataset))  # an unknown name, before its options
+    dataset = get_dataset(task.get("dataset", cls.default_dataset or TaskConfig.dataset))  # an unknown name first
+    task.setdefault("dataset", dataset.name)
+    check_method_fits_dataset(cls, dataset)
     given = [name for name in dataset.inapplicable if task.get(name) is not None]
     if given:
         verb = "does" if len(given) == 1 else "do"
@@ -79,6 +81,18 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
         raise ConfigError("TrainConfig", "memory_budget", "applies only with `task_chunk` auto")
     warn_of_schedule(train_config)
     return RunConfig(method, task_config, dataclasses.asdict(method_options), train_config)
+
+
+def check_method_fits_dataset(cls, dataset) -> None:
+    """Refuse a reinforcement-learning method on supervised tasks, or the other way round."""
+    if cls.reinforcement and not dataset.reinforcement:
+        rl = ", ".join(name for name, d in DATASETS.items() if d.reinforcement)
+        raise ConfigError("TaskConfig", "dataset", f"must be an environment for {cls.name} (--env {rl}), got "
+                                                   f"{dataset.name!r}, a {dataset.kind} dataset")
+    if dataset.reinforcement and not cls.reinforcement:
+        rl = ", ".join(name for name, method in METHODS.items() if method.reinforcement) or "none"
+        raise ConfigError("TaskConfig", "dataset", f"{dataset.name!r} is a reinforcement-learning environment, which "
+                                                   f"{cls.name} cannot learn; train it with {rl}")
 
 
 MAX_HALVINGS = 10  # the rate then ends below 1/1000 of --meta-lr: later steps barely move the weights

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -257,6 +257,32 @@ def trpo_step(objective: Callable[[Params], tuple[Tensor, Tensor]], params: Para
 # -- the method --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class MetaObjective:
+    """One meta-batch's meta-objective, its trajectories already sampled, as functions of the
+    policy's parameters theta (a dict of tensors; the trajectories' dependence on theta is not
+    differentiated, as in the paper's code):
+
+    - ``adapted(theta)``: each task's parameters after the inner steps (leading task axis);
+    - ``objective(theta)``: (minus the mean over tasks of the importance-weighted advantage of
+      the adapted policies' trajectories, the mean over tasks of the KL from the adapted
+      policies that sampled them), means over each task's unmasked steps;
+    - ``fisher_vector(theta)``: v -> the Hessian of that KL at ``theta`` times v;
+    - ``metrics``: returns and speed of the sampling;
+    - ``inner``: the (trajectories, advantages) of each inner step; ``evaluation``, ``advantage``
+      and ``old_log_prob``: the adapted policies' trajectories, their advantages and their
+      log-probabilities under the policies that drew them."""
+
+    adapted: Callable[[Params], Params]
+    objective: Callable[[Params], tuple[Tensor, Tensor]]
+    fisher_vector: Callable[[Params], Callable[[Tensor], Tensor]]
+    metrics: dict[str, Tensor]
+    inner: list
+    evaluation: Any
+    advantage: Tensor
+    old_log_prob: Tensor
+
+
 class MAMLRL(MetaLearner):
     """MAML with a policy-gradient inner step and a TRPO meta-update, on an
     :class:`~metalearn.envs.MDPBatch`. ``meta_loss`` returns a surrogate whose gradient is minus
@@ -334,29 +360,32 @@ class MAMLRL(MetaLearner):
 
     # -- meta-training -----------------------------------------------------------------------------
 
-    def meta_loss(self, batch) -> tuple[Tensor, dict[str, Tensor]]:
+    def meta_objective(self, batch) -> "MetaObjective":
+        """Sample the meta-batch's trajectories (theta's, then each adapted policy's) and return
+        the meta-objective as functions of theta (see :class:`MetaObjective`)."""
         config = self.config
         theta = dict(self.policy.named_parameters())
-        clock = time.perf_counter()
         env_time, env_steps = 0.0, 0
 
-        # the data: trajectories of theta, of each adapted policy, and the last adapted one's
-        gathered, params, per_task = [], {k: v.detach() for k, v in theta.items()}, False
-        returns = []
-        for _ in range(config.inner_steps):
+        def sample(params: Params, per_task: bool):
+            nonlocal env_time, env_steps
             start = time.perf_counter()
             trajectories = self._rollout(batch, params, per_task, config.trajectories)
             env_time += time.perf_counter() - start
             env_steps += trajectories.num_steps
+            return trajectories
+
+        # the data: trajectories of theta and of each adapted policy, then the last one's
+        gathered, params, per_task = [], {k: v.detach() for k, v in theta.items()}, False
+        returns = []
+        for _ in range(config.inner_steps):
+            trajectories = sample(params, per_task)
             advantage = advantages(trajectories, config.discount)
             gathered.append((trajectories, advantage))
             returns.append(trajectories.returns().mean())
             params = self.adapt(params, per_task, trajectories, advantage, config.inner_lr)
             params, per_task = {k: v.detach() for k, v in params.items()}, True
-        start = time.perf_counter()
-        evaluation = self._rollout(batch, params, per_task, config.trajectories)
-        env_time += time.perf_counter() - start
-        env_steps += evaluation.num_steps
+        evaluation = sample(params, per_task)
         returns.append(evaluation.returns().mean())
         advantage = advantages(evaluation, config.discount)
         mask = evaluation.mask
@@ -365,7 +394,6 @@ class MAMLRL(MetaLearner):
             old_log_prob = gaussian_log_prob(evaluation.actions, old_mean, old_log_std)
 
         def adapted(theta: Params) -> Params:
-            """The adapted parameters of every task (leading task axis) as a function of theta."""
             params, per_task = theta, False
             for trajectories, adv in gathered:
                 params = self.adapt(params, per_task, trajectories, adv, config.inner_lr, config.first_order)
@@ -375,27 +403,34 @@ class MAMLRL(MetaLearner):
             return params
 
         def objective(theta: Params) -> tuple[Tensor, Tensor]:
-            """(minus the importance-weighted advantage, the mean KL from the old adapted
-            policies), means over each task's steps then over tasks, as functions of theta."""
             mean, log_std = self._distribution(adapted(theta), True, evaluation.observations)
             ratio = torch.exp(gaussian_log_prob(evaluation.actions, mean, log_std) - old_log_prob)
             surrogate = masked_mean(ratio * advantage, mask, (1, 2)).mean()
             kl = masked_mean(gaussian_kl(old_mean, old_log_std, mean, log_std), mask, (1, 2)).mean()
             return -surrogate, kl
 
-        metrics = {"return": returns[0].detach()}
+        def fisher_vector(theta: Params) -> Callable[[Tensor], Tensor]:
+            return self.fisher_vector_product(adapted, theta, evaluation.observations, mask, old_log_std)
+
+        metrics = {"return": returns[0].detach(), "env_steps_per_s": torch.tensor(env_steps / max(env_time, 1e-9))}
         if config.inner_steps:
             metrics["return_adapted"] = returns[-1].detach()
-        if config.outer == "gradient":
-            loss, kl = objective(theta)
-            metrics["env_steps_per_s"] = torch.tensor(env_steps / max(env_time, 1e-9))
-            return loss, metrics
-        fisher = self.fisher_vector_product(adapted, {k: v.detach() for k, v in theta.items()},
-                                            evaluation.observations, mask, old_log_std)
-        new, info = trpo_step(objective, theta, fisher, config.max_kl, config.cg_iters, config.cg_damping)
-        metrics.update(kl=torch.tensor(info["kl"]), backtracks=torch.tensor(info["backtracks"]),
-                       env_steps_per_s=torch.tensor(env_steps / max(env_time, 1e-9)),
-                       step_s=torch.tensor(time.perf_counter() - clock))
+        return MetaObjective(adapted, objective, fisher_vector, metrics, gathered, evaluation, advantage, old_log_prob)
+
+    def meta_loss(self, batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """With ``outer`` trpo: 0.5 * |theta - sg(theta + TRPO step)|^2, whose gradient is minus
+        the step; with ``outer`` gradient: minus the meta-objective. Metrics: the average return
+        of theta's trajectories (``return``) and of the adapted policies' (``return_adapted``),
+        the KL of the step, its line-search backtracks, environment steps per second."""
+        theta = dict(self.policy.named_parameters())
+        meta = self.meta_objective(batch)
+        if self.config.outer == "gradient":
+            loss, _ = meta.objective(theta)
+            return loss, meta.metrics
+        config = self.config
+        fisher = meta.fisher_vector({k: v.detach() for k, v in theta.items()})
+        new, info = trpo_step(meta.objective, theta, fisher, config.max_kl, config.cg_iters, config.cg_damping)
+        metrics = {**meta.metrics, "kl": torch.tensor(info["kl"]), "backtracks": torch.tensor(info["backtracks"])}
         surrogate = sum(0.5 * (p - new[name]).square().sum() for name, p in theta.items())
         return surrogate, metrics
 

@@ -172,34 +172,41 @@ def test_conjugate_gradient_solves_a_symmetric_positive_definite_system():
     assert conjugate_gradient(lambda v: matrix @ v, torch.zeros(8, dtype=torch.float64)).abs().max() == 0
 
 
-def explicit_kl_hessian(meta, theta):
-    names = list(theta)
-    shapes = [theta[k].shape for k in names]
-    sizes = [theta[k].numel() for k in names]
-
-    def kl_of(vector):
-        parts = dict(zip(names, (p.view(s) for p, s in zip(vector.split(sizes), shapes))))
-        return meta.objective(parts)[1]
-
-    return torch.autograd.functional.hessian(kl_of, flat(theta.values()))
+def as_function_of_flat(function, theta):
+    """``function(params dict)`` as a function of one flat vector of ``theta``'s shapes."""
+    names, shapes, sizes = list(theta), [p.shape for p in theta.values()], [p.numel() for p in theta.values()]
+    return lambda vector: function(dict(zip(names, (p.view(s) for p, s in zip(vector.split(sizes), shapes)))))
 
 
 @pytest.mark.parametrize("inner_steps", [1, 0])
 def test_fisher_vector_product_equals_the_explicit_hessian_of_the_mean_kl(inner_steps):
+    """TRPO's curvature products (double backward through the inner step) against the explicit
+    Hessian of the mean KL, and against J^T G J built independently: J the explicit Jacobian of
+    the adapted policies' outputs in theta, G the Gaussian's Fisher matrix (1/std^2 for the
+    mean, 2 for the log-std) with the objective's weights."""
     learner = small_learner(torch.float64, inner_steps=inner_steps, hidden=3)
     torch.manual_seed(2)
     meta = learner.meta_objective(nav_batch(3, dtype=torch.float64))
     theta = {k: v.detach() for k, v in learner.policy.named_parameters()}
-    hessian = explicit_kl_hessian(meta, theta)
-    product = meta.fisher_vector(theta)
+    flat_theta = flat(theta.values())
+    hessian = torch.autograd.functional.hessian(as_function_of_flat(lambda p: meta.objective(p)[1], theta), flat_theta)
+
+    observations, mask = meta.evaluation.observations, meta.evaluation.mask
+    outputs = as_function_of_flat(lambda p: torch.cat(learner._distribution(meta.adapted(p), True, observations), -1),
+                                  theta)
+    jacobian = torch.autograd.functional.jacobian(outputs, flat_theta).flatten(0, -2)  # (tasks*N*H*4, P)
+    old_log_std = outputs(flat_theta)[..., 2:]
+    weight = (mask / mask.sum((1, 2), keepdim=True) / mask.shape[0]).unsqueeze(-1)
+    fisher_diagonal = torch.cat([weight * torch.exp(-2 * old_log_std), 2 * weight.expand_as(old_log_std)], -1)
+    fisher = jacobian.T @ (fisher_diagonal.reshape(-1, 1) * jacobian)
+    torch.testing.assert_close(hessian, fisher, rtol=1e-6, atol=1e-9)
+
+    leaves = {k: v.clone().requires_grad_() for k, v in theta.items()}
+    product = kl_hessian_vector(meta.objective(leaves)[1], list(leaves.values()))
     torch.manual_seed(3)
     for _ in range(3):
         v = torch.randn(hessian.shape[0], dtype=torch.float64)
         torch.testing.assert_close(product(v), hessian @ v, rtol=1e-7, atol=1e-10)
-    # the double-backward reference agrees too
-    leaves = {k: v.clone().requires_grad_() for k, v in theta.items()}
-    reference = kl_hessian_vector(meta.objective(leaves)[1], list(leaves.values()))
-    torch.testing.assert_close(reference(v), hessian @ v, rtol=1e-7, atol=1e-10)
 
 
 def test_meta_gradient_through_the_inner_step_equals_a_per_task_autograd_loop():
@@ -251,8 +258,7 @@ def test_trpo_step_keeps_the_kl_within_the_bound_and_improves_the_surrogate():
     meta = learner.meta_objective(nav_batch(4, dtype=torch.float64))
     theta = {k: v.detach().clone().requires_grad_() for k, v in learner.policy.named_parameters()}
     for max_kl in (0.01, 1e-4):
-        new, info = trpo_step(meta.objective, theta, meta.fisher_vector({k: v.detach() for k, v in theta.items()}),
-                              max_kl)
+        new, info = trpo_step(meta.objective, theta, max_kl)
         with torch.no_grad():
             loss, kl = meta.objective(new)
             before, kl_before = meta.objective(theta)
@@ -320,7 +326,11 @@ def test_eval_writes_returns_after_0_to_3_steps_with_a_confidence_interval(tmp_p
     assert "average return" in out and "after 0..3 policy-gradient steps" in out
     result = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert result["metric"] == "return" and len(result["per_step"]) == 4 and result["episodes"] == 4
-    assert result["ci95"] > 0
+    assert result["ci95"] > 0 and len(result["per_step_ci95"]) == 4
+    code, out, err = run(["plot", tmp_path / "run"], capsys)
+    assert code == 0, err
+    for name in ("learning_curves.png", "returns_per_step.png", "trajectories.png"):
+        assert (tmp_path / "run" / "plots" / name).stat().st_size > 0
 
 
 def test_meta_training_improves_the_return_after_one_step():

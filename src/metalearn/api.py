@@ -306,6 +306,9 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
     if not records:
         raise MetalearnError(f"{run.path} has no metrics yet: train first")
     title = f"{config.method} {config.task.dataset}"
+    if get_dataset(config.task.dataset).reinforcement:
+        return [plot_learning_curves(records, run.plots_dir / "learning_curves.png", title),
+                *_plot_reinforcement(run_dir, config, compare_with)]
     other = _comparison_run(config, compare_with) if compare_with is not None else None
     paths = [plot_learning_curves(records, run.plots_dir / "learning_curves.png", title)]
     if config.task.classification and hasattr(method_class(config.method), "sample"):
@@ -323,6 +326,56 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
             paths.append(plot_samples(learner, batch, type(source).function, run.plots_dir / "samples.png",
                                       maml_learner=other_learner, compare_label=label,
                                       title=f"{title}: sampled adapted functions"))
+    return paths
+
+
+def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Path | str | None) -> list[Path]:
+    """MAML's Figure 5 for this run: the average return on the run's test tasks after 0..3
+    policy-gradient steps, of the trained policy, of ``compare_with`` (a run of the same
+    environment, e.g. trained with ``--inner-steps 0``: the pretrained baseline) and of the
+    run's own initial weights (its seed's random initialisation); the evaluation in eval.json
+    where it is the latest checkpoint's, else evaluated now (not written). For nav2d also the
+    trajectories on three test goals before and after one step."""
+    from metalearn.algorithms import build_learner
+    from metalearn.plotting_rl import PAPER_RETURNS, plot_adaptation_curves, plot_navigation
+    from metalearn.tasks import build_task_source, problem_of
+
+    _, learner, step = load_trained(run_dir)
+    source = build_task_source(config.task, "test")
+    episodes = config.train.eval_episodes
+
+    def returns(run: Path | str | None, trained, at_step: int | None) -> dict[str, Any]:
+        saved = RunDir(run).read_evaluations().get("eval") if run is not None else None
+        if saved is not None and saved.get("step") == at_step and saved.get("episodes") == episodes:
+            return saved
+        return evaluate(trained, source, episodes, seed=TEST_SEED_OFFSET)
+
+    label = "pretrained" if config.method_config.get("inner_steps") == 0 else "MAML"
+    curves = {label: returns(run_dir, learner, step)}
+    if compare_with is not None:
+        other_config, other, other_step = load_trained(compare_with)
+        if other_config.task.dataset != config.task.dataset or other_config.method != config.method:
+            raise MetalearnError(f"--compare {compare_with}: a {other_config.method} run on "
+                                 f"{other_config.task.dataset}; compare a {config.method} run on {config.task.dataset}")
+        other_label = "pretrained" if other_config.method_config.get("inner_steps") == 0 else "MAML"
+        if other_label == label:
+            other_label = f"{other_label} ({Path(compare_with).name})"
+        curves[other_label] = returns(compare_with, other, other_step)
+    torch.manual_seed(config.train.seed)  # the weights the run started from (as build_trainer draws them)
+    initial = build_learner(config.method, config.method_config, problem_of(config.task))
+    curves["random"] = returns(None, initial, None)
+    paper = {f"paper: {name}": values for name, values in PAPER_RETURNS.get(config.task.dataset, {}).items()
+             if name in curves}
+    plots = RunDir(run_dir).plots_dir
+    paths = [plot_adaptation_curves(curves, plots / "returns_per_step.png",
+                                    f"{config.task.dataset}: {episodes} test tasks, step {step}", paper)]
+    if getattr(source.env, "positions", False):
+        batch = source.sample(3, torch.Generator().manual_seed(TEST_SEED_OFFSET))
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            before, after = learner.adapted_trajectories(batch, steps=1)
+        paths.append(plot_navigation(before, after, batch.params["goal"], plots / "trajectories.png",
+                                     f"{config.method}, step {step}: before and after one policy-gradient step"))
     return paths
 
 

@@ -49,7 +49,7 @@ def evaluate(
     one); training's validation does so.
 
     Returns ``metric`` ("accuracy" in percent, "mse", or "return" for MDPs), ``mean``, ``ci95`` (1.96 standard
-    errors over episodes), ``per_step`` means, ``episodes``, the per-episode ``scores`` and the
+    errors over episodes), ``per_step`` means (and ``per_step_ci95``, their intervals), ``episodes``, the per-episode ``scores`` and the
     number of ``diverged`` episodes (non-finite score). One diverged episode makes the mean
     non-finite, on purpose: a score that leaves them out would flatter the method. Where some
     but not all diverged, ``mean_of_finite`` is the mean of the others.
@@ -97,6 +97,7 @@ def evaluate(
         "mean": float(final.mean()),
         "ci95": 1.96 * std / math.sqrt(n),
         "per_step": [float(v) for v in per_episode.mean(1) * scale],
+        "per_step_ci95": [1.96 * float(v) / math.sqrt(n) if n > 1 else 0.0 for v in (per_episode * scale).std(1)],
         "episodes": n,
         "diverged": n - finite.numel(),
         "seed": seed,

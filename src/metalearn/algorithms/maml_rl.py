@@ -206,8 +206,12 @@ def unflat(vector: Tensor, like: Params) -> Params:
 
 
 def kl_hessian_vector(kl: Tensor, leaves: list[Tensor], damping: float = 0.0) -> Callable[[Tensor], Tensor]:
-    """v -> (H + damping I) v, H the Hessian of the scalar ``kl`` in ``leaves`` (double
-    backward: Pearlmutter's trick). The reference for :meth:`MAMLRL.fisher_vector_product`."""
+    """v -> (H + damping I) v, H the Hessian of the scalar ``kl`` in ``leaves``: the gradient is
+    built once with its graph, each product is one more backward pass (Pearlmutter's trick).
+    At the old policy, where the KL and its gradient vanish, H is the Fisher matrix of the
+    adapted policies through the inner step. (Applying it as J^T G J instead, J the Jacobian of
+    the adaptation by jvp and vjp and G the Gaussian's Fisher matrix in its outputs, gives the
+    same product in the same time on nav2d's meta-batch.)"""
     kl_grad = flat(torch.autograd.grad(kl, leaves, create_graph=True))
 
     def product(v: Tensor) -> Tensor:
@@ -216,26 +220,22 @@ def kl_hessian_vector(kl: Tensor, leaves: list[Tensor], damping: float = 0.0) ->
     return product
 
 
-def trpo_step(objective: Callable[[Params], tuple[Tensor, Tensor]], params: Params,
-              fisher_vector: Callable[[Tensor], Tensor] | None, max_kl: float,
+def trpo_step(objective: Callable[[Params], tuple[Tensor, Tensor]], params: Params, max_kl: float,
               cg_iters: int = 10, damping: float = 1e-5) -> tuple[Params, dict[str, float]]:
     """One TRPO update of ``params`` (leaf tensors that require grad) for ``objective(params) ->
     (loss, mean KL from the old policy)``, whose KL is 0 with a zero gradient at ``params``.
 
     The search direction solves (F + damping I) s = -grad loss by conjugate gradient, F the
-    Hessian of the KL at ``params`` (the Fisher matrix through whatever the objective computes
-    from ``params``: here the inner adaptation), given as ``fisher_vector`` (v -> F v), or None
-    for the double-backward Hessian of the objective's KL; the step is scaled to KL ``max_kl`` in
+    Hessian of the KL at ``params`` (:func:`kl_hessian_vector`: the Fisher matrix through
+    whatever the objective computes from ``params``, here the inner adaptation); the step is
+    scaled to KL ``max_kl`` in
     the quadratic model, then shrunk by 0.8 until the loss improves and the KL is within the
     bound, up to 15 times; no step if none is (rllab's ``ConjugateGradientOptimizer``). Returns
     the new parameters (detached) and diagnostics."""
     leaves = list(params.values())
     loss, kl = objective(params)
-    loss_grad = flat(torch.autograd.grad(loss, leaves, retain_graph=fisher_vector is None)).detach()
-    if fisher_vector is None:
-        product = kl_hessian_vector(kl, leaves, damping)
-    else:
-        product = lambda v: fisher_vector(v) + damping * v
+    loss_grad = flat(torch.autograd.grad(loss, leaves, retain_graph=True)).detach()
+    product = kl_hessian_vector(kl, leaves, damping)
     direction = conjugate_gradient(product, -loss_grad, cg_iters)
     curvature = direction @ product(direction)
     full_step = torch.sqrt(2 * max_kl / (curvature + 1e-8)) * direction
@@ -267,7 +267,6 @@ class MetaObjective:
     - ``objective(theta)``: (minus the mean over tasks of the importance-weighted advantage of
       the adapted policies' trajectories, the mean over tasks of the KL from the adapted
       policies that sampled them), means over each task's unmasked steps;
-    - ``fisher_vector(theta)``: v -> the Hessian of that KL at ``theta`` times v;
     - ``metrics``: returns and speed of the sampling;
     - ``inner``: the (trajectories, advantages) of each inner step; ``evaluation``, ``advantage``
       and ``old_log_prob``: the adapted policies' trajectories, their advantages and their
@@ -275,7 +274,6 @@ class MetaObjective:
 
     adapted: Callable[[Params], Params]
     objective: Callable[[Params], tuple[Tensor, Tensor]]
-    fisher_vector: Callable[[Params], Callable[[Tensor], Tensor]]
     metrics: dict[str, Tensor]
     inner: list
     evaluation: Any
@@ -409,13 +407,10 @@ class MAMLRL(MetaLearner):
             kl = masked_mean(gaussian_kl(old_mean, old_log_std, mean, log_std), mask, (1, 2)).mean()
             return -surrogate, kl
 
-        def fisher_vector(theta: Params) -> Callable[[Tensor], Tensor]:
-            return self.fisher_vector_product(adapted, theta, evaluation.observations, mask, old_log_std)
-
         metrics = {"return": returns[0].detach(), "env_steps_per_s": torch.tensor(env_steps / max(env_time, 1e-9))}
         if config.inner_steps:
             metrics["return_adapted"] = returns[-1].detach()
-        return MetaObjective(adapted, objective, fisher_vector, metrics, gathered, evaluation, advantage, old_log_prob)
+        return MetaObjective(adapted, objective, metrics, gathered, evaluation, advantage, old_log_prob)
 
     def meta_loss(self, batch) -> tuple[Tensor, dict[str, Tensor]]:
         """With ``outer`` trpo: 0.5 * |theta - sg(theta + TRPO step)|^2, whose gradient is minus
@@ -428,66 +423,31 @@ class MAMLRL(MetaLearner):
             loss, _ = meta.objective(theta)
             return loss, meta.metrics
         config = self.config
-        fisher = meta.fisher_vector({k: v.detach() for k, v in theta.items()})
-        new, info = trpo_step(meta.objective, theta, fisher, config.max_kl, config.cg_iters, config.cg_damping)
+        new, info = trpo_step(meta.objective, theta, config.max_kl, config.cg_iters, config.cg_damping)
         metrics = {**meta.metrics, "kl": torch.tensor(info["kl"]), "backtracks": torch.tensor(info["backtracks"])}
         surrogate = sum(0.5 * (p - new[name]).square().sum() for name, p in theta.items())
         return surrogate, metrics
-
-    def fisher_vector_product(self, adapted: Callable[[Params], Params], theta: Params, observations: Tensor,
-                              mask: Tensor, log_std: Tensor) -> Callable[[Tensor], Tensor]:
-        """v -> F v, F the Hessian at ``theta`` of the mean KL between the adapted policies at
-        ``theta`` and at a moving theta (the objective's KL), as J^T G J: J the Jacobian of
-        ``adapted`` (theta -> each task's adapted parameters; forward mode, ``jvp``, then
-        reverse, ``vjp``), G the Fisher matrix of the Gaussian policies at ``observations``
-        (tasks, trajectories, H, d) in their outputs (mean: 1/std^2, log-std: 2), weighted as
-        the KL's means weight each step. Exact there, where the KL's gradient is 0 (so its second
-        derivatives through the inner step drop out), and about five times cheaper than the
-        double-backward Hessian (:func:`kl_hessian_vector`) through the inner step."""
-        params, vjp_adapted = torch.func.vjp(adapted, theta)
-
-        def outputs(p: Params) -> tuple[Tensor, Tensor]:
-            return self._distribution(p, True, observations)
-
-        _, vjp_outputs = torch.func.vjp(outputs, params)
-        weight = (mask / mask.sum((1, 2), keepdim=True).clamp_min(1) / mask.shape[0]).unsqueeze(-1)
-        inverse_variance = torch.exp(-2 * log_std)
-
-        def product(v: Tensor) -> Tensor:
-            _, d_params = torch.func.jvp(adapted, (theta,), (unflat(v, theta),))
-            _, (d_mean, d_log_std) = torch.func.jvp(outputs, (params,), (d_params,))
-            (back,) = vjp_outputs((d_mean * inverse_variance * weight, 2 * d_log_std * weight))
-            (d_theta,) = vjp_adapted(back)
-            return flat(d_theta[name] for name in theta)
-
-        return product
 
     # -- evaluation ----------------------------------------------------------------------------------
 
     def episode_scores(self, batch, per_step: bool = True) -> Tensor:
         """Average return per task (over ``test_trajectories`` episodes) before each of
         ``test_inner_steps`` policy-gradient steps and after the last: (steps + 1, tasks), or
-        (1, tasks) with the final one alone. The step size is ``inner_lr`` for the first step
-        and ``inner_lr * test_lr_decay`` after it (the paper's halving)."""
-        config = self.config
-        params, per_task = {k: v.detach() for k, v in self.policy.named_parameters()}, False
-        scores = []
-        for step in range(config.test_inner_steps + 1):
-            trajectories = self._rollout(batch, params, per_task, config.test_trajectories)
-            scores.append(trajectories.returns().mean(1))
-            if step < config.test_inner_steps:
-                lr = config.inner_lr * (config.test_lr_decay if step else 1.0)
-                params = self.adapt(params, per_task, trajectories, advantages(trajectories, config.discount), lr)
-                params, per_task = {k: v.detach() for k, v in params.items()}, True
-        return torch.stack(scores) if per_step else scores[-1][None]
+        (1, tasks) with the final one alone."""
+        scores = torch.stack([sampled.returns().mean(1)
+                              for sampled in self.adapted_trajectories(batch, self.config.test_inner_steps)])
+        return scores if per_step else scores[-1:]
 
-    def adapted_trajectories(self, batch, steps: int = 1, trajectories: int | None = None):
-        """The trajectories of the policy after 0..``steps`` test-time steps (a list), for plots."""
+    def adapted_trajectories(self, batch, steps: int) -> list:
+        """The ``test_trajectories`` trajectories per task of the policy after 0..``steps``
+        policy-gradient steps, each step taken on the trajectories before it. The step size is
+        ``inner_lr`` for the first step and ``inner_lr * test_lr_decay`` after it (the paper
+        halves it)."""
         config = self.config
         params, per_task = {k: v.detach() for k, v in self.policy.named_parameters()}, False
         out = []
         for step in range(steps + 1):
-            sampled = self._rollout(batch, params, per_task, trajectories or config.test_trajectories)
+            sampled = self._rollout(batch, params, per_task, config.test_trajectories)
             out.append(sampled)
             if step < steps:
                 lr = config.inner_lr * (config.test_lr_decay if step else 1.0)

@@ -415,3 +415,15 @@ def test_cheetah_meta_step_runs_through_the_trainer(tmp_path, capsys):
     assert "average return" in out
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["kl"] <= 0.01 and math.isfinite(record["return_adapted"])
+
+
+def test_torchrun_is_refused_in_one_line():
+    """TRPO's trust region spans the whole meta-batch: ranks cannot each take a share."""
+    from metalearn import resolve_config
+    from metalearn.distributed import World
+    from metalearn.errors import MetalearnError
+    from metalearn.training import Trainer
+
+    config = resolve_config("maml-rl", task={"dataset": "nav2d"})
+    with pytest.raises(MetalearnError, match="runs in one process .*without torchrun"):
+        Trainer(config, small_learner(), MDPTasks(Nav2D()), None, None, world=World(0, 2))

@@ -54,7 +54,7 @@ def main() -> None:
         import gymnasium
         import numpy as np
 
-        from metalearn.envs.cheetah import HalfCheetah, _stderr_silenced
+        from metalearn.envs.cheetah import HalfCheetah, _model_warnings_dropped
 
         cheetah = HalfCheetah("velocity")
         tasks, trajectories, horizon = 4, 10, 200
@@ -62,7 +62,7 @@ def main() -> None:
         seconds = best_of(lambda: rollout(cheetah, goals, trajectories, lambda obs: torch.randn(*obs.shape[:2], 6),
                                           horizon), args.repeats)
         result["cheetah_env_steps_per_s_loop"] = tasks * trajectories * horizon / seconds
-        with _stderr_silenced():
+        with _model_warnings_dropped():
             vector = gymnasium.vector.SyncVectorEnv([lambda: gymnasium.make("HalfCheetah-v5")] * (tasks * trajectories))
         vector.reset(seed=0)
 

@@ -285,6 +285,18 @@ def test_meta_loss_gradient_is_minus_the_trpo_step():
     assert moved.item() == pytest.approx(2 * loss.item(), rel=1e-5)
 
 
+def test_outer_gradient_returns_the_meta_objective_for_the_trainers_optimiser():
+    learner = small_learner(torch.float64, outer="gradient")
+    torch.manual_seed(0)
+    batch = nav_batch(3, dtype=torch.float64)
+    loss, metrics = learner.meta_loss(batch)
+    torch.manual_seed(0)
+    meta = learner.meta_objective(batch)
+    expected, _ = meta.objective(dict(learner.policy.named_parameters()))
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-12) and "return_adapted" in metrics
+    assert learner.chunking_refused() is None and small_learner().chunking_refused() is not None
+
+
 def test_evaluation_scores_the_return_before_and_after_each_step():
     learner = small_learner(test_inner_steps=2)
     batch = nav_batch(3)

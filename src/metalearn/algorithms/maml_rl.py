@@ -313,7 +313,9 @@ class MAMLRL(MetaLearner):
                     "eval_episodes": 100 if nav else 40}
 
     def chunking_refused(self) -> str | None:
-        return f"{self.name}'s TRPO step (one trust region over the whole meta-batch)" if self.config.outer == "trpo" else None
+        if self.config.outer == "trpo":
+            return f"{self.name}'s TRPO step (one trust region over the whole meta-batch)"
+        return None
 
     # -- the policy, applied per task ------------------------------------------------------------
 

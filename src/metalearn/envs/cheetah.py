@@ -23,8 +23,6 @@ meta-batch's tasks x trajectories, ``tasks * trajectories`` environments kept be
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 
 import numpy as np
 import torch
@@ -46,19 +44,19 @@ def _gymnasium():
 
 
 @contextlib.contextmanager
-def _stderr_silenced():
-    """File descriptor 2 to /dev/null meanwhile. MuJoCo 4.0.0 warns that gymnasium 1.4.0's
+def _model_warnings_dropped():
+    """MuJoCo's warnings dropped meanwhile. MuJoCo 4.0.0 warns that gymnasium 1.4.0's
     half_cheetah.xml uses the deprecated 'settotalmass' every time the model is compiled, once per
-    environment, from C (so Python's warning filters cannot catch it)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
+    environment, on stderr and into MUJOCO_LOG.TXT in the working directory; a handler of our
+    own, set only while the models compile, keeps both quiet."""
+    import mujoco
+
+    previous = mujoco.get_mju_user_warning()
+    mujoco.set_mju_user_warning(lambda message: None)
     try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
+        yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        mujoco.set_mju_user_warning(previous)
 
 
 class HalfCheetah:
@@ -86,7 +84,7 @@ class HalfCheetah:
 
     def _environments(self, count: int) -> list:
         while len(self._pool) < count:
-            with _stderr_silenced():
+            with _model_warnings_dropped():
                 self._pool.append(self._gym.make("HalfCheetah-v5").unwrapped)
         return self._pool[:count]
 

@@ -339,6 +339,11 @@ def test_eval_writes_returns_after_0_to_3_steps_with_a_confidence_interval(tmp_p
     result = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert result["metric"] == "return" and len(result["per_step"]) == 4 and result["episodes"] == 4
     assert result["ci95"] > 0 and len(result["per_step_ci95"]) == 4
+    # what does not apply to an environment is refused in one line
+    (tmp_path / "other").symlink_to(tmp_path / "run")
+    for args in (["eval", tmp_path / "run", "--shots", 5], ["compare", tmp_path / "run", tmp_path / "other"]):
+        code, _, err = run(args, capsys)
+        assert code != 0 and "reinforcement-learning" in err and err.strip().count("\n") == 0
     code, out, err = run(["plot", tmp_path / "run"], capsys)
     assert code == 0, err
     for name in ("learning_curves.png", "returns_per_step.png", "trajectories.png"):

@@ -258,6 +258,10 @@ def with_test_shape(config: RunConfig, shape: dict[str, int]) -> RunConfig:
         least = 2 if key == "ways" else 1
         if not isinstance(value, int) or value < least:
             raise MetalearnError(f"test {key} must be a whole number of at least {least}, got {value!r}")
+    dataset = get_dataset(config.task.dataset)
+    if dataset.reinforcement and shape:
+        raise MetalearnError(f"{config.task.dataset} is a reinforcement-learning environment: its tasks have no "
+                             f"{', '.join(sorted(shape))} (the trajectories per step: --set test_trajectories=N)")
     if not config.task.classification and "ways" in shape:
         raise MetalearnError(f"{config.task.dataset} is regression: its tasks have no ways")
     task = dataclasses.replace(config.task, **{f"test_{key}": value for key, value in shape.items()})
@@ -447,7 +451,8 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
 
     config, learner, step = load_trained(run_dir)
     if not config.task.classification:
-        raise MetalearnError(f"{run_dir} learned {config.task.dataset} regression; predict classifies images")
+        raise MetalearnError(f"{run_dir} learned {config.task.dataset}, a {get_dataset(config.task.dataset).kind} "
+                             "task family; predict classifies images")
     queries = [query] if isinstance(query, (str, Path)) else list(query)
     learner = learner.to(init_world(device).device)
     result = predict_new_classes(learner, support, queries, config.task.image_size, config.task.channels,

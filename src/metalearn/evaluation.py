@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from metalearn.algorithms.base import MetaLearner, device_of
+from metalearn.algorithms.base import MetaLearner, device_of, prediction_scores
 from metalearn.distributed import World
 from metalearn.tasks import TaskSource
 from metalearn.tasks.batch import TaskBatch
@@ -17,8 +17,13 @@ from metalearn.tasks.batch import TaskBatch
 
 def episode_scores(learner: MetaLearner, batch, per_step: bool = True) -> torch.Tensor:
     """Per-step, per-task score (:meth:`MetaLearner.episode_scores`): (steps + 1, tasks), or
-    (1, tasks) for the final predictions alone (``per_step`` False)."""
-    return learner.episode_scores(batch, per_step)
+    (1, tasks) for the final predictions alone (``per_step`` False). A learner of your own
+    that only predicts (any object with ``predict`` / ``predict_per_step``) is scored by its
+    predictions' accuracy or MSE."""
+    scores = getattr(learner, "episode_scores", None)
+    if scores is None:
+        return prediction_scores(learner, batch, per_step)
+    return scores(batch, per_step)
 
 
 def evaluate(

@@ -109,20 +109,27 @@ class MetaLearner(nn.Module):
         return self.predict(batch).unsqueeze(0)
 
     def episode_scores(self, batch: TaskBatch, per_step: bool = True) -> Tensor:
-        """Per-step, per-task score, what evaluation averages: accuracy for classification, MSE
-        for regression (a reinforcement-learning method: the average return). Returns
-        (steps + 1, tasks), or (1, tasks) for the final predictions alone (``per_step`` False).
-        A task whose predictions are not all finite scores NaN (a diverged adaptation), also for
-        classification, where ``argmax`` would turn NaN logits into a class."""
-        if per_step:
-            predictions = self.predict_per_step(batch)  # (steps+1, tasks, n_query, ...)
-        else:
-            predictions = self.predict(batch).unsqueeze(0)
-        if batch.is_classification:
-            correct = (predictions.argmax(-1) == batch.query_y).float().mean(-1)
-            finite = torch.isfinite(predictions).flatten(2).all(-1)
-            return torch.where(finite, correct, torch.full_like(correct, math.nan))
-        return ((predictions - batch.query_y) ** 2).flatten(2).mean(-1)
+        """Per-step, per-task score, what evaluation averages: (steps + 1, tasks), or (1, tasks)
+        for the final predictions alone (``per_step`` False). By default
+        :func:`prediction_scores` (accuracy or MSE of the predictions); a reinforcement-learning
+        method scores the average return."""
+        return prediction_scores(self, batch, per_step)
+
+
+def prediction_scores(learner: Any, batch: TaskBatch, per_step: bool = True) -> Tensor:
+    """Accuracy for classification, MSE for regression, of ``learner.predict_per_step(batch)``
+    (or, without ``per_step``, of ``learner.predict(batch)``): (steps + 1, tasks) or (1, tasks).
+    A task whose predictions are not all finite scores NaN (a diverged adaptation), also for
+    classification, where ``argmax`` would turn NaN logits into a class."""
+    if per_step:
+        predictions = learner.predict_per_step(batch)  # (steps+1, tasks, n_query, ...)
+    else:
+        predictions = learner.predict(batch).unsqueeze(0)
+    if batch.is_classification:
+        correct = (predictions.argmax(-1) == batch.query_y).float().mean(-1)
+        finite = torch.isfinite(predictions).flatten(2).all(-1)
+        return torch.where(finite, correct, torch.full_like(correct, math.nan))
+    return ((predictions - batch.query_y) ** 2).flatten(2).mean(-1)
 
     # -- one task, no TaskBatch --------------------------------------------------------------
 

@@ -31,7 +31,7 @@ SERIES_LABELS = {  # metrics.jsonl key -> (factor, panel title)
     "kl": (1.0, "KL of the meta-update"),
 }
 # diagnostics kept in metrics.jsonl but not drawn
-UNDRAWN = ("step", "tasks_per_s", "val_ci95", "elapsed_s", "env_steps_per_s", "backtracks")
+UNDRAWN = ("step", "tasks_per_s", "val_ci95", "elapsed_s", "env_steps_per_s", "backtracks", "step_s")
 
 
 def plot_learning_curves(records: list[dict], path: Path, title: str = "") -> Path:

@@ -93,7 +93,8 @@ class HalfCheetah:
         tasks = goal.shape[0]
         envs = self._environments(tasks * trajectories)
         # gymnasium's reset noise: from the rollout's per-task seeds, else torch's generator
-        seeds = (torch.randint(0, 2**31 - 1, (len(envs),)) if seeds is None else seeds.reshape(-1) % (2**31 - 1)).tolist()
+        seeds = torch.randint(0, 2**31 - 1, (len(envs),)) if seeds is None else seeds.reshape(-1) % (2**31 - 1)
+        seeds = seeds.tolist()
         observations = np.stack([env.reset(seed=seed)[0] for env, seed in zip(envs, seeds)])
         obs = torch.as_tensor(observations, dtype=goal.dtype, device=goal.device).view(tasks, trajectories, -1)
         return {"envs": envs, "goal": goal[:, None]}, obs

@@ -113,7 +113,6 @@ class MetaLearner(nn.Module):
         method scores the average return."""
         return prediction_scores(self, batch, per_step)
 
-
     # -- one task, no TaskBatch --------------------------------------------------------------
 
     # set by build_learner (and so by load_trained): the tasks the network was built for, so that

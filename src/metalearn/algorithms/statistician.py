@@ -260,9 +260,13 @@ class NeuralStatistician(MetaLearner):
         # Section 5.4 and appendix B.1: sets of 5 images of one character, Adam at 1e-3, about 32
         # sets per update (a 5-way task gives 5 sets), 1000 test episodes. The paper trains for a
         # number of epochs it does not state in steps; 50,000 updates of 30 sets see each of the
-        # vinyals split's 4112 training classes (rotations included) about 360 times.
+        # vinyals split's 4112 training classes (rotations included) about 360 times. Gradients are
+        # clipped elementwise to [-0.5, 0.5] as in Conor Durkan's re-implementation: without it the
+        # KL terms of the first few dozen steps jump to thousands of nats per image, and the
+        # squared gradients of that spike hold Adam's steps down for thousands of steps after.
         return ({}, {"meta_batch_size": max(1, round(32 / max(task.ways, 1))), "meta_lr": 1e-3, "steps": 50000,
-                     "eval_episodes": 1000, "val_every": 1000, "val_episodes": 200, "checkpoint_every": 500})
+                     "grad_clip": 0.5, "eval_episodes": 1000, "val_every": 1000, "val_episodes": 200,
+                     "checkpoint_every": 500})
 
     def start_step(self, step: int) -> None:
         self.step = step

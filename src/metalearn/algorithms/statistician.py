@@ -263,7 +263,8 @@ class NeuralStatistician(MetaLearner):
         # vinyals split's 4112 training classes (rotations included) about 360 times. Gradients are
         # clipped elementwise to [-0.5, 0.5] as in Conor Durkan's re-implementation: without it the
         # KL terms of the first few dozen steps jump to thousands of nats per image, and the
-        # squared gradients of that spike hold Adam's steps down for thousands of steps after.
+        # squared gradients of that spike shrink Adam's steps until its second-moment estimate
+        # forgets them (beta2 = 0.999: on the order of a thousand steps).
         return ({}, {"meta_batch_size": max(1, round(32 / max(task.ways, 1))), "meta_lr": 1e-3, "steps": 50000,
                      "grad_clip": 0.5, "eval_episodes": 1000, "val_every": 1000, "val_episodes": 200,
                      "checkpoint_every": 500})

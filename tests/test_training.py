@@ -636,6 +636,16 @@ def test_learning_curves_show_a_run_of_a_single_record(tmp_path):
     assert int(((pixels - line_colour).abs().sum(dim=1) < 30).sum()) > 5
 
 
+def test_learning_curves_leave_rare_spikes_off_the_axis_and_say_so():
+    from metalearn.plotting import axis_limits
+
+    steady = [-200.0 + (i % 7) for i in range(50)]
+    assert axis_limits(steady) is None  # nothing to leave out
+    low, high, outside = axis_limits(steady[:25] + [-13830.0] + steady[25:])
+    assert outside == 1 and -210 < low < -200 and -194 < high < -185
+    assert axis_limits([1.0, 1e6] * 5) is None  # too few points to tell a spike from the curve
+
+
 def test_a_run_on_a_task_source_of_your_own_is_not_evaluated_on_a_built_in_one(tmp_path):
     """config.json can only name a built-in dataset; the checkpoint records the task source, so
     `eval` refuses a run whose tasks it cannot rebuild instead of scoring it on sinusoids."""

@@ -18,10 +18,15 @@ timed() {  # timed NAME COMMAND...: run it, append its wall time to post-times.t
     "$@"
     echo "$name $(( $(date +%s) - start ))s" >> "$run/post-times.txt"
 }
-[ -e "$run/eval.json" ]                              || timed 5w1s  metalearn eval "$run" --episodes "$episodes" --no-progress
-[ -e "$run/eval-shots=5.json" ]                      || timed 5w5s  metalearn eval "$run" --episodes "$episodes" --shots 5 --no-progress
-[ -e "$run/eval-query=1-ways=20.json" ]              || timed 20w1s metalearn eval "$run" --episodes "$episodes" --ways 20 --query 1 --no-progress
-[ -e "$run/eval-query=1-shots=5-ways=20.json" ]      || timed 20w5s metalearn eval "$run" --episodes "$episodes" --ways 20 --shots 5 --query 1 --no-progress
+# two streams of about equal cost (test images encoded: 5-way 1-shot 30 per episode, 5-way 5-shot
+# 50, 20-way 1-shot 40, 20-way 5-shot 120), side by side on a machine with two cores
+(
+  [ -e "$run/eval.json" ]                         || timed 5w1s  metalearn eval "$run" --episodes "$episodes" --no-progress
+  [ -e "$run/eval-shots=5.json" ]                 || timed 5w5s  metalearn eval "$run" --episodes "$episodes" --shots 5 --no-progress
+  [ -e "$run/eval-query=1-ways=20.json" ]         || timed 20w1s metalearn eval "$run" --episodes "$episodes" --ways 20 --query 1 --no-progress
+) & first=$!
+[ -e "$run/eval-query=1-shots=5-ways=20.json" ] || timed 20w5s metalearn eval "$run" --episodes "$episodes" --ways 20 --shots 5 --query 1 --no-progress
+wait $first
 timed plot metalearn plot "$run"
 timed sample metalearn sample "$run" --support "$drawings" --num 20 --out "$run/plots/samples-gurmukhi42.png"
 rm -rf "$out" && timed export metalearn export "$run" "$out"

@@ -34,6 +34,22 @@ SERIES_LABELS = {  # metrics.jsonl key -> (factor, panel title)
 UNDRAWN = ("step", "tasks_per_s", "val_ci95", "elapsed_s", "env_steps_per_s", "backtracks", "step_s")
 
 
+def axis_limits(values: list[float], spread: float = 5.0) -> tuple[float, float, int] | None:
+    """(low, high, points outside) of a y-axis that leaves out rare spikes: the 5th-95th
+    percentile range padded by half its width on each side, when the whole range is more than ``spread`` times
+    wider (a single step's spike, such as a Neural Statistician's KL of thousands of nats, would
+    otherwise flatten the rest of the curve into a line); None when every point fits."""
+    finite = torch.tensor([v for v in values if v == v and abs(v) != float("inf")], dtype=torch.float64)
+    if finite.numel() < 20:
+        return None
+    low, high = (float(q) for q in torch.quantile(finite, torch.tensor([0.05, 0.95], dtype=torch.float64)))
+    if float(finite.max() - finite.min()) <= spread * max(high - low, 1e-12):
+        return None
+    pad = 0.5 * (high - low)
+    low, high = low - pad, high + pad
+    return low, high, int(((finite < low) | (finite > high)).sum())
+
+
 def plot_learning_curves(records: list[dict], path: Path, title: str = "") -> Path:
     """Training loss and every accuracy/MSE series found in ``metrics.jsonl`` records."""
     plt = _pyplot()
@@ -49,6 +65,9 @@ def plot_learning_curves(records: list[dict], path: Path, title: str = "") -> Pa
         ax.set_title(label)
         if name in ("loss", "kl") and all(p[1] > 0 for p in points):
             ax.set_yscale("log")
+        elif (limits := axis_limits([p[1] for p in points])) is not None:
+            ax.set_ylim(limits[0], limits[1])
+            ax.set_title(f"{label} ({limits[2]} of {len(points)} points off the axis)")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()

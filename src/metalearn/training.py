@@ -228,6 +228,8 @@ class Trainer:
             self.world.sum_gradients(parameters)
             if not gradients_finite(parameters):  # the same on every rank: gradients are summed
                 raise self._diverged("the meta-gradient became non-finite", f" (the meta-loss was {total_loss:.4g})")
+            if train.grad_clip > 0:  # after the sum over ranks and chunks: every rank clips the same gradient
+                torch.nn.utils.clip_grad_value_(parameters, train.grad_clip)
             self.optimizer.step()
             self.learner.end_step(self.world)
             # a huge --meta-lr can overflow a finite gradient into inf weights; caught here, before

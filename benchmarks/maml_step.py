@@ -71,7 +71,7 @@ from torch.func import functional_call
 import metalearn
 import metalearn.runtime
 from metalearn import MAML, TaskBatch
-from metalearn.models import Conv4
+from metalearn.models import Conv4, build_model
 from metalearn.models.norm import first_order_batch_norm
 
 HERE = Path(__file__).resolve().parent
@@ -94,9 +94,25 @@ def make_batch(ways: int = 5, shots: int = 1, query: int = 1, tasks: int = 32, i
     return TaskBatch(support_x, support_y, query_x, query_y, ways=ways)
 
 
-def make_model(ways: int = 5, seed: int = 0) -> Conv4:
+def make_model(ways: int = 5, seed: int = 0, network: str = "conv4") -> Conv4:
+    """``network``: "conv4" (MAML's strided Conv4) or "conv4-mamlpp" (MAML++'s max-pooling one);
+    batch norm on batch statistics (BatchStatNorm)."""
     torch.manual_seed(seed)
-    return Conv4(1, ways)  # pooling="stride"; batch norm on batch statistics (BatchStatNorm)
+    return build_model(network, (1, 28, 28), ways)
+
+
+# Named configurations: the papers' Omniglot settings. "maml++20w1s" is the preset's (``metalearn
+# train maml --preset maml++ --ways 20 --shots 1``: its network, meta-batch 8, 5 inner steps) with
+# row (e), MAML++, beside plain MAML on the same network.
+CONFIGS = {
+    "5w1s": {"ways": 5, "shots": 1, "query": 1, "meta_batch": 32, "inner_steps": 1, "inner_lr": 0.4},
+    "20w1s": {"ways": 20, "shots": 1, "query": 1, "meta_batch": 16, "inner_steps": 5, "inner_lr": 0.1},
+    "20w5s": {"ways": 20, "shots": 5, "query": 5, "meta_batch": 16, "inner_steps": 5, "inner_lr": 0.1},
+    "maml++20w1s": {"ways": 20, "shots": 1, "query": 1, "meta_batch": 8, "inner_steps": 5, "inner_lr": 0.1,
+                    "network": "conv4-mamlpp", "mamlpp": True},
+}
+CUSTOM = {"ways": 5, "shots": 1, "query": 1, "meta_batch": 32, "inner_steps": 1, "inner_lr": 0.4,
+          "network": "conv4"}  # the defaults of --ways etc. (which select the "custom" configuration)
 
 
 # -- the meta-steps (each returns a closure: one forward + backward into .grad) ----------------
@@ -314,7 +330,7 @@ class Peer:
         command = [
             *launcher, str(PEER_SCRIPT), "--inputs", str(inputs), "--ways", str(batch.ways),
             "--inner-lr", str(args.inner_lr), "--inner-steps", str(args.inner_steps),
-            "--threads", str(threads), "--model", peer_model,
+            "--threads", str(threads), "--model", peer_model, "--network", args.network,
             "--metalearn-src", str(Path(metalearn.__file__).resolve().parents[1]),
         ]
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
@@ -437,12 +453,17 @@ def markdown_table(rows: list[dict]) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ways", type=int, default=5)
-    p.add_argument("--shots", type=int, default=1)
-    p.add_argument("--query", type=int, default=1, help="query images per class")
-    p.add_argument("--meta-batch", type=int, default=32, help="tasks per meta-step")
-    p.add_argument("--inner-steps", type=int, default=1)
-    p.add_argument("--inner-lr", type=float, default=0.4)
+    p.add_argument("--configs", default=",".join(CONFIGS),
+                   help=f"comma-separated named configurations, timed one after another: "
+                        f"{', '.join(CONFIGS)} (see CONFIGS); any of --ways ... --network instead times that one "
+                        f"configuration (the others' defaults: {CUSTOM})")
+    p.add_argument("--ways", type=int, default=None)
+    p.add_argument("--shots", type=int, default=None)
+    p.add_argument("--query", type=int, default=None, help="query images per class")
+    p.add_argument("--meta-batch", type=int, default=None, help="tasks per meta-step")
+    p.add_argument("--inner-steps", type=int, default=None)
+    p.add_argument("--inner-lr", type=float, default=None)
+    p.add_argument("--network", default=None, choices=("conv4", "conv4-mamlpp"))
     p.add_argument("--iters", type=int, default=20, help="timed meta-steps per implementation")
     p.add_argument("--warmup", type=int, default=3, help="untimed meta-steps first")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
@@ -456,7 +477,8 @@ def parse_args(argv=None):
                    help="learn2learn rows: 'metalearn' = metalearn's Conv4 (BatchStatNorm), the same "
                         "model as the other rows; 'native' = the same network with nn.BatchNorm2d")
     p.add_argument("--mamlpp", action="store_true",
-                   help="add row (e): MAML++ (every part that changes a meta-step) on the same network")
+                   help="add row (e): MAML++ (every part that changes a meta-step) on the same network, in every "
+                        "configuration (maml++20w1s always has it)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N; the learn2learn rows run on the CPU only")
@@ -466,6 +488,15 @@ def parse_args(argv=None):
     p.add_argument("--tuned-allocator", action="store_true",
                    help="raise glibc's mmap/trim thresholds in every interpreter (what the metalearn command does)")
     args = p.parse_args(argv)
+    given = {key: getattr(args, key) for key in CUSTOM if getattr(args, key) is not None}
+    if given:
+        args.configs = {"custom": {**CUSTOM, **given, "mamlpp": args.mamlpp}}
+    else:
+        names = [c.strip() for c in args.configs.split(",") if c.strip()]
+        unknown = [c for c in names if c not in CONFIGS]
+        if unknown or not names:
+            p.error(f"--configs takes {', '.join(CONFIGS)}, got {args.configs!r}")
+        args.configs = {name: {**CUSTOM, **{"mamlpp": args.mamlpp}, **CONFIGS[name]} for name in names}
     args.orders = [o.strip() for o in args.orders.split(",") if o.strip()]
     args.peer_models = [m.strip() for m in args.peer_models.split(",") if m.strip()]
     if any(m not in PEER_ROWS for m in args.peer_models):
@@ -488,6 +519,21 @@ def main(argv=None) -> dict:
         print(f"allocator tuned: {tune_allocator()}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    results = {}
+    for name, config in args.configs.items():
+        print(f"\n== {name} ==")
+        results[name] = run_config(argparse.Namespace(**{**vars(args), **config}))
+    tables = "\n\n".join(f"{name}:\n\n{result['table']}" for name, result in results.items())
+    print("\n" + tables)
+    result = results[next(iter(results))] if len(results) == 1 else {
+        "configs": results, "tables": tables, "torch": torch.__version__, "cpu": cpu_description()}
+    if args.json:
+        save_json(args.json, result)
+    return result
+
+
+def run_config(args) -> dict:
+    """Time every row of one configuration (``args``: the options with the configuration's values)."""
     threads = torch.get_num_threads()
     device = torch.device(args.device)
     select_gpu_kernels(device, args.gpu_kernels)
@@ -504,10 +550,11 @@ def main(argv=None) -> dict:
              f"{'on' if torch.backends.cudnn.allow_tf32 else 'off'})" if gpu else ""))
     warn_if_loaded(threads)
     print(f"{args.ways}-way {args.shots}-shot, {args.query} query/class, meta-batch {args.meta_batch}, "
-          f"inner steps {args.inner_steps}, inner lr {args.inner_lr}; support {tuple(batch.support_x.shape)}, "
-          f"query {tuple(batch.query_x.shape)}; {args.warmup} warm-up + {args.iters} timed steps each")
+          f"inner steps {args.inner_steps}, inner lr {args.inner_lr}, network {args.network}; support "
+          f"{tuple(batch.support_x.shape)}, query {tuple(batch.query_x.shape)}; {args.warmup} warm-up + "
+          f"{args.iters} timed steps each")
 
-    model = make_model(args.ways, args.seed).to(device)
+    model = make_model(args.ways, args.seed, args.network).to(device)
     initial_state = {k: v.clone() for k, v in model.state_dict().items()}
     impls = {
         "metalearn (vmap)": lambda fo: vmapped_step(model, batch, fo, args.inner_lr, args.inner_steps),
@@ -558,14 +605,12 @@ def main(argv=None) -> dict:
         assert torch.equal(param, initial_state[name]), name
 
     table = markdown_table(rows)
-    print()
-    print(table)
     try:
         load_after = os.getloadavg()  # includes this script's own threads
     except OSError:
         load_after = None
     result = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "configs"},
         "torch": torch.__version__, "threads": threads, "cpus": os.cpu_count(), "cpu": cpu_description(),
         "load_average": load, "load_average_after": load_after,
         "device": str(device), "gpu": gpu, "gpu_kernels": args.gpu_kernels if gpu else None,
@@ -575,8 +620,6 @@ def main(argv=None) -> dict:
         "rows": rows,
         "table": table,
     }
-    if args.json:
-        save_json(args.json, result)
     return result
 
 

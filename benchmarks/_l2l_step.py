@@ -9,6 +9,7 @@ with the in-process ones:
   -> {"cmd": "grads", "order": "second", "dtype": "float64", "path": FILE}
                                                         <- {"ok": true}   meta-gradient to FILE
   -> {"cmd": "step", "order": "first"}                  <- {"ms": 123.4}  one timed meta-step
+     (with "clock": "cpu" the process's CPU time instead of the elapsed time)
   EOF: check the weights are unchanged, exit.
 
 Replies are prefixed with ``@@`` (learn2learn's imports print warnings).
@@ -120,9 +121,10 @@ def main():
             torch.save({n: q.grad.detach().clone() for n, q in net.named_parameters()}, request["path"])
             reply({"ok": True})
         elif request["cmd"] == "step":
-            start = time.perf_counter()
+            clock = time.process_time if request.get("clock") == "cpu" else time.perf_counter
+            start = clock()
             step()
-            reply({"ms": (time.perf_counter() - start) * 1e3})
+            reply({"ms": (clock() - start) * 1e3})
         else:
             raise ValueError(f"unknown command {request!r}")
     for name, value in model.state_dict().items():

@@ -201,6 +201,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=0)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--chunks", nargs="*", type=int, default=list(CHUNKS))
+    parser.add_argument("--orders", nargs="+", default=["second", "first"], choices=("second", "first"))
     parser.add_argument("--no-loop", action="store_true", help="leave out the per-task loop row")
     parser.add_argument("--peer-python", default=None, help="the peer venv's python (learn2learn rows)")
     parser.add_argument("--json", type=Path, default=None)
@@ -234,7 +235,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     results = []
     for config in args.configs:
-        for order in ("second", "first"):
+        for order in args.orders:
             plan = [(sys.executable, "metalearn", 0), *((sys.executable, "metalearn", c) for c in args.chunks)]
             if not args.no_loop:
                 plan.append((sys.executable, "loop", 0))

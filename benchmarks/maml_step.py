@@ -148,6 +148,23 @@ def mamlpp_step(model: nn.Module, batch: TaskBatch, first_order: bool, inner_lr:
     return step
 
 
+CHUNK1_ROW = "metalearn --task-chunk 1"
+
+
+def chunked_step(model: nn.Module, batch: TaskBatch, first_order: bool, inner_lr: float = 0.4,
+                 inner_steps: int = 1, chunk: int = 1) -> Callable[[], None]:
+    """(f) metalearn's MAML in chunks of ``chunk`` tasks, a backward per chunk, as the Trainer runs
+    ``--task-chunk``; a chunk of one task runs without vmap (native batch norm at both orders)."""
+    from metalearn.training import meta_gradient
+
+    maml = MAML(model, MAML.Config(inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order))
+
+    def step():
+        meta_gradient(maml, batch, chunk)
+
+    return step
+
+
 def loop_step(model: nn.Module, batch: TaskBatch, first_order: bool, inner_lr: float = 0.4,
               inner_steps: int = 1) -> Callable[[], None]:
     """(b) the usual per-task Python loop: functional_call + autograd.grad, losses summed / T."""
@@ -211,7 +228,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps_interleaved(steps: dict, model: nn.Module, iters: int = 20, warmup: int = 3) -> dict:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # --clock
+
+
+def time_steps_interleaved(steps: dict, model: nn.Module, iters: int = 20, warmup: int = 3,
+                           clock: str = "wall") -> dict:
     """Like :func:`time_step` for several steps at once, run round-robin (one call of each per
     round, in a shuffled order) so that a change in machine load affects them all alike. A step
     that returns a number (the learn2learn peer) reports its own milliseconds, measured in its
@@ -226,10 +247,10 @@ def time_steps_interleaved(steps: dict, model: nn.Module, iters: int = 20, warmu
             step = steps[name]
             model.zero_grad(set_to_none=True)
             synchronize(device)
-            start = time.perf_counter()
+            start = CLOCKS[clock]()
             reported = step()
             synchronize(device)
-            elapsed = (time.perf_counter() - start) * 1e3
+            elapsed = (CLOCKS[clock]() - start) * 1e3
             if i >= warmup:
                 times[name].append(float(reported) if reported is not None else elapsed)
     model.zero_grad(set_to_none=True)
@@ -360,9 +381,9 @@ class Peer:
         self._ask(cmd="grads", order=order, dtype=dtype, path=str(path))
         return torch.load(path, weights_only=True)
 
-    def step(self, order: str) -> Callable[[], float]:
+    def step(self, order: str, clock: str = "wall") -> Callable[[], float]:
         """One meta-step in the peer; returns the milliseconds the peer measured around it."""
-        return lambda: self._ask(cmd="step", order=order)["ms"]
+        return lambda: self._ask(cmd="step", order=order, clock=clock)["ms"]
 
     def close(self) -> None:
         """End the peer; it checks its weights were never changed, so a failure raises here."""
@@ -479,6 +500,11 @@ def parse_args(argv=None):
     p.add_argument("--mamlpp", action="store_true",
                    help="add row (e): MAML++ (every part that changes a meta-step) on the same network, in every "
                         "configuration (maml++20w1s always has it)")
+    p.add_argument("--extra-rows", default="chunk1",
+                   help="comma-separated: chunk1 = row (f), metalearn with --task-chunk 1 (empty: none)")
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                   help="wall: elapsed time; cpu: the process's CPU time (time.process_time, also in the peer), "
+                        "less sensitive to other processes on the machine (use with --threads 1)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N; the learn2learn rows run on the CPU only")
@@ -498,6 +524,7 @@ def parse_args(argv=None):
             p.error(f"--configs takes {', '.join(CONFIGS)}, got {args.configs!r}")
         args.configs = {name: {**CUSTOM, **{"mamlpp": args.mamlpp}, **CONFIGS[name]} for name in names}
     args.orders = [o.strip() for o in args.orders.split(",") if o.strip()]
+    args.extra_rows = [r.strip() for r in args.extra_rows.split(",") if r.strip()]
     args.peer_models = [m.strip() for m in args.peer_models.split(",") if m.strip()]
     if any(m not in PEER_ROWS for m in args.peer_models):
         p.error(f"--peer-models takes {', '.join(PEER_ROWS)}")
@@ -582,14 +609,17 @@ def run_config(args) -> dict:
             for order in args.orders:
                 for name, build in impls.items():
                     steps[(name, order)] = build(ORDERS[order])
+                if "chunk1" in args.extra_rows:
+                    steps[(CHUNK1_ROW, order)] = chunked_step(model, batch, ORDERS[order], args.inner_lr,
+                                                              args.inner_steps, 1)
                 if args.mamlpp:
                     steps[("metalearn MAML++ (vmap)", order)] = mamlpp_step(model, batch, ORDERS[order],
                                                                             args.inner_lr, args.inner_steps)
                 for peer_model, peer in peers.items():
-                    steps[(PEER_ROWS[peer_model], order)] = peer.step(order)
+                    steps[(PEER_ROWS[peer_model], order)] = peer.step(order, args.clock)
             steps[(limit_name, "none")] = limit_step(model, batch)
             print(f"timing {len(steps)} variants round-robin, {args.warmup} + {args.iters} rounds ...", flush=True)
-            times = time_steps_interleaved(steps, model, args.iters, args.warmup)
+            times = time_steps_interleaved(steps, model, args.iters, args.warmup, args.clock)
         finally:
             for peer in peers.values():
                 peer.close()

@@ -502,6 +502,8 @@ def parse_args(argv=None):
                         "configuration (maml++20w1s always has it)")
     p.add_argument("--extra-rows", default="chunk1",
                    help="comma-separated: chunk1 = row (f), metalearn with --task-chunk 1 (empty: none)")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip the float64 agreement check before timing (it costs about a dozen steps)")
     p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
                    help="wall: elapsed time; cpu: the process's CPU time (time.process_time, also in the peer), "
                         "less sensitive to other processes on the machine (use with --threads 1)")
@@ -601,7 +603,7 @@ def run_config(args) -> dict:
                 if info["threads"] != threads:
                     print(f"  WARNING: peer runs with {info['threads']} threads, this process with {threads}")
 
-            checks, float32_errors = check_gradients(model, batch, impls, peers, args)
+            checks, float32_errors = check_gradients(model, batch, impls, peers, args) if args.check else ({}, {})
 
             # All rows timed round-robin, one step of each per round (robust to load drift).
             limit_name = f"limit: plain fwd+bwd of {images} images"

@@ -24,7 +24,9 @@ class TaskConfig:
     """
 
     dataset: str = option("omniglot", "omniglot, folder (your own class folders, --data-dir), mini-imagenet, "
-                                      "sinusoid or sine-or-line (default omniglot)")
+                                      "sinusoid or sine-or-line (default omniglot); for maml-rl an environment, "
+                                      "also named --env: nav2d (its default), cheetah-vel or cheetah-dir",
+                          aliases=("env",))
     split: str = option("maml", "omniglot's class split: maml, vinyals or lake (default maml)")
     ways: int = option(5, "classes per task (default 5; classification only)")
     shots: int = option(1, "support examples per class, or support points K for regression "

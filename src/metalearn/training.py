@@ -21,7 +21,7 @@ from metalearn.checkpoints import (RESUME_ENTRIES, all_finite, check_compatible,
 from metalearn.config import RunConfig
 from metalearn.distributed import RankLost, World
 from metalearn.errors import ConfigError, MetalearnError, TrainingStopped
-from metalearn.evaluation import evaluate
+from metalearn.evaluation import HIGHER_IS_BETTER, evaluate
 from metalearn.memory_budget import available_memory, chunk_sizes, largest_chunk, peak_memory_of
 from metalearn.runs import RunDir, lock_for_training
 from metalearn.tasks import TaskSource, build_task_source, has_validation, problem_of
@@ -104,6 +104,9 @@ class Trainer:
                 f"--meta-batch-size {train.meta_batch_size} is smaller than the {world.size} processes: "
                 "every rank needs at least one task. Raise --meta-batch-size or start fewer processes."
             )
+        if world.size > 1 and learner.single_process:
+            raise MetalearnError(f"{learner.name} runs in one process ({learner.single_process}); start it without "
+                                 "torchrun")
         refused = learner.chunking_refused() if train.task_chunk != 0 else None
         if refused:
             raise ConfigError("TrainConfig", "task_chunk", f"cannot split the meta-batch of {refused}; leave it at 0 "
@@ -314,10 +317,10 @@ class Trainer:
                           seed=self.config.train.seed + VALIDATION_SEED_OFFSET, world=self.world, per_step=False)
         if self.world.is_main:
             self.run_dir.append_metrics({"step": self.step, f"val_{result['metric']}": result["mean"],
-                                         "val_ci95": result["ci95"]})
+                                         "val_ci95": result["ci95"], "elapsed_s": round(self.elapsed_s, 2)})
             if self.config.train.keep_best:
                 self.run_dir.keep_best(self.state(), result["mean"], self.config.train.keep_best,
-                                       higher_is_better=result["metric"] == "accuracy")
+                                       higher_is_better=HIGHER_IS_BETTER[result["metric"]])
         return result
 
 

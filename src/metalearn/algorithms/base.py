@@ -8,6 +8,7 @@ fits: its ``meta_loss`` is a surrogate whose gradient is the update.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -47,6 +48,14 @@ class MetaLearner(nn.Module):
     # eval --protocol NAME`` (``evaluate_run(protocol=)``): {name: function(learner, source,
     # episodes, seed) -> result dict}, where ``source`` is the task source of the evaluated part
     protocols: ClassVar[dict[str, Any]] = {}
+    # True for a method of reinforcement-learning tasks (MDPs: ``--env``, a dataset registered with
+    # ``reinforcement=True``), which gets an MDPBatch instead of a TaskBatch; the two kinds of
+    # method and of dataset never meet
+    reinforcement: ClassVar[bool] = False
+    # the dataset (or environment) a run of this method takes when none is named (None: omniglot)
+    default_dataset: ClassVar[str | None] = None
+    # why the method cannot share a meta-batch among torchrun's ranks (None: it can)
+    single_process: ClassVar[str | None] = None
 
     @classmethod
     def preset_defaults(cls, name: str, task: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -99,6 +108,29 @@ class MetaLearner(nn.Module):
         without steps return their single prediction with a leading axis of 1."""
         return self.predict(batch).unsqueeze(0)
 
+    def episode_scores(self, batch: TaskBatch, per_step: bool = True) -> Tensor:
+        """Per-step, per-task score, what evaluation averages: (steps + 1, tasks), or (1, tasks)
+        for the final predictions alone (``per_step`` False). By default
+        :func:`prediction_scores` (accuracy or MSE of the predictions); a reinforcement-learning
+        method scores the average return."""
+        return prediction_scores(self, batch, per_step)
+
+
+def prediction_scores(learner: Any, batch: TaskBatch, per_step: bool = True) -> Tensor:
+    """Accuracy for classification, MSE for regression, of ``learner.predict_per_step(batch)``
+    (or, without ``per_step``, of ``learner.predict(batch)``): (steps + 1, tasks) or (1, tasks).
+    A task whose predictions are not all finite scores NaN (a diverged adaptation), also for
+    classification, where ``argmax`` would turn NaN logits into a class."""
+    if per_step:
+        predictions = learner.predict_per_step(batch)  # (steps+1, tasks, n_query, ...)
+    else:
+        predictions = learner.predict(batch).unsqueeze(0)
+    if batch.is_classification:
+        correct = (predictions.argmax(-1) == batch.query_y).float().mean(-1)
+        finite = torch.isfinite(predictions).flatten(2).all(-1)
+        return torch.where(finite, correct, torch.full_like(correct, math.nan))
+    return ((predictions - batch.query_y) ** 2).flatten(2).mean(-1)
+
     # -- one task, no TaskBatch --------------------------------------------------------------
 
     # set by build_learner (and so by load_trained): the tasks the network was built for, so that
@@ -112,7 +144,8 @@ class MetaLearner(nn.Module):
 
         support_x, query_x: images as :func:`metalearn.data.images.prepare_images` takes them
         (files, PIL images, uint8 or [0, 1] float tensors ``(n, C, H, W)``), prepared at
-        ``image_size`` with ``channels``, by default the training run's (``self.problem``);
+        ``image_size`` with ``channels``, by default the training run's (``self.problem``), and
+        as the training dataset's images were (Omniglot: strokes bright on dark);
         support_y: ``(n_support,)`` class ids in [0, ways), every class present.
         """
         from metalearn.data.images import prepare_images
@@ -126,7 +159,8 @@ class MetaLearner(nn.Module):
             if image_size is None or channels is None:  # tensors as they are: the caller's network knows
                 images = torch.as_tensor(images)
                 return images.to(torch.float32).div(255.0) if images.dtype == torch.uint8 else images.float()
-            return prepare_images(images, image_size, channels)
+            prepare_as_trained = getattr(self.problem, "prepare", None) or prepare_images
+            return prepare_as_trained(images, image_size, channels)
 
         support, query = prepare(support_x), prepare(query_x)
         labels = torch.as_tensor(support_y, dtype=torch.long).reshape(-1)

@@ -1,9 +1,11 @@
-"""Time one MAML meta-step (forward + meta-gradient backward) four ways, in one run.
+"""Time one MAML meta-step (forward + meta-gradient backward) several ways, in one run.
 
-Omniglot-shaped N-way K-shot tasks (defaults: 5-way 1-shot, 1 query image per class as in the
-MAML reference code, meta-batch 32, 1 inner step, inner lr 0.4), ``metalearn.models.Conv4(1, 5)``
-(stride version; its batch norm is ``BatchStatNorm``: batch statistics, no running ones),
-second- and first-order:
+Omniglot-shaped N-way K-shot tasks in named configurations (``--configs``, default all of
+``CONFIGS``: 5-way 1-shot with 1 query image per class, meta-batch 32, 1 inner step at lr 0.4;
+20-way 1-shot and 20-way 5-shot (5 queries), meta-batch 16, 5 inner steps at lr 0.1; and
+MAML++'s preset at 20-way 1-shot), ``metalearn.models.Conv4(1, ways)`` (stride version; its batch
+norm is ``BatchStatNorm``: batch statistics, no running ones) or ``conv4-mamlpp``, second- and
+first-order; ``--ways`` etc. time one configuration of your own. Rows:
 
   (a) metalearn   -- ``MAML(model, MAML.Config(...)).meta_loss(batch)`` then ``backward()``:
                      the whole meta-batch under ``torch.func.vmap``;
@@ -16,6 +18,12 @@ second- and first-order:
                      same Conv4 and, as a second row, the same network with nn.BatchNorm2d;
   (d) limit       -- no adaptation at all: one forward + backward of the same
                      tasks * ways * (shots + query) images through one shared set of weights.
+
+  (f) metalearn --task-chunk 1 -- the Trainer's chunk loop (``meta_gradient(..., task_chunk=1)``):
+                     each task outside vmap, a backward per task (``--extra-rows chunk1``, default).
+
+``--clock cpu`` times each step's CPU time (``time.process_time``, in the peer too) instead of
+the elapsed time: less sensitive to other processes on a shared machine (with ``--threads 1``).
 
 What is differentiated only once ((a) and (b) first order, (d)) runs its batch norm with torch's
 native kernel (``first_order_batch_norm``), as metalearn does.

@@ -115,22 +115,6 @@ class MetaLearner(nn.Module):
         method scores the average return."""
         return prediction_scores(self, batch, per_step)
 
-
-def prediction_scores(learner: Any, batch: TaskBatch, per_step: bool = True) -> Tensor:
-    """Accuracy for classification, MSE for regression, of ``learner.predict_per_step(batch)``
-    (or, without ``per_step``, of ``learner.predict(batch)``): (steps + 1, tasks) or (1, tasks).
-    A task whose predictions are not all finite scores NaN (a diverged adaptation), also for
-    classification, where ``argmax`` would turn NaN logits into a class."""
-    if per_step:
-        predictions = learner.predict_per_step(batch)  # (steps+1, tasks, n_query, ...)
-    else:
-        predictions = learner.predict(batch).unsqueeze(0)
-    if batch.is_classification:
-        correct = (predictions.argmax(-1) == batch.query_y).float().mean(-1)
-        finite = torch.isfinite(predictions).flatten(2).all(-1)
-        return torch.where(finite, correct, torch.full_like(correct, math.nan))
-    return ((predictions - batch.query_y) ** 2).flatten(2).mean(-1)
-
     # -- one task, no TaskBatch --------------------------------------------------------------
 
     # set by build_learner (and so by load_trained): the tasks the network was built for, so that
@@ -192,6 +176,22 @@ def prediction_scores(learner: Any, batch: TaskBatch, per_step: bool = True) -> 
         batch = self.task_batch(support_x, support_y, query_x, **prepare)
         with torch.no_grad():
             return self.predict(batch)[0].float().softmax(dim=-1)
+
+
+def prediction_scores(learner: Any, batch: TaskBatch, per_step: bool = True) -> Tensor:
+    """Accuracy for classification, MSE for regression, of ``learner.predict_per_step(batch)``
+    (or, without ``per_step``, of ``learner.predict(batch)``): (steps + 1, tasks) or (1, tasks).
+    A task whose predictions are not all finite scores NaN (a diverged adaptation), also for
+    classification, where ``argmax`` would turn NaN logits into a class."""
+    if per_step:
+        predictions = learner.predict_per_step(batch)  # (steps+1, tasks, n_query, ...)
+    else:
+        predictions = learner.predict(batch).unsqueeze(0)
+    if batch.is_classification:
+        correct = (predictions.argmax(-1) == batch.query_y).float().mean(-1)
+        finite = torch.isfinite(predictions).flatten(2).all(-1)
+        return torch.where(finite, correct, torch.full_like(correct, math.nan))
+    return ((predictions - batch.query_y) ** 2).flatten(2).mean(-1)
 
 
 def check_input_dtype(method: str, model: nn.Module, batch: TaskBatch) -> None:

@@ -41,6 +41,7 @@ class BatchStatNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.steps = 0  # > 0: per-step sets (see make_per_step)
         self.per_step_weights = False
+        self.running_at_eval = True  # eval mode normalises with the running statistics, where there are any
         self.register_buffer("running_mean", None)  # per-step running statistics: see make_per_step
         self.register_buffer("running_var", None)
 
@@ -80,13 +81,14 @@ class BatchStatNorm(nn.Module):
             weight = None if weight is None else weight[k]
             bias = bias[k]
         if self.running_mean is not None:
-            if not self.training:  # the paper's evaluation: this step's running statistics
+            if not self.training and self.running_at_eval:  # the paper's evaluation: this step's running statistics
                 shape = (-1, *([1] * (x.dim() - 2)))
                 inverse_std = torch.rsqrt(self.running_var[k] + self.eps)
                 if weight is not None:
                     inverse_std = inverse_std * weight
                 return (x - self.running_mean[k].view(shape)) * inverse_std.view(shape) + bias.view(shape)
-            _record_batch_statistics(self, k, x)
+            if self.training:
+                _record_batch_statistics(self, k, x)
         if not torch.is_grad_enabled() or _NATIVE.get():  # the fast native kernel
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
         return batch_stat_norm(x, weight, bias, self.eps)

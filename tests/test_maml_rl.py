@@ -434,13 +434,19 @@ def test_cheetah_meta_step_runs_through_the_trainer(tmp_path, capsys):
     assert record["kl"] <= 0.01 and math.isfinite(record["return_adapted"])
 
 
-def test_torchrun_is_refused_in_one_line():
-    """TRPO's trust region spans the whole meta-batch: ranks cannot each take a share."""
-    from metalearn import resolve_config
-    from metalearn.distributed import World
-    from metalearn.errors import MetalearnError
-    from metalearn.training import Trainer
+def test_task_chunk_is_refused_in_one_line(capsys):
+    code, _, err = run(["train", "maml-rl", "--task-chunk", 2, "--print-config"], capsys)
+    assert code != 0 and "TRPO step" in err and "torchrun" in err and err.strip().count("\n") == 0
 
-    config = resolve_config("maml-rl", task={"dataset": "nav2d"})
-    with pytest.raises(MetalearnError, match="runs in one process .*without torchrun"):
-        Trainer(config, small_learner(), MDPTasks(Nav2D()), None, None, world=World(0, 2))
+
+def test_a_tasks_rollouts_do_not_depend_on_the_other_tasks_of_its_batch():
+    """Each task draws from its own seed: a task alone (a torchrun rank's share) gets the
+    trajectories it gets within the whole batch, and the adapted policy's ones as well."""
+    learner = small_learner()
+    batch = nav_batch(5, seed=4)
+    whole = learner.adapted_trajectories(batch, 1)
+    part = learner.adapted_trajectories(batch.select(slice(3, 5)), 1)
+    for a, b in zip(whole, part):
+        torch.testing.assert_close(a.actions[3:], b.actions, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.rewards[3:], b.rewards, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(whole[0].actions[0], whole[0].actions[1])  # tasks draw differently

@@ -104,9 +104,6 @@ class Trainer:
                 f"--meta-batch-size {train.meta_batch_size} is smaller than the {world.size} processes: "
                 "every rank needs at least one task. Raise --meta-batch-size or start fewer processes."
             )
-        if world.size > 1 and learner.single_process:
-            raise MetalearnError(f"{learner.name} runs in one process ({learner.single_process}); start it without "
-                                 "torchrun")
         refused = learner.chunking_refused() if train.task_chunk != 0 else None
         if refused:
             raise ConfigError("TrainConfig", "task_chunk", f"cannot split the meta-batch of {refused}; leave it at 0 "

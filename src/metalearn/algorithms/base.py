@@ -54,8 +54,6 @@ class MetaLearner(nn.Module):
     reinforcement: ClassVar[bool] = False
     # the dataset (or environment) a run of this method takes when none is named (None: omniglot)
     default_dataset: ClassVar[str | None] = None
-    # why the method cannot share a meta-batch among torchrun's ranks (None: it can)
-    single_process: ClassVar[str | None] = None
 
     @classmethod
     def preset_defaults(cls, name: str, task: Any) -> tuple[dict[str, Any], dict[str, Any]]:

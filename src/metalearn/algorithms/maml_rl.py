@@ -11,8 +11,11 @@ mean KL between the old and new adapted policies of at most ``max_kl`` (TRPO, Sc
 2015: conjugate gradient on the Fisher-vector product, the Hessian of that KL through the
 adaptation, then a backtracking line search). ``inner_steps 0`` trains one policy on all tasks
 jointly: the paper's "pretrained" baseline. Rollouts step all tasks and trajectories as one
-tensor; the inner steps are ``vmap``'ped over tasks. One process (no torchrun): the trust region
-spans the whole meta-batch.
+tensor; the inner steps are ``vmap``'ped over tasks. Under torchrun each rank rolls out and
+adapts its share of the tasks, and the TRPO step stays one trust region over the whole
+meta-batch: its gradient, every Fisher-vector product and each line-search evaluation are
+all-reduced (means over all the tasks), so every rank takes the step one process would. Every
+random draw of a task's rollouts comes from that task's seed (``MDPBatch.seeds``).
 
 Example::
 
@@ -36,6 +39,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from metalearn.algorithms.base import MetaLearner, Problem
+from metalearn.distributed import current_world
 from metalearn.errors import ConfigError, require_number
 from metalearn.options import option
 
@@ -221,7 +225,8 @@ def kl_hessian_vector(kl: Tensor, leaves: list[Tensor], damping: float = 0.0) ->
 
 
 def trpo_step(objective: Callable[[Params], tuple[Tensor, Tensor]], params: Params, max_kl: float,
-              cg_iters: int = 10, damping: float = 1e-5) -> tuple[Params, dict[str, float]]:
+              cg_iters: int = 10, damping: float = 1e-5,
+              reduce: Callable[[Tensor], Tensor] | None = None) -> tuple[Params, dict[str, float]]:
     """One TRPO update of ``params`` (leaf tensors that require grad) for ``objective(params) ->
     (loss, mean KL from the old policy)``, whose KL is 0 with a zero gradient at ``params``.
 
@@ -231,22 +236,32 @@ def trpo_step(objective: Callable[[Params], tuple[Tensor, Tensor]], params: Para
     scaled to KL ``max_kl`` in
     the quadratic model, then shrunk by 0.8 until the loss improves and the KL is within the
     bound, up to 15 times; no step if none is (rllab's ``ConjugateGradientOptimizer``). Returns
-    the new parameters (detached) and diagnostics."""
+    the new parameters (detached) and diagnostics.
+
+    ``reduce`` (torchrun): ``objective`` covers this rank's tasks, and ``reduce`` turns a value
+    of them (the loss, the KL, their gradients and Fisher-vector products) into the value over
+    all ranks' tasks (a sum of the ranks' values, each weighted by its share of the tasks), so
+    that every decision is taken on the same numbers on every rank."""
+    reduce = reduce or (lambda value: value)
     leaves = list(params.values())
     loss, kl = objective(params)
-    loss_grad = flat(torch.autograd.grad(loss, leaves, retain_graph=True)).detach()
-    product = kl_hessian_vector(kl, leaves, damping)
+    loss_grad = reduce(flat(torch.autograd.grad(loss, leaves, retain_graph=True)).detach())
+    local_product = kl_hessian_vector(kl, leaves)
+
+    def product(v: Tensor) -> Tensor:
+        return reduce(local_product(v)) + damping * v
+
     direction = conjugate_gradient(product, -loss_grad, cg_iters)
     curvature = direction @ product(direction)
     full_step = torch.sqrt(2 * max_kl / (curvature + 1e-8)) * direction
     old = flat(leaves).detach()
-    loss_before = float(loss.detach())
+    loss_before = float(reduce(loss.detach()))
     info = {"loss_before": loss_before, "loss_after": loss_before, "kl": 0.0, "backtracks": float(LINE_SEARCH_STEPS)}
     chosen = old
     with torch.no_grad():
         for backtrack in range(LINE_SEARCH_STEPS):
             candidate = old + BACKTRACK_RATIO ** backtrack * full_step
-            new_loss, new_kl = objective(unflat(candidate, params))
+            new_loss, new_kl = reduce(torch.stack(objective(unflat(candidate, params))))
             if float(new_loss) < loss_before and float(new_kl) <= max_kl:
                 chosen = candidate
                 info.update(loss_after=float(new_loss), kl=float(new_kl), backtracks=float(backtrack))
@@ -291,7 +306,6 @@ class MAMLRL(MetaLearner):
     Config = MAMLRLConfig
     reinforcement = True
     default_dataset = "nav2d"
-    single_process = "its TRPO step is one trust region over the whole meta-batch"
 
     def __init__(self, policy: nn.Module, config: MAMLRLConfig = MAMLRLConfig()):
         super().__init__()
@@ -314,7 +328,8 @@ class MAMLRL(MetaLearner):
 
     def chunking_refused(self) -> str | None:
         if self.config.outer == "trpo":
-            return f"{self.name}'s TRPO step (one trust region over the whole meta-batch)"
+            return (f"{self.name}'s TRPO step (each Fisher-vector product needs every task's adaptation graph at "
+                    "once; share the meta-batch among torchrun's ranks instead)")
         return None
 
     # -- the policy, applied per task ------------------------------------------------------------
@@ -326,18 +341,29 @@ class MAMLRL(MetaLearner):
             return vmap(lambda p, o: functional_call(self.policy, p, (o,)))(params, observations)
         return functional_call(self.policy, params, (observations,))
 
-    def _sampler(self, params: Params, per_task: bool) -> Callable[[Tensor], Tensor]:
-        def act(observations: Tensor) -> Tensor:
-            mean, log_std = self._distribution(params, per_task, observations)
-            return mean + torch.exp(log_std) * torch.randn_like(mean)
-        return act
-
-    def _rollout(self, batch, params: Params, per_task: bool, trajectories: int):
+    def _rollout(self, batch, params: Params, per_task: bool, trajectories: int,
+                 generators: list[torch.Generator] | None = None):
+        """``trajectories`` episodes per task of the policy ``params``. Each task's draws (the
+        environment's start, the actions' Gaussian noise) come from its own generator
+        (default: ``batch.generators``), so that they do not depend on the other tasks of the
+        batch: a torchrun rank with a share of the tasks draws what one process would."""
         from metalearn.envs import rollout
 
+        horizon = self.config.horizon or batch.env.horizon
+        sample = next(iter(params.values()))
+        generators = generators if generators is not None else batch.generators(sample.device)
+        reset_seeds = torch.stack([torch.randint(0, 2**62, (trajectories,), generator=g, device=sample.device).cpu()
+                                   for g in generators])
+        noise = torch.stack([torch.randn(trajectories, horizon, batch.env.action_dim, generator=g,
+                                         device=sample.device, dtype=sample.dtype) for g in generators])
+        step = iter(range(horizon))
+
+        def act(observations: Tensor) -> Tensor:
+            mean, log_std = self._distribution(params, per_task, observations)
+            return mean + torch.exp(log_std) * noise[:, :, next(step)]
+
         with torch.no_grad():
-            return rollout(batch.env, batch.params, trajectories, self._sampler(params, per_task),
-                           self.config.horizon or batch.env.horizon)
+            return rollout(batch.env, batch.params, trajectories, act, horizon, reset_seeds)
 
     def _inner_loss(self, params: Params, observations: Tensor, actions: Tensor, advantage: Tensor,
                     mask: Tensor) -> Tensor:
@@ -366,11 +392,12 @@ class MAMLRL(MetaLearner):
         config = self.config
         theta = dict(self.policy.named_parameters())
         env_time, env_steps = 0.0, 0
+        generators = batch.generators(next(iter(theta.values())).device)
 
         def sample(params: Params, per_task: bool):
             nonlocal env_time, env_steps
             start = time.perf_counter()
-            trajectories = self._rollout(batch, params, per_task, config.trajectories)
+            trajectories = self._rollout(batch, params, per_task, config.trajectories, generators)
             env_time += time.perf_counter() - start
             env_steps += trajectories.num_steps
             return trajectories
@@ -418,14 +445,24 @@ class MAMLRL(MetaLearner):
         """With ``outer`` trpo: 0.5 * |theta - sg(theta + TRPO step)|^2, whose gradient is minus
         the step; with ``outer`` gradient: minus the meta-objective. Metrics: the average return
         of theta's trajectories (``return``) and of the adapted policies' (``return_adapted``),
-        the KL of the step, its line-search backtracks, environment steps per second."""
+        the KL of the step, its line-search backtracks, environment steps per second.
+
+        Under torchrun ``batch`` is this rank's share of the meta-batch; the TRPO step is taken
+        on all ranks' tasks (``trpo_step``'s ``reduce``), the same step on every rank."""
         theta = dict(self.policy.named_parameters())
         meta = self.meta_objective(batch)
         if self.config.outer == "gradient":
             loss, _ = meta.objective(theta)
             return loss, meta.metrics
         config = self.config
-        new, info = trpo_step(meta.objective, theta, config.max_kl, config.cg_iters, config.cg_damping)
+        device = next(iter(theta.values())).device
+        world = current_world(device)
+        reduce = None
+        if world.distributed:
+            all_tasks = world.sum(torch.tensor(float(batch.num_tasks), device=device))
+            share = batch.num_tasks / all_tasks
+            reduce = lambda value: world.sum(value * share.to(value.dtype))  # noqa: E731
+        new, info = trpo_step(meta.objective, theta, config.max_kl, config.cg_iters, config.cg_damping, reduce)
         metrics = {**meta.metrics, "kl": torch.tensor(info["kl"]), "backtracks": torch.tensor(info["backtracks"])}
         surrogate = sum(0.5 * (p - new[name]).square().sum() for name, p in theta.items())
         return surrogate, metrics
@@ -447,9 +484,10 @@ class MAMLRL(MetaLearner):
         halves it)."""
         config = self.config
         params, per_task = {k: v.detach() for k, v in self.policy.named_parameters()}, False
+        generators = batch.generators(next(iter(params.values())).device)
         out = []
         for step in range(steps + 1):
-            sampled = self._rollout(batch, params, per_task, config.test_trajectories)
+            sampled = self._rollout(batch, params, per_task, config.test_trajectories, generators)
             out.append(sampled)
             if step < steps:
                 lr = config.inner_lr * (config.test_lr_decay if step else 1.0)

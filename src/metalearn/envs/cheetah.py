@@ -88,12 +88,13 @@ class HalfCheetah:
                 self._pool.append(self._gym.make("HalfCheetah-v5").unwrapped)
         return self._pool[:count]
 
-    def reset(self, params: dict[str, Tensor], trajectories: int):
+    def reset(self, params: dict[str, Tensor], trajectories: int, seeds: Tensor | None = None):
         goal = params["velocity" if self.goal == "velocity" else "direction"]
         tasks = goal.shape[0]
         envs = self._environments(tasks * trajectories)
-        # reset seeds from torch's generator, which the trainer and the evaluator seed per step
-        seeds = torch.randint(0, 2**31 - 1, (len(envs),)).tolist()
+        # gymnasium's reset noise: from the rollout's per-task seeds, else torch's generator
+        seeds = torch.randint(0, 2**31 - 1, (len(envs),)) if seeds is None else seeds.reshape(-1) % (2**31 - 1)
+        seeds = seeds.tolist()
         observations = np.stack([env.reset(seed=seed)[0] for env, seed in zip(envs, seeds)])
         obs = torch.as_tensor(observations, dtype=goal.dtype, device=goal.device).view(tasks, trajectories, -1)
         return {"envs": envs, "goal": goal[:, None]}, obs

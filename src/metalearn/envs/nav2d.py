@@ -31,7 +31,9 @@ class Nav2D:
         goal = (torch.rand(num_tasks, 2, generator=generator, dtype=torch.float64) * 2 - 1) * self.goal_range
         return {"goal": goal.float()}
 
-    def reset(self, params: dict[str, Tensor], trajectories: int) -> tuple[dict[str, Tensor], Tensor]:
+    def reset(self, params: dict[str, Tensor], trajectories: int,
+              seeds: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
+        # every episode starts at the origin: nothing to draw from ``seeds``
         goal = params["goal"]
         position = goal.new_zeros(goal.shape[0], trajectories, 2)
         return {"position": position, "goal": goal[:, None, :]}, position

@@ -276,24 +276,28 @@ class Trainer:
 
     def _choose_task_chunk(self, batch, bar) -> int:
         """``task_chunk="auto"``: the most tasks per chunk whose step fits in ``memory_budget`` of
-        the memory available now, from the measured peak memory of this step on one task (its
-        meta-loss and backward pass, which include the step's fixed costs: an overestimate per
-        task, on the safe side). The gradients of the probe are dropped; the trainer seeds the
-        random generators after it, so the step itself draws what it would without it."""
+        the memory available now, from the measured peak memory of this step on two tasks (its
+        meta-loss and backward pass), halved: two, because MAML runs a single task outside vmap
+        with a leaner batch norm (``MAML.meta_loss``), which would understate a task of a larger
+        chunk; the step's fixed costs are included, an overestimate per task, on the safe side.
+        The gradients of the probe are dropped; the trainer seeds the random generators after
+        it, so the step itself draws what it would without it."""
         train = self.config.train
         budget = int(train.memory_budget * available_memory(self.device))
         if self.device.type == "cpu":  # the processes torchrun starts on one machine share its memory
             budget //= max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
 
-        def one_task():
-            loss, _ = self.learner.meta_loss(batch.select(slice(0, 1)))
+        probed = min(batch.num_tasks, 2)
+
+        def probe():
+            loss, _ = self.learner.meta_loss(batch.select(slice(0, probed)))
             loss.backward()
 
-        per_task = peak_memory_of(one_task, self.device)
+        per_task = peak_memory_of(probe, self.device) // probed
         self.optimizer.zero_grad(set_to_none=True)
         chunk = largest_chunk(batch.num_tasks, per_task, budget)
         if bar is not None:
-            bar.write(f"--task-chunk auto: {chunk} of {batch.num_tasks} tasks at a time (one task's step "
+            bar.write(f"--task-chunk auto: {chunk} of {batch.num_tasks} tasks at a time (a task's step "
                       f"{per_task / 2**20:.0f} MiB, budget {budget / 2**20:.0f} MiB)")
         return chunk
 

@@ -35,7 +35,8 @@ from metalearn.datasets import NATURAL_IMAGES
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.options import option
 from metalearn.models import build_model
-from metalearn.models.norm import BatchStatNorm, collect_batch_statistics, first_order_batch_norm, inner_step
+from metalearn.models.norm import (BatchStatNorm, collect_batch_statistics, first_order_batch_norm, inner_step,
+                                   native_batch_norm)
 from metalearn.tasks.batch import TaskBatch
 
 
@@ -328,11 +329,21 @@ class MAML(MetaLearner):
                 return loss, accuracy(predictions[-1], query_y), means
             return loss, torch.zeros(()), means
 
-        # first order never differentiates twice, so batch norm may use the native kernel (faster)
-        with first_order_batch_norm() if self.first_order_now() else contextlib.nullcontext():
-            # randomness="different": a model with dropout draws its own mask for every task
-            losses, accuracies, statistics = vmap(one_task, randomness="different")(
-                batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+        if batch.num_tasks == 1:
+            # one task (``--task-chunk 1``): no vmap, so that second order too can use torch's
+            # native batch norm, right outside vmap (norm.BatchStatNorm); it saves less for the
+            # backward pass than the decomposed form and computes the same meta-gradient
+            with native_batch_norm():
+                loss, correct, statistics = one_task(batch.support_x[0], batch.support_y[0], batch.query_x[0],
+                                                     batch.query_y[0])
+            losses, accuracies = loss[None], correct[None]
+            statistics = {key: value[None] for key, value in statistics.items()}
+        else:
+            # first order never differentiates twice, so batch norm may use the native kernel (faster)
+            with native_batch_norm() if self.first_order_now() else contextlib.nullcontext():
+                # randomness="different": a model with dropout draws its own mask for every task
+                losses, accuracies, statistics = vmap(one_task, randomness="different")(
+                    batch.support_x, batch.support_y, batch.query_x, batch.query_y)
         if collect:  # for end_step, after the meta-update: sums over this rank's tasks, and their number
             self._pending_statistics = ({key: value.sum(0) for key, value in statistics.items()},
                                         batch.support_x.shape[0])

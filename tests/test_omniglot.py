@@ -434,6 +434,35 @@ def test_decode_drawing_resizes_and_inverts(omniglot_data_dir):
     assert len(np.unique(small)) > 2  # antialiased, not nearest-neighbour
 
 
+def test_new_drawings_are_prepared_as_the_cache_prepares_the_release(omniglot_data_dir, tmp_path):
+    """predict, fit_predict and sample on an Omniglot run see a user's drawing (dark pen on
+    white, any size) exactly as training saw the release's: the dataset's own preparation,
+    strokes bright on dark; a drawing already bright on dark is not inverted again."""
+    from PIL import Image
+
+    from metalearn.algorithms import build_learner
+    from metalearn.config import TaskConfig
+    from metalearn.data.images import prepare_drawings
+    from metalearn.tasks import problem_of
+
+    name, png = _real_png(omniglot_data_dir)
+    scan = tmp_path / "scan.png"
+    scan.write_bytes(png)
+    expected = torch.from_numpy(decode_drawing(name, png, 28)).float().div(255)[None, None]
+    assert torch.equal(prepare_drawings([scan], 28), expected)
+    assert torch.equal(prepare_drawings(Image.open(scan), 28), expected)
+    bright = tmp_path / "bright.png"
+    Image.fromarray(decode_drawing(name, png, 105)).save(bright)  # as `metalearn sample` writes them
+    assert torch.equal(prepare_drawings([bright], 28), expected)
+
+    problem = problem_of(TaskConfig(dataset="omniglot", ways=2, shots=1))
+    learner = build_learner("protonet", {}, problem)
+    batch = learner.task_batch([scan, bright], [0, 1], [scan])
+    assert torch.equal(batch.support_x[0, 0], expected[0]) and torch.equal(batch.query_x[0, 0], expected[0])
+    with pytest.raises(MetalearnError, match="grey"):
+        prepare_drawings([scan], 28, channels=3)
+
+
 def test_unexpected_file_name():
     with pytest.raises(MetalearnError, match="expected XXXX_YY.png"):
         parse_name("images_background/Alpha/character01/readme.png")

@@ -182,7 +182,9 @@ def test_paper_defaults_and_trainer_end_to_end(tmp_path, omniglot_data_dir):
                             evaluate_after=False, announce=lambda line: None)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
-    assert any("val_accuracy" in r for r in records)
+    validations = [r for r in records if "val_accuracy" in r]
+    trained_for = {r["step"]: r["elapsed_s"] for r in records if "loss" in r}
+    assert validations and all(r["elapsed_s"] == trained_for[r["step"]] for r in validations)  # wall time axis
     result = evaluate_run(run_dir, episodes=10, data_dir=omniglot_data_dir, progress=False)
     assert result["episodes"] == 10 and result["ways"] == 5 and result["step"] == 3
     assert len(result["per_step"]) == 1 and 0 <= result["mean"] <= 100

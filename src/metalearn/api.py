@@ -406,15 +406,9 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
-def load_support_images(paths: list[Path | str], image_size: int) -> torch.Tensor:
-    """Images of one character from files and folders (a folder: every file in it, by name),
-    as the Omniglot pipeline prepares drawings: grey, resized to ``image_size`` (Lanczos),
-    strokes bright. A picture whose strokes are already bright on dark (e.g. one that
-    ``metalearn sample`` wrote) is not inverted. Returns (n, 1, image_size, image_size) in [0, 1]."""
-    import numpy as np
-
-    from metalearn.data.omniglot import decode_drawing
-
+def support_files(paths: list[Path | str]) -> list[Path]:
+    """The image files named by ``--support``: files as given, folders as every file in them
+    (by name)."""
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -426,17 +420,7 @@ def load_support_images(paths: list[Path | str], image_size: int) -> torch.Tenso
     if not files:
         raise MetalearnError(f"--support {', '.join(map(str, paths))}: no image files there; give PNG or JPEG "
                              "drawings of one character, or a folder of them")
-    images = []
-    for file in files:
-        try:
-            drawing = decode_drawing(str(file), file.read_bytes(), image_size)
-        except MetalearnError:
-            raise MetalearnError(f"--support {file} is not an image (give PNG or JPEG drawings of one "
-                                 "character)") from None
-        if drawing.mean() > 127:  # bright background after inversion: the strokes were bright already
-            drawing = 255 - drawing
-        images.append(torch.from_numpy(np.ascontiguousarray(drawing)).float().div(255.0))
-    return torch.stack(images).unsqueeze(1)
+    return files
 
 
 def generative_run(run_dir: Path | str) -> RunConfig:
@@ -454,13 +438,23 @@ def sample_run(run_dir: Path | str, support: list[Path | str], num: int = 20, ou
     folders) with the trained generative method of ``run_dir``, and save them as a PNG grid
     (the inputs in the first row, the samples beneath) at ``out`` (default
     ``RUN_DIR/plots/samples.png``). The noise is seeded by ``seed``. Returns the path."""
+    from metalearn.data.images import prepare_images
     from metalearn.plotting_samples import plot_image_rows
 
     if not isinstance(num, int) or num < 1:
         raise MetalearnError(f"--num must be a whole number of at least 1, got {num!r}")
     config = generative_run(run_dir)
-    images = load_support_images(support, config.task.image_size)
+    files = support_files(support)
     _, learner, step = load_trained(run_dir)
+    prepare = learner.problem.prepare or prepare_images  # as the training images were (Omniglot: inverted)
+    images = []
+    for file in files:
+        try:
+            images.append(prepare([file], config.task.image_size, config.task.channels))
+        except MetalearnError:
+            raise MetalearnError(f"--support {file} is not an image (give PNG or JPEG drawings of one "
+                                 "character)") from None
+    images = torch.cat(images)
     samples = learner.sample(images, num, generator=torch.Generator().manual_seed(seed))[0]
     out = Path(out) if out is not None else RunDir(run_dir).plots_dir / "samples.png"
     return plot_image_rows([(images, "input"), (samples, "samples")], out,

@@ -22,7 +22,10 @@ class Dataset:
     ``task.for_testing()``; ``problem(task)`` is the input shape and output size a network
     needs; ``has_part(split, part)`` whether the split has that part (no validation part: the
     run trains without validation). ``defaults`` fill task options the user left unset;
-    ``fixed`` are values the tasks always take; ``inapplicable`` options are refused."""
+    ``fixed`` are values the tasks always take; ``inapplicable`` options are refused.
+    ``prepare(images, image_size, channels)`` turns new images (files, PIL images, tensors) into
+    inputs as the dataset's own were made, for ``predict``, ``fit_predict`` and ``sample``
+    (None: :func:`metalearn.data.images.prepare_images`)."""
 
     name: str
     classification: bool
@@ -32,6 +35,7 @@ class Dataset:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     fixed: Mapping[str, Any] = field(default_factory=dict)
     inapplicable: tuple[str, ...] = ()
+    prepare: Callable[[Any, int, int], Any] | None = None
 
     @property
     def kind(self) -> str:
@@ -80,7 +84,14 @@ def _omniglot_has_part(split: str, part: str) -> bool:
 def _image_problem(task):
     from metalearn.tasks.batch import Problem
 
-    return Problem((task.channels, task.image_size, task.image_size), task.ways, True)
+    return Problem((task.channels, task.image_size, task.image_size), task.ways, True,
+                   prepare=get_dataset(task.dataset).prepare)
+
+
+def _drawings(images, image_size: int, channels: int):
+    from metalearn.data.images import prepare_drawings
+
+    return prepare_drawings(images, image_size, channels)
 
 
 def _folder(task, shape, part: str, data_dir: Path | str | None, progress: bool):
@@ -134,7 +145,7 @@ _REGRESSION = dict(classification=False, problem=_regression_problem, defaults={
 _FOLDER = dict(classification=True, build=_folder, problem=_image_problem, fixed={"split": "folder"})
 
 register_dataset(Dataset("omniglot", True, _omniglot, _image_problem, _omniglot_has_part,
-                         inapplicable=("noise_std", "channels", "split_fractions", "split_file")))
+                         inapplicable=("noise_std", "channels", "split_fractions", "split_file"), prepare=_drawings))
 register_dataset(Dataset("folder", defaults={"image_size": 84, "channels": 3},
                          inapplicable=("noise_std", "split"), **_FOLDER))
 register_dataset(Dataset("mini-imagenet", defaults={"image_size": 84, "channels": 3, "query": 15},

@@ -314,7 +314,7 @@ class Trainer:
                           seed=self.config.train.seed + VALIDATION_SEED_OFFSET, world=self.world, per_step=False)
         if self.world.is_main:
             self.run_dir.append_metrics({"step": self.step, f"val_{result['metric']}": result["mean"],
-                                         "val_ci95": result["ci95"]})
+                                         "val_ci95": result["ci95"], "elapsed_s": round(self.elapsed_s, 2)})
             if self.config.train.keep_best:
                 self.run_dir.keep_best(self.state(), result["mean"], self.config.train.keep_best,
                                        higher_is_better=result["metric"] == "accuracy")

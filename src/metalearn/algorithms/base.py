@@ -112,7 +112,8 @@ class MetaLearner(nn.Module):
 
         support_x, query_x: images as :func:`metalearn.data.images.prepare_images` takes them
         (files, PIL images, uint8 or [0, 1] float tensors ``(n, C, H, W)``), prepared at
-        ``image_size`` with ``channels``, by default the training run's (``self.problem``);
+        ``image_size`` with ``channels``, by default the training run's (``self.problem``), and
+        as the training dataset's images were (Omniglot: strokes bright on dark);
         support_y: ``(n_support,)`` class ids in [0, ways), every class present.
         """
         from metalearn.data.images import prepare_images
@@ -126,7 +127,8 @@ class MetaLearner(nn.Module):
             if image_size is None or channels is None:  # tensors as they are: the caller's network knows
                 images = torch.as_tensor(images)
                 return images.to(torch.float32).div(255.0) if images.dtype == torch.uint8 else images.float()
-            return prepare_images(images, image_size, channels)
+            prepare_as_trained = getattr(self.problem, "prepare", None) or prepare_images
+            return prepare_as_trained(images, image_size, channels)
 
         support, query = prepare(support_x), prepare(query_x)
         labels = torch.as_tensor(support_y, dtype=torch.long).reshape(-1)

@@ -23,13 +23,13 @@ import csv
 import hashlib
 import json
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from metalearn.data.cache import read_arrays, write_arrays
 from metalearn.data.images import check_channels, decode_image, is_image_file
 from metalearn.data.omniglot import default_cache_dir
 from metalearn.data.splits import PARTS, ClassPool
@@ -271,17 +271,15 @@ _LOADED: dict[Path, tuple[str, ImageFolder]] = {}
 
 
 def _read_cache(path: Path, fingerprint: str) -> ImageFolder | None:
-    if not path.is_file():
+    cached = read_arrays(path, fingerprint, ("images", "class_sizes"))
+    if cached is None:
         return None
+    arrays, meta = cached
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            meta = json.loads(str(archive["meta"]))
-            if not isinstance(meta, dict) or meta.get("fingerprint") != fingerprint:
-                return None
-            folder = ImageFolder(archive["images"], tuple(meta["class_names"]), archive["class_sizes"],
-                                 tuple(meta["parts"]), meta["layout"], meta["content_hash"])
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, json.JSONDecodeError):
-        return None  # a damaged cache is rebuilt, not trusted
+        folder = ImageFolder(arrays["images"], tuple(meta["class_names"]), arrays["class_sizes"],
+                             tuple(meta["parts"]), meta["layout"], meta["content_hash"])
+    except (KeyError, TypeError):
+        return None  # a cache of another format version
     fits = (folder.images.dtype == np.uint8 and folder.images.ndim == 4
             and int(folder.class_sizes.sum()) == folder.images.shape[0]
             and len(folder.class_names) == len(folder.parts) == len(folder.class_sizes))
@@ -289,19 +287,9 @@ def _read_cache(path: Path, fingerprint: str) -> ImageFolder | None:
 
 
 def _write_cache(path: Path, folder: ImageFolder, fingerprint: str) -> None:
-    meta = {"fingerprint": fingerprint, "class_names": list(folder.class_names), "parts": list(folder.parts),
-            "layout": folder.layout, "content_hash": folder.content_hash, "format": CACHE_FORMAT_VERSION}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            np.savez(f, images=folder.images, class_sizes=folder.class_sizes, meta=np.array(json.dumps(meta)))
-        os.replace(tmp, path)
-    except OSError as err:
-        raise MetalearnError(f"cannot write the image cache {path} ({err}); point METALEARN_CACHE at a "
-                             "writable folder") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    meta = {"class_names": list(folder.class_names), "parts": list(folder.parts), "layout": folder.layout,
+            "content_hash": folder.content_hash, "format": CACHE_FORMAT_VERSION}
+    write_arrays(path, {"images": folder.images, "class_sizes": folder.class_sizes}, meta, fingerprint)
 
 
 # --------------------------------------------------------------------------------------------

@@ -84,6 +84,22 @@ def prepare_images(images: Any, image_size: int, channels: int) -> Tensor:
 
     >>> x = prepare_images(["cat/1.jpg", "cat/2.png"], image_size=84, channels=3)   # (2, 3, 84, 84)
     """
+    return _prepare(images, image_size, channels, lambda array: array)
+
+
+def prepare_drawings(images: Any, image_size: int, channels: int = 1) -> Tensor:
+    """New drawings prepared as Omniglot's training images are: ``(n, 1, S, S)`` float32 in
+    [0, 1], grey, strokes bright on a dark ground (the cache inverts the release's black-on-white
+    scans). A file or PIL image on a light ground is inverted; one already bright on dark (as
+    ``metalearn sample`` writes them) is kept. Tensors and arrays are taken as the training
+    arrays are, strokes bright (see :func:`prepare_images`)."""
+    if channels != 1:
+        raise MetalearnError(f"drawings are grey (1 channel), got channels {channels}")
+    return _prepare(images, image_size, 1, lambda array: 255 - array if array.mean() >= 128 else array)
+
+
+def _prepare(images: Any, image_size: int, channels: int, ground: Any) -> Tensor:
+    """prepare_images with ``ground(uint8 array)`` applied to each decoded file or PIL image."""
     check_channels(channels)
     if isinstance(images, (str, Path, Image.Image)):
         images = [images]
@@ -94,9 +110,9 @@ def prepare_images(images: Any, image_size: int, channels: int) -> Tensor:
     arrays = []
     for item in _as_list(images):
         if isinstance(item, Image.Image):
-            arrays.append(pil_to_array(item, image_size, channels))
+            arrays.append(ground(pil_to_array(item, image_size, channels)))
         elif isinstance(item, (str, Path)):
-            arrays.append(decode_image(Path(item), image_size, channels))
+            arrays.append(ground(decode_image(Path(item), image_size, channels)))
         else:
             raise MetalearnError(f"prepare_images takes image files, PIL images or tensors, got {type(item).__name__}")
     if not arrays:

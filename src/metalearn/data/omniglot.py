@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import sys
 import zipfile
@@ -25,6 +24,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from metalearn.data.cache import read_arrays, write_arrays
 from metalearn.errors import MetalearnError
 from metalearn.files import WriteError, remove_temporaries
 from metalearn.locking import FolderLock
@@ -300,22 +300,15 @@ def load_omniglot(
 def _read_cache(path: Path, fingerprint: str, image_size: int | None = None) -> Omniglot | None:
     """The cached array if it was made from these sources and its arrays fit together, else
     None (the release is then read again)."""
-    if not path.is_file():
+    cached = read_arrays(path, fingerprint, ("images", "background", "drawers"))
+    if cached is None:
         return None
+    arrays, meta = cached
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            meta = json.loads(str(archive["meta"]))
-            if not isinstance(meta, dict) or meta.get("fingerprint") != fingerprint:
-                return None
-            omniglot = Omniglot(
-                archive["images"],
-                tuple(meta["names"]),
-                archive["background"],
-                archive["drawers"],
-                meta["content_hash"],
-            )
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, json.JSONDecodeError):
-        return None  # a damaged cache is rebuilt, not trusted
+        omniglot = Omniglot(arrays["images"], tuple(meta["names"]), arrays["background"], arrays["drawers"],
+                            meta["content_hash"])
+    except (KeyError, TypeError):
+        return None  # a cache of another format version
     images, characters = omniglot.images, len(omniglot.names)
     fits = (images.dtype == np.uint8 and images.ndim == 4
             and images.shape[:2] == (characters, DRAWINGS_PER_CHARACTER) == omniglot.drawers.shape
@@ -325,28 +318,9 @@ def _read_cache(path: Path, fingerprint: str, image_size: int | None = None) -> 
 
 
 def _write_cache(path: Path, omniglot: Omniglot, fingerprint: str) -> None:
-    meta = {
-        "fingerprint": fingerprint,
-        "names": list(omniglot.names),
-        "content_hash": omniglot.content_hash,
-        "format": CACHE_FORMAT_VERSION,
-    }
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            np.savez(
-                f,
-                images=omniglot.images,
-                background=omniglot.background,
-                drawers=omniglot.drawers,
-                meta=np.array(json.dumps(meta)),
-            )
-        os.replace(tmp, path)
-    except OSError as err:
-        raise MetalearnError(f"{WriteError(path, err)}; point METALEARN_CACHE at a writable folder") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    meta = {"names": list(omniglot.names), "content_hash": omniglot.content_hash, "format": CACHE_FORMAT_VERSION}
+    arrays = {"images": omniglot.images, "background": omniglot.background, "drawers": omniglot.drawers}
+    write_arrays(path, arrays, meta, fingerprint)
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -90,8 +91,13 @@ class Problem:
     input_shape: one example's shape, e.g. (1, 28, 28), (3, 84, 84) or (1,)
     output_dim:  classes per task (ways) for classification, target size for regression
     classification: whether targets are class ids
+    prepare:        how new images become inputs like the training ones (the dataset's; see
+                    :class:`metalearn.datasets.Dataset`)
     """
 
     input_shape: tuple[int, ...]
     output_dim: int
     classification: bool
+    # how new images (files, PIL images, tensors) become inputs like the training ones:
+    # ``prepare(images, image_size, channels)``; None: metalearn.data.images.prepare_images
+    prepare: Callable[[Any, int, int], Tensor] | None = field(default=None, compare=False, repr=False)

@@ -1,0 +1,55 @@
+"""The array caches of decoded datasets: one ``.npz`` per dataset and image size.
+
+A cache is written atomically (a temporary file in the same folder, then ``os.replace``), holds
+its arrays plus a JSON ``meta`` record with the fingerprint of the sources it was made from, and
+is trusted only when that fingerprint matches: a cache of other sources, a damaged file or one
+of another layout reads as ``None`` and the caller decodes the sources again. Decoding is the
+slow part of loading (seconds for Omniglot, minutes for an 84x84 RGB folder), so every dataset
+keeps one of these beside ``METALEARN_CACHE``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from metalearn.errors import MetalearnError
+from metalearn.files import WriteError
+
+
+def read_arrays(path: Path, fingerprint: str, names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], dict] | None:
+    """The arrays ``names`` and the meta record of the cache at ``path`` if it exists, reads
+    back whole and was made from sources with this ``fingerprint``; else ``None``. Whether the
+    arrays fit together is the caller's check (it knows their shapes)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            meta = json.loads(str(archive["meta"]))
+            if not isinstance(meta, dict) or meta.get("fingerprint") != fingerprint:
+                return None
+            arrays = {name: archive[name] for name in names}
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, json.JSONDecodeError):
+        return None  # a damaged cache is rebuilt, not trusted
+    return arrays, meta
+
+
+def write_arrays(path: Path, arrays: dict[str, np.ndarray], meta: dict, fingerprint: str) -> None:
+    """Write ``arrays`` and ``meta`` (plus ``fingerprint``) to ``path`` atomically: a reader
+    sees the old cache or the whole new one, never a part. A write failure is one line naming
+    the file and the free space, and leaves no temporary file."""
+    record = {"fingerprint": fingerprint, **meta}
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays, meta=np.array(json.dumps(record)))
+        os.replace(tmp, path)
+    except OSError as err:
+        raise MetalearnError(f"{WriteError(path, err)}; point METALEARN_CACHE at a writable folder") from None
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -19,7 +19,8 @@ then ``metalearn export RUN OUT_DIR`` (``summary.json`` with every evaluation, a
 ``learning_curves.png``) and ``OUT_DIR/lifelong.json`` (both lifelong results, by episode width).
 An evaluation already in the run folder for the checkpoint's step is reused, not redone.
 Prints each evaluation's wall time, then the "### Results" subsection of docs/methods/memory.md and
-the README's and docs/reproductions.md's table rows, with the paper's numbers beside ours.
+the README's and docs/reproductions.md's table rows, with the paper's numbers beside ours;
+``--update-docs ROOT`` writes them into the checkout at ROOT.
 
 ``--episodes N`` scores fewer episodes (a quick check; the files then say so in their names).
 Omniglot is read from $METALEARN_DATA (or --data-dir).
@@ -81,6 +82,8 @@ def main() -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--episodes", type=int, default=None, help="test episodes (default: the run's, 1000)")
     parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--update-docs", type=Path, default=None, metavar="ROOT",
+                        help="write the Results subsection and the table rows into the checkout at ROOT")
     args = parser.parse_args()
 
     run = RunDir(args.run_dir)
@@ -113,9 +116,11 @@ def main() -> None:
     (args.out_dir / "lifelong.json").write_text(json.dumps(lifelong, indent=2) + "\n")
     print(f"wrote {args.out_dir}/summary.json, learning_curves.png, lifelong.json")
 
-    print()
-    print(results_section(args.out_dir, config, step, rows, lifelong, run.read_metrics(),
-                          run.read_checkpoint("step").get("elapsed_s")))
+    section, readme_row, reproductions_row = results_section(
+        args.out_dir, config, step, rows, lifelong, run.read_metrics(), run.read_checkpoint("step").get("elapsed_s"))
+    print(f"\n{section}\nREADME.md row:\n{readme_row}\n\ndocs/reproductions.md row:\n{reproductions_row}\n")
+    if args.update_docs is not None:
+        update_docs(args.update_docs, section, readme_row, reproductions_row)
 
 
 def results_section(out_dir: Path, config, step: int, rows: list, lifelong: dict, records: list,
@@ -162,11 +167,28 @@ def results_section(out_dir: Path, config, step: int, rows: list, lifelong: dict
         "are never neighbours).", 100)]
     cells = " | ".join(f"{PAPER[ways, shots]} / **{result['mean']:.2f}**" + (f" ({step / 1000:.1f}k of 100k)" if i == 0
                        else " (same network)") for i, (ways, shots, result, _) in enumerate(rows))
-    lines += ["", "README.md row:", "",
-              f"| [Memory Module](docs/methods/memory.md#reproduction-omniglot-vinyals-split) | {cells} |",
-              "", "docs/reproductions.md row:", "",
-              f"| [Memory Module](methods/memory.md#reproduction-omniglot-vinyals-split) | {cells} |"]
-    return "\n".join(lines)
+    anchor = "memory.md#reproduction-omniglot-vinyals-split"
+    return ("\n".join(lines) + "\n", f"| [Memory Module](docs/methods/{anchor}) | {cells} |",
+            f"| [Memory Module](methods/{anchor}) | {cells} |")
+
+
+def update_docs(root: Path, section: str, readme_row: str, reproductions_row: str) -> None:
+    """Put the Results subsection into docs/methods/memory.md (everything from its "### Results"
+    to the next "## " heading) and the rows into README.md and docs/reproductions.md (the line
+    that starts with "| [Memory Module]")."""
+    page = root / "docs/methods/memory.md"
+    text = page.read_text()
+    start = text.index("### Results\n")
+    end = text.index("\n## ", start) + 1
+    page.write_text(text[:start] + section + "\n" + text[end:])
+    for path, row in ((root / "README.md", readme_row), (root / "docs/reproductions.md", reproductions_row)):
+        lines = path.read_text().split("\n")
+        at = [i for i, line in enumerate(lines) if line.startswith("| [Memory Module](")]
+        if len(at) != 1:
+            raise SystemExit(f"{path}: expected one Memory Module row, found {len(at)}")
+        lines[at[0]] = row
+        path.write_text("\n".join(lines))
+    print(f"updated {page}, {root / 'README.md'}, {root / 'docs/reproductions.md'}")
 
 if __name__ == "__main__":
     main()

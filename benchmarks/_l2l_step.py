@@ -9,6 +9,7 @@ with the in-process ones:
   -> {"cmd": "grads", "order": "second", "dtype": "float64", "path": FILE}
                                                         <- {"ok": true}   meta-gradient to FILE
   -> {"cmd": "step", "order": "first"}                  <- {"ms": 123.4}  one timed meta-step
+     (with "clock": "cpu" the process's CPU time instead of the elapsed time)
   EOF: check the weights are unchanged, exit.
 
 Replies are prefixed with ``@@`` (learn2learn's imports print warnings).
@@ -80,15 +81,17 @@ def main():
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--model", choices=("metalearn", "native"), default="metalearn")
     p.add_argument("--metalearn-src", required=True, help="metalearn's src folder (for its Conv4)")
+    p.add_argument("--network", choices=("conv4", "conv4-mamlpp"), default="conv4",
+                   help="metalearn's network by name (conv4-mamlpp: MAML++'s max-pooling Conv4)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
     data = torch.load(args.inputs, weights_only=True)
     sys.path.insert(0, args.metalearn_src)
-    from metalearn.models import Conv4
+    from metalearn.models import build_model
 
-    model = Conv4(1, args.ways)
-    source = f"metalearn.models.Conv4 from {args.metalearn_src}"
+    model = build_model(args.network, (1, 28, 28), args.ways)
+    source = f"metalearn.models.build_model({args.network!r}) from {args.metalearn_src}"
     if args.model == "native":
         source += f", {with_native_batch_norm(model)} BatchStatNorm replaced by nn.BatchNorm2d"
     model.load_state_dict(data.pop("state_dict"), strict=True)
@@ -118,9 +121,10 @@ def main():
             torch.save({n: q.grad.detach().clone() for n, q in net.named_parameters()}, request["path"])
             reply({"ok": True})
         elif request["cmd"] == "step":
-            start = time.perf_counter()
+            clock = time.process_time if request.get("clock") == "cpu" else time.perf_counter
+            start = clock()
             step()
-            reply({"ms": (time.perf_counter() - start) * 1e3})
+            reply({"ms": (clock() - start) * 1e3})
         else:
             raise ValueError(f"unknown command {request!r}")
     for name, value in model.state_dict().items():

@@ -29,6 +29,8 @@ and are recorded only as "taken under load" when the machine is busy.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import os
 import platform
@@ -123,8 +125,19 @@ def worker(args) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+    # The live memory of a second step: every block of 64 KiB or more now gets its own mmap,
+    # returned on free, so the rise of the resident set is the largest sum of live tensors (the
+    # CPU's counterpart of torch.cuda.max_memory_allocated), not what the heap kept or fragmented.
+    from metalearn.memory_budget import peak_memory_of
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD
+    for p in model.parameters():
+        p.grad = None
+    live = peak_memory_of(step, torch.device("cpu"))
     print("@@" + json.dumps({"peak_rss": peak, "rss_before_step": before, "step_bytes": peak - before,
-                             "step_s": seconds, "torch": torch.__version__}))
+                             "live_bytes": live, "step_s": seconds, "torch": torch.__version__}))
 
 
 # -- the driver ----------------------------------------------------------------------------------
@@ -159,6 +172,16 @@ def markdown(results: list[dict], meta: dict) -> str:
             r = found.get((c, o, row))
             cells.append(f"{r['peak_rss'] / 2**30:.2f} ({r['step_bytes'] / 2**30:.2f})" if r else "-")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    if any("live_bytes" in r for r in results):
+        lines.append("")
+        lines.append("| live tensors at the peak, MiB (second step) | " + " | ".join(f"{c} {o[:3]}." for c, o in columns) + " |")
+        lines.append("| --- |" + " ---: |" * len(columns))
+        for row in rows:
+            cells = []
+            for c, o in columns:
+                r = found.get((c, o, row))
+                cells.append(f"{r['live_bytes'] / 2**20:.0f}" if r and "live_bytes" in r else "-")
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("| step time, s (one step, 1 thread, " + meta["load_note"] + ") | "
                  + " | ".join(f"{c} {o[:3]}." for c, o in columns) + " |")
@@ -178,6 +201,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=0)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--chunks", nargs="*", type=int, default=list(CHUNKS))
+    parser.add_argument("--orders", nargs="+", default=["second", "first"], choices=("second", "first"))
+    parser.add_argument("--no-loop", action="store_true", help="leave out the per-task loop row")
     parser.add_argument("--peer-python", default=None, help="the peer venv's python (learn2learn rows)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
@@ -210,9 +235,10 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     results = []
     for config in args.configs:
-        for order in ("second", "first"):
-            plan = [(sys.executable, "metalearn", 0), *((sys.executable, "metalearn", c) for c in args.chunks),
-                    (sys.executable, "loop", 0)]
+        for order in args.orders:
+            plan = [(sys.executable, "metalearn", 0), *((sys.executable, "metalearn", c) for c in args.chunks)]
+            if not args.no_loop:
+                plan.append((sys.executable, "loop", 0))
             if args.peer_python:
                 plan.append((args.peer_python, "learn2learn", 0))
             for python, row, chunk in plan:

@@ -1,9 +1,11 @@
-"""Time one MAML meta-step (forward + meta-gradient backward) four ways, in one run.
+"""Time one MAML meta-step (forward + meta-gradient backward) several ways, in one run.
 
-Omniglot-shaped N-way K-shot tasks (defaults: 5-way 1-shot, 1 query image per class as in the
-MAML reference code, meta-batch 32, 1 inner step, inner lr 0.4), ``metalearn.models.Conv4(1, 5)``
-(stride version; its batch norm is ``BatchStatNorm``: batch statistics, no running ones),
-second- and first-order:
+Omniglot-shaped N-way K-shot tasks in named configurations (``--configs``, default all of
+``CONFIGS``: 5-way 1-shot with 1 query image per class, meta-batch 32, 1 inner step at lr 0.4;
+20-way 1-shot and 20-way 5-shot (5 queries), meta-batch 16, 5 inner steps at lr 0.1; and
+MAML++'s preset at 20-way 1-shot), ``metalearn.models.Conv4(1, ways)`` (stride version; its batch
+norm is ``BatchStatNorm``: batch statistics, no running ones) or ``conv4-mamlpp``, second- and
+first-order; ``--ways`` etc. time one configuration of your own. Rows:
 
   (a) metalearn   -- ``MAML(model, MAML.Config(...)).meta_loss(batch)`` then ``backward()``:
                      the whole meta-batch under ``torch.func.vmap``;
@@ -16,6 +18,12 @@ second- and first-order:
                      same Conv4 and, as a second row, the same network with nn.BatchNorm2d;
   (d) limit       -- no adaptation at all: one forward + backward of the same
                      tasks * ways * (shots + query) images through one shared set of weights.
+
+  (f) metalearn --task-chunk 1 -- the Trainer's chunk loop (``meta_gradient(..., task_chunk=1)``):
+                     each task outside vmap, a backward per task (``--extra-rows chunk1``, default).
+
+``--clock cpu`` times each step's CPU time (``time.process_time``, in the peer too) instead of
+the elapsed time: less sensitive to other processes on a shared machine (with ``--threads 1``).
 
 What is differentiated only once ((a) and (b) first order, (d)) runs its batch norm with torch's
 native kernel (``first_order_batch_norm``), as metalearn does.
@@ -71,7 +79,7 @@ from torch.func import functional_call
 import metalearn
 import metalearn.runtime
 from metalearn import MAML, TaskBatch
-from metalearn.models import Conv4
+from metalearn.models import Conv4, build_model
 from metalearn.models.norm import first_order_batch_norm
 
 HERE = Path(__file__).resolve().parent
@@ -94,9 +102,25 @@ def make_batch(ways: int = 5, shots: int = 1, query: int = 1, tasks: int = 32, i
     return TaskBatch(support_x, support_y, query_x, query_y, ways=ways)
 
 
-def make_model(ways: int = 5, seed: int = 0) -> Conv4:
+def make_model(ways: int = 5, seed: int = 0, network: str = "conv4") -> Conv4:
+    """``network``: "conv4" (MAML's strided Conv4) or "conv4-mamlpp" (MAML++'s max-pooling one);
+    batch norm on batch statistics (BatchStatNorm)."""
     torch.manual_seed(seed)
-    return Conv4(1, ways)  # pooling="stride"; batch norm on batch statistics (BatchStatNorm)
+    return build_model(network, (1, 28, 28), ways)
+
+
+# Named configurations: the papers' Omniglot settings. "maml++20w1s" is the preset's (``metalearn
+# train maml --preset maml++ --ways 20 --shots 1``: its network, meta-batch 8, 5 inner steps) with
+# row (e), MAML++, beside plain MAML on the same network.
+CONFIGS = {
+    "5w1s": {"ways": 5, "shots": 1, "query": 1, "meta_batch": 32, "inner_steps": 1, "inner_lr": 0.4},
+    "20w1s": {"ways": 20, "shots": 1, "query": 1, "meta_batch": 16, "inner_steps": 5, "inner_lr": 0.1},
+    "20w5s": {"ways": 20, "shots": 5, "query": 5, "meta_batch": 16, "inner_steps": 5, "inner_lr": 0.1},
+    "maml++20w1s": {"ways": 20, "shots": 1, "query": 1, "meta_batch": 8, "inner_steps": 5, "inner_lr": 0.1,
+                    "network": "conv4-mamlpp", "mamlpp": True},
+}
+CUSTOM = {"ways": 5, "shots": 1, "query": 1, "meta_batch": 32, "inner_steps": 1, "inner_lr": 0.4,
+          "network": "conv4"}  # the defaults of --ways etc. (which select the "custom" configuration)
 
 
 # -- the meta-steps (each returns a closure: one forward + backward into .grad) ----------------
@@ -128,6 +152,23 @@ def mamlpp_step(model: nn.Module, batch: TaskBatch, first_order: bool, inner_lr:
         loss, _ = maml.meta_loss(batch)
         loss.backward()
         maml.end_step(World())
+
+    return step
+
+
+CHUNK1_ROW = "metalearn --task-chunk 1"
+
+
+def chunked_step(model: nn.Module, batch: TaskBatch, first_order: bool, inner_lr: float = 0.4,
+                 inner_steps: int = 1, chunk: int = 1) -> Callable[[], None]:
+    """(f) metalearn's MAML in chunks of ``chunk`` tasks, a backward per chunk, as the Trainer runs
+    ``--task-chunk``; a chunk of one task runs without vmap (native batch norm at both orders)."""
+    from metalearn.training import meta_gradient
+
+    maml = MAML(model, MAML.Config(inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order))
+
+    def step():
+        meta_gradient(maml, batch, chunk)
 
     return step
 
@@ -195,7 +236,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps_interleaved(steps: dict, model: nn.Module, iters: int = 20, warmup: int = 3) -> dict:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # --clock
+
+
+def time_steps_interleaved(steps: dict, model: nn.Module, iters: int = 20, warmup: int = 3,
+                           clock: str = "wall") -> dict:
     """Like :func:`time_step` for several steps at once, run round-robin (one call of each per
     round, in a shuffled order) so that a change in machine load affects them all alike. A step
     that returns a number (the learn2learn peer) reports its own milliseconds, measured in its
@@ -210,10 +255,10 @@ def time_steps_interleaved(steps: dict, model: nn.Module, iters: int = 20, warmu
             step = steps[name]
             model.zero_grad(set_to_none=True)
             synchronize(device)
-            start = time.perf_counter()
+            start = CLOCKS[clock]()
             reported = step()
             synchronize(device)
-            elapsed = (time.perf_counter() - start) * 1e3
+            elapsed = (CLOCKS[clock]() - start) * 1e3
             if i >= warmup:
                 times[name].append(float(reported) if reported is not None else elapsed)
     model.zero_grad(set_to_none=True)
@@ -314,7 +359,7 @@ class Peer:
         command = [
             *launcher, str(PEER_SCRIPT), "--inputs", str(inputs), "--ways", str(batch.ways),
             "--inner-lr", str(args.inner_lr), "--inner-steps", str(args.inner_steps),
-            "--threads", str(threads), "--model", peer_model,
+            "--threads", str(threads), "--model", peer_model, "--network", args.network,
             "--metalearn-src", str(Path(metalearn.__file__).resolve().parents[1]),
         ]
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
@@ -344,9 +389,9 @@ class Peer:
         self._ask(cmd="grads", order=order, dtype=dtype, path=str(path))
         return torch.load(path, weights_only=True)
 
-    def step(self, order: str) -> Callable[[], float]:
+    def step(self, order: str, clock: str = "wall") -> Callable[[], float]:
         """One meta-step in the peer; returns the milliseconds the peer measured around it."""
-        return lambda: self._ask(cmd="step", order=order)["ms"]
+        return lambda: self._ask(cmd="step", order=order, clock=clock)["ms"]
 
     def close(self) -> None:
         """End the peer; it checks its weights were never changed, so a failure raises here."""
@@ -437,12 +482,17 @@ def markdown_table(rows: list[dict]) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ways", type=int, default=5)
-    p.add_argument("--shots", type=int, default=1)
-    p.add_argument("--query", type=int, default=1, help="query images per class")
-    p.add_argument("--meta-batch", type=int, default=32, help="tasks per meta-step")
-    p.add_argument("--inner-steps", type=int, default=1)
-    p.add_argument("--inner-lr", type=float, default=0.4)
+    p.add_argument("--configs", default=",".join(CONFIGS),
+                   help=f"comma-separated named configurations, timed one after another: "
+                        f"{', '.join(CONFIGS)} (see CONFIGS); any of --ways ... --network instead times that one "
+                        f"configuration (the others' defaults: {CUSTOM})")
+    p.add_argument("--ways", type=int, default=None)
+    p.add_argument("--shots", type=int, default=None)
+    p.add_argument("--query", type=int, default=None, help="query images per class")
+    p.add_argument("--meta-batch", type=int, default=None, help="tasks per meta-step")
+    p.add_argument("--inner-steps", type=int, default=None)
+    p.add_argument("--inner-lr", type=float, default=None)
+    p.add_argument("--network", default=None, choices=("conv4", "conv4-mamlpp"))
     p.add_argument("--iters", type=int, default=20, help="timed meta-steps per implementation")
     p.add_argument("--warmup", type=int, default=3, help="untimed meta-steps first")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
@@ -456,7 +506,15 @@ def parse_args(argv=None):
                    help="learn2learn rows: 'metalearn' = metalearn's Conv4 (BatchStatNorm), the same "
                         "model as the other rows; 'native' = the same network with nn.BatchNorm2d")
     p.add_argument("--mamlpp", action="store_true",
-                   help="add row (e): MAML++ (every part that changes a meta-step) on the same network")
+                   help="add row (e): MAML++ (every part that changes a meta-step) on the same network, in every "
+                        "configuration (maml++20w1s always has it)")
+    p.add_argument("--extra-rows", default="chunk1",
+                   help="comma-separated: chunk1 = row (f), metalearn with --task-chunk 1 (empty: none)")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip the float64 agreement check before timing (it costs about a dozen steps)")
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                   help="wall: elapsed time; cpu: the process's CPU time (time.process_time, also in the peer), "
+                        "less sensitive to other processes on the machine (use with --threads 1)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N; the learn2learn rows run on the CPU only")
@@ -466,7 +524,17 @@ def parse_args(argv=None):
     p.add_argument("--tuned-allocator", action="store_true",
                    help="raise glibc's mmap/trim thresholds in every interpreter (what the metalearn command does)")
     args = p.parse_args(argv)
+    given = {key: getattr(args, key) for key in CUSTOM if getattr(args, key) is not None}
+    if given:
+        args.configs = {"custom": {**CUSTOM, **given, "mamlpp": args.mamlpp}}
+    else:
+        names = [c.strip() for c in args.configs.split(",") if c.strip()]
+        unknown = [c for c in names if c not in CONFIGS]
+        if unknown or not names:
+            p.error(f"--configs takes {', '.join(CONFIGS)}, got {args.configs!r}")
+        args.configs = {name: {**CUSTOM, **{"mamlpp": args.mamlpp}, **CONFIGS[name]} for name in names}
     args.orders = [o.strip() for o in args.orders.split(",") if o.strip()]
+    args.extra_rows = [r.strip() for r in args.extra_rows.split(",") if r.strip()]
     args.peer_models = [m.strip() for m in args.peer_models.split(",") if m.strip()]
     if any(m not in PEER_ROWS for m in args.peer_models):
         p.error(f"--peer-models takes {', '.join(PEER_ROWS)}")
@@ -488,6 +556,21 @@ def main(argv=None) -> dict:
         print(f"allocator tuned: {tune_allocator()}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    results = {}
+    for name, config in args.configs.items():
+        print(f"\n== {name} ==")
+        results[name] = run_config(argparse.Namespace(**{**vars(args), **config}))
+    tables = "\n\n".join(f"{name}:\n\n{result['table']}" for name, result in results.items())
+    print("\n" + tables)
+    result = results[next(iter(results))] if len(results) == 1 else {
+        "configs": results, "tables": tables, "torch": torch.__version__, "cpu": cpu_description()}
+    if args.json:
+        save_json(args.json, result)
+    return result
+
+
+def run_config(args) -> dict:
+    """Time every row of one configuration (``args``: the options with the configuration's values)."""
     threads = torch.get_num_threads()
     device = torch.device(args.device)
     select_gpu_kernels(device, args.gpu_kernels)
@@ -504,10 +587,11 @@ def main(argv=None) -> dict:
              f"{'on' if torch.backends.cudnn.allow_tf32 else 'off'})" if gpu else ""))
     warn_if_loaded(threads)
     print(f"{args.ways}-way {args.shots}-shot, {args.query} query/class, meta-batch {args.meta_batch}, "
-          f"inner steps {args.inner_steps}, inner lr {args.inner_lr}; support {tuple(batch.support_x.shape)}, "
-          f"query {tuple(batch.query_x.shape)}; {args.warmup} warm-up + {args.iters} timed steps each")
+          f"inner steps {args.inner_steps}, inner lr {args.inner_lr}, network {args.network}; support "
+          f"{tuple(batch.support_x.shape)}, query {tuple(batch.query_x.shape)}; {args.warmup} warm-up + "
+          f"{args.iters} timed steps each")
 
-    model = make_model(args.ways, args.seed).to(device)
+    model = make_model(args.ways, args.seed, args.network).to(device)
     initial_state = {k: v.clone() for k, v in model.state_dict().items()}
     impls = {
         "metalearn (vmap)": lambda fo: vmapped_step(model, batch, fo, args.inner_lr, args.inner_steps),
@@ -527,7 +611,7 @@ def main(argv=None) -> dict:
                 if info["threads"] != threads:
                     print(f"  WARNING: peer runs with {info['threads']} threads, this process with {threads}")
 
-            checks, float32_errors = check_gradients(model, batch, impls, peers, args)
+            checks, float32_errors = check_gradients(model, batch, impls, peers, args) if args.check else ({}, {})
 
             # All rows timed round-robin, one step of each per round (robust to load drift).
             limit_name = f"limit: plain fwd+bwd of {images} images"
@@ -535,14 +619,17 @@ def main(argv=None) -> dict:
             for order in args.orders:
                 for name, build in impls.items():
                     steps[(name, order)] = build(ORDERS[order])
+                if "chunk1" in args.extra_rows:
+                    steps[(CHUNK1_ROW, order)] = chunked_step(model, batch, ORDERS[order], args.inner_lr,
+                                                              args.inner_steps, 1)
                 if args.mamlpp:
                     steps[("metalearn MAML++ (vmap)", order)] = mamlpp_step(model, batch, ORDERS[order],
                                                                             args.inner_lr, args.inner_steps)
                 for peer_model, peer in peers.items():
-                    steps[(PEER_ROWS[peer_model], order)] = peer.step(order)
+                    steps[(PEER_ROWS[peer_model], order)] = peer.step(order, args.clock)
             steps[(limit_name, "none")] = limit_step(model, batch)
             print(f"timing {len(steps)} variants round-robin, {args.warmup} + {args.iters} rounds ...", flush=True)
-            times = time_steps_interleaved(steps, model, args.iters, args.warmup)
+            times = time_steps_interleaved(steps, model, args.iters, args.warmup, args.clock)
         finally:
             for peer in peers.values():
                 peer.close()
@@ -558,14 +645,12 @@ def main(argv=None) -> dict:
         assert torch.equal(param, initial_state[name]), name
 
     table = markdown_table(rows)
-    print()
-    print(table)
     try:
         load_after = os.getloadavg()  # includes this script's own threads
     except OSError:
         load_after = None
     result = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "configs"},
         "torch": torch.__version__, "threads": threads, "cpus": os.cpu_count(), "cpu": cpu_description(),
         "load_average": load, "load_average_after": load_after,
         "device": str(device), "gpu": gpu, "gpu_kernels": args.gpu_kernels if gpu else None,
@@ -575,8 +660,6 @@ def main(argv=None) -> dict:
         "rows": rows,
         "table": table,
     }
-    if args.json:
-        save_json(args.json, result)
     return result
 
 

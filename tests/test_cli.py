@@ -139,7 +139,8 @@ def test_bad_episode_options(tmp_path, capsys, omniglot_data_dir, extra, message
 
 def test_unknown_dataset_lists_the_valid_ones(tmp_path, capsys):
     code, _, err = run(["train", "maml", "--dataset", "mnist", "--run-dir", tmp_path], capsys)
-    assert code == 2 and "--dataset must be one of omniglot, folder, mini-imagenet, sinusoid, sine-or-line, got 'mnist'" in err
+    assert code == 2 and ("--dataset must be one of omniglot, folder, mini-imagenet, sinusoid, sine-or-line, nav2d, "
+                          "cheetah-vel, cheetah-dir, got 'mnist'") in err
 
 
 def test_missing_data_directory_says_where_to_put_the_archives(tmp_path, capsys):

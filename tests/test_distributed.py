@@ -324,3 +324,71 @@ def test_two_ranks_in_chunks_equal_one_process_with_the_whole_batch(tmp_path):
     torchrun(args + ["--run-dir", tmp_path / "chunked", "--task-chunk", 2], tmp_path)
     assert_same_weights(tmp_path / "whole", tmp_path / "chunked")
     assert json.loads((tmp_path / "chunked" / "config.json").read_text())["train"]["task_chunk"] == 2
+
+
+
+MAML_RL_TRPO_STEP = """
+import sys, torch
+from metalearn.algorithms.maml_rl import MAMLRL, MAMLRLConfig, GaussianMLPPolicy
+from metalearn.distributed import init_world, leave_world
+from metalearn.envs import MDPTasks
+from metalearn.envs.nav2d import Nav2D
+
+def step(tasks):  # the TRPO step, as minus the gradient of maml-rl's meta-loss, and its KL
+    torch.manual_seed(0)
+    learner = MAMLRL(GaussianMLPPolicy(2, 2, 6), MAMLRLConfig(trajectories=3, horizon=8, hidden=6)).double()
+    batch = MDPTasks(Nav2D()).sample(5, torch.Generator().manual_seed(1), tasks).to(torch.float64)
+    loss, metrics = learner.meta_loss(batch)
+    loss.backward()
+    return torch.cat([-p.grad.reshape(-1) for p in learner.parameters()]), metrics["kl"]
+
+alone, alone_kl = step(None)  # before joining the group: one process with all 5 tasks
+world = init_world("cpu")
+shared, shared_kl = step(world.share(5))  # this rank's 3 or 2 tasks
+leave_world(orderly=True)
+torch.save({"alone": alone, "shared": shared, "kl": (float(alone_kl), float(shared_kl))},
+           f"{sys.argv[1]}/rank{world.rank}.pt")
+"""
+
+
+def test_maml_rls_trpo_step_over_two_ranks_is_one_processs_in_float64(tmp_path):
+    """The paper's TRPO settings (damping 1e-5) on ranks of 3 and 2 tasks: the step every rank
+    takes equals one process's with all 5. In float64: in float32 the conjugate gradient on the
+    nearly singular Fisher matrix amplifies summation-order rounding (reordering one process's
+    tasks changes its step by several percent), which the next test avoids with more damping."""
+    run_script(MAML_RL_TRPO_STEP, tmp_path)
+    for rank in range(2):
+        out = torch.load(tmp_path / f"rank{rank}.pt")
+        assert out["alone"].norm() > 0.01 and out["kl"][0] > 1e-3
+        torch.testing.assert_close(out["shared"], out["alone"], rtol=1e-6, atol=1e-9)
+        assert out["kl"][1] == pytest.approx(out["kl"][0], rel=1e-6)
+
+
+# --cg-damping 0.1: a well-conditioned step, so that float32 rounding stays small (see above)
+MAML_RL = ["maml-rl", "--env", "nav2d", "--meta-batch-size", 5, "--trajectories", 3, "--test-trajectories", 3,
+           "--horizon", 8, "--hidden", 6, "--test-inner-steps", 1, "--cg-damping", 0.1, "--checkpoint-every", 2,
+           "--eval-episodes", 4, "--no-progress"]
+
+
+def test_two_ranks_share_maml_rls_meta_batch_and_take_one_processs_trpo_step(tmp_path):
+    """Ranks of 3 and 2 tasks roll out and adapt their own; the TRPO step (gradient, Fisher-vector
+    products, line search) is all-reduced over all 5, and each task's rollouts come from its own
+    seed: the weights, the logged returns and KL, and the evaluation equal one process's to
+    float32 rounding (as amplified by the step's conjugate gradient: the weights' updates are
+    ~0.1, reordering one process's tasks moves them by ~1e-4). The two-rank run stops after 2
+    steps and resumes for 2 more."""
+    single, double = tmp_path / "single", tmp_path / "double"
+    metalearn(MAML_RL + ["--steps", 4, "--run-dir", single], tmp_path)
+    torchrun(MAML_RL + ["--steps", 2, "--no-eval", "--run-dir", double], tmp_path)
+    torchrun(MAML_RL + ["--steps", 4, "--resume", "--run-dir", double], tmp_path)
+    assert_same_weights(single, double, atol=5e-4)
+    m1 = [r for r in RunDir(single).read_metrics() if "loss" in r]
+    m2 = [r for r in RunDir(double).read_metrics() if "loss" in r]
+    assert [r["step"] for r in m1] == [r["step"] for r in m2] == [1, 2, 3, 4]
+    for a, b in zip(m1, m2):
+        for name in ("return", "return_adapted", "kl", "backtracks"):
+            assert a[name] == pytest.approx(b[name], rel=1e-4, abs=1e-6), (name, a, b)
+    assert all(r["kl"] > 0 for r in m1)  # a step was taken each time
+    e1 = json.loads((single / "eval.json").read_text())
+    e2 = json.loads((double / "eval.json").read_text())
+    torch.testing.assert_close(torch.tensor(e2["scores"]), torch.tensor(e1["scores"]), rtol=1e-4, atol=1e-4)

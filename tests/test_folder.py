@@ -290,7 +290,7 @@ def test_mini_imagenet_csv_layout_and_the_cache_rebuilt_after_a_change(tmp_path,
 # -- every method on RGB images ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(m for m, cls in METHODS.items() if not cls.reinforcement))
 def test_every_method_trains_and_predicts_on_rgb_84x84(shapes, method):
     """One meta-update and one one-task prediction of each method on 3-way RGB 84x84 tasks with
     the method's own defaults for photographs (one inner step and first order, to stay fast)."""

@@ -737,3 +737,34 @@ def test_a_float64_model_trains_on_a_converted_classification_batch_and_refuses_
     expected = F.cross_entropy(logits.flatten(0, 1), float32.query_y.flatten())
     assert loss.dtype == torch.float64 and "accuracy" in metrics
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_a_one_task_batch_runs_second_order_with_the_native_kernel_and_the_right_meta_gradient(monkeypatch, steps):
+    """``--task-chunk 1``: a batch of one task skips vmap, so second-order MAML uses torch's native
+    batch norm (right outside vmap, less memory); its meta-gradient equals the reference and
+    finite differences, independent of both kernels."""
+    from metalearn.models import norm
+
+    native_calls = []
+    native = F.batch_norm
+
+    def counting(*args, **kwargs):
+        if torch.is_grad_enabled():
+            native_calls.append(1)
+        return native(*args, **kwargs)
+
+    monkeypatch.setattr(norm.F, "batch_norm", counting)
+    monkeypatch.setattr(norm, "batch_stat_norm", lambda *args: pytest.fail("the decomposed batch norm ran"))
+    model, batch, forward = conv_problem(tasks=1)
+    maml = MAML(model, MAML.Config(inner_lr=0.4, inner_steps=steps))
+    loss, grads = maml_grads(maml, batch)
+    assert native_calls
+    ref_loss, expected = ref_grads(model, forward, batch, steps, 0.4)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    assert_grads_close(grads, expected, rtol=1e-9, atol=1e-12)
+    named = dict(zip([n for n, _ in model.named_parameters()], grads))
+    for name in ("features.0.0.weight", "features.0.1.bias", "head.weight"):
+        param = dict(model.named_parameters())[name]
+        numeric = central_difference(lambda: maml.meta_loss(batch)[0], param, 0)
+        assert named[name].view(-1)[0].item() == pytest.approx(numeric, rel=1e-6, abs=1e-8), name

@@ -210,6 +210,29 @@ def test_weights_trained_with_running_statistics_evaluate_without_them():
     torch.testing.assert_close(plain.predict(batch), trained.predict(batch))
 
 
+def test_running_statistics_gathered_but_evaluated_with_batch_statistics():
+    """eval_bn_statistics="batch" (the maml++ preset): training gathers the per-step running
+    statistics as before, and evaluation normalises with each task's own statistics, as the
+    authors' code does; "running" normalises with the gathered ones."""
+    batch = image_batch(tasks=2, ways=3, shots=2, query=2, size=16, seed=6)
+    learners = {}
+    for how in ("batch", "running"):
+        learner = small_learner(per_step_bn_weights=True, per_step_bn_statistics=True, eval_bn_statistics=how)
+        learner.meta_loss(batch)
+        learner.end_step(World())
+        learners[how] = learner
+    gathered = [b for b in learners["batch"].buffers()]
+    assert gathered and all(torch.equal(a, b) for a, b in zip(gathered, learners["running"].buffers()))
+    assert not torch.equal(gathered[0], torch.zeros_like(gathered[0]))
+    train_mode = learners["batch"].predict(batch)
+    for learner in learners.values():
+        learner.eval()
+    torch.testing.assert_close(learners["batch"].predict(batch), train_mode)
+    assert not torch.allclose(learners["running"].predict(batch), train_mode)
+    with pytest.raises(ConfigError, match="eval_bn_statistics must be running or batch"):
+        MAML.Config(eval_bn_statistics="both")
+
+
 def test_per_step_options_need_a_batch_norm_network():
     for option in ("per_step_bn_weights", "per_step_bn_statistics"):
         with pytest.raises(ConfigError, match=f"MAML.Config.{option} needs a network with batch norm"):
@@ -232,6 +255,7 @@ def test_the_maml_plus_plus_preset_and_its_overrides():
     m, train = config.method_config, config.train
     assert (m["model"], m["inner_lr"], m["inner_steps"], m["test_inner_steps"]) == ("conv4-mamlpp", 0.1, 5, 5)
     assert m["learn_inner_lr"] and m["multi_step_loss"] and m["per_step_bn_weights"] and m["per_step_bn_statistics"]
+    assert m["eval_bn_statistics"] == "batch"  # the authors' code's evaluation
     assert (m["multi_step_anneal_steps"], m["first_order_steps"], m["adapt_norm"]) == (5000, 25000, False)
     assert (train.steps, train.meta_batch_size, train.meta_lr, train.lr_anneal, train.min_meta_lr) == \
         (50000, 8, 1e-3, "cosine", 1e-5)

@@ -159,6 +159,20 @@ def test_learning_improves_the_bound_classifies_far_above_chance_and_samples_new
     assert torch.equal(samples, model.sample(inputs, num=7, generator=torch.Generator().manual_seed(0)))
 
 
+def test_context_encodes_many_images_in_pieces_with_the_same_result(monkeypatch):
+    from metalearn.algorithms import statistician
+
+    model = tiny()
+    sets = binary_images(7, 3)  # 21 images
+    whole = model.context(sets)
+    monkeypatch.setattr(statistician, "IMAGES_PER_PASS", 4)
+    passes = []
+    model.encoder.register_forward_hook(lambda module, inputs, output: passes.append(inputs[0].shape[0]))
+    for a, b in zip(model.context(sets), whole):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert passes == [4, 4, 4, 4, 4, 1]  # memory bounded by the piece, not by the number of sets
+
+
 def test_sets_follow_the_labels_and_bad_sets_are_refused():
     x = binary_images(1, 4)
     batch = TaskBatch(x, torch.tensor([[1, 0, 1, 0]]), x[:, :2], torch.tensor([[0, 1]]), ways=2)

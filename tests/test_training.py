@@ -636,6 +636,16 @@ def test_learning_curves_show_a_run_of_a_single_record(tmp_path):
     assert int(((pixels - line_colour).abs().sum(dim=1) < 30).sum()) > 5
 
 
+def test_learning_curves_leave_rare_spikes_off_the_axis_and_say_so():
+    from metalearn.plotting import axis_limits
+
+    steady = [-200.0 + (i % 7) for i in range(50)]
+    assert axis_limits(steady) is None  # nothing to leave out
+    low, high, outside = axis_limits(steady[:25] + [-13830.0] + steady[25:])
+    assert outside == 1 and -210 < low < -200 and -194 < high < -185
+    assert axis_limits([1.0, 1e6] * 5) is None  # too few points to tell a spike from the curve
+
+
 def test_a_run_on_a_task_source_of_your_own_is_not_evaluated_on_a_built_in_one(tmp_path):
     """config.json can only name a built-in dataset; the checkpoint records the task source, so
     `eval` refuses a run whose tasks it cannot rebuild instead of scoring it on sinusoids."""
@@ -696,3 +706,31 @@ def test_config_json_is_written_once_at_the_start(tmp_path, monkeypatch):
     assert written == [] and not (tmp_path / "config.json").exists()  # not before the first checkpoint
     trainer.fit(progress=False)
     assert written == [sinusoid_config(2, checkpoint_every=100)]
+
+
+def test_grad_clip_clips_every_element_of_the_meta_gradient_before_the_step(tmp_path):
+    """With plain SGD at lr 1, one step moves each weight by exactly minus its clipped gradient,
+    computed here independently on the step's batch; without clipping some elements move further."""
+    import copy
+
+    from metalearn.training import meta_gradient, step_seed
+
+    clip = 1e-3
+    trainer = build_trainer(sinusoid_config(1, meta_optimizer="sgd", meta_lr=1.0, grad_clip=clip), tmp_path / "run")
+    before = {k: v.detach().clone() for k, v in trainer.learner.named_parameters()}
+    reference = copy.deepcopy(trainer.learner)
+    batch = trainer.train_tasks.sample(4, torch.Generator().manual_seed(step_seed(trainer.config.train.seed, 0)))
+    reference.start_step(0)
+    meta_gradient(reference, batch)
+    grads = {k: p.grad.detach().clone() for k, p in reference.named_parameters()}
+    assert max(float(g.abs().max()) for g in grads.values()) > 10 * clip  # the clip bites
+    trainer.fit(progress=False)
+    for name, p in trainer.learner.named_parameters():
+        torch.testing.assert_close(before[name] - p.detach(), grads[name].clamp(-clip, clip), rtol=1e-5, atol=1e-7)
+
+
+def test_grad_clip_must_be_a_number_of_at_least_0():
+    from metalearn.config import TrainConfig
+
+    with pytest.raises(MetalearnError, match="TrainConfig.grad_clip must be a finite number >= 0"):
+        TrainConfig(grad_clip=-1.0)

@@ -10,9 +10,9 @@ from typing import Any, Callable
 
 import torch
 
-from metalearn.algorithms import method_class, make_method_config
+from metalearn.algorithms import METHODS, method_class, make_method_config
 from metalearn.config import RunConfig, TaskConfig, TrainConfig, task_differences
-from metalearn.datasets import get_dataset
+from metalearn.datasets import DATASETS, get_dataset
 from metalearn.distributed import World, init_world
 from metalearn.errors import ConfigError, MetalearnError, MetalearnWarning
 from metalearn.evaluation import evaluate
@@ -58,7 +58,9 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
             if not differ:
                 raise
             raise configuration_conflict(f"the run in {resume_from}", differ) from None
-    dataset = get_dataset(task.get("dataset", TaskConfig.dataset))  # an unknown name, before its options
+    dataset = get_dataset(task.get("dataset", cls.default_dataset or TaskConfig.dataset))  # an unknown name first
+    task.setdefault("dataset", dataset.name)
+    check_method_fits_dataset(cls, dataset)
     given = [name for name in dataset.inapplicable if task.get(name) is not None]
     if given:
         verb = "does" if len(given) == 1 else "do"
@@ -79,6 +81,18 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
         raise ConfigError("TrainConfig", "memory_budget", "applies only with `task_chunk` auto")
     warn_of_schedule(train_config)
     return RunConfig(method, task_config, dataclasses.asdict(method_options), train_config)
+
+
+def check_method_fits_dataset(cls, dataset) -> None:
+    """Refuse a reinforcement-learning method on supervised tasks, or the other way round."""
+    if cls.reinforcement and not dataset.reinforcement:
+        rl = ", ".join(name for name, d in DATASETS.items() if d.reinforcement)
+        raise ConfigError("TaskConfig", "dataset", f"must be an environment for {cls.name} (--env {rl}), got "
+                                                   f"{dataset.name!r}, a {dataset.kind} dataset")
+    if dataset.reinforcement and not cls.reinforcement:
+        rl = ", ".join(name for name, method in METHODS.items() if method.reinforcement) or "none"
+        raise ConfigError("TaskConfig", "dataset", f"{dataset.name!r} is a reinforcement-learning environment, which "
+                                                   f"{cls.name} cannot learn; train it with {rl}")
 
 
 MAX_HALVINGS = 10  # the rate then ends below 1/1000 of --meta-lr: later steps barely move the weights
@@ -246,6 +260,10 @@ def with_test_shape(config: RunConfig, shape: dict[str, int]) -> RunConfig:
         least = 2 if key == "ways" else 1
         if not isinstance(value, int) or value < least:
             raise MetalearnError(f"test {key} must be a whole number of at least {least}, got {value!r}")
+    dataset = get_dataset(config.task.dataset)
+    if dataset.reinforcement and shape:
+        raise MetalearnError(f"{config.task.dataset} is a reinforcement-learning environment: its tasks have no "
+                             f"{', '.join(sorted(shape))} (the trajectories per step: --set test_trajectories=N)")
     if not config.task.classification and "ways" in shape:
         raise MetalearnError(f"{config.task.dataset} is regression: its tasks have no ways")
     task = dataclasses.replace(config.task, **{f"test_{key}": value for key, value in shape.items()})
@@ -294,6 +312,9 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
     if not records:
         raise MetalearnError(f"{run.path} has no metrics yet: train first")
     title = f"{config.method} {config.task.dataset}"
+    if get_dataset(config.task.dataset).reinforcement:
+        return [plot_learning_curves(records, run.plots_dir / "learning_curves.png", title),
+                *_plot_reinforcement(run_dir, config, compare_with)]
     other = _comparison_run(config, compare_with) if compare_with is not None else None
     paths = [plot_learning_curves(records, run.plots_dir / "learning_curves.png", title)]
     if config.task.classification and hasattr(method_class(config.method), "sample"):
@@ -311,6 +332,56 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
             paths.append(plot_samples(learner, batch, type(source).function, run.plots_dir / "samples.png",
                                       maml_learner=other_learner, compare_label=label,
                                       title=f"{title}: sampled adapted functions"))
+    return paths
+
+
+def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Path | str | None) -> list[Path]:
+    """MAML's Figure 5 for this run: the average return on the run's test tasks after 0..3
+    policy-gradient steps, of the trained policy, of ``compare_with`` (a run of the same
+    environment, e.g. trained with ``--inner-steps 0``: the pretrained baseline) and of the
+    run's own initial weights (its seed's random initialisation); the evaluation in eval.json
+    where it is the latest checkpoint's, else evaluated now (not written). For nav2d also the
+    trajectories on three test goals before and after one step."""
+    from metalearn.algorithms import build_learner
+    from metalearn.plotting_rl import PAPER_RETURNS, plot_adaptation_curves, plot_navigation
+    from metalearn.tasks import build_task_source, problem_of
+
+    _, learner, step = load_trained(run_dir)
+    source = build_task_source(config.task, "test")
+    episodes = config.train.eval_episodes
+
+    def returns(run: Path | str | None, trained, at_step: int | None) -> dict[str, Any]:
+        saved = RunDir(run).read_evaluations().get("eval") if run is not None else None
+        if saved is not None and saved.get("step") == at_step and saved.get("episodes") == episodes:
+            return saved
+        return evaluate(trained, source, episodes, seed=TEST_SEED_OFFSET)
+
+    label = "pretrained" if config.method_config.get("inner_steps") == 0 else "MAML"
+    curves = {label: returns(run_dir, learner, step)}
+    if compare_with is not None:
+        other_config, other, other_step = load_trained(compare_with)
+        if other_config.task.dataset != config.task.dataset or other_config.method != config.method:
+            raise MetalearnError(f"--compare {compare_with}: a {other_config.method} run on "
+                                 f"{other_config.task.dataset}; compare a {config.method} run on {config.task.dataset}")
+        other_label = "pretrained" if other_config.method_config.get("inner_steps") == 0 else "MAML"
+        if other_label == label:
+            other_label = f"{other_label} ({Path(compare_with).name})"
+        curves[other_label] = returns(compare_with, other, other_step)
+    torch.manual_seed(config.train.seed)  # the weights the run started from (as build_trainer draws them)
+    initial = build_learner(config.method, config.method_config, problem_of(config.task))
+    curves["random"] = returns(None, initial, None)
+    paper = {f"paper: {name}": values for name, values in PAPER_RETURNS.get(config.task.dataset, {}).items()
+             if name in curves}
+    plots = RunDir(run_dir).plots_dir
+    paths = [plot_adaptation_curves(curves, plots / "returns_per_step.png",
+                                    f"{config.task.dataset}: {episodes} test tasks, step {step}", paper)]
+    if getattr(source.env, "positions", False):
+        batch = source.sample(3, torch.Generator().manual_seed(TEST_SEED_OFFSET))
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            before, after = learner.adapted_trajectories(batch, steps=1)
+        paths.append(plot_navigation(before, after, batch.params["goal"], plots / "trajectories.png",
+                                     f"{config.method}, step {step}: before and after one policy-gradient step"))
     return paths
 
 
@@ -382,7 +453,8 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
 
     config, learner, step = load_trained(run_dir)
     if not config.task.classification:
-        raise MetalearnError(f"{run_dir} learned {config.task.dataset} regression; predict classifies images")
+        raise MetalearnError(f"{run_dir} learned {config.task.dataset}, a {get_dataset(config.task.dataset).kind} "
+                             "task family; predict classifies images")
     queries = [query] if isinstance(query, (str, Path)) else list(query)
     learner = learner.to(init_world(device).device)
     result = predict_new_classes(learner, support, queries, config.task.image_size, config.task.channels,

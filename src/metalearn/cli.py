@@ -80,7 +80,8 @@ def _option_for(field: dataclasses.Field, paper_default: bool = False) -> click.
     if hint is bool:
         return click.Option([f"{name}/--no-{name[2:]}"], default=None, help=text)
     click_type = {int: INTEGER, float: float, str: str}.get(hint, str)
-    return click.Option([name], type=click_type, default=None, show_default=False, help=text)
+    names = [name] + [flag(alias) for alias in field.metadata.get("aliases", ())]
+    return click.Option(names + [field.name], type=click_type, default=None, show_default=False, help=text)
 
 
 def _resolve(annotation: str):

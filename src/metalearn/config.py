@@ -24,7 +24,9 @@ class TaskConfig:
     """
 
     dataset: str = option("omniglot", "omniglot, folder (your own class folders, --data-dir), mini-imagenet, "
-                                      "sinusoid or sine-or-line (default omniglot)")
+                                      "sinusoid or sine-or-line (default omniglot); for maml-rl an environment, "
+                                      "also named --env: nav2d (its default), cheetah-vel or cheetah-dir",
+                          aliases=("env",))
     split: str = option("maml", "omniglot's class split: maml, vinyals or lake (default maml)")
     ways: int = option(5, "classes per task (default 5; classification only)")
     shots: int = option(1, "support examples per class, or support points K for regression "
@@ -83,7 +85,8 @@ class TrainConfig:
     """The outer loop: ``steps`` meta-updates of ``meta_batch_size`` tasks with ``meta_optimizer``
     (adam, or sgd for plain steps such as Reptile's) at ``meta_lr``, halved every
     ``lr_halve_every`` steps when > 0 and/or annealed linearly to 0 (``lr_anneal="linear"``);
-    everything seeded by ``seed``. ``init_from``: a run directory whose trained network (the
+    everything seeded by ``seed``; each element of the meta-gradient clipped to ``grad_clip`` when
+    > 0 (the Neural Statistician's re-implementation does). ``init_from``: a run directory whose trained network (the
     method's ``model``) gives this run's initial weights instead of a random draw, e.g. the
     prior mean of PLATIPUS from a trained MAML run; the rest of the method starts afresh."""
 
@@ -96,6 +99,8 @@ class TrainConfig:
                                     "(Reptile); cosine: it follows half a cosine down to --min-meta-lr over "
                                     "--steps (MAML++)")
     min_meta_lr: float = option(0.0, "with --lr-anneal cosine: the meta learning rate at the last step")
+    grad_clip: float = option(0.0, "clip every element of the meta-gradient to [-v, v] before the meta-optimiser's "
+                                   "step (0: no clipping)")
     seed: int = option(0, "seeds the initial weights and every task drawn; the same seed repeats a run exactly "
                           "on the same machine and versions")
     log_every: int = option(50, "steps between lines of metrics.jsonl")
@@ -141,6 +146,7 @@ class TrainConfig:
         require_number(self.min_meta_lr, "TrainConfig", "min_meta_lr", zero_allowed=True)
         if self.min_meta_lr > self.meta_lr:
             refuse("min_meta_lr", "must be at most `meta_lr`")
+        require_number(self.grad_clip, "TrainConfig", "grad_clip", zero_allowed=True)
         if self.min_meta_lr and self.lr_anneal != "cosine":
             refuse("min_meta_lr", "applies only with `lr_anneal` cosine")
         chunk = self.task_chunk

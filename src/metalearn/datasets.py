@@ -25,7 +25,9 @@ class Dataset:
     ``fixed`` are values the tasks always take; ``inapplicable`` options are refused.
     ``prepare(images, image_size, channels)`` turns new images (files, PIL images, tensors) into
     inputs as the dataset's own were made, for ``predict``, ``fit_predict`` and ``sample``
-    (None: :func:`metalearn.data.images.prepare_images`)."""
+    (None: :func:`metalearn.data.images.prepare_images`). ``reinforcement``: the tasks are MDPs
+    (an environment, ``--env``), whose source samples :class:`~metalearn.envs.MDPBatch` es for a
+    reinforcement-learning method (``maml-rl``)."""
 
     name: str
     classification: bool
@@ -36,9 +38,12 @@ class Dataset:
     fixed: Mapping[str, Any] = field(default_factory=dict)
     inapplicable: tuple[str, ...] = ()
     prepare: Callable[[Any, int, int], Any] | None = None
+    reinforcement: bool = False
 
     @property
     def kind(self) -> str:
+        if self.reinforcement:
+            return "reinforcement-learning"
         return "classification" if self.classification else "regression"
 
 
@@ -152,3 +157,46 @@ register_dataset(Dataset("mini-imagenet", defaults={"image_size": 84, "channels"
                          inapplicable=("noise_std", "split", "split_fractions", "split_file"), **_FOLDER))
 register_dataset(Dataset("sinusoid", build=_sinusoid, **_REGRESSION))
 register_dataset(Dataset("sine-or-line", build=_sine_or_line, **_REGRESSION))
+
+
+# reinforcement learning: MDPs that differ by a goal, one environment per name; no task option
+# applies (the method's options say how many trajectories, and how long)
+def _environment(make):
+    def build(task, shape, part, data_dir, progress):
+        from metalearn.envs import MDPTasks
+
+        return MDPTasks(make())
+    return build
+
+
+def _nav2d():
+    from metalearn.envs.nav2d import Nav2D
+
+    return Nav2D()
+
+
+def _cheetah(goal: str):
+    def make():
+        from metalearn.envs.cheetah import HalfCheetah
+
+        return HalfCheetah(goal)
+    return make
+
+
+def _environment_problem(observation_dim: int, action_dim: int):
+    def problem(task):
+        from metalearn.tasks.batch import Problem
+
+        return Problem((observation_dim,), action_dim, False)
+    return problem
+
+
+_RL = dict(classification=False, reinforcement=True, fixed={"split": "none", "ways": 0},
+           inapplicable=("split", "ways", "shots", "query", "test_ways", "test_shots", "test_query", "image_size",
+                         "channels", "split_fractions", "split_file", "noise_std"))
+register_dataset(Dataset("nav2d", build=_environment(_nav2d), problem=_environment_problem(2, 2), **_RL))
+# gymnasium's HalfCheetah-v5: 17 observations, 6 actions (metalearn.envs.cheetah)
+register_dataset(Dataset("cheetah-vel", build=_environment(_cheetah("velocity")), problem=_environment_problem(17, 6),
+                         **_RL))
+register_dataset(Dataset("cheetah-dir", build=_environment(_cheetah("direction")),
+                         problem=_environment_problem(17, 6), **_RL))

@@ -101,6 +101,15 @@ class World:
             _collective(dist.barrier)
 
 
+def current_world(device: torch.device | str = "cpu") -> World:
+    """This process's ``World`` when it is one rank of an initialised process group (training
+    under torchrun), else one process: for a method whose meta-loss itself needs collectives
+    (maml-rl's TRPO step is global over the ranks' tasks)."""
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), torch.device(device))
+    return World(device=torch.device(device))
+
+
 def resolve_device(name: str = "cpu", local_rank: int = 0) -> torch.device:
     """The device a process computes on: ``cpu``, ``cuda`` (the process's GPU: ``cuda:LOCAL_RANK``
     under torchrun), ``cuda:N``, or ``auto`` (a GPU when torch sees one, else the CPU)."""

@@ -9,26 +9,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from metalearn.algorithms.base import MetaLearner, device_of
+from metalearn.algorithms.base import MetaLearner, device_of, prediction_scores
 from metalearn.distributed import World
 from metalearn.tasks import TaskSource
 from metalearn.tasks.batch import TaskBatch
 
 
 def episode_scores(learner: MetaLearner, batch, per_step: bool = True) -> torch.Tensor:
-    """Per-step, per-task score: accuracy for classification, MSE for regression.
-    Returns (steps + 1, tasks), or (1, tasks) for the final predictions alone (``per_step``
-    False). A task whose predictions are not all finite scores NaN (a diverged adaptation),
-    also for classification, where ``argmax`` would turn NaN logits into a class."""
-    if per_step:
-        predictions = learner.predict_per_step(batch)  # (steps+1, tasks, n_query, ...)
-    else:
-        predictions = learner.predict(batch).unsqueeze(0)
-    if batch.is_classification:
-        correct = (predictions.argmax(-1) == batch.query_y).float().mean(-1)
-        finite = torch.isfinite(predictions).flatten(2).all(-1)
-        return torch.where(finite, correct, torch.full_like(correct, math.nan))
-    return ((predictions - batch.query_y) ** 2).flatten(2).mean(-1)
+    """Per-step, per-task score (:meth:`MetaLearner.episode_scores`): (steps + 1, tasks), or
+    (1, tasks) for the final predictions alone (``per_step`` False). A learner of your own
+    that only predicts (any object with ``predict`` / ``predict_per_step``) is scored by its
+    predictions' accuracy or MSE."""
+    scores = getattr(learner, "episode_scores", None)
+    if scores is None:
+        return prediction_scores(learner, batch, per_step)
+    return scores(batch, per_step)
 
 
 def evaluate(
@@ -58,8 +53,8 @@ def evaluate(
     apart from the adaptation (Reptile's transductive evaluation: about a third of a 20-way
     one); training's validation does so.
 
-    Returns ``metric`` ("accuracy" in percent, or "mse"), ``mean``, ``ci95`` (1.96 standard
-    errors over episodes), ``per_step`` means, ``episodes``, the per-episode ``scores`` and the
+    Returns ``metric`` ("accuracy" in percent, "mse", or "return" for MDPs), ``mean``, ``ci95`` (1.96 standard
+    errors over episodes), ``per_step`` means (and ``per_step_ci95``, their intervals), ``episodes``, the per-episode ``scores`` and the
     number of ``diverged`` episodes (non-finite score). One diverged episode makes the mean
     non-finite, on purpose: a score that leaves them out would flatter the method. Where some
     but not all diverged, ``mean_of_finite`` is the mean of the others.
@@ -68,7 +63,7 @@ def evaluate(
     device = device_of(learner)  # world.device when the API built it; any device for a learner of your own
     was_training = learner.training
     learner.eval()
-    scores, classification = [], True
+    scores, metric = [], "accuracy"
     chunks = []  # (first episode, size) of each chunk, to put the ranks' scores back in episode order
     remaining = episodes
     bar = None
@@ -83,7 +78,7 @@ def evaluate(
             chunks.append((episodes - remaining, size))
             share = world.share(size)
             batch = source.sample(size, generator, tasks=share).to(device)
-            classification = batch.is_classification
+            metric = batch_metric(batch)
             if share.stop > share.start:  # a chunk smaller than the number of ranks
                 scores.append(episode_scores(learner, batch, per_step))
             remaining -= size
@@ -97,16 +92,17 @@ def evaluate(
     local = (torch.cat(scores, dim=1).T.to("cpu", torch.float64).contiguous() if scores
              else torch.zeros(0, 0, dtype=torch.float64))
     per_episode = episode_order(world, chunks, world.gather(local)).T  # (steps + 1, episodes)
-    scale = 100.0 if classification else 1.0
+    scale = 100.0 if metric == "accuracy" else 1.0
     final = per_episode[-1] * scale
     n = final.numel()
     std = float(final.std()) if n > 1 else 0.0
     finite = final[torch.isfinite(final)]
     result = {
-        "metric": "accuracy" if classification else "mse",
+        "metric": metric,
         "mean": float(final.mean()),
         "ci95": 1.96 * std / math.sqrt(n),
         "per_step": [float(v) for v in per_episode.mean(1) * scale],
+        "per_step_ci95": [1.96 * float(v) / math.sqrt(n) if n > 1 else 0.0 for v in (per_episode * scale).std(1)],
         "episodes": n,
         "diverged": n - finite.numel(),
         "seed": seed,
@@ -115,6 +111,18 @@ def evaluate(
     if 0 < finite.numel() < n:  # the mean above is NaN or inf; say what the rest scored
         result["mean_of_finite"] = float(finite.mean())
     return result
+
+
+def batch_metric(batch) -> str:
+    """What a batch's episodes are scored by: "accuracy", "mse", or the batch's own ``metric``
+    (an MDP batch's "return")."""
+    own = getattr(batch, "metric", None)
+    if own is not None:
+        return own
+    return "accuracy" if batch.is_classification else "mse"
+
+
+HIGHER_IS_BETTER = {"accuracy": True, "return": True, "mse": False}
 
 
 class Ensemble(MetaLearner):
@@ -151,12 +159,16 @@ def format_result(result: dict[str, Any]) -> str:
     if result["metric"] == "accuracy":
         head = f"accuracy {result['mean']:.2f}% +/- {result['ci95']:.2f}% (95% CI, {result['episodes']} episodes)"
         steps = " ".join(f"{v:.1f}" for v in result["per_step"])
+    elif result["metric"] == "return":
+        head = f"average return {result['mean']:.2f} +/- {result['ci95']:.2f} (95% CI, {result['episodes']} tasks)"
+        steps = " ".join(f"{v:.2f}" for v in result["per_step"])
     else:
         head = f"MSE {result['mean']:.4f} +/- {result['ci95']:.4f} (95% CI, {result['episodes']} tasks)"
         steps = " ".join(f"{v:.3f}" for v in result["per_step"])
     text = head
     if len(result["per_step"]) > 1:  # one entry: no per-step scores (no inner loop, or not recorded)
-        text += f"\nafter 0..{len(result['per_step']) - 1} adaptation steps: {steps}"
+        kind = "policy-gradient" if result["metric"] == "return" else "adaptation"
+        text += f"\nafter 0..{len(result['per_step']) - 1} {kind} steps: {steps}"
     if "lower_bound" in result:  # a generative method's bound on the test sets
         bound = result["lower_bound"]
         text += (f"\ntest lower bound {bound['bound_nats_per_image']:.2f} nats per image ({bound['bound_sets']} sets of "

@@ -15,9 +15,10 @@ import dataclasses
 from typing import Any
 
 
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with ``default`` and the ``help`` the CLI shows for it."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def option(default: Any, help: str, aliases: tuple[str, ...] = ()) -> Any:
+    """A dataclass field with ``default`` and the ``help`` the CLI shows for it; ``aliases``:
+    other names of its flag (``("env",)`` gives ``--dataset`` the second name ``--env``)."""
+    return dataclasses.field(default=default, metadata={"help": help, "aliases": tuple(aliases)})
 
 
 def help_of(field: dataclasses.Field) -> str:

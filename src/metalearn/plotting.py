@@ -25,13 +25,35 @@ SERIES_LABELS = {  # metrics.jsonl key -> (factor, panel title)
     "accuracy": (100.0, "training accuracy (%, meta-batch)"),
     "val_accuracy": (1.0, "validation accuracy (%)"),
     "val_mse": (1.0, "validation MSE"),
+    "return": (1.0, "average return before adapting (meta-batch)"),
+    "return_adapted": (1.0, "average return after adapting (meta-batch)"),
+    "val_return": (1.0, "validation return after adapting"),
+    "kl": (1.0, "KL of the meta-update"),
 }
+# diagnostics kept in metrics.jsonl but not drawn
+UNDRAWN = ("step", "tasks_per_s", "val_ci95", "elapsed_s", "env_steps_per_s", "backtracks", "step_s")
+
+
+def axis_limits(values: list[float], spread: float = 5.0) -> tuple[float, float, int] | None:
+    """(low, high, points outside) of a y-axis that leaves out rare spikes: the 5th-95th
+    percentile range padded by half its width on each side, when the whole range is more than ``spread`` times
+    wider (a single step's spike, such as a Neural Statistician's KL of thousands of nats, would
+    otherwise flatten the rest of the curve into a line); None when every point fits."""
+    finite = torch.tensor([v for v in values if v == v and abs(v) != float("inf")], dtype=torch.float64)
+    if finite.numel() < 20:
+        return None
+    low, high = (float(q) for q in torch.quantile(finite, torch.tensor([0.05, 0.95], dtype=torch.float64)))
+    if float(finite.max() - finite.min()) <= spread * max(high - low, 1e-12):
+        return None
+    pad = 0.5 * (high - low)
+    low, high = low - pad, high + pad
+    return low, high, int(((finite < low) | (finite > high)).sum())
 
 
 def plot_learning_curves(records: list[dict], path: Path, title: str = "") -> Path:
     """Training loss and every accuracy/MSE series found in ``metrics.jsonl`` records."""
     plt = _pyplot()
-    series = sorted({k for r in records for k in r if k not in ("step", "tasks_per_s", "val_ci95", "elapsed_s")})
+    series = sorted({k for r in records for k in r if k not in UNDRAWN})
     fig, axes = plt.subplots(1, len(series), figsize=(4.5 * max(len(series), 1), 3.5), squeeze=False)
     for ax, name in zip(axes[0], series):
         # metrics.jsonl keeps training accuracy as a fraction and validation accuracy in percent
@@ -41,8 +63,11 @@ def plot_learning_curves(records: list[dict], path: Path, title: str = "") -> Pa
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if sparse else None)
         ax.set_xlabel("meta-step")
         ax.set_title(label)
-        if name == "loss":
+        if name in ("loss", "kl") and all(p[1] > 0 for p in points):
             ax.set_yscale("log")
+        elif (limits := axis_limits([p[1] for p in points])) is not None:
+            ax.set_ylim(limits[0], limits[1])
+            ax.set_title(f"{label} ({limits[2]} of {len(points)} points off the axis)")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()

@@ -46,8 +46,12 @@ def default_runs_root() -> Path:
 
 def new_run_name(config: RunConfig) -> str:
     task = config.task
-    shape = f"{task.ways}w{task.shots}s" if task.classification else f"k{task.shots}"
-    return f"{config.method}-{task.dataset}-{shape}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from metalearn.datasets import get_dataset
+
+    shape = f"{task.ways}w{task.shots}s-" if task.classification else f"k{task.shots}-"
+    if get_dataset(task.dataset).reinforcement:  # an environment: no episode shape
+        shape = ""
+    return f"{config.method}-{task.dataset}-{shape}{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def claim_new_run_dir(root: Path, name: str) -> Path:

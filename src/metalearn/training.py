@@ -21,7 +21,7 @@ from metalearn.checkpoints import (RESUME_ENTRIES, all_finite, check_compatible,
 from metalearn.config import RunConfig
 from metalearn.distributed import RankLost, World
 from metalearn.errors import ConfigError, MetalearnError, TrainingStopped
-from metalearn.evaluation import evaluate
+from metalearn.evaluation import HIGHER_IS_BETTER, evaluate
 from metalearn.memory_budget import available_memory, chunk_sizes, largest_chunk, peak_memory_of
 from metalearn.runs import RunDir, lock_for_training
 from metalearn.tasks import TaskSource, build_task_source, has_validation, problem_of
@@ -228,6 +228,8 @@ class Trainer:
             self.world.sum_gradients(parameters)
             if not gradients_finite(parameters):  # the same on every rank: gradients are summed
                 raise self._diverged("the meta-gradient became non-finite", f" (the meta-loss was {total_loss:.4g})")
+            if train.grad_clip > 0:  # after the sum over ranks and chunks: every rank clips the same gradient
+                torch.nn.utils.clip_grad_value_(parameters, train.grad_clip)
             self.optimizer.step()
             self.learner.end_step(self.world)
             # a huge --meta-lr can overflow a finite gradient into inf weights; caught here, before
@@ -274,24 +276,28 @@ class Trainer:
 
     def _choose_task_chunk(self, batch, bar) -> int:
         """``task_chunk="auto"``: the most tasks per chunk whose step fits in ``memory_budget`` of
-        the memory available now, from the measured peak memory of this step on one task (its
-        meta-loss and backward pass, which include the step's fixed costs: an overestimate per
-        task, on the safe side). The gradients of the probe are dropped; the trainer seeds the
-        random generators after it, so the step itself draws what it would without it."""
+        the memory available now, from the measured peak memory of this step on two tasks (its
+        meta-loss and backward pass), halved: two, because MAML runs a single task outside vmap
+        with a leaner batch norm (``MAML.meta_loss``), which would understate a task of a larger
+        chunk; the step's fixed costs are included, an overestimate per task, on the safe side.
+        The gradients of the probe are dropped; the trainer seeds the random generators after
+        it, so the step itself draws what it would without it."""
         train = self.config.train
         budget = int(train.memory_budget * available_memory(self.device))
         if self.device.type == "cpu":  # the processes torchrun starts on one machine share its memory
             budget //= max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
 
-        def one_task():
-            loss, _ = self.learner.meta_loss(batch.select(slice(0, 1)))
+        probed = min(batch.num_tasks, 2)
+
+        def probe():
+            loss, _ = self.learner.meta_loss(batch.select(slice(0, probed)))
             loss.backward()
 
-        per_task = peak_memory_of(one_task, self.device)
+        per_task = peak_memory_of(probe, self.device) // probed
         self.optimizer.zero_grad(set_to_none=True)
         chunk = largest_chunk(batch.num_tasks, per_task, budget)
         if bar is not None:
-            bar.write(f"--task-chunk auto: {chunk} of {batch.num_tasks} tasks at a time (one task's step "
+            bar.write(f"--task-chunk auto: {chunk} of {batch.num_tasks} tasks at a time (a task's step "
                       f"{per_task / 2**20:.0f} MiB, budget {budget / 2**20:.0f} MiB)")
         return chunk
 
@@ -317,7 +323,7 @@ class Trainer:
                                          "val_ci95": result["ci95"], "elapsed_s": round(self.elapsed_s, 2)})
             if self.config.train.keep_best:
                 self.run_dir.keep_best(self.state(), result["mean"], self.config.train.keep_best,
-                                       higher_is_better=result["metric"] == "accuracy")
+                                       higher_is_better=HIGHER_IS_BETTER[result["metric"]])
         return result
 
 

@@ -190,11 +190,17 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     """
     from metalearn.tasks import build_task_source
     from metalearn.checkpoints import load_trained
+    from metalearn.datasets import get_dataset
     from metalearn.training import TEST_SEED_OFFSET
 
     if not runs:
         raise MetalearnError("compare_learners needs at least one run directory")
     loaded = {label: load_trained(path, overrides) for label, path in runs.items()}
+    for label, (config, _, _) in loaded.items():
+        if get_dataset(config.task.dataset).reinforcement:
+            raise MetalearnError(f"{runs[label]} learned {config.task.dataset}, a reinforcement-learning environment: "
+                                 "compare scores predictions of supervised tasks; draw RL runs side by side with "
+                                 "metalearn plot RUN_DIR --compare OTHER_RUN")
     tasks = {label: config.task for label, (config, _, _) in loaded.items()}
     first_label, first_task = next(iter(tasks.items()))
     for label, task in tasks.items():

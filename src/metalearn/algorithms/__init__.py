@@ -14,6 +14,7 @@ from typing import Any
 
 from metalearn.algorithms.base import MetaLearner, accuracy, task_loss
 from metalearn.algorithms.maml import MAML, MAMLConfig
+from metalearn.algorithms.maml_rl import MAMLRL, MAMLRLConfig
 from metalearn.algorithms.matchingnet import MatchingNet, MatchingNetConfig
 from metalearn.algorithms.memory import MemoryConfig, MemoryModule
 from metalearn.algorithms.platipus import PLATIPUS, PLATIPUSConfig
@@ -31,6 +32,7 @@ METHODS: dict[str, type[MetaLearner]] = {
     "reptile": Reptile,
     "memory": MemoryModule,
     "statistician": NeuralStatistician,
+    "maml-rl": MAMLRL,
 }
 
 
@@ -109,4 +111,4 @@ def build_learner(name: str, values: dict[str, Any], problem: Problem) -> MetaLe
 __all__ = ["METHODS", "register_method", "MAML", "MAMLConfig", "MetaLearner", "Problem", "accuracy", "task_loss",
            "method_class", "build_learner", "make_method_config", "ProtoNet", "ProtoNetConfig",
            "MatchingNet", "MatchingNetConfig", "MemoryModule", "MemoryConfig", "NeuralStatistician",
-           "StatisticianConfig", "PLATIPUS", "PLATIPUSConfig", "Reptile", "ReptileConfig"]
+           "StatisticianConfig", "MAMLRL", "MAMLRLConfig", "PLATIPUS", "PLATIPUSConfig", "Reptile", "ReptileConfig"]

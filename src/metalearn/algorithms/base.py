@@ -8,6 +8,7 @@ fits: its ``meta_loss`` is a surrogate whose gradient is the update.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -47,6 +48,12 @@ class MetaLearner(nn.Module):
     # eval --protocol NAME`` (``evaluate_run(protocol=)``): {name: function(learner, source,
     # episodes, seed) -> result dict}, where ``source`` is the task source of the evaluated part
     protocols: ClassVar[dict[str, Any]] = {}
+    # True for a method of reinforcement-learning tasks (MDPs: ``--env``, a dataset registered with
+    # ``reinforcement=True``), which gets an MDPBatch instead of a TaskBatch; the two kinds of
+    # method and of dataset never meet
+    reinforcement: ClassVar[bool] = False
+    # the dataset (or environment) a run of this method takes when none is named (None: omniglot)
+    default_dataset: ClassVar[str | None] = None
 
     @classmethod
     def preset_defaults(cls, name: str, task: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -98,6 +105,13 @@ class MetaLearner(nn.Module):
         """Predictions after each adaptation step, (steps + 1, tasks, n_query, ...); methods
         without steps return their single prediction with a leading axis of 1."""
         return self.predict(batch).unsqueeze(0)
+
+    def episode_scores(self, batch: TaskBatch, per_step: bool = True) -> Tensor:
+        """Per-step, per-task score, what evaluation averages: (steps + 1, tasks), or (1, tasks)
+        for the final predictions alone (``per_step`` False). By default
+        :func:`prediction_scores` (accuracy or MSE of the predictions); a reinforcement-learning
+        method scores the average return."""
+        return prediction_scores(self, batch, per_step)
 
     # -- one task, no TaskBatch --------------------------------------------------------------
 
@@ -160,6 +174,22 @@ class MetaLearner(nn.Module):
         batch = self.task_batch(support_x, support_y, query_x, **prepare)
         with torch.no_grad():
             return self.predict(batch)[0].float().softmax(dim=-1)
+
+
+def prediction_scores(learner: Any, batch: TaskBatch, per_step: bool = True) -> Tensor:
+    """Accuracy for classification, MSE for regression, of ``learner.predict_per_step(batch)``
+    (or, without ``per_step``, of ``learner.predict(batch)``): (steps + 1, tasks) or (1, tasks).
+    A task whose predictions are not all finite scores NaN (a diverged adaptation), also for
+    classification, where ``argmax`` would turn NaN logits into a class."""
+    if per_step:
+        predictions = learner.predict_per_step(batch)  # (steps+1, tasks, n_query, ...)
+    else:
+        predictions = learner.predict(batch).unsqueeze(0)
+    if batch.is_classification:
+        correct = (predictions.argmax(-1) == batch.query_y).float().mean(-1)
+        finite = torch.isfinite(predictions).flatten(2).all(-1)
+        return torch.where(finite, correct, torch.full_like(correct, math.nan))
+    return ((predictions - batch.query_y) ** 2).flatten(2).mean(-1)
 
 
 def check_input_dtype(method: str, model: nn.Module, batch: TaskBatch) -> None:

@@ -35,7 +35,8 @@ from metalearn.datasets import NATURAL_IMAGES
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.options import option
 from metalearn.models import build_model
-from metalearn.models.norm import BatchStatNorm, collect_batch_statistics, first_order_batch_norm, inner_step
+from metalearn.models.norm import (BatchStatNorm, collect_batch_statistics, first_order_batch_norm, inner_step,
+                                   native_batch_norm)
 from metalearn.tasks.batch import TaskBatch
 
 
@@ -72,7 +73,12 @@ class MAMLConfig:
     per_step_bn_weights: bool = option(False, "a batch-norm scale and offset per inner step, each used by its own "
                                               "step's forward passes (MAML++'s BNWB)")
     per_step_bn_statistics: bool = option(False, "batch-norm running statistics per inner step, gathered in "
-                                                 "training and used to normalise at evaluation (MAML++'s BNRS)")
+                                                 "training (MAML++'s BNRS); --eval-bn-statistics says whether "
+                                                 "evaluation normalises with them")
+    eval_bn_statistics: str = option("running", "with --per-step-bn-statistics, what evaluation normalises with: "
+                                                "running (the per-step running statistics, as the MAML++ paper "
+                                                "describes) or batch (each task's own, as its authors' code "
+                                                "evaluates; the maml++ preset's)")
     model: str = option("conv4", "the network: conv4, conv4-maxpool, conv4-maxpool-32 (mini-ImageNet's), "
                                  "conv4-mamlpp (MAML++'s), conv4-reference (conv4 as the MAML "
                                  "authors' code builds it) or mlp")
@@ -87,6 +93,9 @@ class MAMLConfig:
         if self.first_order_steps and self.first_order:
             raise ConfigError("MAML.Config", "first_order_steps",
                               "switches from first to second order: it does not combine with `first_order`")
+        if self.eval_bn_statistics not in ("running", "batch"):
+            raise ConfigError("MAML.Config", "eval_bn_statistics",
+                              f"must be running or batch, got {self.eval_bn_statistics!r}")
         if self.multi_step_anneal_steps and not self.multi_step_loss:
             raise ConfigError("MAML.Config", "multi_step_anneal_steps",
                               "anneals the multi-step loss: it needs `multi_step_loss`")
@@ -133,9 +142,13 @@ class MAML(MetaLearner):
         scales and offsets are meta-learned, and with ``adapt_norm`` also adapted (the authors'
         code keeps them out of the inner loop, ``enable_inner_loop_optimizable_bn_params``
         false: ``adapt_norm=False``). Running statistics are gathered from the training forward
-        passes, one update per meta-step (see :meth:`end_step`), and normalise every forward pass
-        in eval mode (validation, test), as the paper describes; training always normalises with
-        the batch's statistics."""
+        passes, one update per meta-step (see :meth:`end_step`), and with ``eval_bn_statistics``
+        "running" normalise every forward pass in eval mode (validation, test), as the paper
+        describes; with "batch" evaluation normalises with each task's own statistics, as the
+        authors' code does (their batch norm always runs with ``training=True``). Training
+        always normalises with the batch's statistics. The two evaluations differ widely: an
+        inner step computed through fixed statistics is not the step the meta-training shaped
+        (docs/methods/maml-plus-plus.md)."""
         super().__init__()
         require_functional_model(model, "MAML", not config.first_order)
         self.model = model
@@ -154,6 +167,7 @@ class MAML(MetaLearner):
                                                         "BatchStatNorm layers), and this one has none")
             for norm in self._per_step_norms:
                 norm.make_per_step(config.inner_steps, config.per_step_bn_weights, config.per_step_bn_statistics)
+                norm.running_at_eval = config.eval_bn_statistics == "running"
         self._pending_statistics: tuple[dict[str, Tensor], int] | None = None
         names = [name for name, _ in model.named_parameters() if name not in self._held]
         self._lr_keys = {name: name.replace(".", "__") for name in names}
@@ -201,7 +215,10 @@ class MAML(MetaLearner):
         throughout, their README's example switches at epoch 80); 100 epochs of 500 meta-steps
         and meta-batch 8 as released (the README's example: 150 epochs, meta-batch 16). An epoch
         here is 500 meta-steps; the schedules move every step, theirs once per epoch. The 5 best
-        validation checkpoints are kept, for their code's model selection (``eval --ensemble``)."""
+        validation checkpoints are kept, for their code's model selection (``eval --ensemble``).
+        Evaluation normalises with each task's batch statistics, as their code does: the per-step
+        running statistics are gathered (``eval --set eval_bn_statistics=running`` uses them, as
+        the paper's text describes) but score far lower (docs/methods/maml-plus-plus.md)."""
         if not task.classification:
             raise MetalearnError(f"the maml++ preset is the paper's Omniglot set-up (a batch-norm network); "
                                  f"{task.dataset} is regression: give MAML++'s options one by one")
@@ -209,6 +226,7 @@ class MAML(MetaLearner):
         return ({"model": "conv4-mamlpp", "inner_lr": 0.1, "inner_steps": 5, "test_inner_steps": 5,
                  "learn_inner_lr": True, "multi_step_loss": True, "multi_step_anneal_steps": 10 * epoch,
                  "first_order_steps": 50 * epoch, "per_step_bn_weights": True, "per_step_bn_statistics": True,
+                 "eval_bn_statistics": "batch",
                  "adapt_norm": False},
                 {"meta_batch_size": 8, "steps": 100 * epoch, "meta_lr": 1e-3, "lr_anneal": "cosine",
                  "min_meta_lr": 1e-5, "val_every": epoch, "val_episodes": 600, "checkpoint_every": epoch,
@@ -311,11 +329,21 @@ class MAML(MetaLearner):
                 return loss, accuracy(predictions[-1], query_y), means
             return loss, torch.zeros(()), means
 
-        # first order never differentiates twice, so batch norm may use the native kernel (faster)
-        with first_order_batch_norm() if self.first_order_now() else contextlib.nullcontext():
-            # randomness="different": a model with dropout draws its own mask for every task
-            losses, accuracies, statistics = vmap(one_task, randomness="different")(
-                batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+        if batch.num_tasks == 1:
+            # one task (``--task-chunk 1``): no vmap, so that second order too can use torch's
+            # native batch norm, right outside vmap (norm.BatchStatNorm); it saves less for the
+            # backward pass than the decomposed form and computes the same meta-gradient
+            with native_batch_norm():
+                loss, correct, statistics = one_task(batch.support_x[0], batch.support_y[0], batch.query_x[0],
+                                                     batch.query_y[0])
+            losses, accuracies = loss[None], correct[None]
+            statistics = {key: value[None] for key, value in statistics.items()}
+        else:
+            # first order never differentiates twice, so batch norm may use the native kernel (faster)
+            with native_batch_norm() if self.first_order_now() else contextlib.nullcontext():
+                # randomness="different": a model with dropout draws its own mask for every task
+                losses, accuracies, statistics = vmap(one_task, randomness="different")(
+                    batch.support_x, batch.support_y, batch.query_x, batch.query_y)
         if collect:  # for end_step, after the meta-update: sums over this rank's tasks, and their number
             self._pending_statistics = ({key: value.sum(0) for key, value in statistics.items()},
                                         batch.support_x.shape[0])

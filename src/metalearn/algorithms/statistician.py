@@ -53,6 +53,9 @@ KL_DIRECTIONS = ("support-query", "query-support")
 BINARIZATIONS = ("dynamic", "threshold")
 IMAGE_SIZE = 28  # the paper's Omniglot decoder: 4 -> 8 -> 16 -> 14 -> 28 pixels
 LOGVAR_RANGE = (-12.0, 8.0)  # keeps exp() finite in float32 while the networks are still untrained
+# images encoded in one pass by `context`: an evaluation chunk of 50 20-way 5-shot episodes holds
+# 5000 support images, whose first feature maps alone would take 1 GB at once
+IMAGES_PER_PASS = 512
 
 
 @dataclass(frozen=True)
@@ -260,9 +263,14 @@ class NeuralStatistician(MetaLearner):
         # Section 5.4 and appendix B.1: sets of 5 images of one character, Adam at 1e-3, about 32
         # sets per update (a 5-way task gives 5 sets), 1000 test episodes. The paper trains for a
         # number of epochs it does not state in steps; 50,000 updates of 30 sets see each of the
-        # vinyals split's 4112 training classes (rotations included) about 360 times.
+        # vinyals split's 4112 training classes (rotations included) about 360 times. Gradients are
+        # clipped elementwise to [-0.5, 0.5] as in Conor Durkan's re-implementation: without it the
+        # KL terms of the first few dozen steps jump to thousands of nats per image, and the
+        # squared gradients of that spike shrink Adam's steps until its second-moment estimate
+        # forgets them (beta2 = 0.999: on the order of a thousand steps).
         return ({}, {"meta_batch_size": max(1, round(32 / max(task.ways, 1))), "meta_lr": 1e-3, "steps": 50000,
-                     "eval_episodes": 1000, "val_every": 1000, "val_episodes": 200, "checkpoint_every": 500})
+                     "grad_clip": 0.5, "eval_episodes": 1000, "val_every": 1000, "val_episodes": 200,
+                     "checkpoint_every": 500})
 
     def start_step(self, step: int) -> None:
         self.step = step
@@ -295,8 +303,9 @@ class NeuralStatistician(MetaLearner):
         """q(c | D) of each set, from images binarised at 0.5: (sets, n, 1, 28, 28) -> mean,
         logvar (sets, context_dim)."""
         self._check_images(sets)
-        x = (sets > 0.5).to(sets.dtype)
-        return self.statistic(self.encoder(x.flatten(0, 1)).view(*x.shape[:2], -1))
+        x = (sets > 0.5).to(sets.dtype).flatten(0, 1)
+        h = torch.cat([self.encoder(part) for part in x.split(IMAGES_PER_PASS)])
+        return self.statistic(h.view(*sets.shape[:2], -1))
 
     # -- the bound (section 3) ------------------------------------------------------------------
 

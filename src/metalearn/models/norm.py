@@ -18,16 +18,18 @@ class BatchStatNorm(nn.Module):
 
     Why not the native layer: in torch 2.13 the second derivative of the native batch-norm
     kernel inside ``torch.func.vmap`` is wrong (a conv bias in front of batch norm, which cannot
-    change any output, gets a non-zero second-order MAML meta-gradient). Written with ``mean``
-    and ``var`` it agrees with finite differences (tests/test_maml.py). There are no running
+    change any output, gets a non-zero second-order MAML meta-gradient; outside ``vmap`` it is
+    right). Written with ``mean`` and ``var`` it agrees with finite differences
+    (tests/test_maml.py). There are no running
     statistics, as in the MAML reference code: statistics of the batch at train and test time;
     :meth:`make_per_step` adds MAML++'s per-step sets (scales and offsets, running statistics).
     ``scale=False`` drops the scale (no ``weight``), as the reference code's
     ``tf.contrib.layers.batch_norm`` does by default.
 
-    The native kernel is also used when gradients are recorded inside
-    ``first_order_batch_norm()`` (how ProtoNets, Matching Networks and Reptile run the model:
-    they differentiate only once, and it is faster; see docs/performance.md).
+    The native kernel is also used when gradients are recorded inside ``native_batch_norm()``
+    (``first_order_batch_norm()``: how ProtoNets, Matching Networks and Reptile run the model,
+    differentiating only once; and MAML on a single task, outside ``vmap``): it is faster and
+    saves less for the backward pass (see docs/performance.md).
 
     x: (batch, num_features, *spatial) -> same shape
     """
@@ -39,6 +41,7 @@ class BatchStatNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.steps = 0  # > 0: per-step sets (see make_per_step)
         self.per_step_weights = False
+        self.running_at_eval = True  # eval mode normalises with the running statistics, where there are any
         self.register_buffer("running_mean", None)  # per-step running statistics: see make_per_step
         self.register_buffer("running_var", None)
 
@@ -78,14 +81,15 @@ class BatchStatNorm(nn.Module):
             weight = None if weight is None else weight[k]
             bias = bias[k]
         if self.running_mean is not None:
-            if not self.training:  # the paper's evaluation: this step's running statistics
+            if not self.training and self.running_at_eval:  # the paper's evaluation: this step's running statistics
                 shape = (-1, *([1] * (x.dim() - 2)))
                 inverse_std = torch.rsqrt(self.running_var[k] + self.eps)
                 if weight is not None:
                     inverse_std = inverse_std * weight
                 return (x - self.running_mean[k].view(shape)) * inverse_std.view(shape) + bias.view(shape)
-            _record_batch_statistics(self, k, x)
-        if not torch.is_grad_enabled() or _FIRST_ORDER.get():  # the fast native kernel
+            if self.training:
+                _record_batch_statistics(self, k, x)
+        if not torch.is_grad_enabled() or _NATIVE.get():  # the fast native kernel
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
         return batch_stat_norm(x, weight, bias, self.eps)
 
@@ -125,21 +129,28 @@ def batch_stat_norm(x: Tensor, weight: Tensor | None, bias: Tensor, eps: float) 
     return centered * inverse_std + bias.view(shape)
 
 
-_FIRST_ORDER = contextvars.ContextVar("metalearn_first_order_batch_norm", default=False)
+_NATIVE = contextvars.ContextVar("metalearn_native_batch_norm", default=False)
 
 
 @contextlib.contextmanager
-def first_order_batch_norm() -> Iterator[None]:
-    """Within this block every ``BatchStatNorm`` uses torch's native kernel, for a method that
-    never takes a second derivative through the model (ProtoNets, Matching Networks, Reptile).
-    Its values and first derivatives equal the twice-differentiable form's, also under ``vmap``
-    (tests/test_maml.py). A setting of the block, not of the model: the same module stays
-    right for second-order MAML outside it."""
-    token = _FIRST_ORDER.set(True)
+def native_batch_norm() -> Iterator[None]:
+    """Within this block every ``BatchStatNorm`` uses torch's native kernel. Right wherever the
+    model is differentiated once (also under ``vmap``), and for second derivatives outside
+    ``vmap`` (MAML on one task: tests/test_maml.py); wrong for second derivatives under ``vmap``
+    in torch 2.13 (see :class:`BatchStatNorm`). A setting of the block, not of the model: the same
+    module stays right for second-order MAML outside it."""
+    token = _NATIVE.set(True)
     try:
         yield
     finally:
-        _FIRST_ORDER.reset(token)
+        _NATIVE.reset(token)
+
+
+def first_order_batch_norm() -> contextlib.AbstractContextManager[None]:
+    """:func:`native_batch_norm`, for a method that never takes a second derivative through the
+    model (ProtoNets, Matching Networks, Reptile): its values and first derivatives equal the
+    twice-differentiable form's, also under ``vmap`` (tests/test_maml.py)."""
+    return native_batch_norm()
 
 
 _STEP = contextvars.ContextVar("metalearn_inner_step", default=0)

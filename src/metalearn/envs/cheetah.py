@@ -1,0 +1,117 @@
+"""Half-cheetah with a goal velocity or a goal direction, the locomotion tasks of MAML's
+reinforcement-learning experiments (Finn, Abbeel & Levine 2017, section 5.3 and appendix A.2),
+on MuJoCo through gymnasium's ``HalfCheetah-v5`` (the optional extra ``pip install -e ".[rl]"``).
+
+Rewards as the paper's appendix and the authors' code (``HalfCheetahEnvRand``,
+``HalfCheetahEnvRandDirec``) define them, with v the forward velocity and a the action clipped
+to [-1, 1]:
+
+- ``velocity`` (cheetah-vel): goal velocity g uniform in [0, 2]; reward -|v - g| - 0.05 |a|^2;
+- ``direction`` (cheetah-dir): forward or backward with probability 1/2 each (d = +-1);
+  reward d v - 0.05 |a|^2.
+
+Horizon 200, no termination. What differs from the paper's rllab model: gymnasium's
+half-cheetah (its MuJoCo model file and version, its 17 observations: joint positions without
+the x coordinate, and velocities; rllab's added the torso's centre of mass), v is the root's
+x velocity (rllab's: the torso's centre-of-mass velocity), and gymnasium's reset noise. Returns
+are therefore comparable in kind, not to the decimal.
+
+The simulators are stepped one after the other (MuJoCo's step is C; a Python loop over the
+meta-batch's tasks x trajectories, ``tasks * trajectories`` environments kept between calls).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from metalearn.errors import MetalearnError
+
+INSTALL = 'pip install -e ".[rl]"'
+
+
+def _gymnasium():
+    try:
+        import gymnasium
+        import mujoco  # noqa: F401  (gymnasium's MuJoCo environments need it)
+    except ImportError:
+        raise MetalearnError(f"the half-cheetah environments need MuJoCo through gymnasium, which is not installed: "
+                             f"{INSTALL}") from None
+    return gymnasium
+
+
+@contextlib.contextmanager
+def _model_warnings_dropped():
+    """MuJoCo's warnings dropped meanwhile. MuJoCo 4.0.0 warns that gymnasium 1.4.0's
+    half_cheetah.xml uses the deprecated 'settotalmass' every time the model is compiled, once per
+    environment, on stderr and into MUJOCO_LOG.TXT in the working directory; a handler of our
+    own, set only while the models compile, keeps both quiet."""
+    import mujoco
+
+    previous = mujoco.get_mju_user_warning()
+    mujoco.set_mju_user_warning(lambda message: None)
+    try:
+        yield
+    finally:
+        mujoco.set_mju_user_warning(previous)
+
+
+class HalfCheetah:
+    """``goal``: "velocity" (cheetah-vel) or "direction" (cheetah-dir)."""
+
+    observation_dim = 17
+    action_dim = 6
+    horizon = 200
+    control_cost = 0.05  # 0.1 * 0.5 |a|^2 in the authors' code
+    positions = False
+
+    def __init__(self, goal: str = "velocity"):
+        if goal not in ("velocity", "direction"):
+            raise MetalearnError(f"half-cheetah goal must be velocity or direction, got {goal!r}")
+        self.goal = goal
+        self.name = "cheetah-vel" if goal == "velocity" else "cheetah-dir"
+        self._gym = _gymnasium()
+        self._pool: list = []
+
+    def sample_tasks(self, num_tasks: int, generator: torch.Generator) -> dict[str, Tensor]:
+        if self.goal == "velocity":
+            return {"velocity": torch.rand(num_tasks, generator=generator, dtype=torch.float64).float() * 2.0}
+        forward = torch.rand(num_tasks, generator=generator, dtype=torch.float64) >= 0.5
+        return {"direction": forward.float() * 2.0 - 1.0}
+
+    def _environments(self, count: int) -> list:
+        while len(self._pool) < count:
+            with _model_warnings_dropped():
+                self._pool.append(self._gym.make("HalfCheetah-v5").unwrapped)
+        return self._pool[:count]
+
+    def reset(self, params: dict[str, Tensor], trajectories: int, seeds: Tensor | None = None):
+        goal = params["velocity" if self.goal == "velocity" else "direction"]
+        tasks = goal.shape[0]
+        envs = self._environments(tasks * trajectories)
+        # gymnasium's reset noise: from the rollout's per-task seeds, else torch's generator
+        seeds = torch.randint(0, 2**31 - 1, (len(envs),)) if seeds is None else seeds.reshape(-1) % (2**31 - 1)
+        seeds = seeds.tolist()
+        observations = np.stack([env.reset(seed=seed)[0] for env, seed in zip(envs, seeds)])
+        obs = torch.as_tensor(observations, dtype=goal.dtype, device=goal.device).view(tasks, trajectories, -1)
+        return {"envs": envs, "goal": goal[:, None]}, obs
+
+    def step(self, state, action: Tensor):
+        envs, goal = state["envs"], state["goal"]
+        tasks, trajectories = action.shape[:2]
+        clipped = action.clamp(-1.0, 1.0)
+        actions = clipped.detach().reshape(len(envs), -1).cpu().double().numpy()
+        observations, velocities = [], []
+        for env, a in zip(envs, actions):
+            obs, _, _, _, info = env.step(a)
+            observations.append(obs)
+            velocities.append(info["x_velocity"])
+        obs = torch.as_tensor(np.stack(observations), dtype=action.dtype, device=action.device)
+        velocity = torch.as_tensor(velocities, dtype=action.dtype, device=action.device).view(tasks, trajectories)
+        cost = self.control_cost * clipped.square().sum(-1)
+        progress = -(velocity - goal).abs() if self.goal == "velocity" else goal * velocity
+        done = torch.zeros(tasks, trajectories, dtype=torch.bool, device=action.device)
+        return state, obs.view(tasks, trajectories, -1), progress - cost, done

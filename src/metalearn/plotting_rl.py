@@ -1,0 +1,92 @@
+"""Pictures of a reinforcement-learning run: the average return against the number of
+policy-gradient steps (MAML's Figure 5, with the pretrained and randomly initialised policies
+beside it), and for nav2d the trajectories before and after one step with the goal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metalearn.plotting import _pyplot
+
+# the authors' nav2d results behind the paper's Figure 5 (maml_rl, icml/icml_point_results_*.pkl:
+# mean over their 40 test goals of the average return after 0..3 steps)
+PAPER_RETURNS = {"nav2d": {"MAML": [-40.41, -11.68, -3.33, -3.23], "pretrained": [-40.81, -19.73, -11.72, -8.47],
+                           "random": [-82.66, -57.96, -53.84, -46.81]}}
+
+STYLES = {"MAML": ("tab:green", "-", "o"), "pretrained": ("tab:blue", "--", "s"), "random": ("black", ":", "^")}
+
+
+def plot_adaptation_curves(curves: dict[str, dict[str, Any]], path: Path, title: str = "",
+                           reference: dict[str, list[float]] | None = None) -> Path:
+    """One line per entry of ``curves`` (label -> an evaluation result with ``per_step`` means and
+    ``per_step_ci95``): average return after 0, 1, ... policy-gradient steps, with 95% intervals.
+    ``reference``: label -> per-step values drawn thin and grey (a paper's numbers)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for label, result in curves.items():
+        means = result["per_step"]
+        errors = result.get("per_step_ci95") or [0.0] * len(means)
+        color, style, marker = STYLES.get(label, (None, "-", "o"))
+        ax.errorbar(range(len(means)), means, yerr=errors, color=color, linestyle=style, marker=marker,
+                    capsize=3, label=label)
+    for label, values in (reference or {}).items():
+        color = STYLES.get(label.removeprefix("paper: "), ("grey",))[0]
+        ax.plot(range(len(values)), values, color=color, alpha=0.45, linewidth=1.0, linestyle="-.", label=label)
+    ax.set_xlabel("number of policy-gradient steps")
+    ax.set_ylabel("average return")
+    ax.set_xticks(range(max(len(r["per_step"]) for r in curves.values())))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_navigation(before, after, goals: torch.Tensor, path: Path, title: str = "", shown: int = 5) -> Path:
+    """One panel per task: ``shown`` trajectories of the policy before (dashed) and after one
+    policy-gradient step (solid), from the origin, and the goal (a star). ``before``/``after``:
+    :class:`~metalearn.envs.Trajectories` of nav2d (observations are positions); ``goals``:
+    (tasks, 2)."""
+    plt = _pyplot()
+    tasks = goals.shape[0]
+    fig, axes = plt.subplots(1, tasks, figsize=(3.3 * tasks, 3.4), squeeze=False)
+    for t, ax in enumerate(axes[0]):
+        for label, sampled, style, color in (("before the step", before, "--", "tab:blue"),
+                                             ("after one step", after, "-", "tab:red")):
+            for n in range(min(shown, sampled.observations.shape[1])):
+                steps = int(sampled.mask[t, n].sum())
+                # positions after each step: the next observation, or the last one plus its action
+                path_xy = torch.cat([sampled.observations[t, n, :steps], _last_position(sampled, t, n, steps)])
+                ax.plot(path_xy[:, 0], path_xy[:, 1], style, color=color, linewidth=0.9, alpha=0.8,
+                        label=label if n == 0 else None)
+        ax.scatter([goals[t, 0]], [goals[t, 1]], marker="*", s=160, color="gold", edgecolor="black", zorder=5,
+                   label="goal")
+        ax.scatter([0], [0], marker="o", s=20, color="black", zorder=5)
+        ax.set_xlim(-0.6, 0.6)
+        ax.set_ylim(-0.6, 0.6)
+        ax.set_aspect("equal")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _last_position(sampled, t: int, n: int, steps: int) -> torch.Tensor:
+    """nav2d's position after the last unmasked step: its observation plus its clipped velocity."""
+    from metalearn.envs.nav2d import Nav2D
+
+    speed = Nav2D.max_speed
+    last = sampled.observations[t, n, steps - 1] + (speed * sampled.actions[t, n, steps - 1]).clamp(-speed, speed)
+    return last[None]

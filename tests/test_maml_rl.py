@@ -1,0 +1,452 @@
+"""MAML for reinforcement learning: the nav2d environment, the linear feature baseline, the
+policy-gradient estimator, conjugate gradient, the Fisher-vector product, the meta-gradient
+through the inner step, the TRPO step, resume, learning, and the errors a user sees."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from cli_runner import run
+from metalearn.algorithms.maml_rl import (MAMLRL, MAMLRLConfig, GaussianMLPPolicy, advantages, baseline_features,
+                                          conjugate_gradient, fit_linear_baseline, flat, gaussian_log_prob,
+                                          kl_hessian_vector, trpo_step)
+from metalearn.envs import MDPBatch, MDPTasks, Trajectories, rollout
+from metalearn.envs.nav2d import Nav2D
+
+
+def small_learner(dtype=torch.float32, seed=0, **options) -> MAMLRL:
+    """A tiny policy. Its biases are drawn away from 0: every episode starts at the origin, where
+    zero biases put each ReLU at its kink and the objective is not smooth in them."""
+    torch.manual_seed(seed)
+    config = MAMLRLConfig(**{"trajectories": 4, "test_trajectories": 4, "horizon": 10, "hidden": 5, **options})
+    learner = MAMLRL(GaussianMLPPolicy(2, 2, config.hidden), config).to(dtype)
+    with torch.no_grad():
+        for name, p in learner.policy.named_parameters():
+            if name.endswith("bias"):
+                p.uniform_(-0.5, 0.5)
+    return learner
+
+
+def nav_batch(tasks: int, seed: int = 0, dtype=torch.float32) -> MDPBatch:
+    return MDPTasks(Nav2D()).sample(tasks, torch.Generator().manual_seed(seed)).to(dtype)
+
+
+# -- nav2d -----------------------------------------------------------------------------------------
+
+
+def test_nav2d_step_matches_hand_computed_values():
+    env = Nav2D()
+    state, obs = env.reset({"goal": torch.tensor([[0.3, -0.2]])}, 1)
+    assert obs.tolist() == [[[0.0, 0.0]]]
+    # action (0.5, 2.0): velocity (0.05, 0.1 clipped from 0.2); position (0.05, 0.1)
+    state, obs, reward, done = env.step(state, torch.tensor([[[0.5, 2.0]]]))
+    assert obs[0, 0].tolist() == pytest.approx([0.05, 0.1])
+    assert reward.item() == pytest.approx(-math.hypot(0.25, 0.3))
+    assert not done.item()
+    # within 0.01 of the goal in both coordinates: done, reward minus the remaining distance
+    state, obs = env.reset({"goal": torch.tensor([[0.095, -0.003]])}, 1)
+    state, obs, reward, done = env.step(state, torch.tensor([[[1.0, 0.0]]]))
+    assert done.item() and reward.item() == pytest.approx(-math.hypot(0.005, 0.003))
+
+
+def test_nav2d_batched_step_equals_a_scalar_loop_over_random_actions_and_goals():
+    torch.manual_seed(0)
+    env, tasks, trajectories, horizon = Nav2D(), 3, 4, 30
+    goals = torch.rand(tasks, 2, dtype=torch.float64) - 0.5
+    actions = torch.randn(tasks, trajectories, horizon, 2, dtype=torch.float64) * 1.5
+    steps = iter(actions.unbind(2))
+    sampled = rollout(env, {"goal": goals}, trajectories, lambda obs: next(steps), horizon)
+    for t in range(tasks):
+        for n in range(trajectories):
+            x = y = 0.0
+            alive = 1.0
+            for step in range(horizon):
+                assert sampled.mask[t, n, step].item() == alive
+                ax, ay = actions[t, n, step].tolist()
+                x += min(max(0.1 * ax, -0.1), 0.1)
+                y += min(max(0.1 * ay, -0.1), 0.1)
+                dx, dy = x - goals[t, 0].item(), y - goals[t, 1].item()
+                assert sampled.rewards[t, n, step].item() == pytest.approx(-math.hypot(dx, dy) * alive, abs=1e-12)
+                if alive and abs(dx) < 0.01 and abs(dy) < 0.01:
+                    alive = 0.0
+
+
+def test_an_episode_that_reaches_the_goal_is_masked_from_then_on():
+    env = Nav2D()
+    goal = torch.tensor([[0.25, 0.0]])
+    sampled = rollout(env, {"goal": goal}, 1, lambda obs: torch.tensor([[[1.0, 0.0]]]) if obs[0, 0, 0] < 0.2
+                      else torch.tensor([[[0.5, 0.0]]]), horizon=6)
+    # positions 0.1, 0.2, 0.25 (done at the third step), then masked
+    assert sampled.mask[0, 0].tolist() == [1, 1, 1, 0, 0, 0]
+    assert sampled.rewards[0, 0, 3:].abs().sum() == 0
+    assert sampled.returns()[0, 0].item() == pytest.approx(-(0.15 + 0.05 + 0.0), abs=1e-6)
+
+
+def test_goals_are_uniform_in_the_square_and_depend_only_on_the_seed():
+    goals = MDPTasks(Nav2D()).sample(2000, torch.Generator().manual_seed(3)).params["goal"]
+    assert goals.min() >= -0.5 and goals.max() <= 0.5
+    assert goals.mean(0).abs().max() < 0.03 and (goals.var(0) - 1 / 12).abs().max() < 0.01
+    again = MDPTasks(Nav2D()).sample(2000, torch.Generator().manual_seed(3)).params["goal"]
+    assert torch.equal(goals, again)
+
+
+# -- the baseline and the policy gradient ----------------------------------------------------------
+
+
+def test_linear_baseline_is_the_ridge_least_squares_fit_of_each_task():
+    torch.manual_seed(1)
+    observations = torch.randn(3, 4, 6, 2, dtype=torch.float64)
+    targets = torch.randn(3, 4, 6, dtype=torch.float64)
+    mask = torch.ones(3, 4, 6, dtype=torch.float64)
+    mask[1, 2, 4:] = 0  # a trajectory that ended early
+    fitted = fit_linear_baseline(observations, mask, targets)
+    features = baseline_features(observations)
+    for t in range(3):
+        rows = mask[t].bool()
+        x, y = features[t][rows], targets[t][rows]
+        # ridge regression as least squares on [X; sqrt(reg) I] w = [y; 0]
+        reg = 1e-5
+        stacked_x = torch.cat([x, math.sqrt(reg) * torch.eye(x.shape[1], dtype=x.dtype)])
+        stacked_y = torch.cat([y, torch.zeros(x.shape[1], dtype=x.dtype)])
+        w = torch.linalg.lstsq(stacked_x, stacked_y.unsqueeze(-1)).solution.squeeze(-1)
+        torch.testing.assert_close(fitted[t], features[t] @ w, rtol=1e-7, atol=1e-9)
+    # features: obs, obs^2, t/100, (t/100)^2, (t/100)^3, 1
+    assert features[0, 0, 3].tolist() == pytest.approx(
+        [*observations[0, 0, 3].tolist(), *(observations[0, 0, 3] ** 2).tolist(), 0.03, 0.0009, 0.000027, 1.0])
+
+
+def test_advantages_are_standardised_returns_minus_baseline_per_task():
+    learner = small_learner(torch.float64)
+    torch.manual_seed(0)
+    sampled = learner._rollout(nav_batch(2, dtype=torch.float64), dict(learner.policy.named_parameters()), False, 4)
+    adv = advantages(sampled, 0.99)
+    for t in range(2):
+        values = adv[t][sampled.mask[t].bool()]
+        assert values.mean().item() == pytest.approx(0.0, abs=1e-9)
+        assert values.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-6)
+    rewards_to_go = sampled.rewards_to_go(0.5)
+    assert rewards_to_go[0, 0, -2].item() == pytest.approx(
+        sampled.rewards[0, 0, -2].item() + 0.5 * sampled.rewards[0, 0, -1].item())
+
+
+def test_policy_gradient_estimate_matches_the_exact_gradient_of_a_gaussian_bandit():
+    """One-step bandit, reward -(a - c)^2 summed over 2 action dims, a ~ N(mu, sigma^2):
+    J = -sum((mu - c)^2 + sigma^2), dJ/dmu = -2 (mu - c), dJ/dlog_sigma = -2 sigma^2. The
+    REINFORCE surrogate's gradient (the inner loss without a baseline) estimates it."""
+    torch.manual_seed(0)
+    learner = small_learner(torch.float64)
+    n = 200_000
+    obs = torch.zeros(1, n, 1, 2, dtype=torch.float64)
+    params = {k: v.detach() for k, v in learner.policy.named_parameters()}
+    mean, log_std = learner.policy(obs)
+    actions = (mean + log_std.exp() * torch.randn_like(mean)).detach()
+    c = torch.tensor([0.3, -0.4], dtype=torch.float64)
+    reward = -(actions - c).square().sum(-1)
+    params = {k: v.requires_grad_() for k, v in params.items()}
+    loss = learner._inner_loss(params, obs[0], actions[0], reward[0], torch.ones_like(reward[0]))
+    grads = torch.autograd.grad(-loss, [params["mean.4.bias"], params["log_std"]])
+    mu, sigma = mean[0, 0, 0].detach(), log_std[0, 0, 0].exp().detach()
+    exact_mu, exact_log_std = -2 * (mu - c), -2 * sigma ** 2
+    # Monte-Carlo standard error of the estimator of each gradient entry
+    score_mu = (actions[0, :, 0] - mu) / sigma ** 2 * reward[0, :, 0, None]
+    error = score_mu.std(0) / math.sqrt(n)
+    assert ((grads[0] - exact_mu).abs() < 4 * error).all(), (grads[0], exact_mu, error)
+    assert (grads[1] - exact_log_std).abs().max() < 0.05 * exact_log_std.abs().max()
+
+
+# -- conjugate gradient, Fisher-vector product, TRPO -------------------------------------------------
+
+
+def test_conjugate_gradient_solves_a_symmetric_positive_definite_system():
+    torch.manual_seed(0)
+    a = torch.randn(8, 8, dtype=torch.float64)
+    matrix = a @ a.T + 0.5 * torch.eye(8, dtype=torch.float64)
+    b = torch.randn(8, dtype=torch.float64)
+    x = conjugate_gradient(lambda v: matrix @ v, b, iters=8)
+    torch.testing.assert_close(x, torch.linalg.solve(matrix, b), rtol=1e-8, atol=1e-10)
+    assert conjugate_gradient(lambda v: matrix @ v, torch.zeros(8, dtype=torch.float64)).abs().max() == 0
+
+
+def as_function_of_flat(function, theta):
+    """``function(params dict)`` as a function of one flat vector of ``theta``'s shapes."""
+    names, shapes, sizes = list(theta), [p.shape for p in theta.values()], [p.numel() for p in theta.values()]
+    return lambda vector: function(dict(zip(names, (p.view(s) for p, s in zip(vector.split(sizes), shapes)))))
+
+
+@pytest.mark.parametrize("inner_steps", [1, 0])
+def test_fisher_vector_product_equals_the_explicit_hessian_of_the_mean_kl(inner_steps):
+    """TRPO's curvature products (double backward through the inner step) against the explicit
+    Hessian of the mean KL, and against J^T G J built independently: J the explicit Jacobian of
+    the adapted policies' outputs in theta, G the Gaussian's Fisher matrix (1/std^2 for the
+    mean, 2 for the log-std) with the objective's weights."""
+    learner = small_learner(torch.float64, inner_steps=inner_steps, hidden=3)
+    torch.manual_seed(2)
+    meta = learner.meta_objective(nav_batch(3, dtype=torch.float64))
+    theta = {k: v.detach() for k, v in learner.policy.named_parameters()}
+    flat_theta = flat(theta.values())
+    hessian = torch.autograd.functional.hessian(as_function_of_flat(lambda p: meta.objective(p)[1], theta), flat_theta)
+
+    observations, mask = meta.evaluation.observations, meta.evaluation.mask
+    outputs = as_function_of_flat(lambda p: torch.cat(learner._distribution(meta.adapted(p), True, observations), -1),
+                                  theta)
+    jacobian = torch.autograd.functional.jacobian(outputs, flat_theta).flatten(0, -2)  # (tasks*N*H*4, P)
+    old_log_std = outputs(flat_theta)[..., 2:]
+    weight = (mask / mask.sum((1, 2), keepdim=True) / mask.shape[0]).unsqueeze(-1)
+    fisher_diagonal = torch.cat([weight * torch.exp(-2 * old_log_std), 2 * weight.expand_as(old_log_std)], -1)
+    fisher = jacobian.T @ (fisher_diagonal.reshape(-1, 1) * jacobian)
+    torch.testing.assert_close(hessian, fisher, rtol=1e-6, atol=1e-9)
+
+    leaves = {k: v.clone().requires_grad_() for k, v in theta.items()}
+    product = kl_hessian_vector(meta.objective(leaves)[1], list(leaves.values()))
+    torch.manual_seed(3)
+    for _ in range(3):
+        v = torch.randn(hessian.shape[0], dtype=torch.float64)
+        torch.testing.assert_close(product(v), hessian @ v, rtol=1e-7, atol=1e-10)
+
+
+def test_meta_gradient_through_the_inner_step_equals_a_per_task_autograd_loop():
+    """The surrogate's gradient in theta, through the VPG step (vmap + torch.func), against
+    autograd.grad(create_graph=True) task by task on the same trajectories."""
+    learner = small_learner(torch.float64, hidden=4)
+    torch.manual_seed(5)
+    meta = learner.meta_objective(nav_batch(3, dtype=torch.float64))
+    theta = {k: v.detach().clone().requires_grad_() for k, v in learner.policy.named_parameters()}
+    loss, _ = meta.objective(theta)
+    batched = torch.autograd.grad(loss, list(theta.values()))
+
+    from torch.func import functional_call
+
+    (inner, inner_advantage), = meta.inner
+    evaluation, advantage = meta.evaluation, meta.advantage
+    total = 0.0
+    for t in range(3):
+        mean, log_std = functional_call(learner.policy, theta, (inner.observations[t],))
+        logp = gaussian_log_prob(inner.actions[t], mean, log_std)
+        mask = inner.mask[t]
+        inner_loss = -(logp * inner_advantage[t] * mask).sum() / mask.sum()
+        grads = torch.autograd.grad(inner_loss, list(theta.values()), create_graph=True)
+        adapted = {k: p - 0.1 * g for (k, p), g in zip(theta.items(), grads)}
+        mean, log_std = functional_call(learner.policy, adapted, (evaluation.observations[t],))
+        ratio = torch.exp(gaussian_log_prob(evaluation.actions[t], mean, log_std) - meta.old_log_prob[t])
+        mask = evaluation.mask[t]
+        total = total - (ratio * advantage[t] * mask).sum() / mask.sum() / 3
+    looped = torch.autograd.grad(total, list(theta.values()))
+    assert abs(float(total.detach()) - float(loss.detach())) < 1e-12
+    for a, b in zip(batched, looped):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_first_order_drops_the_second_derivative_of_the_inner_step():
+    learner = small_learner(torch.float64, first_order=True, hidden=4)
+    torch.manual_seed(5)
+    meta = learner.meta_objective(nav_batch(2, dtype=torch.float64))
+    theta = {k: v.detach().clone().requires_grad_() for k, v in learner.policy.named_parameters()}
+    adapted = meta.adapted(theta)
+    # d(adapted)/d(theta) is the identity per task: the gradient of sum(adapted) is the task count
+    grads = torch.autograd.grad(sum(p.sum() for p in adapted.values()), list(theta.values()))
+    assert all(torch.equal(g, torch.full_like(g, 2.0)) for g in grads)
+
+
+def test_trpo_step_keeps_the_kl_within_the_bound_and_improves_the_surrogate():
+    learner = small_learner(torch.float64)
+    torch.manual_seed(0)
+    meta = learner.meta_objective(nav_batch(4, dtype=torch.float64))
+    theta = {k: v.detach().clone().requires_grad_() for k, v in learner.policy.named_parameters()}
+    for max_kl in (0.01, 1e-4):
+        new, info = trpo_step(meta.objective, theta, max_kl)
+        with torch.no_grad():
+            loss, kl = meta.objective(new)
+            before, kl_before = meta.objective(theta)
+        assert kl_before.item() == pytest.approx(0.0, abs=1e-12)
+        assert 0 < kl.item() <= max_kl
+        assert loss.item() < before.item()
+        assert info["kl"] == pytest.approx(kl.item())
+        # the quadratic model is good here: the step is near the bound
+        assert kl.item() > 0.3 * max_kl
+
+
+def test_meta_loss_gradient_is_minus_the_trpo_step():
+    learner = small_learner()
+    torch.manual_seed(0)
+    batch = nav_batch(3)
+    before = {k: v.detach().clone() for k, v in learner.policy.named_parameters()}
+    loss, metrics = learner.meta_loss(batch)
+    loss.backward()
+    with torch.no_grad():
+        for p in learner.parameters():
+            p -= p.grad
+    assert metrics["kl"] <= 0.01 and set(metrics) >= {"return", "return_adapted", "env_steps_per_s"}
+    moved = sum((p.detach() - before[k]).square().sum() for k, p in learner.policy.named_parameters())
+    assert moved.item() == pytest.approx(2 * loss.item(), rel=1e-5)
+
+
+def test_outer_gradient_returns_the_meta_objective_for_the_trainers_optimiser():
+    learner = small_learner(torch.float64, outer="gradient")
+    torch.manual_seed(0)
+    batch = nav_batch(3, dtype=torch.float64)
+    loss, metrics = learner.meta_loss(batch)
+    torch.manual_seed(0)
+    meta = learner.meta_objective(batch)
+    expected, _ = meta.objective(dict(learner.policy.named_parameters()))
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-12) and "return_adapted" in metrics
+    assert learner.chunking_refused() is None and small_learner().chunking_refused() is not None
+
+
+def test_evaluation_scores_the_return_before_and_after_each_step():
+    learner = small_learner(test_inner_steps=2)
+    batch = nav_batch(3)
+    torch.manual_seed(0)
+    scores = learner.episode_scores(batch)
+    assert scores.shape == (3, 3) and (scores < 0).all()
+    torch.manual_seed(0)
+    assert torch.equal(learner.episode_scores(batch, per_step=False), scores[-1:])
+
+
+# -- training through the library's trainer -----------------------------------------------------------
+
+FAST = ["--meta-batch-size", 4, "--trajectories", 4, "--test-trajectories", 4, "--horizon", 10, "--hidden", 8,
+        "--eval-episodes", 4, "--checkpoint-every", 2, "--no-progress"]
+
+
+def test_resume_continues_bit_exactly(tmp_path, capsys):
+    code, out, err = run(["train", "maml-rl", "--steps", 4, "--run-dir", tmp_path / "whole", "--no-eval", *FAST], capsys)
+    assert code == 0, err
+    code, _, err = run(["train", "maml-rl", "--steps", 2, "--run-dir", tmp_path / "split", "--no-eval", *FAST], capsys)
+    assert code == 0, err
+    code, _, err = run(["train", "maml-rl", "--steps", 4, "--run-dir", tmp_path / "split", "--resume", "--no-eval",
+                        *FAST], capsys)
+    assert code == 0, err
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["learner"]
+    split = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["learner"]
+    assert all(torch.equal(whole[k], split[k]) for k in whole)
+    read = lambda run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda records: [{k: v for k, v in r.items() if k in ("return", "return_adapted", "kl", "loss")}
+                             for r in records]
+    assert strip(read("whole")) == strip(read("split"))
+
+
+def test_eval_writes_returns_after_0_to_3_steps_with_a_confidence_interval(tmp_path, capsys):
+    code, out, err = run(["train", "maml-rl", "--steps", 1, "--run-dir", tmp_path / "run", "--no-eval", *FAST], capsys)
+    assert code == 0, err
+    code, out, err = run(["eval", tmp_path / "run", "--no-progress"], capsys)
+    assert code == 0, err
+    assert "average return" in out and "after 0..3 policy-gradient steps" in out
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert result["metric"] == "return" and len(result["per_step"]) == 4 and result["episodes"] == 4
+    assert result["ci95"] > 0 and len(result["per_step_ci95"]) == 4
+    # what does not apply to an environment is refused in one line
+    (tmp_path / "other").symlink_to(tmp_path / "run")
+    for args in (["eval", tmp_path / "run", "--shots", 5], ["compare", tmp_path / "run", tmp_path / "other"]):
+        code, _, err = run(args, capsys)
+        assert code != 0 and "reinforcement-learning" in err and err.strip().count("\n") == 0
+    code, out, err = run(["plot", tmp_path / "run"], capsys)
+    assert code == 0, err
+    for name in ("learning_curves.png", "returns_per_step.png", "trajectories.png"):
+        assert (tmp_path / "run" / "plots" / name).stat().st_size > 0
+
+
+def test_meta_training_improves_the_return_after_one_step():
+    """A short meta-training on nav2d (8 TRPO steps of 10 tasks) raises the average return
+    after one policy-gradient step on held-out goals, well beyond its standard error."""
+    from metalearn.evaluation import evaluate
+
+    torch.manual_seed(0)
+    config = MAMLRLConfig(trajectories=10, test_trajectories=10, horizon=30, hidden=32, test_inner_steps=1)
+    learner = MAMLRL(GaussianMLPPolicy(2, 2, 32), config)
+    source = MDPTasks(Nav2D())
+    before = evaluate(learner, source, 40, seed=123)
+    optimizer = torch.optim.SGD(learner.parameters(), lr=1.0)  # the TRPO step, as the trainer takes it
+    for step in range(8):
+        batch = source.sample(10, torch.Generator().manual_seed(step))
+        torch.manual_seed(step)
+        optimizer.zero_grad()
+        loss, _ = learner.meta_loss(batch)
+        loss.backward()
+        optimizer.step()
+    after = evaluate(learner, source, 40, seed=123)
+    gain = after["per_step"][1] - before["per_step"][1]
+    assert gain > 3 * (before["ci95"] + after["ci95"]) / 1.96, (before["per_step"], after["per_step"])
+
+
+# -- errors --------------------------------------------------------------------------------------------
+
+
+def test_unknown_environment_is_one_line(capsys):
+    code, out, err = run(["train", "maml-rl", "--env", "moon-lander", "--print-config"], capsys)
+    assert code != 0 and "Traceback" not in err
+    assert err.strip().count("\n") == 0 and "nav2d" in err and "moon-lander" in err
+
+
+def test_supervised_method_on_an_environment_and_back_are_refused(capsys):
+    code, _, err = run(["train", "maml", "--env", "nav2d", "--print-config"], capsys)
+    assert code != 0 and "maml-rl" in err and err.strip().count("\n") == 0
+    code, _, err = run(["train", "maml-rl", "--dataset", "sinusoid", "--print-config"], capsys)
+    assert code != 0 and "nav2d" in err and err.strip().count("\n") == 0
+
+
+def test_missing_rl_extra_names_the_install_command(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gymnasium", None)  # import gymnasium now fails
+    code, _, err = run(["train", "maml-rl", "--env", "cheetah-vel", "--print-config"], capsys)
+    assert code != 0 and "Traceback" not in err
+    assert 'pip install -e ".[rl]"' in err and err.strip().count("\n") == 0
+
+
+# -- half-cheetah (the rl extra; skipped without it) --------------------------------------------------
+
+
+def test_cheetah_rewards_follow_the_paper_from_the_simulator_velocity():
+    pytest.importorskip("mujoco")
+    pytest.importorskip("gymnasium")
+    from metalearn.envs.cheetah import HalfCheetah
+
+    for goal, params in (("velocity", {"velocity": torch.tensor([0.5, 1.5])}),
+                         ("direction", {"direction": torch.tensor([1.0, -1.0])})):
+        env = HalfCheetah(goal)
+        torch.manual_seed(0)
+        state, obs = env.reset(params, 2)
+        assert obs.shape == (2, 2, 17)
+        action = torch.randn(2, 2, 6) * 1.5
+        positions = [e.unwrapped.data.qpos[0] for e in state["envs"]]
+        state, obs, reward, done = env.step(state, action)
+        dt = state["envs"][0].unwrapped.dt
+        velocity = torch.tensor([(e.unwrapped.data.qpos[0] - x) / dt for e, x in zip(state["envs"], positions)],
+                                dtype=torch.float32).view(2, 2)
+        target = params[goal][:, None]
+        progress = -(velocity - target).abs() if goal == "velocity" else target * velocity
+        expected = progress - 0.05 * action.clamp(-1, 1).square().sum(-1)
+        torch.testing.assert_close(reward, expected, rtol=1e-5, atol=1e-5)
+        assert not done.any()
+
+
+def test_cheetah_meta_step_runs_through_the_trainer(tmp_path, capsys):
+    pytest.importorskip("mujoco")
+    pytest.importorskip("gymnasium")
+    code, out, err = run(["train", "maml-rl", "--env", "cheetah-dir", "--steps", 1, "--run-dir", tmp_path / "run",
+                          *FAST], capsys)
+    assert code == 0, err
+    assert "average return" in out
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["kl"] <= 0.01 and math.isfinite(record["return_adapted"])
+
+
+def test_task_chunk_is_refused_in_one_line(capsys):
+    code, _, err = run(["train", "maml-rl", "--task-chunk", 2, "--print-config"], capsys)
+    assert code != 0 and "TRPO step" in err and "torchrun" in err and err.strip().count("\n") == 0
+
+
+def test_a_tasks_rollouts_do_not_depend_on_the_other_tasks_of_its_batch():
+    """Each task draws from its own seed: a task alone (a torchrun rank's share) gets the
+    trajectories it gets within the whole batch, and the adapted policy's ones as well."""
+    learner = small_learner()
+    batch = nav_batch(5, seed=4)
+    whole = learner.adapted_trajectories(batch, 1)
+    part = learner.adapted_trajectories(batch.select(slice(3, 5)), 1)
+    for a, b in zip(whole, part):
+        torch.testing.assert_close(a.actions[3:], b.actions, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.rewards[3:], b.rewards, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(whole[0].actions[0], whole[0].actions[1])  # tasks draw differently

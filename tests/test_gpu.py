@@ -39,6 +39,8 @@ VARIANTS = [
     ("matchingnet", {"full_context_embeddings": True}),
     ("reptile", {}),
     ("reptile", {"transductive": False}),
+    ("memory", {"memory_size": 64, "choose_k": 8, "dropout": 0.0}),  # dropout: the GPU draws other masks
+    ("memory", {"memory_size": 64, "choose_k": 8, "model": "conv4-embedding", "dropout": 0.0}),
 ]
 
 
@@ -99,7 +101,7 @@ def omniglot_args(method, data_dir, *extra):
             "--meta-batch-size", 2, "--val-every", 0, "--no-progress", "--data-dir", data_dir, *extra]
 
 
-@pytest.mark.parametrize("method", ["maml", "platipus", "protonet", "matchingnet", "reptile"])
+@pytest.mark.parametrize("method", ["maml", "platipus", "protonet", "matchingnet", "reptile", "memory"])
 def test_train_and_evaluate_on_the_gpu_then_evaluate_the_checkpoint_on_the_cpu(method, omniglot_data_dir,
                                                                                 tmp_path):
     run_dir = tmp_path / "run"

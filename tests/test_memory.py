@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -315,3 +316,20 @@ def test_a_checkpoint_of_another_memory_size_is_refused(tmp_path, capsys, omnigl
                         "--data-dir", omniglot_data_dir], capsys)
     assert code == 2 and "Traceback" not in err
     assert "memory-size is 32 but the checkpoint's memory has 16 slots" in err
+
+
+def test_the_lifelong_protocol_runs_on_the_episode_shape_asked_for(tmp_path, capsys, omniglot_data_dir):
+    code, _, err = run(["train", "memory", "--ways", 3, "--shots", 1, "--query", 1, "--memory-size", 16, "--choose-k", 4,
+                        "--key-dim", 8, "--model", "conv4-embedding", "--steps", 1, "--meta-batch-size", 1, "--val-every", 0,
+                        "--no-eval", "--no-progress", "--run-dir", tmp_path / "r", "--data-dir", omniglot_data_dir], capsys)
+    assert code == 0, err
+    code, out, err = run(["eval", tmp_path / "r", "--protocol", "lifelong", "--ways", 4, "--query", 2, "--episodes", 3,
+                          "--no-progress", "--data-dir", omniglot_data_dir], capsys)
+    assert code == 0, err
+    written = tmp_path / "r" / "eval-episodes=3-protocol=lifelong-query=2-ways=4.json"
+    assert f"written to {written}" in out
+    result = json.loads(written.read_text())
+    # 4 classes shown 1 + 2 times each: 0- to 2-shot scored, 3- to 5-shot absent
+    assert (result["episode_width"], result["episode_length"], result["episodes"]) == (4, 12, 3)
+    assert result["k_shot"][0] == 0.0 and all(math.isnan(v) for v in result["k_shot"][3:])
+    assert all(0 <= v <= 100 for v in result["k_shot"][1:3]) and len(result["k_shot_ci95"]) == 6

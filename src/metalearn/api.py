@@ -190,10 +190,12 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     ``eval-protocol=<name>.json``.
     """
     config, learner, step = load_trained(run_dir, overrides)
-    if protocol is not None:
+    if protocol is not None:  # on the run's test shape, or ``episode_shape`` (e.g. 20-way episodes)
+        labels = {**evaluation_labels(config, overrides, episode_shape, episodes, seed), "protocol": protocol}
+        if episode_shape:
+            config = with_test_shape(config, episode_shape)
         return _evaluate_protocol(run_dir, config, learner, step, protocol, part, episodes, seed, data_dir, progress,
-                                  world or init_world(device, exact_gpu_kernels=exact_gpu_kernels),
-                                  {**evaluation_labels(config, overrides, None, episodes, seed), "protocol": protocol})
+                                  world or init_world(device, exact_gpu_kernels=exact_gpu_kernels), labels)
     members = []
     if ensemble:
         from metalearn.evaluation import Ensemble

@@ -75,6 +75,7 @@ from metalearn.algorithms.base import MetaLearner, Problem, require_functional_m
 from metalearn.algorithms.protonet import embed_episodes
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.models import build_model, output_size
+from metalearn.models.norm import first_order_batch_norm
 from metalearn.options import option
 from metalearn.tasks.batch import TaskBatch
 
@@ -362,7 +363,8 @@ class MemoryModule(MetaLearner):
     def queries(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
         """Unit query vectors of each task's support and query examples: (tasks, n_support,
         key_dim) and (tasks, n_query, key_dim); dropout on the embedding while training."""
-        support, query = embed_episodes(self.model, batch)
+        with first_order_batch_norm():  # differentiated once: torch's native kernel is right, and faster
+            support, query = embed_episodes(self.model, batch)
         embeddings = torch.cat([support, query], dim=1)
         if self.training and self.config.dropout > 0:
             embeddings = F.dropout(embeddings, self.config.dropout)
@@ -516,13 +518,15 @@ def lifelong_accuracy(learner: MemoryModule, source: Any, episodes: int = 1000, 
     episode_length)`` slots (the same predictions as ``memory_size``: no slot is ever reused).
 
     Returns ``k_shot``: accuracies in percent, k = 0 .. max_shot (NaN for a k the episodes lack),
-    ``overall``: accuracy over all examples, ``episodes``.
+    ``k_shot_ci95``: their 95% confidence intervals (1.96 standard errors of the per-episode
+    accuracies, as the standard evaluation's), ``overall``: accuracy over all examples, ``episodes``, and the episodes' ``episode_width``
+    (classes) and ``episode_length`` (examples).
     """
     config = learner.config
     generator = torch.Generator().manual_seed(seed)
-    correct = torch.zeros(max_shot + 1, dtype=torch.float64)
-    shown = torch.zeros(max_shot + 1, dtype=torch.float64)
+    correct, shown = [], []  # per chunk: (episodes, max_shot + 1) counts on each k-th showing
     total_correct, total = 0.0, 0.0
+    width = length = 0
     was_training = learner.training
     learner.eval()
     device = next(learner.parameters()).device
@@ -536,6 +540,7 @@ def lifelong_accuracy(learner: MemoryModule, source: Any, episodes: int = 1000, 
                 support, query = learner.queries(batch)
             examples = torch.cat([support, query], dim=1)
             labels = torch.cat([batch.support_y, batch.query_y], dim=1)
+            width, length = ways, labels.shape[1]
             order = class_rounds(labels, ways)  # (tasks, rounds, ways)
             # a fresh class order in every round of every episode
             shuffle = torch.rand(order.shape, generator=generator).argsort(-1).to(device)
@@ -543,6 +548,8 @@ def lifelong_accuracy(learner: MemoryModule, source: Any, episodes: int = 1000, 
             slots = min(config.memory_size, labels.shape[1])
             memory = empty_memory(count, slots, config.key_dim, device, examples.dtype)
             rows = torch.arange(count, device=device)
+            chunk_correct = torch.zeros(count, max_shot + 1, dtype=torch.float64)
+            chunk_shown = torch.zeros(count, max_shot + 1, dtype=torch.float64)
             for p in range(sequence.shape[1]):
                 index = sequence[:, p]
                 present = index >= 0
@@ -556,15 +563,29 @@ def lifelong_accuracy(learner: MemoryModule, source: Any, episodes: int = 1000, 
                 right = (found.prediction[:, 0] == v[:, 0]) & present
                 shot = p // ways
                 if shot <= max_shot:
-                    correct[shot] += float(right.sum())
-                    shown[shot] += float(present.sum())
+                    chunk_correct[:, shot] += right.cpu()
+                    chunk_shown[:, shot] += present.cpu()
                 total_correct += float(right.sum())
                 total += float(present.sum())
+            correct.append(chunk_correct)
+            shown.append(chunk_shown)
             done += count
     finally:
         learner.train(was_training)
-    k_shot = [float(100 * c / s) if s > 0 else math.nan for c, s in zip(correct, shown)]
-    return {"k_shot": k_shot, "overall": 100 * total_correct / max(total, 1), "episodes": episodes}
+    correct, shown = torch.cat(correct), torch.cat(shown)
+    k_shot, k_shot_ci95 = [], []
+    for k in range(max_shot + 1):
+        has = shown[:, k] > 0
+        if not bool(has.any()):
+            k_shot.append(math.nan)
+            k_shot_ci95.append(math.nan)
+            continue
+        k_shot.append(float(100 * correct[has, k].sum() / shown[has, k].sum()))
+        per_episode = 100 * correct[has, k] / shown[has, k]
+        n = per_episode.numel()
+        k_shot_ci95.append(1.96 * float(per_episode.std()) / math.sqrt(n) if n > 1 else 0.0)
+    return {"k_shot": k_shot, "k_shot_ci95": k_shot_ci95, "overall": 100 * total_correct / max(total, 1),
+            "episodes": episodes, "episode_width": width, "episode_length": length}
 
 
 def _ways(batch: TaskBatch) -> int:

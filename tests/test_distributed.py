@@ -86,7 +86,9 @@ def test_two_ranks_gather_maml_plus_plus_running_statistics_like_one_process(tmp
             "--no-eval", "--no-progress", "--data-dir", omniglot_data_dir]
     metalearn(args + ["--run-dir", tmp_path / "single"], tmp_path)
     torchrun(args + ["--run-dir", tmp_path / "double"], tmp_path)
-    assert_same_weights(tmp_path / "single", tmp_path / "double")
+    # Tolerance: the rank with one task runs it outside vmap with torch's native batch norm,
+    # which rounds its float32 statistics differently (~1e-6 relative on running variances ~1.3)
+    assert_same_weights(tmp_path / "single", tmp_path / "double", atol=1e-5)
     statistics = weights(tmp_path / "double")["model.features.0.1.running_var"]
     assert statistics.shape == (2, 64) and not torch.equal(statistics, torch.ones_like(statistics))
     v1 = [r for r in RunDir(tmp_path / "single").read_metrics() if "val_accuracy" in r]

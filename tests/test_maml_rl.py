@@ -15,7 +15,7 @@ from cli_runner import run
 from metalearn.algorithms.maml_rl import (MAMLRL, MAMLRLConfig, GaussianMLPPolicy, advantages, baseline_features,
                                           conjugate_gradient, fit_linear_baseline, flat, gaussian_log_prob,
                                           kl_hessian_vector, trpo_step)
-from metalearn.envs import MDPBatch, MDPTasks, Trajectories, rollout
+from metalearn.envs import MDPBatch, MDPTasks, rollout
 from metalearn.envs.nav2d import Nav2D
 
 

@@ -519,8 +519,9 @@ def lifelong_accuracy(learner: MemoryModule, source: Any, episodes: int = 1000, 
 
     Returns ``k_shot``: accuracies in percent, k = 0 .. max_shot (NaN for a k the episodes lack),
     ``k_shot_ci95``: their 95% confidence intervals (1.96 standard errors of the per-episode
-    accuracies, as the standard evaluation's), ``overall``: accuracy over all examples, ``episodes``, and the episodes' ``episode_width``
-    (classes) and ``episode_length`` (examples).
+    accuracies, as the standard evaluation's), ``overall``: accuracy over all examples,
+    ``episodes``, and the episodes' ``episode_width`` (classes) and ``episode_length``
+    (examples).
     """
     config = learner.config
     generator = torch.Generator().manual_seed(seed)

@@ -510,7 +510,6 @@ def sample_run(run_dir: Path | str, support: list[Path | str], num: int = 20, ou
     folders) with the trained generative method of ``run_dir``, and save them as a PNG grid
     (the inputs in the first row, the samples beneath) at ``out`` (default
     ``RUN_DIR/plots/samples.png``). The noise is seeded by ``seed``. Returns the path."""
-    from metalearn.data.images import prepare_images
     from metalearn.plotting_samples import plot_image_rows
 
     if not isinstance(num, int) or num < 1:
@@ -518,11 +517,10 @@ def sample_run(run_dir: Path | str, support: list[Path | str], num: int = 20, ou
     config = generative_run(run_dir)
     files = support_files(support)
     _, learner, step = load_trained(run_dir)
-    prepare = learner.problem.prepare or prepare_images  # as the training images were (Omniglot: inverted)
     images = []
     for file in files:
         try:
-            images.append(prepare([file], config.task.image_size, config.task.channels))
+            images.append(learner.prepare_images([file], config.task.image_size, config.task.channels))
         except MetalearnError:
             raise MetalearnError(f"--support {file} is not an image (give PNG or JPEG drawings of one "
                                  "character)") from None

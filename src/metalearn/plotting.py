@@ -11,6 +11,16 @@ from metalearn.algorithms import MetaLearner
 from metalearn.tasks.batch import TaskBatch
 
 
+def save_figure(fig, path: Path | str, dpi: int = 110) -> Path:
+    """Lay out ``fig``, write it as a PNG at ``path`` (its folder made if missing), close it."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+    return path
+
+
 def _pyplot():
     import matplotlib
 
@@ -70,11 +80,7 @@ def plot_learning_curves(records: list[dict], path: Path, title: str = "") -> Pa
             ax.set_title(f"{label} ({limits[2]} of {len(points)} points off the axis)")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def tasks_on_grid(batch: TaskBatch, true_function, x_range: tuple[float, float] = (-5.0, 5.0),
@@ -100,12 +106,7 @@ def draw_task_panels(on_grid: TaskBatch, draw_predictions, path: Path, title: st
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_regression_fits(learner: MetaLearner, batch: TaskBatch, true_function, path: Path,

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from metalearn.plotting import _pyplot
+from metalearn.plotting import _pyplot, save_figure
 
 # the authors' nav2d results behind the paper's Figure 5 (maml_rl, icml/icml_point_results_*.pkl:
 # mean over their 40 test goals of the average return after 0..3 steps)
@@ -41,12 +41,7 @@ def plot_adaptation_curves(curves: dict[str, dict[str, Any]], path: Path, title:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_navigation(before, after, goals: torch.Tensor, path: Path, title: str = "", shown: int = 5) -> Path:
@@ -75,12 +70,7 @@ def plot_navigation(before, after, goals: torch.Tensor, path: Path, title: str =
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="lower left")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _last_position(sampled, t: int, n: int, steps: int) -> torch.Tensor:

@@ -48,7 +48,7 @@ def plot_image_rows(entries: list[tuple[torch.Tensor, str | None]], path: Path |
     new row and fills rows of ``width`` images (default: the first entry's count, at least 10
     where a later entry has that many); a grey line parts one entry from the next. Strokes are
     drawn dark on white, as on paper. Returns ``path``."""
-    from metalearn.plotting import _pyplot
+    from metalearn.plotting import _pyplot, save_figure
 
     if width is None:
         width = max(entries[0][0].shape[0], min(10, max(images.shape[0] for images, _ in entries)))
@@ -78,9 +78,4 @@ def plot_image_rows(entries: list[tuple[torch.Tensor, str | None]], path: Path |
         spine.set_visible(False)
     if title:
         ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=130)

@@ -13,7 +13,6 @@ import torch
 
 from metalearn.algorithms import MetaLearner
 from metalearn.data.images import is_image_file
-from metalearn.data.images import prepare_images as prepare_as_photos
 from metalearn.errors import MetalearnError
 
 QUERY_CHUNK = 256  # query images classified per pass (with the whole support set)
@@ -74,15 +73,14 @@ def predict_new_classes(learner: MetaLearner, support: Path | str, query: list[P
     named like a support class (then ``accuracy`` is given too)."""
     names, files = read_support(support)
     query_files = read_query(query)
-    prepare_images = getattr(learner.problem, "prepare", None) or prepare_as_photos  # as the training images were
-    support_x = prepare_images([f for group in files for f in group], image_size, channels)
+    support_x = learner.prepare_images([f for group in files for f in group], image_size, channels)
     support_y = torch.tensor([c for c, group in enumerate(files) for _ in group])
     sampling = hasattr(learner, "sample_probabilities")
     learner.eval()
     means, spreads, query_images = [], [], []
     generator = torch.Generator().manual_seed(0)
     for start in range(0, len(query_files), QUERY_CHUNK):
-        query_x = prepare_images(query_files[start:start + QUERY_CHUNK], image_size, channels)
+        query_x = learner.prepare_images(query_files[start:start + QUERY_CHUNK], image_size, channels)
         query_images.append(query_x)
         if sampling:
             with torch.no_grad():

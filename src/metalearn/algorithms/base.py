@@ -130,8 +130,6 @@ class MetaLearner(nn.Module):
         as the training dataset's images were (Omniglot: strokes bright on dark);
         support_y: ``(n_support,)`` class ids in [0, ways), every class present.
         """
-        from metalearn.data.images import prepare_images
-
         shape = self.problem.input_shape if self.problem is not None else None
         if len(shape or ()) == 3:
             channels = channels or shape[0]
@@ -141,8 +139,7 @@ class MetaLearner(nn.Module):
             if image_size is None or channels is None:  # tensors as they are: the caller's network knows
                 images = torch.as_tensor(images)
                 return images.to(torch.float32).div(255.0) if images.dtype == torch.uint8 else images.float()
-            prepare_as_trained = getattr(self.problem, "prepare", None) or prepare_images
-            return prepare_as_trained(images, image_size, channels)
+            return self.prepare_images(images, image_size, channels)
 
         support, query = prepare(support_x), prepare(query_x)
         labels = torch.as_tensor(support_y, dtype=torch.long).reshape(-1)
@@ -160,6 +157,15 @@ class MetaLearner(nn.Module):
         device = device_of(self)
         query_y = torch.full((1, query.shape[0]), -1, dtype=torch.long)
         return TaskBatch(support[None], labels[None], query[None], query_y, ways=ways).to(device)
+
+    def prepare_images(self, images: Any, image_size: int, channels: int) -> Tensor:
+        """New images (files, PIL images, tensors) as inputs prepared the way this learner's
+        training images were: the training dataset's own preparation (``problem.prepare``,
+        Omniglot: strokes bright on dark), else :func:`metalearn.data.images.prepare_images`."""
+        from metalearn.data.images import prepare_images
+
+        prepare = getattr(self.problem, "prepare", None) or prepare_images
+        return prepare(images, image_size, channels)
 
     def fit_predict(self, support_x: Any, support_y: Any, query_x: Any, **prepare: Any) -> Tensor:
         """Adapt to one task's support set and classify its query images: class probabilities

@@ -173,6 +173,49 @@ def test_context_encodes_many_images_in_pieces_with_the_same_result(monkeypatch)
     assert passes == [4, 4, 4, 4, 4, 1]  # memory bounded by the piece, not by the number of sets
 
 
+def test_rank_batch_norm_is_torchs_batch_norm_in_one_process():
+    from metalearn.algorithms.statistician import RankBatchNorm2d
+
+    torch.manual_seed(0)
+    ours, reference = RankBatchNorm2d(5), torch.nn.BatchNorm2d(5)
+    with torch.no_grad():
+        for layer in (ours, reference):
+            layer.weight.copy_(torch.linspace(0.5, 2.0, 5))
+            layer.bias.copy_(torch.linspace(-1.0, 1.0, 5))
+    x = (torch.randn(6, 5, 4, 4, dtype=torch.float64) * 3 + 1).requires_grad_()
+    ours.double(), reference.double()
+    for _ in range(2):  # two steps: the running statistics move alike
+        out, ref = ours(x), reference(x)
+        torch.testing.assert_close(out, ref)
+        w = torch.randn_like(out)
+        torch.testing.assert_close(torch.autograd.grad((out * w).sum(), [x, ours.weight]),
+                                   torch.autograd.grad((ref * w).sum(), [x, reference.weight]))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(reference, name))
+    ours.eval(), reference.eval()
+    torch.testing.assert_close(ours(x), reference(x))
+
+
+def test_sample_dropout_pools_the_kept_images_and_counts_them():
+    model = tiny(StatisticianConfig(context_dim=6, latent_dim=3, hidden_dim=16, filters=4, sample_dropout=0.5))
+    sets = binary_images(3, 4)
+    h = model.encoder(sets.flatten(0, 1)).view(3, 4, -1)
+    keep = torch.tensor([[1.0, 0, 1, 1], [1, 1, 1, 1], [1, 0, 0, 0]])
+    masked = model.statistic(h, keep)
+    for i, kept in enumerate(keep.bool()):  # each set's context is that of its kept images alone
+        alone = model.statistic(h[i:i + 1, kept])
+        for a, b in zip(masked, alone):
+            torch.testing.assert_close(a[i:i + 1], b)
+    # training draws the mask per set (the first image always kept, the rest with 1 - p); evaluation keeps all
+    noise = model.set_noise(binary_images(200, 5), step=3, binarize=True)
+    assert bool((noise["keep"][:, 0] == 1).all()) and abs(float(noise["keep"][:, 1:].mean()) - 0.5) < 0.06
+    assert "keep" not in model.set_noise(sets, step=3, binarize=False)
+    with pytest.raises(ConfigError, match="sample_dropout"):
+        StatisticianConfig(sample_dropout=1.0)
+    with pytest.raises(ConfigError, match="encoder_norm"):
+        StatisticianConfig(encoder_norm="layer")
+
+
 def test_sets_follow_the_labels_and_bad_sets_are_refused():
     x = binary_images(1, 4)
     batch = TaskBatch(x, torch.tensor([[1, 0, 1, 0]]), x[:, :2], torch.tensor([[0, 1]]), ways=2)
@@ -209,11 +252,14 @@ def test_resume_is_bit_exact(tmp_path, omniglot_data_dir, capsys):
     assert_same_weights(straight, resumed, atol=0)
 
 
-def test_two_gloo_ranks_equal_one_process(tmp_path, omniglot_data_dir):
+@pytest.mark.parametrize("extra", [[], ["--encoder-norm", "batch", "--sample-dropout", 0.3]],
+                         ids=["plain", "batch-norm-sample-dropout"])
+def test_two_gloo_ranks_equal_one_process(tmp_path, omniglot_data_dir, extra):
     # Plain SGD (Adam's first steps are lr * sign(gradient)); shares of 2 and 1 tasks. The
-    # noise of a set follows its pixels, not the rank; only the float32 rounding of convolutions
-    # over other batch sizes differs (measured: at most 1e-4 of a tensor's update).
-    args = [*omniglot_args(omniglot_data_dir, 3), "--meta-optimizer", "sgd", "--meta-lr", 0.01]
+    # noise of a set follows its pixels, not the rank; batch-norm statistics are summed over the
+    # ranks; only the float32 rounding of convolutions over other batch sizes differs (measured:
+    # at most 1e-4 of a tensor's update).
+    args = [*omniglot_args(omniglot_data_dir, 3), "--meta-optimizer", "sgd", "--meta-lr", 0.01, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "METALEARN_DIST_TIMEOUT": "120"}
     for ranks, folder in ((None, "single"), (2, "double")):
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks else []

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalearn.algorithms.base import MetaLearner, Problem
+from metalearn.distributed import current_world
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.options import option
 from metalearn.tasks.batch import TaskBatch
@@ -51,6 +52,7 @@ from metalearn.tasks.batch import TaskBatch
 OWNER = "NeuralStatistician.Config"
 KL_DIRECTIONS = ("support-query", "query-support")
 BINARIZATIONS = ("dynamic", "threshold")
+ENCODER_NORMS = ("none", "batch", "group")
 IMAGE_SIZE = 28  # the paper's Omniglot decoder: 4 -> 8 -> 16 -> 14 -> 28 pixels
 LOGVAR_RANGE = (-12.0, 8.0)  # keeps exp() finite in float32 while the networks are still untrained
 # images encoded in one pass by `context`: an evaluation chunk of 50 20-way 5-shot episodes holds
@@ -77,6 +79,13 @@ class StatisticianConfig:
                                         "1 / (1 + a), a halved every --alpha-halve-every steps (0: the "
                                         "plain bound)")
     alpha_halve_every: int = option(500, "steps between halvings of --reweight-alpha")
+    encoder_norm: str = option("none", "normalisation after each convolution of the shared encoder: none; batch "
+                                       "(batch norm over the meta-batch's images in training, summed over torchrun's "
+                                       "ranks, running statistics at evaluation: the public re-implementations); "
+                                       "group (8 groups, each image on its own)")
+    sample_dropout: float = option(0.0, "training leaves each image of a set but the first out of the statistic "
+                                        "network's mean with this probability, and gives the network the number "
+                                        "pooled (0: off, every image pooled and no count)")
 
     def __post_init__(self):
         for name in ("context_dim", "latent_dim", "latent_layers", "hidden_dim", "filters", "alpha_halve_every"):
@@ -86,6 +95,12 @@ class StatisticianConfig:
         if self.kl_direction not in KL_DIRECTIONS:
             raise ConfigError(OWNER, "kl_direction", f"must be one of {', '.join(KL_DIRECTIONS)}, "
                                                      f"got {self.kl_direction!r}")
+        if self.encoder_norm not in ENCODER_NORMS:
+            raise ConfigError(OWNER, "encoder_norm", f"must be one of {', '.join(ENCODER_NORMS)}, "
+                                                     f"got {self.encoder_norm!r}")
+        drop = self.sample_dropout
+        if not isinstance(drop, (int, float)) or isinstance(drop, bool) or not 0 <= drop < 1:
+            raise ConfigError(OWNER, "sample_dropout", f"must be a probability in [0, 1), got {drop!r}")
         if self.binarize not in BINARIZATIONS:
             raise ConfigError(OWNER, "binarize", f"must be one of {', '.join(BINARIZATIONS)}, got {self.binarize!r}")
         alpha = self.reweight_alpha
@@ -127,15 +142,54 @@ def _conv(cin: int, cout: int, stride: int = 1, padding: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=padding)
 
 
+class RankBatchNorm2d(nn.BatchNorm2d):
+    """Batch norm whose training statistics are those of the whole meta-batch: under torchrun
+    each rank's channel sums are added over the ranks by a differentiable all-reduce, so two
+    ranks normalise (and differentiate) as one process does. Evaluation uses the running
+    statistics, so a set's context never depends on the other sets evaluated with it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(x)
+        count = torch.tensor(float(x.shape[0] * x.shape[2] * x.shape[3]), dtype=x.dtype, device=x.device)
+        sums = torch.cat([x.sum(dim=(0, 2, 3)), x.square().sum(dim=(0, 2, 3)), count.view(1)])
+        world = current_world(x.device)
+        if world.distributed:
+            from torch.distributed.nn.functional import all_reduce
+            sums = all_reduce(sums)
+        channels = self.num_features
+        total = sums[-1]
+        mean = sums[:channels] / total
+        var = (sums[channels:2 * channels] / total - mean.square()).clamp_min(0.0)
+        with torch.no_grad():
+            unbiased = var * (total / (total - 1).clamp_min(1.0))
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(unbiased.detach(), self.momentum)
+            self.num_batches_tracked += 1
+        shape = (1, channels, 1, 1)
+        return (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps) * self.weight.view(shape) \
+            + self.bias.view(shape)
+
+
+def _norm(kind: str, channels: int) -> list[nn.Module]:
+    if kind == "batch":
+        return [RankBatchNorm2d(channels)]
+    if kind == "group":
+        return [nn.GroupNorm(8, channels)]
+    return []
+
+
 class SharedEncoder(nn.Module):
     """x -> h: three blocks of two 3x3 convolutions and a stride-2 one, ``channels`` x (1, 2, 4)
-    feature maps, ELU: (n, 1, 28, 28) -> (n, 4 * channels * 4 * 4)."""
+    feature maps, each convolution followed by the ``norm`` layer (none, batch, group) and ELU:
+    (n, 1, 28, 28) -> (n, 4 * channels * 4 * 4)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, norm: str = "none"):
         super().__init__()
         layers, cin = [], 1
         for width in (channels, 2 * channels, 4 * channels):
-            layers += [_conv(cin, width), nn.ELU(), _conv(width, width), nn.ELU(), _conv(width, width, 2), nn.ELU()]
+            for conv in (_conv(cin, width), _conv(width, width), _conv(width, width, 2)):
+                layers += [conv, *_norm(norm, width), nn.ELU()]
             cin = width
         self.net = nn.Sequential(*layers)
         self.features = 4 * channels * 4 * 4
@@ -160,16 +214,27 @@ class ResidualMLP(nn.Module):
 
 class StatisticNetwork(nn.Module):
     """q(c | D): a fully connected layer per image, the mean over the set, two more layers and
-    the Gaussian's parameters. (sets, n, features) -> mean, logvar (sets, context_dim)."""
+    the Gaussian's parameters. (sets, n, features) -> mean, logvar (sets, context_dim).
 
-    def __init__(self, features: int, hidden: int, context_dim: int):
+    With ``counted`` (sample dropout, section 5.4's "sample dropout"), ``keep`` (sets, n) masks the
+    images that enter the mean, and the number kept is one more input of the layers after it."""
+
+    def __init__(self, features: int, hidden: int, context_dim: int, counted: bool = False):
         super().__init__()
+        self.counted = counted
         self.pre = nn.Sequential(nn.Linear(features, hidden), nn.ELU())
-        self.post = nn.Sequential(nn.Linear(hidden, hidden), nn.ELU(), nn.Linear(hidden, hidden), nn.ELU(),
-                                  nn.Linear(hidden, 2 * context_dim))
+        self.post = nn.Sequential(nn.Linear(hidden + int(counted), hidden), nn.ELU(), nn.Linear(hidden, hidden),
+                                  nn.ELU(), nn.Linear(hidden, 2 * context_dim))
 
-    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        return _split_gaussian(self.post(self.pre(h).mean(dim=1)))
+    def forward(self, h: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        e = self.pre(h)
+        if not self.counted:
+            return _split_gaussian(self.post(e.mean(dim=1)))
+        if keep is None:
+            keep = torch.ones(e.shape[:2], dtype=e.dtype, device=e.device)
+        count = keep.sum(dim=1, keepdim=True)
+        pooled = (e * keep.unsqueeze(-1)).sum(dim=1) / count
+        return _split_gaussian(self.post(torch.cat([pooled, count], dim=-1)))
 
 
 class GaussianLayer(nn.Module):
@@ -238,9 +303,9 @@ class NeuralStatistician(MetaLearner):
         super().__init__()
         self.config = config
         cfg = config
-        self.encoder = SharedEncoder(cfg.filters)
+        self.encoder = SharedEncoder(cfg.filters, cfg.encoder_norm)
         features = self.encoder.features
-        self.statistic = StatisticNetwork(features, cfg.hidden_dim, cfg.context_dim)
+        self.statistic = StatisticNetwork(features, cfg.hidden_dim, cfg.context_dim, counted=cfg.sample_dropout > 0)
         self.inference = nn.ModuleList(GaussianLayer(features, cfg.context_dim, cfg.latent_dim, cfg.hidden_dim, l > 0)
                                        for l in range(cfg.latent_layers))
         self.latent_decoders = nn.ModuleList(GaussianLayer(0, cfg.context_dim, cfg.latent_dim, cfg.hidden_dim, l > 0)
@@ -274,6 +339,11 @@ class NeuralStatistician(MetaLearner):
 
     def start_step(self, step: int) -> None:
         self.step = step
+
+    def chunking_refused(self) -> str | None:
+        if self.config.encoder_norm == "batch":
+            return "statistician with --encoder-norm batch (its statistics span the whole meta-batch)"
+        return None
 
     # -- sets ----------------------------------------------------------------------------------
 
@@ -311,7 +381,9 @@ class NeuralStatistician(MetaLearner):
 
     def set_noise(self, sets: Tensor, step: int, binarize: bool) -> dict[str, Tensor]:
         """The noise of each set: uniforms for its binarisation (sets, n, 1, H, W) (when
-        ``binarize``), standard normals for c (sets, context_dim) and for z (sets, n, L, latent_dim).
+        ``binarize``, i.e. in training), standard normals for c (sets, context_dim) and for z
+        (sets, n, L, latent_dim), and in training with sample dropout the mask "keep" (sets, n)
+        of the images that enter the statistic (the first always does).
 
         Drawn from one generator per set seeded by the set's pixels and ``step``: a set gets the
         same noise whichever batch or rank it is in, so the distributed meta-gradient is the one
@@ -321,15 +393,20 @@ class NeuralStatistician(MetaLearner):
         codes = torch.round(sets.detach().flatten(1) * 255).to(torch.int64)
         weights = torch.randint(1, 2**31 - 1, (pixels,), generator=torch.Generator().manual_seed(0)).to(codes.device)
         keys = ((codes * weights).sum(-1) % (2**61 - 1)).tolist()
-        uniforms, context, latent = [], [], []
+        uniforms, context, latent, keep = [], [], [], []
+        drop = cfg.sample_dropout if binarize else 0.0
         for key in keys:
             g = torch.Generator().manual_seed((key * 1_000_003 + step * 7_919 + 17) % 2**62)
             if binarize:
                 uniforms.append(torch.rand(pixels, generator=g))
             context.append(torch.randn(cfg.context_dim, generator=g))
             latent.append(torch.randn(n, cfg.latent_layers, cfg.latent_dim, generator=g))
+            if drop > 0:
+                keep.append(torch.cat([torch.ones(1), (torch.rand(n - 1, generator=g) >= drop).float()]))
         to = dict(device=sets.device, dtype=sets.dtype)
         noise = {"c": torch.stack(context).to(**to), "z": torch.stack(latent).to(**to)}
+        if keep:
+            noise["keep"] = torch.stack(keep).to(**to)
         if binarize:
             noise["u"] = torch.stack(uniforms).view_as(sets).to(**to)
         return noise
@@ -347,7 +424,7 @@ class NeuralStatistician(MetaLearner):
                      "z": torch.randn(*sets.shape[:2], cfg.latent_layers, cfg.latent_dim, device=sets.device,
                                       dtype=sets.dtype)}
         h = self.encoder(sets.flatten(0, 1)).view(*sets.shape[:2], -1)  # (sets, n, features)
-        c_mean, c_logvar = self.statistic(h)
+        c_mean, c_logvar = self.statistic(h, noise.get("keep"))
         c = (c_mean + (0.5 * c_logvar).exp() * noise["c"]).unsqueeze(1)  # (sets, 1, context_dim)
         zs, kl_latent, z = [], 0.0, None
         for l in range(cfg.latent_layers):
@@ -383,8 +460,11 @@ class NeuralStatistician(MetaLearner):
                    "reconstruction": -r.mean().detach(), "kl_context": kc.mean().detach(),
                    "kl_latent": kz.mean().detach()}
         if batch.query_x.shape[1]:
+            was_training = self.training
+            self.eval()  # as evaluation classifies: running batch-norm statistics, no sample dropout
             with torch.no_grad():
                 logits = self.logits(batch)
+            self.train(was_training)
             metrics["accuracy"] = (logits.argmax(-1) == batch.query_y).float().mean()
         return loss, metrics
 
@@ -421,8 +501,16 @@ class NeuralStatistician(MetaLearner):
         self._check_images(sets)
         if not isinstance(num, int) or num < 1:
             raise MetalearnError(f"statistician.sample: num must be a whole number of at least 1, got {num!r}")
-        cfg = self.config
         draw = lambda *shape: torch.randn(*shape, generator=generator).to(sets.device, sets.dtype)  # noqa: E731
+        was_training = self.training
+        self.eval()
+        try:
+            return self._sample(sets, num, draw)
+        finally:
+            self.train(was_training)
+
+    def _sample(self, sets: Tensor, num: int, draw) -> Tensor:
+        cfg = self.config
         with torch.no_grad():
             c_mean, c_logvar = self.context(sets)
             c = (c_mean + (0.5 * c_logvar).exp() * draw(*c_mean.shape)).unsqueeze(1)

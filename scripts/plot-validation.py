@@ -22,6 +22,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from metalearn.plotting import save_figure  # noqa: E402
+
 
 def curve(source: Path) -> tuple[list[int], list[float], list[float], bool]:
     """(steps, val accuracy %, elapsed seconds, elapsed exact?) of a run folder or summary.json."""
@@ -66,10 +68,7 @@ def main(argv: list[str]) -> int:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(args.title)
-    fig.tight_layout()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=110)
-    print(args.out)
+    print(save_figure(fig, args.out))
     return 0
 
 

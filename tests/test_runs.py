@@ -232,3 +232,34 @@ def test_a_training_start_removes_the_temporary_files_killed_writers_left(tiny_r
     assert code == 0, err
     assert not [name for name in litter if (run_dir / name).exists()]
     assert RunDir(run_dir).read_checkpoint()["step"] == 3
+
+
+def test_a_figure_replaces_the_old_picture_whole_or_not_at_all(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from metalearn.plotting import save_figure
+
+    path = tmp_path / "plots" / "curve.png"
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    assert save_figure(fig, path) == path
+    old = path.read_bytes()
+    assert old.startswith(b"\x89PNG") and sorted(p.name for p in path.parent.iterdir()) == ["curve.png"]
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+
+    def killed_half_way(target, **kwargs):  # writes part of a PNG, then the process is interrupted
+        if hasattr(target, "write"):
+            target.write(b"\x89PNG half")
+        else:
+            Path(target).write_bytes(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    fig.savefig = killed_half_way
+    with pytest.raises(KeyboardInterrupt):
+        save_figure(fig, path)
+    assert path.read_bytes() == old and sorted(p.name for p in path.parent.iterdir()) == ["curve.png"]

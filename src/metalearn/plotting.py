@@ -8,16 +8,23 @@ from pathlib import Path
 import torch
 
 from metalearn.algorithms import MetaLearner
+from metalearn.files import atomic_write_bytes
 from metalearn.tasks.batch import TaskBatch
 
 
 def save_figure(fig, path: Path | str, dpi: int = 110) -> Path:
-    """Lay out ``fig``, write it as a PNG at ``path`` (its folder made if missing), close it."""
+    """Lay out ``fig``, write it as a PNG at ``path`` (its folder made if missing), close it.
+    The PNG is rendered in memory and renamed into place (:func:`atomic_write_bytes`): a plot
+    killed half-way leaves the previous picture, never a truncated one."""
+    import io
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
     _pyplot().close(fig)
+    atomic_write_bytes(path, buffer.getbuffer())
     return path
 
 

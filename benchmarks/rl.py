@@ -67,6 +67,9 @@ def main() -> None:
                         help="the example's environment processes (num_workers; its default: 10)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.peer_python and not (args.l2l_example and Path(args.l2l_example).is_file()):
+        parser.error("--peer-python needs --l2l-example FILE, learn2learn's examples/rl/maml_trpo.py "
+                     f"(got {args.l2l_example})")
     torch.set_num_threads(args.threads)
 
     from metalearn.algorithms.maml_rl import MAMLRL, GaussianMLPPolicy
@@ -87,8 +90,6 @@ def main() -> None:
     if args.meta_iterations:
         result["nav2d_meta_iterations"] = time_meta_iterations(args.meta_iterations)
     if args.peer_python:
-        if not args.l2l_example:
-            parser.error("--peer-python needs --l2l-example (learn2learn's examples/rl/maml_trpo.py)")
         result["l2l_maml_trpo_particles2d"] = run_l2l_example(args)
 
     if args.cheetah:
@@ -164,11 +165,8 @@ def time_meta_iterations(iterations: int) -> dict:
 
 def run_l2l_example(args) -> dict:
     """learn2learn's MAML-TRPO example in the peer interpreter (``_l2l_maml_trpo.py``)."""
-    example = Path(args.l2l_example)
-    if not example.is_file():
-        sys.exit(f"--l2l-example: no file {example} (learn2learn's examples/rl/maml_trpo.py)")
     command = [args.peer_python, "-W", "ignore", str(Path(__file__).with_name("_l2l_maml_trpo.py")),
-               "--example", str(example), "--iterations", str(args.l2l_iterations),
+               "--example", args.l2l_example, "--iterations", str(args.l2l_iterations),
                "--workers", str(args.l2l_workers), "--threads", str(args.threads)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     done = subprocess.run(command, capture_output=True, text=True, env=env)

@@ -169,7 +169,10 @@ def run_l2l_example(args) -> dict:
                "--example", args.l2l_example, "--iterations", str(args.l2l_iterations),
                "--workers", str(args.l2l_workers), "--threads", str(args.threads)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+    except OSError as error:
+        sys.exit(f"--peer-python {args.peer_python}: cannot run it ({error.strerror})")
     lines = [line[2:] for line in done.stdout.splitlines() if line.startswith("@@")]
     if done.returncode or not lines:
         sys.exit(f"learn2learn's example failed (exit {done.returncode}):\n{done.stderr[-3000:]}")

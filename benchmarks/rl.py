@@ -1,17 +1,44 @@
 """maml-rl speed: environment steps per second (nav2d in torch; half-cheetah through gymnasium,
-our loop over unwrapped environments against gymnasium's SyncVectorEnv) and one meta-step.
+our loop over unwrapped environments against gymnasium's SyncVectorEnv), one meta-step, and
+whole meta-iterations against learn2learn's MAML-TRPO example.
 
     python benchmarks/rl.py --threads 1 --out benchmarks/results/rl_1thread.json
+    OMP_NUM_THREADS=1 python benchmarks/rl.py --threads 1 --repeats 1 --meta-iterations 3 \
+        --peer-python /work/peer-venv-rl/bin/python --l2l-example /tmp/l2l/examples/rl/maml_trpo.py \
+        --out benchmarks/results/rl_meta_iterations.json
 
-Timings on a machine shared with other jobs are upper bounds."""
+``--meta-iterations N`` times N meta-iterations of ``metalearn train maml-rl --env nav2d`` at the
+paper's settings (meta-batch 20, 20 trajectories per task, horizon 100, one policy-gradient
+inner step, TRPO with 10 conjugate-gradient iterations): a new meta-batch each time, the
+meta-loss, its gradient and the SGD step at rate 1 that applies the TRPO step, as the trainer
+does. Each iteration's elapsed time and CPU time (``time.process_time``) are recorded, and the
+environment steps per second of the sampling (policy included).
+
+``--peer-python PY --l2l-example FILE`` runs learn2learn's own MAML-TRPO example
+(``examples/rl/maml_trpo.py`` of learn2learn's repository, its ``policies.py`` beside it) on its
+2D navigation environment with the same meta-batch and trajectories, in that interpreter, through
+``benchmarks/_l2l_maml_trpo.py`` (which says what it observes and how). The example needs gym's
+old API and cherry-rl 0.1.x, which the peer venv of ``make-peer-venv.sh`` lacks; a venv that
+layers them over it (nothing is copied, it reads the peer venv's torch and learn2learn):
+
+    python3 -m venv /work/peer-venv-rl
+    echo /work/peer-venv/lib/python3.11/site-packages \
+        > /work/peer-venv-rl/lib/python3.11/site-packages/zz_peer_venv.pth
+    /work/peer-venv-rl/bin/pip install --no-deps cherry-rl==0.1.4 gym==0.22.0 six dotmap
+
+Timings on a machine shared with other jobs are upper bounds; the CPU times are less moved by
+the other jobs than the elapsed ones."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -30,8 +57,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--cheetah", action="store_true", help="also the half-cheetah (needs the rl extra)")
+    parser.add_argument("--meta-iterations", type=int, default=0,
+                        help="also time this many whole nav2d meta-iterations (paper's settings)")
+    parser.add_argument("--peer-python", default=None,
+                        help="interpreter with learn2learn, cherry-rl 0.1.x and gym < 0.23 (see above)")
+    parser.add_argument("--l2l-example", default=None, help="learn2learn's examples/rl/maml_trpo.py")
+    parser.add_argument("--l2l-iterations", type=int, default=2, help="meta-iterations of the example")
+    parser.add_argument("--l2l-workers", type=int, default=10,
+                        help="the example's environment processes (num_workers; its default: 10)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.peer_python and not (args.l2l_example and Path(args.l2l_example).is_file()):
+        parser.error("--peer-python needs --l2l-example FILE, learn2learn's examples/rl/maml_trpo.py "
+                     f"(got {args.l2l_example})")
     torch.set_num_threads(args.threads)
 
     from metalearn.algorithms.maml_rl import MAMLRL, GaussianMLPPolicy
@@ -49,6 +87,10 @@ def main() -> None:
     seconds = best_of(lambda: rollout(env, batch.params, 20, lambda obs: torch.randn_like(obs)), args.repeats)
     result["nav2d_env_steps_per_s_random_actions"] = 20 * 20 * 100 / seconds
     result["nav2d_meta_step_s"] = best_of(lambda: learner.meta_loss(batch), args.repeats)
+    if args.meta_iterations:
+        result["nav2d_meta_iterations"] = time_meta_iterations(args.meta_iterations)
+    if args.peer_python:
+        result["l2l_maml_trpo_particles2d"] = run_l2l_example(args)
 
     if args.cheetah:
         import gymnasium
@@ -78,6 +120,63 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
             f.write("\n")
+
+
+def time_meta_iterations(iterations: int) -> dict:
+    """``iterations`` meta-iterations as ``metalearn train maml-rl --env nav2d`` takes them:
+    elapsed and CPU seconds of each, and the sampling's environment steps per second."""
+    from metalearn.algorithms.maml_rl import MAMLRL, GaussianMLPPolicy
+    from metalearn.envs import MDPTasks
+    from metalearn.envs.nav2d import Nav2D
+
+    torch.manual_seed(0)
+    learner = MAMLRL(GaussianMLPPolicy(2, 2), MAMLRL.Config())
+    optimizer = torch.optim.SGD(learner.parameters(), lr=1.0)
+    tasks, generator = MDPTasks(Nav2D()), torch.Generator().manual_seed(0)
+    sampling = {"seconds": 0.0, "steps": 0}
+    rollout = learner._rollout
+
+    def timed_rollout(*args, **kwargs):
+        start = time.perf_counter()
+        trajectories = rollout(*args, **kwargs)
+        sampling["seconds"] += time.perf_counter() - start
+        sampling["steps"] += int(trajectories.num_steps)
+        return trajectories
+
+    learner._rollout = timed_rollout
+    wall, cpu, evaluations = [], [], []
+    for _ in range(iterations):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        batch = tasks.sample(20, generator)
+        optimizer.zero_grad()
+        loss, metrics = learner.meta_loss(batch)
+        loss.backward()
+        optimizer.step()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+        # the objective is evaluated once for the TRPO direction, then once per line-search step
+        evaluations.append(1 + min(int(metrics["backtracks"]) + 1, 15))
+    return {"meta_batch": 20, "trajectories": 20, "horizon": 100, "cg_iters": learner.config.cg_iters,
+            "meta_iteration_wall_s": wall, "meta_iteration_cpu_s": cpu, "objective_evaluations": evaluations,
+            "env_steps": sampling["steps"],
+            "sampling_s": sampling["seconds"],
+            "env_steps_per_s_with_policy": sampling["steps"] / sampling["seconds"]}
+
+
+def run_l2l_example(args) -> dict:
+    """learn2learn's MAML-TRPO example in the peer interpreter (``_l2l_maml_trpo.py``)."""
+    command = [args.peer_python, "-W", "ignore", str(Path(__file__).with_name("_l2l_maml_trpo.py")),
+               "--example", args.l2l_example, "--iterations", str(args.l2l_iterations),
+               "--workers", str(args.l2l_workers), "--threads", str(args.threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+    except OSError as error:
+        sys.exit(f"--peer-python {args.peer_python}: cannot run it ({error.strerror})")
+    lines = [line[2:] for line in done.stdout.splitlines() if line.startswith("@@")]
+    if done.returncode or not lines:
+        sys.exit(f"learn2learn's example failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1])
 
 
 def processor() -> str:

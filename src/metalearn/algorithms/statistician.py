@@ -20,10 +20,13 @@ q(c | D_i) is closest to q(c | {x}), by D_KL(q(c | D_i) || q(c | x)); ``predict`
 -KL per class as logits. Few-shot generation: c ~ q(c | D), z ~ p(z | c), x ~ p(x | z, c)
 (:meth:`NeuralStatistician.sample`).
 
-Every set is computed on its own (no batch norm: the paper's batch norm would make a set's
-bound and a query's class depend on the other sets of the batch, and so on the number of
-ranks), and the noise of a set (binarisation, c and z) is drawn from a generator seeded by the
-set's pixels and the training step, so two ranks draw what one process draws.
+Evaluation computes every set on its own: a query's class never depends on the other sets or
+episodes evaluated with it. In training, ``encoder_norm="batch"`` (the public
+re-implementations' batch norm) normalises over the whole meta-batch, its sums added over
+torchrun's ranks, so that two ranks compute what one process does; evaluation then uses the
+running statistics. The noise of a set (binarisation, sample dropout, c and z) is drawn from a
+generator seeded by the set's pixels and the training step, so two ranks draw what one process
+draws.
 
 Example::
 

@@ -135,14 +135,65 @@ def test_auto_chooses_chunks_that_fit_the_budget(tmp_path, monkeypatch):
     assert tight.task_chunk == 1 and measured[0] > 0
 
     monkeypatch.setattr("metalearn.training.available_memory", lambda device: 2**40)
+    timed = []
+
+    def whole_batch_fastest(call, device):  # seconds of a chunk: 1 s a task, the whole batch 0.5 s a task
+        before = len(calls)
+        call()
+        tasks = calls[before]
+        timed.append(tasks)
+        return tasks * (0.5 if tasks == 5 else 1.0)
+
+    calls = []
+    real_meta_loss = type(tight.learner).meta_loss
+    monkeypatch.setattr(type(tight.learner), "meta_loss",
+                        lambda self, batch: (calls.append(batch.num_tasks), real_meta_loss(self, batch))[1])
+    monkeypatch.setattr("metalearn.training.seconds_of", whole_batch_fastest)
     roomy = build_trainer(sinusoid_run(3, task_chunk="auto"), tmp_path / "roomy")
     roomy.fit(progress=False)
-    assert roomy.task_chunk == 5
+    assert roomy.task_chunk == 5 and timed == [1, 2, 4, 5]  # every size that fits was timed
     whole = build_trainer(sinusoid_run(3), tmp_path / "whole")
     whole.fit(progress=False)
     for name, value in weights(whole).items():
         assert torch.equal(weights(roomy)[name], value), name  # the probe leaves no trace
         torch.testing.assert_close(weights(tight)[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_auto_takes_the_fastest_chunk_that_fits_and_stops_probing_when_it_slows(tmp_path, monkeypatch):
+    monkeypatch.setattr("metalearn.training.available_memory", lambda device: 2**40)
+    per_task = {1: 1.0, 2: 0.9, 4: 1.5, 5: 0.1}  # 4 is a quarter slower than 2: 5 is never timed
+    timed = []
+    calls = []
+
+    def scripted(call, device):
+        before = len(calls)
+        call()
+        timed.append(calls[before])
+        return calls[before] * per_task[calls[before]]
+
+    from metalearn.algorithms.maml import MAML
+    real_meta_loss = MAML.meta_loss
+    monkeypatch.setattr(MAML, "meta_loss", lambda self, batch: (calls.append(batch.num_tasks),
+                                                                 real_meta_loss(self, batch))[1])
+    monkeypatch.setattr("metalearn.training.seconds_of", scripted)
+    trainer = build_trainer(sinusoid_run(2, task_chunk="auto"), tmp_path / "run")
+    trainer.fit(progress=False)
+    assert trainer.task_chunk == 2 and timed == [1, 2, 4]
+    whole = build_trainer(sinusoid_run(2), tmp_path / "whole")
+    whole.fit(progress=False)
+    for name, value in weights(whole).items():
+        torch.testing.assert_close(weights(trainer)[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_the_fastest_chunk_and_the_candidates():
+    assert memory.chunk_candidates(16, 16) == [1, 2, 4, 8, 16]
+    assert memory.chunk_candidates(16, 6) == [1, 2, 4, 6]
+    assert memory.chunk_candidates(16, 1) == [1] and memory.chunk_candidates(3, 8) == [1, 2, 3]
+    assert memory.fastest_chunk({1: 1.0, 2: 0.8, 4: 0.9, 16: 2.0}) == 2
+    assert memory.fastest_chunk({1: 1.0, 2: 0.99, 16: 1.03}) == 16  # within 5% of the fastest: the larger
+    assert memory.fastest_chunk({1: 1.0, 16: 1.06}) == 1
+    with pytest.raises(ValueError):
+        memory.fastest_chunk({})
 
 
 def test_largest_chunk_fits_the_budget_and_evens_out_the_chunks():

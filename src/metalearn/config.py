@@ -114,8 +114,8 @@ class TrainConfig:
     # `str | int`: the command line reads it as text ("auto" or a number), normalised below
     task_chunk: str | int = option(0, "tasks per forward and backward pass within a meta-batch, gradients "
                                       "accumulated (the same meta-gradient to float rounding, less memory): "
-                                      "0 for the whole batch at once, or auto: the most whose step fits in "
-                                      "--memory-budget")
+                                      "0 for the whole batch at once, or auto: of the sizes whose step fits in "
+                                      "--memory-budget, the fastest measured")
     memory_budget: float = option(0.8, "with --task-chunk auto: the fraction of the memory available when "
                                        "training starts (RAM, or the GPU's) that one step may use")
 

@@ -68,6 +68,41 @@ def largest_chunk(tasks: int, per_task: int, budget: int) -> int:
     return math.ceil(tasks / chunks)
 
 
+def seconds_of(call: Callable[[], None], device: torch.device) -> float:
+    """Wall seconds of ``call()``, the device's queued work included."""
+    import time
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    call()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def chunk_candidates(tasks: int, most: int) -> list[int]:
+    """The chunk sizes ``--task-chunk auto`` times, smallest first: the powers of two below
+    ``most`` (the largest that fits the memory budget) and ``most`` itself."""
+    most = max(1, min(tasks, most))
+    sizes, size = [], 1
+    while size < most:
+        sizes.append(size)
+        size *= 2
+    return sizes + [most]
+
+
+def fastest_chunk(seconds_per_task: dict[int, float], tolerance: float = 0.05) -> int:
+    """The chunk size to train with, from the measured seconds per task of each size that fits:
+    the fastest, except that a larger size within ``tolerance`` (5%) of the fastest is
+    preferred (fewer, larger chunks: less per-chunk overhead that a short probe does not see,
+    and the whole batch at once when it is as fast)."""
+    if not seconds_per_task:
+        raise ValueError("fastest_chunk needs at least one measured chunk size")
+    best = min(seconds_per_task.values())
+    return max(size for size, seconds in seconds_per_task.items() if seconds <= best * (1 + tolerance))
+
+
 def chunk_sizes(tasks: int, chunk: int) -> list[int]:
     """Sizes of the chunks of ``tasks`` tasks taken ``chunk`` at a time (0: all at once)."""
     if chunk <= 0 or chunk >= tasks:

@@ -22,7 +22,8 @@ from metalearn.config import RunConfig
 from metalearn.distributed import RankLost, World
 from metalearn.errors import ConfigError, MetalearnError, TrainingStopped
 from metalearn.evaluation import HIGHER_IS_BETTER, evaluate
-from metalearn.memory_budget import available_memory, chunk_sizes, largest_chunk, peak_memory_of
+from metalearn.memory_budget import (available_memory, chunk_candidates, chunk_sizes, fastest_chunk, largest_chunk,
+                                     peak_memory_of, seconds_of)
 from metalearn.runs import RunDir, lock_for_training
 from metalearn.tasks import TaskSource, build_task_source, has_validation, problem_of
 
@@ -275,13 +276,20 @@ class Trainer:
                 )
 
     def _choose_task_chunk(self, batch, bar) -> int:
-        """``task_chunk="auto"``: the most tasks per chunk whose step fits in ``memory_budget`` of
-        the memory available now, from the measured peak memory of this step on two tasks (its
-        meta-loss and backward pass), halved: two, because MAML runs a single task outside vmap
-        with a leaner batch norm (``MAML.meta_loss``), which would understate a task of a larger
-        chunk; the step's fixed costs are included, an overestimate per task, on the safe side.
-        The gradients of the probe are dropped; the trainer seeds the random generators after
-        it, so the step itself draws what it would without it."""
+        """``task_chunk="auto"``: of the chunk sizes whose step fits in ``memory_budget`` of the
+        memory available now, the one with the fastest measured step per task.
+
+        Memory: the measured peak of this step on two tasks (its meta-loss and backward pass),
+        halved: two, because MAML runs a single task outside vmap with a leaner batch norm
+        (``MAML.meta_loss``), which would understate a task of a larger chunk; the step's fixed
+        costs are included, an overestimate per task, on the safe side. Speed: each candidate
+        (:func:`chunk_candidates`: 1, 2, 4, ... and the largest that fits) is timed once on its
+        first tasks after one untimed call; a candidate slower per task than the best so far by
+        a quarter ends the probe (it assumes the time per task does not fall again at larger
+        sizes), so the probe costs at most about two meta-steps. Whole meta-batch and chunks give the same meta-gradient to float rounding,
+        so the choice changes the speed, not the training. Every rank measures on its own and
+        takes the rank-0 choice. The probes' gradients are dropped; the trainer seeds the random
+        generators after them, so the step itself draws what it would without them."""
         train = self.config.train
         budget = int(train.memory_budget * available_memory(self.device))
         if self.device.type == "cpu":  # the processes torchrun starts on one machine share its memory
@@ -289,16 +297,30 @@ class Trainer:
 
         probed = min(batch.num_tasks, 2)
 
-        def probe():
-            loss, _ = self.learner.meta_loss(batch.select(slice(0, probed)))
-            loss.backward()
+        def step_on(tasks: int):
+            def call():
+                loss, _ = self.learner.meta_loss(batch.select(slice(0, tasks)))
+                loss.backward()
+            return call
 
-        per_task = peak_memory_of(probe, self.device) // probed
+        per_task = peak_memory_of(step_on(probed), self.device) // probed
+        most = largest_chunk(batch.num_tasks, per_task, budget)
+        seconds: dict[int, float] = {}
+        for size in chunk_candidates(batch.num_tasks, most):
+            if size > 1 and not seconds:
+                step_on(1)()  # warm-up: first-call costs (allocator, kernels' setup) are not a chunk's
+            seconds[size] = seconds_of(step_on(size), self.device) / size
+            if seconds[size] > 1.25 * min(seconds.values()):
+                break
         self.optimizer.zero_grad(set_to_none=True)
-        chunk = largest_chunk(batch.num_tasks, per_task, budget)
+        chunk = fastest_chunk(seconds)
+        if self.world.distributed:  # one choice for all ranks: rank 0's
+            chunk = int(self.world.sum(torch.tensor(float(chunk if self.world.is_main else 0),
+                                                    device=self.world.device)))
         if bar is not None:
-            bar.write(f"--task-chunk auto: {chunk} of {batch.num_tasks} tasks at a time (a task's step "
-                      f"{per_task / 2**20:.0f} MiB, budget {budget / 2**20:.0f} MiB)")
+            timed = ", ".join(f"{size}: {1000 * s:.0f} ms" for size, s in seconds.items())
+            bar.write(f"--task-chunk auto: {chunk} of {batch.num_tasks} tasks at a time (fits: up to {most}, a task's "
+                      f"step {per_task / 2**20:.0f} MiB of a {budget / 2**20:.0f} MiB budget; per task {timed})")
         return chunk
 
     def _diverged(self, what: str, detail: str,

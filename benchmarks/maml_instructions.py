@@ -51,7 +51,6 @@ CONFIGS = {  # name -> ways, shots, query per class, meta-batch, inner steps, in
 def build_step(row: str, config: str, order: str, chunk: int, tasks: int | None):
     """The step closure of ``row`` (see the module docstring) on ``maml_step.py``'s inputs."""
     import torch
-    import torch.nn.functional as F
 
     sys.path.insert(0, str(HERE))
     from maml_step import make_batch, make_model, mamlpp_step
@@ -63,17 +62,10 @@ def build_step(row: str, config: str, order: str, chunk: int, tasks: int | None)
     model = make_model(ways, network=network)
     if row == "learn2learn":
         import learn2learn as l2l
-        from _l2l_step import with_native_batch_norm
+        from _l2l_step import l2l_step, with_native_batch_norm
 
         with_native_batch_norm(model)
-        maml = l2l.algorithms.MAML(model, lr=inner_lr, first_order=first_order)
-
-        def step():
-            for t in range(meta_batch):
-                learner = maml.clone()
-                for _ in range(inner_steps):
-                    learner.adapt(F.cross_entropy(learner(batch.support_x[t]), batch.support_y[t]))
-                (F.cross_entropy(learner(batch.query_x[t]), batch.query_y[t]) / meta_batch).backward()
+        step = l2l_step(l2l.algorithms.MAML(model, lr=inner_lr, first_order=first_order), vars(batch), inner_steps)
     elif row == "mamlpp":
         step = mamlpp_step(model, batch, first_order, inner_lr, inner_steps)
     else:

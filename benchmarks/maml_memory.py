@@ -93,18 +93,10 @@ def worker(args) -> None:
         batch = TaskBatch(batch.support_x, batch.support_y, batch.query_x, batch.query_y, ways=ways)
     if args.row == "learn2learn":
         import learn2learn as l2l
-        import torch.nn.functional as F
-        from _l2l_step import with_native_batch_norm
+        from _l2l_step import l2l_step, with_native_batch_norm
 
         with_native_batch_norm(model)
-        maml = l2l.algorithms.MAML(model, lr=inner_lr, first_order=first_order)
-
-        def step():
-            for t in range(tasks):
-                learner = maml.clone()
-                for _ in range(inner_steps):
-                    learner.adapt(F.cross_entropy(learner(batch.support_x[t]), batch.support_y[t]))
-                (F.cross_entropy(learner(batch.query_x[t]), batch.query_y[t]) / tasks).backward()
+        step = l2l_step(l2l.algorithms.MAML(model, lr=inner_lr, first_order=first_order), vars(batch), inner_steps)
     elif args.row == "loop":
         from maml_step import loop_step
 

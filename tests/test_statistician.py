@@ -212,8 +212,8 @@ def test_sample_dropout_pools_the_kept_images_and_counts_them():
     assert "keep" not in model.set_noise(sets, step=3, binarize=False)
     with pytest.raises(ConfigError, match="sample_dropout"):
         StatisticianConfig(sample_dropout=1.0)
-    with pytest.raises(ConfigError, match="encoder_norm"):
-        StatisticianConfig(encoder_norm="layer")
+    with pytest.raises(ConfigError, match="conv_norm"):
+        StatisticianConfig(conv_norm="layer")
 
 
 def test_sets_follow_the_labels_and_bad_sets_are_refused():
@@ -252,7 +252,7 @@ def test_resume_is_bit_exact(tmp_path, omniglot_data_dir, capsys):
     assert_same_weights(straight, resumed, atol=0)
 
 
-@pytest.mark.parametrize("extra", [[], ["--encoder-norm", "batch", "--sample-dropout", 0.3]],
+@pytest.mark.parametrize("extra", [[], ["--conv-norm", "batch", "--sample-dropout", 0.3]],
                          ids=["plain", "batch-norm-sample-dropout"])
 def test_two_gloo_ranks_equal_one_process(tmp_path, omniglot_data_dir, extra):
     # Plain SGD (Adam's first steps are lr * sign(gradient)); shares of 2 and 1 tasks. The

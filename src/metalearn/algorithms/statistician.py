@@ -21,7 +21,7 @@ q(c | D_i) is closest to q(c | {x}), by D_KL(q(c | D_i) || q(c | x)); ``predict`
 (:meth:`NeuralStatistician.sample`).
 
 Evaluation computes every set on its own: a query's class never depends on the other sets or
-episodes evaluated with it. In training, ``encoder_norm="batch"`` (the public
+episodes evaluated with it. In training, ``conv_norm="batch"`` (the public
 re-implementations' batch norm) normalises over the whole meta-batch, its sums added over
 torchrun's ranks, so that two ranks compute what one process does; evaluation then uses the
 running statistics. The noise of a set (binarisation, sample dropout, c and z) is drawn from a
@@ -55,7 +55,7 @@ from metalearn.tasks.batch import TaskBatch
 OWNER = "NeuralStatistician.Config"
 KL_DIRECTIONS = ("support-query", "query-support")
 BINARIZATIONS = ("dynamic", "threshold")
-ENCODER_NORMS = ("none", "batch", "group")
+CONV_NORMS = ("none", "batch", "group")
 IMAGE_SIZE = 28  # the paper's Omniglot decoder: 4 -> 8 -> 16 -> 14 -> 28 pixels
 LOGVAR_RANGE = (-12.0, 8.0)  # keeps exp() finite in float32 while the networks are still untrained
 # images encoded in one pass by `context`: an evaluation chunk of 50 20-way 5-shot episodes holds
@@ -82,10 +82,10 @@ class StatisticianConfig:
                                         "1 / (1 + a), a halved every --alpha-halve-every steps (0: the "
                                         "plain bound)")
     alpha_halve_every: int = option(500, "steps between halvings of --reweight-alpha")
-    encoder_norm: str = option("none", "normalisation after each convolution of the shared encoder: none; batch "
-                                       "(batch norm over the meta-batch's images in training, summed over torchrun's "
-                                       "ranks, running statistics at evaluation: the public re-implementations); "
-                                       "group (8 groups, each image on its own)")
+    conv_norm: str = option("none", "normalisation after each convolution of the encoder and the decoder: none; "
+                                    "batch (batch norm over the meta-batch's images in training, summed over "
+                                    "torchrun's ranks, running statistics at evaluation: the public "
+                                    "re-implementations); group (up to 8 groups, each image on its own)")
     sample_dropout: float = option(0.0, "training leaves each image of a set but the first out of the statistic "
                                         "network's mean with this probability, and gives the network the number "
                                         "pooled (0: off, every image pooled and no count)")
@@ -98,9 +98,9 @@ class StatisticianConfig:
         if self.kl_direction not in KL_DIRECTIONS:
             raise ConfigError(OWNER, "kl_direction", f"must be one of {', '.join(KL_DIRECTIONS)}, "
                                                      f"got {self.kl_direction!r}")
-        if self.encoder_norm not in ENCODER_NORMS:
-            raise ConfigError(OWNER, "encoder_norm", f"must be one of {', '.join(ENCODER_NORMS)}, "
-                                                     f"got {self.encoder_norm!r}")
+        if self.conv_norm not in CONV_NORMS:
+            raise ConfigError(OWNER, "conv_norm", f"must be one of {', '.join(CONV_NORMS)}, "
+                                                     f"got {self.conv_norm!r}")
         drop = self.sample_dropout
         if not isinstance(drop, (int, float)) or isinstance(drop, bool) or not 0 <= drop < 1:
             raise ConfigError(OWNER, "sample_dropout", f"must be a probability in [0, 1), got {drop!r}")
@@ -178,7 +178,7 @@ def _norm(kind: str, channels: int) -> list[nn.Module]:
     if kind == "batch":
         return [RankBatchNorm2d(channels)]
     if kind == "group":
-        return [nn.GroupNorm(8, channels)]
+        return [nn.GroupNorm(math.gcd(8, channels), channels)]
     return []
 
 
@@ -266,24 +266,27 @@ class GaussianLayer(nn.Module):
 
 class ObservationDecoder(nn.Module):
     """p(x | z_1..z_L, c): embedded z and c, a fully connected layer to 4 x 4 maps, then
-    convolutions and 2x2 transposed convolutions up to 28 x 28 Bernoulli logits."""
+    convolutions and 2x2 transposed convolutions up to 28 x 28 Bernoulli logits, each but the
+    last followed by the ``norm`` layer (none, batch, group) and ELU."""
 
-    def __init__(self, latents: int, context_dim: int, hidden: int, channels: int):
+    def __init__(self, latents: int, context_dim: int, hidden: int, channels: int, norm: str = "none"):
         super().__init__()
         wide = 4 * channels
         self.from_z = nn.Linear(latents, hidden)
         self.from_c = nn.Linear(context_dim, hidden)
         self.to_maps = nn.Linear(hidden, wide * 4 * 4)
         self.wide = wide
-        self.net = nn.Sequential(
-            _conv(wide, wide), nn.ELU(), _conv(wide, wide), nn.ELU(),
-            nn.ConvTranspose2d(wide, wide, 2, stride=2), nn.ELU(),                      # 8 x 8
-            _conv(wide, 2 * channels), nn.ELU(), _conv(2 * channels, 2 * channels), nn.ELU(),
-            nn.ConvTranspose2d(2 * channels, 2 * channels, 2, stride=2), nn.ELU(),      # 16 x 16
-            _conv(2 * channels, channels), nn.ELU(), _conv(channels, channels, padding=0), nn.ELU(),  # 14 x 14
-            nn.ConvTranspose2d(channels, channels, 2, stride=2), nn.ELU(),              # 28 x 28
-            nn.Conv2d(channels, 1, 1),
-        )
+        layers = []
+        for layer, width in (
+            (_conv(wide, wide), wide), (_conv(wide, wide), wide),
+            (nn.ConvTranspose2d(wide, wide, 2, stride=2), wide),                                  # 8 x 8
+            (_conv(wide, 2 * channels), 2 * channels), (_conv(2 * channels, 2 * channels), 2 * channels),
+            (nn.ConvTranspose2d(2 * channels, 2 * channels, 2, stride=2), 2 * channels),          # 16 x 16
+            (_conv(2 * channels, channels), channels), (_conv(channels, channels, padding=0), channels),  # 14 x 14
+            (nn.ConvTranspose2d(channels, channels, 2, stride=2), channels),                      # 28 x 28
+        ):
+            layers += [layer, *_norm(norm, width), nn.ELU()]
+        self.net = nn.Sequential(*layers, nn.Conv2d(channels, 1, 1))
 
     def forward(self, z: Tensor, c: Tensor) -> Tensor:
         """z: (sets, n, L * latent_dim), c: (sets, 1, context_dim) -> logits (sets, n, 1, 28, 28)."""
@@ -306,7 +309,7 @@ class NeuralStatistician(MetaLearner):
         super().__init__()
         self.config = config
         cfg = config
-        self.encoder = SharedEncoder(cfg.filters, cfg.encoder_norm)
+        self.encoder = SharedEncoder(cfg.filters, cfg.conv_norm)
         features = self.encoder.features
         self.statistic = StatisticNetwork(features, cfg.hidden_dim, cfg.context_dim, counted=cfg.sample_dropout > 0)
         self.inference = nn.ModuleList(GaussianLayer(features, cfg.context_dim, cfg.latent_dim, cfg.hidden_dim, l > 0)
@@ -314,7 +317,7 @@ class NeuralStatistician(MetaLearner):
         self.latent_decoders = nn.ModuleList(GaussianLayer(0, cfg.context_dim, cfg.latent_dim, cfg.hidden_dim, l > 0)
                                              for l in range(cfg.latent_layers))
         self.decoder = ObservationDecoder(cfg.latent_layers * cfg.latent_dim, cfg.context_dim, cfg.hidden_dim,
-                                          cfg.filters)
+                                          cfg.filters, cfg.conv_norm)
         self.step = 0
 
     @classmethod
@@ -344,8 +347,8 @@ class NeuralStatistician(MetaLearner):
         self.step = step
 
     def chunking_refused(self) -> str | None:
-        if self.config.encoder_norm == "batch":
-            return "statistician with --encoder-norm batch (its statistics span the whole meta-batch)"
+        if self.config.conv_norm == "batch":
+            return "statistician with --conv-norm batch (its statistics span the whole meta-batch)"
         return None
 
     # -- sets ----------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ from metalearn.runs import RunDir
 from metalearn.tasks.batch import TaskBatch
 from metalearn.training import build_trainer
 
-TINY = StatisticianConfig(context_dim=6, latent_dim=3, latent_layers=2, hidden_dim=16, filters=4)
+# the paper's plain networks (no normalisation, no sample dropout): every set computed on its own
+TINY = StatisticianConfig(context_dim=6, latent_dim=3, latent_layers=2, hidden_dim=16, filters=4, conv_norm="none",
+                          sample_dropout=0.0)
 TINY_FLAGS = ["--context-dim", 6, "--latent-dim", 3, "--latent-layers", 2, "--hidden-dim", 16, "--filters", 4]
 
 

@@ -56,12 +56,16 @@ def test_plot_draws_the_true_functions_and_the_predictions_after_0_1_and_10_step
     run_dir = tmp_path / "run"
     assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 2, "--meta-batch-size", 2, "--no-eval",
                 "--no-progress", "--run-dir", run_dir], capsys)[0] == 0
-    saved = {}
+    saved, rendered = {}, []
 
-    def recording_savefig(figure, path, *args, **kwargs):  # keeps the figure, skips the rendering
-        saved[Path(path).name] = figure
+    def recording_savefig(figure, target, *args, **kwargs):  # keeps the figure, skips the rendering
+        rendered.append(figure)
+
+    def recording_write(path, data):  # save_figure renders in memory, then writes the file whole
+        saved[Path(path).name] = rendered[-1]
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", recording_savefig)
+    monkeypatch.setattr("metalearn.plotting.atomic_write_bytes", recording_write)
     assert run(["plot", run_dir], capsys)[0] == 0
     axes = saved["fits.png"].axes
 

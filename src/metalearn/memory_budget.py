@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import math
 import re
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -70,8 +71,6 @@ def largest_chunk(tasks: int, per_task: int, budget: int) -> int:
 
 def seconds_of(call: Callable[[], None], device: torch.device) -> float:
     """Wall seconds of ``call()``, the device's queued work included."""
-    import time
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()

@@ -286,8 +286,9 @@ class Trainer:
         (:func:`chunk_candidates`: 1, 2, 4, ... and the largest that fits) is timed once on its
         first tasks after one untimed call; a candidate slower per task than the best so far by
         a quarter ends the probe (it assumes the time per task does not fall again at larger
-        sizes), so the probe costs at most about two meta-steps. Whole meta-batch and chunks give the same meta-gradient to float rounding,
-        so the choice changes the speed, not the training. Every rank measures on its own and
+        sizes), so the probe costs at most about two meta-steps. Whole meta-batch and chunks
+        give the same meta-gradient to float rounding, so the choice changes the speed, not the
+        training. Every rank measures on its own and
         takes the rank-0 choice. The probes' gradients are dropped; the trainer seeds the random
         generators after them, so the step itself draws what it would without them."""
         train = self.config.train
@@ -305,10 +306,9 @@ class Trainer:
 
         per_task = peak_memory_of(step_on(probed), self.device) // probed
         most = largest_chunk(batch.num_tasks, per_task, budget)
+        step_on(1)()  # warm-up: first-call costs (allocator, the one-task path's kernels) are not a chunk's
         seconds: dict[int, float] = {}
         for size in chunk_candidates(batch.num_tasks, most):
-            if size > 1 and not seconds:
-                step_on(1)()  # warm-up: first-call costs (allocator, kernels' setup) are not a chunk's
             seconds[size] = seconds_of(step_on(size), self.device) / size
             if seconds[size] > 1.25 * min(seconds.values()):
                 break

@@ -7,8 +7,10 @@ fits: its ``meta_loss`` is a surrogate whose gradient is the update.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -26,6 +28,18 @@ def device_of(module: nn.Module) -> torch.device:
     for tensor in itertools.chain(module.parameters(), module.buffers()):
         return tensor.device
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode inside the block (running batch-norm statistics, no dropout),
+    its former mode restored after it, also when the block raises."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 class MetaLearner(nn.Module):

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalearn.algorithms.base import MetaLearner, Problem
+from metalearn.algorithms.base import MetaLearner, Problem, evaluating
 from metalearn.distributed import current_world
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.options import option
@@ -220,7 +220,7 @@ class StatisticNetwork(nn.Module):
     """q(c | D): a fully connected layer per image, the mean over the set, two more layers and
     the Gaussian's parameters. (sets, n, features) -> mean, logvar (sets, context_dim).
 
-    With ``counted`` (sample dropout, section 5.4's "sample dropout"), ``keep`` (sets, n) masks the
+    With ``counted`` (sample dropout), ``keep`` (sets, n) masks the
     images that enter the mean, and the number kept is one more input of the layers after it."""
 
     def __init__(self, features: int, hidden: int, context_dim: int, counted: bool = False):
@@ -469,11 +469,8 @@ class NeuralStatistician(MetaLearner):
                    "reconstruction": -r.mean().detach(), "kl_context": kc.mean().detach(),
                    "kl_latent": kz.mean().detach()}
         if batch.query_x.shape[1]:
-            was_training = self.training
-            self.eval()  # as evaluation classifies: running batch-norm statistics, no sample dropout
-            with torch.no_grad():
+            with evaluating(self), torch.no_grad():  # as evaluation classifies: running batch-norm statistics
                 logits = self.logits(batch)
-            self.train(was_training)
             metrics["accuracy"] = (logits.argmax(-1) == batch.query_y).float().mean()
         return loss, metrics
 
@@ -510,17 +507,9 @@ class NeuralStatistician(MetaLearner):
         self._check_images(sets)
         if not isinstance(num, int) or num < 1:
             raise MetalearnError(f"statistician.sample: num must be a whole number of at least 1, got {num!r}")
-        draw = lambda *shape: torch.randn(*shape, generator=generator).to(sets.device, sets.dtype)  # noqa: E731
-        was_training = self.training
-        self.eval()
-        try:
-            return self._sample(sets, num, draw)
-        finally:
-            self.train(was_training)
-
-    def _sample(self, sets: Tensor, num: int, draw) -> Tensor:
         cfg = self.config
-        with torch.no_grad():
+        draw = lambda *shape: torch.randn(*shape, generator=generator).to(sets.device, sets.dtype)  # noqa: E731
+        with evaluating(self), torch.no_grad():
             c_mean, c_logvar = self.context(sets)
             c = (c_mean + (0.5 * c_logvar).exp() * draw(*c_mean.shape)).unsqueeze(1)
             zs, z = [], None
@@ -537,9 +526,7 @@ class NeuralStatistician(MetaLearner):
         generator = torch.Generator().manual_seed(seed)
         device = next(self.parameters()).device
         totals, count = torch.zeros(4, dtype=torch.float64), 0
-        was_training = self.training
-        self.eval()
-        with torch.no_grad():
+        with evaluating(self), torch.no_grad():
             remaining = episodes
             while remaining > 0:
                 size = min(chunk, remaining)
@@ -551,7 +538,6 @@ class NeuralStatistician(MetaLearner):
                 totals += torch.stack([(r - kc - kz).sum(), -r.sum(), kc.sum(), kz.sum()]).double().cpu()
                 count += sets.shape[0]
                 remaining -= size
-        self.train(was_training)
         bound, reconstruction, kl_context, kl_latent = (float(v) for v in totals / count)
         return {"bound_nats_per_image": bound, "reconstruction": reconstruction, "kl_context": kl_context,
                 "kl_latent": kl_latent, "bound_sets": count, "bound_episodes": episodes}

@@ -8,7 +8,9 @@ norm is ``BatchStatNorm``: batch statistics, no running ones) or ``conv4-mamlpp`
 first-order; ``--ways`` etc. time one configuration of your own. Rows:
 
   (a) metalearn   -- ``MAML(model, MAML.Config(...)).meta_loss(batch)`` then ``backward()``:
-                     the whole meta-batch under ``torch.func.vmap``;
+                     the whole meta-batch at once, through the network's task-batched forward
+                     (``Conv4.forward_tasks``: tasks folded into grouped convolutions), else
+                     under ``torch.func.vmap``;
   (b) loop        -- the same model, a Python loop over tasks: ``functional_call`` +
                      ``torch.autograd.grad(create_graph=not first_order)`` per task, the query
                      losses summed, divided by the number of tasks, one ``backward()``;
@@ -20,7 +22,10 @@ first-order; ``--ways`` etc. time one configuration of your own. Rows:
                      tasks * ways * (shots + query) images through one shared set of weights.
 
   (f) metalearn --task-chunk 1 -- the Trainer's chunk loop (``meta_gradient(..., task_chunk=1)``):
-                     each task outside vmap, a backward per task (``--extra-rows chunk1``, default).
+                     each task on its own, a backward per task (``--extra-rows chunk1``, default).
+  (g) metalearn, vmap path -- (a) forced onto ``vmap``, the path of a network without a
+                     task-batched forward (``--extra-rows vmap``, default): what
+                     ``Conv4.forward_tasks`` saves.
 
 ``--clock cpu`` times each step's CPU time (``time.process_time``, in the peer too) instead of
 the elapsed time: less sensitive to other processes on a shared machine (with ``--threads 1``).
@@ -126,9 +131,13 @@ CUSTOM = {"ways": 5, "shots": 1, "query": 1, "meta_batch": 32, "inner_steps": 1,
 # -- the meta-steps (each returns a closure: one forward + backward into .grad) ----------------
 
 def vmapped_step(model: nn.Module, batch: TaskBatch, first_order: bool, inner_lr: float = 0.4,
-                 inner_steps: int = 1) -> Callable[[], None]:
-    """(a) metalearn's MAML, batched over tasks with vmap."""
+                 inner_steps: int = 1, vmap_path: bool = False) -> Callable[[], None]:
+    """(a) metalearn's MAML on the whole meta-batch: through the network's task-batched forward
+    (``Conv4.forward_tasks``), or with ``vmap_path`` (row (g)) through ``vmap``, the path of a
+    network without one."""
     maml = MAML(model, MAML.Config(inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order))
+    if vmap_path:
+        maml._tasks_batched_by_model = lambda: False
 
     def step():
         loss, _ = maml.meta_loss(batch)
@@ -157,6 +166,7 @@ def mamlpp_step(model: nn.Module, batch: TaskBatch, first_order: bool, inner_lr:
 
 
 CHUNK1_ROW = "metalearn --task-chunk 1"
+VMAP_ROW = "metalearn, vmap path"
 
 
 def chunked_step(model: nn.Module, batch: TaskBatch, first_order: bool, inner_lr: float = 0.4,
@@ -317,7 +327,7 @@ def time_metalearn_maml(batch: TaskBatch, first_order: bool = False, inner_lr: f
     Reused by ``benchmarks/sampling.py``."""
     model = make_model(batch.ways, seed)
     times = time_step(vmapped_step(model, batch, first_order, inner_lr, inner_steps), model, iters, warmup)
-    return summarize("metalearn (vmap)", "first" if first_order else "second", times, batch.num_tasks)
+    return summarize("metalearn (whole batch)", "first" if first_order else "second", times, batch.num_tasks)
 
 
 def meta_gradient(model: nn.Module, step: Callable[[], None]) -> dict[str, Tensor]:
@@ -416,13 +426,13 @@ def check_gradients(model: nn.Module, batch: TaskBatch, impls: dict, peers: dict
     batch64 = TaskBatch(batch.support_x.double(), batch.support_y, batch.query_x.double(), batch.query_y,
                         ways=batch.ways)
     builders64 = {
-        "metalearn (vmap)": lambda fo: vmapped_step(model64, batch64, fo, args.inner_lr, args.inner_steps),
+        "metalearn (whole batch)": lambda fo: vmapped_step(model64, batch64, fo, args.inner_lr, args.inner_steps),
         "loop (autograd.grad)": lambda fo: loop_step(model64, batch64, fo, args.inner_lr, args.inner_steps),
     }
     checks, errors = {}, {}
     for order in args.orders:
         fo = ORDERS[order]
-        reference = meta_gradient(model64, builders64["metalearn (vmap)"](fo))
+        reference = meta_gradient(model64, builders64["metalearn (whole batch)"](fo))
         grads64 = {"loop (autograd.grad)": meta_gradient(model64, builders64["loop (autograd.grad)"](fo))}
         grads32 = {name: meta_gradient(model, build(fo)) for name, build in impls.items()}
         for peer_model, peer in peers.items():
@@ -508,8 +518,9 @@ def parse_args(argv=None):
     p.add_argument("--mamlpp", action="store_true",
                    help="add row (e): MAML++ (every part that changes a meta-step) on the same network, in every "
                         "configuration (maml++20w1s always has it)")
-    p.add_argument("--extra-rows", default="chunk1",
-                   help="comma-separated: chunk1 = row (f), metalearn with --task-chunk 1 (empty: none)")
+    p.add_argument("--extra-rows", default="chunk1,vmap",
+                   help="comma-separated: chunk1 = row (f), metalearn with --task-chunk 1; vmap = row (g), "
+                        "metalearn forced onto the vmap path (empty: none)")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the float64 agreement check before timing (it costs about a dozen steps)")
     p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
@@ -594,7 +605,7 @@ def run_config(args) -> dict:
     model = make_model(args.ways, args.seed, args.network).to(device)
     initial_state = {k: v.clone() for k, v in model.state_dict().items()}
     impls = {
-        "metalearn (vmap)": lambda fo: vmapped_step(model, batch, fo, args.inner_lr, args.inner_steps),
+        "metalearn (whole batch)": lambda fo: vmapped_step(model, batch, fo, args.inner_lr, args.inner_steps),
         "loop (autograd.grad)": lambda fo: loop_step(model, batch, fo, args.inner_lr, args.inner_steps),
     }
 
@@ -619,6 +630,9 @@ def run_config(args) -> dict:
             for order in args.orders:
                 for name, build in impls.items():
                     steps[(name, order)] = build(ORDERS[order])
+                if "vmap" in args.extra_rows:
+                    steps[(VMAP_ROW, order)] = vmapped_step(model, batch, ORDERS[order], args.inner_lr,
+                                                            args.inner_steps, vmap_path=True)
                 if "chunk1" in args.extra_rows:
                     steps[(CHUNK1_ROW, order)] = chunked_step(model, batch, ORDERS[order], args.inner_lr,
                                                               args.inner_steps, 1)

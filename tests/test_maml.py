@@ -516,7 +516,8 @@ def test_first_order_batch_norm_gives_the_same_values_and_gradients(monkeypatch)
 @pytest.mark.parametrize("method", ["protonet", "matchingnet", "reptile", "maml"])
 def test_only_the_methods_that_differentiate_once_use_the_native_kernel(monkeypatch, method):
     """ProtoNets, Matching Networks and Reptile train with the faster native batch norm;
-    second-order MAML never does (its second derivative under vmap would be wrong)."""
+    second-order MAML never does under vmap (its second derivative there would be wrong). (Its
+    task-batched path, outside vmap, does: test_the_task_batched_path_equals_vmap_and_the_reference.)"""
     from metalearn.algorithms import METHODS
     from metalearn.models import norm
 
@@ -533,6 +534,8 @@ def test_only_the_methods_that_differentiate_once_use_the_native_kernel(monkeypa
     ways = 3
     model = Conv4(1, ways if method in ("reptile", "maml") else None, hidden=4, pooling="max").double()
     options = {"inner_steps": 1, "inner_batch_size": 2, "test_inner_steps": 1} if method == "reptile" else {}
+    if method == "maml":
+        model.can_forward_tasks = lambda: False  # the vmap path
     learner = METHODS[method](model, METHODS[method].Config(**options))
     learner.meta_loss(image_batch(tasks=2, ways=ways, shots=2, query=2, size=16))[0].backward()
     assert bool(native_calls) == (method != "maml")
@@ -768,3 +771,72 @@ def test_a_one_task_batch_runs_second_order_with_the_native_kernel_and_the_right
         param = dict(model.named_parameters())[name]
         numeric = central_difference(lambda: maml.meta_loss(batch)[0], param, 0)
         assert named[name].view(-1)[0].item() == pytest.approx(numeric, rel=1e-6, abs=1e-8), name
+
+
+TASK_BATCHED_NETWORKS = {
+    "conv4": lambda: Conv4(1, 3, hidden=4),
+    "reference": lambda: Conv4(1, 3, hidden=4, norm_scale=False, norm_eps=1e-3),
+    "maxpool-leaky": lambda: Conv4(1, 3, hidden=4, pooling="max", leaky=True),
+    "flat-map": lambda: Conv4(1, 3, hidden=4, pooling="max", flat_map=(1, 1)),
+}
+
+
+@pytest.mark.parametrize("network", TASK_BATCHED_NETWORKS)
+def test_forward_tasks_equals_forward_on_each_task_with_its_own_weights(network):
+    torch.manual_seed(0)
+    model = TASK_BATCHED_NETWORKS[network]().double()
+    assert model.can_forward_tasks()
+    weights = {name: p.detach() + 0.1 * torch.randn(3, *p.shape, dtype=p.dtype) for name, p in model.named_parameters()}
+    x = torch.rand(3, 5, 1, 16, 16, dtype=torch.float64)
+    expected = torch.stack([torch.func.functional_call(model, {n: w[t] for n, w in weights.items()}, (x[t],))
+                            for t in range(3)])
+    torch.testing.assert_close(model.forward_tasks(weights, x), expected, rtol=1e-12, atol=1e-12)
+    embedding = Conv4(1, None, hidden=4).double()  # no head: the features of each task
+    weights = {name: p.detach().expand(3, *p.shape) for name, p in embedding.named_parameters()}
+    torch.testing.assert_close(embedding.forward_tasks(weights, x), torch.stack([embedding(x[t]) for t in range(3)]))
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"first_order": True}, {"learn_inner_lr": True}, {"learn_inner_lr": True, "first_order": True},
+    {"multi_step_loss": True, "inner_steps": 3}, {"adapt_norm": False}, {"inner_steps": 3},
+], ids=lambda o: ",".join(o) or "plain")
+@pytest.mark.parametrize("network", TASK_BATCHED_NETWORKS)
+def test_the_task_batched_path_equals_vmap_and_the_reference(monkeypatch, network, options):
+    """MAML runs a meta-batch of a network with ``forward_tasks`` (Conv4) through it, with the
+    native batch norm outside vmap: the same meta-loss, metrics and meta-gradient as the vmap path
+    (float64), for every option the path takes; the vmap path is itself tested against the
+    independent reference loop and finite differences above."""
+    torch.manual_seed(0)
+    model = TASK_BATCHED_NETWORKS[network]().double()
+    batch = image_batch(tasks=3, ways=3, shots=2, query=2, size=16, seed=0)
+    config = MAML.Config(**{"inner_lr": 0.3, "inner_steps": 2, **options})
+    batched = MAML(model, config).double()
+    calls = []
+    forward_tasks = model.forward_tasks
+    monkeypatch.setattr(model, "forward_tasks", lambda *a: calls.append(1) or forward_tasks(*a))
+    loss, metrics = batched.meta_loss(batch)
+    assert calls  # this path ran
+    grads = torch.autograd.grad(loss, list(batched.parameters()))
+
+    other = copy.deepcopy(model)
+    other.can_forward_tasks = lambda: False
+    with_vmap = MAML(other, config).double()
+    with_vmap.load_state_dict(batched.state_dict())
+    expected_loss, expected_metrics = with_vmap.meta_loss(batch)
+    expected = torch.autograd.grad(expected_loss, list(with_vmap.parameters()))
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=1e-12)
+    assert metrics.keys() == expected_metrics.keys()
+    for key in metrics:
+        torch.testing.assert_close(metrics[key], expected_metrics[key], rtol=1e-6, atol=1e-12)  # accuracy: float32
+    assert_grads_close(grads, expected, rtol=1e-9, atol=1e-12)
+    assert relative_difference(grads, expected) < 1e-10
+
+
+def test_per_step_batch_norm_keeps_the_vmap_path():
+    """MAML++'s per-step batch-norm sets are chosen by the inner step: forward_tasks does not
+    model them, so the network says it cannot batch the tasks and MAML uses vmap."""
+    model = Conv4(1, 3, hidden=4)
+    assert model.can_forward_tasks()
+    maml = MAML(model, MAML.Config(inner_lr=0.1, per_step_bn_weights=True))
+    assert not model.can_forward_tasks() and not maml._tasks_batched_by_model()
+    maml.meta_loss(image_batch(tasks=2, ways=3, shots=2, query=2, size=16, dtype=torch.float32))[0].backward()

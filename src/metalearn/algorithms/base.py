@@ -296,6 +296,16 @@ def task_loss(prediction: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(prediction.reshape(-1, prediction.shape[-1]), target.reshape(-1))
 
 
+def task_losses(prediction: Tensor, target: Tensor) -> Tensor:
+    """:func:`task_loss` of every task of a batch at once: prediction ``(tasks, n, ...)``,
+    target ``(tasks, n, ...)`` -> ``(tasks,)``, each task's loss as :func:`task_loss` gives it."""
+    tasks = prediction.shape[0]
+    if torch.is_floating_point(target):
+        return (prediction - target).square().reshape(tasks, -1).mean(1)
+    losses = F.cross_entropy(prediction.reshape(-1, prediction.shape[-1]), target.reshape(-1), reduction="none")
+    return losses.view(tasks, -1).mean(1)
+
+
 def accuracy(logits: Tensor, target: Tensor) -> Tensor:
     """Fraction of correct argmax predictions along the last axis of ``logits``."""
     return (logits.argmax(dim=-1) == target).float().mean()

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad
 
-from metalearn.algorithms.base import task_loss
+from metalearn.algorithms.base import task_loss, task_losses
 from metalearn.errors import ConfigError, require_number
 from metalearn.models.norm import (BatchStatNorm, batch_statistics_collector, collect_batch_statistics, inner_step,
                                    merge_batch_statistics)
@@ -77,6 +77,32 @@ def gradient_descent(model: nn.Module, params: Params, x: Tensor, y: Tensor, ste
             grads = loss_gradient(model, params, x, y, first_order, held)
         adapted = {name: p for name, p in params.items() if name not in held}
         params = {**params, **sgd_step(adapted, grads, step_size, step)}
+        trajectory.append(params)
+    return trajectory
+
+
+def gradient_descent_tasks(forward_tasks: Callable[[Params, Tensor], Tensor], params: Params, x: Tensor, y: Tensor,
+                           steps: int, step_size: StepSize | float, first_order: bool = False,
+                           held: frozenset[str] = frozenset()) -> list[Params]:
+    """:func:`gradient_descent` for a batch of tasks at once, through a model's task-batched
+    forward (``Conv4.forward_tasks``): ``params`` and every entry of the returned trajectory
+    map each name to a ``(tasks, *shape)`` tensor, one set of weights per task; x ``(tasks, n,
+    *input_shape)``, y ``(tasks, n, ...)``. Each step differentiates the sum of the tasks' losses:
+    task t's weights enter only task t's loss, so the gradient with respect to them is that
+    task's own gradient, as :func:`gradient_descent` takes it task by task. Held parameters,
+    and those that do not require gradients (frozen), keep their values. Needs gradients enabled
+    (``torch.autograd.grad``; the caller falls back to ``vmap`` without them)."""
+    trajectory = [params]
+    adapted = [name for name, p in params.items() if name not in held and p.requires_grad]
+    for step in range(steps):
+        loss = task_losses(forward_tasks(params, x), y).sum()
+        # first order: no graph of the gradient, so no second derivative can flow through it
+        grads = torch.autograd.grad(loss, [params[name] for name in adapted], create_graph=not first_order)
+        if callable(step_size):
+            update = {name: params[name] - step_size(name, step) * g for name, g in zip(adapted, grads)}
+        else:
+            update = {name: params[name] - step_size * g for name, g in zip(adapted, grads)}
+        params = {**params, **update}
         trajectory.append(params)
     return trajectory
 

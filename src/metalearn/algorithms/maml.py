@@ -28,8 +28,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from metalearn.algorithms.base import MetaLearner, check_network_fits, require_functional_model, Problem, accuracy, task_loss
-from metalearn.algorithms.inner_loop import (Params, check_inner_loop_options, gradient_descent,
+from metalearn.algorithms.base import (MetaLearner, check_network_fits, require_functional_model, Problem, accuracy,
+                                       task_loss, task_losses)
+from metalearn.algorithms.inner_loop import (Params, check_inner_loop_options, gradient_descent, gradient_descent_tasks,
                                               normalisation_parameters)
 from metalearn.datasets import NATURAL_IMAGES
 from metalearn.errors import ConfigError, MetalearnError
@@ -315,6 +316,8 @@ class MAML(MetaLearner):
             weights = None  # after the anneal only the last step counts: skip the others' query passes
 
         collect = self.config.per_step_bn_statistics and self.training
+        if self._tasks_batched_by_model() and torch.is_grad_enabled() and not collect:
+            return self._meta_loss_tasks_batched(batch, weights)
 
         def one_task(support_x, support_y, query_x, query_y):
             with collect_batch_statistics() as statistics:
@@ -350,6 +353,31 @@ class MAML(MetaLearner):
         metrics = {"loss": losses.mean().detach()}
         if classification:
             metrics["accuracy"] = accuracies.mean()
+        return losses.mean(), metrics
+
+    def _tasks_batched_by_model(self) -> bool:
+        """Whether the network offers a task-batched forward (``forward_tasks``, see
+        ``Conv4.forward_tasks``) for its current configuration; then a meta-batch runs through
+        it instead of ``vmap``: the same meta-gradient (tests/test_maml.py), computed faster
+        (docs/performance.md)."""
+        can = getattr(self.model, "can_forward_tasks", None)
+        return callable(getattr(self.model, "forward_tasks", None)) and callable(can) and can()
+
+    def _meta_loss_tasks_batched(self, batch: TaskBatch, weights: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`meta_loss` through the network's ``forward_tasks``: every task's weights are
+        the meta-parameters expanded along a task axis, so the meta-gradient of each flows back
+        into the one shared tensor, summed over the tasks."""
+        tasks, steps = batch.num_tasks, self.config.inner_steps
+        params = {name: p.expand(tasks, *p.shape) for name, p in self.model.named_parameters()}
+        trajectory = gradient_descent_tasks(self.model.forward_tasks, params, batch.support_x, batch.support_y, steps,
+                                            self._step_size, self.first_order_now(), self._held)
+        first = 1 if weights is not None else steps  # index in the trajectory of the first scored
+        predictions = [self.model.forward_tasks(p, batch.query_x) for p in trajectory[first:]]
+        losses = torch.stack([task_losses(prediction, batch.query_y) for prediction in predictions])  # (scored, tasks)
+        losses = losses[0] if weights is None else (weights.to(losses)[:, None] * losses).sum(0)
+        metrics = {"loss": losses.mean().detach()}
+        if batch.is_classification:
+            metrics["accuracy"] = accuracy(predictions[-1], batch.query_y)
         return losses.mean(), metrics
 
     def predict(self, batch: TaskBatch) -> Tensor:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalearn.models.norm import BatchStatNorm
+
+# layers that act on each channel of a map on its own, so that they apply unchanged to the tasks
+# folded into the channels by Conv4.forward_tasks
+_PER_CHANNEL = (nn.ReLU, nn.LeakyReLU, nn.MaxPool2d)
 
 
 def conv_block(in_channels: int, out_channels: int, pooling: str, norm_scale: bool = True,
@@ -55,6 +61,57 @@ class Conv4(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         features = self.features(x)
         return self.head(features.flatten(-3) if self.flat_map else features.mean(dim=(-2, -1)))
+
+    def can_forward_tasks(self) -> bool:
+        """Whether :meth:`forward_tasks` computes what :meth:`forward` does: not with MAML++'s
+        per-step batch-norm sets (chosen by the inner step, with running statistics), which it
+        does not model, nor with layers it does not know."""
+        for module in self.features.modules():
+            if isinstance(module, BatchStatNorm) and module.steps:
+                return False
+            if not isinstance(module, (nn.Sequential, nn.Conv2d, BatchStatNorm, *_PER_CHANNEL)):
+                return False
+        return isinstance(self.head, (nn.Linear, nn.Identity))
+
+    def forward_tasks(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """:meth:`forward` for a batch of tasks at once, each with its own weights, as a pure
+        function of ``params`` (every parameter name -> a tensor with a leading task axis,
+        ``(tasks, *shape)``). x: ``(tasks, batch, C, H, W)`` -> ``(tasks, batch, out_features)``.
+
+        The tasks are folded into the channels: task t owns channels ``t*C .. t*C + C-1`` of one
+        ``(batch, tasks*C, H, W)`` map, every convolution is grouped by task (``groups=tasks``),
+        and torch's native batch norm on that map normalises each task's channels with that
+        task's own batch statistics, as :class:`BatchStatNorm` does for one task. This is the
+        grouped convolution that ``vmap`` makes of a convolution, without moving the task axis
+        into the channels and back around every layer, and with the native batch-norm kernel,
+        whose second derivative is right here, outside ``vmap`` (in torch 2.13 it is wrong under
+        ``vmap``: see :class:`BatchStatNorm`), where ``vmap`` needs the slower decomposed form.
+        Equal to :meth:`forward` on each task with its own weights (tests/test_maml.py)."""
+        tasks, batch = x.shape[:2]
+        h = x.transpose(0, 1).reshape(batch, tasks * x.shape[2], *x.shape[3:])
+        for i, block in enumerate(self.features):
+            for j, layer in enumerate(block):
+                prefix = f"features.{i}.{j}."
+                if isinstance(layer, nn.Conv2d):
+                    weight = params[prefix + "weight"]
+                    bias = params[prefix + "bias"].reshape(-1) if layer.bias is not None else None
+                    h = F.conv2d(h, weight.reshape(-1, *weight.shape[2:]), bias, layer.stride, layer.padding,
+                                 layer.dilation, layer.groups * tasks)
+                elif isinstance(layer, BatchStatNorm):
+                    if layer.weight is not None:
+                        weight = params[prefix + "weight"].reshape(-1)
+                    else:  # torch 2.13: the native kernel's second derivative without a weight fails
+                        # ("Expected a proper Tensor but got None"); a constant scale of one is the same
+                        weight = torch.ones(h.shape[1], dtype=h.dtype, device=h.device)
+                    h = F.batch_norm(h, None, None, weight, params[prefix + "bias"].reshape(-1), True, 0.0, layer.eps)
+                else:
+                    h = layer(h)
+        # (batch, tasks * C, h, w) -> (batch, tasks, features): each task's channels are contiguous
+        features = h.reshape(batch, tasks, -1) if self.flat_map else h.mean(dim=(-2, -1)).view(batch, tasks, -1)
+        if isinstance(self.head, nn.Identity):
+            return features.transpose(0, 1)
+        out = torch.einsum("btf,tof->tbo", features, params["head.weight"])
+        return out + params["head.bias"][:, None] if self.head.bias is not None else out
 
 
 def reference_conv4(in_channels: int = 1, out_features: int = 5, hidden: int = 64) -> Conv4:

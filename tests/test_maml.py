@@ -796,26 +796,24 @@ def test_forward_tasks_equals_forward_on_each_task_with_its_own_weights(network)
     torch.testing.assert_close(embedding.forward_tasks(weights, x), torch.stack([embedding(x[t]) for t in range(3)]))
 
 
+@pytest.mark.parametrize("tasks", [3, 1])
 @pytest.mark.parametrize("options", [
     {}, {"first_order": True}, {"learn_inner_lr": True}, {"learn_inner_lr": True, "first_order": True},
     {"multi_step_loss": True, "inner_steps": 3}, {"adapt_norm": False}, {"inner_steps": 3},
 ], ids=lambda o: ",".join(o) or "plain")
 @pytest.mark.parametrize("network", TASK_BATCHED_NETWORKS)
-def test_the_task_batched_path_equals_vmap_and_the_reference(monkeypatch, network, options):
-    """MAML runs a meta-batch of a network with ``forward_tasks`` (Conv4) through it, with the
-    native batch norm outside vmap: the same meta-loss, metrics and meta-gradient as the vmap path
-    (float64), for every option the path takes; the vmap path is itself tested against the
-    independent reference loop and finite differences above."""
+def test_the_task_batched_path_equals_vmap_and_the_reference(network, options, tasks):
+    """MAML's path through a network's ``forward_tasks`` (Conv4), with the native batch norm
+    outside vmap: the same meta-loss, metrics and meta-gradient as the vmap path (one task: the
+    functional one-task path), float64, for every option the path takes, at both orders (also
+    second order over several tasks, which meta_loss leaves to vmap); the vmap path is itself
+    tested against the independent reference loop and finite differences above."""
     torch.manual_seed(0)
     model = TASK_BATCHED_NETWORKS[network]().double()
-    batch = image_batch(tasks=3, ways=3, shots=2, query=2, size=16, seed=0)
+    batch = image_batch(tasks=tasks, ways=3, shots=2, query=2, size=16, seed=0)
     config = MAML.Config(**{"inner_lr": 0.3, "inner_steps": 2, **options})
     batched = MAML(model, config).double()
-    calls = []
-    forward_tasks = model.forward_tasks
-    monkeypatch.setattr(model, "forward_tasks", lambda *a: calls.append(1) or forward_tasks(*a))
-    loss, metrics = batched.meta_loss(batch)
-    assert calls  # this path ran
+    loss, metrics = batched._meta_loss_tasks_batched(batch, batched.step_weights())
     grads = torch.autograd.grad(loss, list(batched.parameters()))
 
     other = copy.deepcopy(model)
@@ -830,6 +828,26 @@ def test_the_task_batched_path_equals_vmap_and_the_reference(monkeypatch, networ
         torch.testing.assert_close(metrics[key], expected_metrics[key], rtol=1e-6, atol=1e-12)  # accuracy: float32
     assert_grads_close(grads, expected, rtol=1e-9, atol=1e-12)
     assert relative_difference(grads, expected) < 1e-10
+
+
+@pytest.mark.parametrize("first_order,tasks,taken", [(True, 3, True), (True, 1, True), (False, 1, True),
+                                                     (False, 3, False)])
+def test_meta_loss_takes_the_task_batched_path_for_first_order_and_single_tasks(monkeypatch, first_order, tasks,
+                                                                                 taken):
+    """Where it was measured faster: first order, and one task (``--task-chunk 1``); second order
+    over several tasks stays on vmap. Without gradients (no meta-gradient to take) it is not used."""
+    model = Conv4(1, 3, hidden=4).double()
+    calls = []
+    forward_tasks = model.forward_tasks
+    monkeypatch.setattr(model, "forward_tasks", lambda *a: calls.append(1) or forward_tasks(*a))
+    maml = MAML(model, MAML.Config(inner_lr=0.3, first_order=first_order))
+    batch = image_batch(tasks=tasks, ways=3, shots=2, query=2, size=16, seed=0)
+    maml.meta_loss(batch)
+    assert bool(calls) == taken
+    calls.clear()
+    with torch.no_grad():
+        maml.meta_loss(batch)
+    assert not calls
 
 
 def test_per_step_batch_norm_keeps_the_vmap_path():

@@ -316,7 +316,11 @@ class MAML(MetaLearner):
             weights = None  # after the anneal only the last step counts: skip the others' query passes
 
         collect = self.config.per_step_bn_statistics and self.training
-        if self._tasks_batched_by_model() and torch.is_grad_enabled() and not collect:
+        # the network's own task-batched forward where it was measured faster than vmap (first
+        # order; one task, ``--task-chunk 1``); second order over several tasks stays on vmap,
+        # which was as fast or faster there (docs/performance.md)
+        if (self._tasks_batched_by_model() and torch.is_grad_enabled() and not collect
+                and (self.first_order_now() or batch.num_tasks == 1)):
             return self._meta_loss_tasks_batched(batch, weights)
 
         def one_task(support_x, support_y, query_x, query_y):
@@ -357,9 +361,9 @@ class MAML(MetaLearner):
 
     def _tasks_batched_by_model(self) -> bool:
         """Whether the network offers a task-batched forward (``forward_tasks``, see
-        ``Conv4.forward_tasks``) for its current configuration; then a meta-batch runs through
-        it instead of ``vmap``: the same meta-gradient (tests/test_maml.py), computed faster
-        (docs/performance.md)."""
+        ``Conv4.forward_tasks``) for its current configuration; then a first-order meta-batch,
+        or a single task, runs through it instead of ``vmap`` or ``functional_call``: the same
+        meta-gradient (tests/test_maml.py), computed faster (docs/performance.md)."""
         can = getattr(self.model, "can_forward_tasks", None)
         return callable(getattr(self.model, "forward_tasks", None)) and callable(can) and can()
 
@@ -369,10 +373,13 @@ class MAML(MetaLearner):
         into the one shared tensor, summed over the tasks."""
         tasks, steps = batch.num_tasks, self.config.inner_steps
         params = {name: p.expand(tasks, *p.shape) for name, p in self.model.named_parameters()}
-        trajectory = gradient_descent_tasks(self.model.forward_tasks, params, batch.support_x, batch.support_y, steps,
-                                            self._step_size, self.first_order_now(), self._held)
-        first = 1 if weights is not None else steps  # index in the trajectory of the first scored
-        predictions = [self.model.forward_tasks(p, batch.query_x) for p in trajectory[first:]]
+        # the native batch norm: first order differentiates it once, and one task's second
+        # derivative is right outside vmap; its double backward saves less than the decomposed form
+        with native_batch_norm():
+            trajectory = gradient_descent_tasks(self.model.forward_tasks, params, batch.support_x, batch.support_y,
+                                                steps, self._step_size, self.first_order_now(), self._held)
+            first = 1 if weights is not None else steps  # index in the trajectory of the first scored
+            predictions = [self.model.forward_tasks(p, batch.query_x) for p in trajectory[first:]]
         losses = torch.stack([task_losses(prediction, batch.query_y) for prediction in predictions])  # (scored, tasks)
         losses = losses[0] if weights is None else (weights.to(losses)[:, None] * losses).sum(0)
         metrics = {"loss": losses.mean().detach()}

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalearn.models.norm import BatchStatNorm
+from metalearn.models.norm import BatchStatNorm, batch_stat_norm, native_batch_norm_active, native_weight
 
 # layers that act on each channel of a map on its own, so that they apply unchanged to the tasks
 # folded into the channels by Conv4.forward_tasks
@@ -83,10 +83,11 @@ class Conv4(nn.Module):
         and torch's native batch norm on that map normalises each task's channels with that
         task's own batch statistics, as :class:`BatchStatNorm` does for one task. This is the
         grouped convolution that ``vmap`` makes of a convolution, without moving the task axis
-        into the channels and back around every layer, and with the native batch-norm kernel,
-        whose second derivative is right here, outside ``vmap`` (in torch 2.13 it is wrong under
-        ``vmap``: see :class:`BatchStatNorm`), where ``vmap`` needs the slower decomposed form.
-        Equal to :meth:`forward` on each task with its own weights (tests/test_maml.py)."""
+        into the channels and back around every layer. The batch norm is chosen as
+        :class:`BatchStatNorm` chooses it: the native kernel without gradients or inside
+        :func:`~metalearn.models.norm.native_batch_norm` (whose second derivative is right here,
+        outside ``vmap``), else the decomposed form. Equal to :meth:`forward` on each task with
+        its own weights (tests/test_maml.py)."""
         tasks, batch = x.shape[:2]
         h = x.transpose(0, 1).reshape(batch, tasks * x.shape[2], *x.shape[3:])
         for i, block in enumerate(self.features):
@@ -98,12 +99,12 @@ class Conv4(nn.Module):
                     h = F.conv2d(h, weight.reshape(-1, *weight.shape[2:]), bias, layer.stride, layer.padding,
                                  layer.dilation, layer.groups * tasks)
                 elif isinstance(layer, BatchStatNorm):
-                    if layer.weight is not None:
-                        weight = params[prefix + "weight"].reshape(-1)
-                    else:  # torch 2.13: the native kernel's second derivative without a weight fails
-                        # ("Expected a proper Tensor but got None"); a constant scale of one is the same
-                        weight = torch.ones(h.shape[1], dtype=h.dtype, device=h.device)
-                    h = F.batch_norm(h, None, None, weight, params[prefix + "bias"].reshape(-1), True, 0.0, layer.eps)
+                    weight = params[prefix + "weight"].reshape(-1) if layer.weight is not None else None
+                    bias = params[prefix + "bias"].reshape(-1)
+                    if native_batch_norm_active():
+                        h = F.batch_norm(h, None, None, native_weight(weight, h), bias, True, 0.0, layer.eps)
+                    else:
+                        h = batch_stat_norm(h, weight, bias, layer.eps)
                 else:
                     h = layer(h)
         # (batch, tasks * C, h, w) -> (batch, tasks, features): each task's channels are contiguous

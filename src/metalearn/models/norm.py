@@ -89,8 +89,8 @@ class BatchStatNorm(nn.Module):
                 return (x - self.running_mean[k].view(shape)) * inverse_std.view(shape) + bias.view(shape)
             if self.training:
                 _record_batch_statistics(self, k, x)
-        if not torch.is_grad_enabled() or _NATIVE.get():  # the fast native kernel
-            return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+        if native_batch_norm_active():  # the fast native kernel
+            return F.batch_norm(x, None, None, native_weight(weight, x), bias, True, 0.0, self.eps)
         return batch_stat_norm(x, weight, bias, self.eps)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -144,6 +144,22 @@ def native_batch_norm() -> Iterator[None]:
         yield
     finally:
         _NATIVE.reset(token)
+
+
+def native_weight(weight: Tensor | None, x: Tensor) -> Tensor | None:
+    """The scale to give torch's native batch norm: ``weight``, or for a layer without a scale
+    a constant one where gradients are recorded. In torch 2.13 the native kernel's second
+    derivative fails without a weight ("Expected a proper Tensor but got None", MAML second
+    order on one task); multiplying by one changes nothing."""
+    if weight is None and torch.is_grad_enabled():
+        return torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+    return weight
+
+
+def native_batch_norm_active() -> bool:
+    """Whether a batch norm here should use the native kernel, as :class:`BatchStatNorm` decides:
+    without gradients, or inside :func:`native_batch_norm`."""
+    return not torch.is_grad_enabled() or _NATIVE.get()
 
 
 def first_order_batch_norm() -> contextlib.AbstractContextManager[None]:

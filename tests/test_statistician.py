@@ -313,3 +313,37 @@ def test_sample_and_plot_from_the_command_line_and_their_errors(tmp_path, omnigl
                 "--no-progress", "--val-every", 0, "--run-dir", maml], capsys)[0] == 0
     code, _, err = run(["sample", maml, "--support", folder], capsys)
     assert code == 2 and err.count("\n") == 1 and "cannot draw new images" in err
+
+
+def test_a_run_saved_before_conv_norm_and_sample_dropout_keeps_its_networks(tmp_path, omniglot_data_dir, capsys):
+    """A run folder from before the options existed (no conv_norm, no sample_dropout in its stored
+    configurations) trained the plain networks: it still evaluates and resumes as that run,
+    bit for bit, while a new run gets batch norm (MetaLearner.legacy_defaults)."""
+    import json
+
+    plain = ["--conv-norm", "none", "--sample-dropout", 0]
+    old, straight = tmp_path / "old", tmp_path / "straight"
+    assert run(["train", *omniglot_args(omniglot_data_dir, 2), *plain, "--run-dir", old], capsys)[0] == 0
+    assert run(["train", *omniglot_args(omniglot_data_dir, 4), *plain, "--run-dir", straight], capsys)[0] == 0
+    evaluate = ["eval", old, "--episodes", 4, "--data-dir", omniglot_data_dir, "--no-progress"]
+    code, before, err = run(evaluate, capsys)
+    assert code == 0, err
+
+    config = json.loads((old / "config.json").read_text())
+    for key in ("conv_norm", "sample_dropout"):
+        del config["method_config"][key]
+    (old / "config.json").write_text(json.dumps(config))
+    state = torch.load(old / "checkpoint.pt", weights_only=True)
+    for key in ("conv_norm", "sample_dropout"):
+        del state["config"]["method_config"][key]
+    torch.save(state, old / "checkpoint.pt")
+    assert RunDir(old).read_config().method_config["conv_norm"] == "none"
+
+    code, after, err = run(evaluate, capsys)
+    assert code == 0, err
+    assert after.splitlines()[0] == before.splitlines()[0] and "accuracy" in before  # the score line
+    assert run(["train", *omniglot_args(omniglot_data_dir, 4), "--run-dir", old, "--resume"], capsys)[0] == 0
+    assert_same_weights(straight, old, atol=0)
+    new = tmp_path / "new"
+    assert run(["train", *omniglot_args(omniglot_data_dir, 1), "--run-dir", new], capsys)[0] == 0
+    assert RunDir(new).read_config().method_config["conv_norm"] == "batch"

@@ -186,11 +186,21 @@ class RunConfig:
             return cls(
                 method=data["method"],
                 task=TaskConfig(**data["task"]),
-                method_config=dict(data["method_config"]),
+                method_config={**legacy_defaults(data["method"]), **data["method_config"]},
                 train=TrainConfig(**data["train"]),
             )
         except (KeyError, TypeError) as err:
             raise MetalearnError(f"invalid run configuration ({err}); was it written by metalearn?") from None
+
+
+def legacy_defaults(method: str) -> dict[str, Any]:
+    """The values that options added after a run was saved take in its stored configuration:
+    the method's ``MetaLearner.legacy_defaults`` (none for an unknown method: reading the
+    configuration then fails where the method is looked up, with its own message)."""
+    from metalearn.algorithms import METHODS  # the registry imports this module
+
+    learner = METHODS.get(method) if isinstance(method, str) else None
+    return dict(getattr(learner, "legacy_defaults", {}))
 
 
 def config_differences(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:

@@ -54,6 +54,11 @@ class MetaLearner(nn.Module):
     # options that act only beside another option's value: {option: (other option, its value)};
     # giving one without the other is refused (it would be stored and silently unused)
     option_requires: ClassVar[dict[str, tuple[str, Any]]] = {}
+    # options added, or whose default changed, after runs were saved without them: {option: the
+    # value that reproduces what such a run computed}. A stored configuration that lacks one
+    # (config.json, a checkpoint's copy) gets this value when it is read
+    # (``RunConfig.from_dict``); a new run gets the current default.
+    legacy_defaults: ClassVar[dict[str, Any]] = {}
 
     # named sets of defaults a user picks with ``--preset NAME`` (``resolve_config(preset=)``):
     # {name: one line saying what it is}; the values come from :meth:`preset_defaults`

@@ -305,6 +305,8 @@ class NeuralStatistician(MetaLearner):
 
     name = "statistician"
     Config = StatisticianConfig
+    # runs saved before these options existed trained the paper's plain networks
+    legacy_defaults = {"conv_norm": "none", "sample_dropout": 0.0}
 
     def __init__(self, config: StatisticianConfig = StatisticianConfig()):
         super().__init__()

@@ -82,3 +82,18 @@ def test_ranks_scores_come_back_in_the_single_process_order(episodes, chunk, row
     torch.testing.assert_close(torch.tensor(shared["per_step"]), torch.tensor(single["per_step"]),
                                rtol=1e-5, atol=1e-6)
     assert shared["ci95"] == pytest.approx(single["ci95"], rel=1e-5)
+
+
+def test_evaluate_restores_the_training_mode_also_when_an_episode_fails(monkeypatch):
+    learner = MAML(MLP(1, 1, hidden=(4,)), MAML.Config(inner_lr=0.01))
+    learner.train()
+
+    def fail(batch):
+        assert not learner.training  # episodes are scored in eval mode
+        raise RuntimeError("a failing episode")
+
+    monkeypatch.setattr(learner, "predict_per_step", fail)
+    monkeypatch.setattr(learner, "predict", fail)
+    with pytest.raises(RuntimeError, match="a failing episode"):
+        evaluate(learner, SinusoidTasks(shots=5, query=5), episodes=2, progress=False)
+    assert learner.training

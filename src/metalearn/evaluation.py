@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from metalearn.algorithms.base import MetaLearner, device_of, prediction_scores
+from metalearn.algorithms.base import MetaLearner, device_of, evaluating, prediction_scores
 from metalearn.distributed import World
 from metalearn.tasks import TaskSource
 from metalearn.tasks.batch import TaskBatch
@@ -61,32 +61,30 @@ def evaluate(
     """
     generator = torch.Generator().manual_seed(seed)
     device = device_of(learner)  # world.device when the API built it; any device for a learner of your own
-    was_training = learner.training
-    learner.eval()
-    scores, metric = [], "accuracy"
-    chunks = []  # (first episode, size) of each chunk, to put the ranks' scores back in episode order
-    remaining = episodes
-    bar = None
-    if progress and world.is_main:
-        from tqdm import tqdm
+    with evaluating(learner):  # the former mode comes back also if an episode raises
+        scores, metric = [], "accuracy"
+        chunks = []  # (first episode, size) of each chunk, to put the ranks' scores back in episode order
+        remaining = episodes
+        bar = None
+        if progress and world.is_main:
+            from tqdm import tqdm
 
-        bar = tqdm(total=episodes, desc="evaluating", unit="episode", leave=False)
-    with torch.random.fork_rng():  # a stochastic method (PLATIPUS) draws its samples from `seed`
-        torch.manual_seed(seed)
-        while remaining > 0:
-            size = min(chunk, remaining)
-            chunks.append((episodes - remaining, size))
-            share = world.share(size)
-            batch = source.sample(size, generator, tasks=share).to(device)
-            metric = batch_metric(batch)
-            if share.stop > share.start:  # a chunk smaller than the number of ranks
-                scores.append(episode_scores(learner, batch, per_step))
-            remaining -= size
-            if bar is not None:
-                bar.update(size)
-    if bar is not None:
-        bar.close()
-    learner.train(was_training)
+            bar = tqdm(total=episodes, desc="evaluating", unit="episode", leave=False)
+        with torch.random.fork_rng():  # a stochastic method (PLATIPUS) draws its samples from `seed`
+            torch.manual_seed(seed)
+            while remaining > 0:
+                size = min(chunk, remaining)
+                chunks.append((episodes - remaining, size))
+                share = world.share(size)
+                batch = source.sample(size, generator, tasks=share).to(device)
+                metric = batch_metric(batch)
+                if share.stop > share.start:  # a chunk smaller than the number of ranks
+                    scores.append(episode_scores(learner, batch, per_step))
+                remaining -= size
+                if bar is not None:
+                    bar.update(size)
+        if bar is not None:
+            bar.close()
     # (episodes on this rank, steps + 1), in float64 so that a rank without episodes, which knows
     # neither the steps nor the learner's dtype, sends what the others do
     local = (torch.cat(scores, dim=1).T.to("cpu", torch.float64).contiguous() if scores

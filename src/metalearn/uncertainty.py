@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from metalearn.algorithms.base import evaluating
 from metalearn.config import task_differences
 from metalearn.errors import MetalearnError
 from metalearn.tasks.batch import TaskBatch
@@ -136,9 +137,7 @@ def uncertainty_scores(learner, batch: TaskBatch, true_function=None, noise_std:
     (needs ``noise_std``), and ``coverage_minmax`` / ``coverage_interval`` of
     ``true_function(batch.task_params, grid)`` on ``grid`` (1, n, 1) inputs (needs both).
     """
-    was_training = learner.training
-    learner.eval()
-    try:
+    with evaluating(learner):
         with torch.no_grad():
             samples = predictive_samples(learner, batch, num_samples)
             if batch.is_classification:
@@ -161,8 +160,6 @@ def uncertainty_scores(learner, batch: TaskBatch, true_function=None, noise_std:
                 scores["coverage_minmax"] = coverage(grid_samples, truth, "minmax")
                 scores["coverage_interval"] = coverage(grid_samples, truth, "interval", level)
             return scores
-    finally:
-        learner.train(was_training)
 
 
 def compare_runs(platipus_run: Path | str, maml_run: Path | str, **options) -> dict[str, Any]:

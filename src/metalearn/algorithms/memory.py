@@ -71,7 +71,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalearn.algorithms.base import MetaLearner, Problem, require_functional_model
+from metalearn.algorithms.base import MetaLearner, Problem, evaluating, require_functional_model
 from metalearn.algorithms.protonet import embed_episodes
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.models import build_model, output_size
@@ -528,10 +528,8 @@ def lifelong_accuracy(learner: MemoryModule, source: Any, episodes: int = 1000, 
     correct, shown = [], []  # per chunk: (episodes, max_shot + 1) counts on each k-th showing
     total_correct, total = 0.0, 0.0
     width = length = 0
-    was_training = learner.training
-    learner.eval()
     device = next(learner.parameters()).device
-    try:
+    with evaluating(learner):
         done = 0
         while done < episodes:
             count = min(chunk, episodes - done)
@@ -571,8 +569,6 @@ def lifelong_accuracy(learner: MemoryModule, source: Any, episodes: int = 1000, 
             correct.append(chunk_correct)
             shown.append(chunk_shown)
             done += count
-    finally:
-        learner.train(was_training)
     correct, shown = torch.cat(correct), torch.cat(shown)
     k_shot, k_shot_ci95 = [], []
     for k in range(max_shot + 1):

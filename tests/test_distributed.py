@@ -328,6 +328,53 @@ def test_two_ranks_in_chunks_equal_one_process_with_the_whole_batch(tmp_path):
     assert json.loads((tmp_path / "chunked" / "config.json").read_text())["train"]["task_chunk"] == 2
 
 
+AUTO_CHUNK_RANKS = """
+import os, runpy, sys
+import metalearn.training as training
+from metalearn.algorithms.maml import MAML
+
+rank = int(os.environ["RANK"])
+sizes = []
+meta_loss = MAML.meta_loss
+MAML.meta_loss = lambda self, batch: (sizes.append(batch.num_tasks), meta_loss(self, batch))[1]
+
+
+def scripted(call, device):  # rank 0: one task at a time is fastest; rank 1: its whole share
+    before = len(sizes)
+    call()
+    tasks = sizes[before]
+    return tasks * (1.0 if tasks == 1 else 2.0 if rank == 0 else 0.5)
+
+
+training.seconds_of = scripted
+choose = training.Trainer._choose_task_chunk
+
+
+def reporting(self, batch, bar):
+    chunk = choose(self, batch, bar)
+    print(f"rank {rank} trains in chunks of {chunk}", flush=True)
+    return chunk
+
+
+training.Trainer._choose_task_chunk = reporting
+sys.argv = ["metalearn", "train", *sys.argv[1:]]
+runpy.run_module("metalearn", run_name="__main__")
+"""
+
+
+def test_task_chunk_auto_under_torchrun_takes_rank_0s_choice(tmp_path):
+    """Each rank times its own share; with timings that would make rank 0 pick one task at a
+    time and rank 1 its whole share, both train with rank 0's choice, and the run equals one
+    process with the whole batch."""
+    args = SINUSOID + ["--steps", 2, "--val-every", 0]
+    metalearn(args + ["--run-dir", tmp_path / "whole"], tmp_path)
+    script = tmp_path / "auto_chunk.py"
+    script.write_text(AUTO_CHUNK_RANKS)
+    done = launch([script, *map(str, args), "--run-dir", tmp_path / "auto", "--task-chunk", "auto"])
+    assert "rank 0 trains in chunks of 1" in done.stdout and "rank 1 trains in chunks of 1" in done.stdout, done.stdout
+    assert_same_weights(tmp_path / "whole", tmp_path / "auto")
+
+
 
 MAML_RL_TRPO_STEP = """
 import sys, torch

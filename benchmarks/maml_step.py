@@ -26,6 +26,8 @@ first-order; ``--ways`` etc. time one configuration of your own. Rows:
   (g) metalearn, vmap path -- (a) forced onto ``vmap``, the path of a network without a
                      task-batched forward (``--extra-rows vmap``, default): what
                      ``Conv4.forward_tasks`` saves.
+  (h) metalearn, task-batched path -- (a) forced onto ``Conv4.forward_tasks`` also at second
+                     order over several tasks, where MAML keeps vmap (``--extra-rows batched``).
 
 ``--clock cpu`` times each step's CPU time (``time.process_time``, in the peer too) instead of
 the elapsed time: less sensitive to other processes on a shared machine (with ``--threads 1``).
@@ -131,13 +133,20 @@ CUSTOM = {"ways": 5, "shots": 1, "query": 1, "meta_batch": 32, "inner_steps": 1,
 # -- the meta-steps (each returns a closure: one forward + backward into .grad) ----------------
 
 def vmapped_step(model: nn.Module, batch: TaskBatch, first_order: bool, inner_lr: float = 0.4,
-                 inner_steps: int = 1, vmap_path: bool = False) -> Callable[[], None]:
+                 inner_steps: int = 1, vmap_path: bool = False, batched_path: bool = False) -> Callable[[], None]:
     """(a) metalearn's MAML on the whole meta-batch: through the network's task-batched forward
     (``Conv4.forward_tasks``), or with ``vmap_path`` (row (g)) through ``vmap``, the path of a
-    network without one."""
+    network without one, or with ``batched_path`` (row (h)) through the task-batched path at
+    either order."""
     maml = MAML(model, MAML.Config(inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order))
     if vmap_path:
         maml._tasks_batched_by_model = lambda: False
+    if batched_path:  # also where meta_loss leaves it to vmap (second order over several tasks)
+        def step():
+            loss, _ = maml._meta_loss_tasks_batched(batch, maml.step_weights())
+            loss.backward()
+
+        return step
 
     def step():
         loss, _ = maml.meta_loss(batch)
@@ -167,6 +176,7 @@ def mamlpp_step(model: nn.Module, batch: TaskBatch, first_order: bool, inner_lr:
 
 CHUNK1_ROW = "metalearn --task-chunk 1"
 VMAP_ROW = "metalearn, vmap path"
+BATCHED_ROW = "metalearn, task-batched path"
 
 
 def chunked_step(model: nn.Module, batch: TaskBatch, first_order: bool, inner_lr: float = 0.4,
@@ -520,7 +530,8 @@ def parse_args(argv=None):
                         "configuration (maml++20w1s always has it)")
     p.add_argument("--extra-rows", default="chunk1,vmap",
                    help="comma-separated: chunk1 = row (f), metalearn with --task-chunk 1; vmap = row (g), "
-                        "metalearn forced onto the vmap path (empty: none)")
+                        "metalearn forced onto the vmap path; batched = row (h), forced onto the "
+                        "task-batched path (empty: none)")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the float64 agreement check before timing (it costs about a dozen steps)")
     p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
@@ -630,6 +641,9 @@ def run_config(args) -> dict:
             for order in args.orders:
                 for name, build in impls.items():
                     steps[(name, order)] = build(ORDERS[order])
+                if "batched" in args.extra_rows:
+                    steps[(BATCHED_ROW, order)] = vmapped_step(model, batch, ORDERS[order], args.inner_lr,
+                                                               args.inner_steps, batched_path=True)
                 if "vmap" in args.extra_rows:
                     steps[(VMAP_ROW, order)] = vmapped_step(model, batch, ORDERS[order], args.inner_lr,
                                                             args.inner_steps, vmap_path=True)

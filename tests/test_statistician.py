@@ -1,8 +1,10 @@
 """The Neural Statistician: its distributions and bound against torch.distributions, the
-statistic's symmetry, learning on a small problem, sampling, resume, two ranks, bad input."""
+statistic's symmetry, learning on a small problem, sampling, training augmentation, resume, two
+ranks, bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -14,7 +16,7 @@ from torch import distributions as D
 from checkpoints import assert_same_weights, weights
 from cli_runner import run
 from metalearn.algorithms.statistician import (NeuralStatistician, StatisticianConfig, bernoulli_log_likelihood,
-                                               gaussian_kl, standard_normal_kl)
+                                               dilate_images, gaussian_kl, standard_normal_kl)
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.runs import RunDir
 from metalearn.tasks.batch import TaskBatch
@@ -218,6 +220,146 @@ def test_sample_dropout_pools_the_kept_images_and_counts_them():
         StatisticianConfig(conv_norm="layer")
 
 
+# -- training augmentation: dilation and reflection ---------------------------------------------
+
+
+def test_dilation_is_the_max_over_the_cross_of_each_pixel():
+    g = torch.Generator().manual_seed(4)
+    images = torch.rand(2, 3, 1, 6, 7, generator=g) * (torch.rand(2, 3, 1, 6, 7, generator=g) < 0.3)
+    expected = torch.empty_like(images)
+    for index in torch.cartesian_prod(*(torch.arange(k) for k in images.shape[:3])).tolist():
+        image = images[tuple(index)]
+        for r in range(6):
+            for c in range(7):
+                values = [image[rr, cc] for rr, cc in ((r, c), (r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1))
+                          if 0 <= rr < 6 and 0 <= cc < 7]
+                expected[(*index, r, c)] = max(values)
+    assert torch.equal(dilate_images(images), expected)
+    dot = torch.zeros(5, 5)
+    dot[0, 2] = 1.0  # on the border: a cross cut off by the edge
+    assert dilate_images(dot).nonzero().tolist() == [[0, 1], [0, 2], [0, 3], [1, 2]]
+
+
+def augmented(**options) -> StatisticianConfig:
+    return dataclasses.replace(TINY, sample_dropout=0.3, **options)
+
+
+def grey_images(*shape: int, seed: int = 0) -> torch.Tensor:
+    """Grey strokes: intensities in (0, 1) on about 20% of the pixels, the rest 0."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(*shape, 1, 28, 28, generator=g) * (torch.rand(*shape, 1, 28, 28, generator=g) < 0.2)
+
+
+def grey_batch(tasks: int = 2, ways: int = 3, shots: int = 2, seed: int = 0) -> TaskBatch:
+    support = grey_images(tasks, ways * shots, seed=seed)
+    labels = torch.arange(ways).repeat_interleave(shots).repeat(tasks, 1)
+    return TaskBatch(support, labels, support[:, :ways], torch.arange(ways).repeat(tasks, 1), ways=ways)
+
+
+def test_augmentation_with_probability_0_trains_as_the_learner_without_it():
+    """The loss and gradients with --dilate 0 --reflect 0 are bit for bit those of the bound on
+    the plainly binarised sets, and an augmenting learner draws the same binarisation, dropout, c
+    and z: its masks come after them."""
+    batch = grey_batch()
+    off, on = tiny(augmented(dilate=0.0, reflect=0.0)), tiny(augmented(dilate=0.5, reflect=0.5))
+    on.load_state_dict(off.state_dict())
+    for model in (off, on):
+        model.start_step(3)
+    raw = NeuralStatistician.support_sets(batch)
+    noise = off.set_noise(raw, 3, binarize=True, augment=True)
+    assert set(noise) == {"c", "z", "keep", "u"}
+    terms = off.bound_terms((noise["u"] < raw).float(), noise)
+    r, kc, kz = (terms[k] / 2 for k in ("log_likelihood", "kl_context", "kl_latent"))
+    expected = -(2 * r - (kc + kz) / 2).mean()  # reweight_alpha 1 at step 3: weight 2
+    loss, _ = off.meta_loss(batch)
+    assert torch.equal(loss, expected)
+    grads = torch.autograd.grad(loss, list(off.parameters()))
+    for a, b in zip(grads, torch.autograd.grad(expected, list(off.parameters()))):
+        assert torch.equal(a, b)
+    noisy = on.set_noise(raw, 3, binarize=True, augment=True)
+    assert set(noisy) == {"c", "z", "keep", "u", "dilate", "reflect"}
+    for key in noise:
+        assert torch.equal(noisy[key], noise[key]), key
+    assert not torch.equal(on.meta_loss(batch)[0], loss)  # the augmented images do enter the bound
+
+
+def test_probability_1_dilates_every_training_image_before_binarising():
+    model = tiny(augmented(dilate=1.0))
+    raw = grey_images(40, 3)
+    noise = model.set_noise(raw, 5, binarize=True, augment=True)
+    assert bool(noise["dilate"].all()) and "reflect" not in noise
+    assert torch.equal(model.training_sets(raw, noise), (noise["u"] < dilate_images(raw)).float())
+    both = tiny(augmented(dilate=1.0, reflect=1.0))
+    noise = both.set_noise(raw, 5, binarize=True, augment=True)
+    assert torch.equal(both.training_sets(raw, noise), (noise["u"] < dilate_images(raw).flip(-1)).float())
+    # half: each image on its own, dilated exactly where its mask says; threshold binarisation too
+    half = tiny(augmented(dilate=0.5, binarize="threshold"))
+    noise = half.set_noise(raw, 5, binarize=False, augment=True)
+    mask = noise["dilate"].view(40, 3, 1, 1, 1)
+    expected = torch.where(mask, dilate_images(raw) > 0.5, raw > 0.5).float()
+    assert torch.equal(half.training_sets(raw, noise), expected)
+    assert 0.38 < float(noise["dilate"].float().mean()) < 0.62  # 120 images
+    assert bool((noise["dilate"].any(1) & ~noise["dilate"].all(1)).any())  # not a draw per set
+
+
+def test_reflection_mirrors_whole_sets():
+    model = tiny(augmented(reflect=0.5, binarize="threshold"))
+    raw = grey_images(60, 4)
+    noise = model.set_noise(raw, 2, binarize=False, augment=True)
+    assert noise["reflect"].shape == (60,) and "dilate" not in noise
+    sets = model.training_sets(raw, noise)
+    for s in range(60):
+        source = raw[s].flip(-1) if bool(noise["reflect"][s]) else raw[s]  # every image of the set alike
+        assert torch.equal(sets[s], (source > 0.5).float()), s
+    assert 18 < int(noise["reflect"].sum()) < 42
+
+
+def test_augmentation_draws_follow_the_set_and_the_step_alone():
+    model = tiny(augmented(dilate=0.5, reflect=0.5))
+    raw = grey_images(30, 3, seed=1)
+    noise = model.set_noise(raw, 7, binarize=True, augment=True)
+    order = torch.randperm(30, generator=torch.Generator().manual_seed(0))[:12]
+    others = torch.cat([raw[order], grey_images(5, 3, seed=2)])  # other company, other order
+    moved = model.set_noise(others, 7, binarize=True, augment=True)
+    for key in ("dilate", "reflect"):
+        assert torch.equal(moved[key][:12], noise[key][order]), key
+        assert torch.equal(model.set_noise(raw, 7, binarize=True, augment=True)[key], noise[key]), key
+    later = model.set_noise(raw, 8, binarize=True, augment=True)
+    assert not torch.equal(later["dilate"], noise["dilate"]) and not torch.equal(later["reflect"], noise["reflect"])
+
+
+def test_augmentation_never_reaches_evaluation_or_sampling():
+    """Classification, the test bound and sampling of an augmenting learner are bit for bit those
+    of the same weights without augmentation."""
+    plain, augmenting = tiny(augmented()), tiny(augmented(dilate=1.0, reflect=1.0))
+    augmenting.load_state_dict(plain.state_dict())
+    batch = grey_batch(seed=3)
+
+    class Source:
+        def sample(self, size, generator):
+            return grey_batch(tasks=size, seed=int(torch.randint(100, (1,), generator=generator)))
+
+    assert torch.equal(augmenting.predict(batch), plain.predict(batch))
+    assert augmenting.test_bound(Source(), episodes=3, chunk=2) == plain.test_bound(Source(), episodes=3, chunk=2)
+    inputs = NeuralStatistician.support_sets(batch)
+    draw = lambda model: model.sample(inputs, num=3, generator=torch.Generator().manual_seed(1))  # noqa: E731
+    assert torch.equal(draw(augmenting), draw(plain))
+    assert set(augmenting.set_noise(inputs, 0, binarize=False)) == {"c", "z"}  # the test bound's call
+
+
+@pytest.mark.parametrize("name", ["dilate", "reflect"])
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan"), True, "0.5"])
+def test_augmentation_probabilities_outside_0_1_are_refused(name, value):
+    with pytest.raises(ConfigError, match=f"{name} must be a probability in \\[0, 1\\]"):
+        StatisticianConfig(**{name: value})
+    StatisticianConfig(**{name: 1})  # the bounds themselves are fine
+
+
+def test_a_bad_augmentation_probability_is_one_line_on_the_command_line(capsys):
+    code, _, err = run(["train", "statistician", "--dilate", 2, "--print-config"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--dilate must be a probability in [0, 1], got 2" in err
+
+
 def test_sets_follow_the_labels_and_bad_sets_are_refused():
     x = binary_images(1, 4)
     batch = TaskBatch(x, torch.tensor([[1, 0, 1, 0]]), x[:, :2], torch.tensor([[0, 1]]), ways=2)
@@ -246,21 +388,24 @@ def omniglot_args(data_dir, steps: int) -> list:
             "--checkpoint-every", 2, "--data-dir", data_dir, *TINY_FLAGS]
 
 
-def test_resume_is_bit_exact(tmp_path, omniglot_data_dir, capsys):
+@pytest.mark.parametrize("extra", [[], ["--dilate", 0.5, "--reflect", 0.5]], ids=["plain", "augmented"])
+def test_resume_is_bit_exact(tmp_path, omniglot_data_dir, capsys, extra):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run(["train", *omniglot_args(omniglot_data_dir, 4), "--run-dir", straight], capsys)[0] == 0
-    assert run(["train", *omniglot_args(omniglot_data_dir, 2), "--run-dir", resumed], capsys)[0] == 0
-    assert run(["train", *omniglot_args(omniglot_data_dir, 4), "--run-dir", resumed, "--resume"], capsys)[0] == 0
+    args = lambda steps: omniglot_args(omniglot_data_dir, steps) + extra  # noqa: E731
+    assert run(["train", *args(4), "--run-dir", straight], capsys)[0] == 0
+    assert run(["train", *args(2), "--run-dir", resumed], capsys)[0] == 0
+    assert run(["train", *args(4), "--run-dir", resumed, "--resume"], capsys)[0] == 0
     assert_same_weights(straight, resumed, atol=0)
 
 
-@pytest.mark.parametrize("extra", [[], ["--conv-norm", "batch", "--sample-dropout", 0.3]],
-                         ids=["plain", "batch-norm-sample-dropout"])
+@pytest.mark.parametrize("extra", [[], ["--conv-norm", "batch", "--sample-dropout", 0.3, "--dilate", 0.5,
+                                        "--reflect", 0.5]],
+                         ids=["plain", "batch-norm-sample-dropout-augmented"])
 def test_two_gloo_ranks_equal_one_process(tmp_path, omniglot_data_dir, extra):
     # Plain SGD (Adam's first steps are lr * sign(gradient)); shares of 2 and 1 tasks. The
-    # noise of a set follows its pixels, not the rank; batch-norm statistics are summed over the
-    # ranks; only the float32 rounding of convolutions over other batch sizes differs (measured:
-    # at most 1e-4 of a tensor's update).
+    # noise of a set (its augmentation included) follows its pixels, not the rank; batch-norm
+    # statistics are summed over the ranks; only the float32 rounding of convolutions over other
+    # batch sizes differs (measured: at most 1e-4 of a tensor's update).
     args = [*omniglot_args(omniglot_data_dir, 3), "--meta-optimizer", "sgd", "--meta-lr", 0.01, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "METALEARN_DIST_TIMEOUT": "120"}
     for ranks, folder in ((None, "single"), (2, "double")):

@@ -24,9 +24,9 @@ Evaluation computes every set on its own: a query's class never depends on the o
 episodes evaluated with it. In training, ``conv_norm="batch"`` (the public
 re-implementations' batch norm) normalises over the whole meta-batch, its sums added over
 torchrun's ranks, so that two ranks compute what one process does; evaluation then uses the
-running statistics. The noise of a set (binarisation, sample dropout, c and z) is drawn from a
-generator seeded by the set's pixels and the training step, so two ranks draw what one process
-draws.
+running statistics. The noise of a set (binarisation, sample dropout, c and z, and the optional
+training augmentation: ``dilate``, ``reflect``) is drawn from a generator seeded by the set's
+pixels and the training step, so two ranks draw what one process draws.
 
 Example::
 
@@ -90,6 +90,11 @@ class StatisticianConfig:
                                         "network's mean with this probability, and gives the network the number "
                                         "pooled (0: off, every image pooled and no count; 0.2 as the public "
                                         "re-implementation by ashysheya)")
+    dilate: float = option(0.0, "training dilates each image of a set with this probability before binarising it: "
+                                "each pixel takes the largest intensity of itself and its four neighbours (0: "
+                                "off; ashysheya's re-implementation dilates with 0.5)")
+    reflect: float = option(0.0, "training mirrors each set left-right, all its images together, with this "
+                                 "probability (the paper's reflections; 0: off)")
 
     def __post_init__(self):
         for name in ("context_dim", "latent_dim", "latent_layers", "hidden_dim", "filters", "alpha_halve_every"):
@@ -105,6 +110,10 @@ class StatisticianConfig:
         drop = self.sample_dropout
         if not isinstance(drop, (int, float)) or isinstance(drop, bool) or not 0 <= drop < 1:
             raise ConfigError(OWNER, "sample_dropout", f"must be a probability in [0, 1), got {drop!r}")
+        for name in ("dilate", "reflect"):
+            p = getattr(self, name)
+            if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p <= 1:
+                raise ConfigError(OWNER, name, f"must be a probability in [0, 1], got {p!r}")
         if self.binarize not in BINARIZATIONS:
             raise ConfigError(OWNER, "binarize", f"must be one of {', '.join(BINARIZATIONS)}, got {self.binarize!r}")
         alpha = self.reweight_alpha
@@ -137,6 +146,25 @@ def bernoulli_log_likelihood(logits: Tensor, x: Tensor) -> Tensor:
 def _split_gaussian(params: Tensor) -> tuple[Tensor, Tensor]:
     mean, logvar = params.chunk(2, dim=-1)
     return mean, logvar.clamp(*LOGVAR_RANGE)
+
+
+# -- training augmentation ---------------------------------------------------------------------
+
+
+def dilate_images(images: Tensor) -> Tensor:
+    """Grey dilation of each image by the 3x3 cross: every pixel becomes the largest intensity of
+    itself and its four neighbours (up, down, left, right; nothing beyond the border), which
+    thickens the strokes by a pixel. (..., H, W) -> (..., H, W), intensities >= 0.
+
+    For images in [0, 1] this is ``skimage.morphology.dilation`` with its default footprint, as
+    the public re-implementation ``ashysheya/neural-stat`` applies it before binarising: its
+    border mode repeats the edge pixel, which adds nothing to a maximum that already holds it."""
+    padded = F.pad(images, (1, 1, 1, 1))  # zeros: below every intensity, so the border adds nothing
+    neighbours = (padded[..., :-2, 1:-1], padded[..., 2:, 1:-1], padded[..., 1:-1, :-2], padded[..., 1:-1, 2:])
+    out = images
+    for shifted in neighbours:
+        out = torch.maximum(out, shifted)
+    return out
 
 
 # -- networks (appendix B.1, Omniglot) ---------------------------------------------------------
@@ -390,22 +418,28 @@ class NeuralStatistician(MetaLearner):
 
     # -- the bound (section 3) ------------------------------------------------------------------
 
-    def set_noise(self, sets: Tensor, step: int, binarize: bool) -> dict[str, Tensor]:
+    def set_noise(self, sets: Tensor, step: int, binarize: bool, augment: bool = False) -> dict[str, Tensor]:
         """The noise of each set: uniforms for its binarisation (sets, n, 1, H, W) (when
         ``binarize``, i.e. in training), standard normals for c (sets, context_dim) and for z
         (sets, n, L, latent_dim), and in training with sample dropout the mask "keep" (sets, n)
-        of the images that enter the statistic (the first always does).
+        of the images that enter the statistic (the first always does). With ``augment`` (the
+        training bound only): the boolean masks "dilate" (sets, n) of the images to dilate when
+        ``dilate`` > 0 and "reflect" (sets,) of the sets to mirror when ``reflect`` > 0.
 
         Drawn from one generator per set seeded by the set's pixels and ``step``: a set gets the
         same noise whichever batch or rank it is in, so the distributed meta-gradient is the one
-        process's. The loop is over sets for the random draws only (a few tens per step)."""
+        process's. The augmentation masks are drawn after everything else and only when their
+        probability is above 0, so the other noise is the same with and without them, and a
+        learner with probability 0 draws (and trains) exactly as one without the options.
+        The loop is over sets for the random draws only (a few tens per step)."""
         n, pixels = sets.shape[1], sets[0].numel()
         cfg = self.config
         codes = torch.round(sets.detach().flatten(1) * 255).to(torch.int64)
         weights = torch.randint(1, 2**31 - 1, (pixels,), generator=torch.Generator().manual_seed(0)).to(codes.device)
         keys = ((codes * weights).sum(-1) % (2**61 - 1)).tolist()
-        uniforms, context, latent, keep = [], [], [], []
+        uniforms, context, latent, keep, dilate, reflect = [], [], [], [], [], []
         drop = cfg.sample_dropout if binarize else 0.0
+        p_dilate, p_reflect = (cfg.dilate, cfg.reflect) if augment else (0.0, 0.0)
         for key in keys:
             g = torch.Generator().manual_seed((key * 1_000_003 + step * 7_919 + 17) % 2**62)
             if binarize:
@@ -414,13 +448,37 @@ class NeuralStatistician(MetaLearner):
             latent.append(torch.randn(n, cfg.latent_layers, cfg.latent_dim, generator=g))
             if drop > 0:
                 keep.append(torch.cat([torch.ones(1), (torch.rand(n - 1, generator=g) >= drop).float()]))
+            if p_dilate > 0:  # rand is in [0, 1): probability 1 dilates every image
+                dilate.append(torch.rand(n, generator=g) < p_dilate)
+            if p_reflect > 0:
+                reflect.append(torch.rand(1, generator=g) < p_reflect)
         to = dict(device=sets.device, dtype=sets.dtype)
         noise = {"c": torch.stack(context).to(**to), "z": torch.stack(latent).to(**to)}
         if keep:
             noise["keep"] = torch.stack(keep).to(**to)
         if binarize:
             noise["u"] = torch.stack(uniforms).view_as(sets).to(**to)
+        if dilate:
+            noise["dilate"] = torch.stack(dilate).to(sets.device)
+        if reflect:
+            noise["reflect"] = torch.cat(reflect).to(sets.device)
         return noise
+
+    def training_sets(self, raw: Tensor, noise: dict[str, Tensor]) -> Tensor:
+        """The images a training set enters the bound with: the raw intensities (sets, n, 1, 28,
+        28), each set mirrored left-right where ``noise["reflect"]`` says so, each image dilated
+        (:func:`dilate_images`) where ``noise["dilate"]`` says so, then binarised (dynamically
+        against ``noise["u"]``, or at 0.5 with ``binarize`` threshold). Augmentation comes before
+        binarisation, as in ``ashysheya/neural-stat``, so a dilated stroke's grey edge is drawn
+        as a Bernoulli pixel too. Reflection and this dilation commute (the cross is symmetric)."""
+        x = raw
+        if "reflect" in noise:
+            x = torch.where(noise["reflect"].view(-1, 1, 1, 1, 1), x.flip(-1), x)
+        if "dilate" in noise:
+            x = torch.where(noise["dilate"].view(*x.shape[:2], 1, 1, 1), dilate_images(x), x)
+        if self.config.binarize == "dynamic":
+            return (noise["u"] < x).to(raw.dtype)
+        return (x > 0.5).to(raw.dtype)
 
     def bound_terms(self, sets: Tensor, noise: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """One-sample estimates of the terms of each set's bound (section 3, eq. 8-10), each (sets,):
@@ -459,9 +517,8 @@ class NeuralStatistician(MetaLearner):
         classifier's ``accuracy`` on the batch's queries."""
         raw = self.support_sets(batch)
         self._check_images(raw)
-        dynamic = self.config.binarize == "dynamic"
-        noise = self.set_noise(raw, self.step, dynamic)
-        sets = (noise["u"] < raw).to(raw.dtype) if dynamic else (raw > 0.5).to(raw.dtype)
+        noise = self.set_noise(raw, self.step, self.config.binarize == "dynamic", augment=True)
+        sets = self.training_sets(raw, noise)
         terms = self.bound_terms(sets, noise)
         n = sets.shape[1]
         r, kc, kz = terms["log_likelihood"] / n, terms["kl_context"] / n, terms["kl_latent"] / n

@@ -211,9 +211,13 @@ def test_sample_dropout_pools_the_kept_images_and_counts_them():
         for a, b in zip(masked, alone):
             torch.testing.assert_close(a[i:i + 1], b)
     # training draws the mask per set (the first image always kept, the rest with 1 - p); evaluation keeps all
-    noise = model.set_noise(binary_images(200, 5), step=3, binarize=True)
+    noise = model.set_noise(binary_images(200, 5), step=3, binarize=True, training=True)
     assert bool((noise["keep"][:, 0] == 1).all()) and abs(float(noise["keep"][:, 1:].mean()) - 0.5) < 0.06
     assert "keep" not in model.set_noise(sets, step=3, binarize=False)
+    # also with threshold binarisation: the training bound drops images, evaluation does not
+    threshold = tiny(StatisticianConfig(context_dim=6, latent_dim=3, hidden_dim=16, filters=4, sample_dropout=0.5,
+                                        binarize="threshold"))
+    assert "keep" in threshold.set_noise(sets, step=3, binarize=False, training=True)
     with pytest.raises(ConfigError, match="sample_dropout"):
         StatisticianConfig(sample_dropout=1.0)
     with pytest.raises(ConfigError, match="conv_norm"):
@@ -266,7 +270,7 @@ def test_augmentation_with_probability_0_trains_as_the_learner_without_it():
     for model in (off, on):
         model.start_step(3)
     raw = NeuralStatistician.support_sets(batch)
-    noise = off.set_noise(raw, 3, binarize=True, augment=True)
+    noise = off.set_noise(raw, 3, binarize=True, training=True)
     assert set(noise) == {"c", "z", "keep", "u"}
     terms = off.bound_terms((noise["u"] < raw).float(), noise)
     r, kc, kz = (terms[k] / 2 for k in ("log_likelihood", "kl_context", "kl_latent"))
@@ -276,7 +280,7 @@ def test_augmentation_with_probability_0_trains_as_the_learner_without_it():
     grads = torch.autograd.grad(loss, list(off.parameters()))
     for a, b in zip(grads, torch.autograd.grad(expected, list(off.parameters()))):
         assert torch.equal(a, b)
-    noisy = on.set_noise(raw, 3, binarize=True, augment=True)
+    noisy = on.set_noise(raw, 3, binarize=True, training=True)
     assert set(noisy) == {"c", "z", "keep", "u", "dilate", "reflect"}
     for key in noise:
         assert torch.equal(noisy[key], noise[key]), key
@@ -286,15 +290,15 @@ def test_augmentation_with_probability_0_trains_as_the_learner_without_it():
 def test_probability_1_dilates_every_training_image_before_binarising():
     model = tiny(augmented(dilate=1.0))
     raw = grey_images(40, 3)
-    noise = model.set_noise(raw, 5, binarize=True, augment=True)
+    noise = model.set_noise(raw, 5, binarize=True, training=True)
     assert bool(noise["dilate"].all()) and "reflect" not in noise
     assert torch.equal(model.training_sets(raw, noise), (noise["u"] < dilate_images(raw)).float())
     both = tiny(augmented(dilate=1.0, reflect=1.0))
-    noise = both.set_noise(raw, 5, binarize=True, augment=True)
+    noise = both.set_noise(raw, 5, binarize=True, training=True)
     assert torch.equal(both.training_sets(raw, noise), (noise["u"] < dilate_images(raw).flip(-1)).float())
     # half: each image on its own, dilated exactly where its mask says; threshold binarisation too
     half = tiny(augmented(dilate=0.5, binarize="threshold"))
-    noise = half.set_noise(raw, 5, binarize=False, augment=True)
+    noise = half.set_noise(raw, 5, binarize=False, training=True)
     mask = noise["dilate"].view(40, 3, 1, 1, 1)
     expected = torch.where(mask, dilate_images(raw) > 0.5, raw > 0.5).float()
     assert torch.equal(half.training_sets(raw, noise), expected)
@@ -305,7 +309,7 @@ def test_probability_1_dilates_every_training_image_before_binarising():
 def test_reflection_mirrors_whole_sets():
     model = tiny(augmented(reflect=0.5, binarize="threshold"))
     raw = grey_images(60, 4)
-    noise = model.set_noise(raw, 2, binarize=False, augment=True)
+    noise = model.set_noise(raw, 2, binarize=False, training=True)
     assert noise["reflect"].shape == (60,) and "dilate" not in noise
     sets = model.training_sets(raw, noise)
     for s in range(60):
@@ -317,14 +321,14 @@ def test_reflection_mirrors_whole_sets():
 def test_augmentation_draws_follow_the_set_and_the_step_alone():
     model = tiny(augmented(dilate=0.5, reflect=0.5))
     raw = grey_images(30, 3, seed=1)
-    noise = model.set_noise(raw, 7, binarize=True, augment=True)
+    noise = model.set_noise(raw, 7, binarize=True, training=True)
     order = torch.randperm(30, generator=torch.Generator().manual_seed(0))[:12]
     others = torch.cat([raw[order], grey_images(5, 3, seed=2)])  # other company, other order
-    moved = model.set_noise(others, 7, binarize=True, augment=True)
+    moved = model.set_noise(others, 7, binarize=True, training=True)
     for key in ("dilate", "reflect"):
         assert torch.equal(moved[key][:12], noise[key][order]), key
-        assert torch.equal(model.set_noise(raw, 7, binarize=True, augment=True)[key], noise[key]), key
-    later = model.set_noise(raw, 8, binarize=True, augment=True)
+        assert torch.equal(model.set_noise(raw, 7, binarize=True, training=True)[key], noise[key]), key
+    later = model.set_noise(raw, 8, binarize=True, training=True)
     assert not torch.equal(later["dilate"], noise["dilate"]) and not torch.equal(later["reflect"], noise["reflect"])
 
 

@@ -418,13 +418,14 @@ class NeuralStatistician(MetaLearner):
 
     # -- the bound (section 3) ------------------------------------------------------------------
 
-    def set_noise(self, sets: Tensor, step: int, binarize: bool, augment: bool = False) -> dict[str, Tensor]:
+    def set_noise(self, sets: Tensor, step: int, binarize: bool, training: bool = False) -> dict[str, Tensor]:
         """The noise of each set: uniforms for its binarisation (sets, n, 1, H, W) (when
-        ``binarize``, i.e. in training), standard normals for c (sets, context_dim) and for z
-        (sets, n, L, latent_dim), and in training with sample dropout the mask "keep" (sets, n)
-        of the images that enter the statistic (the first always does). With ``augment`` (the
-        training bound only): the boolean masks "dilate" (sets, n) of the images to dilate when
-        ``dilate`` > 0 and "reflect" (sets,) of the sets to mirror when ``reflect`` > 0.
+        ``binarize``: dynamic binarisation in training), standard normals for c (sets,
+        context_dim) and for z (sets, n, L, latent_dim); with ``training`` (the training bound
+        only, whatever the binarisation): with sample dropout the mask "keep" (sets, n) of the
+        images that enter the statistic (the first always does), and the boolean masks "dilate"
+        (sets, n) of the images to dilate when ``dilate`` > 0 and "reflect" (sets,) of the sets
+        to mirror when ``reflect`` > 0.
 
         Drawn from one generator per set seeded by the set's pixels and ``step``: a set gets the
         same noise whichever batch or rank it is in, so the distributed meta-gradient is the one
@@ -438,8 +439,8 @@ class NeuralStatistician(MetaLearner):
         weights = torch.randint(1, 2**31 - 1, (pixels,), generator=torch.Generator().manual_seed(0)).to(codes.device)
         keys = ((codes * weights).sum(-1) % (2**61 - 1)).tolist()
         uniforms, context, latent, keep, dilate, reflect = [], [], [], [], [], []
-        drop = cfg.sample_dropout if binarize else 0.0
-        p_dilate, p_reflect = (cfg.dilate, cfg.reflect) if augment else (0.0, 0.0)
+        drop = cfg.sample_dropout if training else 0.0
+        p_dilate, p_reflect = (cfg.dilate, cfg.reflect) if training else (0.0, 0.0)
         for key in keys:
             g = torch.Generator().manual_seed((key * 1_000_003 + step * 7_919 + 17) % 2**62)
             if binarize:
@@ -517,7 +518,7 @@ class NeuralStatistician(MetaLearner):
         classifier's ``accuracy`` on the batch's queries."""
         raw = self.support_sets(batch)
         self._check_images(raw)
-        noise = self.set_noise(raw, self.step, self.config.binarize == "dynamic", augment=True)
+        noise = self.set_noise(raw, self.step, self.config.binarize == "dynamic", training=True)
         sets = self.training_sets(raw, noise)
         terms = self.bound_terms(sets, noise)
         n = sets.shape[1]

@@ -8,9 +8,10 @@ Configurations (the papers' Omniglot settings, ``maml_step.py``'s synthetic batc
 (1 query, meta-batch 16, 5 inner steps, inner lr 0.1) and 20-way 5-shot (5 queries, meta-batch
 16, 5 inner steps, inner lr 0.1); second and first order. Rows:
 
-  metalearn          -- ``MAML.meta_loss`` of the whole meta-batch (one vmap) + backward;
+  metalearn          -- ``MAML.meta_loss`` of the whole meta-batch + backward (one vmap, or
+                        first order the network's task-batched forward, ``Conv4.forward_tasks``);
   metalearn chunk N  -- ``metalearn.training.meta_gradient(learner, batch, task_chunk=N)``: N
-                        tasks per vmap, gradients accumulated (``--task-chunk N``);
+                        tasks at a time, gradients accumulated (``--task-chunk N``);
   loop               -- ``maml_step.py``'s per-task loop (functional_call + autograd.grad per
                         task, one backward of the summed losses: every task's graph is held);
   learn2learn        -- learn2learn 0.2.0's ``clone()``/``adapt()`` with backward per task (its

@@ -858,3 +858,29 @@ def test_per_step_batch_norm_keeps_the_vmap_path():
     maml = MAML(model, MAML.Config(inner_lr=0.1, per_step_bn_weights=True))
     assert not model.can_forward_tasks() and not maml._tasks_batched_by_model()
     maml.meta_loss(image_batch(tasks=2, ways=3, shots=2, query=2, size=16, dtype=torch.float32))[0].backward()
+
+
+@pytest.mark.parametrize("options", [{}, {"learn_inner_lr": True}, {"adapt_norm": False}, {"test_inner_steps": 0}],
+                         ids=lambda o: ",".join(o) or "plain")
+@pytest.mark.parametrize("network", TASK_BATCHED_NETWORKS)
+def test_predictions_through_forward_tasks_equal_those_under_vmap(network, options):
+    """Evaluation (predict_per_step) runs through the network's forward_tasks too: the same
+    predictions after every test-time step as the vmap path, also under no_grad (as evaluate
+    calls it), and the parameters untouched."""
+    torch.manual_seed(0)
+    model = TASK_BATCHED_NETWORKS[network]().double()
+    batch = image_batch(tasks=3, ways=3, shots=2, query=2, size=16, seed=1)
+    config = MAML.Config(**{"inner_lr": 0.3, "test_inner_steps": 2, **options})
+    batched = MAML(model, config).double().eval()
+    with torch.no_grad():
+        predictions = batched.predict_per_step(batch)
+    other = copy.deepcopy(model)
+    other.can_forward_tasks = lambda: False
+    with_vmap = MAML(other, config).double().eval()
+    with_vmap.load_state_dict(batched.state_dict())
+    with torch.no_grad():
+        expected = with_vmap.predict_per_step(batch)
+    assert predictions.shape == expected.shape == (config.test_inner_steps + 1, 3, 6, 3)
+    torch.testing.assert_close(predictions, expected, rtol=1e-10, atol=1e-12)
+    assert not predictions.requires_grad
+    assert all(p.grad is None and p.requires_grad for p in batched.parameters())

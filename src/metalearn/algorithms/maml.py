@@ -387,6 +387,20 @@ class MAML(MetaLearner):
             metrics["accuracy"] = accuracy(predictions[-1], batch.query_y)
         return losses.mean(), metrics
 
+    def _predict_tasks_batched(self, batch: TaskBatch, params: Params, steps: int) -> Tensor:
+        """:meth:`predict_per_step` through the network's ``forward_tasks``: the inner steps
+        differentiate once (gradients recorded for them alone), the predictions without
+        gradients; (steps + 1, tasks, queries, outputs)."""
+        tasks = batch.num_tasks
+        with native_batch_norm():
+            with torch.enable_grad():
+                start = {name: p.requires_grad_(self.model.get_parameter(name).requires_grad).expand(tasks, *p.shape)
+                         for name, p in params.items()}
+                trajectory = gradient_descent_tasks(self.model.forward_tasks, start, batch.support_x, batch.support_y,
+                                                    steps, self._step_size, True, self._held)
+            with torch.no_grad():
+                return torch.stack([self.model.forward_tasks(p, batch.query_x) for p in trajectory])
+
     def predict(self, batch: TaskBatch) -> Tensor:
         return self.predict_per_step(batch)[-1]
 
@@ -394,6 +408,9 @@ class MAML(MetaLearner):
         check_network_fits(self, batch)
         params = {name: p.detach() for name, p in self.model.named_parameters()}
         steps = self.config.test_inner_steps
+
+        if self._tasks_batched_by_model():
+            return self._predict_tasks_batched(batch, params, steps)
 
         def one_task(support_x, support_y, query_x):
             trajectory = self.adapt(params, support_x, support_y, steps)

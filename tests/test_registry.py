@@ -161,3 +161,21 @@ def test_no_method_option_shares_a_flag_with_a_task_or_training_option():
     with pytest.raises(MetalearnError, match="share a flag: steps"):
         register_method(Clash)
 
+
+
+def test_legacy_defaults_name_real_options_with_valid_values():
+    """MetaLearner.legacy_defaults fill stored configurations (RunConfig.from_dict): every entry
+    must be an option of the method's Config that the Config accepts, checked at registration."""
+    from metalearn.algorithms import check_legacy_defaults
+    from metalearn.errors import MetalearnError
+
+    for cls in METHODS.values():
+        check_legacy_defaults(cls)
+
+    class Misspelt(NearestMean):
+        name = "toy-misspelt"
+        legacy_defaults = {"widht": 3}
+
+    with pytest.raises(MetalearnError, match="legacy_defaults names option.*widht"):
+        register_method(Misspelt)
+    assert "toy-misspelt" not in METHODS

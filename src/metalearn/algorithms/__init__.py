@@ -44,6 +44,7 @@ def register_method(cls: type[MetaLearner]) -> type[MetaLearner]:
     if not dataclasses.is_dataclass(getattr(cls, "Config", None)):
         raise MetalearnError(f"{cls.__name__}.Config must be a dataclass of the method's options")
     check_option_names(cls)
+    check_legacy_defaults(cls)
     METHODS[cls.name] = cls
     return cls
 
@@ -58,6 +59,21 @@ def check_option_names(cls: type[MetaLearner]) -> None:
     if shared:
         raise MetalearnError(f"{cls.__name__}.Config has option(s) named like task or training options, which "
                              f"would share a flag: {', '.join(sorted(shared))}; rename them")
+
+
+def check_legacy_defaults(cls: type[MetaLearner]) -> None:
+    """Refuse ``legacy_defaults`` naming an option the Config lacks, or a value the Config
+    refuses: a stored configuration would otherwise fail to load with a message about an
+    option its user never set."""
+    known = {f.name for f in dataclasses.fields(cls.Config)}
+    unknown = set(cls.legacy_defaults) - known
+    if unknown:
+        raise MetalearnError(f"{cls.__name__}.legacy_defaults names option(s) its Config lacks: "
+                             f"{', '.join(sorted(unknown))}")
+    try:
+        cls.Config(**cls.legacy_defaults)
+    except (MetalearnError, ValueError, TypeError) as err:
+        raise MetalearnError(f"{cls.__name__}.legacy_defaults is not a valid configuration: {err}") from None
 
 
 def method_class(name: str) -> type[MetaLearner]:

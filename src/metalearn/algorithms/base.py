@@ -44,7 +44,11 @@ def evaluating(module: nn.Module) -> Iterator[None]:
 
 class MetaLearner(nn.Module):
     """Base class of all methods. Subclasses set ``name`` and ``Config`` (a frozen dataclass of
-    their hyper-parameters) and implement :meth:`meta_loss` and :meth:`predict`."""
+    their hyper-parameters) and implement :meth:`meta_loss` and :meth:`predict`.
+
+    Adding an option to ``Config``, or changing a default, leaves runs saved before without it
+    or with the old value; when a new default computes something else, list the old behaviour's
+    value in ``legacy_defaults`` so those runs still load, evaluate and resume as they trained."""
 
     name: ClassVar[str]
     Config: ClassVar[type]

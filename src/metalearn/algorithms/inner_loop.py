@@ -98,11 +98,8 @@ def gradient_descent_tasks(forward_tasks: Callable[[Params, Tensor], Tensor], pa
         loss = task_losses(forward_tasks(params, x), y).sum()
         # first order: no graph of the gradient, so no second derivative can flow through it
         grads = torch.autograd.grad(loss, [params[name] for name in adapted], create_graph=not first_order)
-        if callable(step_size):
-            update = {name: params[name] - step_size(name, step) * g for name, g in zip(adapted, grads)}
-        else:
-            update = {name: params[name] - step_size * g for name, g in zip(adapted, grads)}
-        params = {**params, **update}
+        params = {**params, **sgd_step({name: params[name] for name in adapted}, dict(zip(adapted, grads)),
+                                       step_size, step)}
         trajectory.append(params)
     return trajectory
 

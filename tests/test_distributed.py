@@ -334,19 +334,25 @@ import metalearn.training as training
 from metalearn.algorithms.maml import MAML
 
 rank = int(os.environ["RANK"])
+# seconds per task of each chunk size, per rank: the first argument names the scenario
+PER_TASK = {"timings": [{1: 1.0, 2: 2.0, 3: 2.0}, {1: 1.0, 2: 0.5}],  # rank 0 picks 1, rank 1 its share 2
+            "memory": [{1: 1.0, 2: 0.9, 3: 0.5}, {1: 1.0, 2: 0.5}]}[sys.argv[1]]  # rank 0 picks its share 3
 sizes = []
 meta_loss = MAML.meta_loss
 MAML.meta_loss = lambda self, batch: (sizes.append(batch.num_tasks), meta_loss(self, batch))[1]
 
 
-def scripted(call, device):  # rank 0: one task at a time is fastest; rank 1: its whole share
+def scripted(call, device):
     before = len(sizes)
     call()
     tasks = sizes[before]
-    return tasks * (1.0 if tasks == 1 else 2.0 if rank == 0 else 0.5)
+    return tasks * PER_TASK[rank][tasks]
 
 
 training.seconds_of = scripted
+training.available_memory = lambda device: 2**40
+if sys.argv[1] == "memory" and rank == 1:  # a task's step takes more than rank 1's budget: one at a time
+    training.peak_memory_of = lambda call, device: (call(), 2**42)[1]
 choose = training.Trainer._choose_task_chunk
 
 
@@ -357,23 +363,26 @@ def reporting(self, batch, bar):
 
 
 training.Trainer._choose_task_chunk = reporting
-sys.argv = ["metalearn", "train", *sys.argv[1:]]
+sys.argv = ["metalearn", "train", *sys.argv[2:]]
 runpy.run_module("metalearn", run_name="__main__")
 """
 
 
-def test_task_chunk_auto_under_torchrun_takes_rank_0s_choice(tmp_path):
-    """Each rank times its own share; with timings that would make rank 0 pick one task at a
-    time and rank 1 its whole share, both train with rank 0's choice, and the run equals one
-    process with the whole batch."""
+@pytest.mark.parametrize("scenario", ["timings", "memory"])
+def test_task_chunk_auto_under_torchrun_takes_rank_0s_choice(tmp_path, scenario):
+    """Each rank times its own share (3 and 2 of a meta-batch of 5). timings: rank 0's timings
+    pick one task at a time, rank 1's its whole share; memory: rank 0's pick its whole share
+    but rank 1's memory fits one task at a time. Both ranks train in chunks of one, and the run
+    equals one process in chunks of one (and the whole batch, to float rounding)."""
     args = SINUSOID + ["--steps", 2, "--val-every", 0]
+    metalearn(args + ["--run-dir", tmp_path / "one", "--task-chunk", 1], tmp_path)
     metalearn(args + ["--run-dir", tmp_path / "whole"], tmp_path)
     script = tmp_path / "auto_chunk.py"
     script.write_text(AUTO_CHUNK_RANKS)
-    done = launch([script, *map(str, args), "--run-dir", tmp_path / "auto", "--task-chunk", "auto"])
+    done = launch([script, scenario, *map(str, args), "--run-dir", tmp_path / "auto", "--task-chunk", "auto"])
     assert "rank 0 trains in chunks of 1" in done.stdout and "rank 1 trains in chunks of 1" in done.stdout, done.stdout
+    assert_same_weights(tmp_path / "one", tmp_path / "auto")
     assert_same_weights(tmp_path / "whole", tmp_path / "auto")
-
 
 
 MAML_RL_TRPO_STEP = """

@@ -97,3 +97,21 @@ def test_evaluate_restores_the_training_mode_also_when_an_episode_fails(monkeypa
     with pytest.raises(RuntimeError, match="a failing episode"):
         evaluate(learner, SinusoidTasks(shots=5, query=5), episodes=2, progress=False)
     assert learner.training
+
+
+def test_evaluate_restores_each_submodules_own_mode():
+    """A submodule the user put in eval mode inside a training network (a frozen layer) is still
+    in eval mode after an evaluation, and the rest is back in training mode."""
+    from metalearn.algorithms.base import evaluating
+
+    learner = MAML(MLP(1, 1, hidden=(4,)), MAML.Config(inner_lr=0.01))
+    learner.train()
+    frozen = next(module for module in learner.model.modules() if isinstance(module, torch.nn.Linear))
+    frozen.eval()
+    evaluate(learner, SinusoidTasks(shots=5, query=5), episodes=2, progress=False)
+    assert not frozen.training
+    assert all(module.training for module in learner.modules() if module is not frozen)
+    with pytest.raises(ValueError), evaluating(learner):
+        assert not any(module.training for module in learner.modules())
+        raise ValueError
+    assert not frozen.training and learner.training and learner.model.training

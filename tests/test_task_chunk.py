@@ -79,6 +79,27 @@ def test_reptile_with_carried_adam_state_refuses_chunks(tmp_path):
     assert err.value.with_flags().startswith("--task-chunk cannot split")
 
 
+def test_the_memory_module_refuses_chunks(tmp_path):
+    """Its tasks share one memory per meta-batch: a chunk of them has another meta-gradient."""
+    from batches import image_batch as batch_of
+    from metalearn.tasks.batch import Problem
+
+    Memory = METHODS["memory"]
+    learner = Memory.build(Memory.Config(model="conv4-embedding", memory_size=64, key_dim=8, choose_k=4,
+                                         dropout=0.0, age_noise=0.0), Problem((1, 16, 16), 3, True)).double()
+    torch.manual_seed(0)
+    batch = batch_of(tasks=4, ways=3, shots=2, query=2, size=16)
+    whole_loss, _, whole = gradient(learner, batch, 0)
+    chunked_loss, _, chunked = gradient(learner, batch, 1)  # what a chunk of one task would compute
+    assert abs(float(whole_loss - chunked_loss)) > 1e-3
+    assert "shared memory" in learner.chunking_refused()
+    for chunk in (2, "auto"):
+        config = resolve_config("memory", method_config={"model": "conv4-embedding", "memory_size": 64, "choose_k": 8},
+                                train={"steps": 1, "meta_batch_size": 4, "task_chunk": chunk})
+        with pytest.raises(ConfigError, match="task_chunk cannot split the meta-batch of the Memory Module"):
+            build_trainer(config, tmp_path / "run")
+
+
 @pytest.mark.parametrize("value,message", [("two", "or auto, got 'two'"), (-1, ">= 0"), (True, ">= 0")])
 def test_bad_task_chunks_are_refused(value, message):
     with pytest.raises(ConfigError, match=message):

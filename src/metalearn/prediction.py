@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from metalearn.algorithms import MetaLearner
+from metalearn.algorithms.base import evaluating
 from metalearn.data.images import is_image_file
 from metalearn.errors import MetalearnError
 
@@ -76,19 +77,19 @@ def predict_new_classes(learner: MetaLearner, support: Path | str, query: list[P
     support_x = learner.prepare_images([f for group in files for f in group], image_size, channels)
     support_y = torch.tensor([c for c, group in enumerate(files) for _ in group])
     sampling = hasattr(learner, "sample_probabilities")
-    learner.eval()
     means, spreads, query_images = [], [], []
     generator = torch.Generator().manual_seed(0)
-    for start in range(0, len(query_files), QUERY_CHUNK):
-        query_x = learner.prepare_images(query_files[start:start + QUERY_CHUNK], image_size, channels)
-        query_images.append(query_x)
-        if sampling:
-            with torch.no_grad():
-                samples = learner.sample_probabilities(support_x, support_y, query_x, num_samples, generator)
-            means.append(samples.mean(0).cpu())
-            spreads.append(samples.std(0, unbiased=False).cpu())
-        else:
-            means.append(learner.fit_predict(support_x, support_y, query_x).cpu())
+    with evaluating(learner):  # the caller's mode comes back afterwards
+        for start in range(0, len(query_files), QUERY_CHUNK):
+            query_x = learner.prepare_images(query_files[start:start + QUERY_CHUNK], image_size, channels)
+            query_images.append(query_x)
+            if sampling:
+                with torch.no_grad():
+                    samples = learner.sample_probabilities(support_x, support_y, query_x, num_samples, generator)
+                means.append(samples.mean(0).cpu())
+                spreads.append(samples.std(0, unbiased=False).cpu())
+            else:
+                means.append(learner.fit_predict(support_x, support_y, query_x).cpu())
     probabilities = torch.cat(means)
     spread = torch.cat(spreads) if sampling else None
     predictions = []

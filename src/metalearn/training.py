@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -288,8 +289,8 @@ class Trainer:
         a quarter ends the probe (it assumes the time per task does not fall again at larger
         sizes), so the probe costs at most about two meta-steps. Whole meta-batch and chunks
         give the same meta-gradient to float rounding, so the choice changes the speed, not the
-        training. Every rank measures on its own and
-        takes the rank-0 choice. The probes' gradients are dropped; the trainer seeds the random
+        training. Under torchrun every rank measures its own share and all take rank 0's
+        choice, made smaller where another rank's memory fits fewer tasks. The probes' gradients are dropped; the trainer seeds the random
         generators after them, so the step itself draws what it would without them."""
         train = self.config.train
         budget = int(train.memory_budget * available_memory(self.device))
@@ -314,9 +315,12 @@ class Trainer:
                 break
         self.optimizer.zero_grad(set_to_none=True)
         chunk = fastest_chunk(seconds)
-        if self.world.distributed:  # one choice for all ranks: rank 0's
-            chunk = int(self.world.sum(torch.tensor(float(chunk if self.world.is_main else 0),
-                                                    device=self.world.device)))
+        if self.world.distributed:
+            # one choice for all ranks: rank 0's, bounded by what fits on every rank (a rank whose
+            # whole share fits sets no bound), so that no rank runs out of memory with another's choice
+            fits = most if most < batch.num_tasks else sys.maxsize
+            rows = self.world.gather(torch.tensor([[chunk, fits]], dtype=torch.long, device=self.world.device))
+            chunk = min(int(rows[0, 0]), int(rows[:, 1].min()))
         if bar is not None:
             timed = ", ".join(f"{size}: {1000 * s:.0f} ms" for size, s in seconds.items())
             bar.write(f"--task-chunk auto: {chunk} of {batch.num_tasks} tasks at a time (fits: up to {most}, a task's "

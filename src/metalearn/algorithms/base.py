@@ -33,13 +33,16 @@ def device_of(module: nn.Module) -> torch.device:
 @contextlib.contextmanager
 def evaluating(module: nn.Module) -> Iterator[None]:
     """``module`` in eval mode inside the block (running batch-norm statistics, no dropout),
-    its former mode restored after it, also when the block raises."""
-    was_training = module.training
+    its former mode restored after it, also when the block raises. The mode is restored module
+    by module: a submodule the user had put in eval mode inside a training network (a frozen
+    batch norm) stays so, which ``module.train(was_training)`` would undo."""
+    modes = [(sub, sub.training) for sub in module.modules()]
     module.eval()
     try:
         yield
     finally:
-        module.train(was_training)
+        for sub, training in modes:
+            sub.training = training
 
 
 class MetaLearner(nn.Module):
@@ -251,17 +254,12 @@ def check_network_fits(learner: MetaLearner, batch: TaskBatch) -> None:
     examples = batch.support_x[0, :2]
     # in eval mode: a dropout layer would otherwise draw from the random streams the trainer
     # seeded for this step, and a resumed run's first step would differ from the uninterrupted one's
-    modes = [(module, module.training) for module in learner.model.modules()]
-    learner.model.eval()
     try:
-        with torch.no_grad(), first_order_batch_norm():
+        with torch.no_grad(), first_order_batch_norm(), evaluating(learner.model):
             outputs = tuple(learner.model(examples).shape[1:])
     except RuntimeError as err:
         raise MetalearnError(f"{learner.name}: the network cannot take these tasks' inputs, of shape "
                              f"{tuple(examples.shape[1:])} ({str(err).splitlines()[0]})") from None
-    finally:
-        for module, training in modes:
-            module.training = training
     if outputs != per_example:
         if batch.ways:
             need = (f"the tasks are {batch.ways}-way; it needs one output per class (e.g. "

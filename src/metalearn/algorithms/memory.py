@@ -394,6 +394,13 @@ class MemoryModule(MetaLearner):
 
     # -- the interface -----------------------------------------------------------------------
 
+    def chunking_refused(self) -> str | None:
+        # the tasks are not independent: every task's examples are looked up in, and written to,
+        # one memory that the whole meta-batch shares (over the ranks too, by gathers inside
+        # meta_loss, which chunks of unequal count on the ranks would also mismatch)
+        return ("the Memory Module (all tasks of a meta-batch read and write one shared memory, so a chunk of "
+                "tasks would see another memory than the whole batch)")
+
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean memory loss of every example of the batch's tasks, shown round by round (see the
         module docstring) to one memory that all tasks (of all ranks) share, cleared first.

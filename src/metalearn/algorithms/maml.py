@@ -373,8 +373,8 @@ class MAML(MetaLearner):
         into the one shared tensor, summed over the tasks."""
         tasks, steps = batch.num_tasks, self.config.inner_steps
         params = {name: p.expand(tasks, *p.shape) for name, p in self.model.named_parameters()}
-        # the native batch norm: first order differentiates it once, and one task's second
-        # derivative is right outside vmap; its double backward saves less than the decomposed form
+        # the native batch norm: outside vmap it is right at both orders (its second derivative
+        # is wrong only under vmap, torch 2.13), and it saves less than the decomposed form
         with native_batch_norm():
             trajectory = gradient_descent_tasks(self.model.forward_tasks, params, batch.support_x, batch.support_y,
                                                 steps, self._step_size, self.first_order_now(), self._held)

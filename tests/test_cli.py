@@ -383,6 +383,26 @@ def test_validation_evaluation_keeps_the_test_result_and_redraws_the_trainers_ep
     assert saved["mean"] != json.loads(test_result)["mean"]
 
 
+def test_training_classes_are_scored_in_the_test_shape_on_their_own_episodes(tmp_path, capsys):
+    from metalearn.runs import RunDir
+    from metalearn.tasks import build_task_source
+
+    run_dir = tmp_path / "run"
+    assert run(["train", "maml", "--dataset", "sinusoid", "--shots", 10, "--test-shots", 5, "--steps", 2,
+                "--meta-batch-size", 2, "--eval-episodes", 6, "--run-dir", run_dir, "--no-progress"], capsys)[0] == 0
+    code, out, err = run(["eval", run_dir, "--part", "train", "--final-only", "--no-progress"], capsys)
+    assert code == 0, err
+    assert f"written to {run_dir / 'eval-part=train.json'}" in out
+    saved = json.loads((run_dir / "eval-part=train.json").read_text())
+    assert saved["part"] == "train" and saved["episodes"] == 6 and saved["shots"] == 5
+    # one task family for every part here: the training part's episodes are its own, not the test's
+    assert saved["mean"] != json.loads((run_dir / "eval.json").read_text())["mean"]
+    task = RunDir(run_dir).read_config().task
+    evaluated = build_task_source(task, "train", evaluation=True).sample(1, torch.Generator().manual_seed(0))
+    trained = build_task_source(task, "train").sample(1, torch.Generator().manual_seed(0))
+    assert evaluated.support_x.shape[1] == 5 and trained.support_x.shape[1] == 10
+
+
 def test_compare_names_the_episode_shape_that_differs(tmp_path, capsys):
     for shots in (5, 10):
         assert run(["train", "maml", "--dataset", "sinusoid", "--shots", shots, "--steps", 1, "--meta-batch-size", 2,

@@ -19,7 +19,7 @@ from metalearn.evaluation import evaluate
 from metalearn.runs import RunDir, atomic_write_bytes, claim_new_run_dir, default_runs_root, new_run_name
 from metalearn.tasks import has_validation
 from metalearn.checkpoints import check_same_method, check_test_ways, configuration_conflict, load_trained
-from metalearn.training import TEST_SEED_OFFSET, VALIDATION_SEED_OFFSET, build_trainer
+from metalearn.training import TEST_SEED_OFFSET, build_trainer, part_seed_offset
 
 
 def resolve_config(method: str, task: dict[str, Any] | None = None,
@@ -176,8 +176,9 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     ``eval.json``, or ``eval-<key>=<value>.json`` named by what differs from the run's own
     evaluation (see :func:`evaluation_labels`): ``overrides`` of the method's options, e.g.
     ``{"test_inner_steps": 10}``, another number of episodes or seed, ``eval-part=val.json``
-    for the validation split. The episodes depend only on ``seed``, so methods compare on the
-    same ones.
+    for the validation split, ``eval-part=train.json`` for the training classes (in the test
+    episodes' shape: how far the test score falls behind the classes trained on). The episodes
+    depend only on ``seed``, so methods compare on the same ones.
 
     ``episode_shape`` (keys ``ways``, ``shots``, ``query``) tests on episodes of another shape
     than the run's, e.g. a Prototypical Network trained 60-way tested 20-way, as in its paper.
@@ -227,7 +228,7 @@ def _evaluate_protocol(run_dir, config: RunConfig, learner, step: int, protocol:
         known = ", ".join(protocols) if protocols else "none besides the standard episodes"
         raise MetalearnError(f"{config.method} has no evaluation protocol {protocol!r} (its protocols: {known})")
     source = build_task_source(config.task.for_testing(), part, data_dir, progress)
-    offset = VALIDATION_SEED_OFFSET if part == "val" else TEST_SEED_OFFSET
+    offset = part_seed_offset(part)
     n = config.train.eval_episodes if episodes is None else episodes
     result = protocols[protocol](learner.to(world.device), source, episodes=n, seed=seed + offset)
     result.update({"protocol": protocol, "part": part, "step": step, "method": config.method,
@@ -278,13 +279,13 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
               extra: dict[str, Any] | None = None) -> dict[str, Any]:
     from metalearn.tasks import build_task_source
 
-    source = build_task_source(config.task, part, data_dir, progress)
+    source = build_task_source(config.task, part, data_dir, progress, evaluation=True)
     learner = learner.to(world.device)
     n = config.train.eval_episodes if episodes is None else episodes
     # the validation part is drawn as the trainer's validation draws it (the same episodes for
     # the run's seed); for regression, where val and test share one task family, that also
     # keeps --part val from scoring the test episodes
-    offset = VALIDATION_SEED_OFFSET if part == "val" else TEST_SEED_OFFSET
+    offset = part_seed_offset(part)
     result = evaluate(learner, source, n, seed=seed + offset, world=world, progress=progress,
                       per_step=per_step)
     if hasattr(learner, "test_bound") and world.is_main:  # a generative method: its bound on the test sets

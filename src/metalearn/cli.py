@@ -192,8 +192,9 @@ def train():
 @click.option("--episodes", type=click.IntRange(min=1), default=None, help="test episodes (default: the run's --eval-episodes: 600, 1000 for protonet and matchingnet)")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="seed of the episodes (with --part val, the run's own seed redraws its validation episodes)")
-@click.option("--part", type=click.Choice(["test", "val"]), default="test", show_default=True,
-              help="the split part to score; val writes eval-part=val.json")
+@click.option("--part", type=click.Choice(["test", "val", "train"]), default="test", show_default=True,
+              help="the split part to score; val writes eval-part=val.json, train (the training "
+                   "classes, in the test episodes' shape: the gap to the test score) eval-part=train.json")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
 @click.option("--set", "settings", multiple=True, metavar="OPTION=VALUE",
               help="change a method option for this evaluation, e.g. --set test_inner_steps=10")

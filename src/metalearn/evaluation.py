@@ -167,9 +167,10 @@ def format_result(result: dict[str, Any]) -> str:
     if len(result["per_step"]) > 1:  # one entry: no per-step scores (no inner loop, or not recorded)
         kind = "policy-gradient" if result["metric"] == "return" else "adaptation"
         text += f"\nafter 0..{len(result['per_step']) - 1} {kind} steps: {steps}"
-    if "lower_bound" in result:  # a generative method's bound on the test sets
+    if "lower_bound" in result:  # a generative method's bound on the sets of the part scored
         bound = result["lower_bound"]
-        text += (f"\ntest lower bound {bound['bound_nats_per_image']:.2f} nats per image ({bound['bound_sets']} sets of "
+        part = {"val": "validation", "train": "training"}.get(result.get("part", "test"), "test")
+        text += (f"\n{part} lower bound {bound['bound_nats_per_image']:.2f} nats per image ({bound['bound_sets']} sets of "
                  f"{bound['bound_episodes']} episodes)")
     if result.get("diverged"):
         text += (f"\nwarning: {result['diverged']} of {result['episodes']} episodes diverged (non-finite "

@@ -30,6 +30,13 @@ from metalearn.tasks import TaskSource, build_task_source, has_validation, probl
 
 VALIDATION_SEED_OFFSET = 1_000_003
 TEST_SEED_OFFSET = 2_000_003
+TRAINING_CLASSES_SEED_OFFSET = 3_000_017  # `metalearn eval --part train`
+
+
+def part_seed_offset(part: str) -> int:
+    """What an evaluation of ``part`` adds to its seed: each part its own episode stream, so that
+    on a regression family (one family for every part) the parts still score different tasks."""
+    return {"val": VALIDATION_SEED_OFFSET, "train": TRAINING_CLASSES_SEED_OFFSET}.get(part, TEST_SEED_OFFSET)
 
 
 def step_seed(seed: int, step: int) -> int:

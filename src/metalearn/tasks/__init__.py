@@ -25,10 +25,12 @@ def problem_of(task: TaskConfig) -> Problem:
 
 
 def build_task_source(task: TaskConfig, part: str, data_dir: Path | str | None = None,
-                      progress: bool = True) -> TaskSource:
-    """The sampler of ``part`` (train/val/test) for ``task``; test uses the ``test_*`` shape.
-    ``progress``: show a bar while a dataset is preprocessed (first use only)."""
-    shape = task.for_testing() if part in ("val", "test") else task
+                      progress: bool = True, evaluation: bool = False) -> TaskSource:
+    """The sampler of ``part`` (train/val/test) for ``task``; val and test use the ``test_*``
+    shape, and so does train with ``evaluation`` (``metalearn eval --part train``: the test
+    episodes' shape on the training classes). ``progress``: show a bar while a dataset is
+    preprocessed (first use only)."""
+    shape = task.for_testing() if part in ("val", "test") or evaluation else task
     return get_dataset(task.dataset).build(task, shape, part, data_dir, progress)
 
 

@@ -64,7 +64,7 @@ from torch.func import functional_call, grad, jvp, vmap
 import metalearn.runtime
 from metalearn import TaskBatch
 from metalearn.models import norm
-from maml_step import cpu_description, make_batch, make_model, relative_difference, vmapped_step, warn_if_loaded
+from maml_step import cpu_description, make_batch, make_model, relative_difference, metalearn_step, warn_if_loaded
 
 SHIPPED_FORWARD = norm.BatchStatNorm.forward
 
@@ -289,7 +289,7 @@ def check_folded_in_float64(model, batch, inner_lr: float) -> dict[str, Tensor]:
     model64 = copy.deepcopy(model).double()
     batch64 = TaskBatch(batch.support_x.double(), batch.support_y, batch.query_x.double(), batch.query_y,
                         ways=batch.ways)
-    vmapped_step(model64, batch64, first_order=False, inner_lr=inner_lr)()
+    metalearn_step(model64, batch64, first_order=False, inner_lr=inner_lr)()
     reference = {n: q.grad for n, q in model64.named_parameters()}
     params = {k: v.detach() for k, v in model64.named_parameters()}
     for name, channels_last in (("folded", False), ("folded-cl", True)):
@@ -332,7 +332,7 @@ def main(argv=None) -> None:
     model = make_model(batch.ways)
     params = {k: v.detach() for k, v in model.named_parameters()}
     inputs = (params, batch.support_x, batch.support_y, batch.query_x, batch.query_y)
-    shipped = vmapped_step(model, batch, first_order=False, inner_lr=inner_lr)
+    shipped = metalearn_step(model, batch, first_order=False, inner_lr=inner_lr)
 
     def autograd_row(forward):
         def step():

@@ -32,7 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import metalearn.runtime  # noqa: E402
-from maml_step import cpu_description, loop_step, make_batch, make_model, vmapped_step  # noqa: E402
+from maml_step import cpu_description, loop_step, make_batch, make_model, metalearn_step  # noqa: E402
 
 CONVOLUTION = ("conv", "mkldnn")
 COPIES = ("copy_", "clone", "cat", "stack", "index", "_to_copy", "contiguous", "gather", "scatter",
@@ -103,7 +103,7 @@ def main() -> None:
     batch = make_batch(args.ways, args.shots, args.query, args.tasks)
     results = {"command": " ".join(["maml_profile.py", *sys.argv[1:]]), "processor": cpu_description(),
                "torch": torch.__version__, "load_average": os.getloadavg()[0], "rows": {}}
-    rows = [("metalearn", vmapped_step)] + ([("loop", loop_step)] if args.loop else [])
+    rows = [("metalearn", metalearn_step)] + ([("loop", loop_step)] if args.loop else [])
     for order, first_order in (("second", False), ("first", True)):
         for name, make_step in rows:
             model = make_model(args.ways)

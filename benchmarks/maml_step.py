@@ -132,8 +132,8 @@ CUSTOM = {"ways": 5, "shots": 1, "query": 1, "meta_batch": 32, "inner_steps": 1,
 
 # -- the meta-steps (each returns a closure: one forward + backward into .grad) ----------------
 
-def vmapped_step(model: nn.Module, batch: TaskBatch, first_order: bool, inner_lr: float = 0.4,
-                 inner_steps: int = 1, vmap_path: bool = False, batched_path: bool = False) -> Callable[[], None]:
+def metalearn_step(model: nn.Module, batch: TaskBatch, first_order: bool, inner_lr: float = 0.4,
+                   inner_steps: int = 1, vmap_path: bool = False, batched_path: bool = False) -> Callable[[], None]:
     """(a) metalearn's MAML on the whole meta-batch: through the network's task-batched forward
     (``Conv4.forward_tasks``), or with ``vmap_path`` (row (g)) through ``vmap``, the path of a
     network without one, or with ``batched_path`` (row (h)) through the task-batched path at
@@ -336,7 +336,7 @@ def time_metalearn_maml(batch: TaskBatch, first_order: bool = False, inner_lr: f
     """(a) timed: metalearn's vmapped MAML meta-step on ``batch`` with a fresh Conv4.
     Reused by ``benchmarks/sampling.py``."""
     model = make_model(batch.ways, seed)
-    times = time_step(vmapped_step(model, batch, first_order, inner_lr, inner_steps), model, iters, warmup)
+    times = time_step(metalearn_step(model, batch, first_order, inner_lr, inner_steps), model, iters, warmup)
     return summarize("metalearn (whole batch)", "first" if first_order else "second", times, batch.num_tasks)
 
 
@@ -436,7 +436,7 @@ def check_gradients(model: nn.Module, batch: TaskBatch, impls: dict, peers: dict
     batch64 = TaskBatch(batch.support_x.double(), batch.support_y, batch.query_x.double(), batch.query_y,
                         ways=batch.ways)
     builders64 = {
-        "metalearn (whole batch)": lambda fo: vmapped_step(model64, batch64, fo, args.inner_lr, args.inner_steps),
+        "metalearn (whole batch)": lambda fo: metalearn_step(model64, batch64, fo, args.inner_lr, args.inner_steps),
         "loop (autograd.grad)": lambda fo: loop_step(model64, batch64, fo, args.inner_lr, args.inner_steps),
     }
     checks, errors = {}, {}
@@ -616,7 +616,7 @@ def run_config(args) -> dict:
     model = make_model(args.ways, args.seed, args.network).to(device)
     initial_state = {k: v.clone() for k, v in model.state_dict().items()}
     impls = {
-        "metalearn (whole batch)": lambda fo: vmapped_step(model, batch, fo, args.inner_lr, args.inner_steps),
+        "metalearn (whole batch)": lambda fo: metalearn_step(model, batch, fo, args.inner_lr, args.inner_steps),
         "loop (autograd.grad)": lambda fo: loop_step(model, batch, fo, args.inner_lr, args.inner_steps),
     }
 
@@ -642,11 +642,11 @@ def run_config(args) -> dict:
                 for name, build in impls.items():
                     steps[(name, order)] = build(ORDERS[order])
                 if "batched" in args.extra_rows:
-                    steps[(BATCHED_ROW, order)] = vmapped_step(model, batch, ORDERS[order], args.inner_lr,
-                                                               args.inner_steps, batched_path=True)
+                    steps[(BATCHED_ROW, order)] = metalearn_step(model, batch, ORDERS[order], args.inner_lr,
+                                                                 args.inner_steps, batched_path=True)
                 if "vmap" in args.extra_rows:
-                    steps[(VMAP_ROW, order)] = vmapped_step(model, batch, ORDERS[order], args.inner_lr,
-                                                            args.inner_steps, vmap_path=True)
+                    steps[(VMAP_ROW, order)] = metalearn_step(model, batch, ORDERS[order], args.inner_lr,
+                                                              args.inner_steps, vmap_path=True)
                 if "chunk1" in args.extra_rows:
                     steps[(CHUNK1_ROW, order)] = chunked_step(model, batch, ORDERS[order], args.inner_lr,
                                                               args.inner_steps, 1)

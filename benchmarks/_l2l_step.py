@@ -10,6 +10,8 @@ with the in-process ones:
                                                         <- {"ok": true}   meta-gradient to FILE
   -> {"cmd": "step", "order": "first"}                  <- {"ms": 123.4}  one timed meta-step
      (with "clock": "cpu" the process's CPU time instead of the elapsed time)
+  -> {"cmd": "convs", "order": "second", "path": FILE}  <- {"ok": true}   the step's convolution
+     calls, recorded by ``_conv_calls.record``, to FILE as JSON (``maml_floor.py`` replays them)
   EOF: check the weights are unchanged, exit.
 
 Replies are prefixed with ``@@`` (learn2learn's imports print warnings).
@@ -119,6 +121,13 @@ def main():
         if request["cmd"] == "grads":
             step()
             torch.save({n: q.grad.detach().clone() for n, q in net.named_parameters()}, request["path"])
+            reply({"ok": True})
+        elif request["cmd"] == "convs":
+            from _conv_calls import record  # beside this script, on sys.path[0]
+
+            with open(request["path"], "w") as f:
+                json.dump(record(step), f)
+            net.zero_grad(set_to_none=True)
             reply({"ok": True})
         elif request["cmd"] == "step":
             clock = time.process_time if request.get("clock") == "cpu" else time.perf_counter

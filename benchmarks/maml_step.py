@@ -409,6 +409,12 @@ class Peer:
         self._ask(cmd="grads", order=order, dtype=dtype, path=str(path))
         return torch.load(path, weights_only=True)
 
+    def convolution_calls(self, order: str) -> list[dict]:
+        """The convolution calls of one of the peer's meta-steps (``_conv_calls.record``)."""
+        path = self.workdir / f"convs-{self.name}-{order}.json"
+        self._ask(cmd="convs", order=order, path=str(path))
+        return json.loads(path.read_text())
+
     def step(self, order: str, clock: str = "wall") -> Callable[[], float]:
         """One meta-step in the peer; returns the milliseconds the peer measured around it."""
         return lambda: self._ask(cmd="step", order=order, clock=clock)["ms"]

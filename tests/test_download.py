@@ -284,3 +284,20 @@ def test_file_digest_matches_hashlib(tmp_path):
     assert file_digest(path, "md5") == hashlib.md5(path.read_bytes()).hexdigest()
     assert verify_archive(path, "md5", hashlib.md5(path.read_bytes()).hexdigest().upper())
     assert not verify_archive(tmp_path / "missing.zip", "md5", "0" * 32)
+
+
+def test_a_failed_download_over_a_present_archive_keeps_it_and_says_what_it_is(tmp_path):
+    """An archive that is there but not the official one (a re-packed copy, as the shared data;
+    a damaged download): offline, --download fails, and the message says the archive is present,
+    its digest, and how to check its content instead; the archive stays as it was."""
+    present = b"a re-packed copy"
+    (tmp_path / "images_background.zip").write_bytes(present)
+    with socket.socket() as sock:  # a loopback port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(MetalearnError, match="cannot reach") as info:
+        download_omniglot(tmp_path, base_url=f"http://127.0.0.1:{port}", checksums=OFFICIAL_CHECKSUMS, timeout=5)
+    message = str(info.value)
+    assert f"{tmp_path / 'images_background.zip'} is present, but with md5 {hashlib.md5(present).hexdigest()}" in message
+    assert f"metalearn data verify --data-dir {tmp_path}" in message and "\n" not in message
+    assert (tmp_path / "images_background.zip").read_bytes() == present

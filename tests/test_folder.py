@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -483,3 +484,74 @@ def test_bad_predict_inputs_are_one_line_and_write_nothing(shapes, tmp_path, cap
     code, out, err = run(["predict", run_dir, "--support", good, "--query", query, "--json", tmp_path / "a-folder.json"],
                          capsys)
     one_line_error(code, out, err, "is a folder")
+
+
+def test_a_folder_run_resumes_only_on_its_own_images_and_says_how(shapes, tmp_path, capsys, monkeypatch):
+    """The checkpoint keeps a fingerprint of the folder's images: resuming on other images (a
+    class less here) is refused naming both counts; the folder it trained on resumes. The
+    messages that say how to continue repeat --data-dir, which the run does not keep."""
+    import signal
+
+    from metalearn.training import TrainingStopped, build_trainer
+
+    args = ["protonet", "--dataset", "folder", "--image-size", 16, "--ways", 3, "--shots", 1, "--query", 1,
+            "--val-every", 0, "--no-eval", "--no-progress"]
+    run_dir = tmp_path / "run"
+    code, out, err = run(["train", *args, "--steps", 2, "--data-dir", shapes, "--run-dir", run_dir], capsys)
+    assert code == 0, err
+    fewer = tmp_path / "fewer"
+    shutil.copytree(shapes, fewer)
+    shutil.rmtree(next(p for p in sorted(fewer.iterdir()) if p.is_dir()))
+    classes, images = len(load_image_folder(shapes, 16, 3).class_names), len(load_image_folder(shapes, 16, 3).images)
+    code, out, err = run(["train", "protonet", "--resume", "--run-dir", run_dir, "--steps", 4, "--data-dir", fewer,
+                          "--no-progress"], capsys)
+    one_line_error(code, out, err, f"trained on other images than --data-dir {fewer} holds ({classes} classes, "
+                                   f"{images} images, now {classes - 1} classes")
+    code, out, err = run(["train", "protonet", "--resume", "--run-dir", run_dir, "--no-progress"], capsys)
+    one_line_error(code, out, err, "needs --data-dir, the folder of class folders (a run keeps no folder path")
+    code, out, err = run(["train", "maml", "--resume", "--run-dir", run_dir], capsys)
+    one_line_error(code, out, err, f"`metalearn train protonet --resume --run-dir {run_dir} --data-dir FOLDER`")
+
+    def signalled(*a, **k):  # SIGTERM during step 3 of 4
+        trainer = build_trainer(*a, **k)
+        meta_loss = trainer.learner.meta_loss
+        trainer.learner.meta_loss = lambda batch: (trainer.step == 2 and os.kill(os.getpid(), signal.SIGTERM),
+                                                   meta_loss(batch))[1]
+        return trainer
+
+    monkeypatch.setattr("metalearn.api.build_trainer", signalled)
+    with pytest.raises(TrainingStopped, match=rf"after step 3 of 4.*`metalearn train protonet --run-dir {run_dir} "
+                                              rf"--data-dir {shapes} --resume`"):
+        from metalearn.api import train
+        train(resolve_config("protonet", train={"steps": 4}, resume_from=run_dir), run_dir, data_dir=shapes,
+              resume=True, progress=False, evaluate_after=False)
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"] == 3
+
+
+def test_fit_predict_refuses_labels_that_are_not_class_ids(shapes, tmp_path):
+    """Strings would fail inside torch, and 1.5 would silently become class 1."""
+    config = resolve_config("protonet", task={"dataset": "folder", "ways": 2, "image_size": 16})
+    learner = build_learner("protonet", config.method_config, problem_of(config.task))
+    files = [sorted((shapes / name).iterdir())[0] for name in ("red-circle", "blue-square")]
+    assert learner.fit_predict(files, [0.0, 1.0], files[:1]).shape == (1, 2)  # whole floats are ids
+    for labels, shown in ((["cat", "dog"], "['cat', 'dog'] (map class names to ids first"), ([0, 1.5], "[0, 1.5]"),
+                          (np.array(["a", "b"]), "(map class names"), ([True, False], "booleans")):
+        with pytest.raises(MetalearnError, match=r"support labels must be class ids.*" + re.escape(shown)):
+            learner.fit_predict(files, labels, files[:1])
+
+
+def test_predict_refuses_one_file_for_two_outputs_and_samples_for_a_method_that_does_not_sample(shapes, tmp_path,
+                                                                                                  capsys):
+    run_dir = tmp_path / "run"
+    code, out, err = run(["train", "protonet", "--dataset", "folder", "--data-dir", shapes, "--image-size", 16,
+                          "--ways", 3, "--steps", 1, "--no-eval", "--val-every", 0, "--run-dir", run_dir,
+                          "--no-progress"], capsys)
+    assert code == 0, err
+    support, query = split_support_query(shapes, ["red-circle", "blue-square"], tmp_path, shots=1)
+    both = tmp_path / "out" / "p.txt"
+    code, out, err = run(["predict", run_dir, "--support", support, "--query", query, "--json", both,
+                          "--csv", tmp_path / "out" / ".." / "out" / "p.txt"], capsys)
+    one_line_error(code, out, err, f"--json and --csv both name {both}; give each output its own file")
+    code, out, err = run(["predict", run_dir, "--support", support, "--query", query, "--samples", 5], capsys)
+    one_line_error(code, out, err, "--samples is for methods that sample models (platipus); protonet gives one")
+    assert not (tmp_path / "out").exists()

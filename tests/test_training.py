@@ -734,3 +734,20 @@ def test_grad_clip_must_be_a_number_of_at_least_0():
 
     with pytest.raises(MetalearnError, match="TrainConfig.grad_clip must be a finite number >= 0"):
         TrainConfig(grad_clip=-1.0)
+
+
+def test_steps_0_trains_nothing_says_so_and_tests_the_initial_weights(tmp_path, capsys):
+    """--steps 0 is a baseline on purpose (the initial weights, saved and tested), and the
+    command says so rather than looking like a finished training run."""
+    import cli_runner
+
+    code, out, err = cli_runner.run(["train", "maml", "--dataset", "sinusoid", "--steps", 0, "--meta-batch-size", 2,
+                                     "--eval-episodes", 10, "--no-progress", "--run-dir", tmp_path], capsys)
+    assert code == 0, err
+    assert "(--steps 0: no training; the initial weights are saved and tested)" in out.splitlines()[0]
+    assert load_trained(tmp_path)[2] == 0 and (tmp_path / "eval.json").is_file()
+    config = resolve_config("maml", task={"dataset": "sinusoid"})
+    torch.manual_seed(config.train.seed)  # as training draws its initial weights
+    initial = build_learner("maml", config.method_config, problem_of(config.task))
+    for name, value in load_trained(tmp_path)[1].state_dict().items():
+        assert torch.equal(value, initial.state_dict()[name]), name

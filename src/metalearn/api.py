@@ -157,7 +157,9 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
         trainer = build_trainer(config, run_dir, data_dir=data_dir, resume=resume, world=world, progress=progress)
     if world.is_main:
         start = f"resuming at step {trainer.step}" if trainer.step else "starting"
-        announce(f"{start}: {config.method} on {config.task.dataset}, run directory {run_dir}")
+        # --steps 0 is allowed on purpose: the initial weights, saved and tested, are a baseline
+        untrained = " (--steps 0: no training; the initial weights are saved and tested)" if not config.train.steps else ""
+        announce(f"{start}: {config.method} on {config.task.dataset}, run directory {run_dir}{untrained}")
     trainer.fit(progress=progress)
     result = None
     if evaluate_after:  # the trained weights in memory: no rank needs to read the checkpoint back
@@ -452,10 +454,19 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
     """
     from metalearn.prediction import as_csv, as_json, contact_sheet, predict_new_classes
 
+    named = [(option, Path(path)) for option, path in (("--json", json_out), ("--csv", csv_out), ("--sheet", sheet))
+             if path is not None]
+    for i, (option, path) in enumerate(named):
+        for other, other_path in named[i + 1:]:
+            if path.absolute().resolve() == other_path.absolute().resolve():  # one would overwrite the other
+                raise MetalearnError(f"{option} and {other} both name {path}; give each output its own file")
     config, learner, step = load_trained(run_dir)
     if not config.task.classification:
         raise MetalearnError(f"{run_dir} learned {config.task.dataset}, a {get_dataset(config.task.dataset).kind} "
                              "task family; predict classifies images")
+    if num_samples is not None and not hasattr(learner, "sample_probabilities"):
+        raise MetalearnError(f"--samples is for methods that sample models (platipus); {config.method} gives one "
+                             "prediction per query: leave --samples out")
     queries = [query] if isinstance(query, (str, Path)) else list(query)
     learner = learner.to(init_world(device).device)
     result = predict_new_classes(learner, support, queries, config.task.image_size, config.task.channels,

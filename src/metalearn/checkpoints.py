@@ -58,10 +58,13 @@ def check_weights_finite(weights: dict[str, Any], where: Path) -> None:
 def check_same_method(saved: RunConfig, method: str, run_path: Path | str) -> None:
     """Refuse to continue a run of one method as another: its saved options are the other
     method's, which this one would only call unknown."""
+    from metalearn.datasets import NATURAL_IMAGES
+
     if saved.method != method:
+        folder = " --data-dir FOLDER" if saved.task.dataset in NATURAL_IMAGES else ""  # its path is not kept
         raise MetalearnError(
             f"{run_path} is a {saved.method} run, not {method}: continue it with `metalearn train "
-            f"{saved.method} --resume --run-dir {run_path}`, or train {method} in another --run-dir"
+            f"{saved.method} --resume --run-dir {run_path}{folder}`, or train {method} in another --run-dir"
         )
 
 

@@ -113,11 +113,14 @@ def _folder(task, shape, part: str, data_dir: Path | str | None, progress: bool)
     pool = folder_split(folder, part, task.split_fractions, task.split_file)
     test = part != "train"
     prefix = "--test-" if test else "--"
+    defaults = " (they default to --shots and --query; in metalearn eval: --shots, --query)" if test else ""
     check_class_sizes(folder, pool, shape.shots + shape.query,
-                      f"{prefix}shots {shape.shots} with {prefix}query {shape.query}")
-    return EpisodeSampler(torch.from_numpy(folder.images), pool, shape.ways, shape.shots, shape.query,
-                          dataset=f"image folder {data_dir}", test=test,
-                          class_sizes=torch.from_numpy(folder.class_sizes))
+                      f"{prefix}shots {shape.shots} with {prefix}query {shape.query}{defaults}")
+    sampler = EpisodeSampler(torch.from_numpy(folder.images), pool, shape.ways, shape.shots, shape.query,
+                             dataset=f"image folder {data_dir}", test=test,
+                             class_sizes=torch.from_numpy(folder.class_sizes))
+    sampler.data_fingerprint = f"{folder.content_hash}:{len(folder.class_names)} classes, {len(folder.images)} images"
+    return sampler
 
 
 def _regression_problem(task):

@@ -107,6 +107,9 @@ class Trainer:
         self.device = device_of(learner)  # the batches go where the learner is
         self.train_tasks, self.val_tasks = train_tasks, val_tasks
         self.task_source = f"{type(train_tasks).__module__}.{type(train_tasks).__qualname__}"
+        # the images of a folder dataset, so that a resume on another folder is refused
+        self.data_fingerprint = getattr(train_tasks, "data_fingerprint", None)
+        self.data_dir = None  # only for the messages that say how to continue (build_trainer sets it)
         train = config.train
         if world.size > train.meta_batch_size:
             raise MetalearnError(
@@ -142,6 +145,7 @@ class Trainer:
             # "dataset:NAME" when the registry built the tasks that config.json names; else the
             # class of a task source of the user's own, which config.json's dataset does not describe
             "task_source": self.task_source,
+            **({"data_fingerprint": self.data_fingerprint} if self.data_fingerprint is not None else {}),
         })
 
     def save(self) -> None:
@@ -171,6 +175,14 @@ class Trainer:
     def restore(self, state: dict[str, Any]) -> None:
         saved = RunConfig.from_dict(state["config"])
         check_compatible(saved, self.config, f"the checkpoint in {self.run_dir.path}")
+        trained_on = state.get("data_fingerprint")  # absent in runs of fixed datasets and older runs
+        if trained_on is not None and self.data_fingerprint is not None and trained_on != self.data_fingerprint:
+            where = f" --data-dir {self.data_dir}" if self.data_dir is not None else " this dataset"
+            then, now = (fingerprint.split(":", 1)[-1] for fingerprint in (trained_on, self.data_fingerprint))
+            differ = f"{then}, now {now}" if then != now else f"{now} either way, other images or class names"
+            raise MetalearnError(
+                f"the run in {self.run_dir.path} trained on other images than{where} holds ({differ}): resume "
+                "it with the folder as it trained on it, or start a new --run-dir (--init-from the run to keep its weights)")
         check_weights_finite(state["learner"], self.run_dir.path)
         load_learner_state(self.learner, state["learner"], self.run_dir.path)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -274,9 +286,10 @@ class Trainer:
                 self.save()
             if stopping:  # also after the last step: the test evaluation is then skipped
                 name = stop.received.name if stop.received else "another rank's signal"
+                data = f" --data-dir {self.data_dir}" if self.data_dir is not None else ""
                 then = (f"continue with `metalearn train {self.config.method} --run-dir "
-                        f"{self.run_dir.path} --resume`" if self.step < train.steps
-                        else f"training is complete; evaluate with `metalearn eval {self.run_dir.path}`")
+                        f"{self.run_dir.path}{data} --resume`" if self.step < train.steps
+                        else f"training is complete; evaluate with `metalearn eval {self.run_dir.path}{data}`")
                 raise TrainingStopped(
                     f"stopped by {name} after step {self.step} of {train.steps}; its checkpoint is "
                     f"saved in {self.run_dir.path}: {then}",
@@ -436,6 +449,7 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
     learner = learner.to(world.device)
     trainer = Trainer(config, learner, train_tasks, val_tasks, run, world, resume=resume, lock=lock)
     trainer.task_source = f"dataset:{config.task.dataset}"
+    trainer.data_dir = data_dir
     if resume:
         trainer.restore(run.read_checkpoint(*RESUME_ENTRIES))
         if trainer.step > config.train.steps:

@@ -168,7 +168,7 @@ class MetaLearner(nn.Module):
             return self.prepare_images(images, image_size, channels)
 
         support, query = prepare(support_x), prepare(query_x)
-        labels = torch.as_tensor(support_y, dtype=torch.long).reshape(-1)
+        labels = class_ids(support_y)
         if labels.numel() != support.shape[0]:
             raise MetalearnError(f"{labels.numel()} support labels for {support.shape[0]} support images")
         ways = int(labels.max()) + 1 if labels.numel() else 0
@@ -206,6 +206,31 @@ class MetaLearner(nn.Module):
         batch = self.task_batch(support_x, support_y, query_x, **prepare)
         with torch.no_grad():
             return self.predict(batch)[0].float().softmax(dim=-1)
+
+
+def class_ids(labels: Any) -> Tensor:
+    """``labels`` (a sequence, NumPy array or tensor of whole numbers) as a flat long tensor, or a
+    one-line error: torch would fail on strings with its own message and silently truncate
+    fractional labels (1.5 -> 1) to another class."""
+    try:
+        values = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise MetalearnError("support labels must be class ids, whole numbers 0..ways-1; got "
+                             f"{_shown(labels)} (map class names to ids first, e.g. with "
+                             "{name: i for i, name in enumerate(sorted(set(names)))})") from None
+    if values.is_floating_point() or values.is_complex():
+        whole = values.is_floating_point() and bool(torch.isfinite(values).all()) and bool((values == values.round()).all())
+        if not whole:
+            raise MetalearnError(f"support labels must be class ids, whole numbers 0..ways-1; got {_shown(labels)}")
+    elif values.dtype == torch.bool:
+        raise MetalearnError(f"support labels must be class ids, whole numbers 0..ways-1; got booleans {_shown(labels)}")
+    return values.to(torch.long).reshape(-1)
+
+
+def _shown(values: Any, limit: int = 6) -> str:
+    items = values.tolist() if hasattr(values, "tolist") else list(values) if not isinstance(values, str) else [values]
+    items = items if isinstance(items, list) else [items]
+    return repr(items[:limit])[:-1] + (", ...]" if len(items) > limit else "]")
 
 
 def prediction_scores(learner: Any, batch: TaskBatch, per_step: bool = True) -> Tensor:

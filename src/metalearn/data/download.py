@@ -75,13 +75,24 @@ def download_omniglot(
     result = {}
     for name, method, expected in plan:
         final = data_dir / f"{name}.zip"
-        if final.is_file() and file_digest(final, method) == expected:
+        present = file_digest(final, method) if final.is_file() else None
+        if present == expected:
             if progress:
                 print(f"{final} is present and verified ({method}); not downloading it", file=sys.stderr)
             result[name] = final
             continue
         url = f"{base_url}/{name}.zip"
-        _fetch(url, final, method, expected, timeout, progress)
+        try:
+            _fetch(url, final, method, expected, timeout, progress)
+        except MetalearnError as err:
+            if present is None:
+                raise
+            # the archive there is kept (a failed download replaces nothing): say what it is
+            raise MetalearnError(
+                f"{err} {final} is present, but with {method} {present}, not the official archive's: a "
+                f"re-packed copy or a damaged download. `metalearn data verify --data-dir {data_dir}` checks "
+                "its images against the official release; if they match, prepare without --download."
+            ) from None
         result[name] = final
     return result
 

@@ -247,7 +247,8 @@ def load_image_folder(root: Path | str | None, image_size: int = 84, channels: i
     lives in ``cache_dir`` (default ``$METALEARN_CACHE`` or ``~/.cache/metalearn``), never
     beside the possibly read-only images. ``workers``: decoding processes (see :func:`read_folder`)."""
     if root is None:
-        raise MetalearnError("an image folder dataset needs --data-dir, the folder of class folders")
+        raise MetalearnError("an image folder dataset needs --data-dir, the folder of class folders (a run keeps "
+                             "no folder path: give it again to resume, evaluate or plot a folder run)")
     if image_size < 4:
         raise MetalearnError(f"image size must be at least 4 pixels, got {image_size}")
     check_channels(channels)
@@ -366,5 +367,6 @@ def check_class_sizes(folder: ImageFolder, pool: ClassPool, needed: int, options
     sizes = folder.class_sizes[pool.characters.numpy()]
     if (sizes < needed).any():
         small = int(pool.characters[int(np.argmin(sizes))])
-        raise MetalearnError(f"class {folder.class_names[small]} has {folder.class_sizes[small]} images; {options} "
+        count = int(folder.class_sizes[small])
+        raise MetalearnError(f"class {folder.class_names[small]} has {count} image{'' if count == 1 else 's'}; {options} "
                              f"needs {needed} per class. Add images or lower them")

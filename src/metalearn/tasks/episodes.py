@@ -33,7 +33,13 @@ class EpisodeSampler:
     batch is one ``index_select`` and one conversion to float (:func:`metalearn.data.images.to_float`,
     the conversion :func:`~metalearn.data.images.prepare_images` gives new images). Unrotated
     classes are read from ``images`` in place, with no copy.
+
+    ``data_fingerprint``: what identifies the images drawn from, where they come from a folder
+    of the user's (set by the ``folder`` datasets); a run stores it and refuses to resume on
+    other images. None: the dataset is fixed by its name (Omniglot, verified on download).
     """
+
+    data_fingerprint: str | None = None
 
     def __init__(self, images: Tensor, pool: ClassPool, ways: int, shots: int, query: int,
                  dataset: str = "omniglot", test: bool = False, class_sizes: Tensor | None = None,
@@ -72,7 +78,8 @@ class EpisodeSampler:
             raise MetalearnError(f"{prefix}shots and {prefix}query must be at least 1, got {shots} and "
                                  f"{query}{also('shots', 'query')}")
         if shots + query > drawings and len(pool):
-            has = f"has {drawings} images per class" if class_sizes is None else f"has a class of {drawings} images"
+            noun = "image" if drawings == 1 else "images"
+            has = f"has {drawings} {noun} per class" if class_sizes is None else f"has a class of {drawings} {noun}"
             raise MetalearnError(
                 f"{dataset} {has}; {prefix}shots {shots} with {prefix}query "
                 f"{query} needs {shots + query}. Lower {prefix}shots or {prefix}query{also('shots', 'query')}."

@@ -158,7 +158,8 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
     if world.is_main:
         start = f"resuming at step {trainer.step}" if trainer.step else "starting"
         # --steps 0 is allowed on purpose: the initial weights, saved and tested, are a baseline
-        untrained = " (--steps 0: no training; the initial weights are saved and tested)" if not config.train.steps else ""
+        untrained = (" (--steps 0: no training; the initial weights are saved and tested)"
+                     if not config.train.steps else "")
         announce(f"{start}: {config.method} on {config.task.dataset}, run directory {run_dir}{untrained}")
     trainer.fit(progress=progress)
     result = None

@@ -182,7 +182,8 @@ class Trainer:
             differ = f"{then}, now {now}" if then != now else f"{now} either way, other images or class names"
             raise MetalearnError(
                 f"the run in {self.run_dir.path} trained on other images than{where} holds ({differ}): resume "
-                "it with the folder as it trained on it, or start a new --run-dir (--init-from the run to keep its weights)")
+                "it with the folder as it trained on it, or start a new --run-dir (--init-from the run to keep "
+                "its weights)")
         check_weights_finite(state["learner"], self.run_dir.path)
         load_learner_state(self.learner, state["learner"], self.run_dir.path)
         self.optimizer.load_state_dict(state["optimizer"])

@@ -218,12 +218,12 @@ def class_ids(labels: Any) -> Tensor:
         raise MetalearnError("support labels must be class ids, whole numbers 0..ways-1; got "
                              f"{_shown(labels)} (map class names to ids first, e.g. with "
                              "{name: i for i, name in enumerate(sorted(set(names)))})") from None
-    if values.is_floating_point() or values.is_complex():
-        whole = values.is_floating_point() and bool(torch.isfinite(values).all()) and bool((values == values.round()).all())
-        if not whole:
-            raise MetalearnError(f"support labels must be class ids, whole numbers 0..ways-1; got {_shown(labels)}")
-    elif values.dtype == torch.bool:
-        raise MetalearnError(f"support labels must be class ids, whole numbers 0..ways-1; got booleans {_shown(labels)}")
+    wanted = "support labels must be class ids, whole numbers 0..ways-1; got"
+    fractional = values.is_floating_point() and not bool((torch.isfinite(values) & (values == values.round())).all())
+    if values.is_complex() or fractional:
+        raise MetalearnError(f"{wanted} {_shown(labels)}")  # 1.5, NaN and inf alike: no class id
+    if values.dtype == torch.bool:
+        raise MetalearnError(f"{wanted} booleans {_shown(labels)}")
     return values.to(torch.long).reshape(-1)
 
 

@@ -11,10 +11,17 @@ import torch
 
 from metalearn.plotting import _pyplot, save_figure
 
-# the authors' nav2d results behind the paper's Figure 5 (maml_rl, icml/icml_point_results_*.pkl:
-# mean over their 40 test goals of the average return after 0..3 steps)
+# the authors' results behind the paper's Figure 5 (cbfinn/maml_rl, icml/icml_{point,cheetah,
+# cheetahdirec}_results_*.pkl: mean over their 40 test tasks of the average return after 0..3
+# steps). The half-cheetahs ran on rllab's model, not gymnasium's HalfCheetah-v5: the same
+# reward, another body and simulator, so their numbers are a guide to the shape, not a target.
 PAPER_RETURNS = {"nav2d": {"MAML": [-40.41, -11.68, -3.33, -3.23], "pretrained": [-40.81, -19.73, -11.72, -8.47],
-                           "random": [-82.66, -57.96, -53.84, -46.81]}}
+                           "random": [-82.66, -57.96, -53.84, -46.81]},
+                 "cheetah-vel": {"MAML": [-129.53, -78.57, -66.62, -60.78],
+                                 "pretrained": [-158.0, -135.39, -128.47, -133.61],
+                                 "random": [-254.83, -254.33, -246.79, -230.83]},
+                 "cheetah-dir": {"MAML": [-50.69, 293.19, 313.48, 315.65], "pretrained": [-43.03, -24.75, -12.85, 19.57],
+                                 "random": [-35.73, 21.83, 62.32, 86.18]}}
 
 STYLES = {"MAML": ("tab:green", "-", "o"), "pretrained": ("tab:blue", "--", "s"), "random": ("black", ":", "^")}
 

@@ -459,7 +459,7 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
              if path is not None]
     for i, (option, path) in enumerate(named):
         for other, other_path in named[i + 1:]:
-            if path.absolute().resolve() == other_path.absolute().resolve():  # one would overwrite the other
+            if path.resolve() == other_path.resolve():  # one would overwrite the other
                 raise MetalearnError(f"{option} and {other} both name {path}; give each output its own file")
     config, learner, step = load_trained(run_dir)
     if not config.task.classification:

@@ -348,6 +348,24 @@ def test_eval_writes_returns_after_0_to_3_steps_with_a_confidence_interval(tmp_p
     assert code == 0, err
     for name in ("learning_curves.png", "returns_per_step.png", "trajectories.png"):
         assert (tmp_path / "run" / "plots" / name).stat().st_size > 0
+    # the random row is the run's initial weights, kept with the run: what a run of 0 steps scores
+    initial = tmp_path / "run" / "eval-weights=initial.json"
+    stored = json.loads(initial.read_text())
+    code, _, err = run(["train", "maml-rl", "--steps", 0, "--run-dir", tmp_path / "random", *FAST], capsys)
+    assert code == 0, err
+    baseline = json.loads((tmp_path / "random" / "eval.json").read_text())
+    assert stored["weights"] == "initial" and stored["per_step"] == baseline["per_step"]
+    # a second plot reads it instead of evaluating again, and export keeps it in the summary
+    initial.write_text(json.dumps({**stored, "per_step": [-1.0, -2.0, -3.0, -4.0]}))
+    code, _, err = run(["plot", tmp_path / "run"], capsys)
+    assert code == 0, err
+    assert json.loads(initial.read_text())["per_step"] == [-1.0, -2.0, -3.0, -4.0]
+    # export evaluates it where no plot did and keeps it in the summary
+    initial.unlink()
+    code, _, err = run(["export", tmp_path / "run", tmp_path / "record"], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "record" / "summary.json").read_text())
+    assert summary["evaluations"]["eval-weights=initial"]["per_step"] == baseline["per_step"]
 
 
 def test_meta_training_improves_the_return_after_one_step():

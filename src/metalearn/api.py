@@ -343,9 +343,12 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
     """MAML's Figure 5 for this run: the average return on the run's test tasks after 0..3
     policy-gradient steps, of the trained policy, of ``compare_with`` (a run of the same
     environment, e.g. trained with ``--inner-steps 0``: the pretrained baseline) and of the
-    run's own initial weights (its seed's random initialisation); the evaluation in eval.json
-    where it is the latest checkpoint's, else evaluated now (not written). For nav2d also the
-    trajectories on three test goals before and after one step."""
+    run's own initial weights (its seed's random initialisation). A trained policy's evaluation
+    is read from its eval.json where that is the latest checkpoint's, else evaluated now (not
+    written: ``metalearn eval`` owns eval.json). The initial weights' evaluation is stored as
+    ``eval-weights=initial.json`` the first time and read from there after, so that the random
+    row of the figure is kept with the run (and goes into ``metalearn export``'s summary). For
+    nav2d also the trajectories on three test goals before and after one step."""
     from metalearn.algorithms import build_learner
     from metalearn.plotting_rl import PAPER_RETURNS, plot_adaptation_curves, plot_navigation
     from metalearn.tasks import build_task_source, problem_of
@@ -354,9 +357,10 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
     source = build_task_source(config.task, "test")
     episodes = config.train.eval_episodes
 
-    def returns(run: Path | str | None, trained, at_step: int | None) -> dict[str, Any]:
-        saved = RunDir(run).read_evaluations().get("eval") if run is not None else None
-        if saved is not None and saved.get("step") == at_step and saved.get("episodes") == episodes:
+    def returns(run: Path | str, trained, at_step: int) -> dict[str, Any]:
+        saved = RunDir(run).read_evaluations().get("eval")
+        if (saved is not None and saved.get("step") == at_step and saved.get("episodes") == episodes
+                and saved.get("seed") == TEST_SEED_OFFSET):
             return saved
         return evaluate(trained, source, episodes, seed=TEST_SEED_OFFSET)
 
@@ -371,12 +375,19 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
         if other_label == label:
             other_label = f"{other_label} ({Path(compare_with).name})"
         curves[other_label] = returns(compare_with, other, other_step)
-    torch.manual_seed(config.train.seed)  # the weights the run started from (as build_trainer draws them)
-    initial = build_learner(config.method, config.method_config, problem_of(config.task))
-    curves["random"] = returns(None, initial, None)
+    run = RunDir(run_dir)
+    labels = {"weights": "initial"}
+    saved = run.read_evaluations().get(run.eval_file(labels).stem)
+    if saved is not None and saved.get("episodes") == episodes and saved.get("seed") == TEST_SEED_OFFSET:
+        curves["random"] = saved
+    else:
+        torch.manual_seed(config.train.seed)  # the weights the run started from (as build_trainer draws them)
+        initial = build_learner(config.method, config.method_config, problem_of(config.task))
+        curves["random"] = {"weights": "initial", **evaluate(initial, source, episodes, seed=TEST_SEED_OFFSET)}
+        run.write_eval(curves["random"], labels)
     paper = {f"paper: {name}": values for name, values in PAPER_RETURNS.get(config.task.dataset, {}).items()
              if name in curves}
-    plots = RunDir(run_dir).plots_dir
+    plots = run.plots_dir
     paths = [plot_adaptation_curves(curves, plots / "returns_per_step.png",
                                     f"{config.task.dataset}: {episodes} test tasks, step {step}", paper)]
     if getattr(source.env, "positions", False):
@@ -415,7 +426,8 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
     run = RunDir(run_dir)
     config = run.read_config()
     state = run.read_checkpoint("step")
-    evaluations = run.read_evaluations()
+    plots = plot_run(run_dir, data_dir=data_dir, compare_with=compare_with)  # refuses a run without metrics
+    evaluations = run.read_evaluations()  # after the plots: an RL run's plot stores the initial weights' returns
     for result in evaluations.values():
         result.pop("scores", None)
     records = run.read_metrics()
@@ -427,7 +439,6 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
         "last_train_metrics": next((r for r in reversed(records) if "loss" in r), None),
         "validation": [r for r in records if any(k.startswith("val_") for k in r)],
     }
-    plots = plot_run(run_dir, data_dir=data_dir, compare_with=compare_with)  # refuses a run without metrics
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "summary.json"]

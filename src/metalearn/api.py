@@ -4,6 +4,7 @@ evaluate and plot a run directory."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -377,13 +378,18 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
         curves[other_label] = returns(compare_with, other, other_step)
     run = RunDir(run_dir)
     labels = {"weights": "initial"}
+    # what the initial weights' returns depend on: a resume with other settings evaluates anew
+    settings = json.loads(json.dumps({"seed": config.train.seed, "task": config.to_dict()["task"],
+                                      "method_config": config.method_config}))
     saved = run.read_evaluations().get(run.eval_file(labels).stem)
-    if saved is not None and saved.get("episodes") == episodes and saved.get("seed") == TEST_SEED_OFFSET:
+    if (saved is not None and saved.get("episodes") == episodes and saved.get("seed") == TEST_SEED_OFFSET
+            and saved.get("settings") == settings):
         curves["random"] = saved
     else:
         torch.manual_seed(config.train.seed)  # the weights the run started from (as build_trainer draws them)
         initial = build_learner(config.method, config.method_config, problem_of(config.task))
-        curves["random"] = {"weights": "initial", **evaluate(initial, source, episodes, seed=TEST_SEED_OFFSET)}
+        curves["random"] = {"weights": "initial", "settings": settings,
+                            **evaluate(initial, source, episodes, seed=TEST_SEED_OFFSET)}
         run.write_eval(curves["random"], labels)
     paper = {f"paper: {name}": values for name, values in PAPER_RETURNS.get(config.task.dataset, {}).items()
              if name in curves}
@@ -420,7 +426,6 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
     wall time, every evaluation without per-episode scores, the last metrics) and the plots.
     Everything is read and drawn before ``out_dir`` is touched: a run that cannot be exported
     leaves no partial record there."""
-    import json
     import shutil
 
     run = RunDir(run_dir)

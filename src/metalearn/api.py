@@ -358,12 +358,14 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
     source = build_task_source(config.task, "test")
     episodes = config.train.eval_episodes
 
+    def reusable(saved: dict[str, Any] | None, **expected) -> bool:
+        """Whether a stored evaluation scored these test tasks under ``expected``."""
+        expected.update(episodes=episodes, seed=TEST_SEED_OFFSET)
+        return saved is not None and all(saved.get(key) == value for key, value in expected.items())
+
     def returns(run: Path | str, trained, at_step: int) -> dict[str, Any]:
         saved = RunDir(run).read_evaluations().get("eval")
-        if (saved is not None and saved.get("step") == at_step and saved.get("episodes") == episodes
-                and saved.get("seed") == TEST_SEED_OFFSET):
-            return saved
-        return evaluate(trained, source, episodes, seed=TEST_SEED_OFFSET)
+        return saved if reusable(saved, step=at_step) else evaluate(trained, source, episodes, seed=TEST_SEED_OFFSET)
 
     label = "pretrained" if config.method_config.get("inner_steps") == 0 else "MAML"
     curves = {label: returns(run_dir, learner, step)}
@@ -378,12 +380,12 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
         curves[other_label] = returns(compare_with, other, other_step)
     run = RunDir(run_dir)
     labels = {"weights": "initial"}
-    # what the initial weights' returns depend on: a resume with other settings evaluates anew
+    # what the initial weights' returns depend on (a resume with other settings evaluates anew),
+    # as it reads back from the file (tuples as lists)
     settings = json.loads(json.dumps({"seed": config.train.seed, "task": config.to_dict()["task"],
                                       "method_config": config.method_config}))
     saved = run.read_evaluations().get(run.eval_file(labels).stem)
-    if (saved is not None and saved.get("episodes") == episodes and saved.get("seed") == TEST_SEED_OFFSET
-            and saved.get("settings") == settings):
+    if reusable(saved, settings=settings):
         curves["random"] = saved
     else:
         torch.manual_seed(config.train.seed)  # the weights the run started from (as build_trainer draws them)

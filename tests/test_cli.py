@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cli_runner import run
+from metalearn.runs import RunDir
 
 
 
@@ -38,6 +39,10 @@ def test_train_eval_plot_sinusoid(tmp_path, capsys):
     assert summary["step"] == 6 and summary["training_wall_time_s"] > 0
     assert summary["evaluations"]["eval"]["episodes"] == 10 and "scores" not in summary["evaluations"]["eval"]
     assert summary["evaluations"]["eval-episodes=12"]["episodes"] == 12
+    logged = [r for r in RunDir(run_dir).read_metrics() if "loss" in r]
+    curve = summary["training_curve"]
+    assert curve["window"] == 1 and [p["last_step"] for p in curve["points"]] == [r["step"] for r in logged] == [2, 4, 6]
+    assert [p["loss"] for p in curve["points"]] == pytest.approx([r["loss"] for r in logged], rel=1e-5)
     assert (tmp_path / "results" / "fits.png").is_file()
 
 

@@ -263,3 +263,25 @@ def test_a_figure_replaces_the_old_picture_whole_or_not_at_all(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         save_figure(fig, path)
     assert path.read_bytes() == old and sorted(p.name for p in path.parent.iterdir()) == ["curve.png"]
+
+
+def test_an_exports_training_curve_pools_windows_of_a_round_number_of_steps():
+    """250 logged steps make windows of 5 (the smallest of 1, 2, 5, 10, ... giving at most 100):
+    each point the mean of its 5 records, ``elapsed_s`` the last of them, validation left out,
+    and 1000 steps logged every 10 make windows of 10 (one record each), one more record 20."""
+    from metalearn.api import training_curve
+
+    records = [{"step": s, "loss": float(s), "return": -float(s), "elapsed_s": 2.0 * s} for s in range(1, 251)]
+    records.insert(100, {"step": 100, "val_accuracy": 50.0})
+    curve = training_curve(records)
+    assert curve["window"] == 5 and len(curve["points"]) == 50
+    first, last = curve["points"][0], curve["points"][-1]
+    assert first == {"first_step": 1, "last_step": 5, "records": 5, "loss": 3.0, "return": -3.0, "elapsed_s": 10.0}
+    assert last["first_step"] == 246 and last["loss"] == 248.0 and last["elapsed_s"] == 500.0
+    assert all("val_accuracy" not in p for p in curve["points"])
+    # the mean of whole windows is the mean of their steps (here steps 1..50: 25.5)
+    assert sum(p["loss"] for p in curve["points"][:10]) / 10 == pytest.approx(25.5)
+    every_tenth = [{"step": s, "loss": 1.0} for s in range(10, 1001, 10)]
+    assert training_curve(every_tenth)["window"] == 10
+    assert training_curve(every_tenth + [{"step": 1010, "loss": 1.0}])["window"] == 20
+    assert training_curve([{"step": 5, "val_mse": 1.0}]) == {"window": 0, "points": []}

@@ -422,10 +422,46 @@ def _comparison_run(config: RunConfig, compare_with: Path | str) -> tuple[Any, s
     return other_learner, label + (" (one sample)" if hasattr(other_learner, "sample_predictions") else "")
 
 
+CURVE_POINTS = 100  # at most this many windows in an export's training curve
+
+
+def training_curve(records: list[dict[str, Any]], max_points: int = CURVE_POINTS) -> dict[str, Any]:
+    """The training metrics of ``metrics.jsonl`` ``records`` in windows of equal length: the
+    smallest of 1, 2, 5, 10, 20, 50, ... steps that gives at most ``max_points`` windows. Each
+    point holds the window's first and last logged step, how many records it pooled, the mean
+    of every numeric metric and, for ``elapsed_s``, the last value. Validation records are left
+    out (the summary keeps them whole). A mean over a range of whole windows of equal record
+    counts is the mean over its steps, so figures quoted from a run's training (the return after
+    adaptation over iterations 111-120, say) can be checked against its committed record."""
+    train = [r for r in records if "loss" in r and isinstance(r.get("step"), int)]
+    if not train:
+        return {"window": 0, "points": []}
+    last = max(r["step"] for r in train)
+    window = next(w for w in (m * 10 ** k for k in range(64) for m in (1, 2, 5)) if -(-last // w) <= max_points)
+    bins: dict[int, list[dict[str, Any]]] = {}
+    for record in train:
+        bins.setdefault((record["step"] - 1) // window, []).append(record)
+    points = []
+    for index in sorted(bins):
+        members = bins[index]
+        point: dict[str, Any] = {"first_step": members[0]["step"], "last_step": members[-1]["step"],
+                                 "records": len(members)}
+        names = dict.fromkeys(k for r in members for k in r if k != "step")  # every metric, first seen first
+        for name in names:
+            values = [r[name] for r in members
+                      if isinstance(r.get(name), (int, float)) and not isinstance(r.get(name), bool)]
+            if values:
+                value = values[-1] if name == "elapsed_s" else sum(values) / len(values)
+                point[name] = float(f"{value:.6g}")  # a committed record, not a checkpoint: 6 digits
+        points.append(point)
+    return {"window": window, "points": points}
+
+
 def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str | None = None,
                    compare_with: Path | str | None = None) -> list[Path]:
     """A small, committable record of a run: ``summary.json`` (configuration, step, training
-    wall time, every evaluation without per-episode scores, the last metrics) and the plots.
+    wall time, every evaluation without per-episode scores, the last metrics, the validation
+    records and the :func:`training_curve`) and the plots.
     Everything is read and drawn before ``out_dir`` is touched: a run that cannot be exported
     leaves no partial record there."""
     import shutil
@@ -445,6 +481,7 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
         "evaluations": evaluations,
         "last_train_metrics": next((r for r in reversed(records) if "loss" in r), None),
         "validation": [r for r in records if any(k.startswith("val_") for k in r)],
+        "training_curve": training_curve(records),
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -119,6 +119,40 @@ def test_resume_from_the_command_line_takes_the_saved_configuration(tmp_path, ca
     assert code == 2 and "task.dataset: 'sinusoid' there, 'omniglot' requested" in err
 
 
+def test_time_limit_from_the_command_line(tmp_path, capsys, monkeypatch):
+    """--time-limit counts from the command's start (a clock of 10 s per call here): training
+    stops with a checkpoint, exit status 75 and the resume command, and skips the evaluation;
+    --resume takes a limit of its own or none. Durations in every accepted spelling; a bad one
+    is one line and exit 2."""
+    import metalearn.training as training
+    from metalearn.cli import Duration
+
+    clock = {"t": 0.0}
+
+    def ticking():
+        clock["t"] += 10.0
+        return clock["t"]
+
+    monkeypatch.setattr(training, "now", ticking)
+    run_dir = tmp_path / "run"
+    args = ["train", "maml", "--dataset", "sinusoid", "--meta-batch-size", 2, "--steps", 1000, "--val-every", 0,
+            "--run-dir", run_dir, "--no-progress"]
+    code, out, err = run(args + ["--time-limit", "2m"], capsys)
+    step = RunDir(run_dir).read_checkpoint("step")["step"]
+    assert code == 75 and 0 < step < 1000 and "MSE" not in out
+    assert f"stopped at its time limit after step {step} of 1000" in err and "--resume" in err
+    code, out, err = run(["train", "maml", "--run-dir", run_dir, "--resume", "--no-progress", "--no-eval",
+                          "--time-limit", "1:00"], capsys)
+    assert code == 75 and f"resuming at step {step}" in out
+    assert RunDir(run_dir).read_checkpoint("step")["step"] > step
+    assert [Duration().convert(text, None, None) for text in ("5400", "90m", "1h30m", "1:30:00", "0.5d", "2m30s")] == \
+        [5400, 5400, 5400, 5400, 43200, 150]
+    for bad, message in (("soon", "'soon' is not a length of time"), ("0", "'0' is not a positive length"),
+                         ("h", "'h' is not a length of time"), ("1:2:3:4", "is not a length of time")):
+        code, _, err = run(args + ["--time-limit", bad], capsys)
+        assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -156,6 +156,38 @@ def test_a_stop_signal_saves_the_step_and_resume_stays_exact(tmp_path, sig):
         assert torch.equal(a[name], b[name]), name
 
 
+def test_the_time_limit_stops_before_an_iteration_that_would_end_past_it_and_resume_stays_exact(tmp_path, monkeypatch):
+    """A clock that steps 10 s per meta-step and a 35 s limit: after step 3 (30 s) another
+    iteration as long as the longest so far would end at 40 s, so training stops there with
+    step 3 saved (not a periodic checkpoint), exit code 75, and resuming without a limit gives
+    the parameters of an uninterrupted run."""
+    import metalearn.training as training
+
+    straight = build_trainer(sinusoid_config(6, val_every=0), tmp_path / "straight")
+    straight.fit(progress=False)
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(training, "now", lambda: clock["t"])
+    trainer = build_trainer(sinusoid_config(6, val_every=0), tmp_path / "limited")
+    real_meta_loss = trainer.learner.meta_loss
+
+    def ten_seconds(batch):
+        clock["t"] += 10.0
+        return real_meta_loss(batch)
+
+    trainer.learner.meta_loss = ten_seconds
+    with pytest.raises(TrainingStopped, match="stopped at its time limit after step 3 of 6.*--resume") as stopped:
+        trainer.fit(progress=False, time_limit_s=35.0)
+    assert stopped.value.exit_code == 75
+    assert load_trained(tmp_path / "limited")[2] == 3
+
+    resumed = build_trainer(sinusoid_config(6, val_every=0), tmp_path / "limited", resume=True)
+    resumed.fit(progress=False)
+    a, b = parameters_of(straight.learner), parameters_of(resumed.learner)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def test_a_second_ctrl_c_stops_at_once(tmp_path):
     trainer = build_trainer(sinusoid_config(6), tmp_path)
     real_meta_loss = trainer.learner.meta_loss

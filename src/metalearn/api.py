@@ -134,12 +134,21 @@ def check_options_apply(method: str, given_method: dict[str, Any], method_config
 def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path | str | None = None,
           resume: bool = False, progress: bool = True, evaluate_after: bool = True,
           announce: Callable[[str], None] = print, device: str = "cpu",
-          exact_gpu_kernels: bool = True) -> tuple[Path, dict[str, Any] | None]:
+          exact_gpu_kernels: bool = True, time_limit_s: float | None = None) -> tuple[Path, dict[str, Any] | None]:
     """Meta-train ``config`` into ``run_dir`` (joins a torchrun group when launched by one) on
     ``device`` (cpu, cuda, cuda:N or auto); then, unless told not to, evaluate on the test
     split. Returns (run dir, eval result). The device is not part of the run: a run resumes or
     evaluates on any device. ``exact_gpu_kernels``: on a GPU, full-precision deterministic
-    kernels, set process-wide (see :mod:`metalearn.runtime`); False keeps torch's defaults."""
+    kernels, set process-wide (see :mod:`metalearn.runtime`); False keeps torch's defaults.
+    ``time_limit_s``: stop with a checkpoint before that many seconds from this call have
+    passed, setup included (:meth:`~metalearn.training.Trainer.fit`); like a SIGTERM, this raises
+    :class:`~metalearn.errors.TrainingStopped` and skips the evaluation. Not part of the run:
+    a resume takes its own limit."""
+    from metalearn.training import now
+
+    started = now()
+    if time_limit_s is not None and not (isinstance(time_limit_s, (int, float)) and time_limit_s > 0):
+        raise MetalearnError(f"the time limit must be a positive number of seconds, got {time_limit_s!r}")
     world = init_world(device, exact_gpu_kernels=exact_gpu_kernels)
     if run_dir is None:
         if resume:
@@ -162,7 +171,7 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
         untrained = (" (--steps 0: no training; the initial weights are saved and tested)"
                      if not config.train.steps else "")
         announce(f"{start}: {config.method} on {config.task.dataset}, run directory {run_dir}{untrained}")
-    trainer.fit(progress=progress)
+    trainer.fit(progress=progress, time_limit_s=None if time_limit_s is None else time_limit_s - (now() - started))
     result = None
     if evaluate_after:  # the trained weights in memory: no rank needs to read the checkpoint back
         result = _evaluate(run_dir, config, trainer.learner, trainer.step, "test", None, 0, data_dir,

@@ -18,7 +18,7 @@ from click.exceptions import NoArgsIsHelpError
 from metalearn.algorithms import METHODS
 from metalearn.config import MAX_SEED, TaskConfig, TrainConfig
 from metalearn.distributed import leave_world
-from metalearn.errors import ConfigError, MetalearnError, MetalearnWarning, TrainingStopped, flag
+from metalearn.errors import TIME_LIMIT_EXIT, ConfigError, MetalearnError, MetalearnWarning, TrainingStopped, flag
 from metalearn.options import help_of
 from metalearn.runs import RunDir
 from metalearn.runtime import tune_allocator
@@ -63,6 +63,41 @@ class Int64(click.types.IntParamType):
 
 
 INTEGER = Int64()
+
+
+class Duration(click.ParamType):
+    """A length of time, as seconds: ``5400``, ``90m``, ``1h30m``, ``2d``, or ``1:30:00`` (hours,
+    minutes and seconds, as batch schedulers write their limits)."""
+
+    name = "duration"
+    UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return float(value)
+        text = str(value).strip().lower()
+        try:
+            if ":" in text:
+                parts = [float(part) for part in text.split(":")]
+                if len(parts) > 3:
+                    raise ValueError
+                seconds = sum(part * 60 ** i for i, part in enumerate(reversed(parts)))
+            elif text and text[-1] in self.UNITS:
+                seconds, number = 0.0, ""
+                for char in text:
+                    if char in self.UNITS:
+                        if not number:
+                            raise ValueError
+                        seconds, number = seconds + float(number) * self.UNITS[char], ""
+                    else:
+                        number += char
+            else:
+                seconds = float(text)
+        except ValueError:
+            self.fail(f"{value!r} is not a length of time (examples: 5400, 90m, 1h30m, 1:30:00)", param, ctx)
+        if not 0 < seconds < float("inf"):
+            self.fail(f"{value!r} is not a positive length of time", param, ctx)
+        return seconds
 
 
 def _option_for(field: dataclasses.Field, paper_default: bool = False) -> click.Option:
@@ -127,7 +162,8 @@ def _make_train_command(method: str) -> click.Command:
         run_dir, result = train(config, run_dir=options["run_dir"], data_dir=options["data_dir"],
                                 resume=options["resume"], progress=options["progress"],
                                 evaluate_after=options["eval"], announce=click.echo, device=options["device"],
-                                exact_gpu_kernels=not options["fast_gpu_kernels"])
+                                exact_gpu_kernels=not options["fast_gpu_kernels"],
+                                time_limit_s=options["time_limit"])
         if int(os.environ.get("RANK", "0")) != 0:
             return  # under torchrun only rank 0 reports
         if result is not None:
@@ -145,6 +181,10 @@ def _make_train_command(method: str) -> click.Command:
         click.Option(["--resume"], is_flag=True, help="continue the run in --run-dir from its checkpoint"),
         click.Option(["--progress/--no-progress"], default=True, help="show a progress bar"),
         click.Option(["--eval/--no-eval"], default=True, help="evaluate on the test split when done"),
+        click.Option(["--time-limit"], type=Duration(), default=None,
+                     help="stop with a checkpoint before this much time has passed since the command started "
+                          "(5400, 90m, 1h30m, 1:30:00): the step that would end past it is not begun; exit "
+                          f"status {TIME_LIMIT_EXIT}, continue with --resume (which takes its own limit)"),
         click.Option(["--device"], default="cpu", show_default=True, help=DEVICE_HELP),
         click.Option(["--fast-gpu-kernels"], is_flag=True, help=FAST_GPU_HELP),
         *([click.Option(["--preset"], type=click.Choice(list(METHODS[method].presets)), default=None,
@@ -521,7 +561,7 @@ def _main(args: list[str] | None) -> None:
     try:
         code = cli.main(args=args, prog_name="metalearn", standalone_mode=False)
         leave_world(orderly=True)
-    except TrainingStopped as err:  # Ctrl-C or SIGTERM: the last step is saved
+    except TrainingStopped as err:  # Ctrl-C, SIGTERM or --time-limit: the last step is saved
         click.echo(str(err), err=True)
         sys.exit(err.exit_code)
     except ConfigError as err:  # the field named as the command line spells it

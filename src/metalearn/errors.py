@@ -61,9 +61,13 @@ def flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+TIME_LIMIT_EXIT = 75  # sysexits' EX_TEMPFAIL: not finished, try again later (with --resume)
+
+
 class TrainingStopped(MetalearnError):
-    """Training stopped on request (Ctrl-C or SIGTERM) after saving a checkpoint of its last
-    step; ``exit_code`` is the shell's for that signal (130, 143)."""
+    """Training stopped on request (Ctrl-C or SIGTERM) or at its time limit after saving a
+    checkpoint of its last step; ``exit_code`` is the shell's for that signal (130, 143), or
+    :data:`TIME_LIMIT_EXIT` (75) for the time limit."""
 
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)

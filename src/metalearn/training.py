@@ -21,7 +21,7 @@ from metalearn.checkpoints import (RESUME_ENTRIES, all_finite, check_compatible,
                                    check_weights_finite, initialise_from_run, load_learner_state, on_cpu)
 from metalearn.config import RunConfig
 from metalearn.distributed import RankLost, World
-from metalearn.errors import ConfigError, MetalearnError, TrainingStopped
+from metalearn.errors import TIME_LIMIT_EXIT, ConfigError, MetalearnError, TrainingStopped
 from metalearn.evaluation import HIGHER_IS_BETTER, evaluate
 from metalearn.memory_budget import (available_memory, chunk_candidates, chunk_sizes, fastest_chunk, largest_chunk,
                                      peak_memory_of, seconds_of)
@@ -58,6 +58,11 @@ def lr_factor(train, step: int) -> float:
         floor = train.min_meta_lr / train.meta_lr
         factor *= floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return factor
+
+
+def now() -> float:
+    """The clock of ``--time-limit`` (monotonic seconds); the tests replace it."""
+    return time.monotonic()
 
 
 class StopRequests:
@@ -194,7 +199,15 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def fit(self, progress: bool = True) -> None:
+    def fit(self, progress: bool = True, time_limit_s: float | None = None) -> None:
+        """Train to ``config.train.steps``, saving as configured. A first Ctrl-C or SIGTERM, or
+        ``time_limit_s`` seconds from this call, ends training after the step in progress with
+        a checkpoint of it and :class:`~metalearn.errors.TrainingStopped`. The time limit is
+        kept by not starting an iteration (a step with its logging, validation and checkpoint)
+        that would end past it, taking the longest iteration so far as the next one's length:
+        a run with validation every N steps stops about one validation's time early. At least
+        one step runs."""
+        deadline = None if time_limit_s is None else now() + time_limit_s
         if self.run_dir is None:
             raise MetalearnError("this Trainer has no run folder to write into; build it with a run_dir")
         train = self.config.train
@@ -215,7 +228,7 @@ class Trainer:
             if self.step == 0:
                 self.save()  # eval, resume and a NaN at step 1 always find a checkpoint
             with StopRequests() as stop:
-                self._loop(stop, bar, parameters, share, local_fraction)
+                self._loop(stop, bar, parameters, share, local_fraction, deadline)
             self.save()
         except RankLost as err:
             raise MetalearnError(
@@ -229,10 +242,13 @@ class Trainer:
             self.lock.release()
             self.lock = None
 
-    def _loop(self, stop: StopRequests, bar, parameters, share: slice, local_fraction: float) -> None:
+    def _loop(self, stop: StopRequests, bar, parameters, share: slice, local_fraction: float,
+              deadline: float | None = None) -> None:
         train = self.config.train
         window_time, window_tasks = 0.0, 0  # meta-steps only: no validation or checkpoint time
+        longest = 0.0  # the longest iteration so far (step, logging, validation, checkpoint), for the deadline
         while self.step < train.steps:
+            iteration_start = now() if deadline is not None else 0.0
             clock = time.perf_counter()
             seed = step_seed(train.seed, self.step)
             batch = self.train_tasks.sample(train.meta_batch_size, torch.Generator().manual_seed(seed), share)
@@ -282,19 +298,30 @@ class Trainer:
                 bar.update(1)
             if self.val_tasks is not None and train.val_every > 0 and self.step % train.val_every == 0:
                 self.validate()
-            stopping = self._stop_requested(stop)
+            out_of_time = False
+            if deadline is not None:
+                longest = max(longest, now() - iteration_start)
+                out_of_time = now() + longest > deadline
+            stopping = self._stop_requested(stop, out_of_time)
             if self.step % train.checkpoint_every == 0 or stopping:
                 self.save()
             if stopping:  # also after the last step: the test evaluation is then skipped
-                name = stop.received.name if stop.received else "another rank's signal"
+                if stop.received is not None:
+                    why, code = f"stopped by {stop.received.name}", 128 + int(stop.received)
+                elif out_of_time:
+                    why, code = "stopped at its time limit", TIME_LIMIT_EXIT
+                elif deadline is None:  # another rank was signalled; all stop after the same step
+                    why, code = "stopped by another rank's signal", 128 + int(signal.SIGTERM)
+                else:  # another rank was signalled or ran out of time (its clock may run ahead)
+                    why, code = "stopped by another rank's signal or time limit", TIME_LIMIT_EXIT
                 data = f" --data-dir {self.data_dir}" if self.data_dir is not None else ""
                 then = (f"continue with `metalearn train {self.config.method} --run-dir "
                         f"{self.run_dir.path}{data} --resume`" if self.step < train.steps
                         else f"training is complete; evaluate with `metalearn eval {self.run_dir.path}{data}`")
                 raise TrainingStopped(
-                    f"stopped by {name} after step {self.step} of {train.steps}; its checkpoint is "
+                    f"{why} after step {self.step} of {train.steps}; its checkpoint is "
                     f"saved in {self.run_dir.path}: {then}",
-                    128 + int(stop.received or signal.SIGTERM),
+                    code,
                 )
 
     def _choose_task_chunk(self, batch, bar) -> int:
@@ -355,9 +382,10 @@ class Trainer:
         return MetalearnError(f"{what} at step {self.step + 1}{detail}; training stopped before saving it, and "
                               f"the last good checkpoint in {self.run_dir.path} is kept. {advice}")
 
-    def _stop_requested(self, stop: StopRequests) -> bool:
-        """Whether any rank was asked to stop: all ranks then stop after the same step."""
-        asked = stop.received is not None
+    def _stop_requested(self, stop: StopRequests, out_of_time: bool = False) -> bool:
+        """Whether any rank was asked to stop or is out of time: all ranks then stop after the
+        same step."""
+        asked = stop.received is not None or out_of_time
         if not self.world.distributed:
             return asked
         return bool(self.world.sum(torch.tensor(float(asked), device=self.world.device)) > 0)

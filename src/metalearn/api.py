@@ -466,6 +466,19 @@ def training_curve(records: list[dict[str, Any]], max_points: int = CURVE_POINTS
     return {"window": window, "points": points}
 
 
+def summary_json(summary: dict[str, Any]) -> str:
+    """``summary`` as indented JSON, but each point of its training curve on one line: the
+    record stays short enough to read and to diff (100 lines for the curve, not 1000)."""
+    points = summary["training_curve"]["points"]
+    marks = [f"@point{i}@" for i in range(len(points))]
+    rest = {k: v for k, v in summary.items() if k != "training_curve"}
+    text = json.dumps({**rest, "training_curve": {**summary["training_curve"], "points": marks}}, indent=2)
+    head, key, tail = text.rpartition('"training_curve": ')  # the curve is the last entry: marks only there
+    for mark, point in zip(marks, points):
+        tail = tail.replace(json.dumps(mark), json.dumps(point), 1)
+    return head + key + tail
+
+
 def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str | None = None,
                    compare_with: Path | str | None = None) -> list[Path]:
     """A small, committable record of a run: ``summary.json`` (configuration, step, training
@@ -495,7 +508,7 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "summary.json"]
-    atomic_write_bytes(written[0], (json.dumps(summary, indent=2) + "\n").encode())
+    atomic_write_bytes(written[0], (summary_json(summary) + "\n").encode())
     for plot in plots:
         shutil.copy(plot, out / plot.name)
         written.append(out / plot.name)

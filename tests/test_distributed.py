@@ -300,6 +300,23 @@ def test_a_stop_signal_to_one_process_stops_every_rank_after_a_saved_step(tmp_pa
     assert "stopped by SIGTERM" in errs[-1]
 
 
+def test_the_time_limit_stops_every_rank_after_the_same_saved_step(tmp_path):
+    """--time-limit under two ranks: whichever rank's clock runs out first, both finish the same
+    step, rank 0 saves it, and both exit with 75 naming that step."""
+    run_dir = tmp_path / "run"
+    procs = start_ranks(2, run_dir, ["--steps", 1000000, "--checkpoint-every", 100000, "--time-limit", 8])
+    try:
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [75, 75], errs
+    step = RunDir(run_dir).read_checkpoint()["step"]
+    assert all(f"after step {step} of 1000000" in err and "--resume" in err and "Traceback" not in err
+               for err in errs), errs
+
+
 def test_a_torchrun_job_on_a_folder_another_process_trains_in_is_refused_on_every_rank(tmp_path):
     """Rank 0 takes the run folder's lock for the job; when another process holds it, every
     rank stops with one line at once (none waits at a collective for the job's timeout)."""

@@ -155,15 +155,23 @@ def metalearn_step(model: nn.Module, batch: TaskBatch, first_order: bool, inner_
     return step
 
 
+# MAML++'s parts that change a meta-step, as MAML.Config fields; ``--mamlpp-parts`` times the
+# full configuration without each one (BNRS is the running statistics and their update)
+MAMLPP_PARTS = {"LSLR": "learn_inner_lr", "MSL": "multi_step_loss", "BNWB": "per_step_bn_weights",
+                "BNRS": "per_step_bn_statistics"}
+MAMLPP_ROW = "metalearn MAML++ (vmap)"
+
+
 def mamlpp_step(model: nn.Module, batch: TaskBatch, first_order: bool, inner_lr: float = 0.4,
-                inner_steps: int = 1) -> Callable[[], None]:
-    """(e) MAML++'s meta-step: a copy of ``model`` made per-step, every part on, the running
-    statistics' update included (one process: ``World()``)."""
+                inner_steps: int = 1, without: str | None = None) -> Callable[[], None]:
+    """(e) MAML++'s meta-step: a copy of ``model`` made per-step, every part on (but ``without``,
+    a key of :data:`MAMLPP_PARTS`), the running statistics' update included (one process:
+    ``World()``)."""
     from metalearn.distributed import World
 
+    parts = {field: field != MAMLPP_PARTS.get(without) for field in MAMLPP_PARTS.values()}
     maml = MAML(copy.deepcopy(model), MAML.Config(
-        inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, learn_inner_lr=True,
-        multi_step_loss=True, per_step_bn_weights=True, per_step_bn_statistics=True, adapt_norm=False))
+        inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, adapt_norm=False, **parts))
 
     def step():
         maml.zero_grad(set_to_none=True)
@@ -534,6 +542,9 @@ def parse_args(argv=None):
     p.add_argument("--mamlpp", action="store_true",
                    help="add row (e): MAML++ (every part that changes a meta-step) on the same network, in every "
                         "configuration (maml++20w1s always has it)")
+    p.add_argument("--mamlpp-parts", action="store_true",
+                   help="with row (e), rows of MAML++ without each of its parts (LSLR, MSL, BNWB, BNRS): "
+                        "what each part costs is its row's saving against (e)")
     p.add_argument("--extra-rows", default="chunk1,vmap",
                    help="comma-separated: chunk1 = row (f), metalearn with --task-chunk 1; vmap = row (g), "
                         "metalearn forced onto the vmap path; batched = row (h), forced onto the "
@@ -552,6 +563,7 @@ def parse_args(argv=None):
     p.add_argument("--tuned-allocator", action="store_true",
                    help="raise glibc's mmap/trim thresholds in every interpreter (what the metalearn command does)")
     args = p.parse_args(argv)
+    args.mamlpp = args.mamlpp or args.mamlpp_parts
     given = {key: getattr(args, key) for key in CUSTOM if getattr(args, key) is not None}
     if given:
         args.configs = {"custom": {**CUSTOM, **given, "mamlpp": args.mamlpp}}
@@ -657,8 +669,11 @@ def run_config(args) -> dict:
                     steps[(CHUNK1_ROW, order)] = chunked_step(model, batch, ORDERS[order], args.inner_lr,
                                                               args.inner_steps, 1)
                 if args.mamlpp:
-                    steps[("metalearn MAML++ (vmap)", order)] = mamlpp_step(model, batch, ORDERS[order],
-                                                                            args.inner_lr, args.inner_steps)
+                    steps[(MAMLPP_ROW, order)] = mamlpp_step(model, batch, ORDERS[order], args.inner_lr,
+                                                             args.inner_steps)
+                for part in MAMLPP_PARTS if args.mamlpp_parts else ():
+                    steps[(f"{MAMLPP_ROW} without {part}", order)] = mamlpp_step(
+                        model, batch, ORDERS[order], args.inner_lr, args.inner_steps, without=part)
                 for peer_model, peer in peers.items():
                     steps[(PEER_ROWS[peer_model], order)] = peer.step(order, args.clock)
             steps[(limit_name, "none")] = limit_step(model, batch)

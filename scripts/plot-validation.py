@@ -7,7 +7,10 @@ A SOURCE is a run folder (its metrics.jsonl) or a summary.json that `metalearn e
 The time axis is each run's training wall time as it logged it (``elapsed_s``; a summary
 without it: the run's mean rate, drawn dashed). ``--step-seconds LABEL=S`` puts that run on a
 compute-time axis instead: meta-steps x S seconds, S measured once on an idle machine (e.g. by
-benchmarks/maml_step.py), which compares runs that trained under different loads.
+benchmarks/maml_step.py), which compares runs that trained under different loads. A run whose
+step changes cost on a schedule takes one rate per phase, each after the step it starts at:
+``--step-seconds "MAML++=0.635,0.387@5000,0.812@25000"`` (MAML++'s preset: the multi-step loss
+until step 5,000, first order until 25,000).
 """
 
 from __future__ import annotations
@@ -41,6 +44,28 @@ def curve(source: Path) -> tuple[list[int], list[float], list[float], bool]:
     return ([r["step"] for r in vals], [r["val_accuracy"] for r in vals], [r["step"] * rate for r in vals], False)
 
 
+def parse_rates(text: str) -> list[tuple[int, float]]:
+    """``S0[,S1@FROM1,...]`` -> [(0, S0), (FROM1, S1), ...], phases in order of their first step."""
+    phases = []
+    for i, part in enumerate(text.split(",")):
+        seconds, _, start = part.partition("@")
+        phases.append((int(start) if start else 0, float(seconds)))
+        if (i == 0) != (not start):
+            raise SystemExit(f"--step-seconds {text!r}: the first rate has no @STEP, every later one has one")
+    if [start for start, _ in phases] != sorted({start for start, _ in phases}):
+        raise SystemExit(f"--step-seconds {text!r}: the phases' first steps must increase")
+    return phases
+
+
+def compute_seconds(step: int, phases: list[tuple[int, float]]) -> float:
+    """The time of meta-steps 1..``step`` at the phases' rates."""
+    total = 0.0
+    for i, (start, seconds) in enumerate(phases):
+        end = phases[i + 1][0] if i + 1 < len(phases) else step
+        total += max(0, min(step, end) - start) * seconds
+    return total
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
@@ -48,7 +73,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--step-seconds", action="append", default=[], metavar="LABEL=S")
     parser.add_argument("--title", default="")
     args = parser.parse_args(argv)
-    step_seconds = dict((k, float(v)) for k, v in (item.split("=", 1) for item in args.step_seconds))
+    step_seconds = {k: parse_rates(v) for k, v in (item.split("=", 1) for item in args.step_seconds)}
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(10, 3.8))
     for item in args.sources:
         path, _, label = item.partition("=")
@@ -56,7 +81,10 @@ def main(argv: list[str]) -> int:
         steps, accuracy, elapsed, exact = curve(Path(path))
         by_step.plot(steps, accuracy, marker=".", label=label)
         if label in step_seconds:
-            hours, how = [s * step_seconds[label] / 3600 for s in steps], f"{step_seconds[label]:g} s/step"
+            phases = step_seconds[label]
+            hours = [compute_seconds(s, phases) / 3600 for s in steps]
+            how = " then ".join(f"{seconds:g}" + (f" from {start}" if start else "") for start, seconds in phases)
+            how += " s/step"
         else:
             hours, how = [e / 3600 for e in elapsed], "as logged" if exact else "mean rate"
         by_time.plot(hours, accuracy, marker=".", linestyle="-" if exact or label in step_seconds else "--",

@@ -285,3 +285,11 @@ def test_an_exports_training_curve_pools_windows_of_a_round_number_of_steps():
     assert training_curve(every_tenth)["window"] == 10
     assert training_curve(every_tenth + [{"step": 1010, "loss": 1.0}])["window"] == 20
     assert training_curve([{"step": 5, "val_mse": 1.0}]) == {"window": 0, "points": []}
+    # summary.json: indented, one line a point, the same data read back (a config string that
+    # looks like the writer's placeholder stays a string)
+    from metalearn.api import summary_json
+
+    summary = {"config": {"run": "@point0@"}, "step": 250, "training_curve": curve}
+    text = summary_json(summary)
+    assert json.loads(text) == summary
+    assert sum(1 for line in text.splitlines() if line.lstrip().startswith('{"first_step"')) == 50

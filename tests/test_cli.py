@@ -615,3 +615,68 @@ def test_a_full_disk_met_outside_the_run_folder_is_the_same_one_line():
     err = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/tmp/results/fits.png")
     assert re.fullmatch(r"cannot write /tmp/results/fits.png: No space left on device \(\d.* free there\)",
                         describe_os_error(err))
+
+
+def test_status_says_where_runs_stand_without_touching_them(tmp_path, capsys, monkeypatch):
+    """``metalearn status``: a complete run (step, validation best and latest, its evaluation),
+    the same run while this process holds its lock (training, with the pid), after a holder
+    that died left its note (no longer training), a stopped run with its resume command, and
+    a listing of $METALEARN_RUNS in which a damaged run is one line and hides no other. It
+    writes nothing: the folders' files are unchanged."""
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path / "runs"
+    done = root / "done"
+    assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 4, "--meta-batch-size", 2, "--val-every", 2,
+                "--val-episodes", 4, "--eval-episodes", 4, "--log-every", 1, "--run-dir", done, "--no-progress"],
+               capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in done.iterdir() if p.is_file()}
+    code, out, err = run(["status", done], capsys)
+    assert code == 0, err
+    assert out.startswith(f"{done}: maml on sinusoid K=5\n  step 4 of 4 (100%)") and "; complete;" in out
+    assert "last logged (step 4): loss " in out and "validation mse: " in out and "eval: mse " in out
+    status = json.loads(run(["status", done, "--json"], capsys)[1])[0]
+    metrics = RunDir(done).read_metrics()
+    validation = [r for r in metrics if "val_mse" in r]
+    assert status["state"] == "complete" and status["step"] == 4 and status["holder"] is None
+    assert status["validation"]["latest"] == validation[-1]
+    assert status["validation"]["best"] == min(validation, key=lambda r: (r["val_mse"], r["step"]))
+    assert status["evaluations"]["eval"]["episodes"] == 4
+    with RunDir(done).lock():  # as a training process would hold it
+        state = json.loads(run(["status", done, "--json"], capsys)[1])[0]
+        assert state["state"] == "training" and state["holder"]["pid"] == os.getpid()
+        assert f"training now (process {os.getpid()}, since " in run(["status", done], capsys)[1]
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (done / ".lock").write_text(json.dumps({"pid": int(ended.stdout), "host": __import__("socket").gethostname()}))
+    assert json.loads(run(["status", done, "--json"], capsys)[1])[0]["state"] == "complete"
+    (done / ".lock").unlink()
+    assert {p.name: p.read_bytes() for p in done.iterdir() if p.is_file()} == before
+
+    import metalearn.training as training
+
+    clock = {"t": 0.0}
+
+    def ticking():
+        clock["t"] += 10.0
+        return clock["t"]
+
+    monkeypatch.setattr(training, "now", ticking)
+    stopped = root / "stopped"
+    assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 100, "--meta-batch-size", 2, "--val-every", 0,
+                "--time-limit", 60, "--run-dir", stopped, "--no-progress"], capsys)[0] == 75
+    out = run(["status", stopped], capsys)[1]
+    assert f"stopped; continue with `metalearn train maml --run-dir {stopped} --resume`" in out
+    (root / "damaged").mkdir()
+    (root / "damaged" / "config.json").write_text("{not json")
+    monkeypatch.setenv("METALEARN_RUNS", str(root))
+    code, out, _ = run(["status"], capsys)
+    assert code == 0
+    assert [line.split(":")[0] for line in out.splitlines() if not line.startswith(" ")] == \
+        [str(root / "damaged"), str(done), str(stopped)]
+    assert f"{root / 'damaged'}: error: " in out and "is not valid JSON" in out
+    code, _, err = run(["status", tmp_path], capsys)
+    assert code == 2 and "is not a metalearn run directory" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setenv("METALEARN_RUNS", str(tmp_path / "none"))
+    assert run(["status"], capsys)[1] == f"no runs in {tmp_path / 'none'}\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -513,6 +514,69 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
         shutil.copy(plot, out / plot.name)
         written.append(out / plot.name)
     return written
+
+
+def run_status(run_dir: Path | str) -> dict[str, Any]:
+    """Where a run stands, read without disturbing it (no lock, nothing written): ``method``,
+    ``task`` (dataset and episode shape), ``step`` of ``steps`` and ``training_time_s`` from its
+    checkpoint, ``state`` (``training``: a live process holds its lock on this machine;
+    ``training elsewhere``: the lock's note names another host; ``complete``, ``stopped``, or
+    ``not started``), ``holder`` (the lock's note while training), ``last_write_s`` (seconds
+    since ``metrics.jsonl`` changed), ``last`` (the last logged training record), ``validation``
+    (the latest and the best record, by the method's metric) and ``evaluations`` (each file's
+    mean, interval, episodes and step)."""
+    import socket
+    import time
+
+    from metalearn.evaluation import HIGHER_IS_BETTER
+    from metalearn.files import process_running
+
+    run = RunDir(run_dir)
+    config = run.read_config()
+    task = config.task
+    if get_dataset(task.dataset).reinforcement:
+        shape = ""
+    elif task.classification:
+        shape = f"{task.ways}-way {task.shots}-shot"
+    else:
+        shape = f"K={task.shots}"
+    status: dict[str, Any] = {"run": str(run.path), "method": config.method,
+                              "task": " ".join(part for part in (task.dataset, shape) if part),
+                              "steps": config.train.steps, "step": 0, "training_time_s": 0.0}
+    if run.has_checkpoint():
+        state = run.read_checkpoint("step")
+        status.update(step=int(state["step"]), training_time_s=float(state.get("elapsed_s", 0.0)))
+    holder = None
+    try:
+        note = json.loads(run.lock_path.read_text())
+        if isinstance(note, dict) and isinstance(note.get("pid"), int):
+            holder = note
+    except (OSError, ValueError):
+        pass  # no lock file: no one trains here (its holder deletes it as it lets go)
+    if holder is not None and holder.get("host") != socket.gethostname():
+        status["state"] = "training elsewhere"
+    elif holder is not None and process_running(holder["pid"]):
+        status["state"] = "training"
+    else:  # no note, or one left by a killed holder
+        holder = None
+        status["state"] = ("not started" if not run.holds_run() else
+                           "complete" if status["step"] >= status["steps"] else "stopped")
+    status["holder"] = holder
+    status["last_write_s"] = (time.time() - run.metrics_path.stat().st_mtime) if run.metrics_path.is_file() else None
+    records = run.read_metrics()
+    status["last"] = next((r for r in reversed(records) if "loss" in r), None)
+    validation = [r for r in records if any(k.startswith("val_") and k != "val_ci95" for k in r)]
+    best = None
+    if validation:
+        name = next(k for k in validation[-1] if k.startswith("val_") and k != "val_ci95")
+        scored = [r for r in validation if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])]
+        sign = 1.0 if HIGHER_IS_BETTER.get(name[len("val_"):], True) else -1.0
+        if scored:  # ties: the earlier step, as --keep-best ranks them
+            best = max(scored, key=lambda r: (sign * r[name], -r["step"]))
+    status["validation"] = {"latest": validation[-1] if validation else None, "best": best}
+    status["evaluations"] = {stem: {key: result.get(key) for key in ("metric", "mean", "ci95", "episodes", "step", "part")}
+                             for stem, result in run.read_evaluations().items()}
+    return status
 
 
 def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | list[Path | str],

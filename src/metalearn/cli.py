@@ -451,6 +451,84 @@ def export_command(run_dir, out_dir, data_dir, compare_with):
         click.echo(f"wrote {path}")
 
 
+@cli.command("status")
+@click.argument("run_dirs", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print a JSON list, one object per run")
+def status_command(run_dirs, as_json):
+    """Where runs stand: step, training time, whether a process trains them now, the last
+    metrics, validation and evaluations. Without RUN_DIRS: every run in $METALEARN_RUNS (else
+    runs/ in the cache folder). Reads only: takes no lock, writes nothing."""
+    from metalearn.api import run_status
+    from metalearn.runs import default_runs_root
+
+    listing = not run_dirs
+    if listing:
+        root = default_runs_root()
+        run_dirs = sorted(path for path in root.iterdir() if RunDir(path).exists()) if root.is_dir() else []
+        if not run_dirs:
+            click.echo(f"no runs in {root}")
+            return
+    statuses = []
+    for run_dir in run_dirs:
+        try:
+            statuses.append(run_status(run_dir))
+        except MetalearnError as err:
+            if not listing:
+                raise  # a folder the user named: one line and exit 2, as every command
+            statuses.append({"run": str(run_dir), "error": str(err)})  # one damaged run hides no others
+    if as_json:
+        click.echo(json.dumps(statuses, indent=2))
+    else:
+        click.echo("\n".join(format_status(status) for status in statuses))
+
+
+def format_status(status: dict) -> str:
+    """:func:`~metalearn.api.run_status` as a few lines of text."""
+    if "error" in status:
+        return f"{status['run']}: error: {status['error']}"
+    lines = [f"{status['run']}: {status['method']} on {status['task']}"]
+    hours, rest = divmod(int(status["training_time_s"]), 3600)
+    spent = f"{hours} h {rest // 60} min" if hours else f"{rest // 60} min {rest % 60} s"
+    steps = max(status["steps"], 1)
+    state, holder = status["state"], status["holder"]
+    if state == "training":
+        doing = f"training now (process {holder['pid']}, since {holder.get('since', '?')})"
+    elif state == "training elsewhere":
+        doing = f"training on {holder.get('host', '?')} (process {holder['pid']}, since {holder.get('since', '?')})"
+    elif state == "stopped":
+        doing = f"stopped; continue with `metalearn train {status['method']} --run-dir {status['run']} --resume`"
+    else:
+        doing = state
+    last = status["last"]
+    logged = last["step"] if last is not None and isinstance(last.get("step"), int) else status["step"]
+    at = max(logged, status["step"])  # a live run logs steps after its last checkpoint
+    saved = f", checkpoint at {status['step']}" if at != status["step"] else ""
+    lines.append(f"  step {at} of {status['steps']} ({100 * at // steps}%{saved}), {spent} of training; {doing}")
+    if status["last_write_s"] is not None:
+        ago = status["last_write_s"]
+        lines[-1] += f"; metrics written {int(ago // 60)} min ago" if ago >= 60 else f"; metrics written {int(ago)} s ago"
+    shown = lambda value: f"{value:.4g}" if isinstance(value, float) else str(value)
+    if last is not None:
+        values = ", ".join(f"{k} {shown(v)}" for k, v in last.items() if k not in ("step", "elapsed_s"))
+        lines.append(f"  last logged (step {last['step']}): {values}")
+    latest, best = status["validation"]["latest"], status["validation"]["best"]
+    if latest is not None:
+        name = next(k for k in latest if k.startswith("val_") and k != "val_ci95")
+        digits = 4 if name == "val_mse" else 2
+        text = f"  validation {name[len('val_'):]}: {latest[name]:.{digits}f} at step {latest['step']}"
+        if best is not None and best is not latest:
+            text += f" (best {best[name]:.{digits}f} at step {best['step']})"
+        lines.append(text)
+    for stem, result in status["evaluations"].items():
+        if isinstance(result.get("mean"), (int, float)) and isinstance(result.get("ci95"), (int, float)):
+            unit = "episodes" if result.get("metric") == "accuracy" else "tasks"  # as `metalearn eval` says
+            step = f", step {result['step']}" if result.get("step") is not None else ""
+            digits = 4 if result.get("metric") == "mse" else 2
+            lines.append(f"  {stem}: {result['metric']} {result['mean']:.{digits}f} +/- {result['ci95']:.{digits}f} "
+                         f"({result.get('episodes')} {unit}{step})")
+    return "\n".join(lines)
+
+
 # -- data -------------------------------------------------------------------------------------
 
 

@@ -637,6 +637,7 @@ def test_status_says_where_runs_stand_without_touching_them(tmp_path, capsys, mo
     assert code == 0, err
     assert out.startswith(f"{done}: maml on sinusoid K=5\n  step 4 of 4 (100%)") and "; complete;" in out
     assert "last logged (step 4): loss " in out and "validation mse: " in out and "eval: mse " in out
+    assert "the remaining" not in out
     status = json.loads(run(["status", done, "--json"], capsys)[1])[0]
     metrics = RunDir(done).read_metrics()
     validation = [r for r in metrics if "val_mse" in r]
@@ -665,9 +666,13 @@ def test_status_says_where_runs_stand_without_touching_them(tmp_path, capsys, mo
     monkeypatch.setattr(training, "now", ticking)
     stopped = root / "stopped"
     assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 100, "--meta-batch-size", 2, "--val-every", 0,
-                "--time-limit", 60, "--run-dir", stopped, "--no-progress"], capsys)[0] == 75
+                "--log-every", 1, "--time-limit", 60, "--run-dir", stopped, "--no-progress"], capsys)[0] == 75
     out = run(["status", stopped], capsys)[1]
     assert f"stopped; continue with `metalearn train maml --run-dir {stopped} --resume`" in out
+    state = json.loads(run(["status", stopped, "--json"], capsys)[1])[0]
+    last = state["last"]  # the time left: the remaining steps at the last logged rate (2 tasks a step)
+    assert state["seconds_left"] == pytest.approx((100 - last["step"]) * 2 / last["tasks_per_s"])
+    assert f"the remaining {100 - last['step']} steps: about " in out
     (root / "damaged").mkdir()
     (root / "damaged" / "config.json").write_text("{not json")
     monkeypatch.setenv("METALEARN_RUNS", str(root))

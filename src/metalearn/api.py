@@ -522,7 +522,8 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     checkpoint, ``state`` (``training``: a live process holds its lock on this machine;
     ``training elsewhere``: the lock's note names another host; ``complete``, ``stopped``, or
     ``not started``), ``holder`` (the lock's note while training), ``last_write_s`` (seconds
-    since ``metrics.jsonl`` changed), ``last`` (the last logged training record), ``validation``
+    since ``metrics.jsonl`` changed), ``last`` (the last logged training record), ``seconds_left`` (the remaining steps
+    at the last logged rate, validation not counted; None when done or unknown), ``validation``
     (the latest and the best record, by the method's metric) and ``evaluations`` (each file's
     mean, interval, episodes and step)."""
     import socket
@@ -564,7 +565,12 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     status["holder"] = holder
     status["last_write_s"] = (time.time() - run.metrics_path.stat().st_mtime) if run.metrics_path.is_file() else None
     records = run.read_metrics()
-    status["last"] = next((r for r in reversed(records) if "loss" in r), None)
+    status["last"] = last = next((r for r in reversed(records) if "loss" in r), None)
+    # the time the remaining steps take at the last logged rate (steps alone: no validation)
+    rate = last.get("tasks_per_s") if last is not None else None
+    left = status["steps"] - max(status["step"], last["step"] if last is not None else 0)
+    status["seconds_left"] = (left * config.train.meta_batch_size / rate
+                              if isinstance(rate, (int, float)) and rate > 0 and left > 0 else None)
     validation = [r for r in records if any(k.startswith("val_") and k != "val_ci95" for k in r)]
     best = None
     if validation:

@@ -246,9 +246,10 @@ class Trainer:
               deadline: float | None = None) -> None:
         train = self.config.train
         window_time, window_tasks = 0.0, 0  # meta-steps only: no validation or checkpoint time
-        longest = 0.0  # the longest iteration so far (step, logging, validation, checkpoint), for the deadline
+        # for the deadline: the longest iteration so far, from one stop decision to the next (a
+        # step with its logging, validation and the checkpoint after the decision before it)
+        longest, mark = 0.0, now() if deadline is not None else 0.0
         while self.step < train.steps:
-            iteration_start = now() if deadline is not None else 0.0
             clock = time.perf_counter()
             seed = step_seed(train.seed, self.step)
             batch = self.train_tasks.sample(train.meta_batch_size, torch.Generator().manual_seed(seed), share)
@@ -300,8 +301,9 @@ class Trainer:
                 self.validate()
             out_of_time = False
             if deadline is not None:
-                longest = max(longest, now() - iteration_start)
-                out_of_time = now() + longest > deadline
+                previous, mark = mark, now()
+                longest = max(longest, mark - previous)
+                out_of_time = mark + longest > deadline
             stopping = self._stop_requested(stop, out_of_time)
             if self.step % train.checkpoint_every == 0 or stopping:
                 self.save()

@@ -522,10 +522,10 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     checkpoint, ``state`` (``training``: a live process holds its lock on this machine;
     ``training elsewhere``: the lock's note names another host; ``complete``, ``stopped``, or
     ``not started``), ``holder`` (the lock's note while training), ``last_write_s`` (seconds
-    since ``metrics.jsonl`` changed), ``last`` (the last logged training record), ``seconds_left`` (the remaining steps
-    at the last logged rate, validation not counted; None when done or unknown), ``validation``
-    (the latest and the best record, by the method's metric) and ``evaluations`` (each file's
-    mean, interval, episodes and step)."""
+    since ``metrics.jsonl`` changed), ``last`` (the last logged training record),
+    ``seconds_left`` (the remaining steps at the last logged rate, validation not counted; None
+    when done or unknown), ``validation`` (the latest and the best record, by the method's
+    metric) and ``evaluations`` (each file's mean, interval, episodes and step)."""
     import socket
     import time
 

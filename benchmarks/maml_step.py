@@ -59,6 +59,10 @@ it is left out of the gradient check; learn2learn has no row for it (its MetaBat
 per-step, but its MAML has no multi-step loss or running-statistics update to run it the same).
 
     python benchmarks/maml_step.py --ways 20 --meta-batch 8 --inner-steps 5 --inner-lr 0.1 --mamlpp
+
+``--mamlpp-parts`` adds, beside row (e), MAML++ without each of its parts (LSLR, MSL, BNWB,
+BNRS): a part's cost is its row's saving against (e) (docs/performance.md, "What each part
+costs").
 """
 
 from __future__ import annotations

@@ -73,11 +73,11 @@ class Duration(click.ParamType):
     UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 
     def convert(self, value, param, ctx):
-        if isinstance(value, (int, float)):
-            return float(value)
         text = str(value).strip().lower()
         try:
-            if ":" in text:
+            if isinstance(value, (int, float)):
+                seconds = float(value)
+            elif ":" in text:
                 parts = [float(part) for part in text.split(":")]
                 if len(parts) > 3:
                     raise ValueError

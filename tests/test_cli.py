@@ -119,13 +119,9 @@ def test_resume_from_the_command_line_takes_the_saved_configuration(tmp_path, ca
     assert code == 2 and "task.dataset: 'sinusoid' there, 'omniglot' requested" in err
 
 
-def test_time_limit_from_the_command_line(tmp_path, capsys, monkeypatch):
-    """--time-limit counts from the command's start (a clock of 10 s per call here): training
-    stops with a checkpoint, exit status 75 and the resume command, and skips the evaluation;
-    --resume takes a limit of its own or none. Durations in every accepted spelling; a bad one
-    is one line and exit 2."""
+def tick_ten_seconds_a_call(monkeypatch) -> None:
+    """Replace the clock of --time-limit by one that moves 10 s at every reading."""
     import metalearn.training as training
-    from metalearn.cli import Duration
 
     clock = {"t": 0.0}
 
@@ -134,6 +130,16 @@ def test_time_limit_from_the_command_line(tmp_path, capsys, monkeypatch):
         return clock["t"]
 
     monkeypatch.setattr(training, "now", ticking)
+
+
+def test_time_limit_from_the_command_line(tmp_path, capsys, monkeypatch):
+    """--time-limit counts from the command's start (a clock of 10 s per call here): training
+    stops with a checkpoint, exit status 75 and the resume command, and skips the evaluation;
+    --resume takes a limit of its own or none. Durations in every accepted spelling; a bad one
+    is one line and exit 2."""
+    from metalearn.cli import Duration
+
+    tick_ten_seconds_a_call(monkeypatch)
     run_dir = tmp_path / "run"
     args = ["train", "maml", "--dataset", "sinusoid", "--meta-batch-size", 2, "--steps", 1000, "--val-every", 0,
             "--run-dir", run_dir, "--no-progress"]
@@ -655,15 +661,7 @@ def test_status_says_where_runs_stand_without_touching_them(tmp_path, capsys, mo
     (done / ".lock").unlink()
     assert {p.name: p.read_bytes() for p in done.iterdir() if p.is_file()} == before
 
-    import metalearn.training as training
-
-    clock = {"t": 0.0}
-
-    def ticking():
-        clock["t"] += 10.0
-        return clock["t"]
-
-    monkeypatch.setattr(training, "now", ticking)
+    tick_ten_seconds_a_call(monkeypatch)
     stopped = root / "stopped"
     assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 100, "--meta-batch-size", 2, "--val-every", 0,
                 "--log-every", 1, "--time-limit", 60, "--run-dir", stopped, "--no-progress"], capsys)[0] == 75

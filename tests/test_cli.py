@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -668,9 +669,17 @@ def test_status_says_where_runs_stand_without_touching_them(tmp_path, capsys, mo
     out = run(["status", stopped], capsys)[1]
     assert f"stopped; continue with `metalearn train maml --run-dir {stopped} --resume`" in out
     state = json.loads(run(["status", stopped, "--json"], capsys)[1])[0]
-    last = state["last"]  # the time left: the remaining steps at the last logged rate (2 tasks a step)
-    assert state["seconds_left"] == pytest.approx((100 - last["step"]) * 2 / last["tasks_per_s"])
+    # the time left: the remaining steps (2 tasks each) at the median rate of the last 20 windows
+    last = state["last"]
+    rates = [r["tasks_per_s"] for r in RunDir(stopped).read_metrics() if "loss" in r]
+    assert state["seconds_left"] == pytest.approx((100 - last["step"]) * 2 / statistics.median(rates[-20:]))
     assert f"the remaining {100 - last['step']} steps: about " in out
+    # windows slowed 1000-fold (the process paused) do not skew it while they are fewer than half
+    for extra in range(1, 4):
+        RunDir(stopped).append_metrics({**last, "step": last["step"] + extra, "tasks_per_s": min(rates) / 1000})
+    paused = json.loads(run(["status", stopped, "--json"], capsys)[1])[0]
+    assert paused["last"]["step"] == last["step"] + 3
+    assert paused["seconds_left"] < (100 - last["step"]) * 2 / min(rates)
     (root / "damaged").mkdir()
     (root / "damaged" / "config.json").write_text("{not json")
     monkeypatch.setenv("METALEARN_RUNS", str(root))

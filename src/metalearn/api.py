@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import statistics
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -516,6 +517,9 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
     return written
 
 
+RATE_WINDOWS = 20  # logged training windows whose median rate ``run_status`` projects the time left by
+
+
 def run_status(run_dir: Path | str) -> dict[str, Any]:
     """Where a run stands, read without disturbing it (no lock, nothing written): ``method``,
     ``task`` (dataset and episode shape), ``step`` of ``steps`` and ``training_time_s`` from its
@@ -523,8 +527,9 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     ``training elsewhere``: the lock's note names another host; ``complete``, ``stopped``, or
     ``not started``), ``holder`` (the lock's note while training), ``last_write_s`` (seconds
     since ``metrics.jsonl`` changed), ``last`` (the last logged training record),
-    ``seconds_left`` (the remaining steps at the last logged rate, validation not counted; None
-    when done or unknown), ``validation`` (the latest and the best record, by the method's
+    ``seconds_left`` (the remaining steps at the recent rate: the median of the last
+    :data:`RATE_WINDOWS` logged windows' tasks per second, so that one window slowed by a pause
+    or a busy machine does not skew it; validation not counted; None when done or unknown), ``validation`` (the latest and the best record, by the method's
     metric) and ``evaluations`` (each file's mean, interval, episodes and step)."""
     import socket
     import time
@@ -566,11 +571,12 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     status["last_write_s"] = (time.time() - run.metrics_path.stat().st_mtime) if run.metrics_path.is_file() else None
     records = run.read_metrics()
     status["last"] = last = next((r for r in reversed(records) if "loss" in r), None)
-    # the time the remaining steps take at the last logged rate (steps alone: no validation)
-    rate = last.get("tasks_per_s") if last is not None else None
+    # the time the remaining steps take at the recent rate (steps alone: no validation)
+    rates = [r["tasks_per_s"] for r in records if "loss" in r and isinstance(r.get("tasks_per_s"), (int, float))
+             and r["tasks_per_s"] > 0][-RATE_WINDOWS:]
     left = status["steps"] - max(status["step"], last["step"] if last is not None else 0)
-    status["seconds_left"] = (left * config.train.meta_batch_size / rate
-                              if isinstance(rate, (int, float)) and rate > 0 and left > 0 else None)
+    status["seconds_left"] = (left * config.train.meta_batch_size / statistics.median(rates)
+                              if rates and left > 0 else None)
     validation = [r for r in records if any(k.startswith("val_") and k != "val_ci95" for k in r)]
     best = None
     if validation:

@@ -447,6 +447,36 @@ def test_cheetah_rewards_follow_the_paper_from_the_simulator_velocity():
         assert not done.any()
 
 
+def test_cheetah_steps_as_gymnasium_does_to_the_bit():
+    """The half-cheetahs step MuJoCo themselves, without gymnasium's step around it: the same
+    observations and velocities (hence rewards) as gymnasium's ``HalfCheetah-v5.step``, exactly,
+    over a whole episode of random actions (some beyond the action bounds)."""
+    pytest.importorskip("mujoco")
+    pytest.importorskip("gymnasium")
+    import numpy as np
+
+    from metalearn.envs.cheetah import HalfCheetah
+
+    env, reference = HalfCheetah("direction"), HalfCheetah("direction")
+    params = {"direction": torch.tensor([1.0, -1.0])}
+    seeds = torch.tensor([[3, 4, 5], [6, 7, 8]])
+    state, obs = env.reset(params, 3, seeds)
+    twins = reference.reset(params, 3, seeds)[0]["envs"]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(env.horizon):
+        action = torch.randn(2, 3, 6, generator=generator, dtype=torch.float64) * 1.5
+        state, obs, reward, _ = env.step(state, action)
+        expected_obs, expected_velocity = [], []
+        for twin, a in zip(twins, action.clamp(-1, 1).reshape(6, 6).numpy()):
+            observation, _, _, _, info = twin.step(a)
+            expected_obs.append(observation)
+            expected_velocity.append(info["x_velocity"])
+        assert torch.equal(obs.reshape(6, 17), torch.as_tensor(np.stack(expected_obs)))
+        velocity = torch.tensor(expected_velocity, dtype=torch.float64).view(2, 3)
+        control = 0.05 * action.clamp(-1, 1).square().sum(-1)
+        assert torch.equal(reward, params["direction"][:, None].double() * velocity - control)
+
+
 def test_cheetah_meta_step_runs_through_the_trainer(tmp_path, capsys):
     pytest.importorskip("mujoco")
     pytest.importorskip("gymnasium")

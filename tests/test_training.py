@@ -188,6 +188,33 @@ def test_the_time_limit_stops_before_an_iteration_that_would_end_past_it_and_res
         assert torch.equal(a[name], b[name]), name
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGCONT"), reason="no SIGCONT on this platform")
+def test_a_stopped_and_continued_iteration_is_not_taken_for_a_long_one(tmp_path, monkeypatch):
+    """10 s a step and a 100 s limit, but step 2 includes a 50 s stop (its clock jumps, and a
+    SIGCONT arrives as after Ctrl-Z and fg): the next iterations are still budgeted at 10 s, so
+    training stops after step 5, at 100 s, not after step 2 as a 60 s iteration would make it;
+    the time the stop took still counts (without it, step 9 would end at 100 s)."""
+    import metalearn.training as training
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(training, "now", lambda: clock["t"])
+    trainer = build_trainer(sinusoid_config(20, val_every=0), tmp_path)
+    real_meta_loss = trainer.learner.meta_loss
+
+    def stopped_in_step_2(batch):
+        clock["t"] += 10.0
+        if trainer.step == 1:
+            clock["t"] += 50.0
+            os.kill(os.getpid(), signal.SIGCONT)
+        return real_meta_loss(batch)
+
+    trainer.learner.meta_loss = stopped_in_step_2
+    before = signal.getsignal(signal.SIGCONT)
+    with pytest.raises(TrainingStopped, match="stopped at its time limit after step 5 of 20"):
+        trainer.fit(progress=False, time_limit_s=100.0)
+    assert signal.getsignal(signal.SIGCONT) == before
+
+
 def test_a_second_ctrl_c_stops_at_once(tmp_path):
     trainer = build_trainer(sinusoid_config(6), tmp_path)
     real_meta_loss = trainer.learner.meta_loss

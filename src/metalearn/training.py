@@ -68,23 +68,32 @@ def now() -> float:
 class StopRequests:
     """While active, the first SIGINT or SIGTERM is only noted, so that training finishes the
     step it is in and saves it; a second one acts as usual (Ctrl-C twice stops at once).
-    Signal handlers can only be set from the main thread; elsewhere nothing is caught."""
+    ``continued`` counts the SIGCONTs received: the process was stopped (Ctrl-Z, SIGSTOP, a
+    scheduler's suspend) and continued, which ``--time-limit`` must not take for a long
+    iteration. Signal handlers can only be set from the main thread; elsewhere nothing is
+    caught."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.received: signal.Signals | None = None
+        self.continued = 0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopRequests":
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._note)
+            if hasattr(signal, "SIGCONT"):  # not on Windows; a handler does not change that SIGCONT continues
+                self._previous[signal.SIGCONT] = signal.signal(signal.SIGCONT, self._count_continue)
         return self
 
     def _note(self, signum, frame) -> None:
         self.received = signal.Signals(signum)
         signal.signal(signum, self._previous[signum])
+
+    def _count_continue(self, signum, frame) -> None:
+        self.continued += 1
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -205,8 +214,10 @@ class Trainer:
         a checkpoint of it and :class:`~metalearn.errors.TrainingStopped`. The time limit is
         kept by not starting an iteration (a step with its logging, validation and checkpoint)
         that would end past it, taking the longest iteration so far as the next one's length:
-        a run with validation every N steps stops about one validation's time early. At least
-        one step runs."""
+        a run with validation every N steps stops about one validation's time early. An
+        iteration during which the process was stopped and continued (Ctrl-Z, SIGSTOP, a
+        scheduler's suspend: a SIGCONT arrived) is not taken as a length; the time it lost
+        counts against the limit all the same. At least one step runs."""
         deadline = None if time_limit_s is None else now() + time_limit_s
         if self.run_dir is None:
             raise MetalearnError("this Trainer has no run folder to write into; build it with a run_dir")
@@ -247,8 +258,9 @@ class Trainer:
         train = self.config.train
         window_time, window_tasks = 0.0, 0  # meta-steps only: no validation or checkpoint time
         # for the deadline: the longest iteration so far, from one stop decision to the next (a
-        # step with its logging, validation and the checkpoint after the decision before it)
-        longest, mark = 0.0, now() if deadline is not None else 0.0
+        # step with its logging, validation and the checkpoint after the decision before it),
+        # leaving out those during which the process was stopped
+        longest, mark, continued = 0.0, now() if deadline is not None else 0.0, stop.continued
         while self.step < train.steps:
             clock = time.perf_counter()
             seed = step_seed(train.seed, self.step)
@@ -302,7 +314,9 @@ class Trainer:
             out_of_time = False
             if deadline is not None:
                 previous, mark = mark, now()
-                longest = max(longest, mark - previous)
+                if stop.continued == continued:
+                    longest = max(longest, mark - previous)
+                continued = stop.continued
                 out_of_time = mark + longest > deadline
             stopping = self._stop_requested(stop, out_of_time)
             if self.step % train.checkpoint_every == 0 or stopping:

@@ -57,6 +57,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--cheetah", action="store_true", help="also the half-cheetah (needs the rl extra)")
+    parser.add_argument("--cheetah-only", action="store_true", help="the half-cheetah timing alone")
+    parser.add_argument("--cheetah-batch", default="4x10", metavar="TASKSxTRAJECTORIES",
+                        help="environments of the half-cheetah timing (the paper's meta-batch: 40x20)")
     parser.add_argument("--meta-iterations", type=int, default=0,
                         help="also time this many whole nav2d meta-iterations (paper's settings)")
     parser.add_argument("--peer-python", default=None,
@@ -71,13 +74,26 @@ def main() -> None:
         parser.error("--peer-python needs --l2l-example FILE, learn2learn's examples/rl/maml_trpo.py "
                      f"(got {args.l2l_example})")
     torch.set_num_threads(args.threads)
+    result = {"torch": torch.__version__, "threads": args.threads, "processor": processor(), "python": platform.python_version()}
+    torch.manual_seed(0)
+    if args.cheetah_only:
+        args.cheetah = True
+    else:
+        time_nav2d(args, result)
+    if args.cheetah:
+        time_cheetah(args, result)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
 
+
+def time_nav2d(args, result: dict) -> None:
     from metalearn.algorithms.maml_rl import MAMLRL, GaussianMLPPolicy
     from metalearn.envs import MDPTasks, rollout
     from metalearn.envs.nav2d import Nav2D
 
-    result = {"torch": torch.__version__, "threads": args.threads, "processor": processor(), "python": platform.python_version()}
-    torch.manual_seed(0)
     learner = MAMLRL(GaussianMLPPolicy(2, 2), MAMLRL.Config())
     batch = MDPTasks(Nav2D()).sample(20, torch.Generator().manual_seed(0))
     params = {k: v.detach() for k, v in learner.policy.named_parameters()}
@@ -92,34 +108,34 @@ def main() -> None:
     if args.peer_python:
         result["l2l_maml_trpo_particles2d"] = run_l2l_example(args)
 
-    if args.cheetah:
-        import gymnasium
-        import numpy as np
 
-        from metalearn.envs.cheetah import HalfCheetah, _model_warnings_dropped
+def time_cheetah(args, result: dict) -> None:
+    """Environment steps per second of random-action rollouts: our loop, then gymnasium's
+    SyncVectorEnv over as many environments."""
+    import gymnasium
+    import numpy as np
 
-        cheetah = HalfCheetah("velocity")
-        tasks, trajectories, horizon = 4, 10, 200
-        goals = cheetah.sample_tasks(tasks, torch.Generator().manual_seed(0))
-        seconds = best_of(lambda: rollout(cheetah, goals, trajectories, lambda obs: torch.randn(*obs.shape[:2], 6),
-                                          horizon), args.repeats)
-        result["cheetah_env_steps_per_s_loop"] = tasks * trajectories * horizon / seconds
-        with _model_warnings_dropped():
-            vector = gymnasium.vector.SyncVectorEnv([lambda: gymnasium.make("HalfCheetah-v5")] * (tasks * trajectories))
-        vector.reset(seed=0)
+    from metalearn.envs import rollout
+    from metalearn.envs.cheetah import HalfCheetah, _model_warnings_dropped
 
-        def vector_rollout():
-            for _ in range(horizon):
-                vector.step(np.random.uniform(-1, 1, (tasks * trajectories, 6)))
+    cheetah = HalfCheetah("velocity")
+    tasks, trajectories = (int(n) for n in args.cheetah_batch.split("x"))
+    horizon = 200
+    result["cheetah_batch"] = args.cheetah_batch
+    goals = cheetah.sample_tasks(tasks, torch.Generator().manual_seed(0))
+    seconds = best_of(lambda: rollout(cheetah, goals, trajectories, lambda obs: torch.randn(*obs.shape[:2], 6),
+                                      horizon), args.repeats)
+    result["cheetah_env_steps_per_s_loop"] = tasks * trajectories * horizon / seconds
+    with _model_warnings_dropped():
+        vector = gymnasium.vector.SyncVectorEnv([lambda: gymnasium.make("HalfCheetah-v5")] * (tasks * trajectories))
+    vector.reset(seed=0)
 
-        seconds = best_of(vector_rollout, args.repeats)
-        result["cheetah_env_steps_per_s_sync_vector_env"] = tasks * trajectories * horizon / seconds
+    def vector_rollout():
+        for _ in range(horizon):
+            vector.step(np.random.uniform(-1, 1, (tasks * trajectories, 6)))
 
-    print(json.dumps(result, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+    seconds = best_of(vector_rollout, args.repeats)
+    result["cheetah_env_steps_per_s_sync_vector_env"] = tasks * trajectories * horizon / seconds
 
 
 def time_meta_iterations(iterations: int) -> dict:

@@ -447,16 +447,34 @@ def test_cheetah_rewards_follow_the_paper_from_the_simulator_velocity():
         assert not done.any()
 
 
-def test_cheetah_steps_as_gymnasium_does_to_the_bit():
-    """The half-cheetahs step MuJoCo themselves, without gymnasium's step around it: the same
-    observations and velocities (hence rewards) as gymnasium's ``HalfCheetah-v5.step``, exactly,
-    over a whole episode of random actions (some beyond the action bounds)."""
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cheetah_steps_as_gymnasium_does_to_the_bit(threads, monkeypatch):
+    """The half-cheetahs step MuJoCo themselves, without gymnasium's step around it, split among
+    torch's threads: the same observations and velocities (hence rewards) as gymnasium's
+    ``HalfCheetah-v5.step``, exactly, over a whole episode of random actions (some beyond the
+    action bounds), with one thread and with three (two environments each)."""
     pytest.importorskip("mujoco")
     pytest.importorskip("gymnasium")
     import numpy as np
 
     from metalearn.envs.cheetah import HalfCheetah
 
+    from metalearn.envs import cheetah
+
+    monkeypatch.setattr(HalfCheetah, "envs_per_thread", 2)
+    pool, sizes = cheetah.ThreadPoolExecutor(3), []
+    monkeypatch.setattr(cheetah, "_threads", lambda count: sizes.append(count) or pool)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _step_against_gymnasium(HalfCheetah, np)
+    finally:
+        torch.set_num_threads(before)
+        pool.shutdown()
+    assert set(sizes) == ({3} if threads == 3 else set())
+
+
+def _step_against_gymnasium(HalfCheetah, np):
     env, reference = HalfCheetah("direction"), HalfCheetah("direction")
     params = {"direction": torch.tensor([1.0, -1.0])}
     seeds = torch.tensor([[3, 4, 5], [6, 7, 8]])

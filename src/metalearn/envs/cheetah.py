@@ -16,13 +16,15 @@ the x coordinate, and velocities; rllab's added the torso's centre of mass), v i
 x velocity (rllab's: the torso's centre-of-mass velocity), and gymnasium's reset noise. Returns
 are therefore comparable in kind, not to the decimal.
 
-The simulators are stepped one after the other (MuJoCo's step is C; a Python loop over the
-meta-batch's tasks x trajectories, ``tasks * trajectories`` environments kept between calls).
+The simulators are stepped by a Python loop over the meta-batch's tasks x trajectories
+(``tasks * trajectories`` environments kept between calls), split among torch's threads
+(``torch.get_num_threads()``, ``OMP_NUM_THREADS``): MuJoCo's step is C and releases the GIL.
 """
 
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -59,6 +61,16 @@ def _model_warnings_dropped():
         mujoco.set_mju_user_warning(previous)
 
 
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _threads(count: int) -> ThreadPoolExecutor:
+    """A pool of ``count`` threads, made once per size and kept for the process."""
+    if count not in _POOLS:
+        _POOLS[count] = ThreadPoolExecutor(count, thread_name_prefix="metalearn-mujoco")
+    return _POOLS[count]
+
+
 class HalfCheetah:
     """``goal``: "velocity" (cheetah-vel) or "direction" (cheetah-dir)."""
 
@@ -67,6 +79,7 @@ class HalfCheetah:
     horizon = 200
     control_cost = 0.05  # 0.1 * 0.5 |a|^2 in the authors' code
     positions = False
+    envs_per_thread = 16  # fewer environments than this per thread are stepped by one thread
 
     def __init__(self, goal: str = "velocity"):
         if goal not in ("velocity", "direction"):
@@ -102,25 +115,39 @@ class HalfCheetah:
         obs = torch.as_tensor(observations, dtype=goal.dtype, device=goal.device).view(tasks, trajectories, -1)
         return {"envs": envs, "goal": goal[:, None]}, obs
 
+    def _simulate(self, envs: list, actions: np.ndarray, observations: np.ndarray, velocities: np.ndarray,
+                  rows: range) -> None:
+        """gymnasium's ``HalfCheetah-v5.step`` for the environments ``rows``, its Python around
+        MuJoCo's step left out (a third of the sampling time): the control, ``frame_skip``
+        simulator steps, the root's x velocity over them, the observation qpos[1:], qvel,
+        written into those rows. The same numbers to the bit (tested); what it leaves out,
+        ``mj_rnePostConstraint``'s force quantities, nothing here reads."""
+        simulate = self._mujoco.mj_step
+        positions = envs[0].model.nq - 1  # qpos without the root's x
+        for i in rows:
+            env = envs[i]
+            data = env.data
+            before = data.qpos[0]
+            data.ctrl[:] = actions[i]
+            simulate(env.model, data, nstep=env.frame_skip)
+            velocities[i] = (data.qpos[0] - before) / env.dt
+            observations[i, :positions], observations[i, positions:] = data.qpos[1:], data.qvel
+
     def step(self, state, action: Tensor):
         envs, goal = state["envs"], state["goal"]
         tasks, trajectories = action.shape[:2]
         clipped = action.clamp(-1.0, 1.0)
         actions = clipped.detach().reshape(len(envs), -1).cpu().double().numpy()
-        # gymnasium's HalfCheetah-v5 step, its Python around MuJoCo's step left out (a third of
-        # the sampling time): the control, frame_skip simulator steps, the root's x velocity over
-        # them, the observation qpos[1:], qvel. The same numbers to the bit (tested); what it
-        # leaves out, mj_rnePostConstraint's force quantities, nothing here reads.
-        simulate = self._mujoco.mj_step
         observations, velocities = np.empty((len(envs), self.observation_dim)), np.empty(len(envs))
-        positions = envs[0].model.nq - 1  # qpos without the root's x
-        for i, (env, a) in enumerate(zip(envs, actions)):
-            data = env.data
-            before = data.qpos[0]
-            data.ctrl[:] = a
-            simulate(env.model, data, nstep=env.frame_skip)
-            velocities[i] = (data.qpos[0] - before) / env.dt
-            observations[i, :positions], observations[i, positions:] = data.qpos[1:], data.qvel
+        # torch's threads step the simulators while torch waits for them: MuJoCo's step releases
+        # the GIL; each thread steps its own environments, so the numbers do not depend on it
+        threads = min(torch.get_num_threads(), len(envs) // self.envs_per_thread)
+        if threads > 1:
+            bounds = np.linspace(0, len(envs), threads + 1).astype(int)
+            list(_threads(threads).map(lambda k: self._simulate(envs, actions, observations, velocities,
+                                                                range(bounds[k], bounds[k + 1])), range(threads)))
+        else:
+            self._simulate(envs, actions, observations, velocities, range(len(envs)))
         obs = torch.as_tensor(observations, dtype=action.dtype, device=action.device)
         velocity = torch.as_tensor(velocities, dtype=action.dtype, device=action.device).view(tasks, trajectories)
         cost = self.control_cost * clipped.square().sum(-1)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from checkpoints import interrupted_and_resumed
 from cli_runner import run
 from metalearn.algorithms import build_learner
 from metalearn.algorithms.memory import (EMPTY, Memory, MemoryConfig, class_rounds, lifelong_accuracy,
@@ -245,20 +246,8 @@ def test_resume_is_exact_with_the_memory_and_its_noise(tmp_path, omniglot_data_d
                             train={"steps": 4, "meta_batch_size": 2, "val_every": 0, "checkpoint_every": 2})
     straight = build_trainer(config, tmp_path / "a", data_dir=omniglot_data_dir)
     straight.fit(progress=False)
-    interrupted = build_trainer(config, tmp_path / "b", data_dir=omniglot_data_dir)
-    meta_loss = interrupted.learner.meta_loss
-
-    def stop_after_two(batch):
-        if interrupted.step == 2:
-            raise KeyboardInterrupt
-        return meta_loss(batch)
-
-    interrupted.learner.meta_loss = stop_after_two
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.fit(progress=False)
-    resumed = build_trainer(config, tmp_path / "b", data_dir=omniglot_data_dir, resume=True)
-    assert resumed.step == 2
-    resumed.fit(progress=False)
+    resumed = interrupted_and_resumed(
+        lambda **resume: build_trainer(config, tmp_path / "b", data_dir=omniglot_data_dir, **resume))
     final, expected = resumed.learner.state_dict(), straight.learner.state_dict()
     assert {"memory_keys", "memory_values", "memory_ages", "age_noise_state"} <= set(final)
     for name, value in expected.items():

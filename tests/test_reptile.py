@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from checkpoints import interrupted_and_resumed
 from metalearn.algorithms import METHODS
 from metalearn.algorithms.reptile import PREDICT_ORDER_SEED, Reptile, adam_init, adam_step, minibatch_indices
 from metalearn.api import evaluate_run, resolve_config, train
@@ -495,20 +496,7 @@ def test_resume_continues_exactly(tmp_path, inner):
     straight = build_trainer(config, tmp_path / "a")
     straight.fit(progress=False)
 
-    interrupted = build_trainer(config, tmp_path / "b")
-    meta_loss = interrupted.learner.meta_loss
-
-    def stop_after_two(batch):  # killed during step 3: the checkpoint of step 2 is kept
-        if interrupted.step == 2:
-            raise KeyboardInterrupt
-        return meta_loss(batch)
-
-    interrupted.learner.meta_loss = stop_after_two
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.fit(progress=False)
-    resumed = build_trainer(config, tmp_path / "b", resume=True)
-    assert resumed.step == 2
-    resumed.fit(progress=False)
+    resumed = interrupted_and_resumed(lambda **resume: build_trainer(config, tmp_path / "b", **resume))
     final = resumed.learner.state_dict()
     assert final.keys() == straight.learner.state_dict().keys()
     assert any(name.startswith("carried_adam.") for name in final) == bool(inner)

@@ -85,22 +85,34 @@ def main():
     p.add_argument("--metalearn-src", required=True, help="metalearn's src folder (for its Conv4)")
     p.add_argument("--network", choices=("conv4", "conv4-mamlpp"), default="conv4",
                    help="metalearn's network by name (conv4-mamlpp: MAML++'s max-pooling Conv4)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--gpu-kernels", choices=("reproducible", "fast"), default="reproducible",
+                   help="as maml_step.py's: reproducible sets what metalearn runs on a GPU")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
 
     data = torch.load(args.inputs, weights_only=True)
     sys.path.insert(0, args.metalearn_src)
     from metalearn.models import build_model
+
+    if device.type == "cuda" and args.gpu_kernels == "reproducible":
+        from metalearn.runtime import configure_gpu_kernels
+
+        configure_gpu_kernels()
 
     model = build_model(args.network, (1, 28, 28), args.ways)
     source = f"metalearn.models.build_model({args.network!r}) from {args.metalearn_src}"
     if args.model == "native":
         source += f", {with_native_batch_norm(model)} BatchStatNorm replaced by nn.BatchNorm2d"
     model.load_state_dict(data.pop("state_dict"), strict=True)
+    model.to(device)
+    data = {k: v.to(device) for k, v in data.items()}
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     # float32 (timed) and a float64 copy (for the exact agreement check), same weights and tasks
     model64 = copy.deepcopy(model).double()
     data64 = {k: v.double() if v.is_floating_point() else v for k, v in data.items()}
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     steps = {(order, dtype): l2l_step(l2l.algorithms.MAML(net, lr=args.inner_lr, first_order=(order == "first")),
                                       tensors, args.inner_steps)
              for order in ("second", "first")
@@ -120,7 +132,7 @@ def main():
         net.zero_grad(set_to_none=True)
         if request["cmd"] == "grads":
             step()
-            torch.save({n: q.grad.detach().clone() for n, q in net.named_parameters()}, request["path"])
+            torch.save({n: q.grad.detach().cpu() for n, q in net.named_parameters()}, request["path"])
             reply({"ok": True})
         elif request["cmd"] == "convs":
             from _conv_calls import record  # beside this script, on sys.path[0]
@@ -131,8 +143,10 @@ def main():
             reply({"ok": True})
         elif request["cmd"] == "step":
             clock = time.process_time if request.get("clock") == "cpu" else time.perf_counter
+            synchronize()  # on a GPU: from an idle device to the step's last kernel, as maml_step.py
             start = clock()
             step()
+            synchronize()
             reply({"ms": (clock() - start) * 1e3})
         else:
             raise ValueError(f"unknown command {request!r}")

@@ -7,6 +7,12 @@ site-packages go at the end of ``sys.path``, so this interpreter's torch wins; i
 built for the other torch, cannot load here, and learn2learn imports it (and gym) only for its
 datasets and environments, so those packages are replaced by empty stand-ins: the MAML wrapper
 needs torch alone.
+
+PEER_SITE_PACKAGES may also be a folder holding learn2learn's bare source (the ``learn2learn``
+folder of its sdist, ``pip download --no-deps learn2learn==0.2.0``), so that it runs where it
+cannot be installed or built (a GPU machine without internet, another Python): its
+``data``, ``vision``, ``text``, ``gym`` and ``algorithms.lightning`` subpackages (Cython
+extensions, dataset and Lightning code the MAML wrapper does not use) are stand-ins too. ``scripts/gpu-l2l.sh`` does this.
 """
 
 from __future__ import annotations
@@ -17,14 +23,17 @@ import runpy
 import sys
 from unittest import mock
 
-STUBBED = ("torchvision", "torchaudio", "torchtext", "gym")
+STUBBED = ("torchvision", "torchaudio", "torchtext", "gym",
+           "learn2learn.data", "learn2learn.vision", "learn2learn.text", "learn2learn.gym",
+           "learn2learn.algorithms.lightning")  # its PyTorch Lightning modules: unused, and 0.2.0's
+                                                # import of a newer pytorch_lightning is untried
 
 
 class StandIns(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Imports of the STUBBED packages (and their submodules) give empty mock modules."""
 
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in STUBBED:
+        if any(name == stub or name.startswith(stub + ".") for stub in STUBBED):
             return importlib.machinery.ModuleSpec(name, self, is_package=True)
         return None
 

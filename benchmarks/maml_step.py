@@ -28,6 +28,9 @@ first-order; ``--ways`` etc. time one configuration of your own. Rows:
                      ``Conv4.forward_tasks`` saves.
   (h) metalearn, task-batched path -- (a) forced onto ``Conv4.forward_tasks`` also at second
                      order over several tasks, where MAML keeps vmap (``--extra-rows batched``).
+  (i) metalearn, CUDA graph -- (a) captured once in a CUDA graph and replayed: what removing
+                     the launches saves (``--extra-rows graph``, GPU only; a capture that fails
+                     is reported and the row left out).
 
 ``--clock cpu`` times each step's CPU time (``time.process_time``, in the peer too) instead of
 the elapsed time: less sensitive to other processes on a shared machine (with ``--threads 1``).
@@ -46,8 +49,10 @@ one's float32 error against that is printed too.
     python benchmarks/maml_step.py --iters 20 --peer-python /work/peer-venv/bin/python \
         --json benchmarks/results/maml_step_2threads.json
 
-``--device cuda`` times rows (a), (b) and (d) on a GPU (learn2learn stays on the CPU), each step
-from an idle device to its last finished kernel.
+``--device cuda`` times the rows on a GPU, learn2learn's on the same device, each step from an
+idle device to its last finished kernel. Where learn2learn cannot be installed (a GPU machine
+without internet), ``--peer-on-project-torch DIR`` runs it from its bare source in DIR
+(``scripts/gpu-l2l.sh``).
 
 ``--mamlpp`` adds a row (e), timed in the same rounds: metalearn's MAML with every MAML++ part
 that changes a meta-step (learned per-step step sizes, the multi-step loss, per-step batch-norm
@@ -234,6 +239,39 @@ def loop_step(model: nn.Module, batch: TaskBatch, first_order: bool, inner_lr: f
     return step
 
 
+GRAPH_ROW = "metalearn (whole batch), CUDA graph"
+
+
+def graphed_step(step: Callable[[], None], model: nn.Module, warmup: int = 3) -> Callable[[], None]:
+    """(i) ``step`` (row (a)) captured once in a CUDA graph, then replayed: the same kernels
+    without Python, the dispatcher and the kernel launches between them, which is what the
+    step would gain if it is launch-bound (``--extra-rows graph``, GPU only). The batch is fixed,
+    so the captured step is the whole computation. Warm-up runs on a side stream before the
+    capture, as ``torch.cuda.graph`` asks. The gradients are the graph's own tensors: each
+    replay rewrites them and sets them as the parameters' ``.grad`` again (the timing loop sets
+    ``.grad`` to None between steps). Raises what the capture raises, e.g. for an operation
+    that waits for the host."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            model.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    model.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+
+    def replay():
+        graph.replay()
+        for name, p in model.named_parameters():
+            p.grad = grads[name]
+
+    return replay
+
+
 def limit_step(model: nn.Module, batch: TaskBatch) -> Callable[[], None]:
     """(d) no adaptation: one forward + backward of all the batch's images, shared weights."""
     image_shape = batch.support_x.shape[2:]
@@ -381,10 +419,10 @@ class Peer:
                  threads: int, workdir: Path):
         self.workdir, self.name = workdir, peer_model
         inputs = workdir / f"inputs-{peer_model}.pt"
-        torch.save({
-            "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "support_x": batch.support_x, "support_y": batch.support_y,
-            "query_x": batch.query_x, "query_y": batch.query_y,
+        torch.save({  # on the CPU: the peer moves them to --device itself
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "support_x": batch.support_x.cpu(), "support_y": batch.support_y.cpu(),
+            "query_x": batch.query_x.cpu(), "query_y": batch.query_y.cpu(),
         }, inputs)
         launcher = [peer_python] if not args.peer_on_project_torch else [
             sys.executable, str(HERE / "_peer_on_project_torch.py"), args.peer_on_project_torch]
@@ -393,6 +431,7 @@ class Peer:
             "--inner-lr", str(args.inner_lr), "--inner-steps", str(args.inner_steps),
             "--threads", str(threads), "--model", peer_model, "--network", args.network,
             "--metalearn-src", str(Path(metalearn.__file__).resolve().parents[1]),
+            "--device", args.device, "--gpu-kernels", args.gpu_kernels,
         ]
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
         if args.tuned_allocator:  # glibc reads these at start-up: the same setting as tune_allocator()
@@ -463,9 +502,10 @@ def check_gradients(model: nn.Module, batch: TaskBatch, impls: dict, peers: dict
         reference = meta_gradient(model64, builders64["metalearn (whole batch)"](fo))
         grads64 = {"loop (autograd.grad)": meta_gradient(model64, builders64["loop (autograd.grad)"](fo))}
         grads32 = {name: meta_gradient(model, build(fo)) for name, build in impls.items()}
+        device = next(model.parameters()).device  # the peer's come back on the CPU
         for peer_model, peer in peers.items():
-            grads64[PEER_ROWS[peer_model]] = peer.meta_gradient(order, "float64")
-            grads32[PEER_ROWS[peer_model]] = peer.meta_gradient(order, "float32")
+            grads64[PEER_ROWS[peer_model]] = {k: v.to(device) for k, v in peer.meta_gradient(order, "float64").items()}
+            grads32[PEER_ROWS[peer_model]] = {k: v.to(device) for k, v in peer.meta_gradient(order, "float32").items()}
         for name, grads in grads64.items():
             checks[f"{name} vs metalearn, {order} order"] = relative_difference(reference, grads)
         for name, grads in grads32.items():
@@ -560,7 +600,7 @@ def parse_args(argv=None):
                         "less sensitive to other processes on the machine (use with --threads 1)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N; the learn2learn rows run on the CPU only")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the learn2learn rows too)")
     p.add_argument("--gpu-kernels", choices=("reproducible", "fast"), default="reproducible",
                    help="reproducible: what metalearn runs (full float32, deterministic cuDNN); fast: torch's "
                         "defaults (TF32 convolutions, any cuDNN method)")
@@ -587,8 +627,6 @@ def parse_args(argv=None):
         p.error(f"unknown order(s) {bad}; use second and/or first")
     if args.peer_on_project_torch:
         args.peer_python = args.peer_python or sys.executable  # rows and messages name the peer by it
-    if args.device != "cpu" and args.peer_python:
-        p.error("--peer-python times learn2learn on the CPU: compare on --device cpu")
     return args
 
 
@@ -669,6 +707,17 @@ def run_config(args) -> dict:
                 if "vmap" in args.extra_rows:
                     steps[(VMAP_ROW, order)] = metalearn_step(model, batch, ORDERS[order], args.inner_lr,
                                                               args.inner_steps, vmap_path=True)
+                if "graph" in args.extra_rows and device.type == "cuda":
+                    try:
+                        replay = graphed_step(impls["metalearn (whole batch)"](ORDERS[order]), model)
+                        eager = meta_gradient(model, impls["metalearn (whole batch)"](ORDERS[order]))
+                        difference = relative_difference(eager, meta_gradient(model, replay))
+                        print(f"CUDA graph of row (a), {order} order: meta-gradient against the eager "
+                              f"step's, max|diff| / max|grad| {difference:.1e}")
+                        steps[(GRAPH_ROW, order)] = replay
+                    except Exception as err:  # reported, not fatal: the other rows are still timed
+                        print(f"CUDA graph of row (a), {order} order: capture failed: "
+                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
                 if "chunk1" in args.extra_rows:
                     steps[(CHUNK1_ROW, order)] = chunked_step(model, batch, ORDERS[order], args.inner_lr,
                                                               args.inner_steps, 1)

@@ -457,42 +457,36 @@ def test_cheetah_steps_as_gymnasium_does_to_the_bit(threads, monkeypatch):
     pytest.importorskip("gymnasium")
     import numpy as np
 
-    from metalearn.envs.cheetah import HalfCheetah
-
     from metalearn.envs import cheetah
 
-    monkeypatch.setattr(HalfCheetah, "envs_per_thread", 2)
+    monkeypatch.setattr(cheetah.HalfCheetah, "envs_per_thread", 2)
     pool, sizes = cheetah.ThreadPoolExecutor(3), []
     monkeypatch.setattr(cheetah, "_threads", lambda count: sizes.append(count) or pool)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        _step_against_gymnasium(HalfCheetah, np)
-    finally:
-        torch.set_num_threads(before)
-        pool.shutdown()
-    assert set(sizes) == ({3} if threads == 3 else set())
-
-
-def _step_against_gymnasium(HalfCheetah, np):
-    env, reference = HalfCheetah("direction"), HalfCheetah("direction")
+    env, reference = cheetah.HalfCheetah("direction"), cheetah.HalfCheetah("direction")
     params = {"direction": torch.tensor([1.0, -1.0])}
     seeds = torch.tensor([[3, 4, 5], [6, 7, 8]])
     state, obs = env.reset(params, 3, seeds)
     twins = reference.reset(params, 3, seeds)[0]["envs"]
     generator = torch.Generator().manual_seed(0)
-    for _ in range(env.horizon):
-        action = torch.randn(2, 3, 6, generator=generator, dtype=torch.float64) * 1.5
-        state, obs, reward, _ = env.step(state, action)
-        expected_obs, expected_velocity = [], []
-        for twin, a in zip(twins, action.clamp(-1, 1).reshape(6, 6).numpy()):
-            observation, _, _, _, info = twin.step(a)
-            expected_obs.append(observation)
-            expected_velocity.append(info["x_velocity"])
-        assert torch.equal(obs.reshape(6, 17), torch.as_tensor(np.stack(expected_obs)))
-        velocity = torch.tensor(expected_velocity, dtype=torch.float64).view(2, 3)
-        control = 0.05 * action.clamp(-1, 1).square().sum(-1)
-        assert torch.equal(reward, params["direction"][:, None].double() * velocity - control)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(env.horizon):
+            action = torch.randn(2, 3, 6, generator=generator, dtype=torch.float64) * 1.5
+            state, obs, reward, _ = env.step(state, action)
+            expected_obs, expected_velocity = [], []
+            for twin, a in zip(twins, action.clamp(-1, 1).reshape(6, 6).numpy()):
+                observation, _, _, _, info = twin.step(a)
+                expected_obs.append(observation)
+                expected_velocity.append(info["x_velocity"])
+            assert torch.equal(obs.reshape(6, 17), torch.as_tensor(np.stack(expected_obs)))
+            velocity = torch.tensor(expected_velocity, dtype=torch.float64).view(2, 3)
+            control = 0.05 * action.clamp(-1, 1).square().sum(-1)
+            assert torch.equal(reward, params["direction"][:, None].double() * velocity - control)
+    finally:
+        torch.set_num_threads(before)
+        pool.shutdown()
+    assert set(sizes) == ({3} if threads == 3 else set())
 
 
 def test_cheetah_meta_step_runs_through_the_trainer(tmp_path, capsys):

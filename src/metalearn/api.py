@@ -529,8 +529,9 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     since ``metrics.jsonl`` changed), ``last`` (the last logged training record),
     ``seconds_left`` (the remaining steps at the recent rate: the median of the last
     :data:`RATE_WINDOWS` logged windows' tasks per second, so that one window slowed by a pause
-    or a busy machine does not skew it; validation not counted; None when done or unknown), ``validation`` (the latest and the best record, by the method's
-    metric) and ``evaluations`` (each file's mean, interval, episodes and step)."""
+    or a busy machine does not skew it; validation not counted; None when done or unknown),
+    ``validation`` (the latest and the best record, by the method's metric) and
+    ``evaluations`` (each file's mean, interval, episodes and step)."""
     import socket
     import time
 

@@ -5,12 +5,15 @@
 #      step's wall time (benchmarks/maml_gpu_profile.py, 5w1s and 20w1s, both orders);
 #   2. metalearn against learn2learn 0.2.0 on the same GPU and batch, with row (a) also captured
 #      in a CUDA graph (benchmarks/maml_step.py --extra-rows graph,chunk1), torch's fast kernels;
-#   3. the full 5-way 1-shot protocol's pace: `metalearn train maml` on Omniglot for 120 s of
+#   3. the full 5-way 1-shot protocol's pace: `metalearn train maml` on Omniglot for 110 s of
 #      its 60,000 steps (--time-limit), validation included, from which the full run's time follows;
-#   4. the Neural Statistician's pace (#23): 60 s of `metalearn train statistician` at its
+#   4. the Neural Statistician's pace (#23): 50 s of `metalearn train statistician` at its
 #      defaults (30 sets a step), from which the time of the published training length follows.
 #
-# Run from the repository root:   scripts/gpu-vs-learn2learn.sh OMNIGLOT_DIR L2L_SOURCE OUT_DIR
+# Each part has its own timeout, together under 10 minutes (the device tool's limit for one
+# command: give it timeout_s 590). Run from the repository root:
+#
+#     scripts/gpu-vs-learn2learn.sh OMNIGLOT_DIR L2L_SOURCE OUT_DIR
 #
 # OMNIGLOT_DIR holds the two official archives; L2L_SOURCE holds learn2learn's bare source (the
 # `learn2learn` folder of its sdist), which runs on the machine's own torch through
@@ -35,19 +38,19 @@ status=0
 python3 -c "from metalearn.data.omniglot import load_omniglot; print('omniglot', load_omniglot().images.shape)" \
     > "$out/train.log" 2>&1 &
 prepare=$!
-timeout 120 python3 benchmarks/maml_gpu_profile.py --device cuda --configs 5w1s,20w1s --gpu-kernels fast \
+timeout 90 python3 benchmarks/maml_gpu_profile.py --device cuda --configs 5w1s,20w1s --gpu-kernels fast \
     --json "$out/maml_gpu_profile.json" 2>&1 | grep -v "^USDT" | tee "$out/profile.log" || status=1
 timeout 240 python3 benchmarks/maml_step.py --device cuda --gpu-kernels fast --configs 5w1s,20w1s \
-    --peer-on-project-torch "$l2l" --extra-rows graph,chunk1 --iters 20 \
+    --peer-on-project-torch "$l2l" --extra-rows graph,chunk1 --iters 10 \
     --json "$out/maml_step_cuda_l2l.json" 2>&1 | tee "$out/maml_step.log" || status=1
 wait $prepare || status=1
-timeout 170 python3 -m metalearn train maml --dataset omniglot --ways 5 --shots 1 --device cuda \
-    --time-limit 120 --no-progress --run-dir /tmp/maml-5w1s-gpu >> "$out/train.log" 2>&1
+timeout 150 python3 -m metalearn train maml --dataset omniglot --ways 5 --shots 1 --device cuda \
+    --time-limit 110 --no-progress --run-dir /tmp/maml-5w1s-gpu >> "$out/train.log" 2>&1
 code=$?
 [ $code -eq 75 ] || { echo "maml train exited with $code (75 expected: stopped at its time limit)"; status=1; }
 cp /tmp/maml-5w1s-gpu/metrics.jsonl "$out/train_metrics.jsonl" || status=1
-timeout 110 python3 -m metalearn train statistician --dataset omniglot --split vinyals --ways 5 --shots 5 \
-    --query 1 --test-shots 1 --test-query 5 --device cuda --time-limit 60 --val-every 0 --log-every 10 \
+timeout 90 python3 -m metalearn train statistician --dataset omniglot --split vinyals --ways 5 --shots 5 \
+    --query 1 --test-shots 1 --test-query 5 --device cuda --time-limit 50 --val-every 0 --log-every 10 \
     --no-progress --run-dir /tmp/statistician-gpu >> "$out/train.log" 2>&1
 code=$?
 [ $code -eq 75 ] || { echo "statistician train exited with $code (75 expected)"; status=1; }

@@ -5,9 +5,9 @@
 #      step's wall time (benchmarks/maml_gpu_profile.py, 5w1s and 20w1s, both orders);
 #   2. metalearn against learn2learn 0.2.0 on the same GPU and batch, with row (a) also captured
 #      in a CUDA graph (benchmarks/maml_step.py --extra-rows graph,chunk1), torch's fast kernels;
-#   3. the full 5-way 1-shot protocol's pace: `metalearn train maml` on Omniglot for 110 s of
+#   3. the full 5-way 1-shot protocol's pace: `metalearn train maml` on Omniglot for 95 s of
 #      its 60,000 steps (--time-limit), validation included, from which the full run's time follows;
-#   4. the Neural Statistician's pace (#23): 50 s of `metalearn train statistician` at its
+#   4. the Neural Statistician's pace (#23): 40 s of `metalearn train statistician` at its
 #      defaults (30 sets a step), from which the time of the published training length follows.
 #
 # Each part has its own timeout, together under 10 minutes (the device tool's limit for one
@@ -18,7 +18,7 @@
 # OMNIGLOT_DIR holds the two official archives; L2L_SOURCE holds learn2learn's bare source (the
 # `learn2learn` folder of its sdist), which runs on the machine's own torch through
 # benchmarks/_peer_on_project_torch.py: nothing is installed there. Logs and JSON go to OUT_DIR
-# (8 files). Prepare the two folders inside the checkout, ignored by git, so that they travel:
+# (8 files, the most the device tool brings back). Prepare the two folders inside the checkout, ignored by git, so that they travel:
 #
 #   echo /.gpu/ >> .git/info/exclude && mkdir -p .gpu/omniglot
 #   cp ../shared/data/omniglot/*.zip .gpu/omniglot/
@@ -38,19 +38,23 @@ status=0
 python3 -c "from metalearn.data.omniglot import load_omniglot; print('omniglot', load_omniglot().images.shape)" \
     > "$out/train.log" 2>&1 &
 prepare=$!
-timeout 90 python3 benchmarks/maml_gpu_profile.py --device cuda --configs 5w1s,20w1s --gpu-kernels fast \
-    --json "$out/maml_gpu_profile.json" 2>&1 | grep -v "^USDT" | tee "$out/profile.log" || status=1
-timeout 240 python3 benchmarks/maml_step.py --device cuda --gpu-kernels fast --configs 5w1s,20w1s \
-    --peer-on-project-torch "$l2l" --extra-rows graph,chunk1 --iters 10 \
-    --json "$out/maml_step_cuda_l2l.json" 2>&1 | tee "$out/maml_step.log" || status=1
+timeout 75 python3 benchmarks/maml_gpu_profile.py --device cuda --configs 5w1s,20w1s --gpu-kernels fast \
+    --json "$out/maml_gpu_profile.json" 2>&1 | grep -v "^USDT" | tee "$out/maml_step.log" || status=1
+timeout 200 python3 benchmarks/maml_step.py --device cuda --gpu-kernels fast --configs 5w1s,20w1s \
+    --peer-on-project-torch "$l2l" --extra-rows chunk1 --iters 10 \
+    --json "$out/maml_step_cuda_l2l.json" 2>&1 | tee -a "$out/maml_step.log" || status=1
+# the CUDA graph in a process of its own: a capture that fails can leave the CUDA context unusable
+timeout 100 python3 benchmarks/maml_step.py --device cuda --gpu-kernels fast --configs 5w1s,20w1s \
+    --extra-rows graph --iters 5 --warmup 2 --json "$out/maml_step_cuda_graph.json" 2>&1 \
+    | tee -a "$out/maml_step.log" || status=1
 wait $prepare || status=1
-timeout 150 python3 -m metalearn train maml --dataset omniglot --ways 5 --shots 1 --device cuda \
-    --time-limit 110 --no-progress --run-dir /tmp/maml-5w1s-gpu >> "$out/train.log" 2>&1
+timeout 130 python3 -m metalearn train maml --dataset omniglot --ways 5 --shots 1 --device cuda \
+    --time-limit 95 --no-progress --run-dir /tmp/maml-5w1s-gpu >> "$out/train.log" 2>&1
 code=$?
 [ $code -eq 75 ] || { echo "maml train exited with $code (75 expected: stopped at its time limit)"; status=1; }
 cp /tmp/maml-5w1s-gpu/metrics.jsonl "$out/train_metrics.jsonl" || status=1
-timeout 90 python3 -m metalearn train statistician --dataset omniglot --split vinyals --ways 5 --shots 5 \
-    --query 1 --test-shots 1 --test-query 5 --device cuda --time-limit 50 --val-every 0 --log-every 10 \
+timeout 80 python3 -m metalearn train statistician --dataset omniglot --split vinyals --ways 5 --shots 5 \
+    --query 1 --test-shots 1 --test-query 5 --device cuda --time-limit 40 --val-every 0 --log-every 10 \
     --no-progress --run-dir /tmp/statistician-gpu >> "$out/train.log" 2>&1
 code=$?
 [ $code -eq 75 ] || { echo "statistician train exited with $code (75 expected)"; status=1; }

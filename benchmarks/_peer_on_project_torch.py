@@ -12,7 +12,8 @@ PEER_SITE_PACKAGES may also be a folder holding learn2learn's bare source (the `
 folder of its sdist, ``pip download --no-deps learn2learn==0.2.0``), so that it runs where it
 cannot be installed or built (a GPU machine without internet, another Python): its
 ``data``, ``vision``, ``text``, ``gym`` and ``algorithms.lightning`` subpackages (Cython
-extensions, dataset and Lightning code the MAML wrapper does not use) are stand-ins too. ``scripts/gpu-l2l.sh`` does this.
+extensions, dataset and Lightning code the MAML wrapper does not use) are stand-ins too.
+``scripts/gpu-vs-learn2learn.sh`` does this.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ one's float32 error against that is printed too.
 ``--device cuda`` times the rows on a GPU, learn2learn's on the same device, each step from an
 idle device to its last finished kernel. Where learn2learn cannot be installed (a GPU machine
 without internet), ``--peer-on-project-torch DIR`` runs it from its bare source in DIR
-(``scripts/gpu-l2l.sh``).
+(``scripts/gpu-vs-learn2learn.sh``).
 
 ``--mamlpp`` adds a row (e), timed in the same rounds: metalearn's MAML with every MAML++ part
 that changes a meta-step (learned per-step step sizes, the multi-step loss, per-step batch-norm

@@ -680,13 +680,28 @@ def test_status_says_where_runs_stand_without_touching_them(tmp_path, capsys, mo
     paused = json.loads(run(["status", stopped, "--json"], capsys)[1])[0]
     assert paused["last"]["step"] == last["step"] + 3
     assert paused["seconds_left"] < (100 - last["step"]) * 2 / min(rates)
+    assert not paused["validation_counted"] and "(validation not counted)" in out
+    # with validation every 2 steps, the validations still to come at their recent median length
+    validating = root / "validating"
+    assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 100, "--meta-batch-size", 2, "--val-every", 2,
+                "--val-episodes", 2, "--log-every", 1, "--time-limit", 60, "--run-dir", validating, "--no-progress"],
+               capsys)[0] == 75
+    state = json.loads(run(["status", validating, "--json"], capsys)[1])[0]
+    records = RunDir(validating).read_metrics()
+    rates = [r["tasks_per_s"] for r in records if "loss" in r]
+    lengths = [r["validation_s"] for r in records if "val_mse" in r]
+    at = max(r["step"] for r in records if "loss" in r)
+    assert lengths and state["validation_counted"]
+    assert state["seconds_left"] == pytest.approx(
+        (100 - at) * 2 / statistics.median(rates) + (50 - at // 2) * statistics.median(lengths))
+    assert "(validation included)" in run(["status", validating], capsys)[1]
     (root / "damaged").mkdir()
     (root / "damaged" / "config.json").write_text("{not json")
     monkeypatch.setenv("METALEARN_RUNS", str(root))
     code, out, _ = run(["status"], capsys)
     assert code == 0
     assert [line.split(":")[0] for line in out.splitlines() if not line.startswith(" ")] == \
-        [str(root / "damaged"), str(done), str(stopped)]
+        [str(root / "damaged"), str(done), str(stopped), str(validating)]
     assert f"{root / 'damaged'}: error: " in out and "is not valid JSON" in out
     code, _, err = run(["status", tmp_path], capsys)
     assert code == 2 and "is not a metalearn run directory" in err and len(err.strip().splitlines()) == 1

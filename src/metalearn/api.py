@@ -529,7 +529,8 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     since ``metrics.jsonl`` changed), ``last`` (the last logged training record),
     ``seconds_left`` (the remaining steps at the recent rate: the median of the last
     :data:`RATE_WINDOWS` logged windows' tasks per second, so that one window slowed by a pause
-    or a busy machine does not skew it; validation not counted; None when done or unknown),
+    or a busy machine does not skew it; plus the remaining validations at the median length of
+    the recent ones where the run logs it, ``validation_counted``; None when done or unknown),
     ``validation`` (the latest and the best record, by the method's metric) and
     ``evaluations`` (each file's mean, interval, episodes and step)."""
     import socket
@@ -575,10 +576,16 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     # the time the remaining steps take at the recent rate (steps alone: no validation)
     rates = [r["tasks_per_s"] for r in records if "loss" in r and isinstance(r.get("tasks_per_s"), (int, float))
              and r["tasks_per_s"] > 0][-RATE_WINDOWS:]
-    left = status["steps"] - max(status["step"], last["step"] if last is not None else 0)
+    at = max(status["step"], last["step"] if last is not None else 0)
+    left = status["steps"] - at
     status["seconds_left"] = (left * config.train.meta_batch_size / statistics.median(rates)
                               if rates and left > 0 else None)
     validation = [r for r in records if any(k.startswith("val_") and k != "val_ci95" for k in r)]
+    lengths = [r["validation_s"] for r in validation if isinstance(r.get("validation_s"), (int, float))]
+    every = config.train.val_every
+    status["validation_counted"] = bool(status["seconds_left"] is not None and lengths and every > 0)
+    if status["validation_counted"]:  # one after every multiple of val_every still to come
+        status["seconds_left"] += (status["steps"] // every - at // every) * statistics.median(lengths[-RATE_WINDOWS:])
     best = None
     if validation:
         name = next(k for k in validation[-1] if k.startswith("val_") and k != "val_ci95")

@@ -513,8 +513,9 @@ def format_status(status: dict) -> str:
         lines.append(f"  last logged (step {last['step']}): {values}")
     if status["seconds_left"] is not None and state != "complete":
         hours, rest = divmod(int(status["seconds_left"]), 3600)
+        counted = "included" if status["validation_counted"] else "not counted"
         lines.append(f"  the remaining {status['steps'] - at} steps: about {hours} h {rest // 60} min at the recent "
-                     "rate (validation not counted)")
+                     f"rate (validation {counted})")
     latest, best = status["validation"]["latest"], status["validation"]["best"]
     if latest is not None:
         name = next(k for k in latest if k.startswith("val_") and k != "val_ci95")

@@ -407,11 +407,15 @@ class Trainer:
         return bool(self.world.sum(torch.tensor(float(asked), device=self.world.device)) > 0)
 
     def validate(self) -> dict[str, Any]:
+        """Score the validation episodes; the record also holds ``validation_s``, the seconds
+        they took (``metalearn status`` counts them into the time a run has left)."""
+        start = time.perf_counter()
         result = evaluate(self.learner, self.val_tasks, self.config.train.val_episodes,  # final score only
                           seed=self.config.train.seed + VALIDATION_SEED_OFFSET, world=self.world, per_step=False)
         if self.world.is_main:
             self.run_dir.append_metrics({"step": self.step, f"val_{result['metric']}": result["mean"],
-                                         "val_ci95": result["ci95"], "elapsed_s": round(self.elapsed_s, 2)})
+                                         "val_ci95": result["ci95"], "elapsed_s": round(self.elapsed_s, 2),
+                                         "validation_s": round(time.perf_counter() - start, 3)})
             if self.config.train.keep_best:
                 self.run_dir.keep_best(self.state(), result["mean"], self.config.train.keep_best,
                                        higher_is_better=HIGHER_IS_BETTER[result["metric"]])

@@ -695,6 +695,21 @@ def test_learning_curves_show_a_run_of_a_single_record(tmp_path):
     assert int(((pixels - line_colour).abs().sum(dim=1) < 30).sum()) > 5
 
 
+def test_learning_curves_draw_metrics_not_the_timing_of_validation(tmp_path):
+    """A validation record's validation_s (seconds, for metalearn status) gets no panel: the
+    figure, one panel per series, is as wide with it as without it."""
+    from PIL import Image
+
+    from metalearn.plotting import plot_learning_curves
+
+    records = [{"step": 1, "loss": 1.5}, {"step": 2, "loss": 1.2},
+               {"step": 2, "val_mse": 0.7, "val_ci95": 0.1, "elapsed_s": 3.0}]
+    plain = plot_learning_curves(records, tmp_path / "plain.png")
+    records[-1]["validation_s"] = 0.4
+    timed = plot_learning_curves(records, tmp_path / "timed.png")
+    assert Image.open(timed).size == Image.open(plain).size
+
+
 def test_learning_curves_leave_rare_spikes_off_the_axis_and_say_so():
     from metalearn.plotting import axis_limits
 

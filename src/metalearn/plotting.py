@@ -48,7 +48,8 @@ SERIES_LABELS = {  # metrics.jsonl key -> (factor, panel title)
     "kl": (1.0, "KL of the meta-update"),
 }
 # diagnostics kept in metrics.jsonl but not drawn
-UNDRAWN = ("step", "tasks_per_s", "val_ci95", "elapsed_s", "env_steps_per_s", "backtracks", "step_s")
+UNDRAWN = ("step", "tasks_per_s", "val_ci95", "elapsed_s", "env_steps_per_s", "backtracks", "step_s",
+           "validation_s")
 
 
 def axis_limits(values: list[float], spread: float = 5.0) -> tuple[float, float, int] | None:

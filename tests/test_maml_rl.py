@@ -480,6 +480,9 @@ def test_cheetah_steps_as_gymnasium_does_to_the_bit(threads, monkeypatch):
                 expected_obs.append(observation)
                 expected_velocity.append(info["x_velocity"])
             assert torch.equal(obs.reshape(6, 17), torch.as_tensor(np.stack(expected_obs)))
+            # the forward velocity that plots draw is the root's x velocity, qvel[0]
+            assert obs.reshape(6, 17)[:, cheetah.HalfCheetah.forward_velocity_index].tolist() == \
+                [twin.data.qvel[0] for twin in twins]
             velocity = torch.tensor(expected_velocity, dtype=torch.float64).view(2, 3)
             control = 0.05 * action.clamp(-1, 1).square().sum(-1)
             assert torch.equal(reward, params["direction"][:, None].double() * velocity - control)
@@ -498,6 +501,10 @@ def test_cheetah_meta_step_runs_through_the_trainer(tmp_path, capsys):
     assert "average return" in out
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["kl"] <= 0.01 and math.isfinite(record["return_adapted"])
+    code, _, err = run(["plot", tmp_path / "run"], capsys)
+    assert code == 0, err
+    for name in ("learning_curves.png", "returns_per_step.png", "velocities.png"):
+        assert (tmp_path / "run" / "plots" / name).stat().st_size > 0
 
 
 def test_task_chunk_is_refused_in_one_line(capsys):

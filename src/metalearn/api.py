@@ -360,9 +360,10 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
     written: ``metalearn eval`` owns eval.json). The initial weights' evaluation is stored as
     ``eval-weights=initial.json`` the first time and read from there after, so that the random
     row of the figure is kept with the run (and goes into ``metalearn export``'s summary). For
-    nav2d also the trajectories on three test goals before and after one step."""
+    nav2d also the trajectories on three test goals before and after one step, for the
+    half-cheetahs the forward velocity on four test tasks before and after one step."""
     from metalearn.algorithms import build_learner
-    from metalearn.plotting_rl import PAPER_RETURNS, plot_adaptation_curves, plot_navigation
+    from metalearn.plotting_rl import PAPER_RETURNS, plot_adaptation_curves, plot_navigation, plot_velocities
     from metalearn.tasks import build_task_source, problem_of
 
     _, learner, step = load_trained(run_dir)
@@ -409,13 +410,16 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
     plots = run.plots_dir
     paths = [plot_adaptation_curves(curves, plots / "returns_per_step.png",
                                     f"{config.task.dataset}: {episodes} test tasks, step {step}", paper)]
-    if getattr(source.env, "positions", False):
-        batch = source.sample(3, torch.Generator().manual_seed(TEST_SEED_OFFSET))
+    positions, velocity = getattr(source.env, "positions", False), getattr(source.env, "forward_velocity_index", None)
+    if positions or velocity is not None:
+        batch = source.sample(3 if positions else 4, torch.Generator().manual_seed(TEST_SEED_OFFSET))
         with torch.random.fork_rng():
             torch.manual_seed(0)
             before, after = learner.adapted_trajectories(batch, steps=1)
-        paths.append(plot_navigation(before, after, batch.params["goal"], plots / "trajectories.png",
-                                     f"{config.method}, step {step}: before and after one policy-gradient step"))
+        what = f"{config.method}, step {step}: before and after one policy-gradient step"
+        paths.append(plot_navigation(before, after, batch.params["goal"], plots / "trajectories.png", what)
+                     if positions else plot_velocities(before, after, batch.params, velocity, plots / "velocities.png",
+                                                       what))
     return paths
 
 

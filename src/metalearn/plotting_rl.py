@@ -1,6 +1,7 @@
 """Pictures of a reinforcement-learning run: the average return against the number of
 policy-gradient steps (MAML's Figure 5, with the pretrained and randomly initialised policies
-beside it), and for nav2d the trajectories before and after one step with the goal."""
+beside it); for nav2d the trajectories before and after one step with the goal, for the
+half-cheetahs the forward velocity over an episode before and after one step with the goal."""
 
 from __future__ import annotations
 
@@ -87,3 +88,35 @@ def _last_position(sampled, t: int, n: int, steps: int) -> torch.Tensor:
     speed = Nav2D.max_speed
     last = sampled.observations[t, n, steps - 1] + (speed * sampled.actions[t, n, steps - 1]).clamp(-speed, speed)
     return last[None]
+
+
+def plot_velocities(before, after, goals: dict[str, torch.Tensor], index: int, path: Path, title: str = "",
+                    shown: int = 5) -> Path:
+    """One panel per task: the forward velocity (observation ``index``) over an episode of the
+    policy before (blue, dashed) and after one policy-gradient step (red): ``shown`` trajectories
+    thin, the mean over all of them thick; the goal velocity as a gold line (``goals``
+    {"velocity": (tasks,)}) or the goal direction in the panel's title ({"direction": (tasks,)},
+    +1 forward, -1 backward). ``before``/``after``: :class:`~metalearn.envs.Trajectories`."""
+    plt = _pyplot()
+    name, values = next(iter(goals.items()))
+    tasks = values.shape[0]
+    fig, axes = plt.subplots(1, tasks, figsize=(3.4 * tasks, 3.0), squeeze=False, sharey=True)
+    for t, ax in enumerate(axes[0]):
+        for label, sampled, style, color in (("before the step", before, "--", "tab:blue"),
+                                             ("after one step", after, "-", "tab:red")):
+            velocity = sampled.observations[t, :, :, index]  # (trajectories, horizon)
+            for n in range(min(shown, velocity.shape[0])):
+                ax.plot(velocity[n], style, color=color, linewidth=0.6, alpha=0.35)
+            ax.plot(velocity.mean(0), style, color=color, linewidth=1.8, label=f"{label} (mean)")
+        if name == "velocity":
+            ax.axhline(float(values[t]), color="gold", linewidth=2.0, label="goal velocity")
+            ax.set_title(f"goal velocity {float(values[t]):.2f}", fontsize=8)
+        else:
+            ax.axhline(0.0, color="black", linewidth=0.6)
+            ax.set_title("goal: run forward" if float(values[t]) > 0 else "goal: run backward", fontsize=8)
+        ax.set_xlabel("time step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("forward velocity")
+    axes[0][0].legend(fontsize=6, loc="best")
+    fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path)

@@ -79,6 +79,7 @@ class HalfCheetah:
     horizon = 200
     control_cost = 0.05  # 0.1 * 0.5 |a|^2 in the authors' code
     positions = False
+    forward_velocity_index = 8  # in an observation (qpos[1:], qvel): qvel[0], the root's x velocity
     envs_per_thread = 16  # fewer environments than this per thread are stepped by one thread
 
     def __init__(self, goal: str = "velocity"):

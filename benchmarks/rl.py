@@ -60,6 +60,9 @@ def main() -> None:
     parser.add_argument("--cheetah-only", action="store_true", help="the half-cheetah timing alone")
     parser.add_argument("--cheetah-batch", default="4x10", metavar="TASKSxTRAJECTORIES",
                         help="environments of the half-cheetah timing (the paper's meta-batch: 40x20)")
+    parser.add_argument("--cheetah-meta-iteration", action="store_true",
+                        help="also time one whole cheetah-dir meta-iteration at the paper's settings (40 tasks x "
+                             "20 trajectories, TRPO): its sampling and the rest")
     parser.add_argument("--meta-iterations", type=int, default=0,
                         help="also time this many whole nav2d meta-iterations (paper's settings)")
     parser.add_argument("--peer-python", default=None,
@@ -136,6 +139,33 @@ def time_cheetah(args, result: dict) -> None:
 
     seconds = best_of(vector_rollout, args.repeats)
     result["cheetah_env_steps_per_s_sync_vector_env"] = tasks * trajectories * horizon / seconds
+    if args.cheetah_meta_iteration:
+        result["cheetah_meta_iteration"] = time_cheetah_meta_iteration()
+
+
+def time_cheetah_meta_iteration() -> dict:
+    """One meta-iteration of ``metalearn train maml-rl --env cheetah-dir`` at the paper's
+    settings (a meta-batch of 40 tasks, 20 trajectories each, one policy-gradient step, TRPO),
+    after an untimed one that makes the 800 environments: elapsed seconds, the sampling's share
+    (from the environment steps and their rate) and the rest (adaptation, TRPO)."""
+    from metalearn.algorithms.maml_rl import MAMLRL, GaussianMLPPolicy
+    from metalearn.envs import MDPTasks
+    from metalearn.envs.cheetah import HalfCheetah
+
+    torch.manual_seed(0)
+    learner = MAMLRL(GaussianMLPPolicy(17, 6), MAMLRL.Config())
+    tasks, generator = MDPTasks(HalfCheetah("direction")), torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(2):
+        batch = tasks.sample(40, generator)
+        start = time.perf_counter()
+        loss, metrics = learner.meta_loss(batch)
+        loss.backward()
+        times.append(time.perf_counter() - start)
+    env_steps = 2 * 40 * 20 * 200  # the policy's and the adapted policies' trajectories
+    sampling = env_steps / float(metrics["env_steps_per_s"])
+    return {"meta_iteration_s": times[-1], "sampling_s": sampling, "rest_s": times[-1] - sampling,
+            "env_steps_per_s_with_policy": float(metrics["env_steps_per_s"])}
 
 
 def time_meta_iterations(iterations: int) -> dict:

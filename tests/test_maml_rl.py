@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 import pytest
@@ -490,6 +491,38 @@ def test_cheetah_steps_as_gymnasium_does_to_the_bit(threads, monkeypatch):
         torch.set_num_threads(before)
         pool.shutdown()
     assert set(sizes) == ({3} if threads == 3 else set())
+
+
+def _step_cheetah_twice(env) -> None:
+    params = {"direction": torch.tensor([1.0, -1.0])}
+    state, _ = env.reset(params, 2, torch.tensor([[1, 2], [3, 4]]))
+    env.step(state, torch.zeros(2, 2, 6))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_process_steps_the_cheetahs_on_threads_of_its_own(monkeypatch):
+    """The stepping threads of a process do not exist in a child it forks; the child makes its
+    own instead of queueing work for threads that will never run it (it would hang)."""
+    pytest.importorskip("mujoco")
+    pytest.importorskip("gymnasium")
+    import multiprocessing
+
+    from metalearn.envs import cheetah
+
+    monkeypatch.setattr(cheetah.HalfCheetah, "envs_per_thread", 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        env = cheetah.HalfCheetah("direction")
+        _step_cheetah_twice(env)  # the pool of 2 threads exists now
+        child = multiprocessing.get_context("fork").Process(target=_step_cheetah_twice, args=(env,))
+        child.start()
+        child.join(60)
+        if child.exitcode is None:
+            child.kill()
+        assert child.exitcode == 0
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_cheetah_meta_step_runs_through_the_trainer(tmp_path, capsys):

@@ -24,6 +24,7 @@ The simulators are stepped by a Python loop over the meta-batch's tasks x trajec
 from __future__ import annotations
 
 import contextlib
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -62,6 +63,8 @@ def _model_warnings_dropped():
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+# a forked child has none of its parent's threads: it makes pools of its own
+os.register_at_fork(after_in_child=_POOLS.clear)
 
 
 def _threads(count: int) -> ThreadPoolExecutor:

@@ -26,36 +26,43 @@
 #   cp -r /tmp/l2l/learn2learn-0.2.0/learn2learn .gpu/
 #
 # then, on the device (carry [".gpu"]):  scripts/gpu-vs-learn2learn.sh .gpu/omniglot .gpu $OUT
+#
+# A dry run on a CPU machine checks the script itself, in about 3 minutes:
+#   DEVICE=cpu CONFIGS=5w1s ITERS=1 MAML_SECONDS=20 STATISTICIAN_SECONDS=40 \
+#       scripts/gpu-vs-learn2learn.sh ../shared/data/omniglot .gpu /tmp/gpu-dry-run
 set -u -o pipefail
+device=${DEVICE:-cuda}; configs=${CONFIGS:-5w1s,20w1s}; iters=${ITERS:-10}
+maml_seconds=${MAML_SECONDS:-95}; statistician_seconds=${STATISTICIAN_SECONDS:-40}
 omniglot=$(realpath "$1"); l2l=$(realpath "$2"); out=$(realpath "$3"); mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export METALEARN_DATA="$omniglot" METALEARN_CACHE="${METALEARN_CACHE:-/tmp/metalearn-cache}"
 status=0
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || echo "no nvidia-smi"
   python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
-  nproc; } 2>&1 | tee "$out/gpu.txt"
+  echo "cpus $(nproc --all)"; } 2>&1 | tee "$out/gpu.txt"
 # the Omniglot cache first, in the background: step 3 reads it
 python3 -c "from metalearn.data.omniglot import load_omniglot; print('omniglot', load_omniglot().images.shape)" \
     > "$out/train.log" 2>&1 &
 prepare=$!
-timeout 75 python3 benchmarks/maml_gpu_profile.py --device cuda --configs 5w1s,20w1s --gpu-kernels fast \
+timeout 75 python3 benchmarks/maml_gpu_profile.py --device "$device" --configs "$configs" --gpu-kernels fast \
     --json "$out/maml_gpu_profile.json" 2>&1 | grep -v "^USDT" | tee "$out/maml_step.log" || status=1
-timeout 200 python3 benchmarks/maml_step.py --device cuda --gpu-kernels fast --configs 5w1s,20w1s \
-    --peer-on-project-torch "$l2l" --extra-rows chunk1 --iters 10 \
+timeout 200 python3 benchmarks/maml_step.py --device "$device" --gpu-kernels fast --configs "$configs" \
+    --peer-on-project-torch "$l2l" --extra-rows chunk1 --iters "$iters" \
     --json "$out/maml_step_cuda_l2l.json" 2>&1 | tee -a "$out/maml_step.log" || status=1
 # the CUDA graph in a process of its own: a capture that fails can leave the CUDA context unusable
-timeout 100 python3 benchmarks/maml_step.py --device cuda --gpu-kernels fast --configs 5w1s,20w1s \
-    --extra-rows graph --iters 5 --warmup 2 --json "$out/maml_step_cuda_graph.json" 2>&1 \
-    | tee -a "$out/maml_step.log" || status=1
+timeout 100 python3 benchmarks/maml_step.py --device "$device" --gpu-kernels fast --configs "$configs" \
+    --extra-rows graph --iters "$(( iters < 5 ? iters : 5 ))" --warmup 2 \
+    --json "$out/maml_step_cuda_graph.json" 2>&1 | tee -a "$out/maml_step.log" || status=1
 wait $prepare || status=1
-timeout 130 python3 -m metalearn train maml --dataset omniglot --ways 5 --shots 1 --device cuda \
-    --time-limit 95 --no-progress --run-dir /tmp/maml-5w1s-gpu >> "$out/train.log" 2>&1
+rm -rf /tmp/maml-5w1s-gpu /tmp/statistician-gpu  # fresh runs, also when the script runs again
+timeout 130 python3 -m metalearn train maml --dataset omniglot --ways 5 --shots 1 --device "$device" \
+    --time-limit "$maml_seconds" --no-progress --run-dir /tmp/maml-5w1s-gpu >> "$out/train.log" 2>&1
 code=$?
 [ $code -eq 75 ] || { echo "maml train exited with $code (75 expected: stopped at its time limit)"; status=1; }
 cp /tmp/maml-5w1s-gpu/metrics.jsonl "$out/train_metrics.jsonl" || status=1
 timeout 80 python3 -m metalearn train statistician --dataset omniglot --split vinyals --ways 5 --shots 5 \
-    --query 1 --test-shots 1 --test-query 5 --device cuda --time-limit 40 --val-every 0 --log-every 10 \
-    --no-progress --run-dir /tmp/statistician-gpu >> "$out/train.log" 2>&1
+    --query 1 --test-shots 1 --test-query 5 --device "$device" --time-limit "$statistician_seconds" --val-every 0 \
+    --log-every 10 --no-progress --run-dir /tmp/statistician-gpu >> "$out/train.log" 2>&1
 code=$?
 [ $code -eq 75 ] || { echo "statistician train exited with $code (75 expected)"; status=1; }
 cp /tmp/statistician-gpu/metrics.jsonl "$out/statistician_metrics.jsonl" || status=1

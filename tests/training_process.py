@@ -61,7 +61,7 @@ def finish(process: subprocess.Popen, timeout_s: float = 300) -> tuple[int, str,
     return process.returncode, out, err
 
 
-TIMING = {"tasks_per_s", "elapsed_s"}
+TIMING = {"tasks_per_s", "elapsed_s", "validation_s"}
 
 
 def assert_same_state(a: Path, b: Path) -> None:

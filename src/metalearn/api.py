@@ -577,7 +577,7 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     status["last_write_s"] = (time.time() - run.metrics_path.stat().st_mtime) if run.metrics_path.is_file() else None
     records = run.read_metrics()
     status["last"] = last = next((r for r in reversed(records) if "loss" in r), None)
-    # the time the remaining steps take at the recent rate (steps alone: no validation)
+    # the time the remaining steps take at the recent rate (the validations are added below)
     rates = [r["tasks_per_s"] for r in records if "loss" in r and isinstance(r.get("tasks_per_s"), (int, float))
              and r["tasks_per_s"] > 0][-RATE_WINDOWS:]
     at = max(status["step"], last["step"] if last is not None else 0)

@@ -22,28 +22,18 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from maml_step import CONFIGS, ORDERS, make_batch, make_model, metalearn_step, select_gpu_kernels, synchronize  # noqa: E402
+from maml_step import (CONFIGS, ORDERS, make_batch, make_model, metalearn_step, select_gpu_kernels,  # noqa: E402
+                       synchronize, time_step)
 
 
 def profile_step(step, model, device: torch.device) -> dict:
-    for _ in range(5):
-        model.zero_grad(set_to_none=True)
-        step()
-    walls = []
-    for _ in range(10):
-        model.zero_grad(set_to_none=True)
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        walls.append((time.perf_counter() - start) * 1e3)
+    walls = time_step(step, model, iters=10, warmup=5)  # ms, each from an idle device to its last kernel
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     model.zero_grad(set_to_none=True)
     synchronize(device)

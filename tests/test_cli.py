@@ -189,8 +189,12 @@ def test_bad_episode_options(tmp_path, capsys, omniglot_data_dir, extra, message
 
 def test_unknown_dataset_lists_the_valid_ones(tmp_path, capsys):
     code, _, err = run(["train", "maml", "--dataset", "mnist", "--run-dir", tmp_path], capsys)
-    assert code == 2 and ("--dataset must be one of omniglot, folder, mini-imagenet, sinusoid, sine-or-line, nav2d, "
-                          "cheetah-vel, cheetah-dir, got 'mnist'") in err
+    assert code == 2 and ("--dataset must be one of omniglot, folder, mini-imagenet, sinusoid, sine-or-line, "
+                          "got 'mnist'") in err
+    # a reinforcement-learning method lists the environments, by the name its help gives them
+    code, _, err = run(["train", "maml-rl", "--env", "nav3d", "--run-dir", tmp_path], capsys)
+    assert code == 2 and err == ("error: --dataset must be an environment for maml-rl (--env nav2d, cheetah-vel, "
+                                 "cheetah-dir), got 'nav3d'\n"), err
 
 
 def test_missing_data_directory_says_where_to_put_the_archives(tmp_path, capsys):

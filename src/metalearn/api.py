@@ -61,7 +61,7 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
             if not differ:
                 raise
             raise configuration_conflict(f"the run in {resume_from}", differ) from None
-    dataset = get_dataset(task.get("dataset", cls.default_dataset or TaskConfig.dataset))  # an unknown name first
+    dataset = dataset_for(cls, task.get("dataset", cls.default_dataset or TaskConfig.dataset))  # an unknown name first
     task.setdefault("dataset", dataset.name)
     check_method_fits_dataset(cls, dataset)
     given = [name for name in dataset.inapplicable if task.get(name) is not None]
@@ -84,6 +84,18 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
         raise ConfigError("TrainConfig", "memory_budget", "applies only with `task_chunk` auto")
     warn_of_schedule(train_config)
     return RunConfig(method, task_config, dataclasses.asdict(method_options), train_config)
+
+
+def dataset_for(cls, name: str):
+    """The dataset ``name`` names; an unknown name is refused with the list of those ``cls`` can
+    learn (the environments, as ``--env``, for a reinforcement-learning method)."""
+    if name in DATASETS:
+        return DATASETS[name]
+    fitting = ", ".join(known for known, d in DATASETS.items() if d.reinforcement == cls.reinforcement)
+    if cls.reinforcement:
+        raise ConfigError("TaskConfig", "dataset", f"must be an environment for {cls.name} (--env {fitting}), "
+                                                   f"got {name!r}")
+    raise ConfigError("TaskConfig", "dataset", f"must be one of {fitting}, got {name!r}")
 
 
 def check_method_fits_dataset(cls, dataset) -> None:

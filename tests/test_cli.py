@@ -684,12 +684,14 @@ def test_status_says_where_runs_stand_without_touching_them(tmp_path, capsys, mo
     paused = json.loads(run(["status", stopped, "--json"], capsys)[1])[0]
     assert paused["last"]["step"] == last["step"] + 3
     assert paused["seconds_left"] < (100 - last["step"]) * 2 / min(rates)
-    assert not paused["validation_counted"] and "(validation not counted)" in out
+    assert not paused["validates"] and "(validation" not in out  # it never validates
+    assert paused["rate_changes"] == []
     # with validation every 2 steps, the validations still to come at their recent median length
     validating = root / "validating"
+    # (and first order for 50 steps: the second-order steps after them are named, not projected)
     assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 100, "--meta-batch-size", 2, "--val-every", 2,
-                "--val-episodes", 2, "--log-every", 1, "--time-limit", 60, "--run-dir", validating, "--no-progress"],
-               capsys)[0] == 75
+                "--val-episodes", 2, "--log-every", 1, "--time-limit", 60, "--run-dir", validating, "--no-progress",
+                "--first-order-steps", 50], capsys)[0] == 75
     state = json.loads(run(["status", validating, "--json"], capsys)[1])[0]
     records = RunDir(validating).read_metrics()
     rates = [r["tasks_per_s"] for r in records if "loss" in r]
@@ -698,7 +700,9 @@ def test_status_says_where_runs_stand_without_touching_them(tmp_path, capsys, mo
     assert lengths and state["validation_counted"]
     assert state["seconds_left"] == pytest.approx(
         (100 - at) * 2 / statistics.median(rates) + (50 - at // 2) * statistics.median(lengths))
-    assert "(validation included)" in run(["status", validating], capsys)[1]
+    assert state["rate_changes"] == [[50, "second-order meta-steps, slower than the first-order ones measured"]]
+    out = run(["status", validating], capsys)[1]
+    assert "(validation included)" in out and "  not in that estimate: from step 50 on, second-order meta-steps" in out
     (root / "damaged").mkdir()
     (root / "damaged" / "config.json").write_text("{not json")
     monkeypatch.setenv("METALEARN_RUNS", str(root))

@@ -513,9 +513,12 @@ def format_status(status: dict) -> str:
         lines.append(f"  last logged (step {last['step']}): {values}")
     if status["seconds_left"] is not None and state != "complete":
         hours, rest = divmod(int(status["seconds_left"]), 3600)
-        counted = "included" if status["validation_counted"] else "not counted"
+        counted = ("" if not status["validates"] else
+                   " (validation included)" if status["validation_counted"] else " (validation not counted)")
         lines.append(f"  the remaining {status['steps'] - at} steps: about {hours} h {rest // 60} min at the recent "
-                     f"rate (validation {counted})")
+                     f"rate{counted}")
+        for step, what in status["rate_changes"]:
+            lines.append(f"  not in that estimate: from step {step} on, {what}")
     latest, best = status["validation"]["latest"], status["validation"]["best"]
     if latest is not None:
         name = next(k for k in latest if k.startswith("val_") and k != "val_ci95")

@@ -99,6 +99,14 @@ class MetaLearner(nn.Module):
         Config and of TrainConfig, used where the user sets nothing."""
         return {}, {}
 
+    @classmethod
+    def rate_changes(cls, config: Any) -> list[tuple[int, str]]:
+        """Where this method's own schedule changes the cost of a meta-step over a run with Config
+        ``config``: ``[(step, what changes from that step on)]``, for ``metalearn status``, whose
+        time left projects the recent rate and cannot see such a change coming. The default:
+        none."""
+        return []
+
     def start_step(self, step: int) -> None:
         """Told by the trainer before each meta-step how many steps were taken so far, for a
         method whose loss follows a schedule over training (MAML++'s multi-step loss weights).

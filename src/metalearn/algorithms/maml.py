@@ -288,6 +288,12 @@ class MAML(MetaLearner):
             norm.update_running_statistics(k, mean, var, BN_MOMENTUM)
             offset += size
 
+    @classmethod
+    def rate_changes(cls, config: MAMLConfig) -> list[tuple[int, str]]:
+        if config.first_order or config.first_order_steps <= 0:
+            return []
+        return [(config.first_order_steps, "second-order meta-steps, slower than the first-order ones measured")]
+
     def first_order_now(self) -> bool:
         """Whether the meta-gradient of the current training step drops second derivatives:
         always with ``first_order``; with ``first_order_steps`` N, for meta-steps 0..N-1

@@ -1,5 +1,6 @@
 """The documentation runs: every ```python block of README.md and docs/ executes against the
-code as it is, and the site builds with ``mkdocs build --strict``.
+code as it is, every `metalearn` command its shell blocks show is one the command line takes,
+and the site builds with ``mkdocs build --strict``.
 
 The blocks of one page run in order in one namespace (a page may build on its earlier blocks),
 in a fresh working folder, with ``$METALEARN_RUNS`` pointing into it. A block opts out with an
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 import types
@@ -81,6 +83,115 @@ def test_python_examples_run(page, tmp_path, monkeypatch):
                                      f"{type(error).__name__}: {error}") from error
     finally:
         torch.set_num_threads(threads)
+
+
+# -- the commands of the shell blocks ----------------------------------------------------------
+
+SHELL_FENCES = {"", "bash", "console", "sh", "shell"}
+# what a command line may need that a test machine lacks: a run to continue or start from, the
+# user's own folder, a GPU; such commands are parsed (every option known, every value of its
+# type), not resolved
+NEEDS_MORE = ("--resume", "--init-from", "--data-dir", "--device")
+
+
+def shell_blocks(text: str) -> list[tuple[int, str]]:
+    """(line number, text) of every shell block (```bash, ```console, ```sh, ```shell or bare),
+    read fence by fence, so that the closing fence of another block never opens one."""
+    blocks, opened, lines = [], None, []
+    for number, line in enumerate(text.splitlines(), 1):
+        fence = re.match(r"\s*```(\S*)", line)
+        if fence is None:
+            lines.append(line)
+        elif opened is None:
+            opened, start, lines = fence.group(1), number + 1, []
+        else:
+            if opened in SHELL_FENCES:
+                blocks.append((start, "\n".join(lines)))
+            opened = None
+    return blocks
+
+
+def metalearn_commands(block: str) -> list[list[str]]:
+    """The arguments of every ``metalearn`` command in a shell block: continued lines joined,
+    ``$ `` prompts, ``VAR=value`` prefixes, ``nice``, comments and ``[optional ...]`` parts left
+    out, ``torchrun ... -m metalearn ARGS`` taken as ``metalearn ARGS``."""
+    commands = []
+    for line in block.replace("\\\n", " ").splitlines():
+        line = re.sub(r"\[[^\]]*\]", "", line.strip().removeprefix("$ "))
+        for part in re.split(r"&&|\|\||;|\|", line):
+            words = shlex.split(part, comments=True)
+            while words and re.fullmatch(r"[A-Za-z_]\w*=\S*", words[0]):
+                words = words[1:]
+            if words[:2] == ["nice", "-n"]:
+                words = words[3:]
+            if words[:1] == ["torchrun"] and "metalearn" in words:
+                words = words[words.index("metalearn"):]
+            if words[:1] == ["metalearn"]:
+                commands.append(words[1:])
+    return commands
+
+
+def test_shell_blocks_and_their_commands_are_found():
+    text = ("```python\nx = 1\n```\n```bash\nOMP_NUM_THREADS=1 metalearn train maml --ways 5 \\\n"
+            "    --run-dir runs/a  # comment\n$ metalearn eval RUN [--ensemble] && metalearn plot RUN\n"
+            "torchrun --standalone --nproc_per_node=2 -m metalearn train maml\n```\n")
+    [(line, block)] = shell_blocks(text)
+    assert line == 5 and metalearn_commands(block) == [
+        ["train", "maml", "--ways", "5", "--run-dir", "runs/a"], ["eval", "RUN"], ["plot", "RUN"], ["train", "maml"]]
+
+
+def parse_command_line(args: list[str]) -> None:
+    """Parse ``metalearn ARGS`` as click would, without running it: an unknown command or option,
+    a missing argument or a value of the wrong type raises click's UsageError."""
+    import click
+
+    from metalearn.cli import cli
+
+    command, context, name = cli, None, "metalearn"
+    while isinstance(command, click.Group):
+        context = click.Context(command, info_name=name, parent=context)
+        if not args:
+            raise click.UsageError(f"{name} needs a command", context)
+        name, args = args[0], args[1:]
+        command = command.get_command(context, name)
+        if command is None:
+            raise click.UsageError(f"no command {name!r}", context)
+    command.make_context(name, list(args), parent=context)
+
+
+def test_documented_commands_are_ones_the_command_line_takes(tmp_path, monkeypatch, capsys):
+    """Every `metalearn` command in README.md's and docs/'s shell blocks: `metalearn train ...`
+    resolves with --print-config (the options combine, the values are valid) where this machine
+    has what it needs, and every other command parses. A renamed option or a stale example
+    fails here, not in a reader's shell."""
+    from cli_runner import run
+
+    have_omniglot = omniglot_dir() is not None and omniglot_dir().is_dir()
+    monkeypatch.chdir(tmp_path)
+    if have_omniglot:
+        monkeypatch.setenv("METALEARN_DATA", str(omniglot_dir()))
+    found, resolved, failures = 0, 0, []
+    for page in pages():
+        for line, block in shell_blocks(page.read_text()):
+            for args in metalearn_commands(block):
+                found += 1
+                where = f"{page.relative_to(PROJECT)}:{line}: metalearn {' '.join(args)}"
+                named = [args[i + 1] for i, word in enumerate(args[:-1]) if word in ("--dataset", "--env")]
+                resolvable = (args[:1] == ["train"] and not any(flag in args for flag in NEEDS_MORE)
+                              and (have_omniglot or args[1:2] == ["maml-rl"] or named[-1:] not in ([], ["omniglot"])))
+                if resolvable:
+                    code, _, err = run([*args, "--print-config"], capsys)
+                    resolved += 1
+                    if code != 0:
+                        failures.append(f"{where}\n    {err.strip()}")
+                    continue
+                try:
+                    parse_command_line(args)
+                except Exception as error:  # click's UsageError, BadParameter, ...
+                    failures.append(f"{where}\n    {type(error).__name__}: {error}")
+    assert found >= 100 and resolved >= (40 if have_omniglot else 10), (found, resolved)
+    assert not failures, "\n".join(failures)
+    assert not any(tmp_path.iterdir())  # resolving wrote nothing
 
 
 def test_readme_test_command_is_what_ci_runs():

@@ -1,6 +1,7 @@
 """The documentation runs: every ```python block of README.md and docs/ executes against the
 code as it is, every `metalearn` command its shell blocks show is one the command line takes,
-and the site builds with ``mkdocs build --strict``.
+every `python benchmarks/...` or `python scripts/...` command it shows parses with that
+script's options, and the site builds with ``mkdocs build --strict``.
 
 The blocks of one page run in order in one namespace (a page may build on its earlier blocks),
 in a fresh working folder, with ``$METALEARN_RUNS`` pointing into it. A block opts out with an
@@ -13,8 +14,13 @@ HTML comment on the line just before its fence:
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
+import json
 import os
 import re
+import runpy
 import shlex
 import subprocess
 import sys
@@ -192,6 +198,107 @@ def test_documented_commands_are_ones_the_command_line_takes(tmp_path, monkeypat
     assert found >= 100 and resolved >= (40 if have_omniglot else 10), (found, resolved)
     assert not failures, "\n".join(failures)
     assert not any(tmp_path.iterdir())  # resolving wrote nothing
+
+
+# -- the benchmark and script commands ------------------------------------------------------
+
+SCRIPT_COMMAND = re.compile(r"(?:^|\s)python3?\s+((?:benchmarks|scripts)/[\w-]+\.py)\b(.*)")
+PLACEHOLDER_VALUE = re.compile(r"invalid \w+ value: '[A-Z][A-Z0-9_]*'")  # --threads T: the docs' placeholder
+
+
+def script_commands(text: str) -> list[tuple[str, list[str]]]:
+    """(script, arguments) of every ``python benchmarks/X.py ...`` or ``python scripts/X.py ...``
+    in a page's shell blocks and inline code (which may wrap across lines), comments and
+    ``[optional ...]`` parts left out."""
+    spans = [block for _, block in shell_blocks(text)]
+    prose = re.sub(r"^\s*```.*?^\s*```", "", text, flags=re.DOTALL | re.MULTILINE)
+    spans += [span.replace("\n", " ") for span in re.findall(r"`([^`]+)`", prose)]
+    commands = []
+    for span in spans:
+        for line in span.replace("\\\n", " ").splitlines():
+            found = SCRIPT_COMMAND.search(line)
+            if found:
+                rest = re.sub(r"\[[^\]]*\]", "", found.group(2))
+                commands.append((found.group(1), shlex.split(rest, comments=True)))
+    return commands
+
+
+class Parsed(Exception):
+    """Raised where a script's argument parser has accepted its command line."""
+
+
+def parse_script_commands(commands: list[tuple[str, list[str]]]) -> list[str]:
+    """Run each script as ``__main__`` up to its argument parsing, and stop there: a failure line
+    for each command whose options the script's parser refuses. Meant for a process of its
+    own (the scripts set threads and environment at import)."""
+    plain_parse_args, plain_parse_known_args = argparse.ArgumentParser.parse_args, \
+        argparse.ArgumentParser.parse_known_args
+    inside = []
+
+    def parse_args(self, args=None, namespace=None):
+        inside.append(self)
+        try:
+            plain_parse_args(self, args, namespace)
+        finally:
+            inside.pop()
+        raise Parsed
+
+    def parse_known_args(self, args=None, namespace=None):
+        result = plain_parse_known_args(self, args, namespace)
+        if not inside:
+            raise Parsed
+        return result
+
+    argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args = parse_args, parse_known_args
+    failures = []
+    for script, args in commands:
+        sys.argv = [script, *args]
+        sys.path.insert(0, str(PROJECT / Path(script).parent))
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                runpy.run_path(str(PROJECT / script), run_name="__main__")
+            failures.append(f"{script} {' '.join(args)}: ran without parsing arguments with argparse")
+        except Parsed:
+            pass
+        except SystemExit as exit:
+            if exit.code and not PLACEHOLDER_VALUE.search(err.getvalue()):
+                said = err.getvalue().strip().splitlines() or [f"exit status {exit.code}"]
+                failures.append(f"{script} {' '.join(args)}: {said[-1]}")
+        finally:
+            sys.path.pop(0)
+    return failures
+
+
+def test_documented_benchmark_and_script_commands_parse():
+    """Every `python benchmarks/...` and `python scripts/...` command of README.md and docs/
+    (the commands behind the docs' figures) is accepted by that script's parser, in a process
+    of its own; what the script then does is not run."""
+    commands = [(script, args) for page in pages() for script, args in script_commands(page.read_text())]
+    assert len(commands) >= 40 and all((PROJECT / script).is_file() for script, _ in commands), \
+        [script for script, _ in commands if not (PROJECT / script).is_file()]
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import test_docs; "
+            "print(json.dumps(test_docs.parse_script_commands(json.loads(sys.argv[2]))))")
+    done = subprocess.run([sys.executable, "-c", code, str(PROJECT / "tests"), json.dumps(commands)], cwd=PROJECT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    failures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not failures, "\n".join(failures)
+
+
+def test_script_commands_are_found_and_a_wrong_option_is_caught():
+    text = ("Run `python\nbenchmarks/rl.py --threads 1` or:\n\n```bash\npython scripts/kill-resume.py --kills 4 "
+            "[--method protonet]  # comment\n```\n")
+    assert script_commands(text) == [("scripts/kill-resume.py", ["--kills", "4"]),
+                                     ("benchmarks/rl.py", ["--threads", "1"])]
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import test_docs; print(json.dumps("
+            "test_docs.parse_script_commands([('benchmarks/rl.py', ['--threads', 'T']), "
+            "('benchmarks/rl.py', ['--threadz', '1']), ('benchmarks/rl.py', ['--threads', 'x'])])))")
+    done = subprocess.run([sys.executable, "-c", code, str(PROJECT / "tests")], cwd=PROJECT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-4000:]
+    failures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(failures) == 2 and "--threadz 1" in failures[0] and "invalid int value: 'x'" in failures[1], failures
 
 
 def test_readme_test_command_is_what_ci_runs():

@@ -685,7 +685,7 @@ def test_status_says_where_runs_stand_without_touching_them(tmp_path, capsys, mo
     assert paused["last"]["step"] == last["step"] + 3
     assert paused["seconds_left"] < (100 - last["step"]) * 2 / min(rates)
     assert not paused["validates"] and "(validation" not in out  # it never validates
-    assert paused["rate_changes"] == []
+    assert paused["cost_changes"] == []
     # with validation every 2 steps, the validations still to come at their recent median length
     validating = root / "validating"
     # (and first order for 50 steps: the second-order steps after them are named, not projected)
@@ -700,9 +700,9 @@ def test_status_says_where_runs_stand_without_touching_them(tmp_path, capsys, mo
     assert lengths and state["validation_counted"]
     assert state["seconds_left"] == pytest.approx(
         (100 - at) * 2 / statistics.median(rates) + (50 - at // 2) * statistics.median(lengths))
-    assert state["rate_changes"] == [[50, "second-order meta-steps, slower than the first-order ones measured"]]
+    assert state["cost_changes"] == [[50, "second-order meta-steps (slower, and more memory)"]]
     out = run(["status", validating], capsys)[1]
-    assert "(validation included)" in out and "  not in that estimate: from step 50 on, second-order meta-steps" in out
+    assert "(validation included)" in out and "  not in that estimate: after step 50, second-order meta-steps" in out
     (root / "damaged").mkdir()
     (root / "damaged" / "config.json").write_text("{not json")
     monkeypatch.setenv("METALEARN_RUNS", str(root))

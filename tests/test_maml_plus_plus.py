@@ -318,6 +318,65 @@ def test_resume_is_exact_with_per_step_running_statistics(tmp_path, omniglot_dat
         assert torch.equal(a[name], b[name]), name
 
 
+def test_chunks_gather_the_running_statistics_of_the_whole_batch():
+    """--task-chunk: the per-step running statistics move to the average over all the meta-batch's
+    tasks, whether one meta_loss call sees them or one call per chunk does; start_step drops
+    what earlier passes of the step gathered (the trial passes of --task-chunk auto)."""
+    from metalearn.training import meta_gradient
+
+    batch = image_batch(tasks=4, ways=3, shots=2, query=2, size=16, seed=3)
+    statistics = {}
+    for chunk in (0, 1, 3):  # 3: chunks of 3 and 1
+        learner = small_learner(per_step_bn_weights=True, per_step_bn_statistics=True, multi_step_loss=True,
+                                adapt_norm=False)
+        learner.start_step(0)
+        if chunk == 3:  # a trial pass on two tasks, as --task-chunk auto makes, then the step begins anew
+            learner.meta_loss(batch.select(slice(0, 2)))
+            learner.start_step(0)
+        meta_gradient(learner, batch, chunk)
+        learner.end_step(World())
+        statistics[chunk] = {name: value for name, value in learner.state_dict().items() if "running" in name}
+    assert statistics[0] and not torch.equal(statistics[0]["model.features.0.1.running_mean"],
+                                             torch.zeros_like(statistics[0]["model.features.0.1.running_mean"]))
+    for chunk in (1, 3):
+        for name, value in statistics[0].items():
+            torch.testing.assert_close(statistics[chunk][name], value, rtol=1e-12, atol=1e-15, msg=name)
+
+
+def test_auto_chunks_are_measured_again_where_the_step_changes(tmp_path, monkeypatch, omniglot_data_dir):
+    """--task-chunk auto under the preset: the chunk is chosen at the first step, again after the
+    multi-step loss is annealed away and again at the switch to second order (which needs about
+    twice the memory), and the run trains what the whole batch does, running statistics included."""
+    from metalearn.training import Trainer
+
+    def config(chunk, steps=4):
+        return resolve_config("maml", task={"dataset": "omniglot", "ways": 3, "shots": 1},
+                              method_config={"inner_steps": 2, "test_inner_steps": 2, "first_order_steps": 3,
+                                             "multi_step_anneal_steps": 1, "model": "conv4"},
+                              train={"steps": steps, "meta_batch_size": 4, "val_every": 0, "checkpoint_every": 4,
+                                     "log_every": 1, "lr_anneal": "none", "min_meta_lr": 0.0, "task_chunk": chunk},
+                              preset="maml++")
+
+    chosen_at = []
+    choose = Trainer._choose_task_chunk
+
+    def recording(self, batch, bar):
+        chosen_at.append(self.step)
+        return choose(self, batch, bar)
+
+    monkeypatch.setattr(Trainer, "_choose_task_chunk", recording)
+    monkeypatch.setattr("metalearn.training.available_memory", lambda device: 2**40)
+    monkeypatch.setattr("metalearn.training.fastest_chunk", lambda seconds: 1)  # timed, and chunks of 1 chosen
+    auto = build_trainer(config("auto"), tmp_path / "auto", data_dir=omniglot_data_dir)
+    auto.fit(progress=False)
+    assert chosen_at == [0, 1, 3] and auto.task_chunk == 1
+    whole = build_trainer(config(0), tmp_path / "whole", data_dir=omniglot_data_dir)
+    whole.fit(progress=False)
+    a, b = whole.learner.state_dict(), auto.learner.state_dict()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_the_best_validation_checkpoints_are_kept_and_evaluated_as_an_ensemble(tmp_path, capsys):
     """--keep-best 2 keeps the checkpoints of the two best validations (lowest MSE here; ties:
     the earlier step); eval --ensemble scores the average of their predictions on the run's

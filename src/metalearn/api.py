@@ -547,8 +547,8 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     :data:`RATE_WINDOWS` logged windows' tasks per second, so that one window slowed by a pause
     or a busy machine does not skew it; plus the remaining validations at the median length of
     the recent ones where the run logs it, ``validation_counted``; None when done or unknown),
-    ``rate_changes`` (the method's ``(step, what)`` changes of a step's cost still ahead, which
-    the recent rate does not include: :meth:`~metalearn.MetaLearner.rate_changes`),
+    ``cost_changes`` (the method's ``(steps taken, what)`` changes of a step's cost still
+    ahead, which the recent rate does not include: :meth:`~metalearn.MetaLearner.cost_changes`),
     ``validation`` (the latest and the best record, by the method's metric) and
     ``evaluations`` (each file's mean, interval, episodes and step)."""
     import socket
@@ -604,8 +604,8 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     status["validation_counted"] = bool(status["seconds_left"] is not None and lengths and every > 0)
     status["validates"] = every > 0
     options = make_method_config(config.method, config.method_config)
-    status["rate_changes"] = [(step, what) for step, what in method_class(config.method).rate_changes(options)
-                              if step > at]
+    status["cost_changes"] = [(step, what) for step, what in method_class(config.method).cost_changes(options)
+                              if step >= at]  # the step after `at` steps is still to come
     if status["validation_counted"]:  # one after every multiple of val_every still to come
         status["seconds_left"] += (status["steps"] // every - at // every) * statistics.median(lengths[-RATE_WINDOWS:])
     best = None

@@ -517,8 +517,8 @@ def format_status(status: dict) -> str:
                    " (validation included)" if status["validation_counted"] else " (validation not counted)")
         lines.append(f"  the remaining {status['steps'] - at} steps: about {hours} h {rest // 60} min at the recent "
                      f"rate{counted}")
-        for step, what in status["rate_changes"]:
-            lines.append(f"  not in that estimate: from step {step} on, {what}")
+        for step, what in status["cost_changes"]:
+            lines.append(f"  not in that estimate: after step {step}, {what}")
     latest, best = status["validation"]["latest"], status["validation"]["best"]
     if latest is not None:
         name = next(k for k in latest if k.startswith("val_") and k != "val_ci95")

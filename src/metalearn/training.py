@@ -135,6 +135,8 @@ class Trainer:
             raise ConfigError("TrainConfig", "task_chunk", f"cannot split the meta-batch of {refused}; leave it at 0 "
                                                           f"(the whole meta-batch at once), got {train.task_chunk!r}")
         self.task_chunk = train.task_chunk if train.task_chunk != "auto" else None  # auto: chosen by fit
+        # steps taken after which the method's meta-step costs change (auto measures again there)
+        self.cost_changes = {step for step, _ in learner.cost_changes(getattr(learner, "config", None))}
         optimizer = torch.optim.Adam if train.meta_optimizer == "adam" else torch.optim.SGD
         self.optimizer = optimizer(learner.parameters(), lr=train.meta_lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(train, step))
@@ -268,8 +270,11 @@ class Trainer:
             batch = batch.to(self.device)
             self.learner.train()
             self.learner.start_step(self.step)
+            if train.task_chunk == "auto" and self.step in self.cost_changes:
+                self.task_chunk = None  # the steps from here cost more (or less) memory: measure again
             if self.task_chunk is None:
                 self.task_chunk = self._choose_task_chunk(batch, bar)
+                self.learner.start_step(self.step)  # the trial passes leave nothing for end_step
             torch.manual_seed(seed + self.world.rank)
             self.optimizer.zero_grad(set_to_none=True)
             loss, metrics = meta_gradient(self.learner, batch, self.task_chunk, local_fraction)

@@ -100,17 +100,21 @@ class MetaLearner(nn.Module):
         return {}, {}
 
     @classmethod
-    def rate_changes(cls, config: Any) -> list[tuple[int, str]]:
-        """Where this method's own schedule changes the cost of a meta-step over a run with Config
-        ``config``: ``[(step, what changes from that step on)]``, for ``metalearn status``, whose
-        time left projects the recent rate and cannot see such a change coming. The default:
-        none."""
+    def cost_changes(cls, config: Any) -> list[tuple[int, str]]:
+        """Where this method's own schedule changes what a meta-step costs (time, memory) over a
+        run with Config ``config``: ``[(steps taken, what changes for the steps after them)]``.
+        ``metalearn status`` names them (its time left projects the recent rate, which cannot
+        see them coming), and the trainer measures ``--task-chunk auto`` again there (a chunk
+        chosen for cheaper steps could exhaust the memory after). The default: none."""
         return []
 
     def start_step(self, step: int) -> None:
         """Told by the trainer before each meta-step how many steps were taken so far, for a
         method whose loss follows a schedule over training (MAML++'s multi-step loss weights).
-        The default ignores it. A pure function of ``step``, so a resumed run matches."""
+        The default ignores it. A pure function of ``step``, so a resumed run matches; it also
+        drops what passes of the step before it left for :meth:`end_step` (the trainer calls it
+        again after the trial passes of ``--task-chunk auto``), so that ``end_step`` sees the
+        meta-batch's tasks once, whether in one :meth:`meta_loss` call or one per chunk."""
 
     def end_step(self, world: Any) -> None:
         """Told by the trainer after each meta-update, with its ``World``, for a method that keeps

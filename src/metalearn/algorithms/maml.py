@@ -263,6 +263,7 @@ class MAML(MetaLearner):
 
     def start_step(self, step: int) -> None:
         self.training_step = step
+        self._pending_statistics = None  # a fresh step: nothing gathered yet for end_step
 
     def end_step(self, world) -> None:
         """After the meta-update: move each per-step running statistic towards the mean, over this
@@ -289,10 +290,14 @@ class MAML(MetaLearner):
             offset += size
 
     @classmethod
-    def rate_changes(cls, config: MAMLConfig) -> list[tuple[int, str]]:
-        if config.first_order or config.first_order_steps <= 0:
-            return []
-        return [(config.first_order_steps, "second-order meta-steps, slower than the first-order ones measured")]
+    def cost_changes(cls, config: MAMLConfig) -> list[tuple[int, str]]:
+        changes = []
+        if config.multi_step_loss and config.multi_step_anneal_steps > 0:
+            changes.append((config.multi_step_anneal_steps, "the multi-step loss is annealed away: one query pass "
+                                                            "per task instead of one per inner step (faster)"))
+        if not config.first_order and config.first_order_steps > 0:
+            changes.append((config.first_order_steps, "second-order meta-steps (slower, and more memory)"))
+        return sorted(changes)
 
     def first_order_now(self) -> bool:
         """Whether the meta-gradient of the current training step drops second derivatives:
@@ -357,9 +362,14 @@ class MAML(MetaLearner):
                 # randomness="different": a model with dropout draws its own mask for every task
                 losses, accuracies, statistics = vmap(one_task, randomness="different")(
                     batch.support_x, batch.support_y, batch.query_x, batch.query_y)
-        if collect:  # for end_step, after the meta-update: sums over this rank's tasks, and their number
-            self._pending_statistics = ({key: value.sum(0) for key, value in statistics.items()},
-                                        batch.support_x.shape[0])
+        if collect:  # for end_step, after the meta-update: sums over this rank's tasks, and their number,
+            # added up over the chunks of a meta-batch (--task-chunk), so that chunks update the
+            # running statistics as the whole batch does
+            sums, tasks = {key: value.detach().sum(0) for key, value in statistics.items()}, batch.support_x.shape[0]
+            if self._pending_statistics is not None:
+                earlier, earlier_tasks = self._pending_statistics
+                sums, tasks = {key: earlier[key] + value for key, value in sums.items()}, earlier_tasks + tasks
+            self._pending_statistics = (sums, tasks)
         metrics = {"loss": losses.mean().detach()}
         if classification:
             metrics["accuracy"] = accuracies.mean()

@@ -604,8 +604,9 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     status["validation_counted"] = bool(status["seconds_left"] is not None and lengths and every > 0)
     status["validates"] = every > 0
     options = make_method_config(config.method, config.method_config)
+    # those still ahead: the step after `at` steps is still to come, none after the last
     status["cost_changes"] = [(step, what) for step, what in method_class(config.method).cost_changes(options)
-                              if step >= at]  # the step after `at` steps is still to come
+                              if at <= step < status["steps"]]
     if status["validation_counted"]:  # one after every multiple of val_every still to come
         status["seconds_left"] += (status["steps"] // every - at // every) * statistics.median(lengths[-RATE_WINDOWS:])
     best = None

@@ -265,6 +265,8 @@ def parse_script_commands(commands: list[tuple[str, list[str]]]) -> list[str]:
             if exit.code and not PLACEHOLDER_VALUE.search(err.getvalue()):
                 said = err.getvalue().strip().splitlines() or [f"exit status {exit.code}"]
                 failures.append(f"{script} {' '.join(args)}: {said[-1]}")
+        except Exception as error:  # the script fails before its parser (an import, a module-level error)
+            failures.append(f"{script} {' '.join(args)}: {type(error).__name__}: {error}")
         finally:
             sys.path.pop(0)
     return failures

@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import torch
 
+from maml_step import cpu_description, make_batch  # this folder's module
 from metalearn.algorithms import make_method_config, method_class
 from metalearn.api import resolve_config
 from metalearn.memory_budget import peak_memory_of
 from metalearn.runtime import tune_allocator
 from metalearn.tasks import problem_of
-from metalearn.tasks.batch import TaskBatch
 
 PHASES = {"first order, multi-step loss": 0, "second order, last step's loss": 10**9}
 
@@ -37,12 +36,7 @@ def measure(ways: int, shots: int, tasks: int) -> dict[str, float]:
     config = resolve_config("maml", {"dataset": "omniglot", "ways": ways, "shots": shots}, preset="maml++")
     learner = method_class("maml").build(make_method_config("maml", config.method_config), problem_of(config.task))
     learner.train()
-    query = config.task.query
-    generator = torch.Generator().manual_seed(0)
-    batch = TaskBatch(torch.rand(tasks, ways * shots, 1, 28, 28, generator=generator),
-                      torch.arange(ways).repeat_interleave(shots).repeat(tasks, 1),
-                      torch.rand(tasks, ways * query, 1, 28, 28, generator=generator),
-                      torch.arange(ways).repeat_interleave(query).repeat(tasks, 1), ways=ways)
+    batch = make_batch(ways, shots, config.task.query, tasks)
 
     def step() -> None:
         loss, _ = learner.meta_loss(batch)
@@ -68,12 +62,12 @@ def main(argv=None) -> dict:
     for name in args.configs:
         ways, shots = (int(part) for part in name.rstrip("s").split("w"))
         rows[name] = measure(ways, shots, args.tasks)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, one thread, "
+    print(f"torch {torch.__version__}, {cpu_description()}, one thread, "
           f"{args.tasks} tasks a step; GiB, peak resident set's rise")
     print("| configuration | " + " | ".join(PHASES) + " |\n| --- |" + " ---: |" * len(PHASES))
     for name, row in rows.items():
         print(f"| {name} | " + " | ".join(f"{row[phase]:.2f}" for phase in PHASES) + " |")
-    result = {"torch": torch.__version__, "tasks": args.tasks, "gib": rows}
+    result = {"torch": torch.__version__, "cpu": cpu_description(), "tasks": args.tasks, "gib": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result

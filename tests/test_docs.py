@@ -272,6 +272,16 @@ def parse_script_commands(commands: list[tuple[str, list[str]]]) -> list[str]:
     return failures
 
 
+def parse_script_commands_in_a_process(commands: list[tuple[str, list[str]]]) -> list[str]:
+    """:func:`parse_script_commands` in a fresh interpreter (one for all the commands)."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import test_docs; "
+            "print(json.dumps(test_docs.parse_script_commands(json.loads(sys.argv[2]))))")
+    done = subprocess.run([sys.executable, "-c", code, str(PROJECT / "tests"), json.dumps(commands)], cwd=PROJECT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_documented_benchmark_and_script_commands_parse():
     """Every `python benchmarks/...` and `python scripts/...` command of README.md and docs/
     (the commands behind the docs' figures) is accepted by that script's parser, in a process
@@ -279,12 +289,7 @@ def test_documented_benchmark_and_script_commands_parse():
     commands = [(script, args) for page in pages() for script, args in script_commands(page.read_text())]
     assert len(commands) >= 40 and all((PROJECT / script).is_file() for script, _ in commands), \
         [script for script, _ in commands if not (PROJECT / script).is_file()]
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import test_docs; "
-            "print(json.dumps(test_docs.parse_script_commands(json.loads(sys.argv[2]))))")
-    done = subprocess.run([sys.executable, "-c", code, str(PROJECT / "tests"), json.dumps(commands)], cwd=PROJECT,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-4000:]
-    failures = json.loads(done.stdout.strip().splitlines()[-1])
+    failures = parse_script_commands_in_a_process(commands)
     assert not failures, "\n".join(failures)
 
 
@@ -293,13 +298,9 @@ def test_script_commands_are_found_and_a_wrong_option_is_caught():
             "[--method protonet]  # comment\n```\n")
     assert script_commands(text) == [("scripts/kill-resume.py", ["--kills", "4"]),
                                      ("benchmarks/rl.py", ["--threads", "1"])]
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import test_docs; print(json.dumps("
-            "test_docs.parse_script_commands([('benchmarks/rl.py', ['--threads', 'T']), "
-            "('benchmarks/rl.py', ['--threadz', '1']), ('benchmarks/rl.py', ['--threads', 'x'])])))")
-    done = subprocess.run([sys.executable, "-c", code, str(PROJECT / "tests")], cwd=PROJECT, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-4000:]
-    failures = json.loads(done.stdout.strip().splitlines()[-1])
+    failures = parse_script_commands_in_a_process([("benchmarks/rl.py", ["--threads", "T"]),
+                                                   ("benchmarks/rl.py", ["--threadz", "1"]),
+                                                   ("benchmarks/rl.py", ["--threads", "x"])])
     assert len(failures) == 2 and "--threadz 1" in failures[0] and "invalid int value: 'x'" in failures[1], failures
 
 

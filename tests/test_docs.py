@@ -139,7 +139,10 @@ def metalearn_commands(block: str) -> list[list[str]]:
     for line in block.replace("\\\n", " ").splitlines():
         line = re.sub(r"\[[^\]]*\]", "", line.strip().removeprefix("$ "))
         for part in re.split(r"&&|\|\||;|\|", line):
-            words = shlex.split(part, comments=True)
+            try:
+                words = shlex.split(part, comments=True)
+            except ValueError as error:  # e.g. an apostrophe in a bare fence that is no shell: mark it ```text
+                raise ValueError(f"{error} in the shell block line {line!r}") from None
             while words and re.fullmatch(r"[A-Za-z_]\w*=\S*", words[0]):
                 words = words[1:]
             if words[:2] == ["nice", "-n"]:
@@ -341,3 +344,20 @@ def test_site_builds_strict(tmp_path):
         page = (site / "methods" / method / "index.html").read_text()
         # the options table that scripts/docs_hooks.py generates from the method's Config
         assert "<!-- options" not in page and "Config()</code> default" in page, method
+
+
+def test_design_map_names_every_module_and_api_page_every_method():
+    """docs/design.md's map of the package names every module (a newcomer reads the code from
+    it), and docs/api.md documents every registered method's class and its Config."""
+    from metalearn.algorithms import METHODS
+
+    design = (PROJECT / "docs" / "design.md").read_text()
+    package = PROJECT / "src" / "metalearn"
+    modules = [path.stem for path in package.rglob("*.py") if path.stem not in ("__init__", "__main__")]
+    missing = sorted(name for name in modules if not re.search(rf"\b{name}\.py\b", design))
+    assert not missing, f"docs/design.md's map lacks {missing}"
+    api = (PROJECT / "docs" / "api.md").read_text()
+    for cls in (cls for cls in METHODS.values() if cls.__module__.startswith("metalearn.")):  # not a test's own
+        for documented in (cls, cls.Config):
+            names = {f"metalearn.{documented.__name__}", f"metalearn.algorithms.{documented.__name__}"}
+            assert any(f"::: {name}\n" in api for name in names), f"docs/api.md lacks {documented.__name__}"

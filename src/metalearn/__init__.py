@@ -1,4 +1,6 @@
-"""metalearn: meta-learning (MAML, PLATIPUS, ProtoNets, Matching Nets, Reptile) on torch.func.
+"""metalearn: meta-learning (MAML and MAML++, PLATIPUS, ProtoNets, Matching Nets, Reptile, the Memory
+Module, the Neural Statistician, MAML for RL) on torch.func; ``METHODS`` maps each command-line
+name to its class.
 
 Small pieces, one job each::
 
@@ -6,8 +8,8 @@ Small pieces, one job each::
     from metalearn.models import MLP
 """
 
-from metalearn.algorithms import (METHODS, MAML, PLATIPUS, MatchingNet, MetaLearner, ProtoNet, Reptile,
-                                  build_learner, register_method)
+from metalearn.algorithms import (MAML, MAMLRL, METHODS, PLATIPUS, MatchingNet, MemoryModule, MetaLearner,
+                                  NeuralStatistician, ProtoNet, Reptile, build_learner, register_method)
 from metalearn.api import evaluate_run, plot_run, predict_run, resolve_config, train
 from metalearn.config import RunConfig, TaskConfig, TrainConfig
 from metalearn.data.images import prepare_images
@@ -21,7 +23,8 @@ from metalearn.training import Trainer, build_trainer
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "MAML", "PLATIPUS", "ProtoNet", "MatchingNet", "Reptile", "MetaLearner", "build_learner", "register_method",
+    "METHODS", "MAML", "PLATIPUS", "ProtoNet", "MatchingNet", "Reptile", "MemoryModule", "NeuralStatistician",
+    "MAMLRL", "MetaLearner", "build_learner", "register_method",
     "evaluate_run", "plot_run", "resolve_config", "train", "RunConfig", "TaskConfig", "TrainConfig",
     "MetalearnError", "evaluate", "EpisodeSampler", "SineOrLineTasks", "SinusoidTasks", "TaskBatch", "Problem",
     "build_task_source", "Trainer", "build_trainer", "load_trained", "RunDir", "predict_run", "prepare_images",

@@ -180,7 +180,7 @@ def test_auto_chooses_chunks_that_fit_the_budget(tmp_path, monkeypatch):
         torch.testing.assert_close(weights(tight)[name], value, rtol=0, atol=1e-6, msg=name)
 
 
-def test_auto_takes_the_fastest_chunk_that_fits_and_stops_probing_when_it_slows(tmp_path, monkeypatch):
+def test_auto_takes_the_fastest_chunk_that_fits_and_stops_probing_when_it_slows(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("metalearn.training.available_memory", lambda device: 2**40)
     per_task = {1: 1.0, 2: 0.9, 4: 1.5, 5: 0.1}  # 4 is a quarter slower than 2: 5 is never timed
     timed = []
@@ -200,6 +200,8 @@ def test_auto_takes_the_fastest_chunk_that_fits_and_stops_probing_when_it_slows(
     trainer = build_trainer(sinusoid_run(2, task_chunk="auto"), tmp_path / "run")
     trainer.fit(progress=False)
     assert trainer.task_chunk == 2 and timed == [1, 2, 4]
+    # the choice is printed without a progress bar too (a long run's log keeps it)
+    assert "--task-chunk auto at step 0: 2 of 5 tasks at a time" in capsys.readouterr().out
     whole = build_trainer(sinusoid_run(2), tmp_path / "whole")
     whole.fit(progress=False)
     for name, value in weights(whole).items():

@@ -390,10 +390,15 @@ class Trainer:
             fits = most if most < batch.num_tasks else sys.maxsize
             rows = self.world.gather(torch.tensor([[chunk, fits]], dtype=torch.long, device=self.world.device))
             chunk = min(int(rows[0, 0]), int(rows[:, 1].min()))
-        if bar is not None:
+        if self.world.is_main:  # also without a progress bar: a long run's log says what it chose
             timed = ", ".join(f"{size}: {1000 * s:.0f} ms" for size, s in seconds.items())
-            bar.write(f"--task-chunk auto: {chunk} of {batch.num_tasks} tasks at a time (fits: up to {most}, a task's "
-                      f"step {per_task / 2**20:.0f} MiB of a {budget / 2**20:.0f} MiB budget; per task {timed})")
+            line = (f"--task-chunk auto at step {self.step}: {chunk} of {batch.num_tasks} tasks at a time (fits: up "
+                    f"to {most}, a task's step {per_task / 2**20:.0f} MiB of a {budget / 2**20:.0f} MiB budget; "
+                    f"per task {timed})")
+            if bar is not None:
+                bar.write(line)
+            else:
+                print(line, flush=True)
         return chunk
 
     def _diverged(self, what: str, detail: str,

@@ -99,3 +99,39 @@ def test_a_file_system_without_locks_is_used_unlocked_with_one_warning(tmp_path,
     assert err == (f"warning: the file system of {run} refuses file locks (No locks available): nothing keeps a "
                    "second process from writing there at the same time\n")
     assert RunDir(run).read_checkpoint()["step"] == 1 and not (run / ".lock").exists()
+
+
+def test_a_run_whose_folder_is_deleted_and_taken_by_another_stops_without_writing_there(tmp_path, monkeypatch):
+    """`rm -rf run` while a process trains it, then a new run in a folder of the same name: the
+    old process must not put its metrics or checkpoint into the new run's folder (writes go by
+    path), nor delete the new holder's lock file as it lets go."""
+    import shutil
+
+    from metalearn.algorithms.maml import MAML
+    from metalearn.api import resolve_config
+    from metalearn.errors import MetalearnError
+    from metalearn.training import build_trainer
+
+    config = resolve_config("maml", task={"dataset": "sinusoid", "shots": 5},
+                            train={"steps": 4, "meta_batch_size": 2, "log_every": 1, "val_every": 0,
+                                   "checkpoint_every": 1})
+    folder = tmp_path / "run"
+    trainer = build_trainer(config, folder)
+    taken = []
+    real_end_step = MAML.end_step
+
+    def end_step(self, world):  # during step 2: the folder goes, and another run takes its name
+        real_end_step(self, world)
+        if trainer.step == 1 and not taken:
+            shutil.rmtree(folder)
+            taken.append(RunDir(folder).lock())
+            (folder / "theirs.txt").write_text("the new run's file")
+
+    monkeypatch.setattr(MAML, "end_step", end_step)
+    with pytest.raises(MetalearnError, match=rf"the run folder {folder} was deleted or replaced while this "
+                                             r"process trained it \(at step 2\); stopping without writing"):
+        trainer.fit(progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "theirs.txt"]  # nothing of the old run
+    assert taken[0].still_ours() and taken[0].held  # the new holder's lock file is intact
+    taken[0].release()
+    assert not (folder / ".lock").exists()

@@ -139,14 +139,28 @@ class FolderLock:
             pass  # a full disk: the lock holds all the same, only its note is missing
         return cls(path, fd, made_folder)
 
+    def still_ours(self) -> bool:
+        """Whether the file at :attr:`path` is still the one this lock holds: False once the
+        folder (or the file) was deleted or replaced, e.g. ``rm -rf`` of a run folder that a new
+        run then took. A lock that holds nothing (released, another rank's, a file system without
+        locks) has nothing to compare and answers True."""
+        if self._fd is None:
+            return True
+        try:
+            return os.path.samestat(os.fstat(self._fd), os.stat(self.path))
+        except OSError:  # gone (ENOENT, NFS's ESTALE) or no longer reachable: not to be written to
+            return False
+
     def release(self) -> None:
         """Let go: delete the lock file (under the lock, so no one else takes a lock on it in
         between) and close it; a folder this lock created and left empty is removed too."""
         if self._fd is None:
             return
+        ours = self.still_ours()  # a replaced file is another holder's: leave it
         fd, self._fd = self._fd, None
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+        if ours:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
         os.close(fd)
         if self._made_folder:
             with contextlib.suppress(OSError):

@@ -166,9 +166,20 @@ class Trainer:
 
     def save(self) -> None:
         if self.world.is_main:
+            self._check_folder_is_ours()
             self._write_config()
             self.run_dir.write_checkpoint(self.state())
         self.world.barrier()
+
+    def _check_folder_is_ours(self) -> None:
+        """Before writing: a run folder deleted or replaced while this process trained it (its
+        lock file gone, or another process's) is no longer this run's; writing by path would put
+        this run's metrics and checkpoint into whatever folder now has that name, perhaps a new
+        run's. Stop instead, writing nothing."""
+        if self.lock is not None and not self.lock.still_ours():
+            raise MetalearnError(f"the run folder {self.run_dir.path} was deleted or replaced while this process "
+                                 f"trained it (at step {self.step}); stopping without writing into it, since "
+                                 "another run may be using that name now")
 
     def _write_config(self) -> None:
         """The folder and config.json, once: the configuration this Trainer trains with (on a
@@ -295,6 +306,8 @@ class Trainer:
                                      f" (the meta-loss was {total_loss:.4g})", "Try a smaller --meta-lr.")
             self.scheduler.step()
             self.step += 1
+            if self.world.is_main:
+                self._check_folder_is_ours()  # before this step's metrics, validation and checkpoint
             window_tasks += train.meta_batch_size
             step_time = time.perf_counter() - clock
             self.elapsed_s += step_time

@@ -14,12 +14,12 @@ project="$(cd "$(dirname "$0")/.." && pwd)"
 data="${1:-$project/../shared/data/omniglot}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-git clone --quiet "$project" "$work/metalearn"
+git clone --quiet "$project" "$work/checkout"
 if [ -d "$data" ]; then
     export METALEARN_DATA="$(cd "$data" && pwd)"
 else
     echo "ci-local: no Omniglot at $data: its tests will be skipped" >&2
 fi
 echo "ci-local: .ci/run on a clean clone of $(git -C "$project" rev-parse --short HEAD) in $work" >&2
-cd "$work/metalearn"
+cd "$work/checkout"
 .ci/run

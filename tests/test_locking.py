@@ -128,7 +128,7 @@ def test_a_run_whose_folder_is_deleted_and_taken_by_another_stops_without_writin
             (folder / "theirs.txt").write_text("the new run's file")
 
     monkeypatch.setattr(MAML, "end_step", end_step)
-    with pytest.raises(MetalearnError, match=rf"the run folder {folder} was deleted or replaced while this "
+    with pytest.raises(MetalearnError, match=rf"the run folder {folder} was deleted, moved or replaced while this "
                                              r"process trained it \(at step 2\); stopping without writing"):
         trainer.fit(progress=False)
     assert sorted(p.name for p in folder.iterdir()) == [".lock", "theirs.txt"]  # nothing of the old run

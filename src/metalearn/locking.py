@@ -141,7 +141,7 @@ class FolderLock:
 
     def still_ours(self) -> bool:
         """Whether the file at :attr:`path` is still the one this lock holds: False once the
-        folder (or the file) was deleted or replaced, e.g. ``rm -rf`` of a run folder that a new
+        folder (or the file) was deleted, moved or replaced, e.g. ``rm -rf`` of a run folder that a new
         run then took. A lock that holds nothing (released, another rank's, a file system without
         locks) has nothing to compare and answers True."""
         if self._fd is None:

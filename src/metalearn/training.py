@@ -172,14 +172,14 @@ class Trainer:
         self.world.barrier()
 
     def _check_folder_is_ours(self) -> None:
-        """Before writing: a run folder deleted or replaced while this process trained it (its
+        """Before writing: a run folder deleted, moved or replaced while this process trained it (its
         lock file gone, or another process's) is no longer this run's; writing by path would put
         this run's metrics and checkpoint into whatever folder now has that name, perhaps a new
         run's. Stop instead, writing nothing."""
         if self.lock is not None and not self.lock.still_ours():
-            raise MetalearnError(f"the run folder {self.run_dir.path} was deleted or replaced while this process "
-                                 f"trained it (at step {self.step}); stopping without writing into it, since "
-                                 "another run may be using that name now")
+            raise MetalearnError(f"the run folder {self.run_dir.path} was deleted, moved or replaced while this "
+                                 f"process trained it (at step {self.step}); stopping without writing into it, "
+                                 "since another run may be using that name now")
 
     def _write_config(self) -> None:
         """The folder and config.json, once: the configuration this Trainer trains with (on a

@@ -361,3 +361,31 @@ def test_design_map_names_every_module_and_api_page_every_method():
         for documented in (cls, cls.Config):
             names = {f"metalearn.{documented.__name__}", f"metalearn.algorithms.{documented.__name__}"}
             assert any(f"::: {name}\n" in api for name in names), f"docs/api.md lacks {documented.__name__}"
+
+
+def test_modules_import_at_their_top_only_what_the_design_map_lists_before_them():
+    """The order of docs/design.md's map is the layering: a module-level import of a module on a
+    later line of the map (or absent from it) is one that runs upward."""
+    import ast
+
+    design = (PROJECT / "docs" / "design.md").read_text()
+    block = design[design.index("```text\nmetalearn/"):]
+    block = block[:block.index("\n```", 4)]
+    rank: dict[str, int] = {}
+    for line in block.splitlines()[1:]:
+        if re.match(r"  \S", line):  # a line of its own; continuation lines are deeper
+            head = re.split(r"\s{2,}", line.strip())[0]
+            for name in re.findall(r"(\w+)(?:\.py|/)", head):
+                rank[name] = len(rank)
+    assert {"errors", "config", "algorithms", "training", "cli"} <= rank.keys(), rank
+    upward = []
+    for path in sorted((PROJECT / "src" / "metalearn").rglob("*.py")):
+        me = path.relative_to(PROJECT / "src" / "metalearn").parts[0].removesuffix(".py")
+        if me in ("__init__", "__main__"):
+            continue
+        for node in ast.parse(path.read_text()).body:  # module level only
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("metalearn."):
+                target = node.module.split(".")[1]
+                if target != me and rank.get(target, len(rank)) > rank[me]:
+                    upward.append(f"{path.name}: from {node.module} import ...")
+    assert not upward, upward

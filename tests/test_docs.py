@@ -389,3 +389,43 @@ def test_modules_import_at_their_top_only_what_the_design_map_lists_before_them(
                 if target != me and rank.get(target, len(rank)) > rank[me]:
                     upward.append(f"{path.name}: from {node.module} import ...")
     assert not upward, upward
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The anchors MkDocs gives a page's headings (Python-Markdown's toc slugify: ASCII, lower
+    case, punctuation dropped, runs of spaces and hyphens made one hyphen), fenced code left out."""
+    import unicodedata
+
+    anchors = set()
+    for line in re.sub(r"```.*?```", "", text, flags=re.DOTALL).splitlines():
+        heading = re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if heading:
+            title = re.sub(r"`([^`]*)`", r"\1", heading.group(1))
+            title = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", title)
+            title = unicodedata.normalize("NFKD", title).encode("ascii", "ignore").decode()
+            title = re.sub(r"[^\w\s-]", "", title).strip().lower()
+            anchors.add(re.sub(r"[-\s]+", "-", title))
+    return anchors
+
+
+def test_readme_links_lead_somewhere():
+    """README.md is the first screen and not part of the site that `mkdocs build --strict`
+    checks: every relative link in it names a file of the project, and every #anchor into a
+    page one of that page's headings."""
+    readme = (PROJECT / "README.md").read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", readme)
+    assert len(links) >= 20, links
+    broken = []
+    for link in links:
+        if re.match(r"[a-z]+://", link):
+            continue
+        path, _, anchor = link.partition("#")
+        target = PROJECT / path if path else PROJECT / "README.md"
+        if not target.exists():
+            broken.append(f"{link}: no such file")
+        elif anchor and target.suffix == ".md" and anchor not in heading_anchors(target.read_text()):
+            broken.append(f"{link}: no heading with that anchor")
+    assert not broken, broken
+    assert heading_anchors("## Sinusoid regression (paper section 5.1)\n```\n# not a heading\n```\n"
+                           "### `--task-chunk`: one [link](x.md)\n") == {
+        "sinusoid-regression-paper-section-51", "-task-chunk-one-link"}

@@ -386,7 +386,7 @@ def test_modules_import_at_their_top_only_what_the_design_map_lists_before_them(
         for node in ast.parse(path.read_text()).body:  # module level only
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("metalearn."):
                 target = node.module.split(".")[1]
-                if target != me and rank.get(target, len(rank)) > rank[me]:
+                if target != me and rank.get(target, len(rank)) > rank.get(me, len(rank)):
                     upward.append(f"{path.name}: from {node.module} import ...")
     assert not upward, upward
 

@@ -18,7 +18,7 @@ from metalearn.api import evaluate_run, resolve_config
 from metalearn.errors import MetalearnError, TrainingStopped
 from metalearn.runs import RunDir
 from metalearn.tasks import problem_of
-from metalearn.checkpoints import initialise_from_run, load_trained
+from metalearn.checkpoints import all_finite, initialise_from_run, load_trained
 from metalearn.training import build_trainer
 
 
@@ -503,6 +503,23 @@ def test_a_non_finite_gradient_stops_before_the_update_and_keeps_the_checkpoint(
     assert step == 2
     assert all(torch.isfinite(p).all() for p in learner.parameters())
     assert all(torch.isfinite(p).all() for p in trainer.learner.parameters())  # no update was taken
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_finds_one_bad_element_anywhere_and_keeps_large_finite_values(bad):
+    """The trainer's check of gradients and weights: against torch.isfinite, element by element,
+    across the dtypes a learner holds; the largest finite floats (whose norm overflows) pass."""
+    shapes = [(4, 1, 3, 3), (4,), (5, 16), (5,), (1,)]
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64]
+    tensors = [torch.randn(shape).to(dtype) for shape, dtype in zip(shapes, dtypes)]
+    assert all_finite(tensors) and all_finite([]) and all_finite([torch.empty(0), torch.arange(3)])
+    assert all_finite([torch.full((1000,), torch.finfo(torch.float32).max), torch.full((3,), -6e4).half()])
+    for i, tensor in enumerate(tensors):
+        for position in (0, tensor.numel() // 2, -1):
+            spoiled = [t.clone() for t in tensors]
+            spoiled[i].view(-1)[position] = bad
+            assert not all_finite(spoiled) and not all(torch.isfinite(t).all() for t in spoiled)
+    assert not all_finite([torch.tensor([complex(1.0, bad)])])
 
 
 def test_a_stop_signal_in_the_last_step_saves_it_and_skips_the_test_evaluation(tmp_path, monkeypatch):

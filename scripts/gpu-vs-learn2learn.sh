@@ -46,8 +46,8 @@ python3 -c "from metalearn.data.omniglot import load_omniglot; print('omniglot',
 prepare=$!
 timeout 75 python3 benchmarks/maml_gpu_profile.py --device "$device" --configs "$configs" --gpu-kernels fast \
     --json "$out/maml_gpu_profile.json" 2>&1 | grep -v "^USDT" | tee "$out/maml_step.log" || status=1
-# 4 timed rounds: the per-task rows take about 1.4 s a step at 20w1s, and 10 rounds of the 11
-# variants (121 s for both configurations at 4) overran this part's limit on an H200
+# at most 4 timed rounds: the per-task rows take about 1.4 s a step at 20w1s on an H200, so
+# 4 rounds of the 11 variants (121 s for both configurations) fit this part's limit and 10 do not
 timeout 200 python3 benchmarks/maml_step.py --device "$device" --gpu-kernels fast --configs "$configs" \
     --peer-on-project-torch "$l2l" --extra-rows chunk1 --iters "$(( iters < 4 ? iters : 4 ))" --warmup 1 \
     --json "$out/maml_step_cuda_l2l.json" 2>&1 | tee -a "$out/maml_step.log" || status=1

@@ -43,9 +43,9 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     Each element times zero is 0 when it is finite and NaN when it is inf or NaN, and a sum
     with a NaN in it is NaN: so the check is that the L1 norms of the products add up to 0.
     Not the norm of the tensors themselves: the norm of large finite weights overflows to inf.
-    The foreach operations take every tensor in one multi-tensor kernel on a GPU, where the
-    trainer calls this twice a step and a per-tensor ``isfinite().all()`` would launch several
-    kernels a tensor. Integer and boolean tensors are always finite; the temporary products
+    On a GPU the foreach operations take the tensors of one dtype in
+    multi-tensor kernels, where a per-tensor ``isfinite().all()`` launches several kernels a
+    tensor, and the trainer calls this twice a step. Integer and boolean tensors are always finite; the temporary products
     take as much memory as the tensors."""
     floating = [t.detach() for t in tensors if t.is_floating_point() or t.is_complex()]
     if not floating:

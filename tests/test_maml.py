@@ -884,3 +884,33 @@ def test_predictions_through_forward_tasks_equal_those_under_vmap(network, optio
     torch.testing.assert_close(predictions, expected, rtol=1e-10, atol=1e-12)
     assert not predictions.requires_grad
     assert all(p.grad is None and p.requires_grad for p in batched.parameters())
+
+
+@pytest.mark.parametrize("options", [{}, {"per_step_bn_weights": True, "per_step_bn_statistics": True,
+                                          "learn_inner_lr": True, "eval_bn_statistics": "running"}],
+                         ids=["forward_tasks", "maml++-vmap"])
+def test_predict_is_the_last_step_of_predict_per_step_for_one_query_pass(options):
+    """``predict`` (training's validation, ``per_step=False``) runs the query pass after the
+    last inner step alone: exactly the last entry of ``predict_per_step``, with one query pass
+    instead of steps + 1. Both paths: the network's forward_tasks and vmap (MAML++'s per-step
+    batch norm, here evaluated with its running statistics)."""
+    torch.manual_seed(0)
+    model = Conv4(1, 3, hidden=4).double()
+    steps = 3
+    maml = MAML(model, MAML.Config(inner_lr=0.3, inner_steps=steps, test_inner_steps=steps, **options)).double().eval()
+    assert maml._tasks_batched_by_model() == (not options)
+    batch = image_batch(tasks=3, ways=3, shots=2, query=4, size=16, seed=1)  # 6 support, 12 query images a task
+    calls = []  # the number of images of each forward pass: 6 support or 12 query a task
+    if options:  # vmap: the network called once per pass (functional_call), on one task's images
+        model.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    else:
+        forward = model.forward_tasks
+        model.forward_tasks = lambda params, x: calls.append(x.shape[1]) or forward(params, x)
+    with torch.no_grad():
+        per_step = maml.predict_per_step(batch)
+        per_step_calls, calls[:] = list(calls), []
+        final = maml.predict(batch)
+    assert torch.equal(final, per_step[-1])
+    assert not torch.equal(per_step[0], per_step[-1])
+    assert per_step_calls.count(12) == steps + 1 and calls.count(12) == 1  # query passes
+    assert per_step_calls.count(6) == calls.count(6) == steps  # inner steps

@@ -403,10 +403,10 @@ class MAML(MetaLearner):
             metrics["accuracy"] = accuracy(predictions[-1], batch.query_y)
         return losses.mean(), metrics
 
-    def _predict_tasks_batched(self, batch: TaskBatch, params: Params, steps: int) -> Tensor:
-        """:meth:`predict_per_step` through the network's ``forward_tasks``: the inner steps
+    def _predict_tasks_batched(self, batch: TaskBatch, params: Params, steps: int, final_only: bool) -> Tensor:
+        """:meth:`_predictions` through the network's ``forward_tasks``: the inner steps
         differentiate once (gradients recorded for them alone), the predictions without
-        gradients; (steps + 1, tasks, queries, outputs)."""
+        gradients."""
         tasks = batch.num_tasks
         with native_batch_norm():
             with torch.enable_grad():
@@ -415,22 +415,31 @@ class MAML(MetaLearner):
                 trajectory = gradient_descent_tasks(self.model.forward_tasks, start, batch.support_x, batch.support_y,
                                                     steps, self._step_size, True, self._held)
             with torch.no_grad():
-                return torch.stack([self.model.forward_tasks(p, batch.query_x) for p in trajectory])
+                return torch.stack([self.model.forward_tasks(p, batch.query_x)
+                                    for p in (trajectory[-1:] if final_only else trajectory)])
 
     def predict(self, batch: TaskBatch) -> Tensor:
-        return self.predict_per_step(batch)[-1]
+        return self._predictions(batch, final_only=True)[0]
 
     def predict_per_step(self, batch: TaskBatch) -> Tensor:
+        return self._predictions(batch, final_only=False)
+
+    def _predictions(self, batch: TaskBatch, final_only: bool) -> Tensor:
+        """Query predictions after each of ``test_inner_steps`` inner steps, (steps + 1, tasks,
+        n_query, out), or with ``final_only`` after the last alone, (1, tasks, n_query, out): the
+        same numbers as the last of all, for one query pass instead of steps + 1 (about a quarter
+        of a 5-step evaluation, which training's validation and ``predict`` need no more than)."""
         check_network_fits(self, batch)
         params = {name: p.detach() for name, p in self.model.named_parameters()}
         steps = self.config.test_inner_steps
 
         if self._tasks_batched_by_model():
-            return self._predict_tasks_batched(batch, params, steps)
+            return self._predict_tasks_batched(batch, params, steps, final_only)
+        scored = range(steps, steps + 1) if final_only else range(steps + 1)
 
         def one_task(support_x, support_y, query_x):
             trajectory = self.adapt(params, support_x, support_y, steps)
-            return torch.stack([self._query_forward(p, query_x, j) for j, p in enumerate(trajectory)])
+            return torch.stack([self._query_forward(trajectory[j], query_x, j) for j in scored])
 
         # torch.func.grad still differentiates the inner loop, once: the native batch norm is right
         with torch.no_grad(), first_order_batch_norm():

@@ -1,7 +1,8 @@
 """What the per-step scores cost at evaluation, for the methods that adapt in steps:
 ``predict_per_step`` (the accuracy after every test-time step, what ``metalearn eval`` reports
 by default) against ``predict`` (the final predictions alone: ``metalearn eval --final-only``
-and training's validation; the same final numbers, tests/test_maml.py and tests/test_reptile.py).
+and training's validation; the same final numbers: tests/test_maml.py, test_platipus.py,
+test_reptile.py).
 
 Configurations, on synthetic Omniglot-shaped 1-shot episodes (random weights: the values do not
 change the cost), each as its reproduction command trains it:
@@ -11,7 +12,8 @@ change the cost), each as its reproduction command trains it:
 - ``maml5``, ``maml20``: MAML at the paper's Omniglot settings (3 test-time steps at 5-way, 5
   at 20-way);
 - ``maml++20``: MAML's ``--preset maml++`` at 20-way 1-shot (5 test-time steps, per-step batch
-  norm, its max-pool network).
+  norm, its max-pool network);
+- ``platipus5``: PLATIPUS at 5-way (its sampled models, each adapted in steps).
 
 Median of ``--iters`` timed repetitions after one warm-up.
 
@@ -41,6 +43,7 @@ CONFIGS = {
     "maml5": ("maml", None, 5, {"shots": 1, "query": 1}),
     "maml20": ("maml", None, 20, {"shots": 1, "query": 1}),
     "maml++20": ("maml", "maml++", 20, {"shots": 1, "query": 1}),
+    "platipus5": ("platipus", None, 5, {"shots": 1, "query": 1}),
 }
 
 

@@ -251,6 +251,11 @@ def test_samples_shapes_reproducibility_and_algorithm_2(problem):
     assert torch.equal(a, learner.predict(batch))
     per_step = learner.predict_per_step(batch)
     assert per_step.shape == (learner.config.test_inner_steps + 1, batch.num_tasks, n_query, out)
+    # the final predictions alone (one query pass, not steps + 1): the last step's, from the same noise
+    torch.manual_seed(4)
+    torch.testing.assert_close(a, learner.predict_per_step(batch)[-1], rtol=0, atol=0)
+    torch.testing.assert_close(samples, learner.sample_predictions_per_step(batch, 5, torch.Generator().manual_seed(1))[-1],
+                               rtol=0, atol=0)
 
     # Algorithm 2 by hand: theta = mu - gamma_p grad L(mu, D_tr) + sigma * eps, then 2 steps
     noise = learner.standard_normal(batch.num_tasks, 5, torch.Generator().manual_seed(1))

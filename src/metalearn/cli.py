@@ -245,7 +245,8 @@ def train():
 @click.option("--query", type=INTEGER, default=None, help="query examples per class (points, for regression) instead of the run's")
 @click.option("--per-step/--final-only", default=True, show_default=True,
               help="also score the predictions after every adaptation step; --final-only gives the same "
-                   "final score faster where those steps cost extra (Reptile, MAML: a fifth to two fifths of the time)")
+                   "final score faster where those steps cost extra (Reptile, MAML, PLATIPUS: a sixth to two "
+                   "fifths less time)")
 @click.option("--progress/--no-progress", default=True)
 @click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
 @click.option("--fast-gpu-kernels", is_flag=True, help=FAST_GPU_HELP)

@@ -51,7 +51,7 @@ def evaluate(
     ``per_step``: also score the predictions after every adaptation step. False scores the
     final predictions alone, the same numbers at less cost where the steps must be observed
     apart from the adaptation (a query pass after every step: Reptile's transductive
-    evaluation, MAML's; ``benchmarks/eval_final_only.py``); training's validation does so.
+    evaluation, MAML's, PLATIPUS's; ``benchmarks/eval_final_only.py``); training's validation does so.
 
     Returns ``metric`` ("accuracy" in percent, "mse", or "return" for MDPs), ``mean``, ``ci95`` (1.96 standard
     errors over episodes), ``per_step`` means (and ``per_step_ci95``, their intervals), ``episodes``, the per-episode ``scores`` and the

@@ -284,6 +284,13 @@ class PLATIPUS(MetaLearner):
         """Algorithm 2 for every task and sample: theta ~ p(theta | D_tr), then the query outputs
         (logits or regression values) after 0..test_inner_steps gradient steps from it.
         Returns ``(steps + 1, samples, tasks, n_query, out)``."""
+        return self._sample_predictions(batch, num_samples, generator, final_only=False)
+
+    def _sample_predictions(self, batch: TaskBatch, num_samples: int | None, generator: torch.Generator | None,
+                            final_only: bool) -> Tensor:
+        """:meth:`sample_predictions_per_step`, or with ``final_only`` the query pass after the
+        last step alone, ``(1, samples, tasks, n_query, out)``: the same numbers as the last of
+        all (the same noise, drawn before any pass), for one query pass instead of steps + 1."""
         check_network_fits(self, batch)
         num_samples = num_samples or self.config.num_samples
         mean = {name: p.detach() for name, p in self._mean().items()}
@@ -291,6 +298,7 @@ class PLATIPUS(MetaLearner):
         prior_step = self.prior_step.detach()
         steps = self.config.test_inner_steps
         noise = self.standard_normal(batch.num_tasks, num_samples, generator)
+        scored = range(steps, steps + 1) if final_only else range(steps + 1)
 
         def one_task(support_x, support_y, query_x, eps):
             mean_p = self.shifted_mean(mean, support_x, support_y, prior_step)
@@ -298,9 +306,9 @@ class PLATIPUS(MetaLearner):
             def one_sample(eps_one):
                 theta = {name: mean_p[name] + std_p[name] * eps_one[name] for name in mean_p}
                 trajectory = self.adapt(theta, support_x, support_y, steps)
-                return torch.stack([self._forward(p, query_x) for p in trajectory])
+                return torch.stack([self._forward(trajectory[j], query_x) for j in scored])
 
-            return vmap(one_sample, randomness="different")(eps)  # (samples, steps + 1, n_query, out)
+            return vmap(one_sample, randomness="different")(eps)  # (samples, scored steps, n_query, out)
 
         # torch.func.grad still differentiates the inner loop, once: the native batch norm is right
         with torch.no_grad(), first_order_batch_norm():
@@ -311,10 +319,10 @@ class PLATIPUS(MetaLearner):
                            generator: torch.Generator | None = None) -> Tensor:
         """The query outputs of ``num_samples`` (default ``config.num_samples``) sampled and
         adapted models per task: ``(samples, tasks, n_query, out)``; logits for classification."""
-        return self.sample_predictions_per_step(batch, num_samples, generator)[-1]
+        return self._sample_predictions(batch, num_samples, generator, final_only=True)[0]
 
     def predict(self, batch: TaskBatch) -> Tensor:
-        return self.predict_per_step(batch)[-1]
+        return average_prediction(self.sample_predictions(batch), batch.is_classification)
 
     def sample_probabilities(self, support_x, support_y, query_x, num_samples: int | None = None,
                              generator: torch.Generator | None = None, **prepare) -> Tensor:

@@ -314,6 +314,16 @@ def test_every_method_trains_and_predicts_on_rgb_84x84(shapes, method):
     files = sorted((shapes / "red-circle").iterdir())[:3]
     probs = learner.fit_predict(files, [0, 1, 2], files[:2])
     assert probs.shape == (2, 3) and torch.allclose(probs.sum(-1), torch.ones(2))
+    # in eval mode whatever the learner's (no dropout: the Memory Module's 0.7), which it keeps
+    assert learner.training
+    torch.manual_seed(0)  # PLATIPUS's sampled models
+    in_training_mode = learner.fit_predict(files, [0, 1, 2], files[:2])
+    assert learner.training
+    learner.eval()
+    torch.manual_seed(0)
+    assert torch.equal(in_training_mode, learner.fit_predict(files, [0, 1, 2], files[:2]))
+    assert not learner.training
+    learner.train()
     # images given as files or as the uint8 pixels the cache holds: the same task
     uint8 = torch.from_numpy(np.stack([decode_image(f, 84, 3) for f in files]))
     a, b = learner.task_batch(files, [0, 1, 2], files), learner.task_batch(uint8, [0, 1, 2], uint8)
@@ -545,3 +555,23 @@ def test_fit_predict_refuses_labels_that_are_not_class_ids(shapes, tmp_path):
                           (np.array(["a", "b"]), "(map class names"), ([True, False], "booleans")):
         with pytest.raises(MetalearnError, match=r"support labels must be class ids.*" + re.escape(shown)):
             learner.fit_predict(files, labels, files[:1])
+
+
+def test_a_folder_without_val_classes_trains_with_validation_off(tmp_path, capsys, monkeypatch):
+    """train/ and test/ part folders, no val/: refused with validation on (one line naming the
+    way out), trained and tested with --val-every 0."""
+    monkeypatch.setenv("METALEARN_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for part, first, n in (("train", 0, 6), ("test", 6, 4)):
+        for c in range(first, first + n):
+            folder = tmp_path / "data" / part / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(3):
+                draw_shape(SHAPES[c % len(SHAPES)], (200, 40 * (c % 5), 0), 20, rng).save(folder / f"{i}.png")
+    options = ["train", "protonet", "--dataset", "folder", "--data-dir", tmp_path / "data", "--image-size", 16,
+               "--ways", 3, "--shots", 1, "--query", 1, "--steps", 2, "--eval-episodes", 4, "--no-progress"]
+    code, out, err = run([*options, "--run-dir", tmp_path / "refused"], capsys)
+    one_line_error(code, out, err, "no val classes: add a val/ folder of classes, or train without validation (--val-every 0)")
+    code, out, err = run([*options, "--val-every", 0, "--run-dir", tmp_path / "run"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "run" / "eval.json").exists()

@@ -514,7 +514,9 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
     torch.manual_seed(config.train.seed)  # the initial weights
     learner = build_learner(config.method, config.method_config, problem_of(config.task))
     train_tasks = build_task_source(config.task, "train", data_dir, progress)
-    val_tasks = build_task_source(config.task, "val", data_dir, progress) if has_validation(config.task) else None
+    # no validation (--val-every 0): the val part is not built, so a folder without val/ classes trains
+    validates = has_validation(config.task) and config.train.val_every > 0
+    val_tasks = build_task_source(config.task, "val", data_dir, progress) if validates else None
     build_task_source(config.task, "test", data_dir, progress)  # an impossible test episode fails now, not after training
     if config.train.init_from and not resume:
         initialise_from_run(learner, config.train.init_from)

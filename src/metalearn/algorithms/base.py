@@ -210,13 +210,14 @@ class MetaLearner(nn.Module):
         ``(n_query, ways)``, in the order of the class ids of ``support_y``. Images and labels as
         :meth:`task_batch` takes them; no query labels are needed. For a method that samples
         models (PLATIPUS) this is the mean over the samples (``sample_probabilities`` gives
-        them all).
+        them all). Runs in eval mode (no dropout, batch norm as the method evaluates), whatever
+        the learner's mode, which it keeps.
 
         >>> config, learner, step = metalearn.load_trained("runs/protonet-folder-...")
         >>> probs = learner.fit_predict(["a1.jpg", "b1.jpg"], [0, 1], ["new.jpg"])   # (1, 2)
         """
         batch = self.task_batch(support_x, support_y, query_x, **prepare)
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(self):
             return self.predict(batch)[0].float().softmax(dim=-1)
 
 

@@ -55,7 +55,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from metalearn.algorithms.base import MetaLearner, check_network_fits, require_functional_model, Problem, task_loss
+from metalearn.algorithms.base import (MetaLearner, Problem, check_network_fits, evaluating, require_functional_model,
+                                       task_loss)
 from metalearn.algorithms.inner_loop import (Params, check_inner_loop_options, gradient_descent, loss_gradient,
                                             sgd_step)
 from metalearn.datasets import NATURAL_IMAGES
@@ -328,9 +329,11 @@ class PLATIPUS(MetaLearner):
                              generator: torch.Generator | None = None, **prepare) -> Tensor:
         """One task's class probabilities under each of ``num_samples`` sampled and adapted
         models, ``(samples, n_query, ways)``: their mean is :meth:`fit_predict`'s answer, their
-        standard deviation the spread between models. Inputs as :meth:`task_batch` takes them."""
+        standard deviation the spread between models. Inputs as :meth:`task_batch` takes them;
+        in eval mode, as :meth:`fit_predict`."""
         batch = self.task_batch(support_x, support_y, query_x, **prepare)
-        return self.sample_predictions(batch, num_samples, generator)[:, 0].float().softmax(dim=-1)
+        with evaluating(self):
+            return self.sample_predictions(batch, num_samples, generator)[:, 0].float().softmax(dim=-1)
 
     def predict_per_step(self, batch: TaskBatch) -> Tensor:
         """The samples' average prediction after each step: for classification the log of the

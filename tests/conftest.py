@@ -1,5 +1,6 @@
 """Shared fixtures. Omniglot is read from ``$METALEARN_DATA`` (CI points it at
-``../shared/data/omniglot``), else from that folder beside the project when present."""
+``../shared/data/omniglot``), else from that folder beside the project when present, else from
+the library's own data folder when ``metalearn data prepare --download`` has filled it."""
 
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ SHARED_OMNIGLOT = PROJECT.parent / "shared" / "data" / "omniglot"
 def omniglot_dir() -> Path | None:
     if os.environ.get("METALEARN_DATA"):
         return Path(os.environ["METALEARN_DATA"])
-    return SHARED_OMNIGLOT if SHARED_OMNIGLOT.is_dir() else None
+    if SHARED_OMNIGLOT.is_dir():
+        return SHARED_OMNIGLOT
+    from metalearn.data.omniglot import default_data_dir
+
+    downloaded = default_data_dir()  # in the user's cache folder: asked before the session moves it
+    found = (downloaded / "images_background.zip").is_file() or (downloaded / "images_background").is_dir()
+    return downloaded if found else None
 
 
 @pytest.fixture(scope="session")
@@ -42,8 +49,9 @@ def _omniglot_cache_of_the_session(omniglot_cache_dir):
     through ``build_task_source`` (and CLI or torchrun subprocesses, which inherit the environment)
     write the preprocessed array there, not into the user's ``~/.cache/metalearn``. The data
     folder that :func:`omniglot_dir` finds is pinned first, since the library's default data
-    folder lies inside the cache folder and would move with it; without one, the data tests skip
-    as before (the user's default data folder is not taken up)."""
+    folder lies inside the cache folder and would move with it (also when the one found is that
+    default folder, filled by ``metalearn data prepare --download``); without one, the data
+    tests skip."""
     with pytest.MonkeyPatch.context() as patch:
         found = omniglot_dir()
         if found is not None and not os.environ.get("METALEARN_DATA"):

@@ -83,3 +83,24 @@ def test_temporary_files_of_killed_writers_are_removed_and_no_others(tmp_path):
     gone = {f"checkpoint.pt.tmp{alive.pid}", f"metrics.jsonl.tmp{dead.pid}", f"eval.json.tmp{dead.pid}"}
     assert {p.name for p in removed} == gone
     assert {p.name for p in tmp_path.iterdir()} == set(names) - gone
+
+
+def test_a_cache_write_removes_the_temporary_files_of_killed_cache_writers(tmp_path):
+    """A folder cache's writer killed mid-write leaves a temporary file as large as the cache;
+    the next cache written there removes it (dead process, untouched for long), and no other."""
+    import numpy as np
+
+    from metalearn.data.cache import read_arrays, write_arrays
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale, fresh = tmp_path / f"folder-photos-1-84x84x3-v1.npz.tmp{dead.pid}", tmp_path / f"other.npz.tmp{dead.pid}"
+    for path in (stale, fresh):
+        path.write_bytes(b"half a cache")
+    hour_ago = time.time() - 3600
+    os.utime(stale, (hour_ago, hour_ago))
+    path = tmp_path / "folder-photos-1-84x84x3-v1.npz"
+    write_arrays(path, {"images": np.zeros((2, 3), np.uint8)}, {"size": 84}, "abc")
+    assert not stale.exists() and fresh.exists()
+    arrays, meta = read_arrays(path, "abc", ("images",))
+    assert arrays["images"].shape == (2, 3) and meta["size"] == 84

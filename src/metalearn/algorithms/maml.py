@@ -205,7 +205,8 @@ class MAML(MetaLearner):
         return ({"model": "conv4", "inner_lr": 0.4, "inner_steps": 1, "test_inner_steps": 3},
                 {"meta_batch_size": 32, "steps": 60000})
 
-    presets = {"maml++": "MAML++ (Antoniou, Edwards & Storkey 2019) with its Omniglot settings: every part on"}
+    presets = {"maml++": "MAML++ (Antoniou, Edwards & Storkey 2019) at its Omniglot settings, all six of its "
+                         "changes to MAML switched on (each is also an option of its own)"}
 
     @classmethod
     def preset_defaults(cls, name: str, task) -> tuple[dict, dict]:

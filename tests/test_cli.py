@@ -118,6 +118,11 @@ def test_resume_from_the_command_line_takes_the_saved_configuration(tmp_path, ca
     # another dataset makes the saved options invalid (ways 0): the message names the dataset
     code, _, err = run(["train", "maml", "--run-dir", run_dir, "--resume", "--dataset", "omniglot"], capsys)
     assert code == 2 and "task.dataset: 'sinusoid' there, 'omniglot' requested" in err
+    # options a resumed run would store and never use meet the checks of a new run's
+    for extra, message in ((["--memory-budget", 0.5], "--memory-budget applies only with --task-chunk auto"),
+                           (["--val-every", 0, "--keep-best", 2], "--keep-best applies only with validation")):
+        code, _, err = run(["train", "maml", "--run-dir", run_dir, "--resume", "--no-progress", *extra], capsys)
+        assert code == 2 and message in err, err
 
 
 def tick_ten_seconds_a_call(monkeypatch) -> None:
@@ -293,6 +298,19 @@ def test_bad_set_values_are_refused(tmp_path, capsys, setting, message):
     assert code == 2 and "0 is not in the range x>=1" in err and not (run_dir / "eval.json").exists()
     code, out, _ = run(["eval", run_dir, "--episodes", 4, "--set", "first_order=False", "--no-progress"], capsys)
     assert code == 0
+
+
+def test_a_set_that_only_starts_a_learned_tensor_is_refused(tmp_path, capsys):
+    """With learned step sizes, --set inner_lr would only set where they start; the checkpoint's
+    learned values replace it, so the evaluation would carry a name it does not deserve."""
+    run_dir = tmp_path / "run"
+    assert run(["train", "maml", "--dataset", "sinusoid", "--learn-inner-lr", "--steps", 1, "--meta-batch-size", 2,
+                "--run-dir", run_dir, "--no-progress", "--no-eval"], capsys)[0] == 0
+    code, _, err = run(["eval", run_dir, "--episodes", 2, "--set", "inner_lr=0.5", "--no-progress"], capsys)
+    assert code == 2 and "--set inner_lr=0.5: inner_lr only sets the starting value" in err
+    assert not list(run_dir.glob("eval*.json"))
+    code, _, err = run(["eval", run_dir, "--episodes", 2, "--set", "test_inner_steps=2", "--no-progress"], capsys)
+    assert code == 0, err
 
 
 def test_eval_on_episodes_of_another_shape(tmp_path, capsys, omniglot_data_dir):

@@ -375,6 +375,24 @@ def test_eval_writes_returns_after_0_to_3_steps_with_a_confidence_interval(tmp_p
     assert summary["evaluations"]["eval-weights=initial"]["per_step"] == baseline["per_step"]
 
 
+def test_plot_draws_every_step_even_after_a_final_only_evaluation(tmp_path, capsys, monkeypatch):
+    """eval --final-only writes eval.json with the last step's return alone; plot must not take
+    it for the per-step curve (it would draw the return after three steps at step 0)."""
+    import metalearn.plotting_rl as plotting_rl
+    from metalearn.api import plot_run
+
+    code, _, err = run(["train", "maml-rl", "--steps", 1, "--run-dir", tmp_path / "run", "--no-eval", *FAST], capsys)
+    assert code == 0, err
+    code, _, err = run(["eval", tmp_path / "run", "--final-only", "--no-progress"], capsys)
+    assert code == 0, err
+    assert len(json.loads((tmp_path / "run" / "eval.json").read_text())["per_step"]) == 1
+    drawn = {}
+    monkeypatch.setattr(plotting_rl, "plot_adaptation_curves",
+                        lambda curves, path, *args, **kwargs: drawn.update(curves) or path)
+    plot_run(tmp_path / "run")
+    assert len(drawn["MAML"]["per_step"]) == 4 and len(drawn["random"]["per_step"]) == 4
+
+
 def test_meta_training_improves_the_return_after_one_step():
     """A short meta-training on nav2d (8 TRPO steps of 10 tasks) raises the average return
     after one policy-gradient step on held-out goals, well beyond its standard error."""

@@ -322,3 +322,8 @@ def test_the_lifelong_protocol_runs_on_the_episode_shape_asked_for(tmp_path, cap
     assert (result["episode_width"], result["episode_length"], result["episodes"]) == (4, 12, 3)
     assert result["k_shot"][0] == 0.0 and all(math.isnan(v) for v in result["k_shot"][3:])
     assert all(0 <= v <= 100 for v in result["k_shot"][1:3]) and len(result["k_shot_ci95"]) == 6
+    # a protocol scores one checkpoint: --ensemble with it is refused, nothing written
+    code, _, err = run(["eval", tmp_path / "r", "--protocol", "lifelong", "--ensemble", "--no-progress",
+                        "--data-dir", omniglot_data_dir], capsys)
+    assert code == 2 and "--protocol lifelong evaluates one checkpoint" in err
+    assert not list((tmp_path / "r").glob("eval-ensemble*"))

@@ -171,6 +171,17 @@ def test_export_of_a_run_without_metrics_leaves_no_summary_behind(tiny_run, tmp_
     assert not (tmp_path / "out" / "summary.json").exists() and not (tmp_path / "out").exists()
 
 
+def test_export_into_the_runs_own_plots_folder_keeps_the_plots(tiny_run, tmp_path, capsys):
+    """The plots already in place are left as they are (no copy of a file onto itself), and the
+    summary is written beside them."""
+    run_dir = copy_of(tiny_run, tmp_path)
+    code, _, err = cli_runner.run(["export", run_dir, run_dir / "plots"], capsys)
+    assert code == 0, err
+    plots = run_dir / "plots"
+    assert (plots / "summary.json").is_file() and (plots / "learning_curves.png").stat().st_size > 0
+    assert not list(plots.glob("*.tmp*"))
+
+
 def test_metrics_lines_that_are_no_record_are_skipped_and_a_damaged_config_is_one_line(tiny_run, tmp_path):
     run_dir = copy_of(tiny_run, tmp_path)
     run = RunDir(run_dir)

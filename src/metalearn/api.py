@@ -45,7 +45,7 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
         saved = RunDir(resume_from).read_config()
         check_same_method(saved, method, resume_from)  # before its options meet another method's
         try:
-            return RunConfig(
+            resumed = RunConfig(
                 method,
                 dataclasses.replace(saved.task, **task),
                 {**saved.method_config, **method_config},
@@ -61,6 +61,11 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
             if not differ:
                 raise
             raise configuration_conflict(f"the run in {resume_from}", differ) from None
+        # the options given to the resumed run meet the checks a new run's meet
+        check_options_apply(method, method_config, make_method_config(method, resumed.method_config), resumed.task,
+                            train)
+        check_train_options(train, resumed.train)
+        return resumed
     dataset = dataset_for(cls, task.get("dataset", cls.default_dataset or TaskConfig.dataset))  # an unknown name first
     task.setdefault("dataset", dataset.name)
     check_method_fits_dataset(cls, dataset)
@@ -80,10 +85,20 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
     if not has_validation(task_config):  # the saved configuration says what happens: no validation
         train_defaults = {**train_defaults, "val_every": 0}
     train_config = TrainConfig(**{**train_defaults, **train})
-    if "memory_budget" in train and train_config.task_chunk != "auto":  # it would be stored and unused
-        raise ConfigError("TrainConfig", "memory_budget", "applies only with `task_chunk` auto")
-    warn_of_schedule(train_config)
+    check_train_options(train, train_config)
     return RunConfig(method, task_config, dataclasses.asdict(method_options), train_config)
+
+
+def check_train_options(given: dict[str, Any], train: TrainConfig) -> None:
+    """Refuse training options the user gave that the resolved ``train`` would store and never
+    use (checkpoints kept by a validation that never runs, a memory budget without ``auto``),
+    and warn of a schedule that stalls (:func:`warn_of_schedule`)."""
+    if "memory_budget" in given and train.task_chunk != "auto":
+        raise ConfigError("TrainConfig", "memory_budget", "applies only with `task_chunk` auto")
+    if train.val_every == 0 and given.get("keep_best"):  # no validation: no score to keep checkpoints by
+        raise ConfigError("TrainConfig", "keep_best", "applies only with validation (`val_every` above 0); "
+                                                      "without it `metalearn eval --ensemble` would find none")
+    warn_of_schedule(train)
 
 
 def dataset_for(cls, name: str):
@@ -139,7 +154,7 @@ def check_options_apply(method: str, given_method: dict[str, Any], method_config
             wanted = f"`{other}`" if needed is True else f"`{other}` {needed}"
             raise ConfigError(f"{cls.__name__}.Config", option, f"applies only with {wanted}")
     if not has_validation(task):
-        given = tuple(name for name in ("val_every", "val_episodes") if given_train.get(name))
+        given = tuple(name for name in ("val_every", "val_episodes", "keep_best") if given_train.get(name))
         if given:
             raise ConfigError("TrainConfig", given, f"cannot apply: the {task.split} split has no validation part "
                                                     "(the maml and vinyals splits have one)")
@@ -182,7 +197,8 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
     if world.is_main:
         start = f"resuming at step {trainer.step}" if trainer.step else "starting"
         # --steps 0 is allowed on purpose: the initial weights, saved and tested, are a baseline
-        untrained = (" (--steps 0: no training; the initial weights are saved and tested)"
+        tested = " and tested" if evaluate_after else ""
+        untrained = (f" (--steps 0: no training; the initial weights are saved{tested})"
                      if not config.train.steps else "")
         announce(f"{start}: {config.method} on {config.task.dataset}, run directory {run_dir}{untrained}")
     trainer.fit(progress=progress, time_limit_s=None if time_limit_s is None else time_limit_s - (now() - started))
@@ -217,6 +233,7 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     Module's ``"lifelong"``) instead of the standard episodes; written to
     ``eval-protocol=<name>.json``.
     """
+    check_protocol_or_ensemble(protocol, ensemble)
     config, learner, step = load_trained(run_dir, overrides)
     if protocol is not None:  # on the run's test shape, or ``episode_shape`` (e.g. 20-way episodes)
         labels = {**evaluation_labels(config, overrides, episode_shape, episodes, seed), "protocol": protocol}
@@ -241,6 +258,14 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
                        {**(overrides or {}), **(episode_shape or {})}, per_step, labels,
                        {"ensemble": [member_step for _, _, member_step in members]} if ensemble else None)
     return result
+
+
+def check_protocol_or_ensemble(protocol: str | None, ensemble: bool) -> None:
+    """A method's own protocol scores the latest checkpoint; an ensemble averages checkpoints on
+    the standard episodes: the two do not combine."""
+    if protocol is not None and ensemble:
+        raise MetalearnError(f"--protocol {protocol} evaluates one checkpoint, the latest; --ensemble averages "
+                             "checkpoints on the standard episodes only: give one of the two")
 
 
 def _evaluate_protocol(run_dir, config: RunConfig, learner, step: int, protocol: str, part: str,
@@ -383,9 +408,11 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
     episodes = config.train.eval_episodes
 
     def reusable(saved: dict[str, Any] | None, **expected) -> bool:
-        """Whether a stored evaluation scored these test tasks under ``expected``."""
+        """Whether a stored evaluation scored these test tasks under ``expected``, after every
+        step (one of ``metalearn eval --final-only`` holds the last step's return alone)."""
         expected.update(episodes=episodes, seed=TEST_SEED_OFFSET)
-        return saved is not None and all(saved.get(key) == value for key, value in expected.items())
+        return (saved is not None and all(saved.get(key) == value for key, value in expected.items())
+                and len(saved.get("per_step") or ()) > 1)
 
     def returns(run: Path | str, trained, at_step: int) -> dict[str, Any]:
         saved = RunDir(run).read_evaluations().get("eval")
@@ -503,9 +530,8 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
     wall time, every evaluation without per-episode scores, the last metrics, the validation
     records and the :func:`training_curve`) and the plots.
     Everything is read and drawn before ``out_dir`` is touched: a run that cannot be exported
-    leaves no partial record there."""
-    import shutil
-
+    leaves no partial record there. Each file is written whole (atomically), the plots before
+    ``summary.json``; a plot already in place (``out_dir`` the run's own ``plots/``) stays."""
     run = RunDir(run_dir)
     config = run.read_config()
     state = run.read_checkpoint("step")
@@ -525,12 +551,14 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / "summary.json"]
-    atomic_write_bytes(written[0], (summary_json(summary) + "\n").encode())
+    written = []
     for plot in plots:
-        shutil.copy(plot, out / plot.name)
-        written.append(out / plot.name)
-    return written
+        target = out / plot.name
+        if not (target.exists() and target.samefile(plot)):
+            atomic_write_bytes(target, plot.read_bytes())
+        written.append(target)
+    atomic_write_bytes(out / "summary.json", (summary_json(summary) + "\n").encode())
+    return [out / "summary.json", *written]
 
 
 RATE_WINDOWS = 20  # logged training windows whose median rate ``run_status`` projects the time left by

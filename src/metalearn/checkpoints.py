@@ -125,6 +125,30 @@ def load_learner_state(learner: MetaLearner, state: dict[str, Any], where: Path,
         raise MetalearnError(f"the checkpoint in {where} does not fit this model: {cause}{detail}") from None
 
 
+def check_overrides_leave_weights(config: RunConfig, overrides: dict[str, Any]) -> None:
+    """Refuse an override that only sets where a trained tensor starts (MAML's ``inner_lr``
+    under ``learn_inner_lr``, PLATIPUS's ``std_init``): the checkpoint's learned value replaces
+    it, so the evaluation would score the run as it is under a name that says otherwise. Found
+    by building the learner with and without the override from the same seed: the same tensors
+    (names and shapes) with other values. An override that changes the network's tensors
+    themselves is left to :func:`load_learner_state`, which names the mismatch."""
+    if not overrides:
+        return
+
+    def initial(options: dict[str, Any]) -> dict[str, torch.Tensor]:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return build_learner(config.method, options, problem_of(config.task)).state_dict()
+
+    base = initial(config.method_config)
+    for key, value in overrides.items():
+        other = initial({**config.method_config, key: value})
+        same_tensors = other.keys() == base.keys() and all(other[k].shape == base[k].shape for k in base)
+        if same_tensors and any(not torch.equal(other[k], base[k]) for k in base):
+            raise MetalearnError(f"--set {key}={value}: {key} only sets the starting value of a tensor that "
+                                 "the run trained, and the checkpoint's trained value replaces it; leave it out")
+
+
 def initialise_from_run(learner: MetaLearner, run_dir: Path | str) -> int:
     """Copy the network weights (``model.*``) of the checkpoint in ``run_dir`` into ``learner``;
     everything else of ``learner`` (a method's own parameters) keeps its initial value. The
@@ -208,6 +232,7 @@ def load_trained(run_dir: Path | str, overrides: dict[str, Any] | None = None,
         raise MetalearnError(f"--set model={overrides['model']}: the run trained "
                              f"{config.method_config.get('model')}; a network cannot change at evaluation")
     check_weights_finite(state["learner"], run.path)
+    check_overrides_leave_weights(config, overrides or {})
     options = {**config.method_config, **(overrides or {})}
     learner = build_learner(config.method, options, problem_of(config.task))
     changed = ", ".join(f"--set {key}" for key in (overrides or {}))

@@ -237,7 +237,8 @@ def train():
                    "classes, in the test episodes' shape: the gap to the test score) eval-part=train.json")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
 @click.option("--set", "settings", multiple=True, metavar="OPTION=VALUE",
-              help="change a method option for this evaluation, e.g. --set test_inner_steps=10")
+              help="change a method option for this evaluation, e.g. --set test_inner_steps=10 (not one that "
+                   "changes the network or only starts a trained value, such as inner_lr under learn_inner_lr)")
 @click.option("--ways", type=INTEGER, default=None,
               help="test on episodes of this many classes instead of the run's (methods without "
                    "a per-class output layer, such as protonet and matchingnet)")
@@ -259,9 +260,10 @@ def train():
 def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots, query, per_step, progress, device,
                  fast_gpu_kernels, ensemble, protocol):
     """Evaluate a trained run: mean accuracy (or MSE) with a 95% confidence interval."""
-    from metalearn.api import evaluate_run, evaluation_labels
+    from metalearn.api import check_protocol_or_ensemble, evaluate_run, evaluation_labels
     from metalearn.evaluation import format_result
 
+    check_protocol_or_ensemble(protocol, ensemble)  # before the file name, which counts the checkpoints
     overrides = dict(parse_setting(s) for s in settings)
     shape = {k: v for k, v in (("ways", ways), ("shots", shots), ("query", query)) if v is not None}
     labels = evaluation_labels(RunDir(run_dir).read_config(), overrides, shape, episodes, seed)
@@ -352,7 +354,7 @@ def compare(run_dirs, episodes, seed, num_samples, json_path, settings, data_dir
         raise MetalearnError("compare labels runs by their folder names; give runs with distinct names")
     overrides = dict(parse_setting(s) for s in settings)
     if json_path:  # found out now, not after minutes of evaluation
-        check_writable_file("--json", json_path)
+        check_writable_file("--json", json_path, "compare.json")
     result = compare_learners(labels, episodes=episodes, seed=seed, num_samples=num_samples, data_dir=data_dir,
                               overrides=overrides)
     measures = [k for k, v in result[next(iter(labels))].items() if isinstance(v, dict)]
@@ -367,16 +369,19 @@ def compare(run_dirs, episodes, seed, num_samples, json_path, settings, data_dir
             cells.append(f"{value['mean']:.4g}" + (f" +/- {ci:.2g}" if ci is not None else ""))
         click.echo(f"| {label} | " + " | ".join(cells) + " |")
     if json_path:
+        from metalearn.files import atomic_write_bytes
+
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_bytes(json_path, (json.dumps(result, indent=2) + "\n").encode())  # never half a file
         click.echo(f"written to {json_path}")
 
 
-def check_writable_file(option: str, path: Path) -> None:
-    """Refuse an output file that could not be written: a folder, below a file, or in a folder
-    this user cannot write to (its missing folders are made when it is written)."""
+def check_writable_file(option: str, path: Path, example: str) -> None:
+    """Refuse an output file that could not be written: a folder (the message suggests
+    ``example`` in it), below a file, or in a folder this user cannot write to (its missing
+    folders are made when it is written)."""
     if path.is_dir():
-        raise MetalearnError(f"{option} {path} is a folder; give a file name, e.g. {path / 'compare.json'}")
+        raise MetalearnError(f"{option} {path} is a folder; give a file name, e.g. {path / example}")
     existing = next(p for p in path.absolute().parents if p.exists())
     if not existing.is_dir():
         raise MetalearnError(f"{option} {path}: {existing} is a file, not a folder")
@@ -402,9 +407,10 @@ def predict(run_dir, support, queries, json_path, csv_path, sheet, num_samples, 
     run: metalearn predict RUN_DIR --support DIR --query DIR_OR_FILE."""
     from metalearn.api import predict_run
 
-    for option, path in (("--json", json_path), ("--csv", csv_path), ("--sheet", sheet)):
+    for option, path, example in (("--json", json_path, "predictions.json"), ("--csv", csv_path, "predictions.csv"),
+                                  ("--sheet", sheet, "predictions.png")):
         if path is not None:  # found out now, not after the images are read
-            check_writable_file(option, path)
+            check_writable_file(option, path, example)
     result = predict_run(run_dir, support, list(queries), json_out=json_path, csv_out=csv_path, sheet=sheet,
                          num_samples=num_samples, device=device)
     shots = ", ".join(f"{name} ({n})" for name, n in zip(result["classes"], result["shots"]))
@@ -434,7 +440,7 @@ def sample_command(run_dir, support, num, out, seed):
     from metalearn.api import sample_run
 
     if out is not None:
-        check_writable_file("--out", out)
+        check_writable_file("--out", out, "samples.png")
     click.echo(f"wrote {sample_run(run_dir, list(support), num=num, out=out, seed=seed)}")
 
 

@@ -115,3 +115,27 @@ def test_evaluate_restores_each_submodules_own_mode():
         assert not any(module.training for module in learner.modules())
         raise ValueError
     assert not frozen.training and learner.training and learner.model.training
+
+
+def test_the_pixel_nearest_neighbour_baseline_takes_the_class_of_the_nearest_support_image():
+    """scripts/pixel-nearest-neighbour.py (the statistician page's baseline column): each query
+    takes the class of its nearest support image, also with several images a class."""
+    import importlib.util
+    from pathlib import Path
+
+    from metalearn.tasks.batch import TaskBatch
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "pixel-nearest-neighbour.py"
+    spec = importlib.util.spec_from_file_location("pixel_nearest_neighbour", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    g = torch.Generator().manual_seed(0)
+    support_x = torch.rand(2, 6, 1, 5, 5, generator=g)
+    support_y = torch.tensor([[0, 0, 1, 1, 2, 2], [2, 1, 0, 2, 1, 0]])
+    chosen = [5, 0, 3]  # each query a slightly moved copy of one support image
+    batch = TaskBatch(support_x, support_y, support_x[:, chosen] + 0.01, support_y[:, chosen], ways=3)
+    scores = script.PixelNearestNeighbour().predict(batch)
+    assert scores.shape == (2, 3, 3) and torch.equal(scores.argmax(-1), support_y[:, chosen])
+    # another class's score: minus the squared distance to the nearer of its two images
+    nearest = min((batch.query_x[0, 0] - support_x[0, i]).square().sum() for i in (0, 1))
+    assert torch.allclose(-scores[0, 0, 0], nearest, rtol=1e-5)

@@ -165,6 +165,30 @@ def test_time_limit_from_the_command_line(tmp_path, capsys, monkeypatch):
         assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_stop_at_from_the_command_line(tmp_path, capsys):
+    """--stop-at: the checkpoint of that step, exit status 0, the resume command, no test
+    evaluation; a resume goes on to the end and evaluates. A step the run has passed, one not
+    before its last, or not a positive integer: one line, exit 2, and no run folder made."""
+    run_dir = tmp_path / "run"
+    args = ["train", "maml", "--dataset", "sinusoid", "--meta-batch-size", 2, "--steps", 6, "--val-every", 0,
+            "--run-dir", run_dir, "--no-progress"]
+    code, out, err = run(args + ["--stop-at", 2], capsys)
+    assert code == 0 and "MSE" not in out and RunDir(run_dir).read_checkpoint("step")["step"] == 2
+    assert "stopped as asked (--stop-at) after step 2 of 6" in err and "--resume" in err
+    resume = ["train", "maml", "--run-dir", run_dir, "--resume", "--no-progress"]
+    for step, message in ((2, "--stop-at 2: the run is already at step 2"),
+                          (6, "--stop-at 6 is not before the run's last step (6)")):
+        code, out, err = run(resume + ["--stop-at", step], capsys)
+        assert code == 2 and message in err and "resuming" not in out and len(err.strip().splitlines()) == 1
+    code, out, _ = run(resume, capsys)
+    assert code == 0 and "resuming at step 2" in out and "MSE" in out
+    for bad in (0, -3):
+        code, _, err = run(args[:-3] + ["--run-dir", tmp_path / f"new{bad}", "--stop-at", bad], capsys)
+        assert code == 2 and "a positive integer" in err and not (tmp_path / f"new{bad}").exists()
+    code, _, err = run(args[:-3] + ["--run-dir", tmp_path / "x", "--stop-at", "soon"], capsys)
+    assert code == 2 and "'soon' is not a valid integer" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

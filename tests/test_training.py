@@ -188,6 +188,39 @@ def test_the_time_limit_stops_before_an_iteration_that_would_end_past_it_and_res
         assert torch.equal(a[name], b[name]), name
 
 
+def test_stop_at_pauses_after_that_step_of_the_schedule_and_resume_stays_exact(tmp_path):
+    """``stop_at=2`` of a 6-step run under cosine annealing (the schedule of all 6 steps, not
+    one cut to 2): step 2 is saved (not a periodic checkpoint), training stops with exit code 0,
+    and two resumes, the first to step 4, give the parameters and learning rate of an
+    uninterrupted run."""
+    config = sinusoid_config(6, val_every=0, lr_anneal="cosine", min_meta_lr=1e-5, checkpoint_every=100)
+    straight = build_trainer(config, tmp_path / "straight")
+    straight.fit(progress=False)
+
+    trainer = build_trainer(config, tmp_path / "paused")
+    with pytest.raises(TrainingStopped, match=r"stopped as asked \(--stop-at\) after step 2 of 6.*--resume") as stopped:
+        trainer.fit(progress=False, stop_at=2)
+    assert stopped.value.exit_code == 0
+    assert load_trained(tmp_path / "paused")[2] == 2
+    # the rate after 2 of 6 cosine steps, not the minimum a 2-step schedule would have reached
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.75)
+
+    resumed = build_trainer(config, tmp_path / "paused", resume=True)
+    with pytest.raises(TrainingStopped, match="after step 4 of 6"):
+        resumed.fit(progress=False, stop_at=4)
+    resumed = build_trainer(config, tmp_path / "paused", resume=True)
+    for bad, message in ((4, "already at step 4"), (3, "already at step 4"), (6, "not before the run's last step"),
+                         (0, "a positive integer"), (2.5, "a positive integer"), (True, "a positive integer")):
+        with pytest.raises(MetalearnError, match=message):
+            resumed.fit(progress=False, stop_at=bad)
+    resumed.fit(progress=False)
+    assert resumed.step == 6
+    assert resumed.optimizer.param_groups[0]["lr"] == straight.optimizer.param_groups[0]["lr"]
+    a, b = parameters_of(straight.learner), parameters_of(resumed.learner)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGCONT"), reason="no SIGCONT on this platform")
 def test_a_stopped_and_continued_iteration_is_not_taken_for_a_long_one(tmp_path, monkeypatch):
     """10 s a step and a 100 s limit, but step 2 includes a 50 s stop (its clock jumps, and a

@@ -163,7 +163,8 @@ def check_options_apply(method: str, given_method: dict[str, Any], method_config
 def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path | str | None = None,
           resume: bool = False, progress: bool = True, evaluate_after: bool = True,
           announce: Callable[[str], None] = print, device: str = "cpu",
-          exact_gpu_kernels: bool = True, time_limit_s: float | None = None) -> tuple[Path, dict[str, Any] | None]:
+          exact_gpu_kernels: bool = True, time_limit_s: float | None = None,
+          stop_at: int | None = None) -> tuple[Path, dict[str, Any] | None]:
     """Meta-train ``config`` into ``run_dir`` (joins a torchrun group when launched by one) on
     ``device`` (cpu, cuda, cuda:N or auto); then, unless told not to, evaluate on the test
     split. Returns (run dir, eval result). The device is not part of the run: a run resumes or
@@ -172,12 +173,16 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
     ``time_limit_s``: stop with a checkpoint before that many seconds from this call have
     passed, setup included (:meth:`~metalearn.training.Trainer.fit`); like a SIGTERM, this raises
     :class:`~metalearn.errors.TrainingStopped` and skips the evaluation. Not part of the run:
-    a resume takes its own limit."""
-    from metalearn.training import now
+    a resume takes its own limit. ``stop_at``: stop the same way after that meta-step of the run's
+    schedule (exit code 0), which must lie after the run's current step and before its last:
+    runs of a long schedule (cosine annealing, derivative-order switch) compared at equal steps."""
+    from metalearn.training import check_stop_at, now
 
     started = now()
     if time_limit_s is not None and not (isinstance(time_limit_s, (int, float)) and time_limit_s > 0):
         raise MetalearnError(f"the time limit must be a positive number of seconds, got {time_limit_s!r}")
+    if stop_at is not None:
+        check_stop_at(stop_at, 0, config.train.steps)  # the run's own step is checked when it is loaded
     world = init_world(device, exact_gpu_kernels=exact_gpu_kernels)
     if run_dir is None:
         if resume:
@@ -194,6 +199,8 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
             raise
     else:
         trainer = build_trainer(config, run_dir, data_dir=data_dir, resume=resume, world=world, progress=progress)
+    if stop_at is not None:
+        check_stop_at(stop_at, trainer.step, config.train.steps)  # a resumed run's step: before the announcement
     if world.is_main:
         start = f"resuming at step {trainer.step}" if trainer.step else "starting"
         # --steps 0 is allowed on purpose: the initial weights, saved and tested, are a baseline
@@ -201,7 +208,8 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
         untrained = (f" (--steps 0: no training; the initial weights are saved{tested})"
                      if not config.train.steps else "")
         announce(f"{start}: {config.method} on {config.task.dataset}, run directory {run_dir}{untrained}")
-    trainer.fit(progress=progress, time_limit_s=None if time_limit_s is None else time_limit_s - (now() - started))
+    trainer.fit(progress=progress, time_limit_s=None if time_limit_s is None else time_limit_s - (now() - started),
+                stop_at=stop_at)
     result = None
     if evaluate_after:  # the trained weights in memory: no rank needs to read the checkpoint back
         result = _evaluate(run_dir, config, trainer.learner, trainer.step, "test", None, 0, data_dir,

@@ -163,7 +163,7 @@ def _make_train_command(method: str) -> click.Command:
                                 resume=options["resume"], progress=options["progress"],
                                 evaluate_after=options["eval"], announce=click.echo, device=options["device"],
                                 exact_gpu_kernels=not options["fast_gpu_kernels"],
-                                time_limit_s=options["time_limit"])
+                                time_limit_s=options["time_limit"], stop_at=options["stop_at"])
         if int(os.environ.get("RANK", "0")) != 0:
             return  # under torchrun only rank 0 reports
         if result is not None:
@@ -185,6 +185,10 @@ def _make_train_command(method: str) -> click.Command:
                      help="stop with a checkpoint before this much time has passed since the command started "
                           "(5400, 90m, 1h30m, 1:30:00): the step that would end past it is not begun; exit "
                           f"status {TIME_LIMIT_EXIT}, continue with --resume (which takes its own limit)"),
+        click.Option(["--stop-at"], type=int, default=None, metavar="STEP",
+                     help="stop with a checkpoint after this meta-step of the run's schedule, without the "
+                          "test evaluation; exit status 0, continue with --resume: runs of a long schedule "
+                          "compared at equal steps"),
         click.Option(["--device"], default="cpu", show_default=True, help=DEVICE_HELP),
         click.Option(["--fast-gpu-kernels"], is_flag=True, help=FAST_GPU_HELP),
         *([click.Option(["--preset"], type=click.Choice(list(METHODS[method].presets)), default=None,
@@ -654,7 +658,7 @@ def _main(args: list[str] | None) -> None:
     try:
         code = cli.main(args=args, prog_name="metalearn", standalone_mode=False)
         leave_world(orderly=True)
-    except TrainingStopped as err:  # Ctrl-C, SIGTERM or --time-limit: the last step is saved
+    except TrainingStopped as err:  # Ctrl-C, SIGTERM, --time-limit or --stop-at: the last step is saved
         click.echo(str(err), err=True)
         sys.exit(err.exit_code)
     except ConfigError as err:  # the field named as the command line spells it

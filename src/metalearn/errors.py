@@ -65,9 +65,9 @@ TIME_LIMIT_EXIT = 75  # sysexits' EX_TEMPFAIL: not finished, try again later (wi
 
 
 class TrainingStopped(MetalearnError):
-    """Training stopped on request (Ctrl-C or SIGTERM) or at its time limit after saving a
-    checkpoint of its last step; ``exit_code`` is the shell's for that signal (130, 143), or
-    :data:`TIME_LIMIT_EXIT` (75) for the time limit."""
+    """Training stopped on request (Ctrl-C or SIGTERM), at its time limit or at its ``--stop-at``
+    step after saving a checkpoint of its last step; ``exit_code`` is the shell's for that signal
+    (130, 143), :data:`TIME_LIMIT_EXIT` (75) for the time limit, 0 for ``--stop-at``."""
 
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)

@@ -60,6 +60,17 @@ def lr_factor(train, step: int) -> float:
     return factor
 
 
+def check_stop_at(stop_at, step: int, steps: int) -> None:
+    """``--stop-at``: a step after the run's current ``step`` and before its last, ``steps``."""
+    if isinstance(stop_at, bool) or not isinstance(stop_at, int) or stop_at < 1:
+        raise MetalearnError(f"--stop-at takes a step number (a positive integer), got {stop_at!r}")
+    if stop_at <= step:
+        raise MetalearnError(f"--stop-at {stop_at}: the run is already at step {step}; give a later step")
+    if stop_at >= steps:
+        raise MetalearnError(f"--stop-at {stop_at} is not before the run's last step ({steps}); "
+                             f"leave it out to train to the end")
+
+
 def now() -> float:
     """The clock of ``--time-limit`` (monotonic seconds); the tests replace it."""
     return time.monotonic()
@@ -221,10 +232,13 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def fit(self, progress: bool = True, time_limit_s: float | None = None) -> None:
+    def fit(self, progress: bool = True, time_limit_s: float | None = None, stop_at: int | None = None) -> None:
         """Train to ``config.train.steps``, saving as configured. A first Ctrl-C or SIGTERM, or
         ``time_limit_s`` seconds from this call, ends training after the step in progress with
-        a checkpoint of it and :class:`~metalearn.errors.TrainingStopped`. The time limit is
+        a checkpoint of it and :class:`~metalearn.errors.TrainingStopped`. ``stop_at``: end the
+        same way after that step of the run's schedule (exit code 0: a pause asked for, so that
+        runs can be compared at equal steps of a schedule longer than the time at hand; every
+        rank stops after the same step); it must lie after the run's step and before its last. The time limit is
         kept by not starting an iteration (a step with its logging, validation and checkpoint)
         that would end past it, taking the longest iteration so far as the next one's length:
         a run with validation every N steps stops about one validation's time early. An
@@ -235,6 +249,8 @@ class Trainer:
         if self.run_dir is None:
             raise MetalearnError("this Trainer has no run folder to write into; build it with a run_dir")
         train = self.config.train
+        if stop_at is not None:
+            check_stop_at(stop_at, self.step, train.steps)
         if self.lock is None:  # one writer per folder, until fit returns (the same test on every rank)
             self.lock = lock_for_training(self.run_dir, self.world)
         bar = None
@@ -252,7 +268,7 @@ class Trainer:
             if self.step == 0:
                 self.save()  # eval, resume and a NaN at step 1 always find a checkpoint
             with StopRequests() as stop:
-                self._loop(stop, bar, parameters, share, local_fraction, deadline)
+                self._loop(stop, bar, parameters, share, local_fraction, deadline, stop_at)
             self.save()
         except RankLost as err:
             raise MetalearnError(
@@ -267,7 +283,7 @@ class Trainer:
             self.lock = None
 
     def _loop(self, stop: StopRequests, bar, parameters, share: slice, local_fraction: float,
-              deadline: float | None = None) -> None:
+              deadline: float | None = None, stop_at: int | None = None) -> None:
         train = self.config.train
         window_time, window_tasks = 0.0, 0  # meta-steps only: no validation or checkpoint time
         # for the deadline: the longest iteration so far, from one stop decision to the next (a
@@ -337,10 +353,14 @@ class Trainer:
                 continued = stop.continued
                 out_of_time = mark + longest > deadline
             stopping = self._stop_requested(stop, out_of_time)
+            paused = not stopping and self.step == stop_at  # the same step on every rank: no collective
+            stopping = stopping or paused
             if self.step % train.checkpoint_every == 0 or stopping:
                 self.save()
             if stopping:  # also after the last step: the test evaluation is then skipped
-                if stop.received is not None:
+                if paused:
+                    why, code = "stopped as asked (--stop-at)", 0
+                elif stop.received is not None:
                     why, code = f"stopped by {stop.received.name}", 128 + int(stop.received)
                 elif out_of_time:
                     why, code = "stopped at its time limit", TIME_LIMIT_EXIT

@@ -167,8 +167,9 @@ def test_time_limit_from_the_command_line(tmp_path, capsys, monkeypatch):
 
 def test_stop_at_from_the_command_line(tmp_path, capsys):
     """--stop-at: the checkpoint of that step, exit status 0, the resume command, no test
-    evaluation; a resume goes on to the end and evaluates. A step the run has passed, one not
-    before its last, or not a positive integer: one line, exit 2, and no run folder made."""
+    evaluation; the same command again does nothing and exits 0; a resume goes on to the end
+    and evaluates. A step the run has passed, one not before its last, or not a positive
+    integer: one line, exit 2 (with --print-config too), and no run folder made."""
     run_dir = tmp_path / "run"
     args = ["train", "maml", "--dataset", "sinusoid", "--meta-batch-size", 2, "--steps", 6, "--val-every", 0,
             "--run-dir", run_dir, "--no-progress"]
@@ -176,10 +177,14 @@ def test_stop_at_from_the_command_line(tmp_path, capsys):
     assert code == 0 and "MSE" not in out and RunDir(run_dir).read_checkpoint("step")["step"] == 2
     assert "stopped as asked (--stop-at) after step 2 of 6" in err and "--resume" in err
     resume = ["train", "maml", "--run-dir", run_dir, "--resume", "--no-progress"]
-    for step, message in ((2, "--stop-at 2: the run is already at step 2"),
+    code, out, err = run(resume + ["--stop-at", 2], capsys)  # the same command again: nothing to do
+    assert code == 0 and "at step 2 of 6 already" in err and "MSE" not in out
+    for step, message in ((1, "--stop-at 1: the run is already at step 2"),
                           (6, "--stop-at 6 is not before the run's last step (6)")):
         code, out, err = run(resume + ["--stop-at", step], capsys)
         assert code == 2 and message in err and "resuming" not in out and len(err.strip().splitlines()) == 1
+        code, out, err = run(resume + ["--stop-at", step, "--print-config"], capsys)
+        assert code == 2 and message in err and not out
     code, out, _ = run(resume, capsys)
     assert code == 0 and "resuming at step 2" in out and "MSE" in out
     for bad in (0, -3):

@@ -209,16 +209,66 @@ def test_stop_at_pauses_after_that_step_of_the_schedule_and_resume_stays_exact(t
     with pytest.raises(TrainingStopped, match="after step 4 of 6"):
         resumed.fit(progress=False, stop_at=4)
     resumed = build_trainer(config, tmp_path / "paused", resume=True)
-    for bad, message in ((4, "already at step 4"), (3, "already at step 4"), (6, "not before the run's last step"),
+    for bad, message in ((3, "already at step 4"), (6, "not before the run's last step"),
                          (0, "a positive integer"), (2.5, "a positive integer"), (True, "a positive integer")):
-        with pytest.raises(MetalearnError, match=message):
+        with pytest.raises(MetalearnError, match=message) as refused:
             resumed.fit(progress=False, stop_at=bad)
+        assert not isinstance(refused.value, TrainingStopped)
+    # the same pause asked for again: nothing trained, exit code 0, so a script can repeat itself
+    with pytest.raises(TrainingStopped, match="at step 4 of 6 already") as again:
+        resumed.fit(progress=False, stop_at=4)
+    assert again.value.exit_code == 0 and resumed.step == 4
     resumed.fit(progress=False)
     assert resumed.step == 6
     assert resumed.optimizer.param_groups[0]["lr"] == straight.optimizer.param_groups[0]["lr"]
     a, b = parameters_of(straight.learner), parameters_of(resumed.learner)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_a_signal_or_the_time_limit_in_the_stop_at_step_still_reports_the_pause(tmp_path, monkeypatch):
+    """SIGTERM during step 3, or a time limit that runs out after it, with ``stop_at=3``: the
+    checkpoint is the step asked for, so the pause is what is reported (exit code 0), and the
+    same call again stops at once with 0 rather than refusing a step the run has reached."""
+    import metalearn.training as training
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(training, "now", lambda: clock["t"])
+    for case in ("signal", "time"):
+        trainer = build_trainer(sinusoid_config(6, val_every=0), tmp_path / case)
+        real_meta_loss = trainer.learner.meta_loss
+
+        def step(batch, trainer=trainer, case=case):
+            clock["t"] += 10.0
+            if case == "signal" and trainer.step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_meta_loss(batch)
+
+        trainer.learner.meta_loss = step
+        with pytest.raises(TrainingStopped, match=r"stopped as asked \(--stop-at\) after step 3 of 6") as stopped:
+            trainer.fit(progress=False, stop_at=3, time_limit_s=35.0 if case == "time" else None)
+        assert stopped.value.exit_code == 0 and load_trained(tmp_path / case)[2] == 3
+        again = build_trainer(sinusoid_config(6, val_every=0), tmp_path / case, resume=True)
+        with pytest.raises(TrainingStopped, match="already") as repeated:
+            again.fit(progress=False, stop_at=3)
+        assert repeated.value.exit_code == 0 and load_trained(tmp_path / case)[2] == 3
+
+
+def test_train_refusing_stop_at_lets_go_of_the_run_folder(tmp_path):
+    """``api.train`` with a ``stop_at`` the resumed run has passed: refused, and the folder's
+    one-writer lock is released (a notebook keeps the exception and with it the trainer), so the
+    next call on the folder trains."""
+    from metalearn.api import train
+
+    config = sinusoid_config(6, val_every=0)
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingStopped):
+        train(config, run_dir, progress=False, stop_at=3, announce=lambda _: None)
+    with pytest.raises(MetalearnError, match="already at step 3") as refused:
+        train(config, run_dir, resume=True, progress=False, stop_at=2, announce=lambda _: None)
+    assert refused.traceback  # held here, with the trainer in its frames, as a REPL holds the last error
+    with pytest.raises(TrainingStopped, match="after step 4 of 6"):
+        train(config, run_dir, resume=True, progress=False, stop_at=4, announce=lambda _: None)
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGCONT"), reason="no SIGCONT on this platform")

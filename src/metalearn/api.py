@@ -200,7 +200,11 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
     else:
         trainer = build_trainer(config, run_dir, data_dir=data_dir, resume=resume, world=world, progress=progress)
     if stop_at is not None:
-        check_stop_at(stop_at, trainer.step, config.train.steps)  # a resumed run's step: before the announcement
+        try:  # a resumed run's step: refused before the announcement
+            check_stop_at(stop_at, trainer.step, config.train.steps)
+        except MetalearnError:
+            trainer.release()
+            raise
     if world.is_main:
         start = f"resuming at step {trainer.step}" if trainer.step else "starting"
         # --steps 0 is allowed on purpose: the initial weights, saved and tested, are a baseline

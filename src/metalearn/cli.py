@@ -153,10 +153,13 @@ def _make_train_command(method: str) -> click.Command:
         )
         if options["print_config"]:  # what training would refuse, refused here too
             from metalearn.distributed import resolve_device
-            from metalearn.training import build_trainer
+            from metalearn.training import build_trainer, check_stop_at
 
             resolve_device(options["device"])
-            build_trainer(config, options["run_dir"], options["data_dir"], options["resume"], progress=False, lock=False)
+            trainer = build_trainer(config, options["run_dir"], options["data_dir"], options["resume"], progress=False,
+                                    lock=False)
+            if options["stop_at"] is not None:
+                check_stop_at(options["stop_at"], trainer.step, config.train.steps)
             click.echo(json.dumps(config.to_dict(), indent=2))
             return
         run_dir, result = train(config, run_dir=options["run_dir"], data_dir=options["data_dir"],
@@ -659,6 +662,8 @@ def _main(args: list[str] | None) -> None:
         code = cli.main(args=args, prog_name="metalearn", standalone_mode=False)
         leave_world(orderly=True)
     except TrainingStopped as err:  # Ctrl-C, SIGTERM, --time-limit or --stop-at: the last step is saved
+        if err.exit_code == 0:  # --stop-at: a success, every rank paused after the same step
+            leave_world(orderly=True)
         click.echo(str(err), err=True)
         sys.exit(err.exit_code)
     except ConfigError as err:  # the field named as the command line spells it

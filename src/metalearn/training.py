@@ -61,10 +61,12 @@ def lr_factor(train, step: int) -> float:
 
 
 def check_stop_at(stop_at, step: int, steps: int) -> None:
-    """``--stop-at``: a step after the run's current ``step`` and before its last, ``steps``."""
+    """``--stop-at``: a step not before the run's current ``step`` (equal: it is paused there
+    already, and :meth:`Trainer.fit` stops at once, so that the same command can be repeated)
+    and before its last, ``steps``."""
     if isinstance(stop_at, bool) or not isinstance(stop_at, int) or stop_at < 1:
         raise MetalearnError(f"--stop-at takes a step number (a positive integer), got {stop_at!r}")
-    if stop_at <= step:
+    if stop_at < step:
         raise MetalearnError(f"--stop-at {stop_at}: the run is already at step {step}; give a later step")
     if stop_at >= steps:
         raise MetalearnError(f"--stop-at {stop_at} is not before the run's last step ({steps}); "
@@ -238,7 +240,8 @@ class Trainer:
         a checkpoint of it and :class:`~metalearn.errors.TrainingStopped`. ``stop_at``: end the
         same way after that step of the run's schedule (exit code 0: a pause asked for, so that
         runs can be compared at equal steps of a schedule longer than the time at hand; every
-        rank stops after the same step); it must lie after the run's step and before its last. The time limit is
+        rank stops after the same step); it must lie before the run's last step and not before its
+        current one (equal: it stops at once, trains nothing). The time limit is
         kept by not starting an iteration (a step with its logging, validation and checkpoint)
         that would end past it, taking the longest iteration so far as the next one's length:
         a run with validation every N steps stops about one validation's time early. An
@@ -249,8 +252,6 @@ class Trainer:
         if self.run_dir is None:
             raise MetalearnError("this Trainer has no run folder to write into; build it with a run_dir")
         train = self.config.train
-        if stop_at is not None:
-            check_stop_at(stop_at, self.step, train.steps)
         if self.lock is None:  # one writer per folder, until fit returns (the same test on every rank)
             self.lock = lock_for_training(self.run_dir, self.world)
         bar = None
@@ -264,6 +265,11 @@ class Trainer:
         share = self.world.share(train.meta_batch_size)
         local_fraction = (share.stop - share.start) / train.meta_batch_size
         try:
+            if stop_at is not None:
+                check_stop_at(stop_at, self.step, train.steps)
+                if stop_at == self.step:  # paused there already: the same command again does nothing
+                    raise TrainingStopped(f"the run is at step {stop_at} of {train.steps} already (--stop-at); "
+                                          f"{self._resume_hint()}", 0)
             self._begin()
             if self.step == 0:
                 self.save()  # eval, resume and a NaN at step 1 always find a checkpoint
@@ -279,6 +285,12 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            self.release()
+
+    def release(self) -> None:
+        """Let go of the run folder (its one-writer lock), as :meth:`fit` does when it returns:
+        for a trainer built and then not trained."""
+        if self.lock is not None:
             self.lock.release()
             self.lock = None
 
@@ -353,7 +365,9 @@ class Trainer:
                 continued = stop.continued
                 out_of_time = mark + longest > deadline
             stopping = self._stop_requested(stop, out_of_time)
-            paused = not stopping and self.step == stop_at  # the same step on every rank: no collective
+            # the step asked for: the same on every rank, no collective; it is the reason given
+            # even when a signal or the time limit stops the run at the same step
+            paused = self.step == stop_at
             stopping = stopping or paused
             if self.step % train.checkpoint_every == 0 or stopping:
                 self.save()
@@ -368,15 +382,17 @@ class Trainer:
                     why, code = "stopped by another rank's signal", 128 + int(signal.SIGTERM)
                 else:  # another rank was signalled or ran out of time (its clock may run ahead)
                     why, code = "stopped by another rank's signal or time limit", TIME_LIMIT_EXIT
-                data = f" --data-dir {self.data_dir}" if self.data_dir is not None else ""
-                then = (f"continue with `metalearn train {self.config.method} --run-dir "
-                        f"{self.run_dir.path}{data} --resume`" if self.step < train.steps
-                        else f"training is complete; evaluate with `metalearn eval {self.run_dir.path}{data}`")
                 raise TrainingStopped(
                     f"{why} after step {self.step} of {train.steps}; its checkpoint is "
-                    f"saved in {self.run_dir.path}: {then}",
+                    f"saved in {self.run_dir.path}: {self._resume_hint()}",
                     code,
                 )
+
+    def _resume_hint(self) -> str:
+        data = f" --data-dir {self.data_dir}" if self.data_dir is not None else ""
+        if self.step < self.config.train.steps:
+            return f"continue with `metalearn train {self.config.method} --run-dir {self.run_dir.path}{data} --resume`"
+        return f"training is complete; evaluate with `metalearn eval {self.run_dir.path}{data}`"
 
     def _choose_task_chunk(self, batch, bar) -> int:
         """``task_chunk="auto"``: of the chunk sizes whose step fits in ``memory_budget`` of the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import statistics
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from cli_runner import run
+from metalearn.errors import MetalearnError
 from metalearn.runs import RunDir
 
 
@@ -381,9 +383,16 @@ def test_running_out_of_memory_is_a_message_not_a_traceback(tmp_path, capsys, mo
     def out_of_memory(*args, **kwargs):
         raise failure
 
+    trained = tmp_path / "trained"
+    assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--meta-batch-size", 2, "--run-dir", trained,
+                "--no-progress", "--no-eval"], capsys)[0] == 0
     monkeypatch.setattr("metalearn.api.train", out_of_memory)
     code, _, err = run(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--run-dir", tmp_path / "r"], capsys)
     assert code == 2 and "out of memory" in err and "--meta-batch-size" in err and "Traceback" not in err
+    # the advice names options of the command that ran out
+    monkeypatch.setattr("metalearn.api.evaluate_run", out_of_memory)
+    code, _, err = run(["eval", trained, "--no-progress"], capsys)
+    assert code == 2 and "out of memory" in err and "--meta-batch-size" not in err and "--resume" not in err
 
 
 def test_print_config_shows_the_resolved_paper_settings_and_trains_nothing(tmp_path, capsys, omniglot_data_dir):
@@ -516,6 +525,19 @@ def test_compare_takes_runs_tested_on_the_same_episodes(tmp_path, capsys):
     code, out, err = run(["compare", tmp_path / "a", tmp_path / "b", "--episodes", 3, "--samples", 2], capsys)
     assert code == 0, err
     assert "| a |" in out and "| b |" in out
+    # a folder named as one of the result's own fields, and two folders of one name: their paths
+    shutil.copytree(tmp_path / "b", tmp_path / "episodes")
+    shutil.copytree(tmp_path / "b", tmp_path / "x" / "b")
+    code, out, err = run(["compare", tmp_path / "episodes", tmp_path / "b", tmp_path / "x" / "b", "--episodes", 3,
+                          "--json", tmp_path / "c.json"], capsys)
+    assert code == 0, err
+    assert out.startswith("3 test episodes of sinusoid") and f"| {tmp_path / 'episodes'} |" in out
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert result["episodes"] == 3 and {str(tmp_path / "b"), str(tmp_path / "x" / "b")} <= set(result)
+    from metalearn.uncertainty import compare_learners
+
+    with pytest.raises(MetalearnError, match="cannot label a run 'seed'"):
+        compare_learners({"seed": tmp_path / "a"}, episodes=3)
 
 
 def test_unusable_paths_are_one_line_errors(tmp_path, capsys):
@@ -673,6 +695,54 @@ def test_a_full_disk_met_outside_the_run_folder_is_the_same_one_line():
     err = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/tmp/results/fits.png")
     assert re.fullmatch(r"cannot write /tmp/results/fits.png: No space left on device \(\d.* free there\)",
                         describe_os_error(err))
+
+
+def test_status_is_not_fooled_by_lock_notes_and_odd_folders(tmp_path, capsys):
+    """A lock note whose process id is alive but whose lock no one holds (the id reused after a
+    kill) is no training; another host's note reads as training there only while its lock is
+    held, else as unknown; metrics without checkpoint.pt cannot be resumed, and status says so;
+    a folder run's resume command asks for its images again; metrics lines without a step or
+    with a non-numeric validation value are skipped, not a traceback."""
+    import os
+    import socket
+
+    from PIL import Image
+
+    run_dir = tmp_path / "run"
+    assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 6, "--meta-batch-size", 2, "--val-every", 0,
+                "--log-every", 1, "--stop-at", 2, "--run-dir", run_dir, "--no-progress"], capsys)[0] == 0
+    state = lambda: json.loads(run(["status", run_dir, "--json"], capsys)[1])[0]
+    note = {"pid": os.getpid(), "host": socket.gethostname(), "since": "then"}  # alive, but holding nothing
+    (run_dir / ".lock").write_text(json.dumps(note))
+    assert state()["state"] == "stopped"
+    (run_dir / ".lock").write_text(json.dumps({**note, "host": "elsewhere.example"}))
+    assert state()["state"] == "unknown"
+    assert "unknown from here: the lock names elsewhere.example" in run(["status", run_dir], capsys)[1]
+    with RunDir(run_dir).lock():
+        (run_dir / ".lock").write_text(json.dumps({**note, "host": "elsewhere.example"}))
+        assert state()["state"] == "training elsewhere"
+    with open(run_dir / "metrics.jsonl", "a") as metrics:
+        metrics.write(json.dumps({"loss": 1.0}) + "\n" + json.dumps({"step": 5, "val_mse": "x"}) + "\n")
+    code, out, err = run(["status", run_dir], capsys)
+    assert code == 0 and "last logged (step 2)" in out and "validation" not in out, err
+    (run_dir / "checkpoint.pt").unlink()
+    assert state()["state"] == "no checkpoint"
+    assert "cannot be resumed; start afresh" in run(["status", run_dir], capsys)[1]
+
+    images = tmp_path / "images"
+    rng = __import__("numpy").random.default_rng(0)
+    for c in range(12):
+        (images / f"class{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype="uint8")).save(images / f"class{c}" / f"{i}.png")
+    folder_run = tmp_path / "folder-run"
+    code, _, err = run(["train", "protonet", "--dataset", "folder", "--data-dir", images, "--image-size", 16, "--ways", 2,
+                        "--shots", 1, "--query", 1, "--steps", 4, "--stop-at", 1, "--val-every", 0,
+                        "--run-dir", folder_run, "--no-progress"], capsys)
+    assert code == 0, err
+    hint = f"metalearn train protonet --run-dir {folder_run} --data-dir IMAGE_FOLDER --resume"
+    assert json.loads(run(["status", folder_run, "--json"], capsys)[1])[0]["resume"] == hint
+    assert f"stopped; continue with `{hint}`" in run(["status", folder_run], capsys)[1]
 
 
 def test_status_says_where_runs_stand_without_touching_them(tmp_path, capsys, monkeypatch):

@@ -85,6 +85,31 @@ def test_temporary_files_of_killed_writers_are_removed_and_no_others(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == set(names) - gone
 
 
+def test_taking_a_run_folder_cleans_best_and_plots_too(tmp_path):
+    """A run folder's lock also clears ``best/`` (written only by its holder: every temporary
+    file goes, a live process's too) and, in ``plots/``, a dead writer's old temporary file;
+    a plot being written now by a live process stays."""
+    from metalearn.runs import RunDir
+
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        for folder, name in (("best", f"step-2.pt.tmp{alive.pid}"), ("best", f"index.json.tmp{dead.pid}"),
+                             ("plots", f"curves.png.tmp{dead.pid}"), ("plots", f"loss.png.tmp{alive.pid}")):
+            (tmp_path / folder).mkdir(exist_ok=True)
+            (tmp_path / folder / name).write_text(name)
+            hour_ago = time.time() - 3600
+            os.utime(tmp_path / folder / name, (hour_ago, hour_ago))
+        with RunDir(tmp_path).lock():
+            pass
+    finally:
+        alive.kill()
+        alive.wait()
+    assert not list((tmp_path / "best").iterdir())
+    assert [p.name for p in (tmp_path / "plots").iterdir()] == [f"loss.png.tmp{alive.pid}"]
+
+
 def test_a_cache_write_removes_the_temporary_files_of_killed_cache_writers(tmp_path):
     """A folder cache's writer killed mid-write leaves a temporary file as large as the cache;
     the next cache written there removes it (dead process, untouched for long), and no other."""
@@ -104,3 +129,52 @@ def test_a_cache_write_removes_the_temporary_files_of_killed_cache_writers(tmp_p
     assert not stale.exists() and fresh.exists()
     arrays, meta = read_arrays(path, "abc", ("images",))
     assert arrays["images"].shape == (2, 3) and meta["size"] == 84
+
+
+def test_a_cache_is_on_disk_before_it_gets_its_name(tmp_path, monkeypatch):
+    """After a power cut the cache's name holds the whole cache, never an empty file: the
+    temporary file is flushed to disk (fsync) before it is renamed into place."""
+    import numpy as np
+
+    from metalearn.data.cache import read_arrays, write_arrays
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to name the file flushed")
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_replace(src, dst, **kwargs):
+        events.append(("replace", str(src), str(dst)))
+        replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    path = tmp_path / "omniglot-28x28-v1.npz"
+    write_arrays(path, {"images": np.ones((2, 3), np.uint8)}, {"size": 28}, "abc")
+    [(at, (_, src, dst))] = [(i, e) for i, e in enumerate(events) if e[0] == "replace"]
+    assert dst == str(path) and ("fsync", src) in events[:at], events
+    assert read_arrays(path, "abc", ("images",))[0]["images"].sum() == 6
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_cache_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """A full disk at the flush: one line naming the cache and the way out, no temporary file."""
+    import numpy as np
+
+    from metalearn.data.cache import write_arrays
+    from metalearn.errors import MetalearnError
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    path = tmp_path / "omniglot-28x28-v1.npz"
+    with pytest.raises(MetalearnError) as info:
+        write_arrays(path, {"images": np.ones((2, 3), np.uint8)}, {"size": 28}, "abc")
+    message = str(info.value)
+    assert ONE_LINE.match(message) and message.endswith("; point METALEARN_CACHE at a writable folder"), message
+    assert list(tmp_path.iterdir()) == []

@@ -579,9 +579,12 @@ RATE_WINDOWS = 20  # logged training windows whose median rate ``run_status`` pr
 def run_status(run_dir: Path | str) -> dict[str, Any]:
     """Where a run stands, read without disturbing it (no lock, nothing written): ``method``,
     ``task`` (dataset and episode shape), ``step`` of ``steps`` and ``training_time_s`` from its
-    checkpoint, ``state`` (``training``: a live process holds its lock on this machine;
-    ``training elsewhere``: the lock's note names another host; ``complete``, ``stopped``, or
-    ``not started``), ``holder`` (the lock's note while training), ``last_write_s`` (seconds
+    checkpoint, ``state`` (``training``: a process holds its lock, on this machine;
+    ``training elsewhere``: on the host the lock's note names; ``unknown``: the note names
+    another host whose lock this machine sees free, a killed holder or a file system that does
+    not lock between machines; ``complete``, ``stopped``, ``no checkpoint`` (metrics but no
+    ``checkpoint.pt``: it cannot be resumed), or ``not started``), ``resume`` (the command that
+    continues a stopped run), ``holder`` (the lock's note while training or unknown), ``last_write_s`` (seconds
     since ``metrics.jsonl`` changed), ``last`` (the last logged training record),
     ``seconds_left`` (the remaining steps at the recent rate: the median of the last
     :data:`RATE_WINDOWS` logged windows' tasks per second, so that one window slowed by a pause
@@ -594,8 +597,10 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     import socket
     import time
 
+    from metalearn.datasets import NATURAL_IMAGES
     from metalearn.evaluation import HIGHER_IS_BETTER
     from metalearn.files import process_running
+    from metalearn.locking import lock_is_held
 
     run = RunDir(run_dir)
     config = run.read_config()
@@ -619,15 +624,23 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
             holder = note
     except (OSError, ValueError):
         pass  # no lock file: no one trains here (its holder deletes it as it lets go)
-    if holder is not None and holder.get("host") != socket.gethostname():
+    held = lock_is_held(run.lock_path) if holder is not None else False
+    elsewhere = holder is not None and holder.get("host") != socket.gethostname()
+    if elsewhere and held:
         status["state"] = "training elsewhere"
-    elif holder is not None and process_running(holder["pid"]):
+    elif elsewhere:  # free as seen from here: a killed holder, or a file system not locking between machines
+        status["state"] = "unknown"
+    elif holder is not None and (held if held is not None else process_running(holder["pid"])):
         status["state"] = "training"
-    else:  # no note, or one left by a killed holder
+    else:  # no note, or one left by a killed holder (its process id perhaps reused since)
         holder = None
         status["state"] = ("not started" if not run.holds_run() else
-                           "complete" if status["step"] >= status["steps"] else "stopped")
+                           "complete" if status["step"] >= status["steps"] else
+                           "stopped" if run.has_checkpoint() else "no checkpoint")
     status["holder"] = holder
+    # a folder dataset's images are not part of the run: the command needs them again
+    data = " --data-dir IMAGE_FOLDER" if task.dataset in NATURAL_IMAGES else ""
+    status["resume"] = f"metalearn train {config.method} --run-dir {run.path}{data} --resume"
     status["last_write_s"] = (time.time() - run.metrics_path.stat().st_mtime) if run.metrics_path.is_file() else None
     records = run.read_metrics()
     status["last"] = last = next((r for r in reversed(records) if "loss" in r), None)
@@ -638,7 +651,8 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     left = status["steps"] - at
     status["seconds_left"] = (left * config.train.meta_batch_size / statistics.median(rates)
                               if rates and left > 0 else None)
-    validation = [r for r in records if any(k.startswith("val_") and k != "val_ci95" for k in r)]
+    validation = [r for r in records if any(k.startswith("val_") and k != "val_ci95"
+                                            and isinstance(v, (int, float)) for k, v in r.items())]
     lengths = [r["validation_s"] for r in validation if isinstance(r.get("validation_s"), (int, float))]
     every = config.train.val_every
     status["validation_counted"] = bool(status["seconds_left"] is not None and lengths and every > 0)
@@ -651,7 +665,8 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
         status["seconds_left"] += (status["steps"] // every - at // every) * statistics.median(lengths[-RATE_WINDOWS:])
     best = None
     if validation:
-        name = next(k for k in validation[-1] if k.startswith("val_") and k != "val_ci95")
+        name = next(k for k, v in validation[-1].items() if k.startswith("val_") and k != "val_ci95"
+                    and isinstance(v, (int, float)))
         scored = [r for r in validation if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])]
         sign = 1.0 if HIGHER_IS_BETTER.get(name[len("val_"):], True) else -1.0
         if scored:  # ties: the earlier step, as --keep-best ranks them
@@ -675,16 +690,16 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
     classes as it was trained with. Returns :func:`metalearn.prediction.predict_new_classes`'s
     result (per query: ``label``, ``probability``, for PLATIPUS the ``spread`` over sampled
     models); writes it as JSON to ``json_out``, as CSV to ``csv_out`` and a contact sheet
-    PNG to ``sheet`` when given, each only once everything has been predicted, and atomically.
+    PNG to ``sheet`` when given. The output paths are checked before anything is read (a
+    folder, two outputs naming one file, an unwritable folder: a :class:`MetalearnError`), and
+    the files are written only once everything has been predicted, together: all to temporary
+    files first, then all renamed into place, so a failure leaves none of them.
     """
-    from metalearn.prediction import as_csv, as_json, contact_sheet, predict_new_classes
+    from metalearn.prediction import as_csv, as_json, check_outputs, contact_sheet, predict_new_classes, write_together
 
     named = [(option, Path(path)) for option, path in (("--json", json_out), ("--csv", csv_out), ("--sheet", sheet))
              if path is not None]
-    for i, (option, path) in enumerate(named):
-        for other, other_path in named[i + 1:]:
-            if path.resolve() == other_path.resolve():  # one would overwrite the other
-                raise MetalearnError(f"{option} and {other} both name {path}; give each output its own file")
+    check_outputs(named)  # here, not only in the CLI: the Python API gets the same refusals
     config, learner, step = load_trained(run_dir)
     if not config.task.classification:
         raise MetalearnError(f"{run_dir} learned {config.task.dataset}, a {get_dataset(config.task.dataset).kind} "
@@ -704,9 +719,7 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
         outputs.append((Path(csv_out), as_csv(result)))
     if sheet is not None:
         outputs.append((Path(sheet), contact_sheet(result, f"{config.method} ({Path(run_dir).name}, step {step})")))
-    for path, data in outputs:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, data)
+    write_together(outputs)
     return result
 
 

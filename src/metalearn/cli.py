@@ -354,11 +354,16 @@ def compare(run_dirs, episodes, seed, num_samples, json_path, settings, data_dir
     """Uncertainty measures of trained runs on the same test episodes: for classification
     accuracy, NLL and expected calibration error; for regression MSE, predictive
     log-likelihood and coverage of the true function by the sampled functions."""
-    from metalearn.uncertainty import compare_learners
+    from metalearn.uncertainty import RESULT_KEYS, compare_learners
 
-    labels = {Path(d).name: d for d in run_dirs}
-    if len(labels) != len(run_dirs):
-        raise MetalearnError("compare labels runs by their folder names; give runs with distinct names")
+    # a run is labelled by its folder's name (`.` too), or by the path as given where that name
+    # is one of the result's own fields or another run's
+    names = [Path(d).resolve().name for d in run_dirs]
+    labels = {name if name not in RESULT_KEYS and names.count(name) == 1 else str(d): d
+              for name, d in zip(names, run_dirs)}
+    if len(labels) != len(run_dirs) or set(labels) & set(RESULT_KEYS):
+        raise MetalearnError("compare labels runs by their folder names or paths; give each run once, "
+                             f"under a path other than {', '.join(RESULT_KEYS)}")
     overrides = dict(parse_setting(s) for s in settings)
     if json_path:  # found out now, not after minutes of evaluation
         check_writable_file("--json", json_path, "compare.json")
@@ -486,10 +491,10 @@ def status_command(run_dirs, as_json):
     for run_dir in run_dirs:
         try:
             statuses.append(run_status(run_dir))
-        except MetalearnError as err:
+        except Exception as err:  # noqa: BLE001 -- in a listing, whatever a damaged folder raises
             if not listing:
                 raise  # a folder the user named: one line and exit 2, as every command
-            statuses.append({"run": str(run_dir), "error": str(err)})  # one damaged run hides no others
+            statuses.append({"run": str(run_dir), "error": str(err) or type(err).__name__})  # one damaged run hides no others
     if as_json:
         click.echo(json.dumps(statuses, indent=2))
     else:
@@ -510,7 +515,13 @@ def format_status(status: dict) -> str:
     elif state == "training elsewhere":
         doing = f"training on {holder.get('host', '?')} (process {holder['pid']}, since {holder.get('since', '?')})"
     elif state == "stopped":
-        doing = f"stopped; continue with `metalearn train {status['method']} --run-dir {status['run']} --resume`"
+        doing = f"stopped; continue with `{status['resume']}`"
+    elif state == "no checkpoint":
+        doing = "no checkpoint.pt, so it cannot be resumed; start afresh in another --run-dir"
+    elif state == "unknown":
+        doing = (f"unknown from here: the lock names {holder.get('host', '?')} (process {holder['pid']}, since "
+                 f"{holder.get('since', '?')}), but it is free as seen from this machine: a killed holder, or a "
+                 f"file system that does not lock between machines")
     else:
         doing = state
     last = status["last"]
@@ -535,7 +546,8 @@ def format_status(status: dict) -> str:
             lines.append(f"  not in that estimate: after step {step}, {what}")
     latest, best = status["validation"]["latest"], status["validation"]["best"]
     if latest is not None:
-        name = next(k for k in latest if k.startswith("val_") and k != "val_ci95")
+        name = next(k for k, v in latest.items() if k.startswith("val_") and k != "val_ci95"
+                    and isinstance(v, (int, float)))
         digits = 4 if name == "val_mse" else 2
         text = f"  validation {name[len('val_'):]}: {latest[name]:.{digits}f} at step {latest['step']}"
         if best is not None and best is not latest:
@@ -692,9 +704,14 @@ def _main(args: list[str] | None) -> None:
         if not is_out_of_memory(err):
             raise
         detail = (str(err).splitlines() or [type(err).__name__])[0][:160]
-        click.echo(f"error: out of memory ({detail}). Use fewer tasks or images at once, or smaller ones: "
-                   "a smaller --meta-batch-size, fewer --ways, --shots, --query or --inner-steps, a smaller "
-                   "--image-size; a training run keeps its last checkpoint (continue with --resume).", err=True)
+        words = [a for a in (sys.argv[1:] if args is None else [str(a) for a in args]) if not a.startswith("-")]
+        advice = {  # options the command has
+            "train": "Use fewer tasks or images at once, or smaller ones: a smaller --meta-batch-size, fewer "
+                     "--ways, --shots, --query or --inner-steps, a smaller --image-size; the run keeps its last "
+                     "checkpoint (continue with --resume).",
+            "data": "Use a smaller --image-size.",
+        }.get(words[0] if words else "", "Use fewer or smaller images, or a machine with more memory.")
+        click.echo(f"error: out of memory ({detail}). {advice}", err=True)
         sys.exit(2)
     if isinstance(code, int) and code:
         sys.exit(code)

@@ -132,13 +132,14 @@ def process_running(pid: int) -> bool:
 
 
 def remove_temporaries(folder: Path, owned: Iterable[str] = (), unowned_age_s: float = UNOWNED_TEMPORARY_AGE_S,
-                       now: float | None = None) -> list[Path]:
+                       now: float | None = None, all_owned: bool = False) -> list[Path]:
     """Delete the temporary files (``<name>.tmp<pid>``) that writers killed mid-write left in
     ``folder``; returns the paths deleted.
 
     ``owned``: names whose writers all hold a lock the caller now holds (a run folder's
     ``checkpoint.pt``, ``config.json``, ``metrics.jsonl`` while training holds the run's lock):
-    their temporary files belong to no live writer and all go. Any other temporary file goes
+    their temporary files belong to no live writer and all go; ``all_owned``: so do those of
+    every name (a folder only the lock's holder writes, a run's ``best/``). Any other temporary file goes
     only when its process is not running on this machine and it has not been written to for
     ``unowned_age_s`` seconds (its writer might be on another machine sharing the folder).
     The caller's own temporary files are never touched."""
@@ -153,7 +154,7 @@ def remove_temporaries(folder: Path, owned: Iterable[str] = (), unowned_age_s: f
         match = TEMPORARY_NAME.fullmatch(entry.name)
         if match is None or int(match["pid"]) == os.getpid():
             continue
-        if match["name"] not in owned:
+        if not all_owned and match["name"] not in owned:
             try:
                 old = now - entry.lstat().st_mtime >= unowned_age_s
             except OSError:

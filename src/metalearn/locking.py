@@ -49,6 +49,29 @@ from metalearn.files import process_running
 UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENOTSUP}
 
 
+def lock_is_held(path: Path | str) -> bool | None:
+    """Whether a process holds the lock at ``path`` now: True, False (free, or no file), or
+    None where the file system refuses locks. It tries a shared lock without waiting and drops
+    it at once, so a note left by a killed holder (or by a holder whose process id was since
+    reused) reads as free; a holder taking the lock in that same instant would be refused as if
+    the folder were in use, and can simply try again."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError as err:
+        if err.errno in UNSUPPORTED:
+            return None
+        raise
+    finally:
+        os.close(fd)  # closing drops the shared lock if it was taken
+    return False
+
+
 class FolderInUse(MetalearnError):
     """Another process holds the folder's lock; the message names it."""
 

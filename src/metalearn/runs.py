@@ -99,11 +99,15 @@ class RunDir:
         """Take this folder for writing (creating it if needed): raises :class:`FolderInUse`,
         naming the process, while another holds it. The lock goes when the holder releases it
         or ends in any way (SIGKILL too). Then removes the temporary files that a killed
-        writer left (``checkpoint.pt.tmp<pid>``, ...). Readers never take it."""
+        writer left (``checkpoint.pt.tmp<pid>``, ``best/step-N.pt.tmp<pid>``, ...; in
+        ``plots/``, which ``plot`` and ``export`` write without this lock, those of writers no
+        longer running). Readers never take it."""
         lock = FolderLock.take(self.lock_path, purpose, refusal=lambda holder: (
             f"{self.path} is in use by {holder}: one run folder has one writer. Wait for it to finish "
             "(or stop it), or choose another --run-dir"))
         remove_temporaries(self.path, owned=WRITER_FILES)
+        remove_temporaries(self.best_dir, all_owned=True)  # kept checkpoints: written only under this lock
+        remove_temporaries(self.plots_dir)
         return lock
 
     # -- config --------------------------------------------------------------------------------
@@ -208,7 +212,9 @@ class RunDir:
                 record = json.loads(line)
             except ValueError:
                 continue  # a line cut short by a kill
-            if isinstance(record, dict):  # a bare number or list is no record (an edit, or garbage)
+            # every record the trainer writes names its step: a bare number or list, or a dict
+            # without an integer step, is no record (a hand edit, or garbage)
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool):
                 records.append(record)
         return records
 

@@ -168,6 +168,9 @@ def compare_runs(platipus_run: Path | str, maml_run: Path | str, **options) -> d
     return compare_learners({"platipus": platipus_run, "maml": maml_run}, **options)
 
 
+RESULT_KEYS = ("episodes", "seed", "part", "dataset", "num_samples")  # compare_learners' own fields
+
+
 def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int = 0, part: str = "test",
                      num_samples: int | None = None, chunk: int = 50, grid_points: int = 100,
                      level: float = 0.95, data_dir: Path | str | None = None,
@@ -192,6 +195,10 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
 
     if not runs:
         raise MetalearnError("compare_learners needs at least one run directory")
+    taken = [label for label in runs if label in RESULT_KEYS or not label]
+    if taken:  # a run's entry would overwrite the result's own field, or have no name
+        raise MetalearnError(f"compare_learners cannot label a run {taken[0]!r}: the result uses "
+                             f"{', '.join(RESULT_KEYS)} for itself; give the run another label")
     loaded = {label: load_trained(path, overrides) for label, path in runs.items()}
     for label, (config, _, _) in loaded.items():
         if get_dataset(config.task.dataset).reinforcement:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -119,7 +122,7 @@ def test_download_verifies_and_load_finds_the_archives(server, shared_sha256, om
 
     assert paths == {name: data_dir / f"{name}.zip" for name in ARCHIVES}
     assert sorted(server.requests) == ["/ok/images_background.zip", "/ok/images_evaluation.zip"]
-    assert leftovers(data_dir) == ["images_background.zip", "images_evaluation.zip"]  # no .part
+    assert leftovers(data_dir) == ["images_background.zip", "images_evaluation.zip"]  # no temporary file
     for name, path in paths.items():
         assert verify_archive(path, *shared_sha256[name])
         assert path.read_bytes() == (Path(omniglot_data_dir) / f"{name}.zip").read_bytes()
@@ -168,7 +171,7 @@ def test_checksum_mismatch_is_refused_and_leaves_nothing(server, shared_sha256, 
     assert f"{server.url}/ok/images_evaluation.zip" in message
     assert "0" * 64 in message and actual in message  # expected and actual digest
     assert "mismatch" in message
-    assert leftovers(tmp_path) == []  # neither the final file nor a .part
+    assert leftovers(tmp_path) == []  # neither the final file nor a temporary one
 
 
 def test_official_md5_does_not_match_the_repacked_shared_copy(server, tmp_path):
@@ -189,7 +192,7 @@ def test_connection_closed_mid_transfer_leaves_no_file(server, shared_sha256, tm
 
 
 def test_no_file_under_the_final_name_while_downloading(server, shared_sha256, tmp_path):
-    """Mid-transfer the bytes live in <name>.zip.part<pid>; the final name appears only after
+    """Mid-transfer the bytes live in <name>.zip.tmp<pid>; the final name appears only after
     verification, and a transfer that then breaks removes the temporary file."""
     errors = []
 
@@ -205,12 +208,12 @@ def test_no_file_under_the_final_name_while_downloading(server, shared_sha256, t
         assert server.half_sent.wait(10)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            parts = [p for p in tmp_path.iterdir() if ".zip.part" in p.name]
+            parts = [p for p in tmp_path.iterdir() if ".zip.tmp" in p.name]
             if parts and parts[0].stat().st_size > 0:
                 break
             time.sleep(0.01)
-        assert [p.name.split(".part")[0] for p in parts] == ["images_background.zip"]
-        assert parts[0].name.split(".part")[1].isdigit()  # the pid
+        assert [p.name.split(".tmp")[0] for p in parts] == ["images_background.zip"]
+        assert parts[0].name.split(".tmp")[1] == str(os.getpid())
         assert not (tmp_path / "images_background.zip").exists()
     finally:
         server.release.set()
@@ -218,6 +221,47 @@ def test_no_file_under_the_final_name_while_downloading(server, shared_sha256, t
     assert not thread.is_alive()
     assert len(errors) == 1 and "cut short" in str(errors[0])
     assert leftovers(tmp_path) == []
+
+
+def test_an_archive_is_on_disk_before_it_gets_its_name(server, shared_sha256, tmp_path, monkeypatch):
+    """After a power cut the final name holds the whole archive, never an empty file: the
+    temporary file is flushed to disk (fsync) before it is renamed to ``<name>.zip``."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to name the file flushed")
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_replace(src, dst, **kwargs):
+        events.append(("replace", str(src), str(dst)))
+        replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    download_omniglot(tmp_path, base_url=server.url + "/ok", checksums=shared_sha256)
+    renames = [(i, e) for i, e in enumerate(events) if e[0] == "replace"]
+    assert sorted(Path(e[2]).name for _, e in renames) == ["images_background.zip", "images_evaluation.zip"]
+    for i, (_, src, _) in renames:
+        assert ("fsync", src) in events[:i], (src, events)
+
+
+def test_a_download_removes_what_killed_downloads_left_and_nothing_else(server, shared_sha256, tmp_path):
+    """A download killed outright (SIGKILL, a crash) leaves its temporary file, as large as an
+    archive; the next download removes it once its process is gone and nothing has written to
+    it for a while. One still being written (maybe from another machine) stays."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"images_background.zip.tmp{dead.pid}"
+    recent = tmp_path / f"images_evaluation.zip.tmp{dead.pid}"
+    for path in (stale, recent):
+        path.write_bytes(b"half an archive")
+    hour_ago = time.time() - 3600
+    os.utime(stale, (hour_ago, hour_ago))
+    download_omniglot(tmp_path, base_url=server.url + "/ok", checksums=shared_sha256)
+    assert leftovers(tmp_path) == ["images_background.zip", "images_evaluation.zip", recent.name]
 
 
 def test_stalled_server_times_out_and_leaves_no_file(server, shared_sha256, tmp_path):

@@ -174,6 +174,38 @@ def test_a_split_file_chooses_the_classes(shapes, tmp_path):
     path.write_text(json.dumps({"train": ["no-such-class"]}))
     with pytest.raises(MetalearnError, match="names class 'no-such-class', which the folder lacks"):
         class_parts(folder, split_file=str(path))
+    # an entry that is not a class name: one line naming the file, the part and the entry
+    for entry, shown in (([folder.class_names[0]], f'["{folder.class_names[0]}"]'), (3, "3"), (None, "null")):
+        path.write_text(json.dumps({"train": list(folder.class_names[:2]), "val": [entry]}))
+        with pytest.raises(MetalearnError) as info:
+            class_parts(folder, split_file=str(path))
+        assert str(info.value).startswith(f"--split-file {path}: val lists {shown}, not a class name"), info.value
+        assert "\n" not in str(info.value)
+
+
+def test_hidden_files_and_folders_at_any_depth_are_skipped(shapes, tmp_path):
+    """A thumbnail folder (``.thumbs/``) inside a class is not part of the class, in training
+    and in predict's support and query folders alike, whether its images decode or not."""
+    from metalearn.prediction import read_query, read_support
+
+    root = tmp_path / "photos"
+    for name in ("red-circle", "blue-square", "green-ring"):
+        shutil.copytree(shapes / name, root / name)
+    decodable = sorted((root / "red-circle").glob("*.png"))[0]
+    (root / "red-circle" / ".thumbs" / "deeper").mkdir(parents=True)
+    shutil.copy(decodable, root / "red-circle" / ".thumbs" / "thumb.png")
+    shutil.copy(decodable, root / "red-circle" / ".thumbs" / "deeper" / "thumb.png")
+    (root / "blue-square" / "sub" / ".cache").mkdir(parents=True)
+    (root / "blue-square" / "sub" / ".cache" / "broken.jpg").write_bytes(b"\xff\xd8 not an image")
+    (root / "green-ring" / "._000.png").write_bytes(b"resource fork")
+    visible = {name: len([p for p in (shapes / name).iterdir()]) for name in ("red-circle", "blue-square", "green-ring")}
+    folder = load_image_folder(root, 12, 3, cache_dir=tmp_path / "cache")
+    assert dict(zip(folder.class_names, folder.class_sizes.tolist())) == visible
+    names, files = read_support(root)
+    assert names == ["blue-square", "green-ring", "red-circle"]
+    assert [len(f) for f in files] == [visible[n] for n in names]
+    query = read_query([root])
+    assert len(query) == sum(visible.values()) and not any(".thumbs" in str(f) or ".cache" in str(f) for f in query)
 
 
 def test_classes_of_unequal_sizes_draw_only_their_own_images():
@@ -501,6 +533,51 @@ def test_bad_predict_inputs_are_one_line_and_write_nothing(shapes, tmp_path, cap
     code, out, err = run(["predict", run_dir, "--support", good, "--query", query, "--samples", 5], capsys)
     one_line_error(code, out, err, "--samples is for methods that sample models (platipus); protonet gives one")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_predict_run_checks_its_outputs_and_writes_all_or_none(shapes, tmp_path, monkeypatch):
+    """The Python API refuses an output path that cannot be written before reading anything,
+    as the CLI does, and writes its outputs together: a failure while writing the second
+    leaves neither, and an earlier output file as it was."""
+    import errno
+
+    from metalearn.api import predict_run, train
+    from metalearn.files import WriteError
+
+    run_dir = tmp_path / "run"
+    train(resolve_config("protonet", task={"dataset": "folder", "image_size": 16, "ways": 3},
+                         train={"steps": 1, "val_every": 0}), run_dir, data_dir=shapes, progress=False,
+          evaluate_after=False)
+    support, query = split_support_query(shapes, ["red-circle", "blue-square"], tmp_path, shots=1)
+    out = tmp_path / "out"
+    (out / "a-folder").mkdir(parents=True)
+    (out / "a-file").write_text("a file")
+    for outputs, message in (({"csv_out": out / "a-folder"}, f"--csv {out / 'a-folder'} is a folder; give a file name"),
+                             ({"sheet": out / "a-file" / "s.png"}, f"--sheet {out / 'a-file' / 's.png'}: "
+                                                                   f"{out / 'a-file'} is a file, not a folder"),
+                             ({"csv_out": out / "x" / ".." / "p.json"}, "--json and --csv both name")):
+        with pytest.raises(MetalearnError, match=re.escape(message)):
+            predict_run(run_dir, support, query, json_out=out / "p.json", **outputs)
+        assert sorted(p.name for p in out.iterdir()) == ["a-file", "a-folder"]  # no p.json
+    (out / "p.json").write_text("the previous predictions")
+    fsync = os.fsync
+
+    def full_at_the_csv(fd):  # the disk fills while the CSV is written, after the JSON
+        if ".csv" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to fail the CSV's write alone")
+    monkeypatch.setattr(os, "fsync", full_at_the_csv)
+    with pytest.raises(WriteError, match=f"cannot write {re.escape(str(out / 'new' / 'p.csv'))}: No space left"):
+        predict_run(run_dir, support, query, json_out=out / "p.json", csv_out=out / "new" / "p.csv")
+    assert (out / "p.json").read_text() == "the previous predictions"
+    assert sorted(p.name for p in out.iterdir()) == ["a-file", "a-folder", "p.json"]  # no temporary file, no new/
+    monkeypatch.setattr(os, "fsync", fsync)
+    result = predict_run(run_dir, support, query, json_out=out / "p.json", csv_out=out / "new" / "p.csv")
+    assert json.loads((out / "p.json").read_text())["classes"] == result["classes"] == ["blue-square", "red-circle"]
+    assert len((out / "new" / "p.csv").read_text().splitlines()) == 1 + len(result["predictions"])
 
 
 def test_a_folder_run_resumes_only_on_its_own_images_and_says_how(shapes, tmp_path, capsys, monkeypatch):

@@ -3,9 +3,11 @@ trained run's method (``metalearn predict``; :func:`metalearn.api.predict_run`).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +15,17 @@ import torch
 
 from metalearn.algorithms import MetaLearner
 from metalearn.algorithms.base import evaluating
+from metalearn.data.folder import image_files
 from metalearn.data.images import is_image_file
 from metalearn.errors import MetalearnError
+from metalearn.files import WriteError, fsync_directory, temporary_path
 
 QUERY_CHUNK = 256  # query images classified per pass (with the whole support set)
 
 
 def read_support(folder: Path | str) -> tuple[list[str], list[list[Path]]]:
-    """(class names, image files of each class) of a folder with one sub-folder per class."""
+    """(class names, image files of each class) of a folder with one sub-folder per class;
+    hidden entries (a name starting with ".", at any depth) are skipped."""
     folder = Path(folder)
     if not folder.is_dir():
         raise MetalearnError(f"--support {folder} is not a folder; give a folder with one sub-folder per class")
@@ -29,7 +34,7 @@ def read_support(folder: Path | str) -> tuple[list[str], list[list[Path]]]:
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
-            images = sorted((p for p in entry.rglob("*") if p.is_file() and is_image_file(p)), key=str)
+            images = image_files(entry)
             if not images:
                 raise MetalearnError(f"support class folder {entry} has no images (PNG or JPEG)")
             names.append(entry.name)
@@ -46,11 +51,12 @@ def read_support(folder: Path | str) -> tuple[list[str], list[list[Path]]]:
 
 
 def read_query(paths: list[Path | str]) -> list[Path]:
-    """Query image files: the images under each folder given (sorted), and each file given."""
+    """Query image files: the images under each folder given (sorted by path, hidden files and
+    folders skipped as in :func:`metalearn.data.folder.image_files`), and each file given."""
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted((p for p in path.rglob("*") if p.is_file() and is_image_file(p)), key=str)
+            found = image_files(path)
             if not found:
                 raise MetalearnError(f"--query {path} holds no images (PNG or JPEG)")
             files += found
@@ -111,6 +117,71 @@ def predict_new_classes(learner: MetaLearner, support: Path | str, query: list[P
         result["accuracy"] = sum(p["label"] == p["true"] for p in labelled) / len(labelled)
     result["_images"] = (support_x, support_y, torch.cat(query_images))  # for the contact sheet; not written
     return result
+
+
+OUTPUT_EXAMPLES = {"--json": "predictions.json", "--csv": "predictions.csv", "--sheet": "predictions.png"}
+
+
+def check_outputs(named: list[tuple[str, Path]]) -> None:
+    """Refuse, before any image is read, output files that could not all be written: two
+    options naming one file (one would overwrite the other), a folder, a path below a file, or
+    a folder this user cannot write to (missing folders are made when the files are written).
+    ``named``: (option, path) pairs such as ``("--json", Path("out.json"))``."""
+    for i, (option, path) in enumerate(named):
+        for other, other_path in named[i + 1:]:
+            if path.resolve() == other_path.resolve():
+                raise MetalearnError(f"{option} and {other} both name {path}; give each output its own file")
+    for option, path in named:
+        if path.is_dir():
+            raise MetalearnError(f"{option} {path} is a folder; give a file name, e.g. "
+                                 f"{path / OUTPUT_EXAMPLES.get(option, 'predictions')}")
+        existing = next(p for p in path.absolute().parents if p.exists())
+        if not existing.is_dir():
+            raise MetalearnError(f"{option} {path}: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK):
+            raise MetalearnError(f"{option} {path}: cannot write in {existing}")
+
+
+def write_together(outputs: list[tuple[Path, bytes]]) -> None:
+    """Write every ``(path, bytes)`` so that a failure leaves none of them half done: each goes
+    to its temporary file beside it (:func:`metalearn.files.temporary_path`) and is flushed to
+    disk; only when all are whole are they renamed into place. A failure while writing (a full
+    disk, a quota) raises :class:`metalearn.files.WriteError` naming the file, removes every
+    temporary file and every folder this call made, and leaves the files already there as they
+    were. The renames come last and only fail when the folder changes underneath (removed,
+    made read-only) between the writing and the renaming."""
+    written: list[tuple[Path, Path]] = []
+    made: list[Path] = []  # folders made here, removed again on a failure
+    done = False
+    try:
+        for path, data in outputs:
+            tmp = temporary_path(path)
+            try:
+                made += [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                written.append((path, tmp))
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as err:
+                raise WriteError(path, err) from None
+        for path, tmp in written:
+            try:
+                os.replace(tmp, path)
+            except OSError as err:
+                raise WriteError(path, err) from None
+        for folder in dict.fromkeys(path.parent for path, _ in written):
+            fsync_directory(folder)
+        done = True
+    finally:
+        for _, tmp in written:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        if not done:
+            for folder in sorted(set(made), key=lambda p: len(p.parts), reverse=True):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only if empty: never a folder someone else filled meanwhile
 
 
 def as_json(result: dict[str, Any]) -> bytes:

@@ -1,24 +1,23 @@
 """The array caches of decoded datasets: one ``.npz`` per dataset and image size.
 
-A cache is written atomically (a temporary file in the same folder, then ``os.replace``), holds
-its arrays plus a JSON ``meta`` record with the fingerprint of the sources it was made from, and
-is trusted only when that fingerprint matches: a cache of other sources, a damaged file or one
-of another layout reads as ``None`` and the caller decodes the sources again. Decoding is the
-slow part of loading (seconds for Omniglot, minutes for an 84x84 RGB folder), so every dataset
-keeps one of these beside ``METALEARN_CACHE``.
+A cache is written atomically (a temporary file in the same folder, flushed to disk, then
+``os.replace``), holds its arrays plus a JSON ``meta`` record with the fingerprint of the
+sources it was made from, and is trusted only when that fingerprint matches: a cache of other
+sources, a damaged file or one of another layout reads as ``None`` and the caller decodes the
+sources again. Decoding is the slow part of loading (seconds for Omniglot, minutes for an
+84x84 RGB folder), so every dataset keeps one of these beside ``METALEARN_CACHE``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from metalearn.errors import MetalearnError
-from metalearn.files import WriteError, remove_temporaries
+from metalearn.files import WriteError, atomic_write, remove_temporaries
 
 
 def read_arrays(path: Path, fingerprint: str, names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], dict] | None:
@@ -39,21 +38,21 @@ def read_arrays(path: Path, fingerprint: str, names: tuple[str, ...]) -> tuple[d
 
 
 def write_arrays(path: Path, arrays: dict[str, np.ndarray], meta: dict, fingerprint: str) -> None:
-    """Write ``arrays`` and ``meta`` (plus ``fingerprint``) to ``path`` atomically: a reader
-    sees the old cache or the whole new one, never a part. A write failure is one line naming
-    the file and the free space, and leaves no temporary file. Temporary files that killed
-    writers left in the cache folder (as large as a cache: about 1.3 GB for mini-ImageNet at
-    84x84) go first, those of processes no longer running and untouched for
+    """Write ``arrays`` and ``meta`` (plus ``fingerprint``) to ``path`` atomically with
+    :func:`metalearn.files.atomic_write`: the file is flushed to disk before it is renamed into
+    place, so a reader, or the next start after a kill or a power cut, sees the old cache or the
+    whole new one, never a part or an empty file. A write failure is one line naming the file
+    and the free space, and leaves no temporary file. Temporary files that killed writers left
+    in the cache folder (as large as a cache: about 1.3 GB for mini-ImageNet at 84x84) go
+    first, those of processes no longer running and untouched for
     ``files.UNOWNED_TEMPORARY_AGE_S``."""
     record = {"fingerprint": fingerprint, **meta}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise WriteError(path, err) from None
         remove_temporaries(path.parent)
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays, meta=np.array(json.dumps(record)))
-        os.replace(tmp, path)
-    except OSError as err:
-        raise MetalearnError(f"{WriteError(path, err)}; point METALEARN_CACHE at a writable folder") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+        atomic_write(path, lambda f: np.savez(f, **arrays, meta=np.array(json.dumps(record))))
+    except WriteError as err:
+        raise MetalearnError(f"{err}; point METALEARN_CACHE at a writable folder") from None

@@ -2,11 +2,14 @@
 
 The two archives of the dataset's own release (``images_background.zip`` and
 ``images_evaluation.zip``, from github.com/brendenlake/omniglot) are streamed into a temporary
-file beside their destination (``<name>.zip.part<pid>``) while being hashed; only when the
-digest matches the expected one is the file renamed (atomically, with ``os.replace``) to its
-final name. A failed, interrupted or tampered download therefore never leaves a file under the
-final name, and its temporary file is removed. Archives already present whose checksum
-verifies are not downloaded again. :func:`metalearn.data.omniglot.load_omniglot` reads the zips
+file beside their destination (``<name>.zip.tmp<pid>``, :func:`metalearn.files.atomic_write`)
+while being hashed; only when the digest matches the expected one is the file flushed to disk
+and renamed (atomically, with ``os.replace``) to its final name. A failed, interrupted or
+tampered download therefore never leaves a file under the final name, nor does a power cut
+leave an empty or partial one there, and its temporary file is removed. The temporary file of a
+download killed outright (SIGKILL, a crash) is removed by the next download into that folder
+(:func:`metalearn.files.remove_temporaries`). Archives already present whose checksum verifies
+are not downloaded again. :func:`metalearn.data.omniglot.load_omniglot` reads the zips
 directly, so nothing is extracted.
 
 Only the standard library is used (``urllib``), with a timeout on every network operation.
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import os
 import socket
 import sys
 import urllib.error
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Mapping
 
 from metalearn.errors import MetalearnError
+from metalearn.files import atomic_write, remove_temporaries
 
 OFFICIAL_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
 
@@ -54,6 +57,10 @@ def download_omniglot(
     matches, and otherwise replaced, but only by a download that verifies. Returns
     ``{name: path of the verified zip}``. Raises :class:`MetalearnError` (naming the URL or file,
     and the expected and actual digest where relevant) on any failure, leaving no partial file.
+    Temporary files (``<name>.tmp<pid>``) that killed writers left in ``data_dir`` are removed
+    first: those whose process is no longer running and that have not been written to for
+    ``files.UNOWNED_TEMPORARY_AGE_S`` (a download in progress on another machine sharing the
+    folder keeps writing to its own).
     """
     data_dir = Path(data_dir).expanduser()
     base_url = base_url.rstrip("/")
@@ -71,6 +78,7 @@ def download_omniglot(
             f"cannot create the data folder {data_dir} ({err}); choose a writable one with "
             "--data-dir or METALEARN_DATA."
         ) from None
+    remove_temporaries(data_dir)  # an archive's worth of bytes each, left by SIGKILL or a crash
 
     result = {}
     for name, method, expected in plan:
@@ -148,41 +156,37 @@ def _new_hash(method: str):
 
 
 def _fetch(url: str, final: Path, method: str, expected: str, timeout: float, progress: bool) -> None:
-    """Stream ``url`` into ``final.part<pid>`` while hashing, verify, then rename to ``final``.
+    """Stream ``url`` into a temporary file beside ``final`` while hashing, verify, then flush it
+    to disk and rename it to ``final`` (:func:`metalearn.files.atomic_write`): a power cut after
+    the rename finds the whole archive, never an empty file under its name.
 
     The temporary file is removed whatever happens (including Ctrl-C, which propagates)."""
-    tmp = final.with_name(f"{final.name}.part{os.getpid()}")
     manual = (
         f"Alternatively download {url} yourself (it must have {method} {expected}) and put "
         f"it in {final.parent}."
     )
-    try:
-        actual, received, announced = _stream(url, tmp, method, timeout, progress, manual)
+
+    def download(out) -> None:
+        actual, received, announced = _stream(url, out, final, method, timeout, progress, manual)
         if announced is not None and received != announced:
             raise MetalearnError(
                 f"the download of {url} was cut short: received {received} of {announced} bytes. "
                 f"Nothing was saved; try again. {manual}"
             )
-        if actual != expected:
+        if actual != expected:  # raised inside the write: the temporary file goes, final stays as it was
             raise MetalearnError(
                 f"checksum mismatch for {url}: expected {method} {expected}, got {actual} "
                 f"({received} bytes). The file was discarded and {final} was not written. Try "
                 "again; if it persists the server is not serving the official archive (a proxy "
                 f"or a changed release). {manual}"
             )
-        try:
-            os.replace(tmp, final)
-        except OSError as err:
-            raise MetalearnError(f"cannot move the verified download to {final}: {err}") from None
-    finally:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+
+    atomic_write(final, download)
 
 
-def _stream(url, tmp: Path, method: str, timeout: float, progress: bool, manual: str):
-    """(hex digest, bytes received, Content-Length or None) of ``url`` written to ``tmp``."""
+def _stream(url, out, final: Path, method: str, timeout: float, progress: bool, manual: str):
+    """(hex digest, bytes received, Content-Length or None) of ``url`` written to the open
+    file ``out`` (the temporary file of ``final``)."""
     digest = _new_hash(method)
     received = 0
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
@@ -193,19 +197,18 @@ def _stream(url, tmp: Path, method: str, timeout: float, progress: bool, manual:
             if progress:
                 from tqdm import tqdm
 
-                bar = tqdm(total=announced, desc=f"downloading {tmp.name.split('.part')[0]}",
+                bar = tqdm(total=announced, desc=f"downloading {final.name}",
                            unit="B", unit_scale=True, unit_divisor=1024, leave=False)
             try:
-                with open(tmp, "wb") as out:
-                    while True:
-                        chunk = response.read(CHUNK_SIZE)
-                        if not chunk:
-                            break
-                        digest.update(chunk)
-                        out.write(chunk)
-                        received += len(chunk)
-                        if bar is not None:
-                            bar.update(len(chunk))
+                while True:
+                    chunk = response.read(CHUNK_SIZE)
+                    if not chunk:
+                        break
+                    digest.update(chunk)
+                    out.write(chunk)
+                    received += len(chunk)
+                    if bar is not None:
+                        bar.update(len(chunk))
             finally:
                 if bar is not None:
                     bar.close()
@@ -232,7 +235,7 @@ def _stream(url, tmp: Path, method: str, timeout: float, progress: bool, manual:
         ) from None
     except OSError as err:
         raise MetalearnError(
-            f"downloading {url} into {tmp.parent} failed after {received} bytes: {err}. "
+            f"downloading {url} into {final.parent} failed after {received} bytes: {err}. "
             f"{manual}"
         ) from None
     return digest.hexdigest(), received, announced

@@ -77,9 +77,21 @@ def _listdir(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The image files at any depth below ``folder``, sorted by their path below it. A file is
+    skipped when any part of that path starts with "." (``.DS_Store``, ``._x.jpg``, and
+    everything inside ``.thumbs/`` or ``.git/``): hidden folders hold thumbnails and tool
+    state, not examples of the class."""
+    files = []
+    for path in folder.rglob("*"):
+        relative = path.relative_to(folder)
+        if not any(part.startswith(".") for part in relative.parts) and is_image_file(path) and path.is_file():
+            files.append((relative.as_posix(), path))
+    return [path for _, path in sorted(files, key=lambda item: item[0])]
+
+
 def _class_images(folder: Path, name: str) -> list[Path]:
-    files = sorted((p for p in folder.rglob("*") if p.is_file() and is_image_file(p)),
-                   key=lambda p: p.relative_to(folder).as_posix())
+    files = image_files(folder)
     if not files:
         raise MetalearnError(f"class folder {name} ({folder}) has no images (PNG or JPEG); remove it or add images")
     return files
@@ -342,6 +354,9 @@ def _parts_from_file(folder: ImageFolder, path: Path) -> tuple[str, ...]:
     parts = [""] * len(index)
     for part, names in spec.items():
         for name in names:
+            if not isinstance(name, str):  # a class is named by its folder's name; a list or number names none
+                raise MetalearnError(f"--split-file {path}: {part} lists {json.dumps(name)}, not a class name; "
+                                     f'every entry is a class folder\'s name in quotes, e.g. "{part}": ["dog", "cat"]')
             if name not in index:
                 raise MetalearnError(f"--split-file {path} names class {name!r}, which the folder lacks")
             if parts[index[name]]:

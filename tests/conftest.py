@@ -80,3 +80,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def flush_and_rename_events(monkeypatch):
+    """The ``("fsync", path)`` and ``("replace", src, dst)`` calls of the test, in order: a file
+    is on disk before it gets its name when its fsync comes before its rename (Linux: the path
+    of an fsynced descriptor is read from /proc/self/fd)."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to name the file flushed")
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_replace(src, dst, **kwargs):
+        events.append(("replace", str(src), str(dst)))
+        replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    return events

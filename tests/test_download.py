@@ -223,24 +223,10 @@ def test_no_file_under_the_final_name_while_downloading(server, shared_sha256, t
     assert leftovers(tmp_path) == []
 
 
-def test_an_archive_is_on_disk_before_it_gets_its_name(server, shared_sha256, tmp_path, monkeypatch):
+def test_an_archive_is_on_disk_before_it_gets_its_name(server, shared_sha256, tmp_path, flush_and_rename_events):
     """After a power cut the final name holds the whole archive, never an empty file: the
     temporary file is flushed to disk (fsync) before it is renamed to ``<name>.zip``."""
-    if not os.path.isdir("/proc/self/fd"):
-        pytest.skip("needs /proc/self/fd to name the file flushed")
-    events = []
-    fsync, replace = os.fsync, os.replace
-
-    def recording_fsync(fd):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        fsync(fd)
-
-    def recording_replace(src, dst, **kwargs):
-        events.append(("replace", str(src), str(dst)))
-        replace(src, dst, **kwargs)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
-    monkeypatch.setattr(os, "replace", recording_replace)
+    events = flush_and_rename_events
     download_omniglot(tmp_path, base_url=server.url + "/ok", checksums=shared_sha256)
     renames = [(i, e) for i, e in enumerate(events) if e[0] == "replace"]
     assert sorted(Path(e[2]).name for _, e in renames) == ["images_background.zip", "images_evaluation.zip"]

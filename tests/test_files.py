@@ -131,28 +131,14 @@ def test_a_cache_write_removes_the_temporary_files_of_killed_cache_writers(tmp_p
     assert arrays["images"].shape == (2, 3) and meta["size"] == 84
 
 
-def test_a_cache_is_on_disk_before_it_gets_its_name(tmp_path, monkeypatch):
+def test_a_cache_is_on_disk_before_it_gets_its_name(tmp_path, flush_and_rename_events):
     """After a power cut the cache's name holds the whole cache, never an empty file: the
     temporary file is flushed to disk (fsync) before it is renamed into place."""
     import numpy as np
 
     from metalearn.data.cache import read_arrays, write_arrays
 
-    if not os.path.isdir("/proc/self/fd"):
-        pytest.skip("needs /proc/self/fd to name the file flushed")
-    events = []
-    fsync, replace = os.fsync, os.replace
-
-    def recording_fsync(fd):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        fsync(fd)
-
-    def recording_replace(src, dst, **kwargs):
-        events.append(("replace", str(src), str(dst)))
-        replace(src, dst, **kwargs)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
-    monkeypatch.setattr(os, "replace", recording_replace)
+    events = flush_and_rename_events
     path = tmp_path / "omniglot-28x28-v1.npz"
     write_arrays(path, {"images": np.ones((2, 3), np.uint8)}, {"size": 28}, "abc")
     [(at, (_, src, dst))] = [(i, e) for i, e in enumerate(events) if e[0] == "replace"]

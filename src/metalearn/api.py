@@ -174,8 +174,9 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
     passed, setup included (:meth:`~metalearn.training.Trainer.fit`); like a SIGTERM, this raises
     :class:`~metalearn.errors.TrainingStopped` and skips the evaluation. Not part of the run:
     a resume takes its own limit. ``stop_at``: stop the same way after that meta-step of the run's
-    schedule (exit code 0), which must lie after the run's current step and before its last:
-    runs of a long schedule (cosine annealing, derivative-order switch) compared at equal steps."""
+    schedule (exit code 0), which must lie before its last and not before the run's current
+    step (equal: nothing is trained, so that the same call can be repeated): runs of a long
+    schedule (cosine annealing, derivative-order switch) compared at equal steps."""
     from metalearn.training import check_stop_at, now
 
     started = now()

@@ -578,7 +578,8 @@ RATE_WINDOWS = 20  # logged training windows whose median rate ``run_status`` pr
 
 
 def run_status(run_dir: Path | str) -> dict[str, Any]:
-    """Where a run stands, read without disturbing it (no lock, nothing written): ``method``,
+    """Where a run stands, read without disturbing it (nothing written; its lock is only
+    tried for an instant, shared, to see whether it is held): ``method``,
     ``task`` (dataset and episode shape), ``step`` of ``steps`` and ``training_time_s`` from its
     checkpoint, ``state`` (``training``: a process holds its lock, on this machine;
     ``training elsewhere``: on the host the lock's note names; ``unknown``: the note names

@@ -476,7 +476,8 @@ def export_command(run_dir, out_dir, data_dir, compare_with):
 def status_command(run_dirs, as_json):
     """Where runs stand: step, training time, whether a process trains them now, the last
     metrics, validation and evaluations. Without RUN_DIRS: every run in $METALEARN_RUNS (else
-    runs/ in the cache folder). Reads only: takes no lock, writes nothing."""
+    runs/ in the cache folder). Reads only: writes nothing and holds no lock (it tries a run's lock for an instant, to see
+    whether a process holds it)."""
     from metalearn.api import run_status
     from metalearn.runs import default_runs_root
 

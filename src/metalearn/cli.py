@@ -19,6 +19,7 @@ from metalearn.algorithms import METHODS
 from metalearn.config import MAX_SEED, TaskConfig, TrainConfig
 from metalearn.distributed import leave_world
 from metalearn.errors import TIME_LIMIT_EXIT, ConfigError, MetalearnError, MetalearnWarning, TrainingStopped, flag
+from metalearn.files import check_writable_file
 from metalearn.options import help_of
 from metalearn.runs import RunDir
 from metalearn.runtime import tune_allocator
@@ -388,19 +389,6 @@ def compare(run_dirs, episodes, seed, num_samples, json_path, settings, data_dir
         click.echo(f"written to {json_path}")
 
 
-def check_writable_file(option: str, path: Path, example: str) -> None:
-    """Refuse an output file that could not be written: a folder (the message suggests
-    ``example`` in it), below a file, or in a folder this user cannot write to (its missing
-    folders are made when it is written)."""
-    if path.is_dir():
-        raise MetalearnError(f"{option} {path} is a folder; give a file name, e.g. {path / example}")
-    existing = next(p for p in path.absolute().parents if p.exists())
-    if not existing.is_dir():
-        raise MetalearnError(f"{option} {path}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK):
-        raise MetalearnError(f"{option} {path}: cannot write in {existing}")
-
-
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--support", type=click.Path(path_type=Path), required=True,
@@ -419,10 +407,7 @@ def predict(run_dir, support, queries, json_path, csv_path, sheet, num_samples, 
     run: metalearn predict RUN_DIR --support DIR --query DIR_OR_FILE."""
     from metalearn.api import predict_run
 
-    for option, path, example in (("--json", json_path, "predictions.json"), ("--csv", csv_path, "predictions.csv"),
-                                  ("--sheet", sheet, "predictions.png")):
-        if path is not None:  # found out now, not after the images are read
-            check_writable_file(option, path, example)
+    # predict_run checks the output paths before it reads an image
     result = predict_run(run_dir, support, list(queries), json_out=json_path, csv_out=csv_path, sheet=sheet,
                          num_samples=num_samples, device=device)
     shots = ", ".join(f"{name} ({n})" for name, n in zip(result["classes"], result["shots"]))

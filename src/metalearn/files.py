@@ -168,3 +168,17 @@ def remove_temporaries(folder: Path, owned: Iterable[str] = (), unowned_age_s: f
         except OSError:
             continue  # gone already (another cleaner was first), or not ours to delete
     return removed
+
+
+def check_writable_file(option: str, path: Path, example: str) -> None:
+    """Refuse an output file named by ``option`` that could not be written: a folder (the
+    message suggests ``example`` in it), a path below a file, or one in a folder this user
+    cannot write to (missing folders are made when it is written). Called before the work whose
+    result it receives, so that a bad path is found out at once."""
+    if path.is_dir():
+        raise MetalearnError(f"{option} {path} is a folder; give a file name, e.g. {path / example}")
+    existing = next(p for p in path.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise MetalearnError(f"{option} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise MetalearnError(f"{option} {path}: cannot write in {existing}")

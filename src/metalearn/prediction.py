@@ -18,7 +18,7 @@ from metalearn.algorithms.base import evaluating
 from metalearn.data.folder import image_files
 from metalearn.data.images import is_image_file
 from metalearn.errors import MetalearnError
-from metalearn.files import WriteError, fsync_directory, temporary_path
+from metalearn.files import WriteError, check_writable_file, fsync_directory, temporary_path
 
 QUERY_CHUNK = 256  # query images classified per pass (with the whole support set)
 
@@ -132,14 +132,7 @@ def check_outputs(named: list[tuple[str, Path]]) -> None:
             if path.resolve() == other_path.resolve():
                 raise MetalearnError(f"{option} and {other} both name {path}; give each output its own file")
     for option, path in named:
-        if path.is_dir():
-            raise MetalearnError(f"{option} {path} is a folder; give a file name, e.g. "
-                                 f"{path / OUTPUT_EXAMPLES.get(option, 'predictions')}")
-        existing = next(p for p in path.absolute().parents if p.exists())
-        if not existing.is_dir():
-            raise MetalearnError(f"{option} {path}: {existing} is a file, not a folder")
-        if not os.access(existing, os.W_OK):
-            raise MetalearnError(f"{option} {path}: cannot write in {existing}")
+        check_writable_file(option, path, OUTPUT_EXAMPLES.get(option, "predictions"))
 
 
 def write_together(outputs: list[tuple[Path, bytes]]) -> None:

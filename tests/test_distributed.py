@@ -56,6 +56,8 @@ def test_two_ranks_equal_one_process_and_share_evaluation(tmp_path):
     out2 = torchrun(args + ["--run-dir", double], tmp_path)
     assert_same_weights(single, double)
     assert out2.stdout.count("MSE") == 1  # only rank 0 reports
+    evaluated = launch(["-m", "metalearn", "eval", str(double), "--no-progress"])
+    assert evaluated.stdout.count("MSE") == evaluated.stdout.count("written to") == 1, evaluated.stdout
     e1 = json.loads((single / "eval.json").read_text())
     e2 = json.loads((double / "eval.json").read_text())
     assert e2["episodes"] == e1["episodes"] == 75  # episodes split across ranks, CI over all of them
@@ -196,6 +198,28 @@ def test_one_gpu_for_every_rank_and_a_bad_timeout_are_refused_before_joining(mon
     monkeypatch.setenv("METALEARN_DIST_TIMEOUT", "five minutes")
     with pytest.raises(MetalearnError, match="METALEARN_DIST_TIMEOUT must be a positive number"):
         init_world("cpu")
+
+
+def test_a_process_group_that_cannot_form_is_one_line_not_a_traceback(tmp_path, monkeypatch):
+    """WORLD_SIZE set without torchrun's other variables, or a second rank that never comes."""
+    from metalearn.distributed import init_world
+    from metalearn.errors import MetalearnError
+
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(MetalearnError, match="could not join the process group of WORLD_SIZE=2 .*launch with torchrun"):
+        init_world("cpu")
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    alone = {**env(dist_timeout_s=2), "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    done = subprocess.run([sys.executable, "-m", "metalearn", "train", *SINUSOID, "--steps", "2",
+                           "--run-dir", str(tmp_path / "run")], env=alone, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.startswith("error: could not join the process group of WORLD_SIZE=2"), done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 def test_leaving_the_world_closes_the_process_group(tmp_path):
@@ -356,6 +380,7 @@ from metalearn.algorithms.maml import MAML
 rank = int(os.environ["RANK"])
 # seconds per task of each chunk size, per rank: the first argument names the scenario
 PER_TASK = {"timings": [{1: 1.0, 2: 2.0, 3: 2.0}, {1: 1.0, 2: 0.5}],  # rank 0 picks 1, rank 1 its share 2
+            "rank 0's": [{1: 1.0, 2: 0.5, 3: 2.0}, {1: 0.5, 2: 1.0}],  # rank 0 picks 2, rank 1 picks 1
             "memory": [{1: 1.0, 2: 0.9, 3: 0.5}, {1: 1.0, 2: 0.5}]}[sys.argv[1]]  # rank 0 picks its share 3
 sizes = []
 meta_loss = MAML.meta_loss
@@ -388,19 +413,22 @@ runpy.run_module("metalearn", run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("scenario", ["timings", "memory"])
-def test_task_chunk_auto_under_torchrun_takes_rank_0s_choice(tmp_path, scenario):
+@pytest.mark.parametrize("scenario, chunk", [("timings", 1), ("rank 0's", 2), ("memory", 1)])
+def test_task_chunk_auto_under_torchrun_takes_rank_0s_choice(tmp_path, scenario, chunk):
     """Each rank times its own share (3 and 2 of a meta-batch of 5). timings: rank 0's timings
-    pick one task at a time, rank 1's its whole share; memory: rank 0's pick its whole share
-    but rank 1's memory fits one task at a time. Both ranks train in chunks of one, and the run
-    equals one process in chunks of one (and the whole batch, to float rounding)."""
+    pick one task at a time, rank 1's its whole share; rank 0's: rank 0's pick two, rank 1's
+    one (memory to spare: rank 0's choice, not the smaller); memory: rank 0's pick its whole
+    share but rank 1's memory fits one task at a time. Both ranks train in chunks of the
+    expected size, and the run equals one process in chunks of that size (and the whole batch,
+    to float rounding)."""
     args = SINUSOID + ["--steps", 2, "--val-every", 0]
-    metalearn(args + ["--run-dir", tmp_path / "one", "--task-chunk", 1], tmp_path)
+    metalearn(args + ["--run-dir", tmp_path / "one", "--task-chunk", chunk], tmp_path)
     metalearn(args + ["--run-dir", tmp_path / "whole"], tmp_path)
     script = tmp_path / "auto_chunk.py"
     script.write_text(AUTO_CHUNK_RANKS)
     done = launch([script, scenario, *map(str, args), "--run-dir", tmp_path / "auto", "--task-chunk", "auto"])
-    assert "rank 0 trains in chunks of 1" in done.stdout and "rank 1 trains in chunks of 1" in done.stdout, done.stdout
+    assert (f"rank 0 trains in chunks of {chunk}" in done.stdout
+            and f"rank 1 trains in chunks of {chunk}" in done.stdout), done.stdout
     assert_same_weights(tmp_path / "one", tmp_path / "auto")
     assert_same_weights(tmp_path / "whole", tmp_path / "auto")
 

@@ -298,6 +298,71 @@ def test_a_stopped_and_continued_iteration_is_not_taken_for_a_long_one(tmp_path,
     assert signal.getsignal(signal.SIGCONT) == before
 
 
+def test_a_signal_in_a_step_before_a_validation_stops_before_it_and_the_resume_validates_first(tmp_path):
+    """A scheduler's grace after SIGTERM can be shorter than a validation: a signal in step 3
+    (validation every 3 steps) saves step 3 and stops without validating; the resumed run
+    validates step 3 first, and its metrics and weights equal an uninterrupted run's."""
+    straight = build_trainer(sinusoid_config(6), tmp_path / "straight")
+    straight.fit(progress=False)
+
+    trainer = build_trainer(sinusoid_config(6), tmp_path / "stopped")
+    real_meta_loss = trainer.learner.meta_loss
+
+    def signalled_in_step_3(batch):
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_meta_loss(batch)
+
+    trainer.learner.meta_loss = signalled_in_step_3
+    validated = []
+    real_validate = trainer.validate
+    trainer.validate = lambda: validated.append(trainer.step) or real_validate()
+    with pytest.raises(TrainingStopped, match="stopped by SIGTERM after step 3 of 6"):
+        trainer.fit(progress=False)
+    assert validated == []
+    stopped = RunDir(tmp_path / "stopped")
+    assert stopped.read_checkpoint()["validation_pending"] is True
+    assert not any("val_loss" in r or "val_mse" in r for r in stopped.read_metrics())
+
+    resumed = build_trainer(sinusoid_config(6), tmp_path / "stopped", resume=True)
+    resumed.fit(progress=False)
+    assert "validation_pending" not in stopped.read_checkpoint()
+    timing = {"elapsed_s", "validation_s", "tasks_per_s"}
+    records = [[{k: v for k, v in r.items() if k not in timing} for r in RunDir(run).read_metrics()]
+               for run in (tmp_path / "straight", tmp_path / "stopped")]
+    assert [r["step"] for r in records[0] if len(r) == 3] == [3, 6]  # step, val score, its CI
+    assert records[0] == records[1]
+    a, b = parameters_of(straight.learner), parameters_of(resumed.learner)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_under_torchrun_a_repeated_signal_is_only_noted(tmp_path, monkeypatch):
+    """torchrun passes a signal on to its workers, so a scheduler that signals the whole job
+    reaches each worker twice: the second SIGTERM must not kill it before its checkpoint, nor
+    after training, before it has reported and left the group."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    trainer = build_trainer(sinusoid_config(6), tmp_path)
+    real_meta_loss = trainer.learner.meta_loss
+
+    def signalled_twice(batch):
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_meta_loss(batch)
+
+    trainer.learner.meta_loss = signalled_twice
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(TrainingStopped, match="stopped by SIGTERM after step 3 of 6"):
+            trainer.fit(progress=False)
+        assert load_trained(tmp_path)[2] == 3
+        os.kill(os.getpid(), signal.SIGTERM)  # a late one, after training: noted, not fatal
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+
+
 def test_a_second_ctrl_c_stops_at_once(tmp_path):
     trainer = build_trainer(sinusoid_config(6), tmp_path)
     real_meta_loss = trainer.learner.meta_loss

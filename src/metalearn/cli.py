@@ -285,8 +285,9 @@ def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots,
                           progress=progress, overrides=overrides, device=device, episode_shape=shape,
                           per_step=per_step, exact_gpu_kernels=not fast_gpu_kernels, ensemble=ensemble,
                           protocol=protocol)
-    click.echo(format_result(result) if protocol is None else format_protocol_result(result))
-    click.echo(f"written to {target}" + (f" (replacing the earlier evaluation there: {earlier})" if earlier else ""))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 alone writes, and says so
+        click.echo(format_result(result) if protocol is None else format_protocol_result(result))
+        click.echo(f"written to {target}" + (f" (replacing the earlier evaluation there: {earlier})" if earlier else ""))
 
 
 def format_protocol_result(result: dict) -> str:

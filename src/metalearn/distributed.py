@@ -67,9 +67,12 @@ class World:
             t.copy_(summed.view_as(t))
 
     def sum(self, value: Tensor) -> Tensor:
+        """The sum of ``value`` over the ranks, on ``value``'s device (the collective runs on
+        this rank's device: NCCL reduces only GPU tensors)."""
         if self.distributed:
-            value = value.clone()
-            _collective(dist.all_reduce, value, op=dist.ReduceOp.SUM)
+            summed = value.to(self.device, copy=True)
+            _collective(dist.all_reduce, summed, op=dist.ReduceOp.SUM)
+            value = summed.to(value.device)
         return value
 
     def gather(self, values: Tensor) -> Tensor:
@@ -172,7 +175,13 @@ def init_world(device: str = "cpu", timeout_s: float | None = None, exact_gpu_ke
         # the interpreter's teardown can abort ("terminate called without an active
         # exception"). Imported first, it takes none (tests/test_distributed.py).
         importlib.import_module("torch._dynamo")
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        try:
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        except (ValueError, RuntimeError) as err:  # RANK or MASTER_ADDR unset, peers that never came
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise MetalearnError(
+                f"could not join the process group of WORLD_SIZE={size} ({first}): launch with torchrun, "
+                "or unset WORLD_SIZE to run one process") from None
         atexit.register(leave_world, orderly=False)
     return World(dist.get_rank(), dist.get_world_size(), resolved)
 

@@ -84,13 +84,22 @@ class StopRequests:
     ``continued`` counts the SIGCONTs received: the process was stopped (Ctrl-Z, SIGSTOP, a
     scheduler's suspend) and continued, which ``--time-limit`` must not take for a long
     iteration. Signal handlers can only be set from the main thread; elsewhere nothing is
-    caught."""
+    caught.
+
+    ``note_repeats`` (a worker started by torchrun): every SIGINT and SIGTERM is only noted, up
+    to the process's exit. torchrun passes the signals it gets on to its workers, so a
+    scheduler that signals the whole job (SLURM at a time limit, systemd, ``kill`` of every
+    process) reaches each worker twice, and a second signal must not kill it before its
+    checkpoint; once one was received the handler stays after training too, so that the
+    worker still reports its stop and leaves the group. The hard stop is torchrun's own
+    SIGKILL after its ``--shutdown_timeout``."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, note_repeats: bool = False):
         self.received: signal.Signals | None = None
         self.continued = 0
+        self.note_repeats = note_repeats
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopRequests":
@@ -102,16 +111,24 @@ class StopRequests:
         return self
 
     def _note(self, signum, frame) -> None:
-        self.received = signal.Signals(signum)
-        signal.signal(signum, self._previous[signum])
+        if self.received is None:
+            self.received = signal.Signals(signum)
+        if not self.note_repeats:
+            signal.signal(signum, self._previous[signum])
 
     def _count_continue(self, signum, frame) -> None:
         self.continued += 1
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            if not (self.note_repeats and self.received is not None and sig in self.SIGNALS):
+                signal.signal(sig, handler)
         self._previous.clear()
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is a worker that torchrun (torch.distributed.elastic) started."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
 
 
 class Trainer:
@@ -155,6 +172,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(train, step))
         self.step = 0
         self.elapsed_s = 0.0  # training wall time so far, across resumes
+        self.validation_pending = False  # this step's validation was left for the resume (a signal)
         self.config_written = False  # by the first save: the config this Trainer continues with
         self.lock = lock  # the hold on the run folder (build_trainer's, or fit takes one; see lock_for_training)
 
@@ -171,6 +189,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            **({"validation_pending": True} if self.validation_pending else {}),
             # "dataset:NAME" when the registry built the tasks that config.json names; else the
             # class of a task source of the user's own, which config.json's dataset does not describe
             "task_source": self.task_source,
@@ -231,6 +250,7 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
         self.elapsed_s = float(state.get("elapsed_s", 0.0))
+        self.validation_pending = bool(state.get("validation_pending", False))
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -247,7 +267,9 @@ class Trainer:
         a run with validation every N steps stops about one validation's time early. An
         iteration during which the process was stopped and continued (Ctrl-Z, SIGSTOP, a
         scheduler's suspend: a SIGCONT arrived) is not taken as a length; the time it lost
-        counts against the limit all the same. At least one step runs."""
+        counts against the limit all the same. At least one step runs. A signal that arrives
+        during a step after which the run validates stops it before the validation, which the
+        resumed run then does first (the same scores)."""
         deadline = None if time_limit_s is None else now() + time_limit_s
         if self.run_dir is None:
             raise MetalearnError("this Trainer has no run folder to write into; build it with a run_dir")
@@ -273,7 +295,11 @@ class Trainer:
             self._begin()
             if self.step == 0:
                 self.save()  # eval, resume and a NaN at step 1 always find a checkpoint
-            with StopRequests() as stop:
+            if self.validation_pending and self.val_tasks is not None:  # left by a signal at that step
+                self.validation_pending = False  # before validate: best/ keeps this state
+                self.validate()
+                self.save()  # a resume from here must not log this validation twice
+            with StopRequests(note_repeats=launched_by_torchrun()) as stop:
                 self._loop(stop, bar, parameters, share, local_fraction, deadline, stop_at)
             self.save()
         except RankLost as err:
@@ -356,7 +382,14 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
             if self.val_tasks is not None and train.val_every > 0 and self.step % train.val_every == 0:
-                self.validate()
+                # a signal during the step: save and stop now, and validate this step first thing
+                # on resume (the same scores: the model and the validation episodes are the same).
+                # A scheduler's grace after its SIGTERM (SLURM's KillWait, torchrun's
+                # --shutdown_timeout: 30 s each by default) can be shorter than a validation.
+                if self._stop_requested(stop):
+                    self.validation_pending = True
+                else:
+                    self.validate()
             out_of_time = False
             if deadline is not None:
                 previous, mark = mark, now()

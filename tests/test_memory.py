@@ -17,7 +17,7 @@ from metalearn.algorithms.memory import (EMPTY, Memory, MemoryConfig, class_roun
                                          look_up, update_memory)
 from metalearn.api import resolve_config
 from metalearn.config import TaskConfig
-from metalearn.errors import ConfigError
+from metalearn.errors import ConfigError, MetalearnError
 from metalearn.tasks import build_task_source, problem_of
 from metalearn.tasks.batch import Problem, TaskBatch
 
@@ -252,7 +252,7 @@ def test_resume_is_exact_with_the_memory_and_its_noise(tmp_path, omniglot_data_d
     assert {"memory_keys", "memory_values", "memory_ages", "age_noise_state"} <= set(final)
     for name, value in expected.items():
         assert torch.equal(value, final[name]), name
-    # 3 tasks x 3 classes x 3 examples = 27 writes into 16 slots: the noise chose which to reuse
+    # 2 tasks x 3 classes x 3 examples = 18 writes into 16 slots: the noise chose which to reuse
     assert int((final["memory_values"] != EMPTY).sum()) == 16
 
 
@@ -281,7 +281,30 @@ def test_bad_options_are_refused_with_the_field_named():
         MemoryConfig(memory_size=128, choose_k=256)
     learner = build_learner("memory", {**SMALL, "memory_size": 8, "choose_k": 4}, OMNIGLOT)
     with pytest.raises(ConfigError, match=r"memory_size must hold one episode's support set \(10 examples\), got 8"):
-        learner.predict(random_batch(tasks=1, ways=5, shots=2, query=1))
+        learner.meta_loss(random_batch(tasks=1, ways=5, shots=2, query=1))
+    with pytest.raises(MetalearnError, match="its 8 slots cannot take one round of a 10-way episode"):
+        learner.predict(random_batch(tasks=1, ways=10, shots=1, query=1))
+    with pytest.raises(ConfigError, match="model must be an image network: lenet .*conv4-embedding.*got 'lenett'"):
+        MemoryConfig(model="lenett")
+
+
+def test_a_test_support_set_larger_than_the_memory_replaces_the_oldest_keys():
+    """5-way 2-shot (10 examples) into 8 slots: the first round's keys stay, of the second the
+    first three writes take the free slots and the other two replace the oldest (slots 0, 1)."""
+    from metalearn.algorithms.memory import write_support
+
+    basis = torch.eye(16)[:5]
+    keys = torch.cat([basis, basis.roll(1, 0)]).unsqueeze(0)  # round 1: class c along class c-1's key, a miss
+    labels = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]])
+    learner = build_learner("memory", {**SMALL, "memory_size": 8, "choose_k": 4}, OMNIGLOT)
+    batch = random_batch(tasks=2, ways=5, shots=2, query=1)
+    logits = learner.predict(batch)
+    assert logits.shape == (2, 5, 5) and torch.isfinite(logits).all()
+    memory = write_support(keys, labels, 5, slots=8)
+    assert memory.values.tolist() == [[3, 4, 2, 3, 4, 0, 1, 2]]
+    assert memory.keys[0].argmax(-1).tolist() == [2, 3, 2, 3, 4, 4, 0, 1]
+    full = write_support(keys, labels, 5)  # a slot per example: nothing replaced
+    assert full.values.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]]
 
 
 def test_the_command_line_refuses_bad_memory_options_in_one_line(tmp_path, capsys, omniglot_data_dir):
@@ -289,11 +312,19 @@ def test_the_command_line_refuses_bad_memory_options_in_one_line(tmp_path, capsy
     # the field or its flag, as the command line renders a ConfigError
     assert code == 2 and err.strip().count("\n") == 0
     assert re.search(r"(--choose-k|choose_k) must be at most (--memory-size|\S*memory_size) \(256\), got 300", err)
-    code, _, err = run(["train", "memory", "--ways", 5, "--shots", 2, "--memory-size", 8, "--choose-k", 4, "--model",
+    code, _, err = run(["train", "memory", "--ways", 5, "--shots", 2, "--memory-size", 8, "--choose-k", 4, "--meta-batch-size", 1, "--model",
                         "conv4-embedding", "--steps", 1, "--no-progress", "--run-dir", tmp_path / "s",
                         "--data-dir", omniglot_data_dir], capsys)
     assert code == 2 and "Traceback" not in err and err.strip().count("\n") == 0
-    assert re.search(r"(--memory-size|memory_size) must hold one episode's support set \(10 examples\), got 8", err)
+    assert re.search(r"(--memory-size|memory_size) must hold one training episode's support set \(5 x 2\) = 10 slots, "
+                     r"got 8", err)
+    assert not (tmp_path / "s" / "config.json").exists()  # refused before the run folder is written
+    # a test shape the memory cannot take is refused before training too, not after it
+    code, _, err = run(["train", "memory", "--ways", 3, "--shots", 1, "--test-ways", 20, "--memory-size", 16,
+                        "--choose-k", 4, "--model", "conv4-embedding", "--meta-batch-size", 2, "--steps", 1,
+                        "--no-progress", "--run-dir", tmp_path / "t", "--data-dir", omniglot_data_dir], capsys)
+    assert code == 2 and "one round of a test episode (20 classes) = 20 slots, got 16" in err, err
+    assert not (tmp_path / "t" / "config.json").exists()
 
 
 def test_a_checkpoint_of_another_memory_size_is_refused(tmp_path, capsys, omniglot_data_dir):
@@ -320,7 +351,7 @@ def test_the_lifelong_protocol_runs_on_the_episode_shape_asked_for(tmp_path, cap
     result = json.loads(written.read_text())
     # 4 classes shown 1 + 2 times each: 0- to 2-shot scored, 3- to 5-shot absent
     assert (result["episode_width"], result["episode_length"], result["episodes"]) == (4, 12, 3)
-    assert result["k_shot"][0] == 0.0 and all(math.isnan(v) for v in result["k_shot"][3:])
+    assert result["k_shot"][0] == 0.0 and result["k_shot"][3:] == [None] * 3 and result["k_shot_ci95"][3:] == [None] * 3
     assert all(0 <= v <= 100 for v in result["k_shot"][1:3]) and len(result["k_shot_ci95"]) == 6
     # a protocol scores one checkpoint: --ensemble with it is refused, nothing written
     code, _, err = run(["eval", tmp_path / "r", "--protocol", "lifelong", "--ensemble", "--no-progress",

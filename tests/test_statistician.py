@@ -383,6 +383,59 @@ def test_sets_follow_the_labels_and_bad_sets_are_refused():
         StatisticianConfig(kl_direction="sideways")
 
 
+def test_bad_inputs_are_one_line_and_a_batch_without_queries_predicts_nothing():
+    model, x = tiny(), binary_images(2, 4)
+    labels = torch.tensor([[0, 1, 0, 1], [0, 1, 0, 1]])
+    no_queries = TaskBatch(x, labels, x[:, :0], torch.zeros(2, 0, dtype=torch.long), ways=2)
+    assert model.predict(no_queries).shape == (2, 0, 2)
+    as_double = TaskBatch(x.double(), labels, x[:, :2].double(), torch.tensor([[0, 1], [0, 1]]), ways=2)
+    with pytest.raises(MetalearnError, match="images are torch.float64 and the networks' weights torch.float32"):
+        model.predict(as_double)
+    with pytest.raises(MetalearnError, match="images are torch.uint8"):
+        model.sample((x[0] * 255).to(torch.uint8), num=2)
+    uneven_second = TaskBatch(x, torch.tensor([[0, 1, 0, 1], [0, 0, 0, 1]]), x[:, :2], torch.tensor([[0, 1], [0, 1]]),
+                              ways=2)
+    with pytest.raises(MetalearnError, match=r"got \[3, 1\] per class in task 1 \(task 0 has \[2, 2\]\)"):
+        model.meta_loss(uneven_second)
+    beyond = TaskBatch(x, torch.tensor([[0, 1, 0, 2], [0, 1, 0, 1]]), x[:, :2], torch.tensor([[0, 1], [0, 1]]), ways=2)
+    with pytest.raises(MetalearnError, match=r"support labels must lie in 0..1 \(ways=2\); got labels from 0 to 2"):
+        model.predict(beyond)
+
+
+def test_the_test_bound_is_taken_on_the_episodes_evaluation_scores():
+    """evaluate draws its episodes EPISODE_CHUNK at a time; the bound's first episodes are those."""
+    from metalearn.evaluation import EPISODE_CHUNK, evaluate
+
+    seen = {"evaluate": [], "bound": []}
+
+    class Source:
+        into = "evaluate"
+
+        def sample(self, size, generator, tasks=None):
+            batch = grey_batch(tasks=size, seed=int(torch.randint(10**6, (1,), generator=generator)))
+            seen[self.into].append(batch.support_x)
+            return batch
+
+    model, source = tiny(), Source()
+    evaluate(model, source, 70, seed=5, per_step=False)
+    source.into = "bound"
+    model.test_bound(source, 70, seed=5, chunk=EPISODE_CHUNK)
+    assert [len(x) for x in seen["evaluate"]] == [len(x) for x in seen["bound"]] == [50, 20]
+    assert all(torch.equal(a, b) for a, b in zip(seen["evaluate"], seen["bound"]))
+
+
+def test_the_default_episodes_are_the_papers_sets_of_5():
+    """A set of one image cannot tell the context from the image's latent: unless told
+    otherwise the statistician trains on sets of 5 of the vinyals split and tests 1-shot."""
+    from metalearn.api import resolve_config
+
+    task = resolve_config("statistician", task={"dataset": "omniglot"}).task
+    assert (task.split, task.shots, task.query, task.test_shots, task.test_query) == ("vinyals", 5, 1, 1, 5)
+    given = resolve_config("statistician", task={"dataset": "omniglot", "split": "maml", "shots": 2, "query": 3}).task
+    assert (given.split, given.shots, given.query, given.test_shots) == ("maml", 2, 3, 1)
+    assert resolve_config("maml", task={"dataset": "omniglot"}).task.shots == 1  # other methods as before
+
+
 # -- runs: resume, two ranks, the command line -------------------------------------------------
 
 

@@ -14,11 +14,12 @@ from typing import Any, Callable
 import torch
 
 from metalearn.algorithms import METHODS, method_class, make_method_config
+from metalearn.algorithms.base import MetaLearner
 from metalearn.config import RunConfig, TaskConfig, TrainConfig, task_differences
 from metalearn.datasets import DATASETS, get_dataset
 from metalearn.distributed import World, init_world
 from metalearn.errors import ConfigError, MetalearnError, MetalearnWarning
-from metalearn.evaluation import evaluate
+from metalearn.evaluation import EPISODE_CHUNK, evaluate
 from metalearn.runs import RunDir, atomic_write_bytes, claim_new_run_dir, default_runs_root, new_run_name
 from metalearn.tasks import has_validation
 from metalearn.checkpoints import check_same_method, check_test_ways, configuration_conflict, load_trained
@@ -73,8 +74,10 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
     if given:
         verb = "does" if len(given) == 1 else "do"
         raise ConfigError("TaskConfig", tuple(given), f"{verb} not apply to {dataset.name}, a {dataset.kind} dataset")
-    for name, value in dataset.defaults.items():
-        task.setdefault(name, value)
+    for defaults in (cls.task_defaults, dataset.defaults):
+        for name, value in defaults.items():
+            if name not in dataset.inapplicable:
+                task.setdefault(name, value)
     task.update(dataset.fixed)
     task.setdefault("query", task.get("shots", TaskConfig.shots))  # the MAML code queries K per class
     task_config = TaskConfig(**task)
@@ -248,6 +251,10 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     """
     check_protocol_or_ensemble(protocol, ensemble)
     config, learner, step = load_trained(run_dir, overrides)
+    if ensemble and type(learner).episode_scores is not MetaLearner.episode_scores:
+        raise MetalearnError(f"--ensemble averages the predictions of the run's best checkpoints; {config.method} "
+                             "scores its episodes otherwise (a policy's returns), which do not average that way: "
+                             "evaluate without --ensemble")
     if protocol is not None:  # on the run's test shape, or ``episode_shape`` (e.g. 20-way episodes)
         labels = {**evaluation_labels(config, overrides, episode_shape, episodes, seed), "protocol": protocol}
         if episode_shape:
@@ -354,7 +361,8 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
     result = evaluate(learner, source, n, seed=seed + offset, world=world, progress=progress,
                       per_step=per_step)
     if hasattr(learner, "test_bound") and world.is_main:  # a generative method: its bound on the test sets
-        result["lower_bound"] = learner.test_bound(source, min(n, 100), seed + offset)
+        # drawn as evaluate drew: the support sets of the first (up to) 100 episodes it scored
+        result["lower_bound"] = learner.test_bound(source, min(n, 100), seed + offset, chunk=EPISODE_CHUNK)
     test = config.task.for_testing()
     result.update({"part": part, "step": step, "method": config.method, "dataset": config.task.dataset,
                    "ways": test.ways, "shots": test.shots, "query": test.query, "overrides": overrides or {},
@@ -378,11 +386,12 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
     if not records:
         raise MetalearnError(f"{run.path} has no metrics yet: train first")
     title = f"{config.method} {config.task.dataset}"
+    curves = lambda: plot_learning_curves(records, run.plots_dir / "learning_curves.png", title,  # noqa: E731
+                                          method_class(config.method).series_labels(config.method_config))
     if get_dataset(config.task.dataset).reinforcement:
-        return [plot_learning_curves(records, run.plots_dir / "learning_curves.png", title),
-                *_plot_reinforcement(run_dir, config, compare_with)]
+        return [curves(), *_plot_reinforcement(run_dir, config, compare_with)]
     other = _comparison_run(config, compare_with) if compare_with is not None else None
-    paths = [plot_learning_curves(records, run.plots_dir / "learning_curves.png", title)]
+    paths = [curves()]
     if config.task.classification and hasattr(method_class(config.method), "sample"):
         paths.append(plot_conditional_samples(run_dir, data_dir))
     if not config.task.classification:

@@ -297,7 +297,7 @@ def format_protocol_result(result: dict) -> str:
         if key in ("protocol", "part", "step", "method", "dataset"):
             continue
         if isinstance(value, (list, tuple)):
-            value = " ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in value)
+            value = " ".join(f"{v:.2f}" if isinstance(v, float) else "-" if v is None else str(v) for v in value)
         elif isinstance(value, float):
             value = f"{value:.2f}"
         lines.append(f"{key}: {value}")

@@ -26,12 +26,15 @@ def episode_scores(learner: MetaLearner, batch, per_step: bool = True) -> torch.
     return scores(batch, per_step)
 
 
+EPISODE_CHUNK = 50  # episodes drawn per batch: the draws, and so the episodes, depend on it
+
+
 def evaluate(
     learner: MetaLearner,
     source: TaskSource,
     episodes: int = 600,
     seed: int = 0,
-    chunk: int = 50,
+    chunk: int = EPISODE_CHUNK,
     world: World = World(),
     progress: bool = False,
     per_step: bool = True,

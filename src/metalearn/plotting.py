@@ -68,14 +68,17 @@ def axis_limits(values: list[float], spread: float = 5.0) -> tuple[float, float,
     return low, high, int(((finite < low) | (finite > high)).sum())
 
 
-def plot_learning_curves(records: list[dict], path: Path, title: str = "") -> Path:
-    """Training loss and every accuracy/MSE series found in ``metrics.jsonl`` records."""
+def plot_learning_curves(records: list[dict], path: Path, title: str = "",
+                         labels: dict[str, str] | None = None) -> Path:
+    """Training loss and every accuracy/MSE series found in ``metrics.jsonl`` records;
+    ``labels``: panel titles that replace the common ones (:meth:`MetaLearner.series_labels`)."""
     plt = _pyplot()
     series = sorted({k for r in records for k in r if k not in UNDRAWN})
     fig, axes = plt.subplots(1, len(series), figsize=(4.5 * max(len(series), 1), 3.5), squeeze=False)
     for ax, name in zip(axes[0], series):
         # metrics.jsonl keeps training accuracy as a fraction and validation accuracy in percent
         scale, label = SERIES_LABELS.get(name, (1.0, name))
+        label = (labels or {}).get(name, label)
         points = [(r["step"], r[name] * scale) for r in records if name in r]
         sparse = name.startswith("val") or len(points) < 20  # a line of one point draws nothing
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if sparse else None)

@@ -582,6 +582,7 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
     check_test_ways(config)
     torch.manual_seed(config.train.seed)  # the initial weights
     learner = build_learner(config.method, config.method_config, problem_of(config.task))
+    learner.check_run(config)
     train_tasks = build_task_source(config.task, "train", data_dir, progress)
     # no validation (--val-every 0): the val part is not built, so a folder without val/ classes trains
     validates = has_validation(config.task) and config.train.val_every > 0

@@ -80,6 +80,10 @@ class MetaLearner(nn.Module):
     reinforcement: ClassVar[bool] = False
     # the dataset (or environment) a run of this method takes when none is named (None: omniglot)
     default_dataset: ClassVar[str | None] = None
+    # the episode shape this method's paper trains on, where it differs from TaskConfig's and the
+    # user sets nothing (the Neural Statistician learns from sets of 5 images, not of 1): task
+    # options such as shots, query, test_shots; they come before the dataset's own defaults
+    task_defaults: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def preset_defaults(cls, name: str, task: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -107,6 +111,19 @@ class MetaLearner(nn.Module):
         see them coming), and the trainer measures ``--task-chunk auto`` again there (a chunk
         chosen for cheaper steps could exhaust the memory after). The default: none."""
         return []
+
+    def check_run(self, config: Any) -> None:
+        """Refuse, before anything is written, a run (a RunConfig: task shape, training
+        options) that this learner cannot train or test, which the options alone do not show
+        (the Memory Module's memory must hold a round of the meta-batch's writes). Called by
+        the trainer's builder, also for ``--print-config``. The default accepts every run."""
+
+    @classmethod
+    def series_labels(cls, config: dict[str, Any]) -> dict[str, str]:
+        """Panel titles of ``metalearn plot``'s learning curves for metrics this method logs under
+        a common name with another meaning (``config``: the run's method options), e.g. a
+        ``loss`` that is not a training loss. The default: none, the common titles."""
+        return {}
 
     def start_step(self, step: int) -> None:
         """Told by the trainer before each meta-step how many steps were taken so far, for a

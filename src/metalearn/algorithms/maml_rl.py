@@ -465,7 +465,18 @@ class MAMLRL(MetaLearner):
         new, info = trpo_step(meta.objective, theta, config.max_kl, config.cg_iters, config.cg_damping, reduce)
         metrics = {**meta.metrics, "kl": torch.tensor(info["kl"]), "backtracks": torch.tensor(info["backtracks"])}
         surrogate = sum(0.5 * (p - new[name]).square().sum() for name, p in theta.items())
+        if not math.isfinite(info["loss_before"]):
+            # the line search takes no step on a non-finite objective, which would leave a loss of
+            # 0 and a run that trains on silently; a non-finite loss makes the trainer stop with
+            # its message (the same value on every rank: loss_before is summed over them)
+            surrogate = surrogate + info["loss_before"]
         return surrogate, metrics
+
+    @classmethod
+    def series_labels(cls, config: dict[str, Any]) -> dict[str, str]:
+        if config.get("outer", "trpo") == "trpo":
+            return {"loss": "TRPO step, |step|^2 / 2 (meta-batch)"}
+        return {"loss": "minus the meta-objective (meta-batch)"}
 
     # -- evaluation ----------------------------------------------------------------------------------
 

@@ -35,9 +35,11 @@ As in the authors' code (tensorflow/models, research/learning_to_remember_rare_e
 Training (one meta-step): each task's support and query examples form one sequence per class
 (support first); round ``r`` presents the ``r``-th example of every class of every task as one
 batch: each is looked up (prediction and loss), then all are written. The loss is the mean over
-all examples, so a round-0 example (the class's first showing) is pushed away from the other
-classes' keys. One optimiser step per meta-batch (the authors take one per position of the
-episode).
+all examples. Round 0 (every class's first showing) meets the empty memory, so its loss is the
+margin and its gradient zero: the mean carries a constant ``margin / rounds``, and first showings
+are trained only as later rounds' negatives (in the authors' one-at-a-time loop a first showing
+after others of the batch does see their keys). One optimiser step per meta-batch (the authors
+take one per position of the episode).
 
 Evaluation (a), :meth:`MemoryModule.predict`: each test episode starts from an empty memory, its
 support set is written round by round with the update rule, and each query is classified by its
@@ -74,7 +76,7 @@ from torch import Tensor, nn
 from metalearn.algorithms.base import MetaLearner, Problem, evaluating, require_functional_model
 from metalearn.algorithms.protonet import embed_episodes
 from metalearn.errors import ConfigError, MetalearnError
-from metalearn.models import build_model, output_size
+from metalearn.models import MODELS, build_model, output_size
 from metalearn.models.norm import first_order_batch_norm
 from metalearn.options import option
 from metalearn.tasks.batch import TaskBatch
@@ -111,8 +113,10 @@ class MemoryConfig:
             raise ConfigError(OWNER, "age_noise", f"must be a finite number >= 0, got {self.age_noise}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(OWNER, "dropout", f"must lie in [0, 1), got {self.dropout}")
-        if self.model == "mlp":
-            raise ConfigError(OWNER, "model", "must be an image network (lenet or conv4-embedding), got 'mlp'")
+        images = ("lenet", *(name for name in MODELS if name != "mlp"))
+        if self.model not in images:
+            raise ConfigError(OWNER, "model", f"must be an image network: lenet (the authors' Omniglot CNN), "
+                                              f"conv4-embedding or another of {', '.join(images[1:])}; got {self.model!r}")
 
     @property
     def temperature(self) -> float:
@@ -129,8 +133,8 @@ class LeNet(nn.Module):
     Initialised as the authors': weights truncated normal with standard deviation 0.1, biases 0.
     Without a normalisation layer this matters: with PyTorch's default initialisation all
     Omniglot images embed nearly parallel (mean cosine 0.94 between queries) and training makes
-    them collapse to one point (the loss stays at the margin); from the authors' it trains
-    (``tests/test_memory.py``)."""
+    them collapse to one point (the loss stays at the margin); from the authors' the keys start
+    apart (``tests/test_memory.py`` checks the initialisation)."""
 
     def __init__(self, input_shape: tuple[int, ...], out_features: int = 128):
         super().__init__()
@@ -384,6 +388,19 @@ class MemoryModule(MetaLearner):
             raise ConfigError(OWNER, "memory_size", f"must hold one episode's support set ({n_support} examples), "
                                                     f"got {self.config.memory_size}")
 
+    def check_run(self, config: Any) -> None:
+        """Training writes one round of every task of the meta-batch at once and needs a
+        training episode's support set in memory; evaluation writes a round of one episode's
+        classes at once (a larger support set then replaces the oldest keys)."""
+        task, size = config.task, self.config.memory_size
+        needs = [(config.train.meta_batch_size * task.ways, f"one round of the meta-batch's writes "
+                  f"({config.train.meta_batch_size} tasks x {task.ways} classes)"),
+                 (task.ways * task.shots, f"one training episode's support set ({task.ways} x {task.shots})"),
+                 (task.for_testing().ways, f"one round of a test episode ({task.for_testing().ways} classes)")]
+        for need, what in needs:
+            if size < need:
+                raise ConfigError(OWNER, "memory_size", f"must hold {what} = {need} slots, got {size}")
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Refuse, in one line, a checkpoint whose memory has another number of slots."""
         saved = state_dict.get("memory_values")
@@ -477,32 +494,41 @@ class MemoryModule(MetaLearner):
         into an empty memory of its own, then each query scored by the largest similarity among
         each class's keys, times the temperature (see the module docstring). A memory of
         ``memory_size`` slots only ever fills as many as the support set has examples, so the
-        memory used here has that many slots: the same result at a fraction of the cost."""
+        memory used here has min(memory_size, support examples) slots: the same result at a
+        fraction of the cost. A support set larger than the memory (a test shape wider than
+        training's) replaces the oldest keys as the writes go on, as in training and the
+        lifelong protocol."""
+        ways = _ways(batch)
+        if self.config.memory_size < ways:  # a round writes one key per class at once
+            raise MetalearnError(f"memory: its {self.config.memory_size} slots cannot take one round of a "
+                                 f"{ways}-way episode (one key per class at once); test with at most "
+                                 f"{self.config.memory_size} ways")
         with torch.no_grad():
             support, query = self.queries(batch)
-            self.check_fits(batch, support.shape[1])
-            return self.predict_from_queries(support, query, batch.support_y, _ways(batch))
+            return self.predict_from_queries(support, query, batch.support_y, ways)
 
     def predict_from_queries(self, support: Tensor, query: Tensor, support_y: Tensor, ways: int) -> Tensor:
         """:meth:`predict` from the query vectors on: support (tasks, n_support, key_dim), query
         (tasks, n_query, key_dim), support_y (tasks, n_support) -> logits (tasks, n_query, ways)."""
-        memory = write_support(support, support_y, ways)
+        memory = write_support(support, support_y, ways, min(self.config.memory_size, support.shape[1]))
         similarity = torch.einsum("tqd,tsd->tqs", query, memory.keys)
         holds = F.one_hot(memory.values.clamp(min=0), ways).bool() & (memory.values != EMPTY).unsqueeze(-1)
         per_class = similarity.unsqueeze(-1).masked_fill(~holds.unsqueeze(1), -math.inf).amax(2)
         return per_class * self.config.temperature
 
 
-def write_support(support: Tensor, labels: Tensor, ways: int) -> Memory:
-    """Each task's own memory, (tasks, n_support slots), after its support examples (tasks,
-    n_support, key_dim) are written with the update rule, round ``r`` being the ``r``-th example
-    of every class. Slots are never short, so which slot a write takes (the age noise) changes
-    nothing: the noise is left at 0."""
+def write_support(support: Tensor, labels: Tensor, ways: int, slots: int | None = None) -> Memory:
+    """Each task's own memory of ``slots`` slots (default: one per support example), after its
+    support examples (tasks, n_support, key_dim) are written with the update rule, round ``r``
+    being the ``r``-th example of every class. With a slot per example none is short, so which
+    slot a write takes changes nothing; with fewer, a miss replaces the oldest key (the lowest
+    slot among equally old ones). The age noise is left at 0: the result is deterministic."""
     tasks, n_support, key_dim = support.shape
-    memory = empty_memory(tasks, n_support, key_dim, support.device, support.dtype)
+    slots = n_support if slots is None else slots
+    memory = empty_memory(tasks, slots, key_dim, support.device, support.dtype)
     order = class_rounds(labels, ways)
     rows = torch.arange(tasks, device=support.device).unsqueeze(1)
-    noise = torch.zeros(tasks, n_support, device=support.device, dtype=support.dtype)
+    noise = torch.zeros(tasks, slots, device=support.device, dtype=support.dtype)
     for r in range(order.shape[1]):
         index = order[:, r]
         safe = index.clamp(min=0)
@@ -580,9 +606,9 @@ def lifelong_accuracy(learner: MemoryModule, source: Any, episodes: int = 1000, 
     k_shot, k_shot_ci95 = [], []
     for k in range(max_shot + 1):
         has = shown[:, k] > 0
-        if not bool(has.any()):
-            k_shot.append(math.nan)
-            k_shot_ci95.append(math.nan)
+        if not bool(has.any()):  # no episode shows a class k+1 times: null in the JSON files
+            k_shot.append(None)
+            k_shot_ci95.append(None)
             continue
         k_shot.append(float(100 * correct[has, k].sum() / shown[has, k].sum()))
         per_episode = 100 * correct[has, k] / shown[has, k]

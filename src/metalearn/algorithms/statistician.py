@@ -360,6 +360,11 @@ class NeuralStatistician(MetaLearner):
                                  f"(--image-size {IMAGE_SIZE}), got {'x'.join(map(str, problem.input_shape))}")
         return cls(config)
 
+    # The paper's split (vinyals) and sets of 5 images of one character in training (section
+    # 5.4; a set of one image cannot tell the context c from the image's own latent z); the
+    # few-shot test in 1-shot episodes with 5 queries per class, as the reproduction runs
+    task_defaults = {"split": "vinyals", "shots": 5, "query": 1, "test_shots": 1, "test_query": 5}
+
     @classmethod
     def paper_defaults(cls, task) -> tuple[dict, dict]:
         # Section 5.4 and appendix B.1: sets of 5 images of one character, about 32 sets per
@@ -393,10 +398,17 @@ class NeuralStatistician(MetaLearner):
         if batch.support_x.shape[1] == 0:
             raise MetalearnError("statistician: a set needs at least one image; these tasks have no support images")
         ways = batch.ways or int(batch.support_y.max()) + 1
-        counts = F.one_hot(batch.support_y, ways).sum(dim=1)  # (tasks, ways)
-        if bool((counts != counts[0, 0]).any()) or int(counts[0, 0]) == 0:
+        labels = batch.support_y
+        if bool((labels < 0).any()) or bool((labels >= ways).any()):
+            raise MetalearnError(f"statistician: support labels must lie in 0..{ways - 1} (ways={ways}); got labels "
+                                 f"from {int(labels.min())} to {int(labels.max())}")
+        counts = F.one_hot(labels, ways).sum(dim=1)  # (tasks, ways)
+        uneven = ((counts != counts[0, 0]).any(dim=1) | (counts == 0).any(dim=1)).nonzero()
+        if len(uneven):
+            task = int(uneven[0, 0])
             raise MetalearnError("statistician: every class of a task needs the same number (at least one) of "
-                                 f"support images to form its set; got {counts[0].tolist()} in the first task")
+                                 f"support images to form its set; got {counts[task].tolist()} per class in task "
+                                 f"{task}" + (f" (task 0 has {counts[0].tolist()})" if task else ""))
         order = batch.support_y.argsort(dim=1, stable=True)
         x = torch.take_along_dim(batch.support_x, order.view(*order.shape, 1, 1, 1), dim=1)
         return x.reshape(-1, int(counts[0, 0]), *batch.support_x.shape[2:])
@@ -405,6 +417,11 @@ class NeuralStatistician(MetaLearner):
         if sets.dim() != 5 or tuple(sets.shape[2:]) != (1, IMAGE_SIZE, IMAGE_SIZE):
             raise MetalearnError(f"statistician takes sets of 1x{IMAGE_SIZE}x{IMAGE_SIZE} images, shaped (sets, n, 1, "
                                  f"{IMAGE_SIZE}, {IMAGE_SIZE}); got {tuple(sets.shape)}")
+        weights = next(self.parameters()).dtype
+        if sets.dtype != weights:  # torch would fail inside the first convolution
+            raise MetalearnError(f"statistician: the images are {sets.dtype} and the networks' weights {weights}; give "
+                                 f"{weights} images with values in [0, 1] (images.to({weights}), divided by 255 if "
+                                 "they are bytes)")
         if sets.shape[1] == 0:
             raise MetalearnError("statistician: a set needs at least one image, got a set of size 0")
 
@@ -414,7 +431,7 @@ class NeuralStatistician(MetaLearner):
         self._check_images(sets)
         x = (sets > 0.5).to(sets.dtype).flatten(0, 1)
         h = torch.cat([self.encoder(part) for part in x.split(IMAGES_PER_PASS)])
-        return self.statistic(h.view(*sets.shape[:2], -1))
+        return self.statistic(h.view(*sets.shape[:2], h.shape[-1]))  # also for no sets (no queries)
 
     # -- the bound (section 3) ------------------------------------------------------------------
 
@@ -580,9 +597,11 @@ class NeuralStatistician(MetaLearner):
                 zs.append(z)
             return torch.sigmoid(self.decoder(torch.cat(zs, dim=-1), c))
 
-    def test_bound(self, source, episodes: int = 100, seed: int = 0, chunk: int = 20) -> dict[str, float]:
+    def test_bound(self, source, episodes: int = 100, seed: int = 0, chunk: int = 50) -> dict[str, float]:
         """The lower bound (nats per image, one sample of c and z per set, images binarised at
-        0.5) over the support sets of ``episodes`` episodes of ``source`` drawn from ``seed``."""
+        0.5) over the support sets of ``episodes`` episodes of ``source`` drawn from ``seed``,
+        ``chunk`` at a time: with :func:`metalearn.evaluation.evaluate`'s seed and chunk, the
+        first ``episodes`` of the episodes it scores."""
         generator = torch.Generator().manual_seed(seed)
         device = next(self.parameters()).device
         totals, count = torch.zeros(4, dtype=torch.float64), 0

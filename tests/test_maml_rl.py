@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,14 +123,46 @@ def test_linear_baseline_is_the_ridge_least_squares_fit_of_each_task():
 
 
 def test_advantages_are_standardised_returns_minus_baseline_per_task():
+    """Against an independent computation, task by task: discounted returns-to-go R_t, minus the
+    linear feature baseline fitted by ridge least squares (rllab's features and regulariser) on
+    that task's unmasked steps alone, standardised over them (population std + 1e-8), 0 on the
+    masked steps. Some trajectories end early, so the mask counts."""
+    import dataclasses
+
     learner = small_learner(torch.float64)
     torch.manual_seed(0)
-    sampled = learner._rollout(nav_batch(2, dtype=torch.float64), dict(learner.policy.named_parameters()), False, 4)
-    adv = advantages(sampled, 0.99)
-    for t in range(2):
-        values = adv[t][sampled.mask[t].bool()]
-        assert values.mean().item() == pytest.approx(0.0, abs=1e-9)
-        assert values.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-6)
+    sampled = learner._rollout(nav_batch(3, dtype=torch.float64), dict(learner.policy.named_parameters()), False, 4)
+    # episodes that reached the goal early: masked from then on, with no reward there
+    mask = sampled.mask.clone()
+    mask[0, 1, 6:] = 0
+    mask[2, 0, 3:] = 0
+    mask[2, 3, 8:] = 0
+    sampled = dataclasses.replace(sampled, mask=mask, rewards=sampled.rewards * mask)
+    tasks, trajectories, horizon = mask.shape
+    for discount in (0.99, 0.8):
+        adv = advantages(sampled, discount)
+        for t in range(tasks):
+            returns = torch.zeros(trajectories, horizon, dtype=torch.float64)
+            for n in range(trajectories):
+                for step in range(horizon):
+                    returns[n, step] = sum(discount ** k * sampled.rewards[t, n, step + k].item()
+                                           for k in range(horizon - step))
+            obs = sampled.observations[t].clamp(-10, 10)
+            t100 = (torch.arange(horizon, dtype=torch.float64) / 100).view(1, -1, 1).expand(trajectories, -1, 1)
+            features = torch.cat([obs, obs ** 2, t100, t100 ** 2, t100 ** 3, torch.ones_like(t100)], -1)
+            rows = mask[t].bool()
+            x, y = features[rows], returns[rows]
+            reg = 1e-5  # LinearFeatureBaseline's reg_coeff, as least squares on [X; sqrt(reg) I] w = [y; 0]
+            stacked_x = torch.cat([x, math.sqrt(reg) * torch.eye(x.shape[1], dtype=x.dtype)])
+            stacked_y = torch.cat([y, torch.zeros(x.shape[1], dtype=x.dtype)])
+            w = torch.linalg.lstsq(stacked_x, stacked_y.unsqueeze(-1)).solution.squeeze(-1)
+            raw = y - x @ w
+            expected = torch.zeros(trajectories, horizon, dtype=torch.float64)
+            expected[rows] = (raw - raw.mean()) / (raw.std(unbiased=False) + 1e-8)
+            torch.testing.assert_close(adv[t], expected, rtol=1e-6, atol=1e-7)
+            values = adv[t][rows]
+            assert values.mean().item() == pytest.approx(0.0, abs=1e-9)
+            assert values.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-6)
     rewards_to_go = sampled.rewards_to_go(0.5)
     assert rewards_to_go[0, 0, -2].item() == pytest.approx(
         sampled.rewards[0, 0, -2].item() + 0.5 * sampled.rewards[0, 0, -1].item())
@@ -299,13 +332,42 @@ def test_outer_gradient_returns_the_meta_objective_for_the_trainers_optimiser():
 
 
 def test_evaluation_scores_the_return_before_and_after_each_step():
-    learner = small_learner(test_inner_steps=2)
-    batch = nav_batch(3)
-    torch.manual_seed(0)
+    """episode_scores against a loop written out: the batch's generators (one per task, drawn on
+    from one rollout to the next) roll out theta, a policy-gradient step per task by autograd at
+    inner_lr, a rollout of the adapted policies, a step at inner_lr * test_lr_decay, and so on;
+    the score of each row is the average undiscounted return of each task's trajectories."""
+    from torch.func import functional_call
+
+    learner = small_learner(torch.float64, test_inner_steps=3, inner_lr=0.3, test_lr_decay=0.3)
+    config = learner.config
+    batch = nav_batch(3, dtype=torch.float64)
     scores = learner.episode_scores(batch)
-    assert scores.shape == (3, 3) and (scores < 0).all()
-    torch.manual_seed(0)
+    assert scores.shape == (4, 3) and (scores < 0).all()
     assert torch.equal(learner.episode_scores(batch, per_step=False), scores[-1:])
+
+    generators = batch.generators()
+    theta = {k: v.detach() for k, v in learner.policy.named_parameters()}
+    params, per_task, expected = theta, False, []
+    for step, lr in enumerate([config.inner_lr, config.inner_lr * config.test_lr_decay,
+                               config.inner_lr * config.test_lr_decay, None]):
+        sampled = learner._rollout(batch, params, per_task, config.test_trajectories, generators)
+        expected.append(sampled.rewards.sum(-1).mean(1))
+        if lr is None:
+            break
+        advantage = advantages(sampled, config.discount)
+        adapted = []
+        for t in range(3):
+            own = {k: (v[t] if per_task else v).clone().requires_grad_() for k, v in params.items()}
+            mean, log_std = functional_call(learner.policy, own, (sampled.observations[t],))
+            mask = sampled.mask[t]
+            loss = -(gaussian_log_prob(sampled.actions[t], mean, log_std) * advantage[t] * mask).sum() / mask.sum()
+            grads = torch.autograd.grad(loss, list(own.values()))
+            adapted.append({k: (p - lr * g).detach() for (k, p), g in zip(own.items(), grads)})
+        params, per_task = {k: torch.stack([a[k] for a in adapted]) for k in theta}, True
+    expected = torch.stack(expected)
+    torch.testing.assert_close(scores, expected, rtol=1e-9, atol=1e-9)
+    # the steps move the policy well beyond rounding: the loop's adaptation is not a no-op
+    assert max((params[k] - theta[k]).abs().max().item() for k in theta) > 1e-2
 
 
 # -- training through the library's trainer -----------------------------------------------------------
@@ -391,6 +453,34 @@ def test_plot_draws_every_step_even_after_a_final_only_evaluation(tmp_path, caps
                         lambda curves, path, *args, **kwargs: drawn.update(curves) or path)
     plot_run(tmp_path / "run")
     assert len(drawn["MAML"]["per_step"]) == 4 and len(drawn["random"]["per_step"]) == 4
+
+
+@pytest.mark.parametrize("outer, title", [("trpo", "TRPO step, |step|^2 / 2 (meta-batch)"),
+                                          ("gradient", "minus the meta-objective (meta-batch)")],
+                         ids=["trpo", "gradient"])
+def test_plot_titles_the_loss_panel_with_what_the_loss_is(outer, title, tmp_path, capsys, monkeypatch):
+    """maml-rl's logged loss is not a training loss: with the TRPO step it is |step|^2 / 2, with
+    the gradient outer step minus the meta-objective; the learning curves' panel says which."""
+    import metalearn.plotting as plotting
+
+    assert MAMLRL.series_labels({"outer": outer}) == {"loss": title}
+    code, _, err = run(["train", "maml-rl", "--steps", 1, "--outer", outer, "--run-dir", tmp_path / "run", "--no-eval",
+                        *FAST], capsys)
+    assert code == 0, err
+    panels = {}
+    save_figure = plotting.save_figure
+
+    def capture(fig, path, *args, **kwargs):
+        panels[Path(path).name] = [ax.get_title() for ax in fig.axes]
+        return save_figure(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(plotting, "save_figure", capture)
+    code, _, err = run(["plot", tmp_path / "run"], capsys)
+    assert code == 0, err
+    drawn = panels["learning_curves.png"]
+    assert title in drawn and "training loss (meta-batch)" not in drawn
+    # the other panels keep their common titles
+    assert "average return before adapting (meta-batch)" in drawn
 
 
 def test_meta_training_improves_the_return_after_one_step():
@@ -556,6 +646,38 @@ def test_cheetah_meta_step_runs_through_the_trainer(tmp_path, capsys):
     assert code == 0, err
     for name in ("learning_curves.png", "returns_per_step.png", "velocities.png"):
         assert (tmp_path / "run" / "plots" / name).stat().st_size > 0
+
+
+def test_ensemble_eval_of_a_policy_run_is_refused_in_one_line(tmp_path, capsys):
+    """--ensemble averages the predictions of the best checkpoints; maml-rl scores returns, which
+    do not average that way: an error line (exit 2), no traceback, and no evaluation written."""
+    code, _, err = run(["train", "maml-rl", "--steps", 2, "--run-dir", tmp_path / "run", "--no-eval", "--val-every", 1,
+                        "--val-episodes", 4, "--keep-best", 2, *FAST], capsys)
+    assert code == 0, err
+    assert len(list((tmp_path / "run" / "best").glob("*.pt"))) == 2  # the checkpoints an ensemble would average
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*"))
+    code, out, err = run(["eval", tmp_path / "run", "--ensemble", "--no-progress"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("error: ") and err.strip().count("\n") == 0
+    assert "--ensemble" in err and "maml-rl" in err and "without --ensemble" in err
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*")) == before
+    assert not list((tmp_path / "run").glob("eval*"))
+
+
+def test_a_non_finite_trpo_meta_objective_stops_training_in_one_line(tmp_path, capsys):
+    """An inner step of 1e30 makes the meta-objective non-finite. The TRPO line search then takes
+    no step, which must not pass for a loss of 0 and a run that trains on: the trainer stops at
+    step 1 (exit 2, one line), keeping the checkpoint of step 0 and logging no step."""
+    code, out, err = run(["train", "maml-rl", "--steps", 3, "--inner-lr", "1e30", "--run-dir", tmp_path / "run",
+                          "--no-eval", *FAST], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("error: ") and err.strip().count("\n") == 0
+    assert "the meta-loss became nan at step 1" in err
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 0
+    assert all(torch.isfinite(v).all() for v in state["learner"].values())
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert not metrics.exists() or not any(json.loads(line)["step"] >= 1 for line in metrics.read_text().splitlines())
 
 
 def test_task_chunk_is_refused_in_one_line(capsys):

@@ -125,6 +125,19 @@ def test_interrupted_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypa
     assert load_trained(tmp_path)[2] == 2
 
 
+def signal_during_step(trainer, step: int, *signals) -> None:
+    """Send ``signals`` to this process during meta-step ``step`` (counted from 1)."""
+    real_meta_loss = trainer.learner.meta_loss
+
+    def signalled(batch):
+        if trainer.step == step - 1:
+            for sig in signals:
+                os.kill(os.getpid(), sig)
+        return real_meta_loss(batch)
+
+    trainer.learner.meta_loss = signalled
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_saves_the_step_and_resume_stays_exact(tmp_path, sig):
     """SIGTERM or Ctrl-C mid-step: the step finishes, is checkpointed (3 is not a periodic
@@ -134,14 +147,7 @@ def test_a_stop_signal_saves_the_step_and_resume_stays_exact(tmp_path, sig):
     straight.fit(progress=False)
 
     trainer = build_trainer(sinusoid_config(6), tmp_path / "stopped")
-    real_meta_loss = trainer.learner.meta_loss
-
-    def signalled_in_step_3(batch):
-        if trainer.step == 2:
-            os.kill(os.getpid(), sig)
-        return real_meta_loss(batch)
-
-    trainer.learner.meta_loss = signalled_in_step_3
+    signal_during_step(trainer, 3, sig)
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with pytest.raises(TrainingStopped, match=f"stopped by {sig.name} after step 3 of 6.*--resume") as stopped:
         trainer.fit(progress=False)
@@ -306,14 +312,7 @@ def test_a_signal_in_a_step_before_a_validation_stops_before_it_and_the_resume_v
     straight.fit(progress=False)
 
     trainer = build_trainer(sinusoid_config(6), tmp_path / "stopped")
-    real_meta_loss = trainer.learner.meta_loss
-
-    def signalled_in_step_3(batch):
-        if trainer.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_meta_loss(batch)
-
-    trainer.learner.meta_loss = signalled_in_step_3
+    signal_during_step(trainer, 3, signal.SIGTERM)
     validated = []
     real_validate = trainer.validate
     trainer.validate = lambda: validated.append(trainer.step) or real_validate()
@@ -343,15 +342,7 @@ def test_under_torchrun_a_repeated_signal_is_only_noted(tmp_path, monkeypatch):
     after training, before it has reported and left the group."""
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
     trainer = build_trainer(sinusoid_config(6), tmp_path)
-    real_meta_loss = trainer.learner.meta_loss
-
-    def signalled_twice(batch):
-        if trainer.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_meta_loss(batch)
-
-    trainer.learner.meta_loss = signalled_twice
+    signal_during_step(trainer, 3, signal.SIGTERM, signal.SIGTERM)
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
         with pytest.raises(TrainingStopped, match="stopped by SIGTERM after step 3 of 6"):
@@ -365,15 +356,7 @@ def test_under_torchrun_a_repeated_signal_is_only_noted(tmp_path, monkeypatch):
 
 def test_a_second_ctrl_c_stops_at_once(tmp_path):
     trainer = build_trainer(sinusoid_config(6), tmp_path)
-    real_meta_loss = trainer.learner.meta_loss
-
-    def interrupted_twice(batch):
-        if trainer.step == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_meta_loss(batch)
-
-    trainer.learner.meta_loss = interrupted_twice
+    signal_during_step(trainer, 3, signal.SIGINT, signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         trainer.fit(progress=False)
     assert load_trained(tmp_path)[2] == 2  # the periodic checkpoint before the interrupt

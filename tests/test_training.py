@@ -654,26 +654,25 @@ def test_all_finite_finds_one_bad_element_anywhere_and_keeps_large_finite_values
 
 
 def test_a_stop_signal_in_the_last_step_saves_it_and_skips_the_test_evaluation(tmp_path, monkeypatch):
-    """A scheduler's SIGTERM (then SIGKILL) must not be answered with a whole test evaluation."""
+    """A scheduler's SIGTERM (then SIGKILL) must not be answered with a whole test evaluation,
+    nor with the last step's validation: the resume validates it, then evaluates."""
     from metalearn.api import train
 
     def signalled_in_the_last_step(*args, **kwargs):
         trainer = build_trainer(*args, **kwargs)
-        real_meta_loss = trainer.learner.meta_loss
-
-        def meta_loss(batch):
-            if trainer.step == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return real_meta_loss(batch)
-
-        trainer.learner.meta_loss = meta_loss
+        signal_during_step(trainer, 3, signal.SIGTERM)
         return trainer
 
     monkeypatch.setattr("metalearn.api.build_trainer", signalled_in_the_last_step)
-    with pytest.raises(TrainingStopped, match=r"after step 3 of 3.*training is complete; evaluate with"):
+    with pytest.raises(TrainingStopped, match=r"after step 3 of 3.*continue with .*--resume"):
         train(sinusoid_config(3), tmp_path, progress=False)
     assert load_trained(tmp_path)[2] == 3
     assert not (tmp_path / "eval.json").exists()
+    assert not any("val_mse" in r for r in RunDir(tmp_path).read_metrics())
+    monkeypatch.undo()
+    train(sinusoid_config(3), tmp_path, resume=True, progress=False)
+    assert [r["step"] for r in RunDir(tmp_path).read_metrics() if "val_mse" in r] == [3]
+    assert (tmp_path / "eval.json").exists()
 
 
 def test_training_time_counts_meta_steps_only(tmp_path, monkeypatch):

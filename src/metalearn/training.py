@@ -423,7 +423,7 @@ class Trainer:
 
     def _resume_hint(self) -> str:
         data = f" --data-dir {self.data_dir}" if self.data_dir is not None else ""
-        if self.step < self.config.train.steps:
+        if self.step < self.config.train.steps or self.validation_pending:  # its last validation is still to do
             return f"continue with `metalearn train {self.config.method} --run-dir {self.run_dir.path}{data} --resume`"
         return f"training is complete; evaluate with `metalearn eval {self.run_dir.path}{data}`"
 

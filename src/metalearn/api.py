@@ -386,12 +386,13 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
     if not records:
         raise MetalearnError(f"{run.path} has no metrics yet: train first")
     title = f"{config.method} {config.task.dataset}"
-    curves = lambda: plot_learning_curves(records, run.plots_dir / "learning_curves.png", title,  # noqa: E731
-                                          method_class(config.method).series_labels(config.method_config))
-    if get_dataset(config.task.dataset).reinforcement:
-        return [curves(), *_plot_reinforcement(run_dir, config, compare_with)]
-    other = _comparison_run(config, compare_with) if compare_with is not None else None
-    paths = [curves()]
+    reinforcement = get_dataset(config.task.dataset).reinforcement
+    other = _comparison_run(config, compare_with) if compare_with is not None and not reinforcement else None
+    labels = method_class(config.method).series_labels(config.method_config)
+    curves = plot_learning_curves(records, run.plots_dir / "learning_curves.png", title, labels)
+    if reinforcement:
+        return [curves, *_plot_reinforcement(run_dir, config, compare_with)]
+    paths = [curves]
     if config.task.classification and hasattr(method_class(config.method), "sample"):
         paths.append(plot_conditional_samples(run_dir, data_dir))
     if not config.task.classification:

@@ -182,6 +182,23 @@ def test_export_into_the_runs_own_plots_folder_keeps_the_plots(tiny_run, tmp_pat
     assert not list(plots.glob("*.tmp*"))
 
 
+def test_export_notes_an_evaluation_of_another_step_and_a_plot_it_did_not_write(tiny_run, tmp_path, capsys):
+    run_dir = copy_of(tiny_run, tmp_path)
+    # an evaluation of step 1's model; the run trained on after it
+    (run_dir / "eval.json").write_text(json.dumps({"metric": "mse", "mean": 1.5, "ci95": 0.1, "step": 1}))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "samples.png").write_bytes(b"another run's plot")
+    code, _, err = cli_runner.run(["export", run_dir, out], capsys)
+    assert code == 0, err
+    assert err.splitlines() == [
+        f"note: eval scored the model of step 1, not the exported step 2: evaluate {run_dir} again for a "
+        "record of one step",
+        f"note: {out / 'samples.png'} was not written by this export (from another run or drawn separately?)"]
+    assert (out / "samples.png").read_bytes() == b"another run's plot"  # noted, not deleted
+    assert json.loads((out / "summary.json").read_text())["step"] == 2
+
+
 def test_metrics_lines_that_are_no_record_are_skipped_and_a_damaged_config_is_one_line(tiny_run, tmp_path):
     run_dir = copy_of(tiny_run, tmp_path)
     run = RunDir(run_dir)
@@ -304,3 +321,19 @@ def test_an_exports_training_curve_pools_windows_of_a_round_number_of_steps():
     text = summary_json(summary)
     assert json.loads(text) == summary
     assert sum(1 for line in text.splitlines() if line.lstrip().startswith('{"first_step"')) == 50
+
+
+def test_best_checkpoints_refuses_an_index_naming_other_files_and_forgets_steps_past_a_resume(tmp_path):
+    run = RunDir(tmp_path)
+    for step, score in ((2, 0.5), (4, 0.9), (6, 0.7)):
+        run.keep_best({"step": step}, score, keep=3, higher_is_better=True)
+    assert [p.name for p in run.best_checkpoints()] == ["step-4.pt", "step-6.pt", "step-2.pt"]
+    run.drop_best_after(4)  # a resume from step 4's checkpoint
+    assert [p.name for p in run.best_checkpoints()] == ["step-4.pt", "step-2.pt"]
+    assert not (run.best_dir / "step-6.pt").exists()
+    (run.best_dir / "step-2.pt").unlink()
+    with pytest.raises(MetalearnError, match="lists step-2.pt, which is not a best checkpoint"):
+        run.best_checkpoints()
+    atomic_write_bytes(run.best_dir / "index.json", json.dumps({"../checkpoint.pt": 1.0}).encode())
+    with pytest.raises(MetalearnError, match=r"lists \.\./checkpoint\.pt"):
+        run.best_checkpoints()

@@ -56,6 +56,36 @@ def test_resume_continues_exactly(tmp_path):
     assert steps == sorted(set(steps)) == [2, 4, 5, 6, 8, 10]  # 5: the end of the first part
 
 
+def test_a_run_killed_before_its_first_periodic_checkpoint_resumes_with_one_record_per_step(tmp_path, monkeypatch):
+    # Its only checkpoint is the one of step 0: the resume must drop everything the killed run
+    # logged and kept (metrics, best checkpoints) after it, as it does after any other step.
+    config = lambda: sinusoid_config(6, checkpoint_every=100, keep_best=2)
+    straight = build_trainer(config(), tmp_path / "straight")
+    straight.fit(progress=False)
+
+    killed = build_trainer(config(), tmp_path / "killed")
+    real_save = type(killed).save
+    monkeypatch.setattr(type(killed), "save", lambda self: real_save(self) if self.step == 0 else None)
+    killed.fit(progress=False)
+    monkeypatch.undo()
+    assert RunDir(tmp_path / "killed").read_checkpoint()["step"] == 0
+    assert (tmp_path / "killed" / "best" / "step-6.pt").is_file()  # kept by the killed run
+    resumed = build_trainer(config(), tmp_path / "killed", resume=True)
+    assert resumed.step == 0
+    # before any step, the folder already holds nothing from after step 0
+    resumed._begin()
+    assert [r["step"] for r in RunDir(tmp_path / "killed").read_metrics()] == []
+    assert not (tmp_path / "killed" / "best" / "step-6.pt").exists()
+    resumed.fit(progress=False)
+    assert RunDir(tmp_path / "killed").read_metrics() == [
+        {**r, **{k: resumed_r[k] for k in ("elapsed_s", "tasks_per_s", "validation_s") if k in r}}
+        for r, resumed_r in zip(RunDir(tmp_path / "straight").read_metrics(),
+                                RunDir(tmp_path / "killed").read_metrics())]
+    assert len(RunDir(tmp_path / "killed").read_metrics()) == len(RunDir(tmp_path / "straight").read_metrics())
+    assert (json.loads((tmp_path / "killed" / "best" / "index.json").read_text())
+            == json.loads((tmp_path / "straight" / "best" / "index.json").read_text()))
+
+
 def test_resume_exact_on_omniglot_conv4(tmp_path, omniglot_data_dir):
     def config(steps):
         return resolve_config("maml", task={"dataset": "omniglot", "ways": 3, "shots": 1},

@@ -548,13 +548,17 @@ def summary_json(summary: dict[str, Any]) -> str:
 
 
 def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str | None = None,
-                   compare_with: Path | str | None = None) -> list[Path]:
+                   compare_with: Path | str | None = None, notes: list[str] | None = None) -> list[Path]:
     """A small, committable record of a run: ``summary.json`` (configuration, step, training
     wall time, every evaluation without per-episode scores, the last metrics, the validation
     records and the :func:`training_curve`) and the plots.
     Everything is read and drawn before ``out_dir`` is touched: a run that cannot be exported
     leaves no partial record there. Each file is written whole (atomically), the plots before
-    ``summary.json``; a plot already in place (``out_dir`` the run's own ``plots/``) stays."""
+    ``summary.json``; a plot already in place (``out_dir`` the run's own ``plots/``) stays.
+    ``notes``, when given, receives one line for each thing a reader of the record should
+    know: an evaluation of another step's model than the exported checkpoint's (the run
+    trained on after it), and a plot in ``out_dir`` that this export did not write (from an
+    earlier export there, left in place: nothing outside the record's own files is deleted)."""
     run = RunDir(run_dir)
     config = run.read_config()
     state = run.read_checkpoint("step")
@@ -581,6 +585,13 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
             atomic_write_bytes(target, plot.read_bytes())
         written.append(target)
     atomic_write_bytes(out / "summary.json", (summary_json(summary) + "\n").encode())
+    if notes is not None:
+        for name, result in evaluations.items():
+            if result.get("step") is not None and int(result["step"]) != summary["step"]:
+                notes.append(f"{name} scored the model of step {result['step']}, not the exported step "
+                             f"{summary['step']}: evaluate {run.path} again for a record of one step")
+        for other in sorted(set(out.glob("*.png")) - set(written)):
+            notes.append(f"{other} was not written by this export (from another run or drawn separately?)")
     return [out / "summary.json", *written]
 
 

@@ -452,8 +452,11 @@ def export_command(run_dir, out_dir, data_dir, compare_with):
     """Write a run's summary.json and plots to OUT_DIR (e.g. results/<name>) for committing."""
     from metalearn.api import export_results
 
-    for path in export_results(run_dir, out_dir, data_dir=data_dir, compare_with=compare_with):
+    notes: list[str] = []
+    for path in export_results(run_dir, out_dir, data_dir=data_dir, compare_with=compare_with, notes=notes):
         click.echo(f"wrote {path}")
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
 
 
 @cli.command("status")

@@ -20,6 +20,7 @@ import io
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,12 @@ def claim_new_run_dir(root: Path, name: str) -> Path:
         except FileExistsError:
             continue
     raise MetalearnError(f"no free run directory name {name}-N in {root}; give --run-dir")
+
+
+def _best_step(file: str) -> int | None:
+    """The step of a best checkpoint's file name (``step-N.pt``); None for any other name."""
+    match = re.fullmatch(r"step-(\d+)\.pt", file)
+    return int(match.group(1)) if match else None
 
 
 class RunDir:
@@ -188,6 +195,21 @@ class RunDir:
         for file in set(index) - set(kept):
             (self.best_dir / file).unlink(missing_ok=True)
 
+    def drop_best_after(self, step: int) -> None:
+        """Forget the best checkpoints of steps after ``step`` (kept by a run killed after its
+        last checkpoint: the resumed run validates those steps again, or ends before them)."""
+        index_path = self.best_dir / "index.json"
+        if not index_path.is_file():
+            return
+        index = read_json_object(index_path, "delete best/ to start it afresh")
+        kept = {file: score for file, score in index.items() if _best_step(file) is not None
+                and _best_step(file) <= step}
+        if kept != index:
+            atomic_write_bytes(index_path, (json.dumps(kept, indent=2) + "\n").encode())
+            for file in set(index) - set(kept):
+                if _best_step(file) is not None:
+                    (self.best_dir / file).unlink(missing_ok=True)
+
     def best_checkpoints(self) -> list[Path]:
         """The checkpoints :meth:`keep_best` kept, best first."""
         index_path = self.best_dir / "index.json"
@@ -195,6 +217,10 @@ class RunDir:
             raise MetalearnError(f"{self.path} kept no best checkpoints: train with --keep-best N (and validation) "
                                  "to evaluate an ensemble")
         index = read_json_object(index_path, "train the run again with --keep-best N")
+        for file in index:
+            if _best_step(file) is None or not (self.best_dir / file).is_file():
+                raise MetalearnError(f"{index_path} lists {file}, which is not a best checkpoint in "
+                                     f"{self.best_dir}: delete best/ and train with --keep-best N again")
         return [self.best_dir / file for file in index]
 
     # -- metrics -------------------------------------------------------------------------------

@@ -148,6 +148,7 @@ class Trainer:
             raise MetalearnError(f"{run_dir.path} already holds a run; continue it (--resume, or Trainer(..., "
                                  "resume=True) and restore) or choose another folder")
         self.config, self.learner, self.run_dir, self.world = config, learner, run_dir, world
+        self.resume = resume
         self.device = device_of(learner)  # the batches go where the learner is
         self.train_tasks, self.val_tasks = train_tasks, val_tasks
         self.task_source = f"{type(train_tasks).__module__}.{type(train_tasks).__qualname__}"
@@ -222,12 +223,14 @@ class Trainer:
 
     def _begin(self) -> None:
         """What fit writes before its first step, rank 0 alone, after every rank has read the
-        folder: config.json, and on a resume the metrics cut back to the checkpoint's step (a
-        run killed after logging a step it had not saved logs that step again)."""
+        folder: config.json, and on a resume the metrics and the best checkpoints cut back to
+        the checkpoint's step, also when that is step 0 (a run killed after logging a step it
+        had not saved logs that step again; a best checkpoint from past it is not this run's)."""
         self.world.barrier()
         if self.world.is_main:
-            if self.step:
+            if self.resume:
                 self.run_dir.truncate_metrics(self.step)
+                self.run_dir.drop_best_after(self.step)
             self._write_config()
         self.world.barrier()
 

@@ -85,6 +85,23 @@ def test_predictions_are_distributions_over_the_ways(fce):
     assert bool((log_probs <= 0).all())
 
 
+def test_a_class_without_support_examples_is_refused():
+    """Its label column would be log 0 = -inf everywhere, whose logsumexp has a NaN gradient
+    that spreads into every parameter even when no query is of that class (a finite loss)."""
+    batch = image_batch(tasks=2, ways=3, shots=2, query=1)
+    support_y = batch.support_y.clone()
+    support_y[1, 4:] = 0  # task 1 loses both class-2 examples; its class-2 query goes too
+    query_y = batch.query_y.clone()
+    query_y[1, 2] = 0
+    missing = TaskBatch(batch.support_x, support_y, batch.query_x, query_y, ways=3)
+    net = MatchingNet(Conv4(1, None, hidden=8, pooling="max"), MatchingNet.Config(), 8).double()
+    message = "a task has a class without support examples; every class needs at least one shot"
+    with pytest.raises(MetalearnError, match=message):
+        net.meta_loss(missing)
+    with pytest.raises(MetalearnError, match=message):
+        net.predict(missing)
+
+
 # -- full context embeddings against an independent reference --------------------------------
 
 

@@ -87,8 +87,13 @@ def label_log_probs(scores: Tensor, support_y: Tensor, ways: int) -> Tensor:
 
     scores: (tasks, n_query, n_support), support_y: (tasks, n_support) -> (tasks, n_query, ways)
     """
+    one_hot = F.one_hot(support_y, ways).to(scores.dtype)
+    # a class without support examples would be a column of -inf, whose logsumexp has a NaN
+    # gradient that reaches every parameter even when no query belongs to it
+    if bool((one_hot.sum(dim=1) == 0).any()):
+        raise MetalearnError("a task has a class without support examples; every class needs at least one shot")
     log_attention = scores.log_softmax(dim=-1)
-    log_one_hot = F.one_hot(support_y, ways).to(scores.dtype).log()  # 0 for its class, -inf else
+    log_one_hot = one_hot.log()  # 0 for its class, -inf else
     return torch.logsumexp(log_attention.unsqueeze(-1) + log_one_hot.unsqueeze(1), dim=2)
 
 

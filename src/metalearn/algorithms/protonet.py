@@ -151,7 +151,7 @@ class ProtoNet(MetaLearner):
         # Snell et al. 2017, section 3.1: Conv4 with max-pooling (64-d embedding), squared
         # Euclidean distance, one episode per Adam step at 1e-3 halved every 2000 episodes,
         # 1000 test episodes. The paper trains until the validation loss stops improving; after
-        # 20,000 episodes the step size has been halved ten times (to about 1e-6), so little
+        # 20,000 episodes the step size has been halved nine times (to about 2e-6), so little
         # changes beyond. The paper's 60-way / 5-query training episodes and 5- or 20-way test
         # episodes are task options: --ways 60 --query 5 --test-ways 5 --test-query 15.
         return ({"model": "conv4-embedding", "distance": "euclidean"},

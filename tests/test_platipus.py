@@ -586,3 +586,17 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(a[name], b[name]), name
     initial = build_trainer(small_regression_config("platipus", steps=6), tmp_path / "fresh").learner.state_dict()
     assert any(not torch.equal(initial[name], a[name]) for name in a)  # the six steps did move the weights
+
+
+def test_the_plotted_training_accuracy_says_it_saw_the_query_labels():
+    """meta_loss's accuracy samples theta from q, shifted on the query labels it is scored on;
+    the learning-curve panel must not present it as a training accuracy like other methods'."""
+    assert "query labels" in PLATIPUS.series_labels({})["accuracy"]
+
+
+@pytest.mark.parametrize("num_samples", [0, -2, 2.5])
+def test_a_number_of_samples_below_one_or_not_whole_is_one_line(num_samples):
+    model, batch, _ = sine_or_line_problem(tasks=2)
+    learner = make_learner(model, 0.01)
+    with pytest.raises(MetalearnError, match="num_samples must be a whole number of at least 1"):
+        learner.sample_predictions(batch, num_samples)

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -60,7 +61,7 @@ from metalearn.algorithms.base import (MetaLearner, Problem, check_network_fits,
 from metalearn.algorithms.inner_loop import (Params, check_inner_loop_options, gradient_descent, loss_gradient,
                                             sgd_step)
 from metalearn.datasets import NATURAL_IMAGES
-from metalearn.errors import ConfigError, require_number
+from metalearn.errors import ConfigError, MetalearnError, require_number
 from metalearn.options import option
 from metalearn.models import build_model
 from metalearn.models.norm import first_order_batch_norm
@@ -242,6 +243,12 @@ class PLATIPUS(MetaLearner):
 
     # -- the interface -----------------------------------------------------------------------
 
+    @classmethod
+    def series_labels(cls, config: dict[str, Any]) -> dict[str, str]:
+        # the logged accuracy samples theta from q, whose mean took a step on the query labels
+        # it is then scored on (Algorithm 1, lines 6-7): above what predict (from p) scores
+        return {"accuracy": "training accuracy (%, meta-batch, theta from q: saw the query labels)"}
+
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """The negative bound (Algorithm 1 line 11), averaged over tasks: the query loss of the
         adapted samples (mean over ``train_samples``) + ``kl_weight`` * D_KL(q || p). Noise from
@@ -293,7 +300,11 @@ class PLATIPUS(MetaLearner):
         last step alone, ``(1, samples, tasks, n_query, out)``: the same numbers as the last of
         all (the same noise, drawn before any pass), for one query pass instead of steps + 1."""
         check_network_fits(self, batch)
-        num_samples = num_samples or self.config.num_samples
+        if num_samples is None:
+            num_samples = self.config.num_samples
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise MetalearnError(f"num_samples must be a whole number of at least 1 (or None: the run's "
+                                 f"{self.config.num_samples}), got {num_samples!r}")
         mean = {name: p.detach() for name, p in self._mean().items()}
         std_p = {name: s.detach().exp() for name, s in self._log_std(self.log_prior_std).items()}
         prior_step = self.prior_step.detach()

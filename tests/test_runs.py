@@ -210,6 +210,9 @@ def test_metrics_lines_that_are_no_record_are_skipped_and_a_damaged_config_is_on
     from metalearn.plotting import plot_learning_curves
 
     plot_learning_curves(run.read_metrics(), tmp_path / "curves.png", "tiny")  # plot no longer meets a bare 5
+    run.append_metrics({"step": 4, "val_mse": "x", "loss": None})  # values that are no number
+    run.append_metrics({"step": "5", "loss": 0.4})
+    plot_learning_curves(run.read_metrics(), tmp_path / "curves.png", "tiny")
     run.config_path.write_bytes(b"\xff\xfe\x00\x01 not JSON")
     with pytest.raises(MetalearnError, match="config.json is not valid JSON .*put back the run's own config.json"):
         run.read_config()

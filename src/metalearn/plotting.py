@@ -73,6 +73,9 @@ def plot_learning_curves(records: list[dict], path: Path, title: str = "",
     """Training loss and every accuracy/MSE series found in ``metrics.jsonl`` records;
     ``labels``: panel titles that replace the common ones (:meth:`MetaLearner.series_labels`)."""
     plt = _pyplot()
+    # a value that is not a number (a hand-edited or foreign line) is skipped, as status skips it
+    number = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)
+    records = [{k: v for k, v in r.items() if k == "step" or number(v)} for r in records if number(r.get("step"))]
     series = sorted({k for r in records for k in r if k not in UNDRAWN})
     fig, axes = plt.subplots(1, len(series), figsize=(4.5 * max(len(series), 1), 3.5), squeeze=False)
     for ax, name in zip(axes[0], series):

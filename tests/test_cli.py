@@ -538,6 +538,13 @@ def test_compare_takes_runs_tested_on_the_same_episodes(tmp_path, capsys):
 
     with pytest.raises(MetalearnError, match="cannot label a run 'seed'"):
         compare_learners({"seed": tmp_path / "a"}, episodes=3)
+    # each part scores the episodes `metalearn eval --part` scores, not the test part's
+    from metalearn.api import evaluate_run
+
+    for part in ("val", "test"):
+        compared = compare_learners({"a": tmp_path / "a"}, episodes=3, part=part)["a"]["mse"]["mean"]
+        evaluated = evaluate_run(tmp_path / "a", episodes=3, part=part, progress=False, per_step=False)["mean"]
+        assert compared == pytest.approx(evaluated, rel=1e-5), part
 
 
 def test_unusable_paths_are_one_line_errors(tmp_path, capsys):

@@ -191,7 +191,7 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     from metalearn.tasks import build_task_source
     from metalearn.checkpoints import load_trained
     from metalearn.datasets import get_dataset
-    from metalearn.training import TEST_SEED_OFFSET
+    from metalearn.training import part_seed_offset
 
     if not runs:
         raise MetalearnError("compare_learners needs at least one run directory")
@@ -212,7 +212,7 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
             differ = task_differences(first_task.for_testing(), task.for_testing())
             raise MetalearnError(f"runs {first_label!r} and {label!r} are tested on different tasks ({differ}); "
                                  "compare runs of the same task")
-    source = build_task_source(first_task, part, data_dir)
+    source = build_task_source(first_task, part, data_dir, evaluation=True)  # the episodes eval --part draws
     true_function = getattr(type(source), "function", None)
     noise_std = getattr(source, "noise_std", None)
     x_range = getattr(source, "x_range", (-5.0, 5.0))
@@ -220,7 +220,8 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
 
     per_task: dict[str, dict[str, list[Tensor]]] = {label: {} for label in runs}
     pooled: dict[str, list[tuple[Tensor, Tensor]]] = {label: [] for label in runs}
-    generator = torch.Generator().manual_seed(seed + TEST_SEED_OFFSET)
+    offset = part_seed_offset(part)
+    generator = torch.Generator().manual_seed(seed + offset)
     remaining = episodes
     with torch.random.fork_rng(devices=[]):
         chunk_index = 0
@@ -230,7 +231,7 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
             chunk_index += 1
             for label, (_, learner, _) in loaded.items():
                 # every run sees the same model-noise stream, whichever runs it is compared with
-                torch.manual_seed(seed + TEST_SEED_OFFSET + 7919 * chunk_index)
+                torch.manual_seed(seed + offset + 7919 * chunk_index)
                 scores = uncertainty_scores(learner, batch, true_function, noise_std, num_samples, grid, level)
                 if "log_probs" in scores:
                     pooled[label].append((scores.pop("log_probs"), scores.pop("labels")))

@@ -311,13 +311,111 @@ def test_mini_imagenet_csv_layout_and_the_cache_rebuilt_after_a_change(tmp_path,
     assert changed.images[0].max() < 30 and not np.array_equal(changed.images[0], folder.images[0])
     assert [p.name for p in cache.iterdir()] == [next(cache.iterdir()).name]  # one cache file, no leftovers
     # a class added to test.csv: rebuilt too
+    Image.new("RGB", (40, 40), (0, 90, 200)).save(root / "images" / "extra1.jpg")
+    Image.new("RGB", (40, 40), (200, 90, 0)).save(root / "images" / "extra2.jpg")
     with open(root / "test.csv", "a") as f:
-        f.write("n0100000000000001.jpg,extra\n")
+        f.write("extra1.jpg,extra\n")
     assert "extra" in load_image_folder(root, 16, 3, cache_dir=cache).class_names
     with pytest.raises(MetalearnError, match="class n01000000 is in both train.csv and test.csv"):
         with open(root / "test.csv", "a") as f:
-            f.write("n0100000000000002.jpg,n01000000\n")
+            f.write("extra2.jpg,n01000000\n")
         load_image_folder(root, 16, 3, cache_dir=cache)
+
+
+def test_csv_rows_listing_one_image_twice_are_refused(tmp_path):
+    """An image under two CSV rows (twice in one class, or under two labels or parts) could be
+    support and query of one episode, or a training image tested on: refused, naming the file
+    and both rows."""
+    root = tmp_path / "mini"
+    write_mini_imagenet(root, {"train": 3, "val": 1, "test": 2}, per_class=3)
+    assert load_image_folder(root, 16, 3, cache_dir=tmp_path / "cache").images.shape[0] == 18
+    train = (root / "train.csv").read_text()
+    first = "n0100000000000001.jpg"  # train.csv line 2 (after the header), class n01000000
+    (root / "train.csv").write_text(train + f"{first},n01000000\n")  # twice in its own class
+    with pytest.raises(MetalearnError, match=f"{first} is listed twice, in train.csv line 2 and train.csv line 11"):
+        load_image_folder(root, 16, 3, cache_dir=tmp_path / "cache")
+    (root / "train.csv").write_text(train)
+    test = (root / "test.csv").read_text()
+    (root / "test.csv").write_text(test + f"./{first},n01000005\n")  # the same file under a test class
+    with pytest.raises(MetalearnError, match=f"{first} is listed twice, in train.csv line 2 and test.csv line 8"):
+        load_image_folder(root, 16, 3, cache_dir=tmp_path / "cache")
+    (root / "test.csv").write_text(test)
+    assert load_image_folder(root, 16, 3, cache_dir=tmp_path / "cache").images.shape[0] == 18
+
+
+def test_a_class_folder_in_two_parts_is_refused(tmp_path):
+    """train/dog and test/dog: the test classes would be trained on; refused, naming the class
+    and both parts."""
+    rng = np.random.default_rng(0)
+    for part, names in (("train", ["cat", "dog", "owl"]), ("val", ["ant"]), ("test", ["bee", "dog"])):
+        for c, name in enumerate(names):
+            (tmp_path / "data" / part / name).mkdir(parents=True)
+            draw_shape(SHAPES[c], (200, 0, 0), 20, rng).save(tmp_path / "data" / part / name / "0.png")
+    with pytest.raises(MetalearnError, match="class dog is in both train/ and test/: a class belongs to one part"):
+        load_image_folder(tmp_path / "data", 16, 3, cache_dir=tmp_path / "cache")
+    shutil.rmtree(tmp_path / "data" / "test" / "dog")
+    folder = load_image_folder(tmp_path / "data", 16, 3, cache_dir=tmp_path / "cache")
+    assert folder.layout == "parts" and folder.class_names == ("train/cat", "train/dog", "train/owl", "val/ant",
+                                                              "test/bee")
+
+
+# -- decoding: 16-bit images and EXIF orientation ----------------------------------------------
+
+
+def test_16_bit_images_are_scaled_by_their_types_range(tmp_path):
+    """A uniform 16-bit value v decodes to round(v / 257) (v / 65535 of 255), grey or RGB, in
+    either byte order; not stretched to white by the image's own maximum."""
+    png = tmp_path / "thousand.png"
+    Image.fromarray(np.full((30, 40), 1000, np.uint16)).save(png)
+    with Image.open(png) as img:
+        assert img.mode in ("I;16", "I")
+    assert np.array_equal(decode_image(png, 16, 1), np.full((1, 16, 16), round(1000 / 257), np.uint8))  # 4
+    assert np.array_equal(decode_image(png, 16, 3), np.full((3, 16, 16), 4, np.uint8))
+    tiff = tmp_path / "big-endian.tif"
+    Image.frombytes("I;16B", (40, 30), np.full((30, 40), 30000, ">u2").tobytes()).save(tiff)
+    with Image.open(tiff) as img:
+        assert img.mode == "I;16B"
+    assert np.array_equal(decode_image(tiff, 16, 1), np.full((1, 16, 16), round(30000 / 257), np.uint8))  # 117
+    ramp = np.linspace(0, 65535, 40 * 30).reshape(30, 40).astype(np.uint16)  # full range: 0 ... 255
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    decoded = decode_image(tmp_path / "ramp.png", 30, 1)
+    assert decoded.min() <= 1 and decoded.max() >= 254
+    # 32-bit integers within 0..65535 are 16-bit values; floats are intensities in [0, 1], clipped
+    as_int = Image.fromarray(np.full((8, 8), 30000, np.int32))
+    assert as_int.mode == "I" and prepare_images(as_int, 8, 1).mul(255).round().eq(117).all()
+    as_float = Image.fromarray(np.array([[0.5, 2.0], [-1.0, 0.0]], np.float32))
+    assert np.array_equal(prepare_images(as_float, 2, 1).mul(255).round()[0, 0].numpy(), [[128, 255], [0, 0]])
+    with pytest.raises(MetalearnError, match="outside the 16-bit range 0..65535"):
+        prepare_images(Image.fromarray(np.full((4, 4), 70000, np.int32)), 4, 1)
+    Image.fromarray(np.full((4, 4), -5, np.int32)).save(tmp_path / "negative.tif")
+    with pytest.raises(MetalearnError, match="cannot read image .*negative.tif: 32-bit integer pixels"):
+        decode_image(tmp_path / "negative.tif", 4, 1)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo stored sideways with an EXIF orientation tag decodes as it is displayed:
+    as ImageOps.exif_transpose of it, not as the stored pixels."""
+    from PIL import ImageOps
+
+    pixels = np.zeros((40, 60, 3), np.uint8)
+    pixels[:, :20] = (230, 30, 30)  # red on the left third, blue below a green top half elsewhere
+    pixels[:20, 20:] = (30, 200, 40)
+    pixels[20:, 20:] = (30, 40, 220)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(pixels).save(path, quality=95, exif=exif)
+    with Image.open(path) as img:
+        upright = ImageOps.exif_transpose(img)
+        assert upright.size == (40, 60)
+        stored = np.asarray(img.convert("RGB").resize((24, 24), Image.Resampling.LANCZOS)).transpose(2, 0, 1)
+    expected = np.asarray(upright.convert("RGB").resize((24, 24), Image.Resampling.LANCZOS)).transpose(2, 0, 1)
+    decoded = decode_image(path, 24, 3)
+    assert np.array_equal(decoded, expected)
+    assert not np.array_equal(decoded, stored)
+    assert decoded[0, :6].mean() > 150 and decoded[2, 14:, :8].mean() > 150  # upright: red on top, blue left
+    with Image.open(path) as img:  # a PIL image given to prepare_images is turned upright too
+        assert torch.equal(prepare_images(img, 24, 3), torch.from_numpy(expected.copy())[None].float() / 255)
 
 
 # -- every method on RGB images ------------------------------------------------------------
@@ -475,6 +573,12 @@ def bad_folders(root: Path) -> dict[str, tuple[Path, list, str]]:
     bare = root / "bare"
     bare.mkdir()
     cases["a folder with nothing"] = (bare, [], "no images in")
+    leaking = root / "leaking-parts"
+    classes(leaking / "train", 6, 4)
+    classes(leaking / "val", 1, 4)
+    (leaking / "val" / "class0").rename(leaking / "val" / "class6")
+    classes(leaking / "test", 1, 4)  # test/class0 beside train/class0
+    cases["a class in two parts"] = (leaking, [], "class class0 is in both train/ and test/")
     return cases
 
 

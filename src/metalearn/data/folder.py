@@ -35,7 +35,7 @@ from metalearn.data.omniglot import default_cache_dir
 from metalearn.data.splits import PARTS, ClassPool
 from metalearn.errors import MetalearnError
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: 16-bit images scaled by their type's range, EXIF orientation applied
 SPLIT_SEED = 1  # the seeded shuffle of class names behind --split-fractions
 DEFAULT_FRACTIONS = (0.64, 0.16, 0.20)  # mini-ImageNet's 64 / 16 / 20 classes of 100
 
@@ -125,6 +125,7 @@ def scan_folder(root: Path) -> tuple[str, list[tuple[str, str, list[Path]]], lis
             raise MetalearnError(f"{root} has {', '.join(p.name + '/' for p in part_dirs)} beside other folders "
                                  f"({', '.join(others[:3])}): put every class folder under train/, val/ or test/")
         classes = [c for folder in part_dirs for c in _classes_in(folder, folder.name + "/", folder.name)]
+        _refuse_shared_classes(classes)
         layout = "parts"
     else:
         classes, layout = _classes_in(root, "", ""), "classes"
@@ -135,9 +136,26 @@ def scan_folder(root: Path) -> tuple[str, list[tuple[str, str, list[Path]]], lis
     return layout, classes, []
 
 
+def _refuse_shared_classes(classes: list[tuple[str, str, list[Path]]]) -> None:
+    """Part folders: a class folder name under two parts (``train/dog`` and ``test/dog``) would
+    put meta-test classes into training; refused, naming the class and its parts."""
+    parts_of: dict[str, list[str]] = {}
+    for name, part, _ in classes:
+        parts_of.setdefault(name.split("/", 1)[1], []).append(part)
+    for name, parts in parts_of.items():
+        if len(parts) > 1:
+            where = [part + "/" for part in parts]
+            where_text = f"both {where[0]} and {where[1]}" if len(where) == 2 else f"{', '.join(where[:-1])} and {where[-1]}"
+            raise MetalearnError(f"class {name} is in {where_text}: a class belongs to "
+                                 "one part (its images would leak between training and testing); rename or remove one")
+
+
 def _csv_classes(root: Path, csvs: list[Path]) -> list[tuple[str, str, list[Path]]]:
-    """mini-ImageNet's CSV layout: ``filename,label`` lines (a header line is skipped)."""
+    """mini-ImageNet's CSV layout: ``filename,label`` lines (a header line is skipped). Each
+    file is listed once: a file under two rows would sit in two classes or parts, or twice in
+    one class (support and query of an episode could then be the same image)."""
     classes: dict[str, tuple[str, list[Path]]] = {}
+    listed: dict[str, str] = {}  # file name -> "train.csv line 7", where it was first listed
     images = root / "images"
     for path in csvs:
         part = path.stem
@@ -158,6 +176,11 @@ def _csv_classes(root: Path, csvs: list[Path]) -> list[tuple[str, str, list[Path
             if owner[0] != part:
                 raise MetalearnError(f"class {label} is in both {owner[0]}.csv and {part}.csv: a class belongs to "
                                      "one part")
+            key = str(file.resolve())  # "a.jpg", "./a.jpg" and a link to it are one image
+            if key in listed:
+                raise MetalearnError(f"{filename} is listed twice, in {listed[key]} and {path.name} line {number}: "
+                                     "list each image once")
+            listed[key] = f"{path.name} line {number}"
             owner[1].append(file)
     if not classes:
         raise MetalearnError(f"no images listed in {', '.join(p.name for p in csvs)} of {root}")

@@ -15,13 +15,14 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from metalearn.errors import MetalearnError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CHANNEL_MODES = {1: "L", 3: "RGB"}
+ORIENTATION_TAG = 0x0112  # EXIF Orientation: 1 upright, 2-8 mirrored and / or rotated
 
 
 def is_image_file(path: Path) -> bool:
@@ -35,19 +36,57 @@ def check_channels(channels: int) -> None:
 
 
 def pil_to_array(img: Image.Image, image_size: int, channels: int) -> np.ndarray:
-    """A PIL image -> ``(channels, S, S)`` uint8: converted to grey or RGB (grey is repeated
-    into three channels; transparency is dropped), then stretched to ``S x S`` (no crop, as the
-    mini-ImageNet images of Ravi & Larochelle) with Lanczos antialiasing."""
+    """A PIL image -> ``(channels, S, S)`` uint8: turned upright by its EXIF orientation (as
+    viewers show a phone photo), converted to grey or RGB (grey is repeated into three channels;
+    transparency is dropped), then stretched to ``S x S`` (no crop, as the mini-ImageNet images
+    of Ravi & Larochelle) with Lanczos antialiasing. Images of more than 8 bits are scaled by
+    their type's range (see :func:`_to_8_bits`), never by their own maximum."""
     check_channels(channels)
-    if img.mode in ("I;16", "I", "F"):  # 16-bit or float grey: scaled into 8 bits first
-        values = np.asarray(img, dtype=np.float64)
-        top = values.max() or 1.0
-        img = Image.fromarray(np.clip(values / top * 255.0, 0, 255).astype(np.uint8))
+    img = _upright(img)
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _to_8_bits(img)
     img = img.convert(CHANNEL_MODES[channels])
     if img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
     array = np.asarray(img, dtype=np.uint8)
     return array[None] if channels == 1 else np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """``img`` rotated / mirrored as its EXIF orientation tag says (``ImageOps.exif_transpose``);
+    unchanged (no copy) without the tag, or when the EXIF block cannot be parsed."""
+    try:
+        orientation = img.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:  # a damaged EXIF block: the pixels are still good, shown unrotated
+        return img
+    if orientation in (2, 3, 4, 5, 6, 7, 8):
+        return ImageOps.exif_transpose(img)
+    return img
+
+
+def _to_8_bits(img: Image.Image) -> Image.Image:
+    """A grey image of more than 8 bits -> mode ``L`` by a fixed rule, so one value always gives
+    one grey whatever else is in the image (a uniform 16-bit 1000 is 1000/65535 of full scale,
+    ``round(1000 / 257)`` = 4, not white):
+
+    - ``I;16``, ``I;16L``, ``I;16B``, ``I;16N`` (16-bit unsigned, any byte order):
+      ``round(value / 257)``, i.e. ``value / 65535`` of 255.
+    - ``I`` (32-bit signed, as older Pillow opens 16-bit PNGs): values in 0..65535 are taken as
+      16-bit, as above; an image with values outside that range is refused (no fixed range
+      would show it faithfully; convert it to 8 or 16 bits first).
+    - ``F`` (32-bit float): taken as intensities in [0, 1], the convention of float images
+      elsewhere in metalearn (``to_float``, ``prepare_images``): ``round(value * 255)``, values
+      outside [0, 1] clipped.
+    """
+    values = np.asarray(img)  # native values whatever the byte order (I;16B reads as big-endian uint16)
+    if img.mode == "F":
+        scaled = np.clip(np.nan_to_num(values.astype(np.float64)), 0.0, 1.0) * 255.0
+    else:
+        if img.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+            raise MetalearnError(f"32-bit integer pixels from {values.min()} to {values.max()} are outside the "
+                                 "16-bit range 0..65535; convert the image to 8 or 16 bits")
+        scaled = values.astype(np.float64) / 257.0
+    return Image.fromarray(np.rint(scaled).astype(np.uint8), "L")
 
 
 def decode_image(source: Path | str | bytes, image_size: int, channels: int, name: str | None = None) -> np.ndarray:
@@ -62,6 +101,8 @@ def decode_image(source: Path | str | bytes, image_size: int, channels: int, nam
             return pil_to_array(img, image_size, channels)
     except UnidentifiedImageError:
         raise MetalearnError(f"cannot read image {label}: not an image file PIL can decode") from None
+    except MetalearnError as err:  # decoded, but pixels metalearn cannot take: name the file
+        raise MetalearnError(f"cannot read image {label}: {err}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise MetalearnError(f"cannot read image {label}: {err}") from None
 

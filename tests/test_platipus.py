@@ -589,8 +589,9 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_the_plotted_training_accuracy_says_it_saw_the_query_labels():
-    """meta_loss's accuracy samples theta from q, shifted on the query labels it is scored on;
-    the learning-curve panel must not present it as a training accuracy like other methods'."""
+    """meta_loss's accuracy samples theta from q, shifted on the query labels it is scored on
+    (pinned against ref_meta_loss's by test_meta_loss_and_gradient_match_reference): the
+    learning-curve panel must not present it as a training accuracy like other methods'."""
     assert "query labels" in PLATIPUS.series_labels({})["accuracy"]
 
 

@@ -340,3 +340,28 @@ def test_best_checkpoints_refuses_an_index_naming_other_files_and_forgets_steps_
     atomic_write_bytes(run.best_dir / "index.json", json.dumps({"../checkpoint.pt": 1.0}).encode())
     with pytest.raises(MetalearnError, match=r"lists \.\./checkpoint\.pt"):
         run.best_checkpoints()
+
+
+def test_keep_best_ranks_by_the_metric_direction_and_drops_what_it_displaces(tmp_path):
+    """Lower is better for MSE: the two lowest scores stay (ties: the earlier step), the file
+    displaced is deleted, a step validated again replaces its score, a NaN is never kept, and
+    a foreign name in an edited index is dropped from it but never deleted."""
+    run = RunDir(tmp_path)
+    for step, score in ((1, 0.5), (2, 0.2), (3, 0.5), (4, float("nan"))):
+        run.keep_best({"step": step}, score, keep=2, higher_is_better=False)
+    assert [p.name for p in run.best_checkpoints()] == ["step-2.pt", "step-1.pt"]
+    assert sorted(p.name for p in run.best_dir.glob("*.pt")) == ["step-1.pt", "step-2.pt"]
+    assert torch.load(run.best_dir / "step-1.pt") == {"step": 1}
+    run.keep_best({"step": 1}, 0.9, keep=2, higher_is_better=False)  # step 1 validated again after a resume
+    assert json.loads((run.best_dir / "index.json").read_text()) == {"step-2.pt": 0.2, "step-1.pt": 0.9}
+    run.keep_best({"step": 5}, 0.3, keep=2, higher_is_better=False)
+    assert [p.name for p in run.best_checkpoints()] == ["step-2.pt", "step-5.pt"]
+    assert not (run.best_dir / "step-1.pt").exists()
+    run.keep_best({"step": 5}, 0.9, keep=2, higher_is_better=True)  # accuracy: higher is better
+    run.keep_best({"step": 7}, 0.4, keep=2, higher_is_better=True)
+    assert [p.name for p in run.best_checkpoints()] == ["step-5.pt", "step-7.pt"]
+    (tmp_path / "keep.pt").write_bytes(b"x")
+    atomic_write_bytes(run.best_dir / "index.json", json.dumps({"../keep.pt": 0.0, "step-5.pt": 0.9}).encode())
+    run.keep_best({"step": 6}, 0.1, keep=1, higher_is_better=True)
+    assert [p.name for p in run.best_checkpoints()] == ["step-5.pt"]
+    assert (tmp_path / "keep.pt").read_bytes() == b"x" and not (run.best_dir / "step-6.pt").exists()

@@ -77,11 +77,9 @@ def test_a_run_killed_before_its_first_periodic_checkpoint_resumes_with_one_reco
     assert [r["step"] for r in RunDir(tmp_path / "killed").read_metrics()] == []
     assert not (tmp_path / "killed" / "best" / "step-6.pt").exists()
     resumed.fit(progress=False)
-    assert RunDir(tmp_path / "killed").read_metrics() == [
-        {**r, **{k: resumed_r[k] for k in ("elapsed_s", "tasks_per_s", "validation_s") if k in r}}
-        for r, resumed_r in zip(RunDir(tmp_path / "straight").read_metrics(),
-                                RunDir(tmp_path / "killed").read_metrics())]
-    assert len(RunDir(tmp_path / "killed").read_metrics()) == len(RunDir(tmp_path / "straight").read_metrics())
+    timing = ("elapsed_s", "tasks_per_s", "validation_s")  # the only fields two runs may differ in
+    untimed = lambda run: [{k: v for k, v in r.items() if k not in timing} for r in RunDir(run).read_metrics()]
+    assert untimed(tmp_path / "killed") == untimed(tmp_path / "straight")
     assert (json.loads((tmp_path / "killed" / "best" / "index.json").read_text())
             == json.loads((tmp_path / "straight" / "best" / "index.json").read_text()))
 

@@ -182,33 +182,37 @@ class RunDir:
         if not math.isfinite(score):
             return
         self.best_dir.mkdir(parents=True, exist_ok=True)
-        index_path = self.best_dir / "index.json"
-        index = read_json_object(index_path, "delete best/ to start it afresh") if index_path.is_file() else {}
+        index = self._read_best_index()
         name = f"step-{int(state['step'])}.pt"
         index[name] = score
-        step_of = lambda file: int(file[len("step-"):-len(".pt")])
-        ranked = sorted(index, key=lambda file: (-index[file] if higher_is_better else index[file], step_of(file)))
+        ranked = sorted((file for file in index if _best_step(file) is not None),
+                        key=lambda file: (-index[file] if higher_is_better else index[file], _best_step(file)))
         kept = {file: index[file] for file in ranked[:keep]}
         if name in kept:
             atomic_write(self.best_dir / name, lambda f: torch.save(state, f))
-        atomic_write_bytes(index_path, (json.dumps(kept, indent=2) + "\n").encode())
-        for file in set(index) - set(kept):
-            (self.best_dir / file).unlink(missing_ok=True)
+        self._replace_best_index(index, kept)
 
     def drop_best_after(self, step: int) -> None:
         """Forget the best checkpoints of steps after ``step`` (kept by a run killed after its
         last checkpoint: the resumed run validates those steps again, or ends before them)."""
-        index_path = self.best_dir / "index.json"
-        if not index_path.is_file():
-            return
-        index = read_json_object(index_path, "delete best/ to start it afresh")
-        kept = {file: score for file, score in index.items() if _best_step(file) is not None
-                and _best_step(file) <= step}
+        index = self._read_best_index()
+        kept = {file: score for file, score in index.items()
+                if _best_step(file) is not None and _best_step(file) <= step}
         if kept != index:
-            atomic_write_bytes(index_path, (json.dumps(kept, indent=2) + "\n").encode())
-            for file in set(index) - set(kept):
-                if _best_step(file) is not None:
-                    (self.best_dir / file).unlink(missing_ok=True)
+            self._replace_best_index(index, kept)
+
+    def _read_best_index(self) -> dict[str, Any]:
+        index_path = self.best_dir / "index.json"
+        return read_json_object(index_path, "delete best/ to start it afresh") if index_path.is_file() else {}
+
+    def _replace_best_index(self, index: dict[str, Any], kept: dict[str, Any]) -> None:
+        """Write ``kept`` as ``best/index.json``, then delete the checkpoints of ``index`` it leaves
+        out. Index first: a kill in between leaves an unlisted file, never a listed missing one.
+        Only ``step-N.pt`` names are deleted, whatever else an edited index names."""
+        atomic_write_bytes(self.best_dir / "index.json", (json.dumps(kept, indent=2) + "\n").encode())
+        for file in set(index) - set(kept):
+            if _best_step(file) is not None:
+                (self.best_dir / file).unlink(missing_ok=True)
 
     def best_checkpoints(self) -> list[Path]:
         """The checkpoints :meth:`keep_best` kept, best first."""

@@ -534,6 +534,14 @@ def test_compare_takes_runs_tested_on_the_same_episodes(tmp_path, capsys):
     assert out.startswith("3 test episodes of sinusoid") and f"| {tmp_path / 'episodes'} |" in out
     result = json.loads((tmp_path / "c.json").read_text())
     assert result["episodes"] == 3 and {str(tmp_path / "b"), str(tmp_path / "x" / "b")} <= set(result)
+    # --part val scores the episodes eval --part val scores
+    code, out, err = run(["compare", tmp_path / "b", "--episodes", 3, "--part", "val", "--json", tmp_path / "v.json"],
+                         capsys)
+    assert code == 0 and out.startswith("3 val episodes of sinusoid"), err
+    assert run(["eval", tmp_path / "b", "--episodes", 3, "--part", "val"], capsys)[0] == 0
+    val = json.loads((tmp_path / "b" / "eval-episodes=3-part=val.json").read_text())["mean"]
+    assert json.loads((tmp_path / "v.json").read_text())["b"]["mse"]["mean"] == pytest.approx(val, rel=1e-6)
+    assert result[str(tmp_path / "b")]["mse"]["mean"] != pytest.approx(val, rel=1e-3)  # the test episodes differ
     from metalearn.uncertainty import compare_learners
 
     with pytest.raises(MetalearnError, match="cannot label a run 'seed'"):

@@ -346,13 +346,15 @@ def plot(run_dir, data_dir, compare_with):
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--episodes", type=click.IntRange(min=1), default=600, show_default=True)
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
-              help="seed of the test episodes")
+              help="seed of the episodes")
+@click.option("--part", type=click.Choice(["test", "val", "train"]), default="test", show_default=True,
+              help="the split part whose episodes to score: the ones metalearn eval --part scores")
 @click.option("--samples", "num_samples", type=click.IntRange(min=1), default=None, help="models sampled per task (sampling methods)")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="also write the result here")
 @click.option("--set", "settings", multiple=True, metavar="OPTION=VALUE",
               help="change a method option of every run for this comparison, e.g. --set test_inner_steps=1")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
-def compare(run_dirs, episodes, seed, num_samples, json_path, settings, data_dir):
+def compare(run_dirs, episodes, seed, part, num_samples, json_path, settings, data_dir):
     """Uncertainty measures of trained runs on the same test episodes: for classification
     accuracy, NLL and expected calibration error; for regression MSE, predictive
     log-likelihood and coverage of the true function by the sampled functions."""
@@ -369,10 +371,10 @@ def compare(run_dirs, episodes, seed, num_samples, json_path, settings, data_dir
     overrides = dict(parse_setting(s) for s in settings)
     if json_path:  # found out now, not after minutes of evaluation
         check_writable_file("--json", json_path, "compare.json")
-    result = compare_learners(labels, episodes=episodes, seed=seed, num_samples=num_samples, data_dir=data_dir,
-                              overrides=overrides)
+    result = compare_learners(labels, episodes=episodes, seed=seed, part=part, num_samples=num_samples,
+                              data_dir=data_dir, overrides=overrides)
     measures = [k for k, v in result[next(iter(labels))].items() if isinstance(v, dict)]
-    click.echo(f"{result['episodes']} test episodes of {result['dataset']}, seed {seed}")
+    click.echo(f"{result['episodes']} {part} episodes of {result['dataset']}, seed {seed}")
     click.echo("| run | " + " | ".join(measures) + " |")
     click.echo("| --- |" + " ---: |" * len(measures))
     for label in labels:

@@ -22,7 +22,8 @@ from metalearn.runs import RunDir
 def test_train_eval_plot_sinusoid(tmp_path, capsys):
     run_dir = tmp_path / "run"
     code, out, err = run(["train", "maml", "--dataset", "sinusoid", "--steps", 6, "--meta-batch-size", 4,
-                          "--eval-episodes", 10, "--log-every", 2, "--run-dir", run_dir, "--no-progress"], capsys)
+                          "--eval-episodes", 10, "--log-every", 2, "--val-every", 3, "--val-episodes", 4, "--run-dir", run_dir,
+                          "--no-progress"], capsys)
     assert code == 0, err
     assert "MSE" in out and (run_dir / "checkpoint.pt").is_file() and (run_dir / "eval.json").is_file()
     code, out, _ = run(["eval", run_dir, "--episodes", 12, "--no-progress"], capsys)
@@ -42,7 +43,12 @@ def test_train_eval_plot_sinusoid(tmp_path, capsys):
     assert summary["step"] == 6 and summary["training_wall_time_s"] > 0
     assert summary["evaluations"]["eval"]["episodes"] == 10 and "scores" not in summary["evaluations"]["eval"]
     assert summary["evaluations"]["eval-episodes=12"]["episodes"] == 12
-    logged = [r for r in RunDir(run_dir).read_metrics() if "loss" in r]
+    records = RunDir(run_dir).read_metrics()
+    logged = [r for r in records if "loss" in r]
+    assert summary["config"] == RunDir(run_dir).read_config().to_dict() and summary["config"]["train"]["steps"] == 6
+    assert summary["last_train_metrics"] == logged[-1] and logged[-1]["step"] == 6
+    assert [r["step"] for r in summary["validation"]] == [3, 6]
+    assert summary["validation"] == [r for r in records if "val_mse" in r]
     curve = summary["training_curve"]
     assert curve["window"] == 1 and [p["last_step"] for p in curve["points"]] == [r["step"] for r in logged] == [2, 4, 6]
     assert [p["loss"] for p in curve["points"]] == pytest.approx([r["loss"] for r in logged], rel=1e-5)

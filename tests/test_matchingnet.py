@@ -216,6 +216,29 @@ def test_options_are_checked():
     assert built.support_context.lstm.hidden_size == 64  # the paper's 64-d embedding
 
 
+def test_an_embedding_dim_other_than_the_network_output_size_is_refused_in_one_line():
+    """With full context embeddings the LSTMs are built for ``embedding_dim`` features. The
+    network's output size depends on the image size, which the constructor does not see, so a
+    wrong value is refused at the first batch, in one line that names the right one (not as an
+    LSTM shape error from inside torch); a value that is no size at all, at construction."""
+    batch = image_batch(tasks=2, ways=3, shots=1, query=1, size=16)  # 8 features: 8 channels of 1 x 1
+    net = MatchingNet(Conv4(1, None, hidden=8, pooling="max"), fce_config(), embedding_dim=6).double()
+    for call in (net.meta_loss, net.predict, net.attention):
+        with pytest.raises(MetalearnError, match=r"^matchingnet: the embedding network's output has 8 features but "
+                                                 r"embedding_dim is 6; give embedding_dim=8 \(metalearn.models.output_size"
+                                                 r"\(model, input_shape\)\)$"):
+            call(batch)
+    for wrong in (0, -64, 6.5, True):
+        with pytest.raises(MetalearnError, match=rf"^embedding_dim must be a whole number of at least 1 .*, "
+                                                 rf"got {wrong}$"):
+            MatchingNet(Conv4(1, None, hidden=8, pooling="max"), fce_config(), embedding_dim=wrong)
+    right = MatchingNet(Conv4(1, None, hidden=8, pooling="max"), fce_config(), embedding_dim=8).double()
+    loss, _ = right.meta_loss(batch)
+    assert torch.isfinite(loss)
+    # without full context embeddings nothing is sized by it: the value is not used
+    MatchingNet(Conv4(1, None, hidden=8, pooling="max"), MatchingNet.Config(), embedding_dim=6).double().meta_loss(batch)
+
+
 def test_learns_omniglot_5_way_1_shot(omniglot):
     """400 episodes (100 steps of 4) with a 16-filter Conv4, paper attention (cosines of ReLU
     features lie in [0, 1], so the softmax is flat and learning slower than ProtoNets'):

@@ -226,8 +226,103 @@ def test_channels_last_float32_embedding_matches_a_plain_forward():
 def test_a_batch_of_another_floating_point_type_than_the_network_is_one_line(method):
     learner = build_learner(method, {"model": "conv4-embedding"}, Problem((1, 16, 16), 3, True)).double()
     float32 = image_batch(2, 3, 1, 1, 16, dtype=torch.float32)
-    with pytest.raises(MetalearnError, match=r"the embedding network: the batch's inputs are torch.float32 and the "
+    with pytest.raises(MetalearnError, match=rf"{method}: the batch's inputs are torch.float32 and the "
                                              r"network's weights torch.float64; convert the batch"):
         learner.meta_loss(float32)
     loss, _ = learner.meta_loss(float32.to(torch.float64))
     assert loss.dtype == torch.float64 and torch.isfinite(loss)
+
+
+def relabelled(batch: TaskBatch, support_y=None, query_y=None, ways=None) -> TaskBatch:
+    return TaskBatch(batch.support_x, batch.support_y if support_y is None else support_y, batch.query_x,
+                     batch.query_y if query_y is None else query_y, batch.ways if ways is None else ways)
+
+
+def with_label(labels: torch.Tensor, value: int) -> torch.Tensor:
+    labels = labels.clone()
+    labels[0, 0] = value
+    return labels
+
+
+def with_images(batch: TaskBatch, support_x: torch.Tensor, query_x: torch.Tensor) -> TaskBatch:
+    return TaskBatch(support_x, batch.support_y, query_x, batch.query_y, batch.ways)
+
+
+# what a user of the Python API can get wrong in a TaskBatch, and the words of the one-line error
+MALFORMED = {
+    "support label = ways": (lambda b: relabelled(b, support_y=with_label(b.support_y, 3)),
+                             r"support_y has class ids \[3\] outside 0..2, the tasks being 3-way"),
+    "query label = ways": (lambda b: relabelled(b, query_y=with_label(b.query_y, 3)),
+                           r"query_y has class ids \[3\] outside 0..2"),
+    "negative support label": (lambda b: relabelled(b, support_y=with_label(b.support_y, -1)),
+                               r"support_y has class ids \[-1\] outside 0..2"),
+    "negative query label": (lambda b: relabelled(b, query_y=with_label(b.query_y, -2)),
+                             r"query_y has class ids \[-2\] outside 0..2"),
+    "query label above the support's (no ways)": (lambda b: relabelled(b, query_y=with_label(b.query_y, 3), ways=0),
+                                                  r"query_y has class ids \[3\] outside 0..2( \(or -1: unknown\))?, "
+                                                  r"the tasks being 3-way, as the support labels imply"),
+    "negative support label (no ways)": (lambda b: relabelled(b, support_y=with_label(b.support_y, -1), ways=0),
+                                         r"support_y has negative class ids \[-1\]"),
+    "int32 labels": (lambda b: relabelled(b, support_y=b.support_y.int()),
+                     r"the batch.s support_y is torch.int32; class ids must be long \(y.long\(\)\)"),
+    "uint8 images": (lambda b: with_images(b, (b.support_x * 255).to(torch.uint8), (b.query_x * 255).to(torch.uint8)),
+                     r"the batch.s support_x is torch.uint8; inputs must be floating point \(images as 0..255: give "
+                     r"x.float\(\) / 255"),
+    "query images of another size": (lambda b: with_images(b, b.support_x, b.query_x[..., :12, :12]),
+                                     r"support examples have shape \(1, 16, 16\) and query examples \(1, 12, 12\)"),
+    "query images of other channels": (lambda b: with_images(b, b.support_x, b.query_x.repeat(1, 1, 3, 1, 1)),
+                                       r"support examples have shape \(1, 16, 16\) and query examples \(3, 16, 16\)"),
+    "query of another float type": (lambda b: with_images(b, b.support_x, b.query_x.double()),
+                                    r"the batch.s support_x is torch.float32 and its query_x torch.float64"),
+    "fewer query tasks": (lambda b: TaskBatch(b.support_x, b.support_y, b.query_x[:1], b.query_y[:1], 3),
+                          r"the batch.s tensors have different numbers of tasks \(first axis: support_x 2, "
+                          r"support_y 2, query_x 1, query_y 1\)"),
+    "too few support labels": (lambda b: relabelled(b, support_y=b.support_y[:, :2]),
+                               r"support_y has shape \(2, 2\) for support_x of shape \(2, 3, 1, 16, 16\); it "
+                               r"needs one class id per example"),
+    "too few query labels": (lambda b: relabelled(b, query_y=b.query_y[:, :2]),
+                             r"query_y has shape \(2, 2\) for query_x of shape \(2, 3, 1, 16, 16\)"),
+    "one task without its task axis": (lambda b: TaskBatch(b.support_x[0], b.support_y[0], b.query_x[0], b.query_y[0],
+                                                           3),
+                                       r"support_y must be \(tasks, examples\), got shape \(3,\); a single task needs "
+                                       r"a leading axis of 1"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+@pytest.mark.parametrize("method", ["protonet", "matchingnet"])
+def test_a_malformed_batch_is_refused_in_one_line(method, case):
+    """Through the Python API (``meta_loss``, ``predict``), a batch that breaks TaskBatch's
+    contract is refused with the project's error in one line naming the method, not with an
+    error from inside torch (``one_hot``, ``cross_entropy``, ``cat``, a convolution)."""
+    learner = build_learner(method, {"model": "conv4-embedding"}, Problem((1, 16, 16), 3, True))
+    good = image_batch(tasks=2, ways=3, shots=1, query=1, size=16, dtype=torch.float32)
+    make, message = MALFORMED[case]
+    bad = make(good)
+    for call in (learner.meta_loss, learner.predict):
+        with pytest.raises(MetalearnError, match=rf"^{method}: {message}") as caught:
+            call(bad)
+        assert "\n" not in str(caught.value)
+    learner.meta_loss(good)  # the learner is unharmed
+
+
+@pytest.mark.parametrize("method", ["protonet", "matchingnet"])
+def test_unknown_query_labels_are_for_predictions_only(method):
+    """-1 marks a query label as unknown (``learner.task_batch`` gives it): ``predict`` takes it,
+    ``meta_loss``, whose loss reads the labels, refuses it in one line."""
+    learner = build_learner(method, {"model": "conv4-embedding"}, Problem((1, 16, 16), 3, True))
+    batch = image_batch(tasks=2, ways=3, shots=1, query=1, size=16, dtype=torch.float32)
+    unknown = relabelled(batch, query_y=torch.full_like(batch.query_y, -1))
+    torch.testing.assert_close(learner.predict(unknown), learner.predict(batch))
+    with pytest.raises(MetalearnError, match=rf"^{method}: query_y has class ids \[-1\] outside 0..2, the tasks"):
+        learner.meta_loss(unknown)
+
+
+def test_a_network_that_does_not_take_the_images_or_embed_them_as_vectors_is_refused():
+    batch = image_batch(tasks=2, ways=3, shots=1, query=1, size=16, dtype=torch.float32)
+    with pytest.raises(MetalearnError, match=r"^protonet: the network cannot take these tasks' inputs, of shape "
+                                             r"\(1, 16, 16\) \(Given groups=1"):
+        ProtoNet(Conv4(3, None, hidden=8, pooling="max")).meta_loss(batch)  # a 3-channel network
+    with pytest.raises(MetalearnError, match=r"^protonet: the embedding network's output per example has shape "
+                                             r"\(1, 16, 16\); it must be one vector"):
+        ProtoNet(nn.Identity()).predict(batch)

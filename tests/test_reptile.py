@@ -264,6 +264,108 @@ def test_carried_adam_state_advances_as_tasks_in_sequence():
     assert taken == 6 + tasks * k
 
 
+def test_carried_adam_state_after_meta_steps_of_several_tasks_against_torch_adam():
+    """Several tasks per meta-step, two meta-steps (the second starts from a state that is not
+    zero), float64: the carried state and the weights against an independent computation. Each
+    task of a meta-step runs its own ``torch.optim.Adam``, started from the carried moments and
+    step count, on the mini-batches Reptile drew; the state then advances by the closed form
+    :class:`CarriedAdamState` documents, ``m <- b^(KT) m + (1 - b^(KT)) / (1 - b^K) *
+    mean_tasks(m_task - b^K m)`` (so the tasks' changes are averaged, not summed twice or
+    left summed), with ``K T`` steps more. Only the single-process path: the torchrun test
+    covers the sum over ranks."""
+    from metalearn.distributed import World
+
+    tasks, steps, batch_size, lr, epsilon, betas = 3, 2, 4, 0.01, 0.5, (0.5, 0.9)
+    model = conv_model()
+    config = Reptile.Config(inner_lr=lr, inner_steps=steps, inner_batch_size=batch_size, inner_beta1=betas[0],
+                            inner_beta2=betas[1], inner_adam_state="carried")
+    reptile = Reptile(copy.deepcopy(model), config)
+    outer = torch.optim.SGD(reptile.parameters(), lr=epsilon)
+
+    theta = [p.detach().clone() for p in model.parameters()]
+    first = [torch.zeros_like(t) for t in theta]
+    second = [torch.zeros_like(t) for t in theta]
+    taken = 0
+    for meta_step in range(2):
+        batch = image_batch(tasks=tasks, seed=10 + meta_step)
+        torch.manual_seed(meta_step)
+        loss, _ = reptile.meta_loss(batch)
+        outer.zero_grad()
+        loss.backward()
+        outer.step()
+        reptile.end_step(World())
+
+        torch.manual_seed(meta_step)  # the same mini-batches: minibatch_indices from the global generator
+        index = minibatch_indices(batch.support_x.shape[1], batch_size, steps, tasks)
+        adapted, task_first, task_second = [], [], []
+        for t in range(tasks):
+            runner = copy.deepcopy(model)
+            with torch.no_grad():
+                for p, value in zip(runner.parameters(), theta):
+                    p.copy_(value)
+            adam = torch.optim.Adam(runner.parameters(), lr=lr, betas=betas, eps=1e-8)
+            for p, m, v in zip(runner.parameters(), first, second):
+                adam.state[p] = {"step": torch.tensor(float(taken)), "exp_avg": m.clone(), "exp_avg_sq": v.clone()}
+            for rows in index[t]:
+                adam.zero_grad()
+                F.cross_entropy(runner(batch.support_x[t][rows]), batch.support_y[t][rows]).backward()
+                adam.step()
+            adapted.append([p.detach().clone() for p in runner.parameters()])
+            task_first.append([adam.state[p]["exp_avg"] for p in runner.parameters()])
+            task_second.append([adam.state[p]["exp_avg_sq"] for p in runner.parameters()])
+
+        def advanced(start, per_task, beta):
+            decay, total = beta**steps, beta ** (steps * tasks)
+            change = torch.stack([moments - decay * start for moments in per_task]).mean(0)
+            return total * start + (1 - total) / (1 - decay) * change
+
+        first = [advanced(m, [f[i] for f in task_first], betas[0]) for i, m in enumerate(first)]
+        second = [advanced(v, [s[i] for s in task_second], betas[1]) for i, v in enumerate(second)]
+        taken += steps * tasks
+        theta = [t + epsilon * (torch.stack([a[i] for a in adapted]).mean(0) - t) for i, t in enumerate(theta)]
+
+        ours_first, ours_second, ours_taken = reptile.carried_adam.state()
+        assert ours_taken == taken
+        torch.testing.assert_close(flat(ours_first.values()), flat(first), rtol=1e-9, atol=1e-13)
+        torch.testing.assert_close(flat(ours_second.values()), flat(second), rtol=1e-9, atol=1e-15)
+        torch.testing.assert_close(flat(reptile.model.parameters()).detach(), flat(theta), rtol=1e-9, atol=1e-11)
+    # the tasks differ, so a sum of their changes is no mean of them: the comparison can tell
+    assert not torch.allclose(flat(task_first[0]), flat(task_first[1]))
+    assert flat(second).abs().max() > 0
+
+
+def test_a_malformed_batch_is_refused_in_one_line():
+    """Through the Python API, labels outside 0..ways-1, uint8 images and support and query
+    sets of other shapes are refused in one line (the shared check of ``check_network_fits``),
+    not by torch inside ``vmap``; -1 (an unknown query label) is for ``predict`` only."""
+    reptile = Reptile(conv_model(), Reptile.Config(inner_steps=1, inner_batch_size=4, test_inner_steps=1,
+                                                   test_inner_batch_size=4))
+    batch = image_batch(tasks=2)
+
+    def changed(**tensors) -> TaskBatch:
+        return TaskBatch(*(tensors.get(name, getattr(batch, name)) for name in
+                           ("support_x", "support_y", "query_x", "query_y")), batch.ways)
+
+    support_y, query_y = batch.support_y.clone(), batch.query_y.clone()
+    support_y[0, 0], query_y[1, 1] = 3, -2
+    cases = {r"support_y has class ids \[3\] outside 0..2": changed(support_y=support_y),
+             r"query_y has class ids \[-2\] outside 0..2": changed(query_y=query_y),
+             r"the batch's support_x is torch.uint8; inputs must be floating point":
+                 changed(support_x=(batch.support_x * 255).to(torch.uint8),
+                         query_x=(batch.query_x * 255).to(torch.uint8)),
+             r"support examples have shape \(1, 12, 12\) and query examples \(1, 8, 8\)":
+                 changed(query_x=batch.query_x[..., :8, :8])}
+    for message, bad in cases.items():
+        for call in (reptile.meta_loss, reptile.predict, reptile.predict_per_step):
+            with pytest.raises(MetalearnError, match=rf"^reptile: {message}") as caught:
+                call(bad)
+            assert "\n" not in str(caught.value)
+    unknown = changed(query_y=torch.full_like(batch.query_y, -1))
+    torch.testing.assert_close(reptile.predict(unknown), reptile.predict(batch))
+    with pytest.raises(MetalearnError, match=r"^reptile: query_y has class ids \[-1\] outside 0..2, the tasks"):
+        reptile.meta_loss(unknown)
+
+
 # -- evaluation --------------------------------------------------------------------------------
 
 
@@ -426,6 +528,43 @@ def test_paper_defaults_and_registry():
         make_method_config("reptile", {"transductive": "nope"})
     with pytest.raises(MetalearnError, match="buffers"):
         Reptile(nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4)))
+
+
+@pytest.mark.parametrize("dataset, ways", [("omniglot", 5), ("omniglot", 20), ("mini-imagenet", 5)])
+def test_inner_sgd_with_the_paper_defaults_stores_no_carried_adam_state(dataset, ways):
+    """The paper's image settings carry the inner Adam state; with ``--inner-optimizer sgd``
+    there is none, and the stored configuration says ``fresh``, not ``carried`` (which
+    ``metalearn eval --set inner_optimizer=adam`` would then refuse, blaming a fresh state the
+    configuration does not show). A carried state given together with sgd stays refused."""
+    task = {"dataset": dataset, "ways": ways, "shots": 10, "query": 1, "test_shots": 1}
+    assert resolve_config("reptile", task=task).method_config["inner_adam_state"] == "carried"
+    sgd = resolve_config("reptile", task=task, method_config={"inner_optimizer": "sgd"})
+    assert sgd.method_config["inner_optimizer"] == "sgd" and sgd.method_config["inner_adam_state"] == "fresh"
+    # a configuration stored before (sgd with carried) reads the same way; and no Adam state is kept
+    stored = make_method_config("reptile", {**sgd.method_config, "inner_adam_state": "carried"})
+    assert stored.inner_adam_state == "fresh" and Reptile(conv_model(), stored).carried_adam is None
+    with pytest.raises(MetalearnError, match="Reptile.Config.inner_adam_state applies only with "
+                                             "Reptile.Config.inner_optimizer adam"):
+        resolve_config("reptile", task=task, method_config={"inner_optimizer": "sgd", "inner_adam_state": "carried"})
+
+
+def test_an_sgd_run_with_the_paper_defaults_evaluates(tmp_path, omniglot_data_dir):
+    """An Omniglot run with ``--inner-optimizer sgd`` over the paper's (carried-Adam) settings
+    trains and evaluates, also with Adam at test time from a fresh state."""
+    config = resolve_config(
+        "reptile",
+        task={"dataset": "omniglot", "ways": 3, "shots": 3, "test_shots": 1, "query": 1},
+        method_config={"inner_optimizer": "sgd", "inner_steps": 1, "inner_batch_size": 3, "test_inner_steps": 1,
+                       "test_inner_batch_size": 3},
+        train={"steps": 1, "meta_batch_size": 1, "val_every": 0, "eval_episodes": 2},
+    )
+    run_dir, _ = train(config, tmp_path / "run", data_dir=omniglot_data_dir, progress=False,
+                       evaluate_after=False, announce=lambda _: None)
+    saved = json.loads((run_dir / "config.json").read_text())["method_config"]
+    assert (saved["inner_optimizer"], saved["inner_adam_state"]) == ("sgd", "fresh")
+    assert evaluate_run(run_dir, data_dir=omniglot_data_dir, progress=False)["episodes"] == 2
+    adam = evaluate_run(run_dir, data_dir=omniglot_data_dir, progress=False, overrides={"inner_optimizer": "adam"})
+    assert adam["episodes"] == 2
 
 
 def test_train_and_evaluate_with_and_without_transduction(tmp_path, omniglot_data_dir):

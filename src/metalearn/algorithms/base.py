@@ -290,31 +290,126 @@ def check_input_dtype(method: str, model: nn.Module, batch: TaskBatch) -> None:
                              f"it so) or the learner (learner.to({inputs}))")
 
 
-def check_network_fits(learner: MetaLearner, batch: TaskBatch) -> None:
+def check_task_batch(method: str, batch: TaskBatch, *, training: bool = False) -> None:
+    """Refuse, with a one-line :class:`MetalearnError`, a TaskBatch given through the Python API
+    that is not shaped as :class:`~metalearn.tasks.batch.TaskBatch` says, before torch fails on it
+    deep inside a network, ``vmap``, ``one_hot`` or the loss:
+
+    - inputs that are not floating point (uint8 images: ``x.float() / 255``), or of two types;
+    - tensors on two devices, with different numbers of tasks, support and query examples of
+      different shapes, labels not one per example, or no support examples;
+    - class labels that are not ``long``, or outside ``0..ways-1`` (``ways``: the batch's; where
+      it is 0, the largest support label + 1). Query labels may also be -1
+      (unknown, what :meth:`MetaLearner.task_batch` gives) unless ``training``, when a loss reads them.
+
+    Regression targets (float) need one row per example, support and query shaped alike. Costs
+    one device synchronisation for the class labels' range."""
+    sx, sy, qx, qy = batch.support_x, batch.support_y, batch.query_x, batch.query_y
+    tensors = {"support_x": sx, "support_y": sy, "query_x": qx, "query_y": qy}
+    for name in ("support_x", "query_x"):
+        x = tensors[name]
+        if not torch.is_floating_point(x):
+            hint = (" (images as 0..255: give x.float() / 255, or let learner.task_batch(...) prepare them)"
+                    if x.dtype == torch.uint8 else "")
+            raise MetalearnError(f"{method}: the batch's {name} is {x.dtype}; inputs must be floating point{hint}")
+    if sx.dtype != qx.dtype:
+        raise MetalearnError(f"{method}: the batch's support_x is {sx.dtype} and its query_x {qx.dtype}; give both "
+                             f"one floating-point type (batch.to({sx.dtype}))")
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        shown = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise MetalearnError(f"{method}: the batch's tensors lie on different devices ({shown}); batch.to(device) "
+                             "moves them together")
+    if sx.dim() < 3 or qx.dim() < 3:
+        raise MetalearnError(f"{method}: support_x and query_x must be (tasks, examples, *example_shape), got shapes "
+                             f"{tuple(sx.shape)} and {tuple(qx.shape)}; a single task needs a leading axis of 1 "
+                             "(x.unsqueeze(0))")
+    classification = not torch.is_floating_point(qy)
+    if torch.is_floating_point(sy) == classification:
+        raise MetalearnError(f"{method}: support_y is {sy.dtype} and query_y {qy.dtype}; give both class ids (long) "
+                             "or both regression targets (float)")
+    for name, y in (("support_y", sy), ("query_y", qy)):
+        if (y.dim() != 2) if classification else (y.dim() < 3):
+            shape = "(tasks, examples)" if classification else "(tasks, examples, *target_shape)"
+            raise MetalearnError(f"{method}: {name} must be {shape}, got shape {tuple(y.shape)}; a single task "
+                                 "needs a leading axis of 1 (unsqueeze(0)) on every tensor")
+    if len({t.shape[0] for t in tensors.values()}) > 1:
+        shown = ", ".join(f"{name} {t.shape[0]}" for name, t in tensors.items())
+        raise MetalearnError(f"{method}: the batch's tensors have different numbers of tasks (first axis: {shown})")
+    if sx.shape[2:] != qx.shape[2:]:
+        raise MetalearnError(f"{method}: support examples have shape {tuple(sx.shape[2:])} and query examples "
+                             f"{tuple(qx.shape[2:])}; a task's examples must all have one shape")
+    if sx.shape[0] == 0 or sx.shape[1] == 0:
+        raise MetalearnError(f"{method}: the batch has {'no tasks' if sx.shape[0] == 0 else 'no support examples'}")
+    for name, x, y in (("support", sx, sy), ("query", qx, qy)):
+        if (y.shape if classification else y.shape[:2]) != x.shape[:2]:
+            wanted = "one class id per example" if classification else "one target row per example"
+            raise MetalearnError(f"{method}: {name}_y has shape {tuple(y.shape)} for {name}_x of shape "
+                                 f"{tuple(x.shape)}; it needs {wanted}")
+    if not classification:
+        if sy.shape[2:] != qy.shape[2:]:
+            raise MetalearnError(f"{method}: support targets have shape {tuple(sy.shape[2:])} and query targets "
+                                 f"{tuple(qy.shape[2:])}; they must have one shape")
+        return
+    for name, y in (("support_y", sy), ("query_y", qy)):
+        if y.dtype != torch.long:
+            raise MetalearnError(f"{method}: the batch's {name} is {y.dtype}; class ids must be long (y.long())")
+    ways = batch.ways  # 0: bounded by the largest support label (ProtoNets' ways without batch.ways)
+    lowest = 0 if training else -1
+    bad_support, bad_query = sy < 0, qy < lowest
+    if ways:
+        bad_support, bad_query = bad_support | (sy >= ways), bad_query | (qy >= ways)
+    problems = torch.stack([bad_support.any(), bad_query.any()]).tolist()  # the one synchronisation
+    if problems[0] and not ways:
+        raise MetalearnError(f"{method}: support_y has negative class ids {_shown(sy[bad_support].unique())}; "
+                             "label each task's classes 0..ways-1")
+    implied = ""
+    if not ways:
+        ways = int(sy.max()) + 1
+        bad_query = bad_query | (qy >= ways)
+        problems[1] = bool(bad_query.any())
+        implied = ", as the support labels imply"
+    for (name, y, bad), problem in zip((("support_y", sy, bad_support), ("query_y", qy, bad_query)), problems):
+        if problem:
+            unknown = " (or -1: unknown)" if name == "query_y" and not training else ""
+            raise MetalearnError(f"{method}: {name} has class ids {_shown(y[bad].unique())} outside 0..{ways - 1}"
+                                 f"{unknown}, the tasks being {ways}-way{implied}; label each task's classes "
+                                 "0..ways-1")
+
+
+def _output_shape(learner: MetaLearner, examples: Tensor) -> tuple[int, ...]:
+    """The shape per example of ``learner.model``'s output for ``examples``, from a forward pass
+    without gradients in eval mode (a dropout layer would otherwise draw from the random streams
+    the trainer seeded for this step, and a resumed run's first step would differ from the
+    uninterrupted one's); a network that cannot take them is refused with a one-line message."""
+    try:
+        with torch.no_grad(), first_order_batch_norm(), evaluating(learner.model):
+            return tuple(learner.model(examples).shape[1:])
+    except RuntimeError as err:
+        raise MetalearnError(f"{learner.name}: the network cannot take these tasks' inputs, of shape "
+                             f"{tuple(examples.shape[1:])} ({str(err).splitlines()[0]})") from None
+
+
+def check_network_fits(learner: MetaLearner, batch: TaskBatch, *, training: bool = False) -> None:
     """Refuse, with a clear message, a network that does not fit the batch's tasks, for the
-    methods that adapt the network's own outputs (MAML, PLATIPUS, Reptile): inputs it cannot
-    take (torch would fail deep inside ``vmap``), or outputs of another size than one per class
-    (too few: cross-entropy fails inside torch; too many: a prediction could name a class the
-    task lacks) or than the regression targets (the squared error would broadcast silently).
-    Checked once per input and target shape, with a forward pass of two support examples."""
-    check_input_dtype(learner.name, learner.model, batch)
+    methods that adapt the network's own outputs (MAML, PLATIPUS, Reptile): a malformed batch
+    (:func:`check_task_batch`; ``training``: the query labels are read, so -1 is refused too),
+    inputs it cannot take (torch would fail deep inside ``vmap``), or outputs of another size
+    than one per class (too few: cross-entropy fails inside torch; too many: a prediction could
+    name a class the task lacks) or than the regression targets (the squared error would
+    broadcast silently). The network is checked once per input and target shape, with a
+    forward pass of two support examples."""
     if not batch.ways and not torch.is_floating_point(batch.query_y):
         raise MetalearnError(f"{learner.name}: this TaskBatch has class labels but ways=0; give TaskBatch(..., "
                              "ways=N), the number of classes per task")
+    check_task_batch(learner.name, batch, training=training)
+    check_input_dtype(learner.name, learner.model, batch)
     per_example = (batch.ways,) if batch.ways else tuple(batch.query_y.shape[2:])
     key = (per_example, tuple(batch.support_x.shape[2:]))
     checked = learner.__dict__.setdefault("_fitting_shapes", set())
     if key in checked:
         return
-    examples = batch.support_x[0, :2]
-    # in eval mode: a dropout layer would otherwise draw from the random streams the trainer
-    # seeded for this step, and a resumed run's first step would differ from the uninterrupted one's
-    try:
-        with torch.no_grad(), first_order_batch_norm(), evaluating(learner.model):
-            outputs = tuple(learner.model(examples).shape[1:])
-    except RuntimeError as err:
-        raise MetalearnError(f"{learner.name}: the network cannot take these tasks' inputs, of shape "
-                             f"{tuple(examples.shape[1:])} ({str(err).splitlines()[0]})") from None
+    outputs = _output_shape(learner, batch.support_x[0, :2])
     if outputs != per_example:
         if batch.ways:
             need = (f"the tasks are {batch.ways}-way; it needs one output per class (e.g. "
@@ -323,6 +418,34 @@ def check_network_fits(learner: MetaLearner, batch: TaskBatch) -> None:
             need = f"the regression targets have shape {per_example} per example"
         raise MetalearnError(f"{learner.name}: the network has outputs of shape {outputs} (per example) "
                              f"but {need}")
+    checked.add(key)
+
+
+def check_embedding_fits(learner: MetaLearner, batch: TaskBatch, *, training: bool = False,
+                         width: int | None = None) -> None:
+    """The check of :func:`check_network_fits` for the methods that compare embeddings
+    (ProtoNets, Matching Nets), whose tasks may have any number of ways: a well-formed batch of
+    class labels (:func:`check_task_batch`, the ways the batch gives or its support labels
+    imply), inputs of the network's floating-point type, and a network that takes them and
+    embeds each example as one vector, of ``width`` features when given (the size Matching
+    Nets' LSTMs were built for). The network is checked once per input shape."""
+    if torch.is_floating_point(batch.query_y) or torch.is_floating_point(batch.support_y):
+        raise MetalearnError(f"{learner.name} classifies: the batch's labels must be class ids (long), got "
+                             f"{batch.support_y.dtype} and {batch.query_y.dtype}")
+    check_task_batch(learner.name, batch, training=training)
+    check_input_dtype(learner.name, learner.model, batch)
+    key = ("embedding", width, tuple(batch.support_x.shape[2:]))
+    checked = learner.__dict__.setdefault("_fitting_shapes", set())
+    if key in checked:
+        return
+    outputs = _output_shape(learner, batch.support_x[0, :2])
+    if len(outputs) != 1:
+        raise MetalearnError(f"{learner.name}: the embedding network's output per example has shape {outputs}; it "
+                             "must be one vector (flatten it, as Conv4(in_channels, None) does)")
+    if width is not None and outputs[0] != width:
+        raise MetalearnError(f"{learner.name}: the embedding network's output has {outputs[0]} features but "
+                             f"embedding_dim is {width}; give embedding_dim={outputs[0]} "
+                             "(metalearn.models.output_size(model, input_shape))")
     checked.add(key)
 
 

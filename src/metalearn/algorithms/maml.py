@@ -319,7 +319,7 @@ class MAML(MetaLearner):
         return multi_step_weights(config.inner_steps, progress)
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        check_network_fits(self, batch)
+        check_network_fits(self, batch, training=True)
         params = dict(self.model.named_parameters())
         steps = self.config.inner_steps
         classification = batch.is_classification

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalearn.algorithms.base import MetaLearner, require_functional_model, Problem, accuracy
+from metalearn.algorithms.base import MetaLearner, check_embedding_fits, require_functional_model, Problem, accuracy
 from metalearn.algorithms.protonet import DISTANCES, embed_episodes, num_ways, similarities
 from metalearn.errors import ConfigError, MetalearnError, require_number
 from metalearn.options import option
@@ -150,13 +150,21 @@ class MatchingNet(MetaLearner):
 
     def __init__(self, model: nn.Module, config: MatchingNetConfig = MatchingNetConfig(),
                  embedding_dim: int | None = None):
+        """``embedding_dim``: the size of ``model``'s output per example, which the context
+        LSTMs are built for; needed with full context embeddings only (``build`` measures it).
+        It depends on the image size, so a wrong value is refused at the first batch, with the
+        right one named (``metalearn.models.output_size(model, input_shape)`` gives it)."""
         super().__init__()
         require_functional_model(model, "matchingnet", False)
         self.model = model
         self.config = config
+        self.embedding_dim = embedding_dim if config.full_context_embeddings else None
         if config.full_context_embeddings:
             if embedding_dim is None:
                 raise MetalearnError("full context embeddings need the embedding size (embedding_dim)")
+            if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
+                raise MetalearnError(f"embedding_dim must be a whole number of at least 1 (the embedding network's "
+                                     f"output size), got {embedding_dim!r}")
             self.support_context = SupportContext(embedding_dim)
             self.query_context = QueryAttentionLSTM(embedding_dim, config.processing_steps)
 
@@ -182,7 +190,11 @@ class MatchingNet(MetaLearner):
                  "val_every": 1000, "val_episodes": 200, "checkpoint_every": 1000})
 
     def embed(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
-        """f(query) and g(support): (tasks, n_query, dim), (tasks, n_support, dim)."""
+        """f(query) and g(support): (tasks, n_query, dim), (tasks, n_support, dim). A malformed
+        batch (see :func:`~metalearn.algorithms.base.check_task_batch`), or a network that cannot
+        embed it or whose output size is not ``embedding_dim`` (with full context embeddings), is
+        refused with a :class:`~metalearn.errors.MetalearnError`."""
+        check_embedding_fits(self, batch, width=self.embedding_dim)
         with first_order_batch_norm():  # differentiated once: the native kernel is right
             support, query = embed_episodes(self.model, batch)
         if self.config.full_context_embeddings:
@@ -205,11 +217,18 @@ class MatchingNet(MetaLearner):
         return label_log_probs(self.scores(batch), batch.support_y, num_ways(batch))
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """The query labels' negative log-likelihood over the batch's tasks, and its ``loss`` and
+        ``accuracy``. The batch must be as :class:`~metalearn.tasks.batch.TaskBatch` describes it
+        (float images, class ids 0..ways-1, support and query alike), and with full context
+        embeddings the network's output ``embedding_dim`` wide; otherwise a one-line
+        :class:`~metalearn.errors.MetalearnError` says what is wrong."""
+        check_embedding_fits(self, batch, training=True, width=self.embedding_dim)  # the loss reads the query labels
         log_probs = self.log_probs(batch)
         loss = F.nll_loss(log_probs.flatten(0, 1), batch.query_y.flatten())
         return loss, {"loss": loss.detach(), "accuracy": accuracy(log_probs.detach(), batch.query_y)}
 
     def predict(self, batch: TaskBatch) -> Tensor:
-        """Log-probabilities (tasks, n_query, ways): the logits whose softmax is P(y | x, S)."""
+        """Log-probabilities (tasks, n_query, ways): the logits whose softmax is P(y | x, S).
+        Checked as :meth:`meta_loss` checks, except that query labels may be -1 (unknown)."""
         with torch.no_grad():
             return self.log_probs(batch)

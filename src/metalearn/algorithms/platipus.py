@@ -253,7 +253,7 @@ class PLATIPUS(MetaLearner):
         """The negative bound (Algorithm 1 line 11), averaged over tasks: the query loss of the
         adapted samples (mean over ``train_samples``) + ``kl_weight`` * D_KL(q || p). Noise from
         the global generator (the trainer seeds it per step)."""
-        check_network_fits(self, batch)
+        check_network_fits(self, batch, training=True)
         mean = self._mean()
         log_q, log_p = self._log_std(self.log_posterior_std), self._log_std(self.log_prior_std)
         std_q = {name: s.exp() for name, s in log_q.items()}

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metalearn.algorithms.base import MetaLearner, check_input_dtype, require_functional_model, Problem, accuracy
+from metalearn.algorithms.base import (MetaLearner, check_embedding_fits, check_input_dtype, require_functional_model,
+                                      Problem, accuracy)
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.options import option
 from metalearn.models import build_model
@@ -159,13 +160,22 @@ class ProtoNet(MetaLearner):
                  "eval_episodes": 1000, "val_every": 1000, "val_episodes": 200, "checkpoint_every": 1000})
 
     def logits(self, batch: TaskBatch) -> Tensor:
-        """Query logits (tasks, n_query, ways) from the prototypes of each task's support set."""
+        """Query logits (tasks, n_query, ways) from the prototypes of each task's support set.
+        A malformed batch (labels outside 0..ways-1, uint8 images, support and query of other
+        shapes; see :func:`~metalearn.algorithms.base.check_task_batch`) or a network that
+        cannot embed it is refused with a :class:`~metalearn.errors.MetalearnError`."""
+        check_embedding_fits(self, batch)
         with first_order_batch_norm():  # differentiated once: the native kernel is right
             support, query = embed_episodes(self.model, batch)
         prototypes = class_prototypes(support, batch.support_y, num_ways(batch))
         return similarities(query, prototypes, self.config.distance)
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """The query cross-entropy over the batch's tasks, and its ``loss`` and ``accuracy``.
+        The batch must be as :class:`~metalearn.tasks.batch.TaskBatch` describes it (float
+        images, class ids 0..ways-1, support and query alike); one that is not is refused with a
+        one-line :class:`~metalearn.errors.MetalearnError` before anything is computed."""
+        check_embedding_fits(self, batch, training=True)  # the loss reads the query labels: no -1
         logits = self.logits(batch)
         # Every task has the same number of queries, so the mean over all queries is the mean
         # over tasks of each task's mean query loss.
@@ -173,5 +183,7 @@ class ProtoNet(MetaLearner):
         return loss, {"loss": loss.detach(), "accuracy": accuracy(logits.detach(), batch.query_y)}
 
     def predict(self, batch: TaskBatch) -> Tensor:
+        """Query logits (tasks, n_query, ways), without gradients; checked as :meth:`meta_loss`
+        checks, except that query labels may be -1 (unknown)."""
         with torch.no_grad():
             return self.logits(batch)

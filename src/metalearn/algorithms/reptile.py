@@ -78,7 +78,9 @@ class ReptileConfig:
     step 0; ``carried`` keeps the moments and step count from task to task through training
     and starts every test task from them, as the reference code's TensorFlow optimiser does
     (its slots are not trainable variables, so neither the meta-update nor the end of a task
-    resets them); model: network name (see ``metalearn.models``)."""
+    resets them); with ``inner_optimizer="sgd"`` there is no Adam state, and inner_adam_state
+    is always ``fresh`` (a ``carried`` given here becomes ``fresh``); model: network name (see
+    ``metalearn.models``)."""
 
     inner_optimizer: str = option("adam", "the task-specific optimiser: adam or sgd")
     inner_lr: float = option(0.001, "the task-specific optimiser's learning rate")
@@ -109,6 +111,11 @@ class ReptileConfig:
         for name in ("inner_beta1", "inner_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(owner, name, f"must lie in [0, 1), got {getattr(self, name)}")
+        if self.inner_optimizer == "sgd" and self.inner_adam_state != "fresh":
+            # SGD has no Adam state to carry: stored as "fresh", so that a run's configuration says
+            # what it trained (paper_defaults set "carried" for images, whatever --inner-optimizer
+            # the user gave; a carried state given with sgd is refused by resolve_config)
+            object.__setattr__(self, "inner_adam_state", "fresh")
 
 
 # -- pure pieces: optimiser steps and mini-batch order ------------------------------------------
@@ -298,7 +305,8 @@ class Reptile(MetaLearner):
             state_dict = kept
         elif self.carried_adam is not None and not carried:
             raise MetalearnError("this checkpoint has no carried inner Adam state (it was trained with "
-                                 "inner_adam_state=fresh), so it can only be tested with fresh")
+                                 "inner_adam_state=fresh or inner_optimizer=sgd), so it can only be tested with "
+                                 "inner_adam_state=fresh")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _adam_start(self) -> AdamState | None:
@@ -355,7 +363,7 @@ class Reptile(MetaLearner):
         ``inner_adam_state="carried"`` every call advances the carried inner Adam state by the
         batch's tasks, as a training step must: to score tasks without training, use
         :meth:`predict` (or :func:`metalearn.evaluate`), not this."""
-        check_network_fits(self, batch)
+        check_network_fits(self, batch, training=True)
         theta = dict(self.model.named_parameters())
         start = {name: p.detach() for name, p in theta.items()}
         batches_x, batches_y = self.minibatches(batch.support_x, batch.support_y, self.config.inner_steps,

@@ -359,6 +359,163 @@ def test_a_class_folder_in_two_parts_is_refused(tmp_path):
                                                               "test/bee")
 
 
+# -- what identifies a folder, how it is split, and how it is read ------------------------------
+
+
+def write_tiny(root: Path, classes: dict[str, int], start: int = 0) -> None:
+    """``classes``: folder below ``root`` -> number of 8x8 PNGs, each one flat grey value of
+    its own (``start``, ``start + 1``, ...), named ``00.png``, ``01.png``, ..."""
+    value = start
+    for name, count in classes.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            Image.fromarray(np.full((8, 8), value, np.uint8), "L").save(root / name / f"{i:02d}.png")
+            value += 1
+
+
+def fresh_load(root: Path, cache: Path):
+    folder_module._LOADED.clear()
+    return load_image_folder(root, 8, 1, cache_dir=cache)
+
+
+def test_the_run_fingerprint_covers_the_split_file_and_the_csv_parts(tmp_path):
+    """Resuming is refused when the data a run drew from changed; which classes are train, val
+    and test is part of that data: a split file's assignment, or a class moved between CSVs."""
+    from metalearn.data.folder import data_fingerprint
+
+    write_tiny(tmp_path / "d", {"a": 2, "b": 2, "c": 2, "d": 2})
+    folder = fresh_load(tmp_path / "d", tmp_path / "cache")
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["a", "b"], "val": ["c"], "test": ["d"]}))
+    before = data_fingerprint(folder, split_file=str(split))
+    assert before.endswith(":4 classes, 8 images")
+    split.write_text(json.dumps({"test": ["d"], "val": ["c"], "train": ["b", "a"]}, indent=2))  # the same split
+    assert data_fingerprint(folder, split_file=str(split)) == before
+    split.write_text(json.dumps({"train": ["a", "c"], "val": ["b"], "test": ["d"]}))  # b and c swapped
+    assert data_fingerprint(folder, split_file=str(split)) != before
+    assert data_fingerprint(folder) != data_fingerprint(folder, "0.25,0.25,0.5")
+    # CSV layout: the last train class moved to the top of val.csv: the array and the class
+    # order stay, the parts change
+    root = tmp_path / "m"
+    write_tiny(root, {"images": 6})
+    rows = [f"{i:02d}.png,{'abc'[i // 2]}" for i in range(6)]
+    (root / "train.csv").write_text("\n".join(rows[:4]) + "\n")
+    (root / "val.csv").write_text("\n".join(rows[4:]) + "\n")
+    first = fresh_load(root, tmp_path / "cache")
+    (root / "train.csv").write_text("\n".join(rows[:2]) + "\n")
+    (root / "val.csv").write_text("\n".join(rows[2:]) + "\n")
+    moved = fresh_load(root, tmp_path / "cache")
+    assert np.array_equal(first.images, moved.images) and first.class_names == moved.class_names
+    assert first.parts != moved.parts and first.content_hash != moved.content_hash
+
+
+def test_moving_an_image_between_classes_changes_the_content_hash(tmp_path):
+    """a/01.png moved to b/: the array (a's images, then b's) is the same bytes, the classes
+    are not."""
+    root = tmp_path / "d"
+    write_tiny(root, {"a": 2, "b": 1})
+    (root / "b" / "00.png").rename(root / "b" / "10.png")  # b's image sorts after the one moved in
+    before = fresh_load(root, tmp_path / "cache")
+    (root / "a" / "01.png").rename(root / "b" / "01.png")
+    after = fresh_load(root, tmp_path / "cache")
+    assert np.array_equal(before.images, after.images) and before.class_names == after.class_names
+    assert before.class_sizes.tolist() == [2, 1] and after.class_sizes.tolist() == [1, 2]
+    assert before.content_hash != after.content_hash
+
+
+def test_split_fractions_give_counts_that_sum_and_leave_no_asked_part_empty():
+    """Largest remainder, then one class for every part asked for; an error where impossible."""
+    from metalearn.data.folder import ImageFolder
+
+    def counts(n: int, fractions: str = "") -> list[int]:
+        folder = ImageFolder(np.zeros((n, 1, 4, 4), np.uint8), tuple(f"c{i}" for i in range(n)),
+                             np.ones(n, np.int64), ("",) * n, "classes", "")
+        parts = class_parts(folder, fractions)
+        return [parts.count(part) for part in ("train", "val", "test")]
+
+    assert counts(100) == [64, 16, 20] and counts(72) == [46, 12, 14]
+    assert counts(10, "0.7,0.15,0.15") == [7, 2, 1]  # the left-over class: the tie goes to val
+    assert counts(3) == [1, 1, 1]  # rounding alone gives val 0.48 -> no class
+    assert counts(2, "0.75,0.25,0") == [1, 1, 0]
+    assert counts(3, "0.5,0.5,0") == [2, 1, 0]
+    assert counts(4, "1,0,0") == [4, 0, 0]
+    for n in range(3, 40):
+        assert sum(counts(n)) == n and min(counts(n)) >= 1
+    with pytest.raises(MetalearnError, match=r"^--split-fractions 0.64,0.16,0.2 \(the default\) asks for train, val "
+                                             "and test classes but the folder has 2 classes"):
+        counts(2)
+    with pytest.raises(MetalearnError, match="asks for train and test classes but the folder has 1 class:"):
+        counts(1, "0.5,0,0.5")
+
+
+def test_part_folder_names_are_read_one_way(tmp_path):
+    """The top holds train/ val/ test/ and no other folder (part folders), or none of them
+    (class folders); both at once, a part folder holding images, a case variant or a loose
+    image beside part folders is refused, naming the folders."""
+    mixed = tmp_path / "mixed"
+    write_tiny(mixed, {"dog": 1, "cat": 1, "test": 1})
+    with pytest.raises(MetalearnError, match=r"mixes part folders \(test/\) with class folders \(cat/, dog/\): "
+                                             "move every class folder into train/, val/ or test/, or, if a part's "
+                                             "name is a class of yours, rename"):
+        folder_module.scan_folder(mixed)
+    classes_named_like_parts = tmp_path / "named"
+    write_tiny(classes_named_like_parts, {"train": 1, "test": 1})
+    with pytest.raises(MetalearnError, match=r"train/00.png: train/ is read as the train part, which holds class "
+                                             "folders, not images .*; if train is a class, rename its folder"):
+        folder_module.scan_folder(classes_named_like_parts)
+    upper = tmp_path / "upper"
+    write_tiny(upper, {"Train/a": 1, "Test/b": 1})
+    with pytest.raises(MetalearnError, match="has Test/, Train/: name part folders train/, val/ and test/ in lower"):
+        folder_module.scan_folder(upper)
+    loose = tmp_path / "loose"
+    write_tiny(loose, {"train/a": 1, "test/b": 1, ".": 1})
+    with pytest.raises(MetalearnError, match=r"loose/00.png: images go in a class folder inside train/, val/ or "
+                                             "test/"):
+        folder_module.scan_folder(loose)
+    (loose / "00.png").unlink()
+    scan = folder_module.scan_folder(loose)
+    assert scan[0] == "parts" and [name for name, _, _ in scan[1]] == ["train/a", "test/b"]
+
+
+def test_csv_and_split_files_with_a_byte_order_mark_are_read(tmp_path):
+    """Excel's "CSV UTF-8" and Windows editors start the file with a byte order mark."""
+    root = tmp_path / "m"
+    write_tiny(root, {"images": 4})
+    (root / "train.csv").write_bytes("filename,label\n00.png,a\n01.png,a\n".encode("utf-8-sig"))
+    (root / "val.csv").write_bytes("02.png,b\n03.png,b\n".encode("utf-8-sig"))  # no header: the first file
+    folder = fresh_load(root, tmp_path / "cache")
+    assert folder.class_names == ("a", "b") and folder.class_sizes.tolist() == [2, 2]
+    write_tiny(tmp_path / "d", {"x": 1, "y": 1})
+    split = tmp_path / "split.json"
+    split.write_bytes(json.dumps({"train": ["x"], "test": ["y"]}).encode("utf-8-sig"))
+    assert class_parts(fresh_load(tmp_path / "d", tmp_path / "cache"), split_file=str(split)) == ("train", "test")
+
+
+def test_links_are_followed_and_cycles_missing_targets_and_doubles_refused(tmp_path):
+    """A linked folder or image counts as a copy would; nothing is skipped silently."""
+    root, elsewhere = tmp_path / "d", tmp_path / "elsewhere"
+    write_tiny(root, {"a": 1, "b": 1})
+    write_tiny(elsewhere, {"more": 2, "single": 1}, start=100)
+    (root / "a" / "more").symlink_to(elsewhere / "more")  # a folder of images linked into a class
+    (root / "b" / "linked.png").symlink_to(elsewhere / "single" / "00.png")
+    folder = fresh_load(root, tmp_path / "cache")
+    assert folder.class_names == ("a", "b") and folder.class_sizes.tolist() == [3, 2]
+    assert sorted(folder.images[:, 0, 0, 0].tolist()) == [0, 1, 100, 101, 102]
+    (root / "c").symlink_to(elsewhere / "single", target_is_directory=True)  # a linked class: b's image again
+    with pytest.raises(MetalearnError, match=r"b/linked.png and .*c/00.png are one file .*, reached through a link: "
+                                             "an image belongs to one class, once"):
+        fresh_load(root, tmp_path / "cache")
+    (root / "c").unlink()
+    (root / "a" / "loop").symlink_to(root, target_is_directory=True)
+    with pytest.raises(MetalearnError, match=r"a/loop is a link to .*, a folder it is inside: the folder would "
+                                             "contain itself without end; remove the link"):
+        fresh_load(root, tmp_path / "cache")
+    (root / "a" / "loop").unlink()
+    (root / "a" / "gone.png").symlink_to(tmp_path / "missing.png")
+    with pytest.raises(MetalearnError, match=r"a/gone.png is a link to .*missing.png, which does not exist"):
+        fresh_load(root, tmp_path / "cache")
+
+
 # -- decoding: 16-bit images and EXIF orientation ----------------------------------------------
 
 
@@ -579,6 +736,14 @@ def bad_folders(root: Path) -> dict[str, tuple[Path, list, str]]:
     (leaking / "val" / "class0").rename(leaking / "val" / "class6")
     classes(leaking / "test", 1, 4)  # test/class0 beside train/class0
     cases["a class in two parts"] = (leaking, [], "class class0 is in both train/ and test/")
+    named = root / "class-named-test"
+    classes(named, 12, 4)
+    (named / "class11").rename(named / "test")
+    cases["a class folder named like a part"] = (named, [], "mixes part folders (test/) with class folders (class0/")
+    looping = root / "link-cycle"
+    classes(looping, 12, 4)
+    (looping / "class4" / "up").symlink_to(looping, target_is_directory=True)
+    cases["a link cycle"] = (looping, [], f"{looping / 'class4' / 'up'} is a link to {looping.resolve()}, a folder it")
     return cases
 
 
@@ -709,6 +874,18 @@ def test_a_folder_run_resumes_only_on_its_own_images_and_says_how(shapes, tmp_pa
     one_line_error(code, out, err, "needs --data-dir, the folder of class folders (a run keeps no folder path")
     code, out, err = run(["train", "maml", "--resume", "--run-dir", run_dir], capsys)
     one_line_error(code, out, err, f"`metalearn train protonet --resume --run-dir {run_dir} --data-dir FOLDER`")
+
+    # the same images, split by a file that then moves a class from train to test
+    names = sorted(p.name for p in shapes.iterdir() if p.is_dir())
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": names[:40], "val": names[40:56], "test": names[56:]}))
+    by_file = tmp_path / "by-file"
+    assert run(["train", *args, "--steps", 1, "--data-dir", shapes, "--split-file", split,
+                "--run-dir", by_file], capsys)[0] == 0
+    split.write_text(json.dumps({"train": names[1:40], "val": names[40:56], "test": names[:1] + names[56:]}))
+    code, out, err = run(["train", "protonet", "--resume", "--run-dir", by_file, "--steps", 2, "--data-dir", shapes,
+                          "--no-progress"], capsys)
+    one_line_error(code, out, err, "either way, other images, class names or parts")
 
     def signalled(*a, **k):  # SIGTERM during step 3 of 4
         trainer = build_trainer(*a, **k)

@@ -102,7 +102,7 @@ def _drawings(images, image_size: int, channels: int):
 def _folder(task, shape, part: str, data_dir: Path | str | None, progress: bool):
     import torch
 
-    from metalearn.data.folder import check_class_sizes, folder_split, load_image_folder
+    from metalearn.data.folder import check_class_sizes, data_fingerprint, folder_split, load_image_folder
     from metalearn.tasks.episodes import EpisodeSampler
 
     folder = load_image_folder(data_dir, task.image_size, task.channels, progress=progress)
@@ -119,7 +119,7 @@ def _folder(task, shape, part: str, data_dir: Path | str | None, progress: bool)
     sampler = EpisodeSampler(torch.from_numpy(folder.images), pool, shape.ways, shape.shots, shape.query,
                              dataset=f"image folder {data_dir}", test=test,
                              class_sizes=torch.from_numpy(folder.class_sizes))
-    sampler.data_fingerprint = f"{folder.content_hash}:{len(folder.class_names)} classes, {len(folder.images)} images"
+    sampler.data_fingerprint = data_fingerprint(folder, task.split_fractions, task.split_file)  # images and parts
     return sampler
 
 

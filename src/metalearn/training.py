@@ -241,7 +241,7 @@ class Trainer:
         if trained_on is not None and self.data_fingerprint is not None and trained_on != self.data_fingerprint:
             where = f" --data-dir {self.data_dir}" if self.data_dir is not None else " this dataset"
             then, now = (fingerprint.split(":", 1)[-1] for fingerprint in (trained_on, self.data_fingerprint))
-            differ = f"{then}, now {now}" if then != now else f"{now} either way, other images or class names"
+            differ = f"{then}, now {now}" if then != now else f"{now} either way, other images, class names or parts"
             raise MetalearnError(
                 f"the run in {self.run_dir.path} trained on other images than{where} holds ({differ}): resume "
                 "it with the folder as it trained on it, or start a new --run-dir (--init-from the run to keep "

@@ -15,6 +15,10 @@ Every image is decoded once (:func:`metalearn.data.images.decode_image`: grey or
 to ``S x S``) into one ``(n_images, C, S, S)`` uint8 array, class after class, cached with its
 metadata in the cache folder and rebuilt when the folder's file names, sizes or modification
 times change.
+
+Links (to image files and to folders) are followed; a link whose target is missing, a folder
+link back into its own ancestors (a cycle) and an image reached twice through links are
+refused by name, never skipped.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +40,9 @@ from metalearn.data.omniglot import default_cache_dir
 from metalearn.data.splits import PARTS, ClassPool
 from metalearn.errors import MetalearnError
 
-CACHE_FORMAT_VERSION = 2  # 2: 16-bit images scaled by their type's range, EXIF orientation applied
+# 2: 16-bit images scaled by their type's range, EXIF orientation applied; 3: the cached
+# content_hash also covers the array's shape, the class sizes and the parts
+CACHE_FORMAT_VERSION = 3
 SPLIT_SEED = 1  # the seeded shuffle of class names behind --split-fractions
 DEFAULT_FRACTIONS = (0.64, 0.16, 0.20)  # mini-ImageNet's 64 / 16 / 20 classes of 100
 
@@ -50,7 +57,9 @@ class ImageFolder:
     class_sizes: (classes,) int64, images per class
     parts:       (classes,) "train", "val" or "test" where the layout says, else ""
     layout:      "classes", "parts" or "csv"
-    content_hash: sha256 over the array and the class names
+    content_hash: sha256 over the array (and its shape), the class names, the class sizes and the
+                 parts: moving an image between classes, or a class between the parts a
+                 layout sets (CSV files, part folders), changes it
     """
 
     images: np.ndarray
@@ -77,34 +86,82 @@ def _listdir(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
 
 
-def image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path, links: list[Path] | None = None) -> list[Path]:
     """The image files at any depth below ``folder``, sorted by their path below it. A file is
     skipped when any part of that path starts with "." (``.DS_Store``, ``._x.jpg``, and
     everything inside ``.thumbs/`` or ``.git/``): hidden folders hold thumbnails and tool
-    state, not examples of the class."""
-    files = []
-    for path in folder.rglob("*"):
-        relative = path.relative_to(folder)
-        if not any(part.startswith(".") for part in relative.parts) and is_image_file(path) and path.is_file():
-            files.append((relative.as_posix(), path))
+    state, not examples of the class.
+
+    Links are followed, to files and to folders alike, so a folder of images linked into a
+    class is part of it as a copy would be. Refused with a one-line error, never skipped: a
+    link whose target is missing, a folder link to a folder it is inside (a cycle: the walk
+    would not end), a folder that cannot be listed. ``links``, when given, collects every link
+    passed (the caller's check for an image reached twice)."""
+    files: list[tuple[str, Path]] = []
+    _walk(Path(folder), "", {_identity(Path(folder))}, files, links if links is not None else [])
     return [path for _, path in sorted(files, key=lambda item: item[0])]
 
 
-def _class_images(folder: Path, name: str) -> list[Path]:
-    files = image_files(folder)
-    if not files:
-        raise MetalearnError(f"class folder {name} ({folder}) has no images (PNG or JPEG); remove it or add images")
-    return files
+def _identity(folder: Path) -> tuple[int, int]:
+    stat = folder.stat()
+    return stat.st_dev, stat.st_ino
 
 
-def _classes_in(folder: Path, prefix: str, part: str) -> list[tuple[str, str, list[Path]]]:
-    """(name, part, files) of every class folder in ``folder``."""
+def _refuse_broken_link(path: Path) -> None:
+    if path.is_symlink() and not path.exists():
+        raise MetalearnError(f"{path} is a link to {os.readlink(path)}, which does not exist: restore its target "
+                             "or remove the link")
+
+
+def _walk(folder: Path, relative: str, ancestors: set[tuple[int, int]], files: list[tuple[str, Path]],
+          links: list[Path]) -> None:
+    try:
+        with os.scandir(folder) as listing:
+            entries = sorted(listing, key=lambda e: e.name)
+    except OSError as err:
+        raise MetalearnError(f"cannot list {folder}: {err.strerror or err}") from None
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        path = Path(entry.path)
+        if entry.is_symlink():
+            _refuse_broken_link(path)
+            links.append(path)
+        if entry.is_dir():  # follows links
+            identity = _identity(path)
+            if entry.is_symlink():
+                target, here = os.path.realpath(path), os.path.realpath(folder)
+                if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+                    raise MetalearnError(f"{path} is a link to {target}, a folder it is inside: the folder would "
+                                         "contain itself without end; remove the link")
+            if identity in ancestors:  # a cycle the link test cannot see (a bind mount)
+                raise MetalearnError(f"{path} is {os.path.realpath(path)}, a folder it is inside: the folder would "
+                                     "contain itself without end; remove the link or mount")
+            _walk(path, f"{relative}{entry.name}/", ancestors | {identity}, files, links)
+        elif is_image_file(path) and entry.is_file():
+            files.append((relative + entry.name, path))
+
+
+def _classes_in(folder: Path, prefix: str, part: str, links: list[Path]) -> list[tuple[str, str, list[Path]]]:
+    """(name, part, files) of every class folder in ``folder``; a loose image is refused (in a
+    part folder, with the hint that a class folder named like the part is read as the part)."""
     classes = []
     for entry in _listdir(folder):
+        _refuse_broken_link(entry)
+        if entry.is_symlink():
+            links.append(entry)
         if entry.is_dir():
             name = prefix + entry.name
-            classes.append((name, part, _class_images(entry, name)))
+            files = image_files(entry, links)
+            if not files:
+                raise MetalearnError(f"class folder {name} ({entry}) has no images (PNG or JPEG); remove it or add "
+                                     "images")
+            classes.append((name, part, files))
         elif is_image_file(entry):
+            if part:
+                raise MetalearnError(f"{entry}: {folder.name}/ is read as the {part} part, which holds class folders, "
+                                     f"not images ({folder}/<class>/{entry.name}); if {folder.name} is a class, "
+                                     "rename its folder (train, val and test at the top name the parts)")
             raise MetalearnError(f"{entry}: images go in one folder per class ({folder}/<class>/{entry.name}), "
                                  "not loose in the folder")
     return classes
@@ -118,22 +175,55 @@ def scan_folder(root: Path) -> tuple[str, list[tuple[str, str, list[Path]]], lis
     csvs = [root / f"{part}.csv" for part in PARTS if (root / f"{part}.csv").is_file()]
     if csvs and (root / "images").is_dir():
         return "csv", _csv_classes(root, csvs), csvs
-    part_dirs = [root / part for part in PARTS if (root / part).is_dir()]
+    # Part folders when the top holds train/, val/ or test/ and no other folder; class folders
+    # when it holds none of them. Both at once has two readings (a class named "test", or
+    # classes not yet moved into a part), so it is refused, naming the folders of each kind.
+    folders = [p for p in _listdir(root) if p.is_dir()]
+    part_dirs = [p for p in folders if p.name.lower() in PARTS]
+    odd_case = [p.name + "/" for p in part_dirs if p.name not in PARTS]
+    if odd_case:  # on a case-insensitive disk "Test" and "test" are one folder: neither reading is safe
+        raise MetalearnError(f"{root} has {', '.join(odd_case)}: name part folders train/, val/ and test/ in lower "
+                             "case, or, if it is a class of yours, rename that class folder")
+    links: list[Path] = []
     if part_dirs:
-        others = [p.name for p in _listdir(root) if p.is_dir() and p.name not in PARTS]
+        others = [p.name + "/" for p in folders if p.name not in PARTS]
         if others:
-            raise MetalearnError(f"{root} has {', '.join(p.name + '/' for p in part_dirs)} beside other folders "
-                                 f"({', '.join(others[:3])}): put every class folder under train/, val/ or test/")
-        classes = [c for folder in part_dirs for c in _classes_in(folder, folder.name + "/", folder.name)]
+            shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+            raise MetalearnError(f"{root} mixes part folders ({', '.join(p.name + '/' for p in part_dirs)}) with "
+                                 f"class folders ({shown}): move every class folder into train/, val/ or test/, or, "
+                                 "if a part's name is a class of yours, rename that class folder")
+        loose = [p for p in _listdir(root) if is_image_file(p) and p.is_file()]
+        if loose:
+            raise MetalearnError(f"{loose[0]}: images go in a class folder inside train/, val/ or test/ "
+                                 f"({root}/train/<class>/{loose[0].name}), not loose beside them")
+        links += [p for p in part_dirs if p.is_symlink()]
+        classes = [c for folder in sorted(part_dirs, key=lambda p: PARTS.index(p.name))
+                   for c in _classes_in(folder, folder.name + "/", folder.name, links)]
         _refuse_shared_classes(classes)
         layout = "parts"
     else:
-        classes, layout = _classes_in(root, "", ""), "classes"
+        classes, layout = _classes_in(root, "", "", links), "classes"
+    if links:  # without links every path below the root is a file of its own
+        _refuse_images_reached_twice(classes)
     if not classes:
         raise MetalearnError(f"no images in {root}: expected one folder per class holding PNG or JPEG images "
                              "(or train/ val/ test/ folders of class folders, or mini-ImageNet's images/ + "
                              "train.csv)")
     return layout, classes, []
+
+
+def _refuse_images_reached_twice(classes: list[tuple[str, str, list[Path]]]) -> None:
+    """One file under two paths (through links) would be two images of a class (support and
+    query of an episode could be the same picture) or images of two classes (the same picture
+    in training and test): refused, as an image on two CSV rows is."""
+    seen: dict[str, Path] = {}
+    for _, _, files in classes:
+        for path in files:
+            key = os.path.realpath(path)
+            if key in seen:
+                raise MetalearnError(f"{seen[key]} and {path} are one file ({key}), reached through a link: an "
+                                     "image belongs to one class, once; remove one of the links")
+            seen[key] = path
 
 
 def _refuse_shared_classes(classes: list[tuple[str, str, list[Path]]]) -> None:
@@ -160,7 +250,9 @@ def _csv_classes(root: Path, csvs: list[Path]) -> list[tuple[str, str, list[Path
     for path in csvs:
         part = path.stem
         try:
-            rows = list(csv.reader(path.read_text().splitlines()))
+            # utf-8-sig: Excel's UTF-8 export starts with a byte order mark, which would
+            # otherwise prefix the first file name or the header
+            rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
         except (OSError, UnicodeDecodeError, csv.Error) as err:
             raise MetalearnError(f"cannot read {path}: {err}") from None
         for number, row in enumerate(rows, 1):
@@ -232,10 +324,15 @@ def read_folder(root: Path | str, image_size: int, channels: int, progress: bool
         if bar is not None:
             bar.close()
     names = tuple(name for name, _, _ in classes)
+    sizes = np.array([len(f) for _, _, f in classes], np.int64)
+    parts = tuple(part for _, part, _ in classes)
+    # The array alone leaves out where one class ends and the next begins (an image moved from
+    # the end of one class to the start of the next gives the same bytes) and which part each
+    # class belongs to (the CSV files move classes between parts without moving an image).
     digest = hashlib.sha256(images.tobytes())
-    digest.update("\n".join(names).encode())
-    return ImageFolder(images, names, np.array([len(f) for _, _, f in classes], np.int64),
-                       tuple(part for _, part, _ in classes), layout, digest.hexdigest())
+    digest.update(json.dumps({"shape": list(images.shape), "classes": names, "sizes": sizes.tolist(),
+                              "parts": parts}).encode())
+    return ImageFolder(images, names, sizes, parts, layout, digest.hexdigest())
 
 
 PARALLEL_FROM = 2000  # below this, starting processes costs more than it saves
@@ -356,19 +453,57 @@ def class_parts(folder: ImageFolder, fractions: str = "", split_file: str = "") 
         raise MetalearnError("give --split-fractions or --split-file, not both")
     if split_file:
         return _parts_from_file(folder, Path(split_file))
-    train, val, _ = parse_fractions(fractions) if fractions else DEFAULT_FRACTIONS
     n = len(folder.class_names)
+    n_train, n_val, _ = split_counts(n, parse_fractions(fractions) if fractions else DEFAULT_FRACTIONS,
+                                     fractions or "0.64,0.16,0.2 (the default)")
     order = np.random.RandomState(SPLIT_SEED).permutation(n)
-    n_train, n_val = round(train * n), round(val * n)
     parts = [""] * n
     for position, index in enumerate(order):
         parts[index] = "train" if position < n_train else "val" if position < n_train + n_val else "test"
     return tuple(parts)
 
 
+def split_counts(n: int, fractions: tuple[float, float, float], given: str = "") -> tuple[int, int, int]:
+    """The train / val / test class counts for ``n`` classes: they sum to ``n``. Each part gets
+    its share rounded down; the classes left over go one each to the parts with the largest
+    remainders (ties: train, then val, then test); then a part asked for a nonzero fraction
+    that got no class takes one from the largest part (train first on ties). A zero fraction
+    gets no class. Fewer classes than nonzero fractions is an error: a part asked for would be
+    silently empty. ``given``: the fractions as the user wrote them, for the message."""
+    wanted = [f * n for f in fractions]
+    counts = [math.floor(w + 1e-9) for w in wanted]  # 1e-9: 0.7 * 10 is 7.000000000000001, 0.29 * 100 is 28.999...
+    by_remainder = sorted(range(3), key=lambda i: (-(wanted[i] - counts[i]), i))
+    for i in by_remainder[:n - sum(counts)]:
+        counts[i] += 1
+    asked = [i for i in range(3) if fractions[i] > 0]
+    if len(asked) > n:
+        names = " and ".join(PARTS[i] for i in asked).replace(" and ", ", ", len(asked) - 2)
+        raise MetalearnError(f"--split-fractions {given or ','.join(map(str, fractions))} asks for {names} classes but "
+                             f"the folder has {n} class{'' if n == 1 else 'es'}: add classes, set a part's fraction "
+                             "to 0, or give --split-file")
+    for i in asked:
+        if counts[i] == 0:
+            donor = max(range(3), key=lambda j: (counts[j], -j))
+            counts[donor] -= 1
+            counts[i] += 1
+    return counts[0], counts[1], counts[2]
+
+
+def data_fingerprint(folder: ImageFolder, fractions: str = "", split_file: str = "") -> str:
+    """What a run drew its episodes from, for the checkpoint's refusal to resume on other data:
+    ``"<sha256>:<n> classes, <m> images"``, the hash over the folder's content hash and the
+    part of every class as ``fractions`` or ``split_file`` assign them. A split file edited to
+    move a class between parts (or a changed rule for fractions) changes it; a split file
+    rewritten with the same assignment does not."""
+    parts = class_parts(folder, fractions, split_file)
+    digest = hashlib.sha256(folder.content_hash.encode())
+    digest.update(json.dumps(list(parts)).encode())
+    return f"{digest.hexdigest()}:{len(folder.class_names)} classes, {len(folder.images)} images"
+
+
 def _parts_from_file(folder: ImageFolder, path: Path) -> tuple[str, ...]:
     try:
-        spec = json.loads(path.read_text())
+        spec = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a byte order mark, as Windows editors write
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise MetalearnError(f"--split-file {path}: cannot read it as JSON ({err})") from None
     if not isinstance(spec, dict) or set(spec) - set(PARTS) or not all(isinstance(v, list) for v in spec.values()):

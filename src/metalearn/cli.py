@@ -237,7 +237,7 @@ def train():
 
 @cli.command("eval")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--episodes", type=click.IntRange(min=1), default=None, help="test episodes (default: the run's --eval-episodes: 600, 1000 for protonet and matchingnet)")
+@click.option("--episodes", type=click.IntRange(min=1), default=None, help="test episodes (default: the run's --eval-episodes, in its config.json)")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="seed of the episodes (with --part val, the run's own seed redraws its validation episodes)")
 @click.option("--part", type=click.Choice(["test", "val", "train"]), default="test", show_default=True,

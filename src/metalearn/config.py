@@ -31,7 +31,8 @@ class TaskConfig:
     ways: int = option(5, "classes per task (default 5; classification only)")
     shots: int = option(1, "support examples per class, or support points K for regression "
                            "(default 1; 5 for regression)")
-    query: int = option(1, "query examples per class, or query points for regression (default: as many as --shots)")
+    query: int = option(1, "query examples per class, or query points for regression (default: as many as "
+                           "--shots, unless the dataset or method sets its own: see --print-config)")
     test_ways: int | None = option(None, "classes per test and validation task (default: --ways)")
     test_shots: int | None = option(None, "support examples per class in test and validation tasks (default: --shots)")
     test_query: int | None = option(None, "query examples per class in test and validation tasks (default: "

@@ -3,7 +3,7 @@
     config.json      every knob (RunConfig), so eval/resume/plot need no flags
     checkpoint.pt    model, optimiser, scheduler, step, RNG state; written atomically
     metrics.jsonl    one JSON object per logged step (training and validation)
-    eval.json        the last evaluation
+    eval.json        the run's own test evaluation (others: eval-<what differs>.json)
     best/            with --keep-best N: the checkpoints of the N best validations (index.json: scores)
     plots/*.png
     .lock            present while a training process holds the folder (see :meth:`RunDir.lock`)

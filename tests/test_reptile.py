@@ -20,6 +20,7 @@ from torch import nn
 
 from checkpoints import interrupted_and_resumed
 from metalearn.algorithms import METHODS
+from metalearn.distributed import World
 from metalearn.algorithms.reptile import PREDICT_ORDER_SEED, Reptile, adam_init, adam_step, minibatch_indices
 from metalearn.api import evaluate_run, resolve_config, train
 from metalearn.algorithms import make_method_config
@@ -184,13 +185,23 @@ def test_vmapped_inner_loop_equals_per_task_torch_optim_loop(optimizer, lr):
     assert float(metrics["accuracy"]) == pytest.approx(float(correct.double().mean()))
 
 
+def outer_step(reptile, outer, batch, seed):
+    """One meta-step as the trainer takes it: meta_loss with the global generator seeded, the
+    outer optimiser's step, then end_step (where the carried Adam state advances)."""
+    torch.manual_seed(seed)
+    loss, _ = reptile.meta_loss(batch)
+    outer.zero_grad()
+    loss.backward()
+    outer.step()
+    reptile.end_step(World())
+
+
 def test_carried_adam_state_is_one_torch_adam_running_through_the_tasks():
     """``inner_adam_state="carried"`` against the reference code's behaviour, written with one
     ``torch.optim.Adam`` that lives through meta-training: each task starts from the current
     initialization but from the optimiser's state as the last task left it, and each test task
     starts from the trained state, which it leaves unchanged. One task per meta-step, where
     the side-by-side tasks of a meta-batch are exactly the sequence."""
-    from metalearn.distributed import World
 
     model = conv_model()
     steps, batch_size, epsilon, lr = 3, 5, 0.5, 0.01
@@ -214,12 +225,7 @@ def test_carried_adam_state_is_one_torch_adam_running_through_the_tasks():
 
     for step in range(3):
         batch = image_batch(tasks=1, seed=step)
-        torch.manual_seed(step)
-        loss, _ = reptile.meta_loss(batch)
-        outer.zero_grad()
-        loss.backward()
-        outer.step()
-        reptile.end_step(World())
+        outer_step(reptile, outer, batch, seed=step)
 
         torch.manual_seed(step)
         train_from_theta(batch, minibatch_indices(batch.support_x.shape[1], batch_size, steps, 1)[0])
@@ -273,7 +279,6 @@ def test_carried_adam_state_after_meta_steps_of_several_tasks_against_torch_adam
     mean_tasks(m_task - b^K m)`` (so the tasks' changes are averaged, not summed twice or
     left summed), with ``K T`` steps more. Only the single-process path: the torchrun test
     covers the sum over ranks."""
-    from metalearn.distributed import World
 
     tasks, steps, batch_size, lr, epsilon, betas = 3, 2, 4, 0.01, 0.5, (0.5, 0.9)
     model = conv_model()
@@ -288,12 +293,7 @@ def test_carried_adam_state_after_meta_steps_of_several_tasks_against_torch_adam
     taken = 0
     for meta_step in range(2):
         batch = image_batch(tasks=tasks, seed=10 + meta_step)
-        torch.manual_seed(meta_step)
-        loss, _ = reptile.meta_loss(batch)
-        outer.zero_grad()
-        loss.backward()
-        outer.step()
-        reptile.end_step(World())
+        outer_step(reptile, outer, batch, seed=meta_step)
 
         torch.manual_seed(meta_step)  # the same mini-batches: minibatch_indices from the global generator
         index = minibatch_indices(batch.support_x.shape[1], batch_size, steps, tasks)

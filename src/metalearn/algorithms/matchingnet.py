@@ -189,12 +189,13 @@ class MatchingNet(MetaLearner):
                 {"meta_batch_size": 32, "meta_lr": 1e-3, "steps": 20000, "eval_episodes": 1000,
                  "val_every": 1000, "val_episodes": 200, "checkpoint_every": 1000})
 
-    def embed(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
+    def embed(self, batch: TaskBatch, training: bool = False) -> tuple[Tensor, Tensor]:
         """f(query) and g(support): (tasks, n_query, dim), (tasks, n_support, dim). A malformed
         batch (see :func:`~metalearn.algorithms.base.check_task_batch`), or a network that cannot
         embed it or whose output size is not ``embedding_dim`` (with full context embeddings), is
-        refused with a :class:`~metalearn.errors.MetalearnError`."""
-        check_embedding_fits(self, batch, width=self.embedding_dim)
+        refused with a :class:`~metalearn.errors.MetalearnError`; ``training``: the query labels
+        are read, so -1 (unknown) is refused too."""
+        check_embedding_fits(self, batch, training=training, width=self.embedding_dim)
         with first_order_batch_norm():  # differentiated once: the native kernel is right
             support, query = embed_episodes(self.model, batch)
         if self.config.full_context_embeddings:
@@ -202,9 +203,9 @@ class MatchingNet(MetaLearner):
             query = self.query_context(query, support)
         return query, support
 
-    def scores(self, batch: TaskBatch) -> Tensor:
+    def scores(self, batch: TaskBatch, training: bool = False) -> Tensor:
         """``scale * sim(f(x), g(x_i))``, the attention's logits, (tasks, n_query, n_support)."""
-        query, support = self.embed(batch)
+        query, support = self.embed(batch, training)
         return self.config.scale * similarities(query, support, self.config.distance)
 
     def attention(self, batch: TaskBatch) -> Tensor:
@@ -212,9 +213,9 @@ class MatchingNet(MetaLearner):
         (tasks, n_query, n_support)."""
         return self.scores(batch).softmax(dim=-1)
 
-    def log_probs(self, batch: TaskBatch) -> Tensor:
+    def log_probs(self, batch: TaskBatch, training: bool = False) -> Tensor:
         """log P(y | x, S) for every query and class, (tasks, n_query, ways)."""
-        return label_log_probs(self.scores(batch), batch.support_y, num_ways(batch))
+        return label_log_probs(self.scores(batch, training), batch.support_y, num_ways(batch))
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """The query labels' negative log-likelihood over the batch's tasks, and its ``loss`` and
@@ -222,8 +223,7 @@ class MatchingNet(MetaLearner):
         (float images, class ids 0..ways-1, support and query alike), and with full context
         embeddings the network's output ``embedding_dim`` wide; otherwise a one-line
         :class:`~metalearn.errors.MetalearnError` says what is wrong."""
-        check_embedding_fits(self, batch, training=True, width=self.embedding_dim)  # the loss reads the query labels
-        log_probs = self.log_probs(batch)
+        log_probs = self.log_probs(batch, training=True)  # the loss reads the query labels: no -1
         loss = F.nll_loss(log_probs.flatten(0, 1), batch.query_y.flatten())
         return loss, {"loss": loss.detach(), "accuracy": accuracy(log_probs.detach(), batch.query_y)}
 

@@ -159,12 +159,13 @@ class ProtoNet(MetaLearner):
                 {"meta_batch_size": 1, "meta_lr": 1e-3, "lr_halve_every": 2000, "steps": 20000,
                  "eval_episodes": 1000, "val_every": 1000, "val_episodes": 200, "checkpoint_every": 1000})
 
-    def logits(self, batch: TaskBatch) -> Tensor:
+    def logits(self, batch: TaskBatch, training: bool = False) -> Tensor:
         """Query logits (tasks, n_query, ways) from the prototypes of each task's support set.
         A malformed batch (labels outside 0..ways-1, uint8 images, support and query of other
         shapes; see :func:`~metalearn.algorithms.base.check_task_batch`) or a network that
-        cannot embed it is refused with a :class:`~metalearn.errors.MetalearnError`."""
-        check_embedding_fits(self, batch)
+        cannot embed it is refused with a :class:`~metalearn.errors.MetalearnError`;
+        ``training``: the query labels are read, so -1 (unknown) is refused too."""
+        check_embedding_fits(self, batch, training=training)
         with first_order_batch_norm():  # differentiated once: the native kernel is right
             support, query = embed_episodes(self.model, batch)
         prototypes = class_prototypes(support, batch.support_y, num_ways(batch))
@@ -175,8 +176,7 @@ class ProtoNet(MetaLearner):
         The batch must be as :class:`~metalearn.tasks.batch.TaskBatch` describes it (float
         images, class ids 0..ways-1, support and query alike); one that is not is refused with a
         one-line :class:`~metalearn.errors.MetalearnError` before anything is computed."""
-        check_embedding_fits(self, batch, training=True)  # the loss reads the query labels: no -1
-        logits = self.logits(batch)
+        logits = self.logits(batch, training=True)  # the loss reads the query labels: no -1
         # Every task has the same number of queries, so the mean over all queries is the mean
         # over tasks of each task's mean query loss.
         loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())

@@ -288,6 +288,19 @@ def test_bad_options_are_refused_with_the_field_named():
         MemoryConfig(model="lenett")
 
 
+def test_a_network_of_another_width_than_the_projection_is_refused_in_one_line():
+    """MemoryModule(model, embedding_dim) built for another width than the network's output
+    would fail inside the projection's matmul; it is refused, naming the width to give."""
+    from metalearn.algorithms.memory import MemoryModule
+    from metalearn.models import Conv4
+    learner = MemoryModule(Conv4(1, None, hidden=8), embedding_dim=32, config=MemoryConfig(**SMALL))
+    batch = random_batch(tasks=1, ways=5, shots=1, query=1)
+    for call in (learner.meta_loss, learner.predict):
+        with pytest.raises(MetalearnError, match=r"^memory: the embedding network's output has 8 features but "
+                                                 r"embedding_dim is 32; give embedding_dim=8"):
+            call(batch)
+
+
 def test_a_test_support_set_larger_than_the_memory_replaces_the_oldest_keys():
     """5-way 2-shot (10 examples) into 8 slots: the first round's keys stay, of the second the
     first three writes take the free slots and the other two replace the oldest (slots 0, 1)."""

@@ -222,9 +222,20 @@ def test_channels_last_float32_embedding_matches_a_plain_forward():
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["protonet", "matchingnet"])
+# the methods that compare embeddings, each with a small image network (the Memory Module's
+# without dropout, so that two predictions compare)
+EMBEDDING_METHODS = {"protonet": {"model": "conv4-embedding"}, "matchingnet": {"model": "conv4-embedding"},
+                     "memory": {"model": "conv4-embedding", "dropout": 0.0, "memory_size": 64, "choose_k": 8,
+                                "key_dim": 16}}
+
+
+def embedding_learner(method):
+    return build_learner(method, EMBEDDING_METHODS[method], Problem((1, 16, 16), 3, True))
+
+
+@pytest.mark.parametrize("method", EMBEDDING_METHODS)
 def test_a_batch_of_another_floating_point_type_than_the_network_is_one_line(method):
-    learner = build_learner(method, {"model": "conv4-embedding"}, Problem((1, 16, 16), 3, True)).double()
+    learner = embedding_learner(method).double()
     float32 = image_batch(2, 3, 1, 1, 16, dtype=torch.float32)
     with pytest.raises(MetalearnError, match=rf"{method}: the batch's inputs are torch.float32 and the "
                                              r"network's weights torch.float64; convert the batch"):
@@ -290,12 +301,12 @@ MALFORMED = {
 
 
 @pytest.mark.parametrize("case", MALFORMED)
-@pytest.mark.parametrize("method", ["protonet", "matchingnet"])
+@pytest.mark.parametrize("method", EMBEDDING_METHODS)
 def test_a_malformed_batch_is_refused_in_one_line(method, case):
     """Through the Python API (``meta_loss``, ``predict``), a batch that breaks TaskBatch's
     contract is refused with the project's error in one line naming the method, not with an
     error from inside torch (``one_hot``, ``cross_entropy``, ``cat``, a convolution)."""
-    learner = build_learner(method, {"model": "conv4-embedding"}, Problem((1, 16, 16), 3, True))
+    learner = embedding_learner(method)
     good = image_batch(tasks=2, ways=3, shots=1, query=1, size=16, dtype=torch.float32)
     make, message = MALFORMED[case]
     bad = make(good)
@@ -306,11 +317,11 @@ def test_a_malformed_batch_is_refused_in_one_line(method, case):
     learner.meta_loss(good)  # the learner is unharmed
 
 
-@pytest.mark.parametrize("method", ["protonet", "matchingnet"])
+@pytest.mark.parametrize("method", EMBEDDING_METHODS)
 def test_unknown_query_labels_are_for_predictions_only(method):
     """-1 marks a query label as unknown (``learner.task_batch`` gives it): ``predict`` takes it,
     ``meta_loss``, whose loss reads the labels, refuses it in one line."""
-    learner = build_learner(method, {"model": "conv4-embedding"}, Problem((1, 16, 16), 3, True))
+    learner = embedding_learner(method)
     batch = image_batch(tasks=2, ways=3, shots=1, query=1, size=16, dtype=torch.float32)
     unknown = relabelled(batch, query_y=torch.full_like(batch.query_y, -1))
     torch.testing.assert_close(learner.predict(unknown), learner.predict(batch))

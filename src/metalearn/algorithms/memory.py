@@ -73,7 +73,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalearn.algorithms.base import MetaLearner, Problem, evaluating, require_functional_model
+from metalearn.algorithms.base import MetaLearner, Problem, check_embedding_fits, evaluating, require_functional_model
 from metalearn.algorithms.protonet import embed_episodes
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.models import MODELS, build_model, output_size
@@ -364,9 +364,13 @@ class MemoryModule(MetaLearner):
 
     # -- pieces ----------------------------------------------------------------------------------
 
-    def queries(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
+    def queries(self, batch: TaskBatch, *, training: bool = False) -> tuple[Tensor, Tensor]:
         """Unit query vectors of each task's support and query examples: (tasks, n_support,
-        key_dim) and (tasks, n_query, key_dim); dropout on the embedding while training."""
+        key_dim) and (tasks, n_query, key_dim); dropout on the embedding while training. A
+        malformed batch, or a network whose embedding is not the width the projection was built
+        for, is refused in one line (:func:`check_embedding_fits`; ``training``: the query
+        labels are read, so -1, unknown, is refused too)."""
+        check_embedding_fits(self, batch, training=training, width=self.query_projection.in_features)
         with first_order_batch_norm():  # differentiated once: torch's native kernel is right, and faster
             support, query = embed_episodes(self.model, batch)
         embeddings = torch.cat([support, query], dim=1)
@@ -425,7 +429,7 @@ class MemoryModule(MetaLearner):
         Metrics: ``accuracy`` of the predictions on the query examples (each class's examples
         after its support examples), ``one_shot_accuracy`` on the examples of round 1 (a class's
         second showing)."""
-        support, query = self.queries(batch)
+        support, query = self.queries(batch, training=True)
         self.check_fits(batch, support.shape[1])
         examples = torch.cat([support, query], dim=1)  # (tasks, n, key_dim)
         labels = torch.cat([batch.support_y, batch.query_y], dim=1)
@@ -498,13 +502,13 @@ class MemoryModule(MetaLearner):
         fraction of the cost. A support set larger than the memory (a test shape wider than
         training's) replaces the oldest keys as the writes go on, as in training and the
         lifelong protocol."""
-        ways = _ways(batch)
-        if self.config.memory_size < ways:  # a round writes one key per class at once
-            raise MetalearnError(f"memory: its {self.config.memory_size} slots cannot take one round of a "
-                                 f"{ways}-way episode (one key per class at once); test with at most "
-                                 f"{self.config.memory_size} ways")
         with torch.no_grad():
-            support, query = self.queries(batch)
+            support, query = self.queries(batch)  # checks the batch first
+            ways = _ways(batch)
+            if self.config.memory_size < ways:  # a round writes one key per class at once
+                raise MetalearnError(f"memory: its {self.config.memory_size} slots cannot take one round of a "
+                                     f"{ways}-way episode (one key per class at once); test with at most "
+                                     f"{self.config.memory_size} ways")
             return self.predict_from_queries(support, query, batch.support_y, ways)
 
     def predict_from_queries(self, support: Tensor, query: Tensor, support_y: Tensor, ways: int) -> Tensor:
@@ -569,7 +573,7 @@ def lifelong_accuracy(learner: MemoryModule, source: Any, episodes: int = 1000, 
             batch = source.sample(count, generator).to(device)
             ways = _ways(batch)
             with torch.no_grad():
-                support, query = learner.queries(batch)
+                support, query = learner.queries(batch, training=True)  # the query labels are read
             examples = torch.cat([support, query], dim=1)
             labels = torch.cat([batch.support_y, batch.query_y], dim=1)
             width, length = ways, labels.shape[1]

@@ -18,7 +18,7 @@ cannot beat learn2learn by more than learn2learn's step divided by the faster of
 replays (its own layout's, or a per-task layout's):
 
     python benchmarks/maml_floor.py --configs 20w1s,20w5s --threads 1 --iters 3 --tuned-allocator \\
-        --peer-on-project-torch /work/peer-venv/lib/python3.11/site-packages
+        --peer-on-project-torch ~/peer-venv/lib/python3.11/site-packages
 
 Times are CPU time of the process (``time.process_time``; learn2learn's measured in its own
 process), one torch thread by default, so that the ratios depend little on other load.

@@ -24,7 +24,7 @@ kernels (both sides' convolutions are oneDNN's) and show where extra work goes
 (``--annotate``: the functions with the most instructions, from ``callgrind_annotate``).
 
     python benchmarks/maml_instructions.py --configs 20w1s --peer-site-packages \\
-        /work/peer-venv/lib/python3.11/site-packages --json benchmarks/results/maml_instructions.json
+        ~/peer-venv/lib/python3.11/site-packages --json benchmarks/results/maml_instructions.json
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=["metalearn", "learn2learn"],
                         help="metalearn, metalearn:N (chunks of N), learn2learn, mamlpp")
     parser.add_argument("--peer-site-packages", default=None,
-                        help="the peer venv's site-packages (learn2learn), e.g. /work/peer-venv/lib/python3.11/site-packages")
+                        help="the peer venv's site-packages (learn2learn), e.g. ~/peer-venv/lib/python3.11/site-packages")
     parser.add_argument("--annotate", type=int, default=0, help="record this many top functions per row")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()

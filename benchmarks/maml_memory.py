@@ -23,7 +23,7 @@ Every process uses one thread and glibc's allocator with ``tune_allocator``'s th
 too. Peak memory does not depend on the machine's load; the step times printed beside it do,
 and are recorded only as "taken under load" when the machine is busy.
 
-    python benchmarks/maml_memory.py --peer-python /work/peer-venv/bin/python \\
+    python benchmarks/maml_memory.py --peer-python ~/peer-venv/bin/python \\
         --json benchmarks/results/maml_memory.json --markdown benchmarks/results/maml_memory.md
 """
 

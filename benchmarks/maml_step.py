@@ -46,7 +46,7 @@ Before timing, the meta-gradients of (a), (b) and (c) are computed in float64 fr
 weights and batch and must agree to ~1e-12, so the rows measure the same computation; each
 one's float32 error against that is printed too.
 
-    python benchmarks/maml_step.py --iters 20 --peer-python /work/peer-venv/bin/python \
+    python benchmarks/maml_step.py --iters 20 --peer-python ~/peer-venv/bin/python \
         --json benchmarks/results/maml_step_2threads.json
 
 ``--device cuda`` times the rows on a GPU, learn2learn's on the same device, each step from an
@@ -576,7 +576,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--orders", default="second,first", help="comma-separated: second, first")
     p.add_argument("--peer-python", default=None,
-                   help="interpreter of a venv with learn2learn 0.2.0, e.g. /work/peer-venv/bin/python")
+                   help="interpreter of a venv with learn2learn 0.2.0, e.g. ~/peer-venv/bin/python")
     p.add_argument("--peer-on-project-torch", default=None, metavar="PEER_SITE_PACKAGES",
                    help="run learn2learn from this site-packages folder of the peer venv on this "
                         "interpreter's torch (the same build as the other rows) instead of --peer-python's")

@@ -4,7 +4,7 @@ whole meta-iterations against learn2learn's MAML-TRPO example.
 
     python benchmarks/rl.py --threads 1 --out benchmarks/results/rl_1thread.json
     OMP_NUM_THREADS=1 python benchmarks/rl.py --threads 1 --repeats 1 --meta-iterations 3 \
-        --peer-python /work/peer-venv-rl/bin/python --l2l-example /tmp/l2l/examples/rl/maml_trpo.py \
+        --peer-python ~/peer-venv-rl/bin/python --l2l-example ~/l2l-examples/rl/maml_trpo.py \
         --out benchmarks/results/rl_meta_iterations.json
 
 ``--meta-iterations N`` times N meta-iterations of ``metalearn train maml-rl --env nav2d`` at the
@@ -21,10 +21,10 @@ environment steps per second of the sampling (policy included).
 old API and cherry-rl 0.1.x, which the peer venv of ``make-peer-venv.sh`` lacks; a venv that
 layers them over it (nothing is copied, it reads the peer venv's torch and learn2learn):
 
-    python3 -m venv /work/peer-venv-rl
-    echo /work/peer-venv/lib/python3.11/site-packages \
-        > /work/peer-venv-rl/lib/python3.11/site-packages/zz_peer_venv.pth
-    /work/peer-venv-rl/bin/pip install --no-deps cherry-rl==0.1.4 gym==0.22.0 six dotmap
+    python3 -m venv ~/peer-venv-rl
+    echo ~/peer-venv/lib/python3.11/site-packages \
+        > ~/peer-venv-rl/lib/python3.11/site-packages/zz_peer_venv.pth
+    ~/peer-venv-rl/bin/pip install --no-deps cherry-rl==0.1.4 gym==0.22.0 six dotmap
 
 Timings on a machine shared with other jobs are upper bounds; the CPU times are less moved by
 the other jobs than the elapsed ones."""

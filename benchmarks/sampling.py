@@ -2,7 +2,7 @@
 
 For each split (default: the train parts of ``vinyals`` and ``maml``) and each query size
 (default 1 and 15 images per class), times ``EpisodeSampler.sample(meta_batch, generator)`` for
-5-way 1-shot Omniglot (28x28, from ``$METALEARN_DATA`` or /work/shared/data/omniglot via
+5-way 1-shot Omniglot (28x28, from ``--data-dir``, else ``$METALEARN_DATA`` or the cache, via
 ``metalearn.data.omniglot.load_omniglot``). For each query size it then times metalearn's
 second-order vmapped MAML meta-step (forward + backward, Conv4, the function that times row (a)
 of ``maml_step.py``) on a batch that sampler drew, and reports sampling time / meta-step time.
@@ -25,11 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from maml_step import cpu_description, save_json, time_metalearn_maml, warn_if_loaded  # noqa: E402
 
-from metalearn.data.omniglot import load_omniglot  # noqa: E402
+from metalearn.data.omniglot import default_data_dir, load_omniglot  # noqa: E402
 from metalearn.data.splits import omniglot_split  # noqa: E402
 from metalearn.tasks import EpisodeSampler  # noqa: E402
 
-DEFAULT_DATA = Path("/work/shared/data/omniglot")
 
 
 def time_sampling(sampler: EpisodeSampler, meta_batch: int, iters: int, warmup: int, seed: int) -> list[float]:
@@ -48,7 +47,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=None,
-                   help=f"Omniglot archives (default: $METALEARN_DATA, else {DEFAULT_DATA})")
+                   help="Omniglot archives (default: $METALEARN_DATA, else the cache folder)")
     p.add_argument("--splits", default="vinyals/train,maml/train", help="comma-separated split/part")
     p.add_argument("--ways", type=int, default=5)
     p.add_argument("--shots", type=int, default=1)
@@ -66,7 +65,7 @@ def main(argv=None) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    data_dir = args.data_dir or Path(os.environ.get("METALEARN_DATA") or DEFAULT_DATA)
+    data_dir = args.data_dir or default_data_dir()
     queries = [int(q) for q in args.queries.split(",")]
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
 

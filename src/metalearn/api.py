@@ -713,10 +713,19 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
     classes as it was trained with. Returns :func:`metalearn.prediction.predict_new_classes`'s
     result (per query: ``label``, ``probability``, for PLATIPUS the ``spread`` over sampled
     models); writes it as JSON to ``json_out``, as CSV to ``csv_out`` and a contact sheet
-    PNG to ``sheet`` when given. The output paths are checked before anything is read (a
-    folder, two outputs naming one file, an unwritable folder: a :class:`MetalearnError`), and
-    the files are written only once everything has been predicted, together: all to temporary
-    files first, then all renamed into place, so a failure leaves none of them.
+    PNG to ``sheet`` when given. The returned dict also holds ``run``, ``method`` and ``step``
+    (the checkpoint's), and ``_images`` (the prepared support and query tensors, for the contact
+    sheet; keys starting with ``_`` are left out of the files). ``device``: where the
+    predictions are computed (cpu, cuda, cuda:N or auto); ``num_samples``: models sampled per
+    query (PLATIPUS; default the run's ``num_samples``).
+
+    The output paths are checked before anything is read (a folder, two outputs naming one
+    file, an unwritable folder: a :class:`MetalearnError`), and the files are written only once
+    everything has been predicted, together: all to temporary files first, then all renamed
+    into place, so a failure leaves none of them. Also raises :class:`MetalearnError` for a run
+    that did not learn to classify, ``num_samples`` with a method that does not sample models,
+    a support folder without at least 2 class folders of images, a query path that does not
+    exist or holds no images, and a file that is not a readable image.
     """
     from metalearn.prediction import as_csv, as_json, check_outputs, contact_sheet, predict_new_classes, write_together
 
@@ -782,7 +791,13 @@ def sample_run(run_dir: Path | str, support: list[Path | str], num: int = 20, ou
     """Draw ``num`` new images of the character shown by the ``support`` images (files or
     folders) with the trained generative method of ``run_dir``, and save them as a PNG grid
     (the inputs in the first row, the samples beneath) at ``out`` (default
-    ``RUN_DIR/plots/samples.png``). The noise is seeded by ``seed``. Returns the path."""
+    ``RUN_DIR/plots/samples.png``; its folder is made when missing). The noise is seeded by
+    ``seed``, so the same call draws the same images. Returns the path written.
+
+    Raises :class:`MetalearnError` when ``num`` is not a whole number of at least 1, when the
+    run's method cannot draw images (only generative methods, the Neural Statistician, have a
+    ``sample``), when the run has no checkpoint, and when a support path does not exist, holds
+    no files or is not an image."""
     from metalearn.plotting_samples import plot_image_rows
 
     if not isinstance(num, int) or num < 1:
@@ -808,7 +823,11 @@ def plot_conditional_samples(run_dir: Path | str, data_dir: Path | str | None = 
                              set_size: int = 5, num: int = 10, seed: int = 0) -> Path:
     """The paper's conditional-samples picture (figure 5): ``sets`` test-split characters, each
     a row of ``set_size`` input images with ``num`` samples beneath, at
-    ``RUN_DIR/plots/conditional_samples.png``."""
+    ``RUN_DIR/plots/conditional_samples.png``. The characters are those of the test episodes
+    ``metalearn eval`` draws for ``seed``, and the noise is seeded by ``seed`` too. Returns the
+    path written. Raises :class:`MetalearnError` as :func:`sample_run` does for a run that
+    cannot draw images or has no checkpoint, and when the data (``data_dir``) cannot be
+    loaded."""
     from metalearn.plotting_samples import plot_image_rows
     from metalearn.tasks import build_task_source
 

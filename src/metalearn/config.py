@@ -67,6 +67,7 @@ class TaskConfig:
 
     @property
     def classification(self) -> bool:
+        """Whether the dataset's tasks are classification (class labels), not regression or MDPs."""
         return get_dataset(self.dataset).classification
 
     def for_testing(self) -> "TaskConfig":
@@ -177,10 +178,15 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (what ``config.json`` and a checkpoint hold)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        """The configuration :meth:`to_dict` wrote, also one written by an older metalearn
+        (``algorithm`` for ``method``; a method option added since takes the value such runs
+        had, ``MetaLearner.legacy_defaults``). Raises
+        :class:`MetalearnError` for a dict that is not a valid configuration."""
         if "method" not in data and "algorithm" in data:  # written before "algorithm" became "method"
             data = {**data, "method": data["algorithm"], "method_config": data.get("algorithm_config", {})}
         try:

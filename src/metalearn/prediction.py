@@ -77,7 +77,18 @@ def predict_new_classes(learner: MetaLearner, support: Path | str, query: list[P
     "probabilities": {class: p}, ["spread", "spreads"], ["true"]}], ["accuracy"]}``: for a
     method that samples models (PLATIPUS) ``probability`` is the mean over the samples and
     ``spread`` their standard deviation. ``true`` is set where a query image sits in a folder
-    named like a support class (then ``accuracy`` is given too)."""
+    named like a support class (then ``accuracy`` is given too). ``_images`` holds the prepared
+    support images, support labels and query images (for :func:`contact_sheet`; not written
+    by :func:`as_json`).
+
+    ``support``: a folder with one sub-folder per class (at least 2), each holding 1 or more
+    images; ``query``: image files and folders (searched recursively). Images are prepared
+    with ``learner.prepare_images`` at ``image_size`` and ``channels``, as the run's training
+    images were. ``num_samples``: models sampled per task, for a learner that samples models
+    (None: its own default). The learner's train / eval mode is restored afterwards. Raises
+    :class:`MetalearnError` for a support or query path that :func:`read_support` or
+    :func:`read_query` refuses (missing, no class folders, one class, no images) and for a
+    file that is not a readable image."""
     names, files = read_support(support)
     query_files = read_query(query)
     support_x = learner.prepare_images([f for group in files for f in group], image_size, channels)

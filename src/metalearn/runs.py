@@ -76,19 +76,32 @@ def _best_step(file: str) -> int | None:
 
 
 class RunDir:
+    """The files of one run folder (see the module's docstring for its layout), read and
+    written whole. Making a ``RunDir`` touches nothing: the folder need not exist yet. Only
+    the process holding :meth:`lock` writes the run's files; reading needs no lock."""
+
     def __init__(self, path: Path | str):
         self.path = Path(path)
+        """The run folder."""
 
     config_path = property(lambda self: self.path / "config.json")
+    """``config.json``: the run's :class:`~metalearn.config.RunConfig`."""
     checkpoint_path = property(lambda self: self.path / "checkpoint.pt")
+    """``checkpoint.pt``: the latest checkpoint."""
     metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    """``metrics.jsonl``: one JSON object per logged step."""
     eval_path = property(lambda self: self.path / "eval.json")
+    """``eval.json``: the run's own test evaluation (others: :meth:`eval_file`)."""
     plots_dir = property(lambda self: self.path / "plots")
+    """``plots/``: the PNGs of ``metalearn plot`` and ``sample``."""
     best_dir = property(lambda self: self.path / "best")
+    """``best/``: the checkpoints :meth:`keep_best` kept, and their ``index.json``."""
 
     lock_path = property(lambda self: self.path / ".lock")
+    """``.lock``: the file :meth:`lock` holds while a process trains here."""
 
     def exists(self) -> bool:
+        """Whether the folder holds a run's ``config.json`` (a run set up, started or not)."""
         return self.config_path.is_file()
 
     def holds_run(self) -> bool:
@@ -120,10 +133,13 @@ class RunDir:
     # -- config --------------------------------------------------------------------------------
 
     def write_config(self, config: RunConfig) -> None:
+        """Write ``config`` as ``config.json``, whole (atomically), making the folder if needed."""
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.config_path, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
 
     def read_config(self) -> RunConfig:
+        """The run's configuration. Raises :class:`MetalearnError` when there is no
+        ``config.json`` (not a run folder) or it is not valid JSON or not a valid configuration."""
         if not self.config_path.is_file():
             raise MetalearnError(f"{self.path} is not a metalearn run directory (no config.json)")
         data = read_json_object(self.config_path, "put back the run's own config.json")
@@ -142,6 +158,7 @@ class RunDir:
         atomic_write_bytes(self.checkpoint_path, buffer.getbuffer())
 
     def has_checkpoint(self) -> bool:
+        """Whether ``checkpoint.pt`` exists (the run can be resumed, evaluated and plotted)."""
         return self.checkpoint_path.is_file()
 
     def read_checkpoint(self, *needed: str, path: Path | None = None) -> dict[str, Any]:
@@ -230,9 +247,16 @@ class RunDir:
     # -- metrics -------------------------------------------------------------------------------
 
     def append_metrics(self, record: dict[str, Any]) -> None:
+        """Append ``record`` to ``metrics.jsonl`` as one JSON line (the folder must exist). A
+        failure is a :class:`~metalearn.files.WriteError` naming the file; a line cut short by
+        a kill or a full disk is skipped by :meth:`read_metrics`, so ``record`` needs an
+        integer ``step`` to be read back."""
         append_line(self.metrics_path, json.dumps(record) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The records of ``metrics.jsonl``, in file order; ``[]`` when there is none. A line that
+        is not a JSON object with an integer ``step`` (cut short by a kill, edited by hand) is
+        skipped, never an error."""
         if not self.metrics_path.is_file():
             return []
         records = []

@@ -235,6 +235,10 @@ class Trainer:
         self.world.barrier()
 
     def restore(self, state: dict[str, Any]) -> None:
+        """Continue from the checkpoint ``state``: the learner, optimiser, schedule, random
+        streams, step and training time, exactly. Raises :class:`MetalearnError` when the
+        checkpoint's configuration does not match this trainer's, when it trained on other
+        images (a folder dataset), or when its weights are not finite."""
         saved = RunConfig.from_dict(state["config"])
         check_compatible(saved, self.config, f"the checkpoint in {self.run_dir.path}")
         trained_on = state.get("data_fingerprint")  # absent in runs of fixed datasets and older runs

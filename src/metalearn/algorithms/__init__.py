@@ -34,11 +34,25 @@ METHODS: dict[str, type[MetaLearner]] = {
     "statistician": NeuralStatistician,
     "maml-rl": MAMLRL,
 }
+"""Every method by its command-line name (``metalearn train NAME``, ``RunConfig.method``); the
+registry :func:`register_method` adds to and :func:`build_learner` reads."""
 
 
 def register_method(cls: type[MetaLearner]) -> type[MetaLearner]:
     """Make ``cls`` known under ``cls.name`` to configurations, the trainer and ``metalearn
-    train``; usable as a class decorator."""
+    train``; usable as a class decorator. Returns ``cls``.
+
+    A method of your own is one module: a :class:`MetaLearner` subclass with a ``name``, a
+    frozen ``Config`` dataclass of its options (declared with :func:`metalearn.options.option`)
+    and ``build``, ``meta_loss`` and ``predict``, registered with this function (see "Adding a
+    method" in ``docs/design.md``). :func:`build_learner`, :func:`metalearn.resolve_config`, the
+    trainer and, in a process that has registered it, the command line then take it by name. A
+    second registration under a name replaces the first, a built-in method's too.
+
+    Raises :class:`MetalearnError` when ``cls`` is not a :class:`MetaLearner` subclass, when its
+    ``Config`` is not a dataclass, when an option shares its name with a task or training
+    option (both would be one command-line flag), and when its ``legacy_defaults`` name an
+    option the ``Config`` lacks or a value it refuses."""
     if not (isinstance(cls, type) and issubclass(cls, MetaLearner)):
         raise MetalearnError(f"{cls!r} is not a MetaLearner subclass")
     if not dataclasses.is_dataclass(getattr(cls, "Config", None)):
@@ -118,7 +132,15 @@ def _coerce(owner: str, option: str, value: Any, expected: Any) -> Any:
 
 
 def build_learner(name: str, values: dict[str, Any], problem: Problem) -> MetaLearner:
-    """A ready-to-train method by name, with its config given as a dict."""
+    """A ready-to-train method by name (a key of ``METHODS``), with its config given as a dict
+    of option values (missing options take the ``Config``'s defaults, not the paper's: see
+    :func:`metalearn.resolve_config` for those), built for ``problem``'s input shape and output
+    size. The learner remembers ``problem`` (image size, channels, ways for
+    :meth:`MetaLearner.task_batch`).
+
+    Raises :class:`MetalearnError` for an unknown method or option name and for a value of the
+    wrong type (a :class:`~metalearn.errors.ConfigError` naming the option), and whatever the
+    method's ``build`` refuses (a classification-only method for a regression problem)."""
     learner = method_class(name).build(make_method_config(name, values), problem)
     learner.problem = problem  # the tasks it was built for: image size, channels, ways (MetaLearner.task_batch)
     return learner

@@ -181,6 +181,8 @@ class MAML(MetaLearner):
 
     @classmethod
     def build(cls, config: MAMLConfig, problem: Problem) -> "MAML":
+        """MAML on the network ``config.model`` (:func:`metalearn.models.build_model`), with one
+        output per class of ``problem`` (or its regression output size)."""
         return cls(build_model(config.model, problem.input_shape, problem.output_dim), config)
 
     @classmethod
@@ -319,6 +321,12 @@ class MAML(MetaLearner):
         return multi_step_weights(config.inner_steps, progress)
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """The query loss after ``inner_steps`` steps on each task's support set, averaged over
+        the batch's tasks (vmapped), or with the multi-step loss (MAML++) the weighted sum of the
+        query losses after every step; its gradient is the meta-gradient, second order unless
+        ``first_order`` or the first phase of the derivative-order annealing. Metrics: ``loss``,
+        and ``accuracy`` after the last step for classification. A malformed batch, or a network
+        without one output per class, is refused with a one-line :class:`MetalearnError`."""
         check_network_fits(self, batch, training=True)
         params = dict(self.model.named_parameters())
         steps = self.config.inner_steps
@@ -420,9 +428,13 @@ class MAML(MetaLearner):
                                     for p in (trajectory[-1:] if final_only else trajectory)])
 
     def predict(self, batch: TaskBatch) -> Tensor:
+        """Query predictions after ``test_inner_steps`` steps on each task's support set, without
+        gradients: logits (tasks, n_query, ways) or regression outputs (tasks, n_query, out)."""
         return self._predictions(batch, final_only=True)[0]
 
     def predict_per_step(self, batch: TaskBatch) -> Tensor:
+        """Query predictions after 0, 1, ..., ``test_inner_steps`` steps, (steps + 1, tasks,
+        n_query, out): what evaluation's per-step scores are computed from."""
         return self._predictions(batch, final_only=False)
 
     def _predictions(self, batch: TaskBatch, final_only: bool) -> Tensor:

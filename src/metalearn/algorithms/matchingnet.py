@@ -170,6 +170,9 @@ class MatchingNet(MetaLearner):
 
     @classmethod
     def build(cls, config: MatchingNetConfig, problem: Problem) -> "MatchingNet":
+        """Matching Networks on the embedding network ``config.model`` for ``problem``'s images
+        (any number of ways); with ``full_context_embeddings``, the LSTMs are built for its
+        output width. Refuses a regression problem."""
         if not problem.classification:
             raise MetalearnError("matchingnet is a classification method; use --dataset omniglot")
         model = build_model(config.model, problem.input_shape, None)

@@ -342,6 +342,10 @@ class MemoryModule(MetaLearner):
 
     @classmethod
     def build(cls, config: MemoryConfig, problem: Problem) -> "MemoryModule":
+        """The Memory Module on ``config.model``: the paper's LeNet embedder with ``key_dim``
+        outputs (``lenet``), or an image network from :func:`metalearn.models.build_model` whose
+        output width the query projection takes. Refuses a regression problem, and LeNet for
+        inputs that are not images."""
         if not problem.classification:
             raise MetalearnError("memory is a classification method; use --dataset omniglot")
         if config.model == "lenet":

@@ -151,6 +151,9 @@ class PLATIPUS(MetaLearner):
 
     @classmethod
     def build(cls, config: PLATIPUSConfig, problem: Problem) -> "PLATIPUS":
+        """PLATIPUS on the network ``config.model`` (:func:`metalearn.models.build_model`), whose
+        weights are the mean of the prior over models, with one output per class of ``problem``
+        (or its regression output size)."""
         return cls(build_model(config.model, problem.input_shape, problem.output_dim), config)
 
     @classmethod
@@ -334,6 +337,9 @@ class PLATIPUS(MetaLearner):
         return self._sample_predictions(batch, num_samples, generator, final_only=True)[0]
 
     def predict(self, batch: TaskBatch) -> Tensor:
+        """The average prediction of ``config.num_samples`` sampled and adapted models per task
+        (:meth:`sample_predictions`): for classification the log of the mean softmax probability,
+        (tasks, n_query, ways), so that argmax and NLL work; for regression the mean output."""
         return average_prediction(self.sample_predictions(batch), batch.is_classification)
 
     def sample_probabilities(self, support_x, support_y, query_x, num_samples: int | None = None,

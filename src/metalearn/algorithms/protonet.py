@@ -143,6 +143,8 @@ class ProtoNet(MetaLearner):
 
     @classmethod
     def build(cls, config: ProtoNetConfig, problem: Problem) -> "ProtoNet":
+        """Prototypical Networks on the embedding network ``config.model`` for ``problem``'s
+        images (any number of ways). Refuses a regression problem."""
         if not problem.classification:
             raise MetalearnError("protonet is a classification method; use --dataset omniglot")
         return cls(build_model(config.model, problem.input_shape, None), config)

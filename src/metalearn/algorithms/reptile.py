@@ -222,6 +222,8 @@ class Reptile(MetaLearner):
 
     @classmethod
     def build(cls, config: ReptileConfig, problem: Problem) -> "Reptile":
+        """Reptile on the network ``config.model`` (:func:`metalearn.models.build_model`), with one
+        output per class of ``problem`` (or its regression output size)."""
         return cls(build_model(config.model, problem.input_shape, problem.output_dim), config)
 
     @classmethod

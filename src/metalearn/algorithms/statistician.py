@@ -353,6 +353,8 @@ class NeuralStatistician(MetaLearner):
 
     @classmethod
     def build(cls, config: StatisticianConfig, problem: Problem) -> "NeuralStatistician":
+        """The Neural Statistician with the paper's Omniglot networks. Refuses a regression
+        problem and images of another shape than 1 x 28 x 28."""
         if not problem.classification:
             raise MetalearnError("statistician models sets of images; use --dataset omniglot")
         if tuple(problem.input_shape) != (1, IMAGE_SIZE, IMAGE_SIZE):
@@ -568,6 +570,9 @@ class NeuralStatistician(MetaLearner):
         return -kl
 
     def predict(self, batch: TaskBatch) -> Tensor:
+        """The KL classifier (section 5.4), without gradients: minus the KL divergence between
+        each class's context posterior q(c | support images) and each query's q(c | {x}), in the
+        configured direction, as logits (tasks, n_query, ways)."""
         with torch.no_grad():
             return self.logits(batch)
 

@@ -71,10 +71,12 @@ class ImageFolder:
 
     @property
     def image_size(self) -> int:
+        """S, the side of the square images in pixels."""
         return int(self.images.shape[-1])
 
     @property
     def channels(self) -> int:
+        """C, the colour channels of the images: 1 (grey) or 3 (RGB)."""
         return int(self.images.shape[1])
 
 
@@ -168,7 +170,19 @@ def _classes_in(folder: Path, prefix: str, part: str, links: list[Path]) -> list
 
 
 def scan_folder(root: Path) -> tuple[str, list[tuple[str, str, list[Path]]], list[Path]]:
-    """(layout, [(class name, part, image files)], other files the content depends on)."""
+    """List the classes of the image folder ``root`` and check its layout, reading no image:
+    returns (layout, [(class name, part, image files)], other files the content depends on).
+
+    ``layout`` is ``"classes"``, ``"parts"`` or ``"csv"`` (see the module's docstring); a class
+    name is the class folder's path below ``root`` (``"dog"``, ``"train/dog"``) or the CSV
+    label; ``part`` is ``"train"``, ``"val"`` or ``"test"`` where the layout sets it, else
+    ``""``; the other files are the CSV files of the ``csv`` layout. Raises
+    :class:`MetalearnError`, naming the path, when ``root`` is not a folder or holds no
+    images, when a class folder holds no images, when part folders are mixed with class
+    folders or named in other than lower case, when an image lies loose beside the class
+    folders, when a class is under two parts, for a CSV line that is not ``filename,label``
+    or names a missing file, for an image listed twice, and for a broken link, a link cycle or
+    an image reached twice through links."""
     root = Path(root)
     if not root.is_dir():
         raise MetalearnError(f"--data-dir {root} is not a folder; give the folder that holds one folder per class")
@@ -377,7 +391,13 @@ def load_image_folder(root: Path | str | None, image_size: int = 84, channels: i
     """The folder's images at ``image_size`` with ``channels`` (1 grey, 3 RGB), from the cache
     when the folder has not changed since it was written, else read and cached anew. The cache
     lives in ``cache_dir`` (default ``$METALEARN_CACHE`` or ``~/.cache/metalearn``), never
-    beside the possibly read-only images. ``workers``: decoding processes (see :func:`read_folder`)."""
+    beside the possibly read-only images. ``workers``: decoding processes (see :func:`read_folder`).
+    ``progress``: show a bar while images are decoded.
+
+    Raises :class:`MetalearnError` when ``root`` is None (a folder dataset needs
+    ``--data-dir``), when ``image_size`` is below 4 or ``channels`` neither 1 nor 3, for a
+    folder :func:`scan_folder` refuses, and for a file that is not a readable image (naming
+    it)."""
     if root is None:
         raise MetalearnError("an image folder dataset needs --data-dir, the folder of class folders (a run keeps "
                              "no folder path: give it again to resume, evaluate or plot a folder run)")

@@ -53,19 +53,24 @@ class MDPBatch:
 
     @property
     def num_tasks(self) -> int:
+        """The number of MDPs in the batch."""
         return next(iter(self.params.values())).shape[0]
 
     @property
     def is_classification(self) -> bool:
+        """Always False: MDPs are scored by return."""
         return False
 
     def to(self, device: torch.device | str | torch.dtype | None = None, dtype: torch.dtype | None = None) -> "MDPBatch":
+        """The batch with its task parameters on ``device`` and, the floating-point ones, of
+        ``dtype`` (``batch.to(torch.float64)`` works too); the seeds are kept."""
         if isinstance(device, torch.dtype):
             device, dtype = None, device
         move = lambda t: t.to(device=device, dtype=dtype if torch.is_floating_point(t) else None)
         return MDPBatch(self.env, {k: move(v) for k, v in self.params.items()}, self.seeds)
 
     def select(self, tasks: slice | Tensor) -> "MDPBatch":
+        """The MDPs ``tasks`` (a slice or an index tensor) of the batch, with their seeds."""
         seeds = None if self.seeds is None else self.seeds[tasks]
         return MDPBatch(self.env, {k: v[tasks] for k, v in self.params.items()}, seeds)
 
@@ -86,6 +91,8 @@ class MDPTasks:
         self.env = env
 
     def sample(self, num_tasks: int, generator: torch.Generator, tasks: slice | None = None) -> MDPBatch:
+        """``num_tasks`` MDPs and their rollout seeds, drawn from ``generator`` alone; with
+        ``tasks``, only that slice of them (see the class docstring)."""
         params = self.env.sample_tasks(num_tasks, generator)
         batch = MDPBatch(self.env, params, torch.randint(0, 2**62, (num_tasks,), generator=generator))
         return batch if tasks is None else batch.select(tasks)

@@ -28,8 +28,17 @@ def build_task_source(task: TaskConfig, part: str, data_dir: Path | str | None =
                       progress: bool = True, evaluation: bool = False) -> TaskSource:
     """The sampler of ``part`` (train/val/test) for ``task``; val and test use the ``test_*``
     shape, and so does train with ``evaluation`` (``metalearn eval --part train``: the test
-    episodes' shape on the training classes). ``progress``: show a bar while a dataset is
-    preprocessed (first use only)."""
+    episodes' shape on the training classes). ``data_dir``: where the dataset's images are
+    (Omniglot's default: ``$METALEARN_DATA`` or the cache folder; required for ``folder`` and
+    ``mini-imagenet``). ``progress``: show a bar while a dataset is preprocessed (first use
+    only).
+
+    Returns a task source: an object whose ``sample(num_tasks, generator, tasks=None)`` returns
+    a :class:`TaskBatch` (an :class:`~metalearn.envs.MDPBatch` for a reinforcement-learning
+    environment). Raises :class:`MetalearnError` for an unknown dataset, a split without
+    ``part``, data that is missing or cannot be read, and an episode shape the classes
+    cannot fill (more ways than the part has classes, more shots and queries than a class has
+    images)."""
     shape = task.for_testing() if part in ("val", "test") or evaluation else task
     return get_dataset(task.dataset).build(task, shape, part, data_dir, progress)
 

@@ -49,10 +49,12 @@ class TaskBatch:
 
     @property
     def num_tasks(self) -> int:
+        """The number of tasks: the length of the leading axis."""
         return self.support_x.shape[0]
 
     @property
     def is_classification(self) -> bool:
+        """Whether the labels are class ids (integer ``query_y``), not regression targets."""
         return not torch.is_floating_point(self.query_y)
 
     def to(self, device: torch.device | str | torch.dtype | None = None,

@@ -23,7 +23,10 @@ class SinusoidTasks:
     """y = amplitude * sin(x - phase), amplitude ~ U[0.1, 5], phase ~ U[0, pi], x ~ U[-5, 5].
 
     ``shots`` support points (the paper's K) and ``query`` query points per task; x and y are
-    ``(tasks, n, 1)``. ``task_params`` holds ``amplitude``, ``phase`` (each ``(tasks,)``).
+    ``(tasks, n, 1)``. ``amplitude``, ``phase`` and ``x_range`` are the ``(low, high)`` bounds
+    of the uniform draws; ``noise_std`` is the standard deviation of Gaussian noise added to
+    every target (0: none, as in the paper). ``task_params`` holds ``amplitude``, ``phase``
+    (each ``(tasks,)``). Raises :class:`MetalearnError` when ``shots`` or ``query`` is below 1.
     """
 
     shots: int = 5
@@ -38,6 +41,10 @@ class SinusoidTasks:
             raise MetalearnError(f"--shots and --query must be at least 1, got {self.shots} and {self.query}")
 
     def sample(self, num_tasks: int, generator: torch.Generator, tasks: slice | None = None) -> TaskBatch:
+        """``num_tasks`` new tasks drawn from ``generator`` alone (the same generator state gives
+        the same tasks), as a regression :class:`TaskBatch` (``ways`` 0). ``tasks``: return only
+        that slice of them, drawn as the whole batch would be, so that a meta-batch split into
+        chunks sees the tasks of the unsplit one."""
         amplitude = _uniform((num_tasks,), self.amplitude, generator)
         phase = _uniform((num_tasks,), self.phase, generator)
         x = _uniform((num_tasks, self.shots + self.query, 1), self.x_range, generator)
@@ -55,8 +62,11 @@ class SinusoidTasks:
 class SineOrLineTasks:
     """Ambiguous regression: each task is a sinusoid (as :class:`SinusoidTasks`) or a line
     y = slope * x + intercept (slope, intercept ~ U[-3, 3]) with equal probability, observed
-    through Gaussian noise. ``task_params``: ``is_line`` (0/1), ``amplitude``, ``phase``,
-    ``slope``, ``intercept``, each ``(tasks,)``."""
+    through Gaussian noise of standard deviation ``noise_std``. ``shots``, ``query``,
+    ``amplitude``, ``phase`` and ``x_range`` are as for :class:`SinusoidTasks`; ``slope`` and
+    ``intercept`` are the ``(low, high)`` bounds of the lines' draws. ``task_params``:
+    ``is_line`` (0/1), ``amplitude``, ``phase``, ``slope``, ``intercept``, each ``(tasks,)``.
+    Raises :class:`MetalearnError` when ``shots`` or ``query`` is below 1."""
 
     shots: int = 5
     query: int = 10
@@ -72,6 +82,9 @@ class SineOrLineTasks:
             raise MetalearnError(f"--shots and --query must be at least 1, got {self.shots} and {self.query}")
 
     def sample(self, num_tasks: int, generator: torch.Generator, tasks: slice | None = None) -> TaskBatch:
+        """``num_tasks`` new tasks, half lines and half sinusoids in expectation, as
+        :meth:`SinusoidTasks.sample` draws them (``generator`` alone decides; ``tasks`` a slice
+        of the whole batch)."""
         params = {
             "is_line": (torch.rand(num_tasks, generator=generator) < 0.5).float(),
             "amplitude": _uniform((num_tasks,), self.amplitude, generator),
@@ -85,6 +98,8 @@ class SineOrLineTasks:
 
     @staticmethod
     def function(params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """The noiseless task functions at x (tasks, n, 1): the line where ``is_line`` is 1,
+        else the sinusoid."""
         sine = params["amplitude"][:, None, None] * torch.sin(x - params["phase"][:, None, None])
         line = params["slope"][:, None, None] * x + params["intercept"][:, None, None]
         is_line = params["is_line"][:, None, None]

@@ -766,6 +766,26 @@ def test_status_is_not_fooled_by_lock_notes_and_odd_folders(tmp_path, capsys):
     assert f"stopped; continue with `{hint}`" in run(["status", folder_run], capsys)[1]
 
 
+def test_ctrl_c_during_the_test_evaluation_says_training_is_complete(tmp_path, capsys, monkeypatch):
+    """A Ctrl-C after the last step, while the run is tested, keeps the saved checkpoint: the
+    message says so and names the command that tests it, and status says it is untested."""
+    import metalearn.api
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(metalearn.api, "_evaluate", interrupted)
+    run_dir = tmp_path / "run"
+    code, _, err = run(["train", "maml", "--dataset", "sinusoid", "--steps", 2, "--meta-batch-size", 2, "--val-every",
+                        0, "--run-dir", run_dir, "--no-progress"], capsys)
+    assert code == 130
+    assert err.strip().splitlines()[-1] == (f"interrupted during the test evaluation; training is complete (step 2, "
+                                            f"saved in {run_dir}): test it with `metalearn eval {run_dir}`")
+    assert RunDir(run_dir).read_checkpoint("step")["step"] == 2 and not RunDir(run_dir).eval_path.exists()
+    code, out, _ = run(["status", run_dir], capsys)
+    assert code == 0 and f"; complete; not tested yet: `metalearn eval {run_dir}`" in out
+
+
 def test_status_says_where_runs_stand_without_touching_them(tmp_path, capsys, monkeypatch):
     """``metalearn status``: a complete run (step, validation best and latest, its evaluation),
     the same run while this process holds its lock (training, with the pid), after a holder

@@ -12,7 +12,9 @@ import time
 
 import pytest
 
-from metalearn.files import WriteError, append_line, atomic_write, atomic_write_bytes, format_bytes, remove_temporaries
+from metalearn.errors import MetalearnError
+from metalearn.files import (WriteError, append_line, atomic_write, atomic_write_bytes, check_writable_file, format_bytes,
+                             remove_temporaries)
 
 FULL = "/dev/full"  # every write to it fails with ENOSPC, from the kernel
 needs_dev_full = pytest.mark.skipif(not os.path.exists(FULL), reason="no /dev/full on this system")
@@ -48,6 +50,35 @@ def test_a_failure_only_at_the_flush_is_caught_too(tmp_path, monkeypatch):
     with pytest.raises(WriteError, match=r"cannot write .*config.json: No space left on device \(.* free there\)$"):
         atomic_write(tmp_path / "config.json", lambda f: f.write(b"{}"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_free_space_is_named_only_where_space_is_the_reason(tmp_path, monkeypatch):
+    """A folder that vanished or cannot be written is no matter of space: its message does not
+    point at the disk's free space."""
+    for code in (errno.ENOENT, errno.EACCES, errno.EROFS):
+        def refuse(fd, code=code):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(os, "fsync", refuse)
+        with pytest.raises(WriteError) as caught:
+            atomic_write(tmp_path / "out.csv", lambda f: f.write(b"x"))
+        assert str(caught.value) == f"cannot write {tmp_path / 'out.csv'}: {os.strerror(code)}"
+        assert caught.value.errno == code
+
+
+def test_an_output_file_that_is_read_only_is_refused_before_the_work(tmp_path, monkeypatch):
+    """Renaming a temporary file into place would replace a read-only file without a word;
+    the output check refuses it instead. (os.access by the permission bits alone, as for a
+    user other than root, who may write any file.)"""
+    monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.W_OK or bool(os.stat(path).st_mode & 0o200))
+    kept = tmp_path / "p.csv"
+    kept.write_text("the previous predictions")
+    kept.chmod(0o444)
+    with pytest.raises(MetalearnError, match=rf"^--csv {re.escape(str(kept))} is read-only; make it writable"):
+        check_writable_file("--csv", kept, "predictions.csv")
+    kept.chmod(0o644)
+    check_writable_file("--csv", kept, "predictions.csv")
+    check_writable_file("--csv", tmp_path / "new" / "p.csv", "predictions.csv")  # a missing folder is made later
 
 
 @needs_dev_full

@@ -18,7 +18,7 @@ from metalearn.algorithms.base import MetaLearner
 from metalearn.config import RunConfig, TaskConfig, TrainConfig, task_differences
 from metalearn.datasets import DATASETS, get_dataset
 from metalearn.distributed import World, init_world
-from metalearn.errors import ConfigError, MetalearnError, MetalearnWarning
+from metalearn.errors import ConfigError, MetalearnError, MetalearnWarning, TrainingStopped
 from metalearn.evaluation import EPISODE_CHUNK, evaluate
 from metalearn.runs import RunDir, atomic_write_bytes, claim_new_run_dir, default_runs_root, new_run_name
 from metalearn.tasks import has_validation
@@ -220,8 +220,13 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
                 stop_at=stop_at)
     result = None
     if evaluate_after:  # the trained weights in memory: no rank needs to read the checkpoint back
-        result = _evaluate(run_dir, config, trainer.learner, trainer.step, "test", None, 0, data_dir,
-                           progress, world, None)
+        try:
+            result = _evaluate(run_dir, config, trainer.learner, trainer.step, "test", None, 0, data_dir,
+                               progress, world, None)
+        except KeyboardInterrupt:  # Ctrl-C after training: the checkpoint is saved, only the test is missing
+            raise TrainingStopped(f"interrupted during the test evaluation; training is complete (step "
+                                  f"{trainer.step}, saved in {run_dir}): test it with `metalearn eval {run_dir}`",
+                                  130) from None
     return Path(run_dir), result
 
 

@@ -514,6 +514,8 @@ def format_status(status: dict) -> str:
         doing = (f"unknown from here: the lock names {holder.get('host', '?')} (process {holder['pid']}, since "
                  f"{holder.get('since', '?')}), but it is free as seen from this machine: a killed holder, or a "
                  f"file system that does not lock between machines")
+    elif state == "complete" and "eval" not in status["evaluations"]:
+        doing = f"complete; not tested yet: `metalearn eval {status['run']}`"
     else:
         doing = state
     last = status["last"]

@@ -10,6 +10,7 @@ file, which :func:`remove_temporaries` deletes on the next start.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -28,14 +29,20 @@ UNOWNED_TEMPORARY_AGE_S = 600.0
 
 class WriteError(MetalearnError):
     """A file could not be written (full disk, quota, read-only or vanished folder). The
-    message is one line naming the file, the reason and the free space; the file as it was
-    before (if any) is unchanged. ``errno`` is the operating system's code."""
+    message is one line naming the file and the reason, with the free space where the reason
+    is space (a full disk, a quota, a file too large); the file as it was before (if any) is
+    unchanged. ``errno`` is the operating system's code."""
 
     def __init__(self, path: Path, err: OSError):
         self.path, self.errno = Path(path), err.errno
         reason = err.strerror or str(err) or type(err).__name__
+        space = f" ({free_space(self.path.parent)} free there)" if err.errno in SPACE_ERRORS else ""
         kept = f"; the previous {self.path.name} is unchanged" if self.path.exists() else ""
-        super().__init__(f"cannot write {self.path}: {reason} ({free_space(self.path.parent)} free there){kept}")
+        super().__init__(f"cannot write {self.path}: {reason}{space}{kept}")
+
+
+# the operating system's codes for a write refused for want of space (EDQUOT: a quota)
+SPACE_ERRORS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def format_bytes(n: int) -> str:
@@ -172,11 +179,14 @@ def remove_temporaries(folder: Path, owned: Iterable[str] = (), unowned_age_s: f
 
 def check_writable_file(option: str, path: Path, example: str) -> None:
     """Refuse an output file named by ``option`` that could not be written: a folder (the
-    message suggests ``example`` in it), a path below a file, or one in a folder this user
-    cannot write to (missing folders are made when it is written). Called before the work whose
-    result it receives, so that a bad path is found out at once."""
+    message suggests ``example`` in it), a file this user may not write (read-only: the
+    atomic rename would replace it regardless), a path below a file, or one in a folder this
+    user cannot write to (missing folders are made when it is written). Called before the work
+    whose result it receives, so that a bad path is found out at once."""
     if path.is_dir():
         raise MetalearnError(f"{option} {path} is a folder; give a file name, e.g. {path / example}")
+    if path.is_file() and not os.access(path, os.W_OK):
+        raise MetalearnError(f"{option} {path} is read-only; make it writable (chmod u+w) or give another file")
     existing = next(p for p in path.absolute().parents if p.exists())
     if not existing.is_dir():
         raise MetalearnError(f"{option} {path}: {existing} is a file, not a folder")

@@ -725,7 +725,7 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
     query (PLATIPUS; default the run's ``num_samples``).
 
     The output paths are checked before anything is read (a folder, two outputs naming one
-    file, an unwritable folder: a :class:`MetalearnError`), and the files are written only once
+    file, a read-only file, an unwritable folder: a :class:`MetalearnError`), and the files are written only once
     everything has been predicted, together: all to temporary files first, then all renamed
     into place, so a failure leaves none of them. Also raises :class:`MetalearnError` for a run
     that did not learn to classify, ``num_samples`` with a method that does not sample models,

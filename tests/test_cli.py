@@ -121,6 +121,12 @@ def test_resume_from_the_command_line_takes_the_saved_configuration(tmp_path, ca
     code, out, _ = run(["train", "maml", "--run-dir", run_dir, "--resume", "--steps", 5, "--no-progress",
                         "--no-eval"], capsys)
     assert code == 0 and "resuming at step 3" in out
+    # a complete run resumed trains nothing and leaves its checkpoint as it is
+    saved = (run_dir / "checkpoint.pt").stat()
+    code, out, _ = run(["train", "maml", "--run-dir", run_dir, "--resume", "--no-progress", "--no-eval"], capsys)
+    assert code == 0 and "complete already (step 5 of 5), nothing to train" in out
+    after = (run_dir / "checkpoint.pt").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (saved.st_ino, saved.st_mtime_ns)  # not written again
     code, _, err = run(["train", "maml", "--run-dir", run_dir, "--resume", "--inner-lr", 0.5, "--no-progress"], capsys)
     assert code == 2 and "inner_lr" in err and "Traceback" not in err
     # another dataset makes the saved options invalid (ways 0): the message names the dataset

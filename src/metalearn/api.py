@@ -210,7 +210,9 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
             trainer.release()
             raise
     if world.is_main:
-        start = f"resuming at step {trainer.step}" if trainer.step else "starting"
+        start = ("starting" if not trainer.step else f"resuming at step {trainer.step}"
+                 if trainer.step < config.train.steps else
+                 f"complete already (step {trainer.step} of {config.train.steps}), nothing to train")
         # --steps 0 is allowed on purpose: the initial weights, saved and tested, are a baseline
         tested = " and tested" if evaluate_after else ""
         untrained = (f" (--steps 0: no training; the initial weights are saved{tested})"

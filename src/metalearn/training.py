@@ -306,9 +306,11 @@ class Trainer:
                 self.validation_pending = False  # before validate: best/ keeps this state
                 self.validate()
                 self.save()  # a resume from here must not log this validation twice
+            first = self.step
             with StopRequests(note_repeats=launched_by_torchrun()) as stop:
                 self._loop(stop, bar, parameters, share, local_fraction, deadline, stop_at)
-            self.save()
+            if self.step != first:  # a complete run resumed trains nothing: its checkpoint stays as it is
+                self.save()
         except RankLost as err:
             raise MetalearnError(
                 f"rank {self.world.rank} lost contact with the other ranks at step {self.step + 1} "

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -79,6 +80,10 @@ def test_an_output_file_that_is_read_only_is_refused_before_the_work(tmp_path, m
     kept.chmod(0o644)
     check_writable_file("--csv", kept, "predictions.csv")
     check_writable_file("--csv", tmp_path / "new" / "p.csv", "predictions.csv")  # a missing folder is made later
+    (tmp_path / "link.json").symlink_to(tmp_path / "target.json")
+    for special in (tmp_path / "link.json", "/dev/null"):  # the rename would replace the link, the device
+        with pytest.raises(MetalearnError, match="is a link or a special file, not a plain file"):
+            check_writable_file("--json", Path(special), "predictions.json")
 
 
 @needs_dev_full

@@ -226,9 +226,12 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
             result = _evaluate(run_dir, config, trainer.learner, trainer.step, "test", None, 0, data_dir,
                                progress, world, None)
         except KeyboardInterrupt:  # Ctrl-C after training: the checkpoint is saved, only the test is missing
+            from metalearn.datasets import NATURAL_IMAGES  # a folder's images are not part of the run
+
+            data = f" --data-dir {data_dir}" if config.task.dataset in NATURAL_IMAGES and data_dir else ""
             raise TrainingStopped(f"interrupted during the test evaluation; training is complete (step "
-                                  f"{trainer.step}, saved in {run_dir}): test it with `metalearn eval {run_dir}`",
-                                  130) from None
+                                  f"{trainer.step}, saved in {run_dir}): test it with `metalearn eval "
+                                  f"{run_dir}{data}`", 130) from None
     return Path(run_dir), result
 
 
@@ -671,6 +674,7 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     # a folder dataset's images are not part of the run: the command needs them again
     data = " --data-dir IMAGE_FOLDER" if task.dataset in NATURAL_IMAGES else ""
     status["resume"] = f"metalearn train {config.method} --run-dir {run.path}{data} --resume"
+    status["test"] = f"metalearn eval {run.path}{data}"
     status["last_write_s"] = (time.time() - run.metrics_path.stat().st_mtime) if run.metrics_path.is_file() else None
     records = run.read_metrics()
     status["last"] = last = next((r for r in reversed(records) if "loss" in r), None)

@@ -515,7 +515,7 @@ def format_status(status: dict) -> str:
                  f"{holder.get('since', '?')}), but it is free as seen from this machine: a killed holder, or a "
                  f"file system that does not lock between machines")
     elif state == "complete" and "eval" not in status["evaluations"]:
-        doing = f"complete; not tested yet: `metalearn eval {status['run']}`"
+        doing = f"complete; not tested yet: `{status['test']}`"
     else:
         doing = state
     last = status["last"]

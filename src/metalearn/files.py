@@ -185,6 +185,9 @@ def check_writable_file(option: str, path: Path, example: str) -> None:
     whose result it receives, so that a bad path is found out at once."""
     if path.is_dir():
         raise MetalearnError(f"{option} {path} is a folder; give a file name, e.g. {path / example}")
+    if path.is_symlink() or (path.exists() and not path.is_file()):  # renaming into place would replace it
+        raise MetalearnError(f"{option} {path} is a link or a special file, not a plain file; give a plain file's "
+                             "name")
     if path.is_file() and not os.access(path, os.W_OK):
         raise MetalearnError(f"{option} {path} is read-only; make it writable (chmod u+w) or give another file")
     existing = next(p for p in path.absolute().parents if p.exists())

@@ -785,8 +785,8 @@ def test_ctrl_c_during_the_test_evaluation_says_training_is_complete(tmp_path, c
     code, _, err = run(["train", "maml", "--dataset", "sinusoid", "--steps", 2, "--meta-batch-size", 2, "--val-every",
                         0, "--run-dir", run_dir, "--no-progress"], capsys)
     assert code == 130
-    assert err.strip().splitlines()[-1] == (f"interrupted during the test evaluation; training is complete (step 2, "
-                                            f"saved in {run_dir}): test it with `metalearn eval {run_dir}`")
+    assert err.strip().splitlines()[-1] == (f"interrupted during the test evaluation at step 2; training is complete; "
+                                            f"evaluate with `metalearn eval {run_dir}`")
     assert RunDir(run_dir).read_checkpoint("step")["step"] == 2 and not RunDir(run_dir).eval_path.exists()
     code, out, _ = run(["status", run_dir], capsys)
     assert code == 0 and f"; complete; not tested yet: `metalearn eval {run_dir}`" in out

@@ -226,12 +226,8 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
             result = _evaluate(run_dir, config, trainer.learner, trainer.step, "test", None, 0, data_dir,
                                progress, world, None)
         except KeyboardInterrupt:  # Ctrl-C after training: the checkpoint is saved, only the test is missing
-            from metalearn.datasets import NATURAL_IMAGES  # a folder's images are not part of the run
-
-            data = f" --data-dir {data_dir}" if config.task.dataset in NATURAL_IMAGES and data_dir else ""
-            raise TrainingStopped(f"interrupted during the test evaluation; training is complete (step "
-                                  f"{trainer.step}, saved in {run_dir}): test it with `metalearn eval "
-                                  f"{run_dir}{data}`", 130) from None
+            raise TrainingStopped(f"interrupted during the test evaluation at step {trainer.step}; "
+                                  f"{trainer._resume_hint()}", 130) from None
     return Path(run_dir), result
 
 

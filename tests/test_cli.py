@@ -879,3 +879,21 @@ def test_status_says_where_runs_stand_without_touching_them(tmp_path, capsys, mo
     assert code == 2 and "is not a metalearn run directory" in err and len(err.strip().splitlines()) == 1
     monkeypatch.setenv("METALEARN_RUNS", str(tmp_path / "none"))
     assert run(["status"], capsys)[1] == f"no runs in {tmp_path / 'none'}\n"
+
+
+def test_progress_bars_only_on_a_terminal_unless_asked(tmp_path, capsys, monkeypatch):
+    """Without --progress/--no-progress a bar is drawn only when the error output is a terminal:
+    into a log file (nohup, a scheduler) each redraw would be a line. --progress draws it there too."""
+    import sys
+
+    from metalearn.cli import show_progress
+
+    options = ["train", "maml", "--dataset", "sinusoid", "--steps", 2, "--meta-batch-size", 2, "--no-eval"]
+    for flag, terminal, drawn in (([], False, False), (["--progress"], False, True), (["--no-progress"], True, False),
+                                  ([], True, True)):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda terminal=terminal: terminal, raising=False)
+        assert show_progress(None) is terminal
+        run_dir = tmp_path / f"run-{len(flag)}-{terminal}"
+        code, out, err = run([*options, *flag, "--run-dir", run_dir], capsys)
+        assert code == 0, err
+        assert ("2/2" in err) is drawn, (flag, terminal, err)

@@ -3,6 +3,7 @@ classes (``metalearn predict``, ``MetaLearner.fit_predict``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -16,13 +17,14 @@ from PIL import Image, ImageDraw
 
 from cli_runner import run
 from metalearn.algorithms import METHODS, build_learner
-from metalearn.api import resolve_config
+from metalearn.api import resolve_config, with_split
 from metalearn.config import TaskConfig
 from metalearn.data import folder as folder_module
 from metalearn.data.folder import class_parts, folder_split, load_image_folder
 from metalearn.data.images import decode_image, prepare_images, to_float
 from metalearn.data.splits import ClassPool
 from metalearn.errors import MetalearnError
+from metalearn.runs import RunDir
 from metalearn.tasks import build_task_source, problem_of
 from metalearn.tasks.episodes import EpisodeSampler
 
@@ -713,7 +715,7 @@ def bad_folders(root: Path) -> dict[str, tuple[Path, list, str]]:
     cases["empty class"] = (empty_class, [], "class folder class3")
     few = root / "few-classes"
     classes(few, 12, 4)
-    cases["fewer classes than ways"] = (few, ["--ways", 8], f"image folder {few} split val has 2 classes; --test-ways 8")
+    cases["fewer classes than ways"] = (few, ["--ways", 8], "the default split 0.64,0.16,0.2 gives the val part 2 of the folder's 12 classes; --test-ways 8")
     small = root / "small-class"
     classes(small, 12, 4)
     for f in sorted((small / "class5").glob("*.png"))[2:]:
@@ -933,3 +935,47 @@ def test_a_folder_without_val_classes_trains_with_validation_off(tmp_path, capsy
     code, out, err = run([*options, "--val-every", 0, "--run-dir", tmp_path / "run"], capsys)
     assert code == 0, err
     assert (tmp_path / "run" / "eval.json").exists()
+
+
+def test_a_small_class_folder_names_its_split_options_and_eval_splits_another_folder(tmp_path, capsys, monkeypatch):
+    """12 classes under the default split give val and test 2 each: 5-way training is refused in
+    one line naming --split-fractions and --val-every 0; with 0.5,0,0.5 it trains. Another folder
+    of 5 classes is scored under the run's split (2 test classes: refused, naming eval's
+    --split-fractions 0,0,1), then under --split-fractions 0,0,1 or a split file, each written
+    to a file of its own beside eval.json. A run on Omniglot has no split to change."""
+    monkeypatch.setenv("METALEARN_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for root, n in (("photos", 12), ("other", 5)):
+        for c in range(n):
+            folder = tmp_path / root / f"class{c:02d}"
+            folder.mkdir(parents=True)
+            for i in range(2):
+                draw_shape(SHAPES[c % len(SHAPES)], (200, 20 * c, 0), 20, rng).save(folder / f"{i}.png")
+    options = ["train", "protonet", "--dataset", "folder", "--data-dir", tmp_path / "photos", "--image-size", 16,
+               "--ways", 5, "--shots", 1, "--query", 1, "--steps", 1, "--eval-episodes", 4, "--no-progress"]
+    code, out, err = run([*options, "--run-dir", tmp_path / "refused"], capsys)
+    one_line_error(code, out, err, "the default split 0.64,0.16,0.2 gives the val part 2 of the folder's 12 classes; "
+                                   "--test-ways 5")
+    assert "--split-fractions or --split-file" in err and "(--val-every 0)" in err
+    run_dir = tmp_path / "run"
+    code, out, err = run([*options, "--split-fractions", "0.5,0,0.5", "--val-every", 0, "--run-dir", run_dir], capsys)
+    assert code == 0, err
+    scored = ["eval", run_dir, "--data-dir", tmp_path / "other", "--episodes", 3, "--no-progress"]
+    code, out, err = run(scored, capsys)
+    one_line_error(code, out, err, "--split-fractions 0.5,0,0.5 gives the test part 2 of the folder's 5 classes")
+    assert "in metalearn eval, --split-fractions 0,0,1 scores every class" in err
+    code, out, err = run([*scored, "--split-fractions", "0,0,1"], capsys)
+    assert code == 0, err
+    assert json.loads((run_dir / "eval-episodes=3-split_fractions=0,0,1.json").read_text())["ways"] == 5
+    split = tmp_path / "five.json"
+    split.write_text(json.dumps({"test": [f"class{c:02d}" for c in range(5)]}))
+    code, out, err = run([*scored, "--split-file", split], capsys)
+    assert code == 0, err
+    assert (run_dir / "eval-episodes=3-split_file=five.json").exists()
+    code, out, err = run([*scored, "--split-file", split, "--split-fractions", "0,0,1"], capsys)
+    one_line_error(code, out, err, "give --split-fractions or --split-file, not both")
+    config = RunDir(run_dir).read_config()
+    omniglot = dataclasses.replace(config, task=dataclasses.replace(config.task, dataset="omniglot"))
+    with pytest.raises(MetalearnError, match="applies to runs on class folders .* dataset is omniglot"):
+        with_split(omniglot, "0,0,1")
+    assert with_split(config) == (config, {})

@@ -236,7 +236,8 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
                  overrides: dict[str, Any] | None = None, device: str = "cpu",
                  episode_shape: dict[str, int] | None = None, per_step: bool = True,
                  exact_gpu_kernels: bool = True, ensemble: bool = False,
-                 protocol: str | None = None) -> dict[str, Any]:
+                 protocol: str | None = None, split_fractions: str | None = None,
+                 split_file: Path | str | None = None) -> dict[str, Any]:
     """Evaluate the checkpoint of ``run_dir`` on ``episodes`` episodes of ``part`` and write
     ``eval.json``, or ``eval-<key>=<value>.json`` named by what differs from the run's own
     evaluation (see :func:`evaluation_labels`): ``overrides`` of the method's options, e.g.
@@ -253,16 +254,21 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     ``step`` is then the latest checkpoint's, ``ensemble`` the members' steps). ``protocol``:
     one of the method's other evaluation protocols (``MetaLearner.protocols``, e.g. the Memory
     Module's ``"lifelong"``) instead of the standard episodes; written to
-    ``eval-protocol=<name>.json``.
+    ``eval-protocol=<name>.json``. ``split_fractions`` or ``split_file``: for a run on class
+    folders, split ``data_dir``'s classes so instead of as the run did (``"0,0,1"`` scores every
+    class of another folder); the file is named ``eval-split_fractions=0,0,1.json`` or
+    ``eval-split_file=<file stem>.json``.
     """
     check_protocol_or_ensemble(protocol, ensemble)
     config, learner, step = load_trained(run_dir, overrides)
+    config, split_labels = with_split(config, split_fractions, split_file)
     if ensemble and type(learner).episode_scores is not MetaLearner.episode_scores:
         raise MetalearnError(f"--ensemble averages the predictions of the run's best checkpoints; {config.method} "
                              "scores its episodes otherwise (a policy's returns), which do not average that way: "
                              "evaluate without --ensemble")
     if protocol is not None:  # on the run's test shape, or ``episode_shape`` (e.g. 20-way episodes)
-        labels = {**evaluation_labels(config, overrides, episode_shape, episodes, seed), "protocol": protocol}
+        labels = {**evaluation_labels(config, overrides, episode_shape, episodes, seed), **split_labels,
+                  "protocol": protocol}
         if episode_shape:
             config = with_test_shape(config, episode_shape)
         return _evaluate_protocol(run_dir, config, learner, step, protocol, part, episodes, seed, data_dir, progress,
@@ -276,7 +282,7 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
         learner = Ensemble([member for _, member, _ in members])
     if episode_shape:
         config = with_test_shape(config, episode_shape)
-    labels = evaluation_labels(config, overrides, episode_shape, episodes, seed)
+    labels = {**evaluation_labels(config, overrides, episode_shape, episodes, seed), **split_labels}
     if ensemble:
         labels["ensemble"] = len(members)
     result = _evaluate(run_dir, config, learner, step, part, episodes, seed, data_dir, progress,
@@ -328,6 +334,29 @@ def evaluation_labels(config: RunConfig, overrides: dict[str, Any] | None = None
     if seed:
         labels["seed"] = seed
     return labels
+
+
+def with_split(config: RunConfig, fractions: str | None = None,
+               split_file: Path | str | None = None) -> tuple[RunConfig, dict[str, str]]:
+    """``config`` with its class-folder split replaced by ``fractions`` or ``split_file`` (see
+    :func:`evaluate_run`), and the labels that name the evaluation's file; unchanged without
+    either. Refused for a dataset whose split is not the user's to set."""
+    if fractions is None and split_file is None:
+        return config, {}
+    given = "--split-fractions" if fractions is not None else "--split-file"
+    if fractions is not None and split_file is not None:
+        raise MetalearnError("give --split-fractions or --split-file, not both")
+    if "split_fractions" in get_dataset(config.task.dataset).inapplicable:
+        raise MetalearnError(f"{given} applies to runs on class folders (--dataset folder); this run's dataset is "
+                             f"{config.task.dataset}, whose split is fixed")
+    if fractions is not None:
+        from metalearn.data.folder import parse_fractions
+
+        parse_fractions(fractions)  # a clear error before the folder is read
+        task = dataclasses.replace(config.task, split_fractions=fractions, split_file="")
+        return dataclasses.replace(config, task=task), {"split_fractions": fractions}
+    task = dataclasses.replace(config.task, split_fractions="", split_file=str(split_file))
+    return dataclasses.replace(config, task=task), {"split_file": Path(split_file).stem}
 
 
 def with_test_shape(config: RunConfig, shape: dict[str, int]) -> RunConfig:

@@ -33,6 +33,14 @@ CACHE_HELP = "the cache folder: $METALEARN_CACHE, else $XDG_CACHE_HOME/metalearn
 DATA_DIR_HELP = ("omniglot: the folder with images_background.zip / images_evaluation.zip (default: $METALEARN_DATA, "
                  f"else omniglot/ in {CACHE_HELP}); folder and mini-imagenet: the image folder (required)")
 
+PROGRESS_HELP = "show progress bars (default: when the error output is a terminal, not a log file)"
+
+
+def show_progress(given: bool | None) -> bool:
+    """--progress/--no-progress as given, else bars only on a terminal: a bar redrawn into a log
+    file (nohup, a scheduler's output) writes a line per redraw."""
+    return sys.stderr.isatty() if given is None else given
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="metalearn")
@@ -164,7 +172,7 @@ def _make_train_command(method: str) -> click.Command:
             click.echo(json.dumps(config.to_dict(), indent=2))
             return
         run_dir, result = train(config, run_dir=options["run_dir"], data_dir=options["data_dir"],
-                                resume=options["resume"], progress=options["progress"],
+                                resume=options["resume"], progress=show_progress(options["progress"]),
                                 evaluate_after=options["eval"], announce=click.echo, device=options["device"],
                                 exact_gpu_kernels=not options["fast_gpu_kernels"],
                                 time_limit_s=options["time_limit"], stop_at=options["stop_at"])
@@ -183,7 +191,7 @@ def _make_train_command(method: str) -> click.Command:
                      help="where checkpoints and metrics go (default: a new folder <method>-<dataset>-<shape>-<time> "
                           f"in $METALEARN_RUNS, else runs/ in {CACHE_HELP})"),
         click.Option(["--resume"], is_flag=True, help="continue the run in --run-dir from its checkpoint"),
-        click.Option(["--progress/--no-progress"], default=True, help="show a progress bar"),
+        click.Option(["--progress/--no-progress"], default=None, help=PROGRESS_HELP),
         click.Option(["--eval/--no-eval"], default=True, help="evaluate on the test split when done"),
         click.Option(["--time-limit"], type=Duration(), default=None,
                      help="stop with a checkpoint before this much time has passed since the command started "
@@ -256,7 +264,7 @@ def train():
               help="also score the predictions after every adaptation step; --final-only gives the same "
                    "final score faster where those steps cost extra (Reptile, MAML, PLATIPUS: a sixth to two "
                    "fifths less time)")
-@click.option("--progress/--no-progress", default=True)
+@click.option("--progress/--no-progress", default=None, help=PROGRESS_HELP)
 @click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
 @click.option("--fast-gpu-kernels", is_flag=True, help=FAST_GPU_HELP)
 @click.option("--ensemble", is_flag=True,
@@ -265,16 +273,22 @@ def train():
 @click.option("--protocol", default=None, metavar="NAME",
               help="one of the method's own evaluation protocols instead of the standard episodes (the "
                    "Memory Module: lifelong); written to eval-protocol=NAME.json")
+@click.option("--split-fractions", default=None, metavar="TRAIN,VAL,TEST",
+              help="a run on class folders: split --data-dir's classes so instead of as the run did "
+                   "(0,0,1 scores every class of another folder); written to eval-split_fractions=....json")
+@click.option("--split-file", type=click.Path(path_type=Path), default=None,
+              help="a run on class folders: split --data-dir's classes by this JSON file instead of as the run did")
 def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots, query, per_step, progress, device,
-                 fast_gpu_kernels, ensemble, protocol):
+                 fast_gpu_kernels, ensemble, protocol, split_fractions, split_file):
     """Evaluate a trained run: mean accuracy (or MSE) with a 95% confidence interval."""
-    from metalearn.api import check_protocol_or_ensemble, evaluate_run, evaluation_labels
+    from metalearn.api import check_protocol_or_ensemble, evaluate_run, evaluation_labels, with_split
     from metalearn.evaluation import format_result
 
     check_protocol_or_ensemble(protocol, ensemble)  # before the file name, which counts the checkpoints
     overrides = dict(parse_setting(s) for s in settings)
     shape = {k: v for k, v in (("ways", ways), ("shots", shots), ("query", query)) if v is not None}
-    labels = evaluation_labels(RunDir(run_dir).read_config(), overrides, shape, episodes, seed)
+    config, split_labels = with_split(RunDir(run_dir).read_config(), split_fractions, split_file)
+    labels = {**evaluation_labels(config, overrides, shape, episodes, seed), **split_labels}
     if ensemble:
         labels["ensemble"] = len(RunDir(run_dir).best_checkpoints())
     if protocol is not None:
@@ -282,9 +296,9 @@ def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots,
     target = RunDir(run_dir).eval_file(labels, part)
     earlier = describe_evaluation(target)  # said when it is replaced
     result = evaluate_run(run_dir, episodes=episodes, seed=seed, part=part, data_dir=data_dir,
-                          progress=progress, overrides=overrides, device=device, episode_shape=shape,
+                          progress=show_progress(progress), overrides=overrides, device=device, episode_shape=shape,
                           per_step=per_step, exact_gpu_kernels=not fast_gpu_kernels, ensemble=ensemble,
-                          protocol=protocol)
+                          protocol=protocol, split_fractions=split_fractions, split_file=split_file)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 alone writes, and says so
         click.echo(format_result(result) if protocol is None else format_protocol_result(result))
         click.echo(f"written to {target}" + (f" (replacing the earlier evaluation there: {earlier})" if earlier else ""))
@@ -577,10 +591,10 @@ def prepare(data_dir, image_size, download):
     if download:
         from metalearn.data.download import download_omniglot
 
-        for name, path in download_omniglot(data_dir, progress=True).items():
+        for name, path in download_omniglot(data_dir, progress=show_progress(None)).items():
             click.echo(f"{name}: {path}")
     start = time.perf_counter()
-    omniglot = load_omniglot(data_dir, image_size, progress=True)
+    omniglot = load_omniglot(data_dir, image_size, progress=show_progress(None))
     click.echo(f"{omniglot.images.shape[0]} characters x {omniglot.images.shape[1]} drawings at "
                f"{image_size}x{image_size} ready in {time.perf_counter() - start:.1f}s "
                f"(content hash {omniglot.content_hash[:16]})")
@@ -594,7 +608,7 @@ def info(data_dir, image_size):
     from metalearn.data.omniglot import load_omniglot
     from metalearn.data.splits import PARTS, SPLITS, has_part, omniglot_split
 
-    omniglot = load_omniglot(data_dir, image_size, progress=True)
+    omniglot = load_omniglot(data_dir, image_size, progress=show_progress(None))
     click.echo(f"omniglot: {len(omniglot.names)} characters, {omniglot.images.shape[0] * omniglot.images.shape[1]} "
                f"images, {int(omniglot.background.sum())} background / {int((~omniglot.background).sum())} evaluation")
     click.echo(f"{'split':10s} {'part':6s} {'characters':>10s} {'classes':>8s}  rotations")

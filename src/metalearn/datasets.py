@@ -102,7 +102,8 @@ def _drawings(images, image_size: int, channels: int):
 def _folder(task, shape, part: str, data_dir: Path | str | None, progress: bool):
     import torch
 
-    from metalearn.data.folder import check_class_sizes, data_fingerprint, folder_split, load_image_folder
+    from metalearn.data.folder import (check_class_sizes, check_part_classes, data_fingerprint, folder_split,
+                                       load_image_folder)
     from metalearn.tasks.episodes import EpisodeSampler
 
     folder = load_image_folder(data_dir, task.image_size, task.channels, progress=progress)
@@ -113,6 +114,9 @@ def _folder(task, shape, part: str, data_dir: Path | str | None, progress: bool)
     pool = folder_split(folder, part, task.split_fractions, task.split_file)
     test = part != "train"
     prefix = "--test-" if test else "--"
+    if folder.layout == "classes" and len(pool) < shape.ways:  # the sampler's message cannot name the split's options
+        check_part_classes(folder, pool, part, shape.ways, task, f"{prefix}ways {shape.ways}"
+                           + (" (it defaults to --ways; in metalearn eval: --ways)" if test else ""))
     defaults = " (they default to --shots and --query; in metalearn eval: --shots, --query)" if test else ""
     check_class_sizes(folder, pool, shape.shots + shape.query,
                       f"{prefix}shots {shape.shots} with {prefix}query {shape.query}{defaults}")

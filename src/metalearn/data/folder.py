@@ -548,11 +548,35 @@ def folder_split(folder: ImageFolder, part: str, fractions: str = "", split_file
     parts = class_parts(folder, fractions, split_file)
     members = [i for i, p in enumerate(parts) if p == part]
     if not members:
-        fix = ("add a val/ folder of classes, or train without validation (--val-every 0)" if part == "val"
-               else f"give the folder classes for {part}")
+        if folder.layout == "classes":
+            fix = f"give {part} a nonzero fraction in --split-fractions or classes in --split-file"
+        else:
+            fix = f"add a {part}/ folder of classes" if folder.layout == "parts" else f"add classes to {part}.csv"
+        if part == "val":
+            fix += ", or train without validation (--val-every 0)"
         raise MetalearnError(f"the image folder has no {part} classes: {fix}")
     characters = torch.tensor(members, dtype=torch.long)
     return ClassPool(part, characters, torch.zeros_like(characters))
+
+
+def check_part_classes(folder: ImageFolder, pool: ClassPool, part: str, ways: int, task, asked: str) -> None:
+    """A part of a class-folder split with fewer classes than the episodes' ``ways``: an error
+    that names the split that gave it so few and the options that give it more (``task``: the
+    run's ``TaskConfig``; ``asked``: the option that set ``ways``, as the user would type it)."""
+    if len(pool) >= ways:
+        return
+    n = len(folder.class_names)
+    split = (f"--split-file {task.split_file}" if task.split_file else
+             f"--split-fractions {task.split_fractions}" if task.split_fractions else
+             "the default split 0.64,0.16,0.2")
+    fixes = [f"give it {ways} or more with --split-fractions or --split-file"]
+    if part == "val":
+        fixes.append("train without validation (--val-every 0)")
+    if part == "test":
+        fixes.append("in metalearn eval, --split-fractions 0,0,1 scores every class of the folder")
+    fixes.append(f"or lower {asked.split(' ')[0]}")
+    raise MetalearnError(f"{split} gives the {part} part {len(pool)} of the folder's {n} classes; {asked} needs "
+                         f"{ways}: " + "; ".join(fixes))
 
 
 def check_class_sizes(folder: ImageFolder, pool: ClassPool, needed: int, options: str) -> None:

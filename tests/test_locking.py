@@ -135,3 +135,16 @@ def test_a_run_whose_folder_is_deleted_and_taken_by_another_stops_without_writin
     assert taken[0].still_ours() and taken[0].held  # the new holder's lock file is intact
     taken[0].release()
     assert not (folder / ".lock").exists()
+
+
+def test_release_removes_the_folders_the_lock_made_while_they_are_empty(tmp_path):
+    """A run refused before it wrote anything leaves no folders behind, its parents included;
+    a folder that was there before, or that got a file meanwhile, stays (and stops the walk)."""
+    (tmp_path / "runs").mkdir()
+    lock = FolderLock.take(tmp_path / "runs" / "a" / "b" / "run" / ".lock", "test")
+    lock.release()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["runs"]
+    lock = FolderLock.take(tmp_path / "runs" / "a" / "b" / "run" / ".lock", "test")
+    (tmp_path / "runs" / "a" / "notes.txt").write_text("kept")
+    lock.release()
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["runs", "runs/a", "runs/a/notes.txt"]

@@ -195,14 +195,13 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
             raise MetalearnError("under torchrun give --run-dir, so that every rank uses the same run directory")
         run_dir = claim_new_run_dir(default_runs_root(), new_run_name(config))
         try:
-            trainer = build_trainer(config, run_dir, data_dir=data_dir, resume=resume, world=world,
-                                    progress=progress)
+            trainer = _build_or_stop(config, run_dir, data_dir, resume, world, progress)
         except BaseException:
             if not any(run_dir.iterdir()):
                 run_dir.rmdir()  # a run refused before it wrote anything leaves no empty folder
             raise
     else:
-        trainer = build_trainer(config, run_dir, data_dir=data_dir, resume=resume, world=world, progress=progress)
+        trainer = _build_or_stop(config, run_dir, data_dir, resume, world, progress)
     if stop_at is not None:
         try:  # a resumed run's step: refused before the announcement
             check_stop_at(stop_at, trainer.step, config.train.steps)
@@ -218,8 +217,11 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
         untrained = (f" (--steps 0: no training; the initial weights are saved{tested})"
                      if not config.train.steps else "")
         announce(f"{start}: {config.method} on {config.task.dataset}, run directory {run_dir}{untrained}")
-    trainer.fit(progress=progress, time_limit_s=None if time_limit_s is None else time_limit_s - (now() - started),
-                stop_at=stop_at)
+    try:  # the loop turns Ctrl-C into TrainingStopped; before it (the first save) and after (the last) it is raw
+        trainer.fit(progress=progress, time_limit_s=None if time_limit_s is None else time_limit_s - (now() - started),
+                    stop_at=stop_at)
+    except KeyboardInterrupt:
+        raise TrainingStopped(f"interrupted; {_next_command(config, run_dir, data_dir)}", 130) from None
     result = None
     if evaluate_after:  # the trained weights in memory: no rank needs to read the checkpoint back
         try:
@@ -227,8 +229,28 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
                                progress, world, None)
         except KeyboardInterrupt:  # Ctrl-C after training: the checkpoint is saved, only the test is missing
             raise TrainingStopped(f"interrupted during the test evaluation at step {trainer.step}; "
-                                  f"{trainer._resume_hint()}", 130) from None
+                                  f"{trainer.resume_hint()}", 130) from None
     return Path(run_dir), result
+
+
+def _build_or_stop(config: RunConfig, run_dir, data_dir, resume: bool, world: World, progress: bool):
+    """:func:`~metalearn.training.build_trainer`; Ctrl-C while it reads the data (a new folder's
+    first preparation can take minutes) stops with the command that goes on from there: the
+    same command for a run with no checkpoint yet (nothing of it was written), else --resume."""
+    try:
+        return build_trainer(config, run_dir, data_dir=data_dir, resume=resume, world=world, progress=progress)
+    except KeyboardInterrupt:
+        raise TrainingStopped(f"interrupted before training began; {_next_command(config, run_dir, data_dir)}",
+                              130) from None
+
+
+def _next_command(config: RunConfig, run_dir, data_dir) -> str:
+    """What goes on from a run stopped outside its training loop: --resume from its
+    checkpoint, or the same command again where it has none."""
+    if not RunDir(run_dir).has_checkpoint():
+        return "nothing was trained or saved: run the same command again to start"
+    data = f" --data-dir {data_dir}" if data_dir is not None else ""
+    return f"continue with `metalearn train {config.method} --run-dir {run_dir}{data} --resume`"
 
 
 def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0, part: str = "test",

@@ -696,7 +696,7 @@ def _main(args: list[str] | None) -> None:
         click.echo(f"error: {describe_os_error(err)}", err=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns a KeyboardInterrupt into Abort
-        click.echo("interrupted (a training run keeps its last checkpoint: continue it with --resume)", err=True)
+        click.echo("interrupted", err=True)  # train says how to go on itself (TrainingStopped)
         sys.exit(130)
     except NoArgsIsHelpError as err:  # `metalearn`, `metalearn train`: the help, not an "error: Usage: ..."
         click.echo(err.format_message(), err=True)

@@ -103,8 +103,10 @@ class FolderLock:
     and let go by :meth:`release` (also on exit from a ``with`` block, when the object is
     collected, and by the kernel when the process ends)."""
 
-    def __init__(self, path: Path, fd: int | None, made_folder: bool):
-        self.path, self._fd, self._made_folder = path, fd, made_folder
+    def __init__(self, path: Path, fd: int | None, made_folders: tuple[Path, ...] = ()):
+        """``made_folders``: the folders :meth:`take` created for the lock file, the deepest
+        first; :meth:`release` removes those still empty."""
+        self.path, self._fd, self._made_folders = path, fd, tuple(made_folders)
 
     @property
     def held(self) -> bool:
@@ -118,7 +120,7 @@ class FolderLock:
         folder is in use by the holder); else call ``wait(holder)`` once and block until it
         is free. On a file system without locks, warn and return a lock that holds nothing."""
         path = Path(path)
-        made_folder = not path.parent.exists()
+        made_folders = tuple(folder for folder in (path.parent, *path.parent.parents) if not folder.exists())
         path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
@@ -141,7 +143,7 @@ class FolderLock:
                 warnings.warn(MetalearnWarning(
                     f"the file system of {path.parent} refuses file locks ({err.strerror}): nothing keeps "
                     "a second process from writing there at the same time"), stacklevel=2)
-                return cls(path, None, made_folder)
+                return cls(path, None, made_folders)
             except BaseException:
                 os.close(fd)
                 raise
@@ -160,7 +162,7 @@ class FolderLock:
             os.pwrite(fd, note, 0)
         except OSError:
             pass  # a full disk: the lock holds all the same, only its note is missing
-        return cls(path, fd, made_folder)
+        return cls(path, fd, made_folders)
 
     def still_ours(self) -> bool:
         """Whether the file at :attr:`path` is still the one this lock holds: False once the
@@ -176,7 +178,8 @@ class FolderLock:
 
     def release(self) -> None:
         """Let go: delete the lock file (under the lock, so no one else takes a lock on it in
-        between) and close it; a folder this lock created and left empty is removed too."""
+        between) and close it; the folders this lock created (the run folder, and its parents
+        that did not exist) are removed too where nothing else was written there."""
         if self._fd is None:
             return
         ours = self.still_ours()  # a replaced file is another holder's: leave it
@@ -185,9 +188,11 @@ class FolderLock:
             with contextlib.suppress(OSError):
                 self.path.unlink()
         os.close(fd)
-        if self._made_folder:
-            with contextlib.suppress(OSError):
-                self.path.parent.rmdir()  # only if nothing else was written there
+        for folder in self._made_folders:  # deepest first; a folder written to stops the walk
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
     def __enter__(self) -> "FolderLock":
         return self

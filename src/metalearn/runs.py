@@ -324,7 +324,7 @@ def lock_for_training(run: RunDir, world) -> FolderLock:
     the folder ends on all its ranks at once instead of waiting at the next collective.
     ``world``: a :class:`~metalearn.distributed.World`. Every rank gets a lock to release (on
     the other ranks one that holds nothing)."""
-    lock, failure = FolderLock(run.lock_path, None, False), None  # the other ranks hold nothing
+    lock, failure = FolderLock(run.lock_path, None), None  # the other ranks hold nothing
     if world.is_main:
         try:
             lock = run.lock()

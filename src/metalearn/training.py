@@ -298,7 +298,7 @@ class Trainer:
                 check_stop_at(stop_at, self.step, train.steps)
                 if stop_at == self.step:  # paused there already: the same command again does nothing
                     raise TrainingStopped(f"the run is at step {stop_at} of {train.steps} already (--stop-at); "
-                                          f"{self._resume_hint()}", 0)
+                                          f"{self.resume_hint()}", 0)
             self._begin()
             if self.step == 0:
                 self.save()  # eval, resume and a NaN at step 1 always find a checkpoint
@@ -426,11 +426,13 @@ class Trainer:
                     why, code = "stopped by another rank's signal or time limit", TIME_LIMIT_EXIT
                 raise TrainingStopped(
                     f"{why} after step {self.step} of {train.steps}; its checkpoint is "
-                    f"saved in {self.run_dir.path}: {self._resume_hint()}",
+                    f"saved in {self.run_dir.path}: {self.resume_hint()}",
                     code,
                 )
 
-    def _resume_hint(self) -> str:
+    def resume_hint(self) -> str:
+        """The command that goes on from this trainer's checkpoint: ``train --resume``, or
+        ``eval`` once training is complete (with ``--data-dir`` for a folder run)."""
         data = f" --data-dir {self.data_dir}" if self.data_dir is not None else ""
         if self.step < self.config.train.steps or self.validation_pending:  # its last validation is still to do
             return f"continue with `metalearn train {self.config.method} --run-dir {self.run_dir.path}{data} --resume`"

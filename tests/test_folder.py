@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from metalearn.data import folder as folder_module
 from metalearn.data.folder import class_parts, folder_split, load_image_folder
 from metalearn.data.images import decode_image, prepare_images, to_float
 from metalearn.data.splits import ClassPool
-from metalearn.errors import MetalearnError
+from metalearn.errors import MetalearnError, MetalearnWarning
 from metalearn.runs import RunDir
 from metalearn.tasks import build_task_source, problem_of
 from metalearn.tasks.episodes import EpisodeSampler
@@ -133,6 +134,31 @@ def test_prepare_images_is_the_samplers_conversion_and_the_caches_decoding(shape
 
 
 # -- the folder dataset ---------------------------------------------------------------------
+
+
+def test_files_that_are_not_images_are_named_in_one_warning(tmp_path):
+    """A class folder's other files (notes, a HEIC photo) are left out with one warning naming
+    them; files beside the class folders (a README) and hidden files are left out silently."""
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (tmp_path / "data" / f"class{c}").mkdir(parents=True)
+        for i in range(2):
+            draw_shape(SHAPES[c], (200, 0, 0), 20, rng).save(tmp_path / "data" / f"class{c}" / f"{i}.png")
+    (tmp_path / "data" / "README.txt").write_text("about these images")
+    (tmp_path / "data" / "class1" / ".DS_Store").write_bytes(b"")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_image_folder(tmp_path / "data", 16, 3, cache_dir=tmp_path / "cache")
+    for name in ("IMG_1.HEIC", "IMG_2.HEIC", "notes.txt"):
+        (tmp_path / "data" / "class2" / name).write_bytes(b"x")
+    with pytest.warns(MetalearnWarning) as caught:
+        folder = load_image_folder(tmp_path / "data", 16, 3, cache_dir=tmp_path / "cache")
+    assert len(caught) == 1
+    assert str(caught[0].message) == (f"image folder {tmp_path / 'data'}: skipped 3 files that are not images by their "
+                                      "names (PNG, JPG, BMP, GIF, WEBP, TIFF): "
+                                      f"{tmp_path / 'data' / 'class2' / 'IMG_1.HEIC'}, "
+                                      f"{tmp_path / 'data' / 'class2' / 'IMG_2.HEIC'} and 1 more; convert them to use them")
+    assert folder.class_sizes.tolist() == [2, 2, 2]
 
 
 def test_folder_is_read_split_and_sampled_in_colour(shapes, tmp_path):
@@ -670,6 +696,19 @@ def test_protonet_learns_the_shapes_and_predicts_new_classes(shapes, tmp_path, c
     # one query file; the Python convenience gives the same probabilities
     code, out, err = run(["predict", run_dir, "--support", support, "--query", first["file"]], capsys)
     assert code == 0 and first["file"] in out
+    # the support images as the query: scored, with a warning; files that are not images are
+    # named in one warning each for the support and query folders, and left out
+    one_class = next(p for p in Path(support).iterdir() if p.is_dir())
+    (one_class / "notes.txt").write_text("not an image")
+    (one_class / "IMG_0001.HEIC").write_bytes(b"a format no reader here takes")
+    code, out, err = run(["predict", run_dir, "--support", support, "--query", support], capsys)
+    assert code == 0, err
+    warned = [line for line in err.strip().splitlines() if line.startswith("warning: ")]
+    assert len(warned) == 3, err
+    assert "skipped 2 files that are not images by their names (PNG, JPG," in warned[0]
+    assert str(one_class / "IMG_0001.HEIC") in warned[0] and f"--support {support}" in warned[0]
+    assert warned[1].startswith(f"warning: --query {support}: skipped 2 files")
+    assert "10 of the 10 query images are also in the support set" in warned[2]
 
 
 def test_platipus_predicts_with_a_spread_and_fixed_ways_are_named(shapes, tmp_path, capsys):

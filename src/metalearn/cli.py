@@ -30,8 +30,12 @@ FAST_GPU_HELP = ("on a GPU, keep torch's default kernels (TF32 convolutions, non
 DEVICE_HELP = ("cpu, cuda (under torchrun: each rank's GPU, NCCL), cuda:N or auto; not part of the run, "
                "which resumes or evaluates on any device")
 CACHE_HELP = "the cache folder: $METALEARN_CACHE, else $XDG_CACHE_HOME/metalearn, else ~/.cache/metalearn"
-DATA_DIR_HELP = ("omniglot: the folder with images_background.zip / images_evaluation.zip (default: $METALEARN_DATA, "
-                 f"else omniglot/ in {CACHE_HELP}); folder and mini-imagenet: the image folder (required)")
+OMNIGLOT_DIR = ("the folder with images_background.zip / images_evaluation.zip (default: $METALEARN_DATA, "
+                f"else omniglot/ in {CACHE_HELP})")
+DATA_DIR_HELP = f"omniglot: {OMNIGLOT_DIR}; folder and mini-imagenet: the image folder (required)"
+# plot and export read images only for a Neural Statistician run's conditional-samples picture
+PLOT_DATA_DIR_HELP = (f"a Neural Statistician run's images, for its conditional samples (omniglot: {OMNIGLOT_DIR}; "
+                      "a folder run: its image folder, required); other runs need none")
 
 PROGRESS_HELP = "show progress bars (default: when the error output is a terminal, not a log file)"
 
@@ -344,7 +348,7 @@ def parse_setting(text: str) -> tuple[str, object]:
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=PLOT_DATA_DIR_HELP)
 @click.option("--compare", "compare_with", type=click.Path(path_type=Path), default=None,
               help="another run on the same tasks (e.g. MAML) whose prediction is drawn beside PLATIPUS's samples")
 def plot(run_dir, data_dir, compare_with):
@@ -461,7 +465,7 @@ def sample_command(run_dir, support, num, out, seed):
 @cli.command("export")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=PLOT_DATA_DIR_HELP)
 @click.option("--compare", "compare_with", type=click.Path(path_type=Path), default=None,
               help="another run drawn beside this one's samples (see plot)")
 def export_command(run_dir, out_dir, data_dir, compare_with):
@@ -580,7 +584,7 @@ def data():
 
 
 @data.command()
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=OMNIGLOT_DIR)
 @click.option("--image-size", type=INTEGER, default=28, show_default=True)
 @click.option("--download", is_flag=True, help="fetch the official archives first (checksums verified)")
 def prepare(data_dir, image_size, download):
@@ -601,7 +605,7 @@ def prepare(data_dir, image_size, download):
 
 
 @data.command()
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=OMNIGLOT_DIR)
 @click.option("--image-size", type=INTEGER, default=28, show_default=True)
 def info(data_dir, image_size):
     """Characters and classes in every part of every split."""
@@ -623,7 +627,7 @@ def info(data_dir, image_size):
 
 
 @data.command()
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=OMNIGLOT_DIR)
 def verify(data_dir):
     """Check each archive's PNG content against the official content digest."""
     from metalearn.data.omniglot import verify_release

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,9 @@ import torch
 
 from metalearn.algorithms import MetaLearner
 from metalearn.algorithms.base import evaluating
-from metalearn.data.folder import image_files
+from metalearn.data.folder import image_files, warn_of_skipped_files
 from metalearn.data.images import is_image_file
-from metalearn.errors import MetalearnError
+from metalearn.errors import MetalearnError, MetalearnWarning
 from metalearn.files import WriteError, check_writable_file, fsync_directory, temporary_path
 
 QUERY_CHUNK = 256  # query images classified per pass (with the whole support set)
@@ -29,12 +30,12 @@ def read_support(folder: Path | str) -> tuple[list[str], list[list[Path]]]:
     folder = Path(folder)
     if not folder.is_dir():
         raise MetalearnError(f"--support {folder} is not a folder; give a folder with one sub-folder per class")
-    names, files = [], []
+    names, files, skipped = [], [], []
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
-            images = image_files(entry)
+            images = image_files(entry, skipped=skipped)
             if not images:
                 raise MetalearnError(f"support class folder {entry} has no images (PNG or JPEG)")
             names.append(entry.name)
@@ -47,6 +48,7 @@ def read_support(folder: Path | str) -> tuple[list[str], list[list[Path]]]:
                              "holding 1 or more example images")
     if len(names) < 2:
         raise MetalearnError(f"--support {folder} has one class ({names[0]}): a task tells at least 2 classes apart")
+    warn_of_skipped_files(skipped, f"--support {folder}")
     return names, files
 
 
@@ -56,9 +58,11 @@ def read_query(paths: list[Path | str]) -> list[Path]:
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = image_files(path)
+            skipped: list[Path] = []
+            found = image_files(path, skipped=skipped)
             if not found:
                 raise MetalearnError(f"--query {path} holds no images (PNG or JPEG)")
+            warn_of_skipped_files(skipped, f"--query {path}")
             files += found
         elif path.is_file():
             files.append(path)
@@ -67,6 +71,20 @@ def read_query(paths: list[Path | str]) -> list[Path]:
     if not files:
         raise MetalearnError("no query images given")
     return files
+
+
+def warn_of_query_in_support(support: list[list[Path]], query: list[Path]) -> None:
+    """A warning when query images are support images too (the same file, also through a link):
+    the support set answers for them, so their predictions and accuracy say nothing of how new
+    images are classified."""
+    given = {os.path.realpath(path) for group in support for path in group}
+    repeated = [path for path in query if os.path.realpath(path) in given]
+    if repeated:
+        noun = "image is" if len(repeated) == 1 else "images are"
+        warnings.warn(MetalearnWarning(
+            f"{len(repeated)} of the {len(query)} query {noun} also in the support set (e.g. {repeated[0]}): "
+            "their predictions, and the accuracy over them, repeat the support labels; query other images "
+            "to test the model"), stacklevel=3)
 
 
 def predict_new_classes(learner: MetaLearner, support: Path | str, query: list[Path | str],
@@ -91,6 +109,7 @@ def predict_new_classes(learner: MetaLearner, support: Path | str, query: list[P
     file that is not a readable image."""
     names, files = read_support(support)
     query_files = read_query(query)
+    warn_of_query_in_support(files, query_files)
     support_x = learner.prepare_images([f for group in files for f in group], image_size, channels)
     support_y = torch.tensor([c for c, group in enumerate(files) for _ in group])
     sampling = hasattr(learner, "sample_probabilities")

@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +36,10 @@ import numpy as np
 import torch
 
 from metalearn.data.cache import read_arrays, write_arrays
-from metalearn.data.images import check_channels, decode_image, is_image_file
+from metalearn.data.images import IMAGE_SUFFIXES, check_channels, decode_image, is_image_file
 from metalearn.data.omniglot import default_cache_dir
 from metalearn.data.splits import PARTS, ClassPool
-from metalearn.errors import MetalearnError
+from metalearn.errors import MetalearnError, MetalearnWarning
 
 # 2: 16-bit images scaled by their type's range, EXIF orientation applied; 3: the cached
 # content_hash also covers the array's shape, the class sizes and the parts
@@ -88,7 +89,7 @@ def _listdir(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
 
 
-def image_files(folder: Path, links: list[Path] | None = None) -> list[Path]:
+def image_files(folder: Path, links: list[Path] | None = None, skipped: list[Path] | None = None) -> list[Path]:
     """The image files at any depth below ``folder``, sorted by their path below it. A file is
     skipped when any part of that path starts with "." (``.DS_Store``, ``._x.jpg``, and
     everything inside ``.thumbs/`` or ``.git/``): hidden folders hold thumbnails and tool
@@ -98,10 +99,24 @@ def image_files(folder: Path, links: list[Path] | None = None) -> list[Path]:
     class is part of it as a copy would be. Refused with a one-line error, never skipped: a
     link whose target is missing, a folder link to a folder it is inside (a cycle: the walk
     would not end), a folder that cannot be listed. ``links``, when given, collects every link
-    passed (the caller's check for an image reached twice)."""
+    passed (the caller's check for an image reached twice); ``skipped`` every file passed over
+    that is not hidden and not an image by its suffix (for :func:`warn_of_skipped_files`)."""
     files: list[tuple[str, Path]] = []
-    _walk(Path(folder), "", {_identity(Path(folder))}, files, links if links is not None else [])
+    _walk(Path(folder), "", {_identity(Path(folder))}, files, links if links is not None else [],
+          skipped if skipped is not None else [])
     return [path for _, path in sorted(files, key=lambda item: item[0])]
+
+
+def warn_of_skipped_files(skipped: list[Path], where: str) -> None:
+    """One warning for the files of ``where``'s class folders that are not read (a photo in a
+    format no reader here takes, HEIC or RAW, would otherwise vanish from its class unseen)."""
+    if not skipped:
+        return
+    shown = ", ".join(str(p) for p in skipped[:2]) + (f" and {len(skipped) - 2} more" if len(skipped) > 2 else "")
+    suffixes = ", ".join(s.lstrip(".").upper() for s in IMAGE_SUFFIXES if s not in (".jpeg", ".tif"))
+    noun = "file" if len(skipped) == 1 else "files"
+    warnings.warn(MetalearnWarning(f"{where}: skipped {len(skipped)} {noun} that are not images by their names "
+                                   f"({suffixes}): {shown}; convert them to use them"), stacklevel=3)
 
 
 def _identity(folder: Path) -> tuple[int, int]:
@@ -116,7 +131,7 @@ def _refuse_broken_link(path: Path) -> None:
 
 
 def _walk(folder: Path, relative: str, ancestors: set[tuple[int, int]], files: list[tuple[str, Path]],
-          links: list[Path]) -> None:
+          links: list[Path], skipped: list[Path]) -> None:
     try:
         with os.scandir(folder) as listing:
             entries = sorted(listing, key=lambda e: e.name)
@@ -139,12 +154,15 @@ def _walk(folder: Path, relative: str, ancestors: set[tuple[int, int]], files: l
             if identity in ancestors:  # a cycle the link test cannot see (a bind mount)
                 raise MetalearnError(f"{path} is {os.path.realpath(path)}, a folder it is inside: the folder would "
                                      "contain itself without end; remove the link or mount")
-            _walk(path, f"{relative}{entry.name}/", ancestors | {identity}, files, links)
+            _walk(path, f"{relative}{entry.name}/", ancestors | {identity}, files, links, skipped)
         elif is_image_file(path) and entry.is_file():
             files.append((relative + entry.name, path))
+        elif entry.is_file():
+            skipped.append(path)
 
 
-def _classes_in(folder: Path, prefix: str, part: str, links: list[Path]) -> list[tuple[str, str, list[Path]]]:
+def _classes_in(folder: Path, prefix: str, part: str, links: list[Path],
+                skipped: list[Path]) -> list[tuple[str, str, list[Path]]]:
     """(name, part, files) of every class folder in ``folder``; a loose image is refused (in a
     part folder, with the hint that a class folder named like the part is read as the part)."""
     classes = []
@@ -154,7 +172,7 @@ def _classes_in(folder: Path, prefix: str, part: str, links: list[Path]) -> list
             links.append(entry)
         if entry.is_dir():
             name = prefix + entry.name
-            files = image_files(entry, links)
+            files = image_files(entry, links, skipped)
             if not files:
                 raise MetalearnError(f"class folder {name} ({entry}) has no images (PNG or JPEG); remove it or add "
                                      "images")
@@ -199,6 +217,7 @@ def scan_folder(root: Path) -> tuple[str, list[tuple[str, str, list[Path]]], lis
         raise MetalearnError(f"{root} has {', '.join(odd_case)}: name part folders train/, val/ and test/ in lower "
                              "case, or, if it is a class of yours, rename that class folder")
     links: list[Path] = []
+    skipped: list[Path] = []  # files inside class folders that are not images by their names
     if part_dirs:
         others = [p.name + "/" for p in folders if p.name not in PARTS]
         if others:
@@ -212,17 +231,18 @@ def scan_folder(root: Path) -> tuple[str, list[tuple[str, str, list[Path]]], lis
                                  f"({root}/train/<class>/{loose[0].name}), not loose beside them")
         links += [p for p in part_dirs if p.is_symlink()]
         classes = [c for folder in sorted(part_dirs, key=lambda p: PARTS.index(p.name))
-                   for c in _classes_in(folder, folder.name + "/", folder.name, links)]
+                   for c in _classes_in(folder, folder.name + "/", folder.name, links, skipped)]
         _refuse_shared_classes(classes)
         layout = "parts"
     else:
-        classes, layout = _classes_in(root, "", "", links), "classes"
+        classes, layout = _classes_in(root, "", "", links, skipped), "classes"
     if links:  # without links every path below the root is a file of its own
         _refuse_images_reached_twice(classes)
     if not classes:
         raise MetalearnError(f"no images in {root}: expected one folder per class holding PNG or JPEG images "
                              "(or train/ val/ test/ folders of class folders, or mini-ImageNet's images/ + "
                              "train.csv)")
+    warn_of_skipped_files(skipped, f"image folder {root}")
     return layout, classes, []
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from cli_runner import run
 from metalearn.algorithms import METHODS, MetaLearner, accuracy, register_method
 from metalearn.datasets import DATASETS, Dataset, register_dataset
+from metalearn.errors import MetalearnError
 from metalearn.options import option
 from metalearn.tasks.batch import Problem, TaskBatch
 
@@ -136,8 +137,6 @@ def test_a_registered_method_refuses_bad_values_naming_its_field(toy_registry):
 
 
 def test_register_method_refuses_what_is_not_a_method():
-    from metalearn.errors import MetalearnError
-
     with pytest.raises(MetalearnError, match="not a MetaLearner subclass"):
         register_method(dict)
 
@@ -156,8 +155,6 @@ def test_no_method_option_shares_a_flag_with_a_task_or_training_option():
         name = "toy-clash"
         Config = Clashing
 
-    from metalearn.errors import MetalearnError
-
     with pytest.raises(MetalearnError, match="share a flag: steps"):
         register_method(Clash)
 
@@ -167,7 +164,6 @@ def test_legacy_defaults_name_real_options_with_valid_values():
     """MetaLearner.legacy_defaults fill stored configurations (RunConfig.from_dict): every entry
     must be an option of the method's Config that the Config accepts, checked at registration."""
     from metalearn.algorithms import check_legacy_defaults
-    from metalearn.errors import MetalearnError
 
     for cls in METHODS.values():
         check_legacy_defaults(cls)
@@ -179,3 +175,14 @@ def test_legacy_defaults_name_real_options_with_valid_values():
     with pytest.raises(MetalearnError, match="legacy_defaults names option.*widht"):
         register_method(Misspelt)
     assert "toy-misspelt" not in METHODS
+
+
+@pytest.mark.parametrize("method", sorted(name for name, cls in METHODS.items() if cls.classification_only))
+def test_a_classification_method_on_regression_tasks_names_the_datasets_it_takes(method, capsys):
+    """Refused when the run is configured (the classification datasets named from the registry),
+    and by the method's build for a regression Problem given in Python."""
+    code, out, err = run(["train", method, "--dataset", "sinusoid", "--steps", 1], capsys)
+    assert code == 2 and err.strip() == (f"error: --dataset 'sinusoid' is a regression dataset; {method} is a "
+                                         "classification method: use omniglot, folder, mini-imagenet")
+    with pytest.raises(MetalearnError, match=f"^{method} is a classification method: it needs tasks of classes"):
+        METHODS[method].build(METHODS[method].Config(), Problem((1,), 1, False))

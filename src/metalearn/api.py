@@ -117,11 +117,16 @@ def dataset_for(cls, name: str):
 
 
 def check_method_fits_dataset(cls, dataset) -> None:
-    """Refuse a reinforcement-learning method on supervised tasks, or the other way round."""
+    """Refuse a reinforcement-learning method on supervised tasks, or the other way round, and a
+    classification method on regression tasks."""
     if cls.reinforcement and not dataset.reinforcement:
         rl = ", ".join(name for name, d in DATASETS.items() if d.reinforcement)
         raise ConfigError("TaskConfig", "dataset", f"must be an environment for {cls.name} (--env {rl}), got "
                                                    f"{dataset.name!r}, a {dataset.kind} dataset")
+    if cls.classification_only and not dataset.classification and not dataset.reinforcement:
+        names = ", ".join(name for name, d in DATASETS.items() if d.classification)
+        raise ConfigError("TaskConfig", "dataset", f"{dataset.name!r} is a regression dataset; {cls.name} is a "
+                                                   f"classification method: use {names}")
     if dataset.reinforcement and not cls.reinforcement:
         rl = ", ".join(name for name, method in METHODS.items() if method.reinforcement) or "none"
         raise ConfigError("TaskConfig", "dataset", f"{dataset.name!r} is a reinforcement-learning environment, which "

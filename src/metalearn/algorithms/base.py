@@ -78,6 +78,10 @@ class MetaLearner(nn.Module):
     # ``reinforcement=True``), which gets an MDPBatch instead of a TaskBatch; the two kinds of
     # method and of dataset never meet
     reinforcement: ClassVar[bool] = False
+    # True for a method of classification tasks alone (it compares examples of classes: ProtoNets,
+    # Matching Nets, the Memory Module, the Neural Statistician): a regression dataset is refused
+    # when the run is configured, naming the classification datasets, and by :meth:`build`
+    classification_only: ClassVar[bool] = False
     # the dataset (or environment) a run of this method takes when none is named (None: omniglot)
     default_dataset: ClassVar[str | None] = None
     # the episode shape this method's paper trains on, where it differs from TaskConfig's and the
@@ -91,6 +95,13 @@ class MetaLearner(nn.Module):
         used instead of :meth:`paper_defaults`, and, like them, only where the user sets nothing.
         Called only with a name in :attr:`presets`."""
         raise NotImplementedError
+
+    @classmethod
+    def require_classification(cls, problem: Problem) -> None:
+        """For :meth:`build` of a :attr:`classification_only` method: refuse a regression problem."""
+        if not problem.classification:
+            raise MetalearnError(f"{cls.name} is a classification method: it needs tasks of classes of examples "
+                                 "(a classification dataset such as omniglot or an image folder), not regression")
 
     @classmethod
     def build(cls, config: Any, problem: Problem) -> "MetaLearner":

@@ -145,6 +145,7 @@ class MatchingNet(MetaLearner):
     """Matching Networks (Vinyals et al. 2016): attention over the support set's labels."""
 
     name = "matchingnet"
+    classification_only = True
     Config = MatchingNetConfig
     option_requires = {"processing_steps": ("full_context_embeddings", True)}
 
@@ -173,8 +174,7 @@ class MatchingNet(MetaLearner):
         """Matching Networks on the embedding network ``config.model`` for ``problem``'s images
         (any number of ways); with ``full_context_embeddings``, the LSTMs are built for its
         output width. Refuses a regression problem."""
-        if not problem.classification:
-            raise MetalearnError("matchingnet is a classification method; use --dataset omniglot")
+        cls.require_classification(problem)
         model = build_model(config.model, problem.input_shape, None)
         dim = output_size(model, problem.input_shape)
         return cls(model, config, dim)

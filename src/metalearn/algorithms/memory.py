@@ -323,6 +323,7 @@ class MemoryModule(MetaLearner):
     a checkpoint holds them and a resumed run draws the same noise."""
 
     name = "memory"
+    classification_only = True
     Config = MemoryConfig
 
     def __init__(self, model: nn.Module, embedding_dim: int, config: MemoryConfig = MemoryConfig()):
@@ -346,8 +347,7 @@ class MemoryModule(MetaLearner):
         outputs (``lenet``), or an image network from :func:`metalearn.models.build_model` whose
         output width the query projection takes. Refuses a regression problem, and LeNet for
         inputs that are not images."""
-        if not problem.classification:
-            raise MetalearnError("memory is a classification method; use --dataset omniglot")
+        cls.require_classification(problem)
         if config.model == "lenet":
             if len(problem.input_shape) != 3:
                 raise MetalearnError(f"lenet needs image inputs (C, H, W), got shape {problem.input_shape}")

@@ -133,6 +133,7 @@ class ProtoNet(MetaLearner):
     """Prototypical Networks (Snell et al. 2017): nearest class mean in a learned embedding."""
 
     name = "protonet"
+    classification_only = True
     Config = ProtoNetConfig
 
     def __init__(self, model: nn.Module, config: ProtoNetConfig = ProtoNetConfig()):
@@ -145,8 +146,7 @@ class ProtoNet(MetaLearner):
     def build(cls, config: ProtoNetConfig, problem: Problem) -> "ProtoNet":
         """Prototypical Networks on the embedding network ``config.model`` for ``problem``'s
         images (any number of ways). Refuses a regression problem."""
-        if not problem.classification:
-            raise MetalearnError("protonet is a classification method; use --dataset omniglot")
+        cls.require_classification(problem)
         return cls(build_model(config.model, problem.input_shape, None), config)
 
     @classmethod

@@ -332,6 +332,7 @@ class NeuralStatistician(MetaLearner):
     by the KL divergence between contexts, few-shot generation by sampling."""
 
     name = "statistician"
+    classification_only = True
     Config = StatisticianConfig
     # runs saved before these options existed trained the paper's plain networks
     legacy_defaults = {"conv_norm": "none", "sample_dropout": 0.0}
@@ -355,8 +356,7 @@ class NeuralStatistician(MetaLearner):
     def build(cls, config: StatisticianConfig, problem: Problem) -> "NeuralStatistician":
         """The Neural Statistician with the paper's Omniglot networks. Refuses a regression
         problem and images of another shape than 1 x 28 x 28."""
-        if not problem.classification:
-            raise MetalearnError("statistician models sets of images; use --dataset omniglot")
+        cls.require_classification(problem)
         if tuple(problem.input_shape) != (1, IMAGE_SIZE, IMAGE_SIZE):
             raise MetalearnError(f"statistician's networks are the paper's for 1x{IMAGE_SIZE}x{IMAGE_SIZE} images "
                                  f"(--image-size {IMAGE_SIZE}), got {'x'.join(map(str, problem.input_shape))}")

@@ -925,3 +925,10 @@ def test_progress_bars_only_on_a_terminal_unless_asked(tmp_path, capsys, monkeyp
         code, out, err = run([*options, *flag, "--run-dir", run_dir], capsys)
         assert code == 0, err
         assert ("2/2" in err) is drawn, (flag, terminal, err)
+
+
+def test_durations_read_as_hours_minutes_or_seconds():
+    from metalearn.cli import format_duration
+
+    assert [format_duration(s) for s in (0, 40.7, 60, 192, 3599, 3600, 31_957)] == [
+        "0 s", "40 s", "1 min 0 s", "3 min 12 s", "59 min 59 s", "1 h 0 min", "8 h 52 min"]

@@ -511,13 +511,21 @@ def status_command(run_dirs, as_json):
         click.echo("\n".join(format_status(status) for status in statuses))
 
 
+def format_duration(seconds: float) -> str:
+    """``"8 h 52 min"``, ``"3 min 12 s"``, ``"40 s"``: hours and minutes from an hour on, else
+    minutes and seconds (a short remainder never reads "0 h 0 min")."""
+    hours, rest = divmod(int(seconds), 3600)
+    if hours:
+        return f"{hours} h {rest // 60} min"
+    return f"{rest // 60} min {rest % 60} s" if rest >= 60 else f"{rest} s"
+
+
 def format_status(status: dict) -> str:
     """:func:`~metalearn.api.run_status` as a few lines of text."""
     if "error" in status:
         return f"{status['run']}: error: {status['error']}"
     lines = [f"{status['run']}: {status['method']} on {status['task']}"]
-    hours, rest = divmod(int(status["training_time_s"]), 3600)
-    spent = f"{hours} h {rest // 60} min" if hours else f"{rest // 60} min {rest % 60} s"
+    spent = format_duration(status["training_time_s"])
     steps = max(status["steps"], 1)
     state, holder = status["state"], status["holder"]
     if state == "training":
@@ -549,11 +557,10 @@ def format_status(status: dict) -> str:
         values = ", ".join(f"{k} {shown(v)}" for k, v in last.items() if k not in ("step", "elapsed_s"))
         lines.append(f"  last logged (step {last['step']}): {values}")
     if status["seconds_left"] is not None and state != "complete":
-        hours, rest = divmod(int(status["seconds_left"]), 3600)
         counted = ("" if not status["validates"] else
                    " (validation included)" if status["validation_counted"] else " (validation not counted)")
-        lines.append(f"  the remaining {status['steps'] - at} steps: about {hours} h {rest // 60} min at the recent "
-                     f"rate{counted}")
+        lines.append(f"  the remaining {status['steps'] - at} steps: about {format_duration(status['seconds_left'])} "
+                     f"at the recent rate{counted}")
         for step, what in status["cost_changes"]:
             lines.append(f"  not in that estimate: after step {step}, {what}")
     latest, best = status["validation"]["latest"], status["validation"]["best"]

@@ -1005,12 +1005,13 @@ def test_a_small_class_folder_names_its_split_options_and_eval_splits_another_fo
     assert "in metalearn eval, --split-fractions 0,0,1 scores every class" in err
     code, out, err = run([*scored, "--split-fractions", "0,0,1"], capsys)
     assert code == 0, err
-    assert json.loads((run_dir / "eval-episodes=3-split_fractions=0,0,1.json").read_text())["ways"] == 5
+    scored_all = json.loads((run_dir / "eval-episodes=3-split_fractions=0,0,1.json").read_text())
+    assert scored_all["ways"] == 5 and scored_all["split_fractions"] == "0,0,1"
     split = tmp_path / "five.json"
     split.write_text(json.dumps({"test": [f"class{c:02d}" for c in range(5)]}))
     code, out, err = run([*scored, "--split-file", split], capsys)
     assert code == 0, err
-    assert (run_dir / "eval-episodes=3-split_file=five.json").exists()
+    assert json.loads((run_dir / "eval-episodes=3-split_file=five.json").read_text())["split_file"] == str(split)
     code, out, err = run([*scored, "--split-file", split, "--split-fractions", "0,0,1"], capsys)
     one_line_error(code, out, err, "give --split-fractions or --split-file, not both")
     config = RunDir(run_dir).read_config()

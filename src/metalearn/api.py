@@ -315,7 +315,8 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     result = _evaluate(run_dir, config, learner, step, part, episodes, seed, data_dir, progress,
                        world or init_world(device, exact_gpu_kernels=exact_gpu_kernels),
                        {**(overrides or {}), **(episode_shape or {})}, per_step, labels,
-                       {"ensemble": [member_step for _, _, member_step in members]} if ensemble else None)
+                       {**({"ensemble": [member_step for _, _, member_step in members]} if ensemble else {}),
+                        **_split_record(split_fractions, split_file)} or None)
     return result
 
 
@@ -361,6 +362,13 @@ def evaluation_labels(config: RunConfig, overrides: dict[str, Any] | None = None
     if seed:
         labels["seed"] = seed
     return labels
+
+
+def _split_record(fractions: str | None, split_file: Path | str | None) -> dict[str, str]:
+    """The split an evaluation was given, for its result file (the run's own: nothing)."""
+    if fractions is not None:
+        return {"split_fractions": fractions}
+    return {"split_file": str(split_file)} if split_file is not None else {}
 
 
 def with_split(config: RunConfig, fractions: str | None = None,

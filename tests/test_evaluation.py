@@ -8,11 +8,14 @@ smaller than the number of ranks included, run on any machine in a few seconds.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 from metalearn.algorithms import MAML
 from metalearn.distributed import World
+from metalearn.errors import MetalearnError
 from metalearn.evaluation import episode_order, evaluate
 from metalearn.models import MLP
 from metalearn.tasks import SinusoidTasks
@@ -139,3 +142,37 @@ def test_the_pixel_nearest_neighbour_baseline_takes_the_class_of_the_nearest_sup
     # another class's score: minus the squared distance to the nearer of its two images
     nearest = min((batch.query_x[0, 0] - support_x[0, i]).square().sum() for i in (0, 1))
     assert torch.allclose(-scores[0, 0, 0], nearest, rtol=1e-5)
+
+
+@pytest.mark.parametrize("episodes, chunk, message", [
+    (0, 50, "episodes must be a whole number of at least 1, got 0"),
+    (-1, 50, "episodes must be a whole number of at least 1, got -1"),
+    (2.5, 50, "episodes must be a whole number of at least 1, got 2.5"),
+    (4, 0, "chunk must be a whole number of at least 1, got 0"),  # it looped for ever
+])
+def test_episode_counts_are_whole_numbers_of_at_least_one(episodes, chunk, message):
+    maml = MAML(MLP(), MAML.Config(inner_lr=0.01))
+    with pytest.raises(MetalearnError, match=message):
+        evaluate(maml, SinusoidTasks(shots=5, query=10), episodes=episodes, chunk=chunk, progress=False)
+
+
+def test_a_learner_that_adapts_without_gradients_is_scored_without_a_graph_or_a_warning():
+    """A method whose predictions keep their graph (a plain embedding, a method of one's own):
+    its scores are detached, so float() of them does not warn and no chunk's graph is kept."""
+    from metalearn.algorithms import MetaLearner
+
+    class Mean(MetaLearner):
+        name = "mean-of-support"
+
+        def __init__(self):
+            super().__init__()
+            self.offset = torch.nn.Parameter(torch.zeros(()))
+
+        def predict(self, batch):
+            mean = batch.support_y.mean(1, keepdim=True) + self.offset
+            return mean.expand(-1, batch.query_y.shape[1], -1)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = evaluate(Mean(), SinusoidTasks(shots=5, query=10), episodes=4, progress=False)
+    assert result["episodes"] == 4 and result["metric"] == "mse"

@@ -131,6 +131,26 @@ def test_prepare_images_is_the_samplers_conversion_and_the_caches_decoding(shape
     bad.write_bytes(b"not a png")
     with pytest.raises(MetalearnError, match="cannot read image .*broken.png"):
         prepare_images([bad], 28, 3)
+    # lists of tensors or arrays (one image each, any size), a read-only array as PIL gives it,
+    # and channels last named; sizes, channel counts and values out of range in one line
+    assert torch.equal(prepare_images(list(expected), 28, 3), expected)
+    assert torch.equal(prepare_images([expected[0].numpy(), files[1], expected[2]], 28, 3), expected)
+    with Image.open(files[0]) as img:
+        pixels = np.asarray(img.convert("RGB"))  # (H, W, 3), read-only
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch.from_numpy of a read-only array warns
+        assert torch.equal(prepare_images(pixels.transpose(2, 0, 1).copy()[None], 28, 3), expected[:1])
+    with pytest.raises(MetalearnError, match=r"got shape \(1, \d+, \d+, 3\): channels last\? give x.permute"):
+        prepare_images(pixels, 28, 3)
+    for size in (0, 28.0, "28", True):
+        with pytest.raises(MetalearnError, match=f"image_size must be a whole number of pixels of at least 1, got {size!r}"):
+            prepare_images(files, size, 3)
+    with pytest.raises(MetalearnError, match="channels must be 1 \\(grey\\) or 3 \\(RGB\\), got '3'"):
+        prepare_images(files, 28, "3")
+    with pytest.raises(MetalearnError, match="no images given \\(a tensor of 0 images\\)"):
+        prepare_images(expected[:0], 28, 3)
+    with pytest.raises(MetalearnError, match="NaN or infinite"):
+        prepare_images(torch.full((1, 3, 28, 28), float("nan")), 28, 3)
 
 
 # -- the folder dataset ---------------------------------------------------------------------

@@ -318,6 +318,21 @@ def test_a_malformed_batch_is_refused_in_one_line(method, case):
 
 
 @pytest.mark.parametrize("method", EMBEDDING_METHODS)
+def test_what_is_not_a_task_batch_of_tensors_is_named(method):
+    """A tensor of images for a TaskBatch, or a batch of arrays: one line naming what is wanted
+    (an AttributeError or a torch TypeError from inside the method before)."""
+    learner = embedding_learner(method)
+    good = image_batch(tasks=2, ways=3, shots=1, query=1, size=16, dtype=torch.float32)
+    with pytest.raises(MetalearnError, match=rf"^{method}: takes a TaskBatch .*got Tensor; for images and labels "
+                                             r"of your own use learner.fit_predict"):
+        learner.predict(good.query_x)
+    arrays = TaskBatch(good.support_x.numpy(), good.support_y, good.query_x.numpy(), good.query_y, 3)
+    with pytest.raises(MetalearnError, match=rf"^{method}: the batch's support_x is a ndarray; a TaskBatch holds "
+                                             r"tensors"):
+        learner.predict(arrays)
+
+
+@pytest.mark.parametrize("method", EMBEDDING_METHODS)
 def test_unknown_query_labels_are_for_predictions_only(method):
     """-1 marks a query label as unknown (``learner.task_batch`` gives it): ``predict`` takes it,
     ``meta_loss``, whose loss reads the labels, refuses it in one line."""

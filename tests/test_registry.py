@@ -4,6 +4,7 @@ configuration through the command line with no other change."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ from torch import nn
 from cli_runner import run
 from metalearn.algorithms import METHODS, MetaLearner, accuracy, register_method
 from metalearn.datasets import DATASETS, Dataset, register_dataset
-from metalearn.errors import MetalearnError
+from metalearn.errors import ConfigError, MetalearnError
 from metalearn.options import option
 from metalearn.tasks.batch import Problem, TaskBatch
 
@@ -140,6 +141,55 @@ def test_register_method_refuses_what_is_not_a_method():
     with pytest.raises(MetalearnError, match="not a MetaLearner subclass"):
         register_method(dict)
 
+    @dataclass(frozen=True)
+    class Empty:
+        pass
+
+    class Nameless(MetaLearner):
+        Config = Empty
+        build = meta_loss = predict = lambda *args: None
+
+    before = dict(METHODS)
+    for name in (None, "", 5, "my method", "Upper"):
+        Nameless.name = name
+        with pytest.raises(MetalearnError, match=f"Nameless.name must be the method's command-line name.*got {name!r}"):
+            register_method(Nameless)
+
+    class Idle(MetaLearner):
+        name, Config = "idle", Empty
+
+        def predict(self, batch):
+            return batch.query_x
+
+    with pytest.raises(MetalearnError, match="Idle does not define build, meta_loss: a method builds itself"):
+        register_method(Idle)
+
+    @dataclass(frozen=True)
+    class NoDefault:
+        lr: float
+
+    class Undefaulted(MetaLearner):
+        name, Config = "undefaulted", NoDefault
+        build = meta_loss = predict = lambda *args: None
+
+    with pytest.raises(MetalearnError, match="Undefaulted.Config's option\\(s\\) lr have no default"):
+        register_method(Undefaulted)
+    assert METHODS == before  # nothing registered, and sorting the names still works
+    assert sorted(METHODS)
+
+
+def test_build_learner_takes_a_config_object_or_none_and_names_what_else_it_takes():
+    from metalearn.algorithms import MAML, build_learner
+
+    problem = Problem((1,), 1, False)
+    config = MAML.Config(inner_lr=0.01, model="mlp")
+    assert build_learner("maml", config, problem).config == config
+    assert build_learner("maml", None, Problem((1, 28, 28), 5, True)).config == MAML.Config()
+    with pytest.raises(MetalearnError, match="build_learner takes the options as a dict \\(or a MAMLConfig\\), got list"):
+        build_learner("maml", [("inner_lr", 0.1)], problem)
+    with pytest.raises(MetalearnError, match="build_learner takes a Problem .*got tuple"):
+        build_learner("maml", {}, ((1,), 1, False))
+
 
 def test_no_method_option_shares_a_flag_with_a_task_or_training_option():
     from metalearn.algorithms import check_option_names
@@ -186,3 +236,30 @@ def test_a_classification_method_on_regression_tasks_names_the_datasets_it_takes
                                          "classification method: use omniglot, folder, mini-imagenet")
     with pytest.raises(MetalearnError, match=f"^{method} is a classification method: it needs tasks of classes"):
         METHODS[method].build(METHODS[method].Config(), Problem((1,), 1, False))
+
+
+def config_classes():
+    from metalearn.config import TaskConfig, TrainConfig
+
+    return [TaskConfig, TrainConfig] + [cls.Config for cls in METHODS.values()]
+
+
+@pytest.mark.parametrize("config_class", config_classes(), ids=lambda c: c.__name__)
+def test_every_option_is_checked_against_its_declared_type(config_class):
+    """A Config built in Python refuses a value of the wrong type by name before any check
+    compares it: first_order="false" was a true value (first-order MAML without a word),
+    steps=2.5 trained 3 steps, ways="5" failed inside a comparison. A bool is no count or rate."""
+    import typing
+
+    hints = typing.get_type_hints(config_class)
+    checked = 0
+    for field in dataclasses.fields(config_class):
+        allowed = set(typing.get_args(hints[field.name])) or {hints[field.name]}
+        if not allowed <= {bool, int, float, str, type(None)}:
+            continue
+        wrong = [[1]] + ([True] if bool not in allowed else ["false"])
+        for value in wrong:
+            with pytest.raises(ConfigError, match=rf"^{config_class.__name__}\.{field.name} must be "):
+                config_class(**{field.name: value})
+        checked += 1
+    assert checked >= 1

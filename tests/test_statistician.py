@@ -354,7 +354,8 @@ def test_augmentation_never_reaches_evaluation_or_sampling():
 @pytest.mark.parametrize("name", ["dilate", "reflect"])
 @pytest.mark.parametrize("value", [-0.1, 1.5, float("nan"), True, "0.5"])
 def test_augmentation_probabilities_outside_0_1_are_refused(name, value):
-    with pytest.raises(ConfigError, match=f"{name} must be a probability in \\[0, 1\\]"):
+    problem = "must be float" if isinstance(value, (bool, str)) else "must be a probability in \\[0, 1\\]"
+    with pytest.raises(ConfigError, match=f"{name} {problem}"):
         StatisticianConfig(**{name: value})
     StatisticianConfig(**{name: 1})  # the bounds themselves are fine
 
@@ -372,7 +373,7 @@ def test_sets_follow_the_labels_and_bad_sets_are_refused():
     model = tiny()
     empty = TaskBatch(x[:, :0], torch.zeros(1, 0, dtype=torch.long), x[:, :2], torch.tensor([[0, 1]]), ways=2)
     for call in (lambda: model.meta_loss(empty), lambda: model.predict(empty)):
-        with pytest.raises(MetalearnError, match="at least one image"):
+        with pytest.raises(MetalearnError, match="statistician: the batch has no support examples"):
             call()
     with pytest.raises(MetalearnError, match="set of size 0"):
         model.sample(x[0, :0], num=3)
@@ -398,7 +399,7 @@ def test_bad_inputs_are_one_line_and_a_batch_without_queries_predicts_nothing():
     with pytest.raises(MetalearnError, match=r"got \[3, 1\] per class in task 1 \(task 0 has \[2, 2\]\)"):
         model.meta_loss(uneven_second)
     beyond = TaskBatch(x, torch.tensor([[0, 1, 0, 2], [0, 1, 0, 1]]), x[:, :2], torch.tensor([[0, 1], [0, 1]]), ways=2)
-    with pytest.raises(MetalearnError, match=r"support labels must lie in 0..1 \(ways=2\); got labels from 0 to 2"):
+    with pytest.raises(MetalearnError, match=r"support_y has class ids \[2\] outside 0..1, the tasks being 2-way"):
         model.predict(beyond)
 
 
@@ -497,6 +498,11 @@ def test_sample_and_plot_from_the_command_line_and_their_errors(tmp_path, omnigl
                          capsys)
     assert code == 0, err
     assert (tmp_path / "grid.png").stat().st_size > 1000 and "grid.png" in out
+    # in Python, one folder as a str or a Path, as predict_run takes one query path
+    from metalearn.api import sample_run
+
+    for support in (str(folder), folder):
+        assert sample_run(statistician, support, num=2, out=tmp_path / "one.png") == tmp_path / "one.png"
     code, out, err = run(["plot", statistician, "--data-dir", omniglot_data_dir], capsys)
     assert code == 0 and (statistician / "plots" / "conditional_samples.png").exists(), err
     assert plot_image_rows  # the grid drawer is public
@@ -550,3 +556,27 @@ def test_a_run_saved_before_conv_norm_and_sample_dropout_keeps_its_networks(tmp_
 
     fresh = resolve_config("statistician", {"dataset": "omniglot"}).method_config
     assert fresh["conv_norm"] == "batch" and fresh["sample_dropout"] == 0.2
+
+
+def test_a_malformed_batch_is_refused_in_one_line_as_by_the_other_methods():
+    """meta_loss and predict check the batch as ProtoNets' do (check_task_batch): support and
+    query of different task counts gave logits over support x tasks 'classes' without a word."""
+    learner = tiny()
+    x = binary_images(2, 4)
+    labels = torch.tensor([[0, 1, 0, 1]] * 2)
+    good = TaskBatch(x, labels, x[:, :2], labels[:, :2], ways=2)
+    cases = {
+        "fewer query tasks": (TaskBatch(x, labels, x[:1, :2], labels[:1, :2], ways=2),
+                              r": the batch.s tensors have different numbers of tasks \(first axis: support_x 2"),
+        "int32 labels": (TaskBatch(x, labels.int(), x[:, :2], labels[:, :2], ways=2), r": the batch.s support_y is torch.int32"),
+        "no task axis": (TaskBatch(x[0], labels[0], x[0, :2], labels[0, :2], ways=2),
+                         r": support_y must be \(tasks, examples\)"),
+        "no channel axis": (TaskBatch(x[:, :, 0], labels, x[:, :2, 0], labels[:, :2], ways=2),
+                            r" takes sets of 1x28x28 images, shaped \(sets, n, 1, 28, 28\); got \(2, 4, 28, 28\)"),
+    }
+    for name, (bad, message) in cases.items():
+        for call in (learner.meta_loss, learner.predict):
+            with pytest.raises(MetalearnError, match=rf"^statistician{message}") as caught:
+                call(bad)
+            assert "\n" not in str(caught.value), name
+    assert learner.predict(good).shape == (2, 2, 2)

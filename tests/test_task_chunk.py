@@ -100,7 +100,7 @@ def test_the_memory_module_refuses_chunks(tmp_path):
             build_trainer(config, tmp_path / "run")
 
 
-@pytest.mark.parametrize("value,message", [("two", "or auto, got 'two'"), (-1, ">= 0"), (True, ">= 0")])
+@pytest.mark.parametrize("value,message", [("two", "or auto, got 'two'"), (-1, ">= 0"), (True, "must be str or int, got True")])
 def test_bad_task_chunks_are_refused(value, message):
     with pytest.raises(ConfigError, match=message):
         resolve_config("maml", task={"dataset": "sinusoid"}, train={"task_chunk": value})

@@ -1000,3 +1000,40 @@ def test_steps_0_trains_nothing_says_so_and_tests_the_initial_weights(tmp_path, 
     initial = build_learner("maml", config.method_config, problem_of(config.task))
     for name, value in load_trained(tmp_path)[1].state_dict().items():
         assert torch.equal(value, initial.state_dict()[name]), name
+
+
+def test_the_python_api_refuses_what_its_signatures_do_not_take_in_one_line(tmp_path):
+    """What a user of the Python API plausibly passes wrong: a dict for a RunConfig, a file for a
+    run folder, a misspelt option, an unknown part, a seed or episode count that is no count, a
+    list of runs for compare's {label: run}. Each is a MetalearnError naming what is wanted."""
+    from metalearn.api import train
+    from metalearn.uncertainty import compare_learners
+
+    config = resolve_config("maml", task={"dataset": "sinusoid"},
+                            train={"steps": 1, "meta_batch_size": 2, "val_every": 0, "eval_episodes": 2})
+    with pytest.raises(MetalearnError, match="train takes a RunConfig .*got dict"):
+        train(config.to_dict(), run_dir=tmp_path / "dict", progress=False)
+    file = tmp_path / "notes.txt"
+    file.write_text("not a run")
+    with pytest.raises(MetalearnError, match=f"{file} is a file, not a folder; give a folder path"):
+        train(config, run_dir=file, progress=False)
+    with pytest.raises(MetalearnError, match="TaskConfig has no option\\(s\\) 'shot'; known: .*shots"):
+        resolve_config("maml", task={"dataset": "sinusoid", "shot": 5})
+    with pytest.raises(MetalearnError, match="TrainConfig has no option\\(s\\) 'stepz'"):
+        resolve_config("maml", task={"dataset": "sinusoid"}, train={"stepz": 5})
+    with pytest.raises(MetalearnError, match="resolve_config's task is a dict of options"):
+        resolve_config("maml", task="sinusoid")
+    run_dir, _ = train(config, run_dir=tmp_path / "run", progress=False, evaluate_after=False)
+    for kwargs, message in (({"part": "testing"}, "unknown split part 'testing': give test, val or train"),
+                            ({"seed": "1"}, "seed must be a whole number from 0 to"),
+                            ({"seed": -1}, "seed must be a whole number from 0 to"),
+                            ({"episodes": 0}, "episodes must be a whole number of at least 1, got 0")):
+        with pytest.raises(MetalearnError, match=message):
+            evaluate_run(run_dir, progress=False, **kwargs)
+    assert not list(run_dir.glob("eval*.json"))
+    with pytest.raises(MetalearnError, match="compare_learners takes \\{label: run directory\\}, got list"):
+        compare_learners([run_dir], episodes=2)
+    with pytest.raises(MetalearnError, match="unknown split part 'Test'"):
+        compare_learners({"maml": run_dir}, episodes=2, part="Test")
+    with pytest.raises(MetalearnError, match="grid_points must be a whole number of at least 1, got 0"):
+        compare_learners({"maml": run_dir}, episodes=2, grid_points=0)

@@ -33,6 +33,16 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
     for this method and task (its ``paper_defaults``), or ``preset``'s (one of the method's
     ``presets``, e.g. MAML's ``"maml++"``), or, when resuming, the value saved in the run directory."""
 
+    for name, given, fields in (("task", task, TaskConfig), ("train", train, TrainConfig), ("method_config",
+                                                                                            method_config, None)):
+        if given is not None and not isinstance(given, dict):
+            raise MetalearnError(f"resolve_config's {name} is a dict of options, e.g. {{\"ways\": 5}}, got "
+                                 f"{type(given).__name__} {given!r}")
+        known = {f.name for f in dataclasses.fields(fields)} if fields is not None else None
+        unknown = sorted(set(given or {}) - known) if known is not None else []
+        if unknown:
+            raise MetalearnError(f"{fields.__name__} has no option(s) {', '.join(map(repr, unknown))}; known: "
+                                 f"{', '.join(sorted(known))}")
     task, method_config, train = dict(task or {}), dict(method_config or {}), dict(train or {})
     cls = method_class(method)
     if preset is not None:
@@ -187,6 +197,9 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
     schedule (cosine annealing, derivative-order switch) compared at equal steps."""
     from metalearn.training import check_stop_at, now
 
+    if not isinstance(config, RunConfig):
+        raise MetalearnError(f"train takes a RunConfig (from resolve_config, or RunConfig.from_dict of a saved "
+                             f"config.json), got {type(config).__name__}")
     started = now()
     if time_limit_s is not None and not (isinstance(time_limit_s, (int, float)) and time_limit_s > 0):
         raise MetalearnError(f"the time limit must be a positive number of seconds, got {time_limit_s!r}")
@@ -286,7 +299,15 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     class of another folder); the file is named ``eval-split_fractions=0,0,1.json`` or
     ``eval-split_file=<file stem>.json``.
     """
+    from metalearn.config import MAX_SEED
+    from metalearn.evaluation import check_count
+
     check_protocol_or_ensemble(protocol, ensemble)
+    if episodes is not None:
+        check_count(episodes, "episodes")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise MetalearnError(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
+    part_seed_offset(part)  # an unknown part, before the run is loaded
     config, learner, step = load_trained(run_dir, overrides)
     config, split_labels = with_split(config, split_fractions, split_file)
     if ensemble and type(learner).episode_scores is not MetaLearner.episode_scores:
@@ -857,8 +878,8 @@ def generative_run(run_dir: Path | str) -> RunConfig:
     return config
 
 
-def sample_run(run_dir: Path | str, support: list[Path | str], num: int = 20, out: Path | str | None = None,
-               seed: int = 0) -> Path:
+def sample_run(run_dir: Path | str, support: Path | str | list[Path | str], num: int = 20,
+               out: Path | str | None = None, seed: int = 0) -> Path:
     """Draw ``num`` new images of the character shown by the ``support`` images (files or
     folders) with the trained generative method of ``run_dir``, and save them as a PNG grid
     (the inputs in the first row, the samples beneath) at ``out`` (default
@@ -874,7 +895,7 @@ def sample_run(run_dir: Path | str, support: list[Path | str], num: int = 20, ou
     if not isinstance(num, int) or num < 1:
         raise MetalearnError(f"--num must be a whole number of at least 1, got {num!r}")
     config = generative_run(run_dir)
-    files = support_files(support)
+    files = support_files([support] if isinstance(support, (str, Path)) else list(support))
     _, learner, step = load_trained(run_dir)
     images = []
     for file in files:

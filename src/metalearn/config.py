@@ -9,12 +9,12 @@ from typing import Any
 
 from metalearn.errors import ConfigError, MetalearnError, require_number
 from metalearn.datasets import get_dataset
-from metalearn.options import option
+from metalearn.options import option, options
 
 MAX_SEED = 2**62 - 1  # seeds plus their offsets (validation, test episodes) stay in torch's range
 
 
-@dataclass(frozen=True)
+@options
 class TaskConfig:
     """Which tasks: dataset, split, and episode shape for training and for testing.
 
@@ -82,7 +82,7 @@ class TaskConfig:
         )
 
 
-@dataclass(frozen=True)
+@options
 class TrainConfig:
     """The outer loop: ``steps`` meta-updates of ``meta_batch_size`` tasks with ``meta_optimizer``
     (adam, or sgd for plain steps such as Reptile's) at ``meta_lr``, halved every

@@ -11,6 +11,7 @@ from torch import nn
 
 from metalearn.algorithms.base import MetaLearner, device_of, evaluating, prediction_scores
 from metalearn.distributed import World
+from metalearn.errors import MetalearnError
 from metalearn.tasks import TaskSource
 from metalearn.tasks.batch import TaskBatch
 
@@ -27,6 +28,13 @@ def episode_scores(learner: MetaLearner, batch, per_step: bool = True) -> torch.
 
 
 EPISODE_CHUNK = 50  # episodes drawn per batch: the draws, and so the episodes, depend on it
+
+
+def check_count(value: Any, name: str) -> None:
+    """A number of episodes (or of episodes per chunk) is a whole number of at least 1: 0 would
+    score nothing, a fraction fail inside torch, and a chunk of 0 never end."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MetalearnError(f"{name} must be a whole number of at least 1, got {value!r}")
 
 
 def evaluate(
@@ -62,6 +70,8 @@ def evaluate(
     non-finite, on purpose: a score that leaves them out would flatter the method. Where some
     but not all diverged, ``mean_of_finite`` is the mean of the others.
     """
+    check_count(episodes, "episodes")
+    check_count(chunk, "chunk")
     generator = torch.Generator().manual_seed(seed)
     device = device_of(learner)  # world.device when the API built it; any device for a learner of your own
     with evaluating(learner):  # the former mode comes back also if an episode raises
@@ -82,7 +92,9 @@ def evaluate(
                 batch = source.sample(size, generator, tasks=share).to(device)
                 metric = batch_metric(batch)
                 if share.stop > share.start:  # a chunk smaller than the number of ranks
-                    scores.append(episode_scores(learner, batch, per_step))
+                    # detached: a learner that adapts without gradient steps (a plain embedding) would
+                    # otherwise keep each chunk's graph, and float() of a score warn of it
+                    scores.append(episode_scores(learner, batch, per_step).detach())
                 remaining -= size
                 if bar is not None:
                     bar.update(size)

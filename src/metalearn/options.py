@@ -2,9 +2,11 @@
 
 Every option of a method (its ``Config`` dataclass) and of a run (``TaskConfig``,
 ``TrainConfig``) is declared with :func:`option`; the command line builds its flags from these
-fields (``inner_lr`` -> ``--inner-lr`` with this help), so a new method needs no CLI edit::
+fields (``inner_lr`` -> ``--inner-lr`` with this help), so a new method needs no CLI edit.
+:func:`options` makes the class a frozen dataclass whose values are checked against their
+declared types when it is built::
 
-    @dataclass(frozen=True)
+    @options
     class Config:
         inner_lr: float = option(0.4, "step size of the inner-loop gradient steps (MAML's alpha)")
 """
@@ -12,7 +14,56 @@ fields (``inner_lr`` -> ``--inner-lr`` with this help), so a new method needs no
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from typing import Any
+
+from metalearn.errors import ConfigError
+
+_CHECKED = (bool, int, float, str, type(None))  # the declared types checked; others are the class's own affair
+
+
+def options(cls: type) -> type:
+    """``@dataclass(frozen=True)`` for a configuration class, whose ``__post_init__`` (if it
+    has one) runs after :func:`check_option_types`: a value of the wrong type is refused by
+    name before any check compares it (``first_order="false"`` would otherwise be a true value,
+    ``steps=2.5`` trains 3 steps, ``ways="5"`` fails inside a comparison)."""
+    own = cls.__dict__.get("__post_init__")
+
+    def __post_init__(self) -> None:
+        check_option_types(self)
+        if own is not None:
+            own(self)
+
+    cls.__post_init__ = __post_init__
+    return dataclasses.dataclass(frozen=True)(cls)
+
+
+def check_option_types(config: Any) -> None:
+    """Refuse a field whose value is not of its declared type, where that type is bool, int,
+    float, str or a union of them with None (an int is a float; a bool is neither)."""
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        expected = hints.get(field.name)
+        allowed = typing.get_args(expected) if isinstance(expected, types.UnionType) or (
+            typing.get_origin(expected) is typing.Union) else (expected,)
+        if not all(t in _CHECKED for t in allowed):
+            continue
+        value = getattr(config, field.name)
+        if not any(_is(value, t) for t in allowed):
+            names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+            spelled = " (true or false)" if allowed == (bool,) else ""
+            raise ConfigError(type(config).__name__, field.name, f"must be {names}{spelled}, got {value!r}")
+
+
+def _is(value: Any, expected: type) -> bool:
+    if expected is type(None):
+        return value is None
+    if expected is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # True is an int to Python, not a count or a rate to a user
+        return False
+    return isinstance(value, (int, float) if expected is float else expected)
 
 
 def option(default: Any, help: str, aliases: tuple[str, ...] = ()) -> Any:

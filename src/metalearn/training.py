@@ -35,7 +35,10 @@ TRAINING_CLASSES_SEED_OFFSET = 3_000_017  # `metalearn eval --part train`
 
 def part_seed_offset(part: str) -> int:
     """What an evaluation of ``part`` adds to its seed: each part its own episode stream, so that
-    on a regression family (one family for every part) the parts still score different tasks."""
+    on a regression family (one family for every part) the parts still score different tasks.
+    Another name than train, val or test is refused (it would silently score the test part)."""
+    if part not in ("train", "val", "test"):
+        raise MetalearnError(f"unknown split part {part!r}: give test, val or train")
     return {"val": VALIDATION_SEED_OFFSET, "train": TRAINING_CLASSES_SEED_OFFSET}.get(part, TEST_SEED_OFFSET)
 
 
@@ -575,6 +578,8 @@ def build_trainer(config: RunConfig, run_dir: Path | str | None = None, data_dir
     lock (``run_dir`` may then be None) and drops it, so a dry run refuses what training would."""
     if resume and run_dir is None:
         raise MetalearnError("--resume needs --run-dir, the run to continue")
+    if run_dir is not None and Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise MetalearnError(f"{run_dir} is a file, not a folder; give a folder path")  # as the CLI says of any path
     hold = lock_for_training(RunDir(run_dir), world) if lock and run_dir is not None else None
     try:
         return _build_trainer(config, run_dir, data_dir, resume, world, progress, hold)

@@ -193,8 +193,16 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     from metalearn.datasets import get_dataset
     from metalearn.training import part_seed_offset
 
+    from metalearn.evaluation import check_count
+
+    if not isinstance(runs, dict):
+        raise MetalearnError(f"compare_learners takes {{label: run directory}}, got {type(runs).__name__}; e.g. "
+                             "{Path(d).name: d for d in run_dirs}")
     if not runs:
         raise MetalearnError("compare_learners needs at least one run directory")
+    for value, name in ((episodes, "episodes"), (chunk, "chunk"), (grid_points, "grid_points")):
+        check_count(value, name)
+    part_seed_offset(part)  # an unknown part, before any run is loaded
     taken = [label for label in runs if label in RESULT_KEYS or not label]
     if taken:  # a run's entry would overwrite the result's own field, or have no name
         raise MetalearnError(f"compare_learners cannot label a run {taken[0]!r}: the result uses "

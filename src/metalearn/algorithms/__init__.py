@@ -9,6 +9,7 @@ trainer, the evaluator and every command of the CLI then work for it unchanged.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from typing import Any
 
@@ -43,20 +44,37 @@ def register_method(cls: type[MetaLearner]) -> type[MetaLearner]:
     train``; usable as a class decorator. Returns ``cls``.
 
     A method of your own is one module: a :class:`MetaLearner` subclass with a ``name``, a
-    frozen ``Config`` dataclass of its options (declared with :func:`metalearn.options.option`)
+    ``Config`` class of its options (:func:`metalearn.options.options`, fields declared with
+    :func:`metalearn.options.option`)
     and ``build``, ``meta_loss`` and ``predict``, registered with this function (see "Adding a
     method" in ``docs/design.md``). :func:`build_learner`, :func:`metalearn.resolve_config`, the
     trainer and, in a process that has registered it, the command line then take it by name. A
     second registration under a name replaces the first, a built-in method's too.
 
     Raises :class:`MetalearnError` when ``cls`` is not a :class:`MetaLearner` subclass, when its
-    ``Config`` is not a dataclass, when an option shares its name with a task or training
-    option (both would be one command-line flag), and when its ``legacy_defaults`` name an
-    option the ``Config`` lacks or a value it refuses."""
+    ``name`` is not a command-line name (lower-case letters, digits, ``-``, ``_``, ``+``), when
+    it does not define ``build``, ``meta_loss`` and ``predict``, when its ``Config`` is not a
+    dataclass or has an option without a default, when an option shares its name with a task
+    or training option (both would be one command-line flag), and when its ``legacy_defaults``
+    name an option the ``Config`` lacks or a value it refuses."""
     if not (isinstance(cls, type) and issubclass(cls, MetaLearner)):
         raise MetalearnError(f"{cls!r} is not a MetaLearner subclass")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_+-]*", name):
+        raise MetalearnError(f"{cls.__name__}.name must be the method's command-line name: lower-case letters, "
+                             f"digits, '-', '_' or '+' (e.g. 'support-mean'), got {name!r}")
+    own = cls.__mro__[:cls.__mro__.index(MetaLearner)]  # the classes between cls and MetaLearner
+    missing = [m for m in ("build", "meta_loss", "predict") if not any(m in k.__dict__ for k in own)]
+    if missing:
+        raise MetalearnError(f"{cls.__name__} does not define {', '.join(missing)}: a method builds itself for a "
+                             "problem, gives a meta-loss to train on and predicts query labels")
     if not dataclasses.is_dataclass(getattr(cls, "Config", None)):
         raise MetalearnError(f"{cls.__name__}.Config must be a dataclass of the method's options")
+    required = [f.name for f in dataclasses.fields(cls.Config)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if required:
+        raise MetalearnError(f"{cls.__name__}.Config's option(s) {', '.join(required)} have no default: every "
+                             "option needs one (option(default, \"help\"))")
     check_option_names(cls)
     check_legacy_defaults(cls)
     METHODS[cls.name] = cls
@@ -131,9 +149,10 @@ def _coerce(owner: str, option: str, value: Any, expected: Any) -> Any:
     return value
 
 
-def build_learner(name: str, values: dict[str, Any], problem: Problem) -> MetaLearner:
+def build_learner(name: str, values: dict[str, Any] | Any | None, problem: Problem) -> MetaLearner:
     """A ready-to-train method by name (a key of ``METHODS``), with its config given as a dict
-    of option values (missing options take the ``Config``'s defaults, not the paper's: see
+    of option values, as the method's ``Config`` or None (missing options take the ``Config``'s
+    defaults, not the paper's: see
     :func:`metalearn.resolve_config` for those), built for ``problem``'s input shape and output
     size. The learner remembers ``problem`` (image size, channels, ways for
     :meth:`MetaLearner.task_batch`).
@@ -141,6 +160,17 @@ def build_learner(name: str, values: dict[str, Any], problem: Problem) -> MetaLe
     Raises :class:`MetalearnError` for an unknown method or option name and for a value of the
     wrong type (a :class:`~metalearn.errors.ConfigError` naming the option), and whatever the
     method's ``build`` refuses (a classification-only method for a regression problem)."""
+    config_class = method_class(name).Config
+    if isinstance(values, config_class):  # a Config built already: its values, checked as a dict's are
+        values = dataclasses.asdict(values)
+    elif values is None:
+        values = {}
+    elif not isinstance(values, dict):
+        raise MetalearnError(f"build_learner takes the options as a dict (or a {config_class.__name__}), got "
+                             f"{type(values).__name__}")
+    if not isinstance(problem, Problem):
+        raise MetalearnError(f"build_learner takes a Problem (input_shape, output_dim, classification), got "
+                             f"{type(problem).__name__}; e.g. Problem((1, 28, 28), 5, True)")
     learner = method_class(name).build(make_method_config(name, values), problem)
     learner.problem = problem  # the tasks it was built for: image size, channels, ways (MetaLearner.task_batch)
     return learner

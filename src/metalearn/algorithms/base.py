@@ -301,6 +301,20 @@ def check_input_dtype(method: str, model: nn.Module, batch: TaskBatch) -> None:
                              f"it so) or the learner (learner.to({inputs}))")
 
 
+def require_task_batch(method: str, batch: Any) -> None:
+    """A TaskBatch of tensors, or a one-line error naming what is wanted (a tensor of images
+    passed to ``predict``, a batch of NumPy arrays)."""
+    if not isinstance(batch, TaskBatch):
+        raise MetalearnError(f"{method}: takes a TaskBatch (support_x, support_y, query_x, query_y), got "
+                             f"{type(batch).__name__}; for images and labels of your own use "
+                             "learner.fit_predict(support_x, support_y, query_x) or learner.task_batch(...)")
+    for name in ("support_x", "support_y", "query_x", "query_y"):
+        value = getattr(batch, name)
+        if not isinstance(value, torch.Tensor):
+            raise MetalearnError(f"{method}: the batch's {name} is a {type(value).__name__}; a TaskBatch holds "
+                                 "tensors (torch.as_tensor(...))")
+
+
 def check_task_batch(method: str, batch: TaskBatch, *, training: bool = False) -> None:
     """Refuse, with a one-line :class:`MetalearnError`, a TaskBatch given through the Python API
     that is not shaped as :class:`~metalearn.tasks.batch.TaskBatch` says, before torch fails on it
@@ -315,6 +329,7 @@ def check_task_batch(method: str, batch: TaskBatch, *, training: bool = False) -
 
     Regression targets (float) need one row per example, support and query shaped alike. Costs
     one device synchronisation for the class labels' range."""
+    require_task_batch(method, batch)
     sx, sy, qx, qy = batch.support_x, batch.support_y, batch.query_x, batch.query_y
     tensors = {"support_x": sx, "support_y": sy, "query_x": qx, "query_y": qy}
     for name in ("support_x", "query_x"):
@@ -410,6 +425,7 @@ def check_network_fits(learner: MetaLearner, batch: TaskBatch, *, training: bool
     name a class the task lacks) or than the regression targets (the squared error would
     broadcast silently). The network is checked once per input and target shape, with a
     forward pass of two support examples."""
+    require_task_batch(learner.name, batch)
     if not batch.ways and not torch.is_floating_point(batch.query_y):
         raise MetalearnError(f"{learner.name}: this TaskBatch has class labels but ways=0; give TaskBatch(..., "
                              "ways=N), the number of classes per task")
@@ -440,6 +456,7 @@ def check_embedding_fits(learner: MetaLearner, batch: TaskBatch, *, training: bo
     imply), inputs of the network's floating-point type, and a network that takes them and
     embeds each example as one vector, of ``width`` features when given (the size Matching
     Nets' LSTMs were built for). The network is checked once per input shape."""
+    require_task_batch(learner.name, batch)
     if torch.is_floating_point(batch.query_y) or torch.is_floating_point(batch.support_y):
         raise MetalearnError(f"{learner.name} classifies: the batch's labels must be class ids (long), got "
                              f"{batch.support_y.dtype} and {batch.query_y.dtype}")

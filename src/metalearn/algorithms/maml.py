@@ -22,7 +22,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -34,14 +33,14 @@ from metalearn.algorithms.inner_loop import (Params, check_inner_loop_options, g
                                               normalisation_parameters)
 from metalearn.datasets import NATURAL_IMAGES
 from metalearn.errors import ConfigError, MetalearnError
-from metalearn.options import option
+from metalearn.options import option, options
 from metalearn.models import build_model
 from metalearn.models.norm import (BatchStatNorm, collect_batch_statistics, first_order_batch_norm, inner_step,
                                    native_batch_norm)
 from metalearn.tasks.batch import TaskBatch
 
 
-@dataclass(frozen=True)
+@options
 class MAMLConfig:
     """inner_lr: the paper's alpha; inner_steps / test_inner_steps: gradient steps on the
     support set during meta-training / at test time; first_order: drop second derivatives;

@@ -41,7 +41,7 @@ from torch.func import functional_call, grad, vmap
 from metalearn.algorithms.base import MetaLearner, Problem
 from metalearn.distributed import current_world
 from metalearn.errors import ConfigError, require_number
-from metalearn.options import option
+from metalearn.options import option, options
 
 Params = dict[str, Tensor]
 
@@ -50,7 +50,7 @@ BACKTRACK_RATIO = 0.8       # and backtrack_ratio
 BASELINE_REG = 1e-5         # LinearFeatureBaseline's reg_coeff
 
 
-@dataclass(frozen=True)
+@options
 class MAMLRLConfig:
     """The paper's settings (appendix A.2 and the authors' ``maml_rl`` code) are the defaults."""
 

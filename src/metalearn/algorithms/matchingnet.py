@@ -28,7 +28,6 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +36,7 @@ from torch import Tensor, nn
 from metalearn.algorithms.base import MetaLearner, check_embedding_fits, require_functional_model, Problem, accuracy
 from metalearn.algorithms.protonet import DISTANCES, embed_episodes, num_ways, similarities
 from metalearn.errors import ConfigError, MetalearnError, require_number
-from metalearn.options import option
+from metalearn.options import option, options
 from metalearn.models import build_model, output_size
 from metalearn.models.norm import first_order_batch_norm
 from metalearn.tasks.batch import TaskBatch
@@ -47,7 +46,7 @@ from metalearn.tasks.batch import TaskBatch
 OMNIGLOT_ATTENTION_SCALE = 10.0
 
 
-@dataclass(frozen=True)
+@options
 class MatchingNetConfig:
     """full_context_embeddings: embed the support set with a bidirectional LSTM and the query
     with an attention LSTM (appendix A.2) instead of the CNN alone; processing_steps: the

@@ -65,7 +65,6 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -78,14 +77,14 @@ from metalearn.algorithms.protonet import embed_episodes
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.models import MODELS, build_model, output_size
 from metalearn.models.norm import first_order_batch_norm
-from metalearn.options import option
+from metalearn.options import option, options
 from metalearn.tasks.batch import TaskBatch
 
 OWNER = "MemoryModule.Config"
 EMPTY = -1  # the value of a slot never written
 
 
-@dataclass(frozen=True)
+@options
 class MemoryConfig:
     """The memory's shape and rules, and the network that makes the queries."""
 

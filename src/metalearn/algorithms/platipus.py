@@ -49,7 +49,6 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,13 +61,13 @@ from metalearn.algorithms.inner_loop import (Params, check_inner_loop_options, g
                                             sgd_step)
 from metalearn.datasets import NATURAL_IMAGES
 from metalearn.errors import ConfigError, MetalearnError, require_number
-from metalearn.options import option
+from metalearn.options import option, options
 from metalearn.models import build_model
 from metalearn.models.norm import first_order_batch_norm
 from metalearn.tasks.batch import TaskBatch
 
 
-@dataclass(frozen=True)
+@options
 class PLATIPUSConfig:
     """inner_lr: MAML's alpha, fixed; inner_steps / test_inner_steps: gradient steps on the
     support set from each sampled theta during meta-training / at test time; num_samples:

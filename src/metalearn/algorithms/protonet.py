@@ -24,7 +24,6 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +33,7 @@ from torch.func import functional_call
 from metalearn.algorithms.base import (MetaLearner, check_embedding_fits, check_input_dtype, require_functional_model,
                                       Problem, accuracy)
 from metalearn.errors import ConfigError, MetalearnError
-from metalearn.options import option
+from metalearn.options import option, options
 from metalearn.models import build_model
 from metalearn.models.norm import first_order_batch_norm
 from metalearn.tasks.batch import TaskBatch
@@ -42,7 +41,7 @@ from metalearn.tasks.batch import TaskBatch
 DISTANCES = ("euclidean", "cosine")
 
 
-@dataclass(frozen=True)
+@options
 class ProtoNetConfig:
     """distance: ``euclidean`` (squared Euclidean, the paper's choice) or ``cosine`` (the
     paper's comparison, section 3.1); model: the embedding network (see ``metalearn.models``;

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -53,7 +52,7 @@ from metalearn.algorithms.base import MetaLearner, check_network_fits, require_f
 from metalearn.algorithms.inner_loop import Params, check_inner_loop_options, loss_gradient, sgd_step
 from metalearn.datasets import NATURAL_IMAGES
 from metalearn.errors import ConfigError, MetalearnError
-from metalearn.options import option
+from metalearn.options import option, options
 from metalearn.models import build_model
 from metalearn.models.norm import first_order_batch_norm
 from metalearn.tasks.batch import TaskBatch
@@ -65,7 +64,7 @@ PREDICT_ORDER_SEED = 0  # the test-time mini-batch order, one for every task: a 
 NON_TRANSDUCTIVE_IMAGES = 4096  # images per forward pass when query examples are classified singly
 
 
-@dataclass(frozen=True)
+@options
 class ReptileConfig:
     """inner_optimizer: ``adam`` or ``sgd`` for the task-specific training, at ``inner_lr``;
     inner_beta1 / inner_beta2: Adam's moment decay rates (the reference code uses beta1 = 0,

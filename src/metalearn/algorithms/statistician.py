@@ -40,16 +40,15 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalearn.algorithms.base import MetaLearner, Problem, evaluating
+from metalearn.algorithms.base import MetaLearner, Problem, check_task_batch, evaluating
 from metalearn.distributed import current_world
 from metalearn.errors import ConfigError, MetalearnError
-from metalearn.options import option
+from metalearn.options import option, options
 from metalearn.tasks.batch import TaskBatch
 
 OWNER = "NeuralStatistician.Config"
@@ -63,7 +62,7 @@ LOGVAR_RANGE = (-12.0, 8.0)  # keeps exp() finite in float32 while the networks 
 IMAGES_PER_PASS = 512
 
 
-@dataclass(frozen=True)
+@options
 class StatisticianConfig:
     """The networks of appendix B.1 (Omniglot) and the training objective."""
 
@@ -415,6 +414,12 @@ class NeuralStatistician(MetaLearner):
         x = torch.take_along_dim(batch.support_x, order.view(*order.shape, 1, 1, 1), dim=1)
         return x.reshape(-1, int(counts[0, 0]), *batch.support_x.shape[2:])
 
+    def _check_batch(self, batch: TaskBatch, training: bool = False) -> None:
+        """A batch as TaskBatch's contract says (:func:`~metalearn.algorithms.base.check_task_batch`),
+        of 1x28x28 images."""
+        check_task_batch(self.name, batch, training=training)
+        self._check_images(batch.support_x)
+
     def _check_images(self, sets: Tensor) -> None:
         if sets.dim() != 5 or tuple(sets.shape[2:]) != (1, IMAGE_SIZE, IMAGE_SIZE):
             raise MetalearnError(f"statistician takes sets of 1x{IMAGE_SIZE}x{IMAGE_SIZE} images, shaped (sets, n, 1, "
@@ -535,6 +540,7 @@ class NeuralStatistician(MetaLearner):
         support sets; metrics: ``bound`` (the plain bound, nats per image), its terms
         ``reconstruction`` (-R_D/n), ``kl_context`` (C_D/n), ``kl_latent`` (L_D/n), and the KL
         classifier's ``accuracy`` on the batch's queries."""
+        self._check_batch(batch, training=True)
         raw = self.support_sets(batch)
         self._check_images(raw)
         noise = self.set_noise(raw, self.step, self.config.binarize == "dynamic", training=True)
@@ -557,7 +563,9 @@ class NeuralStatistician(MetaLearner):
 
     def logits(self, batch: TaskBatch) -> Tensor:
         """-D_KL between each class's q(c | D_i) and each query's q(c | {x}), in the configured
-        direction: (tasks, n_query, ways)."""
+        direction: (tasks, n_query, ways). A batch that breaks TaskBatch's contract is refused in
+        one line (:func:`~metalearn.algorithms.base.check_task_batch`)."""
+        self._check_batch(batch)
         tasks, n_query = batch.query_x.shape[:2]
         class_mean, class_logvar = self.context(self.support_sets(batch))  # (tasks*ways, d)
         query_mean, query_logvar = self.context(batch.query_x.reshape(tasks * n_query, 1, *batch.query_x.shape[2:]))

@@ -32,7 +32,7 @@ def is_image_file(path: Path) -> bool:
 
 def check_channels(channels: int) -> None:
     if channels not in CHANNEL_MODES:
-        raise MetalearnError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
+        raise MetalearnError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
 
 
 def pil_to_array(img: Image.Image, image_size: int, channels: int) -> np.ndarray:
@@ -119,9 +119,12 @@ def prepare_images(images: Any, image_size: int, channels: int) -> Tensor:
 
     ``images``: a path or a list of paths (decoded as the dataset cache decodes files), a PIL
     image or a list of them, or a tensor / NumPy array of ``n`` images shaped ``(n, C, H, W)``
-    (or one image ``(C, H, W)`` / ``(H, W)``): uint8 pixels 0-255, or floats in [0, 1]. A tensor
-    of another size or channel count is converted and resized as a file would be (floats are
-    rounded to 8 bits first, as a saved file would be).
+    (or one image ``(C, H, W)`` / ``(H, W)``): uint8 pixels 0-255, or floats in [0, 1]; a list
+    may mix all of these, one image per tensor or array. A tensor of another size or channel
+    count is converted and resized as a file would be (floats are rounded to 8 bits first, as a
+    saved file would be). Refused in one line: channels last (``(H, W, C)``, as NumPy arrays
+    from PIL come: the message says how to permute them), no images, NaN or values outside
+    [0, 1], an ``image_size`` that is not a whole number of pixels.
 
     >>> x = prepare_images(["cat/1.jpg", "cat/2.png"], image_size=84, channels=3)   # (2, 3, 84, 84)
     """
@@ -142,29 +145,38 @@ def prepare_drawings(images: Any, image_size: int, channels: int = 1) -> Tensor:
 def _prepare(images: Any, image_size: int, channels: int, ground: Any) -> Tensor:
     """prepare_images with ``ground(uint8 array)`` applied to each decoded file or PIL image."""
     check_channels(channels)
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise MetalearnError(f"image_size must be a whole number of pixels of at least 1, got {image_size!r}")
     if isinstance(images, (str, Path, Image.Image)):
         images = [images]
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images)
-    if isinstance(images, Tensor):
-        return _prepare_tensor(images, image_size, channels)
-    arrays = []
+    if isinstance(images, (np.ndarray, Tensor)):
+        return _prepare_tensor(_as_tensor(images), image_size, channels)
+    prepared = []
     for item in _as_list(images):
         if isinstance(item, Image.Image):
-            arrays.append(ground(pil_to_array(item, image_size, channels)))
+            prepared.append(to_float(_as_tensor(ground(pil_to_array(item, image_size, channels))[None])))
         elif isinstance(item, (str, Path)):
-            arrays.append(ground(decode_image(Path(item), image_size, channels)))
+            prepared.append(to_float(_as_tensor(ground(decode_image(Path(item), image_size, channels))[None])))
+        elif isinstance(item, (np.ndarray, Tensor)):  # one image (C, H, W) or (H, W), as a tensor would be taken
+            prepared.append(_prepare_tensor(_as_tensor(item), image_size, channels))
         else:
-            raise MetalearnError(f"prepare_images takes image files, PIL images or tensors, got {type(item).__name__}")
-    if not arrays:
+            raise MetalearnError(f"prepare_images takes image files, PIL images, arrays or tensors, got "
+                                 f"{type(item).__name__}")
+    if not prepared:
         raise MetalearnError("prepare_images: no images given")
-    return to_float(torch.from_numpy(np.stack(arrays)))
+    return torch.cat(prepared)
+
+
+def _as_tensor(images: np.ndarray | Tensor) -> Tensor:
+    """A copy of an array (PIL's are read-only, which torch.from_numpy warns of), a tensor as is."""
+    return torch.tensor(images) if isinstance(images, np.ndarray) else images
 
 
 def _as_list(images: Any) -> list:
     if isinstance(images, Iterable):
         return list(images)
-    raise MetalearnError(f"prepare_images takes image files, PIL images or tensors, got {type(images).__name__}")
+    raise MetalearnError(f"prepare_images takes image files, PIL images, arrays or tensors, got "
+                         f"{type(images).__name__}")
 
 
 def _prepare_tensor(images: Tensor, image_size: int, channels: int) -> Tensor:
@@ -173,8 +185,15 @@ def _prepare_tensor(images: Tensor, image_size: int, channels: int) -> Tensor:
     elif images.dim() == 3:
         images = images[None]
     if images.dim() != 4 or images.shape[1] not in (1, 3, 4):
-        raise MetalearnError(f"image tensors are (n, C, H, W) with 1, 3 or 4 channels, got shape {tuple(images.shape)}")
+        last = (": channels last? give x.permute(0, 3, 1, 2) (one image: x.permute(2, 0, 1))"
+                if images.dim() in (3, 4) and images.shape[-1] in (1, 3, 4) else "")
+        raise MetalearnError(f"image tensors are (n, C, H, W) with 1, 3 or 4 channels, got shape "
+                             f"{tuple(images.shape)}{last}")
+    if images.shape[0] == 0:
+        raise MetalearnError("prepare_images: no images given (a tensor of 0 images)")
     if torch.is_floating_point(images):
+        if not bool(torch.isfinite(images).all()):
+            raise MetalearnError("float images must be in [0, 1] (pixels / 255), got NaN or infinite values")
         low, high = float(images.min()), float(images.max())
         if low < 0 or high > 1:
             raise MetalearnError(f"float images must be in [0, 1] (pixels / 255), got values in [{low:.3g}, {high:.3g}]")

@@ -263,3 +263,15 @@ def test_every_option_is_checked_against_its_declared_type(config_class):
                 config_class(**{field.name: value})
         checked += 1
     assert checked >= 1
+
+
+@pytest.mark.parametrize("shape, output_dim, classification, message", [
+    ((1, 28, 28), 0, True, "classes per task \\(at least 2\\), got 0"),
+    ((1, 28, 28), -1, True, "classes per task \\(at least 2\\), got -1"),
+    ((1,), 0, False, "the target's size \\(at least 1\\), got 0"),
+    ([1, 28, 28], 5, True, "a tuple of sizes of at least 1 \\(e.g. \\(1, 28, 28\\)\\), got \\[1, 28, 28\\]"),
+    ((1, 0, 28), 5, True, "got \\(1, 0, 28\\)"),
+])
+def test_a_problem_no_network_can_be_built_for_is_refused(shape, output_dim, classification, message):
+    with pytest.raises(MetalearnError, match=f"^Problem.(input_shape|output_dim) is .*{message}"):
+        Problem(shape, output_dim, classification)

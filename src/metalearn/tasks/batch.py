@@ -103,3 +103,14 @@ class Problem:
     # how new images (files, PIL images, tensors) become inputs like the training ones:
     # ``prepare(images, image_size, channels)``; None: metalearn.data.images.prepare_images
     prepare: Callable[[Any, int, int], Tensor] | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        shape = self.input_shape
+        if not (isinstance(shape, tuple) and shape and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
+                                                             for n in shape)):
+            raise MetalearnError(f"Problem.input_shape is one example's shape, a tuple of sizes of at least 1 "
+                                 f"(e.g. (1, 28, 28)), got {shape!r}")
+        least = 2 if self.classification else 1
+        if isinstance(self.output_dim, bool) or not isinstance(self.output_dim, int) or self.output_dim < least:
+            what = "classes per task (at least 2)" if self.classification else "the target's size (at least 1)"
+            raise MetalearnError(f"Problem.output_dim is {what}, got {self.output_dim!r}")

@@ -156,6 +156,24 @@ def test_prepare_images_is_the_samplers_conversion_and_the_caches_decoding(shape
 # -- the folder dataset ---------------------------------------------------------------------
 
 
+def test_the_folder_loaders_name_what_they_take(shapes, tmp_path):
+    folder = load_image_folder(shapes, 16, 3, cache_dir=tmp_path)
+    for size in (16.0, "16", 2):
+        with pytest.raises(MetalearnError, match=f"image size must be a whole number of at least 4 pixels, got {size!r}"):
+            load_image_folder(shapes, size, 3, cache_dir=tmp_path)
+    with pytest.raises(MetalearnError, match="takes an ImageFolder \\(load_image_folder\\(path, image_size, "
+                                             "channels\\)\\), got PosixPath"):
+        folder_split(shapes, "train")
+    with pytest.raises(MetalearnError, match="fractions are given as text, train,val,test"):
+        folder_split(folder, "train", fractions=(0.5, 0.25, 0.25))
+    with pytest.raises(MetalearnError, match="unknown split part 'testing': give train, val, test"):
+        folder_split(folder, "testing")
+    with pytest.raises(MetalearnError, match="overrides are a dict of method options"):
+        from metalearn.checkpoints import load_trained
+
+        load_trained(tmp_path / "no-run", ["distance"])
+
+
 def test_files_that_are_not_images_are_named_in_one_warning(tmp_path):
     """A class folder's other files (notes, a HEIC photo) are left out with one warning naming
     them; files beside the class folders (a README) and hidden files are left out silently."""
@@ -889,6 +907,13 @@ def test_predict_run_checks_its_outputs_and_writes_all_or_none(shapes, tmp_path,
         with pytest.raises(MetalearnError, match=re.escape(message)):
             predict_run(run_dir, support, query, json_out=out / "p.json", **outputs)
         assert sorted(p.name for p in out.iterdir()) == ["a-file", "a-folder"]  # no p.json
+    # images in memory, or a list of support folders: one line naming what predict_run takes
+    with Image.open(next(Path(query).rglob("*.png"))) as image:
+        for bad_support, bad_query in ((support, image), (support, torch.rand(2, 3, 16, 16)), ([support], query)):
+            with pytest.raises(MetalearnError, match="predict_run takes a support folder and query image files or "
+                                                     "folders \\(paths\\), got a (PngImageFile|Tensor|list); for "
+                                                     "images in memory use learner.fit_predict"):
+                predict_run(run_dir, bad_support, bad_query)
     (out / "p.json").write_text("the previous predictions")
     fsync = os.fsync
 

@@ -831,7 +831,12 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
     if num_samples is not None and not hasattr(learner, "sample_probabilities"):
         raise MetalearnError(f"--samples is for methods that sample models (platipus); {config.method} gives one "
                              "prediction per query: leave --samples out")
-    queries = [query] if isinstance(query, (str, Path)) else list(query)
+    queries = [query] if isinstance(query, (str, Path)) else list(query) if isinstance(query, (list, tuple)) else None
+    if queries is None or not all(isinstance(q, (str, Path)) for q in queries) or not isinstance(support, (str, Path)):
+        given = type(support if not isinstance(support, (str, Path)) else query).__name__
+        raise MetalearnError(f"predict_run takes a support folder and query image files or folders (paths), got a "
+                             f"{given}; for images in memory use learner.fit_predict(support_x, support_y, query_x) "
+                             "on load_trained(run_dir)[1]")
     learner = learner.to(init_world(device).device)
     result = predict_new_classes(learner, support, queries, config.task.image_size, config.task.channels,
                                  num_samples)

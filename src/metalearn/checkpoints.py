@@ -213,6 +213,9 @@ def load_trained(run_dir: Path | str, overrides: dict[str, Any] | None = None,
     ``overrides`` changes options of the method that do not touch its weights (for instance
     the number of test-time steps) for this evaluation only. ``checkpoint``: another of the
     run's checkpoints than its latest (one of ``RunDir.best_checkpoints``)."""
+    if overrides is not None and not isinstance(overrides, dict):
+        raise MetalearnError(f"overrides are a dict of method options, e.g. {{\"test_inner_steps\": 10}}, got "
+                             f"{type(overrides).__name__}")
     run = RunDir(run_dir)
     config = run.read_config()
     state = run.read_checkpoint("config", "learner", "step", path=checkpoint)

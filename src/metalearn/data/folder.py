@@ -421,8 +421,8 @@ def load_image_folder(root: Path | str | None, image_size: int = 84, channels: i
     if root is None:
         raise MetalearnError("an image folder dataset needs --data-dir, the folder of class folders (a run keeps "
                              "no folder path: give it again to resume, evaluate or plot a folder run)")
-    if image_size < 4:
-        raise MetalearnError(f"image size must be at least 4 pixels, got {image_size}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 4:
+        raise MetalearnError(f"image size must be a whole number of at least 4 pixels, got {image_size!r}")
     check_channels(channels)
     root = Path(root)
     scanned = scan_folder(root)
@@ -483,6 +483,11 @@ def parse_fractions(text: str) -> tuple[float, float, float]:
 
 def class_parts(folder: ImageFolder, fractions: str = "", split_file: str = "") -> tuple[str, ...]:
     """The part (train / val / test, or "" for none) of every class of ``folder``."""
+    if not isinstance(folder, ImageFolder):
+        raise MetalearnError(f"takes an ImageFolder (load_image_folder(path, image_size, channels)), got "
+                             f"{type(folder).__name__}")
+    if not isinstance(fractions, str):
+        raise MetalearnError(f"fractions are given as text, train,val,test (e.g. \"0.64,0.16,0.2\"), got {fractions!r}")
     if folder.layout != "classes":
         if fractions or split_file:
             given = "--split-fractions" if fractions else "--split-file"
@@ -565,6 +570,8 @@ def _parts_from_file(folder: ImageFolder, path: Path) -> tuple[str, ...]:
 
 def folder_split(folder: ImageFolder, part: str, fractions: str = "", split_file: str = "") -> ClassPool:
     """The classes of ``part`` (unrotated), or a clear error when the part has none."""
+    if part not in PARTS:
+        raise MetalearnError(f"unknown split part {part!r}: give {', '.join(PARTS)}")
     parts = class_parts(folder, fractions, split_file)
     members = [i for i, p in enumerate(parts) if p == part]
     if not members:

@@ -161,8 +161,8 @@ def test_the_folder_loaders_name_what_they_take(shapes, tmp_path):
     for size in (16.0, "16", 2):
         with pytest.raises(MetalearnError, match=f"image size must be a whole number of at least 4 pixels, got {size!r}"):
             load_image_folder(shapes, size, 3, cache_dir=tmp_path)
-    with pytest.raises(MetalearnError, match="takes an ImageFolder \\(load_image_folder\\(path, image_size, "
-                                             "channels\\)\\), got PosixPath"):
+    with pytest.raises(MetalearnError, match="the folder's split needs an ImageFolder \\(load_image_folder\\(path, "
+                                             "image_size, channels\\)\\), got PosixPath"):
         folder_split(shapes, "train")
     with pytest.raises(MetalearnError, match="fractions are given as text, train,val,test"):
         folder_split(folder, "train", fractions=(0.5, 0.25, 0.25))

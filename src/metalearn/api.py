@@ -295,7 +295,7 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     one of the method's other evaluation protocols (``MetaLearner.protocols``, e.g. the Memory
     Module's ``"lifelong"``) instead of the standard episodes; written to
     ``eval-protocol=<name>.json``. ``split_fractions`` or ``split_file``: for a run on class
-    folders, split ``data_dir``'s classes so instead of as the run did (``"0,0,1"`` scores every
+    folders, split ``data_dir``'s classes this way instead of as the run did (``"0,0,1"`` scores every
     class of another folder); the file is named ``eval-split_fractions=0,0,1.json`` or
     ``eval-split_file=<file stem>.json``.
     """

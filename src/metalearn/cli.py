@@ -278,10 +278,11 @@ def train():
               help="one of the method's own evaluation protocols instead of the standard episodes (the "
                    "Memory Module: lifelong); written to eval-protocol=NAME.json")
 @click.option("--split-fractions", default=None, metavar="TRAIN,VAL,TEST",
-              help="a run on class folders: split --data-dir's classes so instead of as the run did "
-                   "(0,0,1 scores every class of another folder); written to eval-split_fractions=....json")
+              help="a run on class folders: these train,val,test fractions of --data-dir's classes instead of "
+                   "the run's split (0,0,1 scores every class of another folder); written to "
+                   "eval-split_fractions=....json")
 @click.option("--split-file", type=click.Path(path_type=Path), default=None,
-              help="a run on class folders: split --data-dir's classes by this JSON file instead of as the run did")
+              help="a run on class folders: split --data-dir's classes by this JSON file instead of the run's split")
 def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots, query, per_step, progress, device,
                  fast_gpu_kernels, ensemble, protocol, split_fractions, split_file):
     """Evaluate a trained run: mean accuracy (or MSE) with a 95% confidence interval."""

@@ -484,8 +484,8 @@ def parse_fractions(text: str) -> tuple[float, float, float]:
 def class_parts(folder: ImageFolder, fractions: str = "", split_file: str = "") -> tuple[str, ...]:
     """The part (train / val / test, or "" for none) of every class of ``folder``."""
     if not isinstance(folder, ImageFolder):
-        raise MetalearnError(f"takes an ImageFolder (load_image_folder(path, image_size, channels)), got "
-                             f"{type(folder).__name__}")
+        raise MetalearnError(f"the folder's split needs an ImageFolder (load_image_folder(path, image_size, "
+                             f"channels)), got {type(folder).__name__}")
     if not isinstance(fractions, str):
         raise MetalearnError(f"fractions are given as text, train,val,test (e.g. \"0.64,0.16,0.2\"), got {fractions!r}")
     if folder.layout != "classes":

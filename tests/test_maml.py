@@ -914,3 +914,16 @@ def test_predict_is_the_last_step_of_predict_per_step_for_one_query_pass(options
     assert not torch.equal(per_step[0], per_step[-1])
     assert per_step_calls.count(12) == steps + 1 and calls.count(12) == 1  # query passes
     assert per_step_calls.count(6) == calls.count(6) == steps  # inner steps
+
+
+@pytest.mark.parametrize("method", ["maml", "platipus", "reptile", "protonet", "matchingnet"])
+def test_an_empty_query_set_predicts_nothing_without_failing(method):
+    """A task with no query examples gives (tasks, 0, ways): Conv4's batched forward pass inferred
+    a size from 0 examples and failed inside torch for the methods that adapt its head."""
+    from metalearn.algorithms import build_learner
+    from metalearn.tasks.batch import Problem
+
+    learner = build_learner(method, {}, Problem((1, 28, 28), 5, True)).eval()
+    support_x, support_y = torch.rand(2, 5, 1, 28, 28), torch.arange(5).repeat(2, 1)
+    batch = TaskBatch(support_x, support_y, support_x[:, :0], support_y[:, :0], ways=5)
+    assert learner.predict(batch).shape == (2, 0, 5)

@@ -108,7 +108,10 @@ class Conv4(nn.Module):
                 else:
                     h = layer(h)
         # (batch, tasks * C, h, w) -> (batch, tasks, features): each task's channels are contiguous
-        features = h.reshape(batch, tasks, -1) if self.flat_map else h.mean(dim=(-2, -1)).view(batch, tasks, -1)
+        # (sizes spelt out rather than -1: a batch of 0 examples, an empty query set, has none to infer)
+        channels = h.shape[1] // tasks
+        features = (h.reshape(batch, tasks, channels * h.shape[-2] * h.shape[-1]) if self.flat_map
+                    else h.mean(dim=(-2, -1)).view(batch, tasks, channels))
         if isinstance(self.head, nn.Identity):
             return features.transpose(0, 1)
         out = torch.einsum("btf,tof->tbo", features, params["head.weight"])

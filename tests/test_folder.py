@@ -1059,6 +1059,9 @@ def test_a_small_class_folder_names_its_split_options_and_eval_splits_another_fo
     assert json.loads((run_dir / "eval-episodes=3-split_file=five.json").read_text())["split_file"] == str(split)
     code, out, err = run([*scored, "--split-file", split, "--split-fractions", "0,0,1"], capsys)
     one_line_error(code, out, err, "give --split-fractions or --split-file, not both")
+    for missing, what in ((tmp_path / "nope.json", "no such file"), (tmp_path, "a folder")):
+        code, out, err = run([*scored, "--split-file", missing], capsys)
+        one_line_error(code, out, err, f"--split-file {missing}: {what}; give the JSON file")
     config = RunDir(run_dir).read_config()
     omniglot = dataclasses.replace(config, task=dataclasses.replace(config.task, dataset="omniglot"))
     with pytest.raises(MetalearnError, match="applies to runs on class folders .* dataset is omniglot"):

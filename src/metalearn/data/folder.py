@@ -547,6 +547,9 @@ def data_fingerprint(folder: ImageFolder, fractions: str = "", split_file: str =
 
 
 def _parts_from_file(folder: ImageFolder, path: Path) -> tuple[str, ...]:
+    if not path.is_file():
+        raise MetalearnError(f"--split-file {path}: {'a folder' if path.is_dir() else 'no such file'}; give the JSON "
+                             'file {"train": [class, ...], "val": [...], "test": [...]}')
     try:
         spec = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a byte order mark, as Windows editors write
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -197,6 +197,17 @@ def test_export_notes_an_evaluation_of_another_step_and_a_plot_it_did_not_write(
         f"note: {out / 'samples.png'} was not written by this export (from another run or drawn separately?)"]
     assert (out / "samples.png").read_bytes() == b"another run's plot"  # noted, not deleted
     assert json.loads((out / "summary.json").read_text())["step"] == 2
+    # an ensemble averages fixed checkpoints: noted only when the run keeps other best ones now
+    (run_dir / "eval.json").unlink()
+    RunDir(run_dir).keep_best({"step": 1}, 0.5, keep=1, higher_is_better=True)
+    ensemble = {"metric": "mse", "mean": 1.4, "ci95": 0.1, "step": 1, "ensemble": [1]}
+    (run_dir / "eval-ensemble=1.json").write_text(json.dumps(ensemble))
+    code, _, err = cli_runner.run(["export", run_dir, tmp_path / "out2"], capsys)
+    assert code == 0 and err == "", err
+    (run_dir / "eval-ensemble=1.json").write_text(json.dumps({**ensemble, "ensemble": [0]}))
+    code, _, err = cli_runner.run(["export", run_dir, tmp_path / "out3"], capsys)
+    assert err.splitlines() == [f"note: eval-ensemble=1 averaged the checkpoints of steps [0], not the run's best "
+                                f"now ([1]): evaluate {run_dir} --ensemble again"]
 
 
 def test_metrics_lines_that_are_no_record_are_skipped_and_a_damaged_config_is_one_line(tiny_run, tmp_path):

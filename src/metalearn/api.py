@@ -648,7 +648,7 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
     ``summary.json``; a plot already in place (``out_dir`` the run's own ``plots/``) stays.
     ``notes``, when given, receives one line for each thing a reader of the record should
     know: an evaluation of another step's model than the exported checkpoint's (the run
-    trained on after it), and a plot in ``out_dir`` that this export did not write (from an
+    trained on after it; for an ensemble, other checkpoints than the run's best now), and a plot in ``out_dir`` that this export did not write (from an
     earlier export there, left in place: nothing outside the record's own files is deleted)."""
     run = RunDir(run_dir)
     config = run.read_config()
@@ -678,7 +678,15 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
     atomic_write_bytes(out / "summary.json", (summary_json(summary) + "\n").encode())
     if notes is not None:
         for name, result in evaluations.items():
-            if result.get("step") is not None and int(result["step"]) != summary["step"]:
+            if "ensemble" in result:  # fixed checkpoints: stale only when the run keeps others now
+                try:
+                    current = run.best_steps()
+                except MetalearnError:
+                    current = []
+                if sorted(current) != sorted(result["ensemble"]):
+                    notes.append(f"{name} averaged the checkpoints of steps {sorted(result['ensemble'])}, not the "
+                                 f"run's best now ({sorted(current)}): evaluate {run.path} --ensemble again")
+            elif result.get("step") is not None and int(result["step"]) != summary["step"]:
                 notes.append(f"{name} scored the model of step {result['step']}, not the exported step "
                              f"{summary['step']}: evaluate {run.path} again for a record of one step")
         for other in sorted(set(out.glob("*.png")) - set(written)):

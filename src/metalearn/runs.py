@@ -244,6 +244,10 @@ class RunDir:
                                      f"{self.best_dir}: delete best/ and train with --keep-best N again")
         return [self.best_dir / file for file in index]
 
+    def best_steps(self) -> list[int]:
+        """The steps of :meth:`best_checkpoints`, best first."""
+        return [_best_step(path.name) for path in self.best_checkpoints()]
+
     # -- metrics -------------------------------------------------------------------------------
 
     def append_metrics(self, record: dict[str, Any]) -> None:

@@ -932,3 +932,14 @@ def test_durations_read_as_hours_minutes_or_seconds():
 
     assert [format_duration(s) for s in (0, 40.7, 60, 192, 3599, 3600, 31_957)] == [
         "0 s", "40 s", "1 min 0 s", "3 min 12 s", "59 min 59 s", "1 h 0 min", "8 h 52 min"]
+
+
+def test_progress_is_off_when_the_error_output_is_closed_or_has_no_isatty(monkeypatch):
+    """`metalearn train ... 2>&-` leaves sys.stderr None; a replaced stream may lack isatty."""
+    import sys
+
+    from metalearn.cli import show_progress
+
+    for stream in (None, object()):
+        monkeypatch.setattr(sys, "stderr", stream)
+        assert show_progress(None) is False and show_progress(True) is True

@@ -914,6 +914,13 @@ def test_predict_run_checks_its_outputs_and_writes_all_or_none(shapes, tmp_path,
                                                      "folders \\(paths\\), got a (PngImageFile|Tensor|list); for "
                                                      "images in memory use learner.fit_predict"):
                 predict_run(run_dir, bad_support, bad_query)
+    # any iterable of paths is a query (a glob), as is one path
+    globbed = predict_run(run_dir, support, Path(query).rglob("*.png"))
+    assert len(globbed["predictions"]) == len(list(Path(query).rglob("*.png"))) > 0
+    with pytest.raises(MetalearnError, match="--split-fractions are given as text"):
+        from metalearn.api import evaluate_run
+
+        evaluate_run(run_dir, data_dir=shapes, split_fractions=(0, 0, 1), progress=False)
     (out / "p.json").write_text("the previous predictions")
     fsync = os.fsync
 

@@ -269,9 +269,52 @@ def test_every_option_is_checked_against_its_declared_type(config_class):
     ((1, 28, 28), 0, True, "classes per task \\(at least 2\\), got 0"),
     ((1, 28, 28), -1, True, "classes per task \\(at least 2\\), got -1"),
     ((1,), 0, False, "the target's size \\(at least 1\\), got 0"),
-    ([1, 28, 28], 5, True, "a tuple of sizes of at least 1 \\(e.g. \\(1, 28, 28\\)\\), got \\[1, 28, 28\\]"),
+    ((1.5, 28, 28), 5, True, "sizes of at least 1 \\(e.g. \\(1, 28, 28\\)\\), got \\(1.5, 28, 28\\)"),
     ((1, 0, 28), 5, True, "got \\(1, 0, 28\\)"),
 ])
 def test_a_problem_no_network_can_be_built_for_is_refused(shape, output_dim, classification, message):
     with pytest.raises(MetalearnError, match=f"^Problem.(input_shape|output_dim) is .*{message}"):
         Problem(shape, output_dim, classification)
+
+
+def test_a_problem_takes_a_list_or_numpy_sizes_as_its_tuple():
+    import numpy as np
+
+    assert Problem([1, np.int64(28), 28], 5, True).input_shape == (1, 28, 28)
+
+
+def test_every_built_in_method_registers_again_as_it_is():
+    """register_method's checks take every built-in method (maml-rl scores its episodes instead
+    of predicting labels), so a second registration replaces one as documented."""
+    before = dict(METHODS)
+    for cls in before.values():
+        assert register_method(cls) is cls
+    assert METHODS == before
+
+
+def test_options_take_numpy_numbers_as_python_ones_and_a_subclass_keeps_its_parents_checks():
+    import numpy as np
+
+    from metalearn.algorithms import MAML
+    from metalearn.options import option, options
+
+    config = MAML.Config(inner_steps=np.int64(5), inner_lr=np.float32(0.5))
+    assert type(config.inner_steps) is int and type(config.inner_lr) is float and config.inner_steps == 5
+    assert json.dumps(dataclasses.asdict(config))  # as config.json saves it
+
+    @options
+    class Base:
+        x: int = option(1, "x")
+
+        def __post_init__(self):
+            if self.x < 0:
+                raise ConfigError("Base", "x", f"must be >= 0, got {self.x}")
+
+    @options
+    class Sub(Base):
+        y: int = option(2, "y")
+
+    with pytest.raises(ConfigError, match="x must be >= 0"):
+        Sub(x=-1)
+    with pytest.raises(ConfigError, match="Sub.y must be int"):
+        Sub(y="2")

@@ -6,8 +6,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import statistics
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Callable
 
@@ -320,7 +322,8 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
         if episode_shape:
             config = with_test_shape(config, episode_shape)
         return _evaluate_protocol(run_dir, config, learner, step, protocol, part, episodes, seed, data_dir, progress,
-                                  world or init_world(device, exact_gpu_kernels=exact_gpu_kernels), labels)
+                                  world or init_world(device, exact_gpu_kernels=exact_gpu_kernels), labels,
+                                  _split_record(split_fractions, split_file))
     members = []
     if ensemble:
         from metalearn.evaluation import Ensemble
@@ -351,7 +354,7 @@ def check_protocol_or_ensemble(protocol: str | None, ensemble: bool) -> None:
 
 def _evaluate_protocol(run_dir, config: RunConfig, learner, step: int, protocol: str, part: str,
                        episodes: int | None, seed: int, data_dir, progress: bool, world: World,
-                       labels: dict[str, Any]) -> dict[str, Any]:
+                       labels: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """``metalearn eval --protocol NAME``: the method's own protocol on the run's test (or
     validation) tasks, seeded as the standard evaluation is; rank 0 writes the result."""
     from metalearn.tasks import build_task_source
@@ -365,7 +368,7 @@ def _evaluate_protocol(run_dir, config: RunConfig, learner, step: int, protocol:
     n = config.train.eval_episodes if episodes is None else episodes
     result = protocols[protocol](learner.to(world.device), source, episodes=n, seed=seed + offset)
     result.update({"protocol": protocol, "part": part, "step": step, "method": config.method,
-                   "dataset": config.task.dataset})
+                   "dataset": config.task.dataset, **(extra or {})})
     if world.is_main:
         RunDir(run_dir).write_eval(result, labels, part)
     return result
@@ -408,6 +411,9 @@ def with_split(config: RunConfig, fractions: str | None = None,
     if fractions is not None:
         from metalearn.data.folder import parse_fractions
 
+        if not isinstance(fractions, str):
+            raise MetalearnError(f"--split-fractions are given as text, train,val,test (e.g. \"0,0,1\"), got "
+                                 f"{fractions!r}")
         parse_fractions(fractions)  # a clear error before the folder is read
         task = dataclasses.replace(config.task, split_fractions=fractions, split_file="")
         return dataclasses.replace(config, task=task), {"split_fractions": fractions}
@@ -839,9 +845,10 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
     if num_samples is not None and not hasattr(learner, "sample_probabilities"):
         raise MetalearnError(f"--samples is for methods that sample models (platipus); {config.method} gives one "
                              "prediction per query: leave --samples out")
-    queries = [query] if isinstance(query, (str, Path)) else list(query) if isinstance(query, (list, tuple)) else None
-    if queries is None or not all(isinstance(q, (str, Path)) for q in queries) or not isinstance(support, (str, Path)):
-        given = type(support if not isinstance(support, (str, Path)) else query).__name__
+    paths = (str, os.PathLike)  # a query is paths: one, or any iterable of them (a list, a glob)
+    queries = [query] if isinstance(query, paths) else list(query) if isinstance(query, Iterable) else None
+    if queries is None or not all(isinstance(q, paths) for q in queries) or not isinstance(support, paths):
+        given = type(support if not isinstance(support, paths) else query).__name__
         raise MetalearnError(f"predict_run takes a support folder and query image files or folders (paths), got a "
                              f"{given}; for images in memory use learner.fit_predict(support_x, support_y, query_x) "
                              "on load_trained(run_dir)[1]")

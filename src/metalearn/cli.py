@@ -43,7 +43,12 @@ PROGRESS_HELP = "show progress bars (default: when the error output is a termina
 def show_progress(given: bool | None) -> bool:
     """--progress/--no-progress as given, else bars only on a terminal: a bar redrawn into a log
     file (nohup, a scheduler's output) writes a line per redraw."""
-    return sys.stderr.isatty() if given is None else given
+    if given is not None:
+        return given
+    try:  # stderr may be closed (2>&-: None) or replaced by an object without isatty
+        return bool(sys.stderr.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -35,6 +35,7 @@ import contextlib
 import datetime
 import errno
 import fcntl
+import itertools
 import json
 import os
 import socket
@@ -98,6 +99,21 @@ def describe_holder(lock_path: Path) -> str:
     return f"process {pid} on {where}{doing}, since {note.get('since', '?')}{ended}"
 
 
+def make_folders(folder: Path) -> list[Path]:
+    """Make ``folder`` and its missing parents, one at a time, and return those this call made:
+    a folder another process makes in between is found existing and is not counted ours (its
+    removal is not ours to do)."""
+    missing = [f for f in (folder, *folder.parents) if not f.exists()]
+    made = []
+    for f in reversed(missing):  # the topmost first
+        try:
+            os.mkdir(f)
+        except FileExistsError:
+            continue
+        made.append(f)
+    return made
+
+
 class FolderLock:
     """The exclusive lock on ``path`` (a file in the folder it guards), taken by :meth:`take`
     and let go by :meth:`release` (also on exit from a ``with`` block, when the object is
@@ -120,10 +136,16 @@ class FolderLock:
         folder is in use by the holder); else call ``wait(holder)`` once and block until it
         is free. On a file system without locks, warn and return a lock that holds nothing."""
         path = Path(path)
-        made_folders = tuple(folder for folder in (path.parent, *path.parent.parents) if not folder.exists())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        made: list[Path] = []
+        for attempt in itertools.count():
+            made += make_folders(path.parent)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            except FileNotFoundError:  # the holder we waited for removed the folder as it let go
+                if attempt < 100:  # (a link to nowhere on the path would fail every time)
+                    continue
+                raise
+            made_folders = tuple(sorted(dict.fromkeys(made), key=lambda f: len(f.parts), reverse=True))
             try:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -14,6 +14,7 @@ declared types when it is built::
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import types
 import typing
 from typing import Any
@@ -28,7 +29,7 @@ def options(cls: type) -> type:
     has one) runs after :func:`check_option_types`: a value of the wrong type is refused by
     name before any check compares it (``first_order="false"`` would otherwise be a true value,
     ``steps=2.5`` trains 3 steps, ``ways="5"`` fails inside a comparison)."""
-    own = cls.__dict__.get("__post_init__")
+    own = cls.__dict__.get("__post_init__") or getattr(cls, "__post_init__", None)  # its own, else inherited
 
     def __post_init__(self) -> None:
         check_option_types(self)
@@ -50,10 +51,25 @@ def check_option_types(config: Any) -> None:
         if not all(t in _CHECKED for t in allowed):
             continue
         value = getattr(config, field.name)
+        value = _plain(value, allowed)
+        object.__setattr__(config, field.name, value)  # a NumPy number as the int or float it stands for
         if not any(_is(value, t) for t in allowed):
             names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
             spelled = " (true or false)" if allowed == (bool,) else ""
             raise ConfigError(type(config).__name__, field.name, f"must be {names}{spelled}, got {value!r}")
+
+
+def _plain(value: Any, allowed: tuple[type, ...]) -> Any:
+    """A NumPy integer or float (``np.int64(5)``, what arithmetic on arrays gives) as Python's
+    int or float where the field takes one: it compares, prints and saves to JSON as the user
+    meant. Anything else as it is."""
+    if isinstance(value, bool) or type(value) in (int, float):
+        return value
+    if int in allowed and isinstance(value, numbers.Integral):
+        return int(value)
+    if float in allowed and isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def _is(value: Any, expected: type) -> bool:

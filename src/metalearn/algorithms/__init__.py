@@ -53,7 +53,8 @@ def register_method(cls: type[MetaLearner]) -> type[MetaLearner]:
 
     Raises :class:`MetalearnError` when ``cls`` is not a :class:`MetaLearner` subclass, when its
     ``name`` is not a command-line name (lower-case letters, digits, ``-``, ``_``, ``+``), when
-    it does not define ``build``, ``meta_loss`` and ``predict``, when its ``Config`` is not a
+    it does not define ``build``, ``meta_loss`` and ``predict`` (``episode_scores`` for a
+    reinforcement-learning method), when its ``Config`` is not a
     dataclass or has an option without a default, when an option shares its name with a task
     or training option (both would be one command-line flag), and when its ``legacy_defaults``
     name an option the ``Config`` lacks or a value it refuses."""
@@ -64,10 +65,12 @@ def register_method(cls: type[MetaLearner]) -> type[MetaLearner]:
         raise MetalearnError(f"{cls.__name__}.name must be the method's command-line name: lower-case letters, "
                              f"digits, '-', '_' or '+' (e.g. 'support-mean'), got {name!r}")
     own = cls.__mro__[:cls.__mro__.index(MetaLearner)]  # the classes between cls and MetaLearner
-    missing = [m for m in ("build", "meta_loss", "predict") if not any(m in k.__dict__ for k in own)]
+    scoring = "episode_scores" if cls.reinforcement else "predict"  # a policy is scored by its returns
+    missing = [m for m in ("build", "meta_loss", scoring) if not any(m in k.__dict__ for k in own)]
     if missing:
         raise MetalearnError(f"{cls.__name__} does not define {', '.join(missing)}: a method builds itself for a "
-                             "problem, gives a meta-loss to train on and predicts query labels")
+                             "problem, gives a meta-loss to train on and predicts query labels (a reinforcement-"
+                             "learning method: scores its episodes)")
     if not dataclasses.is_dataclass(getattr(cls, "Config", None)):
         raise MetalearnError(f"{cls.__name__}.Config must be a dataclass of the method's options")
     required = [f.name for f in dataclasses.fields(cls.Config)

@@ -85,8 +85,7 @@ def download_omniglot(
         final = data_dir / f"{name}.zip"
         present = file_digest(final, method) if final.is_file() else None
         if present == expected:
-            if progress:
-                print(f"{final} is present and verified ({method}); not downloading it", file=sys.stderr)
+            print(f"{final} is present and verified ({method}); not downloading it", file=sys.stderr)
             result[name] = final
             continue
         url = f"{base_url}/{name}.zip"

@@ -281,8 +281,8 @@ def load_omniglot(
         return cached
     # one process builds a cache file at a time (others wait, then read it), and the builder
     # removes the temporary file of one killed while writing it
-    waiting = (lambda holder: print(f"waiting for {holder}, which is preparing {path}", file=sys.stderr)) \
-        if progress else (lambda holder: None)
+    # said with or without progress bars: a process that waits on another's lock would look hung
+    waiting = lambda holder: print(f"waiting for {holder}, which is preparing {path}", file=sys.stderr)  # noqa: E731
     try:
         lock = FolderLock.take(path.with_name(path.name + ".lock"), "preparing the Omniglot cache", wait=waiting)
     except OSError as err:

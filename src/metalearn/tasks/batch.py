@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -105,11 +106,14 @@ class Problem:
     prepare: Callable[[Any, int, int], Tensor] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
-        shape = self.input_shape
-        if not (isinstance(shape, tuple) and shape and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
-                                                             for n in shape)):
-            raise MetalearnError(f"Problem.input_shape is one example's shape, a tuple of sizes of at least 1 "
-                                 f"(e.g. (1, 28, 28)), got {shape!r}")
+        try:  # a list or NumPy integers as the tuple of ints it stands for
+            shape = tuple(operator.index(n) for n in self.input_shape if not isinstance(n, bool))
+        except TypeError:
+            shape = ()
+        if not shape or len(shape) != len(self.input_shape) or min(shape) < 1:
+            raise MetalearnError(f"Problem.input_shape is one example's shape, sizes of at least 1 "
+                                 f"(e.g. (1, 28, 28)), got {self.input_shape!r}")
+        object.__setattr__(self, "input_shape", shape)
         least = 2 if self.classification else 1
         if isinstance(self.output_dim, bool) or not isinstance(self.output_dim, int) or self.output_dim < least:
             what = "classes per task (at least 2)" if self.classification else "the target's size (at least 1)"

@@ -905,6 +905,9 @@ def test_status_says_where_runs_stand_without_touching_them(tmp_path, capsys, mo
     assert f"{root / 'damaged'}: error: " in out and "is not valid JSON" in out
     code, _, err = run(["status", tmp_path], capsys)
     assert code == 2 and "is not a metalearn run directory" in err and len(err.strip().splitlines()) == 1
+    # a good run beside a bad one is still shown; the bad one is one error line, and the exit 2
+    code, out, err = run(["status", done, tmp_path / "nosuch"], capsys)
+    assert code == 2 and out.startswith(f"{done}: ") and err.count("error: ") == 1 and "nosuch" in err
     monkeypatch.setenv("METALEARN_RUNS", str(tmp_path / "none"))
     assert run(["status"], capsys)[1] == f"no runs in {tmp_path / 'none'}\n"
 

@@ -1074,3 +1074,52 @@ def test_a_small_class_folder_names_its_split_options_and_eval_splits_another_fo
     with pytest.raises(MetalearnError, match="applies to runs on class folders .* dataset is omniglot"):
         with_split(omniglot, "0,0,1")
     assert with_split(config) == (config, {})
+
+
+def test_a_missing_data_dir_and_a_tiny_image_size_are_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("METALEARN_CACHE", str(tmp_path / "cache"))
+    options = ["train", "protonet", "--dataset", "folder", "--steps", 1, "--print-config"]
+    code, out, err = run([*options, "--data-dir", tmp_path / "photo40"], capsys)
+    one_line_error(code, out, err, f"--data-dir {tmp_path / 'photo40'} does not exist; give the folder")
+    (tmp_path / "a-file").write_text("x")
+    code, out, err = run([*options, "--data-dir", tmp_path / "a-file"], capsys)
+    one_line_error(code, out, err, "is a file, not a folder")
+    code, out, err = run([*options, "--data-dir", tmp_path, "--image-size", 0], capsys)
+    one_line_error(code, out, err, "--image-size must be at least 4 pixels, got 0")
+
+
+def test_the_skipped_files_warning_is_given_once_per_folder(tmp_path, capsys, monkeypatch):
+    """train reads the folder for each part it builds (train, val, test): one warning, not three."""
+    monkeypatch.setenv("METALEARN_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for c in range(12):
+        (tmp_path / "data" / f"class{c}").mkdir(parents=True)
+        for i in range(2):
+            draw_shape(SHAPES[c % len(SHAPES)], (200, 20 * c, 0), 20, rng).save(tmp_path / "data" / f"class{c}" / f"{i}.png")
+    (tmp_path / "data" / "class3" / "IMG_1.HEIC").write_bytes(b"x")
+    code, out, err = run(["train", "protonet", "--dataset", "folder", "--data-dir", tmp_path / "data", "--image-size", 16,
+                          "--ways", 2, "--shots", 1, "--query", 1, "--steps", 1, "--eval-episodes", 2, "--val-episodes",
+                          2, "--run-dir", tmp_path / "run", "--no-progress"], capsys)
+    assert code == 0, err
+    assert err.count("skipped 1 file that is not an image by its name") == 1, err
+
+
+def test_no_eval_trains_on_every_class_and_eval_scores_another_folder(tmp_path, capsys, monkeypatch):
+    """--no-eval does not build the test part: a folder whose classes all train (1,0,0) trains,
+    and eval --split-fractions 0,0,1 scores another folder's classes."""
+    monkeypatch.setenv("METALEARN_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for root, first in (("all", 0), ("other", 6)):
+        for c in range(first, first + 3):
+            (tmp_path / root / f"class{c}").mkdir(parents=True)
+            for i in range(2):
+                draw_shape(SHAPES[c % len(SHAPES)], (200, 20 * c, 0), 20, rng).save(tmp_path / root / f"class{c}" / f"{i}.png")
+    options = ["train", "protonet", "--dataset", "folder", "--data-dir", tmp_path / "all", "--image-size", 16, "--ways", 3,
+               "--shots", 1, "--query", 1, "--steps", 1, "--split-fractions", "1,0,0", "--val-every", 0]
+    code, out, err = run([*options, "--run-dir", tmp_path / "tested", "--no-progress"], capsys)
+    one_line_error(code, out, err, "the image folder has no test classes")
+    code, out, err = run([*options, "--no-eval", "--run-dir", tmp_path / "run", "--no-progress"], capsys)
+    assert code == 0, err
+    code, out, err = run(["eval", tmp_path / "run", "--data-dir", tmp_path / "other", "--split-fractions", "0,0,1",
+                          "--episodes", 2, "--no-progress"], capsys)
+    assert code == 0 and "written to" in out, err

@@ -163,12 +163,18 @@ def test_export_refuses_a_damaged_eval_json_and_writes_nothing(tiny_run, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_export_of_a_run_without_metrics_leaves_no_summary_behind(tiny_run, tmp_path, capsys):
+def test_a_run_without_metrics_exports_its_evaluations_and_has_nothing_to_plot(tiny_run, tmp_path, capsys):
+    """A --steps 0 baseline (or a run stopped before its first logged step) has no curve: plot
+    says so; export records its step and evaluations, without plots."""
     run_dir = copy_of(tiny_run, tmp_path)
     (run_dir / "metrics.jsonl").unlink()
-    code, _, err = cli_runner.run(["export", run_dir, tmp_path / "out"], capsys)
-    refused(code, err, "has no metrics yet")
-    assert not (tmp_path / "out" / "summary.json").exists() and not (tmp_path / "out").exists()
+    code, _, err = cli_runner.run(["plot", run_dir], capsys)
+    refused(code, err, "has no metrics yet (no step logged: a --steps 0 run")
+    code, out, err = cli_runner.run(["export", run_dir, tmp_path / "out"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["summary.json"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["validation"] == [] and summary["step"] >= 1 and "evaluations" in summary
 
 
 def test_export_into_the_runs_own_plots_folder_keeps_the_plots(tiny_run, tmp_path, capsys):

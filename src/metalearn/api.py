@@ -215,13 +215,13 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
             raise MetalearnError("under torchrun give --run-dir, so that every rank uses the same run directory")
         run_dir = claim_new_run_dir(default_runs_root(), new_run_name(config))
         try:
-            trainer = _build_or_stop(config, run_dir, data_dir, resume, world, progress)
+            trainer = _build_or_stop(config, run_dir, data_dir, resume, world, progress, evaluate_after)
         except BaseException:
             if not any(run_dir.iterdir()):
                 run_dir.rmdir()  # a run refused before it wrote anything leaves no empty folder
             raise
     else:
-        trainer = _build_or_stop(config, run_dir, data_dir, resume, world, progress)
+        trainer = _build_or_stop(config, run_dir, data_dir, resume, world, progress, evaluate_after)
     if stop_at is not None:
         try:  # a resumed run's step: refused before the announcement
             check_stop_at(stop_at, trainer.step, config.train.steps)
@@ -253,12 +253,14 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
     return Path(run_dir), result
 
 
-def _build_or_stop(config: RunConfig, run_dir, data_dir, resume: bool, world: World, progress: bool):
+def _build_or_stop(config: RunConfig, run_dir, data_dir, resume: bool, world: World, progress: bool,
+                   tested: bool = True):
     """:func:`~metalearn.training.build_trainer`; Ctrl-C while it reads the data (a new folder's
     first preparation can take minutes) stops with the command that goes on from there: the
     same command for a run with no checkpoint yet (nothing of it was written), else --resume."""
     try:
-        return build_trainer(config, run_dir, data_dir=data_dir, resume=resume, world=world, progress=progress)
+        return build_trainer(config, run_dir, data_dir=data_dir, resume=resume, world=world, progress=progress,
+                             tested=tested)
     except KeyboardInterrupt:
         raise TrainingStopped(f"interrupted before training began; {_next_command(config, run_dir, data_dir)}",
                               130) from None
@@ -481,7 +483,8 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
     config = run.read_config()
     records = run.read_metrics()
     if not records:
-        raise MetalearnError(f"{run.path} has no metrics yet: train first")
+        raise MetalearnError(f"{run.path} has no metrics yet (no step logged: a --steps 0 run, or one stopped "
+                             "before its first --log-every): nothing to draw; export still records its evaluations")
     title = f"{config.method} {config.task.dataset}"
     reinforcement = get_dataset(config.task.dataset).reinforcement
     other = _comparison_run(config, compare_with) if compare_with is not None and not reinforcement else None
@@ -659,7 +662,9 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
     run = RunDir(run_dir)
     config = run.read_config()
     state = run.read_checkpoint("step")
-    plots = plot_run(run_dir, data_dir=data_dir, compare_with=compare_with)  # refuses a run without metrics
+    # a run with no logged step (--steps 0, a baseline; stopped before --log-every) has no curve
+    # to draw: its record is the summary alone
+    plots = plot_run(run_dir, data_dir=data_dir, compare_with=compare_with) if run.read_metrics() else []
     evaluations = run.read_evaluations()  # after the plots: an RL run's plot stores the initial weights' returns
     for result in evaluations.values():
         result.pop("scores", None)

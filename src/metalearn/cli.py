@@ -175,7 +175,7 @@ def _make_train_command(method: str) -> click.Command:
 
             resolve_device(options["device"])
             trainer = build_trainer(config, options["run_dir"], options["data_dir"], options["resume"], progress=False,
-                                    lock=False)
+                                    lock=False, tested=options["eval"])
             if options["stop_at"] is not None:
                 check_stop_at(options["stop_at"], trainer.step, config.train.steps)
             click.echo(json.dumps(config.to_dict(), indent=2))
@@ -503,18 +503,26 @@ def status_command(run_dirs, as_json):
         if not run_dirs:
             click.echo(f"no runs in {root}")
             return
-    statuses = []
+    statuses, failed = [], []
     for run_dir in run_dirs:
         try:
             statuses.append(run_status(run_dir))
         except Exception as err:  # noqa: BLE001 -- in a listing, whatever a damaged folder raises
             if not listing:
-                raise  # a folder the user named: one line and exit 2, as every command
+                if not isinstance(err, (MetalearnError, OSError)):
+                    raise
+                # a folder the user named: an error line, exit 2, and the other named runs still shown
+                failed.append(describe_os_error(err) if isinstance(err, OSError) else str(err))
+                continue
             statuses.append({"run": str(run_dir), "error": str(err) or type(err).__name__})  # one damaged run hides no others
-    if as_json:
+    if statuses and as_json:
         click.echo(json.dumps(statuses, indent=2))
-    else:
+    elif statuses:
         click.echo("\n".join(format_status(status) for status in statuses))
+    for message in failed:
+        click.echo(f"error: {message}", err=True)
+    if failed:
+        sys.exit(2)
 
 
 def format_duration(seconds: float) -> str:

@@ -42,7 +42,8 @@ class TaskConfig:
     channels: int = option(1, "colour channels the images are converted to: 1 (grey) or 3 (RGB) (default 1; 3 "
                               "for folder and mini-imagenet)")
     split_fractions: str = option("", "train,val,test fractions of an image folder's classes, split by a seeded "
-                                      "shuffle (default 0.64,0.16,0.2; unused when the folder has train/ val/ test/)")
+                                      "shuffle (default 0.64,0.16,0.2; refused where the folder's train/ val/ "
+                                      "test/ folders or CSV files set the split)")
     split_file: str = option("", 'a JSON file {"train": [class, ...], "val": [...], "test": [...]} that splits '
                                  "an image folder's classes (default: --split-fractions)")
     noise_std: float | None = option(None, "standard deviation of the noise on regression targets (default 0 for "
@@ -56,6 +57,8 @@ class TaskConfig:
                 ways = getattr(self, name)
                 if ways is not None and ways < 2:
                     raise ConfigError("TaskConfig", name, f"must be at least 2 (a task tells classes apart), got {ways}")
+        if isinstance(self.image_size, int) and self.image_size < 4:
+            raise ConfigError("TaskConfig", "image_size", f"must be at least 4 pixels, got {self.image_size}")
         if self.channels not in (1, 3):
             raise ConfigError("TaskConfig", "channels", f"must be 1 (grey) or 3 (RGB), got {self.channels}")
         if self.noise_std is not None:
@@ -230,4 +233,6 @@ def config_differences(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, A
 def task_differences(a: TaskConfig, b: TaskConfig) -> str:
     """What differs between two task configurations, for a message: ``"shots 5 vs 10"``."""
     first, second = dataclasses.asdict(a), dataclasses.asdict(b)
-    return ", ".join(f"{key} {first[key]} vs {second[key]}" for key in first if first[key] != second[key])
+    shown = lambda value: "(default)" if value in ("", None) else value  # noqa: E731
+    return ", ".join(f"{key} {shown(first[key])} vs {shown(second[key])}" for key in first
+                     if first[key] != second[key])

@@ -565,12 +565,13 @@ def gradients_finite(parameters: list[torch.Tensor]) -> bool:
 
 def build_trainer(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path | str | None = None,
                   resume: bool = False, world: World = World(), progress: bool = True,
-                  lock: bool = True) -> Trainer:
+                  lock: bool = True, tested: bool = True) -> Trainer:
     """A trainer for ``config`` writing into ``run_dir``; with ``resume``, the run found there
     continues (its configuration must agree with ``config``; a run that never reached its first
     checkpoint starts again). Every check a run makes before its first step is made here: the
     run folder, the test shape against the method, the data (every part of the split holds its
-    episodes), the network, ``--init-from``.
+    episodes), the network, ``--init-from``. ``tested`` False (``train --no-eval``): the test
+    part is not built, so a folder whose classes all train (``--split-fractions 1,0,0``) trains.
 
     With ``lock`` (the default), rank 0 takes the run folder's lock first, so that a second
     writer is refused at once, and the trainer holds it until its :meth:`Trainer.fit` returns.
@@ -582,7 +583,7 @@ def build_trainer(config: RunConfig, run_dir: Path | str | None = None, data_dir
         raise MetalearnError(f"{run_dir} is a file, not a folder; give a folder path")  # as the CLI says of any path
     hold = lock_for_training(RunDir(run_dir), world) if lock and run_dir is not None else None
     try:
-        return _build_trainer(config, run_dir, data_dir, resume, world, progress, hold)
+        return _build_trainer(config, run_dir, data_dir, resume, world, progress, hold, tested)
     except BaseException:
         if hold is not None:
             hold.release()
@@ -590,7 +591,7 @@ def build_trainer(config: RunConfig, run_dir: Path | str | None = None, data_dir
 
 
 def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path | str | None, resume: bool,
-                   world: World, progress: bool, lock) -> Trainer:
+                   world: World, progress: bool, lock, tested: bool = True) -> Trainer:
     run = RunDir(run_dir) if run_dir is not None else None
     if run is not None:
         check_run_dir(config, run, resume)
@@ -603,7 +604,8 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
     # no validation (--val-every 0): the val part is not built, so a folder without val/ classes trains
     validates = has_validation(config.task) and config.train.val_every > 0
     val_tasks = build_task_source(config.task, "val", data_dir, progress) if validates else None
-    build_task_source(config.task, "test", data_dir, progress)  # an impossible test episode fails now, not after training
+    if tested:  # an impossible test episode fails now, not after training
+        build_task_source(config.task, "test", data_dir, progress)
     if config.train.init_from and not resume:
         initialise_from_run(learner, config.train.init_from)
     learner = learner.to(world.device)

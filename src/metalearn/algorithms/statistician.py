@@ -358,7 +358,8 @@ class NeuralStatistician(MetaLearner):
         cls.require_classification(problem)
         if tuple(problem.input_shape) != (1, IMAGE_SIZE, IMAGE_SIZE):
             raise MetalearnError(f"statistician's networks are the paper's for 1x{IMAGE_SIZE}x{IMAGE_SIZE} images "
-                                 f"(--image-size {IMAGE_SIZE}), got {'x'.join(map(str, problem.input_shape))}")
+                                 f"(--channels 1 --image-size {IMAGE_SIZE}), got "
+                                 f"{'x'.join(map(str, problem.input_shape))}")
         return cls(config)
 
     # The paper's split (vinyals) and sets of 5 images of one character in training (section

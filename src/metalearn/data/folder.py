@@ -107,16 +107,22 @@ def image_files(folder: Path, links: list[Path] | None = None, skipped: list[Pat
     return [path for _, path in sorted(files, key=lambda item: item[0])]
 
 
+_WARNED: set[tuple[str, int]] = set()  # the folders warned of in this process
+
+
 def warn_of_skipped_files(skipped: list[Path], where: str) -> None:
     """One warning for the files of ``where``'s class folders that are not read (a photo in a
     format no reader here takes, HEIC or RAW, would otherwise vanish from its class unseen)."""
-    if not skipped:
+    if not skipped or (where, len(skipped)) in _WARNED:  # once per folder: train, val and test read it alike
         return
+    _WARNED.add((where, len(skipped)))
     shown = ", ".join(str(p) for p in skipped[:2]) + (f" and {len(skipped) - 2} more" if len(skipped) > 2 else "")
     suffixes = ", ".join(s.lstrip(".").upper() for s in IMAGE_SUFFIXES if s not in (".jpeg", ".tif"))
-    noun = "file" if len(skipped) == 1 else "files"
-    warnings.warn(MetalearnWarning(f"{where}: skipped {len(skipped)} {noun} that are not images by their names "
-                                   f"({suffixes}): {shown}; convert them to use them"), stacklevel=3)
+    what = ("file that is not an image by its name" if len(skipped) == 1 else
+            "files that are not images by their names")
+    warnings.warn(MetalearnWarning(f"{where}: skipped {len(skipped)} {what} ({suffixes}): {shown}; convert "
+                                   f"{'it' if len(skipped) == 1 else 'them'} to use {'it' if len(skipped) == 1 else 'them'}"),
+                  stacklevel=3)
 
 
 def _identity(folder: Path) -> tuple[int, int]:
@@ -203,7 +209,8 @@ def scan_folder(root: Path) -> tuple[str, list[tuple[str, str, list[Path]]], lis
     an image reached twice through links."""
     root = Path(root)
     if not root.is_dir():
-        raise MetalearnError(f"--data-dir {root} is not a folder; give the folder that holds one folder per class")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise MetalearnError(f"--data-dir {root} {what}; give the folder that holds one folder per class")
     csvs = [root / f"{part}.csv" for part in PARTS if (root / f"{part}.csv").is_file()]
     if csvs and (root / "images").is_dir():
         return "csv", _csv_classes(root, csvs), csvs
@@ -492,7 +499,7 @@ def class_parts(folder: ImageFolder, fractions: str = "", split_file: str = "") 
         if fractions or split_file:
             given = "--split-fractions" if fractions else "--split-file"
             where = "train.csv / val.csv / test.csv" if folder.layout == "csv" else "train/ val/ test/ folders"
-            raise MetalearnError(f"{given} cannot apply: this folder's {where} set the split")
+            raise MetalearnError(f"{given} cannot apply: this folder's {where} set the split; leave {given} out")
         return folder.parts
     if fractions and split_file:
         raise MetalearnError("give --split-fractions or --split-file, not both")
@@ -584,6 +591,8 @@ def folder_split(folder: ImageFolder, part: str, fractions: str = "", split_file
             fix = f"add a {part}/ folder of classes" if folder.layout == "parts" else f"add classes to {part}.csv"
         if part == "val":
             fix += ", or train without validation (--val-every 0)"
+        if part == "test":
+            fix += ", or train without the test (--no-eval)"
         raise MetalearnError(f"the image folder has no {part} classes: {fix}")
     characters = torch.tensor(members, dtype=torch.long)
     return ClassPool(part, characters, torch.zeros_like(characters))

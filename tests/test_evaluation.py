@@ -156,6 +156,14 @@ def test_episode_counts_are_whole_numbers_of_at_least_one(episodes, chunk, messa
         evaluate(maml, SinusoidTasks(shots=5, query=10), episodes=episodes, chunk=chunk, progress=False)
 
 
+def test_numpy_episode_counts_are_counts():
+    import numpy as np
+
+    maml = MAML(MLP(), MAML.Config(inner_lr=0.01))
+    result = evaluate(maml, SinusoidTasks(shots=5, query=10), episodes=np.int64(3), chunk=np.int64(2), progress=False)
+    assert result["episodes"] == 3
+
+
 def test_a_learner_that_adapts_without_gradients_is_scored_without_a_graph_or_a_warning():
     """A method whose predictions keep their graph (a plain embedding, a method of one's own):
     its scores are detached, so float() of them does not warn and no chunk's graph is kept."""

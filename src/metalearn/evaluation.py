@@ -4,6 +4,7 @@ after every adaptation step."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ EPISODE_CHUNK = 50  # episodes drawn per batch: the draws, and so the episodes, 
 def check_count(value: Any, name: str) -> None:
     """A number of episodes (or of episodes per chunk) is a whole number of at least 1: 0 would
     score nothing, a fraction fail inside torch, and a chunk of 0 never end."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:  # np.int64 too
         raise MetalearnError(f"{name} must be a whole number of at least 1, got {value!r}")
 
 

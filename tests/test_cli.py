@@ -795,25 +795,25 @@ def test_ctrl_c_during_the_test_evaluation_says_training_is_complete(tmp_path, c
 def test_ctrl_c_while_the_data_is_read_names_the_command_that_goes_on(tmp_path, capsys, monkeypatch):
     """A Ctrl-C before training begins (a new folder's first preparation): a new run has nothing
     to resume and leaves no folder; a resumed run is told --resume."""
-    import metalearn.api
+    import metalearn.training
 
-    built = metalearn.api.build_trainer
+    built = metalearn.training.build_task_source
 
-    def interrupted(*args, **kwargs):
+    def interrupted(*args, **kwargs):  # while the data is read, after the run folder's lock is taken
         raise KeyboardInterrupt
 
     options = ["train", "maml", "--dataset", "sinusoid", "--steps", 2, "--meta-batch-size", 2, "--val-every", 0,
                "--no-progress", "--no-eval"]
-    monkeypatch.setattr(metalearn.api, "build_trainer", interrupted)
+    monkeypatch.setattr(metalearn.training, "build_task_source", interrupted)
     code, _, err = run([*options, "--run-dir", tmp_path / "new" / "run"], capsys)
     assert code == 130
     assert err.strip().splitlines()[-1] == ("interrupted before training began; nothing was trained or saved: run the "
                                             "same command again to start")
-    assert not (tmp_path / "new").exists()
+    assert not (tmp_path / "new").exists()  # the lock made new/ and new/run/; both are gone
     run_dir = tmp_path / "run"
-    monkeypatch.setattr(metalearn.api, "build_trainer", built)
+    monkeypatch.setattr(metalearn.training, "build_task_source", built)
     assert run([*options, "--stop-at", 1, "--run-dir", run_dir], capsys)[0] == 0
-    monkeypatch.setattr(metalearn.api, "build_trainer", interrupted)
+    monkeypatch.setattr(metalearn.training, "build_task_source", interrupted)
     code, _, err = run([*options, "--run-dir", run_dir, "--resume"], capsys)
     assert code == 130
     assert err.strip().splitlines()[-1] == (f"interrupted before training began; continue with `metalearn train maml "

@@ -25,7 +25,7 @@ from metalearn.evaluation import EPISODE_CHUNK, evaluate
 from metalearn.runs import RunDir, atomic_write_bytes, claim_new_run_dir, default_runs_root, new_run_name
 from metalearn.tasks import has_validation
 from metalearn.checkpoints import check_same_method, check_test_ways, configuration_conflict, load_trained
-from metalearn.training import TEST_SEED_OFFSET, build_trainer, part_seed_offset
+from metalearn.training import TEST_SEED_OFFSET, build_trainer, part_seed_offset, resume_command
 
 
 def resolve_config(method: str, task: dict[str, Any] | None = None,
@@ -271,8 +271,7 @@ def _next_command(config: RunConfig, run_dir, data_dir) -> str:
     checkpoint, or the same command again where it has none."""
     if not RunDir(run_dir).has_checkpoint():
         return "nothing was trained or saved: run the same command again to start"
-    data = f" --data-dir {data_dir}" if data_dir is not None else ""
-    return f"continue with `metalearn train {config.method} --run-dir {run_dir}{data} --resume`"
+    return f"continue with `{resume_command(config.method, run_dir, data_dir)}`"
 
 
 def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0, part: str = "test",
@@ -772,9 +771,9 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
                            "stopped" if run.has_checkpoint() else "no checkpoint")
     status["holder"] = holder
     # a folder dataset's images are not part of the run: the command needs them again
-    data = " --data-dir IMAGE_FOLDER" if task.dataset in NATURAL_IMAGES else ""
-    status["resume"] = f"metalearn train {config.method} --run-dir {run.path}{data} --resume"
-    status["test"] = f"metalearn eval {run.path}{data}"
+    images = "IMAGE_FOLDER" if task.dataset in NATURAL_IMAGES else None
+    status["resume"] = resume_command(config.method, run.path, images)
+    status["test"] = f"metalearn eval {run.path}" + (f" --data-dir {images}" if images else "")
     status["last_write_s"] = (time.time() - run.metrics_path.stat().st_mtime) if run.metrics_path.is_file() else None
     records = run.read_metrics()
     status["last"] = last = next((r for r in reversed(records) if "loss" in r), None)

@@ -114,7 +114,7 @@ def _folder(task, shape, part: str, data_dir: Path | str | None, progress: bool)
     pool = folder_split(folder, part, task.split_fractions, task.split_file)
     test = part != "train"
     prefix = "--test-" if test else "--"
-    if folder.layout == "classes" and len(pool) < shape.ways:  # the sampler's message cannot name the split's options
+    if folder.layout == "classes":  # too few classes: named with the split's options, which the sampler cannot
         check_part_classes(folder, pool, part, shape.ways, task, f"{prefix}ways {shape.ways}"
                            + (" (it defaults to --ways; in metalearn eval: --ways)" if test else ""))
     defaults = " (they default to --shots and --query; in metalearn eval: --shots, --query)" if test else ""

@@ -33,6 +33,13 @@ TEST_SEED_OFFSET = 2_000_003
 TRAINING_CLASSES_SEED_OFFSET = 3_000_017  # `metalearn eval --part train`
 
 
+def resume_command(method: str, run_dir: Path | str, data_dir: Path | str | None = None) -> str:
+    """The command that continues a run: ``metalearn train METHOD --run-dir DIR [--data-dir D]
+    --resume`` (a folder run's images are not part of the run, so it names them again)."""
+    data = f" --data-dir {data_dir}" if data_dir is not None else ""
+    return f"metalearn train {method} --run-dir {run_dir}{data} --resume"
+
+
 def part_seed_offset(part: str) -> int:
     """What an evaluation of ``part`` adds to its seed: each part its own episode stream, so that
     on a regression family (one family for every part) the parts still score different tasks.
@@ -438,7 +445,7 @@ class Trainer:
         ``eval`` once training is complete (with ``--data-dir`` for a folder run)."""
         data = f" --data-dir {self.data_dir}" if self.data_dir is not None else ""
         if self.step < self.config.train.steps or self.validation_pending:  # its last validation is still to do
-            return f"continue with `metalearn train {self.config.method} --run-dir {self.run_dir.path}{data} --resume`"
+            return f"continue with `{resume_command(self.config.method, self.run_dir.path, self.data_dir)}`"
         return f"training is complete; evaluate with `metalearn eval {self.run_dir.path}{data}`"
 
     def _choose_task_chunk(self, batch, bar) -> int:

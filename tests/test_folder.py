@@ -21,7 +21,7 @@ from metalearn.algorithms import METHODS, build_learner
 from metalearn.api import resolve_config, with_split
 from metalearn.config import TaskConfig
 from metalearn.data import folder as folder_module
-from metalearn.data.folder import class_parts, folder_split, load_image_folder
+from metalearn.data.folder import class_parts, class_split, folder_split, load_image_folder
 from metalearn.data.images import decode_image, prepare_images, to_float
 from metalearn.data.splits import ClassPool
 from metalearn.errors import MetalearnError, MetalearnWarning
@@ -880,6 +880,14 @@ def test_bad_predict_inputs_are_one_line_and_write_nothing(shapes, tmp_path, cap
     one_line_error(code, out, err, f"--json and --csv both name {both}; give each output its own file")
     code, out, err = run(["predict", run_dir, "--support", good, "--query", query, "--samples", 5], capsys)
     one_line_error(code, out, err, "--samples is for methods that sample models (platipus); protonet gives one")
+    # a folder not made yet (the slash as typed) would become a file; a sheet named .jpg would hold PNG bytes
+    for option, given, message in (("--json", f"{tmp_path / 'out'}/", f"names a folder; give a file name, e.g. "
+                                                                      f"{tmp_path / 'out' / 'predictions.json'}"),
+                                   ("--sheet", tmp_path / "out" / "s.jpg", f"--sheet {tmp_path / 'out' / 's.jpg'}: the "
+                                    f"file is written as PNG; give a name ending in .png, e.g. "
+                                    f"{tmp_path / 'out' / 's.png'}")):
+        code, out, err = run(["predict", run_dir, "--support", good, "--query", query, option, given], capsys)
+        one_line_error(code, out, err, message)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
@@ -1031,8 +1039,9 @@ def test_a_folder_without_val_classes_trains_with_validation_off(tmp_path, capsy
 def test_a_small_class_folder_names_its_split_options_and_eval_splits_another_folder(tmp_path, capsys, monkeypatch):
     """12 classes under the default split give val and test 2 each: 5-way training is refused in
     one line naming --split-fractions and --val-every 0; with 0.5,0,0.5 it trains. Another folder
-    of 5 classes is scored under the run's split (2 test classes: refused, naming eval's
-    --split-fractions 0,0,1), then under --split-fractions 0,0,1 or a split file, each written
+    of 5 classes lacks classes of the run's split (refused, naming eval's --split-fractions
+    0,0,1); split 0.5,0,0.5 it has 2 test classes (refused so too); it is scored under
+    --split-fractions 0,0,1 or a split file, each written
     to a file of its own beside eval.json. A run on Omniglot has no split to change."""
     monkeypatch.setenv("METALEARN_CACHE", str(tmp_path / "cache"))
     rng = np.random.default_rng(0)
@@ -1052,7 +1061,10 @@ def test_a_small_class_folder_names_its_split_options_and_eval_splits_another_fo
     code, out, err = run([*options, "--split-fractions", "0.5,0,0.5", "--val-every", 0, "--run-dir", run_dir], capsys)
     assert code == 0, err
     scored = ["eval", run_dir, "--data-dir", tmp_path / "other", "--episodes", 3, "--no-progress"]
-    code, out, err = run(scored, capsys)
+    code, out, err = run(scored, capsys)  # the run's split names classes the other folder lacks
+    one_line_error(code, out, err, "trained on classes that this folder lacks (7 of them, e.g. 'class06'")
+    assert "score this folder's classes with --split-fractions 0,0,1" in err
+    code, out, err = run([*scored, "--split-fractions", "0.5,0,0.5"], capsys)
     one_line_error(code, out, err, "--split-fractions 0.5,0,0.5 gives the test part 2 of the folder's 5 classes")
     assert "in metalearn eval, --split-fractions 0,0,1 scores every class" in err
     code, out, err = run([*scored, "--split-fractions", "0,0,1"], capsys)
@@ -1123,3 +1135,68 @@ def test_no_eval_trains_on_every_class_and_eval_scores_another_folder(tmp_path, 
     code, out, err = run(["eval", tmp_path / "run", "--data-dir", tmp_path / "other", "--split-fractions", "0,0,1",
                           "--episodes", 2, "--no-progress"], capsys)
     assert code == 0 and "written to" in out, err
+
+
+def test_a_run_keeps_its_split_when_its_folder_changes(shapes, tmp_path, capsys, monkeypatch):
+    """A run on class folders writes split.json (its split, as a split file; a run without it
+    gets it at its resume). Classes added to the folder reshuffle the split by fractions so that
+    classes the run trained on would be tested; eval keeps to the run's test classes: the same
+    episodes, the same score. A folder without one of the run's classes is refused in one line
+    (its classes are scored on request), and compare refuses runs of different splits. A
+    relative --split-file is recorded absolute: the run resumes from another working folder."""
+    monkeypatch.setenv("METALEARN_CACHE", str(tmp_path / "cache"))
+    photos = tmp_path / "photos"
+    shutil.copytree(shapes, photos)
+    args = ["protonet", "--dataset", "folder", "--image-size", 16, "--ways", 3, "--shots", 1, "--query", 2,
+            "--val-every", 0, "--eval-episodes", 6, "--no-progress", "--data-dir", photos]
+    run_dir = tmp_path / "run"
+    assert run(["train", *args, "--steps", 1, "--no-eval", "--run-dir", run_dir], capsys)[0] == 0
+    recorded = json.loads((run_dir / "split.json").read_text())
+    assert recorded == class_split(load_image_folder(photos, 16, 3))  # the default split, as a split file
+    assert sorted(map(len, recorded.values())) == [12, 14, 46]
+    (run_dir / "split.json").unlink()  # a run from before split.json
+    code, out, err = run(["train", "protonet", "--resume", "--run-dir", run_dir, "--steps", 2, "--data-dir", photos,
+                          "--no-progress"], capsys)
+    assert code == 0, err
+    assert json.loads((run_dir / "split.json").read_text()) == recorded
+    own = json.loads((run_dir / "eval.json").read_text())
+
+    for i in range(3):  # new classes, sorted before every old one
+        shutil.copytree(photos / "red-circle", photos / f"aa-new{i}")
+    now = class_split(load_image_folder(photos, 16, 3))
+    assert set(now["test"]) & set(recorded["train"])  # the folder's split now would test trained classes
+    code, out, err = run(["eval", run_dir, "--data-dir", photos, "--no-progress"], capsys)
+    assert code == 0, err
+    again = json.loads((run_dir / "eval.json").read_text())
+    assert again["mean"] == own["mean"] and again["scores"] == own["scores"]
+    assert run(["export", run_dir, tmp_path / "record"], capsys)[0] == 0
+    assert json.loads((tmp_path / "record" / "summary.json").read_text())["split"] == recorded
+
+    other = tmp_path / "other-run"  # trained on the folder as it is now: another split
+    assert run(["train", *args, "--steps", 1, "--no-eval", "--run-dir", other], capsys)[0] == 0
+    code, out, err = run(["compare", run_dir, other, "--data-dir", photos, "--episodes", 2], capsys)
+    one_line_error(code, out, err, "split their class folders differently (see split.json in each)")
+
+    lost = recorded["test"][0]
+    shutil.rmtree(photos / lost)
+    code, out, err = run(["eval", run_dir, "--data-dir", photos, "--no-progress"], capsys)
+    one_line_error(code, out, err, f"the run in {run_dir} trained on classes that this folder lacks (1 of them, e.g. "
+                                   f"{lost!r}; its split.json lists its classes): give --data-dir the folder it")
+    code, out, err = run(["eval", run_dir, "--data-dir", photos, "--split-fractions", "0,0,1", "--episodes", 2,
+                          "--no-progress"], capsys)
+    assert code == 0, err
+
+    names = sorted(p.name for p in shapes.iterdir() if p.is_dir())
+    (tmp_path / "mine.json").write_text(json.dumps({"train": names[:40], "test": names[40:]}))
+    monkeypatch.chdir(tmp_path)
+    by_file = tmp_path / "by-file"
+    code, out, err = run(["train", *args[:-1], shapes, "--steps", 1, "--no-eval", "--split-file", "mine.json",
+                          "--run-dir", by_file], capsys)
+    assert code == 0, err
+    assert RunDir(by_file).read_config().task.split_file == str(tmp_path / "mine.json")
+    assert json.loads((by_file / "split.json").read_text()) == {"train": names[:40], "val": [], "test": names[40:]}
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, out, err = run(["train", "protonet", "--resume", "--run-dir", by_file, "--steps", 2, "--data-dir", shapes,
+                          "--no-eval", "--no-progress"], capsys)
+    assert code == 0, err

@@ -23,6 +23,7 @@ from metalearn.distributed import World, init_world
 from metalearn.errors import ConfigError, MetalearnError, MetalearnWarning, TrainingStopped
 from metalearn.evaluation import EPISODE_CHUNK, evaluate
 from metalearn.runs import RunDir, atomic_write_bytes, claim_new_run_dir, default_runs_root, new_run_name
+from metalearn.files import check_writable_file
 from metalearn.tasks import has_validation
 from metalearn.checkpoints import check_same_method, check_test_ways, configuration_conflict, load_trained
 from metalearn.training import TEST_SEED_OFFSET, build_trainer, part_seed_offset, resume_command
@@ -312,7 +313,7 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
         raise MetalearnError(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
     part_seed_offset(part)  # an unknown part, before the run is loaded
     config, learner, step = load_trained(run_dir, overrides)
-    config, split_labels = with_split(config, split_fractions, split_file)
+    config, split_labels = with_split(config, split_fractions, split_file, run_dir)
     if ensemble and type(learner).episode_scores is not MetaLearner.episode_scores:
         raise MetalearnError(f"--ensemble averages the predictions of the run's best checkpoints; {config.method} "
                              "scores its episodes otherwise (a policy's returns), which do not average that way: "
@@ -393,16 +394,19 @@ def _split_record(fractions: str | None, split_file: Path | str | None) -> dict[
     """The split an evaluation was given, for its result file (the run's own: nothing)."""
     if fractions is not None:
         return {"split_fractions": fractions}
-    return {"split_file": str(split_file)} if split_file is not None else {}
+    return {"split_file": str(Path(split_file).expanduser().absolute())} if split_file is not None else {}
 
 
-def with_split(config: RunConfig, fractions: str | None = None,
-               split_file: Path | str | None = None) -> tuple[RunConfig, dict[str, str]]:
+def with_split(config: RunConfig, fractions: str | None = None, split_file: Path | str | None = None,
+               run_dir: Path | str | None = None) -> tuple[RunConfig, dict[str, str]]:
     """``config`` with its class-folder split replaced by ``fractions`` or ``split_file`` (see
-    :func:`evaluate_run`), and the labels that name the evaluation's file; unchanged without
-    either. Refused for a dataset whose split is not the user's to set."""
+    :func:`evaluate_run`), and the labels that name the evaluation's file. Without either: the
+    split that ``run_dir`` recorded when it trained (its ``split.json``, where it has one), so
+    that a folder changed since (classes added, removed or renamed, which reshuffles a split by
+    fractions) never puts a class the run trained on into its test, and no labels. Refused for
+    a dataset whose split is not the user's to set."""
     if fractions is None and split_file is None:
-        return config, {}
+        return (RunDir(run_dir).with_own_split(config) if run_dir is not None else config), {}
     given = "--split-fractions" if fractions is not None else "--split-file"
     if fractions is not None and split_file is not None:
         raise MetalearnError("give --split-fractions or --split-file, not both")
@@ -676,6 +680,7 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
         "last_train_metrics": next((r for r in reversed(records) if "loss" in r), None),
         "validation": [r for r in records if any(k.startswith("val_") for k in r)],
         "training_curve": training_curve(records),
+        **({"split": split} if (split := run.read_split()) is not None else {}),  # class folders: which were tested
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -839,8 +844,8 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
     """
     from metalearn.prediction import as_csv, as_json, check_outputs, contact_sheet, predict_new_classes, write_together
 
-    named = [(option, Path(path)) for option, path in (("--json", json_out), ("--csv", csv_out), ("--sheet", sheet))
-             if path is not None]
+    named = [(option, path if isinstance(path, str) else Path(path))  # a str as given: "out/" names a folder
+             for option, path in (("--json", json_out), ("--csv", csv_out), ("--sheet", sheet)) if path is not None]
     check_outputs(named)  # here, not only in the CLI: the Python API gets the same refusals
     config, learner, step = load_trained(run_dir)
     if not config.task.classification:
@@ -918,6 +923,8 @@ def sample_run(run_dir: Path | str, support: Path | str | list[Path | str], num:
 
     if not isinstance(num, int) or num < 1:
         raise MetalearnError(f"--num must be a whole number of at least 1, got {num!r}")
+    if out is not None:  # found out now, not after the model has drawn
+        check_writable_file("--out", out, "samples.png", ".png")
     config = generative_run(run_dir)
     files = support_files([support] if isinstance(support, (str, Path)) else list(support))
     _, learner, step = load_trained(run_dir)
@@ -947,7 +954,7 @@ def plot_conditional_samples(run_dir: Path | str, data_dir: Path | str | None = 
     from metalearn.plotting_samples import plot_image_rows
     from metalearn.tasks import build_task_source
 
-    config = generative_run(run_dir)
+    config, _ = with_split(generative_run(run_dir), run_dir=run_dir)  # the classes the run tested on
     _, learner, step = load_trained(run_dir)
     task = dataclasses.replace(config.task, test_ways=sets, test_shots=set_size, test_query=1)
     batch = build_task_source(task, "test", data_dir).sample(1, torch.Generator().manual_seed(TEST_SEED_OFFSET + seed))

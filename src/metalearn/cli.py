@@ -374,7 +374,7 @@ def plot(run_dir, data_dir, compare_with):
 @click.option("--part", type=click.Choice(["test", "val", "train"]), default="test", show_default=True,
               help="the split part whose episodes to score: the ones metalearn eval --part scores")
 @click.option("--samples", "num_samples", type=click.IntRange(min=1), default=None, help="models sampled per task (sampling methods)")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="also write the result here")
+@click.option("--json", "json_path", type=click.Path(), default=None, help="also write the result here")
 @click.option("--set", "settings", multiple=True, metavar="OPTION=VALUE",
               help="change a method option of every run for this comparison, e.g. --set test_inner_steps=1")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
@@ -411,6 +411,7 @@ def compare(run_dirs, episodes, seed, part, num_samples, json_path, settings, da
     if json_path:
         from metalearn.files import atomic_write_bytes
 
+        json_path = Path(json_path)
         json_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(json_path, (json.dumps(result, indent=2) + "\n").encode())  # never half a file
         click.echo(f"written to {json_path}")
@@ -422,9 +423,9 @@ def compare(run_dirs, episodes, seed, part, num_samples, json_path, settings, da
               help="a folder with one sub-folder per new class, each holding 1 or more example images")
 @click.option("--query", "queries", type=click.Path(path_type=Path), required=True, multiple=True,
               help="a folder of images to classify, or an image file (repeat for several)")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="also write the predictions here as JSON")
-@click.option("--csv", "csv_path", type=click.Path(path_type=Path), default=None, help="also write the predictions here as CSV")
-@click.option("--sheet", type=click.Path(path_type=Path), default=None,
+@click.option("--json", "json_path", type=click.Path(), default=None, help="also write the predictions here as JSON")
+@click.option("--csv", "csv_path", type=click.Path(), default=None, help="also write the predictions here as CSV")
+@click.option("--sheet", type=click.Path(), default=None,
               help="draw a contact sheet here (PNG): the support images by class, then each query with its prediction")
 @click.option("--samples", "num_samples", type=click.IntRange(min=1), default=None,
               help="models sampled per task (PLATIPUS; default the run's --num-samples)")
@@ -455,7 +456,7 @@ def predict(run_dir, support, queries, json_path, csv_path, sheet, num_samples, 
 @click.option("--support", multiple=True, required=True, type=click.Path(path_type=Path),
               help="drawings of one character: image files or a folder of them (repeatable)")
 @click.option("--num", type=click.IntRange(min=1), default=20, show_default=True, help="new images to draw")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
+@click.option("--out", type=click.Path(), default=None,
               help="the PNG grid to write (default RUN_DIR/plots/samples.png)")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True, help="seed of the noise")
 def sample_command(run_dir, support, num, out, seed):
@@ -463,8 +464,6 @@ def sample_command(run_dir, support, num, out, seed):
     a PNG grid, the inputs in the first row and the samples beneath."""
     from metalearn.api import sample_run
 
-    if out is not None:
-        check_writable_file("--out", out, "samples.png")
     click.echo(f"wrote {sample_run(run_dir, list(support), num=num, out=out, seed=seed)}")
 
 

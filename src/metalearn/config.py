@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from metalearn.errors import ConfigError, MetalearnError, require_number
@@ -51,6 +52,8 @@ class TaskConfig:
 
     def __post_init__(self):
         get_dataset(self.dataset)  # a known name
+        if self.split_file:  # as an absolute path: a resume, eval or plot from another folder finds it
+            object.__setattr__(self, "split_file", str(Path(self.split_file).expanduser().absolute()))
         # checked here, before any network is built for the shape (its head has `ways` outputs)
         if self.classification:
             for name in ("ways", "test_ways"):

@@ -102,8 +102,8 @@ def _drawings(images, image_size: int, channels: int):
 def _folder(task, shape, part: str, data_dir: Path | str | None, progress: bool):
     import torch
 
-    from metalearn.data.folder import (check_class_sizes, check_part_classes, data_fingerprint, folder_split,
-                                       load_image_folder)
+    from metalearn.data.folder import (check_class_sizes, check_part_classes, class_split, data_fingerprint,
+                                       folder_split, load_image_folder)
     from metalearn.tasks.episodes import EpisodeSampler
 
     folder = load_image_folder(data_dir, task.image_size, task.channels, progress=progress)
@@ -124,6 +124,8 @@ def _folder(task, shape, part: str, data_dir: Path | str | None, progress: bool)
                              dataset=f"image folder {data_dir}", test=test,
                              class_sizes=torch.from_numpy(folder.class_sizes))
     sampler.data_fingerprint = data_fingerprint(folder, task.split_fractions, task.split_file)  # images and parts
+    if folder.layout == "classes":  # the split a run records: its evaluations keep to it if the folder changes
+        sampler.class_split = class_split(folder, task.split_fractions, task.split_file)
     return sampler
 
 

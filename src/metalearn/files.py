@@ -177,12 +177,20 @@ def remove_temporaries(folder: Path, owned: Iterable[str] = (), unowned_age_s: f
     return removed
 
 
-def check_writable_file(option: str, path: Path, example: str) -> None:
-    """Refuse an output file named by ``option`` that could not be written: a folder (the
-    message suggests ``example`` in it), a file this user may not write (read-only: the
-    atomic rename would replace it regardless), a path below a file, or one in a folder this
-    user cannot write to (missing folders are made when it is written). Called before the work
-    whose result it receives, so that a bad path is found out at once."""
+def check_writable_file(option: str, path: Path | str, example: str, suffix: str | None = None) -> None:
+    """Refuse an output file named by ``option`` that could not be written: a folder, also one
+    not made yet (a name ending in ``/``, as typed: ``Path`` drops the slash; the message
+    suggests ``example`` in it), a name without ``suffix`` (e.g. ``".png"``, for a file whose
+    format is fixed: ``sheet.jpg`` would hold PNG bytes), a file this user may not write
+    (read-only: the atomic rename would replace it regardless), a path below a file, or one in
+    a folder this user cannot write to (missing folders are made when it is written). Called
+    before the work whose result it receives, so that a bad path is found out at once."""
+    if isinstance(path, str) and path.endswith(("/", os.sep)):
+        raise MetalearnError(f"{option} {path} names a folder; give a file name, e.g. {Path(path) / example}")
+    path = Path(path)
+    if suffix is not None and path.suffix.lower() != suffix and not path.is_dir():
+        raise MetalearnError(f"{option} {path}: the file is written as {suffix[1:].upper()}; give a name ending in "
+                             f"{suffix}, e.g. {path.with_suffix(suffix) if path.suffix else path.parent / example}")
     if path.is_dir():
         raise MetalearnError(f"{option} {path} is a folder; give a file name, e.g. {path / example}")
     if path.is_symlink() or (path.exists() and not path.is_file()):  # renaming into place would replace it

@@ -152,17 +152,19 @@ def predict_new_classes(learner: MetaLearner, support: Path | str, query: list[P
 OUTPUT_EXAMPLES = {"--json": "predictions.json", "--csv": "predictions.csv", "--sheet": "predictions.png"}
 
 
-def check_outputs(named: list[tuple[str, Path]]) -> None:
+def check_outputs(named: list[tuple[str, Path | str]]) -> None:
     """Refuse, before any image is read, output files that could not all be written: two
-    options naming one file (one would overwrite the other), a folder, a path below a file, or
-    a folder this user cannot write to (missing folders are made when the files are written).
-    ``named``: (option, path) pairs such as ``("--json", Path("out.json"))``."""
+    options naming one file (one would overwrite the other), a folder (also ``out/``, not made
+    yet), a contact sheet not named ``.png``, a path below a file, or a folder this user cannot
+    write to (missing folders are made when the files are written). ``named``: (option, path)
+    pairs such as ``("--json", "out.json")``, the paths as given."""
+    for option, path in named:
+        check_writable_file(option, path, OUTPUT_EXAMPLES.get(option, "predictions"),
+                            ".png" if option == "--sheet" else None)
     for i, (option, path) in enumerate(named):
         for other, other_path in named[i + 1:]:
-            if path.resolve() == other_path.resolve():
+            if Path(path).resolve() == Path(other_path).resolve():
                 raise MetalearnError(f"{option} and {other} both name {path}; give each output its own file")
-    for option, path in named:
-        check_writable_file(option, path, OUTPUT_EXAMPLES.get(option, "predictions"))
 
 
 def write_together(outputs: list[tuple[Path, bytes]]) -> None:

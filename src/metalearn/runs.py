@@ -5,6 +5,7 @@
     metrics.jsonl    one JSON object per logged step (training and validation)
     eval.json        the run's own test evaluation (others: eval-<what differs>.json)
     best/            with --keep-best N: the checkpoints of the N best validations (index.json: scores)
+    split.json       a run on class folders: the classes of each part, which its evaluations keep to
     plots/*.png
     .lock            present while a training process holds the folder (see :meth:`RunDir.lock`)
 
@@ -16,6 +17,7 @@ never started (killed before its first checkpoint): it may be started again, wit
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 
 from metalearn.config import RunConfig
+from metalearn.data.splits import RUN_SPLIT_NAME
 from metalearn.errors import MetalearnError
 from metalearn.files import (WriteError, append_line, atomic_write, atomic_write_bytes, fsync_directory,  # noqa: F401
                              remove_temporaries)
@@ -35,7 +38,7 @@ from metalearn.locking import FolderInUse, FolderLock
 
 # what only the process holding a run folder's lock writes: a temporary file of these is never
 # a live write of someone else's
-WRITER_FILES = ("config.json", "checkpoint.pt", "metrics.jsonl")
+WRITER_FILES = ("config.json", "checkpoint.pt", "metrics.jsonl", RUN_SPLIT_NAME)
 
 
 def default_runs_root() -> Path:
@@ -96,6 +99,9 @@ class RunDir:
     """``plots/``: the PNGs of ``metalearn plot`` and ``sample``."""
     best_dir = property(lambda self: self.path / "best")
     """``best/``: the checkpoints :meth:`keep_best` kept, and their ``index.json``."""
+    split_path = property(lambda self: self.path / RUN_SPLIT_NAME)
+    """``split.json``: for a run on class folders split by fractions or a split file, the
+    class names of each part as it trained (a ``--split-file``); evaluations use it."""
 
     lock_path = property(lambda self: self.path / ".lock")
     """``.lock``: the file :meth:`lock` holds while a process trains here."""
@@ -136,6 +142,27 @@ class RunDir:
         """Write ``config`` as ``config.json``, whole (atomically), making the folder if needed."""
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.config_path, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
+
+    def write_split(self, split: dict[str, list[str]]) -> None:
+        """Write the run's class-folder ``split`` as ``split.json``, whole (atomically)."""
+        atomic_write_bytes(self.split_path, (json.dumps(split, indent=2, ensure_ascii=False) + "\n").encode())
+
+    def read_split(self) -> dict[str, list[str]] | None:
+        """The run's ``split.json``, or None where it has none (not a run on class folders, or
+        one that has not saved since split.json was introduced)."""
+        if not self.split_path.is_file():
+            return None
+        return read_json_object(self.split_path, "delete it: the next resume writes it again")
+
+    def with_own_split(self, config: RunConfig) -> RunConfig:
+        """``config`` with its class-folder split set to the one this run recorded
+        (``split.json`` as its ``split_file``), where it has one: evaluations, plots and
+        comparisons score the run's own test classes even after its folder changed (classes
+        added, removed or renamed reshuffle a split by fractions). Otherwise ``config``."""
+        if not self.split_path.is_file():
+            return config
+        task = dataclasses.replace(config.task, split_fractions="", split_file=str(self.split_path.absolute()))
+        return dataclasses.replace(config, task=task)
 
     def read_config(self) -> RunConfig:
         """The run's configuration. Raises :class:`MetalearnError` when there is no

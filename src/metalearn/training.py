@@ -164,6 +164,7 @@ class Trainer:
         self.task_source = f"{type(train_tasks).__module__}.{type(train_tasks).__qualname__}"
         # the images of a folder dataset, so that a resume on another folder is refused
         self.data_fingerprint = getattr(train_tasks, "data_fingerprint", None)
+        self.class_split = getattr(train_tasks, "class_split", None)  # class folders: written as split.json
         self.data_dir = None  # only for the messages that say how to continue (build_trainer sets it)
         train = config.train
         if world.size > train.meta_batch_size:
@@ -226,9 +227,13 @@ class Trainer:
 
     def _write_config(self) -> None:
         """The folder and config.json, once: the configuration this Trainer trains with (on a
-        resume it may change what RESUMABLE_CHANGES allows, such as --steps)."""
+        resume it may change what RESUMABLE_CHANGES allows, such as --steps); for class folders
+        the split as well (``split.json``; on a resume, after the checkpoint's data fingerprint
+        matched the folder's, so that a run from before split.json gets the one it trained on)."""
         if not self.config_written:
             self.run_dir.write_config(self.config)
+            if self.class_split is not None:
+                self.run_dir.write_split(self.class_split)
             self.config_written = True
 
     def _begin(self) -> None:

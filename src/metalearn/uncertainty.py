@@ -190,6 +190,7 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     """
     from metalearn.tasks import build_task_source
     from metalearn.checkpoints import load_trained
+    from metalearn.runs import RunDir
     from metalearn.datasets import get_dataset
     from metalearn.training import part_seed_offset
 
@@ -220,6 +221,17 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
             differ = task_differences(first_task.for_testing(), task.for_testing())
             raise MetalearnError(f"runs {first_label!r} and {label!r} are tested on different tasks ({differ}); "
                                  "compare runs of the same task")
+    # class folders: the split each run recorded (split.json; none for fixed datasets); the episodes
+    # are drawn from the test classes they share
+    splits = {label: split for label in runs if (split := RunDir(runs[label]).read_split()) is not None}
+    if splits:
+        recorded, split = next(iter(splits.items()))
+        for label, other in splits.items():
+            if other != split:
+                raise MetalearnError(f"runs {recorded!r} and {label!r} split their class folders differently (see "
+                                     "split.json in each): one's test classes may be the other's training classes; "
+                                     "compare runs of the same split")
+        first_task = RunDir(runs[recorded]).with_own_split(loaded[recorded][0]).task
     source = build_task_source(first_task, part, data_dir, evaluation=True)  # the episodes eval --part draws
     true_function = getattr(type(source), "function", None)
     noise_std = getattr(source, "noise_std", None)

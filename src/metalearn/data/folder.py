@@ -38,7 +38,7 @@ import torch
 from metalearn.data.cache import read_arrays, write_arrays
 from metalearn.data.images import IMAGE_SUFFIXES, check_channels, decode_image, is_image_file
 from metalearn.data.omniglot import default_cache_dir
-from metalearn.data.splits import PARTS, ClassPool
+from metalearn.data.splits import PARTS, RUN_SPLIT_NAME, ClassPool
 from metalearn.errors import MetalearnError, MetalearnWarning
 
 # 2: 16-bit images scaled by their type's range, EXIF orientation applied; 3: the cached
@@ -496,6 +496,10 @@ def class_parts(folder: ImageFolder, fractions: str = "", split_file: str = "") 
     if not isinstance(fractions, str):
         raise MetalearnError(f"fractions are given as text, train,val,test (e.g. \"0.64,0.16,0.2\"), got {fractions!r}")
     if folder.layout != "classes":
+        if split_file and is_run_split(Path(split_file)):
+            raise MetalearnError(f"the run in {Path(split_file).parent} trained on class folders split as its "
+                                 f"{RUN_SPLIT_NAME} records; this folder sets its own split (train/ val/ test/ folders "
+                                 "or CSV files): give --data-dir the folder the run trained on")
         if fractions or split_file:
             given = "--split-fractions" if fractions else "--split-file"
             where = "train.csv / val.csv / test.csv" if folder.layout == "csv" else "train/ val/ test/ folders"
@@ -553,6 +557,18 @@ def data_fingerprint(folder: ImageFolder, fractions: str = "", split_file: str =
     return f"{digest.hexdigest()}:{len(folder.class_names)} classes, {len(folder.images)} images"
 
 
+def class_split(folder: ImageFolder, fractions: str = "", split_file: str = "") -> dict[str, list[str]]:
+    """The class names of each part, as a split file writes them: ``{"train": [...], "val":
+    [...], "test": [...]}`` (a part with no class: an empty list)."""
+    parts = class_parts(folder, fractions, split_file)
+    return {part: [name for name, p in zip(folder.class_names, parts) if p == part] for part in PARTS}
+
+
+def is_run_split(path: Path) -> bool:
+    """Whether ``path`` is a run's own record of its split (``split.json`` beside ``config.json``)."""
+    return path.name == RUN_SPLIT_NAME and (path.parent / "config.json").is_file()
+
+
 def _parts_from_file(folder: ImageFolder, path: Path) -> tuple[str, ...]:
     if not path.is_file():
         raise MetalearnError(f"--split-file {path}: {'a folder' if path.is_dir() else 'no such file'}; give the JSON "
@@ -564,6 +580,13 @@ def _parts_from_file(folder: ImageFolder, path: Path) -> tuple[str, ...]:
     if not isinstance(spec, dict) or set(spec) - set(PARTS) or not all(isinstance(v, list) for v in spec.values()):
         raise MetalearnError(f'--split-file {path}: expected {{"train": [class, ...], "val": [...], "test": [...]}}')
     index = {name: i for i, name in enumerate(folder.class_names)}
+    if is_run_split(path):  # a run's evaluation on a folder that lost classes, or on another folder
+        missing = [name for names in spec.values() for name in names if name not in index]
+        if missing:
+            raise MetalearnError(
+                f"the run in {path.parent} trained on classes that this folder lacks ({len(missing)} of them, "
+                f"e.g. {missing[0]!r}; its {RUN_SPLIT_NAME} lists its classes): give --data-dir the folder it "
+                "trained on, or score this folder's classes with --split-fractions 0,0,1")
     parts = [""] * len(index)
     for part, names in spec.items():
         for name in names:

@@ -23,6 +23,7 @@ from metalearn.errors import MetalearnError
 
 SPLITS = ("vinyals", "lake", "maml")
 PARTS = ("train", "val", "test")
+RUN_SPLIT_NAME = "split.json"  # a run's record of its class folders' split (a --split-file), beside its config.json
 RANDOM_ROTATION = -1
 MAML_SPLIT_SEED = 1
 MAML_SPLIT_SIZES = (1100, 100, 423)

@@ -37,9 +37,13 @@ class EpisodeSampler:
     ``data_fingerprint``: what identifies the images drawn from, where they come from a folder
     of the user's (set by the ``folder`` datasets); a run stores it and refuses to resume on
     other images. None: the dataset is fixed by its name (Omniglot, verified on download).
+    ``class_split``: for class folders split by fractions or a split file, the class names of
+    each part (``{"train": [...], "val": [...], "test": [...]}``); a run writes it beside its
+    checkpoint (``split.json``) and evaluates on it.
     """
 
     data_fingerprint: str | None = None
+    class_split: dict[str, list[str]] | None = None
 
     def __init__(self, images: Tensor, pool: ClassPool, ways: int, shots: int, query: int,
                  dataset: str = "omniglot", test: bool = False, class_sizes: Tensor | None = None,

@@ -5,6 +5,7 @@ configuration through the command line with no other change."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from dataclasses import dataclass
 
@@ -189,6 +190,30 @@ def test_build_learner_takes_a_config_object_or_none_and_names_what_else_it_take
         build_learner("maml", [("inner_lr", 0.1)], problem)
     with pytest.raises(MetalearnError, match="build_learner takes a Problem .*got tuple"):
         build_learner("maml", {}, ((1,), 1, False))
+
+
+def test_method_constructors_take_their_config_or_a_dict_of_options_and_name_what_else():
+    """MAML(model, {"inner_steps": 2}) builds MAML.Config from the dict (type-checked); a
+    misspelt option or a config of another type is one MetalearnError naming it, before the
+    constructor reads an option (PLATIPUS reads one first), for every built-in method."""
+    from metalearn.algorithms import MAML, PLATIPUS, MemoryModule, NeuralStatistician, ProtoNet
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    assert MAML(model, {"inner_steps": 2}).config == MAML.Config(inner_steps=2)
+    assert MAML(model, config={"inner_steps": 2}).config.inner_steps == 2
+    assert ProtoNet(model).config == ProtoNet.Config()
+    with pytest.raises(ConfigError, match="inner_steps"):
+        MAML(model, {"inner_steps": "2"})
+    with pytest.raises(MetalearnError, match="MAML has no option\\(s\\) inner_step; known: "):
+        MAML(model, {"inner_step": 2})
+    for build, name in ((lambda c: PLATIPUS(model, c), "PLATIPUSConfig"), (lambda c: NeuralStatistician(c),
+                        "StatisticianConfig"), (lambda c: MemoryModule(model, 3, config=c), "MemoryConfig")):
+        with pytest.raises(MetalearnError, match=f"takes its options as a {name} \\(or a dict of them\\), got str"):
+            build("first_order")
+    for cls in METHODS.values():  # every method's constructor that takes a config is checked
+        init = cls.__dict__.get("__init__")
+        if init is not None and "config" in inspect.signature(init).parameters:  # (the signature: the original's)
+            assert hasattr(init, "__wrapped__"), cls
 
 
 def test_no_method_option_shares_a_flag_with_a_task_or_training_option():

@@ -8,6 +8,9 @@ fits: its ``meta_loss`` is a surrogate whose gradient is the update.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import inspect
 import itertools
 import math
 from collections.abc import Iterator
@@ -55,6 +58,47 @@ class MetaLearner(nn.Module):
 
     name: ClassVar[str]
     Config: ClassVar[type]
+
+    def __init_subclass__(cls, **kwargs):
+        """A method's constructor takes its ``config`` as its ``Config`` or as a dict of options
+        (``MAML(model, {"inner_steps": 5})``), checked by :meth:`own_config` before the
+        constructor runs: anything else is one clear error, not an ``AttributeError`` from
+        inside the method. Applies to every subclass that defines ``__init__(..., config, ...)``."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None or "config" not in inspect.signature(init).parameters:
+            return
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def checked_init(self, *args, **kwargs):
+            try:
+                bound = signature.bind(self, *args, **kwargs)
+            except TypeError:  # wrong arguments: the constructor's own error
+                return init(self, *args, **kwargs)
+            if "config" in bound.arguments:
+                bound.arguments["config"] = type(self).own_config(bound.arguments["config"])
+            init(*bound.args, **bound.kwargs)
+
+        cls.__init__ = checked_init
+
+    @classmethod
+    def own_config(cls, config: Any) -> Any:
+        """``config`` as this method's ``Config``: one already, or built from a dict of its
+        options (each type-checked by the ``Config``); a dict naming an option the method lacks,
+        or another type, raises :class:`MetalearnError` naming it."""
+        config_class = getattr(cls, "Config", None)
+        if not dataclasses.is_dataclass(config_class) or isinstance(config, config_class):
+            return config
+        if isinstance(config, dict):
+            known = {f.name for f in dataclasses.fields(config_class)}
+            unknown = sorted(str(key) for key in set(config) - known)
+            if unknown:
+                raise MetalearnError(f"{cls.__name__} has no option(s) {', '.join(unknown)}; known: "
+                                     f"{', '.join(sorted(known))}")
+            return config_class(**config)
+        raise MetalearnError(f"{cls.__name__} takes its options as a {config_class.__name__} (or a dict of them), "
+                             f"got {type(config).__name__}")
     # True for methods whose network has one output per class (MAML, PLATIPUS, Reptile): they
     # cannot be tested with another number of ways than they were trained with.
     fixed_ways: ClassVar[bool] = False

@@ -1054,8 +1054,8 @@ def test_a_small_class_folder_names_its_split_options_and_eval_splits_another_fo
     options = ["train", "protonet", "--dataset", "folder", "--data-dir", tmp_path / "photos", "--image-size", 16,
                "--ways", 5, "--shots", 1, "--query", 1, "--steps", 1, "--eval-episodes", 4, "--no-progress"]
     code, out, err = run([*options, "--run-dir", tmp_path / "refused"], capsys)
-    one_line_error(code, out, err, "the default split 0.64,0.16,0.2 gives the val part 2 of the folder's 12 classes; "
-                                   "--test-ways 5")
+    one_line_error(code, out, err, "the default split 0.64,0.16,0.2 gives the val part 2 of the folder's 12 classes "
+                                   "(train 8, val 2, test 2); --test-ways 5")
     assert "--split-fractions or --split-file" in err and "(--val-every 0)" in err
     run_dir = tmp_path / "run"
     code, out, err = run([*options, "--split-fractions", "0.5,0,0.5", "--val-every", 0, "--run-dir", run_dir], capsys)
@@ -1065,7 +1065,8 @@ def test_a_small_class_folder_names_its_split_options_and_eval_splits_another_fo
     one_line_error(code, out, err, "trained on classes that this folder lacks (7 of them, e.g. 'class06'")
     assert "score this folder's classes with --split-fractions 0,0,1" in err
     code, out, err = run([*scored, "--split-fractions", "0.5,0,0.5"], capsys)
-    one_line_error(code, out, err, "--split-fractions 0.5,0,0.5 gives the test part 2 of the folder's 5 classes")
+    one_line_error(code, out, err, "--split-fractions 0.5,0,0.5 gives the test part 2 of the folder's 5 classes "
+                                   "(train 3, val 0, test 2)")
     assert "in metalearn eval, --split-fractions 0,0,1 scores every class" in err
     code, out, err = run([*scored, "--split-fractions", "0,0,1"], capsys)
     assert code == 0, err

@@ -637,8 +637,10 @@ def check_part_classes(folder: ImageFolder, pool: ClassPool, part: str, ways: in
     if part == "test":
         fixes.append("in metalearn eval, --split-fractions 0,0,1 scores every class of the folder")
     fixes.append(f"or lower {asked.split(' ')[0]}")
-    raise MetalearnError(f"{split} gives the {part} part {len(pool)} of the folder's {n} classes; {asked} needs "
-                         f"{ways}: " + "; ".join(fixes))
+    parts = class_parts(folder, task.split_fractions, task.split_file)  # every part's count: fix them all at once
+    counts = ", ".join(f"{p} {parts.count(p)}" for p in PARTS)
+    raise MetalearnError(f"{split} gives the {part} part {len(pool)} of the folder's {n} classes ({counts}); {asked} "
+                         f"needs {ways}: " + "; ".join(fixes))
 
 
 def check_class_sizes(folder: ImageFolder, pool: ClassPool, needed: int, options: str) -> None:

@@ -14,7 +14,7 @@ import argparse
 import torch
 from torch import nn
 
-from metalearn.api import with_test_shape
+from metalearn.api import with_split, with_test_shape
 from metalearn.evaluation import evaluate
 from metalearn.runs import RunDir
 from metalearn.tasks import build_task_source
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=None, help="default: the run's --eval-episodes")
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
-    config = RunDir(args.run_dir).read_config()
+    config, _ = with_split(RunDir(args.run_dir).read_config(), run_dir=args.run_dir)  # class folders: its split.json
     shape = {key: value for key, value in (("ways", args.ways), ("shots", args.shots)) if value is not None}
     if shape:
         config = with_test_shape(config, shape)

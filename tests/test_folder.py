@@ -792,7 +792,7 @@ def bad_folders(root: Path) -> dict[str, tuple[Path, list, str]]:
     cases["empty class"] = (empty_class, [], "class folder class3")
     few = root / "few-classes"
     classes(few, 12, 4)
-    cases["fewer classes than ways"] = (few, ["--ways", 8], "the default split 0.64,0.16,0.2 gives the val part 2 of the folder's 12 classes; --test-ways 8")
+    cases["fewer classes than ways"] = (few, ["--ways", 8], "the default split 0.64,0.16,0.2 gives the val part 2 of the folder's 12 classes (train 8, val 2, test 2); --test-ways 8")
     small = root / "small-class"
     classes(small, 12, 4)
     for f in sorted((small / "class5").glob("*.png"))[2:]:
@@ -1063,7 +1063,7 @@ def test_a_small_class_folder_names_its_split_options_and_eval_splits_another_fo
     scored = ["eval", run_dir, "--data-dir", tmp_path / "other", "--episodes", 3, "--no-progress"]
     code, out, err = run(scored, capsys)  # the run's split names classes the other folder lacks
     one_line_error(code, out, err, "trained on classes that this folder lacks (7 of them, e.g. 'class06'")
-    assert "score this folder's classes with --split-fractions 0,0,1" in err
+    assert "in metalearn eval, --split-fractions 0,0,1 scores every class)" in err
     code, out, err = run([*scored, "--split-fractions", "0.5,0,0.5"], capsys)
     one_line_error(code, out, err, "--split-fractions 0.5,0,0.5 gives the test part 2 of the folder's 5 classes "
                                    "(train 3, val 0, test 2)")
@@ -1201,3 +1201,64 @@ def test_a_run_keeps_its_split_when_its_folder_changes(shapes, tmp_path, capsys,
     code, out, err = run(["train", "protonet", "--resume", "--run-dir", by_file, "--steps", 2, "--data-dir", shapes,
                           "--no-eval", "--no-progress"], capsys)
     assert code == 0, err
+
+
+def test_the_recorded_split_meets_part_folders_restarts_and_other_runs(tmp_path, capsys, monkeypatch):
+    """A class-folder run scored on a folder of train/ test/ folders takes that folder's split.
+    Too few test classes under the recorded split are reported as the run's split, counting the
+    classes in no part. A run trained with another run's split.json compares with it, and an
+    eval with that file is labelled by the run's folder (the run's own split.json: its own
+    eval.json). A folder restarted on part folders after an attempt that died before its first
+    checkpoint keeps no split.json of that attempt."""
+    monkeypatch.setenv("METALEARN_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+
+    def draw(folder: Path, c: int) -> None:
+        folder.mkdir(parents=True)
+        for i in range(3):
+            draw_shape(SHAPES[c % len(SHAPES)], (200, 12 * c, 0), 20, rng).save(folder / f"{i}.png")
+
+    classes, parts = tmp_path / "classes", tmp_path / "parts"
+    for c in range(12):
+        draw(classes / f"c{c:02d}", c)
+    for part, numbers in (("train", range(12, 16)), ("test", range(16, 20))):
+        for c in numbers:
+            draw(parts / part / f"c{c:02d}", c)
+    options = ["protonet", "--dataset", "folder", "--image-size", 16, "--ways", 3, "--shots", 1, "--query", 1,
+               "--steps", 1, "--val-every", 0, "--eval-episodes", 2, "--no-progress"]
+    run_a = tmp_path / "a"
+    code, out, err = run(["train", *options, "--data-dir", classes, "--split-fractions", "0.5,0,0.5", "--run-dir",
+                          run_a, "--no-eval"], capsys)
+    assert code == 0, err
+    code, out, err = run(["eval", run_a, "--data-dir", parts, "--no-progress"], capsys)
+    assert code == 0, err
+    assert json.loads((run_a / "eval.json").read_text())["ways"] == 3
+
+    draw(classes / "c12", 12)  # a class the run never saw: in no part of its split
+    code, out, err = run(["eval", run_a, "--data-dir", classes, "--ways", 7, "--no-progress"], capsys)
+    one_line_error(code, out, err, f"the run's split ({run_a / 'split.json'}) gives the test part 6 of the folder's "
+                                   "13 classes (train 6, val 0, test 6, in no part 1); --test-ways 7")
+    assert "--split-fractions 0,0,1 scores every class" in err and "--val-every" not in err
+
+    run_c = tmp_path / "c"
+    code, out, err = run(["train", *options, "--data-dir", classes, "--split-file", run_a / "split.json",
+                          "--run-dir", run_c, "--no-eval"], capsys)
+    assert code == 0, err
+    code, out, err = run(["compare", run_a, run_c, "--data-dir", classes, "--episodes", 2], capsys)
+    assert code == 0, err
+    code, out, err = run(["eval", run_c, "--data-dir", classes, "--split-file", run_a / "split.json",
+                          "--no-progress"], capsys)
+    assert code == 0 and "eval-split_file=a.json" in out, (out, err)
+    (run_a / "eval.json").unlink()
+    code, out, err = run(["eval", run_a, "--data-dir", classes, "--split-file", run_a / "split.json",
+                          "--no-progress"], capsys)
+    assert code == 0, err
+    assert "split_file" not in json.loads((run_a / "eval.json").read_text())
+
+    run_b = tmp_path / "b"  # an attempt killed before its first checkpoint: config.json and split.json
+    run_b.mkdir()
+    for name in ("config.json", "split.json"):
+        shutil.copy(run_a / name, run_b / name)
+    code, out, err = run(["train", *options, "--data-dir", parts, "--run-dir", run_b], capsys)
+    assert code == 0, err
+    assert not (run_b / "split.json").exists() and (run_b / "checkpoint.pt").exists()

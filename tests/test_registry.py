@@ -18,7 +18,7 @@ from cli_runner import run
 from metalearn.algorithms import METHODS, MetaLearner, accuracy, register_method
 from metalearn.datasets import DATASETS, Dataset, register_dataset
 from metalearn.errors import ConfigError, MetalearnError
-from metalearn.options import option
+from metalearn.options import option, options
 from metalearn.tasks.batch import Problem, TaskBatch
 
 
@@ -210,6 +210,23 @@ def test_method_constructors_take_their_config_or_a_dict_of_options_and_name_wha
                         "StatisticianConfig"), (lambda c: MemoryModule(model, 3, config=c), "MemoryConfig")):
         with pytest.raises(MetalearnError, match=f"takes its options as a {name} \\(or a dict of them\\), got str"):
             build("first_order")
+    class Defaulted(ProtoNet):  # the usual `config=None` of a constructor: None reaches it
+        def __init__(self, model, config=None):
+            super().__init__(model, config or ProtoNet.Config())
+
+    assert Defaulted(model, None).config == ProtoNet.Config()
+
+    class Wider(MAML):  # a subclass with a Config of its own that passes its parent's to MAML's constructor
+        @options
+        class Config:
+            width: int = option(2, "")
+
+        def __init__(self, model, config=None):
+            super().__init__(model, MAML.Config(inner_steps=3))
+            self.wide = config
+
+    assert Wider(model, {"width": 4}).wide == Wider.Config(width=4)
+    assert Wider(model).config == MAML.Config(inner_steps=3)
     for cls in METHODS.values():  # every method's constructor that takes a config is checked
         init = cls.__dict__.get("__init__")
         if init is not None and "config" in inspect.signature(init).parameters:  # (the signature: the original's)

@@ -301,7 +301,8 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     ``eval-protocol=<name>.json``. ``split_fractions`` or ``split_file``: for a run on class
     folders, split ``data_dir``'s classes this way instead of as the run did (``"0,0,1"`` scores every
     class of another folder); the file is named ``eval-split_fractions=0,0,1.json`` or
-    ``eval-split_file=<file stem>.json``.
+    ``eval-split_file=<file stem>.json`` (see :func:`with_split`). Without them a run on class
+    folders is scored on the split it recorded (its ``split.json``).
     """
     from metalearn.config import MAX_SEED
     from metalearn.evaluation import check_count
@@ -314,6 +315,7 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     part_seed_offset(part)  # an unknown part, before the run is loaded
     config, learner, step = load_trained(run_dir, overrides)
     config, split_labels = with_split(config, split_fractions, split_file, run_dir)
+    split_record = _split_record(split_fractions, split_file) if split_labels else {}  # the run's own: nothing
     if ensemble and type(learner).episode_scores is not MetaLearner.episode_scores:
         raise MetalearnError(f"--ensemble averages the predictions of the run's best checkpoints; {config.method} "
                              "scores its episodes otherwise (a policy's returns), which do not average that way: "
@@ -325,7 +327,7 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
             config = with_test_shape(config, episode_shape)
         return _evaluate_protocol(run_dir, config, learner, step, protocol, part, episodes, seed, data_dir, progress,
                                   world or init_world(device, exact_gpu_kernels=exact_gpu_kernels), labels,
-                                  _split_record(split_fractions, split_file))
+                                  split_record)
     members = []
     if ensemble:
         from metalearn.evaluation import Ensemble
@@ -342,7 +344,7 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
                        world or init_world(device, exact_gpu_kernels=exact_gpu_kernels),
                        {**(overrides or {}), **(episode_shape or {})}, per_step, labels,
                        {**({"ensemble": [member_step for _, _, member_step in members]} if ensemble else {}),
-                        **_split_record(split_fractions, split_file)} or None)
+                        **split_record} or None)
     return result
 
 
@@ -404,7 +406,9 @@ def with_split(config: RunConfig, fractions: str | None = None, split_file: Path
     split that ``run_dir`` recorded when it trained (its ``split.json``, where it has one), so
     that a folder changed since (classes added, removed or renamed, which reshuffles a split by
     fractions) never puts a class the run trained on into its test, and no labels. Refused for
-    a dataset whose split is not the user's to set."""
+    a dataset whose split is not the user's to set. ``split_file`` naming ``run_dir``'s own
+    split.json is the run's own split (no labels); another run's split.json is labelled by that
+    run's folder name, other files by their stem."""
     if fractions is None and split_file is None:
         return (RunDir(run_dir).with_own_split(config) if run_dir is not None else config), {}
     given = "--split-fractions" if fractions is not None else "--split-file"
@@ -422,8 +426,14 @@ def with_split(config: RunConfig, fractions: str | None = None, split_file: Path
         parse_fractions(fractions)  # a clear error before the folder is read
         task = dataclasses.replace(config.task, split_fractions=fractions, split_file="")
         return dataclasses.replace(config, task=task), {"split_fractions": fractions}
+    from metalearn.data.folder import is_run_split
+
+    path = Path(split_file)
+    if run_dir is not None and path.absolute() == RunDir(run_dir).split_path.absolute():
+        return with_split(config, run_dir=run_dir)  # the run's own split.json: its own evaluation
     task = dataclasses.replace(config.task, split_fractions="", split_file=str(split_file))
-    return dataclasses.replace(config, task=task), {"split_file": Path(split_file).stem}
+    # another run's split.json: named by that run's folder (every run's file is split.json)
+    return dataclasses.replace(config, task=task), {"split_file": path.parent.name if is_run_split(path) else path.stem}
 
 
 def with_test_shape(config: RunConfig, shape: dict[str, int]) -> RunConfig:

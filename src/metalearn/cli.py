@@ -297,7 +297,7 @@ def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots,
     check_protocol_or_ensemble(protocol, ensemble)  # before the file name, which counts the checkpoints
     overrides = dict(parse_setting(s) for s in settings)
     shape = {k: v for k, v in (("ways", ways), ("shots", shots), ("query", query)) if v is not None}
-    config, split_labels = with_split(RunDir(run_dir).read_config(), split_fractions, split_file)
+    config, split_labels = with_split(RunDir(run_dir).read_config(), split_fractions, split_file, run_dir)
     labels = {**evaluation_labels(config, overrides, shape, episodes, seed), **split_labels}
     if ensemble:
         labels["ensemble"] = len(RunDir(run_dir).best_checkpoints())

@@ -229,11 +229,15 @@ class Trainer:
         """The folder and config.json, once: the configuration this Trainer trains with (on a
         resume it may change what RESUMABLE_CHANGES allows, such as --steps); for class folders
         the split as well (``split.json``; on a resume, after the checkpoint's data fingerprint
-        matched the folder's, so that a run from before split.json gets the one it trained on)."""
+        matched the folder's, so that a run from before split.json gets the one it trained on;
+        a checkpoint from before data fingerprints gets the folder's split as given). Other
+        tasks remove a split.json left by an attempt killed before its first checkpoint."""
         if not self.config_written:
             self.run_dir.write_config(self.config)
             if self.class_split is not None:
                 self.run_dir.write_split(self.class_split)
+            else:
+                self.run_dir.split_path.unlink(missing_ok=True)
             self.config_written = True
 
     def _begin(self) -> None:

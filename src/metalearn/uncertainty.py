@@ -28,6 +28,8 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from pathlib import Path
 from typing import Any
@@ -214,15 +216,8 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
             raise MetalearnError(f"{runs[label]} learned {config.task.dataset}, a reinforcement-learning environment: "
                                  "compare scores predictions of supervised tasks; draw RL runs side by side with "
                                  "metalearn plot RUN_DIR --compare OTHER_RUN")
-    tasks = {label: config.task for label, (config, _, _) in loaded.items()}
-    first_label, first_task = next(iter(tasks.items()))
-    for label, task in tasks.items():
-        if task.for_testing() != first_task.for_testing():
-            differ = task_differences(first_task.for_testing(), task.for_testing())
-            raise MetalearnError(f"runs {first_label!r} and {label!r} are tested on different tasks ({differ}); "
-                                 "compare runs of the same task")
-    # class folders: the split each run recorded (split.json; none for fixed datasets); the episodes
-    # are drawn from the test classes they share
+    # class folders: the split each run recorded (split.json; none for fixed datasets). Where every
+    # run has one, the splits must be equal, and how each was given (fractions, a file) is moot
     splits = {label: split for label in runs if (split := RunDir(runs[label]).read_split()) is not None}
     if splits:
         recorded, split = next(iter(splits.items()))
@@ -231,6 +226,16 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
                 raise MetalearnError(f"runs {recorded!r} and {label!r} split their class folders differently (see "
                                      "split.json in each): one's test classes may be the other's training classes; "
                                      "compare runs of the same split")
+    moot = {"split_fractions": "", "split_file": ""} if len(splits) == len(runs) else {}
+    tasks = {label: dataclasses.replace(config.task.for_testing(), **moot) for label, (config, _, _) in loaded.items()}
+    first_label, first_task = next(iter(tasks.items()))
+    for label, task in tasks.items():
+        if task != first_task:
+            differ = task_differences(first_task, task)
+            raise MetalearnError(f"runs {first_label!r} and {label!r} are tested on different tasks ({differ}); "
+                                 "compare runs of the same task")
+    first_task = loaded[first_label][0].task
+    if splits:  # the episodes are drawn from the test classes of the recorded split
         first_task = RunDir(runs[recorded]).with_own_split(loaded[recorded][0]).task
     source = build_task_source(first_task, part, data_dir, evaluation=True)  # the episodes eval --part draws
     true_function = getattr(type(source), "function", None)

@@ -76,19 +76,22 @@ class MetaLearner(nn.Module):
                 bound = signature.bind(self, *args, **kwargs)
             except TypeError:  # wrong arguments: the constructor's own error
                 return init(self, *args, **kwargs)
-            if "config" in bound.arguments:
-                bound.arguments["config"] = type(self).own_config(bound.arguments["config"])
+            if "config" in bound.arguments:  # this class's Config, or (a subclass's) type(self)'s
+                bound.arguments["config"] = type(self).own_config(bound.arguments["config"], cls)
             init(*bound.args, **bound.kwargs)
 
         cls.__init__ = checked_init
 
     @classmethod
-    def own_config(cls, config: Any) -> Any:
-        """``config`` as this method's ``Config``: one already, or built from a dict of its
-        options (each type-checked by the ``Config``); a dict naming an option the method lacks,
-        or another type, raises :class:`MetalearnError` naming it."""
+    def own_config(cls, config: Any, defined_by: type | None = None) -> Any:
+        """``config`` as this method's ``Config``: one already (or the ``Config`` of
+        ``defined_by``, the class whose constructor receives it: a subclass may pass its
+        parent's), None (a constructor's own default), or built from a dict of its options (each
+        type-checked by the ``Config``); a dict naming an option the method lacks, or another
+        type, raises :class:`MetalearnError` naming it."""
         config_class = getattr(cls, "Config", None)
-        if not dataclasses.is_dataclass(config_class) or isinstance(config, config_class):
+        accepted = tuple(c for c in (config_class, getattr(defined_by, "Config", None)) if dataclasses.is_dataclass(c))
+        if not accepted or config is None or isinstance(config, accepted):
             return config
         if isinstance(config, dict):
             known = {f.name for f in dataclasses.fields(config_class)}

@@ -496,10 +496,8 @@ def class_parts(folder: ImageFolder, fractions: str = "", split_file: str = "") 
     if not isinstance(fractions, str):
         raise MetalearnError(f"fractions are given as text, train,val,test (e.g. \"0.64,0.16,0.2\"), got {fractions!r}")
     if folder.layout != "classes":
-        if split_file and is_run_split(Path(split_file)):
-            raise MetalearnError(f"the run in {Path(split_file).parent} trained on class folders split as its "
-                                 f"{RUN_SPLIT_NAME} records; this folder sets its own split (train/ val/ test/ folders "
-                                 "or CSV files): give --data-dir the folder the run trained on")
+        if split_file and not fractions and is_run_split(Path(split_file)):
+            return folder.parts  # a class-folder run scored on a release's folders: their split, as before split.json
         if fractions or split_file:
             given = "--split-fractions" if fractions else "--split-file"
             where = "train.csv / val.csv / test.csv" if folder.layout == "csv" else "train/ val/ test/ folders"
@@ -586,7 +584,8 @@ def _parts_from_file(folder: ImageFolder, path: Path) -> tuple[str, ...]:
             raise MetalearnError(
                 f"the run in {path.parent} trained on classes that this folder lacks ({len(missing)} of them, "
                 f"e.g. {missing[0]!r}; its {RUN_SPLIT_NAME} lists its classes): give --data-dir the folder it "
-                "trained on, or score this folder's classes with --split-fractions 0,0,1")
+                "trained on, or split this folder's classes yourself (--split-fractions, --split-file; in "
+                "metalearn eval, --split-fractions 0,0,1 scores every class)")
     parts = [""] * len(index)
     for part, names in spec.items():
         for name in names:
@@ -628,17 +627,20 @@ def check_part_classes(folder: ImageFolder, pool: ClassPool, part: str, ways: in
     if len(pool) >= ways:
         return
     n = len(folder.class_names)
-    split = (f"--split-file {task.split_file}" if task.split_file else
+    recorded = bool(task.split_file) and is_run_split(Path(task.split_file))  # the run's own, not typed by the user
+    split = (f"the run's split ({task.split_file})" if recorded else
+             f"--split-file {task.split_file}" if task.split_file else
              f"--split-fractions {task.split_fractions}" if task.split_fractions else
              "the default split 0.64,0.16,0.2")
-    fixes = [f"give it {ways} or more with --split-fractions or --split-file"]
-    if part == "val":
+    fixes = ([] if recorded else [f"give it {ways} or more with --split-fractions or --split-file"])
+    if part == "val" and not recorded:
         fixes.append("train without validation (--val-every 0)")
-    if part == "test":
+    if part == "test" or recorded:
         fixes.append("in metalearn eval, --split-fractions 0,0,1 scores every class of the folder")
     fixes.append(f"or lower {asked.split(' ')[0]}")
     parts = class_parts(folder, task.split_fractions, task.split_file)  # every part's count: fix them all at once
-    counts = ", ".join(f"{p} {parts.count(p)}" for p in PARTS)
+    counts = ", ".join(f"{p} {parts.count(p)}" for p in PARTS) + (f", in no part {parts.count('')}"
+                                                                  if "" in parts else "")
     raise MetalearnError(f"{split} gives the {part} part {len(pool)} of the folder's {n} classes ({counts}); {asked} "
                          f"needs {ways}: " + "; ".join(fixes))
 

@@ -56,7 +56,9 @@ def check_option_types(config: Any) -> None:
         if not any(_is(value, t) for t in allowed):
             names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
             spelled = " (true or false)" if allowed == (bool,) else ""
-            raise ConfigError(type(config).__name__, field.name, f"must be {names}{spelled}, got {value!r}")
+            # a method's Config is named as its own checks name it (MAML.Config), others by their class
+            owner = getattr(type(config), "owner_name", type(config).__name__)
+            raise ConfigError(owner, field.name, f"must be {names}{spelled}, got {value!r}")
 
 
 def _plain(value: Any, allowed: tuple[type, ...]) -> Any:

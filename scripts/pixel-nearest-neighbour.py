@@ -40,7 +40,8 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=None, help="default: the run's --eval-episodes")
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
-    config, _ = with_split(RunDir(args.run_dir).read_config(), run_dir=args.run_dir)  # class folders: its split.json
+    config, _ = with_split(RunDir(args.run_dir).read_config(), run_dir=args.run_dir,  # class folders: its split.json
+                           data_dir=args.data_dir)
     shape = {key: value for key, value in (("ways", args.ways), ("shots", args.shots)) if value is not None}
     if shape:
         config = with_test_shape(config, shape)

@@ -1207,9 +1207,12 @@ def test_the_recorded_split_meets_part_folders_restarts_and_other_runs(tmp_path,
     """A class-folder run scored on a folder of train/ test/ folders takes that folder's split.
     Too few test classes under the recorded split are reported as the run's split, counting the
     classes in no part. A run trained with another run's split.json compares with it, and an
-    eval with that file is labelled by the run's folder (the run's own split.json: its own
-    eval.json). A folder restarted on part folders after an attempt that died before its first
-    checkpoint keeps no split.json of that attempt."""
+    eval with that file is labelled by the run's folder (the run's own split.json, by any path:
+    its own eval.json); on part folders it is refused as any split file is, and a split.json
+    that is no run's is a plain split file. compare refuses a run with a recorded split beside
+    one without; a run trained on every class is told how to score others. A folder restarted
+    on part folders after an attempt that died before its first checkpoint keeps no split.json
+    of that attempt."""
     monkeypatch.setenv("METALEARN_CACHE", str(tmp_path / "cache"))
     rng = np.random.default_rng(0)
 
@@ -1250,10 +1253,29 @@ def test_the_recorded_split_meets_part_folders_restarts_and_other_runs(tmp_path,
                           "--no-progress"], capsys)
     assert code == 0 and "eval-split_file=a.json" in out, (out, err)
     (run_a / "eval.json").unlink()
-    code, out, err = run(["eval", run_a, "--data-dir", classes, "--split-file", run_a / "split.json",
-                          "--no-progress"], capsys)
+    code, out, err = run(["eval", run_a, "--data-dir", classes, "--split-file", tmp_path / "c" / ".." / "a" /
+                          "split.json", "--no-progress"], capsys)
     assert code == 0, err
     assert "split_file" not in json.loads((run_a / "eval.json").read_text())
+    code, out, err = run(["train", *options, "--data-dir", parts, "--split-file", run_a / "split.json", "--run-dir",
+                          tmp_path / "refused"], capsys)  # a run's split is a split file like any other here
+    one_line_error(code, out, err, "--split-file cannot apply: this folder's train/ val/ test/ folders set the split")
+    project = tmp_path / "project"  # a split.json beside a config.json of something else: a plain split file
+    project.mkdir()
+    (project / "config.json").write_text("{}")
+    (project / "split.json").write_text(json.dumps({"train": ["c00", "owl"], "test": ["c01"]}))
+    code, out, err = run(["eval", run_a, "--data-dir", classes, "--split-file", project / "split.json"], capsys)
+    one_line_error(code, out, err, f"--split-file {project / 'split.json'} names class 'owl', which the folder lacks")
+    parts_run = tmp_path / "on-parts"
+    assert run(["train", *options, "--data-dir", parts, "--run-dir", parts_run, "--no-eval"], capsys)[0] == 0
+    code, out, err = run(["compare", run_a, parts_run, "--data-dir", classes, "--episodes", 2], capsys)
+    one_line_error(code, out, err, "run 'a' recorded the split of its class folders (split.json) and 'on-parts' none")
+    every = tmp_path / "every"  # trained on every class: its split has no test part
+    assert run(["train", *options, "--data-dir", classes, "--split-fractions", "1,0,0", "--run-dir", every,
+                "--no-eval"], capsys)[0] == 0
+    code, out, err = run(["eval", every, "--data-dir", classes], capsys)
+    one_line_error(code, out, err, f"the run's split ({every / 'split.json'}) has no test classes: in metalearn eval, "
+                                   "--split-fractions 0,0,1 scores every class")
 
     run_b = tmp_path / "b"  # an attempt killed before its first checkpoint: config.json and split.json
     run_b.mkdir()

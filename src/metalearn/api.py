@@ -314,7 +314,7 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
         raise MetalearnError(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
     part_seed_offset(part)  # an unknown part, before the run is loaded
     config, learner, step = load_trained(run_dir, overrides)
-    config, split_labels = with_split(config, split_fractions, split_file, run_dir)
+    config, split_labels = with_split(config, split_fractions, split_file, run_dir, data_dir)
     split_record = _split_record(split_fractions, split_file) if split_labels else {}  # the run's own: nothing
     if ensemble and type(learner).episode_scores is not MetaLearner.episode_scores:
         raise MetalearnError(f"--ensemble averages the predictions of the run's best checkpoints; {config.method} "
@@ -400,17 +400,19 @@ def _split_record(fractions: str | None, split_file: Path | str | None) -> dict[
 
 
 def with_split(config: RunConfig, fractions: str | None = None, split_file: Path | str | None = None,
-               run_dir: Path | str | None = None) -> tuple[RunConfig, dict[str, str]]:
+               run_dir: Path | str | None = None, data_dir: Path | str | None = None,
+               ) -> tuple[RunConfig, dict[str, str]]:
     """``config`` with its class-folder split replaced by ``fractions`` or ``split_file`` (see
     :func:`evaluate_run`), and the labels that name the evaluation's file. Without either: the
     split that ``run_dir`` recorded when it trained (its ``split.json``, where it has one), so
     that a folder changed since (classes added, removed or renamed, which reshuffles a split by
-    fractions) never puts a class the run trained on into its test, and no labels. Refused for
+    fractions) never puts a class the run trained on into its test, and no labels (a
+    ``data_dir`` of train/ val/ test/ folders or CSV files keeps its own split). Refused for
     a dataset whose split is not the user's to set. ``split_file`` naming ``run_dir``'s own
     split.json is the run's own split (no labels); another run's split.json is labelled by that
     run's folder name, other files by their stem."""
     if fractions is None and split_file is None:
-        return (RunDir(run_dir).with_own_split(config) if run_dir is not None else config), {}
+        return (RunDir(run_dir).with_own_split(config, data_dir) if run_dir is not None else config), {}
     given = "--split-fractions" if fractions is not None else "--split-file"
     if fractions is not None and split_file is not None:
         raise MetalearnError("give --split-fractions or --split-file, not both")
@@ -429,8 +431,8 @@ def with_split(config: RunConfig, fractions: str | None = None, split_file: Path
     from metalearn.data.folder import is_run_split
 
     path = Path(split_file)
-    if run_dir is not None and path.absolute() == RunDir(run_dir).split_path.absolute():
-        return with_split(config, run_dir=run_dir)  # the run's own split.json: its own evaluation
+    if run_dir is not None and path.resolve() == RunDir(run_dir).split_path.resolve():
+        return with_split(config, run_dir=run_dir, data_dir=data_dir)  # the run's own split.json: its own evaluation
     task = dataclasses.replace(config.task, split_fractions="", split_file=str(split_file))
     # another run's split.json: named by that run's folder (every run's file is split.json)
     return dataclasses.replace(config, task=task), {"split_file": path.parent.name if is_run_split(path) else path.stem}
@@ -964,7 +966,7 @@ def plot_conditional_samples(run_dir: Path | str, data_dir: Path | str | None = 
     from metalearn.plotting_samples import plot_image_rows
     from metalearn.tasks import build_task_source
 
-    config, _ = with_split(generative_run(run_dir), run_dir=run_dir)  # the classes the run tested on
+    config, _ = with_split(generative_run(run_dir), run_dir=run_dir, data_dir=data_dir)  # the run's test classes
     _, learner, step = load_trained(run_dir)
     task = dataclasses.replace(config.task, test_ways=sets, test_shots=set_size, test_query=1)
     batch = build_task_source(task, "test", data_dir).sample(1, torch.Generator().manual_seed(TEST_SEED_OFFSET + seed))

@@ -154,14 +154,19 @@ class RunDir:
             return None
         return read_json_object(self.split_path, "delete it: the next resume writes it again")
 
-    def with_own_split(self, config: RunConfig) -> RunConfig:
+    def with_own_split(self, config: RunConfig, data_dir: Path | str | None = None) -> RunConfig:
         """``config`` with its class-folder split set to the one this run recorded
         (``split.json`` as its ``split_file``), where it has one: evaluations, plots and
         comparisons score the run's own test classes even after its folder changed (classes
-        added, removed or renamed reshuffle a split by fractions). Otherwise ``config``."""
+        added, removed or renamed reshuffle a split by fractions). Where ``data_dir`` sets its
+        own split (train/ val/ test/ folders, CSV files), that split, with neither fractions nor
+        a file. Without split.json, ``config``."""
+        from metalearn.data.folder import sets_own_split
+
         if not self.split_path.is_file():
             return config
-        task = dataclasses.replace(config.task, split_fractions="", split_file=str(self.split_path.absolute()))
+        own = "" if sets_own_split(data_dir) else str(self.split_path.absolute())
+        task = dataclasses.replace(config.task, split_fractions="", split_file=own)
         return dataclasses.replace(config, task=task)
 
     def read_config(self) -> RunConfig:

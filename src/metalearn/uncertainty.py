@@ -219,6 +219,12 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     # class folders: the split each run recorded (split.json; none for fixed datasets). Where every
     # run has one, the splits must be equal, and how each was given (fractions, a file) is moot
     splits = {label: split for label in runs if (split := RunDir(runs[label]).read_split()) is not None}
+    unrecorded = [label for label in runs if label not in splits]
+    if splits and unrecorded:  # a run on part folders or CSV files, or from before split.json
+        raise MetalearnError(f"run {next(iter(splits))!r} recorded the split of its class folders (split.json) and "
+                             f"{unrecorded[0]!r} none (it trained on train/ val/ test/ folders or CSV files, or "
+                             "before runs recorded their split: a --resume writes it): compare runs of one folder "
+                             "and split")
     if splits:
         recorded, split = next(iter(splits.items()))
         for label, other in splits.items():
@@ -236,7 +242,7 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
                                  "compare runs of the same task")
     first_task = loaded[first_label][0].task
     if splits:  # the episodes are drawn from the test classes of the recorded split
-        first_task = RunDir(runs[recorded]).with_own_split(loaded[recorded][0]).task
+        first_task = RunDir(runs[recorded]).with_own_split(loaded[recorded][0], data_dir).task
     source = build_task_source(first_task, part, data_dir, evaluation=True)  # the episodes eval --part draws
     true_function = getattr(type(source), "function", None)
     noise_std = getattr(source, "noise_std", None)

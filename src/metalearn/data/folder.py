@@ -496,8 +496,6 @@ def class_parts(folder: ImageFolder, fractions: str = "", split_file: str = "") 
     if not isinstance(fractions, str):
         raise MetalearnError(f"fractions are given as text, train,val,test (e.g. \"0.64,0.16,0.2\"), got {fractions!r}")
     if folder.layout != "classes":
-        if split_file and not fractions and is_run_split(Path(split_file)):
-            return folder.parts  # a class-folder run scored on a release's folders: their split, as before split.json
         if fractions or split_file:
             given = "--split-fractions" if fractions else "--split-file"
             where = "train.csv / val.csv / test.csv" if folder.layout == "csv" else "train/ val/ test/ folders"
@@ -563,8 +561,22 @@ def class_split(folder: ImageFolder, fractions: str = "", split_file: str = "") 
 
 
 def is_run_split(path: Path) -> bool:
-    """Whether ``path`` is a run's own record of its split (``split.json`` beside ``config.json``)."""
-    return path.name == RUN_SPLIT_NAME and (path.parent / "config.json").is_file()
+    """Whether ``path`` is a trained run's record of its split (``split.json`` beside the run's
+    ``config.json`` and ``checkpoint.pt``), for the messages that speak of the run's classes."""
+    folder = path.parent
+    return path.name == RUN_SPLIT_NAME and (folder / "config.json").is_file() and (folder / "checkpoint.pt").is_file()
+
+
+def sets_own_split(root: Path | str | None) -> bool:
+    """Whether the image folder ``root`` sets its own split (``images/`` with train.csv,
+    val.csv or test.csv; or train/ val/ test/ folders), from its top level alone; False where
+    it is no folder (its error comes when it is read)."""
+    if root is None or not Path(root).is_dir():
+        return False
+    root = Path(root)
+    if (root / "images").is_dir() and any((root / f"{part}.csv").is_file() for part in PARTS):
+        return True
+    return any(p.name.lower() in PARTS and p.is_dir() for p in _listdir(root))
 
 
 def _parts_from_file(folder: ImageFolder, path: Path) -> tuple[str, ...]:
@@ -607,6 +619,10 @@ def folder_split(folder: ImageFolder, part: str, fractions: str = "", split_file
     parts = class_parts(folder, fractions, split_file)
     members = [i for i, p in enumerate(parts) if p == part]
     if not members:
+        if split_file and is_run_split(Path(split_file)):  # a run that trained on every class, evaluated
+            raise MetalearnError(f"the run's split ({split_file}) has no {part} classes: in metalearn eval, "
+                                 "--split-fractions 0,0,1 scores every class of --data-dir, --split-file the ones "
+                                 "it names")
         if folder.layout == "classes":
             fix = f"give {part} a nonzero fraction in --split-fractions or classes in --split-file"
         else:

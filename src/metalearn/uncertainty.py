@@ -29,7 +29,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-
 import math
 from pathlib import Path
 from typing import Any
@@ -232,7 +231,7 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
                 raise MetalearnError(f"runs {recorded!r} and {label!r} split their class folders differently (see "
                                      "split.json in each): one's test classes may be the other's training classes; "
                                      "compare runs of the same split")
-    moot = {"split_fractions": "", "split_file": ""} if len(splits) == len(runs) else {}
+    moot = {"split_fractions": "", "split_file": ""} if splits else {}
     tasks = {label: dataclasses.replace(config.task.for_testing(), **moot) for label, (config, _, _) in loaded.items()}
     first_label, first_task = next(iter(tasks.items()))
     for label, task in tasks.items():

@@ -1276,6 +1276,8 @@ def test_the_recorded_split_meets_part_folders_restarts_and_other_runs(tmp_path,
     code, out, err = run(["eval", every, "--data-dir", classes], capsys)
     one_line_error(code, out, err, f"the run's split ({every / 'split.json'}) has no test classes: in metalearn eval, "
                                    "--split-fractions 0,0,1 scores every class")
+    code, out, err = run(["status", every], capsys)
+    assert code == 0 and f"metalearn eval {every} --data-dir IMAGE_FOLDER --split-fractions 0,0,1" in out, (out, err)
 
     run_b = tmp_path / "b"  # an attempt killed before its first checkpoint: config.json and split.json
     run_b.mkdir()

@@ -114,10 +114,17 @@ def _folder(task, shape, part: str, data_dir: Path | str | None, progress: bool)
     pool = folder_split(folder, part, task.split_fractions, task.split_file)
     test = part != "train"
     prefix = "--test-" if test else "--"
+    # which test options follow the training ones: a method's own test defaults (the Neural
+    # Statistician's test query) and the user's settings do not
+    follows = [key for key in ("ways", "shots", "query") if getattr(task, f"test_{key}") is None]
     if folder.layout == "classes":  # too few classes: named with the split's options, which the sampler cannot
+        ways_note = ("it defaults to --ways; " if "ways" in follows else "") + "in metalearn eval: --ways"
         check_part_classes(folder, pool, part, shape.ways, task, f"{prefix}ways {shape.ways}"
-                           + (" (it defaults to --ways; in metalearn eval: --ways)" if test else ""))
-    defaults = " (they default to --shots and --query; in metalearn eval: --shots, --query)" if test else ""
+                           + (f" ({ways_note})" if test else ""))
+    following = [key for key in ("shots", "query") if key in follows]
+    default_note = (" and ".join(f"--test-{key}" for key in following) + (" default to " if len(following) > 1 else
+                    " defaults to ") + " and ".join(f"--{key}" for key in following) + "; " if following else "")
+    defaults = f" ({default_note}in metalearn eval: --shots, --query)" if test else ""
     check_class_sizes(folder, pool, shape.shots + shape.query,
                       f"{prefix}shots {shape.shots} with {prefix}query {shape.query}{defaults}")
     sampler = EpisodeSampler(torch.from_numpy(folder.images), pool, shape.ways, shape.shots, shape.query,

@@ -1286,3 +1286,30 @@ def test_the_recorded_split_meets_part_folders_restarts_and_other_runs(tmp_path,
     code, out, err = run(["train", *options, "--data-dir", parts, "--run-dir", run_b], capsys)
     assert code == 0, err
     assert not (run_b / "split.json").exists() and (run_b / "checkpoint.pt").exists()
+
+
+def test_a_statisticians_picture_fits_a_folder_of_small_classes(tmp_path, capsys, monkeypatch):
+    """The conditional-samples picture takes sets of 5 images and one more per class; a
+    folder's test classes of 4 images give sets of 3 (plot and export drew nothing before)."""
+    monkeypatch.setenv("METALEARN_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for c in range(12):
+        (tmp_path / "glyphs" / f"c{c:02d}").mkdir(parents=True)
+        for i in range(4):
+            image = Image.new("L", (28, 28))
+            ImageDraw.Draw(image).line((int(rng.integers(0, 28)), int(rng.integers(0, 28)), 2 * c, 27 - 2 * c),
+                                       fill=255, width=2)
+            image.save(tmp_path / "glyphs" / f"c{c:02d}" / f"{i}.png")
+    run_dir = tmp_path / "run"
+    code, out, err = run(["train", "statistician", "--dataset", "folder", "--data-dir", tmp_path / "glyphs",
+                          "--image-size", 28, "--channels", 1, "--shots", 3, "--query", 1, "--test-query", 1,
+                          "--steps", 1, "--meta-batch-size", 2, "--val-every", 0, "--no-eval", "--split-fractions",
+                          "0.5,0,0.5", "--run-dir", run_dir, "--no-progress"], capsys)
+    assert code == 0, err
+    code, out, err = run(["plot", run_dir, "--data-dir", tmp_path / "glyphs"], capsys)
+    assert code == 0 and "conditional_samples.png" in out, err
+    from metalearn.api import _fit_picture
+
+    task = RunDir(run_dir).with_own_split(RunDir(run_dir).read_config()).task
+    assert _fit_picture(task, tmp_path / "glyphs", 6, 5) == (6, 3)  # 6 test classes of 4 images: sets of 3
+    assert _fit_picture(task, tmp_path / "glyphs", 8, 2) == (6, 2)

@@ -18,7 +18,7 @@ import torch
 from metalearn.algorithms import METHODS, method_class, make_method_config
 from metalearn.algorithms.base import MetaLearner
 from metalearn.config import RunConfig, TaskConfig, TrainConfig, task_differences
-from metalearn.datasets import DATASETS, get_dataset
+from metalearn.datasets import DATASETS, NATURAL_IMAGES, get_dataset
 from metalearn.distributed import World, init_world
 from metalearn.errors import ConfigError, MetalearnError, MetalearnWarning, TrainingStopped
 from metalearn.evaluation import EPISODE_CHUNK, evaluate
@@ -746,7 +746,6 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     import socket
     import time
 
-    from metalearn.datasets import NATURAL_IMAGES
     from metalearn.evaluation import HIGHER_IS_BETTER
     from metalearn.files import process_running
     from metalearn.locking import lock_is_held
@@ -960,12 +959,30 @@ def sample_run(run_dir: Path | str, support: Path | str | list[Path | str], num:
                            title=f"{config.method}, step {step}: {num} new images of the character shown")
 
 
+def _fit_picture(task: TaskConfig, data_dir, sets: int, set_size: int) -> tuple[int, int]:
+    """The conditional-samples picture's rows and inputs per row for an image folder's test
+    classes: at most as many sets as classes, and set_size + 1 images of each (an episode's
+    query), or a clear error where no picture fits (fewer than 2 classes or 2 images)."""
+    from metalearn.data.folder import folder_split, load_image_folder
+
+    folder = load_image_folder(data_dir, task.image_size, task.channels, progress=False)
+    pool = folder_split(folder, "test", task.split_fractions, task.split_file)
+    smallest = int(folder.class_sizes[pool.characters.numpy()].min())
+    if len(pool) < 2 or smallest < 2:
+        raise MetalearnError(f"the conditional-samples picture draws sets of images of 2 or more test classes with "
+                             f"2 or more images each; this folder's test part has {len(pool)} classes, the smallest "
+                             f"with {smallest} images")
+    return min(sets, len(pool)), min(set_size, smallest - 1)
+
+
 def plot_conditional_samples(run_dir: Path | str, data_dir: Path | str | None = None, sets: int = 6,
                              set_size: int = 5, num: int = 10, seed: int = 0) -> Path:
     """The paper's conditional-samples picture (figure 5): ``sets`` test-split characters, each
     a row of ``set_size`` input images with ``num`` samples beneath, at
     ``RUN_DIR/plots/conditional_samples.png``. The characters are those of the test episodes
-    ``metalearn eval`` draws for ``seed``, and the noise is seeded by ``seed`` too. Returns the
+    ``metalearn eval`` draws for ``seed``, and the noise is seeded by ``seed`` too (an image
+    folder's picture has as many rows as its test classes allow, and as many inputs as its
+    smallest test class has images but one, where those are fewer). Returns the
     path written. Raises :class:`MetalearnError` as :func:`sample_run` does for a run that
     cannot draw images or has no checkpoint, and when the data (``data_dir``) cannot be
     loaded."""
@@ -974,6 +991,8 @@ def plot_conditional_samples(run_dir: Path | str, data_dir: Path | str | None = 
 
     config, _ = with_split(generative_run(run_dir), run_dir=run_dir, data_dir=data_dir)  # the run's test classes
     _, learner, step = load_trained(run_dir)
+    if config.task.dataset in NATURAL_IMAGES:  # a folder's test classes may be fewer, or smaller, than the picture's
+        sets, set_size = _fit_picture(config.task, data_dir, sets, set_size)
     task = dataclasses.replace(config.task, test_ways=sets, test_shots=set_size, test_query=1)
     batch = build_task_source(task, "test", data_dir).sample(1, torch.Generator().manual_seed(TEST_SEED_OFFSET + seed))
     inputs = learner.support_sets(batch)  # (sets, set_size, 1, H, W)

@@ -1144,7 +1144,8 @@ def test_a_run_keeps_its_split_when_its_folder_changes(shapes, tmp_path, capsys,
     classes the run trained on would be tested; eval keeps to the run's test classes: the same
     episodes, the same score. A folder without one of the run's classes is refused in one line
     (its classes are scored on request), and compare refuses runs of different splits. A
-    relative --split-file is recorded absolute: the run resumes from another working folder."""
+    relative --split-file is recorded absolute: the run resumes from another working folder,
+    and without the file, from its split.json."""
     monkeypatch.setenv("METALEARN_CACHE", str(tmp_path / "cache"))
     photos = tmp_path / "photos"
     shutil.copytree(shapes, photos)
@@ -1201,6 +1202,11 @@ def test_a_run_keeps_its_split_when_its_folder_changes(shapes, tmp_path, capsys,
     code, out, err = run(["train", "protonet", "--resume", "--run-dir", by_file, "--steps", 2, "--data-dir", shapes,
                           "--no-eval", "--no-progress"], capsys)
     assert code == 0, err
+    (tmp_path / "mine.json").unlink()  # the split file gone: the run's split.json stands in, to its test
+    code, out, err = run(["train", "protonet", "--resume", "--run-dir", by_file, "--steps", 3, "--data-dir", shapes,
+                          "--no-progress"], capsys)
+    assert code == 0 and (by_file / "eval.json").is_file(), err
+    assert RunDir(by_file).read_config().task.split_file == str(tmp_path / "mine.json")  # the config as it was
 
 
 def test_the_recorded_split_meets_part_folders_restarts_and_other_runs(tmp_path, capsys, monkeypatch):

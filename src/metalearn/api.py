@@ -245,8 +245,9 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
         raise TrainingStopped(f"interrupted; {_next_command(config, run_dir, data_dir)}", 130) from None
     result = None
     if evaluate_after:  # the trained weights in memory: no rank needs to read the checkpoint back
+        tested, _ = with_split(config, run_dir=run_dir, data_dir=data_dir)  # as eval scores it (a gone split file)
         try:
-            result = _evaluate(run_dir, config, trainer.learner, trainer.step, "test", None, 0, data_dir,
+            result = _evaluate(run_dir, tested, trainer.learner, trainer.step, "test", None, 0, data_dir,
                                progress, world, None)
         except KeyboardInterrupt:  # Ctrl-C after training: the checkpoint is saved, only the test is missing
             raise TrainingStopped(f"interrupted during the test evaluation at step {trainer.step}; "

@@ -616,12 +616,15 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
     torch.manual_seed(config.train.seed)  # the initial weights
     learner = build_learner(config.method, config.method_config, problem_of(config.task))
     learner.check_run(config)
-    train_tasks = build_task_source(config.task, "train", data_dir, progress)
+    task = config.task
+    if resume and task.split_file and not Path(task.split_file).is_file() and run.split_path.is_file():
+        task = run.with_own_split(config).task  # the split file is gone: the run's copy of its split
+    train_tasks = build_task_source(task, "train", data_dir, progress)
     # no validation (--val-every 0): the val part is not built, so a folder without val/ classes trains
-    validates = has_validation(config.task) and config.train.val_every > 0
-    val_tasks = build_task_source(config.task, "val", data_dir, progress) if validates else None
+    validates = has_validation(task) and config.train.val_every > 0
+    val_tasks = build_task_source(task, "val", data_dir, progress) if validates else None
     if tested:  # an impossible test episode fails now, not after training
-        build_task_source(config.task, "test", data_dir, progress)
+        build_task_source(task, "test", data_dir, progress)
     if config.train.init_from and not resume:
         initialise_from_run(learner, config.train.init_from)
     learner = learner.to(world.device)

@@ -617,7 +617,8 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
     learner = build_learner(config.method, config.method_config, problem_of(config.task))
     learner.check_run(config)
     task = config.task
-    if resume and task.split_file and not Path(task.split_file).is_file() and run.split_path.is_file():
+    gone = bool(task.split_file) and not Path(task.split_file).is_file()
+    if resume and run is not None and gone and run.split_path.is_file():
         task = run.with_own_split(config).task  # the split file is gone: the run's copy of its split
     train_tasks = build_task_source(task, "train", data_dir, progress)
     # no validation (--val-every 0): the val part is not built, so a folder without val/ classes trains

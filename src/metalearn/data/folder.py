@@ -211,14 +211,12 @@ def scan_folder(root: Path) -> tuple[str, list[tuple[str, str, list[Path]]], lis
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "does not exist"
         raise MetalearnError(f"--data-dir {root} {what}; give the folder that holds one folder per class")
-    csvs = [root / f"{part}.csv" for part in PARTS if (root / f"{part}.csv").is_file()]
-    if csvs and (root / "images").is_dir():
+    csvs, folders, part_dirs = _top_entries(root)
+    if csvs:
         return "csv", _csv_classes(root, csvs), csvs
     # Part folders when the top holds train/, val/ or test/ and no other folder; class folders
     # when it holds none of them. Both at once has two readings (a class named "test", or
     # classes not yet moved into a part), so it is refused, naming the folders of each kind.
-    folders = [p for p in _listdir(root) if p.is_dir()]
-    part_dirs = [p for p in folders if p.name.lower() in PARTS]
     odd_case = [p.name + "/" for p in part_dirs if p.name not in PARTS]
     if odd_case:  # on a case-insensitive disk "Test" and "test" are one folder: neither reading is safe
         raise MetalearnError(f"{root} has {', '.join(odd_case)}: name part folders train/, val/ and test/ in lower "
@@ -251,6 +249,16 @@ def scan_folder(root: Path) -> tuple[str, list[tuple[str, str, list[Path]]], lis
                              "train.csv)")
     warn_of_skipped_files(skipped, f"image folder {root}")
     return layout, classes, []
+
+
+def _top_entries(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    """What decides a folder's layout, from its top level: the CSV files of the ``csv`` layout
+    (train.csv, val.csv, test.csv beside ``images/``; none without it), the folders, and those
+    of them named like a part in any case (``Test/`` too, which scan_folder refuses)."""
+    images = (root / "images").is_dir()
+    csvs = [root / f"{part}.csv" for part in PARTS if images and (root / f"{part}.csv").is_file()]
+    folders = [p for p in _listdir(root) if p.is_dir()]
+    return csvs, folders, [p for p in folders if p.name.lower() in PARTS]
 
 
 def _refuse_images_reached_twice(classes: list[tuple[str, str, list[Path]]]) -> None:
@@ -573,10 +581,8 @@ def sets_own_split(root: Path | str | None) -> bool:
     it is no folder (its error comes when it is read)."""
     if root is None or not Path(root).is_dir():
         return False
-    root = Path(root)
-    if (root / "images").is_dir() and any((root / f"{part}.csv").is_file() for part in PARTS):
-        return True
-    return any(p.name.lower() in PARTS and p.is_dir() for p in _listdir(root))
+    csvs, _, part_dirs = _top_entries(Path(root))
+    return bool(csvs or part_dirs)
 
 
 def _parts_from_file(folder: ImageFolder, path: Path) -> tuple[str, ...]:

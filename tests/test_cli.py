@@ -327,7 +327,7 @@ def test_bad_options_are_refused_before_training(tmp_path, capsys, omniglot_data
 
 @pytest.mark.parametrize("setting, message", [("test_inner_steps=abc", "--test-inner-steps must be int"),
                                               ("test_inner_steps=2.5", "--test-inner-steps must be int"),
-                                              ("first_order=maybe", "--first-order must be bool (true or false)"),
+                                              ("per_step_bn_statistics=maybe", "--per-step-bn-statistics must be bool (true or false)"),
                                               ("model=conv4", "a network cannot change at evaluation"),
                                               ("learn_inner_lr=true", "--set learn_inner_lr changes the trained "
                                                                       "network; Missing key(s)")])
@@ -339,8 +339,16 @@ def test_bad_set_values_are_refused(tmp_path, capsys, setting, message):
     assert code == 2 and message in err
     code, _, err = run(["eval", run_dir, "--episodes", 0], capsys)  # not "the default number"
     assert code == 2 and "0 is not in the range x>=1" in err and not (run_dir / "eval.json").exists()
-    code, out, _ = run(["eval", run_dir, "--episodes", 4, "--set", "first_order=False", "--no-progress"], capsys)
+    code, out, _ = run(["eval", run_dir, "--episodes", 4, "--set", "test_inner_steps=2", "--no-progress"], capsys)
     assert code == 0
+    # an option of meta-training alone would score the run unchanged under its name
+    for setting in ("first_order=True", "multi_step_loss=true", "inner_steps=3"):
+        code, _, err = run(["eval", run_dir, "--episodes", 4, "--set", setting, "--no-progress"], capsys)
+        assert code == 2 and f"--set {setting.split('=')[0]}=" in err and "acts only in meta-training" in err
+    code, _, err = run(["eval", run_dir, "--set", "eval_bn_statistics=batch"], capsys)
+    assert code == 2 and "applies only with per_step_bn_statistics True; the run has per_step_bn_statistics False" \
+        in err
+    assert [p.name for p in run_dir.glob("eval-*.json")] == ["eval-episodes=4-test_inner_steps=2.json"]
 
 
 def test_a_set_that_only_starts_a_learned_tensor_is_refused(tmp_path, capsys):

@@ -4,6 +4,8 @@ with them, and the ``maml++`` preset."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,7 @@ from cli_runner import run
 from metalearn.algorithms.maml import BN_MOMENTUM, MAML
 from metalearn.api import resolve_config
 from metalearn.distributed import World
-from metalearn.errors import ConfigError, MetalearnError
+from metalearn.errors import ConfigError, MetalearnError, MetalearnWarning
 from metalearn.models import MLP, Conv4, mamlpp_conv4
 from metalearn.models.norm import BatchStatNorm, inner_step
 from metalearn.training import build_trainer
@@ -275,6 +277,46 @@ def test_the_maml_plus_plus_preset_and_its_overrides():
         resolve_config("maml", preset="maml++", resume_from="somewhere")
 
 
+def test_turning_a_preset_part_off_drops_the_preset_values_that_only_it_uses():
+    """The paper's ablation turns one part off with one option: the preset's values that act only
+    beside that part go back to their plain defaults (a user's own value stays, and is refused
+    as before); a preset value the user's options contradict is named as the preset's."""
+    first = resolve_config("maml", task={"ways": 20}, method_config={"first_order": True}, preset="maml++")
+    assert first.method_config["first_order"] and first.method_config["first_order_steps"] == 0
+    no_msl = resolve_config("maml", task={"ways": 20}, method_config={"multi_step_loss": False}, preset="maml++")
+    assert no_msl.method_config["multi_step_anneal_steps"] == 0 and no_msl.method_config["first_order_steps"] == 25000
+    no_ca = resolve_config("maml", task={"ways": 20}, train={"lr_anneal": "none"}, preset="maml++")
+    assert (no_ca.train.lr_anneal, no_ca.train.min_meta_lr) == ("none", 0.0)
+    # the ablation commands of the docs, with the value given explicitly too: the same runs
+    assert resolve_config("maml", task={"ways": 20}, method_config={"multi_step_loss": False,
+                                                                    "multi_step_anneal_steps": 0},
+                          preset="maml++") == no_msl
+    assert resolve_config("maml", task={"ways": 20}, train={"lr_anneal": "none", "min_meta_lr": 0.0},
+                          preset="maml++") == no_ca
+    lake = resolve_config("maml", task={"ways": 20, "split": "lake"}, preset="maml++")
+    assert (lake.train.val_every, lake.train.keep_best) == (0, 0)  # no validation part: nothing to keep
+    with pytest.raises(ConfigError, match=r"min_meta_lr must be at most TrainConfig.meta_lr, got 1e-05 \(the value "
+                                          r"of --preset maml\+\+: give TrainConfig.min_meta_lr to change it\)"):
+        resolve_config("maml", task={"ways": 20}, train={"meta_lr": 1e-6}, preset="maml++")
+    with pytest.raises(ConfigError, match="first_order_steps switches from first to second order"):
+        resolve_config("maml", task={"ways": 20}, method_config={"first_order": True, "first_order_steps": 10},
+                       preset="maml++")
+    with pytest.raises(ConfigError, match="eval_bn_statistics applies only with MAML.Config.per_step_bn_statistics"):
+        resolve_config("maml", method_config={"eval_bn_statistics": "batch"})  # without per-step statistics
+
+
+def test_a_schedule_that_the_steps_end_before_is_warned(capsys):
+    """A preset's schedule kept for a short run never switches to second order, never finishes
+    the multi-step anneal and never validates: each is said (the run is still made)."""
+    code, out, err = run(["train", "maml", "--preset", "maml++", "--ways", 20, "--steps", 100, "--print-config"], capsys)
+    assert code == 0 and '"steps": 100' in out
+    assert "--first-order-steps 25000 lies at or beyond --steps 100" in err
+    assert "--multi-step-anneal-steps 5000 lies at or beyond --steps 100" in err
+    assert "--keep-best 5 keeps no checkpoint: validation every 500 steps never runs in --steps 100" in err
+    code, _, err = run(["train", "maml", "--preset", "maml++", "--ways", 20, "--print-config"], capsys)
+    assert code == 0 and "lies at or beyond" not in err and "keeps no checkpoint" not in err
+
+
 def test_the_preset_on_the_command_line(capsys, monkeypatch):
     import metalearn.api
 
@@ -416,3 +458,26 @@ def test_the_best_validation_checkpoints_are_kept_and_evaluated_as_an_ensemble(t
                                  train={"steps": 1, "val_every": 0, "eval_episodes": 2}), plain).fit(progress=False)
     code, _, err = run(["eval", plain, "--ensemble", "--no-progress"], capsys)
     assert code == 2 and "kept no best checkpoints: train with --keep-best N" in err
+    early = tmp_path / "early"  # keeps the best, but has not validated yet
+    with pytest.warns(MetalearnWarning, match="--keep-best 2 keeps no checkpoint"):
+        config = resolve_config("maml", task={"dataset": "sinusoid"},
+                                train={"steps": 1, "val_every": 100, "keep_best": 2, "eval_episodes": 2})
+    build_trainer(config, early).fit(progress=False)
+    code, _, err = run(["eval", early, "--ensemble", "--no-progress"], capsys)
+    assert code == 2 and "holds no best checkpoints yet: it keeps 2 by validation every 100 steps" in err
+
+
+def test_resume_ignores_a_difference_in_an_option_that_acts_in_neither_configuration():
+    """A run made before the preset dropped its ``eval_bn_statistics`` beside
+    ``--no-per-step-bn-statistics`` stored "batch"; the same command now resolves "running". Neither
+    normalises with per-step statistics, so the resume goes on; where both do, it is refused."""
+    from metalearn.checkpoints import check_compatible
+
+    now = resolve_config("maml", task={"ways": 20}, method_config={"per_step_bn_statistics": False}, preset="maml++")
+    assert now.method_config["eval_bn_statistics"] == "running"
+    older = dataclasses.replace(now, method_config={**now.method_config, "eval_bn_statistics": "batch"})
+    check_compatible(older, now, "the run")
+    both = resolve_config("maml", task={"ways": 20}, preset="maml++")
+    other = dataclasses.replace(both, method_config={**both.method_config, "eval_bn_statistics": "running"})
+    with pytest.raises(MetalearnError, match="eval_bn_statistics"):
+        check_compatible(both, other, "the run")

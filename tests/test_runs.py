@@ -351,6 +351,12 @@ def test_best_checkpoints_refuses_an_index_naming_other_files_and_forgets_steps_
     run.drop_best_after(4)  # a resume from step 4's checkpoint
     assert [p.name for p in run.best_checkpoints()] == ["step-4.pt", "step-2.pt"]
     assert not (run.best_dir / "step-6.pt").exists()
+    other = RunDir(tmp_path / "other")  # a resume from before the first validation leaves an empty index
+    other.keep_best({"step": 3}, 0.5, keep=2, higher_is_better=True)
+    other.drop_best_after(2)
+    assert json.loads((other.best_dir / "index.json").read_text()) == {}
+    with pytest.raises(MetalearnError, match="holds no best checkpoints yet"):
+        other.best_checkpoints()  # an ensemble of none: refused here, not by torch.stack
     (run.best_dir / "step-2.pt").unlink()
     with pytest.raises(MetalearnError, match="lists step-2.pt, which is not a best checkpoint"):
         run.best_checkpoints()

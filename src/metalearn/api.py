@@ -78,7 +78,7 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
         # the options given to the resumed run meet the checks a new run's meet
         check_options_apply(method, method_config, make_method_config(method, resumed.method_config), resumed.task,
                             train)
-        check_train_options(train, resumed.train)
+        check_train_options(train, resumed.train, make_method_config(method, resumed.method_config))
         return resumed
     dataset = dataset_for(cls, task.get("dataset", cls.default_dataset or TaskConfig.dataset))  # an unknown name first
     task.setdefault("dataset", dataset.name)
@@ -96,25 +96,87 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
     task_config = TaskConfig(**task)
     method_defaults, train_defaults = (cls.preset_defaults(preset, task_config) if preset is not None
                                        else cls.paper_defaults(task_config))
-    method_options = make_method_config(method, {**method_defaults, **method_config})
-    check_options_apply(method, method_config, method_options, task_config, train)
     if not has_validation(task_config):  # the saved configuration says what happens: no validation
         train_defaults = {**train_defaults, "val_every": 0}
-    train_config = TrainConfig(**{**train_defaults, **train})
-    check_train_options(train, train_config)
+    method_defaults, train_defaults = unused_defaults_dropped(cls, method_defaults, method_config, train_defaults,
+                                                              train)
+    source = f"--preset {preset}" if preset is not None else f"{method}'s default for {task_config.dataset}"
+    with defaults_named(source, {**method_defaults, **train_defaults}, {**method_config, **train}):
+        method_options = make_method_config(method, {**method_defaults, **method_config})
+        check_options_apply(method, method_config, method_options, task_config, train)
+        train_config = TrainConfig(**{**train_defaults, **train})
+    check_train_options(train, train_config, method_options)
     return RunConfig(method, task_config, dataclasses.asdict(method_options), train_config)
 
 
-def check_train_options(given: dict[str, Any], train: TrainConfig) -> None:
+# training options that act only beside another's value (a method's own: MetaLearner.option_requires)
+TRAIN_OPTION_REQUIRES: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "min_meta_lr": lambda train: train["lr_anneal"] == "cosine",
+    "keep_best": lambda train: train["val_every"] > 0,
+}
+
+
+def unused_defaults_dropped(cls: type[MetaLearner], method_defaults: dict[str, Any], method_given: dict[str, Any],
+                            train_defaults: dict[str, Any], train_given: dict[str, Any]) -> tuple[dict, dict]:
+    """The defaults of a preset (or a method's paper) without the values that the user's own
+    options leave unused: ``--preset maml++ --no-multi-step-loss`` drops the preset's anneal of
+    that loss, ``--lr-anneal none`` its minimum learning rate, ``--first-order`` its switch to
+    second order; so that turning one part off is one option, as the paper's ablation does."""
+    fields = {f.name: f.default for f in dataclasses.fields(cls.Config)}
+    merged = {**fields, **method_defaults, **method_given}
+    method_defaults = {key: value for key, value in method_defaults.items()
+                       if key in method_given or key not in cls.option_requires
+                       or merged.get(cls.option_requires[key][0]) == cls.option_requires[key][1]}
+    merged_train = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **train_defaults, **train_given}
+    train_defaults = {key: value for key, value in train_defaults.items()
+                      if key in train_given or key not in TRAIN_OPTION_REQUIRES
+                      or TRAIN_OPTION_REQUIRES[key](merged_train)}
+    return method_defaults, train_defaults
+
+
+class defaults_named:
+    """Within it, a :class:`ConfigError` about an option whose value came from ``defaults``
+    (a preset's, a paper's) and not from the user says so: "--min-meta-lr must be at most
+    --meta-lr, got 1e-05 (the value of --preset maml++: give --min-meta-lr to change it)"."""
+
+    def __init__(self, source: str, defaults: dict[str, Any], given: dict[str, Any]):
+        self.source, self.defaults, self.given = source, defaults, given
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if isinstance(error, ConfigError):
+            implied = [field for field in error.fields if field in self.defaults and field not in self.given]
+            if implied:
+                names = " and ".join(f"`{field}`" for field in implied)
+                raise ConfigError(error.owner, error.fields, f"{error.problem} (the value{'s' if len(implied) > 1 else ''}"
+                                  f" of {self.source}: give {names} to change {'them' if len(implied) > 1 else 'it'})"
+                                  ) from None
+        return False
+
+
+def ensemble_checkpoints(run_dir: Path | str, config: RunConfig) -> list[Path]:
+    """The best validation checkpoints that ``metalearn eval --ensemble`` averages, best first;
+    a run that keeps some (``--keep-best``) but has not validated yet is told to train on."""
+    run = RunDir(run_dir)
+    if config.train.keep_best and not (run.best_dir / "index.json").is_file():  # kept by a validation yet to run
+        raise MetalearnError(f"{run.path} holds no best checkpoints yet: it keeps {config.train.keep_best} by "
+                             f"validation every {config.train.val_every} steps, and none has run; train on")
+    return run.best_checkpoints()
+
+
+def check_train_options(given: dict[str, Any], train: TrainConfig, method_options: Any = None) -> None:
     """Refuse training options the user gave that the resolved ``train`` would store and never
     use (checkpoints kept by a validation that never runs, a memory budget without ``auto``),
-    and warn of a schedule that stalls (:func:`warn_of_schedule`)."""
+    and warn of a schedule that stalls or that ``--steps`` end before (:func:`warn_of_schedule`;
+    ``method_options``: the method's resolved Config, whose schedule steps are checked too)."""
     if "memory_budget" in given and train.task_chunk != "auto":
         raise ConfigError("TrainConfig", "memory_budget", "applies only with `task_chunk` auto")
     if train.val_every == 0 and given.get("keep_best"):  # no validation: no score to keep checkpoints by
         raise ConfigError("TrainConfig", "keep_best", "applies only with validation (`val_every` above 0); "
                                                       "without it `metalearn eval --ensemble` would find none")
-    warn_of_schedule(train)
+    warn_of_schedule(train, method_options)
 
 
 def dataset_for(cls, name: str):
@@ -149,11 +211,28 @@ def check_method_fits_dataset(cls, dataset) -> None:
 MAX_HALVINGS = 10  # the rate then ends below 1/1000 of --meta-lr: later steps barely move the weights
 
 
-def warn_of_schedule(train: TrainConfig) -> None:
+def warn_of_schedule(train: TrainConfig, method_options: Any = None) -> None:
     """Warn (:class:`MetalearnWarning`) when ``--lr-halve-every`` halves the meta learning rate
     more than :data:`MAX_HALVINGS` times over ``--steps`` (a paper's schedule kept for a much
-    longer run: ProtoNets' halving every 2,000 steps over 75,000 is 37 halvings, a factor 7e-12)."""
-    if train.lr_halve_every <= 0 or train.steps <= 0:
+    longer run: ProtoNets' halving every 2,000 steps over 75,000 is 37 halvings, a factor 7e-12);
+    when a schedule step of the method (an option declared ``schedule_step``, such as MAML++'s
+    switch to second order) lies at or beyond ``--steps``, so that the run never reaches it; and
+    when ``--keep-best`` keeps checkpoints of a validation that ``--steps`` end before."""
+    if train.steps <= 0:
+        return
+    if method_options is not None:
+        for field in dataclasses.fields(method_options):
+            value = getattr(method_options, field.name)
+            if field.metadata.get("schedule_step") and value >= train.steps > 0 and value > 0:
+                warnings.warn(MetalearnWarning(
+                    f"--{field.name.replace('_', '-')} {value} lies at or beyond --steps {train.steps}: this run "
+                    f"ends before it (give a smaller --{field.name.replace('_', '-')}, or more --steps)"),
+                    stacklevel=3)
+    if train.keep_best and train.val_every > train.steps:
+        warnings.warn(MetalearnWarning(
+            f"--keep-best {train.keep_best} keeps no checkpoint: validation every {train.val_every} steps never "
+            f"runs in --steps {train.steps} (give a smaller --val-every)"), stacklevel=3)
+    if train.lr_halve_every <= 0:
         return
     halvings = (train.steps - 1) // train.lr_halve_every
     if halvings > MAX_HALVINGS:
@@ -170,8 +249,10 @@ def check_options_apply(method: str, given_method: dict[str, Any], method_config
     """Refuse options the user gave that this run would store and never use: a method option
     that acts only beside another's value, validation on a split without a validation part."""
     cls = method_class(method)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls.Config)}
     for option, (other, needed) in cls.option_requires.items():
-        if option in given_method and getattr(method_config, other) != needed:
+        if option in given_method and given_method[option] != defaults.get(option) and \
+                getattr(method_config, other) != needed:
             wanted = f"`{other}`" if needed is True else f"`{other}` {needed}"
             raise ConfigError(f"{cls.__name__}.Config", option, f"applies only with {wanted}")
     if not has_validation(task):
@@ -333,7 +414,7 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     if ensemble:
         from metalearn.evaluation import Ensemble
 
-        paths = RunDir(run_dir).best_checkpoints()
+        paths = ensemble_checkpoints(run_dir, config)
         members = [load_trained(run_dir, overrides, path) for path in paths]
         learner = Ensemble([member for _, member, _ in members])
     if episode_shape:
@@ -491,7 +572,10 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
              compare_with: Path | str | None = None) -> list[Path]:
     """Learning curves; for regression runs the fits after 0/1/10 steps and, for a method that
     samples models (PLATIPUS), the sampled functions beside ``compare_with``'s prediction (e.g.
-    a MAML run on the same tasks)."""
+    a MAML run on the same tasks); for a reinforcement-learning run the returns after each
+    policy-gradient step beside ``compare_with``'s (a run of the same environment and test
+    settings) and the initial weights' (written to the run as ``eval-weights=initial.json``),
+    and the trajectories (nav2d) or velocities (half-cheetah) before and after one step."""
     from metalearn.plotting import plot_learning_curves, plot_regression_fits
     from metalearn.tasks import build_task_source
 
@@ -505,9 +589,10 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
     reinforcement = get_dataset(config.task.dataset).reinforcement
     other = _comparison_run(config, compare_with) if compare_with is not None and not reinforcement else None
     labels = method_class(config.method).series_labels(config.method_config)
+    if reinforcement:  # first: a --compare run or an environment it cannot use is refused before any file is written
+        figures = _plot_reinforcement(run_dir, config, compare_with)
+        return [plot_learning_curves(records, run.plots_dir / "learning_curves.png", title, labels), *figures]
     curves = plot_learning_curves(records, run.plots_dir / "learning_curves.png", title, labels)
-    if reinforcement:
-        return [curves, *_plot_reinforcement(run_dir, config, compare_with)]
     paths = [curves]
     if config.task.classification and hasattr(method_class(config.method), "sample"):
         paths.append(plot_conditional_samples(run_dir, data_dir))
@@ -525,6 +610,10 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
                                       maml_learner=other_learner, compare_label=label,
                                       title=f"{title}: sampled adapted functions"))
     return paths
+
+
+# the options of a reinforcement-learning run that its test returns depend on besides its weights
+RL_SCORED_OPTIONS = ("horizon", "discount", "test_trajectories", "test_inner_steps", "inner_lr", "test_lr_decay")
 
 
 def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Path | str | None) -> list[Path]:
@@ -558,12 +647,19 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
         return saved if reusable(saved, step=at_step) else evaluate(trained, source, episodes, seed=TEST_SEED_OFFSET)
 
     label = "pretrained" if config.method_config.get("inner_steps") == 0 else "MAML"
-    curves = {label: returns(run_dir, learner, step)}
     if compare_with is not None:
         other_config, other, other_step = load_trained(compare_with)
         if other_config.task.dataset != config.task.dataset or other_config.method != config.method:
             raise MetalearnError(f"--compare {compare_with}: a {other_config.method} run on "
                                  f"{other_config.task.dataset}; compare a {config.method} run on {config.task.dataset}")
+        # what the returns on the figure's one axis depend on besides the weights (its network may differ)
+        differ = [f"{key} {config.method_config.get(key)} vs {other_config.method_config.get(key)}"
+                  for key in RL_SCORED_OPTIONS if config.method_config.get(key) != other_config.method_config.get(key)]
+        if differ:
+            raise MetalearnError(f"--compare {compare_with}: its returns are scored otherwise ({', '.join(differ)}); "
+                                 "compare runs with the same test settings")
+    curves = {label: returns(run_dir, learner, step)}
+    if compare_with is not None:
         other_label = "pretrained" if other_config.method_config.get("inner_steps") == 0 else "MAML"
         if other_label == label:
             other_label = f"{other_label} ({Path(compare_with).name})"
@@ -583,8 +679,10 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
         curves["random"] = {"weights": "initial", "settings": settings,
                             **evaluate(initial, source, episodes, seed=TEST_SEED_OFFSET)}
         run.write_eval(curves["random"], labels)
+    # the paper's returns: its horizon (the environment's own, --horizon 0) and its trajectories per step
+    as_paper = config.method_config.get("horizon") == 0
     paper = {f"paper: {name}": values for name, values in PAPER_RETURNS.get(config.task.dataset, {}).items()
-             if name in curves}
+             if name in curves and as_paper}
     plots = run.plots_dir
     paths = [plot_adaptation_curves(curves, plots / "returns_per_step.png",
                                     f"{config.task.dataset}: {episodes} test tasks, step {step}", paper)]

@@ -98,6 +98,9 @@ def check_compatible(saved: RunConfig, requested: RunConfig, what: str, advice: 
     resumable = set(RESUMABLE_CHANGES)
     if saved.train.lr_anneal != "none":
         resumable.discard("train.steps")  # the anneal's horizon: changing it rewrites the schedule
+    for option, (other, needed) in method_class(saved.method).option_requires.items():
+        if saved.method_config.get(other) != needed and requested.method_config.get(other) != needed:
+            resumable.add(f"method_config.{option}")  # acts in neither: a difference changes nothing
     conflicts = {k: v for k, v in config_differences(saved, requested).items() if k not in resumable}
     if conflicts:
         why = (f" Its learning rate is annealed ({saved.train.lr_anneal}) over --steps, so the step count "
@@ -125,6 +128,27 @@ def load_learner_state(learner: MetaLearner, state: dict[str, Any], where: Path,
         raise MetalearnError(f"the checkpoint in {where} does not fit this model: {cause}{detail}") from None
 
 
+def check_overrides_apply(config: RunConfig, overrides: dict[str, Any]) -> None:
+    """Refuse an override that an evaluation would not use, so that no result is filed under a
+    change that did not happen: an option that acts only in meta-training (declared with
+    ``option(..., training_only=True)``: MAML's ``first_order``, its multi-step loss), or one
+    that acts only beside another option's value that the run, with the overrides, lacks
+    (``MetaLearner.option_requires``: ``processing_steps`` without full context embeddings)."""
+    cls = method_class(config.method)
+    fields = {field.name: field for field in dataclasses.fields(cls.Config)}
+    options = {**{name: field.default for name, field in fields.items()}, **config.method_config, **overrides}
+    for key, value in overrides.items():
+        field = fields.get(key)
+        if field is not None and field.metadata.get("training_only"):
+            raise MetalearnError(f"--set {key}={value}: {key} acts only in meta-training, so an evaluation "
+                                 "would score the run unchanged; leave it out")
+        if key in cls.option_requires:
+            other, needed = cls.option_requires[key]
+            if options.get(other) != needed:
+                raise MetalearnError(f"--set {key}={value} applies only with {other} {needed}; the run has "
+                                     f"{other} {options.get(other)}")
+
+
 def check_overrides_leave_weights(config: RunConfig, overrides: dict[str, Any]) -> None:
     """Refuse an override that only sets where a trained tensor starts (MAML's ``inner_lr``
     under ``learn_inner_lr``, PLATIPUS's ``std_init``): the checkpoint's learned value replaces
@@ -150,20 +174,26 @@ def check_overrides_leave_weights(config: RunConfig, overrides: dict[str, Any]) 
 
 
 def initialise_from_run(learner: MetaLearner, run_dir: Path | str) -> int:
-    """Copy the network weights (``model.*``) of the checkpoint in ``run_dir`` into ``learner``;
-    everything else of ``learner`` (a method's own parameters) keeps its initial value. The
-    networks must be the same (names and shapes). Returns the number of tensors copied."""
+    """Copy the network weights (``model.*``, or the method's ``network_attribute``) of the
+    checkpoint in ``run_dir`` into ``learner``; everything else of ``learner`` (a method's own
+    parameters) keeps its initial value. The networks must be the same (names and shapes).
+    Returns the number of tensors copied."""
     source = RunDir(run_dir)
     if not source.has_checkpoint():
         raise MetalearnError(f"--init-from {source.path}: no checkpoint there; give a run directory of a trained run")
     saved = source.read_checkpoint("learner")["learner"]
     check_weights_finite(saved, source.path)
-    own = {name: p for name, p in learner.state_dict(keep_vars=True).items() if name.startswith("model.")}
+    prefix = f"{learner.network_attribute}."
+    own = {name: p for name, p in learner.state_dict(keep_vars=True).items() if name.startswith(prefix)}
+    if not own:  # a copy of nothing would train from scratch under the name of an initialised run
+        raise MetalearnError(f"--init-from: {type(learner).__name__} has no network weights under {prefix}* to "
+                             "copy into")
     mismatched = [name for name, p in own.items() if name not in saved or saved[name].shape != p.shape]
     if mismatched:
         raise MetalearnError(
             f"--init-from {source.path}: its network differs from this one (at {mismatched[0]}); "
-            "both runs need the same --model, image size and number of ways"
+            "both runs need the same network: the same --model (or --hidden), image size and number of ways, "
+            "or the same environment"
         )
     with torch.no_grad():
         for name, p in own.items():
@@ -235,6 +265,7 @@ def load_trained(run_dir: Path | str, overrides: dict[str, Any] | None = None,
         raise MetalearnError(f"--set model={overrides['model']}: the run trained "
                              f"{config.method_config.get('model')}; a network cannot change at evaluation")
     check_weights_finite(state["learner"], run.path)
+    check_overrides_apply(config, overrides or {})
     check_overrides_leave_weights(config, overrides or {})
     options = {**config.method_config, **(overrides or {})}
     learner = build_learner(config.method, options, problem_of(config.task))

@@ -263,7 +263,8 @@ def train():
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
 @click.option("--set", "settings", multiple=True, metavar="OPTION=VALUE",
               help="change a method option for this evaluation, e.g. --set test_inner_steps=10 (not one that "
-                   "changes the network or only starts a trained value, such as inner_lr under learn_inner_lr)")
+                   "changes the network, only starts a trained value, such as inner_lr under learn_inner_lr, or "
+                   "acts only in meta-training, such as first_order)")
 @click.option("--ways", type=INTEGER, default=None,
               help="test on episodes of this many classes instead of the run's (methods without "
                    "a per-class output layer, such as protonet and matchingnet)")
@@ -291,7 +292,8 @@ def train():
 def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots, query, per_step, progress, device,
                  fast_gpu_kernels, ensemble, protocol, split_fractions, split_file):
     """Evaluate a trained run: mean accuracy (or MSE) with a 95% confidence interval."""
-    from metalearn.api import check_protocol_or_ensemble, evaluate_run, evaluation_labels, with_split
+    from metalearn.api import (check_protocol_or_ensemble, ensemble_checkpoints, evaluate_run, evaluation_labels,
+                              with_split)
     from metalearn.evaluation import format_result
 
     check_protocol_or_ensemble(protocol, ensemble)  # before the file name, which counts the checkpoints
@@ -300,7 +302,7 @@ def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots,
     config, split_labels = with_split(RunDir(run_dir).read_config(), split_fractions, split_file, run_dir)
     labels = {**evaluation_labels(config, overrides, shape, episodes, seed), **split_labels}
     if ensemble:
-        labels["ensemble"] = len(RunDir(run_dir).best_checkpoints())
+        labels["ensemble"] = len(ensemble_checkpoints(run_dir, config))
     if protocol is not None:
         labels["protocol"] = protocol
     target = RunDir(run_dir).eval_file(labels, part)
@@ -356,10 +358,13 @@ def parse_setting(text: str) -> tuple[str, object]:
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=PLOT_DATA_DIR_HELP)
 @click.option("--compare", "compare_with", type=click.Path(path_type=Path), default=None,
-              help="another run on the same tasks (e.g. MAML) whose prediction is drawn beside PLATIPUS's samples")
+              help="another run on the same tasks: for PLATIPUS, a run (e.g. MAML) whose prediction is drawn "
+                   "beside the samples; for maml-rl, a run of the same environment and test settings (e.g. "
+                   "--inner-steps 0, the pretrained baseline) whose returns are drawn beside this run's")
 def plot(run_dir, data_dir, compare_with):
     """Draw a run's learning curves (and, for regression, fits after 0/1/10 steps; for PLATIPUS,
-    sampled functions) as PNG."""
+    sampled functions; for maml-rl, returns after each policy-gradient step, also of the
+    initial weights, stored as eval-weights=initial.json, and trajectories or velocities) as PNG."""
     from metalearn.api import plot_run
 
     for path in plot_run(run_dir, data_dir=data_dir, compare_with=compare_with):
@@ -472,7 +477,7 @@ def sample_command(run_dir, support, num, out, seed):
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=PLOT_DATA_DIR_HELP)
 @click.option("--compare", "compare_with", type=click.Path(path_type=Path), default=None,
-              help="another run drawn beside this one's samples (see plot)")
+              help="another run drawn beside this one: PLATIPUS's samples or maml-rl's returns (see plot)")
 def export_command(run_dir, out_dir, data_dir, compare_with):
     """Write a run's summary.json and plots to OUT_DIR (e.g. results/<name>) for committing."""
     from metalearn.api import export_results

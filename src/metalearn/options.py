@@ -84,10 +84,17 @@ def _is(value: Any, expected: type) -> bool:
     return isinstance(value, (int, float) if expected is float else expected)
 
 
-def option(default: Any, help: str, aliases: tuple[str, ...] = ()) -> Any:
+def option(default: Any, help: str, aliases: tuple[str, ...] = (), training_only: bool = False,
+           schedule_step: bool = False) -> Any:
     """A dataclass field with ``default`` and the ``help`` the CLI shows for it; ``aliases``:
-    other names of its flag (``("env",)`` gives ``--dataset`` the second name ``--env``)."""
-    return dataclasses.field(default=default, metadata={"help": help, "aliases": tuple(aliases)})
+    other names of its flag (``("env",)`` gives ``--dataset`` the second name ``--env``).
+    ``training_only``: the option acts only in meta-training (the meta-loss, the meta-update), so
+    an evaluation refuses it as an override (``metalearn eval --set``) instead of scoring the run
+    unchanged under its name. ``schedule_step``: the option is a meta-step of the training
+    schedule where something happens (0: never); a run whose ``--steps`` end before it is warned."""
+    return dataclasses.field(default=default, metadata={"help": help, "aliases": tuple(aliases),
+                                                        "training_only": training_only,
+                                                        "schedule_step": schedule_step})
 
 
 def help_of(field: dataclasses.Field) -> str:

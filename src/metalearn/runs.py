@@ -270,6 +270,9 @@ class RunDir:
             raise MetalearnError(f"{self.path} kept no best checkpoints: train with --keep-best N (and validation) "
                                  "to evaluate an ensemble")
         index = read_json_object(index_path, "train the run again with --keep-best N")
+        if not index:  # validation kept none yet, or a resume forgot those after the last checkpoint
+            raise MetalearnError(f"{self.path} holds no best checkpoints yet ({index_path} lists none): train on "
+                                 "until it validates, then evaluate the ensemble")
         for file in index:
             if _best_step(file) is None or not (self.best_dir / file).is_file():
                 raise MetalearnError(f"{index_path} lists {file}, which is not a best checkpoint in "

@@ -107,8 +107,13 @@ class MetaLearner(nn.Module):
     # True for methods whose network has one output per class (MAML, PLATIPUS, Reptile): they
     # cannot be tested with another number of ways than they were trained with.
     fixed_ways: ClassVar[bool] = False
-    # options that act only beside another option's value: {option: (other option, its value)};
-    # giving one without the other is refused (it would be stored and silently unused)
+    # the attribute holding the network (an nn.Module) whose weights ``--init-from`` copies
+    network_attribute: ClassVar[str] = "model"
+    # options that act only beside another option's value: {option: (other option, its value)}.
+    # Giving one (other than at its default) without the other is refused, in training and in an
+    # evaluation's overrides (it would be stored and silently unused); a preset's value for one
+    # is dropped when the user's own options turn the other off; resuming ignores a difference
+    # in one that acts in neither configuration
     option_requires: ClassVar[dict[str, tuple[str, Any]]] = {}
     # options added, or whose default changed, after runs were saved without them: {option: the
     # value that reproduces what such a run computed}. A stored configuration that lacks one

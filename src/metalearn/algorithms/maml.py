@@ -58,16 +58,21 @@ class MAMLConfig:
     a module passed to ``MAML`` is used as it is (made per-step in place by those two options)."""
 
     inner_lr: float = option(0.4, "step size of the inner-loop gradient steps (MAML's alpha)")
-    inner_steps: int = option(1, "inner-loop gradient steps on a task's support set during meta-training")
+    inner_steps: int = option(1, "inner-loop gradient steps on a task's support set during meta-training",
+                              training_only=True)
     test_inner_steps: int = option(3, "inner-loop gradient steps at validation and test time")
-    first_order: bool = option(False, "drop the second derivatives of the inner steps from the meta-gradient")
+    first_order: bool = option(False, "drop the second derivatives of the inner steps from the meta-gradient",
+                               training_only=True)
     learn_inner_lr: bool = option(False, "learn one inner step size per parameter tensor and inner step "
                                          "(MAML++'s LSLR)")
-    multi_step_loss: bool = option(False, "the query loss after every inner step, not just the last (MAML++)")
+    multi_step_loss: bool = option(False, "the query loss after every inner step, not just the last (MAML++)",
+                                   training_only=True)
     multi_step_anneal_steps: int = option(0, "with --multi-step-loss: shift its weight onto the last step over "
-                                             "this many meta-updates (MAML++'s schedule; 0: equal weights throughout)")
+                                             "this many meta-updates (MAML++'s schedule; 0: equal weights throughout)",
+                                             training_only=True, schedule_step=True)
     first_order_steps: int = option(0, "meta-train first order for this many meta-updates, then second order "
-                                       "(MAML++'s derivative-order annealing; 0: as --first-order says throughout)")
+                                       "(MAML++'s derivative-order annealing; 0: as --first-order says throughout)",
+                                       training_only=True, schedule_step=True)
     adapt_norm: bool = option(True, "the inner loop adapts the batch-norm parameters too (the reference code's "
                                     "does not: --no-adapt-norm)")
     per_step_bn_weights: bool = option(False, "a batch-norm scale and offset per inner step, each used by its own "
@@ -130,6 +135,8 @@ class MAML(MetaLearner):
     name = "maml"
     Config = MAMLConfig
     fixed_ways = True
+    option_requires = {"multi_step_anneal_steps": ("multi_step_loss", True), "first_order_steps": ("first_order", False),
+                       "eval_bn_statistics": ("per_step_bn_statistics", True)}
 
     def __init__(self, model: nn.Module, config: MAMLConfig = MAMLConfig()):
         """Per-step batch norm (MAML++, Antoniou et al. 2019, section 4): with

@@ -643,3 +643,13 @@ def test_resume_continues_exactly(tmp_path, inner):
         assert torch.equal(value, final[name]), name
     initial = build_trainer(config, tmp_path / "c").learner.state_dict()
     assert not torch.equal(final["model.net.0.weight"], initial["model.net.0.weight"])  # it trained
+
+
+def test_the_query_defaults_to_one_image_per_class_as_the_reference_code_tests():
+    """Transduction classifies a task's query images together; the reference code's protocol is
+    one per class, so a run given only --shots is tested that way (a user's --query stays)."""
+    from metalearn.api import resolve_config
+
+    config = resolve_config("reptile", task={"ways": 5, "shots": 10, "test_shots": 1})
+    assert (config.task.query, config.task.test_query) == (1, None)
+    assert resolve_config("reptile", task={"shots": 10, "query": 5}).task.query == 5

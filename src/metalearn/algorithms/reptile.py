@@ -210,6 +210,9 @@ class Reptile(MetaLearner):
     fixed_ways = True
     option_requires = {"inner_beta1": ("inner_optimizer", "adam"), "inner_beta2": ("inner_optimizer", "adam"),
                        "inner_adam_state": ("inner_optimizer", "adam")}
+    # the reference code tests on one query image per class (its transduction classifies those
+    # together); training uses the support images alone, the query only for the logged accuracy
+    task_defaults = {"query": 1}
 
     def __init__(self, model: nn.Module, config: ReptileConfig = ReptileConfig()):
         super().__init__()

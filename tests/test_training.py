@@ -167,10 +167,10 @@ def signal_during_step(trainer, step: int, *signals) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_signal_saves_the_step_and_resume_stays_exact(tmp_path, sig):
-    """SIGTERM or Ctrl-C mid-step: the step finishes, is checkpointed (3 is not a periodic
-    checkpoint here), training stops with the signal's exit code, and resuming gives the same
-    parameters as an uninterrupted run."""
+def test_a_stop_signal_saves_the_step_and_resume_stays_exact(tmp_path, sig, capsys):
+    """SIGTERM or Ctrl-C mid-step: the step finishes (said at once), is checkpointed (3 is not
+    a periodic checkpoint here), training stops with the signal's exit code, and resuming gives
+    the same parameters as an uninterrupted run."""
     straight = build_trainer(sinusoid_config(6), tmp_path / "straight")
     straight.fit(progress=False)
 
@@ -180,6 +180,8 @@ def test_a_stop_signal_saves_the_step_and_resume_stays_exact(tmp_path, sig):
     with pytest.raises(TrainingStopped, match=f"stopped by {sig.name} after step 3 of 6.*--resume") as stopped:
         trainer.fit(progress=False)
     assert stopped.value.exit_code == 128 + sig
+    assert capsys.readouterr().err == (f"{sig.name} received: finishing this step, then saving it (a second one "
+                                       "stops at once, without saving it)\n")
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
     assert load_trained(tmp_path / "stopped")[2] == 3
 

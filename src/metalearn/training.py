@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -106,10 +106,13 @@ class StopRequests:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, note_repeats: bool = False):
+    def __init__(self, note_repeats: bool = False, announce: Callable[[str], None] | None = None):
+        """``announce``: told once, at the first signal, that the step in progress finishes
+        first (a step can take a minute: without a word a user presses Ctrl-C again)."""
         self.received: signal.Signals | None = None
         self.continued = 0
         self.note_repeats = note_repeats
+        self.announce = announce
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopRequests":
@@ -123,6 +126,9 @@ class StopRequests:
     def _note(self, signum, frame) -> None:
         if self.received is None:
             self.received = signal.Signals(signum)
+            if self.announce is not None:
+                again = "" if self.note_repeats else " (a second one stops at once, without saving it)"
+                self.announce(f"{self.received.name} received: finishing this step, then saving it{again}")
         if not self.note_repeats:
             signal.signal(signum, self._previous[signum])
 
@@ -326,7 +332,8 @@ class Trainer:
                 self.validate()
                 self.save()  # a resume from here must not log this validation twice
             first = self.step
-            with StopRequests(note_repeats=launched_by_torchrun()) as stop:
+            say = (lambda text: print(text, file=sys.stderr, flush=True)) if self.world.is_main else None
+            with StopRequests(note_repeats=launched_by_torchrun(), announce=say) as stop:
                 self._loop(stop, bar, parameters, share, local_fraction, deadline, stop_at)
             if self.step != first:  # a complete run resumed trains nothing: its checkpoint stays as it is
                 self.save()

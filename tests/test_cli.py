@@ -440,7 +440,8 @@ def test_print_config_shows_the_resolved_paper_settings_and_trains_nothing(tmp_p
 
 @pytest.mark.parametrize("args, message", [
     (["maml", "--inner-lr", "inf"], "--inner-lr must be a finite number > 0, got inf"),
-    (["maml", "--meta-lr", "1e39"], "--meta-lr must be a finite number > 0, got 1e+39"),  # beyond float32
+    (["maml", "--meta-lr", "1e39"],  # beyond float32
+     "--meta-lr must be a finite number > 0 and at most 3.403e+38 (float32's largest), got 1e+39"),
     (["maml", "--meta-lr", "nan"], "--meta-lr must be a finite number > 0, got nan"),
     (["maml", "--noise-std", "inf"], "--noise-std must be a finite number >= 0, got inf"),
     (["maml", "--inner-steps", 0], "--inner-steps must be at least 1, got 0"),

@@ -30,7 +30,9 @@ def require_number(value: float, owner: str, field: str, *, zero_allowed: bool =
     ok = isinstance(value, (int, float)) and math.isfinite(value) and abs(value) <= FLOAT32_MAX
     if not ok or not (value >= 0 if zero_allowed else value > 0):
         bound = ">= 0" if zero_allowed else "> 0"
-        raise ConfigError(owner, field, f"must be a finite number {bound}, got {value}")
+        beyond = isinstance(value, (int, float)) and math.isfinite(value) and abs(value) > FLOAT32_MAX
+        limit = f" and at most {FLOAT32_MAX:.4g} (float32's largest)" if beyond else ""
+        raise ConfigError(owner, field, f"must be a finite number {bound}{limit}, got {value}")
 
 
 class ConfigError(MetalearnError):

@@ -433,7 +433,9 @@ def test_print_config_shows_the_resolved_paper_settings_and_trains_nothing(tmp_p
     for args, message in ((["protonet", "--dataset", "sinusoid"], "classification"),
                           (["maml", "--ways", 5000], "--ways 5000 is more than that"),
                           (["maml", "--test-ways", 10], "one output per class"),
-                          (["maml", "--dataset", "sinusoid", "--no-adapt-norm"], "this network has none")):
+                          (["maml", "--dataset", "sinusoid", "--no-adapt-norm"], "this network has none"),
+                          (["maml", "--dataset", "sinusoid"], "sinusoid tasks are generated, not read from files"),
+                          (["maml-rl", "--env", "nav2d"], "nav2d tasks are generated, not read from files")):
         code, out, err = run(["train", *args, "--data-dir", omniglot_data_dir, "--print-config"], capsys)
         assert code == 2 and message in err and out == "", (args, err)
 

@@ -27,7 +27,9 @@ class Dataset:
     inputs as the dataset's own were made, for ``predict``, ``fit_predict`` and ``sample``
     (None: :func:`metalearn.data.images.prepare_images`). ``reinforcement``: the tasks are MDPs
     (an environment, ``--env``), whose source samples :class:`~metalearn.envs.MDPBatch` es for a
-    reinforcement-learning method (``maml-rl``)."""
+    reinforcement-learning method (``maml-rl``). ``generated``: the tasks come from a formula or
+    a simulator, not from files, so a ``data_dir`` given for them is refused (it would be
+    silently unused)."""
 
     name: str
     classification: bool
@@ -39,6 +41,7 @@ class Dataset:
     inapplicable: tuple[str, ...] = ()
     prepare: Callable[[Any, int, int], Any] | None = None
     reinforcement: bool = False
+    generated: bool = False
 
     @property
     def kind(self) -> str:
@@ -156,7 +159,8 @@ def _sine_or_line(task, shape, part, data_dir, progress):
 
 
 # regression: K = 5 support points; 100 test points, a finer estimate of the same expected MSE
-_REGRESSION = dict(classification=False, problem=_regression_problem, defaults={"shots": 5, "test_query": 100},
+_REGRESSION = dict(classification=False, problem=_regression_problem, generated=True,
+                   defaults={"shots": 5, "test_query": 100},
                    fixed={"split": "none", "ways": 0},
                    inapplicable=("split", "ways", "test_ways", "image_size", "channels", "split_fractions",
                                  "split_file"))
@@ -207,7 +211,7 @@ def _environment_problem(observation_dim: int, action_dim: int):
     return problem
 
 
-_RL = dict(classification=False, reinforcement=True, fixed={"split": "none", "ways": 0},
+_RL = dict(classification=False, reinforcement=True, generated=True, fixed={"split": "none", "ways": 0},
            inapplicable=("split", "ways", "shots", "query", "test_ways", "test_shots", "test_query", "image_size",
                          "channels", "split_fractions", "split_file", "noise_std"))
 register_dataset(Dataset("nav2d", build=_environment(_nav2d), problem=_environment_problem(2, 2), **_RL))

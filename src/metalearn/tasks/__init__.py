@@ -40,7 +40,11 @@ def build_task_source(task: TaskConfig, part: str, data_dir: Path | str | None =
     cannot fill (more ways than the part has classes, more shots and queries than a class has
     images)."""
     shape = task.for_testing() if part in ("val", "test") or evaluation else task
-    return get_dataset(task.dataset).build(task, shape, part, data_dir, progress)
+    dataset = get_dataset(task.dataset)
+    if dataset.generated and data_dir is not None:
+        raise MetalearnError(f"--data-dir {data_dir}: {task.dataset} tasks are generated, not read from files; "
+                             "leave --data-dir out")
+    return dataset.build(task, shape, part, data_dir, progress)
 
 
 def has_validation(task: TaskConfig) -> bool:

@@ -498,3 +498,17 @@ def test_two_ranks_share_maml_rls_meta_batch_and_take_one_processs_trpo_step(tmp
     e1 = json.loads((single / "eval.json").read_text())
     e2 = json.loads((double / "eval.json").read_text())
     torch.testing.assert_close(torch.tensor(e2["scores"]), torch.tensor(e1["scores"]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name, value", [("WORLD_SIZE", "abc"), ("LOCAL_RANK", "x"), ("RANK", "-1")])
+def test_a_torchrun_variable_that_is_no_count_is_one_line(tmp_path, monkeypatch, capsys, name, value):
+    """torchrun sets these; a scheduler script or a stray export that sets them wrong is named,
+    not a ValueError from int() inside the library. (RANK counts only with WORLD_SIZE > 1.)"""
+    from cli_runner import run
+
+    monkeypatch.setenv(name, value)
+    if name == "RANK":
+        monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = run(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--run-dir", tmp_path / "r"], capsys)
+    assert code == 2 and f"{name}={value!r} in the environment is not a whole number >= 0" in err
+    assert "Traceback" not in err and not (tmp_path / "r").exists()

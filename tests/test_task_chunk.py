@@ -244,3 +244,33 @@ def test_a_memory_budget_without_the_automatic_chunk_is_refused():
         resolve_config("maml", task=task, train={"memory_budget": 0.5})
     assert resolve_config("maml", task=task, train={"memory_budget": 0.5, "task_chunk": "auto"}).train.memory_budget == 0.5
 
+
+
+def test_the_memory_limit_of_the_process_s_control_groups_binds(tmp_path):
+    """A SLURM job or systemd slice limits a group below the root, and cgroup v1 keeps the memory
+    controller apart: the limits of the process's own group and of every group above it count,
+    under v2, v1 and the hybrid layout (v2 under unified/); v1's "no limit" never binds."""
+    def group(folder, limit, used, names=("memory.max", "memory.current")):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / names[0]).write_text(f"{limit}\n")
+        (folder / names[1]).write_text(f"{used}\n")
+
+    gib = 2**30
+    v2 = tmp_path / "v2"
+    group(v2 / "job.slice", 2 * gib, 2 * gib - 100)  # the parent's limit is nearly used up
+    group(v2 / "job.slice" / "step_0", 8 * gib, gib)
+    (v2 / "cgroup.controllers").write_text("memory\n")
+    proc = tmp_path / "cgroup-v2"
+    proc.write_text("0::/job.slice/step_0\n")
+    assert memory._cgroup_limits(str(proc), str(v2)) == [(8 * gib, gib), (2 * gib, 2 * gib - 100)]
+    group(v2, "max", 5)  # the root: no limit
+    assert len(memory._cgroup_limits(str(proc), str(v2))) == 2
+
+    v1 = tmp_path / "v1"
+    names = ("memory.limit_in_bytes", "memory.usage_in_bytes")
+    group(v1 / "memory", 9223372036854771712, 3 * gib, names)  # v1's "no limit"
+    group(v1 / "memory" / "batch" / "job7", 4 * gib, 3 * gib, names)
+    (v1 / "unified").mkdir()
+    proc.write_text("12:cpu,cpuacct:/batch/job7\n4:memory:/batch/job7\n0::/batch/job7\n")
+    assert memory._cgroup_limits(str(proc), str(v1)) == [(4 * gib, 3 * gib), (9223372036854771712, 3 * gib)]
+    assert memory._cgroup_limits(str(tmp_path / "none"), str(v1)) == []

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
-import os
 import sys
 import time
 import warnings
@@ -17,7 +16,7 @@ from click.exceptions import NoArgsIsHelpError
 
 from metalearn.algorithms import METHODS
 from metalearn.config import MAX_SEED, TaskConfig, TrainConfig
-from metalearn.distributed import leave_world
+from metalearn.distributed import leave_world, reports
 from metalearn.errors import TIME_LIMIT_EXIT, ConfigError, MetalearnError, MetalearnWarning, TrainingStopped, flag
 from metalearn.files import check_writable_file
 from metalearn.options import help_of
@@ -186,7 +185,7 @@ def _make_train_command(method: str) -> click.Command:
                                 evaluate_after=options["eval"], announce=click.echo, device=options["device"],
                                 exact_gpu_kernels=not options["fast_gpu_kernels"],
                                 time_limit_s=options["time_limit"], stop_at=options["stop_at"])
-        if int(os.environ.get("RANK", "0")) != 0:
+        if not reports():
             return  # under torchrun only rank 0 reports
         if result is not None:
             from metalearn.evaluation import format_result
@@ -312,7 +311,7 @@ def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots,
                           progress=show_progress(progress), overrides=overrides, device=device, episode_shape=shape,
                           per_step=per_step, exact_gpu_kernels=not fast_gpu_kernels, ensemble=ensemble,
                           protocol=protocol, split_fractions=split_fractions, split_file=split_file)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 alone writes, and says so
+    if reports():  # under torchrun rank 0 alone writes, and says so
         click.echo(format_result(result) if protocol is None else format_protocol_result(result))
         click.echo(f"written to {target}" + (f" (replacing the earlier evaluation there: {earlier})" if earlier else ""))
 
@@ -696,7 +695,7 @@ def show_warning(message, category, filename, lineno, file=None, line=None, _pla
     other warnings as Python shows them."""
     if not issubclass(category, MetalearnWarning):
         return _plain(message, category, filename, lineno, file, line)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if reports():
         click.echo(f"warning: {message}", err=True)
 
 

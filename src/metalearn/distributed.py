@@ -146,6 +146,31 @@ def dist_timeout_s() -> float:
     return value
 
 
+def environment_count(name: str, default: int) -> int:
+    """A whole number >= 0 that torchrun (or a scheduler) sets in the environment variable
+    ``name``; ``default`` where it is unset; anything else is refused in one line."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise MetalearnError(f"{name}={text!r} in the environment is not a whole number >= 0: launch with torchrun, "
+                             f"or unset {name}")
+    return value
+
+
+def reports() -> bool:
+    """Whether this process is the one that reports (prints results and warnings): the only
+    process, or rank 0 of a torchrun group (a stray RANK without WORLD_SIZE > 1 is ignored, as
+    :func:`init_world` ignores it)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return environment_count("WORLD_SIZE", 1) <= 1 or environment_count("RANK", 0) == 0
+
+
 def init_world(device: str = "cpu", timeout_s: float | None = None, exact_gpu_kernels: bool = True) -> World:
     """Join the ``torchrun`` process group when launched by it (WORLD_SIZE > 1), else one
     process. The backend follows the device: NCCL for GPUs (each rank on the GPU of its
@@ -153,13 +178,13 @@ def init_world(device: str = "cpu", timeout_s: float | None = None, exact_gpu_ke
     (default ``$METALEARN_DIST_TIMEOUT`` or 300 s) fails instead of hanging, so a rank that
     dies makes the others stop. On a CUDA device, ``exact_gpu_kernels`` applies
     :func:`metalearn.runtime.configure_gpu_kernels` (process-wide torch flags)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = environment_count("WORLD_SIZE", 1)
     if size > 1 and device.startswith("cuda:"):
         raise MetalearnError(
             f"--device {device} under torchrun would put all {size} ranks on one GPU; use --device cuda "
             "(each rank takes the GPU of its LOCAL_RANK)"
         )
-    resolved = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    resolved = resolve_device(device, environment_count("LOCAL_RANK", 0))
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
         if exact_gpu_kernels:
@@ -167,6 +192,7 @@ def init_world(device: str = "cpu", timeout_s: float | None = None, exact_gpu_ke
     if size <= 1:
         return World(device=resolved)
     if not dist.is_initialized():
+        environment_count("RANK", 0)  # torch's own reading of a bad RANK fails past a page of C++ stack
         timeout_s = timeout_s or dist_timeout_s()
         backend = "nccl" if resolved.type == "cuda" else "gloo"
         # torch._dynamo, which the first torch.optim optimiser imports, takes references to the

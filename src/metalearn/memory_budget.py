@@ -2,8 +2,9 @@
 ``TrainConfig.task_chunk="auto"`` chooses the chunk size from.
 
 - :func:`available_memory`: on a GPU what ``torch.cuda.mem_get_info`` reports free plus what
-  torch's caching allocator holds unused; on the CPU Linux's ``MemAvailable`` (lowered to the
-  control group's limit where one is set).
+  torch's caching allocator holds unused; on the CPU Linux's ``MemAvailable``, lowered to what
+  the limits of the process's control groups leave (cgroup v1 or v2; its own group and those
+  above it, such as a batch job's).
 - :func:`peak_memory_of`: the peak memory a call adds above what was in use before it. On a GPU
   ``torch.cuda.max_memory_allocated``; on the CPU the process's peak resident set (``VmHWM``),
   reset through ``/proc/self/clear_refs`` after glibc has returned its free memory
@@ -34,10 +35,40 @@ def available_memory(device: torch.device) -> int:
         raise MetalearnError(f"--task-chunk auto knows the memory of CPUs and CUDA GPUs only, not {device.type}; "
                              "give --task-chunk a number")
     available = _meminfo_bytes("MemAvailable")
-    limit, used = _read_int("/sys/fs/cgroup/memory.max"), _read_int("/sys/fs/cgroup/memory.current")
-    if limit is not None and used is not None:
+    for limit, used in _cgroup_limits():
         available = min(available, max(limit - used, 0))
     return available
+
+
+def _cgroup_limits(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> list[tuple[int, int]]:
+    """(limit, usage) in bytes of every memory control group this process is in that sets a
+    limit: its own group and each group above it (a job's slice under a user's), under cgroup v2
+    (``memory.max``, ``memory.current``: ``0::/path`` in ``/proc/self/cgroup``) and under v1's
+    memory controller (``memory.limit_in_bytes``, ``memory.usage_in_bytes``: ``N:memory:/path``).
+    A group seen from inside a container whose own view of ``/sys/fs/cgroup`` starts at it is
+    found at the root. v1's "no limit" is a huge number, larger than any memory: it never binds."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        lines = []
+    found: list[tuple[int, int]] = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":  # v2, one hierarchy (under unified/ where v1 controllers are mounted beside it)
+            hybrid = (Path(root) / "unified").is_dir() and not (Path(root) / "cgroup.controllers").is_file()
+            base, names = Path(root) / "unified" if hybrid else Path(root), ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            base = Path(root) / "memory" if (Path(root) / "memory").is_dir() else Path(root)
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        parts = [part for part in path.strip("/").split("/") if part]
+        for depth in range(len(parts), -1, -1):  # the process's own group first, then its parents
+            folder = base.joinpath(*parts[:depth])
+            limit, used = _read_int(folder / names[0]), _read_int(folder / names[1])
+            if limit is not None and used is not None and (limit, used) not in found:
+                found.append((limit, used))
+    return found
 
 
 def peak_memory_of(call: Callable[[], None], device: torch.device) -> int:
@@ -62,8 +93,9 @@ def peak_memory_of(call: Callable[[], None], device: torch.device) -> int:
 
 def largest_chunk(tasks: int, per_task: int, budget: int) -> int:
     """The most tasks, up to ``tasks``, whose footprint of ``per_task`` bytes each fits in
-    ``budget`` (at least 1), then evened out: the same number of chunks, sizes differing by at
-    most one (16 tasks in chunks of at most 6: 6, 5, 5 rather than 6, 6, 4)."""
+    ``budget`` (at least 1), then lowered to the smallest size that needs no more chunks: 16
+    tasks of which 7 fit take chunks of 6 (6, 6, 4: :func:`chunk_sizes`), three chunks as 7, 7,
+    2 would be, with a lower peak."""
     most = max(1, min(tasks, budget // max(per_task, 1)))
     chunks = math.ceil(tasks / most)
     return math.ceil(tasks / chunks)
@@ -131,7 +163,7 @@ def _meminfo_bytes(field: str) -> int:
     return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1)) * 1024
 
 
-def _read_int(path: str) -> int | None:
+def _read_int(path: str | Path) -> int | None:
     try:
         return int(Path(path).read_text().strip())
     except (OSError, ValueError):  # no such file, or "max" (no limit)

@@ -20,7 +20,7 @@ from metalearn.algorithms.base import device_of
 from metalearn.checkpoints import (RESUME_ENTRIES, all_finite, check_compatible, check_run_dir, check_test_ways,
                                    check_weights_finite, initialise_from_run, load_learner_state, on_cpu)
 from metalearn.config import RunConfig
-from metalearn.distributed import RankLost, World
+from metalearn.distributed import RankLost, World, environment_count
 from metalearn.errors import TIME_LIMIT_EXIT, ConfigError, MetalearnError, TrainingStopped
 from metalearn.evaluation import HIGHER_IS_BETTER, evaluate
 from metalearn.memory_budget import (available_memory, chunk_candidates, chunk_sizes, fastest_chunk, largest_chunk,
@@ -483,7 +483,7 @@ class Trainer:
         train = self.config.train
         budget = int(train.memory_budget * available_memory(self.device))
         if self.device.type == "cpu":  # the processes torchrun starts on one machine share its memory
-            budget //= max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+            budget //= max(environment_count("LOCAL_WORLD_SIZE", 1), 1)
 
         probed = min(batch.num_tasks, 2)
 

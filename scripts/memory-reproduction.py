@@ -17,7 +17,9 @@ On the run's latest checkpoint, one network for every row:
 
 then ``metalearn export RUN OUT_DIR`` (``summary.json`` with every evaluation, and
 ``learning_curves.png``) and ``OUT_DIR/lifelong.json`` (both lifelong results, by episode width).
-An evaluation already in the run folder for the checkpoint's step is reused, not redone.
+An evaluation already in the run folder for the checkpoint's step is reused, not redone; its
+wall time in the table is the one this script recorded when it ran it, "with training" for the
+run's own ``eval.json`` (the trainer's), and "—" for any other (``metalearn eval`` records none).
 Prints each evaluation's wall time, then the "### Results" subsection of docs/methods/memory.md and
 the README's and docs/reproductions.md's table rows, with the paper's numbers beside ours;
 ``--update-docs ROOT`` writes them into the checkout at ROOT.
@@ -53,9 +55,17 @@ def processor() -> str:
     return platform.processor() or platform.machine()
 
 
+# the wall-time cell of an evaluation whose time is not known: reused from the run folder,
+# where `metalearn eval` wrote it without one
+UNTIMED = "—"
+
+
 def evaluate(run_dir: Path, step: int, episodes: int | None, data_dir, shape: dict, protocol: str | None):
     """The evaluation of ``shape`` (and ``protocol``): read back if the run folder holds it for
-    ``step``, else computed (and written there). Returns (result, wall seconds or None)."""
+    ``step``, else computed (and written there, with its wall time ``wall_s``). Returns (result,
+    wall-time cell): the seconds it took here or when this script wrote it; for a reused
+    evaluation without ``wall_s``, "with training" when it is the run's own ``eval.json`` (the
+    trainer's evaluation, timed with the training), else :data:`UNTIMED`."""
     run = RunDir(run_dir)
     labels = evaluation_labels(run.read_config(), None, shape, episodes, 0)
     if protocol is not None:
@@ -65,7 +75,7 @@ def evaluate(run_dir: Path, step: int, episodes: int | None, data_dir, shape: di
         saved = json.loads(path.read_text())
         if int(saved.get("step", -1)) == step:
             print(f"{path.name}: reused (step {step})", flush=True)
-            return saved, saved.get("wall_s")
+            return saved, wall_cell(saved.get("wall_s"), own=path == run.eval_path)
     start = time.perf_counter()
     evaluate_run(run_dir, episodes=episodes, data_dir=data_dir, progress=False, episode_shape=shape,
                  protocol=protocol)
@@ -73,7 +83,24 @@ def evaluate(run_dir: Path, step: int, episodes: int | None, data_dir, shape: di
     result = {**json.loads(path.read_text()), "wall_s": round(wall, 1)}  # kept for a later reuse
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{path.name}: {wall:.0f} s wall", flush=True)
-    return result, wall
+    return result, wall_cell(wall)
+
+
+def wall_cell(wall: float | None, own: bool = False) -> str:
+    """An evaluation's wall time as the Results table shows it: seconds where known; the run's own
+    untimed ``eval.json`` ran at the end of training ("with training"); any other untimed one
+    :data:`UNTIMED`."""
+    if wall is not None:
+        return f"{wall:.0f} s"
+    return "with training" if own else UNTIMED
+
+
+def shot_cell(value: float | None, ci95: float | None = None) -> str:
+    """A lifelong accuracy (and its CI) as a table cell; "n/a" for a showing the episodes lack
+    (``lifelong_accuracy`` gives None, a JSON null; an older file NaN)."""
+    if value is None or math.isnan(value):
+        return "n/a"
+    return f"{value:.1f}" if ci95 is None else f"{value:.2f} ± {ci95:.2f}"
 
 
 def main() -> None:
@@ -101,8 +128,8 @@ def main() -> None:
             shape["ways"] = ways
         if shots != (task.test_shots or task.shots):
             shape["shots"] = shots
-        result, wall = evaluate(args.run_dir, step, args.episodes, args.data_dir, shape, None)
-        rows.append((ways, shots, result, wall))
+        result, took = evaluate(args.run_dir, step, args.episodes, args.data_dir, shape, None)
+        rows.append((ways, shots, result, took))
 
     lifelong = {}
     for ways in (5, 20):
@@ -144,8 +171,7 @@ def results_section(out_dir: Path, config, step: int, rows: list, lifelong: dict
     for ways, shots, result, took in rows:
         life = lifelong[f"{ways}-way"]
         lines.append(f"| {ways}-way {shots}-shot | {PAPER[ways, shots]} | **{result['mean']:.2f} ± {result['ci95']:.2f}** "
-                     f"| {life['k_shot'][shots]:.2f} ± {life['k_shot_ci95'][shots]:.2f} | "
-                     f"{'with training' if took is None else f'{took:.0f} s'} |")
+                     f"| {shot_cell(life['k_shot'][shots], life['k_shot_ci95'][shots])} | {took} |")
     validation = [r for r in records if "val_accuracy" in r]
     if validation:
         shown = validation[1::2] if len(validation) > 8 else validation
@@ -158,7 +184,7 @@ def results_section(out_dir: Path, config, step: int, rows: list, lifelong: dict
               "Protocol (b), every showing (`lifelong.json`):", "",
               "| episodes | 0-shot | 1-shot | 2-shot | 3-shot | 4-shot | 5-shot |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, result in lifelong.items():
-        cells = " | ".join("n/a" if math.isnan(v) else f"{v:.1f}" for v in result["k_shot"])
+        cells = " | ".join(shot_cell(v) for v in result["k_shot"])
         lines.append(f"| {result['episode_width']} classes x {result['episode_length'] // result['episode_width']} "
                      f"showings | {cells} |")
     lines += ["", *textwrap.wrap(

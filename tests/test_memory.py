@@ -371,3 +371,71 @@ def test_the_lifelong_protocol_runs_on_the_episode_shape_asked_for(tmp_path, cap
                         "--data-dir", omniglot_data_dir], capsys)
     assert code == 2 and "--protocol lifelong evaluates one checkpoint" in err
     assert not list((tmp_path / "r").glob("eval-ensemble*"))
+
+
+@pytest.mark.parametrize("given", [{"episodes": 0}, {"episodes": -2}, {"episodes": 1.5}, {"chunk": 0}, {"chunk": -1},
+                                   {"max_shot": -1}, {"max_shot": 2.0}])
+def test_the_lifelong_protocol_refuses_bad_counts_in_one_line(given):
+    """No episode would end in torch.cat of nothing, a chunk of 0 in a batch of no tasks: the
+    counts are refused as evaluate refuses them, before any episode is drawn."""
+    class Source:
+        drawn = []
+
+        def sample(self, size, generator, tasks=None):
+            self.drawn.append(size)
+            labels = torch.arange(3).repeat(size, 2)  # 3 classes shown twice: 1 shot + 1 query
+            return TaskBatch(torch.rand(size, 3, 1, 28, 28), labels[:, :3], torch.rand(size, 3, 1, 28, 28),
+                             labels[:, 3:], ways=3)
+
+    learner, source = build_learner("memory", SMALL, Problem((1, 28, 28), 3, True)), Source()
+    name = next(iter(given))
+    least = 0 if name == "max_shot" else 1
+    with pytest.raises(MetalearnError, match=f"lifelong_accuracy: {name} must be a whole number of at least {least}, "
+                                             "got ") as error:
+        lifelong_accuracy(learner, source, **given)
+    assert "\n" not in str(error.value) and source.drawn == []
+    result = lifelong_accuracy(learner, source, episodes=3, chunk=2, max_shot=1)
+    assert source.drawn == [2, 1] and result["episodes"] == 3 and len(result["k_shot"]) == 2
+
+
+def load_script(name: str):
+    """A script of scripts/ as a module, its main() not run."""
+    import runpy
+    from pathlib import Path
+
+    return runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / name), run_name="script")
+
+
+def test_the_reproduction_script_says_which_wall_times_it_knows(tmp_path, capsys, omniglot_data_dir, monkeypatch):
+    """scripts/memory-reproduction.py: "with training" is the run's own eval.json alone; an
+    evaluation that `metalearn eval` wrote (no time recorded) is "—", one the script ran its seconds,
+    also when a second call reuses it."""
+    import sys
+
+    run_dir, out = tmp_path / "r", tmp_path / "out"
+    code, _, err = run(["train", "memory", "--ways", 5, "--shots", 1, "--query", 1, "--memory-size", 24,
+                        "--choose-k", 4, "--key-dim", 8, "--model", "conv4-embedding", "--steps", 1,
+                        "--meta-batch-size", 1, "--val-every", 0, "--eval-episodes", 2, "--no-progress",
+                        "--run-dir", run_dir, "--data-dir", omniglot_data_dir], capsys)
+    assert code == 0, err
+    code, _, err = run(["eval", run_dir, "--ways", 20, "--shots", 5, "--no-progress", "--data-dir", omniglot_data_dir],
+                       capsys)
+    assert code == 0 and (run_dir / "eval-shots=5-ways=20.json").exists(), err
+    script = load_script("memory-reproduction.py")
+
+    def table() -> dict[str, str]:
+        monkeypatch.setattr(sys, "argv", ["memory-reproduction.py", str(run_dir), str(out), "--data-dir",
+                                          str(omniglot_data_dir)])
+        script["main"]()
+        printed = capsys.readouterr().out.splitlines()
+        rows = [line.split(" | ") for line in printed if re.match(r"\| \d+-way \d+-shot", line)]
+        return {row[0].lstrip("| "): row[-1].rstrip(" |") for row in rows}
+
+    first = table()
+    assert first["5-way 1-shot"] == "with training" and first["20-way 5-shot"] == "—"
+    for computed in ("5-way 5-shot", "20-way 1-shot"):
+        assert re.fullmatch(r"\d+ s", first[computed]), first
+    assert table() == first  # reused: the times the script recorded, "—" still for what it did not time
+    assert json.loads((out / "lifelong.json").read_text())["20-way"]["episode_width"] == 20
+    assert script["wall_cell"](None) == "—" and script["wall_cell"](None, own=True) == "with training"
+    assert script["shot_cell"](None) == "n/a" and script["shot_cell"](97.123, 0.4) == "97.12 ± 0.40"

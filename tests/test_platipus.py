@@ -26,8 +26,8 @@ from metalearn.errors import MetalearnError
 from metalearn.models import MLP, Conv4
 from metalearn.tasks.batch import TaskBatch
 from metalearn.tasks.sinusoid import SineOrLineTasks
-from metalearn.uncertainty import (compare_runs, coverage, expected_calibration_error, negative_log_likelihood,
-                                   predictive_log_likelihood, predictive_samples)
+from metalearn.uncertainty import (compare_learners, compare_runs, coverage, expected_calibration_error,
+                                   negative_log_likelihood, predictive_log_likelihood, predictive_samples)
 from batches import image_batch
 from reference import central_difference, conv4_forward, mlp_forward, ref_adapt, ref_task_loss
 
@@ -601,3 +601,44 @@ def test_a_number_of_samples_below_one_or_not_whole_is_one_line(num_samples):
     learner = make_learner(model, 0.01)
     with pytest.raises(MetalearnError, match="num_samples must be a whole number of at least 1"):
         learner.sample_predictions(batch, num_samples)
+
+
+def test_compare_records_its_overrides_and_the_models_each_run_drew(tmp_path, capsys, monkeypatch):
+    """A comparison's record says what was compared: the options --set changed, and how many
+    models each run drew per task (the run's own number where none is asked; MAML one)."""
+    from cli_runner import run
+
+    platipus_dir, _ = train(small_regression_config("platipus", steps=2), tmp_path / "platipus", progress=False,
+                            evaluate_after=False, announce=lambda _: None)  # num_samples 6, test_inner_steps 2
+    maml_dir, _ = train(small_regression_config("maml", steps=2), tmp_path / "maml", progress=False,
+                        evaluate_after=False, announce=lambda _: None)
+    drawn, steps = [], []
+    original = PLATIPUS.sample_predictions
+
+    def counted(self, batch, num_samples=None, generator=None):
+        out = original(self, batch, num_samples, generator)
+        drawn.append(out.shape[0])
+        steps.append(self.config.test_inner_steps)
+        return out
+
+    monkeypatch.setattr(PLATIPUS, "sample_predictions", counted)
+    small = {"episodes": 4, "chunk": 4, "grid_points": 10}
+    own = compare_runs(platipus_dir, maml_dir, **small, overrides={"test_inner_steps": 1})
+    assert set(drawn) == {6} and set(steps) == {1}
+    assert own["overrides"] == {"test_inner_steps": 1} and own["num_samples"] == 6
+    assert own["platipus"]["num_samples"] == 6 and own["maml"]["num_samples"] == 1
+    drawn.clear()
+    asked = compare_runs(platipus_dir, maml_dir, **small, num_samples=3)
+    assert set(drawn) == {3} and asked["num_samples"] == 3 and asked["platipus"]["num_samples"] == 3
+    assert asked["overrides"] == {} and asked["maml"]["num_samples"] == 1
+    with pytest.raises(MetalearnError, match="cannot label a run 'overrides'"):
+        compare_learners({"overrides": platipus_dir}, **small)
+
+    out = tmp_path / "compare.json"
+    code, printed, err = run(["compare", platipus_dir, maml_dir, "--set", "test_inner_steps=1", "--episodes", 4,
+                              "--json", out], capsys)
+    assert code == 0, err
+    record = json.loads(out.read_text())
+    assert record["overrides"] == {"test_inner_steps": 1} and record["num_samples"] == 6
+    assert record["platipus"]["num_samples"] == 6 and record["maml"]["num_samples"] == 1
+    assert "| platipus |" in printed and "num_samples" not in printed  # a record, not a measure column

@@ -5,6 +5,7 @@ ranks, bad input."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -175,6 +176,35 @@ def test_context_encodes_many_images_in_pieces_with_the_same_result(monkeypatch)
     for a, b in zip(model.context(sets), whole):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert passes == [4, 4, 4, 4, 4, 1]  # memory bounded by the piece, not by the number of sets
+
+
+def test_sample_decodes_in_bounded_passes_with_the_same_images(monkeypatch):
+    """Many new images are decoded IMAGES_PER_PASS at a time (all sets' images of a sample
+    together), with the images of decoding them all at once: the noise is drawn before decoding."""
+    from metalearn.algorithms import statistician
+
+    model = tiny()
+    sets = binary_images(2, 3)
+    whole = model.sample(sets, num=7, generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(statistician, "IMAGES_PER_PASS", 4)  # 2 sets: 2 new images of each per pass
+    passes = []
+    model.decoder.register_forward_hook(lambda module, inputs, output: passes.append(tuple(inputs[0].shape[:2])))
+    pieces = model.sample(sets, num=7, generator=torch.Generator().manual_seed(3))
+    assert passes == [(2, 2), (2, 2), (2, 2), (2, 1)]
+    torch.testing.assert_close(pieces, whole, rtol=1e-5, atol=1e-6)
+    assert pieces.shape == (2, 7, 1, 28, 28)
+
+
+@pytest.mark.parametrize("num", [0, -3, 1001, 100_000, 2.0, True])
+def test_a_number_of_new_images_outside_1_to_the_limit_is_one_line(num):
+    from metalearn.algorithms.statistician import MAX_SAMPLES
+
+    assert MAX_SAMPLES == 1000
+    model = tiny()
+    with pytest.raises(MetalearnError, match=r"num must be a whole number from 1 to 1000 \(new images per set\)") as e:
+        model.sample(binary_images(1, 2)[0], num=num)
+    assert "\n" not in str(e.value)
+    assert model.sample(binary_images(1, 2)[0], num=MAX_SAMPLES).shape == (1, MAX_SAMPLES, 1, 28, 28)
 
 
 def test_rank_batch_norm_is_torchs_batch_norm_in_one_process():
@@ -425,6 +455,27 @@ def test_the_test_bound_is_taken_on_the_episodes_evaluation_scores():
     assert all(torch.equal(a, b) for a, b in zip(seen["evaluate"], seen["bound"]))
 
 
+@pytest.mark.parametrize("given", [{"episodes": 0}, {"episodes": -1}, {"episodes": 2.5}, {"chunk": 0},
+                                   {"chunk": -4}, {"episodes": True}])
+def test_the_test_bound_refuses_a_count_below_one_in_one_line(given):
+    """No episode would leave a bound of 0 / 0 (NaN), a chunk of 0 nothing to draw: both refused
+    as evaluate refuses them, before any episode is drawn."""
+    class Source:
+        drawn = []
+
+        def sample(self, size, generator, tasks=None):
+            self.drawn.append(size)
+            return grey_batch(tasks=size)  # 3 sets an episode
+
+    name, source = next(iter(given)), Source()
+    with pytest.raises(MetalearnError, match=f"test_bound: {name} must be a whole number of at least 1, got "):
+        tiny().test_bound(source, **given)
+    assert source.drawn == []
+    bound = tiny().test_bound(source, episodes=3, chunk=2)
+    assert source.drawn == [2, 1] and (bound["bound_episodes"], bound["bound_sets"]) == (3, 9)
+    assert math.isfinite(bound["bound_nats_per_image"]) and bound["bound_nats_per_image"] < 0
+
+
 def test_the_default_episodes_are_the_papers_sets_of_5():
     """A set of one image cannot tell the context from the image's latent: unless told
     otherwise the statistician trains on sets of 5 of the vinyals split and tests 1-shot."""
@@ -515,6 +566,10 @@ def test_sample_and_plot_from_the_command_line_and_their_errors(tmp_path, omnigl
     empty.mkdir()
     code, _, err = run(["sample", statistician, "--support", empty], capsys)
     assert code == 2 and err.count("\n") == 1 and "no image files" in err
+    # a grid of 100,000 would take some 19 GB to decode at once, and is no picture: refused
+    code, _, err = run(["sample", statistician, "--support", folder, "--num", 100_000, "--out", tmp_path / "big.png"],
+                       capsys)
+    assert code == 2 and err.count("\n") == 1 and "from 1 to 1000" in err and not (tmp_path / "big.png").exists()
 
     maml = tmp_path / "maml"
     assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--meta-batch-size", 2, "--no-eval",

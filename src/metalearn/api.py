@@ -1031,14 +1031,16 @@ def sample_run(run_dir: Path | str, support: Path | str | list[Path | str], num:
     ``RUN_DIR/plots/samples.png``; its folder is made when missing). The noise is seeded by
     ``seed``, so the same call draws the same images. Returns the path written.
 
-    Raises :class:`MetalearnError` when ``num`` is not a whole number of at least 1, when the
+    Raises :class:`MetalearnError` when ``num`` is not a whole number from 1 to 1000, when the
     run's method cannot draw images (only generative methods, the Neural Statistician, have a
     ``sample``), when the run has no checkpoint, and when a support path does not exist, holds
     no files or is not an image."""
     from metalearn.plotting_samples import plot_image_rows
 
-    if not isinstance(num, int) or num < 1:
-        raise MetalearnError(f"--num must be a whole number of at least 1, got {num!r}")
+    from metalearn.algorithms.statistician import MAX_SAMPLES
+
+    if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= MAX_SAMPLES:
+        raise MetalearnError(f"--num must be a whole number from 1 to {MAX_SAMPLES}, got {num!r}")
     if out is not None:  # found out now, not after the model has drawn
         check_writable_file("--out", out, "samples.png", ".png")
     config = generative_run(run_dir)

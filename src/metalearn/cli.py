@@ -460,7 +460,8 @@ def predict(run_dir, support, queries, json_path, csv_path, sheet, num_samples, 
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--support", multiple=True, required=True, type=click.Path(path_type=Path),
               help="drawings of one character: image files or a folder of them (repeatable)")
-@click.option("--num", type=click.IntRange(min=1), default=20, show_default=True, help="new images to draw")
+@click.option("--num", type=click.IntRange(min=1), default=20, show_default=True,
+              help="new images to draw (1 to 1000)")
 @click.option("--out", type=click.Path(), default=None,
               help="the PNG grid to write (default RUN_DIR/plots/samples.png)")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True, help="seed of the noise")

@@ -169,7 +169,16 @@ def compare_runs(platipus_run: Path | str, maml_run: Path | str, **options) -> d
     return compare_learners({"platipus": platipus_run, "maml": maml_run}, **options)
 
 
-RESULT_KEYS = ("episodes", "seed", "part", "dataset", "num_samples")  # compare_learners' own fields
+RESULT_KEYS = ("episodes", "seed", "part", "dataset", "num_samples", "overrides")  # compare_learners' own fields
+
+
+def models_drawn(learner, num_samples: int | None) -> int:
+    """How many models per task ``learner`` scores with: ``num_samples``, or its own
+    ``config.num_samples`` where None, for a method that samples models (PLATIPUS); 1 for any
+    other (its single prediction)."""
+    if not hasattr(learner, "sample_predictions"):
+        return 1
+    return num_samples if num_samples is not None else int(learner.config.num_samples)
 
 
 def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int = 0, part: str = "test",
@@ -180,8 +189,14 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     ``metalearn eval`` uses for ``seed``), with the model noise of sampling methods seeded by
     ``seed`` too, so the comparison is reproducible.
 
-    Returns ``{"episodes", "seed", "part", "dataset", "num_samples", label: {measure: {"mean",
-    "ci95"}, ..., "run_dir", "method"}}``. Measures: for classification ``accuracy`` (%),
+    Returns ``{"episodes", "seed", "part", "dataset", "num_samples", "overrides", label: {measure:
+    {"mean", "ci95"}, ..., "run_dir", "method", "step", "num_samples"}}``. Each run's
+    ``num_samples`` is the number of models it drew per task (``num_samples``, or where None its
+    own ``num_samples`` option; 1 for a method without samples, MAML); the top-level
+    ``num_samples`` is the number the sampling runs drew, None where there are none or they drew
+    different numbers (their own, with ``num_samples`` None). ``overrides`` records the method
+    options changed for this comparison (``{}`` for none), so that the file says what was
+    compared. Measures: for classification ``accuracy`` (%),
     ``nll``, ``ece`` (15 bins, pooled over all query examples, no CI); for regression ``mse``,
     ``log_likelihood`` (mixture), ``log_likelihood_gaussian``, ``coverage_minmax`` and
     ``coverage_interval`` (central ``level`` interval) of the true function on ``grid_points``
@@ -268,10 +283,15 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
                 for name, values in scores.items():
                     per_task[label].setdefault(name, []).append(values)
 
+    # what was drawn, not only what was asked: None asks each sampling run for its own number
+    drawn = {label: models_drawn(learner, num_samples) for label, (_, learner, _) in loaded.items()}
+    sampled = {drawn[label] for label, (_, learner, _) in loaded.items() if hasattr(learner, "sample_predictions")}
     result: dict[str, Any] = {"episodes": episodes, "seed": seed, "part": part, "dataset": first_task.dataset,
-                              "num_samples": num_samples}
+                              "num_samples": sampled.pop() if len(sampled) == 1 else None,
+                              "overrides": dict(overrides or {})}
     for label, (config, _, step) in loaded.items():
-        entry: dict[str, Any] = {"run_dir": str(runs[label]), "method": config.method, "step": step}
+        entry: dict[str, Any] = {"run_dir": str(runs[label]), "method": config.method, "step": step,
+                                 "num_samples": drawn[label]}
         for name, chunks in per_task[label].items():
             values = torch.cat(chunks) * (100.0 if name == "accuracy" else 1.0)
             mean, ci95 = _mean_ci(values)

@@ -91,9 +91,10 @@ class MemoryConfig:
     memory_size: int = option(8192, "slots in the memory (the authors' Omniglot runs: 8192)")
     key_dim: int = option(128, "size of the keys: the embedding is projected to it (train.py's rep_dim)")
     choose_k: int = option(256, "nearest neighbours that the loss looks at (the paper's k)")
-    margin: float = option(0.1, "margin of the memory loss (the paper's alpha)")
+    margin: float = option(0.1, "margin of the memory loss (the paper's alpha)", training_only=True)
     age_noise: float = option(8.0, "ages get uniform noise in [-age_noise, age_noise] when the oldest slot is chosen")
-    dropout: float = option(0.7, "dropout rate on the embedding during training (the authors keep 0.3 of it)")
+    dropout: float = option(0.7, "dropout rate on the embedding during training (the authors keep 0.3 of it)",
+                            training_only=True)
     model: str = option("lenet", "embedding network: lenet (the authors' Omniglot CNN) or conv4-embedding")
 
     def __post_init__(self):
@@ -198,6 +199,12 @@ def look_up(memory: Memory, queries: Tensor, values: Tensor, choose_k: int, marg
     neighbours); positive: the most similar of them with the query's value, else the most
     recently written slot with that value (least age), else similarity 0; negative: the most
     similar with another value, else 0. Gradients flow into ``queries`` only.
+
+    Both similarities are the raw cosines, as the paper's loss writes them, and may be negative:
+    the authors' code takes ``top_k(sims * hints)`` (and ``sims * (1 - hints)``), whose masked
+    entries make both at least 0 wherever its pool holds both kinds of slot, so a negative cosine
+    there gets no gradient (docs/methods/memory.md, "Differences from the paper and the authors'
+    code").
     """
     keys = memory.keys.detach()
     similarity = torch.einsum("mqd,msd->mqs", queries, keys)  # (memories, queries, slots)
@@ -356,7 +363,7 @@ class MemoryModule(MetaLearner):
         return cls(model, dim, config)
 
     @classmethod
-    def paper_defaults(cls, task) -> tuple[dict, dict]:
+    def paper_defaults(cls, task, given: dict | None = None) -> tuple[dict, dict]:
         # train.py and model.py: the LeNet embedder (128-d keys), memory 8192, k 256, margin 0.1,
         # age noise 8, dropout keeping 0.3, Adam at 1e-4, 16 episodes per batch, 100,000 batches.
         # Its episodes are 5 classes x 6 examples: --ways 5 --shots 1 --query 5 (a task option).
@@ -557,12 +564,22 @@ def lifelong_accuracy(learner: MemoryModule, source: Any, episodes: int = 1000, 
     from ``seed``, ``chunk`` at a time, each with its own memory of ``min(memory_size,
     episode_length)`` slots (the same predictions as ``memory_size``: no slot is ever reused).
 
-    Returns ``k_shot``: accuracies in percent, k = 0 .. max_shot (NaN for a k the episodes lack),
+    ``episodes`` and ``chunk`` must be whole numbers of at least 1, ``max_shot`` one of at least
+    0: anything else is refused in one line, as :func:`~metalearn.evaluation.evaluate` refuses
+    its counts (no episode would leave nothing to score, a chunk of 0 nothing to draw).
+
+    Returns ``k_shot``: accuracies in percent, k = 0 .. max_shot (None for a k the episodes lack),
     ``k_shot_ci95``: their 95% confidence intervals (1.96 standard errors of the per-episode
     accuracies, as the standard evaluation's), ``overall``: accuracy over all examples,
     ``episodes``, and the episodes' ``episode_width`` (classes) and ``episode_length``
     (examples).
     """
+    from metalearn.evaluation import check_count  # here: evaluation imports the algorithms package, this module too
+
+    check_count(episodes, "lifelong_accuracy: episodes")
+    check_count(chunk, "lifelong_accuracy: chunk")
+    if isinstance(max_shot, bool) or not isinstance(max_shot, int) or max_shot < 0:
+        raise MetalearnError(f"lifelong_accuracy: max_shot must be a whole number of at least 0, got {max_shot!r}")
     config = learner.config
     generator = torch.Generator().manual_seed(seed)
     correct, shown = [], []  # per chunk: (episodes, max_shot + 1) counts on each k-th showing

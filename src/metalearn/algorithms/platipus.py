@@ -78,15 +78,18 @@ class PLATIPUSConfig:
     derivatives of every inner gradient; model: network name (see ``metalearn.models``)."""
 
     inner_lr: float = option(0.4, "step size of the inner-loop gradient steps (MAML's alpha, fixed)")
-    inner_steps: int = option(1, "inner-loop gradient steps from each sampled set of weights during meta-training")
+    inner_steps: int = option(1, "inner-loop gradient steps from each sampled set of weights during meta-training",
+                              training_only=True)
     test_inner_steps: int = option(3, "inner-loop gradient steps at validation and test time")
     num_samples: int = option(10, "models sampled per task at test time (their predictions are averaged)")
-    train_samples: int = option(1, "weight samples per task in the meta-loss (the paper's Algorithm 1: 1)")
-    kl_weight: float = option(1.0, "weight of KL(q || p) in the meta-loss")
+    train_samples: int = option(1, "weight samples per task in the meta-loss (the paper's Algorithm 1: 1)",
+                                training_only=True)
+    kl_weight: float = option(1.0, "weight of KL(q || p) in the meta-loss", training_only=True)
     prior_step_init: float = option(0.4, "initial step size gamma_p of the prior's adaptation (learned)")
     posterior_step_init: float = option(0.4, "initial step size gamma_q of the posterior's adaptation (learned)")
     std_init: float = option(0.01, "initial standard deviation of every weight's prior and posterior (learned)")
-    first_order: bool = option(False, "drop the second derivatives of every inner gradient from the meta-gradient")
+    first_order: bool = option(False, "drop the second derivatives of every inner gradient from the meta-gradient",
+                               training_only=True)
     model: str = option("conv4", "the network: conv4, conv4-maxpool, conv4-maxpool-32 (mini-ImageNet's), conv4-reference or mlp")
 
     def __post_init__(self):
@@ -156,7 +159,7 @@ class PLATIPUS(MetaLearner):
         return cls(build_model(config.model, problem.input_shape, problem.output_dim), config)
 
     @classmethod
-    def paper_defaults(cls, task) -> tuple[dict, dict]:
+    def paper_defaults(cls, task, given: dict | None = None) -> tuple[dict, dict]:
         if not task.classification:
             # Section 6, ambiguous sinusoid-or-line regression from 5 noisy points. Network and
             # inner loop as MAML's sinusoid setup (2x40 MLP, alpha 0.01, 1 step in training and

@@ -60,6 +60,10 @@ LOGVAR_RANGE = (-12.0, 8.0)  # keeps exp() finite in float32 while the networks 
 # images encoded in one pass by `context`: an evaluation chunk of 50 20-way 5-shot episodes holds
 # 5000 support images, whose first feature maps alone would take 1 GB at once
 IMAGES_PER_PASS = 512
+# new images `sample` draws per set, at most: `metalearn sample` puts them in one picture, and 1000
+# already make 100 rows of 10, a PNG some 9,000 pixels tall that nobody looks through; the limit
+# bounds the output (3 MB a set) as IMAGES_PER_PASS bounds the decoder's work at once
+MAX_SAMPLES = 1000
 
 
 @options
@@ -368,7 +372,7 @@ class NeuralStatistician(MetaLearner):
     task_defaults = {"split": "vinyals", "shots": 5, "query": 1, "test_shots": 1, "test_query": 5}
 
     @classmethod
-    def paper_defaults(cls, task) -> tuple[dict, dict]:
+    def paper_defaults(cls, task, given: dict | None = None) -> tuple[dict, dict]:
         # Section 5.4 and appendix B.1: sets of 5 images of one character, about 32 sets per
         # update (a 5-way task gives 5 sets), 1000 test episodes. The paper trains for a number of
         # epochs it does not state in steps; 50,000 updates of 30 sets see each of the vinyals
@@ -593,11 +597,16 @@ class NeuralStatistician(MetaLearner):
 
         support_images: one set (n, 1, 28, 28) or several (sets, n, 1, 28, 28), values in [0, 1]
         -> (sets, num, 1, 28, 28) in [0, 1]. One c is drawn per set. ``generator``: a CPU
-        generator for the noise (default torch's), so a seed gives the same images on any device."""
+        generator for the noise (default torch's), so a seed gives the same images on any device.
+
+        ``num`` is a whole number from 1 to :data:`MAX_SAMPLES` (1000) per set; the images are
+        decoded :data:`IMAGES_PER_PASS` at a time, so memory is bounded by the pass, and the
+        images are the same whatever the pass (all noise is drawn before decoding)."""
         sets = support_images.unsqueeze(0) if support_images.dim() == 4 else support_images
         self._check_images(sets)
-        if not isinstance(num, int) or num < 1:
-            raise MetalearnError(f"statistician.sample: num must be a whole number of at least 1, got {num!r}")
+        if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= MAX_SAMPLES:
+            raise MetalearnError(f"statistician.sample: num must be a whole number from 1 to {MAX_SAMPLES} (new "
+                                 f"images per set), got {num!r}")
         cfg = self.config
         draw = lambda *shape: torch.randn(*shape, generator=generator).to(sets.device, sets.dtype)  # noqa: E731
         with evaluating(self), torch.no_grad():
@@ -609,13 +618,21 @@ class NeuralStatistician(MetaLearner):
                 mean, logvar = mean.expand(-1, num, -1), logvar.expand(-1, num, -1)
                 z = mean + (0.5 * logvar).exp() * draw(sets.shape[0], num, cfg.latent_dim)
                 zs.append(z)
-            return torch.sigmoid(self.decoder(torch.cat(zs, dim=-1), c))
+            z = torch.cat(zs, dim=-1)  # (sets, num, L * latent_dim): small; the decoder's maps are not
+            per_pass = max(1, IMAGES_PER_PASS // sets.shape[0])  # new images of every set in one pass
+            return torch.cat([torch.sigmoid(self.decoder(part, c)) for part in z.split(per_pass, dim=1)], dim=1)
 
     def test_bound(self, source, episodes: int = 100, seed: int = 0, chunk: int = 50) -> dict[str, float]:
         """The lower bound (nats per image, one sample of c and z per set, images binarised at
         0.5) over the support sets of ``episodes`` episodes of ``source`` drawn from ``seed``,
         ``chunk`` at a time: with :func:`metalearn.evaluation.evaluate`'s seed and chunk, the
-        first ``episodes`` of the episodes it scores."""
+        first ``episodes`` of the episodes it scores. ``episodes`` and ``chunk`` below 1 (or not
+        whole numbers) are refused in one line, as :func:`~metalearn.evaluation.evaluate` refuses
+        them: no episode would leave a bound of 0 / 0."""
+        from metalearn.evaluation import check_count  # here: evaluation imports the algorithms package, this module too
+
+        check_count(episodes, "test_bound: episodes")
+        check_count(chunk, "test_bound: chunk")
         generator = torch.Generator().manual_seed(seed)
         device = next(self.parameters()).device
         totals, count = torch.zeros(4, dtype=torch.float64), 0

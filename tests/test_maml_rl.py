@@ -320,15 +320,28 @@ def test_meta_loss_gradient_is_minus_the_trpo_step():
 
 
 def test_outer_gradient_returns_the_meta_objective_for_the_trainers_optimiser():
+    """The gradient outer loop's loss has the importance-weighted surrogate's gradient and, as
+    its value, minus the adapted policies' average return (the surrogate's own value is 0 at
+    theta: ratio 1, standardised advantages), so that its logged curve is not a flat line."""
     learner = small_learner(torch.float64, outer="gradient")
-    torch.manual_seed(0)
     batch = nav_batch(3, dtype=torch.float64)
+    params = list(learner.policy.parameters())
     loss, metrics = learner.meta_loss(batch)
-    torch.manual_seed(0)
-    meta = learner.meta_objective(batch)
-    expected, _ = meta.objective(dict(learner.policy.named_parameters()))
-    assert loss.item() == pytest.approx(expected.item(), abs=1e-12) and "return_adapted" in metrics
+    got = torch.autograd.grad(loss, params)
+    meta = learner.meta_objective(batch)  # the same trajectories: each task's draws come from its seed
+    surrogate, _ = meta.objective(dict(learner.policy.named_parameters()))
+    expected = torch.autograd.grad(surrogate, params)
+    assert abs(surrogate.item()) < 1e-12  # the surrogate's value carries nothing
+    assert loss.item() == pytest.approx(-metrics["return_adapted"].item(), rel=1e-12)
+    assert loss.item() == pytest.approx(-meta.evaluation.returns().mean().item(), rel=1e-12)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-14)
+    assert max(g.abs().max().item() for g in got) > 1e-3  # a real gradient, not zeros
     assert learner.chunking_refused() is None and small_learner().chunking_refused() is not None
+    # without an inner step the objective is theta's own return
+    learner = small_learner(torch.float64, outer="gradient", inner_steps=0)
+    loss, metrics = learner.meta_loss(batch)
+    assert loss.item() == pytest.approx(-metrics["return"].item(), rel=1e-12) and "return_adapted" not in metrics
 
 
 def test_evaluation_scores_the_return_before_and_after_each_step():
@@ -456,17 +469,22 @@ def test_plot_draws_every_step_even_after_a_final_only_evaluation(tmp_path, caps
 
 
 @pytest.mark.parametrize("outer, title", [("trpo", "TRPO step, |step|^2 / 2 (meta-batch)"),
-                                          ("gradient", "minus the meta-objective (meta-batch)")],
+                                          ("gradient", "minus the meta-objective: -return after adapting "
+                                                       "(meta-batch)")],
                          ids=["trpo", "gradient"])
 def test_plot_titles_the_loss_panel_with_what_the_loss_is(outer, title, tmp_path, capsys, monkeypatch):
     """maml-rl's logged loss is not a training loss: with the TRPO step it is |step|^2 / 2, with
-    the gradient outer step minus the meta-objective; the learning curves' panel says which."""
+    the gradient outer step minus the adapted policies' return; the learning curves' panel says
+    which."""
     import metalearn.plotting as plotting
 
     assert MAMLRL.series_labels({"outer": outer}) == {"loss": title}
     code, _, err = run(["train", "maml-rl", "--steps", 1, "--outer", outer, "--run-dir", tmp_path / "run", "--no-eval",
                         *FAST], capsys)
     assert code == 0, err
+    if outer == "gradient":  # the logged loss is minus the return after adapting, not the surrogate's 0
+        record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+        assert record["loss"] == pytest.approx(-record["return_adapted"]) and record["loss"] != 0
     panels = {}
     save_figure = plotting.save_figure
 
@@ -554,6 +572,38 @@ def test_cheetah_rewards_follow_the_paper_from_the_simulator_velocity():
         expected = progress - 0.05 * action.clamp(-1, 1).square().sum(-1)
         torch.testing.assert_close(reward, expected, rtol=1e-5, atol=1e-5)
         assert not done.any()
+
+
+def test_cheetah_keeps_a_nan_action_from_mujoco(tmp_path, monkeypatch, capfd):
+    """A diverged policy's NaN action would make MuJoCo warn on stderr and write MUJOCO_LOG.TXT into
+    the working directory: its simulator is driven by 0 instead, and its reward is NaN (the
+    divergence shows in the return); the other environments step as ever, infinite actions
+    clipped to the bound."""
+    pytest.importorskip("mujoco")
+    pytest.importorskip("gymnasium")
+    from metalearn.envs.cheetah import HalfCheetah
+
+    monkeypatch.chdir(tmp_path)
+    env = HalfCheetah("velocity")
+    params = {"velocity": torch.tensor([0.5, 1.5])}
+    action = torch.randn(2, 2, 6, generator=torch.Generator().manual_seed(0))
+    action[0, 1, 2] = float("nan")
+    action[1, 0, 0] = float("inf")
+    state, _ = env.reset(params, 2, torch.arange(4).view(2, 2))
+    capfd.readouterr()
+    state, obs, reward, _ = env.step(state, action)
+    out, err = capfd.readouterr()
+    assert not list(tmp_path.iterdir()) and "WARNING" not in out + err
+    assert torch.isnan(reward[0, 1]) and torch.isfinite(reward.flatten()[[0, 2, 3]]).all()
+    assert torch.isfinite(obs).all()
+    # the others as if stepped alone: the NaN row is driven by 0, the infinite one by the bound
+    expected_action = action.clone()
+    expected_action[0, 1, 2] = 0.0
+    state, _ = env.reset(params, 2, torch.arange(4).view(2, 2))
+    state, expected_obs, expected_reward, _ = env.step(state, expected_action)
+    torch.testing.assert_close(obs, expected_obs, rtol=0, atol=0)
+    keep = torch.tensor([[True, False], [True, True]])
+    torch.testing.assert_close(reward[keep], expected_reward[keep], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("threads", [1, 3])
@@ -650,16 +700,29 @@ def test_cheetah_meta_step_runs_through_the_trainer(tmp_path, capsys):
 
 def test_ensemble_eval_of_a_policy_run_is_refused_in_one_line(tmp_path, capsys):
     """--ensemble averages the predictions of the best checkpoints; maml-rl scores returns, which
-    do not average that way: an error line (exit 2), no traceback, and no evaluation written."""
-    code, _, err = run(["train", "maml-rl", "--steps", 2, "--run-dir", tmp_path / "run", "--no-eval", "--val-every", 1,
+    do not average that way: an error line (exit 2), no traceback, and no evaluation written. So
+    training refuses --keep-best, which keeps checkpoints for it, in one line, before writing."""
+    code, _, err = run(["train", "maml-rl", "--steps", 2, "--run-dir", tmp_path / "kept", "--no-eval", "--val-every", 1,
                         "--val-episodes", 4, "--keep-best", 2, *FAST], capsys)
+    assert code == 2 and "Traceback" not in err and err.startswith("error: ") and err.strip().count("\n") == 0
+    assert "--keep-best does not apply to maml-rl" in err and "--ensemble" in err
+    assert not (tmp_path / "kept").exists() or not any((tmp_path / "kept").iterdir())
+    code, _, err = run(["train", "maml-rl", "--steps", 2, "--run-dir", tmp_path / "run", "--no-eval", "--val-every", 1,
+                        "--val-episodes", 4, *FAST], capsys)
     assert code == 0, err
-    assert len(list((tmp_path / "run" / "best").glob("*.pt"))) == 2  # the checkpoints an ensemble would average
     before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*"))
     code, out, err = run(["eval", tmp_path / "run", "--ensemble", "--no-progress"], capsys)
     assert code == 2 and "Traceback" not in err
     assert err.startswith("error: ") and err.strip().count("\n") == 0
-    assert "--ensemble" in err and "maml-rl" in err and "without --ensemble" in err
+    assert "maml-rl scores its episodes otherwise" in err  # the method, not its missing best/
+    # the library refuses the method itself, whatever checkpoints the run holds
+    from metalearn.api import evaluate_run
+    from metalearn.errors import MetalearnError
+
+    with pytest.raises(MetalearnError) as refused:
+        evaluate_run(tmp_path / "run", ensemble=True, progress=False)
+    message = str(refused.value)
+    assert "--ensemble" in message and "maml-rl" in message and "without --ensemble" in message
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*")) == before
     assert not list((tmp_path / "run").glob("eval*"))
 
@@ -685,6 +748,76 @@ def test_task_chunk_is_refused_in_one_line(capsys):
     assert code != 0 and "TRPO step" in err and "torchrun" in err and err.strip().count("\n") == 0
 
 
+@pytest.mark.parametrize("options, named", [
+    (["--meta-optimizer", "adam"], "--meta-optimizer"),
+    (["--meta-lr", "0.5"], "--meta-lr"),
+    (["--grad-clip", "1"], "--grad-clip"),
+    (["--lr-anneal", "linear"], "--lr-anneal"),
+    (["--lr-anneal", "cosine"], "--lr-anneal"),
+    (["--lr-halve-every", "2"], "--lr-halve-every"),
+    (["--meta-optimizer", "adam", "--meta-lr", "1e-3"], "--meta-optimizer, --meta-lr"),
+], ids=["adam", "meta-lr", "grad-clip", "linear", "cosine", "halve", "adam-and-rate"])
+def test_trpo_refuses_trainer_options_that_change_its_step(options, named, tmp_path, capsys):
+    """The trainer's SGD at rate 1 takes exactly the TRPO step; another optimiser, rate, clipping
+    or schedule would change the step while the metrics log TRPO's KL (Adam makes every later
+    line search fail). Refused in one line naming --outer gradient, before anything is written;
+    --outer gradient takes them, and TRPO's own values given explicitly are accepted."""
+    code, _, err = run(["train", "maml-rl", *options, "--steps", 1, "--run-dir", tmp_path / "run", *FAST], capsys)
+    assert code == 2 and "Traceback" not in err and err.startswith("error: ") and err.strip().count("\n") == 0
+    assert err.startswith(f"error: {named} would change the TRPO meta-update") and "--outer gradient" in err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+    code, _, err = run(["train", "maml-rl", *options, "--outer", "gradient", "--print-config", *FAST], capsys)
+    assert code == 0, err
+    code, _, err = run(["train", "maml-rl", "--meta-optimizer", "sgd", "--meta-lr", "1", "--outer", "trpo",
+                        "--print-config", *FAST], capsys)
+    assert code == 0, err
+
+
+def test_outer_gradient_defaults_to_the_authors_first_order_adam():
+    """TRPO's defaults (SGD at rate 1) would take the raw meta-gradient as the step; the gradient
+    outer loop takes Adam at 1e-3 (the authors' MAMLVPG), where the user names none."""
+    from metalearn.api import resolve_config
+
+    for env in ("nav2d", "cheetah-vel"):
+        task = resolve_config("maml-rl", {"dataset": env}).task
+        _, trpo = MAMLRL.paper_defaults(task, {})
+        _, gradient = MAMLRL.paper_defaults(task, {"outer": "gradient"})
+        assert (trpo["meta_optimizer"], trpo["meta_lr"]) == ("sgd", 1.0)
+        assert (gradient["meta_optimizer"], gradient["meta_lr"]) == ("adam", 1e-3)
+        assert {k: v for k, v in gradient.items() if k not in ("meta_optimizer", "meta_lr")} == \
+            {k: v for k, v in trpo.items() if k not in ("meta_optimizer", "meta_lr")}
+
+
+def test_outer_gradient_resolves_to_adam_unless_given():
+    from metalearn.api import resolve_config
+
+    config = resolve_config("maml-rl", {"dataset": "nav2d"}, {"outer": "gradient"})
+    assert (config.train.meta_optimizer, config.train.meta_lr) == ("adam", 1e-3)
+    config = resolve_config("maml-rl", {"dataset": "nav2d"}, {"outer": "gradient"}, {"meta_lr": 3e-4})
+    assert (config.train.meta_optimizer, config.train.meta_lr) == ("adam", 3e-4)
+    config = resolve_config("maml-rl", {"dataset": "nav2d"})
+    assert (config.train.meta_optimizer, config.train.meta_lr) == ("sgd", 1.0)
+
+
+def test_an_evaluation_of_one_episode_has_no_spread_and_no_warning():
+    """One episode has no standard deviation: its intervals are 0, without torch's warning of
+    std() with no degrees of freedom."""
+    import warnings
+
+    from metalearn.evaluation import evaluate
+
+    learner = small_learner(test_inner_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = evaluate(learner, MDPTasks(Nav2D()), 1, seed=3)
+    assert result["episodes"] == 1 and result["ci95"] == 0.0 and result["per_step_ci95"] == [0.0, 0.0, 0.0]
+    assert len(result["per_step"]) == 3 and all(math.isfinite(v) for v in result["per_step"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        two = evaluate(learner, MDPTasks(Nav2D()), 2, seed=3)
+    assert two["ci95"] > 0 and all(v > 0 for v in two["per_step_ci95"])
+
+
 def test_a_tasks_rollouts_do_not_depend_on_the_other_tasks_of_its_batch():
     """Each task draws from its own seed: a task alone (a torchrun rank's share) gets the
     trajectories it gets within the whole batch, and the adapted policy's ones as well."""
@@ -696,3 +829,32 @@ def test_a_tasks_rollouts_do_not_depend_on_the_other_tasks_of_its_batch():
         torch.testing.assert_close(a.actions[3:], b.actions, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a.rewards[3:], b.rewards, rtol=1e-5, atol=1e-6)
     assert not torch.equal(whole[0].actions[0], whole[0].actions[1])  # tasks draw differently
+
+
+def test_init_from_copies_the_policy_of_another_run(tmp_path, capsys):
+    """--init-from copies the network; a maml-rl learner keeps it as ``policy``, so the copy is of
+    the source run's policy (it copied nothing, silently); another network is one line."""
+    from metalearn.runs import RunDir
+
+    assert run(["train", "maml-rl", "--steps", 1, "--run-dir", tmp_path / "source", "--no-eval", *FAST], capsys)[0] == 0
+    code, _, err = run(["train", "maml-rl", "--steps", 0, "--seed", 5, "--init-from", tmp_path / "source", "--run-dir",
+                        tmp_path / "copy", "--no-eval", *FAST], capsys)
+    assert code == 0, err
+    source, copy = (RunDir(tmp_path / name).read_checkpoint("learner")["learner"] for name in ("source", "copy"))
+    policy = [name for name in source if name.startswith("policy.")]
+    assert policy and all(torch.equal(source[name], copy[name]) for name in policy)
+    wider = [*FAST[:FAST.index("--hidden")], "--hidden", 16, *FAST[FAST.index("--hidden") + 2:]]
+    code, _, err = run(["train", "maml-rl", "--steps", 0, "--init-from", tmp_path / "source", "--run-dir",
+                        tmp_path / "wider", "--no-eval", *wider], capsys)
+    assert code == 2 and "its network differs from this one" in err
+
+
+def test_plot_compare_refuses_a_run_scored_otherwise_before_writing(tmp_path, capsys):
+    """Returns of another horizon (or number of test trajectories, test steps, ...) do not share
+    the figure's axis: refused in one line, before any figure of the run is written."""
+    assert run(["train", "maml-rl", "--steps", 1, "--run-dir", tmp_path / "a", "--no-eval", *FAST], capsys)[0] == 0
+    longer = [*FAST[:FAST.index("--horizon")], "--horizon", 12, *FAST[FAST.index("--horizon") + 2:]]
+    assert run(["train", "maml-rl", "--steps", 1, "--run-dir", tmp_path / "b", "--no-eval", *longer], capsys)[0] == 0
+    code, _, err = run(["plot", tmp_path / "a", "--compare", tmp_path / "b"], capsys)
+    assert code == 2 and "its returns are scored otherwise (horizon 10 vs 12)" in err
+    assert not (tmp_path / "a" / "plots").exists() or not any((tmp_path / "a" / "plots").iterdir())

@@ -95,7 +95,7 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
     task.setdefault("query", task.get("shots", TaskConfig.shots))  # the MAML code queries K per class
     task_config = TaskConfig(**task)
     method_defaults, train_defaults = (cls.preset_defaults(preset, task_config) if preset is not None
-                                       else cls.paper_defaults(task_config))
+                                       else cls.paper_defaults(task_config, given=dict(method_config)))
     if not has_validation(task_config):  # the saved configuration says what happens: no validation
         train_defaults = {**train_defaults, "val_every": 0}
     method_defaults, train_defaults = unused_defaults_dropped(cls, method_defaults, method_config, train_defaults,
@@ -158,7 +158,12 @@ class defaults_named:
 
 def ensemble_checkpoints(run_dir: Path | str, config: RunConfig) -> list[Path]:
     """The best validation checkpoints that ``metalearn eval --ensemble`` averages, best first;
-    a run that keeps some (``--keep-best``) but has not validated yet is told to train on."""
+    a run that keeps some (``--keep-best``) but has not validated yet is told to train on; a
+    method that scores its episodes otherwise than by predictions (a policy's returns) is refused."""
+    if method_class(config.method).episode_scores is not MetaLearner.episode_scores:
+        raise MetalearnError(f"--ensemble averages the predictions of the run's best checkpoints; {config.method} "
+                             "scores its episodes otherwise (a policy's returns), which do not average that way: "
+                             "evaluate without --ensemble")
     run = RunDir(run_dir)
     if config.train.keep_best and not (run.best_dir / "index.json").is_file():  # kept by a validation yet to run
         raise MetalearnError(f"{run.path} holds no best checkpoints yet: it keeps {config.train.keep_best} by "
@@ -398,10 +403,8 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     config, learner, step = load_trained(run_dir, overrides)
     config, split_labels = with_split(config, split_fractions, split_file, run_dir, data_dir)
     split_record = _split_record(split_fractions, split_file) if split_labels else {}  # the run's own: nothing
-    if ensemble and type(learner).episode_scores is not MetaLearner.episode_scores:
-        raise MetalearnError(f"--ensemble averages the predictions of the run's best checkpoints; {config.method} "
-                             "scores its episodes otherwise (a policy's returns), which do not average that way: "
-                             "evaluate without --ensemble")
+    if ensemble:
+        paths = ensemble_checkpoints(run_dir, config)  # refused before anything is evaluated
     if protocol is not None:  # on the run's test shape, or ``episode_shape`` (e.g. 20-way episodes)
         labels = {**evaluation_labels(config, overrides, episode_shape, episodes, seed), **split_labels,
                   "protocol": protocol}
@@ -414,7 +417,6 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     if ensemble:
         from metalearn.evaluation import Ensemble
 
-        paths = ensemble_checkpoints(run_dir, config)
         members = [load_trained(run_dir, overrides, path) for path in paths]
         learner = Ensemble([member for _, member, _ in members])
     if episode_shape:

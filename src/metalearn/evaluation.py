@@ -116,7 +116,9 @@ def evaluate(
         "mean": float(final.mean()),
         "ci95": 1.96 * std / math.sqrt(n),
         "per_step": [float(v) for v in per_episode.mean(1) * scale],
-        "per_step_ci95": [1.96 * float(v) / math.sqrt(n) if n > 1 else 0.0 for v in (per_episode * scale).std(1)],
+        # the spread of one episode is undefined (torch's std warns of it): its interval is 0
+        "per_step_ci95": ([1.96 * float(v) / math.sqrt(n) for v in (per_episode * scale).std(1)] if n > 1
+                          else [0.0] * per_episode.shape[0]),
         "episodes": n,
         "diverged": n - finite.numel(),
         "seed": seed,

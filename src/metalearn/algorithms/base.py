@@ -163,9 +163,11 @@ class MetaLearner(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def paper_defaults(cls, task: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    def paper_defaults(cls, task: Any, given: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
         """The paper's hyper-parameters for ``task`` (a TaskConfig): overrides of this method's
-        Config and of TrainConfig, used where the user sets nothing."""
+        Config and of TrainConfig, used where the user sets nothing. ``given``: the method
+        options the user set, for defaults that follow one of them (maml-rl's meta-optimiser
+        follows its ``outer``)."""
         return {}, {}
 
     @classmethod

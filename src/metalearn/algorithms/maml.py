@@ -192,7 +192,7 @@ class MAML(MetaLearner):
         return cls(build_model(config.model, problem.input_shape, problem.output_dim), config)
 
     @classmethod
-    def paper_defaults(cls, task) -> tuple[dict, dict]:
+    def paper_defaults(cls, task, given: dict | None = None) -> tuple[dict, dict]:
         if not task.classification:
             # Finn et al. 2017, section 5.1: alpha 0.01, meta-batch 25, 70k steps, K query points;
             # 10 test steps on sinusoids, but on sine-or-line the steep lines make steps beyond

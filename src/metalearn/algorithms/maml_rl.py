@@ -49,6 +49,16 @@ LINE_SEARCH_STEPS = 15      # rllab's ConjugateGradientOptimizer: max_backtracks
 BACKTRACK_RATIO = 0.8       # and backtrack_ratio
 BASELINE_REG = 1e-5         # LinearFeatureBaseline's reg_coeff
 
+# the trainer's settings under which its optimiser applies the TRPO surrogate's gradient as it
+# is, so that the meta-update is exactly the TRPO step (``outer`` trpo): plain SGD at rate 1, no
+# clipping, no schedule. Any other value changes the step while the logged KL stays TRPO's.
+TRPO_TRAIN_SETTINGS = {"meta_optimizer": "sgd", "meta_lr": 1.0, "grad_clip": 0.0, "lr_anneal": "none",
+                       "lr_halve_every": 0}
+# the meta-optimiser of ``outer`` gradient where the user names none: the authors' first-order
+# outer loop (``MAMLVPG`` in cbfinn/maml_rl: rllab's ``FirstOrderOptimizer``, one Adam step at
+# 1e-3 on the meta-objective per meta-iteration)
+GRADIENT_TRAIN_DEFAULTS = {"meta_optimizer": "adam", "meta_lr": 1e-3}
+
 
 @options
 class MAMLRLConfig:
@@ -56,24 +66,25 @@ class MAMLRLConfig:
 
     inner_lr: float = option(0.1, "step size of the policy-gradient step on a task's trajectories (MAML's alpha)")
     inner_steps: int = option(1, "policy-gradient steps per task during meta-training; 0 trains one policy on all "
-                                 "tasks jointly (the paper's pretrained baseline)")
+                                 "tasks jointly (the paper's pretrained baseline)", training_only=True)
     test_inner_steps: int = option(3, "policy-gradient steps at evaluation; the return is scored before each "
                                       "and after the last")
     test_lr_decay: float = option(0.5, "the inner step size of test-time steps after the first, as a fraction of "
                                        "--inner-lr (the paper halves it)")
     trajectories: int = option(20, "trajectories per task for each policy-gradient step and for the meta-objective "
-                                   "(the paper's K)")
+                                   "(the paper's K)", training_only=True)
     test_trajectories: int = option(40, "trajectories per task for each step at evaluation (the authors' "
                                         "evaluation: 40)")
     horizon: int = option(0, "steps per trajectory (0: the environment's, 100 for nav2d, 200 for half-cheetah)")
     discount: float = option(0.99, "discount of the returns the baseline and the advantages use")
-    first_order: bool = option(False, "drop the second derivatives of the inner step from the meta-objective")
+    first_order: bool = option(False, "drop the second derivatives of the inner step from the meta-objective",
+                               training_only=True)
     outer: str = option("trpo", "the meta-update: trpo (the paper's), or gradient: the meta-objective's gradient, "
-                                "applied by --meta-optimizer at --meta-lr")
+                                "applied by --meta-optimizer at --meta-lr", training_only=True)
     max_kl: float = option(0.01, "TRPO's bound on the mean KL between the adapted policies before and after the "
-                                 "meta-update")
-    cg_iters: int = option(10, "conjugate-gradient iterations of the TRPO step")
-    cg_damping: float = option(1e-5, "damping added to the Fisher-vector product")
+                                 "meta-update", training_only=True)
+    cg_iters: int = option(10, "conjugate-gradient iterations of the TRPO step", training_only=True)
+    cg_damping: float = option(1e-5, "damping added to the Fisher-vector product", training_only=True)
     hidden: int = option(100, "units in each of the policy's two hidden ReLU layers")
 
     def __post_init__(self):
@@ -300,12 +311,15 @@ class MAMLRL(MetaLearner):
     """MAML with a policy-gradient inner step and a TRPO meta-update, on an
     :class:`~metalearn.envs.MDPBatch`. ``meta_loss`` returns a surrogate whose gradient is minus
     the TRPO step, 0.5 * |theta - sg(theta_new)|^2 (as Reptile's), so the trainer's SGD at
-    ``meta_lr`` 1 (the paper defaults) takes exactly that step."""
+    ``meta_lr`` 1 (the paper defaults) takes exactly that step; :meth:`check_run` refuses the
+    trainer settings that would apply it otherwise. ``outer`` gradient hands the meta-objective's
+    gradient to the trainer's optimiser instead (Adam at 1e-3 unless the user names one)."""
 
     name = "maml-rl"
     Config = MAMLRLConfig
     reinforcement = True
     default_dataset = "nav2d"
+    network_attribute = "policy"  # what --init-from copies
 
     def __init__(self, policy: nn.Module, config: MAMLRLConfig = MAMLRLConfig()):
         super().__init__()
@@ -317,14 +331,46 @@ class MAMLRL(MetaLearner):
         return cls(GaussianMLPPolicy(problem.input_shape[0], problem.output_dim, config.hidden), config)
 
     @classmethod
-    def paper_defaults(cls, task) -> tuple[dict, dict]:
-        # Finn et al. 2017, section 5.3 and appendix A.2: meta-batch 20 (2D navigation) or 40
-        # (locomotion); TRPO, whose step the surrogate's gradient is (SGD at rate 1); the authors'
-        # point runs took 100 meta-iterations, their locomotion runs 500 at most
+    def paper_defaults(cls, task, given: dict[str, Any] | None = None) -> tuple[dict, dict]:
+        """Finn et al. 2017, section 5.3 and appendix A.2: meta-batch 20 (2D navigation) or 40
+        (locomotion); the authors' point runs took 100 meta-iterations, their locomotion runs 500
+        at most. The meta-optimiser follows ``outer`` in ``given`` (the method options the user
+        gave): TRPO's step is the surrogate's gradient, taken by SGD at rate 1
+        (:data:`TRPO_TRAIN_SETTINGS`); the gradient outer loop takes Adam at 1e-3, the authors'
+        first-order outer loop (:data:`GRADIENT_TRAIN_DEFAULTS`)."""
         nav = task.dataset == "nav2d"
-        return {}, {"meta_batch_size": 20 if nav else 40, "steps": 100 if nav else 500, "meta_optimizer": "sgd",
-                    "meta_lr": 1.0, "log_every": 1, "checkpoint_every": 10, "val_every": 0,
-                    "eval_episodes": 100 if nav else 40}
+        outer = (given or {}).get("outer", MAMLRLConfig.outer)
+        optimiser = GRADIENT_TRAIN_DEFAULTS if outer == "gradient" else {
+            name: TRPO_TRAIN_SETTINGS[name] for name in ("meta_optimizer", "meta_lr")}
+        return {}, {"meta_batch_size": 20 if nav else 40, "steps": 100 if nav else 500, **optimiser,
+                    "log_every": 1, "checkpoint_every": 10, "val_every": 0, "eval_episodes": 100 if nav else 40}
+
+    def check_run(self, config: Any) -> None:
+        """Refuse training options that this method's meta-update would not honour:
+
+        - with ``outer`` trpo, any trainer setting that changes how the surrogate's gradient is
+          applied (:data:`TRPO_TRAIN_SETTINGS`: another meta-optimiser or rate, clipping, a
+          learning-rate schedule): the update would no longer be the TRPO step whose KL the
+          metrics log (Adam's rescaled step makes every later line search fail);
+        - ``keep_best``: its checkpoints serve ``metalearn eval --ensemble``, which averages
+          predictions and which this method refuses (a policy's returns do not average so)."""
+        train = config.train
+        if train.keep_best:
+            raise ConfigError("TrainConfig", "keep_best", f"does not apply to {self.name}: its checkpoints serve "
+                                                          "`metalearn eval --ensemble`, which averages predictions, "
+                                                          "and a policy's returns do not average that way; leave it "
+                                                          f"at 0 (got {train.keep_best})")
+        if self.config.outer != "trpo":
+            return
+        changed = [name for name, value in TRPO_TRAIN_SETTINGS.items() if getattr(train, name) != value]
+        if changed:
+            shown = lambda value: f"{value:g}" if isinstance(value, float) else str(value)  # noqa: E731
+            wanted = ", ".join(f"`{name}` {shown(TRPO_TRAIN_SETTINGS[name])}" for name in changed)
+            got = ", ".join(shown(getattr(train, name)) for name in changed)
+            raise ConfigError("TrainConfig", tuple(changed),
+                              f"would change the TRPO meta-update of `outer` trpo (the default), which the trainer "
+                              f"takes exactly only with {wanted} (got {got}); give `outer` gradient to apply the "
+                              f"meta-gradient with {'it' if len(changed) == 1 else 'them'}")
 
     def chunking_refused(self) -> str | None:
         if self.config.outer == "trpo":
@@ -443,17 +489,24 @@ class MAMLRL(MetaLearner):
 
     def meta_loss(self, batch) -> tuple[Tensor, dict[str, Tensor]]:
         """With ``outer`` trpo: 0.5 * |theta - sg(theta + TRPO step)|^2, whose gradient is minus
-        the step; with ``outer`` gradient: minus the meta-objective. Metrics: the average return
-        of theta's trajectories (``return``) and of the adapted policies' (``return_adapted``),
-        the KL of the step, its line-search backtracks, environment steps per second.
+        the step; with ``outer`` gradient: minus the meta-objective, the adapted policies'
+        average return, with the gradient of the importance-weighted surrogate (whose own value
+        is 0 at theta: importance ratio 1, advantages standardised per task). Metrics: the
+        average return of theta's trajectories (``return``) and of the adapted policies'
+        (``return_adapted``), the KL of the step, its line-search backtracks, environment steps
+        per second.
 
         Under torchrun ``batch`` is this rank's share of the meta-batch; the TRPO step is taken
         on all ranks' tasks (``trpo_step``'s ``reduce``), the same step on every rank."""
         theta = dict(self.policy.named_parameters())
         meta = self.meta_objective(batch)
         if self.config.outer == "gradient":
-            loss, _ = meta.objective(theta)
-            return loss, meta.metrics
+            surrogate, _ = meta.objective(theta)
+            # the value logged (and checked for divergence by the trainer) is minus the sampled
+            # return of the adapted policies, the meta-objective's estimate; the gradient is the
+            # surrogate's. A non-finite surrogate stays non-finite (x - x is NaN for inf and NaN).
+            adapted_return = meta.metrics.get("return_adapted", meta.metrics["return"])
+            return surrogate - surrogate.detach() - adapted_return.to(surrogate.dtype), meta.metrics
         config = self.config
         device = next(iter(theta.values())).device
         world = current_world(device)
@@ -476,7 +529,9 @@ class MAMLRL(MetaLearner):
     def series_labels(cls, config: dict[str, Any]) -> dict[str, str]:
         if config.get("outer", "trpo") == "trpo":
             return {"loss": "TRPO step, |step|^2 / 2 (meta-batch)"}
-        return {"loss": "minus the meta-objective (meta-batch)"}
+        if config.get("inner_steps", 1) == 0:  # no adaptation: the objective is theta's own return
+            return {"loss": "minus the objective: -return (meta-batch)"}
+        return {"loss": "minus the meta-objective: -return after adapting (meta-batch)"}
 
     # -- evaluation ----------------------------------------------------------------------------------
 

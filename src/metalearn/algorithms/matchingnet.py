@@ -179,7 +179,7 @@ class MatchingNet(MetaLearner):
         return cls(model, config, dim)
 
     @classmethod
-    def paper_defaults(cls, task) -> tuple[dict, dict]:
+    def paper_defaults(cls, task, given: dict | None = None) -> tuple[dict, dict]:
         # Vinyals et al. 2016, section 4.1.1: the Conv4 max-pool CNN (64-d on 28x28), cosine
         # attention, no full context embeddings on Omniglot (FCE is their miniImageNet and
         # language variant), training episodes shaped as the test episodes. The paper gives no

@@ -149,7 +149,7 @@ class ProtoNet(MetaLearner):
         return cls(build_model(config.model, problem.input_shape, None), config)
 
     @classmethod
-    def paper_defaults(cls, task) -> tuple[dict, dict]:
+    def paper_defaults(cls, task, given: dict | None = None) -> tuple[dict, dict]:
         # Snell et al. 2017, section 3.1: Conv4 with max-pooling (64-d embedding), squared
         # Euclidean distance, one episode per Adam step at 1e-3 halved every 2000 episodes,
         # 1000 test episodes. The paper trains until the validation loss stops improving; after

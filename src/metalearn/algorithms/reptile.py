@@ -230,7 +230,7 @@ class Reptile(MetaLearner):
         return cls(build_model(config.model, problem.input_shape, problem.output_dim), config)
 
     @classmethod
-    def paper_defaults(cls, task) -> tuple[dict, dict]:
+    def paper_defaults(cls, task, given: dict | None = None) -> tuple[dict, dict]:
         # Outer step size 1 annealed linearly to 0, as plain SGD steps on theta - mean(phi).
         outer = {"meta_optimizer": "sgd", "meta_lr": 1.0, "lr_anneal": "linear", "meta_batch_size": 5}
         if not task.classification:

@@ -140,8 +140,12 @@ class HalfCheetah:
     def step(self, state, action: Tensor):
         envs, goal = state["envs"], state["goal"]
         tasks, trajectories = action.shape[:2]
-        clipped = action.clamp(-1.0, 1.0)
-        actions = clipped.detach().reshape(len(envs), -1).cpu().double().numpy()
+        clipped = action.clamp(-1.0, 1.0)  # an infinite action is clipped to the bound; NaN stays NaN
+        # a NaN action (a diverged policy) never reaches MuJoCo, which would warn on stderr and write
+        # MUJOCO_LOG.TXT into the working directory: its simulator is driven by 0 instead, and the
+        # reward, computed from the action itself, is NaN, so the divergence still shows in the
+        # return (the trainer stops on the NaN meta-loss it gives)
+        actions = torch.nan_to_num(clipped.detach(), nan=0.0).reshape(len(envs), -1).cpu().double().numpy()
         observations, velocities = np.empty((len(envs), self.observation_dim)), np.empty(len(envs))
         # torch's threads step the simulators while torch waits for them: MuJoCo's step releases
         # the GIL; each thread steps its own environments, so the numbers do not depend on it

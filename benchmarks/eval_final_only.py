@@ -15,9 +15,10 @@ change the cost), each as its reproduction command trains it:
   norm, its max-pool network);
 - ``platipus5``: PLATIPUS at 5-way (its sampled models, each adapted in steps).
 
-Median of ``--iters`` timed repetitions after one warm-up.
+Median of ``--iters`` timed repetitions after one warm-up. ``--json`` records the rows with the
+torch version, the threads, the processor and the load average.
 
-    python benchmarks/eval_final_only.py --threads 1 --episodes 20
+    python benchmarks/eval_final_only.py --threads 1 --episodes 20 [--json PATH]
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from maml_step import cpu_description, save_json  # noqa: E402
 from methods import median_seconds, synthetic_batch  # noqa: E402
 
 from metalearn.algorithms import build_learner  # noqa: E402
@@ -53,12 +56,18 @@ def main(argv=None) -> None:
     parser.add_argument("--episodes", type=int, default=20, help="test episodes per timed call")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
+    for name in ("episodes", "iters", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} takes 1 or more, got {getattr(args, name)}")
     tune_allocator()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()[0]:.2f}, "
-          f"{args.episodes} episodes per call")
+    load = os.getloadavg()[0]
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} cpus ({cpu_description()}), "
+          f"load average {load:.2f}, {args.episodes} episodes per call")
     print(f"{'configuration':<14} {'steps':>5} {'per step (s)':>13} {'final only (s)':>15} {'saved':>6}")
+    rows = []
     for name in args.configs:
         method, preset, ways, task = CONFIGS[name]
         config = resolve_config(method, task={"dataset": "omniglot", "ways": ways, **task}, preset=preset)
@@ -69,6 +78,14 @@ def main(argv=None) -> None:
         final = median_seconds(lambda: learner.predict(batch), args.iters)
         steps = config.method_config["test_inner_steps"]
         print(f"{name:<14} {steps:>5} {per_step:>13.2f} {final:>15.2f} {1 - final / per_step:>6.0%}")
+        rows.append({"configuration": name, "test_inner_steps": steps, "per_step_s": per_step,
+                     "final_only_s": final, "saved": 1 - final / per_step})
+    if args.json:
+        save_json(args.json, {
+            "rows": rows, "episodes": args.episodes, "iters": args.iters, "threads": args.threads,
+            "torch": torch.__version__, "cpu": cpu_description(), "cpus": os.cpu_count(),
+            "load_average": load, "load_average_after": os.getloadavg()[0],
+        })
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from maml_step import cpu_description  # noqa: E402
 
 from metalearn.data import folder as folder_module  # noqa: E402
 from metalearn.data.folder import folder_split, load_image_folder  # noqa: E402
@@ -79,7 +80,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     result: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                    "load_average": os.getloadavg(), "cpus": os.cpu_count()}
+                    "load_average": os.getloadavg(), "cpus": os.cpu_count(), "cpu": cpu_description(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         root, cache = Path(tmp) / "images", Path(tmp) / "cache"
         start = time.perf_counter()
@@ -129,4 +131,9 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from metalearn.errors import MetalearnError
+
+    try:
+        main()
+    except MetalearnError as err:  # bad settings, e.g. more ways than the generated classes' train part
+        raise SystemExit(f"folder.py: {err}") from None

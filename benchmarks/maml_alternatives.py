@@ -185,13 +185,13 @@ class ClosedFormBatchNorm(torch.autograd.Function):
 
 
 def closed_form_forward(self, x: Tensor) -> Tensor:
-    if not torch.is_grad_enabled() or norm._FIRST_ORDER.get():
+    if norm.native_batch_norm_active():  # no gradients, or inside native_batch_norm()
         return SHIPPED_FORWARD(self, x)
     return ClosedFormBatchNorm.apply(x, self.weight, self.bias, self.eps)[0]
 
 
 def native_forward(self, x: Tensor) -> Tensor:
-    if not torch.is_grad_enabled() or norm._FIRST_ORDER.get():
+    if norm.native_batch_norm_active():  # no gradients, or inside native_batch_norm()
         return SHIPPED_FORWARD(self, x)
     return NativeBatchNorm.apply(x, self.weight, self.bias, self.eps)[0]
 
@@ -386,8 +386,8 @@ def main(argv=None) -> None:
             if i >= args.warmup:
                 times[name].append((time.perf_counter() - start) * 1e3)
     base = statistics.median(times["shipped"])
-    print(f"\nsecond-order meta-step, {torch.get_num_threads()} thread(s), {cpu_description()}, "
-          f"median of {args.iters}\n")
+    print(f"\nsecond-order meta-step, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+          f"{cpu_description()}, median of {args.iters}\n")
     print("| row | ms/step | vs shipped |\n| --- | ---: | ---: |")
     for name, ts in times.items():
         print(f"| {name} | {statistics.median(ts):.1f} | {base / statistics.median(ts):.2f}x |")

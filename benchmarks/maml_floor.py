@@ -85,7 +85,8 @@ def run_config(name: str, args) -> dict:
         if args.peer_python:
             peer_args = argparse.Namespace(peer_on_project_torch=args.peer_on_project_torch, inner_lr=lr,
                                            inner_steps=steps_inner, network=config["network"],
-                                           tuned_allocator=args.tuned_allocator)
+                                           tuned_allocator=args.tuned_allocator,
+                                           device="cpu", gpu_kernels="reproducible")  # CPU only; the GPU setting is unused
             peer = Peer(args.peer_python, "native", model, batch, peer_args, torch.get_num_threads(), Path(workdir))
             print(f"  learn2learn {peer.info['learn2learn']} on torch {peer.info['torch']}, "
                   f"threads {peer.info['threads']}", flush=True)

@@ -13,13 +13,15 @@ metalearn's whole-batch step, row (a)), at each order: 5 warm-up steps, the medi
 ``kernel_ms`` (their summed device time), ``wall_ms``,
 ``gpu_busy`` (kernel_ms / wall_ms, an upper bound on the share of the step the GPU works:
 kernels may overlap), the 12 kernels with the most device time. On the CPU (``--device cpu``)
-only the wall time and the operator count are measured: a dry run of the script.
+only the wall time and the operator count are measured: a dry run of the script. The JSON also
+records the torch version, the GPU's name, the host processor, its cores and torch's threads.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -28,8 +30,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from maml_step import (CONFIGS, ORDERS, make_batch, make_model, metalearn_step, select_gpu_kernels,  # noqa: E402
-                       synchronize, time_step)
+from maml_step import (CONFIGS, ORDERS, checked_device, cpu_description, make_batch, make_model,  # noqa: E402
+                       metalearn_step, select_gpu_kernels, synchronize, time_step)
 
 
 def profile_step(step, model, device: torch.device) -> dict:
@@ -64,15 +66,22 @@ def main(argv=None) -> dict:
     p.add_argument("--gpu-kernels", choices=("reproducible", "fast"), default="reproducible")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    if not names or any(c not in CONFIGS for c in names):
+        p.error(f"--configs takes {', '.join(CONFIGS)} (comma-separated), got {args.configs!r}")
+    orders = [o.strip() for o in args.orders.split(",") if o.strip()]
+    if not orders or any(o not in ORDERS for o in orders):
+        p.error(f"--orders takes second and/or first (comma-separated), got {args.orders!r}")
+    device = checked_device(p, args.device)
     select_gpu_kernels(device, args.gpu_kernels)
     results = {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-               else "cpu", "gpu_kernels": args.gpu_kernels, "configs": {}}
-    for name in args.configs.split(","):
+               else "cpu", "gpu_kernels": args.gpu_kernels, "cpu": cpu_description(), "cpus": os.cpu_count(),
+               "threads": torch.get_num_threads(), "configs_run": names, "orders": orders, "configs": {}}
+    for name in names:
         config = CONFIGS[name]
         batch = make_batch(config["ways"], config["shots"], config["query"], config["meta_batch"]).to(device)
         model = make_model(config["ways"], network=config.get("network", "conv4")).to(device)
-        for order in args.orders.split(","):
+        for order in orders:
             step = metalearn_step(model, batch, ORDERS[order], config["inner_lr"], config["inner_steps"])
             row = results["configs"][f"{name} {order}"] = profile_step(step, model, device)
             busy = f", {row['kernels']} kernels, {row['kernel_ms']:.1f} ms in them, GPU busy {row['gpu_busy']:.0%}" \

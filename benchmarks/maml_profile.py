@@ -102,7 +102,7 @@ def main() -> None:
     metalearn.runtime.tune_allocator()
     batch = make_batch(args.ways, args.shots, args.query, args.tasks)
     results = {"command": " ".join(["maml_profile.py", *sys.argv[1:]]), "processor": cpu_description(),
-               "torch": torch.__version__, "load_average": os.getloadavg()[0], "rows": {}}
+               "torch": torch.__version__, "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0], "rows": {}}
     rows = [("metalearn", metalearn_step)] + ([("loop", loop_step)] if args.loop else [])
     for order, first_order in (("second", False), ("first", True)):
         for name, make_step in rows:

@@ -240,6 +240,7 @@ def loop_step(model: nn.Module, batch: TaskBatch, first_order: bool, inner_lr: f
 
 
 GRAPH_ROW = "metalearn (whole batch), CUDA graph"
+EXTRA_ROWS = ("chunk1", "vmap", "batched", "graph")  # --extra-rows: rows (f), (g), (h) and the CUDA graph
 
 
 def graphed_step(step: Callable[[], None], model: nn.Module, warmup: int = 3) -> Callable[[], None]:
@@ -291,6 +292,24 @@ def time_step(step: Callable[[], None], model: nn.Module, iters: int = 20, warmu
     """Milliseconds of each of ``iters`` calls of ``step`` after ``warmup`` untimed ones;
     gradients are set to None before every call, outside the timed region."""
     return time_steps_interleaved({"step": step}, model, iters, warmup)["step"]
+
+
+def checked_device(parser: argparse.ArgumentParser, text: str) -> torch.device:
+    """``--device``'s value as a device this torch can use, or the parser's one-line error (a CUDA
+    device on a build or machine without one, an index past the last GPU, a name torch does not
+    know). Called after parsing, so that a documented GPU command still parses on a CPU."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as err:
+        parser.error(f"--device {text}: {str(err).splitlines()[0]}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device {text}: this torch ({torch.__version__}) sees no CUDA GPU")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            parser.error(f"--device {text}: only {torch.cuda.device_count()} CUDA GPU(s) here")
+    elif device.type != "cpu":
+        parser.error(f"--device {text}: takes cpu, cuda or cuda:N")
+    return device
 
 
 def select_gpu_kernels(device: torch.device, kernels: str) -> None:
@@ -592,7 +611,8 @@ def parse_args(argv=None):
     p.add_argument("--extra-rows", default="chunk1,vmap",
                    help="comma-separated: chunk1 = row (f), metalearn with --task-chunk 1; vmap = row (g), "
                         "metalearn forced onto the vmap path; batched = row (h), forced onto the "
-                        "task-batched path (empty: none)")
+                        "task-batched path; graph = row (a) captured in a CUDA graph (--device cuda only) "
+                        "(empty: none)")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the float64 agreement check before timing (it costs about a dozen steps)")
     p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
@@ -619,12 +639,18 @@ def parse_args(argv=None):
         args.configs = {name: {**CUSTOM, **{"mamlpp": args.mamlpp}, **CONFIGS[name]} for name in names}
     args.orders = [o.strip() for o in args.orders.split(",") if o.strip()]
     args.extra_rows = [r.strip() for r in args.extra_rows.split(",") if r.strip()]
+    unknown_rows = [r for r in args.extra_rows if r not in EXTRA_ROWS]
+    if unknown_rows:
+        p.error(f"--extra-rows takes {', '.join(EXTRA_ROWS)} (comma-separated, or empty), got {', '.join(unknown_rows)}")
     args.peer_models = [m.strip() for m in args.peer_models.split(",") if m.strip()]
     if any(m not in PEER_ROWS for m in args.peer_models):
         p.error(f"--peer-models takes {', '.join(PEER_ROWS)}")
     bad = [o for o in args.orders if o not in ORDERS]
     if bad:
         p.error(f"unknown order(s) {bad}; use second and/or first")
+    if args.iters < 1 or args.warmup < 0:
+        p.error(f"--iters takes 1 or more and --warmup 0 or more, got {args.iters} and {args.warmup}")
+    checked_device(p, args.device)
     if args.peer_on_project_torch:
         args.peer_python = args.peer_python or sys.executable  # rows and messages name the peer by it
     return args
@@ -707,6 +733,8 @@ def run_config(args) -> dict:
                 if "vmap" in args.extra_rows:
                     steps[(VMAP_ROW, order)] = metalearn_step(model, batch, ORDERS[order], args.inner_lr,
                                                               args.inner_steps, vmap_path=True)
+                if "graph" in args.extra_rows and device.type != "cuda":
+                    print(f"--extra-rows graph: no CUDA graph on {device}, row left out")
                 if "graph" in args.extra_rows and device.type == "cuda":
                     try:
                         replay = graphed_step(impls["metalearn (whole batch)"](ORDERS[order]), model)

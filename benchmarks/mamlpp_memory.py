@@ -67,7 +67,8 @@ def main(argv=None) -> dict:
     print("| configuration | " + " | ".join(PHASES) + " |\n| --- |" + " ---: |" * len(PHASES))
     for name, row in rows.items():
         print(f"| {name} | " + " | ".join(f"{row[phase]:.2f}" for phase in PHASES) + " |")
-    result = {"torch": torch.__version__, "cpu": cpu_description(), "tasks": args.tasks, "gib": rows}
+    result = {"torch": torch.__version__, "cpu": cpu_description(), "threads": torch.get_num_threads(), "tasks": args.tasks,
+              "gib": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result

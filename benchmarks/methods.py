@@ -35,7 +35,7 @@ from metalearn.runtime import tune_allocator
 from metalearn.tasks import problem_of
 from metalearn.tasks.batch import TaskBatch
 
-from maml_step import cpu_description, select_gpu_kernels, synchronize  # this folder's module
+from maml_step import checked_device, cpu_description, select_gpu_kernels, synchronize  # this folder's module
 
 # the 5-way 1-shot reproduction commands of docs/methods/, as task options
 COMMANDS = {
@@ -151,7 +151,7 @@ def main() -> None:
                         help="reproducible: what metalearn runs (full float32, deterministic cuDNN); fast: torch's defaults")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    device = torch.device(args.device)
+    device = checked_device(parser, args.device)
     select_gpu_kernels(device, args.gpu_kernels)
     tuned = False if args.default_allocator else tune_allocator()
     torch.set_num_threads(args.threads)

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from torch.func import grad, jvp, linearize
@@ -25,6 +27,9 @@ from torch.func import grad, jvp, linearize
 from metalearn.algorithms.maml_rl import MAMLRL, GaussianMLPPolicy, flat, kl_hessian_vector, unflat
 from metalearn.envs import MDPTasks
 from metalearn.envs.nav2d import Nav2D
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from maml_step import cpu_description  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -40,7 +45,8 @@ def main(argv=None) -> dict:
     theta = {k: v.detach().clone().requires_grad_() for k, v in learner.policy.named_parameters()}
     leaves = list(theta.values())
     vector = torch.randn(sum(p.numel() for p in leaves), generator=torch.Generator().manual_seed(1))
-    result = {"torch": torch.__version__, "threads": args.threads, "parameters": vector.numel()}
+    result = {"torch": torch.__version__, "threads": args.threads, "cpu": cpu_description(),
+              "parameters": vector.numel()}
 
     def timed(name, product, setup_s=0.0):
         start = time.perf_counter()

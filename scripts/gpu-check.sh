@@ -22,10 +22,12 @@ parallel=$(python3 -c "import xdist, pytest_timeout" 2>/dev/null && echo "-n 9 -
 timeout 600 python3 -m pytest tests/test_gpu.py -p no:cacheprovider --tb=short -rfs --durations=6 $parallel 2>&1 \
     | tee "$out/test_gpu.log" || status=1
 for kernels in reproducible fast; do
-    python3 benchmarks/maml_step.py --device cuda --gpu-kernels $kernels --iters 20 --extra-rows chunk1,vmap,batched \
+    # the configuration and rows of benchmarks/results/maml_step_cuda_5w1s_{reproducible,fast}.json
+    python3 benchmarks/maml_step.py --configs 5w1s --extra-rows "" --device cuda --gpu-kernels $kernels --iters 20 \
         --json "$out/maml_step_cuda_5w1s_$kernels.json" 2>&1 | tee -a "$out/bench.log" || status=1
 done
-python3 benchmarks/methods.py --device cuda --iters 3 --json "$out/methods_cuda_reproducible.json" 2>&1 \
+python3 benchmarks/methods.py --device cuda --iters 3 --methods maml,platipus,reptile \
+    --json "$out/methods_cuda_reproducible.json" 2>&1 \
     | tee -a "$out/bench.log" || status=1
 echo "gpu-check status $status"
 exit $status

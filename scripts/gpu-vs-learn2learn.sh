@@ -1,39 +1,53 @@
 #!/usr/bin/env bash
-# The GPU measurements of issue #27 item 3, in one go of about 7 minutes, prepared on a CPU
-# machine so that a lent GPU's minutes go to measuring:
+# MAML on a CUDA GPU against learn2learn 0.2.0, and the pace of two full training protocols, in
+# one command (docs/performance.md, "learn2learn on the same GPU, launch overhead, the full
+# protocol's time"). It measures:
 #   1. where a MAML meta-step's time goes on the GPU: kernels launched, their device time, the
 #      step's wall time (benchmarks/maml_gpu_profile.py, 5w1s and 20w1s, both orders);
-#   2. metalearn against learn2learn 0.2.0 on the same GPU and batch, with row (a) also captured
-#      in a CUDA graph (benchmarks/maml_step.py --extra-rows graph,chunk1), torch's fast kernels;
-#   3. the full 5-way 1-shot protocol's pace: `metalearn train maml` on Omniglot for 95 s of
-#      its 60,000 steps (--time-limit), validation included, from which the full run's time follows;
-#   4. the Neural Statistician's pace (#23): 40 s of `metalearn train statistician` at its
-#      defaults (30 sets a step), from which the time of the published training length follows.
+#   2. metalearn against learn2learn 0.2.0 on the same GPU and batch (benchmarks/maml_step.py
+#      --extra-rows chunk1), and metalearn's step captured in a CUDA graph (--extra-rows graph,
+#      in a process of its own), torch's fast kernels (TF32);
+#   3. the full 5-way 1-shot protocol's pace: `metalearn train maml` on Omniglot for 95 s of its
+#      60,000 steps (--time-limit), validation included, from which the full run's time follows;
+#   4. the Neural Statistician's pace: 40 s of `metalearn train statistician` at its defaults
+#      (30 sets a step), from which the time of the published training length follows.
+# Each part has its own timeout (75, 200, 100, 130 and 80 s), under 10 minutes in all.
 #
-# Each part has its own timeout, together under 10 minutes (the device tool's limit for one
-# command: give it timeout_s 590). Run from the repository root:
+# Run from the repository root:
 #
 #     scripts/gpu-vs-learn2learn.sh OMNIGLOT_DIR L2L_SOURCE OUT_DIR
 #
-# OMNIGLOT_DIR holds the two official archives; L2L_SOURCE holds learn2learn's bare source (the
-# `learn2learn` folder of its sdist), which runs on the machine's own torch through
-# benchmarks/_peer_on_project_torch.py: nothing is installed there. Logs and JSON go to OUT_DIR
-# (8 files, the most the device tool brings back). Prepare the two folders inside the checkout, ignored by git, so that they travel:
+# OMNIGLOT_DIR holds Omniglot's two official archives. L2L_SOURCE is a folder that holds the
+# `learn2learn` package folder: learn2learn 0.2.0's sdist unpacked, or the site-packages of a
+# venv made by benchmarks/make-peer-venv.sh. It runs on this interpreter's torch through
+# benchmarks/_peer_on_project_torch.py, so nothing is installed. To get the sdist's source:
 #
-#   echo /.gpu/ >> .git/info/exclude && mkdir -p .gpu/omniglot
-#   cp ../shared/data/omniglot/*.zip .gpu/omniglot/
-#   pip download --no-deps learn2learn==0.2.0 -d /tmp/l2l && tar xzf /tmp/l2l/learn2learn-0.2.0.tar.gz -C /tmp/l2l
-#   cp -r /tmp/l2l/learn2learn-0.2.0/learn2learn .gpu/
+#     pip download --no-deps learn2learn==0.2.0 -d L2L_DOWNLOAD
+#     tar xzf L2L_DOWNLOAD/learn2learn-0.2.0.tar.gz -C L2L_DOWNLOAD    # L2L_SOURCE: L2L_DOWNLOAD/learn2learn-0.2.0
 #
-# then, on the device (carry [".gpu"]):  scripts/gpu-vs-learn2learn.sh .gpu/omniglot .gpu $OUT
+# Uses the python3 on the PATH with the repository's src/ first on PYTHONPATH. OUT_DIR receives
+# eight files: gpu.txt (GPU, driver, python, torch, CUDA, cores), maml_gpu_profile.json,
+# maml_step_cuda_l2l.json, maml_step_cuda_graph.json, maml_step.log (the three benchmarks'
+# output), train.log, train_metrics.jsonl and statistician_metrics.jsonl (the two trainings'
+# logs; their run folders are temporary). The exit status is 0 when every part succeeded.
 #
-# A dry run on a CPU machine checks the script itself, in about 3 minutes:
-#   DEVICE=cpu CONFIGS=5w1s ITERS=1 MAML_SECONDS=20 STATISTICIAN_SECONDS=40 \
-#       scripts/gpu-vs-learn2learn.sh ../shared/data/omniglot .gpu /tmp/gpu-dry-run
+# Settings (environment): DEVICE (default cuda), CONFIGS (5w1s,20w1s), ITERS (10; the learn2learn
+# comparison times at most 4 rounds, the CUDA graph at most 5), MAML_SECONDS (95),
+# STATISTICIAN_SECONDS (40), LOG_EVERY (the trainings' --log-every: 50 for MAML, 10 for the
+# Statistician). A dry run on a CPU checks the script itself in a few minutes:
+#
+#     DEVICE=cpu CONFIGS=5w1s ITERS=1 MAML_SECONDS=20 STATISTICIAN_SECONDS=20 LOG_EVERY=1 \
+#         scripts/gpu-vs-learn2learn.sh OMNIGLOT_DIR L2L_SOURCE OUT_DIR
 set -u -o pipefail
 device=${DEVICE:-cuda}; configs=${CONFIGS:-5w1s,20w1s}; iters=${ITERS:-10}
 maml_seconds=${MAML_SECONDS:-95}; statistician_seconds=${STATISTICIAN_SECONDS:-40}
+maml_log_every=${LOG_EVERY:-50}; statistician_log_every=${LOG_EVERY:-10}
+if [ $# -ne 3 ]; then echo "usage: $0 OMNIGLOT_DIR L2L_SOURCE OUT_DIR" >&2; exit 2; fi
+for dir in "$1" "$2"; do [ -d "$dir" ] || { echo "$0: no folder $dir" >&2; exit 2; }; done
+[ -d "$2/learn2learn" ] || { echo "$0: $2 holds no learn2learn folder (see the header)" >&2; exit 2; }
 omniglot=$(realpath "$1"); l2l=$(realpath "$2"); out=$(realpath "$3"); mkdir -p "$out"
+runs=$(mktemp -d "${TMPDIR:-/tmp}/gpu-vs-learn2learn.XXXXXX")  # the two trainings' run folders
+trap 'rm -rf -- "$runs"' EXIT
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export METALEARN_DATA="$omniglot" METALEARN_CACHE="${METALEARN_CACHE:-/tmp/metalearn-cache}"
 status=0
@@ -47,7 +61,7 @@ prepare=$!
 timeout 75 python3 benchmarks/maml_gpu_profile.py --device "$device" --configs "$configs" --gpu-kernels fast \
     --json "$out/maml_gpu_profile.json" 2>&1 | grep -v "^USDT" | tee "$out/maml_step.log" || status=1
 # at most 4 timed rounds: the per-task rows take about 1.4 s a step at 20w1s on an H200, so
-# 4 rounds of the 11 variants (121 s for both configurations) fit this part's limit and 10 do not
+# 4 rounds of the 11 variants (121 s for both configurations) fit this part's 200 s and 10 do not
 timeout 200 python3 benchmarks/maml_step.py --device "$device" --gpu-kernels fast --configs "$configs" \
     --peer-on-project-torch "$l2l" --extra-rows chunk1 --iters "$(( iters < 4 ? iters : 4 ))" --warmup 1 \
     --json "$out/maml_step_cuda_l2l.json" 2>&1 | tee -a "$out/maml_step.log" || status=1
@@ -56,18 +70,24 @@ timeout 100 python3 benchmarks/maml_step.py --device "$device" --gpu-kernels fas
     --extra-rows graph --iters "$(( iters < 5 ? iters : 5 ))" --warmup 2 \
     --json "$out/maml_step_cuda_graph.json" 2>&1 | tee -a "$out/maml_step.log" || status=1
 wait $prepare || status=1
-rm -rf /tmp/maml-5w1s-gpu /tmp/statistician-gpu  # fresh runs, also when the script runs again
+# copy a training's metrics.jsonl to OUT_DIR, or say why there is none
+copy_metrics() {
+    if [ -f "$1/metrics.jsonl" ]; then cp "$1/metrics.jsonl" "$2" || status=1
+    else echo "no $1/metrics.jsonl: the run logged no line in its time (fewer steps than --log-every $3;" \
+              "set LOG_EVERY lower)"; status=1; fi
+}
 timeout 130 python3 -m metalearn train maml --dataset omniglot --ways 5 --shots 1 --device "$device" \
-    --time-limit "$maml_seconds" --no-progress --run-dir /tmp/maml-5w1s-gpu >> "$out/train.log" 2>&1
+    --time-limit "$maml_seconds" --log-every "$maml_log_every" --no-progress --run-dir "$runs/maml-5w1s" \
+    >> "$out/train.log" 2>&1
 code=$?
 [ $code -eq 75 ] || { echo "maml train exited with $code (75 expected: stopped at its time limit)"; status=1; }
-cp /tmp/maml-5w1s-gpu/metrics.jsonl "$out/train_metrics.jsonl" || status=1
+copy_metrics "$runs/maml-5w1s" "$out/train_metrics.jsonl" "$maml_log_every"
 timeout 80 python3 -m metalearn train statistician --dataset omniglot --split vinyals --ways 5 --shots 5 \
     --query 1 --test-shots 1 --test-query 5 --device "$device" --time-limit "$statistician_seconds" --val-every 0 \
-    --log-every 10 --no-progress --run-dir /tmp/statistician-gpu >> "$out/train.log" 2>&1
+    --log-every "$statistician_log_every" --no-progress --run-dir "$runs/statistician" >> "$out/train.log" 2>&1
 code=$?
 [ $code -eq 75 ] || { echo "statistician train exited with $code (75 expected)"; status=1; }
-cp /tmp/statistician-gpu/metrics.jsonl "$out/statistician_metrics.jsonl" || status=1
+copy_metrics "$runs/statistician" "$out/statistician_metrics.jsonl" "$statistician_log_every"
 tail -n 4 "$out/train.log"
 echo "gpu-vs-learn2learn status $status"
 exit $status

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from metalearn.api import with_split, with_test_shape
+from metalearn.datasets import get_dataset
+from metalearn.errors import MetalearnError
 from metalearn.evaluation import evaluate
 from metalearn.runs import RunDir
 from metalearn.tasks import build_task_source
@@ -40,18 +42,27 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=None, help="default: the run's --eval-episodes")
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
-    config, _ = with_split(RunDir(args.run_dir).read_config(), run_dir=args.run_dir,  # class folders: its split.json
-                           data_dir=args.data_dir)
-    shape = {key: value for key, value in (("ways", args.ways), ("shots", args.shots)) if value is not None}
-    if shape:
-        config = with_test_shape(config, shape)
-    source = build_task_source(config.task, "test", args.data_dir, False, evaluation=True)
-    episodes = args.episodes or config.train.eval_episodes
-    result = evaluate(PixelNearestNeighbour(), source, episodes, seed=part_seed_offset("test"), per_step=False)
+    for name in ("ways", "shots", "episodes"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} takes 1 or more, got {value}")
+    try:
+        config, _ = with_split(RunDir(args.run_dir).read_config(), run_dir=args.run_dir,  # class folders: its split.json
+                               data_dir=args.data_dir)
+        if not get_dataset(config.task.dataset).classification:
+            parser.error(f"{args.run_dir}: a run on {config.task.dataset}, not image classification: "
+                         "the pixel nearest neighbour classifies images")
+        shape = {key: value for key, value in (("ways", args.ways), ("shots", args.shots)) if value is not None}
+        if shape:
+            config = with_test_shape(config, shape)
+        source = build_task_source(config.task, "test", args.data_dir, False, evaluation=True)
+        episodes = args.episodes if args.episodes is not None else config.train.eval_episodes
+        result = evaluate(PixelNearestNeighbour(), source, episodes, seed=part_seed_offset("test"), per_step=False)
+    except MetalearnError as err:
+        parser.error(str(err).splitlines()[0] if str(err) else type(err).__name__)
     test = config.task.for_testing()
     print(f"pixel nearest neighbour, {test.ways}-way {test.shots}-shot, {result['episodes']} test episodes: "
           f"{result['mean']:.2f} +/- {result['ci95']:.2f}")
-
 
 if __name__ == "__main__":
     main()

@@ -29,31 +29,55 @@ from metalearn.plotting import save_figure  # noqa: E402
 
 
 def curve(source: Path) -> tuple[list[int], list[float], list[float], bool]:
-    """(steps, val accuracy %, elapsed seconds, elapsed exact?) of a run folder or summary.json."""
+    """(steps, val accuracy %, elapsed seconds, elapsed exact?) of a run folder or summary.json;
+    ValueError, with what is wrong, for a source that is neither."""
     if source.is_dir():
-        records = [json.loads(line) for line in (source / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        metrics = source / "metrics.jsonl"
+        if not metrics.is_file():
+            raise ValueError(f"{source}: a folder without metrics.jsonl, not a run folder")
+        try:
+            records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{metrics}: not JSON lines ({err})") from None
         trained_for = {r["step"]: r["elapsed_s"] for r in records if "loss" in r and "elapsed_s" in r}
-        vals = [r for r in records if "val_accuracy" in r]
+        vals = [r for r in records if "val_accuracy" in r and "step" in r]
         elapsed = [r.get("elapsed_s", trained_for.get(r["step"], float("nan"))) for r in vals]
         return [r["step"] for r in vals], [r["val_accuracy"] for r in vals], elapsed, True
-    summary = json.loads(source.read_text())
-    vals = summary["validation"]
-    if all("elapsed_s" in r for r in vals):
-        return [r["step"] for r in vals], [r["val_accuracy"] for r in vals], [r["elapsed_s"] for r in vals], True
-    rate = summary["training_wall_time_s"] / summary["step"]
-    return ([r["step"] for r in vals], [r["val_accuracy"] for r in vals], [r["step"] * rate for r in vals], False)
+    if not source.is_file():
+        raise ValueError(f"{source}: no such run folder or summary file")
+    try:
+        summary = json.loads(source.read_text())
+        vals = summary["validation"]
+        steps, accuracy = [r["step"] for r in vals], [r["val_accuracy"] for r in vals]
+        if all("elapsed_s" in r for r in vals):
+            return steps, accuracy, [r["elapsed_s"] for r in vals], True
+        rate = summary["training_wall_time_s"] / summary["step"]
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{source}: not a summary.json of `metalearn export` ({err})") from None
+    except (KeyError, TypeError, ZeroDivisionError) as err:
+        raise ValueError(f"{source}: not a summary.json of `metalearn export` (no usable {err})") from None
+    return steps, accuracy, [step * rate for step in steps], False
 
 
 def parse_rates(text: str) -> list[tuple[int, float]]:
-    """``S0[,S1@FROM1,...]`` -> [(0, S0), (FROM1, S1), ...], phases in order of their first step."""
+    """``S0[,S1@FROM1,...]`` -> [(0, S0), (FROM1, S1), ...], phases in order of their first step;
+    ValueError, with what is wrong, for anything else."""
     phases = []
     for i, part in enumerate(text.split(",")):
-        seconds, _, start = part.partition("@")
-        phases.append((int(start) if start else 0, float(seconds)))
-        if (i == 0) != (not start):
-            raise SystemExit(f"--step-seconds {text!r}: the first rate has no @STEP, every later one has one")
+        seconds, at, start = part.partition("@")
+        if (i == 0) != (not at):
+            raise ValueError(f"{text!r}: the first rate has no @STEP, every later one has one")
+        try:
+            rate, first = float(seconds), int(start) if at else 0
+        except ValueError:
+            raise ValueError(f"{text!r}: {part!r} is not SECONDS or SECONDS@STEP") from None
+        if not rate > 0 or rate == float("inf"):
+            raise ValueError(f"{text!r}: seconds a step must be a positive number, got {seconds!r}")
+        if at and first < 1:
+            raise ValueError(f"{text!r}: a phase starts at a step of 1 or more, got {start!r}")
+        phases.append((first, rate))
     if [start for start, _ in phases] != sorted({start for start, _ in phases}):
-        raise SystemExit(f"--step-seconds {text!r}: the phases' first steps must increase")
+        raise ValueError(f"{text!r}: the phases' first steps must increase")
     return phases
 
 
@@ -73,12 +97,31 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--step-seconds", action="append", default=[], metavar="LABEL=S")
     parser.add_argument("--title", default="")
     args = parser.parse_args(argv)
-    step_seconds = {k: parse_rates(v) for k, v in (item.split("=", 1) for item in args.step_seconds)}
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(10, 3.8))
+    step_seconds = {}
+    for item in args.step_seconds:
+        label, equals, rates = item.partition("=")
+        if not equals or not label:
+            parser.error(f"--step-seconds {item!r}: give LABEL=SECONDS (or LABEL=S0,S1@STEP,...)")
+        try:
+            step_seconds[label] = parse_rates(rates)
+        except ValueError as err:
+            parser.error(f"--step-seconds {label}={err}")
+    runs = []
     for item in args.sources:
         path, _, label = item.partition("=")
         label = label or Path(path).name
-        steps, accuracy, elapsed, exact = curve(Path(path))
+        try:
+            runs.append((label, *curve(Path(path))))
+        except ValueError as err:
+            parser.error(str(err))
+    unknown = sorted(set(step_seconds) - {label for label, *_ in runs})
+    if unknown:
+        parser.error(f"--step-seconds names {', '.join(unknown)}, which no SOURCE is labelled "
+                     f"(labels: {', '.join(label for label, *_ in runs)})")
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label, steps, accuracy, elapsed, exact in runs:
+        if not steps:
+            print(f"{label}: no validation entries to draw", file=sys.stderr)
         by_step.plot(steps, accuracy, marker=".", label=label)
         if label in step_seconds:
             phases = step_seconds[label]

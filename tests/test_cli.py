@@ -33,6 +33,8 @@ def test_train_eval_plot_sinusoid(tmp_path, capsys):
     assert json.loads((run_dir / "eval-episodes=12.json").read_text())["episodes"] == 12
     code, out, _ = run(["eval", run_dir, "--episodes", 10, "--seed", 3, "--no-progress"], capsys)
     assert code == 0 and (run_dir / "eval-seed=3.json").is_file()
+    code, _, err = run(["plot", run_dir, "--data-dir", tmp_path], capsys)  # generated tasks: refused before a figure
+    assert code == 2 and "sinusoid tasks are generated" in err and not (run_dir / "plots").exists()
     code, out, _ = run(["plot", run_dir], capsys)
     assert code == 0
     assert (run_dir / "plots" / "learning_curves.png").stat().st_size > 1000
@@ -344,7 +346,7 @@ def test_bad_set_values_are_refused(tmp_path, capsys, setting, message):
     # an option of meta-training alone would score the run unchanged under its name
     for setting in ("first_order=True", "multi_step_loss=true", "inner_steps=3"):
         code, _, err = run(["eval", run_dir, "--episodes", 4, "--set", setting, "--no-progress"], capsys)
-        assert code == 2 and f"--set {setting.split('=')[0]}=" in err and "acts only in meta-training" in err
+        assert code == 2 and f"--set {setting.split('=')[0]}=" in err and "is an option of meta-training" in err
     code, _, err = run(["eval", run_dir, "--set", "eval_bn_statistics=batch"], capsys)
     assert code == 2 and "applies only with per_step_bn_statistics True; the run has per_step_bn_statistics False" \
         in err

@@ -364,3 +364,34 @@ def test_options_take_numpy_numbers_as_python_ones_and_a_subclass_keeps_its_pare
         Sub(x=-1)
     with pytest.raises(ConfigError, match="Sub.y must be int"):
         Sub(y="2")
+
+
+def test_paper_defaults_written_with_the_task_alone_still_apply(toy_registry):
+    """``paper_defaults(task, given)`` gained ``given`` (the options the user set); a method
+    written with ``paper_defaults(cls, task)`` is called as it was written."""
+    from metalearn.api import resolve_config
+
+    class OldStyle(NearestMean):
+        name = "toy-old-style"
+
+        @classmethod
+        def paper_defaults(cls, task):
+            return {"width": 4}, {"steps": 7}
+
+    class NewStyle(NearestMean):
+        name = "toy-new-style"
+
+        @classmethod
+        def paper_defaults(cls, task, given=None):
+            return {"width": 16 if (given or {}).get("temperature") == 2.0 else 4}, {"steps": 7}
+
+    for method in (OldStyle, NewStyle):
+        register_method(method)
+    try:
+        old = resolve_config("toy-old-style", {"dataset": "toy-blobs"})
+        assert (old.method_config["width"], old.train.steps) == (4, 7)
+        new = resolve_config("toy-new-style", {"dataset": "toy-blobs"}, {"temperature": 2.0})
+        assert new.method_config["width"] == 16
+    finally:
+        METHODS.pop("toy-old-style")
+        METHODS.pop("toy-new-style")

@@ -4,6 +4,7 @@ evaluate and plot a run directory."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -78,7 +79,9 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
         # the options given to the resumed run meet the checks a new run's meet
         check_options_apply(method, method_config, make_method_config(method, resumed.method_config), resumed.task,
                             train)
-        check_train_options(train, resumed.train, make_method_config(method, resumed.method_config))
+        # the schedule's warnings were given when the run was made; again only for new --steps
+        check_train_options(train, resumed.train, make_method_config(method, resumed.method_config),
+                            warn="steps" in train)
         return resumed
     dataset = dataset_for(cls, task.get("dataset", cls.default_dataset or TaskConfig.dataset))  # an unknown name first
     task.setdefault("dataset", dataset.name)
@@ -95,7 +98,7 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
     task.setdefault("query", task.get("shots", TaskConfig.shots))  # the MAML code queries K per class
     task_config = TaskConfig(**task)
     method_defaults, train_defaults = (cls.preset_defaults(preset, task_config) if preset is not None
-                                       else cls.paper_defaults(task_config, given=dict(method_config)))
+                                       else paper_defaults(cls, task_config, method_config))
     if not has_validation(task_config):  # the saved configuration says what happens: no validation
         train_defaults = {**train_defaults, "val_every": 0}
     method_defaults, train_defaults = unused_defaults_dropped(cls, method_defaults, method_config, train_defaults,
@@ -107,6 +110,14 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
         train_config = TrainConfig(**{**train_defaults, **train})
     check_train_options(train, train_config, method_options)
     return RunConfig(method, task_config, dataclasses.asdict(method_options), train_config)
+
+
+def paper_defaults(cls: type[MetaLearner], task: TaskConfig, given: dict[str, Any]) -> tuple[dict, dict]:
+    """``cls.paper_defaults(task, given)``; a method written before ``given`` existed (its
+    override takes the task alone) is called as it was written."""
+    if "given" in inspect.signature(cls.paper_defaults).parameters:
+        return cls.paper_defaults(task, given=dict(given))
+    return cls.paper_defaults(task)
 
 
 # training options that act only beside another's value (a method's own: MetaLearner.option_requires)
@@ -171,7 +182,8 @@ def ensemble_checkpoints(run_dir: Path | str, config: RunConfig) -> list[Path]:
     return run.best_checkpoints()
 
 
-def check_train_options(given: dict[str, Any], train: TrainConfig, method_options: Any = None) -> None:
+def check_train_options(given: dict[str, Any], train: TrainConfig, method_options: Any = None,
+                        warn: bool = True) -> None:
     """Refuse training options the user gave that the resolved ``train`` would store and never
     use (checkpoints kept by a validation that never runs, a memory budget without ``auto``),
     and warn of a schedule that stalls or that ``--steps`` end before (:func:`warn_of_schedule`;
@@ -181,7 +193,8 @@ def check_train_options(given: dict[str, Any], train: TrainConfig, method_option
     if train.val_every == 0 and given.get("keep_best"):  # no validation: no score to keep checkpoints by
         raise ConfigError("TrainConfig", "keep_best", "applies only with validation (`val_every` above 0); "
                                                       "without it `metalearn eval --ensemble` would find none")
-    warn_of_schedule(train, method_options)
+    if warn:
+        warn_of_schedule(train, method_options)
 
 
 def dataset_for(cls, name: str):
@@ -579,10 +592,11 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
     settings) and the initial weights' (written to the run as ``eval-weights=initial.json``),
     and the trajectories (nav2d) or velocities (half-cheetah) before and after one step."""
     from metalearn.plotting import plot_learning_curves, plot_regression_fits
-    from metalearn.tasks import build_task_source
+    from metalearn.tasks import build_task_source, check_data_dir
 
     run = RunDir(run_dir)
     config = run.read_config()
+    check_data_dir(config.task, data_dir)  # before any figure is written
     records = run.read_metrics()
     if not records:
         raise MetalearnError(f"{run.path} has no metrics yet (no step logged: a --steps 0 run, or one stopped "

@@ -140,8 +140,8 @@ def check_overrides_apply(config: RunConfig, overrides: dict[str, Any]) -> None:
     for key, value in overrides.items():
         field = fields.get(key)
         if field is not None and field.metadata.get("training_only"):
-            raise MetalearnError(f"--set {key}={value}: {key} acts only in meta-training, so an evaluation "
-                                 "would score the run unchanged; leave it out")
+            raise MetalearnError(f"--set {key}={value}: {key} is an option of meta-training, which an evaluation "
+                                 "does not change; leave it out")
         if key in cls.option_requires:
             other, needed = cls.option_requires[key]
             if options.get(other) != needed:

@@ -127,7 +127,10 @@ class StopRequests:
         if self.received is None:
             self.received = signal.Signals(signum)
             if self.announce is not None:
-                again = "" if self.note_repeats else " (a second one stops at once, without saving it)"
+                # the repeat acts as usual only where the handler underneath does (not an inherited SIG_IGN)
+                acts = not self.note_repeats and self._previous.get(signum) not in (signal.SIG_IGN, None)
+                again = f" ({'Ctrl-C' if signum == signal.SIGINT else self.received.name} again stops at once, " \
+                        "without saving it)" if acts else ""
                 self.announce(f"{self.received.name} received: finishing this step, then saving it{again}")
         if not self.note_repeats:
             signal.signal(signum, self._previous[signum])

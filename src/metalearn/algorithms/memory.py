@@ -91,7 +91,8 @@ class MemoryConfig:
     memory_size: int = option(8192, "slots in the memory (the authors' Omniglot runs: 8192)")
     key_dim: int = option(128, "size of the keys: the embedding is projected to it (train.py's rep_dim)")
     choose_k: int = option(256, "nearest neighbours that the loss looks at (the paper's k)")
-    margin: float = option(0.1, "margin of the memory loss (the paper's alpha)", training_only=True)
+    margin: float = option(0.1, "margin of the memory loss (the paper's alpha); it also sets the logits' "
+                                "temperature")
     age_noise: float = option(8.0, "ages get uniform noise in [-age_noise, age_noise] when the oldest slot is chosen")
     dropout: float = option(0.7, "dropout rate on the embedding during training (the authors keep 0.3 of it)",
                             training_only=True)

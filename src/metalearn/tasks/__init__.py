@@ -40,11 +40,16 @@ def build_task_source(task: TaskConfig, part: str, data_dir: Path | str | None =
     cannot fill (more ways than the part has classes, more shots and queries than a class has
     images)."""
     shape = task.for_testing() if part in ("val", "test") or evaluation else task
-    dataset = get_dataset(task.dataset)
-    if dataset.generated and data_dir is not None:
+    check_data_dir(task, data_dir)
+    return get_dataset(task.dataset).build(task, shape, part, data_dir, progress)
+
+
+def check_data_dir(task: TaskConfig, data_dir: Path | str | None) -> None:
+    """Refuse a ``data_dir`` for tasks that are generated (a formula, a simulator), where it would
+    be silently unused."""
+    if data_dir is not None and get_dataset(task.dataset).generated:
         raise MetalearnError(f"--data-dir {data_dir}: {task.dataset} tasks are generated, not read from files; "
                              "leave --data-dir out")
-    return dataset.build(task, shape, part, data_dir, progress)
 
 
 def has_validation(task: TaskConfig) -> bool:
@@ -52,4 +57,4 @@ def has_validation(task: TaskConfig) -> bool:
 
 
 __all__ = ["TaskBatch", "TaskSource", "EpisodeSampler", "SinusoidTasks", "SineOrLineTasks",
-           "build_task_source", "problem_of", "has_validation", "MetalearnError"]
+           "build_task_source", "check_data_dir", "problem_of", "has_validation", "MetalearnError"]

@@ -861,10 +861,11 @@ def test_status_says_where_runs_stand_without_touching_them(tmp_path, capsys, mo
     assert status["validation"]["latest"] == validation[-1]
     assert status["validation"]["best"] == min(validation, key=lambda r: (r["val_mse"], r["step"]))
     assert status["evaluations"]["eval"]["episodes"] == 4
-    with RunDir(done).lock():  # as a training process would hold it
+    with RunDir(done).lock():  # as a training process would hold it: past the last step, for its test
         state = json.loads(run(["status", done, "--json"], capsys)[1])[0]
-        assert state["state"] == "training" and state["holder"]["pid"] == os.getpid()
-        assert f"training now (process {os.getpid()}, since " in run(["status", done], capsys)[1]
+        assert state["state"] == "testing" and state["holder"]["pid"] == os.getpid()
+        assert f"complete; being tested now by the process that trained it (process {os.getpid()})" in \
+            run(["status", done], capsys)[1]
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (done / ".lock").write_text(json.dumps({"pid": int(ended.stdout), "host": __import__("socket").gethostname()}))
     assert json.loads(run(["status", done, "--json"], capsys)[1])[0]["state"] == "complete"
@@ -959,3 +960,26 @@ def test_progress_is_off_when_the_error_output_is_closed_or_has_no_isatty(monkey
     for stream in (None, object()):
         monkeypatch.setattr(sys, "stderr", stream)
         assert show_progress(None) is False and show_progress(True) is True
+
+
+def test_status_says_a_run_is_being_tested_while_its_final_test_runs(tmp_path, monkeypatch):
+    """train keeps the run folder locked through the test after its last step: status says the
+    run is being tested (it said "not tested yet", inviting a second evaluation), and the lock
+    is let go after the test."""
+    import metalearn.api as api
+    from metalearn.cli import format_status
+
+    seen = {}
+    original = api._evaluate
+
+    def spy(run_dir, *args, **kwargs):
+        seen["status"] = api.run_status(run_dir)
+        return original(run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(api, "_evaluate", spy)
+    config = api.resolve_config("maml", task={"dataset": "sinusoid"},
+                                train={"steps": 2, "meta_batch_size": 2, "eval_episodes": 2, "val_every": 0})
+    api.train(config, tmp_path / "r", progress=False, announce=lambda text: None)
+    assert seen["status"]["state"] == "testing"
+    assert "complete; being tested now by the process that trained it" in format_status(seen["status"])
+    assert api.run_status(tmp_path / "r")["state"] == "complete" and not (tmp_path / "r" / ".lock").exists()

@@ -339,18 +339,21 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
         announce(f"{start}: {config.method} on {config.task.dataset}, run directory {run_dir}{untrained}")
     try:  # the loop turns Ctrl-C into TrainingStopped; before it (the first save) and after (the last) it is raw
         trainer.fit(progress=progress, time_limit_s=None if time_limit_s is None else time_limit_s - (now() - started),
-                    stop_at=stop_at)
+                    stop_at=stop_at, keep_lock=evaluate_after)
     except KeyboardInterrupt:
         raise TrainingStopped(f"interrupted; {_next_command(config, run_dir, data_dir)}", 130) from None
     result = None
-    if evaluate_after:  # the trained weights in memory: no rank needs to read the checkpoint back
-        tested, _ = with_split(config, run_dir=run_dir, data_dir=data_dir)  # as eval scores it (a gone split file)
-        try:
-            result = _evaluate(run_dir, tested, trainer.learner, trainer.step, "test", None, 0, data_dir,
-                               progress, world, None)
-        except KeyboardInterrupt:  # Ctrl-C after training: the checkpoint is saved, only the test is missing
-            raise TrainingStopped(f"interrupted during the test evaluation at step {trainer.step}; "
-                                  f"{trainer.resume_hint()}", 130) from None
+    try:  # the run folder stays locked through its test: status says it is tested, a second writer waits
+        if evaluate_after:  # the trained weights in memory: no rank needs to read the checkpoint back
+            tested, _ = with_split(config, run_dir=run_dir, data_dir=data_dir)  # as eval scores it (a gone split file)
+            try:
+                result = _evaluate(run_dir, tested, trainer.learner, trainer.step, "test", None, 0, data_dir,
+                                   progress, world, None)
+            except KeyboardInterrupt:  # Ctrl-C after training: the checkpoint is saved, only the test is missing
+                raise TrainingStopped(f"interrupted during the test evaluation at step {trainer.step}; "
+                                      f"{trainer.resume_hint()}", 130) from None
+    finally:
+        trainer.release()
     return Path(run_dir), result
 
 
@@ -844,6 +847,7 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     tried for an instant, shared, to see whether it is held): ``method``,
     ``task`` (dataset and episode shape), ``step`` of ``steps`` and ``training_time_s`` from its
     checkpoint, ``state`` (``training``: a process holds its lock, on this machine;
+    ``testing``: it holds it past the last step, for the test after training;
     ``training elsewhere``: on the host the lock's note names; ``unknown``: the note names
     another host whose lock this machine sees free, a killed holder or a file system that does
     not lock between machines; ``complete``, ``stopped``, ``no checkpoint`` (metrics but no
@@ -894,7 +898,8 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     elif elsewhere:  # free as seen from here: a killed holder, or a file system not locking between machines
         status["state"] = "unknown"
     elif holder is not None and (held if held is not None else process_running(holder["pid"])):
-        status["state"] = "training"
+        # past its last step the holder is testing the run (train keeps the lock for that)
+        status["state"] = "testing" if status["step"] >= status["steps"] else "training"
     else:  # no note, or one left by a killed holder (its process id perhaps reused since)
         holder = None
         status["state"] = ("not started" if not run.holds_run() else

@@ -549,6 +549,8 @@ def format_status(status: dict) -> str:
     state, holder = status["state"], status["holder"]
     if state == "training":
         doing = f"training now (process {holder['pid']}, since {holder.get('since', '?')})"
+    elif state == "testing":
+        doing = f"complete; being tested now by the process that trained it (process {holder['pid']})"
     elif state == "training elsewhere":
         doing = f"training on {holder.get('host', '?')} (process {holder['pid']}, since {holder.get('since', '?')})"
     elif state == "stopped":

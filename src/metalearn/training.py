@@ -289,7 +289,8 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def fit(self, progress: bool = True, time_limit_s: float | None = None, stop_at: int | None = None) -> None:
+    def fit(self, progress: bool = True, time_limit_s: float | None = None, stop_at: int | None = None,
+            keep_lock: bool = False) -> None:
         """Train to ``config.train.steps``, saving as configured. A first Ctrl-C or SIGTERM, or
         ``time_limit_s`` seconds from this call, ends training after the step in progress with
         a checkpoint of it and :class:`~metalearn.errors.TrainingStopped`. ``stop_at``: end the
@@ -304,7 +305,9 @@ class Trainer:
         scheduler's suspend: a SIGCONT arrived) is not taken as a length; the time it lost
         counts against the limit all the same. At least one step runs. A signal that arrives
         during a step after which the run validates stops it before the validation, which the
-        resumed run then does first (the same scores)."""
+        resumed run then does first (the same scores). ``keep_lock``: a training that returns
+        keeps the run folder's lock for the caller's final test (``metalearn status`` then says
+        the run is being tested), who lets go with :meth:`release`; a stop or an error lets go."""
         deadline = None if time_limit_s is None else now() + time_limit_s
         if self.run_dir is None:
             raise MetalearnError("this Trainer has no run folder to write into; build it with a run_dir")
@@ -321,6 +324,7 @@ class Trainer:
             self.task_chunk = None  # measured again at the first step: a resume may run on another machine
         share = self.world.share(train.meta_batch_size)
         local_fraction = (share.stop - share.start) / train.meta_batch_size
+        trained = False  # returned normally: the lock may be kept for the caller's test
         try:
             if stop_at is not None:
                 check_stop_at(stop_at, self.step, train.steps)
@@ -340,6 +344,7 @@ class Trainer:
                 self._loop(stop, bar, parameters, share, local_fraction, deadline, stop_at)
             if self.step != first:  # a complete run resumed trains nothing: its checkpoint stays as it is
                 self.save()
+            trained = True
         except RankLost as err:
             raise MetalearnError(
                 f"rank {self.world.rank} lost contact with the other ranks at step {self.step + 1} "
@@ -349,7 +354,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-            self.release()
+            if not (trained and keep_lock):  # a stop or an error lets go at once
+                self.release()
 
     def release(self) -> None:
         """Let go of the run folder (its one-writer lock), as :meth:`fit` does when it returns:

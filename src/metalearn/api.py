@@ -1056,9 +1056,8 @@ def sample_run(run_dir: Path | str, support: Path | str | list[Path | str], num:
     run's method cannot draw images (only generative methods, the Neural Statistician, have a
     ``sample``), when the run has no checkpoint, and when a support path does not exist, holds
     no files or is not an image."""
-    from metalearn.plotting_samples import plot_image_rows
-
     from metalearn.algorithms.statistician import MAX_SAMPLES
+    from metalearn.plotting_samples import plot_image_rows
 
     if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= MAX_SAMPLES:
         raise MetalearnError(f"--num must be a whole number from 1 to {MAX_SAMPLES}, got {num!r}")

@@ -23,6 +23,7 @@ from metalearn.datasets import DATASETS, NATURAL_IMAGES, get_dataset
 from metalearn.distributed import World, init_world
 from metalearn.errors import ConfigError, MetalearnError, MetalearnWarning, TrainingStopped
 from metalearn.evaluation import EPISODE_CHUNK, evaluate
+from metalearn.options import option_defaults
 from metalearn.runs import RunDir, atomic_write_bytes, claim_new_run_dir, default_runs_root, new_run_name
 from metalearn.files import check_writable_file
 from metalearn.tasks import has_validation
@@ -133,12 +134,10 @@ def unused_defaults_dropped(cls: type[MetaLearner], method_defaults: dict[str, A
     options leave unused: ``--preset maml++ --no-multi-step-loss`` drops the preset's anneal of
     that loss, ``--lr-anneal none`` its minimum learning rate, ``--first-order`` its switch to
     second order; so that turning one part off is one option, as the paper's ablation does."""
-    fields = {f.name: f.default for f in dataclasses.fields(cls.Config)}
-    merged = {**fields, **method_defaults, **method_given}
+    merged = {**option_defaults(cls.Config), **method_defaults, **method_given}
     method_defaults = {key: value for key, value in method_defaults.items()
-                       if key in method_given or key not in cls.option_requires
-                       or merged.get(cls.option_requires[key][0]) == cls.option_requires[key][1]}
-    merged_train = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **train_defaults, **train_given}
+                       if key in method_given or cls.option_acts(key, merged)}
+    merged_train = {**option_defaults(TrainConfig), **train_defaults, **train_given}
     train_defaults = {key: value for key, value in train_defaults.items()
                       if key in train_given or key not in TRAIN_OPTION_REQUIRES
                       or TRAIN_OPTION_REQUIRES[key](merged_train)}
@@ -267,10 +266,10 @@ def check_options_apply(method: str, given_method: dict[str, Any], method_config
     """Refuse options the user gave that this run would store and never use: a method option
     that acts only beside another's value, validation on a split without a validation part."""
     cls = method_class(method)
-    defaults = {f.name: f.default for f in dataclasses.fields(cls.Config)}
+    defaults, options = option_defaults(cls.Config), dataclasses.asdict(method_config)
     for option, (other, needed) in cls.option_requires.items():
         if option in given_method and given_method[option] != defaults.get(option) and \
-                getattr(method_config, other) != needed:
+                not cls.option_acts(option, options):
             wanted = f"`{other}`" if needed is True else f"`{other}` {needed}"
             raise ConfigError(f"{cls.__name__}.Config", option, f"applies only with {wanted}")
     if not has_validation(task):

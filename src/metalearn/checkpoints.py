@@ -17,6 +17,7 @@ import torch
 from metalearn.algorithms import MetaLearner, build_learner, make_method_config, method_class
 from metalearn.config import RESUMABLE_CHANGES, RunConfig, config_differences
 from metalearn.errors import MetalearnError
+from metalearn.options import option_defaults
 from metalearn.runs import RunDir
 from metalearn.tasks import problem_of
 
@@ -98,8 +99,9 @@ def check_compatible(saved: RunConfig, requested: RunConfig, what: str, advice: 
     resumable = set(RESUMABLE_CHANGES)
     if saved.train.lr_anneal != "none":
         resumable.discard("train.steps")  # the anneal's horizon: changing it rewrites the schedule
-    for option, (other, needed) in method_class(saved.method).option_requires.items():
-        if saved.method_config.get(other) != needed and requested.method_config.get(other) != needed:
+    cls = method_class(saved.method)
+    for option in cls.option_requires:
+        if not cls.option_acts(option, saved.method_config) and not cls.option_acts(option, requested.method_config):
             resumable.add(f"method_config.{option}")  # acts in neither: a difference changes nothing
     conflicts = {k: v for k, v in config_differences(saved, requested).items() if k not in resumable}
     if conflicts:
@@ -136,17 +138,16 @@ def check_overrides_apply(config: RunConfig, overrides: dict[str, Any]) -> None:
     (``MetaLearner.option_requires``: ``processing_steps`` without full context embeddings)."""
     cls = method_class(config.method)
     fields = {field.name: field for field in dataclasses.fields(cls.Config)}
-    options = {**{name: field.default for name, field in fields.items()}, **config.method_config, **overrides}
+    options = {**option_defaults(cls.Config), **config.method_config, **overrides}
     for key, value in overrides.items():
         field = fields.get(key)
         if field is not None and field.metadata.get("training_only"):
             raise MetalearnError(f"--set {key}={value}: {key} is an option of meta-training, which an evaluation "
                                  "does not change; leave it out")
-        if key in cls.option_requires:
+        if not cls.option_acts(key, options):
             other, needed = cls.option_requires[key]
-            if options.get(other) != needed:
-                raise MetalearnError(f"--set {key}={value} applies only with {other} {needed}; the run has "
-                                     f"{other} {options.get(other)}")
+            raise MetalearnError(f"--set {key}={value} applies only with {other} {needed}; the run has "
+                                 f"{other} {options.get(other)}")
 
 
 def check_overrides_leave_weights(config: RunConfig, overrides: dict[str, Any]) -> None:

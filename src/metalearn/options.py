@@ -97,6 +97,11 @@ def option(default: Any, help: str, aliases: tuple[str, ...] = (), training_only
                                                         "schedule_step": schedule_step})
 
 
+def option_defaults(config_class: type) -> dict[str, Any]:
+    """Every option of ``config_class`` (a class made with :func:`options`) at its declared default."""
+    return {field.name: field.default for field in dataclasses.fields(config_class)}
+
+
 def help_of(field: dataclasses.Field) -> str:
     """The help text declared with :func:`option` ("" when none was)."""
     return field.metadata.get("help", "")

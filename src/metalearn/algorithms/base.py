@@ -115,6 +115,15 @@ class MetaLearner(nn.Module):
     # is dropped when the user's own options turn the other off; resuming ignores a difference
     # in one that acts in neither configuration
     option_requires: ClassVar[dict[str, tuple[str, Any]]] = {}
+
+    @classmethod
+    def option_acts(cls, option: str, options: dict[str, Any]) -> bool:
+        """Whether ``option`` acts beside ``options`` (the method's options, by name): it needs no
+        other option (:attr:`option_requires`), or that one has the value it needs."""
+        if option not in cls.option_requires:
+            return True
+        other, needed = cls.option_requires[option]
+        return options.get(other) == needed
     # options added, or whose default changed, after runs were saved without them: {option: the
     # value that reproduces what such a run computed}. A stored configuration that lacks one
     # (config.json, a checkpoint's copy) gets this value when it is read

@@ -773,6 +773,20 @@ def test_trpo_refuses_trainer_options_that_change_its_step(options, named, tmp_p
     assert code == 0, err
 
 
+def test_trpo_refusal_names_each_field_with_its_owner_in_the_library():
+    """From Python the message names the trainer's field and MAML-RL's own with their configs."""
+    from metalearn.api import resolve_config
+    from metalearn.errors import ConfigError
+    from metalearn.training import build_trainer
+
+    with pytest.raises(ConfigError) as caught:
+        build_trainer(resolve_config("maml-rl", {"dataset": "nav2d"}, {}, {"meta_lr": 0.5}))
+    assert str(caught.value).startswith("TrainConfig.meta_lr would change the TRPO meta-update of "
+                                        "MAMLRL.Config.outer trpo")
+    assert "give MAMLRL.Config.outer gradient" in str(caught.value)
+    assert "TrainConfig.outer" not in str(caught.value)
+
+
 def test_outer_gradient_defaults_to_the_authors_first_order_adam():
     """TRPO's defaults (SGD at rate 1) would take the raw meta-gradient as the step; the gradient
     outer loop takes Adam at 1e-3 (the authors' MAMLVPG), where the user names none."""
@@ -847,6 +861,15 @@ def test_init_from_copies_the_policy_of_another_run(tmp_path, capsys):
     code, _, err = run(["train", "maml-rl", "--steps", 0, "--init-from", tmp_path / "source", "--run-dir",
                         tmp_path / "wider", "--no-eval", *wider], capsys)
     assert code == 2 and "its network differs from this one" in err
+
+
+def test_every_option_either_trains_scores_or_shapes_the_policy():
+    """An option that acts at evaluation changes the returns a run is scored by: it must be one of
+    the options that plot --compare checks (a new option would otherwise pass unchecked)."""
+    import dataclasses
+
+    acting_at_test = {f.name for f in dataclasses.fields(MAMLRL.Config) if not f.metadata.get("training_only")}
+    assert acting_at_test - {"hidden"} == set(MAMLRL.scored_options)
 
 
 def test_plot_compare_refuses_a_run_scored_otherwise_before_writing(tmp_path, capsys):

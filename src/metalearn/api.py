@@ -630,10 +630,6 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
     return paths
 
 
-# the options of a reinforcement-learning run that its test returns depend on besides its weights
-RL_SCORED_OPTIONS = ("horizon", "discount", "test_trajectories", "test_inner_steps", "inner_lr", "test_lr_decay")
-
-
 def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Path | str | None) -> list[Path]:
     """MAML's Figure 5 for this run: the average return on the run's test tasks after 0..3
     policy-gradient steps, of the trained policy, of ``compare_with`` (a run of the same
@@ -672,7 +668,7 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
                                  f"{other_config.task.dataset}; compare a {config.method} run on {config.task.dataset}")
         # what the returns on the figure's one axis depend on besides the weights (its network may differ)
         differ = [f"{key} {config.method_config.get(key)} vs {other_config.method_config.get(key)}"
-                  for key in RL_SCORED_OPTIONS if config.method_config.get(key) != other_config.method_config.get(key)]
+                  for key in method_class(config.method).scored_options if config.method_config.get(key) != other_config.method_config.get(key)]
         if differ:
             raise MetalearnError(f"--compare {compare_with}: its returns are scored otherwise ({', '.join(differ)}); "
                                  "compare runs with the same test settings")

@@ -41,16 +41,24 @@ class ConfigError(MetalearnError):
     (``--inner-lr must be > 0, got -1``) through :meth:`with_flags`, its one field-to-flag mapping.
 
     ``problem`` is the rest of the sentence; other fields it mentions are written in backticks
-    (``"must be at most `memory_size` (8192)"``) and are named the same way in either form."""
+    (``"must be at most `memory_size` (8192)"``) and are named the same way in either form; a
+    field of another config is written with its owner (```MAMLRL.Config.outer```), which the
+    command line spells as the flag alone (``--outer``)."""
 
     def __init__(self, owner: str, field: str | tuple[str, ...], problem: str):
         self.owner, self.problem = owner, problem
         self.fields = (field,) if isinstance(field, str) else tuple(field)
         self.field = self.fields[0]
-        super().__init__(self.render(lambda name: f"{owner}.{name}" if owner else name))
+        super().__init__(self.render(lambda name, of=owner: f"{of}.{name}" if of else name))
 
-    def render(self, name: Callable[[str], str]) -> str:
-        text = re.sub(r"`([A-Za-z_][A-Za-z0-9_]*)`", lambda m: name(m.group(1)), self.problem)
+    def render(self, name: Callable[..., str]) -> str:
+        """The message with every field named by ``name(field)``, or ``name(field, owner)`` for a
+        field of another config."""
+        def mentioned(match: re.Match) -> str:
+            owner, _, field = match.group(1).rpartition(".")
+            return name(field, owner) if owner else name(field)
+
+        text = re.sub(r"`([A-Za-z_][A-Za-z0-9_.]*)`", mentioned, self.problem)
         return f"{', '.join(name(field) for field in self.fields)} {text}"
 
     def with_flags(self) -> str:
@@ -58,8 +66,8 @@ class ConfigError(MetalearnError):
         return self.render(flag)
 
 
-def flag(field: str) -> str:
-    """The command-line spelling of a config field: ``inner_lr`` -> ``--inner-lr``."""
+def flag(field: str, owner: str = "") -> str:
+    """The command-line spelling of a config field (of any owner): ``inner_lr`` -> ``--inner-lr``."""
     return "--" + field.replace("_", "-")
 
 

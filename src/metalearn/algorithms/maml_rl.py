@@ -320,6 +320,9 @@ class MAMLRL(MetaLearner):
     reinforcement = True
     default_dataset = "nav2d"
     network_attribute = "policy"  # what --init-from copies
+    # the options that a run's test returns depend on besides its weights: `plot --compare`
+    # refuses two runs that differ in one (their curves would share an axis but not a scale)
+    scored_options = ("horizon", "discount", "test_trajectories", "test_inner_steps", "inner_lr", "test_lr_decay")
 
     def __init__(self, policy: nn.Module, config: MAMLRLConfig = MAMLRLConfig()):
         super().__init__()
@@ -368,8 +371,8 @@ class MAMLRL(MetaLearner):
             wanted = ", ".join(f"`{name}` {shown(TRPO_TRAIN_SETTINGS[name])}" for name in changed)
             got = ", ".join(shown(getattr(train, name)) for name in changed)
             raise ConfigError("TrainConfig", tuple(changed),
-                              f"would change the TRPO meta-update of `outer` trpo (the default), which the trainer "
-                              f"takes exactly only with {wanted} (got {got}); give `outer` gradient to apply the "
+                              f"would change the TRPO meta-update of `MAMLRL.Config.outer` trpo (the default), which the trainer "
+                              f"takes exactly only with {wanted} (got {got}); give `MAMLRL.Config.outer` gradient to apply the "
                               f"meta-gradient with {'it' if len(changed) == 1 else 'them'}")
 
     def chunking_refused(self) -> str | None:

@@ -220,6 +220,13 @@ def test_a_process_group_that_cannot_form_is_one_line_not_a_traceback(tmp_path, 
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.startswith("error: could not join the process group of WORLD_SIZE=2"), done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    # a rank whose master never comes: torch's C++ logs each failed try with its native stack
+    done = subprocess.run([sys.executable, "-m", "metalearn", "train", *SINUSOID, "--steps", "2",
+                           "--run-dir", str(tmp_path / "run1")], env={**alone, "RANK": "1", "LOCAL_RANK": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.startswith("error: could not join the process group of WORLD_SIZE=2"), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 def test_leaving_the_world_closes_the_process_group(tmp_path):

@@ -8,8 +8,11 @@ scaled its loss by its share, so the update equals that of one process taking th
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
 import os
+import sys
+import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -202,7 +205,8 @@ def init_world(device: str = "cpu", timeout_s: float | None = None, exact_gpu_ke
         # exception"). Imported first, it takes none (tests/test_distributed.py).
         importlib.import_module("torch._dynamo")
         try:
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+            with _native_stack_dumps_dropped():
+                dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
         except (ValueError, RuntimeError) as err:  # RANK or MASTER_ADDR unset, peers that never came
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise MetalearnError(
@@ -210,6 +214,43 @@ def init_world(device: str = "cpu", timeout_s: float | None = None, exact_gpu_ke
                 "or unset WORLD_SIZE to run one process") from None
         atexit.register(leave_world, orderly=False)
     return World(dist.get_rank(), dist.get_world_size(), resolved)
+
+
+# the lines of a C++ exception's stack as torch's c10d logging prints them with each failed try
+_STACK_LINE_STARTS = ("Exception raised from ", "frame #", "<omitting python frames>")
+
+
+@contextlib.contextmanager
+def _native_stack_dumps_dropped():
+    """While the process group forms, torch's C++ code (torch 2.13) logs every failed try to
+    reach the master (a rank started before it, or a master that never comes) with the C++
+    exception's whole stack, straight to file descriptor 2. The block's native output goes to a
+    temporary file and comes back to stderr afterwards without those stack lines; when the
+    block fails, also without c10d's log lines, which the one-line error that follows repeats."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable descriptor 2 (an embedding host): leave it alone
+        yield
+        return
+    failed = True
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+            failed = False
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode(errors="replace")
+            kept = [line for line in text.splitlines(keepends=True)
+                    if line.strip() and not line.startswith(_STACK_LINE_STARTS)
+                    and not (failed and "[c10d]" in line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 def leave_world(orderly: bool = True) -> None:

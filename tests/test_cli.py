@@ -983,3 +983,78 @@ def test_status_says_a_run_is_being_tested_while_its_final_test_runs(tmp_path, m
     assert seen["status"]["state"] == "testing"
     assert "complete; being tested now by the process that trained it" in format_status(seen["status"])
     assert api.run_status(tmp_path / "r")["state"] == "complete" and not (tmp_path / "r" / ".lock").exists()
+
+
+def test_the_time_limit_counts_from_the_command_s_start(monkeypatch, capsys, tmp_path):
+    """--time-limit is "since the command started": the interpreter's start and the imports
+    (seconds on a busy machine, which a scheduler's hard limit counts too) come off it."""
+    import subprocess
+    import sys
+
+    import metalearn.api
+    import metalearn.runtime
+
+    given = {}
+
+    def train(config, **kwargs):
+        given["limit"] = kwargs["time_limit_s"]
+        return tmp_path, None
+
+    import metalearn.cli
+
+    monkeypatch.setattr(metalearn.api, "train", train)
+    monkeypatch.setattr(metalearn.runtime, "process_age_s", lambda: 100.0)
+
+    def command(*args):  # as the `metalearn` command runs it: a process of its own
+        try:
+            metalearn.cli.main([str(a) for a in args], whole_process=True)
+        except SystemExit as exit:
+            return exit.code
+        return 0
+
+    assert command("train", "maml", "--dataset", "sinusoid", "--time-limit", "150", "--no-eval") == 0
+    assert given["limit"] == pytest.approx(50.0)
+    assert command("train", "maml", "--dataset", "sinusoid", "--time-limit", "60", "--no-eval") == 0
+    assert 0 < given["limit"] < 0.01  # already past: stops before its first step, with a checkpoint
+    # called in a process that does other things (a notebook, a test): from the call
+    code, _, err = run(["train", "maml", "--dataset", "sinusoid", "--time-limit", "150", "--no-eval"], capsys)
+    assert code == 0 and given["limit"] == 150
+    # the age itself: a process that slept for half a second before asking
+    age = subprocess.run([sys.executable, "-c", "import time; time.sleep(0.5); from metalearn.runtime import "
+                          "process_age_s; print(process_age_s())"], capture_output=True, text=True, check=True)
+    assert 0.5 <= float(age.stdout) < 60
+
+
+def test_export_draws_outside_the_run_folder(tmp_path, capsys):
+    """An archived run (read-only, or another user's) exports: the plots are drawn elsewhere and
+    only copied into OUT_DIR; the run folder is left exactly as it was."""
+    run_dir = tmp_path / "run"
+    code, _, err = run(["train", "maml", "--dataset", "sinusoid", "--steps", 2, "--meta-batch-size", 2, "--log-every", 1,
+                        "--eval-episodes", 4, "--run-dir", run_dir, "--no-progress"], capsys)
+    assert code == 0, err
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    code, _, err = run(["export", run_dir, tmp_path / "out"], capsys)
+    assert code == 0, err
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before and not (run_dir / "plots").exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fits.png", "learning_curves.png", "summary.json"]
+
+
+def test_eval_refuses_a_run_folder_it_cannot_write_before_evaluating(tmp_path, capsys, monkeypatch):
+    """A read-only run folder (archived, another user's): refused at once, not after the whole
+    evaluation, with what to do."""
+    import os
+
+    import metalearn.api
+
+    run_dir = tmp_path / "run"
+    code, _, err = run(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--meta-batch-size", 2,
+                        "--run-dir", run_dir, "--no-progress", "--no-eval"], capsys)
+    assert code == 0, err
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if os.fspath(path) == os.fspath(run_dir)
+                        and mode == os.W_OK else real_access(path, mode))  # (root may write anywhere: a read-only folder stood in for)
+    monkeypatch.setattr(metalearn.api, "evaluate_run", lambda *a, **k: pytest.fail("evaluated first"))
+    code, _, err = run(["eval", run_dir, "--episodes", 2, "--no-progress"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: eval writes {run_dir / 'eval-episodes=2.json'}: cannot write in {run_dir}: "
+                          "copy the run folder to one you can write and evaluate the copy"), err

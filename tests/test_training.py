@@ -114,13 +114,22 @@ def test_starting_over_an_existing_run_is_refused(tmp_path):
         build_trainer(sinusoid_config(2), tmp_path)
     # without its checkpoint the folder still holds a run (config, metrics): neither resumed
     # from step 0 nor started over on top of the old metrics
-    (tmp_path / "checkpoint.pt").unlink()
-    with pytest.raises(MetalearnError, match="has no checkpoint.pt"):
+    # (either way, the message says that neither works, and why)
+    (tmp_path / "checkpoint.pt").rename(tmp_path / "kept.pt")
+    with pytest.raises(MetalearnError, match="has no checkpoint.pt .*start afresh in another --run-dir"):
         build_trainer(sinusoid_config(2), tmp_path, resume=True)
-    with pytest.raises(MetalearnError, match="already holds a run"):
+    with pytest.raises(MetalearnError, match="already holds a run, which cannot be resumed either: it has no "
+                                             "checkpoint.pt"):
         build_trainer(sinusoid_config(2), tmp_path)
-    (tmp_path / "config.json").unlink()
-    with pytest.raises(MetalearnError, match="already holds a run"):
+    (tmp_path / "kept.pt").rename(tmp_path / "checkpoint.pt")
+    (tmp_path / "config.json").rename(tmp_path / "kept.json")
+    for resume, start in ((True, "cannot resume: "), (False, "")):
+        with pytest.raises(MetalearnError, match=f"{start}.*has a checkpoint.pt but no config.json .*put the run's "
+                                                 "config.json back"):
+            build_trainer(sinusoid_config(2), tmp_path, resume=resume)
+    (tmp_path / "checkpoint.pt").unlink()
+    with pytest.raises(MetalearnError, match="already holds a run, which cannot be resumed either: it has a "
+                                             "metrics.jsonl but no config.json"):
         build_trainer(sinusoid_config(2), tmp_path)  # metrics.jsonl alone
 
 
@@ -1040,3 +1049,48 @@ def test_the_python_api_refuses_what_its_signatures_do_not_take_in_one_line(tmp_
         compare_learners({"maml": run_dir}, episodes=2, part="Test")
     with pytest.raises(MetalearnError, match="grid_points must be a whole number of at least 1, got 0"):
         compare_learners({"maml": run_dir}, episodes=2, grid_points=0)
+
+
+def test_a_run_whose_folder_is_taken_during_its_final_test_writes_no_result_there(tmp_path, monkeypatch):
+    """`rm -rf run` while training tests its last step, then a new run under that name: the test's
+    result must not land in the new run's folder (the write goes by path)."""
+    import shutil
+
+    import metalearn.api as api
+
+    config = resolve_config("maml", task={"dataset": "sinusoid", "shots": 5},
+                            train={"steps": 2, "meta_batch_size": 2, "val_every": 0, "eval_episodes": 4})
+    folder = tmp_path / "run"
+    taken = []
+    real_evaluate = api.evaluate
+
+    def evaluate(*args, **kwargs):  # the test runs; meanwhile the folder goes and another run takes its name
+        result = real_evaluate(*args, **kwargs)
+        shutil.rmtree(folder)
+        taken.append(RunDir(folder).lock())
+        return result
+
+    monkeypatch.setattr(api, "evaluate", evaluate)
+    with pytest.raises(MetalearnError, match=rf"the run folder {folder} was deleted, moved or replaced"):
+        api.train(config, folder, progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == [".lock"]  # no eval.json of the old run
+    assert taken[0].still_ours()
+    taken[0].release()
+
+
+def test_a_stored_configuration_is_refused_as_a_file_not_as_flags():
+    """A config.json from a later version (an option this one lacks), or one edited by hand (a
+    value of the wrong type): named by its fields, never as command-line flags nobody typed."""
+    from metalearn.config import RunConfig
+
+    stored = sinusoid_config(2).to_dict()
+    for part, key in (("train", "new_future_option"), ("method_config", "new_inner_thing"), ("task", "zoom")):
+        data = json.loads(json.dumps(stored))
+        data[part][key] = 1
+        with pytest.raises(MetalearnError, match=rf"options that this metalearn does not know \({part}.{key}\): "
+                                                 "it was written by a newer version; upgrade metalearn"):
+            RunConfig.from_dict(data)
+    data = json.loads(json.dumps(stored))
+    data["train"]["steps"] = "abc"
+    with pytest.raises(MetalearnError, match=r"^invalid run configuration: TrainConfig.steps must be int"):
+        RunConfig.from_dict(data)

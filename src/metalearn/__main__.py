@@ -1,3 +1,3 @@
 from metalearn.cli import main
 
-main()
+main(whole_process=True)

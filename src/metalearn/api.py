@@ -347,7 +347,7 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
             tested, _ = with_split(config, run_dir=run_dir, data_dir=data_dir)  # as eval scores it (a gone split file)
             try:
                 result = _evaluate(run_dir, tested, trainer.learner, trainer.step, "test", None, 0, data_dir,
-                                   progress, world, None)
+                                   progress, world, None, before_write=trainer.check_folder_is_ours)
             except KeyboardInterrupt:  # Ctrl-C after training: the checkpoint is saved, only the test is missing
                 raise TrainingStopped(f"interrupted during the test evaluation at step {trainer.step}; "
                                       f"{trainer.resume_hint()}", 130) from None
@@ -561,7 +561,9 @@ def with_test_shape(config: RunConfig, shape: dict[str, int]) -> RunConfig:
 def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episodes: int | None, seed: int,
               data_dir, progress: bool, world: World, overrides: dict[str, Any] | None,
               per_step: bool = True, labels: dict[str, Any] | None = None,
-              extra: dict[str, Any] | None = None) -> dict[str, Any]:
+              extra: dict[str, Any] | None = None, before_write=None) -> dict[str, Any]:
+    """Score ``learner`` on ``part`` and write the result into the run folder (rank 0), after
+    ``before_write()`` where given (training's test: that the folder is still its run's)."""
     from metalearn.tasks import build_task_source
 
     source = build_task_source(config.task, part, data_dir, progress, evaluation=True)
@@ -581,22 +583,26 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
                    "ways": test.ways, "shots": test.shots, "query": test.query, "overrides": overrides or {},
                    **(extra or {})})
     if world.is_main:
+        if before_write is not None:
+            before_write()
         RunDir(run_dir).write_eval(result, labels, part)
     return result
 
 
 def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
-             compare_with: Path | str | None = None) -> list[Path]:
+             compare_with: Path | str | None = None, out_dir: Path | str | None = None) -> list[Path]:
     """Learning curves; for regression runs the fits after 0/1/10 steps and, for a method that
     samples models (PLATIPUS), the sampled functions beside ``compare_with``'s prediction (e.g.
     a MAML run on the same tasks); for a reinforcement-learning run the returns after each
     policy-gradient step beside ``compare_with``'s (a run of the same environment and test
     settings) and the initial weights' (written to the run as ``eval-weights=initial.json``),
-    and the trajectories (nav2d) or velocities (half-cheetah) before and after one step."""
+    and the trajectories (nav2d) or velocities (half-cheetah) before and after one step. The
+    figures go to ``out_dir``, by default the run's ``plots/``."""
     from metalearn.plotting import plot_learning_curves, plot_regression_fits
     from metalearn.tasks import build_task_source, check_data_dir
 
     run = RunDir(run_dir)
+    plots = run.plots_dir if out_dir is None else Path(out_dir)
     config = run.read_config()
     check_data_dir(config.task, data_dir)  # before any figure is written
     records = run.read_metrics()
@@ -608,29 +614,30 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
     other = _comparison_run(config, compare_with) if compare_with is not None and not reinforcement else None
     labels = method_class(config.method).series_labels(config.method_config)
     if reinforcement:  # first: a --compare run or an environment it cannot use is refused before any file is written
-        figures = _plot_reinforcement(run_dir, config, compare_with)
-        return [plot_learning_curves(records, run.plots_dir / "learning_curves.png", title, labels), *figures]
-    curves = plot_learning_curves(records, run.plots_dir / "learning_curves.png", title, labels)
+        figures = _plot_reinforcement(run_dir, config, compare_with, plots)
+        return [plot_learning_curves(records, plots / "learning_curves.png", title, labels), *figures]
+    curves = plot_learning_curves(records, plots / "learning_curves.png", title, labels)
     paths = [curves]
     if config.task.classification and hasattr(method_class(config.method), "sample"):
-        paths.append(plot_conditional_samples(run_dir, data_dir))
+        paths.append(plot_conditional_samples(run_dir, data_dir, out=plots / "conditional_samples.png"))
     if not config.task.classification:
         _, learner, step = load_trained(run_dir)
         source = build_task_source(config.task, "test", data_dir)
         batch = source.sample(4, torch.Generator().manual_seed(TEST_SEED_OFFSET))
-        paths.append(plot_regression_fits(learner, batch, type(source).function, run.plots_dir / "fits.png",
+        paths.append(plot_regression_fits(learner, batch, type(source).function, plots / "fits.png",
                                           title=f"{title}, K={config.task.shots}, step {step}"))
         if hasattr(learner, "sample_predictions"):
             from metalearn.plotting_samples import plot_samples
 
             other_learner, label = other or (None, "MAML")
-            paths.append(plot_samples(learner, batch, type(source).function, run.plots_dir / "samples.png",
+            paths.append(plot_samples(learner, batch, type(source).function, plots / "samples.png",
                                       maml_learner=other_learner, compare_label=label,
                                       title=f"{title}: sampled adapted functions"))
     return paths
 
 
-def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Path | str | None) -> list[Path]:
+def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Path | str | None,
+                        plots: Path) -> list[Path]:
     """MAML's Figure 5 for this run: the average return on the run's test tasks after 0..3
     policy-gradient steps, of the trained policy, of ``compare_with`` (a run of the same
     environment, e.g. trained with ``--inner-steps 0``: the pretrained baseline) and of the
@@ -697,7 +704,6 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
     as_paper = config.method_config.get("horizon") == 0
     paper = {f"paper: {name}": values for name, values in PAPER_RETURNS.get(config.task.dataset, {}).items()
              if name in curves and as_paper}
-    plots = run.plots_dir
     paths = [plot_adaptation_curves(curves, plots / "returns_per_step.png",
                                     f"{config.task.dataset}: {episodes} test tasks, step {step}", paper)]
     positions, velocity = getattr(source.env, "positions", False), getattr(source.env, "forward_velocity_index", None)
@@ -780,19 +786,30 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
     """A small, committable record of a run: ``summary.json`` (configuration, step, training
     wall time, every evaluation without per-episode scores, the last metrics, the validation
     records and the :func:`training_curve`) and the plots.
-    Everything is read and drawn before ``out_dir`` is touched: a run that cannot be exported
-    leaves no partial record there. Each file is written whole (atomically), the plots before
-    ``summary.json``; a plot already in place (``out_dir`` the run's own ``plots/``) stays.
+    Everything is read and drawn (into a temporary folder: the run folder may be read-only)
+    before ``out_dir`` is touched: a run that cannot be exported leaves no partial record there.
+    Each file is written whole (atomically), the plots before ``summary.json``.
     ``notes``, when given, receives one line for each thing a reader of the record should
     know: an evaluation of another step's model than the exported checkpoint's (the run
     trained on after it; for an ensemble, other checkpoints than the run's best now), and a plot in ``out_dir`` that this export did not write (from an
     earlier export there, left in place: nothing outside the record's own files is deleted)."""
+    import tempfile
+
     run = RunDir(run_dir)
     config = run.read_config()
     state = run.read_checkpoint("step")
+    drawn = tempfile.TemporaryDirectory(prefix="metalearn-export-")
     # a run with no logged step (--steps 0, a baseline; stopped before --log-every) has no curve
     # to draw: its record is the summary alone
-    plots = plot_run(run_dir, data_dir=data_dir, compare_with=compare_with) if run.read_metrics() else []
+    with drawn:
+        plots = plot_run(run_dir, data_dir=data_dir, compare_with=compare_with,
+                         out_dir=drawn.name) if run.read_metrics() else []
+        return _write_record(run, config, state, plots, out_dir, notes)
+
+
+def _write_record(run: RunDir, config: RunConfig, state: dict[str, Any], plots: list[Path], out_dir: Path | str,
+                  notes: list[str] | None) -> list[Path]:
+    """:func:`export_results`' record, once its plots are drawn."""
     evaluations = run.read_evaluations()  # after the plots: an RL run's plot stores the initial weights' returns
     for result in evaluations.values():
         result.pop("scores", None)
@@ -811,10 +828,8 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for plot in plots:
-        target = out / plot.name
-        if not (target.exists() and target.samefile(plot)):
-            atomic_write_bytes(target, plot.read_bytes())
-        written.append(target)
+        atomic_write_bytes(out / plot.name, plot.read_bytes())
+        written.append(out / plot.name)
     atomic_write_bytes(out / "summary.json", (summary_json(summary) + "\n").encode())
     if notes is not None:
         for name, result in evaluations.items():
@@ -1092,10 +1107,10 @@ def _fit_picture(task: TaskConfig, data_dir, sets: int, set_size: int) -> tuple[
 
 
 def plot_conditional_samples(run_dir: Path | str, data_dir: Path | str | None = None, sets: int = 6,
-                             set_size: int = 5, num: int = 10, seed: int = 0) -> Path:
+                             set_size: int = 5, num: int = 10, seed: int = 0, out: Path | str | None = None) -> Path:
     """The paper's conditional-samples picture (figure 5): ``sets`` test-split characters, each
     a row of ``set_size`` input images with ``num`` samples beneath, at
-    ``RUN_DIR/plots/conditional_samples.png``. The characters are those of the test episodes
+    ``out`` (default ``RUN_DIR/plots/conditional_samples.png``). The characters are those of the test episodes
     ``metalearn eval`` draws for ``seed``, and the noise is seeded by ``seed`` too (an image
     folder's picture has as many rows as its test classes allow, and as many inputs as its
     smallest test class has images but one, where those are fewer). Returns the
@@ -1116,5 +1131,6 @@ def plot_conditional_samples(run_dir: Path | str, data_dir: Path | str | None = 
     rows = []
     for s in range(sets):
         rows += [(inputs[s], "input" if s == 0 else None), (samples[s], "samples" if s == 0 else None)]
-    return plot_image_rows(rows, RunDir(run_dir).plots_dir / "conditional_samples.png", width=set_size,
+    out = RunDir(run_dir).plots_dir / "conditional_samples.png" if out is None else Path(out)
+    return plot_image_rows(rows, out, width=set_size,
                            title=f"{config.method}, step {step}: unseen {config.task.split} test characters")

@@ -215,18 +215,35 @@ def check_test_ways(config: RunConfig) -> None:
 
 def check_run_dir(config: RunConfig, run: RunDir, resume: bool) -> None:
     """Refuse a run folder that ``config`` cannot train into: with ``resume``, one without a
-    run of the same method and options to continue; without, one that already holds a run."""
+    run of the same method and options to continue; without, one that already holds a run (a
+    run that cannot be resumed either, for a file removed, is named as such: both ways are shut)."""
+    broken = _broken_run(run)
     if resume:
+        if broken:
+            raise MetalearnError(f"cannot resume: {run.path} {broken}")
         if not run.exists():
             raise MetalearnError(f"cannot resume: {run.path} holds no run (no config.json)")
         if not run.has_checkpoint():
-            if run.never_started():
-                return  # killed between config.json and its first checkpoint: it starts now
-            raise MetalearnError(f"cannot resume: {run.path} has no checkpoint.pt (removed; its metrics.jsonl "
-                                 "remains); start afresh in another --run-dir")
+            return  # killed between config.json and its first checkpoint: it starts now
         check_compatible(run.read_config(), config, f"the run in {run.path}")  # the method too
+    elif broken:
+        raise MetalearnError(f"{run.path} already holds a run, which cannot be resumed either: it {broken}")
     elif run.holds_run():
         raise MetalearnError(f"{run.path} already holds a run; pass --resume to continue it or choose another --run-dir")
+
+
+def _broken_run(run: RunDir) -> str:
+    """What keeps the started run in ``run`` from resuming and what to do, as the rest of a
+    sentence about the folder ("" for a folder without a started run, or with one that resumes)."""
+    if not run.holds_run():
+        return ""
+    if not run.exists():
+        what = "checkpoint.pt" if run.has_checkpoint() else "metrics.jsonl"
+        return (f"has a {what} but no config.json (removed): put the run's config.json back, or start afresh "
+                "in another --run-dir")
+    if not run.has_checkpoint():
+        return "has no checkpoint.pt (removed; its metrics.jsonl remains): start afresh in another --run-dir"
+    return ""
 
 
 def load_trained(run_dir: Path | str, overrides: dict[str, Any] | None = None,

@@ -180,11 +180,16 @@ def _make_train_command(method: str) -> click.Command:
                 check_stop_at(options["stop_at"], trainer.step, config.train.steps)
             click.echo(json.dumps(config.to_dict(), indent=2))
             return
+        time_limit = options["time_limit"]
+        if time_limit is not None and _WHOLE_PROCESS:  # from the command's start: its imports took time already
+            from metalearn.runtime import process_age_s
+
+            time_limit = max(time_limit - process_age_s(), 1e-3)
         run_dir, result = train(config, run_dir=options["run_dir"], data_dir=options["data_dir"],
                                 resume=options["resume"], progress=show_progress(options["progress"]),
                                 evaluate_after=options["eval"], announce=click.echo, device=options["device"],
                                 exact_gpu_kernels=not options["fast_gpu_kernels"],
-                                time_limit_s=options["time_limit"], stop_at=options["stop_at"])
+                                time_limit_s=time_limit, stop_at=options["stop_at"])
         if not reports():
             return  # under torchrun only rank 0 reports
         if result is not None:
@@ -306,6 +311,10 @@ def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots,
     if protocol is not None:
         labels["protocol"] = protocol
     target = RunDir(run_dir).eval_file(labels, part)
+    try:  # before the evaluation, which can take long: a run folder that is read-only (archived, another user's)
+        check_writable_file("eval writes", target, "eval.json")
+    except MetalearnError as err:
+        raise MetalearnError(f"{err}: copy the run folder to one you can write and evaluate the copy") from None
     earlier = describe_evaluation(target)  # said when it is replaced
     result = evaluate_run(run_dir, episodes=episodes, seed=seed, part=part, data_dir=data_dir,
                           progress=show_progress(progress), overrides=overrides, device=device, episode_shape=shape,
@@ -702,8 +711,16 @@ def show_warning(message, category, filename, lineno, file=None, line=None, _pla
         click.echo(f"warning: {message}", err=True)
 
 
-def main(args: list[str] | None = None) -> None:
-    """Entry point: user errors print one line and exit 2, never a traceback."""
+# whether this process runs one command and nothing else (the ``metalearn`` command, ``python -m
+# metalearn``): then --time-limit counts from the process's start, its imports included
+_WHOLE_PROCESS = False
+
+
+def main(args: list[str] | None = None, whole_process: bool = False) -> None:
+    """Entry point: user errors print one line and exit 2, never a traceback. ``whole_process``:
+    the process was started for this command (a time limit then counts from its start)."""
+    global _WHOLE_PROCESS
+    _WHOLE_PROCESS = whole_process
     with warnings.catch_warnings():
         warnings.showwarning = show_warning
         _main(args)

@@ -195,6 +195,11 @@ class RunConfig:
         :class:`MetalearnError` for a dict that is not a valid configuration."""
         if "method" not in data and "algorithm" in data:  # written before "algorithm" became "method"
             data = {**data, "method": data["algorithm"], "method_config": data.get("algorithm_config", {})}
+        unknown = _unknown_options(data)
+        if unknown:  # options of a later version: refused by name, not as a TypeError of __init__
+            raise MetalearnError(f"the run's configuration has options that this metalearn does not know "
+                                 f"({', '.join(unknown)}): it was written by a newer version; upgrade metalearn "
+                                 "to read it")
         try:
             return cls(
                 method=data["method"],
@@ -202,8 +207,23 @@ class RunConfig:
                 method_config={**legacy_defaults(data["method"]), **data["method_config"]},
                 train=TrainConfig(**data["train"]),
             )
+        except ConfigError as err:  # a value edited by hand: named as the file spells it, never as a flag
+            raise MetalearnError(f"invalid run configuration: {err}") from None
         except (KeyError, TypeError) as err:
             raise MetalearnError(f"invalid run configuration ({err}); was it written by metalearn?") from None
+
+
+def _unknown_options(data: Any) -> list[str]:
+    """The options in a stored configuration that this version has no field for ("train.x";
+    none where the parts are missing or malformed: that is refused as such)."""
+    from metalearn.algorithms import METHODS  # the registry imports this module
+
+    if not isinstance(data, dict):
+        return []
+    method = METHODS.get(data.get("method")) if isinstance(data.get("method"), str) else None
+    parts = (("task", TaskConfig), ("train", TrainConfig), ("method_config", method.Config if method else None))
+    return [f"{part}.{key}" for part, kind in parts if kind is not None and isinstance(data.get(part), dict)
+            for key in data[part] if key not in {f.name for f in dataclasses.fields(kind)}]
 
 
 def legacy_defaults(method: str) -> dict[str, Any]:

@@ -61,3 +61,19 @@ def configure_gpu_kernels() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
+
+
+def process_age_s() -> float:
+    """Seconds since this process started, from the kernel's record (Linux ``/proc``), so that a
+    command's ``--time-limit`` counts its interpreter start and imports as well (seconds on a busy
+    machine, which a scheduler's hard limit counts too); 0 where the record cannot be read."""
+    import os
+
+    try:
+        with open("/proc/self/stat") as f:
+            started_ticks = float(f.read().rsplit(")", 1)[1].split()[19])  # field 22, after the command's name
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0

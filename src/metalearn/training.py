@@ -219,12 +219,12 @@ class Trainer:
 
     def save(self) -> None:
         if self.world.is_main:
-            self._check_folder_is_ours()
+            self.check_folder_is_ours()
             self._write_config()
             self.run_dir.write_checkpoint(self.state())
         self.world.barrier()
 
-    def _check_folder_is_ours(self) -> None:
+    def check_folder_is_ours(self) -> None:
         """Before writing: a run folder deleted, moved or replaced while this process trained it (its
         lock file gone, or another process's) is no longer this run's; writing by path would put
         this run's metrics and checkpoint into whatever folder now has that name, perhaps a new
@@ -405,7 +405,7 @@ class Trainer:
             self.scheduler.step()
             self.step += 1
             if self.world.is_main:
-                self._check_folder_is_ours()  # before this step's metrics, validation and checkpoint
+                self.check_folder_is_ours()  # before this step's metrics, validation and checkpoint
             window_tasks += train.meta_batch_size
             step_time = time.perf_counter() - clock
             self.elapsed_s += step_time

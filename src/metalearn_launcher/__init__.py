@@ -11,4 +11,4 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted while starting\n")
         raise SystemExit(130) from None
-    run()
+    run(whole_process=True)

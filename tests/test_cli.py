@@ -1058,3 +1058,27 @@ def test_eval_refuses_a_run_folder_it_cannot_write_before_evaluating(tmp_path, c
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"error: eval writes {run_dir / 'eval-episodes=2.json'}: cannot write in {run_dir}: "
                           "copy the run folder to one you can write and evaluate the copy"), err
+
+
+def test_status_of_a_run_past_its_checkpoint_gives_the_time_to_the_step_shown(tmp_path, capsys):
+    """A live run logs steps after its last checkpoint: the step shown is the logged one, and so
+    is the training time (the checkpoint's would read "0 s" until the next checkpoint)."""
+    from metalearn.api import run_status
+    from metalearn.cli import format_status
+
+    run_dir = tmp_path / "run"
+    assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 4, "--meta-batch-size", 2, "--log-every", 1,
+                "--val-every", 0, "--no-eval", "--run-dir", run_dir, "--no-progress"], capsys)[0] == 0
+    status = run_status(run_dir)
+    status["last"] = {**status["last"], "step": status["step"] + 50, "elapsed_s": 2 * 3600 + 60}
+    assert "step 54 of 4" in format_status(status) and "checkpoint at 4), 2 h 1 min of training" in format_status(status)
+
+
+def test_status_json_is_always_json(tmp_path, capsys, monkeypatch):
+    """A script piping `status --json` to a JSON reader gets a list also when there is nothing to
+    show: no runs in the runs folder, or only named folders that are no runs (said on stderr)."""
+    monkeypatch.setenv("METALEARN_RUNS", str(tmp_path / "empty"))
+    code, out, err = run(["status", "--json"], capsys)
+    assert code == 0 and json.loads(out) == [] and "no runs in" in err
+    code, out, err = run(["status", "--json", tmp_path / "nothing"], capsys)
+    assert code == 2 and json.loads(out) == [] and err.startswith("error: ")

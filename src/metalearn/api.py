@@ -567,6 +567,8 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
     from metalearn.tasks import build_task_source
 
     source = build_task_source(config.task, part, data_dir, progress, evaluation=True)
+    if world.is_main:
+        _warn_of_training_classes(run_dir, config, source, part)
     learner = learner.to(world.device)
     n = config.train.eval_episodes if episodes is None else episodes
     # the validation part is drawn as the trainer's validation draws it (the same episodes for
@@ -587,6 +589,24 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
             before_write()
         RunDir(run_dir).write_eval(result, labels, part)
     return result
+
+
+def _warn_of_training_classes(run_dir, config: RunConfig, source, part: str) -> None:
+    """A split given at evaluation (``--split-fractions``, ``--split-file``) that scores classes
+    named as the run's training classes: on the folder it trained on, the score is not one of
+    new classes. Said once, beside the result (another folder may share class names)."""
+    run = RunDir(run_dir)
+    scored = (getattr(source, "class_split", None) or {}).get(part)
+    own = run.read_split() if run.split_path.is_file() else None
+    split_file = config.task.split_file
+    if not scored or not own or (split_file and Path(split_file).resolve() == run.split_path.resolve()):
+        return
+    trained = sorted(set(scored) & set(own.get("train", [])))
+    if trained:
+        warnings.warn(MetalearnWarning(
+            f"{len(trained)} of the {len(scored)} classes scored have the names of classes that the run in "
+            f"{run.path} trained on (e.g. {trained[0]!r}; its split.json lists them): on the folder it trained "
+            "on, this is not a score on new classes (there, lower --ways, or score its own test part)"))
 
 
 def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
@@ -795,8 +815,11 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
     earlier export there, left in place: nothing outside the record's own files is deleted)."""
     import tempfile
 
+    from metalearn.tasks import check_outside_data
+
     run = RunDir(run_dir)
     config = run.read_config()
+    check_outside_data(config.task, data_dir, "OUT_DIR", out_dir)
     state = run.read_checkpoint("step")
     drawn = tempfile.TemporaryDirectory(prefix="metalearn-export-")
     # a run with no logged step (--steps 0, a baseline; stopped before --log-every) has no curve
@@ -1008,6 +1031,7 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
         raise MetalearnError(f"predict_run takes a support folder and query image files or folders (paths), got a "
                              f"{given}; for images in memory use learner.fit_predict(support_x, support_y, query_x) "
                              "on load_trained(run_dir)[1]")
+    _refuse_outputs_among_inputs(named, [("--support", support)] + [("--query", q) for q in queries])
     learner = learner.to(init_world(device).device)
     result = predict_new_classes(learner, support, queries, config.task.image_size, config.task.channels,
                                  num_samples)
@@ -1026,6 +1050,19 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
 # -- few-shot generation (methods with a ``sample``: the Neural Statistician) --------------------
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def _refuse_outputs_among_inputs(outputs: list[tuple[str, Path | str]], inputs: list[tuple[str, Path | str]]) -> None:
+    """An output file that is one of the input images, or lies in an input folder: writing it
+    would destroy the user's image, or put a file that a later run reads as one among them."""
+    for option, out in outputs:
+        target = Path(out).resolve()
+        for source_option, source in inputs:
+            source = Path(source)
+            if target == source.resolve() or (source.is_dir() and source.resolve() in target.parents):
+                where = "is" if target == source.resolve() else "lies in"
+                raise MetalearnError(f"{option} {out} {where} the {source_option} input {source}: write it "
+                                     "elsewhere, outside the images")
 
 
 def support_files(paths: list[Path | str]) -> list[Path]:

@@ -515,7 +515,9 @@ def status_command(run_dirs, as_json):
         root = default_runs_root()
         run_dirs = sorted(path for path in root.iterdir() if RunDir(path).exists()) if root.is_dir() else []
         if not run_dirs:
-            click.echo(f"no runs in {root}")
+            click.echo("[]" if as_json else f"no runs in {root}")  # --json: always JSON, for a script to read
+            if as_json:
+                click.echo(f"no runs in {root}", err=True)
             return
     statuses, failed = [], []
     for run_dir in run_dirs:
@@ -529,7 +531,7 @@ def status_command(run_dirs, as_json):
                 failed.append(describe_os_error(err) if isinstance(err, OSError) else str(err))
                 continue
             statuses.append({"run": str(run_dir), "error": str(err) or type(err).__name__})  # one damaged run hides no others
-    if statuses and as_json:
+    if as_json:  # also [] when every named folder failed (each said on stderr)
         click.echo(json.dumps(statuses, indent=2))
     elif statuses:
         click.echo("\n".join(format_status(status) for status in statuses))
@@ -578,6 +580,8 @@ def format_status(status: dict) -> str:
     logged = last["step"] if last is not None and isinstance(last.get("step"), int) else status["step"]
     at = max(logged, status["step"])  # a live run logs steps after its last checkpoint
     saved = f", checkpoint at {status['step']}" if at != status["step"] else ""
+    if at != status["step"] and isinstance(last.get("elapsed_s"), (int, float)):  # the time to the step shown
+        spent = format_duration(max(status["training_time_s"], last["elapsed_s"]))
     lines.append(f"  step {at} of {status['steps']} ({100 * at // steps}%{saved}), {spent} of training; {doing}")
     if status["last_write_s"] is not None:
         ago = status["last_write_s"]

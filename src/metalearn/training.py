@@ -26,7 +26,7 @@ from metalearn.evaluation import HIGHER_IS_BETTER, evaluate
 from metalearn.memory_budget import (available_memory, chunk_candidates, chunk_sizes, fastest_chunk, largest_chunk,
                                      peak_memory_of, seconds_of)
 from metalearn.runs import RunDir, lock_for_training
-from metalearn.tasks import TaskSource, build_task_source, has_validation, problem_of
+from metalearn.tasks import TaskSource, build_task_source, check_outside_data, has_validation, problem_of
 
 VALIDATION_SEED_OFFSET = 1_000_003
 TEST_SEED_OFFSET = 2_000_003
@@ -262,6 +262,25 @@ class Trainer:
             self._write_config()
         self.world.barrier()
 
+    def _split_file_moved(self) -> str:
+        """Where a resume's data fingerprint differs and the run's --split-file now puts a class
+        in another part than the run's split.json records: the message that says so ("" where
+        that is not the difference, e.g. the images changed)."""
+        split_file = self.config.task.split_file
+        own = self.run_dir.read_split() if self.run_dir is not None else None
+        if not split_file or not own or self.class_split is None:
+            return ""
+        then = {name: part for part, names in own.items() for name in names}
+        now = {name: part for part, names in self.class_split.items() for name in names}
+        if then == now:
+            return ""
+        moved = [name for name in sorted(set(then) | set(now)) if then.get(name) != now.get(name)]
+        name, changed = moved[0], len(moved)
+        return (f"--split-file {split_file} puts {changed} class{'es' if changed > 1 else ''} of the run in "
+                f"{self.run_dir.path} in another part than when it trained (e.g. {name!r}: "
+                f"{then.get(name, 'no part')} then, {now.get(name, 'no part')} now): put the file back as it was (the run's copy of its split: "
+                f"{self.run_dir.split_path}), or start a new --run-dir")
+
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from the checkpoint ``state``: the learner, optimiser, schedule, random
         streams, step and training time, exactly. Raises :class:`MetalearnError` when the
@@ -274,6 +293,9 @@ class Trainer:
             where = f" --data-dir {self.data_dir}" if self.data_dir is not None else " this dataset"
             then, now = (fingerprint.split(":", 1)[-1] for fingerprint in (trained_on, self.data_fingerprint))
             differ = f"{then}, now {now}" if then != now else f"{now} either way, other images, class names or parts"
+            moved = self._split_file_moved()
+            if moved:
+                raise MetalearnError(moved)
             raise MetalearnError(
                 f"the run in {self.run_dir.path} trained on other images than{where} holds ({differ}): resume "
                 "it with the folder as it trained on it, or start a new --run-dir (--init-from the run to keep "
@@ -626,6 +648,7 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
                    world: World, progress: bool, lock, tested: bool = True) -> Trainer:
     run = RunDir(run_dir) if run_dir is not None else None
     if run is not None:
+        check_outside_data(config.task, data_dir, "--run-dir", run.path)
         check_run_dir(config, run, resume)
         resume = resume and run.has_checkpoint()  # a run that never started starts now
     check_test_ways(config)

@@ -52,9 +52,22 @@ def check_data_dir(task: TaskConfig, data_dir: Path | str | None) -> None:
                              "leave --data-dir out")
 
 
+def check_outside_data(task: TaskConfig, data_dir: Path | str | None, option: str, path: Path | str) -> None:
+    """Refuse a folder that metalearn writes into (``option`` names it: --run-dir, export's
+    OUT_DIR) inside ``data_dir``, the images a run reads: its files would join the data (a
+    class folder of checkpoints and plots, a plot among a class's images), and the next read
+    would see another dataset."""
+    if data_dir is None or get_dataset(task.dataset).generated:
+        return
+    data, target = Path(data_dir).resolve(), Path(path).resolve()
+    if target == data or data in target.parents:
+        raise MetalearnError(f"{option} {path} lies inside --data-dir {data_dir}: its files would be read as "
+                             f"images of the dataset; give a folder outside {data_dir}")
+
+
 def has_validation(task: TaskConfig) -> bool:
     return get_dataset(task.dataset).has_part(task.split, "val")
 
 
 __all__ = ["TaskBatch", "TaskSource", "EpisodeSampler", "SinusoidTasks", "SineOrLineTasks",
-           "build_task_source", "check_data_dir", "problem_of", "has_validation", "MetalearnError"]
+           "build_task_source", "check_data_dir", "check_outside_data", "problem_of", "has_validation", "MetalearnError"]

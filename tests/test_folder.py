@@ -440,8 +440,11 @@ def write_tiny(root: Path, classes: dict[str, int], start: int = 0) -> None:
 
 
 def fresh_load(root: Path, cache: Path):
+    """The folder read now (its images are otherwise read on first use), as a run reads it."""
     folder_module._LOADED.clear()
-    return load_image_folder(root, 8, 1, cache_dir=cache)
+    folder = load_image_folder(root, 8, 1, cache_dir=cache)
+    assert folder.images.shape[0] == int(folder.class_sizes.sum())
+    return folder
 
 
 def test_the_run_fingerprint_covers_the_split_file_and_the_csv_parts(tmp_path):
@@ -801,7 +804,7 @@ def bad_folders(root: Path) -> dict[str, tuple[Path, list, str]]:
     broken = root / "broken-image"
     classes(broken, 12, 4)
     (broken / "class2" / "9.png").write_bytes(b"\x89PNG truncated")
-    cases["unreadable image"] = (broken, [], "cannot read image " + str(broken / "class2" / "9.png"))
+    cases["unreadable image"] = (broken, ["--split-fractions", "0.5,0.25,0.25"], "cannot read image " + str(broken / "class2" / "9.png"))
     nothing = root / "no-images"
     (nothing / "a").mkdir(parents=True)
     (nothing / "readme.txt").write_text("no images here")
@@ -861,7 +864,7 @@ def test_bad_predict_inputs_are_one_line_and_write_nothing(shapes, tmp_path, cap
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 not really")
     cases += [(good, broken, f"cannot read image {broken}"), (good, tmp_path / "missing", "does not exist"),
-              (tmp_path / "nowhere", query, "is not a folder")]
+              (tmp_path / "nowhere", query, "nowhere does not exist; give a folder")]
     lonely = tmp_path / "lonely"
     shutil.copytree(good / "red-circle", lonely / "red-circle")
     cases.append((lonely, query, "has one class (red-circle)"))
@@ -986,7 +989,8 @@ def test_a_folder_run_resumes_only_on_its_own_images_and_says_how(shapes, tmp_pa
     split.write_text(json.dumps({"train": names[1:40], "val": names[40:56], "test": names[:1] + names[56:]}))
     code, out, err = run(["train", "protonet", "--resume", "--run-dir", by_file, "--steps", 2, "--data-dir", shapes,
                           "--no-progress"], capsys)
-    one_line_error(code, out, err, "either way, other images, class names or parts")
+    one_line_error(code, out, err, f"--split-file {split} puts 1 class of the run in {by_file} in another part than "
+                                   f"when it trained (e.g. {names[0]!r}: train then, test now)")
 
     def signalled(*a, **k):  # SIGTERM during step 3 of 4
         trainer = build_trainer(*a, **k)
@@ -1030,7 +1034,8 @@ def test_a_folder_without_val_classes_trains_with_validation_off(tmp_path, capsy
     options = ["train", "protonet", "--dataset", "folder", "--data-dir", tmp_path / "data", "--image-size", 16,
                "--ways", 3, "--shots", 1, "--query", 1, "--steps", 2, "--eval-episodes", 4, "--no-progress"]
     code, out, err = run([*options, "--run-dir", tmp_path / "refused"], capsys)
-    one_line_error(code, out, err, "no val classes: add a val/ folder of classes, or train without validation (--val-every 0)")
+    one_line_error(code, out, err, "no val classes: add a val/ folder of classes; or train without validation "
+                                   "(metalearn train --val-every 0)")
     code, out, err = run([*options, "--val-every", 0, "--run-dir", tmp_path / "run"], capsys)
     assert code == 0, err
     assert (tmp_path / "run" / "eval.json").exists()
@@ -1056,18 +1061,20 @@ def test_a_small_class_folder_names_its_split_options_and_eval_splits_another_fo
     code, out, err = run([*options, "--run-dir", tmp_path / "refused"], capsys)
     one_line_error(code, out, err, "the default split 0.64,0.16,0.2 gives the val part 2 of the folder's 12 classes "
                                    "(train 8, val 2, test 2); --test-ways 5")
-    assert "--split-fractions or --split-file" in err and "(--val-every 0)" in err
+    assert "--split-fractions or --split-file" in err and "(metalearn train --val-every 0)" in err
     run_dir = tmp_path / "run"
     code, out, err = run([*options, "--split-fractions", "0.5,0,0.5", "--val-every", 0, "--run-dir", run_dir], capsys)
     assert code == 0, err
     scored = ["eval", run_dir, "--data-dir", tmp_path / "other", "--episodes", 3, "--no-progress"]
     code, out, err = run(scored, capsys)  # the run's split names classes the other folder lacks
     one_line_error(code, out, err, "trained on classes that this folder lacks (7 of them, e.g. 'class06'")
-    assert "in metalearn eval, --split-fractions 0,0,1 scores every class)" in err
+    assert "for a folder of classes the run never saw, --split-fractions 0,0,1 in metalearn eval scores every " \
+           "class)" in err
     code, out, err = run([*scored, "--split-fractions", "0.5,0,0.5"], capsys)
     one_line_error(code, out, err, "--split-fractions 0.5,0,0.5 gives the test part 2 of the folder's 5 classes "
                                    "(train 3, val 0, test 2)")
-    assert "in metalearn eval, --split-fractions 0,0,1 scores every class" in err
+    assert "for another folder, of classes the run never trained on, metalearn eval --split-fractions 0,0,1 scores " \
+           "every class" in err
     code, out, err = run([*scored, "--split-fractions", "0,0,1"], capsys)
     assert code == 0, err
     scored_all = json.loads((run_dir / "eval-episodes=3-split_fractions=0,0,1.json").read_text())
@@ -1247,7 +1254,9 @@ def test_the_recorded_split_meets_part_folders_restarts_and_other_runs(tmp_path,
     code, out, err = run(["eval", run_a, "--data-dir", classes, "--ways", 7, "--no-progress"], capsys)
     one_line_error(code, out, err, f"the run's split ({run_a / 'split.json'}) gives the test part 6 of the folder's "
                                    "13 classes (train 6, val 0, test 6, in no part 1); --test-ways 7")
-    assert "--split-fractions 0,0,1 scores every class" in err and "--val-every" not in err
+    assert "lower --test-ways to 6 or fewer to score the run on its own test classes; for another folder, of classes " \
+           "the run never trained on, metalearn eval --split-fractions 0,0,1 scores every class" in err
+    assert "--val-every" not in err
 
     run_c = tmp_path / "c"
     code, out, err = run(["train", *options, "--data-dir", classes, "--split-file", run_a / "split.json",
@@ -1280,10 +1289,11 @@ def test_the_recorded_split_meets_part_folders_restarts_and_other_runs(tmp_path,
     assert run(["train", *options, "--data-dir", classes, "--split-fractions", "1,0,0", "--run-dir", every,
                 "--no-eval"], capsys)[0] == 0
     code, out, err = run(["eval", every, "--data-dir", classes], capsys)
-    one_line_error(code, out, err, f"the run's split ({every / 'split.json'}) has no test classes: in metalearn eval, "
-                                   "--split-fractions 0,0,1 scores every class")
+    one_line_error(code, out, err, f"the run's split ({every / 'split.json'}) has no test classes: every class it "
+                                   "names was trained or validated on; for another folder, of classes the run never "
+                                   "trained on, metalearn eval --split-fractions 0,0,1 scores every class")
     code, out, err = run(["status", every], capsys)
-    assert code == 0 and f"metalearn eval {every} --data-dir IMAGE_FOLDER --split-fractions 0,0,1" in out, (out, err)
+    assert code == 0 and f"metalearn eval {every} --data-dir NEW_CLASSES_FOLDER --split-fractions 0,0,1" in out, (out, err)
 
     run_b = tmp_path / "b"  # an attempt killed before its first checkpoint: config.json and split.json
     run_b.mkdir()
@@ -1319,3 +1329,180 @@ def test_a_statisticians_picture_fits_a_folder_of_small_classes(tmp_path, capsys
     task = RunDir(run_dir).with_own_split(RunDir(run_dir).read_config()).task
     assert _fit_picture(task, tmp_path / "glyphs", 6, 5) == (6, 3)  # 6 test classes of 4 images: sets of 3
     assert _fit_picture(task, tmp_path / "glyphs", 8, 2) == (6, 2)
+
+
+# -- the audit of a new user's own folder: advice, early checks, large images, messages --------
+
+
+def fake_run(root: Path, split: dict[str, list[str]]) -> Path:
+    """A folder that reads as a trained run's (split.json beside config.json and checkpoint.pt)."""
+    root.mkdir(parents=True)
+    (root / "config.json").write_text("{}")
+    (root / "checkpoint.pt").write_bytes(b"")
+    (root / "split.json").write_text(json.dumps(split))
+    return root / "split.json"
+
+
+def named_folder(n: int, layout: str = "classes", parts: tuple[str, ...] | None = None):
+    from metalearn.data.folder import ImageFolder
+
+    return ImageFolder(np.zeros((n, 1, 4, 4), np.uint8), tuple(f"c{i:02d}" for i in range(n)),
+                       np.ones(n, np.int64), parts or ("",) * n, layout, "")
+
+
+def test_no_hint_scores_a_run_on_the_classes_it_trained_on(tmp_path):
+    """--split-fractions 0,0,1 makes every class of a folder a test class: offered only for
+    another folder of new classes. On the run's own folder (its recorded split) the fix for too
+    few test classes is fewer ways; eval --part val of a run without val classes is told to
+    score its test classes, not to resplit; --val-every 0 is named as metalearn train's."""
+    from metalearn.data.folder import check_part_classes
+
+    folder = named_folder(13)
+    names = list(folder.class_names)
+    own = fake_run(tmp_path / "a", {"train": names[:6], "test": names[6:12]})
+    task = TaskConfig(dataset="folder", split_file=str(own))
+    pool = folder_split(folder, "test", split_file=str(own))
+    with pytest.raises(MetalearnError) as caught:
+        check_part_classes(folder, pool, "test", 7, task, "--test-ways 7 (it defaults to --ways; in metalearn eval: "
+                                                          "--ways)")
+    message = str(caught.value)
+    assert "needs 7: lower --test-ways to 6 or fewer to score the run on its own test classes; for another folder, " \
+           "of classes the run never trained on, metalearn eval --split-fractions 0,0,1 scores every class (on the " \
+           "folder it trained on, that would score its training classes too)" in message, message
+    every = fake_run(tmp_path / "every", {"train": names[:10], "val": names[10:]})  # nothing left to score
+    with pytest.raises(MetalearnError) as caught:
+        folder_split(folder, "test", split_file=str(every))
+    message = str(caught.value)
+    assert message.startswith(f"the run's split ({every}) has no test classes: every class it names was trained or "
+                              "validated on; for another folder, of classes the run never trained on"), message
+    no_val = fake_run(tmp_path / "no-val", {"train": names[:6], "test": names[6:]})
+    with pytest.raises(MetalearnError) as caught:  # metalearn eval --part val
+        folder_split(folder, "val", split_file=str(no_val))
+    message = str(caught.value)
+    assert "0,0,1" not in message and "metalearn eval scores its test classes without --part val" in message, message
+    parts = named_folder(4, "parts", ("train", "train", "test", "test"))
+    with pytest.raises(MetalearnError, match=r"no val classes: add a val/ folder of classes; or train without "
+                                             r"validation \(metalearn train --val-every 0\), or score the test "
+                                             r"classes \(metalearn eval without --part val\)$"):
+        folder_split(parts, "val")
+    mine = TaskConfig(dataset="folder", split_fractions="0.5,0,0.5")  # the user's own split, of a new folder
+    with pytest.raises(MetalearnError) as caught:
+        check_part_classes(named_folder(5), folder_split(named_folder(5), "test", "0.5,0,0.5"), "test", 5, mine,
+                           "--test-ways 5")
+    message = str(caught.value)
+    assert "give it 5 or more with --split-fractions or --split-file; lower --test-ways to 2 or fewer; for another " \
+           "folder, of classes the run never trained on, metalearn eval --split-fractions 0,0,1" in message, message
+
+
+def test_too_few_classes_or_images_are_refused_before_any_image_is_decoded(tmp_path, monkeypatch):
+    """The class counts come from the file names: a folder that cannot serve --ways or --shots
+    is refused without decoding (minutes for a large folder); one that can is decoded when its
+    images are used, once."""
+    monkeypatch.setenv("METALEARN_CACHE", str(tmp_path / "cache"))
+    write_tiny(tmp_path / "d", {f"c{i:02d}": 3 for i in range(10)})
+    decoded = []
+    real = folder_module.decode_image
+    monkeypatch.setattr(folder_module, "decode_image", lambda *args: decoded.append(args[0]) or real(*args))
+    folder_module._LOADED.clear()
+    task = TaskConfig(dataset="folder", ways=8, shots=1, query=1, image_size=8, channels=1)
+    with pytest.raises(MetalearnError, match="gives the train part 6 of the folder's 10 classes"):
+        build_task_source(task, "train", tmp_path / "d", progress=False)
+    with pytest.raises(MetalearnError, match="class c0. has 3 images; --shots 2 with --query 2 needs 4"):
+        build_task_source(dataclasses.replace(task, ways=3, shots=2, query=2), "train", tmp_path / "d", progress=False)
+    assert decoded == []
+    source = build_task_source(dataclasses.replace(task, ways=3), "train", tmp_path / "d", progress=False)
+    assert len(decoded) == 30 and source.sample(2, gen(0)) is not None
+    # training: the validation and test parts' shapes too are checked before the training part is read
+    decoded.clear()
+    folder_module._LOADED.clear()
+    from metalearn.api import resolve_config
+    from metalearn.training import build_trainer
+
+    config = resolve_config("protonet", {"dataset": "folder", "ways": 2, "test_ways": 3, "image_size": 16,
+                                         "channels": 1}, train={"steps": 1, "val_every": 0})
+    with pytest.raises(MetalearnError, match="gives the test part 2 of the folder's 10 classes"):
+        build_trainer(config, data_dir=tmp_path / "d")
+    assert decoded == []
+
+
+def headed_png(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims ``width`` x ``height`` (its pixels are an 8x8 image's): the size
+    checks read the header only."""
+    import io
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    struct.pack_into(">II", data, 16, width, height)  # IHDR's width and height
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_large_images_are_read_without_warnings_and_huge_ones_refused_by_name(tmp_path, monkeypatch):
+    """PIL warns past 89.5 megapixels (naming its own source file) and refuses past 179; images
+    are read up to MAX_PIXELS (300 megapixels) with no warning, and past it refused in one line
+    naming the file, its size and the fix. PIL's own limit is left as it was. (The bounds are
+    scaled down here so that the test decodes small images.)"""
+    from metalearn.data import images as images_module
+
+    assert images_module.MAX_PIXELS == 300_000_000
+    huge = headed_png(tmp_path / "huge.png", 20000, 20000)
+    with pytest.raises(MetalearnError, match=rf"^cannot read image {re.escape(str(huge))}: 20000x20000 is 400 "
+                                             r"megapixels, more than the 300 metalearn decodes; shrink it"):
+        decode_image(huge, 16, 3)
+    limit = Image.MAX_IMAGE_PIXELS
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL: a warning past 1000 pixels, an error past 2000
+    monkeypatch.setattr(images_module, "MAX_PIXELS", 10_000)
+    Image.new("RGB", (80, 80), (200, 10, 10)).save(tmp_path / "large.png")  # 6400 pixels
+    Image.new("RGB", (120, 100), (200, 10, 10)).save(tmp_path / "larger.png")  # 12000 pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert decode_image(tmp_path / "large.png", 16, 3)[0].min() == 200
+        with pytest.raises(MetalearnError, match=r"larger.png: 120x100 is 0.012 megapixels, more than the 0.01"):
+            decode_image(tmp_path / "larger.png", 16, 3)
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    monkeypatch.undo()
+    assert Image.MAX_IMAGE_PIXELS == limit
+
+
+def test_split_file_mistakes_are_named(tmp_path):
+    folder = named_folder(4)
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["c00", "c01", "c00"], "test": ["c02"]}))
+    with pytest.raises(MetalearnError, match=r"lists class 'c00' twice in train; list each class once$"):
+        class_parts(folder, split_file=str(split))
+    split.write_text(json.dumps({"train": ["c00"], "test": ["c00"]}))
+    with pytest.raises(MetalearnError, match="puts class 'c00' in both train and test"):
+        class_parts(folder, split_file=str(split))
+    split.write_text(json.dumps({"train": ["c00"], "tset": ["c01"], "vla": []}))
+    with pytest.raises(MetalearnError, match=r'unknown keys "tset", "vla"; the keys are "train", "val" and "test"'):
+        class_parts(folder, split_file=str(split))
+
+
+def test_support_and_query_paths_are_named_as_they_are_and_queries_counted_once(tmp_path):
+    """--support and --query say the same of a missing path; an empty one (the working
+    directory) is refused; an image given twice is classified once, with one warning."""
+    from metalearn.prediction import read_query, read_support
+
+    missing = tmp_path / "nonexist"
+    for read, option in ((read_support, "--support"), (lambda p: read_query([p]), "--query")):
+        with pytest.raises(MetalearnError, match=rf"^{option} {re.escape(str(missing))} does not exist; give"):
+            read(missing)
+        with pytest.raises(MetalearnError, match=rf"^{option} is empty; give an image file or folder"):
+            read("")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(MetalearnError, match="file.txt is a file, not a folder; give a folder with one sub-folder"):
+        read_support(tmp_path / "file.txt")
+    write_tiny(tmp_path / "q", {"a": 2})
+    (tmp_path / "link.png").symlink_to(tmp_path / "q" / "a" / "01.png")
+    with pytest.warns(MetalearnWarning, match=r"^2 query images were given twice \(e\.g\. \S*q/a/00\.png\): "
+                                              "each is classified and counted once$") as caught:
+        files = read_query([tmp_path / "q", tmp_path / "q" / "a" / "00.png", tmp_path / "link.png"])
+    assert len(caught) == 1
+    with pytest.warns(MetalearnWarning, match=r"^1 query image was given twice \(e\.g\. \S*link\.png, the same file as "
+                                              r"\S*q/a/01\.png\)"):
+        assert read_query([tmp_path / "q", tmp_path / "link.png"]) == files
+    assert files == [tmp_path / "q" / "a" / "00.png", tmp_path / "q" / "a" / "01.png"]

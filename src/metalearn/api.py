@@ -947,8 +947,8 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     except MetalearnError:  # a damaged split.json: eval names it
         split = None
     untested = split is not None and not split.get("test")  # it trained on every class: score another folder's
-    status["test"] = (f"metalearn eval {run.path}" + (f" --data-dir {images}" if images else "")
-                      + (" --split-fractions 0,0,1" if untested else ""))
+    status["test"] = (f"metalearn eval {run.path}" + (" --data-dir NEW_CLASSES_FOLDER --split-fractions 0,0,1"
+                                                      if untested else f" --data-dir {images}" if images else ""))
     status["last_write_s"] = (time.time() - run.metrics_path.stat().st_mtime) if run.metrics_path.is_file() else None
     records = run.read_metrics()
     status["last"] = last = next((r for r in reversed(records) if "loss" in r), None)

@@ -433,9 +433,9 @@ def compare(run_dirs, episodes, seed, part, num_samples, json_path, settings, da
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--support", type=click.Path(path_type=Path), required=True,
+@click.option("--support", type=click.Path(), required=True,  # as typed: an empty path is refused, not "."
               help="a folder with one sub-folder per new class, each holding 1 or more example images")
-@click.option("--query", "queries", type=click.Path(path_type=Path), required=True, multiple=True,
+@click.option("--query", "queries", type=click.Path(), required=True, multiple=True,
               help="a folder of images to classify, or an image file (repeat for several)")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="also write the predictions here as JSON")
 @click.option("--csv", "csv_path", type=click.Path(), default=None, help="also write the predictions here as CSV")
@@ -459,7 +459,8 @@ def predict(run_dir, support, queries, json_path, csv_path, sheet, num_samples, 
         click.echo(f"{p['file']}\t{p['label']}\t{p['probability']:.3f}{spread}")
     if "accuracy" in result:
         labelled = sum("true" in p for p in result["predictions"])
-        click.echo(f"accuracy on the {labelled} queries in folders named like a class: {100 * result['accuracy']:.1f}%")
+        click.echo(f"accuracy on the {labelled} quer{'y' if labelled == 1 else 'ies'} in folders named like a class: "
+                   f"{100 * result['accuracy']:.1f}%")
     for path in (json_path, csv_path, sheet):
         if path is not None:
             click.echo(f"wrote {path}")

@@ -29,7 +29,9 @@ class Dataset:
     (an environment, ``--env``), whose source samples :class:`~metalearn.envs.MDPBatch` es for a
     reinforcement-learning method (``maml-rl``). ``generated``: the tasks come from a formula or
     a simulator, not from files, so a ``data_dir`` given for them is refused (it would be
-    silently unused)."""
+    silently unused). ``check(task, shape, part, data_dir, progress)``, where given, refuses an
+    episode shape the part cannot fill as ``build`` would, without reading the data (a folder's
+    class and image counts come from its file names), so that setup fails before decoding."""
 
     name: str
     classification: bool
@@ -42,6 +44,7 @@ class Dataset:
     prepare: Callable[[Any, int, int], Any] | None = None
     reinforcement: bool = False
     generated: bool = False
+    check: Callable[..., Any] | None = None
 
     @property
     def kind(self) -> str:
@@ -102,12 +105,10 @@ def _drawings(images, image_size: int, channels: int):
     return prepare_drawings(images, image_size, channels)
 
 
-def _folder(task, shape, part: str, data_dir: Path | str | None, progress: bool):
-    import torch
-
-    from metalearn.data.folder import (check_class_sizes, check_part_classes, class_split, data_fingerprint,
-                                       folder_split, load_image_folder)
-    from metalearn.tasks.episodes import EpisodeSampler
+def _folder_checked(task, shape, part: str, data_dir: Path | str | None, progress: bool):
+    """The folder (its images not decoded yet) and ``part``'s classes, once the episode shape is
+    known to fit them."""
+    from metalearn.data.folder import check_class_sizes, check_part_classes, folder_split, load_image_folder
 
     folder = load_image_folder(data_dir, task.image_size, task.channels, progress=progress)
     if task.dataset == "mini-imagenet" and folder.layout == "classes":
@@ -130,6 +131,17 @@ def _folder(task, shape, part: str, data_dir: Path | str | None, progress: bool)
     defaults = f" ({default_note}in metalearn eval: --shots, --query)" if test else ""
     check_class_sizes(folder, pool, shape.shots + shape.query,
                       f"{prefix}shots {shape.shots} with {prefix}query {shape.query}{defaults}")
+    return folder, pool
+
+
+def _folder(task, shape, part: str, data_dir: Path | str | None, progress: bool):
+    import torch
+
+    from metalearn.data.folder import class_split, data_fingerprint
+    from metalearn.tasks.episodes import EpisodeSampler
+
+    folder, pool = _folder_checked(task, shape, part, data_dir, progress)
+    test = part != "train"
     sampler = EpisodeSampler(torch.from_numpy(folder.images), pool, shape.ways, shape.shots, shape.query,
                              dataset=f"image folder {data_dir}", test=test,
                              class_sizes=torch.from_numpy(folder.class_sizes))
@@ -167,7 +179,8 @@ _REGRESSION = dict(classification=False, problem=_regression_problem, generated=
 # images of your own: class folders (split by folders, fractions or a file), RGB 84x84 as the
 # mini-ImageNet papers; mini-imagenet is the same reader with the papers' 15 queries per class
 # (Finn et al. 2017, section 5.2) and its release's train/val/test split only
-_FOLDER = dict(classification=True, build=_folder, problem=_image_problem, fixed={"split": "folder"})
+_FOLDER = dict(classification=True, build=_folder, check=_folder_checked, problem=_image_problem,
+               fixed={"split": "folder"})
 
 register_dataset(Dataset("omniglot", True, _omniglot, _image_problem, _omniglot_has_part,
                          inapplicable=("noise_std", "channels", "split_fractions", "split_file"), prepare=_drawings))

@@ -27,9 +27,10 @@ QUERY_CHUNK = 256  # query images classified per pass (with the whole support se
 def read_support(folder: Path | str) -> tuple[list[str], list[list[Path]]]:
     """(class names, image files of each class) of a folder with one sub-folder per class;
     hidden entries (a name starting with ".", at any depth) are skipped."""
+    _refuse_empty("--support", folder)
     folder = Path(folder)
     if not folder.is_dir():
-        raise MetalearnError(f"--support {folder} is not a folder; give a folder with one sub-folder per class")
+        raise MetalearnError(f"--support {folder} {_what_it_is(folder)}; give a folder with one sub-folder per class")
     names, files, skipped = [], [], []
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
         if entry.name.startswith("."):
@@ -52,11 +53,34 @@ def read_support(folder: Path | str) -> tuple[list[str], list[list[Path]]]:
     return names, files
 
 
+def _refuse_empty(option: str, path: Path | str) -> None:
+    """An empty path: ``Path("")`` is the working directory, which the user did not name."""
+    if not str(path).strip():
+        raise MetalearnError(f"{option} is empty; give an image file or folder")
+
+
+def _what_it_is(path: Path) -> str:
+    """What ``path`` is, for a message saying it is not what an option takes (one wording for
+    --support and --query)."""
+    if path.is_symlink() and not path.exists():
+        return f"is a link to {os.readlink(path)}, which does not exist"
+    if not path.exists():
+        return "does not exist"
+    return "is a file, not a folder" if path.is_file() else "is neither a file nor a folder"
+
+
 def read_query(paths: list[Path | str]) -> list[Path]:
     """Query image files: the images under each folder given (sorted by path, hidden files and
-    folders skipped as in :func:`metalearn.data.folder.image_files`), and each file given."""
+    folders skipped as in :func:`metalearn.data.folder.image_files`), and each file given.
+
+    A file reached twice (a folder and a file in it, a path given twice, a link to a file
+    given too) is classified once, at its first place, with one warning naming how many were
+    dropped: counted twice it would weigh twice in the accuracy. An empty path is refused (it
+    would mean the working directory)."""
     files: list[Path] = []
-    for path in map(Path, paths):
+    for given in paths:
+        _refuse_empty("--query", given)
+        path = Path(given)
         if path.is_dir():
             skipped: list[Path] = []
             found = image_files(path, skipped=skipped)
@@ -67,10 +91,21 @@ def read_query(paths: list[Path | str]) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            raise MetalearnError(f"--query {path} does not exist")
+            raise MetalearnError(f"--query {path} {_what_it_is(path)}; give image files or folders of them")
     if not files:
         raise MetalearnError("no query images given")
-    return files
+    first: dict[str, Path] = {}
+    for path in files:
+        first.setdefault(os.path.realpath(path), path)
+    if len(first) < len(files):
+        repeated = len(files) - len(first)
+        example = next(path for path in files if first[os.path.realpath(path)] is not path)
+        kept = first[os.path.realpath(example)]
+        same = "" if str(kept) == str(example) else f", the same file as {kept}"
+        warnings.warn(MetalearnWarning(
+            f"{repeated} query image{' was' if repeated == 1 else 's were'} given twice (e.g. {example}{same}): each "
+            "is classified and counted once"), stacklevel=3)
+    return list(first.values())
 
 
 def warn_of_query_in_support(support: list[list[Path]], query: list[Path]) -> None:

@@ -26,7 +26,8 @@ from metalearn.evaluation import HIGHER_IS_BETTER, evaluate
 from metalearn.memory_budget import (available_memory, chunk_candidates, chunk_sizes, fastest_chunk, largest_chunk,
                                      peak_memory_of, seconds_of)
 from metalearn.runs import RunDir, lock_for_training
-from metalearn.tasks import TaskSource, build_task_source, check_outside_data, has_validation, problem_of
+from metalearn.tasks import (TaskSource, build_task_source, check_outside_data, check_task_source, has_validation,
+                             problem_of)
 
 VALIDATION_SEED_OFFSET = 1_000_003
 TEST_SEED_OFFSET = 2_000_003
@@ -659,9 +660,11 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
     gone = bool(task.split_file) and not Path(task.split_file).is_file()
     if resume and run is not None and gone and run.split_path.is_file():
         task = run.with_own_split(config).task  # the split file is gone: the run's copy of its split
-    train_tasks = build_task_source(task, "train", data_dir, progress)
     # no validation (--val-every 0): the val part is not built, so a folder without val/ classes trains
     validates = has_validation(task) and config.train.val_every > 0
+    for part in ("train", *(("val",) if validates else ()), *(("test",) if tested else ())):
+        check_task_source(task, part, data_dir, progress)  # every part's shape, before any image is decoded
+    train_tasks = build_task_source(task, "train", data_dir, progress)
     val_tasks = build_task_source(task, "val", data_dir, progress) if validates else None
     if tested:  # an impossible test episode fails now, not after training
         build_task_source(task, "test", data_dir, progress)

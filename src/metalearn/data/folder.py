@@ -14,7 +14,10 @@ Three layouts are read (see ``docs/data-folders.md``):
 Every image is decoded once (:func:`metalearn.data.images.decode_image`: grey or RGB, stretched
 to ``S x S``) into one ``(n_images, C, S, S)`` uint8 array, class after class, cached with its
 metadata in the cache folder and rebuilt when the folder's file names, sizes or modification
-times change.
+times change. The decoding waits until the images are first used: the classes, their sizes and
+parts come from the file names, so a folder with too few classes or images for the episodes
+asked is refused before it. Images up to ``MAX_PIXELS`` (300 megapixels) are read; larger ones
+are refused by name.
 
 Links (to image files and to folders) are followed; a link whose target is missing, a folder
 link back into its own ancestors (a cycle) and an image reached twice through links are
@@ -29,7 +32,6 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +50,6 @@ SPLIT_SEED = 1  # the seeded shuffle of class names behind --split-fractions
 DEFAULT_FRACTIONS = (0.64, 0.16, 0.20)  # mini-ImageNet's 64 / 16 / 20 classes of 100
 
 
-@dataclass(frozen=True)
 class ImageFolder:
     """The images of a folder, preprocessed.
 
@@ -61,24 +62,59 @@ class ImageFolder:
     content_hash: sha256 over the array (and its shape), the class names, the class sizes and the
                  parts: moving an image between classes, or a class between the parts a
                  layout sets (CSV files, part folders), changes it
+
+    A folder from :func:`load_image_folder` knows its classes, their sizes and parts from the
+    scan of the file names alone; ``images`` and ``content_hash`` are read (from the cache, or
+    by decoding every image) on first use. So the split and episode checks, which need only
+    the classes, refuse a folder that cannot serve the episodes before its images are decoded
+    (minutes for mini-ImageNet's 60,000), not after.
     """
 
-    images: np.ndarray
-    class_names: tuple[str, ...]
-    class_sizes: np.ndarray
-    parts: tuple[str, ...]
-    layout: str
-    content_hash: str
+    def __init__(self, images: np.ndarray, class_names: tuple[str, ...], class_sizes: np.ndarray,
+                 parts: tuple[str, ...], layout: str, content_hash: str) -> None:
+        self.class_names, self.class_sizes, self.parts, self.layout = class_names, class_sizes, parts, layout
+        self._images: np.ndarray | None = images
+        self._content_hash = content_hash
+        self._shape = tuple(images.shape[1:])
+        self._load = None
+
+    @classmethod
+    def deferred(cls, class_names: tuple[str, ...], class_sizes: np.ndarray, parts: tuple[str, ...], layout: str,
+                 image_size: int, channels: int, load) -> "ImageFolder":
+        """A folder whose images ``load()`` returns, as ``(images, content_hash)``, when first
+        asked for; an error from ``load`` (an unreadable image) is raised there, and the next
+        use tries again."""
+        folder = cls.__new__(cls)
+        folder.class_names, folder.class_sizes, folder.parts, folder.layout = class_names, class_sizes, parts, layout
+        folder._images, folder._content_hash = None, ""
+        folder._shape = (channels, image_size, image_size)
+        folder._load = load
+        return folder
+
+    def _materialise(self) -> None:
+        if self._images is None:
+            self._images, self._content_hash = self._load()
+            self._load = None
+
+    @property
+    def images(self) -> np.ndarray:
+        self._materialise()
+        return self._images
+
+    @property
+    def content_hash(self) -> str:
+        self._materialise()
+        return self._content_hash
 
     @property
     def image_size(self) -> int:
         """S, the side of the square images in pixels."""
-        return int(self.images.shape[-1])
+        return int(self._shape[-1])
 
     @property
     def channels(self) -> int:
         """C, the colour channels of the images: 1 (grey) or 3 (RGB)."""
-        return int(self.images.shape[1])
+        return int(self._shape[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,10 +465,14 @@ def load_image_folder(root: Path | str | None, image_size: int = 84, channels: i
     beside the possibly read-only images. ``workers``: decoding processes (see :func:`read_folder`).
     ``progress``: show a bar while images are decoded.
 
+    The folder is scanned now (file names only); its images are read from the cache or decoded
+    when ``images`` or ``content_hash`` is first used (see :class:`ImageFolder`), so checks of
+    the classes against the episodes come first.
+
     Raises :class:`MetalearnError` when ``root`` is None (a folder dataset needs
-    ``--data-dir``), when ``image_size`` is below 4 or ``channels`` neither 1 nor 3, for a
-    folder :func:`scan_folder` refuses, and for a file that is not a readable image (naming
-    it)."""
+    ``--data-dir``), when ``image_size`` is below 4 or ``channels`` neither 1 nor 3, and for a
+    folder :func:`scan_folder` refuses; a file that is not a readable image is refused, naming
+    it, when the images are first used."""
     if root is None:
         raise MetalearnError("an image folder dataset needs --data-dir, the folder of class folders (a run keeps "
                              "no folder path: give it again to resume, evaluate or plot a folder run)")
@@ -446,10 +486,19 @@ def load_image_folder(root: Path | str | None, image_size: int = 84, channels: i
     path = cache_path(Path(cache_dir) if cache_dir is not None else default_cache_dir(), root, image_size, channels)
     if path in _LOADED and _LOADED[path][0] == print_:  # train, val and test of one run share one array
         return _LOADED[path][1]
-    folder = _read_cache(path, print_)
-    if folder is None:
-        folder = read_folder(root, image_size, channels, progress, scanned, workers)
-        _write_cache(path, folder, print_)
+    names = tuple(name for name, _, _ in classes)
+    sizes = np.array([len(files) for _, _, files in classes], np.int64)
+    parts = tuple(part for _, part, _ in classes)
+
+    def load() -> tuple[np.ndarray, str]:  # the slow part, deferred until the images are used
+        folder = _read_cache(path, print_)
+        if folder is None or folder.class_names != names or folder.parts != parts or \
+                not np.array_equal(folder.class_sizes, sizes):
+            folder = read_folder(root, image_size, channels, progress, scanned, workers)
+            _write_cache(path, folder, print_)
+        return folder.images, folder.content_hash
+
+    folder = ImageFolder.deferred(names, sizes, parts, layout, image_size, channels, load)
     _LOADED.clear()  # one folder held at a time: a mini-ImageNet array is over a gigabyte
     _LOADED[path] = (print_, folder)
     return folder
@@ -593,8 +642,13 @@ def _parts_from_file(folder: ImageFolder, path: Path) -> tuple[str, ...]:
         spec = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a byte order mark, as Windows editors write
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise MetalearnError(f"--split-file {path}: cannot read it as JSON ({err})") from None
-    if not isinstance(spec, dict) or set(spec) - set(PARTS) or not all(isinstance(v, list) for v in spec.values()):
+    if not isinstance(spec, dict) or not all(isinstance(v, list) for v in spec.values()):
         raise MetalearnError(f'--split-file {path}: expected {{"train": [class, ...], "val": [...], "test": [...]}}')
+    unknown = [key for key in spec if key not in PARTS]
+    if unknown:  # a misspelt part ("tset") would otherwise leave its classes in no part, silently
+        listed = ", ".join(json.dumps(key) for key in unknown)
+        raise MetalearnError(f"--split-file {path}: unknown key{'' if len(unknown) == 1 else 's'} {listed}; the keys "
+                             'are "train", "val" and "test", each a list of class names')
     index = {name: i for i, name in enumerate(folder.class_names)}
     if is_run_split(path):  # a run's evaluation on a folder that lost classes, or on another folder
         missing = [name for names in spec.values() for name in names if name not in index]
@@ -602,8 +656,8 @@ def _parts_from_file(folder: ImageFolder, path: Path) -> tuple[str, ...]:
             raise MetalearnError(
                 f"the run in {path.parent} trained on classes that this folder lacks ({len(missing)} of them, "
                 f"e.g. {missing[0]!r}; its {RUN_SPLIT_NAME} lists its classes): give --data-dir the folder it "
-                "trained on, or split this folder's classes yourself (--split-fractions, --split-file; in "
-                "metalearn eval, --split-fractions 0,0,1 scores every class)")
+                "trained on, or split this folder's classes yourself (--split-fractions, --split-file; for a "
+                "folder of classes the run never saw, --split-fractions 0,0,1 in metalearn eval scores every class)")
     parts = [""] * len(index)
     for part, names in spec.items():
         for name in names:
@@ -612,10 +666,22 @@ def _parts_from_file(folder: ImageFolder, path: Path) -> tuple[str, ...]:
                                      f'every entry is a class folder\'s name in quotes, e.g. "{part}": ["dog", "cat"]')
             if name not in index:
                 raise MetalearnError(f"--split-file {path} names class {name!r}, which the folder lacks")
+            if parts[index[name]] == part:
+                raise MetalearnError(f"--split-file {path} lists class {name!r} twice in {part}; list each class once")
             if parts[index[name]]:
                 raise MetalearnError(f"--split-file {path} puts class {name!r} in both {parts[index[name]]} and {part}")
             parts[index[name]] = part
     return tuple(parts)
+
+
+# The advice for a part with too few classes. These checks do not know which command runs them
+# (metalearn train builds train / val / test, eval, plot and compare build one part), so each
+# piece of advice names the command it belongs to. --split-fractions 0,0,1 makes every class of
+# a folder a test class: honest for another folder of new classes, but on the run's own folder
+# it would score the classes the run trained on, so it is offered only for a folder of new
+# classes, and for the run's own folder the way out is fewer ways.
+NEW_FOLDER = ("for another folder, of classes the run never trained on, metalearn eval --split-fractions 0,0,1 "
+              "scores every class (on the folder it trained on, that would score its training classes too)")
 
 
 def folder_split(folder: ImageFolder, part: str, fractions: str = "", split_file: str = "") -> ClassPool:
@@ -625,18 +691,24 @@ def folder_split(folder: ImageFolder, part: str, fractions: str = "", split_file
     parts = class_parts(folder, fractions, split_file)
     members = [i for i, p in enumerate(parts) if p == part]
     if not members:
-        if split_file and is_run_split(Path(split_file)):  # a run that trained on every class, evaluated
-            raise MetalearnError(f"the run's split ({split_file}) has no {part} classes: in metalearn eval, "
-                                 "--split-fractions 0,0,1 scores every class of --data-dir, --split-file the ones "
-                                 "it names")
+        if split_file and is_run_split(Path(split_file)):  # a run's recorded split: mostly metalearn eval of that run
+            where = f"the run's split ({split_file}) has no {part} classes"
+            if part == "test":  # every class it names it trained (or validated) on: none is left to score
+                raise MetalearnError(f"{where}: every class it names was trained or validated on; {NEW_FOLDER}; "
+                                     "training on this split needs --no-eval")
+            if part == "val":  # metalearn eval --part val of a run trained without validation classes
+                raise MetalearnError(f"{where} (it trained without validation): metalearn eval scores its test "
+                                     "classes without --part val; training on this split needs --val-every 0")
+            raise MetalearnError(f"{where}: give --split-fractions or a --split-file with {part} classes")
         if folder.layout == "classes":
             fix = f"give {part} a nonzero fraction in --split-fractions or classes in --split-file"
         else:
             fix = f"add a {part}/ folder of classes" if folder.layout == "parts" else f"add classes to {part}.csv"
-        if part == "val":
-            fix += ", or train without validation (--val-every 0)"
+        if part == "val":  # metalearn train validates on it; metalearn eval asks for it with --part val only
+            fix += ("; or train without validation (metalearn train --val-every 0), or score the test classes "
+                    "(metalearn eval without --part val)")
         if part == "test":
-            fix += ", or train without the test (--no-eval)"
+            fix += ", or train without the test (metalearn train --no-eval)"
         raise MetalearnError(f"the image folder has no {part} classes: {fix}")
     characters = torch.tensor(members, dtype=torch.long)
     return ClassPool(part, characters, torch.zeros_like(characters))
@@ -645,7 +717,11 @@ def folder_split(folder: ImageFolder, part: str, fractions: str = "", split_file
 def check_part_classes(folder: ImageFolder, pool: ClassPool, part: str, ways: int, task, asked: str) -> None:
     """A part of a class-folder split with fewer classes than the episodes' ``ways``: an error
     that names the split that gave it so few and the options that give it more (``task``: the
-    run's ``TaskConfig``; ``asked``: the option that set ``ways``, as the user would type it)."""
+    run's ``TaskConfig``; ``asked``: the option that set ``ways``, as the user would type it).
+
+    Under the run's recorded split (its ``split.json``: evaluating the run on its own folder)
+    the honest fix is fewer ways over the run's own test classes, never a new split of the
+    folder, which would score classes the run trained on."""
     if len(pool) >= ways:
         return
     n = len(folder.class_names)
@@ -654,12 +730,18 @@ def check_part_classes(folder: ImageFolder, pool: ClassPool, part: str, ways: in
              f"--split-file {task.split_file}" if task.split_file else
              f"--split-fractions {task.split_fractions}" if task.split_fractions else
              "the default split 0.64,0.16,0.2")
-    fixes = ([] if recorded else [f"give it {ways} or more with --split-fractions or --split-file"])
-    if part == "val" and not recorded:
-        fixes.append("train without validation (--val-every 0)")
+    option = asked.split(" ")[0]
+    lower = (f"lower {option} to {len(pool)} or fewer" if len(pool) >= 2 else
+             f"{option} cannot go below 2, so this part cannot make an episode")
+    if recorded:
+        fixes = [f"{lower} to score the run on its own {part} classes" if len(pool) >= 2 else lower]
+    else:
+        fixes = [f"give it {ways} or more with --split-fractions or --split-file"]
+        if part == "val":
+            fixes.append("train without validation (metalearn train --val-every 0)")
+        fixes.append(lower)
     if part == "test" or recorded:
-        fixes.append("in metalearn eval, --split-fractions 0,0,1 scores every class of the folder")
-    fixes.append(f"or lower {asked.split(' ')[0]}")
+        fixes.append(NEW_FOLDER)
     parts = class_parts(folder, task.split_fractions, task.split_file)  # every part's count: fix them all at once
     counts = ", ".join(f"{p} {parts.count(p)}" for p in PARTS) + (f", in no part {parts.count('')}"
                                                                   if "" in parts else "")

@@ -10,6 +10,7 @@ bytes into floats with :func:`to_float`. :func:`prepare_images` does the same to
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -23,6 +24,12 @@ from metalearn.errors import MetalearnError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CHANNEL_MODES = {1: "L", 3: "RGB"}
 ORIENTATION_TAG = 0x0112  # EXIF Orientation: 1 upright, 2-8 mirrored and / or rotated
+# The largest image decode_image reads, in pixels. PIL's own guard against decompression bombs
+# warns past 89.5 megapixels and refuses past 179, which turns away ordinary scans and
+# panoramas (every image is shrunk to the run's image size anyway). Up to this bound they are
+# read (a 300-megapixel RGB image takes about 0.9 GB while decoded, in each decoding process);
+# past it an image is refused in one line naming it and its size, never with PIL's warning.
+MAX_PIXELS = 300_000_000
 
 
 def is_image_file(path: Path) -> bool:
@@ -91,20 +98,49 @@ def _to_8_bits(img: Image.Image) -> Image.Image:
 
 def decode_image(source: Path | str | bytes, image_size: int, channels: int, name: str | None = None) -> np.ndarray:
     """One image file (a path or its bytes) -> ``(channels, S, S)`` uint8; an unreadable file is a
-    :class:`MetalearnError` naming it (``name``, else the path)."""
+    :class:`MetalearnError` naming it (``name``, else the path), and so is an image of more than
+    :data:`MAX_PIXELS` pixels (its size is read from the header, before any pixel is decoded).
+
+    PIL's decompression-bomb limit is replaced by :data:`MAX_PIXELS` for the duration of the
+    call only (``Image.MAX_IMAGE_PIXELS`` is restored afterwards; the decoding is meant for one
+    thread per process, as the folder readers run it)."""
     label = name or str(source if not isinstance(source, bytes) else "<bytes>")
+    saved = Image.MAX_IMAGE_PIXELS
     try:
         stream = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+        # open reads the header only: the size is checked below, with the file's name, rather
+        # than by PIL's warning (which names PIL's source file) or PIL's error
+        Image.MAX_IMAGE_PIXELS = None
         with stream, Image.open(stream) as img:
-            if img.format == "JPEG":  # decode at a reduced scale when the image is far larger (fast, exact enough)
-                img.draft(CHANNEL_MODES[channels], (image_size, image_size))
-            return pil_to_array(img, image_size, channels)
+            _check_pixels(img.size)
+            # frames read later (a GIF's, a TIFF's pages) are held to the same bound by PIL
+            Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                if img.format == "JPEG":  # decode at a reduced scale when the image is far larger (fast, exact enough)
+                    img.draft(CHANNEL_MODES[channels], (image_size, image_size))
+                return pil_to_array(img, image_size, channels)
     except UnidentifiedImageError:
         raise MetalearnError(f"cannot read image {label}: not an image file PIL can decode") from None
     except MetalearnError as err:  # decoded, but pixels metalearn cannot take: name the file
         raise MetalearnError(f"cannot read image {label}: {err}") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):  # a frame past the bound
+        raise MetalearnError(f"cannot read image {label}: it holds a frame of more than {MAX_PIXELS / 1e6:.3g} "
+                             f"megapixels, the most metalearn decodes; {_SHRINK}") from None
+    except (OSError, SyntaxError, ValueError) as err:
         raise MetalearnError(f"cannot read image {label}: {err}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+_SHRINK = "shrink it (e.g. to 4000 pixels on its longer side: it is shrunk to the run's image size anyway) or remove it"
+
+
+def _check_pixels(size: tuple[int, int]) -> None:
+    width, height = size
+    if width * height > MAX_PIXELS:
+        raise MetalearnError(f"{width}x{height} is {width * height / 1e6:.3g} megapixels, more than the "
+                             f"{MAX_PIXELS / 1e6:.3g} metalearn decodes; {_SHRINK}")
 
 
 def to_float(images: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:

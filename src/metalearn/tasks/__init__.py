@@ -44,6 +44,17 @@ def build_task_source(task: TaskConfig, part: str, data_dir: Path | str | None =
     return get_dataset(task.dataset).build(task, shape, part, data_dir, progress)
 
 
+def check_task_source(task: TaskConfig, part: str, data_dir: Path | str | None = None,
+                      progress: bool = True) -> None:
+    """Refuse what :func:`build_task_source` would refuse for ``part``'s episode shape, where the
+    dataset can tell without reading its data (an image folder: from its file names), so that a
+    run whose test episodes cannot be drawn fails before the training images are decoded."""
+    check_data_dir(task, data_dir)
+    dataset = get_dataset(task.dataset)
+    if dataset.check is not None:
+        dataset.check(task, task.for_testing() if part in ("val", "test") else task, part, data_dir, progress)
+
+
 def check_data_dir(task: TaskConfig, data_dir: Path | str | None) -> None:
     """Refuse a ``data_dir`` for tasks that are generated (a formula, a simulator), where it would
     be silently unused."""
@@ -70,4 +81,4 @@ def has_validation(task: TaskConfig) -> bool:
 
 
 __all__ = ["TaskBatch", "TaskSource", "EpisodeSampler", "SinusoidTasks", "SineOrLineTasks",
-           "build_task_source", "check_data_dir", "check_outside_data", "problem_of", "has_validation", "MetalearnError"]
+           "build_task_source", "check_task_source", "check_data_dir", "check_outside_data", "problem_of", "has_validation", "MetalearnError"]

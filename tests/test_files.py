@@ -200,3 +200,86 @@ def test_a_cache_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path,
     message = str(info.value)
     assert ONE_LINE.match(message) and message.endswith("; point METALEARN_CACHE at a writable folder"), message
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_names_the_free_space_there_is_once_the_temporary_file_is_gone(tmp_path, monkeypatch):
+    """The temporary file holds what the write took of the disk: measured with it still there, a
+    full disk read "0 B free" although the failed write's space is free again."""
+    import shutil
+
+    from metalearn import files
+
+    path = tmp_path / "checkpoint.pt"
+    tmp = files.temporary_path(path)
+    seen = []
+    real_disk_usage = shutil.disk_usage
+
+    def disk_usage(folder):
+        seen.append(tmp.exists())
+        return real_disk_usage(folder)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(WriteError, match=r"No space left on device \(.* free there\)$"):
+        atomic_write(path, lambda f: f.write(b"x" * 100_000))
+    assert seen == [False]  # measured once, after the temporary file went
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_probe_finds_a_folder_the_file_system_refuses_and_leaves_nothing(tmp_path, monkeypatch):
+    """``os.access`` says yes to root on any folder, and misses what only the file system
+    decides: the probe creates the very temporary file a write would, and deletes it."""
+    from metalearn.files import probe_writable, temporary_path
+
+    target = tmp_path / "eval.json"
+    target.write_text("the previous evaluation")
+    probe_writable(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"] and target.read_text() == "the previous evaluation"
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if Path(path) == temporary_path(target):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(WriteError, match=rf"^cannot write {re.escape(str(target))}: Read-only file system; the "
+                                         "previous eval.json is unchanged$"):
+        probe_writable(target)
+    monkeypatch.undo()
+    # a link at the temporary file's name is neither followed nor replaced
+    victim = tmp_path / "victim.txt"
+    victim.write_text("important")
+    temporary_path(target).symlink_to(victim)
+    probe_writable(target)
+    assert victim.read_text() == "important" and temporary_path(target).is_symlink()
+
+
+def test_an_exports_cleanup_removes_only_its_own_files_temporaries(tmp_path):
+    """An export killed mid-write leaves ``summary.json.tmp<pid>`` or ``<plot>.png.tmp<pid>`` in
+    OUT_DIR, a folder of the user's: those of dead writers go once old; a file of another
+    program there that looks the same, and a live or recent writer's, stay."""
+    from metalearn.files import remove_export_temporaries
+
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        old = [f"summary.json.tmp{dead.pid}", f"curves.png.tmp{dead.pid}", f"data.csv.tmp{dead.pid}",
+               f"loss.png.tmp{alive.pid}"]
+        young = [f"accuracy.png.tmp{dead.pid}"]
+        for name in old + young + ["summary.json", "curves.png"]:
+            (tmp_path / name).write_text(name)
+        hour_ago = time.time() - 3600
+        for name in old:
+            os.utime(tmp_path / name, (hour_ago, hour_ago))
+        removed = remove_export_temporaries(tmp_path)
+    finally:
+        alive.kill()
+        alive.wait()
+    gone = {f"summary.json.tmp{dead.pid}", f"curves.png.tmp{dead.pid}"}
+    assert {p.name for p in removed} == gone
+    assert {p.name for p in tmp_path.iterdir()} == set(old + young + ["summary.json", "curves.png"]) - gone

@@ -13,6 +13,7 @@ import pytest
 import cli_runner
 import training_process as child
 from metalearn.cli import main
+from metalearn.errors import MetalearnError
 from metalearn.locking import FolderInUse, FolderLock
 from metalearn.runs import RunDir
 
@@ -148,3 +149,46 @@ def test_release_removes_the_folders_the_lock_made_while_they_are_empty(tmp_path
     (tmp_path / "runs" / "a" / "notes.txt").write_text("kept")
     lock.release()
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["runs", "runs/a", "runs/a/notes.txt"]
+
+
+@pytest.mark.parametrize("kind", ["link", "link to nowhere", "folder", "fifo"])
+def test_a_lock_path_that_is_no_plain_file_is_refused_in_one_line_and_left_as_it_is(tmp_path, capsys, kind):
+    """The holder writes its note into .lock and deletes it as it lets go: through a link that
+    would overwrite (then delete) the file linked to, outside the run. Anything but a plain file
+    there is refused before anything is written, and status reads it without blocking."""
+    from metalearn.locking import lock_is_held, read_holder_note
+
+    run = tmp_path / "run"
+    run.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("important\n")
+    lock_path = run / ".lock"
+    make = {"link": lambda: lock_path.symlink_to(victim), "link to nowhere": lambda: lock_path.symlink_to(tmp_path / "no"),
+            "folder": lock_path.mkdir, "fifo": lambda: os.mkfifo(lock_path)}
+    make[kind]()
+    said = {"link": "a symbolic link", "link to nowhere": "a symbolic link", "folder": "a folder", "fifo": "a FIFO"}[kind]
+    code, _, err = cli_runner.run([*TRAIN, "--run-dir", run], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err == (f"error: {lock_path} is {said}, not the lock file metalearn keeps there (a plain file it writes "
+                   f"while a process holds {run}): move it away or delete it, then try again\n")
+    assert victim.read_text() == "important\n" and not (tmp_path / "no").exists()
+    assert os.path.lexists(lock_path) and sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing written
+    assert lock_is_held(lock_path) is False and read_holder_note(lock_path) is None  # no wait on the FIFO
+
+
+def test_a_run_folder_that_is_a_broken_link_says_so(tmp_path, capsys):
+    """A link to nowhere fails every time it is opened: named as such, at once, not as the
+    lock file missing; its target is not created."""
+    run = tmp_path / "run"
+    run.symlink_to(tmp_path / "nowhere")
+    code, _, err = cli_runner.run([*TRAIN, "--run-dir", run], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err == (f"error: {run} is a broken link (to {tmp_path / 'nowhere'}, which does not exist): create "
+                   f"{tmp_path / 'nowhere'} or remove the link, or give another folder than {run}\n")
+    assert not (tmp_path / "nowhere").exists() and run.is_symlink()
+    below = RunDir(run / "sub")  # a folder below the broken link: the link is named
+    with pytest.raises(MetalearnError, match=rf"^{run} is a broken link"):
+        below.lock()
+    (tmp_path / "nowhere").mkdir()  # once its target is there, the link is a run folder like another
+    with RunDir(run).lock() as lock:
+        assert lock.held and (tmp_path / "nowhere" / ".lock").is_file()

@@ -388,3 +388,202 @@ def test_keep_best_ranks_by_the_metric_direction_and_drops_what_it_displaces(tmp
     run.keep_best({"step": 6}, 0.1, keep=1, higher_is_better=True)
     assert [p.name for p in run.best_checkpoints()] == ["step-5.pt"]
     assert (tmp_path / "keep.pt").read_bytes() == b"x" and not (run.best_dir / "step-6.pt").exists()
+
+
+def test_a_full_disk_while_keeping_a_best_checkpoint_is_one_line_and_keeps_best_as_it_was(tmp_path):
+    """Like checkpoint.pt, a best checkpoint is serialised in memory and written whole: a disk
+    that fills midway is a WriteError naming the file, not torch's RuntimeError ("enforce fail
+    at inline_container.cc ... unexpected pos", from the short write a filling disk makes), and
+    the index does not list the file that could not be written. A file size limit makes the
+    writes of a filling disk: a short write, then an error (EFBIG, one of a full disk's)."""
+    import signal
+
+    resource = pytest.importorskip("resource")  # POSIX file size limits
+    run = RunDir(tmp_path)
+    run.keep_best({"step": 1, "weights": torch.zeros(1000)}, 0.5, keep=2, higher_is_better=True)
+    index = (run.best_dir / "index.json").read_bytes()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the error, not the signal that kills
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+    try:
+        with pytest.raises(WriteError, match=rf"^cannot write {run.best_dir / 'step-2.pt'}: File too large "
+                                             r"\(.* free there\)$"):
+            run.keep_best({"step": 2, "weights": torch.ones(100_000)}, 0.9, keep=2, higher_is_better=True)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert (run.best_dir / "index.json").read_bytes() == index
+    assert sorted(p.name for p in run.best_dir.iterdir()) == ["index.json", "step-1.pt"]
+
+
+class Killed(BaseException):
+    """A SIGKILL, as far as the files are concerned: nothing after it runs (not even ``except
+    Exception`` blocks)."""
+
+
+# a run validating every step, with checkpoints on even steps: (step, score), higher is better
+VALIDATIONS = [(1, 0.5), (2, 0.7), (3, 0.6), (4, 0.9), (5, 0.8), (6, 0.95)]
+
+
+def best_files(run: RunDir) -> dict[str, object]:
+    """best/ as a reader sees it: the index, and each file's step."""
+    return {"index": json.loads((run.best_dir / "index.json").read_text()),
+            "files": {p.name: torch.load(p, weights_only=True)["step"] for p in sorted(run.best_dir.glob("*.pt"))}}
+
+
+@pytest.mark.parametrize("killed_at", [step for step, _ in VALIDATIONS])
+@pytest.mark.parametrize("moment", ["checkpoint written, not listed", "index written, displaced not deleted",
+                                    "resume's drop: index written, files not deleted"])
+def test_a_kill_anywhere_in_keeping_the_best_leaves_best_as_an_uninterrupted_run_has_it(tmp_path, monkeypatch,
+                                                                                        killed_at, moment):
+    """best/ is updated file first, then the index, then the displaced file deleted: a kill
+    between two of these leaves a file the index does not list (never a listed one missing),
+    which the next holder of the run's lock deletes. The resumed run (from the last checkpoint,
+    dropping the best checkpoints after it, validating those steps again) then ends with the
+    very best/ of a run never killed."""
+    import metalearn.runs as runs
+
+    alone = RunDir(tmp_path / "alone")
+    for step, score in VALIDATIONS:
+        alone.keep_best({"step": step}, score, keep=2, higher_is_better=True)
+
+    run = RunDir(tmp_path / "run")
+    checkpoint = (killed_at - 1) // 2 * 2  # validation comes before the checkpoint of its step
+    for step, score in VALIDATIONS[:killed_at - 1]:
+        run.keep_best({"step": step}, score, keep=2, higher_is_better=True)
+    real_save, real_replace = runs.save_state, runs.atomic_write_bytes
+
+    def kill_after_save(path, state):
+        real_save(path, state)
+        raise Killed
+
+    def kill_after_index(path, data):
+        real_replace(path, data)
+        if path.name == "index.json":
+            raise Killed
+
+    resumed_at = checkpoint
+    if moment == "checkpoint written, not listed":
+        monkeypatch.setattr(runs, "save_state", kill_after_save)
+    elif moment == "index written, displaced not deleted":
+        monkeypatch.setattr(runs, "atomic_write_bytes", kill_after_index)
+    try:
+        run.keep_best({"step": killed_at}, dict(VALIDATIONS)[killed_at], keep=2, higher_is_better=True)
+        if moment == "resume's drop: index written, files not deleted":
+            # killed again, as the resume drops what came after its checkpoint
+            monkeypatch.setattr(runs, "atomic_write_bytes", kill_after_index)
+            run.drop_best_after(checkpoint)
+    except Killed:
+        pass
+    monkeypatch.undo()
+    # whatever a kill left, the index lists no missing file: a reader never fails on it
+    listed = json.loads((run.best_dir / "index.json").read_text()) if (run.best_dir / "index.json").exists() else {}
+    assert all((run.best_dir / name).is_file() for name in listed)
+
+    with run.lock():  # the resume: its lock's holder deletes the unlisted files, then it goes on
+        listed = json.loads((run.best_dir / "index.json").read_text()) if listed else {}
+        assert sorted(p.name for p in run.best_dir.glob("*.pt")) == sorted(listed)
+        run.drop_best_after(resumed_at)
+        for step, score in VALIDATIONS[resumed_at:]:
+            run.keep_best({"step": step}, score, keep=2, higher_is_better=True)
+    assert best_files(run) == best_files(alone)
+    assert sorted(p.name for p in run.best_dir.iterdir()) == sorted(p.name for p in alone.best_dir.iterdir())
+
+
+def test_best_checkpoints_replaced_while_they_are_read_are_read_again_from_the_new_index(tmp_path, monkeypatch):
+    """`eval --ensemble` beside a training run: between reading best/index.json and loading a
+    file it lists, the run can displace that file by a better one. The reader then reads the
+    index again and loads the whole new set (never two indexes mixed); the file found gone is
+    never called a run to train first, nor a damaged best/ to delete."""
+    import metalearn.runs as runs
+
+    run = RunDir(tmp_path)
+    for step, score in ((1, 0.5), (2, 0.6)):
+        run.keep_best({"step": step}, score, keep=2, higher_is_better=True)
+    # what callers did so far: the paths, then each loaded; the writer moves in between
+    paths = run.best_checkpoints()
+    run.keep_best({"step": 3}, 0.9, keep=2, higher_is_better=True)  # displaces step 1
+    assert run.read_checkpoint(path=paths[0])["step"] == 2
+    with pytest.raises(MetalearnError) as caught:
+        run.read_checkpoint("step", path=paths[1])
+    assert str(caught.value).startswith(f"{paths[1]} is gone: the run dropped it from its best checkpoints")
+    assert "train first" not in str(caught.value)
+
+    loaded = []
+
+    def load(path):  # the writer displaces the file the reader is about to load next
+        if not loaded:
+            run.keep_best({"step": 4}, 0.95, keep=2, higher_is_better=True)  # displaces step 2, listed second
+        loaded.append(path.name)
+        return run.read_checkpoint("step", path=path)["step"]
+
+    assert run.read_best_checkpoints(load) == [4, 3]
+    assert loaded == ["step-3.pt", "step-2.pt", "step-4.pt", "step-3.pt"]
+    assert [state["step"] for state in run.read_best_checkpoints()] == [4, 3]
+    # a file found missing while the index changes under the reader is looked up in the new index
+    real_read = runs.read_json_object
+    moved = []
+
+    def read_then_displace(path, advice):
+        data = real_read(path, advice)
+        if path.name == "index.json" and not moved:
+            moved.append(path)  # first: keep_best reads the index too
+            run.keep_best({"step": 5}, 0.99, keep=2, higher_is_better=True)  # displaces step 3
+        return data
+
+    monkeypatch.setattr(runs, "read_json_object", read_then_displace)
+    assert [p.name for p in run.best_checkpoints()] == ["step-5.pt", "step-4.pt"]
+    # a writer faster than any read: a clear line, after a bounded number of tries
+    monkeypatch.setattr(runs, "read_json_object", real_read)
+    step = iter(range(6, 100))
+
+    def always_displaced(path):
+        run.keep_best({"step": next(step)}, 1.0 + len(loaded), keep=1, higher_is_better=True)
+        loaded.append(path)
+        return run.read_checkpoint(path=path)
+
+    with pytest.raises(MetalearnError, match=rf"^the best checkpoints of {tmp_path} changed 10 times while they "
+                                             "were read"):
+        run.read_best_checkpoints(always_displaced)
+
+
+def test_an_eval_file_that_cannot_be_written_is_found_before_the_evaluation(tmp_path, monkeypatch):
+    """What `metalearn eval` can call before evaluating: the file's own checks (a folder in its
+    place, a read-only file), then a probe of the file system, which ``os.access`` does not see
+    for root (a read-only mount, permissions the server decides); nothing is left behind."""
+    run = RunDir(tmp_path)
+    assert run.writable_eval_file() == tmp_path / "eval.json"
+    assert run.writable_eval_file({"ways": 20}, "val") == tmp_path / "eval-part=val-ways=20.json"
+    assert list(tmp_path.iterdir()) == []
+    real_open = os.open
+
+    def read_only_mount(path, flags, *args):
+        if flags & os.O_CREAT:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only_mount)
+    with pytest.raises(WriteError, match=rf"^cannot write {tmp_path / 'eval.json'}: Read-only file system$"):
+        run.writable_eval_file()
+    monkeypatch.undo()
+    (tmp_path / "eval.json").mkdir()
+    with pytest.raises(MetalearnError, match="eval writes .*eval.json is a folder"):
+        run.writable_eval_file()
+
+
+def test_a_hand_edited_config_or_checkpoint_step_is_named_as_the_file_has_it(tiny_run, tmp_path, capsys):
+    """A value of the wrong type in config.json is named by its field and the file, never as a
+    command-line flag nobody typed; a checkpoint whose step is no count is unreadable in one
+    line, for status and export as for eval."""
+    run_dir = copy_of(tiny_run, tmp_path)
+    config = json.loads((run_dir / "config.json").read_text())
+    config["method_config"]["inner_lr"] = "fast"
+    (run_dir / "config.json").write_text(json.dumps(config))
+    refused(*cli_runner.run(["eval", run_dir, "--episodes", 2, "--no-progress"], capsys)[::2],
+            f"error: {run_dir / 'config.json'}: invalid run configuration: MAML.Config.inner_lr")
+    shutil.copy(tiny_run / "config.json", run_dir / "config.json")
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    state["step"] = "abc"
+    torch.save(state, run_dir / "checkpoint.pt")
+    for command in (["status", run_dir], ["export", run_dir, tmp_path / "out"], ["eval", run_dir, "--episodes", 2]):
+        refused(*cli_runner.run(command, capsys)[::2], "its step is 'abc', not a count of meta-steps")

@@ -25,7 +25,7 @@ from metalearn.errors import ConfigError, MetalearnError, MetalearnWarning, Trai
 from metalearn.evaluation import EPISODE_CHUNK, evaluate
 from metalearn.options import option_defaults
 from metalearn.runs import RunDir, atomic_write_bytes, claim_new_run_dir, default_runs_root, new_run_name
-from metalearn.files import check_writable_file
+from metalearn.files import check_writable_file, remove_export_temporaries
 from metalearn.tasks import has_validation
 from metalearn.checkpoints import check_same_method, check_test_ways, configuration_conflict, load_trained
 from metalearn.training import TEST_SEED_OFFSET, build_trainer, part_seed_offset, resume_command
@@ -419,7 +419,7 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     config, split_labels = with_split(config, split_fractions, split_file, run_dir, data_dir)
     split_record = _split_record(split_fractions, split_file) if split_labels else {}  # the run's own: nothing
     if ensemble:
-        paths = ensemble_checkpoints(run_dir, config)  # refused before anything is evaluated
+        ensemble_checkpoints(run_dir, config)  # refused before anything is evaluated
     if protocol is not None:  # on the run's test shape, or ``episode_shape`` (e.g. 20-way episodes)
         labels = {**evaluation_labels(config, overrides, episode_shape, episodes, seed), **split_labels,
                   "protocol": protocol}
@@ -432,7 +432,8 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     if ensemble:
         from metalearn.evaluation import Ensemble
 
-        members = [load_trained(run_dir, overrides, path) for path in paths]
+        # one reading of best/index.json, read again where a training run displaced a listed file meanwhile
+        members = RunDir(run_dir).read_best_checkpoints(lambda path: load_trained(run_dir, overrides, path))
         learner = Ensemble([member for _, member, _ in members])
     if episode_shape:
         config = with_test_shape(config, episode_shape)
@@ -849,6 +850,7 @@ def _write_record(run: RunDir, config: RunConfig, state: dict[str, Any], plots: 
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_export_temporaries(out)  # of an export killed while writing here
     written = []
     for plot in plots:
         atomic_write_bytes(out / plot.name, plot.read_bytes())
@@ -900,7 +902,7 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
 
     from metalearn.evaluation import HIGHER_IS_BETTER
     from metalearn.files import process_running
-    from metalearn.locking import lock_is_held
+    from metalearn.locking import lock_is_held, read_holder_note
 
     run = RunDir(run_dir)
     config = run.read_config()
@@ -917,13 +919,8 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     if run.has_checkpoint():
         state = run.read_checkpoint("step")
         status.update(step=int(state["step"]), training_time_s=float(state.get("elapsed_s", 0.0)))
-    holder = None
-    try:
-        note = json.loads(run.lock_path.read_text())
-        if isinstance(note, dict) and isinstance(note.get("pid"), int):
-            holder = note
-    except (OSError, ValueError):
-        pass  # no lock file: no one trains here (its holder deletes it as it lets go)
+    note = read_holder_note(run.lock_path)  # None without a lock file: its holder deletes it as it lets go
+    holder = note if note is not None and isinstance(note.get("pid"), int) else None
     held = lock_is_held(run.lock_path) if holder is not None else False
     elsewhere = holder is not None and holder.get("host") != socket.gethostname()
     if elsewhere and held:

@@ -310,9 +310,8 @@ def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots,
         labels["ensemble"] = len(ensemble_checkpoints(run_dir, config))
     if protocol is not None:
         labels["protocol"] = protocol
-    target = RunDir(run_dir).eval_file(labels, part)
     try:  # before the evaluation, which can take long: a run folder that is read-only (archived, another user's)
-        check_writable_file("eval writes", target, "eval.json")
+        target = RunDir(run_dir).writable_eval_file(labels, part)
     except MetalearnError as err:
         raise MetalearnError(f"{err}: copy the run folder to one you can write and evaluate the copy") from None
     earlier = describe_evaluation(target)  # said when it is replaced

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import os
 import re
 import shutil
@@ -91,11 +92,35 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_directory(path.parent)
-    except OSError as err:
-        raise WriteError(path, err) from None
-    finally:
+    except BaseException as err:
+        # the temporary file goes before the error is made: on a full disk it holds the space
+        # the write took, and the message names the free space there is once it is gone
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise WriteError(path, err) from None
+        raise
+
+
+def probe_writable(path: Path) -> None:
+    """Create this process's temporary file for ``path`` (:func:`temporary_path`, the one
+    :func:`atomic_write` would write) and delete it again: raises :class:`WriteError` where the
+    file system refuses. The surest answer to whether ``path`` can be written (``os.access``
+    does not see everything: a superuser on a folder without write permission of a file
+    system that refuses it anyway, some network and FUSE file systems); it leaves nothing and
+    touches no existing file. For a check before long work, after :func:`check_writable_file`."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    try:
+        # O_EXCL and O_NOFOLLOW: never opens (or truncates) anything that is there already
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except FileExistsError:
+        return  # our own temporary file, left by a write of this process cut short: the folder takes files
+    except OSError as err:
+        raise WriteError(path, err) from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        tmp.unlink()
 
 
 def append_line(path: Path, line: str) -> None:
@@ -139,7 +164,8 @@ def process_running(pid: int) -> bool:
 
 
 def remove_temporaries(folder: Path, owned: Iterable[str] = (), unowned_age_s: float = UNOWNED_TEMPORARY_AGE_S,
-                       now: float | None = None, all_owned: bool = False) -> list[Path]:
+                       now: float | None = None, all_owned: bool = False,
+                       among: Iterable[str] | None = None) -> list[Path]:
     """Delete the temporary files (``<name>.tmp<pid>``) that writers killed mid-write left in
     ``folder``; returns the paths deleted.
 
@@ -149,8 +175,12 @@ def remove_temporaries(folder: Path, owned: Iterable[str] = (), unowned_age_s: f
     every name (a folder only the lock's holder writes, a run's ``best/``). Any other temporary file goes
     only when its process is not running on this machine and it has not been written to for
     ``unowned_age_s`` seconds (its writer might be on another machine sharing the folder).
-    The caller's own temporary files are never touched."""
+    ``among``: where given, only the temporary files of names matching one of these patterns
+    (``fnmatch``, e.g. ``("summary.json", "*.png")``) are considered at all: in a folder the
+    user chose, other programs' ``<name>.tmp<N>`` files are theirs. The caller's own temporary
+    files are never touched."""
     owned = set(owned)
+    patterns = None if among is None else tuple(among)
     now = time.time() if now is None else now
     removed = []
     try:
@@ -160,6 +190,8 @@ def remove_temporaries(folder: Path, owned: Iterable[str] = (), unowned_age_s: f
     for entry in entries:
         match = TEMPORARY_NAME.fullmatch(entry.name)
         if match is None or int(match["pid"]) == os.getpid():
+            continue
+        if patterns is not None and not any(fnmatch.fnmatchcase(match["name"], p) for p in patterns):
             continue
         if not all_owned and match["name"] not in owned:
             try:
@@ -175,6 +207,15 @@ def remove_temporaries(folder: Path, owned: Iterable[str] = (), unowned_age_s: f
         except OSError:
             continue  # gone already (another cleaner was first), or not ours to delete
     return removed
+
+
+def remove_export_temporaries(out_dir: Path) -> list[Path]:
+    """Delete, in an export's ``out_dir``, the temporary files of ``summary.json`` and of the
+    plots (``*.png``) that a killed export left; returns them. No lock guards ``out_dir``, so a
+    temporary file goes only once its process is gone from this machine and it is
+    :data:`UNOWNED_TEMPORARY_AGE_S` old (an export on another machine sharing the folder may be
+    writing it); other files, ``.tmp<N>`` ones of other programs included, are never touched."""
+    return remove_temporaries(out_dir, among=("summary.json", "*.png"))
 
 
 def check_writable_file(option: str, path: Path | str, example: str, suffix: str | None = None) -> None:

@@ -39,6 +39,7 @@ import itertools
 import json
 import os
 import socket
+import stat
 import sys
 import warnings
 from pathlib import Path
@@ -49,6 +50,10 @@ from metalearn.files import process_running
 
 UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENOTSUP}
 
+# the lock file is opened without following a link: it is written (its holder's note) and
+# deleted, so a link there would have the note written over the file it points to
+NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
 
 def lock_is_held(path: Path | str) -> bool | None:
     """Whether a process holds the lock at ``path`` now: True, False (free, or no file), or
@@ -57,10 +62,17 @@ def lock_is_held(path: Path | str) -> bool | None:
     reused) reads as free; a holder taking the lock in that same instant would be refused as if
     the folder were in use, and can simply try again."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        # not through a link, and never waiting on a FIFO put there: no holder locks either
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | NO_FOLLOW | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return False
+    except OSError as err:
+        if err.errno == errno.ELOOP:  # a link: FolderLock.take refuses it, so no process holds it
+            return False
+        raise
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False  # FolderLock.take refuses anything else: no process holds it
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
@@ -77,6 +89,33 @@ class FolderInUse(MetalearnError):
     """Another process holds the folder's lock; the message names it."""
 
 
+class NotALockFile(MetalearnError):
+    """The lock's path holds something other than a plain file (a link, a folder, a device...),
+    or its folder is a link to nowhere: nothing there is taken, written or deleted."""
+
+
+def _kind(mode: int) -> str:
+    return ("a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else
+            "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a plain file")
+
+
+def _not_a_lock_file(path: Path, mode: int) -> NotALockFile:
+    return NotALockFile(f"{path} is {_kind(mode)}, not the lock file metalearn keeps there (a plain file it writes "
+                        f"while a process holds {path.parent}): move it away or delete it, then try again")
+
+
+def _broken_link(folder: Path) -> NotALockFile | None:
+    """The refusal for a ``folder`` that is, or lies below, a symbolic link to nowhere (no lock
+    file can be made there, and making the link's target is not ours to do); None if none is."""
+    for f in (folder, *folder.parents):
+        if f.is_symlink() and not f.exists():
+            target = os.readlink(f)
+            return NotALockFile(f"{f} is a broken link (to {target}, which does not exist): create {target} "
+                                f"or remove the link, or give another folder than {folder}")
+    return None
+
+
 def holder_note(purpose: str) -> dict:
     program = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
     name = program.parent.name if program.name == "__main__.py" else program.name  # python -m metalearn
@@ -85,12 +124,33 @@ def holder_note(purpose: str) -> dict:
             "since": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
 
 
+def read_holder_note(lock_path: Path | str) -> dict | None:
+    """The note the holder of ``lock_path`` wrote (:func:`holder_note`: ``pid``, ``host``, ...),
+    or None where there is none to read: no file, one cut short or edited, or something other
+    than a plain file (read neither through a link nor from a FIFO, which would block). The
+    note says who took the lock last; :func:`lock_is_held` says whether it is held now."""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | os.O_NONBLOCK | NO_FOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            note = json.loads(f.read(64 * 1024))
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    return note if isinstance(note, dict) else None
+
+
 def describe_holder(lock_path: Path) -> str:
     """Who holds ``lock_path``, from the note its holder wrote, for a message."""
     try:
-        note = json.loads(lock_path.read_text())
+        note = read_holder_note(lock_path)
         pid, host = int(note["pid"]), str(note["host"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return "another process (it has not written its name yet)"
     where = "this machine" if host == socket.gethostname() else f"host {host}"
     ended = ", which has ended (a process it started still holds the lock)" if (
@@ -138,13 +198,41 @@ class FolderLock:
         path = Path(path)
         made: list[Path] = []
         for attempt in itertools.count():
-            made += make_folders(path.parent)
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-            except FileNotFoundError:  # the holder we waited for removed the folder as it let go
-                if attempt < 100:  # (a link to nowhere on the path would fail every time)
+                made += make_folders(path.parent)
+            except FileNotFoundError:  # a folder on the way is a link to nowhere, or went meanwhile
+                broken = _broken_link(path.parent)
+                if broken is not None:
+                    raise broken from None
+                if attempt < 100:
                     continue
                 raise
+            try:
+                # a link or special file in place of the lock file is refused, never followed
+                # or opened: the holder writes its note into the file and deletes it at the end
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                mode = None
+            if mode is not None and not stat.S_ISREG(mode):
+                raise _not_a_lock_file(path, mode)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | NO_FOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+            except FileNotFoundError:  # the holder we waited for removed the folder as it let go
+                broken = _broken_link(path.parent)
+                if broken is not None:  # fails every time: say why at once
+                    raise broken from None
+                if attempt < 100:
+                    continue
+                raise
+            except OSError as err:  # replaced by a link or a folder since the lstat
+                if err.errno in (errno.ELOOP, errno.EISDIR):
+                    mode = os.lstat(path).st_mode if os.path.lexists(path) else stat.S_IFLNK
+                    raise _not_a_lock_file(path, mode) from None
+                raise
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):  # a FIFO or device put there since the lstat
+                os.close(fd)
+                raise _not_a_lock_file(path, mode)
             made_folders = tuple(sorted(dict.fromkeys(made), key=lambda f: len(f.parts), reverse=True))
             try:
                 try:

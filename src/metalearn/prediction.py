@@ -225,6 +225,9 @@ def write_together(outputs: list[tuple[Path, bytes]]) -> None:
                     f.flush()
                     os.fsync(f.fileno())
             except OSError as err:
+                for _, partial in written:  # gone first: the message measures the free space there is
+                    with contextlib.suppress(OSError):
+                        partial.unlink(missing_ok=True)
                 raise WriteError(path, err) from None
         for path, tmp in written:
             try:

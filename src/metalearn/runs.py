@@ -25,20 +25,37 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
 from metalearn.config import RunConfig
 from metalearn.data.splits import RUN_SPLIT_NAME
 from metalearn.errors import MetalearnError
-from metalearn.files import (WriteError, append_line, atomic_write, atomic_write_bytes, fsync_directory,  # noqa: F401
-                             remove_temporaries)
+from metalearn.files import (WriteError, append_line, atomic_write, atomic_write_bytes, check_writable_file,  # noqa: F401
+                             fsync_directory, probe_writable, remove_temporaries)
 from metalearn.locking import FolderInUse, FolderLock
 
 # what only the process holding a run folder's lock writes: a temporary file of these is never
 # a live write of someone else's
 WRITER_FILES = ("config.json", "checkpoint.pt", "metrics.jsonl", RUN_SPLIT_NAME)
+
+# how often a reader of best/ reads index.json again when a file it listed vanished: the
+# training run replaces the index at most once per validation, so a second read nearly always
+# finds a settled one; the bound only keeps a reader from spinning forever on a run that
+# validates faster than the reader loads its checkpoints
+BEST_READ_ATTEMPTS = 10
+
+T = TypeVar("T")
+
+
+class CheckpointMissing(MetalearnError):
+    """A checkpoint file that was to be read does not exist (``path``): never trained, or, for a
+    best checkpoint, dropped by the training run after the reader read ``best/index.json``."""
+
+    def __init__(self, message: str, path: Path):
+        super().__init__(message)
+        self.path = Path(path)
 
 
 def default_runs_root() -> Path:
@@ -76,6 +93,17 @@ def _best_step(file: str) -> int | None:
     """The step of a best checkpoint's file name (``step-N.pt``); None for any other name."""
     match = re.fullmatch(r"step-(\d+)\.pt", file)
     return int(match.group(1)) if match else None
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` (a checkpoint) as ``path``, whole (atomically). Serialised in memory
+    first: torch's zip writer, streaming into the file, would turn a full disk into a
+    ``RuntimeError`` ("enforce fail at inline_container.cc ... unexpected pos") without the
+    file's name; written by :func:`~metalearn.files.atomic_write_bytes` it is a one-line
+    :class:`~metalearn.files.WriteError` naming the file and the free space."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getbuffer())
 
 
 class RunDir:
@@ -133,6 +161,7 @@ class RunDir:
             "(or stop it), or choose another --run-dir"))
         remove_temporaries(self.path, owned=WRITER_FILES)
         remove_temporaries(self.best_dir, all_owned=True)  # kept checkpoints: written only under this lock
+        self._remove_unlisted_best()
         remove_temporaries(self.plots_dir)
         return lock
 
@@ -174,20 +203,26 @@ class RunDir:
         ``config.json`` (not a run folder) or it is not valid JSON or not a valid configuration."""
         if not self.config_path.is_file():
             raise MetalearnError(f"{self.path} is not a metalearn run directory (no config.json)")
+        from metalearn.algorithms import make_method_config
+        from metalearn.errors import ConfigError
+
         data = read_json_object(self.config_path, "put back the run's own config.json")
-        return RunConfig.from_dict(data)
+        try:
+            config = RunConfig.from_dict(data)
+            make_method_config(config.method, config.method_config)  # a value edited by hand: named here
+        except ConfigError as err:  # as the file spells it, never as a command-line flag nobody typed
+            raise MetalearnError(f"{self.config_path}: invalid run configuration: {err}") from None
+        except MetalearnError as err:
+            raise MetalearnError(f"{self.config_path}: {err}") from None
+        return config
 
     # -- checkpoint ----------------------------------------------------------------------------
 
     def write_checkpoint(self, state: dict[str, Any]) -> None:
         """Write to a temporary file, flush to disk, then rename over the old checkpoint: a
-        kill at any moment leaves either the old or the new checkpoint, never half of one. The
-        state is serialised in memory first: torch's zip writer would turn a full disk into a
-        ``RuntimeError`` without the file's name; written here it is a one-line
-        :class:`~metalearn.files.WriteError` naming the file and the free space."""
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        atomic_write_bytes(self.checkpoint_path, buffer.getbuffer())
+        kill at any moment leaves either the old or the new checkpoint, never half of one. A
+        full disk is a one-line :class:`~metalearn.files.WriteError` (see :func:`save_state`)."""
+        save_state(self.checkpoint_path, state)
 
     def has_checkpoint(self) -> bool:
         """Whether ``checkpoint.pt`` exists (the run can be resumed, evaluated and plotted)."""
@@ -199,8 +234,19 @@ class RunDir:
         (``"step"``, ``"config"``, ``"learner"``, ...); a file that lacks one, or that holds no
         dict at all, is refused as not a metalearn checkpoint instead of failing where it is read."""
         checkpoint_path = self.checkpoint_path if path is None else Path(path)
+
+        def missing() -> CheckpointMissing:
+            if path is None:
+                return CheckpointMissing(f"no checkpoint in {self.path}: train first (metalearn train ...)",
+                                         checkpoint_path)
+            if checkpoint_path.parent == self.best_dir:  # listed by best/index.json when the caller read it
+                return CheckpointMissing(f"{checkpoint_path} is gone: the run dropped it from its best checkpoints "
+                                         "after best/index.json was read (it is training): evaluate again",
+                                         checkpoint_path)
+            return CheckpointMissing(f"checkpoint {checkpoint_path} does not exist", checkpoint_path)
+
         if not checkpoint_path.is_file():
-            raise MetalearnError(f"no checkpoint in {self.path}: train first (metalearn train ...)")
+            raise missing()
 
         def unreadable(why: str) -> MetalearnError:
             # torch's own message spans lines and suggests weights_only=False: never for a file of unknown origin
@@ -213,14 +259,19 @@ class RunDir:
             state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         except PermissionError:
             raise  # not the file's content: the CLI names the file and the refusal
+        except FileNotFoundError:  # deleted since is_file (a best checkpoint its run displaced)
+            raise missing() from None
         except Exception as err:  # torch raises many kinds for a damaged file
             raise unreadable(type(err).__name__) from None
         if not isinstance(state, dict):
             raise unreadable(f"it holds a {type(state).__name__}, not a dict")
-        missing = [repr(key) for key in needed if key not in state]
-        if missing:
-            others = ", ".join(missing[:-1]) + " or " if missing[:-1] else ""
-            raise unreadable(f"it has no {others}{missing[-1]}")
+        absent = [repr(key) for key in needed if key not in state]
+        if absent:
+            others = ", ".join(absent[:-1]) + " or " if absent[:-1] else ""
+            raise unreadable(f"it has no {others}{absent[-1]}")
+        step = state.get("step")
+        if "step" in state and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise unreadable(f"its step is {step!r}, not a count of meta-steps")
         return state
 
     def keep_best(self, state: dict[str, Any], score: float, keep: int, higher_is_better: bool) -> None:
@@ -237,8 +288,12 @@ class RunDir:
         ranked = sorted((file for file in index if _best_step(file) is not None),
                         key=lambda file: (-index[file] if higher_is_better else index[file], _best_step(file)))
         kept = {file: index[file] for file in ranked[:keep]}
+        # the order makes every moment of a kill safe: the checkpoint is in place before the
+        # index lists it, and a file is deleted only once the index no longer lists it, so
+        # best/index.json never names a missing file; what a kill in between leaves (a file not
+        # listed) is deleted by the next holder of the lock (:meth:`_remove_unlisted_best`)
         if name in kept:
-            atomic_write(self.best_dir / name, lambda f: torch.save(state, f))
+            save_state(self.best_dir / name, state)
         self._replace_best_index(index, kept)
 
     def drop_best_after(self, step: int) -> None:
@@ -254,6 +309,29 @@ class RunDir:
         index_path = self.best_dir / "index.json"
         return read_json_object(index_path, "delete best/ to start it afresh") if index_path.is_file() else {}
 
+    def _remove_unlisted_best(self) -> list[Path]:
+        """Delete the ``best/step-N.pt`` files that ``best/index.json`` does not list (all of them
+        where there is no index), and return them: what a writer killed inside :meth:`keep_best`
+        or :meth:`drop_best_after` left (a checkpoint written but not yet listed, or no longer
+        listed but not yet deleted). Only the holder of the run's lock writes best/ and it calls
+        this before writing, so no such file is a write in progress; readers only open listed
+        files. An index that cannot be read leaves every file alone (its next reader says so)."""
+        try:
+            index = self._read_best_index()
+            entries = list(self.best_dir.iterdir())
+        except (MetalearnError, OSError):
+            return []
+        removed = []
+        for entry in entries:
+            if _best_step(entry.name) is not None and entry.name not in index:
+                try:
+                    if entry.is_file() or entry.is_symlink():
+                        entry.unlink()
+                        removed.append(entry)
+                except OSError:
+                    continue  # gone already, or not ours to delete: the next holder tries again
+        return removed
+
     def _replace_best_index(self, index: dict[str, Any], kept: dict[str, Any]) -> None:
         """Write ``kept`` as ``best/index.json``, then delete the checkpoints of ``index`` it leaves
         out. Index first: a kill in between leaves an unlisted file, never a listed missing one.
@@ -264,20 +342,60 @@ class RunDir:
                 (self.best_dir / file).unlink(missing_ok=True)
 
     def best_checkpoints(self) -> list[Path]:
-        """The checkpoints :meth:`keep_best` kept, best first."""
+        """The checkpoints :meth:`keep_best` kept, best first. A training run may replace them
+        meanwhile (it lists a new file, then deletes the one displaced): a listed file found
+        missing is a damaged best/ only when a fresh read of the index still lists it; else the
+        fresh index is used. A caller that loads the files can still find one gone by then:
+        :meth:`read_best_checkpoints` loads them and reads the index again when it does."""
         index_path = self.best_dir / "index.json"
-        if not index_path.is_file():
-            raise MetalearnError(f"{self.path} kept no best checkpoints: train with --keep-best N (and validation) "
-                                 "to evaluate an ensemble")
-        index = read_json_object(index_path, "train the run again with --keep-best N")
-        if not index:  # validation kept none yet, or a resume forgot those after the last checkpoint
-            raise MetalearnError(f"{self.path} holds no best checkpoints yet ({index_path} lists none): train on "
-                                 "until it validates, then evaluate the ensemble")
-        for file in index:
-            if _best_step(file) is None or not (self.best_dir / file).is_file():
-                raise MetalearnError(f"{index_path} lists {file}, which is not a best checkpoint in "
+
+        def read_index() -> dict[str, Any]:
+            if not index_path.is_file():
+                raise MetalearnError(f"{self.path} kept no best checkpoints: train with --keep-best N (and "
+                                     "validation) to evaluate an ensemble")
+            return read_json_object(index_path, "train the run again with --keep-best N")
+
+        index = read_index()
+        for _ in range(BEST_READ_ATTEMPTS):
+            if not index:  # validation kept none yet, or a resume forgot those after the last checkpoint
+                raise MetalearnError(f"{self.path} holds no best checkpoints yet ({index_path} lists none): train "
+                                     "on until it validates, then evaluate the ensemble")
+            for file in index:
+                if _best_step(file) is None:
+                    raise MetalearnError(f"{index_path} lists {file}, which is not a best checkpoint in "
+                                         f"{self.best_dir}: delete best/ and train with --keep-best N again")
+            gone = [file for file in index if not (self.best_dir / file).is_file()]
+            if not gone:
+                return [self.best_dir / file for file in index]
+            again = read_index()
+            if again == index:  # not a replacement under way: the file is missing for good
+                raise MetalearnError(f"{index_path} lists {gone[0]}, which is not a best checkpoint in "
                                      f"{self.best_dir}: delete best/ and train with --keep-best N again")
-        return [self.best_dir / file for file in index]
+            index = again
+        raise self._best_kept_changing()
+
+    def _best_kept_changing(self) -> MetalearnError:
+        return MetalearnError(f"the best checkpoints of {self.path} changed {BEST_READ_ATTEMPTS} times while they "
+                              "were read (its training validates faster than they load): evaluate again, or "
+                              "once the run has finished")
+
+    def read_best_checkpoints(self, load: Callable[[Path], T] | None = None) -> list[T]:
+        """``load(path)`` of each of :meth:`best_checkpoints`, best first, all from one reading
+        of ``best/index.json``: where a listed file vanished before ``load`` opened it (the
+        training run displaced it by a better one), the index is read again and every file
+        loaded anew, so the result never mixes two indexes or misses a member. A file is never
+        changed in place (``step-N.pt`` always holds step N), so what was loaded stays valid.
+        ``load`` (default: :meth:`read_checkpoint` of the file, the state dict) must let the
+        :class:`CheckpointMissing` of :meth:`read_checkpoint` through."""
+        load = load if load is not None else (lambda path: self.read_checkpoint(path=path))
+        for _ in range(BEST_READ_ATTEMPTS):
+            paths = self.best_checkpoints()
+            try:
+                return [load(path) for path in paths]
+            except CheckpointMissing as err:
+                if err.path not in paths:
+                    raise  # not one of the best checkpoints: the caller's own matter
+        raise self._best_kept_changing()
 
     def best_steps(self) -> list[int]:
         """The steps of :meth:`best_checkpoints`, best first."""
@@ -334,6 +452,18 @@ class RunDir:
             return f"delete it or rerun `metalearn eval {self.path}`{options}"
 
         return {path.stem: read_json_object(path, advice(path)) for path in sorted(self.path.glob("eval*.json"))}
+
+    def writable_eval_file(self, labels: dict[str, Any] | None = None, part: str = "test") -> Path:
+        """:meth:`eval_file`, after making sure it can be written: refused (a one-line
+        :class:`MetalearnError`) when it is a folder, a link or a read-only file, when the run
+        folder cannot be written (:func:`~metalearn.files.check_writable_file`), and when the
+        file system refuses to create its temporary file there (a read-only mount, a quota,
+        permissions that ``access`` does not see: :func:`~metalearn.files.probe_writable`).
+        For a caller about to evaluate, which can take long, before it starts."""
+        path = self.eval_file(labels, part)
+        check_writable_file("eval writes", path, "eval.json")
+        probe_writable(path)
+        return path
 
     def write_eval(self, result: dict[str, Any], overrides: dict[str, Any] | None = None,
                    part: str = "test") -> Path:

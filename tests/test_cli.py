@@ -1082,3 +1082,9 @@ def test_status_json_is_always_json(tmp_path, capsys, monkeypatch):
     assert code == 0 and json.loads(out) == [] and "no runs in" in err
     code, out, err = run(["status", "--json", tmp_path / "nothing"], capsys)
     assert code == 2 and json.loads(out) == [] and err.startswith("error: ")
+
+
+def test_an_option_before_the_method_says_where_options_go(capsys):
+    code, _, err = run(["train", "--dataset", "omniglot", "protonet"], capsys)
+    assert code == 2 and err == ("error: No such option '--dataset': the options come after the method, metalearn train "
+                                 "METHOD [OPTIONS]. (see metalearn train --help)\n"), err

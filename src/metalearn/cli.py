@@ -755,8 +755,12 @@ def _main(args: list[str] | None) -> None:
         click.echo(err.format_message(), err=True)
         sys.exit(err.exit_code)
     except click.UsageError as err:  # one line, as every other mistake, not click's three
+        message = err.format_message()
         where = f" (see {err.ctx.command_path} --help)" if err.ctx is not None else ""
-        click.echo(f"error: {err.format_message()}{where}", err=True)
+        if isinstance(err, click.NoSuchOption) and err.ctx is not None and err.ctx.command is train:
+            # `metalearn train --ways 5 maml`: the options follow the method
+            message = f"{message.rstrip('.')}: the options come after the method, metalearn train METHOD [OPTIONS]."
+        click.echo(f"error: {message}{where}", err=True)
         sys.exit(err.exit_code)
     except click.ClickException as err:
         err.show()

@@ -1041,23 +1041,32 @@ def test_export_draws_outside_the_run_folder(tmp_path, capsys):
 
 def test_eval_refuses_a_run_folder_it_cannot_write_before_evaluating(tmp_path, capsys, monkeypatch):
     """A read-only run folder (archived, another user's): refused at once, not after the whole
-    evaluation, with what to do."""
-    import os
+    evaluation, with what to do; a folder where the file would go is named as such."""
+    import errno
 
     import metalearn.api
+    import metalearn.runs
+    from metalearn.files import WriteError
 
     run_dir = tmp_path / "run"
     code, _, err = run(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--meta-batch-size", 2,
                         "--run-dir", run_dir, "--no-progress", "--no-eval"], capsys)
     assert code == 0, err
-    real_access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode: False if os.fspath(path) == os.fspath(run_dir)
-                        and mode == os.W_OK else real_access(path, mode))  # (root may write anywhere: a read-only folder stood in for)
+
+    def refused(path):  # root may write anywhere: the file system's refusal stood in for
+        raise WriteError(path, OSError(errno.EROFS, "Read-only file system"))
+
+    monkeypatch.setattr(metalearn.runs, "probe_writable", refused)
     monkeypatch.setattr(metalearn.api, "evaluate_run", lambda *a, **k: pytest.fail("evaluated first"))
     code, _, err = run(["eval", run_dir, "--episodes", 2, "--no-progress"], capsys)
-    assert code == 2 and err.count("\n") == 1, err
-    assert err.startswith(f"error: eval writes {run_dir / 'eval-episodes=2.json'}: cannot write in {run_dir}: "
-                          "copy the run folder to one you can write and evaluate the copy"), err
+    assert code == 2 and err == (f"error: cannot write {run_dir / 'eval-episodes=2.json'}: Read-only file system: "
+                                 "copy the run folder to one you can write and evaluate the copy\n"), err
+    monkeypatch.undo()
+    monkeypatch.setattr(metalearn.api, "evaluate_run", lambda *a, **k: pytest.fail("evaluated first"))
+    (run_dir / "eval-episodes=2.json").mkdir()
+    code, _, err = run(["eval", run_dir, "--episodes", 2, "--no-progress"], capsys)
+    assert code == 2 and err == (f"error: {run_dir / 'eval-episodes=2.json'} is a folder, where metalearn eval "
+                                 "writes this evaluation: move it away\n"), err
 
 
 def test_status_of_a_run_past_its_checkpoint_gives_the_time_to_the_step_shown(tmp_path, capsys):

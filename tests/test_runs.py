@@ -549,7 +549,7 @@ def test_best_checkpoints_replaced_while_they_are_read_are_read_again_from_the_n
 
 def test_an_eval_file_that_cannot_be_written_is_found_before_the_evaluation(tmp_path, monkeypatch):
     """What `metalearn eval` can call before evaluating: the file's own checks (a folder in its
-    place, a read-only file), then a probe of the file system, which ``os.access`` does not see
+    place), then a probe of the file system, which ``os.access`` does not see
     for root (a read-only mount, permissions the server decides); nothing is left behind."""
     run = RunDir(tmp_path)
     assert run.writable_eval_file() == tmp_path / "eval.json"
@@ -567,7 +567,8 @@ def test_an_eval_file_that_cannot_be_written_is_found_before_the_evaluation(tmp_
         run.writable_eval_file()
     monkeypatch.undo()
     (tmp_path / "eval.json").mkdir()
-    with pytest.raises(MetalearnError, match="eval writes .*eval.json is a folder"):
+    with pytest.raises(MetalearnError, match="eval.json is a folder, where metalearn eval writes this evaluation: "
+                                             "move it away"):
         run.writable_eval_file()
 
 

@@ -1088,7 +1088,7 @@ def test_a_stored_configuration_is_refused_as_a_file_not_as_flags():
         data = json.loads(json.dumps(stored))
         data[part][key] = 1
         with pytest.raises(MetalearnError, match=rf"options that this metalearn does not know \({part}.{key}\): "
-                                                 "it was written by a newer version; upgrade metalearn"):
+                                                 r"it was written by a newer version \(upgrade metalearn"):
             RunConfig.from_dict(data)
     data = json.loads(json.dumps(stored))
     data["train"]["steps"] = "abc"

@@ -25,7 +25,7 @@ from metalearn.errors import ConfigError, MetalearnError, MetalearnWarning, Trai
 from metalearn.evaluation import EPISODE_CHUNK, evaluate
 from metalearn.options import option_defaults
 from metalearn.runs import RunDir, atomic_write_bytes, claim_new_run_dir, default_runs_root, new_run_name
-from metalearn.files import check_writable_file, remove_export_temporaries
+from metalearn.files import WriteError, check_writable_file, remove_export_temporaries
 from metalearn.tasks import has_validation
 from metalearn.checkpoints import check_same_method, check_test_ways, configuration_conflict, load_trained
 from metalearn.training import TEST_SEED_OFFSET, build_trainer, part_seed_offset, resume_command
@@ -720,7 +720,10 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
         initial = build_learner(config.method, config.method_config, problem_of(config.task))
         curves["random"] = {"weights": "initial", "settings": settings,
                             **evaluate(initial, source, episodes, seed=TEST_SEED_OFFSET)}
-        run.write_eval(curves["random"], labels)
+        try:  # kept with the run where its folder can be written; an archived, read-only run is plotted all the same
+            run.write_eval(curves["random"], labels)
+        except WriteError:
+            pass
     # the paper's returns: its horizon (the environment's own, --horizon 0) and its trajectories per step
     as_paper = config.method_config.get("horizon") == 0
     paper = {f"paper: {name}": values for name, values in PAPER_RETURNS.get(config.task.dataset, {}).items()
@@ -1055,6 +1058,8 @@ def _refuse_outputs_among_inputs(outputs: list[tuple[str, Path | str]], inputs: 
     for option, out in outputs:
         target = Path(out).resolve()
         for source_option, source in inputs:
+            if not str(source):  # an empty path: refused as such when it is read
+                continue
             source = Path(source)
             if target == source.resolve() or (source.is_dir() and source.resolve() in target.parents):
                 where = "is" if target == source.resolve() else "lies in"

@@ -18,7 +18,7 @@ from metalearn.algorithms import METHODS
 from metalearn.config import MAX_SEED, TaskConfig, TrainConfig
 from metalearn.distributed import leave_world, reports
 from metalearn.errors import TIME_LIMIT_EXIT, ConfigError, MetalearnError, MetalearnWarning, TrainingStopped, flag
-from metalearn.files import check_writable_file
+from metalearn.files import WriteError, check_writable_file
 from metalearn.options import help_of
 from metalearn.runs import RunDir
 from metalearn.runtime import tune_allocator
@@ -312,7 +312,7 @@ def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots,
         labels["protocol"] = protocol
     try:  # before the evaluation, which can take long: a run folder that is read-only (archived, another user's)
         target = RunDir(run_dir).writable_eval_file(labels, part)
-    except MetalearnError as err:
+    except WriteError as err:
         raise MetalearnError(f"{err}: copy the run folder to one you can write and evaluate the copy") from None
     earlier = describe_evaluation(target)  # said when it is replaced
     result = evaluate_run(run_dir, episodes=episodes, seed=seed, part=part, data_dir=data_dir,

@@ -198,8 +198,8 @@ class RunConfig:
         unknown = _unknown_options(data)
         if unknown:  # options of a later version: refused by name, not as a TypeError of __init__
             raise MetalearnError(f"the run's configuration has options that this metalearn does not know "
-                                 f"({', '.join(unknown)}): it was written by a newer version; upgrade metalearn "
-                                 "to read it")
+                                 f"({', '.join(unknown)}): it was written by a newer version (upgrade metalearn to "
+                                 "read it), or by an older one whose option was renamed or removed since")
         try:
             return cls(
                 method=data["method"],

@@ -228,19 +228,24 @@ def _native_stack_dumps_dropped():
     temporary file and comes back to stderr afterwards without those stack lines; when the
     block fails, also without c10d's log lines, which the one-line error that follows repeats."""
     try:
-        sys.stderr.flush()
+        if sys.stderr is not None:
+            sys.stderr.flush()
+        captured = tempfile.TemporaryFile()  # a read-only TMPDIR: no capture, the group forms all the same
         saved = os.dup(2)
-    except (OSError, ValueError):  # no usable descriptor 2 (an embedding host): leave it alone
+    except (OSError, ValueError, AttributeError):  # no usable descriptor 2 (closed, an embedding host)
+        if "captured" in locals():
+            captured.close()
         yield
         return
     failed = True
-    with tempfile.TemporaryFile() as captured:
+    with captured:
         os.dup2(captured.fileno(), 2)
         try:
             yield
             failed = False
         finally:
-            sys.stderr.flush()
+            if sys.stderr is not None:
+                sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
             captured.seek(0)
@@ -248,7 +253,7 @@ def _native_stack_dumps_dropped():
             kept = [line for line in text.splitlines(keepends=True)
                     if line.strip() and not line.startswith(_STACK_LINE_STARTS)
                     and not (failed and "[c10d]" in line)]
-            if kept:
+            if kept and sys.stderr is not None:
                 sys.stderr.write("".join(kept))
                 sys.stderr.flush()
 

@@ -32,7 +32,7 @@ import torch
 from metalearn.config import RunConfig
 from metalearn.data.splits import RUN_SPLIT_NAME
 from metalearn.errors import MetalearnError
-from metalearn.files import (WriteError, append_line, atomic_write, atomic_write_bytes, check_writable_file,  # noqa: F401
+from metalearn.files import (WriteError, append_line, atomic_write, atomic_write_bytes,  # noqa: F401
                              fsync_directory, probe_writable, remove_temporaries)
 from metalearn.locking import FolderInUse, FolderLock
 
@@ -455,13 +455,16 @@ class RunDir:
 
     def writable_eval_file(self, labels: dict[str, Any] | None = None, part: str = "test") -> Path:
         """:meth:`eval_file`, after making sure it can be written: refused (a one-line
-        :class:`MetalearnError`) when it is a folder, a link or a read-only file, when the run
-        folder cannot be written (:func:`~metalearn.files.check_writable_file`), and when the
-        file system refuses to create its temporary file there (a read-only mount, a quota,
-        permissions that ``access`` does not see: :func:`~metalearn.files.probe_writable`).
-        For a caller about to evaluate, which can take long, before it starts."""
+        :class:`MetalearnError`) when a folder, a link or a special file has its name (the
+        rename would replace it), and when the run folder refuses the temporary file it is
+        written through (a read-only folder or mount, a quota: a
+        :class:`~metalearn.files.WriteError` from :func:`~metalearn.files.probe_writable`). A
+        read-only file of that name is no obstacle: the rename replaces it. For a caller about
+        to evaluate, which can take long, before it starts."""
         path = self.eval_file(labels, part)
-        check_writable_file("eval writes", path, "eval.json")
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            what = "a link" if path.is_symlink() else "a folder" if path.is_dir() else "a special file"
+            raise MetalearnError(f"{path} is {what}, where metalearn eval writes this evaluation: move it away")
         probe_writable(path)
         return path
 

@@ -636,6 +636,8 @@ def build_trainer(config: RunConfig, run_dir: Path | str | None = None, data_dir
         raise MetalearnError("--resume needs --run-dir, the run to continue")
     if run_dir is not None and Path(run_dir).exists() and not Path(run_dir).is_dir():
         raise MetalearnError(f"{run_dir} is a file, not a folder; give a folder path")  # as the CLI says of any path
+    if run_dir is not None:  # before the lock, which would make the folder (and its .lock) among the images
+        check_outside_data(config.task, data_dir, "--run-dir", run_dir)
     hold = lock_for_training(RunDir(run_dir), world) if lock and run_dir is not None else None
     try:
         return _build_trainer(config, run_dir, data_dir, resume, world, progress, hold, tested)
@@ -649,7 +651,6 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
                    world: World, progress: bool, lock, tested: bool = True) -> Trainer:
     run = RunDir(run_dir) if run_dir is not None else None
     if run is not None:
-        check_outside_data(config.task, data_dir, "--run-dir", run.path)
         check_run_dir(config, run, resume)
         resume = resume and run.has_checkpoint()  # a run that never started starts now
     check_test_ways(config)
@@ -662,8 +663,10 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
         task = run.with_own_split(config).task  # the split file is gone: the run's copy of its split
     # no validation (--val-every 0): the val part is not built, so a folder without val/ classes trains
     validates = has_validation(task) and config.train.val_every > 0
-    for part in ("train", *(("val",) if validates else ()), *(("test",) if tested else ())):
-        check_task_source(task, part, data_dir, progress)  # every part's shape, before any image is decoded
+    # the other parts' shapes before the training part is read (its build checks its own shape
+    # before decoding), so that no part fails after minutes of decoding
+    for part in (*(("val",) if validates else ()), *(("test",) if tested else ())):
+        check_task_source(task, part, data_dir, progress)
     train_tasks = build_task_source(task, "train", data_dir, progress)
     val_tasks = build_task_source(task, "val", data_dir, progress) if validates else None
     if tested:  # an impossible test episode fails now, not after training

@@ -10,6 +10,7 @@ bytes into floats with :func:`to_float`. :func:`prepare_images` does the same to
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
@@ -102,8 +103,18 @@ def decode_image(source: Path | str | bytes, image_size: int, channels: int, nam
     :data:`MAX_PIXELS` pixels (its size is read from the header, before any pixel is decoded).
 
     PIL's decompression-bomb limit is replaced by :data:`MAX_PIXELS` for the duration of the
-    call only (``Image.MAX_IMAGE_PIXELS`` is restored afterwards; the decoding is meant for one
-    thread per process, as the folder readers run it)."""
+    call only (``Image.MAX_IMAGE_PIXELS`` is restored afterwards). That limit and the warning
+    filter are process-wide, so calls from several threads (a threaded server's predictions)
+    decode one at a time: interleaved, one could restore another's None and leave PIL's guard off
+    for the whole process. The folder readers decode in processes, one thread each."""
+    with _PIL_SETTINGS:
+        return _decode_image(source, image_size, channels, name)
+
+
+_PIL_SETTINGS = threading.Lock()  # held while decode_image changes PIL's process-wide settings
+
+
+def _decode_image(source: Path | str | bytes, image_size: int, channels: int, name: str | None) -> np.ndarray:
     label = name or str(source if not isinstance(source, bytes) else "<bytes>")
     saved = Image.MAX_IMAGE_PIXELS
     try:

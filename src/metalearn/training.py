@@ -663,9 +663,9 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
         task = run.with_own_split(config).task  # the split file is gone: the run's copy of its split
     # no validation (--val-every 0): the val part is not built, so a folder without val/ classes trains
     validates = has_validation(task) and config.train.val_every > 0
-    # the other parts' shapes before the training part is read (its build checks its own shape
-    # before decoding), so that no part fails after minutes of decoding
-    for part in (*(("val",) if validates else ()), *(("test",) if tested else ())):
+    # every part's shape before the training part is read, so that no part fails after minutes of
+    # decoding (the training part first: its mistakes are named first, as its build would)
+    for part in ("train", *(("val",) if validates else ()), *(("test",) if tested else ())):
         check_task_source(task, part, data_dir, progress)
     train_tasks = build_task_source(task, "train", data_dir, progress)
     val_tasks = build_task_source(task, "val", data_dir, progress) if validates else None

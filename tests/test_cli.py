@@ -1097,3 +1097,24 @@ def test_an_option_before_the_method_says_where_options_go(capsys):
     code, _, err = run(["train", "--dataset", "omniglot", "protonet"], capsys)
     assert code == 2 and err == ("error: No such option '--dataset': the options come after the method, metalearn train "
                                  "METHOD [OPTIONS]. (see metalearn train --help)\n"), err
+
+
+def test_eval_ensemble_names_the_file_of_the_checkpoints_it_averaged(tmp_path, capsys, monkeypatch):
+    """The file's name counts the checkpoints averaged: a training run that kept one more while the
+    evaluation read best/ gets the file of that count named, not the count seen before."""
+    import metalearn.api
+
+    run_dir = tmp_path / "run"
+    assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 4, "--meta-batch-size", 2, "--val-every", 2,
+                "--val-episodes", 2, "--keep-best", 3, "--no-eval", "--run-dir", run_dir, "--no-progress"],
+               capsys)[0] == 0
+    real = metalearn.api.evaluate_run
+
+    def one_more(*args, **kwargs):  # as if a third checkpoint had entered best/ meanwhile
+        result = real(*args, **kwargs)
+        return {**result, "ensemble": [*result["ensemble"], 99]}
+
+    monkeypatch.setattr(metalearn.api, "evaluate_run", one_more)
+    code, out, err = run(["eval", run_dir, "--ensemble", "--episodes", 2, "--no-progress"], capsys)
+    assert code == 0, err
+    assert out.splitlines()[-1] == f"written to {run_dir / 'eval-ensemble=3-episodes=2.json'}", out

@@ -319,6 +319,9 @@ def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots,
                           progress=show_progress(progress), overrides=overrides, device=device, episode_shape=shape,
                           per_step=per_step, exact_gpu_kernels=not fast_gpu_kernels, ensemble=ensemble,
                           protocol=protocol, split_fractions=split_fractions, split_file=split_file)
+    if ensemble and len(result["ensemble"]) != labels["ensemble"]:  # the run kept another checkpoint meanwhile
+        target = RunDir(run_dir).eval_file({**labels, "ensemble": len(result["ensemble"])}, part)
+        earlier = ""
     if reports():  # under torchrun rank 0 alone writes, and says so
         click.echo(format_result(result) if protocol is None else format_protocol_result(result))
         click.echo(f"written to {target}" + (f" (replacing the earlier evaluation there: {earlier})" if earlier else ""))

@@ -1423,6 +1423,13 @@ def test_too_few_classes_or_images_are_refused_before_any_image_is_decoded(tmp_p
     with pytest.raises(MetalearnError, match="gives the test part 2 of the folder's 10 classes"):
         build_trainer(config, data_dir=tmp_path / "d")
     assert decoded == []
+    # a setup lists the folder once for every part's check and build (network storage: slow)
+    scans = []
+    real_scan = folder_module.scan_folder
+    monkeypatch.setattr(folder_module, "scan_folder", lambda root: scans.append(root) or real_scan(root))
+    build_trainer(dataclasses.replace(config, task=dataclasses.replace(config.task, test_ways=2)),
+                  data_dir=tmp_path / "d")
+    assert len(scans) == 1
 
 
 def headed_png(path: Path, width: int, height: int) -> Path:

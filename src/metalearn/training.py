@@ -26,6 +26,7 @@ from metalearn.evaluation import HIGHER_IS_BETTER, evaluate
 from metalearn.memory_budget import (available_memory, chunk_candidates, chunk_sizes, fastest_chunk, largest_chunk,
                                      peak_memory_of, seconds_of)
 from metalearn.runs import RunDir, lock_for_training
+from metalearn.data.folder import shared_scans
 from metalearn.tasks import (TaskSource, build_task_source, check_outside_data, check_task_source, has_validation,
                              problem_of)
 
@@ -665,12 +666,13 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
     validates = has_validation(task) and config.train.val_every > 0
     # every part's shape before the training part is read, so that no part fails after minutes of
     # decoding (the training part first: its mistakes are named first, as its build would)
-    for part in ("train", *(("val",) if validates else ()), *(("test",) if tested else ())):
-        check_task_source(task, part, data_dir, progress)
-    train_tasks = build_task_source(task, "train", data_dir, progress)
-    val_tasks = build_task_source(task, "val", data_dir, progress) if validates else None
-    if tested:  # an impossible test episode fails now, not after training
-        build_task_source(task, "test", data_dir, progress)
+    with shared_scans():  # an image folder is listed once for all these
+        for part in ("train", *(("val",) if validates else ()), *(("test",) if tested else ())):
+            check_task_source(task, part, data_dir, progress)
+        train_tasks = build_task_source(task, "train", data_dir, progress)
+        val_tasks = build_task_source(task, "val", data_dir, progress) if validates else None
+        if tested:  # an impossible test episode fails now, not after training
+            build_task_source(task, "test", data_dir, progress)
     if config.train.init_from and not resume:
         initialise_from_run(learner, config.train.init_from)
     learner = learner.to(world.device)

@@ -26,6 +26,7 @@ refused by name, never skipped.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -456,6 +457,24 @@ def cache_path(cache_dir: Path, root: Path, image_size: int, channels: int) -> P
     return Path(cache_dir) / f"folder-{Path(root).resolve().name}-{key}-{image_size}x{image_size}x{channels}-v{CACHE_FORMAT_VERSION}.npz"
 
 
+_SHARED_SCANS: dict[str, tuple] | None = None  # within shared_scans(): each folder's scan and fingerprint
+
+
+@contextlib.contextmanager
+def shared_scans():
+    """Within the block, each folder is scanned (its files listed and stat'ed) once, however often
+    it is loaded: a run's setup loads it for every part's check and build, and on network storage
+    a scan of 60,000 files takes long. Outside such a block every load scans anew, so a folder
+    changed between two commands is seen as it is."""
+    global _SHARED_SCANS
+    outer = _SHARED_SCANS
+    _SHARED_SCANS = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _SHARED_SCANS = outer
+
+
 def load_image_folder(root: Path | str | None, image_size: int = 84, channels: int = 3,
                       cache_dir: Path | str | None = None, progress: bool = False,
                       workers: int | None = None) -> ImageFolder:
@@ -480,9 +499,15 @@ def load_image_folder(root: Path | str | None, image_size: int = 84, channels: i
         raise MetalearnError(f"image size must be a whole number of at least 4 pixels, got {image_size!r}")
     check_channels(channels)
     root = Path(root)
-    scanned = scan_folder(root)
+    key = str(root.resolve())
+    if _SHARED_SCANS is not None and key in _SHARED_SCANS:
+        scanned, print_ = _SHARED_SCANS[key]
+    else:
+        scanned = scan_folder(root)
+        print_ = fingerprint(root, scanned[1], scanned[2])
+        if _SHARED_SCANS is not None:
+            _SHARED_SCANS[key] = scanned, print_
     layout, classes, extra = scanned
-    print_ = fingerprint(root, classes, extra)
     path = cache_path(Path(cache_dir) if cache_dir is not None else default_cache_dir(), root, image_size, channels)
     if path in _LOADED and _LOADED[path][0] == print_:  # train, val and test of one run share one array
         return _LOADED[path][1]

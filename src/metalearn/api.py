@@ -696,7 +696,8 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
                                  f"{other_config.task.dataset}; compare a {config.method} run on {config.task.dataset}")
         # what the returns on the figure's one axis depend on besides the weights (its network may differ)
         differ = [f"{key} {config.method_config.get(key)} vs {other_config.method_config.get(key)}"
-                  for key in method_class(config.method).scored_options if config.method_config.get(key) != other_config.method_config.get(key)]
+                  for key in method_class(config.method).scored_options
+                  if config.method_config.get(key) != other_config.method_config.get(key)]
         if differ:
             raise MetalearnError(f"--compare {compare_with}: its returns are scored otherwise ({', '.join(differ)}); "
                                  "compare runs with the same test settings")

@@ -280,8 +280,8 @@ class Trainer:
         name, changed = moved[0], len(moved)
         return (f"--split-file {split_file} puts {changed} class{'es' if changed > 1 else ''} of the run in "
                 f"{self.run_dir.path} in another part than when it trained (e.g. {name!r}: "
-                f"{then.get(name, 'no part')} then, {now.get(name, 'no part')} now): put the file back as it was (the run's copy of its split: "
-                f"{self.run_dir.split_path}), or start a new --run-dir")
+                f"{then.get(name, 'no part')} then, {now.get(name, 'no part')} now): put the file back as it was "
+                f"(the run's copy of its split: {self.run_dir.split_path}), or start a new --run-dir")
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from the checkpoint ``state``: the learner, optimiser, schedule, random

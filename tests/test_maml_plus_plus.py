@@ -468,9 +468,10 @@ def test_the_best_validation_checkpoints_are_kept_and_evaluated_as_an_ensemble(t
 
 
 def test_resume_ignores_a_difference_in_an_option_that_acts_in_neither_configuration():
-    """A run made before the preset dropped its ``eval_bn_statistics`` beside
-    ``--no-per-step-bn-statistics`` stored "batch"; the same command now resolves "running". Neither
-    normalises with per-step statistics, so the resume goes on; where both do, it is refused."""
+    """A stored configuration may hold ``eval_bn_statistics`` "batch" beside
+    ``--no-per-step-bn-statistics`` (saved by a version whose preset kept it there), where the same
+    command resolves "running". Neither normalises with per-step statistics, so the resume goes on;
+    where both do, it is refused."""
     from metalearn.checkpoints import check_compatible
 
     now = resolve_config("maml", task={"ways": 20}, method_config={"per_step_bn_statistics": False}, preset="maml++")

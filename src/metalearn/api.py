@@ -1061,9 +1061,9 @@ def _refuse_outputs_among_inputs(outputs: list[tuple[str, Path | str]], inputs: 
         for source_option, source in inputs:
             if not str(source):  # an empty path: refused as such when it is read
                 continue
-            source = Path(source)
-            if target == source.resolve() or (source.is_dir() and source.resolve() in target.parents):
-                where = "is" if target == source.resolve() else "lies in"
+            source, resolved = Path(source), Path(source).resolve()
+            if target == resolved or (source.is_dir() and target.is_relative_to(resolved)):
+                where = "is" if target == resolved else "lies in"
                 raise MetalearnError(f"{option} {out} {where} the {source_option} input {source}: write it "
                                      "elsewhere, outside the images")
 

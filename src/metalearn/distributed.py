@@ -230,11 +230,14 @@ def _native_stack_dumps_dropped():
     try:
         if sys.stderr is not None:
             sys.stderr.flush()
-        captured = tempfile.TemporaryFile()  # a read-only TMPDIR: no capture, the group forms all the same
         saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):  # no usable descriptor 2 (closed, an embedding host)
-        if "captured" in locals():
-            captured.close()
+    except (OSError, ValueError):  # no usable descriptor 2 (closed, an embedding host): no capture
+        yield
+        return
+    try:
+        captured = tempfile.TemporaryFile()
+    except OSError:  # a read-only TMPDIR: no capture, the group forms all the same
+        os.close(saved)
         yield
         return
     failed = True

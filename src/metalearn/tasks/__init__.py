@@ -70,8 +70,7 @@ def check_outside_data(task: TaskConfig, data_dir: Path | str | None, option: st
     would see another dataset."""
     if data_dir is None or get_dataset(task.dataset).generated:
         return
-    data, target = Path(data_dir).resolve(), Path(path).resolve()
-    if target == data or data in target.parents:
+    if Path(path).resolve().is_relative_to(Path(data_dir).resolve()):
         raise MetalearnError(f"{option} {path} lies inside --data-dir {data_dir}: its files would be read as "
                              f"images of the dataset; give a folder outside {data_dir}")
 

@@ -43,6 +43,8 @@ def test_train_eval_plot_sinusoid(tmp_path, capsys):
     assert code == 0
     summary = json.loads((tmp_path / "results" / "summary.json").read_text())
     assert summary["step"] == 6 and summary["training_wall_time_s"] > 0
+    assert summary["machines"] == RunDir(run_dir).read_checkpoint()["machines"]
+    assert [m["from_step"] for m in summary["machines"]] == [0] and summary["machines"][0]["processor"]
     assert summary["evaluations"]["eval"]["episodes"] == 10 and "scores" not in summary["evaluations"]["eval"]
     assert summary["evaluations"]["eval-episodes=12"]["episodes"] == 12
     records = RunDir(run_dir).read_metrics()

@@ -56,6 +56,34 @@ def test_resume_continues_exactly(tmp_path):
     assert steps == sorted(set(steps)) == [2, 4, 5, 6, 8, 10]  # 5: the end of the first part
 
 
+def test_the_checkpoint_records_the_machine_of_each_stretch_of_training(tmp_path, monkeypatch):
+    from metalearn.runtime import machine
+
+    first = build_trainer(sinusoid_config(4), tmp_path / "run")
+    first.fit(progress=False)
+    (record,) = RunDir(tmp_path / "run").read_checkpoint()["machines"]
+    assert record == {"from_step": 0, **machine()} and record["torch_threads"] == torch.get_num_threads()
+    assert record["processor"] and record["processes"] == 1 and record["cores"] >= record["usable_cores"] >= 1
+    # a resume on the same machine and threads continues the stretch ...
+    again = build_trainer(sinusoid_config(6), tmp_path / "run", resume=True)
+    with pytest.raises(TrainingStopped):
+        again.fit(progress=False, stop_at=5)
+    assert RunDir(tmp_path / "run").read_checkpoint()["machines"] == [record]
+    # ... one with another processor (or other threads) starts one at the step it resumes from
+    monkeypatch.setattr("metalearn.runtime.processor_name", lambda: "Another CPU")
+    elsewhere = build_trainer(sinusoid_config(6), tmp_path / "run", resume=True)
+    elsewhere.fit(progress=False)
+    machines = RunDir(tmp_path / "run").read_checkpoint()["machines"]
+    assert machines == [record, {**record, "from_step": 5, "processor": "Another CPU"}]
+    # a checkpoint from before the records were kept: the record starts where the resume does
+    state = RunDir(tmp_path / "run").read_checkpoint()
+    del state["machines"]
+    RunDir(tmp_path / "run").write_checkpoint(state)
+    older = build_trainer(sinusoid_config(8), tmp_path / "run", resume=True)
+    older.fit(progress=False)
+    assert [m["from_step"] for m in RunDir(tmp_path / "run").read_checkpoint()["machines"]] == [6]
+
+
 def test_a_run_killed_before_its_first_periodic_checkpoint_resumes_with_one_record_per_step(tmp_path, monkeypatch):
     # Its only checkpoint is the one of step 0: the resume must drop everything the killed run
     # logged and kept (metrics, best checkpoints) after it, as it does after any other step.
@@ -588,6 +616,42 @@ def test_some_diverged_episodes_make_the_mean_nan_and_the_others_are_reported():
     assert result["mean_of_finite"] == pytest.approx(float(targets[1::2].square().mean()), rel=1e-6)
     assert f"3 of 6 episodes diverged (non-finite score); the other 3 score {result['mean_of_finite']:.4f}" \
         in format_result(result)
+
+
+def test_a_few_far_off_mse_episodes_are_named_and_a_huge_mean_is_printed_in_powers_of_ten():
+    from metalearn.evaluation import evaluate, format_result, outliers
+    from metalearn.tasks import SinusoidTasks
+
+    class OneFarOff(nn.Module):
+        """Predicts 0, except 1000 on task 4 (a finite adaptation gone far off)."""
+
+        def __init__(self):
+            super().__init__()
+            self.unused = nn.Parameter(torch.zeros(1))
+
+        def predict_per_step(self, batch):
+            predictions = torch.zeros_like(batch.query_y).unsqueeze(0)
+            predictions[:, 4] = 1000.0
+            return predictions
+
+    source = SinusoidTasks(shots=5, query=10)
+    result = evaluate(OneFarOff(), source, episodes=20, seed=3, chunk=20)
+    scores = torch.tensor(result["scores"])
+    others = torch.cat([scores[:4], scores[5:]])
+    assert result["outliers"] == 1 and result["outlier_max"] == pytest.approx(float(scores[4]))
+    assert result["mean_without_outliers"] == pytest.approx(float(others.mean()))
+    assert result["median"] == pytest.approx(float(scores.median())) and result["mean"] > 1000 * result["median"]
+    text = format_result(result)
+    assert "1 of 20 tasks scores an MSE over 100 times the median task's" in text
+    assert f"the other 19 score {result['mean_without_outliers']:.4f} on average" in text
+    # none where the scores are alike, where many are far off (that is the score), or for accuracy
+    assert outliers(torch.tensor([1.0, 2.0, 3.0, 50.0]), "mse") == {}
+    assert outliers(torch.tensor([1.0] * 8 + [500.0] * 2), "mse") == {}
+    assert outliers(torch.tensor([1.0] * 19 + [500.0]), "accuracy") == {}
+    assert outliers(torch.tensor([1.0] * 19 + [500.0]), "mse")["outliers"] == 1
+    huge = {"metric": "mse", "mean": float("nan"), "ci95": float("nan"), "per_step": [1.0], "episodes": 3,
+            "diverged": 1, "mean_of_finite": 7.5e30}
+    assert "the other 2 score 7.5e+30 on average" in format_result(huge)
 
 
 def test_diverged_classification_episodes_score_nan_not_chance():

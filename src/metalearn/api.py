@@ -809,7 +809,7 @@ def summary_json(summary: dict[str, Any]) -> str:
 def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str | None = None,
                    compare_with: Path | str | None = None, notes: list[str] | None = None) -> list[Path]:
     """A small, committable record of a run: ``summary.json`` (configuration, step, training
-    wall time, every evaluation without per-episode scores, the last metrics, the validation
+    wall time, the machines it trained on, every evaluation without per-episode scores, the last metrics, the validation
     records and the :func:`training_curve`) and the plots.
     Everything is read and drawn (into a temporary folder: the run folder may be read-only)
     before ``out_dir`` is touched: a run that cannot be exported leaves no partial record there.
@@ -846,6 +846,8 @@ def _write_record(run: RunDir, config: RunConfig, state: dict[str, Any], plots: 
         "config": config.to_dict(),
         "step": int(state["step"]),
         "training_wall_time_s": state.get("elapsed_s"),
+        # the processor and versions of each stretch of training (none for runs saved before they were kept)
+        "machines": state.get("machines", []),
         "evaluations": evaluations,
         "last_train_metrics": next((r for r in reversed(records) if "loss" in r), None),
         "validation": [r for r in records if any(k.startswith("val_") for k in r)],

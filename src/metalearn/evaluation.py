@@ -69,7 +69,9 @@ def evaluate(
     errors over episodes), ``per_step`` means (and ``per_step_ci95``, their intervals), ``episodes``, the per-episode ``scores`` and the
     number of ``diverged`` episodes (non-finite score). One diverged episode makes the mean
     non-finite, on purpose: a score that leaves them out would flatter the method. Where some
-    but not all diverged, ``mean_of_finite`` is the mean of the others.
+    but not all diverged, ``mean_of_finite`` is the mean of the others. An MSE carried by a few
+    far-off episodes adds ``outliers``, ``outlier_max``, ``mean_without_outliers`` and ``median``
+    (see :func:`outliers`).
     """
     check_count(episodes, "episodes")
     check_count(chunk, "chunk")
@@ -126,7 +128,29 @@ def evaluate(
     }
     if 0 < finite.numel() < n:  # the mean above is NaN or inf; say what the rest scored
         result["mean_of_finite"] = float(finite.mean())
+    result.update(outliers(finite, metric))
     return result
+
+
+OUTLIER_FACTOR = 100.0  # an episode's MSE this many times the median episode's is an outlier
+
+
+def outliers(finite: torch.Tensor, metric: str) -> dict[str, Any]:
+    """For an MSE: the episodes (at most a tenth of them) whose finite score exceeds
+    ``OUTLIER_FACTOR`` times the median episode's, as ``outliers`` (their count),
+    ``outlier_max`` and ``mean_without_outliers``; ``{}`` where there are none. One such
+    episode can carry the mean (an adaptation that diverged without overflowing: MAML's ten
+    test steps on one sinusoid of 600 took the mean from 0.30 to 1.76), which the mean and its
+    interval do not show. They stay in the mean, as diverged episodes do; this only says so."""
+    if metric != "mse" or finite.numel() < 3:
+        return {}
+    median = float(finite.median())
+    far = finite > OUTLIER_FACTOR * median
+    count = int(far.sum())
+    if median <= 0 or count == 0 or count > finite.numel() // 10:
+        return {}
+    return {"outliers": count, "outlier_max": float(finite[far].max()),
+            "mean_without_outliers": float(finite[~far].mean()), "median": median}
 
 
 def batch_metric(batch) -> str:
@@ -171,6 +195,12 @@ def episode_order(world: World, chunks: list[tuple[int, int]], gathered: torch.T
     return restored
 
 
+def _figure(value: float, decimals: int) -> str:
+    """``value`` with ``decimals`` places, or in powers of ten where that would print more
+    than a dozen digits (a diverged regression's mean: 7.5e+30, not 31 digits)."""
+    return f"{value:.{decimals}f}" if abs(value) < 1e9 else f"{value:.4g}"
+
+
 def format_result(result: dict[str, Any]) -> str:
     if result["metric"] == "accuracy":
         head = f"accuracy {result['mean']:.2f}% +/- {result['ci95']:.2f}% (95% CI, {result['episodes']} episodes)"
@@ -196,6 +226,13 @@ def format_result(result: dict[str, Any]) -> str:
         if "mean_of_finite" in result:
             unit = "%" if result["metric"] == "accuracy" else ""
             text += (f"; the other {result['episodes'] - result['diverged']} score "
-                     f"{result['mean_of_finite']:.{2 if unit else 4}f}{unit} on average")
+                     f"{_figure(result['mean_of_finite'], 2 if unit else 4)}{unit} on average")
         text += "; try fewer test-time steps, e.g. --set test_inner_steps=1"
+    if result.get("outliers"):
+        count, rest = result["outliers"], result["episodes"] - result.get("diverged", 0) - result["outliers"]
+        text += (f"\nwarning: {count} of {result['episodes']} tasks score{'s' if count == 1 else ''} an MSE over "
+                 f"{OUTLIER_FACTOR:g} times the median task's ({result['median']:.4g}), up to "
+                 f"{result['outlier_max']:.4g}: the mean rests on {'it' if count == 1 else 'them'}; the other "
+                 f"{rest} score {result['mean_without_outliers']:.4f} on average (per-task scores: `scores` in the "
+                 "evaluation file)")
     return text

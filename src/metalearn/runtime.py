@@ -77,3 +77,57 @@ def process_age_s() -> float:
         return max(0.0, uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return 0.0
+
+
+def processor_name() -> str:
+    """The CPU's model name as the operating system gives it ("AMD EPYC 7B13", "Apple M2"), or
+    the architecture where it gives none ("x86_64"). Read from ``/proc/cpuinfo`` on Linux (where
+    ``platform.processor()`` is empty or the architecture), ``sysctl`` on macOS."""
+    import platform
+    import subprocess
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "cpu model") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        try:
+            out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                 timeout=5)
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine(device=None, processes: int = 1) -> dict:
+    """What a figure's reader needs to know of the computer a run trained on: the processor,
+    its cores (``cores``: the machine's; ``usable_cores``: those this process may run on), the
+    threads torch computes with, the GPU (``device``, where the run trains on one), the number of
+    training ``processes`` (torchrun ranks), and the torch, Python and metalearn versions. The
+    trainer keeps one such record per machine in its checkpoint, ``metalearn export`` writes them
+    to ``summary.json`` (``machines``). Plain ``str`` and ``int`` values only: the checkpoint is
+    read with ``weights_only=True``, which refuses torch's ``TorchVersion`` string subclass."""
+    import os
+    import platform
+
+    import torch
+
+    from metalearn import __version__
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS and Windows have no affinity call
+        usable = os.cpu_count()
+    record = {"processor": processor_name(), "cores": os.cpu_count(), "usable_cores": usable,
+              "torch_threads": torch.get_num_threads(), "processes": processes,
+              "system": f"{platform.system()} {platform.machine()}", "torch": str(torch.__version__),
+              "python": platform.python_version(), "metalearn": __version__}
+    if device is not None and torch.device(device).type == "cuda":
+        record["device"] = str(torch.cuda.get_device_name(torch.device(device)))
+    return record

@@ -26,6 +26,7 @@ from metalearn.evaluation import HIGHER_IS_BETTER, evaluate
 from metalearn.memory_budget import (available_memory, chunk_candidates, chunk_sizes, fastest_chunk, largest_chunk,
                                      peak_memory_of, seconds_of)
 from metalearn.runs import RunDir, lock_for_training
+from metalearn.runtime import machine
 from metalearn.data.folder import shared_scans
 from metalearn.tasks import (TaskSource, build_task_source, check_outside_data, check_task_source, has_validation,
                              problem_of)
@@ -195,6 +196,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(train, step))
         self.step = 0
         self.elapsed_s = 0.0  # training wall time so far, across resumes
+        self.machines: list[dict[str, Any]] = []  # what trained which steps: see _note_machine
         self.validation_pending = False  # this step's validation was left for the resume (a signal)
         self.config_written = False  # by the first save: the config this Trainer continues with
         self.lock = lock  # the hold on the run folder (build_trainer's, or fit takes one; see lock_for_training)
@@ -207,6 +209,7 @@ class Trainer:
         return on_cpu({
             "step": self.step,
             "elapsed_s": self.elapsed_s,
+            "machines": self.machines,
             "config": self.config.to_dict(),
             "learner": self.learner.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -264,6 +267,17 @@ class Trainer:
             self._write_config()
         self.world.barrier()
 
+    def _note_machine(self) -> None:
+        """Record the machine this fit trains on (:func:`metalearn.runtime.machine`) from the
+        current step, where it differs from the last record: a run resumed elsewhere, or with
+        other threads, gets a record per stretch, so that its training time and step costs can
+        be read against the processor that gave them. Saved with the checkpoint (steps after the
+        last checkpoint are trained again by the resume, on its machine)."""
+        here = machine(self.device, self.world.size)
+        last = self.machines[-1] if self.machines else None
+        if last is None or {key: value for key, value in last.items() if key != "from_step"} != here:
+            self.machines.append({"from_step": self.step, **here})
+
     def _split_file_moved(self) -> str:
         """Where a resume's data fingerprint differs and the run's --split-file now puts a class
         in another part than the run's split.json records: the message that says so ("" where
@@ -309,6 +323,7 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
         self.elapsed_s = float(state.get("elapsed_s", 0.0))
+        self.machines = [dict(record) for record in state.get("machines", [])]  # none in older runs
         self.validation_pending = bool(state.get("validation_pending", False))
 
     # -- the loop ------------------------------------------------------------------------------
@@ -356,6 +371,7 @@ class Trainer:
                     raise TrainingStopped(f"the run is at step {stop_at} of {train.steps} already (--stop-at); "
                                           f"{self.resume_hint()}", 0)
             self._begin()
+            self._note_machine()
             if self.step == 0:
                 self.save()  # eval, resume and a NaN at step 1 always find a checkpoint
             if self.validation_pending and self.val_tasks is not None:  # left by a signal at that step

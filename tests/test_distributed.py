@@ -229,6 +229,20 @@ def test_a_process_group_that_cannot_form_is_one_line_not_a_traceback(tmp_path, 
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
+def test_a_rank_waiting_for_its_group_says_so_once_and_a_quick_one_says_nothing(capfd, monkeypatch):
+    from metalearn import distributed
+
+    monkeypatch.setattr(distributed, "WAITING_NOTE_AFTER_S", 0.2)
+    with distributed._native_stack_dumps_dropped("rank 1 of 2: waiting for the process group at h:1"):
+        os.write(2, b"frame #0: c10d stack line\n[c10d] a retry\n")
+        time.sleep(1.0)
+    assert capfd.readouterr().err == "rank 1 of 2: waiting for the process group at h:1\n[c10d] a retry\n"
+    with distributed._native_stack_dumps_dropped("never shown"):
+        pass
+    time.sleep(0.4)
+    assert capfd.readouterr().err == ""
+
+
 def test_leaving_the_world_closes_the_process_group(tmp_path):
     # A rank that exits with its gloo group open can abort in C++ teardown (seen once in CI):
     # every command leaves its group first. A one-rank group stands in for a torchrun job.

@@ -87,10 +87,21 @@ def test_an_output_file_that_is_read_only_is_refused_before_the_work(tmp_path, m
 
 
 @needs_dev_full
-def test_a_full_disk_while_appending_a_line_is_one_line(tmp_path):
-    (tmp_path / "metrics.jsonl").symlink_to(FULL)
-    with pytest.raises(WriteError, match=r"metrics.jsonl: No space left on device \(.* free there\)"):
+def test_a_full_disk_while_appending_a_line_is_one_line():
+    with pytest.raises(WriteError, match=r"cannot write /dev/full: No space left on device \(.* free there\)"):
+        append_line(Path(FULL), '{"step": 1}\n')
+
+
+def test_a_line_is_never_appended_through_a_link(tmp_path):
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("someone else's file\n")
+    (tmp_path / "metrics.jsonl").symlink_to(target)
+    with pytest.raises(WriteError, match=r"metrics.jsonl: it is a symbolic link, which metalearn does not write through"):
         append_line(tmp_path / "metrics.jsonl", '{"step": 1}\n')
+    assert target.read_text() == "someone else's file\n"
+    append_line(tmp_path / "plain.jsonl", '{"step": 1}\n')
+    append_line(tmp_path / "plain.jsonl", '{"step": 2}\n')
+    assert (tmp_path / "plain.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
 
 
 def test_temporary_files_of_killed_writers_are_removed_and_no_others(tmp_path):

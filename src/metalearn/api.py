@@ -901,7 +901,8 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     the recent ones where the run logs it, ``validation_counted``; None when done or unknown),
     ``cost_changes`` (the method's ``(steps taken, what)`` changes of a step's cost still
     ahead, which the recent rate does not include: :meth:`~metalearn.MetaLearner.cost_changes`),
-    ``validation`` (the latest and the best record, by the method's metric) and
+    ``machines`` (the checkpoint's records of what trained which steps: :func:`metalearn.runtime.machine`
+    with ``from_step``), ``validation`` (the latest and the best record, by the method's metric) and
     ``evaluations`` (each file's mean, interval, episodes and step)."""
     import socket
     import time
@@ -921,10 +922,11 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
         shape = f"K={task.shots}"
     status: dict[str, Any] = {"run": str(run.path), "method": config.method,
                               "task": " ".join(part for part in (task.dataset, shape) if part),
-                              "steps": config.train.steps, "step": 0, "training_time_s": 0.0}
+                              "steps": config.train.steps, "step": 0, "training_time_s": 0.0, "machines": []}
     if run.has_checkpoint():
         state = run.read_checkpoint("step")
-        status.update(step=int(state["step"]), training_time_s=float(state.get("elapsed_s", 0.0)))
+        status.update(step=int(state["step"]), training_time_s=float(state.get("elapsed_s", 0.0)),
+                      machines=list(state.get("machines", [])))
     note = read_holder_note(run.lock_path)  # None without a lock file: its holder deletes it as it lets go
     holder = note if note is not None and isinstance(note.get("pid"), int) else None
     held = lock_is_held(run.lock_path) if holder is not None else False

@@ -553,6 +553,19 @@ def format_duration(seconds: float) -> str:
     return f"{rest // 60} min {rest % 60} s" if rest >= 60 else f"{rest} s"
 
 
+def format_machine(record: dict) -> str:
+    """One of a run's ``machines`` records as a few words: "AMD EPYC 7B13 (2 cores, 1 torch
+    thread) from step 0", with the GPU and the number of processes where there were such."""
+    threads = record.get("torch_threads")
+    parts = [f"{record.get('cores', '?')} cores",
+             f"{threads} torch thread{'' if threads == 1 else 's'}" if threads is not None else None]
+    if isinstance(record.get("processes"), int) and record["processes"] > 1:
+        parts.append(f"{record['processes']} processes")
+    device = f", {record['device']}" if record.get("device") else ""
+    return (f"{record.get('processor', '?')}{device} ({', '.join(p for p in parts if p)}) "
+            f"from step {record.get('from_step', '?')}")
+
+
 def format_status(status: dict) -> str:
     """:func:`~metalearn.api.run_status` as a few lines of text."""
     if "error" in status:
@@ -589,6 +602,9 @@ def format_status(status: dict) -> str:
     if status["last_write_s"] is not None:
         ago = status["last_write_s"]
         lines[-1] += f"; metrics written {int(ago // 60)} min ago" if ago >= 60 else f"; metrics written {int(ago)} s ago"
+    machines = [m for m in status.get("machines") or () if isinstance(m, dict)]
+    if machines:
+        lines.append("  trained on: " + "; ".join(format_machine(m) for m in machines))
     shown = lambda value: f"{value:.4g}" if isinstance(value, float) else str(value)
     if last is not None:
         values = ", ".join(f"{k} {shown(v)}" for k, v in last.items() if k not in ("step", "elapsed_s"))

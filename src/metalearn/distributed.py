@@ -13,6 +13,7 @@ import importlib
 import os
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -205,7 +206,11 @@ def init_world(device: str = "cpu", timeout_s: float | None = None, exact_gpu_ke
         # exception"). Imported first, it takes none (tests/test_distributed.py).
         importlib.import_module("torch._dynamo")
         try:
-            with _native_stack_dumps_dropped():
+            rank = environment_count("RANK", 0)
+            master = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            waiting = (f"rank {rank} of {size}: waiting for the process group at {master} "
+                       f"(up to {timeout_s:g} s; METALEARN_DIST_TIMEOUT sets it)")
+            with _native_stack_dumps_dropped(waiting):
                 dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
         except (ValueError, RuntimeError) as err:  # RANK or MASTER_ADDR unset, peers that never came
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -220,13 +225,18 @@ def init_world(device: str = "cpu", timeout_s: float | None = None, exact_gpu_ke
 _STACK_LINE_STARTS = ("Exception raised from ", "frame #", "<omitting python frames>")
 
 
+WAITING_NOTE_AFTER_S = 10.0  # a group that forms sooner (the usual case) prints nothing
+
+
 @contextlib.contextmanager
-def _native_stack_dumps_dropped():
+def _native_stack_dumps_dropped(waiting: str | None = None):
     """While the process group forms, torch's C++ code (torch 2.13) logs every failed try to
     reach the master (a rank started before it, or a master that never comes) with the C++
     exception's whole stack, straight to file descriptor 2. The block's native output goes to a
     temporary file and comes back to stderr afterwards without those stack lines; when the
-    block fails, also without c10d's log lines, which the one-line error that follows repeats."""
+    block fails, also without c10d's log lines, which the one-line error that follows repeats.
+    ``waiting``: a line written to the real stderr if the block still runs after
+    :data:`WAITING_NOTE_AFTER_S` seconds, so that a rank waiting for its group says so."""
     try:
         if sys.stderr is not None:
             sys.stderr.flush()
@@ -241,12 +251,28 @@ def _native_stack_dumps_dropped():
         yield
         return
     failed = True
+    note = None
+    if waiting:
+        def say() -> None:
+            try:
+                os.write(saved, (waiting + "\n").encode(errors="replace"))
+            except OSError:
+                pass
+
+        note = threading.Timer(WAITING_NOTE_AFTER_S, say)
+        note.daemon = True
     with captured:
         os.dup2(captured.fileno(), 2)
         try:
+            if note is not None:
+                note.start()
             yield
             failed = False
         finally:
+            if note is not None:  # stopped (or finished) before `saved` is closed under it
+                note.cancel()
+                if note.is_alive():
+                    note.join()
             if sys.stderr is not None:
                 sys.stderr.flush()
             os.dup2(saved, 2)

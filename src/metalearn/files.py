@@ -125,9 +125,17 @@ def probe_writable(path: Path) -> None:
 
 def append_line(path: Path, line: str) -> None:
     """Append ``line`` (with its newline) to ``path``; a failure is a :class:`WriteError`.
-    A line cut short by a full disk or a kill is for the reader to skip."""
+    A line cut short by a full disk or a kill is for the reader to skip. A symbolic link at
+    ``path`` is refused, never written through (where the system has ``O_NOFOLLOW``): the
+    file it points at is not the run's."""
     try:
-        with open(path, "a") as f:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            err = OSError(errno.ELOOP, "it is a symbolic link, which metalearn does not write through")
+        raise WriteError(path, err) from None
+    try:
+        with open(fd, "a", closefd=True) as f:
             f.write(line)
     except OSError as err:
         raise WriteError(path, err) from None

@@ -870,6 +870,8 @@ def test_status_says_where_runs_stand_without_touching_them(tmp_path, capsys, mo
     assert f"  trained on: {machine()['processor']} (" in out and ") from step 0\n" in out
     assert format_machine({"from_step": 5, "processor": "X", "device": "NVIDIA H100", "cores": 16, "torch_threads": 1,
                            "processes": 2}) == "X, NVIDIA H100 (16 cores, 1 torch thread, 2 processes) from step 5"
+    assert format_machine({"from_step": 0, "processor": "Y", "cpu_capability": "AVX2", "cores": 2,
+                           "torch_threads": 2}) == "Y (AVX2, 2 cores, 2 torch threads) from step 0"
     with RunDir(done).lock():  # as a training process would hold it: past the last step, for its test
         state = json.loads(run(["status", done, "--json"], capsys)[1])[0]
         assert state["state"] == "testing" and state["holder"]["pid"] == os.getpid()

@@ -107,7 +107,9 @@ def processor_name() -> str:
 
 def machine(device=None, processes: int = 1) -> dict:
     """What a figure's reader needs to know of the computer a run trained on: the processor,
-    its cores (``cores``: the machine's; ``usable_cores``: those this process may run on), the
+    the vector instructions torch's CPU kernels use there (``cpu_capability``: "AVX512", "AVX2",
+    "DEFAULT"; they round differently, so a run's later digits, and after many steps its model,
+    depend on them), its cores (``cores``: the machine's; ``usable_cores``: those this process may run on), the
     threads torch computes with, the GPU (``device``, where the run trains on one), the number of
     training ``processes`` (torchrun ranks), and the torch, Python and metalearn versions. The
     trainer keeps one such record per machine in its checkpoint, ``metalearn export`` writes them
@@ -124,7 +126,8 @@ def machine(device=None, processes: int = 1) -> dict:
         usable = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # macOS and Windows have no affinity call
         usable = os.cpu_count()
-    record = {"processor": processor_name(), "cores": os.cpu_count(), "usable_cores": usable,
+    record = {"processor": processor_name(), "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+              "cores": os.cpu_count(), "usable_cores": usable,
               "torch_threads": torch.get_num_threads(), "processes": processes,
               "system": f"{platform.system()} {platform.machine()}", "torch": str(torch.__version__),
               "python": platform.python_version(), "metalearn": __version__}

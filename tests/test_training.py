@@ -82,6 +82,19 @@ def test_the_checkpoint_records_the_machine_of_each_stretch_of_training(tmp_path
     older = build_trainer(sinusoid_config(8), tmp_path / "run", resume=True)
     older.fit(progress=False)
     assert [m["from_step"] for m in RunDir(tmp_path / "run").read_checkpoint()["machines"]] == [6]
+    # a stretch that kept no step (killed before its next checkpoint) is replaced by the next one
+    monkeypatch.setattr("metalearn.runtime.processor_name", lambda: "A third CPU")
+    third = build_trainer(sinusoid_config(8), tmp_path / "run", resume=True)
+    third.step, third.machines = 6, [dict(m) for m in third.machines]
+    third._note_machine()
+    assert [(m["from_step"], m["processor"]) for m in third.machines] == [(6, "A third CPU")]
+    third.release()
+    # a complete run resumed (nothing to train) adds none
+    done = build_trainer(sinusoid_config(8), tmp_path / "run", resume=True)
+    before = [dict(m) for m in done.machines]
+    done._note_machine()
+    assert done.step == 8 and done.machines == before
+    done.release()
 
 
 def test_a_run_killed_before_its_first_periodic_checkpoint_resumes_with_one_record_per_step(tmp_path, monkeypatch):
@@ -649,9 +662,15 @@ def test_a_few_far_off_mse_episodes_are_named_and_a_huge_mean_is_printed_in_powe
     assert outliers(torch.tensor([1.0] * 8 + [500.0] * 2), "mse") == {}
     assert outliers(torch.tensor([1.0] * 19 + [500.0]), "accuracy") == {}
     assert outliers(torch.tensor([1.0] * 19 + [500.0]), "mse")["outliers"] == 1
-    huge = {"metric": "mse", "mean": float("nan"), "ci95": float("nan"), "per_step": [1.0], "episodes": 3,
-            "diverged": 1, "mean_of_finite": 7.5e30}
-    assert "the other 2 score 7.5e+30 on average" in format_result(huge)
+    # many small far-off scores that do not carry the mean are not named
+    assert outliers(torch.tensor([1.0] * 19 + [101.0]), "mse")["outliers"] == 1  # mean 6.0, the rest 1.0
+    assert outliers(torch.tensor([0.0] * 10 + [1.0] * 9 + [101.0]), "mse") == {}  # median 0: no scale
+    huge = {"metric": "mse", "mean": float("nan"), "ci95": float("nan"), "per_step": [1.0, 4.5e33], "episodes": 30,
+            "diverged": 1, "mean_of_finite": 7.5e30, "outliers": 2, "outlier_max": 1e32, "median": 0.5,
+            "mean_without_outliers": 0.75}
+    text = format_result(huge)
+    assert "the other 29 score 7.5e+30 on average" in text and "after 0..1 adaptation steps: 1.000 4.5e+33" in text
+    assert "the mean of the finite scores rests on them; the other 27 score 0.7500 on average" in text
 
 
 def test_diverged_classification_episodes_score_nan_not_chance():

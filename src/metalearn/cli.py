@@ -557,7 +557,7 @@ def format_machine(record: dict) -> str:
     """One of a run's ``machines`` records as a few words: "AMD EPYC 7B13 (AVX512, 2 cores, 1
     torch thread) from step 0", with the GPU and the number of processes where there were such."""
     threads = record.get("torch_threads")
-    parts = [record.get("cpu_capability"), f"{record.get('cores', '?')} cores",
+    parts = [record.get("cpu_capability"), f"{record.get('cores') or '?'} cores",
              f"{threads} torch thread{'' if threads == 1 else 's'}" if threads is not None else None]
     if isinstance(record.get("processes"), int) and record["processes"] > 1:
         parts.append(f"{record['processes']} processes")

@@ -137,11 +137,13 @@ OUTLIER_FACTOR = 100.0  # an episode's MSE this many times the median episode's 
 
 def outliers(finite: torch.Tensor, metric: str) -> dict[str, Any]:
     """For an MSE: the episodes (at most a tenth of them) whose finite score exceeds
-    ``OUTLIER_FACTOR`` times the median episode's, as ``outliers`` (their count),
-    ``outlier_max`` and ``mean_without_outliers``; ``{}`` where there are none. One such
-    episode can carry the mean (an adaptation that diverged without overflowing: MAML's ten
-    test steps on one sinusoid of 600 took the mean from 0.30 to 1.76), which the mean and its
-    interval do not show. They stay in the mean, as diverged episodes do; this only says so."""
+    ``OUTLIER_FACTOR`` times the median episode's (``median``: the lower middle value of an
+    even count, as ``torch.median``) and that carry the mean of the finite scores (without them
+    it is less than half), as ``outliers`` (their count), ``outlier_max`` and
+    ``mean_without_outliers``; ``{}`` where there are none. One such episode can carry the mean
+    (an adaptation gone far off without overflowing: MAML's ten test steps on one sinusoid of
+    600 took the mean from 0.30 to 1.76), which the mean and its interval do not show. They
+    stay in the mean, as diverged episodes do; this only says so."""
     if metric != "mse" or finite.numel() < 3:
         return {}
     median = float(finite.median())
@@ -149,8 +151,11 @@ def outliers(finite: torch.Tensor, metric: str) -> dict[str, Any]:
     count = int(far.sum())
     if median <= 0 or count == 0 or count > finite.numel() // 10:
         return {}
-    return {"outliers": count, "outlier_max": float(finite[far].max()),
-            "mean_without_outliers": float(finite[~far].mean()), "median": median}
+    rest = float(finite[~far].mean())
+    if rest >= 0.5 * float(finite.mean()):  # far off, but too small to move the mean much
+        return {}
+    return {"outliers": count, "outlier_max": float(finite[far].max()), "mean_without_outliers": rest,
+            "median": median}
 
 
 def batch_metric(batch) -> str:
@@ -209,8 +214,9 @@ def format_result(result: dict[str, Any]) -> str:
         head = f"average return {result['mean']:.2f} +/- {result['ci95']:.2f} (95% CI, {result['episodes']} tasks)"
         steps = " ".join(f"{v:.2f}" for v in result["per_step"])
     else:
-        head = f"MSE {result['mean']:.4f} +/- {result['ci95']:.4f} (95% CI, {result['episodes']} tasks)"
-        steps = " ".join(f"{v:.3f}" for v in result["per_step"])
+        head = (f"MSE {_figure(result['mean'], 4)} +/- {_figure(result['ci95'], 4)} (95% CI, {result['episodes']} "
+                "tasks)")
+        steps = " ".join(_figure(v, 3) for v in result["per_step"])
     text = head
     if len(result["per_step"]) > 1:  # one entry: no per-step scores (no inner loop, or not recorded)
         kind = "policy-gradient" if result["metric"] == "return" else "adaptation"
@@ -230,9 +236,10 @@ def format_result(result: dict[str, Any]) -> str:
         text += "; try fewer test-time steps, e.g. --set test_inner_steps=1"
     if result.get("outliers"):
         count, rest = result["outliers"], result["episodes"] - result.get("diverged", 0) - result["outliers"]
+        mean = "the mean of the finite scores" if result.get("diverged") else "the mean"
         text += (f"\nwarning: {count} of {result['episodes']} tasks score{'s' if count == 1 else ''} an MSE over "
                  f"{OUTLIER_FACTOR:g} times the median task's ({result['median']:.4g}), up to "
-                 f"{result['outlier_max']:.4g}: the mean rests on {'it' if count == 1 else 'them'}; the other "
-                 f"{rest} score {result['mean_without_outliers']:.4f} on average (per-task scores: `scores` in the "
-                 "evaluation file)")
+                 f"{result['outlier_max']:.4g}: {mean} rests on {'it' if count == 1 else 'them'}; the other "
+                 f"{rest} score {_figure(result['mean_without_outliers'], 4)} on average (per-task scores: `scores` "
+                 "in the evaluation file)")
     return text

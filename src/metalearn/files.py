@@ -129,9 +129,11 @@ def append_line(path: Path, line: str) -> None:
     ``path`` is refused, never written through (where the system has ``O_NOFOLLOW``): the
     file it points at is not the run's."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        # 0o666 as open(path, "a") uses: the umask decides the mode
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
     except OSError as err:
-        if err.errno == errno.ELOOP:
+        # ELOOP: Linux and macOS; EMLINK: FreeBSD's answer to O_NOFOLLOW on a link
+        if getattr(os, "O_NOFOLLOW", 0) and err.errno in (errno.ELOOP, errno.EMLINK):
             err = OSError(errno.ELOOP, "it is a symbolic link, which metalearn does not write through")
         raise WriteError(path, err) from None
     try:

@@ -268,15 +268,22 @@ class Trainer:
         self.world.barrier()
 
     def _note_machine(self) -> None:
-        """Record the machine this fit trains on (:func:`metalearn.runtime.machine`) from the
-        current step, where it differs from the last record: a run resumed elsewhere, or with
-        other threads, gets a record per stretch, so that its training time and step costs can
-        be read against the processor that gave them. Saved with the checkpoint (steps after the
-        last checkpoint are trained again by the resume, on its machine)."""
+        """Record the machine this fit trains on (:func:`metalearn.runtime.machine`, rank 0's
+        under torchrun, with the number of processes) from the current step, where it differs
+        from the last record: a run resumed elsewhere, or with other threads, gets a record per
+        stretch, so that its training time and step costs can be read against the processor
+        that gave them. Saved with the checkpoint: steps after the last checkpoint are trained
+        again by the resume, on its machine, so a record from the same step as the last one
+        replaces it, and a complete run resumed (to validate, say) adds none."""
+        if self.step >= self.config.train.steps:  # a complete run trains nothing more here
+            return
         here = machine(self.device, self.world.size)
         last = self.machines[-1] if self.machines else None
-        if last is None or {key: value for key, value in last.items() if key != "from_step"} != here:
-            self.machines.append({"from_step": self.step, **here})
+        if last is not None and {key: value for key, value in last.items() if key != "from_step"} == here:
+            return
+        if last is not None and last["from_step"] == self.step:  # that stretch trained nothing that was kept
+            self.machines.pop()
+        self.machines.append({"from_step": self.step, **here})
 
     def _split_file_moved(self) -> str:
         """Where a resume's data fingerprint differs and the run's --split-file now puts a class

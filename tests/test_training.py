@@ -88,6 +88,11 @@ def test_the_checkpoint_records_the_machine_of_each_stretch_of_training(tmp_path
     third.step, third.machines = 6, [dict(m) for m in third.machines]
     third._note_machine()
     assert [(m["from_step"], m["processor"]) for m in third.machines] == [(6, "A third CPU")]
+    # ... and where the machine is the one before it again, that one's stretch goes on
+    third.machines = [{**record, "from_step": 0}, {**record, "from_step": 6, "processor": "Another CPU"}]
+    monkeypatch.setattr("metalearn.runtime.processor_name", lambda: record["processor"])
+    third._note_machine()
+    assert third.machines == [{**record, "from_step": 0}]
     third.release()
     # a complete run resumed (nothing to train) adds none
     done = build_trainer(sinusoid_config(8), tmp_path / "run", resume=True)

@@ -278,12 +278,11 @@ class Trainer:
         if self.step >= self.config.train.steps:  # a complete run trains nothing more here
             return
         here = machine(self.device, self.world.size)
+        if self.machines and self.machines[-1].get("from_step") == self.step:
+            self.machines.pop()  # that stretch kept no step
         last = self.machines[-1] if self.machines else None
-        if last is not None and {key: value for key, value in last.items() if key != "from_step"} == here:
-            return
-        if last is not None and last["from_step"] == self.step:  # that stretch trained nothing that was kept
-            self.machines.pop()
-        self.machines.append({"from_step": self.step, **here})
+        if last is None or {key: value for key, value in last.items() if key != "from_step"} != here:
+            self.machines.append({"from_step": self.step, **here})
 
     def _split_file_moved(self) -> str:
         """Where a resume's data fingerprint differs and the run's --split-file now puts a class

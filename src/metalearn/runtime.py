@@ -112,7 +112,7 @@ def machine(device=None, processes: int = 1) -> dict:
     depend on them), its cores (``cores``: the machine's; ``usable_cores``: those this process may run on), the
     threads torch computes with, the GPU (``device``, where the run trains on one), the number of
     training ``processes`` (torchrun ranks), and the torch, Python and metalearn versions. The
-    trainer keeps one such record per machine in its checkpoint, ``metalearn export`` writes them
+    trainer keeps one such record per stretch of training in its checkpoint, ``metalearn export`` writes them
     to ``summary.json`` (``machines``). Plain ``str`` and ``int`` values only: the checkpoint is
     read with ``weights_only=True``, which refuses torch's ``TorchVersion`` string subclass."""
     import os

@@ -232,10 +232,15 @@ def test_a_process_group_that_cannot_form_is_one_line_not_a_traceback(tmp_path, 
 def test_a_rank_waiting_for_its_group_says_so_once_and_a_quick_one_says_nothing(capfd, monkeypatch):
     from metalearn import distributed
 
+    import threading
+
     monkeypatch.setattr(distributed, "WAITING_NOTE_AFTER_S", 0.2)
+    timers = lambda: [t for t in threading.enumerate() if isinstance(t, threading.Timer) and t.is_alive()]
     with distributed._native_stack_dumps_dropped("rank 1 of 2: waiting for the process group at h:1"):
         os.write(2, b"frame #0: c10d stack line\n[c10d] a retry\n")
-        time.sleep(1.0)
+        deadline = time.monotonic() + 30
+        while timers() and time.monotonic() < deadline:  # the note has been written once its timer ends
+            time.sleep(0.05)
     assert capfd.readouterr().err == "rank 1 of 2: waiting for the process group at h:1\n[c10d] a retry\n"
     with distributed._native_stack_dumps_dropped("never shown"):
         pass

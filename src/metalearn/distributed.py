@@ -196,7 +196,7 @@ def init_world(device: str = "cpu", timeout_s: float | None = None, exact_gpu_ke
     if size <= 1:
         return World(device=resolved)
     if not dist.is_initialized():
-        environment_count("RANK", 0)  # torch's own reading of a bad RANK fails past a page of C++ stack
+        rank = environment_count("RANK", 0)  # torch's own reading of a bad RANK fails past a page of C++ stack
         timeout_s = timeout_s or dist_timeout_s()
         backend = "nccl" if resolved.type == "cuda" else "gloo"
         # torch._dynamo, which the first torch.optim optimiser imports, takes references to the
@@ -206,7 +206,6 @@ def init_world(device: str = "cpu", timeout_s: float | None = None, exact_gpu_ke
         # exception"). Imported first, it takes none (tests/test_distributed.py).
         importlib.import_module("torch._dynamo")
         try:
-            rank = environment_count("RANK", 0)
             master = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
             waiting = (f"rank {rank} of {size}: waiting for the process group at {master} "
                        f"(up to {timeout_s:g} s; METALEARN_DIST_TIMEOUT sets it)")

@@ -413,6 +413,13 @@ def test_running_out_of_memory_is_a_message_not_a_traceback(tmp_path, capsys, mo
     monkeypatch.setattr("metalearn.api.train", out_of_memory)
     code, _, err = run(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--run-dir", tmp_path / "r"], capsys)
     assert code == 2 and "out of memory" in err and "--meta-batch-size" in err and "Traceback" not in err
+    assert "--resume" not in err  # a run that holds no checkpoint has nothing to continue from
+    code, _, err = run(["train", "maml", "--run-dir", trained, "--resume", "--steps", 2], capsys)
+    assert code == 2 and "the run keeps its last checkpoint (continue with --resume)" in err
+    from metalearn.cli import _has_checkpoint
+
+    assert _has_checkpoint(["train", "maml", f"--run-dir={trained}"])
+    assert not _has_checkpoint(["train", "maml", "--run-dir", str(trained), "--print-config"])  # a dry run
     # the advice names options of the command that ran out
     monkeypatch.setattr("metalearn.api.evaluate_run", out_of_memory)
     code, _, err = run(["eval", trained, "--no-progress"], capsys)

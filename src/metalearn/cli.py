@@ -699,6 +699,23 @@ def verify(data_dir):
         raise MetalearnError("the data does not match the official release; download it again")
 
 
+def _has_checkpoint(argv: list[str]) -> bool:
+    """Whether the ``--run-dir`` of a train command line holds a checkpoint now, so that a
+    message may say the run can continue from it (not for ``--print-config``, which writes
+    nothing, nor for a run that ran out of memory before its first checkpoint)."""
+    if "--print-config" in argv:
+        return False
+    for i, arg in enumerate(argv):
+        if arg.startswith("--run-dir="):
+            folder = arg.split("=", 1)[1]
+        elif arg == "--run-dir" and i + 1 < len(argv):
+            folder = argv[i + 1]
+        else:
+            continue
+        return RunDir(folder).has_checkpoint()
+    return False
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     """Whether ``err`` is an allocation failure (torch reports CPU and GPU ones as RuntimeError
     subclasses with these words)."""
@@ -788,11 +805,13 @@ def _main(args: list[str] | None) -> None:
         if not is_out_of_memory(err):
             raise
         detail = (str(err).splitlines() or [type(err).__name__])[0][:160]
-        words = [a for a in (sys.argv[1:] if args is None else [str(a) for a in args]) if not a.startswith("-")]
+        argv = sys.argv[1:] if args is None else [str(a) for a in args]
+        words = [a for a in argv if not a.startswith("-")]
         advice = {  # options the command has
             "train": "Use fewer tasks or images at once, or smaller ones: a smaller --meta-batch-size, fewer "
-                     "--ways, --shots, --query or --inner-steps, a smaller --image-size; the run keeps its last "
-                     "checkpoint (continue with --resume).",
+                     "--ways, --shots, --query or --inner-steps, a smaller --image-size"
+                     + ("; the run keeps its last checkpoint (continue with --resume)." if _has_checkpoint(argv)
+                        else "."),
             "data": "Use a smaller --image-size.",
         }.get(words[0] if words else "", "Use fewer or smaller images, or a machine with more memory.")
         click.echo(f"error: out of memory ({detail}). {advice}", err=True)

@@ -388,6 +388,33 @@ def test_mini_imagenet_csv_layout_and_the_cache_rebuilt_after_a_change(tmp_path,
         load_image_folder(root, 16, 3, cache_dir=cache)
 
 
+def test_an_option_a_dataset_refuses_is_refused_for_its_reason(capsys):
+    """mini-ImageNet's split is its release's, Omniglot's one of the published splits, and
+    Omniglot is grey: the refusal says so, not that the dataset is of a kind (folder is a
+    classification dataset that takes these options); options of one reason are named
+    together, in one line."""
+    from metalearn.errors import ConfigError
+
+    code, out, err = run(["train", "protonet", "--dataset", "mini-imagenet", "--data-dir", "mini",
+                          "--split-fractions", "0.5,0,0.5"], capsys)
+    one_line_error(code, out, err, "--split-fractions does not apply to mini-imagenet: its split is the release's "
+                                   "own, its train.csv, val.csv and test.csv or its train/ val/ test/ folders (to split "
+                                   "class folders of your own, use --dataset folder)")
+    code, out, err = run(["train", "protonet", "--dataset", "omniglot", "--channels", 3, "--split-file", "s.json",
+                          "--split-fractions", "0,0,1"], capsys)
+    one_line_error(code, out, err, "--channels does not apply to omniglot: its images are black-and-white drawings, "
+                                   "always read as 1 (grey) channel; --split-fractions, --split-file do not apply "
+                                   "either: its classes are split by one of the published splits, chosen with --split "
+                                   "(maml, vinyals or lake)")
+    code, out, err = run(["train", "protonet", "--dataset", "folder", "--split", "lake"], capsys)
+    one_line_error(code, out, err, "--split does not apply to folder: --split chooses one of Omniglot's published "
+                                   "splits; an image folder is split by its train/ val/ test/ folders or CSV files, "
+                                   "else by --split-fractions or --split-file")
+    with pytest.raises(ConfigError, match=r"^TaskConfig.noise_std does not apply to mini-imagenet, a classification "
+                                          r"dataset; TaskConfig.split_file does not apply either: its split is"):
+        resolve_config("protonet", {"dataset": "mini-imagenet", "noise_std": 0.1, "split_file": "s.json"})
+
+
 def test_csv_rows_listing_one_image_twice_are_refused(tmp_path):
     """An image under two CSV rows (twice in one class, or under two labels or parts) could be
     support and query of one episode, or a training image tested on: refused, naming the file
@@ -1043,7 +1070,7 @@ def test_a_folder_without_val_classes_trains_with_validation_off(tmp_path, capsy
 
 def test_a_small_class_folder_names_its_split_options_and_eval_splits_another_folder(tmp_path, capsys, monkeypatch):
     """12 classes under the default split give val and test 2 each: 5-way training is refused in
-    one line naming --split-fractions and --val-every 0; with 0.5,0,0.5 it trains. Another folder
+    one line naming the split options for both parts; with 0.5,0,0.5 it trains. Another folder
     of 5 classes lacks classes of the run's split (refused, naming eval's --split-fractions
     0,0,1); split 0.5,0,0.5 it has 2 test classes (refused so too); it is scored under
     --split-fractions 0,0,1 or a split file, each written
@@ -1061,7 +1088,8 @@ def test_a_small_class_folder_names_its_split_options_and_eval_splits_another_fo
     code, out, err = run([*options, "--run-dir", tmp_path / "refused"], capsys)
     one_line_error(code, out, err, "the default split 0.64,0.16,0.2 gives the val part 2 of the folder's 12 classes "
                                    "(train 8, val 2, test 2); --test-ways 5")
-    assert "--split-fractions or --split-file" in err and "(metalearn train --val-every 0)" in err
+    assert err.endswith("needs 5: give val and test 5 or more each with --split-fractions or --split-file; lower "
+                        "--test-ways to 2 or fewer\n"), err  # --val-every 0 alone leaves the test part short
     run_dir = tmp_path / "run"
     code, out, err = run([*options, "--split-fractions", "0.5,0,0.5", "--val-every", 0, "--run-dir", run_dir], capsys)
     assert code == 0, err
@@ -1394,6 +1422,66 @@ def test_no_hint_scores_a_run_on_the_classes_it_trained_on(tmp_path):
            "folder, of classes the run never trained on, metalearn eval --split-fractions 0,0,1" in message, message
 
 
+def test_the_advice_for_a_small_part_holds_for_every_part_its_option_sets(tmp_path, capsys, monkeypatch):
+    """10 classes split 0.7,0.15,0.15 give 7 / 2 / 1. --test-ways sets the ways of val and test,
+    so metalearn train's advice for val's 2 classes holds for test's 1 too: the split options
+    first, and no value of --test-ways alone (the test part's 1 class makes no episode); the
+    advice it gives trains. metalearn train names train's remedies only, eval eval's."""
+    from metalearn.data.folder import check_part_classes
+
+    monkeypatch.setenv("METALEARN_CACHE", str(tmp_path / "cache"))
+    write_tiny(tmp_path / "c10", {f"class{c}": 3 for c in range(10)})
+    options = ["train", "protonet", "--dataset", "folder", "--data-dir", tmp_path / "c10", "--image-size", 16,
+               "--ways", 2, "--shots", 1, "--query", 1, "--steps", 1, "--eval-episodes", 2, "--no-progress",
+               "--split-fractions", "0.7,0.15,0.15"]
+    code, out, err = run([*options, "--test-ways", 3, "--run-dir", tmp_path / "refused"], capsys)
+    one_line_error(code, out, err, "--split-fractions 0.7,0.15,0.15 gives the val part 2 of the folder's 10 classes "
+                                   "(train 7, val 2, test 1); --test-ways 3 (in metalearn eval: --ways) needs 3: give "
+                                   "val and test 3 or more each with --split-fractions or --split-file; train without "
+                                   "validation or the test (metalearn train --val-every 0 --no-eval); lower --test-ways "
+                                   "to 2 or fewer and train without the test (metalearn train --no-eval), whose 1 "
+                                   "class cannot make an episode")
+    code, out, err = run([*options, "--test-ways", 2, "--run-dir", tmp_path / "refused"], capsys)
+    one_line_error(code, out, err, "gives the test part 1 of the folder's 10 classes (train 7, val 2, test 1); "
+                                   "--test-ways 2 (in metalearn eval: --ways) needs 2: give it 2 or more with "
+                                   "--split-fractions or --split-file; train without the test (metalearn train "
+                                   "--no-eval); --test-ways cannot go below 2, so this part cannot make an episode")
+    assert "0,0,1" not in err  # metalearn eval's advice for another folder
+    code, out, err = run([*options, "--test-ways", 2, "--no-eval", "--run-dir", tmp_path / "run"], capsys)
+    assert code == 0, err
+    # a test part of 2 to 3 classes: one value of --test-ways serves both parts
+    folder = named_folder(20)
+    task = TaskConfig(dataset="folder", split_fractions="0.7,0.1,0.2")  # 14 / 2 / 4
+    with pytest.raises(MetalearnError) as caught:
+        check_part_classes(folder, folder_split(folder, "val", "0.7,0.1,0.2"), "val", 5, task, "--test-ways 5",
+                           "train")
+    assert str(caught.value).endswith("needs 5: give val and test 5 or more each with --split-fractions or "
+                                      "--split-file; train without validation (metalearn train --val-every 0) and "
+                                      "with --test-ways 4 or fewer; lower --test-ways to 2 or fewer"), caught.value
+    task = TaskConfig(dataset="folder", split_fractions="0.6,0.25,0.15")  # 12 / 5 / 3
+    with pytest.raises(MetalearnError, match=r"needs 6: give val and test 6 or more each with --split-fractions or "
+                                             r"--split-file; lower --test-ways to 3 or fewer \(the test part has 3\)$"):
+        check_part_classes(folder, folder_split(folder, "val", "0.6,0.25,0.15"), "val", 6, task, "--test-ways 6",
+                           "train")
+    with pytest.raises(MetalearnError, match=r"needs 6: give it 6 or more with --split-fractions or --split-file; "
+                                             r"lower --test-ways to 5 or fewer$"):  # eval --part val: val alone
+        check_part_classes(folder, folder_split(folder, "val", "0.6,0.25,0.15"), "val", 6, task, "--test-ways 6",
+                           "eval")
+    # no val classes: metalearn train is told of --val-every 0, metalearn eval --part val of its test classes
+    code, out, err = run([*options[:-1], "0.5,0,0.5", "--run-dir", tmp_path / "refused"], capsys)
+    one_line_error(code, out, err, "the image folder has no val classes: give val a nonzero fraction in "
+                                   "--split-fractions or classes in --split-file; or train without validation "
+                                   "(metalearn train --val-every 0)")
+    assert "metalearn eval" not in err
+    parts = named_folder(4, "parts", ("train", "train", "test", "test"))
+    with pytest.raises(MetalearnError, match=r"no val classes: add a val/ folder of classes; or score the test "
+                                             r"classes \(metalearn eval without --part val\)$"):
+        folder_split(parts, "val", command="eval")
+    with pytest.raises(MetalearnError, match=r"no test classes: add a test/ folder of classes, or train without the "
+                                             r"test \(metalearn train --no-eval\)$"):
+        folder_split(named_folder(4, "parts", ("train",) * 4), "test", command="train")
+
+
 def test_too_few_classes_or_images_are_refused_before_any_image_is_decoded(tmp_path, monkeypatch):
     """The class counts come from the file names: a folder that cannot serve --ways or --shots
     is refused without decoding (minutes for a large folder); one that can is decoded when its
@@ -1513,3 +1601,41 @@ def test_support_and_query_paths_are_named_as_they_are_and_queries_counted_once(
                                               r"\S*q/a/01\.png\)"):
         assert read_query([tmp_path / "q", tmp_path / "link.png"]) == files
     assert files == [tmp_path / "q" / "a" / "00.png", tmp_path / "q" / "a" / "01.png"]
+
+
+def test_a_folder_without_images_names_what_it_holds(tmp_path, capsys, monkeypatch):
+    """--query, a support class and a training class folder without images say what they
+    hold instead: the files that are not images by their names (three and a count), or that
+    they are empty or hold only hidden files."""
+    from metalearn.prediction import read_query, read_support
+
+    query = tmp_path / "pq1"
+    query.mkdir()
+    (query / "a.txt").write_text("x")
+    with pytest.raises(MetalearnError, match=rf"^--query {re.escape(str(query))} holds no images \(PNG or JPEG\); it "
+                                             r"holds 1 file that is not an image by its name: a\.txt$"):
+        read_query([query])
+    for name in ("b.heic", "c.doc", "sub/d.raw", "sub/e.txt"):
+        (query / name).parent.mkdir(exist_ok=True)
+        (query / name).write_text("x")
+    with pytest.raises(MetalearnError, match=r"holds no images \(PNG or JPEG\); it holds 5 files that are not images "
+                                             r"by their names: a\.txt, b\.heic, c\.doc and 2 more$"):
+        read_query([query])
+    (tmp_path / "hidden").mkdir()
+    (tmp_path / "hidden" / ".DS_Store").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    for folder, held in (("hidden", r"it holds only hidden files, which are skipped \(\.DS_Store\)"),
+                         ("empty", "it is empty")):
+        with pytest.raises(MetalearnError, match=rf"holds no images \(PNG or JPEG\); {held}$"):
+            read_query([tmp_path / folder])
+    write_tiny(tmp_path / "support", {"cat": 1, "dog": 0})
+    (tmp_path / "support" / "dog" / "IMG_1.HEIC").write_bytes(b"x")
+    with pytest.raises(MetalearnError, match=r"^support class folder \S*dog has no images \(PNG or JPEG\); it holds 1 "
+                                             r"file that is not an image by its name: IMG_1\.HEIC$"):
+        read_support(tmp_path / "support")
+    monkeypatch.setenv("METALEARN_CACHE", str(tmp_path / "cache"))
+    code, out, err = run(["train", "protonet", "--dataset", "folder", "--data-dir", tmp_path / "support",
+                          "--image-size", 16, "--ways", 2, "--run-dir", tmp_path / "run"], capsys)
+    one_line_error(code, out, err, f"class folder dog ({tmp_path / 'support' / 'dog'}) has no images (PNG or JPEG); "
+                                   "it holds 1 file that is not an image by its name: IMG_1.HEIC; remove it or add "
+                                   "images")

@@ -87,7 +87,7 @@ def toy_registry():
     register_method(NearestMean)
     register_dataset(Dataset("toy-blobs", True, build=lambda task, shape, part, data_dir, progress: Blobs(
         shape.ways, shape.shots, shape.query), problem=lambda task: Problem((6,), task.ways, True),
-        inapplicable=("noise_std", "image_size")))
+        inapplicable=("noise_std", "image_size"), reasons={"image_size": "its points are 6 numbers, not images"}))
     yield
     METHODS.pop(NearestMean.name)
     DATASETS.pop("toy-blobs")
@@ -137,6 +137,18 @@ def test_a_registered_method_refuses_bad_values_naming_its_field(toy_registry):
 
     with pytest.raises(ConfigError, match=r"^NearestMean.Config.width must be int, got 'wide'$"):
         make_method_config("toy-nearest-mean", {"width": "wide"})
+
+
+def test_a_registered_dataset_refuses_an_option_for_its_reason(toy_registry, capsys):
+    """A dataset's ``reasons`` say why an option does not apply; an option without one is
+    refused for the dataset's kind; both in one line."""
+    code, out, err = run(["train", "toy-nearest-mean", "--dataset", "toy-blobs", "--image-size", 16], capsys)
+    assert code == 2 and err == ("error: --image-size does not apply to toy-blobs: its points are 6 numbers, not "
+                                 "images\n"), err
+    code, out, err = run(["train", "toy-nearest-mean", "--dataset", "toy-blobs", "--image-size", 16, "--noise-std",
+                          0.1], capsys)
+    assert code == 2 and err == ("error: --noise-std does not apply to toy-blobs, a classification dataset; "
+                                 "--image-size does not apply either: its points are 6 numbers, not images\n"), err
 
 
 def test_register_method_refuses_what_is_not_a_method():

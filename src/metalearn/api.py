@@ -89,8 +89,7 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
     check_method_fits_dataset(cls, dataset)
     given = [name for name in dataset.inapplicable if task.get(name) is not None]
     if given:
-        verb = "does" if len(given) == 1 else "do"
-        raise ConfigError("TaskConfig", tuple(given), f"{verb} not apply to {dataset.name}, a {dataset.kind} dataset")
+        raise dataset.refuse(given)  # each option with its reason
     for defaults in (cls.task_defaults, dataset.defaults):
         for name, value in defaults.items():
             if name not in dataset.inapplicable:

@@ -22,7 +22,10 @@ class Dataset:
     ``task.for_testing()``; ``problem(task)`` is the input shape and output size a network
     needs; ``has_part(split, part)`` whether the split has that part (no validation part: the
     run trains without validation). ``defaults`` fill task options the user left unset;
-    ``fixed`` are values the tasks always take; ``inapplicable`` options are refused.
+    ``fixed`` are values the tasks always take; ``inapplicable`` options are refused, each for
+    its reason in ``reasons`` (the rest of "--split-fractions does not apply to mini-imagenet:
+    ...", with other options in backticks) where the dataset's kind is not the reason (see
+    :meth:`refuse`).
     ``prepare(images, image_size, channels)`` turns new images (files, PIL images, tensors) into
     inputs as the dataset's own were made, for ``predict``, ``fit_predict`` and ``sample``
     (None: :func:`metalearn.data.images.prepare_images`). ``reinforcement``: the tasks are MDPs
@@ -31,7 +34,9 @@ class Dataset:
     a simulator, not from files, so a ``data_dir`` given for them is refused (it would be
     silently unused). ``check(task, shape, part, data_dir, progress)``, where given, refuses an
     episode shape the part cannot fill as ``build`` would, without reading the data (a folder's
-    class and image counts come from its file names), so that setup fails before decoding."""
+    class and image counts come from its file names), so that setup fails before decoding: it is
+    ``metalearn train``'s look at every part it will use before it reads any
+    (:func:`metalearn.tasks.check_task_source`), so its messages name train's remedies."""
 
     name: str
     classification: bool
@@ -41,6 +46,7 @@ class Dataset:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     fixed: Mapping[str, Any] = field(default_factory=dict)
     inapplicable: tuple[str, ...] = ()
+    reasons: Mapping[str, str] = field(default_factory=dict)
     prepare: Callable[[Any, int, int], Any] | None = None
     reinforcement: bool = False
     generated: bool = False
@@ -51,6 +57,25 @@ class Dataset:
         if self.reinforcement:
             return "reinforcement-learning"
         return "classification" if self.classification else "regression"
+
+    def refuse(self, given: list[str] | tuple[str, ...]) -> ConfigError:
+        """The error for ``given`` options of ``inapplicable``: one line that names each with its
+        reason, the dataset's kind where ``reasons`` gives none (``--noise-std does not apply to
+        omniglot, a classification dataset``), options of one reason together."""
+        groups: dict[str, list[str]] = {}
+        for name in given:
+            groups.setdefault(self.reasons.get(name, ""), []).append(name)
+        clauses = []
+        for reason, names in groups.items():
+            verb = "does" if len(names) == 1 else "do"
+            if not clauses:
+                clauses.append(f"{verb} not apply to {self.name}" + (f": {reason}" if reason else
+                                                                      f", a {self.kind} dataset"))
+            else:
+                listed = ", ".join(f"`{name}`" for name in names)
+                clauses.append(f"{listed} {verb} not apply either: "
+                               + (reason or f"{self.name} is a {self.kind} dataset"))
+        return ConfigError("TaskConfig", tuple(next(iter(groups.values()))), "; ".join(clauses))
 
 
 DATASETS: dict[str, Dataset] = {}
@@ -105,9 +130,11 @@ def _drawings(images, image_size: int, channels: int):
     return prepare_drawings(images, image_size, channels)
 
 
-def _folder_checked(task, shape, part: str, data_dir: Path | str | None, progress: bool):
+def _folder_checked(task, shape, part: str, data_dir: Path | str | None, progress: bool, command: str = "train"):
     """The folder (its images not decoded yet) and ``part``'s classes, once the episode shape is
-    known to fit them."""
+    known to fit them. ``command``: whose remedies the refusals name (see
+    :func:`metalearn.data.folder.folder_split`): as the registry's ``check``, metalearn
+    train's, which checks every part it uses before it builds any."""
     from metalearn.data.folder import check_class_sizes, check_part_classes, folder_split, load_image_folder
 
     folder = load_image_folder(data_dir, task.image_size, task.channels, progress=progress)
@@ -115,7 +142,7 @@ def _folder_checked(task, shape, part: str, data_dir: Path | str | None, progres
         raise ConfigError("TaskConfig", "dataset", f"mini-imagenet reads images/ with train.csv, val.csv and "
                                                    f"test.csv, or train/ val/ test/ folders; {data_dir} has neither "
                                                    "(for class folders of your own use folder)")
-    pool = folder_split(folder, part, task.split_fractions, task.split_file)
+    pool = folder_split(folder, part, task.split_fractions, task.split_file, command)
     test = part != "train"
     prefix = "--test-" if test else "--"
     # which test options follow the training ones: a method's own test defaults (the Neural
@@ -124,7 +151,7 @@ def _folder_checked(task, shape, part: str, data_dir: Path | str | None, progres
     if folder.layout == "classes":  # too few classes: named with the split's options, which the sampler cannot
         ways_note = ("it defaults to --ways; " if "ways" in follows else "") + "in metalearn eval: --ways"
         check_part_classes(folder, pool, part, shape.ways, task, f"{prefix}ways {shape.ways}"
-                           + (f" ({ways_note})" if test else ""))
+                           + (f" ({ways_note})" if test else ""), command)
     following = [key for key in ("shots", "query") if key in follows]
     default_note = (" and ".join(f"--test-{key}" for key in following) + (" default to " if len(following) > 1 else
                     " defaults to ") + " and ".join(f"--{key}" for key in following) + "; " if following else "")
@@ -140,7 +167,9 @@ def _folder(task, shape, part: str, data_dir: Path | str | None, progress: bool)
     from metalearn.data.folder import class_split, data_fingerprint
     from metalearn.tasks.episodes import EpisodeSampler
 
-    folder, pool = _folder_checked(task, shape, part, data_dir, progress)
+    # metalearn train has checked the parts it builds (``check``): a refusal here is met by eval,
+    # compare and plot, which score or draw one part, and by the Python API
+    folder, pool = _folder_checked(task, shape, part, data_dir, progress, command="eval")
     test = part != "train"
     sampler = EpisodeSampler(torch.from_numpy(folder.images), pool, shape.ways, shape.shots, shape.query,
                              dataset=f"image folder {data_dir}", test=test,
@@ -182,12 +211,26 @@ _REGRESSION = dict(classification=False, problem=_regression_problem, generated=
 _FOLDER = dict(classification=True, build=_folder, check=_folder_checked, problem=_image_problem,
                fixed={"split": "folder"})
 
+# why an option does not apply where a dataset's kind is not the reason: folder is a
+# classification dataset that takes --channels and --split-fractions
+_OMNIGLOT_SPLIT = "its classes are split by one of the published splits, chosen with `split` (maml, vinyals or lake)"
+_RELEASE_SPLIT = "its split is the release's own, its train.csv, val.csv and test.csv or its train/ val/ test/ folders"
+_FOLDER_SPLIT = ("`split` chooses one of Omniglot's published splits; an image folder is split by its train/ val/ "
+                 "test/ folders or CSV files, else by `split_fractions` or `split_file`")
 register_dataset(Dataset("omniglot", True, _omniglot, _image_problem, _omniglot_has_part,
-                         inapplicable=("noise_std", "channels", "split_fractions", "split_file"), prepare=_drawings))
+                         inapplicable=("noise_std", "channels", "split_fractions", "split_file"),
+                         reasons={"channels": "its images are black-and-white drawings, always read as 1 (grey) "
+                                              "channel",
+                                  "split_fractions": _OMNIGLOT_SPLIT, "split_file": _OMNIGLOT_SPLIT},
+                         prepare=_drawings))
 register_dataset(Dataset("folder", defaults={"image_size": 84, "channels": 3},
-                         inapplicable=("noise_std", "split"), **_FOLDER))
+                         inapplicable=("noise_std", "split"), reasons={"split": _FOLDER_SPLIT}, **_FOLDER))
 register_dataset(Dataset("mini-imagenet", defaults={"image_size": 84, "channels": 3, "query": 15},
-                         inapplicable=("noise_std", "split", "split_fractions", "split_file"), **_FOLDER))
+                         inapplicable=("noise_std", "split", "split_fractions", "split_file"),
+                         reasons={"split": f"{_RELEASE_SPLIT} (`split` chooses among Omniglot's published splits)",
+                                  **dict.fromkeys(("split_fractions", "split_file"), f"{_RELEASE_SPLIT} (to split "
+                                                  "class folders of your own, use --dataset folder)")},
+                         **_FOLDER))
 register_dataset(Dataset("sinusoid", build=_sinusoid, **_REGRESSION))
 register_dataset(Dataset("sine-or-line", build=_sine_or_line, **_REGRESSION))
 

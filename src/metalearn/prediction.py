@@ -16,7 +16,7 @@ import torch
 
 from metalearn.algorithms import MetaLearner
 from metalearn.algorithms.base import evaluating
-from metalearn.data.folder import image_files, warn_of_skipped_files
+from metalearn.data.folder import image_files, no_images_note, warn_of_skipped_files
 from metalearn.data.images import is_image_file
 from metalearn.errors import MetalearnError, MetalearnWarning
 from metalearn.files import WriteError, check_writable_file, fsync_directory, temporary_path
@@ -36,9 +36,12 @@ def read_support(folder: Path | str) -> tuple[list[str], list[list[Path]]]:
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
+            before = len(skipped)
             images = image_files(entry, skipped=skipped)
             if not images:
-                raise MetalearnError(f"support class folder {entry} has no images (PNG or JPEG)")
+                note = no_images_note(entry, skipped[before:])
+                raise MetalearnError(f"support class folder {entry} has no images (PNG or JPEG)"
+                                     + (f"; {note}" if note else ""))
             names.append(entry.name)
             files.append(images)
         elif is_image_file(entry):
@@ -85,7 +88,8 @@ def read_query(paths: list[Path | str]) -> list[Path]:
             skipped: list[Path] = []
             found = image_files(path, skipped=skipped)
             if not found:
-                raise MetalearnError(f"--query {path} holds no images (PNG or JPEG)")
+                note = no_images_note(path, skipped)
+                raise MetalearnError(f"--query {path} holds no images (PNG or JPEG)" + (f"; {note}" if note else ""))
             warn_of_skipped_files(skipped, f"--query {path}")
             files += found
         elif path.is_file():

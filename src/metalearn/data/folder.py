@@ -162,6 +162,33 @@ def warn_of_skipped_files(skipped: list[Path], where: str) -> None:
                   stacklevel=3)
 
 
+def no_images_note(folder: Path, skipped: list[Path]) -> str:
+    """What ``folder``, which holds no images, holds instead, for the refusal that names it:
+    ``skipped``, its files that are not images by their names (the first three and a count:
+    "it holds 2 files that are not images by their names: notes.txt, cat.heic"), or that it is
+    empty or holds only hidden files, which are skipped."""
+    if skipped:
+        def below(path: Path) -> str:
+            try:
+                return str(path.relative_to(folder))
+            except ValueError:
+                return str(path)
+        what = ("1 file that is not an image by its name" if len(skipped) == 1 else
+                f"{len(skipped)} files that are not images by their names")
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        return f"it holds {what}: {', '.join(below(p) for p in skipped[:3])}{more}"
+    try:
+        with os.scandir(folder) as listing:
+            names = [entry.name for entry in listing]
+    except OSError:
+        return ""
+    if not names:
+        return "it is empty"
+    if all(name.startswith(".") for name in names):
+        return f"it holds only hidden files, which are skipped ({', '.join(sorted(names)[:3])})"
+    return ""
+
+
 def _identity(folder: Path) -> tuple[int, int]:
     stat = folder.stat()
     return stat.st_dev, stat.st_ino
@@ -215,10 +242,12 @@ def _classes_in(folder: Path, prefix: str, part: str, links: list[Path],
             links.append(entry)
         if entry.is_dir():
             name = prefix + entry.name
+            before = len(skipped)
             files = image_files(entry, links, skipped)
             if not files:
-                raise MetalearnError(f"class folder {name} ({entry}) has no images (PNG or JPEG); remove it or add "
-                                     "images")
+                note = no_images_note(entry, skipped[before:])
+                raise MetalearnError(f"class folder {name} ({entry}) has no images (PNG or JPEG)"
+                                     f"{f'; {note}' if note else ''}; remove it or add images")
             classes.append((name, part, files))
         elif is_image_file(entry):
             if part:
@@ -699,18 +728,24 @@ def _parts_from_file(folder: ImageFolder, path: Path) -> tuple[str, ...]:
     return tuple(parts)
 
 
-# The advice for a part with too few classes. These checks do not know which command runs them
-# (metalearn train builds train / val / test, eval, plot and compare build one part), so each
-# piece of advice names the command it belongs to. --split-fractions 0,0,1 makes every class of
-# a folder a test class: honest for another folder of new classes, but on the run's own folder
-# it would score the classes the run trained on, so it is offered only for a folder of new
-# classes, and for the run's own folder the way out is fewer ways.
+# The advice for a part with too few classes. metalearn train builds train / val / test and can
+# leave a part out (--val-every 0, --no-eval); eval, plot and compare build one part, which
+# --part chooses. The caller says which command builds the part (``command``: "train", "eval",
+# or "" for one that does not say), and each piece of advice names the command it belongs to.
+# --split-fractions 0,0,1 makes every class of a folder a test class: honest for another folder
+# of new classes, but on the run's own folder it would score the classes the run trained on, so
+# it is offered only for a folder of new classes, and for the run's own folder the way out is
+# fewer ways.
 NEW_FOLDER = ("for another folder, of classes the run never trained on, metalearn eval --split-fractions 0,0,1 "
               "scores every class (on the folder it trained on, that would score its training classes too)")
 
 
-def folder_split(folder: ImageFolder, part: str, fractions: str = "", split_file: str = "") -> ClassPool:
-    """The classes of ``part`` (unrotated), or a clear error when the part has none."""
+def folder_split(folder: ImageFolder, part: str, fractions: str = "", split_file: str = "",
+                 command: str = "") -> ClassPool:
+    """The classes of ``part`` (unrotated), or a clear error when the part has none, whose advice
+    is ``command``'s: "train" (metalearn train, which can leave the part out), "eval" (metalearn
+    eval, compare or plot, which score or draw the part that --part names), or "" (a caller
+    that does not say: the remedies of both, each naming its command)."""
     if part not in PARTS:
         raise MetalearnError(f"unknown split part {part!r}: give {', '.join(PARTS)}")
     parts = class_parts(folder, fractions, split_file)
@@ -730,23 +765,30 @@ def folder_split(folder: ImageFolder, part: str, fractions: str = "", split_file
         else:
             fix = f"add a {part}/ folder of classes" if folder.layout == "parts" else f"add classes to {part}.csv"
         if part == "val":  # metalearn train validates on it; metalearn eval asks for it with --part val only
-            fix += ("; or train without validation (metalearn train --val-every 0), or score the test classes "
-                    "(metalearn eval without --part val)")
-        if part == "test":
+            remedies = [*(["train without validation (metalearn train --val-every 0)"] if command != "eval" else []),
+                        *(["score the test classes (metalearn eval without --part val)"] if command != "train"
+                          else [])]
+            fix += "; or " + ", or ".join(remedies)
+        if part == "test" and command != "eval":
             fix += ", or train without the test (metalearn train --no-eval)"
         raise MetalearnError(f"the image folder has no {part} classes: {fix}")
     characters = torch.tensor(members, dtype=torch.long)
     return ClassPool(part, characters, torch.zeros_like(characters))
 
 
-def check_part_classes(folder: ImageFolder, pool: ClassPool, part: str, ways: int, task, asked: str) -> None:
+def check_part_classes(folder: ImageFolder, pool: ClassPool, part: str, ways: int, task, asked: str,
+                       command: str = "") -> None:
     """A part of a class-folder split with fewer classes than the episodes' ``ways``: an error
     that names the split that gave it so few and the options that give it more (``task``: the
-    run's ``TaskConfig``; ``asked``: the option that set ``ways``, as the user would type it).
+    run's ``TaskConfig``; ``asked``: the option that set ``ways``, as the user would type it;
+    ``command``: as :func:`folder_split`'s).
 
-    Under the run's recorded split (its ``split.json``: evaluating the run on its own folder)
-    the honest fix is fewer ways over the run's own test classes, never a new split of the
-    folder, which would score classes the run trained on."""
+    Under metalearn train, --test-ways sets the ways of both val and test, and val is checked
+    first: a remedy offered for val holds for the test part too (a value to lower --test-ways to
+    that both parts can take, or, where the test part cannot make an episode at all, the split
+    options and leaving the test out). Under the run's recorded split (its ``split.json``:
+    evaluating the run on its own folder) the honest fix is fewer ways over the run's own test
+    classes, never a new split of the folder, which would score classes the run trained on."""
     if len(pool) >= ways:
         return
     n = len(folder.class_names)
@@ -755,22 +797,42 @@ def check_part_classes(folder: ImageFolder, pool: ClassPool, part: str, ways: in
              f"--split-file {task.split_file}" if task.split_file else
              f"--split-fractions {task.split_fractions}" if task.split_fractions else
              "the default split 0.64,0.16,0.2")
-    option = asked.split(" ")[0]
-    lower = (f"lower {option} to {len(pool)} or fewer" if len(pool) >= 2 else
-             f"{option} cannot go below 2, so this part cannot make an episode")
-    if recorded:
-        fixes = [f"{lower} to score the run on its own {part} classes" if len(pool) >= 2 else lower]
-    else:
-        fixes = [f"give it {ways} or more with --split-fractions or --split-file"]
-        if part == "val":
-            fixes.append("train without validation (metalearn train --val-every 0)")
-        fixes.append(lower)
-    if part == "test" or recorded:
-        fixes.append(NEW_FOLDER)
     parts = class_parts(folder, task.split_fractions, task.split_file)  # every part's count: fix them all at once
+    option = asked.split(" ")[0]
+    have = len(pool)
+    # the test part, which metalearn train checks after val with the same --test-ways (one
+    # without classes is refused as such, by folder_split)
+    tested = parts.count("test") if command == "train" and part == "val" else 0
+    fewest = min(have, tested) if tested else have
+    if have < 2:
+        lower = f"{option} cannot go below 2, so this part cannot make an episode"
+    elif fewest >= 2:
+        lower = f"lower {option} to {fewest} or fewer" + (f" (the test part has {fewest})" if fewest < have else "")
+    else:  # the test part's one class makes no episode at any --test-ways
+        lower = (f"lower {option} to {have} or fewer and train without the test (metalearn train --no-eval), "
+                 "whose 1 class cannot make an episode")
+    if recorded:
+        fixes = [f"{lower} to score the run on its own {part} classes" if have >= 2 else lower]
+    else:
+        short = [part, *(["test"] if tested and tested < ways else [])]
+        fixes = [f"give {'it' if len(short) == 1 else ' and '.join(short)} {ways} or more"
+                 f"{' each' if len(short) > 1 else ''} with --split-fractions or --split-file"]
+        if part == "val" and command != "eval":
+            if len(short) == 1:
+                fixes.append("train without validation (metalearn train --val-every 0)")
+            elif tested < 2:
+                fixes.append("train without validation or the test (metalearn train --val-every 0 --no-eval)")
+            elif tested > have:  # else lowering --test-ways for both parts (below) does as well
+                fixes.append(f"train without validation (metalearn train --val-every 0) and with {option} {tested} "
+                             "or fewer")
+        if part == "test" and command == "train":
+            fixes.append("train without the test (metalearn train --no-eval)")
+        fixes.append(lower)
+    if (part == "test" or recorded) and command != "train":
+        fixes.append(NEW_FOLDER)
     counts = ", ".join(f"{p} {parts.count(p)}" for p in PARTS) + (f", in no part {parts.count('')}"
                                                                   if "" in parts else "")
-    raise MetalearnError(f"{split} gives the {part} part {len(pool)} of the folder's {n} classes ({counts}); {asked} "
+    raise MetalearnError(f"{split} gives the {part} part {have} of the folder's {n} classes ({counts}); {asked} "
                          f"needs {ways}: " + "; ".join(fixes))
 
 

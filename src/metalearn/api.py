@@ -28,7 +28,8 @@ from metalearn.runs import RunDir, atomic_write_bytes, claim_new_run_dir, defaul
 from metalearn.files import WriteError, check_writable_file, remove_export_temporaries
 from metalearn.tasks import has_validation
 from metalearn.checkpoints import check_same_method, check_test_ways, configuration_conflict, load_trained
-from metalearn.training import TEST_SEED_OFFSET, build_trainer, part_seed_offset, resume_command
+from metalearn.training import (TEST_SEED_OFFSET, build_trainer, part_seed_offset, python_resume, python_test,
+                                resume_command)
 
 
 def resolve_config(method: str, task: dict[str, Any] | None = None,
@@ -403,7 +404,10 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     folders, split ``data_dir``'s classes this way instead of as the run did (``"0,0,1"`` scores every
     class of another folder); the file is named ``eval-split_fractions=0,0,1.json`` or
     ``eval-split_file=<file stem>.json`` (see :func:`with_split`). Without them a run on class
-    folders is scored on the split it recorded (its ``split.json``).
+    folders is scored on the split it recorded (its ``split.json``). An image folder that is not
+    the one the run trained on (other images, class names or parts than its checkpoint's data
+    fingerprint records) is scored all the same, with a :class:`MetalearnWarning`: its classes
+    are found by name, so a class renamed or replaced since may be one the run trained on.
     """
     from metalearn.config import MAX_SEED
     from metalearn.evaluation import check_count
@@ -417,6 +421,9 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     config, learner, step = load_trained(run_dir, overrides)
     config, split_labels = with_split(config, split_fractions, split_file, run_dir, data_dir)
     split_record = _split_record(split_fractions, split_file) if split_labels else {}  # the run's own: nothing
+    # the run's own split of an image folder: the folder is expected to be the one it trained on
+    trained_on = (RunDir(run_dir).read_checkpoint("step").get("data_fingerprint")
+                  if not split_labels and config.task.dataset in NATURAL_IMAGES else None)
     if ensemble:
         ensemble_checkpoints(run_dir, config)  # refused before anything is evaluated
     if protocol is not None:  # on the run's test shape, or ``episode_shape`` (e.g. 20-way episodes)
@@ -443,7 +450,7 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
                        world or init_world(device, exact_gpu_kernels=exact_gpu_kernels),
                        {**(overrides or {}), **(episode_shape or {})}, per_step, labels,
                        {**({"ensemble": [member_step for _, _, member_step in members]} if ensemble else {}),
-                        **split_record} or None)
+                        **split_record} or None, trained_on=trained_on)
     return result
 
 
@@ -561,14 +568,18 @@ def with_test_shape(config: RunConfig, shape: dict[str, int]) -> RunConfig:
 def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episodes: int | None, seed: int,
               data_dir, progress: bool, world: World, overrides: dict[str, Any] | None,
               per_step: bool = True, labels: dict[str, Any] | None = None,
-              extra: dict[str, Any] | None = None, before_write=None) -> dict[str, Any]:
+              extra: dict[str, Any] | None = None, before_write=None,
+              trained_on: str | None = None) -> dict[str, Any]:
     """Score ``learner`` on ``part`` and write the result into the run folder (rank 0), after
-    ``before_write()`` where given (training's test: that the folder is still its run's)."""
+    ``before_write()`` where given (training's test: that the folder is still its run's).
+    ``trained_on``: the checkpoint's data fingerprint, for a warning where ``data_dir`` holds
+    other images (:func:`_warn_of_other_images`)."""
     from metalearn.tasks import build_task_source
 
     source = build_task_source(config.task, part, data_dir, progress, evaluation=True)
     if world.is_main:
         _warn_of_training_classes(run_dir, config, source, part)
+        _warn_of_other_images(run_dir, config, source, trained_on, data_dir)
     learner = learner.to(world.device)
     n = config.train.eval_episodes if episodes is None else episodes
     # the validation part is drawn as the trainer's validation draws it (the same episodes for
@@ -589,6 +600,27 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
             before_write()
         RunDir(run_dir).write_eval(result, labels, part)
     return result
+
+
+def _warn_of_other_images(run_dir, config: RunConfig, source, trained_on: str | None, data_dir) -> None:
+    """An image folder that is not the one the run trained on (its data fingerprint, over the
+    images, class names and parts, differs from the checkpoint's) is scored all the same: a
+    folder that gained classes or images is scored on the run's own test classes. But the
+    classes are found by name (its split.json, or the folder's own parts), so a class renamed or
+    replaced since may be one the run trained on: said once, beside the result, with the counts
+    then and now as a refused resume gives them."""
+    now = getattr(source, "data_fingerprint", None)
+    if trained_on is None or now is None or now == trained_on:
+        return
+    run = RunDir(run_dir)
+    then_counts, now_counts = (fingerprint.split(":", 1)[-1] for fingerprint in (trained_on, now))
+    differ = (f"{then_counts}, now {now_counts}" if then_counts != now_counts
+              else f"{now_counts} either way, other images, class names or parts")
+    own_split = bool(config.task.split_file) and Path(config.task.split_file).resolve() == run.split_path.resolve()
+    named = ("taken by name from its split.json" if own_split else "the folder's own parts, found by name")
+    warnings.warn(MetalearnWarning(
+        f"--data-dir {data_dir} holds other images than the run in {run.path} trained on ({differ}): the classes "
+        f"scored are {named}, so a class renamed or replaced since may be one it trained on"))
 
 
 def _warn_of_training_classes(run_dir, config: RunConfig, source, part: str) -> None:
@@ -816,15 +848,27 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
     ``notes``, when given, receives one line for each thing a reader of the record should
     know: an evaluation of another step's model than the exported checkpoint's (the run
     trained on after it; for an ensemble, other checkpoints than the run's best now), and a plot in ``out_dir`` that this export did not write (from an
-    earlier export there, left in place: nothing outside the record's own files is deleted)."""
+    earlier export there, left in place: nothing outside the record's own files is deleted).
+    Refused with a :class:`MetalearnError` before anything is drawn: an ``out_dir`` that is
+    the run folder or lies inside it (but for its ``plots/``), and one inside ``data_dir`` or
+    inside the image folder the run trained on, which its checkpoint records (a later training
+    on that folder would read the record's files as images)."""
     import tempfile
 
     from metalearn.tasks import check_outside_data
 
     run = RunDir(run_dir)
     config = run.read_config()
-    check_outside_data(config.task, data_dir, "OUT_DIR", out_dir)
+    out, own = Path(out_dir).resolve(), run.path.resolve()
+    # the record's summary.json and plots would lie among the run's own files (its top level,
+    # best/); the run's plots/ folder, where its figures are drawn, takes them
+    if out.is_relative_to(own) and not out.is_relative_to(run.plots_dir.resolve()):
+        where = "is" if out == own else "lies inside"
+        raise MetalearnError(f"OUT_DIR {out_dir} {where} the run folder {run.path}: the record would lie among the "
+                             f"run's own files; give a folder outside it (e.g. results/{own.name}), or its plots/")
     state = run.read_checkpoint("step")
+    # the folder the run trained on, recorded by its checkpoint: export needs no --data-dir
+    check_outside_data(config.task, data_dir, "OUT_DIR", out_dir, recorded=state.get("data_dir"))
     drawn = tempfile.TemporaryDirectory(prefix="metalearn-export-")
     # a run with no logged step (--steps 0, a baseline; stopped before --log-every) has no curve
     # to draw: its record is the summary alone
@@ -892,7 +936,12 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     another host whose lock this machine sees free, a killed holder or a file system that does
     not lock between machines; ``complete``, ``stopped``, ``no checkpoint`` (metrics but no
     ``checkpoint.pt``: it cannot be resumed), or ``not started``), ``resume`` (the command that
-    continues a stopped run), ``holder`` (the lock's note while training or unknown), ``last_write_s`` (seconds
+    continues a stopped run), ``test`` (the command that evaluates it), ``own`` (what the run
+    was trained on from Python that its config.json does not describe: ``"network"``, a learner
+    of the user's own whose network is not config.json's; ``"tasks"``, a task source of the
+    user's own; empty for a run the commands can rebuild; where not empty, ``resume`` and
+    ``test`` are the Python lines that continue and evaluate it with the user's own learner and
+    tasks), ``holder`` (the lock's note while training or unknown), ``last_write_s`` (seconds
     since ``metrics.jsonl`` changed), ``last`` (the last logged training record),
     ``seconds_left`` (the remaining steps at the recent rate: the median of the last
     :data:`RATE_WINDOWS` logged windows' tasks per second, so that one window slowed by a pause
@@ -906,6 +955,7 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     import socket
     import time
 
+    from metalearn.checkpoints import network_difference, own_learner, own_tasks
     from metalearn.evaluation import HIGHER_IS_BETTER
     from metalearn.files import process_running
     from metalearn.locking import lock_is_held, read_holder_note
@@ -922,10 +972,19 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     status: dict[str, Any] = {"run": str(run.path), "method": config.method,
                               "task": " ".join(part for part in (task.dataset, shape) if part),
                               "steps": config.train.steps, "step": 0, "training_time_s": 0.0, "machines": []}
+    own: list[str] = []  # what config.json does not describe: the commands cannot rebuild the run
     if run.has_checkpoint():
         state = run.read_checkpoint("step")
         status.update(step=int(state["step"]), training_time_s=float(state.get("elapsed_s", 0.0)),
                       machines=list(state.get("machines", [])))
+        if own_learner(state) is not None:  # a learner built in Python: its network may be config.json's
+            try:
+                differs = "learner" not in state or bool(network_difference(config, state["learner"]))
+            except MetalearnError:
+                differs = True
+            own += ["network"] if differs else []
+        own += ["tasks"] if own_tasks(state) is not None else []
+    status["own"] = own
     note = read_holder_note(run.lock_path)  # None without a lock file: its holder deletes it as it lets go
     holder = note if note is not None and isinstance(note.get("pid"), int) else None
     held = lock_is_held(run.lock_path) if holder is not None else False
@@ -953,6 +1012,8 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     untested = split is not None and not split.get("test")  # it trained on every class: score another folder's
     status["test"] = (f"metalearn eval {run.path}" + (" --data-dir NEW_CLASSES_FOLDER --split-fractions 0,0,1"
                                                       if untested else f" --data-dir {images}" if images else ""))
+    if own:  # trained from Python on what config.json does not describe: continued and scored from Python
+        status["resume"], status["test"] = python_resume(run.path), python_test(run.path)
     status["last_write_s"] = (time.time() - run.metrics_path.stat().st_mtime) if run.metrics_path.is_file() else None
     records = run.read_metrics()
     status["last"] = last = next((r for r in reversed(records) if "loss" in r), None)

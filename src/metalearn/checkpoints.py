@@ -130,6 +130,49 @@ def load_learner_state(learner: MetaLearner, state: dict[str, Any], where: Path,
         raise MetalearnError(f"the checkpoint in {where} does not fit this model: {cause}{detail}") from None
 
 
+def own_learner(state: dict[str, Any]) -> str | None:
+    """The class of the learner a checkpoint's run was trained with where the user built it
+    (``Trainer(config, MAML(my_network), ...)``): its network need not be the one config.json
+    describes. None for a learner that :func:`~metalearn.training.build_trainer` built from
+    config.json (``"method:NAME"``), and for checkpoints from before the entry, whose learners
+    were always built so by metalearn's commands."""
+    source = state.get("learner_source")
+    return source if isinstance(source, str) and not source.startswith("method:") else None
+
+
+def own_tasks(state: dict[str, Any]) -> str | None:
+    """The class of the task source a checkpoint's run was trained on where it was the user's
+    own, which config.json's dataset does not describe; None for tasks the registry built
+    (``"dataset:NAME"``; ``"metalearn.*"``, a built-in source, in older checkpoints; absent in
+    the oldest, whose tasks were always the library's)."""
+    source = state.get("task_source", "metalearn.")
+    return None if not isinstance(source, str) or source.startswith(("dataset:", "metalearn.")) else source
+
+
+def network_difference(config: RunConfig, weights: dict[str, Any]) -> str:
+    """Where the learner that ``config`` describes differs from ``weights`` (a checkpoint's
+    learner state), by the names and shapes of their tensors: the first missing, unexpected
+    or reshaped one, as a few words; "" where they match, so that the weights load. Builds
+    the learner without touching the random streams."""
+    with torch.random.fork_rng(devices=[]):
+        built = build_learner(config.method, config.method_config, problem_of(config.task)).state_dict()
+    missing = [name for name in built if name not in weights]
+    if missing:
+        return f"{len(missing)} tensor(s) of config.json's network missing, e.g. {missing[0]}"
+    unexpected = [name for name in weights if name not in built]
+    if unexpected:
+        return f"{len(unexpected)} tensor(s) that config.json's network lacks, e.g. {unexpected[0]}"
+    for name, tensor in built.items():
+        saved = weights[name]
+        if isinstance(saved, torch.Tensor) and saved.shape != tensor.shape:
+            return f"{name} of shape {tuple(saved.shape)}, config.json's network's {tuple(tensor.shape)}"
+    return ""
+
+
+OWN_NETWORK_ROUTE = ("build your learner again, load the weights with learner.load_state_dict(RunDir(run_dir)"
+                     ".read_checkpoint()['learner']) and score them with metalearn.evaluate(learner, your_tasks)")
+
+
 def check_overrides_apply(config: RunConfig, overrides: dict[str, Any]) -> None:
     """Refuse an override that an evaluation would not use, so that no result is filed under a
     change that did not happen: an option that acts only in meta-training (declared with
@@ -260,17 +303,21 @@ def load_trained(run_dir: Path | str, overrides: dict[str, Any] | None = None,
 
     ``overrides`` changes options of the method that do not touch its weights (for instance
     the number of test-time steps) for this evaluation only. ``checkpoint``: another of the
-    run's checkpoints than its latest (one of ``RunDir.best_checkpoints``)."""
+    run's checkpoints than its latest (one of ``RunDir.best_checkpoints``).
+
+    A run that :class:`~metalearn.training.Trainer` trained from Python on a task source of the
+    user's own is refused (config.json names a dataset it did not learn), and so is one trained
+    with a learner of the user's own whose network is not the one config.json describes (by the
+    names and shapes of its weights): both in one line that gives the route from Python. A
+    learner of the user's own with config.json's network loads as any run's."""
     if overrides is not None and not isinstance(overrides, dict):
         raise MetalearnError(f"overrides are a dict of method options, e.g. {{\"test_inner_steps\": 10}}, got "
                              f"{type(overrides).__name__}")
     run = RunDir(run_dir)
     config = run.read_config()
     state = run.read_checkpoint("config", "learner", "step", path=checkpoint)
-    # "dataset:NAME": built from the registry; "metalearn.*": a built-in source (older checkpoints
-    # name its class); absent in the oldest checkpoints, whose tasks were always the library's
-    source = state.get("task_source", "metalearn.")
-    if not source.startswith(("dataset:", "metalearn.")):
+    source = own_tasks(state)
+    if source is not None:
         raise MetalearnError(
             f"{run.path} was trained on a task source of your own ({source}): its config.json names a built-in "
             "dataset that is not what it learned. Load the weights with learner.load_state_dict(RunDir(run_dir)"
@@ -278,6 +325,15 @@ def load_trained(run_dir: Path | str, overrides: dict[str, Any] | None = None,
         )
     check_compatible(RunConfig.from_dict(state["config"]), config, f"the checkpoint in {run.path}",
                      "Its config.json and checkpoint.pt come from different runs: put back the run's own files.")
+    learner_class = own_learner(state)
+    # a learner the user built (Trainer(config, MAML(my_network), ...)) loads where its network is
+    # config.json's; where it is not, the mismatch is the user's network, not a damaged run
+    difference = network_difference(config, state["learner"]) if learner_class is not None else ""
+    if difference:
+        raise MetalearnError(
+            f"{run.path} was trained with a network of your own (in a {learner_class}) that its config.json does "
+            f"not describe ({difference}): load_trained and metalearn eval rebuild only the library's networks; "
+            f"{OWN_NETWORK_ROUTE}.")
     if "model" in (overrides or {}) and overrides["model"] != config.method_config.get("model"):
         # same-shaped weights would load into another architecture without complaint
         raise MetalearnError(f"--set model={overrides['model']}: the run trained "

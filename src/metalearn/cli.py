@@ -574,6 +574,10 @@ def format_status(status: dict) -> str:
     spent = format_duration(status["training_time_s"])
     steps = max(status["steps"], 1)
     state, holder = status["state"], status["holder"]
+    own = status.get("own") or []  # trained from Python on what config.json does not describe
+    mine = {"network": "a network of your own", "tasks": "tasks of your own"}
+    python = (f"trained with {' and '.join(mine.get(part, part) for part in own)}, which config.json does not "
+              "describe: in Python, ") if own else ""
     if state == "training":
         doing = f"training now (process {holder['pid']}, since {holder.get('since', '?')})"
     elif state == "testing":
@@ -581,7 +585,7 @@ def format_status(status: dict) -> str:
     elif state == "training elsewhere":
         doing = f"training on {holder.get('host', '?')} (process {holder['pid']}, since {holder.get('since', '?')})"
     elif state == "stopped":
-        doing = f"stopped; continue with `{status['resume']}`"
+        doing = f"stopped; {python or 'continue with '}`{status['resume']}`"
     elif state == "no checkpoint":
         doing = "no checkpoint.pt, so it cannot be resumed; start afresh in another --run-dir"
     elif state == "unknown":
@@ -589,7 +593,7 @@ def format_status(status: dict) -> str:
                  f"{holder.get('since', '?')}), but it is free as seen from this machine: a killed holder, or a "
                  f"file system that does not lock between machines")
     elif state == "complete" and "eval" not in status["evaluations"]:
-        doing = f"complete; not tested yet: `{status['test']}`"
+        doing = f"complete; not tested yet: {python}`{status['test']}`"
     else:
         doing = state
     last = status["last"]

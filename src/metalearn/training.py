@@ -18,7 +18,8 @@ import torch
 from metalearn.algorithms import MetaLearner, build_learner
 from metalearn.algorithms.base import device_of
 from metalearn.checkpoints import (RESUME_ENTRIES, all_finite, check_compatible, check_run_dir, check_test_ways,
-                                   check_weights_finite, initialise_from_run, load_learner_state, on_cpu)
+                                   check_weights_finite, initialise_from_run, load_learner_state, on_cpu, own_learner,
+                                   own_tasks)
 from metalearn.config import RunConfig
 from metalearn.distributed import RankLost, World, environment_count
 from metalearn.errors import TIME_LIMIT_EXIT, ConfigError, MetalearnError, TrainingStopped
@@ -153,6 +154,20 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
+def python_resume(run_dir: Path | str) -> str:
+    """The Python lines that continue a run trained from Python on tasks or with a network of
+    the user's own, which ``metalearn train --resume`` cannot rebuild from its config.json."""
+    path = repr(str(run_dir))
+    return (f"trainer = Trainer(config, learner, train_tasks, val_tasks, {path}, resume=True); "
+            f"trainer.restore(RunDir({path}).read_checkpoint()); trainer.fit()")
+
+
+def python_test(run_dir: Path | str) -> str:
+    """The Python lines that score such a run (:func:`python_resume`) on the user's own tasks."""
+    return (f"learner.load_state_dict(RunDir({str(run_dir)!r}).read_checkpoint()['learner']); "
+            "metalearn.evaluate(learner, your_tasks)")
+
+
 class Trainer:
     """Trains ``learner`` on ``train_tasks`` as ``config.train`` says, writing into ``run_dir``.
 
@@ -174,6 +189,8 @@ class Trainer:
         self.device = device_of(learner)  # the batches go where the learner is
         self.train_tasks, self.val_tasks = train_tasks, val_tasks
         self.task_source = f"{type(train_tasks).__module__}.{type(train_tasks).__qualname__}"
+        # the learner's class where the user built it; build_trainer marks its own "method:NAME"
+        self.learner_source = f"{type(learner).__module__}.{type(learner).__qualname__}"
         # the images of a folder dataset, so that a resume on another folder is refused
         self.data_fingerprint = getattr(train_tasks, "data_fingerprint", None)
         self.class_split = getattr(train_tasks, "class_split", None)  # class folders: written as split.json
@@ -219,7 +236,12 @@ class Trainer:
             # "dataset:NAME" when the registry built the tasks that config.json names; else the
             # class of a task source of the user's own, which config.json's dataset does not describe
             "task_source": self.task_source,
+            # "method:NAME" when build_trainer built the learner that config.json describes; else the
+            # class of a learner the user built (its network any module), which load_trained cannot rebuild
+            "learner_source": self.learner_source,
             **({"data_fingerprint": self.data_fingerprint} if self.data_fingerprint is not None else {}),
+            # the image folder read, absolute: export refuses an OUT_DIR inside it without --data-dir
+            **({"data_dir": str(Path(self.data_dir).expanduser().resolve())} if self.data_dir is not None else {}),
         })
 
     def save(self) -> None:
@@ -322,8 +344,22 @@ class Trainer:
                 f"the run in {self.run_dir.path} trained on other images than{where} holds ({differ}): resume "
                 "it with the folder as it trained on it, or start a new --run-dir (--init-from the run to keep "
                 "its weights)")
+        # a run trained from Python on tasks or with a network of the user's own continues from Python:
+        # metalearn train --resume would build config.json's dataset and network, not what it learned
+        route = f"continue it from Python: {python_resume(self.run_dir.path)}"
+        saved_tasks = own_tasks(state)
+        if saved_tasks is not None and self.task_source.startswith("dataset:"):
+            raise MetalearnError(f"the run in {self.run_dir.path} was trained on a task source of your own "
+                                 f"({saved_tasks}), which its config.json does not describe: {route}")
         check_weights_finite(state["learner"], self.run_dir.path)
-        load_learner_state(self.learner, state["learner"], self.run_dir.path)
+        try:
+            load_learner_state(self.learner, state["learner"], self.run_dir.path)
+        except MetalearnError as err:
+            saved_learner = own_learner(state)
+            if saved_learner is None or not self.learner_source.startswith("method:"):
+                raise
+            raise MetalearnError(f"the run in {self.run_dir.path} was trained with a network of your own (in a "
+                                 f"{saved_learner}) that its config.json does not describe: {route}") from err
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
@@ -515,7 +551,13 @@ class Trainer:
         """The command that goes on from this trainer's checkpoint: ``train --resume``, or
         ``eval`` once training is complete (with ``--data-dir`` for a folder run)."""
         data = f" --data-dir {self.data_dir}" if self.data_dir is not None else ""
-        if self.step < self.config.train.steps or self.validation_pending:  # its last validation is still to do
+        unfinished = self.step < self.config.train.steps or self.validation_pending  # its last validation is to do
+        if not (self.task_source.startswith("dataset:") and self.learner_source.startswith("method:")):
+            # tasks or a learner of the user's own, which the commands cannot rebuild from config.json
+            if unfinished:
+                return f"continue from Python: {python_resume(self.run_dir.path)}"
+            return f"training is complete; evaluate it from Python: {python_test(self.run_dir.path)}"
+        if unfinished:
             return f"continue with `{resume_command(self.config.method, self.run_dir.path, self.data_dir)}`"
         return f"training is complete; evaluate with `metalearn eval {self.run_dir.path}{data}`"
 
@@ -700,6 +742,7 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
     learner = learner.to(world.device)
     trainer = Trainer(config, learner, train_tasks, val_tasks, run, world, resume=resume, lock=lock)
     trainer.task_source = f"dataset:{config.task.dataset}"
+    trainer.learner_source = f"method:{config.method}"  # built from config.json: load_trained rebuilds it
     trainer.data_dir = data_dir
     if resume:
         trainer.restore(run.read_checkpoint(*RESUME_ENTRIES))

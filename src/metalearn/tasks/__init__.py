@@ -63,16 +63,25 @@ def check_data_dir(task: TaskConfig, data_dir: Path | str | None) -> None:
                              "leave --data-dir out")
 
 
-def check_outside_data(task: TaskConfig, data_dir: Path | str | None, option: str, path: Path | str) -> None:
+def check_outside_data(task: TaskConfig, data_dir: Path | str | None, option: str, path: Path | str,
+                       recorded: str | None = None) -> None:
     """Refuse a folder that metalearn writes into (``option`` names it: --run-dir, export's
     OUT_DIR) inside ``data_dir``, the images a run reads: its files would join the data (a
     class folder of checkpoints and plots, a plot among a class's images), and the next read
-    would see another dataset."""
-    if data_dir is None or get_dataset(task.dataset).generated:
+    would see another dataset. ``recorded``: the absolute path of the image folder a run
+    trained on, from its checkpoint (``data_dir``), checked too, since a command that reads no
+    images (export) is given no ``--data-dir``; a run's training on that folder would still see
+    the files."""
+    if get_dataset(task.dataset).generated:
         return
-    if Path(path).resolve().is_relative_to(Path(data_dir).resolve()):
+    target = Path(path).resolve()
+    if data_dir is not None and target.is_relative_to(Path(data_dir).resolve()):
         raise MetalearnError(f"{option} {path} lies inside --data-dir {data_dir}: its files would be read as "
                              f"images of the dataset; give a folder outside {data_dir}")
+    if isinstance(recorded, str) and recorded and target.is_relative_to(Path(recorded)):
+        raise MetalearnError(f"{option} {path} lies inside {recorded}, the image folder the run trained on (its "
+                             f"checkpoint records it): its files would be read as images of the dataset; give a "
+                             f"folder outside {recorded}")
 
 
 def has_validation(task: TaskConfig) -> bool:

@@ -1,0 +1,209 @@
+"""What a run records about how it was made guards the commands that read it again: export
+refuses an OUT_DIR inside the image folder the run trained on (recorded in its checkpoint) or
+inside the run folder; eval warns of a folder that is not the one the run trained on; a run
+trained from Python with a network of the user's own is named as such by eval and status."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from torch import nn
+
+from cli_runner import run
+from metalearn.errors import TrainingStopped
+from metalearn.runs import RunDir
+from test_outputs_outside_images import colours
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """A one-step ProtoNet run on 6 class folders (3 to train on, 3 to test), and its data."""
+    root = tmp_path_factory.mktemp("guard")
+    data = colours(root / "photos", 6, 2)
+    code = run(["train", "protonet", "--dataset", "folder", "--data-dir", data, "--ways", 2, "--shots", 1,
+                "--image-size", 16, "--steps", 1, "--log-every", 1, "--val-every", 0, "--split-fractions",
+                "0.5,0,0.5", "--no-eval", "--run-dir", root / "run", "--no-progress"], _Quiet())[0]
+    assert code == 0
+    return root / "run", data
+
+
+class _Quiet:  # capsys stands in for module-scoped use
+    def readouterr(self):
+        return "", ""
+
+
+def files_in(folder):
+    return sorted(p.relative_to(folder) for p in folder.rglob("*"))
+
+
+def test_export_without_data_dir_refuses_an_out_dir_inside_the_folder_the_run_trained_on(folder_run, tmp_path,
+                                                                                         capsys):
+    run_dir, data = folder_run
+    assert RunDir(run_dir).read_checkpoint()["data_dir"] == str(data.resolve())  # absolute, a plain str
+    before = files_in(data)
+    for out in (data / "exp", data / "class 0"):
+        code, _, err = run(["export", run_dir, out], capsys)
+        assert code == 2 and err == (f"error: OUT_DIR {out} lies inside {data.resolve()}, the image folder the run "
+                                     f"trained on (its checkpoint records it): its files would be read as images "
+                                     f"of the dataset; give a folder outside {data.resolve()}\n"), err
+    assert files_in(data) == before  # no class `exp`, no plot among a class's images
+    code, _, err = run(["export", run_dir, tmp_path / "out"], capsys)
+    assert code == 0 and (tmp_path / "out" / "summary.json").is_file(), err
+
+
+def test_a_checkpoint_from_before_the_recorded_folder_exports_as_before(folder_run, tmp_path, capsys):
+    run_dir = shutil.copytree(folder_run[0], tmp_path / "run")
+    state = RunDir(run_dir).read_checkpoint()
+    del state["data_dir"], state["learner_source"]
+    RunDir(run_dir).write_checkpoint(state)
+    code, _, err = run(["export", run_dir, tmp_path / "out"], capsys)
+    assert code == 0 and (tmp_path / "out" / "summary.json").is_file(), err
+    code, out, err = run(["eval", run_dir, "--data-dir", folder_run[1], "--episodes", 2, "--no-progress"], capsys)
+    assert code == 0 and "accuracy" in out and "warning" not in err, err
+
+
+def test_export_refuses_the_run_folder_and_a_folder_inside_it_but_not_a_folder_around_it(folder_run, tmp_path,
+                                                                                         capsys):
+    run_dir = shutil.copytree(folder_run[0], tmp_path / "runs" / "photos")
+    before = files_in(run_dir)
+    for out, where in ((run_dir, "is"), (run_dir / "best", "lies inside"), (run_dir / "record", "lies inside")):
+        code, _, err = run(["export", run_dir, out], capsys)
+        assert code == 2 and err == (f"error: OUT_DIR {out} {where} the run folder {run_dir}: the record would lie "
+                                     "among the run's own files; give a folder outside it (e.g. results/photos), "
+                                     "or its plots/\n"), err
+    assert files_in(run_dir) == before
+    code, _, err = run(["export", run_dir, tmp_path / "runs"], capsys)  # the run folder inside OUT_DIR: a record
+    assert code == 0 and (tmp_path / "runs" / "summary.json").is_file(), err
+
+
+def test_eval_on_another_folder_with_the_same_class_names_warns_and_scores(folder_run, tmp_path, capsys):
+    """The run's test classes are found by name in its split.json: on a folder that is not the
+    one it trained on they may be classes it trained on. Said in one line; the score stands,
+    since a folder that gained classes or images is rightly scored on the run's own split."""
+    run_dir = shutil.copytree(folder_run[0], tmp_path / "run")
+    data = folder_run[1]
+    code, out, err = run(["eval", run_dir, "--data-dir", data, "--episodes", 2, "--no-progress"], capsys)
+    assert code == 0 and "accuracy" in out and "warning" not in err, err  # fractions then, split.json now: equal
+    other = colours(tmp_path / "other", 6, 2, seed=7)  # the same class names, other images
+    code, out, err = run(["eval", run_dir, "--data-dir", other, "--episodes", 2, "--no-progress"], capsys)
+    assert code == 0 and "accuracy" in out, err
+    assert err == (f"warning: --data-dir {other} holds other images than the run in {run_dir} trained on (6 classes, "
+                   "12 images either way, other images, class names or parts): the classes scored are taken by name "
+                   "from its split.json, so a class renamed or replaced since may be one it trained on\n"), err
+    assert json.loads(RunDir(run_dir).eval_file({"episodes": 2}).read_text())["episodes"] == 2  # scored
+    grown = shutil.copytree(data, tmp_path / "grown")
+    colours(tmp_path / "new", 1, 3, seed=3)
+    shutil.move(tmp_path / "new" / "class 0", grown / "class 6")
+    code, _, err = run(["eval", run_dir, "--data-dir", grown, "--episodes", 2, "--no-progress"], capsys)
+    assert code == 0 and err.count("\n") == 1, err
+    assert "trained on (6 classes, 12 images, now 7 classes, 15 images): " in err, err
+
+
+def sinusoid_trainer(run_dir, network: nn.Module | None = None):
+    """A one-step MAML run on sinusoids trained from Python, as the tutorial's "Your own tasks
+    with the Trainer": the library's network where ``network`` is None."""
+    from metalearn import MAML, SinusoidTasks, Trainer, build_learner, resolve_config
+    from metalearn.tasks import problem_of
+
+    config = resolve_config("maml", task={"dataset": "sinusoid"},
+                            train={"steps": 1, "meta_batch_size": 2, "val_every": 0, "log_every": 1})
+    learner = (build_learner("maml", config.method_config, problem_of(config.task)) if network is None
+               else MAML(network, MAML.Config(**config.method_config)))
+    Trainer(config, learner, SinusoidTasks(shots=5, query=5), None, run_dir).fit(progress=False)
+    return learner
+
+
+def test_a_run_with_a_network_of_the_user_s_own_is_named_so_by_eval_plot_and_status(tmp_path, capsys):
+    run_dir = tmp_path / "custom"
+    learner = sinusoid_trainer(run_dir, nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1)))
+    for command in (["eval", run_dir, "--episodes", 2, "--no-progress"], ["plot", run_dir]):
+        code, _, err = run(command, capsys)
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert err.startswith(f"error: {run_dir} was trained with a network of your own (in a "
+                              "metalearn.algorithms.maml.MAML) that its config.json does not describe ("), err
+        assert ("learner.load_state_dict(RunDir(run_dir).read_checkpoint()['learner']) and score them with "
+                "metalearn.evaluate(learner, your_tasks)") in err, err
+    assert not list(run_dir.glob("eval*.json"))
+    code, out, _ = run(["status", run_dir], capsys)
+    assert code == 0 and "metalearn eval" not in out, out
+    assert (f"complete; not tested yet: trained with a network of your own, which config.json does not describe: in "
+            f"Python, `learner.load_state_dict(RunDir('{run_dir}').read_checkpoint()['learner']); "
+            "metalearn.evaluate(learner, your_tasks)`") in out, out
+    status = json.loads(run(["status", run_dir, "--json"], capsys)[1])[0]
+    assert status["own"] == ["network"] and status["test"].startswith("learner.load_state_dict(")
+    learner.load_state_dict(RunDir(run_dir).read_checkpoint()["learner"])  # the route it names
+
+
+def test_a_learner_of_the_user_s_own_with_the_library_s_network_evaluates_as_any_run(tmp_path, capsys):
+    run_dir = tmp_path / "library"
+    sinusoid_trainer(run_dir)
+    assert RunDir(run_dir).read_checkpoint()["learner_source"] == "metalearn.algorithms.maml.MAML"
+    status = json.loads(run(["status", run_dir, "--json"], capsys)[1])[0]
+    assert status["own"] == [] and status["test"] == f"metalearn eval {run_dir}"
+    code, out, err = run(["eval", run_dir, "--episodes", 2, "--no-progress"], capsys)
+    assert code == 0 and out.startswith("MSE "), err
+
+
+def test_a_run_that_the_cli_trained_records_its_learner_as_the_registry_s(tmp_path, capsys):
+    assert run(["train", "maml", "--steps", 1, "--meta-batch-size", 2, "--val-every", 0, "--no-eval",
+                "--run-dir", tmp_path / "run", "--no-progress"], capsys)[0] == 0
+    state = RunDir(tmp_path / "run").read_checkpoint()
+    assert state["learner_source"] == "method:maml" and "data_dir" not in state  # sinusoids: no folder
+    assert json.loads(run(["status", tmp_path / "run", "--json"], capsys)[1])[0]["own"] == []
+    assert state["step"] == 1
+
+
+class LineTasks:  # the user's own task source (sinusoids under another name)
+    def __init__(self, **shape):
+        from metalearn import SinusoidTasks
+
+        self.tasks = SinusoidTasks(**shape)
+
+    def sample(self, num_tasks, generator, tasks=None):
+        return self.tasks.sample(num_tasks, generator, tasks)
+
+
+def test_status_of_a_run_on_tasks_of_the_user_s_own_gives_the_python_lines(tmp_path, capsys):
+    from metalearn import Trainer, build_learner, resolve_config
+    from metalearn.tasks import problem_of
+
+    config = resolve_config("maml", task={"dataset": "sinusoid"},
+                            train={"steps": 2, "meta_batch_size": 2, "val_every": 0, "log_every": 1})
+    learner = build_learner("maml", config.method_config, problem_of(config.task))
+    with pytest.raises(TrainingStopped, match="--stop-at"):
+        Trainer(config, learner, LineTasks(shots=5, query=5), None, tmp_path / "lines").fit(progress=False,
+                                                                                           stop_at=1)
+    status = json.loads(run(["status", tmp_path / "lines", "--json"], capsys)[1])[0]
+    assert status["own"] == ["tasks"] and status["state"] == "stopped"
+    assert status["resume"].startswith("trainer = Trainer(config, learner, train_tasks, val_tasks, ")
+    out = run(["status", tmp_path / "lines"], capsys)[1]
+    assert "stopped; trained with tasks of your own, which config.json does not describe: in Python, `trainer = " in out
+    assert "metalearn train" not in out, out
+    # the pause names the Python route, and metalearn train --resume, which would build sinusoids
+    # from config.json and go on training on them, is refused
+    code, _, err = run(["train", "maml", "--run-dir", tmp_path / "lines", "--resume", "--no-progress"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "was trained on a task source of your own (" in err, err
+    assert "continue it from Python: trainer = Trainer(config, learner, train_tasks, val_tasks, " in err, err
+    assert RunDir(tmp_path / "lines").read_checkpoint()["step"] == 1
+
+
+def test_a_pause_of_a_run_trained_from_python_names_the_python_route(tmp_path, capsys):
+    from metalearn import MAML, SinusoidTasks, Trainer, resolve_config
+
+    config = resolve_config("maml", task={"dataset": "sinusoid"},
+                            train={"steps": 2, "meta_batch_size": 2, "val_every": 0, "log_every": 1})
+    learner = MAML(nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1)), MAML.Config(**config.method_config))
+    with pytest.raises(TrainingStopped, match="continue from Python: trainer = Trainer") as stopped:
+        Trainer(config, learner, SinusoidTasks(shots=5, query=5), None, tmp_path / "own").fit(progress=False,
+                                                                                             stop_at=1)
+    assert "metalearn train" not in str(stopped.value)
+    code, _, err = run(["train", "maml", "--run-dir", tmp_path / "own", "--resume", "--no-progress"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "was trained with a network of your own (in a metalearn.algorithms.maml.MAML)" in err, err
+    # the route it names continues the run
+    trainer = Trainer(config, learner, SinusoidTasks(shots=5, query=5), None, tmp_path / "own", resume=True)
+    trainer.restore(RunDir(tmp_path / "own").read_checkpoint())
+    trainer.fit(progress=False)
+    assert RunDir(tmp_path / "own").read_checkpoint()["step"] == 2

@@ -420,10 +420,23 @@ def test_running_out_of_memory_is_a_message_not_a_traceback(tmp_path, capsys, mo
 
     assert _has_checkpoint(["train", "maml", f"--run-dir={trained}"])
     assert not _has_checkpoint(["train", "maml", "--run-dir", str(trained), "--print-config"])  # a dry run
-    # the advice names options of the command that ran out
+    # the advice names options of the command that ran out, which its dataset and method take
     monkeypatch.setattr("metalearn.api.evaluate_run", out_of_memory)
     code, _, err = run(["eval", trained, "--no-progress"], capsys)
     assert code == 2 and "out of memory" in err and "--meta-batch-size" not in err and "--resume" not in err
+    assert err.endswith(" Ask for less at once: fewer --shots or --query.\n"), err  # sinusoid: no ways, no images
+    code, _, err = run(["train", "maml", "--dataset", "sinusoid", "--run-dir", tmp_path / "r"], capsys)
+    assert err.endswith(" Ask for less at once: a smaller --meta-batch-size, fewer --shots, --query or --inner-steps.\n")
+    code, _, err = run(["train", "maml-rl", "--hidden", 10**14, "--run-dir", tmp_path / "rl"], capsys)
+    assert code == 2 and err.endswith(" Ask for less at once: a smaller --meta-batch-size, fewer --inner-steps or "
+                                      "--trajectories, a shorter --horizon, a smaller --hidden.\n"), err
+    from metalearn.cli import memory_advice
+
+    assert memory_advice(["train", "maml", "--ways", "5"]) == ("Ask for less at once: a smaller --meta-batch-size, "
+                                                               "fewer --ways, --shots, --query or --inner-steps, a "
+                                                               "smaller --image-size.")  # omniglot, the default
+    assert memory_advice(["--allocator", "default", "data", "info"]) == "Ask for less at once: a smaller --image-size."
+    assert memory_advice(["export", trained, tmp_path / "out"]) == "Use a machine with more memory."
 
 
 def test_print_config_shows_the_resolved_paper_settings_and_trains_nothing(tmp_path, capsys, omniglot_data_dir):
@@ -556,7 +569,11 @@ def test_compare_takes_runs_tested_on_the_same_episodes(tmp_path, capsys):
     common = ["--dataset", "sinusoid", "--steps", 1, "--meta-batch-size", 2, "--no-progress", "--no-eval"]
     assert run(["train", "maml", "--shots", 10, "--test-shots", 5, "--run-dir", tmp_path / "a"] + common, capsys)[0] == 0
     assert run(["train", "maml", "--shots", 5, "--run-dir", tmp_path / "b"] + common, capsys)[0] == 0
+    # --samples, for methods that sample models, is refused as predict refuses it: no MAML run would use it
     code, out, err = run(["compare", tmp_path / "a", tmp_path / "b", "--episodes", 3, "--samples", 2], capsys)
+    assert code == 2 and out == "" and err == ("error: --samples is for methods that sample models (platipus); maml "
+                                               "gives one prediction per query: leave --samples out\n"), err
+    code, out, err = run(["compare", tmp_path / "a", tmp_path / "b", "--episodes", 3], capsys)
     assert code == 0, err
     assert "| a |" in out and "| b |" in out
     # a folder named as one of the result's own fields, and two folders of one name: their paths
@@ -1136,3 +1153,129 @@ def test_eval_ensemble_names_the_file_of_the_checkpoints_it_averaged(tmp_path, c
     code, out, err = run(["eval", run_dir, "--ensemble", "--episodes", 2, "--no-progress"], capsys)
     assert code == 0, err
     assert out.splitlines()[-1] == f"written to {run_dir / 'eval-ensemble=3-episodes=2.json'}", out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--run-dir", ""], "--run-dir is empty; give a folder path"),
+    (["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--init-from", ""], "--init-from is empty; give a run folder"),
+    (["train", "maml", "--dataset", "folder", "--split-file", ""], "--split-file is empty; give a JSON file"),
+    (["train", "maml", "--data-dir", ""], "--data-dir is empty; give a folder path"),
+    (["eval", ""], "RUN_DIR is empty; give a run folder"),
+    (["eval", "RUN", "--split-file", " "], "--split-file is empty; give a JSON file"),
+    (["export", "RUN", ""], "OUT_DIR is empty; give a folder path"),
+    (["plot", "RUN", "--compare", ""], "--compare is empty; give a run folder"),
+    (["sample", "RUN", "--support", ""], "--support is empty; give an image file or folder"),
+    (["sample", "RUN", "--support", "x.png", "--out", ""], "--out is empty; give a file path"),
+    (["predict", "RUN", "--support", "", "--query", "q"], "--support is empty; give an image file or folder"),
+    (["predict", "RUN", "--support", "s", "--query", "q", "--csv", ""], "--csv is empty; give a file path"),
+    (["compare", "RUN", "", "--episodes", 2], "one of RUN_DIRS is empty; give a run folder"),
+    (["compare", "RUN", "--json", ""], "--json is empty; give a file path"),
+    (["status", "RUN", ""], "one of RUN_DIRS is empty; give a run folder"),
+    (["data", "info", "--data-dir", ""], "--data-dir is empty; give a folder path"),
+])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path, capsys, monkeypatch, args, message):
+    """click.Path turns '' into Path('.'): a run, an export or a read would land in the current
+    folder unasked. Every path option and argument refuses it, naming the option, before any work."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(args, capsys)
+    assert (code, out, err) == (2, "", f"error: {message}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_set_without_an_option_name_is_refused(tmp_path, capsys):
+    for setting in ("=5", " =5", "test_inner_steps"):
+        for command in (["eval", tmp_path], ["compare", tmp_path]):
+            code, _, err = run([*command, "--set", setting], capsys)
+            assert (code, err) == (2, f"error: --set {setting}: give OPTION=VALUE, e.g. --set test_inner_steps=10\n")
+
+
+def test_sample_num_out_of_range_is_one_wording(tmp_path, capsys):
+    for num in (0, -3, 1001, 10**20):
+        code, _, err = run(["sample", tmp_path, "--support", tmp_path, "--num", num], capsys)
+        assert (code, err) == (2, f"error: --num must be a whole number from 1 to 1000, got {num}\n")
+
+
+def test_status_of_values_that_cannot_be_shown(tmp_path, capsys, monkeypatch):
+    """A metrics line with a time of Infinity (or NaN) reads "?" and prints standard JSON (null),
+    and a run whose status cannot be formatted is its one error line: it hides no other run."""
+    from metalearn.cli import format_duration
+
+    assert [format_duration(s) for s in (float("inf"), float("nan"), -5)] == ["?", "?", "?"]
+    root = tmp_path / "runs"
+    assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 2, "--meta-batch-size", 2, "--val-every", 0,
+                "--no-eval", "--run-dir", root / "a", "--no-progress"], capsys)[0] == 0
+    shutil.copytree(root / "a", root / "b")
+    with open(root / "a" / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"step": 31, "loss": NaN, "elapsed_s": Infinity}\n')
+    code, out, err = run(["status", root / "a"], capsys)
+    assert code == 0 and "step 31 of 2 (1550%, checkpoint at 2), " in out, err
+
+    def reject(text):
+        raise AssertionError(f"not standard JSON: {text}")
+
+    code, out, _ = run(["status", root / "a", root / "b", "--json"], capsys)
+    statuses = json.loads(out, parse_constant=reject)
+    assert code == 0 and statuses[0]["last"] == {"step": 31, "loss": None, "elapsed_s": None}
+    import metalearn.cli
+
+    real = metalearn.cli.format_status
+
+    def broken_for_a(status):
+        if status["run"] == str(root / "a"):
+            raise OverflowError("cannot convert float infinity to integer")
+        return real(status)
+
+    monkeypatch.setattr(metalearn.cli, "format_status", broken_for_a)
+    monkeypatch.setenv("METALEARN_RUNS", str(root))
+    code, out, err = run(["status"], capsys)
+    assert code == 0 and out.startswith(f"{root / 'a'}: error: a record holds a value that cannot be shown "
+                                        "(cannot convert float infinity to integer)\n"), out
+    assert f"{root / 'b'}: maml on sinusoid" in out and err == ""
+    code, out, err = run(["status", root / "a", root / "b"], capsys)  # named: an error line and exit 2
+    assert code == 2 and out.startswith(f"{root / 'b'}: maml on sinusoid") and str(root / "a") not in out
+    assert err == (f"error: {root / 'a'}: a record holds a value that cannot be shown (cannot convert float "
+                   "infinity to integer)\n")
+
+
+class ClosedPipe:
+    """A standard output whose reader has gone (``| head -1``): every write and flush fails."""
+
+    encoding, errors = "utf-8", "strict"
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def isatty(self):
+        return False
+
+
+def test_a_closed_output_stops_no_training(tmp_path, capsys, monkeypatch):
+    """With its output's reader gone, train still trains, saves and tests, says nothing of the
+    pipe, and exits with the status of its work."""
+    import sys
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    code, _, err = run(["train", "maml", "--dataset", "sinusoid", "--steps", 3, "--meta-batch-size", 2, "--val-every",
+                        0, "--eval-episodes", 2, "--run-dir", tmp_path / "run", "--no-progress"], capsys)
+    assert (code, err) == (0, "")
+    assert RunDir(tmp_path / "run").read_checkpoint()["step"] == 3 and (tmp_path / "run" / "eval.json").is_file()
+    assert isinstance(sys.stdout, ClosedPipe)  # the command's own stream is given back
+    code, _, err = run(["eval", tmp_path / "nosuch"], capsys)  # a mistake is still said, on the error output
+    assert code == 2 and err.startswith("error: ")
+
+
+def test_a_closed_pipe_in_a_real_process_is_quiet(tmp_path):
+    """The process itself: no message at exit, where Python would flush into the closed pipe."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "metalearn", "train", "maml", "--dataset", "sinusoid", "--steps",
+                                "2", "--meta-batch-size", "2", "--val-every", "0", "--eval-episodes", "2", "--run-dir",
+                                str(run_dir), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader leaves before the first line
+    assert process.wait(timeout=120) == 0
+    assert process.stderr.read() == b"" and (run_dir / "eval.json").is_file()

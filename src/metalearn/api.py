@@ -1078,6 +1078,7 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
     exist or holds no images, and a file that is not a readable image.
     """
     from metalearn.prediction import as_csv, as_json, check_outputs, contact_sheet, predict_new_classes, write_together
+    from metalearn.uncertainty import check_samples_apply
 
     named = [(option, path if isinstance(path, str) else Path(path))  # a str as given: "out/" names a folder
              for option, path in (("--json", json_out), ("--csv", csv_out), ("--sheet", sheet)) if path is not None]
@@ -1086,9 +1087,7 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
     if not config.task.classification:
         raise MetalearnError(f"{run_dir} learned {config.task.dataset}, a {get_dataset(config.task.dataset).kind} "
                              "task family; predict classifies images")
-    if num_samples is not None and not hasattr(learner, "sample_probabilities"):
-        raise MetalearnError(f"--samples is for methods that sample models (platipus); {config.method} gives one "
-                             "prediction per query: leave --samples out")
+    check_samples_apply([config.method], num_samples)
     paths = (str, os.PathLike)  # a query is paths: one, or any iterable of them (a list, a glob)
     queries = [query] if isinstance(query, paths) else list(query) if isinstance(query, Iterable) else None
     if queries is None or not all(isinstance(q, paths) for q in queries) or not isinstance(support, paths):

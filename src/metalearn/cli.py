@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import math
+import os
 import sys
 import time
 import warnings
@@ -15,6 +17,7 @@ from click.core import ParameterSource
 from click.exceptions import NoArgsIsHelpError
 
 from metalearn.algorithms import METHODS
+from metalearn.algorithms.statistician import MAX_SAMPLES
 from metalearn.config import MAX_SEED, TaskConfig, TrainConfig
 from metalearn.distributed import leave_world, reports
 from metalearn.errors import TIME_LIMIT_EXIT, ConfigError, MetalearnError, MetalearnWarning, TrainingStopped, flag
@@ -118,6 +121,39 @@ class Duration(click.ParamType):
         return seconds
 
 
+class GivenPath(click.Path):
+    """A path as every path option and argument of the command takes it: refused when empty
+    (``--run-dir ''``, an unset shell variable in quotes), which ``Path`` would read as the
+    current folder, so that a run, an export or a read would land there unasked. ``what`` names
+    what to give instead; ``path_type=None`` keeps the text as typed (``"out/"`` names a
+    folder)."""
+
+    def __init__(self, what: str, path_type: type | None = Path):
+        super().__init__(path_type=path_type)
+        self.what = what
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            # a MetalearnError, not click's "Invalid value for ...": one line, as predict words it
+            raise MetalearnError(f"{_spelled(param)} is empty; give {self.what}")
+        return super().convert(value, param, ctx)
+
+
+def _spelled(param: click.Parameter | None) -> str:
+    """A parameter as the command line spells it: ``--run-dir``, ``RUN_DIR``; ``one of RUN_DIRS``
+    for an argument that takes several."""
+    if param is None:
+        return "a path"
+    if isinstance(param, click.Option):
+        return param.opts[0]
+    name = (param.name or "path").upper()
+    return name if param.nargs == 1 else f"one of {name}"
+
+
+FOLDER, RUN, FILE = "a folder path", "a run folder", "a file path"
+IMAGES = "an image file or folder"  # the words of predict_run's own refusal
+
+
 def _option_for(field: dataclasses.Field, paper_default: bool = False) -> click.Option:
     """The flag of a config field: its name with dashes, its type, and the help declared next to
     the field (:func:`metalearn.options.option`). Options of the method and of training default
@@ -132,7 +168,8 @@ def _option_for(field: dataclasses.Field, paper_default: bool = False) -> click.
         text = f"(default {field.default})"
     if hint is bool:
         return click.Option([f"{name}/--no-{name[2:]}"], default=None, help=text)
-    click_type = {int: INTEGER, float: float, str: str}.get(hint, str)
+    click_type = GivenPath(PATH_FIELDS[field.name], None) if field.name in PATH_FIELDS else \
+        {int: INTEGER, float: float, str: str}.get(hint, str)
     names = [name] + [flag(alias) for alias in field.metadata.get("aliases", ())]
     return click.Option(names + [field.name], type=click_type, default=None, show_default=False, help=text)
 
@@ -145,6 +182,9 @@ def _resolve(annotation: str):
     return str
 
 
+# config fields that hold a path: refused when empty as every path option is ("" is also their
+# unset default, so `--init-from ''` would silently train from scratch)
+PATH_FIELDS = {"split_file": "a JSON file", "init_from": RUN}
 TASK_FIELDS = list(dataclasses.fields(TaskConfig))
 TRAIN_FIELDS = list(dataclasses.fields(TrainConfig))
 
@@ -200,8 +240,8 @@ def _make_train_command(method: str) -> click.Command:
 
     params = [_option_for(f) for f in TASK_FIELDS] + [_option_for(f, True) for f in TRAIN_FIELDS + list(method_fields)]
     params += [
-        click.Option(["--data-dir"], type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP),
-        click.Option(["--run-dir"], type=click.Path(path_type=Path), default=None,
+        click.Option(["--data-dir"], type=GivenPath(FOLDER), default=None, help=DATA_DIR_HELP),
+        click.Option(["--run-dir"], type=GivenPath(FOLDER), default=None,
                      help="where checkpoints and metrics go (default: a new folder <method>-<dataset>-<shape>-<time> "
                           f"in $METALEARN_RUNS, else runs/ in {CACHE_HELP})"),
         click.Option(["--resume"], is_flag=True, help="continue the run in --run-dir from its checkpoint"),
@@ -258,14 +298,14 @@ def train():
 
 
 @cli.command("eval")
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=GivenPath(RUN))
 @click.option("--episodes", type=click.IntRange(min=1), default=None, help="test episodes (default: the run's --eval-episodes, in its config.json)")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="seed of the episodes (with --part val, the run's own seed redraws its validation episodes)")
 @click.option("--part", type=click.Choice(["test", "val", "train"]), default="test", show_default=True,
               help="the split part to score; val writes eval-part=val.json, train (the training "
                    "classes, in the test episodes' shape: the gap to the test score) eval-part=train.json")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
+@click.option("--data-dir", type=GivenPath(FOLDER), default=None, help=DATA_DIR_HELP)
 @click.option("--set", "settings", multiple=True, metavar="OPTION=VALUE",
               help="change a method option for this evaluation, e.g. --set test_inner_steps=10 (not one that "
                    "changes the network, only starts a trained value, such as inner_lr under learn_inner_lr, or "
@@ -292,7 +332,7 @@ def train():
               help="a run on class folders: these train,val,test fractions of --data-dir's classes instead of "
                    "the run's split (0,0,1 scores every class of another folder); written to "
                    "eval-split_fractions=....json")
-@click.option("--split-file", type=click.Path(path_type=Path), default=None,
+@click.option("--split-file", type=GivenPath("a JSON file"), default=None,
               help="a run on class folders: split --data-dir's classes by this JSON file instead of the run's split")
 def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots, query, per_step, progress, device,
                  fast_gpu_kernels, ensemble, protocol, split_fractions, split_file):
@@ -355,20 +395,22 @@ def describe_evaluation(path: Path) -> str:
 
 
 def parse_setting(text: str) -> tuple[str, object]:
-    """'test_inner_steps=10' -> ('test_inner_steps', 10); values are JSON, else strings."""
-    if "=" not in text:
-        raise MetalearnError(f"--set expects OPTION=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
+    """'test_inner_steps=10' -> ('test_inner_steps', 10); values are JSON, else strings. A
+    text without "=" or without an option name before it is refused in one line."""
+    key, equals, value = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not equals or not key:
+        raise MetalearnError(f"--set {text}: give OPTION=VALUE, e.g. --set test_inner_steps=10")
     try:
-        return key.strip().replace("-", "_"), json.loads(value)
+        return key, json.loads(value)
     except json.JSONDecodeError:
-        return key.strip().replace("-", "_"), value
+        return key, value
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=PLOT_DATA_DIR_HELP)
-@click.option("--compare", "compare_with", type=click.Path(path_type=Path), default=None,
+@click.argument("run_dir", type=GivenPath(RUN))
+@click.option("--data-dir", type=GivenPath(FOLDER), default=None, help=PLOT_DATA_DIR_HELP)
+@click.option("--compare", "compare_with", type=GivenPath(RUN), default=None,
               help="another run on the same tasks: for PLATIPUS, a run (e.g. MAML) whose prediction is drawn "
                    "beside the samples; for maml-rl, a run of the same environment and test settings (e.g. "
                    "--inner-steps 0, the pretrained baseline) whose returns are drawn beside this run's")
@@ -383,17 +425,17 @@ def plot(run_dir, data_dir, compare_with):
 
 
 @cli.command()
-@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("run_dirs", nargs=-1, required=True, type=GivenPath(RUN))
 @click.option("--episodes", type=click.IntRange(min=1), default=600, show_default=True)
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="seed of the episodes")
 @click.option("--part", type=click.Choice(["test", "val", "train"]), default="test", show_default=True,
               help="the split part whose episodes to score: the ones metalearn eval --part scores")
 @click.option("--samples", "num_samples", type=click.IntRange(min=1), default=None, help="models sampled per task (sampling methods)")
-@click.option("--json", "json_path", type=click.Path(), default=None, help="also write the result here")
+@click.option("--json", "json_path", type=GivenPath(FILE, None), default=None, help="also write the result here")
 @click.option("--set", "settings", multiple=True, metavar="OPTION=VALUE",
               help="change a method option of every run for this comparison, e.g. --set test_inner_steps=1")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=DATA_DIR_HELP)
+@click.option("--data-dir", type=GivenPath(FOLDER), default=None, help=DATA_DIR_HELP)
 def compare(run_dirs, episodes, seed, part, num_samples, json_path, settings, data_dir):
     """Uncertainty measures of trained runs on the same test episodes: for classification
     accuracy, NLL and expected calibration error; for regression MSE, predictive
@@ -434,14 +476,16 @@ def compare(run_dirs, episodes, seed, part, num_samples, json_path, settings, da
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--support", type=click.Path(), required=True,  # as typed: an empty path is refused, not "."
+@click.argument("run_dir", type=GivenPath(RUN))
+@click.option("--support", type=GivenPath(IMAGES, None), required=True,
               help="a folder with one sub-folder per new class, each holding 1 or more example images")
-@click.option("--query", "queries", type=click.Path(), required=True, multiple=True,
+@click.option("--query", "queries", type=GivenPath(IMAGES, None), required=True, multiple=True,
               help="a folder of images to classify, or an image file (repeat for several)")
-@click.option("--json", "json_path", type=click.Path(), default=None, help="also write the predictions here as JSON")
-@click.option("--csv", "csv_path", type=click.Path(), default=None, help="also write the predictions here as CSV")
-@click.option("--sheet", type=click.Path(), default=None,
+@click.option("--json", "json_path", type=GivenPath(FILE, None), default=None,
+              help="also write the predictions here as JSON")
+@click.option("--csv", "csv_path", type=GivenPath(FILE, None), default=None,
+              help="also write the predictions here as CSV")
+@click.option("--sheet", type=GivenPath(FILE, None), default=None,
               help="draw a contact sheet here (PNG): the support images by class, then each query with its prediction")
 @click.option("--samples", "num_samples", type=click.IntRange(min=1), default=None,
               help="models sampled per task (PLATIPUS; default the run's --num-samples)")
@@ -469,12 +513,12 @@ def predict(run_dir, support, queries, json_path, csv_path, sheet, num_samples, 
 
 
 @cli.command("sample")
-@click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--support", multiple=True, required=True, type=click.Path(path_type=Path),
+@click.argument("run_dir", type=GivenPath(RUN))
+@click.option("--support", multiple=True, required=True, type=GivenPath(IMAGES),
               help="drawings of one character: image files or a folder of them (repeatable)")
-@click.option("--num", type=click.IntRange(min=1), default=20, show_default=True,
-              help="new images to draw (1 to 1000)")
-@click.option("--out", type=click.Path(), default=None,
+# the range is sample_run's to check: one wording for a number too small or too large
+@click.option("--num", type=int, default=20, show_default=True, help=f"new images to draw (1 to {MAX_SAMPLES})")
+@click.option("--out", type=GivenPath(FILE, None), default=None,
               help="the PNG grid to write (default RUN_DIR/plots/samples.png)")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True, help="seed of the noise")
 def sample_command(run_dir, support, num, out, seed):
@@ -486,10 +530,10 @@ def sample_command(run_dir, support, num, out, seed):
 
 
 @cli.command("export")
-@click.argument("run_dir", type=click.Path(path_type=Path))
-@click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=PLOT_DATA_DIR_HELP)
-@click.option("--compare", "compare_with", type=click.Path(path_type=Path), default=None,
+@click.argument("run_dir", type=GivenPath(RUN))
+@click.argument("out_dir", type=GivenPath(FOLDER))
+@click.option("--data-dir", type=GivenPath(FOLDER), default=None, help=PLOT_DATA_DIR_HELP)
+@click.option("--compare", "compare_with", type=GivenPath(RUN), default=None,
               help="another run drawn beside this one: PLATIPUS's samples or maml-rl's returns (see plot)")
 def export_command(run_dir, out_dir, data_dir, compare_with):
     """Write a run's summary.json and plots to OUT_DIR (e.g. results/<name>) for committing."""
@@ -503,7 +547,7 @@ def export_command(run_dir, out_dir, data_dir, compare_with):
 
 
 @cli.command("status")
-@click.argument("run_dirs", nargs=-1, type=click.Path(path_type=Path))
+@click.argument("run_dirs", nargs=-1, type=GivenPath(RUN))
 @click.option("--json", "as_json", is_flag=True, help="print a JSON list, one object per run")
 def status_command(run_dirs, as_json):
     """Where runs stand: step, training time, whether a process trains them now, the last
@@ -535,18 +579,46 @@ def status_command(run_dirs, as_json):
                 continue
             statuses.append({"run": str(run_dir), "error": str(err) or type(err).__name__})  # one damaged run hides no others
     if as_json:  # also [] when every named folder failed (each said on stderr)
-        click.echo(json.dumps(statuses, indent=2))
-    elif statuses:
-        click.echo("\n".join(format_status(status) for status in statuses))
+        # standard JSON, which every reader parses: a number that is not finite (a diverged loss,
+        # a damaged record) as null, not Python's NaN or Infinity
+        click.echo(json.dumps(finite(statuses), indent=2, allow_nan=False))
+    else:
+        shown = []
+        for status in statuses:
+            try:  # a record that cannot be shown is that run's one error line; the others are still shown
+                shown.append(format_status(status))
+            except Exception as err:  # noqa: BLE001 -- whatever a damaged record's values raise
+                reason = f"a record holds a value that cannot be shown ({err or type(err).__name__})"
+                if listing:
+                    shown.append(f"{status['run']}: error: {reason}")
+                else:  # a folder the user named: an error line and exit 2, as a folder that is no run
+                    failed.append(f"{status['run']}: {reason}")
+        if shown:
+            click.echo("\n".join(shown))
     for message in failed:
         click.echo(f"error: {message}", err=True)
     if failed:
         sys.exit(2)
 
 
+def finite(value):
+    """``value`` (JSON-like: dicts, lists, numbers) with every float that is not finite as None,
+    for ``json.dumps(..., allow_nan=False)``: NaN and Infinity are no JSON, and a reader stops at them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
+
+
 def format_duration(seconds: float) -> str:
     """``"8 h 52 min"``, ``"3 min 12 s"``, ``"40 s"``: hours and minutes from an hour on, else
-    minutes and seconds (a short remainder never reads "0 h 0 min")."""
+    minutes and seconds (a short remainder never reads "0 h 0 min"); ``"?"`` for a time that is
+    no length of time (not finite, or negative: a damaged record, a clock set back)."""
+    if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0):
+        return "?"
     hours, rest = divmod(int(seconds), 3600)
     if hours:
         return f"{hours} h {rest // 60} min"
@@ -600,8 +672,9 @@ def format_status(status: dict) -> str:
     logged = last["step"] if last is not None and isinstance(last.get("step"), int) else status["step"]
     at = max(logged, status["step"])  # a live run logs steps after its last checkpoint
     saved = f", checkpoint at {status['step']}" if at != status["step"] else ""
-    if at != status["step"] and isinstance(last.get("elapsed_s"), (int, float)):  # the time to the step shown
-        spent = format_duration(max(status["training_time_s"], last["elapsed_s"]))
+    elapsed = last.get("elapsed_s") if last is not None else None
+    if at != status["step"] and isinstance(elapsed, (int, float)) and math.isfinite(elapsed):  # to the step shown
+        spent = format_duration(max(status["training_time_s"], elapsed))
     lines.append(f"  step {at} of {status['steps']} ({100 * at // steps}%{saved}), {spent} of training; {doing}")
     if status["last_write_s"] is not None:
         ago = status["last_write_s"]
@@ -648,7 +721,7 @@ def data():
 
 
 @data.command()
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=OMNIGLOT_DIR)
+@click.option("--data-dir", type=GivenPath(FOLDER), default=None, help=OMNIGLOT_DIR)
 @click.option("--image-size", type=INTEGER, default=28, show_default=True)
 @click.option("--download", is_flag=True, help="fetch the official archives first (checksums verified)")
 def prepare(data_dir, image_size, download):
@@ -669,7 +742,7 @@ def prepare(data_dir, image_size, download):
 
 
 @data.command()
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=OMNIGLOT_DIR)
+@click.option("--data-dir", type=GivenPath(FOLDER), default=None, help=OMNIGLOT_DIR)
 @click.option("--image-size", type=INTEGER, default=28, show_default=True)
 def info(data_dir, image_size):
     """Characters and classes in every part of every split."""
@@ -691,7 +764,7 @@ def info(data_dir, image_size):
 
 
 @data.command()
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=OMNIGLOT_DIR)
+@click.option("--data-dir", type=GivenPath(FOLDER), default=None, help=OMNIGLOT_DIR)
 def verify(data_dir):
     """Check each archive's PNG content against the official content digest."""
     from metalearn.data.omniglot import verify_release
@@ -718,6 +791,95 @@ def _has_checkpoint(argv: list[str]) -> bool:
             continue
         return RunDir(folder).has_checkpoint()
     return False
+
+
+# options that set how much a command holds in memory at once, in the order the advice names
+# them, each group with the words that turn it down. The advice names those that the command
+# which ran out has, and that its dataset and method take (see memory_advice)
+MEMORY_OPTIONS = (
+    ("a smaller", ("meta_batch_size",)),
+    ("fewer", ("ways", "shots", "query", "inner_steps", "trajectories", "num_samples", "num")),
+    ("a shorter", ("horizon",)),
+    ("a smaller", ("image_size", "hidden", "hidden_dim")),
+)
+
+
+def _parsed_command(argv: list[str]) -> tuple[list[str], click.Command | None, dict]:
+    """The names of the command that ``argv`` runs (``["train", "maml"]``), the command and its
+    options as parsed, none checked (click's resilient parsing: a bad value reads as None)."""
+    command, names, rest = cli, [], list(argv)
+    while isinstance(command, click.Group):
+        ctx = click.Context(command)
+        # the first word that names a subcommand: the others are values of the group's options
+        i = next((i for i, word in enumerate(rest) if not word.startswith("-") and command.get_command(ctx, word)),
+                 None)
+        if i is None:
+            return names, None, {}
+        names.append(rest[i])
+        command, rest = command.get_command(ctx, rest[i]), rest[i + 1:]
+    try:
+        with command.make_context(" ".join(names), rest, resilient_parsing=True) as ctx:
+            return names, command, dict(ctx.params)
+    except Exception:  # noqa: BLE001 -- advice only: a command line it cannot read gets the general one
+        return names, command, {}
+
+
+def _runs_of(names: list[str], params: dict) -> tuple[list[str], list[str]]:
+    """The datasets and methods of the runs a command line works on, as far as they can be known
+    without running it: train's --dataset (or the resumed run's, or the method's default), the
+    saved config.json of the RUN_DIRs of the other commands."""
+    try:
+        if names[0] == "train":
+            method = names[1]
+            if params.get("resume") and params.get("run_dir") is not None:
+                return [RunDir(params["run_dir"]).read_config().task.dataset], [method]
+            return [params.get("dataset") or METHODS[method].default_dataset or TaskConfig.dataset], [method]
+        folders = [*(params.get("run_dirs") or ()), *([params["run_dir"]] if params.get("run_dir") else [])]
+        configs = [RunDir(folder).read_config() for folder in folders]
+        return [c.task.dataset for c in configs], [c.method for c in configs]
+    except Exception:  # noqa: BLE001 -- advice only: a run that cannot be read leaves its options in
+        return [], []
+
+
+def samples_models(method: str) -> bool:
+    """Whether ``method`` samples models (PLATIPUS), which ``--samples`` sets the number of."""
+    from metalearn.algorithms import method_class
+
+    return hasattr(method_class(method), "sample_predictions")
+
+
+def memory_advice(argv: list[str]) -> str:
+    """What to change after running out of memory: the options of :data:`MEMORY_OPTIONS` that the
+    command of ``argv`` has (train: of its method) and that its dataset and method take, so that
+    no advice names an option the command would refuse; for train, --resume where the run folder
+    holds a checkpoint to continue from."""
+    from metalearn.algorithms import method_class
+    from metalearn.datasets import get_dataset
+
+    names, command, params = _parsed_command(argv)
+    has = {p.name: p.opts[0] for p in (command.params if command is not None else ()) if isinstance(p, click.Option)}
+    left_out: set[str] = set()
+    if names:
+        datasets, methods = _runs_of(names, params)
+        for name in datasets:  # ways of a regression task, the image size of generated tasks, ...
+            try:
+                left_out.update(get_dataset(name).inapplicable)
+            except MetalearnError:
+                pass
+        if methods and names[0] != "train" and all(method_class(m).fixed_ways for m in methods if m in METHODS):
+            left_out.add("ways")  # eval --ways is for methods without a per-class output layer
+        if methods and not any(samples_models(m) for m in methods if m in METHODS):
+            left_out.add("num_samples")  # refused for a method that does not sample
+    groups = []
+    for words, group in MEMORY_OPTIONS:
+        flags = [has[name] for name in group if name in has and name not in left_out]
+        if flags:
+            listed = f"{', '.join(flags[:-1])} or {flags[-1]}" if len(flags) > 1 else flags[0]
+            groups.append(f"{words} {listed}")
+    advice = f"Ask for less at once: {', '.join(groups)}" if groups else "Use a machine with more memory"
+    if names[:1] == ["train"] and _has_checkpoint(argv):
+        advice += "; the run keeps its last checkpoint (continue with --resume)"
+    return advice + "."
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -760,14 +922,67 @@ def show_warning(message, category, filename, lineno, file=None, line=None, _pla
 _WHOLE_PROCESS = False
 
 
+class ReaderMayLeave:
+    """A standard stream whose reader may go away (``metalearn train ... | head -1``): from the
+    first write that meets the closed pipe on, the output is dropped instead of raised, so that
+    the command finishes its work (a training run trains, saves and tests) rather than stopping
+    at a print, and its exit status is the work's. As Python's "Note on SIGPIPE" advises, the
+    stream's file descriptor is then pointed at os.devnull, so that the flush at exit does not
+    fail a second time with a message of its own."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.reader_left = False
+
+    def write(self, text):
+        if self.reader_left and isinstance(text, str):  # bytes still meet the stream's TypeError
+            return len(text)
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._drop()
+            return len(text)
+
+    def flush(self) -> None:
+        if self.reader_left:
+            return
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._drop()
+
+    def _drop(self) -> None:
+        self.reader_left = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self._stream.fileno())
+            finally:
+                os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass  # no file descriptor (a stream in memory): nothing is flushed to it at exit
+
+    def __getattr__(self, name):  # encoding, isatty, fileno, ...: the stream's own
+        return getattr(self._stream, name)
+
+
 def main(args: list[str] | None = None, whole_process: bool = False) -> None:
     """Entry point: user errors print one line and exit 2, never a traceback. ``whole_process``:
-    the process was started for this command (a time limit then counts from its start)."""
+    the process was started for this command (a time limit then counts from its start). A
+    reader that closes the output early (``| head -1``) stops nothing: see :class:`ReaderMayLeave`."""
     global _WHOLE_PROCESS
     _WHOLE_PROCESS = whole_process
-    with warnings.catch_warnings():
-        warnings.showwarning = show_warning
-        _main(args)
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (ReaderMayLeave(s) if s is not None else None for s in streams)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            _main(args)
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            if isinstance(stream, ReaderMayLeave):
+                stream.flush()  # what print() left buffered: a closed pipe is met here, not at exit
+        sys.stdout, sys.stderr = streams
 
 
 def _main(args: list[str] | None) -> None:
@@ -810,15 +1025,7 @@ def _main(args: list[str] | None) -> None:
             raise
         detail = (str(err).splitlines() or [type(err).__name__])[0][:160]
         argv = sys.argv[1:] if args is None else [str(a) for a in args]
-        words = [a for a in argv if not a.startswith("-")]
-        advice = {  # options the command has
-            "train": "Use fewer tasks or images at once, or smaller ones: a smaller --meta-batch-size, fewer "
-                     "--ways, --shots, --query or --inner-steps, a smaller --image-size"
-                     + ("; the run keeps its last checkpoint (continue with --resume)." if _has_checkpoint(argv)
-                        else "."),
-            "data": "Use a smaller --image-size.",
-        }.get(words[0] if words else "", "Use fewer or smaller images, or a machine with more memory.")
-        click.echo(f"error: out of memory ({detail}). {advice}", err=True)
+        click.echo(f"error: out of memory ({detail}). {memory_advice(argv)}", err=True)
         sys.exit(2)
     if isinstance(code, int) and code:
         sys.exit(code)

@@ -181,6 +181,18 @@ def models_drawn(learner, num_samples: int | None) -> int:
     return num_samples if num_samples is not None else int(learner.config.num_samples)
 
 
+def check_samples_apply(methods: list[str], num_samples: int | None) -> None:
+    """Refuse ``num_samples`` (``--samples``) where none of ``methods`` samples models: it would be
+    silently unused, each of them giving one prediction per query (``predict`` and ``compare``)."""
+    from metalearn.algorithms import method_class
+
+    if num_samples is None or any(hasattr(method_class(method), "sample_predictions") for method in methods):
+        return
+    named = sorted(set(methods))
+    raise MetalearnError(f"--samples is for methods that sample models (platipus); {' and '.join(named)} "
+                         f"give{'s' if len(named) == 1 else ''} one prediction per query: leave --samples out")
+
+
 def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int = 0, part: str = "test",
                      num_samples: int | None = None, chunk: int = 50, grid_points: int = 100,
                      level: float = 0.95, data_dir: Path | str | None = None,
@@ -225,6 +237,7 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
         raise MetalearnError(f"compare_learners cannot label a run {taken[0]!r}: the result uses "
                              f"{', '.join(RESULT_KEYS)} for itself; give the run another label")
     loaded = {label: load_trained(path, overrides) for label, path in runs.items()}
+    check_samples_apply([config.method for config, _, _ in loaded.values()], num_samples)
     for label, (config, _, _) in loaded.items():
         if get_dataset(config.task.dataset).reinforcement:
             raise MetalearnError(f"{runs[label]} learned {config.task.dataset}, a reinforcement-learning environment: "

@@ -248,6 +248,108 @@ def test_resuming_a_run_as_another_method_names_the_method_it_is(tiny_run, tmp_p
     assert (run_dir / "config.json").read_text() == before
 
 
+def damage_entry(run_dir: Path, entry: str, value) -> None:
+    """Replace the ``entry`` of the run's checkpoint.pt by ``value`` (a hand edit, another tool)."""
+    path = run_dir / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    state[entry] = value
+    torch.save(state, path)
+
+
+RESUME = ["train", "maml", "--resume", "--steps", 4, "--no-progress", "--no-eval"]
+
+
+@pytest.mark.parametrize("entry, value, said", [
+    ("optimizer", {"bad": 1}, "its optimizer does not load: KeyError: 'param_groups'"),
+    ("scheduler", None, "its scheduler is None, not a schedule's state"),
+    ("torch_rng", torch.zeros(3, dtype=torch.uint8), "its torch_rng does not load: RuntimeError: "),
+    ("elapsed_s", "abc", "its elapsed_s is 'abc', not a number of seconds"),
+    ("machines", [1, 2], "its machines is [1, 2], not a list of machine records"),
+    ("machines", 5, "its machines is 5, not a list of machine records"),
+    ("config", "abc", "its config is 'abc', not a run configuration"),
+])
+def test_a_checkpoint_entry_of_the_wrong_kind_is_refused_in_one_line_by_the_commands_that_read_it(
+        tiny_run, tmp_path, capsys, entry, value, said):
+    """An entry that is there but holds a value of another kind is an unreadable checkpoint,
+    named with the entry, where it is read: resume reads them all, status the step, training
+    time and machines, eval the step, config and learner. What a command does not read does
+    not refuse it, and a refused resume leaves the checkpoint as it was."""
+    run_dir = copy_of(tiny_run, tmp_path)
+    damage_entry(run_dir, entry, value)
+    path = run_dir / "checkpoint.pt"
+    before = path.read_bytes()
+    unreadable = (f"{path} is unreadable ({said}", "truncated, corrupt or not a metalearn checkpoint")
+    refused(*cli_runner.run([*RESUME, "--run-dir", run_dir], capsys)[::2], *unreadable)
+    assert path.read_bytes() == before
+    code, _, err = cli_runner.run(["status", run_dir], capsys)
+    if entry in ("elapsed_s", "machines"):
+        refused(code, err, *unreadable)
+    else:
+        assert code == 0, err
+    code, _, err = cli_runner.run(["eval", run_dir, "--episodes", 2, "--no-progress"], capsys)
+    if entry == "config":
+        refused(code, err, *unreadable)
+    else:
+        assert code == 0, err
+
+
+def test_a_checkpoint_config_with_a_bad_value_is_named_as_the_checkpoints(tiny_run, tmp_path, capsys):
+    """The configuration inside checkpoint.pt, not config.json (where the user would look)."""
+    run_dir = copy_of(tiny_run, tmp_path)
+    config = torch.load(run_dir / "checkpoint.pt", weights_only=True)["config"]
+    damage_entry(run_dir, "config", {**config, "train": {**config["train"], "meta_lr": "fast"}})
+    message = f"{run_dir / 'checkpoint.pt'}: invalid run configuration: TrainConfig.meta_lr"
+    refused(*cli_runner.run(["eval", run_dir, "--episodes", 2, "--no-progress"], capsys)[::2], message)
+    refused(*cli_runner.run([*RESUME, "--run-dir", run_dir], capsys)[::2], message)
+
+
+@pytest.fixture(scope="module")
+def kept_best(tmp_path_factory) -> Path:
+    """A finished four-step MAML sinusoid run that validates every step and keeps its 3 best."""
+    path = tmp_path_factory.mktemp("best") / "run"
+    main([str(a) for a in ["train", "maml", "--steps", 4, "--val-every", 1, "--val-episodes", 2, "--keep-best", 3,
+                           "--run-dir", path, *TINY_RUN]])
+    return path
+
+
+def run_files(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+@pytest.mark.parametrize("index", ['{"step-2.pt": "x", "step-3.pt": null}', '{"step-2.pt": NaN}'])
+def test_a_best_index_whose_scores_are_no_numbers_is_refused_before_a_resume_trains(kept_best, tmp_path, capsys,
+                                                                                     index):
+    """Refused by the resume before its first step (not by the ranking at its first validation,
+    after steps were trained) and by eval --ensemble, in one line that names the index and the
+    repair; the repair given, deleting best/, lets the resume keep best checkpoints anew."""
+    run_dir = copy_of(kept_best, tmp_path)
+    (run_dir / "best" / "index.json").write_text(index)
+    before = run_files(run_dir)
+    message = (f"{run_dir / 'best' / 'index.json'} gives step-2.pt the score", "not a finite number",
+               f"delete {run_dir / 'best'}: the validations after a --resume")
+    resume = [*RESUME[:3], "--steps", 6, *RESUME[5:], "--run-dir", run_dir]
+    refused(*cli_runner.run(resume, capsys)[::2], *message)
+    assert run_files(run_dir) == before  # nothing trained, nothing lost
+    refused(*cli_runner.run(["eval", run_dir, "--ensemble", "--episodes", 2, "--no-progress"], capsys)[::2], *message)
+    shutil.rmtree(run_dir / "best")
+    code, _, err = cli_runner.run(resume, capsys)
+    assert code == 0, err
+    assert sorted(RunDir(run_dir).best_steps()) == [5, 6]
+
+
+def test_a_best_checkpoint_holding_another_steps_state_is_refused_where_it_is_loaded(kept_best, tmp_path, capsys):
+    """best/step-N.pt names its step, which the ensemble reports: another step's state under
+    that name (a file copied over it) is refused, not scored as step N."""
+    run_dir = copy_of(kept_best, tmp_path)
+    first, *_, last = sorted(RunDir(run_dir).best_steps())
+    shutil.copy(run_dir / "best" / f"step-{last}.pt", run_dir / "best" / f"step-{first}.pt")
+    message = f"{run_dir / 'best' / f'step-{first}.pt'} holds the state of step {last}, not of step {first}"
+    refused(*cli_runner.run(["eval", run_dir, "--ensemble", "--episodes", 2, "--no-progress"], capsys)[::2], message)
+    with pytest.raises(MetalearnError, match="as its name says"):
+        RunDir(run_dir).read_best_checkpoints()
+
+
 # -- a full disk, temporary files of killed writers ----------------------------------------------
 
 

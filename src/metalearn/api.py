@@ -3,6 +3,7 @@ evaluate and plot a run directory."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -24,8 +25,10 @@ from metalearn.distributed import World, init_world
 from metalearn.errors import ConfigError, MetalearnError, MetalearnWarning, TrainingStopped
 from metalearn.evaluation import EPISODE_CHUNK, evaluate
 from metalearn.options import option_defaults
-from metalearn.runs import RunDir, atomic_write_bytes, claim_new_run_dir, default_runs_root, new_run_name
-from metalearn.files import WriteError, check_writable_file, remove_export_temporaries
+from metalearn.runs import RunDir, claim_new_run_dir, default_runs_root, new_run_name
+from metalearn.files import (WriteError, atomic_write_files, check_writable_file, obstacle, probe_writable,
+                             remove_export_temporaries)
+from metalearn.locking import make_folders
 from metalearn.tasks import has_validation
 from metalearn.checkpoints import check_same_method, check_test_ways, configuration_conflict, load_trained
 from metalearn.training import (TEST_SEED_OFFSET, build_trainer, part_seed_offset, python_resume, python_test,
@@ -844,7 +847,12 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
     records and the :func:`training_curve`) and the plots.
     Everything is read and drawn (into a temporary folder: the run folder may be read-only)
     before ``out_dir`` is touched: a run that cannot be exported leaves no partial record there.
-    Each file is written whole (atomically), the plots before ``summary.json``.
+    Nor does an ``out_dir`` that cannot take the whole record: a folder, a link or a special
+    file with the name of one of its files, a read-only folder, are refused in one line before
+    anything is made or written there (:func:`check_record_targets`), and a write failure (a
+    full disk) comes before any file is renamed into place, leaving ``out_dir`` as it was. The
+    files are renamed into place together, the plots before ``summary.json``; only a kill
+    between two renames leaves some new and some old.
     ``notes``, when given, receives one line for each thing a reader of the record should
     know: an evaluation of another step's model than the exported checkpoint's (the run
     trained on after it; for an ensemble, other checkpoints than the run's best now), and a plot in ``out_dir`` that this export did not write (from an
@@ -869,6 +877,9 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
     state = run.read_checkpoint("step")
     # the folder the run trained on, recorded by its checkpoint: export needs no --data-dir
     check_outside_data(config.task, data_dir, "OUT_DIR", out_dir, recorded=state.get("data_dir"))
+    # before the drawing, which takes a while; the plots' names are known once they are drawn,
+    # and every name is checked again then, just before the record is written
+    check_record_targets(out_dir, [Path(out_dir) / "summary.json"])
     drawn = tempfile.TemporaryDirectory(prefix="metalearn-export-")
     # a run with no logged step (--steps 0, a baseline; stopped before --log-every) has no curve
     # to draw: its record is the summary alone
@@ -876,6 +887,35 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
         plots = plot_run(run_dir, data_dir=data_dir, compare_with=compare_with,
                          out_dir=drawn.name) if run.read_metrics() else []
         return _write_record(run, config, state, plots, out_dir, notes)
+
+
+def check_record_targets(out_dir: Path | str, targets: list[Path]) -> None:
+    """Refuse, in one line, an export whose record could not be written whole into ``out_dir``
+    (``targets``: the files it writes there), before anything is made or written there, so that
+    a refusal leaves ``out_dir`` as it was: ``out_dir`` a file, a link to nothing or below a
+    file; a folder, a link or a special file with a target's name (the rename would fail on a
+    folder after the files before it were written, and would replace a link, not write through
+    it); a folder that refuses new files (read-only, a quota; probed with the temporary file the
+    record is written through, :func:`~metalearn.files.probe_writable`). A read-only file of a
+    target's name is no obstacle: the rename replaces it."""
+    out = Path(out_dir)
+    if out.is_symlink() and not out.exists():
+        raise MetalearnError(f"OUT_DIR {out_dir} is a link to nothing; give a folder")
+    if out.exists() and not out.is_dir():
+        raise MetalearnError(f"OUT_DIR {out_dir} is a file, not a folder; give a folder")
+    if not out.exists():  # made when the record is written: its nearest existing folder must take it
+        existing = next(p for p in out.absolute().parents if p.exists())
+        if not existing.is_dir():
+            raise MetalearnError(f"OUT_DIR {out_dir}: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK):
+            raise MetalearnError(f"OUT_DIR {out_dir}: cannot make it in {existing}")
+        return
+    for path in targets:
+        what = obstacle(path)
+        if what is not None:
+            raise MetalearnError(f"{path} is {what}, where metalearn export writes the record's {path.name}: move it "
+                                 f"away (nothing was written to {out_dir})")
+    probe_writable(out / "summary.json")
 
 
 def _write_record(run: RunDir, config: RunConfig, state: dict[str, Any], plots: list[Path], out_dir: Path | str,
@@ -898,13 +938,23 @@ def _write_record(run: RunDir, config: RunConfig, state: dict[str, Any], plots: 
         **({"split": split} if (split := run.read_split()) is not None else {}),  # class folders: which were tested
     }
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_export_temporaries(out)  # of an export killed while writing here
-    written = []
-    for plot in plots:
-        atomic_write_bytes(out / plot.name, plot.read_bytes())
-        written.append(out / plot.name)
-    atomic_write_bytes(out / "summary.json", (summary_json(summary) + "\n").encode())
+    written = [out / plot.name for plot in plots]
+    # the plots before summary.json: a summary.json there says the record is complete
+    record = [*((out / plot.name, plot.read_bytes()) for plot in plots),
+              (out / "summary.json", (summary_json(summary) + "\n").encode())]
+    check_record_targets(out_dir, [path for path, _ in record])  # OUT_DIR untouched until all can be written
+    try:
+        made = make_folders(out)
+    except OSError as err:  # checked above: only a folder changed meanwhile, or one the check cannot see
+        raise WriteError(out, err) from None
+    try:
+        remove_export_temporaries(out)  # of an export killed while writing here
+        atomic_write_files(record)  # all or nothing, but for a kill between the renames
+    except BaseException:
+        for folder in reversed(made):  # the deepest first; only while still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     if notes is not None:
         for name, result in evaluations.items():
             if "ensemble" in result:  # fixed checkpoints: stale only when the run keeps others now
@@ -951,11 +1001,13 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     ahead, which the recent rate does not include: :meth:`~metalearn.MetaLearner.cost_changes`),
     ``machines`` (the checkpoint's records of what trained which steps: :func:`metalearn.runtime.machine`
     with ``from_step``), ``validation`` (the latest and the best record, by the method's metric) and
-    ``evaluations`` (each file's mean, interval, episodes and step)."""
+    ``evaluations`` (each file's mean, interval, episodes and step). A damaged ``config.json``, or
+    a ``checkpoint.pt`` that is unreadable or whose entries read here are damaged, raises a
+    one-line :class:`MetalearnError` naming the file."""
     import socket
     import time
 
-    from metalearn.checkpoints import network_difference, own_learner, own_tasks
+    from metalearn.checkpoints import check_entries, network_difference, own_learner, own_tasks, read_entries
     from metalearn.evaluation import HIGHER_IS_BETTER
     from metalearn.files import process_running
     from metalearn.locking import lock_is_held, read_holder_note
@@ -974,10 +1026,12 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
                               "steps": config.train.steps, "step": 0, "training_time_s": 0.0, "machines": []}
     own: list[str] = []  # what config.json does not describe: the commands cannot rebuild the run
     if run.has_checkpoint():
-        state = run.read_checkpoint("step")
+        # a damaged entry that status shows is one line naming checkpoint.pt (the listing shows it as the run's error)
+        state = read_entries(run, "step", optional=("elapsed_s", "machines"))
         status.update(step=int(state["step"]), training_time_s=float(state.get("elapsed_s", 0.0)),
                       machines=list(state.get("machines", [])))
         if own_learner(state) is not None:  # a learner built in Python: its network may be config.json's
+            check_entries(state, run.checkpoint_path, optional=("learner",))
             try:
                 differs = "learner" not in state or bool(network_difference(config, state["learner"]))
             except MetalearnError:

@@ -9,8 +9,9 @@ folders; everything here only reads them.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -18,10 +19,78 @@ from metalearn.algorithms import MetaLearner, build_learner, make_method_config,
 from metalearn.config import RESUMABLE_CHANGES, RunConfig, config_differences
 from metalearn.errors import MetalearnError
 from metalearn.options import option_defaults
-from metalearn.runs import RunDir
+from metalearn.runs import RunDir, config_from, unreadable_checkpoint
 from metalearn.tasks import problem_of
 
 RESUME_ENTRIES = ("step", "config", "learner", "optimizer", "scheduler", "torch_rng")  # what a resume reads
+# what a resume reads where the checkpoint has it (runs saved before an entry lack it)
+RESUME_OPTIONAL_ENTRIES = ("elapsed_s", "machines", "validation_pending", "data_fingerprint")
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# what each entry holds, as Trainer.state writes it: (test, the words for it). Its readers check
+# the entries they use (check_entries) where they read them, so that a hand-edited or foreign
+# value is one line naming the file and the entry, never a TypeError deep inside torch; an entry
+# a reader does not use never refuses the file it is in
+ENTRY_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "step": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a count of meta-steps"),
+    "config": (lambda v: isinstance(v, dict), "a run configuration (a dict)"),
+    "learner": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                                                      for k, t in v.items()), "a state dict of tensors"),
+    "optimizer": (lambda v: isinstance(v, dict), "an optimiser's state (a dict)"),
+    # the schedule's position; torch versions add other keys, which its load_state_dict takes as they come
+    "scheduler": (lambda v: isinstance(v, dict) and isinstance(v.get("last_epoch"), int)
+                  and not isinstance(v["last_epoch"], bool), "a schedule's state (a dict with last_epoch)"),
+    "torch_rng": (lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and v.dim() == 1,
+                  "a random generator's state (a uint8 tensor)"),
+    "elapsed_s": (lambda v: _real(v) and v >= 0, "a number of seconds"),
+    "machines": (lambda v: isinstance(v, list) and all(isinstance(record, dict) for record in v),
+                 "a list of machine records"),
+    "validation_pending": (lambda v: isinstance(v, bool), "true or false"),
+    "data_fingerprint": (lambda v: isinstance(v, str), "a fingerprint (a string)"),
+    "data_dir": (lambda v: isinstance(v, str), "a folder's path (a string)"),
+}
+
+
+def _described(value: Any) -> str:
+    """``value`` as a few words: itself where short (``'abc'``, ``None``), else its kind."""
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 40 else f"a {type(value).__name__}"
+
+
+def check_entries(state: dict[str, Any], path: Path, needed: Iterable[str] = (),
+                  optional: Iterable[str] = ()) -> None:
+    """Refuse the checkpoint ``state`` (read from ``path``) in one line where it lacks one of the
+    ``needed`` entries, or where one of those or of the ``optional`` ones that it has does not
+    hold what :data:`ENTRY_TYPES` says. For a reader, with the entries it uses."""
+    for name in needed:
+        if name not in state:
+            raise unreadable_checkpoint(path, f"it has no {name!r}")
+    for name in (*needed, *optional):
+        if name in state and name in ENTRY_TYPES:
+            test, what = ENTRY_TYPES[name]
+            if not test(state[name]):
+                raise unreadable_checkpoint(path, f"its {name} is {_described(state[name])}, not {what}")
+
+
+def read_entries(run: RunDir, *needed: str, optional: Iterable[str] = (), path: Path | None = None) -> dict[str, Any]:
+    """:meth:`RunDir.read_checkpoint` (of ``path``, else the run's checkpoint.pt), with the
+    ``needed`` entries and the ``optional`` ones it has checked by :func:`check_entries`."""
+    state = run.read_checkpoint(*needed, path=path)
+    check_entries(state, run.checkpoint_path if path is None else Path(path), needed, optional)
+    return state
+
+
+def saved_config(state: dict[str, Any], path: Path) -> RunConfig:
+    """The run configuration saved in the checkpoint ``state`` read from ``path``; a damaged one
+    is one line naming that file: the user would otherwise look for it in config.json."""
+    check_entries(state, path, ("config",))
+    return config_from(state["config"], path)
 
 
 def on_cpu(value: Any) -> Any:
@@ -225,7 +294,7 @@ def initialise_from_run(learner: MetaLearner, run_dir: Path | str) -> int:
     source = RunDir(run_dir)
     if not source.has_checkpoint():
         raise MetalearnError(f"--init-from {source.path}: no checkpoint there; give a run directory of a trained run")
-    saved = source.read_checkpoint("learner")["learner"]
+    saved = read_entries(source, "learner")["learner"]
     check_weights_finite(saved, source.path)
     prefix = f"{learner.network_attribute}."
     own = {name: p for name, p in learner.state_dict(keep_vars=True).items() if name.startswith(prefix)}
@@ -315,7 +384,10 @@ def load_trained(run_dir: Path | str, overrides: dict[str, Any] | None = None,
                              f"{type(overrides).__name__}")
     run = RunDir(run_dir)
     config = run.read_config()
-    state = run.read_checkpoint("config", "learner", "step", path=checkpoint)
+    state = read_entries(run, "config", "learner", "step", path=checkpoint)
+    where = run.checkpoint_path if checkpoint is None else Path(checkpoint)
+    if checkpoint is not None:
+        run.check_best_step(where, state["step"])
     source = own_tasks(state)
     if source is not None:
         raise MetalearnError(
@@ -323,7 +395,7 @@ def load_trained(run_dir: Path | str, overrides: dict[str, Any] | None = None,
             "dataset that is not what it learned. Load the weights with learner.load_state_dict(RunDir(run_dir)"
             ".read_checkpoint()['learner']) and score them with metalearn.evaluate(learner, your_source)."
         )
-    check_compatible(RunConfig.from_dict(state["config"]), config, f"the checkpoint in {run.path}",
+    check_compatible(saved_config(state, where), config, f"the checkpoint in {run.path}",
                      "Its config.json and checkpoint.pt come from different runs: put back the run's own files.")
     learner_class = own_learner(state)
     # a learner the user built (Trainer(config, MAML(my_network), ...)) loads where its network is

@@ -32,14 +32,28 @@ class WriteError(MetalearnError):
     """A file could not be written (full disk, quota, read-only or vanished folder). The
     message is one line naming the file and the reason, with the free space where the reason
     is space (a full disk, a quota, a file too large); the file as it was before (if any) is
-    unchanged. ``errno`` is the operating system's code."""
+    unchanged. ``errno`` is the operating system's code.
 
-    def __init__(self, path: Path, err: OSError):
+    ``kept``: what the message says of the file there before; by default "the previous
+    <name> is unchanged" where a plain file (or a link to one) of that name is there, and
+    nothing where there is none or something else has the name (a folder, a device): the
+    message then claims no earlier file. A writer that may have changed part of the file
+    (an append) says what is still whole instead."""
+
+    def __init__(self, path: Path, err: OSError, kept: str | None = None):
         self.path, self.errno = Path(path), err.errno
         reason = err.strerror or str(err) or type(err).__name__
         space = f" ({free_space(self.path.parent)} free there)" if err.errno in SPACE_ERRORS else ""
-        kept = f"; the previous {self.path.name} is unchanged" if self.path.exists() else ""
-        super().__init__(f"cannot write {self.path}: {reason}{space}{kept}")
+        if kept is None:
+            kept = f"the previous {self.path.name} is unchanged" if _is_plain_file(self.path) else ""
+        super().__init__(f"cannot write {self.path}: {reason}{space}" + (f"; {kept}" if kept else ""))
+
+
+def _is_plain_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a path the system cannot even look at (too long, a loop of links)
+        return False
 
 
 # the operating system's codes for a write refused for want of space (EDQUOT: a quota)
@@ -75,14 +89,21 @@ def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any],
+                 before_replace: Callable[[], None] | None = None) -> None:
     """``write`` into a temporary file beside ``path``, flush it to disk, rename it over
     ``path`` and flush the folder: a kill or power loss leaves the old or the new file, never
     half of one. A failure of the file system (full disk, quota, the folder gone; also when it
     only shows at the flush or the close, as on network file systems) raises :class:`WriteError`
     and leaves the old file and no temporary one. ``write`` must only write to the file object:
     a serialiser that can hide the ``OSError`` (torch's zip writer turns it into a
-    ``RuntimeError``) serialises into memory first and passes the bytes."""
+    ``RuntimeError``) serialises into memory first and passes the bytes.
+
+    ``before_replace``: called once the new file is on disk, just before the rename, for a
+    check of the file there now that must be as late as possible (an evaluation that a
+    concurrent writer may have replaced meanwhile, :meth:`metalearn.runs.RunDir.write_eval`);
+    what it raises propagates and leaves the old file and no temporary one. It must turn its
+    own ``OSError`` into something else: one reaching here reads as a failure to write ``path``."""
     path = Path(path)
     tmp = temporary_path(path)
     try:
@@ -90,6 +111,8 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
         fsync_directory(path.parent)
     except BaseException as err:
@@ -100,6 +123,63 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
         if isinstance(err, OSError):
             raise WriteError(path, err) from None
         raise
+
+
+def atomic_write_files(files: Iterable[tuple[Path, bytes | memoryview]]) -> None:
+    """Write several files whole, as one record: every one into its temporary file beside it
+    (:func:`temporary_path`), each flushed to disk, and only then each renamed over its name,
+    in the order given, and their folders flushed. A failure while the temporary files are
+    written (a full disk, a quota) raises :class:`WriteError` for that file and leaves every
+    file as it was and no temporary file: the record is written whole or not at all. A rename
+    that fails (the folder replaced meanwhile) raises for its file, with those before it
+    already replaced. A kill between two renames leaves the first ones new, the rest old and
+    their temporary files, which :func:`remove_temporaries` deletes on a later start: put last
+    the file whose presence says the record is complete."""
+    files = [(Path(path), data) for path, data in files]
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, data in files:
+            tmp = temporary_path(path)
+            staged.append((path, tmp))
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as err:
+                # the temporary files go before the error is made: on a full disk they hold the
+                # space the record took, and the message names the free space there is without them
+                for _, partial in staged:
+                    with contextlib.suppress(OSError):
+                        partial.unlink(missing_ok=True)
+                raise WriteError(path, err) from None
+        for path, tmp in staged:
+            try:
+                os.replace(tmp, path)
+            except OSError as err:
+                raise WriteError(path, err) from None
+        for folder in dict.fromkeys(path.parent for path, _ in staged):
+            fsync_directory(folder)
+    finally:
+        for _, tmp in staged:  # none after a success; after a failure, those not renamed
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+
+
+def obstacle(path: Path) -> str | None:
+    """What stands at ``path`` that an atomic write must not replace, in a few words: ``"a
+    link"`` (the rename would replace the link, not the file it points at), ``"a folder"``
+    (the rename fails on it, after all the work), ``"a special file"`` (a FIFO, a device);
+    None for a plain file or nothing there. A read-only plain file is no obstacle: the rename
+    replaces it."""
+    path = Path(path)
+    if path.is_symlink():
+        return "a link"
+    if path.is_dir():
+        return "a folder"
+    if path.exists() and not path.is_file():
+        return "a special file"
+    return None
 
 
 def probe_writable(path: Path) -> None:
@@ -140,7 +220,8 @@ def append_line(path: Path, line: str) -> None:
         with open(fd, "a", closefd=True) as f:
             f.write(line)
     except OSError as err:
-        raise WriteError(path, err) from None
+        # part of the line may be on disk: what stays whole is what was there before
+        raise WriteError(path, err, kept=f"the lines before it in {Path(path).name} are unchanged") from None
 
 
 def fsync_directory(path: Path) -> None:

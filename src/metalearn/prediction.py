@@ -19,7 +19,8 @@ from metalearn.algorithms.base import evaluating
 from metalearn.data.folder import image_files, no_images_note, warn_of_skipped_files
 from metalearn.data.images import is_image_file
 from metalearn.errors import MetalearnError, MetalearnWarning
-from metalearn.files import WriteError, check_writable_file, fsync_directory, temporary_path
+from metalearn.files import WriteError, atomic_write_files, check_writable_file
+from metalearn.locking import make_folders
 
 QUERY_CHUNK = 256  # query images classified per pass (with the whole support set)
 
@@ -207,48 +208,22 @@ def check_outputs(named: list[tuple[str, Path | str]]) -> None:
 
 
 def write_together(outputs: list[tuple[Path, bytes]]) -> None:
-    """Write every ``(path, bytes)`` so that a failure leaves none of them half done: each goes
-    to its temporary file beside it (:func:`metalearn.files.temporary_path`) and is flushed to
-    disk; only when all are whole are they renamed into place. A failure while writing (a full
-    disk, a quota) raises :class:`metalearn.files.WriteError` naming the file, removes every
-    temporary file and every folder this call made, and leaves the files already there as they
-    were. The renames come last and only fail when the folder changes underneath (removed,
-    made read-only) between the writing and the renaming."""
-    written: list[tuple[Path, Path]] = []
+    """Write every ``(path, bytes)`` so that a failure leaves none of them half done
+    (:func:`metalearn.files.atomic_write_files`: all are written and flushed before any is
+    renamed into place), making the folders they need; a failure removes every folder this call
+    made and leaves the files already there as they were."""
     made: list[Path] = []  # folders made here, removed again on a failure
-    done = False
     try:
-        for path, data in outputs:
-            tmp = temporary_path(path)
-            try:
-                made += [p for p in (path.parent, *path.parent.parents) if not p.exists()]
-                path.parent.mkdir(parents=True, exist_ok=True)
-                written.append((path, tmp))
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-            except OSError as err:
-                for _, partial in written:  # gone first: the message measures the free space there is
-                    with contextlib.suppress(OSError):
-                        partial.unlink(missing_ok=True)
-                raise WriteError(path, err) from None
-        for path, tmp in written:
-            try:
-                os.replace(tmp, path)
-            except OSError as err:
-                raise WriteError(path, err) from None
-        for folder in dict.fromkeys(path.parent for path, _ in written):
-            fsync_directory(folder)
-        done = True
-    finally:
-        for _, tmp in written:
+        for folder in dict.fromkeys(Path(path).parent for path, _ in outputs):
+            made += make_folders(folder)
+        atomic_write_files(outputs)
+    except BaseException as err:
+        for folder in sorted(set(made), key=lambda p: len(p.parts), reverse=True):
             with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-        if not done:
-            for folder in sorted(set(made), key=lambda p: len(p.parts), reverse=True):
-                with contextlib.suppress(OSError):
-                    folder.rmdir()  # only if empty: never a folder someone else filled meanwhile
+                folder.rmdir()  # only if empty: never a folder someone else filled meanwhile
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            raise WriteError(Path(err.filename or outputs[0][0]), err) from None
+        raise
 
 
 def as_json(result: dict[str, Any]) -> bytes:

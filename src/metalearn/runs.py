@@ -33,7 +33,7 @@ from metalearn.config import RunConfig
 from metalearn.data.splits import RUN_SPLIT_NAME
 from metalearn.errors import MetalearnError
 from metalearn.files import (WriteError, append_line, atomic_write, atomic_write_bytes,  # noqa: F401
-                             fsync_directory, probe_writable, remove_temporaries)
+                             fsync_directory, obstacle, probe_writable, remove_temporaries)
 from metalearn.locking import FolderInUse, FolderLock
 
 # what only the process holding a run folder's lock writes: a temporary file of these is never
@@ -104,6 +104,31 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(path, buffer.getbuffer())
+
+
+def config_from(data: Any, path: Path) -> RunConfig:
+    """The run configuration ``data`` read from ``path`` (config.json, or a checkpoint's
+    ``config`` entry); a damaged one is one line naming that file, with the field as the file
+    spells it, never as a command-line flag nobody typed."""
+    from metalearn.algorithms import make_method_config
+    from metalearn.errors import ConfigError
+
+    try:
+        config = RunConfig.from_dict(data)
+        make_method_config(config.method, config.method_config)  # a value edited by hand: named here
+    except ConfigError as err:
+        raise MetalearnError(f"{path}: invalid run configuration: {err}") from None
+    except MetalearnError as err:
+        raise MetalearnError(f"{path}: {err}") from None
+    return config
+
+
+def unreadable_checkpoint(path: Path, why: str) -> MetalearnError:
+    """The refusal of the checkpoint file ``path`` for ``why`` (what is wrong, a few words): a
+    file that does not load, lacks an entry, or holds a damaged one where it is read
+    (:func:`metalearn.checkpoints.check_entries`), all the same damage to the user."""
+    return MetalearnError(f"{path} is unreadable ({why}): it is truncated, corrupt or not a metalearn checkpoint. "
+                          "Put back the run's own checkpoint.pt, or train the run again in a new --run-dir.")
 
 
 class RunDir:
@@ -203,18 +228,7 @@ class RunDir:
         ``config.json`` (not a run folder) or it is not valid JSON or not a valid configuration."""
         if not self.config_path.is_file():
             raise MetalearnError(f"{self.path} is not a metalearn run directory (no config.json)")
-        from metalearn.algorithms import make_method_config
-        from metalearn.errors import ConfigError
-
-        data = read_json_object(self.config_path, "put back the run's own config.json")
-        try:
-            config = RunConfig.from_dict(data)
-            make_method_config(config.method, config.method_config)  # a value edited by hand: named here
-        except ConfigError as err:  # as the file spells it, never as a command-line flag nobody typed
-            raise MetalearnError(f"{self.config_path}: invalid run configuration: {err}") from None
-        except MetalearnError as err:
-            raise MetalearnError(f"{self.config_path}: {err}") from None
-        return config
+        return config_from(read_json_object(self.config_path, "put back the run's own config.json"), self.config_path)
 
     # -- checkpoint ----------------------------------------------------------------------------
 
@@ -250,9 +264,7 @@ class RunDir:
 
         def unreadable(why: str) -> MetalearnError:
             # torch's own message spans lines and suggests weights_only=False: never for a file of unknown origin
-            return MetalearnError(f"{checkpoint_path} is unreadable ({why}): it is truncated, corrupt or not "
-                                  "a metalearn checkpoint. Put back the run's own checkpoint.pt, or train the run "
-                                  "again in a new --run-dir.")
+            return unreadable_checkpoint(checkpoint_path, why)
 
         try:
             # tensors and plain values only: opening someone else's run runs no pickled code
@@ -281,8 +293,8 @@ class RunDir:
         entry. A non-finite score is never kept."""
         if not math.isfinite(score):
             return
+        index = self.read_best_index()  # a damaged index is refused before best/ is made
         self.best_dir.mkdir(parents=True, exist_ok=True)
-        index = self._read_best_index()
         name = f"step-{int(state['step'])}.pt"
         index[name] = score
         ranked = sorted((file for file in index if _best_step(file) is not None),
@@ -299,15 +311,31 @@ class RunDir:
     def drop_best_after(self, step: int) -> None:
         """Forget the best checkpoints of steps after ``step`` (kept by a run killed after its
         last checkpoint: the resumed run validates those steps again, or ends before them)."""
-        index = self._read_best_index()
+        index = self.read_best_index()
         kept = {file: score for file, score in index.items()
                 if _best_step(file) is not None and _best_step(file) <= step}
         if kept != index:
             self._replace_best_index(index, kept)
 
-    def _read_best_index(self) -> dict[str, Any]:
+    def read_best_index(self) -> dict[str, float]:
+        """``best/index.json``: the file name of each kept checkpoint and its validation score;
+        ``{}`` where there is none. The one reader of the index, for the trainer that keeps the
+        checkpoints (:meth:`keep_best`, :meth:`drop_best_after`; a resume reads it before it
+        trains, in :meth:`~metalearn.training.Trainer.restore`) and for their readers
+        (:meth:`best_checkpoints`): an index that is not a JSON object of finite scores is
+        refused in one line naming it and the repair, instead of failing in keep_best's ranking
+        at the first validation after steps were trained. Names are left to each user:
+        :meth:`best_checkpoints` refuses one that is no ``step-N.pt``, :meth:`keep_best` drops it."""
         index_path = self.best_dir / "index.json"
-        return read_json_object(index_path, "delete best/ to start it afresh") if index_path.is_file() else {}
+        if not index_path.is_file():
+            return {}
+        advice = self._rebuild_best_advice()
+        index = read_json_object(index_path, advice)
+        for file, score in index.items():
+            if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+                raise MetalearnError(f"{index_path} gives {file} the score {json.dumps(score)[:40]}, not a finite "
+                                     f"number (it was edited or damaged); {advice}")
+        return index
 
     def _remove_unlisted_best(self) -> list[Path]:
         """Delete the ``best/step-N.pt`` files that ``best/index.json`` does not list (all of them
@@ -317,7 +345,7 @@ class RunDir:
         this before writing, so no such file is a write in progress; readers only open listed
         files. An index that cannot be read leaves every file alone (its next reader says so)."""
         try:
-            index = self._read_best_index()
+            index = self.read_best_index()
             entries = list(self.best_dir.iterdir())
         except (MetalearnError, OSError):
             return []
@@ -353,7 +381,7 @@ class RunDir:
             if not index_path.is_file():
                 raise MetalearnError(f"{self.path} kept no best checkpoints: train with --keep-best N (and "
                                      "validation) to evaluate an ensemble")
-            return read_json_object(index_path, "train the run again with --keep-best N")
+            return self.read_best_index()
 
         index = read_index()
         for _ in range(BEST_READ_ATTEMPTS):
@@ -385,9 +413,16 @@ class RunDir:
         training run displaced it by a better one), the index is read again and every file
         loaded anew, so the result never mixes two indexes or misses a member. A file is never
         changed in place (``step-N.pt`` always holds step N), so what was loaded stays valid.
-        ``load`` (default: :meth:`read_checkpoint` of the file, the state dict) must let the
-        :class:`CheckpointMissing` of :meth:`read_checkpoint` through."""
-        load = load if load is not None else (lambda path: self.read_checkpoint(path=path))
+        ``load`` (default: :meth:`read_checkpoint` of the file, the state dict, refused by
+        :meth:`check_best_step` where it holds another step) must let the
+        :class:`CheckpointMissing` of :meth:`read_checkpoint` through, and check the step itself
+        (:func:`~metalearn.checkpoints.load_trained` does)."""
+        def read_best(path: Path) -> dict[str, Any]:
+            state = self.read_checkpoint("step", path=path)
+            self.check_best_step(path, state["step"])
+            return state
+
+        load = load if load is not None else read_best
         for _ in range(BEST_READ_ATTEMPTS):
             paths = self.best_checkpoints()
             try:
@@ -400,6 +435,23 @@ class RunDir:
     def best_steps(self) -> list[int]:
         """The steps of :meth:`best_checkpoints`, best first."""
         return [_best_step(path.name) for path in self.best_checkpoints()]
+
+    def check_best_step(self, path: Path, step: int) -> None:
+        """Refuse, in one line, the best checkpoint ``path`` (``step-N.pt``) where the state it
+        holds is of ``step``, not N: the ensemble's steps, and the ranking by score that the
+        index gives N, are read from the name, so another step's state (a file copied over it)
+        would be scored under N's name. Paths of other names are not best checkpoints: no check."""
+        named = _best_step(Path(path).name)
+        if named is not None and step != named:
+            raise MetalearnError(f"{path} holds the state of step {step}, not of step {named} as its name says: "
+                                 f"it was replaced by another checkpoint; put back the run's own file, or "
+                                 f"{self._rebuild_best_advice()}")
+
+    def _rebuild_best_advice(self) -> str:
+        """How to recover from a damaged ``best/``: without it, a resumed run's validations keep
+        best checkpoints anew (a missing index reads as none kept; :meth:`keep_best` makes the folder)."""
+        return (f"delete {self.best_dir}: the validations after a --resume (with more --steps, for a complete run) "
+                "keep best checkpoints anew")
 
     # -- metrics -------------------------------------------------------------------------------
 
@@ -462,18 +514,81 @@ class RunDir:
         read-only file of that name is no obstacle: the rename replaces it. For a caller about
         to evaluate, which can take long, before it starts."""
         path = self.eval_file(labels, part)
-        if path.is_symlink() or (path.exists() and not path.is_file()):
-            what = "a link" if path.is_symlink() else "a folder" if path.is_dir() else "a special file"
+        what = obstacle(path)
+        if what is not None:
             raise MetalearnError(f"{path} is {what}, where metalearn eval writes this evaluation: move it away")
         probe_writable(path)
         return path
 
     def write_eval(self, result: dict[str, Any], overrides: dict[str, Any] | None = None,
                    part: str = "test") -> Path:
-        """Write ``result`` to :meth:`eval_file`."""
+        """Write ``result`` to :meth:`eval_file`, whole (atomically), unless that file holds the
+        evaluation of a later checkpoint than ``result``'s ``step``: then nothing is written and
+        :class:`EvaluationSuperseded` says so in one line (the run trained on while this one was
+        evaluated, and its newer score stays). Every writer of an evaluation file comes through
+        here: ``metalearn eval`` (also ``--ensemble``, ``--protocol``), the test after training,
+        and a ``maml-rl`` run's ``eval-weights=initial.json`` (no ``step``: the initial weights
+        are no checkpoint, so nothing to compare). A file holding the same or an earlier step,
+        none, or one that cannot be read as an evaluation is replaced."""
         path = self.eval_file(overrides, part)
-        atomic_write_bytes(path, (json.dumps(result, indent=2) + "\n").encode())
+        step = _evaluation_step(result)
+
+        def refuse_if_superseded() -> None:
+            # Read as late as the write allows: after the new file is on disk, just before the
+            # rename. A race remains: a later checkpoint's evaluation that another writer renames
+            # into place between this read and our rename (the time of one read of the file) is
+            # replaced. No lock closes it: writers of evaluation files take none (`metalearn
+            # eval` may run on another machine sharing the folder, beside a training run that
+            # holds the folder's lock).
+            held = _read_evaluation(path)
+            held_step = _evaluation_step(held) if held is not None else None
+            if step is not None and held_step is not None and held_step > step:
+                raise EvaluationSuperseded(
+                    f"not written: {path} holds the evaluation of a later checkpoint ({evaluation_in_words(held)}) "
+                    f"than this one of step {step} (the run trained on while it evaluated): evaluate again", path)
+
+        refuse_if_superseded()  # before the file is written too: no temporary file for nothing
+        atomic_write(path, lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()),
+                     before_replace=refuse_if_superseded)
         return path
+
+
+class EvaluationSuperseded(MetalearnError):
+    """An evaluation was not written: its file (``path``) holds one of a later checkpoint
+    (:meth:`RunDir.write_eval`)."""
+
+    def __init__(self, message: str, path: Path):
+        super().__init__(message)
+        self.path = Path(path)
+
+
+def _evaluation_step(result: dict[str, Any]) -> int | None:
+    """The checkpoint step an evaluation scored, None where it names none (the initial
+    weights' returns) or not as a whole number."""
+    step = result.get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _read_evaluation(path: Path) -> dict[str, Any] | None:
+    """The evaluation in ``path``, None where there is none or it cannot be read as one (cut
+    short or damaged: no score to keep, so the write replaces it)."""
+    try:
+        held = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return held if isinstance(held, dict) else None
+
+
+def evaluation_in_words(result: dict[str, Any]) -> str:
+    """An evaluation in a few words, as ``metalearn eval`` names the one it replaces:
+    ``"mse 0.41 at step 70000"``, ``"the lifelong protocol at step 300"``."""
+    at = f" at step {result['step']}" if _evaluation_step(result) is not None else ""
+    if "protocol" in result:
+        return f"the {result['protocol']} protocol{at}"
+    try:
+        return f"{result['metric']} {float(result['mean']):.4g}{at}"
+    except (KeyError, TypeError, ValueError):
+        return f"an evaluation{at}"
 
 
 def read_json_object(path: Path, advice: str) -> dict[str, Any]:

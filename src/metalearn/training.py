@@ -17,9 +17,10 @@ import torch
 
 from metalearn.algorithms import MetaLearner, build_learner
 from metalearn.algorithms.base import device_of
-from metalearn.checkpoints import (RESUME_ENTRIES, all_finite, check_compatible, check_run_dir, check_test_ways,
-                                   check_weights_finite, initialise_from_run, load_learner_state, on_cpu, own_learner,
-                                   own_tasks)
+from metalearn.checkpoints import (RESUME_ENTRIES, RESUME_OPTIONAL_ENTRIES, all_finite, check_compatible,
+                                   check_entries, check_run_dir, check_test_ways, check_weights_finite,
+                                   initialise_from_run, load_learner_state, on_cpu, own_learner, own_tasks,
+                                   saved_config, unreadable_checkpoint)
 from metalearn.config import RunConfig
 from metalearn.distributed import RankLost, World, environment_count
 from metalearn.errors import TIME_LIMIT_EXIT, ConfigError, MetalearnError, TrainingStopped
@@ -329,9 +330,18 @@ class Trainer:
         """Continue from the checkpoint ``state``: the learner, optimiser, schedule, random
         streams, step and training time, exactly. Raises :class:`MetalearnError` when the
         checkpoint's configuration does not match this trainer's, when it trained on other
-        images (a folder dataset), or when its weights are not finite."""
-        saved = RunConfig.from_dict(state["config"])
+        images (a folder dataset), or when its weights are not finite; and, in one line naming
+        ``checkpoint.pt`` and the entry, when an entry is missing, of the wrong type
+        (:func:`~metalearn.checkpoints.check_entries`) or does not load (an optimiser or random
+        state of another shape), and when the run's ``best/index.json`` is damaged: all before
+        a step is trained, so that nothing trained is lost to the refusal."""
+        path = self.run_dir.checkpoint_path
+        check_entries(state, path, RESUME_ENTRIES, RESUME_OPTIONAL_ENTRIES)
+        saved = saved_config(state, path)
         check_compatible(saved, self.config, f"the checkpoint in {self.run_dir.path}")
+        # read by the first validation's keep_best (and fit's drop_best_after): refused now,
+        # not after the steps up to that validation were trained
+        self.run_dir.read_best_index()
         trained_on = state.get("data_fingerprint")  # absent in runs of fixed datasets and older runs
         if trained_on is not None and self.data_fingerprint is not None and trained_on != self.data_fingerprint:
             where = f" --data-dir {self.data_dir}" if self.data_dir is not None else " this dataset"
@@ -360,9 +370,16 @@ class Trainer:
                 raise
             raise MetalearnError(f"the run in {self.run_dir.path} was trained with a network of your own (in a "
                                  f"{saved_learner}) that its config.json does not describe: {route}") from err
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
+        # their types are checked above; what still does not load (the state of other parameters,
+        # a generator state of another size) is the same damage, and torch says it in many ways
+        for name, load in (("optimizer", lambda saved: load_optimizer_state(self.optimizer, saved)),
+                           ("scheduler", self.scheduler.load_state_dict), ("torch_rng", torch.set_rng_state)):
+            try:
+                load(state[name])
+            except Exception as err:  # noqa: BLE001 -- KeyError, ValueError, RuntimeError, ...
+                detail = str(err).splitlines()[0][:160] if str(err) else ""
+                raise unreadable_checkpoint(path, f"its {name} does not load: {type(err).__name__}"
+                                                  f"{': ' + detail if detail else ''}") from None
         self.step = int(state["step"])
         self.elapsed_s = float(state.get("elapsed_s", 0.0))
         self.machines = [dict(record) for record in state.get("machines", [])]  # none in older runs
@@ -676,6 +693,20 @@ def meta_gradient(learner: MetaLearner, batch, task_chunk: int = 0,
 
 
 # -- assembling a run ------------------------------------------------------------------------
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(saved)``, refusing (``ValueError``) a per-parameter state
+    (Adam's moments, SGD's momentum) of another shape than its parameter: torch checks only the
+    sizes of the parameter groups, so such a state would fail at the first step, a traceback
+    after the resume had started."""
+    optimizer.load_state_dict(saved)
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            for key, value in optimizer.state.get(parameter, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != parameter.shape:
+                    raise ValueError(f"{key} of shape {tuple(value.shape)} for a parameter of shape "
+                                     f"{tuple(parameter.shape)}")
 
 
 def gradients_finite(parameters: list[torch.Tensor]) -> bool:

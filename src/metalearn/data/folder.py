@@ -40,7 +40,7 @@ import torch
 
 from metalearn.data.cache import read_arrays, write_arrays
 from metalearn.data.images import IMAGE_SUFFIXES, check_channels, decode_image, is_image_file
-from metalearn.data.omniglot import default_cache_dir
+from metalearn.data.omniglot import default_cache_dir, file_in_the_way
 from metalearn.data.splits import PARTS, RUN_SPLIT_NAME, ClassPool
 from metalearn.errors import MetalearnError, MetalearnWarning
 
@@ -275,8 +275,8 @@ def scan_folder(root: Path) -> tuple[str, list[tuple[str, str, list[Path]]], lis
     an image reached twice through links."""
     root = Path(root)
     if not root.is_dir():
-        what = "is a file, not a folder" if root.exists() else "does not exist"
-        raise MetalearnError(f"--data-dir {root} {what}; give the folder that holds one folder per class")
+        what = file_in_the_way(root, f"--data-dir {root}") or f"--data-dir {root} does not exist"
+        raise MetalearnError(f"{what}; give the folder that holds one folder per class")
     csvs, folders, part_dirs = _top_entries(root)
     if csvs:
         return "csv", _csv_classes(root, csvs), csvs

@@ -59,6 +59,22 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "metalearn"
 
 
+def file_in_the_way(folder: Path | str, named: str) -> str | None:
+    """Why ``folder`` cannot be a folder of data because of a file, as the start of a message
+    about ``named`` (how the user gave it: ``"--data-dir /etc/passwd"``): ``"<named> is a file,
+    not a folder"`` where a file (or anything but a folder) has its name, ``"<named>:
+    /etc/passwd is a file, not a folder"`` where a file lies on its way
+    (``/etc/passwd/omniglot``); None where ``folder`` is a folder or nothing blocks it (it does
+    not exist). Datasets read from folders (Omniglot's archives, image folders) say this rather
+    than that their data is missing, which would send the user looking for data in a folder
+    that cannot hold any."""
+    folder = Path(folder)
+    if folder.exists():
+        return None if folder.is_dir() else f"{named} is a file, not a folder"
+    blocking = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
+    return f"{named}: {blocking} is a file, not a folder" if blocking is not None else None
+
+
 @dataclass(frozen=True)
 class Omniglot:
     """All 1623 characters x 20 drawings, preprocessed.
@@ -92,9 +108,19 @@ class Omniglot:
 # Reading the release
 
 
-def locate_sources(data_dir: Path) -> dict[str, Path]:
-    """The extracted tree or the zip of each archive under ``data_dir``; a clear error if absent."""
+ARCHIVES_IN_WORDS = "images_background.zip and images_evaluation.zip (or their extracted folders)"
+
+
+def locate_sources(data_dir: Path, given: bool = True) -> dict[str, Path]:
+    """The extracted tree or the zip of each archive under ``data_dir``; a clear error if absent,
+    and one that says so where a file stands in the folder's place (``--data-dir /etc/passwd``:
+    the data is not missing, the path is wrong). ``given``: whether the user named ``data_dir``
+    (``--data-dir``), else it is the default (``$METALEARN_DATA``, the cache folder)."""
     data_dir = Path(data_dir)
+    blocked = file_in_the_way(data_dir, f"--data-dir {data_dir}" if given else str(data_dir))
+    if blocked is not None:
+        remedy = "give" if given else "point --data-dir or METALEARN_DATA at"
+        raise MetalearnError(f"{blocked}; {remedy} the folder that holds {ARCHIVES_IN_WORDS}")
     found, missing = {}, []
     for archive in ARCHIVES:
         tree, zipped = data_dir / archive, data_dir / f"{archive}.zip"
@@ -271,9 +297,10 @@ def load_omniglot(
     """
     if image_size < 4:
         raise MetalearnError(f"image size must be at least 4 pixels, got {image_size}")
-    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    given = data_dir is not None
+    data_dir = Path(data_dir) if given else default_data_dir()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    sources = locate_sources(data_dir)
+    sources = locate_sources(data_dir, given)
     fingerprint = source_fingerprint(sources)
     path = cache_path(cache_dir, image_size)
     cached = _read_cache(path, fingerprint, image_size)
@@ -337,8 +364,9 @@ def content_digest(source: Path) -> str:
 
 def verify_release(data_dir: Path | str | None = None) -> dict[str, bool]:
     """Compare each archive's content digest with the official one; True where they match."""
-    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    given = data_dir is not None
+    data_dir = Path(data_dir) if given else default_data_dir()
     return {
         archive: content_digest(source) == CONTENT_DIGESTS[archive]
-        for archive, source in locate_sources(data_dir).items()
+        for archive, source in locate_sources(data_dir, given).items()
     }

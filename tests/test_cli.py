@@ -415,7 +415,8 @@ def test_running_out_of_memory_is_a_message_not_a_traceback(tmp_path, capsys, mo
     assert code == 2 and "out of memory" in err and "--meta-batch-size" in err and "Traceback" not in err
     assert "--resume" not in err  # a run that holds no checkpoint has nothing to continue from
     code, _, err = run(["train", "maml", "--run-dir", trained, "--resume", "--steps", 2], capsys)
-    assert code == 2 and "the run keeps its last checkpoint (continue with --resume)" in err
+    assert code == 2 and "Continue with --resume --task-chunk auto (or a smaller --task-chunk)" in err
+    assert "in a new --run-dir (--init-from this run keeps its weights): a smaller --meta-batch-size" in err
     from metalearn.cli import _has_checkpoint
 
     assert _has_checkpoint(["train", "maml", f"--run-dir={trained}"])
@@ -426,15 +427,17 @@ def test_running_out_of_memory_is_a_message_not_a_traceback(tmp_path, capsys, mo
     assert code == 2 and "out of memory" in err and "--meta-batch-size" not in err and "--resume" not in err
     assert err.endswith(" Ask for less at once: fewer --shots or --query.\n"), err  # sinusoid: no ways, no images
     code, _, err = run(["train", "maml", "--dataset", "sinusoid", "--run-dir", tmp_path / "r"], capsys)
-    assert err.endswith(" Ask for less at once: a smaller --meta-batch-size, fewer --shots, --query or --inner-steps.\n")
+    assert err.endswith(" Give --task-chunk auto (or a smaller --task-chunk): the same meta-gradient in less memory. "
+                        "Or ask for less at once: a smaller --meta-batch-size, fewer --shots, --query or "
+                        "--inner-steps.\n"), err
     code, _, err = run(["train", "maml-rl", "--hidden", 10**14, "--run-dir", tmp_path / "rl"], capsys)
     assert code == 2 and err.endswith(" Ask for less at once: a smaller --meta-batch-size, fewer --inner-steps or "
                                       "--trajectories, a shorter --horizon, a smaller --hidden.\n"), err
     from metalearn.cli import memory_advice
 
-    assert memory_advice(["train", "maml", "--ways", "5"]) == ("Ask for less at once: a smaller --meta-batch-size, "
-                                                               "fewer --ways, --shots, --query or --inner-steps, a "
-                                                               "smaller --image-size.")  # omniglot, the default
+    assert memory_advice(["train", "maml", "--ways", "5"]).endswith(
+        "Or ask for less at once: a smaller --meta-batch-size, fewer --ways, --shots, --query or --inner-steps, a "
+        "smaller --image-size.")  # omniglot, the default
     assert memory_advice(["--allocator", "default", "data", "info"]) == "Ask for less at once: a smaller --image-size."
     assert memory_advice(["export", trained, tmp_path / "out"]) == "Use a machine with more memory."
 

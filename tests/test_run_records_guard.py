@@ -64,16 +64,18 @@ def test_a_checkpoint_from_before_the_recorded_folder_exports_as_before(folder_r
     assert code == 0 and "accuracy" in out and "warning" not in err, err
 
 
-def test_export_refuses_the_run_folder_and_a_folder_inside_it_but_not_a_folder_around_it(folder_run, tmp_path,
-                                                                                         capsys):
+def test_export_refuses_the_run_folder_and_its_best_folder_but_not_a_folder_around_it(folder_run, tmp_path,
+                                                                                       capsys):
     run_dir = shutil.copytree(folder_run[0], tmp_path / "runs" / "photos")
     before = files_in(run_dir)
-    for out, where in ((run_dir, "is"), (run_dir / "best", "lies inside"), (run_dir / "record", "lies inside")):
+    for out, what in ((run_dir, "is the run folder"), (run_dir / "best", "lies inside the best checkpoints' folder of"),
+                      (run_dir / "best" / "x", "lies inside the best checkpoints' folder of")):
         code, _, err = run(["export", run_dir, out], capsys)
-        assert code == 2 and err == (f"error: OUT_DIR {out} {where} the run folder {run_dir}: the record would lie "
-                                     "among the run's own files; give a folder outside it (e.g. results/photos), "
-                                     "or its plots/\n"), err
+        assert code == 2 and err == (f"error: OUT_DIR {out} {what} {run_dir}: the record would lie among the run's "
+                                     f"own files; give another folder (e.g. results/photos, or {run_dir / 'plots'})\n"), err
     assert files_in(run_dir) == before
+    code, _, err = run(["export", run_dir, run_dir / "record"], capsys)  # a folder of its own inside the run's
+    assert code == 0 and (run_dir / "record" / "summary.json").is_file(), err
     code, _, err = run(["export", run_dir, tmp_path / "runs"], capsys)  # the run folder inside OUT_DIR: a record
     assert code == 0 and (tmp_path / "runs" / "summary.json").is_file(), err
 
@@ -207,3 +209,15 @@ def test_a_pause_of_a_run_trained_from_python_names_the_python_route(tmp_path, c
     trainer.restore(RunDir(tmp_path / "own").read_checkpoint())
     trainer.fit(progress=False)
     assert RunDir(tmp_path / "own").read_checkpoint()["step"] == 2
+
+
+def test_a_pause_of_a_python_run_the_commands_can_rebuild_names_metalearn_train(tmp_path):
+    from metalearn import SinusoidTasks, Trainer, build_learner, resolve_config
+    from metalearn.tasks import problem_of
+
+    config = resolve_config("maml", task={"dataset": "sinusoid"},
+                            train={"steps": 2, "meta_batch_size": 2, "val_every": 0, "log_every": 1})
+    learner = build_learner("maml", config.method_config, problem_of(config.task))  # the library's network
+    with pytest.raises(TrainingStopped, match="continue with `metalearn train maml --run-dir .* --resume`"):
+        Trainer(config, learner, SinusoidTasks(shots=5, query=5), None, tmp_path / "lib").fit(progress=False,
+                                                                                             stop_at=1)

@@ -33,8 +33,10 @@ def test_an_evaluation_of_an_older_checkpoint_never_replaces_a_later_one(tmp_pat
     with pytest.raises(EvaluationSuperseded) as caught:
         run_dir.write_eval(evaluation(100, 0.75))
     assert str(caught.value) == (f"not written: {path} holds the evaluation of a later checkpoint (mse 0.25 at step "
-                                 "200) than this one of step 100 (the run trained on while it evaluated): evaluate "
-                                 "again")
+                                 "200) than this one of step 100: the run trained on while this evaluation ran "
+                                 "(evaluate again to score its newer checkpoint), or an older checkpoint was put "
+                                 "back (move eval.json away to keep this score)")
+    assert caught.value.result == evaluation(100, 0.75)  # the score not filed, for the caller to show
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
     # the same step (evaluated again) and a later one replace it; so does a file with no score to keep
     assert json.loads(run_dir.write_eval(evaluation(200, 0.5)).read_text())["mean"] == 0.5
@@ -84,10 +86,11 @@ def test_metalearn_eval_refuses_to_replace_a_later_checkpoints_evaluation(tmp_pa
     assert code == 0, err
     held = later(run_dir / "eval.json")
     code, out, err = run(["eval", run_dir, "--no-progress"], capsys)
-    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-    assert err.startswith(f"error: not written: {run_dir / 'eval.json'} holds the evaluation of a later checkpoint "
-                          "(mse ") and err.endswith("at step 10000) than this one of step 2 (the run trained on while "
-                                                    "it evaluated): evaluate again\n")
+    # refused before the evaluation: the file holds a later step than the run's checkpoint
+    assert code == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: {run_dir / 'eval.json'} holds the evaluation of a later checkpoint (mse ")
+    assert err.endswith("at step 10000) than the run's checkpoint.pt (step 2), which would not replace it: move "
+                        "eval.json away to score this checkpoint\n"), err
     assert (run_dir / "eval.json").read_bytes() == held
     assert not [p for p in run_dir.iterdir() if ".tmp" in p.name]
 
@@ -114,8 +117,11 @@ def test_the_test_after_training_and_an_ensemble_go_through_the_same_check(tmp_p
     assert code == 0, err
     written = next(kept.glob("eval-*ensemble=2*.json"))
     held = later(written)
-    code, _, err = run(["eval", kept, "--ensemble", "--episodes", 3, "--no-progress"], capsys)
-    assert code == 2 and f"not written: {written} holds the evaluation of a later checkpoint" in err, err
+    from metalearn.api import evaluate_run
+
+    # the write's own check (metalearn eval refuses such a file before evaluating: see above)
+    with pytest.raises(EvaluationSuperseded, match=f"not written: {written} holds the evaluation of a later"):
+        evaluate_run(kept, episodes=3, ensemble=True, progress=False)
     assert written.read_bytes() == held
 
 
@@ -131,9 +137,12 @@ def test_a_protocol_goes_through_the_same_check(tmp_path, capsys, omniglot_data_
     assert code == 0, err
     written = tmp_path / "r" / "eval-episodes=2-protocol=lifelong.json"
     held = later(written)
-    code, _, err = run(args, capsys)
-    assert code == 2 and (f"not written: {written} holds the evaluation of a later checkpoint (the lifelong protocol "
-                          "at step 10000) than this one of step 1") in err, err
+    from metalearn.api import evaluate_run
+
+    with pytest.raises(EvaluationSuperseded) as caught:  # the write's own check, past metalearn eval's
+        evaluate_run(tmp_path / "r", episodes=2, protocol="lifelong", data_dir=omniglot_data_dir, progress=False)
+    assert (f"not written: {written} holds the evaluation of a later checkpoint (the lifelong protocol at step 10000) "
+            "than this one of step 1") in str(caught.value)
     assert written.read_bytes() == held
 
 
@@ -337,3 +346,10 @@ def test_predict_outputs_are_written_together_or_not_at_all(tmp_path, monkeypatc
     monkeypatch.undo()
     assert existing.read_text() == "old"  # the first output is not replaced alone
     assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.json"]  # no temporary file, no folder made
+
+
+def test_an_export_that_cannot_make_its_folder_leaves_none_of_the_folders_it_made(exported_run, tmp_path, capsys):
+    out = tmp_path / "new" / "deeper" / ("a" * 300)  # a name longer than the file system takes
+    code, _, err = run(["export", exported_run, out], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "new").exists()

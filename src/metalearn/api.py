@@ -30,7 +30,8 @@ from metalearn.files import (WriteError, atomic_write_files, check_writable_file
                              remove_export_temporaries)
 from metalearn.locking import make_folders
 from metalearn.tasks import has_validation
-from metalearn.checkpoints import check_same_method, check_test_ways, configuration_conflict, load_trained
+from metalearn.checkpoints import (check_same_method, check_test_ways, configuration_conflict, load_trained,
+                                   read_entries)
 from metalearn.training import (TEST_SEED_OFFSET, build_trainer, part_seed_offset, python_resume, python_test,
                                 resume_command)
 
@@ -425,7 +426,7 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     config, split_labels = with_split(config, split_fractions, split_file, run_dir, data_dir)
     split_record = _split_record(split_fractions, split_file) if split_labels else {}  # the run's own: nothing
     # the run's own split of an image folder: the folder is expected to be the one it trained on
-    trained_on = (RunDir(run_dir).read_checkpoint("step").get("data_fingerprint")
+    trained_on = (read_entries(RunDir(run_dir), "step", optional=("data_fingerprint",)).get("data_fingerprint")
                   if not split_labels and config.task.dataset in NATURAL_IMAGES else None)
     if ensemble:
         ensemble_checkpoints(run_dir, config)  # refused before anything is evaluated
@@ -868,12 +869,13 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
     run = RunDir(run_dir)
     config = run.read_config()
     out, own = Path(out_dir).resolve(), run.path.resolve()
-    # the record's summary.json and plots would lie among the run's own files (its top level,
-    # best/); the run's plots/ folder, where its figures are drawn, takes them
-    if out.is_relative_to(own) and not out.is_relative_to(run.plots_dir.resolve()):
+    # the record's summary.json and plots would lie among the run's own files: its top level
+    # (config.json, checkpoint.pt) or best/, whose files the run keeps and deletes itself
+    if out == own or out.is_relative_to(run.best_dir.resolve()):
         where = "is" if out == own else "lies inside"
-        raise MetalearnError(f"OUT_DIR {out_dir} {where} the run folder {run.path}: the record would lie among the "
-                             f"run's own files; give a folder outside it (e.g. results/{own.name}), or its plots/")
+        mine = "the run folder" if out == own else "the best checkpoints' folder of"
+        raise MetalearnError(f"OUT_DIR {out_dir} {where} {mine} {run.path}: the record would lie among the run's "
+                             f"own files; give another folder (e.g. results/{own.name}, or {run.plots_dir})")
     state = run.read_checkpoint("step")
     # the folder the run trained on, recorded by its checkpoint: export needs no --data-dir
     check_outside_data(config.task, data_dir, "OUT_DIR", out_dir, recorded=state.get("data_dir"))

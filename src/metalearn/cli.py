@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -23,7 +24,7 @@ from metalearn.distributed import leave_world, reports
 from metalearn.errors import TIME_LIMIT_EXIT, ConfigError, MetalearnError, MetalearnWarning, TrainingStopped, flag
 from metalearn.files import WriteError, check_writable_file
 from metalearn.options import help_of
-from metalearn.runs import RunDir
+from metalearn.runs import EvaluationSuperseded, RunDir, evaluation_step_in
 from metalearn.runtime import tune_allocator
 
 FAST_GPU_HELP = ("on a GPU, keep torch's default kernels (TF32 convolutions, non-deterministic cuDNN "
@@ -354,11 +355,25 @@ def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots,
         target = RunDir(run_dir).writable_eval_file(labels, part)
     except WriteError as err:
         raise MetalearnError(f"{err}: copy the run folder to one you can write and evaluate the copy") from None
+    # a file holding a later checkpoint's evaluation than the run's checkpoint (an older checkpoint
+    # put back) would refuse this evaluation's score: said before the evaluation, not after it
+    held_step, held = evaluation_step_in(target)
+    step = RunDir(run_dir).read_checkpoint("step")["step"]
+    if held_step is not None and held_step > step:
+        raise MetalearnError(f"{target} holds the evaluation of a later checkpoint ({held}) than the run's "
+                             f"checkpoint.pt (step {step}), which would not replace it: move {target.name} away to "
+                             "score this checkpoint")
     earlier = describe_evaluation(target)  # said when it is replaced
-    result = evaluate_run(run_dir, episodes=episodes, seed=seed, part=part, data_dir=data_dir,
-                          progress=show_progress(progress), overrides=overrides, device=device, episode_shape=shape,
-                          per_step=per_step, exact_gpu_kernels=not fast_gpu_kernels, ensemble=ensemble,
-                          protocol=protocol, split_fractions=split_fractions, split_file=split_file)
+    try:
+        result = evaluate_run(run_dir, episodes=episodes, seed=seed, part=part, data_dir=data_dir,
+                              progress=show_progress(progress), overrides=overrides, device=device,
+                              episode_shape=shape, per_step=per_step, exact_gpu_kernels=not fast_gpu_kernels,
+                              ensemble=ensemble, protocol=protocol, split_fractions=split_fractions,
+                              split_file=split_file)
+    except EvaluationSuperseded as err:  # the score, though not filed, is shown: the evaluation took its time
+        if reports() and err.result is not None:
+            click.echo(format_result(err.result) if protocol is None else format_protocol_result(err.result))
+        raise
     if ensemble and len(result["ensemble"]) != labels["ensemble"]:  # the run kept another checkpoint meanwhile
         target = RunDir(run_dir).eval_file({**labels, "ensemble": len(result["ensemble"])}, part)
         earlier = ""
@@ -877,9 +892,21 @@ def memory_advice(argv: list[str]) -> str:
             listed = f"{', '.join(flags[:-1])} or {flags[-1]}" if len(flags) > 1 else flags[0]
             groups.append(f"{words} {listed}")
     advice = f"Ask for less at once: {', '.join(groups)}" if groups else "Use a machine with more memory"
-    if names[:1] == ["train"] and _has_checkpoint(argv):
-        advice += "; the run keeps its last checkpoint (continue with --resume)"
-    return advice + "."
+    if names[:1] != ["train"] or len(names) < 2 or names[1] not in METHODS:
+        return advice + "."
+    from metalearn.algorithms.base import MetaLearner
+
+    # --task-chunk gives the same meta-gradient in less memory and is the one of these options a
+    # resumed run may change (config.RESUMABLE_CHANGES); named for methods that never refuse it
+    chunks = method_class(names[1]).chunking_refused is MetaLearner.chunking_refused and "task_chunk" in has
+    less = ", ".join(groups)
+    chunk = "--task-chunk auto (or a smaller --task-chunk): the same meta-gradient in less memory"
+    if _has_checkpoint(argv):
+        fresh = f"ask for less at once in a new --run-dir (--init-from this run keeps its weights): {less}"
+        if chunks:
+            return f"Continue with --resume {chunk}, from the run's last checkpoint. Or {fresh}."
+        return f"The other options cannot change on a --resume: {fresh}."
+    return f"Give {chunk}. Or {advice[0].lower()}{advice[1:]}." if chunks else advice + "."
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -943,6 +970,10 @@ class ReaderMayLeave:
             self._drop()
             return len(text)
 
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
     def flush(self) -> None:
         if self.reader_left:
             return
@@ -981,7 +1012,10 @@ def main(args: list[str] | None = None, whole_process: bool = False) -> None:
     finally:
         for stream in (sys.stdout, sys.stderr):
             if isinstance(stream, ReaderMayLeave):
-                stream.flush()  # what print() left buffered: a closed pipe is met here, not at exit
+                # what print() left buffered: a closed pipe is met here, not at exit; any other
+                # failure of the flush (a stream closed by the caller) must not replace the exit status
+                with contextlib.suppress(OSError, ValueError):
+                    stream.flush()
         sys.stdout, sys.stderr = streams
 
 

@@ -162,15 +162,22 @@ def describe_holder(lock_path: Path) -> str:
 def make_folders(folder: Path) -> list[Path]:
     """Make ``folder`` and its missing parents, one at a time, and return those this call made:
     a folder another process makes in between is found existing and is not counted ours (its
-    removal is not ours to do)."""
+    removal is not ours to do). Where one cannot be made, those made before it are removed
+    (while empty) and the error raised: a failed call leaves no folder behind."""
     missing = [f for f in (folder, *folder.parents) if not f.exists()]
     made = []
-    for f in reversed(missing):  # the topmost first
-        try:
-            os.mkdir(f)
-        except FileExistsError:
-            continue
-        made.append(f)
+    try:
+        for f in reversed(missing):  # the topmost first
+            try:
+                os.mkdir(f)
+            except FileExistsError:
+                continue
+            made.append(f)
+    except OSError:  # a name too long, no permission: the folders made so far go again, deepest first
+        for f in reversed(made):
+            with contextlib.suppress(OSError):
+                f.rmdir()
+        raise
     return made
 
 

@@ -53,9 +53,10 @@ class CheckpointMissing(MetalearnError):
     """A checkpoint file that was to be read does not exist (``path``): never trained, or, for a
     best checkpoint, dropped by the training run after the reader read ``best/index.json``."""
 
-    def __init__(self, message: str, path: Path):
+    def __init__(self, message: str, path: Path, result: dict[str, Any] | None = None):
         super().__init__(message)
         self.path = Path(path)
+        self.result = result  # the evaluation not written, for the caller to show
 
 
 def default_runs_root() -> Path:
@@ -545,7 +546,9 @@ class RunDir:
             if step is not None and held_step is not None and held_step > step:
                 raise EvaluationSuperseded(
                     f"not written: {path} holds the evaluation of a later checkpoint ({evaluation_in_words(held)}) "
-                    f"than this one of step {step} (the run trained on while it evaluated): evaluate again", path)
+                    f"than this one of step {step}: the run trained on while this evaluation ran (evaluate again "
+                    f"to score its newer checkpoint), or an older checkpoint was put back (move {path.name} away "
+                    "to keep this score)", path, result)
 
         refuse_if_superseded()  # before the file is written too: no temporary file for nothing
         atomic_write(path, lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()),
@@ -554,12 +557,20 @@ class RunDir:
 
 
 class EvaluationSuperseded(MetalearnError):
-    """An evaluation was not written: its file (``path``) holds one of a later checkpoint
-    (:meth:`RunDir.write_eval`)."""
+    """An evaluation (``result``) was not written: its file (``path``) holds one of a later
+    checkpoint (:meth:`RunDir.write_eval`)."""
 
-    def __init__(self, message: str, path: Path):
+    def __init__(self, message: str, path: Path, result: dict[str, Any] | None = None):
         super().__init__(message)
         self.path = Path(path)
+        self.result = result  # the evaluation not written, for the caller to show
+
+
+def evaluation_step_in(path: Path) -> tuple[int | None, str]:
+    """The checkpoint step of the evaluation in ``path`` and the evaluation in words (None and
+    "" where there is none, or none that can be read as one)."""
+    held = _read_evaluation(Path(path))
+    return (None, "") if held is None else (_evaluation_step(held), evaluation_in_words(held))
 
 
 def _evaluation_step(result: dict[str, Any]) -> int | None:

@@ -19,8 +19,8 @@ from metalearn.algorithms import MetaLearner, build_learner
 from metalearn.algorithms.base import device_of
 from metalearn.checkpoints import (RESUME_ENTRIES, RESUME_OPTIONAL_ENTRIES, all_finite, check_compatible,
                                    check_entries, check_run_dir, check_test_ways, check_weights_finite,
-                                   initialise_from_run, load_learner_state, on_cpu, own_learner, own_tasks,
-                                   saved_config, unreadable_checkpoint)
+                                   initialise_from_run, load_learner_state, network_difference, on_cpu, own_learner,
+                                   own_tasks, saved_config, unreadable_checkpoint)
 from metalearn.config import RunConfig
 from metalearn.distributed import RankLost, World, environment_count
 from metalearn.errors import TIME_LIMIT_EXIT, ConfigError, MetalearnError, TrainingStopped
@@ -564,13 +564,28 @@ class Trainer:
                     code,
                 )
 
+    def rebuilt_by_commands(self) -> bool:
+        """Whether ``metalearn train --resume`` and ``metalearn eval`` rebuild what this trainer
+        trains from config.json, as ``status`` judges a checkpoint: the library's tasks (the
+        registry's, or a built-in source such as ``SinusoidTasks``) and a learner whose network
+        is the one config.json describes (by its weights' names and shapes), also where the
+        user built it."""
+        if own_tasks({"task_source": self.task_source}) is not None:
+            return False
+        if self.learner_source.startswith("method:"):
+            return True
+        try:
+            return network_difference(self.config, self.learner.state_dict()) == ""
+        except MetalearnError:  # config.json names no network metalearn can build for these tasks
+            return False
+
     def resume_hint(self) -> str:
         """The command that goes on from this trainer's checkpoint: ``train --resume``, or
         ``eval`` once training is complete (with ``--data-dir`` for a folder run)."""
         data = f" --data-dir {self.data_dir}" if self.data_dir is not None else ""
         unfinished = self.step < self.config.train.steps or self.validation_pending  # its last validation is to do
-        if not (self.task_source.startswith("dataset:") and self.learner_source.startswith("method:")):
-            # tasks or a learner of the user's own, which the commands cannot rebuild from config.json
+        if not self.rebuilt_by_commands():
+            # tasks or a network of the user's own, which the commands cannot rebuild from config.json
             if unfinished:
                 return f"continue from Python: {python_resume(self.run_dir.path)}"
             return f"training is complete; evaluate it from Python: {python_test(self.run_dir.path)}"

@@ -83,7 +83,7 @@ def evaluate(run_dir: Path, step: int, episodes: int | None, data_dir, shape: di
     result = {**json.loads(path.read_text()), "wall_s": round(wall, 1)}  # kept for a later reuse
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{path.name}: {wall:.0f} s wall", flush=True)
-    return result, wall_cell(wall)
+    return result, wall_cell(result["wall_s"])  # the recorded value, as a later reuse shows it
 
 
 def wall_cell(wall: float | None, own: bool = False) -> str:

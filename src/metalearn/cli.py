@@ -363,7 +363,7 @@ def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots,
         raise MetalearnError(f"{target} holds the evaluation of a later checkpoint ({held}) than the run's "
                              f"checkpoint.pt (step {step}), which would not replace it: move {target.name} away to "
                              "score this checkpoint")
-    earlier = describe_evaluation(target)  # said when it is replaced
+    earlier = held or ("unreadable" if target.exists() else "")  # said when it is replaced
     try:
         result = evaluate_run(run_dir, episodes=episodes, seed=seed, part=part, data_dir=data_dir,
                               progress=show_progress(progress), overrides=overrides, device=device,
@@ -394,19 +394,6 @@ def format_protocol_result(result: dict) -> str:
             value = f"{value:.2f}"
         lines.append(f"{key}: {value}")
     return "\n".join(lines)
-
-
-def describe_evaluation(path: Path) -> str:
-    """The evaluation in ``path`` in a few words (``"mse 0.41 at step 70000"``), "" if none is there."""
-    try:
-        old = json.loads(path.read_text())
-        if "protocol" in old:
-            return f"the {old['protocol']} protocol at step {int(old['step'])}"
-        return f"{old['metric']} {float(old['mean']):.4g} at step {int(old['step'])}"
-    except FileNotFoundError:
-        return ""
-    except (OSError, ValueError, KeyError, TypeError):
-        return "unreadable"
 
 
 def parse_setting(text: str) -> tuple[str, object]:

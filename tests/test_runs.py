@@ -267,13 +267,15 @@ RESUME = ["train", "maml", "--resume", "--steps", 4, "--no-progress", "--no-eval
     ("machines", [1, 2], "its machines is [1, 2], not a list of machine records"),
     ("machines", 5, "its machines is 5, not a list of machine records"),
     ("config", "abc", "its config is 'abc', not a run configuration"),
+    ("data_fingerprint", 5, "its data_fingerprint is 5, not a fingerprint (a string)"),
 ])
 def test_a_checkpoint_entry_of_the_wrong_kind_is_refused_in_one_line_by_the_commands_that_read_it(
         tiny_run, tmp_path, capsys, entry, value, said):
     """An entry that is there but holds a value of another kind is an unreadable checkpoint,
     named with the entry, where it is read: resume reads them all, status the step, training
-    time and machines, eval the step, config and learner. What a command does not read does
-    not refuse it, and a refused resume leaves the checkpoint as it was."""
+    time and machines, eval the step, config, learner and data fingerprint (with the weights it
+    belongs to). What a command does not read does not refuse it, and a refused resume leaves the
+    checkpoint as it was."""
     run_dir = copy_of(tiny_run, tmp_path)
     damage_entry(run_dir, entry, value)
     path = run_dir / "checkpoint.pt"
@@ -287,7 +289,7 @@ def test_a_checkpoint_entry_of_the_wrong_kind_is_refused_in_one_line_by_the_comm
     else:
         assert code == 0, err
     code, _, err = cli_runner.run(["eval", run_dir, "--episodes", 2, "--no-progress"], capsys)
-    if entry == "config":
+    if entry in ("config", "data_fingerprint"):
         refused(code, err, *unreadable)
     else:
         assert code == 0, err

@@ -31,7 +31,7 @@ from metalearn.files import (WriteError, atomic_write_files, check_writable_file
 from metalearn.locking import make_folders
 from metalearn.tasks import has_validation
 from metalearn.checkpoints import (check_same_method, check_test_ways, configuration_conflict, load_trained,
-                                   read_entries)
+                                   load_trained_state)
 from metalearn.training import (TEST_SEED_OFFSET, build_trainer, part_seed_offset, python_resume, python_test,
                                 resume_command)
 
@@ -422,12 +422,12 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise MetalearnError(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
     part_seed_offset(part)  # an unknown part, before the run is loaded
-    config, learner, step = load_trained(run_dir, overrides)
+    config, learner, step, state = load_trained_state(run_dir, overrides)
     config, split_labels = with_split(config, split_fractions, split_file, run_dir, data_dir)
     split_record = _split_record(split_fractions, split_file) if split_labels else {}  # the run's own: nothing
     # the run's own split of an image folder: the folder is expected to be the one it trained on
-    trained_on = (read_entries(RunDir(run_dir), "step", optional=("data_fingerprint",)).get("data_fingerprint")
-                  if not split_labels and config.task.dataset in NATURAL_IMAGES else None)
+    trained_on = (state.get("data_fingerprint") if not split_labels and config.task.dataset in NATURAL_IMAGES
+                  else None)
     if ensemble:
         ensemble_checkpoints(run_dir, config)  # refused before anything is evaluated
     if protocol is not None:  # on the run's test shape, or ``episode_shape`` (e.g. 20-way episodes)

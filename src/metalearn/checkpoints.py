@@ -379,12 +379,20 @@ def load_trained(run_dir: Path | str, overrides: dict[str, Any] | None = None,
     with a learner of the user's own whose network is not the one config.json describes (by the
     names and shapes of its weights): both in one line that gives the route from Python. A
     learner of the user's own with config.json's network loads as any run's."""
+    return load_trained_state(run_dir, overrides, checkpoint)[:3]
+
+
+def load_trained_state(run_dir: Path | str, overrides: dict[str, Any] | None = None,
+                       checkpoint: Path | None = None) -> tuple[RunConfig, MetaLearner, int, dict[str, Any]]:
+    """:func:`load_trained`'s ``(config, learner, step)`` and the checkpoint entries it read,
+    whose other entries (the data fingerprint) then belong to the same checkpoint: a second
+    reading could find a newer one written meanwhile by a run that trains on."""
     if overrides is not None and not isinstance(overrides, dict):
         raise MetalearnError(f"overrides are a dict of method options, e.g. {{\"test_inner_steps\": 10}}, got "
                              f"{type(overrides).__name__}")
     run = RunDir(run_dir)
     config = run.read_config()
-    state = read_entries(run, "config", "learner", "step", path=checkpoint)
+    state = read_entries(run, "config", "learner", "step", optional=("data_fingerprint",), path=checkpoint)
     where = run.checkpoint_path if checkpoint is None else Path(checkpoint)
     if checkpoint is not None:
         run.check_best_step(where, state["step"])
@@ -417,4 +425,4 @@ def load_trained(run_dir: Path | str, overrides: dict[str, Any] | None = None,
     learner = build_learner(config.method, options, problem_of(config.task))
     changed = ", ".join(f"--set {key}" for key in (overrides or {}))
     load_learner_state(learner, state["learner"], run.path, changed)
-    return config, learner, int(state["step"])
+    return config, learner, int(state["step"]), state

@@ -1276,9 +1276,11 @@ def test_a_closed_pipe_in_a_real_process_is_quiet(tmp_path):
     import sys
 
     run_dir = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "-m", "metalearn", "train", "maml", "--dataset", "sinusoid", "--steps",
-                                "2", "--meta-batch-size", "2", "--val-every", "0", "--eval-episodes", "2", "--run-dir",
-                                str(run_dir), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    process.stdout.close()  # the reader leaves before the first line
-    assert process.wait(timeout=120) == 0
-    assert process.stderr.read() == b"" and (run_dir / "eval.json").is_file()
+    errors = tmp_path / "stderr"  # a file, which never fills up as an unread pipe would
+    with errors.open("wb") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "metalearn", "train", "maml", "--dataset", "sinusoid",
+                                    "--steps", "2", "--meta-batch-size", "2", "--val-every", "0", "--eval-episodes", "2",
+                                    "--run-dir", str(run_dir), "--no-progress"], stdout=subprocess.PIPE, stderr=stderr)
+        process.stdout.close()  # the reader leaves before the first line
+        assert process.wait(timeout=120) == 0
+    assert errors.read_bytes() == b"" and (run_dir / "eval.json").is_file()

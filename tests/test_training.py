@@ -1016,6 +1016,36 @@ def test_a_run_on_a_task_source_of_your_own_is_not_evaluated_on_a_built_in_one(t
     learner.load_state_dict(state["learner"])  # the documented way back to the weights
 
 
+def test_a_run_records_the_options_of_the_learner_that_trained(tmp_path):
+    """A learner built in Python carries options of its own: the run records those, not the
+    config's, so that eval rebuilds the method that trained (10 test steps would score another
+    algorithm); a resume with other options is refused as any changed option is; a learner of
+    another method than the config's is refused in one line."""
+    from metalearn import MAML, ProtoNet, SinusoidTasks, Trainer
+    from metalearn.models import MLP
+
+    config = resolve_config("maml", task={"dataset": "sinusoid"},
+                            train={"steps": 2, "meta_batch_size": 2, "val_every": 0, "checkpoint_every": 2})
+    options = {"inner_lr": 0.5, "test_inner_steps": 2}
+    Trainer(config, MAML(MLP(), options), SinusoidTasks(), None, tmp_path / "own").fit(progress=False)
+    assert config.method_config["inner_lr"] == 0.01  # the caller's config is left as it was
+    recorded = RunDir(tmp_path / "own").read_config().method_config
+    assert {key: recorded[key] for key in options} == options and recorded["model"] == "mlp"
+    _, learner, _ = load_trained(tmp_path / "own")
+    assert (learner.config.inner_lr, learner.config.test_inner_steps) == (0.5, 2)
+    assert len(evaluate_run(tmp_path / "own", episodes=2, progress=False)["per_step"]) == 3  # steps 0, 1, 2
+
+    saved = resolve_config("maml", train={"steps": 4}, resume_from=tmp_path / "own")
+    with pytest.raises(MetalearnError, match="inner_lr"):
+        Trainer(saved, MAML(MLP(), {**options, "inner_lr": 0.1}), SinusoidTasks(), None, tmp_path / "own",
+                resume=True).restore(RunDir(tmp_path / "own").read_checkpoint())
+    with pytest.raises(MetalearnError, match=r"^the learner is protonet \(ProtoNet\) but the config is for maml: "
+                                             r"build the config for the learner, metalearn.resolve_config\('protonet'"):
+        Trainer(config, ProtoNet(MLP()), SinusoidTasks(), None, tmp_path / "other")
+    with pytest.raises(MetalearnError, match="^Trainer takes a RunConfig"):
+        Trainer({"train": {"steps": 2}}, MAML(MLP()), SinusoidTasks(), None, tmp_path / "other")
+
+
 @pytest.mark.parametrize("resume", [False, True])
 def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, resume):
     """config.json and no checkpoint: a run that never started. Started again, with --resume or

@@ -4,6 +4,7 @@ bottom; it never knows which method it trains."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -169,13 +170,35 @@ def python_test(run_dir: Path | str) -> str:
             "metalearn.evaluate(learner, your_tasks)")
 
 
+def with_learner_options(config: RunConfig, learner: MetaLearner) -> RunConfig:
+    """``config`` with the method options of ``learner`` (a learner built in Python, e.g.
+    ``MAML(network, {"inner_lr": 0.5})``, carries options of its own): the run records what
+    trained, so that eval and load_trained rebuild the same method. ``model`` stays
+    ``config``'s: it names the library network config.json describes, which loading checks
+    against the weights. A learner of another method than ``config.method`` is refused: every
+    option would be another method's."""
+    if learner.name != config.method:
+        raise MetalearnError(f"the learner is {learner.name} ({type(learner).__name__}) but the config is for "
+                             f"{config.method}: build the config for the learner, "
+                             f"metalearn.resolve_config({learner.name!r}, ...)")
+    options = getattr(learner, "config", None)
+    if not dataclasses.is_dataclass(options):
+        return config
+    own = {key: value for key, value in dataclasses.asdict(options).items()
+           if key != "model" and key in config.method_config and config.method_config[key] != value}
+    return dataclasses.replace(config, method_config={**config.method_config, **own}) if own else config
+
+
 class Trainer:
     """Trains ``learner`` on ``train_tasks`` as ``config.train`` says, writing into ``run_dir``.
 
     ``run_dir`` must not hold a run already, unless ``resume`` says that the run there is to be
     continued (then :meth:`restore` its checkpoint before :meth:`fit`). Nothing is written
     before :meth:`fit`: a Trainer that is built and dropped (``train --print-config``) leaves
-    the folder as it was."""
+    the folder as it was.
+
+    The run records ``learner``'s method options where they differ from ``config``'s
+    (:func:`with_learner_options`): a learner built in Python is what trained."""
 
     def __init__(self, config: RunConfig, learner: MetaLearner, train_tasks: TaskSource,
                  val_tasks: TaskSource | None, run_dir: RunDir | Path | str | None, world: World = World(),
@@ -185,6 +208,13 @@ class Trainer:
         if not resume and world.is_main and run_dir is not None and run_dir.holds_run():
             raise MetalearnError(f"{run_dir.path} already holds a run; continue it (--resume, or Trainer(..., "
                                  "resume=True) and restore) or choose another folder")
+        if not isinstance(config, RunConfig):
+            raise MetalearnError(f"Trainer takes a RunConfig (metalearn.resolve_config(...)), got "
+                                 f"{type(config).__name__}")
+        if not isinstance(learner, MetaLearner):
+            raise MetalearnError(f"Trainer takes a MetaLearner (e.g. metalearn.MAML(network)), got "
+                                 f"{type(learner).__name__}")
+        config = with_learner_options(config, learner)
         self.config, self.learner, self.run_dir, self.world = config, learner, run_dir, world
         self.resume = resume
         self.device = device_of(learner)  # the batches go where the learner is

@@ -943,7 +943,9 @@ def test_a_trainer_built_by_hand_makes_a_run_directory_that_loads(tmp_path):
     trainer = Trainer(config, learner, SinusoidTasks(shots=5, query=5), None, tmp_path / "new" / "run")
     trainer.fit(progress=False)
     loaded_config, loaded, step = load_trained(tmp_path / "new" / "run")
-    assert step == 3 and loaded_config == config
+    # the config given, with the learner's other options (its defaults here) recorded beside it
+    assert step == 3 and loaded_config == trainer.config == dataclasses.replace(
+        config, method_config={"model": "mlp", **dataclasses.asdict(learner.config), "model": "mlp"})
     for (name, a), b in zip(learner.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
     # rerunning the same lines (a notebook cell) is refused, not written over the run; a resume

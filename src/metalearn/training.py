@@ -184,8 +184,9 @@ def with_learner_options(config: RunConfig, learner: MetaLearner) -> RunConfig:
     options = getattr(learner, "config", None)
     if not dataclasses.is_dataclass(options):
         return config
+    absent = object()  # a config of some options only: the learner's others are recorded too
     own = {key: value for key, value in dataclasses.asdict(options).items()
-           if key != "model" and key in config.method_config and config.method_config[key] != value}
+           if key != "model" and config.method_config.get(key, absent) != value}
     return dataclasses.replace(config, method_config={**config.method_config, **own}) if own else config
 
 

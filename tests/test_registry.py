@@ -407,3 +407,37 @@ def test_paper_defaults_written_with_the_task_alone_still_apply(toy_registry):
     finally:
         METHODS.pop("toy-old-style")
         METHODS.pop("toy-new-style")
+
+
+def test_abilities_are_told_by_the_methods_a_class_defines_and_messages_list_the_registry(toy_registry):
+    """The commands ask what a method can do (ABILITIES), never its name: a method of your own
+    with a helper that happens to be called ``sample`` is no generative method, and the
+    messages that name the methods with an ability list the registry's."""
+    from metalearn.algorithms import can, methods_that
+
+    assert [name for name in METHODS if can(name, "samples models")] == ["platipus"]
+    assert [name for name in METHODS if can(name, "draws images")] == ["statistician"]
+
+    class WithHelper(NearestMean):
+        name = "toy-with-helper"
+
+        def sample(self, n):  # a helper of its own, not a generator of images
+            return n
+
+    class Drawing(NearestMean):
+        name = "toy-drawing"
+
+        def sample(self, support_images, num=20, generator=None):
+            return support_images
+
+        @staticmethod
+        def support_sets(batch):
+            return batch.support_x
+
+    assert not can(WithHelper, "draws images") and can(Drawing(Problem((6,), 2, True), NearestMeanConfig()),
+                                                        "draws images")
+    register_method(Drawing)
+    try:
+        assert methods_that("draws images") == "statistician, toy-drawing"
+    finally:
+        METHODS.pop(Drawing.name)

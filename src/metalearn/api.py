@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from metalearn.algorithms import METHODS, method_class, make_method_config
+from metalearn.algorithms import METHODS, can, make_method_config, method_class, methods_that
 from metalearn.algorithms.base import MetaLearner
 from metalearn.config import RunConfig, TaskConfig, TrainConfig, task_differences
 from metalearn.datasets import DATASETS, NATURAL_IMAGES, get_dataset
@@ -674,7 +674,7 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
         return [plot_learning_curves(records, plots / "learning_curves.png", title, labels), *figures]
     curves = plot_learning_curves(records, plots / "learning_curves.png", title, labels)
     paths = [curves]
-    if config.task.classification and hasattr(method_class(config.method), "sample"):
+    if config.task.classification and can(config.method, "draws images"):
         paths.append(plot_conditional_samples(run_dir, data_dir, out=plots / "conditional_samples.png"))
     if not config.task.classification:
         _, learner, step = load_trained(run_dir)
@@ -682,7 +682,7 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
         batch = source.sample(4, torch.Generator().manual_seed(TEST_SEED_OFFSET))
         paths.append(plot_regression_fits(learner, batch, type(source).function, plots / "fits.png",
                                           title=f"{title}, K={config.task.shots}, step {step}"))
-        if hasattr(learner, "sample_predictions"):
+        if can(learner, "samples models"):
             from metalearn.plotting_samples import plot_samples
 
             other_learner, label = other or (None, "MAML")
@@ -781,7 +781,7 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
 
 def _comparison_run(config: RunConfig, compare_with: Path | str) -> tuple[Any, str]:
     """(learner, label) of the ``--compare`` run, checked to fit beside ``config``'s samples."""
-    if config.task.classification or not hasattr(method_class(config.method), "sample_predictions"):
+    if config.task.classification or not can(config.method, "samples models"):
         raise MetalearnError(f"--compare draws another run beside sampled functions, which only a "
                              f"probabilistic method on regression tasks has (this run: {config.method} "
                              f"on {config.task.dataset})")
@@ -790,7 +790,7 @@ def _comparison_run(config: RunConfig, compare_with: Path | str) -> tuple[Any, s
         raise MetalearnError(f"--compare {compare_with}: trained on other tasks than this run "
                              f"({task_differences(other_config.task, config.task)}); compare runs of the same tasks")
     label = other_config.method.upper()
-    return other_learner, label + (" (one sample)" if hasattr(other_learner, "sample_predictions") else "")
+    return other_learner, label + (" (one sample)" if can(other_learner, "samples models") else "")
 
 
 CURVE_POINTS = 100  # at most this many windows in an export's training curve
@@ -1207,9 +1207,9 @@ def support_files(paths: list[Path | str]) -> list[Path]:
 def generative_run(run_dir: Path | str) -> RunConfig:
     """The config of ``run_dir``, refused unless its method can draw new images."""
     config = RunDir(run_dir).read_config()
-    if not hasattr(method_class(config.method), "sample"):
+    if not can(config.method, "draws images"):
         raise MetalearnError(f"{run_dir} is a {config.method} run, which cannot draw new images: sampling needs a "
-                             "generative method (statistician)")
+                             f"generative method ({methods_that('draws images')})")
     return config
 
 

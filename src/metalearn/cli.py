@@ -845,9 +845,9 @@ def _runs_of(names: list[str], params: dict) -> tuple[list[str], list[str]]:
 
 def samples_models(method: str) -> bool:
     """Whether ``method`` samples models (PLATIPUS), which ``--samples`` sets the number of."""
-    from metalearn.algorithms import method_class
+    from metalearn.algorithms import can
 
-    return hasattr(method_class(method), "sample_predictions")
+    return can(method, "samples models")
 
 
 def memory_advice(argv: list[str]) -> str:

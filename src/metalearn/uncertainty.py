@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from metalearn.algorithms import can, methods_that
 from metalearn.algorithms.base import evaluating
 from metalearn.config import task_differences
 from metalearn.errors import MetalearnError
@@ -116,7 +117,7 @@ def negative_log_likelihood(log_probs: Tensor, labels: Tensor) -> Tensor:
 def predictive_samples(learner, batch: TaskBatch, num_samples: int | None = None) -> Tensor:
     """Query outputs of sampled models, ``(S, tasks, n_query, out)``: the learner's
     ``sample_predictions`` when it has one (PLATIPUS), else its single ``predict`` (S = 1)."""
-    if hasattr(learner, "sample_predictions"):
+    if can(learner, "samples models"):
         return learner.sample_predictions(batch, num_samples)
     return learner.predict(batch).unsqueeze(0)
 
@@ -176,7 +177,7 @@ def models_drawn(learner, num_samples: int | None) -> int:
     """How many models per task ``learner`` scores with: ``num_samples``, or its own
     ``config.num_samples`` where None, for a method that samples models (PLATIPUS); 1 for any
     other (its single prediction)."""
-    if not hasattr(learner, "sample_predictions"):
+    if not can(learner, "samples models"):
         return 1
     return num_samples if num_samples is not None else int(learner.config.num_samples)
 
@@ -184,12 +185,11 @@ def models_drawn(learner, num_samples: int | None) -> int:
 def check_samples_apply(methods: list[str], num_samples: int | None) -> None:
     """Refuse ``num_samples`` (``--samples``) where none of ``methods`` samples models: it would be
     silently unused, each of them giving one prediction per query (``predict`` and ``compare``)."""
-    from metalearn.algorithms import method_class
-
-    if num_samples is None or any(hasattr(method_class(method), "sample_predictions") for method in methods):
+    if num_samples is None or any(can(method, "samples models") for method in methods):
         return
     named = sorted(set(methods))
-    raise MetalearnError(f"--samples is for methods that sample models (platipus); {' and '.join(named)} "
+    raise MetalearnError(f"--samples is for methods that sample models ({methods_that('samples models')}); "
+                         f"{' and '.join(named)} "
                          f"give{'s' if len(named) == 1 else ''} one prediction per query: leave --samples out")
 
 
@@ -298,7 +298,7 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
 
     # what was drawn, not only what was asked: None asks each sampling run for its own number
     drawn = {label: models_drawn(learner, num_samples) for label, (_, learner, _) in loaded.items()}
-    sampled = {drawn[label] for label, (_, learner, _) in loaded.items() if hasattr(learner, "sample_predictions")}
+    sampled = {drawn[label] for label, (_, learner, _) in loaded.items() if can(learner, "samples models")}
     result: dict[str, Any] = {"episodes": episodes, "seed": seed, "part": part, "dataset": first_task.dataset,
                               "num_samples": sampled.pop() if len(sampled) == 1 else None,
                               "overrides": dict(overrides or {})}

@@ -111,6 +111,30 @@ def check_legacy_defaults(cls: type[MetaLearner]) -> None:
         raise MetalearnError(f"{cls.__name__}.legacy_defaults is not a valid configuration: {err}") from None
 
 
+# What a method can do beyond MetaLearner's interface, shown by the methods it defines (the
+# commands look for these, never for a method's name; "Adding a method" in docs/design.md):
+ABILITIES: dict[str, tuple[str, ...]] = {
+    # several models per task, ``sample_predictions(batch, num_samples)``: --samples, sampled
+    # functions in plot, coverage in compare (PLATIPUS)
+    "samples models": ("sample_predictions",),
+    # new examples of a class, ``sample(support_images, num, generator)`` and the batch's support
+    # sets ``support_sets(batch)``: metalearn sample, plot's conditional samples (the statistician)
+    "draws images": ("sample", "support_sets"),
+}
+
+
+def can(learner: MetaLearner | type[MetaLearner] | str, ability: str) -> bool:
+    """Whether ``learner`` (a learner, its class or a method's name) has ``ability``, one of
+    :data:`ABILITIES`: it defines every method the ability needs."""
+    holder = method_class(learner) if isinstance(learner, str) else learner
+    return all(callable(getattr(holder, attribute, None)) for attribute in ABILITIES[ability])
+
+
+def methods_that(ability: str) -> str:
+    """The registered methods with ``ability``, for a message (e.g. "platipus")."""
+    return ", ".join(name for name, cls in METHODS.items() if can(cls, ability)) or "none registered"
+
+
 def method_class(name: str) -> type[MetaLearner]:
     if name not in METHODS:
         raise MetalearnError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")

@@ -438,6 +438,9 @@ def test_running_out_of_memory_is_a_message_not_a_traceback(tmp_path, capsys, mo
     assert memory_advice(["train", "maml", "--ways", "5"]).endswith(
         "Or ask for less at once: a smaller --meta-batch-size, fewer --ways, --shots, --query or --inner-steps, a "
         "smaller --image-size.")  # omniglot, the default
+    # a method's own options, where its Config says they set the memory held (option(..., memory=...))
+    assert memory_advice(["train", "memory"]).endswith("a smaller --image-size or --memory-size.")
+    assert memory_advice(["train", "statistician"]).endswith("a smaller --image-size or --hidden-dim.")
     assert memory_advice(["--allocator", "default", "data", "info"]) == "Ask for less at once: a smaller --image-size."
     assert memory_advice(["export", trained, tmp_path / "out"]) == "Use a machine with more memory."
 

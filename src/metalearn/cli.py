@@ -797,13 +797,29 @@ def _has_checkpoint(argv: list[str]) -> bool:
 
 # options that set how much a command holds in memory at once, in the order the advice names
 # them, each group with the words that turn it down. The advice names those that the command
-# which ran out has, and that its dataset and method take (see memory_advice)
+# which ran out has, and that its dataset and method take (see memory_advice). A method's own
+# options join the last group of their words where they say so (``option(..., memory="fewer")``)
 MEMORY_OPTIONS = (
     ("a smaller", ("meta_batch_size",)),
-    ("fewer", ("ways", "shots", "query", "inner_steps", "trajectories", "num_samples", "num")),
-    ("a shorter", ("horizon",)),
-    ("a smaller", ("image_size", "hidden", "hidden_dim")),
+    ("fewer", ("ways", "shots", "query", "num_samples", "num")),  # num_samples: predict's and compare's --samples
+    ("a shorter", ()),
+    ("a smaller", ("image_size",)),
 )
+
+
+def memory_groups(method: str | None) -> list[tuple[str, list[str]]]:
+    """:data:`MEMORY_OPTIONS` with ``method``'s options that declare the words that turn them
+    down (``memory``), each in the last group of its words."""
+    import dataclasses
+
+    from metalearn.algorithms import method_class
+
+    groups = [(words, list(names)) for words, names in MEMORY_OPTIONS]
+    for field in dataclasses.fields(method_class(method).Config) if method in METHODS else ():
+        words = field.metadata.get("memory")
+        if words and field.name not in {name for _, names in groups for name in names}:
+            next(names for said, names in reversed(groups) if said == words).append(field.name)
+    return groups
 
 
 def _parsed_command(argv: list[str]) -> tuple[list[str], click.Command | None, dict]:
@@ -873,7 +889,7 @@ def memory_advice(argv: list[str]) -> str:
         if methods and not any(samples_models(m) for m in methods if m in METHODS):
             left_out.add("num_samples")  # refused for a method that does not sample
     groups = []
-    for words, group in MEMORY_OPTIONS:
+    for words, group in memory_groups(names[1] if names[:1] == ["train"] and len(names) > 1 else None):
         flags = [has[name] for name in group if name in has and name not in left_out]
         if flags:
             listed = f"{', '.join(flags[:-1])} or {flags[-1]}" if len(flags) > 1 else flags[0]

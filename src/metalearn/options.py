@@ -85,16 +85,21 @@ def _is(value: Any, expected: type) -> bool:
 
 
 def option(default: Any, help: str, aliases: tuple[str, ...] = (), training_only: bool = False,
-           schedule_step: bool = False) -> Any:
+           schedule_step: bool = False, memory: str = "") -> Any:
     """A dataclass field with ``default`` and the ``help`` the CLI shows for it; ``aliases``:
     other names of its flag (``("env",)`` gives ``--dataset`` the second name ``--env``).
     ``training_only``: the option acts only in meta-training (the meta-loss, the meta-update), so
     an evaluation refuses it as an override (``metalearn eval --set``) instead of scoring the run
     unchanged under its name. ``schedule_step``: the option is a meta-step of the training
-    schedule where something happens (0: never); a run whose ``--steps`` end before it is warned."""
+    schedule where something happens (0: never); a run whose ``--steps`` end before it is warned.
+    ``memory``: the option sets how much a meta-step holds at once, and these words turn it down
+    ("fewer", "a smaller", "a shorter"): metalearn train's advice after running out of memory
+    names it so."""
+    if memory not in ("", "fewer", "a smaller", "a shorter"):  # the words of cli.MEMORY_OPTIONS' groups
+        raise ValueError(f"option(memory=...) takes 'fewer', 'a smaller' or 'a shorter', got {memory!r}")
     return dataclasses.field(default=default, metadata={"help": help, "aliases": tuple(aliases),
                                                         "training_only": training_only,
-                                                        "schedule_step": schedule_step})
+                                                        "schedule_step": schedule_step, "memory": memory})
 
 
 def option_defaults(config_class: type) -> dict[str, Any]:

@@ -59,7 +59,7 @@ class MAMLConfig:
 
     inner_lr: float = option(0.4, "step size of the inner-loop gradient steps (MAML's alpha)")
     inner_steps: int = option(1, "inner-loop gradient steps on a task's support set during meta-training",
-                              training_only=True)
+                              training_only=True, memory="fewer")
     test_inner_steps: int = option(3, "inner-loop gradient steps at validation and test time")
     first_order: bool = option(False, "drop the second derivatives of the inner steps from the meta-gradient",
                                training_only=True)

@@ -66,16 +66,17 @@ class MAMLRLConfig:
 
     inner_lr: float = option(0.1, "step size of the policy-gradient step on a task's trajectories (MAML's alpha)")
     inner_steps: int = option(1, "policy-gradient steps per task during meta-training; 0 trains one policy on all "
-                                 "tasks jointly (the paper's pretrained baseline)", training_only=True)
+                                 "tasks jointly (the paper's pretrained baseline)", training_only=True, memory="fewer")
     test_inner_steps: int = option(3, "policy-gradient steps at evaluation; the return is scored before each "
                                       "and after the last")
     test_lr_decay: float = option(0.5, "the inner step size of test-time steps after the first, as a fraction of "
                                        "--inner-lr (the paper halves it)")
     trajectories: int = option(20, "trajectories per task for each policy-gradient step and for the meta-objective "
-                                   "(the paper's K)", training_only=True)
+                                   "(the paper's K)", training_only=True, memory="fewer")
     test_trajectories: int = option(40, "trajectories per task for each step at evaluation (the authors' "
                                         "evaluation: 40)")
-    horizon: int = option(0, "steps per trajectory (0: the environment's, 100 for nav2d, 200 for half-cheetah)")
+    horizon: int = option(0, "steps per trajectory (0: the environment's, 100 for nav2d, 200 for half-cheetah)",
+                          memory="a shorter")
     discount: float = option(0.99, "discount of the returns the baseline and the advantages use")
     first_order: bool = option(False, "drop the second derivatives of the inner step from the meta-objective",
                                training_only=True)
@@ -85,7 +86,7 @@ class MAMLRLConfig:
                                  "meta-update", training_only=True)
     cg_iters: int = option(10, "conjugate-gradient iterations of the TRPO step", training_only=True)
     cg_damping: float = option(1e-5, "damping added to the Fisher-vector product", training_only=True)
-    hidden: int = option(100, "units in each of the policy's two hidden ReLU layers")
+    hidden: int = option(100, "units in each of the policy's two hidden ReLU layers", memory="a smaller")
 
     def __post_init__(self):
         owner = "MAMLRL.Config"

@@ -88,7 +88,7 @@ EMPTY = -1  # the value of a slot never written
 class MemoryConfig:
     """The memory's shape and rules, and the network that makes the queries."""
 
-    memory_size: int = option(8192, "slots in the memory (the authors' Omniglot runs: 8192)")
+    memory_size: int = option(8192, "slots in the memory (the authors' Omniglot runs: 8192)", memory="a smaller")
     key_dim: int = option(128, "size of the keys: the embedding is projected to it (train.py's rep_dim)")
     choose_k: int = option(256, "nearest neighbours that the loss looks at (the paper's k)")
     margin: float = option(0.1, "margin of the memory loss (the paper's alpha); it also sets the logits' "

@@ -79,9 +79,10 @@ class PLATIPUSConfig:
 
     inner_lr: float = option(0.4, "step size of the inner-loop gradient steps (MAML's alpha, fixed)")
     inner_steps: int = option(1, "inner-loop gradient steps from each sampled set of weights during meta-training",
-                              training_only=True)
+                              training_only=True, memory="fewer")
     test_inner_steps: int = option(3, "inner-loop gradient steps at validation and test time")
-    num_samples: int = option(10, "models sampled per task at test time (their predictions are averaged)")
+    num_samples: int = option(10, "models sampled per task at test time (their predictions are averaged)",
+                              memory="fewer")
     train_samples: int = option(1, "weight samples per task in the meta-loss (the paper's Algorithm 1: 1)",
                                 training_only=True)
     kl_weight: float = option(1.0, "weight of KL(q || p) in the meta-loss", training_only=True)

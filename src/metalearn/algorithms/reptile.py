@@ -86,7 +86,7 @@ class ReptileConfig:
     inner_beta1: float = option(0.0, "Adam's first-moment decay in the inner loop (the reference code: 0, "
                                      "no momentum)")
     inner_beta2: float = option(0.999, "Adam's second-moment decay in the inner loop")
-    inner_steps: int = option(5, "mini-batch updates per task during meta-training", training_only=True)
+    inner_steps: int = option(5, "mini-batch updates per task during meta-training", training_only=True, memory="fewer")
     inner_batch_size: int = option(10, "support examples per inner mini-batch during meta-training",
                                    training_only=True)
     test_inner_steps: int = option(50, "mini-batch updates per task at validation and test time")

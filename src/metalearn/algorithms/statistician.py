@@ -73,7 +73,7 @@ class StatisticianConfig:
     context_dim: int = option(512, "dimension of the context c, the statistic of a set (paper, Omniglot: 512)")
     latent_dim: int = option(16, "dimension of each stochastic layer z_l of an image (paper, Omniglot: 16)")
     latent_layers: int = option(1, "stochastic layers z_1..z_L per image (paper, Omniglot: 1)")
-    hidden_dim: int = option(256, "width of the fully connected layers (paper: 256)")
+    hidden_dim: int = option(256, "width of the fully connected layers (paper: 256)", memory="a smaller")
     filters: int = option(64, "feature maps of the first convolutional block; the second and third have "
                                "twice and four times as many (paper: 64, 128, 256)")
     kl_direction: str = option("support-query", "few-shot classification by D_KL(q(c|D_i) || q(c|x)) "

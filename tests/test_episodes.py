@@ -197,8 +197,12 @@ def test_lake_split_episodes_are_unrotated(omniglot, raw):
 
 
 def test_shots_plus_query_beyond_the_drawings(raw, train_pool):
+    """A sampler of one's own names its arguments; a run's (build_task_source: test=False) the options."""
     with pytest.raises(MetalearnError) as info:
         EpisodeSampler(raw, train_pool, ways=5, shots=15, query=10)
+    assert str(info.value) == "omniglot has 20 images per class; shots=15 with query=10 needs 25. Lower shots or query."
+    with pytest.raises(MetalearnError) as info:
+        EpisodeSampler(raw, train_pool, ways=5, shots=15, query=10, test=False)
     message = str(info.value)
     assert "20 images per class" in message and "--shots 15" in message
     assert "--query 10" in message and "needs 25" in message
@@ -208,6 +212,10 @@ def test_more_ways_than_classes(omniglot, raw):
     pool = omniglot_split(omniglot, "lake", "test")
     with pytest.raises(MetalearnError) as info:
         EpisodeSampler(raw, pool, ways=700, shots=1, query=1)
+    assert str(info.value) == ("omniglot split lake/test has 659 classes; ways=700 is more than that. Lower ways or "
+                               "use a pool with more classes.")
+    with pytest.raises(MetalearnError) as info:
+        EpisodeSampler(raw, pool, ways=700, shots=1, query=1, test=False)
     message = str(info.value)
     assert "lake/test" in message and "659 classes" in message and "--ways 700" in message
     EpisodeSampler(raw, ClassPool("two", torch.tensor([0, 1]), torch.tensor([0, 0])), 2, 1, 1)
@@ -215,8 +223,10 @@ def test_more_ways_than_classes(omniglot, raw):
 
 @pytest.mark.parametrize("ways", [1, 0, -3])
 def test_fewer_than_two_ways(raw, train_pool, ways):
-    with pytest.raises(MetalearnError, match=f"--ways must be at least 2, got {ways}"):
+    with pytest.raises(MetalearnError, match=f"^ways must be at least 2, got {ways}$"):
         EpisodeSampler(raw, train_pool, ways=ways, shots=1, query=1)
+    with pytest.raises(MetalearnError, match=f"^--ways must be at least 2, got {ways}$"):
+        EpisodeSampler(raw, train_pool, ways=ways, shots=1, query=1, test=False)
 
 
 @pytest.mark.parametrize("shots, query", [(0, 5), (1, 0)])

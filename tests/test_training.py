@@ -608,6 +608,9 @@ def test_diverging_episodes_are_counted_and_reported(tmp_path):
     result = evaluate_run(tmp_path, episodes=10, progress=False, overrides={"inner_lr": 1e30})
     assert result["diverged"] == 10
     assert "10 of 10 episodes diverged" in format_result(result)
+    assert format_result(result).endswith("try fewer test-time steps, e.g. --set test_inner_steps=1")
+    # the option is named only for a method that has it
+    assert format_result({**result, "method": "protonet"}).endswith("try fewer test-time steps")
     assert evaluate_run(tmp_path, episodes=10, progress=False)["diverged"] == 0
 
 

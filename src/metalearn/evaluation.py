@@ -3,6 +3,7 @@ after every adaptation step."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from typing import Any
@@ -10,10 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from metalearn.algorithms.base import MetaLearner, device_of, evaluating, prediction_scores
+from metalearn.algorithms.base import MetaLearner, device_mismatch, device_of, evaluating, prediction_scores
 from metalearn.distributed import World
 from metalearn.errors import MetalearnError
-from metalearn.tasks import TaskSource
+from metalearn.tasks import TaskSource, require_sampled_batch, require_task_source
 from metalearn.tasks.batch import TaskBatch
 
 
@@ -73,10 +74,15 @@ def evaluate(
     far-off episodes adds ``outliers``, ``outlier_max``, ``mean_without_outliers`` and ``median``
     (see :func:`outliers`).
     """
+    require_task_source(source, "evaluate's source")
     check_count(episodes, "episodes")
     check_count(chunk, "chunk")
     generator = torch.Generator().manual_seed(seed)
     device = device_of(learner)  # world.device when the API built it; any device for a learner of your own
+    if device.type == "meta":  # its scores would hold no values, and copying them out fail inside torch
+        raise MetalearnError("evaluate: the learner's parameters are on the meta device, which holds no values; "
+                             "give it real weights first (learner.to_empty(device='cpu'), then "
+                             "learner.load_state_dict(...))")
     with evaluating(learner):  # the former mode comes back also if an episode raises
         scores, metric = [], "accuracy"
         chunks = []  # (first episode, size) of each chunk, to put the ranks' scores back in episode order
@@ -92,12 +98,22 @@ def evaluate(
                 size = min(chunk, remaining)
                 chunks.append((episodes - remaining, size))
                 share = world.share(size)
-                batch = source.sample(size, generator, tasks=share).to(device)
+                batch = source.sample(size, generator, tasks=share)
+                require_sampled_batch(batch, source, "evaluate's source")
+                batch = batch.to(device)
                 metric = batch_metric(batch)
                 if share.stop > share.start:  # a chunk smaller than the number of ranks
                     # detached: a learner that adapts without gradient steps (a plain embedding) would
                     # otherwise keep each chunk's graph, and float() of a score warn of it
-                    scores.append(episode_scores(learner, batch, per_step).detach())
+                    try:
+                        scores.append(episode_scores(learner, batch, per_step).detach())
+                    except RuntimeError as err:  # part of a learner of one's own on another device than
+                        # its first parameter, where the batch went: say so, not torch's kernel's words
+                        mismatch = device_mismatch(getattr(learner, "name", type(learner).__name__), err, None,
+                                                   device)
+                        if mismatch is None:
+                            raise
+                        raise mismatch from None
                 remaining -= size
                 if bar is not None:
                     bar.update(size)
@@ -206,6 +222,13 @@ def _figure(value: float, decimals: int) -> str:
     return f"{value:.{decimals}f}" if abs(value) < 1e9 else f"{value:.4g}"
 
 
+def _has_option(method: str | None, option: str) -> bool:
+    """Whether the registered ``method`` has ``option`` (advice names only options it takes)."""
+    from metalearn.algorithms import METHODS
+
+    return method in METHODS and any(field.name == option for field in dataclasses.fields(METHODS[method].Config))
+
+
 def format_result(result: dict[str, Any]) -> str:
     if result["metric"] == "accuracy":
         head = f"accuracy {result['mean']:.2f}% +/- {result['ci95']:.2f}% (95% CI, {result['episodes']} episodes)"
@@ -233,7 +256,8 @@ def format_result(result: dict[str, Any]) -> str:
             unit = "%" if result["metric"] == "accuracy" else ""
             text += (f"; the other {result['episodes'] - result['diverged']} score "
                      f"{_figure(result['mean_of_finite'], 2 if unit else 4)}{unit} on average")
-        text += "; try fewer test-time steps, e.g. --set test_inner_steps=1"
+        text += "; try fewer test-time steps" + (", e.g. --set test_inner_steps=1" if _has_option(
+            result.get("method"), "test_inner_steps") else "")
     if result.get("outliers"):
         count, rest = result["outliers"], result["episodes"] - result.get("diverged", 0) - result["outliers"]
         mean = "the mean of the finite scores" if result.get("diverged") else "the mean"

@@ -32,7 +32,7 @@ from metalearn.runs import RunDir, lock_for_training
 from metalearn.runtime import machine
 from metalearn.data.folder import shared_scans
 from metalearn.tasks import (TaskSource, build_task_source, check_outside_data, check_task_source, has_validation,
-                             problem_of)
+                             problem_of, require_sampled_batch, require_task_source)
 
 VALIDATION_SEED_OFFSET = 1_000_003
 TEST_SEED_OFFSET = 2_000_003
@@ -216,6 +216,9 @@ class Trainer:
             raise MetalearnError(f"Trainer takes a MetaLearner (e.g. metalearn.MAML(network)), got "
                                  f"{type(learner).__name__}")
         config = with_learner_options(config, learner)
+        require_task_source(train_tasks, "Trainer's train_tasks")
+        if val_tasks is not None:
+            require_task_source(val_tasks, "Trainer's val_tasks")
         self.config, self.learner, self.run_dir, self.world = config, learner, run_dir, world
         self.resume = resume
         self.device = device_of(learner)  # the batches go where the learner is
@@ -505,7 +508,8 @@ class Trainer:
         while self.step < train.steps:
             clock = time.perf_counter()
             seed = step_seed(train.seed, self.step)
-            batch = self.train_tasks.sample(train.meta_batch_size, torch.Generator().manual_seed(seed), share)
+            batch = self.train_tasks.sample(train.meta_batch_size, torch.Generator().manual_seed(seed), tasks=share)
+            require_sampled_batch(batch, self.train_tasks, "Trainer's train_tasks")
             batch = batch.to(self.device)
             self.learner.train()
             self.learner.start_step(self.step)

@@ -281,13 +281,24 @@ class MetaLearner(nn.Module):
             raise MetalearnError(f"support labels must be class ids 0..ways-1 with every class present, got "
                                  f"{sorted(set(labels.tolist()))}")
         if self.fixed_ways and self.problem is not None and ways != self.problem.output_dim:
-            raise MetalearnError(
-                f"{self.name} was trained for {self.problem.output_dim}-way tasks (one output per class) and "
-                f"cannot classify {ways} classes: give it {self.problem.output_dim} classes, or use a method "
-                "without a per-class output layer (protonet, matchingnet)")
+            raise MetalearnError(self.trained_ways_refusal(ways))
         device = device_of(self)
         query_y = torch.full((1, query.shape[0]), -1, dtype=torch.long)
         return TaskBatch(support[None], labels[None], query[None], query_y, ways=ways).to(device)
+
+    def trained_ways_refusal(self, ways: int) -> str:
+        """Why this :attr:`fixed_ways` learner, built for ``self.problem``'s ways (by
+        ``build_learner``, so also by ``load_trained``), cannot classify ``ways`` classes: the one
+        wording of :meth:`task_batch` (and so :meth:`fit_predict`) and of ``predict``'s check
+        (:func:`check_network_fits`). Its network is built and trained: the remedy is tasks of its
+        ways or another method, not another network."""
+        from metalearn.algorithms import METHODS
+
+        trained = self.problem.output_dim
+        any_ways = ", ".join(name for name, cls in METHODS.items() if not (cls.fixed_ways or cls.reinforcement))
+        return (f"{self.name} was trained for {trained}-way tasks (one output per class) and cannot classify "
+                f"{ways} classes: give it {trained} classes, or use a method without a per-class output layer "
+                f"({any_ways})")
 
     def prepare_images(self, images: Any, image_size: int, channels: int) -> Tensor:
         """New images (files, PIL images, tensors) as inputs prepared the way this learner's
@@ -331,6 +342,25 @@ def class_ids(labels: Any) -> Tensor:
     if values.dtype == torch.bool:
         raise MetalearnError(f"{wanted} booleans {_shown(labels)}")
     return values.to(torch.long).reshape(-1)
+
+
+def class_without_support(method: str, support_y: Tensor, missing: Tensor, ways_given: bool) -> MetalearnError:
+    """The one-line error of a method that needs support examples of every class (ProtoNets'
+    prototypes, Matching Nets' label attention) for a batch with a class of none: ``missing``
+    (tasks, ways) marks them. Names the first such task and class, the ids its support has, and
+    the ways they were counted against; where the batch gives no ``ways`` they are implied by
+    the largest support label, so labels 1..N (not 0..N-1) leave class 0 without examples, which
+    only the rule "class ids run 0..N-1" explains. Keeps the words of the methods' own check."""
+    task, missing_class = (int(i) for i in missing.nonzero()[0])
+    ways = missing.shape[1]
+    if ways_given:
+        why = f"the tasks being {ways}-way (class ids 0..{ways - 1})"
+    else:
+        why = (f"class ids run 0..N-1 for N-way tasks, and without TaskBatch(..., ways=N) the largest support label, "
+               f"{ways - 1}, makes them {ways}-way: label each task's classes 0..N-1")
+    return MetalearnError(f"{method}: a task has a class without support examples; every class needs at least one "
+                          f"shot: task {task}'s support_y has no class {missing_class} (it has "
+                          f"{_shown(support_y[task].unique())}); {why}")
 
 
 def _shown(values: Any, limit: int = 6) -> str:
@@ -472,13 +502,44 @@ def _output_shape(learner: MetaLearner, examples: Tensor) -> tuple[int, ...]:
     """The shape per example of ``learner.model``'s output for ``examples``, from a forward pass
     without gradients in eval mode (a dropout layer would otherwise draw from the random streams
     the trainer seeded for this step, and a resumed run's first step would differ from the
-    uninterrupted one's); a network that cannot take them is refused with a one-line message."""
+    uninterrupted one's); a network that cannot take them, lies on another device than them, or
+    returns something other than one tensor (a tuple of logits and extras) is refused with a
+    one-line message: every method reads the output as one tensor."""
     try:
         with torch.no_grad(), first_order_batch_norm(), evaluating(learner.model):
-            return tuple(learner.model(examples).shape[1:])
+            outputs = learner.model(examples)
     except RuntimeError as err:
+        mismatch = device_mismatch(learner.name, err, device_of(learner.model), examples.device)
+        if mismatch is not None:
+            raise mismatch from None
         raise MetalearnError(f"{learner.name}: the network cannot take these tasks' inputs, of shape "
                              f"{tuple(examples.shape[1:])} ({str(err).splitlines()[0]})") from None
+    if not isinstance(outputs, Tensor):
+        raise MetalearnError(f"{learner.name}: the network's forward returned a {type(outputs).__name__}; it must "
+                             "return one tensor of outputs, (examples, *output_shape) (return the logits alone)")
+    return tuple(outputs.shape[1:])
+
+
+# what torch says where tensors on two devices meet (a CUDA kernel's, the meta device's)
+DEVICE_MISMATCH = ("is not on the expected device", "Expected all tensors to be on the same device")
+
+
+def device_mismatch(method: str, error: BaseException, network: torch.device | None,
+                    batch: torch.device) -> MetalearnError | None:
+    """The one-line error for torch's ``error`` where its text shows tensors on two devices
+    (:data:`DEVICE_MISMATCH`), naming where the network (``network``; None: not known, a learner
+    of one's own) and the batch are and how to bring them together; None for another error, to
+    be reported as it is. Torch's own words name the kernel's expected device and blame no
+    argument, so that a message built around them would blame the inputs' shape."""
+    text = str(error).splitlines()[0] if str(error) else ""
+    if not any(sign in text for sign in DEVICE_MISMATCH):
+        return None
+    if network is None or network == batch:  # the network's parameters or buffers themselves lie apart
+        return MetalearnError(f"{method}: the batch is on device {batch}, where the learner's first parameter is, "
+                              f"but part of the learner is on another ({text}); put all of it on one device "
+                              f"(learner.to(\"{batch}\"))")
+    return MetalearnError(f"{method}: the network is on device {network} and the batch on {batch}; move one to the "
+                          f"other's device (batch.to(\"{network}\") or learner.to(\"{batch}\"))")
 
 
 def check_network_fits(learner: MetaLearner, batch: TaskBatch, *, training: bool = False) -> None:
@@ -497,12 +558,17 @@ def check_network_fits(learner: MetaLearner, batch: TaskBatch, *, training: bool
     check_task_batch(learner.name, batch, training=training)
     check_input_dtype(learner.name, learner.model, batch)
     per_example = (batch.ways,) if batch.ways else tuple(batch.query_y.shape[2:])
-    key = (per_example, tuple(batch.support_x.shape[2:]))
+    # the devices too: a learner moved since its last check is checked again, and refused in one
+    # line if the batch did not follow it
+    key = (per_example, tuple(batch.support_x.shape[2:]), device_of(learner.model), batch.support_x.device)
     checked = learner.__dict__.setdefault("_fitting_shapes", set())
     if key in checked:
         return
     outputs = _output_shape(learner, batch.support_x[0, :2])
     if outputs != per_example:
+        trained = learner.problem if learner.fixed_ways else None  # set by build_learner: load_trained's too
+        if batch.ways and trained is not None and trained.classification and trained.output_dim != batch.ways:
+            raise MetalearnError(learner.trained_ways_refusal(batch.ways))  # built and trained: no network advice
         if batch.ways:
             need = (f"the tasks are {batch.ways}-way; it needs one output per class (e.g. "
                     f"Conv4(in_channels, {batch.ways}), or build_model(..., out_features={batch.ways}))")
@@ -527,7 +593,7 @@ def check_embedding_fits(learner: MetaLearner, batch: TaskBatch, *, training: bo
                              f"{batch.support_y.dtype} and {batch.query_y.dtype}")
     check_task_batch(learner.name, batch, training=training)
     check_input_dtype(learner.name, learner.model, batch)
-    key = ("embedding", width, tuple(batch.support_x.shape[2:]))
+    key = ("embedding", width, tuple(batch.support_x.shape[2:]), device_of(learner.model), batch.support_x.device)
     checked = learner.__dict__.setdefault("_fitting_shapes", set())
     if key in checked:
         return
@@ -542,11 +608,28 @@ def check_embedding_fits(learner: MetaLearner, batch: TaskBatch, *, training: bo
     checked.add(key)
 
 
+def require_module(model: Any, method: str) -> None:
+    """Refuse a network that is not an ``nn.Module`` instance: the class itself (``MAML(Conv4)``)
+    or a function (``MAML(lambda x: x)``) has no parameters to adapt or train, and would fail
+    at its first ``named_modules()`` or ``parameters()`` call with a TypeError or AttributeError."""
+    if isinstance(model, nn.Module):
+        return
+    if isinstance(model, type):
+        got = f"the class {model.__name__}: call it, {model.__name__}(...)"
+    elif callable(model):
+        got = (f"the function {getattr(model, '__name__', type(model).__name__)}: wrap its computation in an "
+               "nn.Module (its forward), whose parameters are what is learned")
+    else:
+        got = "None" if model is None else f"an object of type {type(model).__name__}"
+    raise MetalearnError(f"{method}: the network must be an nn.Module instance (got {got})")
+
+
 def require_functional_model(model: nn.Module, method: str, second_order: bool) -> None:
     """Refuse a network that cannot be applied as a pure function of its parameters under
     ``vmap``: running-statistics buffers would be mutated (other buffers, constants, are fine);
     and where second derivatives are taken, torch's native batch norm, whose second derivative
     under ``vmap`` is wrong (torch 2.13; use :class:`metalearn.models.BatchStatNorm`)."""
+    require_module(model, method)
     running = [name for name, m in model.named_modules()
                if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
     if running:

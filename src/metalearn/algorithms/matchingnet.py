@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalearn.algorithms.base import MetaLearner, check_embedding_fits, require_functional_model, Problem, accuracy
+from metalearn.algorithms.base import (MetaLearner, check_embedding_fits, class_without_support,
+                                      require_functional_model, Problem, accuracy)
 from metalearn.algorithms.protonet import DISTANCES, embed_episodes, num_ways, similarities
 from metalearn.errors import ConfigError, MetalearnError, require_number
 from metalearn.options import option, options
@@ -80,17 +81,23 @@ class MatchingNetConfig:
                               "classifies images, got 'mlp'")
 
 
-def label_log_probs(scores: Tensor, support_y: Tensor, ways: int) -> Tensor:
+def label_log_probs(scores: Tensor, support_y: Tensor, ways: int, method: str = "matchingnet",
+                    ways_given: bool = True) -> Tensor:
     """``log P(y = k | x, S) = log sum_{i: y_i = k} softmax_i(scores)``: the log of the
     attention-weighted sum of one-hot support labels, computed with ``logsumexp``.
 
     scores: (tasks, n_query, n_support), support_y: (tasks, n_support) -> (tasks, n_query, ways)
+
+    ``method`` and ``ways_given`` (whether ``ways`` is the batch's, not implied by the largest
+    label) word the refusal of a class without support examples
+    (:func:`~metalearn.algorithms.base.class_without_support`).
     """
     one_hot = F.one_hot(support_y, ways).to(scores.dtype)
     # a class without support examples would be a column of -inf, whose logsumexp has a NaN
     # gradient that reaches every parameter even when no query belongs to it
-    if bool((one_hot.sum(dim=1) == 0).any()):
-        raise MetalearnError("a task has a class without support examples; every class needs at least one shot")
+    missing = one_hot.sum(dim=1) == 0  # (tasks, ways)
+    if bool(missing.any()):
+        raise class_without_support(method, support_y, missing, ways_given)
     log_attention = scores.log_softmax(dim=-1)
     log_one_hot = one_hot.log()  # 0 for its class, -inf else
     return torch.logsumexp(log_attention.unsqueeze(-1) + log_one_hot.unsqueeze(1), dim=2)
@@ -217,7 +224,8 @@ class MatchingNet(MetaLearner):
 
     def log_probs(self, batch: TaskBatch, training: bool = False) -> Tensor:
         """log P(y | x, S) for every query and class, (tasks, n_query, ways)."""
-        return label_log_probs(self.scores(batch, training), batch.support_y, num_ways(batch))
+        return label_log_probs(self.scores(batch, training), batch.support_y, num_ways(batch), self.name,
+                               bool(batch.ways))
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """The query labels' negative log-likelihood over the batch's tasks, and its ``loss`` and

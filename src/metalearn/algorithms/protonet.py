@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metalearn.algorithms.base import (MetaLearner, check_embedding_fits, check_input_dtype, require_functional_model,
-                                      Problem, accuracy)
+from metalearn.algorithms.base import (MetaLearner, check_embedding_fits, check_input_dtype, class_without_support,
+                                      require_functional_model, Problem, accuracy)
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.options import option, options
 from metalearn.models import build_model
@@ -91,17 +91,22 @@ def num_ways(batch: TaskBatch) -> int:
     return batch.ways or int(batch.support_y.max()) + 1
 
 
-def class_prototypes(support: Tensor, support_y: Tensor, ways: int) -> Tensor:
+def class_prototypes(support: Tensor, support_y: Tensor, ways: int, method: str = "protonet",
+                     ways_given: bool = True) -> Tensor:
     """Mean support embedding of each class (Snell et al. eq. 1), any number of shots per class.
 
     support: (tasks, n_support, dim), support_y: (tasks, n_support) in [0, ways)
     -> (tasks, ways, dim)
+
+    A class without support examples (its prototype 0/0) is refused, naming the task and class
+    (:func:`~metalearn.algorithms.base.class_without_support`; ``method`` starts the message,
+    ``ways_given``: whether ``ways`` is the batch's, not implied by the largest label).
     """
     one_hot = F.one_hot(support_y, ways).to(support.dtype)  # (tasks, n_support, ways)
     sums = torch.einsum("tsw,tsd->twd", one_hot, support)
     counts = one_hot.sum(dim=1).unsqueeze(-1)  # (tasks, ways, 1)
     if bool((counts == 0).any()):
-        raise MetalearnError("a task has a class without support examples; every class needs at least one shot")
+        raise class_without_support(method, support_y, counts.squeeze(-1) == 0, ways_given)
     return sums / counts
 
 
@@ -169,7 +174,7 @@ class ProtoNet(MetaLearner):
         check_embedding_fits(self, batch, training=training)
         with first_order_batch_norm():  # differentiated once: the native kernel is right
             support, query = embed_episodes(self.model, batch)
-        prototypes = class_prototypes(support, batch.support_y, num_ways(batch))
+        prototypes = class_prototypes(support, batch.support_y, num_ways(batch), self.name, bool(batch.ways))
         return similarities(query, prototypes, self.config.distance)
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -17,6 +18,73 @@ from metalearn.tasks.sinusoid import SineOrLineTasks, SinusoidTasks
 
 class TaskSource(Protocol):
     def sample(self, num_tasks: int, generator: torch.Generator, tasks: slice | None = None) -> TaskBatch: ...
+
+
+# what a task source is, for the messages that refuse something else
+TASK_SOURCE = ("a task source is an object with sample(num_tasks, generator, tasks=None) returning a TaskBatch "
+               "(for tensors of images: metalearn.EpisodeSampler; see docs/data.md, 'Your own tasks')")
+
+
+def _batch_types() -> tuple[type, ...]:
+    """What a task source's ``sample`` returns: a TaskBatch, or the reinforcement-learning tasks'
+    MDPBatch (imported here: envs lies above tasks in docs/design.md's layering)."""
+    from metalearn.envs.base import MDPBatch
+
+    return TaskBatch, MDPBatch
+
+
+def _kind(value: Any) -> str:
+    """``value``'s type as a reader knows it: ``list``, ``numpy.ndarray``, ``torch.utils.data.DataLoader``."""
+    module, name = type(value).__module__, type(value).__qualname__
+    return name if module == "builtins" else f"{module}.{name}"
+
+
+def require_task_source(source: Any, role: str) -> None:
+    """Refuse, with a one-line :class:`MetalearnError`, what cannot serve as a task source: an
+    object whose ``sample`` is called as ``sample(num_tasks, generator, tasks=slice)`` (the
+    evaluator and the trainer pass ``tasks``, the share of a distributed rank, by keyword).
+    ``role`` names the argument as the caller wrote it (``"evaluate's source"``, ``"Trainer's
+    train_tasks"``) and starts the message. Checked once, before any draw, from ``sample``'s
+    signature (``inspect.signature``; a ``sample`` whose signature cannot be read is accepted):
+    without it, a list, a DataLoader or a batch already drawn fails inside the loop as
+    ``AttributeError: ... has no attribute 'sample'``, and a ``sample(n, generator)`` as a
+    ``TypeError`` about an unexpected keyword. What ``sample`` returns is checked at each draw
+    (:func:`require_sampled_batch`)."""
+    if isinstance(source, _batch_types()):
+        raise MetalearnError(f"{role} is a {type(source).__name__}, one batch already drawn; {TASK_SOURCE}")
+    if isinstance(source, type):  # the class, e.g. EpisodeSampler: its sample would take num_tasks as self
+        raise MetalearnError(f"{role} is the class {source.__name__}, not an object of it: create one "
+                             f"({source.__name__}(...)); {TASK_SOURCE}")
+    if isinstance(source, (str, bytes)) or source is None:
+        raise MetalearnError(f"{role} is {source!r}; {TASK_SOURCE}, and metalearn.tasks.build_task_source(task, part) "
+                             "builds one for a dataset by name")
+    sample = getattr(source, "sample", None)
+    if not callable(sample):
+        iterable = hasattr(source, "__iter__") or hasattr(source, "__getitem__")
+        what = f"an iterable ({_kind(source)}), which yields batches but cannot draw them from a seed" if iterable \
+            else f"of type {_kind(source)}" + ("" if sample is None else ", whose sample is not a method")
+        raise MetalearnError(f"{role} is {what}; {TASK_SOURCE}")
+    try:
+        signature = inspect.signature(sample)
+    except (TypeError, ValueError):  # a builtin or extension method: nothing to read, so trust it
+        return
+    try:
+        signature.bind(1, None, tasks=None)
+    except TypeError:
+        raise MetalearnError(f"{role}'s sample{signature} must take (num_tasks, generator, tasks=None): tasks, "
+                             "passed by keyword, is the slice of the batch a distributed rank keeps (None: all of "
+                             "it; batch.select(tasks) cuts it from the whole batch, drawn as without it)") from None
+
+
+def require_sampled_batch(batch: Any, source: Any, role: str) -> None:
+    """Refuse, in one line naming the type returned, a ``source.sample(...)`` result that is not a
+    :class:`TaskBatch` (or the reinforcement-learning tasks' :class:`~metalearn.envs.MDPBatch`):
+    a tuple of tensors, a dict or a list would fail at the next line, ``batch.to(device)``, as an
+    ``AttributeError``. One ``isinstance`` per draw."""
+    if not isinstance(batch, _batch_types()):
+        raise MetalearnError(f"{role} ({_kind(source)}): its sample returned a {_kind(batch)}; it must return a "
+                             "TaskBatch: give the tensors as TaskBatch(support_x, support_y, query_x, query_y, ways=N) "
+                             "(ways=0 for regression)")
 
 
 def problem_of(task: TaskConfig) -> Problem:
@@ -89,4 +157,4 @@ def has_validation(task: TaskConfig) -> bool:
 
 
 __all__ = ["TaskBatch", "TaskSource", "EpisodeSampler", "SinusoidTasks", "SineOrLineTasks",
-           "build_task_source", "check_task_source", "check_data_dir", "check_outside_data", "problem_of", "has_validation", "MetalearnError"]
+           "require_task_source", "require_sampled_batch", "build_task_source", "check_task_source", "check_data_dir", "check_outside_data", "problem_of", "has_validation", "MetalearnError"]

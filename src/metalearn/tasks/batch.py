@@ -41,6 +41,15 @@ class TaskBatch:
     task_params: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
+        # tensors first: the dtype checks below (and every method) read them as tensors, and a
+        # NumPy array or a list would fail inside torch with a message about its arguments
+        for name in ("support_x", "support_y", "query_x", "query_y"):
+            value = getattr(self, name)
+            if not isinstance(value, Tensor):
+                module = type(value).__module__
+                kind = type(value).__name__ if module == "builtins" else f"{module}.{type(value).__name__}"
+                raise MetalearnError(f"TaskBatch's {name} is a {kind}; a TaskBatch holds tensors "
+                                     "(torch.as_tensor(...), or torch.from_numpy(...) for a NumPy array)")
         floating = [name for name in ("support_y", "query_y") if torch.is_floating_point(getattr(self, name))]
         if self.ways and floating:
             raise MetalearnError(

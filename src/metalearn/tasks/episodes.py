@@ -24,8 +24,13 @@ class EpisodeSampler:
       - ``(classes, examples, C, H, W)``;
       - ``(n_images, C, H, W)`` with ``class_sizes`` ``(classes,)``: the images of each class
         follow those of the class before (an image folder, any number of images per class).
-    ``pool.characters`` index the classes. ``test``: these are test or validation episodes, so a
-    shape they cannot have is reported with the options that set it. ``dtype``: the
+    ``pool``: a :class:`~metalearn.data.splits.ClassPool`, whose ``characters`` index the classes
+    (``omniglot_split(...)`` gives a split part's; ``ClassPool("mine", torch.arange(n),
+    torch.zeros(n, dtype=torch.long))`` classes 0..n-1 unrotated). ``test``: None (the default,
+    a sampler of one's own) reports a shape the classes cannot have by these arguments
+    (``ways=700``); True and False are for the samplers ``build_task_source`` builds of a run's
+    test or validation episodes (True) or training episodes (False), which report it with the
+    command-line options that set it (``--test-ways``, ``--ways``). ``dtype``: the
     floating-point type of the images drawn (float64 for a float64 model).
 
     The pool's images are rotated once, up front, into a bank of every (class, rotation) the
@@ -46,9 +51,24 @@ class EpisodeSampler:
     class_split: dict[str, list[str]] | None = None
 
     def __init__(self, images: Tensor, pool: ClassPool, ways: int, shots: int, query: int,
-                 dataset: str = "omniglot", test: bool = False, class_sizes: Tensor | None = None,
+                 dataset: str = "omniglot", test: bool | None = None, class_sizes: Tensor | None = None,
                  dtype: torch.dtype = torch.float32):
         dims = (4,) if class_sizes is not None else (4, 5)
+        # a tensor and a ClassPool first: the checks below read them as such, and a NumPy array
+        # would be refused for its shape (which may be right) or fail as an AttributeError
+        if not isinstance(images, Tensor):
+            module = type(images).__module__
+            kind = type(images).__name__ if module == "builtins" else f"{module}.{type(images).__name__}"
+            shaped = hasattr(images, "dtype") and hasattr(images, "shape")
+            shown = f" {images.dtype} {tuple(images.shape)}" if shaped else ""
+            raise MetalearnError(f"EpisodeSampler takes images as a torch tensor, got a {kind}{shown}; give "
+                                 "torch.from_numpy(images) for a NumPy array (uint8, (classes, examples, [C,] H, W))")
+        if not isinstance(pool, ClassPool):
+            raise MetalearnError(
+                f"EpisodeSampler's pool must be a ClassPool (metalearn.data.splits), the classes to draw from, got "
+                f"{type(pool).__name__}: ClassPool(\"mine\", torch.arange(n), torch.zeros(n, dtype=torch.long)) draws "
+                "from classes 0..n-1 of the images, unrotated (other class indices in place of torch.arange(n) "
+                "pick those); omniglot_split(omniglot, split, part) gives a named Omniglot split's")
         if images.dtype != torch.uint8 or images.dim() not in dims:
             raise MetalearnError(
                 f"EpisodeSampler takes uint8 images shaped (classes, examples, [C,] H, W), or (n_images, C, H, W) "
@@ -69,30 +89,38 @@ class EpisodeSampler:
             raise MetalearnError("rotated classes need images shaped (classes, examples, [C,] H, W)")
         pool_sizes = sizes[pool.characters]
         drawings = int(pool_sizes.min()) if len(pool) else 0
-        # errors name the options that set this shape: the training ones, or for test episodes
+        # errors name what set this shape: for a sampler of one's own (test None) its arguments;
+        # for a run's (build_task_source) the options, the training ones, or for test episodes
         # train's --test-* options (which `metalearn eval` calls --ways/--shots/--query)
-        prefix = "--test-" if test else "--"
+        python = test is None
+
+        def name(option: str) -> str:  # as given: "--test-ways", "--ways", or the argument "ways"
+            return option if python else ("--test-" if test else "--") + option
+
+        def value(option: str, number: int) -> str:
+            return f"{option}={number}" if python else f"{name(option)} {number}"
 
         def also(*names: str) -> str:
             return f" (in metalearn eval: {' or '.join('--' + n for n in names)})" if test else ""
 
         if ways < 2:
-            raise MetalearnError(f"{prefix}ways must be at least 2, got {ways}{also('ways')}")
+            raise MetalearnError(f"{name('ways')} must be at least 2, got {ways}{also('ways')}")
         if shots < 1 or query < 1:
-            raise MetalearnError(f"{prefix}shots and {prefix}query must be at least 1, got {shots} and "
+            raise MetalearnError(f"{name('shots')} and {name('query')} must be at least 1, got {shots} and "
                                  f"{query}{also('shots', 'query')}")
         if shots + query > drawings and len(pool):
             noun = "image" if drawings == 1 else "images"
             has = f"has {drawings} {noun} per class" if class_sizes is None else f"has a class of {drawings} {noun}"
             raise MetalearnError(
-                f"{dataset} {has}; {prefix}shots {shots} with {prefix}query "
-                f"{query} needs {shots + query}. Lower {prefix}shots or {prefix}query{also('shots', 'query')}."
+                f"{dataset} {has}; {value('shots', shots)} with {value('query', query)} needs {shots + query}. "
+                f"Lower {name('shots')} or {name('query')}{also('shots', 'query')}."
             )
         if ways > len(pool):
-            given = f"{prefix}ways {ways}" + (" (it defaults to --ways)" if test else "")
+            given = value("ways", ways) + (" (it defaults to --ways)" if test else "")
+            where = "a pool" if python else "a split part"
             raise MetalearnError(
                 f"{dataset} split {pool.name} has {len(pool)} classes; {given} is more "
-                f"than that. Lower {prefix}ways{also('ways')} or use a split part with more classes."
+                f"than that. Lower {name('ways')}{also('ways')} or use {where} with more classes."
             )
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise MetalearnError(f"EpisodeSampler draws images as floats: dtype must be a floating-point type, got {dtype}")

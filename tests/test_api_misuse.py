@@ -1,0 +1,229 @@
+"""The Python API's refusals of what a caller may get wrong: each is one line that names what
+was given and what is wanted, never a TypeError or AttributeError from inside torch or the
+library. None of these tests needs Omniglot."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from batches import image_batch
+from metalearn.algorithms import MAML, MatchingNet, ProtoNet, build_learner
+from metalearn.algorithms.base import device_mismatch
+from metalearn.data.splits import ClassPool
+from metalearn.errors import MetalearnError
+from metalearn.evaluation import evaluate
+from metalearn.models import MLP, Conv4
+from metalearn.tasks import EpisodeSampler, Problem, SinusoidTasks, TaskBatch, require_task_source
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def refusal(call) -> str:
+    """The message of the MetalearnError ``call()`` raises, checked to be one line."""
+    with pytest.raises(MetalearnError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+# -- TaskBatch -------------------------------------------------------------------------------
+
+
+def test_a_task_batch_of_numpy_arrays_is_refused_before_torch_reads_it():
+    batch = image_batch(tasks=1, ways=5, shots=1, query=1, dtype=torch.float32)
+    arrays = (batch.support_x.numpy(), batch.support_y.numpy(), batch.query_x.numpy(), batch.query_y.numpy())
+    assert refusal(lambda: TaskBatch(*arrays, ways=5)) == (
+        "TaskBatch's support_x is a numpy.ndarray; a TaskBatch holds tensors (torch.as_tensor(...), or "
+        "torch.from_numpy(...) for a NumPy array)")
+    message = refusal(lambda: TaskBatch(batch.support_x, [0, 1, 2, 3, 4], batch.query_x, batch.query_y, ways=5))
+    assert message.startswith("TaskBatch's support_y is a list; a TaskBatch holds tensors")
+
+
+# -- task sources ----------------------------------------------------------------------------
+
+
+class WithoutTasks:
+    def sample(self, num_tasks, generator):
+        return SinusoidTasks().sample(num_tasks, generator)
+
+
+class ReturnsTuple:
+    def sample(self, num_tasks, generator, tasks=None):
+        batch = SinusoidTasks().sample(num_tasks, generator, tasks)
+        return batch.support_x, batch.support_y, batch.query_x, batch.query_y
+
+
+class TakesKeywords:
+    def sample(self, num_tasks, generator, **options):
+        return SinusoidTasks().sample(num_tasks, generator, **options)
+
+
+SOURCE = ("a task source is an object with sample(num_tasks, generator, tasks=None) returning a TaskBatch (for "
+          "tensors of images: metalearn.EpisodeSampler; see docs/data.md, 'Your own tasks')")
+
+
+def test_evaluate_refuses_what_is_not_a_task_source_before_drawing():
+    learner = MAML(MLP(1, 1))
+    batch = SinusoidTasks().sample(2, torch.Generator().manual_seed(0))
+    for source, said in (([batch], "an iterable (list), which yields batches but cannot draw them from a seed"),
+                         ((b for b in [batch]), "an iterable (generator)"),
+                         (torch.utils.data.DataLoader([batch]),
+                          "an iterable (torch.utils.data.dataloader.DataLoader)"),
+                         (batch, "a TaskBatch, one batch already drawn"),
+                         (SinusoidTasks, "the class SinusoidTasks, not an object of it: create one (SinusoidTasks(...))"),
+                         (3, "of type int")):
+        message = refusal(lambda: evaluate(learner, source, episodes=2))
+        assert message.startswith(f"evaluate's source is {said}") and message.endswith(SOURCE), message
+    assert refusal(lambda: evaluate(learner, WithoutTasks(), episodes=2)) == (
+        "evaluate's source's sample(num_tasks, generator) must take (num_tasks, generator, tasks=None): tasks, passed "
+        "by keyword, is the slice of the batch a distributed rank keeps (None: all of it; batch.select(tasks) cuts it "
+        "from the whole batch, drawn as without it)")
+    assert refusal(lambda: evaluate(learner, ReturnsTuple(), episodes=2)) == (
+        f"evaluate's source ({__name__}.ReturnsTuple): its sample returned a tuple; it must return a TaskBatch: give "
+        "the tensors as TaskBatch(support_x, support_y, query_x, query_y, ways=N) (ways=0 for regression)")
+    assert evaluate(learner, TakesKeywords(), episodes=2)["episodes"] == 2  # **options take tasks=
+
+
+def test_the_trainer_refuses_what_is_not_a_task_source_before_writing(tmp_path):
+    from metalearn import Trainer, resolve_config
+
+    config = resolve_config("maml", task={"dataset": "sinusoid"}, train={"steps": 1, "meta_batch_size": 2,
+                                                                          "val_every": 0})
+    batch = SinusoidTasks().sample(2, torch.Generator().manual_seed(0))
+    assert refusal(lambda: Trainer(config, MAML(MLP()), [batch], None, tmp_path / "a")).startswith(
+        "Trainer's train_tasks is an iterable (list)")
+    assert refusal(lambda: Trainer(config, MAML(MLP()), SinusoidTasks(), WithoutTasks(), tmp_path / "a")).startswith(
+        "Trainer's val_tasks's sample(num_tasks, generator) must take (num_tasks, generator, tasks=None)")
+    trainer = Trainer(config, MAML(MLP()), ReturnsTuple(), None, tmp_path / "b")
+    assert refusal(lambda: trainer.fit(progress=False)).startswith(
+        f"Trainer's train_tasks ({__name__}.ReturnsTuple): its sample returned a tuple")
+    assert not (tmp_path / "a").exists()
+
+
+def test_require_task_source_takes_the_library_sources_and_names_the_role():
+    require_task_source(SinusoidTasks(), "Trainer's train_tasks")
+    require_task_source(TakesKeywords(), "Trainer's train_tasks")
+    message = refusal(lambda: require_task_source([], "Trainer's train_tasks"))
+    assert message.startswith("Trainer's train_tasks is an iterable (list)")
+
+
+# -- EpisodeSampler --------------------------------------------------------------------------
+
+
+def test_episode_sampler_refuses_a_pool_that_is_not_a_class_pool():
+    images = torch.randint(0, 255, (6, 4, 8, 8), dtype=torch.uint8)
+    for pool, kind in (([0, 1, 2], "list"), (torch.arange(6), "Tensor"), (None, "NoneType")):
+        message = refusal(lambda: EpisodeSampler(images, pool, 2, 1, 1))
+        assert message.startswith(f"EpisodeSampler's pool must be a ClassPool (metalearn.data.splits), the classes to "
+                                  f"draw from, got {kind}: ClassPool(\"mine\", torch.arange(n), "
+                                  "torch.zeros(n, dtype=torch.long)) draws from classes 0..n-1"), message
+    pool = ClassPool("mine", torch.arange(6), torch.zeros(6, dtype=torch.long))  # what the message says works
+    assert EpisodeSampler(images, pool, 2, 1, 1).sample(2, torch.Generator().manual_seed(0)).num_tasks == 2
+
+
+def test_episode_sampler_says_a_numpy_array_is_not_a_tensor_and_words_shapes_as_arguments():
+    images = torch.randint(0, 255, (6, 4, 8, 8), dtype=torch.uint8)
+    pool = ClassPool("mine", torch.arange(6), torch.zeros(6, dtype=torch.long))
+    assert refusal(lambda: EpisodeSampler(images.numpy(), pool, 2, 1, 1)) == (
+        "EpisodeSampler takes images as a torch tensor, got a numpy.ndarray uint8 (6, 4, 8, 8); give "
+        "torch.from_numpy(images) for a NumPy array (uint8, (classes, examples, [C,] H, W))")
+    # called from Python: its arguments, not the command line's options
+    assert refusal(lambda: EpisodeSampler(images, pool, 7, 1, 1)) == (
+        "omniglot split mine has 6 classes; ways=7 is more than that. Lower ways or use a pool with more classes.")
+    assert refusal(lambda: EpisodeSampler(images, pool, 2, 3, 2)) == (
+        "omniglot has 4 images per class; shots=3 with query=2 needs 5. Lower shots or query.")
+    assert refusal(lambda: EpisodeSampler(images, pool, 1, 1, 1)) == "ways must be at least 2, got 1"
+    # a run's sampler (build_task_source passes test=False or True): the options that set the shape
+    assert "--ways 7 is more than that. Lower --ways" in refusal(
+        lambda: EpisodeSampler(images, pool, 7, 1, 1, test=False))
+    assert "--test-ways 7 (it defaults to --ways) is more than that" in refusal(
+        lambda: EpisodeSampler(images, pool, 7, 1, 1, test=True))
+
+
+# -- embedding methods: class ids 0..N-1 -----------------------------------------------------
+
+
+@pytest.mark.parametrize("learner", [ProtoNet(Conv4(1, None, hidden=8)), MatchingNet(Conv4(1, None, hidden=8))],
+                         ids=["protonet", "matchingnet"])
+def test_labels_from_one_without_ways_name_the_class_without_examples(learner):
+    batch = image_batch(tasks=2, ways=5, shots=1, query=1, dtype=torch.float32)
+    from_one = TaskBatch(batch.support_x, batch.support_y + 1, batch.query_x, batch.query_y + 1)  # 1..5, no ways
+    assert refusal(lambda: learner.predict(from_one)) == (
+        f"{learner.name}: a task has a class without support examples; every class needs at least one shot: task 0's "
+        "support_y has no class 0 (it has [1, 2, 3, 4, 5]); class ids run 0..N-1 for N-way tasks, and without "
+        "TaskBatch(..., ways=N) the largest support label, 5, makes them 6-way: label each task's classes 0..N-1")
+    support_y = batch.support_y.clone()
+    support_y[1, 3] = 0  # task 1 loses its one example of class 3
+    missing = TaskBatch(batch.support_x, support_y, batch.query_x, batch.query_y, ways=5)
+    assert refusal(lambda: learner.predict(missing)).endswith(
+        "task 1's support_y has no class 3 (it has [0, 1, 2, 4]); the tasks being 5-way (class ids 0..4)")
+
+
+# -- networks --------------------------------------------------------------------------------
+
+
+def test_a_trained_fixed_ways_learner_names_its_ways_in_predict_as_in_fit_predict():
+    learner = build_learner("maml", {}, Problem((1, 16, 16), 5, True))  # as load_trained builds it
+    batch = image_batch(tasks=1, ways=20, shots=1, query=1, dtype=torch.float32)
+    said = ("maml was trained for 5-way tasks (one output per class) and cannot classify 20 classes: give it 5 "
+            "classes, or use a method without a per-class output layer (protonet, matchingnet, memory, statistician)")
+    assert refusal(lambda: learner.predict(batch)) == said
+    assert refusal(lambda: learner.fit_predict(batch.support_x[0], batch.support_y[0], batch.query_x[0])) == said
+    # a network of one's own, not yet trained: how to build one that fits
+    assert "it needs one output per class (e.g. Conv4(in_channels, 20)" in refusal(
+        lambda: MAML(Conv4(1, 5)).predict(batch))
+
+
+class TupleOut(nn.Module):
+    def __init__(self, outputs):
+        super().__init__()
+        self.net = Conv4(1, outputs, hidden=8)
+
+    def forward(self, x):
+        return self.net(x), None
+
+
+def test_a_network_returning_a_tuple_is_refused():
+    batch = image_batch(tasks=1, ways=5, shots=1, query=1, dtype=torch.float32)
+    for learner in (MAML(TupleOut(5)), ProtoNet(TupleOut(None))):
+        assert refusal(lambda: learner.predict(batch)) == (
+            f"{learner.name}: the network's forward returned a tuple; it must return one tensor of outputs, "
+            "(examples, *output_shape) (return the logits alone)")
+
+
+def test_the_network_must_be_a_module_instance():
+    assert refusal(lambda: MAML(Conv4)) == ("MAML: the network must be an nn.Module instance (got the class Conv4: "
+                                            "call it, Conv4(...))")
+    assert refusal(lambda: MAML(lambda x: x)).startswith(
+        "MAML: the network must be an nn.Module instance (got the function <lambda>: wrap its computation in an "
+        "nn.Module")
+    assert refusal(lambda: ProtoNet(None)) == "protonet: the network must be an nn.Module instance (got None)"
+
+
+def test_a_network_on_another_device_than_the_batch_is_named_as_such():
+    """The meta device stands for a GPU: its tensors meet the CPU's as a CUDA tensor would."""
+    batch = image_batch(tasks=1, ways=5, shots=1, query=1, dtype=torch.float32)
+    for learner in (MAML(Conv4(1, 5, hidden=8)), ProtoNet(Conv4(1, None, hidden=8))):
+        learner.predict(batch)  # checked once on the CPU: moving it must check again
+        learner.to("meta")
+        assert refusal(lambda: learner.predict(batch)) == (
+            f"{learner.name}: the network is on device meta and the batch on cpu; move one to the other's device "
+            "(batch.to(\"meta\") or learner.to(\"cpu\"))")
+    assert refusal(lambda: evaluate(MAML(MLP(1, 1)).to("meta"), SinusoidTasks(), episodes=2)).startswith(
+        "evaluate: the learner's parameters are on the meta device, which holds no values")
+
+
+def test_device_mismatch_reads_torchs_words():
+    cuda = RuntimeError("Expected all tensors to be on the same device, but found at least two devices, "
+                        "cuda:0 and cpu!")
+    message = str(device_mismatch("maml", cuda, torch.device("cuda:0"), torch.device("cpu")))
+    assert message == ("maml: the network is on device cuda:0 and the batch on cpu; move one to the other's device "
+                       "(batch.to(\"cuda:0\") or learner.to(\"cpu\"))")
+    unknown = str(device_mismatch("mine", cuda, None, torch.device("cuda:0")))
+    assert unknown.startswith("mine: the batch is on device cuda:0, where the learner's first parameter is, but part "
+                              "of the learner is on another")
+    assert device_mismatch("maml", RuntimeError("mat1 and mat2 shapes cannot be multiplied"), None,
+                           torch.device("cpu")) is None

@@ -7,6 +7,9 @@ The CI test (tests/test_kill_resume.py) does three kills; this does as many as a
     python scripts/kill-resume.py --kills 40                   # MAML on sinusoids
     python scripts/kill-resume.py --kills 20 --method protonet  # ProtoNets on 5-way 1-shot Omniglot
 
+Any registered method: on 5-way 1-shot Omniglot with its paper's defaults, unless RUNS below
+gives its run.
+
 Omniglot is read from $METALEARN_DATA, else from ../shared/data/omniglot beside the project
 (as the tests find it).
 
@@ -25,19 +28,33 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import training_process as child  # noqa: E402
+from metalearn.algorithms import METHODS  # noqa: E402
 
-COMMON = ["--checkpoint-every", 1, "--log-every", 1, "--no-progress", "--no-eval"]
-METHODS = {
-    "maml": ["train", "maml", "--dataset", "sinusoid", "--meta-batch-size", 4, "--val-every", 5, "--val-episodes", 4],
-    "protonet": ["train", "protonet", "--dataset", "omniglot", "--ways", 5, "--shots", 1, "--query", 1,
-                 "--meta-batch-size", 2, "--split", "vinyals", "--val-every", 5, "--val-episodes", 4],
+child.TIMING.add("env_steps_per_s")  # maml-rl's rollout speed: a timing, as the trainer's are
+
+COMMON = ["--checkpoint-every", 1, "--log-every", 1, "--no-progress", "--no-eval", "--val-every", 5,
+          "--val-episodes", 4]
+# a registered method's run: 5-way 1-shot Omniglot with its paper's defaults, unless named here
+OMNIGLOT = ["--dataset", "omniglot", "--ways", 5, "--shots", 1, "--query", 1, "--meta-batch-size", 2,
+            "--split", "vinyals"]
+RUNS = {
+    "maml": ["--dataset", "sinusoid", "--meta-batch-size", 4],
+    "maml-rl": ["--env", "nav2d", "--meta-batch-size", 4, "--trajectories", 4, "--test-trajectories", 4,
+                "--horizon", 10, "--hidden", 8],
 }
+
+
+def run_of(method: str) -> list:
+    """``metalearn train METHOD ...``'s arguments for ``method``'s run (without its length)."""
+    if method not in RUNS and METHODS[method].reinforcement:  # no Omniglot: which environment, how small?
+        sys.exit(f"{method} learns from MDPs: give its run (--env and small options) in RUNS of {__file__}")
+    return ["train", method, *RUNS.get(method, OMNIGLOT), *COMMON]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=40)
-    parser.add_argument("--method", choices=sorted(METHODS), default="maml")
+    parser.add_argument("--method", choices=sorted(METHODS), default="maml", help="any registered method")
     parser.add_argument("--steps", type=int, default=None, help="default: 10 per kill and 20 more")
     parser.add_argument("--in-writes", type=float, default=0.25, help="share of the kills inside a checkpoint write")
     parser.add_argument("--seed", type=int, default=0, help="seeds the kill moments (not the training)")
@@ -49,7 +66,7 @@ def main() -> int:
     rng = random.Random(args.seed)
     folder = args.folder or Path(tempfile.mkdtemp(prefix="kill-resume-"))
     args.steps = args.steps or 10 * args.kills + 20
-    train = [*METHODS[args.method], "--steps", args.steps, *COMMON]
+    train = [*run_of(args.method), "--steps", args.steps]
     reference, killed = folder / "uninterrupted", folder / "killed"
 
     started = time.monotonic()

@@ -30,8 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import training_process as child  # noqa: E402
 from metalearn.algorithms import METHODS  # noqa: E402
 
-child.TIMING.add("env_steps_per_s")  # maml-rl's rollout speed: a timing, as the trainer's are
-
 COMMON = ["--checkpoint-every", 1, "--log-every", 1, "--no-progress", "--no-eval", "--val-every", 5,
           "--val-episodes", 4]
 # a registered method's run: 5-way 1-shot Omniglot with its paper's defaults, unless named here

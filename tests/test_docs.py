@@ -341,8 +341,6 @@ def test_site_builds_strict(tmp_path):
     assert "--inner-lr" in cli_page and "metalearn train maml" in cli_page  # generated, not copied
     assert (site / "results" / "maml-sinusoid-k5" / "fits.png").is_file()  # the plots are served
     for method in builtin_methods():
-        if method in HAND_OPTION_TABLES:
-            continue
         page = (site / "methods" / method / "index.html").read_text()
         # the options table that scripts/docs_hooks.py generates from the method's Config
         assert "<!-- options" not in page and "Config()</code> default" in page, method
@@ -351,11 +349,6 @@ def test_site_builds_strict(tmp_path):
 # Pages under docs/methods/ that are no registered method's: a preset of a method (`--preset`),
 # {page: (method, preset)}; MAML++ is MAML with six of its options set, not a method of its own.
 PRESET_PAGES = {"maml-plus-plus": ("maml", "maml++")}
-# Method pages whose options table is written by hand instead of generated from the Config by the
-# `<!-- options: NAME; SETTING... -->` marker (scripts/docs_hooks.py): they predate the
-# generator. Their table is checked instead to give every option's flag and its Config()
-# default; a page that takes the marker is named here no more (the check says so).
-HAND_OPTION_TABLES = {"memory", "statistician"}
 OPTIONS_MARKER = re.compile(r"<!--\s*options:\s*([^;>]*?)\s*(?:;|-->)")
 
 
@@ -371,7 +364,6 @@ def method_docs_missing() -> list[str]:
     "where: what to add": the package map's line for every module, and for every registered
     method its registry line and import, its page, nav line, generated options table and its
     class and Config in docs/api.md."""
-    import dataclasses
     import importlib
     import inspect
     import pkgutil
@@ -380,7 +372,6 @@ def method_docs_missing() -> list[str]:
 
     import metalearn.algorithms as algorithms
     from metalearn.algorithms import MetaLearner
-    from metalearn.errors import flag
 
     docs, package = PROJECT / "docs", PROJECT / "src" / "metalearn"
     design, api = (docs / "design.md").read_text(), (docs / "api.md").read_text()
@@ -411,23 +402,9 @@ def method_docs_missing() -> list[str]:
             missing.append(f"docs/methods/{name}.md: {name}'s page (the method, its options, how to run it)")
             continue
         text = page.read_text()
-        marked = name in OPTIONS_MARKER.findall(text)
-        if name not in HAND_OPTION_TABLES:
-            if not marked:
-                missing.append(f"docs/methods/{name}.md: `<!-- options: {name}; SETTING; ... -->` where its options "
-                               "table goes (scripts/docs_hooks.py generates it there when the site builds)")
-            continue
-        if marked:
-            missing.append(f"tests/test_docs.py: {name} out of HAND_OPTION_TABLES (its page has the generated table)")
-            continue
-        rows = dict(re.findall(r"^\|\s*`(--[a-z0-9-]+)`\s*\|\s*([^|]*?)\s*\|", text, re.MULTILINE))
-        for field in dataclasses.fields(cls.Config):
-            cell = rows.get(flag(field.name))
-            if cell is None:
-                missing.append(f"docs/methods/{name}.md: a row for `{flag(field.name)}` in its options table")
-            elif cell.strip("`") != str(field.default):
-                missing.append(f"docs/methods/{name}.md: `{flag(field.name)}`'s default as {field.default!r} "
-                               f"(the table says {cell})")
+        if name not in OPTIONS_MARKER.findall(text):
+            missing.append(f"docs/methods/{name}.md: `<!-- options: {name}; SETTING; ... -->` where its options "
+                           "table goes (scripts/docs_hooks.py generates it there when the site builds)")
     for page in sorted((docs / "methods").glob("*.md")):
         if page.stem in methods:
             continue

@@ -812,6 +812,10 @@ def test_status_is_not_fooled_by_lock_notes_and_odd_folders(tmp_path, capsys):
                         "--shots", 1, "--query", 1, "--steps", 4, "--stop-at", 1, "--val-every", 0,
                         "--run-dir", folder_run, "--no-progress"], capsys)
     assert code == 0, err
+    # the checkpoint records the folder: a resume reads it; where it has moved, it needs --data-dir
+    hint = f"metalearn train protonet --run-dir {folder_run} --resume"
+    assert json.loads(run(["status", folder_run, "--json"], capsys)[1])[0]["resume"] == hint
+    images.rename(tmp_path / "moved")
     hint = f"metalearn train protonet --run-dir {folder_run} --data-dir IMAGE_FOLDER --resume"
     assert json.loads(run(["status", folder_run, "--json"], capsys)[1])[0]["resume"] == hint
     assert f"stopped; continue with `{hint}`" in run(["status", folder_run], capsys)[1]

@@ -1001,10 +1001,27 @@ def test_a_folder_run_resumes_only_on_its_own_images_and_says_how(shapes, tmp_pa
                           "--no-progress"], capsys)
     one_line_error(code, out, err, f"trained on other images than --data-dir {fewer} holds ({classes} classes, "
                                    f"{images} images, now {classes - 1} classes")
-    code, out, err = run(["train", "protonet", "--resume", "--run-dir", run_dir, "--no-progress"], capsys)
-    one_line_error(code, out, err, "needs --data-dir, the folder of class folders (a run keeps no folder path")
     code, out, err = run(["train", "maml", "--resume", "--run-dir", run_dir], capsys)
-    one_line_error(code, out, err, f"`metalearn train protonet --resume --run-dir {run_dir} --data-dir FOLDER`")
+    one_line_error(code, out, err, f"`metalearn train protonet --resume --run-dir {run_dir}`, or train maml")
+    # without --data-dir, the folder the checkpoint records; where it has moved, say so
+    moved = tmp_path / "moved"
+    shapes.rename(moved)
+    try:
+        code, out, err = run(["train", "protonet", "--resume", "--run-dir", run_dir, "--steps", 3, "--no-progress"],
+                             capsys)
+        one_line_error(code, out, err, f"{run_dir} trained on the images in {shapes}, which is not a folder now: give "
+                                       "--data-dir, the folder that holds its images")
+        code, out, err = run(["train", "maml", "--resume", "--run-dir", run_dir], capsys)
+        one_line_error(code, out, err, f"`metalearn train protonet --resume --run-dir {run_dir} --data-dir FOLDER`")
+    finally:
+        moved.rename(shapes)
+    from metalearn.api import run_status
+
+    assert run_status(run_dir)["resume"] == f"metalearn train protonet --run-dir {run_dir} --resume"  # no --data-dir
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    code, out, err = run(["train", "protonet", "--resume", "--run-dir", copy, "--steps", 3, "--no-progress"], capsys)
+    assert code == 0 and torch.load(copy / "checkpoint.pt", weights_only=True)["step"] == 3, err
 
     # the same images, split by a file that then moves a class from train to test
     names = sorted(p.name for p in shapes.iterdir() if p.is_dir())
@@ -1105,13 +1122,15 @@ def test_a_small_class_folder_names_its_split_options_and_eval_splits_another_fo
            "every class" in err
     code, out, err = run([*scored, "--split-fractions", "0,0,1"], capsys)
     assert code == 0, err
-    scored_all = json.loads((run_dir / "eval-episodes=3-split_fractions=0,0,1.json").read_text())
+    # named by the folder scored, another than the run's: the run's own evaluations stay apart
+    scored_all = json.loads((run_dir / "eval-data=other-episodes=3-split_fractions=0,0,1.json").read_text())
     assert scored_all["ways"] == 5 and scored_all["split_fractions"] == "0,0,1"
     split = tmp_path / "five.json"
     split.write_text(json.dumps({"test": [f"class{c:02d}" for c in range(5)]}))
     code, out, err = run([*scored, "--split-file", split], capsys)
     assert code == 0, err
-    assert json.loads((run_dir / "eval-episodes=3-split_file=five.json").read_text())["split_file"] == str(split)
+    assert json.loads((run_dir / "eval-data=other-episodes=3-split_file=five.json").read_text())["split_file"] == \
+        str(split)
     code, out, err = run([*scored, "--split-file", split, "--split-fractions", "0,0,1"], capsys)
     one_line_error(code, out, err, "give --split-fractions or --split-file, not both")
     for missing, what in ((tmp_path / "nope.json", "no such file"), (tmp_path, "a folder")):
@@ -1276,7 +1295,7 @@ def test_the_recorded_split_meets_part_folders_restarts_and_other_runs(tmp_path,
     assert code == 0, err
     code, out, err = run(["eval", run_a, "--data-dir", parts, "--no-progress"], capsys)
     assert code == 0, err
-    assert json.loads((run_a / "eval.json").read_text())["ways"] == 3
+    assert json.loads((run_a / "eval-data=parts.json").read_text())["ways"] == 3
 
     draw(classes / "c12", 12)  # a class the run never saw: in no part of its split
     code, out, err = run(["eval", run_a, "--data-dir", classes, "--ways", 7, "--no-progress"], capsys)
@@ -1295,7 +1314,7 @@ def test_the_recorded_split_meets_part_folders_restarts_and_other_runs(tmp_path,
     code, out, err = run(["eval", run_c, "--data-dir", classes, "--split-file", run_a / "split.json",
                           "--no-progress"], capsys)
     assert code == 0 and "eval-split_file=a.json" in out, (out, err)
-    (run_a / "eval.json").unlink()
+    assert not (run_a / "eval.json").exists()  # its scores so far were of another folder (parts)
     code, out, err = run(["eval", run_a, "--data-dir", classes, "--split-file", tmp_path / "c" / ".." / "a" /
                           "split.json", "--no-progress"], capsys)
     assert code == 0, err

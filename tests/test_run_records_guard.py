@@ -94,13 +94,50 @@ def test_eval_on_another_folder_with_the_same_class_names_warns_and_scores(folde
     assert err == (f"warning: --data-dir {other} holds other images than the run in {run_dir} trained on (6 classes, "
                    "12 images either way, other images, class names or parts): the classes scored are taken by name "
                    "from its split.json, so a class renamed or replaced since may be one it trained on\n"), err
-    assert json.loads(RunDir(run_dir).eval_file({"episodes": 2}).read_text())["episodes"] == 2  # scored
+    # scored, in a file of its own that names the folder: the run's own evaluation stays
+    scored = json.loads(RunDir(run_dir).eval_file({"episodes": 2, "data": "other"}).read_text())
+    assert scored["episodes"] == 2 and scored["data_dir"] == str(other.resolve())
+    assert json.loads(RunDir(run_dir).eval_file({"episodes": 2}).read_text())["data_dir"] == str(data.resolve())
     grown = shutil.copytree(data, tmp_path / "grown")
     colours(tmp_path / "new", 1, 3, seed=3)
     shutil.move(tmp_path / "new" / "class 0", grown / "class 6")
     code, _, err = run(["eval", run_dir, "--data-dir", grown, "--episodes", 2, "--no-progress"], capsys)
     assert code == 0 and err.count("\n") == 1, err
     assert "trained on (6 classes, 12 images, now 7 classes, 15 images): " in err, err
+
+
+def test_a_run_reads_the_folder_it_records_and_files_another_folders_scores_apart(folder_run, tmp_path, capsys):
+    """The checkpoint records the image folder: eval, compare and a resume read it without
+    --data-dir. A score of another folder goes to a file named by that folder, never to
+    eval.json; compare warns of another folder as eval does; a resume given another folder
+    whose split cannot apply says first that it is not the run's folder."""
+    run_dir = shutil.copytree(folder_run[0], tmp_path / "run")
+    data = folder_run[1]
+    code, out, err = run(["eval", run_dir, "--episodes", 2, "--no-progress"], capsys)
+    assert code == 0 and err == "" and f"written to {run_dir / 'eval-episodes=2.json'}" in out, err
+    other = colours(tmp_path / "other", 6, 2, seed=7)
+    for folder in (tmp_path / "other", data):  # two folders, two files
+        code, out, err = run(["eval", run_dir, "--data-dir", folder, "--split-fractions", "0,0,1", "--episodes", 2,
+                              "--no-progress"], capsys)
+        assert code == 0, err
+    names = sorted(p.name for p in run_dir.glob("eval*.json"))
+    assert names == ["eval-data=other-episodes=2-split_fractions=0,0,1.json", "eval-episodes=2-split_fractions=0,0,1.json",
+                     "eval-episodes=2.json"], names
+    code, out, err = run(["compare", run_dir, "--episodes", 2], capsys)
+    assert code == 0 and err == "", err
+    code, out, err = run(["compare", run_dir, "--episodes", 2, "--data-dir", other], capsys)
+    assert code == 0 and err.startswith(f"warning: --data-dir {other} holds other images than the run in {run_dir} "
+                                        "trained on"), err
+    parts = tmp_path / "parts"
+    for part in ("train", "test"):
+        shutil.copytree(data / "class 0", parts / part / "class 0")
+    code, _, err = run(["train", "protonet", "--resume", "--run-dir", run_dir, "--steps", 2, "--data-dir", parts,
+                        "--no-eval", "--no-progress"], capsys)
+    assert code == 2 and err.startswith(f"error: --data-dir {parts} is not the folder the run in {run_dir} trained on "
+                                        f"({data.resolve()}; leave --data-dir out to resume on it): "), err
+    code, _, err = run(["train", "protonet", "--resume", "--run-dir", run_dir, "--steps", 2, "--no-eval",
+                        "--no-progress"], capsys)
+    assert code == 0, err
 
 
 def sinusoid_trainer(run_dir, network: nn.Module | None = None):

@@ -31,7 +31,7 @@ from metalearn.files import (WriteError, atomic_write_files, check_writable_file
 from metalearn.locking import make_folders
 from metalearn.tasks import has_validation
 from metalearn.checkpoints import (check_same_method, check_test_ways, configuration_conflict, load_trained,
-                                   load_trained_state)
+                                   load_trained_state, recorded_images, run_images)
 from metalearn.training import (TEST_SEED_OFFSET, build_trainer, part_seed_offset, python_resume, python_test,
                                 resume_command)
 
@@ -348,9 +348,10 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
     result = None
     try:  # the run folder stays locked through its test: status says it is tested, a second writer waits
         if evaluate_after:  # the trained weights in memory: no rank needs to read the checkpoint back
-            tested, _ = with_split(config, run_dir=run_dir, data_dir=data_dir)  # as eval scores it (a gone split file)
+            images = trainer.data_dir  # --data-dir, or on a resume without it the folder the run records
+            tested, _ = with_split(config, run_dir=run_dir, data_dir=images)  # as eval scores it (a gone split file)
             try:
-                result = _evaluate(run_dir, tested, trainer.learner, trainer.step, "test", None, 0, data_dir,
+                result = _evaluate(run_dir, tested, trainer.learner, trainer.step, "test", None, 0, images,
                                    progress, world, None, before_write=trainer.check_folder_is_ours)
             except KeyboardInterrupt:  # Ctrl-C after training: the checkpoint is saved, only the test is missing
                 raise TrainingStopped(f"interrupted during the test evaluation at step {trainer.step}; "
@@ -423,10 +424,13 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
         raise MetalearnError(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
     part_seed_offset(part)  # an unknown part, before the run is loaded
     config, learner, step, state = load_trained_state(run_dir, overrides)
-    config, split_labels = with_split(config, split_fractions, split_file, run_dir, data_dir)
-    split_record = _split_record(split_fractions, split_file) if split_labels else {}  # the run's own: nothing
+    split_labels = other_images_label(RunDir(run_dir), data_dir, state)  # another folder's: a file of its own
+    data_dir = run_images(RunDir(run_dir), data_dir, state)
+    config, own_labels = with_split(config, split_fractions, split_file, run_dir, data_dir)
+    split_labels = {**split_labels, **own_labels}
+    split_record = _split_record(split_fractions, split_file) if own_labels else {}  # the run's own: nothing
     # the run's own split of an image folder: the folder is expected to be the one it trained on
-    trained_on = (state.get("data_fingerprint") if not split_labels and config.task.dataset in NATURAL_IMAGES
+    trained_on = (state.get("data_fingerprint") if not own_labels and config.task.dataset in NATURAL_IMAGES
                   else None)
     if ensemble:
         ensemble_checkpoints(run_dir, config)  # refused before anything is evaluated
@@ -486,6 +490,20 @@ def _evaluate_protocol(run_dir, config: RunConfig, learner, step: int, protocol:
     if world.is_main:
         RunDir(run_dir).write_eval(result, labels, part)
     return result
+
+
+def other_images_label(run: RunDir, data_dir: Path | str | None, state: dict[str, Any] | None = None
+                       ) -> dict[str, str]:
+    """``{"data": NAME}`` for an evaluation of the image folder ``data_dir`` where the run
+    trained on another (its checkpoint records which, :func:`recorded_images`): its score goes
+    to a file of its own (``eval-data=NAME.json``, NAME the folder's name), never to the run's
+    ``eval.json``, and two folders' scores do not replace each other. Nothing for the run's own
+    folder, no ``data_dir``, or a run that records no folder."""
+    recorded = recorded_images(run, state) if data_dir is not None else None
+    if recorded is None:
+        return {}
+    given = Path(data_dir).expanduser().resolve()
+    return {} if given == recorded.resolve() else {"data": given.name}
 
 
 def evaluation_labels(config: RunConfig, overrides: dict[str, Any] | None = None,
@@ -577,13 +595,13 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
     """Score ``learner`` on ``part`` and write the result into the run folder (rank 0), after
     ``before_write()`` where given (training's test: that the folder is still its run's).
     ``trained_on``: the checkpoint's data fingerprint, for a warning where ``data_dir`` holds
-    other images (:func:`_warn_of_other_images`)."""
+    other images (:func:`warn_of_other_images`)."""
     from metalearn.tasks import build_task_source
 
     source = build_task_source(config.task, part, data_dir, progress, evaluation=True)
     if world.is_main:
         _warn_of_training_classes(run_dir, config, source, part)
-        _warn_of_other_images(run_dir, config, source, trained_on, data_dir)
+        warn_of_other_images(run_dir, config, source, trained_on, data_dir)
     learner = learner.to(world.device)
     n = config.train.eval_episodes if episodes is None else episodes
     # the validation part is drawn as the trainer's validation draws it (the same episodes for
@@ -598,6 +616,9 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
     test = config.task.for_testing()
     result.update({"part": part, "step": step, "method": config.method, "dataset": config.task.dataset,
                    "ways": test.ways, "shots": test.shots, "query": test.query, "overrides": overrides or {},
+                   # the images scored, where the user's folder holds them: which folder a score is of
+                   **({"data_dir": str(Path(data_dir).expanduser().resolve())}
+                      if data_dir is not None and config.task.dataset in NATURAL_IMAGES else {}),
                    **(extra or {})})
     if world.is_main:
         if before_write is not None:
@@ -606,7 +627,7 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
     return result
 
 
-def _warn_of_other_images(run_dir, config: RunConfig, source, trained_on: str | None, data_dir) -> None:
+def warn_of_other_images(run_dir, config: RunConfig, source, trained_on: str | None, data_dir) -> None:
     """An image folder that is not the one the run trained on (its data fingerprint, over the
     images, class names and parts, differs from the checkpoint's) is scored all the same: a
     folder that gained classes or images is scored on the run's own test classes. But the
@@ -675,7 +696,8 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
     curves = plot_learning_curves(records, plots / "learning_curves.png", title, labels)
     paths = [curves]
     if config.task.classification and can(config.method, "draws images"):
-        paths.append(plot_conditional_samples(run_dir, data_dir, out=plots / "conditional_samples.png"))
+        paths.append(plot_conditional_samples(run_dir, run_images(run, data_dir),
+                                              out=plots / "conditional_samples.png"))
     if not config.task.classification:
         _, learner, step = load_trained(run_dir)
         source = build_task_source(config.task, "test", data_dir)
@@ -1027,9 +1049,10 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
                               "task": " ".join(part for part in (task.dataset, shape) if part),
                               "steps": config.train.steps, "step": 0, "training_time_s": 0.0, "machines": []}
     own: list[str] = []  # what config.json does not describe: the commands cannot rebuild the run
+    state: dict[str, Any] | None = None  # the checkpoint's entries, where it has one
     if run.has_checkpoint():
         # a damaged entry that status shows is one line naming checkpoint.pt (the listing shows it as the run's error)
-        state = read_entries(run, "step", optional=("elapsed_s", "machines"))
+        state = read_entries(run, "step", optional=("elapsed_s", "machines", "data_dir"))
         status.update(step=int(state["step"]), training_time_s=float(state.get("elapsed_s", 0.0)),
                       machines=list(state.get("machines", [])))
         if own_learner(state) is not None:  # a learner built in Python: its network may be config.json's
@@ -1058,8 +1081,10 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
                            "complete" if status["step"] >= status["steps"] else
                            "stopped" if run.has_checkpoint() else "no checkpoint")
     status["holder"] = holder
-    # a folder dataset's images are not part of the run: the command needs them again
-    images = "IMAGE_FOLDER" if task.dataset in NATURAL_IMAGES else None
+    # a folder dataset's images are not part of the run: the command needs them again, unless the
+    # checkpoint records their folder and it is there (a resume then reads it)
+    recorded = recorded_images(run, state) if state is not None else None
+    images = "IMAGE_FOLDER" if task.dataset in NATURAL_IMAGES and (recorded is None or not recorded.is_dir()) else None
     status["resume"] = resume_command(config.method, run.path, images)
     try:
         split = run.read_split()

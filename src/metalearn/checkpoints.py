@@ -141,7 +141,10 @@ def check_same_method(saved: RunConfig, method: str, run_path: Path | str) -> No
     from metalearn.datasets import NATURAL_IMAGES
 
     if saved.method != method:
-        folder = " --data-dir FOLDER" if saved.task.dataset in NATURAL_IMAGES else ""  # its path is not kept
+        # the images' folder, where the checkpoint records none (or it is gone): a resume needs it
+        recorded = recorded_images(RunDir(run_path)) if saved.task.dataset in NATURAL_IMAGES else None
+        folder = (" --data-dir FOLDER" if saved.task.dataset in NATURAL_IMAGES and (recorded is None or
+                                                                                    not recorded.is_dir()) else "")
         raise MetalearnError(
             f"{run_path} is a {saved.method} run, not {method}: continue it with `metalearn train "
             f"{saved.method} --resume --run-dir {run_path}{folder}`, or train {method} in another --run-dir"
@@ -207,6 +210,38 @@ def own_learner(state: dict[str, Any]) -> str | None:
     were always built so by metalearn's commands."""
     source = state.get("learner_source")
     return source if isinstance(source, str) and not source.startswith("method:") else None
+
+
+def recorded_images(run: RunDir, state: dict[str, Any] | None = None) -> Path | None:
+    """The image folder ``run`` trained on, as its checkpoint records it (absolute), for a run
+    on an image folder of the user's (``folder``, ``mini-imagenet``); None for other datasets
+    (Omniglot's location is the environment's) and for a checkpoint that records none.
+    ``state``: the checkpoint's entries where the caller has read them already."""
+    from metalearn.datasets import NATURAL_IMAGES
+
+    if run.read_config().task.dataset not in NATURAL_IMAGES:
+        return None
+    if state is None:
+        if not run.has_checkpoint():
+            return None
+        state = read_entries(run, "step", optional=("data_dir",))
+    recorded = state.get("data_dir")
+    return Path(recorded) if recorded is not None else None
+
+
+def run_images(run: RunDir, data_dir: Path | str | None, state: dict[str, Any] | None = None) -> Path | str | None:
+    """The image folder a command on ``run`` reads: ``data_dir`` where given, else the folder the
+    run trained on (:func:`recorded_images`), so that eval, plot, compare and a resume need no
+    --data-dir for the run's own images; refused in one line where that folder is gone. None
+    where neither says (the command then asks for --data-dir). ``state``: as for
+    :func:`recorded_images`."""
+    if data_dir is not None:
+        return data_dir
+    recorded = recorded_images(run, state)
+    if recorded is not None and not recorded.is_dir():
+        raise MetalearnError(f"{run.path} trained on the images in {recorded}, which is not a folder now: give "
+                             "--data-dir, the folder that holds its images")
+    return recorded
 
 
 def own_tasks(state: dict[str, Any]) -> str | None:

@@ -339,14 +339,16 @@ def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots,
                  fast_gpu_kernels, ensemble, protocol, split_fractions, split_file):
     """Evaluate a trained run: mean accuracy (or MSE) with a 95% confidence interval."""
     from metalearn.api import (check_protocol_or_ensemble, ensemble_checkpoints, evaluate_run, evaluation_labels,
-                              with_split)
+                              other_images_label, with_split)
     from metalearn.evaluation import format_result
 
     check_protocol_or_ensemble(protocol, ensemble)  # before the file name, which counts the checkpoints
     overrides = dict(parse_setting(s) for s in settings)
     shape = {k: v for k, v in (("ways", ways), ("shots", shots), ("query", query)) if v is not None}
-    config, split_labels = with_split(RunDir(run_dir).read_config(), split_fractions, split_file, run_dir)
-    labels = {**evaluation_labels(config, overrides, shape, episodes, seed), **split_labels}
+    run = RunDir(run_dir)
+    config, split_labels = with_split(run.read_config(), split_fractions, split_file, run_dir)
+    labels = {**evaluation_labels(config, overrides, shape, episodes, seed), **other_images_label(run, data_dir),
+              **split_labels}
     if ensemble:
         labels["ensemble"] = len(ensemble_checkpoints(run_dir, config))
     if protocol is not None:

@@ -21,7 +21,7 @@ from metalearn.algorithms.base import device_of
 from metalearn.checkpoints import (RESUME_ENTRIES, RESUME_OPTIONAL_ENTRIES, all_finite, check_compatible,
                                    check_entries, check_run_dir, check_test_ways, check_weights_finite,
                                    initialise_from_run, load_learner_state, network_difference, on_cpu, own_learner,
-                                   own_tasks, saved_config, unreadable_checkpoint)
+                                   own_tasks, recorded_images, run_images, saved_config, unreadable_checkpoint)
 from metalearn.config import RunConfig
 from metalearn.distributed import RankLost, World, environment_count
 from metalearn.errors import TIME_LIMIT_EXIT, ConfigError, MetalearnError, TrainingStopped
@@ -799,6 +799,12 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
     if run is not None:
         check_run_dir(config, run, resume)
         resume = resume and run.has_checkpoint()  # a run that never started starts now
+    # a resume reads the images the run trained on: its checkpoint records the folder
+    recorded = recorded_images(run) if resume else None  # kept only where --data-dir names another folder
+    if resume and data_dir is None:
+        data_dir, recorded = run_images(run, data_dir), None
+    elif recorded is not None and Path(data_dir).expanduser().resolve() == recorded.resolve():
+        recorded = None
     check_test_ways(config)
     torch.manual_seed(config.train.seed)  # the initial weights
     learner = build_learner(config.method, config.method_config, problem_of(config.task))
@@ -811,13 +817,20 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
     validates = has_validation(task) and config.train.val_every > 0
     # every part's shape before the training part is read, so that no part fails after minutes of
     # decoding (the training part first: its mistakes are named first, as its build would)
-    with shared_scans():  # an image folder is listed once for all these
-        for part in ("train", *(("val",) if validates else ()), *(("test",) if tested else ())):
-            check_task_source(task, part, data_dir, progress)
-        train_tasks = build_task_source(task, "train", data_dir, progress)
-        val_tasks = build_task_source(task, "val", data_dir, progress) if validates else None
-        if tested:  # an impossible test episode fails now, not after training
-            build_task_source(task, "test", data_dir, progress)
+    try:
+        with shared_scans():  # an image folder is listed once for all these
+            for part in ("train", *(("val",) if validates else ()), *(("test",) if tested else ())):
+                check_task_source(task, part, data_dir, progress)
+            train_tasks = build_task_source(task, "train", data_dir, progress)
+            val_tasks = build_task_source(task, "val", data_dir, progress) if validates else None
+            if tested:  # an impossible test episode fails now, not after training
+                build_task_source(task, "test", data_dir, progress)
+    except MetalearnError as err:  # another folder than the run's: the folder is the news, not its split
+        if recorded is None or data_dir is None:
+            raise
+        back = "; leave --data-dir out to resume on it" if recorded.is_dir() else ""
+        raise MetalearnError(f"--data-dir {data_dir} is not the folder the run in {run.path} trained on "
+                             f"({recorded}{back}): {err}") from None
     if config.train.init_from and not resume:
         initialise_from_run(learner, config.train.init_from)
     learner = learner.to(world.device)

@@ -216,10 +216,11 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     ``overrides`` changes method options of every run for this comparison (e.g.
     ``{"test_inner_steps": 1}``).
     """
+    from metalearn.api import warn_of_other_images
     from metalearn.tasks import build_task_source
-    from metalearn.checkpoints import load_trained
+    from metalearn.checkpoints import load_trained_state, run_images
     from metalearn.runs import RunDir
-    from metalearn.datasets import get_dataset
+    from metalearn.datasets import NATURAL_IMAGES, get_dataset
     from metalearn.training import part_seed_offset
 
     from metalearn.evaluation import check_count
@@ -236,7 +237,13 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     if taken:  # a run's entry would overwrite the result's own field, or have no name
         raise MetalearnError(f"compare_learners cannot label a run {taken[0]!r}: the result uses "
                              f"{', '.join(RESULT_KEYS)} for itself; give the run another label")
-    loaded = {label: load_trained(path, overrides) for label, path in runs.items()}
+    states: dict[str, dict[str, Any]] = {}  # each checkpoint's entries, read with its weights
+
+    def load(label: str, path: Path | str) -> tuple[Any, Any, int]:
+        config, learner, step, states[label] = load_trained_state(path, overrides)
+        return config, learner, step
+
+    loaded = {label: load(label, path) for label, path in runs.items()}
     check_samples_apply([config.method for config, _, _ in loaded.values()], num_samples)
     for label, (config, _, _) in loaded.items():
         if get_dataset(config.task.dataset).reinforcement:
@@ -268,9 +275,14 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
             raise MetalearnError(f"runs {first_label!r} and {label!r} are tested on different tasks ({differ}); "
                                  "compare runs of the same task")
     first_task = loaded[first_label][0].task
+    # the first run's own images where no folder is given (a run on an image folder records it)
+    data_dir = run_images(RunDir(runs[first_label]), data_dir, states[first_label])
     if splits:  # the episodes are drawn from the test classes of the recorded split
         first_task = RunDir(runs[recorded]).with_own_split(loaded[recorded][0], data_dir).task
     source = build_task_source(first_task, part, data_dir, evaluation=True)  # the episodes eval --part draws
+    for label, (config, _, _) in loaded.items():  # a folder that is not the one a run trained on: as eval says
+        if config.task.dataset in NATURAL_IMAGES:
+            warn_of_other_images(runs[label], config, source, states[label].get("data_fingerprint"), data_dir)
     true_function = getattr(type(source), "function", None)
     noise_std = getattr(source, "noise_std", None)
     x_range = getattr(source, "x_range", (-5.0, 5.0))

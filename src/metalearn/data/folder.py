@@ -522,8 +522,8 @@ def load_image_folder(root: Path | str | None, image_size: int = 84, channels: i
     folder :func:`scan_folder` refuses; a file that is not a readable image is refused, naming
     it, when the images are first used."""
     if root is None:
-        raise MetalearnError("an image folder dataset needs --data-dir, the folder of class folders (a run keeps "
-                             "no folder path: give it again to resume, evaluate or plot a folder run)")
+        raise MetalearnError("an image folder dataset needs --data-dir, the folder of class folders (a run "
+                             "whose checkpoint records none needs it again to resume, evaluate or plot)")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 4:
         raise MetalearnError(f"image size must be a whole number of at least 4 pixels, got {image_size!r}")
     check_channels(channels)

@@ -1178,8 +1178,10 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
                              "on load_trained(run_dir)[1]")
     _refuse_outputs_among_inputs(named, [("--support", support)] + [("--query", q) for q in queries])
     learner = learner.to(init_world(device).device)
+    test = config.task.for_testing()  # a task's query images, in training and in testing: the fewer
+    per_task = min(config.task.ways * config.task.query, test.ways * test.query)
     result = predict_new_classes(learner, support, queries, config.task.image_size, config.task.channels,
-                                 num_samples)
+                                 num_samples, queries_per_task=per_task)
     result.update({"run": str(run_dir), "method": config.method, "step": step})
     outputs = []
     if json_out is not None:

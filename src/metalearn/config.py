@@ -88,6 +88,15 @@ class TaskConfig:
         )
 
 
+LOG_EVERY = 50  # steps between metrics lines where the user sets none, for runs of 500 steps or more
+
+
+def default_log_every(steps: int) -> int:
+    """The steps between metrics lines of a run of ``steps`` that sets none: ``LOG_EVERY``, or a
+    tenth of a shorter run (at least 1), so that its learning curve has about ten points, not one."""
+    return min(LOG_EVERY, max(1, steps // 10))
+
+
 @options
 class TrainConfig:
     """The outer loop: ``steps`` meta-updates of ``meta_batch_size`` tasks with ``meta_optimizer``
@@ -111,7 +120,10 @@ class TrainConfig:
                                    "step (0: no clipping)")
     seed: int = option(0, "seeds the initial weights and every task drawn; the same seed repeats a run exactly "
                           "on the same machine and versions")
-    log_every: int = option(50, "steps between lines of metrics.jsonl")
+    # None: resolved by steps (default_log_every) when the config is built, so a saved or resumed
+    # run holds the number it logged by
+    log_every: int | None = option(None, f"steps between lines of metrics.jsonl ({LOG_EVERY}, or a tenth of a run "
+                                         f"under {10 * LOG_EVERY} steps)")
     val_every: int = option(1000, "steps between validations on the validation split (0: none)")
     val_episodes: int = option(200, "episodes per validation")
     checkpoint_every: int = option(500, "steps between checkpoints (one is also written at the end and on Ctrl-C)")
@@ -133,6 +145,8 @@ class TrainConfig:
 
         if self.steps < 0:
             refuse("steps", "must be >= 0")
+        if self.log_every is None:
+            object.__setattr__(self, "log_every", default_log_every(self.steps))
         if self.meta_batch_size < 1:
             refuse("meta_batch_size", "must be at least 1")
         require_number(self.meta_lr, "TrainConfig", "meta_lr")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from metalearn.algorithms import MetaLearner
 from metalearn.algorithms.base import evaluating
@@ -21,8 +22,9 @@ from metalearn.data.images import is_image_file
 from metalearn.errors import MetalearnError, MetalearnWarning
 from metalearn.files import WriteError, atomic_write_files, check_writable_file
 from metalearn.locking import make_folders
+from metalearn.models.norm import BatchStatNorm
 
-QUERY_CHUNK = 256  # query images classified per pass (with the whole support set)
+QUERY_CHUNK = 256  # the most query images classified per pass (with the whole support set)
 
 
 def read_support(folder: Path | str) -> tuple[list[str], list[list[Path]]]:
@@ -115,20 +117,75 @@ def read_query(paths: list[Path | str]) -> list[Path]:
 
 def warn_of_query_in_support(support: list[list[Path]], query: list[Path]) -> None:
     """A warning when query images are support images too (the same file, also through a link):
-    the support set answers for them, so their predictions and accuracy say nothing of how new
-    images are classified."""
+    the learner was given them with their labels, so their predictions (and an accuracy that
+    counts them) do not show how it classifies new images. It does not say they get their
+    support label: a prototype of several shots, or an adapted network, may give another."""
     given = {os.path.realpath(path) for group in support for path in group}
     repeated = [path for path in query if os.path.realpath(path) in given]
     if repeated:
-        noun = "image is" if len(repeated) == 1 else "images are"
+        one = len(repeated) == 1
+        them, their, labels = ("it", "its", "label") if one else ("them", "their", "labels")
+        images, verb = "image" if len(query) == 1 else "images", "is" if one else "are"
         warnings.warn(MetalearnWarning(
-            f"{len(repeated)} of the {len(query)} query {noun} also in the support set (e.g. {repeated[0]}): "
-            "their predictions, and the accuracy over them, repeat the support labels; query other images "
-            "to test the model"), stacklevel=3)
+            f"{len(repeated)} of the {len(query)} query {images} {verb} also in the support set (e.g. {repeated[0]}): "
+            f"the learner was given {them} with {their} {labels}, so {their} prediction{'' if one else 's'} (and an "
+            f"accuracy counting {them}) {'does' if one else 'do'} not show how it classifies new images; query other "
+            "images to test it"), stacklevel=3)
+
+
+def normalises_queries_together(learner: MetaLearner) -> bool:
+    """Whether ``learner`` normalises a task's query images with their own batch statistics, so
+    that each query's probabilities depend on the other queries classified with it (transductive
+    batch norm, as it was trained and tested). True where both hold:
+
+    - its network has a batch norm that uses the batch's statistics in eval mode: a
+      :class:`~metalearn.models.BatchStatNorm` without running statistics to evaluate with
+      (``running_at_eval``), or torch's batch norm without running statistics;
+    - the adapted network's own output classifies the queries (:attr:`MetaLearner.fixed_ways`:
+      one output per class, the support set only adapts the network), all of them in one batch:
+      not where a ``transductive`` option is off (each query then goes with the support set
+      alone). Methods that embed support and queries together (prototypes, attention over the
+      support) have the support set in every batch and are not counted."""
+    if not getattr(learner, "fixed_ways", False) or getattr(getattr(learner, "config", None), "transductive",
+                                                            True) is False:
+        return False
+    for module in learner.modules():
+        if isinstance(module, BatchStatNorm) and (module.running_mean is None or not module.running_at_eval):
+            return True
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None:
+            return True
+    return False
+
+
+FEW_QUERIES = ".* normalises its query images together"  # the warning's words, to filter it by
+
+
+def warn_of_few_queries(learner: MetaLearner, count: int, queries_per_task: int | None) -> None:
+    """A warning when ``learner`` normalises its queries together (:func:`normalises_queries_together`)
+    and is given fewer than a task of its run had: the statistics of a few images are not those
+    it learned with, so its probabilities, however confident, can mislead (the same image can
+    get 0.31 alone and 0.99 among five). ``queries_per_task``: the run's query images per task
+    (ways times query per class; the fewer of training's and testing's); None: one per class,
+    the fewest a run has."""
+    if not normalises_queries_together(learner):
+        return
+    problem = getattr(learner, "problem", None)
+    least = queries_per_task if queries_per_task is not None else problem.output_dim if problem is not None else None
+    if least is None or count >= least:
+        return
+    name = getattr(learner, "name", type(learner).__name__)
+    had = f"the {least} of a task of its run" if queries_per_task is not None else f"one per class ({least})"
+    warnings.warn(MetalearnWarning(
+        f"{name} normalises its query images together (batch statistics, as in training), so each one's "
+        f"probabilities depend on the others classified with it: {count} query "
+        f"{'image is' if count == 1 else 'images are'} fewer than {had}, and the probabilities can mislead; "
+        f"classify at least {least} query images together"),
+        stacklevel=3)
 
 
 def predict_new_classes(learner: MetaLearner, support: Path | str, query: list[Path | str],
-                        image_size: int, channels: int, num_samples: int | None = None) -> dict[str, Any]:
+                        image_size: int, channels: int, num_samples: int | None = None,
+                        queries_per_task: int | None = None) -> dict[str, Any]:
     """Classify every query image among the support folder's classes.
 
     Returns ``{"classes": [...], "shots": [...], "predictions": [{"file", "label", "probability",
@@ -143,21 +200,30 @@ def predict_new_classes(learner: MetaLearner, support: Path | str, query: list[P
     images; ``query``: image files and folders (searched recursively). Images are prepared
     with ``learner.prepare_images`` at ``image_size`` and ``channels``, as the run's training
     images were. ``num_samples``: models sampled per task, for a learner that samples models
-    (None: its own default). The learner's train / eval mode is restored afterwards. Raises
+    (None: its own default). ``queries_per_task``: the query images of a task of the run (ways
+    times query per class), below which a learner that normalises its queries together is
+    warned of (:func:`warn_of_few_queries`; None: below one per class). Queries are classified
+    in chunks of at most ``QUERY_CHUNK``, of equal sizes (to one image), each with the whole
+    support set. The learner's train / eval mode is restored afterwards. Raises
     :class:`MetalearnError` for a support or query path that :func:`read_support` or
     :func:`read_query` refuses (missing, no class folders, one class, no images) and for a
     file that is not a readable image."""
     names, files = read_support(support)
     query_files = read_query(query)
     warn_of_query_in_support(files, query_files)
+    warn_of_few_queries(learner, len(query_files), queries_per_task)
     support_x = learner.prepare_images([f for group in files for f in group], image_size, channels)
     support_y = torch.tensor([c for c, group in enumerate(files) for _ in group])
     sampling = hasattr(learner, "sample_probabilities")
     means, spreads, query_images = [], [], []
     generator = torch.Generator().manual_seed(0)
     with evaluating(learner):  # the caller's mode comes back afterwards
-        for start in range(0, len(query_files), QUERY_CHUNK):
-            query_x = learner.prepare_images(query_files[start:start + QUERY_CHUNK], image_size, channels)
+        # chunks of equal sizes: a learner that normalises its queries together would classify a
+        # small last chunk (257 queries: one image) with that chunk's statistics alone
+        chunks = -(-len(query_files) // QUERY_CHUNK)
+        bounds = [len(query_files) * i // chunks for i in range(chunks + 1)]
+        for start, stop in zip(bounds, bounds[1:]):
+            query_x = learner.prepare_images(query_files[start:stop], image_size, channels)
             query_images.append(query_x)
             if sampling:
                 with torch.no_grad():
@@ -165,7 +231,9 @@ def predict_new_classes(learner: MetaLearner, support: Path | str, query: list[P
                 means.append(samples.mean(0).cpu())
                 spreads.append(samples.std(0, unbiased=False).cpu())
             else:
-                means.append(learner.fit_predict(support_x, support_y, query_x).cpu())
+                with warnings.catch_warnings():  # said above, for all the queries, with the run's count
+                    warnings.filterwarnings("ignore", FEW_QUERIES, MetalearnWarning)
+                    means.append(learner.fit_predict(support_x, support_y, query_x).cpu())
     probabilities = torch.cat(means)
     spread = torch.cat(spreads) if sampling else None
     predictions = []

@@ -320,7 +320,10 @@ class MetaLearner(nn.Module):
         >>> config, learner, step = metalearn.load_trained("runs/protonet-folder-...")
         >>> probs = learner.fit_predict(["a1.jpg", "b1.jpg"], [0, 1], ["new.jpg"])   # (1, 2)
         """
+        from metalearn.prediction import warn_of_few_queries
+
         batch = self.task_batch(support_x, support_y, query_x, **prepare)
+        warn_of_few_queries(self, batch.query_x.shape[1], None)  # fewer queries than classes: a warning
         with torch.no_grad(), evaluating(self):
             return self.predict(batch)[0].float().softmax(dim=-1)
 

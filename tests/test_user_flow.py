@@ -1,0 +1,223 @@
+"""What a user of their own image folders meets: predictions that depend on the queries given
+together (transductive batch norm), query images that are support images too, and the
+learning curve of a short run (``--log-every``'s default)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from cli_runner import run
+from metalearn import prediction
+from metalearn.algorithms import build_learner
+from metalearn.api import resolve_config
+from metalearn.config import LOG_EVERY, RunConfig, TrainConfig, default_log_every
+from metalearn.errors import MetalearnWarning
+from metalearn.prediction import normalises_queries_together, predict_new_classes, warn_of_query_in_support
+from metalearn.runs import RunDir
+from metalearn.tasks.batch import Problem
+
+PROBLEM = Problem((3, 28, 28), 3, True)
+
+
+def write_images(folder: Path, count: int, colour: tuple[int, int, int], seed: int) -> list[Path]:
+    """``count`` 16-pixel PNGs of noise around ``colour``."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        pixels = np.clip(rng.normal(colour, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels, "RGB").save(folder / f"{i:02d}.png")
+        paths.append(folder / f"{i:02d}.png")
+    return paths
+
+
+COLOURS = ((220, 40, 40), (40, 180, 60), (40, 70, 220))
+
+
+@pytest.fixture
+def new_classes(tmp_path) -> tuple[Path, list[Path]]:
+    """A support folder of 3 classes, 1 shot each, and 6 query images (2 per class)."""
+    support, queries = tmp_path / "support", []
+    for c, colour in enumerate(COLOURS):
+        write_images(support / f"class{c}", 1, colour, seed=c)
+        queries += write_images(tmp_path / "query" / f"class{c}", 2, colour, seed=10 + c)
+    return support, queries
+
+
+def few_query_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, MetalearnWarning)
+            and "normalises its query images together" in str(w.message)]
+
+
+# -- transductive batch norm ------------------------------------------------------------------
+
+
+def test_which_learners_normalise_their_queries_together():
+    """The networks with one output per class whose batch norm uses the batch's statistics at
+    evaluation classify the queries in a batch of their own; the embedding methods put the
+    support set into every batch, non-transductive Reptile each query with the support set,
+    and MAML++'s running statistics normalise without the batch."""
+    together = {method: normalises_queries_together(build_learner(method, {}, PROBLEM))
+                for method in ("maml", "platipus", "reptile", "protonet", "matchingnet")}
+    assert together == {"maml": True, "platipus": True, "reptile": True, "protonet": False, "matchingnet": False}
+    assert not normalises_queries_together(build_learner("reptile", {"transductive": False}, PROBLEM))
+    running = {"per_step_bn_statistics": True}
+    assert not normalises_queries_together(build_learner("maml", running, PROBLEM))
+    assert normalises_queries_together(build_learner("maml", {**running, "eval_bn_statistics": "batch"}, PROBLEM))
+
+
+def test_few_queries_to_a_transductive_learner_are_warned_of(new_classes):
+    """One query image alone gets other probabilities than among others (the batch statistics of
+    one image): a Python caller is warned, in one line saying what to do; enough queries, or a
+    learner that normalises with the support set, are not."""
+    support, queries = new_classes
+    torch.manual_seed(0)
+    maml = build_learner("maml", {"test_inner_steps": 1}, PROBLEM)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        alone = predict_new_classes(maml, support, queries[:1], 28, 3)
+        together = predict_new_classes(maml, support, queries, 28, 3)
+    said = few_query_warnings(caught)
+    assert len(said) == 1 and "\n" not in said[0], said
+    assert said[0].startswith("maml normalises its query images together (batch statistics, as in training), so "
+                              "each one's probabilities depend on the others classified with it: 1 query image is "
+                              "fewer than one per class (3)"), said[0]
+    assert said[0].endswith("classify at least 3 query images together")
+    first = lambda result: result["predictions"][0]["probabilities"]  # noqa: E731
+    assert first(alone) != pytest.approx(first(together), abs=1e-4)  # what the warning is about
+
+    # the run's own number of queries per task, where the caller knows it
+    with pytest.warns(MetalearnWarning, match=r"5 query images are fewer than the 6 of a task of its run, .*"
+                                              r"classify at least 6 query images together$"):
+        predict_new_classes(maml, support, queries[:5], 28, 3, queries_per_task=6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predict_new_classes(maml, support, queries, 28, 3, queries_per_task=6)
+        predict_new_classes(build_learner("protonet", {}, PROBLEM), support, queries[:1], 28, 3)
+        predict_new_classes(build_learner("reptile", {"transductive": False, "test_inner_steps": 1}, PROBLEM),
+                            support, queries[:1], 28, 3)
+    assert few_query_warnings(caught) == []
+    # learner.fit_predict, the images and labels of a Python caller
+    with pytest.warns(MetalearnWarning, match=r"^maml normalises its query images together .*1 query image is fewer "
+                                              r"than one per class \(3\)"):
+        maml.fit_predict([f for f in sorted(support.rglob("*.png"))], [0, 1, 2], queries[:1], image_size=28,
+                         channels=3)
+
+
+def test_queries_are_classified_in_chunks_of_equal_sizes(new_classes, monkeypatch):
+    """More queries than one pass takes are split evenly: no small last chunk normalised alone."""
+    support, queries = new_classes
+
+    class Recorder(nn.Module):
+        problem = None
+
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def prepare_images(self, images, image_size, channels):
+            return torch.zeros(len(images), channels, image_size, image_size)
+
+        def fit_predict(self, support_x, support_y, query_x):
+            self.sizes.append(query_x.shape[0])
+            return torch.full((query_x.shape[0], 3), 1 / 3)
+
+    monkeypatch.setattr(prediction, "QUERY_CHUNK", 4)
+    learner = Recorder()
+    result = predict_new_classes(learner, support, queries[:5], 28, 3)
+    assert learner.sizes == [2, 3] and len(result["predictions"]) == 5
+    learner.sizes = []
+    predict_new_classes(learner, support, queries[:4], 28, 3)
+    assert learner.sizes == [4]
+
+
+def test_metalearn_predict_prints_the_few_queries_warning_as_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("METALEARN_CACHE", str(tmp_path / "cache"))
+    for c in range(6):
+        write_images(tmp_path / "data" / f"class{c}", 3, (40 * c, 200 - 30 * c, 100), seed=c)
+    run_dir = tmp_path / "run"
+    code, out, err = run(["train", "maml", "--dataset", "folder", "--data-dir", tmp_path / "data", "--image-size", 28,
+                          "--ways", 3, "--shots", 1, "--query", 1, "--steps", 0, "--val-every", 0, "--no-eval",
+                          "--split-fractions", "1,0,0", "--test-inner-steps", 1, "--run-dir", run_dir,
+                          "--no-progress"], capsys)
+    assert code == 0, err
+    support = tmp_path / "new" / "support"
+    queries = []
+    for c, colour in enumerate(COLOURS):
+        write_images(support / f"c{c}", 1, colour, seed=20 + c)
+        queries += write_images(tmp_path / "new" / "query" / f"c{c}", 1, colour, seed=30 + c)
+    code, out, err = run(["predict", run_dir, "--support", support, "--query", queries[0]], capsys)
+    assert code == 0, err
+    warned = [line for line in err.strip().splitlines() if line.startswith("warning: ")]
+    assert len(warned) == 1 and len(err.strip().splitlines()) == 1, err
+    assert warned[0].startswith("warning: maml normalises its query images together"), warned
+    assert "classify at least 3 query images together" in warned[0]
+    code, out, err = run(["predict", run_dir, "--support", support, "--query", tmp_path / "new" / "query"], capsys)
+    assert code == 0 and "warning" not in err, err
+
+
+# -- query images that are support images ----------------------------------------------------
+
+
+def test_support_images_among_the_queries_are_named_truthfully(new_classes):
+    """A support image given as a query is not sure to get its own label (a prototype of several
+    shots, an adapted network): the warning says it is no test of new images, not that its
+    label is repeated."""
+    support, queries = new_classes
+    shots = [[path] for path in sorted(support.glob("*/*.png"))]
+    with pytest.warns(MetalearnWarning) as caught:
+        warn_of_query_in_support(shots, [shots[0][0], shots[1][0], queries[0]])
+    message = str(caught[0].message)
+    assert message == (f"2 of the 3 query images are also in the support set (e.g. {shots[0][0]}): the learner was "
+                       "given them with their labels, so their predictions (and an accuracy counting them) do not "
+                       "show how it classifies new images; query other images to test it")
+    with pytest.warns(MetalearnWarning, match=r"^1 of the 2 query images is also in the support set .*: the learner "
+                                              r"was given it with its label, so its prediction \(and an accuracy "
+                                              r"counting it\) does not show"):
+        warn_of_query_in_support(shots, [shots[2][0], queries[0]])
+
+
+# -- the learning curve of a short run -----------------------------------------------------
+
+
+def test_log_every_defaults_to_about_ten_lines_for_a_short_run():
+    assert [default_log_every(steps) for steps in (0, 5, 50, 120, 499, 500, 60000)] == [1, 1, 5, 12, 49, 50, 50]
+    assert TrainConfig().log_every == LOG_EVERY == 50
+    assert resolve_config("maml", train={"steps": 50}).train.log_every == 5
+    assert resolve_config("maml", train={"steps": 50, "log_every": 50}).train.log_every == 50  # the user's own
+    assert resolve_config("maml", train={"steps": 500}).train.log_every == 50
+    # the presets and the papers' runs resolve as before; maml-rl sets its own
+    assert resolve_config("maml").train.log_every == 50
+    assert resolve_config("maml", preset="maml++").train.log_every == 50
+    assert resolve_config("maml-rl").train.log_every == 1
+
+
+def test_a_saved_or_resumed_run_keeps_its_log_every(tmp_path):
+    """A run saved with 50 steps logged every 50 (before the default followed the steps) reads
+    and resumes with 50; a short run resumed for longer keeps its own number."""
+    old = resolve_config("maml", train={"steps": 50, "log_every": 50})
+    assert RunConfig.from_dict(json.loads(json.dumps(old.to_dict()))).train.log_every == 50
+    RunDir(tmp_path / "old").write_config(old)
+    assert resolve_config("maml", resume_from=tmp_path / "old").train.log_every == 50
+    assert resolve_config("maml", train={"steps": 100}, resume_from=tmp_path / "old").train.log_every == 50
+    short = resolve_config("maml", train={"steps": 50})
+    RunDir(tmp_path / "short").write_config(short)
+    assert resolve_config("maml", train={"steps": 60000}, resume_from=tmp_path / "short").train.log_every == 5
+
+
+def test_a_short_run_logs_about_ten_points(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, out, err = run(["train", "maml", "--dataset", "sinusoid", "--steps", 20, "--meta-batch-size", 2,
+                          "--val-every", 0, "--no-eval", "--run-dir", run_dir, "--no-progress"], capsys)
+    assert code == 0, err
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(2, 21, 2))

@@ -221,3 +221,19 @@ def test_a_short_run_logs_about_ten_points(tmp_path, capsys):
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == list(range(2, 21, 2))
+
+
+def test_one_query_of_small_images_is_predicted_not_refused_by_torch():
+    """At 16 pixels Conv4's last feature map is 1x1, so one query image is one value per channel,
+    which torch's native batch norm refuses in training mode; the decomposed form gives the bias
+    for it, as for any batch of equal values (the few-queries warning says what that is worth)."""
+    from metalearn.models.norm import batch_stat_norm
+
+    torch.manual_seed(0)
+    maml = build_learner("maml", {"model": "conv4", "test_inner_steps": 1}, Problem((3, 16, 16), 3, True))
+    with pytest.warns(MetalearnWarning, match="normalises its query images together"):
+        probabilities = maml.fit_predict(torch.rand(3, 3, 16, 16), [0, 1, 2], torch.rand(1, 3, 16, 16))
+    assert probabilities.shape == (1, 3) and torch.isfinite(probabilities).all()
+    one = torch.randn(1, 4, 1, 1)
+    bias = torch.arange(4.0)
+    assert torch.equal(batch_stat_norm(one, None, bias, 1e-5), bias.view(1, 4, 1, 1))

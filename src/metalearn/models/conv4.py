@@ -101,7 +101,7 @@ class Conv4(nn.Module):
                 elif isinstance(layer, BatchStatNorm):
                     weight = params[prefix + "weight"].reshape(-1) if layer.weight is not None else None
                     bias = params[prefix + "bias"].reshape(-1)
-                    if native_batch_norm_active():
+                    if native_batch_norm_active(h):
                         h = F.batch_norm(h, None, None, native_weight(weight, h), bias, True, 0.0, layer.eps)
                     else:
                         h = batch_stat_norm(h, weight, bias, layer.eps)

@@ -89,7 +89,7 @@ class BatchStatNorm(nn.Module):
                 return (x - self.running_mean[k].view(shape)) * inverse_std.view(shape) + bias.view(shape)
             if self.training:
                 _record_batch_statistics(self, k, x)
-        if native_batch_norm_active():  # the fast native kernel
+        if native_batch_norm_active(x):  # the fast native kernel
             return F.batch_norm(x, None, None, native_weight(weight, x), bias, True, 0.0, self.eps)
         return batch_stat_norm(x, weight, bias, self.eps)
 
@@ -156,9 +156,15 @@ def native_weight(weight: Tensor | None, x: Tensor) -> Tensor | None:
     return weight
 
 
-def native_batch_norm_active() -> bool:
+def native_batch_norm_active(x: Tensor | None = None) -> bool:
     """Whether a batch norm here should use the native kernel, as :class:`BatchStatNorm` decides:
-    without gradients, or inside :func:`native_batch_norm`."""
+    without gradients, or inside :func:`native_batch_norm`; never for an input ``x`` of one value
+    per channel (one image whose feature map is 1x1: a single query of 16-pixel images after
+    Conv4's four poolings), which torch 2.13's kernel refuses in training mode ("Expected more
+    than 1 value per channel") where the decomposed form gives what it gives for any batch of
+    equal values, the bias."""
+    if x is not None and x.dim() >= 2 and x.numel() == x.shape[1]:
+        return False
     return not torch.is_grad_enabled() or _NATIVE.get()
 
 

@@ -438,6 +438,10 @@ def test_running_out_of_memory_is_a_message_not_a_traceback(tmp_path, capsys, mo
     assert memory_advice(["train", "maml", "--ways", "5"]).endswith(
         "Or ask for less at once: a smaller --meta-batch-size, fewer --ways, --shots, --query or --inner-steps, a "
         "smaller --image-size.")  # omniglot, the default
+    from metalearn.cli import MEMORY_OPTIONS
+    from metalearn.options import MEMORY_WORDS
+
+    assert {words for words, _ in MEMORY_OPTIONS} == set(MEMORY_WORDS)  # a method's option finds its group
     # a method's own options, where its Config says they set the memory held (option(..., memory=...))
     assert memory_advice(["train", "memory"]).endswith("a smaller --image-size or --memory-size.")
     assert memory_advice(["train", "statistician"]).endswith("a smaller --image-size or --hidden-dim.")

@@ -95,7 +95,7 @@ def test_eval_on_another_folder_with_the_same_class_names_warns_and_scores(folde
                    "12 images either way, other images, class names or parts): the classes scored are taken by name "
                    "from its split.json, so a class renamed or replaced since may be one it trained on\n"), err
     # scored, in a file of its own that names the folder: the run's own evaluation stays
-    scored = json.loads(RunDir(run_dir).eval_file({"episodes": 2, "data": "other"}).read_text())
+    scored = json.loads(next(run_dir.glob("eval-data=other-*-episodes=2.json")).read_text())
     assert scored["episodes"] == 2 and scored["data_dir"] == str(other.resolve())
     assert json.loads(RunDir(run_dir).eval_file({"episodes": 2}).read_text())["data_dir"] == str(data.resolve())
     grown = shutil.copytree(data, tmp_path / "grown")
@@ -120,11 +120,29 @@ def test_a_run_reads_the_folder_it_records_and_files_another_folders_scores_apar
         code, out, err = run(["eval", run_dir, "--data-dir", folder, "--split-fractions", "0,0,1", "--episodes", 2,
                               "--no-progress"], capsys)
         assert code == 0, err
+    import hashlib
+
+    named = f"other-{hashlib.sha256(str(other.resolve()).encode()).hexdigest()[:6]}"  # name, hash of its path
     names = sorted(p.name for p in run_dir.glob("eval*.json"))
-    assert names == ["eval-data=other-episodes=2-split_fractions=0,0,1.json", "eval-episodes=2-split_fractions=0,0,1.json",
-                     "eval-episodes=2.json"], names
+    assert names == [f"eval-data={named}-episodes=2-split_fractions=0,0,1.json",
+                     "eval-episodes=2-split_fractions=0,0,1.json", "eval-episodes=2.json"], names
+    import torch
+
+    from metalearn.api import other_images_label
+
+    moved = shutil.copytree(run_dir, tmp_path / "moved-run")  # its folder gone: the one given is its images, moved
+    state = torch.load(moved / "checkpoint.pt", weights_only=True)
+    torch.save({**state, "data_dir": str(tmp_path / "gone")}, moved / "checkpoint.pt")
+    assert other_images_label(RunDir(moved), other) == {} and other_images_label(RunDir(run_dir), data) == {}
     code, out, err = run(["compare", run_dir, "--episodes", 2], capsys)
     assert code == 0 and err == "", err
+    elsewhere = shutil.copytree(run_dir, tmp_path / "elsewhere")  # a run that records another folder
+    state = torch.load(elsewhere / "checkpoint.pt", weights_only=True)
+    torch.save({**state, "data_dir": str(other.resolve())}, elsewhere / "checkpoint.pt")
+    code, out, err = run(["compare", run_dir, elsewhere, "--episodes", 2], capsys)
+    assert code == 2 and err == (f"error: runs 'run' and 'elsewhere' trained on different image folders "
+                                 f"({data.resolve()}, {other.resolve()}): compare scores every run on the same "
+                                 "episodes; give --data-dir, the folder to draw them from\n"), err
     code, out, err = run(["compare", run_dir, "--episodes", 2, "--data-dir", other], capsys)
     assert code == 0 and err.startswith(f"warning: --data-dir {other} holds other images than the run in {run_dir} "
                                         "trained on"), err

@@ -1047,6 +1047,23 @@ def test_a_run_records_the_options_of_the_learner_that_trained(tmp_path):
     with pytest.raises(MetalearnError, match=r"^the learner is protonet \(ProtoNet\) but the config is for maml: "
                                              r"build the config for the learner, metalearn.resolve_config\('protonet'"):
         Trainer(config, ProtoNet(MLP()), SinusoidTasks(), None, tmp_path / "other")
+    # a subclass whose Config adds options: the registered method's are recorded, so config.json reads
+    @dataclasses.dataclass(frozen=True)
+    class WiderConfig(MAML.Config):
+        inner_loss: str = "mse"
+
+    class MyMAML(MAML):
+        Config = WiderConfig
+
+    Trainer(config, MyMAML(MLP(), WiderConfig()), SinusoidTasks(), None, tmp_path / "sub").fit(progress=False)
+    assert "inner_loss" not in RunDir(tmp_path / "sub").read_config().method_config
+
+    class Renamed(MAML):
+        name = "my-maml"
+
+    with pytest.raises(MetalearnError, match=r"resolve_config\('my-maml', ...\) \(after "
+                                             r"metalearn.algorithms.register_method\(Renamed\)\)$"):
+        Trainer(config, Renamed(MLP()), SinusoidTasks(), None, tmp_path / "other")
     with pytest.raises(MetalearnError, match="^Trainer takes a RunConfig"):
         Trainer({"train": {"steps": 2}}, MAML(MLP()), SinusoidTasks(), None, tmp_path / "other")
 

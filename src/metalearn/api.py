@@ -425,7 +425,7 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     part_seed_offset(part)  # an unknown part, before the run is loaded
     config, learner, step, state = load_trained_state(run_dir, overrides)
     split_labels = other_images_label(RunDir(run_dir), data_dir, state)  # another folder's: a file of its own
-    data_dir = run_images(RunDir(run_dir), data_dir, state)
+    data_given, data_dir = data_dir is not None, run_images(RunDir(run_dir), data_dir, state)
     config, own_labels = with_split(config, split_fractions, split_file, run_dir, data_dir)
     split_labels = {**split_labels, **own_labels}
     split_record = _split_record(split_fractions, split_file) if own_labels else {}  # the run's own: nothing
@@ -458,7 +458,7 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
                        world or init_world(device, exact_gpu_kernels=exact_gpu_kernels),
                        {**(overrides or {}), **(episode_shape or {})}, per_step, labels,
                        {**({"ensemble": [member_step for _, _, member_step in members]} if ensemble else {}),
-                        **split_record} or None, trained_on=trained_on)
+                        **split_record} or None, trained_on=trained_on, data_given=data_given)
     return result
 
 
@@ -494,16 +494,22 @@ def _evaluate_protocol(run_dir, config: RunConfig, learner, step: int, protocol:
 
 def other_images_label(run: RunDir, data_dir: Path | str | None, state: dict[str, Any] | None = None
                        ) -> dict[str, str]:
-    """``{"data": NAME}`` for an evaluation of the image folder ``data_dir`` where the run
-    trained on another (its checkpoint records which, :func:`recorded_images`): its score goes
-    to a file of its own (``eval-data=NAME.json``, NAME the folder's name), never to the run's
-    ``eval.json``, and two folders' scores do not replace each other. Nothing for the run's own
-    folder, no ``data_dir``, or a run that records no folder."""
+    """``{"data": NAME-HASH}`` for an evaluation of the image folder ``data_dir`` where the run
+    trained on another that is still there (its checkpoint records which,
+    :func:`recorded_images`): its score goes to a file of its own (``eval-data=photos-1a2b3c.json``:
+    the folder's name and a hash of its absolute path, so that two folders of one name do not
+    replace each other's), never to the run's ``eval.json``. Nothing for the run's own folder, for
+    a folder given where the recorded one is gone (the run's images, moved: the data fingerprint
+    warns where they changed), without ``data_dir``, or for a run that records no folder."""
+    import hashlib
+
     recorded = recorded_images(run, state) if data_dir is not None else None
-    if recorded is None:
+    if recorded is None or not recorded.is_dir():
         return {}
     given = Path(data_dir).expanduser().resolve()
-    return {} if given == recorded.resolve() else {"data": given.name}
+    if given == recorded.resolve():
+        return {}
+    return {"data": f"{given.name}-{hashlib.sha256(str(given).encode()).hexdigest()[:6]}"}
 
 
 def evaluation_labels(config: RunConfig, overrides: dict[str, Any] | None = None,
@@ -591,17 +597,17 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
               data_dir, progress: bool, world: World, overrides: dict[str, Any] | None,
               per_step: bool = True, labels: dict[str, Any] | None = None,
               extra: dict[str, Any] | None = None, before_write=None,
-              trained_on: str | None = None) -> dict[str, Any]:
+              trained_on: str | None = None, data_given: bool = True) -> dict[str, Any]:
     """Score ``learner`` on ``part`` and write the result into the run folder (rank 0), after
     ``before_write()`` where given (training's test: that the folder is still its run's).
     ``trained_on``: the checkpoint's data fingerprint, for a warning where ``data_dir`` holds
-    other images (:func:`warn_of_other_images`)."""
+    other images (:func:`warn_of_other_images`; ``data_given``: as its ``given``)."""
     from metalearn.tasks import build_task_source
 
     source = build_task_source(config.task, part, data_dir, progress, evaluation=True)
     if world.is_main:
         _warn_of_training_classes(run_dir, config, source, part)
-        warn_of_other_images(run_dir, config, source, trained_on, data_dir)
+        warn_of_other_images(run_dir, config, source, trained_on, data_dir, data_given)
     learner = learner.to(world.device)
     n = config.train.eval_episodes if episodes is None else episodes
     # the validation part is drawn as the trainer's validation draws it (the same episodes for
@@ -627,13 +633,15 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
     return result
 
 
-def warn_of_other_images(run_dir, config: RunConfig, source, trained_on: str | None, data_dir) -> None:
+def warn_of_other_images(run_dir, config: RunConfig, source, trained_on: str | None, data_dir,
+                         given: bool = True) -> None:
     """An image folder that is not the one the run trained on (its data fingerprint, over the
     images, class names and parts, differs from the checkpoint's) is scored all the same: a
     folder that gained classes or images is scored on the run's own test classes. But the
     classes are found by name (its split.json, or the folder's own parts), so a class renamed or
     replaced since may be one the run trained on: said once, beside the result, with the counts
-    then and now as a refused resume gives them."""
+    then and now as a refused resume gives them. ``given``: ``data_dir`` is the user's
+    --data-dir, not the folder the checkpoint records (which then holds other images now)."""
     now = getattr(source, "data_fingerprint", None)
     if trained_on is None or now is None or now == trained_on:
         return
@@ -643,8 +651,9 @@ def warn_of_other_images(run_dir, config: RunConfig, source, trained_on: str | N
               else f"{now_counts} either way, other images, class names or parts")
     own_split = bool(config.task.split_file) and Path(config.task.split_file).resolve() == run.split_path.resolve()
     named = ("taken by name from its split.json" if own_split else "the folder's own parts, found by name")
+    folder = f"--data-dir {data_dir}" if given else f"its folder, {data_dir}, now"  # given, or the one recorded
     warnings.warn(MetalearnWarning(
-        f"--data-dir {data_dir} holds other images than the run in {run.path} trained on ({differ}): the classes "
+        f"{folder} holds other images than the run in {run.path} trained on ({differ}): the classes "
         f"scored are {named}, so a class renamed or replaced since may be one it trained on"))
 
 

@@ -419,15 +419,16 @@ def load_trained(run_dir: Path | str, overrides: dict[str, Any] | None = None,
 
 def load_trained_state(run_dir: Path | str, overrides: dict[str, Any] | None = None,
                        checkpoint: Path | None = None) -> tuple[RunConfig, MetaLearner, int, dict[str, Any]]:
-    """:func:`load_trained`'s ``(config, learner, step)`` and the checkpoint entries it read,
-    whose other entries (the data fingerprint) then belong to the same checkpoint: a second
+    """:func:`load_trained`'s ``(config, learner, step)`` and the checkpoint's small entries (all
+    but the weights and the optimiser's state, which are not kept in memory for the caller), so
+    that the data fingerprint and folder a caller reads belong to the checkpoint loaded: a second
     reading could find a newer one written meanwhile by a run that trains on."""
     if overrides is not None and not isinstance(overrides, dict):
         raise MetalearnError(f"overrides are a dict of method options, e.g. {{\"test_inner_steps\": 10}}, got "
                              f"{type(overrides).__name__}")
     run = RunDir(run_dir)
     config = run.read_config()
-    state = read_entries(run, "config", "learner", "step", optional=("data_fingerprint",), path=checkpoint)
+    state = read_entries(run, "config", "learner", "step", optional=("data_fingerprint", "data_dir"), path=checkpoint)
     where = run.checkpoint_path if checkpoint is None else Path(checkpoint)
     if checkpoint is not None:
         run.check_best_step(where, state["step"])
@@ -460,4 +461,5 @@ def load_trained_state(run_dir: Path | str, overrides: dict[str, Any] | None = N
     learner = build_learner(config.method, options, problem_of(config.task))
     changed = ", ".join(f"--set {key}" for key in (overrides or {}))
     load_learner_state(learner, state["learner"], run.path, changed)
-    return config, learner, int(state["step"]), state
+    return config, learner, int(state["step"]), {key: value for key, value in state.items()
+                                                  if key not in ("learner", "optimizer")}

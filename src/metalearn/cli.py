@@ -35,11 +35,12 @@ DEVICE_HELP = ("cpu, cuda (under torchrun: each rank's GPU, NCCL), cuda:N or aut
 CACHE_HELP = "the cache folder: $METALEARN_CACHE, else $XDG_CACHE_HOME/metalearn, else ~/.cache/metalearn"
 OMNIGLOT_DIR = ("the folder with images_background.zip / images_evaluation.zip (default: $METALEARN_DATA, "
                 f"else omniglot/ in {CACHE_HELP})")
-DATA_DIR_HELP = (f"omniglot: {OMNIGLOT_DIR}; folder and mini-imagenet: the image folder (required); generated "
-                 "tasks (sinusoid, sine-or-line, the environments) take none")
+DATA_DIR_HELP = (f"omniglot: {OMNIGLOT_DIR}; folder and mini-imagenet: the image folder (required to start a run; "
+                 "a run's evaluations and --resume read the folder its checkpoint records); generated tasks "
+                 "(sinusoid, sine-or-line, the environments) take none")
 # plot and export read images only for a Neural Statistician run's conditional-samples picture
 PLOT_DATA_DIR_HELP = (f"a Neural Statistician run's images, for its conditional samples (omniglot: {OMNIGLOT_DIR}; "
-                      "a folder run: its image folder, required); other runs need none")
+                      "a folder run: the folder its checkpoint records); other runs need none")
 
 PROGRESS_HELP = "show progress bars (default: when the error output is a terminal, not a log file)"
 

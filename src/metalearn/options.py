@@ -84,6 +84,11 @@ def _is(value: Any, expected: type) -> bool:
     return isinstance(value, (int, float) if expected is float else expected)
 
 
+# the words that turn down an option setting how much is held at once: those of the groups of
+# the out-of-memory advice (cli.MEMORY_OPTIONS), which a method's option joins
+MEMORY_WORDS = ("fewer", "a smaller", "a shorter")
+
+
 def option(default: Any, help: str, aliases: tuple[str, ...] = (), training_only: bool = False,
            schedule_step: bool = False, memory: str = "") -> Any:
     """A dataclass field with ``default`` and the ``help`` the CLI shows for it; ``aliases``:
@@ -95,8 +100,8 @@ def option(default: Any, help: str, aliases: tuple[str, ...] = (), training_only
     ``memory``: the option sets how much a meta-step holds at once, and these words turn it down
     ("fewer", "a smaller", "a shorter"): metalearn train's advice after running out of memory
     names it so."""
-    if memory not in ("", "fewer", "a smaller", "a shorter"):  # the words of cli.MEMORY_OPTIONS' groups
-        raise ValueError(f"option(memory=...) takes 'fewer', 'a smaller' or 'a shorter', got {memory!r}")
+    if memory not in ("", *MEMORY_WORDS):
+        raise ValueError(f"option(memory=...) takes {', '.join(map(repr, MEMORY_WORDS))}, got {memory!r}")
     return dataclasses.field(default=default, metadata={"help": help, "aliases": tuple(aliases),
                                                         "training_only": training_only,
                                                         "schedule_step": schedule_step, "memory": memory})

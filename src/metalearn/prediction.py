@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from metalearn.algorithms import MetaLearner
+from metalearn.algorithms import MetaLearner, can
 from metalearn.algorithms.base import evaluating
 from metalearn.data.folder import image_files, no_images_note, warn_of_skipped_files
 from metalearn.data.images import is_image_file
@@ -203,8 +203,8 @@ def predict_new_classes(learner: MetaLearner, support: Path | str, query: list[P
     (None: its own default). ``queries_per_task``: the query images of a task of the run (ways
     times query per class), below which a learner that normalises its queries together is
     warned of (:func:`warn_of_few_queries`; None: below one per class). Queries are classified
-    in chunks of at most ``QUERY_CHUNK``, of equal sizes (to one image), each with the whole
-    support set. The learner's train / eval mode is restored afterwards. Raises
+    in chunks of at most ``QUERY_CHUNK`` (or ``queries_per_task``, where more), of equal sizes
+    (to one image), each with the whole support set. The learner's train / eval mode is restored afterwards. Raises
     :class:`MetalearnError` for a support or query path that :func:`read_support` or
     :func:`read_query` refuses (missing, no class folders, one class, no images) and for a
     file that is not a readable image."""
@@ -214,13 +214,14 @@ def predict_new_classes(learner: MetaLearner, support: Path | str, query: list[P
     warn_of_few_queries(learner, len(query_files), queries_per_task)
     support_x = learner.prepare_images([f for group in files for f in group], image_size, channels)
     support_y = torch.tensor([c for c, group in enumerate(files) for _ in group])
-    sampling = hasattr(learner, "sample_probabilities")
+    sampling = can(learner, "samples models")
     means, spreads, query_images = [], [], []
     generator = torch.Generator().manual_seed(0)
     with evaluating(learner):  # the caller's mode comes back afterwards
         # chunks of equal sizes: a learner that normalises its queries together would classify a
         # small last chunk (257 queries: one image) with that chunk's statistics alone
-        chunks = -(-len(query_files) // QUERY_CHUNK)
+        # and never smaller than a task of its run (the number the warning above counts against)
+        chunks = -(-len(query_files) // max(QUERY_CHUNK, queries_per_task or 0))
         bounds = [len(query_files) * i // chunks for i in range(chunks + 1)]
         for start, stop in zip(bounds, bounds[1:]):
             query_x = learner.prepare_images(query_files[start:stop], image_size, channels)

@@ -177,16 +177,23 @@ def with_learner_options(config: RunConfig, learner: MetaLearner) -> RunConfig:
     ``config``'s: it names the library network config.json describes, which loading checks
     against the weights. A learner of another method than ``config.method`` is refused: every
     option would be another method's."""
+    from metalearn.algorithms import METHODS, method_class
+
     if learner.name != config.method:
+        register = (f" (after metalearn.algorithms.register_method({type(learner).__name__}))"
+                    if learner.name not in METHODS else "")
         raise MetalearnError(f"the learner is {learner.name} ({type(learner).__name__}) but the config is for "
                              f"{config.method}: build the config for the learner, "
-                             f"metalearn.resolve_config({learner.name!r}, ...)")
+                             f"metalearn.resolve_config({learner.name!r}, ...){register}")
     options = getattr(learner, "config", None)
     if not dataclasses.is_dataclass(options):
         return config
+    # the registered method's options only: a subclass's own fields would make a config.json that
+    # no reader knows (its run is the user's learner, which load_trained routes to Python anyway)
+    known = {field.name for field in dataclasses.fields(method_class(config.method).Config)}
     absent = object()  # a config of some options only: the learner's others are recorded too
     own = {key: value for key, value in dataclasses.asdict(options).items()
-           if key != "model" and config.method_config.get(key, absent) != value}
+           if key in known and key != "model" and config.method_config.get(key, absent) != value}
     return dataclasses.replace(config, method_config={**config.method_config, **own}) if own else config
 
 
@@ -229,7 +236,10 @@ class Trainer:
         # the images of a folder dataset, so that a resume on another folder is refused
         self.data_fingerprint = getattr(train_tasks, "data_fingerprint", None)
         self.class_split = getattr(train_tasks, "class_split", None)  # class folders: written as split.json
-        self.data_dir = None  # only for the messages that say how to continue (build_trainer sets it)
+        # the images' folder (build_trainer sets it): the messages that say how to continue name it,
+        # the test after training reads it; ``data_dir_given``: the user's --data-dir, not the
+        # folder a resumed checkpoint records
+        self.data_dir, self.data_dir_given = None, True
         train = config.train
         if world.size > train.meta_batch_size:
             raise MetalearnError(
@@ -275,7 +285,8 @@ class Trainer:
             # class of a learner the user built (its network any module), which load_trained cannot rebuild
             "learner_source": self.learner_source,
             **({"data_fingerprint": self.data_fingerprint} if self.data_fingerprint is not None else {}),
-            # the image folder read, absolute: export refuses an OUT_DIR inside it without --data-dir
+            # the image folder read, absolute: eval, compare, plot and a resume read it where no
+            # --data-dir is given; export refuses an OUT_DIR inside it
             **({"data_dir": str(Path(self.data_dir).expanduser().resolve())} if self.data_dir is not None else {}),
         })
 
@@ -378,7 +389,8 @@ class Trainer:
         self.run_dir.read_best_index()
         trained_on = state.get("data_fingerprint")  # absent in runs of fixed datasets and older runs
         if trained_on is not None and self.data_fingerprint is not None and trained_on != self.data_fingerprint:
-            where = f" --data-dir {self.data_dir}" if self.data_dir is not None else " this dataset"
+            where = (f" --data-dir {self.data_dir}" if self.data_dir is not None and self.data_dir_given else
+                     f" its folder {self.data_dir} now" if self.data_dir is not None else " this dataset")
             then, now = (fingerprint.split(":", 1)[-1] for fingerprint in (trained_on, self.data_fingerprint))
             differ = f"{then}, now {now}" if then != now else f"{now} either way, other images, class names or parts"
             moved = self._split_file_moved()
@@ -801,6 +813,7 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
         resume = resume and run.has_checkpoint()  # a run that never started starts now
     # a resume reads the images the run trained on: its checkpoint records the folder
     recorded = recorded_images(run) if resume else None  # kept only where --data-dir names another folder
+    given = data_dir is not None
     if resume and data_dir is None:
         data_dir, recorded = run_images(run, data_dir), None
     elif recorded is not None and Path(data_dir).expanduser().resolve() == recorded.resolve():
@@ -826,18 +839,17 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
             if tested:  # an impossible test episode fails now, not after training
                 build_task_source(task, "test", data_dir, progress)
     except MetalearnError as err:  # another folder than the run's: the folder is the news, not its split
-        if recorded is None or data_dir is None:
+        if recorded is None or data_dir is None or not recorded.is_dir():
             raise
-        back = "; leave --data-dir out to resume on it" if recorded.is_dir() else ""
         raise MetalearnError(f"--data-dir {data_dir} is not the folder the run in {run.path} trained on "
-                             f"({recorded}{back}): {err}") from None
+                             f"({recorded}; leave --data-dir out to resume on it): {err}") from None
     if config.train.init_from and not resume:
         initialise_from_run(learner, config.train.init_from)
     learner = learner.to(world.device)
     trainer = Trainer(config, learner, train_tasks, val_tasks, run, world, resume=resume, lock=lock)
     trainer.task_source = f"dataset:{config.task.dataset}"
     trainer.learner_source = f"method:{config.method}"  # built from config.json: load_trained rebuilds it
-    trainer.data_dir = data_dir
+    trainer.data_dir, trainer.data_dir_given = data_dir, given
     if resume:
         trainer.restore(run.read_checkpoint(*RESUME_ENTRIES))
         if trainer.step > config.train.steps:

@@ -218,7 +218,7 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     """
     from metalearn.api import warn_of_other_images
     from metalearn.tasks import build_task_source
-    from metalearn.checkpoints import load_trained_state, run_images
+    from metalearn.checkpoints import load_trained_state, recorded_images, run_images
     from metalearn.runs import RunDir
     from metalearn.datasets import NATURAL_IMAGES, get_dataset
     from metalearn.training import part_seed_offset
@@ -275,14 +275,28 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
             raise MetalearnError(f"runs {first_label!r} and {label!r} are tested on different tasks ({differ}); "
                                  "compare runs of the same task")
     first_task = loaded[first_label][0].task
-    # the first run's own images where no folder is given (a run on an image folder records it)
-    data_dir = run_images(RunDir(runs[first_label]), data_dir, states[first_label])
+    # where no folder is given, the one the runs record (a run on an image folder does): one
+    # folder for all, since every run is scored on the same episodes
+    data_given = data_dir is not None
+    if not data_given:
+        folders = {label: recorded_images(RunDir(runs[label]), states[label]) for label in runs}
+        named = {label: folder for label, folder in folders.items() if folder is not None}
+        if len({folder.resolve() for folder in named.values()}) > 1:
+            (one, a), (other, b) = list(named.items())[:2]
+            if a.resolve() == b.resolve():
+                other, b = next((label, f) for label, f in named.items() if f.resolve() != a.resolve())
+            raise MetalearnError(f"runs {one!r} and {other!r} trained on different image folders ({a}, {b}): "
+                                 "compare scores every run on the same episodes; give --data-dir, the folder to "
+                                 "draw them from")
+        recording = next(iter(named), first_label)  # a run that records it (a moved folder is refused)
+        data_dir = run_images(RunDir(runs[recording]), None, states[recording])
     if splits:  # the episodes are drawn from the test classes of the recorded split
         first_task = RunDir(runs[recorded]).with_own_split(loaded[recorded][0], data_dir).task
     source = build_task_source(first_task, part, data_dir, evaluation=True)  # the episodes eval --part draws
     for label, (config, _, _) in loaded.items():  # a folder that is not the one a run trained on: as eval says
         if config.task.dataset in NATURAL_IMAGES:
-            warn_of_other_images(runs[label], config, source, states[label].get("data_fingerprint"), data_dir)
+            warn_of_other_images(runs[label], config, source, states[label].get("data_fingerprint"), data_dir,
+                                 data_given)
     true_function = getattr(type(source), "function", None)
     noise_std = getattr(source, "noise_std", None)
     x_range = getattr(source, "x_range", (-5.0, 5.0))

@@ -114,9 +114,10 @@ def check_legacy_defaults(cls: type[MetaLearner]) -> None:
 # What a method can do beyond MetaLearner's interface, shown by the methods it defines (the
 # commands look for these, never for a method's name; "Adding a method" in docs/design.md):
 ABILITIES: dict[str, tuple[str, ...]] = {
-    # several models per task, ``sample_predictions(batch, num_samples)``: --samples, sampled
-    # functions in plot, coverage in compare (PLATIPUS)
-    "samples models": ("sample_predictions",),
+    # several models per task, ``sample_predictions(batch, num_samples)`` and, for new images,
+    # ``sample_probabilities(support_x, support_y, query_x, num_samples, generator)``: --samples,
+    # sampled functions in plot, coverage in compare, the spread in predict (PLATIPUS)
+    "samples models": ("sample_predictions", "sample_probabilities"),
     # new examples of a class, ``sample(support_images, num, generator)`` and the batch's support
     # sets ``support_sets(batch)``: metalearn sample, plot's conditional samples (the statistician)
     "draws images": ("sample", "support_sets"),

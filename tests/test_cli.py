@@ -1132,6 +1132,20 @@ def test_status_of_a_run_past_its_checkpoint_gives_the_time_to_the_step_shown(tm
     assert "step 54 of 4" in format_status(status) and "checkpoint at 4), 2 h 1 min of training" in format_status(status)
 
 
+def test_status_names_an_evaluation_of_an_earlier_checkpoint(tmp_path, capsys):
+    """A run resumed after an evaluation: the evaluation scored an earlier checkpoint, and its
+    line says so (export notes it too), so that an old score is not read as the run's."""
+    run_dir = tmp_path / "run"
+    common = ["--no-progress"]
+    assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 2, "--meta-batch-size", 2, "--val-every", 0,
+                "--no-eval", "--run-dir", run_dir, *common], capsys)[0] == 0
+    assert run(["eval", run_dir, "--episodes", 2, *common], capsys)[0] == 0
+    assert "tasks, step 2)\n" in run(["status", run_dir], capsys)[1]
+    assert run(["train", "maml", "--resume", "--steps", 3, "--no-eval", "--run-dir", run_dir, *common], capsys)[0] == 0
+    out = run(["status", run_dir], capsys)[1]
+    assert "tasks, step 2, an earlier checkpoint than the run's of step 3)" in out, out
+
+
 def test_status_json_is_always_json(tmp_path, capsys, monkeypatch):
     """A script piping `status --json` to a JSON reader gets a list also when there is nothing to
     show: no runs in the runs folder, or only named folders that are no runs (said on stderr)."""

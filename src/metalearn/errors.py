@@ -66,6 +66,13 @@ class ConfigError(MetalearnError):
         return self.render(flag)
 
 
+def kind_of(value: object) -> str:
+    """``value``'s type as a reader knows it, for a message that refuses it: ``list``,
+    ``numpy.ndarray``, ``torch.utils.data.dataloader.DataLoader``."""
+    module, name = type(value).__module__, type(value).__qualname__
+    return name if module == "builtins" else f"{module}.{name}"
+
+
 def flag(field: str, owner: str = "") -> str:
     """The command-line spelling of a config field (of any owner): ``inner_lr`` -> ``--inner-lr``."""
     return "--" + field.replace("_", "-")

@@ -10,7 +10,7 @@ import torch
 
 from metalearn.config import TaskConfig
 from metalearn.datasets import get_dataset
-from metalearn.errors import MetalearnError
+from metalearn.errors import MetalearnError, kind_of
 from metalearn.tasks.batch import Problem, TaskBatch
 from metalearn.tasks.episodes import EpisodeSampler
 from metalearn.tasks.sinusoid import SineOrLineTasks, SinusoidTasks
@@ -31,12 +31,6 @@ def _batch_types() -> tuple[type, ...]:
     from metalearn.envs.base import MDPBatch
 
     return TaskBatch, MDPBatch
-
-
-def _kind(value: Any) -> str:
-    """``value``'s type as a reader knows it: ``list``, ``numpy.ndarray``, ``torch.utils.data.DataLoader``."""
-    module, name = type(value).__module__, type(value).__qualname__
-    return name if module == "builtins" else f"{module}.{name}"
 
 
 def require_task_source(source: Any, role: str) -> None:
@@ -61,8 +55,8 @@ def require_task_source(source: Any, role: str) -> None:
     sample = getattr(source, "sample", None)
     if not callable(sample):
         iterable = hasattr(source, "__iter__") or hasattr(source, "__getitem__")
-        what = f"an iterable ({_kind(source)}), which yields batches but cannot draw them from a seed" if iterable \
-            else f"of type {_kind(source)}" + ("" if sample is None else ", whose sample is not a method")
+        what = f"an iterable ({kind_of(source)}), which yields batches but cannot draw them from a seed" if iterable \
+            else f"of type {kind_of(source)}" + ("" if sample is None else ", whose sample is not a method")
         raise MetalearnError(f"{role} is {what}; {TASK_SOURCE}")
     try:
         signature = inspect.signature(sample)
@@ -82,7 +76,7 @@ def require_sampled_batch(batch: Any, source: Any, role: str) -> None:
     a tuple of tensors, a dict or a list would fail at the next line, ``batch.to(device)``, as an
     ``AttributeError``. One ``isinstance`` per draw."""
     if not isinstance(batch, _batch_types()):
-        raise MetalearnError(f"{role} ({_kind(source)}): its sample returned a {_kind(batch)}; it must return a "
+        raise MetalearnError(f"{role} ({kind_of(source)}): its sample returned a {kind_of(batch)}; it must return a "
                              "TaskBatch: give the tensors as TaskBatch(support_x, support_y, query_x, query_y, ways=N) "
                              "(ways=0 for regression)")
 

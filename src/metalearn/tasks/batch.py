@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from metalearn.errors import MetalearnError
+from metalearn.errors import MetalearnError, kind_of
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,7 @@ class TaskBatch:
         for name in ("support_x", "support_y", "query_x", "query_y"):
             value = getattr(self, name)
             if not isinstance(value, Tensor):
-                module = type(value).__module__
-                kind = type(value).__name__ if module == "builtins" else f"{module}.{type(value).__name__}"
-                raise MetalearnError(f"TaskBatch's {name} is a {kind}; a TaskBatch holds tensors "
+                raise MetalearnError(f"TaskBatch's {name} is a {kind_of(value)}; a TaskBatch holds tensors "
                                      "(torch.as_tensor(...), or torch.from_numpy(...) for a NumPy array)")
         floating = [name for name in ("support_y", "query_y") if torch.is_floating_point(getattr(self, name))]
         if self.ways and floating:

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from metalearn.data.images import to_float
 from metalearn.data.splits import ClassPool
-from metalearn.errors import MetalearnError
+from metalearn.errors import MetalearnError, kind_of
 from metalearn.tasks.batch import TaskBatch
 
 
@@ -57,11 +57,9 @@ class EpisodeSampler:
         # a tensor and a ClassPool first: the checks below read them as such, and a NumPy array
         # would be refused for its shape (which may be right) or fail as an AttributeError
         if not isinstance(images, Tensor):
-            module = type(images).__module__
-            kind = type(images).__name__ if module == "builtins" else f"{module}.{type(images).__name__}"
             shaped = hasattr(images, "dtype") and hasattr(images, "shape")
             shown = f" {images.dtype} {tuple(images.shape)}" if shaped else ""
-            raise MetalearnError(f"EpisodeSampler takes images as a torch tensor, got a {kind}{shown}; give "
+            raise MetalearnError(f"EpisodeSampler takes images as a torch tensor, got a {kind_of(images)}{shown}; give "
                                  "torch.from_numpy(images) for a NumPy array (uint8, (classes, examples, [C,] H, W))")
         if not isinstance(pool, ClassPool):
             raise MetalearnError(

@@ -282,9 +282,8 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
         folders = {label: recorded_images(RunDir(runs[label]), states[label]) for label in runs}
         named = {label: folder for label, folder in folders.items() if folder is not None}
         if len({folder.resolve() for folder in named.values()}) > 1:
-            (one, a), (other, b) = list(named.items())[:2]
-            if a.resolve() == b.resolve():
-                other, b = next((label, f) for label, f in named.items() if f.resolve() != a.resolve())
+            one, a = next(iter(named.items()))
+            other, b = next((label, folder) for label, folder in named.items() if folder.resolve() != a.resolve())
             raise MetalearnError(f"runs {one!r} and {other!r} trained on different image folders ({a}, {b}): "
                                  "compare scores every run on the same episodes; give --data-dir, the folder to "
                                  "draw them from")

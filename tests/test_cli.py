@@ -572,6 +572,19 @@ def test_compare_names_the_episode_shape_that_differs(tmp_path, capsys):
                     "--run-dir", tmp_path / f"k{shots}", "--no-progress", "--no-eval"], capsys)[0] == 0
     code, _, err = run(["compare", tmp_path / "k5", tmp_path / "k10", "--episodes", 4], capsys)
     assert code == 2 and "(shots 5 vs 10)" in err  # both tested on 100 query points
+    # --shots scores both on one shape: the episodes `eval --shots` scores, said in the heading
+    code, out, err = run(["compare", tmp_path / "k5", tmp_path / "k10", "--episodes", 4, "--shots", 10, "--query", 20,
+                          "--json", tmp_path / "c.json"], capsys)
+    assert code == 0, err
+    assert out.startswith("4 test episodes of sinusoid (10 support and 20 query points), seed 0"), out
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert (result["shots"], result["query"]) == (10, 20)
+    for name in ("k5", "k10"):
+        assert run(["eval", tmp_path / name, "--episodes", 4, "--shots", 10, "--query", 20], capsys)[0] == 0
+        evaluated = json.loads((tmp_path / name / "eval-episodes=4-query=20-shots=10.json").read_text())
+        assert result[name]["mse"]["mean"] == pytest.approx(evaluated["mean"], rel=1e-5), name
+    code, out, err = run(["compare", tmp_path / "k5", "--episodes", 4, "--ways", 3], capsys)
+    assert code == 2 and err == "error: run 'k5': sinusoid is regression: its tasks have no ways\n", err
 
 
 def test_compare_takes_runs_tested_on_the_same_episodes(tmp_path, capsys):

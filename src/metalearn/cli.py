@@ -385,6 +385,16 @@ def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots,
         click.echo(f"written to {target}" + (f" (replacing the earlier evaluation there: {earlier})" if earlier else ""))
 
 
+def episode_shape_words(result: dict) -> str:
+    """The shape of the episodes a result scored: "20-way 1-shot, 15 queries per class", or for
+    regression "10 support and 10 query points"."""
+    from metalearn.datasets import get_dataset
+
+    if not get_dataset(result["dataset"]).classification:
+        return f"{result['shots']} support and {result['query']} query points"
+    return f"{result['ways']}-way {result['shots']}-shot, {result['query']} quer{'y' if result['query'] == 1 else 'ies'} per class"
+
+
 def format_protocol_result(result: dict) -> str:
     """A protocol's result, one ``name: value`` line per score (lists of numbers on one line)."""
     lines = [f"protocol {result['protocol']} ({result['part']} part, step {result['step']})"]
@@ -441,7 +451,14 @@ def plot(run_dir, data_dir, compare_with):
 @click.option("--set", "settings", multiple=True, metavar="OPTION=VALUE",
               help="change a method option of every run for this comparison, e.g. --set test_inner_steps=1")
 @click.option("--data-dir", type=GivenPath(FOLDER), default=None, help=DATA_DIR_HELP)
-def compare(run_dirs, episodes, seed, part, num_samples, json_path, settings, data_dir):
+@click.option("--ways", type=INTEGER, default=None,
+              help="score every run on episodes of this many classes instead of the runs' test ways (methods "
+                   "without a per-class output layer, such as protonet and matchingnet)")
+@click.option("--shots", type=INTEGER, default=None,
+              help="support examples per class instead of the runs' (runs trained with different shots "
+                   "compared on one shape)")
+@click.option("--query", type=INTEGER, default=None, help="query examples per class (points, for regression) instead of the runs'")
+def compare(run_dirs, episodes, seed, part, num_samples, json_path, settings, data_dir, ways, shots, query):
     """Uncertainty measures of trained runs on the same test episodes: for classification
     accuracy, NLL and expected calibration error; for regression MSE, predictive
     log-likelihood and coverage of the true function by the sampled functions."""
@@ -458,10 +475,11 @@ def compare(run_dirs, episodes, seed, part, num_samples, json_path, settings, da
     overrides = dict(parse_setting(s) for s in settings)
     if json_path:  # found out now, not after minutes of evaluation
         check_writable_file("--json", json_path, "compare.json")
+    shape = {k: v for k, v in (("ways", ways), ("shots", shots), ("query", query)) if v is not None}
     result = compare_learners(labels, episodes=episodes, seed=seed, part=part, num_samples=num_samples,
-                              data_dir=data_dir, overrides=overrides)
+                              data_dir=data_dir, overrides=overrides, episode_shape=shape)
     measures = [k for k, v in result[next(iter(labels))].items() if isinstance(v, dict)]
-    click.echo(f"{result['episodes']} {part} episodes of {result['dataset']}, seed {seed}")
+    click.echo(f"{result['episodes']} {part} episodes of {result['dataset']} ({episode_shape_words(result)}), seed {seed}")
     click.echo("| run | " + " | ".join(measures) + " |")
     click.echo("| --- |" + " ---: |" * len(measures))
     for label in labels:

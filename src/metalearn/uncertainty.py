@@ -170,7 +170,7 @@ def compare_runs(platipus_run: Path | str, maml_run: Path | str, **options) -> d
     return compare_learners({"platipus": platipus_run, "maml": maml_run}, **options)
 
 
-RESULT_KEYS = ("episodes", "seed", "part", "dataset", "num_samples", "overrides")  # compare_learners' own fields
+RESULT_KEYS = ("episodes", "seed", "part", "dataset", "num_samples", "overrides", "ways", "shots", "query")  # compare_learners' own fields
 
 
 def models_drawn(learner, num_samples: int | None) -> int:
@@ -196,13 +196,15 @@ def check_samples_apply(methods: list[str], num_samples: int | None) -> None:
 def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int = 0, part: str = "test",
                      num_samples: int | None = None, chunk: int = 50, grid_points: int = 100,
                      level: float = 0.95, data_dir: Path | str | None = None,
-                     overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                     overrides: dict[str, Any] | None = None,
+                     episode_shape: dict[str, int] | None = None) -> dict[str, Any]:
     """Evaluate trained runs ``{label: run_dir}`` on the same ``episodes`` episodes (the ones
     ``metalearn eval`` uses for ``seed``), with the model noise of sampling methods seeded by
     ``seed`` too, so the comparison is reproducible.
 
-    Returns ``{"episodes", "seed", "part", "dataset", "num_samples", "overrides", label: {measure:
-    {"mean", "ci95"}, ..., "run_dir", "method", "step", "num_samples"}}``. Each run's
+    Returns ``{"episodes", "seed", "part", "dataset", "num_samples", "overrides", "ways", "shots",
+    "query", label: {measure: {"mean", "ci95"}, ..., "run_dir", "method", "step", "num_samples"}}``.
+    Each run's
     ``num_samples`` is the number of models it drew per task (``num_samples``, or where None its
     own ``num_samples`` option; 1 for a method without samples, MAML); the top-level
     ``num_samples`` is the number the sampling runs drew, None where there are none or they drew
@@ -212,9 +214,13 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     ``nll``, ``ece`` (15 bins, pooled over all query examples, no CI); for regression ``mse``,
     ``log_likelihood`` (mixture), ``log_likelihood_gaussian``, ``coverage_minmax`` and
     ``coverage_interval`` (central ``level`` interval) of the true function on ``grid_points``
-    inputs spread over the task's input range. All runs must share the task configuration.
+    inputs spread over the task's input range. All runs must share the task configuration of
+    their test episodes.
     ``overrides`` changes method options of every run for this comparison (e.g.
-    ``{"test_inner_steps": 1}``).
+    ``{"test_inner_steps": 1}``). ``episode_shape`` (keys ``ways``, ``shots``, ``query``) scores
+    every run on episodes of that shape instead of its test shape, as ``metalearn eval --ways``
+    does (runs trained with different shots compared on one shape); ``ways``, ``shots`` and
+    ``query`` in the result are those of the episodes scored, as in an evaluation's file.
     """
     from metalearn.api import warn_of_other_images
     from metalearn.tasks import build_task_source
@@ -244,6 +250,14 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
         return config, learner, step
 
     loaded = {label: load(label, path) for label, path in runs.items()}
+    if episode_shape:
+        from metalearn.api import with_test_shape
+
+        for label, (config, learner, step) in loaded.items():
+            try:
+                loaded[label] = (with_test_shape(config, episode_shape), learner, step)
+            except MetalearnError as err:  # which run cannot take the shape
+                raise MetalearnError(f"run {label!r}: {err}") from None
     check_samples_apply([config.method for config, _, _ in loaded.values()], num_samples)
     for label, (config, _, _) in loaded.items():
         if get_dataset(config.task.dataset).reinforcement:
@@ -324,9 +338,11 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     # what was drawn, not only what was asked: None asks each sampling run for its own number
     drawn = {label: models_drawn(learner, num_samples) for label, (_, learner, _) in loaded.items()}
     sampled = {drawn[label] for label, (_, learner, _) in loaded.items() if can(learner, "samples models")}
+    tested = first_task.for_testing()
     result: dict[str, Any] = {"episodes": episodes, "seed": seed, "part": part, "dataset": first_task.dataset,
                               "num_samples": sampled.pop() if len(sampled) == 1 else None,
-                              "overrides": dict(overrides or {})}
+                              "overrides": dict(overrides or {}),
+                              "ways": tested.ways, "shots": tested.shots, "query": tested.query}
     for label, (config, _, step) in loaded.items():
         entry: dict[str, Any] = {"run_dir": str(runs[label]), "method": config.method, "step": step,
                                  "num_samples": drawn[label]}

@@ -740,6 +740,10 @@ def test_evaluating_again_says_that_it_replaces_the_earlier_evaluation(tmp_path,
     assert code == 0, err
     assert out.splitlines()[-1] == (f"written to {run_dir / 'eval.json'} (replacing the earlier evaluation there: "
                                     "mse 0.1235 at step 2)")
+    # without a progress bar (a log file) a line says what the wait before the score is
+    assert err == "evaluating the checkpoint of step 2 on 4 test episodes...\n", err
+    code, out, err = run(["eval", run_dir, "--progress", "--episodes", 3], capsys)
+    assert code == 0 and "evaluating the checkpoint" not in err, err
     code, out, err = run(["eval", run_dir, "--no-progress", "--seed", 1], capsys)  # a file of its own: new
     assert out.splitlines()[-1] == f"written to {run_dir / 'eval-seed=1.json'}"
 

@@ -19,7 +19,7 @@ import torch
 
 from metalearn.algorithms import METHODS, can, make_method_config, method_class, methods_that
 from metalearn.algorithms.base import MetaLearner
-from metalearn.config import RunConfig, TaskConfig, TrainConfig, task_differences
+from metalearn.config import RunConfig, TaskConfig, TrainConfig, default_log_every, task_differences
 from metalearn.datasets import DATASETS, NATURAL_IMAGES, get_dataset
 from metalearn.distributed import World, init_world
 from metalearn.errors import ConfigError, MetalearnError, MetalearnWarning, TrainingStopped
@@ -65,6 +65,12 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
     if resume_from is not None and RunDir(resume_from).exists():
         saved = RunDir(resume_from).read_config()
         check_same_method(saved, method, resume_from)  # before its options meet another method's
+        steps = train.get("steps")
+        if isinstance(steps, int) and steps > 0 and "log_every" not in train and steps != saved.train.steps \
+                and saved.train.log_every == default_log_every(saved.train.steps):
+            # a run extended with --steps logs as a new run of that length would, where it logged
+            # at the default of its old length (a 50-step trial run at every 5th step, extended to 60,000)
+            train["log_every"] = default_log_every(steps)
         try:
             resumed = RunConfig(
                 method,

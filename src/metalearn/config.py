@@ -123,7 +123,8 @@ class TrainConfig:
     # None: resolved by steps (default_log_every) when the config is built, so a saved or resumed
     # run holds the number it logged by
     log_every: int | None = option(None, f"steps between lines of metrics.jsonl ({LOG_EVERY}, or a tenth of a run "
-                                         f"under {10 * LOG_EVERY} steps; a resumed run keeps its own)")
+                                         f"under {10 * LOG_EVERY} steps; a resumed run keeps its own, or where that was the "
+                                         "default of its length and --steps extends it, takes the new length's)")
     val_every: int = option(1000, "steps between validations on the validation split (0: none)")
     val_episodes: int = option(200, "episodes per validation")
     checkpoint_every: int = option(500, "steps between checkpoints (one is also written at the end and on Ctrl-C)")

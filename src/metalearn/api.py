@@ -394,7 +394,8 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
                  episode_shape: dict[str, int] | None = None, per_step: bool = True,
                  exact_gpu_kernels: bool = True, ensemble: bool = False,
                  protocol: str | None = None, split_fractions: str | None = None,
-                 split_file: Path | str | None = None) -> dict[str, Any]:
+                 split_file: Path | str | None = None,
+                 announce: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Evaluate the checkpoint of ``run_dir`` on ``episodes`` episodes of ``part`` and write
     ``eval.json``, or ``eval-<key>=<value>.json`` named by what differs from the run's own
     evaluation (see :func:`evaluation_labels`): ``overrides`` of the method's options, e.g.
@@ -419,6 +420,9 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     the one the run trained on (other images, class names or parts than its checkpoint's data
     fingerprint records) is scored all the same, with a :class:`MetalearnWarning`: its classes
     are found by name, so a class renamed or replaced since may be one the run trained on.
+    ``announce``, where given, is called with one line once everything is checked, just before
+    the episodes are scored ("evaluating the checkpoint of step 9000 on 600 test episodes..."):
+    what ``metalearn eval`` writes where no progress bar shows (not for a ``protocol``).
     """
     from metalearn.config import MAX_SEED
     from metalearn.evaluation import check_count
@@ -460,11 +464,14 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     labels = {**evaluation_labels(config, overrides, episode_shape, episodes, seed), **split_labels}
     if ensemble:
         labels["ensemble"] = len(members)
+    scored = f"an ensemble of {len(members)} checkpoints" if ensemble else f"the checkpoint of step {step}"
     result = _evaluate(run_dir, config, learner, step, part, episodes, seed, data_dir, progress,
                        world or init_world(device, exact_gpu_kernels=exact_gpu_kernels),
                        {**(overrides or {}), **(episode_shape or {})}, per_step, labels,
                        {**({"ensemble": [member_step for _, _, member_step in members]} if ensemble else {}),
-                        **split_record} or None, trained_on=trained_on, data_given=data_given)
+                        **split_record} or None, trained_on=trained_on, data_given=data_given,
+                       starting=None if announce is None else
+                       lambda n: announce(f"evaluating {scored} on {n} {part} episodes..."))
     return result
 
 
@@ -603,9 +610,12 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
               data_dir, progress: bool, world: World, overrides: dict[str, Any] | None,
               per_step: bool = True, labels: dict[str, Any] | None = None,
               extra: dict[str, Any] | None = None, before_write=None,
-              trained_on: str | None = None, data_given: bool = True) -> dict[str, Any]:
+              trained_on: str | None = None, data_given: bool = True,
+              starting: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Score ``learner`` on ``part`` and write the result into the run folder (rank 0), after
     ``before_write()`` where given (training's test: that the folder is still its run's).
+    ``starting`` (rank 0) is told the number of episodes once everything is checked, just
+    before they are scored.
     ``trained_on``: the checkpoint's data fingerprint, for a warning where ``data_dir`` holds
     other images (:func:`warn_of_other_images`; ``data_given``: as its ``given``)."""
     from metalearn.tasks import build_task_source
@@ -616,6 +626,8 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
         warn_of_other_images(run_dir, config, source, trained_on, data_dir, data_given)
     learner = learner.to(world.device)
     n = config.train.eval_episodes if episodes is None else episodes
+    if starting is not None and world.is_main:
+        starting(n)
     # the validation part is drawn as the trainer's validation draws it (the same episodes for
     # the run's seed); for regression, where val and test share one task family, that also
     # keeps --part val from scoring the test episodes

@@ -368,16 +368,14 @@ def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots,
                              "score this checkpoint")
     earlier = held or ("unreadable" if target.exists() else "")  # said when it is replaced
     bars = show_progress(progress)
-    if not bars and protocol is None and reports():  # into a log file: what the minutes before the score are
-        count = episodes if episodes is not None else config.train.eval_episodes
-        of = f"an ensemble of {labels['ensemble']} checkpoints" if ensemble else f"the checkpoint of step {step}"
-        click.echo(f"evaluating {of} on {count} {part} episodes...", err=True)
     try:
         result = evaluate_run(run_dir, episodes=episodes, seed=seed, part=part, data_dir=data_dir,
                               progress=bars, overrides=overrides, device=device,
                               episode_shape=shape, per_step=per_step, exact_gpu_kernels=not fast_gpu_kernels,
                               ensemble=ensemble, protocol=protocol, split_fractions=split_fractions,
-                              split_file=split_file)
+                              split_file=split_file,
+                              # into a log file, no bar: what the minutes before the score are
+                              announce=None if bars else lambda text: click.echo(text, err=True))
     except EvaluationSuperseded as err:  # the score, though not filed, is shown: the evaluation took its time
         if reports() and err.result is not None:
             click.echo(format_result(err.result) if protocol is None else format_protocol_result(err.result))

@@ -34,7 +34,7 @@ from metalearn.algorithms.inner_loop import (Params, check_inner_loop_options, g
 from metalearn.datasets import NATURAL_IMAGES
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.options import option, options
-from metalearn.models import build_model
+from metalearn.models import build_model, check_network_name, network_help
 from metalearn.models.norm import (BatchStatNorm, collect_batch_statistics, first_order_batch_norm, inner_step,
                                    native_batch_norm)
 from metalearn.tasks.batch import TaskBatch
@@ -84,12 +84,11 @@ class MAMLConfig:
                                                 "running (the per-step running statistics, as the MAML++ paper "
                                                 "describes) or batch (each task's own, as its authors' code "
                                                 "evaluates; the maml++ preset's)")
-    model: str = option("conv4", "the network: conv4, conv4-maxpool, conv4-maxpool-32 (mini-ImageNet's), "
-                                 "conv4-mamlpp (MAML++'s), conv4-reference (conv4 as the MAML "
-                                 "authors' code builds it) or mlp")
+    model: str = option("conv4", "the network: " + network_help("classifier"))
 
     def __post_init__(self):
         check_inner_loop_options("MAML.Config", self.inner_lr, self.inner_steps, self.test_inner_steps)
+        check_network_name("MAML.Config", self.model, "classifier")
         if self.multi_step_anneal_steps < 0:
             raise ConfigError("MAML.Config", "multi_step_anneal_steps",
                               f"must be >= 0, got {self.multi_step_anneal_steps}")

@@ -38,7 +38,7 @@ from metalearn.algorithms.base import (MetaLearner, check_embedding_fits, class_
 from metalearn.algorithms.protonet import DISTANCES, embed_episodes, num_ways, similarities
 from metalearn.errors import ConfigError, MetalearnError, require_number
 from metalearn.options import option, options
-from metalearn.models import build_model, output_size
+from metalearn.models import build_model, check_network_name, network_help, output_size
 from metalearn.models.norm import first_order_batch_norm
 from metalearn.tasks.batch import TaskBatch
 
@@ -62,8 +62,8 @@ class MatchingNetConfig:
     full_context_embeddings: bool = option(False, "embed the support set with a bidirectional LSTM and the query "
                                                   "with an attention LSTM (the paper's appendix A.2)")
     processing_steps: int = option(5, "steps K of the query's attention LSTM (with --full-context-embeddings)")
-    model: str = option("conv4-embedding", "the embedding network: conv4-embedding, conv4 or conv4-maxpool "
-                                           "(used without a head)")
+    model: str = option("conv4-embedding", "the embedding network: " + network_help("embedding", "image")
+                                           + "; one with an output layer is used without it")
     distance: str = option("cosine", "cosine (the paper's) or euclidean (negative squared distance)")
     scale: float = option(1.0, "the attention is softmax(scale * similarity); cosine similarities of ReLU "
                                "features lie in [0, 1], so a scale of 1 keeps the attention diffuse")
@@ -75,10 +75,7 @@ class MatchingNetConfig:
             raise ConfigError("MatchingNet.Config", "distance",
                               f"must be one of {', '.join(DISTANCES)}, got {self.distance!r}")
         require_number(self.scale, "MatchingNet.Config", "scale")
-        if self.model == "mlp":
-            raise ConfigError("MatchingNet.Config", "model",
-                              "must be an image network (conv4-embedding, conv4, conv4-maxpool): matchingnet "
-                              "classifies images, got 'mlp'")
+        check_network_name("MatchingNet.Config", self.model, "embedding", "image")
 
 
 def label_log_probs(scores: Tensor, support_y: Tensor, ways: int, method: str = "matchingnet",

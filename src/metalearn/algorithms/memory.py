@@ -75,7 +75,7 @@ from torch import Tensor, nn
 from metalearn.algorithms.base import MetaLearner, Problem, check_embedding_fits, evaluating, require_functional_model
 from metalearn.algorithms.protonet import embed_episodes
 from metalearn.errors import ConfigError, MetalearnError
-from metalearn.models import MODELS, build_model, output_size
+from metalearn.models import build_model, check_network_name, network_help, output_size
 from metalearn.models.norm import first_order_batch_norm
 from metalearn.options import option, options
 from metalearn.tasks.batch import TaskBatch
@@ -96,7 +96,8 @@ class MemoryConfig:
     age_noise: float = option(8.0, "ages get uniform noise in [-age_noise, age_noise] when the oldest slot is chosen")
     dropout: float = option(0.7, "dropout rate on the embedding during training (the authors keep 0.3 of it)",
                             training_only=True)
-    model: str = option("lenet", "embedding network: lenet (the authors' Omniglot CNN) or conv4-embedding")
+    model: str = option("lenet", "the embedding network: lenet (the authors' Omniglot CNN), "
+                                 + network_help("embedding", "image") + "; one with an output layer is used without it")
 
     def __post_init__(self):
         if self.memory_size < 1:
@@ -114,10 +115,7 @@ class MemoryConfig:
             raise ConfigError(OWNER, "age_noise", f"must be a finite number >= 0, got {self.age_noise}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(OWNER, "dropout", f"must lie in [0, 1), got {self.dropout}")
-        images = ("lenet", *(name for name in MODELS if name != "mlp"))
-        if self.model not in images:
-            raise ConfigError(OWNER, "model", f"must be an image network: lenet (the authors' Omniglot CNN), "
-                                              f"conv4-embedding or another of {', '.join(images[1:])}; got {self.model!r}")
+        check_network_name(OWNER, self.model, "embedding", "image", also={"lenet": "the authors' Omniglot CNN"})
 
     @property
     def temperature(self) -> float:

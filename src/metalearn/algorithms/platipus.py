@@ -62,7 +62,7 @@ from metalearn.algorithms.inner_loop import (Params, check_inner_loop_options, g
 from metalearn.datasets import NATURAL_IMAGES
 from metalearn.errors import ConfigError, MetalearnError, require_number
 from metalearn.options import option, options
-from metalearn.models import build_model
+from metalearn.models import build_model, check_network_name, network_help
 from metalearn.models.norm import first_order_batch_norm
 from metalearn.tasks.batch import TaskBatch
 
@@ -91,10 +91,11 @@ class PLATIPUSConfig:
     std_init: float = option(0.01, "initial standard deviation of every weight's prior and posterior (learned)")
     first_order: bool = option(False, "drop the second derivatives of every inner gradient from the meta-gradient",
                                training_only=True)
-    model: str = option("conv4", "the network: conv4, conv4-maxpool, conv4-maxpool-32 (mini-ImageNet's), conv4-reference or mlp")
+    model: str = option("conv4", "the network: " + network_help("classifier"))
 
     def __post_init__(self):
         check_inner_loop_options("PLATIPUS.Config", self.inner_lr, self.inner_steps, self.test_inner_steps)
+        check_network_name("PLATIPUS.Config", self.model, "classifier")
         for name in ("num_samples", "train_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError("PLATIPUS.Config", name, f"must be at least 1, got {getattr(self, name)}")

@@ -34,7 +34,7 @@ from metalearn.algorithms.base import (MetaLearner, check_embedding_fits, check_
                                       require_functional_model, Problem, accuracy)
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.options import option, options
-from metalearn.models import build_model
+from metalearn.models import build_model, check_network_name, network_help
 from metalearn.models.norm import first_order_batch_norm
 from metalearn.tasks.batch import TaskBatch
 
@@ -44,21 +44,19 @@ DISTANCES = ("euclidean", "cosine")
 @options
 class ProtoNetConfig:
     """distance: ``euclidean`` (squared Euclidean, the paper's choice) or ``cosine`` (the
-    paper's comparison, section 3.1); model: the embedding network (see ``metalearn.models``;
-    any image model is used without its classification head)."""
+    paper's comparison, section 3.1); model: the embedding network, a network of
+    ``metalearn.models.NETWORKS`` that serves as an embedding (one with an output layer is used
+    without it)."""
 
     distance: str = option("euclidean", "euclidean (squared, the paper's choice) or cosine")
-    model: str = option("conv4-embedding", "the embedding network: conv4-embedding, conv4 or conv4-maxpool "
-                                           "(used without a head)")
+    model: str = option("conv4-embedding", "the embedding network: " + network_help("embedding", "image")
+                                           + "; one with an output layer is used without it")
 
     def __post_init__(self):
         if self.distance not in DISTANCES:
             raise ConfigError("ProtoNet.Config", "distance",
                               f"must be one of {', '.join(DISTANCES)}, got {self.distance!r}")
-        if self.model == "mlp":
-            raise ConfigError("ProtoNet.Config", "model",
-                              "must be an image network (conv4-embedding, conv4, conv4-maxpool): protonet "
-                              "classifies images, got 'mlp'")
+        check_network_name("ProtoNet.Config", self.model, "embedding", "image")
 
 
 def embed_episodes(model: nn.Module, batch: TaskBatch) -> tuple[Tensor, Tensor]:

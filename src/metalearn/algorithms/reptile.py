@@ -53,7 +53,7 @@ from metalearn.algorithms.inner_loop import Params, check_inner_loop_options, lo
 from metalearn.datasets import NATURAL_IMAGES
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.options import option, options
-from metalearn.models import build_model
+from metalearn.models import build_model, check_network_name, network_help
 from metalearn.models.norm import first_order_batch_norm
 from metalearn.tasks.batch import TaskBatch
 
@@ -96,10 +96,11 @@ class ReptileConfig:
     inner_adam_state: str = option("fresh", "fresh: every task's Adam starts from zero moments; carried: the "
                                             "moments pass from task to task and on into evaluation, as in the "
                                             "reference code")
-    model: str = option("conv4", "the network: conv4, conv4-maxpool, conv4-maxpool-32 (mini-ImageNet's), conv4-reference or mlp")
+    model: str = option("conv4", "the network: " + network_help("classifier"))
 
     def __post_init__(self):
         owner = "Reptile.Config"
+        check_network_name(owner, self.model, "classifier")
         if self.inner_optimizer not in ("adam", "sgd"):
             raise ConfigError(owner, "inner_optimizer", f"must be adam or sgd, got {self.inner_optimizer!r}")
         if self.inner_adam_state not in ("fresh", "carried"):

@@ -1,58 +1,207 @@
 """Networks: plain ``nn.Module`` s with no running-statistics buffers, so that a method can
 apply them as pure functions of a parameter dict (``torch.func.functional_call``). (MAML's
-per-step batch-norm statistics are buffers that only the method's own update writes.)"""
+per-step batch-norm statistics are buffers that only the method's own update writes.)
+
+Every network a run can name is one :class:`Network` entry in ``NETWORKS``: its builder, what
+it can serve as (a classifier, with an output layer; an embedding, without one; or both), the
+inputs it takes, and one line that describes it. The methods' ``model`` options take their help
+and their name checks from the registry (:func:`network_names`, :func:`network_help`,
+:func:`check_network_name`), so adding a network is one entry here.
+"""
 
 from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
-from metalearn.errors import MetalearnError
+from metalearn.errors import ConfigError, MetalearnError
 from metalearn.models.conv4 import Conv4, mamlpp_conv4, reference_conv4
 from metalearn.models.mlp import MLP
 from metalearn.models.norm import BatchStatNorm, first_order_batch_norm
+from metalearn.models.resnet12 import ResNet12
 
-MODELS = ("conv4", "conv4-maxpool", "conv4-embedding", "conv4-reference", "conv4-maxpool-32", "conv4-mamlpp", "mlp")
+ROLES = ("classifier", "embedding")
+
+
+@dataclass(frozen=True)
+class Network:
+    """One network a run can name. ``build(input_shape, out_features)`` returns the module for
+    inputs of ``input_shape`` (without the batch axis; ``(C, H, W)`` for images, ``(features,)``
+    for vectors) with ``out_features`` outputs, or, given None, without an output layer (an
+    embedding). ``classifier`` / ``embedding``: whether it can be built with / without an output
+    layer (one output per class, or the regression targets: a "classifier" here is any network
+    with one; the methods that adapt the network's outputs need the first: MAML, PLATIPUS, Reptile;
+    those that compare embeddings the second: ProtoNets, Matching Nets, the Memory Module).
+    ``inputs``: ``"image"`` or ``"vector"``, checked before ``build`` is called. ``description``:
+    one line for the documentation; ``note``: a few words that the methods' option help adds
+    after the name (empty: the name alone)."""
+
+    name: str
+    build: Callable[[tuple[int, ...], int | None], nn.Module]
+    classifier: bool
+    embedding: bool
+    inputs: str
+    description: str
+    note: str = ""
+
+    def can_serve(self, role: str) -> bool:
+        """Whether the network can serve as a ``"classifier"`` or an ``"embedding"``."""
+        return self.classifier if role == "classifier" else self.embedding
+
+
+def _four_halvings(name: str, input_shape: tuple[int, ...]) -> None:
+    if min(input_shape[1:]) < 16:
+        raise MetalearnError(f"{name} halves the image four times and needs at least 16x16 inputs, "
+                             f"got {input_shape[1]}x{input_shape[2]}")
+
+
+def _conv4(pooling: str, name: str) -> Callable[[tuple[int, ...], int | None], nn.Module]:
+    def build(input_shape: tuple[int, ...], out_features: int | None) -> nn.Module:
+        if pooling == "max":
+            _four_halvings(name, input_shape)
+        return Conv4(input_shape[0], out_features, pooling=pooling)
+    return build
+
+
+def _conv4_maxpool_32(input_shape: tuple[int, ...], out_features: int | None) -> nn.Module:
+    if min(input_shape[1:]) < 16:
+        raise MetalearnError(f"conv4-maxpool-32 needs image inputs (C, H, W) of at least 16x16, got shape {input_shape}")
+    side = lambda n: n // 2 // 2 // 2 // 2  # four 2x2 max-pools, each rounding down
+    return Conv4(input_shape[0], out_features, hidden=32, pooling="max",
+                 flat_map=(side(input_shape[1]), side(input_shape[2])))
+
+
+def _conv4_mamlpp(input_shape: tuple[int, ...], out_features: int | None) -> nn.Module:
+    _four_halvings("conv4-mamlpp", input_shape)
+    return mamlpp_conv4(input_shape[0], out_features)
+
+
+def _resnet12(input_shape: tuple[int, ...], out_features: int | None) -> nn.Module:
+    _four_halvings("resnet12", input_shape)
+    return ResNet12(input_shape[0], out_features)
+
+
+NETWORKS: dict[str, Network] = {network.name: network for network in (
+    Network("conv4", _conv4("stride", "conv4"), True, True, "image",
+            "MAML's Omniglot network: 4 blocks of a 3x3 convolution of 64 filters with stride 2, batch norm and "
+            "ReLU, the final map averaged (64-d)"),
+    Network("conv4-maxpool", _conv4("max", "conv4-maxpool"), True, True, "image",
+            "conv4 with stride 1 and a 2x2 max-pool in each block (at least 16x16 inputs; 64-d)"),
+    Network("conv4-embedding", _conv4("max", "conv4-embedding"), False, True, "image",
+            "conv4-maxpool without an output layer: the 64-d embedding of ProtoNets and Matching Nets"),
+    Network("conv4-maxpool-32", _conv4_maxpool_32, True, True, "image",
+            "MAML's mini-ImageNet network (Finn et al. 2017, section 5.2): 32 filters, max-pooling, the head on "
+            "the flattened final map (5x5x32 on 84x84)", "mini-ImageNet's"),
+    Network("conv4-mamlpp", _conv4_mamlpp, True, False, "image",
+            "MAML++'s Omniglot network: max-pooling, leaky ReLU, Xavier-uniform weights "
+            "(metalearn.models.mamlpp_conv4)", "MAML++'s"),
+    Network("conv4-reference", lambda shape, out: reference_conv4(shape[0], out), True, False, "image",
+            "conv4 as the MAML authors' code builds and initialises it (metalearn.models.reference_conv4)",
+            "conv4 as the MAML authors' code builds it"),
+    Network("resnet12", _resnet12, True, True, "image",
+            "ResNet-12 (Oreshkin et al. 2018; Lee et al. 2019): 4 residual blocks of 64, 160, 320 and 640 filters, "
+            "averaged into a 640-d embedding; 12.4 M weights, far slower than conv4 (metalearn.models.ResNet12)",
+            "ResNet-12: 12.4 M weights, far slower than conv4"),
+    Network("mlp", lambda shape, out: MLP(shape[0], out), True, False, "vector",
+            "MAML's sinusoid regression network: 2 hidden layers of 40 units with ReLU"),
+)}
+"""Every network a run can name (the methods' ``model`` option), in the order the option help
+lists them; :func:`register_network` adds to it."""
+
+MODELS = tuple(NETWORKS)  # the built-in names
+
+
+def register_network(network: Network) -> Network:
+    """Make ``network`` known under ``network.name`` to :func:`build_model` and the methods'
+    ``model`` options (their help, written when the methods are imported, lists the built-in
+    networks). A second registration under a name replaces the first. Returns ``network``."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_+-]*", network.name):
+        raise MetalearnError(f"a network's name must be a command-line name: lower-case letters, digits, '-', '_' "
+                             f"or '+', got {network.name!r}")
+    if not (network.classifier or network.embedding):
+        raise MetalearnError(f"network {network.name} must serve as a classifier, an embedding or both")
+    if network.inputs not in ("image", "vector"):
+        raise MetalearnError(f"network {network.name}: inputs must be 'image' or 'vector', got {network.inputs!r}")
+    NETWORKS[network.name] = network
+    return network
+
+
+def network_names(role: str | None = None, inputs: str | None = None) -> tuple[str, ...]:
+    """The registered networks that can serve as ``role`` (``"classifier"``, ``"embedding"``;
+    None: any) and take ``inputs`` (``"image"``, ``"vector"``; None: any), in registry order."""
+    if role is not None and role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)} or None, got {role!r}")
+    return tuple(name for name, network in NETWORKS.items()
+                 if (role is None or network.can_serve(role)) and (inputs is None or network.inputs == inputs))
+
+
+def _listed(names: tuple[str, ...], notes: bool) -> str:
+    """``names`` as "a, b or c"; with ``notes``, each registered network's note after its name."""
+    words = [f"{name} ({NETWORKS[name].note})" if notes and name in NETWORKS and NETWORKS[name].note else name
+             for name in names]
+    if len(words) < 2:
+        return words[0] if words else "none"
+    return f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def network_help(role: str, inputs: str | None = None) -> str:
+    """The networks that serve as ``role`` (and take ``inputs``), for a method's ``model``
+    option help: "conv4, conv4-maxpool, conv4-maxpool-32 (mini-ImageNet's), ... or mlp"."""
+    return _listed(network_names(role, inputs), notes=True)
+
+
+def check_network_name(owner: str, name: str, role: str, inputs: str | None = None,
+                       also: dict[str, str] | None = None) -> None:
+    """Refuse, as a :class:`ConfigError` of field ``model`` of ``owner``, a ``name`` that is not a
+    registered network serving as ``role`` (and taking ``inputs``) nor one of a method's own
+    networks ``also`` (name -> a few words: the Memory Module's ``lenet``): one line that lists
+    the valid ones and says what is wrong with a known network."""
+    also = also or {}
+    valid = network_names(role, inputs)
+    if name in also or name in valid:
+        return
+    listing = _listed((*(f"{own} ({note})" if note else own for own, note in also.items()), *valid), notes=False)
+    what = ("a network with an output layer" if role == "classifier" else
+            f"an {inputs} network" if inputs == "image" else "an embedding network")
+    network = NETWORKS.get(name)
+    if network is None:
+        why = f"got {name!r}"
+    elif inputs is not None and network.inputs != inputs:
+        why = f"{name} takes {network.inputs} inputs"
+    else:
+        why = f"{name} has no output layer" if role == "classifier" else f"{name} is a classifier only"
+    raise ConfigError(owner, "model", f"must be {what}: {listing}; {why}")
 
 
 def build_model(name: str, input_shape: tuple[int, ...], out_features: int | None) -> nn.Module:
-    """A network by name for inputs of ``input_shape`` (without the batch axis).
+    """A network by name (a key of ``NETWORKS``) for inputs of ``input_shape`` (without the batch
+    axis; ``input_shape[0]`` is the channel count of an image: 1 grey, 3 RGB).
 
-    ``out_features`` None gives an embedding network (no head), for metric-based methods.
-    ``conv4-reference`` is ``conv4`` as the MAML authors' code builds and initialises it
-    (see :func:`~metalearn.models.conv4.reference_conv4`); ``conv4-mamlpp`` the MAML++ network
-    (max-pooling, leaky ReLU: :func:`~metalearn.models.conv4.mamlpp_conv4`). ``conv4-maxpool-32``
-    is MAML's mini-ImageNet network (Finn et al. 2017, section 5.2): 32 filters, max-pooling, the
-    head on the flattened final map (5x5 on 84x84 inputs). ``input_shape[0]`` is the channel
-    count (1 grey, 3 RGB).
+    ``out_features`` None gives an embedding network (no output layer), for metric-based
+    methods. Refused in one line: an unknown name (listing the valid ones), a network that cannot
+    serve as what is asked (an embedding network for a method that needs an output layer, or the
+    reverse), inputs of the wrong kind or too small.
     """
-    if name == "conv4-maxpool-32":
-        if len(input_shape) != 3 or min(input_shape[1:]) < 16:
-            raise MetalearnError(f"{name} needs image inputs (C, H, W) of at least 16x16, got shape {input_shape}")
-        side = lambda n: n // 2 // 2 // 2 // 2  # four 2x2 max-pools, each rounding down
-        return Conv4(input_shape[0], out_features, hidden=32, pooling="max",
-                     flat_map=(side(input_shape[1]), side(input_shape[2])))
-    if name in ("conv4", "conv4-maxpool", "conv4-embedding", "conv4-reference", "conv4-mamlpp"):
-        if len(input_shape) != 3:
-            raise MetalearnError(f"model {name} needs image inputs (C, H, W), got shape {input_shape}")
-        pooling = "stride" if name in ("conv4", "conv4-reference") else "max"
-        if name == "conv4-embedding" and out_features is not None:
-            raise MetalearnError("conv4-embedding has no output layer; this method needs conv4 or conv4-maxpool")
-        if pooling == "max" and min(input_shape[1:]) < 16:
-            raise MetalearnError(f"{name} halves the image four times and needs at least 16x16 inputs, "
-                                 f"got {input_shape[1]}x{input_shape[2]}")
-        if name in ("conv4-reference", "conv4-mamlpp"):
-            if out_features is None:
-                raise MetalearnError(f"{name} is a classifier (MAML's network); use conv4-embedding here")
-            builder = reference_conv4 if name == "conv4-reference" else mamlpp_conv4
-            return builder(input_shape[0], out_features)
-        head = None if name == "conv4-embedding" else out_features
-        return Conv4(input_shape[0], head, pooling=pooling)
-    if name == "mlp":
-        if len(input_shape) != 1:
-            raise MetalearnError(f"model mlp needs vector inputs, got shape {input_shape}")
-        return MLP(input_shape[0], out_features or 1)
-    raise MetalearnError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
+    network = NETWORKS.get(name)
+    if network is None:
+        raise MetalearnError(f"unknown model {name!r}; valid models: {', '.join(NETWORKS)}")
+    # the networks to name instead: those of the same kind of inputs, else any
+    if out_features is not None and not network.classifier:
+        instead = network_names("classifier", network.inputs) or network_names("classifier")
+        raise MetalearnError(f"{name} has no output layer; this method needs one of {', '.join(instead)}")
+    if out_features is None and not network.embedding:
+        instead = network_names("embedding", network.inputs) or network_names("embedding")
+        raise MetalearnError(f"{name} is a classifier ({network.note or network.description}); use an embedding "
+                             f"network here: {', '.join(instead)}")
+    if network.inputs == "image" and len(input_shape) != 3:
+        raise MetalearnError(f"model {name} needs image inputs (C, H, W), got shape {input_shape}")
+    if network.inputs == "vector" and len(input_shape) != 1:
+        raise MetalearnError(f"model {name} needs vector inputs, got shape {input_shape}")
+    return network.build(tuple(input_shape), out_features)
 
 
 def output_size(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -62,5 +211,6 @@ def output_size(model: nn.Module, input_shape: tuple[int, ...]) -> int:
         return model(torch.zeros(2, *input_shape)).shape[-1]
 
 
-__all__ = ["BatchStatNorm", "output_size", "Conv4", "MLP", "MODELS", "build_model", "first_order_batch_norm", "mamlpp_conv4",
-           "reference_conv4"]
+__all__ = ["BatchStatNorm", "output_size", "Conv4", "MLP", "MODELS", "NETWORKS", "Network", "ResNet12", "build_model",
+           "check_network_name", "first_order_batch_norm", "mamlpp_conv4", "network_help", "network_names",
+           "reference_conv4", "register_network"]

@@ -49,6 +49,10 @@ class TaskConfig:
                                  "an image folder's classes (default: --split-fractions)")
     noise_std: float | None = option(None, "standard deviation of the noise on regression targets (default 0 for "
                                            "sinusoid, 0.3 for sine-or-line)")
+    augment: str = option("", "random changes to each training image, comma-separated parts: crop (a random "
+                              "crop after zero padding a tenth of the side), flip (horizontal, half of the "
+                              "images), color (brightness, contrast and saturation jitter of 0.4); e.g. "
+                              "crop,flip,color (default none; training episodes only, never validation or test)")
 
     def __post_init__(self):
         get_dataset(self.dataset)  # a known name
@@ -70,6 +74,8 @@ class TaskConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError("TaskConfig", name, f"must be at least 1, got {value}")
+        # in the order they apply, whatever the order given: "flip,crop" and "crop,flip" are one run
+        object.__setattr__(self, "augment", ",".join(augment_parts(self.augment)))
 
     @property
     def classification(self) -> bool:
@@ -85,7 +91,31 @@ class TaskConfig:
             shots=self.test_shots or self.shots,
             query=self.test_query or self.query,
             test_ways=None, test_shots=None, test_query=None,
+            augment="",  # evaluation episodes are never augmented
         )
+
+
+# the parts of TaskConfig.augment, in the order they apply to an image (crop and flip move pixels,
+# colour changes their values); see metalearn.tasks.episodes.Augmentation
+AUGMENT_PARTS = ("crop", "flip", "color")
+
+
+def augment_parts(value: str, owner: str = "TaskConfig", field: str = "augment") -> tuple[str, ...]:
+    """The parts a ``--augment`` value names, in :data:`AUGMENT_PARTS` order (none for ""); an
+    unknown part, a part named twice or an empty one between commas is refused in one line
+    naming the parts there are."""
+    if not isinstance(value, str):
+        raise ConfigError(owner, field, f"takes parts among crop, flip and color as one string, comma-separated "
+                                        f"(e.g. \"crop,flip,color\"; \"\" for none), got {value!r}")
+    text = value.strip()
+    given = [part.strip() for part in text.split(",")] if text else []
+    problem = next((f"unknown part {part!r}" for part in given if part and part not in AUGMENT_PARTS), None)
+    problem = problem or next((f"{part!r} given twice" for i, part in enumerate(given) if part in given[:i]), None)
+    problem = problem or ("an empty part between commas" if "" in given else None)
+    if problem:
+        raise ConfigError(owner, field, f"takes parts among crop, flip and color, comma-separated, each at most once "
+                                        f"(e.g. crop,flip,color; empty for none), got {value!r}: {problem}")
+    return tuple(part for part in AUGMENT_PARTS if part in given)
 
 
 LOG_EVERY = 50  # steps between metrics lines where the user sets none, for runs of 500 steps or more

@@ -204,7 +204,7 @@ _REGRESSION = dict(classification=False, problem=_regression_problem, generated=
                    defaults={"shots": 5, "test_query": 100},
                    fixed={"split": "none", "ways": 0},
                    inapplicable=("split", "ways", "test_ways", "image_size", "channels", "split_fractions",
-                                 "split_file"))
+                                 "split_file", "augment"))
 # images of your own: class folders (split by folders, fractions or a file), RGB 84x84 as the
 # mini-ImageNet papers; mini-imagenet is the same reader with the papers' 15 queries per class
 # (Finn et al. 2017, section 5.2) and its release's train/val/test split only
@@ -215,12 +215,15 @@ _FOLDER = dict(classification=True, build=_folder, check=_folder_checked, proble
 # classification dataset that takes --channels and --split-fractions
 _OMNIGLOT_SPLIT = "its classes are split by one of the published splits, chosen with `split` (maml, vinyals or lake)"
 _RELEASE_SPLIT = "its split is the release's own, its train.csv, val.csv and test.csv or its train/ val/ test/ folders"
+_OMNIGLOT_AUGMENT = ("its papers train on the drawings as they are (a mirrored character can be another, b "
+                     "and d; in the maml and vinyals splits each quarter turn of a character is a class of its own)")
 _FOLDER_SPLIT = ("`split` chooses one of Omniglot's published splits; an image folder is split by its train/ val/ "
                  "test/ folders or CSV files, else by `split_fractions` or `split_file`")
 register_dataset(Dataset("omniglot", True, _omniglot, _image_problem, _omniglot_has_part,
-                         inapplicable=("noise_std", "channels", "split_fractions", "split_file"),
+                         inapplicable=("noise_std", "channels", "split_fractions", "split_file", "augment"),
                          reasons={"channels": "its images are black-and-white drawings, always read as 1 (grey) "
                                               "channel",
+                                  "augment": _OMNIGLOT_AUGMENT,
                                   "split_fractions": _OMNIGLOT_SPLIT, "split_file": _OMNIGLOT_SPLIT},
                          prepare=_drawings))
 register_dataset(Dataset("folder", defaults={"image_size": 84, "channels": 3},
@@ -269,7 +272,7 @@ def _environment_problem(observation_dim: int, action_dim: int):
 
 _RL = dict(classification=False, reinforcement=True, generated=True, fixed={"split": "none", "ways": 0},
            inapplicable=("split", "ways", "shots", "query", "test_ways", "test_shots", "test_query", "image_size",
-                         "channels", "split_fractions", "split_file", "noise_std"))
+                         "channels", "split_fractions", "split_file", "noise_std", "augment"))
 register_dataset(Dataset("nav2d", build=_environment(_nav2d), problem=_environment_problem(2, 2), **_RL))
 # gymnasium's HalfCheetah-v5: 17 observations, 6 actions (metalearn.envs.cheetah)
 register_dataset(Dataset("cheetah-vel", build=_environment(_cheetah("velocity")), problem=_environment_problem(17, 6),

@@ -197,6 +197,22 @@ def with_learner_options(config: RunConfig, learner: MetaLearner) -> RunConfig:
     return dataclasses.replace(config, method_config={**config.method_config, **own}) if own else config
 
 
+def check_augmentation(config: RunConfig, train_tasks: TaskSource, val_tasks: TaskSource | None) -> None:
+    """Refuse samplers built in Python whose augmentation (an EpisodeSampler's ``augment``) is
+    not what ``config.task.augment`` records: config.json would misstate the run, and a resume
+    from the command line, which builds its samplers from it, would not continue it exactly;
+    and validation episodes that are augmented (never, in a run built from its config)."""
+    drawn = getattr(train_tasks, "augmentation", None)
+    parts = ",".join(getattr(drawn, "parts", ()))
+    if drawn is not None and parts != config.task.augment:
+        raise MetalearnError(f"the Trainer's train_tasks change their images with augment={parts!r} but the "
+                             f"config records augment={config.task.augment!r}: give the config the same, "
+                             f"resolve_config(..., task={{'augment': {parts!r}, ...}})")
+    if getattr(getattr(val_tasks, "augmentation", None), "parts", ()):
+        raise MetalearnError("the Trainer's val_tasks change their images (augment): validation scores the "
+                             "images as they are; build them without augment")
+
+
 class Trainer:
     """Trains ``learner`` on ``train_tasks`` as ``config.train`` says, writing into ``run_dir``.
 
@@ -226,6 +242,7 @@ class Trainer:
         require_task_source(train_tasks, "Trainer's train_tasks")
         if val_tasks is not None:
             require_task_source(val_tasks, "Trainer's val_tasks")
+        check_augmentation(config, train_tasks, val_tasks)
         self.config, self.learner, self.run_dir, self.world = config, learner, run_dir, world
         self.resume = resume
         self.device = device_of(learner)  # the batches go where the learner is

@@ -10,7 +10,7 @@ import torch
 
 from metalearn.config import TaskConfig
 from metalearn.datasets import get_dataset
-from metalearn.errors import MetalearnError, kind_of
+from metalearn.errors import ConfigError, MetalearnError, kind_of
 from metalearn.tasks.batch import Problem, TaskBatch
 from metalearn.tasks.episodes import EpisodeSampler
 from metalearn.tasks.sinusoid import SineOrLineTasks, SinusoidTasks
@@ -100,10 +100,24 @@ def build_task_source(task: TaskConfig, part: str, data_dir: Path | str | None =
     environment). Raises :class:`MetalearnError` for an unknown dataset, a split without
     ``part``, data that is missing or cannot be read, and an episode shape the classes
     cannot fill (more ways than the part has classes, more shots and queries than a class has
-    images)."""
+    images).
+
+    ``task.augment`` changes the images of the training episodes only (``part`` train without
+    ``evaluation``): the validation and test shapes (:meth:`TaskConfig.for_testing`) have none.
+    A dataset that does not take it, or whose task source is no :class:`EpisodeSampler`, refuses
+    it."""
     shape = task.for_testing() if part in ("val", "test") or evaluation else task
     check_data_dir(task, data_dir)
-    return get_dataset(task.dataset).build(task, shape, part, data_dir, progress)
+    dataset = get_dataset(task.dataset)
+    if shape.augment and "augment" in dataset.inapplicable:  # resolve_config refuses it for a run
+        raise dataset.refuse(["augment"])
+    source = dataset.build(task, shape, part, data_dir, progress)
+    if not shape.augment:
+        return source
+    if not isinstance(source, EpisodeSampler):
+        raise ConfigError("TaskConfig", "augment", f"changes images of the episodes an EpisodeSampler draws; "
+                                                   f"{task.dataset}'s task source is a {kind_of(source)}")
+    return source.augmented(shape.augment)
 
 
 def check_task_source(task: TaskConfig, part: str, data_dir: Path | str | None = None,

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass, fields, replace
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from metalearn.config import augment_parts
 from metalearn.data.images import to_float
 from metalearn.data.splits import ClassPool
 from metalearn.errors import MetalearnError, kind_of
@@ -45,6 +51,13 @@ class EpisodeSampler:
     ``class_split``: for class folders split by fractions or a split file, the class names of
     each part (``{"train": [...], "val": [...], "test": [...]}``); a run writes it beside its
     checkpoint (``split.json``) and evaluates on it.
+
+    ``augment``: random changes to every image drawn (:class:`Augmentation`; ``"crop,flip,color"``
+    or some of these parts, ``""`` for none), for training episodes only: ``build_task_source``
+    gives them to the training sampler of a run with ``--augment`` and never to its validation
+    or test samplers. Their random values are drawn from the same generator after the episodes'
+    (so the episodes are those drawn without augmentation) and for every task before
+    ``tasks`` keeps its slice (so a rank's share is the full batch's).
     """
 
     data_fingerprint: str | None = None
@@ -52,7 +65,7 @@ class EpisodeSampler:
 
     def __init__(self, images: Tensor, pool: ClassPool, ways: int, shots: int, query: int,
                  dataset: str = "omniglot", test: bool | None = None, class_sizes: Tensor | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, augment: str = ""):
         dims = (4,) if class_sizes is not None else (4, 5)
         # a tensor and a ClassPool first: the checks below read them as such, and a NumPy array
         # would be refused for its shape (which may be right) or fail as an AttributeError
@@ -123,6 +136,7 @@ class EpisodeSampler:
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise MetalearnError(f"EpisodeSampler draws images as floats: dtype must be a floating-point type, got {dtype}")
         self.dtype = dtype
+        self.augmentation = Augmentation(augment)
         self.pool = pool
         self.ways, self.shots, self.query = ways, shots, query
         self.random_rotation = bool((pool.rotations < 0).any())
@@ -151,6 +165,13 @@ class EpisodeSampler:
             self.sizes = torch.full((len(pool),), per_class, dtype=torch.long)
         self.drawings = int(self.sizes.max())  # the most images of any class: the draw's width
 
+    def augmented(self, augment: str) -> "EpisodeSampler":
+        """This sampler drawing the same episodes, with ``augment``'s changes (an ``--augment``
+        value, ``""`` for none) applied to their images; the images are shared, not copied."""
+        sampler = copy.copy(self)
+        sampler.augmentation = Augmentation(augment)
+        return sampler
+
     def sample_indices(self, num_tasks: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         """(classes, drawings, rotations) of ``num_tasks`` episodes: positions in the pool
         (tasks, ways), image numbers within each class (tasks, ways, shots+query), quarter turns
@@ -170,18 +191,28 @@ class EpisodeSampler:
         """A batch of ``num_tasks`` episodes; ``tasks`` keeps only that slice of them (the
         share of one distributed rank), drawn identically to the full batch."""
         classes, draws, rotations = self.sample_indices(num_tasks, generator)
+        # drawn after the episodes, for every task: the episodes are those drawn without
+        # augmentation, and a slice of tasks gets what the whole batch gets
+        changes = self.augmentation.draw(draws.shape, min(self.image_shape[-2:]), generator) \
+            if self.augmentation else None
         if tasks is not None:
             classes, draws, rotations = classes[tasks], draws[tasks], rotations[tasks]
+            changes = changes.map(lambda values: values[tasks]) if changes is not None else None
         variant = classes * 4 + rotations if self.random_rotation else classes
         index = self.starts[variant][:, :, None] + draws  # (tasks, ways, shots + query) rows of the bank
         t = draws.shape[0]
 
-        def gather(rows: Tensor) -> Tensor:  # support and query gathered apart: no copy of a slice
+        def gather(images: slice) -> Tensor:  # support and query gathered apart: no copy of a slice
+            rows = index[..., images]
             per_task = rows.shape[1] * rows.shape[2]
-            return to_float(self.bank.index_select(0, rows.reshape(-1)), self.dtype).view(t, per_task, *self.image_shape)
+            pixels = self.bank.index_select(0, rows.reshape(-1))
+            if changes is None:
+                return to_float(pixels, self.dtype).view(t, per_task, *self.image_shape)
+            mine = changes.map(lambda values: values[:, :, images].flatten(0, 2))  # one row per image, as rows
+            return self.augmentation.apply(pixels, mine, self.dtype).view(t, per_task, *self.image_shape)
 
         labels = torch.arange(self.ways)
-        support_x, query_x = gather(index[..., : self.shots]), gather(index[..., self.shots :])
+        support_x, query_x = gather(slice(None, self.shots)), gather(slice(self.shots, None))
         support_y = labels.repeat_interleave(self.shots).repeat(t, 1)
         query_y = labels.repeat_interleave(self.query).repeat(t, 1)
         return TaskBatch(support_x, support_y, query_x, query_y, ways=self.ways)
@@ -203,3 +234,171 @@ def _distinct_classes(num_tasks: int, n_classes: int, ways: int, generator: torc
         if not repeated.any():
             return classes
         classes[repeated] = torch.randint(n_classes, (int(repeated.sum()), ways), generator=generator)
+
+
+# -- augmentation of training images (--augment) ------------------------------------------------
+
+JITTER = 0.4  # ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4): factors in [0.6, 1.4)
+GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+# the floats of the images changed at a time: a few MB stay in the processor's cache through the
+# dozen passes of conversion and colour, which over a whole meta-batch (217 MB for 32 5-way
+# 15-query tasks at 84x84 RGB) would each go to memory and back; much smaller chunks pay
+# torch's per-call overhead instead
+CHUNK_BYTES = 4 << 20
+
+
+def crop_padding(side: int) -> int:
+    """Zero padding on each edge before a random crop of an image of ``side`` pixels: a tenth of
+    the side, at least 1 pixel (8 at 84: mini-ImageNet's ``RandomCrop(84, padding=8)``)."""
+    return max(1, side // 10)
+
+
+@dataclass(frozen=True)
+class AugmentDraws:
+    """The random values of every image's changes, each tensor with the leading shape of the
+    images it applies to: ``offsets`` (..., 2) the crop's top and left in the padded image,
+    ``flips`` (...) bool, ``factors`` (..., 3) brightness, contrast and saturation, ``orders``
+    (..., 3) a permutation of (0, 1, 2), the order those apply in. None: that part is off."""
+
+    offsets: Tensor | None = None
+    flips: Tensor | None = None
+    factors: Tensor | None = None
+    orders: Tensor | None = None
+
+    def map(self, change: Callable[[Tensor], Tensor]) -> "AugmentDraws":
+        """Every tensor changed alike (a slice of tasks, the support part, a reshape)."""
+        return replace(self, **{f.name: change(getattr(self, f.name)) for f in fields(self)
+                                if getattr(self, f.name) is not None})
+
+
+class Augmentation:
+    """Random changes to training images (``--augment``), as the few-shot papers on photographs
+    make them: MetaOptNet (Lee et al. 2019) and RFS (Tian et al. 2020) train mini-ImageNet with
+    torchvision's ``RandomCrop(84, padding=8)``, ``ColorJitter(0.4, 0.4, 0.4)`` and
+    ``RandomHorizontalFlip()``, in that order, on training images only. ``parts``: a
+    ``--augment`` value, e.g. ``"crop,flip,color"``; :meth:`draw` draws the random values,
+    :meth:`apply` applies them, to every image independently, batched over all images at once:
+
+    - ``crop``: the image, padded with zeros by :func:`crop_padding` pixels on each edge (8 at
+      84), is cropped back to its size at a random offset, each of ``0 .. 2 * pad`` equally likely
+      along each axis (torchvision's ``RandomCrop(side, padding=pad)``);
+    - ``flip``: mirrored left to right with probability 1/2 (``RandomHorizontalFlip()``);
+    - ``color``: brightness, contrast and saturation factors ``b, c, s`` drawn uniformly from
+      ``[0.6, 1.4)`` and applied in a random order (``ColorJitter(0.4, 0.4, 0.4)``), with
+      torchvision's definitions for float images in ``[0, 1]``: ``blend(x, y, f) = clamp(f * x +
+      (1 - f) * y, 0, 1)``; brightness ``blend(x, 0, b)``; contrast ``blend(x, m, c)`` with ``m``
+      the mean over the image of its grey version; saturation ``blend(x, g, s)`` with ``g`` the
+      grey version per pixel; grey ``= 0.2989 R + 0.587 G + 0.114 B``. A one-channel image is its
+      own grey version, so saturation leaves it as it is (as torchvision does).
+
+    Crop and flip move pixels, colour changes values; a flip commutes with the colour changes
+    (they treat every pixel alike), so the flip follows the crop and colour comes last.
+
+    >>> augmentation = Augmentation("crop,flip")
+    >>> images = torch.rand(6, 3, 84, 84)
+    >>> draws = augmentation.draw((6,), 84, torch.Generator().manual_seed(0))
+    >>> augmentation.apply(images, draws).shape
+    torch.Size([6, 3, 84, 84])
+    """
+
+    def __init__(self, parts: str, owner: str = "EpisodeSampler"):
+        self.parts = augment_parts(parts, owner)
+
+    def __bool__(self) -> bool:
+        return bool(self.parts)
+
+    def __repr__(self) -> str:
+        return f"Augmentation({','.join(self.parts)!r})"
+
+    def draw(self, shape: tuple[int, ...], side: int, generator: torch.Generator) -> AugmentDraws:
+        """The random values for images of leading ``shape`` (the sampler's (tasks, ways,
+        shots + query)) of ``side`` pixels (the smaller side), all from ``generator``, in the
+        order crop, flip, color, each only where its part is on."""
+        draws = {}
+        if "crop" in self.parts:
+            draws["offsets"] = torch.randint(0, 2 * crop_padding(side) + 1, (*shape, 2), generator=generator)
+        if "flip" in self.parts:
+            draws["flips"] = torch.rand(shape, generator=generator) < 0.5
+        if "color" in self.parts:
+            draws["factors"] = torch.rand((*shape, 3), generator=generator) * (2 * JITTER) + (1 - JITTER)
+            draws["orders"] = torch.rand((*shape, 3), generator=generator).argsort(dim=-1)
+        return AugmentDraws(**draws)
+
+    def apply(self, images: Tensor, draws: AugmentDraws, dtype: torch.dtype | None = None) -> Tensor:
+        """``images`` (n, C, H, W), uint8 pixels or floats in [0, 1], changed by ``draws``
+        (leading shape (n,)): a new tensor of floats in [0, 1] of ``dtype`` (default: the
+        images', float32 for uint8). Crop and flip move uint8 pixels before the conversion
+        (:func:`~metalearn.data.images.to_float`), which gives the floats that moving them after
+        it would; the images go a few at a time (``CHUNK_BYTES``)."""
+        n = images.shape[0]
+        dtype = dtype or (images.dtype if images.is_floating_point() else torch.float32)
+        out = torch.empty(images.shape, dtype=dtype)
+        chunk = max(1, CHUNK_BYTES // max(1, out[:1].numel() * out.element_size()))
+        for start in range(0, n, chunk):
+            part = draws.map(lambda values: values[start:start + chunk])
+            changed = images[start:start + chunk]
+            if part.offsets is not None or part.flips is not None:
+                changed = crop_and_flip(changed, part.offsets, part.flips)
+            target = out[start:start + chunk]
+            if changed.is_floating_point():
+                target.copy_(changed)
+            else:
+                target.copy_(changed).div_(255.0)  # to_float's conversion, into place
+            if part.factors is not None:
+                jitter_colors(target, part.factors.to(dtype), part.orders)
+        return out
+
+
+def crop_and_flip(images: Tensor, offsets: Tensor | None, flips: Tensor | None) -> Tensor:
+    """``images`` (n, C, H, W) cropped at ``offsets`` (n, 2) (top, left) of the images
+    zero-padded by :func:`crop_padding` of their smaller side, then mirrored left to right where
+    ``flips`` (n,) is true; either may be None (no crop, no flip). One gather of every pixel of
+    the result from its place in the (padded) image; a new tensor."""
+    n, c, h, w = images.shape
+    if offsets is not None:
+        pad = crop_padding(min(h, w))
+        images = F.pad(images, (pad, pad, pad, pad))
+    else:
+        offsets = torch.zeros(n, 2, dtype=torch.long)
+    width = images.shape[-1]
+    columns = torch.arange(w).expand(n, w)
+    if flips is not None:
+        columns = torch.where(flips[:, None], w - 1 - columns, columns)
+    rows = offsets[:, :1] + torch.arange(h)  # (n, h), in the padded image
+    columns = offsets[:, 1:] + columns  # (n, w)
+    where = (rows[:, :, None] * width + columns[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
+    return images.reshape(n, c, -1).gather(2, where).view(n, c, h, w)
+
+
+def _grey(images: Tensor) -> Tensor:
+    """(n, 1, H, W): torchvision's ``rgb_to_grayscale``; a one-channel image as it is."""
+    if images.shape[1] == 1:
+        return images
+    r, g, b = images.unbind(dim=1)
+    return r.mul(GREY[0]).add_(g, alpha=GREY[1]).add_(b, alpha=GREY[2]).unsqueeze(1)
+
+
+def jitter_colors(images: Tensor, factors: Tensor, orders: Tensor) -> Tensor:
+    """``images`` (n, C, H, W) floats, changed in place: brightness, contrast and saturation by
+    ``factors`` (n, 3), in the order ``orders`` (n, 3) gives each image (a permutation of 0, 1,
+    2: brightness, contrast, saturation). Returns ``images``.
+
+    Each change is ``blend(x, y, f)`` with ``y`` 0 (brightness), the mean ``m`` of the grey image
+    (contrast) or the grey image ``g`` (saturation), so each of the three steps changes every
+    image at once: ``clamp(f x + ((1 - f) m [contrast] + (1 - f) g [saturation]), 0, 1)``, the
+    term of a change the image does not make at that step being 0 (added exactly), so that the
+    sum is the one torchvision's ``_blend`` forms."""
+    n, channels = images.shape[:2]
+    for step in range(3):
+        change = orders[:, step]  # (n,) 0 brightness, 1 contrast, 2 saturation
+        factor = factors.gather(1, change[:, None])[:, 0]
+        if channels == 1:  # saturation leaves a grey image as it is
+            factor = torch.where(change == 2, torch.ones_like(factor), factor)
+        rest = 1 - factor
+        grey = _grey(images)
+        mean = torch.where(change == 1, rest, 0) * grey.mean(dim=(-3, -2, -1))  # (n,)
+        weight = torch.where((change == 2) & (channels > 1), rest, 0)
+        # one broadcast operand per operation: torch's vectorised CPU loops take no more
+        other = (grey * weight[:, None, None, None]).add_(mean[:, None, None, None])  # (n, 1, H, W)
+        images.mul_(factor[:, None, None, None]).add_(other).clamp_(0.0, 1.0)
+    return images

@@ -1,7 +1,8 @@
 """Time drawing training episodes with and without ``--augment``.
 
 Times ``EpisodeSampler.sample(meta_batch, generator)`` of 5-way 1-shot 15-query 84x84 RGB
-episodes (the MAML paper's mini-ImageNet shape; 32 tasks: 2,560 images) from a bank of random
+episodes (the MAML paper's mini-ImageNet episode; a meta-batch of 32 of them, the benchmark's
+choice, where that paper takes 4: 2,560 images) from a bank of random
 uint8 images (sampling does not depend on what the pixels show), with no augmentation, each part
 alone and all three (``crop,flip,color``). The settings are timed round-robin, in a new
 shuffled order every round, so that a change of the machine's load falls on all of them alike.

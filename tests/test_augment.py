@@ -251,7 +251,7 @@ def test_only_the_training_sampler_of_a_run_augments(colours, monkeypatch):
     with pytest.raises(ConfigError, match="^TaskConfig.augment does not apply to omniglot: its papers train on"):
         build_task_source(TaskConfig(augment="flip"), "train")
     points = Dataset("points", True, lambda task, shape, part, data_dir, progress: SinusoidTasks(),
-                     lambda task: None)
+                     lambda task: None, augments=True)
     monkeypatch.setitem(DATASETS, "points", points)
     with pytest.raises(ConfigError, match=r"^TaskConfig.augment changes images of the episodes an EpisodeSampler "
                                           r"draws; points's task source is a metalearn.tasks.sinusoid.SinusoidTasks$"):
@@ -276,6 +276,9 @@ def test_a_trainer_refuses_samplers_whose_augmentation_its_config_does_not_recor
         Trainer(flipping, learner(), sampler(), None, tmp_path / "b")
     with pytest.raises(MetalearnError, match="^the Trainer's val_tasks change their images"):
         Trainer(flipping, learner(), sampler("flip"), sampler("flip"), tmp_path / "c")
+    with pytest.raises(MetalearnError, match=r"^the config records augment='flip' but the Trainer's train_tasks "
+                                             r"\(metalearn.tasks.sinusoid.SinusoidTasks\) change no images"):
+        Trainer(flipping, learner(), SinusoidTasks(), None, tmp_path / "e")
     Trainer(flipping, learner(), sampler("flip"), sampler(), tmp_path / "d").fit(progress=False)
     assert RunDir(tmp_path / "d").read_config().task.augment == "flip"
 
@@ -357,3 +360,29 @@ def test_a_run_with_augmentation_resumes_exactly_and_evaluates_without_it(colour
         assert code == 0, err
     code, out, err = run(["train", "protonet", "--run-dir", tmp_path / "straight", "--resume", "--steps", 5], capsys)
     one_line_error(code, out, err, "Augmentation.apply was called")  # where training does
+
+
+def test_colour_needs_grey_or_rgb_images_and_draws_fit_the_images_they_change():
+    images = (torch.arange(6 * 4 * 10 * 10) % 251).to(torch.uint8).view(6, 4, 10, 10)  # RGBA
+    pool = ClassPool("mine", torch.arange(2), torch.zeros(2, dtype=torch.long))
+    refused = "^augment color changes grey .1-channel. or RGB .3-channel. images, not images of 4 channels"
+    with pytest.raises(MetalearnError, match=refused):
+        EpisodeSampler(images, pool, 2, 1, 1, class_sizes=torch.tensor([3, 3]), augment="crop,color")
+    plain = EpisodeSampler(images, pool, 2, 1, 1, class_sizes=torch.tensor([3, 3]), augment="crop,flip")
+    assert plain.sample(2, gen(0)).support_x.shape == (2, 2, 4, 10, 10)
+    with pytest.raises(MetalearnError, match=refused):
+        plain.augmented("color")
+    crop = Augmentation("crop")
+    with pytest.raises(MetalearnError, match="^the crop offsets were drawn for larger images than these 28x28"):
+        crop.apply(pixels(64, side=28), crop.draw((64,), 84, gen(0)))
+    assert crop.apply(pixels(64, side=28), crop.draw((64,), 28, gen(0))).shape == (64, 3, 28, 28)
+
+
+def test_a_dataset_refuses_augment_unless_it_says_it_takes_it():
+    # a dataset of one's own that does not opt in refuses --augment when a run is configured, as
+    # omniglot (with its reason) and the regression datasets do; "" is no augmentation anywhere
+    assert "augment" in Dataset("mine", True, lambda *a: None, lambda task: None).inapplicable
+    assert "augment" not in DATASETS["folder"].inapplicable and "augment" not in DATASETS["mini-imagenet"].inapplicable
+    with pytest.raises(ConfigError, match="^TaskConfig.augment does not apply to sinusoid, a regression dataset"):
+        resolve_config("maml", {"dataset": "sinusoid", "augment": "flip"})
+    assert resolve_config("protonet", {"dataset": "omniglot", "augment": ""}).task.augment == ""

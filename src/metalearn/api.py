@@ -98,7 +98,8 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
     dataset = dataset_for(cls, task.get("dataset", cls.default_dataset or TaskConfig.dataset))  # an unknown name first
     task.setdefault("dataset", dataset.name)
     check_method_fits_dataset(cls, dataset)
-    given = [name for name in dataset.inapplicable if task.get(name) is not None]
+    # "" is the value of none for the options of text (no --augment, no --split-file)
+    given = [name for name in dataset.inapplicable if task.get(name) not in (None, "")]
     if given:
         raise dataset.refuse(given)  # each option with its reason
     for defaults in (cls.task_defaults, dataset.defaults):

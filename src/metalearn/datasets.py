@@ -32,7 +32,10 @@ class Dataset:
     (an environment, ``--env``), whose source samples :class:`~metalearn.envs.MDPBatch` es for a
     reinforcement-learning method (``maml-rl``). ``generated``: the tasks come from a formula or
     a simulator, not from files, so a ``data_dir`` given for them is refused (it would be
-    silently unused). ``check(task, shape, part, data_dir, progress)``, where given, refuses an
+    silently unused). ``augments``: its training task source is an
+    :class:`~metalearn.tasks.episodes.EpisodeSampler` of images that ``augment`` may change
+    (``--augment``); for every other dataset ``augment`` is one of its ``inapplicable`` options,
+    with its reason in ``reasons`` where it has one. ``check(task, shape, part, data_dir, progress)``, where given, refuses an
     episode shape the part cannot fill as ``build`` would, without reading the data (a folder's
     class and image counts come from its file names), so that setup fails before decoding: it is
     ``metalearn train``'s look at every part it will use before it reads any
@@ -51,6 +54,11 @@ class Dataset:
     reinforcement: bool = False
     generated: bool = False
     check: Callable[..., Any] | None = None
+    augments: bool = False
+
+    def __post_init__(self):
+        if not self.augments and "augment" not in self.inapplicable:  # opt-in: a new dataset refuses it
+            object.__setattr__(self, "inapplicable", (*self.inapplicable, "augment"))
 
     @property
     def kind(self) -> str:
@@ -204,12 +212,12 @@ _REGRESSION = dict(classification=False, problem=_regression_problem, generated=
                    defaults={"shots": 5, "test_query": 100},
                    fixed={"split": "none", "ways": 0},
                    inapplicable=("split", "ways", "test_ways", "image_size", "channels", "split_fractions",
-                                 "split_file", "augment"))
+                                 "split_file"))
 # images of your own: class folders (split by folders, fractions or a file), RGB 84x84 as the
 # mini-ImageNet papers; mini-imagenet is the same reader with the papers' 15 queries per class
 # (Finn et al. 2017, section 5.2) and its release's train/val/test split only
 _FOLDER = dict(classification=True, build=_folder, check=_folder_checked, problem=_image_problem,
-               fixed={"split": "folder"})
+               fixed={"split": "folder"}, augments=True)
 
 # why an option does not apply where a dataset's kind is not the reason: folder is a
 # classification dataset that takes --channels and --split-fractions
@@ -220,7 +228,7 @@ _OMNIGLOT_AUGMENT = ("its papers train on the drawings as they are (a mirrored c
 _FOLDER_SPLIT = ("`split` chooses one of Omniglot's published splits; an image folder is split by its train/ val/ "
                  "test/ folders or CSV files, else by `split_fractions` or `split_file`")
 register_dataset(Dataset("omniglot", True, _omniglot, _image_problem, _omniglot_has_part,
-                         inapplicable=("noise_std", "channels", "split_fractions", "split_file", "augment"),
+                         inapplicable=("noise_std", "channels", "split_fractions", "split_file"),
                          reasons={"channels": "its images are black-and-white drawings, always read as 1 (grey) "
                                               "channel",
                                   "augment": _OMNIGLOT_AUGMENT,
@@ -272,7 +280,7 @@ def _environment_problem(observation_dim: int, action_dim: int):
 
 _RL = dict(classification=False, reinforcement=True, generated=True, fixed={"split": "none", "ways": 0},
            inapplicable=("split", "ways", "shots", "query", "test_ways", "test_shots", "test_query", "image_size",
-                         "channels", "split_fractions", "split_file", "noise_std", "augment"))
+                         "channels", "split_fractions", "split_file", "noise_std"))
 register_dataset(Dataset("nav2d", build=_environment(_nav2d), problem=_environment_problem(2, 2), **_RL))
 # gymnasium's HalfCheetah-v5: 17 observations, 6 actions (metalearn.envs.cheetah)
 register_dataset(Dataset("cheetah-vel", build=_environment(_cheetah("velocity")), problem=_environment_problem(17, 6),

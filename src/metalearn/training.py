@@ -24,7 +24,7 @@ from metalearn.checkpoints import (RESUME_ENTRIES, RESUME_OPTIONAL_ENTRIES, all_
                                    own_tasks, recorded_images, run_images, saved_config, unreadable_checkpoint)
 from metalearn.config import RunConfig
 from metalearn.distributed import RankLost, World, environment_count
-from metalearn.errors import TIME_LIMIT_EXIT, ConfigError, MetalearnError, TrainingStopped
+from metalearn.errors import TIME_LIMIT_EXIT, ConfigError, MetalearnError, TrainingStopped, kind_of
 from metalearn.evaluation import HIGHER_IS_BETTER, evaluate
 from metalearn.memory_budget import (available_memory, chunk_candidates, chunk_sizes, fastest_chunk, largest_chunk,
                                      peak_memory_of, seconds_of)
@@ -204,6 +204,10 @@ def check_augmentation(config: RunConfig, train_tasks: TaskSource, val_tasks: Ta
     and validation episodes that are augmented (never, in a run built from its config)."""
     drawn = getattr(train_tasks, "augmentation", None)
     parts = ",".join(getattr(drawn, "parts", ()))
+    if drawn is None and config.task.augment:
+        raise MetalearnError(f"the config records augment={config.task.augment!r} but the Trainer's train_tasks "
+                             f"({kind_of(train_tasks)}) change no images: draw them with an EpisodeSampler(..., "
+                             f"augment={config.task.augment!r}), or leave augment out of the config")
     if drawn is not None and parts != config.task.augment:
         raise MetalearnError(f"the Trainer's train_tasks change their images with augment={parts!r} but the "
                              f"config records augment={config.task.augment!r}: give the config the same, "

@@ -164,12 +164,14 @@ class EpisodeSampler:
             self.starts = torch.arange(n_variants) * per_class
             self.sizes = torch.full((len(pool),), per_class, dtype=torch.long)
         self.drawings = int(self.sizes.max())  # the most images of any class: the draw's width
+        self.augmentation.check_images(self.image_shape)
 
     def augmented(self, augment: str) -> "EpisodeSampler":
         """This sampler drawing the same episodes, with ``augment``'s changes (an ``--augment``
         value, ``""`` for none) applied to their images; the images are shared, not copied."""
         sampler = copy.copy(self)
         sampler.augmentation = Augmentation(augment)
+        sampler.augmentation.check_images(self.image_shape)
         return sampler
 
     def sample_indices(self, num_tasks: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
@@ -202,13 +204,13 @@ class EpisodeSampler:
         index = self.starts[variant][:, :, None] + draws  # (tasks, ways, shots + query) rows of the bank
         t = draws.shape[0]
 
-        def gather(images: slice) -> Tensor:  # support and query gathered apart: no copy of a slice
-            rows = index[..., images]
+        def gather(part: slice) -> Tensor:  # support and query gathered apart: no copy of a slice
+            rows = index[..., part]
             per_task = rows.shape[1] * rows.shape[2]
             pixels = self.bank.index_select(0, rows.reshape(-1))
             if changes is None:
                 return to_float(pixels, self.dtype).view(t, per_task, *self.image_shape)
-            mine = changes.map(lambda values: values[:, :, images].flatten(0, 2))  # one row per image, as rows
+            mine = changes.map(lambda values: values[:, :, part].flatten(0, 2))  # one row per image, as rows
             return self.augmentation.apply(pixels, mine, self.dtype).view(t, per_task, *self.image_shape)
 
         labels = torch.arange(self.ways)
@@ -307,6 +309,13 @@ class Augmentation:
     def __bool__(self) -> bool:
         return bool(self.parts)
 
+    def check_images(self, shape: tuple[int, ...]) -> None:
+        """Refuse images of ``shape`` (C, H, W) that the parts cannot change: colour takes 1 (grey)
+        or 3 (RGB) channels, whose grey version it defines."""
+        if "color" in self.parts and shape[0] not in (1, 3):
+            raise MetalearnError(f"augment color changes grey (1-channel) or RGB (3-channel) images, not images of "
+                                 f"{shape[0]} channels: leave color out")
+
     def __repr__(self) -> str:
         return f"Augmentation({','.join(self.parts)!r})"
 
@@ -331,6 +340,9 @@ class Augmentation:
         (:func:`~metalearn.data.images.to_float`), which gives the floats that moving them after
         it would; the images go a few at a time (``CHUNK_BYTES``)."""
         n = images.shape[0]
+        if draws.offsets is not None and n and int(draws.offsets.max()) > 2 * crop_padding(min(images.shape[-2:])):
+            raise MetalearnError(f"the crop offsets were drawn for larger images than these "
+                                 f"{images.shape[-2]}x{images.shape[-1]}: draw them with the images' side")
         dtype = dtype or (images.dtype if images.is_floating_point() else torch.float32)
         out = torch.empty(images.shape, dtype=dtype)
         chunk = max(1, CHUNK_BYTES // max(1, out[:1].numel() * out.element_size()))
@@ -398,7 +410,7 @@ def jitter_colors(images: Tensor, factors: Tensor, orders: Tensor) -> Tensor:
         grey = _grey(images)
         mean = torch.where(change == 1, rest, 0) * grey.mean(dim=(-3, -2, -1))  # (n,)
         weight = torch.where((change == 2) & (channels > 1), rest, 0)
-        # one broadcast operand per operation: torch's vectorised CPU loops take no more
+        # the term added, formed once at (n, 1, H, W) for all channels: one pass over the images per step
         other = (grey * weight[:, None, None, None]).add_(mean[:, None, None, None])  # (n, 1, H, W)
         images.mul_(factor[:, None, None, None]).add_(other).clamp_(0.0, 1.0)
     return images

@@ -48,7 +48,7 @@ def test_classifier_and_embedding_outputs_have_the_right_shapes_and_no_buffers(s
 
 
 def test_the_default_embedding_has_the_reference_architectures_12_4_million_parameters():
-    """Counted from the layer sizes of TADAM's / MetaOptNet's ResNet-12 (learn2learn's
+    """Counted from the layer sizes of MetaOptNet's ResNet-12 (learn2learn's
     ``ResNet12`` has the same layers): per block of c_in -> c filters, three 3x3 convolutions
     without bias (9 c_in c + 2 * 9 c^2), a 1x1 shortcut convolution (c_in c) and four batch
     norms with a scale and an offset (4 * 2c). The literature gives 12.4 M for 3-channel

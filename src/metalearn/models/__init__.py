@@ -36,9 +36,10 @@ class Network:
     layer (one output per class, or the regression targets: a "classifier" here is any network
     with one; the methods that adapt the network's outputs need the first: MAML, PLATIPUS, Reptile;
     those that compare embeddings the second: ProtoNets, Matching Nets, the Memory Module).
-    ``inputs``: ``"image"`` or ``"vector"``, checked before ``build`` is called. ``description``:
-    one line for the documentation; ``note``: a few words that the methods' option help adds
-    after the name (empty: the name alone)."""
+    ``inputs``: ``"image"`` or ``"vector"``, and ``min_side`` the fewest pixels of an image's
+    height and width (16 for four 2x2 halvings), both checked before ``build`` is called.
+    ``description``: one line for the documentation; ``note``: a few words that the methods'
+    option help adds after the name (empty: the name alone)."""
 
     name: str
     build: Callable[[tuple[int, ...], int | None], nn.Module]
@@ -47,73 +48,50 @@ class Network:
     inputs: str
     description: str
     note: str = ""
+    min_side: int = 1
 
     def can_serve(self, role: str) -> bool:
         """Whether the network can serve as a ``"classifier"`` or an ``"embedding"``."""
         return self.classifier if role == "classifier" else self.embedding
 
 
-def _four_halvings(name: str, input_shape: tuple[int, ...]) -> None:
-    if min(input_shape[1:]) < 16:
-        raise MetalearnError(f"{name} halves the image four times and needs at least 16x16 inputs, "
-                             f"got {input_shape[1]}x{input_shape[2]}")
-
-
-def _conv4(pooling: str, name: str) -> Callable[[tuple[int, ...], int | None], nn.Module]:
-    def build(input_shape: tuple[int, ...], out_features: int | None) -> nn.Module:
-        if pooling == "max":
-            _four_halvings(name, input_shape)
-        return Conv4(input_shape[0], out_features, pooling=pooling)
-    return build
+HALVED = 16  # the smallest side that four 2x2 halvings (max-pools) leave at least one pixel of
 
 
 def _conv4_maxpool_32(input_shape: tuple[int, ...], out_features: int | None) -> nn.Module:
-    if min(input_shape[1:]) < 16:
-        raise MetalearnError(f"conv4-maxpool-32 needs image inputs (C, H, W) of at least 16x16, got shape {input_shape}")
     side = lambda n: n // 2 // 2 // 2 // 2  # four 2x2 max-pools, each rounding down
     return Conv4(input_shape[0], out_features, hidden=32, pooling="max",
                  flat_map=(side(input_shape[1]), side(input_shape[2])))
 
 
-def _conv4_mamlpp(input_shape: tuple[int, ...], out_features: int | None) -> nn.Module:
-    _four_halvings("conv4-mamlpp", input_shape)
-    return mamlpp_conv4(input_shape[0], out_features)
-
-
-def _resnet12(input_shape: tuple[int, ...], out_features: int | None) -> nn.Module:
-    _four_halvings("resnet12", input_shape)
-    return ResNet12(input_shape[0], out_features)
-
-
 NETWORKS: dict[str, Network] = {network.name: network for network in (
-    Network("conv4", _conv4("stride", "conv4"), True, True, "image",
+    Network("conv4", lambda shape, out: Conv4(shape[0], out, pooling="stride"), True, True, "image",
             "MAML's Omniglot network: 4 blocks of a 3x3 convolution of 64 filters with stride 2, batch norm and "
             "ReLU, the final map averaged (64-d)"),
-    Network("conv4-maxpool", _conv4("max", "conv4-maxpool"), True, True, "image",
-            "conv4 with stride 1 and a 2x2 max-pool in each block (at least 16x16 inputs; 64-d)"),
-    Network("conv4-embedding", _conv4("max", "conv4-embedding"), False, True, "image",
-            "conv4-maxpool without an output layer: the 64-d embedding of ProtoNets and Matching Nets"),
+    Network("conv4-maxpool", lambda shape, out: Conv4(shape[0], out, pooling="max"), True, True, "image",
+            "conv4 with stride 1 and a 2x2 max-pool in each block (at least 16x16 inputs; 64-d)",
+            min_side=HALVED),
+    Network("conv4-embedding", lambda shape, out: Conv4(shape[0], out, pooling="max"), False, True, "image",
+            "conv4-maxpool without an output layer: the 64-d embedding of ProtoNets and Matching Nets",
+            min_side=HALVED),
     Network("conv4-maxpool-32", _conv4_maxpool_32, True, True, "image",
             "MAML's mini-ImageNet network (Finn et al. 2017, section 5.2): 32 filters, max-pooling, the head on "
-            "the flattened final map (5x5x32 on 84x84)", "mini-ImageNet's"),
-    Network("conv4-mamlpp", _conv4_mamlpp, True, False, "image",
+            "the flattened final map (5x5x32 on 84x84)", "mini-ImageNet's", min_side=HALVED),
+    Network("conv4-mamlpp", lambda shape, out: mamlpp_conv4(shape[0], out), True, False, "image",
             "MAML++'s Omniglot network: max-pooling, leaky ReLU, Xavier-uniform weights "
-            "(metalearn.models.mamlpp_conv4)", "MAML++'s"),
+            "(metalearn.models.mamlpp_conv4)", "MAML++'s", min_side=HALVED),
     Network("conv4-reference", lambda shape, out: reference_conv4(shape[0], out), True, False, "image",
             "conv4 as the MAML authors' code builds and initialises it (metalearn.models.reference_conv4)",
             "conv4 as the MAML authors' code builds it"),
-    Network("resnet12", _resnet12, True, True, "image",
-            "ResNet-12 (Oreshkin et al. 2018; Lee et al. 2019): 4 residual blocks of 64, 160, 320 and 640 filters, "
+    Network("resnet12", lambda shape, out: ResNet12(shape[0], out), True, True, "image",
+            "ResNet-12 as MetaOptNet builds it (Lee et al. 2019): 4 residual blocks of 64, 160, 320 and 640 filters, "
             "averaged into a 640-d embedding; 12.4 M weights, far slower than conv4 (metalearn.models.ResNet12)",
-            "ResNet-12: 12.4 M weights, far slower than conv4"),
+            "ResNet-12: 12.4 M weights, far slower than conv4", min_side=HALVED),
     Network("mlp", lambda shape, out: MLP(shape[0], out), True, False, "vector",
             "MAML's sinusoid regression network: 2 hidden layers of 40 units with ReLU"),
 )}
 """Every network a run can name (the methods' ``model`` option), in the order the option help
 lists them; :func:`register_network` adds to it."""
-
-MODELS = tuple(NETWORKS)  # the built-in names
-
 
 def register_network(network: Network) -> Network:
     """Make ``network`` known under ``network.name`` to :func:`build_model` and the methods'
@@ -126,6 +104,9 @@ def register_network(network: Network) -> Network:
         raise MetalearnError(f"network {network.name} must serve as a classifier, an embedding or both")
     if network.inputs not in ("image", "vector"):
         raise MetalearnError(f"network {network.name}: inputs must be 'image' or 'vector', got {network.inputs!r}")
+    if isinstance(network.min_side, bool) or not isinstance(network.min_side, int) or network.min_side < 1:
+        raise MetalearnError(f"network {network.name}: min_side must be a whole number of pixels >= 1, "
+                             f"got {network.min_side!r}")
     NETWORKS[network.name] = network
     return network
 
@@ -201,6 +182,10 @@ def build_model(name: str, input_shape: tuple[int, ...], out_features: int | Non
         raise MetalearnError(f"model {name} needs image inputs (C, H, W), got shape {input_shape}")
     if network.inputs == "vector" and len(input_shape) != 1:
         raise MetalearnError(f"model {name} needs vector inputs, got shape {input_shape}")
+    if network.inputs == "image" and min(input_shape[1:]) < network.min_side:
+        halvings = " halves the image four times and" if network.min_side == HALVED else ""
+        raise MetalearnError(f"{name}{halvings} needs at least {network.min_side}x{network.min_side} inputs, "
+                             f"got {input_shape[1]}x{input_shape[2]}")
     return network.build(tuple(input_shape), out_features)
 
 
@@ -211,6 +196,6 @@ def output_size(model: nn.Module, input_shape: tuple[int, ...]) -> int:
         return model(torch.zeros(2, *input_shape)).shape[-1]
 
 
-__all__ = ["BatchStatNorm", "output_size", "Conv4", "MLP", "MODELS", "NETWORKS", "Network", "ResNet12", "build_model",
+__all__ = ["BatchStatNorm", "output_size", "Conv4", "MLP", "NETWORKS", "Network", "ResNet12", "build_model",
            "check_network_name", "first_order_batch_norm", "mamlpp_conv4", "network_help", "network_names",
            "reference_conv4", "register_network"]

@@ -1,5 +1,7 @@
-"""The 12-layer residual network of few-shot learning on natural images (Oreshkin et al. 2018,
-TADAM, section 4; Lee et al. 2019, MetaOptNet, section 4.1; Mishra et al. 2018, SNAIL)."""
+"""The 12-layer residual network of few-shot learning on natural images, as MetaOptNet (Lee et
+al. 2019, section 4.1) builds it: the design of TADAM (Oreshkin et al. 2018, section 4, with 64,
+128, 256 and 512 filters and swish-1) widened to 64, 160, 320 and 640 filters with leaky ReLU,
+the backbone of most later few-shot work and learn2learn's ``ResNet12``."""
 
 from __future__ import annotations
 
@@ -7,8 +9,8 @@ from torch import Tensor, nn
 
 from metalearn.models.norm import BatchStatNorm
 
-WIDTHS = (64, 160, 320, 640)  # the four blocks' filters in TADAM and MetaOptNet
-SLOPE = 0.1  # the leaky ReLU's negative slope in both
+WIDTHS = (64, 160, 320, 640)  # the four blocks' filters in MetaOptNet
+SLOPE = 0.1  # its leaky ReLU's negative slope
 
 
 class ResidualBlock(nn.Module):

@@ -436,6 +436,11 @@ def test_eval_writes_returns_after_0_to_3_steps_with_a_confidence_interval(tmp_p
     code, _, err = run(["plot", tmp_path / "run"], capsys)
     assert code == 0, err
     assert json.loads(initial.read_text())["per_step"] == [-1.0, -2.0, -3.0, -4.0]
+    # ... also one written before a task option existed (it took the default then)
+    older = {**stored["settings"], "task": {k: v for k, v in stored["settings"]["task"].items() if k != "augment"}}
+    initial.write_text(json.dumps({**stored, "settings": older, "per_step": [-1.0, -2.0, -3.0, -4.0]}))
+    assert run(["plot", tmp_path / "run"], capsys)[0] == 0
+    assert json.loads(initial.read_text())["per_step"] == [-1.0, -2.0, -3.0, -4.0]
     # ... unless it was evaluated under other settings (a resume that changed them): then anew
     other = {**stored["settings"], "method_config": {**stored["settings"]["method_config"], "horizon": 11}}
     initial.write_text(json.dumps({**stored, "settings": other, "per_step": [-1.0, -2.0, -3.0, -4.0]}))

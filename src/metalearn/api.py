@@ -799,6 +799,10 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
     settings = json.loads(json.dumps({"seed": config.train.seed, "task": config.to_dict()["task"],
                                       "method_config": config.method_config}))
     saved = run.read_evaluations().get(run.eval_file(labels).stem)
+    if saved is not None and isinstance(saved.get("settings"), dict) and isinstance(saved["settings"].get("task"), dict):
+        # a task option added since the file was written is the default it took then (augment "")
+        defaults = {f.name: f.default for f in dataclasses.fields(TaskConfig)}
+        saved = {**saved, "settings": {**saved["settings"], "task": {**defaults, **saved["settings"]["task"]}}}
     if reusable(saved, settings=settings):
         curves["random"] = saved
     else:

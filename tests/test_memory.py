@@ -361,6 +361,7 @@ def test_the_lifelong_protocol_runs_on_the_episode_shape_asked_for(tmp_path, cap
     assert code == 0, err
     written = tmp_path / "r" / "eval-episodes=3-protocol=lifelong-query=2-ways=4.json"
     assert f"written to {written}" in out
+    assert err == "evaluating the checkpoint of step 1 by the lifelong protocol on 3 test episodes...\n", err
     result = json.loads(written.read_text())
     # 4 classes shown 1 + 2 times each: 0- to 2-shot scored, 3- to 5-shot absent
     assert (result["episode_width"], result["episode_length"], result["episodes"]) == (4, 12, 3)

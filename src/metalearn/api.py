@@ -423,7 +423,7 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     are found by name, so a class renamed or replaced since may be one the run trained on.
     ``announce``, where given, is called with one line once everything is checked, just before
     the episodes are scored ("evaluating the checkpoint of step 9000 on 600 test episodes..."):
-    what ``metalearn eval`` writes where no progress bar shows (not for a ``protocol``).
+    what ``metalearn eval`` writes where no progress bar shows.
     """
     from metalearn.config import MAX_SEED
     from metalearn.evaluation import check_count
@@ -452,7 +452,7 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
             config = with_test_shape(config, episode_shape)
         return _evaluate_protocol(run_dir, config, learner, step, protocol, part, episodes, seed, data_dir, progress,
                                   world or init_world(device, exact_gpu_kernels=exact_gpu_kernels), labels,
-                                  split_record)
+                                  split_record, announce)
     members = []
     if ensemble:
         from metalearn.evaluation import Ensemble
@@ -486,9 +486,11 @@ def check_protocol_or_ensemble(protocol: str | None, ensemble: bool) -> None:
 
 def _evaluate_protocol(run_dir, config: RunConfig, learner, step: int, protocol: str, part: str,
                        episodes: int | None, seed: int, data_dir, progress: bool, world: World,
-                       labels: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                       labels: dict[str, Any], extra: dict[str, Any] | None = None,
+                       announce: Callable[[str], None] | None = None) -> dict[str, Any]:
     """``metalearn eval --protocol NAME``: the method's own protocol on the run's test (or
-    validation) tasks, seeded as the standard evaluation is; rank 0 writes the result."""
+    validation) tasks, seeded as the standard evaluation is; rank 0 writes the result and is
+    the one to ``announce`` it, as :func:`evaluate_run` says."""
     from metalearn.tasks import build_task_source
 
     protocols = type(learner).protocols
@@ -498,6 +500,8 @@ def _evaluate_protocol(run_dir, config: RunConfig, learner, step: int, protocol:
     source = build_task_source(config.task.for_testing(), part, data_dir, progress)
     offset = part_seed_offset(part)
     n = config.train.eval_episodes if episodes is None else episodes
+    if announce is not None and world.is_main:
+        announce(f"evaluating the checkpoint of step {step} by the {protocol} protocol on {n} {part} episodes...")
     result = protocols[protocol](learner.to(world.device), source, episodes=n, seed=seed + offset)
     result.update({"protocol": protocol, "part": part, "step": step, "method": config.method,
                    "dataset": config.task.dataset, **(extra or {})})

@@ -299,6 +299,31 @@ def train():
 # -- eval / plot ------------------------------------------------------------------------------
 
 
+def episode_shape_options(instead_of: str):
+    """eval's and compare's --ways, --shots and --query, which replace ``instead_of``'s test
+    episode shape; --ways names the methods that take other ways, from the registry."""
+    any_ways = ", ".join(name for name, cls in METHODS.items() if not (cls.fixed_ways or cls.reinforcement))
+    options = (
+        click.option("--ways", type=INTEGER, default=None,
+                     help=f"test episodes of this many classes instead of {instead_of} (the methods without a "
+                          f"per-class output layer: {any_ways})"),
+        click.option("--shots", type=INTEGER, default=None, help=f"support examples per class instead of {instead_of}"),
+        click.option("--query", type=INTEGER, default=None,
+                     help=f"query examples per class (points, for regression) instead of {instead_of}"),
+    )
+
+    def decorate(command):
+        for option in reversed(options):  # as stacked decorators: listed in this order
+            command = option(command)
+        return command
+    return decorate
+
+
+def given_shape(ways: int | None, shots: int | None, query: int | None) -> dict[str, int]:
+    """The episode shape options given (see :func:`episode_shape_options`)."""
+    return {k: v for k, v in (("ways", ways), ("shots", shots), ("query", query)) if v is not None}
+
+
 @cli.command("eval")
 @click.argument("run_dir", type=GivenPath(RUN))
 @click.option("--episodes", type=click.IntRange(min=1), default=None, help="test episodes (default: the run's --eval-episodes, in its config.json)")
@@ -312,11 +337,7 @@ def train():
               help="change a method option for this evaluation, e.g. --set test_inner_steps=10 (not one that "
                    "changes the network, only starts a trained value, such as inner_lr under learn_inner_lr, or "
                    "acts only in meta-training, such as first_order)")
-@click.option("--ways", type=INTEGER, default=None,
-              help="test on episodes of this many classes instead of the run's (methods without "
-                   "a per-class output layer, such as protonet and matchingnet)")
-@click.option("--shots", type=INTEGER, default=None, help="support examples per class instead of the run's")
-@click.option("--query", type=INTEGER, default=None, help="query examples per class (points, for regression) instead of the run's")
+@episode_shape_options("the run's")
 @click.option("--per-step/--final-only", default=True, show_default=True,
               help="also score the predictions after every adaptation step; --final-only gives the same "
                    "final score faster where those steps cost extra (Reptile, MAML, PLATIPUS: a sixth to two "
@@ -345,7 +366,7 @@ def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots,
 
     check_protocol_or_ensemble(protocol, ensemble)  # before the file name, which counts the checkpoints
     overrides = dict(parse_setting(s) for s in settings)
-    shape = {k: v for k, v in (("ways", ways), ("shots", shots), ("query", query)) if v is not None}
+    shape = given_shape(ways, shots, query)
     run = RunDir(run_dir)
     config, split_labels = with_split(run.read_config(), split_fractions, split_file, run_dir)
     labels = {**evaluation_labels(config, overrides, shape, episodes, seed), **other_images_label(run, data_dir),
@@ -454,13 +475,7 @@ def plot(run_dir, data_dir, compare_with):
 @click.option("--set", "settings", multiple=True, metavar="OPTION=VALUE",
               help="change a method option of every run for this comparison, e.g. --set test_inner_steps=1")
 @click.option("--data-dir", type=GivenPath(FOLDER), default=None, help=DATA_DIR_HELP)
-@click.option("--ways", type=INTEGER, default=None,
-              help="score every run on episodes of this many classes instead of the runs' test ways (methods "
-                   "without a per-class output layer, such as protonet and matchingnet)")
-@click.option("--shots", type=INTEGER, default=None,
-              help="support examples per class instead of the runs' (runs trained with different shots "
-                   "compared on one shape)")
-@click.option("--query", type=INTEGER, default=None, help="query examples per class (points, for regression) instead of the runs'")
+@episode_shape_options("the runs' (runs trained with other shots compared on one shape)")
 def compare(run_dirs, episodes, seed, part, num_samples, json_path, settings, data_dir, ways, shots, query):
     """Uncertainty measures of trained runs on the same test episodes: for classification
     accuracy, NLL and expected calibration error; for regression MSE, predictive
@@ -478,7 +493,7 @@ def compare(run_dirs, episodes, seed, part, num_samples, json_path, settings, da
     overrides = dict(parse_setting(s) for s in settings)
     if json_path:  # found out now, not after minutes of evaluation
         check_writable_file("--json", json_path, "compare.json")
-    shape = {k: v for k, v in (("ways", ways), ("shots", shots), ("query", query)) if v is not None}
+    shape = given_shape(ways, shots, query)
     result = compare_learners(labels, episodes=episodes, seed=seed, part=part, num_samples=num_samples,
                               data_dir=data_dir, overrides=overrides, episode_shape=shape)
     measures = [k for k, v in result[next(iter(labels))].items() if isinstance(v, dict)]

@@ -69,7 +69,7 @@ def test_convolutions_are_kaiming_normal_fan_out_and_small_inputs_are_refused():
     conv = ResNet12(3, None).blocks[3].conv2.weight  # 640 x 640 x 3 x 3: std sqrt(2 / (640 * 9))
     assert abs(conv.std().item() / (2 / (640 * 9)) ** 0.5 - 1) < 0.01 and abs(conv.mean().item()) < 1e-4
     with pytest.raises(MetalearnError, match="^resnet12 halves the image four times and needs at least 16x16 "
-                                             "inputs, got 12x12$"):
+                                             r"inputs, got 12x12 \(--image-size 16 or more\)$"):
         build_model("resnet12", (1, 12, 12), 5)
     with pytest.raises(MetalearnError, match=r"^model resnet12 needs image inputs \(C, H, W\), got shape \(1,\)$"):
         build_model("resnet12", (1,), 5)
@@ -245,6 +245,47 @@ def test_an_unknown_or_unfit_network_is_one_line_listing_the_valid_ones(capsys):
     code, _, err = run(["train", "protonet", "--model", "resnet13", "--print-config"], capsys)
     assert code == 2 and "--model must be an image network: conv4, " in err and "got 'resnet13'" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_registered_network_that_no_method_can_train_is_refused_before_a_run_folder_is_written(tmp_path,
+                                                                                                   monkeypatch):
+    from torch import nn
+
+    from metalearn import resolve_config, train
+    from metalearn.models import Network, register_network
+
+    class Maps(nn.Module):  # an embedding that forgot to pool its feature maps
+        def __init__(self, channels):
+            super().__init__()
+            self.conv = nn.Conv2d(channels, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    monkeypatch.setattr("metalearn.models.NETWORKS", dict(NETWORKS))
+    refusals = {
+        "maps": (lambda shape, out: Maps(shape[0]), "network maps must embed each example as one vector; its output "
+                                                    "per example has shape (4, 28, 28)"),
+        "seven": (lambda shape, out: nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 7)),
+                  "network seven must give 5 outputs per example here; it gives (7,)"),
+        "tracked": (lambda shape, out: nn.Sequential(nn.Conv2d(shape[0], 4, 3), nn.BatchNorm2d(4), nn.Flatten(1)),
+                    "network tracked keeps running statistics (its BatchNorm2d at 1): the methods apply a network "
+                    "as a pure function of its parameters; use metalearn.models.BatchStatNorm"),
+        "narrow": (lambda shape, out: nn.Sequential(nn.Flatten(), nn.Linear(10, out or 3)),
+                   "network narrow fails on inputs of shape (1, 28, 28): mat1 and mat2 shapes cannot be multiplied"),
+    }
+    for name, (build, refusal) in refusals.items():
+        register_network(Network(name, build, True, True, "image", f"a network that {name}"))
+        method = "maml" if name == "seven" else "protonet"
+        config = resolve_config(method, {"dataset": "omniglot", "ways": 5}, train={"steps": 1, "val_every": 0})
+        config = dataclasses.replace(config, method_config={**config.method_config, "model": name})
+        with pytest.raises(MetalearnError) as refused:
+            build_learner(config.method, config.method_config, Problem((1, 28, 28), 5, True))
+        assert str(refused.value).startswith(refusal), str(refused.value)
+    with pytest.raises(MetalearnError, match="^network maps must embed"):
+        train(dataclasses.replace(config, method="protonet", method_config={"model": "maps"}),
+              run_dir=tmp_path / "run", evaluate_after=False, progress=False)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
 def test_the_api_docs_table_of_networks_has_every_registered_network_with_its_role():

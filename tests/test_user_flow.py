@@ -202,7 +202,8 @@ def test_log_every_defaults_to_about_ten_lines_for_a_short_run():
 
 def test_a_saved_or_resumed_run_keeps_its_log_every(tmp_path):
     """A run saved with 50 steps logged every 50 (before the default followed the steps) reads
-    and resumes with 50; a short run resumed for longer keeps its own number."""
+    and resumes with 50; a short run that logged at the default of its length and is resumed
+    for longer takes the default of the new length."""
     old = resolve_config("maml", train={"steps": 50, "log_every": 50})
     assert RunConfig.from_dict(json.loads(json.dumps(old.to_dict()))).train.log_every == 50
     RunDir(tmp_path / "old").write_config(old)
@@ -210,7 +211,8 @@ def test_a_saved_or_resumed_run_keeps_its_log_every(tmp_path):
     assert resolve_config("maml", train={"steps": 100}, resume_from=tmp_path / "old").train.log_every == 50
     short = resolve_config("maml", train={"steps": 50})
     RunDir(tmp_path / "short").write_config(short)
-    assert resolve_config("maml", train={"steps": 60000}, resume_from=tmp_path / "short").train.log_every == 5
+    assert resolve_config("maml", train={"steps": 60000}, resume_from=tmp_path / "short").train.log_every == 50
+    assert resolve_config("maml", resume_from=tmp_path / "short").train.log_every == 5
 
 
 def test_a_short_run_logs_about_ten_points(tmp_path, capsys):

@@ -633,11 +633,11 @@ def require_functional_model(model: nn.Module, method: str, second_order: bool) 
     and where second derivatives are taken, torch's native batch norm, whose second derivative
     under ``vmap`` is wrong (torch 2.13; use :class:`metalearn.models.BatchStatNorm`)."""
     require_module(model, method)
-    running = [name for name, m in model.named_modules()
+    running = [f"its {type(m).__name__}" + (f" at {name}" if name else "") for name, m in model.named_modules()
                if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
     if running:
         raise MetalearnError(
-            f"{method} needs a model without running-statistics buffers (found them in {running[0] or type(model).__name__}): it "
+            f"{method} needs a model without running-statistics buffers (found them in {running[0]}): it "
             "applies the network as a pure function of its parameters, and running statistics are state "
             "that every forward pass would change. Use metalearn.models.BatchStatNorm (the statistics of "
             "the current batch, as in the MAML reference code)."

@@ -185,8 +185,40 @@ def build_model(name: str, input_shape: tuple[int, ...], out_features: int | Non
     if network.inputs == "image" and min(input_shape[1:]) < network.min_side:
         halvings = " halves the image four times and" if network.min_side == HALVED else ""
         raise MetalearnError(f"{name}{halvings} needs at least {network.min_side}x{network.min_side} inputs, "
-                             f"got {input_shape[1]}x{input_shape[2]}")
-    return network.build(tuple(input_shape), out_features)
+                             f"got {input_shape[1]}x{input_shape[2]} (--image-size {network.min_side} or more)")
+    model = network.build(tuple(input_shape), out_features)
+    check_built(name, model, tuple(input_shape), out_features)
+    return model
+
+
+def check_built(name: str, model: nn.Module, input_shape: tuple[int, ...], out_features: int | None) -> None:
+    """Refuse, in one line, a network that no method can train (a registered one of the user's):
+    running statistics, which a forward pass would change (the methods apply networks as pure
+    functions of their parameters), or an output of the wrong shape for two zero inputs of
+    ``input_shape``: ``out_features`` per example, or one vector per example for an embedding.
+    Checked when the network is built, before a run folder is written."""
+    if not isinstance(model, nn.Module):
+        raise MetalearnError(f"network {name}'s builder returned a {type(model).__name__}, not a torch.nn.Module")
+    running = next((f"{type(m).__name__}" + (f" at {path}" if path else "") for path, m in model.named_modules()
+                    if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats), None)
+    if running is not None:
+        raise MetalearnError(f"network {name} keeps running statistics (its {running}): the methods apply a network "
+                             "as a pure function of its parameters; use metalearn.models.BatchStatNorm")
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *input_shape))
+    except RuntimeError as err:  # a layer that does not fit the inputs: torch's first line says which
+        raise MetalearnError(f"network {name} fails on inputs of shape {input_shape}: "
+                             f"{str(err).strip().splitlines()[0]}") from None
+    per_example = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else None
+    if per_example is None:
+        raise MetalearnError(f"network {name} returned a {type(out).__name__}; it must return one tensor")
+    if out_features is None and len(per_example) != 1:
+        raise MetalearnError(f"network {name} must embed each example as one vector; its output per example has "
+                             f"shape {per_example}")
+    if out_features is not None and per_example != (out_features,):
+        raise MetalearnError(f"network {name} must give {out_features} outputs per example here; it gives "
+                             f"{per_example}")
 
 
 def output_size(model: nn.Module, input_shape: tuple[int, ...]) -> int:

@@ -337,6 +337,12 @@ def test_a_run_with_augmentation_resumes_exactly_and_evaluates_without_it(colour
     code, out, err = run(["train", "protonet", "--run-dir", tmp_path / "resumed", "--resume", "--steps", 6,
                           "--augment", "flip"], capsys)
     one_line_error(code, out, err, "task.augment: 'crop,flip,color' there, 'flip' requested")
+    assert "steps" not in err  # a longer run is no conflict: only what a resume may not change is named
+    # a misspelt part is named as such, not as a change of the run
+    code, out, err = run(["train", "protonet", "--run-dir", tmp_path / "resumed", "--resume", "--steps", 6,
+                          "--augment", "colour"], capsys)
+    one_line_error(code, out, err, "unknown part 'colour'")
+    assert "another configuration" not in err
 
     # a run saved before --augment existed resumes as one without it
     train(tmp_path / "older", colours, capsys, "--steps", 2)
@@ -386,3 +392,12 @@ def test_a_dataset_refuses_augment_unless_it_says_it_takes_it():
     with pytest.raises(ConfigError, match="^TaskConfig.augment does not apply to sinusoid, a regression dataset"):
         resolve_config("maml", {"dataset": "sinusoid", "augment": "flip"})
     assert resolve_config("protonet", {"dataset": "omniglot", "augment": ""}).task.augment == ""
+
+
+def test_none_is_no_augmentation_and_an_episode_shape_is_a_dict():
+    assert TaskConfig(dataset="folder", augment="none").augment == ""
+    from metalearn.api import with_test_shape
+
+    config = resolve_config("protonet", {"dataset": "omniglot", "ways": 5})
+    with pytest.raises(MetalearnError, match=r"^an episode shape is a dict such as \{'ways': 20, 'shots': 1\}, got a list$"):
+        with_test_shape(config, [("shots", 2)])

@@ -19,10 +19,11 @@ import torch
 
 from metalearn.algorithms import METHODS, can, make_method_config, method_class, methods_that
 from metalearn.algorithms.base import MetaLearner
-from metalearn.config import RunConfig, TaskConfig, TrainConfig, default_log_every, task_differences
+from metalearn.config import (RESUMABLE_CHANGES, RunConfig, TaskConfig, TrainConfig, augment_parts, default_log_every,
+                              task_differences)
 from metalearn.datasets import DATASETS, NATURAL_IMAGES, get_dataset
 from metalearn.distributed import World, init_world
-from metalearn.errors import ConfigError, MetalearnError, MetalearnWarning, TrainingStopped
+from metalearn.errors import ConfigError, MetalearnError, MetalearnWarning, TrainingStopped, kind_of
 from metalearn.evaluation import EPISODE_CHUNK, evaluate
 from metalearn.options import option_defaults
 from metalearn.runs import RunDir, claim_new_run_dir, default_runs_root, new_run_name
@@ -65,12 +66,13 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
     if resume_from is not None and RunDir(resume_from).exists():
         saved = RunDir(resume_from).read_config()
         check_same_method(saved, method, resume_from)  # before its options meet another method's
+        if "augment" in task:  # a bad value is named as such, not as a change of the run
+            augment_parts(task["augment"])
         steps = train.get("steps")
-        if isinstance(steps, int) and steps > 0 and "log_every" not in train and steps != saved.train.steps \
-                and saved.train.log_every == default_log_every(saved.train.steps):
-            # a run extended with --steps logs as a new run of that length would, where it logged
-            # at the default of its old length (a 50-step trial run at every 5th step, extended to 60,000)
-            train["log_every"] = default_log_every(steps)
+        # a run extended with --steps logs as a new run of that length would, where it logged at
+        # the default of its old length (a 50-step trial run at every 5th step, extended to 60,000)
+        extended = (isinstance(steps, int) and steps > 0 and "log_every" not in train and steps != saved.train.steps
+                    and saved.train.log_every == default_log_every(saved.train.steps))
         try:
             resumed = RunConfig(
                 method,
@@ -85,9 +87,14 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
                      ("method_config", method_config, saved.method_config)]
             differ = {f"{part}.{key}": (old.get(key), value)
                       for part, options, old in given for key, value in options.items() if old.get(key) != value}
+            # the changes a resume may make are no conflict
+            differ = {key: values for key, values in differ.items() if key not in RESUMABLE_CHANGES}
             if not differ:
                 raise
             raise configuration_conflict(f"the run in {resume_from}", differ) from None
+        if extended:
+            resumed = dataclasses.replace(resumed, train=dataclasses.replace(resumed.train,
+                                                                             log_every=default_log_every(steps)))
         # the options given to the resumed run meet the checks a new run's meet
         check_options_apply(method, method_config, make_method_config(method, resumed.method_config), resumed.task,
                             train)
@@ -592,9 +599,11 @@ def with_split(config: RunConfig, fractions: str | None = None, split_file: Path
 
 def with_test_shape(config: RunConfig, shape: dict[str, int]) -> RunConfig:
     """``config`` whose test episodes have ``shape``'s ways / shots / query per class."""
+    if not isinstance(shape, dict):
+        raise MetalearnError(f"an episode shape is a dict such as {{'ways': 20, 'shots': 1}}, got a {kind_of(shape)}")
     unknown = set(shape) - {"ways", "shots", "query"}
     if unknown:
-        raise MetalearnError(f"an episode shape has ways, shots and query, not {', '.join(sorted(unknown))}")
+        raise MetalearnError(f"an episode shape has ways, shots and query, not {', '.join(sorted(map(str, unknown)))}")
     for key, value in shape.items():
         least = 2 if key == "ways" else 1
         if not isinstance(value, int) or value < least:

@@ -52,7 +52,7 @@ class TaskConfig:
     augment: str = option("", "random changes to each training image, comma-separated parts: crop (a random "
                               "crop after zero padding a tenth of the side), flip (horizontal, half of the "
                               "images), color (brightness, contrast and saturation jitter of 0.4); e.g. "
-                              "crop,flip,color (default none; training episodes only, never validation or test)")
+                              "crop,flip,color (default none: \"\" or none; training episodes only, never validation or test)")
 
     def __post_init__(self):
         get_dataset(self.dataset)  # a known name
@@ -108,7 +108,7 @@ def augment_parts(value: str, owner: str = "TaskConfig", field: str = "augment")
         raise ConfigError(owner, field, f"takes parts among crop, flip and color as one string, comma-separated "
                                         f"(e.g. \"crop,flip,color\"; \"\" for none), got {value!r}")
     text = value.strip()
-    given = [part.strip() for part in text.split(",")] if text else []
+    given = [part.strip() for part in text.split(",")] if text and text != "none" else []  # "none": the default
     problem = next((f"unknown part {part!r}" for part in given if part and part not in AUGMENT_PARTS), None)
     problem = problem or next((f"{part!r} given twice" for i, part in enumerate(given) if part in given[:i]), None)
     problem = problem or ("an empty part between commas" if "" in given else None)

@@ -294,3 +294,15 @@ def test_the_api_docs_table_of_networks_has_every_registered_network_with_its_ro
     roles = {name: "both" if n.classifier and n.embedding else "classifier" if n.classifier else "embedding"
              for name, n in NETWORKS.items()}
     assert rows == roles, "docs/api.md's table of networks (name | serves as | ...) differs from NETWORKS"
+
+
+def test_a_run_of_a_network_registered_in_another_process_says_so(tmp_path):
+    from metalearn import resolve_config
+    from metalearn.runs import RunDir
+
+    config = resolve_config("protonet", {"dataset": "omniglot", "ways": 5})
+    RunDir(tmp_path / "run").write_config(dataclasses.replace(config, method_config={"model": "tiny"}))
+    with pytest.raises(MetalearnError, match=r"the run's network 'tiny' is not known to this process: a network "
+                                             r"registered in Python \(metalearn.models.register_network\) must be "
+                                             "registered again by the process that reads the run$"):
+        RunDir(tmp_path / "run").read_config()

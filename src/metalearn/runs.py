@@ -118,6 +118,14 @@ def config_from(data: Any, path: Path) -> RunConfig:
         config = RunConfig.from_dict(data)
         make_method_config(config.method, config.method_config)  # a value edited by hand: named here
     except ConfigError as err:
+        from metalearn.models import NETWORKS
+
+        network = data.get("method_config", {}).get("model") if isinstance(data, dict) else None
+        if err.field == "model" and isinstance(network, str) and network not in NETWORKS:
+            # most likely a network the training process registered (register_network), not a typo
+            raise MetalearnError(f"{path}: the run's network {network!r} is not known to this process: a network "
+                                 "registered in Python (metalearn.models.register_network) must be registered again "
+                                 "by the process that reads the run") from None
         raise MetalearnError(f"{path}: invalid run configuration: {err}") from None
     except MetalearnError as err:
         raise MetalearnError(f"{path}: {err}") from None

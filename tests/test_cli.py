@@ -571,7 +571,7 @@ def test_compare_names_the_episode_shape_that_differs(tmp_path, capsys):
         assert run(["train", "maml", "--dataset", "sinusoid", "--shots", shots, "--steps", 1, "--meta-batch-size", 2,
                     "--run-dir", tmp_path / f"k{shots}", "--no-progress", "--no-eval"], capsys)[0] == 0
     code, _, err = run(["compare", tmp_path / "k5", tmp_path / "k10", "--episodes", 4], capsys)
-    assert code == 2 and "(shots 5 vs 10)" in err  # both tested on 100 query points
+    assert code == 2 and "(shots 5 vs 10); score them on one shape (metalearn compare --ways, --shots" in err, err
     # --shots scores both on one shape: the episodes `eval --shots` scores, said in the heading
     code, out, err = run(["compare", tmp_path / "k5", tmp_path / "k10", "--episodes", 4, "--shots", 10, "--query", 20,
                           "--json", tmp_path / "c.json"], capsys)

@@ -140,6 +140,12 @@ def test_a_run_reads_the_folder_it_records_and_files_another_folders_scores_apar
     assert other_images_label(RunDir(moved), other) == {} and other_images_label(RunDir(run_dir), data) == {}
     code, out, err = run(["compare", run_dir, "--episodes", 2], capsys)
     assert code == 0 and err == "", err
+    # a run of another dataset is named as such, not as a run without a recorded split
+    assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--meta-batch-size", 2, "--no-eval",
+                "--run-dir", tmp_path / "waves", "--no-progress"], capsys)[0] == 0
+    code, out, err = run(["compare", run_dir, tmp_path / "waves", "--episodes", 2], capsys)
+    assert code == 2 and err == ("error: runs 'run' and 'waves' are tested on different tasks (dataset folder vs "
+                                 "sinusoid); compare runs of the same task\n"), err
     elsewhere = shutil.copytree(run_dir, tmp_path / "elsewhere")  # a run that records another folder
     state = torch.load(elsewhere / "checkpoint.pt", weights_only=True)
     torch.save({**state, "data_dir": str(other.resolve())}, elsewhere / "checkpoint.pt")

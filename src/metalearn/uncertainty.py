@@ -264,6 +264,12 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
             raise MetalearnError(f"{runs[label]} learned {config.task.dataset}, a reinforcement-learning environment: "
                                  "compare scores predictions of supervised tasks; draw RL runs side by side with "
                                  "metalearn plot RUN_DIR --compare OTHER_RUN")
+    datasets = {label: config.task.dataset for label, (config, _, _) in loaded.items()}
+    first_label = next(iter(datasets))
+    other = next((label for label, name in datasets.items() if name != datasets[first_label]), None)
+    if other is not None:  # before their splits, which only runs of one dataset can share
+        raise MetalearnError(f"runs {first_label!r} and {other!r} are tested on different tasks (dataset "
+                             f"{datasets[first_label]} vs {datasets[other]}); compare runs of the same task")
     # class folders: the split each run recorded (split.json; none for fixed datasets). Where every
     # run has one, the splits must be equal, and how each was given (fractions, a file) is moot
     splits = {label: split for label in runs if (split := RunDir(runs[label]).read_split()) is not None}
@@ -283,11 +289,18 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     moot = {"split_fractions": "", "split_file": ""} if splits else {}
     tasks = {label: dataclasses.replace(config.task.for_testing(), **moot) for label, (config, _, _) in loaded.items()}
     first_label, first_task = next(iter(tasks.items()))
+    def beside_shape(task) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(task).items() if k not in ("ways", "shots", "query")}
+
     for label, task in tasks.items():
         if task != first_task:
             differ = task_differences(first_task, task)
+            # where only the episode shape differs, one shape given scores both
+            advice = ("score them on one shape (metalearn compare --ways, --shots, --query; episode_shape here)"
+                      if beside_shape(task) == beside_shape(first_task)
+                      else "compare runs of the same task")
             raise MetalearnError(f"runs {first_label!r} and {label!r} are tested on different tasks ({differ}); "
-                                 "compare runs of the same task")
+                                 f"{advice}")
     first_task = loaded[first_label][0].task
     # where no folder is given, the one the runs record (a run on an image folder does): one
     # folder for all, since every run is scored on the same episodes

@@ -93,6 +93,7 @@ NETWORKS: dict[str, Network] = {network.name: network for network in (
 """Every network a run can name (the methods' ``model`` option), in the order the option help
 lists them; :func:`register_network` adds to it."""
 
+
 def register_network(network: Network) -> Network:
     """Make ``network`` known under ``network.name`` to :func:`build_model` and the methods'
     ``model`` options (their help, written when the methods are imported, lists the built-in

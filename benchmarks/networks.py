@@ -28,9 +28,11 @@ import torch
 
 import metalearn
 from metalearn.algorithms import build_learner
-from metalearn.models import NETWORKS
+from metalearn.models import network_names
 from metalearn.runtime import tune_allocator
 from metalearn.tasks.batch import Problem, TaskBatch
+
+EMBEDDINGS = network_names("embedding", "image")  # what a ProtoNets step can embed with
 
 from maml_step import cpu_description  # this folder's module
 
@@ -47,7 +49,7 @@ def synthetic_batch(tasks: int, ways: int, shots: int, query: int, channels: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--networks", default="conv4-embedding,resnet12",
-                        help=f"comma-separated embedding networks of the registry: {', '.join(NETWORKS)}")
+                        help=f"comma-separated embedding networks of the registry: {', '.join(EMBEDDINGS)}")
     parser.add_argument("--ways", type=int, default=5)
     parser.add_argument("--shots", type=int, default=1)
     parser.add_argument("--query", type=int, default=15, help="queries per class")
@@ -59,9 +61,10 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     names = args.networks.split(",")
-    unknown = [name for name in names if name not in NETWORKS]
+    unknown = [name for name in names if name not in EMBEDDINGS]
     if unknown:
-        parser.error(f"--networks: unknown {', '.join(unknown)}; the registry has {', '.join(NETWORKS)}")
+        parser.error(f"--networks: {', '.join(unknown)} is no embedding network of the registry: "
+                     f"{', '.join(EMBEDDINGS)}")
     tuned = tune_allocator()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]

@@ -19,8 +19,7 @@ import torch
 
 from metalearn.algorithms import METHODS, can, make_method_config, method_class, methods_that
 from metalearn.algorithms.base import MetaLearner
-from metalearn.config import (RESUMABLE_CHANGES, RunConfig, TaskConfig, TrainConfig, augment_parts, default_log_every,
-                              task_differences)
+from metalearn.config import RESUMABLE_CHANGES, RunConfig, TaskConfig, TrainConfig, default_log_every, task_differences
 from metalearn.datasets import DATASETS, NATURAL_IMAGES, get_dataset
 from metalearn.distributed import World, init_world
 from metalearn.errors import ConfigError, MetalearnError, MetalearnWarning, TrainingStopped, kind_of
@@ -66,8 +65,6 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
     if resume_from is not None and RunDir(resume_from).exists():
         saved = RunDir(resume_from).read_config()
         check_same_method(saved, method, resume_from)  # before its options meet another method's
-        if "augment" in task:  # a bad value is named as such, not as a change of the run
-            augment_parts(task["augment"])
         steps = train.get("steps")
         # a run extended with --steps logs as a new run of that length would, where it logged at
         # the default of its old length (a 50-step trial run at every 5th step, extended to 60,000)
@@ -81,6 +78,9 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
                 dataclasses.replace(saved.train, **train),
             )
         except MetalearnError:
+            # a given task option wrong on its own (a misspelt --augment part, --shots 0) is named
+            # as such, not as a change of the run
+            TaskConfig(**{"dataset": saved.task.dataset, **task})
             # a given option that contradicts the run makes its saved ones invalid (--dataset
             # omniglot over a sinusoid run's ways 0): name the contradiction, not the symptom
             given = [("task", task, dataclasses.asdict(saved.task)), ("train", train, dataclasses.asdict(saved.train)),

@@ -386,12 +386,15 @@ def test_colour_needs_grey_or_rgb_images_and_draws_fit_the_images_they_change():
 
 def test_a_dataset_refuses_augment_unless_it_says_it_takes_it():
     # a dataset of one's own that does not opt in refuses --augment when a run is configured, as
-    # omniglot (with its reason) and the regression datasets do; "" is no augmentation anywhere
+    # omniglot (with its reason) and the regression datasets do; "" and "none" are no augmentation
+    # anywhere, so a script that always passes --augment runs on every dataset
     assert "augment" in Dataset("mine", True, lambda *a: None, lambda task: None).inapplicable
     assert "augment" not in DATASETS["folder"].inapplicable and "augment" not in DATASETS["mini-imagenet"].inapplicable
     with pytest.raises(ConfigError, match="^TaskConfig.augment does not apply to sinusoid, a regression dataset"):
         resolve_config("maml", {"dataset": "sinusoid", "augment": "flip"})
     assert resolve_config("protonet", {"dataset": "omniglot", "augment": ""}).task.augment == ""
+    assert resolve_config("protonet", {"dataset": "omniglot", "augment": " none "}).task.augment == ""
+    assert resolve_config("maml", {"dataset": "sinusoid", "augment": "none"}).task.augment == ""
 
 
 def test_none_is_no_augmentation_and_an_episode_shape_is_a_dict():

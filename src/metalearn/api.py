@@ -19,7 +19,8 @@ import torch
 
 from metalearn.algorithms import METHODS, can, make_method_config, method_class, methods_that
 from metalearn.algorithms.base import MetaLearner
-from metalearn.config import RESUMABLE_CHANGES, RunConfig, TaskConfig, TrainConfig, default_log_every, task_differences
+from metalearn.config import (RESUMABLE_CHANGES, RunConfig, TaskConfig, TrainConfig, default_log_every,
+                              sets_task_option, task_differences)
 from metalearn.datasets import DATASETS, NATURAL_IMAGES, get_dataset
 from metalearn.distributed import World, init_world
 from metalearn.errors import ConfigError, MetalearnError, MetalearnWarning, TrainingStopped, kind_of
@@ -105,8 +106,7 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
     dataset = dataset_for(cls, task.get("dataset", cls.default_dataset or TaskConfig.dataset))  # an unknown name first
     task.setdefault("dataset", dataset.name)
     check_method_fits_dataset(cls, dataset)
-    # "" is the value of none for the options of text (no --augment, no --split-file)
-    given = [name for name in dataset.inapplicable if task.get(name) not in (None, "")]
+    given = [name for name in dataset.inapplicable if sets_task_option(name, task.get(name))]
     if given:
         raise dataset.refuse(given)  # each option with its reason
     for defaults in (cls.task_defaults, dataset.defaults):

@@ -118,6 +118,15 @@ def augment_parts(value: str, owner: str = "TaskConfig", field: str = "augment")
     return tuple(part for part in AUGMENT_PARTS if part in given)
 
 
+def sets_task_option(name: str, value) -> bool:
+    """Whether a task option given as ``value`` asks for something: neither left out (None) nor
+    the option's word for none ("" for the text options; "none" too for ``augment``). A dataset
+    refuses only what asks for something it cannot do, so ``--augment none`` passes everywhere."""
+    if value is None or value == "":
+        return False
+    return not (name == "augment" and isinstance(value, str) and value.strip() == "none")
+
+
 LOG_EVERY = 50  # steps between metrics lines where the user sets none, for runs of 500 steps or more
 
 

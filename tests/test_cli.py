@@ -222,7 +222,7 @@ def test_stop_at_from_the_command_line(tmp_path, capsys):
         (["--ways", 200], "--test-ways 200 (it defaults to --ways) is more than that"),
         # test episodes' shape: the message names train's --test-* options and eval's own
         (["--test-shots", 20], "--test-shots 20 with --test-query 1 needs 21. Lower --test-shots or "
-                               "--test-query (in metalearn eval: --shots or --query)"),
+                               "--test-query (in metalearn eval and compare: --shots or --query)"),
         (["--split", "nope"], "valid splits: vinyals, lake, maml"),
         (["--split", "lake", "--steps", 1], None),
         (["--split", "lake", "--steps", 1, "--val-every", 1], "--val-every cannot apply: the lake split has no validation part"),
@@ -382,7 +382,11 @@ def test_eval_on_episodes_of_another_shape(tmp_path, capsys, omniglot_data_dir):
     code, _, err = run(["eval", proto, "--ways", 5000, "--data-dir", omniglot_data_dir], capsys)
     assert code == 2 and "5000" in err and "Traceback" not in err
     code, _, err = run(["eval", proto, "--shots", 19, "--query", 3, "--data-dir", omniglot_data_dir], capsys)
-    assert code == 2 and "needs 22" in err and "(in metalearn eval: --shots or --query)" in err
+    assert code == 2 and "needs 22" in err and "(in metalearn eval and compare: --shots or --query)" in err
+    shutil.copytree(proto, tmp_path / "copy")  # compare's options are eval's: the refusal names both commands
+    code, _, err = run(["compare", proto, tmp_path / "copy", "--shots", 19, "--query", 3, "--data-dir",
+                        omniglot_data_dir], capsys)
+    assert code == 2 and "needs 22" in err and "(in metalearn eval and compare: --shots or --query)" in err, err
     code, _, err = run(["eval", proto, "--shots", 0, "--data-dir", omniglot_data_dir], capsys)
     assert code == 2 and "test shots must be a whole number of at least 1" in err
     code, _, err = run(["eval", proto, "--ways", 1, "--data-dir", omniglot_data_dir], capsys)

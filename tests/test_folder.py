@@ -1418,7 +1418,7 @@ def test_no_hint_scores_a_run_on_the_classes_it_trained_on(tmp_path):
     task = TaskConfig(dataset="folder", split_file=str(own))
     pool = folder_split(folder, "test", split_file=str(own))
     with pytest.raises(MetalearnError) as caught:
-        check_part_classes(folder, pool, "test", 7, task, "--test-ways 7 (it defaults to --ways; in metalearn eval: "
+        check_part_classes(folder, pool, "test", 7, task, "--test-ways 7 (it defaults to --ways; in metalearn eval and compare: "
                                                           "--ways)")
     message = str(caught.value)
     assert "needs 7: lower --test-ways to 6 or fewer to score the run on its own test classes; for another folder, " \
@@ -1463,14 +1463,14 @@ def test_the_advice_for_a_small_part_holds_for_every_part_its_option_sets(tmp_pa
                "--split-fractions", "0.7,0.15,0.15"]
     code, out, err = run([*options, "--test-ways", 3, "--run-dir", tmp_path / "refused"], capsys)
     one_line_error(code, out, err, "--split-fractions 0.7,0.15,0.15 gives the val part 2 of the folder's 10 classes "
-                                   "(train 7, val 2, test 1); --test-ways 3 (in metalearn eval: --ways) needs 3: give "
+                                   "(train 7, val 2, test 1); --test-ways 3 (in metalearn eval and compare: --ways) needs 3: give "
                                    "val and test 3 or more each with --split-fractions or --split-file; train without "
                                    "validation or the test (metalearn train --val-every 0 --no-eval); lower --test-ways "
                                    "to 2 or fewer and train without the test (metalearn train --no-eval), whose 1 "
                                    "class cannot make an episode")
     code, out, err = run([*options, "--test-ways", 2, "--run-dir", tmp_path / "refused"], capsys)
     one_line_error(code, out, err, "gives the test part 1 of the folder's 10 classes (train 7, val 2, test 1); "
-                                   "--test-ways 2 (in metalearn eval: --ways) needs 2: give it 2 or more with "
+                                   "--test-ways 2 (in metalearn eval and compare: --ways) needs 2: give it 2 or more with "
                                    "--split-fractions or --split-file; train without the test (metalearn train "
                                    "--no-eval); --test-ways cannot go below 2, so this part cannot make an episode")
     assert "0,0,1" not in err  # metalearn eval's advice for another folder

@@ -127,6 +127,11 @@ def sets_task_option(name: str, value) -> bool:
     return not (name == "augment" and isinstance(value, str) and value.strip() == "none")
 
 
+# the commands whose --ways/--shots/--query replace a run's test episode shape (train's --test-*):
+# named beside the train options in the errors about that shape
+TEST_SHAPE_COMMANDS = "metalearn eval and compare"
+
+
 LOG_EVERY = 50  # steps between metrics lines where the user sets none, for runs of 500 steps or more
 
 

@@ -143,6 +143,7 @@ def _folder_checked(task, shape, part: str, data_dir: Path | str | None, progres
     known to fit them. ``command``: whose remedies the refusals name (see
     :func:`metalearn.data.folder.folder_split`): as the registry's ``check``, metalearn
     train's, which checks every part it uses before it builds any."""
+    from metalearn.config import TEST_SHAPE_COMMANDS
     from metalearn.data.folder import check_class_sizes, check_part_classes, folder_split, load_image_folder
 
     folder = load_image_folder(data_dir, task.image_size, task.channels, progress=progress)
@@ -157,13 +158,13 @@ def _folder_checked(task, shape, part: str, data_dir: Path | str | None, progres
     # Statistician's test query) and the user's settings do not
     follows = [key for key in ("ways", "shots", "query") if getattr(task, f"test_{key}") is None]
     if folder.layout == "classes":  # too few classes: named with the split's options, which the sampler cannot
-        ways_note = ("it defaults to --ways; " if "ways" in follows else "") + "in metalearn eval: --ways"
+        ways_note = ("it defaults to --ways; " if "ways" in follows else "") + f"in {TEST_SHAPE_COMMANDS}: --ways"
         check_part_classes(folder, pool, part, shape.ways, task, f"{prefix}ways {shape.ways}"
                            + (f" ({ways_note})" if test else ""), command)
     following = [key for key in ("shots", "query") if key in follows]
     default_note = (" and ".join(f"--test-{key}" for key in following) + (" default to " if len(following) > 1 else
                     " defaults to ") + " and ".join(f"--{key}" for key in following) + "; " if following else "")
-    defaults = f" ({default_note}in metalearn eval: --shots, --query)" if test else ""
+    defaults = f" ({default_note}in {TEST_SHAPE_COMMANDS}: --shots, --query)" if test else ""
     check_class_sizes(folder, pool, shape.shots + shape.query,
                       f"{prefix}shots {shape.shots} with {prefix}query {shape.query}{defaults}")
     return folder, pool

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metalearn.config import augment_parts
+from metalearn.config import TEST_SHAPE_COMMANDS, augment_parts
 from metalearn.data.images import to_float
 from metalearn.data.splits import ClassPool
 from metalearn.errors import MetalearnError, kind_of
@@ -102,7 +102,7 @@ class EpisodeSampler:
         drawings = int(pool_sizes.min()) if len(pool) else 0
         # errors name what set this shape: for a sampler of one's own (test None) its arguments;
         # for a run's (build_task_source) the options, the training ones, or for test episodes
-        # train's --test-* options (which `metalearn eval` calls --ways/--shots/--query)
+        # train's --test-* options (which eval and compare call --ways/--shots/--query)
         python = test is None
 
         def name(option: str) -> str:  # as given: "--test-ways", "--ways", or the argument "ways"
@@ -112,7 +112,7 @@ class EpisodeSampler:
             return f"{option}={number}" if python else f"{name(option)} {number}"
 
         def also(*names: str) -> str:
-            return f" (in metalearn eval: {' or '.join('--' + n for n in names)})" if test else ""
+            return f" (in {TEST_SHAPE_COMMANDS}: {' or '.join('--' + n for n in names)})" if test else ""
 
         if ways < 2:
             raise MetalearnError(f"{name('ways')} must be at least 2, got {ways}{also('ways')}")

@@ -30,6 +30,50 @@ def episode_scores(learner: MetaLearner, batch, per_step: bool = True) -> torch.
 
 
 EPISODE_CHUNK = 50  # episodes drawn per batch: the draws, and so the episodes, depend on it
+EVAL_MEMORY_BUDGET = 0.8  # TrainConfig.memory_budget's default: the share of the available memory
+
+
+def tasks_per_call(learner, batch: TaskBatch, per_step: bool, device: torch.device, budget: float) -> int | None:
+    """How many of ``batch``'s tasks one scoring call may take within ``budget`` (a fraction) of
+    the memory available now, measured on two of them; None where all fit at once, or where
+    this system cannot measure a call's memory (then all are scored at once, as before).
+
+    The measured call's scores are dropped and its random draws undone (a sampling method's
+    episodes then draw what they would without it), so where the batch fits its scores are
+    those of one call: the same bytes as without the measurement. The peak of two tasks is
+    halved, as ``--task-chunk auto`` does for a training step; it includes the call's fixed
+    costs, an overestimate per task, on the safe side. CPU processes of one machine (torchrun)
+    share its memory."""
+    from metalearn.distributed import environment_count
+    from metalearn.memory_budget import available_memory, largest_chunk, peak_memory_of
+
+    probed = 2
+    try:
+        allowed = int(budget * available_memory(device))
+        if device.type == "cpu":
+            allowed //= max(environment_count("LOCAL_WORLD_SIZE", 1), 1)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            peak = peak_memory_of(lambda: episode_scores(learner, batch.select(slice(0, probed)), per_step), device)
+    except MetalearnError:  # no /proc/self/clear_refs or /proc/meminfo, or another device type
+        return None
+    per_task = max(peak // probed, 1)
+    if per_task * batch.num_tasks <= allowed:
+        return None
+    return largest_chunk(batch.num_tasks, per_task, allowed)
+
+
+def scores_in_calls(learner, batch: TaskBatch, per_step: bool, per_call: int | None) -> torch.Tensor:
+    """:func:`episode_scores` of ``batch``, ``per_call`` tasks at a time (None: all at once),
+    detached: a learner that adapts without gradient steps (a plain embedding) would otherwise
+    keep each call's graph, and float() of a score warn of it."""
+    from metalearn.memory_budget import chunk_sizes
+
+    parts, start = [], 0
+    for size in chunk_sizes(batch.num_tasks, per_call or 0):
+        part = batch if size == batch.num_tasks else batch.select(slice(start, start + size))
+        parts.append(episode_scores(learner, part, per_step).detach())
+        start += size
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def check_count(value: Any, name: str) -> None:
@@ -48,6 +92,7 @@ def evaluate(
     world: World = World(),
     progress: bool = False,
     per_step: bool = True,
+    memory_budget: float | None = EVAL_MEMORY_BUDGET,
 ) -> dict[str, Any]:
     """Score ``learner`` on ``episodes`` test tasks drawn from ``seed`` (the same episodes for
     every method given the same seed), split across the ranks of ``world``.
@@ -66,6 +111,12 @@ def evaluate(
     apart from the adaptation (a query pass after every step: Reptile's transductive
     evaluation, MAML's, PLATIPUS's; ``benchmarks/eval_final_only.py``); training's validation does so.
 
+    ``memory_budget``: the fraction of the available memory one scoring call may use. A drawn
+    chunk whose episodes would need more (many ways, large images, a large network) is scored
+    in parts of as many episodes as fit (:func:`tasks_per_call`, measured once per call of
+    evaluate): the same scores to float rounding, other random draws for a sampling method's
+    episodes (PLATIPUS). None scores each drawn chunk at once, unmeasured.
+
     Returns ``metric`` ("accuracy" in percent, "mse", or "return" for MDPs), ``mean``, ``ci95`` (1.96 standard
     errors over episodes), ``per_step`` means (and ``per_step_ci95``, their intervals), ``episodes``, the per-episode ``scores`` and the
     number of ``diverged`` episodes (non-finite score). One diverged episode makes the mean
@@ -77,6 +128,8 @@ def evaluate(
     require_task_source(source, "evaluate's source")
     check_count(episodes, "episodes")
     check_count(chunk, "chunk")
+    if memory_budget is not None and not (isinstance(memory_budget, (int, float)) and 0 < memory_budget <= 1):
+        raise MetalearnError(f"memory_budget is a fraction in (0, 1] or None, got {memory_budget!r}")
     generator = torch.Generator().manual_seed(seed)
     device = device_of(learner)  # world.device when the API built it; any device for a learner of your own
     if device.type == "meta":  # its scores would hold no values, and copying them out fail inside torch
@@ -85,6 +138,7 @@ def evaluate(
                              "learner.load_state_dict(...))")
     with evaluating(learner):  # the former mode comes back also if an episode raises
         scores, metric = [], "accuracy"
+        measure, per_call = memory_budget is not None, None
         chunks = []  # (first episode, size) of each chunk, to put the ranks' scores back in episode order
         remaining = episodes
         bar = None
@@ -103,10 +157,10 @@ def evaluate(
                 batch = batch.to(device)
                 metric = batch_metric(batch)
                 if share.stop > share.start:  # a chunk smaller than the number of ranks
-                    # detached: a learner that adapts without gradient steps (a plain embedding) would
-                    # otherwise keep each chunk's graph, and float() of a score warn of it
+                    if measure and batch.num_tasks > 2:  # the chunks after the first: their size or less
+                        measure, per_call = False, tasks_per_call(learner, batch, per_step, device, memory_budget)
                     try:
-                        scores.append(episode_scores(learner, batch, per_step).detach())
+                        scores.append(scores_in_calls(learner, batch, per_step, per_call))
                     except RuntimeError as err:  # part of a learner of one's own on another device than
                         # its first parameter, where the batch went: say so, not torch's kernel's words
                         mismatch = device_mismatch(getattr(learner, "name", type(learner).__name__), err, None,

@@ -28,7 +28,7 @@ from metalearn.evaluation import EPISODE_CHUNK, evaluate
 from metalearn.options import option_defaults
 from metalearn.runs import RunDir, claim_new_run_dir, default_runs_root, new_run_name
 from metalearn.files import (WriteError, atomic_write_files, check_writable_file, obstacle, probe_writable,
-                             remove_export_temporaries)
+                             remove_export_temporaries, same_path)
 from metalearn.locking import make_folders
 from metalearn.tasks import has_validation
 from metalearn.checkpoints import (check_same_method, check_test_ways, configuration_conflict, load_trained,
@@ -531,9 +531,9 @@ def other_images_label(run: RunDir, data_dir: Path | str | None, state: dict[str
     recorded = recorded_images(run, state) if data_dir is not None else None
     if recorded is None or not recorded.is_dir():
         return {}
-    given = Path(data_dir).expanduser().resolve()
-    if given == recorded.resolve():
+    if same_path(data_dir, recorded):
         return {}
+    given = Path(data_dir).expanduser().resolve()
     return {"data": f"{given.name}-{hashlib.sha256(str(given).encode()).hexdigest()[:6]}"}
 
 
@@ -590,7 +590,7 @@ def with_split(config: RunConfig, fractions: str | None = None, split_file: Path
     from metalearn.data.folder import is_run_split
 
     path = Path(split_file)
-    if run_dir is not None and path.resolve() == RunDir(run_dir).split_path.resolve():
+    if run_dir is not None and same_path(path, RunDir(run_dir).split_path):
         return with_split(config, run_dir=run_dir, data_dir=data_dir)  # the run's own split.json: its own evaluation
     task = dataclasses.replace(config.task, split_fractions="", split_file=str(split_file))
     # another run's split.json: named by that run's folder (every run's file is split.json)
@@ -681,7 +681,7 @@ def warn_of_other_images(run_dir, config: RunConfig, source, trained_on: str | N
     then_counts, now_counts = (fingerprint.split(":", 1)[-1] for fingerprint in (trained_on, now))
     differ = (f"{then_counts}, now {now_counts}" if then_counts != now_counts
               else f"{now_counts} either way, other images, class names or parts")
-    own_split = bool(config.task.split_file) and Path(config.task.split_file).resolve() == run.split_path.resolve()
+    own_split = bool(config.task.split_file) and same_path(config.task.split_file, run.split_path)
     named = ("taken by name from its split.json" if own_split else "the folder's own parts, found by name")
     folder = f"--data-dir {data_dir}" if given else f"its folder, {data_dir}, now"  # given, or the one recorded
     warnings.warn(MetalearnWarning(
@@ -697,7 +697,7 @@ def _warn_of_training_classes(run_dir, config: RunConfig, source, part: str) -> 
     scored = (getattr(source, "class_split", None) or {}).get(part)
     own = run.read_split() if run.split_path.is_file() else None
     split_file = config.task.split_file
-    if not scored or not own or (split_file and Path(split_file).resolve() == run.split_path.resolve()):
+    if not scored or not own or (split_file and same_path(split_file, run.split_path)):
         return
     trained = sorted(set(scored) & set(own.get("train", [])))
     if trained:

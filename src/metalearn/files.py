@@ -60,6 +60,12 @@ def _is_plain_file(path: Path) -> bool:
 SPACE_ERRORS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
+def same_path(a: Path | str, b: Path | str) -> bool:
+    """Whether two paths name one file or folder (``~`` expanded, links and ``..`` resolved),
+    also where it does not exist (yet)."""
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
 def format_bytes(n: int) -> str:
     """``1536`` -> ``"1.5 KB"`` (powers of 1000, as ``df -H``)."""
     for unit in ("B", "KB", "MB", "GB", "TB"):

@@ -20,7 +20,7 @@ from metalearn.algorithms.base import evaluating
 from metalearn.data.folder import image_files, no_images_note, warn_of_skipped_files
 from metalearn.data.images import is_image_file
 from metalearn.errors import MetalearnError, MetalearnWarning
-from metalearn.files import WriteError, atomic_write_files, check_writable_file
+from metalearn.files import WriteError, atomic_write_files, check_writable_file, same_path
 from metalearn.locking import make_folders
 from metalearn.models.norm import BatchStatNorm
 
@@ -272,7 +272,7 @@ def check_outputs(named: list[tuple[str, Path | str]]) -> None:
                             ".png" if option == "--sheet" else None)
     for i, (option, path) in enumerate(named):
         for other, other_path in named[i + 1:]:
-            if Path(path).resolve() == Path(other_path).resolve():
+            if same_path(path, other_path):
                 raise MetalearnError(f"{option} and {other} both name {path}; give each output its own file")
 
 

@@ -26,6 +26,7 @@ from metalearn.config import RunConfig
 from metalearn.distributed import RankLost, World, environment_count
 from metalearn.errors import TIME_LIMIT_EXIT, ConfigError, MetalearnError, TrainingStopped, kind_of
 from metalearn.evaluation import HIGHER_IS_BETTER, evaluate
+from metalearn.files import same_path
 from metalearn.memory_budget import (available_memory, chunk_candidates, chunk_sizes, fastest_chunk, largest_chunk,
                                      peak_memory_of, seconds_of)
 from metalearn.runs import RunDir, lock_for_training
@@ -837,7 +838,7 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
     given = data_dir is not None
     if resume and data_dir is None:
         data_dir, recorded = run_images(run, data_dir), None
-    elif recorded is not None and Path(data_dir).expanduser().resolve() == recorded.resolve():
+    elif recorded is not None and same_path(data_dir, recorded):
         recorded = None
     check_test_ways(config)
     torch.manual_seed(config.train.seed)  # the initial weights

@@ -1142,12 +1142,12 @@ def test_eval_refuses_a_run_folder_it_cannot_write_before_evaluating(tmp_path, c
         raise WriteError(path, OSError(errno.EROFS, "Read-only file system"))
 
     monkeypatch.setattr(metalearn.runs, "probe_writable", refused)
-    monkeypatch.setattr(metalearn.api, "evaluate_run", lambda *a, **k: pytest.fail("evaluated first"))
+    monkeypatch.setattr(metalearn.api, "_evaluate", lambda *a, **k: pytest.fail("evaluated first"))
     code, _, err = run(["eval", run_dir, "--episodes", 2, "--no-progress"], capsys)
     assert code == 2 and err == (f"error: cannot write {run_dir / 'eval-episodes=2.json'}: Read-only file system: "
                                  "copy the run folder to one you can write and evaluate the copy\n"), err
     monkeypatch.undo()
-    monkeypatch.setattr(metalearn.api, "evaluate_run", lambda *a, **k: pytest.fail("evaluated first"))
+    monkeypatch.setattr(metalearn.api, "_evaluate", lambda *a, **k: pytest.fail("evaluated first"))
     (run_dir / "eval-episodes=2.json").mkdir()
     code, _, err = run(["eval", run_dir, "--episodes", 2, "--no-progress"], capsys)
     assert code == 2 and err == (f"error: {run_dir / 'eval-episodes=2.json'} is a folder, where metalearn eval "
@@ -1201,22 +1201,24 @@ def test_an_option_before_the_method_says_where_options_go(capsys):
 def test_eval_ensemble_names_the_file_of_the_checkpoints_it_averaged(tmp_path, capsys, monkeypatch):
     """The file's name counts the checkpoints averaged: a training run that kept one more while the
     evaluation read best/ gets the file of that count named, not the count seen before."""
-    import metalearn.api
+    import metalearn.runs
 
     run_dir = tmp_path / "run"
     assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 4, "--meta-batch-size", 2, "--val-every", 2,
                 "--val-episodes", 2, "--keep-best", 3, "--no-eval", "--run-dir", run_dir, "--no-progress"],
                capsys)[0] == 0
-    real = metalearn.api.evaluate_run
+    real = metalearn.runs.RunDir.read_best_checkpoints
 
-    def one_more(*args, **kwargs):  # as if a third checkpoint had entered best/ meanwhile
-        result = real(*args, **kwargs)
-        return {**result, "ensemble": [*result["ensemble"], 99]}
+    def one_more(self, load):  # as if a third checkpoint had entered best/ after the count was taken
+        members = real(self, load)
+        return [*members, (members[0][0], members[0][1], 99)]
 
-    monkeypatch.setattr(metalearn.api, "evaluate_run", one_more)
+    monkeypatch.setattr(metalearn.runs.RunDir, "read_best_checkpoints", one_more)
     code, out, err = run(["eval", run_dir, "--ensemble", "--episodes", 2, "--no-progress"], capsys)
     assert code == 0, err
     assert out.splitlines()[-1] == f"written to {run_dir / 'eval-ensemble=3-episodes=2.json'}", out
+    saved = json.loads((run_dir / "eval-ensemble=3-episodes=2.json").read_text())
+    assert len(saved["ensemble"]) == 3 and saved["ensemble"][-1] == 99
 
 
 @pytest.mark.parametrize("args, message", [

@@ -8,11 +8,13 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 
 from cli_runner import run
+from metalearn.errors import MetalearnError
 from metalearn.files import WriteError, append_line, atomic_write_bytes, atomic_write_files, temporary_path
 from metalearn.runs import EvaluationSuperseded, RunDir
 
@@ -119,9 +121,13 @@ def test_the_test_after_training_and_an_ensemble_go_through_the_same_check(tmp_p
     held = later(written)
     from metalearn.api import evaluate_run
 
-    # the write's own check (metalearn eval refuses such a file before evaluating: see above)
-    with pytest.raises(EvaluationSuperseded, match=f"not written: {written} holds the evaluation of a later"):
+    # refused before the evaluation, in the Python API as in metalearn eval (see above)
+    with pytest.raises(MetalearnError, match=f"^{re.escape(str(written))} holds the evaluation of a later checkpoint"):
         evaluate_run(kept, episodes=3, ensemble=True, progress=False)
+    # the write's own check: a later checkpoint's evaluation written while this one was scored
+    written.unlink()
+    with pytest.raises(EvaluationSuperseded, match=f"not written: {written} holds the evaluation of a later"):
+        evaluate_run(kept, episodes=3, ensemble=True, progress=False, announce=lambda text: written.write_bytes(held))
     assert written.read_bytes() == held
 
 
@@ -139,8 +145,12 @@ def test_a_protocol_goes_through_the_same_check(tmp_path, capsys, omniglot_data_
     held = later(written)
     from metalearn.api import evaluate_run
 
-    with pytest.raises(EvaluationSuperseded) as caught:  # the write's own check, past metalearn eval's
+    with pytest.raises(MetalearnError, match="holds the evaluation of a later checkpoint"):  # before scoring
         evaluate_run(tmp_path / "r", episodes=2, protocol="lifelong", data_dir=omniglot_data_dir, progress=False)
+    written.unlink()
+    with pytest.raises(EvaluationSuperseded) as caught:  # the write's own check: written while it was scored
+        evaluate_run(tmp_path / "r", episodes=2, protocol="lifelong", data_dir=omniglot_data_dir, progress=False,
+                     announce=lambda text: written.write_bytes(held))
     assert (f"not written: {written} holds the evaluation of a later checkpoint (the lifelong protocol at step 10000) "
             "than this one of step 1") in str(caught.value)
     assert written.read_bytes() == held

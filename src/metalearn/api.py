@@ -403,7 +403,8 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
                  exact_gpu_kernels: bool = True, ensemble: bool = False,
                  protocol: str | None = None, split_fractions: str | None = None,
                  split_file: Path | str | None = None,
-                 announce: Callable[[str], None] | None = None) -> dict[str, Any]:
+                 announce: Callable[[str], None] | None = None,
+                 written: Callable[[Path, str], None] | None = None) -> dict[str, Any]:
     """Evaluate the checkpoint of ``run_dir`` on ``episodes`` episodes of ``part`` and write
     ``eval.json``, or ``eval-<key>=<value>.json`` named by what differs from the run's own
     evaluation (see :func:`evaluation_labels`): ``overrides`` of the method's options, e.g.
@@ -430,7 +431,11 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     are found by name, so a class renamed or replaced since may be one the run trained on.
     ``announce``, where given, is called with one line once everything is checked, just before
     the episodes are scored ("evaluating the checkpoint of step 9000 on 600 test episodes..."):
-    what ``metalearn eval`` writes where no progress bar shows.
+    what ``metalearn eval`` writes where no progress bar shows. ``written``, where given, is
+    called on the writing rank with the file written and the evaluation it replaced, in words
+    ("" for none). The file is checked before the evaluation, which can take long: refused in
+    one line where it cannot be written (a read-only run folder, a folder in its place) or
+    where it holds the evaluation of a later checkpoint, which this one would not replace.
     """
     from metalearn.config import MAX_SEED
     from metalearn.evaluation import check_count
@@ -455,11 +460,15 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     if protocol is not None:  # on the run's test shape, or ``episode_shape`` (e.g. 20-way episodes)
         labels = {**evaluation_labels(config, overrides, episode_shape, episodes, seed), **split_labels,
                   "protocol": protocol}
+        target, earlier = _evaluation_target(RunDir(run_dir), labels, part, step)
         if episode_shape:
             config = with_test_shape(config, episode_shape)
-        return _evaluate_protocol(run_dir, config, learner, step, protocol, part, episodes, seed, data_dir, progress,
-                                  world or init_world(device, exact_gpu_kernels=exact_gpu_kernels), labels,
-                                  split_record, announce)
+        world = world or init_world(device, exact_gpu_kernels=exact_gpu_kernels)
+        result = _evaluate_protocol(run_dir, config, learner, step, protocol, part, episodes, seed, data_dir,
+                                    progress, world, labels, split_record, announce)
+        if written is not None and world.is_main:
+            written(target, earlier)
+        return result
     members = []
     if ensemble:
         from metalearn.evaluation import Ensemble
@@ -472,15 +481,36 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     labels = {**evaluation_labels(config, overrides, episode_shape, episodes, seed), **split_labels}
     if ensemble:
         labels["ensemble"] = len(members)
+    target, earlier = _evaluation_target(RunDir(run_dir), labels, part, step)
     scored = f"an ensemble of {len(members)} checkpoints" if ensemble else f"the checkpoint of step {step}"
-    result = _evaluate(run_dir, config, learner, step, part, episodes, seed, data_dir, progress,
-                       world or init_world(device, exact_gpu_kernels=exact_gpu_kernels),
+    world = world or init_world(device, exact_gpu_kernels=exact_gpu_kernels)
+    result = _evaluate(run_dir, config, learner, step, part, episodes, seed, data_dir, progress, world,
                        {**(overrides or {}), **(episode_shape or {})}, per_step, labels,
                        {**({"ensemble": [member_step for _, _, member_step in members]} if ensemble else {}),
                         **split_record} or None, trained_on=trained_on, data_given=data_given,
                        starting=None if announce is None else
                        lambda n: announce(f"evaluating {scored} on {n} {part} episodes..."))
+    if written is not None and world.is_main:
+        written(target, earlier)
     return result
+
+
+def _evaluation_target(run: RunDir, labels: dict[str, Any], part: str, step: int) -> tuple[Path, str]:
+    """The file an evaluation of checkpoint ``step`` goes to and the evaluation it holds, in
+    words ("" for none), refused in one line where it could not be written or holds a later
+    checkpoint's evaluation (see :func:`evaluate_run`)."""
+    from metalearn.runs import evaluation_step_in
+
+    try:
+        target = run.writable_eval_file(labels, part)
+    except WriteError as err:
+        raise MetalearnError(f"{err}: copy the run folder to one you can write and evaluate the copy") from None
+    held_step, held = evaluation_step_in(target)
+    if held_step is not None and held_step > step:
+        raise MetalearnError(f"{target} holds the evaluation of a later checkpoint ({held}) than the run's "
+                             f"checkpoint.pt (step {step}), which would not replace it: move {target.name} away to "
+                             "score this checkpoint")
+    return target, held or ("unreadable" if target.exists() else "")
 
 
 def check_protocol_or_ensemble(protocol: str | None, ensemble: bool) -> None:

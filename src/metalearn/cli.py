@@ -22,9 +22,9 @@ from metalearn.algorithms.statistician import MAX_SAMPLES
 from metalearn.config import MAX_SEED, TaskConfig, TrainConfig
 from metalearn.distributed import leave_world, reports
 from metalearn.errors import TIME_LIMIT_EXIT, ConfigError, MetalearnError, MetalearnWarning, TrainingStopped, flag
-from metalearn.files import WriteError, check_writable_file
+from metalearn.files import check_writable_file
 from metalearn.options import help_of
-from metalearn.runs import EvaluationSuperseded, RunDir, evaluation_step_in
+from metalearn.runs import EvaluationSuperseded, RunDir
 from metalearn.runtime import tune_allocator
 
 FAST_GPU_HELP = ("on a GPU, keep torch's default kernels (TF32 convolutions, non-deterministic cuDNN "
@@ -360,53 +360,29 @@ def given_shape(ways: int | None, shots: int | None, query: int | None) -> dict[
 def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots, query, per_step, progress, device,
                  fast_gpu_kernels, ensemble, protocol, split_fractions, split_file):
     """Evaluate a trained run: mean accuracy (or MSE) with a 95% confidence interval."""
-    from metalearn.api import (check_protocol_or_ensemble, ensemble_checkpoints, evaluate_run, evaluation_labels,
-                              other_images_label, with_split)
+    from metalearn.api import evaluate_run
     from metalearn.evaluation import format_result
 
-    check_protocol_or_ensemble(protocol, ensemble)  # before the file name, which counts the checkpoints
-    overrides = dict(parse_setting(s) for s in settings)
-    shape = given_shape(ways, shots, query)
-    run = RunDir(run_dir)
-    config, split_labels = with_split(run.read_config(), split_fractions, split_file, run_dir)
-    labels = {**evaluation_labels(config, overrides, shape, episodes, seed), **other_images_label(run, data_dir),
-              **split_labels}
-    if ensemble:
-        labels["ensemble"] = len(ensemble_checkpoints(run_dir, config))
-    if protocol is not None:
-        labels["protocol"] = protocol
-    try:  # before the evaluation, which can take long: a run folder that is read-only (archived, another user's)
-        target = RunDir(run_dir).writable_eval_file(labels, part)
-    except WriteError as err:
-        raise MetalearnError(f"{err}: copy the run folder to one you can write and evaluate the copy") from None
-    # a file holding a later checkpoint's evaluation than the run's checkpoint (an older checkpoint
-    # put back) would refuse this evaluation's score: said before the evaluation, not after it
-    held_step, held = evaluation_step_in(target)
-    step = RunDir(run_dir).read_checkpoint("step")["step"]
-    if held_step is not None and held_step > step:
-        raise MetalearnError(f"{target} holds the evaluation of a later checkpoint ({held}) than the run's "
-                             f"checkpoint.pt (step {step}), which would not replace it: move {target.name} away to "
-                             "score this checkpoint")
-    earlier = held or ("unreadable" if target.exists() else "")  # said when it is replaced
     bars = show_progress(progress)
+    where = {}  # the file written and the evaluation it replaced
     try:
         result = evaluate_run(run_dir, episodes=episodes, seed=seed, part=part, data_dir=data_dir,
-                              progress=bars, overrides=overrides, device=device,
-                              episode_shape=shape, per_step=per_step, exact_gpu_kernels=not fast_gpu_kernels,
-                              ensemble=ensemble, protocol=protocol, split_fractions=split_fractions,
-                              split_file=split_file,
+                              progress=bars, overrides=dict(parse_setting(s) for s in settings), device=device,
+                              episode_shape=given_shape(ways, shots, query), per_step=per_step,
+                              exact_gpu_kernels=not fast_gpu_kernels, ensemble=ensemble, protocol=protocol,
+                              split_fractions=split_fractions, split_file=split_file,
                               # into a log file, no bar: what the minutes before the score are
-                              announce=None if bars else lambda text: click.echo(text, err=True))
+                              announce=None if bars else lambda text: click.echo(text, err=True),
+                              written=lambda path, earlier: where.update(path=path, earlier=earlier))
     except EvaluationSuperseded as err:  # the score, though not filed, is shown: the evaluation took its time
         if reports() and err.result is not None:
             click.echo(format_result(err.result) if protocol is None else format_protocol_result(err.result))
         raise
-    if ensemble and len(result["ensemble"]) != labels["ensemble"]:  # the run kept another checkpoint meanwhile
-        target = RunDir(run_dir).eval_file({**labels, "ensemble": len(result["ensemble"])}, part)
-        earlier = ""
     if reports():  # under torchrun rank 0 alone writes, and says so
         click.echo(format_result(result) if protocol is None else format_protocol_result(result))
-        click.echo(f"written to {target}" + (f" (replacing the earlier evaluation there: {earlier})" if earlier else ""))
+        earlier = where["earlier"]
+        click.echo(f"written to {where['path']}" + (f" (replacing the earlier evaluation there: {earlier})"
+                                                    if earlier else ""))
 
 
 def episode_shape_words(result: dict) -> str:

@@ -642,3 +642,31 @@ def test_compare_records_its_overrides_and_the_models_each_run_drew(tmp_path, ca
     assert record["overrides"] == {"test_inner_steps": 1} and record["num_samples"] == 6
     assert record["platipus"]["num_samples"] == 6 and record["maml"]["num_samples"] == 1
     assert "| platipus |" in printed and "num_samples" not in printed  # a record, not a measure column
+
+
+def test_compare_scores_a_chunk_too_large_for_the_memory_in_parts(tmp_path, monkeypatch):
+    """compare, as evaluate, scores a drawn chunk a few episodes per call where it would not fit
+    the memory at once: MAML's measures are the same to float rounding; where it fits, the
+    measurement leaves every run's scores as they were, PLATIPUS's sampled ones included."""
+    import metalearn.uncertainty
+
+    platipus_dir, _ = train(small_regression_config("platipus", steps=2), tmp_path / "platipus", progress=False,
+                            evaluate_after=False, announce=lambda _: None)
+    maml_dir, _ = train(small_regression_config("maml", steps=2), tmp_path / "maml", progress=False,
+                        evaluate_after=False, announce=lambda _: None)
+    small = {"episodes": 5, "chunk": 5, "grid_points": 10}
+    fits = compare_runs(platipus_dir, maml_dir, **small)
+    calls = []
+    real = metalearn.uncertainty.uncertainty_scores
+    monkeypatch.setattr(metalearn.uncertainty, "uncertainty_scores",
+                        lambda learner, batch, *a: (calls.append(batch.num_tasks), real(learner, batch, *a))[1])
+    monkeypatch.setattr(metalearn.uncertainty, "EVAL_MEMORY_BUDGET", 1.0)
+    again = compare_runs(platipus_dir, maml_dir, **small)
+    assert calls == [2, 5, 2, 5] and again["platipus"] == fits["platipus"] and again["maml"] == fits["maml"]
+    monkeypatch.setattr(metalearn.uncertainty, "EVAL_MEMORY_BUDGET", 1e-12)  # room for one episode per call
+    calls.clear()
+    parts = compare_runs(platipus_dir, maml_dir, **small)
+    assert calls == [2, 1, 1, 1, 1, 1] * 2
+    for name, value in fits["maml"].items():
+        if isinstance(value, dict):
+            assert parts["maml"][name] == pytest.approx(value, rel=1e-6), name

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -33,10 +33,11 @@ EPISODE_CHUNK = 50  # episodes drawn per batch: the draws, and so the episodes, 
 EVAL_MEMORY_BUDGET = 0.8  # TrainConfig.memory_budget's default: the share of the available memory
 
 
-def tasks_per_call(learner, batch: TaskBatch, per_step: bool, device: torch.device, budget: float) -> int | None:
-    """How many of ``batch``'s tasks one scoring call may take within ``budget`` (a fraction) of
-    the memory available now, measured on two of them; None where all fit at once, or where
-    this system cannot measure a call's memory (then all are scored at once, as before).
+def tasks_per_call(score: Callable[[Any], Any], batch, device: torch.device, budget: float) -> int | None:
+    """How many of ``batch``'s tasks one call of ``score`` (a batch's scores) may take within
+    ``budget`` (a fraction) of the memory available now, measured on two of them; None where
+    all fit at once, or where this system cannot measure a call's memory (then all are scored
+    at once, as before).
 
     The measured call's scores are dropped and its random draws undone (a sampling method's
     episodes then draw what they would without it), so where the batch fits its scores are
@@ -53,7 +54,7 @@ def tasks_per_call(learner, batch: TaskBatch, per_step: bool, device: torch.devi
         if device.type == "cpu":
             allowed //= max(environment_count("LOCAL_WORLD_SIZE", 1), 1)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            peak = peak_memory_of(lambda: episode_scores(learner, batch.select(slice(0, probed)), per_step), device)
+            peak = peak_memory_of(lambda: score(batch.select(slice(0, probed))), device)
     except MetalearnError:  # no /proc/self/clear_refs or /proc/meminfo, or another device type
         return None
     per_task = max(peak // probed, 1)
@@ -62,18 +63,21 @@ def tasks_per_call(learner, batch: TaskBatch, per_step: bool, device: torch.devi
     return largest_chunk(batch.num_tasks, per_task, allowed)
 
 
-def scores_in_calls(learner, batch: TaskBatch, per_step: bool, per_call: int | None) -> torch.Tensor:
-    """:func:`episode_scores` of ``batch``, ``per_call`` tasks at a time (None: all at once),
-    detached: a learner that adapts without gradient steps (a plain embedding) would otherwise
-    keep each call's graph, and float() of a score warn of it."""
+def scored_in_calls(score: Callable[[Any], Any], batch, per_call: int | None, dim: int = 0):
+    """``score(batch)`` (a tensor, or a dict of tensors, with a task axis ``dim``), taken
+    ``per_call`` tasks at a time (None: all at once) and put together."""
     from metalearn.memory_budget import chunk_sizes
 
+    sizes = chunk_sizes(batch.num_tasks, per_call or 0)
+    if len(sizes) == 1:
+        return score(batch)
     parts, start = [], 0
-    for size in chunk_sizes(batch.num_tasks, per_call or 0):
-        part = batch if size == batch.num_tasks else batch.select(slice(start, start + size))
-        parts.append(episode_scores(learner, part, per_step).detach())
+    for size in sizes:
+        parts.append(score(batch.select(slice(start, start + size))))
         start += size
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    if isinstance(parts[0], dict):
+        return {key: torch.cat([part[key] for part in parts], dim=dim) for key in parts[0]}
+    return torch.cat(parts, dim=dim)
 
 
 def check_count(value: Any, name: str) -> None:
@@ -139,6 +143,10 @@ def evaluate(
     with evaluating(learner):  # the former mode comes back also if an episode raises
         scores, metric = [], "accuracy"
         measure, per_call = memory_budget is not None, None
+
+        def score(part):  # (steps + 1, tasks), detached: a learner that adapts without gradient
+            # steps (a plain embedding) would otherwise keep each call's graph, and float() of a score warn of it
+            return episode_scores(learner, part, per_step).detach()
         chunks = []  # (first episode, size) of each chunk, to put the ranks' scores back in episode order
         remaining = episodes
         bar = None
@@ -158,9 +166,9 @@ def evaluate(
                 metric = batch_metric(batch)
                 if share.stop > share.start:  # a chunk smaller than the number of ranks
                     if measure and batch.num_tasks > 2:  # the chunks after the first: their size or less
-                        measure, per_call = False, tasks_per_call(learner, batch, per_step, device, memory_budget)
+                        measure, per_call = False, tasks_per_call(score, batch, device, memory_budget)
                     try:
-                        scores.append(scores_in_calls(learner, batch, per_step, per_call))
+                        scores.append(scored_in_calls(score, batch, per_call, dim=1))
                     except RuntimeError as err:  # part of a learner of one's own on another device than
                         # its first parameter, where the batch went: say so, not torch's kernel's words
                         mismatch = device_mismatch(getattr(learner, "name", type(learner).__name__), err, None,

@@ -37,9 +37,10 @@ import torch
 from torch import Tensor
 
 from metalearn.algorithms import can, methods_that
-from metalearn.algorithms.base import evaluating
+from metalearn.algorithms.base import device_of, evaluating
 from metalearn.config import task_differences
 from metalearn.errors import MetalearnError
+from metalearn.evaluation import EVAL_MEMORY_BUDGET, scored_in_calls, tasks_per_call
 from metalearn.tasks.batch import TaskBatch
 
 # -- regression ------------------------------------------------------------------------------
@@ -333,6 +334,7 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     offset = part_seed_offset(part)
     generator = torch.Generator().manual_seed(seed + offset)
     remaining = episodes
+    per_call: dict[str, int | None] = {}  # tasks per scoring call, where a chunk would not fit the memory at once
     with torch.random.fork_rng(devices=[]):
         chunk_index = 0
         while remaining > 0:
@@ -340,9 +342,14 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
             remaining -= batch.num_tasks
             chunk_index += 1
             for label, (_, learner, _) in loaded.items():
+                def score(part, learner=learner):
+                    return uncertainty_scores(learner, part, true_function, noise_std, num_samples, grid, level)
+
+                if label not in per_call and batch.num_tasks > 2:  # as evaluate: measured on the first chunk
+                    per_call[label] = tasks_per_call(score, batch, device_of(learner), EVAL_MEMORY_BUDGET)
                 # every run sees the same model-noise stream, whichever runs it is compared with
                 torch.manual_seed(seed + offset + 7919 * chunk_index)
-                scores = uncertainty_scores(learner, batch, true_function, noise_std, num_samples, grid, level)
+                scores = scored_in_calls(score, batch, per_call.get(label))
                 if "log_probs" in scores:
                     pooled[label].append((scores.pop("log_probs"), scores.pop("labels")))
                 for name, values in scores.items():

@@ -1494,12 +1494,15 @@ def test_the_advice_for_a_small_part_holds_for_every_part_its_option_sets(tmp_pa
                                              r"lower --test-ways to 5 or fewer$"):  # eval --part val: val alone
         check_part_classes(folder, folder_split(folder, "val", "0.6,0.25,0.15"), "val", 6, task, "--test-ways 6",
                            "eval")
-    # no val classes: metalearn train is told of --val-every 0, metalearn eval --part val of its test classes
-    code, out, err = run([*options[:-1], "0.5,0,0.5", "--run-dir", tmp_path / "refused"], capsys)
-    one_line_error(code, out, err, "the image folder has no val classes: give val a nonzero fraction in "
-                                   "--split-fractions or classes in --split-file; or train without validation "
-                                   "(metalearn train --val-every 0)")
-    assert "metalearn eval" not in err
+    # a val fraction of 0 trains without validation, as a split without a val part does; asked for,
+    # validation is refused with the reason
+    code, out, err = run([*options[:-1], "0.5,0,0.5", "--run-dir", tmp_path / "unvalidated"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "unvalidated" / "config.json").read_text())["train"]["val_every"] == 0
+    code, out, err = run([*options[:-1], "0.5,0,0.5", "--val-every", 1, "--run-dir", tmp_path / "refused"], capsys)
+    one_line_error(code, out, err, "--val-every cannot apply: --split-fractions 0.5,0,0.5 gives validation no classes")
+    # no val classes where validation is on (a split built in Python): metalearn eval --part val is
+    # told of its test classes
     parts = named_folder(4, "parts", ("train", "train", "test", "test"))
     with pytest.raises(MetalearnError, match=r"no val classes: add a val/ folder of classes; or score the test "
                                              r"classes \(metalearn eval without --part val\)$"):

@@ -30,7 +30,7 @@ from metalearn.runs import RunDir, claim_new_run_dir, default_runs_root, new_run
 from metalearn.files import (WriteError, atomic_write_files, check_writable_file, obstacle, probe_writable,
                              remove_export_temporaries, same_path)
 from metalearn.locking import make_folders
-from metalearn.tasks import has_validation
+from metalearn.tasks import has_validation, no_validation_reason
 from metalearn.checkpoints import (check_same_method, check_test_ways, configuration_conflict, load_trained,
                                    load_trained_state, recorded_images, run_images)
 from metalearn.training import (TEST_SEED_OFFSET, build_trainer, part_seed_offset, python_resume, python_test,
@@ -290,11 +290,11 @@ def check_options_apply(method: str, given_method: dict[str, Any], method_config
                 not cls.option_acts(option, options):
             wanted = f"`{other}`" if needed is True else f"`{other}` {needed}"
             raise ConfigError(f"{cls.__name__}.Config", option, f"applies only with {wanted}")
-    if not has_validation(task):
+    missing = no_validation_reason(task)
+    if missing is not None:
         given = tuple(name for name in ("val_every", "val_episodes", "keep_best") if given_train.get(name))
         if given:
-            raise ConfigError("TrainConfig", given, f"cannot apply: the {task.split} split has no validation part "
-                                                    "(the maml and vinyals splits have one)")
+            raise ConfigError("TrainConfig", given, f"cannot apply: {missing}")
 
 
 def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path | str | None = None,

@@ -161,7 +161,22 @@ def check_outside_data(task: TaskConfig, data_dir: Path | str | None, option: st
 
 
 def has_validation(task: TaskConfig) -> bool:
-    return get_dataset(task.dataset).has_part(task.split, "val")
+    """Whether ``task``'s data has a validation part: its split's (Omniglot's background and
+    evaluation split has none), or for an image folder split by ``split_fractions``, a
+    fraction of its classes for validation (0,0.2,0.8 leaves none)."""
+    return no_validation_reason(task) is None
+
+
+def no_validation_reason(task: TaskConfig) -> str | None:
+    """Why ``task`` has no validation part (see :func:`has_validation`), or None."""
+    if not get_dataset(task.dataset).has_part(task.split, "val"):
+        return f"the {task.split} split has no validation part (the maml and vinyals splits have one)"
+    if task.split_fractions:
+        from metalearn.data.folder import parse_fractions
+
+        if parse_fractions(task.split_fractions)[1] == 0:
+            return f"`TaskConfig.split_fractions` {task.split_fractions} gives validation no classes"
+    return None
 
 
 __all__ = ["TaskBatch", "TaskSource", "EpisodeSampler", "SinusoidTasks", "SineOrLineTasks",

@@ -544,6 +544,11 @@ def test_validation_evaluation_keeps_the_test_result_and_redraws_the_trainers_ep
     assert (run_dir / "eval.json").read_text() == test_result
     saved = json.loads((run_dir / "eval-part=val-seed=3.json").read_text())
     assert saved["part"] == "val" and saved["episodes"] == 6
+    # the seed given, which repeats the episodes, and the generator's (the validation offset added)
+    from metalearn.training import VALIDATION_SEED_OFFSET
+
+    assert (saved["seed"], saved["episode_seed"]) == (3, 3 + VALIDATION_SEED_OFFSET)
+    assert json.loads(test_result)["seed"] == 0
     # the episodes the trainer validated on at the last step (the run's seed, 3), not the test episodes
     validated = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "val_mse" in r]
     assert saved["mean"] == pytest.approx(validated[-1]["val_mse"], rel=1e-6)

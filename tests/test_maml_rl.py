@@ -19,6 +19,7 @@ from metalearn.algorithms.maml_rl import (MAMLRL, MAMLRLConfig, GaussianMLPPolic
                                           kl_hessian_vector, trpo_step)
 from metalearn.envs import MDPBatch, MDPTasks, rollout
 from metalearn.envs.nav2d import Nav2D
+from metalearn.training import TEST_SEED_OFFSET
 
 
 def small_learner(dtype=torch.float32, seed=0, **options) -> MAMLRL:
@@ -436,9 +437,13 @@ def test_eval_writes_returns_after_0_to_3_steps_with_a_confidence_interval(tmp_p
     code, _, err = run(["plot", tmp_path / "run"], capsys)
     assert code == 0, err
     assert json.loads(initial.read_text())["per_step"] == [-1.0, -2.0, -3.0, -4.0]
-    # ... also one written before a task option existed (it took the default then)
+    # ... also one written before a task option existed (it took the default then), and before
+    # episode_seed did (its seed was the generator's)
+    assert (stored["seed"], stored["episode_seed"]) == (0, TEST_SEED_OFFSET)
     older = {**stored["settings"], "task": {k: v for k, v in stored["settings"]["task"].items() if k != "augment"}}
-    initial.write_text(json.dumps({**stored, "settings": older, "per_step": [-1.0, -2.0, -3.0, -4.0]}))
+    before = {k: v for k, v in stored.items() if k != "episode_seed"}
+    initial.write_text(json.dumps({**before, "seed": TEST_SEED_OFFSET, "settings": older,
+                                   "per_step": [-1.0, -2.0, -3.0, -4.0]}))
     assert run(["plot", tmp_path / "run"], capsys)[0] == 0
     assert json.loads(initial.read_text())["per_step"] == [-1.0, -2.0, -3.0, -4.0]
     # ... unless it was evaluated under other settings (a resume that changed them): then anew

@@ -495,6 +495,19 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     return result
 
 
+def recorded_seeds(seed: int, offset: int) -> dict[str, int]:
+    """What an evaluation file records of its episodes' seed: ``seed``, the one given (``metalearn
+    eval --seed``, which repeats them), and ``episode_seed``, the generator's (``seed`` plus the
+    part's offset: what :func:`metalearn.evaluate` takes to draw the same episodes)."""
+    return {"seed": seed, "episode_seed": seed + offset}
+
+
+def episode_seed(saved: dict[str, Any]) -> Any:
+    """The generator seed of a stored evaluation's episodes (files written before
+    ``episode_seed`` existed record it as ``seed``)."""
+    return saved.get("episode_seed", saved.get("seed"))
+
+
 def _evaluation_target(run: RunDir, labels: dict[str, Any], part: str, step: int) -> tuple[Path, str]:
     """The file an evaluation of checkpoint ``step`` goes to and the evaluation it holds, in
     words ("" for none), refused in one line where it could not be written or holds a later
@@ -540,7 +553,7 @@ def _evaluate_protocol(run_dir, config: RunConfig, learner, step: int, protocol:
     if announce is not None and world.is_main:
         announce(f"evaluating the checkpoint of step {step} by the {protocol} protocol on {n} {part} episodes...")
     result = protocols[protocol](learner.to(world.device), source, episodes=n, seed=seed + offset)
-    result.update({"protocol": protocol, "part": part, "step": step, "method": config.method,
+    result.update({**recorded_seeds(seed, offset), "protocol": protocol, "part": part, "step": step, "method": config.method,
                    "dataset": config.task.dataset, **(extra or {})})
     if world.is_main:
         RunDir(run_dir).write_eval(result, labels, part)
@@ -678,6 +691,7 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
     offset = part_seed_offset(part)
     result = evaluate(learner, source, n, seed=seed + offset, world=world, progress=progress,
                       per_step=per_step)
+    result.update(recorded_seeds(seed, offset))
     if hasattr(learner, "test_bound") and world.is_main:  # a generative method: its bound on the test sets
         # drawn as evaluate drew: the support sets of the first (up to) 100 episodes it scored
         result["lower_bound"] = learner.test_bound(source, min(n, 100), seed + offset, chunk=EPISODE_CHUNK)
@@ -808,9 +822,9 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
     def reusable(saved: dict[str, Any] | None, **expected) -> bool:
         """Whether a stored evaluation scored these test tasks under ``expected``, after every
         step (one of ``metalearn eval --final-only`` holds the last step's return alone)."""
-        expected.update(episodes=episodes, seed=TEST_SEED_OFFSET)
+        expected.update(episodes=episodes)
         return (saved is not None and all(saved.get(key) == value for key, value in expected.items())
-                and len(saved.get("per_step") or ()) > 1)
+                and episode_seed(saved) == TEST_SEED_OFFSET and len(saved.get("per_step") or ()) > 1)
 
     def returns(run: Path | str, trained, at_step: int) -> dict[str, Any]:
         saved = RunDir(run).read_evaluations().get("eval")
@@ -852,7 +866,8 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
         torch.manual_seed(config.train.seed)  # the weights the run started from (as build_trainer draws them)
         initial = build_learner(config.method, config.method_config, problem_of(config.task))
         curves["random"] = {"weights": "initial", "settings": settings,
-                            **evaluate(initial, source, episodes, seed=TEST_SEED_OFFSET)}
+                            **evaluate(initial, source, episodes, seed=TEST_SEED_OFFSET),
+                            **recorded_seeds(0, TEST_SEED_OFFSET)}
         try:  # kept with the run where its folder can be written; an archived, read-only run is plotted all the same
             run.write_eval(curves["random"], labels)
         except WriteError:

@@ -81,6 +81,14 @@ def test_export_refuses_the_run_folder_and_its_best_folder_but_not_a_folder_arou
     assert code == 0 and (run_dir / "record" / "summary.json").is_file(), err
     code, _, err = run(["export", run_dir, tmp_path / "runs"], capsys)  # the run folder inside OUT_DIR: a record
     assert code == 0 and (tmp_path / "runs" / "summary.json").is_file(), err
+    # another run's folder, or a folder inside it, is refused as the run's own is
+    other = shutil.copytree(folder_run[0], tmp_path / "other")
+    theirs = files_in(other)
+    for out, what in ((other, "is"), (other / "sub", "lies inside")):
+        code, _, err = run(["export", run_dir, out], capsys)
+        assert code == 2 and err == (f"error: OUT_DIR {out} {what} the folder of another run, {other}: the record "
+                                     "would lie among that run's files; give another folder (e.g. results/photos)\n"), err
+    assert files_in(other) == theirs
 
 
 def test_eval_on_another_folder_with_the_same_class_names_warns_and_scores(folder_run, tmp_path, capsys):

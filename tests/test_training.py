@@ -656,7 +656,9 @@ def test_a_few_far_off_mse_episodes_are_named_and_a_huge_mean_is_printed_in_powe
             return predictions
 
     source = SinusoidTasks(shots=5, query=10)
-    result = evaluate(OneFarOff(), source, episodes=20, seed=3, chunk=20)
+    # scored at once: its prediction depends on a task's place in the batch, which the memory
+    # measurement's call on two tasks does not have
+    result = evaluate(OneFarOff(), source, episodes=20, seed=3, chunk=20, memory_budget=None)
     scores = torch.tensor(result["scores"])
     others = torch.cat([scores[:4], scores[5:]])
     assert result["outliers"] == 1 and result["outlier_max"] == pytest.approx(float(scores[4]))

@@ -608,6 +608,10 @@ def test_compare_takes_runs_tested_on_the_same_episodes(tmp_path, capsys):
     code, out, err = run(["compare", tmp_path / "a", tmp_path / "b", "--episodes", 3], capsys)
     assert code == 0, err
     assert "| a |" in out and "| b |" in out
+    (tmp_path / "link").symlink_to(tmp_path / "a")  # one run under two paths is one run
+    for twice in ([tmp_path / "a", tmp_path / "b", tmp_path / "a"], [tmp_path / "a", tmp_path / "link"]):
+        code, out, err = run(["compare", *twice, "--episodes", 3], capsys)
+        assert code == 2 and out == "" and err == f"error: the run {twice[-1]} is given twice; give each run once\n"
     # a folder named as one of the result's own fields, and two folders of one name: their paths
     shutil.copytree(tmp_path / "b", tmp_path / "episodes")
     shutil.copytree(tmp_path / "b", tmp_path / "x" / "b")

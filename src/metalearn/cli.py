@@ -460,6 +460,11 @@ def compare(run_dirs, episodes, seed, part, num_samples, json_path, settings, da
 
     # a run is labelled by its folder's name (`.` too), or by the path as given where that name
     # is one of the result's own fields or another run's
+    from metalearn.files import same_path
+
+    twice = next((d for i, d in enumerate(run_dirs) if any(same_path(d, e) for e in run_dirs[:i])), None)
+    if twice is not None:
+        raise MetalearnError(f"the run {twice} is given twice; give each run once")
     names = [Path(d).resolve().name for d in run_dirs]
     labels = {name if name not in RESULT_KEYS and names.count(name) == 1 else str(d): d
               for name, d in zip(names, run_dirs)}

@@ -297,7 +297,8 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
         if task != first_task:
             differ = task_differences(first_task, task)
             # where only the episode shape differs, one shape given scores both
-            advice = ("score them on one shape (metalearn compare --ways, --shots, --query; episode_shape here)"
+            advice = ("score them on one shape (metalearn compare --ways, --shots, --query; in Python, "
+                      "compare_learners(episode_shape=...))"
                       if beside_shape(task) == beside_shape(first_task)
                       else "compare runs of the same task")
             raise MetalearnError(f"runs {first_label!r} and {label!r} are tested on different tasks ({differ}); "

@@ -713,7 +713,7 @@ def test_result_text_lists_per_step_scores_only_when_there_are_several():
     assert format_result({**result, "per_step": [91.2]}) == "accuracy 91.20% +/- 0.23% (95% CI, 1000 episodes)"
 
 
-def test_init_from_starts_with_another_runs_network(tmp_path):
+def test_init_from_starts_with_another_runs_network(tmp_path, monkeypatch):
     """PLATIPUS's prior mean from a trained MAML run; its own parameters start afresh; a run
     with another network is refused with a clear message."""
     maml = build_trainer(sinusoid_config(3), tmp_path / "maml")
@@ -733,6 +733,15 @@ def test_init_from_starts_with_another_runs_network(tmp_path):
                            train={"steps": 0, "init_from": str(tmp_path / "maml")})
     with pytest.raises(MetalearnError, match="network differs"):
         initialise_from_run(build_learner("maml", wider.method_config, problem_of(wider.task)), tmp_path / "maml")
+    # a run refuses it before any data is read (an image folder's decoding can take minutes), naming
+    # the options that differ
+    import metalearn.training
+
+    monkeypatch.setattr(metalearn.training, "check_task_source", lambda *a: pytest.fail("the data was read first"))
+    with pytest.raises(MetalearnError, match=r"network differs from this one \(at model\.[^;]*; --dataset sinusoid "
+                                             r"there, omniglot here, .*--ways 0 there, 5 here\); both runs need"):
+        build_trainer(wider, tmp_path / "wider")
+    monkeypatch.undo()
     nowhere = dataclasses.replace(config, train=dataclasses.replace(config.train, init_from=str(tmp_path / "nowhere")))
     with pytest.raises(MetalearnError, match="no checkpoint"):
         build_trainer(nowhere, tmp_path / "other")

@@ -321,11 +321,12 @@ def check_overrides_leave_weights(config: RunConfig, overrides: dict[str, Any]) 
                                  "the run trained, and the checkpoint's trained value replaces it; leave it out")
 
 
-def initialise_from_run(learner: MetaLearner, run_dir: Path | str) -> int:
+def initialise_from_run(learner: MetaLearner, run_dir: Path | str, config: RunConfig | None = None) -> int:
     """Copy the network weights (``model.*``, or the method's ``network_attribute``) of the
     checkpoint in ``run_dir`` into ``learner``; everything else of ``learner`` (a method's own
-    parameters) keeps its initial value. The networks must be the same (names and shapes).
-    Returns the number of tensors copied."""
+    parameters) keeps its initial value. The networks must be the same (names and shapes);
+    where they are not, the refusal names the options of ``config`` (the new run's) that
+    differ from the other run's. Returns the number of tensors copied."""
     source = RunDir(run_dir)
     if not source.has_checkpoint():
         raise MetalearnError(f"--init-from {source.path}: no checkpoint there; give a run directory of a trained run")
@@ -338,15 +339,32 @@ def initialise_from_run(learner: MetaLearner, run_dir: Path | str) -> int:
                              "copy into")
     mismatched = [name for name, p in own.items() if name not in saved or saved[name].shape != p.shape]
     if mismatched:
+        differ = _network_options_differ(source, config) if config is not None else ""
         raise MetalearnError(
-            f"--init-from {source.path}: its network differs from this one (at {mismatched[0]}); "
-            "both runs need the same network: the same --model (or --hidden), image size and number of ways, "
-            "or the same environment"
+            f"--init-from {source.path}: its network differs from this one (at {mismatched[0]}"
+            + (f"; {differ}" if differ else "") + "); both runs need the same network: the same --model (or "
+            "--hidden), image size, channels and number of ways, or the same environment"
         )
     with torch.no_grad():
         for name, p in own.items():
             p.copy_(saved[name])
     return len(own)
+
+
+def _network_options_differ(source: RunDir, config: RunConfig) -> str:
+    """The options that shape a network in which ``config`` differs from the run in ``source``,
+    as "--channels 3 there, 1 here" ("" where none does, or its config.json cannot be read)."""
+    try:
+        theirs = source.read_config()
+    except MetalearnError:
+        return ""
+    pairs = [("--dataset", theirs.task.dataset, config.task.dataset),
+             ("--model", theirs.method_config.get("model"), config.method_config.get("model")),
+             ("--hidden", theirs.method_config.get("hidden"), config.method_config.get("hidden")),
+             ("--image-size", theirs.task.image_size, config.task.image_size),
+             ("--channels", theirs.task.channels, config.task.channels),
+             ("--ways", theirs.task.ways, config.task.ways)]
+    return ", ".join(f"{flag} {there} there, {here} here" for flag, there, here in pairs if there != here)
 
 
 def check_test_ways(config: RunConfig) -> None:

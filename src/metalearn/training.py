@@ -848,6 +848,8 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
     gone = bool(task.split_file) and not Path(task.split_file).is_file()
     if resume and run is not None and gone and run.split_path.is_file():
         task = run.with_own_split(config).task  # the split file is gone: the run's copy of its split
+    if config.train.init_from and not resume:  # before any image is decoded: a mismatch is refused at once
+        initialise_from_run(learner, config.train.init_from, config)
     # no validation (--val-every 0): the val part is not built, so a folder without val/ classes trains
     validates = has_validation(task) and config.train.val_every > 0
     # every part's shape before the training part is read, so that no part fails after minutes of
@@ -865,8 +867,6 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
             raise
         raise MetalearnError(f"--data-dir {data_dir} is not the folder the run in {run.path} trained on "
                              f"({recorded}; leave --data-dir out to resume on it): {err}") from None
-    if config.train.init_from and not resume:
-        initialise_from_run(learner, config.train.init_from)
     learner = learner.to(world.device)
     trainer = Trainer(config, learner, train_tasks, val_tasks, run, world, resume=resume, lock=lock)
     trainer.task_source = f"dataset:{config.task.dataset}"

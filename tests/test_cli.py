@@ -329,9 +329,10 @@ def test_bad_options_are_refused_before_training(tmp_path, capsys, omniglot_data
     assert not (tmp_path / "r" / "checkpoint.pt").exists()
 
 
-@pytest.mark.parametrize("setting, message", [("test_inner_steps=abc", "--test-inner-steps must be int"),
-                                              ("test_inner_steps=2.5", "--test-inner-steps must be int"),
-                                              ("per_step_bn_statistics=maybe", "--per-step-bn-statistics must be bool (true or false)"),
+@pytest.mark.parametrize("setting, message", [  # an option is named as it was given: --set NAME
+                                              ("test_inner_steps=abc", "--set test_inner_steps must be int, got 'abc'"),
+                                              ("test_inner_steps=2.5", "--set test_inner_steps must be int"),
+                                              ("per_step_bn_statistics=maybe", "--set per_step_bn_statistics must be bool (true or false)"),
                                               ("model=conv4", "a network cannot change at evaluation"),
                                               ("learn_inner_lr=true", "--set learn_inner_lr changes the trained "
                                                                       "network; Missing key(s)")])

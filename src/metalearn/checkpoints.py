@@ -17,7 +17,7 @@ import torch
 
 from metalearn.algorithms import MetaLearner, build_learner, make_method_config, method_class
 from metalearn.config import RESUMABLE_CHANGES, RunConfig, config_differences
-from metalearn.errors import MetalearnError
+from metalearn.errors import ConfigError, MetalearnError
 from metalearn.options import option_defaults
 from metalearn.runs import RunDir, config_from, unreadable_checkpoint
 from metalearn.tasks import problem_of
@@ -473,10 +473,14 @@ def load_trained_state(run_dir: Path | str, overrides: dict[str, Any] | None = N
         raise MetalearnError(f"--set model={overrides['model']}: the run trained "
                              f"{config.method_config.get('model')}; a network cannot change at evaluation")
     check_weights_finite(state["learner"], run.path)
-    check_overrides_apply(config, overrides or {})
-    check_overrides_leave_weights(config, overrides or {})
-    options = {**config.method_config, **(overrides or {})}
-    learner = build_learner(config.method, options, problem_of(config.task))
+    try:
+        check_overrides_apply(config, overrides or {})
+        check_overrides_leave_weights(config, overrides or {})
+        options = {**config.method_config, **(overrides or {})}
+        learner = build_learner(config.method, options, problem_of(config.task))
+    except ConfigError as err:  # an option given as --set is named so on the command line
+        err.settings = frozenset(overrides or ())
+        raise
     changed = ", ".join(f"--set {key}" for key in (overrides or {}))
     load_learner_state(learner, state["learner"], run.path, changed)
     return config, learner, int(state["step"]), {key: value for key, value in state.items()

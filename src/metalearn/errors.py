@@ -47,6 +47,7 @@ class ConfigError(MetalearnError):
 
     def __init__(self, owner: str, field: str | tuple[str, ...], problem: str):
         self.owner, self.problem = owner, problem
+        self.settings: frozenset[str] = frozenset()  # fields given as `--set NAME=VALUE`, not as their flags
         self.fields = (field,) if isinstance(field, str) else tuple(field)
         self.field = self.fields[0]
         super().__init__(self.render(lambda name, of=owner: f"{of}.{name}" if of else name))
@@ -62,8 +63,9 @@ class ConfigError(MetalearnError):
         return f"{', '.join(name(field) for field in self.fields)} {text}"
 
     def with_flags(self) -> str:
-        """The message as the command line spells options: ``--inner-lr must be > 0, got -1``."""
-        return self.render(flag)
+        """The message as the command line spells options: ``--inner-lr must be > 0, got -1``, or
+        for a field of :attr:`settings` (an evaluation's ``--set``) ``--set inner_lr``."""
+        return self.render(lambda name, owner="": f"--set {name}" if name in self.settings else flag(name, owner))
 
 
 def kind_of(value: object) -> str:

@@ -1245,3 +1245,13 @@ def test_a_stored_configuration_is_refused_as_a_file_not_as_flags():
     data["train"]["steps"] = "abc"
     with pytest.raises(MetalearnError, match=r"^invalid run configuration: TrainConfig.steps must be int"):
         RunConfig.from_dict(data)
+
+
+def test_training_into_a_run_folder_again_names_the_python_way_to_continue(tmp_path):
+    # a notebook cell run twice: the refusal names resume=True beside the command line's --resume
+    from metalearn.api import train
+
+    train(sinusoid_config(1), tmp_path / "run", progress=False, evaluate_after=False, announce=lambda _: None)
+    with pytest.raises(MetalearnError, match=r"already holds a run; continue it \(--resume; in Python, "
+                                             r"resume=True\) or choose another --run-dir$"):
+        train(sinusoid_config(1), tmp_path / "run", progress=False, evaluate_after=False, announce=lambda _: None)

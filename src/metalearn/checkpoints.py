@@ -394,7 +394,8 @@ def check_run_dir(config: RunConfig, run: RunDir, resume: bool) -> None:
     elif broken:
         raise MetalearnError(f"{run.path} already holds a run, which cannot be resumed either: it {broken}")
     elif run.holds_run():
-        raise MetalearnError(f"{run.path} already holds a run; pass --resume to continue it or choose another --run-dir")
+        raise MetalearnError(f"{run.path} already holds a run; continue it (--resume; in Python, resume=True) or "
+                             "choose another --run-dir")
 
 
 def _broken_run(run: RunDir) -> str:

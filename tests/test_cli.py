@@ -1285,6 +1285,9 @@ def test_status_of_values_that_cannot_be_shown(tmp_path, capsys, monkeypatch):
         metrics.write('{"step": 31, "loss": NaN, "elapsed_s": Infinity}\n')
     code, out, err = run(["status", root / "a"], capsys)
     assert code == 0 and "step 31 of 2 (1550%, checkpoint at 2), " in out, err
+    with open(root / "b" / "metrics.jsonl", "a") as metrics:  # a training accuracy (a fraction) reads in percent
+        metrics.write('{"step": 3, "loss": 0.5, "accuracy": 0.9375}\n')
+    assert "last logged (step 3): loss 0.5, accuracy 93.75%\n" in run(["status", root / "b"], capsys)[1]
 
     def reject(text):
         raise AssertionError(f"not standard JSON: {text}")

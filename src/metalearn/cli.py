@@ -704,9 +704,13 @@ def format_status(status: dict) -> str:
     machines = [m for m in status.get("machines") or () if isinstance(m, dict)]
     if machines:
         lines.append("  trained on: " + "; ".join(format_machine(m) for m in machines))
-    shown = lambda value: f"{value:.4g}" if isinstance(value, float) else str(value)
+    def shown(name: str, value) -> str:  # a training record's accuracy is a fraction: in percent, as the scores below
+        if name == "accuracy" and isinstance(value, (int, float)):
+            return f"{100 * value:.2f}%"
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
     if last is not None:
-        values = ", ".join(f"{k} {shown(v)}" for k, v in last.items() if k not in ("step", "elapsed_s"))
+        values = ", ".join(f"{k} {shown(k, v)}" for k, v in last.items() if k not in ("step", "elapsed_s"))
         lines.append(f"  last logged (step {last['step']}): {values}")
     if status["seconds_left"] is not None and state != "complete":
         counted = ("" if not status["validates"] else

@@ -165,9 +165,9 @@ def evaluate(
                 batch = batch.to(device)
                 metric = batch_metric(batch)
                 if share.stop > share.start:  # a chunk smaller than the number of ranks
-                    if measure and batch.num_tasks > 2:  # the chunks after the first: their size or less
-                        measure, per_call = False, tasks_per_call(score, batch, device, memory_budget)
                     try:
+                        if measure and batch.num_tasks > 2:  # the chunks after the first: their size or less
+                            measure, per_call = False, tasks_per_call(score, batch, device, memory_budget)
                         scores.append(scored_in_calls(score, batch, per_call, dim=1))
                     except RuntimeError as err:  # part of a learner of one's own on another device than
                         # its first parameter, where the batch went: say so, not torch's kernel's words

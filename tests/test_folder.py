@@ -835,7 +835,7 @@ def bad_folders(root: Path) -> dict[str, tuple[Path, list, str]]:
     classes(small, 12, 4)
     for f in sorted((small / "class5").glob("*.png"))[2:]:
         f.unlink()
-    cases["fewer images than shots + query"] = (small, ["--shots", 1, "--query", 2], "has 2 images; --shots 1 with --query 2 needs 3")
+    cases["fewer images than shots + query"] = (small, ["--shots", 1, "--query", 2], "has 2 images; --shots 1 with --query 2 needs 3 per class: add images, or lower --query to 1")
     broken = root / "broken-image"
     classes(broken, 12, 4)
     (broken / "class2" / "9.png").write_bytes(b"\x89PNG truncated")
@@ -1525,7 +1525,9 @@ def test_too_few_classes_or_images_are_refused_before_any_image_is_decoded(tmp_p
     task = TaskConfig(dataset="folder", ways=8, shots=1, query=1, image_size=8, channels=1)
     with pytest.raises(MetalearnError, match="gives the train part 6 of the folder's 10 classes"):
         build_task_source(task, "train", tmp_path / "d", progress=False)
-    with pytest.raises(MetalearnError, match="class c0. has 3 images; --shots 2 with --query 2 needs 4"):
+    with pytest.raises(MetalearnError, match=r"class c0. has 3 images; --shots 2 with --query 2 \(--query defaults to "
+                                             r"--shots\) needs 4 per class: add images, or lower --query to 1 or "
+                                             r"--shots to 1$"):
         build_task_source(dataclasses.replace(task, ways=3, shots=2, query=2), "train", tmp_path / "d", progress=False)
     assert decoded == []
     source = build_task_source(dataclasses.replace(task, ways=3), "train", tmp_path / "d", progress=False)
@@ -1549,6 +1551,107 @@ def test_too_few_classes_or_images_are_refused_before_any_image_is_decoded(tmp_p
                   data_dir=tmp_path / "d")
     assert len(scans) == 1
 
+
+
+def test_too_few_images_name_where_the_query_came_from_and_the_values_that_fit(tmp_path, capsys, monkeypatch):
+    """A user who never set --query is told it follows --shots, and every refusal names the
+    largest --query (or --shots) the smallest class can serve, for training and test episodes
+    alike; where neither alone fits, both are named."""
+    monkeypatch.setenv("METALEARN_CACHE", str(tmp_path / "cache"))
+    write_tiny(tmp_path / "photos", {f"class_{i:02d}": 8 for i in range(6)})
+    common = ["train", "protonet", "--dataset", "folder", "--data-dir", tmp_path / "photos", "--ways", 3,
+              "--image-size", 16, "--split-fractions", "0.5,0.5,0", "--no-eval", "--steps", 1, "--no-progress",
+              "--run-dir", tmp_path / "run"]
+    code, out, err = run([*common, "--shots", 5], capsys)
+    one_line_error(code, out, err, "class class_01 has 8 images; --shots 5 with --query 5 (--query defaults to "
+                                   "--shots) needs 10 per class: add images, or lower --query to 3 or --shots to 3")
+    code, out, err = run([*common, "--shots", 5, "--query", 4], capsys)  # a --query that differs was given
+    one_line_error(code, out, err, "--shots 5 with --query 4 needs 9 per class: add images, or lower --query to 3 "
+                                   "or --shots to 4")
+    code, out, err = run([*common, "--shots", 2, "--test-shots", 7], capsys)
+    one_line_error(code, out, err, "--test-shots 7 with --test-query 2 (--test-query defaults to --query; in "
+                                   "metalearn eval and compare: --shots, --query) needs 9 per class: add images, or "
+                                   "lower --test-query to 1 or --test-shots to 6")
+    assert not (tmp_path / "cache").exists()  # refused from the file names, before any image is decoded
+    folder = named_folder(4)
+    pool = ClassPool("train", torch.arange(4), torch.zeros(4, dtype=torch.long))
+    folder.class_sizes = np.array([8, 8, 4, 8])
+    with pytest.raises(MetalearnError, match=r"class c02 has 4 images; S needs 10 per class: add images, or lower "
+                                             r"--shots plus --query to 4 or fewer \(e.g. --shots 3 with --query 1\)$"):
+        folder_module.check_class_sizes(folder, pool, 5, 5, "S")
+    folder.class_sizes = np.array([8, 1, 8, 8])
+    with pytest.raises(MetalearnError, match=r"class c01 has 1 image; S needs 2 per class: add images: an "
+                                             r"episode takes 2 or more of each class \(1 shot, 1 query\), or "
+                                             r"remove the class$"):
+        folder_module.check_class_sizes(folder, pool, 1, 1, "S", "--test-")
+    folder_module.check_class_sizes(folder, ClassPool("train", torch.tensor([0, 2]), torch.zeros(2, dtype=torch.long)),
+                                    4, 4, "S")  # a pool without the small class fits
+
+
+def test_a_cache_folder_that_is_a_file_is_named_as_such(tmp_path, monkeypatch):
+    """METALEARN_CACHE naming a file (or a path through one) is said in those words, not as
+    mkdir's "File exists"; the images stay readable once it names a folder."""
+    write_tiny(tmp_path / "photos", {"a": 2, "b": 2})
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for cache, said in ((afile, f"METALEARN_CACHE {afile} is a file, not a folder"),
+                        (afile / "sub", f"METALEARN_CACHE {afile / 'sub'}: {afile} is a file, not a folder")):
+        monkeypatch.setenv("METALEARN_CACHE", str(cache))
+        folder_module._LOADED.clear()
+        with pytest.raises(MetalearnError) as caught:
+            load_image_folder(tmp_path / "photos", 8, 1).images
+        message = str(caught.value)
+        assert message.startswith(f"cannot write {cache}/folder-photos-") and \
+            message.endswith(f": {said}; point METALEARN_CACHE at a folder"), message
+        assert "File exists" not in message and "Not a directory" not in message
+    monkeypatch.delenv("METALEARN_CACHE")
+    folder_module._LOADED.clear()
+    with pytest.raises(MetalearnError, match=f"the cache folder {re.escape(str(afile))} is a file, not a folder; "):
+        load_image_folder(tmp_path / "photos", 8, 1, cache_dir=afile).images
+    assert afile.read_text() == "not a folder"
+    assert fresh_load(tmp_path / "photos", tmp_path / "cache").images.shape == (4, 1, 8, 8)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_unreadable_image_is_named_in_one_refusal_and_nothing_is_cached(tmp_path, monkeypatch, workers):
+    """A damaged file and an empty one are refused together (not one per run), the empty one as
+    such; past five the rest are counted; files skipped by their names are still only warned of;
+    no cache is written; one unreadable file keeps decode_image's message, advice and all."""
+    monkeypatch.setattr(folder_module, "PARALLEL_FROM", 1)  # workers=2: the processes' path
+    monkeypatch.setattr(folder_module, "CHUNK", 3)
+    root, cache = tmp_path / "photos", tmp_path / "cache"
+    write_tiny(root, {"a": 4, "b": 4, "c": 4})
+    (root / "a" / "broken.jpg").write_bytes(b"garbage, not a JPEG")
+    (root / "b" / "empty.png").write_bytes(b"")
+    (root / "c" / "notes.txt").write_text("skipped by its name, warned of")
+
+    def load():
+        folder_module._LOADED.clear()
+        return load_image_folder(root, 8, 1, cache_dir=cache, workers=workers).images
+
+    with pytest.warns(MetalearnWarning, match="skipped 1 file that is not an image by its name"):
+        with pytest.raises(MetalearnError) as caught:
+            load()
+    assert str(caught.value) == (f"cannot read 2 images of image folder {root}: {root / 'a' / 'broken.jpg'}: not an "
+                                 f"image file PIL can decode; {root / 'b' / 'empty.png'}: it is empty (0 bytes). "
+                                 "Replace or remove them")
+    assert not cache.exists() or list(cache.iterdir()) == []
+    for i in range(5):
+        (root / "c" / f"empty{i}.png").write_bytes(b"")
+    with pytest.raises(MetalearnError) as caught:
+        load()
+    message = str(caught.value)
+    assert message.startswith("cannot read 7 images of image folder ") and "\n" not in message
+    assert message.count(": it is empty (0 bytes)") == 4 and message.endswith("; and 2 more. Replace or remove them")
+    for path in [root / "a" / "broken.jpg", root / "b" / "empty.png", *root.glob("c/empty*.png")]:
+        path.unlink()
+    headed_png(root / "c" / "huge.png", 20000, 20000)
+    with pytest.raises(MetalearnError, match=rf"^cannot read image {re.escape(str(root / 'c' / 'huge.png'))}: "
+                                             r"20000x20000 is 400 megapixels, .*; shrink it"):
+        load()
+    assert not cache.exists() or list(cache.iterdir()) == []
+    (root / "c" / "huge.png").unlink()
+    assert load().shape == (12, 1, 8, 8) and len(list(cache.glob("*.npz"))) == 1
 
 def headed_png(path: Path, width: int, height: int) -> Path:
     """A PNG whose header claims ``width`` x ``height`` (its pixels are an 8x8 image's): the size

@@ -164,9 +164,15 @@ def _folder_checked(task, shape, part: str, data_dir: Path | str | None, progres
     following = [key for key in ("shots", "query") if key in follows]
     default_note = (" and ".join(f"--test-{key}" for key in following) + (" default to " if len(following) > 1 else
                     " defaults to ") + " and ".join(f"--{key}" for key in following) + "; " if following else "")
-    defaults = f" ({default_note}in {TEST_SHAPE_COMMANDS}: --shots, --query)" if test else ""
-    check_class_sizes(folder, pool, shape.shots + shape.query,
-                      f"{prefix}shots {shape.shots} with {prefix}query {shape.query}{defaults}")
+    if test:
+        defaults = f" ({default_note}in {TEST_SHAPE_COMMANDS}: --shots, --query)"
+    else:  # said where --query has the default's value: whether it was given is not in the TaskConfig, and the
+        # rule holds either way
+        dataset_query = get_dataset(task.dataset).defaults.get("query")
+        defaults = (f" (--query defaults to {dataset_query} for {task.dataset})" if shape.query == dataset_query else
+                    " (--query defaults to --shots)" if dataset_query is None and shape.query == shape.shots else "")
+    check_class_sizes(folder, pool, shape.shots, shape.query,
+                      f"{prefix}shots {shape.shots} with {prefix}query {shape.query}{defaults}", prefix)
     return folder, pool
 
 

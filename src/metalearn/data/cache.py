@@ -11,6 +11,7 @@ sources again. Decoding is the slow part of loading (seconds for Omniglot, minut
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def write_arrays(path: Path, arrays: dict[str, np.ndarray], meta: dict, fingerpr
     :func:`metalearn.files.atomic_write`: the file is flushed to disk before it is renamed into
     place, so a reader, or the next start after a kill or a power cut, sees the old cache or the
     whole new one, never a part or an empty file. A write failure is one line naming the file
-    and the free space, and leaves no temporary file. Temporary files that killed writers left
+    and the free space (or the file that stands where the cache folder would be made, as
+    ``METALEARN_CACHE`` names it), and leaves no temporary file. Temporary files that killed writers left
     in the cache folder (as large as a cache: about 1.3 GB for mini-ImageNet at 84x84) go
     first, those of processes no longer running and untouched for
     ``files.UNOWNED_TEMPORARY_AGE_S``."""
@@ -51,8 +53,24 @@ def write_arrays(path: Path, arrays: dict[str, np.ndarray], meta: dict, fingerpr
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
+            blocked = _file_in_the_way(path.parent)
+            if blocked:  # mkdir's own words ("File exists", "Not a directory") do not say which file
+                raise MetalearnError(f"cannot write {path}: {blocked}; point METALEARN_CACHE at a folder") from None
             raise WriteError(path, err) from None
         remove_temporaries(path.parent)
         atomic_write(path, lambda f: np.savez(f, **arrays, meta=np.array(json.dumps(record))))
     except WriteError as err:
         raise MetalearnError(f"{err}; point METALEARN_CACHE at a writable folder") from None
+
+
+def _file_in_the_way(folder: Path) -> str | None:
+    """Why the cache folder ``folder`` cannot be made because of a file, named as the user set
+    it: ``"METALEARN_CACHE /x/afile is a file, not a folder"`` where the variable names a file
+    (or a path through one), ``"the cache folder /x is a file, not a folder"`` where the default
+    does; None where no file blocks it."""
+    from metalearn.data.omniglot import file_in_the_way  # omniglot imports this module
+
+    set_to = os.environ.get("METALEARN_CACHE")
+    named = (f"METALEARN_CACHE {set_to}" if set_to and Path(set_to).expanduser() == folder
+             else f"the cache folder {folder}")
+    return file_in_the_way(folder, named)

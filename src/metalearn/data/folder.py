@@ -17,7 +17,8 @@ metadata in the cache folder and rebuilt when the folder's file names, sizes or 
 times change. The decoding waits until the images are first used: the classes, their sizes and
 parts come from the file names, so a folder with too few classes or images for the episodes
 asked is refused before it. Images up to ``MAX_PIXELS`` (300 megapixels) are read; larger ones
-are refused by name.
+are refused by name. Every file is tried before a refusal: all the files that are not readable
+images (empty, damaged, too large) are named in one error, and no cache is written.
 
 Links (to image files and to folders) are followed; a link whose target is missing, a folder
 link back into its own ancestors (a cycle) and an image reached twice through links are
@@ -417,10 +418,15 @@ def read_folder(root: Path | str, image_size: int, channels: int, progress: bool
                 scanned: tuple | None = None, workers: int | None = None) -> ImageFolder:
     """Decode every image of the folder: the slow part, one pass over the files, spread over
     ``workers`` processes (default: every core, up to 16; folders of fewer than
-    ``PARALLEL_FROM`` images are read in this process). See ``benchmarks/folder.py``."""
+    ``PARALLEL_FROM`` images are read in this process). See ``benchmarks/folder.py``.
+
+    Every file is tried: the files that are not readable images are refused together, after
+    the pass, in one error that counts them and names the first ``UNREADABLE_SHOWN`` with
+    their reasons (see :func:`refuse_unreadable`), so that one run shows what to fix."""
     layout, classes, _ = scanned or scan_folder(Path(root))
     paths = [path for _, _, files in classes for path in files]
     images = np.empty((len(paths), channels, image_size, image_size), np.uint8)
+    unreadable: list[tuple[Path, str]] = []
     bar = None
     if progress:
         from tqdm import tqdm
@@ -429,15 +435,18 @@ def read_folder(root: Path | str, image_size: int, channels: int, progress: bool
     workers = min(workers or os.cpu_count() or 1, 16)
     try:
         if workers > 1 and len(paths) >= PARALLEL_FROM:
-            _decode_in_processes(paths, images, image_size, channels, workers, bar)
+            unreadable = _decode_in_processes(paths, images, image_size, channels, workers, bar)
         else:
             for index, path in enumerate(paths):
-                images[index] = decode_image(path, image_size, channels)
+                images[index], reason = _decode(path, image_size, channels)
+                if reason:
+                    unreadable.append((path, reason))
                 if bar is not None:
                     bar.update()
     finally:
         if bar is not None:
             bar.close()
+    refuse_unreadable(unreadable, Path(root))
     names = tuple(name for name, _, _ in classes)
     sizes = np.array([len(f) for _, _, f in classes], np.int64)
     parts = tuple(part for _, part, _ in classes)
@@ -454,14 +463,54 @@ PARALLEL_FROM = 2000  # below this, starting processes costs more than it saves
 CHUNK = 256  # images decoded per task handed to a process
 
 
-def _decode_chunk(paths: list[Path], image_size: int, channels: int) -> np.ndarray:
-    return np.stack([decode_image(path, image_size, channels) for path in paths])
+UNREADABLE_SHOWN = 5  # the unreadable files an error names; the rest are counted
+
+
+def _decode(path: Path, image_size: int, channels: int) -> tuple[np.ndarray, str]:
+    """``(image, "")``, or ``(zeros, why)`` for a file that is not a readable image: ``why`` is
+    decode_image's reason after the file's name, or "it is empty (0 bytes)" for an empty file
+    (which PIL would call no image it can decode, as if the file held something else)."""
+    try:
+        return decode_image(path, image_size, channels), ""
+    except MetalearnError as err:
+        try:
+            empty = path.stat().st_size == 0
+        except OSError:  # gone since the scan: decode_image's reason says so
+            empty = False
+        if empty:
+            return np.zeros((channels, image_size, image_size), np.uint8), "it is empty (0 bytes)"
+        message, named = str(err), f"cannot read image {path}: "
+        return np.zeros((channels, image_size, image_size), np.uint8), message.removeprefix(named)
+
+
+def refuse_unreadable(unreadable: list[tuple[Path, str]], root: Path) -> None:
+    """One error for every ``(file, reason)`` of ``root`` that is not a readable image, or none
+    where the list is empty. One file: ``cannot read image <file>: <reason>``, decode_image's
+    message. Several: their count and the first ``UNREADABLE_SHOWN`` with their reasons (each
+    reason up to its advice, which the closing advice replaces), so that all are fixed before
+    the next run rather than one per run."""
+    if not unreadable:
+        return
+    if len(unreadable) == 1:
+        path, reason = unreadable[0]
+        raise MetalearnError(f"cannot read image {path}: {reason}")
+    shown = "; ".join(f"{path}: {reason.split('; ')[0]}" for path, reason in unreadable[:UNREADABLE_SHOWN])
+    more = len(unreadable) - UNREADABLE_SHOWN
+    raise MetalearnError(f"cannot read {len(unreadable)} images of image folder {root}: {shown}"
+                         f"{f'; and {more} more' if more > 0 else ''}. Replace or remove them")
+
+
+def _decode_chunk(paths: list[Path], image_size: int, channels: int) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """The decoded ``paths`` (zeros for an unreadable one) and ``(index in paths, reason)`` of
+    each unreadable one."""
+    decoded = [_decode(path, image_size, channels) for path in paths]
+    return np.stack([image for image, _ in decoded]), [(i, why) for i, (_, why) in enumerate(decoded) if why]
 
 
 def _decode_in_processes(paths: list[Path], images: np.ndarray, image_size: int, channels: int, workers: int,
-                         bar) -> None:
-    """Fill ``images`` with the decoded ``paths``, chunk by chunk, in ``workers`` processes; the
-    first unreadable file's error is raised as in one process."""
+                         bar) -> list[tuple[Path, str]]:
+    """Fill ``images`` with the decoded ``paths``, chunk by chunk, in ``workers`` processes;
+    returns ``(file, reason)`` of every unreadable one, in the order of ``paths``."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -469,16 +518,19 @@ def _decode_in_processes(paths: list[Path], images: np.ndarray, image_size: int,
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
         starts = range(0, len(paths), CHUNK)
         futures = [pool.submit(_decode_chunk, paths[start:start + CHUNK], image_size, channels) for start in starts]
+        unreadable: list[tuple[Path, str]] = []
         try:
             for start, future in zip(starts, futures):
-                chunk = future.result()
+                chunk, failed = future.result()
                 images[start:start + len(chunk)] = chunk
+                unreadable += [(paths[start + i], reason) for i, reason in failed]
                 if bar is not None:
                     bar.update(len(chunk))
         except BaseException:
             for future in futures:
                 future.cancel()
             raise
+    return unreadable
 
 
 def cache_path(cache_dir: Path, root: Path, image_size: int, channels: int) -> Path:
@@ -519,8 +571,8 @@ def load_image_folder(root: Path | str | None, image_size: int = 84, channels: i
 
     Raises :class:`MetalearnError` when ``root`` is None (a folder dataset needs
     ``--data-dir``), when ``image_size`` is below 4 or ``channels`` neither 1 nor 3, and for a
-    folder :func:`scan_folder` refuses; a file that is not a readable image is refused, naming
-    it, when the images are first used."""
+    folder :func:`scan_folder` refuses; the files that are not readable images are refused
+    together, naming them, when the images are first used (no cache is written then)."""
     if root is None:
         raise MetalearnError("an image folder dataset needs --data-dir, the folder of class folders (a run "
                              "whose checkpoint records none needs it again to resume, evaluate or plot)")
@@ -836,11 +888,27 @@ def check_part_classes(folder: ImageFolder, pool: ClassPool, part: str, ways: in
                          f"needs {ways}: " + "; ".join(fixes))
 
 
-def check_class_sizes(folder: ImageFolder, pool: ClassPool, needed: int, options: str) -> None:
-    """Every class of ``pool`` has ``needed`` images (shots + query), or an error naming one."""
+def check_class_sizes(folder: ImageFolder, pool: ClassPool, shots: int, query: int, options: str,
+                      prefix: str = "--") -> None:
+    """Every class of ``pool`` has ``shots + query`` images, or an error naming the smallest and
+    the values that fit it: ``{prefix}query`` or ``{prefix}shots`` lowered alone where either
+    can go low enough, else both (``options``: the episode's options as the user would read
+    them, with where a defaulted one came from; ``prefix``: ``"--"`` for the training episodes,
+    ``"--test-"`` for validation and test)."""
+    needed = shots + query
     sizes = folder.class_sizes[pool.characters.numpy()]
-    if (sizes < needed).any():
-        small = int(pool.characters[int(np.argmin(sizes))])
-        count = int(folder.class_sizes[small])
-        raise MetalearnError(f"class {folder.class_names[small]} has {count} image{'' if count == 1 else 's'}; {options} "
-                             f"needs {needed} per class. Add images or lower them")
+    if not (sizes < needed).any():
+        return
+    small = int(pool.characters[int(np.argmin(sizes))])
+    count = int(folder.class_sizes[small])
+    lower = [f"{prefix}{name} to {count - other}" for name, other in (("query", shots), ("shots", query))
+             if count - other >= 1]
+    if lower:
+        fix = "add images, or lower " + " or ".join(lower)
+    elif count >= 2:  # neither alone goes low enough: an episode takes at least 1 of each
+        fix = (f"add images, or lower {prefix}shots plus {prefix}query to {count} or fewer (e.g. {prefix}shots "
+               f"{count - 1} with {prefix}query 1)")
+    else:
+        fix = "add images: an episode takes 2 or more of each class (1 shot, 1 query), or remove the class"
+    raise MetalearnError(f"class {folder.class_names[small]} has {count} image{'' if count == 1 else 's'}; {options} "
+                         f"needs {needed} per class: {fix}")

@@ -1772,3 +1772,33 @@ def test_a_folder_without_images_names_what_it_holds(tmp_path, capsys, monkeypat
     one_line_error(code, out, err, f"class folder dog ({tmp_path / 'support' / 'dog'}) has no images (PNG or JPEG); "
                                    "it holds 1 file that is not an image by its name: IMG_1.HEIC; remove it or add "
                                    "images")
+
+
+def test_a_contact_sheet_of_large_folders_shows_a_readable_part_and_says_what_it_leaves_out(monkeypatch):
+    """40 shots a class and 150 query images: 12 images a row, the first 120 queries, and a title
+    that says what is not shown (every prediction is in --json and --csv)."""
+    import io as _io
+
+    import matplotlib.figure
+    from PIL import Image
+
+    from metalearn.prediction import SHEET_COLUMNS, SHEET_QUERIES, contact_sheet
+
+    def result(shots: int, queries: int) -> dict:
+        support_y = torch.arange(2).repeat_interleave(shots)
+        return {"_images": (torch.rand(2 * shots, 3, 8, 8), support_y, torch.rand(queries, 3, 8, 8)),
+                "classes": ["a", "b"], "shots": [shots, shots],
+                "predictions": [{"label": "a", "probability": 0.9}] * queries}
+
+    titles = []
+    real = matplotlib.figure.Figure.suptitle
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle",
+                        lambda self, text, **kw: (titles.append(text), real(self, text, **kw))[1])
+    small = Image.open(_io.BytesIO(contact_sheet(result(3, 10), "small")))
+    assert titles == ["small"]
+    large = Image.open(_io.BytesIO(contact_sheet(result(40, 150), "large")))
+    assert titles[-1] == (f"large\nnot shown: support images past the first {SHEET_COLUMNS} of a class; "
+                          f"{150 - SHEET_QUERIES} of 150 query images (all are in --json and --csv)")
+    rows = 2 + SHEET_QUERIES // SHEET_COLUMNS
+    assert large.width <= 1.3 * SHEET_COLUMNS * 100 + 1 and large.height <= 1.45 * rows * 100 + 1
+    assert small.width < large.width

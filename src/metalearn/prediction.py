@@ -310,16 +310,28 @@ def as_csv(result: dict[str, Any]) -> bytes:
     return out.getvalue().encode()
 
 
+SHEET_COLUMNS = 12  # the most images in a row of the contact sheet
+SHEET_QUERIES = 120  # the most query images it shows (ten full rows): every one is in --json and --csv
+
+
 def contact_sheet(result: dict[str, Any], title: str = "") -> bytes:
-    """A PNG: the support images by class (one row each), then every query image with its
-    predicted class and probability (green when it matches the folder it came from, red when
-    not, black when unknown)."""
+    """A PNG: the support images by class (one row each, up to :data:`SHEET_COLUMNS`), then the
+    query images (the first :data:`SHEET_QUERIES`), each with its predicted class and
+    probability (green when it matches the folder it came from, red when not, black when
+    unknown). A sheet that leaves images out says how many in its title, so that it stays a
+    picture one can read, drawn in seconds, whatever the folders hold."""
     from metalearn.plotting import _pyplot
 
     plt = _pyplot()
     support_x, support_y, query_x = result["_images"]
-    names, predictions = result["classes"], result["predictions"]
-    columns = max(8, max(result["shots"]))
+    names, every = result["classes"], result["predictions"]
+    columns = min(max(8, max(result["shots"])), SHEET_COLUMNS)
+    predictions = every[:SHEET_QUERIES]
+    left_out = [f"support images past the first {columns} of a class"] if max(result["shots"]) > columns else []
+    if len(every) > len(predictions):
+        left_out.append(f"{len(every) - len(predictions)} of {len(every)} query images (all are in --json and --csv)")
+    if left_out:
+        title = (f"{title}\n" if title else "") + "not shown: " + "; ".join(left_out)
     query_rows = -(-len(predictions) // columns)
     rows = len(names) + query_rows
     fig, axes = plt.subplots(rows, columns, figsize=(1.3 * columns, 1.45 * rows), squeeze=False)

@@ -517,3 +517,15 @@ def test_building_the_cache_removes_what_a_killed_build_left_and_waits_for_a_run
     load_omniglot(tmp_path / "data", 4, cache_dir=tmp_path / "cache")
     other.join()
     assert reads == []
+
+
+def test_a_cache_folder_that_is_a_file_is_named_as_such(omniglot_data_dir, tmp_path, monkeypatch):
+    # as for image folders (tests/test_folder.py): the variable's file, not mkdir's "File exists"
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    monkeypatch.setenv("METALEARN_CACHE", str(afile))
+    with pytest.raises(MetalearnError) as caught:
+        load_omniglot(omniglot_data_dir, 28)
+    assert str(caught.value) == (f"cannot write {afile / 'omniglot-28x28-v1.npz'}: METALEARN_CACHE {afile} is a "
+                                 "file, not a folder; point METALEARN_CACHE at a folder")
+    assert afile.read_text() == "not a folder"

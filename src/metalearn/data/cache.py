@@ -53,7 +53,7 @@ def write_arrays(path: Path, arrays: dict[str, np.ndarray], meta: dict, fingerpr
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            blocked = _file_in_the_way(path.parent)
+            blocked = cache_folder_blocked(path.parent)
             if blocked:  # mkdir's own words ("File exists", "Not a directory") do not say which file
                 raise MetalearnError(f"cannot write {path}: {blocked}; point METALEARN_CACHE at a folder") from None
             raise WriteError(path, err) from None
@@ -63,7 +63,7 @@ def write_arrays(path: Path, arrays: dict[str, np.ndarray], meta: dict, fingerpr
         raise MetalearnError(f"{err}; point METALEARN_CACHE at a writable folder") from None
 
 
-def _file_in_the_way(folder: Path) -> str | None:
+def cache_folder_blocked(folder: Path) -> str | None:
     """Why the cache folder ``folder`` cannot be made because of a file, named as the user set
     it: ``"METALEARN_CACHE /x/afile is a file, not a folder"`` where the variable names a file
     (or a path through one), ``"the cache folder /x is a file, not a folder"`` where the default

@@ -313,6 +313,11 @@ def load_omniglot(
     try:
         lock = FolderLock.take(path.with_name(path.name + ".lock"), "preparing the Omniglot cache", wait=waiting)
     except OSError as err:
+        from metalearn.data.cache import cache_folder_blocked
+
+        blocked = cache_folder_blocked(path.parent)  # mkdir's "File exists" would not say which file
+        if blocked:
+            raise MetalearnError(f"cannot write {path}: {blocked}; point METALEARN_CACHE at a folder") from None
         raise MetalearnError(f"{WriteError(path, err)}; point METALEARN_CACHE at a writable folder") from None
     with lock:
         remove_temporaries(path.parent, owned=(path.name,))

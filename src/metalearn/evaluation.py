@@ -35,20 +35,22 @@ EVAL_MEMORY_BUDGET = 0.8  # TrainConfig.memory_budget's default: the share of th
 
 def tasks_per_call(score: Callable[[Any], Any], batch, device: torch.device, budget: float) -> int | None:
     """How many of ``batch``'s tasks one call of ``score`` (a batch's scores) may take within
-    ``budget`` (a fraction) of the memory available now, measured on two of them; None where
-    all fit at once, or where this system cannot measure a call's memory (then all are scored
-    at once, as before).
+    ``budget`` (a fraction) of the memory available now, measured on the first task; None where
+    all fit at once, or where this system cannot measure a call's memory (no
+    ``/proc/self/clear_refs``, another device type): then all are scored at once.
 
     The measured call's scores are dropped and its random draws undone (a sampling method's
-    episodes then draw what they would without it), so where the batch fits its scores are
-    those of one call: the same bytes as without the measurement. The peak of two tasks is
-    halved, as ``--task-chunk auto`` does for a training step; it includes the call's fixed
-    costs, an overestimate per task, on the safe side. CPU processes of one machine (torchrun)
-    share its memory."""
+    episodes then draw what they would without it), so where the batch fits, a learner whose
+    scores of a task depend on that task alone (every library method) gives the bytes it gives
+    unmeasured. The measured peak includes the call's fixed costs, an overestimate per task, on
+    the safe side; one task, so that the measurement itself needs no more memory than the
+    smallest part it may choose. CPU processes of one machine (torchrun) share its memory. On
+    the CPU the process's peak resident set (``VmHWM``) is reset by the measurement; on a GPU
+    torch's peak-memory statistics."""
     from metalearn.distributed import environment_count
     from metalearn.memory_budget import available_memory, largest_chunk, peak_memory_of
 
-    probed = 2
+    probed = 1
     try:
         allowed = int(budget * available_memory(device))
         if device.type == "cpu":
@@ -118,8 +120,10 @@ def evaluate(
     ``memory_budget``: the fraction of the available memory one scoring call may use. A drawn
     chunk whose episodes would need more (many ways, large images, a large network) is scored
     in parts of as many episodes as fit (:func:`tasks_per_call`, measured once per call of
-    evaluate): the same scores to float rounding, other random draws for a sampling method's
-    episodes (PLATIPUS). None scores each drawn chunk at once, unmeasured.
+    evaluate on one episode, an extra call of ``learner``): the same scores to float rounding,
+    other random draws for a sampling method's episodes (PLATIPUS), so that its scores then
+    depend on the memory free. None scores each drawn chunk at once, unmeasured (a learner of
+    your own whose prediction depends on a task's place in the batch needs it).
 
     Returns ``metric`` ("accuracy" in percent, "mse", or "return" for MDPs), ``mean``, ``ci95`` (1.96 standard
     errors over episodes), ``per_step`` means (and ``per_step_ci95``, their intervals), ``episodes``, the per-episode ``scores`` and the
@@ -166,7 +170,7 @@ def evaluate(
                 metric = batch_metric(batch)
                 if share.stop > share.start:  # a chunk smaller than the number of ranks
                     try:
-                        if measure and batch.num_tasks > 2:  # the chunks after the first: their size or less
+                        if measure and batch.num_tasks > 1:  # the chunks after the first: their size or less
                             measure, per_call = False, tasks_per_call(score, batch, device, memory_budget)
                         scores.append(scored_in_calls(score, batch, per_call, dim=1))
                     except RuntimeError as err:  # part of a learner of one's own on another device than

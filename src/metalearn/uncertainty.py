@@ -41,6 +41,7 @@ from metalearn.algorithms.base import device_of, evaluating
 from metalearn.config import task_differences
 from metalearn.errors import MetalearnError
 from metalearn.evaluation import EVAL_MEMORY_BUDGET, scored_in_calls, tasks_per_call
+from metalearn.files import same_path
 from metalearn.tasks.batch import TaskBatch
 
 # -- regression ------------------------------------------------------------------------------
@@ -244,6 +245,11 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     if taken:  # a run's entry would overwrite the result's own field, or have no name
         raise MetalearnError(f"compare_learners cannot label a run {taken[0]!r}: the result uses "
                              f"{', '.join(RESULT_KEYS)} for itself; give the run another label")
+    given = list(runs.items())
+    for i, (label, path) in enumerate(given):
+        twin = next((other for other, earlier in given[:i] if same_path(earlier, path)), None)
+        if twin is not None:  # scored twice, it would read as two runs that agree
+            raise MetalearnError(f"runs {twin!r} and {label!r} are one run ({path}); give each run once")
     states: dict[str, dict[str, Any]] = {}  # each checkpoint's entries, read with its weights
 
     def load(label: str, path: Path | str) -> tuple[Any, Any, int]:
@@ -346,7 +352,7 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
                 def score(part, learner=learner):
                     return uncertainty_scores(learner, part, true_function, noise_std, num_samples, grid, level)
 
-                if label not in per_call and batch.num_tasks > 2:  # as evaluate: measured on the first chunk
+                if label not in per_call and batch.num_tasks > 1:  # as evaluate: measured on the first chunk
                     per_call[label] = tasks_per_call(score, batch, device_of(learner), EVAL_MEMORY_BUDGET)
                 # every run sees the same model-noise stream, whichever runs it is compared with
                 torch.manual_seed(seed + offset + 7919 * chunk_index)

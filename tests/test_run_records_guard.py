@@ -89,6 +89,12 @@ def test_export_refuses_the_run_folder_and_its_best_folder_but_not_a_folder_arou
         assert code == 2 and err == (f"error: OUT_DIR {out} {what} the folder of another run, {other}: the record "
                                      "would lie among that run's files; give another folder (e.g. results/photos)\n"), err
     assert files_in(other) == theirs
+    # a record (config.json and metrics.jsonl, no checkpoint, as under results/) is no run folder
+    record = tmp_path / "results" / "photos"
+    record.mkdir(parents=True)
+    shutil.copy(other / "config.json", record / "config.json")
+    code, _, err = run(["export", run_dir, record], capsys)
+    assert code == 0 and (record / "summary.json").is_file(), err
 
 
 def test_eval_on_another_folder_with_the_same_class_names_warns_and_scores(folder_run, tmp_path, capsys):

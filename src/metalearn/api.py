@@ -988,7 +988,8 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
         mine = "the run folder" if out == own else "the best checkpoints' folder of"
         raise MetalearnError(f"OUT_DIR {out_dir} {where} {mine} {run.path}: the record would lie among the run's "
                              f"own files; give another folder (e.g. results/{own.name}, or {run.plots_dir})")
-    other = next((folder for folder in (out, *out.parents) if RunDir(folder).exists()), None)
+    # a run's folder is one with a checkpoint: records under results/ hold a config.json too
+    other = next((folder for folder in (out, *out.parents) if RunDir(folder).has_checkpoint()), None)
     if other is not None and not out.is_relative_to(own):  # the run's own plots/ is a place for its record
         raise MetalearnError(f"OUT_DIR {out_dir} {'is' if other == out else 'lies inside'} the folder of another "
                              f"run, {other}: the record would lie among that run's files; give another folder "

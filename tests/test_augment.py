@@ -394,6 +394,9 @@ def test_a_dataset_refuses_augment_unless_it_says_it_takes_it():
         resolve_config("maml", {"dataset": "sinusoid", "augment": "flip"})
     assert resolve_config("protonet", {"dataset": "omniglot", "augment": ""}).task.augment == ""
     assert resolve_config("protonet", {"dataset": "omniglot", "augment": " none "}).task.augment == ""
+    assert resolve_config("protonet", {"dataset": "omniglot", "augment": "  "}).task.augment == ""
+    with pytest.raises(ConfigError, match="^TaskConfig.augment does not apply to omniglot"):  # a bad value too
+        resolve_config("protonet", {"dataset": "omniglot", "augment": "blur"})
     assert resolve_config("maml", {"dataset": "sinusoid", "augment": "none"}).task.augment == ""
 
 

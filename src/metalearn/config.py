@@ -124,7 +124,12 @@ def sets_task_option(name: str, value) -> bool:
     refuses only what asks for something it cannot do, so ``--augment none`` passes everywhere."""
     if value is None or value == "":
         return False
-    return not (name == "augment" and isinstance(value, str) and value.strip() == "none")
+    if name == "augment":
+        try:
+            return bool(augment_parts(value))  # "none", "  ": no part
+        except ConfigError:  # a bad value asks for something all the same: refused where it cannot apply
+            return True
+    return True
 
 
 # the commands whose --ways/--shots/--query replace a run's test episode shape (train's --test-*):

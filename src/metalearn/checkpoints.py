@@ -358,8 +358,9 @@ def _network_options_differ(source: RunDir, config: RunConfig) -> str:
         theirs = source.read_config()
     except MetalearnError:
         return ""
-    pairs = [("--dataset", theirs.task.dataset, config.task.dataset),
-             ("--model", theirs.method_config.get("model"), config.method_config.get("model")),
+    if theirs.task.dataset != config.task.dataset:  # the other options may not apply to both
+        return f"--dataset {theirs.task.dataset} there, {config.task.dataset} here"
+    pairs = [("--model", theirs.method_config.get("model"), config.method_config.get("model")),
              ("--hidden", theirs.method_config.get("hidden"), config.method_config.get("hidden")),
              ("--image-size", theirs.task.image_size, config.task.image_size),
              ("--channels", theirs.task.channels, config.task.channels),

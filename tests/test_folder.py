@@ -1782,7 +1782,7 @@ def test_a_contact_sheet_of_large_folders_shows_a_readable_part_and_says_what_it
     import matplotlib.figure
     from PIL import Image
 
-    from metalearn.prediction import SHEET_COLUMNS, SHEET_QUERIES, contact_sheet
+    from metalearn.prediction import SHEET_CLASSES, SHEET_COLUMNS, SHEET_QUERIES, contact_sheet
 
     def result(shots: int, queries: int) -> dict:
         support_y = torch.arange(2).repeat_interleave(shots)
@@ -1795,7 +1795,12 @@ def test_a_contact_sheet_of_large_folders_shows_a_readable_part_and_says_what_it
     monkeypatch.setattr(matplotlib.figure.Figure, "suptitle",
                         lambda self, text, **kw: (titles.append(text), real(self, text, **kw))[1])
     small = Image.open(_io.BytesIO(contact_sheet(result(3, 10), "small")))
-    assert titles == ["small"]
+    many = result(1, 4)
+    many.update(classes=[f"c{i}" for i in range(SHEET_CLASSES + 5)], shots=[1] * (SHEET_CLASSES + 5))
+    many["_images"] = (torch.rand(SHEET_CLASSES + 5, 3, 8, 8), torch.arange(SHEET_CLASSES + 5), torch.rand(4, 3, 8, 8))
+    contact_sheet(many, "")
+    assert titles[-1] == f"not shown: the support images of 5 of {SHEET_CLASSES + 5} classes"
+    assert titles[0] == "small"
     large = Image.open(_io.BytesIO(contact_sheet(result(40, 150), "large")))
     assert titles[-1] == (f"large\nnot shown: support images past the first {SHEET_COLUMNS} of a class; "
                           f"{150 - SHEET_QUERIES} of 150 query images (all are in --json and --csv)")

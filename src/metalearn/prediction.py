@@ -311,23 +311,27 @@ def as_csv(result: dict[str, Any]) -> bytes:
 
 
 SHEET_COLUMNS = 12  # the most images in a row of the contact sheet
+SHEET_CLASSES = 20  # the most support classes it shows, a row each
 SHEET_QUERIES = 120  # the most query images it shows (ten full rows): every one is in --json and --csv
 
 
 def contact_sheet(result: dict[str, Any], title: str = "") -> bytes:
-    """A PNG: the support images by class (one row each, up to :data:`SHEET_COLUMNS`), then the
-    query images (the first :data:`SHEET_QUERIES`), each with its predicted class and
-    probability (green when it matches the folder it came from, red when not, black when
-    unknown). A sheet that leaves images out says how many in its title, so that it stays a
-    picture one can read, drawn in seconds, whatever the folders hold."""
+    """A PNG: the support images by class (one row each, up to :data:`SHEET_COLUMNS`, for the
+    first :data:`SHEET_CLASSES` classes), then the query images (the first
+    :data:`SHEET_QUERIES`), each with its predicted class and probability (green when it
+    matches the folder it came from, red when not, black when unknown). A sheet that leaves
+    images out says what in its title, so that its size is bounded whatever the folders hold."""
     from metalearn.plotting import _pyplot
 
     plt = _pyplot()
     support_x, support_y, query_x = result["_images"]
-    names, every = result["classes"], result["predictions"]
+    every, predictions = result["predictions"], result["predictions"][:SHEET_QUERIES]
+    names = result["classes"][:SHEET_CLASSES]
     columns = min(max(8, max(result["shots"])), SHEET_COLUMNS)
-    predictions = every[:SHEET_QUERIES]
     left_out = [f"support images past the first {columns} of a class"] if max(result["shots"]) > columns else []
+    if len(result["classes"]) > len(names):
+        left_out.append(f"the support images of {len(result['classes']) - len(names)} of {len(result['classes'])} "
+                        "classes")
     if len(every) > len(predictions):
         left_out.append(f"{len(every) - len(predictions)} of {len(every)} query images (all are in --json and --csv)")
     if left_out:

@@ -705,7 +705,7 @@ def format_status(status: dict) -> str:
     if machines:
         lines.append("  trained on: " + "; ".join(format_machine(m) for m in machines))
     def shown(name: str, value) -> str:  # a training record's accuracies are fractions: in percent, as the scores below
-        if name.endswith("accuracy") and isinstance(value, (int, float)):
+        if name.endswith("accuracy") and not name.startswith("val_") and isinstance(value, (int, float)):
             return f"{100 * value:.2f}%"
         return f"{value:.4g}" if isinstance(value, float) else str(value)
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from metalearn.algorithms.base import MetaLearner, device_mismatch, device_of, evaluating, prediction_scores
+from metalearn.config import TrainConfig
 from metalearn.distributed import World
 from metalearn.errors import MetalearnError
 from metalearn.tasks import TaskSource, require_sampled_batch, require_task_source
@@ -30,7 +31,7 @@ def episode_scores(learner: MetaLearner, batch, per_step: bool = True) -> torch.
 
 
 EPISODE_CHUNK = 50  # episodes drawn per batch: the draws, and so the episodes, depend on it
-EVAL_MEMORY_BUDGET = 0.8  # TrainConfig.memory_budget's default: the share of the available memory
+EVAL_MEMORY_BUDGET = TrainConfig.memory_budget  # the share of the available memory, as a training step's default
 
 
 def tasks_per_call(score: Callable[[Any], Any], batch, device: torch.device, budget: float) -> int | None:

@@ -137,10 +137,9 @@ def test_resume_from_the_command_line_takes_the_saved_configuration(tmp_path, ca
     code, _, err = run(["train", "maml", "--run-dir", run_dir, "--resume", "--dataset", "omniglot"], capsys)
     assert code == 2 and "task.dataset: 'sinusoid' there, 'omniglot' requested" in err
     # options a resumed run would store and never use meet the checks of a new run's
-    for extra, message in ((["--memory-budget", 0.5], "--memory-budget applies only with --task-chunk auto"),
-                           (["--val-every", 0, "--keep-best", 2], "--keep-best applies only with validation")):
-        code, _, err = run(["train", "maml", "--run-dir", run_dir, "--resume", "--no-progress", *extra], capsys)
-        assert code == 2 and message in err, err
+    code, _, err = run(["train", "maml", "--run-dir", run_dir, "--resume", "--no-progress", "--val-every", 0,
+                        "--keep-best", 2], capsys)
+    assert code == 2 and "--keep-best applies only with validation" in err, err
 
 
 def tick_ten_seconds_a_call(monkeypatch) -> None:

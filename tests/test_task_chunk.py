@@ -238,11 +238,28 @@ def test_peak_memory_of_a_call_is_measured_on_the_cpu():
     assert memory.available_memory(torch.device("cpu")) > 0
 
 
-def test_a_memory_budget_without_the_automatic_chunk_is_refused():
-    task = {"dataset": "sinusoid"}
-    with pytest.raises(ConfigError, match="TrainConfig.memory_budget applies only with TrainConfig.task_chunk auto"):
-        resolve_config("maml", task=task, train={"memory_budget": 0.5})
-    assert resolve_config("maml", task=task, train={"memory_budget": 0.5, "task_chunk": "auto"}).train.memory_budget == 0.5
+def test_the_run_s_memory_budget_bounds_its_validation_and_its_test(tmp_path, monkeypatch):
+    """``memory_budget`` without ``task_chunk="auto"`` still applies: it is the share of the
+    memory that one scoring call of validation, and of the test after training, may use."""
+    import metalearn.evaluation as evaluation
+
+    budgets = []
+
+    def recorded(score, batch, device, budget):
+        budgets.append(budget)
+        return None
+    monkeypatch.setattr(evaluation, "tasks_per_call", recorded)
+    from metalearn.api import evaluate_run, train
+
+    run_dir = tmp_path / "run"
+    config = resolve_config("maml", task={"dataset": "sinusoid"},
+                            train={"steps": 2, "meta_batch_size": 2, "val_every": 1, "val_episodes": 4,
+                                   "eval_episodes": 4, "memory_budget": 0.25})
+    train(config, run_dir, progress=False, announce=lambda _: None)
+    assert budgets == [0.25] * 3  # two validations and the test, at the run's budget
+    budgets.clear()
+    evaluate_run(run_dir, episodes=4, progress=False)  # metalearn eval: the run's budget
+    assert budgets == [0.25]
 
 
 

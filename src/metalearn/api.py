@@ -202,11 +202,8 @@ def ensemble_checkpoints(run_dir: Path | str, config: RunConfig) -> list[Path]:
 def check_train_options(given: dict[str, Any], train: TrainConfig, method_options: Any = None,
                         warn: bool = True) -> None:
     """Refuse training options the user gave that the resolved ``train`` would store and never
-    use (checkpoints kept by a validation that never runs, a memory budget without ``auto``),
-    and warn of a schedule that stalls or that ``--steps`` end before (:func:`warn_of_schedule`;
+    use (checkpoints kept by a validation that never runs), and warn of a schedule that stalls or that ``--steps`` end before (:func:`warn_of_schedule`;
     ``method_options``: the method's resolved Config, whose schedule steps are checked too)."""
-    if "memory_budget" in given and train.task_chunk != "auto":
-        raise ConfigError("TrainConfig", "memory_budget", "applies only with `task_chunk` auto")
     if train.val_every == 0 and given.get("keep_best"):  # no validation: no score to keep checkpoints by
         raise ConfigError("TrainConfig", "keep_best", "applies only with validation (`val_every` above 0); "
                                                       "without it `metalearn eval --ensemble` would find none")
@@ -690,7 +687,7 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
     # keeps --part val from scoring the test episodes
     offset = part_seed_offset(part)
     result = evaluate(learner, source, n, seed=seed + offset, world=world, progress=progress,
-                      per_step=per_step)
+                      per_step=per_step, memory_budget=config.train.memory_budget)
     result.update(recorded_seeds(seed, offset))
     if hasattr(learner, "test_bound") and world.is_main:  # a generative method: its bound on the test sets
         # drawn as evaluate drew: the support sets of the first (up to) 100 episodes it scored

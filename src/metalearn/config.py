@@ -186,8 +186,9 @@ class TrainConfig:
                                       "accumulated (the same meta-gradient to float rounding, less memory): "
                                       "0 for the whole batch at once, or auto: of the sizes whose step fits in "
                                       "--memory-budget, the fastest measured")
-    memory_budget: float = option(0.8, "with --task-chunk auto: the fraction of the memory available when "
-                                       "training starts (RAM, or the GPU's) that one step may use")
+    memory_budget: float = option(0.8, "the fraction of the memory available (RAM, or the GPU's) that one "
+                                       "scoring call of validation and test may use, and with --task-chunk "
+                                       "auto one training step (measured when training starts)")
 
     def __post_init__(self):
         def refuse(name: str, problem: str) -> None:

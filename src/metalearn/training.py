@@ -738,7 +738,8 @@ class Trainer:
         they took (``metalearn status`` counts them into the time a run has left)."""
         start = time.perf_counter()
         result = evaluate(self.learner, self.val_tasks, self.config.train.val_episodes,  # final score only
-                          seed=self.config.train.seed + VALIDATION_SEED_OFFSET, world=self.world, per_step=False)
+                          seed=self.config.train.seed + VALIDATION_SEED_OFFSET, world=self.world, per_step=False,
+                          memory_budget=self.config.train.memory_budget)
         if self.world.is_main:
             self.run_dir.append_metrics({"step": self.step, f"val_{result['metric']}": result["mean"],
                                          "val_ci95": result["ci95"], "elapsed_s": round(self.elapsed_s, 2),

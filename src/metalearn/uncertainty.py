@@ -40,7 +40,7 @@ from metalearn.algorithms import can, methods_that
 from metalearn.algorithms.base import device_of, evaluating
 from metalearn.config import task_differences
 from metalearn.errors import MetalearnError
-from metalearn.evaluation import EVAL_MEMORY_BUDGET, scored_in_calls, tasks_per_call
+from metalearn.evaluation import scored_in_calls, tasks_per_call
 from metalearn.files import same_path
 from metalearn.tasks.batch import TaskBatch
 
@@ -348,12 +348,12 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
             batch = source.sample(min(chunk, remaining), generator)
             remaining -= batch.num_tasks
             chunk_index += 1
-            for label, (_, learner, _) in loaded.items():
+            for label, (run_config, learner, _) in loaded.items():
                 def score(part, learner=learner):
                     return uncertainty_scores(learner, part, true_function, noise_std, num_samples, grid, level)
 
                 if label not in per_call and batch.num_tasks > 1:  # as evaluate: measured on the first chunk
-                    per_call[label] = tasks_per_call(score, batch, device_of(learner), EVAL_MEMORY_BUDGET)
+                    per_call[label] = tasks_per_call(score, batch, device_of(learner), run_config.train.memory_budget)
                 # every run sees the same model-noise stream, whichever runs it is compared with
                 torch.manual_seed(seed + offset + 7919 * chunk_index)
                 scores = scored_in_calls(score, batch, per_call.get(label))

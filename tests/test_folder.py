@@ -1501,6 +1501,16 @@ def test_the_advice_for_a_small_part_holds_for_every_part_its_option_sets(tmp_pa
     assert json.loads((tmp_path / "unvalidated" / "config.json").read_text())["train"]["val_every"] == 0
     code, out, err = run([*options[:-1], "0.5,0,0.5", "--val-every", 1, "--run-dir", tmp_path / "refused"], capsys)
     one_line_error(code, out, err, "--val-every cannot apply: --split-fractions 0.5,0,0.5 gives validation no classes")
+    # so does a split file without "val" classes
+    split = tmp_path / "no-val.json"
+    split.write_text(json.dumps({"train": [f"class{c}" for c in range(5)],
+                                 "test": [f"class{c}" for c in range(5, 10)]}))
+    by_file = [*options[:-2], "--split-file", split]
+    code, out, err = run([*by_file, "--run-dir", tmp_path / "unvalidated-by-file"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "unvalidated-by-file" / "config.json").read_text())["train"]["val_every"] == 0
+    code, out, err = run([*by_file, "--val-every", 1, "--run-dir", tmp_path / "refused"], capsys)
+    one_line_error(code, out, err, f'--val-every cannot apply: --split-file {split} lists no validation ("val") classes')
     # no val classes where validation is on (a split built in Python): metalearn eval --part val is
     # told of its test classes
     parts = named_folder(4, "parts", ("train", "train", "test", "test"))

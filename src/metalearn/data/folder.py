@@ -740,7 +740,9 @@ def sets_own_split(root: Path | str | None) -> bool:
     return bool(csvs or part_dirs)
 
 
-def _parts_from_file(folder: ImageFolder, path: Path) -> tuple[str, ...]:
+def read_split_file(path: Path) -> dict[str, list]:
+    """The parts of a split file, ``{"train": [class, ...], "val": [...], "test": [...]}`` (a
+    part may be left out), refused in one line where it cannot be one; class names unchecked."""
     if not path.is_file():
         raise MetalearnError(f"--split-file {path}: {'a folder' if path.is_dir() else 'no such file'}; give the JSON "
                              'file {"train": [class, ...], "val": [...], "test": [...]}')
@@ -755,6 +757,11 @@ def _parts_from_file(folder: ImageFolder, path: Path) -> tuple[str, ...]:
         listed = ", ".join(json.dumps(key) for key in unknown)
         raise MetalearnError(f"--split-file {path}: unknown key{'' if len(unknown) == 1 else 's'} {listed}; the keys "
                              'are "train", "val" and "test", each a list of class names')
+    return spec
+
+
+def _parts_from_file(folder: ImageFolder, path: Path) -> tuple[str, ...]:
+    spec = read_split_file(path)
     index = {name: i for i, name in enumerate(folder.class_names)}
     if is_run_split(path):  # a run's evaluation on a folder that lost classes, or on another folder
         missing = [name for names in spec.values() for name in names if name not in index]

@@ -162,8 +162,9 @@ def check_outside_data(task: TaskConfig, data_dir: Path | str | None, option: st
 
 def has_validation(task: TaskConfig) -> bool:
     """Whether ``task``'s data has a validation part: its split's (Omniglot's background and
-    evaluation split has none), or for an image folder split by ``split_fractions``, a
-    fraction of its classes for validation (0,0.2,0.8 leaves none)."""
+    evaluation split has none), or for an image folder split by ``split_fractions`` or
+    ``split_file``, classes for validation (0,0.2,0.8 leaves none, as a file without "val"
+    classes does)."""
     return no_validation_reason(task) is None
 
 
@@ -176,6 +177,15 @@ def no_validation_reason(task: TaskConfig) -> str | None:
 
         if parse_fractions(task.split_fractions)[1] == 0:
             return f"`TaskConfig.split_fractions` {task.split_fractions} gives validation no classes"
+    if task.split_file:
+        from metalearn.data.folder import read_split_file
+
+        try:
+            listed = read_split_file(Path(task.split_file)).get("val")
+        except MetalearnError:  # refused where the folder is split by it, with the folder's classes at hand
+            return None
+        if not listed:
+            return f"`TaskConfig.split_file` {task.split_file} lists no validation (\"val\") classes"
     return None
 
 

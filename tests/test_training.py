@@ -1194,8 +1194,14 @@ def test_the_python_api_refuses_what_its_signatures_do_not_take_in_one_line(tmp_
         with pytest.raises(MetalearnError, match=message):
             evaluate_run(run_dir, progress=False, **kwargs)
     assert not list(run_dir.glob("eval*.json"))
-    with pytest.raises(MetalearnError, match="compare_learners takes \\{label: run directory\\}, got list"):
+    with pytest.raises(MetalearnError, match="compare_learners takes \\{label: run directory\\}, got list; e.g. "
+                                             "metalearn.uncertainty.run_labels\\(run_dirs\\)"):
         compare_learners([run_dir], episodes=2)
+    from metalearn.uncertainty import run_labels  # the labels metalearn compare gives
+
+    assert run_labels([run_dir]) == {"run": run_dir}
+    with pytest.raises(MetalearnError, match=r"^the run \S+ is given twice; give each run once$"):
+        run_labels([run_dir, tmp_path / "." / "run"])
     with pytest.raises(MetalearnError, match="unknown split part 'Test'"):
         compare_learners({"maml": run_dir}, episodes=2, part="Test")
     with pytest.raises(MetalearnError, match="grid_points must be a whole number of at least 1, got 0"):

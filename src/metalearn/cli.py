@@ -456,21 +456,9 @@ def compare(run_dirs, episodes, seed, part, num_samples, json_path, settings, da
     """Uncertainty measures of trained runs on the same test episodes: for classification
     accuracy, NLL and expected calibration error; for regression MSE, predictive
     log-likelihood and coverage of the true function by the sampled functions."""
-    from metalearn.uncertainty import RESULT_KEYS, compare_learners
+    from metalearn.uncertainty import compare_learners, run_labels
 
-    # a run is labelled by its folder's name (`.` too), or by the path as given where that name
-    # is one of the result's own fields or another run's
-    from metalearn.files import same_path
-
-    twice = next((d for i, d in enumerate(run_dirs) if any(same_path(d, e) for e in run_dirs[:i])), None)
-    if twice is not None:
-        raise MetalearnError(f"the run {twice} is given twice; give each run once")
-    names = [Path(d).resolve().name for d in run_dirs]
-    labels = {name if name not in RESULT_KEYS and names.count(name) == 1 else str(d): d
-              for name, d in zip(names, run_dirs)}
-    if len(labels) != len(run_dirs) or set(labels) & set(RESULT_KEYS):
-        raise MetalearnError("compare labels runs by their folder names or paths; give each run once, "
-                             f"under a path other than {', '.join(RESULT_KEYS)}")
+    labels = run_labels(run_dirs)
     overrides = dict(parse_setting(s) for s in settings)
     if json_path:  # found out now, not after minutes of evaluation
         check_writable_file("--json", json_path, "compare.json")

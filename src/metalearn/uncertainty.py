@@ -195,14 +195,31 @@ def check_samples_apply(methods: list[str], num_samples: int | None) -> None:
                          f"give{'s' if len(named) == 1 else ''} one prediction per query: leave --samples out")
 
 
+def run_labels(run_dirs: list[Path | str] | tuple[Path | str, ...]) -> dict[str, Path | str]:
+    """``{label: run directory}`` for :func:`compare_learners`, as ``metalearn compare`` labels
+    its runs: by the folder's name (``.`` too), or by the path as given where that name is one of
+    the result's own fields (``RESULT_KEYS``) or another run's. A run given twice is refused."""
+    twice = next((d for i, d in enumerate(run_dirs) if any(same_path(d, e) for e in run_dirs[:i])), None)
+    if twice is not None:
+        raise MetalearnError(f"the run {twice} is given twice; give each run once")
+    names = [Path(d).resolve().name for d in run_dirs]
+    labels = {name if name not in RESULT_KEYS and names.count(name) == 1 else str(d): d
+              for name, d in zip(names, run_dirs)}
+    if len(labels) != len(run_dirs) or set(labels) & set(RESULT_KEYS):
+        raise MetalearnError("compare labels runs by their folder names or paths; give each run once, "
+                             f"under a path other than {', '.join(RESULT_KEYS)}")
+    return labels
+
+
 def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int = 0, part: str = "test",
                      num_samples: int | None = None, chunk: int = 50, grid_points: int = 100,
                      level: float = 0.95, data_dir: Path | str | None = None,
                      overrides: dict[str, Any] | None = None,
                      episode_shape: dict[str, int] | None = None) -> dict[str, Any]:
-    """Evaluate trained runs ``{label: run_dir}`` on the same ``episodes`` episodes (the ones
-    ``metalearn eval`` uses for ``seed``), with the model noise of sampling methods seeded by
-    ``seed`` too, so the comparison is reproducible.
+    """Evaluate trained runs ``{label: run_dir}`` (:func:`run_labels` labels a list of folders
+    as ``metalearn compare`` does) on the same ``episodes`` episodes (the ones ``metalearn eval``
+    uses for ``seed``), with the model noise of sampling methods seeded by ``seed`` too, so the
+    comparison is reproducible.
 
     Returns ``{"episodes", "seed", "part", "dataset", "num_samples", "overrides", "ways", "shots",
     "query", label: {measure: {"mean", "ci95"}, ..., "run_dir", "method", "step", "num_samples"}}``.
@@ -235,7 +252,7 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
 
     if not isinstance(runs, dict):
         raise MetalearnError(f"compare_learners takes {{label: run directory}}, got {type(runs).__name__}; e.g. "
-                             "{Path(d).name: d for d in run_dirs}")
+                             "metalearn.uncertainty.run_labels(run_dirs), which labels them as metalearn compare does")
     if not runs:
         raise MetalearnError("compare_learners needs at least one run directory")
     for value, name in ((episodes, "episodes"), (chunk, "chunk"), (grid_points, "grid_points")):

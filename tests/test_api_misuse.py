@@ -227,3 +227,38 @@ def test_device_mismatch_reads_torchs_words():
                               "of the learner is on another")
     assert device_mismatch("maml", RuntimeError("mat1 and mat2 shapes cannot be multiplied"), None,
                            torch.device("cpu")) is None
+
+
+# -- paths, configs and run folders ------------------------------------------------------------
+
+
+def test_what_a_caller_gets_wrong_about_runs_and_configs_is_one_line(tmp_path):
+    """A run to resume that is not there is refused where the config is resolved, not replaced
+    by a new run's defaults; a folder split two ways, a learner that is not one, a one-class
+    support set and a trainer's own lock met again are named as such."""
+    from metalearn.api import build_trainer, resolve_config, train
+    from metalearn.config import TaskConfig
+    from metalearn.locking import FolderInUse
+
+    assert refusal(lambda: resolve_config(ProtoNet)) == (
+        "a method is named by its text name: give 'protonet', not the class ProtoNet")
+    assert refusal(lambda: resolve_config("maml", resume_from=tmp_path / "typo")) == (
+        f"cannot resume: {tmp_path / 'typo'} holds no run (no config.json)")
+    assert refusal(lambda: TaskConfig(dataset="folder", split_fractions="0.5,0,0.5", split_file="s.json")) == (
+        "TaskConfig.split_fractions, TaskConfig.split_file both split the classes; give one of them")
+    tasks = SinusoidTasks()
+    assert refusal(lambda: evaluate("maml", tasks, episodes=2)).startswith(
+        "evaluate's learner is a MetaLearner (e.g. metalearn.load_trained(run_dir)[1]) or an object with predict, "
+        "got str 'maml'")
+    protonet = ProtoNet(Conv4(in_channels=1, hidden=8))
+    images = torch.rand(3, 1, 28, 28)
+    assert refusal(lambda: protonet.fit_predict(images[:1], [0], images[1:])) == (
+        "support images of at least 2 classes are needed to tell classes apart, got 1 class")
+    config = resolve_config("maml", task={"dataset": "sinusoid"}, train={"steps": 1, "val_every": 0})
+    held = build_trainer(config, tmp_path / "run")  # holds the folder's lock until fitted or released
+    with pytest.raises(FolderInUse, match=r"in use by this process \(\d+\), through a lock it holds elsewhere \(a "
+                                          r"Trainer not yet fitted: call its release\(\), or build it with lock=False\)"):
+        train(config, tmp_path / "run", progress=False, announce=None)
+    held.release()
+    train(config, tmp_path / "run", progress=False, announce=None, evaluate_after=False)
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()

@@ -988,6 +988,31 @@ def test_predict_run_checks_its_outputs_and_writes_all_or_none(shapes, tmp_path,
     assert len((out / "new" / "p.csv").read_text().splitlines()) == 1 + len(result["predictions"])
 
 
+def test_paths_from_python_expand_a_tilde_as_the_shell_would(shapes, tmp_path, monkeypatch):
+    """``~/...`` given to the Python API means the home folder, as on the command line: a run
+    folder is not made as ``./~/...``; images, run folders and outputs are found there.
+    predict_run's result is plain data (json.dumps takes it), as its file is."""
+    from metalearn.api import evaluate_run, export_results, predict_run, train
+
+    home = tmp_path / "home"
+    shutil.copytree(shapes, home / "shapes")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    train(resolve_config("protonet", task={"dataset": "folder", "image_size": 16, "ways": 3},
+                         train={"steps": 1, "val_every": 0, "eval_episodes": 2}), "~/runs/r", data_dir="~/shapes",
+          progress=False, announce=None)
+    assert (home / "runs" / "r" / "checkpoint.pt").is_file() and not (tmp_path / "~").exists()
+    assert evaluate_run("~/runs/r", episodes=2, progress=False)["episodes"] == 2
+    support, query = split_support_query(home / "shapes", ["red-circle", "blue-square"], home, shots=1)
+    home_of = lambda path: "~/" + str(Path(path).relative_to(home))  # noqa: E731
+    result = predict_run("~/runs/r", home_of(support), [home_of(query)], json_out="~/p.json")
+    assert json.loads((home / "p.json").read_text()) == json.loads(json.dumps(result))
+    export_results("~/runs/r", "~/record")
+    assert (home / "record" / "summary.json").is_file() and not (tmp_path / "~").exists()
+    with pytest.raises(MetalearnError, match=r"^a run directory is a path \(a str or pathlib.Path\), got int 5$"):
+        evaluate_run(5)
+
+
 def test_a_folder_run_resumes_only_on_its_own_images_and_says_how(shapes, tmp_path, capsys, monkeypatch):
     """The checkpoint keeps a fingerprint of the folder's images: resuming on other images (a
     class less here) is refused naming both counts; the folder it trained on resumes. The

@@ -28,7 +28,7 @@ from metalearn.evaluation import EPISODE_CHUNK, evaluate
 from metalearn.options import option_defaults
 from metalearn.runs import RunDir, claim_new_run_dir, default_runs_root, new_run_name
 from metalearn.files import (WriteError, atomic_write_files, check_writable_file, obstacle, probe_writable,
-                             remove_export_temporaries, same_path)
+                             remove_export_temporaries, same_path, user_path)
 from metalearn.locking import make_folders
 from metalearn.tasks import has_validation, no_validation_reason
 from metalearn.checkpoints import (check_same_method, check_test_ways, configuration_conflict, load_trained,
@@ -63,7 +63,9 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
         if resume_from is not None:
             raise MetalearnError("--preset sets the options of a new run; a resumed run keeps the options it "
                                  "saved: leave --preset out")
-    if resume_from is not None and RunDir(resume_from).exists():
+    if resume_from is not None and not RunDir(resume_from).exists():  # as train(resume=True) refuses it
+        raise MetalearnError(f"cannot resume: {resume_from} holds no run (no config.json)")
+    if resume_from is not None:
         saved = RunDir(resume_from).read_config()
         check_same_method(saved, method, resume_from)  # before its options meet another method's
         steps = train.get("steps")
@@ -296,7 +298,7 @@ def check_options_apply(method: str, given_method: dict[str, Any], method_config
 
 def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path | str | None = None,
           resume: bool = False, progress: bool = True, evaluate_after: bool = True,
-          announce: Callable[[str], None] = print, device: str = "cpu",
+          announce: Callable[[str], None] | None = print, device: str = "cpu",
           exact_gpu_kernels: bool = True, time_limit_s: float | None = None,
           stop_at: int | None = None) -> tuple[Path, dict[str, Any] | None]:
     """Meta-train ``config`` into ``run_dir`` (joins a torchrun group when launched by one) on
@@ -322,6 +324,7 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
     if stop_at is not None:
         check_stop_at(stop_at, 0, config.train.steps)  # the run's own step is checked when it is loaded
     world = init_world(device, exact_gpu_kernels=exact_gpu_kernels)
+    run_dir = None if run_dir is None else user_path(run_dir, "run_dir")  # "~/runs/x" as a shell expands it
     if run_dir is None:
         if resume:
             raise MetalearnError("--resume needs --run-dir, the run to continue")
@@ -350,7 +353,8 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
         tested = " and tested" if evaluate_after else ""
         untrained = (f" (--steps 0: no training; the initial weights are saved{tested})"
                      if not config.train.steps else "")
-        announce(f"{start}: {config.method} on {config.task.dataset}, run directory {run_dir}{untrained}")
+        if announce is not None:
+            announce(f"{start}: {config.method} on {config.task.dataset}, run directory {run_dir}{untrained}")
     try:  # the loop turns Ctrl-C into TrainingStopped; before it (the first save) and after (the last) it is raw
         trainer.fit(progress=progress, time_limit_s=None if time_limit_s is None else time_limit_s - (now() - started),
                     stop_at=stop_at, keep_lock=evaluate_after)
@@ -433,6 +437,12 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     ("" for none). The file is checked before the evaluation, which can take long: refused in
     one line where it cannot be written (a read-only run folder, a folder in its place) or
     where it holds the evaluation of a later checkpoint, which this one would not replace.
+
+    Returns what the file holds: :func:`metalearn.evaluation.evaluate`'s result (``metric``,
+    ``mean`` (accuracy in percent, MSE, or return), ``ci95``, ``per_step``, ``scores``, ...)
+    with what was scored: ``part``, ``step``, ``method``, ``dataset``, ``ways``, ``shots``,
+    ``query`` (``ways`` 0 for regression), ``overrides``, and ``seed`` and ``episode_seed``
+    (:func:`recorded_seeds`); a protocol's result has that protocol's scores instead.
     """
     from metalearn.config import MAX_SEED
     from metalearn.evaluation import check_count
@@ -761,7 +771,7 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
     from metalearn.tasks import build_task_source, check_data_dir
 
     run = RunDir(run_dir)
-    plots = run.plots_dir if out_dir is None else Path(out_dir)
+    plots = run.plots_dir if out_dir is None else user_path(out_dir, "out_dir")
     config = run.read_config()
     check_data_dir(config.task, data_dir)  # before any figure is written
     records = run.read_metrics()
@@ -860,7 +870,9 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
     if reusable(saved, settings=settings):
         curves["random"] = saved
     else:
-        torch.manual_seed(config.train.seed)  # the weights the run started from (as build_trainer draws them)
+        # random weights drawn from the run's seed as build_trainer draws them: the weights the run
+        # started from, but for a run begun with --init-from, which started from another run's
+        torch.manual_seed(config.train.seed)
         initial = build_learner(config.method, config.method_config, problem_of(config.task))
         curves["random"] = {"weights": "initial", "settings": settings,
                             **evaluate(initial, source, episodes, seed=TEST_SEED_OFFSET),
@@ -977,7 +989,8 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
 
     run = RunDir(run_dir)
     config = run.read_config()
-    out, own = Path(out_dir).resolve(), run.path.resolve()
+    out_dir = user_path(out_dir, "out_dir")
+    out, own = out_dir.resolve(), run.path.resolve()
     # the record's summary.json and plots would lie among the run's own files: its top level
     # (config.json, checkpoint.pt) or best/, whose files the run keeps and deletes itself
     if out == own or out.is_relative_to(run.best_dir.resolve()):
@@ -1238,8 +1251,7 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
     result (per query: ``label``, ``probability``, for PLATIPUS the ``spread`` over sampled
     models); writes it as JSON to ``json_out``, as CSV to ``csv_out`` and a contact sheet
     PNG to ``sheet`` when given. The returned dict also holds ``run``, ``method`` and ``step``
-    (the checkpoint's), and ``_images`` (the prepared support and query tensors, for the contact
-    sheet; keys starting with ``_`` are left out of the files). ``device``: where the
+    (the checkpoint's); it is plain JSON data, as the ``json_out`` file holds it. ``device``: where the
     predictions are computed (cpu, cuda, cuda:N or auto); ``num_samples``: models sampled per
     query (PLATIPUS; default the run's ``num_samples``).
 
@@ -1254,7 +1266,8 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
     from metalearn.prediction import as_csv, as_json, check_outputs, contact_sheet, predict_new_classes, write_together
     from metalearn.uncertainty import check_samples_apply
 
-    named = [(option, path if isinstance(path, str) else Path(path))  # a str as given: "out/" names a folder
+    named = [(option, os.path.expanduser(path) if isinstance(path, str) else Path(path).expanduser())  # a str
+             # as given: "out/" names a folder
              for option, path in (("--json", json_out), ("--csv", csv_out), ("--sheet", sheet)) if path is not None]
     check_outputs(named)  # here, not only in the CLI: the Python API gets the same refusals
     config, learner, step = load_trained(run_dir)
@@ -1276,14 +1289,16 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
     result = predict_new_classes(learner, support, queries, config.task.image_size, config.task.channels,
                                  num_samples, queries_per_task=per_task)
     result.update({"run": str(run_dir), "method": config.method, "step": step})
-    outputs = []
+    outputs, target = [], dict(named)  # ~ expanded
     if json_out is not None:
-        outputs.append((Path(json_out), as_json(result)))
+        outputs.append((Path(target["--json"]), as_json(result)))
     if csv_out is not None:
-        outputs.append((Path(csv_out), as_csv(result)))
+        outputs.append((Path(target["--csv"]), as_csv(result)))
     if sheet is not None:
-        outputs.append((Path(sheet), contact_sheet(result, f"{config.method} ({Path(run_dir).name}, step {step})")))
+        title = f"{config.method} ({Path(run_dir).name}, step {step})"
+        outputs.append((Path(target["--sheet"]), contact_sheet(result, title)))
     write_together(outputs)
+    del result["_images"]  # the prepared tensors, for the contact sheet alone
     return result
 
 

@@ -56,6 +56,8 @@ class TaskConfig:
 
     def __post_init__(self):
         get_dataset(self.dataset)  # a known name
+        if self.split_fractions and self.split_file:  # two splits of one folder: which one is meant?
+            raise ConfigError("TaskConfig", ("split_fractions", "split_file"), "both split the classes; give one of them")
         if self.split_file:  # as an absolute path: a resume, eval or plot from another folder finds it
             object.__setattr__(self, "split_file", str(Path(self.split_file).expanduser().absolute()))
         # checked here, before any network is built for the shape (its head has `ways` outputs)

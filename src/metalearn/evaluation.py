@@ -134,6 +134,9 @@ def evaluate(
     far-off episodes adds ``outliers``, ``outlier_max``, ``mean_without_outliers`` and ``median``
     (see :func:`outliers`).
     """
+    if not any(hasattr(learner, name) for name in ("episode_scores", "predict", "predict_per_step")):
+        raise MetalearnError(f"evaluate's learner is a MetaLearner (e.g. metalearn.load_trained(run_dir)[1]) or an "
+                             f"object with predict, got {type(learner).__name__} {learner!r:.80}")
     require_task_source(source, "evaluate's source")
     check_count(episodes, "episodes")
     check_count(chunk, "chunk")

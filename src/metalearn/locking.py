@@ -153,6 +153,9 @@ def describe_holder(lock_path: Path) -> str:
     except (ValueError, KeyError, TypeError):
         return "another process (it has not written its name yet)"
     where = "this machine" if host == socket.gethostname() else f"host {host}"
+    if host == socket.gethostname() and pid == os.getpid():  # a lock of one's own, taken by another object
+        return (f"this process ({pid}), through a lock it holds elsewhere (a Trainer not yet fitted: call its "
+                "release(), or build it with lock=False)")
     ended = ", which has ended (a process it started still holds the lock)" if (
         host == socket.gethostname() and not process_running(pid)) else ""
     doing = f" ({note.get('command')})" if note.get("command") else ""

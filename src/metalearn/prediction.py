@@ -20,7 +20,7 @@ from metalearn.algorithms.base import evaluating
 from metalearn.data.folder import image_files, no_images_note, warn_of_skipped_files
 from metalearn.data.images import is_image_file
 from metalearn.errors import MetalearnError, MetalearnWarning
-from metalearn.files import WriteError, atomic_write_files, check_writable_file, same_path
+from metalearn.files import WriteError, atomic_write_files, check_writable_file, same_path, user_path
 from metalearn.locking import make_folders
 from metalearn.models.norm import BatchStatNorm
 
@@ -31,7 +31,7 @@ def read_support(folder: Path | str) -> tuple[list[str], list[list[Path]]]:
     """(class names, image files of each class) of a folder with one sub-folder per class;
     hidden entries (a name starting with ".", at any depth) are skipped."""
     _refuse_empty("--support", folder)
-    folder = Path(folder)
+    folder = user_path(folder, "support")
     if not folder.is_dir():
         raise MetalearnError(f"--support {folder} {_what_it_is(folder)}; give a folder with one sub-folder per class")
     names, files, skipped = [], [], []
@@ -86,7 +86,7 @@ def read_query(paths: list[Path | str]) -> list[Path]:
     files: list[Path] = []
     for given in paths:
         _refuse_empty("--query", given)
-        path = Path(given)
+        path = user_path(given, "query")
         if path.is_dir():
             skipped: list[Path] = []
             found = image_files(path, skipped=skipped)

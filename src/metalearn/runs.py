@@ -32,7 +32,7 @@ import torch
 from metalearn.config import RunConfig
 from metalearn.data.splits import RUN_SPLIT_NAME
 from metalearn.errors import MetalearnError
-from metalearn.files import (WriteError, append_line, atomic_write, atomic_write_bytes,  # noqa: F401
+from metalearn.files import (WriteError, append_line, atomic_write, atomic_write_bytes, user_path,  # noqa: F401
                              fsync_directory, obstacle, probe_writable, remove_temporaries)
 from metalearn.locking import FolderInUse, FolderLock
 
@@ -146,7 +146,7 @@ class RunDir:
     the process holding :meth:`lock` writes the run's files; reading needs no lock."""
 
     def __init__(self, path: Path | str):
-        self.path = Path(path)
+        self.path = user_path(path, "a run directory")
         """The run folder."""
 
     config_path = property(lambda self: self.path / "config.json")

@@ -26,7 +26,7 @@ from metalearn.config import RunConfig
 from metalearn.distributed import RankLost, World, environment_count
 from metalearn.errors import TIME_LIMIT_EXIT, ConfigError, MetalearnError, TrainingStopped, kind_of
 from metalearn.evaluation import HIGHER_IS_BETTER, evaluate
-from metalearn.files import same_path
+from metalearn.files import same_path, user_path
 from metalearn.memory_budget import (available_memory, chunk_candidates, chunk_sizes, fastest_chunk, largest_chunk,
                                      peak_memory_of, seconds_of)
 from metalearn.runs import RunDir, lock_for_training
@@ -813,6 +813,8 @@ def build_trainer(config: RunConfig, run_dir: Path | str | None = None, data_dir
     writer is refused at once, and the trainer holds it until its :meth:`Trainer.fit` returns.
     Nothing else is written until ``fit``: ``train --print-config`` builds a trainer without the
     lock (``run_dir`` may then be None) and drops it, so a dry run refuses what training would."""
+    run_dir = None if run_dir is None else user_path(run_dir, "run_dir")  # "~/runs/x" as a shell expands it
+    data_dir = None if data_dir is None else user_path(data_dir, "data_dir")
     if resume and run_dir is None:
         raise MetalearnError("--resume needs --run-dir, the run to continue")
     if run_dir is not None and Path(run_dir).exists() and not Path(run_dir).is_dir():

@@ -137,7 +137,10 @@ def methods_that(ability: str) -> str:
 
 
 def method_class(name: str) -> type[MetaLearner]:
-    if name not in METHODS:
+    """The registered method called ``name`` (its ``name`` attribute, e.g. "protonet")."""
+    if isinstance(name, type) and isinstance(getattr(name, "name", None), str):  # ProtoNet for "protonet"
+        raise MetalearnError(f"a method is named by its text name: give {name.name!r}, not the class {name.__name__}")
+    if not isinstance(name, str) or name not in METHODS:
         raise MetalearnError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
     return METHODS[name]
 

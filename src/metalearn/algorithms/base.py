@@ -280,6 +280,8 @@ class MetaLearner(nn.Module):
         if labels.numel() == 0 or int(labels.min()) < 0 or set(labels.tolist()) != set(range(ways)):
             raise MetalearnError(f"support labels must be class ids 0..ways-1 with every class present, got "
                                  f"{sorted(set(labels.tolist()))}")
+        if ways < 2:  # one class: every query is "classified" into it with certainty
+            raise MetalearnError("support images of at least 2 classes are needed to tell classes apart, got 1 class")
         if self.fixed_ways and self.problem is not None and ways != self.problem.output_dim:
             raise MetalearnError(self.trained_ways_refusal(ways))
         device = device_of(self)

@@ -1009,6 +1009,8 @@ def test_learning_curves_leave_rare_spikes_off_the_axis_and_say_so():
     low, high, outside = axis_limits(steady[:25] + [-13830.0] + steady[25:])
     assert outside == 1 and -210 < low < -200 and -194 < high < -185
     assert axis_limits([1.0, 1e6] * 5) is None  # too few points to tell a spike from the curve
+    low, high, outside = axis_limits([1.0] * 40 + [0.2])  # one value but a spike: an axis of some height
+    assert outside == 1 and low == pytest.approx(0.95) and high == pytest.approx(1.05)
 
 
 def test_a_run_on_a_task_source_of_your_own_is_not_evaluated_on_a_built_in_one(tmp_path):

@@ -63,7 +63,9 @@ def axis_limits(values: list[float], spread: float = 5.0) -> tuple[float, float,
     low, high = (float(q) for q in torch.quantile(finite, torch.tensor([0.05, 0.95], dtype=torch.float64)))
     if float(finite.max() - finite.min()) <= spread * max(high - low, 1e-12):
         return None
-    pad = 0.5 * (high - low)
+    # half the range; where most points are one value (an accuracy at 100% but for a few steps), a
+    # little room about it, since matplotlib warns of an axis of no height
+    pad = 0.5 * (high - low) if high > low else 0.05 * max(abs(high), 1e-3)
     low, high = low - pad, high + pad
     return low, high, int(((finite < low) | (finite > high)).sum())
 

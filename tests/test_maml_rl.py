@@ -119,6 +119,13 @@ def test_linear_baseline_is_the_ridge_least_squares_fit_of_each_task():
         stacked_y = torch.cat([y, torch.zeros(x.shape[1], dtype=x.dtype)])
         w = torch.linalg.lstsq(stacked_x, stacked_y.unsqueeze(-1)).solution.squeeze(-1)
         torch.testing.assert_close(fitted[t], features[t] @ w, rtol=1e-7, atol=1e-9)
+    # a task whose fit fails (a NaN observation) raises its own regulariser, not its neighbours'
+    broken = observations.clone()
+    broken[0, 1, 2, 0] = float("nan")
+    with_broken = fit_linear_baseline(broken, mask, targets)
+    assert with_broken[0].isnan().any()
+    torch.testing.assert_close(with_broken[1:], fit_linear_baseline(observations[1:], mask[1:], targets[1:]),
+                               rtol=1e-12, atol=1e-12)
     # features: obs, obs^2, t/100, (t/100)^2, (t/100)^3, 1
     assert features[0, 0, 3].tolist() == pytest.approx(
         [*observations[0, 0, 3].tolist(), *(observations[0, 0, 3] ** 2).tolist(), 0.03, 0.0009, 0.000027, 1.0])

@@ -74,7 +74,7 @@ class MAMLRLConfig:
     trajectories: int = option(20, "trajectories per task for each policy-gradient step and for the meta-objective "
                                    "(the paper's K)", training_only=True, memory="fewer")
     test_trajectories: int = option(40, "trajectories per task for each step at evaluation (the authors' "
-                                        "evaluation: 40)")
+                                        "evaluation: 40 for nav2d, 20 for the half-cheetahs)")
     horizon: int = option(0, "steps per trajectory (0: the environment's, 100 for nav2d, 200 for half-cheetah)",
                           memory="a shorter")
     discount: float = option(0.99, "discount of the returns the baseline and the advantages use")
@@ -159,7 +159,8 @@ def fit_linear_baseline(observations: Tensor, mask: Tensor, targets: Tensor, reg
     """Fit the linear feature baseline of each task to ``targets`` (the discounted returns) by
     ridge regression over that task's steps (masked ones excluded), as rllab's
     ``LinearFeatureBaseline.fit`` (its regulariser raised tenfold, up to five times, while the
-    solution is not finite), and return its predictions at every step.
+    solution is not finite: each task's own, so that a task's baseline depends on its steps
+    alone, as a fit per task in rllab), and return its predictions at every step.
 
     observations: (tasks, trajectories, H, d); mask, targets: (tasks, trajectories, H).
     Solved in float64; returns (tasks, trajectories, H) in ``targets``' dtype."""
@@ -169,10 +170,12 @@ def fit_linear_baseline(observations: Tensor, mask: Tensor, targets: Tensor, reg
     y = (targets.double() * mask.double()).flatten(1, 2)       # (tasks, N*H)
     gram, moment = x.transpose(1, 2) @ x, (x.transpose(1, 2) @ y.unsqueeze(-1))
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    for attempt in range(5):
-        coefficients = torch.linalg.solve(gram + reg * 10 ** attempt * eye, moment)
-        if torch.isfinite(coefficients).all():
+    coefficients = torch.linalg.solve(gram + reg * eye, moment)  # (tasks, F, 1)
+    for attempt in range(1, 5):
+        failed = ~torch.isfinite(coefficients).all(dim=(1, 2))
+        if not failed.any():
             break
+        coefficients[failed] = torch.linalg.solve(gram[failed] + reg * 10 ** attempt * eye, moment[failed])
     return (features @ coefficients.unsqueeze(1)).squeeze(-1).to(targets.dtype)
 
 

@@ -13,8 +13,12 @@ to [-1, 1]:
 Horizon 200, no termination. What differs from the paper's rllab model: gymnasium's
 half-cheetah (its MuJoCo model file and version, its 17 observations: joint positions without
 the x coordinate, and velocities; rllab's added the torso's centre of mass), v is the root's
-x velocity (rllab's: the torso's centre-of-mass velocity), and gymnasium's reset noise. Returns
-are therefore comparable in kind, not to the decimal.
+x velocity (rllab's: the torso's centre-of-mass velocity), gymnasium's reset noise (uniform in
++-0.1 on the positions; rllab's: normal, standard deviation 0.01), and the control period: gymnasium
+holds each action for 5 MuJoCo steps of 0.01 s (``frame_skip`` 5, 0.05 s), where rllab's model file
+sets no frame skip, so that its policy acted every 0.01 s; the 200 steps of an episode are 10 s of
+simulated time here, 2 s in the paper. Returns are therefore comparable in kind, not to the
+decimal.
 
 The simulators are stepped by a Python loop over the meta-batch's tasks x trajectories
 (``tasks * trajectories`` environments kept between calls), split among torch's threads

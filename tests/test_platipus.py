@@ -666,10 +666,18 @@ def test_compare_scores_a_chunk_too_large_for_the_memory_in_parts(tmp_path, monk
     real = metalearn.uncertainty.uncertainty_scores
     monkeypatch.setattr(metalearn.uncertainty, "uncertainty_scores",
                         lambda learner, batch, *a: (calls.append(batch.num_tasks), real(learner, batch, *a))[1])
-    monkeypatch.setattr(metalearn.uncertainty, "EVAL_MEMORY_BUDGET", 1.0)
+    measure, budgets = metalearn.uncertainty.tasks_per_call, []
+
+    def within(share):  # each run's own --memory-budget (the default 0.8) is what compare is given
+        def measured(score, batch, device, budget):
+            budgets.append(budget)
+            return measure(score, batch, device, share)
+        return measured
+    monkeypatch.setattr(metalearn.uncertainty, "tasks_per_call", within(1.0))
     again = compare_runs(platipus_dir, maml_dir, **small)
+    assert budgets == [0.8, 0.8]
     assert calls == [1, 5, 1, 5] and again["platipus"] == fits["platipus"] and again["maml"] == fits["maml"]
-    monkeypatch.setattr(metalearn.uncertainty, "EVAL_MEMORY_BUDGET", 1e-12)  # room for one episode per call
+    monkeypatch.setattr(metalearn.uncertainty, "tasks_per_call", within(1e-12))  # room for one episode per call
     calls.clear()
     parts = compare_runs(platipus_dir, maml_dir, **small)
     assert calls == [1, 1, 1, 1, 1, 1] * 2

@@ -204,8 +204,9 @@ def ensemble_checkpoints(run_dir: Path | str, config: RunConfig) -> list[Path]:
 def check_train_options(given: dict[str, Any], train: TrainConfig, method_options: Any = None,
                         warn: bool = True) -> None:
     """Refuse training options the user gave that the resolved ``train`` would store and never
-    use (checkpoints kept by a validation that never runs), and warn of a schedule that stalls or that ``--steps`` end before (:func:`warn_of_schedule`;
-    ``method_options``: the method's resolved Config, whose schedule steps are checked too)."""
+    use (checkpoints kept by a validation that never runs), and warn of a schedule that stalls
+    or that ``--steps`` end before (:func:`warn_of_schedule`; ``method_options``: the method's
+    resolved Config, whose schedule steps are checked too)."""
     if train.val_every == 0 and given.get("keep_best"):  # no validation: no score to keep checkpoints by
         raise ConfigError("TrainConfig", "keep_best", "applies only with validation (`val_every` above 0); "
                                                       "without it `metalearn eval --ensemble` would find none")
@@ -1251,7 +1252,7 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
     result (per query: ``label``, ``probability``, for PLATIPUS the ``spread`` over sampled
     models); writes it as JSON to ``json_out``, as CSV to ``csv_out`` and a contact sheet
     PNG to ``sheet`` when given. The returned dict also holds ``run``, ``method`` and ``step``
-    (the checkpoint's); it is plain JSON data, as the ``json_out`` file holds it. ``device``: where the
+    (the checkpoint's): plain data, as the ``json_out`` file holds it. ``device``: where the
     predictions are computed (cpu, cuda, cuda:N or auto); ``num_samples``: models sampled per
     query (PLATIPUS; default the run's ``num_samples``).
 
@@ -1266,8 +1267,8 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
     from metalearn.prediction import as_csv, as_json, check_outputs, contact_sheet, predict_new_classes, write_together
     from metalearn.uncertainty import check_samples_apply
 
-    named = [(option, os.path.expanduser(path) if isinstance(path, str) else Path(path).expanduser())  # a str
-             # as given: "out/" names a folder
+    # ~ expanded; a str kept as a str, since "out/" names a folder
+    named = [(option, os.path.expanduser(path) if isinstance(path, str) else Path(path).expanduser())
              for option, path in (("--json", json_out), ("--csv", csv_out), ("--sheet", sheet)) if path is not None]
     check_outputs(named)  # here, not only in the CLI: the Python API gets the same refusals
     config, learner, step = load_trained(run_dir)
@@ -1289,7 +1290,7 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
     result = predict_new_classes(learner, support, queries, config.task.image_size, config.task.channels,
                                  num_samples, queries_per_task=per_task)
     result.update({"run": str(run_dir), "method": config.method, "step": step})
-    outputs, target = [], dict(named)  # ~ expanded
+    outputs, target = [], dict(named)
     if json_out is not None:
         outputs.append((Path(target["--json"]), as_json(result)))
     if csv_out is not None:

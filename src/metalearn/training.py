@@ -218,13 +218,34 @@ def check_augmentation(config: RunConfig, train_tasks: TaskSource, val_tasks: Ta
                              "images as they are; build them without augment")
 
 
+def untrained_attempt(run: RunDir) -> bool:
+    """Whether ``run`` holds only what a training attempt writes before its first step
+    (config.json, the step-0 checkpoint, split.json) from an attempt that failed or was killed in
+    that step: a new run may start there, as in a folder whose run never started, since nothing
+    trained is lost. A run of ``steps`` 0 (the initial weights are the whole run), a damaged
+    checkpoint, and a folder with anything else in it (metrics, best/, eval or plot files) are
+    not such an attempt."""
+    if not (run.exists() and run.has_checkpoint()) or run.metrics_path.exists():
+        return False
+    attempt_files = {run.config_path.name, run.checkpoint_path.name, run.split_path.name, run.lock_path.name}
+    if any(entry.name not in attempt_files for entry in run.path.iterdir()):
+        return False
+    try:
+        state = run.read_checkpoint("step", "config")
+        return state["step"] == 0 and saved_config(state, run.checkpoint_path).train.steps > 0
+    except MetalearnError:  # damaged: check_run_dir names it as it would any run
+        return False
+
+
 class Trainer:
     """Trains ``learner`` on ``train_tasks`` as ``config.train`` says, writing into ``run_dir``.
 
     ``run_dir`` must not hold a run already, unless ``resume`` says that the run there is to be
-    continued (then :meth:`restore` its checkpoint before :meth:`fit`). Nothing is written
-    before :meth:`fit`: a Trainer that is built and dropped (``train --print-config``) leaves
-    the folder as it was.
+    continued (then :meth:`restore` its checkpoint before :meth:`fit`); an attempt that failed
+    in its first step (:func:`untrained_attempt`) is no run to keep, and a new one starts over
+    it. Nothing is written before :meth:`fit`: a Trainer that is built and dropped (``train
+    --print-config``) leaves the folder as it was. A :meth:`fit` that fails may be called again:
+    it goes on from the run's last checkpoint.
 
     The run records ``learner``'s method options where they differ from ``config``'s
     (:func:`with_learner_options`): a learner built in Python is what trained."""
@@ -234,7 +255,8 @@ class Trainer:
                  resume: bool = False, lock=None):
         run_dir = run_dir if isinstance(run_dir, RunDir) or run_dir is None else RunDir(run_dir)
         # rank 0 alone looks: it writes config.json only after this, other ranks may come later
-        if not resume and world.is_main and run_dir is not None and run_dir.holds_run():
+        if not resume and world.is_main and run_dir is not None and run_dir.holds_run() \
+                and not untrained_attempt(run_dir):
             raise MetalearnError(f"{run_dir.path} already holds a run; continue it (--resume, or Trainer(..., "
                                  "resume=True) and restore) or choose another folder")
         if not isinstance(config, RunConfig):
@@ -284,6 +306,12 @@ class Trainer:
         self.validation_pending = False  # this step's validation was left for the resume (a signal)
         self.config_written = False  # by the first save: the config this Trainer continues with
         self.lock = lock  # the hold on the run folder (build_trainer's, or fit takes one; see lock_for_training)
+        # whether the state in memory is one this trainer saved or restored (a failed fit goes back to it)
+        self.saved = False
+        # a fit failed, perhaps within a step (weights updated, step not counted, metrics logged): the
+        # next fit goes back to the last checkpoint first (_recover)
+        self.failed = False
+        self.folder_lost = False  # the run folder was replaced while this trainer trained it
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -318,6 +346,7 @@ class Trainer:
             self._write_config()
             self.run_dir.write_checkpoint(self.state())
         self.world.barrier()
+        self.saved = True
 
     def check_folder_is_ours(self) -> None:
         """Before writing: a run folder deleted, moved or replaced while this process trained it (its
@@ -325,6 +354,7 @@ class Trainer:
         this run's metrics and checkpoint into whatever folder now has that name, perhaps a new
         run's. Stop instead, writing nothing."""
         if self.lock is not None and not self.lock.still_ours():
+            self.folder_lost = True  # no retry of this trainer writes there either (_recover)
             raise MetalearnError(f"the run folder {self.run_dir.path} was deleted, moved or replaced while this "
                                  f"process trained it (at step {self.step}); stopping without writing into it, "
                                  "since another run may be using that name now")
@@ -452,6 +482,29 @@ class Trainer:
         self.elapsed_s = float(state.get("elapsed_s", 0.0))
         self.machines = [dict(record) for record in state.get("machines", [])]  # none in older runs
         self.validation_pending = bool(state.get("validation_pending", False))
+        self.saved = True
+
+    def _recover(self) -> None:
+        """Before a fit that follows a failed one (an error or memory error in a step, a second
+        Ctrl-C, a full disk): the learner, optimiser and schedule may hold part of a step that
+        no checkpoint holds, and the metrics a step that is not counted. Go back to the run's
+        last checkpoint as a resume does (its metrics and best checkpoints cut back to its step),
+        so that the retry trains exactly what an uninterrupted run would. A failure before this
+        trainer's first checkpoint changed nothing in memory: nothing to go back to. A trainer
+        whose folder was replaced meanwhile does not write there again."""
+        if not self.failed:
+            return
+        if self.folder_lost:
+            raise MetalearnError(f"this Trainer's run folder {self.run_dir.path} was deleted, moved or replaced while "
+                                 "it trained; it cannot go on there: build a new trainer (resume=True continues the "
+                                 "run that is there now) or choose another folder")
+        if self.saved:
+            if not self.run_dir.has_checkpoint():
+                raise MetalearnError(f"the checkpoint of this Trainer's run in {self.run_dir.path} is gone, so its "
+                                     "failed fit cannot go back to it: start a new run in another folder")
+            self.restore(self.run_dir.read_checkpoint(*RESUME_ENTRIES))
+            self.resume = True  # _begin cuts the metrics and best checkpoints back to the checkpoint's step
+        self.failed = False
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -473,7 +526,9 @@ class Trainer:
         during a step after which the run validates stops it before the validation, which the
         resumed run then does first (the same scores). ``keep_lock``: a training that returns
         keeps the run folder's lock for the caller's final test (``metalearn status`` then says
-        the run is being tested), who lets go with :meth:`release`; a stop or an error lets go."""
+        the run is being tested), who lets go with :meth:`release`; a stop or an error lets go.
+        A fit that failed (an error or memory error in a step, a second Ctrl-C) may be called
+        again once the cause is fixed: it goes on from the run's last checkpoint (:meth:`_recover`)."""
         deadline = None if time_limit_s is None else now() + time_limit_s
         if self.run_dir is None:
             raise MetalearnError("this Trainer has no run folder to write into; build it with a run_dir")
@@ -481,17 +536,18 @@ class Trainer:
         if self.lock is None:  # one writer per folder, until fit returns (the same test on every rank)
             self.lock = lock_for_training(self.run_dir, self.world)
         bar = None
-        if progress and self.world.is_main:
-            from tqdm import tqdm
-
-            bar = tqdm(total=train.steps, initial=self.step, desc=f"{self.config.method}", unit="step")
-        parameters = list(self.learner.parameters())
-        if train.task_chunk == "auto":
-            self.task_chunk = None  # measured again at the first step: a resume may run on another machine
-        share = self.world.share(train.meta_batch_size)
-        local_fraction = (share.stop - share.start) / train.meta_batch_size
         trained = False  # returned normally: the lock may be kept for the caller's test
-        try:
+        try:  # from here on, whatever fails lets go of the folder and leaves the trainer to retry
+            self._recover()
+            if progress and self.world.is_main:
+                from tqdm import tqdm
+
+                bar = tqdm(total=train.steps, initial=self.step, desc=f"{self.config.method}", unit="step")
+            parameters = list(self.learner.parameters())
+            if train.task_chunk == "auto":
+                self.task_chunk = None  # measured again at the first step: a resume may run on another machine
+            share = self.world.share(train.meta_batch_size)
+            local_fraction = (share.stop - share.start) / train.meta_batch_size
             if stop_at is not None:
                 check_stop_at(stop_at, self.step, train.steps)
                 if stop_at == self.step:  # paused there already: the same command again does nothing
@@ -512,17 +568,29 @@ class Trainer:
             if self.step != first:  # a complete run resumed trains nothing: its checkpoint stays as it is
                 self.save()
             trained = True
+        except TrainingStopped:  # raised after its checkpoint was saved, or before anything changed
+            raise
         except RankLost as err:
+            self._failed()
             raise MetalearnError(
                 f"rank {self.world.rank} lost contact with the other ranks at step {self.step + 1} "
                 f"({err}); another process probably died. The last "
                 f"checkpoint in {self.run_dir.path} is kept: resume with --resume."
             ) from None
+        except BaseException:
+            self._failed()
+            raise
         finally:
             if bar is not None:
                 bar.close()
             if not (trained and keep_lock):  # a stop or an error lets go at once
                 self.release()
+
+    def _failed(self) -> None:
+        """Note a failed fit (the next one goes back to the last checkpoint, :meth:`_recover`)
+        and drop the gradients, which a retry after a memory error would otherwise find held."""
+        self.failed = True
+        self.optimizer.zero_grad(set_to_none=True)
 
     def release(self) -> None:
         """Let go of the run folder (its one-writer lock), as :meth:`fit` does when it returns:
@@ -804,10 +872,12 @@ def build_trainer(config: RunConfig, run_dir: Path | str | None = None, data_dir
                   lock: bool = True, tested: bool = True) -> Trainer:
     """A trainer for ``config`` writing into ``run_dir``; with ``resume``, the run found there
     continues (its configuration must agree with ``config``; a run that never reached its first
-    checkpoint starts again). Every check a run makes before its first step is made here: the
-    run folder, the test shape against the method, the data (every part of the split holds its
-    episodes), the network, ``--init-from``. ``tested`` False (``train --no-eval``): the test
-    part is not built, so a folder whose classes all train (``--split-fractions 1,0,0``) trains.
+    checkpoint starts again); without, a folder that holds only an attempt that failed in its
+    first step (:func:`untrained_attempt`) is started over. Every check a run makes before its
+    first step is made here: the run folder, the test shape against the method, the data (every
+    part of the split holds its episodes), the network, ``--init-from``. ``tested`` False
+    (``train --no-eval``): the test part is not built, so a folder whose classes all train
+    (``--split-fractions 1,0,0``) trains.
 
     With ``lock`` (the default), rank 0 takes the run folder's lock first, so that a second
     writer is refused at once, and the trainer holds it until its :meth:`Trainer.fit` returns.
@@ -834,7 +904,8 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
                    world: World, progress: bool, lock, tested: bool = True) -> Trainer:
     run = RunDir(run_dir) if run_dir is not None else None
     if run is not None:
-        check_run_dir(config, run, resume)
+        if resume or not untrained_attempt(run):  # such an attempt is started over, like one never started
+            check_run_dir(config, run, resume)
         resume = resume and run.has_checkpoint()  # a run that never started starts now
     # a resume reads the images the run trained on: its checkpoint records the folder
     recorded = recorded_images(run) if resume else None  # kept only where --data-dir names another folder

@@ -939,3 +939,17 @@ def test_an_empty_query_set_predicts_nothing_without_failing(method):
     support_x, support_y = torch.rand(2, 5, 1, 28, 28), torch.arange(5).repeat(2, 1)
     batch = TaskBatch(support_x, support_y, support_x[:, :0], support_y[:, :0], ways=5)
     assert learner.predict(batch).shape == (2, 0, 5)
+
+
+def test_first_order_without_inner_steps_is_refused_by_the_inner_step_count(capsys):
+    """Supervised MAML has no step-free variant: ``inner_steps`` 0 is refused on its own, with
+    ``first_order`` or without, so the combination never passes silently."""
+    from cli_runner import run
+    from metalearn.errors import ConfigError
+
+    for first_order in (False, True):
+        with pytest.raises(ConfigError, match=r"^MAML.Config.inner_steps must be at least 1, got 0$"):
+            MAML.Config(inner_steps=0, first_order=first_order)
+    code, out, err = run(["train", "maml", "--dataset", "sinusoid", "--inner-steps", 0, "--first-order",
+                          "--steps", 1, "--print-config"], capsys)
+    assert (code, out, err) == (2, "", "error: --inner-steps must be at least 1, got 0\n")

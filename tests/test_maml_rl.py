@@ -551,6 +551,28 @@ def test_unknown_environment_is_one_line(capsys):
     assert err.strip().count("\n") == 0 and "nav2d" in err and "moon-lander" in err
 
 
+def test_first_order_without_inner_steps_is_refused_naming_both_options(tmp_path, capsys):
+    """First order drops the second derivatives of the inner steps: with none (``inner_steps``
+    0, one policy trained on all tasks) it would silently change nothing."""
+    from metalearn.api import resolve_config
+    from metalearn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^MAMLRL.Config.first_order drops the second derivatives of the inner "
+                                          r"steps: it needs MAMLRL.Config.inner_steps of at least 1, got 0") as caught:
+        MAMLRLConfig(inner_steps=0, first_order=True)
+    assert caught.value.field == "first_order"
+    with pytest.raises(ConfigError, match="first_order .*inner_steps"):
+        resolve_config("maml-rl", {"dataset": "nav2d"}, {"inner_steps": 0, "first_order": True})
+    MAMLRLConfig(inner_steps=0)  # the pretrained baseline
+    MAMLRLConfig(inner_steps=1, first_order=True)
+    code, out, err = run(["train", "maml-rl", "--inner-steps", 0, "--first-order", "--steps", 1,
+                          "--run-dir", tmp_path / "run", "--no-eval", *FAST], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith("error: --first-order drops the second derivatives of the inner steps: it needs "
+                          "--inner-steps of at least 1, got 0"), err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
 def test_supervised_method_on_an_environment_and_back_are_refused(capsys):
     code, _, err = run(["train", "maml", "--env", "nav2d", "--print-config"], capsys)
     assert code != 0 and "maml-rl" in err and err.strip().count("\n") == 0

@@ -103,6 +103,10 @@ class MAMLRLConfig:
                 raise ConfigError(owner, name, f"must be at least {least}, got {getattr(self, name)}")
         if self.outer not in ("trpo", "gradient"):
             raise ConfigError(owner, "outer", f"must be trpo or gradient, got {self.outer!r}")
+        if self.first_order and self.inner_steps == 0:  # accepted silently, it would change nothing
+            raise ConfigError(owner, "first_order", "drops the second derivatives of the inner steps: it needs "
+                                                    "`inner_steps` of at least 1, got 0 (no inner step: one policy "
+                                                    "trained on all tasks)")
 
 
 class GaussianMLPPolicy(nn.Module):

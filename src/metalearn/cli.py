@@ -156,24 +156,27 @@ FOLDER, RUN, FILE = "a folder path", "a run folder", "a file path"
 IMAGES = "an image file or folder"  # the words of predict_run's own refusal
 
 
-def _option_for(field: dataclasses.Field, paper_default: bool = False) -> click.Option:
+def _option_for(field: dataclasses.Field, paper_default: bool = False, hidden: bool = False,
+                help_text: str | None = None) -> click.Option:
     """The flag of a config field: its name with dashes, its type, and the help declared next to
-    the field (:func:`metalearn.options.option`). Options of the method and of training default
-    to the paper's value for the task, which depends on the other options: --print-config shows
-    what a command line resolves to."""
+    the field (:func:`metalearn.options.option`), or ``help_text``. Options of the method and of
+    training default to the paper's value for the task, which depends on the other options:
+    --print-config shows what a command line resolves to. ``hidden``: parsed as any other, but
+    left out of the help (an option the command's tasks all refuse, each in its own words)."""
     name = flag(field.name)
     hint = field.type if isinstance(field.type, type) else _resolve(field.type)
-    text = help_of(field)
+    text = help_of(field) if help_text is None else help_text
     if paper_default and field.name != "init_from":
         text = f"{text} {PAPER_DEFAULT}".strip()
     elif not text:
         text = f"(default {field.default})"
     if hint is bool:
-        return click.Option([f"{name}/--no-{name[2:]}"], default=None, help=text)
+        return click.Option([f"{name}/--no-{name[2:]}"], default=None, help=text, hidden=hidden)
     click_type = GivenPath(PATH_FIELDS[field.name], None) if field.name in PATH_FIELDS else \
         {int: INTEGER, float: float, str: str}.get(hint, str)
     names = [name] + [flag(alias) for alias in field.metadata.get("aliases", ())]
-    return click.Option(names + [field.name], type=click_type, default=None, show_default=False, help=text)
+    return click.Option(names + [field.name], type=click_type, default=None, show_default=False, help=text,
+                        hidden=hidden)
 
 
 def _resolve(annotation: str):
@@ -195,8 +198,31 @@ def _given(ctx: click.Context, name: str) -> bool:
     return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
 
 
+def _environments_help(method: str) -> tuple[frozenset[str], str | None]:
+    """For a reinforcement-learning method (``reinforcement``), what its help leaves out and
+    says instead: the options that every environment refuses (the ``inapplicable`` task options
+    of all reinforcement-learning datasets, and ``data_dir`` where all are generated), and the
+    help of ``--env`` (``--dataset``) naming the environments alone. A supervised method's
+    datasets differ in what they take: its help lists every option, as it was (``frozenset()``,
+    None). The options left out are still parsed, so that one given is refused by the
+    environment, in its words (``--ways does not apply to nav2d, ...``), not as unknown."""
+    from metalearn.datasets import DATASETS
+
+    cls = METHODS[method]
+    environments = {name: dataset for name, dataset in DATASETS.items() if dataset.reinforcement}
+    if not cls.reinforcement or not environments:
+        return frozenset(), None
+    refused = frozenset.intersection(*(frozenset(dataset.inapplicable) for dataset in environments.values()))
+    if all(dataset.generated for dataset in environments.values()):
+        refused |= {"data_dir"}
+    names = [f"{name} (its default)" if name == cls.default_dataset else name for name in environments]
+    listed = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+    return refused, f"the environment: {listed}"
+
+
 def _make_train_command(method: str) -> click.Command:
     method_fields = dataclasses.fields(METHODS[method].Config)
+    hidden, dataset_help = _environments_help(method)
 
     def run(**options):
         ctx = click.get_current_context()
@@ -240,9 +266,12 @@ def _make_train_command(method: str) -> click.Command:
             click.echo(format_result(result))
         click.echo(f"run directory: {run_dir}")
 
-    params = [_option_for(f) for f in TASK_FIELDS] + [_option_for(f, True) for f in TRAIN_FIELDS + list(method_fields)]
+    params = [_option_for(f, hidden=f.name in hidden, help_text=dataset_help if f.name == "dataset" else None)
+              for f in TASK_FIELDS]
+    params += [_option_for(f, True) for f in TRAIN_FIELDS + list(method_fields)]
     params += [
-        click.Option(["--data-dir"], type=GivenPath(FOLDER), default=None, help=DATA_DIR_HELP),
+        click.Option(["--data-dir"], type=GivenPath(FOLDER), default=None, help=DATA_DIR_HELP,
+                     hidden="data_dir" in hidden),
         click.Option(["--run-dir"], type=GivenPath(FOLDER), default=None,
                      help="where checkpoints and metrics go (default: a new folder <method>-<dataset>-<shape>-<time> "
                           f"in $METALEARN_RUNS, else runs/ in {CACHE_HELP})"),

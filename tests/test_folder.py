@@ -1817,13 +1817,14 @@ def test_a_contact_sheet_of_large_folders_shows_a_readable_part_and_says_what_it
     import matplotlib.figure
     from PIL import Image
 
-    from metalearn.prediction import SHEET_CLASSES, SHEET_COLUMNS, SHEET_QUERIES, contact_sheet
+    from metalearn.prediction import SHEET_CLASSES, SHEET_COLUMNS, SHEET_QUERIES, Predictions, contact_sheet
 
-    def result(shots: int, queries: int) -> dict:
+    def result(shots: int, queries: int) -> Predictions:
         support_y = torch.arange(2).repeat_interleave(shots)
-        return {"_images": (torch.rand(2 * shots, 3, 8, 8), support_y, torch.rand(queries, 3, 8, 8)),
-                "classes": ["a", "b"], "shots": [shots, shots],
-                "predictions": [{"label": "a", "probability": 0.9}] * queries}
+        made = Predictions(classes=["a", "b"], shots=[shots, shots],
+                           predictions=[{"label": "a", "probability": 0.9}] * queries)
+        made.images = (torch.rand(2 * shots, 3, 8, 8), support_y, torch.rand(queries, 3, 8, 8))
+        return made
 
     titles = []
     real = matplotlib.figure.Figure.suptitle
@@ -1832,7 +1833,7 @@ def test_a_contact_sheet_of_large_folders_shows_a_readable_part_and_says_what_it
     small = Image.open(_io.BytesIO(contact_sheet(result(3, 10), "small")))
     many = result(1, 4)
     many.update(classes=[f"c{i}" for i in range(SHEET_CLASSES + 5)], shots=[1] * (SHEET_CLASSES + 5))
-    many["_images"] = (torch.rand(SHEET_CLASSES + 5, 3, 8, 8), torch.arange(SHEET_CLASSES + 5), torch.rand(4, 3, 8, 8))
+    many.images = (torch.rand(SHEET_CLASSES + 5, 3, 8, 8), torch.arange(SHEET_CLASSES + 5), torch.rand(4, 3, 8, 8))
     contact_sheet(many, "")
     assert titles[-1] == f"not shown: the support images of 5 of {SHEET_CLASSES + 5} classes"
     assert titles[0] == "small"

@@ -325,7 +325,7 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
     if stop_at is not None:
         check_stop_at(stop_at, 0, config.train.steps)  # the run's own step is checked when it is loaded
     world = init_world(device, exact_gpu_kernels=exact_gpu_kernels)
-    run_dir = None if run_dir is None else user_path(run_dir, "run_dir")  # "~/runs/x" as a shell expands it
+    run_dir = user_path(run_dir, "run_dir", optional=True)  # "~/runs/x" as a shell expands it
     if run_dir is None:
         if resume:
             raise MetalearnError("--resume needs --run-dir, the run to continue")
@@ -1299,7 +1299,7 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
         title = f"{config.method} ({Path(run_dir).name}, step {step})"
         outputs.append((Path(target["--sheet"]), contact_sheet(result, title)))
     write_together(outputs)
-    del result["_images"]  # the prepared tensors, for the contact sheet alone
+    result.images = None  # the prepared tensors, for the contact sheet alone
     return result
 
 

@@ -60,11 +60,13 @@ def _is_plain_file(path: Path) -> bool:
 SPACE_ERRORS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
-def user_path(value: Any, name: str) -> Path:
+def user_path(value: Any, name: str, optional: bool = False) -> Path | None:
     """``value``, a path as a user gives it (``str`` or ``os.PathLike``), as a :class:`Path`
     with ``~`` expanded, as a shell would have done for the command line: unexpanded, a run
-    folder ``~/runs/x`` would be made as ``./~/runs/x``. Anything else is refused in one line
-    naming ``name``."""
+    folder ``~/runs/x`` would be made as ``./~/runs/x``. ``optional``: None stays None (no
+    path given). Anything else is refused in one line naming ``name``."""
+    if value is None and optional:
+        return None
     if isinstance(value, (str, os.PathLike)):
         return Path(value).expanduser()
     raise MetalearnError(f"{name} is a path (a str or pathlib.Path), got {type(value).__name__} {value!r}")

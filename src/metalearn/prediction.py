@@ -183,18 +183,26 @@ def warn_of_few_queries(learner: MetaLearner, count: int, queries_per_task: int 
         stacklevel=3)
 
 
+class Predictions(dict):
+    """What :func:`predict_new_classes` found, as a dict of plain values (what :func:`as_json`
+    writes), with the prepared tensors beside it as ``images``: (support images, support
+    labels, query images), for :func:`contact_sheet`, or None where they were dropped."""
+
+    images: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
 def predict_new_classes(learner: MetaLearner, support: Path | str, query: list[Path | str],
                         image_size: int, channels: int, num_samples: int | None = None,
-                        queries_per_task: int | None = None) -> dict[str, Any]:
+                        queries_per_task: int | None = None) -> Predictions:
     """Classify every query image among the support folder's classes.
 
     Returns ``{"classes": [...], "shots": [...], "predictions": [{"file", "label", "probability",
     "probabilities": {class: p}, ["spread", "spreads"], ["true"]}], ["accuracy"]}``: for a
     method that samples models (PLATIPUS) ``probability`` is the mean over the samples and
     ``spread`` their standard deviation. ``true`` is set where a query image sits in a folder
-    named like a support class (then ``accuracy`` is given too). ``_images`` holds the prepared
-    support images, support labels and query images (for :func:`contact_sheet`; not written
-    by :func:`as_json`).
+    named like a support class (then ``accuracy`` is given too). The result is a
+    :class:`Predictions`, whose ``images`` are the prepared support images, support labels and
+    query images (for :func:`contact_sheet`; not a key, so not written by :func:`as_json`).
 
     ``support``: a folder with one sub-folder per class (at least 2), each holding 1 or more
     images; ``query``: image files and folders (searched recursively). Images are prepared
@@ -250,11 +258,11 @@ def predict_new_classes(learner: MetaLearner, support: Path | str, query: list[P
         if path.parent.name in names:
             entry["true"] = path.parent.name
         predictions.append(entry)
-    result: dict[str, Any] = {"classes": names, "shots": [len(group) for group in files], "predictions": predictions}
+    result = Predictions(classes=names, shots=[len(group) for group in files], predictions=predictions)
     labelled = [p for p in predictions if "true" in p]
     if labelled:
         result["accuracy"] = sum(p["label"] == p["true"] for p in labelled) / len(labelled)
-    result["_images"] = (support_x, support_y, torch.cat(query_images))  # for the contact sheet; not written
+    result.images = (support_x, support_y, torch.cat(query_images))
     return result
 
 
@@ -315,7 +323,7 @@ SHEET_CLASSES = 20  # the most support classes it shows, a row each
 SHEET_QUERIES = 120  # the most query images it shows (ten full rows): every one is in --json and --csv
 
 
-def contact_sheet(result: dict[str, Any], title: str = "") -> bytes:
+def contact_sheet(result: Predictions, title: str = "") -> bytes:
     """A PNG: the support images by class (one row each, up to :data:`SHEET_COLUMNS`, for the
     first :data:`SHEET_CLASSES` classes), then the query images (the first
     :data:`SHEET_QUERIES`), each with its predicted class and probability (green when it
@@ -324,7 +332,9 @@ def contact_sheet(result: dict[str, Any], title: str = "") -> bytes:
     from metalearn.plotting import _pyplot
 
     plt = _pyplot()
-    support_x, support_y, query_x = result["_images"]
+    if getattr(result, "images", None) is None:
+        raise MetalearnError("contact_sheet draws the images of predict_new_classes's result; this one holds none")
+    support_x, support_y, query_x = result.images
     every, predictions = result["predictions"], result["predictions"][:SHEET_QUERIES]
     names = result["classes"][:SHEET_CLASSES]
     columns = min(max(8, max(result["shots"])), SHEET_COLUMNS)

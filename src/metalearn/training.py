@@ -883,8 +883,8 @@ def build_trainer(config: RunConfig, run_dir: Path | str | None = None, data_dir
     writer is refused at once, and the trainer holds it until its :meth:`Trainer.fit` returns.
     Nothing else is written until ``fit``: ``train --print-config`` builds a trainer without the
     lock (``run_dir`` may then be None) and drops it, so a dry run refuses what training would."""
-    run_dir = None if run_dir is None else user_path(run_dir, "run_dir")  # "~/runs/x" as a shell expands it
-    data_dir = None if data_dir is None else user_path(data_dir, "data_dir")
+    run_dir = user_path(run_dir, "run_dir", optional=True)  # "~/runs/x" as a shell expands it
+    data_dir = user_path(data_dir, "data_dir", optional=True)
     if resume and run_dir is None:
         raise MetalearnError("--resume needs --run-dir, the run to continue")
     if run_dir is not None and Path(run_dir).exists() and not Path(run_dir).is_dir():

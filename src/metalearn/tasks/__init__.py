@@ -108,7 +108,7 @@ def build_task_source(task: TaskConfig, part: str, data_dir: Path | str | None =
     A dataset that does not take it, or whose task source is no :class:`EpisodeSampler`, refuses
     it."""
     shape = task.for_testing() if part in ("val", "test") or evaluation else task
-    data_dir = None if data_dir is None else user_path(data_dir, "data_dir")
+    data_dir = user_path(data_dir, "data_dir", optional=True)
     check_data_dir(task, data_dir)
     dataset = get_dataset(task.dataset)
     if shape.augment and "augment" in dataset.inapplicable:  # resolve_config refuses it for a run
@@ -127,7 +127,7 @@ def check_task_source(task: TaskConfig, part: str, data_dir: Path | str | None =
     """Refuse what :func:`build_task_source` would refuse for ``part``'s episode shape, where the
     dataset can tell without reading its data (an image folder: from its file names), so that a
     run whose test episodes cannot be drawn fails before the training images are decoded."""
-    data_dir = None if data_dir is None else user_path(data_dir, "data_dir")
+    data_dir = user_path(data_dir, "data_dir", optional=True)
     check_data_dir(task, data_dir)
     dataset = get_dataset(task.dataset)
     if dataset.check is not None:

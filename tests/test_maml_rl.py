@@ -486,6 +486,28 @@ def test_plot_draws_every_step_even_after_a_final_only_evaluation(tmp_path, caps
     assert len(drawn["MAML"]["per_step"]) == 4 and len(drawn["random"]["per_step"]) == 4
 
 
+def test_plot_draws_the_papers_returns_only_for_a_run_scored_as_the_paper_scored(tmp_path, capsys, monkeypatch):
+    """The paper's returns are those of its step sizes and horizon: beside a run scored with
+    another --inner-lr, --test-lr-decay or --horizon they would compare unlike things."""
+    import metalearn.plotting_rl as plotting_rl
+    from metalearn.api import plot_run
+    from metalearn.plotting_rl import PAPER_RETURNS
+
+    papers = []
+    monkeypatch.setattr(plotting_rl, "plot_adaptation_curves",
+                        lambda curves, path, title, paper, *args, **kwargs: papers.append(paper) or path)
+    monkeypatch.setattr(plotting_rl, "plot_navigation", lambda *args, **kwargs: args[3])
+    small = [option for option in FAST if option not in ("--horizon", 10)]
+    for name, changed in (("paper", []), ("inner-lr", ["--inner-lr", 0.05]), ("decay", ["--test-lr-decay", 1.0]),
+                          ("horizon", ["--horizon", 20])):
+        code, _, err = run(["train", "maml-rl", "--steps", 1, "--run-dir", tmp_path / name, "--no-eval", *small,
+                            *changed], capsys)
+        assert code == 0, err
+        plot_run(tmp_path / name)
+    assert papers[0] == {f"paper: {name}": PAPER_RETURNS["nav2d"][name] for name in ("MAML", "random")}
+    assert papers[1:] == [{}, {}, {}]
+
+
 @pytest.mark.parametrize("outer, title", [("trpo", "TRPO step, |step|^2 / 2 (meta-batch)"),
                                           ("gradient", "minus the meta-objective: -return after adapting "
                                                        "(meta-batch)")],

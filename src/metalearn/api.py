@@ -882,8 +882,11 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
             run.write_eval(curves["random"], labels)
         except WriteError:
             pass
-    # the paper's returns: its horizon (the environment's own, --horizon 0) and its trajectories per step
-    as_paper = config.method_config.get("horizon") == 0
+    # the paper's returns, where the run is scored as the paper's were: its step sizes (inner_lr,
+    # halved after the first step) and horizon (the environment's own: 0), the method's defaults
+    scoring = option_defaults(method_class(config.method).Config)
+    as_paper = all(config.method_config.get(key) == scoring.get(key)
+                   for key in ("inner_lr", "test_lr_decay", "horizon"))
     paper = {f"paper: {name}": values for name, values in PAPER_RETURNS.get(config.task.dataset, {}).items()
              if name in curves and as_paper}
     paths = [plot_adaptation_curves(curves, plots / "returns_per_step.png",

@@ -245,7 +245,7 @@ def test_unknown_dataset_lists_the_valid_ones(tmp_path, capsys):
     # a reinforcement-learning method lists the environments, by the name its help gives them
     code, _, err = run(["train", "maml-rl", "--env", "nav3d", "--run-dir", tmp_path], capsys)
     assert code == 2 and err == ("error: --dataset must be an environment for maml-rl (--env nav2d, cheetah-vel, "
-                                 "cheetah-dir), got 'nav3d'\n"), err
+                                 "cheetah-dir), got 'nav3d' (one of your own: name its module in METALEARN_PLUGINS)\n"), err
 
 
 def test_missing_data_directory_says_where_to_put_the_archives(tmp_path, capsys):
@@ -701,7 +701,8 @@ def test_an_unknown_dataset_is_named_also_with_options_of_a_kind(capsys):
     for options in ([], ["--ways", 5], ["--noise-std", 0.1]):
         code, _, err = run(["train", "maml", "--dataset", "nope", *options, "--print-config"], capsys)
         assert code == 2 and err.startswith("error: --dataset must be one of omniglot, "), err
-        assert err.endswith(", got 'nope'\n") and err.count("\n") == 1, err
+        assert err.endswith(", got 'nope' (one of your own: name its module in METALEARN_PLUGINS)\n"), err
+        assert err.count("\n") == 1, err
 
 
 def test_a_split_without_a_validation_part_resolves_to_validation_off(capsys, omniglot_data_dir):

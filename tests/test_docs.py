@@ -62,9 +62,26 @@ def test_python_blocks_are_found_and_markers_known():
     assert len(tutorial) >= 6 and all(marker != "no-run" for _, _, marker in tutorial)
 
 
+@pytest.fixture
+def registries_kept(monkeypatch):
+    """What a test registers (a page's example, a plugin its commands name) is gone after it, so
+    that no later test sees it in a list of names."""
+    import metalearn.plugins
+    from metalearn.algorithms import METHODS
+    from metalearn.datasets import DATASETS
+    from metalearn.models import NETWORKS
+
+    kept = [(registry, dict(registry)) for registry in (METHODS, DATASETS, NETWORKS)]
+    monkeypatch.setattr(metalearn.plugins, "_loaded", metalearn.plugins._loaded)
+    yield
+    for registry, before in kept:
+        registry.clear()
+        registry.update(before)
+
+
 @pytest.mark.parametrize("page", [page for page in pages() if python_blocks(page.read_text())],
                          ids=lambda page: str(page.relative_to(PROJECT)))
-def test_python_examples_run(page, tmp_path, monkeypatch):
+def test_python_examples_run(page, tmp_path, monkeypatch, registries_kept):
     blocks = python_blocks(page.read_text())
     have_omniglot = omniglot_dir() is not None and omniglot_dir().is_dir()
     runnable = [(line, code) for line, code, marker in blocks
@@ -182,13 +199,22 @@ def parse_command_line(args: list[str]) -> None:
     command.make_context(name, list(args), parent=context)
 
 
-def test_documented_commands_are_ones_the_command_line_takes(tmp_path, monkeypatch, capsys):
+def test_documented_commands_are_ones_the_command_line_takes(tmp_path, monkeypatch, capsys, registries_kept):
     """Every `metalearn` command in README.md's and docs/'s shell blocks: `metalearn train ...`
     resolves with --print-config (the options combine, the values are valid) where this machine
     has what it needs, and every other command parses. A renamed option or a stale example
-    fails here, not in a reader's shell."""
+    fails here, not in a reader's shell. The plugins the commands name (``METALEARN_PLUGINS=``,
+    files of the project) are loaded first, as the commands would load them."""
+    import metalearn.plugins
     from cli_runner import run
 
+    named = {entry for page in pages() for _, block in shell_blocks(page.read_text())
+             for value in re.findall(r"METALEARN_PLUGINS=(\S+)", block) for entry in value.split(",")}
+    missing = sorted(entry for entry in named if not (PROJECT / entry).is_file())
+    assert not missing, f"the docs name plugin files that the project lacks: {missing}"
+    monkeypatch.setenv("METALEARN_PLUGINS", ",".join(str(PROJECT / entry) for entry in sorted(named)))
+    monkeypatch.setattr(metalearn.plugins, "_loaded", None)
+    assert len(metalearn.plugins.load_plugins()) == len(named)
     have_omniglot = omniglot_dir() is not None and omniglot_dir().is_dir()
     mujoco = have_mujoco()
     monkeypatch.chdir(tmp_path)

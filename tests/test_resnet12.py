@@ -230,12 +230,13 @@ def test_each_methods_model_help_names_exactly_the_networks_it_accepts(method):
 
 def test_an_unknown_or_unfit_network_is_one_line_listing_the_valid_ones(capsys):
     valid = ", ".join(NETWORKS)
-    with pytest.raises(MetalearnError, match=f"^unknown model 'resnet13'; valid models: {re.escape(valid)}$"):
+    plugins = re.escape(" (one of your own: name its module in METALEARN_PLUGINS)")
+    with pytest.raises(MetalearnError, match=f"^unknown model 'resnet13'; valid models: {re.escape(valid)}{plugins}$"):
         build_model("resnet13", (3, 84, 84), 5)
     embeddings = network_names("embedding", "image")
     listed = f"{', '.join(embeddings[:-1])} or {embeddings[-1]}"
     with pytest.raises(ConfigError, match=f"^ProtoNet.Config.model must be an image network: {re.escape(listed)}; "
-                                          "got 'resnet13'$"):
+                                          f"got 'resnet13'{plugins}$"):
         ProtoNet.Config(model="resnet13")
     with pytest.raises(ConfigError, match="^ProtoNet.Config.model must be .*; mlp takes vector inputs$"):
         ProtoNet.Config(model="mlp")
@@ -303,6 +304,7 @@ def test_a_run_of_a_network_registered_in_another_process_says_so(tmp_path):
     config = resolve_config("protonet", {"dataset": "omniglot", "ways": 5})
     RunDir(tmp_path / "run").write_config(dataclasses.replace(config, method_config={"model": "tiny"}))
     with pytest.raises(MetalearnError, match=r"the run's network 'tiny' is not known to this process: a network "
-                                             r"registered in Python \(metalearn.models.register_network\) must be "
-                                             "registered again by the process that reads the run$"):
+                                             r"registered in Python \(metalearn.models.register_network\) is known "
+                                             r"to every process when its module is a plugin "
+                                             r"\(METALEARN_PLUGINS=./my_network.py\)$"):
         RunDir(tmp_path / "run").read_config()

@@ -30,6 +30,7 @@ from metalearn.runs import RunDir, claim_new_run_dir, default_runs_root, new_run
 from metalearn.files import (WriteError, atomic_write_files, check_writable_file, obstacle, probe_writable,
                              remove_export_temporaries, same_path, user_path)
 from metalearn.locking import make_folders
+from metalearn.plugins import load_plugins, unknown_hint
 from metalearn.tasks import has_validation, no_validation_reason
 from metalearn.checkpoints import (check_same_method, check_test_ways, configuration_conflict, load_trained,
                                    load_trained_state, recorded_images, run_images)
@@ -217,13 +218,15 @@ def check_train_options(given: dict[str, Any], train: TrainConfig, method_option
 def dataset_for(cls, name: str):
     """The dataset ``name`` names; an unknown name is refused with the list of those ``cls`` can
     learn (the environments, as ``--env``, for a reinforcement-learning method)."""
+    if name not in DATASETS:
+        load_plugins()  # a dataset or environment of a plugin: registered when its module is imported
     if name in DATASETS:
         return DATASETS[name]
     fitting = ", ".join(known for known, d in DATASETS.items() if d.reinforcement == cls.reinforcement)
     if cls.reinforcement:
         raise ConfigError("TaskConfig", "dataset", f"must be an environment for {cls.name} (--env {fitting}), "
-                                                   f"got {name!r}")
-    raise ConfigError("TaskConfig", "dataset", f"must be one of {fitting}, got {name!r}")
+                                                   f"got {name!r} ({unknown_hint()})")
+    raise ConfigError("TaskConfig", "dataset", f"must be one of {fitting}, got {name!r} ({unknown_hint()})")
 
 
 def check_method_fits_dataset(cls, dataset) -> None:

@@ -24,6 +24,7 @@ from metalearn.distributed import leave_world, reports
 from metalearn.errors import TIME_LIMIT_EXIT, ConfigError, MetalearnError, MetalearnWarning, TrainingStopped, flag
 from metalearn.files import check_writable_file
 from metalearn.options import help_of
+from metalearn.plugins import load_plugins
 from metalearn.runs import EvaluationSuperseded, RunDir
 from metalearn.runtime import tune_allocator
 
@@ -1067,6 +1068,7 @@ def main(args: list[str] | None = None, whole_process: bool = False) -> None:
 
 def _main(args: list[str] | None) -> None:
     try:
+        load_plugins()  # before the arguments are read: a plugin's methods are commands, its names values
         code = cli.main(args=args, prog_name="metalearn", standalone_mode=False)
         leave_world(orderly=True)
     except TrainingStopped as err:  # Ctrl-C, SIGTERM, --time-limit or --stop-at: the last step is saved

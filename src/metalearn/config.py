@@ -283,11 +283,11 @@ class RunConfig:
 def _unknown_options(data: Any) -> list[str]:
     """The options in a stored configuration that this version has no field for ("train.x";
     none where the parts are missing or malformed: that is refused as such)."""
-    from metalearn.algorithms import METHODS  # the registry imports this module
+    from metalearn.algorithms import find_method  # the registry imports this module
 
     if not isinstance(data, dict):
         return []
-    method = METHODS.get(data.get("method")) if isinstance(data.get("method"), str) else None
+    method = find_method(data.get("method")) if isinstance(data.get("method"), str) else None
     parts = (("task", TaskConfig), ("train", TrainConfig), ("method_config", method.Config if method else None))
     return [f"{part}.{key}" for part, kind in parts if kind is not None and isinstance(data.get(part), dict)
             for key in data[part] if key not in {f.name for f in dataclasses.fields(kind)}]
@@ -297,9 +297,9 @@ def legacy_defaults(method: str) -> dict[str, Any]:
     """The values that options added after a run was saved take in its stored configuration:
     the method's ``MetaLearner.legacy_defaults`` (none for an unknown method: reading the
     configuration then fails where the method is looked up, with its own message)."""
-    from metalearn.algorithms import METHODS  # the registry imports this module
+    from metalearn.algorithms import find_method  # the registry imports this module
 
-    learner = METHODS.get(method) if isinstance(method, str) else None
+    learner = find_method(method) if isinstance(method, str) else None
     return dict(getattr(learner, "legacy_defaults", {}))
 
 

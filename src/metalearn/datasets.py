@@ -8,11 +8,12 @@ registry sits below the configuration and the task layer without importing eithe
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from metalearn.errors import ConfigError
+from metalearn.errors import ConfigError, MetalearnError
 
 
 @dataclass(frozen=True)
@@ -91,15 +92,30 @@ DATASETS: dict[str, Dataset] = {}
 NATURAL_IMAGES = ("folder", "mini-imagenet")
 
 
+BUILT_IN_DATASETS: frozenset[str] = frozenset()  # set below the built-in registrations
+
+
 def register_dataset(dataset: Dataset) -> Dataset:
-    """Make ``dataset`` known to configurations, ``--dataset`` and the task layer."""
+    """Make ``dataset`` known to configurations, ``--dataset`` and the task layer; registered in
+    a plugin's module (:mod:`metalearn.plugins`), to every process. A second registration under
+    a name replaces the first; one that replaces a built-in dataset warns."""
+    from metalearn.plugins import warn_if_replacing
+
+    warn_if_replacing("dataset", dataset.name, BUILT_IN_DATASETS, DATASETS.get(dataset.name) is dataset)
     DATASETS[dataset.name] = dataset
     return dataset
 
 
 def get_dataset(name: str) -> Dataset:
     if name not in DATASETS:
-        raise ConfigError("TaskConfig", "dataset", f"must be one of {', '.join(DATASETS)}, got {name!r}")
+        from metalearn.plugins import load_plugins
+
+        load_plugins()  # a dataset or environment of a plugin: registered when its module is imported
+    if name not in DATASETS:
+        from metalearn.plugins import unknown_hint
+
+        raise ConfigError("TaskConfig", "dataset", f"must be one of {', '.join(DATASETS)}, got {name!r} "
+                                                   f"({unknown_hint()})")
     return DATASETS[name]
 
 
@@ -294,3 +310,49 @@ register_dataset(Dataset("cheetah-vel", build=_environment(_cheetah("velocity"))
                          **_RL))
 register_dataset(Dataset("cheetah-dir", build=_environment(_cheetah("direction")),
                          problem=_environment_problem(17, 6), **_RL))
+BUILT_IN_DATASETS = frozenset(DATASETS)
+
+
+def register_environment(name: str, make: Callable[[], Any]) -> Dataset:
+    """Make an environment of your own known under ``name`` to ``--env`` (``--dataset``),
+    configurations and the task layer, for a reinforcement-learning method (``maml-rl``).
+
+    ``make()`` returns a new :class:`~metalearn.envs.Environment`: ``observation_dim``,
+    ``action_dim`` and ``horizon`` (whole numbers), ``sample_tasks``, ``reset`` and ``step``,
+    batched over tasks and trajectories. It is called once per task source (train, val, test)
+    and once, at the first look, for the two sizes a policy needs. Registered in a plugin's module
+    (:mod:`metalearn.plugins`), the environment is known to every process, ``metalearn eval``
+    and torchrun's ranks included. Returns the registered :class:`Dataset`.
+
+    Raises :class:`MetalearnError` for a name that is not a command-line name; what ``make``
+    returns is checked at its first call (a missing method or size is one line naming it)."""
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_+-]*", name):
+        raise MetalearnError(f"an environment's name must be a command-line name: lower-case letters, digits, '-', "
+                             f"'_' or '+', got {name!r}")
+    if not callable(make):
+        raise MetalearnError(f"register_environment({name!r}, make): make must be a function that returns a new "
+                             f"environment, got {make!r}")
+    sizes: list[tuple[int, int]] = []  # the policy's input and output sizes, from the first environment made
+
+    def made():
+        env = make()
+        missing = [attribute for attribute in ("sample_tasks", "reset", "step") if not callable(getattr(env, attribute, None))]
+        missing += [size for size in ("observation_dim", "action_dim", "horizon")
+                    if isinstance(getattr(env, size, None), bool) or not isinstance(getattr(env, size, None), int)
+                    or getattr(env, size) < 1]
+        if missing:
+            raise MetalearnError(f"environment {name}: what make() returned ({type(env).__name__}) lacks "
+                                 f"{', '.join(missing)} (methods sample_tasks, reset, step; sizes observation_dim, "
+                                 "action_dim, horizon as whole numbers >= 1: see metalearn.envs.Environment)")
+        if not sizes:
+            sizes.append((env.observation_dim, env.action_dim))
+        return env
+
+    def problem(task):
+        from metalearn.tasks.batch import Problem
+
+        if not sizes:
+            made()
+        return Problem((sizes[0][0],), sizes[0][1], False)
+
+    return register_dataset(Dataset(name, build=_environment(made), problem=problem, **_RL))

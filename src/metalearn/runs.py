@@ -124,8 +124,8 @@ def config_from(data: Any, path: Path) -> RunConfig:
         if err.field == "model" and isinstance(network, str) and network not in NETWORKS:
             # most likely a network the training process registered (register_network), not a typo
             raise MetalearnError(f"{path}: the run's network {network!r} is not known to this process: a network "
-                                 "registered in Python (metalearn.models.register_network) must be registered again "
-                                 "by the process that reads the run") from None
+                                 "registered in Python (metalearn.models.register_network) is known to every process "
+                                 "when its module is a plugin (METALEARN_PLUGINS=./my_network.py)") from None
         raise MetalearnError(f"{path}: invalid run configuration: {err}") from None
     except MetalearnError as err:
         raise MetalearnError(f"{path}: {err}") from None

@@ -37,6 +37,7 @@ METHODS: dict[str, type[MetaLearner]] = {
 }
 """Every method by its command-line name (``metalearn train NAME``, ``RunConfig.method``); the
 registry :func:`register_method` adds to and :func:`build_learner` reads."""
+BUILT_IN_METHODS = frozenset(METHODS)
 
 
 def register_method(cls: type[MetaLearner]) -> type[MetaLearner]:
@@ -48,8 +49,9 @@ def register_method(cls: type[MetaLearner]) -> type[MetaLearner]:
     :func:`metalearn.options.option`)
     and ``build``, ``meta_loss`` and ``predict``, registered with this function (see "Adding a
     method" in ``docs/design.md``). :func:`build_learner`, :func:`metalearn.resolve_config`, the
-    trainer and, in a process that has registered it, the command line then take it by name. A
-    second registration under a name replaces the first, a built-in method's too.
+    trainer and, in a process that has registered it, the command line then take it by name;
+    registered in a plugin's module (:mod:`metalearn.plugins`), every process does. A second
+    registration under a name replaces the first; one that replaces a built-in method warns.
 
     Raises :class:`MetalearnError` when ``cls`` is not a :class:`MetaLearner` subclass, when its
     ``name`` is not a command-line name (lower-case letters, digits, ``-``, ``_``, ``+``), when
@@ -80,6 +82,9 @@ def register_method(cls: type[MetaLearner]) -> type[MetaLearner]:
                              "option needs one (option(default, \"help\"))")
     check_option_names(cls)
     check_legacy_defaults(cls)
+    from metalearn.plugins import warn_if_replacing
+
+    warn_if_replacing("method", cls.name, BUILT_IN_METHODS, METHODS.get(cls.name) is cls)
     METHODS[cls.name] = cls
     return cls
 
@@ -136,13 +141,26 @@ def methods_that(ability: str) -> str:
     return ", ".join(name for name, cls in METHODS.items() if can(cls, ability)) or "none registered"
 
 
+def find_method(name: str) -> type[MetaLearner] | None:
+    """The registered method called ``name``, the plugins loaded first where nothing has
+    registered it (:mod:`metalearn.plugins`); None where none is."""
+    if name not in METHODS:
+        from metalearn.plugins import load_plugins
+
+        load_plugins()  # a method of a plugin: registered when its module is imported
+    return METHODS.get(name)
+
+
 def method_class(name: str) -> type[MetaLearner]:
     """The registered method called ``name`` (its ``name`` attribute, e.g. "protonet")."""
     if isinstance(name, type) and isinstance(getattr(name, "name", None), str):  # ProtoNet for "protonet"
         raise MetalearnError(f"a method is named by its text name: give {name.name!r}, not the class {name.__name__}")
-    if not isinstance(name, str) or name not in METHODS:
-        raise MetalearnError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
-    return METHODS[name]
+    found = find_method(name) if isinstance(name, str) else None
+    if found is None:
+        from metalearn.plugins import unknown_hint
+
+        raise MetalearnError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)} ({unknown_hint()})")
+    return found
 
 
 def make_method_config(name: str, values: dict[str, Any]) -> Any:

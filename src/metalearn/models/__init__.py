@@ -92,12 +92,15 @@ NETWORKS: dict[str, Network] = {network.name: network for network in (
 )}
 """Every network a run can name (the methods' ``model`` option), in the order the option help
 lists them; :func:`register_network` adds to it."""
+BUILT_IN_NETWORKS = frozenset(NETWORKS)
 
 
 def register_network(network: Network) -> Network:
     """Make ``network`` known under ``network.name`` to :func:`build_model` and the methods'
     ``model`` options (their help, written when the methods are imported, lists the built-in
-    networks). A second registration under a name replaces the first. Returns ``network``."""
+    networks). A second registration under a name replaces the first; one that replaces a
+    built-in network warns. Registered in a plugin's module (:mod:`metalearn.plugins`), the
+    network is known to every process that reads its runs. Returns ``network``."""
     if not re.fullmatch(r"[a-z0-9][a-z0-9_+-]*", network.name):
         raise MetalearnError(f"a network's name must be a command-line name: lower-case letters, digits, '-', '_' "
                              f"or '+', got {network.name!r}")
@@ -108,6 +111,9 @@ def register_network(network: Network) -> Network:
     if isinstance(network.min_side, bool) or not isinstance(network.min_side, int) or network.min_side < 1:
         raise MetalearnError(f"network {network.name}: min_side must be a whole number of pixels >= 1, "
                              f"got {network.min_side!r}")
+    from metalearn.plugins import warn_if_replacing
+
+    warn_if_replacing("network", network.name, BUILT_IN_NETWORKS, NETWORKS.get(network.name) is network)
     NETWORKS[network.name] = network
     return network
 
@@ -143,6 +149,10 @@ def check_network_name(owner: str, name: str, role: str, inputs: str | None = No
     networks ``also`` (name -> a few words: the Memory Module's ``lenet``): one line that lists
     the valid ones and says what is wrong with a known network."""
     also = also or {}
+    if name not in also and name not in NETWORKS:
+        from metalearn.plugins import load_plugins
+
+        load_plugins()  # a network of a plugin: registered when its module is imported
     valid = network_names(role, inputs)
     if name in also or name in valid:
         return
@@ -151,7 +161,9 @@ def check_network_name(owner: str, name: str, role: str, inputs: str | None = No
             f"an {inputs} network" if inputs == "image" else "an embedding network")
     network = NETWORKS.get(name)
     if network is None:
-        why = f"got {name!r}"
+        from metalearn.plugins import unknown_hint
+
+        why = f"got {name!r} ({unknown_hint()})"
     elif inputs is not None and network.inputs != inputs:
         why = f"{name} takes {network.inputs} inputs"
     else:
@@ -168,9 +180,15 @@ def build_model(name: str, input_shape: tuple[int, ...], out_features: int | Non
     serve as what is asked (an embedding network for a method that needs an output layer, or the
     reverse), inputs of the wrong kind or too small.
     """
+    if name not in NETWORKS:
+        from metalearn.plugins import load_plugins
+
+        load_plugins()
     network = NETWORKS.get(name)
     if network is None:
-        raise MetalearnError(f"unknown model {name!r}; valid models: {', '.join(NETWORKS)}")
+        from metalearn.plugins import unknown_hint
+
+        raise MetalearnError(f"unknown model {name!r}; valid models: {', '.join(NETWORKS)} ({unknown_hint()})")
     # the networks to name instead: those of the same kind of inputs, else any
     if out_features is not None and not network.classifier:
         instead = network_names("classifier", network.inputs) or network_names("classifier")

@@ -1,0 +1,199 @@
+"""Plugins: a method, network or environment of the user's, registered in a module that
+METALEARN_PLUGINS or an installed package's entry point names, is known to every metalearn
+process: the one that trains, a later one that evaluates, the command line's help."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+import metalearn.plugins as plugins
+from metalearn.errors import MetalearnError
+
+# a point on a line that walks to its task's goal: observation its position, action its step
+# (clipped to 0.2), reward minus its distance to the goal; 10 steps, so a return lies in [-20, 0]
+PLUGIN = '''
+import torch
+from torch import nn
+
+from metalearn import register_environment
+from metalearn.models import Network, register_network
+
+
+class WalkToGoal:
+    name = "toy-walk"
+    observation_dim, action_dim, horizon = 1, 1, 10
+
+    def sample_tasks(self, num_tasks, generator):
+        return {"goal": torch.rand(num_tasks, 1, generator=generator) * 2 - 1}
+
+    def reset(self, params, trajectories, seeds=None):
+        position = torch.zeros(params["goal"].shape[0], trajectories, 1)
+        return (position, params["goal"]), position
+
+    def step(self, state, action):
+        position, goal = state
+        position = position + action.clamp(-0.2, 0.2)
+        reward = -(position - goal[:, None]).abs().squeeze(-1)
+        return (position, goal), position, reward, torch.zeros_like(reward, dtype=torch.bool)
+
+
+register_environment("toy-walk", WalkToGoal)
+register_network(Network("toy-mlp", lambda shape, out: nn.Sequential(nn.Linear(shape[0], 16), nn.ReLU(),
+                                                                     nn.Linear(16, out)),
+                         True, False, "vector", "a hidden layer of 16 units"))
+'''
+
+
+def metalearn(args, env=None, cwd=None):
+    """``python -m metalearn ARGS`` in a new process: (exit code, stdout, stderr)."""
+    environment = {key: value for key, value in os.environ.items() if key != plugins.ENVIRONMENT_VARIABLE}
+    environment.update(env or {})
+    done = subprocess.run([sys.executable, "-m", "metalearn", *map(str, args)], capture_output=True, text=True,
+                          env=environment, cwd=cwd, timeout=600)
+    return done.returncode, done.stdout, done.stderr
+
+
+@pytest.fixture
+def fresh_plugins(monkeypatch):
+    """This process as if it had loaded no plugin yet; what a test registers is removed after it."""
+    from metalearn.algorithms import METHODS
+    from metalearn.datasets import DATASETS
+    from metalearn.models import NETWORKS
+
+    registries = [(registry, dict(registry)) for registry in (METHODS, DATASETS, NETWORKS)]
+    monkeypatch.setattr(plugins, "_loaded", None)
+    yield
+    for registry, before in registries:
+        registry.clear()
+        registry.update(before)
+
+
+def test_an_environment_and_a_network_of_a_plugin_file_train_and_evaluate_in_new_processes(tmp_path):
+    plugin = tmp_path / "walk.py"
+    plugin.write_text(PLUGIN)
+    named = {plugins.ENVIRONMENT_VARIABLE: str(plugin)}
+    run_dir = tmp_path / "policy"
+    code, out, err = metalearn(["train", "maml-rl", "--env", "toy-walk", "--steps", 2, "--meta-batch-size", 4,
+                                "--trajectories", 4, "--test-trajectories", 4, "--hidden", 8, "--eval-episodes", 4,
+                                "--no-eval", "--no-progress", "--run-dir", run_dir], named)
+    assert code == 0, err
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["task"]["dataset"] == "toy-walk"
+    # the policy took the environment's sizes: one observation in, one action's mean out
+    weights = torch.load(run_dir / "checkpoint.pt", weights_only=True)["learner"]
+    shapes = sorted(tuple(value.shape) for value in weights.values())
+    assert (8, 1) in shapes and (1, 8) in shapes
+    code, out, err = metalearn(["eval", run_dir, "--no-progress"], named, cwd=tmp_path)
+    assert code == 0, err
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert len(result["per_step"]) == 4 and all(-20 <= value <= 0 for value in result["per_step"])
+    # a process without the plugin says what the run needs, in one line
+    code, out, err = metalearn(["eval", run_dir, "--no-progress"])
+    assert code == 2 and err.count("\n") == 1 and "'toy-walk'" in err and "METALEARN_PLUGINS" in err, err
+
+    run_dir = tmp_path / "regression"
+    code, out, err = metalearn(["train", "maml", "--dataset", "sinusoid", "--model", "toy-mlp", "--steps", 2,
+                                "--meta-batch-size", 2, "--val-every", 0, "--eval-episodes", 2, "--no-progress",
+                                "--run-dir", run_dir], named)
+    assert code == 0, err
+    weights = torch.load(run_dir / "checkpoint.pt", weights_only=True)["learner"]
+    assert sorted(tuple(value.shape) for value in weights.values() if value.dim() == 2) == [(1, 16), (16, 1)]
+    code, out, err = metalearn(["eval", run_dir, "--no-progress"])
+    assert code == 2 and err.count("\n") == 1 and "'toy-mlp'" in err and "METALEARN_PLUGINS" in err, err
+
+
+def test_an_installed_packages_entry_point_registers_its_method_for_the_help_and_for_training(tmp_path):
+    (tmp_path / "toy_package.py").write_text(textwrap.dedent('''
+        from metalearn import MAML, register_method
+
+
+        def register():
+            register_method(type("ToyMAML", (MAML,), {"name": "toy-maml", "__module__": __name__}))
+        '''))
+    info = tmp_path / "toy_package-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-package\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[metalearn.plugins]\ntoy = toy_package:register\n")
+    installed = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    code, out, err = metalearn(["train", "--help"], installed)
+    assert code == 0 and "toy-maml" in out, err
+    code, out, err = metalearn(["train", "toy-maml", "--dataset", "sinusoid", "--steps", 1, "--meta-batch-size", 2,
+                                "--val-every", 0, "--no-eval", "--no-progress", "--run-dir", tmp_path / "run"], installed)
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["method"] == "toy-maml"
+
+
+@pytest.mark.parametrize("entry, said", [
+    ("no_such_plugin_module", "no module named 'no_such_plugin_module' on the Python path (a file of your own: give "
+                              "its path, e.g. METALEARN_PLUGINS=./no_such_plugin_module.py)"),
+    ("./missing.py", "no file "),
+    ("./broken.py", "could not be imported: ZeroDivisionError: division by zero"),
+])
+def test_a_plugin_that_does_not_load_is_one_line_naming_it(entry, said, tmp_path):
+    (tmp_path / "broken.py").write_text("1 / 0\n")
+    code, out, err = metalearn(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--run-dir", tmp_path / "run"],
+                               {plugins.ENVIRONMENT_VARIABLE: entry}, cwd=tmp_path)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: plugin '{entry}' of METALEARN_PLUGINS"), err
+    assert said in err and not (tmp_path / "run").exists()
+
+
+def test_the_api_loads_the_plugins_at_the_first_name_nothing_registered(fresh_plugins, tmp_path, monkeypatch):
+    from metalearn import resolve_config
+    from metalearn.datasets import DATASETS
+
+    plugin = tmp_path / "walk_api.py"
+    plugin.write_text(PLUGIN)
+    monkeypatch.setenv(plugins.ENVIRONMENT_VARIABLE, f" {plugin} ,")
+    config = resolve_config("maml", {"dataset": "sinusoid"})  # every name built in: nothing is loaded
+    assert plugins._loaded is None and "toy-walk" not in DATASETS
+    config = resolve_config("maml-rl", {"dataset": "toy-walk"})
+    assert config.task.dataset == "toy-walk" and plugins._loaded == (str(plugin),)
+    assert plugins.load_plugins() == (str(plugin),)  # once per process: the module is not run again
+    assert sys.modules["walk_api"].__file__ == str(plugin)
+
+
+def test_an_environment_lacking_what_a_policy_needs_is_one_line_at_its_first_use(fresh_plugins):
+    from metalearn import register_environment, resolve_config
+    from metalearn.tasks import problem_of
+
+    class Sizeless:
+        horizon = 5
+
+        def sample_tasks(self, num_tasks, generator): ...
+
+        def reset(self, params, trajectories, seeds=None): ...
+
+    register_environment("toy-sizeless", Sizeless)
+    config = resolve_config("maml-rl", {"dataset": "toy-sizeless"})
+    with pytest.raises(MetalearnError, match=r"^environment toy-sizeless: what make\(\) returned \(Sizeless\) lacks "
+                                             r"step, observation_dim, action_dim \(methods"):
+        problem_of(config.task)
+    for name, make in (("Toy", Sizeless), ("toy", Sizeless())):
+        with pytest.raises(MetalearnError, match=r"^(an environment's name must be|register_environment\('toy', make\): "
+                                                 r"make must be a function)"):
+            register_environment(name, make)
+
+
+def test_replacing_a_built_in_warns_and_registering_it_again_does_not(fresh_plugins):
+    from metalearn.algorithms import METHODS, register_method
+    from metalearn.datasets import DATASETS, register_dataset
+    from metalearn.models import NETWORKS, Network, register_network
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        register_method(METHODS["maml"])
+        register_network(NETWORKS["mlp"])
+        register_dataset(DATASETS["sinusoid"])
+    with pytest.warns(UserWarning, match=r"^this registration replaces metalearn's built-in network 'mlp' in this "
+                                         r"process: runs that name it train and read the new one"):
+        register_network(Network("mlp", NETWORKS["conv4"].build, True, False, "vector", "another"))
+    with pytest.warns(UserWarning, match="built-in method 'maml'"):
+        register_method(type("OtherMAML", (METHODS["maml"],), {"name": "maml"}))

@@ -18,6 +18,7 @@ def save_figure(fig, path: Path | str, dpi: int = 110) -> Path:
     killed half-way leaves the previous picture, never a truncated one."""
     import io
 
+    fit_titles(fig)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -26,6 +27,31 @@ def save_figure(fig, path: Path | str, dpi: int = 110) -> Path:
     _pyplot().close(fig)
     atomic_write_bytes(path, buffer.getbuffer())
     return path
+
+
+def fit_titles(fig) -> None:
+    """Wrap the figure's title and each panel's title onto more lines where a line is wider than
+    the figure or the panel: matplotlib draws a title on one line and cuts it at the figure's edge
+    (a run folder's name or a long note in a title), and ``tight_layout`` makes room above a
+    title, not beside it."""
+    import textwrap
+
+    renderer = fig.canvas.get_renderer()
+    suptitle = fig.get_suptitle() and fig._suptitle  # the Text; get_suptitle gives its string alone
+    texts = [(suptitle, fig.bbox.width)] if suptitle else []
+    texts += [(ax.title, ax.bbox.width) for ax in fig.axes if ax.get_title()]
+    for text, room in texts:
+        lines = text.get_text().split("\n")
+        per_line = max(map(len, lines))
+        width = text.get_window_extent(renderer).width
+        for _ in range(8):  # characters differ in width: narrow the lines until the widest fits
+            if width <= room or per_line <= 12:
+                break
+            per_line = max(12, min(per_line - 1, int(per_line * 0.95 * room / width)))
+            # a run folder's name holds hyphens: lines break at spaces, and within a word only
+            # where the word is longer than a line
+            text.set_text("\n".join(textwrap.fill(line, per_line, break_on_hyphens=False) for line in lines))
+            width = text.get_window_extent(renderer).width
 
 
 def _pyplot():

@@ -69,7 +69,8 @@ def fresh_plugins(monkeypatch):
     from metalearn.models import NETWORKS
 
     registries = [(registry, dict(registry)) for registry in (METHODS, DATASETS, NETWORKS)]
-    monkeypatch.setattr(plugins, "_loaded", None)
+    for name, value in (("_loaded", None), ("_pending", None), ("_depth", 0), ("_imported", set()), ("_files", {})):
+        monkeypatch.setattr(plugins, name, value)
     yield
     for registry, before in registries:
         registry.clear()
@@ -132,8 +133,8 @@ def test_an_installed_packages_entry_point_registers_its_method_for_the_help_and
 
 
 @pytest.mark.parametrize("entry, said", [
-    ("no_such_plugin_module", "no module named 'no_such_plugin_module' on the Python path (a file of your own: give "
-                              "its path, e.g. METALEARN_PLUGINS=./no_such_plugin_module.py)"),
+    ("no_such_plugin_module", "no module named 'no_such_plugin_module' on the Python path or in the current folder "
+                              "(a file of your own: give its path, e.g. METALEARN_PLUGINS=./no_such_plugin_module.py)"),
     ("./missing.py", "no file "),
     ("./broken.py", "could not be imported: ZeroDivisionError: division by zero"),
 ])
@@ -145,19 +146,18 @@ def test_a_plugin_that_does_not_load_is_one_line_naming_it(entry, said, tmp_path
     assert said in err and not (tmp_path / "run").exists()
 
 
-def test_the_api_loads_the_plugins_at_the_first_name_nothing_registered(fresh_plugins, tmp_path, monkeypatch):
+def test_the_api_loads_the_plugins_at_its_first_lookup(fresh_plugins, tmp_path, monkeypatch):
     from metalearn import resolve_config
     from metalearn.datasets import DATASETS
 
     plugin = tmp_path / "walk_api.py"
     plugin.write_text(PLUGIN)
     monkeypatch.setenv(plugins.ENVIRONMENT_VARIABLE, f" {plugin} ,")
-    config = resolve_config("maml", {"dataset": "sinusoid"})  # every name built in: nothing is loaded
     assert plugins._loaded is None and "toy-walk" not in DATASETS
     config = resolve_config("maml-rl", {"dataset": "toy-walk"})
     assert config.task.dataset == "toy-walk" and plugins._loaded == (str(plugin),)
     assert plugins.load_plugins() == (str(plugin),)  # once per process: the module is not run again
-    assert sys.modules["walk_api"].__file__ == str(plugin)
+    assert sys.modules[plugins.plugin_file_module(plugin)].__file__ == str(plugin)
 
 
 def test_an_environment_lacking_what_a_policy_needs_is_one_line_at_its_first_use(fresh_plugins):
@@ -197,3 +197,165 @@ def test_replacing_a_built_in_warns_and_registering_it_again_does_not(fresh_plug
         register_network(Network("mlp", NETWORKS["conv4"].build, True, False, "vector", "another"))
     with pytest.warns(UserWarning, match="built-in method 'maml'"):
         register_method(type("OtherMAML", (METHODS["maml"],), {"name": "maml"}))
+
+
+def test_a_plugin_that_replaces_a_built_in_is_what_the_api_reads_too(fresh_plugins, tmp_path, monkeypatch):
+    """The command line loads the plugins before anything else; the API must read a built-in
+    name as the plugin replaced it as well, or the two score one run differently."""
+    from metalearn import resolve_config
+    from metalearn.datasets import DATASETS
+
+    plugin = tmp_path / "noisier.py"
+    plugin.write_text("import dataclasses\nfrom metalearn.datasets import DATASETS, register_dataset\n"
+                      "register_dataset(dataclasses.replace(DATASETS['sinusoid'], defaults={'noise_std': 5.0}))\n")
+    monkeypatch.setenv(plugins.ENVIRONMENT_VARIABLE, str(plugin))
+    built_in = DATASETS["sinusoid"]
+    with pytest.warns(UserWarning, match="replaces metalearn's built-in dataset 'sinusoid'"):
+        config = resolve_config("maml", {"dataset": "sinusoid"})
+    assert DATASETS["sinusoid"] is not built_in and config.task.noise_std == 5.0
+
+
+def test_plugins_load_whatever_their_order_and_a_refusal_names_its_plugin(fresh_plugins, tmp_path, monkeypatch):
+    """A method whose default network a later plugin registers: its registration looks the network
+    up, which loads the plugins after it first. What metalearn refuses in a plugin is named with it."""
+    from metalearn.algorithms import METHODS
+
+    (tmp_path / "method.py").write_text(textwrap.dedent('''
+        from metalearn import MAML, register_method
+        from metalearn.algorithms import MAMLConfig
+        from metalearn.options import option, options
+
+
+        @options
+        class SmallConfig(MAMLConfig):
+            model: str = option("toy-small", "the network")
+
+
+        register_method(type("Small", (MAML,), {"name": "toy-small-maml", "Config": SmallConfig}))
+        '''))
+    (tmp_path / "network.py").write_text(textwrap.dedent('''
+        from torch import nn
+        from metalearn.models import Network, register_network
+
+        register_network(Network("toy-small", lambda shape, out: nn.Linear(shape[0], out), True, False, "vector",
+                                 "one linear layer"))
+        '''))
+    monkeypatch.setenv(plugins.ENVIRONMENT_VARIABLE, f"{tmp_path / 'method.py'},{tmp_path / 'network.py'}")
+    assert plugins.load_plugins() == (str(tmp_path / "method.py"), str(tmp_path / "network.py"))
+    assert METHODS["toy-small-maml"].Config().model == "toy-small"
+
+    (tmp_path / "refused.py").write_text("from metalearn import register_method\nregister_method(dict)\n")
+    monkeypatch.setenv(plugins.ENVIRONMENT_VARIABLE, str(tmp_path / "refused.py"))
+    monkeypatch.setattr(plugins, "_loaded", None)
+    with pytest.raises(plugins.PluginError, match=rf"^plugin '{tmp_path / 'refused.py'}' of METALEARN_PLUGINS: "
+                                                  r"<class 'dict'> is not a MetaLearner subclass$"):
+        plugins.load_plugins()
+
+
+def test_plugin_files_shadow_no_module_and_each_runs_once(fresh_plugins, tmp_path, monkeypatch):
+    """Two files named alike are two plugins; a plugin named like a module of the Python path
+    (json.py) does not replace it; one file named twice, however spelt, runs once."""
+    import json as real_json
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "plugin.py").write_text(f"import builtins\nbuiltins.RUNS_{folder} = "
+                                                     f"getattr(builtins, 'RUNS_{folder}', 0) + 1\n")
+    (tmp_path / "json.py").write_text("VALUE = 1\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(plugins.ENVIRONMENT_VARIABLE, f"a/plugin.py,b/plugin.py,./b/../b/plugin.py,{tmp_path}/json.py")
+    import builtins
+    try:
+        plugins.load_plugins()
+        assert (builtins.RUNS_a, builtins.RUNS_b) == (1, 1)
+        assert sys.modules["json"] is real_json and json.dumps([1]) == "[1]"
+        assert sys.modules[plugins.plugin_file_module(tmp_path / "json.py")].VALUE == 1
+    finally:
+        for folder in ("a", "b"):
+            if hasattr(builtins, f"RUNS_{folder}"):
+                delattr(builtins, f"RUNS_{folder}")
+
+
+def test_a_module_name_is_found_in_the_current_folder_as_python_m_would(tmp_path):
+    """The ``metalearn`` command does not search the current folder; ``python -m metalearn`` and
+    torchrun do: a plugin named as a module must be found by either."""
+    (tmp_path / "here_plugin.py").write_text("from metalearn import MAML, register_method\n"
+                                             "register_method(type('Here', (MAML,), {'name': 'toy-here'}))\n")
+    program = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+               "from metalearn.cli import main; main(['train', '--help'])")
+    environment = {**os.environ, plugins.ENVIRONMENT_VARIABLE: "here_plugin"}
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=environment,
+                          cwd=tmp_path, timeout=300)
+    assert done.returncode == 0 and "toy-here" in done.stdout, done.stderr
+
+
+def test_an_environment_with_the_wrong_shapes_is_one_line_at_its_first_use(fresh_plugins):
+    from metalearn import register_environment, resolve_config
+    from metalearn.tasks import problem_of
+
+    class Walk:
+        observation_dim, action_dim, horizon = 1, 1, 5
+
+        def sample_tasks(self, num_tasks, generator):
+            return {"goal": torch.rand(num_tasks, 1, generator=generator)}
+
+        def reset(self, params, trajectories, seeds=None):
+            return None, torch.zeros(params["goal"].shape[0], trajectories, 1)
+
+        def step(self, state, action):
+            return None, action, action.sum(-1), torch.zeros(action.shape[:2], dtype=torch.bool)
+
+    class Wide(Walk):
+        def reset(self, params, trajectories, seeds=None):
+            return None, torch.zeros(params["goal"].shape[0], trajectories, 3)
+
+    class Rewards(Walk):
+        def step(self, state, action):
+            return None, action, action, torch.zeros(action.shape[:2], dtype=torch.bool)
+
+    class Halves(Walk):
+        observation_dim = 2.0
+
+    torch.manual_seed(0)
+    state = torch.random.get_rng_state()
+    register_environment("toy-walk-ok", Walk)
+    assert problem_of(resolve_config("maml-rl", {"dataset": "toy-walk-ok"}).task).input_shape == (1,)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the check draws nothing from torch's generator
+    for make, said in ((Wide, r"reset's observations should be a float tensor of shape \(2, 3, 1\), got "
+                              r"\(2, 3, 3\), torch.float32 \(with 2 tasks, 3 trajectories each"),
+                       (Rewards, r"step's rewards should be a float tensor of shape \(2, 3\), got \(2, 3, 1\)"),
+                       (Halves, r"observation_dim must be a whole number >= 1, got 2.0$")):
+        register_environment("toy-walk-bad", make)
+        config = resolve_config("maml-rl", {"dataset": "toy-walk-bad"})
+        with pytest.raises(MetalearnError, match="^environment toy-walk-bad: " + said):
+            problem_of(config.task)
+
+
+def test_a_failing_entry_point_is_loaded_once_and_entry_points_can_be_turned_off(fresh_plugins, monkeypatch):
+    calls = []
+
+    class Point:
+        name, value, dist = "toy", "toy_package:register", None
+
+        def load(self):
+            calls.append(1)
+            return lambda: None
+
+    class Broken(Point):
+        name, value = "toy-broken", "broken:register"
+
+        def load(self):
+            raise ImportError("no module named broken")
+
+    points = [Point(), Broken()]
+    monkeypatch.setattr(plugins, "_entry_points", lambda: points)
+    for _ in range(2):
+        with pytest.raises(plugins.PluginError, match=r"^plugin entry point 'toy-broken' \(broken:register\) of group "
+                                                      r"metalearn.plugins failed: ImportError: no module named broken "
+                                                      r"\(fix or uninstall its package, or set "
+                                                      r"METALEARN_DISABLE_PLUGIN_AUTOLOAD=1 to load no entry point\)$"):
+            plugins.load_plugins()
+    assert calls == [1]  # the entry point that loaded is not called again
+    monkeypatch.setattr(plugins, "_imported", set())
+    monkeypatch.setenv(plugins.NO_ENTRY_POINTS, "1")
+    assert plugins.load_plugins() == () and calls == [1]

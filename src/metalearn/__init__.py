@@ -13,7 +13,7 @@ from metalearn.algorithms import (MAML, MAMLRL, METHODS, PLATIPUS, MatchingNet, 
 from metalearn.api import evaluate_run, plot_run, predict_run, resolve_config, train
 from metalearn.config import RunConfig, TaskConfig, TrainConfig
 from metalearn.data.images import prepare_images
-from metalearn.datasets import register_environment
+from metalearn.datasets import register_dataset, register_environment
 from metalearn.errors import MetalearnError
 from metalearn.evaluation import evaluate
 from metalearn.runs import RunDir
@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS", "MAML", "PLATIPUS", "ProtoNet", "MatchingNet", "Reptile", "MemoryModule", "NeuralStatistician",
-    "MAMLRL", "MetaLearner", "build_learner", "register_method", "register_environment",
+    "MAMLRL", "MetaLearner", "build_learner", "register_method", "register_dataset", "register_environment",
     "evaluate_run", "plot_run", "resolve_config", "train", "RunConfig", "TaskConfig", "TrainConfig",
     "MetalearnError", "evaluate", "EpisodeSampler", "SineOrLineTasks", "SinusoidTasks", "TaskBatch", "Problem",
     "build_task_source", "Trainer", "build_trainer", "load_trained", "RunDir", "predict_run", "prepare_images",

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from metalearn.errors import ConfigError, MetalearnError
+from metalearn.plugins import load_plugins, unknown_hint, warn_if_replacing
 
 
 @dataclass(frozen=True)
@@ -98,22 +99,21 @@ BUILT_IN_DATASETS: frozenset[str] = frozenset()  # set below the built-in regist
 def register_dataset(dataset: Dataset) -> Dataset:
     """Make ``dataset`` known to configurations, ``--dataset`` and the task layer; registered in
     a plugin's module (:mod:`metalearn.plugins`), to every process. A second registration under
-    a name replaces the first; one that replaces a built-in dataset warns."""
-    from metalearn.plugins import warn_if_replacing
-
+    a name replaces the first; one that replaces a built-in dataset warns. Raises
+    :class:`MetalearnError` for a name that is not a command-line name."""
+    if not isinstance(dataset, Dataset):
+        raise MetalearnError(f"register_dataset takes a metalearn.datasets.Dataset, got {type(dataset).__name__}")
+    if not isinstance(dataset.name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_+-]*", dataset.name):
+        raise MetalearnError(f"a dataset's name must be a command-line name: lower-case letters, digits, '-', '_' "
+                             f"or '+', got {dataset.name!r}")
     warn_if_replacing("dataset", dataset.name, BUILT_IN_DATASETS, DATASETS.get(dataset.name) is dataset)
     DATASETS[dataset.name] = dataset
     return dataset
 
 
 def get_dataset(name: str) -> Dataset:
+    load_plugins()  # once per process: a plugin may register a dataset, or replace a built-in one
     if name not in DATASETS:
-        from metalearn.plugins import load_plugins
-
-        load_plugins()  # a dataset or environment of a plugin: registered when its module is imported
-    if name not in DATASETS:
-        from metalearn.plugins import unknown_hint
-
         raise ConfigError("TaskConfig", "dataset", f"must be one of {', '.join(DATASETS)}, got {name!r} "
                                                    f"({unknown_hint()})")
     return DATASETS[name]
@@ -324,8 +324,10 @@ def register_environment(name: str, make: Callable[[], Any]) -> Dataset:
     (:mod:`metalearn.plugins`), the environment is known to every process, ``metalearn eval``
     and torchrun's ranks included. Returns the registered :class:`Dataset`.
 
-    Raises :class:`MetalearnError` for a name that is not a command-line name; what ``make``
-    returns is checked at its first call (a missing method or size is one line naming it)."""
+    Raises :class:`MetalearnError` for a name that is not a command-line name. What ``make``
+    returns is checked at its first call, each a one-line :class:`MetalearnError`: a missing
+    method or size, and the shapes of a first draw of tasks, reset and step
+    (:func:`check_environment`)."""
     if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_+-]*", name):
         raise MetalearnError(f"an environment's name must be a command-line name: lower-case letters, digits, '-', "
                              f"'_' or '+', got {name!r}")
@@ -336,15 +338,18 @@ def register_environment(name: str, make: Callable[[], Any]) -> Dataset:
 
     def made():
         env = make()
-        missing = [attribute for attribute in ("sample_tasks", "reset", "step") if not callable(getattr(env, attribute, None))]
-        missing += [size for size in ("observation_dim", "action_dim", "horizon")
-                    if isinstance(getattr(env, size, None), bool) or not isinstance(getattr(env, size, None), int)
-                    or getattr(env, size) < 1]
+        missing = [method for method in ("sample_tasks", "reset", "step") if not callable(getattr(env, method, None))]
+        missing += [size for size in ("observation_dim", "action_dim", "horizon") if not hasattr(env, size)]
         if missing:
             raise MetalearnError(f"environment {name}: what make() returned ({type(env).__name__}) lacks "
                                  f"{', '.join(missing)} (methods sample_tasks, reset, step; sizes observation_dim, "
-                                 "action_dim, horizon as whole numbers >= 1: see metalearn.envs.Environment)")
+                                 "action_dim, horizon: see metalearn.envs.Environment)")
+        for size in ("observation_dim", "action_dim", "horizon"):
+            value = getattr(env, size)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MetalearnError(f"environment {name}: {size} must be a whole number >= 1, got {value!r}")
         if not sizes:
+            check_environment(name, env)
             sizes.append((env.observation_dim, env.action_dim))
         return env
 
@@ -356,3 +361,52 @@ def register_environment(name: str, make: Callable[[], Any]) -> Dataset:
         return Problem((sizes[0][0],), sizes[0][1], False)
 
     return register_dataset(Dataset(name, build=_environment(made), problem=problem, **_RL))
+
+
+def check_environment(name: str, env: Any, tasks: int = 2, trajectories: int = 3) -> None:
+    """Refuse, in one line, an environment whose first steps do not have the shapes a policy and
+    the rollout need: ``tasks`` tasks drawn, ``trajectories`` reset, one step of zero actions
+    (torch's random state left as it was). Otherwise a wrong size surfaces as a shape error from
+    inside torch, or as returns of the wrong tasks."""
+    import torch
+
+    def shape(value) -> str:
+        return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+    def check(what: str, value, expected: tuple[int, ...], kind: str) -> None:
+        ok = isinstance(value, torch.Tensor) and tuple(value.shape) == expected and (
+            value.dtype == torch.bool if kind == "bool" else value.is_floating_point())
+        if not ok:
+            dtype = f", {value.dtype}" if isinstance(value, torch.Tensor) else ""
+            raise MetalearnError(f"environment {name}: {what} should be a {kind} tensor of shape {expected}, got "
+                                 f"{shape(value)}{dtype} (with {tasks} tasks, {trajectories} trajectories each: "
+                                 "see metalearn.envs.Environment)")
+
+    with torch.random.fork_rng(devices=[]):
+        try:
+            params = env.sample_tasks(tasks, torch.Generator().manual_seed(0))
+            if not isinstance(params, dict) or not all(isinstance(v, torch.Tensor) and v.dim() >= 1
+                                                        and v.shape[0] == tasks for v in params.values()) or not params:
+                raise MetalearnError(f"environment {name}: sample_tasks({tasks}, generator) should return a dict of "
+                                     f"tensors with a leading axis of {tasks} tasks, got "
+                                     + (", ".join(f"{k}: {shape(v)}" for k, v in params.items())
+                                        if isinstance(params, dict) and params else type(params).__name__))
+            first = env.reset(params, trajectories)
+            if not (isinstance(first, tuple) and len(first) == 2):
+                raise MetalearnError(f"environment {name}: reset should return (state, observations), got "
+                                     f"{type(first).__name__}")
+            state, observations = first
+            check("reset's observations", observations, (tasks, trajectories, env.observation_dim), "float")
+            after = env.step(state, torch.zeros(tasks, trajectories, env.action_dim, dtype=observations.dtype))
+            if not (isinstance(after, tuple) and len(after) == 4):
+                raise MetalearnError(f"environment {name}: step should return (state, observations, rewards, done), "
+                                     f"got {type(after).__name__}")
+            _, observations, rewards, done = after
+        except MetalearnError:
+            raise
+        except Exception as err:  # the environment's own code, named with it
+            raise MetalearnError(f"environment {name}: its first tasks, reset and step failed: "
+                                 f"{type(err).__name__}: {err}") from err
+    check("step's observations", observations, (tasks, trajectories, env.observation_dim), "float")
+    check("step's rewards", rewards, (tasks, trajectories), "float")
+    check("step's done", done, (tasks, trajectories), "bool")

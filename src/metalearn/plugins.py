@@ -30,32 +30,60 @@ import sys
 import warnings
 from pathlib import Path
 
-from metalearn.errors import MetalearnError
+from metalearn.errors import MetalearnError, MetalearnWarning
 
 ENVIRONMENT_VARIABLE = "METALEARN_PLUGINS"
 ENTRY_POINT_GROUP = "metalearn.plugins"
+NO_ENTRY_POINTS = "METALEARN_DISABLE_PLUGIN_AUTOLOAD"  # set (to anything but 0 or ""): no entry point is loaded
 
-_loaded: tuple[str, ...] | None = None  # what load_plugins imported, once it has succeeded
-_loading = False  # a plugin's own import that looks a name up must not load the plugins again
+_loaded: tuple[str, ...] | None = None  # what load_plugins imported, once all have been
+_pending: list | None = None  # while loading: the plugins not yet begun, ("named", entry) or ("entry point", point)
+_done: list[str] = []  # while loading: what the outermost call loads, in order
+_imported: set[str] = set()  # every plugin imported in this process: a retry after a failure skips them
+_files: dict[Path, str] = {}  # a plugin file -> the module name it was imported as
+_depth = 0  # load_plugins calls under way: a plugin's import may look a name up, which loads the rest
+
+
+class PluginError(MetalearnError):
+    """A plugin that could not be loaded: the message names it, where it was named and what it
+    raised."""
 
 
 def load_plugins() -> tuple[str, ...]:
     """Import the plugins (see the module docstring) unless this process has already; returns
     what was loaded, each as ``METALEARN_PLUGINS`` or the entry point names it.
 
-    A plugin that fails to import is one :class:`MetalearnError` naming it, where it was named
-    and what it raised; it is tried again at the next call."""
-    global _loaded, _loading
-    if _loaded is not None or _loading:
-        return _loaded or ()
-    _loading = True
+    A plugin whose import looks up a name (a method whose default network another plugin
+    registers) gets the plugins after it loaded first, whatever their order. A plugin that fails
+    to import is one :class:`PluginError` naming it, where it was named and what it raised
+    (also a refusal of what it registers); at the next call the plugins not yet imported are
+    tried again. Does nothing while metalearn itself is still being imported (a plugin imports
+    it)."""
+    global _loaded, _pending, _done, _depth
+    if _loaded is not None:
+        return _loaded
+    if not hasattr(sys.modules.get("metalearn"), "__version__"):  # set at the end of metalearn/__init__.py
+        return ()
+    if _pending is None:  # the outermost call: what to load
+        points = [] if os.environ.get(NO_ENTRY_POINTS, "") not in ("", "0") else _entry_points()
+        _pending = [("named", entry) for entry in plugin_names()] + [("entry point", point) for point in points]
+        _done = [plugin if kind == "named" else plugin.name for kind, plugin in _pending]  # in order
+    _depth += 1
     try:
-        loaded = [_load_named(entry) for entry in plugin_names()]
-        for point in _entry_points():
-            loaded.append(_load_entry_point(point))
-        _loaded = tuple(loaded)
+        while _pending:
+            kind, plugin = _pending.pop(0)
+            key = plugin if kind == "named" else f"entry point {plugin.name}={plugin.value}"
+            if key not in _imported:
+                _load_named(plugin) if kind == "named" else _load_entry_point(plugin)
+                _imported.add(key)
+    except BaseException:
+        _pending = None  # the next call begins again, past those imported already
+        raise
     finally:
-        _loading = False
+        _depth -= 1
+    if _depth > 0:  # a plugin's lookup, within the outermost call: the rest is loaded, its own import goes on
+        return ()
+    _loaded, _pending = tuple(_done), None
     return _loaded
 
 
@@ -72,40 +100,59 @@ def _is_path(entry: str) -> bool:
     return entry.endswith(".py") or "/" in entry or os.sep in entry or entry.startswith("~")
 
 
-def _load_named(entry: str) -> str:
+def _load_named(entry: str) -> None:
     where = f"{entry!r} of {ENVIRONMENT_VARIABLE}"
     try:
         if _is_path(entry):
             _import_file(entry, where)
         else:
-            importlib.import_module(entry)
-    except MetalearnError:
+            _import_module(entry)
+    except PluginError:  # another plugin's, loaded from within this one's import: named already
         raise
     except ModuleNotFoundError as err:
         if err.name == entry.split(".")[0]:  # the plugin itself, not a module it imports
-            raise MetalearnError(f"plugin {where}: no module named {entry!r} on the Python path (a file of your "
-                                 f"own: give its path, e.g. {ENVIRONMENT_VARIABLE}=./{entry}.py)") from None
-        raise MetalearnError(f"plugin {where} could not be imported: {type(err).__name__}: {err}") from err
+            file = "" if "." in entry else f" (a file of your own: give its path, e.g. {ENVIRONMENT_VARIABLE}=./{entry}.py)"
+            raise PluginError(f"plugin {where}: no module named {entry!r} on the Python path or in the current "
+                              f"folder{file}") from None
+        raise PluginError(f"plugin {where} could not be imported: {type(err).__name__}: {err}") from err
+    except MetalearnError as err:  # metalearn refused what it registers: the plugin is named with it
+        raise PluginError(f"plugin {where}: {err}") from err
     except Exception as err:  # whatever the plugin's own code raised, named with the plugin
-        raise MetalearnError(f"plugin {where} could not be imported: {type(err).__name__}: {err}") from err
-    return entry
+        raise PluginError(f"plugin {where} could not be imported: {type(err).__name__}: {err}") from err
+
+
+def _import_module(name: str) -> None:
+    """Import the module ``name`` from the Python path or, failing that, the current folder: the
+    ``metalearn`` command does not search the current folder, ``python -m metalearn`` and
+    torchrun do, and a plugin must be found alike by the process that trains and the one that
+    evaluates."""
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        here = os.getcwd()
+        if err.name != name.split(".")[0] or here in sys.path or "" in sys.path:
+            raise
+        sys.path.append(here)
+        try:
+            importlib.import_module(name)
+        finally:
+            sys.path.remove(here)
 
 
 def _import_file(entry: str, where: str) -> None:
-    """Import the ``.py`` file ``entry`` as a module named after the file, once: a second entry
-    of the same file, or a module of that name imported from it already, is not run again."""
+    """Import the ``.py`` file ``entry`` (a relative path from the current folder), once per
+    file however it is spelt, under a module name of its own (``metalearn_plugin_<name>_<n>``),
+    so that a plugin called ``matplotlib.py`` or two files called ``plugin.py`` shadow nothing."""
     path = Path(entry).expanduser().resolve()
     if not path.is_file():
-        raise MetalearnError(f"plugin {where}: no file {path}")
-    name = path.stem
-    existing = sys.modules.get(name)
-    if existing is not None:
-        if getattr(existing, "__file__", None) and Path(existing.__file__).resolve() == path:
-            return
-        name = f"metalearn_plugin_{path.stem}"  # a module of that name is another file (or built in)
+        raise PluginError(f"plugin {where}: no file {path}" + (" (a relative path is read from the current folder)"
+                                                              if not Path(entry).expanduser().is_absolute() else ""))
+    if path in _files:
+        return
+    name = f"metalearn_plugin_{path.stem}_{len(_files)}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
-        raise MetalearnError(f"plugin {where}: {path} is not a Python module")
+        raise PluginError(f"plugin {where}: {path} is not a Python module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # before running it, as an import does: its classes name their module
     try:
@@ -113,22 +160,34 @@ def _import_file(entry: str, where: str) -> None:
     except BaseException:
         del sys.modules[name]
         raise
+    _files[path] = name
 
 
-def _load_entry_point(point: importlib.metadata.EntryPoint) -> str:
+def _load_entry_point(point: importlib.metadata.EntryPoint) -> None:
     package = getattr(point.dist, "name", None)
     where = f"entry point {point.name!r} ({point.value}" + (f", package {package})" if package else ")")
     try:
         loaded = point.load()
         if callable(loaded) and not isinstance(loaded, type):
             loaded()
+    except PluginError:
+        raise
     except Exception as err:
-        raise MetalearnError(f"plugin {where} of group {ENTRY_POINT_GROUP} failed: {type(err).__name__}: {err}") from err
-    return point.name
+        raise PluginError(f"plugin {where} of group {ENTRY_POINT_GROUP} failed: {type(err).__name__}: {err} "
+                          f"(fix or uninstall {package or 'its package'}, or set {NO_ENTRY_POINTS}=1 to load no entry "
+                          "point)") from err
+
+
+def plugin_file_module(path: Path | str) -> str | None:
+    """The module name a plugin file was imported as (None: not imported)."""
+    return _files.get(Path(path).expanduser().resolve())
 
 
 def unknown_hint() -> str:
-    """The remedy for a name nothing has registered, for the end of a message."""
+    """The remedy for a name nothing has registered, for the end of a message: the plugins this
+    process loaded, where it loaded any (the name may be misspelt, or in a plugin not named)."""
+    if _loaded:
+        return f"plugins loaded: {', '.join(_loaded)}; one of your own: name its module in {ENVIRONMENT_VARIABLE}"
     return f"one of your own: name its module in {ENVIRONMENT_VARIABLE}"
 
 
@@ -138,4 +197,5 @@ def warn_if_replacing(kind: str, name: str, built_in: frozenset[str], same: bool
     of that name then trains something else than the documentation and its records say."""
     if name in built_in and not same:
         warnings.warn(f"this registration replaces metalearn's built-in {kind} {name!r} in this process: runs that name "
-                      f"it train and read the new one (choose another name to keep both)", stacklevel=3)
+                      f"it train and read the new one (choose another name to keep both)", MetalearnWarning,
+                      stacklevel=3)

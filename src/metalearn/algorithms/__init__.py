@@ -23,6 +23,7 @@ from metalearn.algorithms.protonet import ProtoNet, ProtoNetConfig
 from metalearn.algorithms.reptile import Reptile, ReptileConfig
 from metalearn.algorithms.statistician import NeuralStatistician, StatisticianConfig
 from metalearn.errors import ConfigError, MetalearnError
+from metalearn.plugins import load_plugins, unknown_hint, warn_if_replacing
 from metalearn.tasks.batch import Problem
 
 METHODS: dict[str, type[MetaLearner]] = {
@@ -82,8 +83,6 @@ def register_method(cls: type[MetaLearner]) -> type[MetaLearner]:
                              "option needs one (option(default, \"help\"))")
     check_option_names(cls)
     check_legacy_defaults(cls)
-    from metalearn.plugins import warn_if_replacing
-
     warn_if_replacing("method", cls.name, BUILT_IN_METHODS, METHODS.get(cls.name) is cls)
     METHODS[cls.name] = cls
     return cls
@@ -142,12 +141,9 @@ def methods_that(ability: str) -> str:
 
 
 def find_method(name: str) -> type[MetaLearner] | None:
-    """The registered method called ``name``, the plugins loaded first where nothing has
-    registered it (:mod:`metalearn.plugins`); None where none is."""
-    if name not in METHODS:
-        from metalearn.plugins import load_plugins
-
-        load_plugins()  # a method of a plugin: registered when its module is imported
+    """The registered method called ``name``, the plugins loaded first (:mod:`metalearn.plugins`:
+    a plugin may register a method, or replace a built-in one); None where none is."""
+    load_plugins()  # once per process
     return METHODS.get(name)
 
 
@@ -157,8 +153,6 @@ def method_class(name: str) -> type[MetaLearner]:
         raise MetalearnError(f"a method is named by its text name: give {name.name!r}, not the class {name.__name__}")
     found = find_method(name) if isinstance(name, str) else None
     if found is None:
-        from metalearn.plugins import unknown_hint
-
         raise MetalearnError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)} ({unknown_hint()})")
     return found
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from metalearn.errors import ConfigError, MetalearnError
+from metalearn.plugins import load_plugins, unknown_hint, warn_if_replacing
 from metalearn.models.conv4 import Conv4, mamlpp_conv4, reference_conv4
 from metalearn.models.mlp import MLP
 from metalearn.models.norm import BatchStatNorm, first_order_batch_norm
@@ -111,8 +112,6 @@ def register_network(network: Network) -> Network:
     if isinstance(network.min_side, bool) or not isinstance(network.min_side, int) or network.min_side < 1:
         raise MetalearnError(f"network {network.name}: min_side must be a whole number of pixels >= 1, "
                              f"got {network.min_side!r}")
-    from metalearn.plugins import warn_if_replacing
-
     warn_if_replacing("network", network.name, BUILT_IN_NETWORKS, NETWORKS.get(network.name) is network)
     NETWORKS[network.name] = network
     return network
@@ -149,10 +148,7 @@ def check_network_name(owner: str, name: str, role: str, inputs: str | None = No
     networks ``also`` (name -> a few words: the Memory Module's ``lenet``): one line that lists
     the valid ones and says what is wrong with a known network."""
     also = also or {}
-    if name not in also and name not in NETWORKS:
-        from metalearn.plugins import load_plugins
-
-        load_plugins()  # a network of a plugin: registered when its module is imported
+    load_plugins()  # once per process: a plugin may register a network, or replace a built-in one
     valid = network_names(role, inputs)
     if name in also or name in valid:
         return
@@ -161,8 +157,6 @@ def check_network_name(owner: str, name: str, role: str, inputs: str | None = No
             f"an {inputs} network" if inputs == "image" else "an embedding network")
     network = NETWORKS.get(name)
     if network is None:
-        from metalearn.plugins import unknown_hint
-
         why = f"got {name!r} ({unknown_hint()})"
     elif inputs is not None and network.inputs != inputs:
         why = f"{name} takes {network.inputs} inputs"
@@ -180,14 +174,9 @@ def build_model(name: str, input_shape: tuple[int, ...], out_features: int | Non
     serve as what is asked (an embedding network for a method that needs an output layer, or the
     reverse), inputs of the wrong kind or too small.
     """
-    if name not in NETWORKS:
-        from metalearn.plugins import load_plugins
-
-        load_plugins()
+    load_plugins()  # once per process: a plugin may register a network, or replace a built-in one
     network = NETWORKS.get(name)
     if network is None:
-        from metalearn.plugins import unknown_hint
-
         raise MetalearnError(f"unknown model {name!r}; valid models: {', '.join(NETWORKS)} ({unknown_hint()})")
     # the networks to name instead: those of the same kind of inputs, else any
     if out_features is not None and not network.classifier:

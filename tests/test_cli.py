@@ -729,9 +729,10 @@ def test_a_schedule_that_halves_the_rate_to_nothing_is_one_warning_line(capsys, 
         assert messages == []
         return
     halvings = (steps - 1) // 2000
-    assert messages == [f"--lr-halve-every 2000 halves the meta learning rate {halvings} times over --steps {steps}, "
-                        f"to {1e-3 * 0.5 ** halvings:.2g} (from --meta-lr 0.001), where its steps barely change the "
-                        f"weights; give --lr-halve-every {-(-steps // 11)} (at most 10 halvings) or 0 (none)"]
+    # from Python the options as Python gives them; the command line's flags are the next test's
+    assert messages == [f"lr_halve_every=2000 halves the meta learning rate {halvings} times over steps={steps}, "
+                        f"to {1e-3 * 0.5 ** halvings:.2g} (from meta_lr=0.001), where its steps barely change the "
+                        f"weights; give lr_halve_every={-(-steps // 11)} (at most 10 halvings) or 0 (none)"]
     assert (steps - 1) // -(-steps // 11) <= 10
 
 

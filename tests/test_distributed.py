@@ -178,7 +178,7 @@ def test_device_names_resolve_or_fail_clearly(monkeypatch):
     assert resolve_device("auto") == torch.device("cpu")  # no GPU: the CPU
     with pytest.raises(MetalearnError, match="sees no GPU"):
         resolve_device("cuda")
-    with pytest.raises(MetalearnError, match="--device must be"):
+    with pytest.raises(MetalearnError, match="^device must be"):
         resolve_device("tpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -193,7 +193,7 @@ def test_one_gpu_for_every_rank_and_a_bad_timeout_are_refused_before_joining(mon
     from metalearn.errors import MetalearnError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(MetalearnError, match="--device cuda:0 under torchrun would put all 2 ranks on one GPU"):
+    with pytest.raises(MetalearnError, match="^device='cuda:0' under torchrun would put all 2 ranks on one GPU"):
         init_world("cuda:0")
     monkeypatch.setenv("METALEARN_DIST_TIMEOUT", "five minutes")
     with pytest.raises(MetalearnError, match="METALEARN_DIST_TIMEOUT must be a positive number"):

@@ -253,7 +253,7 @@ def test_a_split_file_chooses_the_classes(shapes, tmp_path):
         path.write_text(json.dumps({"train": list(folder.class_names[:2]), "val": [entry]}))
         with pytest.raises(MetalearnError) as info:
             class_parts(folder, split_file=str(path))
-        assert str(info.value).startswith(f"--split-file {path}: val lists {shown}, not a class name"), info.value
+        assert str(info.value).startswith(f"split_file {path}: val lists {shown}, not a class name"), info.value
         assert "\n" not in str(info.value)
 
 
@@ -353,7 +353,7 @@ def test_mini_imagenet_csv_layout_and_the_cache_rebuilt_after_a_change(tmp_path,
     assert folder.layout == "csv" and folder.images.shape == (15 * 6, 3, 16, 16)
     assert folder.parts.count("train") == 8 and folder.parts.count("test") == 4
     assert folder.class_names[0] == "n01000000"
-    with pytest.raises(MetalearnError, match="--split-fractions cannot apply: this folder's train.csv"):
+    with pytest.raises(MetalearnError, match="^split_fractions cannot apply: this folder's train.csv"):
         class_parts(folder, "0.5,0.25,0.25")  # the release's split, not a silently unused option
     task = resolve_config("protonet", {"dataset": "mini-imagenet", "image_size": 16, "ways": 3, "shots": 1,
                                        "query": 2}).task
@@ -545,7 +545,7 @@ def test_split_fractions_give_counts_that_sum_and_leave_no_asked_part_empty():
     assert counts(4, "1,0,0") == [4, 0, 0]
     for n in range(3, 40):
         assert sum(counts(n)) == n and min(counts(n)) >= 1
-    with pytest.raises(MetalearnError, match=r"^--split-fractions 0.64,0.16,0.2 \(the default\) asks for train, val "
+    with pytest.raises(MetalearnError, match=r"^split_fractions 0.64,0.16,0.2 \(the default\) asks for train, val "
                                              "and test classes but the folder has 2 classes"):
         counts(2)
     with pytest.raises(MetalearnError, match="asks for train and test classes but the folder has 1 class:"):
@@ -946,11 +946,13 @@ def test_predict_run_checks_its_outputs_and_writes_all_or_none(shapes, tmp_path,
     out = tmp_path / "out"
     (out / "a-folder").mkdir(parents=True)
     (out / "a-file").write_text("a file")
-    for outputs, message in (({"csv_out": out / "a-folder"}, f"--csv {out / 'a-folder'} is a folder; give a file name"),
-                             ({"sheet": out / "a-file" / "s.png"}, f"--sheet {out / 'a-file' / 's.png'}: "
+    # named as Python names them: the parameters, not the command line's --csv, --sheet and --json
+    for outputs, message in (({"csv_out": out / "a-folder"}, f"csv_out {out / 'a-folder'} is a folder; give a file "
+                                                             "name"),
+                             ({"sheet": out / "a-file" / "s.png"}, f"sheet {out / 'a-file' / 's.png'}: "
                                                                    f"{out / 'a-file'} is a file, not a folder"),
-                             ({"csv_out": out / "x" / ".." / "p.json"}, "--json and --csv both name")):
-        with pytest.raises(MetalearnError, match=re.escape(message)):
+                             ({"csv_out": out / "x" / ".." / "p.json"}, "json_out and csv_out both name")):
+        with pytest.raises(MetalearnError, match="^" + re.escape(message)):
             predict_run(run_dir, support, query, json_out=out / "p.json", **outputs)
         assert sorted(p.name for p in out.iterdir()) == ["a-file", "a-folder"]  # no p.json
     # images in memory, or a list of support folders: one line naming what predict_run takes
@@ -963,7 +965,7 @@ def test_predict_run_checks_its_outputs_and_writes_all_or_none(shapes, tmp_path,
     # any iterable of paths is a query (a glob), as is one path
     globbed = predict_run(run_dir, support, Path(query).rglob("*.png"))
     assert len(globbed["predictions"]) == len(list(Path(query).rglob("*.png"))) > 0
-    with pytest.raises(MetalearnError, match="--split-fractions are given as text"):
+    with pytest.raises(MetalearnError, match="^split_fractions are given as text"):
         from metalearn.api import evaluate_run
 
         evaluate_run(run_dir, data_dir=shapes, split_fractions=(0, 0, 1), progress=False)
@@ -1746,12 +1748,13 @@ def test_split_file_mistakes_are_named(tmp_path):
 
 
 def test_support_and_query_paths_are_named_as_they_are_and_queries_counted_once(tmp_path):
-    """--support and --query say the same of a missing path; an empty one (the working
-    directory) is refused; an image given twice is classified once, with one warning."""
+    """support and query say the same of a missing path, each named as Python names it; an empty
+    one (the working directory) is refused; an image given twice is classified once, with one
+    warning."""
     from metalearn.prediction import read_query, read_support
 
     missing = tmp_path / "nonexist"
-    for read, option in ((read_support, "--support"), (lambda p: read_query([p]), "--query")):
+    for read, option in ((read_support, "support"), (lambda p: read_query([p]), "query")):
         with pytest.raises(MetalearnError, match=rf"^{option} {re.escape(str(missing))} does not exist; give"):
             read(missing)
         with pytest.raises(MetalearnError, match=rf"^{option} is empty; give an image file or folder"):
@@ -1780,7 +1783,7 @@ def test_a_folder_without_images_names_what_it_holds(tmp_path, capsys, monkeypat
     query = tmp_path / "pq1"
     query.mkdir()
     (query / "a.txt").write_text("x")
-    with pytest.raises(MetalearnError, match=rf"^--query {re.escape(str(query))} holds no images \(PNG or JPEG\); it "
+    with pytest.raises(MetalearnError, match=rf"^query {re.escape(str(query))} holds no images \(PNG or JPEG\); it "
                                              r"holds 1 file that is not an image by its name: a\.txt$"):
         read_query([query])
     for name in ("b.heic", "c.doc", "sub/d.raw", "sub/e.txt"):

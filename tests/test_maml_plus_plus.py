@@ -296,7 +296,7 @@ def test_turning_a_preset_part_off_drops_the_preset_values_that_only_it_uses():
     lake = resolve_config("maml", task={"ways": 20, "split": "lake"}, preset="maml++")
     assert (lake.train.val_every, lake.train.keep_best) == (0, 0)  # no validation part: nothing to keep
     with pytest.raises(ConfigError, match=r"min_meta_lr must be at most TrainConfig.meta_lr, got 1e-05 \(the value "
-                                          r"of --preset maml\+\+: give TrainConfig.min_meta_lr to change it\)"):
+                                          r"of preset='maml\+\+': give TrainConfig.min_meta_lr to change it\)$"):
         resolve_config("maml", task={"ways": 20}, train={"meta_lr": 1e-6}, preset="maml++")
     with pytest.raises(ConfigError, match="first_order_steps switches from first to second order"):
         resolve_config("maml", task={"ways": 20}, method_config={"first_order": True, "first_order_steps": 10},
@@ -459,7 +459,7 @@ def test_the_best_validation_checkpoints_are_kept_and_evaluated_as_an_ensemble(t
     code, _, err = run(["eval", plain, "--ensemble", "--no-progress"], capsys)
     assert code == 2 and "kept no best checkpoints: train with --keep-best N" in err
     early = tmp_path / "early"  # keeps the best, but has not validated yet
-    with pytest.warns(MetalearnWarning, match="--keep-best 2 keeps no checkpoint"):
+    with pytest.warns(MetalearnWarning, match="^keep_best=2 keeps no checkpoint"):
         config = resolve_config("maml", task={"dataset": "sinusoid"},
                                 train={"steps": 1, "val_every": 100, "keep_best": 2, "eval_episodes": 2})
     build_trainer(config, early).fit(progress=False)

@@ -813,7 +813,7 @@ def test_ensemble_eval_of_a_policy_run_is_refused_in_one_line(tmp_path, capsys):
     with pytest.raises(MetalearnError) as refused:
         evaluate_run(tmp_path / "run", ensemble=True, progress=False)
     message = str(refused.value)
-    assert "--ensemble" in message and "maml-rl" in message and "without --ensemble" in message
+    assert message.startswith("ensemble=True averages") and "maml-rl" in message and "without ensemble=True" in message
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*")) == before
     assert not list((tmp_path / "run").glob("eval*"))
 

@@ -253,7 +253,7 @@ def test_status_of_a_run_on_tasks_of_the_user_s_own_gives_the_python_lines(tmp_p
     config = resolve_config("maml", task={"dataset": "sinusoid"},
                             train={"steps": 2, "meta_batch_size": 2, "val_every": 0, "log_every": 1})
     learner = build_learner("maml", config.method_config, problem_of(config.task))
-    with pytest.raises(TrainingStopped, match="--stop-at"):
+    with pytest.raises(TrainingStopped, match=r"\(stop_at\)"):
         Trainer(config, learner, LineTasks(shots=5, query=5), None, tmp_path / "lines").fit(progress=False,
                                                                                            stop_at=1)
     status = json.loads(run(["status", tmp_path / "lines", "--json"], capsys)[1])[0]

@@ -156,13 +156,13 @@ def test_resume_with_other_configuration_is_refused(tmp_path):
 
 def test_starting_over_an_existing_run_is_refused(tmp_path):
     build_trainer(sinusoid_config(2), tmp_path).fit(progress=False)
-    with pytest.raises(MetalearnError, match="--resume"):
+    with pytest.raises(MetalearnError, match=r"continue it \(resume=True\) or choose another run_dir$"):
         build_trainer(sinusoid_config(2), tmp_path)
     # without its checkpoint the folder still holds a run (config, metrics): neither resumed
     # from step 0 nor started over on top of the old metrics
     # (either way, the message says that neither works, and why)
     (tmp_path / "checkpoint.pt").rename(tmp_path / "kept.pt")
-    with pytest.raises(MetalearnError, match="has no checkpoint.pt .*start afresh in another --run-dir"):
+    with pytest.raises(MetalearnError, match="has no checkpoint.pt .*start afresh in another run_dir$"):
         build_trainer(sinusoid_config(2), tmp_path, resume=True)
     with pytest.raises(MetalearnError, match="already holds a run, which cannot be resumed either: it has no "
                                              "checkpoint.pt"):
@@ -290,7 +290,7 @@ def test_stop_at_pauses_after_that_step_of_the_schedule_and_resume_stays_exact(t
     straight.fit(progress=False)
 
     trainer = build_trainer(config, tmp_path / "paused")
-    with pytest.raises(TrainingStopped, match=r"stopped as asked \(--stop-at\) after step 2 of 6.*--resume") as stopped:
+    with pytest.raises(TrainingStopped, match=r"stopped as asked \(stop_at\) after step 2 of 6.*--resume") as stopped:
         trainer.fit(progress=False, stop_at=2)
     assert stopped.value.exit_code == 0
     assert load_trained(tmp_path / "paused")[2] == 2
@@ -337,7 +337,7 @@ def test_a_signal_or_the_time_limit_in_the_stop_at_step_still_reports_the_pause(
             return real_meta_loss(batch)
 
         trainer.learner.meta_loss = step
-        with pytest.raises(TrainingStopped, match=r"stopped as asked \(--stop-at\) after step 3 of 6") as stopped:
+        with pytest.raises(TrainingStopped, match=r"stopped as asked \(stop_at\) after step 3 of 6") as stopped:
             trainer.fit(progress=False, stop_at=3, time_limit_s=35.0 if case == "time" else None)
         assert stopped.value.exit_code == 0 and load_trained(tmp_path / case)[2] == 3
         again = build_trainer(sinusoid_config(6, val_every=0), tmp_path / case, resume=True)
@@ -457,7 +457,8 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path):
         return (loss * float("nan") if trainer.step >= 5 else loss), metrics
 
     trainer.learner.meta_loss = diverging
-    with pytest.raises(MetalearnError, match=r"meta-loss became nan at step 6.*--inner-lr"):
+    with pytest.raises(MetalearnError, match=r"meta-loss became nan at step 6.*Try a smaller inner_lr or meta_lr, or "
+                                             r"fewer inner_steps\.$"):
         trainer.fit(progress=False)
     _, learner, step = load_trained(tmp_path)
     assert step == 4  # the last checkpoint written before the failure
@@ -738,8 +739,9 @@ def test_init_from_starts_with_another_runs_network(tmp_path, monkeypatch):
     import metalearn.training
 
     monkeypatch.setattr(metalearn.training, "check_task_source", lambda *a: pytest.fail("the data was read first"))
-    with pytest.raises(MetalearnError, match=r"network differs from this one \(at model\.[^;]*; --dataset sinusoid "
-                                             r"there, omniglot here\); both runs need"):
+    with pytest.raises(MetalearnError, match=r"network differs from this one \(at model\.[^;]*; dataset sinusoid "
+                                             r"there, omniglot here\); both runs need the same network: the same "
+                                             r"model \(or hidden\)"):
         build_trainer(wider, tmp_path / "wider")
     monkeypatch.undo()
     nowhere = dataclasses.replace(config, train=dataclasses.replace(config.train, init_from=str(tmp_path / "nowhere")))
@@ -770,7 +772,7 @@ def test_a_non_finite_gradient_stops_before_the_update_and_keeps_the_checkpoint(
         return loss, metrics
 
     trainer.learner.meta_loss = infinite_gradient_in_step_3
-    with pytest.raises(MetalearnError, match=r"meta-gradient became non-finite at step 3.*--inner-lr"):
+    with pytest.raises(MetalearnError, match=r"meta-gradient became non-finite at step 3.*Try a smaller inner_lr"):
         trainer.fit(progress=False)
     _, learner, step = load_trained(tmp_path)
     assert step == 2
@@ -853,7 +855,8 @@ def test_training_time_counts_meta_steps_only(tmp_path, monkeypatch):
 
 def test_resuming_with_fewer_steps_than_done_is_refused(tmp_path):
     build_trainer(sinusoid_config(4), tmp_path).fit(progress=False)
-    with pytest.raises(MetalearnError, match="already at step 4; --steps 2 would end it before that"):
+    with pytest.raises(MetalearnError, match="already at step 4; steps=2 would end it before that. Give steps=4 or "
+                                             "more."):
         build_trainer(sinusoid_config(2), tmp_path, resume=True)
 
 
@@ -904,7 +907,8 @@ def test_bad_schedule_and_seed_options_are_refused():
 
 
 @pytest.mark.parametrize("train, message", [
-    ({"meta_batch_size": 4}, "--meta-batch-size 4 is smaller than the 8 processes"),
+    ({"meta_batch_size": 4}, "^meta_batch_size=4 is smaller than the 8 processes: every rank needs at least one task. "
+                             "Raise meta_batch_size or start fewer processes.$"),
 ])
 def test_shares_too_small_for_the_ranks_are_refused_at_the_start(tmp_path, train, message):
     from metalearn.distributed import World
@@ -937,7 +941,7 @@ def test_a_linearly_annealed_run_refuses_a_new_step_count_and_says_why():
 
     saved = RunConfig("reptile", train=TrainConfig(steps=4, lr_anneal="linear"))
     longer = dataclasses.replace(saved, train=dataclasses.replace(saved.train, steps=6))
-    with pytest.raises(MetalearnError, match=r"annealed \(linear\) over --steps"):
+    with pytest.raises(MetalearnError, match=r"annealed \(linear\) over steps,"):
         check_compatible(saved, longer, "the run")
     check_compatible(dataclasses.replace(saved, train=TrainConfig(steps=4)),
                      dataclasses.replace(longer, train=TrainConfig(steps=6)), "the run")  # no anneal: fine
@@ -1260,6 +1264,6 @@ def test_training_into_a_run_folder_again_names_the_python_way_to_continue(tmp_p
     from metalearn.api import train
 
     train(sinusoid_config(1), tmp_path / "run", progress=False, evaluate_after=False, announce=lambda _: None)
-    with pytest.raises(MetalearnError, match=r"already holds a run; continue it \(--resume; in Python, "
-                                             r"resume=True\) or choose another --run-dir$"):
+    with pytest.raises(MetalearnError, match=r"already holds a run; continue it \(resume=True\) or choose another "
+                                             r"run_dir$"):
         train(sinusoid_config(1), tmp_path / "run", progress=False, evaluate_after=False, announce=lambda _: None)

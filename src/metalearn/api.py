@@ -23,19 +23,20 @@ from metalearn.config import (RESUMABLE_CHANGES, RunConfig, TaskConfig, TrainCon
                               sets_task_option, task_differences)
 from metalearn.datasets import DATASETS, NATURAL_IMAGES, get_dataset
 from metalearn.distributed import World, init_world
-from metalearn.errors import ConfigError, MetalearnError, MetalearnWarning, TrainingStopped, kind_of
+from metalearn.errors import (ConfigError, MetalearnError, OptionError, OptionWarning, TrainingStopped, flag, kind_of,
+                              valued)
 from metalearn.evaluation import EPISODE_CHUNK, evaluate
 from metalearn.options import option_defaults
 from metalearn.runs import RunDir, claim_new_run_dir, default_runs_root, new_run_name
-from metalearn.files import (WriteError, atomic_write_files, check_writable_file, obstacle, probe_writable,
-                             remove_export_temporaries, same_path, user_path)
+from metalearn.files import (WriteError, atomic_write_files, obstacle, probe_writable, remove_export_temporaries,
+                             same_path, user_path)
 from metalearn.locking import make_folders
 from metalearn.plugins import load_plugins, unknown_hint
 from metalearn.tasks import has_validation, no_validation_reason
 from metalearn.checkpoints import (check_same_method, check_test_ways, configuration_conflict, load_trained,
                                    load_trained_state, recorded_images, run_images)
 from metalearn.training import (TEST_SEED_OFFSET, build_trainer, part_seed_offset, python_resume, python_test,
-                                resume_command)
+                                resume_command, resume_without_run_dir)
 
 
 def resolve_config(method: str, task: dict[str, Any] | None = None,
@@ -62,8 +63,8 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
             known = ", ".join(cls.presets) if cls.presets else "none"
             raise MetalearnError(f"{method} has no preset {preset!r} (its presets: {known})")
         if resume_from is not None:
-            raise MetalearnError("--preset sets the options of a new run; a resumed run keeps the options it "
-                                 "saved: leave --preset out")
+            raise OptionError("{preset} sets the options of a new run; a resumed run keeps the options it saved: "
+                              "leave {preset} out", preset="preset")
     if resume_from is not None and not RunDir(resume_from).exists():  # as train(resume=True) refuses it
         raise MetalearnError(f"cannot resume: {resume_from} holds no run (no config.json)")
     if resume_from is not None:
@@ -125,7 +126,8 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
         train_defaults = {**train_defaults, "val_every": 0}
     method_defaults, train_defaults = unused_defaults_dropped(cls, method_defaults, method_config, train_defaults,
                                                               train)
-    source = f"--preset {preset}" if preset is not None else f"{method}'s default for {task_config.dataset}"
+    source = (("{preset}", {"preset": (f"preset={preset!r}", f"--preset {preset}")}) if preset is not None
+              else (f"{method}'s default for {task_config.dataset}", {}))
     with defaults_named(source, {**method_defaults, **train_defaults}, {**method_config, **train}):
         method_options = make_method_config(method, {**method_defaults, **method_config})
         check_options_apply(method, method_config, method_options, task_config, train)
@@ -168,9 +170,12 @@ def unused_defaults_dropped(cls: type[MetaLearner], method_defaults: dict[str, A
 class defaults_named:
     """Within it, a :class:`ConfigError` about an option whose value came from ``defaults``
     (a preset's, a paper's) and not from the user says so: "--min-meta-lr must be at most
-    --meta-lr, got 1e-05 (the value of --preset maml++: give --min-meta-lr to change it)"."""
+    --meta-lr, got 1e-05 (the value of --preset maml++: give --min-meta-lr to change it)".
+    ``source``: (its words, the options they name as :class:`~metalearn.errors.Options` takes
+    them), ``("{preset}", {"preset": ("preset='maml++'", "--preset maml++")})``."""
 
-    def __init__(self, source: str, defaults: dict[str, Any], given: dict[str, Any]):
+    def __init__(self, source: tuple[str, dict[str, tuple[str, str]]], defaults: dict[str, Any],
+                 given: dict[str, Any]):
         self.source, self.defaults, self.given = source, defaults, given
 
     def __enter__(self) -> None:
@@ -181,9 +186,10 @@ class defaults_named:
             implied = [field for field in error.fields if field in self.defaults and field not in self.given]
             if implied:
                 names = " and ".join(f"`{field}`" for field in implied)
+                words, options = self.source
                 raise ConfigError(error.owner, error.fields, f"{error.problem} (the value{'s' if len(implied) > 1 else ''}"
-                                  f" of {self.source}: give {names} to change {'them' if len(implied) > 1 else 'it'})"
-                                  ) from None
+                                  f" of {words}: give {names} to change {'them' if len(implied) > 1 else 'it'})",
+                                  **{**error.options, **options}) from None
         return False
 
 
@@ -192,9 +198,9 @@ def ensemble_checkpoints(run_dir: Path | str, config: RunConfig) -> list[Path]:
     a run that keeps some (``--keep-best``) but has not validated yet is told to train on; a
     method that scores its episodes otherwise than by predictions (a policy's returns) is refused."""
     if method_class(config.method).episode_scores is not MetaLearner.episode_scores:
-        raise MetalearnError(f"--ensemble averages the predictions of the run's best checkpoints; {config.method} "
-                             "scores its episodes otherwise (a policy's returns), which do not average that way: "
-                             "evaluate without --ensemble")
+        raise OptionError(f"{{ensemble}} averages the predictions of the run's best checkpoints; {config.method} "
+                          "scores its episodes otherwise (a policy's returns), which do not average that way: "
+                          "evaluate without {ensemble}", ensemble=ENSEMBLE)
     run = RunDir(run_dir)
     if config.train.keep_best and not (run.best_dir / "index.json").is_file():  # kept by a validation yet to run
         raise MetalearnError(f"{run.path} holds no best checkpoints yet: it keeps {config.train.keep_best} by "
@@ -224,8 +230,8 @@ def dataset_for(cls, name: str):
         return DATASETS[name]
     fitting = ", ".join(known for known, d in DATASETS.items() if d.reinforcement == cls.reinforcement)
     if cls.reinforcement:
-        raise ConfigError("TaskConfig", "dataset", f"must be an environment for {cls.name} (--env {fitting}), "
-                                                   f"got {name!r} ({unknown_hint()})")
+        raise ConfigError("TaskConfig", "dataset", f"must be an environment for {cls.name} ({{env}} {fitting}), "
+                                                   f"got {name!r} ({unknown_hint()})", env=ENV)
     raise ConfigError("TaskConfig", "dataset", f"must be one of {fitting}, got {name!r} ({unknown_hint()})")
 
 
@@ -234,8 +240,8 @@ def check_method_fits_dataset(cls, dataset) -> None:
     classification method on regression tasks."""
     if cls.reinforcement and not dataset.reinforcement:
         rl = ", ".join(name for name, d in DATASETS.items() if d.reinforcement)
-        raise ConfigError("TaskConfig", "dataset", f"must be an environment for {cls.name} (--env {rl}), got "
-                                                   f"{dataset.name!r}, a {dataset.kind} dataset")
+        raise ConfigError("TaskConfig", "dataset", f"must be an environment for {cls.name} ({{env}} {rl}), got "
+                                                   f"{dataset.name!r}, a {dataset.kind} dataset", env=ENV)
     if cls.classification_only and not dataset.classification and not dataset.reinforcement:
         names = ", ".join(name for name, d in DATASETS.items() if d.classification)
         raise ConfigError("TaskConfig", "dataset", f"{dataset.name!r} is a regression dataset; {cls.name} is a "
@@ -247,6 +253,8 @@ def check_method_fits_dataset(cls, dataset) -> None:
 
 
 MAX_HALVINGS = 10  # the rate then ends below 1/1000 of --meta-lr: later steps barely move the weights
+ENV = ("one of", "--env")  # the environments listed, as Python and the command line (--dataset's other name) ask
+ENSEMBLE = ("ensemble=True", "--ensemble")
 
 
 def warn_of_schedule(train: TrainConfig, method_options: Any = None) -> None:
@@ -258,28 +266,37 @@ def warn_of_schedule(train: TrainConfig, method_options: Any = None) -> None:
     when ``--keep-best`` keeps checkpoints of a validation that ``--steps`` end before."""
     if train.steps <= 0:
         return
+    steps = setting("steps", train.steps)
     if method_options is not None:
         for field in dataclasses.fields(method_options):
             value = getattr(method_options, field.name)
             if field.metadata.get("schedule_step") and value >= train.steps > 0 and value > 0:
-                warnings.warn(MetalearnWarning(
-                    f"--{field.name.replace('_', '-')} {value} lies at or beyond --steps {train.steps}: this run "
-                    f"ends before it (give a smaller --{field.name.replace('_', '-')}, or more --steps)"),
+                warnings.warn(OptionWarning(
+                    "{given} lies at or beyond {steps}: this run ends before it (give a smaller {option}, or more "
+                    "{more})", given=setting(field.name, value), steps=steps, option=field.name, more="steps"),
                     stacklevel=3)
     if train.keep_best and train.val_every > train.steps:
-        warnings.warn(MetalearnWarning(
-            f"--keep-best {train.keep_best} keeps no checkpoint: validation every {train.val_every} steps never "
-            f"runs in --steps {train.steps} (give a smaller --val-every)"), stacklevel=3)
+        warnings.warn(OptionWarning(
+            f"{{keep_best}} keeps no checkpoint: validation every {train.val_every} steps never runs in {{steps}} "
+            "(give a smaller {val_every})", keep_best=setting("keep_best", train.keep_best), steps=steps,
+            val_every="val_every"), stacklevel=3)
     if train.lr_halve_every <= 0:
         return
     halvings = (train.steps - 1) // train.lr_halve_every
     if halvings > MAX_HALVINGS:
         final = train.meta_lr * 0.5 ** halvings
-        warnings.warn(MetalearnWarning(
-            f"--lr-halve-every {train.lr_halve_every} halves the meta learning rate {halvings} times over --steps "
-            f"{train.steps}, to {final:.2g} (from --meta-lr {train.meta_lr:g}), where its steps barely change the "
-            f"weights; give --lr-halve-every {-(-train.steps // (MAX_HALVINGS + 1))} (at most {MAX_HALVINGS} "
-            "halvings) or 0 (none)"), stacklevel=3)
+        warnings.warn(OptionWarning(
+            f"{{given}} halves the meta learning rate {halvings} times over {{steps}}, to {final:.2g} (from "
+            f"{{meta_lr}}), where its steps barely change the weights; give {{fewer}} (at most {MAX_HALVINGS} "
+            "halvings) or 0 (none)", given=setting("lr_halve_every", train.lr_halve_every), steps=steps,
+            meta_lr=setting("meta_lr", f"{train.meta_lr:g}"),
+            fewer=setting("lr_halve_every", -(-train.steps // (MAX_HALVINGS + 1)))), stacklevel=3)
+
+
+def setting(field: str, value: Any) -> tuple[str, str]:
+    """A configuration field with its value, as Python (``steps=5000``) and the command line
+    (``--steps 5000``) give it."""
+    return f"{field}={value}", f"{flag(field)} {value}"
 
 
 def check_options_apply(method: str, given_method: dict[str, Any], method_config: Any, task: TaskConfig,
@@ -331,9 +348,10 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
     run_dir = user_path(run_dir, "run_dir", optional=True)  # "~/runs/x" as a shell expands it
     if run_dir is None:
         if resume:
-            raise MetalearnError("--resume needs --run-dir, the run to continue")
+            raise resume_without_run_dir()
         if world.distributed:
-            raise MetalearnError("under torchrun give --run-dir, so that every rank uses the same run directory")
+            raise OptionError("under torchrun give {run_dir}, so that every rank uses the same run directory",
+                              run_dir="run_dir")
         run_dir = claim_new_run_dir(default_runs_root(), new_run_name(config))
         try:
             trainer = _build_or_stop(config, run_dir, data_dir, resume, world, progress, evaluate_after)
@@ -541,8 +559,9 @@ def check_protocol_or_ensemble(protocol: str | None, ensemble: bool) -> None:
     """A method's own protocol scores the latest checkpoint; an ensemble averages checkpoints on
     the standard episodes: the two do not combine."""
     if protocol is not None and ensemble:
-        raise MetalearnError(f"--protocol {protocol} evaluates one checkpoint, the latest; --ensemble averages "
-                             "checkpoints on the standard episodes only: give one of the two")
+        raise OptionError("{protocol} evaluates one checkpoint, the latest; {ensemble} averages checkpoints on the "
+                          "standard episodes only: give one of the two", ensemble=ENSEMBLE,
+                          protocol=(f"protocol={protocol!r}", f"--protocol {protocol}"))
 
 
 def _evaluate_protocol(run_dir, config: RunConfig, learner, step: int, protocol: str, part: str,
@@ -626,18 +645,21 @@ def with_split(config: RunConfig, fractions: str | None = None, split_file: Path
     run's folder name, other files by their stem."""
     if fractions is None and split_file is None:
         return (RunDir(run_dir).with_own_split(config, data_dir) if run_dir is not None else config), {}
-    given = "--split-fractions" if fractions is not None else "--split-file"
+    from metalearn.data.folder import SPLIT_OPTIONS
+
+    given = "split_fractions" if fractions is not None else "split_file"
     if fractions is not None and split_file is not None:
-        raise MetalearnError("give --split-fractions or --split-file, not both")
+        raise OptionError("give {split_fractions} or {split_file}, not both", **SPLIT_OPTIONS)
     if "split_fractions" in get_dataset(config.task.dataset).inapplicable:
-        raise MetalearnError(f"{given} applies to runs on class folders (--dataset folder); this run's dataset is "
-                             f"{config.task.dataset}, whose split is fixed")
+        raise OptionError(f"{{given}} applies to runs on class folders ({{dataset}}); this run's dataset is "
+                          f"{config.task.dataset}, whose split is fixed", given=given,
+                          dataset=("dataset='folder'", "--dataset folder"))
     if fractions is not None:
         from metalearn.data.folder import parse_fractions
 
         if not isinstance(fractions, str):
-            raise MetalearnError(f"--split-fractions are given as text, train,val,test (e.g. \"0,0,1\"), got "
-                                 f"{fractions!r}")
+            raise OptionError(f"{{split_fractions}} are given as text, train,val,test (e.g. \"0,0,1\"), got "
+                              f"{fractions!r}", split_fractions="split_fractions")
         parse_fractions(fractions)  # a clear error before the folder is read
         task = dataclasses.replace(config.task, split_fractions=fractions, split_file="")
         return dataclasses.replace(config, task=task), {"split_fractions": fractions}
@@ -664,8 +686,9 @@ def with_test_shape(config: RunConfig, shape: dict[str, int]) -> RunConfig:
             raise MetalearnError(f"test {key} must be a whole number of at least {least}, got {value!r}")
     dataset = get_dataset(config.task.dataset)
     if dataset.reinforcement and shape:
-        raise MetalearnError(f"{config.task.dataset} is a reinforcement-learning environment: its tasks have no "
-                             f"{', '.join(sorted(shape))} (the trajectories per step: --set test_trajectories=N)")
+        raise OptionError(f"{config.task.dataset} is a reinforcement-learning environment: its tasks have no "
+                          f"{', '.join(sorted(shape))} (the trajectories per step: {{trajectories}})",
+                          trajectories=("overrides={'test_trajectories': N}", "--set test_trajectories=N"))
     if not config.task.classification and "ways" in shape:
         raise MetalearnError(f"{config.task.dataset} is regression: its tasks have no ways")
     task = dataclasses.replace(config.task, **{f"test_{key}": value for key, value in shape.items()})
@@ -738,10 +761,11 @@ def warn_of_other_images(run_dir, config: RunConfig, source, trained_on: str | N
               else f"{now_counts} either way, other images, class names or parts")
     own_split = bool(config.task.split_file) and same_path(config.task.split_file, run.split_path)
     named = ("taken by name from its split.json" if own_split else "the folder's own parts, found by name")
-    folder = f"--data-dir {data_dir}" if given else f"its folder, {data_dir}, now"  # given, or the one recorded
-    warnings.warn(MetalearnWarning(
+    folder = "{data_dir}" if given else f"its folder, {data_dir}, now"  # given, or the one recorded
+    warnings.warn(OptionWarning(
         f"{folder} holds other images than the run in {run.path} trained on ({differ}): the classes "
-        f"scored are {named}, so a class renamed or replaced since may be one it trained on"))
+        f"scored are {named}, so a class renamed or replaced since may be one it trained on",
+        data_dir=valued("data_dir", data_dir)))
 
 
 def _warn_of_training_classes(run_dir, config: RunConfig, source, part: str) -> None:
@@ -756,10 +780,11 @@ def _warn_of_training_classes(run_dir, config: RunConfig, source, part: str) -> 
         return
     trained = sorted(set(scored) & set(own.get("train", [])))
     if trained:
-        warnings.warn(MetalearnWarning(
+        warnings.warn(OptionWarning(
             f"{len(trained)} of the {len(scored)} classes scored have the names of classes that the run in "
             f"{run.path} trained on (e.g. {trained[0]!r}; its split.json lists them): on the folder it trained "
-            "on, this is not a score on new classes (there, lower --ways, or score its own test part)"))
+            "on, this is not a score on new classes (there, lower {ways}, or score its own test part)",
+            ways=("episode_shape's ways", "--ways")))
 
 
 def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
@@ -780,8 +805,9 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
     check_data_dir(config.task, data_dir)  # before any figure is written
     records = run.read_metrics()
     if not records:
-        raise MetalearnError(f"{run.path} has no metrics yet (no step logged: a --steps 0 run, or one stopped "
-                             "before its first --log-every): nothing to draw; export still records its evaluations")
+        raise OptionError(f"{run.path} has no metrics yet (no step logged: a {{steps}} run, or one stopped before its "
+                          "first {log_every}): nothing to draw; export still records its evaluations",
+                          steps=setting("steps", 0), log_every="log_every")
     title = f"{config.method} {config.task.dataset}"
     reinforcement = get_dataset(config.task.dataset).reinforcement
     other = _comparison_run(config, compare_with) if compare_with is not None and not reinforcement else None
@@ -845,15 +871,15 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
     if compare_with is not None:
         other_config, other, other_step = load_trained(compare_with)
         if other_config.task.dataset != config.task.dataset or other_config.method != config.method:
-            raise MetalearnError(f"--compare {compare_with}: a {other_config.method} run on "
-                                 f"{other_config.task.dataset}; compare a {config.method} run on {config.task.dataset}")
+            raise OptionError(f"{{compare}}: a {other_config.method} run on {other_config.task.dataset}; compare a "
+                              f"{config.method} run on {config.task.dataset}", compare=valued(COMPARE, compare_with))
         # what the returns on the figure's one axis depend on besides the weights (its network may differ)
         differ = [f"{key} {config.method_config.get(key)} vs {other_config.method_config.get(key)}"
                   for key in method_class(config.method).scored_options
                   if config.method_config.get(key) != other_config.method_config.get(key)]
         if differ:
-            raise MetalearnError(f"--compare {compare_with}: its returns are scored otherwise ({', '.join(differ)}); "
-                                 "compare runs with the same test settings")
+            raise OptionError(f"{{compare}}: its returns are scored otherwise ({', '.join(differ)}); compare runs "
+                              "with the same test settings", compare=valued(COMPARE, compare_with))
     curves = {label: returns(run_dir, learner, step)}
     if compare_with is not None:
         other_label = "pretrained" if other_config.method_config.get("inner_steps") == 0 else "MAML"
@@ -907,16 +933,20 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
     return paths
 
 
+COMPARE = ("compare_with", "--compare")  # the other run of plot_run and export_results, as each caller names it
+
+
 def _comparison_run(config: RunConfig, compare_with: Path | str) -> tuple[Any, str]:
     """(learner, label) of the ``--compare`` run, checked to fit beside ``config``'s samples."""
     if config.task.classification or not can(config.method, "samples models"):
-        raise MetalearnError(f"--compare draws another run beside sampled functions, which only a "
-                             f"probabilistic method on regression tasks has (this run: {config.method} "
-                             f"on {config.task.dataset})")
+        raise OptionError(f"{{compare}} draws another run beside sampled functions, which only a probabilistic "
+                          f"method on regression tasks has (this run: {config.method} on {config.task.dataset})",
+                          compare=COMPARE)
     other_config, other_learner, _ = load_trained(compare_with)
     if other_config.task != config.task:
-        raise MetalearnError(f"--compare {compare_with}: trained on other tasks than this run "
-                             f"({task_differences(other_config.task, config.task)}); compare runs of the same tasks")
+        differ = task_differences(other_config.task, config.task)
+        raise OptionError("{compare}: trained on other tasks than this run ({differ}); compare runs of the same "
+                          "tasks", compare=valued(COMPARE, compare_with), differ=(differ, differ))
     label = other_config.method.upper()
     return other_learner, label + (" (one sample)" if can(other_learner, "samples models") else "")
 
@@ -969,6 +999,9 @@ def summary_json(summary: dict[str, Any]) -> str:
     return head + key + tail
 
 
+OUT_DIR = ("out_dir", "OUT_DIR")  # export's folder: a parameter in Python, an argument on the command line
+
+
 def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str | None = None,
                    compare_with: Path | str | None = None, notes: list[str] | None = None) -> list[Path]:
     """A small, committable record of a run: ``summary.json`` (configuration, step, training
@@ -1003,17 +1036,18 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
     if out == own or out.is_relative_to(run.best_dir.resolve()):
         where = "is" if out == own else "lies inside"
         mine = "the run folder" if out == own else "the best checkpoints' folder of"
-        raise MetalearnError(f"OUT_DIR {out_dir} {where} {mine} {run.path}: the record would lie among the run's "
-                             f"own files; give another folder (e.g. results/{own.name}, or {run.plots_dir})")
+        raise OptionError(f"{{out_dir}} {where} {mine} {run.path}: the record would lie among the run's own files; "
+                          f"give another folder (e.g. results/{own.name}, or {run.plots_dir})",
+                          out_dir=valued(OUT_DIR, out_dir))
     # a run's folder is one with a checkpoint: records under results/ hold a config.json too
     other = next((folder for folder in (out, *out.parents) if RunDir(folder).has_checkpoint()), None)
     if other is not None and not out.is_relative_to(own):  # the run's own plots/ is a place for its record
-        raise MetalearnError(f"OUT_DIR {out_dir} {'is' if other == out else 'lies inside'} the folder of another "
-                             f"run, {other}: the record would lie among that run's files; give another folder "
-                             f"(e.g. results/{own.name})")
+        raise OptionError(f"{{out_dir}} {'is' if other == out else 'lies inside'} the folder of another run, "
+                          f"{other}: the record would lie among that run's files; give another folder (e.g. "
+                          f"results/{own.name})", out_dir=valued(OUT_DIR, out_dir))
     state = run.read_checkpoint("step")
     # the folder the run trained on, recorded by its checkpoint: export needs no --data-dir
-    check_outside_data(config.task, data_dir, "OUT_DIR", out_dir, recorded=state.get("data_dir"))
+    check_outside_data(config.task, data_dir, OUT_DIR, out_dir, recorded=state.get("data_dir"))
     # before the drawing, which takes a while; the plots' names are known once they are drawn,
     # and every name is checked again then, just before the record is written
     check_record_targets(out_dir, [Path(out_dir) / "summary.json"])
@@ -1035,17 +1069,17 @@ def check_record_targets(out_dir: Path | str, targets: list[Path]) -> None:
     it); a folder that refuses new files (read-only, a quota; probed with the temporary file the
     record is written through, :func:`~metalearn.files.probe_writable`). A read-only file of a
     target's name is no obstacle: the rename replaces it."""
-    out = Path(out_dir)
+    out, given = Path(out_dir), valued(OUT_DIR, out_dir)
     if out.is_symlink() and not out.exists():
-        raise MetalearnError(f"OUT_DIR {out_dir} is a link to nothing; give a folder")
+        raise OptionError("{out_dir} is a link to nothing; give a folder", out_dir=given)
     if out.exists() and not out.is_dir():
-        raise MetalearnError(f"OUT_DIR {out_dir} is a file, not a folder; give a folder")
+        raise OptionError("{out_dir} is a file, not a folder; give a folder", out_dir=given)
     if not out.exists():  # made when the record is written: its nearest existing folder must take it
         existing = next(p for p in out.absolute().parents if p.exists())
         if not existing.is_dir():
-            raise MetalearnError(f"OUT_DIR {out_dir}: {existing} is a file, not a folder")
+            raise OptionError(f"{{out_dir}}: {existing} is a file, not a folder", out_dir=given)
         if not os.access(existing, os.W_OK):
-            raise MetalearnError(f"OUT_DIR {out_dir}: cannot make it in {existing}")
+            raise OptionError(f"{{out_dir}}: cannot make it in {existing}", out_dir=given)
         return
     for path in targets:
         what = obstacle(path)
@@ -1270,12 +1304,13 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
     a support folder without at least 2 class folders of images, a query path that does not
     exist or holds no images, and a file that is not a readable image.
     """
-    from metalearn.prediction import as_csv, as_json, check_outputs, contact_sheet, predict_new_classes, write_together
+    from metalearn.prediction import (OUTPUTS, as_csv, as_json, check_outputs, contact_sheet, predict_new_classes,
+                                      write_together)
     from metalearn.uncertainty import check_samples_apply
 
     # ~ expanded; a str kept as a str, since "out/" names a folder
-    named = [(option, os.path.expanduser(path) if isinstance(path, str) else Path(path).expanduser())
-             for option, path in (("--json", json_out), ("--csv", csv_out), ("--sheet", sheet)) if path is not None]
+    named = [(OUTPUTS[name], os.path.expanduser(path) if isinstance(path, str) else Path(path).expanduser())
+             for name, path in (("json_out", json_out), ("csv_out", csv_out), ("sheet", sheet)) if path is not None]
     check_outputs(named)  # here, not only in the CLI: the Python API gets the same refusals
     config, learner, step = load_trained(run_dir)
     if not config.task.classification:
@@ -1289,7 +1324,7 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
         raise MetalearnError(f"predict_run takes a support folder and query image files or folders (paths), got a "
                              f"{given}; for images in memory use learner.fit_predict(support_x, support_y, query_x) "
                              "on load_trained(run_dir)[1]")
-    _refuse_outputs_among_inputs(named, [("--support", support)] + [("--query", q) for q in queries])
+    _refuse_outputs_among_inputs(named, [("support", support)] + [("query", q) for q in queries])
     learner = learner.to(init_world(device).device)
     test = config.task.for_testing()  # a task's query images, in training and in testing: the fewer
     per_task = min(config.task.ways * config.task.query, test.ways * test.query)
@@ -1298,12 +1333,12 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
     result.update({"run": str(run_dir), "method": config.method, "step": step})
     outputs, target = [], dict(named)
     if json_out is not None:
-        outputs.append((Path(target["--json"]), as_json(result)))
+        outputs.append((Path(target[OUTPUTS["json_out"]]), as_json(result)))
     if csv_out is not None:
-        outputs.append((Path(target["--csv"]), as_csv(result)))
+        outputs.append((Path(target[OUTPUTS["csv_out"]]), as_csv(result)))
     if sheet is not None:
         title = f"{config.method} ({Path(run_dir).name}, step {step})"
-        outputs.append((Path(target["--sheet"]), contact_sheet(result, title)))
+        outputs.append((Path(target[OUTPUTS["sheet"]]), contact_sheet(result, title)))
     write_together(outputs)
     result.images = None  # the prepared tensors, for the contact sheet alone
     return result
@@ -1314,9 +1349,11 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
-def _refuse_outputs_among_inputs(outputs: list[tuple[str, Path | str]], inputs: list[tuple[str, Path | str]]) -> None:
+def _refuse_outputs_among_inputs(outputs: list[tuple[str | tuple[str, str], Path | str]],
+                                 inputs: list[tuple[str | tuple[str, str], Path | str]]) -> None:
     """An output file that is one of the input images, or lies in an input folder: writing it
-    would destroy the user's image, or put a file that a later run reads as one among them."""
+    would destroy the user's image, or put a file that a later run reads as one among them.
+    Each is (its option, as :class:`~metalearn.errors.Options` takes it, its path)."""
     for option, out in outputs:
         target = Path(out).resolve()
         for source_option, source in inputs:
@@ -1325,13 +1362,13 @@ def _refuse_outputs_among_inputs(outputs: list[tuple[str, Path | str]], inputs: 
             source, resolved = Path(source), Path(source).resolve()
             if target == resolved or (source.is_dir() and target.is_relative_to(resolved)):
                 where = "is" if target == resolved else "lies in"
-                raise MetalearnError(f"{option} {out} {where} the {source_option} input {source}: write it "
-                                     "elsewhere, outside the images")
+                raise OptionError(f"{{output}} {where} the {{input}} input {source}: write it elsewhere, outside the "
+                                  "images", output=valued(option, out), input=source_option)
 
 
 def support_files(paths: list[Path | str]) -> list[Path]:
-    """The image files named by ``--support``: files as given, folders as every file in them
-    (by name)."""
+    """The image files named by ``support`` (``--support``): files as given, folders as every
+    file in them (by name)."""
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -1339,10 +1376,10 @@ def support_files(paths: list[Path | str]) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            raise MetalearnError(f"--support {path}: no such file or folder")
+            raise OptionError("{support}: no such file or folder", support=valued("support", path))
     if not files:
-        raise MetalearnError(f"--support {', '.join(map(str, paths))}: no image files there; give PNG or JPEG "
-                             "drawings of one character, or a folder of them")
+        raise OptionError("{support}: no image files there; give PNG or JPEG drawings of one character, or a folder "
+                          "of them", support=valued("support", ", ".join(map(str, paths))))
     return files
 
 
@@ -1369,11 +1406,12 @@ def sample_run(run_dir: Path | str, support: Path | str | list[Path | str], num:
     no files or is not an image."""
     from metalearn.algorithms.statistician import MAX_SAMPLES
     from metalearn.plotting_samples import plot_image_rows
+    from metalearn.prediction import check_output_file
 
     if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= MAX_SAMPLES:
-        raise MetalearnError(f"--num must be a whole number from 1 to {MAX_SAMPLES}, got {num!r}")
+        raise OptionError(f"{{num}} must be a whole number from 1 to {MAX_SAMPLES}, got {num!r}", num="num")
     if out is not None:  # found out now, not after the model has drawn
-        check_writable_file("--out", out, "samples.png", ".png")
+        check_output_file("out", out, "samples.png", ".png")
     config = generative_run(run_dir)
     files = support_files([support] if isinstance(support, (str, Path)) else list(support))
     _, learner, step = load_trained(run_dir)
@@ -1382,8 +1420,8 @@ def sample_run(run_dir: Path | str, support: Path | str | list[Path | str], num:
         try:
             images.append(learner.prepare_images([file], config.task.image_size, config.task.channels))
         except MetalearnError:
-            raise MetalearnError(f"--support {file} is not an image (give PNG or JPEG drawings of one "
-                                 "character)") from None
+            raise OptionError("{support} is not an image (give PNG or JPEG drawings of one character)",
+                              support=valued("support", file)) from None
     images = torch.cat(images)
     samples = learner.sample(images, num, generator=torch.Generator().manual_seed(seed))[0]
     out = Path(out) if out is not None else RunDir(run_dir).plots_dir / "samples.png"

@@ -17,7 +17,7 @@ import torch
 
 from metalearn.algorithms import MetaLearner, build_learner, make_method_config, method_class
 from metalearn.config import RESUMABLE_CHANGES, RunConfig, config_differences
-from metalearn.errors import ConfigError, MetalearnError
+from metalearn.errors import ConfigError, MetalearnError, OptionError, flag, valued
 from metalearn.options import option_defaults
 from metalearn.runs import RunDir, config_from, unreadable_checkpoint
 from metalearn.tasks import problem_of
@@ -129,10 +129,10 @@ def check_weights_finite(weights: dict[str, Any], where: Path) -> None:
     checked its updates): evaluating it only prints NaN scores, resuming it a NaN loss."""
     for name, value in weights.items():
         if isinstance(value, torch.Tensor) and value.is_floating_point() and not all_finite([value]):
-            raise MetalearnError(
+            raise OptionError(
                 f"the checkpoint in {where} holds non-finite weights ({name}): the run diverged before it "
-                "was saved. Train it again in a new --run-dir with a smaller --meta-lr."
-            )
+                "was saved. Train it again in a new {run_dir} with a smaller {meta_lr}.", run_dir="run_dir",
+                meta_lr="meta_lr")
 
 
 def check_same_method(saved: RunConfig, method: str, run_path: Path | str) -> None:
@@ -145,21 +145,24 @@ def check_same_method(saved: RunConfig, method: str, run_path: Path | str) -> No
         recorded = recorded_images(RunDir(run_path)) if saved.task.dataset in NATURAL_IMAGES else None
         folder = (" --data-dir FOLDER" if saved.task.dataset in NATURAL_IMAGES and (recorded is None or
                                                                                     not recorded.is_dir()) else "")
-        raise MetalearnError(
+        raise OptionError(  # the command that continues it stays a command, as the shell takes it
             f"{run_path} is a {saved.method} run, not {method}: continue it with `metalearn train "
-            f"{saved.method} --resume --run-dir {run_path}{folder}`, or train {method} in another --run-dir"
-        )
+            f"{saved.method} --resume --run-dir {run_path}{folder}`, or train {method} in another {{run_dir}}",
+            run_dir="run_dir")
 
 
 RESUME_ADVICE = "Resume with the same options, or start a new run directory."
 
 
 def configuration_conflict(what: str, conflicts: dict[str, tuple[Any, Any]], why: str = "",
-                           advice: str = RESUME_ADVICE) -> MetalearnError:
+                           advice: str = RESUME_ADVICE) -> OptionError:
     """The error for ``what`` (a run, a checkpoint) made with other values: ``conflicts`` maps
-    ``part.option`` to (saved value, requested value)."""
+    ``part.option`` to (saved value, requested value). ``why`` may name ``{steps}``, the
+    option, as :class:`~metalearn.errors.Options` spells it."""
     lines = "; ".join(f"{k}: {old!r} there, {new!r} requested" for k, (old, new) in conflicts.items())
-    return MetalearnError(f"{what} was made with another configuration ({lines}).{why} {advice}")
+    # the values as they are, whatever braces their reprs hold: fields, whose spellings are never read
+    return OptionError(f"{{what}} was made with another configuration ({{lines}}).{why} {advice}",
+                       what=(what, what), lines=(lines, lines), steps="steps")
 
 
 def check_compatible(saved: RunConfig, requested: RunConfig, what: str, advice: str = RESUME_ADVICE) -> None:
@@ -177,7 +180,7 @@ def check_compatible(saved: RunConfig, requested: RunConfig, what: str, advice: 
             resumable.add(f"method_config.{option}")  # acts in neither: a difference changes nothing
     conflicts = {k: v for k, v in config_differences(saved, requested).items() if k not in resumable}
     if conflicts:
-        why = (f" Its learning rate is annealed ({saved.train.lr_anneal}) over --steps, so the step count "
+        why = (f" Its learning rate is annealed ({saved.train.lr_anneal}) over {{steps}}, so the step count "
                "cannot change."
                if "train.steps" in conflicts else "")
         raise configuration_conflict(what, conflicts, why, advice)
@@ -189,17 +192,21 @@ def with_all_options(config: RunConfig) -> RunConfig:
     return dataclasses.replace(config, method_config=dataclasses.asdict(options))
 
 
-def load_learner_state(learner: MetaLearner, state: dict[str, Any], where: Path, changed: str = "") -> None:
+def load_learner_state(learner: MetaLearner, state: dict[str, Any], where: Path,
+                       changed: str | tuple[str, str] = "") -> None:
     """Load ``state`` into ``learner``; a mismatch is one line naming what does not fit (and
-    ``changed``, the options a caller altered, as the likely cause)."""
+    ``changed``, the options a caller altered, as the likely cause: as Python and the command
+    line spell them, ``("overrides['hidden']", "--set hidden")``)."""
     try:
         learner.load_state_dict(state)
     except RuntimeError as err:
         # torch's first line is a header ("Error(s) in loading state_dict for MAML:"); the next says what
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         detail = (lines[1] if len(lines) > 1 else lines[0])[:200]
-        cause = f"{changed} changes the trained network; " if changed else ""
-        raise MetalearnError(f"the checkpoint in {where} does not fit this model: {cause}{detail}") from None
+        cause = "{changed} changes the trained network; " if changed else ""
+        raise OptionError(f"the checkpoint in {where} does not fit this model: {cause}{{detail}}",
+                          changed=(changed, changed) if isinstance(changed, str) else changed,
+                          detail=(detail, detail)) from None
 
 
 def own_learner(state: dict[str, Any]) -> str | None:
@@ -239,8 +246,8 @@ def run_images(run: RunDir, data_dir: Path | str | None, state: dict[str, Any] |
         return data_dir
     recorded = recorded_images(run, state)
     if recorded is not None and not recorded.is_dir():
-        raise MetalearnError(f"{run.path} trained on the images in {recorded}, which is not a folder now: give "
-                             "--data-dir, the folder that holds its images")
+        raise OptionError(f"{run.path} trained on the images in {recorded}, which is not a folder now: give "
+                          "{data_dir}, the folder that holds its images", data_dir="data_dir")
     return recorded
 
 
@@ -277,6 +284,12 @@ OWN_NETWORK_ROUTE = ("build your learner again, load the weights with learner.lo
                      ".read_checkpoint()['learner']) and score them with metalearn.evaluate(learner, your_tasks)")
 
 
+def override(key: str, value: Any) -> tuple[str, str]:
+    """An evaluation's override of a method option, as the Python API (``overrides={'first_order':
+    True}``) and the command line (``--set first_order=True``) give it."""
+    return f"overrides={{{key!r}: {value!r}}}", f"--set {key}={value}"
+
+
 def check_overrides_apply(config: RunConfig, overrides: dict[str, Any]) -> None:
     """Refuse an override that an evaluation would not use, so that no result is filed under a
     change that did not happen: an option that acts only in meta-training (declared with
@@ -289,12 +302,12 @@ def check_overrides_apply(config: RunConfig, overrides: dict[str, Any]) -> None:
     for key, value in overrides.items():
         field = fields.get(key)
         if field is not None and field.metadata.get("training_only"):
-            raise MetalearnError(f"--set {key}={value}: {key} is an option of meta-training, which an evaluation "
-                                 "does not change; leave it out")
+            raise OptionError(f"{{given}}: {key} is an option of meta-training, which an evaluation does not change; "
+                              "leave it out", given=override(key, value))
         if not cls.option_acts(key, options):
             other, needed = cls.option_requires[key]
-            raise MetalearnError(f"--set {key}={value} applies only with {other} {needed}; the run has "
-                                 f"{other} {options.get(other)}")
+            raise OptionError(f"{{given}} applies only with {other} {needed}; the run has {other} "
+                              f"{options.get(other)}", given=override(key, value))
 
 
 def check_overrides_leave_weights(config: RunConfig, overrides: dict[str, Any]) -> None:
@@ -317,8 +330,8 @@ def check_overrides_leave_weights(config: RunConfig, overrides: dict[str, Any]) 
         other = initial({**config.method_config, key: value})
         same_tensors = other.keys() == base.keys() and all(other[k].shape == base[k].shape for k in base)
         if same_tensors and any(not torch.equal(other[k], base[k]) for k in base):
-            raise MetalearnError(f"--set {key}={value}: {key} only sets the starting value of a tensor that "
-                                 "the run trained, and the checkpoint's trained value replaces it; leave it out")
+            raise OptionError(f"{{given}}: {key} only sets the starting value of a tensor that the run trained, and "
+                              "the checkpoint's trained value replaces it; leave it out", given=override(key, value))
 
 
 def initialise_from_run(learner: MetaLearner, run_dir: Path | str, config: RunConfig | None = None) -> int:
@@ -329,43 +342,50 @@ def initialise_from_run(learner: MetaLearner, run_dir: Path | str, config: RunCo
     differ from the other run's. Returns the number of tensors copied."""
     source = RunDir(run_dir)
     if not source.has_checkpoint():
-        raise MetalearnError(f"--init-from {source.path}: no checkpoint there; give a run directory of a trained run")
+        raise OptionError("{init_from}: no checkpoint there; give a run directory of a trained run",
+                          init_from=valued("init_from", source.path))
     saved = read_entries(source, "learner")["learner"]
     check_weights_finite(saved, source.path)
     prefix = f"{learner.network_attribute}."
     own = {name: p for name, p in learner.state_dict(keep_vars=True).items() if name.startswith(prefix)}
     if not own:  # a copy of nothing would train from scratch under the name of an initialised run
-        raise MetalearnError(f"--init-from: {type(learner).__name__} has no network weights under {prefix}* to "
-                             "copy into")
+        raise OptionError(f"{{init_from}}: {type(learner).__name__} has no network weights under {prefix}* to copy "
+                          "into", init_from="init_from")
     mismatched = [name for name, p in own.items() if name not in saved or saved[name].shape != p.shape]
     if mismatched:
-        differ = _network_options_differ(source, config) if config is not None else ""
-        raise MetalearnError(
-            f"--init-from {source.path}: its network differs from this one (at {mismatched[0]}"
-            + (f"; {differ}" if differ else "") + "); both runs need the same network: the same --model (or "
-            "--hidden), image size, channels and number of ways, or the same environment"
-        )
+        differ = _network_options_differ(source, config) if config is not None else None
+        raise OptionError(
+            f"{{init_from}}: its network differs from this one (at {mismatched[0]}" + ("; {differ}" if differ else "")
+            + "); both runs need the same network: the same {model} (or {hidden}), image size, channels and number "
+            "of ways, or the same environment", differ=differ or ("", ""), model="model", hidden="hidden",
+            init_from=valued("init_from", source.path))
     with torch.no_grad():
         for name, p in own.items():
             p.copy_(saved[name])
     return len(own)
 
 
-def _network_options_differ(source: RunDir, config: RunConfig) -> str:
+def _network_options_differ(source: RunDir, config: RunConfig) -> tuple[str, str] | None:
     """The options that shape a network in which ``config`` differs from the run in ``source``,
-    as "--channels 3 there, 1 here" ("" where none does, or its config.json cannot be read)."""
+    as Python and the command line name them ("channels 3 there, 1 here", "--channels 3 there,
+    1 here"); None where none does, or its config.json cannot be read."""
     try:
         theirs = source.read_config()
     except MetalearnError:
-        return ""
+        return None
     if theirs.task.dataset != config.task.dataset:  # the other options may not apply to both
-        return f"--dataset {theirs.task.dataset} there, {config.task.dataset} here"
-    pairs = [("--model", theirs.method_config.get("model"), config.method_config.get("model")),
-             ("--hidden", theirs.method_config.get("hidden"), config.method_config.get("hidden")),
-             ("--image-size", theirs.task.image_size, config.task.image_size),
-             ("--channels", theirs.task.channels, config.task.channels),
-             ("--ways", theirs.task.ways, config.task.ways)]
-    return ", ".join(f"{flag} {there} there, {here} here" for flag, there, here in pairs if there != here)
+        pairs = [("dataset", theirs.task.dataset, config.task.dataset)]
+    else:
+        pairs = [("model", theirs.method_config.get("model"), config.method_config.get("model")),
+                 ("hidden", theirs.method_config.get("hidden"), config.method_config.get("hidden")),
+                 ("image_size", theirs.task.image_size, config.task.image_size),
+                 ("channels", theirs.task.channels, config.task.channels),
+                 ("ways", theirs.task.ways, config.task.ways)]
+    differ = [(name, there, here) for name, there, here in pairs if there != here]
+    if not differ:
+        return None
+    return tuple(", ".join(f"{spell(name)} {there} there, {here} here" for name, there, here in differ)
+                 for spell in (str, flag))
 
 
 def check_test_ways(config: RunConfig) -> None:
@@ -386,30 +406,32 @@ def check_run_dir(config: RunConfig, run: RunDir, resume: bool) -> None:
     broken = _broken_run(run)
     if resume:
         if broken:
-            raise MetalearnError(f"cannot resume: {run.path} {broken}")
+            raise OptionError(f"cannot resume: {run.path} {broken}", run_dir="run_dir")
         if not run.exists():
             raise MetalearnError(f"cannot resume: {run.path} holds no run (no config.json)")
         if not run.has_checkpoint():
             return  # killed between config.json and its first checkpoint: it starts now
         check_compatible(run.read_config(), config, f"the run in {run.path}")  # the method too
     elif broken:
-        raise MetalearnError(f"{run.path} already holds a run, which cannot be resumed either: it {broken}")
+        raise OptionError(f"{run.path} already holds a run, which cannot be resumed either: it {broken}",
+                          run_dir="run_dir")
     elif run.holds_run():
-        raise MetalearnError(f"{run.path} already holds a run; continue it (--resume; in Python, resume=True) or "
-                             "choose another --run-dir")
+        raise OptionError(f"{run.path} already holds a run; continue it ({{resume}}) or choose another {{run_dir}}",
+                          resume=("resume=True", "--resume; in Python, resume=True"), run_dir="run_dir")
 
 
 def _broken_run(run: RunDir) -> str:
     """What keeps the started run in ``run`` from resuming and what to do, as the rest of a
-    sentence about the folder ("" for a folder without a started run, or with one that resumes)."""
+    sentence about the folder ("" for a folder without a started run, or with one that resumes),
+    naming the option ``{run_dir}`` as :class:`~metalearn.errors.Options` does."""
     if not run.holds_run():
         return ""
     if not run.exists():
         what = "checkpoint.pt" if run.has_checkpoint() else "metrics.jsonl"
         return (f"has a {what} but no config.json (removed): put the run's config.json back, or start afresh "
-                "in another --run-dir")
+                "in another {run_dir}")
     if not run.has_checkpoint():
-        return "has no checkpoint.pt (removed; its metrics.jsonl remains): start afresh in another --run-dir"
+        return "has no checkpoint.pt (removed; its metrics.jsonl remains): start afresh in another {run_dir}"
     return ""
 
 
@@ -472,8 +494,8 @@ def load_trained_state(run_dir: Path | str, overrides: dict[str, Any] | None = N
             f"{OWN_NETWORK_ROUTE}.")
     if "model" in (overrides or {}) and overrides["model"] != config.method_config.get("model"):
         # same-shaped weights would load into another architecture without complaint
-        raise MetalearnError(f"--set model={overrides['model']}: the run trained "
-                             f"{config.method_config.get('model')}; a network cannot change at evaluation")
+        raise OptionError(f"{{given}}: the run trained {config.method_config.get('model')}; a network cannot change "
+                          "at evaluation", given=override("model", overrides["model"]))
     check_weights_finite(state["learner"], run.path)
     try:
         check_overrides_apply(config, overrides or {})
@@ -483,7 +505,8 @@ def load_trained_state(run_dir: Path | str, overrides: dict[str, Any] | None = N
     except ConfigError as err:  # an option given as --set is named so on the command line
         err.settings = frozenset(overrides or ())
         raise
-    changed = ", ".join(f"--set {key}" for key in (overrides or {}))
+    changed = tuple(", ".join(spell.format(key) for key in overrides) for spell in ("overrides[{!r}]", "--set {}")
+                    ) if overrides else ""
     load_learner_state(learner, state["learner"], run.path, changed)
     return config, learner, int(state["step"]), {key: value for key, value in state.items()
                                                   if key not in ("learner", "optimizer")}

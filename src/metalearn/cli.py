@@ -21,7 +21,8 @@ from metalearn.algorithms import METHODS
 from metalearn.algorithms.statistician import MAX_SAMPLES
 from metalearn.config import MAX_SEED, TaskConfig, TrainConfig
 from metalearn.distributed import leave_world, reports
-from metalearn.errors import TIME_LIMIT_EXIT, ConfigError, MetalearnError, MetalearnWarning, TrainingStopped, flag
+from metalearn.errors import (TIME_LIMIT_EXIT, ConfigError, MetalearnError, MetalearnWarning, OptionError, Options,
+                              TrainingStopped, flag, spellings)
 from metalearn.files import check_writable_file
 from metalearn.options import help_of
 from metalearn.plugins import load_plugins
@@ -615,9 +616,10 @@ def status_command(run_dirs, as_json):
                 if not isinstance(err, (MetalearnError, OSError)):
                     raise
                 # a folder the user named: an error line, exit 2, and the other named runs still shown
-                failed.append(describe_os_error(err) if isinstance(err, OSError) else str(err))
+                failed.append(describe_os_error(err) if isinstance(err, OSError) else spellings(err)[1])
                 continue
-            statuses.append({"run": str(run_dir), "error": str(err) or type(err).__name__})  # one damaged run hides no others
+            # one damaged run hides no others; its error as the command line spells options
+            statuses.append({"run": str(run_dir), "error": spellings(err)[1] or type(err).__name__})
     if as_json:  # also [] when every named folder failed (each said on stderr)
         # standard JSON, which every reader parses: a number that is not finite (a diverged loss,
         # a damaged record) as null, not Python's NaN or Infinity
@@ -988,7 +990,7 @@ def show_warning(message, category, filename, lineno, file=None, line=None, _pla
     if not issubclass(category, MetalearnWarning):
         return _plain(message, category, filename, lineno, file, line)
     if reports():
-        click.echo(f"warning: {message}", err=True)
+        click.echo(f"warning: {message.with_flags() if isinstance(message, Options) else message}", err=True)
 
 
 # whether this process runs one command and nothing else (the ``metalearn`` command, ``python -m
@@ -1074,9 +1076,9 @@ def _main(args: list[str] | None) -> None:
     except TrainingStopped as err:  # Ctrl-C, SIGTERM, --time-limit or --stop-at: the last step is saved
         if err.exit_code == 0:  # --stop-at: a success, every rank paused after the same step
             leave_world(orderly=True)
-        click.echo(str(err), err=True)
+        click.echo(err.with_flags(), err=True)  # an option it names (--stop-at) as the command line spells it
         sys.exit(err.exit_code)
-    except ConfigError as err:  # the field named as the command line spells it
+    except (ConfigError, OptionError) as err:  # the field or option named as the command line spells it
         click.echo(f"error: {err.with_flags()}", err=True)
         sys.exit(2)
     except MetalearnError as err:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from metalearn.errors import MetalearnError
+from metalearn.errors import MetalearnError, OptionError
 from metalearn.runtime import configure_gpu_kernels
 
 
@@ -125,16 +125,19 @@ def resolve_device(name: str = "cpu", local_rank: int = 0) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     if not name.startswith("cuda"):
-        raise MetalearnError(f"--device must be cpu, cuda, cuda:N or auto, got {name!r}")
+        raise OptionError(f"{{device}} must be cpu, cuda, cuda:N or auto, got {name!r}", device="device")
     if not torch.cuda.is_available():
-        raise MetalearnError(f"--device {name}: this torch build sees no GPU (torch.cuda.is_available() is False); "
-                             "use --device cpu, or install a CUDA build of torch")
+        raise OptionError("{device}: this torch build sees no GPU (torch.cuda.is_available() is False); use {cpu}, "
+                          "or install a CUDA build of torch", device=(f"device={name!r}", f"--device {name}"),
+                          cpu=("device='cpu'", "--device cpu"))
     try:
         device = torch.device(name if ":" in name else f"cuda:{local_rank}")
     except RuntimeError:
-        raise MetalearnError(f"--device {name!r} is not a device name (cuda or cuda:N)") from None
+        raise OptionError("{device} is not a device name (cuda or cuda:N)",
+                          device=(f"device={name!r}", f"--device {name!r}")) from None
     if device.index >= torch.cuda.device_count():
-        raise MetalearnError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
+        raise OptionError(f"{{device}}: only {torch.cuda.device_count()} GPU(s) visible",
+                          device=(f"device={str(device)!r}", f"--device {device}"))
     return device
 
 
@@ -184,10 +187,10 @@ def init_world(device: str = "cpu", timeout_s: float | None = None, exact_gpu_ke
     :func:`metalearn.runtime.configure_gpu_kernels` (process-wide torch flags)."""
     size = environment_count("WORLD_SIZE", 1)
     if size > 1 and device.startswith("cuda:"):
-        raise MetalearnError(
-            f"--device {device} under torchrun would put all {size} ranks on one GPU; use --device cuda "
-            "(each rank takes the GPU of its LOCAL_RANK)"
-        )
+        raise OptionError(
+            f"{{device}} under torchrun would put all {size} ranks on one GPU; use {{cuda}} (each rank takes the GPU "
+            "of its LOCAL_RANK)", device=(f"device={device!r}", f"--device {device}"),
+            cuda=("device='cuda'", "--device cuda"))
     resolved = resolve_device(device, environment_count("LOCAL_RANK", 0))
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)

@@ -43,29 +43,108 @@ class ConfigError(MetalearnError):
     ``problem`` is the rest of the sentence; other fields it mentions are written in backticks
     (``"must be at most `memory_size` (8192)"``) and are named the same way in either form; a
     field of another config is written with its owner (```MAMLRL.Config.outer```), which the
-    command line spells as the flag alone (``--outer``)."""
+    command line spells as the flag alone (``--outer``). An option of the call that is no config
+    field (``preset``) is a ``{name}`` field given in ``options``, as :class:`Options` takes it
+    (``preset=("preset='maml++'", "--preset maml++")``)."""
 
-    def __init__(self, owner: str, field: str | tuple[str, ...], problem: str):
+    def __init__(self, owner: str, field: str | tuple[str, ...], problem: str, **options: str | tuple[str, str]):
         self.owner, self.problem = owner, problem
+        self.options = spelled(options)
         self.settings: frozenset[str] = frozenset()  # fields given as `--set NAME=VALUE`, not as their flags
         self.fields = (field,) if isinstance(field, str) else tuple(field)
         self.field = self.fields[0]
         super().__init__(self.render(lambda name, of=owner: f"{of}.{name}" if of else name))
 
-    def render(self, name: Callable[..., str]) -> str:
+    def render(self, name: Callable[..., str], flags: bool = False) -> str:
         """The message with every field named by ``name(field)``, or ``name(field, owner)`` for a
-        field of another config."""
+        field of another config, and its options as the command line (``flags``) or Python spells them."""
         def mentioned(match: re.Match) -> str:
             owner, _, field = match.group(1).rpartition(".")
             return name(field, owner) if owner else name(field)
 
         text = re.sub(r"`([A-Za-z_][A-Za-z0-9_.]*)`", mentioned, self.problem)
+        text = fill(text, self.options, flags) if self.options else text
         return f"{', '.join(name(field) for field in self.fields)} {text}"
 
     def with_flags(self) -> str:
         """The message as the command line spells options: ``--inner-lr must be > 0, got -1``, or
         for a field of :attr:`settings` (an evaluation's ``--set``) ``--set inner_lr``."""
-        return self.render(lambda name, owner="": f"--set {name}" if name in self.settings else flag(name, owner))
+        return self.render(lambda name, owner="": f"--set {name}" if name in self.settings else flag(name, owner),
+                           flags=True)
+
+
+class Options:
+    """A message that names options of a call, which the Python API and the command line spell
+    differently (``resume=True`` and ``--resume``, ``json_out`` and ``--json``): a ``template``
+    whose ``{name}`` fields are the options, each given as ``name="python"`` (its flag then
+    ``--`` and the name with hyphens, ``run_dir`` -> ``--run-dir``) or ``name=("python", "flag")``
+    (a value in both: ``stop_at=("stop_at=5", "--stop-at 5")``; a path after the option's name,
+    :func:`valued`; a nested message's two forms, :func:`spellings`); a literal brace is doubled.
+    ``str()`` reads as the Python API spells the options, :meth:`with_flags` as the command line
+    does.
+
+    Only those fields and doubled braces are read: any other brace is kept as it is, so that a
+    path or an error's text quoted into the template (an f-string, its option fields written
+    ``{{name}}``) needs no escaping and cannot break the message that quotes it. A quoted text
+    that may itself hold doubled braces (the repr of nested dicts) goes in as a field spelled the
+    same both ways, ``lines=(text, text)``: a field's spellings are never read."""
+
+    def __init__(self, template: str, **options: str | tuple[str, str]):
+        self.template = template
+        self.options = spelled(options)
+        super().__init__(self.render(flags=False))
+
+    def render(self, flags: bool) -> str:
+        return fill(self.template, self.options, flags)
+
+    def with_flags(self) -> str:
+        """The message with the options spelled as the command line's flags."""
+        return self.render(flags=True)
+
+
+class OptionError(Options, MetalearnError):
+    """A refusal that names options (see :class:`Options`): ``OptionError("{resume} needs
+    {run_dir}, the run to continue", resume=("resume=True", "--resume"), run_dir="run_dir")`` reads
+    "resume=True needs run_dir, ..." from Python, "--resume needs --run-dir, ..." on the command line."""
+
+
+class OptionWarning(Options, MetalearnWarning):
+    """A :class:`MetalearnWarning` that names options (see :class:`Options`), spelled as the
+    caller spells them."""
+
+
+def spelled(options: dict[str, str | tuple[str, str]]) -> dict[str, tuple[str, str]]:
+    """:class:`Options`' ``options`` as (Python, command line) pairs."""
+    return {name: (given, flag(given)) if isinstance(given, str) else tuple(given) for name, given in options.items()}
+
+
+_FIELD = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def fill(template: str, options: dict[str, tuple[str, str]], flags: bool) -> str:
+    """``template`` with its ``{name}`` fields of ``options`` spelled as the command line
+    (``flags``) or Python does, doubled braces as single ones, and every other brace as it is."""
+    def field(match: re.Match) -> str:
+        name = match.group(1)
+        if name is None:  # a doubled brace
+            return match.group(0)[0]
+        return options[name][flags] if name in options else match.group(0)
+
+    return _FIELD.sub(field, template)
+
+
+def valued(option: str | tuple[str, str], value: object) -> tuple[str, str]:
+    """``option`` (as :class:`Options` takes it) followed by ``value``, a path, in both spellings:
+    ``valued("split_file", "s.json")`` is ("split_file s.json", "--split-file s.json")."""
+    python, command_line = spelled({"option": option})["option"]
+    return f"{python} {value}", f"{command_line} {value}"
+
+
+def spellings(err: BaseException) -> tuple[str, str]:
+    """``err``'s message as (the Python API, the command line) spell it: for a message that
+    quotes another's (``{detail}`` given as ``detail=spellings(err)``), so that each form quotes
+    its own."""
+    return (str(err), err.with_flags()) if isinstance(err, (Options, ConfigError)) else (str(err), str(err))
 
 
 def kind_of(value: object) -> str:
@@ -83,11 +162,13 @@ def flag(field: str, owner: str = "") -> str:
 TIME_LIMIT_EXIT = 75  # sysexits' EX_TEMPFAIL: not finished, try again later (with --resume)
 
 
-class TrainingStopped(MetalearnError):
-    """Training stopped on request (Ctrl-C or SIGTERM), at its time limit or at its ``--stop-at``
+class TrainingStopped(Options, MetalearnError):
+    """Training stopped on request (Ctrl-C or SIGTERM), at its time limit or at its ``stop_at``
     step after saving a checkpoint of its last step; ``exit_code`` is the shell's for that signal
-    (130, 143), :data:`TIME_LIMIT_EXIT` (75) for the time limit, 0 for ``--stop-at``."""
+    (130, 143), :data:`TIME_LIMIT_EXIT` (75) for the time limit, 0 for ``stop_at``. The message
+    names the options it mentions as :class:`Options` does (``stop_at`` here, ``--stop-at`` on
+    the command line)."""
 
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
+    def __init__(self, message: str, exit_code: int, **options: str | tuple[str, str]):
+        super().__init__(message, **options)
         self.exit_code = exit_code

@@ -23,7 +23,10 @@ from typing import Callable
 
 import torch
 
-from metalearn.errors import MetalearnError
+from metalearn.errors import OptionError
+
+
+AUTO = ('task_chunk="auto"', "--task-chunk auto")  # the option that measures memory, as each caller spells it
 
 
 def available_memory(device: torch.device) -> int:
@@ -32,8 +35,8 @@ def available_memory(device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if device.type != "cpu":
-        raise MetalearnError(f"--task-chunk auto knows the memory of CPUs and CUDA GPUs only, not {device.type}; "
-                             "give --task-chunk a number")
+        raise OptionError(f"{{auto}} knows the memory of CPUs and CUDA GPUs only, not {device.type}; give "
+                          "{task_chunk} a number", auto=AUTO, task_chunk="task_chunk")
     available = _meminfo_bytes("MemAvailable")
     for limit, used in _cgroup_limits():
         available = min(available, max(limit - used, 0))
@@ -84,8 +87,9 @@ def peak_memory_of(call: Callable[[], None], device: torch.device) -> int:
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS (Linux >= 4.0)
     except OSError as err:
-        raise MetalearnError(f"--task-chunk auto measures a step's memory through /proc/self/clear_refs, which "
-                             f"this system does not allow ({err.strerror}); give --task-chunk a number") from None
+        raise OptionError(f"{{auto}} measures a step's memory through /proc/self/clear_refs, which this system "
+                          f"does not allow ({err.strerror}); give {{task_chunk}} a number", auto=AUTO,
+                          task_chunk="task_chunk") from None
     before = _status_bytes("VmRSS")
     call()
     return max(_status_bytes("VmHWM") - before, 0)
@@ -158,8 +162,8 @@ def _meminfo_bytes(field: str) -> int:
     try:
         text = Path("/proc/meminfo").read_text()
     except OSError:
-        raise MetalearnError("--task-chunk auto reads the available memory from /proc/meminfo, which this system "
-                             "lacks; give --task-chunk a number") from None
+        raise OptionError("{auto} reads the available memory from /proc/meminfo, which this system lacks; give "
+                          "{task_chunk} a number", auto=AUTO, task_chunk="task_chunk") from None
     return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1)) * 1024
 
 

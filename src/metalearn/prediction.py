@@ -19,7 +19,7 @@ from metalearn.algorithms import MetaLearner, can
 from metalearn.algorithms.base import evaluating
 from metalearn.data.folder import image_files, no_images_note, warn_of_skipped_files
 from metalearn.data.images import is_image_file
-from metalearn.errors import MetalearnError, MetalearnWarning
+from metalearn.errors import MetalearnError, MetalearnWarning, OptionError, spelled, valued
 from metalearn.files import WriteError, atomic_write_files, check_writable_file, same_path, user_path
 from metalearn.locking import make_folders
 from metalearn.models.norm import BatchStatNorm
@@ -30,10 +30,12 @@ QUERY_CHUNK = 256  # the most query images classified per pass (with the whole s
 def read_support(folder: Path | str) -> tuple[list[str], list[list[Path]]]:
     """(class names, image files of each class) of a folder with one sub-folder per class;
     hidden entries (a name starting with ".", at any depth) are skipped."""
-    _refuse_empty("--support", folder)
+    _refuse_empty("support", folder)
     folder = user_path(folder, "support")
+    given = valued("support", folder)
     if not folder.is_dir():
-        raise MetalearnError(f"--support {folder} {_what_it_is(folder)}; give a folder with one sub-folder per class")
+        raise OptionError(f"{{support}} {_what_it_is(folder)}; give a folder with one sub-folder per class",
+                          support=given)
     names, files, skipped = [], [], []
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
         if entry.name.startswith("."):
@@ -48,21 +50,23 @@ def read_support(folder: Path | str) -> tuple[list[str], list[list[Path]]]:
             names.append(entry.name)
             files.append(images)
         elif is_image_file(entry):
-            raise MetalearnError(f"--support {entry}: support images go in one sub-folder per class "
-                                 f"({folder}/<class>/{entry.name})")
+            raise OptionError(f"{{entry}}: support images go in one sub-folder per class ({folder}/<class>/"
+                              f"{entry.name})", entry=(f"{entry} in support {folder}", f"--support {entry}"))
     if not names:
-        raise MetalearnError(f"--support {folder} has no class folders: give one sub-folder per new class, "
-                             "holding 1 or more example images")
+        raise OptionError("{support} has no class folders: give one sub-folder per new class, holding 1 or more "
+                          "example images", support=given)
     if len(names) < 2:
-        raise MetalearnError(f"--support {folder} has one class ({names[0]}): a task tells at least 2 classes apart")
-    warn_of_skipped_files(skipped, f"--support {folder}")
+        raise OptionError(f"{{support}} has one class ({names[0]}): a task tells at least 2 classes apart",
+                          support=given)
+    warn_of_skipped_files(skipped, given)
     return names, files
 
 
 def _refuse_empty(option: str, path: Path | str) -> None:
-    """An empty path: ``Path("")`` is the working directory, which the user did not name."""
+    """An empty path: ``Path("")`` is the working directory, which the user did not name.
+    ``option``: the parameter (``support``), named as the caller spells it."""
     if not str(path).strip():
-        raise MetalearnError(f"{option} is empty; give an image file or folder")
+        raise OptionError("{option} is empty; give an image file or folder", option=option)
 
 
 def _what_it_is(path: Path) -> str:
@@ -85,20 +89,22 @@ def read_query(paths: list[Path | str]) -> list[Path]:
     would mean the working directory)."""
     files: list[Path] = []
     for given in paths:
-        _refuse_empty("--query", given)
+        _refuse_empty("query", given)
         path = user_path(given, "query")
         if path.is_dir():
             skipped: list[Path] = []
             found = image_files(path, skipped=skipped)
             if not found:
                 note = no_images_note(path, skipped)
-                raise MetalearnError(f"--query {path} holds no images (PNG or JPEG)" + (f"; {note}" if note else ""))
-            warn_of_skipped_files(skipped, f"--query {path}")
+                raise OptionError("{query} holds no images (PNG or JPEG)" + (f"; {note}" if note else ""),
+                                  query=valued("query", path))
+            warn_of_skipped_files(skipped, valued("query", path))
             files += found
         elif path.is_file():
             files.append(path)
         else:
-            raise MetalearnError(f"--query {path} {_what_it_is(path)}; give image files or folders of them")
+            raise OptionError(f"{{query}} {_what_it_is(path)}; give image files or folders of them",
+                              query=valued("query", path))
     if not files:
         raise MetalearnError("no query images given")
     first: dict[str, Path] = {}
@@ -267,21 +273,38 @@ def predict_new_classes(learner: MetaLearner, support: Path | str, query: list[P
 
 
 OUTPUT_EXAMPLES = {"--json": "predictions.json", "--csv": "predictions.csv", "--sheet": "predictions.png"}
+# predict_run's outputs, as Python and the command line name them
+OUTPUTS = {"json_out": ("json_out", "--json"), "csv_out": ("csv_out", "--csv"), "sheet": "sheet"}
 
 
-def check_outputs(named: list[tuple[str, Path | str]]) -> None:
+def check_output_file(option: str | tuple[str, str], path: Path | str, example: str, suffix: str | None = None
+                      ) -> None:
+    """:func:`~metalearn.files.check_writable_file` for the output file that ``option`` names
+    (as :class:`~metalearn.errors.Options` takes it: ``("json_out", "--json")``), refused with
+    the option spelled as its caller spells it."""
+    python, command_line = spelled({"option": option})["option"]
+    try:
+        check_writable_file(command_line, path, example, suffix)
+    except MetalearnError as err:  # its message begins with the option it was given
+        raise OptionError("{option}" + str(err).removeprefix(command_line), option=(python, command_line)) from None
+
+
+def check_outputs(named: list[tuple[str | tuple[str, str], Path | str]]) -> None:
     """Refuse, before any image is read, output files that could not all be written: two
     options naming one file (one would overwrite the other), a folder (also ``out/``, not made
     yet), a contact sheet not named ``.png``, a path below a file, or a folder this user cannot
     write to (missing folders are made when the files are written). ``named``: (option, path)
-    pairs such as ``("--json", "out.json")``, the paths as given."""
+    pairs such as ``(OUTPUTS["json_out"], "out.json")``, the paths as given, each option as
+    :class:`~metalearn.errors.Options` takes it."""
     for option, path in named:
-        check_writable_file(option, path, OUTPUT_EXAMPLES.get(option, "predictions"),
-                            ".png" if option == "--sheet" else None)
+        command_line = spelled({"option": option})["option"][1]
+        check_output_file(option, path, OUTPUT_EXAMPLES.get(command_line, "predictions"),
+                          ".png" if command_line == "--sheet" else None)
     for i, (option, path) in enumerate(named):
         for other, other_path in named[i + 1:]:
             if same_path(path, other_path):
-                raise MetalearnError(f"{option} and {other} both name {path}; give each output its own file")
+                raise OptionError(f"{{option}} and {{other}} both name {path}; give each output its own file",
+                                  option=option, other=other)
 
 
 def write_together(outputs: list[tuple[Path, bytes]]) -> None:

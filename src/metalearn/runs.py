@@ -31,7 +31,7 @@ import torch
 
 from metalearn.config import RunConfig
 from metalearn.data.splits import RUN_SPLIT_NAME
-from metalearn.errors import MetalearnError
+from metalearn.errors import MetalearnError, OptionError, spellings
 from metalearn.files import (WriteError, append_line, atomic_write, atomic_write_bytes, user_path,  # noqa: F401
                              fsync_directory, obstacle, probe_writable, remove_temporaries)
 from metalearn.locking import FolderInUse, FolderLock
@@ -45,6 +45,8 @@ WRITER_FILES = ("config.json", "checkpoint.pt", "metrics.jsonl", RUN_SPLIT_NAME)
 # finds a settled one; the bound only keeps a reader from spinning forever on a run that
 # validates faster than the reader loads its checkpoints
 BEST_READ_ATTEMPTS = 10
+
+KEEP_BEST = ("keep_best=N", "--keep-best N")  # the option that keeps best/, as a caller gives it (errors.Options)
 
 T = TypeVar("T")
 
@@ -87,7 +89,7 @@ def claim_new_run_dir(root: Path, name: str) -> Path:
             return path
         except FileExistsError:
             continue
-    raise MetalearnError(f"no free run directory name {name}-N in {root}; give --run-dir")
+    raise OptionError(f"no free run directory name {name}-N in {root}; give {{run_dir}}", run_dir="run_dir")
 
 
 def _best_step(file: str) -> int | None:
@@ -132,12 +134,13 @@ def config_from(data: Any, path: Path) -> RunConfig:
     return config
 
 
-def unreadable_checkpoint(path: Path, why: str) -> MetalearnError:
+def unreadable_checkpoint(path: Path, why: str) -> OptionError:
     """The refusal of the checkpoint file ``path`` for ``why`` (what is wrong, a few words): a
     file that does not load, lacks an entry, or holds a damaged one where it is read
     (:func:`metalearn.checkpoints.check_entries`), all the same damage to the user."""
-    return MetalearnError(f"{path} is unreadable ({why}): it is truncated, corrupt or not a metalearn checkpoint. "
-                          "Put back the run's own checkpoint.pt, or train the run again in a new --run-dir.")
+    return OptionError(f"{path} is unreadable ({{why}}): it is truncated, corrupt or not a metalearn checkpoint. "
+                       "Put back the run's own checkpoint.pt, or train the run again in a new {run_dir}.",
+                       why=(why, why), run_dir="run_dir")
 
 
 class RunDir:
@@ -342,8 +345,8 @@ class RunDir:
         index = read_json_object(index_path, advice)
         for file, score in index.items():
             if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-                raise MetalearnError(f"{index_path} gives {file} the score {json.dumps(score)[:40]}, not a finite "
-                                     f"number (it was edited or damaged); {advice}")
+                raise OptionError(f"{index_path} gives {file} the score {{score}}, not a finite number (it was edited "
+                                  "or damaged); {advice}", score=(json.dumps(score)[:40],) * 2, advice=advice)
         return index
 
     def _remove_unlisted_best(self) -> list[Path]:
@@ -388,8 +391,8 @@ class RunDir:
 
         def read_index() -> dict[str, Any]:
             if not index_path.is_file():
-                raise MetalearnError(f"{self.path} kept no best checkpoints: train with --keep-best N (and "
-                                     "validation) to evaluate an ensemble")
+                raise OptionError(f"{self.path} kept no best checkpoints: train with {{keep_best}} (and validation) "
+                                  "to evaluate an ensemble", keep_best=KEEP_BEST)
             return self.read_best_index()
 
         index = read_index()
@@ -399,15 +402,17 @@ class RunDir:
                                      "on until it validates, then evaluate the ensemble")
             for file in index:
                 if _best_step(file) is None:
-                    raise MetalearnError(f"{index_path} lists {file}, which is not a best checkpoint in "
-                                         f"{self.best_dir}: delete best/ and train with --keep-best N again")
+                    raise OptionError(f"{index_path} lists {file}, which is not a best checkpoint in "
+                                      f"{self.best_dir}: delete best/ and train with {{keep_best}} again",
+                                      keep_best=KEEP_BEST)
             gone = [file for file in index if not (self.best_dir / file).is_file()]
             if not gone:
                 return [self.best_dir / file for file in index]
             again = read_index()
             if again == index:  # not a replacement under way: the file is missing for good
-                raise MetalearnError(f"{index_path} lists {gone[0]}, which is not a best checkpoint in "
-                                     f"{self.best_dir}: delete best/ and train with --keep-best N again")
+                raise OptionError(f"{index_path} lists {gone[0]}, which is not a best checkpoint in "
+                                  f"{self.best_dir}: delete best/ and train with {{keep_best}} again",
+                                  keep_best=KEEP_BEST)
             index = again
         raise self._best_kept_changing()
 
@@ -452,15 +457,17 @@ class RunDir:
         would be scored under N's name. Paths of other names are not best checkpoints: no check."""
         named = _best_step(Path(path).name)
         if named is not None and step != named:
-            raise MetalearnError(f"{path} holds the state of step {step}, not of step {named} as its name says: "
-                                 f"it was replaced by another checkpoint; put back the run's own file, or "
-                                 f"{self._rebuild_best_advice()}")
+            raise OptionError(f"{path} holds the state of step {step}, not of step {named} as its name says: it was "
+                              "replaced by another checkpoint; put back the run's own file, or {advice}",
+                              advice=self._rebuild_best_advice())
 
-    def _rebuild_best_advice(self) -> str:
+    def _rebuild_best_advice(self) -> tuple[str, str]:
         """How to recover from a damaged ``best/``: without it, a resumed run's validations keep
-        best checkpoints anew (a missing index reads as none kept; :meth:`keep_best` makes the folder)."""
-        return (f"delete {self.best_dir}: the validations after a --resume (with more --steps, for a complete run) "
-                "keep best checkpoints anew")
+        best checkpoints anew (a missing index reads as none kept; :meth:`keep_best` makes the
+        folder); as Python and the command line name the options."""
+        options = {"resume": ("resume=True", "--resume"), "steps": ("steps", "--steps")}
+        return spellings(OptionError(f"delete {self.best_dir}: the validations after a {{resume}} (with more "
+                                     "{steps}, for a complete run) keep best checkpoints anew", **options))
 
     # -- metrics -------------------------------------------------------------------------------
 
@@ -610,17 +617,20 @@ def evaluation_in_words(result: dict[str, Any]) -> str:
         return f"an evaluation{at}"
 
 
-def read_json_object(path: Path, advice: str) -> dict[str, Any]:
+def read_json_object(path: Path, advice: str | tuple[str, str]) -> dict[str, Any]:
     """The JSON object in ``path``; a file cut short, damaged or holding another JSON value is one
-    line naming it and ``advice``, what to do."""
+    line naming it and ``advice``, what to do (where it names options, as Python and the command
+    line spell it)."""
+    advice = (advice, advice) if isinstance(advice, str) else advice
     try:
         data = json.loads(path.read_bytes())
     except ValueError as err:  # JSONDecodeError, or bytes that are no text at all
         detail = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
-        raise MetalearnError(f"{path} is not valid JSON ({detail}): it was cut short or damaged; {advice}") from None
+        raise OptionError(f"{path} is not valid JSON ({{detail}}): it was cut short or damaged; {{advice}}",
+                          detail=(detail, detail), advice=advice) from None
     if not isinstance(data, dict):
         kind = {list: "array", str: "string", bool: "boolean"}.get(type(data), "number" if data is not None else "null")
-        raise MetalearnError(f"{path} holds a JSON {kind}, not the object metalearn writes; {advice}")
+        raise OptionError(f"{path} holds a JSON {kind}, not the object metalearn writes; {{advice}}", advice=advice)
     return data
 
 

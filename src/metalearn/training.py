@@ -24,7 +24,8 @@ from metalearn.checkpoints import (RESUME_ENTRIES, RESUME_OPTIONAL_ENTRIES, all_
                                    own_tasks, recorded_images, run_images, saved_config, unreadable_checkpoint)
 from metalearn.config import RunConfig
 from metalearn.distributed import RankLost, World, environment_count
-from metalearn.errors import TIME_LIMIT_EXIT, ConfigError, MetalearnError, TrainingStopped, kind_of
+from metalearn.errors import (TIME_LIMIT_EXIT, ConfigError, MetalearnError, OptionError, TrainingStopped, kind_of,
+                              spellings, valued)
 from metalearn.evaluation import HIGHER_IS_BETTER, evaluate
 from metalearn.files import same_path, user_path
 from metalearn.memory_budget import (available_memory, chunk_candidates, chunk_sizes, fastest_chunk, largest_chunk,
@@ -82,12 +83,13 @@ def check_stop_at(stop_at, step: int, steps: int) -> None:
     already, and :meth:`Trainer.fit` stops at once, so that the same command can be repeated)
     and before its last, ``steps``."""
     if isinstance(stop_at, bool) or not isinstance(stop_at, int) or stop_at < 1:
-        raise MetalearnError(f"--stop-at takes a step number (a positive integer), got {stop_at!r}")
+        raise OptionError(f"{{stop_at}} takes a step number (a positive integer), got {stop_at!r}", stop_at="stop_at")
+    given = (f"stop_at={stop_at}", f"--stop-at {stop_at}")
     if stop_at < step:
-        raise MetalearnError(f"--stop-at {stop_at}: the run is already at step {step}; give a later step")
+        raise OptionError(f"{{stop_at}}: the run is already at step {step}; give a later step", stop_at=given)
     if stop_at >= steps:
-        raise MetalearnError(f"--stop-at {stop_at} is not before the run's last step ({steps}); "
-                             f"leave it out to train to the end")
+        raise OptionError(f"{{stop_at}} is not before the run's last step ({steps}); leave it out to train to the end",
+                          stop_at=given)
 
 
 def now() -> float:
@@ -257,8 +259,9 @@ class Trainer:
         # rank 0 alone looks: it writes config.json only after this, other ranks may come later
         if not resume and world.is_main and run_dir is not None and run_dir.holds_run() \
                 and not untrained_attempt(run_dir):
-            raise MetalearnError(f"{run_dir.path} already holds a run; continue it (--resume, or Trainer(..., "
-                                 "resume=True) and restore) or choose another folder")
+            raise OptionError(f"{run_dir.path} already holds a run; continue it ({{resume}}) or choose another folder",
+                              resume=("Trainer(..., resume=True) and restore",
+                                      "--resume, or Trainer(..., resume=True) and restore"))
         if not isinstance(config, RunConfig):
             raise MetalearnError(f"Trainer takes a RunConfig (metalearn.resolve_config(...)), got "
                                  f"{type(config).__name__}")
@@ -286,10 +289,10 @@ class Trainer:
         self.data_dir, self.data_dir_given = None, True
         train = config.train
         if world.size > train.meta_batch_size:
-            raise MetalearnError(
-                f"--meta-batch-size {train.meta_batch_size} is smaller than the {world.size} processes: "
-                "every rank needs at least one task. Raise --meta-batch-size or start fewer processes."
-            )
+            raise OptionError(
+                f"{{given}} is smaller than the {world.size} processes: every rank needs at least one task. Raise "
+                "{meta_batch_size} or start fewer processes.", meta_batch_size="meta_batch_size",
+                given=(f"meta_batch_size={train.meta_batch_size}", f"--meta-batch-size {train.meta_batch_size}"))
         refused = learner.chunking_refused() if train.task_chunk != 0 else None
         if refused:
             raise ConfigError("TrainConfig", "task_chunk", f"cannot split the meta-batch of {refused}; leave it at 0 "
@@ -404,24 +407,26 @@ class Trainer:
         if last is None or {key: value for key, value in last.items() if key != "from_step"} != here:
             self.machines.append({"from_step": self.step, **here})
 
-    def _split_file_moved(self) -> str:
-        """Where a resume's data fingerprint differs and the run's --split-file now puts a class
-        in another part than the run's split.json records: the message that says so ("" where
+    def _split_file_moved(self) -> OptionError | None:
+        """Where a resume's data fingerprint differs and the run's ``split_file`` now puts a class
+        in another part than the run's split.json records: the error that says so (None where
         that is not the difference, e.g. the images changed)."""
         split_file = self.config.task.split_file
         own = self.run_dir.read_split() if self.run_dir is not None else None
         if not split_file or not own or self.class_split is None:
-            return ""
+            return None
         then = {name: part for part, names in own.items() for name in names}
         now = {name: part for part, names in self.class_split.items() for name in names}
         if then == now:
-            return ""
+            return None
         moved = [name for name in sorted(set(then) | set(now)) if then.get(name) != now.get(name)]
         name, changed = moved[0], len(moved)
-        return (f"--split-file {split_file} puts {changed} class{'es' if changed > 1 else ''} of the run in "
-                f"{self.run_dir.path} in another part than when it trained (e.g. {name!r}: "
-                f"{then.get(name, 'no part')} then, {now.get(name, 'no part')} now): put the file back as it was "
-                f"(the run's copy of its split: {self.run_dir.split_path}), or start a new --run-dir")
+        return OptionError(f"{{split_file}} puts {changed} class{'es' if changed > 1 else ''} of the run in "
+                           f"{self.run_dir.path} in another part than when it trained (e.g. {name!r}: "
+                           f"{then.get(name, 'no part')} then, {now.get(name, 'no part')} now): put the file back as "
+                           f"it was (the run's copy of its split: {self.run_dir.split_path}), or start a new "
+                           "{run_dir}", split_file=valued("split_file", split_file),
+                           run_dir="run_dir")
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from the checkpoint ``state``: the learner, optimiser, schedule, random
@@ -441,17 +446,18 @@ class Trainer:
         self.run_dir.read_best_index()
         trained_on = state.get("data_fingerprint")  # absent in runs of fixed datasets and older runs
         if trained_on is not None and self.data_fingerprint is not None and trained_on != self.data_fingerprint:
-            where = (f" --data-dir {self.data_dir}" if self.data_dir is not None and self.data_dir_given else
-                     f" its folder {self.data_dir} now" if self.data_dir is not None else " this dataset")
+            where = ("{data_dir}" if self.data_dir is not None and self.data_dir_given else
+                     f"its folder {self.data_dir} now" if self.data_dir is not None else "this dataset")
             then, now = (fingerprint.split(":", 1)[-1] for fingerprint in (trained_on, self.data_fingerprint))
             differ = f"{then}, now {now}" if then != now else f"{now} either way, other images, class names or parts"
             moved = self._split_file_moved()
-            if moved:
-                raise MetalearnError(moved)
-            raise MetalearnError(
-                f"the run in {self.run_dir.path} trained on other images than{where} holds ({differ}): resume "
-                "it with the folder as it trained on it, or start a new --run-dir (--init-from the run to keep "
-                "its weights)")
+            if moved is not None:
+                raise moved
+            raise OptionError(
+                f"the run in {self.run_dir.path} trained on other images than {where} holds ({differ}): resume "
+                "it with the folder as it trained on it, or start a new {run_dir} ({init_from} the run to keep "
+                "its weights)", data_dir=valued("data_dir", self.data_dir),
+                run_dir="run_dir", init_from="init_from")
         # a run trained from Python on tasks or with a network of the user's own continues from Python:
         # metalearn train --resume would build config.json's dataset and network, not what it learned
         route = f"continue it from Python: {python_resume(self.run_dir.path)}"
@@ -551,8 +557,8 @@ class Trainer:
             if stop_at is not None:
                 check_stop_at(stop_at, self.step, train.steps)
                 if stop_at == self.step:  # paused there already: the same command again does nothing
-                    raise TrainingStopped(f"the run is at step {stop_at} of {train.steps} already (--stop-at); "
-                                          f"{self.resume_hint()}", 0)
+                    raise TrainingStopped(f"the run is at step {stop_at} of {train.steps} already ({{stop_at}}); "
+                                          f"{self.resume_hint()}", 0, stop_at="stop_at")
             self._begin()
             self._note_machine()
             if self.step == 0:
@@ -572,11 +578,11 @@ class Trainer:
             raise
         except RankLost as err:
             self._failed()
-            raise MetalearnError(
+            raise OptionError(
                 f"rank {self.world.rank} lost contact with the other ranks at step {self.step + 1} "
-                f"({err}); another process probably died. The last "
-                f"checkpoint in {self.run_dir.path} is kept: resume with --resume."
-            ) from None
+                f"({{error}}); another process probably died. The last "
+                f"checkpoint in {self.run_dir.path} is kept: resume with {{resume}}.",
+                error=spellings(err), resume=("resume=True", "--resume")) from None
         except BaseException:
             self._failed()
             raise
@@ -637,7 +643,7 @@ class Trainer:
             # this step's checkpoint would keep them (every rank holds the same weights: no collective)
             if not all_finite(parameters):
                 raise self._diverged("the update made the parameters non-finite",
-                                     f" (the meta-loss was {total_loss:.4g})", "Try a smaller --meta-lr.")
+                                     f" (the meta-loss was {total_loss:.4g})", "Try a smaller {meta_lr}.")
             self.scheduler.step()
             self.step += 1
             if self.world.is_main:
@@ -686,7 +692,7 @@ class Trainer:
                 self.save()
             if stopping:  # also after the last step: the test evaluation is then skipped
                 if paused:
-                    why, code = "stopped as asked (--stop-at)", 0
+                    why, code = "stopped as asked ({stop_at})", 0
                 elif stop.received is not None:
                     why, code = f"stopped by {stop.received.name}", 128 + int(stop.received)
                 elif out_of_time:
@@ -698,7 +704,7 @@ class Trainer:
                 raise TrainingStopped(
                     f"{why} after step {self.step} of {train.steps}; its checkpoint is "
                     f"saved in {self.run_dir.path}: {self.resume_hint()}",
-                    code,
+                    code, stop_at="stop_at",
                 )
 
     def rebuilt_by_commands(self) -> bool:
@@ -787,11 +793,13 @@ class Trainer:
         return chunk
 
     def _diverged(self, what: str, detail: str,
-                  advice: str = "Try a smaller --inner-lr or --meta-lr, or fewer --inner-steps.") -> MetalearnError:
+                  advice: str = "Try a smaller {inner_lr} or {meta_lr}, or fewer {inner_steps}.") -> OptionError:
         """The one error for a step that went non-finite: training stops before that step is
-        saved, so the last checkpoint (from before it) holds good weights."""
-        return MetalearnError(f"{what} at step {self.step + 1}{detail}; training stopped before saving it, and "
-                              f"the last good checkpoint in {self.run_dir.path} is kept. {advice}")
+        saved, so the last checkpoint (from before it) holds good weights. ``advice`` names the
+        options to change as fields of :class:`~metalearn.errors.Options` (``{meta_lr}``)."""
+        return OptionError(f"{what} at step {self.step + 1}{detail}; training stopped before saving it, and "
+                           f"the last good checkpoint in {self.run_dir.path} is kept. {advice}",
+                           inner_lr="inner_lr", meta_lr="meta_lr", inner_steps="inner_steps")
 
     def _stop_requested(self, stop: StopRequests, out_of_time: bool = False) -> bool:
         """Whether any rank was asked to stop or is out of time: all ranks then stop after the
@@ -867,6 +875,13 @@ def gradients_finite(parameters: list[torch.Tensor]) -> bool:
     return all_finite(p.grad for p in parameters if p.grad is not None)
 
 
+def resume_without_run_dir() -> OptionError:
+    """The refusal of a resume that names no run folder to continue (:func:`build_trainer`,
+    :func:`metalearn.train`)."""
+    return OptionError("{resume} needs {run_dir}, the run to continue", resume=("resume=True", "--resume"),
+                       run_dir="run_dir")
+
+
 def build_trainer(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path | str | None = None,
                   resume: bool = False, world: World = World(), progress: bool = True,
                   lock: bool = True, tested: bool = True) -> Trainer:
@@ -886,11 +901,11 @@ def build_trainer(config: RunConfig, run_dir: Path | str | None = None, data_dir
     run_dir = user_path(run_dir, "run_dir", optional=True)  # "~/runs/x" as a shell expands it
     data_dir = user_path(data_dir, "data_dir", optional=True)
     if resume and run_dir is None:
-        raise MetalearnError("--resume needs --run-dir, the run to continue")
+        raise resume_without_run_dir()
     if run_dir is not None and Path(run_dir).exists() and not Path(run_dir).is_dir():
         raise MetalearnError(f"{run_dir} is a file, not a folder; give a folder path")  # as the CLI says of any path
     if run_dir is not None:  # before the lock, which would make the folder (and its .lock) among the images
-        check_outside_data(config.task, data_dir, "--run-dir", run_dir)
+        check_outside_data(config.task, data_dir, "run_dir", run_dir)
     hold = lock_for_training(RunDir(run_dir), world) if lock and run_dir is not None else None
     try:
         return _build_trainer(config, run_dir, data_dir, resume, world, progress, hold, tested)
@@ -939,8 +954,9 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
     except MetalearnError as err:  # another folder than the run's: the folder is the news, not its split
         if recorded is None or data_dir is None or not recorded.is_dir():
             raise
-        raise MetalearnError(f"--data-dir {data_dir} is not the folder the run in {run.path} trained on "
-                             f"({recorded}; leave --data-dir out to resume on it): {err}") from None
+        raise OptionError(f"{{given}} is not the folder the run in {run.path} trained on ({recorded}; leave "
+                          "{data_dir} out to resume on it): {error}", data_dir="data_dir", error=spellings(err),
+                          given=valued("data_dir", data_dir)) from None
     learner = learner.to(world.device)
     trainer = Trainer(config, learner, train_tasks, val_tasks, run, world, resume=resume, lock=lock)
     trainer.task_source = f"dataset:{config.task.dataset}"
@@ -949,8 +965,8 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
     if resume:
         trainer.restore(run.read_checkpoint(*RESUME_ENTRIES))
         if trainer.step > config.train.steps:
-            raise MetalearnError(
-                f"the run in {run.path} is already at step {trainer.step}; --steps {config.train.steps} "
-                f"would end it before that. Give --steps {trainer.step} or more."
-            )
+            raise OptionError(
+                f"the run in {run.path} is already at step {trainer.step}; {{steps}} would end it before that. "
+                "Give {more} or more.", steps=(f"steps={config.train.steps}", f"--steps {config.train.steps}"),
+                more=(f"steps={trainer.step}", f"--steps {trainer.step}"))
     return trainer

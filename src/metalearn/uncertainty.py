@@ -39,7 +39,7 @@ from torch import Tensor
 from metalearn.algorithms import can, methods_that
 from metalearn.algorithms.base import device_of, evaluating
 from metalearn.config import task_differences
-from metalearn.errors import MetalearnError
+from metalearn.errors import MetalearnError, OptionError, spellings
 from metalearn.evaluation import scored_in_calls, tasks_per_call
 from metalearn.files import same_path
 from metalearn.tasks.batch import TaskBatch
@@ -184,15 +184,20 @@ def models_drawn(learner, num_samples: int | None) -> int:
     return num_samples if num_samples is not None else int(learner.config.num_samples)
 
 
+# the options that score runs on one episode shape, as Python and the command line give them
+SHAPE_OPTIONS = ("episode_shape=...", "metalearn compare --ways, --shots, --query; in Python, "
+                 "compare_learners(episode_shape=...)")
+
+
 def check_samples_apply(methods: list[str], num_samples: int | None) -> None:
     """Refuse ``num_samples`` (``--samples``) where none of ``methods`` samples models: it would be
     silently unused, each of them giving one prediction per query (``predict`` and ``compare``)."""
     if num_samples is None or any(can(method, "samples models") for method in methods):
         return
     named = sorted(set(methods))
-    raise MetalearnError(f"--samples is for methods that sample models ({methods_that('samples models')}); "
-                         f"{' and '.join(named)} "
-                         f"give{'s' if len(named) == 1 else ''} one prediction per query: leave --samples out")
+    raise OptionError(f"{{num_samples}} is for methods that sample models ({methods_that('samples models')}); "
+                      f"{' and '.join(named)} give{'s' if len(named) == 1 else ''} one prediction per query: leave "
+                      "{num_samples} out", num_samples=("num_samples", "--samples"))
 
 
 def run_labels(run_dirs: list[Path | str] | tuple[Path | str, ...]) -> dict[str, Path | str]:
@@ -281,7 +286,7 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
             try:
                 loaded[label] = (with_test_shape(config, episode_shape), learner, step)
             except MetalearnError as err:  # which run cannot take the shape
-                raise MetalearnError(f"run {label!r}: {err}") from None
+                raise OptionError(f"run {label!r}: {{error}}", error=spellings(err)) from None
     check_samples_apply([config.method for config, _, _ in loaded.values()], num_samples)
     for label, (config, _, _) in loaded.items():
         if get_dataset(config.task.dataset).reinforcement:
@@ -299,10 +304,10 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     splits = {label: split for label in runs if (split := RunDir(runs[label]).read_split()) is not None}
     unrecorded = [label for label in runs if label not in splits]
     if splits and unrecorded:  # a run on part folders or CSV files, or from before split.json
-        raise MetalearnError(f"run {next(iter(splits))!r} recorded the split of its class folders (split.json) and "
-                             f"{unrecorded[0]!r} none (it trained on train/ val/ test/ folders or CSV files, or "
-                             "before runs recorded their split: a --resume writes it): compare runs of one folder "
-                             "and split")
+        raise OptionError(f"run {next(iter(splits))!r} recorded the split of its class folders (split.json) and "
+                          f"{unrecorded[0]!r} none (it trained on train/ val/ test/ folders or CSV files, or before "
+                          "runs recorded their split: a {resume} writes it): compare runs of one folder and split",
+                          resume=("train(..., resume=True)", "--resume"))
     if splits:
         recorded, split = next(iter(splits.items()))
         for label, other in splits.items():
@@ -320,12 +325,10 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
         if task != first_task:
             differ = task_differences(first_task, task)
             # where only the episode shape differs, one shape given scores both
-            advice = ("score them on one shape (metalearn compare --ways, --shots, --query; in Python, "
-                      "compare_learners(episode_shape=...))"
-                      if beside_shape(task) == beside_shape(first_task)
+            advice = ("score them on one shape ({shape})" if beside_shape(task) == beside_shape(first_task)
                       else "compare runs of the same task")
-            raise MetalearnError(f"runs {first_label!r} and {label!r} are tested on different tasks ({differ}); "
-                                 f"{advice}")
+            raise OptionError(f"runs {first_label!r} and {label!r} are tested on different tasks ({{differ}}); "
+                              f"{advice}", differ=(differ, differ), shape=SHAPE_OPTIONS)
     first_task = loaded[first_label][0].task
     # where no folder is given, the one the runs record (a run on an image folder does): one
     # folder for all, since every run is scored on the same episodes
@@ -336,9 +339,9 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
         if len({folder.resolve() for folder in named.values()}) > 1:
             one, a = next(iter(named.items()))
             other, b = next((label, folder) for label, folder in named.items() if folder.resolve() != a.resolve())
-            raise MetalearnError(f"runs {one!r} and {other!r} trained on different image folders ({a}, {b}): "
-                                 "compare scores every run on the same episodes; give --data-dir, the folder to "
-                                 "draw them from")
+            raise OptionError(f"runs {one!r} and {other!r} trained on different image folders ({a}, {b}): compare "
+                              "scores every run on the same episodes; give {data_dir}, the folder to draw them from",
+                              data_dir="data_dir")
         recording = next(iter(named), first_label)  # a run that records it (a moved folder is refused)
         data_dir = run_images(RunDir(runs[recording]), None, states[recording])
     if splits:  # the episodes are drawn from the test classes of the recorded split

@@ -32,7 +32,7 @@ from metalearn.algorithms.base import (MetaLearner, check_network_fits, require_
 from metalearn.algorithms.inner_loop import (Params, check_inner_loop_options, gradient_descent, gradient_descent_tasks,
                                               normalisation_parameters)
 from metalearn.datasets import NATURAL_IMAGES
-from metalearn.errors import ConfigError, MetalearnError
+from metalearn.errors import ConfigError, MetalearnError, OptionError
 from metalearn.options import option, options
 from metalearn.models import build_model, check_network_name, network_help
 from metalearn.models.norm import (BatchStatNorm, collect_batch_statistics, first_order_batch_norm, inner_step,
@@ -162,8 +162,9 @@ class MAML(MetaLearner):
         self.training_step = 0  # set by the trainer (start_step): the multi-step loss schedule
         self._held = frozenset() if config.adapt_norm else normalisation_parameters(model)
         if not config.adapt_norm and not self._held:
-            raise MetalearnError("--no-adapt-norm (adapt_norm=False) keeps normalisation layers' parameters out of "
-                                 "the inner loop, but this network has none")
+            raise OptionError("{adapt_norm} keeps normalisation layers' parameters out of the inner loop, but this "
+                              "network has none",
+                              adapt_norm=("adapt_norm=False", "--no-adapt-norm (adapt_norm=False)"))
         self._per_step_norms: list[BatchStatNorm] = []
         if config.per_step_bn_weights or config.per_step_bn_statistics:
             self._per_step_norms = [m for m in model.modules() if isinstance(m, BatchStatNorm)]

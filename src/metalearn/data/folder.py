@@ -43,7 +43,7 @@ from metalearn.data.cache import read_arrays, write_arrays
 from metalearn.data.images import IMAGE_SUFFIXES, check_channels, decode_image, is_image_file
 from metalearn.data.omniglot import default_cache_dir, file_in_the_way
 from metalearn.data.splits import PARTS, RUN_SPLIT_NAME, ClassPool
-from metalearn.errors import MetalearnError, MetalearnWarning
+from metalearn.errors import MetalearnError, OptionError, OptionWarning, valued
 
 # 2: 16-bit images scaled by their type's range, EXIF orientation applied; 3: the cached
 # content_hash also covers the array's shape, the class sizes and the parts
@@ -148,9 +148,12 @@ def image_files(folder: Path, links: list[Path] | None = None, skipped: list[Pat
 _WARNED: set[tuple[str, int]] = set()  # the folders warned of in this process
 
 
-def warn_of_skipped_files(skipped: list[Path], where: str) -> None:
+def warn_of_skipped_files(skipped: list[Path], where: str | tuple[str, str]) -> None:
     """One warning for the files of ``where``'s class folders that are not read (a photo in a
-    format no reader here takes, HEIC or RAW, would otherwise vanish from its class unseen)."""
+    format no reader here takes, HEIC or RAW, would otherwise vanish from its class unseen).
+    ``where``: the folder in words, or as Python and the command line name the option that gave
+    it (``valued("support", folder)``)."""
+    where = (where, where) if isinstance(where, str) else tuple(where)
     if not skipped or (where, len(skipped)) in _WARNED:  # once per folder: train, val and test read it alike
         return
     _WARNED.add((where, len(skipped)))
@@ -158,9 +161,9 @@ def warn_of_skipped_files(skipped: list[Path], where: str) -> None:
     suffixes = ", ".join(s.lstrip(".").upper() for s in IMAGE_SUFFIXES if s not in (".jpeg", ".tif"))
     what = ("file that is not an image by its name" if len(skipped) == 1 else
             "files that are not images by their names")
-    warnings.warn(MetalearnWarning(f"{where}: skipped {len(skipped)} {what} ({suffixes}): {shown}; convert "
-                                   f"{'it' if len(skipped) == 1 else 'them'} to use {'it' if len(skipped) == 1 else 'them'}"),
-                  stacklevel=3)
+    them = "it" if len(skipped) == 1 else "them"
+    warnings.warn(OptionWarning(f"{{where}}: skipped {len(skipped)} {what} ({suffixes}): {{shown}}; convert {them} "
+                                f"to use {them}", where=where, shown=(shown, shown)), stacklevel=3)
 
 
 def no_images_note(folder: Path, skipped: list[Path]) -> str:
@@ -574,8 +577,8 @@ def load_image_folder(root: Path | str | None, image_size: int = 84, channels: i
     folder :func:`scan_folder` refuses; the files that are not readable images are refused
     together, naming them, when the images are first used (no cache is written then)."""
     if root is None:
-        raise MetalearnError("an image folder dataset needs --data-dir, the folder of class folders (a run "
-                             "whose checkpoint records none needs it again to resume, evaluate or plot)")
+        raise OptionError("an image folder dataset needs {data_dir}, the folder of class folders (a run whose "
+                          "checkpoint records none needs it again to resume, evaluate or plot)", data_dir="data_dir")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 4:
         raise MetalearnError(f"image size must be a whole number of at least 4 pixels, got {image_size!r}")
     check_channels(channels)
@@ -646,8 +649,8 @@ def parse_fractions(text: str) -> tuple[float, float, float]:
     except ValueError:
         values = ()
     if len(values) != 3 or any(not (0 <= v <= 1) for v in values) or abs(sum(values) - 1) > 1e-6:
-        raise MetalearnError(f"--split-fractions must be three fractions train,val,test summing to 1 "
-                             f"(e.g. 0.64,0.16,0.2), got {text!r}")
+        raise OptionError(f"{{split_fractions}} must be three fractions train,val,test summing to 1 (e.g. "
+                          f"0.64,0.16,0.2), got {text!r}", split_fractions="split_fractions")
     return values  # type: ignore[return-value]
 
 
@@ -660,12 +663,13 @@ def class_parts(folder: ImageFolder, fractions: str = "", split_file: str = "") 
         raise MetalearnError(f"fractions are given as text, train,val,test (e.g. \"0.64,0.16,0.2\"), got {fractions!r}")
     if folder.layout != "classes":
         if fractions or split_file:
-            given = "--split-fractions" if fractions else "--split-file"
+            given = "split_fractions" if fractions else "split_file"
             where = "train.csv / val.csv / test.csv" if folder.layout == "csv" else "train/ val/ test/ folders"
-            raise MetalearnError(f"{given} cannot apply: this folder's {where} set the split; leave {given} out")
+            raise OptionError(f"{{given}} cannot apply: this folder's {where} set the split; leave {{given}} out",
+                              given=given)
         return folder.parts
     if fractions and split_file:
-        raise MetalearnError("give --split-fractions or --split-file, not both")
+        raise OptionError("give {split_fractions} or {split_file}, not both", **SPLIT_OPTIONS)
     if split_file:
         return _parts_from_file(folder, Path(split_file))
     n = len(folder.class_names)
@@ -693,9 +697,9 @@ def split_counts(n: int, fractions: tuple[float, float, float], given: str = "")
     asked = [i for i in range(3) if fractions[i] > 0]
     if len(asked) > n:
         names = " and ".join(PARTS[i] for i in asked).replace(" and ", ", ", len(asked) - 2)
-        raise MetalearnError(f"--split-fractions {given or ','.join(map(str, fractions))} asks for {names} classes but "
-                             f"the folder has {n} class{'' if n == 1 else 'es'}: add classes, set a part's fraction "
-                             "to 0, or give --split-file")
+        raise OptionError(f"{{given}} asks for {names} classes but the folder has {n} class{'' if n == 1 else 'es'}: "
+                          "add classes, set a part's fraction to 0, or give {split_file}", split_file="split_file",
+                          given=valued("split_fractions", given or ",".join(map(str, fractions))))
     for i in asked:
         if counts[i] == 0:
             donor = max(range(3), key=lambda j: (counts[j], -j))
@@ -743,46 +747,55 @@ def sets_own_split(root: Path | str | None) -> bool:
 def read_split_file(path: Path) -> dict[str, list]:
     """The parts of a split file, ``{"train": [class, ...], "val": [...], "test": [...]}`` (a
     part may be left out), refused in one line where it cannot be one; class names unchecked."""
+    given = valued("split_file", path)
     if not path.is_file():
-        raise MetalearnError(f"--split-file {path}: {'a folder' if path.is_dir() else 'no such file'}; give the JSON "
-                             'file {"train": [class, ...], "val": [...], "test": [...]}')
+        raise OptionError(f"{{split_file}}: {'a folder' if path.is_dir() else 'no such file'}; give the JSON file "
+                          '{"train": [class, ...], "val": [...], "test": [...]}', split_file=given)
     try:
         spec = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a byte order mark, as Windows editors write
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise MetalearnError(f"--split-file {path}: cannot read it as JSON ({err})") from None
+        raise OptionError("{split_file}: cannot read it as JSON ({error})", split_file=given,
+                          error=(str(err), str(err))) from None
     if not isinstance(spec, dict) or not all(isinstance(v, list) for v in spec.values()):
-        raise MetalearnError(f'--split-file {path}: expected {{"train": [class, ...], "val": [...], "test": [...]}}')
+        raise OptionError('{split_file}: expected {"train": [class, ...], "val": [...], "test": [...]}',
+                          split_file=given)
     unknown = [key for key in spec if key not in PARTS]
     if unknown:  # a misspelt part ("tset") would otherwise leave its classes in no part, silently
         listed = ", ".join(json.dumps(key) for key in unknown)
-        raise MetalearnError(f"--split-file {path}: unknown key{'' if len(unknown) == 1 else 's'} {listed}; the keys "
-                             'are "train", "val" and "test", each a list of class names')
+        raise OptionError(f"{{split_file}}: unknown key{'' if len(unknown) == 1 else 's'} {{listed}}; the keys are "
+                          '"train", "val" and "test", each a list of class names', split_file=given,
+                          listed=(listed, listed))
     return spec
 
 
 def _parts_from_file(folder: ImageFolder, path: Path) -> tuple[str, ...]:
     spec = read_split_file(path)
+    given = valued("split_file", path)
     index = {name: i for i, name in enumerate(folder.class_names)}
     if is_run_split(path):  # a run's evaluation on a folder that lost classes, or on another folder
         missing = [name for names in spec.values() for name in names if name not in index]
         if missing:
-            raise MetalearnError(
+            raise OptionError(  # the last, a command of metalearn eval, stays as the shell takes it
                 f"the run in {path.parent} trained on classes that this folder lacks ({len(missing)} of them, "
-                f"e.g. {missing[0]!r}; its {RUN_SPLIT_NAME} lists its classes): give --data-dir the folder it "
-                "trained on, or split this folder's classes yourself (--split-fractions, --split-file; for a "
-                "folder of classes the run never saw, --split-fractions 0,0,1 in metalearn eval scores every class)")
+                f"e.g. {missing[0]!r}; its {RUN_SPLIT_NAME} lists its classes): give {{data_dir}} the folder it "
+                "trained on, or split this folder's classes yourself ({split_fractions}, {split_file}; for a "
+                "folder of classes the run never saw, --split-fractions 0,0,1 in metalearn eval scores every class)",
+                data_dir="data_dir", **SPLIT_OPTIONS)
     parts = [""] * len(index)
     for part, names in spec.items():
         for name in names:
             if not isinstance(name, str):  # a class is named by its folder's name; a list or number names none
-                raise MetalearnError(f"--split-file {path}: {part} lists {json.dumps(name)}, not a class name; "
-                                     f'every entry is a class folder\'s name in quotes, e.g. "{part}": ["dog", "cat"]')
+                raise OptionError(f"{{split_file}}: {part} lists {{entry}}, not a class name; every entry is a class "
+                                  f'folder\'s name in quotes, e.g. "{part}": ["dog", "cat"]', split_file=given,
+                                  entry=(json.dumps(name),) * 2)
             if name not in index:
-                raise MetalearnError(f"--split-file {path} names class {name!r}, which the folder lacks")
+                raise OptionError(f"{{split_file}} names class {name!r}, which the folder lacks", split_file=given)
             if parts[index[name]] == part:
-                raise MetalearnError(f"--split-file {path} lists class {name!r} twice in {part}; list each class once")
+                raise OptionError(f"{{split_file}} lists class {name!r} twice in {part}; list each class once",
+                                  split_file=given)
             if parts[index[name]]:
-                raise MetalearnError(f"--split-file {path} puts class {name!r} in both {parts[index[name]]} and {part}")
+                raise OptionError(f"{{split_file}} puts class {name!r} in both {parts[index[name]]} and {part}",
+                                  split_file=given)
             parts[index[name]] = part
     return tuple(parts)
 
@@ -795,6 +808,7 @@ def _parts_from_file(folder: ImageFolder, path: Path) -> tuple[str, ...]:
 # of new classes, but on the run's own folder it would score the classes the run trained on, so
 # it is offered only for a folder of new classes, and for the run's own folder the way out is
 # fewer ways.
+SPLIT_OPTIONS = {"split_fractions": "split_fractions", "split_file": "split_file"}  # as errors.Options takes them
 NEW_FOLDER = ("for another folder, of classes the run never trained on, metalearn eval --split-fractions 0,0,1 "
               "scores every class (on the folder it trained on, that would score its training classes too)")
 
@@ -813,14 +827,17 @@ def folder_split(folder: ImageFolder, part: str, fractions: str = "", split_file
         if split_file and is_run_split(Path(split_file)):  # a run's recorded split: mostly metalearn eval of that run
             where = f"the run's split ({split_file}) has no {part} classes"
             if part == "test":  # every class it names it trained (or validated) on: none is left to score
-                raise MetalearnError(f"{where}: every class it names was trained or validated on; {NEW_FOLDER}; "
-                                     "training on this split needs --no-eval")
+                raise OptionError(f"{where}: every class it names was trained or validated on; {NEW_FOLDER}; "
+                                  "training on this split needs {no_eval}",
+                                  no_eval=("evaluate_after=False", "--no-eval"))
             if part == "val":  # metalearn eval --part val of a run trained without validation classes
-                raise MetalearnError(f"{where} (it trained without validation): metalearn eval scores its test "
-                                     "classes without --part val; training on this split needs --val-every 0")
-            raise MetalearnError(f"{where}: give --split-fractions or a --split-file with {part} classes")
+                raise OptionError(f"{where} (it trained without validation): metalearn eval scores its test classes "
+                                  "without --part val; training on this split needs {val_every}",
+                                  val_every=("val_every=0", "--val-every 0"))
+            raise OptionError(f"{where}: give {{split_fractions}} or a {{split_file}} with {part} classes",
+                              **SPLIT_OPTIONS)
         if folder.layout == "classes":
-            fix = f"give {part} a nonzero fraction in --split-fractions or classes in --split-file"
+            fix = f"give {part} a nonzero fraction in {{split_fractions}} or classes in {{split_file}}"
         else:
             fix = f"add a {part}/ folder of classes" if folder.layout == "parts" else f"add classes to {part}.csv"
         if part == "val":  # metalearn train validates on it; metalearn eval asks for it with --part val only
@@ -830,7 +847,7 @@ def folder_split(folder: ImageFolder, part: str, fractions: str = "", split_file
             fix += "; or " + ", or ".join(remedies)
         if part == "test" and command != "eval":
             fix += ", or train without the test (metalearn train --no-eval)"
-        raise MetalearnError(f"the image folder has no {part} classes: {fix}")
+        raise OptionError(f"the image folder has no {part} classes: {fix}", **SPLIT_OPTIONS)
     characters = torch.tensor(members, dtype=torch.long)
     return ClassPool(part, characters, torch.zeros_like(characters))
 

@@ -10,7 +10,7 @@ import torch
 
 from metalearn.config import TaskConfig
 from metalearn.datasets import get_dataset
-from metalearn.errors import ConfigError, MetalearnError, kind_of
+from metalearn.errors import ConfigError, MetalearnError, OptionError, kind_of, valued
 from metalearn.files import user_path
 from metalearn.tasks.batch import Problem, TaskBatch
 from metalearn.tasks.episodes import EpisodeSampler
@@ -138,14 +138,15 @@ def check_data_dir(task: TaskConfig, data_dir: Path | str | None) -> None:
     """Refuse a ``data_dir`` for tasks that are generated (a formula, a simulator), where it would
     be silently unused."""
     if data_dir is not None and get_dataset(task.dataset).generated:
-        raise MetalearnError(f"--data-dir {data_dir}: {task.dataset} tasks are generated, not read from files; "
-                             "leave --data-dir out")
+        raise OptionError(f"{{given}}: {task.dataset} tasks are generated, not read from files; leave {{data_dir}} "
+                          "out", given=valued("data_dir", data_dir), data_dir="data_dir")
 
 
-def check_outside_data(task: TaskConfig, data_dir: Path | str | None, option: str, path: Path | str,
-                       recorded: str | None = None) -> None:
-    """Refuse a folder that metalearn writes into (``option`` names it: --run-dir, export's
-    OUT_DIR) inside ``data_dir``, the images a run reads: its files would join the data (a
+def check_outside_data(task: TaskConfig, data_dir: Path | str | None, option: str | tuple[str, str],
+                       path: Path | str, recorded: str | None = None) -> None:
+    """Refuse a folder that metalearn writes into (``option`` names it, as an option of
+    :class:`~metalearn.errors.Options`: ``"run_dir"``, export's ``("out_dir", "OUT_DIR")``)
+    inside ``data_dir``, the images a run reads: its files would join the data (a
     class folder of checkpoints and plots, a plot among a class's images), and the next read
     would see another dataset. ``recorded``: the absolute path of the image folder a run
     trained on, from its checkpoint (``data_dir``), checked too, since a command that reads no
@@ -154,13 +155,14 @@ def check_outside_data(task: TaskConfig, data_dir: Path | str | None, option: st
     if get_dataset(task.dataset).generated:
         return
     target = Path(path).resolve()
+    given = valued(option, path)  # the folder, as the caller names it
     if data_dir is not None and target.is_relative_to(Path(data_dir).resolve()):
-        raise MetalearnError(f"{option} {path} lies inside --data-dir {data_dir}: its files would be read as "
-                             f"images of the dataset; give a folder outside {data_dir}")
+        raise OptionError(f"{{given}} lies inside {{data_dir}}: its files would be read as images of the dataset; "
+                          f"give a folder outside {data_dir}", given=given, data_dir=valued("data_dir", data_dir))
     if isinstance(recorded, str) and recorded and target.is_relative_to(Path(recorded)):
-        raise MetalearnError(f"{option} {path} lies inside {recorded}, the image folder the run trained on (its "
-                             f"checkpoint records it): its files would be read as images of the dataset; give a "
-                             f"folder outside {recorded}")
+        raise OptionError(f"{{given}} lies inside {recorded}, the image folder the run trained on (its checkpoint "
+                          f"records it): its files would be read as images of the dataset; give a folder outside "
+                          f"{recorded}", given=given)
 
 
 def has_validation(task: TaskConfig) -> bool:

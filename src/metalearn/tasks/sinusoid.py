@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from metalearn.errors import MetalearnError
+from metalearn.errors import OptionError
 from metalearn.tasks.batch import TaskBatch
 
 
@@ -38,7 +38,8 @@ class SinusoidTasks:
 
     def __post_init__(self):
         if self.shots < 1 or self.query < 1:
-            raise MetalearnError(f"--shots and --query must be at least 1, got {self.shots} and {self.query}")
+            raise OptionError(f"{{shots}} and {{query}} must be at least 1, got {self.shots} and {self.query}",
+                              shots="shots", query="query")
 
     def sample(self, num_tasks: int, generator: torch.Generator, tasks: slice | None = None) -> TaskBatch:
         """``num_tasks`` new tasks drawn from ``generator`` alone (the same generator state gives
@@ -79,7 +80,8 @@ class SineOrLineTasks:
 
     def __post_init__(self):
         if self.shots < 1 or self.query < 1:
-            raise MetalearnError(f"--shots and --query must be at least 1, got {self.shots} and {self.query}")
+            raise OptionError(f"{{shots}} and {{query}} must be at least 1, got {self.shots} and {self.query}",
+                              shots="shots", query="query")
 
     def sample(self, num_tasks: int, generator: torch.Generator, tasks: slice | None = None) -> TaskBatch:
         """``num_tasks`` new tasks, half lines and half sinusoids in expectation, as

@@ -1,0 +1,186 @@
+"""A message that names an option reads as its caller spells the option: from Python the
+parameter (``resume=True``, ``json_out``, ``overrides={...}``), on the command line the flag
+(``--resume``, ``--json``, ``--set``). Each case makes the same mistake both ways and compares
+the two messages whole."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cli_runner import run
+from metalearn.api import evaluate_run, predict_run, resolve_config, train
+from metalearn.errors import (ConfigError, MetalearnError, MetalearnWarning, OptionError, OptionWarning,
+                              TrainingStopped, spellings, valued)
+
+SINUSOID = ["--dataset", "sinusoid", "--meta-batch-size", 2, "--val-every", 0, "--eval-episodes", 2]
+
+
+def sinusoid(steps: int = 2, **options):
+    return resolve_config("maml", task={"dataset": "sinusoid"}, method_config={"test_inner_steps": 1},
+                          train={"steps": steps, "meta_batch_size": 2, "val_every": 0, "eval_episodes": 2, **options})
+
+
+def refusal(code: int, out: str, err: str) -> str:
+    """The one error line of a refused command, without its ``error: ``."""
+    assert code == 2 and not out and err.startswith("error: ") and err.count("\n") == 1, (code, out, err)
+    return err[len("error: "):-1]
+
+
+@pytest.fixture(scope="module")
+def regression_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "maml"
+    train(sinusoid(), run_dir, progress=False, evaluate_after=False, announce=None)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(a Prototypical Network's run on class folders, the folder): ten classes of three grey images."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for c in range(10):
+        (root / f"c{c}").mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), "L").save(root / f"c{c}" / f"{i}.png")
+    run_dir = root.parent / "protonet"
+    config = resolve_config("protonet", task={"dataset": "folder", "image_size": 28, "channels": 1, "ways": 2,
+                                              "shots": 1, "query": 1}, train={"steps": 1, "val_every": 0})
+    train(config, run_dir, data_dir=root, progress=False, evaluate_after=False, announce=None)
+    return run_dir, root
+
+
+# -- the mechanism --------------------------------------------------------------------------------
+
+
+def test_an_option_error_renders_each_spelling_and_keeps_other_braces():
+    err = OptionError("{resume} needs {run_dir}, the run to continue", resume=("resume=True", "--resume"),
+                      run_dir="run_dir")
+    assert isinstance(err, MetalearnError)
+    assert str(err) == "resume=True needs run_dir, the run to continue"
+    assert err.with_flags() == "--resume needs --run-dir, the run to continue"
+    # doubled braces are single ones; a brace around anything but a given option (a path, a JSON
+    # example quoted into the template) is kept as it is, and a field's own spelling is never read
+    err = OptionError('{{literal}} {split_file}: expected {"train": [...]} in {unknown}, from {quoted}',
+                      split_file=valued("split_file", "s{1}.json"), quoted=("{{x}} {run_dir}",) * 2)
+    assert str(err) == '{literal} split_file s{1}.json: expected {"train": [...]} in {unknown}, from {{x}} {run_dir}'
+    assert err.with_flags() == ('{literal} --split-file s{1}.json: expected {"train": [...]} in {unknown}, from '
+                                '{{x}} {run_dir}')
+    assert spellings(err) == (str(err), err.with_flags())
+    assert spellings(MetalearnError("plain")) == ("plain", "plain")
+
+
+def test_an_option_warning_and_a_stop_name_options_the_same_way():
+    with pytest.warns(MetalearnWarning) as caught:
+        warnings.warn(OptionWarning("{keep_best} keeps no checkpoint (give a smaller {val_every}; {{none}})",
+                                    keep_best=("keep_best=2", "--keep-best 2"), val_every="val_every"))
+    warning = caught[0].message
+    assert str(warning) == "keep_best=2 keeps no checkpoint (give a smaller val_every; {none})"
+    assert warning.with_flags() == "--keep-best 2 keeps no checkpoint (give a smaller --val-every; {none})"
+    stopped = TrainingStopped("stopped as asked ({stop_at}) after step 2", 0, stop_at="stop_at")
+    assert (str(stopped), stopped.with_flags(), stopped.exit_code) == (
+        "stopped as asked (stop_at) after step 2", "stopped as asked (--stop-at) after step 2", 0)
+    plain = TrainingStopped("stopped by SIGTERM in runs/{x}", 143)  # no options: the message as it is
+    assert str(plain) == plain.with_flags() == "stopped by SIGTERM in runs/{x}"
+
+
+def test_a_config_error_names_an_option_of_the_call_beside_its_fields():
+    err = ConfigError("TrainConfig", "min_meta_lr", "must be at most `meta_lr` (the value of {preset})",
+                      preset=("preset='maml++'", "--preset maml++"))
+    assert str(err) == "TrainConfig.min_meta_lr must be at most TrainConfig.meta_lr (the value of preset='maml++')"
+    assert err.with_flags() == "--min-meta-lr must be at most --meta-lr (the value of --preset maml++)"
+    assert str(ConfigError("TaskConfig", "ways", "must be {2} or more")) == "TaskConfig.ways must be {2} or more"
+
+
+# -- the library's messages: Python's spelling, the command line's --------------------------------
+
+
+def test_a_resume_without_a_run_folder(capsys):
+    with pytest.raises(OptionError) as refused:
+        train(sinusoid(), resume=True, progress=False, announce=None)
+    assert str(refused.value) == "resume=True needs run_dir, the run to continue"
+    assert refusal(*run(["train", "maml", *SINUSOID, "--resume"], capsys)) == \
+        "--resume needs --run-dir, the run to continue"
+
+
+def test_stop_at_a_step_past_the_run_and_a_stop_as_asked(tmp_path, capsys):
+    with pytest.raises(OptionError) as refused:
+        train(sinusoid(2), stop_at=5, progress=False, announce=None)
+    assert str(refused.value) == "stop_at=5 is not before the run's last step (2); leave it out to train to the end"
+    assert refusal(*run(["train", "maml", *SINUSOID, "--steps", 2, "--stop-at", 5], capsys)) == \
+        "--stop-at 5 is not before the run's last step (2); leave it out to train to the end"
+    with pytest.raises(OptionError, match=r"^stop_at takes a step number \(a positive integer\), got 0$"):
+        train(sinusoid(2), stop_at=0, progress=False, announce=None)
+    with pytest.raises(TrainingStopped, match=r"^stopped as asked \(stop_at\) after step 1 of 3; "):
+        train(sinusoid(3), tmp_path / "python", stop_at=1, progress=False, announce=None)
+    code, _, err = run(["train", "maml", *SINUSOID, "--steps", 3, "--stop-at", 1, "--run-dir", tmp_path / "cli",
+                        "--no-progress"], capsys)
+    assert code == 0 and err.startswith("stopped as asked (--stop-at) after step 1 of 3; "), err
+
+
+def test_a_device_that_is_none(capsys):
+    with pytest.raises(OptionError) as refused:
+        train(sinusoid(), device="gpu", progress=False, announce=None)
+    assert str(refused.value) == "device must be cpu, cuda, cuda:N or auto, got 'gpu'"
+    assert refusal(*run(["train", "maml", *SINUSOID, "--device", "gpu"], capsys)) == \
+        "--device must be cpu, cuda, cuda:N or auto, got 'gpu'"
+
+
+def test_an_override_that_evaluation_does_not_use(regression_run, capsys):
+    with pytest.raises(OptionError) as refused:
+        evaluate_run(regression_run, overrides={"first_order": True}, progress=False)
+    tail = ": first_order is an option of meta-training, which an evaluation does not change; leave it out"
+    assert str(refused.value) == "overrides={'first_order': True}" + tail
+    assert refusal(*run(["eval", regression_run, "--set", "first_order=true"], capsys)) == \
+        "--set first_order=True" + tail
+
+
+def test_a_split_for_a_run_of_a_fixed_split_and_a_split_file_that_is_none(regression_run, folder_run, tmp_path,
+                                                                            capsys):
+    split = tmp_path / "split.json"
+    with pytest.raises(OptionError) as refused:
+        evaluate_run(regression_run, split_file=split, progress=False)
+    tail = " applies to runs on class folders ({}); this run's dataset is sinusoid, whose split is fixed"
+    assert str(refused.value) == "split_file" + tail.format("dataset='folder'")
+    assert refusal(*run(["eval", regression_run, "--split-file", split], capsys)) == \
+        "--split-file" + tail.format("--dataset folder")
+    run_dir, images = folder_run
+    tail = f" {split}: no such file; give the JSON file " + '{"train": [class, ...], "val": [...], "test": [...]}'
+    with pytest.raises(OptionError) as refused:
+        evaluate_run(run_dir, data_dir=images, split_file=split, progress=False)
+    assert str(refused.value) == "split_file" + tail
+    assert refusal(*run(["eval", run_dir, "--data-dir", images, "--split-file", split, "--no-progress"], capsys)) == \
+        "--split-file" + tail
+
+
+def test_predict_names_its_outputs_and_inputs_as_given(folder_run, tmp_path, capsys):
+    run_dir, images = folder_run
+    out = f"{tmp_path / 'out'}/"  # a folder, where a file is wanted
+    tail = f" {out} names a folder; give a file name, e.g. {tmp_path / 'out' / 'predictions.json'}"
+    with pytest.raises(OptionError) as refused:
+        predict_run(run_dir, images, images, json_out=out)
+    assert str(refused.value) == "json_out" + tail
+    assert refusal(*run(["predict", run_dir, "--support", images, "--query", images, "--json", out], capsys)) == \
+        "--json" + tail
+    nowhere = tmp_path / "nowhere"
+    tail = f" {nowhere} does not exist; give a folder with one sub-folder per class"
+    with pytest.raises(OptionError) as refused:
+        predict_run(run_dir, nowhere, images / "c0")
+    assert str(refused.value) == "support" + tail
+    assert refusal(*run(["predict", run_dir, "--support", nowhere, "--query", images / "c0"], capsys)) == \
+        "--support" + tail
+
+
+def test_a_warning_names_options_as_its_caller_gave_them(capsys):
+    with pytest.warns(OptionWarning) as caught:
+        resolve_config("maml", task={"dataset": "sinusoid"}, train={"steps": 1, "val_every": 100, "keep_best": 2})
+    text = "{} keeps no checkpoint: validation every 100 steps never runs in {} (give a smaller {})"
+    assert [str(w.message) for w in caught] == [text.format("keep_best=2", "steps=1", "val_every")]
+    code, out, err = run(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--val-every", 100, "--keep-best", 2,
+                          "--print-config"], capsys)
+    assert code == 0 and out.startswith("{")
+    assert err == "warning: " + text.format("--keep-best 2", "--steps 1", "--val-every") + "\n"

@@ -24,7 +24,8 @@ class NearestMeanConfig:
 
 
 class NearestMean(MetaLearner):
-    """Logits: minus the squared distance of a query's embedding to each class mean."""
+    """Nearest class mean under a learned linear embedding: a query's logits are minus its squared
+    distances to the means of the support classes (ProtoNets with the smallest network)."""
 
     name = "nearest-mean"
     Config = NearestMeanConfig

@@ -98,7 +98,10 @@ def test_an_environment_and_a_network_of_a_plugin_file_train_and_evaluate_in_new
     assert len(result["per_step"]) == 4 and all(-20 <= value <= 0 for value in result["per_step"])
     # a process without the plugin says what the run needs, in one line
     code, out, err = metalearn(["eval", run_dir, "--no-progress"])
-    assert code == 2 and err.count("\n") == 1 and "'toy-walk'" in err and "METALEARN_PLUGINS" in err, err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.endswith("config.json: the run's dataset 'toy-walk' is not known to this process: one registered in "
+                        "Python (metalearn.register_dataset or register_environment) is known to every process when "
+                        "its module is a plugin (METALEARN_PLUGINS=./my_module.py)\n"), err
 
     run_dir = tmp_path / "regression"
     code, out, err = metalearn(["train", "maml", "--dataset", "sinusoid", "--model", "toy-mlp", "--steps", 2,
@@ -130,6 +133,9 @@ def test_an_installed_packages_entry_point_registers_its_method_for_the_help_and
                                 "--val-every", 0, "--no-eval", "--no-progress", "--run-dir", tmp_path / "run"], installed)
     assert code == 0, err
     assert json.loads((tmp_path / "run" / "config.json").read_text())["method"] == "toy-maml"
+    code, out, err = metalearn(["train", "toy-maml", "--steps", 1])  # not installed here: said so
+    assert code == 2 and err.startswith("error: no method 'toy-maml'; the methods: maml, protonet, "), err
+    assert "(one of your own: name its module in METALEARN_PLUGINS)" in err
 
 
 @pytest.mark.parametrize("entry, said", [
@@ -359,3 +365,24 @@ def test_a_failing_entry_point_is_loaded_once_and_entry_points_can_be_turned_off
     monkeypatch.setattr(plugins, "_imported", set())
     monkeypatch.setenv(plugins.NO_ENTRY_POINTS, "1")
     assert plugins.load_plugins() == () and calls == [1]
+
+
+def test_predict_refuses_a_run_whose_examples_are_not_images(fresh_plugins, tmp_path, capsys):
+    from cli_runner import run
+    from metalearn.datasets import Dataset, register_dataset
+    from metalearn.tasks.batch import Problem
+    from test_registry import Blobs, NearestMean
+
+    from metalearn.algorithms import register_method
+
+    register_method(NearestMean)
+    register_dataset(Dataset("toy-points", True, build=lambda task, shape, part, data_dir, progress: Blobs(
+        shape.ways, shape.shots, shape.query), problem=lambda task: Problem((6,), task.ways, True),
+        inapplicable=("noise_std", "image_size")))
+    code, _, err = run(["train", "toy-nearest-mean", "--dataset", "toy-points", "--steps", 2, "--val-every", 0,
+                        "--no-eval", "--no-progress", "--run-dir", tmp_path / "run"], capsys)
+    assert code == 0, err
+    (tmp_path / "support" / "a").mkdir(parents=True)
+    code, _, err = run(["predict", tmp_path / "run", "--support", tmp_path / "support", "--query", tmp_path], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "learned toy-points, whose examples are not images (inputs of shape (6,)); predict classifies" in err

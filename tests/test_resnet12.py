@@ -303,8 +303,8 @@ def test_a_run_of_a_network_registered_in_another_process_says_so(tmp_path):
 
     config = resolve_config("protonet", {"dataset": "omniglot", "ways": 5})
     RunDir(tmp_path / "run").write_config(dataclasses.replace(config, method_config={"model": "tiny"}))
-    with pytest.raises(MetalearnError, match=r"the run's network 'tiny' is not known to this process: a network "
+    with pytest.raises(MetalearnError, match=r"the run's network 'tiny' is not known to this process: one "
                                              r"registered in Python \(metalearn.models.register_network\) is known "
                                              r"to every process when its module is a plugin "
-                                             r"\(METALEARN_PLUGINS=./my_network.py\)$"):
+                                             r"\(METALEARN_PLUGINS=./my_module.py\)$"):
         RunDir(tmp_path / "run").read_config()

@@ -32,7 +32,7 @@ from metalearn.files import (WriteError, atomic_write_files, obstacle, probe_wri
                              same_path, user_path)
 from metalearn.locking import make_folders
 from metalearn.plugins import load_plugins, unknown_hint
-from metalearn.tasks import has_validation, no_validation_reason
+from metalearn.tasks import has_validation, no_validation_reason, problem_of
 from metalearn.checkpoints import (check_same_method, check_test_ways, configuration_conflict, load_trained,
                                    load_trained_state, recorded_images, run_images)
 from metalearn.training import (TEST_SEED_OFFSET, build_trainer, part_seed_offset, python_resume, python_test,
@@ -850,7 +850,7 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
     half-cheetahs the forward velocity on four test tasks before and after one step."""
     from metalearn.algorithms import build_learner
     from metalearn.plotting_rl import PAPER_RETURNS, plot_adaptation_curves, plot_navigation, plot_velocities
-    from metalearn.tasks import build_task_source, problem_of
+    from metalearn.tasks import build_task_source
 
     _, learner, step = load_trained(run_dir)
     source = build_task_source(config.task, "test")
@@ -1316,6 +1316,11 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
     if not config.task.classification:
         raise MetalearnError(f"{run_dir} learned {config.task.dataset}, a {get_dataset(config.task.dataset).kind} "
                              "task family; predict classifies images")
+    inputs = problem_of(config.task).input_shape
+    if len(inputs) != 3:  # a dataset of the user's whose examples are vectors, not pictures
+        raise MetalearnError(f"{run_dir} learned {config.task.dataset}, whose examples are not images (inputs of shape "
+                             f"{tuple(inputs)}); predict classifies image files: for examples of other kinds, give "
+                             "tensors to learner.fit_predict(support_x, support_y, query_x) on load_trained(run_dir)[1]")
     check_samples_apply([config.method], num_samples)
     paths = (str, os.PathLike)  # a query is paths: one, or any iterable of them (a list, a glob)
     queries = [query] if isinstance(query, paths) else list(query) if isinstance(query, Iterable) else None

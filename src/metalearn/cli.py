@@ -25,7 +25,7 @@ from metalearn.errors import (TIME_LIMIT_EXIT, ConfigError, MetalearnError, Meta
                               TrainingStopped, flag, spellings)
 from metalearn.files import check_writable_file
 from metalearn.options import help_of
-from metalearn.plugins import load_plugins
+from metalearn.plugins import load_plugins, unknown_hint
 from metalearn.runs import EvaluationSuperseded, RunDir
 from metalearn.runtime import tune_allocator
 
@@ -305,8 +305,13 @@ def _make_train_command(method: str) -> click.Command:
 
 
 def _summary(method: str) -> str:
-    """The first paragraph of the method's module docstring: its name, paper and how it runs."""
-    doc = sys.modules[METHODS[method].__module__].__doc__ or ""
+    """The first paragraph of the method's module docstring (its name, paper and how it runs),
+    for a method of the package; for one of a plugin, whose module may hold more than the
+    method, of the class's own docstring first."""
+    cls = METHODS[method]
+    module = sys.modules.get(cls.__module__)
+    own = cls.__dict__.get("__doc__") if not cls.__module__.startswith("metalearn.") else None
+    doc = own or getattr(module, "__doc__", None) or ""
     return " ".join(doc.strip().split("\n\n")[0].split())
 
 
@@ -320,6 +325,14 @@ class MethodCommands(click.Group):
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         return _make_train_command(name) if name in METHODS else None
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        """The method's command; an unknown name lists the methods and how one of the user's is
+        made known (a plugin not named is the likely cause)."""
+        if args and not args[0].startswith("-") and args[0] not in METHODS:
+            raise click.UsageError(f"no method {args[0]!r}; the methods: {', '.join(METHODS)} ({unknown_hint()})",
+                                   ctx)
+        return super().resolve_command(ctx, args)
 
 
 @cli.group(cls=MethodCommands)

@@ -114,20 +114,29 @@ def config_from(data: Any, path: Path) -> RunConfig:
     ``config`` entry); a damaged one is one line naming that file, with the field as the file
     spells it, never as a command-line flag nobody typed."""
     from metalearn.algorithms import make_method_config
+    from metalearn.datasets import DATASETS
     from metalearn.errors import ConfigError
+    from metalearn.models import NETWORKS
+    from metalearn.plugins import load_plugins
 
+    def not_known(kind: str, name: str, how: str) -> MetalearnError:
+        # most likely one the training process registered, not a typo: a plugin not named here
+        return MetalearnError(f"{path}: the run's {kind} {name!r} is not known to this process: one registered in "
+                              f"Python ({how}) is known to every process when its module is a plugin "
+                              "(METALEARN_PLUGINS=./my_module.py)")
+
+    task = data.get("task") if isinstance(data, dict) else None
+    dataset = task.get("dataset") if isinstance(task, dict) else None
+    load_plugins()
+    if isinstance(dataset, str) and dataset not in DATASETS:
+        raise not_known("dataset", dataset, "metalearn.register_dataset or register_environment")
     try:
         config = RunConfig.from_dict(data)
         make_method_config(config.method, config.method_config)  # a value edited by hand: named here
     except ConfigError as err:
-        from metalearn.models import NETWORKS
-
         network = data.get("method_config", {}).get("model") if isinstance(data, dict) else None
         if err.field == "model" and isinstance(network, str) and network not in NETWORKS:
-            # most likely a network the training process registered (register_network), not a typo
-            raise MetalearnError(f"{path}: the run's network {network!r} is not known to this process: a network "
-                                 "registered in Python (metalearn.models.register_network) is known to every process "
-                                 "when its module is a plugin (METALEARN_PLUGINS=./my_network.py)") from None
+            raise not_known("network", network, "metalearn.models.register_network") from None
         raise MetalearnError(f"{path}: invalid run configuration: {err}") from None
     except MetalearnError as err:
         raise MetalearnError(f"{path}: {err}") from None

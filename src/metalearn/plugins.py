@@ -16,8 +16,9 @@ imports, once per process:
   arguments.
 
 The command line loads them before it reads its arguments (so ``--help`` lists their methods);
-the Python API loads them the first time it meets a method, dataset or network name that nothing
-has registered, so that a script needs no import of its own to read a run trained with a plugin.
+the Python API at its first look at a method, dataset or network name, so that a script needs
+no import of its own to read a run trained with a plugin, and reads a built-in name as a plugin
+replaced it, as the command line does.
 """
 
 from __future__ import annotations

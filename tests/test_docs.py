@@ -72,7 +72,9 @@ def registries_kept(monkeypatch):
     from metalearn.models import NETWORKS
 
     kept = [(registry, dict(registry)) for registry in (METHODS, DATASETS, NETWORKS)]
-    monkeypatch.setattr(metalearn.plugins, "_loaded", metalearn.plugins._loaded)
+    for name in ("_loaded", "_imported", "_files"):  # a plugin imported here is imported again by a later test
+        monkeypatch.setattr(metalearn.plugins, name, getattr(metalearn.plugins, name).copy()
+                            if name != "_loaded" else metalearn.plugins._loaded)
     yield
     for registry, before in kept:
         registry.clear()

@@ -8,12 +8,12 @@ registry sits below the configuration and the task layer without importing eithe
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from metalearn.errors import ConfigError, MetalearnError
+from metalearn.options import is_command_name
 from metalearn.plugins import load_plugins, unknown_hint, warn_if_replacing
 
 
@@ -103,7 +103,7 @@ def register_dataset(dataset: Dataset) -> Dataset:
     :class:`MetalearnError` for a name that is not a command-line name."""
     if not isinstance(dataset, Dataset):
         raise MetalearnError(f"register_dataset takes a metalearn.datasets.Dataset, got {type(dataset).__name__}")
-    if not isinstance(dataset.name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_+-]*", dataset.name):
+    if not is_command_name(dataset.name):
         raise MetalearnError(f"a dataset's name must be a command-line name: lower-case letters, digits, '-', '_' "
                              f"or '+', got {dataset.name!r}")
     warn_if_replacing("dataset", dataset.name, BUILT_IN_DATASETS, DATASETS.get(dataset.name) is dataset)
@@ -328,7 +328,7 @@ def register_environment(name: str, make: Callable[[], Any]) -> Dataset:
     returns is checked at its first call, each a one-line :class:`MetalearnError`: a missing
     method or size, and the shapes of a first draw of tasks, reset and step
     (:func:`check_environment`)."""
-    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_+-]*", name):
+    if not is_command_name(name):
         raise MetalearnError(f"an environment's name must be a command-line name: lower-case letters, digits, '-', "
                              f"'_' or '+', got {name!r}")
     if not callable(make):

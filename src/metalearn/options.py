@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import re
 import types
 import typing
 from typing import Any
@@ -105,6 +106,12 @@ def option(default: Any, help: str, aliases: tuple[str, ...] = (), training_only
     return dataclasses.field(default=default, metadata={"help": help, "aliases": tuple(aliases),
                                                         "training_only": training_only,
                                                         "schedule_step": schedule_step, "memory": memory})
+
+
+def is_command_name(name: object) -> bool:
+    """Whether ``name`` can name a method, network, dataset or environment on the command line:
+    lower-case letters, digits, ``-``, ``_`` or ``+``, beginning with a letter or digit."""
+    return isinstance(name, str) and re.fullmatch(r"[a-z0-9][a-z0-9_+-]*", name) is not None
 
 
 def option_defaults(config_class: type) -> dict[str, Any]:

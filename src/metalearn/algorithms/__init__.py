@@ -9,7 +9,6 @@ trainer, the evaluator and every command of the CLI then work for it unchanged.
 from __future__ import annotations
 
 import dataclasses
-import re
 import typing
 from typing import Any
 
@@ -23,6 +22,7 @@ from metalearn.algorithms.protonet import ProtoNet, ProtoNetConfig
 from metalearn.algorithms.reptile import Reptile, ReptileConfig
 from metalearn.algorithms.statistician import NeuralStatistician, StatisticianConfig
 from metalearn.errors import ConfigError, MetalearnError
+from metalearn.options import is_command_name
 from metalearn.plugins import load_plugins, unknown_hint, warn_if_replacing
 from metalearn.tasks.batch import Problem
 
@@ -64,7 +64,7 @@ def register_method(cls: type[MetaLearner]) -> type[MetaLearner]:
     if not (isinstance(cls, type) and issubclass(cls, MetaLearner)):
         raise MetalearnError(f"{cls!r} is not a MetaLearner subclass")
     name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_+-]*", name):
+    if not is_command_name(name):
         raise MetalearnError(f"{cls.__name__}.name must be the method's command-line name: lower-case letters, "
                              f"digits, '-', '_' or '+' (e.g. 'support-mean'), got {name!r}")
     own = cls.__mro__[:cls.__mro__.index(MetaLearner)]  # the classes between cls and MetaLearner

@@ -11,7 +11,6 @@ and their name checks from the registry (:func:`network_names`, :func:`network_h
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from metalearn.errors import ConfigError, MetalearnError
+from metalearn.options import is_command_name
 from metalearn.plugins import load_plugins, unknown_hint, warn_if_replacing
 from metalearn.models.conv4 import Conv4, mamlpp_conv4, reference_conv4
 from metalearn.models.mlp import MLP
@@ -102,7 +102,7 @@ def register_network(network: Network) -> Network:
     networks). A second registration under a name replaces the first; one that replaces a
     built-in network warns. Registered in a plugin's module (:mod:`metalearn.plugins`), the
     network is known to every process that reads its runs. Returns ``network``."""
-    if not re.fullmatch(r"[a-z0-9][a-z0-9_+-]*", network.name):
+    if not is_command_name(network.name):
         raise MetalearnError(f"a network's name must be a command-line name: lower-case letters, digits, '-', '_' "
                              f"or '+', got {network.name!r}")
     if not (network.classifier or network.embedding):

@@ -69,7 +69,8 @@ def fresh_plugins(monkeypatch):
     from metalearn.models import NETWORKS
 
     registries = [(registry, dict(registry)) for registry in (METHODS, DATASETS, NETWORKS)]
-    for name, value in (("_loaded", None), ("_pending", None), ("_depth", 0), ("_imported", set()), ("_files", {})):
+    for name, value in (("_loaded", None), ("_pending", None), ("_depth", 0), ("_imported", set()), ("_files", {}),
+                        ("_importing", []), ("_sources", {})):
         monkeypatch.setattr(plugins, name, value)
     yield
     for registry, before in registries:
@@ -99,9 +100,9 @@ def test_an_environment_and_a_network_of_a_plugin_file_train_and_evaluate_in_new
     # a process without the plugin says what the run needs, in one line
     code, out, err = metalearn(["eval", run_dir, "--no-progress"])
     assert code == 2 and err.count("\n") == 1, err
-    assert err.endswith("config.json: the run's dataset 'toy-walk' is not known to this process: one registered in "
-                        "Python (metalearn.register_dataset or register_environment) is known to every process when "
-                        "its module is a plugin (METALEARN_PLUGINS=./my_module.py)\n"), err
+    # config.json recorded the plugin (as another folder reads it), so the message names it
+    assert err.endswith(f"config.json: the run's dataset 'toy-walk' is not known to this process: the run was trained "
+                        f"with the plugin {tmp_path / 'walk.py'}: set METALEARN_PLUGINS={tmp_path / 'walk.py'}\n"), err
 
     run_dir = tmp_path / "regression"
     code, out, err = metalearn(["train", "maml", "--dataset", "sinusoid", "--model", "toy-mlp", "--steps", 2,
@@ -132,7 +133,12 @@ def test_an_installed_packages_entry_point_registers_its_method_for_the_help_and
     code, out, err = metalearn(["train", "toy-maml", "--dataset", "sinusoid", "--steps", 1, "--meta-batch-size", 2,
                                 "--val-every", 0, "--no-eval", "--no-progress", "--run-dir", tmp_path / "run"], installed)
     assert code == 0, err
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["method"] == "toy-maml"
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["method"] == "toy-maml"
+    assert config["plugins"] == [{"kind": "method", "name": "toy-maml", "entry_point": "toy", "package": "toy-package"}]
+    code, out, err = metalearn(["eval", tmp_path / "run", "--no-progress"])  # not installed here: what to install
+    assert code == 2 and err.endswith("the run's method 'toy-maml' is not known to this process: the run was trained "
+                                      "with the entry point 'toy' of the package toy-package: install that package\n")
     code, out, err = metalearn(["train", "toy-maml", "--steps", 1])  # not installed here: said so
     assert code == 2 and err.startswith("error: no method 'toy-maml'; the methods: maml, protonet, "), err
     assert "(one of your own: name its module in METALEARN_PLUGINS)" in err
@@ -203,6 +209,51 @@ def test_replacing_a_built_in_warns_and_registering_it_again_does_not(fresh_plug
         register_network(Network("mlp", NETWORKS["conv4"].build, True, False, "vector", "another"))
     with pytest.warns(UserWarning, match="built-in method 'maml'"):
         register_method(type("OtherMAML", (METHODS["maml"],), {"name": "maml"}))
+
+
+def test_config_json_records_what_registered_the_runs_parts_and_a_process_without_it_is_told(fresh_plugins, tmp_path):
+    """A run's method, dataset or network registered in Python is recorded in config.json with
+    where its registration came from; a process without it names what to load (a plugin), or,
+    for a registration in a script or a module that is no plugin, what to do."""
+    from metalearn import resolve_config
+    from metalearn.algorithms import METHODS
+    from metalearn.runs import RunDir
+
+    def register(code, path, name):  # run code as the module ``name`` of the file ``path``
+        path.write_text(code)
+        exec(compile(code, str(path), "exec"), {"__name__": name, "__file__": str(path)})
+
+    method = "from metalearn import ProtoNet, register_method\n" \
+             "register_method(type('Mine', (ProtoNet,), {'name': 'mine', '__module__': __name__}))\n"
+    told = {}
+    for name, file in (("__main__", "train_mine.py"), ("my_methods", "my_methods.py")):
+        register(method, tmp_path / file, name)
+        run = RunDir(tmp_path / name)
+        run.write_config(resolve_config("mine", {"dataset": "omniglot", "ways": 5}))
+        recorded = json.loads(run.config_path.read_text())["plugins"]
+        assert recorded == [{"kind": "method", "name": "mine", "module": name, "file": str(tmp_path / file)}]
+        del METHODS["mine"]
+        with pytest.raises(MetalearnError) as caught:
+            run.read_config()
+        told[name] = str(caught.value)
+    assert told["__main__"].endswith(f"the run's method 'mine' is not known to this process: the run was trained by "
+                                     f"{tmp_path / 'train_mine.py'}, which registered it: move the registration into "
+                                     "a module of its own and name that module in METALEARN_PLUGINS")
+    assert told["my_methods"].endswith(f"registered it in {tmp_path / 'my_methods.py'}, which is not a plugin: name it "
+                                       f"in METALEARN_PLUGINS={tmp_path / 'my_methods.py'}")
+
+    # a plugin that replaced a built-in: read without it, the run would be scored by the built-in
+    built_in = METHODS["protonet"]
+    with pytest.warns(UserWarning, match="replaces metalearn's built-in method 'protonet'"):
+        register("from metalearn import ProtoNet, register_method\n"
+                 "register_method(type('Other', (ProtoNet,), {'name': 'protonet'}))\n", tmp_path / "other.py", "other")
+    run = RunDir(tmp_path / "replaced")
+    run.write_config(resolve_config("protonet", {"dataset": "omniglot", "ways": 5}))
+    METHODS["protonet"] = built_in
+    plugins._sources.clear()
+    with pytest.warns(UserWarning, match=r"the run's method 'protonet' was registered in Python, replacing "
+                                         r"metalearn's own, and this process reads it as metalearn's built-in method"):
+        assert run.read_config().method == "protonet"
 
 
 def test_a_plugin_that_replaces_a_built_in_is_what_the_api_reads_too(fresh_plugins, tmp_path, monkeypatch):

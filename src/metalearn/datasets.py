@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.options import is_command_name
-from metalearn.plugins import load_plugins, unknown_hint, warn_if_replacing
+from metalearn.plugins import load_plugins, unknown_hint, registering
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def register_dataset(dataset: Dataset) -> Dataset:
     if not is_command_name(dataset.name):
         raise MetalearnError(f"a dataset's name must be a command-line name: lower-case letters, digits, '-', '_' "
                              f"or '+', got {dataset.name!r}")
-    warn_if_replacing("dataset", dataset.name, BUILT_IN_DATASETS, DATASETS.get(dataset.name) is dataset)
+    registering("dataset", dataset.name, BUILT_IN_DATASETS, DATASETS.get(dataset.name) is dataset)
     DATASETS[dataset.name] = dataset
     return dataset
 

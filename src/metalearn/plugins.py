@@ -27,9 +27,11 @@ import importlib
 import importlib.metadata
 import importlib.util
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 from metalearn.errors import MetalearnError, MetalearnWarning
 
@@ -43,6 +45,8 @@ _done: list[str] = []  # while loading: what the outermost call loads, in order
 _imported: set[str] = set()  # every plugin imported in this process: a retry after a failure skips them
 _files: dict[Path, str] = {}  # a plugin file -> the module name it was imported as
 _depth = 0  # load_plugins calls under way: a plugin's import may look a name up, which loads the rest
+_importing: list[dict[str, str]] = []  # the plugins being imported, innermost last (see source_of)
+_sources: dict[tuple[str, str], dict[str, str]] = {}  # (kind, name) -> where its registration came from
 
 
 class PluginError(MetalearnError):
@@ -103,6 +107,8 @@ def _is_path(entry: str) -> bool:
 
 def _load_named(entry: str) -> None:
     where = f"{entry!r} of {ENVIRONMENT_VARIABLE}"
+    source = str(Path(entry).expanduser().resolve()) if _is_path(entry) else entry  # as another folder reads it
+    _importing.append({"plugin": source})
     try:
         if _is_path(entry):
             _import_file(entry, where)
@@ -120,6 +126,8 @@ def _load_named(entry: str) -> None:
         raise PluginError(f"plugin {where}: {err}") from err
     except Exception as err:  # whatever the plugin's own code raised, named with the plugin
         raise PluginError(f"plugin {where} could not be imported: {type(err).__name__}: {err}") from err
+    finally:
+        _importing.pop()
 
 
 def _import_module(name: str) -> None:
@@ -167,6 +175,7 @@ def _import_file(entry: str, where: str) -> None:
 def _load_entry_point(point: importlib.metadata.EntryPoint) -> None:
     package = getattr(point.dist, "name", None)
     where = f"entry point {point.name!r} ({point.value}" + (f", package {package})" if package else ")")
+    _importing.append({"entry_point": point.name, "package": package or point.value.split(":")[0].split(".")[0]})
     try:
         loaded = point.load()
         if callable(loaded) and not isinstance(loaded, type):
@@ -177,6 +186,8 @@ def _load_entry_point(point: importlib.metadata.EntryPoint) -> None:
         raise PluginError(f"plugin {where} of group {ENTRY_POINT_GROUP} failed: {type(err).__name__}: {err} "
                           f"(fix or uninstall {package or 'its package'}, or set {NO_ENTRY_POINTS}=1 to load no entry "
                           "point)") from err
+    finally:
+        _importing.pop()
 
 
 def plugin_file_module(path: Path | str) -> str | None:
@@ -192,11 +203,54 @@ def unknown_hint() -> str:
     return f"one of your own: name its module in {ENVIRONMENT_VARIABLE}"
 
 
-def warn_if_replacing(kind: str, name: str, built_in: frozenset[str], same: bool) -> None:
-    """Warn that a registration replaces the built-in ``kind`` called ``name`` (``same``: it
-    registers the built-in itself again, which changes nothing and is not warned about): a run
-    of that name then trains something else than the documentation and its records say."""
+def registering(kind: str, name: str, built_in: frozenset[str], same: bool) -> None:
+    """Note that ``kind`` (``"method"``, ``"network"`` or ``"dataset"``) ``name`` is being
+    registered: where from (:func:`source_of`), and a warning where it replaces the built-in of
+    that name (``same``: it registers the built-in itself again, which changes nothing and is not
+    warned about): a run of that name then trains something else than the documentation and its
+    records say. Called by each ``register_*`` function, from the user's code."""
     if name in built_in and not same:
         warnings.warn(f"this registration replaces metalearn's built-in {kind} {name!r} in this process: runs that name "
                       f"it train and read the new one (choose another name to keep both)", MetalearnWarning,
                       stacklevel=3)
+    if same or not hasattr(sys.modules.get("metalearn"), "__version__"):  # the same again, or a built-in
+        return
+    if _importing:
+        _sources[(kind, name)] = dict(_importing[-1])
+        return
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "metalearn":
+        frame = frame.f_back  # past register_environment's call of register_dataset: the user's code
+    module = frame.f_globals.get("__name__", "") if frame is not None else ""
+    file = frame.f_globals.get("__file__") if frame is not None else None
+    _sources[(kind, name)] = {"module": module, **({"file": str(Path(file).resolve())} if file else {})}
+
+
+def source_of(kind: str, name: str) -> dict[str, str] | None:
+    """Where this process's registration of ``kind`` ``name`` came from, for a run's
+    ``config.json`` (so that a process without it can say what to load): ``{"plugin": entry}``
+    (the ``METALEARN_PLUGINS`` entry, a file's as an absolute path), ``{"entry_point": name,
+    "package": package}``, or, registered outside a plugin, ``{"module": name, "file": path}``
+    of the code that called the ``register_*`` function. None for a built-in never replaced."""
+    return _sources.get((kind, name))
+
+
+def remedy(source: Any) -> str:
+    """What loads the registration ``source`` (:func:`source_of`, as a run's config.json holds
+    it) into another process, for the end of a message; "" for one not understood."""
+    if not isinstance(source, dict):
+        return ""
+    if isinstance(source.get("plugin"), str):
+        return (f"the run was trained with the plugin {source['plugin']}: set "
+                f"{ENVIRONMENT_VARIABLE}={shlex.quote(source['plugin'])}")
+    if isinstance(source.get("entry_point"), str):
+        return (f"the run was trained with the entry point {source['entry_point']!r} of the package "
+                f"{source.get('package')}: install that package")
+    module, file = source.get("module"), source.get("file")
+    if module == "__main__":
+        return (f"the run was trained by {file or 'a script'}, which registered it: move the registration into a "
+                f"module of its own and name that module in {ENVIRONMENT_VARIABLE}")
+    if isinstance(module, str) and module:
+        return (f"the run's process registered it in {file or 'the module ' + module}, which is not a plugin: name it in "
+                f"{ENVIRONMENT_VARIABLE}={shlex.quote(file or module)}")
+    return ""

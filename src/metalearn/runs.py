@@ -24,6 +24,7 @@ import math
 import os
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -31,7 +32,7 @@ import torch
 
 from metalearn.config import RunConfig
 from metalearn.data.splits import RUN_SPLIT_NAME
-from metalearn.errors import MetalearnError, OptionError, spellings
+from metalearn.errors import MetalearnError, MetalearnWarning, OptionError, spellings
 from metalearn.files import (WriteError, append_line, atomic_write, atomic_write_bytes, user_path,  # noqa: F401
                              fsync_directory, obstacle, probe_writable, remove_temporaries)
 from metalearn.locking import FolderInUse, FolderLock
@@ -113,21 +114,27 @@ def config_from(data: Any, path: Path) -> RunConfig:
     """The run configuration ``data`` read from ``path`` (config.json, or a checkpoint's
     ``config`` entry); a damaged one is one line naming that file, with the field as the file
     spells it, never as a command-line flag nobody typed."""
-    from metalearn.algorithms import make_method_config
+    from metalearn.algorithms import find_method, make_method_config
     from metalearn.datasets import DATASETS
     from metalearn.errors import ConfigError
     from metalearn.models import NETWORKS
-    from metalearn.plugins import load_plugins
+    from metalearn.plugins import load_plugins, remedy
 
     def not_known(kind: str, name: str, how: str) -> MetalearnError:
         # most likely one the training process registered, not a typo: a plugin not named here
-        return MetalearnError(f"{path}: the run's {kind} {name!r} is not known to this process: one registered in "
-                              f"Python ({how}) is known to every process when its module is a plugin "
-                              "(METALEARN_PLUGINS=./my_module.py)")
+        recorded = data.get("plugins") if isinstance(data, dict) else None
+        source = next((entry for entry in recorded if isinstance(entry, dict) and entry.get("kind") == kind
+                       and entry.get("name") == name), None) if isinstance(recorded, list) else None
+        known = (remedy(source) or f"one registered in Python ({how}) is known to every process when its module is a "
+                                   f"plugin (METALEARN_PLUGINS=./my_module.py)")
+        return MetalearnError(f"{path}: the run's {kind} {name!r} is not known to this process: {known}")
 
     task = data.get("task") if isinstance(data, dict) else None
     dataset = task.get("dataset") if isinstance(task, dict) else None
+    method = data.get("method", data.get("algorithm")) if isinstance(data, dict) else None
     load_plugins()
+    if isinstance(method, str) and find_method(method) is None:
+        raise not_known("method", method, "metalearn.register_method")
     if isinstance(dataset, str) and dataset not in DATASETS:
         raise not_known("dataset", dataset, "metalearn.register_dataset or register_environment")
     try:
@@ -140,7 +147,34 @@ def config_from(data: Any, path: Path) -> RunConfig:
         raise MetalearnError(f"{path}: invalid run configuration: {err}") from None
     except MetalearnError as err:
         raise MetalearnError(f"{path}: {err}") from None
+    warn_replaced_built_ins(data, path)
     return config
+
+
+def warn_replaced_built_ins(data: Any, path: Path) -> None:
+    """Warn where the run ``data`` (config.json) records a registration of its own under a
+    built-in's name (a plugin replaced metalearn's ``maml``) that this process does not have: it
+    reads the run with the built-in, which is not what trained it."""
+    from metalearn.plugins import remedy, source_of
+
+    for entry in data.get("plugins", []) if isinstance(data, dict) and isinstance(data.get("plugins"), list) else []:
+        kind, name = (entry.get("kind"), entry.get("name")) if isinstance(entry, dict) else (None, None)
+        if isinstance(kind, str) and isinstance(name, str) and source_of(kind, name) is None:
+            load = remedy(entry) or "load what registered it"
+            warnings.warn(f"{path}: the run's {kind} {name!r} was registered in Python, replacing metalearn's own, and "
+                          f"this process reads it as metalearn's built-in {kind}: {load}", MetalearnWarning, stacklevel=2)
+
+
+def run_plugins(config: RunConfig) -> list[dict[str, str]]:
+    """The parts of ``config`` (its method, dataset and network) that this process registered in
+    Python, a built-in replaced included, each ``{"kind", "name"}`` and where its registration
+    came from (:func:`metalearn.plugins.source_of`); config.json's ``plugins``."""
+    from metalearn.plugins import source_of
+
+    parts = (("method", config.method), ("dataset", config.task.dataset),
+             ("network", config.method_config.get("model")))
+    return [{"kind": kind, "name": name, **source} for kind, name in parts
+            if isinstance(name, str) and (source := source_of(kind, name)) is not None]
 
 
 def unreadable_checkpoint(path: Path, why: str) -> OptionError:
@@ -214,9 +248,14 @@ class RunDir:
     # -- config --------------------------------------------------------------------------------
 
     def write_config(self, config: RunConfig) -> None:
-        """Write ``config`` as ``config.json``, whole (atomically), making the folder if needed."""
+        """Write ``config`` as ``config.json``, whole (atomically), making the folder if needed.
+        Where the run's method, dataset or network was registered in Python (a plugin, or code
+        of the user's own), ``plugins`` records where from (:func:`run_plugins`), so that a
+        process without it can name what to load."""
         self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.config_path, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
+        plugins = run_plugins(config)
+        record = {**config.to_dict(), **({"plugins": plugins} if plugins else {})}
+        atomic_write_bytes(self.config_path, (json.dumps(record, indent=2) + "\n").encode())
 
     def write_split(self, split: dict[str, list[str]]) -> None:
         """Write the run's class-folder ``split`` as ``split.json``, whole (atomically)."""

@@ -23,7 +23,7 @@ from metalearn.algorithms.reptile import Reptile, ReptileConfig
 from metalearn.algorithms.statistician import NeuralStatistician, StatisticianConfig
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.options import is_command_name
-from metalearn.plugins import load_plugins, unknown_hint, warn_if_replacing
+from metalearn.plugins import load_plugins, unknown_hint, registering
 from metalearn.tasks.batch import Problem
 
 METHODS: dict[str, type[MetaLearner]] = {
@@ -83,7 +83,7 @@ def register_method(cls: type[MetaLearner]) -> type[MetaLearner]:
                              "option needs one (option(default, \"help\"))")
     check_option_names(cls)
     check_legacy_defaults(cls)
-    warn_if_replacing("method", cls.name, BUILT_IN_METHODS, METHODS.get(cls.name) is cls)
+    registering("method", cls.name, BUILT_IN_METHODS, METHODS.get(cls.name) is cls)
     METHODS[cls.name] = cls
     return cls
 

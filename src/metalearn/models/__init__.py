@@ -19,7 +19,7 @@ from torch import nn
 
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.options import is_command_name
-from metalearn.plugins import load_plugins, unknown_hint, warn_if_replacing
+from metalearn.plugins import load_plugins, unknown_hint, registering
 from metalearn.models.conv4 import Conv4, mamlpp_conv4, reference_conv4
 from metalearn.models.mlp import MLP
 from metalearn.models.norm import BatchStatNorm, first_order_batch_norm
@@ -112,7 +112,7 @@ def register_network(network: Network) -> Network:
     if isinstance(network.min_side, bool) or not isinstance(network.min_side, int) or network.min_side < 1:
         raise MetalearnError(f"network {network.name}: min_side must be a whole number of pixels >= 1, "
                              f"got {network.min_side!r}")
-    warn_if_replacing("network", network.name, BUILT_IN_NETWORKS, NETWORKS.get(network.name) is network)
+    registering("network", network.name, BUILT_IN_NETWORKS, NETWORKS.get(network.name) is network)
     NETWORKS[network.name] = network
     return network
 

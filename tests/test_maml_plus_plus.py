@@ -262,6 +262,12 @@ def test_the_maml_plus_plus_preset_and_its_overrides():
     assert (train.steps, train.meta_batch_size, train.meta_lr, train.lr_anneal, train.min_meta_lr) == \
         (50000, 8, 1e-3, "cosine", 1e-5)
     assert (train.val_every, train.val_episodes, train.keep_best) == (500, 600, 5)
+    # one query image a class on Omniglot at every number of shots, as the authors' configurations
+    # (num_target_samples: 1); a query given wins, and without the preset MAML queries K
+    shots5 = dict(ways=5, shots=5)
+    assert (config.task.query, resolve_config("maml", task=shots5, preset="maml++").task.query) == (1, 1)
+    assert resolve_config("maml", task={**shots5, "query": 5}, preset="maml++").task.query == 5
+    assert resolve_config("maml", task=shots5).task.query == 5
     # each part stays its own option: the ablation turns one off
     ablated = resolve_config("maml", method_config={"per_step_bn_statistics": False, "inner_steps": 3},
                              train={"meta_batch_size": 16}, preset="maml++")

@@ -113,7 +113,8 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
     given = [name for name in dataset.inapplicable if sets_task_option(name, task.get(name))]
     if given:
         raise dataset.refuse(given)  # each option with its reason
-    for defaults in (cls.task_defaults, dataset.defaults):
+    preset_task = cls.preset_task_defaults(preset, dataset.name) if preset is not None else {}
+    for defaults in (preset_task, cls.task_defaults, dataset.defaults):
         for name, value in defaults.items():
             if name not in dataset.inapplicable:
                 task.setdefault(name, value)

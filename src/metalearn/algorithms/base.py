@@ -153,6 +153,13 @@ class MetaLearner(nn.Module):
     task_defaults: ClassVar[dict[str, Any]] = {}
 
     @classmethod
+    def preset_task_defaults(cls, name: str, dataset: str) -> dict[str, Any]:
+        """Preset ``name``'s episode shape on ``dataset`` (task options such as ``query``, as
+        :attr:`task_defaults`, before which they come), only where the user sets nothing. Called
+        only with a name in :attr:`presets`; none by default."""
+        return {}
+
+    @classmethod
     def preset_defaults(cls, name: str, task: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         """Preset ``name``'s overrides of this method's Config and of TrainConfig for ``task``:
         used instead of :meth:`paper_defaults`, and, like them, only where the user sets nothing.

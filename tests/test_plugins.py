@@ -437,3 +437,26 @@ def test_predict_refuses_a_run_whose_examples_are_not_images(fresh_plugins, tmp_
     code, _, err = run(["predict", tmp_path / "run", "--support", tmp_path / "support", "--query", tmp_path], capsys)
     assert code == 2 and err.count("\n") == 1, err
     assert "learned toy-points, whose examples are not images (inputs of shape (6,)); predict classifies" in err
+
+
+def test_the_help_of_dataset_and_model_names_what_plugins_registered_that_the_method_takes(fresh_plugins):
+    import dataclasses
+
+    from torch import nn
+
+    from metalearn.cli import _make_train_command
+    from metalearn.datasets import DATASETS, register_dataset
+    from metalearn.models import Network, register_network
+
+    register_network(Network("toy-flat", lambda shape, out: nn.Flatten(), False, True, "image", "flattened pixels"))
+    register_dataset(dataclasses.replace(DATASETS["sinusoid"], name="toy-sine"))
+
+    def help_of(method, option):
+        command = _make_train_command(method)
+        text = next(param for param in command.params if param.name == option).help
+        return " ".join(text.split())
+
+    assert help_of("protonet", "model").endswith("; of plugins: toy-flat (default: see --print-config)")
+    assert "toy-sine" not in help_of("protonet", "dataset")  # regression: not for a classification-only method
+    assert help_of("maml", "dataset").endswith("cheetah-vel or cheetah-dir; of plugins: toy-sine")
+    assert "toy-flat" not in help_of("maml", "model")  # an embedding: MAML needs an output layer

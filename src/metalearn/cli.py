@@ -222,6 +222,33 @@ def _environments_help(method: str) -> tuple[frozenset[str], str | None]:
     return refused, f"the environment: {listed}"
 
 
+def _plugins_help(method: str, field: dataclasses.Field, text: str | None) -> str | None:
+    """``text`` (None: the field's own help) with the names that plugins registered and the
+    option takes for ``method`` added, for ``--dataset`` (a supervised method: the environments
+    are listed whole) and ``--model`` (the networks the method's Config accepts): the fields'
+    own help was written when metalearn was imported and lists the built-in names alone."""
+    from metalearn.datasets import BUILT_IN_DATASETS, DATASETS
+    from metalearn.models import BUILT_IN_NETWORKS, NETWORKS
+
+    cls = METHODS[method]
+    if field.name == "dataset" and text is None:
+        added = [name for name, dataset in DATASETS.items()
+                 if name not in BUILT_IN_DATASETS and dataset.reinforcement == cls.reinforcement
+                 and (dataset.classification or not cls.classification_only)]
+    elif field.name == "model" and field in dataclasses.fields(cls.Config):
+        added = []
+        for name in (name for name in NETWORKS if name not in BUILT_IN_NETWORKS):
+            try:
+                cls.Config(**{field.name: name})
+            except Exception:  # a network this method cannot use (its own check refuses it): not listed
+                continue
+            added.append(name)
+    else:
+        return text
+    own = help_of(field) if text is None else text
+    return f"{own}; of plugins: {', '.join(added)}" if added else text
+
+
 def _make_train_command(method: str) -> click.Command:
     method_fields = dataclasses.fields(METHODS[method].Config)
     hidden, dataset_help = _environments_help(method)
@@ -268,9 +295,11 @@ def _make_train_command(method: str) -> click.Command:
             click.echo(format_result(result))
         click.echo(f"run directory: {run_dir}")
 
-    params = [_option_for(f, hidden=f.name in hidden, help_text=dataset_help if f.name == "dataset" else None)
+    params = [_option_for(f, hidden=f.name in hidden,
+                          help_text=_plugins_help(method, f, dataset_help if f.name == "dataset" else None))
               for f in TASK_FIELDS]
-    params += [_option_for(f, True) for f in TRAIN_FIELDS + list(method_fields)]
+    params += [_option_for(f, True, help_text=_plugins_help(method, f, None))
+               for f in TRAIN_FIELDS + list(method_fields)]
     params += [
         click.Option(["--data-dir"], type=GivenPath(FOLDER), default=None, help=DATA_DIR_HELP,
                      hidden="data_dir" in hidden),

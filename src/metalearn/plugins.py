@@ -15,7 +15,8 @@ imports, once per process:
   an entry point that names a function (``"my_package.plugin:register"``) is called with no
   arguments.
 
-The command line loads them before it reads its arguments (so ``--help`` lists their methods);
+The command line loads them before it reads its arguments (so ``--help`` lists their methods,
+and ``--dataset`` and ``--model`` the names they registered that the method takes);
 the Python API at its first look at a method, dataset or network name, so that a script needs
 no import of its own to read a run trained with a plugin, and reads a built-in name as a plugin
 replaced it, as the command line does.

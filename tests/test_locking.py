@@ -29,7 +29,7 @@ def test_a_held_lock_refuses_others_names_its_holder_and_goes_with_its_release(t
     assert note["pid"] == os.getpid() and note["host"] == socket.gethostname()
     # another open file of the same lock is refused as another process would be
     with pytest.raises(FolderInUse, match=rf"{folder} is in use by this process \({os.getpid()}\), through a lock .*"
-                                          "one run folder has one writer.*choose another --run-dir"):
+                                          "one run folder has one writer.*choose another run_dir$"):
         RunDir(folder).lock()
     lock.release()
     assert not (folder / ".lock").exists()  # no litter

@@ -1123,8 +1123,8 @@ def _main(args: list[str] | None) -> None:
     except (ConfigError, OptionError) as err:  # the field or option named as the command line spells it
         click.echo(f"error: {err.with_flags()}", err=True)
         sys.exit(2)
-    except MetalearnError as err:
-        click.echo(f"error: {err}", err=True)
+    except MetalearnError as err:  # one that names options (Options: a run folder in use) spells them as flags
+        click.echo(f"error: {err.with_flags() if isinstance(err, Options) else err}", err=True)
         sys.exit(2)
     except OSError as err:  # a path that is a file, a folder, unwritable or gone
         click.echo(f"error: {describe_os_error(err)}", err=True)

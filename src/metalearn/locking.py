@@ -45,7 +45,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from metalearn.errors import MetalearnError, MetalearnWarning
+from metalearn.errors import MetalearnError, MetalearnWarning, Options
 from metalearn.files import process_running
 
 UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENOTSUP}
@@ -85,8 +85,9 @@ def lock_is_held(path: Path | str) -> bool | None:
     return False
 
 
-class FolderInUse(MetalearnError):
-    """Another process holds the folder's lock; the message names it."""
+class FolderInUse(Options, MetalearnError):
+    """Another process holds the folder's lock; the message names it, and any options it names
+    as the caller spells them (:class:`~metalearn.errors.Options`: ``choose another {run_dir}``)."""
 
 
 class NotALockFile(MetalearnError):
@@ -199,10 +200,10 @@ class FolderLock:
         return self._fd is not None
 
     @classmethod
-    def take(cls, path: Path | str, purpose: str, refusal: Callable[[str], str] | None = None,
+    def take(cls, path: Path | str, purpose: str, refusal: Callable[[str], FolderInUse] | None = None,
              wait: Callable[[str], None] | None = None) -> "FolderLock":
         """Lock ``path``, creating its folder if needed. When another process holds it: with
-        ``wait`` None, raise :class:`FolderInUse` with ``refusal(holder)`` (default: the
+        ``wait`` None, raise ``refusal(holder)``, a :class:`FolderInUse` (default: the
         folder is in use by the holder); else call ``wait(holder)`` once and block until it
         is free. On a file system without locks, warn and return a lock that holds nothing."""
         path = Path(path)
@@ -250,8 +251,9 @@ class FolderLock:
                 except BlockingIOError:
                     holder = describe_holder(path)
                     if wait is None:
-                        raise FolderInUse(refusal(holder) if refusal else
-                                          f"{path.parent} is in use by {holder}") from None
+                        raise (refusal(holder) if refusal else
+                               FolderInUse("{folder} is in use by {holder}", folder=(str(path.parent),) * 2,
+                                           holder=(holder, holder))) from None
                     wait(holder)
                     fcntl.flock(fd, fcntl.LOCK_EX)
             except OSError as err:

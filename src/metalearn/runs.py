@@ -236,9 +236,9 @@ class RunDir:
         writer left (``checkpoint.pt.tmp<pid>``, ``best/step-N.pt.tmp<pid>``, ...; in
         ``plots/``, which ``plot`` and ``export`` write without this lock, those of writers no
         longer running). Readers never take it."""
-        lock = FolderLock.take(self.lock_path, purpose, refusal=lambda holder: (
-            f"{self.path} is in use by {holder}: one run folder has one writer. Wait for it to finish "
-            "(or stop it), or choose another --run-dir"))
+        lock = FolderLock.take(self.lock_path, purpose, refusal=lambda holder: FolderInUse(
+            "{folder} is in use by {holder}: one run folder has one writer. Wait for it to finish (or stop it), or "
+            "choose another {run_dir}", folder=(str(self.path),) * 2, holder=(holder, holder), run_dir="run_dir"))
         remove_temporaries(self.path, owned=WRITER_FILES)
         remove_temporaries(self.best_dir, all_owned=True)  # kept checkpoints: written only under this lock
         self._remove_unlisted_best()
@@ -697,7 +697,8 @@ def lock_for_training(run: RunDir, world) -> FolderLock:
     if world.distributed:
         failed = float(world.sum(torch.tensor(float(failure is not None), device=world.device)))
         if failed and failure is None:
-            raise FolderInUse(f"rank 0 could not take {run.path} for this job (its message says why)")
+            raise FolderInUse("rank 0 could not take {folder} for this job (its message says why)",
+                              folder=(str(run.path),) * 2)
     if failure is not None:
         raise failure
     return lock

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalearn.errors import MetalearnError
+from metalearn.errors import MetalearnError, OptionError
 from metalearn.models.norm import first_order_batch_norm
 from metalearn.tasks.batch import Problem, TaskBatch
 
@@ -653,10 +653,10 @@ def require_functional_model(model: nn.Module, method: str, second_order: bool) 
         )
     native = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
     if native and second_order:
-        raise MetalearnError(
+        raise OptionError(
             f"second-order {method} cannot use torch's native batch or instance norm ({native[0]}): its second "
             "derivative under vmap is wrong in torch. Use metalearn.models.BatchStatNorm (same "
-            "parameters, batch statistics) or --first-order."
+            "parameters, batch statistics) or {first_order}.", first_order=("first_order=True", "--first-order")
         )
 
 

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from metalearn.algorithms.base import MetaLearner, Problem, check_task_batch, evaluating
 from metalearn.distributed import current_world
-from metalearn.errors import ConfigError, MetalearnError
+from metalearn.errors import ConfigError, MetalearnError, OptionError
 from metalearn.options import option, options
 from metalearn.tasks.batch import TaskBatch
 
@@ -361,9 +361,9 @@ class NeuralStatistician(MetaLearner):
         problem and images of another shape than 1 x 28 x 28."""
         cls.require_classification(problem)
         if tuple(problem.input_shape) != (1, IMAGE_SIZE, IMAGE_SIZE):
-            raise MetalearnError(f"statistician's networks are the paper's for 1x{IMAGE_SIZE}x{IMAGE_SIZE} images "
-                                 f"(--channels 1 --image-size {IMAGE_SIZE}), got "
-                                 f"{'x'.join(map(str, problem.input_shape))}")
+            raise OptionError(f"statistician's networks are the paper's for 1x{IMAGE_SIZE}x{IMAGE_SIZE} images "
+                              f"({{shape}}), got {'x'.join(map(str, problem.input_shape))}",
+                              shape=(f"channels=1, image_size={IMAGE_SIZE}", f"--channels 1 --image-size {IMAGE_SIZE}"))
         return cls(config)
 
     # The paper's split (vinyals) and sets of 5 images of one character in training (section

@@ -263,7 +263,8 @@ def test_data_info_and_verify(capsys, omniglot_data_dir):
     code, out, _ = run(["data", "info", "--data-dir", omniglot_data_dir], capsys)
     assert code == 0
     assert "1623 characters, 32460 images" in out
-    assert "vinyals    train        1028     4112" in out
+    assert "vinyals          train        1028     4112" in out
+    assert "vinyals-trainval train        1200     4800" in out
     code, out, _ = run(["data", "verify", "--data-dir", omniglot_data_dir], capsys)
     assert code == 0 and out.count("ok") == 2
 

@@ -413,7 +413,7 @@ def test_an_option_a_dataset_refuses_is_refused_for_its_reason(capsys):
     one_line_error(code, out, err, "--channels does not apply to omniglot: its images are black-and-white drawings, "
                                    "always read as 1 (grey) channel; --split-fractions, --split-file do not apply "
                                    "either: its classes are split by one of the published splits, chosen with --split "
-                                   "(maml, vinyals or lake)")
+                                   "(maml, vinyals, vinyals-trainval or lake)")
     code, out, err = run(["train", "protonet", "--dataset", "folder", "--split", "lake"], capsys)
     one_line_error(code, out, err, "--split does not apply to folder: --split chooses one of Omniglot's published "
                                    "splits; an image folder is split by its train/ val/ test/ folders or CSV files, "

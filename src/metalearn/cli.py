@@ -842,7 +842,7 @@ def info(data_dir, image_size):
     omniglot = load_omniglot(data_dir, image_size, progress=show_progress(None))
     click.echo(f"omniglot: {len(omniglot.names)} characters, {omniglot.images.shape[0] * omniglot.images.shape[1]} "
                f"images, {int(omniglot.background.sum())} background / {int((~omniglot.background).sum())} evaluation")
-    click.echo(f"{'split':10s} {'part':6s} {'characters':>10s} {'classes':>8s}  rotations")
+    click.echo(f"{'split':16s} {'part':6s} {'characters':>10s} {'classes':>8s}  rotations")
     for split in SPLITS:
         for part in PARTS:
             if not has_part(split, part):
@@ -850,7 +850,7 @@ def info(data_dir, image_size):
             pool = omniglot_split(omniglot, split, part)
             rotations = "random per task" if bool((pool.rotations < 0).any()) else (
                 "0/90/180/270 as classes" if bool((pool.rotations > 0).any()) else "none")
-            click.echo(f"{split:10s} {part:6s} {pool.num_characters:10d} {len(pool):8d}  {rotations}")
+            click.echo(f"{split:16s} {part:6s} {pool.num_characters:10d} {len(pool):8d}  {rotations}")
 
 
 @data.command()

@@ -28,7 +28,8 @@ class TaskConfig:
                                       "sinusoid or sine-or-line (default omniglot); for maml-rl an environment, "
                                       "also named --env: nav2d (its default), cheetah-vel or cheetah-dir",
                           aliases=("env",))
-    split: str = option("maml", "omniglot's class split: maml, vinyals or lake (default maml)")
+    split: str = option("maml", "omniglot's class split: maml, vinyals, vinyals-trainval (vinyals' train and val "
+                                "classes together, no validation) or lake (default maml)")
     ways: int = option(5, "classes per task (default 5; classification only)")
     shots: int = option(1, "support examples per class, or support points K for regression "
                            "(default 1; 5 for regression)")

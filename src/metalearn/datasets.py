@@ -244,7 +244,8 @@ _FOLDER = dict(classification=True, build=_folder, check=_folder_checked, proble
 
 # why an option does not apply where a dataset's kind is not the reason: folder is a
 # classification dataset that takes --channels and --split-fractions
-_OMNIGLOT_SPLIT = "its classes are split by one of the published splits, chosen with `split` (maml, vinyals or lake)"
+_OMNIGLOT_SPLIT = ("its classes are split by one of the published splits, chosen with `split` (maml, vinyals, "
+                   "vinyals-trainval or lake)")
 _RELEASE_SPLIT = "its split is the release's own, its train.csv, val.csv and test.csv or its train/ val/ test/ folders"
 _OMNIGLOT_AUGMENT = ("its papers train on the drawings as they are (a mirrored character can be another, b "
                      "and d; in the maml and vinyals splits each quarter turn of a character is a class of its own)")

@@ -2,6 +2,10 @@
 
 - ``vinyals``: the standard few-shot split (Vinyals et al. 2016, files from Snell et al. 2017):
   1028 / 172 / 423 characters, each rotated by 0/90/180/270 degrees into four classes.
+- ``vinyals-trainval``: the papers' final training on the ``vinyals`` split (Prototypical
+  Networks, Matching Networks, Learning to Remember Rare Events; Snell et al.'s
+  ``trainval.txt``): its train and val parts together, 1200 characters (4800 classes), tested
+  on the same 423 (1692); it has no validation part, since its validation classes are trained on.
 - ``lake``: the release's own background (964) vs evaluation (659) characters, unrotated; it
   has no validation part.
 - ``maml``: the MAML reference code's sizes and rotations: a seeded shuffle of all 1623
@@ -21,7 +25,9 @@ from torch import Tensor
 from metalearn.data.omniglot import Omniglot
 from metalearn.errors import MetalearnError
 
-SPLITS = ("vinyals", "lake", "maml")
+# the order of the "valid splits" message and of `metalearn data info`: a new split goes at the end, so
+# the existing ones keep their place in both
+SPLITS = ("vinyals", "lake", "maml", "vinyals-trainval")
 PARTS = ("train", "val", "test")
 RUN_SPLIT_NAME = "split.json"  # a run's record of its class folders' split (a --split-file), beside its config.json
 RANDOM_ROTATION = -1
@@ -58,6 +64,16 @@ def omniglot_split(omniglot: Omniglot, split: str, part: str) -> ClassPool:
     name = f"{split}/{part}"
     if split == "vinyals":
         return _vinyals(omniglot, part, name)
+    if split == "vinyals-trainval":
+        if part == "val":
+            raise MetalearnError("the vinyals-trainval split has no validation part: it trains on the vinyals "
+                                 "validation classes (choose the training length on vinyals)")
+        if part == "test":
+            return _vinyals(omniglot, "test", name)
+        # the union is built from vinyals' own lists, so the two splits cannot drift apart
+        train, val = _vinyals(omniglot, "train", name), _vinyals(omniglot, "val", name)
+        return ClassPool(name, torch.cat([train.characters, val.characters]),
+                         torch.cat([train.rotations, val.rotations]))
     if split == "lake":
         if part == "val":
             raise MetalearnError("the lake split has no validation part (use vinyals or maml)")
@@ -72,7 +88,8 @@ def omniglot_split(omniglot: Omniglot, split: str, part: str) -> ClassPool:
 
 
 def has_part(split: str, part: str) -> bool:
-    return not (split == "lake" and part == "val")
+    """Whether ``split`` has ``part``: lake and vinyals-trainval have no validation part."""
+    return not (split in ("lake", "vinyals-trainval") and part == "val")
 
 
 def _vinyals(omniglot: Omniglot, part: str, name: str) -> ClassPool:

@@ -1,7 +1,8 @@
 """ResNet-12 (metalearn.models.ResNet12) and the network registry (metalearn.models.NETWORKS):
 shapes, size, MAML's meta-gradient through it against a per-task reference, ProtoNets learning
 with it, every method that takes a network running it, and the methods' ``model`` options
-derived from the registry."""
+derived from the registry; conv4-flat (ProtoNets' flattened embedding) and ProtoNets' default
+network for each dataset."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from batches import image_batch
 from cli_runner import run
 from learning import held_out_accuracy_before_and_after
 from metalearn.algorithms import METHODS, MAML, ProtoNet, build_learner
+from metalearn.algorithms.protonet import embed_episodes
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.models import NETWORKS, ResNet12, build_model, network_names
 from metalearn.options import help_of
@@ -287,6 +289,57 @@ def test_a_registered_network_that_no_method_can_train_is_refused_before_a_run_f
         train(dataclasses.replace(config, method="protonet", method_config={"model": "maps"}),
               run_dir=tmp_path / "run", evaluate_after=False, progress=False)
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+# -- conv4-flat: ProtoNets' embedding as the authors' code flattens it ------------------------------
+
+
+def test_conv4_flat_is_conv4_embedding_with_the_final_map_flattened():
+    """64-d at 28x28, where the final map is 1x1 and the flattened map is the averaged one (the
+    same weights under the same names give the same embedding); 5x5x64 = 1600-d at 84x84."""
+    torch.manual_seed(0)
+    flat, averaged = build_model("conv4-flat", (1, 28, 28), None), build_model("conv4-embedding", (1, 28, 28), None)
+    assert list(dict(flat.named_parameters())) == list(dict(averaged.named_parameters()))
+    averaged.load_state_dict(flat.state_dict())
+    x = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        assert flat(x).shape == (5, 64)
+        torch.testing.assert_close(flat(x), averaged(x), rtol=0, atol=0)
+    photo = torch.rand(2, 3, 84, 84)
+    with torch.no_grad():
+        assert build_model("conv4-flat", (3, 84, 84), None)(photo).shape == (2, 1600)
+        assert build_model("conv4-embedding", (3, 84, 84), None)(photo).shape == (2, 64)  # unchanged: averaged
+    with pytest.raises(MetalearnError, match="^conv4-flat halves the image four times and needs at least 16x16"):
+        build_model("conv4-flat", (3, 12, 12), None)
+
+
+def test_protonet_defaults_to_conv4_flat_on_photographs_and_conv4_embedding_on_omniglot():
+    from metalearn import resolve_config
+
+    models = {dataset: resolve_config("protonet", {"dataset": dataset}).method_config["model"]
+              for dataset in ("omniglot", "mini-imagenet", "folder")}
+    assert models == {"omniglot": "conv4-embedding", "mini-imagenet": "conv4-flat", "folder": "conv4-flat"}
+    # a model given is kept
+    given = resolve_config("protonet", {"dataset": "mini-imagenet"}, {"model": "conv4-embedding"})
+    assert given.method_config["model"] == "conv4-embedding"
+
+
+def test_protonet_trains_and_predicts_with_conv4_flat_on_84x84_rgb_images():
+    from metalearn.tasks.batch import TaskBatch
+
+    torch.manual_seed(0)
+    protonet = build_learner("protonet", {"model": "conv4-flat"}, Problem((3, 84, 84), 3, True))
+    labels = torch.arange(3)
+    batch = TaskBatch(torch.rand(1, 3, 3, 84, 84), labels.repeat(1, 1), torch.rand(1, 6, 3, 84, 84),
+                      labels.repeat_interleave(2).repeat(1, 1), 3)
+    loss, metrics = protonet.meta_loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and 0 <= metrics["accuracy"] <= 1
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in protonet.parameters())
+    with torch.no_grad():
+        support, _ = embed_episodes(protonet.model, batch)
+    assert support.shape == (1, 3, 1600)
+    assert protonet.predict(batch).shape == (1, 6, 3)
 
 
 def test_the_api_docs_table_of_networks_has_every_registered_network_with_its_role():

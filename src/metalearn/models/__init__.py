@@ -59,10 +59,22 @@ class Network:
 HALVED = 16  # the smallest side that four 2x2 halvings (max-pools) leave at least one pixel of
 
 
+def _halved_map(input_shape: tuple[int, ...]) -> tuple[int, int]:
+    """The final map's (height, width) after four 2x2 max-pools of a ``(C, H, W)`` image, each
+    rounding down: 1x1 on 28x28, 5x5 on 84x84."""
+    side = lambda n: n // 2 // 2 // 2 // 2
+    return side(input_shape[1]), side(input_shape[2])
+
+
 def _conv4_maxpool_32(input_shape: tuple[int, ...], out_features: int | None) -> nn.Module:
-    side = lambda n: n // 2 // 2 // 2 // 2  # four 2x2 max-pools, each rounding down
-    return Conv4(input_shape[0], out_features, hidden=32, pooling="max",
-                 flat_map=(side(input_shape[1]), side(input_shape[2])))
+    return Conv4(input_shape[0], out_features, hidden=32, pooling="max", flat_map=_halved_map(input_shape))
+
+
+def _conv4_flat(input_shape: tuple[int, ...], out_features: int | None) -> nn.Module:
+    # the encoder of Snell et al.'s code (jakesnell/prototypical-networks, protonets/models/
+    # few_shot.py): four max-pool blocks of 64 filters, then Flatten(); conv4-embedding's
+    # parameters, under the same names
+    return Conv4(input_shape[0], out_features, pooling="max", flat_map=_halved_map(input_shape))
 
 
 NETWORKS: dict[str, Network] = {network.name: network for network in (
@@ -73,8 +85,11 @@ NETWORKS: dict[str, Network] = {network.name: network for network in (
             "conv4 with stride 1 and a 2x2 max-pool in each block (at least 16x16 inputs; 64-d)",
             min_side=HALVED),
     Network("conv4-embedding", lambda shape, out: Conv4(shape[0], out, pooling="max"), False, True, "image",
-            "conv4-maxpool without an output layer: the 64-d embedding of ProtoNets and Matching Nets",
-            min_side=HALVED),
+            "conv4-maxpool without an output layer: a 64-d embedding, the final map averaged; ProtoNets' and "
+            "Matching Nets' at 28x28", min_side=HALVED),
+    Network("conv4-flat", _conv4_flat, False, True, "image",
+            "conv4-embedding with the final map flattened, as ProtoNets' code ends its encoder (Snell et al. 2017): "
+            "64-d at 28x28, 1600-d (5x5x64) at 84x84", "ProtoNets' embedding on photographs", min_side=HALVED),
     Network("conv4-maxpool-32", _conv4_maxpool_32, True, True, "image",
             "MAML's mini-ImageNet network (Finn et al. 2017, section 5.2): 32 filters, max-pooling, the head on "
             "the flattened final map (5x5x32 on 84x84)", "mini-ImageNet's", min_side=HALVED),

@@ -333,6 +333,27 @@ def test_plugin_files_shadow_no_module_and_each_runs_once(fresh_plugins, tmp_pat
                 delattr(builtins, f"RUNS_{folder}")
 
 
+@pytest.mark.parametrize("order", ["module first", "file first"])
+def test_a_module_named_both_by_its_name_and_by_its_file_runs_once(order, fresh_plugins, tmp_path, monkeypatch):
+    import builtins
+
+    package = tmp_path / "toy_plugin_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "mod.py").write_text("import builtins\nbuiltins.TOY_RUNS = getattr(builtins, 'TOY_RUNS', 0) + 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    entries = ["toy_plugin_pkg.mod", str(package / "mod.py")]
+    monkeypatch.setenv(plugins.ENVIRONMENT_VARIABLE, ",".join(entries if order == "module first" else entries[::-1]))
+    try:
+        plugins.load_plugins()
+        assert builtins.TOY_RUNS == 1
+    finally:
+        for name in ("toy_plugin_pkg.mod", "toy_plugin_pkg"):
+            sys.modules.pop(name, None)
+        if hasattr(builtins, "TOY_RUNS"):
+            delattr(builtins, "TOY_RUNS")
+
+
 def test_a_module_name_is_found_in_the_current_folder_as_python_m_would(tmp_path):
     """The ``metalearn`` command does not search the current folder; ``python -m metalearn`` and
     torchrun do: a plugin named as a module must be found by either."""

@@ -137,6 +137,8 @@ def _import_module(name: str) -> None:
     torchrun do, and a plugin must be found alike by the process that trains and the one that
     evaluates."""
     try:
+        if name not in sys.modules and _file_of_module(name) in _files:  # imported as a file plugin already
+            return
         importlib.import_module(name)
     except ModuleNotFoundError as err:
         here = os.getcwd()
@@ -159,6 +161,11 @@ def _import_file(entry: str, where: str) -> None:
                                                               if not Path(entry).expanduser().is_absolute() else ""))
     if path in _files:
         return
+    imported = next((module for module in list(sys.modules.values())
+                     if _resolved(getattr(module, "__file__", None)) == path), None)
+    if imported is not None:  # imported already under its own name (a module plugin, or the user's import)
+        _files[path] = imported.__name__
+        return
     name = f"metalearn_plugin_{path.stem}_{len(_files)}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -171,6 +178,22 @@ def _import_file(entry: str, where: str) -> None:
         del sys.modules[name]
         raise
     _files[path] = name
+
+
+def _resolved(file: str | None) -> Path | None:
+    try:
+        return Path(file).resolve() if isinstance(file, str) else None
+    except (OSError, RuntimeError):
+        return None
+
+
+def _file_of_module(name: str) -> Path | None:
+    """The file the module ``name`` would be imported from (None: not found, or not a file)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    return _resolved(spec.origin) if spec is not None and spec.has_location else None
 
 
 def _load_entry_point(point: importlib.metadata.EntryPoint) -> None:

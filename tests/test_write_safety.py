@@ -323,6 +323,16 @@ def test_a_file_given_as_the_omniglot_folder_is_called_a_file(tmp_path, capsys, 
     # a folder that is not there is still Omniglot not found, with how to fetch it
     code, _, err = run(["data", "verify", "--data-dir", tmp_path / "none"], capsys)
     assert code == 2 and err.startswith(f"error: Omniglot not found in {tmp_path / 'none'}: missing")
+    assert "point --data-dir or METALEARN_DATA at" in err
+    # from Python, the option as Python spells it
+    from metalearn.data.omniglot import locate_sources
+
+    with pytest.raises(MetalearnError, match=r"is a file, not a folder; point data_dir or METALEARN_DATA at"):
+        locate_sources(file, given=False)
+    with pytest.raises(MetalearnError, match=r"^data_dir .* is a file, not a folder; give the folder"):
+        locate_sources(file)
+    with pytest.raises(MetalearnError, match=r"point data_dir or METALEARN_DATA at the folder that holds them"):
+        locate_sources(tmp_path / "none")
 
 
 def test_a_file_given_as_an_image_folder_is_called_a_file(tmp_path, capsys):

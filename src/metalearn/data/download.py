@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 from typing import Mapping
 
-from metalearn.errors import MetalearnError
+from metalearn.errors import MetalearnError, OptionError
 from metalearn.files import atomic_write, remove_temporaries
 
 OFFICIAL_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
@@ -74,10 +74,8 @@ def download_omniglot(
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise MetalearnError(
-            f"cannot create the data folder {data_dir} ({err}); choose a writable one with "
-            "--data-dir or METALEARN_DATA."
-        ) from None
+        raise OptionError(f"cannot create the data folder {data_dir} ({err}); choose a writable one with "
+                          "{data_dir} or METALEARN_DATA.", data_dir="data_dir") from None
     remove_temporaries(data_dir)  # an archive's worth of bytes each, left by SIGKILL or a crash
 
     result = {}

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from metalearn.data.cache import read_arrays, write_arrays
-from metalearn.errors import MetalearnError
+from metalearn.errors import MetalearnError, OptionError, valued
 from metalearn.files import WriteError, remove_temporaries
 from metalearn.locking import FolderLock
 
@@ -117,10 +117,12 @@ def locate_sources(data_dir: Path, given: bool = True) -> dict[str, Path]:
     the data is not missing, the path is wrong). ``given``: whether the user named ``data_dir``
     (``--data-dir``), else it is the default (``$METALEARN_DATA``, the cache folder)."""
     data_dir = Path(data_dir)
-    blocked = file_in_the_way(data_dir, f"--data-dir {data_dir}" if given else str(data_dir))
+    # the options as the caller spells them (OptionError): data_dir from Python, --data-dir on the command line
+    named = valued("data_dir", data_dir) if given else (str(data_dir),) * 2
+    blocked = file_in_the_way(data_dir, "{named}")
     if blocked is not None:
-        remedy = "give" if given else "point --data-dir or METALEARN_DATA at"
-        raise MetalearnError(f"{blocked}; {remedy} the folder that holds {ARCHIVES_IN_WORDS}")
+        raise OptionError(f"{blocked}; {'give' if given else 'point {data_dir} or METALEARN_DATA at'} the folder that "
+                          f"holds {ARCHIVES_IN_WORDS}", named=named, data_dir="data_dir")
     found, missing = {}, []
     for archive in ARCHIVES:
         tree, zipped = data_dir / archive, data_dir / f"{archive}.zip"
@@ -131,13 +133,12 @@ def locate_sources(data_dir: Path, given: bool = True) -> dict[str, Path]:
         else:
             missing.append(archive)
     if missing:
-        raise MetalearnError(
-            f"Omniglot not found in {data_dir}: missing "
+        raise OptionError(
+            "Omniglot not found in {folder}: missing "
             + ", ".join(f"{m}.zip (or the extracted {m}/ folder)" for m in missing)
-            + ". Put the official archives there, point --data-dir or METALEARN_DATA at the "
-            f"folder that holds them, or run `metalearn data prepare --download --data-dir {data_dir}` to fetch "
-            "them there."
-        )
+            + ". Put the official archives there, point {data_dir} or METALEARN_DATA at the folder that holds them, "
+            "or run `metalearn data prepare --download --data-dir {folder}` to fetch them there.",
+            folder=(str(data_dir),) * 2, data_dir="data_dir")
     return found
 
 

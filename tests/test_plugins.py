@@ -4,6 +4,7 @@ process: the one that trains, a later one that evaluates, the command line's hel
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -70,7 +71,7 @@ def fresh_plugins(monkeypatch):
 
     registries = [(registry, dict(registry)) for registry in (METHODS, DATASETS, NETWORKS)]
     for name, value in (("_loaded", None), ("_pending", None), ("_depth", 0), ("_imported", set()), ("_files", {}),
-                        ("_importing", []), ("_sources", {})):
+                        ("_importing", []), ("_sources", {}), ("_named", [])):
         monkeypatch.setattr(plugins, name, value)
     yield
     for registry, before in registries:
@@ -149,6 +150,7 @@ def test_an_installed_packages_entry_point_registers_its_method_for_the_help_and
                               "(a file of your own: give its path, e.g. METALEARN_PLUGINS=./no_such_plugin_module.py)"),
     ("./missing.py", "no file "),
     ("./broken.py", "could not be imported: ZeroDivisionError: division by zero"),
+    ("~no_such_user_of_metalearn/p.py", "could not be imported: RuntimeError: "),
 ])
 def test_a_plugin_that_does_not_load_is_one_line_naming_it(entry, said, tmp_path):
     (tmp_path / "broken.py").write_text("1 / 0\n")
@@ -254,6 +256,53 @@ def test_config_json_records_what_registered_the_runs_parts_and_a_process_withou
     with pytest.warns(UserWarning, match=r"the run's method 'protonet' was registered in Python, replacing "
                                          r"metalearn's own, and this process reads it as metalearn's built-in method"):
         assert run.read_config().method == "protonet"
+
+
+def test_what_a_run_records_names_every_plugin_and_survives_a_resume_without_them(fresh_plugins, tmp_path,
+                                                                                   monkeypatch):
+    """One plugin may need another to import, and a run's parts may come from several: the remedy
+    names every METALEARN_PLUGINS plugin of the training process. A module found only in the
+    current folder is recorded by its file; a resume in a process without the plugins keeps the
+    record."""
+    from metalearn import resolve_config
+    from metalearn.algorithms import METHODS
+    from metalearn.models import NETWORKS
+    from metalearn.runs import RunDir
+
+    (tmp_path / "my_method.py").write_text("from metalearn import ProtoNet, register_method\n"
+                                           "register_method(type('Mine', (ProtoNet,), {'name': 'mine'}))\n")
+    (tmp_path / "my_network.py").write_text("from torch import nn\nfrom metalearn.models import Network, register_network"
+                                            "\nregister_network(Network('my-flat', lambda shape, out: nn.Flatten(), "
+                                            "False, True, 'image', 'flattened pixels'))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [entry for entry in sys.path if entry not in ("", str(tmp_path))])
+    monkeypatch.setenv(plugins.ENVIRONMENT_VARIABLE, "my_method,./my_network.py")  # a module of this folder, a file
+    try:
+        run = RunDir(tmp_path / "run")
+        run.write_config(resolve_config("mine", {"dataset": "omniglot", "ways": 5}, {"model": "my-flat"}))
+    finally:
+        sys.modules.pop("my_method", None)
+    every = [str(tmp_path / "my_method.py"), str(tmp_path / "my_network.py")]
+    recorded = json.loads(run.config_path.read_text())["plugins"]
+    assert recorded == [{"kind": "method", "name": "mine", "plugin": every[0], "with": every},
+                        {"kind": "network", "name": "my-flat", "plugin": every[1], "with": every[::-1]}]
+    # a process without them: the record stays through a rewrite (a --resume), and says what to load
+    del METHODS["mine"], NETWORKS["my-flat"]
+    plugins._sources.clear()
+    run.write_config(dataclasses.replace(resolve_config("protonet", {"dataset": "omniglot", "ways": 5}), method="mine",
+                                         method_config={"model": "my-flat"}))
+    assert json.loads(run.config_path.read_text())["plugins"] == recorded
+    with pytest.raises(MetalearnError, match=f"set METALEARN_PLUGINS={every[0]},{every[1]}$"):
+        run.read_config()
+
+
+def test_a_registration_in_a_package_module_is_named_by_its_module():
+    said = plugins.remedy({"module": "my_package.data", "file": "/home/me/code/my_package/data.py"})
+    assert said == ("the run's process registered it in the module my_package.data, which is not a plugin: name it in "
+                    "METALEARN_PLUGINS=my_package.data (with /home/me/code on PYTHONPATH unless its package is "
+                    "installed)")
+    assert plugins.remedy({"plugin": "pkg.mod", "folder": "/home/me"}).endswith(
+        "set METALEARN_PLUGINS=pkg.mod with /home/me on PYTHONPATH")
 
 
 def test_a_plugin_that_replaces_a_built_in_is_what_the_api_reads_too(fresh_plugins, tmp_path, monkeypatch):

@@ -46,8 +46,9 @@ _done: list[str] = []  # while loading: what the outermost call loads, in order
 _imported: set[str] = set()  # every plugin imported in this process: a retry after a failure skips them
 _files: dict[Path, str] = {}  # a plugin file -> the module name it was imported as
 _depth = 0  # load_plugins calls under way: a plugin's import may look a name up, which loads the rest
-_importing: list[dict[str, str]] = []  # the plugins being imported, innermost last (see source_of)
-_sources: dict[tuple[str, str], dict[str, str]] = {}  # (kind, name) -> where its registration came from
+_importing: list[dict[str, Any]] = []  # the plugins being imported, innermost last (see source_of)
+_sources: dict[tuple[str, str], dict[str, Any]] = {}  # (kind, name) -> where its registration came from
+_named: list[dict[str, Any]] = []  # every METALEARN_PLUGINS plugin imported, as another process names it
 
 
 class PluginError(MetalearnError):
@@ -108,13 +109,18 @@ def _is_path(entry: str) -> bool:
 
 def _load_named(entry: str) -> None:
     where = f"{entry!r} of {ENVIRONMENT_VARIABLE}"
-    source = str(Path(entry).expanduser().resolve()) if _is_path(entry) else entry  # as another folder reads it
-    _importing.append({"plugin": source})
+    # how another process, in another folder, names this plugin: a file's absolute path, a module's
+    # name; the registrations made while it is imported share this dict (see registering), which
+    # _import_module completes where the module was found in the current folder
+    source: dict[str, Any] = {"plugin": entry}
+    _importing.append(source)
     try:
         if _is_path(entry):
+            source["plugin"] = str(Path(entry).expanduser().resolve())
             _import_file(entry, where)
         else:
-            _import_module(entry)
+            _import_module(entry, source)
+        _named.append(source)
     except PluginError:  # another plugin's, loaded from within this one's import: named already
         raise
     except ModuleNotFoundError as err:
@@ -131,11 +137,12 @@ def _load_named(entry: str) -> None:
         _importing.pop()
 
 
-def _import_module(name: str) -> None:
+def _import_module(name: str, source: dict[str, Any]) -> None:
     """Import the module ``name`` from the Python path or, failing that, the current folder: the
     ``metalearn`` command does not search the current folder, ``python -m metalearn`` and
     torchrun do, and a plugin must be found alike by the process that trains and the one that
-    evaluates."""
+    evaluates. ``source``: how another process names it, completed for one found in the current
+    folder (a module's file as an absolute path; a package's module with that folder)."""
     try:
         if name not in sys.modules and _file_of_module(name) in _files:  # imported as a file plugin already
             return
@@ -145,6 +152,10 @@ def _import_module(name: str) -> None:
         if err.name != name.split(".")[0] or here in sys.path or "" in sys.path:
             raise
         sys.path.append(here)
+        if "." in name:
+            source["folder"] = here
+        else:
+            source["plugin"] = str(_file_of_module(name) or name)
         try:
             importlib.import_module(name)
         finally:
@@ -233,18 +244,18 @@ def registering(kind: str, name: str, built_in: frozenset[str], same: bool) -> N
     that name (``same``: it registers the built-in itself again, which changes nothing and is not
     warned about): a run of that name then trains something else than the documentation and its
     records say. Called by each ``register_*`` function, from the user's code."""
+    frame, level = sys._getframe(1), 2  # the user's code: past register_environment's call of register_dataset
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "metalearn":
+        frame, level = frame.f_back, level + 1
     if name in built_in and not same:
         warnings.warn(f"this registration replaces metalearn's built-in {kind} {name!r} in this process: runs that name "
                       f"it train and read the new one (choose another name to keep both)", MetalearnWarning,
-                      stacklevel=3)
+                      stacklevel=level)
     if same or not hasattr(sys.modules.get("metalearn"), "__version__"):  # the same again, or a built-in
         return
     if _importing:
-        _sources[(kind, name)] = dict(_importing[-1])
+        _sources[(kind, name)] = _importing[-1]  # shared: _import_module may complete it
         return
-    frame = sys._getframe(1)
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "metalearn":
-        frame = frame.f_back  # past register_environment's call of register_dataset: the user's code
     module = frame.f_globals.get("__name__", "") if frame is not None else ""
     file = frame.f_globals.get("__file__") if frame is not None else None
     _sources[(kind, name)] = {"module": module, **({"file": str(Path(file).resolve())} if file else {})}
@@ -255,8 +266,16 @@ def source_of(kind: str, name: str) -> dict[str, str] | None:
     ``config.json`` (so that a process without it can say what to load): ``{"plugin": entry}``
     (the ``METALEARN_PLUGINS`` entry, a file's as an absolute path), ``{"entry_point": name,
     "package": package}``, or, registered outside a plugin, ``{"module": name, "file": path}``
-    of the code that called the ``register_*`` function. None for a built-in never replaced."""
-    return _sources.get((kind, name))
+    of the code that called the ``register_*`` function. A plugin's also holds ``"with"``, every
+    ``METALEARN_PLUGINS`` plugin of this process (one may need another to import), and ``"folder"``
+    where its module was found only in the current folder. None for a built-in never replaced."""
+    source = _sources.get((kind, name))
+    if source is None:
+        return None
+    if "plugin" not in source:
+        return dict(source)
+    named = list(dict.fromkeys(entry["plugin"] for entry in _named if entry is not source))
+    return {**source, "with": [source["plugin"], *named]} if named else dict(source)
 
 
 def remedy(source: Any) -> str:
@@ -265,8 +284,12 @@ def remedy(source: Any) -> str:
     if not isinstance(source, dict):
         return ""
     if isinstance(source.get("plugin"), str):
+        together = source.get("with")
+        value = ",".join(together) if isinstance(together, list) and all(isinstance(e, str) for e in together) \
+            else source["plugin"]
+        folder = (f" with {source['folder']} on PYTHONPATH" if isinstance(source.get("folder"), str) else "")
         return (f"the run was trained with the plugin {source['plugin']}: set "
-                f"{ENVIRONMENT_VARIABLE}={shlex.quote(source['plugin'])}")
+                f"{ENVIRONMENT_VARIABLE}={shlex.quote(value)}{folder}")
     if isinstance(source.get("entry_point"), str):
         return (f"the run was trained with the entry point {source['entry_point']!r} of the package "
                 f"{source.get('package')}: install that package")
@@ -274,7 +297,21 @@ def remedy(source: Any) -> str:
     if module == "__main__":
         return (f"the run was trained by {file or 'a script'}, which registered it: move the registration into a "
                 f"module of its own and name that module in {ENVIRONMENT_VARIABLE}")
+    if isinstance(module, str) and "." in module:  # a package's module: named, its file alone loses the package
+        root = _package_root(module, file)
+        return (f"the run's process registered it in the module {module}, which is not a plugin: name it in "
+                f"{ENVIRONMENT_VARIABLE}={module}" + (f" (with {root} on PYTHONPATH unless its package is installed)"
+                                                       if root else ""))
     if isinstance(module, str) and module:
         return (f"the run's process registered it in {file or 'the module ' + module}, which is not a plugin: name it in "
                 f"{ENVIRONMENT_VARIABLE}={shlex.quote(file or module)}")
     return ""
+
+
+def _package_root(module: str, file: Any) -> str | None:
+    """The folder that holds the top package of ``module`` (``a.b`` in ``/x/a/b.py``: ``/x``)."""
+    if not isinstance(file, str):
+        return None
+    path = Path(file)
+    depth = module.count(".") + (path.name == "__init__.py")
+    return str(path.parents[depth]) if depth < len(path.parents) else None

@@ -165,16 +165,25 @@ def warn_replaced_built_ins(data: Any, path: Path) -> None:
                           f"this process reads it as metalearn's built-in {kind}: {load}", MetalearnWarning, stacklevel=2)
 
 
-def run_plugins(config: RunConfig) -> list[dict[str, str]]:
+def run_plugins(config: RunConfig, recorded: list[Any] = ()) -> list[dict[str, Any]]:
     """The parts of ``config`` (its method, dataset and network) that this process registered in
     Python, a built-in replaced included, each ``{"kind", "name"}`` and where its registration
-    came from (:func:`metalearn.plugins.source_of`); config.json's ``plugins``."""
+    came from (:func:`metalearn.plugins.source_of`); config.json's ``plugins``. A part this
+    process has no registration of keeps its entry in ``recorded`` (the run's config.json): a
+    ``--resume`` without the plugin does not erase what trained the run."""
     from metalearn.plugins import source_of
 
     parts = (("method", config.method), ("dataset", config.task.dataset),
              ("network", config.method_config.get("model")))
-    return [{"kind": kind, "name": name, **source} for kind, name in parts
-            if isinstance(name, str) and (source := source_of(kind, name)) is not None]
+    entries = []
+    for kind, name in parts:
+        source = source_of(kind, name) if isinstance(name, str) else None
+        if source is not None:
+            entries.append({"kind": kind, "name": name, **source})
+        else:
+            entries += [entry for entry in recorded
+                        if isinstance(entry, dict) and entry.get("kind") == kind and entry.get("name") == name][:1]
+    return entries
 
 
 def unreadable_checkpoint(path: Path, why: str) -> OptionError:
@@ -253,9 +262,17 @@ class RunDir:
         of the user's own), ``plugins`` records where from (:func:`run_plugins`), so that a
         process without it can name what to load."""
         self.path.mkdir(parents=True, exist_ok=True)
-        plugins = run_plugins(config)
+        plugins = run_plugins(config, self._recorded_plugins())
         record = {**config.to_dict(), **({"plugins": plugins} if plugins else {})}
         atomic_write_bytes(self.config_path, (json.dumps(record, indent=2) + "\n").encode())
+
+    def _recorded_plugins(self) -> list[Any]:
+        """config.json's ``plugins`` as it stands (none: no config.json, or one unreadable)."""
+        try:
+            recorded = json.loads(self.config_path.read_text()).get("plugins")
+        except (OSError, ValueError, AttributeError):
+            return []
+        return recorded if isinstance(recorded, list) else []
 
     def write_split(self, split: dict[str, list[str]]) -> None:
         """Write the run's class-folder ``split`` as ``split.json``, whole (atomically)."""

@@ -103,6 +103,19 @@ def test_evaluate_restores_the_training_mode_also_when_an_episode_fails(monkeypa
     assert learner.training
 
 
+def test_a_number_of_episodes_beyond_any_interval_is_refused_before_it_runs_for_days():
+    from metalearn.config import MAX_EPISODES, TrainConfig
+
+    learner = MAML(MLP(1, 1, hidden=(4,)), MAML.Config(inner_lr=0.01))
+    with pytest.raises(MetalearnError, match=r"^episodes must be at most 10,000,000 \(the intervals of papers use "
+                                             r"600 to 10,000\), got 10000001$"):
+        evaluate(learner, SinusoidTasks(shots=5, query=5), episodes=MAX_EPISODES + 1, progress=False)
+    for name in ("val_episodes", "eval_episodes"):
+        with pytest.raises(MetalearnError, match=rf"TrainConfig.{name} must be at most 10,000,000"):
+            TrainConfig(**{name: 10**11})
+    assert TrainConfig(val_episodes=MAX_EPISODES).val_episodes == MAX_EPISODES
+
+
 def test_evaluate_restores_each_submodules_own_mode():
     """A submodule the user put in eval mode inside a training network (a frozen layer) is still
     in eval mode after an evaluation, and the rest is back in training mode."""

@@ -19,7 +19,7 @@ from click.exceptions import NoArgsIsHelpError
 
 from metalearn.algorithms import METHODS
 from metalearn.algorithms.statistician import MAX_SAMPLES
-from metalearn.config import MAX_SEED, TaskConfig, TrainConfig
+from metalearn.config import MAX_EPISODES, MAX_SEED, TaskConfig, TrainConfig
 from metalearn.distributed import leave_world, reports
 from metalearn.errors import (TIME_LIMIT_EXIT, ConfigError, MetalearnError, MetalearnWarning, OptionError, Options,
                               TrainingStopped, flag, spellings)
@@ -399,7 +399,7 @@ def given_shape(ways: int | None, shots: int | None, query: int | None) -> dict[
 
 @cli.command("eval")
 @click.argument("run_dir", type=GivenPath(RUN))
-@click.option("--episodes", type=click.IntRange(min=1), default=None, help="test episodes (default: the run's --eval-episodes, in its config.json)")
+@click.option("--episodes", type=click.IntRange(1, MAX_EPISODES), default=None, help="test episodes (default: the run's --eval-episodes, in its config.json)")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="seed of the episodes (with --part val, the run's own seed redraws its validation episodes)")
 @click.option("--part", type=click.Choice(["test", "val", "train"]), default="test", show_default=True,
@@ -514,7 +514,7 @@ def plot(run_dir, data_dir, compare_with):
 
 @cli.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=GivenPath(RUN))
-@click.option("--episodes", type=click.IntRange(min=1), default=600, show_default=True)
+@click.option("--episodes", type=click.IntRange(1, MAX_EPISODES), default=600, show_default=True)
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="seed of the episodes")
 @click.option("--part", type=click.Choice(["test", "val", "train"]), default="test", show_default=True,

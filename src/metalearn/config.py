@@ -13,6 +13,11 @@ from metalearn.datasets import get_dataset
 from metalearn.options import option, options
 
 MAX_SEED = 2**62 - 1  # seeds plus their offsets (validation, test episodes) stay in torch's range
+# the most episodes one evaluation or validation scores: each episode's scores are held for the
+# interval and the episodes are drawn a few thousand a second at best, so ten million is hours of
+# scoring, and a typed extra digit or two would otherwise run for days while its memory grows
+# (the papers' intervals come from 600 to 10,000 episodes)
+MAX_EPISODES = 10_000_000
 
 
 @options
@@ -207,6 +212,9 @@ class TrainConfig:
         for name in ("log_every", "checkpoint_every", "val_episodes", "eval_episodes"):
             if getattr(self, name) < 1:
                 refuse(name, "must be at least 1")
+        for name in ("val_episodes", "eval_episodes"):
+            if getattr(self, name) > MAX_EPISODES:
+                refuse(name, f"must be at most {MAX_EPISODES:,} (the intervals of papers use 600 to 10,000)")
         if self.keep_best < 0:
             refuse("keep_best", "must be >= 0 (0: none)")
         if self.val_every < 0:

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from metalearn.algorithms.base import MetaLearner, device_mismatch, device_of, evaluating, prediction_scores
-from metalearn.config import TrainConfig
+from metalearn.config import MAX_EPISODES, TrainConfig
 from metalearn.distributed import World
-from metalearn.errors import MetalearnError
+from metalearn.errors import MetalearnError, OptionError
 from metalearn.tasks import TaskSource, require_sampled_batch, require_task_source
 from metalearn.tasks.batch import TaskBatch
 
@@ -139,6 +139,9 @@ def evaluate(
                              f"object with predict, got {type(learner).__name__} {learner!r:.80}")
     require_task_source(source, "evaluate's source")
     check_count(episodes, "episodes")
+    if episodes > MAX_EPISODES:
+        raise OptionError(f"{{episodes}} must be at most {MAX_EPISODES:,} (the intervals of papers use 600 to 10,000), "
+                          f"got {episodes}", episodes="episodes")
     check_count(chunk, "chunk")
     if memory_budget is not None and not (isinstance(memory_budget, (int, float)) and 0 < memory_budget <= 1):
         raise MetalearnError(f"memory_budget is a fraction in (0, 1] or None, got {memory_budget!r}")

@@ -289,11 +289,14 @@ def test_what_a_run_records_names_every_plugin_and_survives_a_resume_without_the
     # a process without them: the record stays through a rewrite (a --resume), and says what to load
     del METHODS["mine"], NETWORKS["my-flat"]
     plugins._sources.clear()
-    run.write_config(dataclasses.replace(resolve_config("protonet", {"dataset": "omniglot", "ways": 5}), method="mine",
-                                         method_config={"model": "my-flat"}))
+    mine = dataclasses.replace(resolve_config("protonet", {"dataset": "omniglot", "ways": 5}), method="mine",
+                               method_config={"model": "my-flat"})
+    run.write_config(mine, resumed=True)
     assert json.loads(run.config_path.read_text())["plugins"] == recorded
     with pytest.raises(MetalearnError, match=f"set METALEARN_PLUGINS={every[0]},{every[1]}$"):
         run.read_config()
+    run.write_config(mine)  # a new run in the folder: nothing of the old one's record
+    assert "plugins" not in json.loads(run.config_path.read_text())
 
 
 def test_a_registration_in_a_package_module_is_named_by_its_module():

@@ -261,7 +261,7 @@ def registering(kind: str, name: str, built_in: frozenset[str], same: bool) -> N
     _sources[(kind, name)] = {"module": module, **({"file": str(Path(file).resolve())} if file else {})}
 
 
-def source_of(kind: str, name: str) -> dict[str, str] | None:
+def source_of(kind: str, name: str) -> dict[str, Any] | None:
     """Where this process's registration of ``kind`` ``name`` came from, for a run's
     ``config.json`` (so that a process without it can say what to load): ``{"plugin": entry}``
     (the ``METALEARN_PLUGINS`` entry, a file's as an absolute path), ``{"entry_point": name,

@@ -256,13 +256,14 @@ class RunDir:
 
     # -- config --------------------------------------------------------------------------------
 
-    def write_config(self, config: RunConfig) -> None:
+    def write_config(self, config: RunConfig, resumed: bool = False) -> None:
         """Write ``config`` as ``config.json``, whole (atomically), making the folder if needed.
         Where the run's method, dataset or network was registered in Python (a plugin, or code
         of the user's own), ``plugins`` records where from (:func:`run_plugins`), so that a
-        process without it can name what to load."""
+        process without it can name what to load; ``resumed`` (the run's own config.json is
+        rewritten) keeps what it recorded of the parts this process has no registration of."""
         self.path.mkdir(parents=True, exist_ok=True)
-        plugins = run_plugins(config, self._recorded_plugins())
+        plugins = run_plugins(config, self._recorded_plugins() if resumed else [])
         record = {**config.to_dict(), **({"plugins": plugins} if plugins else {})}
         atomic_write_bytes(self.config_path, (json.dumps(record, indent=2) + "\n").encode())
 

@@ -370,7 +370,7 @@ class Trainer:
         a checkpoint from before data fingerprints gets the folder's split as given). Other
         tasks remove a split.json left by an attempt killed before its first checkpoint."""
         if not self.config_written:
-            self.run_dir.write_config(self.config)
+            self.run_dir.write_config(self.config, resumed=self.resume)
             if self.class_split is not None:
                 self.run_dir.write_split(self.class_split)
             else:

@@ -1119,7 +1119,8 @@ def test_a_run_killed_before_its_first_checkpoint_restarts_from_the_command_line
 def test_config_json_is_written_once_at_the_start(tmp_path, monkeypatch):
     written = []
     plain = RunDir.write_config
-    monkeypatch.setattr(RunDir, "write_config", lambda self, config: written.append(config) or plain(self, config))
+    monkeypatch.setattr(RunDir, "write_config",
+                        lambda self, config, **options: written.append(config) or plain(self, config, **options))
     trainer = build_trainer(sinusoid_config(2, checkpoint_every=100), tmp_path)
     assert written == [] and not (tmp_path / "config.json").exists()  # not before the first checkpoint
     trainer.fit(progress=False)

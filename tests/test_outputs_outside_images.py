@@ -103,3 +103,56 @@ def test_eval_warns_when_a_given_split_scores_the_run_s_training_classes(tmp_pat
     assert err.startswith("warning: 3 of the 6 classes scored have the names of classes that the run in "), err
     code, _, err = run(["eval", tmp_path / "run", "--data-dir", data, "--episodes", 2, "--no-progress"], capsys)
     assert code == 0 and "warning" not in err, err  # its own split: its test classes
+
+
+@pytest.mark.parametrize("option, name", [("--json", "checkpoint.pt"), ("--csv", "metrics.jsonl"),
+                                          ("--json", "config.json"), ("--csv", "eval.json"),
+                                          ("--json", "eval-part=val.json"), ("--csv", "split.json"),
+                                          ("--sheet", "best/sheet.png")])
+def test_an_output_over_a_run_s_own_files_is_refused_before_anything_is_read(trained, tmp_path, capsys,
+                                                                              option, name):
+    """predict's outputs named as one of a run folder's files would replace what the run loads and
+    resumes from: refused, the run folder unchanged (of this run, or of another)."""
+    support = colours(tmp_path / "support", 2, 1, seed=1)
+    other = tmp_path / "other"
+    assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--meta-batch-size", 2, "--no-eval",
+                "--no-progress", "--val-every", 0, "--run-dir", other], capsys)[0] == 0
+    for folder in (trained, other):
+        target = folder / name
+        before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != ".lock"}
+        code, _, err = run(["predict", trained, "--support", support, "--query", support, option, target], capsys)
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        if "/" in name:
+            assert err == (f"error: {option} {target} lies in {folder / 'best'}, where the run {folder} keeps its best "
+                           f"checkpoints; give another file, e.g. in {folder / 'plots'}\n"), err
+        else:
+            assert err == (f"error: {option} {target} would replace {name}, one of the files of the run {folder}: the "
+                           f"run would no longer load or resume; give another file, e.g. in {folder / 'plots'}\n"), err
+        assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    # any other name in a run folder is the user's to write
+    code, _, err = run(["predict", trained, "--support", support, "--query", support,
+                        option, trained / ("predictions.png" if option == "--sheet" else "predictions.out")], capsys)
+    assert code == 0, err
+
+
+def test_outputs_among_the_images_a_run_trained_on_are_refused(trained, tmp_path, capsys):
+    """The run's next resume would find its folder changed (a contact sheet read as an image of a
+    class): predict and compare refuse a file there, found from the run's checkpoint."""
+    from metalearn.api import predict_run
+    from metalearn.errors import MetalearnError
+
+    data = trained.parent / "data"
+    support = colours(tmp_path / "support", 2, 1, seed=1)
+    before = sorted(data.rglob("*"))
+    code, _, err = run(["predict", trained, "--support", support, "--query", support,
+                        "--sheet", data / "class 0" / "sheet.png"], capsys)
+    assert code == 2 and err == (f"error: --sheet {data / 'class 0' / 'sheet.png'} lies in {data}, the image folder the "
+                                 f"run {trained} trained on: the run's next read would see another dataset; write it "
+                                 "elsewhere, outside the images\n"), err
+    with pytest.raises(MetalearnError, match=r"^json_out .* lies in .*, the image folder the run"):
+        predict_run(trained, support, support, json_out=data / "p.json")
+    code, _, err = run(["compare", trained, "--episodes", 1, "--json", data / "compare.json"], capsys)
+    assert code == 2 and err.startswith(f"error: --json {data / 'compare.json'} lies in {data}, the image folder"), err
+    code, _, err = run(["compare", trained, "--episodes", 1, "--json", trained / "eval.json"], capsys)
+    assert code == 2 and err.startswith(f"error: --json {trained / 'eval.json'} would replace eval.json"), err
+    assert sorted(data.rglob("*")) == before

@@ -570,6 +570,19 @@ def test_sample_and_plot_from_the_command_line_and_their_errors(tmp_path, omnigl
     code, _, err = run(["sample", statistician, "--support", folder, "--num", 100_000, "--out", tmp_path / "big.png"],
                        capsys)
     assert code == 2 and err.count("\n") == 1 and "from 1 to 1000" in err and not (tmp_path / "big.png").exists()
+    # the grid written over the run's checkpoint, or among the drawings it reads: refused, nothing written
+    before = {p: p.stat().st_mtime_ns for p in [*statistician.rglob("*"), *folder.rglob("*")]}
+    for out, says in ((statistician / "checkpoint.png", None), (statistician / "best" / "grid.png", "best checkpoints"),
+                      (folder / "grid.png", "the --support input")):
+        code, _, err = run(["sample", statistician, "--support", folder, "--out", out], capsys)
+        if says is None:  # not one of the run's own names (a .png): written
+            assert code == 0, err
+            out.unlink()
+            continue
+        assert code == 2 and err.count("\n") == 1 and says in err and f"--out {out}" in err, err
+    assert {p: p.stat().st_mtime_ns for p in [*statistician.rglob("*"), *folder.rglob("*")]} == before
+    with pytest.raises(MetalearnError, match="^out .*the support input"):
+        sample_run(statistician, folder, out=folder / "grid.png")
 
     maml = tmp_path / "maml"
     assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--meta-batch-size", 2, "--no-eval",

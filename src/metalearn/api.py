@@ -1298,7 +1298,9 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
     query (PLATIPUS; default the run's ``num_samples``).
 
     The output paths are checked before anything is read (a folder, two outputs naming one
-    file, a read-only file, an unwritable folder: a :class:`MetalearnError`), and the files are written only once
+    file, a read-only file, an unwritable folder; one of a run folder's own files, an input
+    image or a file among the support, query or training images:
+    :func:`metalearn.prediction.refuse_outputs_among_inputs`; each a :class:`MetalearnError`), and the files are written only once
     everything has been predicted, together: all to temporary files first, then all renamed
     into place, so a failure leaves none of them. Also raises :class:`MetalearnError` for a run
     that did not learn to classify, ``num_samples`` with a method that does not sample models,
@@ -1306,14 +1308,15 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
     exist or holds no images, and a file that is not a readable image.
     """
     from metalearn.prediction import (OUTPUTS, as_csv, as_json, check_outputs, contact_sheet, predict_new_classes,
-                                      write_together)
+                                      refuse_outputs_among_inputs, write_together)
     from metalearn.uncertainty import check_samples_apply
 
     # ~ expanded; a str kept as a str, since "out/" names a folder
     named = [(OUTPUTS[name], os.path.expanduser(path) if isinstance(path, str) else Path(path).expanduser())
              for name, path in (("json_out", json_out), ("csv_out", csv_out), ("sheet", sheet)) if path is not None]
     check_outputs(named)  # here, not only in the CLI: the Python API gets the same refusals
-    config, learner, step = load_trained(run_dir)
+    refuse_outputs_among_inputs(named)  # a run's own files: before its checkpoint is read
+    config, learner, step, state = load_trained_state(run_dir)
     if not config.task.classification:
         raise MetalearnError(f"{run_dir} learned {config.task.dataset}, a {get_dataset(config.task.dataset).kind} "
                              "task family; predict classifies images")
@@ -1330,7 +1333,8 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
         raise MetalearnError(f"predict_run takes a support folder and query image files or folders (paths), got a "
                              f"{given}; for images in memory use learner.fit_predict(support_x, support_y, query_x) "
                              "on load_trained(run_dir)[1]")
-    _refuse_outputs_among_inputs(named, [("support", support)] + [("query", q) for q in queries])
+    refuse_outputs_among_inputs(named, [("support", support)] + [("query", q) for q in queries],
+                                trained_on=[(run_dir, recorded_images(RunDir(run_dir), state))])
     learner = learner.to(init_world(device).device)
     test = config.task.for_testing()  # a task's query images, in training and in testing: the fewer
     per_task = min(config.task.ways * config.task.query, test.ways * test.query)
@@ -1353,23 +1357,6 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
 # -- few-shot generation (methods with a ``sample``: the Neural Statistician) --------------------
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
-def _refuse_outputs_among_inputs(outputs: list[tuple[str | tuple[str, str], Path | str]],
-                                 inputs: list[tuple[str | tuple[str, str], Path | str]]) -> None:
-    """An output file that is one of the input images, or lies in an input folder: writing it
-    would destroy the user's image, or put a file that a later run reads as one among them.
-    Each is (its option, as :class:`~metalearn.errors.Options` takes it, its path)."""
-    for option, out in outputs:
-        target = Path(out).resolve()
-        for source_option, source in inputs:
-            if not str(source):  # an empty path: refused as such when it is read
-                continue
-            source, resolved = Path(source), Path(source).resolve()
-            if target == resolved or (source.is_dir() and target.is_relative_to(resolved)):
-                where = "is" if target == resolved else "lies in"
-                raise OptionError(f"{{output}} {where} the {{input}} input {source}: write it elsewhere, outside the "
-                                  "images", output=valued(option, out), input=source_option)
 
 
 def support_files(paths: list[Path | str]) -> list[Path]:
@@ -1408,19 +1395,26 @@ def sample_run(run_dir: Path | str, support: Path | str | list[Path | str], num:
 
     Raises :class:`MetalearnError` when ``num`` is not a whole number from 1 to 1000, when the
     run's method cannot draw images (only generative methods, the Neural Statistician, have a
-    ``sample``), when the run has no checkpoint, and when a support path does not exist, holds
-    no files or is not an image."""
+    ``sample``), when the run has no checkpoint, when a support path does not exist, holds
+    no files or is not an image, and when ``out`` could not be written or would damage what is
+    read (one of a run folder's own files, a support image or a file among the images:
+    :func:`metalearn.prediction.refuse_outputs_among_inputs`)."""
     from metalearn.algorithms.statistician import MAX_SAMPLES
     from metalearn.plotting_samples import plot_image_rows
-    from metalearn.prediction import check_output_file
+    from metalearn.prediction import check_output_file, refuse_outputs_among_inputs
 
     if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= MAX_SAMPLES:
         raise OptionError(f"{{num}} must be a whole number from 1 to {MAX_SAMPLES}, got {num!r}", num="num")
     if out is not None:  # found out now, not after the model has drawn
         check_output_file("out", out, "samples.png", ".png")
+        refuse_outputs_among_inputs([("out", out)])  # a run's own files: before its checkpoint is read
     config = generative_run(run_dir)
-    files = support_files([support] if isinstance(support, (str, Path)) else list(support))
-    _, learner, step = load_trained(run_dir)
+    supports = [support] if isinstance(support, (str, Path)) else list(support)
+    files = support_files(supports)
+    _, learner, step, state = load_trained_state(run_dir)
+    if out is not None:
+        refuse_outputs_among_inputs([("out", out)], [("support", s) for s in supports],
+                                    trained_on=[(run_dir, recorded_images(RunDir(run_dir), state))])
     images = []
     for file in files:
         try:
@@ -1460,13 +1454,20 @@ def plot_conditional_samples(run_dir: Path | str, data_dir: Path | str | None = 
     folder's picture has as many rows as its test classes allow, and as many inputs as its
     smallest test class has images but one, where those are fewer). Returns the
     path written. Raises :class:`MetalearnError` as :func:`sample_run` does for a run that
-    cannot draw images or has no checkpoint, and when the data (``data_dir``) cannot be
-    loaded."""
+    cannot draw images or has no checkpoint, when the data (``data_dir``) cannot be
+    loaded, and for an ``out`` that sample_run refuses."""
     from metalearn.plotting_samples import plot_image_rows
+    from metalearn.prediction import check_output_file, refuse_outputs_among_inputs
     from metalearn.tasks import build_task_source
 
+    if out is not None:  # found out now, not after the model has drawn
+        check_output_file("out", out, "conditional_samples.png", ".png")
+        refuse_outputs_among_inputs([("out", out)])  # a run's own files: before its checkpoint is read
     config, _ = with_split(generative_run(run_dir), run_dir=run_dir, data_dir=data_dir)  # the run's test classes
-    _, learner, step = load_trained(run_dir)
+    _, learner, step, state = load_trained_state(run_dir)
+    if out is not None:
+        refuse_outputs_among_inputs([("out", out)], [("data_dir", data_dir)] if data_dir is not None else [],
+                                    trained_on=[(run_dir, recorded_images(RunDir(run_dir), state))])
     if config.task.dataset in NATURAL_IMAGES:  # a folder's test classes may be fewer, or smaller, than the picture's
         sets, set_size = _fit_picture(config.task, data_dir, sets, set_size)
     task = dataclasses.replace(config.task, test_ways=sets, test_shots=set_size, test_query=1)

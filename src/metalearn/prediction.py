@@ -307,6 +307,60 @@ def check_outputs(named: list[tuple[str | tuple[str, str], Path | str]]) -> None
                                   option=option, other=other)
 
 
+# a run folder's own files, which its loading, resuming and record read (and eval*.json, its
+# evaluations); an output of a command never takes one of these names in a run folder
+RUN_OWN_FILES = ("config.json", "checkpoint.pt", "metrics.jsonl", "split.json", ".lock")
+
+
+def refuse_outputs_among_inputs(outputs: list[tuple[str | tuple[str, str], Path | str]],
+                                inputs: list[tuple[str | tuple[str, str], Path | str]] = (),
+                                trained_on: list[tuple[Path | str, Path | str | None]] = ()) -> None:
+    """Refuse, before anything is read or written, an output file that would damage what a run
+    or a command reads. Each output and input is (its option, as
+    :class:`~metalearn.errors.Options` takes it, its path).
+
+    - One of a run folder's own files (:data:`RUN_OWN_FILES`, an evaluation ``eval*.json``) or a
+      file in its ``best/``: the run would no longer load, resume or show its scores. Any run's
+      folder (one with a config.json or a checkpoint), not only the one read: compare reads
+      several, and another run's folder is as easily mistyped. Other names in a run folder, and
+      its ``plots/``, are the user's to write.
+    - One of the ``inputs`` (an image file), or a file in an input folder: writing it would
+      destroy the user's image, or put a file among them that a later read takes for one.
+    - A file in an image folder a run trained on (``trained_on``: (run folder, folder) pairs,
+      the folder as the run's checkpoint records it, or None): the run's next resume would find
+      its data changed, and a contact sheet would be read as an image of a class."""
+    from metalearn.runs import RunDir
+
+    for option, out in outputs:
+        given = valued(option, out)
+        target = Path(out).expanduser().resolve()
+        for folder in target.parents:
+            run = RunDir(folder)
+            if not (run.exists() or run.has_checkpoint()):
+                continue
+            if target.parent == folder and (target.name in RUN_OWN_FILES
+                                            or (target.name.startswith("eval") and target.suffix == ".json")):
+                raise OptionError(f"{{output}} would replace {target.name}, one of the files of the run {folder}: the "
+                                  f"run would no longer load or resume; give another file, e.g. in {folder / 'plots'}",
+                                  output=given)
+            if target.is_relative_to(run.best_dir.resolve()):
+                raise OptionError(f"{{output}} lies in {run.best_dir}, where the run {folder} keeps its best "
+                                  f"checkpoints; give another file, e.g. in {folder / 'plots'}", output=given)
+        for source_option, source in inputs:
+            if not str(source):  # an empty path: refused as such when it is read
+                continue
+            source, resolved = Path(source), Path(source).resolve()
+            if target == resolved or (source.is_dir() and target.is_relative_to(resolved)):
+                where = "is" if target == resolved else "lies in"
+                raise OptionError(f"{{output}} {where} the {{input}} input {source}: write it elsewhere, outside the "
+                                  "images", output=given, input=source_option)
+        for run_dir, images in trained_on:
+            if images is not None and target.is_relative_to(Path(images).resolve()):
+                raise OptionError(f"{{output}} lies in {images}, the image folder the run {run_dir} trained on: "
+                                  "the run's next read would see another dataset; write it elsewhere, outside the "
+                                  "images", output=given)
+
+
 def write_together(outputs: list[tuple[Path, bytes]]) -> None:
     """Write every ``(path, bytes)`` so that a failure leaves none of them half done
     (:func:`metalearn.files.atomic_write_files`: all are written and flushed before any is

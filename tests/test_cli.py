@@ -1020,7 +1020,7 @@ def test_status_says_where_runs_stand_without_touching_them(tmp_path, capsys, mo
     code, out, err = run(["status", done, tmp_path / "nosuch"], capsys)
     assert code == 2 and out.startswith(f"{done}: ") and err.count("error: ") == 1 and "nosuch" in err
     monkeypatch.setenv("METALEARN_RUNS", str(tmp_path / "none"))
-    assert run(["status"], capsys)[1] == f"no runs in {tmp_path / 'none'}\n"
+    assert run(["status"], capsys)[1] == f"no runs: METALEARN_RUNS {tmp_path / 'none'} does not exist\n"
 
 
 def test_progress_bars_only_on_a_terminal_unless_asked(tmp_path, capsys, monkeypatch):
@@ -1199,7 +1199,7 @@ def test_status_json_is_always_json(tmp_path, capsys, monkeypatch):
     show: no runs in the runs folder, or only named folders that are no runs (said on stderr)."""
     monkeypatch.setenv("METALEARN_RUNS", str(tmp_path / "empty"))
     code, out, err = run(["status", "--json"], capsys)
-    assert code == 0 and json.loads(out) == [] and "no runs in" in err
+    assert code == 0 and json.loads(out) == [] and f"METALEARN_RUNS {tmp_path / 'empty'} does not exist" in err
     code, out, err = run(["status", "--json", tmp_path / "nothing"], capsys)
     assert code == 2 and json.loads(out) == [] and err.startswith("error: ")
 

@@ -160,6 +160,34 @@ def test_a_plugin_that_does_not_load_is_one_line_naming_it(entry, said, tmp_path
     assert said in err and not (tmp_path / "run").exists()
 
 
+def test_a_plugin_entry_naming_a_folder_says_it_is_one_and_what_to_give(fresh_plugins, tmp_path, monkeypatch):
+    """Importing a folder runs no plugin code: a path to one, or the name of a folder without
+    __init__.py (which Python imports as an empty namespace package, registering nothing), is
+    refused in one line saying it is a folder, with a .py file or a module's name to give."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "walk.py").write_text(PLUGIN)
+    (tmp_path / "toy_plugin_package").mkdir()
+    (tmp_path / "toy_plugin_package" / "__init__.py").write_text("")
+    (tmp_path / "toy_plugin_namespace").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for entry, said in [
+        ("./mine", f"{tmp_path / 'mine'} is a folder, not a plugin: give a .py file "
+                   f"(METALEARN_PLUGINS={tmp_path / 'mine' / 'walk.py'}) or an importable module's name"),
+        ("mine/", "is a folder, not a plugin"),
+        ("./toy_plugin_package", "is a folder, not a plugin: give its package's name "
+                                 "(METALEARN_PLUGINS=toy_plugin_package, from the folder holding it or installed)"),
+        ("toy_plugin_namespace", f"{tmp_path / 'toy_plugin_namespace'} is a folder, not a plugin: give a .py file "
+                                 "(METALEARN_PLUGINS=./my_plugin.py) or an importable module's name"),
+    ]:
+        monkeypatch.setenv(plugins.ENVIRONMENT_VARIABLE, entry)
+        with pytest.raises(plugins.PluginError) as raised:
+            plugins.load_plugins()
+        message = str(raised.value)
+        assert message.startswith(f"plugin {entry!r} of METALEARN_PLUGINS: ") and said in message, message
+        assert "no file" not in message and "\n" not in message
+    sys.modules.pop("toy_plugin_namespace", None)
+
+
 def test_the_api_loads_the_plugins_at_its_first_lookup(fresh_plugins, tmp_path, monkeypatch):
     from metalearn import resolve_config
     from metalearn.datasets import DATASETS
@@ -513,8 +541,6 @@ def test_predict_refuses_a_run_whose_examples_are_not_images(fresh_plugins, tmp_
 
 
 def test_the_help_of_dataset_and_model_names_what_plugins_registered_that_the_method_takes(fresh_plugins):
-    import dataclasses
-
     from torch import nn
 
     from metalearn.cli import _make_train_command

@@ -694,3 +694,38 @@ def test_a_hand_edited_config_or_checkpoint_step_is_named_as_the_file_has_it(tin
     torch.save(state, run_dir / "checkpoint.pt")
     for command in (["status", run_dir], ["export", run_dir, tmp_path / "out"], ["eval", run_dir, "--episodes", 2]):
         refused(*cli_runner.run(command, capsys)[::2], "its step is 'abc', not a count of meta-steps")
+
+
+def test_eval_of_a_run_whose_split_json_is_damaged_says_to_delete_it_not_to_fix_a_split_file(tmp_path, capsys):
+    """A run on class folders evaluates on the split it recorded (split.json, passed on as its
+    split file). A damaged one is the run's file, named with what to do about it; never a
+    --split-file the user did not give."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = tmp_path / "images"
+    for c in range(10):
+        (images / f"c{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(images / f"c{c}" / f"{i}.png")
+    run_dir = tmp_path / "run"
+    code, _, err = cli_runner.run(["train", "protonet", "--dataset", "folder", "--data-dir", images, "--image-size",
+                                   16, "--ways", 2, "--shots", 1, "--query", 1, "--steps", 1, "--val-every", 0,
+                                   "--no-eval", "--no-progress", "--run-dir", run_dir], capsys)
+    assert code == 0, err
+    split = run_dir / "split.json"
+    recorded = json.loads(split.read_text())
+    for damage, what in [("not json{", "is not valid JSON"), ('{"train": 3, "test": []}', "is damaged"),
+                         ('{"tset": ["c1"]}', "is damaged"), ("[]", "holds a JSON array")]:
+        split.write_text(damage)
+        code, _, err = cli_runner.run(["eval", run_dir, "--episodes", 2, "--no-progress"], capsys)
+        refused(code, err, f"error: {split} {what}", "delete it: the next resume writes it again")
+        assert "--split-file" not in err
+    split.unlink()  # as the message says: the resume writes the run's split again
+    code, _, err = cli_runner.run(["train", "protonet", "--resume", "--run-dir", run_dir, "--steps", 2,
+                                   "--no-eval", "--no-progress"], capsys)
+    assert code == 0, err
+    assert json.loads(split.read_text()) == recorded
+    code, out, err = cli_runner.run(["eval", run_dir, "--episodes", 2, "--no-progress"], capsys)
+    assert code == 0 and "written to" in out, err

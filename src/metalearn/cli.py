@@ -645,16 +645,16 @@ def status_command(run_dirs, as_json):
     runs/ in the cache folder). Reads only: writes nothing and holds no lock (it tries a run's lock for an instant, to see
     whether a process holds it)."""
     from metalearn.api import run_status
-    from metalearn.runs import default_runs_root
+    from metalearn.runs import default_runs_root, no_runs_in
 
     listing = not run_dirs
     if listing:
         root = default_runs_root()
         run_dirs = sorted(path for path in root.iterdir() if RunDir(path).exists()) if root.is_dir() else []
         if not run_dirs:
-            click.echo("[]" if as_json else f"no runs in {root}")  # --json: always JSON, for a script to read
+            click.echo("[]" if as_json else no_runs_in(root))  # --json: always JSON, for a script to read
             if as_json:
-                click.echo(f"no runs in {root}", err=True)
+                click.echo(no_runs_in(root), err=True)
             return
     statuses, failed = [], []
     for run_dir in run_dirs:

@@ -146,7 +146,7 @@ def _import_module(name: str, source: dict[str, Any]) -> None:
     try:
         if name not in sys.modules and _file_of_module(name) in _files:  # imported as a file plugin already
             return
-        importlib.import_module(name)
+        module = importlib.import_module(name)
     except ModuleNotFoundError as err:
         here = os.getcwd()
         if err.name != name.split(".")[0] or here in sys.path or "" in sys.path:
@@ -157,9 +157,26 @@ def _import_module(name: str, source: dict[str, Any]) -> None:
         else:
             source["plugin"] = str(_file_of_module(name) or name)
         try:
-            importlib.import_module(name)
+            module = importlib.import_module(name)
         finally:
             sys.path.remove(here)
+    if getattr(module, "__file__", None) is None and list(getattr(module, "__path__", [])):
+        # a folder without __init__.py imports as a namespace package, which runs no code: nothing
+        # would be registered, and the run would fail later on a name not known
+        raise PluginError(f"plugin {name!r} of {ENVIRONMENT_VARIABLE}: {_a_folder(Path(list(module.__path__)[0]))}")
+
+
+def _a_folder(path: Path) -> str:
+    """What to say of a plugin entry naming the folder ``path``: importing a folder runs no
+    code, so what to give instead, a ``.py`` file in it or, for a package, its module's name."""
+    if (path / "__init__.py").is_file():
+        instead = (f"its package's name ({ENVIRONMENT_VARIABLE}={path.name}, from the folder holding it or installed) "
+                   "or one of its .py files")
+    else:
+        files = sorted(child.name for child in path.glob("*.py"))
+        example = path / files[0] if files else "./my_plugin.py"
+        instead = f"a .py file ({ENVIRONMENT_VARIABLE}={example}) or an importable module's name"
+    return f"{path} is a folder, not a plugin: give {instead}"
 
 
 def _import_file(entry: str, where: str) -> None:
@@ -167,6 +184,8 @@ def _import_file(entry: str, where: str) -> None:
     file however it is spelt, under a module name of its own (``metalearn_plugin_<name>_<n>``),
     so that a plugin called ``matplotlib.py`` or two files called ``plugin.py`` shadow nothing."""
     path = Path(entry).expanduser().resolve()
+    if path.is_dir():
+        raise PluginError(f"plugin {where}: {_a_folder(path)}")
     if not path.is_file():
         raise PluginError(f"plugin {where}: no file {path}" + (" (a relative path is read from the current folder)"
                                                               if not Path(entry).expanduser().is_absolute() else ""))

@@ -31,7 +31,7 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from metalearn.config import RunConfig
-from metalearn.data.splits import RUN_SPLIT_NAME
+from metalearn.data.splits import PARTS, RUN_SPLIT_NAME
 from metalearn.errors import MetalearnError, MetalearnWarning, OptionError, spellings
 from metalearn.files import (WriteError, append_line, atomic_write, atomic_write_bytes, user_path,  # noqa: F401
                              fsync_directory, obstacle, probe_writable, remove_temporaries)
@@ -62,11 +62,41 @@ class CheckpointMissing(MetalearnError):
         self.result = result  # the evaluation not written, for the caller to show
 
 
-def default_runs_root() -> Path:
-    from metalearn.data.omniglot import default_cache_dir
+RUNS_VARIABLE = "METALEARN_RUNS"
 
-    root = os.environ.get("METALEARN_RUNS")
-    return Path(root).expanduser() if root else default_cache_dir() / "runs"
+
+def default_runs_root() -> Path:
+    """The folder of the runs started without a run folder, which ``metalearn status`` lists:
+    ``$METALEARN_RUNS``, else ``runs/`` in the cache folder (``$METALEARN_CACHE``, ...; see
+    :func:`~metalearn.data.omniglot.default_cache_dir`). It need not exist (the first such run
+    makes it); a file where it, or a folder on its way, would be is refused in one line naming
+    the variable that set it: read as a folder without runs, a mistyped variable would go unseen."""
+    from metalearn.data.cache import usable_cache_folder
+    from metalearn.data.omniglot import default_cache_dir, file_in_the_way
+
+    set_to = os.environ.get(RUNS_VARIABLE)
+    if set_to:
+        root = Path(set_to).expanduser()
+        blocked = file_in_the_way(root, f"{RUNS_VARIABLE} {set_to}")
+        if blocked:
+            raise MetalearnError(f"{blocked}; point {RUNS_VARIABLE} at a folder of runs (the first run makes it)")
+        return root
+    root = usable_cache_folder(default_cache_dir()) / "runs"
+    blocked = file_in_the_way(root, f"the runs folder {root}")
+    if blocked:  # the cache folder is one: only runs/ in it is a file
+        raise MetalearnError(f"{blocked}; move it away, or point {RUNS_VARIABLE} at a folder of runs")
+    return root
+
+
+def no_runs_in(root: Path) -> str:
+    """What to say where ``root`` (:func:`default_runs_root`) holds no run: a folder that does
+    not exist is said not to, with the variable that named it, since a mistyped
+    ``METALEARN_RUNS`` is not an empty folder of runs."""
+    if root.is_dir():
+        return f"no runs in {root}"
+    if os.environ.get(RUNS_VARIABLE):
+        return f"no runs: {RUNS_VARIABLE} {root} does not exist"
+    return f"no runs: {root} does not exist (runs started without a run folder go there)"
 
 
 def new_run_name(config: RunConfig) -> str:
@@ -122,11 +152,9 @@ def config_from(data: Any, path: Path) -> RunConfig:
 
     def not_known(kind: str, name: str, how: str) -> MetalearnError:
         # most likely one the training process registered, not a typo: a plugin not named here
-        recorded = data.get("plugins") if isinstance(data, dict) else None
-        source = next((entry for entry in recorded if isinstance(entry, dict) and entry.get("kind") == kind
-                       and entry.get("name") == name), None) if isinstance(recorded, list) else None
-        known = (remedy(source) or f"one registered in Python ({how}) is known to every process when its module is a "
-                                   f"plugin (METALEARN_PLUGINS=./my_module.py)")
+        known = (remedy(recorded_entry(data, kind, name))
+                 or f"one registered in Python ({how}) is known to every process when its module is a plugin "
+                    f"(METALEARN_PLUGINS=./my_module.py)")
         return MetalearnError(f"{path}: the run's {kind} {name!r} is not known to this process: {known}")
 
     task = data.get("task") if isinstance(data, dict) else None
@@ -151,26 +179,42 @@ def config_from(data: Any, path: Path) -> RunConfig:
     return config
 
 
+def recorded_plugins(data: Any) -> list[dict[str, Any]]:
+    """The entries of config.json's ``plugins`` (:func:`run_plugins`) in ``data``, the file's JSON:
+    none where it has no such list, and an entry that is no object (a hand edit) is skipped, so
+    that a damaged record only costs its advice, never the run."""
+    recorded = data.get("plugins") if isinstance(data, dict) else None
+    return [entry for entry in recorded if isinstance(entry, dict)] if isinstance(recorded, list) else []
+
+
+def recorded_entry(data: Any, kind: str, name: str) -> dict[str, Any] | None:
+    """The entry of config.json's ``plugins`` in ``data`` (the file's JSON) for the run's ``kind``
+    ("method", "dataset", "network") ``name``: where its registration came from; None where the
+    file records none (the first, should a hand edit list it twice)."""
+    return next((entry for entry in recorded_plugins(data)
+                 if entry.get("kind") == kind and entry.get("name") == name), None)
+
+
 def warn_replaced_built_ins(data: Any, path: Path) -> None:
     """Warn where the run ``data`` (config.json) records a registration of its own under a
     built-in's name (a plugin replaced metalearn's ``maml``) that this process does not have: it
     reads the run with the built-in, which is not what trained it."""
     from metalearn.plugins import remedy, source_of
 
-    for entry in data.get("plugins", []) if isinstance(data, dict) and isinstance(data.get("plugins"), list) else []:
-        kind, name = (entry.get("kind"), entry.get("name")) if isinstance(entry, dict) else (None, None)
+    for entry in recorded_plugins(data):
+        kind, name = entry.get("kind"), entry.get("name")
         if isinstance(kind, str) and isinstance(name, str) and source_of(kind, name) is None:
             load = remedy(entry) or "load what registered it"
             warnings.warn(f"{path}: the run's {kind} {name!r} was registered in Python, replacing metalearn's own, and "
                           f"this process reads it as metalearn's built-in {kind}: {load}", MetalearnWarning, stacklevel=2)
 
 
-def run_plugins(config: RunConfig, recorded: list[Any] = ()) -> list[dict[str, Any]]:
+def run_plugins(config: RunConfig, recorded: Any = None) -> list[dict[str, Any]]:
     """The parts of ``config`` (its method, dataset and network) that this process registered in
     Python, a built-in replaced included, each ``{"kind", "name"}`` and where its registration
     came from (:func:`metalearn.plugins.source_of`); config.json's ``plugins``. A part this
-    process has no registration of keeps its entry in ``recorded`` (the run's config.json): a
-    ``--resume`` without the plugin does not erase what trained the run."""
+    process has no registration of keeps its entry in ``recorded`` (the JSON of the run's
+    config.json as it stands): a ``--resume`` without the plugin does not erase what trained the run."""
     from metalearn.plugins import source_of
 
     parts = (("method", config.method), ("dataset", config.task.dataset),
@@ -180,9 +224,8 @@ def run_plugins(config: RunConfig, recorded: list[Any] = ()) -> list[dict[str, A
         source = source_of(kind, name) if isinstance(name, str) else None
         if source is not None:
             entries.append({"kind": kind, "name": name, **source})
-        else:
-            entries += [entry for entry in recorded
-                        if isinstance(entry, dict) and entry.get("kind") == kind and entry.get("name") == name][:1]
+        elif (entry := recorded_entry(recorded, kind, name)) is not None:
+            entries.append(entry)
     return entries
 
 
@@ -263,17 +306,17 @@ class RunDir:
         process without it can name what to load; ``resumed`` (the run's own config.json is
         rewritten) keeps what it recorded of the parts this process has no registration of."""
         self.path.mkdir(parents=True, exist_ok=True)
-        plugins = run_plugins(config, self._recorded_plugins() if resumed else [])
+        plugins = run_plugins(config, self._config_as_it_stands() if resumed else None)
         record = {**config.to_dict(), **({"plugins": plugins} if plugins else {})}
         atomic_write_bytes(self.config_path, (json.dumps(record, indent=2) + "\n").encode())
 
-    def _recorded_plugins(self) -> list[Any]:
-        """config.json's ``plugins`` as it stands (none: no config.json, or one unreadable)."""
+    def _config_as_it_stands(self) -> Any:
+        """The JSON of config.json as it stands, for what it records (None: no config.json, or
+        one unreadable; the file is checked where it is read as the run's configuration)."""
         try:
-            recorded = json.loads(self.config_path.read_text()).get("plugins")
-        except (OSError, ValueError, AttributeError):
-            return []
-        return recorded if isinstance(recorded, list) else []
+            return json.loads(self.config_path.read_text())
+        except (OSError, ValueError):
+            return None
 
     def write_split(self, split: dict[str, list[str]]) -> None:
         """Write the run's class-folder ``split`` as ``split.json``, whole (atomically)."""
@@ -281,10 +324,19 @@ class RunDir:
 
     def read_split(self) -> dict[str, list[str]] | None:
         """The run's ``split.json``, or None where it has none (not a run on class folders, or
-        one that has not saved since split.json was introduced)."""
+        one that has not saved since split.json was introduced). A damaged one (not JSON, or not
+        the parts metalearn writes: each of train, val, test a list of class names) is one line
+        naming it and saying to delete it: metalearn wrote it, so no option of the user's is to
+        blame, and a resume writes it again from the run's class folders."""
         if not self.split_path.is_file():
             return None
-        return read_json_object(self.split_path, "delete it: the next resume writes it again")
+        delete = "delete it: the next resume writes it again"
+        split = read_json_object(self.split_path, delete)
+        if not all(part in PARTS and isinstance(names, list) and all(isinstance(name, str) for name in names)
+                   for part, names in split.items()):
+            raise MetalearnError(f"{self.split_path} is damaged: it is not the split metalearn writes (train, val "
+                                 f"and test, each a list of class names); {delete}")
+        return split
 
     def with_own_split(self, config: RunConfig, data_dir: Path | str | None = None) -> RunConfig:
         """``config`` with its class-folder split set to the one this run recorded
@@ -297,7 +349,11 @@ class RunDir:
 
         if not self.split_path.is_file():
             return config
-        own = "" if sets_own_split(data_dir) else str(self.split_path.absolute())
+        if sets_own_split(data_dir):
+            own = ""
+        else:  # checked here: passed on as a split file, a damaged one would be blamed on a --split-file never given
+            self.read_split()
+            own = str(self.split_path.absolute())
         task = dataclasses.replace(config.task, split_fractions="", split_file=own)
         return dataclasses.replace(config, task=task)
 

@@ -71,6 +71,17 @@ def cache_folder_blocked(folder: Path) -> str | None:
     from metalearn.data.omniglot import file_in_the_way  # omniglot imports this module
 
     set_to = os.environ.get("METALEARN_CACHE")
-    named = (f"METALEARN_CACHE {set_to}" if set_to and Path(set_to).expanduser() == folder
+    named = (f"METALEARN_CACHE {set_to}" if set_to and Path(set_to).expanduser().absolute() == Path(folder).absolute()
              else f"the cache folder {folder}")
     return file_in_the_way(folder, named)
+
+
+def usable_cache_folder(folder: Path) -> Path:
+    """``folder``, the cache folder, where no file stands in its way (it need not exist: its
+    first write makes it); else one line naming it as the user set it
+    (:func:`cache_folder_blocked`), refused before anything is looked for in it, where a file
+    would read as a folder holding nothing."""
+    blocked = cache_folder_blocked(folder)
+    if blocked:
+        raise MetalearnError(f"{blocked}; point METALEARN_CACHE at a folder")
+    return folder

@@ -24,7 +24,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from metalearn.data.cache import read_arrays, write_arrays
+from metalearn.data.cache import read_arrays, usable_cache_folder, write_arrays
 from metalearn.errors import MetalearnError, OptionError, valued
 from metalearn.files import WriteError, remove_temporaries
 from metalearn.locking import FolderLock
@@ -48,7 +48,7 @@ def default_data_dir() -> Path:
     ``~/.cache/metalearn`` unless ``$METALEARN_CACHE`` or ``$XDG_CACHE_HOME`` say otherwise)."""
     if os.environ.get("METALEARN_DATA"):
         return Path(os.environ["METALEARN_DATA"]).expanduser()
-    return default_cache_dir() / "omniglot"
+    return usable_cache_folder(default_cache_dir()) / "omniglot"
 
 
 def default_cache_dir() -> Path:

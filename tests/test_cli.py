@@ -244,7 +244,7 @@ def test_unknown_dataset_lists_the_valid_ones(tmp_path, capsys):
                           "got 'mnist'") in err
     # a reinforcement-learning method lists the environments, by the name its help gives them
     code, _, err = run(["train", "maml-rl", "--env", "nav3d", "--run-dir", tmp_path], capsys)
-    assert code == 2 and err == ("error: --dataset must be an environment for maml-rl (--env nav2d, cheetah-vel, "
+    assert code == 2 and err == ("error: --env must be an environment for maml-rl (one of nav2d, cheetah-vel, "
                                  "cheetah-dir), got 'nav3d' (one of your own: name its module in METALEARN_PLUGINS)\n"), err
 
 
@@ -389,9 +389,13 @@ def test_eval_on_episodes_of_another_shape(tmp_path, capsys, omniglot_data_dir):
                         omniglot_data_dir], capsys)
     assert code == 2 and "needs 22" in err and "(in metalearn eval and compare: --shots or --query)" in err, err
     code, _, err = run(["eval", proto, "--shots", 0, "--data-dir", omniglot_data_dir], capsys)
-    assert code == 2 and "test shots must be a whole number of at least 1" in err
+    assert code == 2 and err == "error: --shots must be a whole number of at least 1, got 0\n", err
     code, _, err = run(["eval", proto, "--ways", 1, "--data-dir", omniglot_data_dir], capsys)
-    assert code == 2 and "test ways must be a whole number of at least 2" in err
+    assert code == 2 and err == "error: --ways must be a whole number of at least 2, got 1\n", err
+    from metalearn.api import evaluate_run
+
+    with pytest.raises(MetalearnError, match=r"^episode_shape's query must be a whole number of at least 1, got 0$"):
+        evaluate_run(proto, episode_shape={"query": 0}, data_dir=omniglot_data_dir)
 
     assert run(["train", "maml", "--meta-batch-size", 1, "--run-dir", maml] + common, capsys)[0] == 0
     code, _, err = run(["eval", maml, "--ways", 20, "--data-dir", omniglot_data_dir], capsys)
@@ -594,7 +598,7 @@ def test_compare_names_the_episode_shape_that_differs(tmp_path, capsys):
         evaluated = json.loads((tmp_path / name / "eval-episodes=4-query=20-shots=10.json").read_text())
         assert result[name]["mse"]["mean"] == pytest.approx(evaluated["mean"], rel=1e-5), name
     code, out, err = run(["compare", tmp_path / "k5", "--episodes", 4, "--ways", 3], capsys)
-    assert code == 2 and err == "error: run 'k5': sinusoid is regression: its tasks have no ways\n", err
+    assert code == 2 and err == "error: run 'k5': sinusoid is regression: its tasks have no ways (leave out --ways)\n", err
 
 
 def test_compare_takes_runs_tested_on_the_same_episodes(tmp_path, capsys):

@@ -201,8 +201,12 @@ def test_batch_statistics_are_per_task(fce):
 def test_options_are_checked():
     with pytest.raises(MetalearnError, match="classification"):
         MatchingNet.build(MatchingNet.Config(), Problem((1,), 1, False))
-    with pytest.raises(MetalearnError, match="MatchingNet.Config.processing_steps"):
-        MatchingNet.Config(processing_steps=0)
+    # the LSTM is unrolled K steps, each kept for the backward pass: bounded, not a memory exhaustion
+    for steps in (0, 101, 1_000_000):
+        with pytest.raises(MetalearnError, match=rf"^MatchingNet.Config.processing_steps must be a whole number from 1 "
+                                                 rf"to 100, got {steps!r}$"):
+            MatchingNet.Config(processing_steps=steps)
+    assert MatchingNet.Config(processing_steps=100).processing_steps == 100
     with pytest.raises(MetalearnError, match="MatchingNet.Config.distance"):
         MatchingNet.Config(distance="manhattan")
     with pytest.raises(MetalearnError, match="MatchingNet.Config.scale"):

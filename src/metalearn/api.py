@@ -231,8 +231,8 @@ def dataset_for(cls, name: str):
         return DATASETS[name]
     fitting = ", ".join(known for known, d in DATASETS.items() if d.reinforcement == cls.reinforcement)
     if cls.reinforcement:
-        raise ConfigError("TaskConfig", "dataset", f"must be an environment for {cls.name} ({{env}} {fitting}), "
-                                                   f"got {name!r} ({unknown_hint()})", env=ENV)
+        raise OptionError(f"{{dataset}} must be an environment for {cls.name} (one of {fitting}), got {name!r} "
+                          f"({unknown_hint()})", dataset=ENV_DATASET)
     raise ConfigError("TaskConfig", "dataset", f"must be one of {fitting}, got {name!r} ({unknown_hint()})")
 
 
@@ -241,8 +241,8 @@ def check_method_fits_dataset(cls, dataset) -> None:
     classification method on regression tasks."""
     if cls.reinforcement and not dataset.reinforcement:
         rl = ", ".join(name for name, d in DATASETS.items() if d.reinforcement)
-        raise ConfigError("TaskConfig", "dataset", f"must be an environment for {cls.name} ({{env}} {rl}), got "
-                                                   f"{dataset.name!r}, a {dataset.kind} dataset", env=ENV)
+        raise OptionError(f"{{dataset}} must be an environment for {cls.name} (one of {rl}), got "
+                          f"{dataset.name!r}, a {dataset.kind} dataset", dataset=ENV_DATASET)
     if cls.classification_only and not dataset.classification and not dataset.reinforcement:
         names = ", ".join(name for name, d in DATASETS.items() if d.classification)
         raise ConfigError("TaskConfig", "dataset", f"{dataset.name!r} is a regression dataset; {cls.name} is a "
@@ -254,7 +254,8 @@ def check_method_fits_dataset(cls, dataset) -> None:
 
 
 MAX_HALVINGS = 10  # the rate then ends below 1/1000 of --meta-lr: later steps barely move the weights
-ENV = ("one of", "--env")  # the environments listed, as Python and the command line (--dataset's other name) ask
+# a reinforcement-learning method's dataset, by the name its command-line help gives it (--env)
+ENV_DATASET = ("TaskConfig.dataset", "--env")
 ENSEMBLE = ("ensemble=True", "--ensemble")
 
 
@@ -683,15 +684,17 @@ def with_test_shape(config: RunConfig, shape: dict[str, int]) -> RunConfig:
         raise MetalearnError(f"an episode shape has ways, shots and query, not {', '.join(sorted(map(str, unknown)))}")
     for key, value in shape.items():
         least = 2 if key == "ways" else 1
-        if not isinstance(value, int) or value < least:
-            raise MetalearnError(f"test {key} must be a whole number of at least {least}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise OptionError(f"{{option}} must be a whole number of at least {least}, got {value!r}",
+                              option=(f"episode_shape's {key}", f"--{key}"))
     dataset = get_dataset(config.task.dataset)
     if dataset.reinforcement and shape:
         raise OptionError(f"{config.task.dataset} is a reinforcement-learning environment: its tasks have no "
                           f"{', '.join(sorted(shape))} (the trajectories per step: {{trajectories}})",
                           trajectories=("overrides={'test_trajectories': N}", "--set test_trajectories=N"))
     if not config.task.classification and "ways" in shape:
-        raise MetalearnError(f"{config.task.dataset} is regression: its tasks have no ways")
+        raise OptionError(f"{config.task.dataset} is regression: its tasks have no ways (leave out {{ways}})",
+                          ways=("episode_shape's ways", "--ways"))
     task = dataclasses.replace(config.task, **{f"test_{key}": value for key, value in shape.items()})
     config = dataclasses.replace(config, task=task)
     check_test_ways(config)

@@ -47,6 +47,12 @@ from metalearn.tasks.batch import TaskBatch
 OMNIGLOT_ATTENTION_SCALE = 10.0
 
 
+# the attention LSTM is unrolled K steps, each step's activations kept for the backward pass, so
+# memory grows with K (a million steps took all of a machine's memory with no message); the
+# paper's process block takes a few steps, and 100 is far beyond any benefit
+MAX_PROCESSING_STEPS = 100
+
+
 @options
 class MatchingNetConfig:
     """full_context_embeddings: embed the support set with a bidirectional LSTM and the query
@@ -61,7 +67,8 @@ class MatchingNetConfig:
 
     full_context_embeddings: bool = option(False, "embed the support set with a bidirectional LSTM and the query "
                                                   "with an attention LSTM (the paper's appendix A.2)")
-    processing_steps: int = option(5, "steps K of the query's attention LSTM (with --full-context-embeddings)")
+    processing_steps: int = option(5, "steps K of the query's attention LSTM, 1 to 100 (with "
+                                         "--full-context-embeddings)")
     model: str = option("conv4-embedding", "the embedding network: " + network_help("embedding", "image")
                                            + "; one with an output layer is used without it")
     distance: str = option("cosine", "cosine (the paper's) or euclidean (negative squared distance)")
@@ -69,8 +76,10 @@ class MatchingNetConfig:
                                "features lie in [0, 1], so a scale of 1 keeps the attention diffuse")
 
     def __post_init__(self):
-        if self.processing_steps < 1:
-            raise ConfigError("MatchingNet.Config", "processing_steps", f"must be >= 1, got {self.processing_steps}")
+        steps = self.processing_steps
+        if not 1 <= steps <= MAX_PROCESSING_STEPS:  # a whole number: checked by @options
+            raise ConfigError("MatchingNet.Config", "processing_steps",
+                              f"must be a whole number from 1 to {MAX_PROCESSING_STEPS}, got {steps!r}")
         if self.distance not in DISTANCES:
             raise ConfigError("MatchingNet.Config", "distance",
                               f"must be one of {', '.join(DISTANCES)}, got {self.distance!r}")

@@ -151,6 +151,23 @@ def test_a_registered_dataset_refuses_an_option_for_its_reason(toy_registry, cap
                                  "--image-size does not apply either: its points are 6 numbers, not images\n"), err
 
 
+def test_a_dataset_whose_problem_gives_another_shape_than_it_draws_is_named(toy_registry, tmp_path, capsys):
+    """A registered dataset's problem(task) sizes the network; where its task source draws examples
+    of another shape, the refusal says so, not only what the network's layer said."""
+    register_dataset(Dataset("toy-blobs-5", True, build=lambda task, shape, part, data_dir, progress: Blobs(
+        shape.ways, shape.shots, shape.query), problem=lambda task: Problem((5,), task.ways, True),
+        inapplicable=("noise_std", "image_size")))
+    try:
+        code, _, err = run(["train", "maml", "--dataset", "toy-blobs-5", "--model", "mlp", "--ways", 3, "--steps", 1,
+                            "--meta-batch-size", 2, "--no-eval", "--val-every", 0, "--no-progress",
+                            "--run-dir", tmp_path / "run"], capsys)
+    finally:
+        DATASETS.pop("toy-blobs-5")
+    assert code == 2 and err.endswith("error: maml: the tasks' inputs have shape (6,), but the network was built for "
+                                      "(5,), the dataset's Problem.input_shape: a dataset's problem(task) must give "
+                                      "the shape of the examples its task source draws\n"), err
+
+
 def test_register_method_refuses_what_is_not_a_method():
     with pytest.raises(MetalearnError, match="not a MetaLearner subclass"):
         register_method(dict)

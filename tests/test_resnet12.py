@@ -71,7 +71,7 @@ def test_convolutions_are_kaiming_normal_fan_out_and_small_inputs_are_refused():
     conv = ResNet12(3, None).blocks[3].conv2.weight  # 640 x 640 x 3 x 3: std sqrt(2 / (640 * 9))
     assert abs(conv.std().item() / (2 / (640 * 9)) ** 0.5 - 1) < 0.01 and abs(conv.mean().item()) < 1e-4
     with pytest.raises(MetalearnError, match="^resnet12 halves the image four times and needs at least 16x16 "
-                                             r"inputs, got 12x12 \(--image-size 16 or more\)$"):
+                                             r"inputs, got 12x12 \(image_size=16 or more\)$"):
         build_model("resnet12", (1, 12, 12), 5)
     with pytest.raises(MetalearnError, match=r"^model resnet12 needs image inputs \(C, H, W\), got shape \(1,\)$"):
         build_model("resnet12", (1,), 5)

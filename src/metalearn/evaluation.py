@@ -303,6 +303,8 @@ def _has_option(method: str | None, option: str) -> bool:
 
 
 def format_result(result: dict[str, Any]) -> str:
+    """The lines ``metalearn eval`` prints for an evaluation's ``result``; worded for the command
+    line (its advice names ``--set``), since only the command line prints it."""
     if result["metric"] == "accuracy":
         head = f"accuracy {result['mean']:.2f}% +/- {result['ci95']:.2f}% (95% CI, {result['episodes']} episodes)"
         steps = " ".join(f"{v:.1f}" for v in result["per_step"])

@@ -524,8 +524,13 @@ def _output_shape(learner: MetaLearner, examples: Tensor) -> tuple[int, ...]:
         mismatch = device_mismatch(learner.name, err, device_of(learner.model), examples.device)
         if mismatch is not None:
             raise mismatch from None
+        given, built = tuple(examples.shape[1:]), getattr(learner.problem, "input_shape", None)
+        if built is not None and tuple(built) != given:  # the dataset's Problem says another shape than it draws
+            raise MetalearnError(f"{learner.name}: the tasks' inputs have shape {given}, but the network was built for "
+                                 f"{tuple(built)}, the dataset's Problem.input_shape: a dataset's problem(task) must "
+                                 "give the shape of the examples its task source draws") from None
         raise MetalearnError(f"{learner.name}: the network cannot take these tasks' inputs, of shape "
-                             f"{tuple(examples.shape[1:])} ({str(err).splitlines()[0]})") from None
+                             f"{given} ({str(err).splitlines()[0]})") from None
     if not isinstance(outputs, Tensor):
         raise MetalearnError(f"{learner.name}: the network's forward returned a {type(outputs).__name__}; it must "
                              "return one tensor of outputs, (examples, *output_shape) (return the logits alone)")

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from metalearn.errors import ConfigError, MetalearnError
+from metalearn.errors import ConfigError, MetalearnError, OptionError
 from metalearn.options import is_command_name
 from metalearn.plugins import load_plugins, unknown_hint, registering
 from metalearn.models.conv4 import Conv4, mamlpp_conv4, reference_conv4
@@ -207,8 +207,9 @@ def build_model(name: str, input_shape: tuple[int, ...], out_features: int | Non
         raise MetalearnError(f"model {name} needs vector inputs, got shape {input_shape}")
     if network.inputs == "image" and min(input_shape[1:]) < network.min_side:
         halvings = " halves the image four times and" if network.min_side == HALVED else ""
-        raise MetalearnError(f"{name}{halvings} needs at least {network.min_side}x{network.min_side} inputs, "
-                             f"got {input_shape[1]}x{input_shape[2]} (--image-size {network.min_side} or more)")
+        side = network.min_side
+        raise OptionError(f"{name}{halvings} needs at least {side}x{side} inputs, got {input_shape[1]}x{input_shape[2]} "
+                          "({image_size} or more)", image_size=(f"image_size={side}", f"--image-size {side}"))
     model = network.build(tuple(input_shape), out_features)
     check_built(name, model, tuple(input_shape), out_features)
     return model

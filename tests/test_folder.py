@@ -24,7 +24,7 @@ from metalearn.data import folder as folder_module
 from metalearn.data.folder import class_parts, class_split, folder_split, load_image_folder
 from metalearn.data.images import decode_image, prepare_images, to_float
 from metalearn.data.splits import ClassPool
-from metalearn.errors import MetalearnError, MetalearnWarning
+from metalearn.errors import MetalearnError, MetalearnWarning, OptionError
 from metalearn.runs import RunDir
 from metalearn.tasks import build_task_source, problem_of
 from metalearn.tasks.episodes import EpisodeSampler
@@ -1436,7 +1436,9 @@ def test_no_hint_scores_a_run_on_the_classes_it_trained_on(tmp_path):
     """--split-fractions 0,0,1 makes every class of a folder a test class: offered only for
     another folder of new classes. On the run's own folder (its recorded split) the fix for too
     few test classes is fewer ways; eval --part val of a run without val classes is told to
-    score its test classes, not to resplit; --val-every 0 is named as metalearn train's."""
+    score its test classes, not to resplit; --val-every 0 is named as metalearn train's. Each
+    option and command is named as the caller spells it: Python's arguments, the command line's
+    flags."""
     from metalearn.data.folder import check_part_classes
 
     folder = named_folder(13)
@@ -1444,13 +1446,21 @@ def test_no_hint_scores_a_run_on_the_classes_it_trained_on(tmp_path):
     own = fake_run(tmp_path / "a", {"train": names[:6], "test": names[6:12]})
     task = TaskConfig(dataset="folder", split_file=str(own))
     pool = folder_split(folder, "test", split_file=str(own))
-    with pytest.raises(MetalearnError) as caught:
-        check_part_classes(folder, pool, "test", 7, task, "--test-ways 7 (it defaults to --ways; in metalearn eval and compare: "
-                                                          "--ways)")
-    message = str(caught.value)
-    assert "needs 7: lower --test-ways to 6 or fewer to score the run on its own test classes; for another folder, " \
-           "of classes the run never trained on, metalearn eval --split-fractions 0,0,1 scores every class (on the " \
-           "folder it trained on, that would score its training classes too)" in message, message
+    with pytest.raises(OptionError) as caught:
+        check_part_classes(folder, pool, "test", 7, task, "test_ways", note=(" (it defaults to ways)",
+                                                                             " (it defaults to --ways)"))
+    assert str(caught.value) == (
+        f"the run's split ({own}) gives the test part 6 of the folder's 13 classes (train 6, val 0, test 6, in no "
+        "part 1); test_ways=7 (it defaults to ways) needs 7: lower test_ways to 6 or fewer to score the run on its "
+        "own test classes; for another folder, of classes the run never trained on, evaluate_run with "
+        "split_fractions='0,0,1' scores every class (on the folder it trained on, that would score its training "
+        "classes too)")
+    assert caught.value.with_flags() == (
+        f"the run's split ({own}) gives the test part 6 of the folder's 13 classes (train 6, val 0, test 6, in no "
+        "part 1); --test-ways 7 (it defaults to --ways) needs 7: lower --test-ways to 6 or fewer to score the run on "
+        "its own test classes; for another folder, of classes the run never trained on, metalearn eval "
+        "--split-fractions 0,0,1 scores every class (on the folder it trained on, that would score its training "
+        "classes too)")
     every = fake_run(tmp_path / "every", {"train": names[:10], "val": names[10:]})  # nothing left to score
     with pytest.raises(MetalearnError) as caught:
         folder_split(folder, "test", split_file=str(every))
@@ -1461,19 +1471,29 @@ def test_no_hint_scores_a_run_on_the_classes_it_trained_on(tmp_path):
     with pytest.raises(MetalearnError) as caught:  # metalearn eval --part val
         folder_split(folder, "val", split_file=str(no_val))
     message = str(caught.value)
-    assert "0,0,1" not in message and "metalearn eval scores its test classes without --part val" in message, message
+    assert "0,0,1" not in message and "evaluate_run scores its test classes without part='val'" in message, message
+    assert "metalearn eval scores its test classes without --part val" in caught.value.with_flags()
     parts = named_folder(4, "parts", ("train", "train", "test", "test"))
-    with pytest.raises(MetalearnError, match=r"no val classes: add a val/ folder of classes; or train without "
-                                             r"validation \(metalearn train --val-every 0\), or score the test "
-                                             r"classes \(metalearn eval without --part val\)$"):
+    with pytest.raises(OptionError) as caught:
         folder_split(parts, "val")
+    assert str(caught.value) == ("the image folder has no val classes: add a val/ folder of classes; or train without "
+                                 "validation (val_every=0), or score the test classes (evaluate_run without "
+                                 "part='val')")
+    assert caught.value.with_flags().endswith("; or train without validation (metalearn train --val-every 0), or "
+                                              "score the test classes (metalearn eval without --part val)")
     mine = TaskConfig(dataset="folder", split_fractions="0.5,0,0.5")  # the user's own split, of a new folder
-    with pytest.raises(MetalearnError) as caught:
+    with pytest.raises(OptionError) as caught:
         check_part_classes(named_folder(5), folder_split(named_folder(5), "test", "0.5,0,0.5"), "test", 5, mine,
-                           "--test-ways 5")
+                           "test_ways")
     message = str(caught.value)
-    assert "give it 5 or more with --split-fractions or --split-file; lower --test-ways to 2 or fewer; for another " \
-           "folder, of classes the run never trained on, metalearn eval --split-fractions 0,0,1" in message, message
+    assert message.startswith("split_fractions 0.5,0,0.5 gives the test part 2 of the folder's 5 classes (train 3, "
+                              "val 0, test 2); test_ways=5 needs 5: "), message
+    assert "give it 5 or more with split_fractions or split_file; lower test_ways to 2 or fewer; for another " \
+           "folder, of classes the run never trained on, evaluate_run with split_fractions='0,0,1'" in message, message
+    message = caught.value.with_flags()
+    assert "--test-ways 5 needs 5: give it 5 or more with --split-fractions or --split-file; lower --test-ways to 2 " \
+           "or fewer; for another folder, of classes the run never trained on, metalearn eval --split-fractions " \
+           "0,0,1" in message, message
 
 
 def test_the_advice_for_a_small_part_holds_for_every_part_its_option_sets(tmp_path, capsys, monkeypatch):
@@ -1506,21 +1526,21 @@ def test_the_advice_for_a_small_part_holds_for_every_part_its_option_sets(tmp_pa
     # a test part of 2 to 3 classes: one value of --test-ways serves both parts
     folder = named_folder(20)
     task = TaskConfig(dataset="folder", split_fractions="0.7,0.1,0.2")  # 14 / 2 / 4
-    with pytest.raises(MetalearnError) as caught:
-        check_part_classes(folder, folder_split(folder, "val", "0.7,0.1,0.2"), "val", 5, task, "--test-ways 5",
-                           "train")
-    assert str(caught.value).endswith("needs 5: give val and test 5 or more each with --split-fractions or "
-                                      "--split-file; train without validation (metalearn train --val-every 0) and "
-                                      "with --test-ways 4 or fewer; lower --test-ways to 2 or fewer"), caught.value
+    with pytest.raises(OptionError) as caught:
+        check_part_classes(folder, folder_split(folder, "val", "0.7,0.1,0.2"), "val", 5, task, "test_ways", "train")
+    assert caught.value.with_flags().endswith(
+        "needs 5: give val and test 5 or more each with --split-fractions or --split-file; train without validation "
+        "(metalearn train --val-every 0) and with --test-ways 4 or fewer; lower --test-ways to 2 or fewer"), caught.value
+    assert str(caught.value).endswith(  # from Python: the fields of TaskConfig and TrainConfig
+        "test_ways=5 needs 5: give val and test 5 or more each with split_fractions or split_file; train without "
+        "validation (val_every=0) and with test_ways 4 or fewer; lower test_ways to 2 or fewer"), caught.value
     task = TaskConfig(dataset="folder", split_fractions="0.6,0.25,0.15")  # 12 / 5 / 3
-    with pytest.raises(MetalearnError, match=r"needs 6: give val and test 6 or more each with --split-fractions or "
-                                             r"--split-file; lower --test-ways to 3 or fewer \(the test part has 3\)$"):
-        check_part_classes(folder, folder_split(folder, "val", "0.6,0.25,0.15"), "val", 6, task, "--test-ways 6",
-                           "train")
-    with pytest.raises(MetalearnError, match=r"needs 6: give it 6 or more with --split-fractions or --split-file; "
-                                             r"lower --test-ways to 5 or fewer$"):  # eval --part val: val alone
-        check_part_classes(folder, folder_split(folder, "val", "0.6,0.25,0.15"), "val", 6, task, "--test-ways 6",
-                           "eval")
+    with pytest.raises(OptionError, match=r"needs 6: give val and test 6 or more each with split_fractions or "
+                                          r"split_file; lower test_ways to 3 or fewer \(the test part has 3\)$"):
+        check_part_classes(folder, folder_split(folder, "val", "0.6,0.25,0.15"), "val", 6, task, "test_ways", "train")
+    with pytest.raises(OptionError, match=r"needs 6: give it 6 or more with split_fractions or split_file; "
+                                          r"lower test_ways to 5 or fewer$"):  # eval --part val: val alone
+        check_part_classes(folder, folder_split(folder, "val", "0.6,0.25,0.15"), "val", 6, task, "test_ways", "eval")
     # a val fraction of 0 trains without validation, as a split without a val part does; asked for,
     # validation is refused with the reason
     code, out, err = run([*options[:-1], "0.5,0,0.5", "--run-dir", tmp_path / "unvalidated"], capsys)
@@ -1541,12 +1561,16 @@ def test_the_advice_for_a_small_part_holds_for_every_part_its_option_sets(tmp_pa
     # no val classes where validation is on (a split built in Python): metalearn eval --part val is
     # told of its test classes
     parts = named_folder(4, "parts", ("train", "train", "test", "test"))
-    with pytest.raises(MetalearnError, match=r"no val classes: add a val/ folder of classes; or score the test "
-                                             r"classes \(metalearn eval without --part val\)$"):
+    with pytest.raises(OptionError) as caught:
         folder_split(parts, "val", command="eval")
-    with pytest.raises(MetalearnError, match=r"no test classes: add a test/ folder of classes, or train without the "
-                                             r"test \(metalearn train --no-eval\)$"):
+    assert caught.value.with_flags().endswith("no val classes: add a val/ folder of classes; or score the test "
+                                              "classes (metalearn eval without --part val)"), caught.value
+    assert str(caught.value).endswith("; or score the test classes (evaluate_run without part='val')"), caught.value
+    with pytest.raises(OptionError) as caught:
         folder_split(named_folder(4, "parts", ("train",) * 4), "test", command="train")
+    assert caught.value.with_flags().endswith("no test classes: add a test/ folder of classes, or train without the "
+                                              "test (metalearn train --no-eval)"), caught.value
+    assert str(caught.value).endswith(", or train without the test (evaluate_after=False)"), caught.value
 
 
 def test_too_few_classes_or_images_are_refused_before_any_image_is_decoded(tmp_path, monkeypatch):
@@ -1562,10 +1586,12 @@ def test_too_few_classes_or_images_are_refused_before_any_image_is_decoded(tmp_p
     task = TaskConfig(dataset="folder", ways=8, shots=1, query=1, image_size=8, channels=1)
     with pytest.raises(MetalearnError, match="gives the train part 6 of the folder's 10 classes"):
         build_task_source(task, "train", tmp_path / "d", progress=False)
-    with pytest.raises(MetalearnError, match=r"class c0. has 3 images; --shots 2 with --query 2 \(--query defaults to "
-                                             r"--shots\) needs 4 per class: add images, or lower --query to 1 or "
-                                             r"--shots to 1$"):
+    with pytest.raises(OptionError) as caught:  # named as the TaskConfig's fields; on the command line as flags
         build_task_source(dataclasses.replace(task, ways=3, shots=2, query=2), "train", tmp_path / "d", progress=False)
+    assert re.fullmatch(r"class c0. has 3 images; shots=2 with query=2 \(query defaults to shots\) needs 4 per "
+                        r"class: add images, or lower query to 1 or shots to 1", str(caught.value)), caught.value
+    assert re.fullmatch(r"class c0. has 3 images; --shots 2 with --query 2 \(--query defaults to --shots\) needs 4 "
+                        r"per class: add images, or lower --query to 1 or --shots to 1", caught.value.with_flags())
     assert decoded == []
     source = build_task_source(dataclasses.replace(task, ways=3), "train", tmp_path / "d", progress=False)
     assert len(decoded) == 30 and source.sample(2, gen(0)) is not None
@@ -1613,16 +1639,25 @@ def test_too_few_images_name_where_the_query_came_from_and_the_values_that_fit(t
     folder = named_folder(4)
     pool = ClassPool("train", torch.arange(4), torch.zeros(4, dtype=torch.long))
     folder.class_sizes = np.array([8, 8, 4, 8])
-    with pytest.raises(MetalearnError, match=r"class c02 has 4 images; S needs 10 per class: add images, or lower "
-                                             r"--shots plus --query to 4 or fewer \(e.g. --shots 3 with --query 1\)$"):
-        folder_module.check_class_sizes(folder, pool, 5, 5, "S")
+    with pytest.raises(OptionError) as caught:
+        folder_module.check_class_sizes(folder, pool, 5, 5, note=" (S)")
+    assert str(caught.value) == ("class c02 has 4 images; shots=5 with query=5 (S) needs 10 per class: add images, or "
+                                 "lower shots plus query to 4 or fewer (e.g. shots=3 with query=1)")
+    assert caught.value.with_flags() == ("class c02 has 4 images; --shots 5 with --query 5 (S) needs 10 per class: add "
+                                         "images, or lower --shots plus --query to 4 or fewer (e.g. --shots 3 with "
+                                         "--query 1)")
     folder.class_sizes = np.array([8, 1, 8, 8])
-    with pytest.raises(MetalearnError, match=r"class c01 has 1 image; S needs 2 per class: add images: an "
-                                             r"episode takes 2 or more of each class \(1 shot, 1 query\), or "
-                                             r"remove the class$"):
-        folder_module.check_class_sizes(folder, pool, 1, 1, "S", "--test-")
+    with pytest.raises(OptionError) as caught:
+        folder_module.check_class_sizes(folder, pool, 1, 1, test=True, note=(" (P)", " (C)"))
+    assert str(caught.value) == ("class c01 has 1 image; test_shots=1 with test_query=1 (P) needs 2 per class: add "
+                                 "images: an episode takes 2 or more of each class (1 shot, 1 query), or remove the "
+                                 "class")
+    assert caught.value.with_flags().startswith("class c01 has 1 image; --test-shots 1 with --test-query 1 (C) needs 2")
+    folder.class_names = ("c00", "{shots}", "c02", "c03")  # a class name is quoted as it is, never read for options
+    with pytest.raises(OptionError, match=r"^class \{shots\} has 1 image; test_shots=1"):
+        folder_module.check_class_sizes(folder, pool, 1, 1, test=True)
     folder_module.check_class_sizes(folder, ClassPool("train", torch.tensor([0, 2]), torch.zeros(2, dtype=torch.long)),
-                                    4, 4, "S")  # a pool without the small class fits
+                                    4, 4)  # a pool without the small class fits
 
 
 def test_a_cache_folder_that_is_a_file_is_named_as_such(tmp_path, monkeypatch):
@@ -1745,6 +1780,18 @@ def test_split_file_mistakes_are_named(tmp_path):
     split.write_text(json.dumps({"train": ["c00"], "tset": ["c01"], "vla": []}))
     with pytest.raises(MetalearnError, match=r'unknown keys "tset", "vla"; the keys are "train", "val" and "test"'):
         class_parts(folder, split_file=str(split))
+    # a part given twice: JSON would keep its last list, dropping c00 from training without a word
+    split.write_text('{"train": ["c00"], "test": ["c02"],\n "train": ["c01"]}')
+    with pytest.raises(OptionError) as caught:
+        class_parts(folder, split_file=str(split))
+    assert str(caught.value) == (f'split_file {split}: "train" is given twice, and only its last list would be read; '
+                                 "give each part once, with all its classes in one list")
+    assert caught.value.with_flags().startswith(f'--split-file {split}: "train" is given twice')
+    split.write_text('{"train": ["c00", "c01"], "test": [{"c02": 1, "c02": 2}]}')  # not a part: not a class name
+    with pytest.raises(OptionError, match=r'test lists \{"c02": 2\}, not a class name'):
+        class_parts(folder, split_file=str(split))
+    split.write_text('{"train": ["c00", "c01"], "test": ["c02"]}')
+    assert class_parts(folder, split_file=str(split)) == ("train", "train", "test", "")
 
 
 def test_support_and_query_paths_are_named_as_they_are_and_queries_counted_once(tmp_path):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from metalearn.errors import ConfigError, MetalearnError
+from metalearn.errors import ConfigError, MetalearnError, fill, spelled
 from metalearn.options import is_command_name
 from metalearn.plugins import load_plugins, unknown_hint, registering
 
@@ -169,27 +169,41 @@ def _folder_checked(task, shape, part: str, data_dir: Path | str | None, progres
                                                    "(for class folders of your own use folder)")
     pool = folder_split(folder, part, task.split_fractions, task.split_file, command)
     test = part != "train"
-    prefix = "--test-" if test else "--"
-    # which test options follow the training ones: a method's own test defaults (the Neural
-    # Statistician's test query) and the user's settings do not
+    # The refusals name the options as the caller spells them (errors.Options): the TaskConfig
+    # fields from Python (test_ways=5, "it defaults to ways"), the flags on the command line
+    # (--test-ways 5); for validation and test episodes also where an evaluation sets the shape
+    # (evaluate_run's episode_shape; metalearn eval's and compare's --ways, --shots, --query).
+    # Which test options follow the training ones: a method's own test defaults (the Neural
+    # Statistician's test query) and the user's settings do not.
     follows = [key for key in ("ways", "shots", "query") if getattr(task, f"test_{key}") is None]
+    names = {name: name for key in ("ways", "shots", "query") for name in (key, f"test_{key}")}
+    evaluation = {"evaluate": ("evaluate_run", TEST_SHAPE_COMMANDS), "ways_shape": ("episode_shape's ways", "--ways"),
+                  "shape": ("episode_shape's shots, query", "--shots, --query")}
     if folder.layout == "classes":  # too few classes: named with the split's options, which the sampler cannot
-        ways_note = ("it defaults to --ways; " if "ways" in follows else "") + f"in {TEST_SHAPE_COMMANDS}: --ways"
-        check_part_classes(folder, pool, part, shape.ways, task, f"{prefix}ways {shape.ways}"
-                           + (f" ({ways_note})" if test else ""), command)
+        defaulted = "it defaults to {ways}; " if "ways" in follows else ""
+        ways_note = _spellings(f" ({defaulted}in {{evaluate}}: {{ways_shape}})", **names, **evaluation) if test else ""
+        check_part_classes(folder, pool, part, shape.ways, task, "test_ways" if test else "ways", command, ways_note)
     following = [key for key in ("shots", "query") if key in follows]
-    default_note = (" and ".join(f"--test-{key}" for key in following) + (" default to " if len(following) > 1 else
-                    " defaults to ") + " and ".join(f"--{key}" for key in following) + "; " if following else "")
+    default_note = (" and ".join(f"{{test_{key}}}" for key in following) + (" default to " if len(following) > 1 else
+                    " defaults to ") + " and ".join(f"{{{key}}}" for key in following) + "; " if following else "")
     if test:
-        defaults = f" ({default_note}in {TEST_SHAPE_COMMANDS}: --shots, --query)"
-    else:  # said where --query has the default's value: whether it was given is not in the TaskConfig, and the
+        defaults = _spellings(f" ({default_note}in {{evaluate}}: {{shape}})", **names, **evaluation)
+    else:  # said where query has the default's value: whether it was given is not in the TaskConfig, and the
         # rule holds either way
         dataset_query = get_dataset(task.dataset).defaults.get("query")
-        defaults = (f" (--query defaults to {dataset_query} for {task.dataset})" if shape.query == dataset_query else
-                    " (--query defaults to --shots)" if dataset_query is None and shape.query == shape.shots else "")
-    check_class_sizes(folder, pool, shape.shots, shape.query,
-                      f"{prefix}shots {shape.shots} with {prefix}query {shape.query}{defaults}", prefix)
+        defaults = (_spellings(f" ({{query}} defaults to {dataset_query} for {task.dataset})", **names)
+                    if shape.query == dataset_query else
+                    _spellings(" ({query} defaults to {shots})", **names)
+                    if dataset_query is None and shape.query == shape.shots else "")
+    check_class_sizes(folder, pool, shape.shots, shape.query, test, defaults)
     return folder, pool
+
+
+def _spellings(template: str, **options: str | tuple[str, str]) -> tuple[str, str]:
+    """``template`` with its ``{name}`` fields of ``options`` (as :class:`~metalearn.errors.Options`
+    takes them) spelled as Python and as the command line name them."""
+    given = spelled(options)
+    return fill(template, given, flags=False), fill(template, given, flags=True)
 
 
 def _folder(task, shape, part: str, data_dir: Path | str | None, progress: bool):

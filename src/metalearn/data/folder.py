@@ -43,7 +43,7 @@ from metalearn.data.cache import read_arrays, write_arrays
 from metalearn.data.images import IMAGE_SUFFIXES, check_channels, decode_image, is_image_file
 from metalearn.data.omniglot import default_cache_dir, file_in_the_way
 from metalearn.data.splits import PARTS, RUN_SPLIT_NAME, ClassPool
-from metalearn.errors import MetalearnError, OptionError, OptionWarning, valued
+from metalearn.errors import MetalearnError, OptionError, OptionWarning, flag, valued
 
 # 2: 16-bit images scaled by their type's range, EXIF orientation applied; 3: the cached
 # content_hash also covers the array's shape, the class sizes and the parts
@@ -513,27 +513,86 @@ def _decode_chunk(paths: list[Path], image_size: int, channels: int) -> tuple[np
 def _decode_in_processes(paths: list[Path], images: np.ndarray, image_size: int, channels: int, workers: int,
                          bar) -> list[tuple[Path, str]]:
     """Fill ``images`` with the decoded ``paths``, chunk by chunk, in ``workers`` processes;
-    returns ``(file, reason)`` of every unreadable one, in the order of ``paths``."""
+    returns ``(file, reason)`` of every unreadable one, in the order of ``paths``.
+
+    Ctrl-C (or any error here) stops the pool at once and is raised as it came: the chunks not
+    started are cancelled and the processes terminated, so that nothing is left decoding, and
+    the interpreter's exit, which waits for the pool, does not hang. The processes ignore
+    SIGINT (see :func:`_ignore_interrupts`): a terminal's Ctrl-C reaches every process of its
+    group, and this process alone answers it, with no traceback from each worker and no
+    BrokenProcessPool in place of the KeyboardInterrupt."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                               initializer=_ignore_interrupts)
+    try:
         starts = range(0, len(paths), CHUNK)
-        futures = [pool.submit(_decode_chunk, paths[start:start + CHUNK], image_size, channels) for start in starts]
+        with _interrupts_blocked():  # the processes start here: from their first instruction until
+            # _ignore_interrupts, a Ctrl-C would raise in them; blocked, it waits and is then ignored
+            futures = [pool.submit(_decode_chunk, paths[start:start + CHUNK], image_size, channels)
+                       for start in starts]
         unreadable: list[tuple[Path, str]] = []
-        try:
-            for start, future in zip(starts, futures):
-                chunk, failed = future.result()
-                images[start:start + len(chunk)] = chunk
-                unreadable += [(paths[start + i], reason) for i, reason in failed]
-                if bar is not None:
-                    bar.update(len(chunk))
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+        for start, future in zip(starts, futures):
+            chunk, failed = future.result()
+            images[start:start + len(chunk)] = chunk
+            unreadable += [(paths[start + i], reason) for i, reason in failed]
+            if bar is not None:
+                bar.update(len(chunk))
+    except BaseException:
+        _stop_pool(pool)
+        raise
+    pool.shutdown()
     return unreadable
+
+
+def _ignore_interrupts() -> None:
+    """A decoding process's start: SIGINT ignored (its parent stops it, see
+    :func:`_decode_in_processes`), then let through, now harmlessly, where the parent blocked
+    it while starting the process; SIGTERM, the parent's stop, ends it (a forked process
+    inherits the parent's handlers: a training run's notes SIGTERM and goes on)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+@contextlib.contextmanager
+def _interrupts_blocked():
+    """SIGINT blocked for this thread within the block (where the platform can: not on Windows),
+    so that the processes started in it begin with it blocked; a Ctrl-C meanwhile is held, and
+    raised as KeyboardInterrupt in this process when the block ends (or at once, where another
+    thread of the process takes it)."""
+    import signal
+    import threading
+
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def _stop_pool(pool) -> None:
+    """Stop ``pool`` now: its queued chunks cancelled, its processes terminated and waited for
+    (a chunk of large images takes seconds, which a Ctrl-C should not wait for). The shutdown
+    comes first, so that the pool's own thread drops the cancelled chunks before it sees the
+    processes end (it then marks only the running chunks' futures broken, which no one reads)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # shutdown() forgets them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(5)
+        if process.is_alive():  # terminate is SIGTERM, which a decoder stuck in C may not act on
+            process.kill()
+            process.join(5)
 
 
 def cache_path(cache_dir: Path, root: Path, image_size: int, channels: int) -> Path:
@@ -751,14 +810,18 @@ def read_split_file(path: Path) -> dict[str, list]:
     if not path.is_file():
         raise OptionError(f"{{split_file}}: {'a folder' if path.is_dir() else 'no such file'}; give the JSON file "
                           '{"train": [class, ...], "val": [...], "test": [...]}', split_file=given)
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a byte order mark, as Windows editors write
+    try:  # -sig: a byte order mark, as Windows editors write
+        spec = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_KeyedTwice.of)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise OptionError("{split_file}: cannot read it as JSON ({error})", split_file=given,
                           error=(str(err), str(err))) from None
     if not isinstance(spec, dict) or not all(isinstance(v, list) for v in spec.values()):
         raise OptionError('{split_file}: expected {"train": [class, ...], "val": [...], "test": [...]}',
                           split_file=given)
+    if spec.twice:  # JSON keeps the last list of a key given twice: the classes of the first would be dropped, silently
+        key = json.dumps(spec.twice[0])
+        raise OptionError("{split_file}: {key} is given twice, and only its last list would be read; give each "
+                          "part once, with all its classes in one list", split_file=given, key=(key, key))
     unknown = [key for key in spec if key not in PARTS]
     if unknown:  # a misspelt part ("tset") would otherwise leave its classes in no part, silently
         listed = ", ".join(json.dumps(key) for key in unknown)
@@ -766,6 +829,20 @@ def read_split_file(path: Path) -> dict[str, list]:
                           '"train", "val" and "test", each a list of class names', split_file=given,
                           listed=(listed, listed))
     return spec
+
+
+class _KeyedTwice(dict):
+    """A JSON object as :func:`json.loads` reads it (the last value of a key given twice), and
+    ``twice``: the keys given more than once, in their order."""
+
+    twice: list[str]
+
+    @classmethod
+    def of(cls, pairs: list[tuple[str, object]]) -> "_KeyedTwice":
+        read = cls(pairs)
+        seen: set[str] = set()
+        read.twice = [key for key, _ in pairs if key in seen or seen.add(key)]
+        return read
 
 
 def _parts_from_file(folder: ImageFolder, path: Path) -> tuple[str, ...]:
@@ -803,65 +880,93 @@ def _parts_from_file(folder: ImageFolder, path: Path) -> tuple[str, ...]:
 # The advice for a part with too few classes. metalearn train builds train / val / test and can
 # leave a part out (--val-every 0, --no-eval); eval, plot and compare build one part, which
 # --part chooses. The caller says which command builds the part (``command``: "train", "eval",
-# or "" for one that does not say), and each piece of advice names the command it belongs to.
+# or "" for one that does not say), and each piece of advice names the command it belongs to,
+# as the caller spells it: the Python API's arguments (``val_every=0``, ``evaluate_run``) or the
+# command line's (``metalearn train --val-every 0``), see errors.Options.
 # --split-fractions 0,0,1 makes every class of a folder a test class: honest for another folder
 # of new classes, but on the run's own folder it would score the classes the run trained on, so
 # it is offered only for a folder of new classes, and for the run's own folder the way out is
 # fewer ways.
 SPLIT_OPTIONS = {"split_fractions": "split_fractions", "split_file": "split_file"}  # as errors.Options takes them
-NEW_FOLDER = ("for another folder, of classes the run never trained on, metalearn eval --split-fractions 0,0,1 "
-              "scores every class (on the folder it trained on, that would score its training classes too)")
+REMEDIES = {  # (Python, command line), as errors.Options takes them
+    "train_unvalidated": ("val_every=0", "metalearn train --val-every 0"),
+    "train_untested": ("evaluate_after=False", "metalearn train --no-eval"),
+    "train_neither": ("val_every=0 and evaluate_after=False", "metalearn train --val-every 0 --no-eval"),
+    "score_test": ("evaluate_run without part='val'", "metalearn eval without --part val"),
+    "score_every": ("evaluate_run with split_fractions='0,0,1'", "metalearn eval --split-fractions 0,0,1"),
+}
+NEW_FOLDER = ("for another folder, of classes the run never trained on, {score_every} scores every class (on the "
+              "folder it trained on, that would score its training classes too)")  # a template of REMEDIES' fields
+
+
+def _setting(field: str, value: object) -> tuple[str, str]:
+    """A ``TaskConfig`` field with its value, as Python (``test_ways=5``) and the command line
+    (``--test-ways 5``) give it."""
+    return f"{field}={value}", f"{flag(field)} {value}"
+
+
+def _both(text: str) -> tuple[str, str]:
+    """``text``, which names no option (a class name, a path), as both spellings of a field of
+    errors.Options: a field's text is never read for fields, so its braces are safe."""
+    return text, text
 
 
 def folder_split(folder: ImageFolder, part: str, fractions: str = "", split_file: str = "",
                  command: str = "") -> ClassPool:
     """The classes of ``part`` (unrotated), or a clear error when the part has none, whose advice
-    is ``command``'s: "train" (metalearn train, which can leave the part out), "eval" (metalearn
-    eval, compare or plot, which score or draw the part that --part names), or "" (a caller
-    that does not say: the remedies of both, each naming its command)."""
+    is ``command``'s: "train" (training, which can leave the part out), "eval" (evaluating,
+    comparing or plotting a run, which score or draw the part that ``part`` names), or "" (a
+    caller that does not say: the remedies of both, each naming its command). The remedies are
+    named as the caller spells them (an :class:`~metalearn.errors.OptionError`): ``val_every=0``
+    from Python, ``metalearn train --val-every 0`` on the command line."""
     if part not in PARTS:
         raise MetalearnError(f"unknown split part {part!r}: give {', '.join(PARTS)}")
     parts = class_parts(folder, fractions, split_file)
     members = [i for i, p in enumerate(parts) if p == part]
     if not members:
         if split_file and is_run_split(Path(split_file)):  # a run's recorded split: mostly metalearn eval of that run
-            where = f"the run's split ({split_file}) has no {part} classes"
+            where = f"the run's split ({{split}}) has no {part} classes"
+            split = _both(str(split_file))
             if part == "test":  # every class it names it trained (or validated) on: none is left to score
                 raise OptionError(f"{where}: every class it names was trained or validated on; {NEW_FOLDER}; "
-                                  "training on this split needs {no_eval}",
-                                  no_eval=("evaluate_after=False", "--no-eval"))
+                                  "training on this split needs {no_eval}", split=split,
+                                  no_eval=("evaluate_after=False", "--no-eval"), **REMEDIES)
             if part == "val":  # metalearn eval --part val of a run trained without validation classes
-                raise OptionError(f"{where} (it trained without validation): metalearn eval scores its test classes "
-                                  "without --part val; training on this split needs {val_every}",
-                                  val_every=("val_every=0", "--val-every 0"))
-            raise OptionError(f"{where}: give {{split_fractions}} or a {{split_file}} with {part} classes",
+                raise OptionError(f"{where} (it trained without validation): {{evaluate}} scores its test classes "
+                                  "without {part_val}; training on this split needs {val_every}", split=split,
+                                  val_every=("val_every=0", "--val-every 0"),
+                                  evaluate=("evaluate_run", "metalearn eval"), part_val=("part='val'", "--part val"))
+            raise OptionError(f"{where}: give {{split_fractions}} or a {{split_file}} with {part} classes", split=split,
                               **SPLIT_OPTIONS)
         if folder.layout == "classes":
             fix = f"give {part} a nonzero fraction in {{split_fractions}} or classes in {{split_file}}"
         else:
             fix = f"add a {part}/ folder of classes" if folder.layout == "parts" else f"add classes to {part}.csv"
         if part == "val":  # metalearn train validates on it; metalearn eval asks for it with --part val only
-            remedies = [*(["train without validation (metalearn train --val-every 0)"] if command != "eval" else []),
-                        *(["score the test classes (metalearn eval without --part val)"] if command != "train"
-                          else [])]
+            remedies = [*(["train without validation ({train_unvalidated})"] if command != "eval" else []),
+                        *(["score the test classes ({score_test})"] if command != "train" else [])]
             fix += "; or " + ", or ".join(remedies)
         if part == "test" and command != "eval":
-            fix += ", or train without the test (metalearn train --no-eval)"
-        raise OptionError(f"the image folder has no {part} classes: {fix}", **SPLIT_OPTIONS)
+            fix += ", or train without the test ({train_untested})"
+        raise OptionError(f"the image folder has no {part} classes: {fix}", **SPLIT_OPTIONS, **REMEDIES)
     characters = torch.tensor(members, dtype=torch.long)
     return ClassPool(part, characters, torch.zeros_like(characters))
 
 
-def check_part_classes(folder: ImageFolder, pool: ClassPool, part: str, ways: int, task, asked: str,
-                       command: str = "") -> None:
-    """A part of a class-folder split with fewer classes than the episodes' ``ways``: an error
-    that names the split that gave it so few and the options that give it more (``task``: the
-    run's ``TaskConfig``; ``asked``: the option that set ``ways``, as the user would type it;
-    ``command``: as :func:`folder_split`'s).
+def check_part_classes(folder: ImageFolder, pool: ClassPool, part: str, ways: int, task, option: str = "ways",
+                       command: str = "", note: str | tuple[str, str] = "") -> None:
+    """A part of a class-folder split with fewer classes than the episodes' ``ways``: an
+    :class:`~metalearn.errors.OptionError` that names the split that gave it so few and the
+    options that give it more (``task``: the run's ``TaskConfig``; ``option``: its field that set
+    ``ways``, "ways" for the training episodes, "test_ways" for validation and test; ``note``:
+    what to say after it, such as where its value came from, one text or (Python, command
+    line); ``command``: as :func:`folder_split`'s). The options and commands are named as the
+    caller spells them: ``test_ways=5`` and ``split_fractions`` from Python, ``--test-ways 5``
+    and ``--split-fractions`` on the command line.
 
-    Under metalearn train, --test-ways sets the ways of both val and test, and val is checked
-    first: a remedy offered for val holds for the test part too (a value to lower --test-ways to
-    that both parts can take, or, where the test part cannot make an episode at all, the split
+    In training, ``test_ways`` sets the ways of both val and test, and val is checked first: a
+    remedy offered for val holds for the test part too (a value to lower ``test_ways`` to that
+    both parts can take, or, where the test part cannot make an episode at all, the split
     options and leaving the test out). Under the run's recorded split (its ``split.json``:
     evaluating the run on its own folder) the honest fix is fewer ways over the run's own test
     classes, never a new split of the folder, which would score classes the run trained on."""
@@ -869,70 +974,79 @@ def check_part_classes(folder: ImageFolder, pool: ClassPool, part: str, ways: in
         return
     n = len(folder.class_names)
     recorded = bool(task.split_file) and is_run_split(Path(task.split_file))  # the run's own, not typed by the user
-    split = (f"the run's split ({task.split_file})" if recorded else
-             f"--split-file {task.split_file}" if task.split_file else
-             f"--split-fractions {task.split_fractions}" if task.split_fractions else
-             "the default split 0.64,0.16,0.2")
+    split = (_both(f"the run's split ({task.split_file})") if recorded else
+             valued("split_file", task.split_file) if task.split_file else
+             valued("split_fractions", task.split_fractions) if task.split_fractions else
+             _both("the default split 0.64,0.16,0.2"))
     parts = class_parts(folder, task.split_fractions, task.split_file)  # every part's count: fix them all at once
-    option = asked.split(" ")[0]
     have = len(pool)
-    # the test part, which metalearn train checks after val with the same --test-ways (one
-    # without classes is refused as such, by folder_split)
+    # the test part, which training checks after val with the same test_ways (one without
+    # classes is refused as such, by folder_split)
     tested = parts.count("test") if command == "train" and part == "val" else 0
     fewest = min(have, tested) if tested else have
     if have < 2:
-        lower = f"{option} cannot go below 2, so this part cannot make an episode"
+        lower = "{option} cannot go below 2, so this part cannot make an episode"
     elif fewest >= 2:
-        lower = f"lower {option} to {fewest} or fewer" + (f" (the test part has {fewest})" if fewest < have else "")
-    else:  # the test part's one class makes no episode at any --test-ways
-        lower = (f"lower {option} to {have} or fewer and train without the test (metalearn train --no-eval), "
-                 "whose 1 class cannot make an episode")
+        lower = f"lower {{option}} to {fewest} or fewer" + (f" (the test part has {fewest})" if fewest < have else "")
+    else:  # the test part's one class makes no episode at any test_ways
+        lower = (f"lower {{option}} to {have} or fewer and train without the test ({{train_untested}}), whose 1 class "
+                 "cannot make an episode")
     if recorded:
         fixes = [f"{lower} to score the run on its own {part} classes" if have >= 2 else lower]
     else:
         short = [part, *(["test"] if tested and tested < ways else [])]
         fixes = [f"give {'it' if len(short) == 1 else ' and '.join(short)} {ways} or more"
-                 f"{' each' if len(short) > 1 else ''} with --split-fractions or --split-file"]
+                 f"{' each' if len(short) > 1 else ''} with {{split_fractions}} or {{split_file}}"]
         if part == "val" and command != "eval":
             if len(short) == 1:
-                fixes.append("train without validation (metalearn train --val-every 0)")
+                fixes.append("train without validation ({train_unvalidated})")
             elif tested < 2:
-                fixes.append("train without validation or the test (metalearn train --val-every 0 --no-eval)")
-            elif tested > have:  # else lowering --test-ways for both parts (below) does as well
-                fixes.append(f"train without validation (metalearn train --val-every 0) and with {option} {tested} "
-                             "or fewer")
+                fixes.append("train without validation or the test ({train_neither})")
+            elif tested > have:  # else lowering test_ways for both parts (below) does as well
+                fixes.append(f"train without validation ({{train_unvalidated}}) and with {{option}} {tested} or fewer")
         if part == "test" and command == "train":
-            fixes.append("train without the test (metalearn train --no-eval)")
+            fixes.append("train without the test ({train_untested})")
         fixes.append(lower)
     if (part == "test" or recorded) and command != "train":
         fixes.append(NEW_FOLDER)
     counts = ", ".join(f"{p} {parts.count(p)}" for p in PARTS) + (f", in no part {parts.count('')}"
                                                                   if "" in parts else "")
-    raise MetalearnError(f"{split} gives the {part} part {have} of the folder's {n} classes ({counts}); {asked} "
-                         f"needs {ways}: " + "; ".join(fixes))
+    python, command_line = _setting(option, ways)
+    noted = _both(note) if isinstance(note, str) else tuple(note)
+    raise OptionError(f"{{split}} gives the {part} part {have} of the folder's {n} classes ({counts}); {{asked}} "
+                      f"needs {ways}: " + "; ".join(fixes), split=split, option=option,
+                      asked=(python + noted[0], command_line + noted[1]), **SPLIT_OPTIONS, **REMEDIES)
 
 
-def check_class_sizes(folder: ImageFolder, pool: ClassPool, shots: int, query: int, options: str,
-                      prefix: str = "--") -> None:
-    """Every class of ``pool`` has ``shots + query`` images, or an error naming the smallest and
-    the values that fit it: ``{prefix}query`` or ``{prefix}shots`` lowered alone where either
-    can go low enough, else both (``options``: the episode's options as the user would read
-    them, with where a defaulted one came from; ``prefix``: ``"--"`` for the training episodes,
-    ``"--test-"`` for validation and test)."""
+def check_class_sizes(folder: ImageFolder, pool: ClassPool, shots: int, query: int, test: bool = False,
+                      note: str | tuple[str, str] = "") -> None:
+    """Every class of ``pool`` has ``shots + query`` images, or an
+    :class:`~metalearn.errors.OptionError` naming the smallest and the values that fit it: the
+    query or the shots lowered alone where either can go low enough, else both. ``test``: the
+    validation and test episodes, set by ``TaskConfig``'s ``test_shots`` and ``test_query``, not
+    ``shots`` and ``query``; ``note``: what to say after them, such as where a defaulted one came
+    from, one text or (Python, command line). The options are named as the caller spells them:
+    ``shots=5 with query=5`` from Python, ``--shots 5 with --query 5`` on the command line."""
     needed = shots + query
     sizes = folder.class_sizes[pool.characters.numpy()]
     if not (sizes < needed).any():
         return
     small = int(pool.characters[int(np.argmin(sizes))])
     count = int(folder.class_sizes[small])
-    lower = [f"{prefix}{name} to {count - other}" for name, other in (("query", shots), ("shots", query))
+    prefix = "test_" if test else ""
+    lower = [f"{{{name}}} to {count - other}" for name, other in (("query", shots), ("shots", query))
              if count - other >= 1]
     if lower:
         fix = "add images, or lower " + " or ".join(lower)
     elif count >= 2:  # neither alone goes low enough: an episode takes at least 1 of each
-        fix = (f"add images, or lower {prefix}shots plus {prefix}query to {count} or fewer (e.g. {prefix}shots "
-               f"{count - 1} with {prefix}query 1)")
+        fix = f"add images, or lower {{shots}} plus {{query}} to {count} or fewer (e.g. {{example}})"
     else:
         fix = "add images: an episode takes 2 or more of each class (1 shot, 1 query), or remove the class"
-    raise MetalearnError(f"class {folder.class_names[small]} has {count} image{'' if count == 1 else 's'}; {options} "
-                         f"needs {needed} per class: {fix}")
+    example = [_setting(prefix + "shots", count - 1), _setting(prefix + "query", 1)]
+    given = [_setting(prefix + "shots", shots), _setting(prefix + "query", query)]
+    noted = _both(note) if isinstance(note, str) else tuple(note)
+    raise OptionError(f"class {{name}} has {count} image{'' if count == 1 else 's'}; {{given}} needs {needed} per "
+                      f"class: {fix}", name=_both(folder.class_names[small]),
+                      shots=prefix + "shots", query=prefix + "query",
+                      example=tuple(f"{s} with {q}" for s, q in zip(*example)),
+                      given=tuple(f"{s} with {q}{n}" for s, q, n in zip(*given, noted)))

@@ -168,6 +168,31 @@ def test_a_dataset_whose_problem_gives_another_shape_than_it_draws_is_named(toy_
                                       "the shape of the examples its task source draws\n"), err
 
 
+@pytest.mark.parametrize("method", ["protonet", "matchingnet", "maml"])
+def test_built_in_methods_learn_tasks_of_vectors_with_the_vector_network_by_default(toy_registry, tmp_path, capsys,
+                                                                                  method):
+    """A dataset of vectors (features extracted beforehand, tabular data) gets mlp, the built-in
+    network for vectors, where the method's default network takes images; a network named is
+    kept. The methods learn the blobs: 3-way chance is 33%."""
+    run_dir = tmp_path / method
+    code, _, err = run(["train", method, "--dataset", "toy-blobs", "--ways", 3, "--shots", 2, "--steps", 100,
+                        "--meta-batch-size", 4, "--eval-episodes", 100, "--val-every", 0, "--no-progress",
+                        "--run-dir", run_dir], capsys)
+    assert code == 0, err
+    assert json.loads((run_dir / "config.json").read_text())["method_config"]["model"] == "mlp"
+    assert json.loads((run_dir / "eval.json").read_text())["mean"] > 50
+    code, _, err = run(["train", method, "--dataset", "toy-blobs", "--model", "conv4", "--print-config"], capsys)
+    assert code == 2 and "conv4" in err and "image" in err, err  # named: kept, and refused for these inputs
+
+
+def test_the_vector_network_embeds_without_its_output_layer():
+    from metalearn.models import build_model
+
+    net = build_model("mlp", (6,), None)
+    assert net(torch.zeros(4, 6)).shape == (4, 40) and not isinstance(net.net[-1], nn.Linear)
+    assert build_model("mlp", (6,), 3)(torch.zeros(4, 6)).shape == (4, 3)
+
+
 def test_register_method_refuses_what_is_not_a_method():
     with pytest.raises(MetalearnError, match="not a MetaLearner subclass"):
         register_method(dict)

@@ -73,7 +73,8 @@ def test_convolutions_are_kaiming_normal_fan_out_and_small_inputs_are_refused():
     with pytest.raises(MetalearnError, match="^resnet12 halves the image four times and needs at least 16x16 "
                                              r"inputs, got 12x12 \(image_size=16 or more\)$"):
         build_model("resnet12", (1, 12, 12), 5)
-    with pytest.raises(MetalearnError, match=r"^model resnet12 needs image inputs \(C, H, W\), got shape \(1,\)$"):
+    with pytest.raises(MetalearnError, match=r"^model resnet12 takes image \(C, H, W\) inputs, but these tasks' "
+                                             r"examples have shape \(1,\); give model mlp$"):
         build_model("resnet12", (1,), 5)
 
 
@@ -226,7 +227,8 @@ def test_each_methods_model_help_names_exactly_the_networks_it_accepts(method):
     field = next(f for f in dataclasses.fields(METHODS[method].Config) if f.name == "model")
     assert named_in(help_of(field)) == accepted(method)
     role = "embedding" if METHODS[method].classification_only else "classifier"
-    assert accepted(method) == set(network_names(role, "image" if role == "embedding" else None))
+    # the Memory Module's networks take images; the other methods take vectors too (mlp)
+    assert accepted(method) == set(network_names(role, "image" if method == "memory" else None))
     assert "resnet12" in accepted(method)
 
 
@@ -235,18 +237,18 @@ def test_an_unknown_or_unfit_network_is_one_line_listing_the_valid_ones(capsys):
     plugins = re.escape(" (one of your own: name its module in METALEARN_PLUGINS)")
     with pytest.raises(MetalearnError, match=f"^unknown model 'resnet13'; valid models: {re.escape(valid)}{plugins}$"):
         build_model("resnet13", (3, 84, 84), 5)
-    embeddings = network_names("embedding", "image")
+    embeddings = network_names("embedding")  # images or vectors: the dataset's inputs are checked as it is built
     listed = f"{', '.join(embeddings[:-1])} or {embeddings[-1]}"
-    with pytest.raises(ConfigError, match=f"^ProtoNet.Config.model must be an image network: {re.escape(listed)}; "
+    with pytest.raises(ConfigError, match=f"^ProtoNet.Config.model must be an embedding network: {re.escape(listed)}; "
                                           f"got 'resnet13'{plugins}$"):
         ProtoNet.Config(model="resnet13")
-    with pytest.raises(ConfigError, match="^ProtoNet.Config.model must be .*; mlp takes vector inputs$"):
-        ProtoNet.Config(model="mlp")
+    with pytest.raises(ConfigError, match="^ProtoNet.Config.model must be .*; conv4-reference is a classifier only$"):
+        ProtoNet.Config(model="conv4-reference")
     with pytest.raises(ConfigError, match="^MAML.Config.model must be a network with an output layer: .*resnet12.*; "
                                           "conv4-embedding has no output layer$"):
         MAML.Config(model="conv4-embedding")
     code, _, err = run(["train", "protonet", "--model", "resnet13", "--print-config"], capsys)
-    assert code == 2 and "--model must be an image network: conv4, " in err and "got 'resnet13'" in err
+    assert code == 2 and "--model must be an embedding network: conv4, " in err and "got 'resnet13'" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 

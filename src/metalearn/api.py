@@ -31,6 +31,7 @@ from metalearn.runs import RunDir, claim_new_run_dir, default_runs_root, new_run
 from metalearn.files import (WriteError, atomic_write_files, obstacle, probe_writable, remove_export_temporaries,
                              same_path, user_path)
 from metalearn.locking import make_folders
+from metalearn.models import NETWORKS
 from metalearn.plugins import load_plugins, unknown_hint
 from metalearn.tasks import has_validation, no_validation_reason, problem_of
 from metalearn.checkpoints import (check_same_method, check_test_ways, configuration_conflict, load_trained,
@@ -123,6 +124,7 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
     task_config = TaskConfig(**task)
     method_defaults, train_defaults = (cls.preset_defaults(preset, task_config) if preset is not None
                                        else paper_defaults(cls, task_config, method_config))
+    method_defaults = network_for_inputs(cls, task_config, method_defaults, method_config)
     if not has_validation(task_config):  # the saved configuration says what happens: no validation
         train_defaults = {**train_defaults, "val_every": 0}
     method_defaults, train_defaults = unused_defaults_dropped(cls, method_defaults, method_config, train_defaults,
@@ -135,6 +137,26 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
         train_config = TrainConfig(**{**train_defaults, **train})
     check_train_options(train, train_config, method_options)
     return RunConfig(method, task_config, dataclasses.asdict(method_options), train_config)
+
+
+VECTOR_NETWORK = "mlp"  # the built-in network for tasks whose examples are vectors
+
+
+def network_for_inputs(cls: type[MetaLearner], task: TaskConfig, defaults: dict[str, Any],
+                       given: dict[str, Any]) -> dict[str, Any]:
+    """The method's ``defaults`` with ``model`` set to :data:`VECTOR_NETWORK` where the tasks'
+    examples are vectors (a dataset of the user's: features extracted beforehand, tabular data)
+    and the network the method would otherwise take by default is an image network (every
+    method's is, but for regression), unless the user named one: one generic rule, so that no
+    method lists the datasets of vectors."""
+    fields = {field.name: field for field in dataclasses.fields(cls.Config)} if dataclasses.is_dataclass(
+        cls.Config) else {}
+    if "model" in given or "model" not in fields:
+        return defaults
+    network = NETWORKS.get(defaults.get("model", fields["model"].default))
+    if network is None or network.inputs != "image" or len(problem_of(task).input_shape) != 1:
+        return defaults
+    return {**defaults, "model": VECTOR_NETWORK}
 
 
 def paper_defaults(cls: type[MetaLearner], task: TaskConfig, given: dict[str, Any]) -> tuple[dict, dict]:

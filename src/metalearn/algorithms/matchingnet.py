@@ -69,7 +69,7 @@ class MatchingNetConfig:
                                                   "with an attention LSTM (the paper's appendix A.2)")
     processing_steps: int = option(5, "steps K of the query's attention LSTM, 1 to 100 (with "
                                          "--full-context-embeddings)")
-    model: str = option("conv4-embedding", "the embedding network: " + network_help("embedding", "image")
+    model: str = option("conv4-embedding", "the embedding network: " + network_help("embedding")
                                            + "; one with an output layer is used without it")
     distance: str = option("cosine", "cosine (the paper's) or euclidean (negative squared distance)")
     scale: float = option(1.0, "the attention is softmax(scale * similarity); cosine similarities of ReLU "
@@ -84,7 +84,7 @@ class MatchingNetConfig:
             raise ConfigError("MatchingNet.Config", "distance",
                               f"must be one of {', '.join(DISTANCES)}, got {self.distance!r}")
         require_number(self.scale, "MatchingNet.Config", "scale")
-        check_network_name("MatchingNet.Config", self.model, "embedding", "image")
+        check_network_name("MatchingNet.Config", self.model, "embedding")
 
 
 def label_log_probs(scores: Tensor, support_y: Tensor, ways: int, method: str = "matchingnet",

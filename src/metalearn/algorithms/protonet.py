@@ -50,14 +50,14 @@ class ProtoNetConfig:
     without it)."""
 
     distance: str = option("euclidean", "euclidean (squared, the paper's choice) or cosine")
-    model: str = option("conv4-embedding", "the embedding network: " + network_help("embedding", "image")
+    model: str = option("conv4-embedding", "the embedding network: " + network_help("embedding")
                                            + "; one with an output layer is used without it")
 
     def __post_init__(self):
         if self.distance not in DISTANCES:
             raise ConfigError("ProtoNet.Config", "distance",
                               f"must be one of {', '.join(DISTANCES)}, got {self.distance!r}")
-        check_network_name("ProtoNet.Config", self.model, "embedding", "image")
+        check_network_name("ProtoNet.Config", self.model, "embedding")
 
 
 def embed_episodes(model: nn.Module, batch: TaskBatch) -> tuple[Tensor, Tensor]:

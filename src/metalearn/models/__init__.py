@@ -103,8 +103,9 @@ NETWORKS: dict[str, Network] = {network.name: network for network in (
             "ResNet-12 as MetaOptNet builds it (Lee et al. 2019): 4 residual blocks of 64, 160, 320 and 640 filters, "
             "averaged into a 640-d embedding; 12.4 M weights, far slower than conv4 (metalearn.models.ResNet12)",
             "ResNet-12: 12.4 M weights, far slower than conv4", min_side=HALVED),
-    Network("mlp", lambda shape, out: MLP(shape[0], out), True, False, "vector",
-            "MAML's sinusoid regression network: 2 hidden layers of 40 units with ReLU"),
+    Network("mlp", lambda shape, out: MLP(shape[0], out), True, True, "vector",
+            "MAML's sinusoid regression network: 2 hidden layers of 40 units with ReLU (as an embedding: the 40 "
+            "features of the last; the default on tasks of vectors)"),
 )}
 """Every network a run can name (the methods' ``model`` option), in the order the option help
 lists them; :func:`register_network` adds to it."""
@@ -201,10 +202,15 @@ def build_model(name: str, input_shape: tuple[int, ...], out_features: int | Non
         instead = network_names("embedding", network.inputs) or network_names("embedding")
         raise MetalearnError(f"{name} is a classifier ({network.note or network.description}); use an embedding "
                              f"network here: {', '.join(instead)}")
-    if network.inputs == "image" and len(input_shape) != 3:
-        raise MetalearnError(f"model {name} needs image inputs (C, H, W), got shape {input_shape}")
-    if network.inputs == "vector" and len(input_shape) != 1:
-        raise MetalearnError(f"model {name} needs vector inputs, got shape {input_shape}")
+    if (network.inputs == "image") != (len(input_shape) == 3) or (network.inputs == "vector") != (
+            len(input_shape) == 1):
+        kind = "image (C, H, W)" if network.inputs == "image" else "vector"
+        fitting = [other for other in NETWORKS if NETWORKS[other].inputs != network.inputs
+                   and NETWORKS[other].can_serve("classifier" if out_features is not None else "embedding")]
+        listed = fitting[0] if len(fitting) == 1 else f"one of {', '.join(fitting)}"
+        instead = f"; give {{model}} {listed}" if fitting and len(input_shape) in (1, 3) else ""
+        raise OptionError(f"{{given}} takes {kind} inputs, but these tasks' examples have shape {tuple(input_shape)}"
+                          f"{instead}", given=(f"model {name}", f"--model {name}"), model=("model", "--model"))
     if network.inputs == "image" and min(input_shape[1:]) < network.min_side:
         halvings = " halves the image four times and" if network.min_side == HALVED else ""
         side = network.min_side

@@ -8,17 +8,20 @@ from torch import Tensor, nn
 class MLP(nn.Module):
     """in_features -> hidden... (ReLU) -> out_features. Default: 1 -> 40 -> 40 -> 1.
 
-    x: (batch, in_features) -> (batch, out_features)
+    x: (batch, in_features) -> (batch, out_features); with ``out_features`` None no output
+    layer: the last hidden layer's ReLU features, (batch, hidden[-1]), an embedding (the
+    networks of ProtoNets and Matching Nets on tasks of vectors).
     """
 
-    def __init__(self, in_features: int = 1, out_features: int = 1, hidden: tuple[int, ...] = (40, 40)):
+    def __init__(self, in_features: int = 1, out_features: int | None = 1, hidden: tuple[int, ...] = (40, 40)):
         super().__init__()
         layers: list[nn.Module] = []
         width = in_features
         for size in hidden:
             layers += [nn.Linear(width, size), nn.ReLU()]
             width = size
-        layers.append(nn.Linear(width, out_features))
+        if out_features is not None:
+            layers.append(nn.Linear(width, out_features))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -247,3 +247,47 @@ def test_the_memory_measurement_leaves_a_sampling_methods_draws_as_they_were(mon
     assert calls == [1, 6]  # the measurement ran, then the whole chunk at once
     unmeasured = evaluate(learner, tasks, episodes=6, chunk=6, seed=3, progress=False, memory_budget=None)
     assert measured["scores"] == unmeasured["scores"]
+
+
+class _Diverging(torch.nn.Module):
+    """Perfect logits but for the first task of each batch, whose are NaN (a diverged adaptation);
+    ``predict`` only, or ``predict_per_step`` only with ``steps``."""
+
+    def __init__(self, steps: bool = False):
+        super().__init__()
+        self.steps = steps
+
+    def logits(self, batch):
+        logits = torch.nn.functional.one_hot(batch.query_y, batch.ways).float() * 5
+        logits[0] = float("nan")
+        return logits
+
+    def __getattr__(self, name):
+        if name == ("predict_per_step" if self.steps else "predict"):
+            return (lambda batch: self.logits(batch).unsqueeze(0)) if self.steps else self.logits
+        return super().__getattr__(name)
+
+
+def _episodes():
+    from metalearn.data.splits import ClassPool
+    from metalearn.tasks.episodes import EpisodeSampler
+
+    images = torch.randint(0, 255, (20, 10, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return EpisodeSampler(images, ClassPool("mine", torch.arange(20), torch.zeros(20, dtype=torch.long)), ways=5,
+                          shots=1, query=3)
+
+
+@pytest.mark.parametrize("steps", [False, True])
+def test_a_learner_with_predict_or_predict_per_step_alone_is_scored_by_the_one_it_has(steps):
+    for per_step in (True, False):
+        result = evaluate(_Diverging(steps), _episodes(), episodes=4, seed=0, per_step=per_step)
+        assert result["diverged"] == 1 and result["mean_of_finite"] == 100.0 and len(result["per_step"]) == 1
+
+
+def test_compare_scores_a_diverged_episode_as_nan_as_evaluate_does():
+    """argmax turns NaN logits into class 0, an accuracy of 1 in ways: the task scores NaN instead."""
+    from metalearn.uncertainty import uncertainty_scores
+
+    batch = _episodes().sample(4, torch.Generator().manual_seed(0))
+    accuracy = uncertainty_scores(_Diverging(), batch)["accuracy"]
+    assert torch.isnan(accuracy[0]) and accuracy[1:].tolist() == [1.0, 1.0, 1.0]

@@ -556,6 +556,11 @@ def compare(run_dirs, episodes, seed, part, num_samples, json_path, settings, da
             ci = value.get("ci95")
             cells.append(f"{value['mean']:.4g}" + (f" +/- {ci:.2g}" if ci is not None else ""))
         click.echo(f"| {label} | " + " | ".join(cells) + " |")
+    for label in labels:  # as eval warns of them: a diverged episode makes the run's measures NaN
+        if result[label].get("diverged"):
+            click.echo(f"warning: {result[label]['diverged']} of {result['episodes']} episodes of {label} diverged "
+                       "(non-finite predictions), which makes its measures NaN; try fewer test-time steps",
+                       err=True)
     if json_path:
         from metalearn.files import atomic_write_bytes
 

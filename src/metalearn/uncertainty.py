@@ -150,6 +150,10 @@ def uncertainty_scores(learner, batch: TaskBatch, true_function=None, noise_std:
                 log_probs = average_prediction(samples, True)
                 nll = -log_probs.log_softmax(-1).gather(-1, batch.query_y.unsqueeze(-1)).squeeze(-1).mean(-1)
                 accuracy = (log_probs.argmax(-1) == batch.query_y).float().mean(-1)
+                # a task with a non-finite prediction (a diverged adaptation) scores NaN, as in
+                # evaluate (prediction_scores): argmax would turn NaN logits into class 0
+                finite = torch.isfinite(log_probs).flatten(1).all(-1)
+                accuracy = torch.where(finite, accuracy, torch.full_like(accuracy, math.nan))
                 return {"accuracy": accuracy, "nll": nll, "log_probs": log_probs, "labels": batch.query_y}
             scores = {"mse": (samples.mean(0) - batch.query_y).square().flatten(1).mean(1)}
             if noise_std:
@@ -397,6 +401,8 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
             values = torch.cat(chunks) * (100.0 if name == "accuracy" else 1.0)
             mean, ci95 = _mean_ci(values)
             entry[name] = {"mean": mean, "ci95": ci95}
+            if name in ("accuracy", "mse") and not bool(torch.isfinite(values).all()):
+                entry["diverged"] = int((~torch.isfinite(values)).sum())  # its measures are NaN: said, not hidden
         if pooled[label]:
             log_probs = torch.cat([lp.reshape(-1, lp.shape[-1]) for lp, _ in pooled[label]])
             labels = torch.cat([lb.reshape(-1) for _, lb in pooled[label]])

@@ -385,9 +385,13 @@ def prediction_scores(learner: Any, batch: TaskBatch, per_step: bool = True) -> 
     """Accuracy for classification, MSE for regression, of ``learner.predict_per_step(batch)``
     (or, without ``per_step``, of ``learner.predict(batch)``): (steps + 1, tasks) or (1, tasks).
     A task whose predictions are not all finite scores NaN (a diverged adaptation), also for
-    classification, where ``argmax`` would turn NaN logits into a class."""
-    if per_step:
+    classification, where ``argmax`` would turn NaN logits into a class. A learner with only
+    one of the two (an object of the user's) is scored by the one it has: ``predict`` alone gives
+    the final row only, ``predict_per_step`` alone its last row without ``per_step``."""
+    has_steps, has_final = hasattr(learner, "predict_per_step"), hasattr(learner, "predict")
+    if has_steps and (per_step or not has_final):
         predictions = learner.predict_per_step(batch)  # (steps+1, tasks, n_query, ...)
+        predictions = predictions if per_step else predictions[-1:]
     else:
         predictions = learner.predict(batch).unsqueeze(0)
     if batch.is_classification:

@@ -136,11 +136,18 @@ def test_episode_sampler_says_a_numpy_array_is_not_a_tensor_and_words_shapes_as_
     assert refusal(lambda: EpisodeSampler(images, pool, 2, 3, 2)) == (
         "omniglot has 4 images per class; shots=3 with query=2 needs 5. Lower shots or query.")
     assert refusal(lambda: EpisodeSampler(images, pool, 1, 1, 1)) == "ways must be at least 2, got 1"
-    # a run's sampler (build_task_source passes test=False or True): the options that set the shape
-    assert "--ways 7 is more than that. Lower --ways" in refusal(
-        lambda: EpisodeSampler(images, pool, 7, 1, 1, test=False))
-    assert "--test-ways 7 (it defaults to --ways) is more than that" in refusal(
-        lambda: EpisodeSampler(images, pool, 7, 1, 1, test=True))
+    # a run's sampler (build_task_source passes test=False or True): the options that set the shape,
+    # from Python as the TaskConfig's fields, on the command line (with_flags) as its flags
+    for test, python, command_line in (
+            (False, "ways=7 is more than that. Lower ways or", "--ways 7 is more than that. Lower --ways or"),
+            (True, "test_ways=7 (it defaults to ways) is more than that. Lower test_ways (in evaluate_run: "
+                   "episode_shape's ways) or",
+             "--test-ways 7 (it defaults to --ways) is more than that. Lower --test-ways (in metalearn eval and "
+             "compare: --ways) or")):
+        with pytest.raises(MetalearnError) as info:
+            EpisodeSampler(images, pool, 7, 1, 1, test=test)
+        assert python in str(info.value) and "--" not in str(info.value), str(info.value)
+        assert command_line in info.value.with_flags(), info.value.with_flags()
 
 
 # -- embedding methods: class ids 0..N-1 -----------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from metalearn.data.splits import ClassPool, omniglot_split
-from metalearn.errors import MetalearnError
+from metalearn.errors import MetalearnError, OptionError
 from metalearn.tasks.batch import TaskBatch
 from metalearn.tasks.episodes import EpisodeSampler, _distinct_classes
 
@@ -197,36 +197,73 @@ def test_lake_split_episodes_are_unrotated(omniglot, raw):
 
 
 def test_shots_plus_query_beyond_the_drawings(raw, train_pool):
-    """A sampler of one's own names its arguments; a run's (build_task_source: test=False) the options."""
-    with pytest.raises(MetalearnError) as info:
+    """A sampler of one's own names its arguments; a run's (build_task_source: test=False or True)
+    the options that set the shape, as the caller spells them: the TaskConfig fields from Python,
+    the flags on the command line (the CLI prints ``with_flags()``)."""
+    with pytest.raises(OptionError) as info:
         EpisodeSampler(raw, train_pool, ways=5, shots=15, query=10)
-    assert str(info.value) == "omniglot has 20 images per class; shots=15 with query=10 needs 25. Lower shots or query."
-    with pytest.raises(MetalearnError) as info:
+    own = "omniglot has 20 images per class; shots=15 with query=10 needs 25. Lower shots or query."
+    assert str(info.value) == info.value.with_flags() == own
+    with pytest.raises(OptionError) as info:
         EpisodeSampler(raw, train_pool, ways=5, shots=15, query=10, test=False)
-    message = str(info.value)
-    assert "20 images per class" in message and "--shots 15" in message
-    assert "--query 10" in message and "needs 25" in message
+    assert str(info.value) == own  # the TaskConfig's fields are the arguments' names
+    assert info.value.with_flags() == ("omniglot has 20 images per class; --shots 15 with --query 10 needs 25. Lower "
+                                       "--shots or --query.")
+    with pytest.raises(OptionError) as info:
+        EpisodeSampler(raw, train_pool, ways=5, shots=15, query=10, test=True)
+    assert str(info.value) == ("omniglot has 20 images per class; test_shots=15 with test_query=10 needs 25. Lower "
+                               "test_shots or test_query (in evaluate_run: episode_shape's shots or query).")
+    assert info.value.with_flags() == ("omniglot has 20 images per class; --test-shots 15 with --test-query 10 needs "
+                                       "25. Lower --test-shots or --test-query (in metalearn eval and compare: "
+                                       "--shots or --query).")
 
 
 def test_more_ways_than_classes(omniglot, raw):
     pool = omniglot_split(omniglot, "lake", "test")
-    with pytest.raises(MetalearnError) as info:
+    with pytest.raises(OptionError) as info:
         EpisodeSampler(raw, pool, ways=700, shots=1, query=1)
-    assert str(info.value) == ("omniglot split lake/test has 659 classes; ways=700 is more than that. Lower ways or "
-                               "use a pool with more classes.")
-    with pytest.raises(MetalearnError) as info:
+    own = ("omniglot split lake/test has 659 classes; ways=700 is more than that. Lower ways or use a pool with more "
+           "classes.")
+    assert str(info.value) == info.value.with_flags() == own
+    with pytest.raises(OptionError) as info:
         EpisodeSampler(raw, pool, ways=700, shots=1, query=1, test=False)
-    message = str(info.value)
-    assert "lake/test" in message and "659 classes" in message and "--ways 700" in message
+    assert str(info.value) == ("omniglot split lake/test has 659 classes; ways=700 is more than that. Lower ways or "
+                               "use a split part with more classes.")
+    assert info.value.with_flags() == ("omniglot split lake/test has 659 classes; --ways 700 is more than that. Lower "
+                                       "--ways or use a split part with more classes.")
+    with pytest.raises(OptionError) as info:  # the test episodes' ways, which the user may never have given
+        EpisodeSampler(raw, pool, ways=700, shots=1, query=1, test=True)
+    assert str(info.value) == ("omniglot split lake/test has 659 classes; test_ways=700 (it defaults to ways) is more "
+                               "than that. Lower test_ways (in evaluate_run: episode_shape's ways) or use a split "
+                               "part with more classes.")
+    assert info.value.with_flags() == ("omniglot split lake/test has 659 classes; --test-ways 700 (it defaults to "
+                                       "--ways) is more than that. Lower --test-ways (in metalearn eval and compare: "
+                                       "--ways) or use a split part with more classes.")
     EpisodeSampler(raw, ClassPool("two", torch.tensor([0, 1]), torch.tensor([0, 0])), 2, 1, 1)
+
+
+def test_a_folder_path_with_braces_is_quoted_as_it_is(raw, omniglot):
+    """The dataset's name (an image folder's path) is no template: braces in it stay as they are."""
+    pool = omniglot_split(omniglot, "lake", "test")
+    with pytest.raises(OptionError) as info:
+        EpisodeSampler(raw, pool, ways=700, shots=1, query=1, dataset="image folder /d/{ways}{{x}}", test=True)
+    assert str(info.value).startswith("image folder /d/{ways}{{x}} split lake/test has 659 classes; test_ways=700")
+    assert info.value.with_flags().startswith("image folder /d/{ways}{{x}} split lake/test has 659 classes; "
+                                              "--test-ways 700")
 
 
 @pytest.mark.parametrize("ways", [1, 0, -3])
 def test_fewer_than_two_ways(raw, train_pool, ways):
     with pytest.raises(MetalearnError, match=f"^ways must be at least 2, got {ways}$"):
         EpisodeSampler(raw, train_pool, ways=ways, shots=1, query=1)
-    with pytest.raises(MetalearnError, match=f"^--ways must be at least 2, got {ways}$"):
+    with pytest.raises(OptionError, match=f"^ways must be at least 2, got {ways}$") as info:
         EpisodeSampler(raw, train_pool, ways=ways, shots=1, query=1, test=False)
+    assert info.value.with_flags() == f"--ways must be at least 2, got {ways}"
+    with pytest.raises(OptionError) as info:
+        EpisodeSampler(raw, train_pool, ways=ways, shots=1, query=1, test=True)
+    assert str(info.value) == f"test_ways must be at least 2, got {ways} (in evaluate_run: episode_shape's ways)"
+    assert info.value.with_flags() == (f"--test-ways must be at least 2, got {ways} (in metalearn eval and compare: "
+                                       "--ways)")
 
 
 @pytest.mark.parametrize("shots, query", [(0, 5), (1, 0)])

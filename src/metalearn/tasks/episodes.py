@@ -13,7 +13,7 @@ from torch import Tensor
 from metalearn.config import TEST_SHAPE_COMMANDS, augment_parts
 from metalearn.data.images import to_float
 from metalearn.data.splits import ClassPool
-from metalearn.errors import MetalearnError, kind_of
+from metalearn.errors import MetalearnError, OptionError, flag, kind_of
 from metalearn.tasks.batch import TaskBatch
 
 
@@ -36,7 +36,9 @@ class EpisodeSampler:
     a sampler of one's own) reports a shape the classes cannot have by these arguments
     (``ways=700``); True and False are for the samplers ``build_task_source`` builds of a run's
     test or validation episodes (True) or training episodes (False), which report it with the
-    command-line options that set it (``--test-ways``, ``--ways``). ``dtype``: the
+    options that set it, as the caller spells them (an :class:`~metalearn.errors.OptionError`):
+    the ``TaskConfig`` fields from Python (``test_ways=700``, ``ways``), their flags on the command
+    line (``--test-ways 700``, ``--ways``). ``dtype``: the
     floating-point type of the images drawn (float64 for a float64 model).
 
     The pool's images are rotated once, up front, into a bank of every (class, rotation) the
@@ -100,39 +102,52 @@ class EpisodeSampler:
             raise MetalearnError("rotated classes need images shaped (classes, examples, [C,] H, W)")
         pool_sizes = sizes[pool.characters]
         drawings = int(pool_sizes.min()) if len(pool) else 0
-        # errors name what set this shape: for a sampler of one's own (test None) its arguments;
-        # for a run's (build_task_source) the options, the training ones, or for test episodes
-        # train's --test-* options (which eval and compare call --ways/--shots/--query)
-        python = test is None
+        # errors name what set this shape, as the caller spells it (errors.OptionError): for a
+        # sampler of one's own (test None) its arguments (ways=7), alike both ways; for a run's
+        # (build_task_source) the TaskConfig fields from Python (test_ways=7) and their flags on
+        # the command line (--test-ways 7), the training ones, or for test episodes the test_*
+        # ones, which an evaluation sets with evaluate_run's episode_shape (metalearn eval's and
+        # compare's --ways, --shots, --query)
+        own = test is None
+        prefix = "test_" if test else ""
 
-        def name(option: str) -> str:  # as given: "--test-ways", "--ways", or the argument "ways"
-            return option if python else ("--test-" if test else "--") + option
+        def option(key: str) -> str | tuple[str, str]:  # the argument "ways", or the field and flag test_ways
+            return (key, key) if own else prefix + key
 
-        def value(option: str, number: int) -> str:
-            return f"{option}={number}" if python else f"{name(option)} {number}"
+        def setting(key: str, number: int) -> tuple[str, str]:  # ways=7, or test_ways=7 and --test-ways 7
+            python = f"{key if own else prefix + key}={number}"
+            return (python, python) if own else (python, f"{flag(prefix + key)} {number}")
 
-        def also(*names: str) -> str:
-            return f" (in {TEST_SHAPE_COMMANDS}: {' or '.join('--' + n for n in names)})" if test else ""
+        def also(*keys: str) -> tuple[str, str]:  # where an evaluation sets the test episodes' shape
+            if not test:
+                return "", ""
+            return (f" (in evaluate_run: episode_shape's {' or '.join(keys)})",
+                    f" (in {TEST_SHAPE_COMMANDS}: {' or '.join(flag(key) for key in keys)})")
 
+        # the dataset and split names as fields: a folder's path is quoted as it is, braces and all
+        quoted = {"dataset": (dataset, dataset), "pool": (pool.name, pool.name)}
         if ways < 2:
-            raise MetalearnError(f"{name('ways')} must be at least 2, got {ways}{also('ways')}")
+            raise OptionError(f"{{ways}} must be at least 2, got {ways}{{also}}", ways=option("ways"),
+                              also=also("ways"))
         if shots < 1 or query < 1:
-            raise MetalearnError(f"{name('shots')} and {name('query')} must be at least 1, got {shots} and "
-                                 f"{query}{also('shots', 'query')}")
+            raise OptionError(f"{{shots}} and {{query}} must be at least 1, got {shots} and {query}{{also}}",
+                              shots=option("shots"), query=option("query"), also=also("shots", "query"))
         if shots + query > drawings and len(pool):
             noun = "image" if drawings == 1 else "images"
             has = f"has {drawings} {noun} per class" if class_sizes is None else f"has a class of {drawings} {noun}"
-            raise MetalearnError(
-                f"{dataset} {has}; {value('shots', shots)} with {value('query', query)} needs {shots + query}. "
-                f"Lower {name('shots')} or {name('query')}{also('shots', 'query')}."
-            )
+            raise OptionError(
+                f"{{dataset}} {has}; {{given_shots}} with {{given_query}} needs {shots + query}. Lower {{shots}} or "
+                "{query}{also}.", given_shots=setting("shots", shots), given_query=setting("query", query),
+                shots=option("shots"), query=option("query"), also=also("shots", "query"), **quoted)
         if ways > len(pool):
-            given = value("ways", ways) + (" (it defaults to --ways)" if test else "")
-            where = "a pool" if python else "a split part"
-            raise MetalearnError(
-                f"{dataset} split {pool.name} has {len(pool)} classes; {given} is more "
-                f"than that. Lower {name('ways')}{also('ways')} or use {where} with more classes."
-            )
+            given, noted = setting("ways", ways)
+            if test:  # the test episodes' ways, which the user may never have typed
+                given, noted = given + " (it defaults to ways)", noted + " (it defaults to --ways)"
+            where = "a pool" if own else "a split part"
+            raise OptionError(
+                f"{{dataset}} split {{pool}} has {len(pool)} classes; {{given}} is more than that. Lower "
+                f"{{ways}}{{also}} or use {where} with more classes.", given=(given, noted), ways=option("ways"),
+                also=also("ways"), **quoted)
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise MetalearnError(f"EpisodeSampler draws images as floats: dtype must be a floating-point type, got {dtype}")
         self.dtype = dtype

@@ -7,9 +7,9 @@ import pytest
 
 @pytest.mark.parametrize("panels", [1, 3])
 def test_a_title_wider_than_its_figure_or_panel_is_wrapped_inside_it(tmp_path, panels):
-    from metalearn.plotting import _pyplot, fit_titles, save_figure
+    from metalearn.plotting import _figures, fit_titles, save_figure
 
-    plt = _pyplot()
+    plt = _figures()
     long = "maml on omniglot, run folder maml-omniglot-20w1s-2026-12-06-174512-with-a-long-name, step 26500, " * 2
     fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.5), squeeze=False)
     for ax in axes[0]:
@@ -27,3 +27,21 @@ def test_a_title_wider_than_its_figure_or_panel_is_wrapped_inside_it(tmp_path, p
     ax.set_title("also short")
     assert save_figure(fig, tmp_path / "short.png").stat().st_size > 0
     assert (fig._suptitle.get_text(), ax.get_title()) == ("short", "also short")
+
+
+def test_drawing_leaves_the_process_s_matplotlib_backend_alone(tmp_path):
+    """A notebook's inline backend stays: metalearn's figures never go through pyplot."""
+    import matplotlib
+
+    from metalearn.plotting import _figures, save_figure
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        fig, ax = _figures().subplots(figsize=(3, 2))
+        ax.plot([0, 1], [1, 0])
+        fig.suptitle("a title")
+        assert save_figure(fig, tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)

@@ -24,7 +24,7 @@ def save_figure(fig, path: Path | str, dpi: int = 110) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
-    _pyplot().close(fig)
+    _figures().close(fig)
     atomic_write_bytes(path, buffer.getbuffer())
     return path
 
@@ -54,13 +54,28 @@ def fit_titles(fig) -> None:
             width = text.get_window_extent(renderer).width
 
 
-def _pyplot():
-    import matplotlib
+class _Figures:
+    """pyplot's ``subplots`` and ``close`` for the figures metalearn draws, which are only ever
+    saved: ``matplotlib.figure.Figure`` objects, rendered by Agg when saved, outside pyplot. Using
+    pyplot would mean choosing its backend for the whole process (``matplotlib.use("Agg")``),
+    which takes a notebook's inline figures away from the user's own plots."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    @staticmethod
+    def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] | None = None, **options):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
-    return plt
+        fig = Figure(figsize=figsize)
+        FigureCanvasAgg(fig)  # the figure's canvas: text is measured (fit_titles) and saved with Agg
+        return fig, fig.subplots(nrows, ncols, **options)
+
+    @staticmethod
+    def close(fig) -> None:
+        """Nothing to do: pyplot never held the figure, which goes with its last reference."""
+
+
+def _figures() -> type[_Figures]:
+    return _Figures
 
 
 SERIES_LABELS = {  # metrics.jsonl key -> (factor, panel title)
@@ -100,7 +115,7 @@ def plot_learning_curves(records: list[dict], path: Path, title: str = "",
                          labels: dict[str, str] | None = None) -> Path:
     """Training loss and every accuracy/MSE series found in ``metrics.jsonl`` records;
     ``labels``: panel titles that replace the common ones (:meth:`MetaLearner.series_labels`)."""
-    plt = _pyplot()
+    plt = _figures()
     # a value that is not a number (a hand-edited or foreign line) is skipped, as status skips it
     number = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)
     records = [{k: v for k, v in r.items() if k == "step" or number(v)} for r in records if number(r.get("step"))]
@@ -137,7 +152,7 @@ def tasks_on_grid(batch: TaskBatch, true_function, x_range: tuple[float, float] 
 def draw_task_panels(on_grid: TaskBatch, draw_predictions, path: Path, title: str = "") -> Path:
     """One panel per task: ``draw_predictions(ax, t)`` draws the method's curves, then the truth
     and the support points are added; saved as PNG at ``path``."""
-    plt = _pyplot()
+    plt = _figures()
     fig, axes = plt.subplots(1, on_grid.num_tasks, figsize=(4.2 * on_grid.num_tasks, 3.4), squeeze=False)
     x = on_grid.query_x[0, :, 0]
     for t, ax in enumerate(axes[0]):

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from metalearn.plotting import _pyplot, save_figure
+from metalearn.plotting import _figures, save_figure
 
 # the authors' results behind the paper's Figure 5 (cbfinn/maml_rl, icml/icml_{point,cheetah,
 # cheetahdirec}_results_*.pkl: mean over their 40 test tasks of the average return after 0..3
@@ -32,7 +32,7 @@ def plot_adaptation_curves(curves: dict[str, dict[str, Any]], path: Path, title:
     """One line per entry of ``curves`` (label -> an evaluation result with ``per_step`` means and
     ``per_step_ci95``): average return after 0, 1, ... policy-gradient steps, with 95% intervals.
     ``reference``: label -> per-step values drawn thin and grey (a paper's numbers)."""
-    plt = _pyplot()
+    plt = _figures()
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
     for label, result in curves.items():
         means = result["per_step"]
@@ -57,7 +57,7 @@ def plot_navigation(before, after, goals: torch.Tensor, path: Path, title: str =
     policy-gradient step (solid), from the origin, and the goal (a star). ``before``/``after``:
     :class:`~metalearn.envs.Trajectories` of nav2d (observations are positions); ``goals``:
     (tasks, 2)."""
-    plt = _pyplot()
+    plt = _figures()
     tasks = goals.shape[0]
     fig, axes = plt.subplots(1, tasks, figsize=(3.3 * tasks, 3.4), squeeze=False)
     for t, ax in enumerate(axes[0]):
@@ -97,7 +97,7 @@ def plot_velocities(before, after, goals: dict[str, torch.Tensor], index: int, p
     thin, the mean over all of them thick; the goal velocity as a gold line (``goals``
     {"velocity": (tasks,)}) or the goal direction in the panel's title ({"direction": (tasks,)},
     +1 forward, -1 backward). ``before``/``after``: :class:`~metalearn.envs.Trajectories`."""
-    plt = _pyplot()
+    plt = _figures()
     name, values = next(iter(goals.items()))
     tasks = values.shape[0]
     fig, axes = plt.subplots(1, tasks, figsize=(3.4 * tasks, 3.0), squeeze=False, sharey=True)

@@ -48,7 +48,7 @@ def plot_image_rows(entries: list[tuple[torch.Tensor, str | None]], path: Path |
     new row and fills rows of ``width`` images (default: the first entry's count, at least 10
     where a later entry has that many); a grey line parts one entry from the next. Strokes are
     drawn dark on white, as on paper. Returns ``path``."""
-    from metalearn.plotting import _pyplot, save_figure
+    from metalearn.plotting import _figures, save_figure
 
     if width is None:
         width = max(entries[0][0].shape[0], min(10, max(images.shape[0] for images, _ in entries)))
@@ -66,7 +66,7 @@ def plot_image_rows(entries: list[tuple[torch.Tensor, str | None]], path: Path |
         labels.append((top + block.shape[0] / 2, label))
         top += block.shape[0] + 1
     canvas = torch.cat(blocks[:-1])
-    plt = _pyplot()
+    plt = _figures()
     scale = 0.022
     fig, ax = plt.subplots(figsize=(max(canvas.shape[1] * scale, 3) + 0.8, canvas.shape[0] * scale + 0.6))
     ax.imshow(canvas.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")

@@ -406,9 +406,9 @@ def contact_sheet(result: Predictions, title: str = "") -> bytes:
     :data:`SHEET_QUERIES`), each with its predicted class and probability (green when it
     matches the folder it came from, red when not, black when unknown). A sheet that leaves
     images out says what in its title, so that its size is bounded whatever the folders hold."""
-    from metalearn.plotting import _pyplot
+    from metalearn.plotting import _figures
 
-    plt = _pyplot()
+    plt = _figures()
     if getattr(result, "images", None) is None:
         raise MetalearnError("contact_sheet draws the images of predict_new_classes's result; this one holds none")
     support_x, support_y, query_x = result.images

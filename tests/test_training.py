@@ -56,6 +56,23 @@ def test_resume_continues_exactly(tmp_path):
     assert steps == sorted(set(steps)) == [2, 4, 5, 6, 8, 10]  # 5: the end of the first part
 
 
+def test_training_leaves_the_caller_s_random_state_and_draws_the_same_whatever_it_is(tmp_path):
+    """A notebook's own draws are the same with or without a training between them; the training
+    draws what it would in a process of its own, whatever the caller's state."""
+    weights = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        expected = torch.randn(3)
+        torch.manual_seed(seed)
+        trainer = build_trainer(sinusoid_config(4), tmp_path / f"run{seed}")
+        trainer.fit(progress=False)
+        resumed = build_trainer(sinusoid_config(6), tmp_path / f"run{seed}", resume=True)
+        resumed.fit(progress=False)
+        assert torch.equal(torch.randn(3), expected)
+        weights.append(parameters_of(resumed.learner))
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
 def test_the_checkpoint_records_the_machine_of_each_stretch_of_training(tmp_path, monkeypatch):
     from metalearn.runtime import machine
 

@@ -4,6 +4,7 @@ bottom; it never knows which method it trains."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -276,6 +277,9 @@ class Trainer:
         self.config, self.learner, self.run_dir, self.world = config, learner, run_dir, world
         self.resume = resume
         self.device = device_of(learner)  # the batches go where the learner is
+        # training's torch random state, kept apart from the caller's (_own_random_state); None:
+        # the first fit begins from the caller's
+        self.torch_rng: torch.Tensor | None = None
         self.train_tasks, self.val_tasks = train_tasks, val_tasks
         self.task_source = f"{type(train_tasks).__module__}.{type(train_tasks).__qualname__}"
         # the learner's class where the user built it; build_trainer marks its own "method:NAME"
@@ -477,7 +481,7 @@ class Trainer:
         # their types are checked above; what still does not load (the state of other parameters,
         # a generator state of another size) is the same damage, and torch says it in many ways
         for name, load in (("optimizer", lambda saved: load_optimizer_state(self.optimizer, saved)),
-                           ("scheduler", self.scheduler.load_state_dict), ("torch_rng", torch.set_rng_state)):
+                           ("scheduler", self.scheduler.load_state_dict), ("torch_rng", self._keep_torch_rng)):
             try:
                 load(state[name])
             except Exception as err:  # noqa: BLE001 -- KeyError, ValueError, RuntimeError, ...
@@ -534,7 +538,8 @@ class Trainer:
         keeps the run folder's lock for the caller's final test (``metalearn status`` then says
         the run is being tested), who lets go with :meth:`release`; a stop or an error lets go.
         A fit that failed (an error or memory error in a step, a second Ctrl-C) may be called
-        again once the cause is fixed: it goes on from the run's last checkpoint (:meth:`_recover`)."""
+        again once the cause is fixed: it goes on from the run's last checkpoint (:meth:`_recover`).
+        Training keeps a torch random state of its own: the caller's is as it was when fit returns."""
         deadline = None if time_limit_s is None else now() + time_limit_s
         if self.run_dir is None:
             raise MetalearnError("this Trainer has no run folder to write into; build it with a run_dir")
@@ -543,6 +548,8 @@ class Trainer:
             self.lock = lock_for_training(self.run_dir, self.world)
         bar = None
         trained = False  # returned normally: the lock may be kept for the caller's test
+        random_state = self._own_random_state()
+        random_state.__enter__()
         try:  # from here on, whatever fails lets go of the folder and leaves the trainer to retry
             self._recover()
             if progress and self.world.is_main:
@@ -587,6 +594,7 @@ class Trainer:
             self._failed()
             raise
         finally:
+            random_state.__exit__(None, None, None)  # the caller's random state back, whatever happened
             if bar is not None:
                 bar.close()
             if not (trained and keep_lock):  # a stop or an error lets go at once
@@ -597,6 +605,32 @@ class Trainer:
         and drop the gradients, which a retry after a memory error would otherwise find held."""
         self.failed = True
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _keep_torch_rng(self, saved: torch.Tensor) -> None:
+        """Keep a checkpoint's random state for :meth:`fit` (which sets it in its own fork of
+        the random state), after torch checked that it loads: restoring a run leaves the caller's
+        random state alone."""
+        previous = torch.get_rng_state()
+        torch.set_rng_state(saved)  # refuses a state of another size or type
+        torch.set_rng_state(previous)
+        self.torch_rng = saved
+
+    @contextlib.contextmanager
+    def _own_random_state(self):
+        """Training's torch random state, apart from the caller's: forked on entry (the CPU's,
+        and the GPU's that trains), set to the one the last fit or restore left, and kept again
+        on exit, so that a notebook's own draws are the same with or without a training between
+        them, and two fits in one process draw what one would."""
+        device = self.device
+        devices = [torch.cuda.current_device() if device.index is None else device.index] if (
+            device is not None and device.type == "cuda") else []
+        with torch.random.fork_rng(devices=devices):
+            if getattr(self, "torch_rng", None) is not None:
+                torch.set_rng_state(self.torch_rng)
+            try:
+                yield
+            finally:
+                self.torch_rng = torch.get_rng_state()
 
     def release(self) -> None:
         """Let go of the run folder (its one-writer lock), as :meth:`fit` does when it returns:
@@ -930,8 +964,12 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
     elif recorded is not None and same_path(data_dir, recorded):
         recorded = None
     check_test_ways(config)
-    torch.manual_seed(config.train.seed)  # the initial weights
-    learner = build_learner(config.method, config.method_config, problem_of(config.task))
+    with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
+        torch.manual_seed(config.train.seed)  # the initial weights
+        learner = build_learner(config.method, config.method_config, problem_of(config.task))
+        # where the training's random state begins (Trainer._own_random_state), as the process's
+        # did before training kept its own
+        seeded = torch.get_rng_state()
     learner.check_run(config)
     task = config.task
     gone = bool(task.split_file) and not Path(task.split_file).is_file()
@@ -962,6 +1000,7 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
     trainer.task_source = f"dataset:{config.task.dataset}"
     trainer.learner_source = f"method:{config.method}"  # built from config.json: load_trained rebuilds it
     trainer.data_dir, trainer.data_dir_given = data_dir, given
+    trainer.torch_rng = seeded
     if resume:
         trainer.restore(run.read_checkpoint(*RESUME_ENTRIES))
         if trainer.step > config.train.steps:

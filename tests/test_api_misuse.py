@@ -269,3 +269,38 @@ def test_what_a_caller_gets_wrong_about_runs_and_configs_is_one_line(tmp_path):
     held.release()
     train(config, tmp_path / "run", progress=False, announce=None, evaluate_after=False)
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
+
+
+def test_numpy_numbers_are_taken_as_python_s_throughout_a_notebook_s_run(tmp_path):
+    """What arithmetic on arrays gives (np.int64) reaches every option as Python's number: method
+    options, steps, stop_at, episodes, seeds, episode shapes and overrides; the evaluation file is
+    written (JSON) and named as for Python's ints."""
+    import json
+
+    import numpy as np
+
+    from metalearn.api import evaluate_run, resolve_config, train
+    from metalearn.errors import TrainingStopped
+    from metalearn.uncertainty import compare_learners
+
+    config = resolve_config("maml", task={"dataset": "sinusoid", "shots": 5},
+                            method_config={"test_inner_steps": np.int64(2), "inner_lr": np.float32(0.01)},
+                            train={"steps": np.int64(4), "meta_batch_size": 2, "val_every": 0})
+    assert type(config.method_config["test_inner_steps"]) is int and type(config.method_config["inner_lr"]) is float
+    with pytest.raises(TrainingStopped):
+        train(config, run_dir=tmp_path / "run", evaluate_after=False, progress=False, stop_at=np.int64(2))
+    train(config, run_dir=tmp_path / "run", resume=True, evaluate_after=False, progress=False)
+    result = evaluate_run(tmp_path / "run", episodes=np.int64(5), seed=np.int64(1), progress=False,
+                          episode_shape={"shots": np.int64(5)}, overrides={"test_inner_steps": np.int64(3)})
+    written = tmp_path / "run" / "eval-episodes=5-seed=1-shots=5-test_inner_steps=3.json"
+    assert json.loads(written.read_text())["mean"] == pytest.approx(result["mean"])
+    compared = compare_learners({"a": tmp_path / "run"}, episodes=np.int64(4), seed=np.int64(2),
+                                overrides={"test_inner_steps": np.int64(3)}, episode_shape={"shots": np.int64(5)})
+    assert json.dumps(compared) and compared["episodes"] == 4
+
+
+@pytest.mark.parametrize("seed", [1.5, "0", None, -1, True])
+def test_evaluate_refuses_a_seed_that_is_no_whole_number_in_one_line(seed):
+    source = SinusoidTasks(shots=5, query=5)
+    message = refusal(lambda: evaluate(MAML(MLP(), MAML.Config(inner_lr=0.01)), source, 2, seed=seed))
+    assert message == f"seed must be a whole number from 0 to {2**63 - 1}, got {seed!r}"

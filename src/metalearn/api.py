@@ -8,6 +8,7 @@ import dataclasses
 import inspect
 import json
 import math
+import numbers
 import os
 import statistics
 import warnings
@@ -491,13 +492,14 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     (:func:`recorded_seeds`); a protocol's result has that protocol's scores instead.
     """
     from metalearn.config import MAX_SEED
-    from metalearn.evaluation import check_count
+    from metalearn.evaluation import check_count, check_seed
 
     check_protocol_or_ensemble(protocol, ensemble)
     if episodes is not None:
         check_count(episodes, "episodes")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise MetalearnError(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
+        episodes = int(episodes)
+    seed = check_seed(seed, most=MAX_SEED)
+    episode_shape, overrides = plain_shape(episode_shape), plain_values(overrides)
     part_seed_offset(part)  # an unknown part, before the run is loaded
     config, learner, step, state = load_trained_state(run_dir, overrides)
     split_labels = other_images_label(RunDir(run_dir), data_dir, state)  # another folder's: a file of its own
@@ -697,6 +699,23 @@ def with_split(config: RunConfig, fractions: str | None = None, split_file: Path
     return dataclasses.replace(config, task=task), {"split_file": path.parent.name if is_run_split(path) else path.stem}
 
 
+def plain_shape(shape: Any) -> Any:
+    """An episode shape with NumPy counts as Python's ints (they name the evaluation's file and
+    go into its JSON); anything else as it is, for :func:`with_test_shape` to refuse."""
+    from metalearn.options import plain_number
+
+    return {key: plain_number(value, (int,)) for key, value in shape.items()} if isinstance(shape, dict) else shape
+
+
+def plain_values(overrides: Any) -> Any:
+    """Method options to change with NumPy numbers as Python's (as the options take them, and
+    for the evaluation's file name and JSON); anything else as it is, to be refused where checked."""
+    from metalearn.options import plain_number
+
+    return ({key: plain_number(value, (int, float)) for key, value in overrides.items()}
+            if isinstance(overrides, dict) else overrides)
+
+
 def with_test_shape(config: RunConfig, shape: dict[str, int]) -> RunConfig:
     """``config`` whose test episodes have ``shape``'s ways / shots / query per class."""
     if not isinstance(shape, dict):
@@ -706,7 +725,7 @@ def with_test_shape(config: RunConfig, shape: dict[str, int]) -> RunConfig:
         raise MetalearnError(f"an episode shape has ways, shots and query, not {', '.join(sorted(map(str, unknown)))}")
     for key, value in shape.items():
         least = 2 if key == "ways" else 1
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
             raise OptionError(f"{{option}} must be a whole number of at least {least}, got {value!r}",
                               option=(f"episode_shape's {key}", f"--{key}"))
     dataset = get_dataset(config.task.dataset)
@@ -717,7 +736,7 @@ def with_test_shape(config: RunConfig, shape: dict[str, int]) -> RunConfig:
     if not config.task.classification and "ways" in shape:
         raise OptionError(f"{config.task.dataset} is regression: its tasks have no ways (leave out {{ways}})",
                           ways=("episode_shape's ways", "--ways"))
-    task = dataclasses.replace(config.task, **{f"test_{key}": value for key, value in shape.items()})
+    task = dataclasses.replace(config.task, **{f"test_{key}": int(value) for key, value in shape.items()})
     config = dataclasses.replace(config, task=task)
     check_test_ways(config)
     return config

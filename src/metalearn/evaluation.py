@@ -90,6 +90,15 @@ def check_count(value: Any, name: str) -> None:
         raise MetalearnError(f"{name} must be a whole number of at least 1, got {value!r}")
 
 
+def check_seed(value: Any, name: str = "seed", most: int = 2**63 - 1) -> int:
+    """A seed as Python's int (a NumPy integer too), or a one-line error for anything that is not
+    a whole number from 0 to ``most``: torch's manual_seed would fail on it with a message about
+    its own arguments, or take a negative one."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= most:
+        raise MetalearnError(f"{name} must be a whole number from 0 to {most}, got {value!r}")
+    return int(value)
+
+
 def evaluate(
     learner: MetaLearner,
     source: TaskSource,
@@ -143,6 +152,7 @@ def evaluate(
         raise OptionError(f"{{episodes}} must be at most {MAX_EPISODES:,} (the intervals of papers use 600 to 10,000), "
                           f"got {episodes}", episodes="episodes")
     check_count(chunk, "chunk")
+    seed = check_seed(seed)  # the generator's seed as it is: a run's test seeds carry TEST_SEED_OFFSET
     if memory_budget is not None and not (isinstance(memory_budget, (int, float)) and 0 < memory_budget <= 1):
         raise MetalearnError(f"memory_budget is a fraction in (0, 1] or None, got {memory_budget!r}")
     generator = torch.Generator().manual_seed(seed)

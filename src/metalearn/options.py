@@ -52,7 +52,7 @@ def check_option_types(config: Any) -> None:
         if not all(t in _CHECKED for t in allowed):
             continue
         value = getattr(config, field.name)
-        value = _plain(value, allowed)
+        value = plain_number(value, allowed)
         object.__setattr__(config, field.name, value)  # a NumPy number as the int or float it stands for
         if not any(_is(value, t) for t in allowed):
             names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
@@ -62,7 +62,7 @@ def check_option_types(config: Any) -> None:
             raise ConfigError(owner, field.name, f"must be {names}{spelled}, got {value!r}")
 
 
-def _plain(value: Any, allowed: tuple[type, ...]) -> Any:
+def plain_number(value: Any, allowed: tuple[type, ...]) -> Any:
     """A NumPy integer or float (``np.int64(5)``, what arithmetic on arrays gives) as Python's
     int or float where the field takes one: it compares, prints and saves to JSON as the user
     meant. Anything else as it is."""

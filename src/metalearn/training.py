@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
 import os
 import signal
 import sys
@@ -83,8 +84,9 @@ def check_stop_at(stop_at, step: int, steps: int) -> None:
     """``--stop-at``: a step not before the run's current ``step`` (equal: it is paused there
     already, and :meth:`Trainer.fit` stops at once, so that the same command can be repeated)
     and before its last, ``steps``."""
-    if isinstance(stop_at, bool) or not isinstance(stop_at, int) or stop_at < 1:
+    if isinstance(stop_at, bool) or not isinstance(stop_at, numbers.Integral) or stop_at < 1:
         raise OptionError(f"{{stop_at}} takes a step number (a positive integer), got {stop_at!r}", stop_at="stop_at")
+    stop_at = int(stop_at)
     given = (f"stop_at={stop_at}", f"--stop-at {stop_at}")
     if stop_at < step:
         raise OptionError(f"{{stop_at}}: the run is already at step {step}; give a later step", stop_at=given)

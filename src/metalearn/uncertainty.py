@@ -255,9 +255,10 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     from metalearn.checkpoints import load_trained_state, recorded_images, run_images
     from metalearn.runs import RunDir
     from metalearn.datasets import NATURAL_IMAGES, get_dataset
+    from metalearn.api import plain_values
+    from metalearn.config import MAX_SEED
+    from metalearn.evaluation import check_count, check_seed
     from metalearn.training import part_seed_offset
-
-    from metalearn.evaluation import check_count
 
     if not isinstance(runs, dict):
         raise MetalearnError(f"compare_learners takes {{label: run directory}}, got {type(runs).__name__}; e.g. "
@@ -266,6 +267,8 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
         raise MetalearnError("compare_learners needs at least one run directory")
     for value, name in ((episodes, "episodes"), (chunk, "chunk"), (grid_points, "grid_points")):
         check_count(value, name)
+    episodes, chunk, grid_points = int(episodes), int(chunk), int(grid_points)  # NumPy counts as Python's
+    seed, overrides = check_seed(seed, most=MAX_SEED), plain_values(overrides)
     part_seed_offset(part)  # an unknown part, before any run is loaded
     taken = [label for label in runs if label in RESULT_KEYS or not label]
     if taken:  # a run's entry would overwrite the result's own field, or have no name
@@ -284,8 +287,9 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
 
     loaded = {label: load(label, path) for label, path in runs.items()}
     if episode_shape:
-        from metalearn.api import with_test_shape
+        from metalearn.api import plain_shape, with_test_shape
 
+        episode_shape = plain_shape(episode_shape)
         for label, (config, learner, step) in loaded.items():
             try:
                 loaded[label] = (with_test_shape(config, episode_shape), learner, step)

@@ -22,7 +22,7 @@ from metalearn.algorithms.protonet import ProtoNet, ProtoNetConfig
 from metalearn.algorithms.reptile import Reptile, ReptileConfig
 from metalearn.algorithms.statistician import NeuralStatistician, StatisticianConfig
 from metalearn.errors import ConfigError, MetalearnError
-from metalearn.options import is_command_name
+from metalearn.options import is_command_name, plain_number
 from metalearn.plugins import load_plugins, unknown_hint, registering
 from metalearn.tasks.batch import Problem
 
@@ -171,7 +171,10 @@ def make_method_config(name: str, values: dict[str, Any]) -> Any:
 
 def _coerce(owner: str, option: str, value: Any, expected: Any) -> Any:
     """``value`` as the option's declared type (bool, int, float or str), or a clear error:
-    values from ``--set`` or a hand-edited config.json arrive as JSON or strings."""
+    values from ``--set`` or a hand-edited config.json arrive as JSON or strings; a NumPy number
+    (``np.int64(3)``, what arithmetic on arrays gives) as Python's, as every option takes it."""
+    if expected in (int, float):
+        value = plain_number(value, (expected,))
     if expected is bool:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"

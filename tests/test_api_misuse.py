@@ -304,3 +304,24 @@ def test_evaluate_refuses_a_seed_that_is_no_whole_number_in_one_line(seed):
     source = SinusoidTasks(shots=5, query=5)
     message = refusal(lambda: evaluate(MAML(MLP(), MAML.Config(inner_lr=0.01)), source, 2, seed=seed))
     assert message == f"seed must be a whole number from 0 to {2**63 - 1}, got {seed!r}"
+
+
+def test_a_float64_default_dtype_changes_neither_the_weights_nor_the_tasks(tmp_path):
+    """A notebook's torch.set_default_dtype(torch.float64): learners are still built in float32 and
+    the tasks drawn in float32, so a run trains and scores as it would without it."""
+    from metalearn.api import evaluate_run, resolve_config, train
+
+    config = resolve_config("maml", task={"dataset": "sinusoid", "shots": 5},
+                            train={"steps": 3, "meta_batch_size": 2, "val_every": 0})
+    train(config, run_dir=tmp_path / "run", evaluate_after=False, progress=False)
+    expected = evaluate_run(tmp_path / "run", episodes=6, progress=False)["mean"]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert evaluate_run(tmp_path / "run", episodes=6, progress=False)["mean"] == expected
+        learner = build_learner("protonet", None, Problem((1, 28, 28), 5, True))
+        assert {p.dtype for p in learner.parameters()} == {torch.float32}
+        assert SinusoidTasks().sample(2, torch.Generator().manual_seed(0)).support_x.dtype == torch.float32
+        assert torch.get_default_dtype() == torch.float64  # the caller's default as it was
+    finally:
+        torch.set_default_dtype(previous)

@@ -12,6 +12,8 @@ import dataclasses
 import typing
 from typing import Any
 
+import torch
+
 from metalearn.algorithms.base import MetaLearner, accuracy, task_loss
 from metalearn.algorithms.maml import MAML, MAMLConfig
 from metalearn.algorithms.maml_rl import MAMLRL, MAMLRLConfig
@@ -217,7 +219,14 @@ def build_learner(name: str, values: dict[str, Any] | Any | None, problem: Probl
     if not isinstance(problem, Problem):
         raise MetalearnError(f"build_learner takes a Problem (input_shape, output_dim, classification), got "
                              f"{type(problem).__name__}; e.g. Problem((1, 28, 28), 5, True)")
-    learner = method_class(name).build(make_method_config(name, values), problem)
+    # float32 weights whatever torch's default dtype (a notebook may have set float64): the tasks,
+    # the checkpoints and the recorded results are float32
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        learner = method_class(name).build(make_method_config(name, values), problem)
+    finally:
+        torch.set_default_dtype(previous)
     learner.problem = problem  # the tasks it was built for: image size, channels, ways (MetaLearner.task_batch)
     return learner
 

@@ -13,9 +13,14 @@ from metalearn.errors import OptionError
 from metalearn.tasks.batch import TaskBatch
 
 
+# the tasks are float32 whatever torch's default dtype (a notebook's float64 would draw other
+# numbers from the same seed, and feed float64 points to a float32 network)
+DTYPE = torch.float32
+
+
 def _uniform(shape, bounds, generator) -> Tensor:
     low, high = bounds
-    return torch.rand(shape, generator=generator) * (high - low) + low
+    return torch.rand(shape, generator=generator, dtype=DTYPE) * (high - low) + low
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,7 @@ class SinusoidTasks:
         amplitude = _uniform((num_tasks,), self.amplitude, generator)
         phase = _uniform((num_tasks,), self.phase, generator)
         x = _uniform((num_tasks, self.shots + self.query, 1), self.x_range, generator)
-        noise = torch.randn(x.shape, generator=generator) * self.noise_std
+        noise = torch.randn(x.shape, generator=generator, dtype=DTYPE) * self.noise_std
         params = {"amplitude": amplitude, "phase": phase}
         return _split(x, self.function(params, x) + noise, params, self.shots, tasks)
 
@@ -88,14 +93,14 @@ class SineOrLineTasks:
         :meth:`SinusoidTasks.sample` draws them (``generator`` alone decides; ``tasks`` a slice
         of the whole batch)."""
         params = {
-            "is_line": (torch.rand(num_tasks, generator=generator) < 0.5).float(),
+            "is_line": (torch.rand(num_tasks, generator=generator, dtype=DTYPE) < 0.5).float(),
             "amplitude": _uniform((num_tasks,), self.amplitude, generator),
             "phase": _uniform((num_tasks,), self.phase, generator),
             "slope": _uniform((num_tasks,), self.slope, generator),
             "intercept": _uniform((num_tasks,), self.intercept, generator),
         }
         x = _uniform((num_tasks, self.shots + self.query, 1), self.x_range, generator)
-        noise = torch.randn(x.shape, generator=generator) * self.noise_std
+        noise = torch.randn(x.shape, generator=generator, dtype=DTYPE) * self.noise_std
         return _split(x, self.function(params, x) + noise, params, self.shots, tasks)
 
     @staticmethod

@@ -131,6 +131,23 @@ def test_a_method_and_a_dataset_registered_in_a_test_train_evaluate_resume_and_p
     assert code == 2 and "--inner-lr" in err
 
 
+def test_a_stop_of_a_run_of_a_method_registered_outside_a_plugin_says_how_to_go_on_from_python(toy_registry,
+                                                                                                 tmp_path):
+    """A method a notebook or a script registered is unknown to a fresh ``metalearn`` command: the
+    hint after a stop is the Python call that goes on, and what the command line would need."""
+    from metalearn.api import resolve_config, train
+    from metalearn.errors import TrainingStopped
+
+    config = resolve_config("toy-nearest-mean", task={"dataset": "toy-blobs", "ways": 3, "shots": 2},
+                            train={"steps": 4, "meta_batch_size": 2, "val_every": 0})
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingStopped) as stopped:
+        train(config, run_dir=run_dir, stop_at=2, evaluate_after=False, progress=False)
+    assert (f"continue from Python: metalearn.train(config, run_dir={str(run_dir)!r}, resume=True) (for the command "
+            "line, the run's process registered it in") in str(stopped.value)
+    assert "metalearn train toy-nearest-mean" not in str(stopped.value)
+
+
 def test_a_registered_method_refuses_bad_values_naming_its_field(toy_registry):
     from metalearn.algorithms import make_method_config
     from metalearn.errors import ConfigError

@@ -768,9 +768,29 @@ class Trainer:
             if unfinished:
                 return f"continue from Python: {python_resume(self.run_dir.path)}"
             return f"training is complete; evaluate it from Python: {python_test(self.run_dir.path)}"
+        here = self._registered_here()
+        if here is not None:  # a method of a notebook's or a script's: no command knows it
+            path = repr(str(self.run_dir.path))
+            if unfinished:
+                return f"continue from Python: metalearn.train(config, run_dir={path}, resume=True) ({here})"
+            return f"training is complete; evaluate it from Python: metalearn.evaluate_run({path}) ({here})"
         if unfinished:
             return f"continue with `{resume_command(self.config.method, self.run_dir.path, self.data_dir)}`"
         return f"training is complete; evaluate with `metalearn eval {self.run_dir.path}{data}`"
+
+    def _registered_here(self) -> str | None:
+        """For a run whose method, dataset or network this process registered outside a plugin
+        (a notebook's or a script's ``register_method``), which a ``metalearn`` command does not
+        import: what would let a command load it (:func:`metalearn.plugins.remedy`); else None."""
+        from metalearn.plugins import remedy, source_of
+
+        config = self.config
+        for kind, name in (("method", config.method), ("dataset", config.task.dataset),
+                           ("network", config.method_config.get("model"))):
+            source = source_of(kind, name) if isinstance(name, str) else None
+            if source is not None and "module" in source:
+                return "for the command line, " + remedy(source)
+        return None
 
     def _choose_task_chunk(self, batch, bar) -> int:
         """``task_chunk="auto"``: of the chunk sizes whose step fits in ``memory_budget`` of the

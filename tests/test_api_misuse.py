@@ -325,3 +325,19 @@ def test_a_float64_default_dtype_changes_neither_the_weights_nor_the_tasks(tmp_p
         assert torch.get_default_dtype() == torch.float64  # the caller's default as it was
     finally:
         torch.set_default_dtype(previous)
+
+
+def test_a_warning_names_the_caller_s_line_and_is_shown_for_each_call(recwarn):
+    """A notebook re-running a cell sees the warning again, at its own line, not at the library's
+    (Python's default filter shows a warning once per place)."""
+    import warnings
+
+    from metalearn.api import resolve_config
+
+    warnings.simplefilter("default")
+    train = {"steps": 75000, "lr_halve_every": 2000}
+    first = resolve_config("protonet", task={"dataset": "omniglot"}, train=train)
+    again = resolve_config("protonet", task={"dataset": "omniglot"}, train=train)  # a cell run again: another line
+    assert first == again
+    places = [(w.filename, w.category.__name__) for w in recwarn if "halves the meta learning rate" in str(w.message)]
+    assert places == [(__file__, "OptionWarning")] * 2

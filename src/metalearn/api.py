@@ -24,8 +24,8 @@ from metalearn.config import (RESUMABLE_CHANGES, RunConfig, TaskConfig, TrainCon
                               sets_task_option, task_differences)
 from metalearn.datasets import DATASETS, NATURAL_IMAGES, get_dataset
 from metalearn.distributed import World, init_world
-from metalearn.errors import (ConfigError, MetalearnError, OptionError, OptionWarning, TrainingStopped, flag, kind_of,
-                              valued)
+from metalearn.errors import (ConfigError, MetalearnError, OptionError, OptionWarning, TrainingStopped, caller_level,
+                              flag, kind_of, valued)
 from metalearn.evaluation import EPISODE_CHUNK, evaluate
 from metalearn.options import option_defaults
 from metalearn.runs import RunDir, claim_new_run_dir, default_runs_root, new_run_name
@@ -299,12 +299,12 @@ def warn_of_schedule(train: TrainConfig, method_options: Any = None) -> None:
                 warnings.warn(OptionWarning(
                     "{given} lies at or beyond {steps}: this run ends before it (give a smaller {option}, or more "
                     "{more})", given=setting(field.name, value), steps=steps, option=field.name, more="steps"),
-                    stacklevel=3)
+                    stacklevel=caller_level())
     if train.keep_best and train.val_every > train.steps:
         warnings.warn(OptionWarning(
             f"{{keep_best}} keeps no checkpoint: validation every {train.val_every} steps never runs in {{steps}} "
             "(give a smaller {val_every})", keep_best=setting("keep_best", train.keep_best), steps=steps,
-            val_every="val_every"), stacklevel=3)
+            val_every="val_every"), stacklevel=caller_level())
     if train.lr_halve_every <= 0:
         return
     halvings = (train.steps - 1) // train.lr_halve_every
@@ -315,7 +315,7 @@ def warn_of_schedule(train: TrainConfig, method_options: Any = None) -> None:
             f"{{meta_lr}}), where its steps barely change the weights; give {{fewer}} (at most {MAX_HALVINGS} "
             "halvings) or 0 (none)", given=setting("lr_halve_every", train.lr_halve_every), steps=steps,
             meta_lr=setting("meta_lr", f"{train.meta_lr:g}"),
-            fewer=setting("lr_halve_every", -(-train.steps // (MAX_HALVINGS + 1)))), stacklevel=3)
+            fewer=setting("lr_halve_every", -(-train.steps // (MAX_HALVINGS + 1)))), stacklevel=caller_level())
 
 
 def setting(field: str, value: Any) -> tuple[str, str]:

@@ -9,6 +9,7 @@ of showing a traceback from deep inside torch.
 
 import math
 import re
+import sys
 from typing import Callable
 
 FLOAT32_MAX = 3.4028234663852886e38  # the networks compute in float32: a larger value overflows
@@ -172,3 +173,14 @@ class TrainingStopped(Options, MetalearnError):
     def __init__(self, message: str, exit_code: int, **options: str | tuple[str, str]):
         super().__init__(message, **options)
         self.exit_code = exit_code
+
+
+def caller_level() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` made by the function that calls this one, that
+    names the first frame outside metalearn (a notebook's cell, a script's line): the warning
+    points at the user's call, not at the library's, and Python's default filter, which shows a
+    warning once per place, shows it again for each call of the user's."""
+    frame, level = sys._getframe(2), 2  # the warning function's caller: stacklevel 2
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "metalearn":
+        frame, level = frame.f_back, level + 1
+    return level

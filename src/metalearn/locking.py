@@ -45,7 +45,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from metalearn.errors import MetalearnError, MetalearnWarning, Options
+from metalearn.errors import MetalearnError, caller_level, MetalearnWarning, Options
 from metalearn.files import process_running
 
 UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENOTSUP}
@@ -264,7 +264,7 @@ class FolderLock:
                     path.unlink()  # no one can hold it here: it would only be litter
                 warnings.warn(MetalearnWarning(
                     f"the file system of {path.parent} refuses file locks ({err.strerror}): nothing keeps "
-                    "a second process from writing there at the same time"), stacklevel=2)
+                    "a second process from writing there at the same time"), stacklevel=caller_level())
                 return cls(path, None, made_folders)
             except BaseException:
                 os.close(fd)

@@ -34,7 +34,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from metalearn.errors import MetalearnError, MetalearnWarning
+from metalearn.errors import MetalearnError, caller_level, MetalearnWarning
 
 ENVIRONMENT_VARIABLE = "METALEARN_PLUGINS"
 ENTRY_POINT_GROUP = "metalearn.plugins"
@@ -263,13 +263,13 @@ def registering(kind: str, name: str, built_in: frozenset[str], same: bool) -> N
     that name (``same``: it registers the built-in itself again, which changes nothing and is not
     warned about): a run of that name then trains something else than the documentation and its
     records say. Called by each ``register_*`` function, from the user's code."""
-    frame, level = sys._getframe(1), 2  # the user's code: past register_environment's call of register_dataset
+    frame = sys._getframe(1)  # the user's code: past register_environment's call of register_dataset
     while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "metalearn":
-        frame, level = frame.f_back, level + 1
+        frame = frame.f_back
     if name in built_in and not same:
         warnings.warn(f"this registration replaces metalearn's built-in {kind} {name!r} in this process: runs that name "
                       f"it train and read the new one (choose another name to keep both)", MetalearnWarning,
-                      stacklevel=level)
+                      stacklevel=caller_level())
     if same or not hasattr(sys.modules.get("metalearn"), "__version__"):  # the same again, or a built-in
         return
     if _importing:

@@ -19,7 +19,7 @@ from metalearn.algorithms import MetaLearner, can
 from metalearn.algorithms.base import evaluating
 from metalearn.data.folder import image_files, no_images_note, warn_of_skipped_files
 from metalearn.data.images import is_image_file
-from metalearn.errors import MetalearnError, MetalearnWarning, OptionError, spelled, valued
+from metalearn.errors import MetalearnError, caller_level, MetalearnWarning, OptionError, spelled, valued
 from metalearn.files import WriteError, atomic_write_files, check_writable_file, same_path, user_path
 from metalearn.locking import make_folders
 from metalearn.models.norm import BatchStatNorm
@@ -117,7 +117,7 @@ def read_query(paths: list[Path | str]) -> list[Path]:
         same = "" if str(kept) == str(example) else f", the same file as {kept}"
         warnings.warn(MetalearnWarning(
             f"{repeated} query image{' was' if repeated == 1 else 's were'} given twice (e.g. {example}{same}): each "
-            "is classified and counted once"), stacklevel=3)
+            "is classified and counted once"), stacklevel=caller_level())
     return list(first.values())
 
 
@@ -136,7 +136,7 @@ def warn_of_query_in_support(support: list[list[Path]], query: list[Path]) -> No
             f"{len(repeated)} of the {len(query)} query {images} {verb} also in the support set (e.g. {repeated[0]}): "
             f"the learner was given {them} with {their} {labels}, so {their} prediction{'' if one else 's'} (and an "
             f"accuracy counting {them}) {'does' if one else 'do'} not show how it classifies new images; query other "
-            "images to test it"), stacklevel=3)
+            "images to test it"), stacklevel=caller_level())
 
 
 def normalises_queries_together(learner: MetaLearner) -> bool:
@@ -186,7 +186,7 @@ def warn_of_few_queries(learner: MetaLearner, count: int, queries_per_task: int 
         f"probabilities depend on the others classified with it: {count} query "
         f"{'image is' if count == 1 else 'images are'} fewer than {had}, and the probabilities can mislead; "
         f"classify at least {least} query images together"),
-        stacklevel=3)
+        stacklevel=caller_level())
 
 
 class Predictions(dict):

@@ -32,7 +32,7 @@ import torch
 
 from metalearn.config import RunConfig
 from metalearn.data.splits import PARTS, RUN_SPLIT_NAME
-from metalearn.errors import MetalearnError, MetalearnWarning, OptionError, spellings
+from metalearn.errors import MetalearnError, caller_level, MetalearnWarning, OptionError, spellings
 from metalearn.files import (WriteError, append_line, atomic_write, atomic_write_bytes, user_path,  # noqa: F401
                              fsync_directory, obstacle, probe_writable, remove_temporaries)
 from metalearn.locking import FolderInUse, FolderLock
@@ -206,7 +206,7 @@ def warn_replaced_built_ins(data: Any, path: Path) -> None:
         if isinstance(kind, str) and isinstance(name, str) and source_of(kind, name) is None:
             load = remedy(entry) or "load what registered it"
             warnings.warn(f"{path}: the run's {kind} {name!r} was registered in Python, replacing metalearn's own, and "
-                          f"this process reads it as metalearn's built-in {kind}: {load}", MetalearnWarning, stacklevel=2)
+                          f"this process reads it as metalearn's built-in {kind}: {load}", MetalearnWarning, stacklevel=caller_level())
 
 
 def run_plugins(config: RunConfig, recorded: Any = None) -> list[dict[str, Any]]:

@@ -43,7 +43,7 @@ from metalearn.data.cache import read_arrays, write_arrays
 from metalearn.data.images import IMAGE_SUFFIXES, check_channels, decode_image, is_image_file
 from metalearn.data.omniglot import default_cache_dir, file_in_the_way
 from metalearn.data.splits import PARTS, RUN_SPLIT_NAME, ClassPool
-from metalearn.errors import MetalearnError, OptionError, OptionWarning, flag, valued
+from metalearn.errors import MetalearnError, caller_level, OptionError, OptionWarning, flag, valued
 
 # 2: 16-bit images scaled by their type's range, EXIF orientation applied; 3: the cached
 # content_hash also covers the array's shape, the class sizes and the parts
@@ -163,7 +163,7 @@ def warn_of_skipped_files(skipped: list[Path], where: str | tuple[str, str]) -> 
             "files that are not images by their names")
     them = "it" if len(skipped) == 1 else "them"
     warnings.warn(OptionWarning(f"{{where}}: skipped {len(skipped)} {what} ({suffixes}): {{shown}}; convert {them} "
-                                f"to use {them}", where=where, shown=(shown, shown)), stacklevel=3)
+                                f"to use {them}", where=where, shown=(shown, shown)), stacklevel=caller_level())
 
 
 def no_images_note(folder: Path, skipped: list[Path]) -> str:

@@ -257,6 +257,15 @@ def test_missing_data_directory_says_where_to_put_the_archives(tmp_path, capsys)
 def test_eval_of_a_folder_without_a_run(tmp_path, capsys):
     code, _, err = run(["eval", tmp_path], capsys)
     assert code == 2 and "not a metalearn run directory" in err
+    # from Python, where no option type checks the path first: a run's file, a path that is not there
+    from metalearn.api import evaluate_run
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(MetalearnError, match=rf"^{tmp_path / 'config.json'} is a file of the run in {tmp_path}: give "
+                                             rf"the run's folder, {tmp_path}$"):
+        evaluate_run(tmp_path / "config.json")
+    with pytest.raises(MetalearnError, match=rf"^{tmp_path / 'typo'} does not exist: give a run folder"):
+        evaluate_run(tmp_path / "typo")
 
 
 def test_data_info_and_verify(capsys, omniglot_data_dir):

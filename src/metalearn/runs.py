@@ -361,6 +361,11 @@ class RunDir:
         """The run's configuration. Raises :class:`MetalearnError` when there is no
         ``config.json`` (not a run folder) or it is not valid JSON or not a valid configuration."""
         if not self.config_path.is_file():
+            if self.path.is_file() and RunDir(self.path.parent).exists():  # RUN/config.json, a file of the run
+                raise MetalearnError(f"{self.path} is a file of the run in {self.path.parent}: give the run's folder, "
+                                     f"{self.path.parent}")
+            if not self.path.exists():
+                raise MetalearnError(f"{self.path} does not exist: give a run folder (one holding config.json)")
             raise MetalearnError(f"{self.path} is not a metalearn run directory (no config.json)")
         return config_from(read_json_object(self.config_path, "put back the run's own config.json"), self.config_path)
 

@@ -73,6 +73,28 @@ def test_training_leaves_the_caller_s_random_state_and_draws_the_same_whatever_i
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
 
 
+def test_a_torchrun_worker_whose_launcher_is_gone_stops_after_the_step_with_a_checkpoint(tmp_path, monkeypatch):
+    """torch starts its workers in sessions of their own: a SIGKILL of torchrun alone reaches none
+    of them. A worker re-parented (its launcher gone) stops as for a SIGTERM, not training on
+    unseen to the run's end while it holds the run folder."""
+    import metalearn.training as training
+
+    launcher, calls = os.getppid(), []
+
+    def parent() -> int:
+        calls.append(1)
+        return launcher if len(calls) <= 3 else 1  # the launcher dies during the third step
+
+    monkeypatch.setattr(training, "launched_by_torchrun", lambda: True)
+    monkeypatch.setattr(os, "getppid", parent)
+    trainer = build_trainer(sinusoid_config(20, checkpoint_every=100, val_every=0), tmp_path / "run")
+    with pytest.raises(TrainingStopped) as stopped:
+        trainer.fit(progress=False)
+    assert stopped.value.exit_code == 143
+    assert str(stopped.value).startswith("stopped: torchrun, which launched this process, is gone after step 3 of 20")
+    assert RunDir(tmp_path / "run").read_checkpoint("step")["step"] == 3
+
+
 def test_the_checkpoint_records_the_machine_of_each_stretch_of_training(tmp_path, monkeypatch):
     from metalearn.runtime import machine
 

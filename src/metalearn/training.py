@@ -126,6 +126,15 @@ class StopRequests:
         self.note_repeats = note_repeats
         self.announce = announce
         self._previous: dict[int, Any] = {}
+        # a torchrun worker's launcher: torch starts its workers in sessions of their own, so a
+        # SIGKILL of torchrun alone (an OOM kill, `timeout -s KILL torchrun ...`) reaches none of
+        # them, and they would train on unseen, holding the run folder, to the run's end
+        self.launcher = os.getppid() if note_repeats else None
+
+    def orphaned(self) -> bool:
+        """Whether this torchrun worker's launcher is gone (the process was re-parented): it
+        then stops after the step in progress, with a checkpoint, as for a SIGTERM."""
+        return self.launcher is not None and os.getppid() != self.launcher
 
     def __enter__(self) -> "StopRequests":
         if threading.current_thread() is threading.main_thread():
@@ -731,6 +740,8 @@ class Trainer:
                     why, code = "stopped as asked ({stop_at})", 0
                 elif stop.received is not None:
                     why, code = f"stopped by {stop.received.name}", 128 + int(stop.received)
+                elif stop.orphaned():
+                    why, code = "stopped: torchrun, which launched this process, is gone", 128 + int(signal.SIGTERM)
                 elif out_of_time:
                     why, code = "stopped at its time limit", TIME_LIMIT_EXIT
                 elif deadline is None:  # another rank was signalled; all stop after the same step
@@ -860,7 +871,7 @@ class Trainer:
     def _stop_requested(self, stop: StopRequests, out_of_time: bool = False) -> bool:
         """Whether any rank was asked to stop or is out of time: all ranks then stop after the
         same step."""
-        asked = stop.received is not None or out_of_time
+        asked = stop.received is not None or out_of_time or stop.orphaned()
         if not self.world.distributed:
             return asked
         return bool(self.world.sum(torch.tensor(float(asked), device=self.world.device)) > 0)

@@ -1100,14 +1100,30 @@ class ReaderMayLeave:
         return getattr(self._stream, name)
 
 
+class Terminated(BaseException):
+    """A SIGTERM to a command's process, raised where the process is (as Python raises a Ctrl-C),
+    so that what the command holds is cleaned up on the way out: an export's temporary folder,
+    a lock, a partial file. Training notes its SIGTERM itself (a checkpoint after the step)."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(args: list[str] | None = None, whole_process: bool = False) -> None:
     """Entry point: user errors print one line and exit 2, never a traceback. ``whole_process``:
-    the process was started for this command (a time limit then counts from its start). A
+    the process was started for this command (a time limit then counts from its start; a
+    SIGTERM ends it as a Ctrl-C does, cleaning up, with exit 143). A
     reader that closes the output early (``| head -1``) stops nothing: see :class:`ReaderMayLeave`."""
     global _WHOLE_PROCESS
     _WHOLE_PROCESS = whole_process
     streams = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = (ReaderMayLeave(s) if s is not None else None for s in streams)
+    import signal
+    import threading
+
+    handled = whole_process and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if handled else None
     try:
         with warnings.catch_warnings():
             warnings.showwarning = show_warning
@@ -1120,6 +1136,8 @@ def main(args: list[str] | None = None, whole_process: bool = False) -> None:
                 with contextlib.suppress(OSError, ValueError):
                     stream.flush()
         sys.stdout, sys.stderr = streams
+        if handled:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _main(args: list[str] | None) -> None:
@@ -1144,6 +1162,9 @@ def _main(args: list[str] | None) -> None:
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns a KeyboardInterrupt into Abort
         click.echo("interrupted", err=True)  # train says how to go on itself (TrainingStopped)
         sys.exit(130)
+    except Terminated:
+        click.echo("terminated (SIGTERM)", err=True)
+        sys.exit(128 + 15)
     except NoArgsIsHelpError as err:  # `metalearn`, `metalearn train`: the help, not an "error: Usage: ..."
         click.echo(err.format_message(), err=True)
         sys.exit(err.exit_code)

@@ -341,3 +341,18 @@ def test_a_warning_names_the_caller_s_line_and_is_shown_for_each_call(recwarn):
     assert first == again
     places = [(w.filename, w.category.__name__) for w in recwarn if "halves the meta learning rate" in str(w.message)]
     assert places == [(__file__, "OptionWarning")] * 2
+
+
+def test_images_that_require_grad_are_prepared_without_torch_s_warning_and_keep_it():
+    """An attack's images (requires_grad) are checked on their values: no torch warning about
+    converting a tensor that requires grad, and the gradient still reaches them."""
+    import warnings
+
+    from metalearn.data.images import prepare_images
+
+    images = torch.rand(2, 1, 28, 28, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepared = prepare_images(images, 28, 1)
+    prepared.sum().backward()
+    assert torch.equal(images.grad, torch.ones_like(images))

@@ -239,9 +239,10 @@ def _prepare_tensor(images: Tensor, image_size: int, channels: int) -> Tensor:
     if images.shape[0] == 0:
         raise MetalearnError("prepare_images: no images given (a tensor of 0 images)")
     if torch.is_floating_point(images):
-        if not bool(torch.isfinite(images).all()):
+        values = images.detach()  # read for the checks only: images that require grad keep it (an attack's)
+        if not bool(torch.isfinite(values).all()):
             raise MetalearnError("float images must be in [0, 1] (pixels / 255), got NaN or infinite values")
-        low, high = float(images.min()), float(images.max())
+        low, high = float(values.min()), float(values.max())
         if low < 0 or high > 1:
             raise MetalearnError(f"float images must be in [0, 1] (pixels / 255), got values in [{low:.3g}, {high:.3g}]")
         if tuple(images.shape[1:]) == (channels, image_size, image_size):

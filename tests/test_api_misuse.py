@@ -308,13 +308,18 @@ def test_evaluate_refuses_a_seed_that_is_no_whole_number_in_one_line(seed):
 
 def test_a_float64_default_dtype_changes_neither_the_weights_nor_the_tasks(tmp_path):
     """A notebook's torch.set_default_dtype(torch.float64): learners are still built in float32 and
-    the tasks drawn in float32, so a run trains and scores as it would without it."""
+    the tasks drawn as under float32 (an image source's draws without a dtype too), so a run
+    trains and scores as it would without it."""
     from metalearn.api import evaluate_run, resolve_config, train
 
     config = resolve_config("maml", task={"dataset": "sinusoid", "shots": 5},
                             train={"steps": 3, "meta_batch_size": 2, "val_every": 0})
     train(config, run_dir=tmp_path / "run", evaluate_after=False, progress=False)
     expected = evaluate_run(tmp_path / "run", episodes=6, progress=False)["mean"]
+    images = torch.randint(0, 255, (30, 20, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    sampler = EpisodeSampler(images, ClassPool("test", torch.arange(30), torch.zeros(30, dtype=torch.long)), 5, 1, 5)
+    net = ProtoNet(Conv4(1, None, hidden=8, pooling="max"))
+    scores = evaluate(net, sampler, 8, seed=3)["scores"]
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
@@ -322,6 +327,7 @@ def test_a_float64_default_dtype_changes_neither_the_weights_nor_the_tasks(tmp_p
         learner = build_learner("protonet", None, Problem((1, 28, 28), 5, True))
         assert {p.dtype for p in learner.parameters()} == {torch.float32}
         assert SinusoidTasks().sample(2, torch.Generator().manual_seed(0)).support_x.dtype == torch.float32
+        assert evaluate(net, sampler, 8, seed=3)["scores"] == scores
         assert torch.get_default_dtype() == torch.float64  # the caller's default as it was
     finally:
         torch.set_default_dtype(previous)

@@ -73,6 +73,37 @@ def test_training_leaves_the_caller_s_random_state_and_draws_the_same_whatever_i
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
 
 
+def test_a_retry_after_a_failed_fit_draws_what_an_uninterrupted_run_would(tmp_path):
+    """A method that draws from torch's generator as a step starts (before the step's own seed):
+    the retry goes back to the last checkpoint's random state too, inside training's own."""
+    def noisy(trainer, fail_at=None):
+        loss_of, start = trainer.learner.meta_loss, trainer.learner.start_step
+        state = {"failed": False, "factor": 1.0}
+
+        def start_step(step):
+            state["factor"] = 1 + float(torch.rand(()))
+            return start(step)
+
+        def meta_loss(batch):
+            loss, metrics = loss_of(batch)
+            if trainer.step == fail_at and not state["failed"]:
+                state["failed"] = True
+                raise RuntimeError("a transient failure")
+            return loss * state["factor"], metrics
+
+        trainer.learner.start_step, trainer.learner.meta_loss = start_step, meta_loss
+        return trainer
+
+    straight = noisy(build_trainer(sinusoid_config(8, val_every=0), tmp_path / "straight"))
+    straight.fit(progress=False)
+    retried = noisy(build_trainer(sinusoid_config(8, val_every=0), tmp_path / "retried"), fail_at=5)
+    with pytest.raises(RuntimeError, match="transient"):
+        retried.fit(progress=False)
+    retried.fit(progress=False)
+    a, b = parameters_of(straight.learner), parameters_of(retried.learner)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
 def test_a_torchrun_worker_whose_launcher_is_gone_stops_after_the_step_with_a_checkpoint(tmp_path, monkeypatch):
     """torch starts its workers in sessions of their own: a SIGKILL of torchrun alone reaches none
     of them. A worker re-parented (its launcher gone) stops as for a SIGTERM, not training on
@@ -93,6 +124,12 @@ def test_a_torchrun_worker_whose_launcher_is_gone_stops_after_the_step_with_a_ch
     assert stopped.value.exit_code == 143
     assert str(stopped.value).startswith("stopped: torchrun, which launched this process, is gone after step 3 of 20")
     assert RunDir(tmp_path / "run").read_checkpoint("step")["step"] == 3
+    # killed while the worker prepared its data: the launcher the process found at its start is gone
+    monkeypatch.setattr(training, "LAUNCHER", launcher)
+    monkeypatch.setattr(os, "getppid", lambda: 1)
+    trainer = build_trainer(sinusoid_config(20, checkpoint_every=100, val_every=0), tmp_path / "early")
+    with pytest.raises(TrainingStopped, match="^stopped: torchrun, which launched this process, is gone after step 1 "):
+        trainer.fit(progress=False)
 
 
 def test_the_checkpoint_records_the_machine_of_each_stretch_of_training(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from metalearn.algorithms.base import MetaLearner, device_mismatch, device_of, e
 from metalearn.config import MAX_EPISODES, TrainConfig
 from metalearn.distributed import World
 from metalearn.errors import MetalearnError, OptionError
+from metalearn.runtime import float32_default
 from metalearn.tasks import TaskSource, require_sampled_batch, require_task_source
 from metalearn.tasks.batch import TaskBatch
 
@@ -141,8 +142,15 @@ def evaluate(
     non-finite, on purpose: a score that leaves them out would flatter the method. Where some
     but not all diverged, ``mean_of_finite`` is the mean of the others. An MSE carried by a few
     far-off episodes adds ``outliers``, ``outlier_max``, ``mean_without_outliers`` and ``median``
-    (see :func:`outliers`).
+    (see :func:`outliers`). The episodes are drawn, and scored, under torch's float32 default
+    dtype (:func:`metalearn.runtime.float32_default`): the same episodes whatever the caller's.
     """
+    with float32_default():
+        return _evaluate(learner, source, episodes, seed, chunk, world, progress, per_step, memory_budget)
+
+
+def _evaluate(learner, source, episodes, seed, chunk, world, progress, per_step, memory_budget) -> dict[str, Any]:
+    """:func:`evaluate`, under the float32 default."""
     if not any(hasattr(learner, name) for name in ("episode_scores", "predict", "predict_per_step")):
         raise MetalearnError(f"evaluate's learner is a MetaLearner (e.g. metalearn.load_trained(run_dir)[1]) or an "
                              f"object with predict, got {type(learner).__name__} {learner!r:.80}")

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import sys
@@ -134,3 +135,28 @@ def machine(device=None, processes: int = 1) -> dict:
     if device is not None and torch.device(device).type == "cuda":
         record["device"] = str(torch.cuda.get_device_name(torch.device(device)))
     return record
+
+
+@contextlib.contextmanager
+def float32_default():
+    """torch's default dtype float32 within the block, the caller's restored after: metalearn's
+    weights, tasks and random draws are float32, and a draw without a dtype (``torch.rand(n,
+    generator=g)``) takes other numbers from the same seed under a notebook's float64 default,
+    so that training and evaluation would see other episodes and write other scores."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def cuda_devices() -> list[int]:
+    """The CUDA devices whose random state a fork of it must keep (``torch.random.fork_rng``'s
+    ``devices``): every one, where CUDA is in use, since ``torch.manual_seed`` reseeds them all."""
+    import torch
+
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() \
+        else []

@@ -33,7 +33,7 @@ from metalearn.files import same_path, user_path
 from metalearn.memory_budget import (available_memory, chunk_candidates, chunk_sizes, fastest_chunk, largest_chunk,
                                      peak_memory_of, seconds_of)
 from metalearn.runs import RunDir, lock_for_training
-from metalearn.runtime import machine
+from metalearn.runtime import cuda_devices, float32_default, machine
 from metalearn.data.folder import shared_scans
 from metalearn.tasks import (TaskSource, build_task_source, check_outside_data, check_task_source, has_validation,
                              problem_of, require_sampled_batch, require_task_source)
@@ -129,7 +129,7 @@ class StopRequests:
         # a torchrun worker's launcher: torch starts its workers in sessions of their own, so a
         # SIGKILL of torchrun alone (an OOM kill, `timeout -s KILL torchrun ...`) reaches none of
         # them, and they would train on unseen, holding the run folder, to the run's end
-        self.launcher = os.getppid() if note_repeats else None
+        self.launcher = (LAUNCHER or os.getppid()) if note_repeats else None
 
     def orphaned(self) -> bool:
         """Whether this torchrun worker's launcher is gone (the process was re-parented): it
@@ -164,6 +164,11 @@ class StopRequests:
             if not (self.note_repeats and self.received is not None and sig in self.SIGNALS):
                 signal.signal(sig, handler)
         self._previous.clear()
+
+
+# a torchrun worker's launcher, as the process found it when it started (this module is imported
+# at once): a launcher killed while the worker prepares its data is noticed at its first step
+LAUNCHER = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
 
 
 def launched_by_torchrun() -> bool:
@@ -563,6 +568,8 @@ class Trainer:
         random_state.__enter__()
         try:  # from here on, whatever fails lets go of the folder and leaves the trainer to retry
             self._recover()
+            if self.torch_rng is not None:  # the state _recover's checkpoint restored, where it did
+                torch.set_rng_state(self.torch_rng)
             if progress and self.world.is_main:
                 from tqdm import tqdm
 
@@ -629,14 +636,12 @@ class Trainer:
     @contextlib.contextmanager
     def _own_random_state(self):
         """Training's torch random state, apart from the caller's: forked on entry (the CPU's,
-        and the GPU's that trains), set to the one the last fit or restore left, and kept again
-        on exit, so that a notebook's own draws are the same with or without a training between
-        them, and two fits in one process draw what one would."""
-        device = self.device
-        devices = [torch.cuda.current_device() if device.index is None else device.index] if (
-            device is not None and device.type == "cuda") else []
-        with torch.random.fork_rng(devices=devices):
-            if getattr(self, "torch_rng", None) is not None:
+        and every GPU's, which torch.manual_seed reseeds), set to the one the last fit or restore
+        left, and kept again on exit, so that a notebook's own draws are the same with or without
+        a training between them, and two fits in one process draw what one would; within it
+        torch's default dtype is float32 (:func:`metalearn.runtime.float32_default`)."""
+        with torch.random.fork_rng(devices=cuda_devices()), float32_default():
+            if self.torch_rng is not None:
                 torch.set_rng_state(self.torch_rng)
             try:
                 yield
@@ -997,7 +1002,7 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
     elif recorded is not None and same_path(data_dir, recorded):
         recorded = None
     check_test_ways(config)
-    with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
+    with torch.random.fork_rng(devices=cuda_devices()):  # the caller's random state stays as it was
         torch.manual_seed(config.train.seed)  # the initial weights
         learner = build_learner(config.method, config.method_config, problem_of(config.task))
         # where the training's random state begins (Trainer._own_random_state), as the process's

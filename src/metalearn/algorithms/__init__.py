@@ -12,8 +12,6 @@ import dataclasses
 import typing
 from typing import Any
 
-import torch
-
 from metalearn.algorithms.base import MetaLearner, accuracy, task_loss
 from metalearn.algorithms.maml import MAML, MAMLConfig
 from metalearn.algorithms.maml_rl import MAMLRL, MAMLRLConfig
@@ -26,6 +24,7 @@ from metalearn.algorithms.statistician import NeuralStatistician, StatisticianCo
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.options import is_command_name, plain_number
 from metalearn.plugins import load_plugins, unknown_hint, registering
+from metalearn.runtime import float32_default
 from metalearn.tasks.batch import Problem
 
 METHODS: dict[str, type[MetaLearner]] = {
@@ -221,12 +220,8 @@ def build_learner(name: str, values: dict[str, Any] | Any | None, problem: Probl
                              f"{type(problem).__name__}; e.g. Problem((1, 28, 28), 5, True)")
     # float32 weights whatever torch's default dtype (a notebook may have set float64): the tasks,
     # the checkpoints and the recorded results are float32
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
+    with float32_default():
         learner = method_class(name).build(make_method_config(name, values), problem)
-    finally:
-        torch.set_default_dtype(previous)
     learner.problem = problem  # the tasks it was built for: image size, channels, ways (MetaLearner.task_batch)
     return learner
 

@@ -125,6 +125,9 @@ def test_an_output_over_a_run_s_own_files_is_refused_before_anything_is_read(tra
         if "/" in name:
             assert err == (f"error: {option} {target} lies in {folder / 'best'}, where the run {folder} keeps its best "
                            f"checkpoints; give another file, e.g. in {folder / 'plots'}\n"), err
+        elif name.startswith("eval"):
+            assert err == (f"error: {option} {target} would replace {name}, an evaluation of the run {folder}: its "
+                           f"recorded score would be lost; give another file, e.g. in {folder / 'plots'}\n"), err
         else:
             assert err == (f"error: {option} {target} would replace {name}, one of the files of the run {folder}: the "
                            f"run would no longer load or resume; give another file, e.g. in {folder / 'plots'}\n"), err

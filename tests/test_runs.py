@@ -717,7 +717,8 @@ def test_eval_of_a_run_whose_split_json_is_damaged_says_to_delete_it_not_to_fix_
     split = run_dir / "split.json"
     recorded = json.loads(split.read_text())
     for damage, what in [("not json{", "is not valid JSON"), ('{"train": 3, "test": []}', "is damaged"),
-                         ('{"tset": ["c1"]}', "is damaged"), ("[]", "holds a JSON array")]:
+                         ('{"tset": ["c1"]}', "is damaged"), ('{"train": ["c1"], "val": []}', "is damaged"),
+                         ("[]", "holds a JSON array")]:
         split.write_text(damage)
         code, _, err = cli_runner.run(["eval", run_dir, "--episodes", 2, "--no-progress"], capsys)
         refused(code, err, f"error: {split} {what}", "delete it: the next resume writes it again")

@@ -19,7 +19,7 @@ from metalearn.algorithms import MetaLearner, can
 from metalearn.algorithms.base import evaluating
 from metalearn.data.folder import image_files, no_images_note, warn_of_skipped_files
 from metalearn.data.images import is_image_file
-from metalearn.errors import MetalearnError, caller_level, MetalearnWarning, OptionError, spelled, valued
+from metalearn.errors import MetalearnError, MetalearnWarning, OptionError, caller_level, spelled, valued
 from metalearn.files import WriteError, atomic_write_files, check_writable_file, same_path, user_path
 from metalearn.locking import make_folders
 from metalearn.models.norm import BatchStatNorm
@@ -338,10 +338,13 @@ def refuse_outputs_among_inputs(outputs: list[tuple[str | tuple[str, str], Path 
             run = RunDir(folder)
             if not (run.exists() or run.has_checkpoint()):
                 continue
-            if target.parent == folder and (target.name in RUN_OWN_FILES
-                                            or (target.name.startswith("eval") and target.suffix == ".json")):
+            if target.parent == folder and target.name in RUN_OWN_FILES:
                 raise OptionError(f"{{output}} would replace {target.name}, one of the files of the run {folder}: the "
                                   f"run would no longer load or resume; give another file, e.g. in {folder / 'plots'}",
+                                  output=given)
+            if target.parent == folder and target.name.startswith("eval") and target.suffix == ".json":
+                raise OptionError(f"{{output}} would replace {target.name}, an evaluation of the run {folder}: its "
+                                  f"recorded score would be lost; give another file, e.g. in {folder / 'plots'}",
                                   output=given)
             if target.is_relative_to(run.best_dir.resolve()):
                 raise OptionError(f"{{output}} lies in {run.best_dir}, where the run {folder} keeps its best "

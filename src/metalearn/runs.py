@@ -332,8 +332,8 @@ class RunDir:
             return None
         delete = "delete it: the next resume writes it again"
         split = read_json_object(self.split_path, delete)
-        if not all(part in PARTS and isinstance(names, list) and all(isinstance(name, str) for name in names)
-                   for part, names in split.items()):
+        if set(split) != set(PARTS) or not all(isinstance(names, list) and all(isinstance(name, str) for name in names)
+                                               for names in split.values()):  # metalearn writes all three parts
             raise MetalearnError(f"{self.split_path} is damaged: it is not the split metalearn writes (train, val "
                                  f"and test, each a list of class names); {delete}")
         return split

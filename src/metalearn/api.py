@@ -1344,7 +1344,8 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
     The output paths are checked before anything is read (a folder, two outputs naming one
     file, a read-only file, an unwritable folder; one of a run folder's own files, an input
     image or a file among the support, query or training images:
-    :func:`metalearn.prediction.refuse_outputs_among_inputs`; each a :class:`MetalearnError`), and the files are written only once
+    :func:`metalearn.prediction.refuse_run_files` and ``refuse_outputs_among_inputs``; each a
+    :class:`MetalearnError`), and the files are written only once
     everything has been predicted, together: all to temporary files first, then all renamed
     into place, so a failure leaves none of them. Also raises :class:`MetalearnError` for a run
     that did not learn to classify, ``num_samples`` with a method that does not sample models,
@@ -1352,14 +1353,14 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
     exist or holds no images, and a file that is not a readable image.
     """
     from metalearn.prediction import (OUTPUTS, as_csv, as_json, check_outputs, contact_sheet, predict_new_classes,
-                                      refuse_outputs_among_inputs, write_together)
+                                      refuse_outputs_among_inputs, refuse_run_files, write_together)
     from metalearn.uncertainty import check_samples_apply
 
     # ~ expanded; a str kept as a str, since "out/" names a folder
     named = [(OUTPUTS[name], os.path.expanduser(path) if isinstance(path, str) else Path(path).expanduser())
              for name, path in (("json_out", json_out), ("csv_out", csv_out), ("sheet", sheet)) if path is not None]
     check_outputs(named)  # here, not only in the CLI: the Python API gets the same refusals
-    refuse_outputs_among_inputs(named)  # a run's own files: before its checkpoint is read
+    refuse_run_files(named)  # before the run's checkpoint is read
     config, learner, step, state = load_trained_state(run_dir)
     if not config.task.classification:
         raise MetalearnError(f"{run_dir} learned {config.task.dataset}, a {get_dataset(config.task.dataset).kind} "
@@ -1442,16 +1443,16 @@ def sample_run(run_dir: Path | str, support: Path | str | list[Path | str], num:
     ``sample``), when the run has no checkpoint, when a support path does not exist, holds
     no files or is not an image, and when ``out`` could not be written or would damage what is
     read (one of a run folder's own files, a support image or a file among the images:
-    :func:`metalearn.prediction.refuse_outputs_among_inputs`)."""
+    :func:`metalearn.prediction.refuse_run_files` and ``refuse_outputs_among_inputs``)."""
     from metalearn.algorithms.statistician import MAX_SAMPLES
     from metalearn.plotting_samples import plot_image_rows
-    from metalearn.prediction import check_output_file, refuse_outputs_among_inputs
+    from metalearn.prediction import check_output_file, refuse_outputs_among_inputs, refuse_run_files
 
     if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= MAX_SAMPLES:
         raise OptionError(f"{{num}} must be a whole number from 1 to {MAX_SAMPLES}, got {num!r}", num="num")
     if out is not None:  # found out now, not after the model has drawn
         check_output_file("out", out, "samples.png", ".png")
-        refuse_outputs_among_inputs([("out", out)])  # a run's own files: before its checkpoint is read
+        refuse_run_files([("out", out)])  # before the run's checkpoint is read
     config = generative_run(run_dir)
     supports = [support] if isinstance(support, (str, Path)) else list(support)
     files = support_files(supports)
@@ -1501,12 +1502,12 @@ def plot_conditional_samples(run_dir: Path | str, data_dir: Path | str | None = 
     cannot draw images or has no checkpoint, when the data (``data_dir``) cannot be
     loaded, and for an ``out`` that sample_run refuses."""
     from metalearn.plotting_samples import plot_image_rows
-    from metalearn.prediction import check_output_file, refuse_outputs_among_inputs
+    from metalearn.prediction import check_output_file, refuse_outputs_among_inputs, refuse_run_files
     from metalearn.tasks import build_task_source
 
     if out is not None:  # found out now, not after the model has drawn
         check_output_file("out", out, "conditional_samples.png", ".png")
-        refuse_outputs_among_inputs([("out", out)])  # a run's own files: before its checkpoint is read
+        refuse_run_files([("out", out)])  # before the run's checkpoint is read
     config, _ = with_split(generative_run(run_dir), run_dir=run_dir, data_dir=data_dir)  # the run's test classes
     _, learner, step, state = load_trained_state(run_dir)
     if out is not None:

@@ -535,11 +535,11 @@ def compare(run_dirs, episodes, seed, part, num_samples, json_path, settings, da
     overrides = dict(parse_setting(s) for s in settings)
     if json_path:  # found out now, not after minutes of evaluation
         from metalearn.checkpoints import recorded_images
-        from metalearn.prediction import refuse_outputs_among_inputs
+        from metalearn.prediction import refuse_outputs_among_inputs, refuse_run_files
         from metalearn.runs import RunDir
 
         check_writable_file("--json", json_path, "compare.json")
-        refuse_outputs_among_inputs([(("json", "--json"), json_path)])  # a run's own files, before any is read
+        refuse_run_files([(("json", "--json"), json_path)])  # before any run's checkpoint is read
         refuse_outputs_among_inputs([(("json", "--json"), json_path)], [("data_dir", data_dir)] if data_dir else [],
                                     trained_on=[(run, recorded_images(RunDir(run))) for run in run_dirs])
     shape = given_shape(ways, shots, query)

@@ -312,23 +312,13 @@ def check_outputs(named: list[tuple[str | tuple[str, str], Path | str]]) -> None
 RUN_OWN_FILES = ("config.json", "checkpoint.pt", "metrics.jsonl", "split.json", ".lock")
 
 
-def refuse_outputs_among_inputs(outputs: list[tuple[str | tuple[str, str], Path | str]],
-                                inputs: list[tuple[str | tuple[str, str], Path | str]] = (),
-                                trained_on: list[tuple[Path | str, Path | str | None]] = ()) -> None:
-    """Refuse, before anything is read or written, an output file that would damage what a run
-    or a command reads. Each output and input is (its option, as
-    :class:`~metalearn.errors.Options` takes it, its path).
-
-    - One of a run folder's own files (:data:`RUN_OWN_FILES`, an evaluation ``eval*.json``) or a
-      file in its ``best/``: the run would no longer load, resume or show its scores. Any run's
-      folder (one with a config.json or a checkpoint), not only the one read: compare reads
-      several, and another run's folder is as easily mistyped. Other names in a run folder, and
-      its ``plots/``, are the user's to write.
-    - One of the ``inputs`` (an image file), or a file in an input folder: writing it would
-      destroy the user's image, or put a file among them that a later read takes for one.
-    - A file in an image folder a run trained on (``trained_on``: (run folder, folder) pairs,
-      the folder as the run's checkpoint records it, or None): the run's next resume would find
-      its data changed, and a contact sheet would be read as an image of a class."""
+def refuse_run_files(outputs: list[tuple[str | tuple[str, str], Path | str]]) -> None:
+    """Refuse, before any checkpoint is read, an output file that is one of a run folder's own
+    files (:data:`RUN_OWN_FILES`, an evaluation ``eval*.json``) or lies in its ``best/``: the run
+    would no longer load, resume or show its scores. Any run's folder (one with a config.json or
+    a checkpoint), not only the one read: compare reads several, and another run's folder is as
+    easily mistyped. Other names in a run folder, and its ``plots/``, are the user's to write.
+    Each output is (its option, as :class:`~metalearn.errors.Options` takes it, its path)."""
     from metalearn.runs import RunDir
 
     for option, out in outputs:
@@ -349,6 +339,22 @@ def refuse_outputs_among_inputs(outputs: list[tuple[str | tuple[str, str], Path 
             if target.is_relative_to(run.best_dir.resolve()):
                 raise OptionError(f"{{output}} lies in {run.best_dir}, where the run {folder} keeps its best "
                                   f"checkpoints; give another file, e.g. in {folder / 'plots'}", output=given)
+
+
+def refuse_outputs_among_inputs(outputs: list[tuple[str | tuple[str, str], Path | str]],
+                                inputs: list[tuple[str | tuple[str, str], Path | str]] = (),
+                                trained_on: list[tuple[Path | str, Path | str | None]] = ()) -> None:
+    """Refuse, before any image is read, an output file (as :func:`refuse_run_files` takes
+    them) among the images a command reads:
+
+    - one of the ``inputs`` (an image file), or a file in an input folder: writing it would
+      destroy the user's image, or put a file among them that a later read takes for one;
+    - a file in an image folder a run trained on (``trained_on``: (run folder, folder) pairs,
+      the folder as the run's checkpoint records it, or None): the run's next resume would find
+      its data changed, and a contact sheet would be read as an image of a class."""
+    for option, out in outputs:
+        given = valued(option, out)
+        target = Path(out).expanduser().resolve()
         for source_option, source in inputs:
             if not str(source):  # an empty path: refused as such when it is read
                 continue

@@ -145,7 +145,7 @@ def test_episode_sampler_says_a_numpy_array_is_not_a_tensor_and_words_shapes_as_
              "--test-ways 7 (it defaults to --ways) is more than that. Lower --test-ways (in metalearn eval and "
              "compare: --ways) or")):
         with pytest.raises(MetalearnError) as info:
-            EpisodeSampler(images, pool, 7, 1, 1, test=test)
+            EpisodeSampler(images, pool, 7, 1, 1, test=test, ways_follow=True)
         assert python in str(info.value) and "--" not in str(info.value), str(info.value)
         assert command_line in info.value.with_flags(), info.value.with_flags()
 

@@ -231,15 +231,40 @@ def test_more_ways_than_classes(omniglot, raw):
                                "use a split part with more classes.")
     assert info.value.with_flags() == ("omniglot split lake/test has 659 classes; --ways 700 is more than that. Lower "
                                        "--ways or use a split part with more classes.")
-    with pytest.raises(OptionError) as info:  # the test episodes' ways, which the user may never have given
-        EpisodeSampler(raw, pool, ways=700, shots=1, query=1, test=True)
+    with pytest.raises(OptionError) as info:  # the test episodes' ways, following the training ones
+        EpisodeSampler(raw, pool, ways=700, shots=1, query=1, test=True, ways_follow=True)
     assert str(info.value) == ("omniglot split lake/test has 659 classes; test_ways=700 (it defaults to ways) is more "
                                "than that. Lower test_ways (in evaluate_run: episode_shape's ways) or use a split "
                                "part with more classes.")
     assert info.value.with_flags() == ("omniglot split lake/test has 659 classes; --test-ways 700 (it defaults to "
                                        "--ways) is more than that. Lower --test-ways (in metalearn eval and compare: "
                                        "--ways) or use a split part with more classes.")
+    with pytest.raises(OptionError) as info:  # test ways of their own: no note that they follow
+        EpisodeSampler(raw, pool, ways=700, shots=1, query=1, test=True)
+    assert info.value.with_flags() == ("omniglot split lake/test has 659 classes; --test-ways 700 is more than that. "
+                                       "Lower --test-ways (in metalearn eval and compare: --ways) or use a split part "
+                                       "with more classes.")
     EpisodeSampler(raw, ClassPool("two", torch.tensor([0, 1]), torch.tensor([0, 0])), 2, 1, 1)
+
+
+def test_an_evaluation_of_the_training_part_names_the_test_options(omniglot_data_dir, omniglot):
+    """metalearn eval --part train draws test-shaped episodes from the training classes: a shape
+    they cannot fill is refused with the test options, noting the ways that follow --ways only
+    where they do."""
+    from metalearn.config import TaskConfig
+    from metalearn.tasks import build_task_source
+
+    with pytest.raises(OptionError) as info:
+        build_task_source(TaskConfig(ways=5, test_ways=5000), "train", omniglot_data_dir, progress=False, evaluation=True)
+    assert info.value.with_flags() == ("omniglot split maml/train has 1100 classes; --test-ways 5000 is more than "
+                                       "that. Lower --test-ways (in metalearn eval and compare: --ways) or use a split "
+                                       "part with more classes.")
+    with pytest.raises(OptionError) as info:
+        build_task_source(TaskConfig(ways=5000), "test", omniglot_data_dir, progress=False)
+    assert "--test-ways 5000 (it defaults to --ways) is more than that" in info.value.with_flags()
+    with pytest.raises(OptionError) as info:  # training episodes: the training options
+        build_task_source(TaskConfig(ways=5000), "train", omniglot_data_dir, progress=False)
+    assert info.value.with_flags().startswith("omniglot split maml/train has 1100 classes; --ways 5000 is more")
 
 
 def test_a_folder_path_with_braces_is_quoted_as_it_is(raw, omniglot):

@@ -20,8 +20,9 @@ from metalearn.plugins import load_plugins, unknown_hint, registering
 @dataclass(frozen=True)
 class Dataset:
     """One dataset: ``build(task, shape, part, data_dir, progress)`` returns the task source of
-    ``part`` (train, val or test), where ``shape`` is ``task`` or, for val and test,
-    ``task.for_testing()``; ``problem(task)`` is the input shape and output size a network
+    ``part`` (train, val or test), where ``shape`` is ``task`` or, for val and test and for
+    ``metalearn eval --part train``, ``task.for_testing()`` (:func:`testing` tells which);
+    ``problem(task)`` is the input shape and output size a network
     needs; ``has_part(split, part)`` whether the split has that part (no validation part: the
     run trains without validation). ``defaults`` fill task options the user left unset;
     ``fixed`` are values the tasks always take; ``inapplicable`` options are refused, each for
@@ -111,6 +112,14 @@ def register_dataset(dataset: Dataset) -> Dataset:
     return dataset
 
 
+def testing(task, shape, part: str) -> bool:
+    """Whether a builder's ``shape`` is the test episodes' (``task.for_testing()``): for the
+    val and test parts, and for the train part where an evaluation draws test-shaped episodes
+    from it (``metalearn eval --part train``); an :class:`~metalearn.tasks.episodes.EpisodeSampler`
+    built with ``test=testing(...)`` names the test options where the shape cannot be drawn."""
+    return part != "train" or shape is not task
+
+
 def get_dataset(name: str) -> Dataset:
     load_plugins()  # once per process: a plugin may register a dataset, or replace a built-in one
     if name not in DATASETS:
@@ -132,7 +141,7 @@ def _omniglot(task, shape, part: str, data_dir: Path | str | None, progress: boo
     omniglot = load_omniglot(data_dir, task.image_size, progress=progress)
     pool = omniglot_split(omniglot, task.split, part)
     return EpisodeSampler(torch.from_numpy(omniglot.images), pool, shape.ways, shape.shots, shape.query,
-                          test=part != "train")
+                          test=testing(task, shape, part), ways_follow=task.test_ways is None)
 
 
 def _omniglot_has_part(split: str, part: str) -> bool:
@@ -168,7 +177,7 @@ def _folder_checked(task, shape, part: str, data_dir: Path | str | None, progres
                                                    f"test.csv, or train/ val/ test/ folders; {data_dir} has neither "
                                                    "(for class folders of your own use folder)")
     pool = folder_split(folder, part, task.split_fractions, task.split_file, command)
-    test = part != "train"
+    test = testing(task, shape, part)
     # The refusals name the options as the caller spells them (errors.Options): the TaskConfig
     # fields from Python (test_ways=5, "it defaults to ways"), the flags on the command line
     # (--test-ways 5); for validation and test episodes also where an evaluation sets the shape
@@ -215,9 +224,9 @@ def _folder(task, shape, part: str, data_dir: Path | str | None, progress: bool)
     # metalearn train has checked the parts it builds (``check``): a refusal here is met by eval,
     # compare and plot, which score or draw one part, and by the Python API
     folder, pool = _folder_checked(task, shape, part, data_dir, progress, command="eval")
-    test = part != "train"
     sampler = EpisodeSampler(torch.from_numpy(folder.images), pool, shape.ways, shape.shots, shape.query,
-                             dataset=f"image folder {data_dir}", test=test,
+                             dataset=f"image folder {data_dir}", test=testing(task, shape, part),
+                             ways_follow=task.test_ways is None,
                              class_sizes=torch.from_numpy(folder.class_sizes))
     sampler.data_fingerprint = data_fingerprint(folder, task.split_fractions, task.split_file)  # images and parts
     if folder.layout == "classes":  # the split a run records: its evaluations keep to it if the folder changes

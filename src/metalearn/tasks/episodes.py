@@ -38,7 +38,8 @@ class EpisodeSampler:
     test or validation episodes (True) or training episodes (False), which report it with the
     options that set it, as the caller spells them (an :class:`~metalearn.errors.OptionError`):
     the ``TaskConfig`` fields from Python (``test_ways=700``, ``ways``), their flags on the command
-    line (``--test-ways 700``, ``--ways``). ``dtype``: the
+    line (``--test-ways 700``, ``--ways``); ``ways_follow``: a test sampler's ways are the
+    training ones (``TaskConfig.test_ways`` unset), which such a refusal adds. ``dtype``: the
     floating-point type of the images drawn (float64 for a float64 model).
 
     The pool's images are rotated once, up front, into a bank of every (class, rotation) the
@@ -67,7 +68,7 @@ class EpisodeSampler:
 
     def __init__(self, images: Tensor, pool: ClassPool, ways: int, shots: int, query: int,
                  dataset: str = "omniglot", test: bool | None = None, class_sizes: Tensor | None = None,
-                 dtype: torch.dtype = torch.float32, augment: str = ""):
+                 dtype: torch.dtype = torch.float32, augment: str = "", ways_follow: bool = False):
         dims = (4,) if class_sizes is not None else (4, 5)
         # a tensor and a ClassPool first: the checks below read them as such, and a NumPy array
         # would be refused for its shape (which may be right) or fail as an AttributeError
@@ -141,7 +142,7 @@ class EpisodeSampler:
                 shots=option("shots"), query=option("query"), also=also("shots", "query"), **quoted)
         if ways > len(pool):
             given, noted = setting("ways", ways)
-            if test:  # the test episodes' ways, which the user may never have typed
+            if test and ways_follow:  # the test episodes' ways, which the user never typed
                 given, noted = given + " (it defaults to ways)", noted + " (it defaults to --ways)"
             where = "a pool" if own else "a split part"
             raise OptionError(

@@ -146,6 +146,14 @@ def test_a_stop_of_a_run_of_a_method_registered_outside_a_plugin_says_how_to_go_
     assert (f"continue from Python: metalearn.train(config, run_dir={str(run_dir)!r}, resume=True) (for the command "
             "line, the run's process registered it in") in str(stopped.value)
     assert "metalearn train toy-nearest-mean" not in str(stopped.value)
+    # the run's status says the same: the Python lines, not commands that do not know the method
+    from metalearn.api import run_status
+
+    status = run_status(run_dir)
+    assert status["state"] == "stopped" and status["own"] == []
+    assert status["resume"].startswith(f"metalearn.train(config, run_dir={str(run_dir)!r}, resume=True) (for the "
+                                       "command line, the run's process registered it in"), status["resume"]
+    assert status["test"].startswith(f"metalearn.evaluate_run({str(run_dir)!r}) (for the command line"), status["test"]
 
 
 def test_a_registered_method_refuses_bad_values_naming_its_field(toy_registry):

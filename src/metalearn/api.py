@@ -28,7 +28,7 @@ from metalearn.errors import (ConfigError, MetalearnError, OptionError, OptionWa
                               flag, kind_of, valued)
 from metalearn.evaluation import EPISODE_CHUNK, evaluate
 from metalearn.options import option_defaults
-from metalearn.runs import RunDir, claim_new_run_dir, default_runs_root, new_run_name
+from metalearn.runs import RunDir, claim_new_run_dir, default_runs_root, new_run_name, registered_in_python
 from metalearn.files import (WriteError, atomic_write_files, obstacle, probe_writable, remove_export_temporaries,
                              same_path, user_path)
 from metalearn.locking import make_folders
@@ -38,7 +38,7 @@ from metalearn.tasks import has_validation, no_validation_reason, problem_of
 from metalearn.checkpoints import (check_same_method, check_test_ways, configuration_conflict, load_trained,
                                    load_trained_state, recorded_images, run_images)
 from metalearn.training import (TEST_SEED_OFFSET, build_trainer, part_seed_offset, python_resume, python_test,
-                                resume_command, resume_without_run_dir)
+                                registered_resume, registered_test, resume_command, resume_without_run_dir)
 
 
 def resolve_config(method: str, task: dict[str, Any] | None = None,
@@ -1207,7 +1207,8 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     of the user's own whose network is not config.json's; ``"tasks"``, a task source of the
     user's own; empty for a run the commands can rebuild; where not empty, ``resume`` and
     ``test`` are the Python lines that continue and evaluate it with the user's own learner and
-    tasks), ``holder`` (the lock's note while training or unknown), ``last_write_s`` (seconds
+    tasks; for a run of a method, dataset or network registered in a notebook or a script, which
+    no command imports, the Python lines too), ``holder`` (the lock's note while training or unknown), ``last_write_s`` (seconds
     since ``metrics.jsonl`` changed), ``last`` (the last logged training record),
     ``seconds_left`` (the remaining steps at the recent rate: the median of the last
     :data:`RATE_WINDOWS` logged windows' tasks per second, so that one window slowed by a pause
@@ -1287,6 +1288,8 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
                                                       if untested else f" --data-dir {images}" if images else ""))
     if own:  # trained from Python on what config.json does not describe: continued and scored from Python
         status["resume"], status["test"] = python_resume(run.path), python_test(run.path)
+    elif (here := registered_in_python(config, run.config_as_it_stands())) is not None:  # a notebook's method
+        status["resume"], status["test"] = registered_resume(run.path, here), registered_test(run.path, here)
     status["last_write_s"] = (time.time() - run.metrics_path.stat().st_mtime) if run.metrics_path.is_file() else None
     records = run.read_metrics()
     status["last"] = last = next((r for r in reversed(records) if "loss" in r), None)

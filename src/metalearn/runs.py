@@ -229,6 +229,20 @@ def run_plugins(config: RunConfig, recorded: Any = None) -> list[dict[str, Any]]
     return entries
 
 
+def registered_in_python(config: RunConfig, recorded: Any = None) -> str | None:
+    """For a run whose method, dataset or network was registered outside a plugin (a notebook's
+    or a script's ``register_method``), by this process or, as ``recorded`` (the JSON of its
+    config.json) says, by the one that trained it: no ``metalearn`` command imports it, so this
+    is what would let one load it (:func:`metalearn.plugins.remedy`), for the end of a hint that
+    gives the Python line instead. None where every part is built in or a plugin's."""
+    from metalearn.plugins import remedy
+
+    for entry in run_plugins(config, recorded):
+        if "module" in entry:
+            return "for the command line, " + remedy(entry)
+    return None
+
+
 def unreadable_checkpoint(path: Path, why: str) -> OptionError:
     """The refusal of the checkpoint file ``path`` for ``why`` (what is wrong, a few words): a
     file that does not load, lacks an entry, or holds a damaged one where it is read
@@ -306,11 +320,11 @@ class RunDir:
         process without it can name what to load; ``resumed`` (the run's own config.json is
         rewritten) keeps what it recorded of the parts this process has no registration of."""
         self.path.mkdir(parents=True, exist_ok=True)
-        plugins = run_plugins(config, self._config_as_it_stands() if resumed else None)
+        plugins = run_plugins(config, self.config_as_it_stands() if resumed else None)
         record = {**config.to_dict(), **({"plugins": plugins} if plugins else {})}
         atomic_write_bytes(self.config_path, (json.dumps(record, indent=2) + "\n").encode())
 
-    def _config_as_it_stands(self) -> Any:
+    def config_as_it_stands(self) -> Any:
         """The JSON of config.json as it stands, for what it records (None: no config.json, or
         one unreadable; the file is checked where it is read as the run's configuration)."""
         try:

@@ -32,7 +32,7 @@ from metalearn.evaluation import HIGHER_IS_BETTER, evaluate
 from metalearn.files import same_path, user_path
 from metalearn.memory_budget import (available_memory, chunk_candidates, chunk_sizes, fastest_chunk, largest_chunk,
                                      peak_memory_of, seconds_of)
-from metalearn.runs import RunDir, lock_for_training
+from metalearn.runs import RunDir, lock_for_training, registered_in_python
 from metalearn.runtime import cuda_devices, float32_default, machine
 from metalearn.data.folder import shared_scans
 from metalearn.tasks import (TaskSource, build_task_source, check_outside_data, check_task_source, has_validation,
@@ -188,6 +188,17 @@ def python_test(run_dir: Path | str) -> str:
     """The Python lines that score such a run (:func:`python_resume`) on the user's own tasks."""
     return (f"learner.load_state_dict(RunDir({str(run_dir)!r}).read_checkpoint()['learner']); "
             "metalearn.evaluate(learner, your_tasks)")
+
+
+def registered_resume(run_dir: Path | str, here: str) -> str:
+    """The Python line that continues a run of a method, dataset or network registered in a
+    notebook or a script, with ``here`` (:func:`metalearn.runs.registered_in_python`) after it."""
+    return f"metalearn.train(config, run_dir={str(run_dir)!r}, resume=True) ({here})"
+
+
+def registered_test(run_dir: Path | str, here: str) -> str:
+    """The Python line that scores such a run (:func:`registered_resume`)."""
+    return f"metalearn.evaluate_run({str(run_dir)!r}) ({here})"
 
 
 def with_learner_options(config: RunConfig, learner: MetaLearner) -> RunConfig:
@@ -784,29 +795,14 @@ class Trainer:
             if unfinished:
                 return f"continue from Python: {python_resume(self.run_dir.path)}"
             return f"training is complete; evaluate it from Python: {python_test(self.run_dir.path)}"
-        here = self._registered_here()
+        here = registered_in_python(self.config)
         if here is not None:  # a method of a notebook's or a script's: no command knows it
-            path = repr(str(self.run_dir.path))
             if unfinished:
-                return f"continue from Python: metalearn.train(config, run_dir={path}, resume=True) ({here})"
-            return f"training is complete; evaluate it from Python: metalearn.evaluate_run({path}) ({here})"
+                return f"continue from Python: {registered_resume(self.run_dir.path, here)}"
+            return f"training is complete; evaluate it from Python: {registered_test(self.run_dir.path, here)}"
         if unfinished:
             return f"continue with `{resume_command(self.config.method, self.run_dir.path, self.data_dir)}`"
         return f"training is complete; evaluate with `metalearn eval {self.run_dir.path}{data}`"
-
-    def _registered_here(self) -> str | None:
-        """For a run whose method, dataset or network this process registered outside a plugin
-        (a notebook's or a script's ``register_method``), which a ``metalearn`` command does not
-        import: what would let a command load it (:func:`metalearn.plugins.remedy`); else None."""
-        from metalearn.plugins import remedy, source_of
-
-        config = self.config
-        for kind, name in (("method", config.method), ("dataset", config.task.dataset),
-                           ("network", config.method_config.get("model"))):
-            source = source_of(kind, name) if isinstance(name, str) else None
-            if source is not None and "module" in source:
-                return "for the command line, " + remedy(source)
-        return None
 
     def _choose_task_chunk(self, batch, bar) -> int:
         """``task_chunk="auto"``: of the chunk sizes whose step fits in ``memory_budget`` of the

@@ -138,6 +138,34 @@ def test_a_run_whose_folder_is_deleted_and_taken_by_another_stops_without_writin
     assert not (folder / ".lock").exists()
 
 
+def test_a_run_folder_deleted_just_before_a_write_is_named_as_deleted(tmp_path, monkeypatch):
+    """`rm -rf run` after the trainer's look at its folder and before the write: the write fails
+    (no such folder) and the message is the same as where the look saw it, not the write's."""
+    import shutil
+
+    from metalearn.api import resolve_config
+    from metalearn.errors import MetalearnError
+    from metalearn.training import build_trainer
+
+    config = resolve_config("maml", task={"dataset": "sinusoid", "shots": 5},
+                            train={"steps": 4, "meta_batch_size": 2, "log_every": 1, "val_every": 0,
+                                   "checkpoint_every": 1})
+    folder = tmp_path / "run"
+    trainer = build_trainer(config, folder)
+    real_append = RunDir.append_metrics
+
+    def append_metrics(self, record):  # the folder goes between the look and the write
+        if record["step"] == 2:
+            shutil.rmtree(folder)
+        real_append(self, record)
+
+    monkeypatch.setattr(RunDir, "append_metrics", append_metrics)
+    with pytest.raises(MetalearnError, match=rf"^the run folder {folder} was deleted, moved or replaced while this "
+                                             r"process trained it \(at step 2\); stopping without writing"):
+        trainer.fit(progress=False)
+    assert not folder.exists()
+
+
 def test_release_removes_the_folders_the_lock_made_while_they_are_empty(tmp_path):
     """A run refused before it wrote anything leaves no folders behind, its parents included;
     a folder that was there before, or that got a file meanwhile, stays (and stops the walk)."""

@@ -29,7 +29,7 @@ from metalearn.distributed import RankLost, World, environment_count
 from metalearn.errors import (TIME_LIMIT_EXIT, ConfigError, MetalearnError, OptionError, TrainingStopped, kind_of,
                               spellings, valued)
 from metalearn.evaluation import HIGHER_IS_BETTER, evaluate
-from metalearn.files import same_path, user_path
+from metalearn.files import WriteError, same_path, user_path
 from metalearn.memory_budget import (available_memory, chunk_candidates, chunk_sizes, fastest_chunk, largest_chunk,
                                      peak_memory_of, seconds_of)
 from metalearn.runs import RunDir, lock_for_training, registered_in_python
@@ -619,6 +619,14 @@ class Trainer:
                 f"({{error}}); another process probably died. The last "
                 f"checkpoint in {self.run_dir.path} is kept: resume with {{resume}}.",
                 error=spellings(err), resume=("resume=True", "--resume")) from None
+        except WriteError:
+            self._failed()
+            if self.world.is_main:  # the folder removed between check_folder_is_ours and the write: say that
+                try:
+                    self.check_folder_is_ours()
+                except MetalearnError as lost:
+                    raise lost from None
+            raise
         except BaseException:
             self._failed()
             raise

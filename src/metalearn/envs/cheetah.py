@@ -37,7 +37,8 @@ from torch import Tensor
 
 from metalearn.errors import MetalearnError
 
-INSTALL = 'pip install -e ".[rl]"'
+# the rl extra's requirement, which also installs outside a clone of metalearn
+INSTALL = 'pip install "gymnasium[mujoco]>=1.0" (in a clone of metalearn: pip install -e ".[rl]")'
 
 
 def _gymnasium():

@@ -1207,6 +1207,29 @@ def test_status_names_an_evaluation_of_an_earlier_checkpoint(tmp_path, capsys):
     assert "tasks, step 2, an earlier checkpoint than the run's of step 3)" in out, out
 
 
+def test_status_names_an_ensemble_of_other_checkpoints_than_the_best_now(tmp_path, capsys):
+    """An ensemble scores fixed checkpoints: a run trained on without changing its best ones is not
+    outdated by its later step; one whose best checkpoints changed is."""
+    from metalearn.api import run_status
+
+    run_dir = tmp_path / "run"
+    common = ["--dataset", "sinusoid", "--meta-batch-size", 2, "--val-every", 2, "--val-episodes", 2,
+              "--keep-best", 2, "--no-eval", "--run-dir", run_dir, "--no-progress"]
+    assert run(["train", "maml", "--steps", 4, *common], capsys)[0] == 0
+    assert run(["eval", run_dir, "--ensemble", "--episodes", 2, "--no-progress"], capsys)[0] == 0
+    assert run(["train", "maml", "--steps", 5, "--resume", *common], capsys)[0] == 0  # no validation at step 5
+    (evaluation,) = run_status(run_dir)["evaluations"].values()
+    assert evaluation["ensemble"] == [2, 4] or evaluation["ensemble"] == [4, 2], evaluation
+    assert evaluation["outdated"] is False and evaluation["step"] == 4
+    out = run(["status", run_dir], capsys)[1]
+    assert "tasks, step 4)\n" in out, out
+    path = next(run_dir.glob("eval-ensemble=*.json"))
+    path.write_text(json.dumps({**json.loads(path.read_text()), "ensemble": [2]}))  # as if best/ had changed since
+    assert run_status(run_dir)["evaluations"][path.stem]["outdated"] is True
+    out = run(["status", run_dir], capsys)[1]
+    assert "tasks, step 4, other checkpoints than the run's best now)" in out, out
+
+
 def test_status_json_is_always_json(tmp_path, capsys, monkeypatch):
     """A script piping `status --json` to a JSON reader gets a list also when there is nothing to
     show: no runs in the runs folder, or only named folders that are no runs (said on stderr)."""

@@ -163,6 +163,30 @@ def test_export_refuses_a_damaged_eval_json_and_writes_nothing(tiny_run, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_export_records_the_checkpoints_step_not_steps_logged_after_it(tiny_run, tmp_path, capsys):
+    """A run training (or killed) past its last checkpoint has logged steps that the checkpoint
+    does not hold, and a resume drops: the summary is of the checkpoint's step alone."""
+    run_dir = copy_of(tiny_run, tmp_path)
+    step = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    with open(run_dir / "metrics.jsonl", "a") as file:
+        file.write(json.dumps({"step": step + 10, "loss": 0.5, "tasks_per_s": 1.0, "elapsed_s": 9.0}) + "\n")
+        file.write(json.dumps({"step": step + 10, "val_mse": 0.1, "val_ci95": 0.01}) + "\n")
+    code, out, err = cli_runner.run(["export", run_dir, tmp_path / "out"], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["step"] == step and summary["last_train_metrics"]["step"] == step
+    assert all(record["step"] <= step for record in summary["validation"])
+    assert max(point["last_step"] for point in summary["training_curve"]["points"]) <= step
+
+
+def test_a_folder_that_never_trained_has_nothing_to_plot(tiny_run, tmp_path, capsys):
+    run_dir = tmp_path / "fresh"
+    run_dir.mkdir()
+    shutil.copy(tiny_run / "config.json", run_dir / "config.json")
+    code, _, err = cli_runner.run(["plot", run_dir], capsys)
+    refused(code, err, f"{run_dir} has not trained yet (no metrics, no checkpoint): nothing to draw")
+
+
 def test_a_run_without_metrics_exports_its_evaluations_and_has_nothing_to_plot(tiny_run, tmp_path, capsys):
     """A --steps 0 baseline (or a run stopped before its first logged step) has no curve: plot
     says so; export records its step and evaluations, without plots."""

@@ -849,6 +849,8 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
     config = run.read_config()
     check_data_dir(config.task, data_dir)  # before any figure is written
     records = run.read_metrics()
+    if not records and not run.has_checkpoint():
+        raise MetalearnError(f"{run.path} has not trained yet (no metrics, no checkpoint): nothing to draw")
     if not records:
         raise OptionError(f"{run.path} has no metrics yet (no step logged: a {{steps}} run, or one stopped before its "
                           "first {log_every}): nothing to draw; export still records its evaluations",
@@ -1140,7 +1142,9 @@ def _write_record(run: RunDir, config: RunConfig, state: dict[str, Any], plots: 
     evaluations = run.read_evaluations()  # after the plots: an RL run's plot stores the initial weights' returns
     for result in evaluations.values():
         result.pop("scores", None)
-    records = run.read_metrics()
+    # the checkpoint's state: records of steps past it are of a run training now, or of one killed
+    # since, whose resume drops them
+    records = [record for record in run.read_metrics() if record.get("step", 0) <= int(state["step"])]
     summary = {
         "config": config.to_dict(),
         "step": int(state["step"]),
@@ -1218,7 +1222,9 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     ahead, which the recent rate does not include: :meth:`~metalearn.MetaLearner.cost_changes`),
     ``machines`` (the checkpoint's records of what trained which steps: :func:`metalearn.runtime.machine`
     with ``from_step``), ``validation`` (the latest and the best record, by the method's metric) and
-    ``evaluations`` (each file's mean, interval, episodes and step). A damaged ``config.json``, or
+    ``evaluations`` (each file's mean, interval, episodes and step, for an ensemble its members'
+    steps, ``ensemble``, and ``outdated``: it scored an earlier checkpoint than the run's, or other
+    checkpoints than its best now). A damaged ``config.json``, or
     a ``checkpoint.pt`` that is unreadable or whose entries read here are damaged, raises a
     one-line :class:`MetalearnError` naming the file."""
     import socket
@@ -1321,8 +1327,21 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
         if scored:  # ties: the earlier step, as --keep-best ranks them
             best = max(scored, key=lambda r: (sign * r[name], -r["step"]))
     status["validation"] = {"latest": validation[-1] if validation else None, "best": best}
-    status["evaluations"] = {stem: {key: result.get(key) for key in ("metric", "mean", "ci95", "episodes", "step", "part")}
-                             for stem, result in run.read_evaluations().items()}
+    status["evaluations"] = {}
+    for stem, result in run.read_evaluations().items():
+        record = {key: result.get(key) for key in ("metric", "mean", "ci95", "episodes", "step", "part")}
+        if "ensemble" in result:  # fixed checkpoints: outdated once the run keeps others
+            try:
+                current = sorted(run.best_steps())
+            except MetalearnError:
+                current = []
+            members = result["ensemble"]
+            record["ensemble"] = members
+            record["outdated"] = not (isinstance(members, list) and all(isinstance(m, int) for m in members)
+                                      and sorted(members) == current)
+        else:
+            record["outdated"] = isinstance(result.get("step"), int) and result["step"] < status["step"]
+        status["evaluations"][stem] = record
     return status
 
 

@@ -806,8 +806,10 @@ def format_status(status: dict) -> str:
         if isinstance(result.get("mean"), (int, float)) and isinstance(result.get("ci95"), (int, float)):
             unit = "episodes" if result.get("metric") == "accuracy" else "tasks"  # as `metalearn eval` says
             step = f", step {result['step']}" if result.get("step") is not None else ""
-            if isinstance(result.get("step"), int) and result["step"] < status["step"] and "ensemble" not in result:
-                step += f", an earlier checkpoint than the run's of step {status['step']}"  # evaluate again
+            if result.get("outdated") and "ensemble" in result:  # evaluate again
+                step += ", other checkpoints than the run's best now"
+            elif result.get("outdated"):
+                step += f", an earlier checkpoint than the run's of step {status['step']}"
             digits = 4 if result.get("metric") == "mse" else 2
             lines.append(f"  {stem}: {result['metric']} {result['mean']:.{digits}f} +/- {result['ci95']:.{digits}f} "
                          f"({result.get('episodes')} {unit}{step})")

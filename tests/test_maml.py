@@ -953,3 +953,46 @@ def test_first_order_without_inner_steps_is_refused_by_the_inner_step_count(caps
     code, out, err = run(["train", "maml", "--dataset", "sinusoid", "--inner-steps", 0, "--first-order",
                           "--steps", 1, "--print-config"], capsys)
     assert (code, out, err) == (2, "", "error: --inner-steps must be at least 1, got 0\n")
+
+
+@pytest.mark.parametrize("first_order", [True, False])
+def test_a_subclass_inner_loop_is_used_in_training_and_prediction_on_conv4(first_order):
+    """Conv4's task-batched forward skips ``adapt``: a subclass that replaces it (another inner
+    loss) is taken through it everywhere instead, and its loss is the one trained and predicted with."""
+    calls = []
+
+    class Smoothed(MAML):
+        def adapt(self, params, support_x, support_y, steps):
+            calls.append(support_x.shape)
+            return super().adapt(params, support_x, support_y, steps)
+
+    batch = image_batch(tasks=2, size=28, dtype=torch.float32)
+    torch.manual_seed(0)
+    model = Conv4(1, 3, hidden=8)
+    config = MAML.Config(inner_lr=0.4, inner_steps=1, first_order=first_order)
+    own, plain = Smoothed(model, config), MAML(copy.deepcopy(model), config)
+    assert plain._tasks_batched_by_model() and not own._tasks_batched_by_model()
+    loss, _ = own.meta_loss(batch)
+    assert len(calls) == 1  # once, vmapped over the tasks
+    torch.testing.assert_close(loss, plain.meta_loss(batch)[0], rtol=1e-5, atol=1e-6)  # the same inner loop
+    calls.clear()
+    torch.testing.assert_close(own.predict(batch), plain.predict(batch), rtol=1e-5, atol=1e-6)
+    assert len(calls) == 1
+
+
+def test_adapt_refuses_a_set_it_would_misread_in_one_line():
+    batch = image_batch(tasks=2, size=16, dtype=torch.float32)
+    maml = MAML(Conv4(1, 3, hidden=4), MAML.Config(inner_steps=1))
+    params = dict(maml.model.named_parameters())
+    x, y = batch.support_x[0], batch.support_y[0]
+    for args, message in [
+        ((list(params.values()), x, y), "MAML.adapt takes the parameters as a dict of name -> tensor"),
+        ((params, batch.support_x, batch.support_y), "adapts to one task: its class ids are (n,), got shape (2, 6)"),
+        ((params, x, y.float()), "real targets are (n, outputs), got shape (6,)"),
+        ((params, x, y.int()), "class labels are torch.long ids, got torch.int32"),
+        ((params, x[:4], y), "support_x holds 4 examples and support_y 6"),
+    ]:
+        with pytest.raises(MetalearnError) as info:
+            maml.adapt(*args, 1)
+        assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+    assert len(maml.adapt(params, x, y, 2)) == 3

@@ -4,6 +4,7 @@ under ``torch.func.vmap`` (over tasks, and over samples within a task)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad
 
 from metalearn.algorithms.base import task_loss, task_losses
-from metalearn.errors import ConfigError, require_number
+from metalearn.errors import ConfigError, MetalearnError, kind_of, require_number
 from metalearn.models.norm import (BatchStatNorm, batch_statistics_collector, collect_batch_statistics, inner_step,
                                    merge_batch_statistics)
 
@@ -27,6 +28,34 @@ def check_inner_loop_options(owner: str, inner_lr: float, inner_steps: int, test
     if test_inner_steps < 0:
         raise ConfigError(owner, "test_inner_steps", f"must be >= 0, got {test_inner_steps}")
     require_number(inner_lr, owner, "inner_lr")
+
+
+def check_one_task(owner: str, params: Params, x: Tensor, y: Tensor) -> None:
+    """Refuse, in one line, what an ``adapt`` of one task's set (``owner``: ``"MAML.adapt"``)
+    would otherwise take silently or fail on inside torch: parameters that are no dict, a task
+    axis left on the set (class ids ``(tasks, n)``: the inner loss would pool the tasks), real
+    targets without their output axis (``(n,)`` against predictions ``(n, 1)`` broadcasts to
+    ``(n, n)``), class ids of another integer type than torch.long, counts that differ. Under
+    ``vmap`` the shapes are those of one task."""
+    if not isinstance(params, Mapping):
+        raise MetalearnError(f"{owner} takes the parameters as a dict of name -> tensor "
+                             f"(dict(model.named_parameters())), got a {kind_of(params)}")
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise MetalearnError(f"{owner} takes support_x and support_y as tensors, got a {kind_of(x)} and a {kind_of(y)}")
+    if torch.is_floating_point(y):
+        if y.dim() < 2:
+            raise MetalearnError(
+                f"{owner}: real targets are (n, outputs), got shape {tuple(y.shape)} (y[:, None] for one output); "
+                "class labels are integer ids (torch.long), scored by cross-entropy")
+    elif y.dtype != torch.long:
+        raise MetalearnError(f"{owner}: class labels are torch.long ids, got {y.dtype} (support_y.long())")
+    elif y.dim() != 1:
+        raise MetalearnError(
+            f"{owner} adapts to one task: its class ids are (n,), got shape {tuple(y.shape)}; for a batch of tasks "
+            "vmap over their first axis (torch.func.vmap) or take one task at a time (batch.support_x[t])")
+    if x.dim() == 0 or x.shape[0] != y.shape[0]:
+        raise MetalearnError(f"{owner}: support_x holds {x.shape[0] if x.dim() else 0} examples and support_y "
+                             f"{y.shape[0]}: give one target per example")
 
 
 def loss_gradient(model: nn.Module, params: Params, x: Tensor, y: Tensor, first_order: bool = False,

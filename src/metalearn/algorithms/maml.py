@@ -29,8 +29,8 @@ from torch.func import functional_call, vmap
 
 from metalearn.algorithms.base import (MetaLearner, check_network_fits, require_functional_model, Problem, accuracy,
                                        task_loss, task_losses)
-from metalearn.algorithms.inner_loop import (Params, check_inner_loop_options, gradient_descent, gradient_descent_tasks,
-                                              normalisation_parameters)
+from metalearn.algorithms.inner_loop import (Params, check_inner_loop_options, check_one_task, gradient_descent,
+                                              gradient_descent_tasks, normalisation_parameters)
 from metalearn.datasets import NATURAL_IMAGES
 from metalearn.errors import ConfigError, MetalearnError, OptionError
 from metalearn.options import option, options
@@ -271,8 +271,12 @@ class MAML(MetaLearner):
         """Gradient steps on one task's support set: the parameters after 0..steps steps.
 
         support_x: (n_support, *input_shape), support_y: (n_support, ...), no task axis;
-        batch over tasks with ``vmap``.
+        batch over tasks with ``vmap``. Parameters that are no dict, and a set of another shape
+        (a task axis left on it, say), are refused in one line (:func:`check_one_task`). A
+        subclass may replace it (another inner loss, say): every pass then goes through it,
+        not through the network's task-batched forward.
         """
+        check_one_task("MAML.adapt", params, support_x, support_y)
         return gradient_descent(self.model, params, support_x, support_y, steps, self._step_size,
                                 self.first_order_now(), self._held)
 
@@ -404,7 +408,9 @@ class MAML(MetaLearner):
         or a single task, runs through it instead of ``vmap`` or ``functional_call``: the same
         meta-gradient (tests/test_maml.py), computed faster (docs/performance.md)."""
         can = getattr(self.model, "can_forward_tasks", None)
-        return callable(getattr(self.model, "forward_tasks", None)) and callable(can) and can()
+        # a subclass's own inner loop or forward is taken everywhere: the batched path would skip it
+        own = any(getattr(type(self), name) is not getattr(MAML, name) for name in ("adapt", "_forward", "_query_forward"))
+        return not own and callable(getattr(self.model, "forward_tasks", None)) and callable(can) and can()
 
     def _meta_loss_tasks_batched(self, batch: TaskBatch, weights: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
         """:meth:`meta_loss` through the network's ``forward_tasks``: every task's weights are

@@ -208,6 +208,22 @@ def test_auto_takes_the_fastest_chunk_that_fits_and_stops_probing_when_it_slows(
         torch.testing.assert_close(weights(trainer)[name], value, rtol=0, atol=1e-6, msg=name)
 
 
+def test_auto_names_the_chunk_that_repeats_a_run_of_a_method_that_draws(tmp_path, monkeypatch, capsys):
+    """PLATIPUS draws its noise chunk by chunk: a timed choice is not always the same, so the log
+    names the number that repeats the run; MAML draws nothing in a step and is not told so."""
+    monkeypatch.setattr("metalearn.training.available_memory", lambda device: 2**40)
+    monkeypatch.setattr("metalearn.training.fastest_chunk", lambda seconds: 2)
+    build_trainer(sinusoid_run(1, task_chunk="auto"), tmp_path / "maml").fit(progress=False)
+    out = capsys.readouterr().out
+    assert "--task-chunk auto at step 0: 2 of 5 tasks at a time" in out and "draws random numbers" not in out, out
+    config = resolve_config("platipus", task={"dataset": "sinusoid", "shots": 5},
+                            train={"steps": 1, "meta_batch_size": 5, "log_every": 1, "val_every": 0,
+                                   "eval_episodes": 5, "task_chunk": "auto"})
+    build_trainer(config, tmp_path / "platipus").fit(progress=False)
+    out = capsys.readouterr().out
+    assert "; platipus draws random numbers in a step, chunk by chunk: --task-chunk 2 repeats this run exactly" in out
+
+
 def test_the_fastest_chunk_and_the_candidates():
     assert memory.chunk_candidates(16, 16) == [1, 2, 4, 8, 16]
     assert memory.chunk_candidates(16, 6) == [1, 2, 4, 6]

@@ -176,7 +176,8 @@ class TrainConfig:
     grad_clip: float = option(0.0, "clip every element of the meta-gradient to [-v, v] before the meta-optimiser's "
                                    "step (0: no clipping)")
     seed: int = option(0, "seeds the initial weights and every task drawn; the same seed repeats a run exactly "
-                          "on the same machine and versions")
+                          "on the same machine and versions with the same torch threads (OMP_NUM_THREADS) and "
+                          "--task-chunk")
     # None: resolved by steps (default_log_every) when the config is built, so a saved or resumed
     # run holds the number it logged by
     log_every: int | None = option(None, f"steps between lines of metrics.jsonl ({LOG_EVERY}, or a tenth of a run "
@@ -191,9 +192,11 @@ class TrainConfig:
     init_from: str = option("", "a trained run directory whose network gives the initial weights (default none)")
     # `str | int`: the command line reads it as text ("auto" or a number), normalised below
     task_chunk: str | int = option(0, "tasks per forward and backward pass within a meta-batch, gradients "
-                                      "accumulated (the same meta-gradient to float rounding, less memory): "
-                                      "0 for the whole batch at once, or auto: of the sizes whose step fits in "
-                                      "--memory-budget, the fastest measured")
+                                      "accumulated (the same meta-gradient to float rounding, less memory; a "
+                                      "method that draws random numbers in a step, PLATIPUS or Reptile, draws "
+                                      "them chunk by chunk): 0 for the whole batch at once, or auto: of the sizes "
+                                      "whose step fits in --memory-budget, the fastest measured (timed, so not "
+                                      "the same choice every time)")
     memory_budget: float = option(0.8, "the fraction of the memory available (RAM, or the GPU's) that one "
                                        "scoring call of validation and test may use, and with --task-chunk "
                                        "auto one training step (measured when training starts)")

@@ -841,7 +841,13 @@ class Trainer:
                 loss.backward()
             return call
 
+        def random_states() -> list[torch.Tensor]:  # the generators a step on this device draws from
+            cuda = [torch.cuda.get_rng_state(self.device)] if self.device.type == "cuda" else []
+            return [torch.get_rng_state(), *cuda]
+
+        before = random_states()
         per_task = peak_memory_of(step_on(probed), self.device) // probed
+        draws = not all(map(torch.equal, before, random_states()))  # its step draws random numbers
         most = largest_chunk(batch.num_tasks, per_task, budget)
         step_on(1)()  # warm-up: first-call costs (allocator, the one-task path's kernels) are not a chunk's
         seconds: dict[int, float] = {}
@@ -862,6 +868,9 @@ class Trainer:
             line = (f"--task-chunk auto at step {self.step}: {chunk} of {batch.num_tasks} tasks at a time (fits: up "
                     f"to {most}, a task's step {per_task / 2**20:.0f} MiB of a {budget / 2**20:.0f} MiB budget; "
                     f"per task {timed})")
+            if draws:  # chunk by chunk: another chunk, other draws; a timed choice is not always the same
+                line += (f"; {self.config.method} draws random numbers in a step, chunk by chunk: --task-chunk "
+                         f"{chunk} repeats this run exactly")
             if bar is not None:
                 bar.write(line)
             else:

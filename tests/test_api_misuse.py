@@ -132,9 +132,9 @@ def test_episode_sampler_says_a_numpy_array_is_not_a_tensor_and_words_shapes_as_
         "torch.from_numpy(images) for a NumPy array (uint8, (classes, examples, [C,] H, W))")
     # called from Python: its arguments, not the command line's options
     assert refusal(lambda: EpisodeSampler(images, pool, 7, 1, 1)) == (
-        "omniglot split mine has 6 classes; ways=7 is more than that. Lower ways or use a pool with more classes.")
+        "your data split mine has 6 classes; ways=7 is more than that. Lower ways or use a pool with more classes.")
     assert refusal(lambda: EpisodeSampler(images, pool, 2, 3, 2)) == (
-        "omniglot has 4 images per class; shots=3 with query=2 needs 5. Lower shots or query.")
+        "your data has 4 images per class; shots=3 with query=2 needs 5. Lower shots or query.")
     assert refusal(lambda: EpisodeSampler(images, pool, 1, 1, 1)) == "ways must be at least 2, got 1"
     # a run's sampler (build_task_source passes test=False or True): the options that set the shape,
     # from Python as the TaskConfig's fields, on the command line (with_flags) as its flags

@@ -201,16 +201,16 @@ def test_shots_plus_query_beyond_the_drawings(raw, train_pool):
     the options that set the shape, as the caller spells them: the TaskConfig fields from Python,
     the flags on the command line (the CLI prints ``with_flags()``)."""
     with pytest.raises(OptionError) as info:
-        EpisodeSampler(raw, train_pool, ways=5, shots=15, query=10)
+        EpisodeSampler(raw, train_pool, ways=5, shots=15, query=10, dataset="omniglot")
     own = "omniglot has 20 images per class; shots=15 with query=10 needs 25. Lower shots or query."
     assert str(info.value) == info.value.with_flags() == own
     with pytest.raises(OptionError) as info:
-        EpisodeSampler(raw, train_pool, ways=5, shots=15, query=10, test=False)
+        EpisodeSampler(raw, train_pool, ways=5, shots=15, query=10, dataset="omniglot", test=False)
     assert str(info.value) == own  # the TaskConfig's fields are the arguments' names
     assert info.value.with_flags() == ("omniglot has 20 images per class; --shots 15 with --query 10 needs 25. Lower "
                                        "--shots or --query.")
     with pytest.raises(OptionError) as info:
-        EpisodeSampler(raw, train_pool, ways=5, shots=15, query=10, test=True)
+        EpisodeSampler(raw, train_pool, ways=5, shots=15, query=10, dataset="omniglot", test=True)
     assert str(info.value) == ("omniglot has 20 images per class; test_shots=15 with test_query=10 needs 25. Lower "
                                "test_shots or test_query (in evaluate_run: episode_shape's shots or query).")
     assert info.value.with_flags() == ("omniglot has 20 images per class; --test-shots 15 with --test-query 10 needs "
@@ -221,18 +221,18 @@ def test_shots_plus_query_beyond_the_drawings(raw, train_pool):
 def test_more_ways_than_classes(omniglot, raw):
     pool = omniglot_split(omniglot, "lake", "test")
     with pytest.raises(OptionError) as info:
-        EpisodeSampler(raw, pool, ways=700, shots=1, query=1)
+        EpisodeSampler(raw, pool, ways=700, shots=1, query=1, dataset="omniglot")
     own = ("omniglot split lake/test has 659 classes; ways=700 is more than that. Lower ways or use a pool with more "
            "classes.")
     assert str(info.value) == info.value.with_flags() == own
     with pytest.raises(OptionError) as info:
-        EpisodeSampler(raw, pool, ways=700, shots=1, query=1, test=False)
+        EpisodeSampler(raw, pool, ways=700, shots=1, query=1, dataset="omniglot", test=False)
     assert str(info.value) == ("omniglot split lake/test has 659 classes; ways=700 is more than that. Lower ways or "
                                "use a split part with more classes.")
     assert info.value.with_flags() == ("omniglot split lake/test has 659 classes; --ways 700 is more than that. Lower "
                                        "--ways or use a split part with more classes.")
     with pytest.raises(OptionError) as info:  # the test episodes' ways, following the training ones
-        EpisodeSampler(raw, pool, ways=700, shots=1, query=1, test=True, ways_follow=True)
+        EpisodeSampler(raw, pool, ways=700, shots=1, query=1, dataset="omniglot", test=True, ways_follow=True)
     assert str(info.value) == ("omniglot split lake/test has 659 classes; test_ways=700 (it defaults to ways) is more "
                                "than that. Lower test_ways (in evaluate_run: episode_shape's ways) or use a split "
                                "part with more classes.")
@@ -240,7 +240,7 @@ def test_more_ways_than_classes(omniglot, raw):
                                        "--ways) is more than that. Lower --test-ways (in metalearn eval and compare: "
                                        "--ways) or use a split part with more classes.")
     with pytest.raises(OptionError) as info:  # test ways of their own: no note that they follow
-        EpisodeSampler(raw, pool, ways=700, shots=1, query=1, test=True)
+        EpisodeSampler(raw, pool, ways=700, shots=1, query=1, dataset="omniglot", test=True)
     assert info.value.with_flags() == ("omniglot split lake/test has 659 classes; --test-ways 700 is more than that. "
                                        "Lower --test-ways (in metalearn eval and compare: --ways) or use a split part "
                                        "with more classes.")
@@ -255,7 +255,8 @@ def test_an_evaluation_of_the_training_part_names_the_test_options(omniglot_data
     from metalearn.tasks import build_task_source
 
     with pytest.raises(OptionError) as info:
-        build_task_source(TaskConfig(ways=5, test_ways=5000), "train", omniglot_data_dir, progress=False, evaluation=True)
+        build_task_source(TaskConfig(ways=5, test_ways=5000), "train", omniglot_data_dir, progress=False,
+                          evaluation=True)
     assert info.value.with_flags() == ("omniglot split maml/train has 1100 classes; --test-ways 5000 is more than "
                                        "that. Lower --test-ways (in metalearn eval and compare: --ways) or use a split "
                                        "part with more classes.")
@@ -377,3 +378,72 @@ def test_the_sampler_draws_the_floating_point_type_asked_for(raw, train_pool, sa
     assert torch.equal(float64.query_y, float32.query_y) and float64.query_y.dtype == torch.long
     with pytest.raises(MetalearnError, match="dtype must be a floating-point type, got torch.uint8"):
         EpisodeSampler(raw, train_pool, WAYS, SHOTS, QUERY, dtype=torch.uint8)
+
+
+def test_from_labels_draws_episodes_of_labelled_vectors():
+    """Feature vectors with labels of any values in any order: every drawn example belongs to
+    the class its episode label says, support and query are distinct examples, the values are
+    the examples' own (no /255), and a ProtoNet scores well-separated classes near 100%."""
+    from metalearn import ProtoNet, evaluate
+    from metalearn.models import MLP
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([40, 10, 30, 20] * 6 + [10, 30, 30])[torch.randperm(27, generator=g)]
+    examples = torch.randn(27, 5, generator=g, dtype=torch.float64) * 0.1
+    examples[:, 0] = labels.double()  # an example's class is readable from it
+    examples[:, 1] = torch.arange(27).double()  # and which example it is
+    sampler = EpisodeSampler.from_labels(examples.numpy(), labels.numpy(), ways=3, shots=2, query=3)
+    assert sampler.labels.tolist() == [10, 20, 30, 40]
+    batch = sampler.sample(50, torch.Generator().manual_seed(1))
+    assert batch.support_x.shape == (50, 6, 5) and batch.query_x.shape == (50, 9, 5)
+    assert batch.support_x.dtype == torch.float32 and batch.ways == 3
+    for t in range(50):
+        drawn = torch.cat([batch.support_x[t, :, 1], batch.query_x[t, :, 1]])
+        assert drawn.unique().numel() == 15  # distinct examples
+        for x, y in ((batch.support_x[t], batch.support_y[t]), (batch.query_x[t], batch.query_y[t])):
+            for episode_label in range(3):  # one original class per episode label, the same in both sets
+                assert x[y == episode_label, 0].unique().numel() == 1
+        assert torch.equal(batch.support_x[t, ::2, 0], batch.query_x[t, ::3, 0])
+        assert batch.support_x[t, ::2, 0].unique().numel() == 3
+    torch.testing.assert_close(batch.support_x[0, 0].double(), examples[int(batch.support_x[0, 0, 1])], atol=1e-6,
+                               rtol=0)
+    separated = torch.cat([torch.randn(20, 4, generator=g) * 0.3 + 4 * torch.eye(4)[c] for c in range(4)])
+    learner = ProtoNet(MLP(4, 8, hidden=(16,)))
+    result = evaluate(learner, EpisodeSampler.from_labels(separated, torch.arange(4).repeat_interleave(20), 3, 1, 5),
+                      episodes=40)
+    assert result["mean"] > 90, result
+
+
+def test_from_labels_takes_uint8_images_as_the_folder_sampler_does():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (12, 1, 4, 4), generator=g, dtype=torch.uint8)
+    labels = torch.tensor([2, 0, 1] * 4)
+    sampler = EpisodeSampler.from_labels(images, labels, ways=2, shots=1, query=1)
+    batch = sampler.sample(3, torch.Generator().manual_seed(0))
+    assert batch.support_x.shape == (3, 2, 1, 4, 4) and float(batch.support_x.max()) <= 1.0
+    known = {tuple((image.float() / 255).flatten().tolist()) for image in images}
+    assert all(tuple(x.flatten().tolist()) in known for x in batch.support_x.reshape(-1, 1, 4, 4))
+    assert sampler.augmented("flip").sample(1, torch.Generator().manual_seed(0)).support_x.shape == (1, 2, 1, 4, 4)
+
+
+def test_from_labels_and_float_examples_refuse_what_they_cannot_draw():
+    vectors, labels = torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])
+    cases = [
+        (lambda: EpisodeSampler.from_labels(vectors, labels.float(), 2, 1, 1), "takes labels as (n,) integers"),
+        (lambda: EpisodeSampler.from_labels(vectors, labels[:5], 2, 1, 1), "got (6, 3) examples and 5 labels"),
+        (lambda: EpisodeSampler.from_labels(vectors[:, 0], labels, 2, 1, 1), "takes examples (n, ...)"),
+        (lambda: EpisodeSampler.from_labels(vectors, labels, 2, 2, 1), "your data has a class of 2 examples; shots=2 "
+                                                                      "with query=1 needs 3"),
+        (lambda: EpisodeSampler.from_labels(vectors, labels, 4, 1, 1),
+         "your data has 3 classes; ways=4 is more than that"),
+        (lambda: EpisodeSampler.from_labels(vectors, labels, 2, 1, 1).augmented("flip"), "augment changes uint8 "
+                                                                                         "images"),
+        (lambda: EpisodeSampler(vectors, ClassPool("p", torch.arange(3), torch.zeros(3, dtype=torch.long)), 2, 1, 1),
+         "or floating-point examples (n, ...) with class_sizes"),
+        (lambda: EpisodeSampler(vectors, ClassPool("p", torch.arange(3), torch.zeros(3, dtype=torch.long)), 2, 1, 1,
+                                class_sizes=torch.tensor([4, 0, 2])), "class 1 of the pool has no examples"),
+    ]
+    for build, message in cases:
+        with pytest.raises(MetalearnError) as info:
+            build()
+        assert message in str(info.value) and "\n" not in str(info.value), str(info.value)

@@ -141,7 +141,7 @@ def _omniglot(task, shape, part: str, data_dir: Path | str | None, progress: boo
     omniglot = load_omniglot(data_dir, task.image_size, progress=progress)
     pool = omniglot_split(omniglot, task.split, part)
     return EpisodeSampler(torch.from_numpy(omniglot.images), pool, shape.ways, shape.shots, shape.query,
-                          test=testing(task, shape, part), ways_follow=task.test_ways is None)
+                          dataset="omniglot", test=testing(task, shape, part), ways_follow=task.test_ways is None)
 
 
 def _omniglot_has_part(split: str, part: str) -> bool:

@@ -1,10 +1,11 @@
-"""N-way K-shot episodes drawn straight from a cached uint8 image tensor."""
+"""N-way K-shot episodes drawn straight from a cached uint8 image tensor, or from examples of
+any shape with their labels (:meth:`EpisodeSampler.from_labels`)."""
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, fields, replace
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +68,7 @@ class EpisodeSampler:
     class_split: dict[str, list[str]] | None = None
 
     def __init__(self, images: Tensor, pool: ClassPool, ways: int, shots: int, query: int,
-                 dataset: str = "omniglot", test: bool | None = None, class_sizes: Tensor | None = None,
+                 dataset: str = "your data", test: bool | None = None, class_sizes: Tensor | None = None,
                  dtype: torch.dtype = torch.float32, augment: str = "", ways_follow: bool = False):
         dims = (4,) if class_sizes is not None else (4, 5)
         # a tensor and a ClassPool first: the checks below read them as such, and a NumPy array
@@ -83,11 +84,13 @@ class EpisodeSampler:
                 f"{type(pool).__name__}: ClassPool(\"mine\", torch.arange(n), torch.zeros(n, dtype=torch.long)) draws "
                 "from classes 0..n-1 of the images, unrotated (other class indices in place of torch.arange(n) "
                 "pick those); omniglot_split(omniglot, split, part) gives a named Omniglot split's")
-        if images.dtype != torch.uint8 or images.dim() not in dims:
+        examples = images.is_floating_point() and class_sizes is not None and images.dim() >= 2
+        if not examples and (images.dtype != torch.uint8 or images.dim() not in dims):
             raise MetalearnError(
                 f"EpisodeSampler takes uint8 images shaped (classes, examples, [C,] H, W), or (n_images, C, H, W) "
-                f"with class_sizes, got {images.dtype} {tuple(images.shape)}; for other images build TaskBatch "
-                "objects yourself"
+                f"with class_sizes, or floating-point examples (n, ...) with class_sizes, got {images.dtype} "
+                f"{tuple(images.shape)}; EpisodeSampler.from_labels(examples, labels, ...) builds one from examples "
+                "and their labels"
             )
         if class_sizes is None:
             if images.dim() == 4:
@@ -97,6 +100,10 @@ class EpisodeSampler:
             sizes = torch.as_tensor(class_sizes, dtype=torch.long)
             if int(sizes.sum()) != images.shape[0]:
                 raise MetalearnError(f"class_sizes add up to {int(sizes.sum())} images, but there are {images.shape[0]}")
+            if bool((sizes[pool.characters] < 1).any()):  # a class to draw from with nothing to draw
+                empty = int(pool.characters[sizes[pool.characters] < 1][0])
+                raise MetalearnError(f"class {empty} of the pool has no examples (class_sizes[{empty}] is "
+                                     f"{int(sizes[empty])}): leave it out of the pool")
         if images.shape[-2] != images.shape[-1] and bool((pool.rotations != 0).any()):
             raise MetalearnError(f"rotated classes need square images, got {images.shape[-2]}x{images.shape[-1]}")
         if class_sizes is not None and bool((pool.rotations != 0).any()):
@@ -134,7 +141,7 @@ class EpisodeSampler:
             raise OptionError(f"{{shots}} and {{query}} must be at least 1, got {shots} and {query}{{also}}",
                               shots=option("shots"), query=option("query"), also=also("shots", "query"))
         if shots + query > drawings and len(pool):
-            noun = "image" if drawings == 1 else "images"
+            noun = ("image" if images.dtype == torch.uint8 else "example") + ("" if drawings == 1 else "s")
             has = f"has {drawings} {noun} per class" if class_sizes is None else f"has a class of {drawings} {noun}"
             raise OptionError(
                 f"{{dataset}} {has}; {{given_shots}} with {{given_query}} needs {shots + query}. Lower {{shots}} or "
@@ -145,14 +152,16 @@ class EpisodeSampler:
             if test and ways_follow:  # the test episodes' ways, which the user never typed
                 given, noted = given + " (it defaults to ways)", noted + " (it defaults to --ways)"
             where = "a pool" if own else "a split part"
+            split = " split {pool}" if pool.name else ""  # from_labels's pool: every class, unnamed
             raise OptionError(
-                f"{{dataset}} split {{pool}} has {len(pool)} classes; {{given}} is more than that. Lower "
-                f"{{ways}}{{also}} or use {where} with more classes.", given=(given, noted), ways=option("ways"),
-                also=also("ways"), **quoted)
+                f"{{dataset}}{split} has {len(pool)} classes; {{given}} is more than that. Lower {{ways}}{{also}} or use "
+                f"{where} with more classes.", given=(given, noted), ways=option("ways"), also=also("ways"), **quoted)
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise MetalearnError(f"EpisodeSampler draws images as floats: dtype must be a floating-point type, got {dtype}")
         self.dtype = dtype
         self.augmentation = Augmentation(augment)
+        if augment and images.dtype != torch.uint8:
+            raise MetalearnError("augment changes uint8 images; these examples are floating-point: leave augment out")
         self.pool = pool
         self.ways, self.shots, self.query = ways, shots, query
         self.random_rotation = bool((pool.rotations < 0).any())
@@ -182,9 +191,40 @@ class EpisodeSampler:
         self.drawings = int(self.sizes.max())  # the most images of any class: the draw's width
         self.augmentation.check_images(self.image_shape)
 
+    @classmethod
+    def from_labels(cls, examples: Any, labels: Any, ways: int, shots: int, query: int, dataset: str = "your data",
+                    dtype: torch.dtype = torch.float32) -> "EpisodeSampler":
+        """A sampler of the episodes of labelled examples in memory (learn2learn's
+        ``TaskDataset`` with ``NWays`` and ``KShots``): ``examples`` ``(n, ...)``, uint8 images
+        ``(n, C, H, W)`` (drawn as floats in [0, 1]) or floating-point examples of any shape,
+        feature vectors ``(n, d)`` or images already normalised (drawn as they are, in
+        ``dtype``); ``labels`` ``(n,)`` integer class labels, any values in any order. A torch
+        tensor or a NumPy array each. Every distinct label is a class; an episode draws
+        ``ways`` of them and ``shots + query`` distinct examples of each, relabelled 0..ways-1.
+        The sampler's ``labels`` are the label values in the order of its classes. ``dataset``
+        names the data in messages. Split the classes into training and test classes before:
+        one sampler for each."""
+        examples = torch.as_tensor(examples) if not isinstance(examples, Tensor) else examples
+        labels = torch.as_tensor(labels) if not isinstance(labels, Tensor) else labels
+        if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise MetalearnError(f"EpisodeSampler.from_labels takes labels as (n,) integers, got {labels.dtype} "
+                                 f"{tuple(labels.shape)}")
+        if examples.dim() < 2 or examples.shape[0] != labels.shape[0]:
+            raise MetalearnError(f"EpisodeSampler.from_labels takes examples (n, ...) with one label each: got "
+                                 f"{tuple(examples.shape)} examples and {labels.shape[0]} labels")
+        order = torch.argsort(labels, stable=True)
+        values, counts = torch.unique_consecutive(labels[order], return_counts=True)
+        pool = ClassPool("", torch.arange(len(values)), torch.zeros(len(values), dtype=torch.long))  # all of them
+        sampler = cls(examples[order].contiguous(), pool, ways, shots, query, dataset=dataset, class_sizes=counts,
+                      dtype=dtype)
+        sampler.labels = values
+        return sampler
+
     def augmented(self, augment: str) -> "EpisodeSampler":
         """This sampler drawing the same episodes, with ``augment``'s changes (an ``--augment``
         value, ``""`` for none) applied to their images; the images are shared, not copied."""
+        if augment and self.bank.dtype != torch.uint8:
+            raise MetalearnError("augment changes uint8 images; these examples are floating-point: leave augment out")
         sampler = copy.copy(self)
         sampler.augmentation = Augmentation(augment)
         sampler.augmentation.check_images(self.image_shape)
@@ -225,7 +265,8 @@ class EpisodeSampler:
             per_task = rows.shape[1] * rows.shape[2]
             pixels = self.bank.index_select(0, rows.reshape(-1))
             if changes is None:
-                return to_float(pixels, self.dtype).view(t, per_task, *self.image_shape)
+                floats = to_float(pixels, self.dtype) if pixels.dtype == torch.uint8 else pixels.to(self.dtype)
+                return floats.view(t, per_task, *self.image_shape)
             mine = changes.map(lambda values: values[:, :, part].flatten(0, 2))  # one row per image, as rows
             return self.augmentation.apply(pixels, mine, self.dtype).view(t, per_task, *self.image_shape)
 

@@ -241,7 +241,8 @@ def test_replacing_a_built_in_warns_and_registering_it_again_does_not(fresh_plug
         register_method(type("OtherMAML", (METHODS["maml"],), {"name": "maml"}))
 
 
-def test_config_json_records_what_registered_the_runs_parts_and_a_process_without_it_is_told(fresh_plugins, tmp_path):
+def test_config_json_records_what_registered_the_runs_parts_and_a_process_without_it_is_told(fresh_plugins, tmp_path,
+                                                                                             capsys):
     """A run's method, dataset or network registered in Python is recorded in config.json with
     where its registration came from; a process without it names what to load (a plugin), or,
     for a registration in a script or a module that is no plugin, what to do."""
@@ -271,6 +272,14 @@ def test_config_json_records_what_registered_the_runs_parts_and_a_process_withou
                                      "a module of its own and name that module in METALEARN_PLUGINS")
     assert told["my_methods"].endswith(f"registered it in {tmp_path / 'my_methods.py'}, which is not a plugin: name it "
                                        f"in METALEARN_PLUGINS={tmp_path / 'my_methods.py'}")
+    # metalearn train mine --resume says the same where the method's command is looked for
+    from cli_runner import run as cli_run
+
+    code, _, err = cli_run(["train", "mine", "--run-dir", tmp_path / "my_methods", "--resume"], capsys)
+    assert code == 2 and (f"no method 'mine' in this process: the run's process registered it in "
+                          f"{tmp_path / 'my_methods.py'}, which is not a plugin") in err, err
+    code, _, err = cli_run(["train", "mine", "--run-dir", tmp_path / "my_methods"], capsys)  # a new run: the list
+    assert code == 2 and "no method 'mine'; the methods: maml" in err, err
 
     # a plugin that replaced a built-in: read without it, the run would be scored by the built-in
     built_in = METHODS["protonet"]
@@ -534,6 +543,12 @@ def test_predict_refuses_a_run_whose_examples_are_not_images(fresh_plugins, tmp_
     code, _, err = run(["train", "toy-nearest-mean", "--dataset", "toy-points", "--steps", 2, "--val-every", 0,
                         "--no-eval", "--no-progress", "--run-dir", tmp_path / "run"], capsys)
     assert code == 0, err
+    # the committed record says where the method and the dataset came from, as config.json does
+    code, _, err = run(["export", tmp_path / "run", tmp_path / "record"], capsys)
+    assert code == 0, err
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["plugins"]
+    assert {entry["name"] for entry in recorded} == {"toy-nearest-mean", "toy-points"}
+    assert json.loads((tmp_path / "record" / "summary.json").read_text())["config"]["plugins"] == recorded
     (tmp_path / "support" / "a").mkdir(parents=True)
     code, _, err = run(["predict", tmp_path / "run", "--support", tmp_path / "support", "--query", tmp_path], capsys)
     assert code == 2 and err.count("\n") == 1, err
@@ -559,3 +574,12 @@ def test_the_help_of_dataset_and_model_names_what_plugins_registered_that_the_me
     assert "toy-sine" not in help_of("protonet", "dataset")  # regression: not for a classification-only method
     assert help_of("maml", "dataset").endswith("cheetah-vel or cheetah-dir; of plugins: toy-sine")
     assert "toy-flat" not in help_of("maml", "model")  # an embedding: MAML needs an output layer
+    # a method whose own help already lists it (a plugin's, written after another plugin's network
+    # was registered) does not list it twice
+    from metalearn.cli import _plugins_help
+    from metalearn.algorithms import METHODS
+
+    field = next(f for f in dataclasses.fields(METHODS["protonet"].Config) if f.name == "model")
+    assert _plugins_help("protonet", field, "the network: conv4 or toy-flat") == "the network: conv4 or toy-flat"
+    assert _plugins_help("protonet", field, "the network: conv4 or toy-flat-2") == ("the network: conv4 or toy-flat-2; "
+                                                                                   "of plugins: toy-flat")

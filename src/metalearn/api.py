@@ -28,7 +28,8 @@ from metalearn.errors import (ConfigError, MetalearnError, OptionError, OptionWa
                               flag, kind_of, valued)
 from metalearn.evaluation import EPISODE_CHUNK, evaluate
 from metalearn.options import option_defaults
-from metalearn.runs import RunDir, claim_new_run_dir, default_runs_root, new_run_name, registered_in_python
+from metalearn.runs import (RunDir, claim_new_run_dir, default_runs_root, new_run_name, recorded_plugins,
+                            registered_in_python)
 from metalearn.files import (WriteError, atomic_write_files, obstacle, probe_writable, remove_export_temporaries,
                              same_path, user_path)
 from metalearn.locking import make_folders
@@ -1145,8 +1146,9 @@ def _write_record(run: RunDir, config: RunConfig, state: dict[str, Any], plots: 
     # the checkpoint's state: records of steps past it are of a run training now, or of one killed
     # since, whose resume drops them
     records = [record for record in run.read_metrics() if record.get("step", 0) <= int(state["step"])]
+    plugins = recorded_plugins(run.config_as_it_stands())  # where a plugin's method, dataset or network came from
     summary = {
-        "config": config.to_dict(),
+        "config": {**config.to_dict(), **({"plugins": plugins} if plugins else {})},
         "step": int(state["step"]),
         "training_wall_time_s": state.get("elapsed_s"),
         # the processor and versions of each stretch of training (none for runs saved before they were kept)

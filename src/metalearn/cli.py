@@ -8,6 +8,7 @@ import errno
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -246,6 +247,8 @@ def _plugins_help(method: str, field: dataclasses.Field, text: str | None) -> st
     else:
         return text
     own = help_of(field) if text is None else text
+    # a plugin's own help may list what an earlier plugin registered (network_help() at its import)
+    added = [name for name in added if not re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", own)]
     return f"{own}; of plugins: {', '.join(added)}" if added else text
 
 
@@ -359,9 +362,29 @@ class MethodCommands(click.Group):
         """The method's command; an unknown name lists the methods and how one of the user's is
         made known (a plugin not named is the likely cause)."""
         if args and not args[0].startswith("-") and args[0] not in METHODS:
+            recorded = _recorded_method_remedy(args[0], args[1:])
+            if recorded is not None:  # a --resume of a run that names where its method came from
+                raise click.UsageError(f"no method {args[0]!r} in this process: {recorded}", ctx)
             raise click.UsageError(f"no method {args[0]!r}; the methods: {', '.join(METHODS)} ({unknown_hint()})",
                                    ctx)
         return super().resolve_command(ctx, args)
+
+
+def _recorded_method_remedy(method: str, args: list[str]) -> str | None:
+    """For ``metalearn train METHOD --resume --run-dir RUN`` of a method this process does not
+    know: what RUN's config.json records of where it came from (a plugin to name, a module to
+    move into one), as every other command reading the run says it; None where it records none."""
+    from metalearn.plugins import remedy
+    from metalearn.runs import recorded_entry
+
+    if "--resume" not in args:
+        return None
+    given = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg == "--run-dir"]
+    given += [arg.split("=", 1)[1] for arg in args if arg.startswith("--run-dir=")]
+    if not given or not given[-1]:
+        return None
+    entry = recorded_entry(RunDir(given[-1]).config_as_it_stands(), "method", method)
+    return (remedy(entry) or None) if entry is not None else None
 
 
 @cli.group(cls=MethodCommands)

@@ -140,6 +140,10 @@ def test_an_installed_packages_entry_point_registers_its_method_for_the_help_and
     code, out, err = metalearn(["eval", tmp_path / "run", "--no-progress"])  # not installed here: what to install
     assert code == 2 and err.endswith("the run's method 'toy-maml' is not known to this process: the run was trained "
                                       "with the entry point 'toy' of the package toy-package: install that package\n")
+    off = {**installed, "METALEARN_DISABLE_PLUGIN_AUTOLOAD": "1"}  # installed, but no entry point is loaded
+    code, out, err = metalearn(["eval", tmp_path / "run", "--no-progress"], off)
+    assert code == 2 and err.endswith("of the package toy-package, and METALEARN_DISABLE_PLUGIN_AUTOLOAD is set, which "
+                                      "loads no entry point: unset it\n"), err
     code, out, err = metalearn(["train", "toy-maml", "--steps", 1])  # not installed here: said so
     assert code == 2 and err.startswith("error: no method 'toy-maml'; the methods: maml, protonet, "), err
     assert "(one of your own: name its module in METALEARN_PLUGINS)" in err

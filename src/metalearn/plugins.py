@@ -310,8 +310,11 @@ def remedy(source: Any) -> str:
         return (f"the run was trained with the plugin {source['plugin']}: set "
                 f"{ENVIRONMENT_VARIABLE}={shlex.quote(value)}{folder}")
     if isinstance(source.get("entry_point"), str):
-        return (f"the run was trained with the entry point {source['entry_point']!r} of the package "
-                f"{source.get('package')}: install that package")
+        trained = (f"the run was trained with the entry point {source['entry_point']!r} of the package "
+                   f"{source.get('package')}")
+        if os.environ.get(NO_ENTRY_POINTS, "") not in ("", "0"):  # installed or not, none is loaded
+            return f"{trained}, and {NO_ENTRY_POINTS} is set, which loads no entry point: unset it"
+        return f"{trained}: install that package"
     module, file = source.get("module"), source.get("file")
     if module == "__main__":
         return (f"the run was trained by {file or 'a script'}, which registered it: move the registration into a "

@@ -156,6 +156,20 @@ def test_a_stop_of_a_run_of_a_method_registered_outside_a_plugin_says_how_to_go_
     assert status["test"].startswith(f"metalearn.evaluate_run({str(run_dir)!r}) (for the command line"), status["test"]
 
 
+def test_a_method_option_of_a_type_the_command_line_cannot_carry_is_refused_at_registration():
+    from metalearn.options import option, options
+
+    @options
+    class Blocks(NearestMeanConfig):
+        feature_blocks: tuple[int, ...] = option((3, 4), "the blocks whose features are joined")
+
+    with pytest.raises(MetalearnError, match=r"Config's option feature_blocks is declared tuple\[int, \.\.\.\]: an "
+                                             r"option is a bool, int, float or str \(or one of them or None\); give a "
+                                             r"list as a str of comma-separated values"):
+        register_method(type("Blocky", (NearestMean,), {"name": "toy-blocky", "Config": Blocks}))
+    assert "toy-blocky" not in METHODS
+
+
 def test_a_registered_method_refuses_bad_values_naming_its_field(toy_registry):
     from metalearn.algorithms import make_method_config
     from metalearn.errors import ConfigError

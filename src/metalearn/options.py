@@ -41,14 +41,21 @@ def options(cls: type) -> type:
     return dataclasses.dataclass(frozen=True)(cls)
 
 
+def declared_types(cls: type) -> dict[str, tuple[Any, ...]]:
+    """Each field of the dataclass ``cls`` with the types its annotation allows (a union's
+    members, ``int | None`` as ``(int, NoneType)``)."""
+    hints = typing.get_type_hints(cls)
+    return {field.name: (typing.get_args(hints[field.name]) if isinstance(hints[field.name], types.UnionType)
+                         or typing.get_origin(hints[field.name]) is typing.Union else (hints[field.name],))
+            for field in dataclasses.fields(cls)}
+
+
 def check_option_types(config: Any) -> None:
     """Refuse a field whose value is not of its declared type, where that type is bool, int,
     float, str or a union of them with None (an int is a float; a bool is neither)."""
-    hints = typing.get_type_hints(type(config))
+    declared = declared_types(type(config))
     for field in dataclasses.fields(config):
-        expected = hints.get(field.name)
-        allowed = typing.get_args(expected) if isinstance(expected, types.UnionType) or (
-            typing.get_origin(expected) is typing.Union) else (expected,)
+        allowed = declared[field.name]
         if not all(t in _CHECKED for t in allowed):
             continue
         value = getattr(config, field.name)

@@ -83,6 +83,7 @@ def register_method(cls: type[MetaLearner]) -> type[MetaLearner]:
         raise MetalearnError(f"{cls.__name__}.Config's option(s) {', '.join(required)} have no default: every "
                              "option needs one (option(default, \"help\"))")
     check_option_names(cls)
+    check_option_kinds(cls)
     check_legacy_defaults(cls)
     registering("method", cls.name, BUILT_IN_METHODS, METHODS.get(cls.name) is cls)
     METHODS[cls.name] = cls
@@ -99,6 +100,21 @@ def check_option_names(cls: type[MetaLearner]) -> None:
     if shared:
         raise MetalearnError(f"{cls.__name__}.Config has option(s) named like task or training options, which "
                              f"would share a flag: {', '.join(sorted(shared))}; rename them")
+
+
+def check_option_kinds(cls: type[MetaLearner]) -> None:
+    """Refuse a method option of a type the command line and the checks cannot carry: an option
+    is a bool, int, float or str, or one of them or None (a list would reach a run as the text
+    of ``--name 2,3`` from the shell and as a list from Python: two runs of one setting)."""
+    from metalearn.options import declared_types
+
+    for name, kinds in declared_types(cls.Config).items():
+        if not all(kind in (bool, int, float, str, type(None)) for kind in kinds):
+            shown = " | ".join(getattr(kind, "__name__", None) if isinstance(kind, type) else str(kind)
+                               for kind in kinds)
+            raise MetalearnError(f"{cls.__name__}.Config's option {name} is declared {shown}: an option is a bool, "
+                                 "int, float or str (or one of them or None); give a list as a str of comma-separated "
+                                 "values, as --augment takes 'crop,flip', and split it in the method")
 
 
 def check_legacy_defaults(cls: type[MetaLearner]) -> None:

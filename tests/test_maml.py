@@ -996,3 +996,30 @@ def test_adapt_refuses_a_set_it_would_misread_in_one_line():
             maml.adapt(*args, 1)
         assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
     assert len(maml.adapt(params, x, y, 2)) == 3
+
+
+def test_batch_stat_norms_puts_batch_statistics_in_place_of_torchs_batch_norm():
+    """A network of one's own with nn.BatchNorm layers (running statistics, refused as such):
+    batch_stat_norms swaps each for a BatchStatNorm with its scale and offset, nested ones too,
+    which normalises as torch's layer does in training and meta-learns at second order."""
+    from metalearn.models import batch_stat_norms
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4, affine=False)),
+                        nn.Flatten(), nn.LazyLinear(3))
+    batch = image_batch(tasks=2, size=8, dtype=torch.float32)
+    net(batch.support_x[0])  # the lazy layer's size
+    with torch.no_grad():
+        net[1].weight.uniform_(0.5, 2.0)
+        net[1].bias.uniform_(-1.0, 1.0)
+    with pytest.raises(MetalearnError, match="batch_stat_norms\\(model\\) swaps them in"):
+        MAML(net, MAML.Config())
+    expected = net.train()(batch.support_x[0])
+    assert batch_stat_norms(net) is net
+    assert isinstance(net[1], BatchStatNorm) and isinstance(net[3][1], BatchStatNorm) and net[3][1].weight is None
+    assert not net[3][1].bias.requires_grad and not any(True for _ in net.buffers() if _ is not None)
+    torch.testing.assert_close(net(batch.support_x[0]), expected, rtol=1e-5, atol=1e-5)
+    loss, _ = MAML(net, MAML.Config(inner_steps=1)).meta_loss(batch)  # second order: accepted now
+    loss.backward()
+    assert net[1].weight.grad is not None and torch.isfinite(loss)

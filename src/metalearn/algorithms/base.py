@@ -658,14 +658,16 @@ def require_functional_model(model: nn.Module, method: str, second_order: bool) 
             f"{method} needs a model without running-statistics buffers (found them in {running[0]}): it "
             "applies the network as a pure function of its parameters, and running statistics are state "
             "that every forward pass would change. Use metalearn.models.BatchStatNorm (the statistics of "
-            "the current batch, as in the MAML reference code)."
+            "the current batch, as in the MAML reference code): metalearn.models.batch_stat_norms(model) "
+            "swaps them in."
         )
     native = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
     if native and second_order:
         raise OptionError(
             f"second-order {method} cannot use torch's native batch or instance norm ({native[0]}): its second "
             "derivative under vmap is wrong in torch. Use metalearn.models.BatchStatNorm (same "
-            "parameters, batch statistics) or {first_order}.", first_order=("first_order=True", "--first-order")
+            "parameters, batch statistics; metalearn.models.batch_stat_norms(model) swaps them in) or "
+            "{first_order}.", first_order=("first_order=True", "--first-order")
         )
 
 

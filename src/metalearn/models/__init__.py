@@ -22,7 +22,7 @@ from metalearn.options import is_command_name
 from metalearn.plugins import load_plugins, unknown_hint, registering
 from metalearn.models.conv4 import Conv4, mamlpp_conv4, reference_conv4
 from metalearn.models.mlp import MLP
-from metalearn.models.norm import BatchStatNorm, first_order_batch_norm
+from metalearn.models.norm import BatchStatNorm, batch_stat_norms, first_order_batch_norm
 from metalearn.models.resnet12 import ResNet12
 
 ROLES = ("classifier", "embedding")
@@ -258,6 +258,6 @@ def output_size(model: nn.Module, input_shape: tuple[int, ...]) -> int:
         return model(torch.zeros(2, *input_shape)).shape[-1]
 
 
-__all__ = ["BatchStatNorm", "output_size", "Conv4", "MLP", "NETWORKS", "Network", "ResNet12", "build_model",
+__all__ = ["BatchStatNorm", "batch_stat_norms", "output_size", "Conv4", "MLP", "NETWORKS", "Network", "ResNet12", "build_model",
            "check_network_name", "first_order_batch_norm", "mamlpp_conv4", "network_help", "network_names",
            "reference_conv4", "register_network"]

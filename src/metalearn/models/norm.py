@@ -116,6 +116,29 @@ class BatchStatNorm(nn.Module):
         return text
 
 
+def batch_stat_norms(model: nn.Module) -> nn.Module:
+    """``model`` with each of torch's ``nn.BatchNorm1d/2d/3d`` layers replaced, in place, by a
+    :class:`BatchStatNorm` of its features and ``eps``, its scale and offset copied (a layer
+    without them, ``affine=False``, gets none to learn: no scale, an offset held at 0). Running
+    statistics are dropped: a meta-learner normalises with each batch's statistics, at test time
+    too, as the MAML reference code does. Returns ``model``, so that a network of one's own
+    (learn2learn's habit of ``nn.BatchNorm2d``) meta-learns with ``batch_stat_norms(MyCNN())``."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
+            layer = BatchStatNorm(child.num_features, child.eps, scale=child.affine)
+            with torch.no_grad():
+                if child.affine:
+                    layer.weight.copy_(child.weight)
+                    layer.bias.copy_(child.bias)
+                else:
+                    layer.bias.requires_grad_(False)
+            device = next((t.device for t in (*child.parameters(), *child.buffers())), None)
+            setattr(model, name, layer if device is None else layer.to(device))
+        else:
+            batch_stat_norms(child)
+    return model
+
+
 def batch_stat_norm(x: Tensor, weight: Tensor | None, bias: Tensor, eps: float) -> Tensor:
     """The twice-differentiable form of :class:`BatchStatNorm`, written with ``mean`` and
     ``var`` over every axis but the channels (1); ``weight`` None: no scale."""

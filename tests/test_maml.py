@@ -1023,3 +1023,7 @@ def test_batch_stat_norms_puts_batch_statistics_in_place_of_torchs_batch_norm():
     loss, _ = MAML(net, MAML.Config(inner_steps=1)).meta_loss(batch)  # second order: accepted now
     loss.backward()
     assert net[1].weight.grad is not None and torch.isfinite(loss)
+    wide = batch_stat_norms(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).double())  # the layer's dtype kept
+    assert wide[1].weight.dtype == torch.float64 and wide(torch.randn(5, 3, dtype=torch.float64)).dtype == torch.float64
+    with pytest.raises(MetalearnError, match="replaces the batch-norm layers inside a network"):
+        batch_stat_norms(nn.BatchNorm2d(3))

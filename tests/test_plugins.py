@@ -587,3 +587,4 @@ def test_the_help_of_dataset_and_model_names_what_plugins_registered_that_the_me
     assert _plugins_help("protonet", field, "the network: conv4 or toy-flat") == "the network: conv4 or toy-flat"
     assert _plugins_help("protonet", field, "the network: conv4 or toy-flat-2") == ("the network: conv4 or toy-flat-2; "
                                                                                    "of plugins: toy-flat")
+    assert _plugins_help("protonet", field, "the toy-flat network: conv4").endswith("; of plugins: toy-flat")  # a word

@@ -163,7 +163,7 @@ def test_export_refuses_a_damaged_eval_json_and_writes_nothing(tiny_run, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_export_records_the_checkpoints_step_not_steps_logged_after_it(tiny_run, tmp_path, capsys):
+def test_export_records_the_checkpoints_step_not_steps_logged_after_it(tiny_run, tmp_path, capsys, monkeypatch):
     """A run training (or killed) past its last checkpoint has logged steps that the checkpoint
     does not hold, and a resume drops: the summary is of the checkpoint's step alone."""
     run_dir = copy_of(tiny_run, tmp_path)
@@ -171,12 +171,19 @@ def test_export_records_the_checkpoints_step_not_steps_logged_after_it(tiny_run,
     with open(run_dir / "metrics.jsonl", "a") as file:
         file.write(json.dumps({"step": step + 10, "loss": 0.5, "tasks_per_s": 1.0, "elapsed_s": 9.0}) + "\n")
         file.write(json.dumps({"step": step + 10, "val_mse": 0.1, "val_ci95": 0.01}) + "\n")
+    import metalearn.plotting
+
+    drawn = []
+    real = metalearn.plotting.plot_learning_curves
+    monkeypatch.setattr(metalearn.plotting, "plot_learning_curves",
+                        lambda records, *args: (drawn.append(max(r["step"] for r in records)), real(records, *args))[1])
     code, out, err = cli_runner.run(["export", run_dir, tmp_path / "out"], capsys)
     assert code == 0, err
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["step"] == step and summary["last_train_metrics"]["step"] == step
     assert all(record["step"] <= step for record in summary["validation"])
     assert max(point["last_step"] for point in summary["training_curve"]["points"]) <= step
+    assert drawn == [step]  # the exported curves too
 
 
 def test_a_folder_that_never_trained_has_nothing_to_plot(tiny_run, tmp_path, capsys):

@@ -834,14 +834,16 @@ def _warn_of_training_classes(run_dir, config: RunConfig, source, part: str) -> 
 
 
 def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
-             compare_with: Path | str | None = None, out_dir: Path | str | None = None) -> list[Path]:
+             compare_with: Path | str | None = None, out_dir: Path | str | None = None,
+             until_step: int | None = None) -> list[Path]:
     """Learning curves; for regression runs the fits after 0/1/10 steps and, for a method that
     samples models (PLATIPUS), the sampled functions beside ``compare_with``'s prediction (e.g.
     a MAML run on the same tasks); for a reinforcement-learning run the returns after each
     policy-gradient step beside ``compare_with``'s (a run of the same environment and test
     settings) and the initial weights' (written to the run as ``eval-weights=initial.json``),
     and the trajectories (nav2d) or velocities (half-cheetah) before and after one step. The
-    figures go to ``out_dir``, by default the run's ``plots/``."""
+    figures go to ``out_dir``, by default the run's ``plots/``. ``until_step``: the curves end at
+    that step (export draws those of its checkpoint's step, not steps a run logged after it)."""
     from metalearn.plotting import plot_learning_curves, plot_regression_fits
     from metalearn.tasks import build_task_source, check_data_dir
 
@@ -849,7 +851,7 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
     plots = run.plots_dir if out_dir is None else user_path(out_dir, "out_dir")
     config = run.read_config()
     check_data_dir(config.task, data_dir)  # before any figure is written
-    records = run.read_metrics()
+    records = [record for record in run.read_metrics() if until_step is None or record.get("step", 0) <= until_step]
     if not records and not run.has_checkpoint():
         raise MetalearnError(f"{run.path} has not trained yet (no metrics, no checkpoint): nothing to draw")
     if not records:
@@ -1102,9 +1104,10 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
     drawn = tempfile.TemporaryDirectory(prefix="metalearn-export-")
     # a run with no logged step (--steps 0, a baseline; stopped before --log-every) has no curve
     # to draw: its record is the summary alone
+    step = int(state["step"])
     with drawn:
-        plots = plot_run(run_dir, data_dir=data_dir, compare_with=compare_with,
-                         out_dir=drawn.name) if run.read_metrics() else []
+        plots = plot_run(run_dir, data_dir=data_dir, compare_with=compare_with, out_dir=drawn.name,
+                         until_step=step) if any(r.get("step", 0) <= step for r in run.read_metrics()) else []
         return _write_record(run, config, state, plots, out_dir, notes)
 
 

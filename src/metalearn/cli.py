@@ -248,7 +248,7 @@ def _plugins_help(method: str, field: dataclasses.Field, text: str | None) -> st
         return text
     own = help_of(field) if text is None else text
     # a plugin's own help may list what an earlier plugin registered (network_help() at its import)
-    added = [name for name in added if not re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", own)]
+    added = [name for name in added if not re.search(rf"(?:[:,] |\bor ){re.escape(name)}(?=[,;)]| or | \(|$)", own)]
     return f"{own}; of plugins: {', '.join(added)}" if added else text
 
 

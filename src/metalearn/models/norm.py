@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metalearn.errors import MetalearnError
+
 
 class BatchStatNorm(nn.Module):
     """Normalise each channel (axis 1) with the current batch's mean and variance, then scale
@@ -122,7 +124,11 @@ def batch_stat_norms(model: nn.Module) -> nn.Module:
     without them, ``affine=False``, gets none to learn: no scale, an offset held at 0). Running
     statistics are dropped: a meta-learner normalises with each batch's statistics, at test time
     too, as the MAML reference code does. Returns ``model``, so that a network of one's own
-    (learn2learn's habit of ``nn.BatchNorm2d``) meta-learns with ``batch_stat_norms(MyCNN())``."""
+    (learn2learn's habit of ``nn.BatchNorm2d``) meta-learns with ``batch_stat_norms(MyCNN())``.
+    A batch-norm layer given alone is refused: it cannot be replaced in place."""
+    if isinstance(model, nn.modules.batchnorm._BatchNorm):
+        raise MetalearnError("batch_stat_norms replaces the batch-norm layers inside a network; for one layer build "
+                             "BatchStatNorm(num_features, eps) in its place")
     for name, child in list(model.named_children()):
         if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
             layer = BatchStatNorm(child.num_features, child.eps, scale=child.affine)
@@ -132,8 +138,8 @@ def batch_stat_norms(model: nn.Module) -> nn.Module:
                     layer.bias.copy_(child.bias)
                 else:
                     layer.bias.requires_grad_(False)
-            device = next((t.device for t in (*child.parameters(), *child.buffers())), None)
-            setattr(model, name, layer if device is None else layer.to(device))
+            like = next(iter((*child.parameters(), *child.buffers())), None)  # its device and dtype
+            setattr(model, name, layer if like is None else layer.to(device=like.device, dtype=like.dtype))
         else:
             batch_stat_norms(child)
     return model

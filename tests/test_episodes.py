@@ -435,7 +435,7 @@ def test_from_labels_and_float_examples_refuse_what_they_cannot_draw():
         (lambda: EpisodeSampler.from_labels(vectors, labels, 2, 2, 1), "your data has a class of 2 examples; shots=2 "
                                                                       "with query=1 needs 3"),
         (lambda: EpisodeSampler.from_labels(vectors, labels, 4, 1, 1),
-         "your data has 3 classes; ways=4 is more than that"),
+         "your data has 3 classes; ways=4 is more than that. Lower ways or give examples of more classes."),
         (lambda: EpisodeSampler.from_labels(vectors, labels, 2, 1, 1).augmented("flip"), "augment changes uint8 "
                                                                                          "images"),
         (lambda: EpisodeSampler(vectors, ClassPool("p", torch.arange(3), torch.zeros(3, dtype=torch.long)), 2, 1, 1),

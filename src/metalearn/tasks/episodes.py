@@ -151,11 +151,13 @@ class EpisodeSampler:
             given, noted = setting("ways", ways)
             if test and ways_follow:  # the test episodes' ways, which the user never typed
                 given, noted = given + " (it defaults to ways)", noted + " (it defaults to --ways)"
-            where = "a pool" if own else "a split part"
-            split = " split {pool}" if pool.name else ""  # from_labels's pool: every class, unnamed
+            where = "use a pool with" if own else "use a split part with"
+            split = " split {pool}" if pool.name else ""
+            if not pool.name:  # from_labels's pool: every class of the examples given
+                where = "give examples of"
             raise OptionError(
-                f"{{dataset}}{split} has {len(pool)} classes; {{given}} is more than that. Lower {{ways}}{{also}} or use "
-                f"{where} with more classes.", given=(given, noted), ways=option("ways"), also=also("ways"), **quoted)
+                f"{{dataset}}{split} has {len(pool)} classes; {{given}} is more than that. Lower {{ways}}{{also}} or "
+                f"{where} more classes.", given=(given, noted), ways=option("ways"), also=also("ways"), **quoted)
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise MetalearnError(f"EpisodeSampler draws images as floats: dtype must be a floating-point type, got {dtype}")
         self.dtype = dtype

@@ -1018,7 +1018,7 @@ def test_batch_stat_norms_puts_batch_statistics_in_place_of_torchs_batch_norm():
     expected = net.train()(batch.support_x[0])
     assert batch_stat_norms(net) is net
     assert isinstance(net[1], BatchStatNorm) and isinstance(net[3][1], BatchStatNorm) and net[3][1].weight is None
-    assert not net[3][1].bias.requires_grad and not any(True for _ in net.buffers() if _ is not None)
+    assert not net[3][1].bias.requires_grad and not list(net.buffers())  # no running statistics
     torch.testing.assert_close(net(batch.support_x[0]), expected, rtol=1e-5, atol=1e-5)
     loss, _ = MAML(net, MAML.Config(inner_steps=1)).meta_loss(batch)  # second order: accepted now
     loss.backward()

@@ -1217,8 +1217,8 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     user's own; empty for a run the commands can rebuild; where not empty, ``resume`` and
     ``test`` are the Python lines that continue and evaluate it with the user's own learner and
     tasks; for a run of a method, dataset or network registered in a notebook or a script, which
-    no command imports, the Python lines too), ``holder`` (the lock's note while training or unknown), ``last_write_s`` (seconds
-    since ``metrics.jsonl`` changed), ``last`` (the last logged training record),
+    no command imports, the Python lines too), ``holder`` (the lock's note while training or
+    unknown), ``last_write_s`` (seconds since ``metrics.jsonl`` changed), ``last`` (the last logged training record),
     ``seconds_left`` (the remaining steps at the recent rate: the median of the last
     :data:`RATE_WINDOWS` logged windows' tasks per second, so that one window slowed by a pause
     or a busy machine does not skew it; plus the remaining validations at the median length of
@@ -1333,13 +1333,14 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
             best = max(scored, key=lambda r: (sign * r[name], -r["step"]))
     status["validation"] = {"latest": validation[-1] if validation else None, "best": best}
     status["evaluations"] = {}
-    for stem, result in run.read_evaluations().items():
+    evaluations = run.read_evaluations()
+    current: list[int] = []  # the run's best checkpoints now, which an ensemble's members are compared with
+    if any("ensemble" in result for result in evaluations.values()):
+        with contextlib.suppress(MetalearnError):  # no best/ left: every ensemble of it is outdated
+            current = sorted(run.best_steps())
+    for stem, result in evaluations.items():
         record = {key: result.get(key) for key in ("metric", "mean", "ci95", "episodes", "step", "part")}
         if "ensemble" in result:  # fixed checkpoints: outdated once the run keeps others
-            try:
-                current = sorted(run.best_steps())
-            except MetalearnError:
-                current = []
             members = result["ensemble"]
             record["ensemble"] = members
             record["outdated"] = not (isinstance(members, list) and all(isinstance(m, int) for m in members)

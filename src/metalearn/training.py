@@ -821,14 +821,16 @@ class Trainer:
         (``MAML.meta_loss``), which would understate a task of a larger chunk; the step's fixed
         costs are included, an overestimate per task, on the safe side. Speed: each candidate
         (:func:`chunk_candidates`: 1, 2, 4, ... and the largest that fits) is timed once on its
-        first tasks after one untimed call, so the choice may differ from run to run; a candidate slower per task than the best so far by
-        a quarter ends the probe (it assumes the time per task does not fall again at larger
-        sizes), so the probe costs at most about two meta-steps. Whole meta-batch and chunks
-        give the same meta-gradient to float rounding, so the choice changes the speed, not the
-        training, but for a method that draws random numbers in a step (PLATIPUS, Reptile,
-        dropout): it draws them chunk by chunk, which the chosen line then says. Under torchrun every rank measures its own share and all take rank 0's
-        choice, made smaller where another rank's memory fits fewer tasks. The probes' gradients are dropped; the trainer seeds the random
-        generators after them, so the step itself draws what it would without them."""
+        first tasks after one untimed call, so the choice may differ from run to run; a candidate
+        slower per task than the best so far by a quarter ends the probe (it assumes the time per
+        task does not fall again at larger sizes), so the probe costs at most about two
+        meta-steps. Whole meta-batch and chunks give the same meta-gradient to float rounding, so
+        the choice changes the speed, not the training, but for a method that draws random
+        numbers in a step (PLATIPUS, Reptile, dropout): it draws them chunk by chunk, which the
+        chosen line then says. Under torchrun every rank measures its own share and all take rank
+        0's choice, made smaller where another rank's memory fits fewer tasks. The probes'
+        gradients are dropped; the trainer seeds the random generators after them, so the step
+        itself draws what it would without them."""
         train = self.config.train
         budget = int(train.memory_budget * available_memory(self.device))
         if self.device.type == "cpu":  # the processes torchrun starts on one machine share its memory

@@ -409,7 +409,8 @@ class MAML(MetaLearner):
         meta-gradient (tests/test_maml.py), computed faster (docs/performance.md)."""
         can = getattr(self.model, "can_forward_tasks", None)
         # a subclass's own inner loop or forward is taken everywhere: the batched path would skip it
-        own = any(getattr(type(self), name) is not getattr(MAML, name) for name in ("adapt", "_forward", "_query_forward"))
+        own = any(getattr(type(self), name) is not getattr(MAML, name)
+                  for name in ("adapt", "_forward", "_query_forward"))
         return not own and callable(getattr(self.model, "forward_tasks", None)) and callable(can) and can()
 
     def _meta_loss_tasks_batched(self, batch: TaskBatch, weights: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:

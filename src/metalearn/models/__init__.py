@@ -258,6 +258,6 @@ def output_size(model: nn.Module, input_shape: tuple[int, ...]) -> int:
         return model(torch.zeros(2, *input_shape)).shape[-1]
 
 
-__all__ = ["BatchStatNorm", "batch_stat_norms", "output_size", "Conv4", "MLP", "NETWORKS", "Network", "ResNet12", "build_model",
-           "check_network_name", "first_order_batch_norm", "mamlpp_conv4", "network_help", "network_names",
-           "reference_conv4", "register_network"]
+__all__ = ["BatchStatNorm", "batch_stat_norms", "output_size", "Conv4", "MLP", "NETWORKS", "Network", "ResNet12",
+           "build_model", "check_network_name", "first_order_batch_norm", "mamlpp_conv4", "network_help",
+           "network_names", "reference_conv4", "register_network"]

@@ -546,7 +546,9 @@ def test_diverging_inner_loop_is_reported(tmp_path):
                             train={"steps": 5, "meta_batch_size": 4, "val_every": 0})
     with pytest.raises(MetalearnError, match=r"meta-loss became (nan|inf) at step 1"):
         build_trainer(config, tmp_path).fit(progress=False)
-    assert load_trained(tmp_path)[2] == 0  # the initial checkpoint survives
+    assert RunDir(tmp_path).read_checkpoint("step")["step"] == 0  # the initial checkpoint survives
+    with pytest.raises(MetalearnError, match="holds no trained step"):  # and holds no model to score
+        load_trained(tmp_path)
 
 
 def test_checkpoint_from_another_configuration_is_refused(tmp_path):
@@ -1344,3 +1346,45 @@ def test_training_into_a_run_folder_again_names_the_python_way_to_continue(tmp_p
     with pytest.raises(MetalearnError, match=r"already holds a run; continue it \(resume=True\) or choose another "
                                              r"run_dir$"):
         train(sinusoid_config(1), tmp_path / "run", progress=False, evaluate_after=False, announce=lambda _: None)
+
+
+def test_a_trainer_built_to_resume_continues_the_run_without_an_explicit_restore(tmp_path):
+    """Trainer(..., resume=True).fit() restores the checkpoint itself: it continues the run (the
+    weights of an uninterrupted one), never trains over it from step 0."""
+    from metalearn import MAML, SinusoidTasks, Trainer
+    from metalearn.models import MLP
+
+    def trainer(path, steps, resume=False):
+        torch.manual_seed(1 if resume else 0)  # a resume's own initial weights are not what it continues
+        return Trainer(sinusoid_config(steps, val_every=0), MAML(MLP(), {"test_inner_steps": 2}),
+                       SinusoidTasks(shots=5), None, path, resume=resume)
+
+    straight = trainer(tmp_path / "straight", 6)
+    straight.fit(progress=False)
+    with pytest.raises(TrainingStopped):
+        trainer(tmp_path / "split", 6).fit(progress=False, stop_at=4)
+    resumed = trainer(tmp_path / "split", 6, resume=True)
+    assert resumed.step == 0
+    resumed.fit(progress=False)
+    assert resumed.step == 6
+    for name, value in parameters_of(straight.learner).items():
+        assert torch.equal(value, resumed.learner.state_dict()[name]), name
+    steps = [r["step"] for r in RunDir(tmp_path / "split").read_metrics() if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
+
+
+def test_a_run_whose_first_step_failed_is_refused_as_a_model_to_score(tmp_path):
+    """config.json and the step-0 checkpoint of an attempt that failed in its first step hold no
+    trained weights: load_trained and evaluate_run say so instead of scoring the initial ones;
+    training into the folder starts it over."""
+    trainer = build_trainer(sinusoid_config(2), tmp_path)
+    trainer.learner.meta_loss = lambda batch: (_ for _ in ()).throw(RuntimeError("boom"))
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(progress=False)
+    assert RunDir(tmp_path).has_checkpoint() and RunDir(tmp_path).read_checkpoint("step")["step"] == 0
+    for load in (lambda: load_trained(tmp_path), lambda: evaluate_run(tmp_path, episodes=2, progress=False)):
+        with pytest.raises(MetalearnError, match="holds no trained step: its training stopped or failed in the first"):
+            load()
+    assert not (tmp_path / "eval.json").exists()
+    build_trainer(sinusoid_config(2), tmp_path).fit(progress=False)  # started over
+    assert load_trained(tmp_path)[2] == 2

@@ -63,7 +63,7 @@ def test_a_fit_that_fails_in_its_first_step_lets_go_and_can_be_called_again(tmp_
         trainer.fit(progress=False)
     assert trainer.lock is None and not lock_is_held(RunDir(tmp_path / "run").lock_path)
     assert all(p.grad is None for p in trainer.learner.parameters())  # freed for a retry after a memory error
-    assert load_trained(tmp_path / "run")[2] == 0  # the initial checkpoint
+    assert RunDir(tmp_path / "run").read_checkpoint("step")["step"] == 0  # the initial checkpoint
     trainer.fit(progress=False)
     assert trainer.step == 4
     assert_same_run(straight, tmp_path / "straight", trainer, tmp_path / "run")

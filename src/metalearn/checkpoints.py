@@ -420,6 +420,25 @@ def check_run_dir(config: RunConfig, run: RunDir, resume: bool) -> None:
                           resume=("resume=True", "--resume; in Python, resume=True"), run_dir="run_dir")
 
 
+def untrained_attempt(run: RunDir) -> bool:
+    """Whether ``run`` holds only what a training attempt writes before its first step
+    (config.json, the step-0 checkpoint, split.json) from an attempt that failed or was killed in
+    that step: a new run may start there, as in a folder whose run never started, since nothing
+    trained is lost. A run of ``steps`` 0 (the initial weights are the whole run), a damaged
+    checkpoint, and a folder with anything else in it (metrics, best/, eval or plot files) are
+    not such an attempt."""
+    if not (run.exists() and run.has_checkpoint()) or run.metrics_path.exists():
+        return False
+    attempt_files = {run.config_path.name, run.checkpoint_path.name, run.split_path.name, run.lock_path.name}
+    if any(entry.name not in attempt_files for entry in run.path.iterdir()):
+        return False
+    try:
+        state = run.read_checkpoint("step", "config")
+        return state["step"] == 0 and saved_config(state, run.checkpoint_path).train.steps > 0
+    except MetalearnError:  # damaged: check_run_dir names it as it would any run
+        return False
+
+
 def _broken_run(run: RunDir) -> str:
     """What keeps the started run in ``run`` from resuming and what to do, as the rest of a
     sentence about the folder ("" for a folder without a started run, or with one that resumes),
@@ -470,6 +489,9 @@ def load_trained_state(run_dir: Path | str, overrides: dict[str, Any] | None = N
                              f"{type(overrides).__name__}")
     run = RunDir(run_dir)
     config = run.read_config()
+    if checkpoint is None and untrained_attempt(run):  # its weights are the initial ones: no model to score
+        raise MetalearnError(f"{run.path} holds no trained step: its training stopped or failed in the first step "
+                             "(or is starting now); train it again into this folder, which starts it over")
     state = read_entries(run, "config", "learner", "step", optional=("data_fingerprint", "data_dir"), path=checkpoint)
     where = run.checkpoint_path if checkpoint is None else Path(checkpoint)
     if checkpoint is not None:

@@ -23,7 +23,8 @@ from metalearn.algorithms.base import device_of
 from metalearn.checkpoints import (RESUME_ENTRIES, RESUME_OPTIONAL_ENTRIES, all_finite, check_compatible,
                                    check_entries, check_run_dir, check_test_ways, check_weights_finite,
                                    initialise_from_run, load_learner_state, network_difference, on_cpu, own_learner,
-                                   own_tasks, recorded_images, run_images, saved_config, unreadable_checkpoint)
+                                   own_tasks, recorded_images, run_images, saved_config, unreadable_checkpoint,
+                                   untrained_attempt)
 from metalearn.config import RunConfig
 from metalearn.distributed import RankLost, World, environment_count
 from metalearn.errors import (TIME_LIMIT_EXIT, ConfigError, MetalearnError, OptionError, TrainingStopped, kind_of,
@@ -180,8 +181,7 @@ def python_resume(run_dir: Path | str) -> str:
     """The Python lines that continue a run trained from Python on tasks or with a network of
     the user's own, which ``metalearn train --resume`` cannot rebuild from its config.json."""
     path = repr(str(run_dir))
-    return (f"trainer = Trainer(config, learner, train_tasks, val_tasks, {path}, resume=True); "
-            f"trainer.restore(RunDir({path}).read_checkpoint()); trainer.fit()")
+    return f"Trainer(config, learner, train_tasks, val_tasks, {path}, resume=True).fit()"
 
 
 def python_test(run_dir: Path | str) -> str:
@@ -248,30 +248,11 @@ def check_augmentation(config: RunConfig, train_tasks: TaskSource, val_tasks: Ta
                              "images as they are; build them without augment")
 
 
-def untrained_attempt(run: RunDir) -> bool:
-    """Whether ``run`` holds only what a training attempt writes before its first step
-    (config.json, the step-0 checkpoint, split.json) from an attempt that failed or was killed in
-    that step: a new run may start there, as in a folder whose run never started, since nothing
-    trained is lost. A run of ``steps`` 0 (the initial weights are the whole run), a damaged
-    checkpoint, and a folder with anything else in it (metrics, best/, eval or plot files) are
-    not such an attempt."""
-    if not (run.exists() and run.has_checkpoint()) or run.metrics_path.exists():
-        return False
-    attempt_files = {run.config_path.name, run.checkpoint_path.name, run.split_path.name, run.lock_path.name}
-    if any(entry.name not in attempt_files for entry in run.path.iterdir()):
-        return False
-    try:
-        state = run.read_checkpoint("step", "config")
-        return state["step"] == 0 and saved_config(state, run.checkpoint_path).train.steps > 0
-    except MetalearnError:  # damaged: check_run_dir names it as it would any run
-        return False
-
-
 class Trainer:
     """Trains ``learner`` on ``train_tasks`` as ``config.train`` says, writing into ``run_dir``.
 
     ``run_dir`` must not hold a run already, unless ``resume`` says that the run there is to be
-    continued (then :meth:`restore` its checkpoint before :meth:`fit`); an attempt that failed
+    continued (:meth:`fit` restores its checkpoint, unless :meth:`restore` was called); an attempt that failed
     in its first step (:func:`untrained_attempt`) is no run to keep, and a new one starts over
     it. Nothing is written before :meth:`fit`: a Trainer that is built and dropped (``train
     --print-config``) leaves the folder as it was. A :meth:`fit` that fails may be called again:
@@ -288,8 +269,7 @@ class Trainer:
         if not resume and world.is_main and run_dir is not None and run_dir.holds_run() \
                 and not untrained_attempt(run_dir):
             raise OptionError(f"{run_dir.path} already holds a run; continue it ({{resume}}) or choose another folder",
-                              resume=("Trainer(..., resume=True) and restore",
-                                      "--resume, or Trainer(..., resume=True) and restore"))
+                              resume=("Trainer(..., resume=True)", "--resume, or Trainer(..., resume=True)"))
         if not isinstance(config, RunConfig):
             raise MetalearnError(f"Trainer takes a RunConfig (metalearn.resolve_config(...)), got "
                                  f"{type(config).__name__}")
@@ -579,6 +559,9 @@ class Trainer:
         random_state.__enter__()
         try:  # from here on, whatever fails lets go of the folder and leaves the trainer to retry
             self._recover()
+            if self.resume and not self.saved and self.run_dir.has_checkpoint():
+                # Trainer(..., resume=True).fit() without restore(): continue the run, not train over it
+                self.restore(self.run_dir.read_checkpoint(*RESUME_ENTRIES))
             if self.torch_rng is not None:  # the state _recover's checkpoint restored, where it did
                 torch.set_rng_state(self.torch_rng)
             if progress and self.world.is_main:

@@ -362,3 +362,84 @@ def test_images_that_require_grad_are_prepared_without_torch_s_warning_and_keep_
         prepared = prepare_images(images, 28, 1)
     prepared.sum().backward()
     assert torch.equal(images.grad, torch.ones_like(images))
+
+
+# -- counts, draws, configurations and sets a notebook gets wrong ------------------------------
+
+
+def test_counts_and_draws_that_are_no_whole_numbers_or_generators_are_refused_by_name():
+    generator = torch.Generator().manual_seed(0)
+    features, labels = torch.randn(40, 3), torch.arange(40) % 4
+    x = torch.zeros(1, 2, 1)
+    cases = {
+        lambda: SinusoidTasks(shots=5.0): "SinusoidTasks's shots is a whole number, got 5.0 (float)",
+        lambda: SinusoidTasks(query="10"): "SinusoidTasks's query is a whole number, got '10' (str)",
+        lambda: SinusoidTasks(noise_std=-1.0): "SinusoidTasks's noise_std is a standard deviation, 0 or more, got -1.0",
+        lambda: SinusoidTasks().sample(2, 0): "SinusoidTasks.sample draws from a torch.Generator, e.g. "
+                                              "torch.Generator().manual_seed(0), got int",
+        lambda: SinusoidTasks().sample(-1, generator): "SinusoidTasks.sample draws at least one task, got num_tasks=-1",
+        lambda: SinusoidTasks().sample(2.0, generator): "SinusoidTasks.sample's num_tasks is a whole number, got 2.0 "
+                                                        "(float)",
+        lambda: EpisodeSampler.from_labels(features, labels, 2.0, 1, 1): "EpisodeSampler's ways is a whole number, "
+                                                                         "got 2.0 (float)",
+        lambda: EpisodeSampler.from_labels(features, labels, 2, 1, 1).sample(0, generator):
+            "EpisodeSampler.sample draws at least one task, got num_tasks=0",
+        lambda: EpisodeSampler.from_labels(features, ["a", "b"] * 20, 2, 1, 1):
+            "EpisodeSampler.from_labels takes labels as (n,) integers; map class names to ids first, e.g. ids = "
+            "{name: i for i, name in enumerate(sorted(set(names)))}",
+        lambda: TaskBatch(x, x, x, x, ways="5"): "TaskBatch's ways is a whole number, got '5' (str)",
+        lambda: TaskBatch(x, x, x, x, ways=-1): "TaskBatch's ways is the number of classes (0 for regression), got -1",
+    }
+    for call, expected in cases.items():
+        assert refusal(call) == expected
+    assert SinusoidTasks(shots=5).sample(2, generator).support_x.shape == (2, 5, 1)  # numbers as they should be
+
+
+def test_a_run_config_of_dicts_or_a_method_s_config_object_is_refused_before_training():
+    from metalearn.config import RunConfig
+
+    assert refusal(lambda: RunConfig(method="protonet", task={"ways": 5})).startswith(
+        "RunConfig's task is a TaskConfig, got dict: give TaskConfig(**...), or resolve_config(method, task={...})")
+    assert refusal(lambda: RunConfig(method="maml", method_config=MAML.Config())) == (
+        "RunConfig's method_config is a dict of the method's options (dataclasses.asdict(config) of a method's "
+        "Config), got MAMLConfig")
+    assert refusal(lambda: RunConfig(method="maml", train=None)).startswith("RunConfig's train is a TrainConfig")
+
+
+def test_maml_adapt_refuses_a_set_of_another_type_or_device_and_steps_that_are_no_count():
+    maml = MAML(MLP(1, 1))
+    params = dict(maml.model.named_parameters())
+    x, y = torch.randn(5, 1), torch.randn(5, 1)
+    assert refusal(lambda: maml.adapt(params, x.double(), y, 1)) == (
+        "MAML.adapt: support_x is torch.float64 and the parameters torch.float32; convert the set "
+        "(support_x.to(torch.float32)) or the network")
+    assert refusal(lambda: maml.adapt(params, x.to("meta"), y.to("meta"), 1)) == (
+        "MAML.adapt: support_x is on meta and the parameters on cpu; move the set (support_x.to('cpu'))")
+    for steps in (1.5, -1, True):
+        assert refusal(lambda: maml.adapt(params, x, y, steps)) == (
+            f"MAML.adapt's steps is a whole number of inner steps, 0 or more, got {steps!r}")
+    assert len(maml.adapt(params, x, y, 0)) == 1  # no step: the parameters given
+
+
+def test_a_run_folder_that_is_a_file_or_lies_below_one_is_refused_in_one_line(tmp_path):
+    from metalearn import Trainer
+    from metalearn.api import resolve_config, train
+
+    (tmp_path / "notes.txt").write_text("")
+    config = resolve_config("maml", task={"dataset": "sinusoid"}, train={"steps": 1, "val_every": 0})
+    assert refusal(lambda: train(config, run_dir=tmp_path / "notes.txt" / "run", progress=False)) == (
+        f"{tmp_path / 'notes.txt' / 'run'}: {tmp_path / 'notes.txt'} is a file, not a folder")
+    assert refusal(lambda: Trainer(config, MAML(MLP()), SinusoidTasks(), None, tmp_path / "notes.txt")) == (
+        f"Trainer's run_dir {tmp_path / 'notes.txt'} is a file, not a folder; give a folder path")
+
+
+def test_training_into_another_method_s_run_folder_names_its_method(tmp_path):
+    from metalearn.api import resolve_config, train
+
+    def config(method):
+        return resolve_config(method, task={"dataset": "sinusoid"},
+                              train={"steps": 1, "val_every": 0, "meta_batch_size": 2, "log_every": 1})
+
+    train(config("maml"), run_dir=tmp_path, progress=False, evaluate_after=False, announce=None)
+    assert refusal(lambda: train(config("reptile"), run_dir=tmp_path, progress=False)) == (
+        f"{tmp_path} already holds a maml run; choose another run_dir for this reptile run")

@@ -416,6 +416,13 @@ def check_run_dir(config: RunConfig, run: RunDir, resume: bool) -> None:
         raise OptionError(f"{run.path} already holds a run, which cannot be resumed either: it {broken}",
                           run_dir="run_dir")
     elif run.holds_run():
+        try:
+            method = run.read_config().method
+        except MetalearnError:  # damaged config.json: the resume names that
+            method = config.method
+        if method != config.method:  # a resume would be refused for the method: not worth advising
+            raise OptionError(f"{run.path} already holds a {method} run; choose another {{run_dir}} for this "
+                              f"{config.method} run", run_dir="run_dir")
         raise OptionError(f"{run.path} already holds a run; continue it ({{resume}}) or choose another {{run_dir}}",
                           resume=("resume=True", "--resume; in Python, resume=True"), run_dir="run_dir")
 

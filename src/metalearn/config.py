@@ -262,6 +262,23 @@ class RunConfig:
     method_config: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        # each part of its own type: a dict for task or train, or a method's Config dataclass for
+        # method_config, would fail later, deep in training, as an AttributeError
+        if not isinstance(self.method, str):
+            raise MetalearnError(f"RunConfig's method is a method's name (e.g. \"maml\"), got {self.method!r}")
+        for name, kind in (("task", TaskConfig), ("train", TrainConfig)):
+            value = getattr(self, name)
+            if not isinstance(value, kind):
+                raise MetalearnError(f"RunConfig's {name} is a {kind.__name__}, got {type(value).__name__}: give "
+                                     f"{kind.__name__}(**...), or resolve_config(method, {name}={{...}}), which fills "
+                                     "in the rest")
+        if not isinstance(self.method_config, dict):
+            hint = " (dataclasses.asdict(config) of a method's Config)" if dataclasses.is_dataclass(
+                self.method_config) else ""
+            raise MetalearnError(f"RunConfig's method_config is a dict of the method's options{hint}, got "
+                                 f"{type(self.method_config).__name__}")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (what ``config.json`` and a checkpoint hold)."""
         return dataclasses.asdict(self)

@@ -72,6 +72,17 @@ def user_path(value: Any, name: str, optional: bool = False) -> Path | None:
     raise MetalearnError(f"{name} is a path (a str or pathlib.Path), got {type(value).__name__} {value!r}")
 
 
+def check_folder_path(path: Path | str, name: str = "") -> None:
+    """Refuse, in one line, a folder path that cannot become a folder: a file, or a path below a
+    file (``notes.txt/run``), which making it would fail on with the system's words."""
+    path, named = Path(path), f"{name} " if name else ""
+    if path.exists() and not path.is_dir():
+        raise MetalearnError(f"{named}{path} is a file, not a folder; give a folder path")
+    existing = next((p for p in path.absolute().parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise MetalearnError(f"{named}{path}: {existing} is a file, not a folder")
+
+
 def same_path(a: Path | str, b: Path | str) -> bool:
     """Whether two paths name one file or folder (``~`` expanded, links and ``..`` resolved),
     also where it does not exist (yet)."""

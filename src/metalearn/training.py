@@ -30,7 +30,7 @@ from metalearn.distributed import RankLost, World, environment_count
 from metalearn.errors import (TIME_LIMIT_EXIT, ConfigError, MetalearnError, OptionError, TrainingStopped, kind_of,
                               spellings, valued)
 from metalearn.evaluation import HIGHER_IS_BETTER, evaluate
-from metalearn.files import WriteError, same_path, user_path
+from metalearn.files import WriteError, check_folder_path, same_path, user_path
 from metalearn.memory_budget import (available_memory, chunk_candidates, chunk_sizes, fastest_chunk, largest_chunk,
                                      peak_memory_of, seconds_of)
 from metalearn.runs import RunDir, lock_for_training, registered_in_python
@@ -264,7 +264,10 @@ class Trainer:
     def __init__(self, config: RunConfig, learner: MetaLearner, train_tasks: TaskSource,
                  val_tasks: TaskSource | None, run_dir: RunDir | Path | str | None, world: World = World(),
                  resume: bool = False, lock=None):
-        run_dir = run_dir if isinstance(run_dir, RunDir) or run_dir is None else RunDir(run_dir)
+        if run_dir is not None and not isinstance(run_dir, RunDir):
+            run_dir = RunDir(user_path(run_dir, "run_dir"))
+        if run_dir is not None:
+            check_folder_path(run_dir.path, "Trainer's run_dir")
         # rank 0 alone looks: it writes config.json only after this, other ranks may come later
         if not resume and world.is_main and run_dir is not None and run_dir.holds_run() \
                 and not untrained_attempt(run_dir):
@@ -973,8 +976,8 @@ def build_trainer(config: RunConfig, run_dir: Path | str | None = None, data_dir
     data_dir = user_path(data_dir, "data_dir", optional=True)
     if resume and run_dir is None:
         raise resume_without_run_dir()
-    if run_dir is not None and Path(run_dir).exists() and not Path(run_dir).is_dir():
-        raise MetalearnError(f"{run_dir} is a file, not a folder; give a folder path")  # as the CLI says of any path
+    if run_dir is not None:
+        check_folder_path(run_dir)  # as the CLI says of any path
     if run_dir is not None:  # before the lock, which would make the folder (and its .lock) among the images
         check_outside_data(config.task, data_dir, "run_dir", run_dir)
     hold = lock_for_training(RunDir(run_dir), world) if lock and run_dir is not None else None

@@ -4,8 +4,9 @@ under ``torch.func.vmap`` (over tasks, and over samples within a task)."""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +57,23 @@ def check_one_task(owner: str, params: Params, x: Tensor, y: Tensor) -> None:
     if x.dim() == 0 or x.shape[0] != y.shape[0]:
         raise MetalearnError(f"{owner}: support_x holds {x.shape[0] if x.dim() else 0} examples and support_y "
                              f"{y.shape[0]}: give one target per example")
+    # the parameters' type and device, read off one of them: torch would fail on either inside the
+    # first layer (integer inputs, token ids say, are the network's affair)
+    weight = next((p for p in params.values() if isinstance(p, Tensor) and p.is_floating_point()), None)
+    if weight is not None:
+        if torch.is_floating_point(x) and x.dtype != weight.dtype:
+            raise MetalearnError(f"{owner}: support_x is {x.dtype} and the parameters {weight.dtype}; convert the "
+                                 f"set (support_x.to({weight.dtype})) or the network")
+        for name, value in (("support_x", x), ("support_y", y)):
+            if value.device != weight.device:
+                raise MetalearnError(f"{owner}: {name} is on {value.device} and the parameters on {weight.device}; "
+                                     f"move the set ({name}.to({str(weight.device)!r}))")
+
+
+def check_steps(owner: str, steps: Any) -> None:
+    """An inner loop's number of steps: a whole number, 0 or more."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        raise MetalearnError(f"{owner}'s steps is a whole number of inner steps, 0 or more, got {steps!r}")
 
 
 def loss_gradient(model: nn.Module, params: Params, x: Tensor, y: Tensor, first_order: bool = False,

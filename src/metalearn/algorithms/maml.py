@@ -29,8 +29,8 @@ from torch.func import functional_call, vmap
 
 from metalearn.algorithms.base import (MetaLearner, check_network_fits, require_functional_model, Problem, accuracy,
                                        task_loss, task_losses)
-from metalearn.algorithms.inner_loop import (Params, check_inner_loop_options, check_one_task, gradient_descent,
-                                              gradient_descent_tasks, normalisation_parameters)
+from metalearn.algorithms.inner_loop import (Params, check_inner_loop_options, check_one_task, check_steps,
+                                              gradient_descent, gradient_descent_tasks, normalisation_parameters)
 from metalearn.datasets import NATURAL_IMAGES
 from metalearn.errors import ConfigError, MetalearnError, OptionError
 from metalearn.options import option, options
@@ -277,6 +277,7 @@ class MAML(MetaLearner):
         not through the network's task-batched forward.
         """
         check_one_task("MAML.adapt", params, support_x, support_y)
+        check_steps("MAML.adapt", steps)
         return gradient_descent(self.model, params, support_x, support_y, steps, self._step_size,
                                 self.first_order_now(), self._held)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -48,6 +49,9 @@ class TaskBatch:
             if not isinstance(value, Tensor):
                 raise MetalearnError(f"TaskBatch's {name} is a {kind_of(value)}; a TaskBatch holds tensors "
                                      "(torch.as_tensor(...), or torch.from_numpy(...) for a NumPy array)")
+        check_whole("TaskBatch", ways=self.ways)
+        if self.ways < 0:
+            raise MetalearnError(f"TaskBatch's ways is the number of classes (0 for regression), got {self.ways}")
         floating = [name for name in ("support_y", "query_y") if torch.is_floating_point(getattr(self, name))]
         if self.ways and floating:
             raise MetalearnError(
@@ -125,3 +129,23 @@ class Problem:
         if isinstance(self.output_dim, bool) or not isinstance(self.output_dim, int) or self.output_dim < least:
             what = "classes per task (at least 2)" if self.classification else "the target's size (at least 1)"
             raise MetalearnError(f"Problem.output_dim is {what}, got {self.output_dim!r}")
+
+
+def check_whole(owner: str, **counts: Any) -> None:
+    """Refuse, in one line naming ``owner``'s argument, a count that is not a whole number
+    (``ways=5.0``, ``shots="1"``, ``True``): torch would fail on it later, in a draw, with a
+    message about its own arguments."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise MetalearnError(f"{owner}'s {name} is a whole number, got {value!r} ({type(value).__name__})")
+
+
+def check_draw(owner: str, num_tasks: Any, generator: Any) -> None:
+    """The arguments of a task source's ``sample``: at least one task, drawn from a
+    ``torch.Generator`` (the seed is what makes a draw repeatable)."""
+    check_whole(f"{owner}.sample", num_tasks=num_tasks)
+    if num_tasks < 1:
+        raise MetalearnError(f"{owner}.sample draws at least one task, got num_tasks={num_tasks}")
+    if not isinstance(generator, torch.Generator):
+        raise MetalearnError(f"{owner}.sample draws from a torch.Generator, e.g. torch.Generator().manual_seed(0), "
+                             f"got {kind_of(generator)}")

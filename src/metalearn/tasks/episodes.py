@@ -15,7 +15,7 @@ from metalearn.config import TEST_SHAPE_COMMANDS, augment_parts
 from metalearn.data.images import to_float
 from metalearn.data.splits import ClassPool
 from metalearn.errors import MetalearnError, OptionError, flag, kind_of
-from metalearn.tasks.batch import TaskBatch
+from metalearn.tasks.batch import TaskBatch, check_draw, check_whole
 
 
 class EpisodeSampler:
@@ -70,6 +70,7 @@ class EpisodeSampler:
     def __init__(self, images: Tensor, pool: ClassPool, ways: int, shots: int, query: int,
                  dataset: str = "your data", test: bool | None = None, class_sizes: Tensor | None = None,
                  dtype: torch.dtype = torch.float32, augment: str = "", ways_follow: bool = False):
+        check_whole("EpisodeSampler", ways=ways, shots=shots, query=query)
         dims = (4,) if class_sizes is not None else (4, 5)
         # a tensor and a ClassPool first: the checks below read them as such, and a NumPy array
         # would be refused for its shape (which may be right) or fail as an AttributeError
@@ -206,8 +207,16 @@ class EpisodeSampler:
         The sampler's ``labels`` are the label values in the order of its classes. ``dataset``
         names the data in messages. Split the classes into training and test classes before:
         one sampler for each."""
-        examples = torch.as_tensor(examples) if not isinstance(examples, Tensor) else examples
-        labels = torch.as_tensor(labels) if not isinstance(labels, Tensor) else labels
+        try:
+            examples = torch.as_tensor(examples) if not isinstance(examples, Tensor) else examples
+        except (TypeError, ValueError, RuntimeError):
+            raise MetalearnError("EpisodeSampler.from_labels takes examples as a tensor or NumPy array of numbers "
+                                 f"(n, ...), got {type(examples).__name__}") from None
+        try:
+            labels = torch.as_tensor(labels) if not isinstance(labels, Tensor) else labels
+        except (TypeError, ValueError, RuntimeError):  # class names: torch's own words name no argument
+            raise MetalearnError("EpisodeSampler.from_labels takes labels as (n,) integers; map class names to ids "
+                                 "first, e.g. ids = {name: i for i, name in enumerate(sorted(set(names)))}") from None
         if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise MetalearnError(f"EpisodeSampler.from_labels takes labels as (n,) integers, got {labels.dtype} "
                                  f"{tuple(labels.shape)}")
@@ -236,6 +245,7 @@ class EpisodeSampler:
         """(classes, drawings, rotations) of ``num_tasks`` episodes: positions in the pool
         (tasks, ways), image numbers within each class (tasks, ways, shots+query), quarter turns
         (tasks, ways). A class with fewer images than the largest draws among its own only."""
+        check_draw("EpisodeSampler", num_tasks, generator)
         classes = _distinct_classes(num_tasks, len(self.pool), self.ways, generator)
         keys = torch.rand(num_tasks, self.ways, self.drawings, generator=generator)
         sizes = self.sizes[classes]

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from metalearn.errors import OptionError
-from metalearn.tasks.batch import TaskBatch
+from metalearn.errors import MetalearnError, OptionError
+from metalearn.tasks.batch import TaskBatch, check_draw, check_whole
 
 
 # the tasks are float32 whatever torch's default dtype (a notebook's float64 would draw other
@@ -21,6 +22,18 @@ DTYPE = torch.float32
 def _uniform(shape, bounds, generator) -> Tensor:
     low, high = bounds
     return torch.rand(shape, generator=generator, dtype=DTYPE) * (high - low) + low
+
+
+def _check_counts(source: Any) -> None:
+    """A regression task source's counts and noise, refused in one line: torch would fail on a
+    float count in a draw, and a negative noise scale flips the noise's sign unnoticed."""
+    check_whole(type(source).__name__, shots=source.shots, query=source.query)
+    if source.shots < 1 or source.query < 1:
+        raise OptionError(f"{{shots}} and {{query}} must be at least 1, got {source.shots} and {source.query}",
+                          shots="shots", query="query")
+    if not (isinstance(source.noise_std, (int, float)) and math.isfinite(source.noise_std) and source.noise_std >= 0):
+        raise MetalearnError(f"{type(source).__name__}'s noise_std is a standard deviation, 0 or more, got "
+                             f"{source.noise_std!r}")
 
 
 @dataclass(frozen=True)
@@ -42,15 +55,14 @@ class SinusoidTasks:
     noise_std: float = 0.0
 
     def __post_init__(self):
-        if self.shots < 1 or self.query < 1:
-            raise OptionError(f"{{shots}} and {{query}} must be at least 1, got {self.shots} and {self.query}",
-                              shots="shots", query="query")
+        _check_counts(self)
 
     def sample(self, num_tasks: int, generator: torch.Generator, tasks: slice | None = None) -> TaskBatch:
         """``num_tasks`` new tasks drawn from ``generator`` alone (the same generator state gives
         the same tasks), as a regression :class:`TaskBatch` (``ways`` 0). ``tasks``: return only
         that slice of them, drawn as the whole batch would be, so that a meta-batch split into
         chunks sees the tasks of the unsplit one."""
+        check_draw(type(self).__name__, num_tasks, generator)
         amplitude = _uniform((num_tasks,), self.amplitude, generator)
         phase = _uniform((num_tasks,), self.phase, generator)
         x = _uniform((num_tasks, self.shots + self.query, 1), self.x_range, generator)
@@ -84,14 +96,13 @@ class SineOrLineTasks:
     noise_std: float = 0.3
 
     def __post_init__(self):
-        if self.shots < 1 or self.query < 1:
-            raise OptionError(f"{{shots}} and {{query}} must be at least 1, got {self.shots} and {self.query}",
-                              shots="shots", query="query")
+        _check_counts(self)
 
     def sample(self, num_tasks: int, generator: torch.Generator, tasks: slice | None = None) -> TaskBatch:
         """``num_tasks`` new tasks, half lines and half sinusoids in expectation, as
         :meth:`SinusoidTasks.sample` draws them (``generator`` alone decides; ``tasks`` a slice
         of the whole batch)."""
+        check_draw(type(self).__name__, num_tasks, generator)
         params = {
             "is_line": (torch.rand(num_tasks, generator=generator, dtype=DTYPE) < 0.5).float(),
             "amplitude": _uniform((num_tasks,), self.amplitude, generator),

@@ -443,3 +443,13 @@ def test_training_into_another_method_s_run_folder_names_its_method(tmp_path):
     train(config("maml"), run_dir=tmp_path, progress=False, evaluate_after=False, announce=None)
     assert refusal(lambda: train(config("reptile"), run_dir=tmp_path, progress=False)) == (
         f"{tmp_path} already holds a maml run; choose another run_dir for this reptile run")
+
+
+def test_grey_images_without_their_channel_axis_are_told_to_add_it():
+    protonet = build_learner("protonet", {}, Problem(input_shape=(1, 16, 16), output_dim=5, classification=True))
+    batch = image_batch(tasks=1, ways=5, shots=1, query=1, dtype=torch.float32)
+    flat = TaskBatch(batch.support_x[:, :, 0], batch.support_y, batch.query_x[:, :, 0], batch.query_y, ways=5)
+    assert refusal(lambda: protonet.predict(flat)) == (
+        "protonet: the tasks' inputs have shape (16, 16) per example, but the network was built for (1, 16, 16): add "
+        "the channel axis (x.unsqueeze(-3): (tasks, n, H, W) becomes (tasks, n, 1, H, W)) (for a dataset of your own: "
+        "its problem(task) gives the shape of the examples its task source draws)")

@@ -202,9 +202,9 @@ def test_a_dataset_whose_problem_gives_another_shape_than_it_draws_is_named(toy_
                             "--run-dir", tmp_path / "run"], capsys)
     finally:
         DATASETS.pop("toy-blobs-5")
-    assert code == 2 and err.endswith("error: maml: the tasks' inputs have shape (6,), but the network was built for "
-                                      "(5,), the dataset's Problem.input_shape: a dataset's problem(task) must give "
-                                      "the shape of the examples its task source draws\n"), err
+    assert code == 2 and err.endswith("error: maml: the tasks' inputs have shape (6,) per example, but the network "
+                                      "was built for (5,) (for a dataset of your own: its problem(task) gives the "
+                                      "shape of the examples its task source draws)\n"), err
 
 
 @pytest.mark.parametrize("method", ["protonet", "matchingnet", "maml"])

@@ -529,10 +529,17 @@ def _output_shape(learner: MetaLearner, examples: Tensor) -> tuple[int, ...]:
         if mismatch is not None:
             raise mismatch from None
         given, built = tuple(examples.shape[1:]), getattr(learner.problem, "input_shape", None)
-        if built is not None and tuple(built) != given:  # the dataset's Problem says another shape than it draws
-            raise MetalearnError(f"{learner.name}: the tasks' inputs have shape {given}, but the network was built for "
-                                 f"{tuple(built)}, the dataset's Problem.input_shape: a dataset's problem(task) must "
-                                 "give the shape of the examples its task source draws") from None
+        if built is not None and tuple(built) != given:  # inputs of another shape than the network's Problem
+            built = tuple(built)
+            if len(built) == len(given) + 1 and built[1:] == given and built[0] == 1:  # grey images (n, H, W)
+                fix = ": add the channel axis (x.unsqueeze(-3): (tasks, n, H, W) becomes (tasks, n, 1, H, W))"
+            elif len(built) == len(given) == 3 and built[1:] == given[1:]:  # images (C, H, W)
+                fix = f": the network takes {built[0]} channels"
+            else:
+                fix = ""
+            raise MetalearnError(f"{learner.name}: the tasks' inputs have shape {given} per example, but the network "
+                                 f"was built for {built}{fix} (for a dataset of your own: its problem(task) gives the "
+                                 "shape of the examples its task source draws)") from None
         raise MetalearnError(f"{learner.name}: the network cannot take these tasks' inputs, of shape "
                              f"{given} ({str(err).splitlines()[0]})") from None
     if not isinstance(outputs, Tensor):

@@ -148,8 +148,10 @@ def test_prepare_images_is_the_samplers_conversion_and_the_caches_decoding(shape
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torch.from_numpy of a read-only array warns
         assert torch.equal(prepare_images(pixels.transpose(2, 0, 1).copy()[None], 28, 3), expected[:1])
-    with pytest.raises(MetalearnError, match=r"got shape \(1, \d+, \d+, 3\): channels last\? give x.permute"):
-        prepare_images(pixels, 28, 3)
+    with pytest.raises(MetalearnError, match=r"got shape \(\d+, \d+, 3\): channels last\? give x.permute"):
+        prepare_images(pixels, 28, 3)  # the shape as given, not as read (one image)
+    with pytest.raises(MetalearnError, match=r"got shape \(5, 28, 28\): 5 grey images\? give x\[:, None\]"):
+        prepare_images(torch.rand(5, 28, 28), 28, 1)
     for size in (0, 28.0, "28", True):
         with pytest.raises(MetalearnError, match=f"image_size must be a whole number of pixels of at least 1, got {size!r}"):
             prepare_images(files, size, 3)

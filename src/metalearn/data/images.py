@@ -227,15 +227,20 @@ def _as_list(images: Any) -> list:
 
 
 def _prepare_tensor(images: Tensor, image_size: int, channels: int) -> Tensor:
+    given = tuple(images.shape)  # as the caller gave it: the message names that, not our reshaping
     if images.dim() == 2:
         images = images[None, None]
     elif images.dim() == 3:
         images = images[None]
     if images.dim() != 4 or images.shape[1] not in (1, 3, 4):
-        last = (": channels last? give x.permute(0, 3, 1, 2) (one image: x.permute(2, 0, 1))"
-                if images.dim() in (3, 4) and images.shape[-1] in (1, 3, 4) else "")
-        raise MetalearnError(f"image tensors are (n, C, H, W) with 1, 3 or 4 channels, got shape "
-                             f"{tuple(images.shape)}{last}")
+        if len(given) in (3, 4) and given[-1] in (1, 3, 4):
+            hint = ": channels last? give x.permute(0, 3, 1, 2) (one image: x.permute(2, 0, 1))"
+        elif len(given) == 3:  # (n, H, W): grey images without their channel axis
+            hint = f": {given[0]} grey images? give x[:, None], (n, 1, H, W)"
+        else:
+            hint = ""
+        raise MetalearnError(f"image tensors are (n, C, H, W) with 1, 3 or 4 channels (one image: (C, H, W) or "
+                             f"(H, W)), got shape {given}{hint}")
     if images.shape[0] == 0:
         raise MetalearnError("prepare_images: no images given (a tensor of 0 images)")
     if torch.is_floating_point(images):

@@ -453,3 +453,17 @@ def test_grey_images_without_their_channel_axis_are_told_to_add_it():
         "protonet: the tasks' inputs have shape (16, 16) per example, but the network was built for (1, 16, 16): add "
         "the channel axis (x.unsqueeze(-3): (tasks, n, H, W) becomes (tasks, n, 1, H, W)) (for a dataset of your own: "
         "its problem(task) gives the shape of the examples its task source draws)")
+
+
+def test_a_checkpoint_folder_or_a_run_s_file_in_place_of_the_other_is_named(tmp_path):
+    from metalearn.api import resolve_config, train
+    from metalearn.checkpoints import load_trained
+
+    config = resolve_config("maml", task={"dataset": "sinusoid"},
+                            train={"steps": 1, "val_every": 0, "meta_batch_size": 2, "log_every": 1})
+    train(config, run_dir=tmp_path, progress=False, evaluate_after=False, announce=None)
+    assert refusal(lambda: load_trained(tmp_path, checkpoint=tmp_path)) == (
+        f"checkpoint is one of the run's checkpoint files, got the folder {tmp_path}; the run's best: "
+        f"RunDir({str(tmp_path)!r}).best_checkpoints()")
+    assert refusal(lambda: resolve_config("maml", resume_from=tmp_path / "checkpoint.pt")) == (
+        f"{tmp_path / 'checkpoint.pt'} is a file of the run in {tmp_path}: give the run's folder, {tmp_path}")

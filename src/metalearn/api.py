@@ -69,6 +69,8 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
             raise OptionError("{preset} sets the options of a new run; a resumed run keeps the options it saved: "
                               "leave {preset} out", preset="preset")
     if resume_from is not None and not RunDir(resume_from).exists():  # as train(resume=True) refuses it
+        if Path(resume_from).is_file():  # RUN/checkpoint.pt, a file of a run: named as every reader names it
+            RunDir(resume_from).read_config()
         raise MetalearnError(f"cannot resume: {resume_from} holds no run (no config.json)")
     if resume_from is not None:
         saved = RunDir(resume_from).read_config()

@@ -499,6 +499,9 @@ def load_trained_state(run_dir: Path | str, overrides: dict[str, Any] | None = N
     if checkpoint is None and untrained_attempt(run):  # its weights are the initial ones: no model to score
         raise MetalearnError(f"{run.path} holds no trained step: its training stopped or failed in the first step "
                              "(or is starting now); train it again into this folder, which starts it over")
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        raise MetalearnError(f"checkpoint is one of the run's checkpoint files, got the folder {checkpoint}; the "
+                             f"run's best: RunDir({str(run.path)!r}).best_checkpoints()")
     state = read_entries(run, "config", "learner", "step", optional=("data_fingerprint", "data_dir"), path=checkpoint)
     where = run.checkpoint_path if checkpoint is None else Path(checkpoint)
     if checkpoint is not None:

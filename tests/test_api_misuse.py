@@ -467,3 +467,36 @@ def test_a_checkpoint_folder_or_a_run_s_file_in_place_of_the_other_is_named(tmp_
         f"RunDir({str(tmp_path)!r}).best_checkpoints()")
     assert refusal(lambda: resolve_config("maml", resume_from=tmp_path / "checkpoint.pt")) == (
         f"{tmp_path / 'checkpoint.pt'} is a file of the run in {tmp_path}: give the run's folder, {tmp_path}")
+
+
+def test_networks_plots_labels_and_limits_given_the_wrong_kind_of_value_are_refused_by_name(tmp_path):
+    from metalearn import Trainer
+    from metalearn.api import plot_run, resolve_config, train
+    from metalearn.uncertainty import run_labels
+
+    assert refusal(lambda: MLP(1, 1, hidden=40)) == (
+        "MLP's hidden is a tuple of layer widths, e.g. (40, 40), or (40,) for one layer, got 40")
+    assert refusal(lambda: MLP(0)) == "MLP's in_features is a whole number of at least 1, got 0 (int)"
+    assert refusal(lambda: MLP(1, 1, hidden=(40, 0))) == "MLP's hidden_width is a whole number of at least 1, got 0 (int)"
+    assert refusal(lambda: Conv4(1, 5, hidden="64")) == "Conv4's hidden is a whole number of at least 1, got '64' (str)"
+    assert refusal(lambda: Conv4(1, -1)) == "Conv4's out_features is a whole number of at least 1, got -1 (int)"
+    assert refusal(lambda: evaluate(MAML, SinusoidTasks())).endswith(
+        "got the class MAML itself (build one: MAML(network, ...))")
+    x = torch.zeros(1, 2, 1)
+    assert refusal(lambda: TaskBatch(x, x, x, x, task_params=[1, 2])) == (
+        "TaskBatch's task_params is a dict of name -> tensor (tasks, ...), got list")
+    assert refusal(lambda: run_labels("runs/a")) == (
+        "run_labels takes a list of run folders, got one path 'runs/a': give ['runs/a', ...]")
+
+    config = resolve_config("maml", task={"dataset": "sinusoid"},
+                            train={"steps": 1, "val_every": 0, "meta_batch_size": 2, "log_every": 1})
+    assert refusal(lambda: Trainer(config, MAML(MLP()), SinusoidTasks(), None, tmp_path / "t").fit(
+        time_limit_s="5")) == "the time limit must be a positive number of seconds, got '5'"
+    run = tmp_path / "run"
+    train(config, run_dir=run, progress=False, evaluate_after=False, announce=None)
+    (tmp_path / "notes.txt").write_text("")
+    assert refusal(lambda: plot_run(run, out_dir=tmp_path / "notes.txt")) == (
+        f"out_dir {tmp_path / 'notes.txt'} is a file, not a folder; give a folder path")
+    for step in ("2", -1):
+        assert refusal(lambda: plot_run(run, until_step=step)) == (
+            f"plot_run's until_step is a whole number of at least 0, got {step!r} ({type(step).__name__})")

@@ -25,13 +25,13 @@ from metalearn.config import (RESUMABLE_CHANGES, RunConfig, TaskConfig, TrainCon
 from metalearn.datasets import DATASETS, NATURAL_IMAGES, get_dataset
 from metalearn.distributed import World, init_world
 from metalearn.errors import (ConfigError, MetalearnError, OptionError, OptionWarning, TrainingStopped, caller_level,
-                              flag, kind_of, valued)
+                              check_whole, flag, kind_of, valued)
 from metalearn.evaluation import EPISODE_CHUNK, evaluate
 from metalearn.options import option_defaults
 from metalearn.runs import (RunDir, claim_new_run_dir, default_runs_root, new_run_name, recorded_plugins,
                             registered_in_python)
-from metalearn.files import (WriteError, atomic_write_files, obstacle, probe_writable, remove_export_temporaries,
-                             same_path, user_path)
+from metalearn.files import (WriteError, atomic_write_files, check_folder_path, obstacle, probe_writable,
+                             remove_export_temporaries, same_path, user_path)
 from metalearn.locking import make_folders
 from metalearn.models import NETWORKS
 from metalearn.plugins import load_plugins, unknown_hint
@@ -851,6 +851,9 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
 
     run = RunDir(run_dir)
     plots = run.plots_dir if out_dir is None else user_path(out_dir, "out_dir")
+    check_folder_path(plots, "out_dir" if out_dir is not None else "")
+    if until_step is not None:
+        check_whole("plot_run", 0, until_step=until_step)
     config = run.read_config()
     check_data_dir(config.task, data_dir)  # before any figure is written
     records = [record for record in run.read_metrics() if until_step is None or record.get("step", 0) <= until_step]

@@ -8,9 +8,10 @@ of showing a traceback from deep inside torch.
 
 
 import math
+import numbers
 import re
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 FLOAT32_MAX = 3.4028234663852886e38  # the networks compute in float32: a larger value overflows
 
@@ -22,6 +23,17 @@ class MetalearnError(Exception):
 class MetalearnWarning(UserWarning):
     """Something the user may want to change, though the run can go on (a learning-rate
     schedule that ends far below a useful rate); the CLI shows it as one ``warning:`` line."""
+
+
+def check_whole(owner: str, minimum: int | None = None, **counts: Any) -> None:
+    """Refuse, in one line naming ``owner``'s argument, a count that is not a whole number
+    (``ways=5.0``, ``shots="1"``, ``True``) or is below ``minimum``: torch would fail on it later,
+    in a draw or a layer, with a message about its own arguments."""
+    for name, value in counts.items():
+        whole = not isinstance(value, bool) and isinstance(value, numbers.Integral)
+        if not whole or (minimum is not None and value < minimum):
+            least = f" of at least {minimum}" if minimum is not None else ""
+            raise MetalearnError(f"{owner}'s {name} is a whole number{least}, got {value!r} ({type(value).__name__})")
 
 
 def require_number(value: float, owner: str, field: str, *, zero_allowed: bool = False) -> None:

@@ -149,11 +149,19 @@ def evaluate(
         return _evaluate(learner, source, episodes, seed, chunk, world, progress, per_step, memory_budget)
 
 
+def _described(learner: Any) -> str:
+    """A wrong learner as the refusal names it: a class is not an instance of it."""
+    if isinstance(learner, type):
+        return f"the class {learner.__name__} itself (build one: {learner.__name__}(network, ...))"
+    return f"{type(learner).__name__} {learner!r:.80}"
+
+
 def _evaluate(learner, source, episodes, seed, chunk, world, progress, per_step, memory_budget) -> dict[str, Any]:
     """:func:`evaluate`, under the float32 default."""
-    if not any(hasattr(learner, name) for name in ("episode_scores", "predict", "predict_per_step")):
+    if isinstance(learner, type) or not any(hasattr(learner, name)
+                                            for name in ("episode_scores", "predict", "predict_per_step")):
         raise MetalearnError(f"evaluate's learner is a MetaLearner (e.g. metalearn.load_trained(run_dir)[1]) or an "
-                             f"object with predict, got {type(learner).__name__} {learner!r:.80}")
+                             f"object with predict, got {_described(learner)}")
     require_task_source(source, "evaluate's source")
     check_count(episodes, "episodes")
     if episodes > MAX_EPISODES:

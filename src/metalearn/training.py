@@ -550,6 +550,9 @@ class Trainer:
         A fit that failed (an error or memory error in a step, a second Ctrl-C) may be called
         again once the cause is fixed: it goes on from the run's last checkpoint (:meth:`_recover`).
         Training keeps a torch random state of its own: the caller's is as it was when fit returns."""
+        if time_limit_s is not None and (isinstance(time_limit_s, bool) or not isinstance(time_limit_s, (int, float))
+                                         or not time_limit_s > 0):
+            raise MetalearnError(f"the time limit must be a positive number of seconds, got {time_limit_s!r}")
         deadline = None if time_limit_s is None else now() + time_limit_s
         if self.run_dir is None:
             raise MetalearnError("this Trainer has no run folder to write into; build it with a run_dir")

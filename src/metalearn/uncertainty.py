@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +210,9 @@ def run_labels(run_dirs: list[Path | str] | tuple[Path | str, ...]) -> dict[str,
     """``{label: run directory}`` for :func:`compare_learners`, as ``metalearn compare`` labels
     its runs: by the folder's name (``.`` too), or by the path as given where that name is one of
     the result's own fields (``RESULT_KEYS``) or another run's. A run given twice is refused."""
+    if isinstance(run_dirs, (str, os.PathLike)):  # one path: read a character at a time otherwise
+        raise MetalearnError(f"run_labels takes a list of run folders, got one path {str(run_dirs)!r}: give "
+                             f"[{str(run_dirs)!r}, ...]")
     twice = next((d for i, d in enumerate(run_dirs) if any(same_path(d, e) for e in run_dirs[:i])), None)
     if twice is not None:
         raise MetalearnError(f"the run {twice} is given twice; give each run once")

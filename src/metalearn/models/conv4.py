@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metalearn.errors import check_whole
 from metalearn.models.norm import BatchStatNorm, batch_stat_norm, native_batch_norm_active, native_weight
 
 # layers that act on each channel of a map on its own, so that they apply unchanged to the tasks
@@ -47,6 +48,8 @@ class Conv4(nn.Module):
                  pooling: str = "stride", norm_scale: bool = True, norm_eps: float = 1e-5,
                  flat_map: tuple[int, int] | None = None, leaky: bool = False):
         super().__init__()
+        check_whole("Conv4", 1, in_channels=in_channels, hidden=hidden,
+                    **({} if out_features is None else {"out_features": out_features}))
         if pooling not in ("stride", "max"):
             raise ValueError(f"pooling must be 'stride' or 'max', got {pooling!r}")
         self.features = nn.Sequential(*(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from metalearn.errors import MetalearnError, check_whole
+
 
 class MLP(nn.Module):
     """in_features -> hidden... (ReLU) -> out_features. Default: 1 -> 40 -> 40 -> 1.
@@ -15,6 +17,13 @@ class MLP(nn.Module):
 
     def __init__(self, in_features: int = 1, out_features: int | None = 1, hidden: tuple[int, ...] = (40, 40)):
         super().__init__()
+        if not isinstance(hidden, (tuple, list)):
+            raise MetalearnError(f"MLP's hidden is a tuple of layer widths, e.g. (40, 40), or (40,) for one layer, "
+                                 f"got {hidden!r}")
+        check_whole("MLP", 1, in_features=in_features, **({} if out_features is None else
+                                                           {"out_features": out_features}))
+        for size in hidden:
+            check_whole("MLP", 1, hidden_width=size)
         layers: list[nn.Module] = []
         width = in_features
         for size in hidden:

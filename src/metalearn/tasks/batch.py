@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -10,7 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from metalearn.errors import MetalearnError, kind_of
+from metalearn.errors import MetalearnError, check_whole, kind_of
 
 
 @dataclass(frozen=True)
@@ -49,6 +48,9 @@ class TaskBatch:
             if not isinstance(value, Tensor):
                 raise MetalearnError(f"TaskBatch's {name} is a {kind_of(value)}; a TaskBatch holds tensors "
                                      "(torch.as_tensor(...), or torch.from_numpy(...) for a NumPy array)")
+        if not isinstance(self.task_params, dict):
+            raise MetalearnError(f"TaskBatch's task_params is a dict of name -> tensor (tasks, ...), got "
+                                 f"{kind_of(self.task_params)}")
         check_whole("TaskBatch", ways=self.ways)
         if self.ways < 0:
             raise MetalearnError(f"TaskBatch's ways is the number of classes (0 for regression), got {self.ways}")
@@ -129,15 +131,6 @@ class Problem:
         if isinstance(self.output_dim, bool) or not isinstance(self.output_dim, int) or self.output_dim < least:
             what = "classes per task (at least 2)" if self.classification else "the target's size (at least 1)"
             raise MetalearnError(f"Problem.output_dim is {what}, got {self.output_dim!r}")
-
-
-def check_whole(owner: str, **counts: Any) -> None:
-    """Refuse, in one line naming ``owner``'s argument, a count that is not a whole number
-    (``ways=5.0``, ``shots="1"``, ``True``): torch would fail on it later, in a draw, with a
-    message about its own arguments."""
-    for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise MetalearnError(f"{owner}'s {name} is a whole number, got {value!r} ({type(value).__name__})")
 
 
 def check_draw(owner: str, num_tasks: Any, generator: Any) -> None:

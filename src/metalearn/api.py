@@ -930,7 +930,7 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
                               f"{config.method} run on {config.task.dataset}", compare=valued(COMPARE, compare_with))
         # what the returns on the figure's one axis depend on besides the weights (its network may differ)
         differ = [f"{key} {config.method_config.get(key)} vs {other_config.method_config.get(key)}"
-                  for key in method_class(config.method).scored_options
+                  for key in getattr(method_class(config.method), "scored_options", ())  # a plugin's may lack it
                   if config.method_config.get(key) != other_config.method_config.get(key)]
         if differ:
             raise OptionError(f"{{compare}}: its returns are scored otherwise ({', '.join(differ)}); compare runs "

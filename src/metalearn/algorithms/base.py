@@ -49,15 +49,31 @@ def evaluating(module: nn.Module) -> Iterator[None]:
 
 
 class MetaLearner(nn.Module):
-    """Base class of all methods. Subclasses set ``name`` and ``Config`` (a frozen dataclass of
-    their hyper-parameters) and implement :meth:`meta_loss` and :meth:`predict`.
+    """Base class of all methods. A subclass sets :attr:`name` and :attr:`Config` (a frozen
+    dataclass of its hyper-parameters, made with :func:`metalearn.options.options`) and defines
+    :meth:`build`, :meth:`meta_loss` and :meth:`predict`; :func:`~metalearn.algorithms.register_method`
+    refuses a class that lacks one of the three (a reinforcement-learning method defines
+    :meth:`episode_scores` instead of :meth:`predict`). The other class attributes below say
+    what the method can take; each has a default that suits most methods.
+
+    The network is held in the attribute :attr:`network_attribute` names, ``self.model`` unless
+    the subclass sets another: ``--init-from`` copies the weights under it, and the checks of
+    :func:`check_network_fits` and :func:`check_embedding_fits` read it. An option of the
+    ``Config`` that names a network of :data:`metalearn.models.NETWORKS` is called ``model``: the
+    command line lists a plugin's networks under it, a dataset of vectors gets ``mlp`` through
+    it, a run's config.json records a plugin's network by it, and evaluation refuses to change
+    it.
 
     Adding an option to ``Config``, or changing a default, leaves runs saved before without it
     or with the old value; when a new default computes something else, list the old behaviour's
-    value in ``legacy_defaults`` so those runs still load, evaluate and resume as they trained."""
+    value in :attr:`legacy_defaults` so those runs still load, evaluate and resume as they trained."""
 
     name: ClassVar[str]
+    """The method's command-line name (``metalearn train NAME``, ``RunConfig.method``): lower-case
+    letters, digits, ``-``, ``_`` and ``+``."""
     Config: ClassVar[type]
+    """The dataclass of the method's options (:func:`metalearn.options.options`, each field an
+    :func:`metalearn.options.option` with a default); the command line makes one flag of each."""
 
     def __init_subclass__(cls, **kwargs):
         """A method's constructor takes its ``config`` as its ``Config`` or as a dict of options
@@ -104,17 +120,21 @@ class MetaLearner(nn.Module):
             return config_class(**config)
         raise MetalearnError(f"{cls.__name__} takes its options as a {config_class.__name__} (or a dict of them), "
                              f"got {type(config).__name__}")
-    # True for methods whose network has one output per class (MAML, PLATIPUS, Reptile): they
-    # cannot be tested with another number of ways than they were trained with.
+
     fixed_ways: ClassVar[bool] = False
-    # the attribute holding the network (an nn.Module) whose weights ``--init-from`` copies
+    """True for a method whose network has one output per class (MAML, PLATIPUS, Reptile): it
+    cannot be tested with another number of ways than it was trained with, and a task of
+    another number is refused in one line naming the trained ways (:meth:`trained_ways_refusal`)."""
     network_attribute: ClassVar[str] = "model"
-    # options that act only beside another option's value: {option: (other option, its value)}.
-    # Giving one (other than at its default) without the other is refused, in training and in an
-    # evaluation's overrides (it would be stored and silently unused); a preset's value for one
-    # is dropped when the user's own options turn the other off; resuming ignores a difference
-    # in one that acts in neither configuration
+    """The attribute holding the method's network (an ``nn.Module``): ``--init-from`` copies the
+    weights under this name, and :func:`check_network_fits` / :func:`check_embedding_fits`
+    check it. Set it where the network is not ``self.model`` (MAML-RL's ``policy``)."""
     option_requires: ClassVar[dict[str, tuple[str, Any]]] = {}
+    """Options that act only beside another option's value: ``{option: (other option, its
+    value)}``. Giving one (other than at its default) without the other is refused, in training
+    and in an evaluation's overrides (it would be stored and silently unused); a preset's value
+    for one is dropped when the user's own options turn the other off; resuming ignores a
+    difference in one that acts in neither configuration."""
 
     @classmethod
     def option_acts(cls, option: str, options: dict[str, Any]) -> bool:
@@ -124,33 +144,41 @@ class MetaLearner(nn.Module):
             return True
         other, needed = cls.option_requires[option]
         return options.get(other) == needed
-    # options added, or whose default changed, after runs were saved without them: {option: the
-    # value that reproduces what such a run computed}. A stored configuration that lacks one
-    # (config.json, a checkpoint's copy) gets this value when it is read
-    # (``RunConfig.from_dict``); a new run gets the current default.
-    legacy_defaults: ClassVar[dict[str, Any]] = {}
 
-    # named sets of defaults a user picks with ``--preset NAME`` (``resolve_config(preset=)``):
-    # {name: one line saying what it is}; the values come from :meth:`preset_defaults`
+    legacy_defaults: ClassVar[dict[str, Any]] = {}
+    """Options added, or whose default changed, after runs were saved without them: ``{option:
+    the value that reproduces what such a run computed}``. A stored configuration that lacks one
+    (config.json, a checkpoint's copy) gets this value when it is read
+    (``RunConfig.from_dict``); a new run gets the current default. :func:`register_method`
+    refuses an option the ``Config`` lacks or a value it refuses."""
+
     presets: ClassVar[dict[str, str]] = {}
-    # evaluation protocols besides the standard N-way K-shot episodes, picked with ``metalearn
-    # eval --protocol NAME`` (``evaluate_run(protocol=)``): {name: function(learner, source,
-    # episodes, seed) -> result dict}, where ``source`` is the task source of the evaluated part
+    """Named sets of defaults a user picks with ``--preset NAME`` (``resolve_config(preset=)``):
+    ``{name: one line saying what it is}``; the values come from :meth:`preset_defaults` and
+    :meth:`preset_task_defaults`."""
     protocols: ClassVar[dict[str, Any]] = {}
-    # True for a method of reinforcement-learning tasks (MDPs: ``--env``, a dataset registered with
-    # ``reinforcement=True``), which gets an MDPBatch instead of a TaskBatch; the two kinds of
-    # method and of dataset never meet
+    """Evaluation protocols besides the standard N-way K-shot episodes, picked with ``metalearn
+    eval --protocol NAME`` (``evaluate_run(protocol=)``): ``{name: function(learner, source,
+    episodes, seed) -> result dict}``, where ``source`` is the task source of the evaluated
+    part."""
     reinforcement: ClassVar[bool] = False
-    # True for a method of classification tasks alone (it compares examples of classes: ProtoNets,
-    # Matching Nets, the Memory Module, the Neural Statistician): a regression dataset is refused
-    # when the run is configured, naming the classification datasets, and by :meth:`build`
+    """True for a method of reinforcement-learning tasks (MDPs: ``--env``, a dataset registered
+    with ``reinforcement=True``), which gets an ``MDPBatch`` instead of a TaskBatch and defines
+    :meth:`episode_scores` instead of :meth:`predict`; the two kinds of method and of dataset
+    never meet."""
     classification_only: ClassVar[bool] = False
-    # the dataset (or environment) a run of this method takes when none is named (None: omniglot)
+    """True for a method of classification tasks alone (it compares examples of classes:
+    ProtoNets, Matching Nets, the Memory Module, the Neural Statistician): a regression dataset
+    is refused when the run is configured, naming the classification datasets, and by
+    :meth:`build`, which calls :meth:`require_classification`."""
     default_dataset: ClassVar[str | None] = None
-    # the episode shape this method's paper trains on, where it differs from TaskConfig's and the
-    # user sets nothing (the Neural Statistician learns from sets of 5 images, not of 1): task
-    # options such as shots, query, test_shots; they come before the dataset's own defaults
+    """The dataset (or environment) a run of this method takes when none is named (None:
+    omniglot)."""
     task_defaults: ClassVar[dict[str, Any]] = {}
+    """The episode shape this method's paper trains on, where it differs from TaskConfig's and
+    the user sets nothing (the Neural Statistician learns from sets of 5 images, not of 1): task
+    options such as ``shots``, ``query``, ``test_shots``; they come before the dataset's own
+    defaults."""
 
     @classmethod
     def preset_task_defaults(cls, name: str, dataset: str) -> dict[str, Any]:
@@ -253,9 +281,10 @@ class MetaLearner(nn.Module):
 
     # -- one task, no TaskBatch --------------------------------------------------------------
 
-    # set by build_learner (and so by load_trained): the tasks the network was built for, so that
-    # new images are prepared at the training size and a fixed-ways method names its ways
     problem: Problem | None = None
+    """The tasks the network was built for, set by :func:`~metalearn.algorithms.build_learner`
+    (and so by ``load_trained``): new images are prepared at the training size, and a
+    :attr:`fixed_ways` method names its ways. None for a learner constructed directly."""
 
     def task_batch(self, support_x: Any, support_y: Any, query_x: Any, *, image_size: int | None = None,
                    channels: int | None = None) -> TaskBatch:

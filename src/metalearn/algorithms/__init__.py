@@ -4,6 +4,12 @@ Adding a method is one module with a :class:`MetaLearner` subclass (its ``name``
 whose fields are declared with :func:`metalearn.options.option`) and one line in ``METHODS``
 below; a method of your own can be registered at run time with :func:`register_method`. The
 trainer, the evaluator and every command of the CLI then work for it unchanged.
+
+What the built-in methods share is importable from here for a method of one's own:
+:func:`check_task_batch`, :func:`check_network_fits`, :func:`check_embedding_fits` (the one-line
+refusals of a malformed batch or a network that does not fit it), :func:`require_functional_model`,
+:func:`embed_episodes` (one task per call, channels-last), :func:`num_ways`, :func:`task_loss` and
+:func:`accuracy`.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ import dataclasses
 import typing
 from typing import Any
 
-from metalearn.algorithms.base import MetaLearner, accuracy, task_loss
+from metalearn.algorithms.base import (MetaLearner, accuracy, check_embedding_fits, check_network_fits,
+                                      check_task_batch, embed_episodes, num_ways, require_functional_model,
+                                      task_loss)
 from metalearn.algorithms.maml import MAML, MAMLConfig
 from metalearn.algorithms.maml_rl import MAMLRL, MAMLRLConfig
 from metalearn.algorithms.matchingnet import MatchingNet, MatchingNetConfig
@@ -245,4 +253,6 @@ def build_learner(name: str, values: dict[str, Any] | Any | None, problem: Probl
 __all__ = ["METHODS", "register_method", "MAML", "MAMLConfig", "MetaLearner", "Problem", "accuracy", "task_loss",
            "method_class", "build_learner", "make_method_config", "ProtoNet", "ProtoNetConfig",
            "MatchingNet", "MatchingNetConfig", "MemoryModule", "MemoryConfig", "NeuralStatistician",
-           "StatisticianConfig", "MAMLRL", "MAMLRLConfig", "PLATIPUS", "PLATIPUSConfig", "Reptile", "ReptileConfig"]
+           "StatisticianConfig", "MAMLRL", "MAMLRLConfig", "PLATIPUS", "PLATIPUSConfig", "Reptile", "ReptileConfig",
+           "check_task_batch", "check_network_fits", "check_embedding_fits", "require_functional_model",
+           "embed_episodes", "num_ways"]

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from metalearn.errors import MetalearnError, OptionError
 from metalearn.models.norm import first_order_batch_norm
@@ -543,18 +544,18 @@ def check_task_batch(method: str, batch: TaskBatch, *, training: bool = False) -
                                  "0..ways-1")
 
 
-def _output_shape(learner: MetaLearner, examples: Tensor) -> tuple[int, ...]:
-    """The shape per example of ``learner.model``'s output for ``examples``, from a forward pass
+def _output_shape(learner: MetaLearner, network: nn.Module, examples: Tensor) -> tuple[int, ...]:
+    """The shape per example of ``network``'s output (``learner``'s) for ``examples``, from a forward pass
     without gradients in eval mode (a dropout layer would otherwise draw from the random streams
     the trainer seeded for this step, and a resumed run's first step would differ from the
     uninterrupted one's); a network that cannot take them, lies on another device than them, or
     returns something other than one tensor (a tuple of logits and extras) is refused with a
     one-line message: every method reads the output as one tensor."""
     try:
-        with torch.no_grad(), first_order_batch_norm(), evaluating(learner.model):
-            outputs = learner.model(examples)
+        with torch.no_grad(), first_order_batch_norm(), evaluating(network):
+            outputs = network(examples)
     except RuntimeError as err:
-        mismatch = device_mismatch(learner.name, err, device_of(learner.model), examples.device)
+        mismatch = device_mismatch(learner.name, err, device_of(network), examples.device)
         if mismatch is not None:
             raise mismatch from None
         given, built = tuple(examples.shape[1:]), getattr(learner.problem, "input_shape", None)
@@ -599,29 +600,53 @@ def device_mismatch(method: str, error: BaseException, network: torch.device | N
                           f"other's device (batch.to(\"{network}\") or learner.to(\"{batch}\"))")
 
 
-def check_network_fits(learner: MetaLearner, batch: TaskBatch, *, training: bool = False) -> None:
-    """Refuse, with a clear message, a network that does not fit the batch's tasks, for the
-    methods that adapt the network's own outputs (MAML, PLATIPUS, Reptile): a malformed batch
-    (:func:`check_task_batch`; ``training``: the query labels are read, so -1 is refused too),
-    inputs it cannot take (torch would fail deep inside ``vmap``), or outputs of another size
-    than one per class (too few: cross-entropy fails inside torch; too many: a prediction could
-    name a class the task lacks) or than the regression targets (the squared error would
-    broadcast silently). The network is checked once per input and target shape, with a
-    forward pass of two support examples."""
+def learner_network(learner: MetaLearner, network: nn.Module | None = None) -> nn.Module:
+    """``network``, or where it is None the learner's own: the attribute its
+    :attr:`~MetaLearner.network_attribute` names (``learner.model`` by default); a learner without
+    one is refused in one line naming the attribute."""
+    if network is not None:
+        return network
+    attribute = getattr(learner, "network_attribute", "model")
+    found = getattr(learner, attribute, None)
+    if not isinstance(found, nn.Module):
+        raise MetalearnError(f"{learner.name}: the learner has no network in self.{attribute} (an nn.Module); store it "
+                             f"there, set network_attribute to the attribute that holds it, or pass network=")
+    return found
+
+
+def check_network_fits(learner: MetaLearner, batch: TaskBatch, *, training: bool = False,
+                       network: nn.Module | None = None) -> None:
+    """Refuse, with a one-line :class:`MetalearnError` that starts with ``learner.name``, a
+    network that does not fit the batch's tasks, for the methods that adapt the network's own
+    outputs (MAML, PLATIPUS, Reptile): a malformed batch (:func:`check_task_batch`; ``training``:
+    the query labels are read, so -1 is refused too; a batch of class labels must give
+    ``ways``), inputs of another floating-point type than the network's weights or that it
+    cannot take (torch would fail deep inside ``vmap``), or outputs of another size than one
+    per class (too few: cross-entropy fails inside torch; too many: a prediction could name a
+    class the task lacks) or than the regression targets (the squared error would broadcast
+    silently).
+
+    ``network``: the module to check, by default the learner's (:func:`learner_network`: the
+    attribute :attr:`~MetaLearner.network_attribute` names). The network is checked once per
+    input and target shape and device (remembered on ``learner``), with a forward pass of two
+    support examples without gradients in eval mode; the batch, every call (one device
+    synchronisation for the labels' range). Call it at the top of ``meta_loss`` (``training=True``)
+    and ``predict``."""
     require_task_batch(learner.name, batch)
+    network = learner_network(learner, network)
     if not batch.ways and not torch.is_floating_point(batch.query_y):
         raise MetalearnError(f"{learner.name}: this TaskBatch has class labels but ways=0; give TaskBatch(..., "
                              "ways=N), the number of classes per task")
     check_task_batch(learner.name, batch, training=training)
-    check_input_dtype(learner.name, learner.model, batch)
+    check_input_dtype(learner.name, network, batch)
     per_example = (batch.ways,) if batch.ways else tuple(batch.query_y.shape[2:])
     # the devices too: a learner moved since its last check is checked again, and refused in one
-    # line if the batch did not follow it
-    key = (per_example, tuple(batch.support_x.shape[2:]), device_of(learner.model), batch.support_x.device)
+    # line if the batch did not follow it; the network's identity, for a network passed in
+    key = (id(network), per_example, tuple(batch.support_x.shape[2:]), device_of(network), batch.support_x.device)
     checked = learner.__dict__.setdefault("_fitting_shapes", set())
     if key in checked:
         return
-    outputs = _output_shape(learner, batch.support_x[0, :2])
+    outputs = _output_shape(learner, network, batch.support_x[0, :2])
     if outputs != per_example:
         trained = learner.problem if learner.fixed_ways else None  # set by build_learner: load_trained's too
         if batch.ways and trained is not None and trained.classification and trained.output_dim != batch.ways:
@@ -637,24 +662,32 @@ def check_network_fits(learner: MetaLearner, batch: TaskBatch, *, training: bool
 
 
 def check_embedding_fits(learner: MetaLearner, batch: TaskBatch, *, training: bool = False,
-                         width: int | None = None) -> None:
+                         width: int | None = None, network: nn.Module | None = None) -> None:
     """The check of :func:`check_network_fits` for the methods that compare embeddings
-    (ProtoNets, Matching Nets), whose tasks may have any number of ways: a well-formed batch of
-    class labels (:func:`check_task_batch`, the ways the batch gives or its support labels
-    imply), inputs of the network's floating-point type, and a network that takes them and
-    embeds each example as one vector, of ``width`` features when given (the size Matching
-    Nets' LSTMs were built for). The network is checked once per input shape."""
+    (ProtoNets, Matching Nets, the Memory Module), whose tasks may have any number of ways: a
+    well-formed batch of class labels (:func:`check_task_batch`, the ways the batch gives or
+    its support labels imply: uint8 images, labels outside ``0..ways-1`` and regression targets
+    are refused in one line that starts with ``learner.name``), inputs of the network's
+    floating-point type, and a network that takes them and embeds each example as one vector,
+    of ``width`` features when given (the size Matching Nets' LSTMs were built for).
+
+    ``network``: the embedding network, by default the learner's (:func:`learner_network`). It
+    is checked once per input shape and device; the batch, every call. Call it before
+    :func:`embed_episodes` in ``meta_loss`` (``training=True``: query labels of -1 are refused
+    too) and ``predict``."""
     require_task_batch(learner.name, batch)
+    network = learner_network(learner, network)
     if torch.is_floating_point(batch.query_y) or torch.is_floating_point(batch.support_y):
         raise MetalearnError(f"{learner.name} classifies: the batch's labels must be class ids (long), got "
                              f"{batch.support_y.dtype} and {batch.query_y.dtype}")
     check_task_batch(learner.name, batch, training=training)
-    check_input_dtype(learner.name, learner.model, batch)
-    key = ("embedding", width, tuple(batch.support_x.shape[2:]), device_of(learner.model), batch.support_x.device)
+    check_input_dtype(learner.name, network, batch)
+    key = ("embedding", id(network), width, tuple(batch.support_x.shape[2:]), device_of(network),
+           batch.support_x.device)
     checked = learner.__dict__.setdefault("_fitting_shapes", set())
     if key in checked:
         return
-    outputs = _output_shape(learner, batch.support_x[0, :2])
+    outputs = _output_shape(learner, network, batch.support_x[0, :2])
     if len(outputs) != 1:
         raise MetalearnError(f"{learner.name}: the embedding network's output per example has shape {outputs}; it "
                              "must be one vector (flatten it, as Conv4(in_channels, None) does)")
@@ -663,6 +696,46 @@ def check_embedding_fits(learner: MetaLearner, batch: TaskBatch, *, training: bo
                              f"embedding_dim is {width}; give embedding_dim={outputs[0]} "
                              "(metalearn.models.output_size(model, input_shape))")
     checked.add(key)
+
+
+def embed_episodes(model: nn.Module, batch: TaskBatch) -> tuple[Tensor, Tensor]:
+    """Embed each task's support and query examples together, one task per call of ``model``,
+    so that batch-norm statistics are those of the task alone: an episode's embeddings do not
+    depend on the other episodes of its batch (the evaluator's chunking, the meta-batch size,
+    the number of distributed ranks), and training and testing normalise alike.
+
+    batch: a TaskBatch with inputs ``(tasks, n, *example_shape)`` of the network's floating-point
+    type (a float32 batch for a float64 network is refused in one line); model: an embedding
+    network, ``(n, *example_shape) -> (n, dim)``
+    -> support embeddings ``(tasks, n_support, dim)`` and query embeddings ``(tasks, n_query, dim)``,
+    differentiable with respect to the network's parameters.
+
+    A loop over tasks, not ``vmap``: images ``(tasks, n, C, H, W)`` go through the network in
+    channels-last layout, whose CPU kernels are faster than the default layout's (the
+    performance docs give the measurement), and ``vmap`` cannot carry that layout. Each task is a
+    batch of tens to hundreds of images, so the loop's own cost is negligible. The values equal
+    ``model(task)`` of each task alone up to float rounding (another kernel). Run it inside
+    :func:`metalearn.models.first_order_batch_norm` where nothing is differentiated twice."""
+    check_input_dtype("the embedding network", model, batch)
+    n_support = batch.support_x.shape[1]
+    images = torch.cat([batch.support_x, batch.query_x], dim=1)  # (tasks, n_support + n_query, ...)
+    params, layout = dict(model.named_parameters()), torch.contiguous_format
+    if images.dim() == 5:  # (tasks, n, C, H, W): images, for which channels-last is faster
+        layout = torch.channels_last
+        # clone, not contiguous: a single-channel conv weight counts as contiguous in both layouts,
+        # and only explicit channels-last strides make the first convolution's output channels-last
+        params = {name: p.clone(memory_format=layout) if p.dim() == 4 else p for name, p in params.items()}
+    embeddings = torch.stack([functional_call(model, params, (task.contiguous(memory_format=layout),))
+                              for task in images])
+    return embeddings[:, :n_support], embeddings[:, n_support:]
+
+
+def num_ways(batch: TaskBatch) -> int:
+    """Classes per task of a batch of class labels: ``batch.ways``, or where it is 0 (a TaskBatch
+    built without ``ways=``) one more than the largest support label. Reads the labels once (a
+    device synchronisation) only in the second case; :func:`check_task_batch` has refused labels
+    outside that range before."""
+    return batch.ways or int(batch.support_y.max()) + 1
 
 
 def require_module(model: Any, method: str) -> None:
@@ -683,9 +756,12 @@ def require_module(model: Any, method: str) -> None:
 
 def require_functional_model(model: nn.Module, method: str, second_order: bool) -> None:
     """Refuse a network that cannot be applied as a pure function of its parameters under
-    ``vmap``: running-statistics buffers would be mutated (other buffers, constants, are fine);
-    and where second derivatives are taken, torch's native batch norm, whose second derivative
-    under ``vmap`` is wrong (torch 2.13; use :class:`metalearn.models.BatchStatNorm`)."""
+    ``vmap`` or ``functional_call``: one that is not an ``nn.Module`` instance (a class, a
+    function); running-statistics buffers, which would be mutated (other buffers, constants,
+    are fine); and where ``second_order`` (second derivatives are taken through the network),
+    torch's native batch norm, whose second derivative under ``vmap`` is wrong (torch 2.13; use
+    :class:`metalearn.models.BatchStatNorm`). ``method`` starts each message (the method's
+    ``name`` or class name). Call it in the constructor, before the network is stored."""
     require_module(model, method)
     running = [f"its {type(m).__name__}" + (f" at {name}" if name else "") for name, m in model.named_modules()
                if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
@@ -708,7 +784,10 @@ def require_functional_model(model: nn.Module, method: str, second_order: bool) 
 
 
 def task_loss(prediction: Tensor, target: Tensor) -> Tensor:
-    """Cross-entropy for class ids, mean squared error for real targets (one task or a batch)."""
+    """The mean loss of ``prediction`` against ``target``, for one task or a batch of them:
+    cross-entropy where ``target`` holds class ids (logits ``(..., n, ways)``, targets
+    ``(..., n)`` long), mean squared error where it holds real targets (both ``(..., n,
+    out_dim)``). Differentiable twice and usable under ``vmap``, as an inner loop needs."""
     if torch.is_floating_point(target):
         # written out: in torch 2.13 F.mse_loss fails inside a vmap nested in another vmap when
         # only the prediction carries the inner axis (PLATIPUS's samples within tasks)
@@ -727,5 +806,7 @@ def task_losses(prediction: Tensor, target: Tensor) -> Tensor:
 
 
 def accuracy(logits: Tensor, target: Tensor) -> Tensor:
-    """Fraction of correct argmax predictions along the last axis of ``logits``."""
+    """Fraction of correct argmax predictions along the last axis of ``logits``: logits
+    ``(..., n, ways)``, target ``(..., n)`` class ids -> a scalar float tensor (no gradient flows
+    through ``argmax``), the metric ``accuracy`` that ``meta_loss`` returns for logging."""
     return (logits.argmax(dim=-1) == target).float().mean()

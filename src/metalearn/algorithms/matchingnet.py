@@ -13,8 +13,9 @@ context embeddings, ``f = g`` is the embedding CNN. With them (appendix A.2):
   ``h_k = LSTM(...) + f'(x)`` and the read-out ``r_{k-1} = sum_i softmax_i(h_{k-1} . g(x_i)) g(x_i)``;
   ``h_0 = f'(x)``, ``c_0 = 0`` (the paper leaves the start open), ``f(x, S) = h_K``.
 
-The CNN embeds one task per call, so batch norm's statistics are those of the task (as in
-``protonet``, whose ``embed_episodes`` says why this is a loop and not ``vmap``); the LSTMs take
+The CNN embeds one task per call, so batch norm's statistics are those of the task (as ProtoNets'
+do, with :func:`~metalearn.algorithms.base.embed_episodes`, which says why this is a loop and not
+``vmap``); the LSTMs take
 the task axis as their batch and the attention is one ``einsum`` over all tasks.
 
 Example::
@@ -33,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalearn.algorithms.base import (MetaLearner, check_embedding_fits, class_without_support,
-                                      require_functional_model, Problem, accuracy)
-from metalearn.algorithms.protonet import DISTANCES, embed_episodes, num_ways, similarities
+from metalearn.algorithms.base import (MetaLearner, check_embedding_fits, class_without_support, embed_episodes,
+                                      num_ways, require_functional_model, Problem, accuracy)
+from metalearn.algorithms.protonet import DISTANCES, similarities
 from metalearn.errors import ConfigError, MetalearnError, require_number
 from metalearn.options import option, options
 from metalearn.models import build_model, check_network_name, network_help, output_size

@@ -72,8 +72,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalearn.algorithms.base import MetaLearner, Problem, check_embedding_fits, evaluating, require_functional_model
-from metalearn.algorithms.protonet import embed_episodes
+from metalearn.algorithms.base import (MetaLearner, Problem, check_embedding_fits, embed_episodes, evaluating,
+                                      require_functional_model)
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.models import build_model, check_network_name, network_help, output_size
 from metalearn.models.norm import first_order_batch_norm

@@ -24,14 +24,14 @@ Example::
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from metalearn.algorithms.base import (MetaLearner, check_embedding_fits, check_input_dtype, class_without_support,
-                                      require_functional_model, Problem, accuracy)
+# embed_episodes and num_ways are every embedding method's (base.py); importable from here too, as
+# ProtoNets' own steps
+from metalearn.algorithms.base import (MetaLearner, check_embedding_fits, class_without_support, embed_episodes,
+                                      num_ways, require_functional_model, Problem, accuracy)
 from metalearn.datasets import NATURAL_IMAGES
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.options import option, options
@@ -58,36 +58,6 @@ class ProtoNetConfig:
             raise ConfigError("ProtoNet.Config", "distance",
                               f"must be one of {', '.join(DISTANCES)}, got {self.distance!r}")
         check_network_name("ProtoNet.Config", self.model, "embedding")
-
-
-def embed_episodes(model: nn.Module, batch: TaskBatch) -> tuple[Tensor, Tensor]:
-    """Embed each task's support and query images together, one task per model call, so
-    batch-norm statistics are those of the task alone.
-
-    A loop over tasks, not ``vmap``: images go through the network in channels-last layout,
-    whose CPU kernels are faster than the default layout's (the performance docs give the
-    measurement), and ``vmap`` cannot carry that layout. Each task is a batch of tens to hundreds of images, so the
-    loop's own cost is negligible.
-
-    Returns support embeddings (tasks, n_support, dim) and query embeddings (tasks, n_query, dim).
-    """
-    check_input_dtype("the embedding network", model, batch)
-    n_support = batch.support_x.shape[1]
-    images = torch.cat([batch.support_x, batch.query_x], dim=1)  # (tasks, n_support + n_query, ...)
-    params, layout = dict(model.named_parameters()), torch.contiguous_format
-    if images.dim() == 5:  # (tasks, n, C, H, W): images, for which channels-last is faster
-        layout = torch.channels_last
-        # clone, not contiguous: a single-channel conv weight counts as contiguous in both layouts,
-        # and only explicit channels-last strides make the first convolution's output channels-last
-        params = {name: p.clone(memory_format=layout) if p.dim() == 4 else p for name, p in params.items()}
-    embeddings = torch.stack([functional_call(model, params, (task.contiguous(memory_format=layout),))
-                              for task in images])
-    return embeddings[:, :n_support], embeddings[:, n_support:]
-
-
-def num_ways(batch: TaskBatch) -> int:
-    """Classes per task: the batch's ``ways``, else one more than the largest support label."""
-    return batch.ways or int(batch.support_y.max()) + 1
 
 
 def class_prototypes(support: Tensor, support_y: Tensor, ways: int, method: str = "protonet",

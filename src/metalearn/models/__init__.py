@@ -252,8 +252,10 @@ def check_built(name: str, model: nn.Module, input_shape: tuple[int, ...], out_f
 
 
 def output_size(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """The size of ``model``'s output per example (an embedding network's dimension), from one
-    forward pass of two zero inputs of ``input_shape`` without gradients."""
+    """The size of the last axis of ``model``'s output for inputs of ``input_shape`` (without the
+    batch axis): an embedding network's dimension, the width a method's own layers after it
+    need. From one forward pass of two zero inputs without gradients; call it in ``build``,
+    before the method holds the network."""
     with torch.no_grad():
         return model(torch.zeros(2, *input_shape)).shape[-1]
 

@@ -198,9 +198,15 @@ def native_batch_norm_active(x: Tensor | None = None) -> bool:
 
 
 def first_order_batch_norm() -> contextlib.AbstractContextManager[None]:
-    """:func:`native_batch_norm`, for a method that never takes a second derivative through the
-    model (ProtoNets, Matching Networks, Reptile): its values and first derivatives equal the
-    twice-differentiable form's, also under ``vmap`` (tests/test_maml.py)."""
+    """A context manager: within its block every :class:`BatchStatNorm` runs torch's native
+    kernel (:func:`native_batch_norm`), faster than the twice-differentiable form it otherwise
+    computes with gradients on. For a method that never takes a second derivative through the
+    model (ProtoNets, Matching Networks, Reptile): the values and first derivatives equal the
+    twice-differentiable form's, also under ``vmap`` (tests/test_maml.py). A setting of the
+    block, not of the model.
+
+    >>> with first_order_batch_norm():
+    ...     support, query = embed_episodes(learner.model, batch)"""
     return native_batch_norm()
 
 

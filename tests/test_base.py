@@ -1,17 +1,20 @@
 """What a method of one's own reaches from ``metalearn.algorithms`` (base.py): the batch and
 network checks refuse as the built-in methods' do, name the method that calls them and check the
-network its ``network_attribute`` names; ``embed_episodes`` embeds each task alone."""
+network its ``network_attribute`` names; ``embed_episodes`` embeds each task alone; a subclass of
+MAML is named as itself in MAML's messages."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metalearn.algorithms import (MetaLearner, ProtoNet, accuracy, check_embedding_fits, check_network_fits,
-                                  embed_episodes, num_ways, require_functional_model, task_loss)
-from metalearn.errors import MetalearnError
+from metalearn.algorithms import (MAML, MAMLConfig, MetaLearner, ProtoNet, accuracy, check_embedding_fits,
+                                  check_network_fits, embed_episodes, num_ways, require_functional_model, task_loss)
+from metalearn.errors import ConfigError, MetalearnError
 from metalearn.models import Conv4, first_order_batch_norm
 from metalearn.options import option, options
 from metalearn.tasks.batch import TaskBatch
@@ -145,3 +148,35 @@ def test_num_ways_is_the_batchs_or_the_support_labels():
     assert num_ways(batch) == 3
     labels = torch.tensor([[0, 3, 1, 2]])
     assert num_ways(TaskBatch(torch.zeros(1, 4, 2), labels, torch.zeros(1, 1, 2), labels[:, :1])) == 4
+
+
+@options
+class ANILConfig(MAMLConfig):
+    """MAML's options, under the subclass's name."""
+
+
+class ANIL(MAML):
+    name = "toy-anil"
+    Config = ANILConfig
+
+
+class Reused(MAML):
+    name = "toy-reused"
+    Config = MAMLConfig  # the parent's own class: its messages keep the parent's name
+
+
+def test_a_subclass_of_maml_is_named_as_itself():
+    with pytest.raises(ConfigError, match=r"^ANIL\.Config\.inner_steps must be at least 1"):
+        ANILConfig(inner_steps=0)
+    with pytest.raises(ConfigError, match=r"^ANIL\.Config\.first_order_steps must be >= 0"):
+        ANILConfig(first_order_steps=-1)
+    with pytest.raises(MetalearnError, match=r"^ANIL needs a model without running-statistics buffers"):
+        ANIL(nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4)), ANILConfig())
+    with pytest.raises(MetalearnError, match=r"^ANIL\.Config\.per_step_bn_weights needs a network with batch norm"):
+        ANIL(nn.Linear(1, 1), ANILConfig(per_step_bn_weights=True))
+    # MAML's own keep its name, also after a subclass set its Config to MAML's class
+    assert MAMLConfig.owner_name == "MAML.Config" and Reused.Config is MAMLConfig
+    with pytest.raises(ConfigError, match=r"^MAML\.Config\.inner_steps must be at least 1"):
+        MAMLConfig(inner_steps=0)
+    with pytest.raises(MetalearnError, match=re.escape("MAML needs a model without running-statistics buffers")):
+        MAML(nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4)))

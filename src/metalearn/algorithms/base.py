@@ -82,8 +82,11 @@ class MetaLearner(nn.Module):
         constructor runs: anything else is one clear error, not an ``AttributeError`` from
         inside the method. Applies to every subclass that defines ``__init__(..., config, ...)``."""
         super().__init_subclass__(**kwargs)
-        if dataclasses.is_dataclass(cls.__dict__.get("Config")):  # its errors say MAML.Config.inner_lr
-            cls.Config.owner_name = f"{cls.__name__}.Config"
+        # its errors say MAML.Config.inner_lr; a subclass's Config that extends the parent's says
+        # ANIL.Config.inner_lr; one that reuses the parent's own class leaves its name as it was
+        own = cls.__dict__.get("Config")
+        if dataclasses.is_dataclass(own) and "owner_name" not in own.__dict__:
+            own.owner_name = f"{cls.__name__}.Config"
         init = cls.__dict__.get("__init__")
         if init is None or "config" not in inspect.signature(init).parameters:
             return

@@ -87,21 +87,22 @@ class MAMLConfig:
     model: str = option("conv4", "the network: " + network_help("classifier"))
 
     def __post_init__(self):
-        check_inner_loop_options("MAML.Config", self.inner_lr, self.inner_steps, self.test_inner_steps)
-        check_network_name("MAML.Config", self.model, "classifier")
+        # the method's own name for its Config (MetaLearner sets owner_name: "ANIL.Config" for a
+        # subclass's Config that extends this one)
+        owner = getattr(type(self), "owner_name", "MAML.Config")
+        check_inner_loop_options(owner, self.inner_lr, self.inner_steps, self.test_inner_steps)
+        check_network_name(owner, self.model, "classifier")
         if self.multi_step_anneal_steps < 0:
-            raise ConfigError("MAML.Config", "multi_step_anneal_steps",
-                              f"must be >= 0, got {self.multi_step_anneal_steps}")
+            raise ConfigError(owner, "multi_step_anneal_steps", f"must be >= 0, got {self.multi_step_anneal_steps}")
         if self.first_order_steps < 0:
-            raise ConfigError("MAML.Config", "first_order_steps", f"must be >= 0, got {self.first_order_steps}")
+            raise ConfigError(owner, "first_order_steps", f"must be >= 0, got {self.first_order_steps}")
         if self.first_order_steps and self.first_order:
-            raise ConfigError("MAML.Config", "first_order_steps",
+            raise ConfigError(owner, "first_order_steps",
                               "switches from first to second order: it does not combine with `first_order`")
         if self.eval_bn_statistics not in ("running", "batch"):
-            raise ConfigError("MAML.Config", "eval_bn_statistics",
-                              f"must be running or batch, got {self.eval_bn_statistics!r}")
+            raise ConfigError(owner, "eval_bn_statistics", f"must be running or batch, got {self.eval_bn_statistics!r}")
         if self.multi_step_anneal_steps and not self.multi_step_loss:
-            raise ConfigError("MAML.Config", "multi_step_anneal_steps",
+            raise ConfigError(owner, "multi_step_anneal_steps",
                               "anneals the multi-step loss: it needs `multi_step_loss`")
 
 
@@ -156,7 +157,7 @@ class MAML(MetaLearner):
         inner step computed through fixed statistics is not the step the meta-training shaped
         (docs/methods/maml-plus-plus.md)."""
         super().__init__()
-        require_functional_model(model, "MAML", not config.first_order)
+        require_functional_model(model, type(self).__name__, not config.first_order)  # a subclass's own name
         self.model = model
         self.config = config
         self.training_step = 0  # set by the trainer (start_step): the multi-step loss schedule
@@ -170,8 +171,9 @@ class MAML(MetaLearner):
             self._per_step_norms = [m for m in model.modules() if isinstance(m, BatchStatNorm)]
             if not self._per_step_norms:
                 given = "per_step_bn_weights" if config.per_step_bn_weights else "per_step_bn_statistics"
-                raise ConfigError("MAML.Config", given, "needs a network with batch norm (metalearn.models."
-                                                        "BatchStatNorm layers), and this one has none")
+                raise ConfigError(f"{type(self).__name__}.Config", given,
+                                  "needs a network with batch norm (metalearn.models.BatchStatNorm layers), and this "
+                                  "one has none")
             for norm in self._per_step_norms:
                 norm.make_per_step(config.inner_steps, config.per_step_bn_weights, config.per_step_bn_statistics)
                 norm.running_at_eval = config.eval_bn_statistics == "running"
@@ -276,8 +278,8 @@ class MAML(MetaLearner):
         subclass may replace it (another inner loss, say): every pass then goes through it,
         not through the network's task-batched forward.
         """
-        check_one_task("MAML.adapt", params, support_x, support_y)
-        check_steps("MAML.adapt", steps)
+        check_one_task(f"{type(self).__name__}.adapt", params, support_x, support_y)
+        check_steps(f"{type(self).__name__}.adapt", steps)
         return gradient_descent(self.model, params, support_x, support_y, steps, self._step_size,
                                 self.first_order_now(), self._held)
 

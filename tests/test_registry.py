@@ -131,6 +131,42 @@ def test_a_method_and_a_dataset_registered_in_a_test_train_evaluate_resume_and_p
     assert code == 2 and "--inner-lr" in err
 
 
+@pytest.fixture
+def nearest_mean_example(toy_registry):
+    """examples/nearest_mean.py imported (it registers ``nearest-mean``), and unregistered after."""
+    import runpy
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "nearest_mean.py"
+    yield runpy.run_path(str(example))["NearestMean"]
+    METHODS.pop("nearest-mean")
+
+
+def test_the_plugin_example_trains_starts_from_another_run_and_takes_a_batch_without_ways(nearest_mean_example,
+                                                                                         tmp_path):
+    """examples/nearest_mean.py keeps its network where ``--init-from`` copies it from
+    (``network_attribute``), classifies a TaskBatch built without ``ways`` and refuses a malformed
+    batch in ProtoNets' one line."""
+    from metalearn.api import resolve_config
+    from metalearn.training import build_trainer
+
+    task = {"dataset": "toy-blobs", "ways": 3, "shots": 2}
+    trained = build_trainer(resolve_config("nearest-mean", task=task, train={"steps": 3, "meta_batch_size": 2,
+                                                                              "val_every": 0}), tmp_path / "a")
+    trained.fit(progress=False)
+    started = build_trainer(resolve_config("nearest-mean", task=task, train={"steps": 0, "init_from": str(
+        tmp_path / "a")}), tmp_path / "b").learner
+    for name, value in trained.learner.model.state_dict().items():
+        torch.testing.assert_close(started.model.state_dict()[name], value, rtol=0, atol=0)
+
+    batch = Blobs(3, 2, 2).sample(2, torch.Generator().manual_seed(0))
+    without_ways = TaskBatch(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+    torch.testing.assert_close(started.predict(without_ways), started.predict(batch))
+    with pytest.raises(MetalearnError, match=r"^nearest-mean: query_y has class ids \[3\] outside 0..2"):
+        started.meta_loss(TaskBatch(batch.support_x, batch.support_y, batch.query_x, batch.query_y.clamp(max=2) + 1,
+                                    3))
+
+
 def test_a_stop_of_a_run_of_a_method_registered_outside_a_plugin_says_how_to_go_on_from_python(toy_registry,
                                                                                                  tmp_path):
     """A method a notebook or a script registered is unknown to a fresh ``metalearn`` command: the

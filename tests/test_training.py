@@ -1388,3 +1388,19 @@ def test_a_run_whose_first_step_failed_is_refused_as_a_model_to_score(tmp_path):
     assert not (tmp_path / "eval.json").exists()
     build_trainer(sinusoid_config(2), tmp_path).fit(progress=False)  # started over
     assert load_trained(tmp_path)[2] == 2
+
+
+def test_a_diverging_method_without_an_inner_loop_is_advised_on_its_own_options(tmp_path):
+    """A ProtoNet has no inner step size or steps: the advice names the meta learning rate alone."""
+    from metalearn import EpisodeSampler, ProtoNet, Trainer
+    from metalearn.models import MLP
+
+    config = resolve_config("protonet", task={"dataset": "omniglot", "ways": 2, "shots": 1, "query": 1},
+                            train={"steps": 3, "val_every": 0, "meta_batch_size": 2, "log_every": 1})
+    sampler = EpisodeSampler.from_labels(torch.randn(40, 4), torch.arange(40) % 4, ways=2, shots=1, query=1)
+    trainer = Trainer(config, ProtoNet(MLP(4, None, hidden=(8,))), sampler, None, tmp_path)
+    real_meta_loss = trainer.learner.meta_loss
+    trainer.learner.meta_loss = lambda batch: (lambda loss, metrics: (loss * float("nan"), metrics))(
+        *real_meta_loss(batch))
+    with pytest.raises(MetalearnError, match=r"meta-loss became nan at step 1.*Try a smaller meta_lr\.$"):
+        trainer.fit(progress=False)

@@ -869,11 +869,16 @@ class Trainer:
                 print(line, flush=True)
         return chunk
 
-    def _diverged(self, what: str, detail: str,
-                  advice: str = "Try a smaller {inner_lr} or {meta_lr}, or fewer {inner_steps}.") -> OptionError:
+    def _diverged(self, what: str, detail: str, advice: str | None = None) -> OptionError:
         """The one error for a step that went non-finite: training stops before that step is
         saved, so the last checkpoint (from before it) holds good weights. ``advice`` names the
-        options to change as fields of :class:`~metalearn.errors.Options` (``{meta_lr}``)."""
+        options to change as fields of :class:`~metalearn.errors.Options` (``{meta_lr}``); by
+        default the meta learning rate, and the inner loop's step size and steps where the
+        method has them (a ProtoNet has neither)."""
+        if advice is None:
+            inner = {"inner_lr", "inner_steps"} <= set(self.config.method_config)
+            advice = ("Try a smaller {inner_lr} or {meta_lr}, or fewer {inner_steps}." if inner else
+                      "Try a smaller {meta_lr}.")
         return OptionError(f"{what} at step {self.step + 1}{detail}; training stopped before saving it, and "
                            f"the last good checkpoint in {self.run_dir.path} is kept. {advice}",
                            inner_lr="inner_lr", meta_lr="meta_lr", inner_steps="inner_steps")

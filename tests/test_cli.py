@@ -1398,3 +1398,20 @@ def test_a_closed_pipe_in_a_real_process_is_quiet(tmp_path):
         process.stdout.close()  # the reader leaves before the first line
         assert process.wait(timeout=120) == 0
     assert errors.read_bytes() == b"" and (run_dir / "eval.json").is_file()
+
+
+def test_an_option_that_may_be_none_is_set_back_to_none_with_none(capsys, omniglot_data_dir):
+    """--test-shots none: the test episodes follow --shots again, where the method's defaults (the
+    Neural Statistician tests on 1 shot) set a number; leaving the flag out cannot say that."""
+    def test_shots(*given):
+        code, out, err = run(["train", "statistician", "--data-dir", omniglot_data_dir, *given, "--print-config"],
+                             capsys)
+        assert code == 0, err
+        return json.loads(out)["task"]["test_shots"]
+
+    assert test_shots() == 1 and test_shots("--test-shots", 3) == 3
+    assert test_shots("--test-shots", "none") is None and test_shots("--test-shots", "None") is None
+    code, _, err = run(["train", "maml", "--test-shots", "nope", "--print-config"], capsys)
+    assert code == 2 and "'nope' is not a valid integer" in err
+    code, out, _ = run(["train", "maml", "--help"], capsys)
+    assert "--test-shots INTEGER|none" in out

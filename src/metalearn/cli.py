@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import time
+import typing
 import warnings
 from pathlib import Path
 
@@ -89,6 +90,24 @@ class Int64(click.types.IntParamType):
 
 
 INTEGER = Int64()
+
+
+class OrNone(click.ParamType):
+    """An option whose field may be None (``test_shots: int | None``, None: follow ``shots``):
+    ``none`` sets it back to None, which leaving the flag out cannot do where a preset, the
+    method's defaults or a resumed run's configuration set a value; anything else is ``base``'s."""
+
+    def __init__(self, base: click.ParamType):
+        self.base = base
+        self.name = f"{base.name} or none"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value.strip().lower() == "none":
+            return None
+        return self.base.convert(value, param, ctx)
+
+    def get_metavar(self, param, ctx=None):
+        return f"{self.base.name.upper()}|none"
 
 
 class Duration(click.ParamType):
@@ -176,10 +195,20 @@ def _option_for(field: dataclasses.Field, paper_default: bool = False, hidden: b
     if hint is bool:
         return click.Option([f"{name}/--no-{name[2:]}"], default=None, help=text, hidden=hidden)
     click_type = GivenPath(PATH_FIELDS[field.name], None) if field.name in PATH_FIELDS else \
-        {int: INTEGER, float: float, str: str}.get(hint, str)
+        {int: INTEGER, float: click.FLOAT, str: click.STRING}.get(hint, click.STRING)
+    if _may_be_none(field) and field.name not in PATH_FIELDS:
+        click_type = OrNone(click_type)
     names = [name] + [flag(alias) for alias in field.metadata.get("aliases", ())]
     return click.Option(names + [field.name], type=click_type, default=None, show_default=False, help=text,
                         hidden=hidden)
+
+
+def _may_be_none(field: dataclasses.Field) -> bool:
+    """Whether the field's annotation allows None (``int | None``), as a string or a type."""
+    annotation = field.type
+    if isinstance(annotation, str):
+        return "None" in annotation.replace(" ", "").split("|")
+    return type(None) in typing.get_args(annotation)
 
 
 def _resolve(annotation: str):

@@ -93,3 +93,14 @@ def test_init_world_applies_the_gpu_kernels_only_when_asked(monkeypatch):
     assert calls == []
     distributed.init_world("cuda")
     assert calls == ["exact"]
+
+
+def test_importing_on_windows_says_in_one_line_what_runs_and_where():
+    """Run folders are locked with fcntl, which Windows lacks: the import says so, and names WSL,
+    instead of failing on the first POSIX-only module."""
+    done = subprocess.run([sys.executable, "-c", "import sys; sys.platform = 'win32'; import metalearn"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == (
+        "ImportError: metalearn runs on Linux and macOS: its run folders are locked with POSIX file locks (fcntl) "
+        "and training handles POSIX signals. On Windows, use WSL 2 (https://learn.microsoft.com/windows/wsl/install).")

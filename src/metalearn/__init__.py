@@ -8,6 +8,13 @@ Small pieces, one job each::
     from metalearn.models import MLP
 """
 
+import sys
+
+if sys.platform == "win32":  # before the imports below fail on the first POSIX-only module (fcntl)
+    raise ImportError("metalearn runs on Linux and macOS: its run folders are locked with POSIX file locks "
+                      "(fcntl) and training handles POSIX signals. On Windows, use WSL 2 "
+                      "(https://learn.microsoft.com/windows/wsl/install).")
+
 from metalearn.algorithms import (MAML, MAMLRL, METHODS, PLATIPUS, MatchingNet, MemoryModule, MetaLearner,
                                   NeuralStatistician, ProtoNet, Reptile, build_learner, register_method)
 from metalearn.api import evaluate_run, plot_run, predict_run, resolve_config, train

@@ -258,15 +258,16 @@ def test_status_of_a_run_on_tasks_of_the_user_s_own_gives_the_python_lines(tmp_p
                                                                                            stop_at=1)
     status = json.loads(run(["status", tmp_path / "lines", "--json"], capsys)[1])[0]
     assert status["own"] == ["tasks"] and status["state"] == "stopped"
-    assert status["resume"].startswith("trainer = Trainer(config, learner, train_tasks, val_tasks, ")
+    assert status["resume"].startswith("Trainer(config, learner, train_tasks, val_tasks, ")
+    assert status["resume"].endswith(", resume=True).fit()")
     out = run(["status", tmp_path / "lines"], capsys)[1]
-    assert "stopped; trained with tasks of your own, which config.json does not describe: in Python, `trainer = " in out
+    assert "stopped; trained with tasks of your own, which config.json does not describe: in Python, `Trainer(config, " in out
     assert "metalearn train" not in out, out
     # the pause names the Python route, and metalearn train --resume, which would build sinusoids
     # from config.json and go on training on them, is refused
     code, _, err = run(["train", "maml", "--run-dir", tmp_path / "lines", "--resume", "--no-progress"], capsys)
     assert code == 2 and err.count("\n") == 1 and "was trained on a task source of your own (" in err, err
-    assert "continue it from Python: trainer = Trainer(config, learner, train_tasks, val_tasks, " in err, err
+    assert "continue it from Python: Trainer(config, learner, train_tasks, val_tasks, " in err, err
     assert RunDir(tmp_path / "lines").read_checkpoint()["step"] == 1
 
 
@@ -276,18 +277,17 @@ def test_a_pause_of_a_run_trained_from_python_names_the_python_route(tmp_path, c
     config = resolve_config("maml", task={"dataset": "sinusoid"},
                             train={"steps": 2, "meta_batch_size": 2, "val_every": 0, "log_every": 1})
     learner = MAML(nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1)), MAML.Config(**config.method_config))
-    with pytest.raises(TrainingStopped, match="continue from Python: trainer = Trainer") as stopped:
+    with pytest.raises(TrainingStopped, match=r"continue from Python: Trainer\(config, .*resume=True\)\.fit\(\)") as stopped:
         Trainer(config, learner, SinusoidTasks(shots=5, query=5), None, tmp_path / "own").fit(progress=False,
                                                                                              stop_at=1)
     assert "metalearn train" not in str(stopped.value)
     code, _, err = run(["train", "maml", "--run-dir", tmp_path / "own", "--resume", "--no-progress"], capsys)
     assert code == 2 and err.count("\n") == 1, err
     assert "was trained with a network of your own (in a metalearn.algorithms.maml.MAML)" in err, err
-    # the route it names continues the run
+    # the route it names continues the run (fit restores the checkpoint)
     trainer = Trainer(config, learner, SinusoidTasks(shots=5, query=5), None, tmp_path / "own", resume=True)
-    trainer.restore(RunDir(tmp_path / "own").read_checkpoint())
     trainer.fit(progress=False)
-    assert RunDir(tmp_path / "own").read_checkpoint()["step"] == 2
+    assert trainer.step == 2 and RunDir(tmp_path / "own").read_checkpoint()["step"] == 2
 
 
 def test_a_pause_of_a_python_run_the_commands_can_rebuild_names_metalearn_train(tmp_path):

@@ -393,6 +393,10 @@ def test_counts_and_draws_that_are_no_whole_numbers_or_generators_are_refused_by
     for call, expected in cases.items():
         assert refusal(call) == expected
     assert SinusoidTasks(shots=5).sample(2, generator).support_x.shape == (2, 5, 1)  # numbers as they should be
+    # any integer Python takes as an index: NumPy's, a 0-d integer tensor; any real noise scale
+    import numpy as np
+    assert SinusoidTasks(shots=np.int64(5), noise_std=np.float32(0.1)).sample(torch.tensor(3), generator
+                                                                                  ).support_x.shape == (3, 5, 1)
 
 
 def test_a_run_config_of_dicts_or_a_method_s_config_object_is_refused_before_training():
@@ -477,7 +481,8 @@ def test_networks_plots_labels_and_limits_given_the_wrong_kind_of_value_are_refu
     assert refusal(lambda: MLP(1, 1, hidden=40)) == (
         "MLP's hidden is a tuple of layer widths, e.g. (40, 40), or (40,) for one layer, got 40")
     assert refusal(lambda: MLP(0)) == "MLP's in_features is a whole number of at least 1, got 0 (int)"
-    assert refusal(lambda: MLP(1, 1, hidden=(40, 0))) == "MLP's hidden_width is a whole number of at least 1, got 0 (int)"
+    assert refusal(lambda: MLP(1, 1, hidden=(40, 0))) == (
+        "MLP's hidden holds layer widths, whole numbers of at least 1, got (40, 0)")
     assert refusal(lambda: Conv4(1, 5, hidden="64")) == "Conv4's hidden is a whole number of at least 1, got '64' (str)"
     assert refusal(lambda: Conv4(1, -1)) == "Conv4's out_features is a whole number of at least 1, got -1 (int)"
     assert refusal(lambda: evaluate(MAML, SinusoidTasks())).endswith(
@@ -491,7 +496,7 @@ def test_networks_plots_labels_and_limits_given_the_wrong_kind_of_value_are_refu
     config = resolve_config("maml", task={"dataset": "sinusoid"},
                             train={"steps": 1, "val_every": 0, "meta_batch_size": 2, "log_every": 1})
     assert refusal(lambda: Trainer(config, MAML(MLP()), SinusoidTasks(), None, tmp_path / "t").fit(
-        time_limit_s="5")) == "the time limit must be a positive number of seconds, got '5'"
+        time_limit_s="5")) == "time_limit_s is a number of seconds, got '5'"
     run = tmp_path / "run"
     train(config, run_dir=run, progress=False, evaluate_after=False, announce=None)
     (tmp_path / "notes.txt").write_text("")
@@ -500,3 +505,29 @@ def test_networks_plots_labels_and_limits_given_the_wrong_kind_of_value_are_refu
     for step in ("2", -1):
         assert refusal(lambda: plot_run(run, until_step=step)) == (
             f"plot_run's until_step is a whole number of at least 0, got {step!r} ({type(step).__name__})")
+
+
+def test_a_method_whose_network_attribute_names_a_part_still_checks_the_network_it_runs():
+    """network_attribute says what --init-from copies (a backbone, say); the built-in methods check
+    the network they run, self.model, whatever it names."""
+    class Body(MAML):
+        network_attribute = "body"
+
+        def __init__(self, model, config=MAML.Config()):
+            super().__init__(model, config)
+            self.body = model[0]
+
+    net = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
+    batch = SinusoidTasks(shots=5, query=5).sample(2, torch.Generator().manual_seed(0))
+    loss, _ = Body(net, MAML.Config(inner_lr=0.01)).meta_loss(batch)
+    assert torch.isfinite(loss)
+
+
+def test_plotting_a_run_s_file_names_the_run_s_folder(tmp_path):
+    from metalearn.api import plot_run, resolve_config, train
+
+    config = resolve_config("maml", task={"dataset": "sinusoid"},
+                            train={"steps": 1, "val_every": 0, "meta_batch_size": 2, "log_every": 1})
+    train(config, run_dir=tmp_path, progress=False, evaluate_after=False, announce=None)
+    assert refusal(lambda: plot_run(tmp_path / "checkpoint.pt")) == (
+        f"{tmp_path / 'checkpoint.pt'} is a file of the run in {tmp_path}: give the run's folder, {tmp_path}")

@@ -104,3 +104,11 @@ def test_importing_on_windows_says_in_one_line_what_runs_and_where():
     assert done.stderr.strip().splitlines()[-1] == (
         "ImportError: metalearn runs on Linux and macOS: its run folders are locked with POSIX file locks (fcntl) "
         "and training handles POSIX signals. On Windows, use WSL 2 (https://learn.microsoft.com/windows/wsl/install).")
+
+
+def test_the_command_on_windows_says_it_in_one_line_and_exits_2():
+    done = subprocess.run([sys.executable, "-c", "import sys; sys.platform = 'win32'; sys.argv = ['metalearn']; "
+                           "import metalearn_launcher; metalearn_launcher.main()"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("error: metalearn runs on Linux and macOS: ") and "use WSL 2" in done.stderr

@@ -1371,6 +1371,11 @@ def test_a_trainer_built_to_resume_continues_the_run_without_an_explicit_restore
         assert torch.equal(value, resumed.learner.state_dict()[name]), name
     steps = [r["step"] for r in RunDir(tmp_path / "split").read_metrics() if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 6
+    # fewer steps than the run has taken: refused before anything is written, as build_trainer does
+    written = (tmp_path / "split" / "config.json").read_bytes()
+    with pytest.raises(MetalearnError, match="is already at step 6; steps=4 would end it before that"):
+        trainer(tmp_path / "split", 4, resume=True).fit(progress=False)
+    assert (tmp_path / "split" / "config.json").read_bytes() == written
 
 
 def test_a_run_whose_first_step_failed_is_refused_as_a_model_to_score(tmp_path):
@@ -1386,6 +1391,8 @@ def test_a_run_whose_first_step_failed_is_refused_as_a_model_to_score(tmp_path):
         with pytest.raises(MetalearnError, match="holds no trained step: its training stopped or failed in the first"):
             load()
     assert not (tmp_path / "eval.json").exists()
+    with pytest.raises(MetalearnError, match="init_from .*: it holds no trained step"):  # nor as a start
+        initialise_from_run(build_trainer(sinusoid_config(2), tmp_path / "other", lock=False).learner, tmp_path)
     build_trainer(sinusoid_config(2), tmp_path).fit(progress=False)  # started over
     assert load_trained(tmp_path)[2] == 2
 

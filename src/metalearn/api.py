@@ -69,7 +69,7 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
             raise OptionError("{preset} sets the options of a new run; a resumed run keeps the options it saved: "
                               "leave {preset} out", preset="preset")
     if resume_from is not None and not RunDir(resume_from).exists():  # as train(resume=True) refuses it
-        if Path(resume_from).is_file():  # RUN/checkpoint.pt, a file of a run: named as every reader names it
+        if RunDir(resume_from).path.is_file():  # RUN/checkpoint.pt, a file of a run: named as every reader names it
             RunDir(resume_from).read_config()
         raise MetalearnError(f"cannot resume: {resume_from} holds no run (no config.json)")
     if resume_from is not None:
@@ -851,7 +851,8 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
 
     run = RunDir(run_dir)
     plots = run.plots_dir if out_dir is None else user_path(out_dir, "out_dir")
-    check_folder_path(plots, "out_dir" if out_dir is not None else "")
+    if out_dir is not None:  # the run's own plots/: read_config names a file given as the run
+        check_folder_path(plots, "out_dir")
     if until_step is not None:
         check_whole("plot_run", 0, until_step=until_step)
     config = run.read_config()

@@ -344,6 +344,9 @@ def initialise_from_run(learner: MetaLearner, run_dir: Path | str, config: RunCo
     if not source.has_checkpoint():
         raise OptionError("{init_from}: no checkpoint there; give a run directory of a trained run",
                           init_from=valued("init_from", source.path))
+    if untrained_attempt(source):  # its weights are a random initialisation, not a trained network
+        raise OptionError("{init_from}: it holds no trained step (its training stopped or failed in the first "
+                          "step); give a run directory of a trained run", init_from=valued("init_from", source.path))
     saved = read_entries(source, "learner")["learner"]
     check_weights_finite(saved, source.path)
     prefix = f"{learner.network_attribute}."

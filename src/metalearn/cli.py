@@ -94,8 +94,8 @@ INTEGER = Int64()
 
 class OrNone(click.ParamType):
     """An option whose field may be None (``test_shots: int | None``, None: follow ``shots``):
-    ``none`` sets it back to None, which leaving the flag out cannot do where a preset, the
-    method's defaults or a resumed run's configuration set a value; anything else is ``base``'s."""
+    ``none`` sets it back to None, which leaving the flag out cannot do where a preset or the
+    method's defaults set a value; anything else is ``base``'s."""
 
     def __init__(self, base: click.ParamType):
         self.base = base

@@ -8,7 +8,7 @@ of showing a traceback from deep inside torch.
 
 
 import math
-import numbers
+import operator
 import re
 import sys
 from typing import Any, Callable
@@ -30,8 +30,11 @@ def check_whole(owner: str, minimum: int | None = None, **counts: Any) -> None:
     (``ways=5.0``, ``shots="1"``, ``True``) or is below ``minimum``: torch would fail on it later,
     in a draw or a layer, with a message about its own arguments."""
     for name, value in counts.items():
-        whole = not isinstance(value, bool) and isinstance(value, numbers.Integral)
-        if not whole or (minimum is not None and value < minimum):
+        try:  # int, a NumPy integer, a 0-d integer tensor: whatever Python takes as an index
+            whole = not isinstance(value, bool) and operator.index(value) is not None
+        except TypeError:
+            whole = False
+        if not whole or (minimum is not None and operator.index(value) < minimum):
             least = f" of at least {minimum}" if minimum is not None else ""
             raise MetalearnError(f"{owner}'s {name} is a whole number{least}, got {value!r} ({type(value).__name__})")
 

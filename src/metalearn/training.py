@@ -455,6 +455,12 @@ class Trainer:
         check_entries(state, path, RESUME_ENTRIES, RESUME_OPTIONAL_ENTRIES)
         saved = saved_config(state, path)
         check_compatible(saved, self.config, f"the checkpoint in {self.run_dir.path}")
+        step, steps = int(state["step"]), self.config.train.steps
+        if step > steps:  # config.json would say steps it has passed: a resume that shortens the run
+            raise OptionError(
+                f"the run in {self.run_dir.path} is already at step {step}; {{steps}} would end it before that. "
+                "Give {more} or more.", steps=(f"steps={steps}", f"--steps {steps}"),
+                more=(f"steps={step}", f"--steps {step}"))
         # read by the first validation's keep_best (and fit's drop_best_after): refused now,
         # not after the steps up to that validation were trained
         self.run_dir.read_best_index()
@@ -550,10 +556,7 @@ class Trainer:
         A fit that failed (an error or memory error in a step, a second Ctrl-C) may be called
         again once the cause is fixed: it goes on from the run's last checkpoint (:meth:`_recover`).
         Training keeps a torch random state of its own: the caller's is as it was when fit returns."""
-        if time_limit_s is not None and (isinstance(time_limit_s, bool) or not isinstance(time_limit_s, (int, float))
-                                         or not time_limit_s > 0):
-            raise MetalearnError(f"the time limit must be a positive number of seconds, got {time_limit_s!r}")
-        deadline = None if time_limit_s is None else now() + time_limit_s
+        started = now()
         if self.run_dir is None:
             raise MetalearnError("this Trainer has no run folder to write into; build it with a run_dir")
         train = self.config.train
@@ -564,6 +567,11 @@ class Trainer:
         random_state = self._own_random_state()
         random_state.__enter__()
         try:  # from here on, whatever fails lets go of the folder and leaves the trainer to retry
+            # any number of seconds: none left (train's own set-up took it) still trains one step
+            if time_limit_s is not None and (isinstance(time_limit_s, bool) or not isinstance(time_limit_s, numbers.Real)
+                                             or math.isnan(time_limit_s)):
+                raise MetalearnError(f"time_limit_s is a number of seconds, got {time_limit_s!r}")
+            deadline = None if time_limit_s is None else started + time_limit_s
             self._recover()
             if self.resume and not self.saved and self.run_dir.has_checkpoint():
                 # Trainer(..., resume=True).fit() without restore(): continue the run, not train over it
@@ -1051,9 +1059,4 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
     trainer.torch_rng = seeded
     if resume:
         trainer.restore(run.read_checkpoint(*RESUME_ENTRIES))
-        if trainer.step > config.train.steps:
-            raise OptionError(
-                f"the run in {run.path} is already at step {trainer.step}; {{steps}} would end it before that. "
-                "Give {more} or more.", steps=(f"steps={config.train.steps}", f"--steps {config.train.steps}"),
-                more=(f"steps={trainer.step}", f"--steps {trainer.step}"))
     return trainer

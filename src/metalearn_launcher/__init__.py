@@ -11,4 +11,9 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted while starting\n")
         raise SystemExit(130) from None
+    except ImportError as err:
+        if sys.platform != "win32":  # a broken install: the traceback says which module
+            raise
+        sys.stderr.write(f"error: {err}\n")  # the package's own line: which systems it runs on
+        raise SystemExit(2) from None
     run(whole_process=True)

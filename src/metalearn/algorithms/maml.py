@@ -348,7 +348,7 @@ class MAML(MetaLearner):
         ``first_order`` or the first phase of the derivative-order annealing. Metrics: ``loss``,
         and ``accuracy`` after the last step for classification. A malformed batch, or a network
         without one output per class, is refused with a one-line :class:`MetalearnError`."""
-        check_network_fits(self, batch, training=True)
+        check_network_fits(self, batch, training=True, network=self.model)
         params = dict(self.model.named_parameters())
         steps = self.config.inner_steps
         classification = batch.is_classification
@@ -466,7 +466,7 @@ class MAML(MetaLearner):
         n_query, out), or with ``final_only`` after the last alone, (1, tasks, n_query, out): the
         same numbers as the last of all, for one query pass instead of steps + 1 (about a quarter
         of a 5-step evaluation, which training's validation and ``predict`` need no more than)."""
-        check_network_fits(self, batch)
+        check_network_fits(self, batch, network=self.model)
         params = {name: p.detach() for name, p in self.model.named_parameters()}
         steps = self.config.test_inner_steps
 

@@ -211,7 +211,7 @@ class MatchingNet(MetaLearner):
         embed it or whose output size is not ``embedding_dim`` (with full context embeddings), is
         refused with a :class:`~metalearn.errors.MetalearnError`; ``training``: the query labels
         are read, so -1 (unknown) is refused too."""
-        check_embedding_fits(self, batch, training=training, width=self.embedding_dim)
+        check_embedding_fits(self, batch, training=training, width=self.embedding_dim, network=self.model)
         with first_order_batch_norm():  # differentiated once: the native kernel is right
             support, query = embed_episodes(self.model, batch)
         if self.config.full_context_embeddings:

@@ -379,7 +379,8 @@ class MemoryModule(MetaLearner):
         malformed batch, or a network whose embedding is not the width the projection was built
         for, is refused in one line (:func:`check_embedding_fits`; ``training``: the query
         labels are read, so -1, unknown, is refused too)."""
-        check_embedding_fits(self, batch, training=training, width=self.query_projection.in_features)
+        check_embedding_fits(self, batch, training=training, width=self.query_projection.in_features,
+                             network=self.model)
         with first_order_batch_norm():  # differentiated once: torch's native kernel is right, and faster
             support, query = embed_episodes(self.model, batch)
         embeddings = torch.cat([support, query], dim=1)

@@ -260,7 +260,7 @@ class PLATIPUS(MetaLearner):
         """The negative bound (Algorithm 1 line 11), averaged over tasks: the query loss of the
         adapted samples (mean over ``train_samples``) + ``kl_weight`` * D_KL(q || p). Noise from
         the global generator (the trainer seeds it per step)."""
-        check_network_fits(self, batch, training=True)
+        check_network_fits(self, batch, training=True, network=self.model)
         mean = self._mean()
         log_q, log_p = self._log_std(self.log_posterior_std), self._log_std(self.log_prior_std)
         std_q = {name: s.exp() for name, s in log_q.items()}
@@ -306,7 +306,7 @@ class PLATIPUS(MetaLearner):
         """:meth:`sample_predictions_per_step`, or with ``final_only`` the query pass after the
         last step alone, ``(1, samples, tasks, n_query, out)``: the same numbers as the last of
         all (the same noise, drawn before any pass), for one query pass instead of steps + 1."""
-        check_network_fits(self, batch)
+        check_network_fits(self, batch, network=self.model)
         if num_samples is None:
             num_samples = self.config.num_samples
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:

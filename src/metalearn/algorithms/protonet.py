@@ -146,7 +146,7 @@ class ProtoNet(MetaLearner):
         shapes; see :func:`~metalearn.algorithms.base.check_task_batch`) or a network that
         cannot embed it is refused with a :class:`~metalearn.errors.MetalearnError`;
         ``training``: the query labels are read, so -1 (unknown) is refused too."""
-        check_embedding_fits(self, batch, training=training)
+        check_embedding_fits(self, batch, training=training, network=self.model)
         with first_order_batch_norm():  # differentiated once: the native kernel is right
             support, query = embed_episodes(self.model, batch)
         prototypes = class_prototypes(support, batch.support_y, num_ways(batch), self.name, bool(batch.ways))

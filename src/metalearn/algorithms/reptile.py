@@ -369,7 +369,7 @@ class Reptile(MetaLearner):
         ``inner_adam_state="carried"`` every call advances the carried inner Adam state by the
         batch's tasks, as a training step must: to score tasks without training, use
         :meth:`predict` (or :func:`metalearn.evaluate`), not this."""
-        check_network_fits(self, batch, training=True)
+        check_network_fits(self, batch, training=True, network=self.model)
         theta = dict(self.model.named_parameters())
         start = {name: p.detach() for name, p in theta.items()}
         batches_x, batches_y = self.minibatches(batch.support_x, batch.support_y, self.config.inner_steps,
@@ -454,7 +454,7 @@ class Reptile(MetaLearner):
             return vmap(one_task, randomness="different")(batches_x, batches_y, batch.query_x).transpose(0, 1)
 
     def _test_setup(self, batch: TaskBatch) -> tuple[Params, Tensor, Tensor]:
-        check_network_fits(self, batch)
+        check_network_fits(self, batch, network=self.model)
         params = {name: p.detach() for name, p in self.model.named_parameters()}
         generator = torch.Generator().manual_seed(PREDICT_ORDER_SEED)
         # one order for every task: a task scores the same wherever it sits in the batch, so the

@@ -23,7 +23,11 @@ class MLP(nn.Module):
         check_whole("MLP", 1, in_features=in_features, **({} if out_features is None else
                                                            {"out_features": out_features}))
         for size in hidden:
-            check_whole("MLP", 1, hidden_width=size)
+            try:
+                check_whole("MLP", 1, width=size)
+            except MetalearnError:
+                raise MetalearnError(f"MLP's hidden holds layer widths, whole numbers of at least 1, got "
+                                     f"{tuple(hidden)!r}") from None
         layers: list[nn.Module] = []
         width = in_features
         for size in hidden:

@@ -4,6 +4,7 @@ sinusoid-or-line mixture of Probabilistic MAML (Finn, Xu & Levine 2018, section 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,8 @@ def _check_counts(source: Any) -> None:
     if source.shots < 1 or source.query < 1:
         raise OptionError(f"{{shots}} and {{query}} must be at least 1, got {source.shots} and {source.query}",
                           shots="shots", query="query")
-    if not (isinstance(source.noise_std, (int, float)) and math.isfinite(source.noise_std) and source.noise_std >= 0):
+    noise = source.noise_std
+    if isinstance(noise, bool) or not isinstance(noise, numbers.Real) or not (math.isfinite(noise) and noise >= 0):
         raise MetalearnError(f"{type(source).__name__}'s noise_std is a standard deviation, 0 or more, got "
                              f"{source.noise_std!r}")
 

@@ -396,7 +396,7 @@ def method_docs_missing() -> list[str]:
     import inspect
     import pkgutil
 
-    import yaml
+    yaml = pytest.importorskip("yaml", reason='the docs extra is not installed: pip install -e ".[docs]"')
 
     import metalearn.algorithms as algorithms
     from metalearn.algorithms import MetaLearner

@@ -558,3 +558,20 @@ def test_abilities_are_told_by_the_methods_a_class_defines_and_messages_list_the
         assert methods_that("draws images") == "statistician, toy-drawing"
     finally:
         METHODS.pop(Drawing.name)
+
+
+def test_a_dataset_of_photographs_gets_the_methods_photograph_settings_by_its_declaration(monkeypatch):
+    """Paper defaults follow what a dataset declares (Dataset.photographs), not its name: a plugin's
+    photographs get MAML's and ProtoNets' mini-ImageNet settings, as --dataset folder does."""
+    from metalearn.api import resolve_config
+    from metalearn.datasets import of_photographs, reads_image_folder
+
+    omniglot = DATASETS["omniglot"]
+    monkeypatch.setitem(DATASETS, "photos", dataclasses.replace(omniglot, name="photos", photographs=True))
+    monkeypatch.setitem(DATASETS, "drawings", dataclasses.replace(omniglot, name="drawings"))
+    assert of_photographs("photos") and of_photographs("folder") and not of_photographs("drawings")
+    assert reads_image_folder("mini-imagenet") and not reads_image_folder("photos") and not of_photographs("nope")
+    for name, model, inner_lr in (("photos", "conv4-maxpool-32", 0.01), ("drawings", "conv4", 0.4)):
+        config = resolve_config("maml", task={"dataset": name, "ways": 5, "shots": 1})
+        assert (config.method_config["model"], config.method_config["inner_lr"]) == (model, inner_lr), name
+    assert resolve_config("protonet", task={"dataset": "photos"}).method_config["model"] == "conv4-flat"

@@ -22,7 +22,7 @@ from metalearn.algorithms import METHODS, can, make_method_config, method_class,
 from metalearn.algorithms.base import MetaLearner
 from metalearn.config import (RESUMABLE_CHANGES, RunConfig, TaskConfig, TrainConfig, default_log_every,
                               sets_task_option, task_differences)
-from metalearn.datasets import DATASETS, NATURAL_IMAGES, get_dataset
+from metalearn.datasets import DATASETS, get_dataset, reads_image_folder
 from metalearn.distributed import World, init_world
 from metalearn.errors import (ConfigError, MetalearnError, OptionError, OptionWarning, TrainingStopped, caller_level,
                               check_whole, flag, kind_of, valued)
@@ -511,7 +511,7 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     split_labels = {**split_labels, **own_labels}
     split_record = _split_record(split_fractions, split_file) if own_labels else {}  # the run's own: nothing
     # the run's own split of an image folder: the folder is expected to be the one it trained on
-    trained_on = (state.get("data_fingerprint") if not own_labels and config.task.dataset in NATURAL_IMAGES
+    trained_on = (state.get("data_fingerprint") if not own_labels and reads_image_folder(config.task.dataset)
                   else None)
     if ensemble:
         ensemble_checkpoints(run_dir, config)  # refused before anything is evaluated
@@ -782,7 +782,7 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
                    "ways": test.ways, "shots": test.shots, "query": test.query, "overrides": overrides or {},
                    # the images scored, where the user's folder holds them: which folder a score is of
                    **({"data_dir": str(Path(data_dir).expanduser().resolve())}
-                      if data_dir is not None and config.task.dataset in NATURAL_IMAGES else {}),
+                      if data_dir is not None and reads_image_folder(config.task.dataset) else {}),
                    **(extra or {})})
     if world.is_main:
         if before_write is not None:
@@ -1294,7 +1294,8 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     # a folder dataset's images are not part of the run: the command needs them again, unless the
     # checkpoint records their folder and it is there (a resume then reads it)
     recorded = recorded_images(run, state) if state is not None else None
-    images = "IMAGE_FOLDER" if task.dataset in NATURAL_IMAGES and (recorded is None or not recorded.is_dir()) else None
+    moved = recorded is None or not recorded.is_dir()
+    images = "IMAGE_FOLDER" if reads_image_folder(task.dataset) and moved else None
     status["resume"] = resume_command(config.method, run.path, images)
     try:
         split = run.read_split()
@@ -1547,7 +1548,7 @@ def plot_conditional_samples(run_dir: Path | str, data_dir: Path | str | None = 
     if out is not None:
         refuse_outputs_among_inputs([("out", out)], [("data_dir", data_dir)] if data_dir is not None else [],
                                     trained_on=[(run_dir, recorded_images(RunDir(run_dir), state))])
-    if config.task.dataset in NATURAL_IMAGES:  # a folder's test classes may be fewer, or smaller, than the picture's
+    if reads_image_folder(config.task.dataset):  # a folder's test classes may be fewer, or smaller, than the picture's
         sets, set_size = _fit_picture(config.task, data_dir, sets, set_size)
     task = dataclasses.replace(config.task, test_ways=sets, test_shots=set_size, test_query=1)
     batch = build_task_source(task, "test", data_dir).sample(1, torch.Generator().manual_seed(TEST_SEED_OFFSET + seed))

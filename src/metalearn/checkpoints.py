@@ -138,12 +138,12 @@ def check_weights_finite(weights: dict[str, Any], where: Path) -> None:
 def check_same_method(saved: RunConfig, method: str, run_path: Path | str) -> None:
     """Refuse to continue a run of one method as another: its saved options are the other
     method's, which this one would only call unknown."""
-    from metalearn.datasets import NATURAL_IMAGES
+    from metalearn.datasets import reads_image_folder
 
     if saved.method != method:
         # the images' folder, where the checkpoint records none (or it is gone): a resume needs it
-        recorded = recorded_images(RunDir(run_path)) if saved.task.dataset in NATURAL_IMAGES else None
-        folder = (" --data-dir FOLDER" if saved.task.dataset in NATURAL_IMAGES and (recorded is None or
+        recorded = recorded_images(RunDir(run_path)) if reads_image_folder(saved.task.dataset) else None
+        folder = (" --data-dir FOLDER" if reads_image_folder(saved.task.dataset) and (recorded is None or
                                                                                     not recorded.is_dir()) else "")
         raise OptionError(  # the command that continues it stays a command, as the shell takes it
             f"{run_path} is a {saved.method} run, not {method}: continue it with `metalearn train "
@@ -224,9 +224,9 @@ def recorded_images(run: RunDir, state: dict[str, Any] | None = None) -> Path | 
     on an image folder of the user's (``folder``, ``mini-imagenet``); None for other datasets
     (Omniglot's location is the environment's) and for a checkpoint that records none.
     ``state``: the checkpoint's entries where the caller has read them already."""
-    from metalearn.datasets import NATURAL_IMAGES
+    from metalearn.datasets import reads_image_folder
 
-    if run.read_config().task.dataset not in NATURAL_IMAGES:
+    if not reads_image_folder(run.read_config().task.dataset):
         return None
     if state is None:
         if not run.has_checkpoint():

@@ -42,7 +42,11 @@ class Dataset:
     episode shape the part cannot fill as ``build`` would, without reading the data (a folder's
     class and image counts come from its file names), so that setup fails before decoding: it is
     ``metalearn train``'s look at every part it will use before it reads any
-    (:func:`metalearn.tasks.check_task_source`), so its messages name train's remedies."""
+    (:func:`metalearn.tasks.check_task_source`), so its messages name train's remedies.
+    ``photographs``: its images are photographs, where the methods' paper defaults are their
+    mini-ImageNet settings (:func:`of_photographs`). ``image_folder``: its images are read from a
+    folder the user names (``--data-dir``), whose fingerprint and path a run records so that a
+    resume, an evaluation or a comparison on other images is named (:func:`reads_image_folder`)."""
 
     name: str
     classification: bool
@@ -58,6 +62,8 @@ class Dataset:
     generated: bool = False
     check: Callable[..., Any] | None = None
     augments: bool = False
+    photographs: bool = False
+    image_folder: bool = False
 
     def __post_init__(self):
         if not self.augments and "augment" not in self.inapplicable:  # opt-in: a new dataset refuses it
@@ -90,8 +96,19 @@ class Dataset:
 
 
 DATASETS: dict[str, Dataset] = {}
-# datasets of photographs: the methods' paper defaults there are their mini-ImageNet settings
-NATURAL_IMAGES = ("folder", "mini-imagenet")
+
+
+def of_photographs(name: str) -> bool:
+    """Whether the registered dataset ``name`` holds photographs (``Dataset.photographs``): the
+    methods' paper defaults there are their mini-ImageNet settings. False for a name not
+    registered (refused elsewhere, by :func:`get_dataset`)."""
+    return bool(getattr(DATASETS.get(name), "photographs", False))
+
+
+def reads_image_folder(name: str) -> bool:
+    """Whether the registered dataset ``name`` reads its images from a folder the user names
+    (``Dataset.image_folder``): a run records that folder and its fingerprint."""
+    return bool(getattr(DATASETS.get(name), "image_folder", False))
 
 
 BUILT_IN_DATASETS: frozenset[str] = frozenset()  # set below the built-in registrations
@@ -263,7 +280,7 @@ _REGRESSION = dict(classification=False, problem=_regression_problem, generated=
 # mini-ImageNet papers; mini-imagenet is the same reader with the papers' 15 queries per class
 # (Finn et al. 2017, section 5.2) and its release's train/val/test split only
 _FOLDER = dict(classification=True, build=_folder, check=_folder_checked, problem=_image_problem,
-               fixed={"split": "folder"}, augments=True)
+               fixed={"split": "folder"}, augments=True, photographs=True, image_folder=True)
 
 # why an option does not apply where a dataset's kind is not the reason: folder is a
 # classification dataset that takes --channels and --split-fractions

@@ -568,8 +568,8 @@ class Trainer:
         random_state.__enter__()
         try:  # from here on, whatever fails lets go of the folder and leaves the trainer to retry
             # any number of seconds: none left (train's own set-up took it) still trains one step
-            if time_limit_s is not None and (isinstance(time_limit_s, bool) or not isinstance(time_limit_s, numbers.Real)
-                                             or math.isnan(time_limit_s)):
+            number = isinstance(time_limit_s, numbers.Real) and not isinstance(time_limit_s, bool)
+            if time_limit_s is not None and (not number or math.isnan(time_limit_s)):
                 raise MetalearnError(f"time_limit_s is a number of seconds, got {time_limit_s!r}")
             deadline = None if time_limit_s is None else started + time_limit_s
             self._recover()

@@ -259,7 +259,7 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     from metalearn.tasks import build_task_source
     from metalearn.checkpoints import load_trained_state, recorded_images, run_images
     from metalearn.runs import RunDir
-    from metalearn.datasets import NATURAL_IMAGES, get_dataset
+    from metalearn.datasets import get_dataset, reads_image_folder
     from metalearn.api import plain_values
     from metalearn.config import MAX_SEED
     from metalearn.evaluation import check_count, check_seed
@@ -361,7 +361,7 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
         first_task = RunDir(runs[recorded]).with_own_split(loaded[recorded][0], data_dir).task
     source = build_task_source(first_task, part, data_dir, evaluation=True)  # the episodes eval --part draws
     for label, (config, _, _) in loaded.items():  # a folder that is not the one a run trained on: as eval says
-        if config.task.dataset in NATURAL_IMAGES:
+        if reads_image_folder(config.task.dataset):
             warn_of_other_images(runs[label], config, source, states[label].get("data_fingerprint"), data_dir,
                                  data_given)
     true_function = getattr(type(source), "function", None)

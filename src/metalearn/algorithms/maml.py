@@ -31,7 +31,7 @@ from metalearn.algorithms.base import (MetaLearner, check_network_fits, require_
                                        task_loss, task_losses)
 from metalearn.algorithms.inner_loop import (Params, check_inner_loop_options, check_one_task, check_steps,
                                               gradient_descent, gradient_descent_tasks, normalisation_parameters)
-from metalearn.datasets import NATURAL_IMAGES
+from metalearn.datasets import of_photographs
 from metalearn.errors import ConfigError, MetalearnError, OptionError
 from metalearn.options import option, options
 from metalearn.models import build_model, check_network_name, network_help
@@ -202,7 +202,7 @@ class MAML(MetaLearner):
             test_steps = 10 if task.dataset == "sinusoid" else 1
             return ({"model": "mlp", "inner_lr": 0.01, "inner_steps": 1, "test_inner_steps": test_steps},
                     {"meta_batch_size": 25, "steps": 70000, "val_every": 5000, "checkpoint_every": 5000})
-        if task.dataset in NATURAL_IMAGES:
+        if of_photographs(task.dataset):
             # mini-ImageNet (section 5.2): 32-filter max-pool Conv4, alpha 0.01, 5 inner steps in
             # training and 10 at test time, meta-batch 4 for 1-shot and 2 for 5-shot
             return ({"model": "conv4-maxpool-32", "inner_lr": 0.01, "inner_steps": 5, "test_inner_steps": 10},

@@ -59,7 +59,7 @@ from metalearn.algorithms.base import (MetaLearner, Problem, check_network_fits,
                                        task_loss)
 from metalearn.algorithms.inner_loop import (Params, check_inner_loop_options, gradient_descent, loss_gradient,
                                             sgd_step)
-from metalearn.datasets import NATURAL_IMAGES
+from metalearn.datasets import of_photographs
 from metalearn.errors import ConfigError, MetalearnError, require_number
 from metalearn.options import option, options
 from metalearn.models import build_model, check_network_name, network_help
@@ -187,7 +187,7 @@ class PLATIPUS(MetaLearner):
         # in 250 steps); at 1e-4 it learns from random weights (docs/methods/platipus.md) and, from
         # MAML's weights, matches MAML's accuracy. Untested on 20-way.
         kl_weight = OMNIGLOT_KL_WEIGHT
-        if task.dataset in NATURAL_IMAGES:
+        if of_photographs(task.dataset):
             # as MAML's mini-ImageNet (alpha 0.01, 5 steps, 10 at test, meta-batch 4 / 2); untested
             return ({"model": "conv4-maxpool-32", "inner_lr": 0.01, "inner_steps": 5, "test_inner_steps": 10,
                      "prior_step_init": 0.01, "posterior_step_init": 0.01, "kl_weight": kl_weight},

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 # ProtoNets' own steps
 from metalearn.algorithms.base import (MetaLearner, check_embedding_fits, class_without_support, embed_episodes,
                                       num_ways, require_functional_model, Problem, accuracy)
-from metalearn.datasets import NATURAL_IMAGES
+from metalearn.datasets import of_photographs
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.options import option, options
 from metalearn.models import build_model, check_network_name, network_help
@@ -135,7 +135,7 @@ class ProtoNet(MetaLearner):
         # Omniglot that map is 1x1, so conv4-embedding (which averages it) is the same 64-d
         # network, and Omniglot keeps it; on 84x84 photographs (mini-ImageNet, a folder of
         # images) the map is 5x5, the paper's 1600-d embedding: conv4-flat.
-        model = "conv4-flat" if task.dataset in NATURAL_IMAGES else "conv4-embedding"
+        model = "conv4-flat" if of_photographs(task.dataset) else "conv4-embedding"
         return ({"model": model, "distance": "euclidean"},
                 {"meta_batch_size": 1, "meta_lr": 1e-3, "lr_halve_every": 2000, "steps": 20000,
                  "eval_episodes": 1000, "val_every": 1000, "val_episodes": 200, "checkpoint_every": 1000})

@@ -50,7 +50,7 @@ from torch.func import functional_call, vmap
 
 from metalearn.algorithms.base import MetaLearner, check_network_fits, require_functional_model, Problem, accuracy, task_loss
 from metalearn.algorithms.inner_loop import Params, check_inner_loop_options, loss_gradient, sgd_step
-from metalearn.datasets import NATURAL_IMAGES
+from metalearn.datasets import of_photographs
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.options import option, options
 from metalearn.models import build_model, check_network_name, network_help
@@ -245,7 +245,7 @@ class Reptile(MetaLearner):
                      "inner_batch_size": 10, "test_inner_steps": 32, "test_inner_batch_size": 10},
                     {**outer, "meta_lr": 0.1, "meta_batch_size": 1, "steps": 30000, "val_every": 5000,
                      "checkpoint_every": 5000})
-        if task.dataset in NATURAL_IMAGES:
+        if of_photographs(task.dataset):
             # Appendix A, Mini-ImageNet table: 32-filter max-pool Conv4 (as MAML's), Adam 0.001,
             # 8 inner steps on mini-batches of 10, 15 training shots (``--shots 15 --test-shots
             # K --query 1``), 50 test steps on mini-batches of 5 (1-shot) or 15 (5-shot)

@@ -531,3 +531,5 @@ def test_plotting_a_run_s_file_names_the_run_s_folder(tmp_path):
     train(config, run_dir=tmp_path, progress=False, evaluate_after=False, announce=None)
     assert refusal(lambda: plot_run(tmp_path / "checkpoint.pt")) == (
         f"{tmp_path / 'checkpoint.pt'} is a file of the run in {tmp_path}: give the run's folder, {tmp_path}")
+    (tmp_path / "plots").write_text("")  # a file where the run's own figures go
+    assert refusal(lambda: plot_run(tmp_path)) == f"{tmp_path / 'plots'} is a file, not a folder; give a folder path"

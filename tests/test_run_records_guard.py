@@ -300,3 +300,30 @@ def test_a_pause_of_a_python_run_the_commands_can_rebuild_names_metalearn_train(
     with pytest.raises(TrainingStopped, match="continue with `metalearn train maml --run-dir .* --resume`"):
         Trainer(config, learner, SinusoidTasks(shots=5, query=5), None, tmp_path / "lib").fit(progress=False,
                                                                                              stop_at=1)
+
+
+def test_a_run_on_examples_of_one_s_own_is_refused_by_the_commands_before_they_read_a_dataset(tmp_path, capsys,
+                                                                                                  monkeypatch):
+    """EpisodeSampler.from_labels draws the user's examples, which config.json's dataset (named
+    for its defaults) does not describe: eval and train --resume say so in one line, before they
+    look for that dataset's files (here there are none), and name the Python route."""
+    import torch
+
+    from metalearn import EpisodeSampler, ProtoNet, Trainer, resolve_config
+    from metalearn.models import MLP
+
+    monkeypatch.setenv("METALEARN_DATA", str(tmp_path / "no-omniglot"))
+    labels = torch.arange(60) % 6
+    sampler = EpisodeSampler.from_labels(torch.randn(60, 4), labels, ways=2, shots=1, query=1)
+    config = resolve_config("protonet", task={"dataset": "omniglot", "ways": 2, "shots": 1, "query": 1},
+                            train={"steps": 2, "meta_batch_size": 2, "val_every": 0, "log_every": 1})
+    with pytest.raises(TrainingStopped):
+        Trainer(config, ProtoNet(MLP(4, None, hidden=(8,))), sampler, None, tmp_path / "run").fit(
+            progress=False, stop_at=1)
+    own = "was trained on a task source of your own (EpisodeSampler.from_labels (your data))"
+    code, _, err = run(["train", "protonet", "--run-dir", tmp_path / "run", "--resume", "--no-progress"], capsys)
+    assert code == 2 and err.count("\n") == 1 and own in err and "resume=True).fit()" in err, err
+    code, _, err = run(["eval", tmp_path / "run"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "trained on a task source of your own" in err, err
+    code, out, err = run(["status", tmp_path / "run"], capsys)
+    assert code == 0 and "and tasks of your own, which config.json" in out and "resume=True).fit()" in out, out + err

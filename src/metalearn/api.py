@@ -368,7 +368,8 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
         raise MetalearnError(f"train takes a RunConfig (from resolve_config, or RunConfig.from_dict of a saved "
                              f"config.json), got {type(config).__name__}")
     started = now()
-    if time_limit_s is not None and not (isinstance(time_limit_s, (int, float)) and time_limit_s > 0):
+    if time_limit_s is not None and (isinstance(time_limit_s, bool) or not isinstance(time_limit_s, numbers.Real)
+                                     or not time_limit_s > 0):
         raise MetalearnError(f"the time limit must be a positive number of seconds, got {time_limit_s!r}")
     if stop_at is not None:
         check_stop_at(stop_at, 0, config.train.steps)  # the run's own step is checked when it is loaded
@@ -851,11 +852,10 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
 
     run = RunDir(run_dir)
     plots = run.plots_dir if out_dir is None else user_path(out_dir, "out_dir")
-    if out_dir is not None:  # the run's own plots/: read_config names a file given as the run
-        check_folder_path(plots, "out_dir")
     if until_step is not None:
         check_whole("plot_run", 0, until_step=until_step)
-    config = run.read_config()
+    config = run.read_config()  # first: a file of a run given as the run is named as such
+    check_folder_path(plots, "out_dir" if out_dir is not None else "")
     check_data_dir(config.task, data_dir)  # before any figure is written
     records = [record for record in run.read_metrics() if until_step is None or record.get("step", 0) <= until_step]
     if not records and not run.has_checkpoint():

@@ -184,6 +184,17 @@ def python_resume(run_dir: Path | str) -> str:
     return f"Trainer(config, learner, train_tasks, val_tasks, {path}, resume=True).fit()"
 
 
+def refuse_own_tasks(run: RunDir, state: dict[str, Any]) -> None:
+    """Refuse to rebuild, from config.json's dataset, a run whose checkpoint ``state`` records a
+    task source of the user's own (:func:`~metalearn.checkpoints.own_tasks`): it continues from
+    Python, with those tasks."""
+    saved_tasks = own_tasks(state)
+    if saved_tasks is not None:
+        raise MetalearnError(f"the run in {run.path} was trained on a task source of your own ({saved_tasks}), "
+                             f"which its config.json does not describe: continue it from Python: "
+                             f"{python_resume(run.path)}")
+
+
 def python_test(run_dir: Path | str) -> str:
     """The Python lines that score such a run (:func:`python_resume`) on the user's own tasks."""
     return (f"learner.load_state_dict(RunDir({str(run_dir)!r}).read_checkpoint()['learner']); "
@@ -291,7 +302,10 @@ class Trainer:
         # the first fit begins from the caller's
         self.torch_rng: torch.Tensor | None = None
         self.train_tasks, self.val_tasks = train_tasks, val_tasks
-        self.task_source = f"{type(train_tasks).__module__}.{type(train_tasks).__qualname__}"
+        # the tasks' class where the user built them (a sampler of their own examples names itself,
+        # source_name); build_trainer marks its own "dataset:NAME"
+        self.task_source = getattr(train_tasks, "source_name", None) or \
+            f"{type(train_tasks).__module__}.{type(train_tasks).__qualname__}"
         # the learner's class where the user built it; build_trainer marks its own "method:NAME"
         self.learner_source = f"{type(learner).__module__}.{type(learner).__qualname__}"
         # the images of a folder dataset, so that a resume on another folder is refused
@@ -481,10 +495,8 @@ class Trainer:
         # a run trained from Python on tasks or with a network of the user's own continues from Python:
         # metalearn train --resume would build config.json's dataset and network, not what it learned
         route = f"continue it from Python: {python_resume(self.run_dir.path)}"
-        saved_tasks = own_tasks(state)
-        if saved_tasks is not None and self.task_source.startswith("dataset:"):
-            raise MetalearnError(f"the run in {self.run_dir.path} was trained on a task source of your own "
-                                 f"({saved_tasks}), which its config.json does not describe: {route}")
+        if self.task_source.startswith("dataset:"):
+            refuse_own_tasks(self.run_dir, state)
         check_weights_finite(state["learner"], self.run_dir.path)
         try:
             load_learner_state(self.learner, state["learner"], self.run_dir.path)
@@ -1012,6 +1024,8 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
         if resume or not untrained_attempt(run):  # such an attempt is started over, like one never started
             check_run_dir(config, run, resume)
         resume = resume and run.has_checkpoint()  # a run that never started starts now
+        if resume:  # before config.json's dataset is read: a run on tasks of one's own continues from Python
+            refuse_own_tasks(run, run.read_checkpoint("step"))
     # a resume reads the images the run trained on: its checkpoint records the folder
     recorded = recorded_images(run) if resume else None  # kept only where --data-dir names another folder
     given = data_dir is not None

@@ -229,6 +229,9 @@ class EpisodeSampler:
         sampler = cls(examples[order].contiguous(), pool, ways, shots, query, dataset=dataset, class_sizes=counts,
                       dtype=dtype)
         sampler.labels = values
+        # what a run trained on it records as its task source (Trainer.task_source): examples of
+        # the user's own, which no registered dataset rebuilds
+        sampler.source_name = f"EpisodeSampler.from_labels ({dataset})"
         return sampler
 
     def augmented(self, augment: str) -> "EpisodeSampler":

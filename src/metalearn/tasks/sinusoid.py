@@ -36,6 +36,7 @@ def _check_counts(source: Any) -> None:
     if isinstance(noise, bool) or not isinstance(noise, numbers.Real) or not (math.isfinite(noise) and noise >= 0):
         raise MetalearnError(f"{type(source).__name__}'s noise_std is a standard deviation, 0 or more, got "
                              f"{source.noise_std!r}")
+    object.__setattr__(source, "noise_std", float(noise))  # a NumPy or Fraction scale multiplies tensors as a float
 
 
 @dataclass(frozen=True)

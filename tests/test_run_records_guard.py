@@ -261,7 +261,8 @@ def test_status_of_a_run_on_tasks_of_the_user_s_own_gives_the_python_lines(tmp_p
     assert status["resume"].startswith("Trainer(config, learner, train_tasks, val_tasks, ")
     assert status["resume"].endswith(", resume=True).fit()")
     out = run(["status", tmp_path / "lines"], capsys)[1]
-    assert "stopped; trained with tasks of your own, which config.json does not describe: in Python, `Trainer(config, " in out
+    assert ("stopped; trained with tasks of your own, which config.json does not describe: in Python, "
+            "`Trainer(config, ") in out
     assert "metalearn train" not in out, out
     # the pause names the Python route, and metalearn train --resume, which would build sinusoids
     # from config.json and go on training on them, is refused
@@ -277,7 +278,8 @@ def test_a_pause_of_a_run_trained_from_python_names_the_python_route(tmp_path, c
     config = resolve_config("maml", task={"dataset": "sinusoid"},
                             train={"steps": 2, "meta_batch_size": 2, "val_every": 0, "log_every": 1})
     learner = MAML(nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1)), MAML.Config(**config.method_config))
-    with pytest.raises(TrainingStopped, match=r"continue from Python: Trainer\(config, .*resume=True\)\.fit\(\)") as stopped:
+    route = r"continue from Python: Trainer\(config, .*resume=True\)\.fit\(\)"
+    with pytest.raises(TrainingStopped, match=route) as stopped:
         Trainer(config, learner, SinusoidTasks(shots=5, query=5), None, tmp_path / "own").fit(progress=False,
                                                                                              stop_at=1)
     assert "metalearn train" not in str(stopped.value)

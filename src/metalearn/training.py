@@ -568,7 +568,7 @@ class Trainer:
         A fit that failed (an error or memory error in a step, a second Ctrl-C) may be called
         again once the cause is fixed: it goes on from the run's last checkpoint (:meth:`_recover`).
         Training keeps a torch random state of its own: the caller's is as it was when fit returns."""
-        started = now()
+        started = None if time_limit_s is None else now()  # the clock is read only for a time limit
         if self.run_dir is None:
             raise MetalearnError("this Trainer has no run folder to write into; build it with a run_dir")
         train = self.config.train

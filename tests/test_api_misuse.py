@@ -498,6 +498,9 @@ def test_networks_plots_labels_and_limits_given_the_wrong_kind_of_value_are_refu
     assert refusal(lambda: Trainer(config, MAML(MLP()), SinusoidTasks(), None, tmp_path / "t").fit(
         time_limit_s="5")) == "time_limit_s is a number of seconds, got '5'"
     run = tmp_path / "run"
+    for flag_value in ("yes", None):
+        assert refusal(lambda: train(config, run_dir=run, resume=flag_value, progress=False)) == (
+            f"train's resume is True or False, got {flag_value!r}")
     train(config, run_dir=run, progress=False, evaluate_after=False, announce=None)
     (tmp_path / "notes.txt").write_text("")
     assert refusal(lambda: plot_run(run, out_dir=tmp_path / "notes.txt")) == (

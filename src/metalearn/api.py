@@ -368,6 +368,9 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
         raise MetalearnError(f"train takes a RunConfig (from resolve_config, or RunConfig.from_dict of a saved "
                              f"config.json), got {type(config).__name__}")
     started = now()
+    for name, flag_value in (("resume", resume), ("progress", progress), ("evaluate_after", evaluate_after)):
+        if flag_value not in (True, False):  # "yes" or "false" would read as true
+            raise MetalearnError(f"train's {name} is True or False, got {flag_value!r}")
     if time_limit_s is not None and (isinstance(time_limit_s, bool) or not isinstance(time_limit_s, numbers.Real)
                                      or not time_limit_s > 0):
         raise MetalearnError(f"the time limit must be a positive number of seconds, got {time_limit_s!r}")

@@ -19,8 +19,8 @@ import typing
 from typing import Any
 
 from metalearn.algorithms.base import (MetaLearner, accuracy, check_embedding_fits, check_network_fits,
-                                      check_task_batch, embed_episodes, num_ways, require_functional_model,
-                                      task_loss)
+                                      check_task_batch, embed_episodes, learner_network, num_ways,
+                                      require_functional_model, task_loss)
 from metalearn.algorithms.maml import MAML, MAMLConfig
 from metalearn.algorithms.maml_rl import MAMLRL, MAMLRLConfig
 from metalearn.algorithms.matchingnet import MatchingNet, MatchingNetConfig
@@ -255,4 +255,4 @@ __all__ = ["METHODS", "register_method", "MAML", "MAMLConfig", "MetaLearner", "P
            "MatchingNet", "MatchingNetConfig", "MemoryModule", "MemoryConfig", "NeuralStatistician",
            "StatisticianConfig", "MAMLRL", "MAMLRLConfig", "PLATIPUS", "PLATIPUSConfig", "Reptile", "ReptileConfig",
            "check_task_batch", "check_network_fits", "check_embedding_fits", "require_functional_model",
-           "embed_episodes", "num_ways"]
+           "embed_episodes", "num_ways", "learner_network"]

@@ -1411,3 +1411,22 @@ def test_a_diverging_method_without_an_inner_loop_is_advised_on_its_own_options(
         *real_meta_loss(batch))
     with pytest.raises(MetalearnError, match=r"meta-loss became nan at step 1.*Try a smaller meta_lr\.$"):
         trainer.fit(progress=False)
+
+
+def test_a_trainer_of_one_s_own_without_val_tasks_says_it_will_not_validate(tmp_path):
+    """val_every > 0 (resolve_config's default) and no val_tasks: training goes on without
+    validation, and says so once; build_trainer's runs on datasets without validation do not."""
+    from metalearn import MAML, SinusoidTasks, Trainer
+    from metalearn.models import MLP
+
+    config = sinusoid_config(2, val_every=1)
+    with pytest.warns(UserWarning, match="val_every is 1 but this Trainer has no val_tasks: it trains without "
+                                         "validation and keeps no best checkpoints; give val_tasks, or set "
+                                         "val_every to 0"):
+        Trainer(config, MAML(MLP(), {"test_inner_steps": 2}), SinusoidTasks(shots=5), None, tmp_path / "a").fit(
+            progress=False)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(sinusoid_config(2, val_every=0), MAML(MLP(), {"test_inner_steps": 2}), SinusoidTasks(shots=5), None,
+                tmp_path / "b").fit(progress=False)

@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,8 +28,8 @@ from metalearn.checkpoints import (RESUME_ENTRIES, RESUME_OPTIONAL_ENTRIES, all_
                                    untrained_attempt)
 from metalearn.config import RunConfig
 from metalearn.distributed import RankLost, World, environment_count
-from metalearn.errors import (TIME_LIMIT_EXIT, ConfigError, MetalearnError, OptionError, TrainingStopped, kind_of,
-                              spellings, valued)
+from metalearn.errors import (TIME_LIMIT_EXIT, ConfigError, MetalearnError, OptionError, OptionWarning,
+                              TrainingStopped, caller_level, kind_of, spellings, valued)
 from metalearn.evaluation import HIGHER_IS_BETTER, evaluate
 from metalearn.files import WriteError, check_folder_path, same_path, user_path
 from metalearn.memory_budget import (available_memory, chunk_candidates, chunk_sizes, fastest_chunk, largest_chunk,
@@ -584,6 +585,12 @@ class Trainer:
             if time_limit_s is not None and (not number or math.isnan(time_limit_s)):
                 raise MetalearnError(f"time_limit_s is a number of seconds, got {time_limit_s!r}")
             deadline = None if time_limit_s is None else started + time_limit_s
+            if (self.val_tasks is None and train.val_every > 0 and self.world.is_main
+                    and not self.task_source.startswith("dataset:")):  # build_trainer's: the dataset has none
+                warnings.warn(OptionWarning(
+                    f"{{val_every}} is {train.val_every} but this Trainer has no val_tasks: it trains without "
+                    "validation and keeps no best checkpoints; give val_tasks, or set {val_every} to 0",
+                    val_every="val_every"), stacklevel=caller_level())
             self._recover()
             if self.resume and not self.saved and self.run_dir.has_checkpoint():
                 # Trainer(..., resume=True).fit() without restore(): continue the run, not train over it

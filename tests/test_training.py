@@ -1428,5 +1428,9 @@ def test_a_trainer_of_one_s_own_without_val_tasks_says_it_will_not_validate(tmp_
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        Trainer(sinusoid_config(2, val_every=0), MAML(MLP(), {"test_inner_steps": 2}), SinusoidTasks(shots=5), None,
-                tmp_path / "b").fit(progress=False)
+        for name, steps, every in (("b", 2, 0), ("c", 2, 5)):  # no validation asked, or none within the run
+            Trainer(sinusoid_config(steps, val_every=every), MAML(MLP(), {"test_inner_steps": 2}),
+                    SinusoidTasks(shots=5), None, tmp_path / name).fit(progress=False)
+        # the complete run resumed: nothing left to validate
+        Trainer(config, MAML(MLP(), {"test_inner_steps": 2}), SinusoidTasks(shots=5), None, tmp_path / "a",
+                resume=True).fit(progress=False)

@@ -585,16 +585,18 @@ class Trainer:
             if time_limit_s is not None and (not number or math.isnan(time_limit_s)):
                 raise MetalearnError(f"time_limit_s is a number of seconds, got {time_limit_s!r}")
             deadline = None if time_limit_s is None else started + time_limit_s
-            if (self.val_tasks is None and train.val_every > 0 and self.world.is_main
-                    and not self.task_source.startswith("dataset:")):  # build_trainer's: the dataset has none
-                warnings.warn(OptionWarning(
-                    f"{{val_every}} is {train.val_every} but this Trainer has no val_tasks: it trains without "
-                    "validation and keeps no best checkpoints; give val_tasks, or set {val_every} to 0",
-                    val_every="val_every"), stacklevel=caller_level())
             self._recover()
             if self.resume and not self.saved and self.run_dir.has_checkpoint():
                 # Trainer(..., resume=True).fit() without restore(): continue the run, not train over it
                 self.restore(self.run_dir.read_checkpoint(*RESUME_ENTRIES))
+            every = train.val_every
+            if (self.val_tasks is None and every > 0 and train.steps // every > self.step // every
+                    and self.world.is_main and not self.task_source.startswith("dataset:")):
+                # a validation lies ahead that cannot run (build_trainer's: the dataset has no validation part)
+                warnings.warn(OptionWarning(
+                    f"{{val_every}} is {every} but this Trainer has no val_tasks: it trains without validation and "
+                    "keeps no best checkpoints; give val_tasks, or set {val_every} to 0",
+                    val_every="val_every"), stacklevel=caller_level())
             if self.torch_rng is not None:  # the state _recover's checkpoint restored, where it did
                 torch.set_rng_state(self.torch_rng)
             if progress and self.world.is_main:

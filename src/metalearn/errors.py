@@ -31,10 +31,10 @@ def check_whole(owner: str, minimum: int | None = None, **counts: Any) -> None:
     in a draw or a layer, with a message about its own arguments."""
     for name, value in counts.items():
         try:  # int, a NumPy integer, a 0-d integer tensor: whatever Python takes as an index
-            whole = not isinstance(value, bool) and operator.index(value) is not None
+            number = None if isinstance(value, bool) else operator.index(value)
         except TypeError:
-            whole = False
-        if not whole or (minimum is not None and operator.index(value) < minimum):
+            number = None
+        if number is None or (minimum is not None and number < minimum):
             least = f" of at least {minimum}" if minimum is not None else ""
             raise MetalearnError(f"{owner}'s {name} is a whole number{least}, got {value!r} ({type(value).__name__})")
 

@@ -1029,17 +1029,20 @@ def build_trainer(config: RunConfig, run_dir: Path | str | None = None, data_dir
 def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path | str | None, resume: bool,
                    world: World, progress: bool, lock, tested: bool = True) -> Trainer:
     run = RunDir(run_dir) if run_dir is not None else None
+    state = None  # a resume's checkpoint, read once for every look below and the restore
     if run is not None:
         if resume or not untrained_attempt(run):  # such an attempt is started over, like one never started
             check_run_dir(config, run, resume)
-        resume = resume and run.has_checkpoint()  # a run that never started starts now
-        if resume:  # before config.json's dataset is read: a run on tasks of one's own continues from Python
-            refuse_own_tasks(run, run.read_checkpoint("step"))
+        if resume and run.has_checkpoint():  # without one, a run that never started starts now
+            state = run.read_checkpoint(*RESUME_ENTRIES)
+            # before config.json's dataset is read: a run on tasks of one's own continues from Python
+            refuse_own_tasks(run, state)
+    resume = state is not None
     # a resume reads the images the run trained on: its checkpoint records the folder
-    recorded = recorded_images(run) if resume else None  # kept only where --data-dir names another folder
+    recorded = recorded_images(run, state) if resume else None  # kept only where --data-dir names another folder
     given = data_dir is not None
     if resume and data_dir is None:
-        data_dir, recorded = run_images(run, data_dir), None
+        data_dir, recorded = run_images(run, data_dir, state), None
     elif recorded is not None and same_path(data_dir, recorded):
         recorded = None
     check_test_ways(config)
@@ -1081,5 +1084,5 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
     trainer.data_dir, trainer.data_dir_given = data_dir, given
     trainer.torch_rng = seeded
     if resume:
-        trainer.restore(run.read_checkpoint(*RESUME_ENTRIES))
+        trainer.restore(state)
     return trainer

@@ -329,3 +329,28 @@ def test_a_run_on_examples_of_one_s_own_is_refused_by_the_commands_before_they_r
     assert code == 2 and err.count("\n") == 1 and "trained on a task source of your own" in err, err
     code, out, err = run(["status", tmp_path / "run"], capsys)
     assert code == 0 and "and tasks of your own, which config.json" in out and "resume=True).fit()" in out, out + err
+
+
+def test_a_run_on_an_episode_sampler_of_one_s_own_images_is_one_of_one_s_own_tasks(tmp_path, capsys, monkeypatch):
+    """An EpisodeSampler built in Python draws images the user chose (any pool, any images),
+    which config.json's dataset need not describe: eval refuses the run in one line rather than
+    score that dataset. The samplers build_task_source builds (test True or False) are the
+    registry's and name no source of their own."""
+    import torch
+
+    from metalearn import EpisodeSampler, ProtoNet, Trainer, resolve_config
+    from metalearn.data.splits import ClassPool
+    from metalearn.models import MLP
+
+    monkeypatch.setenv("METALEARN_DATA", str(tmp_path / "no-omniglot"))
+    images = torch.randint(0, 256, (6, 4, 2, 2), dtype=torch.uint8)  # 6 classes of 4 grey 2x2 images
+    pool = ClassPool("mine", torch.arange(6), torch.zeros(6, dtype=torch.long))
+    assert EpisodeSampler(images, pool, 2, 1, 1, test=False).source_name is None
+    sampler = EpisodeSampler(images, pool, 2, 1, 1)
+    config = resolve_config("protonet", task={"dataset": "omniglot", "ways": 2, "shots": 1, "query": 1},
+                            train={"steps": 2, "meta_batch_size": 2, "val_every": 0, "log_every": 1})
+    with pytest.raises(TrainingStopped):
+        Trainer(config, ProtoNet(torch.nn.Sequential(torch.nn.Flatten(), MLP(4, None, hidden=(8,)))), sampler, None,
+                tmp_path / "run").fit(progress=False, stop_at=1)
+    code, _, err = run(["eval", tmp_path / "run"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "task source of your own (EpisodeSampler (your data))" in err, err

@@ -167,6 +167,11 @@ class EpisodeSampler:
             raise MetalearnError("augment changes uint8 images; these examples are floating-point: leave augment out")
         self.pool = pool
         self.ways, self.shots, self.query = ways, shots, query
+        # what a run trained on a sampler of one's own records as its task source
+        # (Trainer.task_source): images the user chose, which config.json's dataset may not
+        # describe (metalearn eval would score another dataset); build_task_source's (test True or
+        # False) are the registry's
+        self.source_name = f"EpisodeSampler ({dataset})" if own else None
         self.random_rotation = bool((pool.rotations < 0).any())
         if self.random_rotation and not bool((pool.rotations < 0).all()):
             raise MetalearnError(f"split {pool.name} mixes fixed and random rotations")

@@ -389,6 +389,11 @@ def test_counts_and_draws_that_are_no_whole_numbers_or_generators_are_refused_by
             "{name: i for i, name in enumerate(sorted(set(names)))}",
         lambda: TaskBatch(x, x, x, x, ways="5"): "TaskBatch's ways is a whole number, got '5' (str)",
         lambda: TaskBatch(x, x, x, x, ways=-1): "TaskBatch's ways is the number of classes (0 for regression), got -1",
+        # torch takes these as indices too; a truth value or a tensor of one element is no count
+        lambda: SinusoidTasks(shots=torch.tensor(True)): "SinusoidTasks's shots is a whole number, got tensor(True) "
+                                                          "(Tensor)",
+        lambda: SinusoidTasks().sample(torch.tensor([3]), generator): "SinusoidTasks.sample's num_tasks is a whole "
+                                                                       "number, got tensor([3]) (Tensor)",
     }
     for call, expected in cases.items():
         assert refusal(call) == expected

@@ -30,8 +30,12 @@ def check_whole(owner: str, minimum: int | None = None, **counts: Any) -> None:
     (``ways=5.0``, ``shots="1"``, ``True``) or is below ``minimum``: torch would fail on it later,
     in a draw or a layer, with a message about its own arguments."""
     for name, value in counts.items():
-        try:  # int, a NumPy integer, a 0-d integer tensor: whatever Python takes as an index
-            number = None if isinstance(value, bool) else operator.index(value)
+        # int, a NumPy integer, a 0-d integer tensor: whatever Python takes as an index, but a
+        # truth value (True, torch.tensor(True)) or a tensor of one element (torch.tensor([5])),
+        # which torch takes as an index too and which would be kept as given
+        boolean = isinstance(value, bool) or "bool" in str(getattr(value, "dtype", ""))
+        try:
+            number = None if boolean or tuple(getattr(value, "shape", ())) != () else operator.index(value)
         except TypeError:
             number = None
         if number is None or (minimum is not None and number < minimum):

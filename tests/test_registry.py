@@ -575,3 +575,54 @@ def test_a_dataset_of_photographs_gets_the_methods_photograph_settings_by_its_de
         config = resolve_config("maml", task={"dataset": name, "ways": 5, "shots": 1})
         assert (config.method_config["model"], config.method_config["inner_lr"]) == (model, inner_lr), name
     assert resolve_config("protonet", task={"dataset": "photos"}).method_config["model"] == "conv4-flat"
+
+
+class LinearTasks:
+    """Regression tasks y = w . x on 12 numbers, w ~ N(0, I) per task: inputs that are not one
+    number, and no true function on the class."""
+
+    def __init__(self, shots: int, query: int):
+        self.shots, self.query = shots, query
+
+    def sample(self, num_tasks, generator, tasks=None):
+        n = self.shots + self.query
+        w = torch.randn(num_tasks, 12, 1, generator=generator)
+        x = torch.randn(num_tasks, n, 12, generator=generator)
+        y = x @ w
+        batch = TaskBatch(x[:, :self.shots], y[:, :self.shots], x[:, self.shots:], y[:, self.shots:],
+                          task_params={"w": w[..., 0]})
+        return batch if tasks is None else batch.select(tasks)
+
+
+@pytest.fixture
+def linear_tasks():
+    register_dataset(Dataset("toy-linear", False, build=lambda task, shape, part, data_dir, progress: LinearTasks(
+        shape.shots, shape.query), problem=lambda task: Problem((12,), 1, False), defaults={"shots": 10, "query": 10},
+        generated=True, inapplicable=("image_size",)))
+    yield
+    DATASETS.pop("toy-linear")
+
+
+def test_a_registered_regression_dataset_refuses_classes_and_plots_without_a_true_function(linear_tasks, tmp_path,
+                                                                                           capsys):
+    """A regression dataset of one's own takes no --ways or --split (as sinusoid), records none;
+    its runs of 12-number inputs, whose source tells no true function, get their learning
+    curves from plot and export with one warning line, not a traceback from the fits figure."""
+    run_dir = tmp_path / "run"
+    common = ["--dataset", "toy-linear", "--run-dir", run_dir, "--no-progress"]
+    for extra, named in ((["--ways", 3], "--ways does not apply to toy-linear, a regression dataset"),
+                         (["--split", "vinyals"], "--split does not apply to toy-linear, a regression dataset")):
+        code, out, err = run(["train", "maml", *common, *extra, "--print-config"], capsys)
+        assert code == 2 and err.count("\n") == 1 and named in err, err
+    code, out, err = run(["train", "maml", *common, "--print-config"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["task"]["ways"] == 0 and json.loads(out)["task"]["split"] == "none"
+
+    code, out, err = run(["train", "maml", *common, "--steps", 4, "--meta-batch-size", 2, "--val-every", 0,
+                          "--eval-episodes", 4], capsys)
+    assert code == 0, err
+    code, out, err = run(["plot", run_dir], capsys)
+    assert code == 0 and "warning: toy-linear's task source tells no true function" in err, err
+    assert (run_dir / "plots" / "learning_curves.png").is_file() and not (run_dir / "plots" / "fits.png").exists()
+    code, out, err = run(["export", run_dir, tmp_path / "record"], capsys)
+    assert code == 0 and (tmp_path / "record" / "learning_curves.png").is_file(), err

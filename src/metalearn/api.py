@@ -24,8 +24,8 @@ from metalearn.config import (RESUMABLE_CHANGES, RunConfig, TaskConfig, TrainCon
                               sets_task_option, task_differences)
 from metalearn.datasets import DATASETS, get_dataset, reads_image_folder
 from metalearn.distributed import World, init_world
-from metalearn.errors import (ConfigError, MetalearnError, OptionError, OptionWarning, TrainingStopped, caller_level,
-                              check_whole, flag, kind_of, valued)
+from metalearn.errors import (ConfigError, MetalearnError, MetalearnWarning, OptionError, OptionWarning,
+                              TrainingStopped, caller_level, check_whole, flag, kind_of, valued)
 from metalearn.evaluation import EPISODE_CHUNK, evaluate
 from metalearn.options import option_defaults
 from metalearn.runs import (RunDir, claim_new_run_dir, default_runs_root, new_run_name, recorded_plugins,
@@ -842,16 +842,17 @@ def _warn_of_training_classes(run_dir, config: RunConfig, source, part: str) -> 
 def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
              compare_with: Path | str | None = None, out_dir: Path | str | None = None,
              until_step: int | None = None) -> list[Path]:
-    """Learning curves; for regression runs the fits after 0/1/10 steps and, for a method that
-    samples models (PLATIPUS), the sampled functions beside ``compare_with``'s prediction (e.g.
-    a MAML run on the same tasks); for a reinforcement-learning run the returns after each
-    policy-gradient step beside ``compare_with``'s (a run of the same environment and test
+    """Learning curves; for regression runs whose task source tells its true functions of
+    single-number inputs (:func:`metalearn.tasks.true_function`: sinusoid, sine-or-line) the fits
+    after 0/1/10 steps and, for a method that samples models (PLATIPUS), the sampled functions
+    beside ``compare_with``'s prediction (e.g. a MAML run on the same tasks); for a
+    reinforcement-learning run the returns after each policy-gradient step beside ``compare_with``'s (a run of the same environment and test
     settings) and the initial weights' (written to the run as ``eval-weights=initial.json``),
     and the trajectories (nav2d) or velocities (half-cheetah) before and after one step. The
     figures go to ``out_dir``, by default the run's ``plots/``. ``until_step``: the curves end at
     that step (export draws those of its checkpoint's step, not steps a run logged after it)."""
     from metalearn.plotting import plot_learning_curves, plot_regression_fits
-    from metalearn.tasks import build_task_source, check_data_dir
+    from metalearn.tasks import build_task_source, check_data_dir, true_function
 
     run = RunDir(run_dir)
     plots = run.plots_dir if out_dir is None else user_path(out_dir, "out_dir")
@@ -880,17 +881,25 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
         paths.append(plot_conditional_samples(run_dir, run_images(run, data_dir),
                                               out=plots / "conditional_samples.png"))
     if not config.task.classification:
-        _, learner, step = load_trained(run_dir)
         source = build_task_source(config.task, "test", data_dir)
+        function = true_function(source, config.task)
+        if function is None:  # a registered dataset's tasks of other shapes, or without their functions
+            warnings.warn(MetalearnWarning(
+                f"{config.task.dataset}'s task source tells no true function of single-number inputs "
+                "(function(task_params, x) on its class): no fits.png, the learning curves alone"),
+                stacklevel=caller_level())
+            return paths
+        _, learner, step = load_trained(run_dir)
+        x_range = getattr(source, "x_range", (-5.0, 5.0))
         batch = source.sample(4, torch.Generator().manual_seed(TEST_SEED_OFFSET))
-        paths.append(plot_regression_fits(learner, batch, type(source).function, plots / "fits.png",
-                                          title=f"{title}, K={config.task.shots}, step {step}"))
+        paths.append(plot_regression_fits(learner, batch, function, plots / "fits.png",
+                                          title=f"{title}, K={config.task.shots}, step {step}", x_range=x_range))
         if can(learner, "samples models"):
             from metalearn.plotting_samples import plot_samples
 
             other_learner, label = other or (None, "MAML")
-            paths.append(plot_samples(learner, batch, type(source).function, plots / "samples.png",
-                                      maml_learner=other_learner, compare_label=label,
+            paths.append(plot_samples(learner, batch, function, plots / "samples.png",
+                                      maml_learner=other_learner, compare_label=label, x_range=x_range,
                                       title=f"{title}: sampled adapted functions"))
     return paths
 

@@ -46,7 +46,18 @@ class Dataset:
     ``photographs``: its images are photographs, where the methods' paper defaults are their
     mini-ImageNet settings (:func:`of_photographs`). ``image_folder``: its images are read from a
     folder the user names (``--data-dir``), whose fingerprint and path a run records so that a
-    resume, an evaluation or a comparison on other images is named (:func:`reads_image_folder`)."""
+    resume, an evaluation or a comparison on other images is named (:func:`reads_image_folder`).
+
+    A regression dataset (neither ``classification`` nor ``reinforcement``) refuses ``split``,
+    ``ways`` and ``test_ways``, as ``sinusoid`` does, unless its ``defaults`` or ``fixed`` name
+    them. Its task source may also tell the true functions: ``function(task_params, x)`` on its
+    class, the noiseless targets of the tasks a :class:`~metalearn.tasks.TaskBatch`'s
+    ``task_params`` describe at inputs ``x`` ``(tasks, n, 1)``, with ``x_range`` (the inputs'
+    ``(low, high)``, default (-5, 5)) and ``noise_std`` on the source. Where it has
+    ``function`` and its inputs and targets are single numbers, ``metalearn plot`` draws
+    ``fits.png`` (and ``samples.png`` for a method that samples models) and ``metalearn compare``
+    adds the log-likelihood and coverage of the true function; otherwise the plot has the
+    learning curves alone and compare the mean squared error."""
 
     name: str
     classification: bool
@@ -68,6 +79,15 @@ class Dataset:
     def __post_init__(self):
         if not self.augments and "augment" not in self.inapplicable:  # opt-in: a new dataset refuses it
             object.__setattr__(self, "inapplicable", (*self.inapplicable, "augment"))
+        if not self.classification and not self.reinforcement:
+            # regression tasks have no classes and no Omniglot split: a registered regression
+            # dataset refuses them as the built-in ones do (given, they would be recorded in
+            # config.json and mean nothing), unless its own defaults or fixed values name them
+            own = {*self.defaults, *self.fixed, *self.inapplicable}
+            unset = [name for name in ("split", "ways", "test_ways") if name not in own]
+            values = {"split": "none", "ways": 0}
+            object.__setattr__(self, "fixed", {**{name: values[name] for name in unset if name in values}, **self.fixed})
+            object.__setattr__(self, "inapplicable", (*self.inapplicable, *unset))
 
     @property
     def kind(self) -> str:

@@ -256,7 +256,7 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     ``query`` in the result are those of the episodes scored, as in an evaluation's file.
     """
     from metalearn.api import warn_of_other_images
-    from metalearn.tasks import build_task_source
+    from metalearn.tasks import build_task_source, true_function as tasks_true_function
     from metalearn.checkpoints import load_trained_state, recorded_images, run_images
     from metalearn.runs import RunDir
     from metalearn.datasets import get_dataset, reads_image_folder
@@ -364,7 +364,7 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
         if reads_image_folder(config.task.dataset):
             warn_of_other_images(runs[label], config, source, states[label].get("data_fingerprint"), data_dir,
                                  data_given)
-    true_function = getattr(type(source), "function", None)
+    true_function = tasks_true_function(source, first_task)  # None where its inputs are not single numbers
     noise_std = getattr(source, "noise_std", None)
     x_range = getattr(source, "x_range", (-5.0, 5.0))
     grid = torch.linspace(x_range[0], x_range[1], grid_points).view(1, -1, 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -85,6 +85,18 @@ def require_sampled_batch(batch: Any, source: Any, role: str) -> None:
 def problem_of(task: TaskConfig) -> Problem:
     """The input shape and output size a network needs for these tasks."""
     return get_dataset(task.dataset).problem(task)
+
+
+def true_function(source: Any, task: TaskConfig) -> Callable[..., torch.Tensor] | None:
+    """The noiseless task functions of a regression task source, ``function(task_params, x)`` on
+    its class (see :class:`~metalearn.datasets.Dataset`), where ``task``'s inputs and targets are
+    single numbers: the fits figures and compare's coverage draw them on a grid of one input.
+    None for classification, for a source without ``function`` and for other shapes."""
+    function = getattr(type(source), "function", None)
+    if function is None or task.classification:
+        return None
+    problem = problem_of(task)
+    return function if tuple(problem.input_shape) == (1,) and problem.output_dim == 1 else None
 
 
 def build_task_source(task: TaskConfig, part: str, data_dir: Path | str | None = None,
@@ -195,4 +207,5 @@ def no_validation_reason(task: TaskConfig) -> str | None:
 
 
 __all__ = ["TaskBatch", "TaskSource", "EpisodeSampler", "SinusoidTasks", "SineOrLineTasks",
-           "require_task_source", "require_sampled_batch", "build_task_source", "check_task_source", "check_data_dir", "check_outside_data", "problem_of", "has_validation", "MetalearnError"]
+           "require_task_source", "require_sampled_batch", "build_task_source", "true_function", "check_task_source",
+           "check_data_dir", "check_outside_data", "problem_of", "has_validation", "MetalearnError"]

@@ -612,6 +612,12 @@ def test_links_are_followed_and_cycles_missing_targets_and_doubles_refused(tmp_p
                                              "an image belongs to one class, once"):
         fresh_load(root, tmp_path / "cache")
     (root / "c").unlink()
+    plain = tmp_path / "plain"  # no symbolic link anywhere: a hard link, which no path tells, the inode does
+    write_tiny(plain, {"a": 1, "b": 1})
+    os.link(plain / "a" / "00.png", plain / "b" / "hard.png")
+    with pytest.raises(MetalearnError, match=r"a/00.png and .*b/hard.png are one file \(hard links to one file\): "
+                                             "an image belongs to one class, once"):
+        fresh_load(plain, tmp_path / "cache")
     (root / "a" / "loop").symlink_to(root, target_is_directory=True)
     with pytest.raises(MetalearnError, match=r"a/loop is a link to .*, a folder it is inside: the folder would "
                                              "contain itself without end; remove the link"):

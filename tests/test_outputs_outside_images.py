@@ -159,3 +159,22 @@ def test_outputs_among_the_images_a_run_trained_on_are_refused(trained, tmp_path
     code, _, err = run(["compare", trained, "--episodes", 1, "--json", trained / "eval.json"], capsys)
     assert code == 2 and err.startswith(f"error: --json {trained / 'eval.json'} would replace eval.json"), err
     assert sorted(data.rglob("*")) == before
+
+
+def test_eval_warns_when_a_given_split_scores_the_run_s_validation_classes_as_test(tmp_path, capsys):
+    """The validation classes chose the run's checkpoints: a split file that scores them as its
+    test part is said to, beside the result; scoring them as validation (--part val) is not."""
+    data = colours(tmp_path / "data", 6, 2)
+    split = tmp_path / "split.json"
+    split.write_text('{"train": ["class 0", "class 1"], "val": ["class 2", "class 3"], "test": ["class 4", "class 5"]}')
+    assert run(["train", "protonet", "--dataset", "folder", "--data-dir", data, "--ways", 2, "--image-size", 16,
+                "--steps", 1, "--val-every", 0, "--split-file", split, "--no-eval",
+                "--run-dir", tmp_path / "run"], capsys)[0] == 0
+    again = tmp_path / "val-as-test.json"
+    again.write_text('{"train": ["class 0", "class 1"], "test": ["class 2", "class 3"]}')
+    code, out, err = run(["eval", tmp_path / "run", "--data-dir", data, "--split-file", again, "--episodes", 2,
+                          "--no-progress"], capsys)
+    assert code == 0 and "accuracy" in out, err
+    assert err.startswith("warning: 2 of the 2 classes scored have the names of the validation classes of the run "
+                          f"in {tmp_path / 'run'} (e.g. 'class 2'; its split.json lists them), which chose its "
+                          "checkpoints"), err

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import signal
+import warnings
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 
 from metalearn.algorithms import build_learner
 from metalearn.api import evaluate_run, resolve_config
-from metalearn.errors import MetalearnError, TrainingStopped
+from metalearn.errors import MetalearnError, MetalearnWarning, TrainingStopped
 from metalearn.runs import RunDir
 from metalearn.tasks import problem_of
 from metalearn.checkpoints import all_finite, initialise_from_run, load_trained
@@ -1434,3 +1435,26 @@ def test_a_trainer_of_one_s_own_without_val_tasks_says_it_will_not_validate(tmp_
         # the complete run resumed: nothing left to validate
         Trainer(config, MAML(MLP(), {"test_inner_steps": 2}), SinusoidTasks(shots=5), None, tmp_path / "a",
                 resume=True).fit(progress=False)
+
+
+def test_init_from_a_run_of_another_split_of_the_dataset_warns_of_its_classes(tmp_path, omniglot_data_dir):
+    """Starting weights trained on the maml split have seen a third of the vinyals test
+    characters: a run of vinyals started from them is warned in one line naming both splits; a
+    run of the same split, or of another dataset, is not."""
+    source = resolve_config("protonet", task={"dataset": "omniglot", "split": "maml", "ways": 2, "shots": 1,
+                                              "query": 1}, train={"steps": 1, "val_every": 0, "meta_batch_size": 1})
+    build_trainer(source, tmp_path / "maml", data_dir=omniglot_data_dir).fit(progress=False)
+
+    def started(split):
+        config = resolve_config("protonet", task={"dataset": "omniglot", "split": split, "ways": 2, "shots": 1,
+                                                  "query": 1}, train={"steps": 0, "init_from": str(tmp_path / "maml")})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            build_trainer(config, tmp_path / f"to-{split}", data_dir=omniglot_data_dir)
+        return [str(w.message) for w in caught if issubclass(w.category, MetalearnWarning)]
+
+    assert started("vinyals") == [
+        f"init_from {tmp_path / 'maml'} trained on another split of omniglot (split maml there, vinyals here): "
+        "the classes this run validates and tests on may be among those its starting weights were trained on, which "
+        "would overstate its scores; start from a run of the same split"]
+    assert started("maml") == []

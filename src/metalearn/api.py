@@ -831,12 +831,18 @@ def _warn_of_training_classes(run_dir, config: RunConfig, source, part: str) -> 
     if not scored or not own or (split_file and same_path(split_file, run.split_path)):
         return
     trained = sorted(set(scored) & set(own.get("train", [])))
+    validated = sorted(set(scored) & set(own.get("val", []))) if part != "val" else []
     if trained:
         warnings.warn(OptionWarning(
             f"{len(trained)} of the {len(scored)} classes scored have the names of classes that the run in "
             f"{run.path} trained on (e.g. {trained[0]!r}; its split.json lists them): on the folder it trained "
             "on, this is not a score on new classes (there, lower {ways}, or score its own test part)",
             ways=("episode_shape's ways", "--ways")))
+    elif validated:  # they chose its best checkpoints and training length: scoring them again reuses that choice
+        warnings.warn(MetalearnWarning(
+            f"{len(validated)} of the {len(scored)} classes scored have the names of the validation classes of the "
+            f"run in {run.path} (e.g. {validated[0]!r}; its split.json lists them), which chose its checkpoints: on "
+            "the folder it trained on, this is not a score on unseen classes (score its own test part)"))
 
 
 def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
@@ -846,9 +852,9 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
     single-number inputs (:func:`metalearn.tasks.true_function`: sinusoid, sine-or-line) the fits
     after 0/1/10 steps and, for a method that samples models (PLATIPUS), the sampled functions
     beside ``compare_with``'s prediction (e.g. a MAML run on the same tasks); for a
-    reinforcement-learning run the returns after each policy-gradient step beside ``compare_with``'s (a run of the same environment and test
-    settings) and the initial weights' (written to the run as ``eval-weights=initial.json``),
-    and the trajectories (nav2d) or velocities (half-cheetah) before and after one step. The
+    reinforcement-learning run the returns after each policy-gradient step beside
+    ``compare_with``'s (a run of the same environment and test settings) and the initial
+    weights' (written to the run as ``eval-weights=initial.json``), and the trajectories (nav2d) or velocities (half-cheetah) before and after one step. The
     figures go to ``out_dir``, by default the run's ``plots/``. ``until_step``: the curves end at
     that step (export draws those of its checkpoint's step, not steps a run logged after it)."""
     from metalearn.plotting import plot_learning_curves, plot_regression_fits

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -17,7 +18,7 @@ import torch
 
 from metalearn.algorithms import MetaLearner, build_learner, make_method_config, method_class
 from metalearn.config import RESUMABLE_CHANGES, RunConfig, config_differences
-from metalearn.errors import ConfigError, MetalearnError, OptionError, flag, valued
+from metalearn.errors import ConfigError, MetalearnError, OptionError, OptionWarning, caller_level, flag, valued
 from metalearn.options import option_defaults
 from metalearn.runs import RunDir, config_from, unreadable_checkpoint
 from metalearn.tasks import problem_of
@@ -365,7 +366,35 @@ def initialise_from_run(learner: MetaLearner, run_dir: Path | str, config: RunCo
     with torch.no_grad():
         for name, p in own.items():
             p.copy_(saved[name])
+    if config is not None:
+        _warn_of_another_split(source, config)
     return len(own)
+
+
+def _warn_of_another_split(source: RunDir, config: RunConfig) -> None:
+    """Warn where the run in ``source`` trained on ``config``'s dataset split otherwise (another
+    ``split``, ``split_fractions`` or ``split_file``): the classes this run validates and tests on
+    may then be among those its starting weights learned (a third of the vinyals test characters
+    are training characters of the maml split), and its scores would overstate few-shot
+    learning."""
+    try:
+        theirs = source.read_config()
+    except MetalearnError:
+        return
+    if theirs.task.dataset != config.task.dataset:  # other data: a transfer, not a leak
+        return
+    fields = ("split", "split_fractions", "split_file")
+    differ = [(name, getattr(theirs.task, name), getattr(config.task, name)) for name in fields
+              if getattr(theirs.task, name) != getattr(config.task, name)]
+    if not differ:
+        return
+    told = {name: (f"{name} {there or '(none)'} there, {here or '(none)'} here",
+                   f"{flag(name)} {there or '(none)'} there, {here or '(none)'} here") for name, there, here in differ}
+    warnings.warn(OptionWarning(
+        "{init_from} trained on another split of " + config.task.dataset + " (" + ", ".join(f"{{{n}}}" for n in told)
+        + "): the classes this run validates and tests on may be among those its starting weights were trained "
+        "on, which would overstate its scores; start from a run of the same split",
+        init_from=valued("init_from", source.path), **told), stacklevel=caller_level())
 
 
 def _network_options_differ(source: RunDir, config: RunConfig) -> tuple[str, str] | None:

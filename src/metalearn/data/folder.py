@@ -21,8 +21,8 @@ are refused by name. Every file is tried before a refusal: all the files that ar
 images (empty, damaged, too large) are named in one error, and no cache is written.
 
 Links (to image files and to folders) are followed; a link whose target is missing, a folder
-link back into its own ancestors (a cycle) and an image reached twice through links are
-refused by name, never skipped.
+link back into its own ancestors (a cycle) and an image reached twice through links (symbolic
+or hard) are refused by name, never skipped.
 """
 
 from __future__ import annotations
@@ -311,8 +311,7 @@ def scan_folder(root: Path) -> tuple[str, list[tuple[str, str, list[Path]]], lis
         layout = "parts"
     else:
         classes, layout = _classes_in(root, "", "", links, skipped), "classes"
-    if links:  # without links every path below the root is a file of its own
-        _refuse_images_reached_twice(classes)
+    _refuse_images_reached_twice(classes)  # through symbolic links, or hard links, which leave no trace in a path
     if not classes:
         raise MetalearnError(f"no images in {root}: expected one folder per class holding PNG or JPEG images "
                              "(or train/ val/ test/ folders of class folders, or mini-ImageNet's images/ + "
@@ -332,16 +331,20 @@ def _top_entries(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
 
 
 def _refuse_images_reached_twice(classes: list[tuple[str, str, list[Path]]]) -> None:
-    """One file under two paths (through links) would be two images of a class (support and
-    query of an episode could be the same picture) or images of two classes (the same picture
-    in training and test): refused, as an image on two CSV rows is."""
-    seen: dict[str, Path] = {}
+    """One file under two paths (through symbolic or hard links) would be two images of a class
+    (support and query of an episode could be the same picture) or images of two classes (the
+    same picture in training and test): refused, as an image on two CSV rows is. Files are told
+    apart by device and inode, which is what two hard links share."""
+    seen: dict[tuple[int, int], Path] = {}
     for _, _, files in classes:
         for path in files:
-            key = os.path.realpath(path)
+            key = _identity(path)
             if key in seen:
-                raise MetalearnError(f"{seen[key]} and {path} are one file ({key}), reached through a link: an "
-                                     "image belongs to one class, once; remove one of the links")
+                first, real = seen[key], os.path.realpath(path)
+                how = (f"({real}), reached through a link" if os.path.realpath(first) == real
+                       else "(hard links to one file)")
+                raise MetalearnError(f"{first} and {path} are one file {how}: an image belongs to one class, once; "
+                                     "remove one of the links")
             seen[key] = path
 
 

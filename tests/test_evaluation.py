@@ -291,3 +291,36 @@ def test_compare_scores_a_diverged_episode_as_nan_as_evaluate_does():
     batch = _episodes().sample(4, torch.Generator().manual_seed(0))
     accuracy = uncertainty_scores(_Diverging(), batch)["accuracy"]
     assert torch.isnan(accuracy[0]) and accuracy[1:].tolist() == [1.0, 1.0, 1.0]
+
+
+class _TasksWithANaN(SinusoidTasks):
+    """Sinusoids whose first task's first support target is NaN: data with a missing value."""
+
+    def sample(self, num_tasks, generator, tasks=None):
+        batch = super().sample(num_tasks, generator, tasks)
+        batch.support_y[0, 0] = float("nan")
+        return batch
+
+
+def test_nan_in_the_data_is_named_as_the_data_s_not_as_a_learning_rate_s(tmp_path):
+    """A NaN the task source draws makes the meta-loss NaN: training stops naming the tensor
+    and the tasks, not advising a smaller learning rate; evaluate warns of it beside the
+    diverged count."""
+    from metalearn import Trainer, resolve_config
+
+    tasks = _TasksWithANaN(shots=5, query=5)
+    torch.manual_seed(0)
+    config = resolve_config("maml", task={"dataset": "sinusoid"},
+                            train={"steps": 3, "val_every": 0, "meta_batch_size": 4})
+    with pytest.raises(MetalearnError) as info:
+        Trainer(config, MAML(MLP(1, 1), {"inner_lr": 0.01}), tasks, None, tmp_path / "run").fit(progress=False)
+    assert str(info.value).startswith("the meta-loss became nan at step 1: the batch's support_y (1 of 4 tasks, the "
+                                      "first task 0) holds NaN or infinite values, as the task source drew them")
+    assert "inner_lr" not in str(info.value)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = evaluate(MAML(MLP(1, 1)), tasks, 8, progress=False)
+    assert result["diverged"] == 1
+    assert [str(w.message) for w in caught] == [
+        "the task source drew NaN or infinite values in support_y (1 of 8 tasks, the first task 0): an episode whose "
+        "score they make non-finite counts as diverged; clean the data"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 from metalearn.algorithms.base import MetaLearner, device_mismatch, device_of, evaluating, prediction_scores
 from metalearn.config import MAX_EPISODES, TrainConfig
 from metalearn.distributed import World
-from metalearn.errors import MetalearnError, OptionError
+from metalearn.errors import MetalearnError, MetalearnWarning, OptionError, caller_level
 from metalearn.runtime import float32_default
 from metalearn.tasks import TaskSource, require_sampled_batch, require_task_source
 from metalearn.tasks.batch import TaskBatch
@@ -185,6 +186,7 @@ def _evaluate(learner, source, episodes, seed, chunk, world, progress, per_step,
             # steps (a plain embedding) would otherwise keep each call's graph, and float() of a score warn of it
             return episode_scores(learner, part, per_step).detach()
         chunks = []  # (first episode, size) of each chunk, to put the ranks' scores back in episode order
+        unclean = None  # where the first chunk with NaN or infinite data holds them (TaskBatch.non_finite)
         remaining = episodes
         bar = None
         if progress and world.is_main:
@@ -201,6 +203,8 @@ def _evaluate(learner, source, episodes, seed, chunk, world, progress, per_step,
                 require_sampled_batch(batch, source, "evaluate's source")
                 batch = batch.to(device)
                 metric = batch_metric(batch)
+                if unclean is None and isinstance(batch, TaskBatch):
+                    unclean = batch.non_finite()
                 if share.stop > share.start:  # a chunk smaller than the number of ranks
                     try:
                         if measure and batch.num_tasks > 1:  # the chunks after the first: their size or less
@@ -218,6 +222,10 @@ def _evaluate(learner, source, episodes, seed, chunk, world, progress, per_step,
                     bar.update(size)
         if bar is not None:
             bar.close()
+    if unclean is not None:  # the episodes' scores are NaN for the data's sake, not the adaptation's
+        warnings.warn(MetalearnWarning(f"the task source drew NaN or infinite values in {unclean}: an episode whose "
+                                       "score they make non-finite counts as diverged; clean the data"),
+                      stacklevel=caller_level())
     # (episodes on this rank, steps + 1), in float64 so that a rank without episodes, which knows
     # neither the steps nor the learner's dtype, sends what the others do
     local = (torch.cat(scores, dim=1).T.to("cpu", torch.float64).contiguous() if scores

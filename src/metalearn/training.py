@@ -37,8 +37,8 @@ from metalearn.memory_budget import (available_memory, chunk_candidates, chunk_s
 from metalearn.runs import RunDir, lock_for_training, registered_in_python
 from metalearn.runtime import cuda_devices, float32_default, machine
 from metalearn.data.folder import shared_scans
-from metalearn.tasks import (TaskSource, build_task_source, check_outside_data, check_task_source, has_validation,
-                             problem_of, require_sampled_batch, require_task_source)
+from metalearn.tasks import (TaskBatch, TaskSource, build_task_source, check_outside_data, check_task_source,
+                             has_validation, problem_of, require_sampled_batch, require_task_source)
 
 VALIDATION_SEED_OFFSET = 1_000_003
 TEST_SEED_OFFSET = 2_000_003
@@ -718,6 +718,12 @@ class Trainer:
             loss, metrics = meta_gradient(self.learner, batch, self.task_chunk, local_fraction)
             total_loss = float(self.world.sum(loss * local_fraction))
             if not math.isfinite(total_loss):
+                where = batch.non_finite() if isinstance(batch, TaskBatch) else None
+                if where is not None:  # the data's doing: a smaller learning rate would not help
+                    raise MetalearnError(f"the meta-loss became {total_loss} at step {self.step + 1}: the batch's "
+                                         f"{where} holds NaN or infinite values, as the task source drew them; "
+                                         f"training stopped before saving it, and the last good checkpoint in "
+                                         f"{self.run_dir.path} is kept. Clean the data, or drop such examples")
                 raise self._diverged(f"the meta-loss became {total_loss}", "")
             self.world.sum_gradients(parameters)
             if not gradients_finite(parameters):  # the same on every rank: gradients are summed

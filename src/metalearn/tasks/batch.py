@@ -99,6 +99,24 @@ class TaskBatch:
             {k: v[tasks] for k, v in self.task_params.items()},
         )
 
+    def non_finite(self) -> str | None:
+        """Where the examples or targets hold NaN or infinite values, as ``"support_y (2 of 8
+        tasks, the first task 3)"`` (the first such tensor); None where all are finite. A meta-loss
+        or a score that is not finite on such data is the data's doing, not a learning rate's.
+        One device synchronisation."""
+        names = ("support_x", "support_y", "query_x", "query_y")
+        tensors = [getattr(self, name) for name in names]
+        floating = [(name, t) for name, t in zip(names, tensors) if torch.is_floating_point(t) and t.numel()]
+        if not floating:
+            return None
+        bad = torch.stack([~torch.isfinite(t).flatten(1).all(1) for _, t in floating])  # (tensors, tasks)
+        counts = bad.sum(1).tolist()
+        for (name, _), row, count in zip(floating, bad, counts):
+            if count:
+                first = int(row.nonzero()[0])
+                return f"{name} ({count} of {row.numel()} tasks, the first task {first})"
+        return None
+
 
 @dataclass(frozen=True)
 class Problem:

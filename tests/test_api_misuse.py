@@ -541,3 +541,52 @@ def test_plotting_a_run_s_file_names_the_run_s_folder(tmp_path):
         f"{tmp_path / 'checkpoint.pt'} is a file of the run in {tmp_path}: give the run's folder, {tmp_path}")
     (tmp_path / "plots").write_text("")  # a file where the run's own figures go
     assert refusal(lambda: plot_run(tmp_path)) == f"{tmp_path / 'plots'} is a file, not a folder; give a folder path"
+
+
+def test_one_number_examples_and_targets_without_their_axis_are_told_the_axis_they_lack():
+    """Scalar inputs and targets (tasks, n) are the likeliest mistake of a calibration or curve
+    user: the refusal names the last axis of 1 beside the leading one; integer targets shaped
+    as regression targets are told to become floats, not to give ways."""
+    x = torch.linspace(-5, 5, 40).reshape(4, 10)
+    y = (2 * x + 1).unsqueeze(-1)
+    maml = MAML(MLP(1, 1))
+    assert "examples of one number each need a last axis of 1 (x.unsqueeze(-1))" in refusal(
+        lambda: maml.meta_loss(TaskBatch(x, y, x, y)))
+    assert "targets of one number each need a last axis of 1 (y.unsqueeze(-1))" in refusal(
+        lambda: maml.meta_loss(TaskBatch(x[..., None], y[..., 0], x[..., None], y[..., 0])))
+    whole = y.round().long()
+    assert refusal(lambda: maml.meta_loss(TaskBatch(x[..., None], whole, x[..., None], whole))) == (
+        "maml: this TaskBatch's targets are torch.int64 of shape (4, 10, 1): regression targets are floating point "
+        "(y.float()); class labels are (tasks, examples) with TaskBatch(..., ways=N)")
+    assert refusal(lambda: EpisodeSampler.from_labels(torch.randn(30), torch.arange(30) % 3, 2, 1, 1)).endswith(
+        "got (30,) examples and 30 labels; examples of one number each need a last axis of 1 (examples[:, None])")
+
+
+def test_a_network_that_cannot_run_as_a_batched_function_of_its_parameters_is_refused_in_one_line():
+    """A forward that bumps a buffer (a call counter) and spectral_norm's power iteration fail
+    inside torch.func with dozens of frames; MAML and Reptile refuse them in one line naming the
+    cause. LayerNorm, dropout and constant buffers run."""
+    from metalearn.algorithms import Reptile
+
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(1, 1)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls += 1
+            return self.linear(x)
+
+    batch = SinusoidTasks(shots=5, query=5).sample(4, torch.Generator().manual_seed(0))
+    for learner in (MAML(Counter()), Reptile(Counter())):
+        assert refusal(lambda: learner.meta_loss(batch)).startswith(
+            f"{learner.name}: the network cannot run as a function of its parameters, differentiated and batched over "
+            f"tasks (torch.func.grad and vmap), as {learner.name} runs it: its forward changes a buffer or attribute "
+            "in place (a counter, a running statistic): keep such state out of forward (torch: During a grad")
+    spectral = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(1, 8)), nn.ReLU(), nn.Linear(8, 1))
+    assert "an operation in its forward cannot run so; replace that layer (torch: Batching rule not implemented" in (
+        refusal(lambda: MAML(spectral).meta_loss(batch)))
+    plain = nn.Sequential(nn.Linear(1, 8), nn.Dropout(0.1), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 1))
+    plain.register_buffer("scale", torch.ones(()))
+    assert torch.isfinite(MAML(plain).meta_loss(batch)[0])

@@ -40,13 +40,27 @@ def evaluating(module: nn.Module) -> Iterator[None]:
     its former mode restored after it, also when the block raises. The mode is restored module
     by module: a submodule the user had put in eval mode inside a training network (a frozen
     batch norm) stays so, which ``module.train(was_training)`` would undo."""
+    with _in_mode(module, False):
+        yield
+
+
+@contextlib.contextmanager
+def training_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` in training mode inside the block, its former mode restored after it as by
+    :func:`evaluating`."""
+    with _in_mode(module, True):
+        yield
+
+
+@contextlib.contextmanager
+def _in_mode(module: nn.Module, training: bool) -> Iterator[None]:
     modes = [(sub, sub.training) for sub in module.modules()]
-    module.eval()
+    module.train(training)
     try:
         yield
     finally:
-        for sub, training in modes:
-            sub.training = training
+        for sub, was in modes:
+            sub.training = was
 
 
 class MetaLearner(nn.Module):
@@ -440,9 +454,13 @@ def check_input_dtype(method: str, model: nn.Module, batch: TaskBatch) -> None:
     weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     inputs = batch.support_x.dtype
     if weights is not None and torch.is_floating_point(batch.support_x) and inputs != weights:
+        # the Trainer and evaluate draw under torch's float32 default (runtime.float32_default),
+        # whatever a notebook set: a source of one's own drawing with the default dtype gives float32
+        drawn = (f"; the Trainer and evaluate draw under torch's float32 default, so a task source of your own "
+                 f"draws {weights} there only where it names the dtype" if inputs == torch.float32 else "")
         raise MetalearnError(f"{method}: the batch's inputs are {inputs} and the network's weights {weights}; "
                              f"convert the batch (batch.to({weights}); EpisodeSampler(..., dtype={weights}) draws "
-                             f"it so) or the learner (learner.to({inputs}))")
+                             f"it so) or the learner (learner.to({inputs})){drawn}")
 
 
 def require_task_batch(method: str, batch: Any) -> None:
@@ -491,9 +509,12 @@ def check_task_batch(method: str, batch: TaskBatch, *, training: bool = False) -
         raise MetalearnError(f"{method}: the batch's tensors lie on different devices ({shown}); batch.to(device) "
                              "moves them together")
     if sx.dim() < 3 or qx.dim() < 3:
+        # (tasks, examples) is a batch of one-number examples as often as one task of vectors
+        scalar = " examples of one number each need a last axis of 1 (x.unsqueeze(-1));" if min(sx.dim(),
+                                                                                               qx.dim()) == 2 else ""
         raise MetalearnError(f"{method}: support_x and query_x must be (tasks, examples, *example_shape), got shapes "
-                             f"{tuple(sx.shape)} and {tuple(qx.shape)}; a single task needs a leading axis of 1 "
-                             "(x.unsqueeze(0))")
+                             f"{tuple(sx.shape)} and {tuple(qx.shape)};{scalar} a single task needs a leading axis "
+                             "of 1 (x.unsqueeze(0))")
     classification = not torch.is_floating_point(qy)
     if torch.is_floating_point(sy) == classification:
         raise MetalearnError(f"{method}: support_y is {sy.dtype} and query_y {qy.dtype}; give both class ids (long) "
@@ -501,7 +522,9 @@ def check_task_batch(method: str, batch: TaskBatch, *, training: bool = False) -
     for name, y in (("support_y", sy), ("query_y", qy)):
         if (y.dim() != 2) if classification else (y.dim() < 3):
             shape = "(tasks, examples)" if classification else "(tasks, examples, *target_shape)"
-            raise MetalearnError(f"{method}: {name} must be {shape}, got shape {tuple(y.shape)}; a single task "
+            scalar = " targets of one number each need a last axis of 1 (y.unsqueeze(-1));" if (
+                not classification and y.dim() == 2) else ""
+            raise MetalearnError(f"{method}: {name} must be {shape}, got shape {tuple(y.shape)};{scalar} a single task "
                                  "needs a leading axis of 1 (unsqueeze(0)) on every tensor")
     if len({t.shape[0] for t in tensors.values()}) > 1:
         shown = ", ".join(f"{name} {t.shape[0]}" for name, t in tensors.items())
@@ -638,6 +661,10 @@ def check_network_fits(learner: MetaLearner, batch: TaskBatch, *, training: bool
     require_task_batch(learner.name, batch)
     network = learner_network(learner, network)
     if not batch.ways and not torch.is_floating_point(batch.query_y):
+        if batch.query_y.dim() >= 3:  # (tasks, examples, 1): regression targets given as integers
+            raise MetalearnError(f"{learner.name}: this TaskBatch's targets are {batch.query_y.dtype} of shape "
+                                 f"{tuple(batch.query_y.shape)}: regression targets are floating point (y.float()); "
+                                 "class labels are (tasks, examples) with TaskBatch(..., ways=N)")
         raise MetalearnError(f"{learner.name}: this TaskBatch has class labels but ways=0; give TaskBatch(..., "
                              "ways=N), the number of classes per task")
     check_task_batch(learner.name, batch, training=training)
@@ -661,7 +688,44 @@ def check_network_fits(learner: MetaLearner, batch: TaskBatch, *, training: bool
             need = f"the regression targets have shape {per_example} per example"
         raise MetalearnError(f"{learner.name}: the network has outputs of shape {outputs} (per example) "
                              f"but {need}")
+    _check_functional(learner, network, batch.support_x[0, :2])
     checked.add(key)
+
+
+def _check_functional(learner: MetaLearner, network: nn.Module, examples: Tensor) -> None:
+    """Refuse in one line a network that cannot run as the methods of :func:`check_network_fits`
+    run it: as a pure function of its parameters (``functional_call``), differentiated
+    (``torch.func.grad``) and batched over tasks (``vmap``), in training mode. A forward that
+    changes a buffer or attribute in place (a counter, a running normaliser) or an operation
+    without a batching rule (``spectral_norm``'s power iteration, torch 2.13) otherwise fails
+    inside torch with dozens of frames. One small forward and backward per input shape, under
+    a fork of the random streams (a dropout draw would change the step's), for a network with a
+    module of another class than torch's layers and the library's (one of the user's, a
+    parametrization)."""
+    from torch.func import grad, vmap
+
+    from metalearn.runtime import cuda_devices
+
+    if all(type(m).__module__.startswith(("torch.nn.modules.", "metalearn.models.")) for m in network.modules()):
+        return  # torch's layers and the library's networks: tested to run so (and a probe would run their kernels)
+    parameters = {name: p.detach() for name, p in network.named_parameters() if p.is_floating_point()}
+
+    def total(params: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(network, params, (x,)).sum()
+
+    try:
+        with torch.random.fork_rng(devices=cuda_devices()), training_mode(network):
+            # the parameters batched too: after an inner step each task has its own
+            vmap(grad(total), randomness="different")({k: v[None] for k, v in parameters.items()}, examples[None])
+    except RuntimeError as err:
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        text = text.split(". ")[0].rstrip(".;")  # torch's first sentence: the rest advises its own API
+        why = ("its forward changes a buffer or attribute in place (a counter, a running statistic): keep such "
+               "state out of forward" if "mutate a captured Tensor" in str(err) or "in-place operation" in text
+               else "an operation in its forward cannot run so; replace that layer")
+        raise MetalearnError(f"{learner.name}: the network cannot run as a function of its parameters, differentiated "
+                             f"and batched over tasks (torch.func.grad and vmap), as {learner.name} runs it: {why} "
+                             f"(torch: {text})") from None
 
 
 def check_embedding_fits(learner: MetaLearner, batch: TaskBatch, *, training: bool = False,

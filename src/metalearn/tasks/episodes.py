@@ -226,8 +226,10 @@ class EpisodeSampler:
             raise MetalearnError(f"EpisodeSampler.from_labels takes labels as (n,) integers, got {labels.dtype} "
                                  f"{tuple(labels.shape)}")
         if examples.dim() < 2 or examples.shape[0] != labels.shape[0]:
+            scalar = "; examples of one number each need a last axis of 1 (examples[:, None])" if (
+                examples.dim() == 1 and examples.shape[0] == labels.shape[0]) else ""
             raise MetalearnError(f"EpisodeSampler.from_labels takes examples (n, ...) with one label each: got "
-                                 f"{tuple(examples.shape)} examples and {labels.shape[0]} labels")
+                                 f"{tuple(examples.shape)} examples and {labels.shape[0]} labels{scalar}")
         order = torch.argsort(labels, stable=True)
         values, counts = torch.unique_consecutive(labels[order], return_counts=True)
         pool = ClassPool("", torch.arange(len(values)), torch.zeros(len(values), dtype=torch.long))  # all of them

@@ -1415,3 +1415,22 @@ def test_an_option_that_may_be_none_is_set_back_to_none_with_none(capsys, omnigl
     assert code == 2 and "'nope' is not a valid integer" in err
     code, out, _ = run(["train", "maml", "--help"], capsys)
     assert "--test-shots INTEGER|none" in out
+
+
+def test_an_eof_error_is_a_file_that_ended_early_not_an_interruption(monkeypatch, capsys):
+    """click turns an EOFError into the Abort of a Ctrl-C: a reader's EOFError (an empty file)
+    is one error line with exit 2, not 'interrupted' with 130."""
+    import metalearn.cli
+
+    def ended(*args, **kwargs):
+        raise EOFError("No data left in file")
+
+    import metalearn.runs
+
+    monkeypatch.setattr(metalearn.runs, "default_runs_root", ended)  # inside the command: click's Abort
+    code, _, err = run(["status"], capsys)
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        "error: a file ended before its end (EOFError: No data left in file)"), err
+    monkeypatch.setattr(metalearn.cli, "load_plugins", ended)  # before click: the EOFError itself
+    code, _, err = run(["status"], capsys)
+    assert code == 2 and err.strip() == "error: a file ended before its end (EOFError: No data left in file)", err

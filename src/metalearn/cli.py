@@ -1213,7 +1213,11 @@ def _main(args: list[str] | None) -> None:
     except OSError as err:  # a path that is a file, a folder, unwritable or gone
         click.echo(f"error: {describe_os_error(err)}", err=True)
         sys.exit(2)
-    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns a KeyboardInterrupt into Abort
+    except (click.exceptions.Abort, KeyboardInterrupt, EOFError) as err:  # click makes a KeyboardInterrupt Abort
+        ended = err if isinstance(err, EOFError) else err.__cause__
+        if isinstance(ended, EOFError):  # and an EOFError too: a file that ended early, not Ctrl-C
+            click.echo(f"error: a file ended before its end (EOFError: {ended})", err=True)
+            sys.exit(2)
         click.echo("interrupted", err=True)  # train says how to go on itself (TrainingStopped)
         sys.exit(130)
     except Terminated:

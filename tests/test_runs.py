@@ -761,3 +761,26 @@ def test_eval_of_a_run_whose_split_json_is_damaged_says_to_delete_it_not_to_fix_
     assert json.loads(split.read_text()) == recorded
     code, out, err = cli_runner.run(["eval", run_dir, "--episodes", 2, "--no-progress"], capsys)
     assert code == 0 and "written to" in out, err
+
+
+def test_json_nested_beyond_python_s_recursion_is_damage_not_a_traceback(tiny_run, tmp_path, capsys):
+    """Arrays nested 5000 deep make json.loads raise RecursionError, which no reader took for
+    damage: a metrics line is skipped as a damaged one is; config.json, eval.json and a
+    --split-file are refused in one line naming them."""
+    nested = "[" * 5000 + "]" * 5000
+    run_dir = copy_of(tiny_run, tmp_path)
+    (run_dir / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text() + nested + "\n")
+    code, out, err = cli_runner.run(["status", run_dir], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    (run_dir / "eval.json").write_text(nested)
+    refused(*cli_runner.run(["status", run_dir], capsys)[::2], "eval.json is not valid JSON (nested too deeply)")
+    (run_dir / "config.json").write_text(nested)
+    refused(*cli_runner.run(["eval", run_dir, "--episodes", 2, "--no-progress"], capsys)[::2],
+            "config.json is not valid JSON (nested too deeply)")
+    split = tmp_path / "split.json"
+    split.write_text(nested)
+    from metalearn.data.folder import read_split_file
+    from metalearn.errors import MetalearnError
+
+    with pytest.raises(MetalearnError, match="split_file .*split.json: cannot read it as JSON \\(nested too deeply\\)"):
+        read_split_file(split)

@@ -543,7 +543,7 @@ def parse_setting(text: str) -> tuple[str, object]:
         raise MetalearnError(f"--set {text}: give OPTION=VALUE, e.g. --set test_inner_steps=10")
     try:
         return key, json.loads(value)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return key, value
 
 

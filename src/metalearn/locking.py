@@ -139,7 +139,7 @@ def read_holder_note(lock_path: Path | str) -> dict | None:
             return None
         with os.fdopen(os.dup(fd), "rb") as f:
             note = json.loads(f.read(64 * 1024))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     finally:
         os.close(fd)

@@ -329,7 +329,7 @@ class RunDir:
         one unreadable; the file is checked where it is read as the run's configuration)."""
         try:
             return json.loads(self.config_path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
             return None
 
     def write_split(self, split: dict[str, list[str]]) -> None:
@@ -630,7 +630,7 @@ class RunDir:
         for line in self.metrics_path.read_text(errors="replace").splitlines():
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue  # a line cut short by a kill
             # every record the trainer writes names its step: a bare number or list, or a dict
             # without an integer step, is no record (a hand edit, or garbage)
@@ -741,7 +741,7 @@ def _read_evaluation(path: Path) -> dict[str, Any] | None:
     short or damaged: no score to keep, so the write replaces it)."""
     try:
         held = json.loads(path.read_bytes())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return held if isinstance(held, dict) else None
 
@@ -765,8 +765,9 @@ def read_json_object(path: Path, advice: str | tuple[str, str]) -> dict[str, Any
     advice = (advice, advice) if isinstance(advice, str) else advice
     try:
         data = json.loads(path.read_bytes())
-    except ValueError as err:  # JSONDecodeError, or bytes that are no text at all
-        detail = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, bytes that are no text, nesting beyond Python's
+        detail = "nested too deeply" if isinstance(err, RecursionError) else \
+            str(err).splitlines()[0][:120] if str(err) else type(err).__name__
         raise OptionError(f"{path} is not valid JSON ({{detail}}): it was cut short or damaged; {{advice}}",
                           detail=(detail, detail), advice=advice) from None
     if not isinstance(data, dict):

@@ -33,7 +33,7 @@ def read_arrays(path: Path, fingerprint: str, names: tuple[str, ...]) -> tuple[d
             if not isinstance(meta, dict) or meta.get("fingerprint") != fingerprint:
                 return None
             arrays = {name: archive[name] for name in names}
-    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile, json.JSONDecodeError):
+    except (OSError, EOFError, ValueError, KeyError, TypeError, RecursionError, zipfile.BadZipFile):
         return None  # a damaged cache is rebuilt, not trusted (np.load of an empty file: EOFError)
     return arrays, meta
 

@@ -815,9 +815,10 @@ def read_split_file(path: Path) -> dict[str, list]:
                           '{"train": [class, ...], "val": [...], "test": [...]}', split_file=given)
     try:  # -sig: a byte order mark, as Windows editors write
         spec = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_KeyedTwice.of)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        error = "nested too deeply" if isinstance(err, RecursionError) else str(err)
         raise OptionError("{split_file}: cannot read it as JSON ({error})", split_file=given,
-                          error=(str(err), str(err))) from None
+                          error=(error, error)) from None
     if not isinstance(spec, dict) or not all(isinstance(v, list) for v in spec.values()):
         raise OptionError('{split_file}: expected {"train": [class, ...], "val": [...], "test": [...]}',
                           split_file=given)

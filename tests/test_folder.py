@@ -1901,3 +1901,17 @@ def test_a_contact_sheet_of_large_folders_shows_a_readable_part_and_says_what_it
     rows = 2 + SHEET_QUERIES // SHEET_COLUMNS
     assert large.width <= 1.3 * SHEET_COLUMNS * 100 + 1 and large.height <= 1.45 * rows * 100 + 1
     assert small.width < large.width
+
+
+def test_names_of_undecodable_bytes_reach_the_csv_as_bytes_and_the_sheet_as_replacement_characters():
+    """A file or class name that is not UTF-8 (Python holds its bytes as surrogates) failed the
+    CSV's encoding and the sheet's text: the CSV writes the name's own bytes back, the sheet
+    draws U+FFFD for them."""
+    from metalearn.prediction import Predictions, as_csv, contact_sheet
+
+    name = os.fsdecode(b"n\xffu.png")
+    made = Predictions(classes=[os.fsdecode(b"c\xff"), "b"], shots=[1, 1],
+                       predictions=[{"file": name, "label": os.fsdecode(b"c\xff"), "probability": 0.9}])
+    assert b"n\xffu.png,c\xff,0.900000" in as_csv(made)
+    made.images = (torch.rand(2, 1, 8, 8), torch.arange(2), torch.rand(1, 1, 8, 8))
+    assert contact_sheet(made, os.fsdecode(b"title \xff")).startswith(b"\x89PNG")

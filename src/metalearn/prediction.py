@@ -401,7 +401,14 @@ def as_csv(result: dict[str, Any]) -> bytes:
     for p in result["predictions"]:
         writer.writerow([p["file"], p["label"], f"{p['probability']:.6f}"]
                         + ([f"{p['spread']:.6f}"] if spread else []) + [p.get("true", "")])
-    return out.getvalue().encode()
+    # a name of undecodable bytes (Python keeps them as surrogates) is written back as those bytes
+    return out.getvalue().encode("utf-8", "surrogateescape")
+
+
+def _drawable(text: str) -> str:
+    """``text`` with the undecodable bytes of a file or folder name (surrogates, which a figure's
+    text cannot hold) as U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 SHEET_COLUMNS = 12  # the most images in a row of the contact sheet
@@ -446,15 +453,15 @@ def contact_sheet(result: Predictions, title: str = "") -> bytes:
         for k, image in enumerate(support_x[support_y == c][:columns]):
             show(axes[c, k], image)
             if k == 0:
-                axes[c, k].set_title(f"support: {name}", fontsize=7, loc="left")
+                axes[c, k].set_title(_drawable(f"support: {name}"), fontsize=7, loc="left")
     for i, p in enumerate(predictions):
         ax = axes[len(names) + i // columns, i % columns]
         show(ax, query_x[i])
         colour = "black" if "true" not in p else ("green" if p["true"] == p["label"] else "red")
         spread = f" ±{p['spread']:.2f}" if "spread" in p else ""
-        ax.set_title(f"{p['label']} {p['probability']:.2f}{spread}", fontsize=7, color=colour)
+        ax.set_title(_drawable(f"{p['label']} {p['probability']:.2f}{spread}"), fontsize=7, color=colour)
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(_drawable(title), fontsize=9)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)

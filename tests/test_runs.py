@@ -234,6 +234,10 @@ def test_export_notes_an_evaluation_of_another_step_and_a_plot_it_did_not_write(
         f"note: {out / 'samples.png'} was not written by this export (from another run or drawn separately?)"]
     assert (out / "samples.png").read_bytes() == b"another run's plot"  # noted, not deleted
     assert json.loads((out / "summary.json").read_text())["step"] == 2
+    # a step that is no whole number (a hand edit) is no step to note, not a traceback after the record
+    (run_dir / "eval.json").write_text(json.dumps({"metric": "mse", "mean": 1.5, "ci95": 0.1, "step": "abc"}))
+    code, _, err = cli_runner.run(["export", run_dir, tmp_path / "out-abc"], capsys)
+    assert code == 0 and err == "", err
     # an ensemble averages fixed checkpoints: noted only when the run keeps other best ones now
     (run_dir / "eval.json").unlink()
     RunDir(run_dir).keep_best({"step": 1}, 0.5, keep=1, higher_is_better=True)

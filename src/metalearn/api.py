@@ -28,8 +28,8 @@ from metalearn.errors import (ConfigError, MetalearnError, MetalearnWarning, Opt
                               TrainingStopped, caller_level, check_whole, flag, kind_of, valued)
 from metalearn.evaluation import EPISODE_CHUNK, evaluate
 from metalearn.options import option_defaults
-from metalearn.runs import (RunDir, claim_new_run_dir, default_runs_root, new_run_name, recorded_plugins,
-                            registered_in_python)
+from metalearn.runs import (RunDir, claim_new_run_dir, default_runs_root, evaluation_step, new_run_name,
+                            recorded_plugins, registered_in_python)
 from metalearn.files import (WriteError, atomic_write_files, check_folder_path, obstacle, probe_writable,
                              remove_export_temporaries, same_path, user_path)
 from metalearn.locking import make_folders
@@ -1214,7 +1214,7 @@ def _write_record(run: RunDir, config: RunConfig, state: dict[str, Any], plots: 
                 if sorted(current) != sorted(result["ensemble"]):
                     notes.append(f"{name} averaged the checkpoints of steps {sorted(result['ensemble'])}, not the "
                                  f"run's best now ({sorted(current)}): evaluate {run.path} --ensemble again")
-            elif result.get("step") is not None and int(result["step"]) != summary["step"]:
+            elif evaluation_step(result) is not None and evaluation_step(result) != summary["step"]:
                 notes.append(f"{name} scored the model of step {result['step']}, not the exported step "
                              f"{summary['step']}: evaluate {run.path} again for a record of one step")
         for other in sorted(set(out.glob("*.png")) - set(written)):

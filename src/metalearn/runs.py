@@ -688,7 +688,7 @@ class RunDir:
         are no checkpoint, so nothing to compare). A file holding the same or an earlier step,
         none, or one that cannot be read as an evaluation is replaced."""
         path = self.eval_file(overrides, part)
-        step = _evaluation_step(result)
+        step = evaluation_step(result)
 
         def refuse_if_superseded() -> None:
             # Read as late as the write allows: after the new file is on disk, just before the
@@ -698,7 +698,7 @@ class RunDir:
             # eval` may run on another machine sharing the folder, beside a training run that
             # holds the folder's lock).
             held = _read_evaluation(path)
-            held_step = _evaluation_step(held) if held is not None else None
+            held_step = evaluation_step(held) if held is not None else None
             if step is not None and held_step is not None and held_step > step:
                 raise EvaluationSuperseded(
                     f"not written: {path} holds the evaluation of a later checkpoint ({evaluation_in_words(held)}) "
@@ -726,10 +726,10 @@ def evaluation_step_in(path: Path) -> tuple[int | None, str]:
     """The checkpoint step of the evaluation in ``path`` and the evaluation in words (None and
     "" where there is none, or none that can be read as one)."""
     held = _read_evaluation(Path(path))
-    return (None, "") if held is None else (_evaluation_step(held), evaluation_in_words(held))
+    return (None, "") if held is None else (evaluation_step(held), evaluation_in_words(held))
 
 
-def _evaluation_step(result: dict[str, Any]) -> int | None:
+def evaluation_step(result: dict[str, Any]) -> int | None:
     """The checkpoint step an evaluation scored, None where it names none (the initial
     weights' returns) or not as a whole number."""
     step = result.get("step")
@@ -749,7 +749,7 @@ def _read_evaluation(path: Path) -> dict[str, Any] | None:
 def evaluation_in_words(result: dict[str, Any]) -> str:
     """An evaluation in a few words, as ``metalearn eval`` names the one it replaces:
     ``"mse 0.41 at step 70000"``, ``"the lifelong protocol at step 300"``."""
-    at = f" at step {result['step']}" if _evaluation_step(result) is not None else ""
+    at = f" at step {result['step']}" if evaluation_step(result) is not None else ""
     if "protocol" in result:
         return f"the {result['protocol']} protocol{at}"
     try:

@@ -788,3 +788,36 @@ def test_json_nested_beyond_python_s_recursion_is_damage_not_a_traceback(tiny_ru
 
     with pytest.raises(MetalearnError, match="split_file .*split.json: cannot read it as JSON \\(nested too deeply\\)"):
         read_split_file(split)
+
+
+def test_a_best_folder_a_resume_cannot_write_is_refused_before_it_trains(kept_best, tmp_path, capsys):
+    """best/index.json a folder, or best/ a file: refused before the first step, not at the
+    first validation after steps that no checkpoint kept."""
+    resume = [*RESUME[:3], "--steps", 6, *RESUME[5:]]
+    run_dir = copy_of(kept_best, tmp_path)
+    (run_dir / "best" / "index.json").unlink()
+    (run_dir / "best" / "index.json").mkdir()
+    before = run_files(run_dir)
+    refused(*cli_runner.run([*resume, "--run-dir", run_dir], capsys)[::2],
+            f"{run_dir / 'best' / 'index.json'} is a folder, where the run lists its best checkpoints: move it away")
+    assert run_files(run_dir) == before  # the checkpoints too: a folder is no missing index
+    refused(*cli_runner.run(["eval", run_dir, "--ensemble", "--episodes", 2, "--no-progress"], capsys)[::2],
+            f"{run_dir / 'best' / 'index.json'} is a folder, not the list of {run_dir}'s best checkpoints")
+    shutil.rmtree(run_dir / "best")
+    (run_dir / "best").write_text("not a folder")
+    refused(*cli_runner.run([*resume, "--run-dir", run_dir], capsys)[::2],
+            f"{run_dir / 'best'} is a file, where the run keeps its best checkpoints: move it away")
+
+
+def test_a_best_index_that_lists_a_deleted_file_does_not_cost_a_checkpoint_that_is_there(kept_best, tmp_path,
+                                                                                          capsys):
+    """A listed file deleted by hand outranked, and so deleted, a kept checkpoint that was there:
+    it is forgotten instead."""
+    run_dir = copy_of(kept_best, tmp_path)
+    index = json.loads((run_dir / "best" / "index.json").read_text())
+    best = min(index, key=index.get)  # the lowest MSE: first in rank
+    (run_dir / "best" / best).unlink()
+    RunDir(run_dir).keep_best({"step": 9}, max(index.values()) + 1.0, keep=3, higher_is_better=False)
+    after = json.loads((run_dir / "best" / "index.json").read_text())
+    assert best not in after and all((run_dir / "best" / file).is_file() for file in after)
+    assert set(after) == set(index) - {best} | {"step-9.pt"}

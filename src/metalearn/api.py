@@ -229,7 +229,8 @@ def ensemble_checkpoints(run_dir: Path | str, config: RunConfig) -> list[Path]:
                           "scores its episodes otherwise (a policy's returns), which do not average that way: "
                           "evaluate without {ensemble}", ensemble=ENSEMBLE)
     run = RunDir(run_dir)
-    if config.train.keep_best and not (run.best_dir / "index.json").is_file():  # kept by a validation yet to run
+    index = run.best_dir / "index.json"
+    if config.train.keep_best and not (index.exists() or index.is_symlink()):  # kept by a validation yet to run
         raise MetalearnError(f"{run.path} holds no best checkpoints yet: it keeps {config.train.keep_best} by "
                              f"validation every {config.train.val_every} steps, and none has run; train on")
     return run.best_checkpoints()

@@ -449,6 +449,9 @@ class RunDir:
         index = self.read_best_index()  # a damaged index is refused before best/ is made
         self.best_dir.mkdir(parents=True, exist_ok=True)
         name = f"step-{int(state['step'])}.pt"
+        # an entry whose file is gone (deleted by hand: the order below never leaves one) would
+        # outrank, and so delete, a checkpoint that is there: it is forgotten
+        index = {file: value for file, value in index.items() if (self.best_dir / file).is_file()}
         index[name] = score
         ranked = sorted((file for file in index if _best_step(file) is not None),
                         key=lambda file: (-index[file] if higher_is_better else index[file], _best_step(file)))
@@ -460,6 +463,22 @@ class RunDir:
         if name in kept:
             save_state(self.best_dir / name, state)
         self._replace_best_index(index, kept)
+
+    def check_best_writable(self) -> None:
+        """Refuse, in one line, a ``best/`` the next :meth:`keep_best` could not write: ``best`` a
+        file, ``best/index.json`` a folder, a link or a special file, a folder that refuses new
+        files (read-only, immutable, a quota: :func:`~metalearn.files.probe_writable`). For a
+        resume, before it trains: the first validation would otherwise fail after the steps up
+        to it, which no checkpoint kept."""
+        best = self.best_dir
+        if best.is_symlink() or (best.exists() and not best.is_dir()):
+            raise MetalearnError(f"{best} is {obstacle(best) or 'a file'}, where the run keeps its best checkpoints: "
+                                 "move it away")
+        index = best / "index.json"
+        what = obstacle(index)
+        if what is not None:
+            raise MetalearnError(f"{index} is {what}, where the run lists its best checkpoints: move it away")
+        probe_writable(index if best.is_dir() else best)
 
     def drop_best_after(self, step: int) -> None:
         """Forget the best checkpoints of steps after ``step`` (kept by a run killed after its
@@ -496,7 +515,11 @@ class RunDir:
         or :meth:`drop_best_after` left (a checkpoint written but not yet listed, or no longer
         listed but not yet deleted). Only the holder of the run's lock writes best/ and it calls
         this before writing, so no such file is a write in progress; readers only open listed
-        files. An index that cannot be read leaves every file alone (its next reader says so)."""
+        files. An index that cannot be read, or something else in its place (a folder: read as
+        no index, it would have every file deleted), leaves every file alone (its next reader
+        says so)."""
+        if obstacle(self.best_dir / "index.json") is not None:
+            return []
         try:
             index = self.read_best_index()
             entries = list(self.best_dir.iterdir())
@@ -531,6 +554,10 @@ class RunDir:
         index_path = self.best_dir / "index.json"
 
         def read_index() -> dict[str, Any]:
+            what = obstacle(index_path)
+            if what is not None:  # not "kept none yet": the index is there in a form no reader takes
+                raise MetalearnError(f"{index_path} is {what}, not the list of {self.path}'s best checkpoints: "
+                                     f"put the file back, or delete {self.best_dir} and train on to keep new ones")
             if not index_path.is_file():
                 raise OptionError(f"{self.path} kept no best checkpoints: train with {{keep_best}} (and validation) "
                                   "to evaluate an ensemble", keep_best=KEEP_BEST)

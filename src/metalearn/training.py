@@ -479,6 +479,9 @@ class Trainer:
         # read by the first validation's keep_best (and fit's drop_best_after): refused now,
         # not after the steps up to that validation were trained
         self.run_dir.read_best_index()
+        train = self.config.train
+        if train.keep_best and train.val_every and step < steps and self.world.is_main:
+            self.run_dir.check_best_writable()
         trained_on = state.get("data_fingerprint")  # absent in runs of fixed datasets and older runs
         if trained_on is not None and self.data_fingerprint is not None and trained_on != self.data_fingerprint:
             where = ("{data_dir}" if self.data_dir is not None and self.data_dir_given else

@@ -821,3 +821,15 @@ def test_a_best_index_that_lists_a_deleted_file_does_not_cost_a_checkpoint_that_
     after = json.loads((run_dir / "best" / "index.json").read_text())
     assert best not in after and all((run_dir / "best" / file).is_file() for file in after)
     assert set(after) == set(index) - {best} | {"step-9.pt"}
+
+
+def test_export_refuses_a_config_json_of_another_run_and_writes_nothing(tiny_run, tmp_path, capsys):
+    """config.json copied from another run would give the record that run's configuration beside
+    this one's evaluations: refused as eval refuses it."""
+    run_dir = copy_of(tiny_run, tmp_path)
+    config = json.loads((run_dir / "config.json").read_text())
+    config["method_config"]["inner_lr"] = 0.5  # another run's network trains otherwise
+    (run_dir / "config.json").write_text(json.dumps(config))
+    refused(*cli_runner.run(["export", run_dir, tmp_path / "out"], capsys)[::2],
+            "Its config.json and checkpoint.pt come from different runs")
+    assert not (tmp_path / "out").exists()

@@ -36,8 +36,8 @@ from metalearn.locking import make_folders
 from metalearn.models import NETWORKS
 from metalearn.plugins import load_plugins, unknown_hint
 from metalearn.tasks import has_validation, no_validation_reason, problem_of
-from metalearn.checkpoints import (check_same_method, check_test_ways, configuration_conflict, load_trained,
-                                   load_trained_state, recorded_images, run_images)
+from metalearn.checkpoints import (check_compatible, check_same_method, check_test_ways, configuration_conflict,
+                                   load_trained, load_trained_state, recorded_images, run_images, saved_config)
 from metalearn.training import (TEST_SEED_OFFSET, build_trainer, part_seed_offset, python_resume, python_test,
                                 registered_resume, registered_test, resume_command, resume_without_run_dir)
 
@@ -1120,7 +1120,11 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
         raise OptionError(f"{{out_dir}} {'is' if other == out else 'lies inside'} the folder of another run, "
                           f"{other}: the record would lie among that run's files; give another folder (e.g. "
                           f"results/{own.name})", out_dir=valued(OUT_DIR, out_dir))
-    state = run.read_checkpoint("step")
+    state = run.read_checkpoint("step", "config")
+    # config.json copied from another run would put that run's configuration in the summary, beside
+    # this one's evaluations: refused as eval and --resume refuse it
+    check_compatible(saved_config(state, run.checkpoint_path), config, f"the checkpoint in {run.path}",
+                     "Its config.json and checkpoint.pt come from different runs: put back the run's own files.")
     # the folder the run trained on, recorded by its checkpoint: export needs no --data-dir
     check_outside_data(config.task, data_dir, OUT_DIR, out_dir, recorded=state.get("data_dir"))
     # before the drawing, which takes a while; the plots' names are known once they are drawn,

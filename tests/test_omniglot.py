@@ -531,3 +531,19 @@ def test_a_cache_folder_that_is_a_file_is_named_as_such(omniglot_data_dir, tmp_p
     assert str(caught.value) == (f"cannot write {afile / 'omniglot-28x28-v1.npz'}: METALEARN_CACHE {afile} is a "
                                  "file, not a folder; point METALEARN_CACHE at a folder")
     assert afile.read_text() == "not a folder"
+
+
+def test_the_characters_two_splits_share_are_those_the_init_from_warning_counts(omniglot):
+    """SHARED_CHARACTERS, recounted on the release: a run's validation and test characters that
+    are training characters of the split its starting weights learned, and its test characters
+    that are that split's validation characters; a split shares none with itself."""
+    from metalearn.data.splits import SHARED_CHARACTERS, SPLITS, has_part
+
+    def characters(split, parts):
+        return {int(c) for part in parts if has_part(split, part)
+                for c in omniglot_split(omniglot, split, part).characters}
+
+    counted = {(a, b): len(characters(a, ("train",)) & characters(b, ("val", "test"))
+                           | characters(a, ("val",)) & characters(b, ("test",)))
+               for a in SPLITS for b in SPLITS}
+    assert {pair: n for pair, n in counted.items() if n} == SHARED_CHARACTERS

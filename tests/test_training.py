@@ -1454,7 +1454,33 @@ def test_init_from_a_run_of_another_split_of_the_dataset_warns_of_its_classes(tm
         return [str(w.message) for w in caught if issubclass(w.category, MetalearnWarning)]
 
     assert started("vinyals") == [
-        f"init_from {tmp_path / 'maml'} trained on another split of omniglot (split maml there, vinyals here): "
-        "the classes this run validates and tests on may be among those its starting weights were trained on, which "
-        "would overstate its scores; start from a run of the same split"]
+        "this run starts from weights that have seen classes it will be scored on: 411 of its validation and test "
+        f"characters were seen by init_from {tmp_path / 'maml'}, a run of the maml split (in training, or in the "
+        "validation that chose them), which would overstate its scores; start from a run of the same split"]
     assert started("maml") == []
+
+
+def test_init_from_a_run_of_the_same_folder_split_otherwise_warns_only_of_classes_it_shares(tmp_path):
+    """Class folders: the source's split.json against this run's parts, by name, on the folder
+    the source trained on. Fractions spelled out as the default split alike: no warning."""
+    from test_folder import write_tiny
+
+    data = tmp_path / "data"
+    write_tiny(data, {f"c{i}": 4 for i in range(10)})
+    common = {"dataset": "folder", "ways": 2, "shots": 1, "query": 1, "image_size": 16, "channels": 1}
+    source = resolve_config("protonet", task={**common, "split_fractions": "0.6,0.2,0.2"},
+                            train={"steps": 1, "val_every": 0, "meta_batch_size": 1})
+    build_trainer(source, tmp_path / "src", data_dir=data).fit(progress=False)
+
+    def started(fractions, name):
+        config = resolve_config("protonet", task={**common, "split_fractions": fractions},
+                                train={"steps": 0, "init_from": str(tmp_path / "src")})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            build_trainer(config, tmp_path / name, data_dir=data)
+        return [str(w.message) for w in caught if issubclass(w.category, MetalearnWarning)]
+
+    assert started("0.6,0.2,0.2", "same") == []
+    warned = started("0.2,0.2,0.6", "other")
+    assert len(warned) == 1 and "of its validation and test classes were seen by " \
+        f"init_from {tmp_path / 'src'} (its split.json)" in warned[0], warned

@@ -366,35 +366,47 @@ def initialise_from_run(learner: MetaLearner, run_dir: Path | str, config: RunCo
     with torch.no_grad():
         for name, p in own.items():
             p.copy_(saved[name])
-    if config is not None:
-        _warn_of_another_split(source, config)
     return len(own)
 
 
-def _warn_of_another_split(source: RunDir, config: RunConfig) -> None:
-    """Warn where the run in ``source`` trained on ``config``'s dataset split otherwise (another
-    ``split``, ``split_fractions`` or ``split_file``): the classes this run validates and tests on
-    may then be among those its starting weights learned (a third of the vinyals test characters
-    are training characters of the maml split), and its scores would overstate few-shot
-    learning."""
+def warn_of_seen_classes(source: RunDir, config: RunConfig, class_split: dict[str, list[str]] | None,
+                         data_dir: Path | None) -> None:
+    """Warn where the classes a run started ``--init-from`` the run in ``source`` validates and
+    tests on include classes its starting weights trained or validated on, which would overstate
+    its scores (the source's training classes among this run's validation and test classes, its
+    validation classes, which chose its weights, among this run's test classes): Omniglot runs
+    of two splits that share such characters
+    (:data:`~metalearn.data.splits.SHARED_CHARACTERS`), class folders split two ways on one
+    folder (by name, ``class_split`` against the source's ``split.json``). Other data, or a
+    source that cannot be read as a run, is not judged."""
     try:
         theirs = source.read_config()
     except MetalearnError:
         return
     if theirs.task.dataset != config.task.dataset:  # other data: a transfer, not a leak
         return
-    fields = ("split", "split_fractions", "split_file")
-    differ = [(name, getattr(theirs.task, name), getattr(config.task, name)) for name in fields
-              if getattr(theirs.task, name) != getattr(config.task, name)]
-    if not differ:
-        return
-    told = {name: (f"{name} {there or '(none)'} there, {here or '(none)'} here",
-                   f"{flag(name)} {there or '(none)'} there, {here or '(none)'} here") for name, there, here in differ}
-    warnings.warn(OptionWarning(
-        "{init_from} trained on another split of " + config.task.dataset + " (" + ", ".join(f"{{{n}}}" for n in told)
-        + "): the classes this run validates and tests on may be among those its starting weights were trained "
-        "on, which would overstate its scores; start from a run of the same split",
-        init_from=valued("init_from", source.path), **told), stacklevel=caller_level())
+    if config.task.dataset == "omniglot":
+        from metalearn.data.splits import SHARED_CHARACTERS
+
+        shared = SHARED_CHARACTERS.get((theirs.task.split, config.task.split), 0)
+        seen = f"{shared} of its validation and test characters were seen by {{init_from}}, a run of the " \
+               f"{theirs.task.split} split"
+    else:
+        try:
+            trained = source.read_split() if class_split is not None else None
+            there = recorded_images(source)
+        except MetalearnError:
+            return
+        if trained is None or there is None or data_dir is None or there.resolve() != Path(data_dir).resolve():
+            return
+        shared = len(set(trained.get("train", [])) & set(class_split.get("val", []) + class_split.get("test", []))
+                     | set(trained.get("val", [])) & set(class_split.get("test", [])))
+        seen = f"{shared} of its validation and test classes were seen by {{init_from}} (its split.json)"
+    if shared:
+        warnings.warn(OptionWarning(
+            f"this run starts from weights that have seen classes it will be scored on: {seen} (in training, or in "
+            "the validation that chose them), which would overstate its scores; start from a run of the same split",
+            init_from=valued("init_from", source.path)), stacklevel=caller_level())
 
 
 def _network_options_differ(source: RunDir, config: RunConfig) -> tuple[str, str] | None:

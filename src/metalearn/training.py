@@ -25,7 +25,7 @@ from metalearn.checkpoints import (RESUME_ENTRIES, RESUME_OPTIONAL_ENTRIES, all_
                                    check_entries, check_run_dir, check_test_ways, check_weights_finite,
                                    initialise_from_run, load_learner_state, network_difference, on_cpu, own_learner,
                                    own_tasks, recorded_images, run_images, saved_config, unreadable_checkpoint,
-                                   untrained_attempt)
+                                   untrained_attempt, warn_of_seen_classes)
 from metalearn.config import RunConfig
 from metalearn.distributed import RankLost, World, environment_count
 from metalearn.errors import (TIME_LIMIT_EXIT, ConfigError, MetalearnError, OptionError, OptionWarning,
@@ -1086,6 +1086,9 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
         raise OptionError(f"{{given}} is not the folder the run in {run.path} trained on ({recorded}; leave "
                           "{data_dir} out to resume on it): {error}", data_dir="data_dir", error=spellings(err),
                           given=valued("data_dir", data_dir)) from None
+    if config.train.init_from and not resume and world.is_main:  # the classes are known once the parts are built
+        warn_of_seen_classes(RunDir(config.train.init_from), config, getattr(train_tasks, "class_split", None),
+                             data_dir)
     learner = learner.to(world.device)
     trainer = Trainer(config, learner, train_tasks, val_tasks, run, world, resume=resume, lock=lock)
     trainer.task_source = f"dataset:{config.task.dataset}"

@@ -31,6 +31,17 @@ SPLITS = ("vinyals", "lake", "maml", "vinyals-trainval")
 PARTS = ("train", "val", "test")
 RUN_SPLIT_NAME = "split.json"  # a run's record of its class folders' split (a --split-file), beside its config.json
 RANDOM_ROTATION = -1
+# (split of a run's starting weights, split of the run): how many characters the run is scored
+# on that the first saw, its training characters among the run's validation and test ones and
+# its validation characters (which chose its weights) among the run's test ones, counted on the
+# release's pools (tests/test_omniglot.py recounts them); a pair not listed shares none
+SHARED_CHARACTERS = {
+    ("vinyals", "lake"): 236, ("vinyals", "maml"): 366,
+    ("lake", "vinyals"): 172, ("lake", "maml"): 304,
+    ("maml", "vinyals"): 411, ("maml", "lake"): 474, ("maml", "vinyals-trainval"): 295,
+    ("vinyals-trainval", "vinyals"): 172, ("vinyals-trainval", "lake"): 236, ("vinyals-trainval", "maml"): 376,
+}
+
 MAML_SPLIT_SEED = 1
 MAML_SPLIT_SIZES = (1100, 100, 423)
 

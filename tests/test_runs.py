@@ -809,6 +809,28 @@ def test_a_best_folder_a_resume_cannot_write_is_refused_before_it_trains(kept_be
             f"{run_dir / 'best'} is a file, where the run keeps its best checkpoints: move it away")
 
 
+def test_best_checkpoints_kept_through_links_resume_and_evaluate(kept_best, tmp_path, capsys):
+    """best/ a link to a folder on another disk, index.json a link to a file (a git-annex or DVC
+    layout): a resume keeps best checkpoints there, eval --ensemble reads them."""
+    run_dir = copy_of(kept_best, tmp_path)
+    elsewhere = tmp_path / "bigdisk" / "best"
+    elsewhere.parent.mkdir()
+    shutil.move(run_dir / "best", elsewhere)
+    (run_dir / "best").symlink_to(elsewhere, target_is_directory=True)
+    code, _, err = cli_runner.run(["eval", run_dir, "--ensemble", "--episodes", 2, "--no-progress"], capsys)
+    assert code == 0, err
+    (elsewhere / "index.json").rename(tmp_path / "index.json")
+    (elsewhere / "index.json").symlink_to(tmp_path / "index.json")
+    code, _, err = cli_runner.run(["eval", run_dir, "--ensemble", "--episodes", 2, "--no-progress"], capsys)
+    assert code == 0, err
+    code, _, err = cli_runner.run([*RESUME[:3], "--steps", 6, *RESUME[5:], "--run-dir", run_dir], capsys)
+    assert code == 0, err
+    assert (run_dir / "best").is_symlink()  # kept where it was, the index rewritten there
+    listed = json.loads((elsewhere / "index.json").read_text())
+    assert len(listed) == 3 and all((elsewhere / file).is_file() for file in listed)
+    assert [path.parent for path in RunDir(run_dir).best_checkpoints()] == [run_dir / "best"] * 3
+
+
 def test_a_best_index_that_lists_a_deleted_file_does_not_cost_a_checkpoint_that_is_there(kept_best, tmp_path,
                                                                                           capsys):
     """A listed file deleted by hand outranked, and so deleted, a kept checkpoint that was there:

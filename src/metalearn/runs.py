@@ -466,16 +466,17 @@ class RunDir:
 
     def check_best_writable(self) -> None:
         """Refuse, in one line, a ``best/`` the next :meth:`keep_best` could not write: ``best`` a
-        file, ``best/index.json`` a folder, a link or a special file, a folder that refuses new
-        files (read-only, immutable, a quota: :func:`~metalearn.files.probe_writable`). For a
-        resume, before it trains: the first validation would otherwise fail after the steps up
-        to it, which no checkpoint kept."""
+        file or a link to nothing (a link to a folder is a folder), ``best/index.json`` a folder,
+        a link to nothing or a special file, a folder that refuses new files (read-only,
+        immutable, a quota: :func:`~metalearn.files.probe_writable`). For a resume, before it
+        trains: the first validation would otherwise fail after the steps up to it, which no
+        checkpoint kept."""
         best = self.best_dir
-        if best.is_symlink() or (best.exists() and not best.is_dir()):
-            raise MetalearnError(f"{best} is {obstacle(best) or 'a file'}, where the run keeps its best checkpoints: "
-                                 "move it away")
+        if (best.exists() or best.is_symlink()) and not best.is_dir():  # a link to a folder is one (another disk)
+            what = "a link to nothing" if best.is_symlink() and not best.exists() else "a file"
+            raise MetalearnError(f"{best} is {what}, where the run keeps its best checkpoints: move it away")
         index = best / "index.json"
-        what = obstacle(index)
+        what = _not_a_file(index)
         if what is not None:
             raise MetalearnError(f"{index} is {what}, where the run lists its best checkpoints: move it away")
         probe_writable(index if best.is_dir() else best)
@@ -518,7 +519,7 @@ class RunDir:
         files. An index that cannot be read, or something else in its place (a folder: read as
         no index, it would have every file deleted), leaves every file alone (its next reader
         says so)."""
-        if obstacle(self.best_dir / "index.json") is not None:
+        if _not_a_file(self.best_dir / "index.json") is not None:
             return []
         try:
             index = self.read_best_index()
@@ -554,7 +555,7 @@ class RunDir:
         index_path = self.best_dir / "index.json"
 
         def read_index() -> dict[str, Any]:
-            what = obstacle(index_path)
+            what = _not_a_file(index_path)
             if what is not None:  # not "kept none yet": the index is there in a form no reader takes
                 raise MetalearnError(f"{index_path} is {what}, not the list of {self.path}'s best checkpoints: "
                                      f"put the file back, or delete {self.best_dir} and train on to keep new ones")
@@ -754,6 +755,18 @@ def evaluation_step_in(path: Path) -> tuple[int | None, str]:
     "" where there is none, or none that can be read as one)."""
     held = _read_evaluation(Path(path))
     return (None, "") if held is None else (evaluation_step(held), evaluation_in_words(held))
+
+
+def _not_a_file(path: Path) -> str | None:
+    """What stands at ``path`` in place of a file that is read (a link to a file is one), in a
+    few words; None for a file (through links) or nothing there."""
+    if path.is_symlink() and not path.exists():
+        return "a link to nothing"
+    if path.is_dir():
+        return "a folder"
+    if path.exists() and not path.is_file():
+        return "a special file"
+    return None
 
 
 def evaluation_step(result: dict[str, Any]) -> int | None:

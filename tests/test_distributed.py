@@ -538,3 +538,37 @@ def test_a_torchrun_variable_that_is_no_count_is_one_line(tmp_path, monkeypatch,
     code, _, err = run(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--run-dir", tmp_path / "r"], capsys)
     assert code == 2 and f"{name}={value!r} in the environment is not a whole number >= 0" in err
     assert "Traceback" not in err and not (tmp_path / "r").exists()
+
+
+NAN_PLUGIN = '''
+from metalearn.datasets import Dataset, get_dataset, register_dataset
+from metalearn.tasks import SinusoidTasks
+
+
+class LastTaskNaN(SinusoidTasks):
+    def sample(self, num_tasks, generator, tasks=None):
+        batch = super().sample(num_tasks, generator)
+        batch.support_y[-1, 0] = float("nan")  # the meta-batch's last task: rank 1's share
+        return batch if tasks is None else batch.select(tasks)
+
+
+sine = get_dataset("sinusoid")
+register_dataset(Dataset("nan-sine", False, build=lambda task, shape, part, data_dir, progress: LastTaskNaN(
+    shots=shape.shots, query=shape.query), problem=sine.problem, generated=True))
+'''
+
+
+def test_nan_data_on_one_rank_is_named_by_every_rank(tmp_path):
+    """The rank whose share holds the NaN names it, with its place in the whole meta-batch; the
+    others say another rank's share holds it, not that the learning rate is too large."""
+    plugin = tmp_path / "nan_sine.py"
+    plugin.write_text(NAN_PLUGIN)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "metalearn", "train", "maml", "--dataset", "nan-sine", "--meta-batch-size", "5",
+                           "--steps", "2", "--val-every", "0", "--no-progress", "--run-dir", str(tmp_path / "run")],
+                          env={**env(), "METALEARN_PLUGINS": str(plugin)}, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "the batch's support_y (1 task, the first task 4) holds NaN or infinite values" in done.stderr, \
+        done.stderr[-3000:]
+    assert "the batch's share of another rank (whose message names it) holds NaN" in done.stderr, done.stderr[-3000:]
+    assert "inner-lr" not in done.stderr

@@ -8,6 +8,7 @@ smaller than the number of ranks included, run on any machine in a few seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 
@@ -302,6 +303,13 @@ class _TasksWithANaN(SinusoidTasks):
         return batch
 
 
+class _TasksWithoutATaskAxis(SinusoidTasks):
+    """Sinusoids whose support targets lost their task axis: a malformed batch."""
+
+    def sample(self, num_tasks, generator, tasks=None):
+        return dataclasses.replace(super().sample(num_tasks, generator, tasks), support_y=torch.zeros(num_tasks))
+
+
 def test_nan_in_the_data_is_named_as_the_data_s_not_as_a_learning_rate_s(tmp_path):
     """A NaN the task source draws makes the meta-loss NaN: training stops naming the tensor
     and the tasks, not advising a smaller learning rate; evaluate warns of it beside the
@@ -314,13 +322,16 @@ def test_nan_in_the_data_is_named_as_the_data_s_not_as_a_learning_rate_s(tmp_pat
                             train={"steps": 3, "val_every": 0, "meta_batch_size": 4})
     with pytest.raises(MetalearnError) as info:
         Trainer(config, MAML(MLP(1, 1), {"inner_lr": 0.01}), tasks, None, tmp_path / "run").fit(progress=False)
-    assert str(info.value).startswith("the meta-loss became nan at step 1: the batch's support_y (1 of 4 tasks, the "
-                                      "first task 0) holds NaN or infinite values, as the task source drew them")
+    assert str(info.value).startswith("the meta-loss became nan at step 1: the batch's support_y (1 task, the first "
+                                      "task 0) holds NaN or infinite values, as the task source drew them")
     assert "inner_lr" not in str(info.value)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = evaluate(MAML(MLP(1, 1)), tasks, 8, progress=False)
     assert result["diverged"] == 1
     assert [str(w.message) for w in caught] == [
-        "the task source drew NaN or infinite values in support_y (1 of 8 tasks, the first task 0): an episode whose "
+        "the task source drew NaN or infinite values in support_y (1 task, the first task 0): an episode whose "
         "score they make non-finite counts as diverged; clean the data"]
+    # a batch without a task axis on its targets is the learner's to refuse, in its one line
+    with pytest.raises(MetalearnError, match="maml: support_y must be"):
+        evaluate(MAML(MLP(1, 1)), _TasksWithoutATaskAxis(shots=5, query=5), 4, progress=False)

@@ -204,7 +204,7 @@ def _evaluate(learner, source, episodes, seed, chunk, world, progress, per_step,
                 batch = batch.to(device)
                 metric = batch_metric(batch)
                 if unclean is None and isinstance(batch, TaskBatch):
-                    unclean = batch.non_finite()
+                    unclean = batch.non_finite(episodes - remaining + (share.start or 0))
                 if share.stop > share.start:  # a chunk smaller than the number of ranks
                     try:
                         if measure and batch.num_tasks > 1:  # the chunks after the first: their size or less

@@ -721,7 +721,11 @@ class Trainer:
             loss, metrics = meta_gradient(self.learner, batch, self.task_chunk, local_fraction)
             total_loss = float(self.world.sum(loss * local_fraction))
             if not math.isfinite(total_loss):
-                where = batch.non_finite() if isinstance(batch, TaskBatch) else None
+                where = batch.non_finite(share.start or 0) if isinstance(batch, TaskBatch) else None
+                if self.world.distributed:  # every rank is here (the loss is a sum): one account for all
+                    flagged = self.world.sum(torch.tensor(float(where is not None), device=self.world.device))
+                    if where is None and float(flagged) > 0:
+                        where = "share of another rank (whose message names it)"
                 if where is not None:  # the data's doing: a smaller learning rate would not help
                     raise MetalearnError(f"the meta-loss became {total_loss} at step {self.step + 1}: the batch's "
                                          f"{where} holds NaN or infinite values, as the task source drew them; "

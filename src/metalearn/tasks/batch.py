@@ -99,24 +99,23 @@ class TaskBatch:
             {k: v[tasks] for k, v in self.task_params.items()},
         )
 
-    def non_finite(self) -> str | None:
-        """Where the examples or targets hold NaN or infinite values, as ``"support_y (2 of 8
-        tasks, the first task 3)"`` (the first such tensor); None where all are finite. A meta-loss
-        or a score that is not finite on such data is the data's doing, not a learning rate's.
-        One device synchronisation."""
-        names = ("support_x", "support_y", "query_x", "query_y")
-        tensors = [getattr(self, name) for name in names]
-        floating = [(name, t) for name, t in zip(names, tensors) if torch.is_floating_point(t) and t.numel()]
-        if not floating:
-            return None
-        bad = torch.stack([~torch.isfinite(t).flatten(1).all(1) for _, t in floating])  # (tensors, tasks)
-        counts = bad.sum(1).tolist()
-        for (name, _), row, count in zip(floating, bad, counts):
+    def non_finite(self, first_task: int = 0) -> str | None:
+        """Where the examples or targets hold NaN or infinite values, as ``"support_y (2 tasks,
+        the first task 3)"`` (the first such tensor; ``first_task``: the number of this batch's
+        first task in a larger one, a distributed rank's share); None where all are finite, and
+        for tensors without a task axis (a malformed batch, which the learner refuses). A
+        meta-loss or a score that is not finite on such data is the data's doing, not a learning
+        rate's. One device synchronisation per floating-point tensor."""
+        for name in ("support_x", "support_y", "query_x", "query_y"):
+            t = getattr(self, name)
+            if not (isinstance(t, Tensor) and torch.is_floating_point(t)) or t.dim() < 1 or not t.numel():
+                continue
+            bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)  # (tasks,)
+            count = int(bad.sum())
             if count:
-                first = int(row.nonzero()[0])
-                return f"{name} ({count} of {row.numel()} tasks, the first task {first})"
+                first = first_task + int(bad.nonzero()[0])
+                return f"{name} ({count} task{'s' if count > 1 else ''}, the first task {first})"
         return None
-
 
 @dataclass(frozen=True)
 class Problem:

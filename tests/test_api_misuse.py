@@ -562,7 +562,7 @@ def test_one_number_examples_and_targets_without_their_axis_are_told_the_axis_th
         "got (30,) examples and 30 labels; examples of one number each need a last axis of 1 (examples[:, None])")
 
 
-def test_a_network_that_cannot_run_as_a_batched_function_of_its_parameters_is_refused_in_one_line():
+def test_a_network_that_cannot_run_as_a_batched_function_of_its_parameters_is_refused_in_one_line(monkeypatch):
     """A forward that bumps a buffer (a call counter) and spectral_norm's power iteration fail
     inside torch.func with dozens of frames; MAML and Reptile refuse them in one line naming the
     cause. LayerNorm, dropout and constant buffers run."""
@@ -587,6 +587,16 @@ def test_a_network_that_cannot_run_as_a_batched_function_of_its_parameters_is_re
     spectral = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(1, 8)), nn.ReLU(), nn.Linear(8, 1))
     assert "an operation in its forward cannot run so; replace that layer (torch: Batching rule not implemented" in (
         refusal(lambda: MAML(spectral).meta_loss(batch)))
-    plain = nn.Sequential(nn.Linear(1, 8), nn.Dropout(0.1), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 1))
-    plain.register_buffer("scale", torch.ones(()))
-    assert torch.isfinite(MAML(plain).meta_loss(batch)[0])
+
+    class Mine(nn.Module):  # a class of the user's: probed (torch's layers alone are not)
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.Sequential(nn.Linear(1, 8), nn.Dropout(0.1), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 1))
+            self.register_buffer("scale", torch.ones(()))
+
+        def forward(self, x):
+            return self.layers(x) * self.scale
+
+    probed, real = [], torch.func.vmap
+    monkeypatch.setattr(torch.func, "vmap", lambda *args, **kwargs: (probed.append(1), real(*args, **kwargs))[1])
+    assert torch.isfinite(MAML(Mine()).meta_loss(batch)[0]) and probed

@@ -617,6 +617,10 @@ def test_a_registered_regression_dataset_refuses_classes_and_plots_without_a_tru
     code, out, err = run(["train", "maml", *common, "--print-config"], capsys)
     assert code == 0, err
     assert json.loads(out)["task"]["ways"] == 0 and json.loads(out)["task"]["split"] == "none"
+    # a dataset that lists split as inapplicable itself records none either, not the default maml
+    listed = Dataset("toy-listed", False, build=lambda *a: None, problem=lambda task: Problem((12,), 1, False),
+                     inapplicable=("split",))
+    assert listed.fixed == {"split": "none", "ways": 0} and listed.inapplicable.count("split") == 1
 
     code, out, err = run(["train", "maml", *common, "--steps", 4, "--meta-batch-size", 2, "--val-every", 0,
                           "--eval-episodes", 4], capsys)

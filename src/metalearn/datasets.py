@@ -83,11 +83,11 @@ class Dataset:
             # regression tasks have no classes and no Omniglot split: a registered regression
             # dataset refuses them as the built-in ones do (given, they would be recorded in
             # config.json and mean nothing), unless its own defaults or fixed values name them
-            own = {*self.defaults, *self.fixed, *self.inapplicable}
-            unset = [name for name in ("split", "ways", "test_ways") if name not in own]
+            unset = [name for name in ("split", "ways", "test_ways") if name not in {*self.defaults, *self.fixed}]
             values = {"split": "none", "ways": 0}
             object.__setattr__(self, "fixed", {**{name: values[name] for name in unset if name in values}, **self.fixed})
-            object.__setattr__(self, "inapplicable", (*self.inapplicable, *unset))
+            object.__setattr__(self, "inapplicable",
+                               (*self.inapplicable, *(name for name in unset if name not in self.inapplicable)))
 
     @property
     def kind(self) -> str:

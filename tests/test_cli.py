@@ -176,8 +176,12 @@ def test_time_limit_from_the_command_line(tmp_path, capsys, monkeypatch):
     assert RunDir(run_dir).read_checkpoint("step")["step"] > step
     assert [Duration().convert(text, None, None) for text in ("5400", "90m", "1h30m", "1:30:00", "0.5d", "2m30s")] == \
         [5400, 5400, 5400, 5400, 43200, 150]
+    # Slurm's days-hours[:minutes[:seconds]], as squeue and sbatch --time write a limit of a day or more
+    assert [Duration().convert(text, None, None) for text in ("1-00:00:00", "2-12", "1-1:30", "0-0:10")] == \
+        [86400, 216000, 91800, 600]
     for bad, message in (("soon", "'soon' is not a length of time"), ("0", "'0' is not a positive length"),
-                         ("h", "'h' is not a length of time"), ("1:2:3:4", "is not a length of time")):
+                         ("h", "'h' is not a length of time"), ("1:2:3:4", "is not a length of time"),
+                         ("1:-30", "is not a length of time"), ("1-2-3", "is not a length of time")):
         code, _, err = run(args + ["--time-limit", bad], capsys)
         assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
@@ -932,6 +936,18 @@ def test_ctrl_c_while_the_data_is_read_names_the_command_that_goes_on(tmp_path, 
     assert code == 130
     assert err.strip().splitlines()[-1] == (f"interrupted before training began; continue with `metalearn train maml "
                                             f"--run-dir {run_dir} --resume`")
+    # a SIGTERM there (a scheduler's, in the first seconds of a job) says the same, with its status 143:
+    # a requeue that follows the exit table would otherwise --resume a run that holds nothing
+    from metalearn.errors import Terminated
+
+    def terminated(*args, **kwargs):
+        raise Terminated
+
+    monkeypatch.setattr(metalearn.training, "build_task_source", terminated)
+    code, _, err = run([*options, "--run-dir", tmp_path / "other"], capsys)
+    assert code == 143
+    assert err.strip().splitlines()[-1] == ("terminated (SIGTERM) before training began; nothing was trained or "
+                                            "saved: run the same command again to start")
 
 
 def test_status_says_where_runs_stand_without_touching_them(tmp_path, capsys, monkeypatch):

@@ -24,8 +24,8 @@ from metalearn.config import (RESUMABLE_CHANGES, RunConfig, TaskConfig, TrainCon
                               sets_task_option, task_differences)
 from metalearn.datasets import DATASETS, get_dataset, reads_image_folder
 from metalearn.distributed import World, init_world
-from metalearn.errors import (ConfigError, MetalearnError, MetalearnWarning, OptionError, OptionWarning,
-                              TrainingStopped, caller_level, check_whole, flag, kind_of, valued)
+from metalearn.errors import (ConfigError, MetalearnError, MetalearnWarning, OptionError, OptionWarning, Terminated,
+                              TrainingStopped, caller_level, check_whole, flag, kind_of, stopped_by, valued)
 from metalearn.evaluation import EPISODE_CHUNK, evaluate
 from metalearn.options import option_defaults
 from metalearn.runs import (RunDir, claim_new_run_dir, default_runs_root, evaluation_step, new_run_name,
@@ -413,8 +413,9 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
     try:  # the loop turns Ctrl-C into TrainingStopped; before it (the first save) and after (the last) it is raw
         trainer.fit(progress=progress, time_limit_s=None if time_limit_s is None else time_limit_s - (now() - started),
                     stop_at=stop_at, keep_lock=evaluate_after)
-    except KeyboardInterrupt:
-        raise TrainingStopped(f"interrupted; {_next_command(config, run_dir, data_dir)}", 130) from None
+    except (KeyboardInterrupt, Terminated) as err:
+        said, code = stopped_by(err)
+        raise TrainingStopped(f"{said}; {_next_command(config, run_dir, data_dir)}", code) from None
     result = None
     try:  # the run folder stays locked through its test: status says it is tested, a second writer waits
         if evaluate_after:  # the trained weights in memory: no rank needs to read the checkpoint back
@@ -423,9 +424,10 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
             try:
                 result = _evaluate(run_dir, tested, trainer.learner, trainer.step, "test", None, 0, images,
                                    progress, world, None, before_write=trainer.check_folder_is_ours)
-            except KeyboardInterrupt:  # Ctrl-C after training: the checkpoint is saved, only the test is missing
-                raise TrainingStopped(f"interrupted during the test evaluation at step {trainer.step}; "
-                                      f"{trainer.resume_hint()}", 130) from None
+            except (KeyboardInterrupt, Terminated) as err:  # after training: saved, only the test is missing
+                said, code = stopped_by(err)
+                raise TrainingStopped(f"{said} during the test evaluation at step {trainer.step}; "
+                                      f"{trainer.resume_hint()}", code) from None
     finally:
         trainer.release()
     return Path(run_dir), result
@@ -439,9 +441,10 @@ def _build_or_stop(config: RunConfig, run_dir, data_dir, resume: bool, world: Wo
     try:
         return build_trainer(config, run_dir, data_dir=data_dir, resume=resume, world=world, progress=progress,
                              tested=tested)
-    except KeyboardInterrupt:
-        raise TrainingStopped(f"interrupted before training began; {_next_command(config, run_dir, data_dir)}",
-                              130) from None
+    except (KeyboardInterrupt, Terminated) as err:
+        said, code = stopped_by(err)
+        raise TrainingStopped(f"{said} before training began; {_next_command(config, run_dir, data_dir)}",
+                              code) from None
 
 
 def _next_command(config: RunConfig, run_dir, data_dir) -> str:

@@ -24,7 +24,7 @@ from metalearn.algorithms.statistician import MAX_SAMPLES
 from metalearn.config import MAX_EPISODES, MAX_SEED, TaskConfig, TrainConfig
 from metalearn.distributed import leave_world, reports
 from metalearn.errors import (TIME_LIMIT_EXIT, ConfigError, MetalearnError, MetalearnWarning, OptionError, Options,
-                              TrainingStopped, flag, spellings)
+                              Terminated, TrainingStopped, flag, spellings)
 from metalearn.files import check_writable_file
 from metalearn.options import help_of
 from metalearn.plugins import load_plugins, unknown_hint
@@ -112,7 +112,9 @@ class OrNone(click.ParamType):
 
 class Duration(click.ParamType):
     """A length of time, as seconds: ``5400``, ``90m``, ``1h30m``, ``2d``, or ``1:30:00`` (hours,
-    minutes and seconds, as batch schedulers write their limits)."""
+    minutes and seconds, as batch schedulers write their limits) with days before a dash
+    (``1-12:00:00``, ``2-12``: Slurm's days-hours[:minutes[:seconds]]). Every part of the
+    colon form is a number of at least 0."""
 
     name = "duration"
     UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
@@ -122,11 +124,14 @@ class Duration(click.ParamType):
         try:
             if isinstance(value, (int, float)):
                 seconds = float(value)
-            elif ":" in text:
-                parts = [float(part) for part in text.split(":")]
-                if len(parts) > 3:
+            elif ":" in text or "-" in text.lstrip("-"):
+                days, dash, clock = text.rpartition("-") if "-" in text.lstrip("-") else ("0", "", text)
+                parts = [float(part) for part in clock.split(":")]
+                if len(parts) > 3 or any(part < 0 for part in parts) or float(days) < 0:
                     raise ValueError
-                seconds = sum(part * 60 ** i for i, part in enumerate(reversed(parts)))
+                if dash:  # days-hours[:minutes[:seconds]]: the first part after the dash is hours
+                    parts += [0.0] * (3 - len(parts))
+                seconds = float(days) * 86400 + sum(part * 60 ** i for i, part in enumerate(reversed(parts)))
             elif text and text[-1] in self.UNITS:
                 seconds, number = 0.0, ""
                 for char in text:
@@ -139,7 +144,8 @@ class Duration(click.ParamType):
             else:
                 seconds = float(text)
         except ValueError:
-            self.fail(f"{value!r} is not a length of time (examples: 5400, 90m, 1h30m, 1:30:00)", param, ctx)
+            self.fail(f"{value!r} is not a length of time (examples: 5400, 90m, 1h30m, 1:30:00, 1-12:00:00)", param,
+                      ctx)
         if not 0 < seconds < float("inf"):
             self.fail(f"{value!r} is not a positive length of time", param, ctx)
         return seconds
@@ -1152,12 +1158,6 @@ class ReaderMayLeave:
 
     def __getattr__(self, name):  # encoding, isatty, fileno, ...: the stream's own
         return getattr(self._stream, name)
-
-
-class Terminated(BaseException):
-    """A SIGTERM to a command's process, raised where the process is (as Python raises a Ctrl-C),
-    so that what the command holds is cleaned up on the way out: an export's temporary folder,
-    a lock, a partial file. Training notes its SIGTERM itself (a checkpoint after the step)."""
 
 
 def _terminated(signum, frame) -> None:

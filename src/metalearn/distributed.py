@@ -141,6 +141,9 @@ def resolve_device(name: str = "cpu", local_rank: int = 0) -> torch.device:
     return device
 
 
+MAX_DIST_TIMEOUT_S = 365 * 86400.0
+
+
 def dist_timeout_s() -> float:
     """``$METALEARN_DIST_TIMEOUT`` (seconds a collective may wait), default 300."""
     text = os.environ.get("METALEARN_DIST_TIMEOUT", "300")
@@ -148,8 +151,9 @@ def dist_timeout_s() -> float:
         value = float(text)
     except ValueError:
         value = 0.0
-    if not value > 0:
-        raise MetalearnError(f"METALEARN_DIST_TIMEOUT must be a positive number of seconds, got {text!r}")
+    if not 0 < value <= MAX_DIST_TIMEOUT_S:  # inf, or beyond what a timedelta holds, overflows in torch's group
+        raise MetalearnError(f"METALEARN_DIST_TIMEOUT must be a positive number of seconds, at most "
+                             f"{MAX_DIST_TIMEOUT_S:.0f} (a year), got {text!r}")
     return value
 
 

@@ -194,6 +194,20 @@ class TrainingStopped(Options, MetalearnError):
         self.exit_code = exit_code
 
 
+class Terminated(BaseException):
+    """A SIGTERM to a command's process, raised where the process is (as Python raises a Ctrl-C),
+    so that what the command holds is cleaned up on the way out: an export's temporary folder,
+    a lock, a partial file. Training notes its SIGTERM itself (a checkpoint after the step);
+    before and after its loop (reading the data, the test) it is met as a Ctrl-C is, with the
+    shell's exit status for it, 143."""
+
+
+def stopped_by(signal_exception: BaseException) -> tuple[str, int]:
+    """How a command says it was stopped by ``signal_exception`` (a :class:`KeyboardInterrupt` or
+    :class:`Terminated`), and the shell's exit status for that signal."""
+    return ("terminated (SIGTERM)", 143) if isinstance(signal_exception, Terminated) else ("interrupted", 130)
+
+
 def caller_level() -> int:
     """The ``stacklevel`` for a ``warnings.warn`` made by the function that calls this one, that
     names the first frame outside metalearn (a notebook's cell, a script's line): the warning

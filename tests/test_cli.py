@@ -1450,3 +1450,15 @@ def test_an_eof_error_is_a_file_that_ended_early_not_an_interruption(monkeypatch
     monkeypatch.setattr(metalearn.cli, "load_plugins", ended)  # before click: the EOFError itself
     code, _, err = run(["status"], capsys)
     assert code == 2 and err.strip() == "error: a file ended before its end (EOFError: No data left in file)", err
+
+
+def test_a_score_s_warnings_go_to_the_error_output_and_the_score_alone_to_the_output(tmp_path, capsys):
+    """Diverged episodes are warned of on stderr, as every warning: a script that reads eval's
+    output reads the score."""
+    run_dir = tmp_path / "run"
+    assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 2, "--meta-batch-size", 2, "--val-every", 0,
+                "--no-progress", "--no-eval", "--run-dir", run_dir], capsys)[0] == 0
+    code, out, err = run(["eval", run_dir, "--set", "inner_lr=1e6", "--episodes", 4, "--no-progress"], capsys)
+    assert code == 0, err
+    assert "warning:" not in out and out.startswith("MSE nan"), out
+    assert "warning: 4 of 4 episodes diverged (non-finite score)" in err, err

@@ -110,6 +110,19 @@ class OrNone(click.ParamType):
         return f"{self.base.name.upper()}|none"
 
 
+def echo_result(text: str) -> None:
+    """A score as :func:`~metalearn.evaluation.format_result` words it: its ``warning:`` lines
+    (diverged episodes, outlying tasks) on the error output, as every other warning, so that
+    a script reading the score from the output reads the score alone."""
+    lines = text.splitlines()
+    kept = [line for line in lines if not line.startswith("warning: ")]
+    if kept:
+        click.echo("\n".join(kept))
+    for line in lines:
+        if line.startswith("warning: "):
+            click.echo(line, err=True)
+
+
 class Duration(click.ParamType):
     """A length of time, as seconds: ``5400``, ``90m``, ``1h30m``, ``2d``, or ``1:30:00`` (hours,
     minutes and seconds, as batch schedulers write their limits) with days before a dash
@@ -330,7 +343,7 @@ def _make_train_command(method: str) -> click.Command:
         if result is not None:
             from metalearn.evaluation import format_result
 
-            click.echo(format_result(result))
+            echo_result(format_result(result))
         click.echo(f"run directory: {run_dir}")
 
     params = [_option_for(f, hidden=f.name in hidden,
@@ -507,10 +520,10 @@ def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots,
                               written=lambda path, earlier: where.update(path=path, earlier=earlier))
     except EvaluationSuperseded as err:  # the score, though not filed, is shown: the evaluation took its time
         if reports() and err.result is not None:
-            click.echo(format_result(err.result) if protocol is None else format_protocol_result(err.result))
+            echo_result(format_result(err.result) if protocol is None else format_protocol_result(err.result))
         raise
     if reports():  # under torchrun rank 0 alone writes, and says so
-        click.echo(format_result(result) if protocol is None else format_protocol_result(result))
+        echo_result(format_result(result) if protocol is None else format_protocol_result(result))
         earlier = where["earlier"]
         click.echo(f"written to {where['path']}" + (f" (replacing the earlier evaluation there: {earlier})"
                                                     if earlier else ""))

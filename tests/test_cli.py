@@ -1132,10 +1132,15 @@ def test_the_time_limit_counts_from_the_command_s_start(monkeypatch, capsys, tmp
     monkeypatch.setattr(metalearn.runtime, "process_age_s", lambda: 100.0)
 
     def command(*args):  # as the `metalearn` command runs it: a process of its own
+        import signal
+
+        previous = signal.getsignal(signal.SIGTERM)  # a whole process ignores SIGTERM once its work is done
         try:
             metalearn.cli.main([str(a) for a in args], whole_process=True)
         except SystemExit as exit:
             return exit.code
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         return 0
 
     assert command("train", "maml", "--dataset", "sinusoid", "--time-limit", "150", "--no-eval") == 0
@@ -1462,3 +1467,31 @@ def test_a_score_s_warnings_go_to_the_error_output_and_the_score_alone_to_the_ou
     assert code == 0, err
     assert "warning:" not in out and out.startswith("MSE nan"), out
     assert "warning: 4 of 4 episodes diverged (non-finite score)" in err, err
+
+
+def test_a_sigterm_that_a_library_turned_into_its_own_error_still_ends_as_a_sigterm(monkeypatch, capsys):
+    """matplotlib's drawing, called back into Python, turns the SIGTERM's exception into a
+    ValueError: recorded by the handler, it ends with 143 and one line, not exit 1 and a
+    traceback. Once a whole process's command is done, a SIGTERM is ignored: the second of the
+    interpreter's shut-down would otherwise end a finished job with 143 and no word."""
+    import signal
+
+    import metalearn.cli
+    import metalearn.runs
+
+    def drawing(*args, **kwargs):
+        metalearn.cli._SIGTERM_RECEIVED = True  # as the handler records it, before raising
+        raise ValueError("Invalid affine transformation matrix")
+
+    monkeypatch.setattr(metalearn.runs, "default_runs_root", drawing)
+    monkeypatch.setattr(metalearn.cli, "_SIGTERM_RECEIVED", False)
+    code, _, err = run(["status"], capsys)
+    assert code == 143 and err.strip() == "terminated (SIGTERM)", err
+    monkeypatch.undo()
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit):
+            metalearn.cli.main(["status", "--no-such-option"], whole_process=True)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)

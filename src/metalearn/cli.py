@@ -1173,7 +1173,14 @@ class ReaderMayLeave:
         return getattr(self._stream, name)
 
 
+_SIGTERM_RECEIVED = False
+
+
 def _terminated(signum, frame) -> None:
+    # recorded as well as raised: code that turns the exception into another (matplotlib's C++
+    # drawing, called back into Python, makes it a ValueError) still ends as a SIGTERM (_main)
+    global _SIGTERM_RECEIVED
+    _SIGTERM_RECEIVED = True
     raise Terminated()
 
 
@@ -1190,7 +1197,8 @@ def main(args: list[str] | None = None, whole_process: bool = False) -> None:
     import threading
 
     handled = whole_process and threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminated) if handled else None
+    if handled:
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = show_warning
@@ -1204,7 +1212,10 @@ def main(args: list[str] | None = None, whole_process: bool = False) -> None:
                     stream.flush()
         sys.stdout, sys.stderr = streams
         if handled:
-            signal.signal(signal.SIGTERM, previous)
+            # the command's work is done, its status set: a SIGTERM in the second the interpreter
+            # takes to shut down would end it with 143 and no word, and a scheduler would run the
+            # finished job again
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _main(args: list[str] | None) -> None:
@@ -1252,11 +1263,19 @@ def _main(args: list[str] | None) -> None:
         sys.exit(err.exit_code)
     except (MemoryError, RuntimeError) as err:
         if not is_out_of_memory(err):
+            if _SIGTERM_RECEIVED:  # the Terminated a library turned into its own error (see _terminated)
+                click.echo("terminated (SIGTERM)", err=True)
+                sys.exit(128 + 15)
             raise
         detail = (str(err).splitlines() or [type(err).__name__])[0][:160]
         argv = sys.argv[1:] if args is None else [str(a) for a in args]
         click.echo(f"error: out of memory ({detail}). {memory_advice(argv)}", err=True)
         sys.exit(2)
+    except Exception:
+        if _SIGTERM_RECEIVED:  # the Terminated a library turned into its own error (see _terminated)
+            click.echo("terminated (SIGTERM)", err=True)
+            sys.exit(128 + 15)
+        raise
     if isinstance(code, int) and code:
         sys.exit(code)
 

@@ -855,3 +855,28 @@ def test_export_refuses_a_config_json_of_another_run_and_writes_nothing(tiny_run
     refused(*cli_runner.run(["export", run_dir, tmp_path / "out"], capsys)[::2],
             "Its config.json and checkpoint.pt come from different runs")
     assert not (tmp_path / "out").exists()
+
+
+def strict_json(text: str):
+    """json.loads as a strict parser (JavaScript's JSON.parse) reads: NaN and Infinity refused."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is no JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_what_metalearn_writes_for_other_programs_is_standard_json(tiny_run, tmp_path, capsys):
+    """A diverged evaluation's NaN scores: export's summary.json and compare --json write null,
+    as status --json does; the run's own eval file keeps NaN, which its readers take."""
+    run_dir = copy_of(tiny_run, tmp_path)
+    code, _, err = cli_runner.run(["eval", run_dir, "--set", "inner_lr=1e6", "--episodes", 3, "--no-progress"], capsys)
+    assert code == 0, err
+    code, _, err = cli_runner.run(["export", run_dir, tmp_path / "record"], capsys)
+    assert code == 0, err
+    summary = strict_json((tmp_path / "record" / "summary.json").read_text())
+    diverged = next(result for name, result in summary["evaluations"].items() if "inner_lr" in name)
+    assert diverged["mean"] is None and diverged["diverged"] == 3
+    code, _, err = cli_runner.run(["compare", run_dir, "--episodes", 3, "--set", "inner_lr=1e6",
+                                   "--json", tmp_path / "compare.json"], capsys)
+    assert code == 0, err
+    strict_json((tmp_path / "compare.json").read_text())

@@ -28,8 +28,8 @@ from metalearn.errors import (ConfigError, MetalearnError, MetalearnWarning, Opt
                               TrainingStopped, caller_level, check_whole, flag, kind_of, stopped_by, valued)
 from metalearn.evaluation import EPISODE_CHUNK, evaluate
 from metalearn.options import option_defaults
-from metalearn.runs import (RunDir, claim_new_run_dir, default_runs_root, evaluation_step, new_run_name,
-                            recorded_plugins, registered_in_python)
+from metalearn.runs import (RunDir, claim_new_run_dir, default_runs_root, evaluation_step, json_finite,
+                            new_run_name, recorded_plugins, registered_in_python)
 from metalearn.files import (WriteError, atomic_write_files, check_folder_path, obstacle, probe_writable,
                              remove_export_temporaries, same_path, user_path)
 from metalearn.locking import make_folders
@@ -1067,13 +1067,15 @@ def training_curve(records: list[dict[str, Any]], max_points: int = CURVE_POINTS
 def summary_json(summary: dict[str, Any]) -> str:
     """``summary`` as indented JSON, but each point of its training curve on one line: the
     record stays short enough to read and to diff (100 lines for the curve, not 1000)."""
+    summary = json_finite(summary)  # standard JSON: a diverged score's NaN is null, as status --json writes it
     points = summary["training_curve"]["points"]
     marks = [f"@point{i}@" for i in range(len(points))]
     rest = {k: v for k, v in summary.items() if k != "training_curve"}
-    text = json.dumps({**rest, "training_curve": {**summary["training_curve"], "points": marks}}, indent=2)
+    text = json.dumps({**rest, "training_curve": {**summary["training_curve"], "points": marks}}, indent=2,
+                      allow_nan=False)
     head, key, tail = text.rpartition('"training_curve": ')  # the curve is the last entry: marks only there
     for mark, point in zip(marks, points):
-        tail = tail.replace(json.dumps(mark), json.dumps(point), 1)
+        tail = tail.replace(json.dumps(mark), json.dumps(point, allow_nan=False), 1)
     return head + key + tail
 
 

@@ -28,7 +28,7 @@ from metalearn.errors import (TIME_LIMIT_EXIT, ConfigError, MetalearnError, Meta
 from metalearn.files import check_writable_file
 from metalearn.options import help_of
 from metalearn.plugins import load_plugins, unknown_hint
-from metalearn.runs import EvaluationSuperseded, RunDir
+from metalearn.runs import EvaluationSuperseded, RunDir, json_finite
 from metalearn.runtime import tune_allocator
 
 FAST_GPU_HELP = ("on a GPU, keep torch's default kernels (TF32 convolutions, non-deterministic cuDNN "
@@ -637,7 +637,8 @@ def compare(run_dirs, episodes, seed, part, num_samples, json_path, settings, da
 
         json_path = Path(json_path)
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(json_path, (json.dumps(result, indent=2) + "\n").encode())  # never half a file
+        # never half a file; standard JSON (null for a diverged run's NaN), which any parser reads
+        atomic_write_bytes(json_path, (json.dumps(json_finite(result), indent=2, allow_nan=False) + "\n").encode())
         click.echo(f"written to {json_path}")
 
 
@@ -748,7 +749,7 @@ def status_command(run_dirs, as_json):
     if as_json:  # also [] when every named folder failed (each said on stderr)
         # standard JSON, which every reader parses: a number that is not finite (a diverged loss,
         # a damaged record) as null, not Python's NaN or Infinity
-        click.echo(json.dumps(finite(statuses), indent=2, allow_nan=False))
+        click.echo(json.dumps(json_finite(statuses), indent=2, allow_nan=False))
     else:
         shown = []
         for status in statuses:
@@ -768,16 +769,6 @@ def status_command(run_dirs, as_json):
         sys.exit(2)
 
 
-def finite(value):
-    """``value`` (JSON-like: dicts, lists, numbers) with every float that is not finite as None,
-    for ``json.dumps(..., allow_nan=False)``: NaN and Infinity are no JSON, and a reader stops at them."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(item) for item in value]
-    return value
 
 
 def format_duration(seconds: float) -> str:

@@ -757,6 +757,21 @@ def evaluation_step_in(path: Path) -> tuple[int | None, str]:
     return (None, "") if held is None else (evaluation_step(held), evaluation_in_words(held))
 
 
+def json_finite(value: Any) -> Any:
+    """``value`` (JSON-like: dicts, lists, numbers) with every float that is not finite as None,
+    for ``json.dumps(..., allow_nan=False)``: NaN and Infinity are no JSON, and a strict reader
+    (JavaScript's ``JSON.parse``) stops at them. For what metalearn writes for other programs to
+    read (status --json, compare --json, an export's summary.json); the run's own files keep
+    NaN, which its readers take as a number."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_finite(item) for item in value]
+    return value
+
+
 def _not_a_file(path: Path) -> str | None:
     """What stands at ``path`` in place of a file that is read (a link to a file is one), in a
     few words; None for a file (through links) or nothing there."""

@@ -179,9 +179,11 @@ def test_time_limit_from_the_command_line(tmp_path, capsys, monkeypatch):
     # Slurm's days-hours[:minutes[:seconds]], as squeue and sbatch --time write a limit of a day or more
     assert [Duration().convert(text, None, None) for text in ("1-00:00:00", "2-12", "1-1:30", "0-0:10")] == \
         [86400, 216000, 91800, 600]
+    assert Duration().convert("1e-3", None, None) == 0.001  # an exponent's minus is no days' dash
     for bad, message in (("soon", "'soon' is not a length of time"), ("0", "'0' is not a positive length"),
                          ("h", "'h' is not a length of time"), ("1:2:3:4", "is not a length of time"),
-                         ("1:-30", "is not a length of time"), ("1-2-3", "is not a length of time")):
+                         ("1:-30", "is not a length of time"), ("1-2-3", "is not a length of time"),
+                         ("-0-1", "is not a length of time")):
         code, _, err = run(args + ["--time-limit", bad], capsys)
         assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
@@ -1483,15 +1485,19 @@ def test_a_sigterm_that_a_library_turned_into_its_own_error_still_ends_as_a_sigt
         metalearn.cli._SIGTERM_RECEIVED = True  # as the handler records it, before raising
         raise ValueError("Invalid affine transformation matrix")
 
+    def whole_process(args):  # as the `metalearn` command runs: its SIGTERM handler put back after
+        previous = signal.getsignal(signal.SIGTERM)
+        try:
+            metalearn.cli.main(args, whole_process=True)
+        except SystemExit as exit:
+            return exit.code, signal.getsignal(signal.SIGTERM)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
     monkeypatch.setattr(metalearn.runs, "default_runs_root", drawing)
-    monkeypatch.setattr(metalearn.cli, "_SIGTERM_RECEIVED", False)
-    code, _, err = run(["status"], capsys)
-    assert code == 143 and err.strip() == "terminated (SIGTERM)", err
-    monkeypatch.undo()
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit):
-            metalearn.cli.main(["status", "--no-such-option"], whole_process=True)
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    code, after = whole_process(["status"])
+    assert code == 143 and capsys.readouterr().err.strip() == "terminated (SIGTERM)"
+    assert after is signal.SIG_IGN  # the work done: a SIGTERM while the interpreter shuts down is ignored
+    monkeypatch.setattr(metalearn.runs, "default_runs_root", lambda: (_ for _ in ()).throw(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):  # the next command's error is its own, no earlier SIGTERM's
+        whole_process(["status"])

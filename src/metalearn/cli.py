@@ -131,14 +131,15 @@ class Duration(click.ParamType):
 
     name = "duration"
     UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    SLURM_DAYS = re.compile(r"^\d+(\.\d+)?-[\d:.]+$")  # days-hours[:minutes[:seconds]]; 1e-3 is no such
 
     def convert(self, value, param, ctx):
         text = str(value).strip().lower()
         try:
             if isinstance(value, (int, float)):
                 seconds = float(value)
-            elif ":" in text or "-" in text.lstrip("-"):
-                days, dash, clock = text.rpartition("-") if "-" in text.lstrip("-") else ("0", "", text)
+            elif ":" in text or self.SLURM_DAYS.match(text):
+                days, dash, clock = text.partition("-") if self.SLURM_DAYS.match(text) else ("0", "", text)
                 parts = [float(part) for part in clock.split(":")]
                 if len(parts) > 3 or any(part < 0 for part in parts) or float(days) < 0:
                     raise ValueError
@@ -1188,6 +1189,8 @@ def main(args: list[str] | None = None, whole_process: bool = False) -> None:
     import threading
 
     handled = whole_process and threading.current_thread() is threading.main_thread()
+    global _SIGTERM_RECEIVED
+    _SIGTERM_RECEIVED = False  # this command's, not an earlier one's in the same process
     if handled:
         signal.signal(signal.SIGTERM, _terminated)
     try:
@@ -1254,7 +1257,7 @@ def _main(args: list[str] | None) -> None:
         sys.exit(err.exit_code)
     except (MemoryError, RuntimeError) as err:
         if not is_out_of_memory(err):
-            if _SIGTERM_RECEIVED:  # the Terminated a library turned into its own error (see _terminated)
+            if _WHOLE_PROCESS and _SIGTERM_RECEIVED:  # the Terminated a library turned into its own error
                 click.echo("terminated (SIGTERM)", err=True)
                 sys.exit(128 + 15)
             raise
@@ -1263,7 +1266,7 @@ def _main(args: list[str] | None) -> None:
         click.echo(f"error: out of memory ({detail}). {memory_advice(argv)}", err=True)
         sys.exit(2)
     except Exception:
-        if _SIGTERM_RECEIVED:  # the Terminated a library turned into its own error (see _terminated)
+        if _WHOLE_PROCESS and _SIGTERM_RECEIVED:  # the Terminated a library turned into its own error
             click.echo("terminated (SIGTERM)", err=True)
             sys.exit(128 + 15)
         raise

@@ -117,6 +117,7 @@ class TaskBatch:
                 return f"{name} ({count} task{'s' if count > 1 else ''}, the first task {first})"
         return None
 
+
 @dataclass(frozen=True)
 class Problem:
     """What a method must know of the tasks to build its network.

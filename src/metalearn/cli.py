@@ -1212,6 +1212,14 @@ def main(args: list[str] | None = None, whole_process: bool = False) -> None:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _exit_if_terminated() -> None:
+    """End with the SIGTERM's status where this command's handler recorded one: the error being
+    handled is the Terminated a library turned into its own (see :func:`_terminated`)."""
+    if _WHOLE_PROCESS and _SIGTERM_RECEIVED:
+        click.echo("terminated (SIGTERM)", err=True)
+        sys.exit(128 + 15)
+
+
 def _main(args: list[str] | None) -> None:
     try:
         load_plugins()  # before the arguments are read: a plugin's methods are commands, its names values
@@ -1257,18 +1265,14 @@ def _main(args: list[str] | None) -> None:
         sys.exit(err.exit_code)
     except (MemoryError, RuntimeError) as err:
         if not is_out_of_memory(err):
-            if _WHOLE_PROCESS and _SIGTERM_RECEIVED:  # the Terminated a library turned into its own error
-                click.echo("terminated (SIGTERM)", err=True)
-                sys.exit(128 + 15)
+            _exit_if_terminated()
             raise
         detail = (str(err).splitlines() or [type(err).__name__])[0][:160]
         argv = sys.argv[1:] if args is None else [str(a) for a in args]
         click.echo(f"error: out of memory ({detail}). {memory_advice(argv)}", err=True)
         sys.exit(2)
     except Exception:
-        if _WHOLE_PROCESS and _SIGTERM_RECEIVED:  # the Terminated a library turned into its own error
-            click.echo("terminated (SIGTERM)", err=True)
-            sys.exit(128 + 15)
+        _exit_if_terminated()
         raise
     if isinstance(code, int) and code:
         sys.exit(code)

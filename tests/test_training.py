@@ -20,7 +20,7 @@ from metalearn.errors import MetalearnError, MetalearnWarning, TrainingStopped
 from metalearn.runs import RunDir
 from metalearn.tasks import problem_of
 from metalearn.checkpoints import all_finite, initialise_from_run, load_trained
-from metalearn.training import build_trainer
+from metalearn.training import StopRequests, build_trainer
 
 
 def sinusoid_config(steps: int, **train):
@@ -298,24 +298,26 @@ def signal_during_step(trainer, step: int, *signals) -> None:
     trainer.learner.meta_loss = signalled
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT] + [getattr(signal, name) for name in
+                                                                   ("SIGUSR1", "SIGUSR2") if hasattr(signal, name)])
 def test_a_stop_signal_saves_the_step_and_resume_stays_exact(tmp_path, sig, capsys):
-    """SIGTERM or Ctrl-C mid-step: the step finishes (said at once), is checkpointed (3 is not
-    a periodic checkpoint here), training stops with the signal's exit code, and resuming gives
-    the same parameters as an uninterrupted run."""
+    """SIGTERM, Ctrl-C or a scheduler's warning (Slurm's --signal=USR1@120, submitit's SIGUSR2)
+    mid-step: the step finishes (said at once), is checkpointed (3 is not a periodic checkpoint
+    here), training stops with the signal's exit code, and resuming gives the same parameters
+    as an uninterrupted run."""
     straight = build_trainer(sinusoid_config(6), tmp_path / "straight")
     straight.fit(progress=False)
 
     trainer = build_trainer(sinusoid_config(6), tmp_path / "stopped")
     signal_during_step(trainer, 3, sig)
-    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    handlers = [signal.getsignal(each) for each in StopRequests.SIGNALS]
     with pytest.raises(TrainingStopped, match=f"stopped by {sig.name} after step 3 of 6.*--resume") as stopped:
         trainer.fit(progress=False)
     assert stopped.value.exit_code == 128 + sig
     again = "Ctrl-C" if sig == signal.SIGINT else sig.name
     assert capsys.readouterr().err == (f"{sig.name} received: finishing this step, then saving it ({again} again "
                                        "stops at once, without saving it)\n")
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    assert [signal.getsignal(each) for each in StopRequests.SIGNALS] == handlers
     assert load_trained(tmp_path / "stopped")[2] == 3
 
     resumed = build_trainer(sinusoid_config(6), tmp_path / "stopped", resume=True)

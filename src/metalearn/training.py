@@ -105,12 +105,15 @@ def now() -> float:
 class StopRequests:
     """While active, the first SIGINT or SIGTERM is only noted, so that training finishes the
     step it is in and saves it; a second one acts as usual (Ctrl-C twice stops at once).
+    SIGUSR1 and SIGUSR2 (not on Windows) are taken the same way: they are a scheduler's warning
+    that the job's time is nearly up (Slurm's ``--signal=USR1@120``; submitit's default is
+    SIGUSR2), and their default action would kill the process without its checkpoint.
     ``continued`` counts the SIGCONTs received: the process was stopped (Ctrl-Z, SIGSTOP, a
     scheduler's suspend) and continued, which ``--time-limit`` must not take for a long
     iteration. Signal handlers can only be set from the main thread; elsewhere nothing is
     caught.
 
-    ``note_repeats`` (a worker started by torchrun): every SIGINT and SIGTERM is only noted, up
+    ``note_repeats`` (a worker started by torchrun): every one of these signals is only noted, up
     to the process's exit. torchrun passes the signals it gets on to its workers, so a
     scheduler that signals the whole job (SLURM at a time limit, systemd, ``kill`` of every
     process) reaches each worker twice, and a second signal must not kill it before its
@@ -118,7 +121,8 @@ class StopRequests:
     worker still reports its stop and leaves the group. The hard stop is torchrun's own
     SIGKILL after its ``--shutdown_timeout``."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM) + tuple(
+        getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2") if hasattr(signal, name))
 
     def __init__(self, note_repeats: bool = False, announce: Callable[[str], None] | None = None):
         """``announce``: told once, at the first signal, that the step in progress finishes

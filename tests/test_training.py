@@ -537,11 +537,23 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path):
 
     trainer.learner.meta_loss = diverging
     with pytest.raises(MetalearnError, match=r"meta-loss became nan at step 6.*Try a smaller inner_lr or meta_lr, or "
-                                             r"fewer inner_steps\.$"):
+                                             r"fewer inner_steps, in a new run directory \(a resume repeats this "
+                                             r"step\)\.$"):
         trainer.fit(progress=False)
     _, learner, step = load_trained(tmp_path)
     assert step == 4  # the last checkpoint written before the failure
     assert all(torch.isfinite(p).all() for p in learner.parameters())
+    # status says so, rather than offering a resume that would repeat the step
+    from metalearn.api import run_status
+    from metalearn.cli import format_status
+    status = run_status(tmp_path)
+    assert status["state"] == "diverged" and status["diverged"] == {"step": 6, "what": "the meta-loss became nan"}
+    assert "diverged at step 6 (the meta-loss became nan), which a resume repeats" in format_status(status)
+    # a resume that gets past the step (here: the loss no longer made NaN) drops the record with the steps it retrains
+    build_trainer(sinusoid_config(10, checkpoint_every=2), tmp_path, resume=True).fit(progress=False)
+    status = run_status(tmp_path)
+    assert status["state"] == "complete" and status["diverged"] is None
+    assert not any("diverged" in record for record in RunDir(tmp_path).read_metrics())
 
 
 def test_diverging_inner_loop_is_reported(tmp_path):
@@ -552,6 +564,14 @@ def test_diverging_inner_loop_is_reported(tmp_path):
     assert RunDir(tmp_path).read_checkpoint("step")["step"] == 0  # the initial checkpoint survives
     with pytest.raises(MetalearnError, match="holds no trained step"):  # and holds no model to score
         load_trained(tmp_path)
+    from metalearn.api import run_status
+    assert run_status(tmp_path)["diverged"] == {"step": 1, "what": "the meta-loss became nan"} \
+        or run_status(tmp_path)["diverged"]["what"] == "the meta-loss became inf"
+    # nothing was trained: a new run starts over the attempt, its record of the divergence gone
+    again = resolve_config("maml", task={"dataset": "sinusoid"}, train={"steps": 2, "meta_batch_size": 4, "val_every": 0})
+    build_trainer(again, tmp_path).fit(progress=False)
+    assert [record["step"] for record in RunDir(tmp_path).read_metrics() if "diverged" in record] == []
+    assert run_status(tmp_path)["state"] == "complete"
 
 
 def test_checkpoint_from_another_configuration_is_refused(tmp_path):
@@ -1412,7 +1432,8 @@ def test_a_diverging_method_without_an_inner_loop_is_advised_on_its_own_options(
     real_meta_loss = trainer.learner.meta_loss
     trainer.learner.meta_loss = lambda batch: (lambda loss, metrics: (loss * float("nan"), metrics))(
         *real_meta_loss(batch))
-    with pytest.raises(MetalearnError, match=r"meta-loss became nan at step 1.*Try a smaller meta_lr\.$"):
+    with pytest.raises(MetalearnError, match=r"meta-loss became nan at step 1.*Try a smaller meta_lr, in a new run "
+                                             r"directory \(a resume repeats this step\)\.$"):
         trainer.fit(progress=False)
 
 

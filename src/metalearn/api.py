@@ -1243,7 +1243,9 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     ``testing``: it holds it past the last step, for the test after training;
     ``training elsewhere``: on the host the lock's note names; ``unknown``: the note names
     another host whose lock this machine sees free, a killed holder or a file system that does
-    not lock between machines; ``complete``, ``stopped``, ``no checkpoint`` (metrics but no
+    not lock between machines; ``complete``, ``stopped``, ``diverged`` (stopped by a step that
+    went non-finite, which a resume repeats; ``diverged`` then holds its ``step`` and ``what``
+    became non-finite, else None), ``no checkpoint`` (metrics but no
     ``checkpoint.pt``: it cannot be resumed), or ``not started``), ``resume`` (the command that
     continues a stopped run), ``test`` (the command that evaluates it), ``own`` (what the run
     was trained on from Python that its config.json does not describe: ``"network"``, a learner
@@ -1339,6 +1341,11 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     status["last_write_s"] = (time.time() - run.metrics_path.stat().st_mtime) if run.metrics_path.is_file() else None
     records = run.read_metrics()
     status["last"] = last = next((r for r in reversed(records) if "loss" in r), None)
+    # a step that went non-finite (the trainer's record after its last checkpoint): a resume repeats it
+    diverged = next((r for r in reversed(records) if isinstance(r.get("diverged"), str)), None)
+    status["diverged"] = None
+    if status["state"] == "stopped" and diverged is not None and diverged["step"] > status["step"]:
+        status["state"], status["diverged"] = "diverged", {"step": diverged["step"], "what": diverged["diverged"]}
     # the time the remaining steps take at the recent rate (the validations are added below)
     rates = [r["tasks_per_s"] for r in records if "loss" in r and isinstance(r.get("tasks_per_s"), (int, float))
              and r["tasks_per_s"] > 0][-RATE_WINDOWS:]

@@ -475,12 +475,18 @@ def untrained_attempt(run: RunDir) -> bool:
     """Whether ``run`` holds only what a training attempt writes before its first step
     (config.json, the step-0 checkpoint, split.json) from an attempt that failed or was killed in
     that step: a new run may start there, as in a folder whose run never started, since nothing
-    trained is lost. A run of ``steps`` 0 (the initial weights are the whole run), a damaged
-    checkpoint, and a folder with anything else in it (metrics, best/, eval or plot files) are
-    not such an attempt."""
-    if not (run.exists() and run.has_checkpoint()) or run.metrics_path.exists():
+    trained is lost. Its ``metrics.jsonl``, where it has one, holds only the record of that
+    step's divergence. A run of ``steps`` 0 (the initial weights are the whole run), a damaged
+    checkpoint, and a folder with anything else in it (other metrics, best/, eval or plot
+    files) are not such an attempt."""
+    if not (run.exists() and run.has_checkpoint()):
         return False
-    attempt_files = {run.config_path.name, run.checkpoint_path.name, run.split_path.name, run.lock_path.name}
+    if run.metrics_path.exists():
+        records = run.read_metrics() if run.metrics_path.is_file() else []
+        if not records or any(set(record) != {"step", "diverged"} or record["step"] != 1 for record in records):
+            return False
+    attempt_files = {run.config_path.name, run.checkpoint_path.name, run.split_path.name, run.lock_path.name,
+                     run.metrics_path.name}
     if any(entry.name not in attempt_files for entry in run.path.iterdir()):
         return False
     try:

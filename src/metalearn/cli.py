@@ -817,6 +817,10 @@ def format_status(status: dict) -> str:
         doing = f"training on {holder.get('host', '?')} (process {holder['pid']}, since {holder.get('since', '?')})"
     elif state == "stopped":
         doing = f"stopped; {python or 'continue with '}`{status['resume']}`"
+    elif state == "diverged":
+        doing = (f"diverged at step {status['diverged']['step']} ({status['diverged']['what']}), which a resume "
+                 "repeats: train anew in another --run-dir with other options (a smaller learning rate), "
+                 "or --init-from this run to keep its last good weights")
     elif state == "no checkpoint":
         doing = "no checkpoint.pt, so it cannot be resumed; start afresh in another --run-dir"
     elif state == "unknown":

@@ -414,12 +414,15 @@ class Trainer:
         """What fit writes before its first step, rank 0 alone, after every rank has read the
         folder: config.json, and on a resume the metrics and the best checkpoints cut back to
         the checkpoint's step, also when that is step 0 (a run killed after logging a step it
-        had not saved logs that step again; a best checkpoint from past it is not this run's)."""
+        had not saved logs that step again; a best checkpoint from past it is not this run's).
+        A new run started over an attempt that diverged in its first step drops that record."""
         self.world.barrier()
         if self.world.is_main:
             if self.resume:
                 self.run_dir.truncate_metrics(self.step)
                 self.run_dir.drop_best_after(self.step)
+            elif self.run_dir.metrics_path.exists():  # only an untrained attempt's (the folder was checked)
+                self.run_dir.metrics_path.unlink()
             self._write_config()
         self.world.barrier()
 
@@ -731,6 +734,7 @@ class Trainer:
                     if where is None and float(flagged) > 0:
                         where = "share of another rank (whose message names it)"
                 if where is not None:  # the data's doing: a smaller learning rate would not help
+                    self._note_divergence(f"the batch's {where} held NaN or infinite values")
                     raise MetalearnError(f"the meta-loss became {total_loss} at step {self.step + 1}: the batch's "
                                          f"{where} holds NaN or infinite values, as the task source drew them; "
                                          f"training stopped before saving it, and the last good checkpoint in "
@@ -925,9 +929,24 @@ class Trainer:
             inner = {"inner_lr", "inner_steps"} <= set(self.config.method_config)
             advice = ("Try a smaller {inner_lr} or {meta_lr}, or fewer {inner_steps}." if inner else
                       "Try a smaller {meta_lr}.")
+        self._note_divergence(what + detail)
+        # a resume takes the same options and draws the same batch: it would diverge again
+        advice = advice[:-1] + ", in a new run directory (a resume repeats this step)."
         return OptionError(f"{what} at step {self.step + 1}{detail}; training stopped before saving it, and "
                            f"the last good checkpoint in {self.run_dir.path} is kept. {advice}",
                            inner_lr="inner_lr", meta_lr="meta_lr", inner_steps="inner_steps")
+
+    def _note_divergence(self, what: str) -> None:
+        """Log the step that went non-finite to ``metrics.jsonl`` (``{"step", "diverged"}``), so
+        that ``metalearn status`` says the run diverged instead of offering a resume that would
+        repeat it. The record follows the last checkpoint, so a resume drops it with the
+        records of steps it retrains. A failure to write it leaves the error that follows as
+        it is."""
+        if self.world.is_main:
+            try:
+                self.run_dir.append_metrics({"step": self.step + 1, "diverged": what})
+            except MetalearnError:
+                pass
 
     def _stop_requested(self, stop: StopRequests, out_of_time: bool = False) -> bool:
         """Whether any rank was asked to stop or is out of time: all ranks then stop after the

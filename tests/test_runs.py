@@ -831,6 +831,35 @@ def test_best_checkpoints_kept_through_links_resume_and_evaluate(kept_best, tmp_
     assert [path.parent for path in RunDir(run_dir).best_checkpoints()] == [run_dir / "best"] * 3
 
 
+def test_a_received_run_whose_best_or_plots_link_out_of_it_touches_nothing_there(kept_best, tmp_path, capsys):
+    """A run folder from someone else, its best/ a link to another run's best/ (or to a folder of
+    other files), its plots/ a link out of it: a resume would have deleted the other run's best
+    checkpoints and temporary-looking files, plot would have written there. Each is refused in
+    one line, and nothing there changes."""
+    resume = [*RESUME[:3], "--steps", 6, *RESUME[5:]]
+    mine = copy_of(kept_best, tmp_path)
+    received = Path(shutil.copytree(kept_best, tmp_path / "received"))
+    shutil.rmtree(received / "best")
+    (received / "best").symlink_to(mine / "best", target_is_directory=True)
+    before = run_files(mine)
+    refused(*cli_runner.run([*resume, "--run-dir", received], capsys)[::2],
+            f"{received / 'best'} is a link into another run's folder ({mine / 'best'})")
+    documents = tmp_path / "documents"
+    documents.mkdir()
+    (documents / "thesis.tex.tmp1").write_text("a draft")
+    (received / "best").unlink()
+    (received / "best").symlink_to(documents, target_is_directory=True)
+    refused(*cli_runner.run([*resume, "--run-dir", received], capsys)[::2],
+            f"{received / 'best'} is a link to {documents}, which holds other files than best checkpoints "
+            "(thesis.tex.tmp1)")
+    (received / "best").unlink()
+    (received / "plots").symlink_to(documents, target_is_directory=True)
+    refused(*cli_runner.run(["plot", received], capsys)[::2],
+            f"{received / 'plots'} is a link to {documents}, outside the run folder")
+    assert sorted(p.name for p in documents.iterdir()) == ["thesis.tex.tmp1"]
+    assert run_files(mine) == before
+
+
 def test_a_best_index_that_lists_a_deleted_file_does_not_cost_a_checkpoint_that_is_there(kept_best, tmp_path,
                                                                                           capsys):
     """A listed file deleted by hand outranked, and so deleted, a kept checkpoint that was there:

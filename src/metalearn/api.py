@@ -869,6 +869,8 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
     if until_step is not None:
         check_whole("plot_run", 0, until_step=until_step)
     config = run.read_config()  # first: a file of a run given as the run is named as such
+    if out_dir is None:
+        run.check_own_subfolders()  # plots/ linked out of the run: not written through
     check_folder_path(plots, "out_dir" if out_dir is not None else "")
     check_data_dir(config.task, data_dir)  # before any figure is written
     records = [record for record in run.read_metrics() if until_step is None or record.get("step", 0) <= until_step]
@@ -1539,7 +1541,7 @@ def sample_run(run_dir: Path | str, support: Path | str | list[Path | str], num:
                               support=valued("support", file)) from None
     images = torch.cat(images)
     samples = learner.sample(images, num, generator=torch.Generator().manual_seed(seed))[0]
-    out = Path(out) if out is not None else RunDir(run_dir).plots_dir / "samples.png"
+    out = Path(out) if out is not None else RunDir(run_dir).checked_plots_dir() / "samples.png"
     return plot_image_rows([(images, "input"), (samples, "samples")], out,
                            title=f"{config.method}, step {step}: {num} new images of the character shown")
 
@@ -1592,6 +1594,6 @@ def plot_conditional_samples(run_dir: Path | str, data_dir: Path | str | None = 
     rows = []
     for s in range(sets):
         rows += [(inputs[s], "input" if s == 0 else None), (samples[s], "samples" if s == 0 else None)]
-    out = RunDir(run_dir).plots_dir / "conditional_samples.png" if out is None else Path(out)
+    out = RunDir(run_dir).checked_plots_dir() / "conditional_samples.png" if out is None else Path(out)
     return plot_image_rows(rows, out, width=set_size,
                            title=f"{config.method}, step {step}: unseen {config.task.split} test characters")

@@ -34,7 +34,7 @@ from metalearn.config import RunConfig
 from metalearn.data.splits import PARTS, RUN_SPLIT_NAME
 from metalearn.errors import MetalearnError, caller_level, MetalearnWarning, OptionError, spellings
 from metalearn.files import (WriteError, append_line, atomic_write, atomic_write_bytes, user_path,  # noqa: F401
-                             fsync_directory, obstacle, probe_writable, remove_temporaries)
+                             TEMPORARY_NAME, fsync_directory, obstacle, probe_writable, remove_temporaries)
 from metalearn.locking import FolderInUse, FolderLock
 
 # what only the process holding a run folder's lock writes: a temporary file of these is never
@@ -121,6 +121,14 @@ def claim_new_run_dir(root: Path, name: str) -> Path:
         except FileExistsError:
             continue
     raise OptionError(f"no free run directory name {name}-N in {root}; give {{run_dir}}", run_dir="run_dir")
+
+
+def _best_file(name: str) -> bool:
+    """Whether ``name`` is one a run writes in ``best/``: a checkpoint, the index, or the
+    temporary file of either."""
+    match = TEMPORARY_NAME.fullmatch(name)
+    name = match.group("name") if match else name
+    return name == "index.json" or _best_step(name) is not None
 
 
 def _best_step(file: str) -> int | None:
@@ -305,11 +313,52 @@ class RunDir:
         lock = FolderLock.take(self.lock_path, purpose, refusal=lambda holder: FolderInUse(
             "{folder} is in use by {holder}: one run folder has one writer. Wait for it to finish (or stop it), or "
             "choose another {run_dir}", folder=(str(self.path),) * 2, holder=(holder, holder), run_dir="run_dir"))
+        try:
+            self.check_own_subfolders()
+        except MetalearnError:
+            lock.release()
+            raise
         remove_temporaries(self.path, owned=WRITER_FILES)
         remove_temporaries(self.best_dir, all_owned=True)  # kept checkpoints: written only under this lock
         self._remove_unlisted_best()
         remove_temporaries(self.plots_dir)
         return lock
+
+    def checked_plots_dir(self) -> Path:
+        """``plots/``, once :meth:`check_own_subfolders` found it the run's own."""
+        self.check_own_subfolders()
+        return self.plots_dir
+
+    def check_own_subfolders(self) -> None:
+        """Refuse, in one line, a ``best/`` or ``plots/`` that is a link through which this run
+        would write or delete what is not its own. ``plots/`` linked out of the run folder (its
+        plots are written there, and the temporary files of dead writers deleted); ``best/``
+        linked into another run's folder (its best checkpoints, listed in its index) or to a
+        folder that holds other files than best checkpoints (the writer deletes unlisted
+        checkpoints and temporary files there). A ``best/`` linked to a folder of the run's own
+        elsewhere (another disk) is fine. Run folders come from others too: a received run must
+        not reach out of its folder."""
+        home = self.path.resolve()
+        for folder in (self.best_dir, self.plots_dir):
+            if not (folder.is_symlink() and folder.is_dir()):
+                continue
+            target = folder.resolve()
+            if target.is_relative_to(home):
+                continue
+            if folder == self.plots_dir:
+                raise MetalearnError(f"{folder} is a link to {target}, outside the run folder, where the run would "
+                                     f"write its plots: remove the link")
+            if any((target.parent / name).exists() for name in ("config.json", "checkpoint.pt", "metrics.jsonl")):
+                raise MetalearnError(f"{folder} is a link into another run's folder ({target}), where this run "
+                                     f"would keep its best checkpoints: remove the link, or copy what it holds there")
+            try:
+                foreign = next((entry.name for entry in target.iterdir() if not _best_file(entry.name)), None)
+            except OSError:
+                foreign = None  # unreadable: the writer's own access says so
+            if foreign is not None:
+                raise MetalearnError(f"{folder} is a link to {target}, which holds other files than best checkpoints "
+                                     f"({foreign}); the run deletes unlisted checkpoints and temporary files there: "
+                                     f"link a folder of its own")
 
     # -- config --------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import warnings
 
 import pytest
@@ -335,3 +336,31 @@ def test_nan_in_the_data_is_named_as_the_data_s_not_as_a_learning_rate_s(tmp_pat
     # a batch without a task axis on its targets is the learner's to refuse, in its one line
     with pytest.raises(MetalearnError, match="maml: support_y must be"):
         evaluate(MAML(MLP(1, 1)), _TasksWithoutATaskAxis(shots=5, query=5), 4, progress=False)
+
+
+def test_scoring_a_run_s_validation_episodes_as_its_test_is_said(tmp_path):
+    """Each part's episodes come from the seed plus the part's offset: a sinusoid run trained with
+    seed 1,000,000 validated on exactly the tasks that eval's default seed 0 scores as its test
+    (one task family for every part), so those chose its best checkpoints. Evaluate and compare
+    say so; another seed, or a run of seed 0, scores without the warning."""
+    from metalearn import resolve_config
+    from metalearn.api import evaluate_run
+    from metalearn.uncertainty import compare_learners
+    from metalearn.errors import MetalearnWarning
+    from metalearn.training import TEST_SEED_OFFSET, VALIDATION_SEED_OFFSET, build_trainer
+
+    assert 1_000_000 + VALIDATION_SEED_OFFSET == 0 + TEST_SEED_OFFSET  # the collision, as the offsets make it
+    for seed, name in ((1_000_000, "late"), (0, "plain")):
+        config = resolve_config("maml", task={"dataset": "sinusoid"},
+                                train={"steps": 1, "val_every": 0, "meta_batch_size": 2, "seed": seed})
+        build_trainer(config, tmp_path / name).fit(progress=False)
+    message = (f"these test episodes are the validation episodes of the run in {tmp_path / 'late'} (trained with seed "
+               "1000000; its task family is one for every part), which chose its checkpoints")
+    with pytest.warns(MetalearnWarning, match=re.escape(message)):
+        evaluate_run(tmp_path / "late", episodes=4, progress=False)
+    with pytest.warns(MetalearnWarning, match="are the validation episodes of the run"):
+        compare_learners({"late": tmp_path / "late", "plain": tmp_path / "plain"}, episodes=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate_run(tmp_path / "late", episodes=4, seed=1, progress=False)
+        evaluate_run(tmp_path / "plain", episodes=4, progress=False)

@@ -38,8 +38,8 @@ from metalearn.plugins import load_plugins, unknown_hint
 from metalearn.tasks import has_validation, no_validation_reason, problem_of
 from metalearn.checkpoints import (check_compatible, check_same_method, check_test_ways, configuration_conflict,
                                    load_trained, load_trained_state, recorded_images, run_images, saved_config)
-from metalearn.training import (TEST_SEED_OFFSET, build_trainer, part_seed_offset, python_resume, python_test,
-                                registered_resume, registered_test, resume_command, resume_without_run_dir)
+from metalearn.training import (TEST_SEED_OFFSET, VALIDATION_SEED_OFFSET, build_trainer, part_seed_offset,
+                                python_resume, python_test, registered_resume, registered_test, resume_command, resume_without_run_dir)
 
 
 def resolve_config(method: str, task: dict[str, Any] | None = None,
@@ -779,6 +779,8 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
     # the run's seed); for regression, where val and test share one task family, that also
     # keeps --part val from scoring the test episodes
     offset = part_seed_offset(part)
+    if world.is_main:
+        warn_of_validation_episodes(run_dir, config, part, seed + offset)
     result = evaluate(learner, source, n, seed=seed + offset, world=world, progress=progress,
                       per_step=per_step, memory_budget=config.train.memory_budget)
     result.update(recorded_seeds(seed, offset))
@@ -822,6 +824,23 @@ def warn_of_other_images(run_dir, config: RunConfig, source, trained_on: str | N
         f"{folder} holds other images than the run in {run.path} trained on ({differ}): the classes "
         f"scored are {named}, so a class renamed or replaced since may be one it trained on",
         data_dir=valued("data_dir", data_dir)))
+
+
+def warn_of_validation_episodes(run_dir, config: RunConfig, part: str, episode_seed: int) -> None:
+    """Scoring the run's validation episodes as another part: each part draws from the seed
+    plus its own offset (:func:`~metalearn.training.part_seed_offset`), so a seed a million
+    apart can make an evaluation's episode seed the run's validation one (a run trained with
+    ``--seed 1000000`` scored with ``eval --seed 0``). Where every part draws from one task
+    family (regression, reinforcement learning; classes keep them apart otherwise) those are
+    the very episodes that chose the run's best checkpoints: said once, beside the result."""
+    if part == "val" or config.task.classification \
+            or episode_seed != config.train.seed + VALIDATION_SEED_OFFSET:
+        return
+    run = RunDir(run_dir)
+    warnings.warn(MetalearnWarning(
+        f"these {part} episodes are the validation episodes of the run in {run.path} (trained with seed "
+        f"{config.train.seed}; its task family is one for every part), which chose its checkpoints: the score "
+        f"is not one on unseen tasks: score with another seed"))
 
 
 def _warn_of_training_classes(run_dir, config: RunConfig, source, part: str) -> None:

@@ -255,7 +255,7 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     does (runs trained with different shots compared on one shape); ``ways``, ``shots`` and
     ``query`` in the result are those of the episodes scored, as in an evaluation's file.
     """
-    from metalearn.api import warn_of_other_images
+    from metalearn.api import warn_of_other_images, warn_of_validation_episodes
     from metalearn.tasks import build_task_source, true_function as tasks_true_function
     from metalearn.checkpoints import load_trained_state, recorded_images, run_images
     from metalearn.runs import RunDir
@@ -372,6 +372,8 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     per_task: dict[str, dict[str, list[Tensor]]] = {label: {} for label in runs}
     pooled: dict[str, list[tuple[Tensor, Tensor]]] = {label: [] for label in runs}
     offset = part_seed_offset(part)
+    for label, (config, _, _) in loaded.items():
+        warn_of_validation_episodes(runs[label], config, part, seed + offset)
     generator = torch.Generator().manual_seed(seed + offset)
     remaining = episodes
     per_call: dict[str, int | None] = {}  # tasks per scoring call, where a chunk would not fit the memory at once

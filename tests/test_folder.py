@@ -446,6 +446,24 @@ def test_csv_rows_listing_one_image_twice_are_refused(tmp_path):
     assert load_image_folder(root, 16, 3, cache_dir=tmp_path / "cache").images.shape[0] == 18
 
 
+def test_csv_rows_naming_files_outside_images_are_refused(tmp_path):
+    """A CSV from someone else names a file outside images/ (absolute, or through ..): refused in
+    one line, not read into the cache; a name in a subfolder of images/ is fine."""
+    root = tmp_path / "mini"
+    write_mini_imagenet(root, {"train": 3, "val": 1, "test": 2}, per_class=3)
+    train = (root / "train.csv").read_text()
+    outside = tmp_path / "private.jpg"
+    shutil.copy(root / "images" / "n0100000000000001.jpg", outside)
+    for name in (str(outside), "../../private.jpg", "sub/../../../private.jpg"):
+        (root / "train.csv").write_text(train + f"{name},n01000009\n")
+        with pytest.raises(MetalearnError, match=f"train.csv line 11 names {re.escape(name)}, which is not inside "):
+            load_image_folder(root, 16, 3, cache_dir=tmp_path / "cache")
+    (root / "images" / "sub").mkdir()
+    shutil.copy(outside, root / "images" / "sub" / "private.jpg")
+    (root / "train.csv").write_text(train + "sub/private.jpg,n01000000\n")
+    assert load_image_folder(root, 16, 3, cache_dir=tmp_path / "cache").images.shape[0] == 19
+
+
 def test_a_class_folder_in_two_parts_is_refused(tmp_path):
     """train/dog and test/dog: the test classes would be trained on; refused, naming the class
     and both parts."""

@@ -383,6 +383,11 @@ def _csv_classes(root: Path, csvs: list[Path]) -> list[tuple[str, str, list[Path
             if len(row) != 2:
                 raise MetalearnError(f"{path} line {number}: expected filename,label, got {','.join(row)!r}")
             filename, label = row
+            # a name that climbs out of images/ (absolute, or through ..) would read any file the user
+            # can: a CSV from someone else must not pull in images from elsewhere
+            if Path(filename).is_absolute() or ".." in Path(filename).parts:
+                raise MetalearnError(f"{path} line {number} names {filename}, which is not inside {images}: give "
+                                     "a file name relative to it, without ..")
             file = images / filename
             if not file.is_file():
                 raise MetalearnError(f"{path} line {number} names {filename}, which is not in {images}")

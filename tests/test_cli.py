@@ -321,6 +321,13 @@ def test_platipus_plot_beside_maml_and_compare(tmp_path, capsys):
     assert saved["episodes"] == 10
     assert saved["maml"]["coverage_minmax"]["mean"] == 0.0  # one prediction: an empty band
     assert saved["platipus"]["coverage_minmax"]["mean"] > 0.0  # sampled functions bracket the truth somewhere
+    # paired on the same episodes: the differences' mean is the difference of the means, and their
+    # interval is that of the per-episode differences
+    difference = saved["maml"]["mse"]["difference"]
+    assert difference["mean"] == pytest.approx(saved["maml"]["mse"]["mean"] - saved["platipus"]["mse"]["mean"])
+    assert 0 < difference["ci95"] and "difference" not in saved["platipus"]["mse"]
+    assert f"paired differences from platipus on the same episodes" in out
+    assert f"| maml | {difference['mean']:+.4g} +/- {difference['ci95']:#.2g} |" in out
 
 
 @pytest.mark.parametrize(

@@ -464,6 +464,35 @@ def test_csv_rows_naming_files_outside_images_are_refused(tmp_path):
     assert load_image_folder(root, 16, 3, cache_dir=tmp_path / "cache").images.shape[0] == 19
 
 
+def test_csv_rows_naming_one_file_by_two_names_are_refused(tmp_path):
+    """A hard link (or, on a case-insensitive disk, another spelling of a name) lists one picture
+    in train.csv and test.csv under two names: refused as in the class-folder layouts."""
+    root = tmp_path / "mini"
+    write_mini_imagenet(root, {"train": 3, "val": 1, "test": 2}, per_class=3)
+    first = root / "images" / "n0100000000000001.jpg"
+    os.link(first, root / "images" / "copy.jpg")
+    (root / "test.csv").write_text((root / "test.csv").read_text() + "copy.jpg,n01000005\n")
+    with pytest.raises(MetalearnError, match=f"{re.escape(str(first))} and .*copy.jpg are one file \\(hard links"):
+        load_image_folder(root, 16, 3, cache_dir=tmp_path / "cache")
+
+
+def test_a_folder_of_a_long_name_is_cached_under_a_name_the_file_system_takes(tmp_path):
+    """The cache file's name holds the folder's name: cut to 60 bytes on a character's boundary,
+    so that a folder named with 70 characters of three bytes each (210 bytes) still trains."""
+    from metalearn.data.folder import cache_path
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / ("照片" * 35)
+    for c in range(3):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(2):
+            draw_shape(SHAPES[c], (200, 0, 0), 20, rng).save(root / f"class{c}" / f"{i}.png")
+    path = cache_path(tmp_path / "cache", root, 16, 3)
+    assert path.name.startswith("folder-" + "照片" * 10 + "-") and len(path.name.encode()) < 150
+    assert load_image_folder(root, 16, 3, cache_dir=tmp_path / "cache").images.shape[0] == 6
+    assert path.is_file()
+
+
 def test_a_class_folder_in_two_parts_is_refused(tmp_path):
     """train/dog and test/dog: the test classes would be trained on; refused, naming the class
     and both parts."""

@@ -626,8 +626,18 @@ def compare(run_dirs, episodes, seed, part, num_samples, json_path, settings, da
         for m in measures:
             value = result[label][m]
             ci = value.get("ci95")
-            cells.append(f"{value['mean']:.4g}" + (f" +/- {ci:.2g}" if ci is not None else ""))
+            cells.append(f"{value['mean']:.4g}" + (f" +/- {ci:#.2g}" if ci is not None else ""))
         click.echo(f"| {label} | " + " | ".join(cells) + " |")
+    paired = [m for m in measures if any("difference" in result[label][m] for label in labels)]
+    if paired:  # the same episodes: the per-episode differences say whether two runs differ
+        first = next(iter(labels))
+        click.echo(f"paired differences from {first} on the same episodes (95% CI of the per-episode differences):")
+        click.echo("| run | " + " | ".join(paired) + " |")
+        click.echo("| --- |" + " ---: |" * len(paired))
+        for label in list(labels)[1:]:
+            cells = [f"{d['mean']:+.4g} +/- {d['ci95']:#.2g}" if (d := result[label][m].get("difference")) else ""
+                     for m in paired]
+            click.echo(f"| {label} | " + " | ".join(cells) + " |")
     for label in labels:  # as eval warns of them: a diverged episode makes the run's measures NaN
         if result[label].get("diverged"):
             click.echo(f"warning: {result[label]['diverged']} of {result['episodes']} episodes of {label} diverged "

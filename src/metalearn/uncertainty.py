@@ -237,7 +237,9 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
 
     Returns ``{"episodes", "seed", "part", "dataset", "num_samples", "overrides", "ways", "shots",
     "query", label: {measure: {"mean", "ci95"}, ..., "run_dir", "method", "step", "num_samples"}}``.
-    Each run's
+    For every run after the first, each per-episode measure also holds ``difference``: the mean
+    and 95% interval of its per-episode differences from the first run's on the same episodes
+    (paired, so far narrower than the two intervals side by side). Each run's
     ``num_samples`` is the number of models it drew per task (``num_samples``, or where None its
     own ``num_samples`` option; 1 for a method without samples, MAML); the top-level
     ``num_samples`` is the number the sampling runs drew, None where there are none or they drew
@@ -405,6 +407,7 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
                               "num_samples": sampled.pop() if len(sampled) == 1 else None,
                               "overrides": dict(overrides or {}),
                               "ways": tested.ways, "shots": tested.shots, "query": tested.query}
+    first = next(iter(loaded))
     for label, (config, _, step) in loaded.items():
         entry: dict[str, Any] = {"run_dir": str(runs[label]), "method": config.method, "step": step,
                                  "num_samples": drawn[label]}
@@ -412,6 +415,11 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
             values = torch.cat(chunks) * (100.0 if name == "accuracy" else 1.0)
             mean, ci95 = _mean_ci(values)
             entry[name] = {"mean": mean, "ci95": ci95}
+            if label != first and name in per_task[first]:
+                # the same episodes: the interval of the per-episode differences, far narrower than
+                # the two runs' intervals side by side, says whether they differ
+                mean, ci95 = _mean_ci(values - torch.cat(per_task[first][name]) * (100.0 if name == "accuracy" else 1.0))
+                entry[name]["difference"] = {"mean": mean, "ci95": ci95}
             if name in ("accuracy", "mse") and not bool(torch.isfinite(values).all()):
                 entry["diverged"] = int((~torch.isfinite(values)).sum())  # its measures are NaN: said, not hidden
         if pooled[label]:

@@ -154,7 +154,8 @@ def gradient_descent_tasks(forward_tasks: Callable[[Params, Tensor], Tensor], pa
 def normalisation_parameters(model: nn.Module) -> frozenset[str]:
     """The names of ``model``'s parameters that belong to normalisation layers (batch, layer,
     group, instance or RMS norm: scales and offsets), for an inner loop that does not adapt them."""
-    kinds = (BatchStatNorm, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+    # nn.RMSNorm is new in torch 2.4 (pyproject allows 2.3)
+    kinds = (BatchStatNorm, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", ()))
     return frozenset(f"{prefix}.{name}" if prefix else name
                      for prefix, module in model.named_modules() if isinstance(module, kinds)
                      for name, _ in module.named_parameters(recurse=False))

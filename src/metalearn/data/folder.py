@@ -283,7 +283,9 @@ def scan_folder(root: Path) -> tuple[str, list[tuple[str, str, list[Path]]], lis
         raise MetalearnError(f"{what}; give the folder that holds one folder per class")
     csvs, folders, part_dirs = _top_entries(root)
     if csvs:
-        return "csv", _csv_classes(root, csvs), csvs
+        classes = _csv_classes(root, csvs)  # names one file under two rows itself, with both rows
+        _refuse_images_reached_twice(classes)  # hard links; two spellings of a name on a case-insensitive disk
+        return "csv", classes, csvs
     # Part folders when the top holds train/, val/ or test/ and no other folder; class folders
     # when it holds none of them. Both at once has two readings (a class named "test", or
     # classes not yet moved into a part), so it is refused, naming the folders of each kind.
@@ -603,9 +605,17 @@ def _stop_pool(pool) -> None:
             process.join(5)
 
 
+CACHE_NAME_BYTES = 60  # of the folder's name in its cache file's name: a file name holds 255 bytes at most
+
+
 def cache_path(cache_dir: Path, root: Path, image_size: int, channels: int) -> Path:
+    """The cache file of the folder ``root``: its name (cut to :data:`CACHE_NAME_BYTES` bytes, on a
+    character's boundary, so that any folder name leaves room for the rest and the ``.tmp<pid>``
+    of its writing), a hash of its absolute path (which tells folders apart), size and version."""
     key = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
-    return Path(cache_dir) / f"folder-{Path(root).resolve().name}-{key}-{image_size}x{image_size}x{channels}-v{CACHE_FORMAT_VERSION}.npz"
+    name = Path(root).resolve().name.encode(errors="surrogateescape")[:CACHE_NAME_BYTES]
+    name = name.decode(errors="ignore")  # a character cut in two is dropped whole
+    return Path(cache_dir) / f"folder-{name}-{key}-{image_size}x{image_size}x{channels}-v{CACHE_FORMAT_VERSION}.npz"
 
 
 _SHARED_SCANS: dict[str, tuple] | None = None  # within shared_scans(): each folder's scan and fingerprint

@@ -328,6 +328,9 @@ def test_platipus_plot_beside_maml_and_compare(tmp_path, capsys):
     assert 0 < difference["ci95"] and "difference" not in saved["platipus"]["mse"]
     assert f"paired differences from platipus on the same episodes" in out
     assert f"| maml | {difference['mean']:+.4g} +/- {difference['ci95']:#.2g} |" in out
+    code, out, err = run(["compare", tmp_path / "platipus", tmp_path / "maml", "--episodes", 10, "--samples", 4,
+                          "--set", "test_inner_steps=2", "--json", "-"], capsys)
+    assert code == 0 and json.loads(out) == saved, err  # `-`: the JSON alone on the output, for a script
 
 
 @pytest.mark.parametrize(

@@ -824,6 +824,15 @@ def test_protonet_learns_the_shapes_and_predicts_new_classes(shapes, tmp_path, c
     lines = out.strip().splitlines()
     assert lines[0].startswith("protonet (step 40), classes:") and lines[-1].startswith("wrote")
     assert f"{first['label']}\t{first['probability']:.3f}" in out
+    # `-`: the JSON or CSV alone on the output, for a script; the same predictions as the files
+    code, out, err = run(["predict", run_dir, "--support", support, "--query", query, "--json", "-"], capsys)
+    assert code == 0 and json.loads(out) == result, err
+    code, out, err = run(["predict", run_dir, "--support", support, "--query", query, "--csv", "-",
+                          "--json", outputs / "q.json"], capsys)
+    assert code == 0 and out == (outputs / "p.csv").read_bytes().decode() and err == f"wrote {outputs / 'q.json'}\n", err
+    code, out, err = run(["predict", run_dir, "--support", support, "--query", query, "--csv", "-", "--json", "-"],
+                         capsys)
+    assert code == 2 and err == "error: --json - and --csv - both print to the output; give one of them a file\n"
     # one query file; the Python convenience gives the same probabilities
     code, out, err = run(["predict", run_dir, "--support", support, "--query", first["file"]], capsys)
     assert code == 0 and first["file"] in out

@@ -592,7 +592,8 @@ def plot(run_dir, data_dir, compare_with):
 @click.option("--part", type=click.Choice(["test", "val", "train"]), default="test", show_default=True,
               help="the split part whose episodes to score: the ones metalearn eval --part scores")
 @click.option("--samples", "num_samples", type=click.IntRange(min=1), default=None, help="models sampled per task (sampling methods)")
-@click.option("--json", "json_path", type=GivenPath(FILE, None), default=None, help="also write the result here")
+@click.option("--json", "json_path", type=GivenPath(FILE, None), default=None,
+              help="also write the result here (-: print it as JSON instead of the table)")
 @click.option("--set", "settings", multiple=True, metavar="OPTION=VALUE",
               help="change a method option of every run for this comparison, e.g. --set test_inner_steps=1")
 @click.option("--data-dir", type=GivenPath(FOLDER), default=None, help=DATA_DIR_HELP)
@@ -605,6 +606,9 @@ def compare(run_dirs, episodes, seed, part, num_samples, json_path, settings, da
 
     labels = run_labels(run_dirs)
     overrides = dict(parse_setting(s) for s in settings)
+    to_output = json_path == "-"  # the JSON alone on the output, for a script (as status --json)
+    if to_output:
+        json_path = None
     if json_path:  # found out now, not after minutes of evaluation
         from metalearn.checkpoints import recorded_images
         from metalearn.prediction import refuse_outputs_among_inputs, refuse_run_files
@@ -618,6 +622,27 @@ def compare(run_dirs, episodes, seed, part, num_samples, json_path, settings, da
     result = compare_learners(labels, episodes=episodes, seed=seed, part=part, num_samples=num_samples,
                               data_dir=data_dir, overrides=overrides, episode_shape=shape)
     measures = [k for k, v in result[next(iter(labels))].items() if isinstance(v, dict)]
+    if to_output:
+        click.echo(json.dumps(json_finite(result), indent=2, allow_nan=False))
+    else:
+        echo_comparison(result, labels, measures, part, seed)
+    for label in labels:  # as eval warns of them: a diverged episode makes the run's measures NaN
+        if result[label].get("diverged"):
+            click.echo(f"warning: {result[label]['diverged']} of {result['episodes']} episodes of {label} diverged "
+                       "(non-finite predictions), which makes its measures NaN; try fewer test-time steps",
+                       err=True)
+    if json_path:
+        from metalearn.files import atomic_write_bytes
+
+        json_path = Path(json_path)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        # never half a file; standard JSON (null for a diverged run's NaN), which any parser reads
+        atomic_write_bytes(json_path, (json.dumps(json_finite(result), indent=2, allow_nan=False) + "\n").encode())
+        click.echo(f"written to {json_path}")
+
+
+def echo_comparison(result: dict, labels: dict, measures: list[str], part: str, seed: int) -> None:
+    """compare's tables: each run's measures, then each later run's paired differences."""
     click.echo(f"{result['episodes']} {part} episodes of {result['dataset']} ({episode_shape_words(result)}), seed {seed}")
     click.echo("| run | " + " | ".join(measures) + " |")
     click.echo("| --- |" + " ---: |" * len(measures))
@@ -638,19 +663,6 @@ def compare(run_dirs, episodes, seed, part, num_samples, json_path, settings, da
             cells = [f"{d['mean']:+.4g} +/- {d['ci95']:#.2g}" if (d := result[label][m].get("difference")) else ""
                      for m in paired]
             click.echo(f"| {label} | " + " | ".join(cells) + " |")
-    for label in labels:  # as eval warns of them: a diverged episode makes the run's measures NaN
-        if result[label].get("diverged"):
-            click.echo(f"warning: {result[label]['diverged']} of {result['episodes']} episodes of {label} diverged "
-                       "(non-finite predictions), which makes its measures NaN; try fewer test-time steps",
-                       err=True)
-    if json_path:
-        from metalearn.files import atomic_write_bytes
-
-        json_path = Path(json_path)
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        # never half a file; standard JSON (null for a diverged run's NaN), which any parser reads
-        atomic_write_bytes(json_path, (json.dumps(json_finite(result), indent=2, allow_nan=False) + "\n").encode())
-        click.echo(f"written to {json_path}")
 
 
 @cli.command()
@@ -660,9 +672,9 @@ def compare(run_dirs, episodes, seed, part, num_samples, json_path, settings, da
 @click.option("--query", "queries", type=GivenPath(IMAGES, None), required=True, multiple=True,
               help="a folder of images to classify, or an image file (repeat for several)")
 @click.option("--json", "json_path", type=GivenPath(FILE, None), default=None,
-              help="also write the predictions here as JSON")
+              help="also write the predictions here as JSON (-: print them as JSON instead of the list)")
 @click.option("--csv", "csv_path", type=GivenPath(FILE, None), default=None,
-              help="also write the predictions here as CSV")
+              help="also write the predictions here as CSV (-: print them as CSV instead of the list)")
 @click.option("--sheet", type=GivenPath(FILE, None), default=None,
               help="draw a contact sheet here (PNG): the support images by class, then each query with its prediction")
 @click.option("--samples", "num_samples", type=click.IntRange(min=1), default=None,
@@ -672,10 +684,24 @@ def predict(run_dir, support, queries, json_path, csv_path, sheet, num_samples, 
     """Classify new images among new classes from a few labelled examples of each, with a trained
     run: metalearn predict RUN_DIR --support DIR --query DIR_OR_FILE."""
     from metalearn.api import predict_run
+    from metalearn.prediction import as_csv, as_json
 
+    printed = [(option, form) for option, path, form in (("--json", json_path, as_json), ("--csv", csv_path, as_csv))
+               if path == "-"]  # the predictions alone on the output, for a script
+    if len(printed) > 1:
+        raise MetalearnError("--json - and --csv - both print to the output; give one of them a file")
+    if sheet == "-":
+        raise MetalearnError("--sheet - : a contact sheet is a PNG file; give its path")
+    json_path, csv_path = (None if path == "-" else path for path in (json_path, csv_path))
     # predict_run checks the output paths before it reads an image
     result = predict_run(run_dir, support, list(queries), json_out=json_path, csv_out=csv_path, sheet=sheet,
                          num_samples=num_samples, device=device)
+    if printed:
+        click.echo(printed[0][1](result).decode("utf-8", "surrogateescape"), nl=False)
+        for path in (json_path, csv_path, sheet):
+            if path is not None:
+                click.echo(f"wrote {path}", err=True)
+        return
     shots = ", ".join(f"{name} ({n})" for name, n in zip(result["classes"], result["shots"]))
     click.echo(f"{result['method']} (step {result['step']}), classes: {shots}")
     for p in result["predictions"]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 import torch
 
 from metalearn.data.omniglot import (
@@ -547,3 +548,28 @@ def test_the_characters_two_splits_share_are_those_the_init_from_warning_counts(
                            | characters(a, ("val",)) & characters(b, ("test",)))
                for a in SPLITS for b in SPLITS}
     assert {pair: n for pair, n in counted.items() if n} == SHARED_CHARACTERS
+
+
+def test_an_image_size_whose_arrays_exceed_the_memory_is_refused_before_they_are_filled(tmp_path, monkeypatch):
+    """Omniglot at 2000x2000 pixels is 130 GB: refused in one line, naming the size and the
+    memory available, instead of an out-of-memory kill while its drawings are decoded (and so
+    is an image folder of the same sort)."""
+    import metalearn.memory_budget as memory_budget
+    from metalearn.data.folder import load_image_folder
+
+    for archive in ("images_background", "images_evaluation"):
+        (tmp_path / archive).mkdir()
+    monkeypatch.setattr(memory_budget, "_meminfo_bytes", lambda field: 8 * 10**9)
+    monkeypatch.setattr(memory_budget, "_cgroup_limits", lambda: [(4 * 10**9, 10**9)])  # a job's limit: 3 GB left
+    with pytest.raises(MetalearnError, match=r"^Omniglot at 2000x2000 pixels takes 130 GB of memory, more than the "
+                                             r"3 GB available; give a smaller image_size \(the papers' is 28\)$"):
+        read_release(tmp_path, 2000)
+    folder = tmp_path / "folder"
+    for c in range(2):
+        (folder / f"c{c}").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(folder / f"c{c}" / "0.png")
+    with pytest.raises(MetalearnError, match=r"^2 images at 30000x30000 pixels takes 5.4 GB of memory"):
+        load_image_folder(folder, 30000, 3, cache_dir=tmp_path / "cache").images
+    monkeypatch.setattr(memory_budget, "_meminfo_bytes", lambda field: 10**12)
+    monkeypatch.setattr(memory_budget, "_cgroup_limits", lambda: [])
+    assert load_image_folder(folder, 16, 3, cache_dir=tmp_path / "cache").images.shape == (2, 3, 16, 16)

@@ -158,6 +158,23 @@ def _status_bytes(field: str) -> int:
     return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1)) * 1024
 
 
+def check_array_fits(nbytes: int, what: str, advice: str, **options) -> None:
+    """Refuse, in one line, an array of ``nbytes`` that is larger than the memory this process
+    can still use (MemAvailable, and what its control groups' limits leave), before it is
+    allocated: filling it would end in the kernel's out-of-memory kill, without a word. Only
+    where ``/proc/meminfo`` tells (Linux); elsewhere nothing is checked. ``advice`` may name
+    options as :class:`~metalearn.errors.OptionError` does (``{image_size}``, given in ``options``)."""
+    try:
+        available = _meminfo_bytes("MemAvailable")
+    except (OptionError, AttributeError, ValueError):  # no /proc, or a meminfo without the field
+        return
+    for limit, used in _cgroup_limits():
+        available = min(available, max(limit - used, 0))
+    if nbytes > available:
+        raise OptionError(f"{what} takes {nbytes / 1e9:.3g} GB of memory, more than the {available / 1e9:.3g} GB "
+                          f"available; {advice}", **options)
+
+
 def _meminfo_bytes(field: str) -> int:
     try:
         text = Path("/proc/meminfo").read_text()

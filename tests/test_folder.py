@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import shutil
 import warnings
 from pathlib import Path
@@ -237,6 +238,22 @@ def test_decoding_in_several_processes_gives_the_same_array(shapes, monkeypatch)
     one = folder_module.read_folder(shapes, 12, 3, workers=1)
     two = folder_module.read_folder(shapes, 12, 3, workers=2)
     assert np.array_equal(one.images, two.images) and one.content_hash == two.content_hash
+
+
+def _killed_decoder(paths, image_size, channels):
+    """A decoding process killed as the kernel's out-of-memory killer kills one."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_decoding_process_killed_is_one_line_naming_memory(shapes, monkeypatch):
+    """The pool's BrokenProcessPool, with its traceback, was what a user saw when the system
+    killed a decoding process for lack of memory: one line instead, naming the array's size."""
+    monkeypatch.setattr(folder_module, "PARALLEL_FROM", 1)
+    monkeypatch.setattr(folder_module, "_decode_chunk", _killed_decoder)
+    with pytest.raises(MetalearnError, match=r"^a process decoding the \d+ images died \(killed by the system, most "
+                                             r"often for lack of memory: the images take .* GB at this size\); free "
+                                             r"memory or give a smaller image_size, and run again$"):
+        folder_module.read_folder(shapes, 12, 3, workers=2)
 
 
 def test_a_split_file_chooses_the_classes(shapes, tmp_path):

@@ -450,7 +450,9 @@ def read_folder(root: Path | str, image_size: int, channels: int, progress: bool
         from tqdm import tqdm
 
         bar = tqdm(total=len(paths), desc=f"reading {Path(root).name}", unit="img", leave=False)
-    workers = min(workers or os.cpu_count() or 1, 16)
+    # the cores this process may use (a batch job's affinity), not the machine's
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = min(workers or usable or 1, 16)
     try:
         if workers > 1 and len(paths) >= PARALLEL_FROM:
             unreadable = _decode_in_processes(paths, images, image_size, channels, workers, bar)
@@ -471,7 +473,7 @@ def read_folder(root: Path | str, image_size: int, channels: int, progress: bool
     # The array alone leaves out where one class ends and the next begins (an image moved from
     # the end of one class to the start of the next gives the same bytes) and which part each
     # class belongs to (the CSV files move classes between parts without moving an image).
-    digest = hashlib.sha256(images.tobytes())
+    digest = hashlib.sha256(images.data)  # the array's own bytes: tobytes() would copy it whole
     digest.update(json.dumps({"shape": list(images.shape), "classes": names, "sizes": sizes.tolist(),
                               "parts": parts}).encode())
     return ImageFolder(images, names, sizes, parts, layout, digest.hexdigest())
@@ -538,6 +540,7 @@ def _decode_in_processes(paths: list[Path], images: np.ndarray, image_size: int,
     BrokenProcessPool in place of the KeyboardInterrupt."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
@@ -549,12 +552,19 @@ def _decode_in_processes(paths: list[Path], images: np.ndarray, image_size: int,
             futures = [pool.submit(_decode_chunk, paths[start:start + CHUNK], image_size, channels)
                        for start in starts]
         unreadable: list[tuple[Path, str]] = []
-        for start, future in zip(starts, futures):
-            chunk, failed = future.result()
+        for index, start in enumerate(starts):
+            chunk, failed = futures[index].result()
+            # let go of the chunk once copied: every future kept its result, a second copy of the array
+            futures[index] = None
             images[start:start + len(chunk)] = chunk
             unreadable += [(paths[start + i], reason) for i, reason in failed]
             if bar is not None:
                 bar.update(len(chunk))
+    except BrokenProcessPool:
+        _stop_pool(pool)
+        raise OptionError(f"a process decoding the {len(paths)} images died (killed by the system, most often for "
+                          f"lack of memory: the images take {images.nbytes / 1e9:.3g} GB at this size); free "
+                          "memory or give a smaller {image_size}, and run again", image_size="image_size") from None
     except BaseException:
         _stop_pool(pool)
         raise

@@ -8,7 +8,10 @@ temporary folder, then times:
   resize to 84x84 RGB, write the cached array), in 1 and in ``--workers`` processes: images/s;
 - loading it again from the cache (the folder unchanged: only its file list is checked);
 - ``EpisodeSampler.sample(meta_batch)`` of 5-way 1-shot 15-query 84x84 RGB episodes (the MAML
-  paper's mini-ImageNet shape), drawn from the train part: meta-batches/s and images/s.
+  paper's mini-ImageNet shape), drawn from the train part: meta-batches/s and images/s;
+- the memory of preparing: in a fresh process, the rise of its peak resident set over
+  ``read_folder`` in ``--workers`` processes, beside the array's size (``prepare_peak_megabytes``,
+  ``array_megabytes``).
 
 Preparing is one pass over the files, so its time grows linearly with the number of images
 (and falls with the processes, up to the cores that are free): 60,000 images (mini-ImageNet) take 60,000 / (images/s) seconds. Sampling does not
@@ -59,6 +62,28 @@ def generate(root: Path, classes: int, per_class: int, source_size: int | None, 
     return total_bytes
 
 
+# VmRSS and VmHWM (this process's own peak; getrusage's ru_maxrss would start at the parent's)
+MEMORY_PROBE = """
+import json, re, sys
+from pathlib import Path
+from metalearn.data import folder
+kb = lambda field: int(re.search(field + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
+folder.PARALLEL_FROM = 0
+before = kb("VmRSS")
+images = folder.read_folder(sys.argv[1], int(sys.argv[2]), 3, workers=int(sys.argv[3])).images
+print(json.dumps({"prepare_peak_megabytes": (kb("VmHWM") - before) / 1e3, "array_megabytes": images.nbytes / 1e6}))
+"""
+
+
+def prepare_memory(root: Path, image_size: int, workers: int) -> dict:
+    """The rise of a fresh process's peak resident set over decoding the folder (Linux)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(root), str(image_size), str(workers)],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -101,6 +126,8 @@ def main(argv=None) -> dict:
             result[f"prepare_s_{workers}_workers"] = prepare
             result[f"prepare_images_per_s_{workers}_workers"] = n / prepare
         result["cache_megabytes"] = sum(f.stat().st_size for f in cache.iterdir()) / 1e6
+
+        result.update(prepare_memory(root, args.image_size, args.workers))
 
         folder_module._LOADED.clear()
         start = time.perf_counter()

@@ -74,6 +74,21 @@ def test_which_learners_normalise_their_queries_together():
     assert normalises_queries_together(build_learner("maml", {**running, "eval_bn_statistics": "batch"}, PROBLEM))
 
 
+def test_predictions_keep_only_the_query_images_a_contact_sheet_shows(new_classes, monkeypatch):
+    """Every prepared query image was kept for the sheet (150 KB each at 84x84 RGB): only the
+    first SHEET_QUERIES are, also across query chunks, and they are the images prepared."""
+    import metalearn.prediction as prediction
+
+    support, queries = new_classes
+    monkeypatch.setattr(prediction, "SHEET_QUERIES", 3)
+    monkeypatch.setattr(prediction, "QUERY_CHUNK", 2)  # 6 queries in chunks of 2: the third chunk is dropped
+    learner = build_learner("protonet", {}, PROBLEM)
+    result = predict_new_classes(learner, support, queries, 28, 3)
+    assert len(result["predictions"]) == 6
+    kept = result.images[2]
+    assert kept.shape[0] == 3 and torch.equal(kept, learner.prepare_images(queries[:3], 28, 3))
+
+
 def test_few_queries_to_a_transductive_learner_are_warned_of(new_classes):
     """One query image alone gets other probabilities than among others (the batch statistics of
     one image): a Python caller is warned, in one line saying what to do; enough queries, or a

@@ -821,7 +821,8 @@ def test_ensemble_eval_of_a_policy_run_is_refused_in_one_line(tmp_path, capsys):
 def test_a_non_finite_trpo_meta_objective_stops_training_in_one_line(tmp_path, capsys):
     """An inner step of 1e30 makes the meta-objective non-finite. The TRPO line search then takes
     no step, which must not pass for a loss of 0 and a run that trains on: the trainer stops at
-    step 1 (exit 2, one line), keeping the checkpoint of step 0 and logging no step."""
+    step 1 (exit 2, one line), keeping the checkpoint of step 0 and logging no step, only the
+    record of its divergence."""
     code, out, err = run(["train", "maml-rl", "--steps", 3, "--inner-lr", "1e30", "--run-dir", tmp_path / "run",
                           "--no-eval", *FAST], capsys)
     assert code == 2 and "Traceback" not in err
@@ -831,7 +832,8 @@ def test_a_non_finite_trpo_meta_objective_stops_training_in_one_line(tmp_path, c
     assert state["step"] == 0
     assert all(torch.isfinite(v).all() for v in state["learner"].values())
     metrics = tmp_path / "run" / "metrics.jsonl"
-    assert not metrics.exists() or not any(json.loads(line)["step"] >= 1 for line in metrics.read_text().splitlines())
+    assert [json.loads(line) for line in metrics.read_text().splitlines()] == [
+        {"step": 1, "diverged": "the meta-loss became nan"}]
 
 
 def test_task_chunk_is_refused_in_one_line(capsys):

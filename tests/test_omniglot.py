@@ -573,3 +573,21 @@ def test_an_image_size_whose_arrays_exceed_the_memory_is_refused_before_they_are
     monkeypatch.setattr(memory_budget, "_meminfo_bytes", lambda field: 10**12)
     monkeypatch.setattr(memory_budget, "_cgroup_limits", lambda: [])
     assert load_image_folder(folder, 16, 3, cache_dir=tmp_path / "cache").images.shape == (2, 3, 16, 16)
+    # memory that is not there after all (taken meanwhile, or not known): the same line, not the run's options
+    from metalearn.data import cache as cache_module
+    from metalearn.data import folder as folder_module
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate")
+
+    monkeypatch.setattr(np, "empty", no_memory)  # allocate_images takes numpy's, as every caller
+    folder_module._LOADED.clear()
+    with pytest.raises(MetalearnError, match=r"^2 images at 24x24 pixels takes 3.46e-06 GB of memory, more than this "
+                                             r"process could allocate; give a smaller image_size$"):
+        load_image_folder(folder, 24, 3, cache_dir=tmp_path / "cache").images
+    monkeypatch.undo()
+    monkeypatch.setattr(cache_module.np, "load", no_memory)
+    folder_module._LOADED.clear()
+    with pytest.raises(MetalearnError, match=r"^reading the cache .*folder-folder-.* GB\) ran out of memory: the "
+                                             r"images at this size do not fit; give a smaller image_size"):
+        load_image_folder(folder, 16, 3, cache_dir=tmp_path / "cache").images

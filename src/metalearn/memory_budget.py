@@ -175,6 +175,21 @@ def check_array_fits(nbytes: int, what: str, advice: str, **options) -> None:
                           f"available; {advice}", **options)
 
 
+def allocate_images(shape: tuple[int, ...], what: str, advice: str, zeros: bool = False, **options):
+    """A uint8 array of ``shape`` for a dataset's images, after :func:`check_array_fits`; an
+    allocation that fails all the same (where the memory is not known, or was taken meanwhile)
+    is the same one line, not a MemoryError that reads as the run's options' doing."""
+    import numpy as np
+
+    nbytes = math.prod(shape)
+    check_array_fits(nbytes, what, advice, **options)
+    try:
+        return np.zeros(shape, np.uint8) if zeros else np.empty(shape, np.uint8)
+    except MemoryError:
+        raise OptionError(f"{what} takes {nbytes / 1e9:.3g} GB of memory, more than this process could allocate; "
+                          f"{advice}", **options) from None
+
+
 def _meminfo_bytes(field: str) -> int:
     try:
         text = Path("/proc/meminfo").read_text()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metalearn.errors import MetalearnError
+from metalearn.errors import MetalearnError, OptionError
 from metalearn.files import WriteError, atomic_write, remove_temporaries
 
 
@@ -33,6 +33,10 @@ def read_arrays(path: Path, fingerprint: str, names: tuple[str, ...]) -> tuple[d
             if not isinstance(meta, dict) or meta.get("fingerprint") != fingerprint:
                 return None
             arrays = {name: archive[name] for name in names}
+    except MemoryError:  # not the run's options (--task-chunk, --meta-batch-size): the data's size
+        raise OptionError(f"reading the cache {path} ({path.stat().st_size / 1e9:.3g} GB) ran out of memory: the "
+                          "images at this size do not fit; give a smaller {image_size}, or use a machine with more "
+                          "memory", image_size="image_size") from None
     except (OSError, EOFError, ValueError, KeyError, TypeError, RecursionError, zipfile.BadZipFile):
         return None  # a damaged cache is rebuilt, not trusted (np.load of an empty file: EOFError)
     return arrays, meta

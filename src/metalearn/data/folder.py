@@ -438,12 +438,11 @@ def read_folder(root: Path | str, image_size: int, channels: int, progress: bool
     their reasons (see :func:`refuse_unreadable`), so that one run shows what to fix."""
     layout, classes, _ = scanned or scan_folder(Path(root))
     paths = [path for _, _, files in classes for path in files]
-    from metalearn.memory_budget import check_array_fits
+    from metalearn.memory_budget import allocate_images
 
-    check_array_fits(len(paths) * channels * image_size ** 2,
-                     f"{len(paths)} images at {image_size}x{image_size} pixels",
-                     "give a smaller {image_size}", image_size="image_size")
-    images = np.empty((len(paths), channels, image_size, image_size), np.uint8)
+    images = allocate_images((len(paths), channels, image_size, image_size),
+                             f"{len(paths)} images at {image_size}x{image_size} pixels",
+                             "give a smaller {image_size}", image_size="image_size")
     unreadable: list[tuple[Path, str]] = []
     bar = None
     if progress:

@@ -211,12 +211,11 @@ def parse_name(name: str) -> tuple[str, int, int]:
 def read_release(data_dir: Path, image_size: int = 28, progress: bool = False) -> Omniglot:
     """Decode and resize every drawing of both archives (a few seconds to a minute)."""
     sources = locate_sources(data_dir)
-    from metalearn.memory_budget import check_array_fits
+    from metalearn.memory_budget import allocate_images
 
-    check_array_fits(NUM_CHARACTERS * DRAWINGS_PER_CHARACTER * image_size ** 2,
-                     f"Omniglot at {image_size}x{image_size} pixels",
-                     "give a smaller {image_size} (the papers' is 28)", image_size="image_size")
-    images = np.zeros((NUM_CHARACTERS, DRAWINGS_PER_CHARACTER, image_size, image_size), np.uint8)
+    images = allocate_images((NUM_CHARACTERS, DRAWINGS_PER_CHARACTER, image_size, image_size),
+                             f"Omniglot at {image_size}x{image_size} pixels",
+                             "give a smaller {image_size} (the papers' is 28)", zeros=True, image_size="image_size")
     drawers = np.zeros((NUM_CHARACTERS, DRAWINGS_PER_CHARACTER), np.int16)
     names: list[str | None] = [None] * NUM_CHARACTERS
     background = np.zeros(NUM_CHARACTERS, bool)

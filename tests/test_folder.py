@@ -240,6 +240,38 @@ def test_decoding_in_several_processes_gives_the_same_array(shapes, monkeypatch)
     assert np.array_equal(one.images, two.images) and one.content_hash == two.content_hash
 
 
+def test_very_large_images_are_decoded_a_few_at_a_time_over_the_processes(shapes, monkeypatch, tmp_path):
+    """A decode of more than LARGE_PIXELS holds the pool's gate (a semaphore shared by the
+    decoding processes), so that many processes meeting such images together stay within a few
+    decodes' memory; smaller images pass freely, and the processes' array is the one process's."""
+    from metalearn.data import images as images_module
+
+    entered = []
+
+    class Gate:
+        def __enter__(self):
+            entered.append(True)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(images_module, "LARGE_IMAGE_GATE", Gate())
+    Image.new("RGB", (40, 30)).save(tmp_path / "large.png")
+    monkeypatch.setattr(images_module, "LARGE_PIXELS", 40 * 30)
+    decode_image(tmp_path / "large.png", 8, 3)
+    assert entered == []  # not more than the bound
+    monkeypatch.setattr(images_module, "LARGE_PIXELS", 40 * 30 - 1)
+    decode_image(tmp_path / "large.png", 8, 3)
+    assert entered == [True]
+    monkeypatch.setattr(images_module, "LARGE_IMAGE_GATE", None)
+    monkeypatch.setattr(images_module, "LARGE_PIXELS", 10)  # every image of the folder through the real gate
+    monkeypatch.setattr(folder_module, "PARALLEL_FROM", 1)
+    monkeypatch.setattr(folder_module, "LARGE_AT_ONCE", 1)
+    one = folder_module.read_folder(shapes, 12, 3, workers=1)
+    two = folder_module.read_folder(shapes, 12, 3, workers=2)
+    assert np.array_equal(one.images, two.images)
+
+
 def _killed_decoder(paths, image_size, channels):
     """A decoding process killed as the kernel's out-of-memory killer kills one."""
     os.kill(os.getpid(), signal.SIGKILL)

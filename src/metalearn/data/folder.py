@@ -542,8 +542,9 @@ def _decode_in_processes(paths: list[Path], images: np.ndarray, image_size: int,
     from concurrent.futures.process import BrokenProcessPool
 
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
-                               initializer=_ignore_interrupts)
+    context = multiprocessing.get_context(method)
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_interrupts,
+                               initargs=(context.Semaphore(LARGE_AT_ONCE),))
     try:
         starts = range(0, len(paths), CHUNK)
         with _interrupts_blocked():  # the processes start here: from their first instruction until
@@ -571,12 +572,21 @@ def _decode_in_processes(paths: list[Path], images: np.ndarray, image_size: int,
     return unreadable
 
 
-def _ignore_interrupts() -> None:
+LARGE_AT_ONCE = 2  # images of more than images.LARGE_PIXELS decoded at once, over all the processes
+
+
+def _ignore_interrupts(large_image_gate=None) -> None:
     """A decoding process's start: SIGINT ignored (its parent stops it, see
     :func:`_decode_in_processes`), then let through, now harmlessly, where the parent blocked
     it while starting the process; SIGTERM, the parent's stop, ends it (a forked process
-    inherits the parent's handlers: a training run's notes SIGTERM and goes on)."""
+    inherits the parent's handlers: a training run's notes SIGTERM and goes on). The pool's
+    ``large_image_gate`` (a semaphore of :data:`LARGE_AT_ONCE`) bounds the memory of decoding
+    very large images in every process together (see ``images.LARGE_IMAGE_GATE``)."""
     import signal
+
+    from metalearn.data import images
+
+    images.LARGE_IMAGE_GATE = large_image_gate
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

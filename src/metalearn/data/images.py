@@ -9,6 +9,7 @@ bytes into floats with :func:`to_float`. :func:`prepare_images` does the same to
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 import warnings
@@ -31,6 +32,13 @@ ORIENTATION_TAG = 0x0112  # EXIF Orientation: 1 upright, 2-8 mirrored and / or r
 # read (a 300-megapixel RGB image takes about 0.9 GB while decoded, in each decoding process);
 # past it an image is refused in one line naming it and its size, never with PIL's warning.
 MAX_PIXELS = 300_000_000
+# Images of more than this many pixels are decoded a few at a time (see LARGE_IMAGE_GATE): a
+# 300-megapixel decode peaks near 1.7 GB (a bilevel PNG of 36 KB can be one), so 16 decoding
+# processes meeting such files together could need 27 GB.
+LARGE_PIXELS = 50_000_000
+# Where set (a decoding process of a folder, by its pool: a semaphore shared by the pool's
+# processes), held while an image of more than LARGE_PIXELS is decoded.
+LARGE_IMAGE_GATE = None
 
 
 def is_image_file(path: Path) -> bool:
@@ -126,7 +134,8 @@ def _decode_image(source: Path | str | bytes, image_size: int, channels: int, na
             _check_pixels(img.size)
             # frames read later (a GIF's, a TIFF's pages) are held to the same bound by PIL
             Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-            with warnings.catch_warnings():
+            gate = LARGE_IMAGE_GATE if img.size[0] * img.size[1] > LARGE_PIXELS else None
+            with gate if gate is not None else contextlib.nullcontext(), warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 if img.format == "JPEG":  # decode at a reduced scale when the image is far larger (fast, exact enough)
                     img.draft(CHANNEL_MODES[channels], (image_size, image_size))

@@ -33,8 +33,8 @@ ORIENTATION_TAG = 0x0112  # EXIF Orientation: 1 upright, 2-8 mirrored and / or r
 # past it an image is refused in one line naming it and its size, never with PIL's warning.
 MAX_PIXELS = 300_000_000
 # Images of more than this many pixels are decoded a few at a time (see LARGE_IMAGE_GATE): a
-# 300-megapixel decode peaks near 1.7 GB (a bilevel PNG of 36 KB can be one), so 16 decoding
-# processes meeting such files together could need 27 GB.
+# 300-megapixel image is 0.9 GB of RGB pixels, more while converted (a bilevel PNG of 36 KB can
+# be one), so 16 decoding processes meeting such files together could need tens of GB.
 LARGE_PIXELS = 50_000_000
 # Where set (a decoding process of a folder, by its pool: a semaphore shared by the pool's
 # processes), held while an image of more than LARGE_PIXELS is decoded.

@@ -1507,3 +1507,36 @@ def test_init_from_a_run_of_the_same_folder_split_otherwise_warns_only_of_classe
     warned = started("0.2,0.2,0.6", "other")
     assert len(warned) == 1 and "of its validation and test classes were seen by " \
         f"init_from {tmp_path / 'src'} (its split.json)" in warned[0], warned
+
+
+def test_on_record_receives_every_record_metrics_jsonl_gets(tmp_path):
+    """fit's on_record sees a copy of each logged training window and validation, the same as
+    metrics.jsonl holds (for TensorBoard or W&B); train passes it on; a callback that raises
+    ends the fit, which resumes; a callback that is no function is refused in one line."""
+    from metalearn import api
+
+    seen = []
+    trainer = build_trainer(sinusoid_config(4, val_every=2, log_every=1), tmp_path / "run")
+    trainer.fit(progress=False, on_record=seen.append)
+    assert seen == RunDir(tmp_path / "run").read_metrics()
+    assert [("loss" in r, "val_mse" in r) for r in seen] == [(True, False), (True, False), (False, True),
+                                                             (True, False), (True, False), (False, True)]
+    seen[0]["loss"] = "changed"  # a copy: the trainer's own record is not the callback's to change
+    assert RunDir(tmp_path / "run").read_metrics()[0]["loss"] != "changed"
+
+    def failing(record):
+        if record["step"] == 3:
+            raise RuntimeError("the dashboard is down")
+
+    config = sinusoid_config(4, val_every=0, log_every=1)
+    trainer = build_trainer(config, tmp_path / "failing")
+    with pytest.raises(RuntimeError, match="the dashboard is down"):
+        trainer.fit(progress=False, on_record=failing)
+    build_trainer(config, tmp_path / "failing", resume=True).fit(progress=False)
+    assert load_trained(tmp_path / "failing")[2] == 4
+    with pytest.raises(MetalearnError, match="^on_record is a function of one record \\(a dict\\), got str$"):
+        build_trainer(config, tmp_path / "other").fit(progress=False, on_record="print")
+    from_train = []
+    api.train(config, tmp_path / "api", progress=False, evaluate_after=False, announce=None,
+              on_record=from_train.append)
+    assert len(from_train) == 4 and [r["step"] for r in from_train] == [1, 2, 3, 4]

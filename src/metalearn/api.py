@@ -39,7 +39,8 @@ from metalearn.tasks import has_validation, no_validation_reason, problem_of
 from metalearn.checkpoints import (check_compatible, check_same_method, check_test_ways, configuration_conflict,
                                    load_trained, load_trained_state, recorded_images, run_images, saved_config)
 from metalearn.training import (TEST_SEED_OFFSET, VALIDATION_SEED_OFFSET, build_trainer, part_seed_offset,
-                                python_resume, python_test, registered_resume, registered_test, resume_command, resume_without_run_dir)
+                                python_resume, python_test, registered_resume, registered_test, resume_command,
+                                resume_without_run_dir)
 
 
 def resolve_config(method: str, task: dict[str, Any] | None = None,
@@ -350,7 +351,8 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
           resume: bool = False, progress: bool = True, evaluate_after: bool = True,
           announce: Callable[[str], None] | None = print, device: str = "cpu",
           exact_gpu_kernels: bool = True, time_limit_s: float | None = None,
-          stop_at: int | None = None) -> tuple[Path, dict[str, Any] | None]:
+          stop_at: int | None = None,
+          on_record: Callable[[dict[str, Any]], None] | None = None) -> tuple[Path, dict[str, Any] | None]:
     """Meta-train ``config`` into ``run_dir`` (joins a torchrun group when launched by one) on
     ``device`` (cpu, cuda, cuda:N or auto); then, unless told not to, evaluate on the test
     split. Returns (run dir, eval result). The device is not part of the run: a run resumes or
@@ -362,7 +364,9 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
     a resume takes its own limit. ``stop_at``: stop the same way after that meta-step of the run's
     schedule (exit code 0), which must lie before its last and not before the run's current
     step (equal: nothing is trained, so that the same call can be repeated): runs of a long
-    schedule (cosine annealing, derivative-order switch) compared at equal steps."""
+    schedule (cosine annealing, derivative-order switch) compared at equal steps. ``on_record``:
+    called with each training and validation record as it is logged, to send it on to
+    TensorBoard or Weights & Biases (:meth:`~metalearn.training.Trainer.fit`)."""
     from metalearn.training import check_stop_at, now
 
     if not isinstance(config, RunConfig):
@@ -412,7 +416,7 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
             announce(f"{start}: {config.method} on {config.task.dataset}, run directory {run_dir}{untrained}")
     try:  # the loop turns Ctrl-C into TrainingStopped; before it (the first save) and after (the last) it is raw
         trainer.fit(progress=progress, time_limit_s=None if time_limit_s is None else time_limit_s - (now() - started),
-                    stop_at=stop_at, keep_lock=evaluate_after)
+                    stop_at=stop_at, keep_lock=evaluate_after, on_record=on_record)
     except (KeyboardInterrupt, Terminated) as err:
         said, code = stopped_by(err)
         raise TrainingStopped(f"{said}; {_next_command(config, run_dir, data_dir)}", code) from None

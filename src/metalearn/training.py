@@ -342,6 +342,7 @@ class Trainer:
         self.validation_pending = False  # this step's validation was left for the resume (a signal)
         self.config_written = False  # by the first save: the config this Trainer continues with
         self.lock = lock  # the hold on the run folder (build_trainer's, or fit takes one; see lock_for_training)
+        self.on_record: Callable[[dict[str, Any]], None] | None = None  # fit's, for the records it logs
         # whether the state in memory is one this trainer saved or restored (a failed fit goes back to it)
         self.saved = False
         # a fit failed, perhaps within a step (weights updated, step not counted, metrics logged): the
@@ -558,7 +559,7 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
 
     def fit(self, progress: bool = True, time_limit_s: float | None = None, stop_at: int | None = None,
-            keep_lock: bool = False) -> None:
+            keep_lock: bool = False, on_record: Callable[[dict[str, Any]], None] | None = None) -> None:
         """Train to ``config.train.steps``, saving as configured. A first Ctrl-C or SIGTERM, or
         ``time_limit_s`` seconds from this call, ends training after the step in progress with
         a checkpoint of it and :class:`~metalearn.errors.TrainingStopped`. ``stop_at``: end the
@@ -578,7 +579,21 @@ class Trainer:
         the run is being tested), who lets go with :meth:`release`; a stop or an error lets go.
         A fit that failed (an error or memory error in a step, a second Ctrl-C) may be called
         again once the cause is fixed: it goes on from the run's last checkpoint (:meth:`_recover`).
-        Training keeps a torch random state of its own: the caller's is as it was when fit returns."""
+        Training keeps a torch random state of its own: the caller's is as it was when fit returns.
+
+        ``on_record``: called (on rank 0) with a copy of each record as it is added to
+        ``metrics.jsonl``: every logged training window (``step``, ``loss``, ``tasks_per_s``,
+        ``elapsed_s`` and the method's metrics) and every validation (``step``, ``val_accuracy``
+        or ``val_mse``, ``val_ci95``, ...), to send them on to TensorBoard, Weights & Biases or a
+        dashboard of one's own. What it raises ends the fit as any error does (the run resumes).
+
+        >>> from torch.utils.tensorboard import SummaryWriter
+        >>> writer = SummaryWriter("runs/tb")
+        >>> trainer.fit(on_record=lambda r: [writer.add_scalar(k, v, r["step"]) for k, v in r.items() if k != "step"])
+        """
+        if on_record is not None and not callable(on_record):
+            raise MetalearnError(f"on_record is a function of one record (a dict), got {type(on_record).__name__}")
+        self.on_record = on_record
         started = None if time_limit_s is None else now()  # the clock is read only for a time limit
         if self.run_dir is None:
             raise MetalearnError("this Trainer has no run folder to write into; build it with a run_dir")
@@ -769,7 +784,7 @@ class Trainer:
                     if name != "loss":
                         record[name] = float(self.world.sum(value.detach() * local_fraction))
                 if self.world.is_main:
-                    self.run_dir.append_metrics(record)
+                    self._log(record)
                     if bar is not None:
                         bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k != "step"})
                 window_time, window_tasks = 0.0, 0
@@ -936,6 +951,12 @@ class Trainer:
                            f"the last good checkpoint in {self.run_dir.path} is kept. {advice}",
                            inner_lr="inner_lr", meta_lr="meta_lr", inner_steps="inner_steps")
 
+    def _log(self, record: dict[str, Any]) -> None:
+        """Add ``record`` to ``metrics.jsonl``, then hand a copy to fit's ``on_record``."""
+        self.run_dir.append_metrics(record)
+        if self.on_record is not None:
+            self.on_record(dict(record))
+
     def _note_divergence(self, what: str) -> None:
         """Log the step that went non-finite to ``metrics.jsonl`` (``{"step", "diverged"}``), so
         that ``metalearn status`` says the run diverged instead of offering a resume that would
@@ -964,9 +985,8 @@ class Trainer:
                           seed=self.config.train.seed + VALIDATION_SEED_OFFSET, world=self.world, per_step=False,
                           memory_budget=self.config.train.memory_budget)
         if self.world.is_main:
-            self.run_dir.append_metrics({"step": self.step, f"val_{result['metric']}": result["mean"],
-                                         "val_ci95": result["ci95"], "elapsed_s": round(self.elapsed_s, 2),
-                                         "validation_s": round(time.perf_counter() - start, 3)})
+            self._log({"step": self.step, f"val_{result['metric']}": result["mean"], "val_ci95": result["ci95"],
+                       "elapsed_s": round(self.elapsed_s, 2), "validation_s": round(time.perf_counter() - start, 3)})
             if self.config.train.keep_best:
                 self.run_dir.keep_best(self.state(), result["mean"], self.config.train.keep_best,
                                        higher_is_better=HIGHER_IS_BETTER[result["metric"]])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import statistics
 from pathlib import Path
 
@@ -326,7 +327,7 @@ def test_platipus_plot_beside_maml_and_compare(tmp_path, capsys):
     difference = saved["maml"]["mse"]["difference"]
     assert difference["mean"] == pytest.approx(saved["maml"]["mse"]["mean"] - saved["platipus"]["mse"]["mean"])
     assert 0 < difference["ci95"] and "difference" not in saved["platipus"]["mse"]
-    assert f"paired differences from platipus on the same episodes" in out
+    assert "paired differences from platipus on the same episodes" in out
     assert f"| maml | {difference['mean']:+.4g} +/- {difference['ci95']:#.2g} |" in out
     code, out, err = run(["compare", tmp_path / "platipus", tmp_path / "maml", "--episodes", 10, "--samples", 4,
                           "--set", "test_inner_steps=2", "--json", "-"], capsys)
@@ -960,6 +961,15 @@ def test_ctrl_c_while_the_data_is_read_names_the_command_that_goes_on(tmp_path, 
     assert code == 143
     assert err.strip().splitlines()[-1] == ("terminated (SIGTERM) before training began; nothing was trained or "
                                             "saved: run the same command again to start")
+    # a scheduler's warning (Slurm's --signal=USR1@120) there: the same, with its own name and status
+    if hasattr(signal, "SIGUSR1"):
+        def warned(*args, **kwargs):
+            raise Terminated(signal.SIGUSR1)
+
+        monkeypatch.setattr(metalearn.training, "build_task_source", warned)
+        code, _, err = run([*options, "--run-dir", tmp_path / "other"], capsys)
+        assert code == 128 + signal.SIGUSR1
+        assert err.strip().splitlines()[-1].startswith("terminated (SIGUSR1) before training began; nothing was")
 
 
 def test_status_says_where_runs_stand_without_touching_them(tmp_path, capsys, monkeypatch):
@@ -1146,13 +1156,15 @@ def test_the_time_limit_counts_from_the_command_s_start(monkeypatch, capsys, tmp
     def command(*args):  # as the `metalearn` command runs it: a process of its own
         import signal
 
-        previous = signal.getsignal(signal.SIGTERM)  # a whole process ignores SIGTERM once its work is done
+        # a whole process ignores its stop signals once its work is done: put back for the tests after
+        previous = {each: signal.getsignal(each) for each in metalearn.cli._stop_signals()}
         try:
             metalearn.cli.main([str(a) for a in args], whole_process=True)
         except SystemExit as exit:
             return exit.code
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for each, handler in previous.items():
+                signal.signal(each, handler)
         return 0
 
     assert command("train", "maml", "--dataset", "sinusoid", "--time-limit", "150", "--no-eval") == 0
@@ -1492,17 +1504,18 @@ def test_a_sigterm_that_a_library_turned_into_its_own_error_still_ends_as_a_sigt
     import metalearn.runs
 
     def drawing(*args, **kwargs):
-        metalearn.cli._SIGTERM_RECEIVED = True  # as the handler records it, before raising
+        metalearn.cli._SIGTERM_RECEIVED = signal.SIGTERM  # as the handler records it, before raising
         raise ValueError("Invalid affine transformation matrix")
 
-    def whole_process(args):  # as the `metalearn` command runs: its SIGTERM handler put back after
-        previous = signal.getsignal(signal.SIGTERM)
+    def whole_process(args):  # as the `metalearn` command runs: its stop signals' handlers put back after
+        previous = {each: signal.getsignal(each) for each in metalearn.cli._stop_signals()}
         try:
             metalearn.cli.main(args, whole_process=True)
         except SystemExit as exit:
             return exit.code, signal.getsignal(signal.SIGTERM)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for each, handler in previous.items():
+                signal.signal(each, handler)
 
     monkeypatch.setattr(metalearn.runs, "default_runs_root", drawing)
     code, after = whole_process(["status"])

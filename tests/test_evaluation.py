@@ -326,6 +326,9 @@ def test_nan_in_the_data_is_named_as_the_data_s_not_as_a_learning_rate_s(tmp_pat
     assert str(info.value).startswith("the meta-loss became nan at step 1: the batch's support_y (1 task, the first "
                                       "task 0) holds NaN or infinite values, as the task source drew them")
     assert "inner_lr" not in str(info.value)
+    from metalearn.api import run_status
+    from metalearn.cli import format_status
+    assert "which a resume repeats: clean the data, or drop such examples" in format_status(run_status(tmp_path / "run"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = evaluate(MAML(MLP(1, 1)), tasks, 8, progress=False)
@@ -350,12 +353,13 @@ def test_scoring_a_run_s_validation_episodes_as_its_test_is_said(tmp_path):
     from metalearn.training import TEST_SEED_OFFSET, VALIDATION_SEED_OFFSET, build_trainer
 
     assert 1_000_000 + VALIDATION_SEED_OFFSET == 0 + TEST_SEED_OFFSET  # the collision, as the offsets make it
-    for seed, name in ((1_000_000, "late"), (0, "plain")):
+    for seed, name, val_every in ((1_000_000, "late", 1), (0, "plain", 1), (1_000_000, "unvalidated", 0)):
         config = resolve_config("maml", task={"dataset": "sinusoid"},
-                                train={"steps": 1, "val_every": 0, "meta_batch_size": 2, "seed": seed})
+                                train={"steps": 1, "val_every": val_every, "val_episodes": 2, "keep_best": val_every,
+                                       "meta_batch_size": 2, "seed": seed})
         build_trainer(config, tmp_path / name).fit(progress=False)
     message = (f"these test episodes are the validation episodes of the run in {tmp_path / 'late'} (trained with seed "
-               "1000000; its task family is one for every part), which chose its checkpoints")
+               "1000000; its task family is one for every part), which chose its best checkpoints")
     with pytest.warns(MetalearnWarning, match=re.escape(message)):
         evaluate_run(tmp_path / "late", episodes=4, progress=False)
     with pytest.warns(MetalearnWarning, match="are the validation episodes of the run"):
@@ -364,3 +368,4 @@ def test_scoring_a_run_s_validation_episodes_as_its_test_is_said(tmp_path):
         warnings.simplefilter("error")
         evaluate_run(tmp_path / "late", episodes=4, seed=1, progress=False)
         evaluate_run(tmp_path / "plain", episodes=4, progress=False)
+        evaluate_run(tmp_path / "unvalidated", episodes=4, progress=False)  # no episodes of it chose anything

@@ -2020,3 +2020,26 @@ def test_names_of_undecodable_bytes_reach_the_csv_as_bytes_and_the_sheet_as_repl
     assert b"n\xffu.png,c\xff,0.900000" in as_csv(made)
     made.images = (torch.rand(2, 1, 8, 8), torch.arange(2), torch.rand(1, 1, 8, 8))
     assert contact_sheet(made, os.fsdecode(b"title \xff")).startswith(b"\x89PNG")
+
+
+def test_a_folder_and_classes_named_in_bytes_that_are_not_utf8_train_resume_and_record(tmp_path, capsys):
+    """A data folder and a class folder whose names are not UTF-8 (a Latin-1 disk, Python holds
+    their bytes as surrogates): the cache key, the fingerprint and split.json failed with a
+    UnicodeEncodeError traceback. They train, resume and record the names, which read back."""
+    rng = np.random.default_rng(0)
+    root = Path(os.fsdecode(os.fsencode(tmp_path) + b"/d\xe9j\xe0"))
+    for c in range(8):
+        folder = root / (os.fsdecode(b"caf\xe9") if c == 0 else f"class{c}")
+        folder.mkdir(parents=True)
+        for i in range(4):
+            draw_shape(SHAPES[c % len(SHAPES)], (200, 0, 0), 20, rng).save(folder / f"{i}.png")
+    run_dir = tmp_path / "run"
+    common = ["--ways", 2, "--shots", 1, "--query", 1, "--image-size", 16, "--val-every", 0,
+              "--eval-episodes", 2, "--no-progress"]
+    code, _, err = run(["train", "protonet", "--dataset", "folder", "--data-dir", root, "--steps", 1,
+                        "--run-dir", run_dir, *common], capsys)
+    assert code == 0, err
+    split = RunDir(run_dir).read_split()
+    assert os.fsdecode(b"caf\xe9") in [name for names in split.values() for name in names]
+    code, _, err = run(["train", "protonet", "--run-dir", run_dir, "--resume", "--steps", 2, *common[-5:]], capsys)
+    assert code == 0, err

@@ -548,7 +548,9 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path):
     from metalearn.cli import format_status
     status = run_status(tmp_path)
     assert status["state"] == "diverged" and status["diverged"] == {"step": 6, "what": "the meta-loss became nan"}
-    assert "diverged at step 6 (the meta-loss became nan), which a resume repeats" in format_status(status)
+    assert "diverged at step 6 (the meta-loss became nan), which a resume repeats: train anew in another --run-dir" \
+        in format_status(status)
+    assert status["seconds_left"] is None  # no steps to go: no time to estimate
     # a resume that gets past the step (here: the loss no longer made NaN) drops the record with the steps it retrains
     build_trainer(sinusoid_config(10, checkpoint_every=2), tmp_path, resume=True).fit(progress=False)
     status = run_status(tmp_path)
@@ -565,8 +567,11 @@ def test_diverging_inner_loop_is_reported(tmp_path):
     with pytest.raises(MetalearnError, match="holds no trained step"):  # and holds no model to score
         load_trained(tmp_path)
     from metalearn.api import run_status
+    from metalearn.cli import format_status
     assert run_status(tmp_path)["diverged"] == {"step": 1, "what": "the meta-loss became nan"} \
         or run_status(tmp_path)["diverged"]["what"] == "the meta-loss became inf"
+    assert "which a resume repeats: train again into this folder with other options" in format_status(
+        run_status(tmp_path))  # nothing was trained: --init-from would refuse it
     # nothing was trained: a new run starts over the attempt, its record of the divergence gone
     again = resolve_config("maml", task={"dataset": "sinusoid"}, train={"steps": 2, "meta_batch_size": 4, "val_every": 0})
     build_trainer(again, tmp_path).fit(progress=False)

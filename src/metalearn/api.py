@@ -836,14 +836,16 @@ def warn_of_validation_episodes(run_dir, config: RunConfig, part: str, episode_s
     apart can make an evaluation's episode seed the run's validation one (a run trained with
     ``--seed 1000000`` scored with ``eval --seed 0``). Where every part draws from one task
     family (regression, reinforcement learning; classes keep them apart otherwise) those are
-    the very episodes that chose the run's best checkpoints: said once, beside the result."""
-    if part == "val" or config.task.classification \
+    the very episodes the run was validated on (and, with ``keep_best``, that chose its best
+    checkpoints): said once, beside the result. A run that never validated is not warned of."""
+    if part == "val" or config.task.classification or config.train.val_every <= 0 \
             or episode_seed != config.train.seed + VALIDATION_SEED_OFFSET:
         return
     run = RunDir(run_dir)
+    chose = "which chose its best checkpoints" if config.train.keep_best else "on which it was validated"
     warnings.warn(MetalearnWarning(
         f"these {part} episodes are the validation episodes of the run in {run.path} (trained with seed "
-        f"{config.train.seed}; its task family is one for every part), which chose its checkpoints: the score "
+        f"{config.train.seed}; its task family is one for every part), {chose}: the score "
         f"is not one on unseen tasks: score with another seed"))
 
 
@@ -896,7 +898,9 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
         run.check_own_subfolders()  # plots/ linked out of the run: not written through
     check_folder_path(plots, "out_dir" if out_dir is not None else "")
     check_data_dir(config.task, data_dir)  # before any figure is written
-    records = [record for record in run.read_metrics() if until_step is None or record.get("step", 0) <= until_step]
+    # a divergence's record (training stopped at that step) holds nothing to draw
+    records = [record for record in run.read_metrics() if "diverged" not in record
+               and (until_step is None or record.get("step", 0) <= until_step)]
     if not records and not run.has_checkpoint():
         raise MetalearnError(f"{run.path} has not trained yet (no metrics, no checkpoint): nothing to draw")
     if not records:
@@ -1377,7 +1381,7 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     at = max(status["step"], last["step"] if last is not None else 0)
     left = status["steps"] - at
     status["seconds_left"] = (left * config.train.meta_batch_size / statistics.median(rates)
-                              if rates and left > 0 else None)
+                              if rates and left > 0 and status["diverged"] is None else None)  # diverged: none to go
     validation = [r for r in records if any(k.startswith("val_") and k != "val_ci95"
                                             and isinstance(v, (int, float)) for k, v in r.items())]
     lengths = [r["validation_s"] for r in validation if isinstance(r.get("validation_s"), (int, float))]

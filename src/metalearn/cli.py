@@ -24,7 +24,7 @@ from metalearn.algorithms.statistician import MAX_SAMPLES
 from metalearn.config import MAX_EPISODES, MAX_SEED, TaskConfig, TrainConfig
 from metalearn.distributed import leave_world, reports
 from metalearn.errors import (TIME_LIMIT_EXIT, ConfigError, MetalearnError, MetalearnWarning, OptionError, Options,
-                              Terminated, TrainingStopped, flag, spellings)
+                              Terminated, TrainingStopped, flag, spellings, stopped_by)
 from metalearn.files import check_writable_file
 from metalearn.options import help_of
 from metalearn.plugins import load_plugins, unknown_hint
@@ -854,9 +854,15 @@ def format_status(status: dict) -> str:
     elif state == "stopped":
         doing = f"stopped; {python or 'continue with '}`{status['resume']}`"
     elif state == "diverged":
-        doing = (f"diverged at step {status['diverged']['step']} ({status['diverged']['what']}), which a resume "
-                 "repeats: train anew in another --run-dir with other options (a smaller learning rate), "
-                 "or --init-from this run to keep its last good weights")
+        step, what = status["diverged"]["step"], status["diverged"]["what"]
+        if "NaN or infinite values" in what:  # the data's (the trainer's record of a batch that held them)
+            advice = "clean the data, or drop such examples"
+        elif step == 1:  # nothing trained: the folder takes a new run as it is
+            advice = "train again into this folder with other options (a smaller learning rate)"
+        else:
+            advice = ("train anew in another --run-dir with other options (a smaller learning rate), or "
+                      "--init-from this run to keep its last good weights")
+        doing = f"diverged at step {step} ({what}), which a resume repeats: {advice}"
     elif state == "no checkpoint":
         doing = "no checkpoint.pt, so it cannot be resumed; start afresh in another --run-dir"
     elif state == "unknown":
@@ -1205,21 +1211,31 @@ class ReaderMayLeave:
         return getattr(self._stream, name)
 
 
-_SIGTERM_RECEIVED = False
+_SIGTERM_RECEIVED = 0  # the number of the stop signal this command's handler received, 0 for none
+
+
+def _stop_signals() -> tuple:
+    """SIGTERM, and a scheduler's warning that time is up (SIGUSR1, SIGUSR2; not on Windows): a
+    whole process's command ends on them cleaning up, as on Ctrl-C (training checkpoints first)."""
+    import signal
+
+    return (signal.SIGTERM,) + tuple(getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2")
+                                     if hasattr(signal, name))
 
 
 def _terminated(signum, frame) -> None:
     # recorded as well as raised: code that turns the exception into another (matplotlib's C++
-    # drawing, called back into Python, makes it a ValueError) still ends as a SIGTERM (_main)
+    # drawing, called back into Python, makes it a ValueError) still ends as that signal (_main)
     global _SIGTERM_RECEIVED
-    _SIGTERM_RECEIVED = True
-    raise Terminated()
+    _SIGTERM_RECEIVED = int(signum)
+    raise Terminated(signum)
 
 
 def main(args: list[str] | None = None, whole_process: bool = False) -> None:
     """Entry point: user errors print one line and exit 2, never a traceback. ``whole_process``:
     the process was started for this command (a time limit then counts from its start; a
-    SIGTERM ends it as a Ctrl-C does, cleaning up, with exit 143). A
+    SIGTERM ends it as a Ctrl-C does, cleaning up, with exit 143, and so do SIGUSR1 and SIGUSR2
+    with theirs). A
     reader that closes the output early (``| head -1``) stops nothing: see :class:`ReaderMayLeave`."""
     global _WHOLE_PROCESS
     _WHOLE_PROCESS = whole_process
@@ -1230,9 +1246,10 @@ def main(args: list[str] | None = None, whole_process: bool = False) -> None:
 
     handled = whole_process and threading.current_thread() is threading.main_thread()
     global _SIGTERM_RECEIVED
-    _SIGTERM_RECEIVED = False  # this command's, not an earlier one's in the same process
+    _SIGTERM_RECEIVED = 0  # this command's, not an earlier one's in the same process
     if handled:
-        signal.signal(signal.SIGTERM, _terminated)
+        for stop_signal in _stop_signals():
+            signal.signal(stop_signal, _terminated)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = show_warning
@@ -1249,15 +1266,17 @@ def main(args: list[str] | None = None, whole_process: bool = False) -> None:
             # the command's work is done, its status set: a SIGTERM in the second the interpreter
             # takes to shut down would end it with 143 and no word, and a scheduler would run the
             # finished job again
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            for stop_signal in _stop_signals():
+                signal.signal(stop_signal, signal.SIG_IGN)
 
 
 def _exit_if_terminated() -> None:
-    """End with the SIGTERM's status where this command's handler recorded one: the error being
-    handled is the Terminated a library turned into its own (see :func:`_terminated`)."""
+    """End with the stop signal's status where this command's handler recorded one: the error
+    being handled is the Terminated a library turned into its own (see :func:`_terminated`)."""
     if _WHOLE_PROCESS and _SIGTERM_RECEIVED:
-        click.echo("terminated (SIGTERM)", err=True)
-        sys.exit(128 + 15)
+        said, code = stopped_by(Terminated(_SIGTERM_RECEIVED))
+        click.echo(said, err=True)
+        sys.exit(code)
 
 
 def _main(args: list[str] | None) -> None:
@@ -1286,9 +1305,10 @@ def _main(args: list[str] | None) -> None:
             sys.exit(2)
         click.echo("interrupted", err=True)  # train says how to go on itself (TrainingStopped)
         sys.exit(130)
-    except Terminated:
-        click.echo("terminated (SIGTERM)", err=True)
-        sys.exit(128 + 15)
+    except Terminated as err:
+        said, code = stopped_by(err)
+        click.echo(said, err=True)
+        sys.exit(code)
     except NoArgsIsHelpError as err:  # `metalearn`, `metalearn train`: the help, not an "error: Usage: ..."
         click.echo(err.format_message(), err=True)
         sys.exit(err.exit_code)

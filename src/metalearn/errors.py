@@ -195,17 +195,35 @@ class TrainingStopped(Options, MetalearnError):
 
 
 class Terminated(BaseException):
-    """A SIGTERM to a command's process, raised where the process is (as Python raises a Ctrl-C),
-    so that what the command holds is cleaned up on the way out: an export's temporary folder,
-    a lock, a partial file. Training notes its SIGTERM itself (a checkpoint after the step);
-    before and after its loop (reading the data, the test) it is met as a Ctrl-C is, with the
-    shell's exit status for it, 143."""
+    """A SIGTERM to a command's process (or a scheduler's SIGUSR1 or SIGUSR2: ``signal_number``),
+    raised where the process is (as Python raises a Ctrl-C), so that what the command holds is
+    cleaned up on the way out: an export's temporary folder, a lock, a partial file. Training
+    notes such a signal itself (a checkpoint after the step); before and after its loop
+    (reading the data, the test) it is met as a Ctrl-C is, with the shell's exit status for
+    it, 128 + the signal's number (143 for SIGTERM)."""
+
+    def __init__(self, signal_number: int = 15):
+        super().__init__(signal_number)
+        self.signal_number = int(signal_number)
+
+
+def signal_name(number: int) -> str:
+    """``SIGTERM`` for 15: the name the shell and the docs give a signal's number."""
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def stopped_by(signal_exception: BaseException) -> tuple[str, int]:
     """How a command says it was stopped by ``signal_exception`` (a :class:`KeyboardInterrupt` or
     :class:`Terminated`), and the shell's exit status for that signal."""
-    return ("terminated (SIGTERM)", 143) if isinstance(signal_exception, Terminated) else ("interrupted", 130)
+    if isinstance(signal_exception, Terminated):
+        number = signal_exception.signal_number
+        return f"terminated ({signal_name(number)})", 128 + number
+    return "interrupted", 130
 
 
 def caller_level() -> int:

@@ -314,14 +314,15 @@ class RunDir:
             "{folder} is in use by {holder}: one run folder has one writer. Wait for it to finish (or stop it), or "
             "choose another {run_dir}", folder=(str(self.path),) * 2, holder=(holder, holder), run_dir="run_dir"))
         try:
-            self.check_own_subfolders()
+            self.check_own_subfolders(plots=False)  # training writes no plot: a plots/ link is plot's to refuse
         except MetalearnError:
             lock.release()
             raise
         remove_temporaries(self.path, owned=WRITER_FILES)
         remove_temporaries(self.best_dir, all_owned=True)  # kept checkpoints: written only under this lock
         self._remove_unlisted_best()
-        remove_temporaries(self.plots_dir)
+        if self._linked_out(self.plots_dir) is None:  # no sweep through a link out of the run
+            remove_temporaries(self.plots_dir)
         return lock
 
     def checked_plots_dir(self) -> Path:
@@ -329,21 +330,27 @@ class RunDir:
         self.check_own_subfolders()
         return self.plots_dir
 
-    def check_own_subfolders(self) -> None:
+    def _linked_out(self, folder: Path) -> Path | None:
+        """Where ``folder`` (a subfolder of the run) leads when it is a link to a folder outside
+        the run folder; None otherwise."""
+        if not (folder.is_symlink() and folder.is_dir()):
+            return None
+        target = folder.resolve()
+        return None if target.is_relative_to(self.path.resolve()) else target
+
+    def check_own_subfolders(self, plots: bool = True) -> None:
         """Refuse, in one line, a ``best/`` or ``plots/`` that is a link through which this run
         would write or delete what is not its own. ``plots/`` linked out of the run folder (its
-        plots are written there, and the temporary files of dead writers deleted); ``best/``
-        linked into another run's folder (its best checkpoints, listed in its index) or to a
-        folder that holds other files than best checkpoints (the writer deletes unlisted
-        checkpoints and temporary files there). A ``best/`` linked to a folder of the run's own
-        elsewhere (another disk) is fine. Run folders come from others too: a received run must
-        not reach out of its folder."""
-        home = self.path.resolve()
-        for folder in (self.best_dir, self.plots_dir):
-            if not (folder.is_symlink() and folder.is_dir()):
-                continue
-            target = folder.resolve()
-            if target.is_relative_to(home):
+        plots are written there, and the temporary files of dead writers deleted; ``plots``
+        False: not judged, for a writer that writes none); ``best/`` linked into another run's
+        folder (its best checkpoints, listed in its index) or to a folder that holds other
+        files than best checkpoints (the writer deletes unlisted checkpoints and temporary files
+        there). A ``best/`` linked to a folder of the run's own elsewhere (another disk) is
+        fine. Run folders come from others too: a received run must not reach out of its
+        folder."""
+        for folder in (self.best_dir, self.plots_dir) if plots else (self.best_dir,):
+            target = self._linked_out(folder)
+            if target is None:
                 continue
             if folder == self.plots_dir:
                 raise MetalearnError(f"{folder} is a link to {target}, outside the run folder, where the run would "
@@ -382,8 +389,14 @@ class RunDir:
             return None
 
     def write_split(self, split: dict[str, list[str]]) -> None:
-        """Write the run's class-folder ``split`` as ``split.json``, whole (atomically)."""
-        atomic_write_bytes(self.split_path, (json.dumps(split, indent=2, ensure_ascii=False) + "\n").encode())
+        """Write the run's class-folder ``split`` as ``split.json``, whole (atomically): class names
+        as they read (UTF-8); where a name is not UTF-8 (bytes Python holds as surrogates, which
+        UTF-8 cannot carry), the whole file in JSON's ``\\u`` escapes, which read back the same."""
+        try:
+            text = (json.dumps(split, indent=2, ensure_ascii=False) + "\n").encode()
+        except UnicodeEncodeError:
+            text = (json.dumps(split, indent=2) + "\n").encode()
+        atomic_write_bytes(self.split_path, text)
 
     def read_split(self) -> dict[str, list[str]] | None:
         """The run's ``split.json``, or None where it has none (not a run on class folders, or

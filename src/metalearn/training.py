@@ -961,12 +961,13 @@ class Trainer:
         """Log the step that went non-finite to ``metrics.jsonl`` (``{"step", "diverged"}``), so
         that ``metalearn status`` says the run diverged instead of offering a resume that would
         repeat it. The record follows the last checkpoint, so a resume drops it with the
-        records of steps it retrains. A failure to write it leaves the error that follows as
-        it is."""
+        records of steps it retrains. fit's ``on_record`` gets it too (a dashboard shows the
+        stop). A failure to write it, or one of ``on_record``, leaves the error that follows
+        (the divergence's) as it is."""
         if self.world.is_main:
             try:
-                self.run_dir.append_metrics({"step": self.step + 1, "diverged": what})
-            except MetalearnError:
+                self._log({"step": self.step + 1, "diverged": what})
+            except Exception:  # the divergence is the error to report, not its record's
                 pass
 
     def _stop_requested(self, stop: StopRequests, out_of_time: bool = False) -> bool:

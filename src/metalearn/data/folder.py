@@ -410,16 +410,17 @@ def _csv_classes(root: Path, csvs: list[Path]) -> list[tuple[str, str, list[Path
 
 def fingerprint(root: Path, classes: list[tuple[str, str, list[Path]]], extra: list[Path]) -> str:
     """Cheap identity of the folder's content: every image's path, size and modification time
-    (a file replaced deep inside a class folder changes no folder's own size or time)."""
-    digest = hashlib.sha256(str(Path(root).resolve()).encode())
+    (a file replaced deep inside a class folder changes no folder's own size or time). Names
+    that are not UTF-8 (Python holds their bytes as surrogates) count as those bytes."""
+    digest = hashlib.sha256(os.fsencode(Path(root).resolve()))  # the path's bytes, UTF-8 or not
     for name, part, files in classes:
-        digest.update(f"\n{part}|{name}".encode())
+        digest.update(f"\n{part}|{name}".encode("utf-8", "surrogateescape"))
         for path in files:
             stat = path.stat()
-            digest.update(f"|{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            digest.update(f"|{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode("utf-8", "surrogateescape"))
     for path in extra:
         stat = path.stat()
-        digest.update(f"\n{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        digest.update(f"\n{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
@@ -579,7 +580,8 @@ def _ignore_interrupts(large_image_gate=None) -> None:
     """A decoding process's start: SIGINT ignored (its parent stops it, see
     :func:`_decode_in_processes`), then let through, now harmlessly, where the parent blocked
     it while starting the process; SIGTERM, the parent's stop, ends it (a forked process
-    inherits the parent's handlers: a training run's notes SIGTERM and goes on). The pool's
+    inherits the parent's handlers: a training run's notes SIGTERM and goes on); SIGUSR1 and
+    SIGUSR2 ignored (the parent, which a scheduler signals too, stops the pool). The pool's
     ``large_image_gate`` (a semaphore of :data:`LARGE_AT_ONCE`) bounds the memory of decoding
     very large images in every process together (see ``images.LARGE_IMAGE_GATE``)."""
     import signal
@@ -590,6 +592,9 @@ def _ignore_interrupts(large_image_gate=None) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for name in ("SIGUSR1", "SIGUSR2"):  # a scheduler's warning: the parent, signalled too, stops the pool
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
@@ -636,7 +641,7 @@ def cache_path(cache_dir: Path, root: Path, image_size: int, channels: int) -> P
     """The cache file of the folder ``root``: its name (cut to :data:`CACHE_NAME_BYTES` bytes, on a
     character's boundary, so that any folder name leaves room for the rest and the ``.tmp<pid>``
     of its writing), a hash of its absolute path (which tells folders apart), size and version."""
-    key = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
+    key = hashlib.sha256(os.fsencode(Path(root).resolve())).hexdigest()[:16]  # the path's bytes, UTF-8 or not
     name = Path(root).resolve().name.encode(errors="surrogateescape")[:CACHE_NAME_BYTES]
     name = name.decode(errors="ignore")  # a character cut in two is dropped whole
     return Path(cache_dir) / f"folder-{name}-{key}-{image_size}x{image_size}x{channels}-v{CACHE_FORMAT_VERSION}.npz"

@@ -369,3 +369,18 @@ def test_scoring_a_run_s_validation_episodes_as_its_test_is_said(tmp_path):
         evaluate_run(tmp_path / "late", episodes=4, seed=1, progress=False)
         evaluate_run(tmp_path / "plain", episodes=4, progress=False)
         evaluate_run(tmp_path / "unvalidated", episodes=4, progress=False)  # no episodes of it chose anything
+
+
+def test_evaluate_on_the_cpu_leaves_cuda_alone(monkeypatch):
+    """fork_rng without devices starts CUDA to save every GPU's random state (and warns with
+    two or more): a CPU evaluation on a GPU machine, at every validation, did so. Simulated
+    with two GPUs that CUDA has not started: evaluate touches no GPU's random state."""
+    touched = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *args, **kwargs: touched.append(args))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda *args, **kwargs: touched.append(args))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate(MAML(MLP(1, 1)), SinusoidTasks(shots=5, query=5), 4, progress=False)
+    assert touched == []

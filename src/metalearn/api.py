@@ -35,6 +35,7 @@ from metalearn.files import (WriteError, atomic_write_files, check_folder_path, 
 from metalearn.locking import make_folders
 from metalearn.models import NETWORKS
 from metalearn.plugins import load_plugins, unknown_hint
+from metalearn.runtime import cuda_devices
 from metalearn.tasks import has_validation, no_validation_reason, problem_of
 from metalearn.checkpoints import (check_compatible, check_same_method, check_test_ways, configuration_conflict,
                                    load_trained, load_trained_state, recorded_images, run_images, saved_config)
@@ -1030,7 +1031,7 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
     positions, velocity = getattr(source.env, "positions", False), getattr(source.env, "forward_velocity_index", None)
     if positions or velocity is not None:
         batch = source.sample(3 if positions else 4, torch.Generator().manual_seed(TEST_SEED_OFFSET))
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(devices=cuda_devices()):  # fork_rng's default would start CUDA
             torch.manual_seed(0)
             before, after = learner.adapted_trajectories(batch, steps=1)
         what = f"{config.method}, step {step}: before and after one policy-gradient step"

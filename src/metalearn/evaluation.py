@@ -16,7 +16,7 @@ from metalearn.algorithms.base import MetaLearner, device_mismatch, device_of, e
 from metalearn.config import MAX_EPISODES, TrainConfig
 from metalearn.distributed import World
 from metalearn.errors import MetalearnError, MetalearnWarning, OptionError, caller_level
-from metalearn.runtime import float32_default
+from metalearn.runtime import cuda_devices, float32_default
 from metalearn.tasks import TaskSource, require_sampled_batch, require_task_source
 from metalearn.tasks.batch import TaskBatch
 
@@ -193,7 +193,9 @@ def _evaluate(learner, source, episodes, seed, chunk, world, progress, per_step,
             from tqdm import tqdm
 
             bar = tqdm(total=episodes, desc="evaluating", unit="episode", leave=False)
-        with torch.random.fork_rng():  # a stochastic method (PLATIPUS) draws its samples from `seed`
+        # a stochastic method (PLATIPUS) draws its samples from `seed`; the CUDA devices' states are
+        # kept only where CUDA is in use (fork_rng's default starts CUDA, and warns with 2 GPUs)
+        with torch.random.fork_rng(devices=cuda_devices()):
             torch.manual_seed(seed)
             while remaining > 0:
                 size = min(chunk, remaining)

@@ -682,5 +682,7 @@ def test_compare_scores_a_chunk_too_large_for_the_memory_in_parts(tmp_path, monk
     parts = compare_runs(platipus_dir, maml_dir, **small)
     assert calls == [1, 1, 1, 1, 1, 1] * 2
     for name, value in fits["maml"].items():
-        if isinstance(value, dict):
-            assert parts["maml"][name] == pytest.approx(value, rel=1e-6), name
+        if isinstance(value, dict):  # a measure's mean and interval (its difference from platipus takes
+            got = parts["maml"][name]   # platipus's samples, which depend on the chunks, as its docstring says)
+            assert {k: v for k, v in got.items() if k != "difference"} == pytest.approx(
+                {k: v for k, v in value.items() if k != "difference"}, rel=1e-6), name

@@ -666,6 +666,36 @@ def echo_comparison(result: dict, labels: dict, measures: list[str], part: str, 
 
 
 @cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=GivenPath(RUN))
+@click.option("--group-by", default=None, metavar="OPTION,...",
+              help="the options that make a setting (default: every option the runs differ in but the seed)")
+@click.option("--evaluation", default="eval", show_default=True, metavar="NAME",
+              help="the evaluation file each run is scored by, without .json (e.g. eval-ensemble=5)")
+@click.option("--json", "json_path", type=GivenPath(FILE, None), default=None,
+              help="also write the summary here (-: print it as JSON instead of the table)")
+def summarize(run_dirs, group_by, evaluation, json_path):
+    """Results over seeds: the runs grouped by setting, each group's mean score with its 95%
+    interval over the seeds (Student's t), SD and range, from each run's eval.json."""
+    from metalearn.aggregate import format_summary, summarize_runs
+
+    if json_path not in (None, "-"):
+        check_writable_file("--json", json_path, "summary.json")
+    groups = [name.strip() for name in group_by.split(",") if name.strip()] if group_by is not None else None
+    summary = summarize_runs(list(run_dirs), group_by=groups, evaluation=evaluation)
+    text = json.dumps(json_finite(summary), indent=2, allow_nan=False)
+    if json_path == "-":
+        click.echo(text)
+        return
+    click.echo(format_summary(summary))
+    if json_path is not None:
+        from metalearn.files import atomic_write_bytes
+
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(Path(json_path), (text + "\n").encode())
+        click.echo(f"written to {json_path}")
+
+
+@cli.command()
 @click.argument("run_dir", type=GivenPath(RUN))
 @click.option("--support", type=GivenPath(IMAGES, None), required=True,
               help="a folder with one sub-folder per new class, each holding 1 or more example images")

@@ -10,6 +10,10 @@
 # needed where torch, numpy, pillow, click, tqdm, matplotlib and pytest are present; with
 # pytest-xdist and pytest-timeout the tests run in parallel, each with a time limit).
 set -u -o pipefail
+if [ $# -ne 2 ]; then
+    echo "usage: scripts/gpu-check.sh OMNIGLOT_DIR OUT_DIR (from the repository root)" >&2
+    exit 2
+fi
 omniglot=$(realpath "$1"); out=$(realpath "$2"); mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
 export METALEARN_DATA="$omniglot" METALEARN_CACHE="${METALEARN_CACHE:-/tmp/metalearn-cache}"

@@ -1295,7 +1295,8 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     with ``from_step``), ``validation`` (the latest and the best record, by the method's metric) and
     ``evaluations`` (each file's mean, interval, episodes and step, for an ensemble its members'
     steps, ``ensemble``, and ``outdated``: it scored an earlier checkpoint than the run's, or other
-    checkpoints than its best now). A damaged ``config.json``, or
+    checkpoints than its best now), and ``config``, the run's configuration (config.json's
+    values, for a listing that groups runs by their options). A damaged ``config.json``, or
     a ``checkpoint.pt`` that is unreadable or whose entries read here are damaged, raises a
     one-line :class:`MetalearnError` naming the file."""
     import socket
@@ -1317,7 +1318,8 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
         shape = f"K={task.shots}"
     status: dict[str, Any] = {"run": str(run.path), "method": config.method,
                               "task": " ".join(part for part in (task.dataset, shape) if part),
-                              "steps": config.train.steps, "step": 0, "training_time_s": 0.0, "machines": []}
+                              "steps": config.train.steps, "step": 0, "training_time_s": 0.0, "machines": [],
+                              "config": config.to_dict()}  # what a listing of a sweep's runs groups them by
     own: list[str] = []  # what config.json does not describe: the commands cannot rebuild the run
     state: dict[str, Any] | None = None  # the checkpoint's entries, where it has one
     if run.has_checkpoint():

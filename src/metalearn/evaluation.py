@@ -203,10 +203,11 @@ def _evaluate(learner, source, episodes, seed, chunk, world, progress, per_step,
                 share = world.share(size)
                 batch = source.sample(size, generator, tasks=share)
                 require_sampled_batch(batch, source, "evaluate's source")
-                batch = batch.to(device)
-                metric = batch_metric(batch)
+                # where the task source drew it (the CPU): looked at on a GPU, each tensor would cost a sync
                 if unclean is None and isinstance(batch, TaskBatch):
                     unclean = batch.non_finite(episodes - remaining + (share.start or 0))
+                batch = batch.to(device)
+                metric = batch_metric(batch)
                 if share.stop > share.start:  # a chunk smaller than the number of ranks
                     try:
                         if measure and batch.num_tasks > 1:  # the chunks after the first: their size or less

@@ -651,6 +651,9 @@ def echo_comparison(result: dict, labels: dict, measures: list[str], part: str, 
         for m in measures:
             value = result[label][m]
             ci = value.get("ci95")
+            if m.startswith("coverage_") and result[label].get("num_samples") == 1:
+                cells.append("n/a")  # one function per task covers no band: 0 by definition, not a finding
+                continue
             cells.append(f"{value['mean']:.4g}" + (f" +/- {ci:#.2g}" if ci is not None else ""))
         click.echo(f"| {label} | " + " | ".join(cells) + " |")
     paired = [m for m in measures if any("difference" in result[label][m] for label in labels)]
@@ -662,6 +665,9 @@ def echo_comparison(result: dict, labels: dict, measures: list[str], part: str, 
         for label in list(labels)[1:]:
             cells = [f"{d['mean']:+.4g} +/- {d['ci95']:#.2g}" if (d := result[label][m].get("difference")) else ""
                      for m in paired]
+            cells = [cell if not (m.startswith("coverage_") and {result[label].get("num_samples"),
+                                                                 result[first].get("num_samples")} == {1})
+                     else "n/a" for cell, m in zip(cells, paired)]
             click.echo(f"| {label} | " + " | ".join(cells) + " |")
 
 

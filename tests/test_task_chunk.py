@@ -282,7 +282,8 @@ def test_the_run_s_memory_budget_bounds_its_validation_and_its_test(tmp_path, mo
 def test_the_memory_limit_of_the_process_s_control_groups_binds(tmp_path):
     """A SLURM job or systemd slice limits a group below the root, and cgroup v1 keeps the memory
     controller apart: the limits of the process's own group and of every group above it count,
-    under v2, v1 and the hybrid layout (v2 under unified/); v1's "no limit" never binds."""
+    under v2, v1 and the hybrid layout (v2 under unified/); v1's "no limit" never binds; inactive
+    file pages (reclaimable page cache) are not counted as used."""
     def group(folder, limit, used, names=("memory.max", "memory.current")):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / names[0]).write_text(f"{limit}\n")
@@ -307,3 +308,10 @@ def test_the_memory_limit_of_the_process_s_control_groups_binds(tmp_path):
     proc.write_text("12:cpu,cpuacct:/batch/job7\n4:memory:/batch/job7\n0::/batch/job7\n")
     assert memory._cgroup_limits(str(proc), str(v1)) == [(4 * gib, 3 * gib), (9223372036854771712, 3 * gib)]
     assert memory._cgroup_limits(str(tmp_path / "none"), str(v1)) == []
+    # page cache the kernel reclaims first (a dataset copied to local disk) is not counted as used
+    (v1 / "memory" / "batch" / "job7" / "memory.stat").write_text(
+        f"cache {2 * gib}\ntotal_inactive_file {2 * gib}\ntotal_active_file 5\n")
+    assert memory._cgroup_limits(str(proc), str(v1))[0] == (4 * gib, gib)
+    (v2 / "job.slice" / "memory.stat").write_text(f"anon 5\ninactive_file {gib}\nactive_file 7\n")
+    proc.write_text("0::/job.slice/step_0\n")
+    assert memory._cgroup_limits(str(proc), str(v2)) == [(8 * gib, gib), (2 * gib, gib - 100)]

@@ -49,7 +49,11 @@ def _cgroup_limits(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/
     (``memory.max``, ``memory.current``: ``0::/path`` in ``/proc/self/cgroup``) and under v1's
     memory controller (``memory.limit_in_bytes``, ``memory.usage_in_bytes``: ``N:memory:/path``).
     A group seen from inside a container whose own view of ``/sys/fs/cgroup`` starts at it is
-    found at the root. v1's "no limit" is a huge number, larger than any memory: it never binds."""
+    found at the root. v1's "no limit" is a huge number, larger than any memory: it never binds.
+    The usage leaves out the group's inactive file pages (``memory.stat``'s ``inactive_file``,
+    v1's ``total_inactive_file``): page cache the kernel reclaims before it fails an allocation
+    (a job that copied its dataset to local disk holds gigabytes of it), as the working set
+    that container schedulers judge by does."""
     try:
         lines = Path(proc_cgroup).read_text().splitlines()
     except OSError:
@@ -60,18 +64,32 @@ def _cgroup_limits(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/
         if controllers == "":  # v2, one hierarchy (under unified/ where v1 controllers are mounted beside it)
             hybrid = (Path(root) / "unified").is_dir() and not (Path(root) / "cgroup.controllers").is_file()
             base, names = Path(root) / "unified" if hybrid else Path(root), ("memory.max", "memory.current")
+            inactive = "inactive_file"
         elif "memory" in controllers.split(","):
             base = Path(root) / "memory" if (Path(root) / "memory").is_dir() else Path(root)
             names = ("memory.limit_in_bytes", "memory.usage_in_bytes")
+            inactive = "total_inactive_file"
         else:
             continue
         parts = [part for part in path.strip("/").split("/") if part]
         for depth in range(len(parts), -1, -1):  # the process's own group first, then its parents
             folder = base.joinpath(*parts[:depth])
             limit, used = _read_int(folder / names[0]), _read_int(folder / names[1])
-            if limit is not None and used is not None and (limit, used) not in found:
-                found.append((limit, used))
+            if limit is not None and used is not None:
+                used = max(used - _stat_field(folder / "memory.stat", inactive), 0)
+                if (limit, used) not in found:
+                    found.append((limit, used))
     return found
+
+
+def _stat_field(path: Path, field: str) -> int:
+    """A ``memory.stat`` line's number (bytes); 0 where the file or the line is missing."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return 0
+    match = re.search(rf"^{field} (\d+)$", text, re.MULTILINE)
+    return int(match.group(1)) if match else 0
 
 
 def peak_memory_of(call: Callable[[], None], device: torch.device) -> int:

@@ -7,6 +7,7 @@ import datetime
 import json
 import math
 import os
+import re
 import signal
 import warnings
 
@@ -1545,3 +1546,11 @@ def test_on_record_receives_every_record_metrics_jsonl_gets(tmp_path):
     api.train(config, tmp_path / "api", progress=False, evaluate_after=False, announce=None,
               on_record=from_train.append)
     assert len(from_train) == 4 and [r["step"] for r in from_train] == [1, 2, 3, 4]
+
+
+def test_a_default_run_name_tells_a_seed_other_than_the_default():
+    """Runs of a seed sweep started without --run-dir: their names say their seeds."""
+    from metalearn.runs import new_run_name
+
+    assert re.fullmatch(r"maml-sinusoid-k5-\d{8}-\d{6}", new_run_name(sinusoid_config(2)))
+    assert re.fullmatch(r"maml-sinusoid-k5-seed7-\d{8}-\d{6}", new_run_name(sinusoid_config(2, seed=7)))

@@ -100,13 +100,16 @@ def no_runs_in(root: Path) -> str:
 
 
 def new_run_name(config: RunConfig) -> str:
+    """``<method>-<dataset>-<shape>-[seed<N>-]<time>``: the seed where it is not the default 0, so
+    that the runs of a seed sweep started without --run-dir tell their seeds by name."""
     task = config.task
     from metalearn.datasets import get_dataset
 
     shape = f"{task.ways}w{task.shots}s-" if task.classification else f"k{task.shots}-"
     if get_dataset(task.dataset).reinforcement:  # an environment: no episode shape
         shape = ""
-    return f"{config.method}-{task.dataset}-{shape}{time.strftime('%Y%m%d-%H%M%S')}"
+    seed = f"seed{config.train.seed}-" if config.train.seed else ""
+    return f"{config.method}-{task.dataset}-{shape}{seed}{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def claim_new_run_dir(root: Path, name: str) -> Path:

@@ -108,3 +108,35 @@ def test_ctrl_c_while_decoding_in_processes_stops_at_once_with_one_line(tmp_path
         time.sleep(0.05)
     assert not [pid for pid in workers if alive(pid)], workers
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("folder-*"))  # nothing cached
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGUSR1 and os.kill of a signal to itself: POSIX")
+def test_a_stop_signal_while_the_decoding_processes_start_acts_when_they_are_the_pool_s():
+    """A SIGTERM or a scheduler's SIGUSR1 that landed while the pool forked its processes left a
+    process forked but not yet the pool's running forever (the pool's stop never reached it), or
+    Python dropped the signal's exception in a fork callback and the command went on. Within
+    the start, a stop signal (and Ctrl-C) is held, and acts on the command's own handler when
+    the start is done."""
+    from metalearn.data.folder import _interrupts_blocked
+    from metalearn.errors import Terminated
+
+    def stop(number, frame):
+        raise Terminated(number)
+
+    previous = signal.signal(signal.SIGUSR1, stop)
+    try:
+        with pytest.raises(Terminated) as stopped:
+            with _interrupts_blocked():
+                os.kill(os.getpid(), signal.SIGUSR1)
+                time.sleep(0.05)  # the handler would run here, and did, though the main thread blocked it
+                reached = True
+        assert reached and stopped.value.signal_number == signal.SIGUSR1
+        assert signal.getsignal(signal.SIGUSR1) is stop  # the command's handler, back
+        with pytest.raises(KeyboardInterrupt):
+            with _interrupts_blocked():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                reached = "after Ctrl-C"
+        assert reached == "after Ctrl-C"
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

@@ -578,8 +578,8 @@ LARGE_AT_ONCE = 2  # images of more than images.LARGE_PIXELS decoded at once, ov
 
 def _ignore_interrupts(large_image_gate=None) -> None:
     """A decoding process's start: SIGINT ignored (its parent stops it, see
-    :func:`_decode_in_processes`), then let through, now harmlessly, where the parent blocked
-    it while starting the process; SIGTERM, the parent's stop, ends it (a forked process
+    :func:`_decode_in_processes`), then it and the stop signals let through, now harmlessly,
+    where the parent blocked them while starting the process; SIGTERM, the parent's stop, ends it (a forked process
     inherits the parent's handlers: a training run's notes SIGTERM and goes on); SIGUSR1 and
     SIGUSR2 ignored (the parent, which a scheduler signals too, stops the pool). The pool's
     ``large_image_gate`` (a semaphore of :data:`LARGE_AT_ONCE`) bounds the memory of decoding
@@ -596,26 +596,47 @@ def _ignore_interrupts(large_image_gate=None) -> None:
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _held_signals())
+
+
+def _held_signals() -> set:
+    """Ctrl-C and the stop signals (SIGTERM, a scheduler's SIGUSR1 and SIGUSR2), where they exist."""
+    import signal
+
+    return {getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name)}
 
 
 @contextlib.contextmanager
 def _interrupts_blocked():
-    """SIGINT blocked for this thread within the block (where the platform can: not on Windows),
-    so that the processes started in it begin with it blocked; a Ctrl-C meanwhile is held, and
-    raised as KeyboardInterrupt in this process when the block ends (or at once, where another
-    thread of the process takes it)."""
+    """Ctrl-C and the stop signals held within the block: none acts while a process is forked but
+    not yet the pool's (it would be left running, an orphan the pool's stop never reaches, or
+    Python would drop the signal's exception in a fork callback). Each is noted by a handler of
+    this block's (blocking alone would not do: another thread of the process, a progress bar's
+    or the pool's, takes a signal the main thread blocks, and the main thread runs its handler
+    all the same), and raised again, to the handler the command had, when the block ends; and
+    blocked for this thread (where the platform can: not on Windows), so that the processes
+    started in it begin with them blocked until their own handlers are set. Signal handlers are
+    the main thread's to set: elsewhere nothing is held."""
     import signal
     import threading
 
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    held: list[int] = []
+    previous = {number: signal.signal(number, lambda number, frame: held.append(number))
+                for number in _held_signals()}
+    masked = hasattr(signal, "pthread_sigmask")
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, _held_signals()) if masked else None
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        if masked:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(held):  # each once, in the order they came
+            signal.raise_signal(number)
 
 
 def _stop_pool(pool) -> None:

@@ -81,3 +81,32 @@ def test_the_command_prints_the_table_and_json_and_refuses_what_would_mix_unlike
         summarize_runs([untested])
     with pytest.raises(MetalearnError, match="takes a list of run folders"):
         summarize_runs(str(untested))
+
+
+def test_a_run_counts_once_and_what_the_grouping_leaves_out_is_said(sweep, tmp_path):
+    """A run given twice (overlapping globs) or a copy of one would count as two seeds: refused.
+    --group-by that leaves out an option the runs differ in pools them, with a warning; an
+    evaluation file without one score is refused in one line; a group of one run says no
+    interval."""
+    import shutil
+    import warnings as warnings_module
+
+    from metalearn.errors import MetalearnWarning
+
+    one = sweep[(0.01, 1)]
+    with pytest.raises(MetalearnError, match=f"^the run {one}/ is given twice; give each run once$"):
+        summarize_runs([one, sweep[(0.01, 2)], f"{one}/"])
+    copy = shutil.copytree(one, tmp_path / "copy")
+    with pytest.raises(MetalearnError, match=f"^{one} and {copy} are runs of the same options and seed"):
+        summarize_runs([one, copy])
+    with pytest.warns(MetalearnWarning, match=r"^the runs differ also in method_config.inner_lr, which the grouping "
+                                              r"leaves out: runs that differ in them are pooled in one group$"):
+        pooled = summarize_runs([sweep[(0.01, 0)], sweep[(0.003, 1)]], group_by=["seed"])
+    assert [group["group"] for group in pooled["groups"]] in ([{"seed": 0}, {"seed": 1}], [{"seed": 1}, {"seed": 0}])
+    with warnings_module.catch_warnings():
+        warnings_module.simplefilter("error")
+        summarize_runs([sweep[(0.01, 0)], sweep[(0.003, 1)]], group_by=["inner_lr", "seed"])
+    (copy / "eval-protocol=lifelong.json").write_text(json.dumps({"k_shot_accuracy": [90.0], "step": 3}))
+    with pytest.raises(MetalearnError, match=r"eval-protocol=lifelong.json holds no single score \(a metric and its "
+                                             r"mean\)"):
+        summarize_runs([copy], evaluation="eval-protocol=lifelong")

@@ -283,8 +283,9 @@ def test_a_decoding_process_killed_is_one_line_naming_memory(shapes, monkeypatch
     monkeypatch.setattr(folder_module, "PARALLEL_FROM", 1)
     monkeypatch.setattr(folder_module, "_decode_chunk", _killed_decoder)
     with pytest.raises(MetalearnError, match=r"^a process decoding the \d+ images died \(killed by the system, most "
-                                             r"often for lack of memory: the images take .* GB at this size\); free "
-                                             r"memory or give a smaller image_size, and run again$"):
+                                             r"often for lack of memory: large source images take far more while "
+                                             r"decoded than their .* GB at this size\); free memory, or give a smaller "
+                                             r"image_size or shrink the largest images, and run again$"):
         folder_module.read_folder(shapes, 12, 3, workers=2)
 
 

@@ -21,6 +21,8 @@ from metalearn.runs import RunDir
 BOOKKEEPING = frozenset({"train.seed", "train.log_every", "train.checkpoint_every", "train.keep_best",
                          "train.val_every", "train.val_episodes", "train.eval_episodes", "train.memory_budget",
                          "train.task_chunk"})
+# ...except for an ensemble's evaluation, whose members the validation chose
+CHOOSE_CHECKPOINTS = frozenset({"train.keep_best", "train.val_every", "train.val_episodes"})
 
 # Student's t, 0.975 quantile, for 1 to 30 degrees of freedom (a 95% interval over few seeds)
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -30,7 +32,7 @@ T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 
 def t_975(df: int) -> float:
     """Student's t 0.975 quantile for ``df`` degrees of freedom (beyond 30: 1.96 + 2.5 / df,
-    within 0.001 of the exact value)."""
+    within 0.0015 of the exact value, on the wide side)."""
     return T_975[df - 1] if df <= len(T_975) else 1.96 + 2.5 / df
 
 
@@ -60,19 +62,31 @@ def summarize_runs(run_dirs: list[Path | str], group_by: list[str] | None = None
     test; ``eval-ensemble=5`` for an ensemble's), which must score the run's current
     checkpoint. Runs are grouped by ``group_by`` (option names, ``inner_lr`` or
     ``method_config.inner_lr``), by default by every option in which they differ except the
-    seed and bookkeeping (:data:`BOOKKEEPING`). A group's runs must have been scored alike
-    (metric, part, episodes, evaluation seed, step): mixing would average unlike numbers.
+    seed and bookkeeping (:data:`BOOKKEEPING`; for an ensemble's evaluation the options of
+    validation count, :data:`CHOOSE_CHECKPOINTS`), and, for runs on image folders, by the
+    folder each trained on (``data_dir``, as its checkpoint records it). Options in which the
+    runs differ that ``group_by`` leaves out are warned of (their runs are pooled). A group's
+    runs must have been scored alike (metric, part, episodes, evaluation seed, step), and no
+    two of them may share every option and the seed: mixing would average unlike numbers, and
+    a run given twice (or a copy of it) would count as two seeds.
 
     Returns ``{"metric", "higher_is_better", "evaluation", "options" (the grouping options),
     "groups": [{"group" ({option: value}), "runs", "seeds", "scores", "n", "mean", "sd",
     "ci95" (Student's t over the runs; None for one run), "min", "max", "diverged", "step",
     "episodes"}]}``, the groups best first. A run whose score is not finite (diverged) makes
     its group's mean NaN and is counted in ``diverged``."""
+    import warnings
+
     from metalearn.checkpoints import read_entries
+    from metalearn.errors import MetalearnWarning
     from metalearn.evaluation import HIGHER_IS_BETTER
+    from metalearn.files import same_path
 
     if isinstance(run_dirs, (str, Path)) or not run_dirs:
         raise MetalearnError("summarize_runs takes a list of run folders (the runs of every seed and setting)")
+    twice = next((d for i, d in enumerate(run_dirs) if any(same_path(d, e) for e in run_dirs[:i])), None)
+    if twice is not None:  # overlapping globs: one run would count as two seeds
+        raise MetalearnError(f"the run {twice} is given twice; give each run once")
     runs = []
     for run_dir in run_dirs:
         run = RunDir(run_dir)
@@ -82,15 +96,24 @@ def summarize_runs(run_dirs: list[Path | str], group_by: list[str] | None = None
             raise MetalearnError(f"{run.path} holds no {evaluation}.json: score it first (metalearn eval {run.path}"
                                  + ("" if evaluation == "eval" else ", with the options the name lists") + ")")
         scored = scores[evaluation]
-        step = int(read_entries(run, "step")["step"])
+        mean = scored.get("mean")
+        if isinstance(mean, bool) or not isinstance(mean, (int, float)) or not isinstance(scored.get("metric"), str):
+            raise MetalearnError(f"{run.path}/{evaluation}.json holds no single score (a metric and its mean): "
+                                 "summarise evaluation files of one score each")
+        state = read_entries(run, "step", optional=("data_dir",))
+        step = int(state["step"])
         if scored.get("step") != step:
             raise MetalearnError(f"{run.path}/{evaluation}.json scored step {scored.get('step')}, but the run is at "
                                  f"step {step}: score it again (metalearn eval {run.path})")
-        runs.append((run.path, flat_options(config), scored, step))
+        options = flat_options(config)
+        if isinstance(state.get("data_dir"), str):  # an image folder's: runs on other folders are other settings
+            options["data_dir"] = state["data_dir"]
+        runs.append((run.path, options, scored, step))
     names = sorted({name for _, options, _, _ in runs for name in options})
     differ = [name for name in names if len({repr(options.get(name)) for _, options, _, _ in runs}) > 1]
+    ignored = BOOKKEEPING - CHOOSE_CHECKPOINTS if evaluation.startswith("eval-ensemble") else BOOKKEEPING
     if group_by is None:
-        grouping = [name for name in differ if name not in BOOKKEEPING]
+        grouping = [name for name in differ if name not in ignored]
     else:
         grouping = []
         for given in group_by:
@@ -102,6 +125,11 @@ def summarize_runs(run_dirs: list[Path | str], group_by: list[str] | None = None
                 raise OptionError(f"{{group_by}} names {given!r}, which is ambiguous: {', '.join(found)}; give the "
                                   "full name", group_by="group_by")
             grouping.append(found[0])
+        pooled = [name for name in differ if name not in ignored and name not in grouping]
+        if pooled:
+            warnings.warn(MetalearnWarning(
+                f"the runs differ also in {', '.join(pooled)}, which the grouping leaves out: runs that differ in "
+                "them are pooled in one group"))
     metric = {scored.get("metric") for _, _, scored, _ in runs}
     if len(metric) != 1:
         raise MetalearnError(f"the runs are scored by different measures ({', '.join(sorted(map(str, metric)))}): "
@@ -119,6 +147,12 @@ def summarize_runs(run_dirs: list[Path | str], group_by: list[str] | None = None
                 raise MetalearnError(f"the runs of one group ({', '.join(str(p) for p, _, _, _ in members)}) were scored "
                                      f"with different {what} ({', '.join(sorted(seen))}): score them alike, or group "
                                      "them apart")
+        alike = [repr(sorted(options.items())) for _, options, _, _ in members]
+        copy = next((i for i, one in enumerate(alike) if one in alike[:i]), None)
+        if copy is not None:  # every option the same, the seed too: one run twice (a copy), not two seeds
+            first = members[alike.index(alike[copy])][0]
+            raise MetalearnError(f"{first} and {members[copy][0]} are runs of the same options and seed: a copy of "
+                                 "one run would count as two seeds; give it once")
         steps = {step for _, _, _, step in members}
         if len(steps) > 1:
             raise MetalearnError(f"the runs of one group ({', '.join(str(p) for p, _, _, _ in members)}) are at "
@@ -135,7 +169,9 @@ def summarize_runs(run_dirs: list[Path | str], group_by: list[str] | None = None
             "seeds": [options.get("train.seed") for _, options, _, _ in members],
             "scores": values, "n": n, "mean": mean, "sd": sd,
             "ci95": t_975(n - 1) * sd / math.sqrt(n) if sd is not None else None,
-            "min": min(values), "max": max(values),
+            # of the finite scores (a diverged run's NaN would make either anything)
+            "min": min((v for v in values if math.isfinite(v)), default=math.nan),
+            "max": max((v for v in values if math.isfinite(v)), default=math.nan),
             "diverged": sum(not math.isfinite(v) for v in values),
             "step": members[0][3], "episodes": members[0][2].get("episodes"),
         })
@@ -161,6 +197,6 @@ def format_summary(summary: dict[str, Any]) -> str:
             str(group["n"]), ",".join(map(str, group["seeds"])), f"{group['mean']:.4g}{ci}{diverged}", sd,
             f"{group['min']:.4g}-{group['max']:.4g}", str(group["step"]), str(group["episodes"])]
         lines.append("| " + " | ".join(cells) + " |")
-    if not options:
+    if not options and summary["groups"] and summary["groups"][0]["n"] > 1:
         lines.append("(the runs differ in their seeds only: one setting)")
     return "\n".join(lines)

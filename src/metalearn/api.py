@@ -649,7 +649,7 @@ def other_images_label(run: RunDir, data_dir: Path | str | None, state: dict[str
     if same_path(data_dir, recorded):
         return {}
     given = Path(data_dir).expanduser().resolve()
-    return {"data": f"{given.name}-{hashlib.sha256(str(given).encode()).hexdigest()[:6]}"}
+    return {"data": f"{given.name}-{hashlib.sha256(os.fsencode(given)).hexdigest()[:6]}"}  # bytes, UTF-8 or not
 
 
 def evaluation_labels(config: RunConfig, overrides: dict[str, Any] | None = None,

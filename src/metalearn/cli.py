@@ -665,8 +665,9 @@ def echo_comparison(result: dict, labels: dict, measures: list[str], part: str, 
         for label in list(labels)[1:]:
             cells = [f"{d['mean']:+.4g} +/- {d['ci95']:#.2g}" if (d := result[label][m].get("difference")) else ""
                      for m in paired]
-            cells = [cell if not (m.startswith("coverage_") and {result[label].get("num_samples"),
-                                                                 result[first].get("num_samples")} == {1})
+            # a difference from (or of) a coverage that is 0 by definition measures nothing
+            cells = [cell if not (m.startswith("coverage_") and 1 in {result[label].get("num_samples"),
+                                                                      result[first].get("num_samples")})
                      else "n/a" for cell, m in zip(cells, paired)]
             click.echo(f"| {label} | " + " | ".join(cells) + " |")
 

@@ -564,8 +564,9 @@ def _decode_in_processes(paths: list[Path], images: np.ndarray, image_size: int,
     except BrokenProcessPool:
         _stop_pool(pool)
         raise OptionError(f"a process decoding the {len(paths)} images died (killed by the system, most often for "
-                          f"lack of memory: the images take {images.nbytes / 1e9:.3g} GB at this size); free "
-                          "memory or give a smaller {image_size}, and run again", image_size="image_size") from None
+                          "lack of memory: large source images take far more while decoded than their "
+                          f"{images.nbytes / 1e9:.3g} GB at this size); free memory, or give a smaller "
+                          "{image_size} or shrink the largest images, and run again", image_size="image_size") from None
     except BaseException:
         _stop_pool(pool)
         raise

@@ -1554,3 +1554,14 @@ def test_a_default_run_name_tells_a_seed_other_than_the_default():
 
     assert re.fullmatch(r"maml-sinusoid-k5-\d{8}-\d{6}", new_run_name(sinusoid_config(2)))
     assert re.fullmatch(r"maml-sinusoid-k5-seed7-\d{8}-\d{6}", new_run_name(sinusoid_config(2, seed=7)))
+
+
+def test_a_trainer_that_fits_again_after_a_pause_keeps_its_metrics(tmp_path):
+    """fit(stop_at=3), then fit() on the same Trainer (a notebook looking at a run half-way):
+    metrics.jsonl holds every step once, 1 to 6 (a new run's clean-up of an attempt's records
+    must not take a paused run's)."""
+    trainer = build_trainer(sinusoid_config(6, val_every=0, log_every=1), tmp_path)
+    with pytest.raises(TrainingStopped):
+        trainer.fit(progress=False, stop_at=3)
+    trainer.fit(progress=False)
+    assert [record["step"] for record in RunDir(tmp_path).read_metrics()] == [1, 2, 3, 4, 5, 6]

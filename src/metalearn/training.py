@@ -416,14 +416,16 @@ class Trainer:
         folder: config.json, and on a resume the metrics and the best checkpoints cut back to
         the checkpoint's step, also when that is step 0 (a run killed after logging a step it
         had not saved logs that step again; a best checkpoint from past it is not this run's).
-        A new run started over an attempt that diverged in its first step drops that record."""
+        Records past the trainer's step are dropped in any case: those of an attempt that
+        diverged in its first step, which a new run starts over (step 0); a trainer that fits
+        again after a pause (``stop_at``) keeps its own, none of which lies past its step."""
         self.world.barrier()
         if self.world.is_main:
             if self.resume:
                 self.run_dir.truncate_metrics(self.step)
                 self.run_dir.drop_best_after(self.step)
-            elif self.run_dir.metrics_path.exists():  # only an untrained attempt's (the folder was checked)
-                self.run_dir.metrics_path.unlink()
+            elif self.run_dir.metrics_path.exists():
+                self.run_dir.truncate_metrics(self.step)
             self._write_config()
         self.world.barrier()
 

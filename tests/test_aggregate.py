@@ -66,6 +66,10 @@ def test_the_command_prints_the_table_and_json_and_refuses_what_would_mix_unlike
     assert lines[3].startswith("| 0.003 | 3 | 0,1,2 | ") and lines[4].startswith("| 0.01 | 3 | 0,1,2 | ")
     code, out, err = run(["summarize", *runs, "--json", "-"], capsys)
     assert code == 0 and json.loads(out) == json.loads(json.dumps(summarize_runs(runs))), err
+    before = (runs[0] / "eval.json").read_bytes()
+    code, _, err = run(["summarize", *runs, "--json", runs[0] / "eval.json"], capsys)
+    assert code == 2 and "would replace eval.json, an evaluation of the run" in err, err
+    assert (runs[0] / "eval.json").read_bytes() == before
     code, _, err = run(["summarize", *runs, "--group-by", "no_such_option"], capsys)
     assert code == 2 and err == ("error: --group-by names 'no_such_option', which is no option of the runs' config.json "
                                  "(e.g. inner_lr, train.meta_lr)\n")

@@ -686,7 +686,10 @@ def summarize(run_dirs, group_by, evaluation, json_path):
     from metalearn.aggregate import format_summary, summarize_runs
 
     if json_path not in (None, "-"):
+        from metalearn.prediction import refuse_run_files
+
         check_writable_file("--json", json_path, "summary.json")
+        refuse_run_files([(("json", "--json"), json_path)])  # a run's own file (its eval.json) is not replaced
     groups = [name.strip() for name in group_by.split(",") if name.strip()] if group_by is not None else None
     summary = summarize_runs(list(run_dirs), group_by=groups, evaluation=evaluation)
     text = json.dumps(json_finite(summary), indent=2, allow_nan=False)

@@ -1027,3 +1027,17 @@ def test_batch_stat_norms_puts_batch_statistics_in_place_of_torchs_batch_norm():
     assert wide[1].weight.dtype == torch.float64 and wide(torch.randn(5, 3, dtype=torch.float64)).dtype == torch.float64
     with pytest.raises(MetalearnError, match="replaces the batch-norm layers inside a network"):
         batch_stat_norms(nn.BatchNorm2d(3))
+
+
+def test_inner_steps_beyond_any_sensible_number_are_refused_before_they_run_for_days(capsys):
+    """A mistyped 10**8 test_inner_steps (a received config, --set) ran an evaluation for days
+    without a word: refused in one line, as the option is spelled."""
+    from cli_runner import run
+
+    code, _, err = run(["train", "maml", "--dataset", "sinusoid", "--inner-steps", 200_000, "--print-config"], capsys)
+    assert code == 2 and err == ("error: --inner-steps must be at most 100000 (each step a pass over the support set), "
+                                 "got 200000\n")
+    from metalearn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"test_inner_steps must be at most 100000 .*got 100000000$"):
+        MAML(MLP(1, 1), {"test_inner_steps": 10**8})

@@ -21,6 +21,12 @@ Params = dict[str, Tensor]
 StepSize = Callable[[str, int], "Tensor | float"]  # (parameter name, step) -> step size
 
 
+# The most inner steps a task takes: each is a pass over its support set (and an evaluation
+# records a score after each), so a mistyped 10**8 in a received config would run for days
+# without a word; the papers take 1 to 50, Reptile's evaluation 50.
+MAX_INNER_STEPS = 100_000
+
+
 def check_inner_loop_options(owner: str, inner_lr: float, inner_steps: int, test_inner_steps: int) -> None:
     """The option checks every method with an inner loop makes; ``owner`` names the config
     (``"MAML.Config"``) in the error."""
@@ -28,6 +34,10 @@ def check_inner_loop_options(owner: str, inner_lr: float, inner_steps: int, test
         raise ConfigError(owner, "inner_steps", f"must be at least 1, got {inner_steps}")
     if test_inner_steps < 0:
         raise ConfigError(owner, "test_inner_steps", f"must be >= 0, got {test_inner_steps}")
+    for name, steps in (("inner_steps", inner_steps), ("test_inner_steps", test_inner_steps)):
+        if steps > MAX_INNER_STEPS:
+            raise ConfigError(owner, name, f"must be at most {MAX_INNER_STEPS} (each step a pass over the support "
+                                           f"set), got {steps}")
     require_number(inner_lr, owner, "inner_lr")
 
 

@@ -103,6 +103,11 @@ def test_a_run_counts_once_and_what_the_grouping_leaves_out_is_said(sweep, tmp_p
     copy = shutil.copytree(one, tmp_path / "copy")
     with pytest.raises(MetalearnError, match=f"^{one} and {copy} are runs of the same options and seed"):
         summarize_runs([one, copy])
+    config = json.loads((copy / "config.json").read_text())  # a rerun that logged otherwise: still one seed
+    config["train"]["log_every"] = 7
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MetalearnError, match=r"same options and seed \(bookkeeping such as log_every aside\)"):
+        summarize_runs([one, copy])
     with pytest.warns(MetalearnWarning, match=r"^the runs differ also in method_config.inner_lr, which the grouping "
                                               r"leaves out: runs that differ in them are pooled in one group$"):
         pooled = summarize_runs([sweep[(0.01, 0)], sweep[(0.003, 1)]], group_by=["seed"])

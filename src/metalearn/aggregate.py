@@ -67,8 +67,8 @@ def summarize_runs(run_dirs: list[Path | str], group_by: list[str] | None = None
     folder each trained on (``data_dir``, as its checkpoint records it). Options in which the
     runs differ that ``group_by`` leaves out are warned of (their runs are pooled). A group's
     runs must have been scored alike (metric, part, episodes, evaluation seed, step), and no
-    two of them may share every option and the seed: mixing would average unlike numbers, and
-    a run given twice (or a copy of it) would count as two seeds.
+    two of them may share the seed and every option but bookkeeping: mixing would average
+    unlike numbers, and a run given twice (or a copy or rerun of it) would count as two seeds.
 
     Returns ``{"metric", "higher_is_better", "evaluation", "options" (the grouping options),
     "groups": [{"group" ({option: value}), "runs", "seeds", "scores", "n", "mean", "sd",
@@ -147,12 +147,16 @@ def summarize_runs(run_dirs: list[Path | str], group_by: list[str] | None = None
                 raise MetalearnError(f"the runs of one group ({', '.join(str(p) for p, _, _, _ in members)}) were scored "
                                      f"with different {what} ({', '.join(sorted(seen))}): score them alike, or group "
                                      "them apart")
-        alike = [repr(sorted(options.items())) for _, options, _, _ in members]
+        # every option that matters the same, the seed too (bookkeeping such as log_every aside): one
+        # run twice (a copy, or a rerun), not two seeds
+        alike = [repr(sorted((k, v) for k, v in options.items() if k == "train.seed" or k not in ignored))
+                 for _, options, _, _ in members]
         copy = next((i for i, one in enumerate(alike) if one in alike[:i]), None)
-        if copy is not None:  # every option the same, the seed too: one run twice (a copy), not two seeds
+        if copy is not None:
             first = members[alike.index(alike[copy])][0]
-            raise MetalearnError(f"{first} and {members[copy][0]} are runs of the same options and seed: a copy of "
-                                 "one run would count as two seeds; give it once")
+            raise MetalearnError(f"{first} and {members[copy][0]} are runs of the same options and seed (bookkeeping "
+                                 "such as log_every aside): one run twice, a copy or a rerun, would count as two "
+                                 "seeds; give it once")
         steps = {step for _, _, _, step in members}
         if len(steps) > 1:
             raise MetalearnError(f"the runs of one group ({', '.join(str(p) for p, _, _, _ in members)}) are at "

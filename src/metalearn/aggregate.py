@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from metalearn.config import flat_options
 from metalearn.errors import MetalearnError, OptionError
 from metalearn.runs import RunDir
 
@@ -34,18 +35,6 @@ def t_975(df: int) -> float:
     """Student's t 0.975 quantile for ``df`` degrees of freedom (beyond 30: 1.96 + 2.5 / df,
     within 0.0015 of the exact value, on the wide side)."""
     return T_975[df - 1] if df <= len(T_975) else 1.96 + 2.5 / df
-
-
-def flat_options(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"task.ways": 5, "method_config.inner_lr": 0.01, ...}`` of a config.json's dict."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flat_options(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def _short(names: list[str]) -> dict[str, str]:

@@ -332,20 +332,22 @@ def legacy_defaults(method: str) -> dict[str, Any]:
     return dict(getattr(learner, "legacy_defaults", {}))
 
 
+def flat_options(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"task.ways": 5, "method_config.inner_lr": 0.01, ...}`` of a configuration's dict
+    (:meth:`RunConfig.to_dict`, config.json's)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_options(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
 def config_differences(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
     """Flattened ``{"train.steps": (old, new), ...}`` for every field that differs."""
-
-    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
-        out = {}
-        for key, value in d.items():
-            name = f"{prefix}{key}"
-            if isinstance(value, dict):
-                out.update(flat(value, name + "."))
-            else:
-                out[name] = value
-        return out
-
-    a, b = flat(old.to_dict()), flat(new.to_dict())
+    a, b = flat_options(old.to_dict()), flat_options(new.to_dict())
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 

@@ -1157,7 +1157,7 @@ def test_the_time_limit_counts_from_the_command_s_start(monkeypatch, capsys, tmp
         import signal
 
         # a whole process ignores its stop signals once its work is done: put back for the tests after
-        previous = {each: signal.getsignal(each) for each in metalearn.cli._stop_signals()}
+        previous = {each: signal.getsignal(each) for each in metalearn.cli.STOP_SIGNALS}
         try:
             metalearn.cli.main([str(a) for a in args], whole_process=True)
         except SystemExit as exit:
@@ -1504,11 +1504,11 @@ def test_a_sigterm_that_a_library_turned_into_its_own_error_still_ends_as_a_sigt
     import metalearn.runs
 
     def drawing(*args, **kwargs):
-        metalearn.cli._SIGTERM_RECEIVED = signal.SIGTERM  # as the handler records it, before raising
+        metalearn.cli._STOP_SIGNAL_RECEIVED = signal.SIGTERM  # as the handler records it, before raising
         raise ValueError("Invalid affine transformation matrix")
 
     def whole_process(args):  # as the `metalearn` command runs: its stop signals' handlers put back after
-        previous = {each: signal.getsignal(each) for each in metalearn.cli._stop_signals()}
+        previous = {each: signal.getsignal(each) for each in metalearn.cli.STOP_SIGNALS}
         try:
             metalearn.cli.main(args, whole_process=True)
         except SystemExit as exit:

@@ -24,7 +24,7 @@ from metalearn.algorithms.statistician import MAX_SAMPLES
 from metalearn.config import MAX_EPISODES, MAX_SEED, TaskConfig, TrainConfig
 from metalearn.distributed import leave_world, reports
 from metalearn.errors import (TIME_LIMIT_EXIT, ConfigError, MetalearnError, MetalearnWarning, OptionError, Options,
-                              Terminated, TrainingStopped, flag, spellings, stopped_by)
+                              STOP_SIGNALS, Terminated, TrainingStopped, flag, spellings, stopped_by)
 from metalearn.files import check_writable_file
 from metalearn.options import help_of
 from metalearn.plugins import load_plugins, unknown_hint
@@ -1251,23 +1251,14 @@ class ReaderMayLeave:
         return getattr(self._stream, name)
 
 
-_SIGTERM_RECEIVED = 0  # the number of the stop signal this command's handler received, 0 for none
-
-
-def _stop_signals() -> tuple:
-    """SIGTERM, and a scheduler's warning that time is up (SIGUSR1, SIGUSR2; not on Windows): a
-    whole process's command ends on them cleaning up, as on Ctrl-C (training checkpoints first)."""
-    import signal
-
-    return (signal.SIGTERM,) + tuple(getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2")
-                                     if hasattr(signal, name))
+_STOP_SIGNAL_RECEIVED = 0  # the number of the stop signal this command's handler received, 0 for none
 
 
 def _terminated(signum, frame) -> None:
     # recorded as well as raised: code that turns the exception into another (matplotlib's C++
     # drawing, called back into Python, makes it a ValueError) still ends as that signal (_main)
-    global _SIGTERM_RECEIVED
-    _SIGTERM_RECEIVED = int(signum)
+    global _STOP_SIGNAL_RECEIVED
+    _STOP_SIGNAL_RECEIVED = int(signum)
     raise Terminated(signum)
 
 
@@ -1285,10 +1276,10 @@ def main(args: list[str] | None = None, whole_process: bool = False) -> None:
     import threading
 
     handled = whole_process and threading.current_thread() is threading.main_thread()
-    global _SIGTERM_RECEIVED
-    _SIGTERM_RECEIVED = 0  # this command's, not an earlier one's in the same process
+    global _STOP_SIGNAL_RECEIVED
+    _STOP_SIGNAL_RECEIVED = 0  # this command's, not an earlier one's in the same process
     if handled:
-        for stop_signal in _stop_signals():
+        for stop_signal in STOP_SIGNALS:
             signal.signal(stop_signal, _terminated)
     try:
         with warnings.catch_warnings():
@@ -1306,15 +1297,15 @@ def main(args: list[str] | None = None, whole_process: bool = False) -> None:
             # the command's work is done, its status set: a SIGTERM in the second the interpreter
             # takes to shut down would end it with 143 and no word, and a scheduler would run the
             # finished job again
-            for stop_signal in _stop_signals():
+            for stop_signal in STOP_SIGNALS:
                 signal.signal(stop_signal, signal.SIG_IGN)
 
 
 def _exit_if_terminated() -> None:
     """End with the stop signal's status where this command's handler recorded one: the error
     being handled is the Terminated a library turned into its own (see :func:`_terminated`)."""
-    if _WHOLE_PROCESS and _SIGTERM_RECEIVED:
-        said, code = stopped_by(Terminated(_SIGTERM_RECEIVED))
+    if _WHOLE_PROCESS and _STOP_SIGNAL_RECEIVED:
+        said, code = stopped_by(Terminated(_STOP_SIGNAL_RECEIVED))
         click.echo(said, err=True)
         sys.exit(code)
 

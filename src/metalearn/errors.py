@@ -10,6 +10,7 @@ of showing a traceback from deep inside torch.
 import math
 import operator
 import re
+import signal
 import sys
 from typing import Any, Callable
 
@@ -194,6 +195,14 @@ class TrainingStopped(Options, MetalearnError):
         self.exit_code = exit_code
 
 
+# The signals that stop a command as SIGTERM does: SIGTERM, and a scheduler's warning that the
+# job's time is nearly up (Slurm's --signal=USR1@120, submitit's SIGUSR2; not on Windows), whose
+# default action would kill the process without a word or a checkpoint. Training saves its step
+# first (training.StopRequests, with Ctrl-C); every other whole-process command ends cleaning up.
+STOP_SIGNALS = (signal.SIGTERM,) + tuple(getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2")
+                                         if hasattr(signal, name))
+
+
 class Terminated(BaseException):
     """A SIGTERM to a command's process (or a scheduler's SIGUSR1 or SIGUSR2: ``signal_number``),
     raised where the process is (as Python raises a Ctrl-C), so that what the command holds is
@@ -209,8 +218,6 @@ class Terminated(BaseException):
 
 def signal_name(number: int) -> str:
     """``SIGTERM`` for 15: the name the shell and the docs give a signal's number."""
-    import signal
-
     try:
         return signal.Signals(number).name
     except ValueError:

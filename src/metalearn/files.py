@@ -195,15 +195,17 @@ def atomic_write_files(files: Iterable[tuple[Path, bytes | memoryview]]) -> None
                 tmp.unlink(missing_ok=True)
 
 
-def obstacle(path: Path) -> str | None:
+def obstacle(path: Path, reading: bool = False) -> str | None:
     """What stands at ``path`` that an atomic write must not replace, in a few words: ``"a
     link"`` (the rename would replace the link, not the file it points at), ``"a folder"``
     (the rename fails on it, after all the work), ``"a special file"`` (a FIFO, a device);
     None for a plain file or nothing there. A read-only plain file is no obstacle: the rename
-    replaces it."""
+    replaces it. ``reading``: what stands there in place of a file that is read instead, where
+    a link to a file is the file (a git-annex or DVC layout) and one to nothing is ``"a link
+    to nothing"``."""
     path = Path(path)
-    if path.is_symlink():
-        return "a link"
+    if path.is_symlink() and (not reading or not path.exists()):
+        return "a link to nothing" if reading else "a link"
     if path.is_dir():
         return "a folder"
     if path.exists() and not path.is_file():

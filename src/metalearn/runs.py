@@ -541,7 +541,7 @@ class RunDir:
             what = "a link to nothing" if best.is_symlink() and not best.exists() else "a file"
             raise MetalearnError(f"{best} is {what}, where the run keeps its best checkpoints: move it away")
         index = best / "index.json"
-        what = _not_a_file(index)
+        what = obstacle(index, reading=True)
         if what is not None:
             raise MetalearnError(f"{index} is {what}, where the run lists its best checkpoints: move it away")
         probe_writable(index if best.is_dir() else best)
@@ -584,7 +584,7 @@ class RunDir:
         files. An index that cannot be read, or something else in its place (a folder: read as
         no index, it would have every file deleted), leaves every file alone (its next reader
         says so)."""
-        if _not_a_file(self.best_dir / "index.json") is not None:
+        if obstacle(self.best_dir / "index.json", reading=True) is not None:
             return []
         try:
             index = self.read_best_index()
@@ -620,7 +620,7 @@ class RunDir:
         index_path = self.best_dir / "index.json"
 
         def read_index() -> dict[str, Any]:
-            what = _not_a_file(index_path)
+            what = obstacle(index_path, reading=True)
             if what is not None:  # not "kept none yet": the index is there in a form no reader takes
                 raise MetalearnError(f"{index_path} is {what}, not the list of {self.path}'s best checkpoints: "
                                      f"put the file back, or delete {self.best_dir} and train on to keep new ones")
@@ -835,18 +835,6 @@ def json_finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_finite(item) for item in value]
     return value
-
-
-def _not_a_file(path: Path) -> str | None:
-    """What stands at ``path`` in place of a file that is read (a link to a file is one), in a
-    few words; None for a file (through links) or nothing there."""
-    if path.is_symlink() and not path.exists():
-        return "a link to nothing"
-    if path.is_dir():
-        return "a folder"
-    if path.exists() and not path.is_file():
-        return "a special file"
-    return None
 
 
 def evaluation_step(result: dict[str, Any]) -> int | None:

@@ -28,7 +28,7 @@ from metalearn.checkpoints import (RESUME_ENTRIES, RESUME_OPTIONAL_ENTRIES, all_
                                    untrained_attempt, warn_of_seen_classes)
 from metalearn.config import RunConfig
 from metalearn.distributed import RankLost, World, environment_count
-from metalearn.errors import (TIME_LIMIT_EXIT, ConfigError, MetalearnError, OptionError, OptionWarning,
+from metalearn.errors import (STOP_SIGNALS, TIME_LIMIT_EXIT, ConfigError, MetalearnError, OptionError, OptionWarning,
                               TrainingStopped, caller_level, kind_of, spellings, valued)
 from metalearn.evaluation import HIGHER_IS_BETTER, evaluate
 from metalearn.files import WriteError, check_folder_path, same_path, user_path
@@ -121,8 +121,7 @@ class StopRequests:
     worker still reports its stop and leaves the group. The hard stop is torchrun's own
     SIGKILL after its ``--shutdown_timeout``."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM) + tuple(
-        getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2") if hasattr(signal, name))
+    SIGNALS = (signal.SIGINT,) + STOP_SIGNALS
 
     def __init__(self, note_repeats: bool = False, announce: Callable[[str], None] | None = None):
         """``announce``: told once, at the first signal, that the step in progress finishes

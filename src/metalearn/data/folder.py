@@ -43,7 +43,7 @@ from metalearn.data.cache import read_arrays, write_arrays
 from metalearn.data.images import IMAGE_SUFFIXES, check_channels, decode_image, is_image_file
 from metalearn.data.omniglot import default_cache_dir, file_in_the_way
 from metalearn.data.splits import PARTS, RUN_SPLIT_NAME, ClassPool
-from metalearn.errors import MetalearnError, caller_level, OptionError, OptionWarning, flag, valued
+from metalearn.errors import STOP_SIGNALS, MetalearnError, caller_level, OptionError, OptionWarning, flag, valued
 
 # 2: 16-bit images scaled by their type's range, EXIF orientation applied; 3: the cached
 # content_hash also covers the array's shape, the class sizes and the parts
@@ -593,18 +593,17 @@ def _ignore_interrupts(large_image_gate=None) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    for name in ("SIGUSR1", "SIGUSR2"):  # a scheduler's warning: the parent, signalled too, stops the pool
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    for warning in set(STOP_SIGNALS) - {signal.SIGTERM}:  # a scheduler's: the parent, signalled too, stops the pool
+        signal.signal(warning, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _held_signals())
 
 
 def _held_signals() -> set:
-    """Ctrl-C and the stop signals (SIGTERM, a scheduler's SIGUSR1 and SIGUSR2), where they exist."""
+    """Ctrl-C and the stop signals (errors.STOP_SIGNALS)."""
     import signal
 
-    return {getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name)}
+    return {signal.SIGINT, *STOP_SIGNALS}
 
 
 @contextlib.contextmanager

@@ -901,7 +901,7 @@ def test_protonet_learns_the_shapes_and_predicts_new_classes(shapes, tmp_path, c
     assert "10 of the 10 query images are also in the support set" in warned[2]
 
 
-def test_platipus_predicts_with_a_spread_and_fixed_ways_are_named(shapes, tmp_path, capsys):
+def test_platipus_predicts_with_a_spread_and_fixed_ways_are_named(shapes, tmp_path, capsys, monkeypatch):
     run_dir = tmp_path / "platipus"
     code, out, err = run(["train", "platipus", "--dataset", "folder", "--data-dir", shapes, "--image-size", 16,
                           "--ways", 3, "--shots", 1, "--query", 1, "--steps", 2, "--meta-batch-size", 2,
@@ -914,6 +914,14 @@ def test_platipus_predicts_with_a_spread_and_fixed_ways_are_named(shapes, tmp_pa
     assert code == 0, err
     result = json.loads((tmp_path / "p.json").read_text())
     assert all(0 <= p["spread"] <= 0.5 for p in result["predictions"]) and "+/-" in out
+    # measuring a pass's memory first (done above MEASURE_SUPPORT_ABOVE support images) samples
+    # models too, and leaves those of the predictions as they were
+    from metalearn import prediction
+
+    monkeypatch.setattr(prediction, "MEASURE_SUPPORT_ABOVE", 0)
+    code, out, err = run(["predict", run_dir, "--support", support, "--query", query / "red-circle",
+                          "--json", tmp_path / "measured.json", "--samples", 4], capsys)
+    assert code == 0 and json.loads((tmp_path / "measured.json").read_text()) == result, err
     # another number of classes than trained: refused, naming the trained ways, nothing written
     shutil.rmtree(support / "green-ring")
     code, out, err = run(["predict", run_dir, "--support", support, "--query", query, "--json", tmp_path / "two.json"],
@@ -997,7 +1005,7 @@ def test_every_bad_folder_is_one_line_and_leaves_nothing_behind(tmp_path, capsys
     one_line_error(code, out, err, "--channels must be 1 (grey) or 3 (RGB), got 2")
 
 
-def test_bad_predict_inputs_are_one_line_and_write_nothing(shapes, tmp_path, capsys):
+def test_bad_predict_inputs_are_one_line_and_write_nothing(shapes, tmp_path, capsys, monkeypatch):
     run_dir = tmp_path / "run"
     code, out, err = run(["train", "protonet", "--dataset", "folder", "--data-dir", shapes, "--image-size", 16,
                           "--ways", 3, "--steps", 1, "--no-eval", "--val-every", 0, "--run-dir", run_dir,
@@ -1041,6 +1049,41 @@ def test_bad_predict_inputs_are_one_line_and_write_nothing(shapes, tmp_path, cap
         code, out, err = run(["predict", run_dir, "--support", good, "--query", query, option, given], capsys)
         one_line_error(code, out, err, message)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    # a support set larger than the memory a pass can use: said before the pass (which the
+    # kernel's out-of-memory kill would end without a word), nothing written
+    from metalearn import memory_budget, prediction
+
+    monkeypatch.setattr(prediction, "MEASURE_SUPPORT_ABOVE", 1)
+    monkeypatch.setattr(memory_budget, "available_memory", lambda device: 10**6)
+    code, out, err = run(["predict", run_dir, "--support", good, "--query", query, "--json", out_json], capsys)
+    one_line_error(code, out, err, "classifying with the 2 support images takes about ")
+    assert err.rstrip().endswith("more than the 0.001 GB available; give a support folder with fewer classes or "
+                                 "images per class") and not out_json.exists()
+
+
+def test_a_pass_memory_estimate_is_near_the_pass_measured(monkeypatch):
+    """check_pass_fits extrapolates two small passes to the whole support set: within a factor
+    of 1.5 of the memory the pass takes (protonet, 1,000 support images at 28x28, ~0.6 GB)."""
+    from metalearn import memory_budget, prediction
+    from metalearn.algorithms.protonet import ProtoNet
+    from metalearn.models import Conv4
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("the memory of a pass is measured through /proc/self/clear_refs (Linux)")
+    torch.manual_seed(0)
+    learner = ProtoNet(Conv4(1, None, pooling="max"))
+    support_x, query_x = torch.rand(1000, 1, 28, 28), torch.rand(50, 1, 28, 28)
+    support_y = torch.arange(200).repeat_interleave(5)
+    classify = lambda sx, sy, qx: learner.fit_predict(sx, sy, qx)
+    monkeypatch.setattr(memory_budget, "available_memory", lambda device: 0)
+    with pytest.raises(MetalearnError, match="classifying with the 1000 support images takes about") as refused:
+        prediction.check_pass_fits(learner, classify, support_x, support_y, query_x)
+    estimate = float(re.search(r"about ([0-9.e+-]+) GB", str(refused.value)).group(1)) * 1e9
+    measured = memory_budget.peak_memory_of(lambda: classify(support_x, support_y, query_x), torch.device("cpu"))
+    assert measured / 1.5 < estimate < measured * 1.5, (estimate, measured)
+    # a support set up to MEASURE_SUPPORT_ABOVE is not measured
+    prediction.check_pass_fits(learner, classify, support_x[:prediction.MEASURE_SUPPORT_ABOVE],
+                               support_y[:prediction.MEASURE_SUPPORT_ABOVE], query_x)
 
 
 def test_predict_run_checks_its_outputs_and_writes_all_or_none(shapes, tmp_path, monkeypatch):

@@ -25,6 +25,10 @@ from metalearn.locking import make_folders
 from metalearn.models.norm import BatchStatNorm
 
 QUERY_CHUNK = 256  # the most query images classified per pass (with the whole support set)
+# support sets larger than this are first measured: a pass's memory grows with the support set,
+# which every pass holds whole (see check_pass_fits); smaller ones take well under a gigabyte
+MEASURE_SUPPORT_ABOVE = 512
+PROBE_SUPPORT = (64, 128)  # the support images of the two measured passes
 
 
 def read_support(folder: Path | str) -> tuple[list[str], list[list[Path]]]:
@@ -189,6 +193,64 @@ def warn_of_few_queries(learner: MetaLearner, count: int, queries_per_task: int 
         stacklevel=caller_level())
 
 
+def check_pass_fits(learner: MetaLearner, classify: Any, support_x: torch.Tensor, support_y: torch.Tensor,
+                    query_x: torch.Tensor) -> None:
+    """Refuse, in one line, a support set too large for the memory a pass of
+    :func:`predict_new_classes` can use, before the pass: each pass holds the whole support set
+    (embedded with the queries, or adapted to), and cannot take it in parts without changing
+    the answers of methods that normalise with a task's batch statistics. Filling the memory
+    would instead end in the kernel's out-of-memory kill, without a word (conv4 on 84x84 images
+    needs some 4 MB per support image). Checked only above :data:`MEASURE_SUPPORT_ABOVE`
+    support images: two passes with :data:`PROBE_SUPPORT` support images (their share of every
+    class, or the first classes where there are more, as a method without fixed ways takes
+    them) are measured (:func:`~metalearn.memory_budget.peak_memory_of`) and their growth per
+    support image extrapolated to the whole set (an estimate; the tests hold it within a factor
+    of 1.5 of the measured pass for protonet). Where the memory cannot be known or measured
+    (not Linux, no ``/proc/self/clear_refs``, a device other than a CPU or CUDA GPU) nothing is
+    checked. ``classify(support_x, support_y, query_x)``: the pass."""
+    from metalearn.algorithms.base import device_of
+    from metalearn.memory_budget import available_memory, peak_memory_of
+
+    total = len(support_y)
+    if total <= MEASURE_SUPPORT_ABOVE:
+        return
+    device = device_of(learner)
+    peaks, sizes = [], []
+    try:
+        for size in PROBE_SUPPORT:
+            index = _probe_support(support_y, size, getattr(learner, "fixed_ways", False))
+            labels = torch.unique(support_y[index], return_inverse=True)[1]  # the classes taken, as 0..m-1
+            peaks.append(peak_memory_of(lambda: classify(support_x[index], labels, query_x), device))
+            sizes.append(len(index))
+        available = available_memory(device)
+    except OptionError:  # the memory is not known here (another system or device): nothing to check
+        return
+    if sizes[1] >= total:  # the measured pass was the whole one
+        needed = peaks[1]
+    elif sizes[1] > sizes[0]:
+        needed = peaks[1] + max(peaks[1] - peaks[0], 0) / (sizes[1] - sizes[0]) * (total - sizes[1])
+    else:  # one image of each of more classes than the passes take: in proportion
+        needed = peaks[1] * total / sizes[1]
+    if needed > available:
+        fewer = "fewer images per class" if getattr(learner, "fixed_ways", False) else "fewer classes or images per class"
+        raise MetalearnError(
+            f"classifying with the {total} support images takes about {needed / 1e9:.3g} GB of memory (every pass "
+            f"holds the whole support set, with up to {len(query_x)} query images), more than the "
+            f"{available / 1e9:.3g} GB available; give a support folder with {fewer}")
+
+
+def _probe_support(labels: torch.Tensor, size: int, fixed_ways: bool) -> torch.Tensor:
+    """The indices of about ``size`` support images for :func:`check_pass_fits`: the first
+    ``size // classes`` (at least one) of every class, as a method with fixed ways needs them
+    all; for one without, the first of the first ``size`` classes where there are more."""
+    classes = int(labels.max()) + 1
+    per_class = max(1, size // classes)
+    taken = [torch.nonzero(labels == c).flatten()[:per_class] for c in range(classes)]
+    if not fixed_ways and classes > size:
+        taken = taken[:size]
+    return torch.cat(taken)
+
+
 class Predictions(dict):
     """What :func:`predict_new_classes` found, as a dict of plain values (what :func:`as_json`
     writes), with the prepared tensors beside it as ``images``: (support images, support
@@ -239,22 +301,33 @@ def predict_new_classes(learner: MetaLearner, support: Path | str, query: list[P
         # and never smaller than a task of its run (the number the warning above counts against)
         chunks = -(-len(query_files) // max(QUERY_CHUNK, queries_per_task or 0))
         bounds = [len(query_files) * i // chunks for i in range(chunks + 1)]
+
+        def classify(support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
+            """One pass: probabilities (samples, queries, ways) where the learner samples models."""
+            if sampling:
+                with torch.no_grad():
+                    return learner.sample_probabilities(support_x, support_y, query_x, num_samples, generator)
+            with warnings.catch_warnings():  # said above, for all the queries, with the run's count
+                warnings.filterwarnings("ignore", FEW_QUERIES, MetalearnWarning)
+                return learner.fit_predict(support_x, support_y, query_x)
+
         for start, stop in zip(bounds, bounds[1:]):
             query_x = learner.prepare_images(query_files[start:stop], image_size, channels)
+            if start == 0:  # before the first pass, whose memory every pass needs
+                drawn = generator.get_state()  # the measured passes leave the models sampled as they were
+                check_pass_fits(learner, classify, support_x, support_y, query_x)
+                generator.set_state(drawn)
             # the contact sheet shows the first SHEET_QUERIES: only those are kept (every prepared
             # image kept was 150 KB at 84x84 RGB, 15 GB for 100,000 queries)
             kept = SHEET_QUERIES - sum(len(images) for images in query_images)
             if kept > 0:
                 query_images.append(query_x[:kept].clone())
+            found = classify(support_x, support_y, query_x)
             if sampling:
-                with torch.no_grad():
-                    samples = learner.sample_probabilities(support_x, support_y, query_x, num_samples, generator)
-                means.append(samples.mean(0).cpu())
-                spreads.append(samples.std(0, unbiased=False).cpu())
+                means.append(found.mean(0).cpu())
+                spreads.append(found.std(0, unbiased=False).cpu())
             else:
-                with warnings.catch_warnings():  # said above, for all the queries, with the run's count
-                    warnings.filterwarnings("ignore", FEW_QUERIES, MetalearnWarning)
-                    means.append(learner.fit_predict(support_x, support_y, query_x).cpu())
+                means.append(found.cpu())
     probabilities = torch.cat(means)
     spread = torch.cat(spreads) if sampling else None
     predictions = []

@@ -4,7 +4,7 @@ batched over tasks.
 A query ``x`` is labelled by attention over the support set (eq. 1-2):
 ``P(y | x, S) = sum_i a(x, x_i) y_i`` with ``a(x, x_i) = softmax_i cos(f(x), g(x_i))`` and
 ``y_i`` one-hot; the loss is the negative log-likelihood of the query labels. Without full
-context embeddings, ``f = g`` is the embedding CNN. With them (appendix A.2):
+context embeddings, ``f = g`` is the embedding CNN. With them (appendix A: A.1 for f, A.2 for g):
 
 * ``g(x_i, S) = h_fwd_i + h_bwd_i + g'(x_i)``: a bidirectional LSTM over the support
   embeddings ``g'(x_i)`` in the episode's order, plus a skip connection;
@@ -13,10 +13,11 @@ context embeddings, ``f = g`` is the embedding CNN. With them (appendix A.2):
   ``h_k = LSTM(...) + f'(x)`` and the read-out ``r_{k-1} = sum_i softmax_i(h_{k-1} . g(x_i)) g(x_i)``;
   ``h_0 = f'(x)``, ``c_0 = 0`` (the paper leaves the start open), ``f(x, S) = h_K``.
 
-The CNN embeds one task per call, so batch norm's statistics are those of the task (as ProtoNets'
-do, with :func:`~metalearn.algorithms.base.embed_episodes`, which says why this is a loop and not
-``vmap``); the LSTMs take
-the task axis as their batch and the attention is one ``einsum`` over all tasks.
+The CNN embeds one task per call, so batch norm's statistics are those of the task, its support
+and query images together, in training and at test time (as ProtoNets' do, with
+:func:`~metalearn.algorithms.base.embed_episodes`, which says why this is a loop and not
+``vmap``); the LSTMs take the task axis as their batch and the attention is one ``einsum`` over
+all tasks.
 
 Example::
 
@@ -57,7 +58,7 @@ MAX_PROCESSING_STEPS = 100
 @options
 class MatchingNetConfig:
     """full_context_embeddings: embed the support set with a bidirectional LSTM and the query
-    with an attention LSTM (appendix A.2) instead of the CNN alone; processing_steps: the
+    with an attention LSTM (appendix A) instead of the CNN alone; processing_steps: the
     attention LSTM's K; model: the embedding CNN (used without a classification head).
 
     distance and scale shape the attention ``softmax_i(scale * sim(f(x), g(x_i)))``: ``cosine``
@@ -67,7 +68,7 @@ class MatchingNetConfig:
     attention become confident."""
 
     full_context_embeddings: bool = option(False, "embed the support set with a bidirectional LSTM and the query "
-                                                  "with an attention LSTM (the paper's appendix A.2)")
+                                                  "with an attention LSTM (the paper's appendix A)")
     processing_steps: int = option(5, "steps K of the query's attention LSTM, 1 to 100 (with "
                                          "--full-context-embeddings)")
     model: str = option("conv4-embedding", "the embedding network: " + network_help("embedding")
@@ -111,7 +112,7 @@ def label_log_probs(scores: Tensor, support_y: Tensor, ways: int, method: str = 
 
 
 class SupportContext(nn.Module):
-    """``g(x_i, S) = h_fwd_i + h_bwd_i + g'(x_i)`` (Vinyals et al. appendix A.2, eq. 3-5): a
+    """``g(x_i, S) = h_fwd_i + h_bwd_i + g'(x_i)`` (Vinyals et al. appendix A.2): a
     bidirectional LSTM with hidden size ``dim`` over the support embeddings, plus a skip.
 
     support: (tasks, n_support, dim) -> (tasks, n_support, dim)
@@ -128,7 +129,7 @@ class SupportContext(nn.Module):
 
 
 class QueryAttentionLSTM(nn.Module):
-    """``f(x, S) = attLSTM(f'(x), g(S), K)`` (Vinyals et al. appendix A.1, eq. 6-9).
+    """``f(x, S) = attLSTM(f'(x), g(S), K)`` (Vinyals et al. appendix A.1, eq. 3-6).
 
     The LSTM's gates read the input ``f'(x)`` and the recurrent state ``[h_{k-1}, r_{k-1}]``;
     an ``nn.LSTMCell`` fed ``[f'(x), r_{k-1}]`` with hidden state ``h_{k-1}`` computes the same

@@ -259,6 +259,8 @@ def test_metrics_lines_that_are_no_record_are_skipped_and_a_damaged_config_is_on
         f.write(b'5\n[1, 2]\n"loss"\n\xff\xfe garbage \x00\n')  # JSON that is no object, and no text at all
     run.append_metrics({"step": 3, "loss": 0.5})
     assert run.read_metrics() == [*records, {"step": 3, "loss": 0.5}]
+    lines = run.iter_metrics()  # one line at a time (status keeps what it needs of a long log)
+    assert next(lines) == records[0] and list(lines) == [*records[1:], {"step": 3, "loss": 0.5}]
     from metalearn.plotting import plot_learning_curves
 
     plot_learning_curves(run.read_metrics(), tmp_path / "curves.png", "tiny")  # plot no longer meets a bare 5

@@ -3,6 +3,7 @@ evaluate and plot a run directory."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import inspect
@@ -1171,7 +1172,7 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
     step = int(state["step"])
     with drawn:
         plots = plot_run(run_dir, data_dir=data_dir, compare_with=compare_with, out_dir=drawn.name,
-                         until_step=step) if any(r.get("step", 0) <= step for r in run.read_metrics()) else []
+                         until_step=step) if any(r["step"] <= step for r in run.iter_metrics()) else []
         return _write_record(run, config, state, plots, out_dir, notes)
 
 
@@ -1371,22 +1372,30 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     elif (here := registered_in_python(config, run.config_as_it_stands())) is not None:  # a notebook's method
         status["resume"], status["test"] = registered_resume(run.path, here), registered_test(run.path, here)
     status["last_write_s"] = (time.time() - run.metrics_path.stat().st_mtime) if run.metrics_path.is_file() else None
-    records = run.read_metrics()
-    status["last"] = last = next((r for r in reversed(records) if "loss" in r), None)
-    # a step that went non-finite (the trainer's record after its last checkpoint): a resume repeats it
-    diverged = next((r for r in reversed(records) if isinstance(r.get("diverged"), str)), None)
-    status["diverged"] = None
+    # one pass over metrics.jsonl keeping what is read below: the last training record and the
+    # last divergence, the recent rates, the validations (a run logged at every step has as many
+    # lines as steps)
+    last = diverged = None
+    rates: collections.deque = collections.deque(maxlen=RATE_WINDOWS)
+    validation = []
+    for r in run.iter_metrics():
+        if "loss" in r:
+            last = r
+            if isinstance(r.get("tasks_per_s"), (int, float)) and r["tasks_per_s"] > 0:
+                rates.append(r["tasks_per_s"])
+        if isinstance(r.get("diverged"), str):
+            diverged = r  # a step that went non-finite (the trainer's record after its last checkpoint)
+        if any(k.startswith("val_") and k != "val_ci95" and isinstance(v, (int, float)) for k, v in r.items()):
+            validation.append(r)
+    status["last"] = last
+    status["diverged"] = None  # a resume repeats the step that diverged
     if status["state"] == "stopped" and diverged is not None and diverged["step"] > status["step"]:
         status["state"], status["diverged"] = "diverged", {"step": diverged["step"], "what": diverged["diverged"]}
     # the time the remaining steps take at the recent rate (the validations are added below)
-    rates = [r["tasks_per_s"] for r in records if "loss" in r and isinstance(r.get("tasks_per_s"), (int, float))
-             and r["tasks_per_s"] > 0][-RATE_WINDOWS:]
     at = max(status["step"], last["step"] if last is not None else 0)
     left = status["steps"] - at
     status["seconds_left"] = (left * config.train.meta_batch_size / statistics.median(rates)
                               if rates and left > 0 and status["diverged"] is None else None)  # diverged: none to go
-    validation = [r for r in records if any(k.startswith("val_") and k != "val_ci95"
-                                            and isinstance(v, (int, float)) for k, v in r.items())]
     lengths = [r["validation_s"] for r in validation if isinstance(r.get("validation_s"), (int, float))]
     every = config.train.val_every
     status["validation_counted"] = bool(status["seconds_left"] is not None and lengths and every > 0)

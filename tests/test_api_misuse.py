@@ -333,6 +333,37 @@ def test_a_float64_default_dtype_changes_neither_the_weights_nor_the_tasks(tmp_p
         torch.set_default_dtype(previous)
 
 
+def test_runs_trained_in_threads_score_as_one_after_another_and_leave_the_caller_s_state(tmp_path):
+    """A sweep's trials in a thread pool (Optuna's n_jobs): torch's random state and default
+    dtype are the process's, so training holds them one thread at a time (PROCESS_STATE) and
+    each run scores as it would alone; the caller's float64 default and random state stay as
+    they were. Loading and evaluating a run draw nothing from the caller's random state."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from metalearn.api import evaluate_run, load_trained, resolve_config, train
+
+    def trial(name: str, seed: int) -> float:
+        config = resolve_config("platipus", task={"dataset": "sinusoid"},
+                                train={"steps": 12, "val_every": 6, "eval_episodes": 10, "seed": seed})
+        return train(config, tmp_path / name, progress=False, announce=None)[1]["mean"]
+
+    alone = [trial(f"alone{seed}", seed) for seed in range(4)]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    state = torch.get_rng_state()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            together = list(pool.map(lambda seed: trial(f"threads{seed}", seed), range(4)))
+        assert torch.get_default_dtype() == torch.float64
+    finally:
+        torch.set_default_dtype(previous)
+    assert together == alone
+    assert torch.equal(torch.get_rng_state(), state)
+    load_trained(tmp_path / "alone0")
+    evaluate_run(tmp_path / "alone0", episodes=4, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_a_warning_names_the_caller_s_line_and_is_shown_for_each_call(recwarn):
     """A notebook re-running a cell sees the warning again, at its own line, not at the library's
     (Python's default filter shows a warning once per place)."""

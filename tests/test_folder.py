@@ -1178,7 +1178,7 @@ def test_a_folder_run_resumes_only_on_its_own_images_and_says_how(shapes, tmp_pa
     messages that say how to continue repeat --data-dir, which the run does not keep."""
     import signal
 
-    from metalearn.training import TrainingStopped, build_trainer
+    from metalearn.training import TrainingInterrupted, build_trainer
 
     args = ["protonet", "--dataset", "folder", "--image-size", 16, "--ways", 3, "--shots", 1, "--query", 1,
             "--val-every", 0, "--no-eval", "--no-progress"]
@@ -1236,7 +1236,7 @@ def test_a_folder_run_resumes_only_on_its_own_images_and_says_how(shapes, tmp_pa
         return trainer
 
     monkeypatch.setattr("metalearn.api.build_trainer", signalled)
-    with pytest.raises(TrainingStopped, match=rf"after step 3 of 4.*`metalearn train protonet --run-dir {run_dir} "
+    with pytest.raises(TrainingInterrupted, match=rf"after step 3 of 4.*`metalearn train protonet --run-dir {run_dir} "
                                               rf"--data-dir {shapes} --resume`"):
         from metalearn.api import train
         train(resolve_config("protonet", train={"steps": 4}, resume_from=run_dir), run_dir, data_dir=shapes,

@@ -17,7 +17,7 @@ from torch import nn
 
 from metalearn.algorithms import build_learner
 from metalearn.api import evaluate_run, resolve_config
-from metalearn.errors import MetalearnError, MetalearnWarning, TrainingStopped
+from metalearn.errors import MetalearnError, MetalearnWarning, TrainingInterrupted, TrainingStopped
 from metalearn.runs import RunDir
 from metalearn.tasks import problem_of
 from metalearn.checkpoints import all_finite, initialise_from_run, load_trained
@@ -121,7 +121,7 @@ def test_a_torchrun_worker_whose_launcher_is_gone_stops_after_the_step_with_a_ch
     monkeypatch.setattr(training, "launched_by_torchrun", lambda: True)
     monkeypatch.setattr(os, "getppid", parent)
     trainer = build_trainer(sinusoid_config(20, checkpoint_every=100, val_every=0), tmp_path / "run")
-    with pytest.raises(TrainingStopped) as stopped:
+    with pytest.raises(TrainingInterrupted) as stopped:
         trainer.fit(progress=False)
     assert stopped.value.exit_code == 143
     assert str(stopped.value).startswith("stopped: torchrun, which launched this process, is gone after step 3 of 20")
@@ -130,7 +130,7 @@ def test_a_torchrun_worker_whose_launcher_is_gone_stops_after_the_step_with_a_ch
     monkeypatch.setattr(training, "LAUNCHER", launcher)
     monkeypatch.setattr(os, "getppid", lambda: 1)
     trainer = build_trainer(sinusoid_config(20, checkpoint_every=100, val_every=0), tmp_path / "early")
-    with pytest.raises(TrainingStopped, match="^stopped: torchrun, which launched this process, is gone after step 1 "):
+    with pytest.raises(TrainingInterrupted, match="^stopped: torchrun, which launched this process, is gone after step 1 "):
         trainer.fit(progress=False)
 
 
@@ -312,9 +312,11 @@ def test_a_stop_signal_saves_the_step_and_resume_stays_exact(tmp_path, sig, caps
     trainer = build_trainer(sinusoid_config(6), tmp_path / "stopped")
     signal_during_step(trainer, 3, sig)
     handlers = [signal.getsignal(each) for each in StopRequests.SIGNALS]
-    with pytest.raises(TrainingStopped, match=f"stopped by {sig.name} after step 3 of 6.*--resume") as stopped:
+    with pytest.raises(TrainingInterrupted, match=f"stopped by {sig.name} after step 3 of 6.*--resume") as stopped:
         trainer.fit(progress=False)
     assert stopped.value.exit_code == 128 + sig
+    # a BaseException, as KeyboardInterrupt: a sweep's `except Exception` does not swallow the stop
+    assert not isinstance(stopped.value, Exception)
     again = "Ctrl-C" if sig == signal.SIGINT else sig.name
     assert capsys.readouterr().err == (f"{sig.name} received: finishing this step, then saving it ({again} again "
                                        "stops at once, without saving it)\n")
@@ -482,7 +484,7 @@ def test_a_signal_in_a_step_before_a_validation_stops_before_it_and_the_resume_v
     validated = []
     real_validate = trainer.validate
     trainer.validate = lambda: validated.append(trainer.step) or real_validate()
-    with pytest.raises(TrainingStopped, match="stopped by SIGTERM after step 3 of 6"):
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM after step 3 of 6"):
         trainer.fit(progress=False)
     assert validated == []
     stopped = RunDir(tmp_path / "stopped")
@@ -511,7 +513,7 @@ def test_under_torchrun_a_repeated_signal_is_only_noted(tmp_path, monkeypatch):
     signal_during_step(trainer, 3, signal.SIGTERM, signal.SIGTERM)
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
-        with pytest.raises(TrainingStopped, match="stopped by SIGTERM after step 3 of 6"):
+        with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM after step 3 of 6"):
             trainer.fit(progress=False)
         assert load_trained(tmp_path)[2] == 3
         os.kill(os.getpid(), signal.SIGTERM)  # a late one, after training: noted, not fatal
@@ -597,6 +599,7 @@ def test_evaluation_reports_mean_and_interval(tmp_path):
     assert result["episodes"] == 30 and len(result["per_step"]) == 3
     assert result["mean"] == pytest.approx(float(scores.mean()), rel=1e-6)
     assert result["ci95"] == pytest.approx(1.96 * float(scores.std()) / 30**0.5, rel=1e-6)
+    assert result["per_step_ci95"][-1] == pytest.approx(result["ci95"], rel=1e-6)  # the final step's, as ci95
     assert json.loads((tmp_path / "eval-episodes=30.json").read_text())["mean"] == result["mean"]
     assert result["per_step"][-1] == pytest.approx(result["mean"], rel=1e-6)
     again = evaluate_run(tmp_path, episodes=30, progress=False)
@@ -915,7 +918,7 @@ def test_a_stop_signal_in_the_last_step_saves_it_and_skips_the_test_evaluation(t
         return trainer
 
     monkeypatch.setattr("metalearn.api.build_trainer", signalled_in_the_last_step)
-    with pytest.raises(TrainingStopped, match=r"after step 3 of 3.*continue with .*--resume"):
+    with pytest.raises(TrainingInterrupted, match=r"after step 3 of 3.*continue with .*--resume"):
         train(sinusoid_config(3), tmp_path, progress=False)
     assert load_trained(tmp_path)[2] == 3
     assert not (tmp_path / "eval.json").exists()

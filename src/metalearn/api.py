@@ -26,7 +26,7 @@ from metalearn.config import (RESUMABLE_CHANGES, RunConfig, TaskConfig, TrainCon
 from metalearn.datasets import DATASETS, get_dataset, reads_image_folder
 from metalearn.distributed import World, init_world
 from metalearn.errors import (ConfigError, MetalearnError, MetalearnWarning, OptionError, OptionWarning, Terminated,
-                              TrainingStopped, caller_level, check_whole, flag, kind_of, stopped_by, valued)
+                              TrainingInterrupted, TrainingStopped, caller_level, check_whole, flag, kind_of, stopped_by, valued)
 from metalearn.evaluation import EPISODE_CHUNK, evaluate
 from metalearn.options import option_defaults
 from metalearn.runs import (RunDir, claim_new_run_dir, default_runs_root, evaluation_step, json_finite,
@@ -36,7 +36,7 @@ from metalearn.files import (WriteError, atomic_write_files, check_folder_path, 
 from metalearn.locking import make_folders
 from metalearn.models import NETWORKS
 from metalearn.plugins import load_plugins, unknown_hint
-from metalearn.runtime import cuda_devices
+from metalearn.runtime import cuda_devices, own_random_state
 from metalearn.tasks import has_validation, no_validation_reason, problem_of
 from metalearn.checkpoints import (check_compatible, check_same_method, check_test_ways, configuration_conflict,
                                    load_trained, load_trained_state, recorded_images, run_images, saved_config)
@@ -361,8 +361,9 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
     evaluates on any device. ``exact_gpu_kernels``: on a GPU, full-precision deterministic
     kernels, set process-wide (see :mod:`metalearn.runtime`); False keeps torch's defaults.
     ``time_limit_s``: stop with a checkpoint before that many seconds from this call have
-    passed, setup included (:meth:`~metalearn.training.Trainer.fit`); like a SIGTERM, this raises
-    :class:`~metalearn.errors.TrainingStopped` and skips the evaluation. Not part of the run:
+    passed, setup included (:meth:`~metalearn.training.Trainer.fit`): this raises
+    :class:`~metalearn.errors.TrainingStopped` and skips the evaluation, as Ctrl-C or a stop
+    signal does with :class:`~metalearn.errors.TrainingInterrupted`. Not part of the run:
     a resume takes its own limit. ``stop_at``: stop the same way after that meta-step of the run's
     schedule (exit code 0), which must lie before its last and not before the run's current
     step (equal: nothing is trained, so that the same call can be repeated): runs of a long
@@ -416,12 +417,12 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
                      if not config.train.steps else "")
         if announce is not None:
             announce(f"{start}: {config.method} on {config.task.dataset}, run directory {run_dir}{untrained}")
-    try:  # the loop turns Ctrl-C into TrainingStopped; before it (the first save) and after (the last) it is raw
+    try:  # the loop turns Ctrl-C into TrainingInterrupted; before it (the first save) and after (the last) it is raw
         trainer.fit(progress=progress, time_limit_s=None if time_limit_s is None else time_limit_s - (now() - started),
                     stop_at=stop_at, keep_lock=evaluate_after, on_record=on_record)
     except (KeyboardInterrupt, Terminated) as err:
         said, code = stopped_by(err)
-        raise TrainingStopped(f"{said}; {_next_command(config, run_dir, data_dir)}", code) from None
+        raise TrainingInterrupted(f"{said}; {_next_command(config, run_dir, data_dir)}", code) from None
     result = None
     try:  # the run folder stays locked through its test: status says it is tested, a second writer waits
         if evaluate_after:  # the trained weights in memory: no rank needs to read the checkpoint back
@@ -432,7 +433,7 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
                                    progress, world, None, before_write=trainer.check_folder_is_ours)
             except (KeyboardInterrupt, Terminated) as err:  # after training: saved, only the test is missing
                 said, code = stopped_by(err)
-                raise TrainingStopped(f"{said} during the test evaluation at step {trainer.step}; "
+                raise TrainingInterrupted(f"{said} during the test evaluation at step {trainer.step}; "
                                       f"{trainer.resume_hint()}", code) from None
     finally:
         trainer.release()
@@ -449,7 +450,7 @@ def _build_or_stop(config: RunConfig, run_dir, data_dir, resume: bool, world: Wo
                              tested=tested)
     except (KeyboardInterrupt, Terminated) as err:
         said, code = stopped_by(err)
-        raise TrainingStopped(f"{said} before training began; {_next_command(config, run_dir, data_dir)}",
+        raise TrainingInterrupted(f"{said} before training began; {_next_command(config, run_dir, data_dir)}",
                               code) from None
 
 
@@ -1011,8 +1012,9 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
     else:
         # random weights drawn from the run's seed as build_trainer draws them: the weights the run
         # started from, but for a run begun with --init-from, which started from another run's
-        torch.manual_seed(config.train.seed)
-        initial = build_learner(config.method, config.method_config, problem_of(config.task))
+        with own_random_state([]):  # as build_trainer draws them, apart from the caller's random state
+            torch.manual_seed(config.train.seed)
+            initial = build_learner(config.method, config.method_config, problem_of(config.task))
         curves["random"] = {"weights": "initial", "settings": settings,
                             **evaluate(initial, source, episodes, seed=TEST_SEED_OFFSET),
                             **recorded_seeds(0, TEST_SEED_OFFSET)}
@@ -1032,7 +1034,7 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
     positions, velocity = getattr(source.env, "positions", False), getattr(source.env, "forward_velocity_index", None)
     if positions or velocity is not None:
         batch = source.sample(3 if positions else 4, torch.Generator().manual_seed(TEST_SEED_OFFSET))
-        with torch.random.fork_rng(devices=cuda_devices()):  # fork_rng's default would start CUDA
+        with own_random_state(cuda_devices()):  # fork_rng's default would start CUDA
             torch.manual_seed(0)
             before, after = learner.adapted_trajectories(batch, steps=1)
         what = f"{config.method}, step {step}: before and after one policy-gradient step"

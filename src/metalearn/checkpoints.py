@@ -21,6 +21,7 @@ from metalearn.config import RESUMABLE_CHANGES, RunConfig, config_differences
 from metalearn.errors import ConfigError, MetalearnError, OptionError, OptionWarning, caller_level, flag, valued
 from metalearn.options import option_defaults
 from metalearn.runs import RunDir, config_from, unreadable_checkpoint
+from metalearn.runtime import own_random_state
 from metalearn.tasks import problem_of
 
 RESUME_ENTRIES = ("step", "config", "learner", "optimizer", "scheduler", "torch_rng")  # what a resume reads
@@ -266,7 +267,7 @@ def network_difference(config: RunConfig, weights: dict[str, Any]) -> str:
     learner state), by the names and shapes of their tensors: the first missing, unexpected
     or reshaped one, as a few words; "" where they match, so that the weights load. Builds
     the learner without touching the random streams."""
-    with torch.random.fork_rng(devices=[]):
+    with own_random_state([]):
         built = build_learner(config.method, config.method_config, problem_of(config.task)).state_dict()
     missing = [name for name in built if name not in weights]
     if missing:
@@ -322,7 +323,7 @@ def check_overrides_leave_weights(config: RunConfig, overrides: dict[str, Any]) 
         return
 
     def initial(options: dict[str, Any]) -> dict[str, torch.Tensor]:
-        with torch.random.fork_rng():
+        with own_random_state():
             torch.manual_seed(0)
             return build_learner(config.method, options, problem_of(config.task)).state_dict()
 
@@ -583,7 +584,8 @@ def load_trained_state(run_dir: Path | str, overrides: dict[str, Any] | None = N
         check_overrides_apply(config, overrides or {})
         check_overrides_leave_weights(config, overrides or {})
         options = {**config.method_config, **(overrides or {})}
-        learner = build_learner(config.method, options, problem_of(config.task))
+        with own_random_state([]):  # its initial weights, replaced by the checkpoint's, drawn apart from the caller's
+            learner = build_learner(config.method, options, problem_of(config.task))
     except ConfigError as err:  # an option given as --set is named so on the command line
         err.settings = frozenset(overrides or ())
         raise

@@ -24,7 +24,8 @@ from metalearn.algorithms.statistician import MAX_SAMPLES
 from metalearn.config import MAX_EPISODES, MAX_SEED, TaskConfig, TrainConfig
 from metalearn.distributed import leave_world, reports
 from metalearn.errors import (TIME_LIMIT_EXIT, ConfigError, MetalearnError, MetalearnWarning, OptionError, Options,
-                              STOP_SIGNALS, Terminated, TrainingStopped, flag, spellings, stopped_by)
+                              STOP_SIGNALS, Terminated, TrainingInterrupted, TrainingStopped, flag, spellings,
+                              stopped_by)
 from metalearn.files import check_writable_file
 from metalearn.options import help_of
 from metalearn.plugins import load_plugins, unknown_hint
@@ -1315,7 +1316,7 @@ def _main(args: list[str] | None) -> None:
         load_plugins()  # before the arguments are read: a plugin's methods are commands, its names values
         code = cli.main(args=args, prog_name="metalearn", standalone_mode=False)
         leave_world(orderly=True)
-    except TrainingStopped as err:  # Ctrl-C, SIGTERM, --time-limit or --stop-at: the last step is saved
+    except (TrainingStopped, TrainingInterrupted) as err:  # --time-limit or --stop-at, Ctrl-C or SIGTERM: saved
         if err.exit_code == 0:  # --stop-at: a success, every rank paused after the same step
             leave_world(orderly=True)
         click.echo(err.with_flags(), err=True)  # an option it names (--stop-at) as the command line spells it

@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 from metalearn.errors import ConfigError, MetalearnError, fill, spelled
 from metalearn.options import is_command_name
 from metalearn.plugins import load_plugins, unknown_hint, registering
+from metalearn.runtime import own_random_state
 
 
 @dataclass(frozen=True)
@@ -443,7 +444,7 @@ def check_environment(name: str, env: Any, tasks: int = 2, trajectories: int = 3
                                  f"{shape(value)}{dtype} (with {tasks} tasks, {trajectories} trajectories each: "
                                  "see metalearn.envs.Environment)")
 
-    with torch.random.fork_rng(devices=[]):
+    with own_random_state([]):
         try:
             params = env.sample_tasks(tasks, torch.Generator().manual_seed(0))
             if not isinstance(params, dict) or not all(isinstance(v, torch.Tensor) and v.dim() >= 1

@@ -184,15 +184,36 @@ TIME_LIMIT_EXIT = 75  # sysexits' EX_TEMPFAIL: not finished, try again later (wi
 
 
 class TrainingStopped(Options, MetalearnError):
-    """Training stopped on request (Ctrl-C or SIGTERM), at its time limit or at its ``stop_at``
-    step after saving a checkpoint of its last step; ``exit_code`` is the shell's for that signal
-    (130, 143), :data:`TIME_LIMIT_EXIT` (75) for the time limit, 0 for ``stop_at``. The message
-    names the options it mentions as :class:`Options` does (``stop_at`` here, ``--stop-at`` on
-    the command line)."""
+    """Training stopped at its time limit or at its ``stop_at`` step, after saving a checkpoint
+    of its last step; ``exit_code`` is :data:`TIME_LIMIT_EXIT` (75) for the time limit, 0 for
+    ``stop_at``. The message names the options it mentions as :class:`Options` does
+    (``stop_at`` here, ``--stop-at`` on the command line). A stop by Ctrl-C or a stop signal is
+    :class:`TrainingInterrupted`."""
 
     def __init__(self, message: str, exit_code: int, **options: str | tuple[str, str]):
         super().__init__(message, **options)
         self.exit_code = exit_code
+
+
+class TrainingInterrupted(Options, BaseException):
+    """Training stopped by Ctrl-C or a stop signal (SIGTERM, SIGUSR1, SIGUSR2; also the loss of
+    torchrun, or another rank's signal), after saving a checkpoint of its last step, or before
+    training began; ``exit_code`` is the shell's for that signal (130, 143, 138, 140). Not an
+    ``Exception``, as ``KeyboardInterrupt`` is not: a loop over runs that skips a failed one
+    with ``except MetalearnError`` or ``except Exception`` (a hyper-parameter sweep) stops at
+    it, as it would at a Ctrl-C anywhere else. Its message says how to go on, with options
+    spelled as :class:`Options` does."""
+
+    def __init__(self, message: str, exit_code: int, **options: str | tuple[str, str]):
+        super().__init__(message, **options)
+        self.exit_code = exit_code
+
+
+def training_stop(message: str, exit_code: int, **options: str | tuple[str, str]) -> BaseException:
+    """The exception for a stop with ``exit_code``: :class:`TrainingInterrupted` for a signal's
+    (128 + its number), else :class:`TrainingStopped`."""
+    kind = TrainingInterrupted if exit_code >= 128 else TrainingStopped
+    return kind(message, exit_code, **options)
 
 
 # The signals that stop a command as SIGTERM does: SIGTERM, and a scheduler's warning that the

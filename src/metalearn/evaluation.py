@@ -16,7 +16,7 @@ from metalearn.algorithms.base import MetaLearner, device_mismatch, device_of, e
 from metalearn.config import MAX_EPISODES, TrainConfig
 from metalearn.distributed import World
 from metalearn.errors import MetalearnError, MetalearnWarning, OptionError, caller_level
-from metalearn.runtime import cuda_devices, float32_default
+from metalearn.runtime import cuda_devices, float32_default, own_random_state
 from metalearn.tasks import TaskSource, require_sampled_batch, require_task_source
 from metalearn.tasks.batch import TaskBatch
 
@@ -58,7 +58,7 @@ def tasks_per_call(score: Callable[[Any], Any], batch, device: torch.device, bud
         allowed = int(budget * available_memory(device))
         if device.type == "cpu":
             allowed //= max(environment_count("LOCAL_WORLD_SIZE", 1), 1)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with own_random_state([device] if device.type == "cuda" else []):
             peak = peak_memory_of(lambda: score(batch.select(slice(0, probed))), device)
     except MetalearnError:  # no /proc/self/clear_refs or /proc/meminfo, or another device type
         return None
@@ -195,7 +195,7 @@ def _evaluate(learner, source, episodes, seed, chunk, world, progress, per_step,
             bar = tqdm(total=episodes, desc="evaluating", unit="episode", leave=False)
         # a stochastic method (PLATIPUS) draws its samples from `seed`; the CUDA devices' states are
         # kept only where CUDA is in use (fork_rng's default starts CUDA, and warns with 2 GPUs)
-        with torch.random.fork_rng(devices=cuda_devices()):
+        with own_random_state(cuda_devices()):
             torch.manual_seed(seed)
             while remaining > 0:
                 size = min(chunk, remaining)

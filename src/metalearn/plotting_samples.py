@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from metalearn.runtime import own_random_state
 from metalearn.tasks.batch import TaskBatch
 
 
@@ -24,7 +25,7 @@ def plot_samples(platipus_learner, batch: TaskBatch, true_function, path: Path |
     from metalearn.uncertainty import predictive_samples
 
     on_grid = tasks_on_grid(batch, true_function, x_range)
-    with torch.random.fork_rng(devices=[]):
+    with own_random_state([]):
         torch.manual_seed(seed)
         with torch.no_grad():
             samples = predictive_samples(platipus_learner, on_grid, num_samples)  # (S, tasks, 200, 1)

@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import sys
+import threading
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -137,20 +138,42 @@ def machine(device=None, processes: int = 1) -> dict:
     return record
 
 
+# torch's random state and default dtype belong to the process, not to a thread: every call of
+# metalearn's that forks the one (own_random_state) or sets the other (float32_default) holds
+# this lock while it does, so that calls from several threads (a sweep's trials in a thread
+# pool) take those parts one at a time, each drawing what it would alone, and leave the
+# caller's state as it was. A training holds it through its fit: trainings in threads run one
+# after another, with the results they have one after another.
+PROCESS_STATE = threading.RLock()
+
+
+@contextlib.contextmanager
+def own_random_state(devices: list[int] | None = None):
+    """``torch.random.fork_rng(devices)`` while holding :data:`PROCESS_STATE`: the caller's
+    random state (the CPU's, and that of ``devices``: every CUDA device's where None, which
+    starts CUDA) is restored after the block, whatever another thread does meanwhile."""
+    import torch
+
+    with PROCESS_STATE, torch.random.fork_rng(devices=devices):
+        yield
+
+
 @contextlib.contextmanager
 def float32_default():
     """torch's default dtype float32 within the block, the caller's restored after: metalearn's
     weights, tasks and random draws are float32, and a draw without a dtype (``torch.rand(n,
     generator=g)``) takes other numbers from the same seed under a notebook's float64 default,
-    so that training and evaluation would see other episodes and write other scores."""
+    so that training and evaluation would see other episodes and write other scores. Holds
+    :data:`PROCESS_STATE`, as the dtype is the process's."""
     import torch
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
+    with PROCESS_STATE:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(previous)
 
 
 def cuda_devices() -> list[int]:

@@ -29,13 +29,14 @@ from metalearn.checkpoints import (RESUME_ENTRIES, RESUME_OPTIONAL_ENTRIES, all_
 from metalearn.config import RunConfig
 from metalearn.distributed import RankLost, World, environment_count
 from metalearn.errors import (STOP_SIGNALS, TIME_LIMIT_EXIT, ConfigError, MetalearnError, OptionError, OptionWarning,
-                              TrainingStopped, caller_level, kind_of, spellings, valued)
+                              TrainingInterrupted, TrainingStopped, caller_level, kind_of, spellings, training_stop,
+                              valued)
 from metalearn.evaluation import HIGHER_IS_BETTER, evaluate
 from metalearn.files import WriteError, check_folder_path, same_path, user_path
 from metalearn.memory_budget import (available_memory, chunk_candidates, chunk_sizes, fastest_chunk, largest_chunk,
                                      peak_memory_of, seconds_of)
 from metalearn.runs import RunDir, lock_for_training, registered_in_python
-from metalearn.runtime import cuda_devices, float32_default, machine
+from metalearn.runtime import cuda_devices, float32_default, machine, own_random_state
 from metalearn.data.folder import shared_scans
 from metalearn.tasks import (TaskBatch, TaskSource, build_task_source, check_outside_data, check_task_source,
                              has_validation, problem_of, require_sampled_batch, require_task_source)
@@ -561,9 +562,11 @@ class Trainer:
 
     def fit(self, progress: bool = True, time_limit_s: float | None = None, stop_at: int | None = None,
             keep_lock: bool = False, on_record: Callable[[dict[str, Any]], None] | None = None) -> None:
-        """Train to ``config.train.steps``, saving as configured. A first Ctrl-C or SIGTERM, or
-        ``time_limit_s`` seconds from this call, ends training after the step in progress with
-        a checkpoint of it and :class:`~metalearn.errors.TrainingStopped`. ``stop_at``: end the
+        """Train to ``config.train.steps``, saving as configured. A first Ctrl-C or stop signal
+        (SIGTERM, SIGUSR1, SIGUSR2) ends training after the step in progress with a checkpoint of
+        it and :class:`~metalearn.errors.TrainingInterrupted` (a ``BaseException``, as
+        ``KeyboardInterrupt``), and ``time_limit_s`` seconds from this call the same way with
+        :class:`~metalearn.errors.TrainingStopped`. ``stop_at``: end the
         same way after that step of the run's schedule (exit code 0: a pause asked for, so that
         runs can be compared at equal steps of a schedule longer than the time at hand; every
         rank stops after the same step); it must lie before the run's last step and not before its
@@ -654,7 +657,7 @@ class Trainer:
             if self.step != first:  # a complete run resumed trains nothing: its checkpoint stays as it is
                 self.save()
             trained = True
-        except TrainingStopped:  # raised after its checkpoint was saved, or before anything changed
+        except (TrainingStopped, TrainingInterrupted):  # raised after its checkpoint was saved, or before anything changed
             raise
         except RankLost as err:
             self._failed()
@@ -703,7 +706,7 @@ class Trainer:
         left, and kept again on exit, so that a notebook's own draws are the same with or without
         a training between them, and two fits in one process draw what one would; within it
         torch's default dtype is float32 (:func:`metalearn.runtime.float32_default`)."""
-        with torch.random.fork_rng(devices=cuda_devices()), float32_default():
+        with own_random_state(cuda_devices()), float32_default():
             if self.torch_rng is not None:
                 torch.set_rng_state(self.torch_rng)
             try:
@@ -827,7 +830,7 @@ class Trainer:
                     why, code = "stopped by another rank's signal", 128 + int(signal.SIGTERM)
                 else:  # another rank was signalled or ran out of time (its clock may run ahead)
                     why, code = "stopped by another rank's signal or time limit", TIME_LIMIT_EXIT
-                raise TrainingStopped(
+                raise training_stop(
                     f"{why} after step {self.step} of {train.steps}; its checkpoint is "
                     f"saved in {self.run_dir.path}: {self.resume_hint()}",
                     code, stop_at="stop_at",
@@ -1104,7 +1107,7 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
     elif recorded is not None and same_path(data_dir, recorded):
         recorded = None
     check_test_ways(config)
-    with torch.random.fork_rng(devices=cuda_devices()):  # the caller's random state stays as it was
+    with own_random_state(cuda_devices()):  # the caller's random state stays as it was
         torch.manual_seed(config.train.seed)  # the initial weights
         learner = build_learner(config.method, config.method_config, problem_of(config.task))
         # where the training's random state begins (Trainer._own_random_state), as the process's

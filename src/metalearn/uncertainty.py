@@ -43,7 +43,7 @@ from metalearn.config import task_differences
 from metalearn.errors import MetalearnError, OptionError, spellings
 from metalearn.evaluation import scored_in_calls, tasks_per_call
 from metalearn.files import same_path
-from metalearn.runtime import float32_default
+from metalearn.runtime import float32_default, own_random_state
 from metalearn.tasks.batch import TaskBatch
 
 # -- regression ------------------------------------------------------------------------------
@@ -379,7 +379,7 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     generator = torch.Generator().manual_seed(seed + offset)
     remaining = episodes
     per_call: dict[str, int | None] = {}  # tasks per scoring call, where a chunk would not fit the memory at once
-    with torch.random.fork_rng(devices=[]), float32_default():  # the episodes evaluate draws, whatever the default
+    with own_random_state([]), float32_default():  # the episodes evaluate draws, whatever the default
         chunk_index = 0
         while remaining > 0:
             batch = source.sample(min(chunk, remaining), generator)

@@ -704,7 +704,7 @@ def _check_functional(learner: MetaLearner, network: nn.Module, examples: Tensor
     parametrization)."""
     from torch.func import grad, vmap
 
-    from metalearn.runtime import cuda_devices
+    from metalearn.runtime import cuda_devices, own_random_state
 
     if all(type(m).__module__.startswith(("torch.nn.modules.", "metalearn.models.")) for m in network.modules()):
         return  # torch's layers and the library's networks: tested to run so (and a probe would run their kernels)
@@ -714,7 +714,7 @@ def _check_functional(learner: MetaLearner, network: nn.Module, examples: Tensor
         return functional_call(network, params, (x,)).sum()
 
     try:
-        with torch.random.fork_rng(devices=cuda_devices()), training_mode(network):
+        with own_random_state(cuda_devices()), training_mode(network):
             # the parameters batched too: after an inner step each task has its own
             vmap(grad(total), randomness="different")({k: v[None] for k, v in parameters.items()}, examples[None])
     except RuntimeError as err:

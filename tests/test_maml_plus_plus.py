@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from batches import image_batch
 from cli_runner import run
-from metalearn.algorithms.maml import BN_MOMENTUM, MAML
+from metalearn.algorithms.maml import MAML
 from metalearn.api import resolve_config
 from metalearn.distributed import World
 from metalearn.errors import ConfigError, MetalearnError, MetalearnWarning
@@ -171,8 +171,9 @@ def test_running_statistics_are_updated_per_step_and_normalise_at_evaluation():
     for b, norm in enumerate(norms):
         for k in range(STEPS):
             mean, var = torch.stack([r[(b, k)] for r in record_per_task]).mean(0)
-            torch.testing.assert_close(norm.running_mean[k], BN_MOMENTUM * mean)
-            torch.testing.assert_close(norm.running_var[k], (1 - BN_MOMENTUM) + BN_MOMENTUM * var)
+            # momentum 0.1: torch's batch norm's, which the authors' code (HowToTrainYourMAMLPytorch) keeps
+            torch.testing.assert_close(norm.running_mean[k], 0.1 * mean)
+            torch.testing.assert_close(norm.running_var[k], 0.9 + 0.1 * var)
     assert not torch.allclose(norms[0].running_mean[0], norms[0].running_mean[1])
 
     # evaluation: the running statistics of each step, in every pass
@@ -466,6 +467,9 @@ def test_the_best_validation_checkpoints_are_kept_and_evaluated_as_an_ensemble(t
     mse = ((average - batch.query_y) ** 2).flatten(1).mean(-1)
     torch.testing.assert_close(torch.tensor(result["scores"], dtype=mse.dtype), mse, rtol=1e-5, atol=1e-7)
     assert (run_dir / "eval-ensemble=2.json").is_file()
+    # the final step alone (--final-only) averages the members' predictions too
+    final_only = evaluate_run(run_dir, progress=False, ensemble=True, per_step=False)
+    torch.testing.assert_close(torch.tensor(final_only["scores"], dtype=mse.dtype), mse, rtol=1e-5, atol=1e-7)
 
     code, out, _ = run(["eval", run_dir, "--ensemble", "--no-progress"], capsys)
     assert code == 0 and "eval-ensemble=2.json" in out

@@ -311,6 +311,31 @@ def test_trpo_step_keeps_the_kl_within_the_bound_and_improves_the_surrogate():
         assert info["kl"] == pytest.approx(kl.item())
         # the quadratic model is good here: the step is near the bound
         assert kl.item() > 0.3 * max_kl
+    # the full step is scaled to KL max_kl in the quadratic model, sqrt(2 max_kl / s'Fs) s: with a
+    # small bound the model is near exact, and the first candidate lands on the bound
+    new, info = trpo_step(meta.objective, theta, 1e-8)
+    assert info["backtracks"] == 0 and 0.95e-8 < info["kl"] <= 1e-8
+
+
+def test_the_trpo_constraint_is_the_kl_from_the_policies_that_sampled():
+    """The constraint is the mean KL(old || new) of the sampling (adapted) policies' action
+    distributions over the unmasked steps (rllab's and the paper's), against torch.distributions."""
+    from torch import distributions as D
+
+    learner = small_learner(torch.float64)
+    torch.manual_seed(0)
+    meta = learner.meta_objective(nav_batch(3, dtype=torch.float64))
+    theta = {k: v.detach().clone() for k, v in learner.policy.named_parameters()}
+    new = {k: v + 0.1 * torch.randn_like(v) for k, v in theta.items()}
+    mask = meta.evaluation.mask
+    old_mean, old_log_std = learner._distribution(meta.adapted(theta), True, meta.evaluation.observations)
+    mean, log_std = learner._distribution(meta.adapted(new), True, meta.evaluation.observations)
+    old, now = (D.Normal(m, s.exp().expand_as(m)) for m, s in ((old_mean, old_log_std), (mean, log_std)))
+    per_step = D.kl_divergence(old, now).sum(-1)
+    expected = ((per_step * mask).sum((1, 2)) / mask.sum((1, 2))).mean()
+    assert meta.objective(new)[1].item() == pytest.approx(expected.item(), rel=1e-9)
+    reverse = D.kl_divergence(now, old).sum(-1)
+    assert abs(((reverse * mask).sum((1, 2)) / mask.sum((1, 2))).mean().item() - expected.item()) > 1e-4
 
 
 def test_meta_loss_gradient_is_minus_the_trpo_step():

@@ -414,6 +414,38 @@ def test_sets_follow_the_labels_and_bad_sets_are_refused():
         StatisticianConfig(kl_direction="sideways")
 
 
+def test_the_kl_classifier_takes_the_configured_direction_of_the_divergence():
+    """predict's logits are -D_KL(q(c|D_i) || q(c|{x})) by default (support-query, section 5.4)
+    and the reverse with query-support, against torch.distributions on the context posteriors."""
+    x = binary_images(2, 6)
+    batch = TaskBatch(x, torch.tensor([[0, 0, 1, 1, 2, 2]] * 2), binary_images(2, 4, seed=1),
+                      torch.tensor([[0, 1, 2, 0]] * 2), ways=3)
+    # an untrained statistic gives every set nearly the same posterior, where both directions
+    # agree: a fixed random statistic of the set's mean image gives sets posteriors of their own
+    projection = torch.randn(784, 12, generator=torch.Generator().manual_seed(0)) / 4
+
+    def context(sets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (sets.flatten(2).mean(1) @ projection).chunk(2, dim=-1)
+
+    found = {}
+    for direction in ("support-query", "query-support"):
+        model = tiny(dataclasses.replace(TINY, kl_direction=direction))
+        model.context = context
+        mean, logvar = context(NeuralStatistician.support_sets(batch))  # (tasks * ways, d)
+        q_mean, q_logvar = context(batch.query_x.reshape(8, 1, 1, 28, 28))  # (tasks * queries, d)
+        classes = D.Normal(mean.view(2, 1, 3, -1), (0.5 * logvar).exp().view(2, 1, 3, -1))
+        queries = D.Normal(q_mean.view(2, 4, 1, -1), (0.5 * q_logvar).exp().view(2, 4, 1, -1))
+        pair = (classes, queries) if direction == "support-query" else (queries, classes)
+        found[direction] = model.predict(batch)
+        torch.testing.assert_close(found[direction], -D.kl_divergence(*pair).sum(-1), rtol=1e-5, atol=1e-5)
+    assert (found["support-query"] - found["query-support"]).abs().max() > 0.1  # the two differ here
+
+
+def test_the_context_kl_weight_halves_at_each_multiple_of_its_step():
+    model = tiny(dataclasses.replace(TINY, reweight_alpha=1.0, alpha_halve_every=10))
+    assert [model.alpha(step) for step in (0, 9, 10, 19, 20)] == [1.0, 1.0, 0.5, 0.5, 0.25]
+
+
 def test_bad_inputs_are_one_line_and_a_batch_without_queries_predicts_nothing():
     model, x = tiny(), binary_images(2, 4)
     labels = torch.tensor([[0, 1, 0, 1], [0, 1, 0, 1]])

@@ -1397,6 +1397,21 @@ def test_status_of_values_that_cannot_be_shown(tmp_path, capsys, monkeypatch):
     assert code == 2 and out.startswith(f"{root / 'b'}: maml on sinusoid") and str(root / "a") not in out
     assert err == (f"error: {root / 'a'}: a record holds a value that cannot be shown (cannot convert float "
                    "infinity to integer)\n")
+    # a run folder that refuses to be read (chmod 000, as another user's) is its own error line
+    # of the listing, not the listing's end
+    monkeypatch.undo()
+    monkeypatch.setenv("METALEARN_RUNS", str(root))
+    real_is_file = Path.is_file
+
+    def unreadable_a(path):
+        if path.parent == root / "a":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_is_file(path)
+
+    monkeypatch.setattr(Path, "is_file", unreadable_a)
+    code, out, err = run(["status"], capsys)
+    assert code == 0 and out.startswith(f"{root / 'a'}: error: {root / 'a' / 'config.json'}: Permission denied\n")
+    assert f"{root / 'b'}: maml on sinusoid" in out and err == ""
 
 
 class ClosedPipe:
@@ -1427,6 +1442,40 @@ def test_a_closed_output_stops_no_training(tmp_path, capsys, monkeypatch):
     assert isinstance(sys.stdout, ClosedPipe)  # the command's own stream is given back
     code, _, err = run(["eval", tmp_path / "nosuch"], capsys)  # a mistake is still said, on the error output
     assert code == 2 and err.startswith("error: ")
+
+
+class FullDisk(ClosedPipe):
+    """A standard stream on a full disk (``> /dev/full``, a file-size limit): every write fails."""
+
+    def write(self, text):
+        raise OSError(28, "No space left on device")
+
+    def flush(self):
+        raise OSError(28, "No space left on device")
+
+
+def test_an_output_that_cannot_be_written_stops_no_training_and_is_said_at_the_end(tmp_path, capsys, monkeypatch):
+    """A full disk under the progress bar (the error output) loses no step: training goes on,
+    saves and tests. Under the standard output, the work is done too, and the command ends
+    with exit 2 and a line saying that what it printed is incomplete."""
+    import sys
+
+    train = ["train", "maml", "--dataset", "sinusoid", "--steps", 3, "--meta-batch-size", 2, "--val-every", 0,
+             "--eval-episodes", 2, "--progress"]
+    monkeypatch.setattr(sys, "stderr", FullDisk())
+    code, out, _ = run([*train, "--run-dir", tmp_path / "bar"], capsys)
+    assert code == 0 and "run directory:" in out
+    assert RunDir(tmp_path / "bar").read_checkpoint()["step"] == 3 and (tmp_path / "bar" / "eval.json").is_file()
+    monkeypatch.undo()
+    monkeypatch.setattr(sys, "stdout", FullDisk())
+    code, _, err = run([*train, "--run-dir", tmp_path / "out"], capsys)
+    assert code == 2 and (tmp_path / "out" / "eval.json").is_file()
+    assert err.splitlines()[-1] == ("error: could not write the standard output (No space left on device); the "
+                                    "command's work is done, what it printed is incomplete")
+    code, _, err = run(["status", tmp_path / "out", "--json"], capsys)  # the output is the work: lost, said
+    assert code == 2 and "could not write the standard output" in err
+    code, _, err = run(["eval", tmp_path / "nosuch"], capsys)  # an error of the command's own keeps its line
+    assert code == 2 and err.startswith("error: ") and "standard output" not in err
 
 
 def test_a_closed_pipe_in_a_real_process_is_quiet(tmp_path):

@@ -131,6 +131,29 @@ def test_the_test_after_training_and_an_ensemble_go_through_the_same_check(tmp_p
     assert written.read_bytes() == held
 
 
+def test_train_refuses_a_test_result_it_could_not_write_before_training(tmp_path, capsys, monkeypatch):
+    """A folder named eval.json in the run folder: train refuses before the first step (as eval
+    does), not after training and testing; --no-eval trains. A test result that a full disk
+    keeps from being written is still said, in the error line."""
+    run_dir = tmp_path / "run"
+    (run_dir / "eval.json").mkdir(parents=True)
+    code, _, err = run(["train", "maml", "--steps", 2, "--eval-episodes", 4, "--run-dir", run_dir, *TINY], capsys)
+    assert code == 2 and err == f"error: {run_dir / 'eval.json'} is a folder, where metalearn eval writes this " \
+                                "evaluation: move it away\n"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["eval.json"]
+    code, _, err = run(["train", "maml", "--steps", 2, "--no-eval", "--run-dir", run_dir, *TINY], capsys)
+    assert code == 0, err
+
+    def full_disk(self, *args, **kwargs):
+        raise WriteError(self.eval_path, OSError(errno.ENOSPC, "No space left on device"))
+
+    monkeypatch.setattr(RunDir, "write_eval", full_disk)
+    code, _, err = run(["train", "maml", "--steps", 2, "--eval-episodes", 4, "--run-dir", tmp_path / "full", *TINY],
+                       capsys)
+    assert code == 2 and re.search(r"No space left on device \(.* free there\); the score, not saved: MSE "
+                                   r"[0-9.]+ \+/- [0-9.]+ \(95% CI, 4 tasks\)$", err.strip()), err
+
+
 def test_a_protocol_goes_through_the_same_check(tmp_path, capsys, omniglot_data_dir):
     code, _, err = run(["train", "memory", "--ways", 3, "--shots", 1, "--query", 1, "--memory-size", 16, "--choose-k", 4,
                         "--key-dim", 8, "--model", "conv4-embedding", "--steps", 1, "--meta-batch-size", 1,

@@ -26,7 +26,7 @@ from metalearn.config import (RESUMABLE_CHANGES, RunConfig, TaskConfig, TrainCon
 from metalearn.datasets import DATASETS, get_dataset, reads_image_folder
 from metalearn.distributed import World, init_world
 from metalearn.errors import (ConfigError, MetalearnError, MetalearnWarning, OptionError, OptionWarning, Terminated,
-                              TrainingInterrupted, TrainingStopped, caller_level, check_whole, flag, kind_of, stopped_by, valued)
+                              TrainingInterrupted, caller_level, check_whole, flag, kind_of, stopped_by, valued)
 from metalearn.evaluation import EPISODE_CHUNK, evaluate
 from metalearn.options import option_defaults
 from metalearn.runs import (RunDir, claim_new_run_dir, default_runs_root, evaluation_step, json_finite,
@@ -401,6 +401,12 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
             raise
     else:
         trainer = _build_or_stop(config, run_dir, data_dir, resume, world, progress, evaluate_after)
+    if evaluate_after and world.is_main:  # as eval refuses it, before the training, not after
+        try:
+            RunDir(run_dir).writable_eval_file()
+        except MetalearnError:
+            trainer.release()
+            raise
     if stop_at is not None:
         try:  # a resumed run's step: refused before the announcement
             check_stop_at(stop_at, trainer.step, config.train.steps)
@@ -804,7 +810,13 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
     if world.is_main:
         if before_write is not None:
             before_write()
-        RunDir(run_dir).write_eval(result, labels, part)
+        try:
+            RunDir(run_dir).write_eval(result, labels, part)
+        except WriteError as err:  # a full disk: the score, which took the evaluation's time, is still said
+            from metalearn.evaluation import format_result
+
+            err.args = (f"{err}; the score, not saved: {format_result(result).splitlines()[0]}",)
+            raise
     return result
 
 

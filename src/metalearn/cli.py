@@ -791,6 +791,17 @@ def export_command(run_dir, out_dir, data_dir, compare_with):
         click.echo(f"note: {note}", err=True)
 
 
+def _listed(path: Path) -> bool:
+    """Whether ``status`` lists ``path`` of the runs folder: a run's folder, or one it cannot read
+    (listed with its error, as a damaged run is, rather than ending the listing)."""
+    try:
+        return RunDir(path).exists()
+    except OSError:  # a folder that refuses to be read (chmod 000): its config.json cannot be looked for
+        with contextlib.suppress(OSError):
+            return path.is_dir()
+        return False
+
+
 @cli.command("status")
 @click.argument("run_dirs", nargs=-1, type=GivenPath(RUN))
 @click.option("--json", "as_json", is_flag=True, help="print a JSON list, one object per run")
@@ -805,7 +816,7 @@ def status_command(run_dirs, as_json):
     listing = not run_dirs
     if listing:
         root = default_runs_root()
-        run_dirs = sorted(path for path in root.iterdir() if RunDir(path).exists()) if root.is_dir() else []
+        run_dirs = sorted(path for path in root.iterdir() if _listed(path)) if root.is_dir() else []
         if not run_dirs:
             click.echo("[]" if as_json else no_runs_in(root))  # --json: always JSON, for a script to read
             if as_json:
@@ -822,8 +833,9 @@ def status_command(run_dirs, as_json):
                 # a folder the user named: an error line, exit 2, and the other named runs still shown
                 failed.append(describe_os_error(err) if isinstance(err, OSError) else spellings(err)[1])
                 continue
-            # one damaged run hides no others; its error as the command line spells options
-            statuses.append({"run": str(run_dir), "error": spellings(err)[1] or type(err).__name__})
+            # one damaged or unreadable run hides no others; its error as the command line spells options
+            said = describe_os_error(err) if isinstance(err, OSError) else spellings(err)[1]
+            statuses.append({"run": str(run_dir), "error": said or type(err).__name__})
     if as_json:  # also [] when every named folder failed (each said on stderr)
         # standard JSON, which every reader parses: a number that is not finite (a diverged loss,
         # a damaged record) as null, not Python's NaN or Infinity
@@ -1205,24 +1217,28 @@ _WHOLE_PROCESS = False
 
 
 class ReaderMayLeave:
-    """A standard stream whose reader may go away (``metalearn train ... | head -1``): from the
-    first write that meets the closed pipe on, the output is dropped instead of raised, so that
-    the command finishes its work (a training run trains, saves and tests) rather than stopping
-    at a print, and its exit status is the work's. As Python's "Note on SIGPIPE" advises, the
-    stream's file descriptor is then pointed at os.devnull, so that the flush at exit does not
-    fail a second time with a message of its own."""
+    """A standard stream whose reader may go away (``metalearn train ... | head -1``) or whose
+    file cannot take more (a full disk, a file-size limit, ``> /dev/full``): from the first
+    write that fails on, the output is dropped instead of raised, so that the command finishes
+    its work (a training run trains, saves and tests) rather than stopping at a print or at its
+    progress bar, whose failure would lose the steps since the last checkpoint. A closed pipe
+    leaves the exit status the work's; another failure is kept as :attr:`write_error`, which
+    :func:`main` reports at the end (the standard output's: exit 2, as the output is lost). As
+    Python's "Note on SIGPIPE" advises, the stream's file descriptor is then pointed at
+    os.devnull, so that the flush at exit does not fail a second time with a message of its own."""
 
     def __init__(self, stream):
         self._stream = stream
         self.reader_left = False
+        self.write_error: OSError | None = None
 
     def write(self, text):
         if self.reader_left and isinstance(text, str):  # bytes still meet the stream's TypeError
             return len(text)
         try:
             return self._stream.write(text)
-        except BrokenPipeError:
-            self._drop()
+        except OSError as err:
+            self._drop(err)
             return len(text)
 
     def writelines(self, lines) -> None:
@@ -1234,11 +1250,13 @@ class ReaderMayLeave:
             return
         try:
             self._stream.flush()
-        except BrokenPipeError:
-            self._drop()
+        except OSError as err:
+            self._drop(err)
 
-    def _drop(self) -> None:
+    def _drop(self, err: OSError) -> None:
         self.reader_left = True
+        if not isinstance(err, BrokenPipeError):
+            self.write_error = err
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
             try:
@@ -1282,10 +1300,15 @@ def main(args: list[str] | None = None, whole_process: bool = False) -> None:
     if handled:
         for stop_signal in STOP_SIGNALS:
             signal.signal(stop_signal, _terminated)
+    failed = True  # whether the command ends with an error of its own
     try:
         with warnings.catch_warnings():
             warnings.showwarning = show_warning
             _main(args)
+        failed = False
+    except SystemExit as ended:
+        failed = ended.code not in (0, None)
+        raise
     finally:
         for stream in (sys.stdout, sys.stderr):
             if isinstance(stream, ReaderMayLeave):
@@ -1293,6 +1316,7 @@ def main(args: list[str] | None = None, whole_process: bool = False) -> None:
                 # failure of the flush (a stream closed by the caller) must not replace the exit status
                 with contextlib.suppress(OSError, ValueError):
                     stream.flush()
+        lost = getattr(sys.stdout, "write_error", None)
         sys.stdout, sys.stderr = streams
         if handled:
             # the command's work is done, its status set: a SIGTERM in the second the interpreter
@@ -1300,6 +1324,13 @@ def main(args: list[str] | None = None, whole_process: bool = False) -> None:
             # finished job again
             for stop_signal in STOP_SIGNALS:
                 signal.signal(stop_signal, signal.SIG_IGN)
+        if lost is not None and not failed:
+            # the work is done (its files written) but what it printed is not all there: a
+            # script reading the output must not take it for whole
+            with contextlib.suppress(OSError, ValueError):
+                print(f"error: could not write the standard output ({lost.strerror or lost}); the command's "
+                      "work is done, what it printed is incomplete", file=sys.stderr)
+            sys.exit(2)
 
 
 def _exit_if_terminated() -> None:

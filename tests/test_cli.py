@@ -484,6 +484,29 @@ def test_running_out_of_memory_is_a_message_not_a_traceback(tmp_path, capsys, mo
     assert memory_advice(["export", trained, tmp_path / "out"]) == "Use a machine with more memory."
 
 
+def test_an_import_that_runs_out_of_memory_is_the_same_message(tmp_path, capsys, monkeypatch):
+    """torch imports some modules late (torch._dynamo with the first optimiser): memory running
+    out there ends as an ImportError or SystemError whose context is the MemoryError. Also
+    where the advice itself cannot be worked out for want of memory."""
+    def import_out_of_memory(*args, **kwargs):
+        try:
+            raise MemoryError()
+        except MemoryError:
+            raise ImportError("cannot import name 'NP_SUPPORTED_MODULES' from 'torch._dynamo.utils'")
+
+    monkeypatch.setattr("metalearn.api.train", import_out_of_memory)
+    train = ["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--run-dir", tmp_path / "r"]
+    code, _, err = run(train, capsys)
+    assert code == 2 and err.startswith("error: out of memory (MemoryError). Give --task-chunk auto"), err
+    monkeypatch.setattr("metalearn.cli.memory_advice", lambda argv: import_out_of_memory())
+    code, _, err = run(train, capsys)
+    assert (code, err) == (2, "error: out of memory (MemoryError). Ask for less at once, or use a machine with more "
+                              "memory.\n")
+    monkeypatch.setattr("metalearn.api.train", lambda *args, **kwargs: {}["unrelated"])
+    with pytest.raises(KeyError):  # a bug is no memory failure: its traceback stays
+        run(train, capsys)
+
+
 def test_print_config_shows_the_resolved_paper_settings_and_trains_nothing(tmp_path, capsys, omniglot_data_dir):
     code, out, err = run(["train", "maml", "--ways", 20, "--shots", 5, "--run-dir", tmp_path / "r",
                           "--data-dir", omniglot_data_dir, "--print-config"], capsys)

@@ -1176,11 +1176,20 @@ def memory_advice(argv: list[str]) -> str:
     return f"Give {chunk}. Or {advice[0].lower()}{advice[1:]}." if chunks else advice + "."
 
 
-def is_out_of_memory(err: BaseException) -> bool:
-    """Whether ``err`` is an allocation failure (torch reports CPU and GPU ones as RuntimeError
-    subclasses with these words)."""
-    text = str(err)
-    return isinstance(err, MemoryError) or "out of memory" in text or "can't allocate memory" in text
+def out_of_memory_in(err: BaseException) -> BaseException | None:
+    """The allocation failure that ``err`` is or arose from (torch reports CPU and GPU ones as
+    RuntimeError subclasses with these words; also its ``__cause__`` or ``__context__``, a few
+    links deep): an import that runs out of memory ends as an ImportError or a
+    SystemError whose context is the MemoryError; None where there is none."""
+    seen: BaseException | None = err
+    for _ in range(8):
+        if seen is None:
+            return None
+        text = str(seen) if isinstance(seen, RuntimeError) else ""
+        if isinstance(seen, MemoryError) or "out of memory" in text or "can't allocate memory" in text:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def describe_os_error(err: OSError) -> str:
@@ -1386,17 +1395,19 @@ def _main(args: list[str] | None) -> None:
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
-    except (MemoryError, RuntimeError) as err:
-        if not is_out_of_memory(err):
+    except Exception as err:
+        memory = out_of_memory_in(err)
+        if memory is None:
             _exit_if_terminated()
             raise
-        detail = (str(err).splitlines() or [type(err).__name__])[0][:160]
+        detail = (str(memory).splitlines() or [type(memory).__name__])[0][:160] or type(memory).__name__
         argv = sys.argv[1:] if args is None else [str(a) for a in args]
-        click.echo(f"error: out of memory ({detail}). {memory_advice(argv)}", err=True)
+        try:
+            advice = memory_advice(argv)
+        except Exception:  # noqa: BLE001 -- reading the command again needs memory too
+            advice = "Ask for less at once, or use a machine with more memory."
+        click.echo(f"error: out of memory ({detail}). {advice}", err=True)
         sys.exit(2)
-    except Exception:
-        _exit_if_terminated()
-        raise
     if isinstance(code, int) and code:
         sys.exit(code)
 

@@ -1054,10 +1054,10 @@ def test_bad_predict_inputs_are_one_line_and_write_nothing(shapes, tmp_path, cap
     from metalearn import memory_budget, prediction
 
     monkeypatch.setattr(prediction, "MEASURE_SUPPORT_ABOVE", 1)
-    monkeypatch.setattr(memory_budget, "available_memory", lambda device: 10**6)
+    monkeypatch.setattr(memory_budget, "available_memory", lambda device: 10**4)
     code, out, err = run(["predict", run_dir, "--support", good, "--query", query, "--json", out_json], capsys)
     one_line_error(code, out, err, "classifying with the 2 support images takes about ")
-    assert err.rstrip().endswith("more than the 0.001 GB available; give a support folder with fewer classes or "
+    assert err.rstrip().endswith("far more than the 1e-05 GB available; give a support folder with fewer classes or "
                                  "images per class") and not out_json.exists()
 
 

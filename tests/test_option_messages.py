@@ -86,6 +86,15 @@ def test_an_option_warning_and_a_stop_name_options_the_same_way():
         "stopped as asked (stop_at) after step 2", "stopped as asked (--stop-at) after step 2", 0)
     plain = TrainingStopped("stopped by SIGTERM in runs/{x}", 143)  # no options: the message as it is
     assert str(plain) == plain.with_flags() == "stopped by SIGTERM in runs/{x}"
+    # pickled whole, as a process pool hands a trial's stop back to the parent
+    import pickle
+
+    from metalearn.errors import TrainingInterrupted
+
+    for stop in (stopped, TrainingInterrupted("stopped by SIGTERM after step 2 ({stop_at})", 143, stop_at="stop_at")):
+        back = pickle.loads(pickle.dumps(stop))
+        assert (type(back), str(back), back.with_flags(), back.exit_code) == (
+            type(stop), str(stop), stop.with_flags(), stop.exit_code)
 
 
 def test_a_config_error_names_an_option_of_the_call_beside_its_fields():

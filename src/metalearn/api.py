@@ -401,12 +401,6 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
             raise
     else:
         trainer = _build_or_stop(config, run_dir, data_dir, resume, world, progress, evaluate_after)
-    if evaluate_after and world.is_main:  # as eval refuses it, before the training, not after
-        try:
-            RunDir(run_dir).writable_eval_file()
-        except MetalearnError:
-            trainer.release()
-            raise
     if stop_at is not None:
         try:  # a resumed run's step: refused before the announcement
             check_stop_at(stop_at, trainer.step, config.train.steps)

@@ -1234,7 +1234,8 @@ class ReaderMayLeave:
     leaves the exit status the work's; another failure is kept as :attr:`write_error`, which
     :func:`main` reports at the end (the standard output's: exit 2, as the output is lost). As
     Python's "Note on SIGPIPE" advises, the stream's file descriptor is then pointed at
-    os.devnull, so that the flush at exit does not fail a second time with a message of its own."""
+    os.devnull, so that the flush at exit does not fail a second time with a message of its own
+    (after another failure only in a process of its own: main(whole_process=True))."""
 
     def __init__(self, stream):
         self._stream = stream
@@ -1246,6 +1247,8 @@ class ReaderMayLeave:
             return len(text)
         try:
             return self._stream.write(text)
+        except BlockingIOError:  # a non-blocking stream that is full for now: no failure to drop it for
+            raise
         except OSError as err:
             self._drop(err)
             return len(text)
@@ -1259,6 +1262,8 @@ class ReaderMayLeave:
             return
         try:
             self._stream.flush()
+        except BlockingIOError:
+            raise
         except OSError as err:
             self._drop(err)
 
@@ -1266,6 +1271,8 @@ class ReaderMayLeave:
         self.reader_left = True
         if not isinstance(err, BrokenPipeError):
             self.write_error = err
+            if not _WHOLE_PROCESS:  # a caller's own process (a test, a notebook) keeps its stream as it is
+                return
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
             try:
@@ -1375,7 +1382,7 @@ def _main(args: list[str] | None) -> None:
         if isinstance(ended, EOFError):  # and an EOFError too: a file that ended early, not Ctrl-C
             click.echo(f"error: a file ended before its end (EOFError: {ended})", err=True)
             sys.exit(2)
-        click.echo("interrupted", err=True)  # train says how to go on itself (TrainingStopped)
+        click.echo("interrupted", err=True)  # train says how to go on itself (TrainingInterrupted)
         sys.exit(130)
     except Terminated as err:
         said, code = stopped_by(err)

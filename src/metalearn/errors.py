@@ -194,6 +194,13 @@ class TrainingStopped(Options, MetalearnError):
         super().__init__(message, **options)
         self.exit_code = exit_code
 
+    def __reduce__(self):  # pickled whole (a process pool hands it back): message, exit code, options
+        return _rebuilt_stop, (type(self), self.template, self.exit_code, self.options)
+
+
+def _rebuilt_stop(kind: type, template: str, exit_code: int, options: dict[str, tuple[str, str]]):
+    return kind(template, exit_code, **options)
+
 
 class TrainingInterrupted(Options, BaseException):
     """Training stopped by Ctrl-C or a stop signal (SIGTERM, SIGUSR1, SIGUSR2; also the loss of
@@ -207,6 +214,8 @@ class TrainingInterrupted(Options, BaseException):
     def __init__(self, message: str, exit_code: int, **options: str | tuple[str, str]):
         super().__init__(message, **options)
         self.exit_code = exit_code
+
+    __reduce__ = TrainingStopped.__reduce__
 
 
 def training_stop(message: str, exit_code: int, **options: str | tuple[str, str]) -> BaseException:

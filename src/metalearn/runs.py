@@ -890,22 +890,27 @@ def read_json_object(path: Path, advice: str | tuple[str, str]) -> dict[str, Any
     return data
 
 
-def lock_for_training(run: RunDir, world) -> FolderLock:
+def lock_for_training(run: RunDir, world, check: Callable[[], Any] | None = None) -> FolderLock:
     """Rank 0 takes the run folder's lock (the other ranks of a torchrun job write nothing
-    there); every rank learns whether it could, so that a job refused because another holds
-    the folder ends on all its ranks at once instead of waiting at the next collective.
-    ``world``: a :class:`~metalearn.distributed.World`. Every rank gets a lock to release (on
-    the other ranks one that holds nothing)."""
+    there), then makes ``check()`` where given (training's: that its test result can be
+    written); every rank learns whether it could, so that a job refused because another holds
+    the folder, or by the check, ends on all its ranks at once instead of waiting at the next
+    collective. ``world``: a :class:`~metalearn.distributed.World`. Every rank gets a lock to
+    release (on the other ranks one that holds nothing)."""
     lock, failure = FolderLock(run.lock_path, None), None  # the other ranks hold nothing
     if world.is_main:
         try:
             lock = run.lock()
+            if check is not None:
+                check()
         except (MetalearnError, OSError) as err:
             failure = err
+            if lock.held:
+                lock.release()
     if world.distributed:
         failed = float(world.sum(torch.tensor(float(failure is not None), device=world.device)))
         if failed and failure is None:
-            raise FolderInUse("rank 0 could not take {folder} for this job (its message says why)",
+            raise FolderInUse("rank 0 could not take {folder} for this job, or refused it (its message says why)",
                               folder=(str(run.path),) * 2)
     if failure is not None:
         raise failure

@@ -1078,7 +1078,10 @@ def build_trainer(config: RunConfig, run_dir: Path | str | None = None, data_dir
         check_folder_path(run_dir)  # as the CLI says of any path
     if run_dir is not None:  # before the lock, which would make the folder (and its .lock) among the images
         check_outside_data(config.task, data_dir, "run_dir", run_dir)
-    hold = lock_for_training(RunDir(run_dir), world) if lock and run_dir is not None else None
+    # a test result that could not be written (a folder named eval.json) is refused before the
+    # training, as eval refuses it, on every rank
+    run = RunDir(run_dir) if run_dir is not None else None
+    hold = lock_for_training(run, world, run.writable_eval_file if tested else None) if lock and run else None
     try:
         return _build_trainer(config, run_dir, data_dir, resume, world, progress, hold, tested)
     except BaseException:

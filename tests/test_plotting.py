@@ -45,3 +45,14 @@ def test_drawing_leaves_the_process_s_matplotlib_backend_alone(tmp_path):
         assert matplotlib.get_backend() == "svg"
     finally:
         matplotlib.use(before)
+
+
+def test_records_with_nothing_to_draw_are_one_line(tmp_path):
+    """A foreign or hand-edited metrics.jsonl whose records hold no drawable series: a
+    MetalearnError, not matplotlib's ValueError for a figure of no panels."""
+    from metalearn.errors import MetalearnError
+    from metalearn.plotting import plot_learning_curves
+
+    with pytest.raises(MetalearnError, match="^the metrics hold no series to draw"):
+        plot_learning_curves([{"step": 1, "tasks_per_s": 3.0}], tmp_path / "curves.png", "nothing")
+    assert not (tmp_path / "curves.png").exists()

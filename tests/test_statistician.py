@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -586,6 +587,21 @@ def test_sample_and_plot_from_the_command_line_and_their_errors(tmp_path, omnigl
 
     for support in (str(folder), folder):
         assert sample_run(statistician, support, num=2, out=tmp_path / "one.png") == tmp_path / "one.png"
+    # "~" as a shell would expand it, in the drawings and the grid alike (not a folder named "~")
+    from metalearn.errors import MetalearnError
+
+    home = os.environ.get("HOME")
+    os.environ["HOME"] = str(tmp_path)
+    try:
+        assert sample_run(statistician, "~/drawings", num=2, out="~/home.png") == tmp_path / "home.png"
+        assert (tmp_path / "home.png").is_file() and not Path("~").exists()
+        with pytest.raises(MetalearnError, match="lies in the support input"):
+            sample_run(statistician, "~/drawings", num=2, out=folder / "in-drawings.png")
+    finally:
+        if home is None:
+            del os.environ["HOME"]
+        else:
+            os.environ["HOME"] = home
     code, out, err = run(["plot", statistician, "--data-dir", omniglot_data_dir], capsys)
     assert code == 0 and (statistician / "plots" / "conditional_samples.png").exists(), err
     assert plot_image_rows  # the grid drawer is public

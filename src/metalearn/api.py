@@ -1527,7 +1527,7 @@ def support_files(paths: list[Path | str]) -> list[Path]:
     """The image files named by ``support`` (``--support``): files as given, folders as every
     file in them (by name)."""
     files: list[Path] = []
-    for path in map(Path, paths):
+    for path in (user_path(p, "support") for p in paths):  # "~/drawings" as a shell expands it
         if path.is_dir():
             files += sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
         elif path.is_file():
@@ -1588,7 +1588,7 @@ def sample_run(run_dir: Path | str, support: Path | str | list[Path | str], num:
                               support=valued("support", file)) from None
     images = torch.cat(images)
     samples = learner.sample(images, num, generator=torch.Generator().manual_seed(seed))[0]
-    out = Path(out) if out is not None else RunDir(run_dir).checked_plots_dir() / "samples.png"
+    out = user_path(out, "out") if out is not None else RunDir(run_dir).checked_plots_dir() / "samples.png"
     return plot_image_rows([(images, "input"), (samples, "samples")], out,
                            title=f"{config.method}, step {step}: {num} new images of the character shown")
 
@@ -1641,6 +1641,6 @@ def plot_conditional_samples(run_dir: Path | str, data_dir: Path | str | None = 
     rows = []
     for s in range(sets):
         rows += [(inputs[s], "input" if s == 0 else None), (samples[s], "samples" if s == 0 else None)]
-    out = RunDir(run_dir).checked_plots_dir() / "conditional_samples.png" if out is None else Path(out)
+    out = RunDir(run_dir).checked_plots_dir() / "conditional_samples.png" if out is None else user_path(out, "out")
     return plot_image_rows(rows, out, width=set_size,
                            title=f"{config.method}, step {step}: unseen {config.task.split} test characters")

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from metalearn.algorithms import MetaLearner
+from metalearn.errors import MetalearnError
 from metalearn.files import atomic_write_bytes
 from metalearn.tasks.batch import TaskBatch
 
@@ -120,6 +121,8 @@ def plot_learning_curves(records: list[dict], path: Path, title: str = "",
     number = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)
     records = [{k: v for k, v in r.items() if k == "step" or number(v)} for r in records if number(r.get("step"))]
     series = sorted({k for r in records for k in r if k not in UNDRAWN})
+    if not series:  # records of nothing drawable (a foreign or hand-edited metrics.jsonl)
+        raise MetalearnError("the metrics hold no series to draw (no loss, accuracy or MSE with a step)")
     fig, axes = plt.subplots(1, len(series), figsize=(4.5 * max(len(series), 1), 3.5), squeeze=False)
     for ax, name in zip(axes[0], series):
         # metrics.jsonl keeps training accuracy as a fraction and validation accuracy in percent

@@ -205,13 +205,12 @@ def check_pass_fits(learner: MetaLearner, classify: Any, support_x: torch.Tensor
     the answers of methods that normalise with a task's batch statistics. Filling the memory
     would instead end in the kernel's out-of-memory kill, without a word (conv4 on 84x84 images
     needs some 4 MB per support image). Checked only above :data:`MEASURE_SUPPORT_ABOVE`
-    support images: two passes with :data:`PROBE_SUPPORT` support images (their share of every
-    class, or the first classes where there are more, as a method without fixed ways takes
-    them) are measured (:func:`~metalearn.memory_budget.peak_memory_of`) and their growth per
-    support image extrapolated to the whole set; an estimate beyond :data:`REFUSE_ABOVE` times
-    the memory available is refused (the tests hold protonet's within a factor of 1.5 of the
-    measured pass; MAML's and PLATIPUS's were seen off by up to 2). Where the memory cannot be known or measured
-    (not Linux, no ``/proc/self/clear_refs``, a device other than a CPU or CUDA GPU) nothing is
+    support images: two passes with :data:`PROBE_SUPPORT` support images (taken from the classes
+    in turns, :func:`_probe_support`) are measured (:func:`~metalearn.memory_budget.peak_memory_of`)
+    and their growth per support image extrapolated to the whole set; an estimate beyond
+    :data:`REFUSE_ABOVE` times the memory available is refused (the tests hold protonet's
+    within a factor of 1.5 of the measured pass; MAML's and PLATIPUS's were seen off by up to
+    2). Where the memory cannot be known or measured (not Linux, no ``/proc/self/clear_refs``, a device other than a CPU or CUDA GPU) nothing is
     checked. ``classify(support_x, support_y, query_x)``: the pass."""
     from metalearn.algorithms.base import device_of
     from metalearn.memory_budget import available_memory, peak_memory_of
@@ -234,7 +233,7 @@ def check_pass_fits(learner: MetaLearner, classify: Any, support_x: torch.Tensor
         needed = peaks[1]
     elif sizes[1] > sizes[0]:
         needed = peaks[1] + max(peaks[1] - peaks[0], 0) / (sizes[1] - sizes[0]) * (total - sizes[1])
-    else:  # one image of each of more classes than the passes take: in proportion
+    else:  # one image of each class, more classes than the passes would take: in proportion
         needed = peaks[1] * total / sizes[1]
     if needed > REFUSE_ABOVE * available:
         fewer = "fewer images per class" if getattr(learner, "fixed_ways", False) else "fewer classes or images per class"
@@ -245,15 +244,18 @@ def check_pass_fits(learner: MetaLearner, classify: Any, support_x: torch.Tensor
 
 
 def _probe_support(labels: torch.Tensor, size: int, fixed_ways: bool) -> torch.Tensor:
-    """The indices of about ``size`` support images for :func:`check_pass_fits`: the first
-    ``size // classes`` (at least one) of every class, as a method with fixed ways needs them
-    all; for one without, the first of the first ``size`` classes where there are more."""
+    """The indices of ``size`` support images for :func:`check_pass_fits`, taken class by class
+    in turns (the first image of every class, then the second, ...), so that the passes measured
+    differ by just their number of images; every class at least once where a method with fixed
+    ways needs them all (then more than ``size`` where it has more classes)."""
     classes = int(labels.max()) + 1
-    per_class = max(1, size // classes)
-    taken = [torch.nonzero(labels == c).flatten()[:per_class] for c in range(classes)]
-    if not fixed_ways and classes > size:
-        taken = taken[:size]
-    return torch.cat(taken)
+    members = [torch.nonzero(labels == c).flatten().tolist() for c in range(classes)]
+    taken: list[int] = []
+    for turn in range(max(len(m) for m in members)):
+        for images in members:
+            if turn < len(images) and (len(taken) < size or fixed_ways and turn == 0):
+                taken.append(images[turn])
+    return torch.tensor(sorted(taken))
 
 
 class Predictions(dict):
@@ -442,13 +444,14 @@ def refuse_outputs_among_inputs(outputs: list[tuple[str | tuple[str, str], Path 
         for source_option, source in inputs:
             if not str(source):  # an empty path: refused as such when it is read
                 continue
-            source, resolved = Path(source), Path(source).resolve()
+            source = Path(source).expanduser()  # "~/chars", read as the user's folder, is compared as that
+            resolved = source.resolve()
             if target == resolved or (source.is_dir() and target.is_relative_to(resolved)):
                 where = "is" if target == resolved else "lies in"
                 raise OptionError(f"{{output}} {where} the {{input}} input {source}: write it elsewhere, outside the "
                                   "images", output=given, input=source_option)
         for run_dir, images in trained_on:
-            if images is not None and target.is_relative_to(Path(images).resolve()):
+            if images is not None and target.is_relative_to(Path(images).expanduser().resolve()):
                 raise OptionError(f"{{output}} lies in {images}, the image folder the run {run_dir} trained on: "
                                   "the run's next read would see another dataset; write it elsewhere, outside the "
                                   "images", output=given)

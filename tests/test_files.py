@@ -294,3 +294,20 @@ def test_an_exports_cleanup_removes_only_its_own_files_temporaries(tmp_path):
     gone = {f"summary.json.tmp{dead.pid}", f"curves.png.tmp{dead.pid}"}
     assert {p.name for p in removed} == gone
     assert {p.name for p in tmp_path.iterdir()} == set(old + young + ["summary.json", "curves.png"]) - gone
+
+
+def test_a_file_size_limit_and_the_open_files_limit_are_named_as_such(monkeypatch):
+    """EFBIG is a file-size limit (ulimit -f), not a full disk: the free space would mislead.
+    EMFILE is the limit on open files, whatever the path: the message says how to raise it."""
+    import resource
+
+    from metalearn.cli import describe_os_error
+
+    assert str(WriteError(Path("/tmp/big.bin"), OSError(errno.EFBIG, "File too large"))) == (
+        "cannot write /tmp/big.bin: File too large (beyond this process's file-size limit: ulimit -f)")
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (64, resource.RLIM_INFINITY))
+    assert describe_os_error(OSError(errno.EMFILE, "Too many open files")) == (
+        "Too many open files: this process may have 64 files open at once; raise it with `ulimit -n 4096`")
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (64, 64))
+    assert describe_os_error(OSError(errno.EMFILE, "Too many open files", "/tmp/x")).startswith(
+        "/tmp/x: Too many open files: the system's or this process's limit on open files is reached")

@@ -1192,9 +1192,26 @@ def out_of_memory_in(err: BaseException) -> BaseException | None:
     return None
 
 
+def open_files_advice() -> str:
+    """What to do when the process may open no more files: its limit, where it is known, and
+    the command that raises it."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):  # not Unix
+        return "allow this process more open files"
+    if soft != resource.RLIM_INFINITY and soft < 4096 and (hard == resource.RLIM_INFINITY or hard >= 4096):
+        return f"this process may have {soft} files open at once; raise it with `ulimit -n 4096`"
+    return "the system's or this process's limit on open files is reached; close other programs or raise it"
+
+
 def describe_os_error(err: OSError) -> str:
     """One line for a path that cannot be used; "File exists" from making a folder where a
     file is says which it is."""
+    if err.errno in (errno.EMFILE, errno.ENFILE):  # the limit on open files, not the path, is at fault
+        where = f"{err.filename}: " if err.filename is not None else ""
+        return f"{where}{err.strerror or err}: {open_files_advice()}"
     if err.filename is None:
         return str(err.strerror or err)
     path = Path(err.filename)

@@ -43,7 +43,9 @@ class WriteError(MetalearnError):
     def __init__(self, path: Path, err: OSError, kept: str | None = None):
         self.path, self.errno = Path(path), err.errno
         reason = err.strerror or str(err) or type(err).__name__
-        space = f" ({free_space(self.path.parent)} free there)" if err.errno in SPACE_ERRORS else ""
+        # a file-size limit (ulimit -f, a scheduler's) is no want of space: the free space would mislead
+        space = (" (beyond this process's file-size limit: ulimit -f)" if err.errno == errno.EFBIG else
+                 f" ({free_space(self.path.parent)} free there)" if err.errno in SPACE_ERRORS else "")
         if kept is None:
             kept = f"the previous {self.path.name} is unchanged" if _is_plain_file(self.path) else ""
         super().__init__(f"cannot write {self.path}: {reason}{space}" + (f"; {kept}" if kept else ""))

@@ -130,7 +130,8 @@ def test_a_torchrun_worker_whose_launcher_is_gone_stops_after_the_step_with_a_ch
     monkeypatch.setattr(training, "LAUNCHER", launcher)
     monkeypatch.setattr(os, "getppid", lambda: 1)
     trainer = build_trainer(sinusoid_config(20, checkpoint_every=100, val_every=0), tmp_path / "early")
-    with pytest.raises(TrainingInterrupted, match="^stopped: torchrun, which launched this process, is gone after step 1 "):
+    with pytest.raises(TrainingInterrupted,
+                       match="^stopped: torchrun, which launched this process, is gone after step 1 "):
         trainer.fit(progress=False)
 
 

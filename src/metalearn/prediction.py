@@ -210,8 +210,9 @@ def check_pass_fits(learner: MetaLearner, classify: Any, support_x: torch.Tensor
     and their growth per support image extrapolated to the whole set; an estimate beyond
     :data:`REFUSE_ABOVE` times the memory available is refused (the tests hold protonet's
     within a factor of 1.5 of the measured pass; MAML's and PLATIPUS's were seen off by up to
-    2). Where the memory cannot be known or measured (not Linux, no ``/proc/self/clear_refs``, a device other than a CPU or CUDA GPU) nothing is
-    checked. ``classify(support_x, support_y, query_x)``: the pass."""
+    2). Where the memory cannot be known or measured (not Linux, no ``/proc/self/clear_refs``,
+    a device other than a CPU or CUDA GPU) nothing is checked. ``classify(support_x,
+    support_y, query_x)``: the pass."""
     from metalearn.algorithms.base import device_of
     from metalearn.memory_budget import available_memory, peak_memory_of
 
@@ -236,7 +237,8 @@ def check_pass_fits(learner: MetaLearner, classify: Any, support_x: torch.Tensor
     else:  # one image of each class, more classes than the passes would take: in proportion
         needed = peaks[1] * total / sizes[1]
     if needed > REFUSE_ABOVE * available:
-        fewer = "fewer images per class" if getattr(learner, "fixed_ways", False) else "fewer classes or images per class"
+        fewer = ("fewer images per class" if getattr(learner, "fixed_ways", False)
+                 else "fewer classes or images per class")
         raise MetalearnError(
             f"classifying with the {total} support images takes about {needed / 1e9:.3g} GB of memory (every pass "
             f"holds the whole support set, with up to {len(query_x)} query images), far more than the "

@@ -657,7 +657,7 @@ class Trainer:
             if self.step != first:  # a complete run resumed trains nothing: its checkpoint stays as it is
                 self.save()
             trained = True
-        except (TrainingStopped, TrainingInterrupted):  # raised after its checkpoint was saved, or before anything changed
+        except (TrainingStopped, TrainingInterrupted):  # after its checkpoint was saved, or before anything changed
             raise
         except RankLost as err:
             self._failed()

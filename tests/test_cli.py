@@ -482,6 +482,12 @@ def test_running_out_of_memory_is_a_message_not_a_traceback(tmp_path, capsys, mo
     assert memory_advice(["train", "statistician"]).endswith("a smaller --image-size or --hidden-dim.")
     assert memory_advice(["--allocator", "default", "data", "info"]) == "Ask for less at once: a smaller --image-size."
     assert memory_advice(["export", trained, tmp_path / "out"]) == "Use a machine with more memory."
+    # --task-chunk auto ran out all the same: one task at a time; at 1, nothing smaller to give
+    resumed = ["train", "maml", "--run-dir", str(trained), "--resume"]
+    assert memory_advice([*resumed, "--task-chunk", "auto"]).startswith(
+        "Continue with --resume --task-chunk 1, one task at a time: the same meta-gradient in the least memory, "
+        "from the run's last checkpoint.")
+    assert memory_advice([*resumed, "--task-chunk=1"]).startswith("The other options cannot change on a --resume")
 
 
 def test_an_import_that_runs_out_of_memory_is_the_same_message(tmp_path, capsys, monkeypatch):

@@ -1042,21 +1042,24 @@ def verify(data_dir):
         raise MetalearnError("the data does not match the official release; download it again")
 
 
+def _flag_value(argv: list[str], flag_name: str) -> str | None:
+    """The value a command line gives ``flag_name`` (the last of ``--flag value`` and
+    ``--flag=value``, as the last one given counts), or None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg.startswith(flag_name + "="):
+            value = arg.split("=", 1)[1]
+        elif arg == flag_name and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
+
+
 def _has_checkpoint(argv: list[str]) -> bool:
     """Whether the ``--run-dir`` of a train command line holds a checkpoint now, so that a
     message may say the run can continue from it (not for ``--print-config``, which writes
     nothing, nor for a run that ran out of memory before its first checkpoint)."""
-    if "--print-config" in argv:
-        return False
-    for i, arg in enumerate(argv):
-        if arg.startswith("--run-dir="):
-            folder = arg.split("=", 1)[1]
-        elif arg == "--run-dir" and i + 1 < len(argv):
-            folder = argv[i + 1]
-        else:
-            continue
-        return RunDir(folder).has_checkpoint()
-    return False
+    folder = _flag_value(argv, "--run-dir")
+    return "--print-config" not in argv and folder is not None and RunDir(folder).has_checkpoint()
 
 
 # options that set how much a command holds in memory at once, in the order the advice names
@@ -1168,6 +1171,11 @@ def memory_advice(argv: list[str]) -> str:
     chunks = method_class(names[1]).chunking_refused is MetaLearner.chunking_refused and "task_chunk" in has
     less = ", ".join(groups)
     chunk = "--task-chunk auto (or a smaller --task-chunk): the same meta-gradient in less memory"
+    given = _flag_value(argv, "--task-chunk")
+    if given == "auto":  # auto measured a step and still ran out (a peak its probe missed): one at a time
+        chunk = "--task-chunk 1, one task at a time: the same meta-gradient in the least memory"
+    elif given == "1":  # nothing smaller to give
+        chunks = False
     if _has_checkpoint(argv):
         fresh = f"ask for less at once in a new --run-dir (--init-from this run keeps its weights): {less}"
         if chunks:

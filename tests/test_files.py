@@ -209,7 +209,8 @@ def test_a_cache_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path,
     with pytest.raises(MetalearnError) as info:
         write_arrays(path, {"images": np.ones((2, 3), np.uint8)}, {"size": 28}, "abc")
     message = str(info.value)
-    assert ONE_LINE.match(message) and message.endswith("; point METALEARN_CACHE at a writable folder"), message
+    assert ONE_LINE.match(message) and message.endswith(
+        "; the cache takes some 6 B: point METALEARN_CACHE at a writable folder with that much space"), message
     assert list(tmp_path.iterdir()) == []
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from metalearn.errors import MetalearnError, OptionError
-from metalearn.files import WriteError, atomic_write, remove_temporaries
+from metalearn.files import WriteError, atomic_write, format_bytes, remove_temporaries
 
 
 def read_arrays(path: Path, fingerprint: str, names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], dict] | None:
@@ -64,7 +64,9 @@ def write_arrays(path: Path, arrays: dict[str, np.ndarray], meta: dict, fingerpr
         remove_temporaries(path.parent)
         atomic_write(path, lambda f: np.savez(f, **arrays, meta=np.array(json.dumps(record))))
     except WriteError as err:
-        raise MetalearnError(f"{err}; point METALEARN_CACHE at a writable folder") from None
+        need = format_bytes(sum(array.nbytes for array in arrays.values()))  # the file: np.savez does not compress
+        raise MetalearnError(f"{err}; the cache takes some {need}: point METALEARN_CACHE at a writable folder "
+                             "with that much space") from None
 
 
 def cache_folder_blocked(folder: Path) -> str | None:

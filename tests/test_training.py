@@ -1569,3 +1569,28 @@ def test_a_trainer_that_fits_again_after_a_pause_keeps_its_metrics(tmp_path):
         trainer.fit(progress=False, stop_at=3)
     trainer.fit(progress=False)
     assert [record["step"] for record in RunDir(tmp_path).read_metrics()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_progress_bar_that_cannot_be_written_ends_no_training(tmp_path, monkeypatch):
+    """From Python, with the error output on a full disk (``2> log``): the bar falls silent and
+    training goes on to its end, where a failed write used to end it and lose its steps."""
+    import errno
+    import sys
+
+    class FullDisk:
+        encoding = "utf-8"
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def isatty(self):
+            return False
+
+    monkeypatch.setattr(sys, "stderr", FullDisk())
+    trainer = build_trainer(sinusoid_config(4, val_every=0), tmp_path, progress=True)
+    trainer.fit(progress=True)
+    assert RunDir(tmp_path).read_checkpoint()["step"] == 4
+    evaluate_run(tmp_path, episodes=3, progress=True)  # the evaluation's bar too

@@ -147,6 +147,34 @@ def machine(device=None, processes: int = 1) -> dict:
 PROCESS_STATE = threading.RLock()
 
 
+class ProgressStream:
+    """The error output as a progress bar writes to it: a write that fails (a full disk or a
+    file-size limit under ``2> log``) silences the bar instead of raising inside training,
+    where it would end the run and lose the steps since its last checkpoint. The stream is the
+    one ``sys.stderr`` names at each write (a notebook's, the command line's)."""
+
+    def __init__(self):
+        self.failed = False
+
+    def write(self, text: str) -> int:
+        if not self.failed:
+            try:
+                return sys.stderr.write(text)
+            except OSError:
+                self.failed = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.failed:
+            try:
+                sys.stderr.flush()
+            except OSError:
+                self.failed = True
+
+    def __getattr__(self, name):  # isatty, encoding, fileno: the stream's own
+        return getattr(sys.stderr, name)
+
+
 @contextlib.contextmanager
 def own_random_state(devices: list[int] | None = None):
     """``torch.random.fork_rng(devices)`` while holding :data:`PROCESS_STATE`: the caller's

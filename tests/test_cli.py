@@ -512,6 +512,16 @@ def test_an_import_that_runs_out_of_memory_is_the_same_message(tmp_path, capsys,
     with pytest.raises(KeyError):  # a bug is no memory failure: its traceback stays
         run(train, capsys)
 
+    def bug_while_handling(*args, **kwargs):
+        try:
+            raise MemoryError()
+        except MemoryError:
+            return {}["unrelated"]
+
+    monkeypatch.setattr("metalearn.api.train", bug_while_handling)
+    with pytest.raises(KeyError):  # also one met while handling an out-of-memory error
+        run(train, capsys)
+
 
 def test_print_config_shows_the_resolved_paper_settings_and_trains_nothing(tmp_path, capsys, omniglot_data_dir):
     code, out, err = run(["train", "maml", "--ways", 20, "--shots", 5, "--run-dir", tmp_path / "r",

@@ -1186,9 +1186,10 @@ def memory_advice(argv: list[str]) -> str:
 
 def out_of_memory_in(err: BaseException) -> BaseException | None:
     """The allocation failure that ``err`` is or arose from (torch reports CPU and GPU ones as
-    RuntimeError subclasses with these words; also its ``__cause__`` or ``__context__``, a few
-    links deep): an import that runs out of memory ends as an ImportError or a
-    SystemError whose context is the MemoryError; None where there is none."""
+    RuntimeError subclasses with these words), or None. An import that runs out of memory ends
+    as an ImportError or a SystemError whose cause or context is the MemoryError: the chain is
+    followed through those two alone, a few links deep (another error raised while handling an
+    out-of-memory one is a bug of its own, with its traceback)."""
     seen: BaseException | None = err
     for _ in range(8):
         if seen is None:
@@ -1196,6 +1197,8 @@ def out_of_memory_in(err: BaseException) -> BaseException | None:
         text = str(seen) if isinstance(seen, RuntimeError) else ""
         if isinstance(seen, MemoryError) or "out of memory" in text or "can't allocate memory" in text:
             return seen
+        if not isinstance(seen, (ImportError, SystemError)):
+            return None
         seen = seen.__cause__ or seen.__context__
     return None
 

@@ -1171,7 +1171,7 @@ def memory_advice(argv: list[str]) -> str:
     chunks = method_class(names[1]).chunking_refused is MetaLearner.chunking_refused and "task_chunk" in has
     less = ", ".join(groups)
     chunk = "--task-chunk auto (or a smaller --task-chunk): the same meta-gradient in less memory"
-    given = _flag_value(argv, "--task-chunk")
+    given = str(params.get("task_chunk"))
     if given == "auto":  # auto measured a step and still ran out (a peak its probe missed): one at a time
         chunk = "--task-chunk 1, one task at a time: the same meta-gradient in the least memory"
     elif given == "1":  # nothing smaller to give

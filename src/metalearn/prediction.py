@@ -30,7 +30,7 @@ QUERY_CHUNK = 256  # the most query images classified per pass (with the whole s
 MEASURE_SUPPORT_ABOVE = 512
 PROBE_SUPPORT = (128, 256)  # the support images of the two measured passes
 # the estimate is refused only beyond this many times the memory available: two small passes'
-# peaks are noisy, and for methods that adapt (MAML, PLATIPUS) the extrapolation was seen off by
+# peaks are noisy, and for methods that adapt (MAML, PLATIPUS) the extrapolation can be off by
 # up to a factor of 2 either way, so only a support set that clearly cannot fit is refused
 REFUSE_ABOVE = 2.0
 
@@ -203,13 +203,13 @@ def check_pass_fits(learner: MetaLearner, classify: Any, support_x: torch.Tensor
     :func:`predict_new_classes` can use, before the pass: each pass holds the whole support set
     (embedded with the queries, or adapted to), and cannot take it in parts without changing
     the answers of methods that normalise with a task's batch statistics. Filling the memory
-    would instead end in the kernel's out-of-memory kill, without a word (conv4 on 84x84 images
-    needs some 4 MB per support image). Checked only above :data:`MEASURE_SUPPORT_ABOVE`
+    would instead end in the kernel's out-of-memory kill, without a word (a conv4 pass holds
+    megabytes of activations per support image at 84x84). Checked only above :data:`MEASURE_SUPPORT_ABOVE`
     support images: two passes with :data:`PROBE_SUPPORT` support images (taken from the classes
     in turns, :func:`_probe_support`) are measured (:func:`~metalearn.memory_budget.peak_memory_of`)
     and their growth per support image extrapolated to the whole set; an estimate beyond
     :data:`REFUSE_ABOVE` times the memory available is refused (the tests hold protonet's
-    within a factor of 1.5 of the measured pass; MAML's and PLATIPUS's were seen off by up to
+    within a factor of 1.5 of the measured pass; MAML's and PLATIPUS's can be off by up to
     2). Where the memory cannot be known or measured (not Linux, no ``/proc/self/clear_refs``,
     a device other than a CPU or CUDA GPU) nothing is checked. ``classify(support_x,
     support_y, query_x)``: the pass."""

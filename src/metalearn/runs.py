@@ -720,8 +720,8 @@ class RunDir:
 
     def iter_metrics(self) -> Iterator[dict[str, Any]]:
         """:meth:`read_metrics` one record at a time, for a reader that keeps only some: the
-        file is read line by line (a run logged at every step of 200,000 has 200,000 lines,
-        some 270 MB as Python dicts)."""
+        file is read line by line (a run logged at every step has as many lines as steps, which
+        as Python dicts take far more memory than the file)."""
         if not self.metrics_path.is_file():
             return
         # undecodable bytes only spoil their own line, which is then skipped

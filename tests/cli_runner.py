@@ -14,3 +14,28 @@ def run(args, capsys) -> tuple[int, str, str]:
         code = exit.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+class ClosedPipe:
+    """A standard output whose reader has gone (``| head -1``): every write and flush fails."""
+
+    encoding, errors = "utf-8", "strict"
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def isatty(self):
+        return False
+
+
+class FullDisk(ClosedPipe):
+    """A standard stream on a full disk (``> /dev/full``, a file-size limit): every write fails."""
+
+    def write(self, text):
+        raise OSError(28, "No space left on device")
+
+    def flush(self):
+        raise OSError(28, "No space left on device")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_runner import run
+from cli_runner import ClosedPipe, FullDisk, run
 from metalearn.errors import MetalearnError
 from metalearn.runs import RunDir
 
@@ -1453,21 +1453,6 @@ def test_status_of_values_that_cannot_be_shown(tmp_path, capsys, monkeypatch):
     assert f"{root / 'b'}: maml on sinusoid" in out and err == ""
 
 
-class ClosedPipe:
-    """A standard output whose reader has gone (``| head -1``): every write and flush fails."""
-
-    encoding, errors = "utf-8", "strict"
-
-    def write(self, text):
-        raise BrokenPipeError(32, "Broken pipe")
-
-    def flush(self):
-        raise BrokenPipeError(32, "Broken pipe")
-
-    def isatty(self):
-        return False
-
-
 def test_a_closed_output_stops_no_training(tmp_path, capsys, monkeypatch):
     """With its output's reader gone, train still trains, saves and tests, says nothing of the
     pipe, and exits with the status of its work."""
@@ -1481,16 +1466,6 @@ def test_a_closed_output_stops_no_training(tmp_path, capsys, monkeypatch):
     assert isinstance(sys.stdout, ClosedPipe)  # the command's own stream is given back
     code, _, err = run(["eval", tmp_path / "nosuch"], capsys)  # a mistake is still said, on the error output
     assert code == 2 and err.startswith("error: ")
-
-
-class FullDisk(ClosedPipe):
-    """A standard stream on a full disk (``> /dev/full``, a file-size limit): every write fails."""
-
-    def write(self, text):
-        raise OSError(28, "No space left on device")
-
-    def flush(self):
-        raise OSError(28, "No space left on device")
 
 
 def test_an_output_that_cannot_be_written_stops_no_training_and_is_said_at_the_end(tmp_path, capsys, monkeypatch):

@@ -112,3 +112,36 @@ def test_the_command_on_windows_says_it_in_one_line_and_exits_2():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith("error: metalearn runs on Linux and macOS: ") and "use WSL 2" in done.stderr
+
+
+def test_a_dropping_stream_drops_from_its_first_failure_and_keeps_it(monkeypatch):
+    """Output after a failed write is dropped, not raised; the failure is kept unless it was a
+    closed pipe; a stream full for now (BlockingIOError) raises; None follows sys.stderr."""
+    import errno
+    import io
+    import sys
+
+    from cli_runner import ClosedPipe, FullDisk
+
+    from metalearn.runtime import DroppingStream
+
+    full = DroppingStream(FullDisk())
+    assert full.write("a") == 1 and full.dropped and full.write_error.errno == errno.ENOSPC
+    full.flush()  # dropped: nothing raised
+    pipe = DroppingStream(ClosedPipe())
+    pipe.flush()
+    assert pipe.dropped and pipe.write_error is None
+
+    class Busy(io.StringIO):
+        def write(self, text):
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    with pytest.raises(BlockingIOError):
+        DroppingStream(Busy()).write("a")
+    followed = DroppingStream()
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    followed.write("x")
+    monkeypatch.setattr(sys, "stderr", second)
+    followed.write("y")
+    assert (first.getvalue(), second.getvalue()) == ("x", "y")

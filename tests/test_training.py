@@ -1574,20 +1574,9 @@ def test_a_trainer_that_fits_again_after_a_pause_keeps_its_metrics(tmp_path):
 def test_a_progress_bar_that_cannot_be_written_ends_no_training(tmp_path, monkeypatch):
     """From Python, with the error output on a full disk (``2> log``): the bar falls silent and
     training goes on to its end, where a failed write used to end it and lose its steps."""
-    import errno
     import sys
 
-    class FullDisk:
-        encoding = "utf-8"
-
-        def write(self, text):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def flush(self):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def isatty(self):
-            return False
+    from cli_runner import FullDisk
 
     monkeypatch.setattr(sys, "stderr", FullDisk())
     trainer = build_trainer(sinusoid_config(4, val_every=0), tmp_path, progress=True)

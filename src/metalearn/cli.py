@@ -30,7 +30,7 @@ from metalearn.files import check_writable_file
 from metalearn.options import help_of
 from metalearn.plugins import load_plugins, unknown_hint
 from metalearn.runs import EvaluationSuperseded, RunDir, json_finite
-from metalearn.runtime import tune_allocator
+from metalearn.runtime import DroppingStream, tune_allocator
 
 FAST_GPU_HELP = ("on a GPU, keep torch's default kernels (TF32 convolutions, non-deterministic cuDNN "
                  "algorithms): faster, but MAML's meta-gradient loses accuracy and a resumed run no longer "
@@ -1253,54 +1253,22 @@ def show_warning(message, category, filename, lineno, file=None, line=None, _pla
 _WHOLE_PROCESS = False
 
 
-class ReaderMayLeave:
+class ReaderMayLeave(DroppingStream):
     """A standard stream whose reader may go away (``metalearn train ... | head -1``) or whose
     file cannot take more (a full disk, a file-size limit, ``> /dev/full``): from the first
-    write that fails on, the output is dropped instead of raised, so that the command finishes
-    its work (a training run trains, saves and tests) rather than stopping at a print or at its
-    progress bar, whose failure would lose the steps since the last checkpoint. A closed pipe
-    leaves the exit status the work's; another failure is kept as :attr:`write_error`, which
-    :func:`main` reports at the end (the standard output's: exit 2, as the output is lost). As
-    Python's "Note on SIGPIPE" advises, the stream's file descriptor is then pointed at
-    os.devnull, so that the flush at exit does not fail a second time with a message of its own
-    (after another failure only in a process of its own: main(whole_process=True))."""
-
-    def __init__(self, stream):
-        self._stream = stream
-        self.reader_left = False
-        self.write_error: OSError | None = None
-
-    def write(self, text):
-        if self.reader_left and isinstance(text, str):  # bytes still meet the stream's TypeError
-            return len(text)
-        try:
-            return self._stream.write(text)
-        except BlockingIOError:  # a non-blocking stream that is full for now: no failure to drop it for
-            raise
-        except OSError as err:
-            self._drop(err)
-            return len(text)
-
-    def writelines(self, lines) -> None:
-        for line in lines:
-            self.write(line)
-
-    def flush(self) -> None:
-        if self.reader_left:
-            return
-        try:
-            self._stream.flush()
-        except BlockingIOError:
-            raise
-        except OSError as err:
-            self._drop(err)
+    write that fails on, the output is dropped instead of raised (:class:`DroppingStream`), so
+    that the command finishes its work (a training run trains, saves and tests) rather than
+    stopping at a print or at its progress bar. A closed pipe leaves the exit status the work's;
+    another failure is kept as :attr:`write_error`, which :func:`main` reports at the end (the
+    standard output's: exit 2, as the output is lost). As Python's "Note on SIGPIPE" advises,
+    the stream's file descriptor is then pointed at os.devnull, so that the flush at exit does
+    not fail a second time with a message of its own (after another failure only in a process
+    of its own: main(whole_process=True))."""
 
     def _drop(self, err: OSError) -> None:
-        self.reader_left = True
-        if not isinstance(err, BrokenPipeError):
-            self.write_error = err
-            if not _WHOLE_PROCESS:  # a caller's own process (a test, a notebook) keeps its stream as it is
-                return
+        super()._drop(err)
+        if self.write_error is not None and not _WHOLE_PROCESS:
+            return  # a caller's own process (a test, a notebook) keeps its stream as it is
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
             try:
@@ -1309,9 +1277,6 @@ class ReaderMayLeave:
                 os.close(devnull)
         except (OSError, ValueError, AttributeError):
             pass  # no file descriptor (a stream in memory): nothing is flushed to it at exit
-
-    def __getattr__(self, name):  # encoding, isatty, fileno, ...: the stream's own
-        return getattr(self._stream, name)
 
 
 _STOP_SIGNAL_RECEIVED = 0  # the number of the stop signal this command's handler received, 0 for none

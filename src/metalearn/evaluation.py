@@ -16,7 +16,7 @@ from metalearn.algorithms.base import MetaLearner, device_mismatch, device_of, e
 from metalearn.config import MAX_EPISODES, TrainConfig
 from metalearn.distributed import World
 from metalearn.errors import MetalearnError, MetalearnWarning, OptionError, caller_level
-from metalearn.runtime import ProgressStream, cuda_devices, float32_default, own_random_state
+from metalearn.runtime import DroppingStream, cuda_devices, float32_default, own_random_state
 from metalearn.tasks import TaskSource, require_sampled_batch, require_task_source
 from metalearn.tasks.batch import TaskBatch
 
@@ -192,7 +192,7 @@ def _evaluate(learner, source, episodes, seed, chunk, world, progress, per_step,
         if progress and world.is_main:
             from tqdm import tqdm
 
-            bar = tqdm(total=episodes, desc="evaluating", unit="episode", leave=False, file=ProgressStream())
+            bar = tqdm(total=episodes, desc="evaluating", unit="episode", leave=False, file=DroppingStream())
         # a stochastic method (PLATIPUS) draws its samples from `seed`; the CUDA devices' states are
         # kept only where CUDA is in use (fork_rng's default starts CUDA, and warns with 2 GPUs)
         with own_random_state(cuda_devices()):

@@ -147,32 +147,57 @@ def machine(device=None, processes: int = 1) -> dict:
 PROCESS_STATE = threading.RLock()
 
 
-class ProgressStream:
-    """The error output as a progress bar writes to it: a write that fails (a full disk or a
-    file-size limit under ``2> log``) silences the bar instead of raising inside training,
-    where it would end the run and lose the steps since its last checkpoint. The stream is the
-    one ``sys.stderr`` names at each write (a notebook's, the command line's)."""
+class DroppingStream:
+    """A text stream whose output is dropped, not raised, from the first write or flush that
+    fails on (a full disk or a file-size limit under ``2> log``, a reader gone from a pipe), so
+    that what prints stops nothing: a failure raised inside training would end the run and lose
+    the steps since its last checkpoint. ``stream``: the stream written to; None for the one
+    ``sys.stderr`` names at each write (a notebook's, the command line's). :attr:`write_error`
+    keeps the failure, unless it was a closed pipe, for the caller to report when the work is
+    done. A non-blocking stream that is full for now (``BlockingIOError``) is no failure: that
+    error is raised as it is."""
 
-    def __init__(self):
-        self.failed = False
+    def __init__(self, stream=None):
+        self._fixed = stream
+        self.dropped = False
+        self.write_error: OSError | None = None
 
-    def write(self, text: str) -> int:
-        if not self.failed:
-            try:
-                return sys.stderr.write(text)
-            except OSError:
-                self.failed = True
-        return len(text)
+    @property
+    def _stream(self):
+        return sys.stderr if self._fixed is None else self._fixed
+
+    def write(self, text):
+        if self.dropped and isinstance(text, str):  # bytes still meet the stream's TypeError
+            return len(text)
+        try:
+            return self._stream.write(text)
+        except BlockingIOError:
+            raise
+        except OSError as err:
+            self._drop(err)
+            return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
 
     def flush(self) -> None:
-        if not self.failed:
-            try:
-                sys.stderr.flush()
-            except OSError:
-                self.failed = True
+        if self.dropped:
+            return
+        try:
+            self._stream.flush()
+        except BlockingIOError:
+            raise
+        except OSError as err:
+            self._drop(err)
+
+    def _drop(self, err: OSError) -> None:
+        self.dropped = True
+        if not isinstance(err, BrokenPipeError):
+            self.write_error = err
 
     def __getattr__(self, name):  # isatty, encoding, fileno: the stream's own
-        return getattr(sys.stderr, name)
+        return getattr(self._stream, name)
 
 
 @contextlib.contextmanager

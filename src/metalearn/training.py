@@ -36,7 +36,7 @@ from metalearn.files import WriteError, check_folder_path, same_path, user_path
 from metalearn.memory_budget import (available_memory, chunk_candidates, chunk_sizes, fastest_chunk, largest_chunk,
                                      peak_memory_of, seconds_of)
 from metalearn.runs import RunDir, lock_for_training, registered_in_python
-from metalearn.runtime import ProgressStream, cuda_devices, float32_default, machine, own_random_state
+from metalearn.runtime import DroppingStream, cuda_devices, float32_default, machine, own_random_state
 from metalearn.data.folder import shared_scans
 from metalearn.tasks import (TaskBatch, TaskSource, build_task_source, check_outside_data, check_task_source,
                              has_validation, problem_of, require_sampled_batch, require_task_source)
@@ -632,7 +632,7 @@ class Trainer:
                 from tqdm import tqdm
 
                 bar = tqdm(total=train.steps, initial=self.step, desc=f"{self.config.method}", unit="step",
-                           file=ProgressStream())  # a bar that cannot be written ends no training
+                           file=DroppingStream())  # a bar that cannot be written ends no training
             parameters = list(self.learner.parameters())
             if train.task_chunk == "auto":
                 self.task_chunk = None  # measured again at the first step: a resume may run on another machine

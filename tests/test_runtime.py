@@ -114,12 +114,24 @@ def test_the_command_on_windows_says_it_in_one_line_and_exits_2():
     assert done.stderr.startswith("error: metalearn runs on Linux and macOS: ") and "use WSL 2" in done.stderr
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="an address-space limit that fails the import: Linux's")
+def test_a_process_too_small_for_torch_says_so_in_one_line_and_exits_2():
+    """Under ``ulimit -v`` too low to load torch's libraries (the loader's ImportError, or a
+    MemoryError, depending on the limit) the command names the limit, with no traceback."""
+    limit = 300 * 2**20  # set in the child before the import: enough for Python, not for torch
+    program = (f"import resource, sys; resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit})); "
+               "sys.argv = ['metalearn', '--help']; import metalearn_launcher; metalearn_launcher.main()")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr == (
+        "error: not enough memory to load torch: this process's address space is limited to 300 MiB (ulimit -v); "
+        "raise the limit\n")
+
+
 def test_a_dropping_stream_drops_from_its_first_failure_and_keeps_it(monkeypatch):
     """Output after a failed write is dropped, not raised; the failure is kept unless it was a
     closed pipe; a stream full for now (BlockingIOError) raises; None follows sys.stderr."""
     import errno
     import io
-    import sys
 
     from cli_runner import ClosedPipe, FullDisk
 

@@ -238,6 +238,15 @@ def test_a_short_omniglot_run_learns_far_above_chance(omniglot_data_dir):
     assert result["k_shot"][1] > 40 and result["episodes"] == 10
 
 
+def test_the_default_episodes_are_the_authors_5_classes_of_6_examples():
+    """Unless told otherwise, the Memory Module trains on the authors' episodes (train.py's
+    width 5, length 30): 1 + 5 showings per class, where 1 + 1 would leave half without gradient."""
+    task = resolve_config("memory", task={"dataset": "omniglot"}).task
+    assert (task.split, task.ways, task.shots, task.query) == ("vinyals", 5, 1, 5)
+    given = resolve_config("memory", task={"dataset": "omniglot", "split": "maml", "shots": 2, "query": 1}).task
+    assert (given.split, given.shots, given.query) == ("maml", 2, 1)
+
+
 def test_resume_is_exact_with_the_memory_and_its_noise(tmp_path, omniglot_data_dir):
     from metalearn.training import build_trainer
 

@@ -15,8 +15,9 @@ Early in training the reconstruction is weighted by 1 + a and the KL terms by 1 
 halved every ``alpha_halve_every`` steps, as the public re-implementation of the paper by Conor
 Durkan does (``reweight_alpha`` 0: the plain bound); the metric ``bound`` is always the plain one.
 
-Few-shot classification (section 5.4, Algorithm 1): a query x goes to the class i whose
-q(c | D_i) is closest to q(c | {x}), by D_KL(q(c | D_i) || q(c | x)); ``predict`` returns
+Few-shot classification (the paper's Omniglot experiments): a query x goes to the class i whose
+q(c | D_i) is closest to q(c | {x}), by D_KL(q(c | D_i) || q(c | x)), the direction that the
+public re-implementation ashysheya/neural-stat computes (not checked against the paper's text); ``predict`` returns
 -KL per class as logits. Few-shot generation: c ~ q(c | D), z ~ p(z | c), x ~ p(x | z, c)
 (:meth:`NeuralStatistician.sample`).
 
@@ -77,7 +78,7 @@ class StatisticianConfig:
     filters: int = option(64, "feature maps of the first convolutional block; the second and third have "
                                "twice and four times as many (paper: 64, 128, 256)")
     kl_direction: str = option("support-query", "few-shot classification by D_KL(q(c|D_i) || q(c|x)) "
-                                                "(support-query, the paper's Algorithm 1) or D_KL(q(c|x) || "
+                                                "(support-query, as ashysheya/neural-stat computes it) or D_KL(q(c|x) || "
                                                 "q(c|D_i)) (query-support)")
     binarize: str = option("dynamic", "dynamic: each training image is a fresh Bernoulli draw of its pixel "
                                       "intensities (the paper); threshold: pixels above 0.5, as at test time")
@@ -97,7 +98,7 @@ class StatisticianConfig:
                                 "each pixel takes the largest intensity of itself and its four neighbours (0: "
                                 "off; ashysheya's re-implementation dilates with 0.5)")
     reflect: float = option(0.0, "training mirrors each set left-right, all its images together, with this "
-                                 "probability (the paper's reflections; 0: off)")
+                                 "probability (0: off)")
 
     def __post_init__(self):
         for name in ("context_dim", "latent_dim", "latent_layers", "hidden_dim", "filters", "alpha_halve_every"):
@@ -366,8 +367,8 @@ class NeuralStatistician(MetaLearner):
                               shape=(f"channels=1, image_size={IMAGE_SIZE}", f"--channels 1 --image-size {IMAGE_SIZE}"))
         return cls(config)
 
-    # The paper's split (vinyals) and sets of 5 images of one character in training (section
-    # 5.4; a set of one image cannot tell the context c from the image's own latent z); the
+    # The paper's split (vinyals) and sets of 5 images of one character in training (its
+    # Omniglot experiments; a set of one image cannot tell the context c from the image's own latent z); the
     # few-shot test in 1-shot episodes with 5 queries per class, as the reproduction runs
     task_defaults = {"split": "vinyals", "shots": 5, "query": 1, "test_shots": 1, "test_query": 5}
 

@@ -22,25 +22,42 @@ def omniglot_dir() -> Path | None:
     from metalearn.data.omniglot import default_data_dir
 
     downloaded = default_data_dir()  # in the user's cache folder: asked before the session moves it
-    found = (downloaded / "images_background.zip").is_file() or (downloaded / "images_background").is_dir()
-    return downloaded if found else None
+    return downloaded if has_omniglot(downloaded) else None
+
+
+def has_omniglot(path: Path) -> bool:
+    return (path / "images_background.zip").is_file() or (path / "images_background").is_dir()
 
 
 @pytest.fixture(scope="session")
 def omniglot_data_dir() -> Path:
+    """The Omniglot folder; the tests that need it are skipped without one, but fail when
+    ``$METALEARN_DATA`` names a folder without it (CI sets it: a wrong path must not turn the
+    data tests into skips)."""
     path = omniglot_dir()
-    if path is None or not path.is_dir():
+    if path is None or not has_omniglot(path):
+        if os.environ.get("METALEARN_DATA"):
+            pytest.fail(f"METALEARN_DATA={os.environ['METALEARN_DATA']} holds no Omniglot (images_background.zip "
+                        "or images_background/): point it at the folder holding the archives, or unset it to skip "
+                        "the tests that need them")
         pytest.skip("Omniglot not available: set METALEARN_DATA to the folder holding the archives")
     return path
 
 
 @pytest.fixture(scope="session")
 def omniglot_cache_dir(tmp_path_factory) -> Path:
-    """``$METALEARN_CACHE`` when set (the preprocessed array is reused across runs), else a
-    fresh folder for this test session."""
-    if os.environ.get("METALEARN_CACHE"):
-        return Path(os.environ["METALEARN_CACHE"])
-    return tmp_path_factory.mktemp("metalearn-cache")
+    """A fresh cache folder for this test session, which the tests' image folders fill and
+    which goes with the session; the preprocessed Omniglot arrays of the user's cache folder
+    (``$METALEARN_CACHE``, else the default one) are linked into it, so that they are reused
+    across sessions without the tests writing into the user's folder."""
+    from metalearn.data.omniglot import default_cache_dir
+
+    session = tmp_path_factory.mktemp("metalearn-cache")
+    user = default_cache_dir()
+    if user.is_dir():
+        for array in user.glob("omniglot-*.npz"):
+            (session / array.name).symlink_to(array.resolve())
+    return session
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -196,7 +196,7 @@ def test_stop_at_from_the_command_line(tmp_path, capsys):
     integer: one line, exit 2 (with --print-config too), and no run folder made."""
     run_dir = tmp_path / "run"
     args = ["train", "maml", "--dataset", "sinusoid", "--meta-batch-size", 2, "--steps", 6, "--val-every", 0,
-            "--run-dir", run_dir, "--no-progress"]
+            "--eval-episodes", 4, "--run-dir", run_dir, "--no-progress"]
     code, out, err = run(args + ["--stop-at", 2], capsys)
     assert code == 0 and "MSE" not in out and RunDir(run_dir).read_checkpoint("step")["step"] == 2
     assert "stopped as asked (--stop-at) after step 2 of 6" in err and "--resume" in err

@@ -375,10 +375,10 @@ def test_a_torchrun_job_on_a_folder_another_process_trains_in_is_refused_on_ever
     rank stops with one line at once (none waits at a collective for the job's timeout)."""
     run_dir = tmp_path / "run"
     with RunDir(run_dir).lock():  # another writer (this test process) holds the folder
-        started = time.monotonic()
+        # a rank waiting at a collective would wait past the 300 s that the job is given
         done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                                "-m", "metalearn", "train", *SINUSOID, "--steps", "2", "--run-dir", str(run_dir)],
-                              env=env(), capture_output=True, text=True, timeout=300)
+                              env=env(dist_timeout_s=900), capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert f"{run_dir} is in use by process {os.getpid()}" in done.stderr, done.stderr[-3000:]
     assert "rank 0 could not take" in done.stderr, done.stderr[-3000:]  # the other rank's line
@@ -386,7 +386,6 @@ def test_a_torchrun_job_on_a_folder_another_process_trains_in_is_refused_on_ever
     assert sum(line.startswith("error: ") for line in done.stderr.splitlines()) == 2, done.stderr[-3000:]
     package = str(Path(runs.__file__).parent)  # a frame of metalearn's own code, wherever the checkout is
     assert not [line for line in done.stderr.splitlines() if 'File "' in line and package in line], done.stderr[-3000:]
-    assert time.monotonic() - started < 120  # not the collective timeout
     assert not (run_dir / "config.json").exists()
 
 

@@ -512,8 +512,10 @@ def test_plot_draws_every_step_even_after_a_final_only_evaluation(tmp_path, caps
 
 
 def test_plot_draws_the_papers_returns_only_for_a_run_scored_as_the_paper_scored(tmp_path, capsys, monkeypatch):
-    """The paper's returns are those of its step sizes and horizon: beside a run scored with
-    another --inner-lr, --test-lr-decay or --horizon they would compare unlike things."""
+    """The paper's returns are those of its step sizes, horizon, discount and trajectories per step:
+    beside a run scored with another --inner-lr, --test-lr-decay, --horizon, --discount or
+    --test-trajectories they would compare unlike things. Each line's label gives the step size
+    the authors' evaluation adapted that policy with (nav2d's: 0.5)."""
     import metalearn.plotting_rl as plotting_rl
     from metalearn.api import plot_run
     from metalearn.plotting_rl import PAPER_RETURNS
@@ -522,15 +524,39 @@ def test_plot_draws_the_papers_returns_only_for_a_run_scored_as_the_paper_scored
     monkeypatch.setattr(plotting_rl, "plot_adaptation_curves",
                         lambda curves, path, title, paper, *args, **kwargs: papers.append(paper) or path)
     monkeypatch.setattr(plotting_rl, "plot_navigation", lambda *args, **kwargs: args[3])
-    small = [option for option in FAST if option not in ("--horizon", 10)]
+    small = list(FAST)
+    for option in ("--horizon", "--test-trajectories"):  # the paper's, not FAST's
+        del small[small.index(option):small.index(option) + 2]
     for name, changed in (("paper", []), ("inner-lr", ["--inner-lr", 0.05]), ("decay", ["--test-lr-decay", 1.0]),
-                          ("horizon", ["--horizon", 20])):
+                          ("horizon", ["--horizon", 20]), ("discount", ["--discount", 0.9]),
+                          ("trajectories", ["--test-trajectories", 4])):
         code, _, err = run(["train", "maml-rl", "--steps", 1, "--run-dir", tmp_path / name, "--no-eval", *small,
                             *changed], capsys)
         assert code == 0, err
         plot_run(tmp_path / name)
-    assert papers[0] == {f"paper: {name}": PAPER_RETURNS["nav2d"][name] for name in ("MAML", "random")}
-    assert papers[1:] == [{}, {}, {}]
+    assert papers[0] == {f"paper: {name}, step size 0.5": PAPER_RETURNS["nav2d"][name] for name in ("MAML", "random")}
+    assert papers[1:] == [{}, {}, {}, {}, {}]
+
+
+def test_paper_lines_name_the_authors_step_sizes_and_accept_their_trajectory_count():
+    """The half-cheetahs' baselines were adapted by the authors at step sizes of their own
+    (cheetah-vel: pretrained 0.02; cheetah-dir: pretrained 0.2, random 1.0): the labels say so. A
+    run scored with the authors' own 20 trajectories per step gets the lines as one with the
+    default 40 does; nav2d's pretrained row, whose step size is not known, is labelled without one."""
+    from metalearn.options import option_defaults
+    from metalearn.plotting_rl import PAPER_RETURNS, paper_references
+
+    defaults = option_defaults(MAMLRLConfig)
+    drawn = ("MAML", "pretrained", "random")
+    assert list(paper_references("cheetah-dir", drawn, defaults, defaults)) == [
+        "paper: MAML, step size 0.1", "paper: pretrained, step size 0.2", "paper: random, step size 1"]
+    lines = paper_references("cheetah-vel", drawn, {**defaults, "test_trajectories": 20}, defaults)
+    assert lines == {"paper: MAML, step size 0.1": PAPER_RETURNS["cheetah-vel"]["MAML"],
+                     "paper: pretrained, step size 0.02": PAPER_RETURNS["cheetah-vel"]["pretrained"],
+                     "paper: random, step size 0.1": PAPER_RETURNS["cheetah-vel"]["random"]}
+    assert paper_references("cheetah-vel", drawn, {**defaults, "test_trajectories": 10}, defaults) == {}
+    assert "paper: pretrained" in paper_references("nav2d", drawn, defaults, defaults)
+    assert paper_references("walk-to-goal", drawn, defaults, defaults) == {}
 
 
 @pytest.mark.parametrize("outer, title", [("trpo", "TRPO step, |step|^2 / 2 (meta-batch)"),
@@ -755,7 +781,7 @@ def test_cheetah_steps_as_gymnasium_does_to_the_bit(threads, monkeypatch):
                 expected_obs.append(observation)
                 expected_velocity.append(info["x_velocity"])
             assert torch.equal(obs.reshape(6, 17), torch.as_tensor(np.stack(expected_obs)))
-            # the forward velocity that plots draw is the root's x velocity, qvel[0]
+            # forward_velocity_index: the root's x velocity qvel[0] at the end of the step
             assert obs.reshape(6, 17)[:, cheetah.HalfCheetah.forward_velocity_index].tolist() == \
                 [twin.data.qvel[0] for twin in twins]
             velocity = torch.tensor(expected_velocity, dtype=torch.float64).view(2, 3)
@@ -765,6 +791,41 @@ def test_cheetah_steps_as_gymnasium_does_to_the_bit(threads, monkeypatch):
         torch.set_num_threads(before)
         pool.shutdown()
     assert set(sizes) == ({3} if threads == 3 else set())
+
+
+@pytest.mark.parametrize("goal", ["velocity", "direction"])
+def test_velocity_plot_draws_the_velocity_the_reward_saw(goal, tmp_path, monkeypatch):
+    """velocities.png draws, for each step, the velocity v of that step's reward (the root's x
+    displacement over the step over its duration): the reward plus the control cost is -|v - g|
+    (cheetah-vel) or d v (cheetah-dir) for the plotted v, before and after the step. The
+    observation's qvel[0], the velocity at the end of the step before, is not it."""
+    pytest.importorskip("mujoco")
+    pytest.importorskip("gymnasium")
+    import metalearn.plotting_rl as plotting_rl
+    from metalearn import Problem
+    from metalearn.envs.cheetah import HalfCheetah
+    from metalearn.plotting_rl import plot_velocities
+
+    env = HalfCheetah(goal)
+    torch.manual_seed(0)
+    learner = MAMLRL.build(MAMLRLConfig(test_trajectories=3, horizon=12, hidden=8), Problem((17,), 6, False))
+    batch = MDPTasks(env).sample(2, torch.Generator().manual_seed(1))
+    before, after = learner.adapted_trajectories(batch, steps=1)
+    drawn = []
+    monkeypatch.setattr(plotting_rl, "save_figure", lambda fig, path, *args, **kwargs: drawn.append(fig) or path)
+    plot_velocities(before, after, batch.params, env.forward_velocity_info, tmp_path / "velocities.png", shown=3)
+    target = batch.params[goal]
+    for t, ax in enumerate(drawn[0].axes):
+        lines = [torch.tensor(line.get_ydata(), dtype=torch.float32) for line in ax.get_lines()]
+        # per policy: 3 trajectories, then their mean; the goal's line last
+        for k, sampled in enumerate((before, after)):
+            plotted = torch.stack(lines[4 * k:4 * k + 3])  # (trajectories, H)
+            progress = sampled.rewards[t] + 0.05 * sampled.actions[t].clamp(-1, 1).square().sum(-1)
+            expected = -(plotted - target[t]).abs() if goal == "velocity" else target[t] * plotted
+            torch.testing.assert_close(progress, expected, rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(plotted, sampled.observations[t, :, :, HalfCheetah.forward_velocity_index],
+                                      atol=1e-3)
+    assert before.info["velocity"].shape == before.rewards.shape  # (tasks, trajectories, H)
 
 
 def _step_cheetah_twice(env) -> None:

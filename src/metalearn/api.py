@@ -965,7 +965,7 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
     nav2d also the trajectories on three test goals before and after one step, for the
     half-cheetahs the forward velocity on four test tasks before and after one step."""
     from metalearn.algorithms import build_learner
-    from metalearn.plotting_rl import PAPER_RETURNS, plot_adaptation_curves, plot_navigation, plot_velocities
+    from metalearn.plotting_rl import paper_references, plot_adaptation_curves, plot_navigation, plot_velocities
     from metalearn.tasks import build_task_source
 
     _, learner, step = load_trained(run_dir)
@@ -1028,16 +1028,16 @@ def _plot_reinforcement(run_dir: Path | str, config: RunConfig, compare_with: Pa
             run.write_eval(curves["random"], labels)
         except WriteError:
             pass
-    # the paper's returns, where the run is scored as the paper's were: its step sizes (inner_lr,
-    # halved after the first step) and horizon (the environment's own: 0), the method's defaults
-    scoring = option_defaults(method_class(config.method).Config)
-    as_paper = all(config.method_config.get(key) == scoring.get(key)
-                   for key in ("inner_lr", "test_lr_decay", "horizon"))
-    paper = {f"paper: {name}": values for name, values in PAPER_RETURNS.get(config.task.dataset, {}).items()
-             if name in curves and as_paper}
+    # the paper's returns of the policies drawn, where the run is scored as the paper's were (the
+    # method's defaults: step size, its decay, horizon, discount; trajectories per step the default or
+    # the authors'), each labelled with the step size the authors adapted that policy with
+    paper = paper_references(config.task.dataset, curves, config.method_config,
+                             option_defaults(method_class(config.method).Config))
     paths = [plot_adaptation_curves(curves, plots / "returns_per_step.png",
                                     f"{config.task.dataset}: {episodes} test tasks, step {step}", paper)]
-    positions, velocity = getattr(source.env, "positions", False), getattr(source.env, "forward_velocity_index", None)
+    positions = getattr(source.env, "positions", False)
+    # the velocity each step's reward saw where the environment reports it (the half-cheetahs), else an observation
+    velocity = getattr(source.env, "forward_velocity_info", None) or getattr(source.env, "forward_velocity_index", None)
     if positions or velocity is not None:
         batch = source.sample(3 if positions else 4, torch.Generator().manual_seed(TEST_SEED_OFFSET))
         with own_random_state(cuda_devices()):  # fork_rng's default would start CUDA

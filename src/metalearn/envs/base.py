@@ -31,7 +31,10 @@ class Environment(Protocol):
         episode, when given (the rollout's per-task draws), else from torch's generator."""
 
     def step(self, state: Any, action: Tensor) -> tuple[Any, Tensor, Tensor, Tensor]:
-        """(state, observations, rewards ``(tasks, trajectories)``, done ``(tasks, trajectories)`` bool)."""
+        """(state, observations, rewards ``(tasks, trajectories)``, done ``(tasks, trajectories)`` bool).
+        A ``state`` that is a dict may hold ``"info"``: ``{name: (tasks, trajectories) tensor}``,
+        values of the step just taken beside its reward (the half-cheetahs' rewarded
+        ``velocity``), which :func:`rollout` gathers into :attr:`Trajectories.info`."""
 
 
 @dataclass(frozen=True)
@@ -106,12 +109,15 @@ class Trajectories:
     actions:      (tasks, trajectories, H, action_dim), as the policy drew them (before any clipping)
     rewards:      (tasks, trajectories, H), 0 after termination
     mask:         (tasks, trajectories, H), 1 up to and including the step that terminated
+    info:         {name: (tasks, trajectories, H)}, what the environment reported of each step
+                  beside its reward (``state["info"]``, see :meth:`Environment.step`); empty for most
     """
 
     observations: Tensor
     actions: Tensor
     rewards: Tensor
     mask: Tensor
+    info: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def num_steps(self) -> int:
@@ -143,7 +149,7 @@ def rollout(env: Environment, params: dict[str, Tensor], trajectories: int, act:
     state, obs = env.reset(params, trajectories) if reset_seeds is None else env.reset(params, trajectories,
                                                                                          reset_seeds)
     alive = torch.ones(obs.shape[:2], dtype=obs.dtype, device=obs.device)
-    observations, actions, rewards, masks = [], [], [], []
+    observations, actions, rewards, masks, info = [], [], [], [], {}
     for _ in range(horizon):
         action = act(obs)
         state, next_obs, reward, done = env.step(state, action)
@@ -151,7 +157,9 @@ def rollout(env: Environment, params: dict[str, Tensor], trajectories: int, act:
         actions.append(action)
         rewards.append(reward.to(obs.dtype) * alive)
         masks.append(alive)
+        for name, value in (state.get("info", {}) if isinstance(state, dict) else {}).items():
+            info.setdefault(name, []).append(value)
         alive = alive * (~done).to(obs.dtype)
         obs = next_obs
     return Trajectories(torch.stack(observations, 2), torch.stack(actions, 2), torch.stack(rewards, 2),
-                        torch.stack(masks, 2))
+                        torch.stack(masks, 2), {name: torch.stack(values, 2) for name, values in info.items()})

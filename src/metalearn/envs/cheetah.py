@@ -17,8 +17,15 @@ x velocity (rllab's: the torso's centre-of-mass velocity), gymnasium's reset noi
 +-0.1 on the positions; rllab's: normal, standard deviation 0.01), and the control period: gymnasium
 holds each action for 5 MuJoCo steps of 0.01 s (``frame_skip`` 5, 0.05 s), where rllab's model file
 sets no frame skip, so that its policy acted every 0.01 s; the 200 steps of an episode are 10 s of
-simulated time here, 2 s in the paper. Returns are therefore comparable in kind, not to the
-decimal.
+simulated time here, 2 s in the paper. tristandeleu/pytorch-maml-rl makes the same choice (its
+``maml_rl/envs/mujoco/half_cheetah.py`` subclasses gym's ``HalfCheetahEnv``, frame skip 5). Returns
+are therefore comparable in kind, not to the decimal.
+
+v is the root's x displacement over a step's ``frame_skip`` simulator steps divided by their
+duration (gymnasium's ``info["x_velocity"]``), not the velocity qvel[0] that the observation holds
+at the end of the step. Each step reports its v as ``state["info"]["velocity"]``, which the
+rollout keeps in :attr:`Trajectories.info <metalearn.envs.Trajectories>` and the velocity plot
+draws.
 
 The simulators are stepped by a Python loop over the meta-batch's tasks x trajectories
 (``tasks * trajectories`` environments kept between calls), split among torch's threads
@@ -88,6 +95,7 @@ class HalfCheetah:
     control_cost = 0.05  # 0.1 * 0.5 |a|^2 in the authors' code
     positions = False
     forward_velocity_index = 8  # in an observation (qpos[1:], qvel): qvel[0], the root's x velocity
+    forward_velocity_info = "velocity"  # in Trajectories.info: the v of each step's reward, which the plot draws
     envs_per_thread = 16  # fewer environments than this per thread are stepped by one thread
 
     def __init__(self, goal: str = "velocity"):
@@ -163,6 +171,7 @@ class HalfCheetah:
             self._simulate(envs, actions, observations, velocities, range(len(envs)))
         obs = torch.as_tensor(observations, dtype=action.dtype, device=action.device)
         velocity = torch.as_tensor(velocities, dtype=action.dtype, device=action.device).view(tasks, trajectories)
+        state["info"] = {"velocity": velocity}  # the v of this step's reward: Trajectories.info
         cost = self.control_cost * clipped.square().sum(-1)
         progress = -(velocity - goal).abs() if self.goal == "velocity" else goal * velocity
         done = torch.zeros(tasks, trajectories, dtype=torch.bool, device=action.device)

@@ -87,6 +87,24 @@ def test_the_command_prints_the_table_and_json_and_refuses_what_would_mix_unlike
         summarize_runs(str(untested))
 
 
+def test_an_evaluation_file_of_an_older_version_groups_with_the_new_ones(sweep, tmp_path):
+    """Evaluation files written before episode_seed existed record the generator's seed as
+    "seed": such a run groups with runs scored on the same episodes by the current version."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(sweep[(0.01, 1)], old)  # (seed 0's eval.json is rescored by another test)
+    scored = json.loads((old / "eval.json").read_text())
+    scored["seed"] = scored.pop("episode_seed")  # the older format
+    (old / "eval.json").write_text(json.dumps(scored))
+    summary = summarize_runs([old, sweep[(0.01, 2)]])
+    assert [group["n"] for group in summary["groups"]] == [2]
+    scored["seed"] += 1  # other episodes: refused as before
+    (old / "eval.json").write_text(json.dumps(scored))
+    with pytest.raises(MetalearnError, match="scored with different episode_seed"):
+        summarize_runs([old, sweep[(0.01, 2)]])
+
+
 def test_a_run_counts_once_and_what_the_grouping_leaves_out_is_said(sweep, tmp_path):
     """A run given twice (overlapping globs) or a copy of one would count as two seeds: refused.
     --group-by that leaves out an option the runs differ in pools them, with a warning; an

@@ -129,9 +129,13 @@ def summarize_runs(run_dirs: list[Path | str], group_by: list[str] | None = None
         groups.setdefault(tuple(repr(options.get(name)) for name in grouping), []).append((path, options, scored, step))
     out = []
     short = _short(grouping)
+    from metalearn.api import episode_seed
+
     for members in groups.values():
         for what in ("part", "episodes", "episode_seed", "ways", "shots", "query"):
-            seen = {repr(scored.get(what)) for _, _, scored, _ in members}
+            # the generator's seed as every version recorded it (older files: as "seed")
+            seen = {repr(episode_seed(scored) if what == "episode_seed" else scored.get(what))
+                    for _, _, scored, _ in members}
             if len(seen) > 1:
                 raise MetalearnError(f"the runs of one group ({', '.join(str(p) for p, _, _, _ in members)}) were scored "
                                      f"with different {what} ({', '.join(sorted(seen))}): score them alike, or group "

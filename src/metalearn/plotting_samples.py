@@ -1,7 +1,7 @@
-"""Pictures of samples. The PLATIPUS Figure 1 picture (Finn, Xu & Levine 2018): for a few
-ambiguous regression tasks, the support points, the true function and many sampled adapted
-functions, beside MAML's single prediction; and grids of images with new images of a character
-beneath them (the Neural Statistician's conditional samples)."""
+"""Pictures of samples. A picture like the PLATIPUS paper's figure of sampled regressors (Finn,
+Xu & Levine 2018): for a few ambiguous regression tasks, the support points, the true function
+and many sampled adapted functions, beside MAML's single prediction; and grids of images with
+new images of a character beneath them (the Neural Statistician's conditional samples)."""
 
 from __future__ import annotations
 

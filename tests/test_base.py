@@ -180,3 +180,37 @@ def test_a_subclass_of_maml_is_named_as_itself():
         MAMLConfig(inner_steps=0)
     with pytest.raises(MetalearnError, match=re.escape("MAML needs a model without running-statistics buffers")):
         MAML(nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4)))
+
+
+@pytest.mark.parametrize("name", ["maml", "maml++", "platipus", "protonet", "matchingnet", "reptile", "memory",
+                                  "statistician"])
+def test_predict_leaves_the_learner_as_it_found_it(name):
+    """MetaLearner.predict's contract: evaluation calls it episode after episode and
+    ``metalearn predict`` on parts of the support set first, to measure a pass's memory, so
+    no call may change the learner's weights or buffers (running statistics, a memory; a
+    sampling method, PLATIPUS, draws from torch's generator, as dropout does). Each built-in method, with the paper's defaults (MAML++: its preset,
+    per-step batch-norm statistics), after a few training steps so that its buffers are not
+    their initial values."""
+    from metalearn.algorithms import build_learner
+    from metalearn.api import resolve_config
+    from metalearn.tasks import Problem
+
+    method, preset = ("maml", "maml++") if name == "maml++" else (name, None)
+    config = resolve_config(method, task={"dataset": "omniglot", "ways": 3, "shots": 2, "query": 2}, preset=preset)
+    learner = build_learner(method, config.method_config, Problem((1, 28, 28), 3, True)).float()
+    batch = image_batch(tasks=2, ways=3, shots=2, query=2, size=28, dtype=torch.float32)
+    optimizer = torch.optim.SGD(learner.parameters(), lr=1e-3)
+    learner.train()
+    for _ in range(2):
+        loss, _ = learner.meta_loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    learner.eval()
+    before = {key: value.clone() for key, value in learner.state_dict().items()}
+    learner.predict(batch)
+    learner.predict(image_batch(tasks=1, ways=3, shots=1, query=2, size=28, seed=1, dtype=torch.float32))
+    after = learner.state_dict()
+    assert after.keys() == before.keys()
+    changed = [key for key in before if not torch.equal(before[key], after[key])]
+    assert not changed, changed

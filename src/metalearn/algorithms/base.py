@@ -282,7 +282,10 @@ class MetaLearner(nn.Module):
 
     def predict(self, batch: TaskBatch) -> Tensor:
         """Adapt to each task's support set, return query predictions:
-        logits (tasks, n_query, ways) or regression outputs (tasks, n_query, out_dim)."""
+        logits (tasks, n_query, ways) or regression outputs (tasks, n_query, out_dim). Leaves the
+        learner as it found it (its weights, buffers and any state of its own): evaluation calls
+        it episode after episode, and ``metalearn predict`` may call it on parts of the support
+        set first, to measure the memory a pass takes."""
         raise NotImplementedError
 
     def predict_per_step(self, batch: TaskBatch) -> Tensor:

@@ -39,3 +39,12 @@ class FullDisk(ClosedPipe):
 
     def flush(self):
         raise OSError(28, "No space left on device")
+
+
+def one_line_error(code: int, out: str, err: str, match: str) -> None:
+    """A usage error (exit code 2): one line on stderr, ``error: ...`` containing ``match``, no traceback."""
+    assert code == 2, (code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert match in lines[0], lines[0]
+    assert "Traceback" not in err + out

@@ -1,6 +1,7 @@
 """The independent reference that the MAML and PLATIPUS gradient tests compare with: forwards
 written with F.linear / F.conv2d / F.batch_norm on explicit weights, and the inner loop with
-torch.autograd.grad, sharing no code with the package."""
+torch.autograd.grad, sharing no code with the package; and the small Conv4 problem that both
+tests differentiate."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from batches import image_batch
+from metalearn.models import Conv4
 
 
 def mlp_forward(params: dict[str, Tensor], x: Tensor) -> Tensor:
@@ -65,3 +69,12 @@ def central_difference(loss: Callable[[], Tensor], param: Tensor, index: int, ep
         minus = loss().item()
         flat[index] = original
     return (plus - minus) / (2 * eps)
+
+
+def conv_problem(tasks=3, ways=3, shots=2, query=2, size=12, seed=0):
+    """A float64 Conv4 of the package (its parameters are what :func:`conv4_forward` reads), a
+    random image batch for it, and the reference forward."""
+    torch.manual_seed(seed)
+    model = Conv4(1, ways, hidden=8).double()
+    batch = image_batch(tasks, ways, shots, query, size, seed)
+    return model, batch, conv4_forward

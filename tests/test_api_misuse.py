@@ -4,6 +4,8 @@ library. None of these tests needs Omniglot."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -556,10 +558,19 @@ def test_a_method_whose_network_attribute_names_a_part_still_checks_the_network_
             super().__init__(model, config)
             self.body = model[0]
 
+    torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
     batch = SinusoidTasks(shots=5, query=5).sample(2, torch.Generator().manual_seed(0))
-    loss, _ = Body(net, MAML.Config(inner_lr=0.01)).meta_loss(batch)
-    assert torch.isfinite(loss)
+    body = Body(net, MAML.Config(inner_lr=0.01))
+    loss, _ = body.meta_loss(batch)
+    # the whole network ran (self.body, Linear(1, 8), has 8 outputs): the loss of a plain MAML of a copy
+    expected, _ = MAML(copy.deepcopy(net), MAML.Config(inner_lr=0.01)).meta_loss(batch)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    # and the check measured self.model's outputs, (1,), not the body's (8,)
+    two = TaskBatch(batch.support_x, batch.support_y.repeat(1, 1, 2), batch.query_x, batch.query_y.repeat(1, 1, 2))
+    assert refusal(lambda: body.meta_loss(two)) == (
+        "maml: the network has outputs of shape (1,) (per example) but the regression targets have shape (2,) "
+        "per example")
 
 
 def test_plotting_a_run_s_file_names_the_run_s_folder(tmp_path):

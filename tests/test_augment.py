@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from batches import assert_batches_equal, gen
 from checkpoints import assert_same_weights
-from cli_runner import run
+from cli_runner import one_line_error, run
 from metalearn.api import resolve_config
 from metalearn.config import RunConfig, TaskConfig
 from metalearn.data.images import to_float
@@ -25,10 +26,6 @@ from metalearn.runs import RunDir
 from metalearn.tasks import SinusoidTasks, build_task_source
 from metalearn.tasks.episodes import (AugmentDraws, Augmentation, EpisodeSampler, crop_and_flip, crop_padding,
                                       jitter_colors)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def pixels(n: int, channels: int = 3, side: int = 12, seed: int = 0) -> torch.Tensor:
@@ -43,11 +40,6 @@ def sampler(augment: str = "", classes: int = 7, per_class: int = 6, side: int =
     pool = ClassPool("mine", torch.arange(classes), torch.zeros(classes, dtype=torch.long))
     return EpisodeSampler(images, pool, 3, 2, 3, class_sizes=torch.full((classes,), per_class), augment=augment,
                           **options)
-
-
-def assert_batches_equal(a, b) -> None:
-    for name in ("support_x", "support_y", "query_x", "query_y"):
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
 def digest(batch) -> str:
@@ -284,13 +276,6 @@ def test_a_trainer_refuses_samplers_whose_augmentation_its_config_does_not_recor
 
 
 # -- the command line ------------------------------------------------------------------------
-
-
-def one_line_error(code: int, out: str, err: str, match: str) -> None:
-    assert code == 2, (code, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], err
-    assert "Traceback" not in err + out
 
 
 def test_bad_values_and_datasets_without_images_are_refused_in_one_line(capsys):

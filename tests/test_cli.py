@@ -835,17 +835,17 @@ def test_evaluating_again_says_that_it_replaces_the_earlier_evaluation(tmp_path,
 
 def test_a_run_extended_by_steps_logs_at_the_default_of_its_new_length(tmp_path, capsys):
     common = ["--dataset", "sinusoid", "--meta-batch-size", 2, "--val-every", 0, "--no-progress", "--no-eval"]
-    assert run(["train", "maml", "--steps", 20, "--run-dir", tmp_path / "a"] + common, capsys)[0] == 0
-    assert run(["train", "maml", "--steps", 20, "--log-every", 2, "--run-dir", tmp_path / "b"] + common, capsys)[0] == 0
-    assert run(["train", "maml", "--steps", 20, "--log-every", 5, "--run-dir", tmp_path / "c"] + common, capsys)[0] == 0
+    assert run(["train", "maml", "--steps", 10, "--run-dir", tmp_path / "a"] + common, capsys)[0] == 0
+    assert run(["train", "maml", "--steps", 10, "--log-every", 1, "--run-dir", tmp_path / "b"] + common, capsys)[0] == 0
+    assert run(["train", "maml", "--steps", 10, "--log-every", 5, "--run-dir", tmp_path / "c"] + common, capsys)[0] == 0
     for name in "abc":
-        assert run(["train", "maml", "--steps", 40, "--resume", "--run-dir", tmp_path / name] + common, capsys)[0] == 0
+        assert run(["train", "maml", "--steps", 20, "--resume", "--run-dir", tmp_path / name] + common, capsys)[0] == 0
     steps = lambda name: [json.loads(line)["step"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-    # the default of 20 steps (2) becomes the default of 40 (4), also where it was given as 2;
+    # the default of 10 steps (1) becomes the default of 20 (2), also where it was given as 1;
     # another number given is the user's and stays
-    assert steps("a") == steps("b") == list(range(2, 21, 2)) + list(range(24, 41, 4))
-    assert steps("c") == list(range(5, 41, 5))
-    assert RunDir(tmp_path / "a").read_config().train.log_every == 4
+    assert steps("a") == steps("b") == list(range(1, 11)) + list(range(12, 21, 2))
+    assert steps("c") == list(range(5, 21, 5))
+    assert RunDir(tmp_path / "a").read_config().train.log_every == 2
 
 
 def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path):

@@ -15,32 +15,12 @@ import pytest
 import torch
 
 from checkpoints import assert_same_weights, weights
+from launching import env, launch, metalearn
 from metalearn import runs
 from metalearn.runs import RunDir
 
 SINUSOID = ["maml", "--dataset", "sinusoid", "--meta-batch-size", "5", "--log-every", "1", "--val-every", "3",
             "--val-episodes", "6", "--checkpoint-every", "2", "--eval-episodes", "20", "--no-progress"]
-
-
-def env(dist_timeout_s: int = 120):
-    """A collective timeout long enough for a loaded CI machine; the dead-rank test shortens it."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "METALEARN_DIST_TIMEOUT": str(dist_timeout_s)}
-
-
-def metalearn(args, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "metalearn", "train", *map(str, args)], env=env(),
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
-
-
-def launch(program: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    """torchrun ``program`` (a script and its arguments, or ``-m module ...``) on ``nproc``
-    local processes; it must succeed."""
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={nproc}", *program], env=env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
 
 
 def torchrun(args, tmp_path, nproc=2):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from batches import assert_batches_equal, gen
 from metalearn.data.splits import ClassPool, omniglot_split
 from metalearn.errors import MetalearnError, OptionError
 from metalearn.tasks.batch import TaskBatch
@@ -26,16 +27,6 @@ def train_pool(omniglot) -> ClassPool:
 @pytest.fixture(scope="module")
 def sampler(raw, train_pool) -> EpisodeSampler:
     return EpisodeSampler(raw, train_pool, WAYS, SHOTS, QUERY)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def assert_batches_equal(a: TaskBatch, b: TaskBatch):
-    for field in ("support_x", "support_y", "query_x", "query_y"):
-        assert torch.equal(getattr(a, field), getattr(b, field)), field
-    assert a.ways == b.ways
 
 
 def expected_images(raw, pool, classes, draws, rotations) -> torch.Tensor:

@@ -17,7 +17,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from cli_runner import run
+from batches import gen
+from cli_runner import one_line_error, run
+from images import write_tiny
 from metalearn.algorithms import METHODS, build_learner
 from metalearn.api import resolve_config, with_split
 from metalearn.config import TaskConfig
@@ -94,24 +96,12 @@ def shapes(tmp_path_factory) -> Path:
     return root
 
 
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def one_file(folder: Path, pattern: str) -> Path:
     """The one file of ``folder`` that ``pattern`` matches (an evaluation of another folder is
     named by that folder's name and a hash of its path)."""
     found = sorted(folder.glob(pattern))
     assert len(found) == 1, (pattern, sorted(p.name for p in folder.iterdir()))
     return found[0]
-
-
-def one_line_error(code: int, out: str, err: str, match: str) -> None:
-    assert code == 2, (code, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert match in lines[0], lines[0]
-    assert "Traceback" not in err + out
 
 
 # -- images as training sees them -----------------------------------------------------------
@@ -560,17 +550,6 @@ def test_a_class_folder_in_two_parts_is_refused(tmp_path):
 
 
 # -- what identifies a folder, how it is split, and how it is read ------------------------------
-
-
-def write_tiny(root: Path, classes: dict[str, int], start: int = 0) -> None:
-    """``classes``: folder below ``root`` -> number of 8x8 PNGs, each one flat grey value of
-    its own (``start``, ``start + 1``, ...), named ``00.png``, ``01.png``, ..."""
-    value = start
-    for name, count in classes.items():
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            Image.fromarray(np.full((8, 8), value, np.uint8), "L").save(root / name / f"{i:02d}.png")
-            value += 1
 
 
 def fresh_load(root: Path, cache: Path):
@@ -1752,7 +1731,12 @@ def test_too_few_classes_or_images_are_refused_before_any_image_is_decoded(tmp_p
                         r"per class: add images, or lower --query to 1 or --shots to 1", caught.value.with_flags())
     assert decoded == []
     source = build_task_source(dataclasses.replace(task, ways=3), "train", tmp_path / "d", progress=False)
-    assert len(decoded) == 30 and source.sample(2, gen(0)) is not None
+    assert len(decoded) == 30
+    for seed in (0, 1):  # sampling reads the decoded images: nothing is decoded again
+        batch = source.sample(2, gen(seed))
+        assert (batch.support_x.shape, batch.query_x.shape, batch.ways) == ((2, 3, 1, 8, 8), (2, 3, 1, 8, 8), 3)
+        assert sorted(batch.support_y[0].tolist()) == sorted(batch.query_y[1].tolist()) == [0, 1, 2]
+    assert len(decoded) == 30 and len(set(decoded)) == 30
     # training: the validation and test parts' shapes too are checked before the training part is read
     decoded.clear()
     folder_module._LOADED.clear()
@@ -2020,10 +2004,7 @@ def test_a_folder_without_images_names_what_it_holds(tmp_path, capsys, monkeypat
 def test_a_contact_sheet_of_large_folders_shows_a_readable_part_and_says_what_it_leaves_out(monkeypatch):
     """40 shots a class and 150 query images: 12 images a row, the first 120 queries, and a title
     that says what is not shown (every prediction is in --json and --csv)."""
-    import io as _io
-
     import matplotlib.figure
-    from PIL import Image
 
     from metalearn.prediction import SHEET_CLASSES, SHEET_COLUMNS, SHEET_QUERIES, Predictions, contact_sheet
 
@@ -2034,23 +2015,35 @@ def test_a_contact_sheet_of_large_folders_shows_a_readable_part_and_says_what_it
         made.images = (torch.rand(2 * shots, 3, 8, 8), support_y, torch.rand(queries, 3, 8, 8))
         return made
 
-    titles = []
+    titles, sheets = [], []
     real = matplotlib.figure.Figure.suptitle
     monkeypatch.setattr(matplotlib.figure.Figure, "suptitle",
                         lambda self, text, **kw: (titles.append(text), real(self, text, **kw))[1])
-    small = Image.open(_io.BytesIO(contact_sheet(result(3, 10), "small")))
+    # the figure as it would be saved, without encoding its PNG (the names' test encodes one)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, target, **kw: sheets.append((self, kw)))
+
+    def drawn() -> tuple[tuple[int, int], int]:
+        """The last sheet's size in pixels and the number of images on it."""
+        figure, kw = sheets[-1]
+        width, height = figure.get_size_inches() * kw["dpi"]
+        return (round(width), round(height)), sum(len(ax.images) for ax in figure.axes)
+
+    contact_sheet(result(3, 10), "small")
+    small = drawn()
+    assert small == ((8 * 130, 4 * 145), 2 * 3 + 10)  # at least 8 columns; 2 support rows and 2 query rows
     many = result(1, 4)
     many.update(classes=[f"c{i}" for i in range(SHEET_CLASSES + 5)], shots=[1] * (SHEET_CLASSES + 5))
     many.images = (torch.rand(SHEET_CLASSES + 5, 3, 8, 8), torch.arange(SHEET_CLASSES + 5), torch.rand(4, 3, 8, 8))
     contact_sheet(many, "")
     assert titles[-1] == f"not shown: the support images of 5 of {SHEET_CLASSES + 5} classes"
+    assert drawn()[1] == SHEET_CLASSES + 4
     assert titles[0] == "small"
-    large = Image.open(_io.BytesIO(contact_sheet(result(40, 150), "large")))
+    contact_sheet(result(40, 150), "large")
     assert titles[-1] == (f"large\nnot shown: support images past the first {SHEET_COLUMNS} of a class; "
                           f"{150 - SHEET_QUERIES} of 150 query images (all are in --json and --csv)")
     rows = 2 + SHEET_QUERIES // SHEET_COLUMNS
-    assert large.width <= 1.3 * SHEET_COLUMNS * 100 + 1 and large.height <= 1.45 * rows * 100 + 1
-    assert small.width < large.width
+    assert drawn() == ((SHEET_COLUMNS * 130, rows * 145), 2 * SHEET_COLUMNS + SHEET_QUERIES)
+    assert all(kw == {"format": "png", "dpi": 100} for _, kw in sheets)
 
 
 def test_names_of_undecodable_bytes_reach_the_csv_as_bytes_and_the_sheet_as_replacement_characters():

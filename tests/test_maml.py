@@ -21,8 +21,8 @@ from metalearn.errors import MetalearnError
 from metalearn.models import MLP, BatchStatNorm, Conv4, reference_conv4
 from metalearn.tasks.batch import TaskBatch
 from metalearn.tasks.sinusoid import SinusoidTasks
-from batches import image_batch
-from reference import central_difference, conv4_forward, mlp_forward, ref_adapt, ref_task_loss
+from batches import double, image_batch
+from reference import central_difference, conv_problem, mlp_forward, ref_adapt, ref_task_loss
 
 # -- the independent reference -----------------------------------------------------------------
 
@@ -44,26 +44,11 @@ def ref_meta_loss(forward, params, batch: TaskBatch, steps, lr, first_order=Fals
 # -- problems --------------------------------------------------------------------------------
 
 
-def double(batch: TaskBatch) -> TaskBatch:
-    def cast(t):
-        return t.double() if torch.is_floating_point(t) else t
-
-    return TaskBatch(cast(batch.support_x), cast(batch.support_y), cast(batch.query_x),
-                     cast(batch.query_y), batch.ways)
-
-
 def sinusoid_problem(tasks=4, hidden=(40, 40), seed=0):
     torch.manual_seed(seed)
     model = MLP(1, 1, hidden).double()
     batch = double(SinusoidTasks(shots=5, query=10).sample(tasks, torch.Generator().manual_seed(seed)))
     return model, batch, mlp_forward
-
-
-def conv_problem(tasks=3, ways=3, shots=2, query=2, size=12, seed=0):
-    torch.manual_seed(seed)
-    model = Conv4(1, ways, hidden=8).double()
-    batch = image_batch(tasks, ways, shots, query, size, seed)
-    return model, batch, conv4_forward
 
 
 PROBLEMS = {

@@ -267,7 +267,7 @@ def test_resume_is_exact_with_the_memory_and_its_noise(tmp_path, omniglot_data_d
 
 def test_two_gloo_ranks_hold_the_memory_of_one_process(tmp_path, omniglot_data_dir):
     from checkpoints import assert_same_weights, weights
-    from test_distributed import launch, metalearn
+    from launching import launch, metalearn
 
     args = ["memory", "--dataset", "omniglot", "--ways", 3, "--shots", 1, "--query", 2, "--model",
             "conv4-embedding", "--memory-size", 32, "--choose-k", 8, "--key-dim", 16, "--dropout", 0,

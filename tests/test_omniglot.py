@@ -172,10 +172,14 @@ def test_damaged_cache_is_not_trusted(tmp_path):
     # the right fingerprint, arrays that do not fit together: rebuilt, not read out of bounds later
     names = ("Alpha/character01", "Beta/character01")
     meta = np.array(json.dumps({"fingerprint": "f", "names": names, "content_hash": "h"}))
-    drawers = np.ones((2, 20), np.int16)
-    fine = np.zeros((2, 20, 4, 4), np.uint8)
+    drawers = np.arange(40, dtype=np.int16).reshape(2, 20)
+    fine = (np.arange(2 * 20 * 4 * 4) % 251).astype(np.uint8).reshape(2, 20, 4, 4)
     np.savez(tmp_path / "fine.npz", images=fine, background=np.array([True, False]), drawers=drawers, meta=meta)
-    assert _read_cache(tmp_path / "fine.npz", "f", 4) is not None
+    read = _read_cache(tmp_path / "fine.npz", "f", 4)
+    assert (read.names, read.content_hash, read.background.tolist()) == (names, "h", [True, False])
+    np.testing.assert_array_equal(read.images, fine)
+    np.testing.assert_array_equal(read.drawers, drawers)
+    assert read.images.dtype == np.uint8
     assert _read_cache(tmp_path / "fine.npz", "f", 28) is None  # another image size
     for images in (np.zeros((1, 100, 4, 4), np.uint8), np.zeros((2, 20, 4, 4), np.float32), np.zeros((2, 20, 4), np.uint8)):
         np.savez(tmp_path / "odd.npz", images=images, background=np.array([True, False]), drawers=drawers, meta=meta)

@@ -3,21 +3,10 @@ an export."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from cli_runner import run
-
-
-def colours(root, classes: int, per_class: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        (root / f"class {c}").mkdir(parents=True)
-        for i in range(per_class):
-            pixels = np.clip(rng.normal(40 * c, 20, (12, 12, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / f"class {c}" / f"{i}.png")
-    return root
+from images import colours
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ samples are Python loops.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -25,13 +26,13 @@ from metalearn.algorithms import METHODS
 from metalearn.algorithms.platipus import PLATIPUS, diagonal_gaussian_kl
 from metalearn.api import evaluate_run, resolve_config, train
 from metalearn.errors import MetalearnError
-from metalearn.models import MLP, Conv4
+from metalearn.models import MLP
 from metalearn.tasks.batch import TaskBatch
 from metalearn.tasks.sinusoid import SineOrLineTasks
 from metalearn.uncertainty import (compare_learners, compare_runs, coverage, expected_calibration_error,
                                    negative_log_likelihood, predictive_log_likelihood, predictive_samples)
-from batches import image_batch
-from reference import central_difference, conv4_forward, mlp_forward, ref_adapt, ref_task_loss
+from batches import double
+from reference import central_difference, conv_problem, mlp_forward, ref_adapt, ref_task_loss
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -87,19 +88,6 @@ def ref_meta_loss(learner: PLATIPUS, forward, batch: TaskBatch, noise, first_ord
     return torch.stack(losses).mean(), accuracy
 
 
-def double(batch: TaskBatch) -> TaskBatch:
-    cast = lambda t: t.double() if torch.is_floating_point(t) else t  # noqa: E731
-    return TaskBatch(cast(batch.support_x), cast(batch.support_y), cast(batch.query_x), cast(batch.query_y),
-                     batch.ways, {k: cast(v) for k, v in batch.task_params.items()})
-
-
-def conv_problem(tasks=2, ways=3, shots=2, query=2, size=12, seed=0):
-    torch.manual_seed(seed)
-    model = Conv4(1, ways, hidden=8).double()
-    batch = image_batch(tasks, ways, shots, query, size, seed)
-    return model, batch, conv4_forward
-
-
 def sine_or_line_problem(tasks=3, hidden=(8, 8), seed=0):
     torch.manual_seed(seed)
     model = MLP(1, 1, hidden).double()
@@ -107,7 +95,7 @@ def sine_or_line_problem(tasks=3, hidden=(8, 8), seed=0):
     return model, batch, mlp_forward
 
 
-PROBLEMS = {"sine-or-line-mlp": (sine_or_line_problem, 0.01), "conv4": (conv_problem, 0.4)}
+PROBLEMS = {"sine-or-line-mlp": (sine_or_line_problem, 0.01), "conv4": (functools.partial(conv_problem, tasks=2), 0.4)}
 
 
 def make_learner(model, lr, **options) -> PLATIPUS:

@@ -536,7 +536,7 @@ def test_predict_refuses_a_run_whose_examples_are_not_images(fresh_plugins, tmp_
     from cli_runner import run
     from metalearn.datasets import Dataset, register_dataset
     from metalearn.tasks.batch import Problem
-    from test_registry import Blobs, NearestMean
+    from toys import Blobs, NearestMean
 
     from metalearn.algorithms import register_method
 

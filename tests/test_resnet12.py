@@ -332,16 +332,24 @@ def test_protonet_trains_and_predicts_with_conv4_flat_on_84x84_rgb_images():
     torch.manual_seed(0)
     protonet = build_learner("protonet", {"model": "conv4-flat"}, Problem((3, 84, 84), 3, True))
     labels = torch.arange(3)
-    batch = TaskBatch(torch.rand(1, 3, 3, 84, 84), labels.repeat(1, 1), torch.rand(1, 6, 3, 84, 84),
-                      labels.repeat_interleave(2).repeat(1, 1), 3)
+    batch = TaskBatch(torch.rand(1, 6, 3, 84, 84), labels.repeat(2)[None], torch.rand(1, 6, 3, 84, 84),
+                      labels.repeat_interleave(2)[None], 3)
     loss, metrics = protonet.meta_loss(batch)
     loss.backward()
     assert torch.isfinite(loss) and 0 <= metrics["accuracy"] <= 1
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in protonet.parameters())
     with torch.no_grad():
         support, _ = embed_episodes(protonet.model, batch)
-    assert support.shape == (1, 3, 1600)
-    assert protonet.predict(batch).shape == (1, 6, 3)
+        # independently: the task's 12 images through the network at once (batch-norm statistics of
+        # the task), each class's prototype the mean of its two support embeddings, the logits minus
+        # the squared Euclidean distance of each query's 1600-d embedding to each prototype
+        embedded = protonet.model(torch.cat([batch.support_x[0], batch.query_x[0]])).flatten(1)
+        prototypes = torch.stack([embedded[:6][batch.support_y[0] == c].mean(0) for c in range(3)])
+        expected = -(embedded[6:, None, :] - prototypes[None]).square().sum(-1)
+    assert support.shape == (1, 6, 1600)
+    logits = protonet.predict(batch)
+    assert logits.shape == (1, 6, 3)
+    torch.testing.assert_close(logits[0], expected, rtol=1e-4, atol=1e-3)
 
 
 def test_the_api_docs_table_of_networks_has_every_registered_network_with_its_role():

@@ -12,9 +12,9 @@ import pytest
 from torch import nn
 
 from cli_runner import run
+from images import colours
 from metalearn.errors import TrainingStopped
 from metalearn.runs import RunDir
-from test_outputs_outside_images import colours
 
 # what eval writes before scoring where no progress bar shows (--no-progress)
 EVALUATING = "evaluating the checkpoint of step 1 on 2 test episodes...\n"

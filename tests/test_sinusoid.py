@@ -7,25 +7,14 @@ import math
 import pytest
 import torch
 
+from batches import assert_batches_equal, gen
 from metalearn.errors import MetalearnError
 from metalearn.tasks.sinusoid import SineOrLineTasks, SinusoidTasks
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def joined(batch):
     """x, y of support and query together: (tasks, shots+query, 1)."""
     return torch.cat([batch.support_x, batch.query_x], 1), torch.cat([batch.support_y, batch.query_y], 1)
-
-
-def assert_batches_equal(a, b):
-    for field in ("support_x", "support_y", "query_x", "query_y"):
-        assert torch.equal(getattr(a, field), getattr(b, field)), field
-    assert a.task_params.keys() == b.task_params.keys()
-    for key in a.task_params:
-        assert torch.equal(a.task_params[key], b.task_params[key]), key
 
 
 def test_sinusoid_shapes():

@@ -530,10 +530,10 @@ def omniglot_args(data_dir, steps: int) -> list:
             "--checkpoint-every", 2, "--data-dir", data_dir, *TINY_FLAGS]
 
 
-@pytest.mark.parametrize("extra", [[], ["--dilate", 0.5, "--reflect", 0.5]], ids=["plain", "augmented"])
-def test_resume_is_bit_exact(tmp_path, omniglot_data_dir, capsys, extra):
+def test_resume_is_bit_exact(tmp_path, omniglot_data_dir, capsys):
+    # augmented: the resume path of a plain run, and the augmentation's draws from each set's generator after it
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    args = lambda steps: omniglot_args(omniglot_data_dir, steps) + extra  # noqa: E731
+    args = lambda steps: omniglot_args(omniglot_data_dir, steps) + ["--dilate", 0.5, "--reflect", 0.5]  # noqa: E731
     assert run(["train", *args(4), "--run-dir", straight], capsys)[0] == 0
     assert run(["train", *args(2), "--run-dir", resumed], capsys)[0] == 0
     assert run(["train", *args(4), "--run-dir", resumed, "--resume"], capsys)[0] == 0

@@ -22,16 +22,7 @@ from metalearn.runs import RunDir
 from metalearn.tasks import problem_of
 from metalearn.checkpoints import all_finite, initialise_from_run, load_trained
 from metalearn.training import StopRequests, build_trainer
-
-
-def sinusoid_config(steps: int, **train):
-    return resolve_config(
-        "maml",
-        task={"dataset": "sinusoid", "shots": 5},
-        method_config={"test_inner_steps": 2},
-        train={"steps": steps, "meta_batch_size": 4, "log_every": 2, "val_every": 3, "val_episodes": 8,
-               "checkpoint_every": 2, "eval_episodes": 20, **train},
-    )
+from configs import sinusoid_config
 
 
 def parameters_of(learner):
@@ -1496,7 +1487,7 @@ def test_init_from_a_run_of_another_split_of_the_dataset_warns_of_its_classes(tm
 def test_init_from_a_run_of_the_same_folder_split_otherwise_warns_only_of_classes_it_shares(tmp_path):
     """Class folders: the source's split.json against this run's parts, by name, on the folder
     the source trained on. Fractions spelled out as the default split alike: no warning."""
-    from test_folder import write_tiny
+    from images import write_tiny
 
     data = tmp_path / "data"
     write_tiny(data, {f"c{i}": 4 for i in range(10)})

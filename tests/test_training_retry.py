@@ -17,7 +17,7 @@ from metalearn.locking import lock_is_held
 from metalearn.models import MLP
 from metalearn.runs import RunDir
 from metalearn.training import Trainer, build_trainer, untrained_attempt
-from test_training import sinusoid_config as training_config
+from configs import sinusoid_config as training_config
 
 
 def sinusoid_config(steps: int, **train):

@@ -1058,7 +1058,9 @@ def test_a_pass_memory_estimate_is_near_the_pass_measured(monkeypatch):
     with pytest.raises(MetalearnError, match="classifying with the 1000 support images takes about") as refused:
         prediction.check_pass_fits(learner, classify, support_x, support_y, query_x)
     estimate = float(re.search(r"about ([0-9.e+-]+) GB", str(refused.value)).group(1)) * 1e9
-    measured = memory_budget.peak_memory_of(lambda: classify(support_x, support_y, query_x), torch.device("cpu"))
+    # the larger of two measures: pages the kernel reclaims during a pass (a loaded machine) lower its peak RSS
+    measured = max(memory_budget.peak_memory_of(lambda: classify(support_x, support_y, query_x), torch.device("cpu"))
+                   for _ in range(2))
     assert measured / 1.5 < estimate < measured * 1.5, (estimate, measured)
     # a support set up to MEASURE_SUPPORT_ABOVE is not measured
     prediction.check_pass_fits(learner, classify, support_x[:prediction.MEASURE_SUPPORT_ABOVE],

@@ -17,7 +17,7 @@ SHARED_OMNIGLOT = PROJECT.parent / "shared" / "data" / "omniglot"
 def omniglot_dir() -> Path | None:
     if os.environ.get("METALEARN_DATA"):
         return Path(os.environ["METALEARN_DATA"])
-    if SHARED_OMNIGLOT.is_dir():
+    if has_omniglot(SHARED_OMNIGLOT):
         return SHARED_OMNIGLOT
     from metalearn.data.omniglot import default_data_dir
 
@@ -56,7 +56,10 @@ def omniglot_cache_dir(tmp_path_factory) -> Path:
     user = default_cache_dir()
     if user.is_dir():
         for array in user.glob("omniglot-*.npz"):
-            (session / array.name).symlink_to(array.resolve())
+            try:
+                (session / array.name).symlink_to(array.resolve())
+            except (OSError, RuntimeError):  # a link that loops: the session prepares its own array
+                continue
     return session
 
 

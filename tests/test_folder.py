@@ -1071,11 +1071,15 @@ try:
     prediction.check_pass_fits(learner, classify, support_x, support_y, query_x)
 except MetalearnError as refused:
     print(float(re.search(r"about ([0-9.e+-]+) GB", str(refused)).group(1)) * 1e9)
-print(memory_budget.peak_memory_of(lambda: classify(support_x, support_y, query_x), torch.device("cpu")))
+# the larger of two measures: pages the kernel reclaims during a pass (a loaded machine) lower its peak RSS
+print(max(memory_budget.peak_memory_of(lambda: classify(support_x, support_y, query_x), torch.device("cpu"))
+          for _ in range(2)))
 """
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    estimate, measured = map(float, done.stdout.split())
+    values = done.stdout.split()
+    assert len(values) == 2, done.stdout  # the estimate (the pass refused at no memory available), the measure
+    estimate, measured = map(float, values)
     assert measured / 1.5 < estimate < measured * 1.5, (estimate, measured)
     # a support set up to MEASURE_SUPPORT_ABOVE is not measured
     calls = []

@@ -245,6 +245,10 @@ def test_the_default_episodes_are_the_authors_5_classes_of_6_examples():
     assert (task.split, task.ways, task.shots, task.query) == ("vinyals", 5, 1, 5)
     given = resolve_config("memory", task={"dataset": "omniglot", "split": "maml", "shots": 2, "query": 1}).task
     assert (given.split, given.shots, given.query) == ("maml", 2, 1)
+    # the authors' episodes are Omniglot's: another dataset keeps its own (mini-ImageNet's 15 queries)
+    other, protonet = (resolve_config(method, task={"dataset": "mini-imagenet"}).task
+                       for method in ("memory", "protonet"))
+    assert (other.shots, other.query) == (protonet.shots, protonet.query) == (1, 15)
 
 
 def test_resume_is_exact_with_the_memory_and_its_noise(tmp_path, omniglot_data_dir):

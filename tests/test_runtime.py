@@ -129,7 +129,8 @@ def test_a_process_too_small_for_torch_says_so_in_one_line_and_exits_2():
 
 def test_a_dropping_stream_drops_from_its_first_failure_and_keeps_it(monkeypatch):
     """Output after a failed write is dropped, not raised; the failure is kept unless it was a
-    closed pipe; a stream full for now (BlockingIOError) raises; None follows sys.stderr."""
+    closed pipe; a stream full for now (BlockingIOError) raises, but for a progress bar's; None
+    follows sys.stderr."""
     import errno
     import io
 
@@ -150,6 +151,8 @@ def test_a_dropping_stream_drops_from_its_first_failure_and_keeps_it(monkeypatch
 
     with pytest.raises(BlockingIOError):
         DroppingStream(Busy()).write("a")
+    bar = DroppingStream(Busy(), drop_when_busy=True)  # a progress bar's: that write is lost, not the run
+    assert bar.write("a") == 1 and not bar.dropped
     followed = DroppingStream()
     first, second = io.StringIO(), io.StringIO()
     monkeypatch.setattr(sys, "stderr", first)

@@ -122,7 +122,7 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
     if given:
         raise dataset.refuse(given)  # each option with its reason
     preset_task = cls.preset_task_defaults(preset, dataset.name) if preset is not None else {}
-    for defaults in (preset_task, cls.task_defaults, dataset.defaults):
+    for defaults in (preset_task, cls.dataset_task_defaults(dataset.name), dataset.defaults):
         for name, value in defaults.items():
             if name not in dataset.inapplicable:
                 task.setdefault(name, value)

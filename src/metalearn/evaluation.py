@@ -192,7 +192,8 @@ def _evaluate(learner, source, episodes, seed, chunk, world, progress, per_step,
         if progress and world.is_main:
             from tqdm import tqdm
 
-            bar = tqdm(total=episodes, desc="evaluating", unit="episode", leave=False, file=DroppingStream())
+            bar = tqdm(total=episodes, desc="evaluating", unit="episode", leave=False,
+                       file=DroppingStream(drop_when_busy=True))
         # a stochastic method (PLATIPUS) draws its samples from `seed`; the CUDA devices' states are
         # kept only where CUDA is in use (fork_rng's default starts CUDA, and warns with 2 GPUs)
         with own_random_state(cuda_devices()):

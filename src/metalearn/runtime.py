@@ -154,11 +154,13 @@ class DroppingStream:
     the steps since its last checkpoint. ``stream``: the stream written to; None for the one
     ``sys.stderr`` names at each write (a notebook's, the command line's). :attr:`write_error`
     keeps the failure, unless it was a closed pipe, for the caller to report when the work is
-    done. A non-blocking stream that is full for now (``BlockingIOError``) is no failure: that
-    error is raised as it is."""
+    done. A non-blocking stream that is full for now (``BlockingIOError``) is no failure: the
+    error is raised as it is, unless ``drop_when_busy`` (a progress bar's stream), where that
+    one write is dropped and the next is tried."""
 
-    def __init__(self, stream=None):
+    def __init__(self, stream=None, drop_when_busy: bool = False):
         self._fixed = stream
+        self._drop_when_busy = drop_when_busy
         self.dropped = False
         self.write_error: OSError | None = None
 
@@ -172,6 +174,8 @@ class DroppingStream:
         try:
             return self._stream.write(text)
         except BlockingIOError:
+            if self._drop_when_busy:
+                return len(text)
             raise
         except OSError as err:
             self._drop(err)
@@ -187,7 +191,8 @@ class DroppingStream:
         try:
             self._stream.flush()
         except BlockingIOError:
-            raise
+            if not self._drop_when_busy:
+                raise
         except OSError as err:
             self._drop(err)
 

@@ -632,7 +632,7 @@ class Trainer:
                 from tqdm import tqdm
 
                 bar = tqdm(total=train.steps, initial=self.step, desc=f"{self.config.method}", unit="step",
-                           file=DroppingStream())  # a bar that cannot be written ends no training
+                           file=DroppingStream(drop_when_busy=True))  # a bar that cannot be written ends no training
             parameters = list(self.learner.parameters())
             if train.task_chunk == "auto":
                 self.task_chunk = None  # measured again at the first step: a resume may run on another machine

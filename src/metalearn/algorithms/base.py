@@ -193,15 +193,22 @@ class MetaLearner(nn.Module):
     """The dataset (or environment) a run of this method takes when none is named (None:
     omniglot)."""
     task_defaults: ClassVar[dict[str, Any]] = {}
-    """The episode shape this method's paper trains on, where it differs from TaskConfig's and
-    the user sets nothing (the Neural Statistician learns from sets of 5 images, not of 1): task
-    options such as ``shots``, ``query``, ``test_shots``; they come before the dataset's own
-    defaults."""
+    """The episode shape this method trains on, where it differs from TaskConfig's and the user
+    sets nothing (the Neural Statistician learns from sets of 5 images, not of 1): task options
+    such as ``shots``, ``query``, ``test_shots``; they come before the dataset's own defaults.
+    On every dataset, unless :meth:`dataset_task_defaults` says otherwise."""
+
+    @classmethod
+    def dataset_task_defaults(cls, dataset: str) -> dict[str, Any]:
+        """The episode shape on ``dataset``, as :attr:`task_defaults`: those by default; a method
+        whose paper's episodes belong to its dataset (the Memory Module's, to Omniglot) gives
+        them there alone."""
+        return dict(cls.task_defaults)
 
     @classmethod
     def preset_task_defaults(cls, name: str, dataset: str) -> dict[str, Any]:
         """Preset ``name``'s episode shape on ``dataset`` (task options such as ``query``, as
-        :attr:`task_defaults`, before which they come), only where the user sets nothing. Called
+        :meth:`dataset_task_defaults`, before which they come), only where the user sets nothing. Called
         only with a name in :attr:`presets`; none by default."""
         return {}
 

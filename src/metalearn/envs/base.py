@@ -32,7 +32,7 @@ class Environment(Protocol):
 
     def step(self, state: Any, action: Tensor) -> tuple[Any, Tensor, Tensor, Tensor]:
         """(state, observations, rewards ``(tasks, trajectories)``, done ``(tasks, trajectories)`` bool).
-        A ``state`` that is a dict may hold ``"info"``: ``{name: (tasks, trajectories) tensor}``,
+        A ``state`` that is a dict may hold ``"step_info"``: ``{name: (tasks, trajectories) tensor}``,
         values of the step just taken beside its reward (the half-cheetahs' rewarded
         ``velocity``), which :func:`rollout` gathers into :attr:`Trajectories.info`."""
 
@@ -110,7 +110,7 @@ class Trajectories:
     rewards:      (tasks, trajectories, H), 0 after termination
     mask:         (tasks, trajectories, H), 1 up to and including the step that terminated
     info:         {name: (tasks, trajectories, H)}, what the environment reported of each step
-                  beside its reward (``state["info"]``, see :meth:`Environment.step`); empty for most
+                  beside its reward (``state["step_info"]``, see :meth:`Environment.step`); empty for most
     """
 
     observations: Tensor
@@ -157,7 +157,7 @@ def rollout(env: Environment, params: dict[str, Tensor], trajectories: int, act:
         actions.append(action)
         rewards.append(reward.to(obs.dtype) * alive)
         masks.append(alive)
-        for name, value in (state.get("info", {}) if isinstance(state, dict) else {}).items():
+        for name, value in (state.get("step_info", {}) if isinstance(state, dict) else {}).items():
             info.setdefault(name, []).append(value)
         alive = alive * (~done).to(obs.dtype)
         obs = next_obs

@@ -23,7 +23,7 @@ are therefore comparable in kind, not to the decimal.
 
 v is the root's x displacement over a step's ``frame_skip`` simulator steps divided by their
 duration (gymnasium's ``info["x_velocity"]``), not the velocity qvel[0] that the observation holds
-at the end of the step. Each step reports its v as ``state["info"]["velocity"]``, which the
+at the end of the step. Each step reports its v as ``state["step_info"]["velocity"]``, which the
 rollout keeps in :attr:`Trajectories.info <metalearn.envs.Trajectories>` and the velocity plot
 draws.
 
@@ -171,7 +171,7 @@ class HalfCheetah:
             self._simulate(envs, actions, observations, velocities, range(len(envs)))
         obs = torch.as_tensor(observations, dtype=action.dtype, device=action.device)
         velocity = torch.as_tensor(velocities, dtype=action.dtype, device=action.device).view(tasks, trajectories)
-        state["info"] = {"velocity": velocity}  # the v of this step's reward: Trajectories.info
+        state["step_info"] = {"velocity": velocity}  # the v of this step's reward: Trajectories.info
         cost = self.control_cost * clipped.square().sum(-1)
         progress = -(velocity - goal).abs() if self.goal == "velocity" else goal * velocity
         done = torch.zeros(tasks, trajectories, dtype=torch.bool, device=action.device)

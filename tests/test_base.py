@@ -188,9 +188,9 @@ def test_predict_leaves_the_learner_as_it_found_it(name):
     """MetaLearner.predict's contract: evaluation calls it episode after episode and
     ``metalearn predict`` on parts of the support set first, to measure a pass's memory, so
     no call may change the learner's weights or buffers (running statistics, a memory; a
-    sampling method, PLATIPUS, draws from torch's generator, as dropout does). Each built-in method, with the paper's defaults (MAML++: its preset,
-    per-step batch-norm statistics), after a few training steps so that its buffers are not
-    their initial values."""
+    sampling method, PLATIPUS, draws from torch's generator, as dropout does). Each built-in
+    method, with the paper's defaults (MAML++: its preset, per-step batch-norm statistics),
+    after a few training steps so that its buffers are not their initial values."""
     from metalearn.algorithms import build_learner
     from metalearn.api import resolve_config
     from metalearn.tasks import Problem

@@ -78,8 +78,8 @@ class StatisticianConfig:
     filters: int = option(64, "feature maps of the first convolutional block; the second and third have "
                                "twice and four times as many (paper: 64, 128, 256)")
     kl_direction: str = option("support-query", "few-shot classification by D_KL(q(c|D_i) || q(c|x)) "
-                                                "(support-query, as ashysheya/neural-stat computes it) or D_KL(q(c|x) || "
-                                                "q(c|D_i)) (query-support)")
+                                                "(support-query, as ashysheya/neural-stat computes it) or "
+                                                "D_KL(q(c|x) || q(c|D_i)) (query-support)")
     binarize: str = option("dynamic", "dynamic: each training image is a fresh Bernoulli draw of its pixel "
                                       "intensities (the paper); threshold: pixels above 0.5, as at test time")
     reweight_alpha: float = option(1.0, "training weighs the reconstruction by 1 + a and the KL terms by "

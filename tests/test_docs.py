@@ -25,6 +25,7 @@ import shlex
 import subprocess
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -222,16 +223,18 @@ def test_documented_commands_are_ones_the_command_line_takes(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     if have_omniglot:
         monkeypatch.setenv("METALEARN_DATA", str(omniglot_dir()))
-    found, resolved, failures = 0, 0, []
+    found, resolved, lacking, failures = 0, 0, 0, []
     for page in pages():
         for line, block in shell_blocks(page.read_text()):
             for args in metalearn_commands(block):
                 found += 1
                 where = f"{page.relative_to(PROJECT)}:{line}: metalearn {' '.join(args)}"
                 named = [args[i + 1] for i, word in enumerate(args[:-1]) if word in ("--dataset", "--env")]
-                resolvable = (args[:1] == ["train"] and not any(flag in args for flag in NEEDS_MORE)
+                trains = args[:1] == ["train"] and not any(flag in args for flag in NEEDS_MORE)
+                resolvable = (trains
                               and (have_omniglot or args[1:2] == ["maml-rl"] or named[-1:] not in ([], ["omniglot"]))
                               and (mujoco or not set(named) & set(MUJOCO_ENVS)))
+                lacking += trains and not resolvable  # resolved where Omniglot and MuJoCo are at hand
                 if resolvable:
                     code, _, err = run([*args, "--print-config"], capsys)
                     resolved += 1
@@ -244,6 +247,10 @@ def test_documented_commands_are_ones_the_command_line_takes(tmp_path, monkeypat
                     failures.append(f"{where}\n    {type(error).__name__}: {error}")
     assert found >= 100 and resolved >= (40 if have_omniglot else 10), (found, resolved)
     assert not failures, "\n".join(failures)
+    if lacking:  # said, not silent: the training commands that need them were only parsed
+        missing = " and ".join(name for name, have in (("Omniglot", have_omniglot), ("MuJoCo", mujoco)) if not have)
+        warnings.warn(f"{lacking} documented training commands only parsed, not resolved: no {missing} here",
+                      stacklevel=1)
     assert not any(tmp_path.iterdir())  # resolving wrote nothing
 
 

@@ -208,9 +208,11 @@ def check_pass_fits(learner: MetaLearner, classify: Any, support_x: torch.Tensor
     support images: two passes with :data:`PROBE_SUPPORT` support images (taken from the classes
     in turns, :func:`_probe_support`) are measured (:func:`~metalearn.memory_budget.peak_memory_of`)
     and their growth per support image extrapolated to the whole set; an estimate beyond
-    :data:`REFUSE_ABOVE` times the memory available is refused (the tests hold protonet's
-    within a factor of 1.5 of the measured pass; MAML's and PLATIPUS's can be off by up to
-    2). Where the memory cannot be known or measured (not Linux, no ``/proc/self/clear_refs``,
+    :data:`REFUSE_ABOVE` times the memory available is refused. The estimate is coarse: the
+    peak RSS of a small pass varies between runs (what the heap holds, pages the kernel
+    reclaims), and the extrapolation multiplies that; protonet's came within a factor of 1.1 to
+    2.5 of the measured pass on a loaded 2-core machine (the tests hold it within 3); MAML's and
+    PLATIPUS's can be off by up to 2 as well. Where the memory cannot be known or measured (not Linux, no ``/proc/self/clear_refs``,
     a device other than a CPU or CUDA GPU) nothing is checked. ``classify(support_x,
     support_y, query_x)``: the pass."""
     from metalearn.algorithms.base import device_of

@@ -29,9 +29,11 @@ QUERY_CHUNK = 256  # the most query images classified per pass (with the whole s
 # which every pass holds whole (see check_pass_fits); smaller ones take well under a gigabyte
 MEASURE_SUPPORT_ABOVE = 512
 PROBE_SUPPORT = (128, 256)  # the support images of the two measured passes
-# the estimate is refused only beyond this many times the memory available: two small passes'
-# peaks are noisy, and for methods that adapt (MAML, PLATIPUS) the extrapolation can be off by
-# up to a factor of 2 either way, so only a support set that clearly cannot fit is refused
+# the estimate is refused only beyond this many times the memory available: the peak RSS of a
+# small pass varies between runs (what the heap holds, pages the kernel reclaims) and the
+# extrapolation multiplies that, so the estimate is coarse (protonet's within a factor of 2.5 of
+# the measured pass in the tests' runs, which hold it within 3; MAML's and PLATIPUS's within 2):
+# only a support set that clearly cannot fit is refused
 REFUSE_ABOVE = 2.0
 
 
@@ -208,12 +210,9 @@ def check_pass_fits(learner: MetaLearner, classify: Any, support_x: torch.Tensor
     support images: two passes with :data:`PROBE_SUPPORT` support images (taken from the classes
     in turns, :func:`_probe_support`) are measured (:func:`~metalearn.memory_budget.peak_memory_of`)
     and their growth per support image extrapolated to the whole set; an estimate beyond
-    :data:`REFUSE_ABOVE` times the memory available is refused. The estimate is coarse: the
-    peak RSS of a small pass varies between runs (what the heap holds, pages the kernel
-    reclaims), and the extrapolation multiplies that; protonet's came within a factor of 1.1 to
-    2.5 of the measured pass on a loaded 2-core machine (the tests hold it within 3); MAML's and
-    PLATIPUS's can be off by up to 2 as well. Where the memory cannot be known or measured (not Linux, no ``/proc/self/clear_refs``,
-    a device other than a CPU or CUDA GPU) nothing is checked. ``classify(support_x,
+    :data:`REFUSE_ABOVE` times the memory available (a coarse estimate: see there) is refused.
+    Where the memory cannot be known or measured (not Linux, no ``/proc/self/clear_refs``, a
+    device other than a CPU or CUDA GPU) nothing is checked. ``classify(support_x,
     support_y, query_x)``: the pass."""
     from metalearn.algorithms.base import device_of
     from metalearn.memory_budget import available_memory, peak_memory_of

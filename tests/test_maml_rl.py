@@ -534,7 +534,8 @@ def test_plot_draws_the_papers_returns_only_for_a_run_scored_as_the_paper_scored
                             *changed], capsys)
         assert code == 0, err
         plot_run(tmp_path / name)
-    assert papers[0] == {f"paper: {name}, step size 0.5": PAPER_RETURNS["nav2d"][name] for name in ("MAML", "random")}
+    assert papers[0] == {f"paper: {name}, step size 0.5": (name, PAPER_RETURNS["nav2d"][name])
+                         for name in ("MAML", "random")}
     assert papers[1:] == [{}, {}, {}, {}, {}]
 
 
@@ -551,12 +552,32 @@ def test_paper_lines_name_the_authors_step_sizes_and_accept_their_trajectory_cou
     assert list(paper_references("cheetah-dir", drawn, defaults, defaults)) == [
         "paper: MAML, step size 0.1", "paper: pretrained, step size 0.2", "paper: random, step size 1"]
     lines = paper_references("cheetah-vel", drawn, {**defaults, "test_trajectories": 20}, defaults)
-    assert lines == {"paper: MAML, step size 0.1": PAPER_RETURNS["cheetah-vel"]["MAML"],
-                     "paper: pretrained, step size 0.02": PAPER_RETURNS["cheetah-vel"]["pretrained"],
-                     "paper: random, step size 0.1": PAPER_RETURNS["cheetah-vel"]["random"]}
+    assert lines == {"paper: MAML, step size 0.1": ("MAML", PAPER_RETURNS["cheetah-vel"]["MAML"]),
+                     "paper: pretrained, step size 0.02": ("pretrained", PAPER_RETURNS["cheetah-vel"]["pretrained"]),
+                     "paper: random, step size 0.1": ("random", PAPER_RETURNS["cheetah-vel"]["random"])}
     assert paper_references("cheetah-vel", drawn, {**defaults, "test_trajectories": 10}, defaults) == {}
     assert "paper: pretrained" in paper_references("nav2d", drawn, defaults, defaults)
     assert paper_references("walk-to-goal", drawn, defaults, defaults) == {}
+
+
+def test_a_paper_line_takes_the_colour_of_its_policys_curve(tmp_path, monkeypatch):
+    """Each paper line is drawn in the colour of the curve of the policy it belongs to, whatever
+    its label says; a policy without a style of its own is grey."""
+    import matplotlib.colors
+
+    import metalearn.plotting_rl as plotting_rl
+    from metalearn.plotting_rl import STYLES, plot_adaptation_curves
+
+    figures = []
+    monkeypatch.setattr(plotting_rl, "save_figure", lambda fig, path: figures.append(fig) or path)
+    curve = {"per_step": [1.0, 2.0], "per_step_ci95": [0.1, 0.1]}
+    plot_adaptation_curves({"MAML": curve, "random": curve}, tmp_path / "returns.png", "",
+                           {"the authors' MAML": ("MAML", [0.5, 1.5]), "theirs": ("random", [0.0, 0.5]),
+                            "other": ("oracle", [3.0, 3.0])})
+    colours = {line.get_label(): matplotlib.colors.to_hex(line.get_color()) for line in figures[0].axes[0].lines}
+    assert colours["the authors' MAML"] == matplotlib.colors.to_hex(STYLES["MAML"][0])
+    assert colours["theirs"] == matplotlib.colors.to_hex(STYLES["random"][0])
+    assert colours["other"] == matplotlib.colors.to_hex("grey")
 
 
 @pytest.mark.parametrize("outer, title", [("trpo", "TRPO step, |step|^2 / 2 (meta-batch)"),

@@ -46,10 +46,10 @@ STYLES = {"MAML": ("tab:green", "-", "o"), "pretrained": ("tab:blue", "--", "s")
 
 
 def paper_references(dataset: str, names, method_config: dict[str, Any],
-                     defaults: dict[str, Any]) -> dict[str, list[float]]:
-    """The paper's returns per step (:data:`PAPER_RETURNS`) of the policies ``names`` drawn on the
-    figure, labelled with the step size the authors' evaluation adapted each with
-    (:data:`PAPER_STEP_SIZES`), where ``method_config`` scores as the paper did: the
+                     defaults: dict[str, Any]) -> dict[str, tuple[str, list[float]]]:
+    """label -> (policy, the paper's returns per step (:data:`PAPER_RETURNS`)) of the policies
+    ``names`` drawn on the figure, each label naming the step size the authors' evaluation adapted
+    the policy with (:data:`PAPER_STEP_SIZES`), where ``method_config`` scores as the paper did: the
     :data:`PAPER_SCORING` options at their ``defaults`` and ``test_trajectories`` the default or
     the authors' own count (:data:`PAPER_TEST_TRAJECTORIES`); else none."""
     scored = (all(method_config.get(key) == defaults.get(key) for key in PAPER_SCORING)
@@ -58,16 +58,16 @@ def paper_references(dataset: str, names, method_config: dict[str, Any],
     if not scored:
         return {}
     steps = PAPER_STEP_SIZES.get(dataset, {})
-    return {f"paper: {name}" + (f", step size {steps[name]:g}" if name in steps else ""): values
+    return {f"paper: {name}" + (f", step size {steps[name]:g}" if name in steps else ""): (name, values)
             for name, values in PAPER_RETURNS.get(dataset, {}).items() if name in names}
 
 
 def plot_adaptation_curves(curves: dict[str, dict[str, Any]], path: Path, title: str = "",
-                           reference: dict[str, list[float]] | None = None) -> Path:
+                           reference: dict[str, tuple[str, list[float]]] | None = None) -> Path:
     """One line per entry of ``curves`` (label -> an evaluation result with ``per_step`` means and
     ``per_step_ci95``): average return after 0, 1, ... policy-gradient steps, with 95% intervals.
-    ``reference``: label -> per-step values drawn thin and dash-dotted in the colour of the curve
-    its label names after "paper: " (a paper's numbers)."""
+    ``reference``: label -> (a curve's label, per-step values), drawn thin and dash-dotted in that
+    curve's colour (a paper's numbers, :func:`paper_references`)."""
     plt = _figures()
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
     for label, result in curves.items():
@@ -76,8 +76,8 @@ def plot_adaptation_curves(curves: dict[str, dict[str, Any]], path: Path, title:
         color, style, marker = STYLES.get(label, (None, "-", "o"))
         ax.errorbar(range(len(means)), means, yerr=errors, color=color, linestyle=style, marker=marker,
                     capsize=3, label=label)
-    for label, values in (reference or {}).items():
-        color = STYLES.get(label.removeprefix("paper: ").split(",")[0], ("grey",))[0]
+    for label, (policy, values) in (reference or {}).items():
+        color = STYLES.get(policy, ("grey",))[0]
         ax.plot(range(len(values)), values, color=color, alpha=0.45, linewidth=1.0, linestyle="-.", label=label)
     ax.set_xlabel("number of policy-gradient steps")
     ax.set_ylabel("average return")

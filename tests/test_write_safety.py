@@ -400,7 +400,9 @@ def test_an_export_that_cannot_make_its_folder_leaves_none_of_the_folders_it_mad
 
 def test_a_sigterm_to_an_export_cleans_up_as_a_ctrl_c_does(exported_run, tmp_path):
     """A scheduler's SIGTERM (pre-emption) to a command other than training raises where the
-    command is, as a Ctrl-C does: its temporary folder of plots is removed, one line, exit 143."""
+    command is, as a Ctrl-C does: its temporary folder of plots is removed, one line, exit 143.
+    The export waits a minute before drawing (plot_run wrapped), so the signal always finds it
+    with its folder made."""
     import signal
     import subprocess
     import sys
@@ -409,14 +411,19 @@ def test_a_sigterm_to_an_export_cleans_up_as_a_ctrl_c_does(exported_run, tmp_pat
     temporary = tmp_path / "tmp"
     temporary.mkdir()
     env = {**os.environ, "TMPDIR": str(temporary)}
-    process = subprocess.Popen([sys.executable, "-m", "metalearn", "export", str(exported_run), str(tmp_path / "out")],
+    slowed = ("import sys, time\n"
+              "import metalearn.api as api\n"
+              "draw = api.plot_run\n"
+              "api.plot_run = lambda *args, **kwargs: time.sleep(60) or draw(*args, **kwargs)\n"
+              "from metalearn.cli import main\n"
+              "main(sys.argv[1:], whole_process=True)\n")
+    process = subprocess.Popen([sys.executable, "-c", slowed, "export", str(exported_run), str(tmp_path / "out")],
                                env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while (not any(p.name.startswith("metalearn-export-") for p in temporary.iterdir()) and process.poll() is None
            and time.monotonic() < deadline):
         time.sleep(0.01)  # until the plots' folder is made (torch and matplotlib may put files there too)
-    if process.poll() is not None:
-        pytest.skip("the export finished before its temporary folder was seen")
+    assert process.poll() is None, process.communicate()
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 143 and err == "terminated (SIGTERM)\n", (process.returncode, err)

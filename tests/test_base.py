@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metalearn.algorithms import (MAML, MAMLConfig, MetaLearner, ProtoNet, accuracy, check_embedding_fits,
+from metalearn.algorithms import (MAML, METHODS, MAMLConfig, MetaLearner, ProtoNet, accuracy, check_embedding_fits,
                                   check_network_fits, embed_episodes, num_ways, require_functional_model, task_loss)
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.models import Conv4, first_order_batch_norm
@@ -182,8 +182,19 @@ def test_a_subclass_of_maml_is_named_as_itself():
         MAML(nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4)))
 
 
-@pytest.mark.parametrize("name", ["maml", "maml++", "platipus", "protonet", "matchingnet", "reptile", "memory",
-                                  "statistician"])
+# every built-in method of image tasks, and each of their presets ("maml++"), at collection time:
+# a method a test registers later is not among them
+PREDICTING = [name for name, cls in METHODS.items()
+              if cls.__module__.startswith("metalearn.") and not cls.reinforcement]
+PREDICTING += [preset for name in list(PREDICTING) for preset in METHODS[name].presets]
+
+
+def test_the_predict_contract_covers_every_method():
+    assert {"maml", "maml++", "platipus", "protonet", "matchingnet", "reptile", "memory",
+            "statistician"} <= set(PREDICTING)
+
+
+@pytest.mark.parametrize("name", PREDICTING)
 def test_predict_leaves_the_learner_as_it_found_it(name):
     """MetaLearner.predict's contract: evaluation calls it episode after episode and
     ``metalearn predict`` on parts of the support set first, to measure a pass's memory, so
@@ -195,7 +206,7 @@ def test_predict_leaves_the_learner_as_it_found_it(name):
     from metalearn.api import resolve_config
     from metalearn.tasks import Problem
 
-    method, preset = ("maml", "maml++") if name == "maml++" else (name, None)
+    method, preset = next(((m, name) for m in METHODS if name in METHODS[m].presets), (name, None))
     config = resolve_config(method, task={"dataset": "omniglot", "ways": 3, "shots": 2, "query": 2}, preset=preset)
     learner = build_learner(method, config.method_config, Problem((1, 28, 28), 3, True)).float()
     batch = image_batch(tasks=2, ways=3, shots=2, query=2, size=28, dtype=torch.float32)

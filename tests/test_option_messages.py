@@ -105,6 +105,29 @@ def test_a_config_error_names_an_option_of_the_call_beside_its_fields():
     assert str(ConfigError("TaskConfig", "ways", "must be {2} or more")) == "TaskConfig.ways must be {2} or more"
 
 
+def test_a_count_is_a_whole_number_within_its_bounds_as_python_int():
+    import torch
+
+    from metalearn.errors import check_count
+
+    for given in (True, np.True_, torch.tensor(True), 5.0, "5", None, torch.tensor([5]), np.float64(5)):
+        with pytest.raises(MetalearnError, match=r"^episodes must be a whole number of at least 1, got "):
+            check_count(given, "episodes")
+    for given in (5, np.int64(5), np.int32(5), torch.tensor(5)):
+        number = check_count(given, "episodes")
+        assert number == 5 and type(number) is int
+    assert [check_count(n, "seed", 0, 9) for n in (0, 9)] == [0, 9]  # both bounds allowed
+    for outside in (-1, 10):
+        with pytest.raises(MetalearnError, match=rf"^seed must be a whole number from 0 to 9, got {outside}$"):
+            check_count(outside, "seed", 0, 9)
+    # a message of its own and an OptionError naming the option as each caller spells it
+    with pytest.raises(OptionError) as caught:
+        check_count(0, "stop_at", message="{{stop_at}} takes a step (at least {least}), got {value!r} ({kind})",
+                    error=lambda text: OptionError(text, stop_at="stop_at"))
+    assert (str(caught.value), caught.value.with_flags()) == (
+        "stop_at takes a step (at least 1), got 0 (int)", "--stop-at takes a step (at least 1), got 0 (int)")
+
+
 # -- the library's messages: Python's spelling, the command line's --------------------------------
 
 

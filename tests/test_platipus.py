@@ -29,13 +29,18 @@ from metalearn.errors import MetalearnError
 from metalearn.models import MLP
 from metalearn.tasks.batch import TaskBatch
 from metalearn.tasks.sinusoid import SineOrLineTasks
-from metalearn.uncertainty import (compare_learners, compare_runs, coverage, expected_calibration_error,
+from metalearn.uncertainty import (compare_learners, coverage, expected_calibration_error,
                                    negative_log_likelihood, predictive_log_likelihood, predictive_samples)
 from batches import double
 from reference import central_difference, conv_problem, mlp_forward, ref_adapt, ref_task_loss
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def compare_runs(platipus_run, maml_run, **options):
+    """compare_learners of a PLATIPUS and a MAML run, keyed "platipus" and "maml"."""
+    return compare_learners({"platipus": platipus_run, "maml": maml_run}, **options)
 
 
 # -- the independent reference -----------------------------------------------------------------
@@ -508,7 +513,7 @@ def test_train_evaluate_compare_and_plot_runs(tmp_path):
     _, maml, _ = load_trained(maml_dir)
     assert predictive_samples(maml, SineOrLineTasks().sample(2, torch.Generator().manual_seed(0))).shape[0] == 1
     batch = SineOrLineTasks().sample(3, torch.Generator().manual_seed(0))
-    path = plot_samples(platipus, batch, SineOrLineTasks.function, tmp_path / "samples.png", maml_learner=maml)
+    path = plot_samples(platipus, batch, SineOrLineTasks.function, tmp_path / "samples.png", other_learner=maml)
     assert path.stat().st_size > 10_000
 
 

@@ -198,7 +198,7 @@ def test_sample_decodes_in_bounded_passes_with_the_same_images(monkeypatch):
 
 @pytest.mark.parametrize("num", [0, -3, 1001, 100_000, 2.0, True])
 def test_a_number_of_new_images_outside_1_to_the_limit_is_one_line(num):
-    from metalearn.algorithms.statistician import MAX_SAMPLES
+    from metalearn.algorithms.base import MAX_SAMPLES
 
     assert MAX_SAMPLES == 1000
     model = tiny()

@@ -26,7 +26,8 @@ from metalearn.config import (RESUMABLE_CHANGES, RunConfig, TaskConfig, TrainCon
 from metalearn.datasets import DATASETS, get_dataset, reads_image_folder
 from metalearn.distributed import World, init_world
 from metalearn.errors import (ConfigError, MetalearnError, MetalearnWarning, OptionError, OptionWarning, Terminated,
-                              TrainingInterrupted, caller_level, check_whole, flag, kind_of, stopped_by, valued)
+                              TrainingInterrupted, caller_level, check_count, check_whole, flag, kind_of, stopped_by,
+                              valued)
 from metalearn.evaluation import EPISODE_CHUNK, evaluate
 from metalearn.options import option_defaults
 from metalearn.runs import (RunDir, claim_new_run_dir, default_runs_root, evaluation_step, json_finite,
@@ -510,12 +511,11 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     (:func:`recorded_seeds`); a protocol's result has that protocol's scores instead.
     """
     from metalearn.config import MAX_SEED
-    from metalearn.evaluation import check_count, check_seed
+    from metalearn.evaluation import check_seed
 
     check_protocol_or_ensemble(protocol, ensemble)
     if episodes is not None:
-        check_count(episodes, "episodes")
-        episodes = int(episodes)
+        episodes = check_count(episodes, "episodes")
     seed = check_seed(seed, most=MAX_SEED)
     episode_shape, overrides = plain_shape(episode_shape), plain_values(overrides)
     part_seed_offset(part)  # an unknown part, before the run is loaded
@@ -743,9 +743,8 @@ def with_test_shape(config: RunConfig, shape: dict[str, int]) -> RunConfig:
         raise MetalearnError(f"an episode shape has ways, shots and query, not {', '.join(sorted(map(str, unknown)))}")
     for key, value in shape.items():
         least = 2 if key == "ways" else 1
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
-            raise OptionError(f"{{option}} must be a whole number of at least {least}, got {value!r}",
-                              option=(f"episode_shape's {key}", f"--{key}"))
+        check_count(value, key, least, message="{{option}} must be a whole number of at least {least}, got {value!r}",
+                    error=lambda text, key=key: OptionError(text, option=(f"episode_shape's {key}", f"--{key}")))
     dataset = get_dataset(config.task.dataset)
     if dataset.reinforcement and shape:
         raise OptionError(f"{config.task.dataset} is a reinforcement-learning environment: its tasks have no "
@@ -947,7 +946,7 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
 
             other_learner, label = other or (None, "MAML")
             paths.append(plot_samples(learner, batch, function, plots / "samples.png",
-                                      maml_learner=other_learner, compare_label=label, x_range=x_range,
+                                      other_learner=other_learner, compare_label=label, x_range=x_range,
                                       title=f"{title}: sampled adapted functions"))
     return paths
 
@@ -1563,7 +1562,7 @@ def sample_run(run_dir: Path | str, support: Path | str | list[Path | str], num:
     no files or is not an image, and when ``out`` could not be written or would damage what is
     read (one of a run folder's own files, a support image or a file among the images:
     :func:`metalearn.prediction.refuse_run_files` and ``refuse_outputs_among_inputs``)."""
-    from metalearn.algorithms.statistician import MAX_SAMPLES
+    from metalearn.algorithms.base import MAX_SAMPLES
     from metalearn.plotting_samples import plot_image_rows
     from metalearn.prediction import check_output_file, refuse_outputs_among_inputs, refuse_run_files
 

@@ -20,7 +20,7 @@ from click.core import ParameterSource
 from click.exceptions import NoArgsIsHelpError
 
 from metalearn.algorithms import METHODS
-from metalearn.algorithms.statistician import MAX_SAMPLES
+from metalearn.algorithms.base import MAX_SAMPLES
 from metalearn.config import MAX_EPISODES, MAX_SEED, TaskConfig, TrainConfig
 from metalearn.distributed import leave_world, reports
 from metalearn.errors import (TIME_LIMIT_EXIT, ConfigError, MetalearnError, MetalearnWarning, OptionError, Options,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from metalearn.errors import ConfigError, MetalearnError, fill, spelled
+from metalearn.errors import ConfigError, MetalearnError, check_count, fill, spelled
 from metalearn.options import is_command_name
 from metalearn.plugins import load_plugins, unknown_hint, registering
 from metalearn.runtime import own_random_state
@@ -406,13 +406,12 @@ def register_environment(name: str, make: Callable[[], Any]) -> Dataset:
             raise MetalearnError(f"environment {name}: what make() returned ({type(env).__name__}) lacks "
                                  f"{', '.join(missing)} (methods sample_tasks, reset, step; sizes observation_dim, "
                                  "action_dim, horizon: see metalearn.envs.Environment)")
-        for size in ("observation_dim", "action_dim", "horizon"):
-            value = getattr(env, size)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise MetalearnError(f"environment {name}: {size} must be a whole number >= 1, got {value!r}")
+        counts = {size: check_count(getattr(env, size), f"environment {name}: {size}",
+                                    message="{name} must be a whole number >= 1, got {value!r}")
+                  for size in ("observation_dim", "action_dim", "horizon")}
         if not sizes:
             check_environment(name, env)
-            sizes.append((env.observation_dim, env.action_dim))
+            sizes.append((counts["observation_dim"], counts["action_dim"]))
         return env
 
     def problem(task):

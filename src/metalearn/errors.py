@@ -26,22 +26,46 @@ class MetalearnWarning(UserWarning):
     schedule that ends far below a useful rate); the CLI shows it as one ``warning:`` line."""
 
 
+def check_count(value: Any, name: str, least: int | None = 1, most: int | None = None, *,
+                message: str | None = None, error: Callable[[str], Exception] = MetalearnError) -> int:
+    """``value`` as Python's int when it is a whole number from ``least`` to ``most`` (both
+    included; None: no bound on that side); anything else raises ``error(text)`` in one line, for
+    torch would fail on it later (a draw, a layer, a seed) with a message about its own arguments.
+
+    A whole number is an int, a NumPy integer or a 0-d integer tensor: whatever Python takes as
+    an index, but not a truth value (``True``, ``np.True_``, ``torch.tensor(True)``), a float
+    (``5.0``), a string, or a tensor of one element (``torch.tensor([5])``, which torch takes as
+    an index too and which would be kept as given).
+
+    ``message`` is a :meth:`str.format` template of the text, with the fields ``name``,
+    ``least``, ``most``, ``value`` (write ``{value!r}``) and ``kind`` (the value's type name);
+    a doubled brace is a single one in the text, so that an :class:`OptionError`'s field is
+    written ``{{option}}``. Without it: ``{name} must be a whole number of at least {least}, got
+    {value!r}`` (``from {least} to {most}`` with both bounds). ``error`` makes the exception of
+    the text: an exception class, or a function of the text (an :class:`OptionError` with its
+    options)."""
+    boolean = isinstance(value, bool) or "bool" in str(getattr(value, "dtype", ""))
+    try:
+        number = None if boolean or tuple(getattr(value, "shape", ())) != () else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or (least is not None and number < least) or (most is not None and number > most):
+        if message is None:
+            bounds = (" from {least} to {most}" if least is not None and most is not None
+                      else " of at least {least}" if least is not None
+                      else " of at most {most}" if most is not None else "")
+            message = "{name} must be a whole number" + bounds + ", got {value!r}"
+        raise error(message.format(name=name, least=least, most=most, value=value, kind=type(value).__name__))
+    return number
+
+
 def check_whole(owner: str, minimum: int | None = None, **counts: Any) -> None:
     """Refuse, in one line naming ``owner``'s argument, a count that is not a whole number
-    (``ways=5.0``, ``shots="1"``, ``True``) or is below ``minimum``: torch would fail on it later,
-    in a draw or a layer, with a message about its own arguments."""
+    (``ways=5.0``, ``shots="1"``, ``True``) or is below ``minimum`` (see :func:`check_count`)."""
+    least = " of at least {least}" if minimum is not None else ""
     for name, value in counts.items():
-        # int, a NumPy integer, a 0-d integer tensor: whatever Python takes as an index, but a
-        # truth value (True, torch.tensor(True)) or a tensor of one element (torch.tensor([5])),
-        # which torch takes as an index too and which would be kept as given
-        boolean = isinstance(value, bool) or "bool" in str(getattr(value, "dtype", ""))
-        try:
-            number = None if boolean or tuple(getattr(value, "shape", ())) != () else operator.index(value)
-        except TypeError:
-            number = None
-        if number is None or (minimum is not None and number < minimum):
-            least = f" of at least {minimum}" if minimum is not None else ""
-            raise MetalearnError(f"{owner}'s {name} is a whole number{least}, got {value!r} ({type(value).__name__})")
+        check_count(value, f"{owner}'s {name}", minimum, message="{name} is a whole number" + least +
+                    ", got {value!r} ({kind})")
 
 
 def require_number(value: float, owner: str, field: str, *, zero_allowed: bool = False) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import warnings
 from typing import Any, Callable
 
@@ -15,7 +14,7 @@ from torch import nn
 from metalearn.algorithms.base import MetaLearner, device_mismatch, device_of, evaluating, prediction_scores
 from metalearn.config import MAX_EPISODES, TrainConfig
 from metalearn.distributed import World
-from metalearn.errors import MetalearnError, MetalearnWarning, OptionError, caller_level
+from metalearn.errors import MetalearnError, MetalearnWarning, OptionError, caller_level, check_count
 from metalearn.runtime import DroppingStream, cuda_devices, float32_default, own_random_state
 from metalearn.tasks import TaskSource, require_sampled_batch, require_task_source
 from metalearn.tasks.batch import TaskBatch
@@ -85,20 +84,11 @@ def scored_in_calls(score: Callable[[Any], Any], batch, per_call: int | None, di
     return torch.cat(parts, dim=dim)
 
 
-def check_count(value: Any, name: str) -> None:
-    """A number of episodes (or of episodes per chunk) is a whole number of at least 1: 0 would
-    score nothing, a fraction fail inside torch, and a chunk of 0 never end."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:  # np.int64 too
-        raise MetalearnError(f"{name} must be a whole number of at least 1, got {value!r}")
-
-
 def check_seed(value: Any, name: str = "seed", most: int = 2**63 - 1) -> int:
     """A seed as Python's int (a NumPy integer too), or a one-line error for anything that is not
     a whole number from 0 to ``most``: torch's manual_seed would fail on it with a message about
     its own arguments, or take a negative one."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= most:
-        raise MetalearnError(f"{name} must be a whole number from 0 to {most}, got {value!r}")
-    return int(value)
+    return check_count(value, name, 0, most)
 
 
 def evaluate(
@@ -164,11 +154,11 @@ def _evaluate(learner, source, episodes, seed, chunk, world, progress, per_step,
         raise MetalearnError(f"evaluate's learner is a MetaLearner (e.g. metalearn.load_trained(run_dir)[1]) or an "
                              f"object with predict, got {_described(learner)}")
     require_task_source(source, "evaluate's source")
-    check_count(episodes, "episodes")
+    episodes = check_count(episodes, "episodes")
     if episodes > MAX_EPISODES:
         raise OptionError(f"{{episodes}} must be at most {MAX_EPISODES:,} (the intervals of papers use 600 to 10,000), "
                           f"got {episodes}", episodes="episodes")
-    check_count(chunk, "chunk")
+    chunk = check_count(chunk, "chunk")
     seed = check_seed(seed)  # the generator's seed as it is: a run's test seeds carry TEST_SEED_OFFSET
     if memory_budget is not None and not (isinstance(memory_budget, (int, float)) and 0 < memory_budget <= 1):
         raise MetalearnError(f"memory_budget is a fraction in (0, 1] or None, got {memory_budget!r}")

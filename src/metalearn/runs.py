@@ -32,9 +32,9 @@ import torch
 
 from metalearn.config import RunConfig
 from metalearn.data.splits import PARTS, RUN_SPLIT_NAME
-from metalearn.errors import MetalearnError, caller_level, MetalearnWarning, OptionError, spellings
-from metalearn.files import (WriteError, append_line, atomic_write, atomic_write_bytes, user_path,  # noqa: F401
-                             TEMPORARY_NAME, fsync_directory, obstacle, probe_writable, remove_temporaries)
+from metalearn.errors import MetalearnError, caller_level, check_count, MetalearnWarning, OptionError, spellings
+from metalearn.files import (TEMPORARY_NAME, append_line, atomic_write, atomic_write_bytes, obstacle, probe_writable,
+                             remove_temporaries, user_path)
 from metalearn.locking import FolderInUse, FolderLock
 
 # what only the process holding a run folder's lock writes: a temporary file of these is never
@@ -499,9 +499,9 @@ class RunDir:
         if absent:
             others = ", ".join(absent[:-1]) + " or " if absent[:-1] else ""
             raise unreadable(f"it has no {others}{absent[-1]}")
-        step = state.get("step")
-        if "step" in state and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-            raise unreadable(f"its step is {step!r}, not a count of meta-steps")
+        if "step" in state:  # as Python's int: a NumPy integer or a 0-d tensor would be kept as given
+            state["step"] = check_count(state["step"], "step", 0, error=unreadable,
+                                        message="its step is {value!r}, not a count of meta-steps")
         return state
 
     def keep_best(self, state: dict[str, Any], score: float, keep: int, higher_is_better: bool) -> None:

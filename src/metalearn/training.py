@@ -29,8 +29,8 @@ from metalearn.checkpoints import (RESUME_ENTRIES, RESUME_OPTIONAL_ENTRIES, all_
 from metalearn.config import RunConfig
 from metalearn.distributed import RankLost, World, environment_count
 from metalearn.errors import (STOP_SIGNALS, TIME_LIMIT_EXIT, ConfigError, MetalearnError, OptionError, OptionWarning,
-                              TrainingInterrupted, TrainingStopped, caller_level, kind_of, spellings, training_stop,
-                              valued)
+                              TrainingInterrupted, TrainingStopped, caller_level, check_count, kind_of, spellings,
+                              training_stop, valued)
 from metalearn.evaluation import HIGHER_IS_BETTER, evaluate
 from metalearn.files import WriteError, check_folder_path, same_path, user_path
 from metalearn.memory_budget import (available_memory, chunk_candidates, chunk_sizes, fastest_chunk, largest_chunk,
@@ -87,9 +87,8 @@ def check_stop_at(stop_at, step: int, steps: int) -> None:
     """``--stop-at``: a step not before the run's current ``step`` (equal: it is paused there
     already, and :meth:`Trainer.fit` stops at once, so that the same command can be repeated)
     and before its last, ``steps``."""
-    if isinstance(stop_at, bool) or not isinstance(stop_at, numbers.Integral) or stop_at < 1:
-        raise OptionError(f"{{stop_at}} takes a step number (a positive integer), got {stop_at!r}", stop_at="stop_at")
-    stop_at = int(stop_at)
+    stop_at = check_count(stop_at, "stop_at", error=lambda text: OptionError(text, stop_at="stop_at"),
+                          message="{{stop_at}} takes a step number (a positive integer), got {value!r}")
     given = (f"stop_at={stop_at}", f"--stop-at {stop_at}")
     if stop_at < step:
         raise OptionError(f"{{stop_at}}: the run is already at step {step}; give a later step", stop_at=given)

@@ -16,14 +16,15 @@ Regression (ambiguous tasks such as sine-or-line, PLATIPUS section 6):
 Classification: :func:`expected_calibration_error` (Guo et al. 2017, 15 equal-width confidence
 bins) and :func:`negative_log_likelihood` of the predicted class probabilities.
 
-:func:`compare_runs` evaluates trained run directories (e.g. a PLATIPUS and a MAML run) on the
-same test episodes and returns all of it as a dict.
+:func:`compare_learners` evaluates trained run directories (e.g. a PLATIPUS and a MAML run) on
+the same test episodes and returns all of it as a dict.
 
 Example::
 
     >>> samples = platipus.sample_predictions(batch, 20)            # (20, tasks, n, 1)
     >>> predictive_log_likelihood(samples, batch.query_y, noise_std=0.3).mean()
-    >>> compare_runs("runs/platipus-sol", "runs/maml-sol", episodes=600)["platipus"]["coverage_minmax"]
+    >>> runs = {"platipus": "runs/platipus-sol", "maml": "runs/maml-sol"}
+    >>> compare_learners(runs, episodes=600)["platipus"]["coverage_minmax"]
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 from torch import Tensor
 
 from metalearn.algorithms import can, methods_that
-from metalearn.algorithms.base import device_of, evaluating
+from metalearn.algorithms.base import average_prediction, device_of, evaluating
 from metalearn.config import task_differences
 from metalearn.errors import MetalearnError, OptionError, spellings
 from metalearn.evaluation import scored_in_calls, tasks_per_call
@@ -147,8 +148,6 @@ def uncertainty_scores(learner, batch: TaskBatch, true_function=None, noise_std:
         with torch.no_grad():
             samples = predictive_samples(learner, batch, num_samples)
             if batch.is_classification:
-                from metalearn.algorithms.platipus import average_prediction
-
                 log_probs = average_prediction(samples, True)
                 nll = -log_probs.log_softmax(-1).gather(-1, batch.query_y.unsqueeze(-1)).squeeze(-1).mean(-1)
                 accuracy = (log_probs.argmax(-1) == batch.query_y).float().mean(-1)
@@ -170,12 +169,6 @@ def uncertainty_scores(learner, batch: TaskBatch, true_function=None, noise_std:
                 scores["coverage_minmax"] = coverage(grid_samples, truth, "minmax")
                 scores["coverage_interval"] = coverage(grid_samples, truth, "interval", level)
             return scores
-
-
-def compare_runs(platipus_run: Path | str, maml_run: Path | str, **options) -> dict[str, Any]:
-    """:func:`compare_learners` for a PLATIPUS and a MAML run directory; the result's keys
-    include ``"platipus"`` and ``"maml"``."""
-    return compare_learners({"platipus": platipus_run, "maml": maml_run}, **options)
 
 
 RESULT_KEYS = ("episodes", "seed", "part", "dataset", "num_samples", "overrides", "ways", "shots", "query")  # compare_learners' own fields

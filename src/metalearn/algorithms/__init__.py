@@ -1,9 +1,12 @@
 """Meta-learning methods, one per module, all on the :class:`MetaLearner` interface.
 
-Adding a method is one module with a :class:`MetaLearner` subclass (its ``name``, its ``Config``
-whose fields are declared with :func:`metalearn.options.option`) and one line in ``METHODS``
-below; a method of your own can be registered at run time with :func:`register_method`. The
-trainer, the evaluator and every command of the CLI then work for it unchanged.
+The code of a method is one module with a :class:`MetaLearner` subclass (its ``name``, its
+``Config`` whose fields are declared with :func:`metalearn.options.option`), its import here and
+one line in ``METHODS`` below; a method of your own is registered at run time with
+:func:`register_method` instead. The trainer, the evaluator and every command of the CLI then
+work for it unchanged. A method of the package is documented too (its page, its nav line, its
+API entry, its module in the package map): "Adding a method" in ``docs/design.md`` lists each,
+and ``tests/test_docs.py`` checks them.
 
 What the built-in methods share is importable from here for a method of one's own:
 :func:`check_task_batch`, :func:`check_network_fits`, :func:`check_embedding_fits` (the one-line
@@ -147,7 +150,8 @@ ABILITIES: dict[str, tuple[str, ...]] = {
     # ``sample_probabilities(support_x, support_y, query_x, num_samples, generator)``: --samples,
     # sampled functions in plot, coverage in compare, the spread in predict (PLATIPUS)
     "samples models": ("sample_predictions", "sample_probabilities"),
-    # new examples of a class, ``sample(support_images, num, generator)`` and the batch's support
+    # new examples of a class, ``sample(support_images, num, generator)`` (``num`` from 1 to
+    # :data:`~metalearn.algorithms.base.MAX_SAMPLES`) and the batch's support
     # sets ``support_sets(batch)``: metalearn sample, plot's conditional samples (the statistician)
     "draws images": ("sample", "support_sets"),
 }

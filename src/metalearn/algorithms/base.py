@@ -25,6 +25,12 @@ from metalearn.errors import MetalearnError, OptionError
 from metalearn.models.norm import first_order_batch_norm
 from metalearn.tasks.batch import Problem, TaskBatch
 
+# new images a method that draws images (``sample(support_images, num, generator)``) is asked
+# for per set, at most: `metalearn sample` puts them in one picture, and 1000 already make 100
+# rows of 10, a PNG some 9,000 pixels tall that nobody looks through; the limit bounds the output
+# (3 MB a set of 28x28 images)
+MAX_SAMPLES = 1000
+
 
 def device_of(module: nn.Module) -> torch.device:
     """Where ``module`` computes: the device of its first parameter or buffer, else the CPU. The
@@ -436,6 +442,14 @@ def _shown(values: Any, limit: int = 6) -> str:
     items = values.tolist() if hasattr(values, "tolist") else list(values) if not isinstance(values, str) else [values]
     items = items if isinstance(items, list) else [items]
     return repr(items[:limit])[:-1] + (", ...]" if len(items) > limit else "]")
+
+
+def average_prediction(samples: Tensor, classification: bool, dim: int = 0) -> Tensor:
+    """The mixture's prediction from sampled models stacked along ``dim``: the mean output, or
+    for classification ``log(mean_s softmax(logits_s))``."""
+    if classification:
+        return torch.logsumexp(samples.log_softmax(-1), dim) - math.log(samples.shape[dim])
+    return samples.mean(dim)
 
 
 def prediction_scores(learner: Any, batch: TaskBatch, per_step: bool = True) -> Tensor:

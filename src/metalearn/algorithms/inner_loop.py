@@ -4,7 +4,6 @@ under ``torch.func.vmap`` (over tasks, and over samples within a task)."""
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -13,7 +12,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad
 
 from metalearn.algorithms.base import task_loss, task_losses
-from metalearn.errors import ConfigError, MetalearnError, kind_of, require_number
+from metalearn.errors import ConfigError, MetalearnError, check_count, kind_of, require_number
 from metalearn.models.norm import (BatchStatNorm, batch_statistics_collector, collect_batch_statistics, inner_step,
                                    merge_batch_statistics)
 
@@ -82,8 +81,8 @@ def check_one_task(owner: str, params: Params, x: Tensor, y: Tensor) -> None:
 
 def check_steps(owner: str, steps: Any) -> None:
     """An inner loop's number of steps: a whole number, 0 or more."""
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
-        raise MetalearnError(f"{owner}'s steps is a whole number of inner steps, 0 or more, got {steps!r}")
+    check_count(steps, f"{owner}'s steps", 0,
+                message="{name} is a whole number of inner steps, 0 or more, got {value!r}")
 
 
 def loss_gradient(model: nn.Module, params: Params, x: Tensor, y: Tensor, first_order: bool = False,

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from metalearn.algorithms.base import (MetaLearner, check_embedding_fits, class_without_support, embed_episodes,
                                       num_ways, require_functional_model, Problem, accuracy)
 from metalearn.algorithms.protonet import DISTANCES, similarities
-from metalearn.errors import ConfigError, MetalearnError, require_number
+from metalearn.errors import ConfigError, MetalearnError, check_count, require_number
 from metalearn.options import option, options
 from metalearn.models import build_model, check_network_name, network_help, output_size
 from metalearn.models.norm import first_order_batch_norm
@@ -177,9 +177,10 @@ class MatchingNet(MetaLearner):
         if config.full_context_embeddings:
             if embedding_dim is None:
                 raise MetalearnError("full context embeddings need the embedding size (embedding_dim)")
-            if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
-                raise MetalearnError(f"embedding_dim must be a whole number of at least 1 (the embedding network's "
-                                     f"output size), got {embedding_dim!r}")
+            self.embedding_dim = embedding_dim = check_count(
+                embedding_dim, "embedding_dim",
+                message="{name} must be a whole number of at least {least} (the embedding network's output size), "
+                        "got {value!r}")
             self.support_context = SupportContext(embedding_dim)
             self.query_context = QueryAttentionLSTM(embedding_dim, config.processing_steps)
 

@@ -74,7 +74,7 @@ from torch import Tensor, nn
 
 from metalearn.algorithms.base import (MetaLearner, Problem, check_embedding_fits, embed_episodes, evaluating,
                                       require_functional_model)
-from metalearn.errors import ConfigError, MetalearnError
+from metalearn.errors import ConfigError, MetalearnError, check_count
 from metalearn.models import build_model, check_network_name, network_help, output_size
 from metalearn.models.norm import first_order_batch_norm
 from metalearn.options import option, options
@@ -583,12 +583,9 @@ def lifelong_accuracy(learner: MemoryModule, source: Any, episodes: int = 1000, 
     ``episodes``, and the episodes' ``episode_width`` (classes) and ``episode_length``
     (examples).
     """
-    from metalearn.evaluation import check_count  # here: evaluation imports the algorithms package, this module too
-
-    check_count(episodes, "lifelong_accuracy: episodes")
-    check_count(chunk, "lifelong_accuracy: chunk")
-    if isinstance(max_shot, bool) or not isinstance(max_shot, int) or max_shot < 0:
-        raise MetalearnError(f"lifelong_accuracy: max_shot must be a whole number of at least 0, got {max_shot!r}")
+    episodes = check_count(episodes, "lifelong_accuracy: episodes")
+    chunk = check_count(chunk, "lifelong_accuracy: chunk")
+    max_shot = check_count(max_shot, "lifelong_accuracy: max_shot", 0)
     config = learner.config
     generator = torch.Generator().manual_seed(seed)
     correct, shown = [], []  # per chunk: (episodes, max_shot + 1) counts on each k-th showing

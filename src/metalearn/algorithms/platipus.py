@@ -55,12 +55,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from metalearn.algorithms.base import (MetaLearner, Problem, check_network_fits, evaluating, require_functional_model,
-                                       task_loss)
+from metalearn.algorithms.base import (MetaLearner, Problem, average_prediction, check_network_fits, evaluating,
+                                       require_functional_model, task_loss)
 from metalearn.algorithms.inner_loop import (Params, check_inner_loop_options, gradient_descent, loss_gradient,
                                             sgd_step)
 from metalearn.datasets import of_photographs
-from metalearn.errors import ConfigError, MetalearnError, require_number
+from metalearn.errors import ConfigError, check_count, require_number
 from metalearn.options import option, options
 from metalearn.models import build_model, check_network_name, network_help
 from metalearn.models.norm import first_order_batch_norm
@@ -312,9 +312,8 @@ class PLATIPUS(MetaLearner):
         check_network_fits(self, batch, network=self.model)
         if num_samples is None:
             num_samples = self.config.num_samples
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise MetalearnError(f"num_samples must be a whole number of at least 1 (or None: the run's "
-                                 f"{self.config.num_samples}), got {num_samples!r}")
+        num_samples = check_count(num_samples, "num_samples", message="{name} must be a whole number of at least "
+                                  f"{{least}} (or None: the run's {self.config.num_samples}), got {{value!r}}")
         mean = {name: p.detach() for name, p in self._mean().items()}
         std_p = {name: s.detach().exp() for name, s in self._log_std(self.log_prior_std).items()}
         prior_step = self.prior_step.detach()
@@ -365,11 +364,3 @@ class PLATIPUS(MetaLearner):
         ``(steps + 1, tasks, n_query, out)``."""
         samples = self.sample_predictions_per_step(batch)
         return average_prediction(samples, batch.is_classification, dim=1)
-
-
-def average_prediction(samples: Tensor, classification: bool, dim: int = 0) -> Tensor:
-    """The mixture's prediction from sampled models stacked along ``dim``: the mean output, or
-    for classification ``log(mean_s softmax(logits_s))``."""
-    if classification:
-        return torch.logsumexp(samples.log_softmax(-1), dim) - math.log(samples.shape[dim])
-    return samples.mean(dim)

@@ -46,9 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalearn.algorithms.base import MetaLearner, Problem, check_task_batch, evaluating
+from metalearn.algorithms.base import MAX_SAMPLES, MetaLearner, Problem, check_task_batch, evaluating
 from metalearn.distributed import current_world
-from metalearn.errors import ConfigError, MetalearnError, OptionError
+from metalearn.errors import ConfigError, MetalearnError, OptionError, check_count
 from metalearn.options import option, options
 from metalearn.tasks.batch import TaskBatch
 
@@ -61,10 +61,6 @@ LOGVAR_RANGE = (-12.0, 8.0)  # keeps exp() finite in float32 while the networks 
 # images encoded in one pass by `context`: an evaluation chunk of 50 20-way 5-shot episodes holds
 # 5000 support images, whose first feature maps alone would take 1 GB at once
 IMAGES_PER_PASS = 512
-# new images `sample` draws per set, at most: `metalearn sample` puts them in one picture, and 1000
-# already make 100 rows of 10, a PNG some 9,000 pixels tall that nobody looks through; the limit
-# bounds the output (3 MB a set) as IMAGES_PER_PASS bounds the decoder's work at once
-MAX_SAMPLES = 1000
 
 
 @options
@@ -630,10 +626,8 @@ class NeuralStatistician(MetaLearner):
         first ``episodes`` of the episodes it scores. ``episodes`` and ``chunk`` below 1 (or not
         whole numbers) are refused in one line, as :func:`~metalearn.evaluation.evaluate` refuses
         them: no episode would leave a bound of 0 / 0."""
-        from metalearn.evaluation import check_count  # here: evaluation imports the algorithms package, this module too
-
-        check_count(episodes, "test_bound: episodes")
-        check_count(chunk, "test_bound: chunk")
+        episodes = check_count(episodes, "test_bound: episodes")
+        chunk = check_count(chunk, "test_bound: chunk")
         generator = torch.Generator().manual_seed(seed)
         device = next(self.parameters()).device
         totals, count = torch.zeros(4, dtype=torch.float64), 0

@@ -43,7 +43,8 @@ from metalearn.data.cache import read_arrays, write_arrays
 from metalearn.data.images import IMAGE_SUFFIXES, check_channels, decode_image, is_image_file
 from metalearn.data.omniglot import default_cache_dir, file_in_the_way
 from metalearn.data.splits import PARTS, RUN_SPLIT_NAME, ClassPool
-from metalearn.errors import STOP_SIGNALS, MetalearnError, caller_level, OptionError, OptionWarning, flag, valued
+from metalearn.errors import (STOP_SIGNALS, MetalearnError, caller_level, check_count, OptionError, OptionWarning, flag,
+                              valued)
 
 # 2: 16-bit images scaled by their type's range, EXIF orientation applied; 3: the cached
 # content_hash also covers the array's shape, the class sizes and the parts
@@ -706,8 +707,8 @@ def load_image_folder(root: Path | str | None, image_size: int = 84, channels: i
     if root is None:
         raise OptionError("an image folder dataset needs {data_dir}, the folder of class folders (a run whose "
                           "checkpoint records none needs it again to resume, evaluate or plot)", data_dir="data_dir")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 4:
-        raise MetalearnError(f"image size must be a whole number of at least 4 pixels, got {image_size!r}")
+    image_size = check_count(image_size, "image size", 4,
+                             message="{name} must be a whole number of at least {least} pixels, got {value!r}")
     check_channels(channels)
     root = Path(root)
     key = str(root.resolve())

@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from metalearn.errors import MetalearnError
+from metalearn.errors import MetalearnError, check_count
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CHANNEL_MODES = {1: "L", 3: "RGB"}
@@ -201,8 +201,8 @@ def prepare_drawings(images: Any, image_size: int, channels: int = 1) -> Tensor:
 def _prepare(images: Any, image_size: int, channels: int, ground: Any) -> Tensor:
     """prepare_images with ``ground(uint8 array)`` applied to each decoded file or PIL image."""
     check_channels(channels)
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise MetalearnError(f"image_size must be a whole number of pixels of at least 1, got {image_size!r}")
+    image_size = check_count(image_size, "image_size",
+                             message="{name} must be a whole number of pixels of at least 1, got {value!r}")
     if isinstance(images, (str, Path, Image.Image)):
         images = [images]
     if isinstance(images, (np.ndarray, Tensor)):

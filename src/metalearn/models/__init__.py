@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from metalearn.errors import ConfigError, MetalearnError, OptionError
+from metalearn.errors import ConfigError, MetalearnError, OptionError, check_count
 from metalearn.options import is_command_name
 from metalearn.plugins import load_plugins, unknown_hint, registering
 from metalearn.models.conv4 import Conv4, mamlpp_conv4, reference_conv4
@@ -125,9 +125,8 @@ def register_network(network: Network) -> Network:
         raise MetalearnError(f"network {network.name} must serve as a classifier, an embedding or both")
     if network.inputs not in ("image", "vector"):
         raise MetalearnError(f"network {network.name}: inputs must be 'image' or 'vector', got {network.inputs!r}")
-    if isinstance(network.min_side, bool) or not isinstance(network.min_side, int) or network.min_side < 1:
-        raise MetalearnError(f"network {network.name}: min_side must be a whole number of pixels >= 1, "
-                             f"got {network.min_side!r}")
+    check_count(network.min_side, f"network {network.name}: min_side",
+                message="{name} must be a whole number of pixels >= 1, got {value!r}")
     registering("network", network.name, BUILT_IN_NETWORKS, NETWORKS.get(network.name) is network)
     NETWORKS[network.name] = network
     return network

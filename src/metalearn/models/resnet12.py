@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from metalearn.errors import check_count
 from metalearn.models.norm import BatchStatNorm
 
 WIDTHS = (64, 160, 320, 640)  # the four blocks' filters in MetaOptNet
@@ -75,8 +76,12 @@ class ResNet12(nn.Module):
     def __init__(self, in_channels: int = 3, out_features: int | None = None,
                  channels: tuple[int, ...] = WIDTHS):
         super().__init__()
-        if len(channels) != 4 or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels):
-            raise ValueError(f"channels must be four whole numbers of filters, one per block, got {channels!r}")
+        def refused(_: str) -> ValueError:
+            return ValueError(f"channels must be four whole numbers of filters, one per block, got {channels!r}")
+
+        if len(channels) != 4:
+            raise refused("")
+        channels = tuple(check_count(c, "channels", error=refused) for c in channels)
         widths = (in_channels, *channels)
         self.blocks = nn.Sequential(*(ResidualBlock(widths[i], widths[i + 1]) for i in range(4)))
         self.head = nn.Linear(channels[-1], out_features) if out_features is not None else nn.Identity()

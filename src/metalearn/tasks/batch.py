@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from metalearn.errors import MetalearnError, check_whole, kind_of
+from metalearn.errors import MetalearnError, check_count, check_whole, kind_of
 
 
 @dataclass(frozen=True)
@@ -146,9 +146,9 @@ class Problem:
                                  f"(e.g. (1, 28, 28)), got {self.input_shape!r}")
         object.__setattr__(self, "input_shape", shape)
         least = 2 if self.classification else 1
-        if isinstance(self.output_dim, bool) or not isinstance(self.output_dim, int) or self.output_dim < least:
-            what = "classes per task (at least 2)" if self.classification else "the target's size (at least 1)"
-            raise MetalearnError(f"Problem.output_dim is {what}, got {self.output_dim!r}")
+        what = "classes per task (at least 2)" if self.classification else "the target's size (at least 1)"
+        object.__setattr__(self, "output_dim", check_count(self.output_dim, "Problem.output_dim", least,
+                                                           message="{name} is " + what + ", got {value!r}"))
 
 
 def check_draw(owner: str, num_tasks: Any, generator: Any) -> None:

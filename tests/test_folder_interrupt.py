@@ -46,6 +46,32 @@ main(["train", "protonet", "--dataset", "folder", "--data-dir", root, "--image-s
 """
 
 
+def _photos_and_marks(tmp_path: Path) -> tuple[Path, Path, dict]:
+    """PROGRAM's arguments: a folder of 4 classes of 10 images, an empty folder for the marks,
+    and the environment (this checkout's metalearn, a cache of the test's own)."""
+    root = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(root / f"class{c}" / f"{i}.png")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
+           "METALEARN_CACHE": str(tmp_path / "cache")}
+    return root, marks, env
+
+
+def _wait_for_every_decode(child: subprocess.Popen, marks: Path, output) -> None:
+    """Until PROGRAM has started decoding all 40 images (90 s at most: the imports on a busy
+    machine); ``output()``: what the command wrote, shown where it ended first."""
+    deadline = time.monotonic() + 90
+    while len(list(marks.iterdir())) < 40 and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert child.poll() is None, output()
+    assert len(list(marks.iterdir())) == 40, "the images were not decoded within 90 s"
+
+
 def alive(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie, ended but not yet reaped, does not)."""
     try:
@@ -64,27 +90,14 @@ def alive(pid: int) -> bool:
 @pytest.mark.skipif(sys.platform == "win32" or "fork" not in multiprocessing.get_all_start_methods(),
                     reason="sends SIGINT to a process group; the slowed decoder reaches forked processes only")
 def test_ctrl_c_while_decoding_in_processes_stops_at_once_with_one_line(tmp_path):
-    root = tmp_path / "photos"
-    rng = np.random.default_rng(0)
-    for c in range(4):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(10):
-            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(root / f"class{c}" / f"{i}.png")
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
-           "METALEARN_CACHE": str(tmp_path / "cache")}
+    root, marks, env = _photos_and_marks(tmp_path)
     # a session of its own, so that the signal goes to the command and its processes together, as a
     # terminal's Ctrl-C does
     child = subprocess.Popen([sys.executable, "-c", PROGRAM, str(root), str(marks), str(tmp_path / "run")],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                              start_new_session=True)
     try:
-        deadline = time.monotonic() + 90  # the start: imports on a busy machine
-        while len(list(marks.iterdir())) < 40 and child.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert child.poll() is None, child.communicate()
-        assert len(list(marks.iterdir())) == 40, "the images were not decoded within 90 s"
+        _wait_for_every_decode(child, marks, child.communicate)
         time.sleep(0.3)  # one process decodes the first image, the other waits for work
         os.killpg(child.pid, signal.SIGINT)
         out, err = child.communicate(timeout=15)  # not the 30 s of the first image's decoding
@@ -137,3 +150,35 @@ def test_a_stop_signal_while_the_decoding_processes_start_acts_when_they_are_the
         assert reached == "after Ctrl-C"
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+def test_a_command_killed_while_decoding_in_processes_leaves_no_process_and_no_lock(tmp_path):
+    """A SIGKILL to the command alone (the kernel's out-of-memory killer, ``kill -9 PID``) cannot
+    stop its pool: the decoding processes, which hold both ends of the pool's pipes, waited for
+    work forever, and held the run folder's lock. They now die with the command, and hold no
+    lock meanwhile."""
+    from metalearn.locking import lock_is_held
+    from metalearn.runs import RunDir
+
+    root, marks, env = _photos_and_marks(tmp_path)
+    log = tmp_path / "log"
+    with log.open("w") as output:  # a file, not a pipe: the processes left would hold a pipe open
+        child = subprocess.Popen([sys.executable, "-c", PROGRAM, str(root), str(marks), str(tmp_path / "run")],
+                                 stdout=output, stderr=output, env=env, start_new_session=True)
+    try:
+        _wait_for_every_decode(child, marks, log.read_text)
+        workers = {int(mark.name.split("-")[0]) for mark in marks.iterdir()}
+        assert len(workers) == 2 and all(alive(pid) for pid in workers), workers
+        child.kill()  # the command alone, not its session
+        child.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in workers if alive(pid)], workers
+        assert not lock_is_held(tmp_path / "run" / ".lock")
+        with RunDir(tmp_path / "run").lock():  # the next command takes the folder
+            pass
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)  # whatever a failure left of the command's session

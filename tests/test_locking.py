@@ -220,3 +220,52 @@ def test_a_run_folder_that_is_a_broken_link_says_so(tmp_path, capsys):
     (tmp_path / "nowhere").mkdir()  # once its target is there, the link is a run folder like another
     with RunDir(run).lock() as lock:
         assert lock.held and (tmp_path / "nowhere" / ".lock").is_file()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this system")
+def test_a_forked_child_holds_none_of_its_parents_locks(tmp_path):
+    """A forked child closes the lock files it inherited: once the parent is gone (a SIGKILL to
+    it alone), a child that lives on holds no run folder; while the parent lives its lock holds,
+    and the child's lock objects hold nothing (its exit deletes no lock file)."""
+    import contextlib
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    from metalearn.locking import lock_is_held
+
+    folder, seen = tmp_path / "run", tmp_path / "child-sees"
+    parent = textwrap.dedent(f"""
+        import os, pathlib, time
+        from metalearn.runs import RunDir
+        lock = RunDir({str(folder)!r}).lock()
+        child = os.fork()
+        if child == 0:
+            pathlib.Path({str(seen)!r}).write_text(str(lock.held))
+            time.sleep(60)
+            os._exit(0)
+        print(child, flush=True)
+        time.sleep(60)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    child_pid = None
+    try:
+        child_pid = int(process.stdout.readline())
+        deadline = time.monotonic() + 30
+        while not (seen.exists() and seen.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert seen.read_text() == "False"
+        assert lock_is_held(folder / ".lock")  # the parent's lock holds while the child lives too
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        os.kill(child_pid, 0)  # the child lives on, alone
+        assert lock_is_held(folder / ".lock") is False
+        with RunDir(folder).lock():
+            pass
+    finally:
+        process.kill()
+        if child_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child_pid, signal.SIGKILL)

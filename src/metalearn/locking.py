@@ -25,8 +25,11 @@ Where this holds:
 * A file system that refuses locks altogether (``ENOLCK``, ``EOPNOTSUPP``): the folder is used
   unlocked, with a warning.
 
-A process that forks children (``multiprocessing`` with the fork start method) passes the
-open lock file on: the lock then lasts until the last of them exits.
+A process that forks (``multiprocessing`` with the fork start method, a data loader's workers)
+does not pass its locks on: every forked child closes the lock files it inherited at once
+(:func:`_let_go_in_child`), so a child that outlives its parent (a SIGKILL to the parent alone)
+holds no run folder. The parent's lock is unaffected: an ``flock`` belongs to the open file,
+which the parent still holds.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import socket
 import stat
 import sys
 import warnings
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -53,6 +57,25 @@ UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno
 # the lock file is opened without following a link: it is written (its holder's note) and
 # deleted, so a link there would have the note written over the file it points to
 NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+# the locks this process holds, for a forked child to let go of (_let_go_in_child)
+_HELD: "weakref.WeakSet[FolderLock]" = weakref.WeakSet()
+
+
+def _let_go_in_child() -> None:
+    """In a forked child: close the inherited lock files and forget them (the lock objects hold
+    nothing there, so the child neither deletes the parent's lock file nor closes another file
+    under the old number); the parent's locks hold as before."""
+    for lock in list(_HELD):
+        fd, lock._fd, lock._made_folders = lock._fd, None, ()
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_let_go_in_child)
 
 
 def lock_is_held(path: Path | str) -> bool | None:
@@ -284,7 +307,9 @@ class FolderLock:
             os.pwrite(fd, note, 0)
         except OSError:
             pass  # a full disk: the lock holds all the same, only its note is missing
-        return cls(path, fd, made_folders)
+        lock = cls(path, fd, made_folders)
+        _HELD.add(lock)
+        return lock
 
     def still_ours(self) -> bool:
         """Whether the file at :attr:`path` is still the one this lock holds: False once the
@@ -306,6 +331,7 @@ class FolderLock:
             return
         ours = self.still_ours()  # a replaced file is another holder's: leave it
         fd, self._fd = self._fd, None
+        _HELD.discard(self)
         if ours:
             with contextlib.suppress(OSError):
                 self.path.unlink()

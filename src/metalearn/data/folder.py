@@ -546,7 +546,7 @@ def _decode_in_processes(paths: list[Path], images: np.ndarray, image_size: int,
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(method)
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_interrupts,
-                               initargs=(context.Semaphore(LARGE_AT_ONCE),))
+                               initargs=(context.Semaphore(LARGE_AT_ONCE), os.getpid()))
     try:
         starts = range(0, len(paths), CHUNK)
         with _interrupts_blocked():  # the processes start here: from their first instruction until
@@ -578,11 +578,12 @@ def _decode_in_processes(paths: list[Path], images: np.ndarray, image_size: int,
 LARGE_AT_ONCE = 2  # images of more than images.LARGE_PIXELS decoded at once, over all the processes
 
 
-def _ignore_interrupts(large_image_gate=None) -> None:
-    """A decoding process's start: SIGINT ignored (its parent stops it, see
-    :func:`_decode_in_processes`), then it and the stop signals let through, now harmlessly,
-    where the parent blocked them while starting the process; SIGTERM, the parent's stop, ends it (a forked process
-    inherits the parent's handlers: a training run's notes SIGTERM and goes on); SIGUSR1 and
+def _ignore_interrupts(large_image_gate=None, parent: int | None = None) -> None:
+    """A decoding process's start: it dies with ``parent`` (:func:`_die_with_parent`); SIGINT
+    ignored (its parent stops it, see :func:`_decode_in_processes`), then it and the stop
+    signals let through, now harmlessly, where the parent blocked them while starting the
+    process; SIGTERM, the parent's stop, ends it (a forked process inherits the parent's
+    handlers: a training run's notes SIGTERM and goes on); SIGUSR1 and
     SIGUSR2 ignored (the parent, which a scheduler signals too, stops the pool). The pool's
     ``large_image_gate`` (a semaphore of :data:`LARGE_AT_ONCE`) bounds the memory of decoding
     very large images in every process together (see ``images.LARGE_IMAGE_GATE``)."""
@@ -590,6 +591,8 @@ def _ignore_interrupts(large_image_gate=None) -> None:
 
     from metalearn.data import images
 
+    if parent is not None:
+        _die_with_parent(parent)
     images.LARGE_IMAGE_GATE = large_image_gate
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -598,6 +601,27 @@ def _ignore_interrupts(large_image_gate=None) -> None:
         signal.signal(warning, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _held_signals())
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this decoding process when ``parent`` (the command that started
+    the pool) ends, on Linux (``prctl(PR_SET_PDEATHSIG, SIGKILL)``): a parent killed by
+    SIGKILL cannot stop its pool, whose processes would otherwise wait forever for work on
+    pipes they hold both ends of. A parent already gone ends this process at once. Elsewhere
+    nothing is done (such a process outlives its parent, holding no lock: see
+    :mod:`metalearn.locking`)."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no libc to load, no prctl: as elsewhere
+        return
+    if os.getppid() != parent:  # ended before the request: the kernel will not send the signal
+        os._exit(1)
 
 
 def _held_signals() -> set:

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from metalearn.errors import MetalearnError
-from metalearn.files import (WriteError, append_line, atomic_write, atomic_write_bytes, check_writable_file, format_bytes,
-                             remove_temporaries)
+from metalearn.files import (WriteError, append_line, atomic_write, atomic_write_bytes, atomic_write_files,
+                             check_writable_file, format_bytes, remove_stale_folders, remove_temporaries)
 
 FULL = "/dev/full"  # every write to it fails with ENOSPC, from the kernel
 needs_dev_full = pytest.mark.skipif(not os.path.exists(FULL), reason="no /dev/full on this system")
@@ -130,6 +130,57 @@ def test_temporary_files_of_killed_writers_are_removed_and_no_others(tmp_path):
     gone = {f"checkpoint.pt.tmp{alive.pid}", f"metrics.jsonl.tmp{dead.pid}", f"eval.json.tmp{dead.pid}"}
     assert {p.name for p in removed} == gone
     assert {p.name for p in tmp_path.iterdir()} == set(names) - gone
+
+
+def test_a_write_removes_the_stale_temporary_files_of_its_name(tmp_path):
+    """Outside a run's lock (an evaluation, a plot, predict's or summarize's output), the next
+    atomic write of a file deletes the temporary files of that name that a killed writer left:
+    its process gone and the file 10 minutes old; a live writer's, a young one and those of
+    other names stay."""
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        names = [f"eval[1].json.tmp{dead.pid}", f"eval[1].json.tmp{alive.pid}", f"eval[1].json.tmp{dead.pid}0",
+                 f"other.json.tmp{dead.pid}", f"a.png.tmp{dead.pid}", f"b.csv.tmp{dead.pid}"]
+        for name in names:
+            (tmp_path / name).write_text(name)
+        hour_ago = time.time() - 3600
+        for name in names[:2] + names[3:]:  # all but the third old
+            os.utime(tmp_path / name, (hour_ago, hour_ago))
+        atomic_write_bytes(tmp_path / "eval[1].json", b"{}")  # a glob character in the name: taken as it is
+        atomic_write_files([(tmp_path / "a.png", b"png"), (tmp_path / "b.csv", b"csv")])
+    finally:
+        alive.kill()
+        alive.wait()
+    gone = {names[0], names[4], names[5]}
+    assert {p.name for p in tmp_path.iterdir()} == set(names) - gone | {"eval[1].json", "a.png", "b.csv"}
+
+
+def test_a_killed_processs_old_folder_of_its_own_is_removed(tmp_path):
+    """An export draws its plots in a folder named by its process id in the system's temporary
+    folder; a SIGKILL leaves it there. The folders of a process gone and 10 minutes old go; a
+    live process's, this process's, a young one, a file and other names stay."""
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        names = [f"metalearn-export-{dead.pid}-abc", f"metalearn-export-{alive.pid}-abc",
+                 f"metalearn-export-{os.getpid()}-abc", f"metalearn-export-{dead.pid}-young",
+                 f"metalearn-exports-{dead.pid}-abc", f"other-{dead.pid}-abc"]
+        for name in names:
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "plot.png").write_bytes(b"png")
+        (tmp_path / f"metalearn-export-{dead.pid}-file").write_text("a file")
+        hour_ago = time.time() - 3600
+        for name in [n for n in names if not n.endswith("young")] + [f"metalearn-export-{dead.pid}-file"]:
+            os.utime(tmp_path / name, (hour_ago, hour_ago))
+        removed = remove_stale_folders(tmp_path, "metalearn-export-")
+    finally:
+        alive.kill()
+        alive.wait()
+    assert [p.name for p in removed] == [names[0]]
+    assert not (tmp_path / names[0]).exists() and all((tmp_path / name).exists() for name in names[1:])
 
 
 def test_taking_a_run_folder_cleans_best_and_plots_too(tmp_path):

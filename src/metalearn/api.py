@@ -33,7 +33,7 @@ from metalearn.options import option_defaults
 from metalearn.runs import (RunDir, claim_new_run_dir, default_runs_root, evaluation_step, json_finite,
                             new_run_name, recorded_plugins, registered_in_python)
 from metalearn.files import (WriteError, atomic_write_files, check_folder_path, obstacle, probe_writable,
-                             remove_export_temporaries, same_path, user_path)
+                             remove_export_temporaries, remove_stale_folders, same_path, user_path)
 from metalearn.locking import make_folders
 from metalearn.models import NETWORKS
 from metalearn.plugins import load_plugins, unknown_hint
@@ -1118,6 +1118,7 @@ def summary_json(summary: dict[str, Any]) -> str:
 
 
 OUT_DIR = ("out_dir", "OUT_DIR")  # export's folder: a parameter in Python, an argument on the command line
+EXPORT_FOLDER_PREFIX = "metalearn-export-"  # + the process id: an export's folder of plots, in the temporary folder
 
 
 def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str | None = None,
@@ -1173,7 +1174,10 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
     # before the drawing, which takes a while; the plots' names are known once they are drawn,
     # and every name is checked again then, just before the record is written
     check_record_targets(out_dir, [Path(out_dir) / "summary.json"])
-    drawn = tempfile.TemporaryDirectory(prefix="metalearn-export-")
+    # the plots are drawn in a folder of this process's (named by its id) in the system's
+    # temporary folder; one that a killed export left there goes once it is stale
+    remove_stale_folders(Path(tempfile.gettempdir()), EXPORT_FOLDER_PREFIX)
+    drawn = tempfile.TemporaryDirectory(prefix=f"{EXPORT_FOLDER_PREFIX}{os.getpid()}-")
     # a run with no logged step (--steps 0, a baseline; stopped before --log-every) has no curve
     # to draw: its record is the summary alone
     step = int(state["step"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
+import glob
 import os
 import re
 import shutil
@@ -154,6 +155,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any],
         if isinstance(err, OSError):
             raise WriteError(path, err) from None
         raise
+    remove_stale_temporaries_of(path)
 
 
 def atomic_write_files(files: Iterable[tuple[Path, bytes | memoryview]]) -> None:
@@ -195,6 +197,8 @@ def atomic_write_files(files: Iterable[tuple[Path, bytes | memoryview]]) -> None
         for _, tmp in staged:  # none after a success; after a failure, those not renamed
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
+    for path, _ in staged:
+        remove_stale_temporaries_of(path)
 
 
 def obstacle(path: Path, reading: bool = False) -> str | None:
@@ -231,9 +235,11 @@ def probe_writable(path: Path) -> None:
         return  # our own temporary file, left by a write of this process cut short: the folder takes files
     except OSError as err:
         raise WriteError(path, err) from None
-    os.close(fd)
-    with contextlib.suppress(OSError):
-        tmp.unlink()
+    try:
+        os.close(fd)
+    finally:  # also when a Ctrl-C or a stop signal's exception lands here: the probe leaves nothing
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def append_line(path: Path, line: str) -> None:
@@ -330,6 +336,40 @@ def remove_temporaries(folder: Path, owned: Iterable[str] = (), unowned_age_s: f
                 removed.append(entry)
         except OSError:
             continue  # gone already (another cleaner was first), or not ours to delete
+    return removed
+
+
+def remove_stale_temporaries_of(path: Path) -> list[Path]:
+    """Once ``path`` is written: delete the temporary files of its name that writers killed
+    mid-write left beside it (an evaluation, a plot, predict's or summarize's output killed
+    with SIGKILL), once their process is gone from this machine and they are
+    :data:`UNOWNED_TEMPORARY_AGE_S` old (:func:`remove_temporaries`); returns them. Every
+    atomic write calls it, so such litter lasts until the file is next written, wherever it is."""
+    return remove_temporaries(Path(path).parent, among=(glob.escape(Path(path).name),))
+
+
+def remove_stale_folders(parent: Path, prefix: str) -> list[Path]:
+    """Delete the folders ``<prefix><pid>-...`` in ``parent`` (temporary folders a process made
+    for its own use, e.g. an export's plots in the system's temporary folder) that a killed
+    process left: its process gone from this machine and the folder unchanged for
+    :data:`UNOWNED_TEMPORARY_AGE_S`; returns them. Nothing else is touched."""
+    pattern = re.compile(re.escape(prefix) + r"(?P<pid>\d+)-")
+    removed = []
+    try:
+        entries = list(Path(parent).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match is None or int(match["pid"]) == os.getpid() or process_running(int(match["pid"])):
+            continue
+        try:
+            if not entry.is_dir() or entry.is_symlink() or time.time() - entry.stat().st_mtime < UNOWNED_TEMPORARY_AGE_S:
+                continue
+            shutil.rmtree(entry)
+            removed.append(entry)
+        except OSError:
+            continue
     return removed
 
 

@@ -71,3 +71,28 @@ def test_what_is_left_out_follows_the_declared_properties_not_the_method_name(mo
     flags = flags_of(out)
     assert "--noise-std" in flags and "--ways" not in flags and "--env" in flags
     assert "nav2d, cheetah-vel, cheetah-dir or noisy-nav (its default)" in " ".join(out.split())
+
+
+def test_the_dataset_and_split_help_name_every_built_in_one():
+    """The help of --dataset and --split is written by hand, with a word on each: a dataset,
+    environment or split added to the registry must be added there too."""
+    from metalearn.config import TaskConfig
+    from metalearn.data.splits import SPLITS
+    from metalearn.options import help_of
+
+    import json
+    import os
+    import subprocess
+    import sys
+
+    fields = {field.name: help_of(field) for field in dataclasses.fields(TaskConfig)}
+    # the registry of a fresh process without plugins: this one may hold datasets tests registered
+    env = {key: value for key, value in os.environ.items() if key != "METALEARN_PLUGINS"}
+    listed = subprocess.run([sys.executable, "-c", "import json; from metalearn.datasets import DATASETS, get_dataset; "
+                             "get_dataset('omniglot'); print(json.dumps(list(DATASETS)))"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    built_in = json.loads(listed.stdout)
+    assert len(built_in) >= 8, listed.stderr
+    missing = [name for name in built_in if not re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", fields["dataset"])]
+    assert not missing, missing
+    assert all(re.search(rf"(?<![\w-]){re.escape(split)}(?![\w-])", fields["split"]) for split in SPLITS)

@@ -87,6 +87,14 @@ def test_the_command_prints_the_table_and_json_and_refuses_what_would_mix_unlike
         summarize_runs(str(untested))
 
 
+@pytest.mark.parametrize("given", ["", " ", ",,"])
+def test_a_group_by_naming_no_option_is_refused_not_read_as_no_grouping(given, tmp_path, capsys):
+    code, out, err = run(["summarize", tmp_path, "--group-by", given], capsys)
+    assert (code, out, err) == (2, "", f"error: --group-by {given!r} names no option; give the options that make a "
+                                       "setting (e.g. inner_lr,train.meta_lr), or leave it out to group by every "
+                                       "option the runs differ in\n")
+
+
 def test_an_evaluation_file_of_an_older_version_groups_with_the_new_ones(sweep, tmp_path):
     """Evaluation files written before episode_seed existed record the generator's seed as
     "seed": such a run groups with runs scored on the same episodes by the current version."""

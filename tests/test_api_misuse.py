@@ -251,6 +251,11 @@ def test_what_a_caller_gets_wrong_about_runs_and_configs_is_one_line(tmp_path):
 
     assert refusal(lambda: resolve_config(ProtoNet)) == (
         "a method is named by its text name: give 'protonet', not the class ProtoNet")
+    assert refusal(lambda: resolve_config("maml", task={"dataset": [5]})).startswith(  # not "unhashable type"
+        "TaskConfig.dataset must be one of omniglot, folder, mini-imagenet, sinusoid, sine-or-line, got [5] (")
+    assert refusal(lambda: build_learner("maml", {}, Problem((1, 28, 28), 2**63 - 1, True))) == (  # torch's overflow
+        "maml's network is too large to build (Storage size calculation overflowed with sizes=[9223372036854775807, "
+        "64]): give smaller sizes (of its input, its output, its layers or its memory)")
     assert refusal(lambda: resolve_config("maml", resume_from=tmp_path / "typo")) == (
         f"cannot resume: {tmp_path / 'typo'} holds no run (no config.json)")
     assert refusal(lambda: TaskConfig(dataset="folder", split_fractions="0.5,0,0.5", split_file="s.json")) == (

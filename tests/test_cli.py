@@ -184,7 +184,8 @@ def test_time_limit_from_the_command_line(tmp_path, capsys, monkeypatch):
     for bad, message in (("soon", "'soon' is not a length of time"), ("0", "'0' is not a positive length"),
                          ("h", "'h' is not a length of time"), ("1:2:3:4", "is not a length of time"),
                          ("1:-30", "is not a length of time"), ("1-2-3", "is not a length of time"),
-                         ("-0-1", "is not a length of time")):
+                         ("-0-1", "is not a length of time"),
+                         ("2h-1h", "'2h-1h' is not a length of time")):  # no negative part in the unit form either
         code, _, err = run(args + ["--time-limit", bad], capsys)
         assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
@@ -561,6 +562,14 @@ def test_print_config_shows_the_resolved_paper_settings_and_trains_nothing(tmp_p
     (["platipus", "--std-init", 0], "--std-init must be a finite number > 0, got 0.0"),
     (["matchingnet", "--scale", "inf"], "--scale must be a finite number > 0, got inf"),
     (["maml", "--meta-batch-size", "99999999999999999999"], "--meta-batch-size"),  # beyond int64: click's range
+    (["maml", "--task-chunk", "92233720368547758070"], "92233720368547758070 does not fit in a 64-bit integer"),
+    # below float32's normal range: 1e-320 is 0 to the network, a learning rate that adapts nothing
+    (["maml", "--inner-lr", "1e-320"], "--inner-lr must be at least 1.175e-38 (float32's smallest normal number; a "
+                                       "smaller one is lost to rounding), got 1e-320"),
+    (["maml", "--grad-clip", "1e-320"], "--grad-clip must be 0 or at least 1.175e-38 (float32's smallest normal "
+                                        "number; a smaller one is lost to rounding), got 1e-320"),
+    (["maml", "--memory-budget", "1e-320"],
+     "--memory-budget must be at least 1.175e-38 (float32's smallest normal number), got 1e-320"),
 ])
 def test_numbers_that_would_only_fail_later_are_refused_at_once(capsys, args, message):
     """Infinite or NaN step sizes used to pass the "> 0" checks and end in a NaN loss whose
@@ -568,6 +577,33 @@ def test_numbers_that_would_only_fail_later_are_refused_at_once(capsys, args, me
     dataset = [] if args[0] == "matchingnet" else ["--dataset", "sinusoid"]
     code, out, err = run(["train", *args, *dataset, "--print-config"], capsys)
     assert code == 2 and message in err and "Traceback" not in err and out == "", err
+
+
+def test_sizes_too_large_for_torch_s_arithmetic_are_a_message_not_a_traceback(tmp_path, capsys):
+    """2**63 - 1 units, ways, tasks or examples overflow torch's 64-bit size arithmetic (a
+    RuntimeError "Storage size calculation overflowed", a TypeError "Overflow when unpacking
+    long long"): one line that quotes torch's first and names what to make smaller, whether the
+    network is built (a dry run too) or a step draws its tasks."""
+    largest = 2**63 - 1
+    code, out, err = run(["train", "maml-rl", "--hidden", largest, "--print-config"], capsys)
+    assert (code, out) == (2, "") and err == (
+        "error: maml-rl's network is too large to build (Storage size calculation overflowed with sizes="
+        f"[{largest}, 2]): give smaller sizes (of its input, its output, its layers or its memory)\n"), err
+    sinusoid = ["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--no-progress", "--no-eval"]
+    overflowed = f"(Storage size calculation overflowed with sizes=[{largest}]"
+    for args, quoted in ((["--meta-batch-size", largest], overflowed),
+                         (["--shots", 2**62, "--meta-batch-size", 2], "(rand(): argument 'size' failed to unpack")):
+        code, _, err = run([*sinusoid, *args, "--run-dir", tmp_path / str(len(args))], capsys)
+        assert code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+        assert err.startswith(f"error: the sizes asked for are too large to compute with {quoted}"), err
+        assert err.endswith("): give smaller ones (a smaller --meta-batch-size, fewer --shots, --query or "
+                            "--inner-steps)\n"), err
+    from metalearn.errors import size_overflow_in
+
+    assert [size_overflow_in(e) is e for e in (OverflowError("int too large"), TypeError("Overflow when unpacking "
+            "long long"), RuntimeError("Storage size calculation overflowed"), RuntimeError("shape mismatch"),
+            TypeError("Overflow"), ValueError("overflow"), RuntimeError("value cannot be converted to type float "
+            "without overflow"))] == [True, True, True, False, False, False, False]
 
 
 def test_a_dry_run_refuses_the_run_folder_device_and_init_from_that_training_would(tmp_path, capsys):

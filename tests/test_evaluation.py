@@ -228,6 +228,9 @@ def test_a_chunk_too_large_for_the_memory_is_scored_in_parts_with_the_same_score
     assert calls == [1, 5, 2] and fits["scores"] == whole["scores"]
     with pytest.raises(MetalearnError, match=r"^memory_budget is a fraction in \(0, 1\] or None, got 0$"):
         evaluate(maml, tasks, episodes=3, progress=False, memory_budget=0)
+    with pytest.raises(MetalearnError, match=r"^memory_budget is at least 1.175e-38 \(float32's smallest normal "
+                                             r"number\), got 1e-320$"):
+        evaluate(maml, tasks, episodes=3, progress=False, memory_budget=1e-320)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="measures memory through "

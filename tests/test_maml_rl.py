@@ -696,6 +696,20 @@ def test_first_order_without_inner_steps_is_refused_naming_both_options(tmp_path
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
+def test_inner_steps_are_bounded_as_maml_s(capsys):
+    """MAML's bound on the inner steps (a mistyped 10**8 would run for days without a word)."""
+    from metalearn.algorithms.inner_loop import MAX_INNER_STEPS
+    from metalearn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^MAMLRL.Config.test_inner_steps must be at most 100000 \(each step a "
+                                          r"policy-gradient step on sampled trajectories\), got 100000000$"):
+        MAMLRLConfig(test_inner_steps=10**8)
+    MAMLRLConfig(inner_steps=MAX_INNER_STEPS, test_inner_steps=MAX_INNER_STEPS)
+    code, out, err = run(["train", "maml-rl", "--inner-steps", MAX_INNER_STEPS + 1, "--print-config"], capsys)
+    assert (code, out, err) == (2, "", "error: --inner-steps must be at most 100000 (each step a policy-gradient "
+                                       "step on sampled trajectories), got 100001\n")
+
+
 def test_supervised_method_on_an_environment_and_back_are_refused(capsys):
     code, _, err = run(["train", "maml", "--env", "nav2d", "--print-config"], capsys)
     assert code != 0 and "maml-rl" in err and err.strip().count("\n") == 0

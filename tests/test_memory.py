@@ -299,6 +299,15 @@ def test_bad_options_are_refused_with_the_field_named():
         learner.predict(random_batch(tasks=1, ways=10, shots=1, query=1))
     with pytest.raises(ConfigError, match="model must be an image network: lenet .*conv4-embedding.*got 'lenett'"):
         MemoryConfig(model="lenett")
+    # the margin is a float32 number, as the other scales: not beyond float32, nor lost to rounding
+    with pytest.raises(ConfigError, match=r"^MemoryModule.Config.margin must be a finite number > 0 and at most "
+                                          r"3.403e\+38 \(float32's largest\), got 1e\+40$"):
+        MemoryConfig(margin=1e40)
+    with pytest.raises(ConfigError, match=r"^MemoryModule.Config.margin must be at least 1.175e-38 \(float32's "
+                                          r"smallest normal number; a smaller one is lost to rounding\), got 1e-320$"):
+        MemoryConfig(margin=1e-320)
+    with pytest.raises(ConfigError, match=r"^MemoryModule.Config.margin must be a finite number > 0, got nan$"):
+        MemoryConfig(margin=float("nan"))
 
 
 def test_a_network_of_another_width_than_the_projection_is_refused_in_one_line():

@@ -45,6 +45,31 @@ def test_status_refuses_a_runs_or_cache_variable_naming_a_file(afile, tmp_path, 
                                                  "away, or point METALEARN_RUNS at a folder of runs")
 
 
+@pytest.mark.parametrize("variable", ["METALEARN_RUNS", "METALEARN_CACHE", "METALEARN_DATA"])
+def test_a_folder_variable_of_blanks_is_refused_and_an_empty_one_is_unset(variable, tmp_path, monkeypatch, capsys):
+    """A value of only blanks would make a folder named by them; an empty one means unset."""
+    from metalearn.data.omniglot import default_cache_dir, default_data_dir
+
+    monkeypatch.setenv("METALEARN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("METALEARN_RUNS", raising=False)
+    monkeypatch.delenv("METALEARN_DATA", raising=False)
+    monkeypatch.setenv(variable, " ")
+    message = f"{variable} is set to ' ', only blanks: point it at a folder, or unset it"
+    reader = {"METALEARN_RUNS": default_runs_root, "METALEARN_CACHE": default_cache_dir,
+              "METALEARN_DATA": default_data_dir}[variable]
+    with pytest.raises(MetalearnError, match=f"^{message}$"):
+        reader()
+    if variable != "METALEARN_DATA":  # status reads the runs folder, in the cache folder by default
+        refused(*run(["status"], capsys), f"error: {message}")
+    monkeypatch.setenv(variable, "")
+    if variable == "METALEARN_CACHE":
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    expected = {"METALEARN_RUNS": tmp_path / "cache" / "runs", "METALEARN_DATA": tmp_path / "cache" / "omniglot",
+                "METALEARN_CACHE": tmp_path / "xdg" / "metalearn"}
+    assert reader() == expected[variable]
+    assert not list(tmp_path.glob(" *"))
+
+
 def test_a_runs_folder_not_made_yet_is_said_not_to_exist(tmp_path, monkeypatch, capsys):
     missing = tmp_path / "no-such-runs"
     monkeypatch.setenv("METALEARN_RUNS", str(missing))

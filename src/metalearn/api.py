@@ -256,9 +256,10 @@ def check_train_options(given: dict[str, Any], train: TrainConfig, method_option
 def dataset_for(cls, name: str):
     """The dataset ``name`` names; an unknown name is refused with the list of those ``cls`` can
     learn (the environments, as ``--env``, for a reinforcement-learning method)."""
-    if name not in DATASETS:
+    named = isinstance(name, str)  # a list names none (nor can it be looked up): refused as an unknown name
+    if named and name not in DATASETS:
         load_plugins()  # a dataset or environment of a plugin: registered when its module is imported
-    if name in DATASETS:
+    if named and name in DATASETS:
         return DATASETS[name]
     fitting = ", ".join(known for known, d in DATASETS.items() if d.reinforcement == cls.reinforcement)
     if cls.reinforcement:

@@ -24,8 +24,8 @@ from metalearn.algorithms.base import MAX_SAMPLES
 from metalearn.config import MAX_EPISODES, MAX_SEED, TaskConfig, TrainConfig
 from metalearn.distributed import leave_world, reports
 from metalearn.errors import (TIME_LIMIT_EXIT, ConfigError, MetalearnError, MetalearnWarning, OptionError, Options,
-                              STOP_SIGNALS, Terminated, TrainingInterrupted, TrainingStopped, flag, spellings,
-                              stopped_by)
+                              STOP_SIGNALS, Terminated, TrainingInterrupted, TrainingStopped, first_line, flag,
+                              size_overflow_in, spellings, stopped_by)
 from metalearn.files import check_writable_file
 from metalearn.options import help_of
 from metalearn.plugins import load_plugins, unknown_hint
@@ -93,6 +93,17 @@ class Int64(click.types.IntParamType):
 INTEGER = Int64()
 
 
+class WordOrInt64(click.types.StringParamType):
+    """Text that may be a whole number (``--task-chunk``: a number of tasks or ``auto``), kept as
+    text for the config to read; a number is bounded as :class:`Int64`'s."""
+
+    def convert(self, value, param, ctx):
+        text = super().convert(value, param, ctx)
+        if isinstance(text, str) and text.strip().isdigit():
+            INTEGER.convert(text.strip(), param, ctx)
+        return text
+
+
 class OrNone(click.ParamType):
     """An option whose field may be None (``test_shots: int | None``, None: follow ``shots``):
     ``none`` sets it back to None, which leaving the flag out cannot do where a preset or the
@@ -128,7 +139,7 @@ class Duration(click.ParamType):
     """A length of time, as seconds: ``5400``, ``90m``, ``1h30m``, ``2d``, or ``1:30:00`` (hours,
     minutes and seconds, as batch schedulers write their limits) with days before a dash
     (``1-12:00:00``, ``2-12``: Slurm's days-hours[:minutes[:seconds]]). Every part of the
-    colon form is a number of at least 0."""
+    colon form, and of the unit form, is a number of at least 0."""
 
     name = "duration"
     UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
@@ -151,7 +162,7 @@ class Duration(click.ParamType):
                 seconds, number = 0.0, ""
                 for char in text:
                     if char in self.UNITS:
-                        if not number:
+                        if not number or number.strip().startswith("-"):  # 2h-1h: no part is negative, as above
                             raise ValueError
                         seconds, number = seconds + float(number) * self.UNITS[char], ""
                     else:
@@ -217,6 +228,8 @@ def _option_for(field: dataclasses.Field, paper_default: bool = False, hidden: b
         return click.Option([f"{name}/--no-{name[2:]}"], default=None, help=text, hidden=hidden)
     click_type = GivenPath(PATH_FIELDS[field.name], None) if field.name in PATH_FIELDS else \
         {int: INTEGER, float: click.FLOAT, str: click.STRING}.get(hint, click.STRING)
+    if click_type is click.STRING and "int" in str(field.type).replace(" ", "").split("|"):  # str | int
+        click_type = WordOrInt64()
     if _may_be_none(field) and field.name not in PATH_FIELDS:
         click_type = OrNone(click_type)
     names = [name] + [flag(alias) for alias in field.metadata.get("aliases", ())]
@@ -692,6 +705,10 @@ def summarize(run_dirs, group_by, evaluation, json_path):
         check_writable_file("--json", json_path, "summary.json")
         refuse_run_files([(("json", "--json"), json_path)])  # a run's own file (its eval.json) is not replaced
     groups = [name.strip() for name in group_by.split(",") if name.strip()] if group_by is not None else None
+    if groups == []:  # `--group-by ""` or `,,`: given, but naming nothing, it would read as no grouping
+        raise MetalearnError(f"--group-by {group_by!r} names no option; give the options that make a setting "
+                             "(e.g. inner_lr,train.meta_lr), or leave it out to group by every option the runs "
+                             "differ in")
     summary = summarize_runs(list(run_dirs), group_by=groups, evaluation=evaluation)
     text = json.dumps(json_finite(summary), indent=2, allow_nan=False)
     if json_path == "-":
@@ -1133,11 +1150,10 @@ def samples_models(method: str) -> bool:
     return can(method, "samples models")
 
 
-def memory_advice(argv: list[str]) -> str:
-    """What to change after running out of memory: the options of :data:`MEMORY_OPTIONS` that the
-    command of ``argv`` has (train: of its method) and that its dataset and method take, so that
-    no advice names an option the command would refuse; for train, --resume where the run folder
-    holds a checkpoint to continue from."""
+def memory_option_groups(argv: list[str]) -> list[str]:
+    """The options of :data:`MEMORY_OPTIONS` that the command of ``argv`` has (train: of its
+    method) and that its dataset and method take, each group in its words (``"fewer --ways,
+    --shots or --query"``), so that no advice names an option the command would refuse."""
     from metalearn.algorithms import method_class
     from metalearn.datasets import get_dataset
 
@@ -1161,13 +1177,25 @@ def memory_advice(argv: list[str]) -> str:
         if flags:
             listed = f"{', '.join(flags[:-1])} or {flags[-1]}" if len(flags) > 1 else flags[0]
             groups.append(f"{words} {listed}")
+    return groups
+
+
+def memory_advice(argv: list[str]) -> str:
+    """What to change after running out of memory: the options of :data:`MEMORY_OPTIONS` that the
+    command of ``argv`` has (train: of its method) and that its dataset and method take, so that
+    no advice names an option the command would refuse; for train, --resume where the run folder
+    holds a checkpoint to continue from."""
+    names, command, params = _parsed_command(argv)
+    groups = memory_option_groups(argv)
     advice = f"Ask for less at once: {', '.join(groups)}" if groups else "Use a machine with more memory"
     if names[:1] != ["train"] or len(names) < 2 or names[1] not in METHODS:
         return advice + "."
+    from metalearn.algorithms import method_class
     from metalearn.algorithms.base import MetaLearner
 
     # --task-chunk gives the same meta-gradient in less memory and is the one of these options a
     # resumed run may change (config.RESUMABLE_CHANGES); named for methods that never refuse it
+    has = {p.name for p in (command.params if command is not None else ())}
     chunks = method_class(names[1]).chunking_refused is MetaLearner.chunking_refused and "task_chunk" in has
     less = ", ".join(groups)
     chunk = "--task-chunk auto (or a smaller --task-chunk): the same meta-gradient in less memory"
@@ -1397,6 +1425,16 @@ def _main(args: list[str] | None) -> None:
         sys.exit(err.exit_code)
     except Exception as err:
         memory = out_of_memory_in(err)
+        if memory is None and size_overflow_in(err) is not None:  # 2**63 - 1 tasks or units: torch's size arithmetic
+            argv = sys.argv[1:] if args is None else [str(a) for a in args]
+            try:
+                groups = memory_option_groups(argv)
+            except Exception:  # noqa: BLE001 -- advice only: a command line it cannot read gets none
+                groups = []
+            smaller = f" ({', '.join(groups)})" if groups else ""
+            click.echo(f"error: the sizes asked for are too large to compute with ({first_line(err)}): give smaller "
+                       f"ones{smaller}", err=True)
+            sys.exit(2)
         if memory is None:
             _exit_if_terminated()
             raise

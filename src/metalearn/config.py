@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metalearn.errors import ConfigError, MetalearnError, require_number
+from metalearn.errors import FLOAT32_TINY, ConfigError, MetalearnError, require_number
 from metalearn.datasets import get_dataset
 from metalearn.options import option, options
 
@@ -243,6 +243,8 @@ class TrainConfig:
             refuse("task_chunk", "must be a number of tasks >= 0 (0: the whole meta-batch) or auto")
         if not (isinstance(self.memory_budget, (int, float)) and 0 < self.memory_budget <= 1):
             refuse("memory_budget", "must be a fraction in (0, 1]")
+        if self.memory_budget < FLOAT32_TINY:  # 1e-320: a budget of no byte, below the numbers' normal range
+            refuse("memory_budget", f"must be at least {FLOAT32_TINY:.4g} (float32's smallest normal number)")
 
 
 # Fields that may change when a run is resumed: they do not alter what was already computed.

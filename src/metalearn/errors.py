@@ -15,6 +15,7 @@ import sys
 from typing import Any, Callable
 
 FLOAT32_MAX = 3.4028234663852886e38  # the networks compute in float32: a larger value overflows
+FLOAT32_TINY = 1.1754943508222875e-38  # float32's smallest normal number: a smaller one loses its digits, or is 0
 
 
 class MetalearnError(Exception):
@@ -78,6 +79,30 @@ def require_number(value: float, owner: str, field: str, *, zero_allowed: bool =
         beyond = isinstance(value, (int, float)) and math.isfinite(value) and abs(value) > FLOAT32_MAX
         limit = f" and at most {FLOAT32_MAX:.4g} (float32's largest)" if beyond else ""
         raise ConfigError(owner, field, f"must be a finite number {bound}{limit}, got {value}")
+    if value and abs(value) < FLOAT32_TINY:  # 1e-320: float32 makes it 0 (a learning rate that adapts nothing)
+        least = "0 or at least" if zero_allowed else "at least"
+        raise ConfigError(owner, field, f"must be {least} {FLOAT32_TINY:.4g} (float32's smallest normal number; "
+                                        f"a smaller one is lost to rounding), got {value}")
+
+
+def size_overflow_in(err: BaseException) -> BaseException | None:
+    """``err`` where it is torch's (or Python's) refusal of a size too large for 64-bit
+    arithmetic, or None: a layer or a draw of 2**63 - 1 units ends in a RuntimeError "Storage
+    size calculation overflowed", a TypeError "... Overflow when unpacking long long", or an
+    OverflowError, from deep inside torch; the callers turn it into one line that names what to
+    make smaller. Not torch's "value cannot be converted to type float without overflow": a value,
+    not a size."""
+    text = str(err)
+    sized = isinstance(err, RuntimeError) and "overflow" in text.lower() and "without overflow" not in text
+    if isinstance(err, OverflowError) or sized or (isinstance(err, TypeError) and "Overflow when unpacking" in text):
+        return err
+    return None
+
+
+def first_line(err: BaseException, width: int = 160) -> str:
+    """The first line of ``err``'s message, cut to ``width`` characters (its type's name where it
+    has none): torch's long messages (a C++ stack after the first line) quoted in one line."""
+    return (str(err).splitlines() or [""])[0][:width] or type(err).__name__
 
 
 class ConfigError(MetalearnError):

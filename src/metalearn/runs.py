@@ -21,7 +21,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import re
 import time
 import warnings
@@ -71,10 +70,10 @@ def default_runs_root() -> Path:
     :func:`~metalearn.data.omniglot.default_cache_dir`). It need not exist (the first such run
     makes it); a file where it, or a folder on its way, would be is refused in one line naming
     the variable that set it: read as a folder without runs, a mistyped variable would go unseen."""
-    from metalearn.data.cache import usable_cache_folder
+    from metalearn.data.cache import path_variable, usable_cache_folder
     from metalearn.data.omniglot import default_cache_dir, file_in_the_way
 
-    set_to = os.environ.get(RUNS_VARIABLE)
+    set_to = path_variable(RUNS_VARIABLE)
     if set_to:
         root = Path(set_to).expanduser()
         blocked = file_in_the_way(root, f"{RUNS_VARIABLE} {set_to}")
@@ -94,7 +93,9 @@ def no_runs_in(root: Path) -> str:
     ``METALEARN_RUNS`` is not an empty folder of runs."""
     if root.is_dir():
         return f"no runs in {root}"
-    if os.environ.get(RUNS_VARIABLE):
+    from metalearn.data.cache import path_variable
+
+    if path_variable(RUNS_VARIABLE):
         return f"no runs: {RUNS_VARIABLE} {root} does not exist"
     return f"no runs: {root} does not exist (runs started without a run folder go there)"
 

@@ -32,7 +32,7 @@ from metalearn.algorithms.platipus import PLATIPUS, PLATIPUSConfig
 from metalearn.algorithms.protonet import ProtoNet, ProtoNetConfig
 from metalearn.algorithms.reptile import Reptile, ReptileConfig
 from metalearn.algorithms.statistician import NeuralStatistician, StatisticianConfig
-from metalearn.errors import ConfigError, MetalearnError
+from metalearn.errors import ConfigError, MetalearnError, first_line, size_overflow_in
 from metalearn.options import is_command_name, plain_number
 from metalearn.plugins import load_plugins, unknown_hint, registering
 from metalearn.runtime import float32_default
@@ -233,8 +233,9 @@ def build_learner(name: str, values: dict[str, Any] | Any | None, problem: Probl
     :meth:`MetaLearner.task_batch`).
 
     Raises :class:`MetalearnError` for an unknown method or option name and for a value of the
-    wrong type (a :class:`~metalearn.errors.ConfigError` naming the option), and whatever the
-    method's ``build`` refuses (a classification-only method for a regression problem)."""
+    wrong type (a :class:`~metalearn.errors.ConfigError` naming the option), for sizes too large
+    for torch's 64-bit size arithmetic, and whatever the method's ``build`` refuses (a
+    classification-only method for a regression problem)."""
     config_class = method_class(name).Config
     if isinstance(values, config_class):  # a Config built already: its values, checked as a dict's are
         values = dataclasses.asdict(values)
@@ -249,7 +250,15 @@ def build_learner(name: str, values: dict[str, Any] | Any | None, problem: Probl
     # float32 weights whatever torch's default dtype (a notebook may have set float64): the tasks,
     # the checkpoints and the recorded results are float32
     with float32_default():
-        learner = method_class(name).build(make_method_config(name, values), problem)
+        config = make_method_config(name, values)
+        try:
+            learner = method_class(name).build(config, problem)
+        except (RuntimeError, TypeError, OverflowError) as err:
+            if size_overflow_in(err) is None:
+                raise
+            # 2**63 - 1 units or ways: torch's size arithmetic overflows inside a layer
+            raise MetalearnError(f"{name}'s network is too large to build ({first_line(err)}): give smaller sizes "
+                                 "(of its input, its output, its layers or its memory)") from None
     learner.problem = problem  # the tasks it was built for: image size, channels, ways (MetaLearner.task_batch)
     return learner
 

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from metalearn.algorithms.base import MetaLearner, Problem
+from metalearn.algorithms.inner_loop import MAX_INNER_STEPS
 from metalearn.distributed import current_world
 from metalearn.errors import ConfigError, require_number
 from metalearn.options import option, options
@@ -101,6 +102,10 @@ class MAMLRLConfig:
                             ("test_trajectories", 2), ("horizon", 0), ("cg_iters", 1), ("hidden", 1)):
             if getattr(self, name) < least:
                 raise ConfigError(owner, name, f"must be at least {least}, got {getattr(self, name)}")
+        for name in ("inner_steps", "test_inner_steps"):  # MAML's bound: a mistyped 10**8 would run for days
+            if getattr(self, name) > MAX_INNER_STEPS:
+                raise ConfigError(owner, name, f"must be at most {MAX_INNER_STEPS} (each step a policy-gradient "
+                                               f"step on sampled trajectories), got {getattr(self, name)}")
         if self.outer not in ("trpo", "gradient"):
             raise ConfigError(owner, "outer", f"must be trpo or gradient, got {self.outer!r}")
         if self.first_order and self.inner_steps == 0:  # accepted silently, it would change nothing

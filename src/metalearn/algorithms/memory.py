@@ -74,7 +74,7 @@ from torch import Tensor, nn
 
 from metalearn.algorithms.base import (MetaLearner, Problem, check_embedding_fits, embed_episodes, evaluating,
                                       require_functional_model)
-from metalearn.errors import ConfigError, MetalearnError, check_count
+from metalearn.errors import ConfigError, MetalearnError, check_count, require_number
 from metalearn.models import build_model, check_network_name, network_help, output_size
 from metalearn.models.norm import first_order_batch_norm
 from metalearn.options import option, options
@@ -109,8 +109,7 @@ class MemoryConfig:
         if self.choose_k > self.memory_size:
             raise ConfigError(OWNER, "choose_k", f"must be at most `memory_size` ({self.memory_size}), "
                                                  f"got {self.choose_k}")
-        if not (math.isfinite(self.margin) and self.margin > 0):
-            raise ConfigError(OWNER, "margin", f"must be a finite number > 0, got {self.margin}")
+        require_number(self.margin, OWNER, "margin")
         if not (math.isfinite(self.age_noise) and self.age_noise >= 0):
             raise ConfigError(OWNER, "age_noise", f"must be a finite number >= 0, got {self.age_noise}")
         if not 0 <= self.dropout < 1:

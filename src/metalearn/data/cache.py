@@ -69,6 +69,17 @@ def write_arrays(path: Path, arrays: dict[str, np.ndarray], meta: dict, fingerpr
                              "with that much space") from None
 
 
+def path_variable(name: str) -> str | None:
+    """The path the environment variable ``name`` (``METALEARN_CACHE``, ``METALEARN_DATA``,
+    ``METALEARN_RUNS``) sets, or None where it is unset or empty (the default folder then);
+    one of only spaces is refused in one line naming it, where it would make a folder named
+    by the spaces."""
+    value = os.environ.get(name)
+    if value and not value.strip():
+        raise MetalearnError(f"{name} is set to {value!r}, only blanks: point it at a folder, or unset it")
+    return value or None
+
+
 def cache_folder_blocked(folder: Path) -> str | None:
     """Why the cache folder ``folder`` cannot be made because of a file, named as the user set
     it: ``"METALEARN_CACHE /x/afile is a file, not a folder"`` where the variable names a file
@@ -76,7 +87,7 @@ def cache_folder_blocked(folder: Path) -> str | None:
     does; None where no file blocks it."""
     from metalearn.data.omniglot import file_in_the_way  # omniglot imports this module
 
-    set_to = os.environ.get("METALEARN_CACHE")
+    set_to = path_variable("METALEARN_CACHE")
     named = (f"METALEARN_CACHE {set_to}" if set_to and Path(set_to).expanduser().absolute() == Path(folder).absolute()
              else f"the cache folder {folder}")
     return file_in_the_way(folder, named)

@@ -24,7 +24,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from metalearn.data.cache import read_arrays, usable_cache_folder, write_arrays
+from metalearn.data.cache import path_variable, read_arrays, usable_cache_folder, write_arrays
 from metalearn.errors import MetalearnError, OptionError, valued
 from metalearn.files import WriteError, remove_temporaries
 from metalearn.locking import FolderLock
@@ -46,14 +46,14 @@ CONTENT_DIGESTS = {
 def default_data_dir() -> Path:
     """``$METALEARN_DATA``, else ``omniglot`` in the cache folder (:func:`default_cache_dir`,
     ``~/.cache/metalearn`` unless ``$METALEARN_CACHE`` or ``$XDG_CACHE_HOME`` say otherwise)."""
-    if os.environ.get("METALEARN_DATA"):
+    if path_variable("METALEARN_DATA"):
         return Path(os.environ["METALEARN_DATA"]).expanduser()
     return usable_cache_folder(default_cache_dir()) / "omniglot"
 
 
 def default_cache_dir() -> Path:
     """``$METALEARN_CACHE``, else ``$XDG_CACHE_HOME/metalearn``, else ``~/.cache/metalearn``."""
-    if os.environ.get("METALEARN_CACHE"):
+    if path_variable("METALEARN_CACHE"):
         return Path(os.environ["METALEARN_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "metalearn"

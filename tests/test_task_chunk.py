@@ -10,7 +10,7 @@ from batches import image_batch
 from metalearn import memory_budget as memory
 from metalearn.algorithms import METHODS
 from metalearn.api import resolve_config
-from metalearn.errors import ConfigError
+from metalearn.errors import ConfigError, OptionError
 from metalearn.models import Conv4
 from metalearn.runs import RunDir
 from metalearn.training import build_trainer, meta_gradient
@@ -315,3 +315,17 @@ def test_the_memory_limit_of_the_process_s_control_groups_binds(tmp_path):
     (v2 / "job.slice" / "memory.stat").write_text(f"anon 5\ninactive_file {gib}\nactive_file 7\n")
     proc.write_text("0::/job.slice/step_0\n")
     assert memory._cgroup_limits(str(proc), str(v2)) == [(8 * gib, gib), (2 * gib, gib - 100)]
+
+
+def test_an_address_space_limit_bounds_the_memory_available(monkeypatch):
+    """Under ``ulimit -v`` (RLIMIT_AS, which some schedulers set per job) an allocation fails
+    once the process's address space (VmSize) reaches the limit, whatever the machine has free:
+    --task-chunk auto and the array checks count what the limit leaves."""
+    import resource
+
+    size = memory._status_bytes("VmSize")
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (size + 10**8, resource.RLIM_INFINITY)
+                        if which == resource.RLIMIT_AS else (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert 0 < memory.available_memory(torch.device("cpu")) <= 10**8 + 2**26  # what VmSize grew meanwhile aside
+    with pytest.raises(OptionError, match=r"^the array takes 0\.2 GB of memory, more than the 0\.1 GB available; "):
+        memory.check_array_fits(2 * 10**8, "the array", "give fewer")

@@ -38,9 +38,33 @@ def available_memory(device: torch.device) -> int:
         raise OptionError(f"{{auto}} knows the memory of CPUs and CUDA GPUs only, not {device.type}; give "
                           "{task_chunk} a number", auto=AUTO, task_chunk="task_chunk")
     available = _meminfo_bytes("MemAvailable")
-    for limit, used in _cgroup_limits():
+    for limit, used in _limits():
         available = min(available, max(limit - used, 0))
     return available
+
+
+def _limits() -> list[tuple[int, int]]:
+    """(limit, usage) in bytes of everything that bounds this process's memory besides the
+    machine's: its control groups (:func:`_cgroup_limits`) and its address space
+    (:func:`_address_space_limit`)."""
+    return _cgroup_limits() + _address_space_limit()
+
+
+def _address_space_limit() -> list[tuple[int, int]]:
+    """[(limit, usage)] of this process's address space where it is limited (``ulimit -v``,
+    ``RLIMIT_AS``, which some batch schedulers set per job): an allocation beyond it fails
+    whatever the machine has free, and a process reserves address space well beyond its
+    resident memory (thread stacks, allocator arenas), so its usage is ``VmSize``; [] where
+    there is no limit or it cannot be read."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit == resource.RLIM_INFINITY:
+            return []
+        return [(limit, _status_bytes("VmSize"))]
+    except (ImportError, OSError, ValueError, AttributeError):  # not Unix, or no /proc/self/status
+        return []
 
 
 def _cgroup_limits(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> list[tuple[int, int]]:
@@ -178,15 +202,16 @@ def _status_bytes(field: str) -> int:
 
 def check_array_fits(nbytes: int, what: str, advice: str, **options) -> None:
     """Refuse, in one line, an array of ``nbytes`` that is larger than the memory this process
-    can still use (MemAvailable, and what its control groups' limits leave), before it is
-    allocated: filling it would end in the kernel's out-of-memory kill, without a word. Only
+    can still use (MemAvailable, and what its control groups' limits and its address-space
+    limit leave, :func:`_limits`), before it is allocated: filling it would end in the kernel's
+    out-of-memory kill, without a word. Only
     where ``/proc/meminfo`` tells (Linux); elsewhere nothing is checked. ``advice`` may name
     options as :class:`~metalearn.errors.OptionError` does (``{image_size}``, given in ``options``)."""
     try:
         available = _meminfo_bytes("MemAvailable")
     except (OptionError, AttributeError, ValueError):  # no /proc, or a meminfo without the field
         return
-    for limit, used in _cgroup_limits():
+    for limit, used in _limits():
         available = min(available, max(limit - used, 0))
     if nbytes > available:
         raise OptionError(f"{what} takes {nbytes / 1e9:.3g} GB of memory, more than the {available / 1e9:.3g} GB "

@@ -321,7 +321,7 @@ def test_a_run_with_augmentation_resumes_exactly_and_evaluates_without_it(colour
     # another --augment on resume is refused as another task option is
     code, out, err = run(["train", "protonet", "--run-dir", tmp_path / "resumed", "--resume", "--steps", 6,
                           "--augment", "flip"], capsys)
-    one_line_error(code, out, err, "task.augment: 'crop,flip,color' there, 'flip' requested")
+    one_line_error(code, out, err, "--augment: 'crop,flip,color' there, 'flip' requested")
     assert "steps" not in err  # a longer run is no conflict: only what a resume may not change is named
     # a misspelt part is named as such, not as a change of the run
     code, out, err = run(["train", "protonet", "--run-dir", tmp_path / "resumed", "--resume", "--steps", 6,

@@ -133,10 +133,11 @@ def test_resume_from_the_command_line_takes_the_saved_configuration(tmp_path, ca
     after = (run_dir / "checkpoint.pt").stat()
     assert (after.st_ino, after.st_mtime_ns) == (saved.st_ino, saved.st_mtime_ns)  # not written again
     code, _, err = run(["train", "maml", "--run-dir", run_dir, "--resume", "--inner-lr", 0.5, "--no-progress"], capsys)
-    assert code == 2 and "inner_lr" in err and "Traceback" not in err
+    assert code == 2 and "(--inner-lr: " in err and "--init-from RUN keeps its weights" in err, err
+    assert "Traceback" not in err
     # another dataset makes the saved options invalid (ways 0): the message names the dataset
     code, _, err = run(["train", "maml", "--run-dir", run_dir, "--resume", "--dataset", "omniglot"], capsys)
-    assert code == 2 and "task.dataset: 'sinusoid' there, 'omniglot' requested" in err
+    assert code == 2 and "--dataset: 'sinusoid' there, 'omniglot' requested" in err
     # options a resumed run would store and never use meet the checks of a new run's
     code, _, err = run(["train", "maml", "--run-dir", run_dir, "--resume", "--no-progress", "--val-every", 0,
                         "--keep-best", 2], capsys)
@@ -394,6 +395,22 @@ def test_a_set_that_only_starts_a_learned_tensor_is_refused(tmp_path, capsys):
     assert not list(run_dir.glob("eval*.json"))
     code, _, err = run(["eval", run_dir, "--episodes", 2, "--set", "test_inner_steps=2", "--no-progress"], capsys)
     assert code == 0, err
+    code, _, err = run(["eval", run_dir, "--episodes", 2, "--set", "test_inner_steps=2", "--set", "inner_lr=0.5",
+                        "--no-progress"], capsys)  # among other overrides, still named
+    assert code == 2 and "--set inner_lr=0.5: inner_lr only sets the starting value" in err
+
+
+def test_overrides_are_checked_together_for_starting_values():
+    """Each override is built with the others applied: memory_size 64 is seen with the user's own
+    choose_k 32, not the run's 256 (which memory_size 64 alone would make invalid)."""
+    from metalearn.api import resolve_config
+    from metalearn.checkpoints import check_overrides_leave_weights
+
+    config = resolve_config("memory", task={"dataset": "omniglot"}, method_config={"model": "conv4-embedding"})
+    assert config.method_config.get("choose_k", 256) > 64
+    check_overrides_leave_weights(config, {"memory_size": 64, "choose_k": 32})  # nothing to refuse
+    with pytest.raises(MetalearnError, match=r"choose_k must be at most .*memory_size \(64\), got 128"):
+        check_overrides_leave_weights(config, {"memory_size": 64, "choose_k": 128})  # the user's own value named
 
 
 def test_eval_on_episodes_of_another_shape(tmp_path, capsys, omniglot_data_dir):
@@ -613,7 +630,7 @@ def test_a_dry_run_refuses_the_run_folder_device_and_init_from_that_training_wou
     for args, message in (
         (["--resume", "--run-dir", tmp_path / "empty"], "cannot resume"),
         (["--run-dir", tmp_path / "small"], "already holds a run"),
-        (["--resume", "--run-dir", tmp_path / "small", "--inner-lr", 0.5], "inner_lr"),
+        (["--resume", "--run-dir", tmp_path / "small", "--inner-lr", 0.5], "--inner-lr: "),
         (["--init-from", tmp_path / "nowhere"], "no checkpoint there"),
         (["--init-from", tmp_path / "small", "--dataset", "sine-or-line"], None),  # the same network: accepted
         (["--device", "foo"], "--device must be cpu, cuda, cuda:N or auto"),

@@ -154,6 +154,27 @@ def test_stop_at_a_step_past_the_run_and_a_stop_as_asked(tmp_path, capsys):
     assert code == 0 and err.startswith("stopped as asked (--stop-at) after step 1 of 3; "), err
 
 
+def test_a_stop_at_before_the_step_of_a_complete_run(tmp_path, capsys):
+    """A complete run has no later step before its last: the refusal says it is complete, and
+    its advice (a larger --steps with a later --stop-at) works; an annealed run cannot be extended."""
+    train(sinusoid(2), tmp_path / "run", progress=False, evaluate_after=False, announce=None)
+    with pytest.raises(OptionError) as refused:
+        train(sinusoid(2), tmp_path / "run", resume=True, stop_at=1, progress=False, announce=None)
+    assert str(refused.value) == ("stop_at=1: the run is complete (step 2 of 2): leave stop_at out; or extend it with "
+                                  "a larger steps (e.g. steps=4) and a stop_at after step 2")
+    command = ["train", "maml", *SINUSOID, "--run-dir", tmp_path / "run", "--resume", "--no-progress"]
+    assert refusal(*run([*command, "--steps", 2, "--stop-at", 1], capsys)) == (
+        "--stop-at 1: the run is complete (step 2 of 2): leave --stop-at out; or extend it with a larger --steps "
+        "(e.g. --steps 4) and a --stop-at after step 2")
+    code, _, err = run([*command, "--steps", 4, "--stop-at", 3], capsys)  # the advice followed
+    assert code == 0 and err.startswith("stopped as asked (--stop-at) after step 3 of 4; "), err
+    train(sinusoid(2, lr_anneal="linear"), tmp_path / "annealed", progress=False, evaluate_after=False, announce=None)
+    assert refusal(*run(["train", "maml", *SINUSOID, "--steps", 2, "--lr-anneal", "linear", "--run-dir",
+                         tmp_path / "annealed", "--resume", "--stop-at", 1], capsys)) == (
+        "--stop-at 1: the run is complete (step 2 of 2): leave --stop-at out; its learning rate is annealed "
+        "(linear) over its steps, so it cannot be extended")
+
+
 def test_a_device_that_is_none(capsys):
     with pytest.raises(OptionError) as refused:
         train(sinusoid(), device="gpu", progress=False, announce=None)

@@ -582,6 +582,15 @@ def test_checkpoint_from_another_configuration_is_refused(tmp_path):
     (tmp_path / "a" / "checkpoint.pt").write_bytes((tmp_path / "b" / "checkpoint.pt").read_bytes())
     with pytest.raises(MetalearnError, match="another configuration"):
         load_trained(tmp_path / "a")
+    # a resume with another option: Python names the field, the command line the flag and --init-from
+    with pytest.raises(MetalearnError) as refused:
+        build_trainer(dataclasses.replace(other, method_config={**other.method_config, "inner_lr": 0.25}),
+                      tmp_path / "b", resume=True)
+    assert str(refused.value).endswith("configuration (method_config.inner_lr: 0.5 there, 0.25 requested). Resume "
+                                       "with the same options, or start a new run directory.")
+    assert refused.value.with_flags().endswith("configuration (--inner-lr: 0.5 there, 0.25 requested). Resume with "
+                                               "the same options, or start a new --run-dir (--init-from RUN keeps "
+                                               "its weights).")
 
 
 def test_evaluation_reports_mean_and_interval(tmp_path):
@@ -880,6 +889,17 @@ def test_a_non_finite_gradient_stops_before_the_update_and_keeps_the_checkpoint(
     assert step == 2
     assert all(torch.isfinite(p).all() for p in learner.parameters())
     assert all(torch.isfinite(p).all() for p in trainer.learner.parameters())  # no update was taken
+    # training into the folder again: a resume would repeat the step, so another run_dir is advised, not resume
+    with pytest.raises(MetalearnError) as refused:
+        build_trainer(sinusoid_config(6, checkpoint_every=2), tmp_path)
+    assert re.fullmatch(rf"{re.escape(str(tmp_path))} already holds a run that diverged at step 3 \(.+\), which a "
+                        r"resume repeats: train anew in another run_dir with other options \(a smaller learning "
+                        rf"rate\), or with init_from {re.escape(str(tmp_path))} to keep its last good weights",
+                        str(refused.value))
+    assert "--run-dir" in refused.value.with_flags() and "resume=True" not in str(refused.value)
+    # the advice followed: a new run from its last good weights
+    new = build_trainer(sinusoid_config(6), tmp_path / "new")
+    assert initialise_from_run(new.learner, tmp_path) > 0
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

@@ -405,7 +405,7 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
         trainer = _build_or_stop(config, run_dir, data_dir, resume, world, progress, evaluate_after)
     if stop_at is not None:
         try:  # a resumed run's step: refused before the announcement
-            check_stop_at(stop_at, trainer.step, config.train.steps)
+            check_stop_at(stop_at, trainer.step, config.train.steps, config.train.lr_anneal)
         except MetalearnError:
             trainer.release()
             raise

@@ -154,17 +154,26 @@ def check_same_method(saved: RunConfig, method: str, run_path: Path | str) -> No
 
 
 RESUME_ADVICE = "Resume with the same options, or start a new run directory."
+# the same on the command line, where a new run may start from the run's weights
+RESUME_ADVICE_FLAGS = "Resume with the same options, or start a new --run-dir (--init-from RUN keeps its weights)."
 
 
 def configuration_conflict(what: str, conflicts: dict[str, tuple[Any, Any]], why: str = "",
                            advice: str = RESUME_ADVICE) -> OptionError:
     """The error for ``what`` (a run, a checkpoint) made with other values: ``conflicts`` maps
     ``part.option`` to (saved value, requested value). ``why`` may name ``{steps}``, the
-    option, as :class:`~metalearn.errors.Options` spells it."""
-    lines = "; ".join(f"{k}: {old!r} there, {new!r} requested" for k, (old, new) in conflicts.items())
+    option, as :class:`~metalearn.errors.Options` spells it. With the resume's ``advice``, the
+    command line reads each option as its flag (``--inner-lr``), as the user gave it."""
+    def lines(name: Any) -> str:
+        return "; ".join(f"{name(k)}: {old!r} there, {new!r} requested" for k, (old, new) in conflicts.items())
+
+    resuming = advice == RESUME_ADVICE
+    as_flag = (lambda key: flag(key.split(".", 1)[1]) if key.split(".")[0] in ("task", "train", "method_config")
+               else key) if resuming else str
     # the values as they are, whatever braces their reprs hold: fields, whose spellings are never read
-    return OptionError(f"{{what}} was made with another configuration ({{lines}}).{why} {advice}",
-                       what=(what, what), lines=(lines, lines), steps="steps")
+    return OptionError(f"{{what}} was made with another configuration ({{lines}}).{why} {{advice}}",
+                       what=(what, what), lines=(lines(str), lines(as_flag)), steps="steps",
+                       advice=(advice, RESUME_ADVICE_FLAGS if resuming else advice))
 
 
 def check_compatible(saved: RunConfig, requested: RunConfig, what: str, advice: str = RESUME_ADVICE) -> None:
@@ -327,9 +336,13 @@ def check_overrides_leave_weights(config: RunConfig, overrides: dict[str, Any]) 
             torch.manual_seed(0)
             return build_learner(config.method, options, problem_of(config.task)).state_dict()
 
-    base = initial(config.method_config)
+    # each override with all the others applied, so that one is seen with the user's other (memory_size, choose_k)
+    other = initial({**config.method_config, **overrides})
     for key, value in overrides.items():
-        other = initial({**config.method_config, key: value})
+        try:
+            base = initial({**config.method_config, **{k: v for k, v in overrides.items() if k != key}})
+        except MetalearnError:  # the others need it (a memory_size under the user's choose_k): more than a start
+            continue
         same_tensors = other.keys() == base.keys() and all(other[k].shape == base[k].shape for k in base)
         if same_tensors and any(not torch.equal(other[k], base[k]) for k in base):
             raise OptionError(f"{{given}}: {key} only sets the starting value of a tensor that the run trained, and "
@@ -468,8 +481,28 @@ def check_run_dir(config: RunConfig, run: RunDir, resume: bool) -> None:
         if method != config.method:  # a resume would be refused for the method: not worth advising
             raise OptionError(f"{run.path} already holds a {method} run; choose another {{run_dir}} for this "
                               f"{config.method} run", run_dir="run_dir")
+        diverged = last_divergence(run)
+        if diverged is not None:  # a resume repeats that step: advised as metalearn status advises it
+            step, what = diverged
+            advice = ("clean the data, or drop such examples, then train in another {run_dir}"
+                      if "NaN or infinite values" in what else
+                      "train anew in another {run_dir} with other options (a smaller learning rate)")
+            raise OptionError(f"{run.path} already holds a run that diverged at step {step} ({what}), which a resume "
+                              f"repeats: {advice}, or with {{init_from}} to keep its last good weights",
+                              run_dir="run_dir", init_from=valued("init_from", run.path))
         raise OptionError(f"{run.path} already holds a run; continue it ({{resume}}) or choose another {{run_dir}}",
                           resume=("resume=True", "--resume; in Python, resume=True"), run_dir="run_dir")
+
+
+def last_divergence(run: RunDir) -> tuple[int, str] | None:
+    """The step and what went non-finite where ``run``'s ``metrics.jsonl`` ends in the record of
+    a divergence (training stopped before saving that step, which a resume repeats); else None."""
+    try:
+        records = run.read_metrics() if run.metrics_path.is_file() else []
+    except MetalearnError:  # a damaged file: the run is named as holding a run, as before
+        return None
+    last = records[-1] if records else {}
+    return (last["step"], last["diverged"]) if isinstance(last.get("diverged"), str) else None
 
 
 def untrained_attempt(run: RunDir) -> bool:

@@ -340,7 +340,7 @@ def _make_train_command(method: str) -> click.Command:
             trainer = build_trainer(config, options["run_dir"], options["data_dir"], options["resume"], progress=False,
                                     lock=False, tested=options["eval"])
             if options["stop_at"] is not None:
-                check_stop_at(options["stop_at"], trainer.step, config.train.steps)
+                check_stop_at(options["stop_at"], trainer.step, config.train.steps, config.train.lr_anneal)
             click.echo(json.dumps(config.to_dict(), indent=2))
             return
         time_limit = options["time_limit"]

@@ -83,13 +83,21 @@ def lr_factor(train, step: int) -> float:
     return factor
 
 
-def check_stop_at(stop_at, step: int, steps: int) -> None:
+def check_stop_at(stop_at, step: int, steps: int, lr_anneal: str = "none") -> None:
     """``--stop-at``: a step not before the run's current ``step`` (equal: it is paused there
     already, and :meth:`Trainer.fit` stops at once, so that the same command can be repeated)
-    and before its last, ``steps``."""
+    and before its last, ``steps``. A complete run is extended by a larger ``steps``, which a
+    resume may change unless ``lr_anneal`` anneals the learning rate over them."""
     stop_at = check_count(stop_at, "stop_at", error=lambda text: OptionError(text, stop_at="stop_at"),
                           message="{{stop_at}} takes a step number (a positive integer), got {value!r}")
     given = (f"stop_at={stop_at}", f"--stop-at {stop_at}")
+    if stop_at < step and step >= steps:  # complete: no later step before its last
+        extend = (f"; its learning rate is annealed ({lr_anneal}) over its steps, so it cannot be extended"
+                  if lr_anneal != "none" else
+                  "; or extend it with a larger {steps} (e.g. {more}) and a {pause} after step " + str(step))
+        raise OptionError(f"{{stop_at}}: the run is complete (step {step} of {steps}): leave {{pause}} out{extend}",
+                          stop_at=given, pause="stop_at", steps="steps",
+                          more=(f"steps={2 * steps}", f"--steps {2 * steps}"))
     if stop_at < step:
         raise OptionError(f"{{stop_at}}: the run is already at step {step}; give a later step", stop_at=given)
     if stop_at >= steps:
@@ -638,7 +646,7 @@ class Trainer:
             share = self.world.share(train.meta_batch_size)
             local_fraction = (share.stop - share.start) / train.meta_batch_size
             if stop_at is not None:
-                check_stop_at(stop_at, self.step, train.steps)
+                check_stop_at(stop_at, self.step, train.steps, train.lr_anneal)
                 if stop_at == self.step:  # paused there already: the same command again does nothing
                     raise TrainingStopped(f"the run is at step {stop_at} of {train.steps} already ({{stop_at}}); "
                                           f"{self.resume_hint()}", 0, stop_at="stop_at")

@@ -532,7 +532,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path):
 
     trainer.learner.meta_loss = diverging
     with pytest.raises(MetalearnError, match=r"meta-loss became nan at step 6.*Try a smaller inner_lr or meta_lr, or "
-                                             r"fewer inner_steps, in a new run directory \(a resume repeats this "
+                                             r"fewer inner_steps, in a new run_dir \(a resume repeats this "
                                              r"step\)\.$"):
         trainer.fit(progress=False)
     _, learner, step = load_trained(tmp_path)
@@ -1453,8 +1453,8 @@ def test_a_diverging_method_without_an_inner_loop_is_advised_on_its_own_options(
     real_meta_loss = trainer.learner.meta_loss
     trainer.learner.meta_loss = lambda batch: (lambda loss, metrics: (loss * float("nan"), metrics))(
         *real_meta_loss(batch))
-    with pytest.raises(MetalearnError, match=r"meta-loss became nan at step 1.*Try a smaller meta_lr, in a new run "
-                                             r"directory \(a resume repeats this step\)\.$"):
+    with pytest.raises(MetalearnError, match=r"meta-loss became nan at step 1.*Try a smaller meta_lr, in a new "
+                                             r"run_dir \(a resume repeats this step\)\.$"):
         trainer.fit(progress=False)
 
 

@@ -958,10 +958,10 @@ class Trainer:
                       "Try a smaller {meta_lr}.")
         self._note_divergence(what + detail)
         # a resume takes the same options and draws the same batch: it would diverge again
-        advice = advice[:-1] + ", in a new run directory (a resume repeats this step)."
+        advice = advice[:-1] + ", in a new {run_dir} (a resume repeats this step)."
         return OptionError(f"{what} at step {self.step + 1}{detail}; training stopped before saving it, and "
                            f"the last good checkpoint in {self.run_dir.path} is kept. {advice}",
-                           inner_lr="inner_lr", meta_lr="meta_lr", inner_steps="inner_steps")
+                           inner_lr="inner_lr", meta_lr="meta_lr", inner_steps="inner_steps", run_dir="run_dir")
 
     def _log(self, record: dict[str, Any]) -> None:
         """Add ``record`` to ``metrics.jsonl``, then hand a copy to fit's ``on_record``."""

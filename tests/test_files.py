@@ -148,12 +148,15 @@ def test_a_write_removes_the_stale_temporary_files_of_its_name(tmp_path):
         hour_ago = time.time() - 3600
         for name in names[:2] + names[3:]:  # all but the third old
             os.utime(tmp_path / name, (hour_ago, hour_ago))
+        (tmp_path / "eval[1].json.tmp20240101120000").write_text("no process has such an id")
+        os.utime(tmp_path / "eval[1].json.tmp20240101120000", (hour_ago, hour_ago))
+        names.append("eval[1].json.tmp20240101120000")
         atomic_write_bytes(tmp_path / "eval[1].json", b"{}")  # a glob character in the name: taken as it is
         atomic_write_files([(tmp_path / "a.png", b"png"), (tmp_path / "b.csv", b"csv")])
     finally:
         alive.kill()
         alive.wait()
-    gone = {names[0], names[4], names[5]}
+    gone = {names[0], names[4], names[5], names[6]}
     assert {p.name for p in tmp_path.iterdir()} == set(names) - gone | {"eval[1].json", "a.png", "b.csv"}
 
 

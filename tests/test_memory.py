@@ -304,7 +304,8 @@ def test_bad_options_are_refused_with_the_field_named():
                                           r"3.403e\+38 \(float32's largest\), got 1e\+40$"):
         MemoryConfig(margin=1e40)
     with pytest.raises(ConfigError, match=r"^MemoryModule.Config.margin must be at least 1.175e-38 \(float32's "
-                                          r"smallest normal number; a smaller one is lost to rounding\), got 1e-320$"):
+                                          r"smallest normal number; a smaller one loses its precision or becomes "
+                                          r"0\), got 1e-320$"):
         MemoryConfig(margin=1e-320)
     with pytest.raises(ConfigError, match=r"^MemoryModule.Config.margin must be a finite number > 0, got nan$"):
         MemoryConfig(margin=float("nan"))

@@ -162,6 +162,9 @@ def test_a_stop_at_before_the_step_of_a_complete_run(tmp_path, capsys):
         train(sinusoid(2), tmp_path / "run", resume=True, stop_at=1, progress=False, announce=None)
     assert str(refused.value) == ("stop_at=1: the run is complete (step 2 of 2): leave stop_at out; or extend it with "
                                   "a larger steps (e.g. steps=4) and a stop_at after step 2")
+    for at, later in ((2, 2), (3, 3)):  # at its last step or beyond it: complete all the same
+        with pytest.raises(OptionError, match=rf"^stop_at={later}: the run is complete \(step 2 of 2\)"):
+            train(sinusoid(2), tmp_path / "run", resume=True, stop_at=at, progress=False, announce=None)
     command = ["train", "maml", *SINUSOID, "--run-dir", tmp_path / "run", "--resume", "--no-progress"]
     assert refusal(*run([*command, "--steps", 2, "--stop-at", 1], capsys)) == (
         "--stop-at 1: the run is complete (step 2 of 2): leave --stop-at out; or extend it with a larger --steps "

@@ -384,8 +384,8 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
     if time_limit_s is not None and (isinstance(time_limit_s, bool) or not isinstance(time_limit_s, numbers.Real)
                                      or not time_limit_s > 0):
         raise MetalearnError(f"the time limit must be a positive number of seconds, got {time_limit_s!r}")
-    if stop_at is not None:
-        check_stop_at(stop_at, 0, config.train.steps)  # the run's own step is checked when it is loaded
+    if stop_at is not None:  # a number; a resumed run's step and steps are checked once it is loaded
+        check_stop_at(stop_at, 0, 2**63 - 1 if resume else config.train.steps)
     world = init_world(device, exact_gpu_kernels=exact_gpu_kernels)
     run_dir = user_path(run_dir, "run_dir", optional=True)  # "~/runs/x" as a shell expands it
     if run_dir is None:

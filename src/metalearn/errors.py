@@ -79,22 +79,23 @@ def require_number(value: float, owner: str, field: str, *, zero_allowed: bool =
         beyond = isinstance(value, (int, float)) and math.isfinite(value) and abs(value) > FLOAT32_MAX
         limit = f" and at most {FLOAT32_MAX:.4g} (float32's largest)" if beyond else ""
         raise ConfigError(owner, field, f"must be a finite number {bound}{limit}, got {value}")
-    if value and abs(value) < FLOAT32_TINY:  # 1e-320: float32 makes it 0 (a learning rate that adapts nothing)
+    if value and abs(value) < FLOAT32_TINY:  # 1e-320: 0 in float32 (a learning rate that adapts nothing)
         least = "0 or at least" if zero_allowed else "at least"
         raise ConfigError(owner, field, f"must be {least} {FLOAT32_TINY:.4g} (float32's smallest normal number; "
-                                        f"a smaller one is lost to rounding), got {value}")
+                                        f"a smaller one loses its precision or becomes 0), got {value}")
 
 
 def size_overflow_in(err: BaseException) -> BaseException | None:
-    """``err`` where it is torch's (or Python's) refusal of a size too large for 64-bit
-    arithmetic, or None: a layer or a draw of 2**63 - 1 units ends in a RuntimeError "Storage
-    size calculation overflowed", a TypeError "... Overflow when unpacking long long", or an
-    OverflowError, from deep inside torch; the callers turn it into one line that names what to
-    make smaller. Not torch's "value cannot be converted to type float without overflow": a value,
-    not a size."""
+    """``err`` where it is torch's refusal of a size too large for 64-bit arithmetic, or None: a
+    layer or a draw of 2**63 - 1 units ends in a RuntimeError "Storage size calculation
+    overflowed" or a TypeError "... Overflow when unpacking long long", from deep inside torch;
+    the callers turn it into one line that names what to make smaller. Not torch's "value cannot
+    be converted to type float without overflow" (a value, not a size), nor any other
+    OverflowError (``math.exp``, ``os.kill`` of a huge number: a bug of its own, with its
+    traceback)."""
     text = str(err)
     sized = isinstance(err, RuntimeError) and "overflow" in text.lower() and "without overflow" not in text
-    if isinstance(err, OverflowError) or sized or (isinstance(err, TypeError) and "Overflow when unpacking" in text):
+    if sized or (isinstance(err, (TypeError, OverflowError)) and "Overflow when unpacking" in text):
         return err
     return None
 

@@ -286,7 +286,7 @@ def process_running(pid: int) -> bool:
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: a number no process id can be (a .tmp<date>)
         return False
     except PermissionError:
         return True
@@ -344,8 +344,12 @@ def remove_stale_temporaries_of(path: Path) -> list[Path]:
     mid-write left beside it (an evaluation, a plot, predict's or summarize's output killed
     with SIGKILL), once their process is gone from this machine and they are
     :data:`UNOWNED_TEMPORARY_AGE_S` old (:func:`remove_temporaries`); returns them. Every
-    atomic write calls it, so such litter lasts until the file is next written, wherever it is."""
-    return remove_temporaries(Path(path).parent, among=(glob.escape(Path(path).name),))
+    atomic write calls it, so such litter lasts until the file is next written, wherever it is.
+    Best effort: the write has succeeded, and nothing here may fail it."""
+    try:
+        return remove_temporaries(Path(path).parent, among=(glob.escape(Path(path).name),))
+    except Exception:  # noqa: BLE001 -- tidying only
+        return []
 
 
 def remove_stale_folders(parent: Path, prefix: str) -> list[Path]:

@@ -91,7 +91,7 @@ def check_stop_at(stop_at, step: int, steps: int, lr_anneal: str = "none") -> No
     stop_at = check_count(stop_at, "stop_at", error=lambda text: OptionError(text, stop_at="stop_at"),
                           message="{{stop_at}} takes a step number (a positive integer), got {value!r}")
     given = (f"stop_at={stop_at}", f"--stop-at {stop_at}")
-    if stop_at < step and step >= steps:  # complete: no later step before its last
+    if step >= steps:  # complete: no step left to stop at
         extend = (f"; its learning rate is annealed ({lr_anneal}) over its steps, so it cannot be extended"
                   if lr_anneal != "none" else
                   "; or extend it with a larger {steps} (e.g. {more}) and a {pause} after step " + str(step))

@@ -241,10 +241,23 @@ class TrainConfig:
             object.__setattr__(self, "task_chunk", chunk := int(chunk))
         if chunk != "auto" and not (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 0):
             refuse("task_chunk", "must be a number of tasks >= 0 (0: the whole meta-batch) or auto")
-        if not (isinstance(self.memory_budget, (int, float)) and 0 < self.memory_budget <= 1):
-            refuse("memory_budget", "must be a fraction in (0, 1]")
-        if self.memory_budget < FLOAT32_TINY:  # 1e-320: a budget of no byte, below the numbers' normal range
-            refuse("memory_budget", f"must be at least {FLOAT32_TINY:.4g} (float32's smallest normal number)")
+        problem = budget_problem(self.memory_budget)
+        if problem is not None:
+            refuse("memory_budget", f"must be {problem}")
+
+
+FRACTION = "a fraction in (0, 1]"
+
+
+def budget_problem(value: Any) -> str | None:
+    """What a memory budget (the fraction of the available memory a step or a scoring call may
+    use) fails, as "a fraction in (0, 1]" (:data:`FRACTION`) or "at least ..." (1e-320: a budget
+    of no byte, below float32's normal range); None for a good one."""
+    if not (isinstance(value, (int, float)) and 0 < value <= 1):
+        return FRACTION
+    if value < FLOAT32_TINY:
+        return f"at least {FLOAT32_TINY:.4g} (float32's smallest normal number)"
+    return None
 
 
 # Fields that may change when a run is resumed: they do not alter what was already computed.

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from metalearn.algorithms.base import MetaLearner, device_mismatch, device_of, evaluating, prediction_scores
-from metalearn.config import MAX_EPISODES, TrainConfig
+from metalearn.config import FRACTION, MAX_EPISODES, TrainConfig, budget_problem
 from metalearn.distributed import World
-from metalearn.errors import FLOAT32_TINY, MetalearnError, MetalearnWarning, OptionError, caller_level, check_count
+from metalearn.errors import MetalearnError, MetalearnWarning, OptionError, caller_level, check_count
 from metalearn.runtime import DroppingStream, cuda_devices, float32_default, own_random_state
 from metalearn.tasks import TaskSource, require_sampled_batch, require_task_source
 from metalearn.tasks.batch import TaskBatch
@@ -160,10 +160,9 @@ def _evaluate(learner, source, episodes, seed, chunk, world, progress, per_step,
                           f"got {episodes}", episodes="episodes")
     chunk = check_count(chunk, "chunk")
     seed = check_seed(seed)  # the generator's seed as it is: a run's test seeds carry TEST_SEED_OFFSET
-    if memory_budget is not None and not (isinstance(memory_budget, (int, float)) and 0 < memory_budget <= 1):
-        raise MetalearnError(f"memory_budget is a fraction in (0, 1] or None, got {memory_budget!r}")
-    if memory_budget is not None and memory_budget < FLOAT32_TINY:  # 1e-320: below the numbers' normal range
-        raise MetalearnError(f"memory_budget is at least {FLOAT32_TINY:.4g} (float32's smallest normal number), "
+    problem = budget_problem(memory_budget) if memory_budget is not None else None
+    if problem is not None:
+        raise MetalearnError(f"memory_budget is {problem}{' or None' if problem == FRACTION else ''}, "
                              f"got {memory_budget!r}")
     generator = torch.Generator().manual_seed(seed)
     device = device_of(learner)  # world.device when the API built it; any device for a learner of your own

@@ -197,8 +197,7 @@ def atomic_write_files(files: Iterable[tuple[Path, bytes | memoryview]]) -> None
         for _, tmp in staged:  # none after a success; after a failure, those not renamed
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-    for path, _ in staged:
-        remove_stale_temporaries_of(path)
+    remove_stale_temporaries_of(*(path for path, _ in staged))
 
 
 def obstacle(path: Path, reading: bool = False) -> str | None:
@@ -323,13 +322,9 @@ def remove_temporaries(folder: Path, owned: Iterable[str] = (), unowned_age_s: f
             continue
         if patterns is not None and not any(fnmatch.fnmatchcase(match["name"], p) for p in patterns):
             continue
-        if not all_owned and match["name"] not in owned:
-            try:
-                old = now - entry.lstat().st_mtime >= unowned_age_s
-            except OSError:
-                continue
-            if not old or process_running(int(match["pid"])):
-                continue
+        unowned = not all_owned and match["name"] not in owned
+        if unowned and not _abandoned(entry, int(match["pid"]), now, unowned_age_s):
+            continue
         try:
             if entry.is_file() or entry.is_symlink():
                 entry.unlink()
@@ -339,17 +334,34 @@ def remove_temporaries(folder: Path, owned: Iterable[str] = (), unowned_age_s: f
     return removed
 
 
-def remove_stale_temporaries_of(path: Path) -> list[Path]:
-    """Once ``path`` is written: delete the temporary files of its name that writers killed
-    mid-write left beside it (an evaluation, a plot, predict's or summarize's output killed
-    with SIGKILL), once their process is gone from this machine and they are
-    :data:`UNOWNED_TEMPORARY_AGE_S` old (:func:`remove_temporaries`); returns them. Every
-    atomic write calls it, so such litter lasts until the file is next written, wherever it is.
-    Best effort: the write has succeeded, and nothing here may fail it."""
+def _abandoned(entry: Path, pid: int, now: float, age_s: float) -> bool:
+    """Whether ``entry``, made by process ``pid``, was left by it: the process is gone from this
+    machine and ``entry`` has not changed for ``age_s`` seconds (its maker might be on another
+    machine sharing the folder, or another process namespace sharing it)."""
     try:
-        return remove_temporaries(Path(path).parent, among=(glob.escape(Path(path).name),))
-    except Exception:  # noqa: BLE001 -- tidying only
-        return []
+        old = now - entry.lstat().st_mtime >= age_s
+    except OSError:
+        return False
+    return old and not process_running(pid)
+
+
+def remove_stale_temporaries_of(*paths: Path) -> list[Path]:
+    """Once ``paths`` are written: delete the temporary files of their names that writers killed
+    mid-write left beside them (an evaluation, a plot, predict's or summarize's output killed
+    with SIGKILL), once their process is gone from this machine and they are
+    :data:`UNOWNED_TEMPORARY_AGE_S` old (:func:`remove_temporaries`, one listing per folder);
+    returns them. Every atomic write calls it, so such litter lasts until the file is next
+    written, wherever it is. Best effort: the write has succeeded, and nothing here may fail it."""
+    folders: dict[Path, list[str]] = {}
+    for path in map(Path, paths):
+        folders.setdefault(path.parent, []).append(glob.escape(path.name))
+    removed: list[Path] = []
+    for folder, names in folders.items():
+        try:
+            removed += remove_temporaries(folder, among=names)
+        except Exception:  # noqa: BLE001 -- tidying only
+            continue
+    return removed
 
 
 def remove_stale_folders(parent: Path, prefix: str) -> list[Path]:
@@ -363,13 +375,13 @@ def remove_stale_folders(parent: Path, prefix: str) -> list[Path]:
         entries = list(Path(parent).iterdir())
     except OSError:
         return removed
+    now = time.time()
     for entry in entries:
         match = pattern.match(entry.name)
-        if match is None or int(match["pid"]) == os.getpid() or process_running(int(match["pid"])):
+        if (match is None or int(match["pid"]) == os.getpid() or entry.is_symlink() or not entry.is_dir()
+                or not _abandoned(entry, int(match["pid"]), now, UNOWNED_TEMPORARY_AGE_S)):
             continue
         try:
-            if not entry.is_dir() or entry.is_symlink() or time.time() - entry.stat().st_mtime < UNOWNED_TEMPORARY_AGE_S:
-                continue
             shutil.rmtree(entry)
             removed.append(entry)
         except OSError:

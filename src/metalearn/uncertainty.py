@@ -41,7 +41,7 @@ from torch import Tensor
 from metalearn.algorithms import can, methods_that
 from metalearn.algorithms.base import average_prediction, device_of, evaluating
 from metalearn.config import task_differences
-from metalearn.errors import MetalearnError, OptionError, spellings
+from metalearn.errors import MetalearnError, OptionError, check_count, spellings
 from metalearn.evaluation import scored_in_calls, tasks_per_call
 from metalearn.files import same_path
 from metalearn.runtime import float32_default, own_random_state
@@ -257,7 +257,7 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     from metalearn.datasets import get_dataset, reads_image_folder
     from metalearn.api import plain_values
     from metalearn.config import MAX_SEED
-    from metalearn.evaluation import check_count, check_seed
+    from metalearn.evaluation import check_seed
     from metalearn.training import part_seed_offset
 
     if not isinstance(runs, dict):

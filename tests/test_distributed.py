@@ -548,7 +548,8 @@ def test_nan_data_on_one_rank_is_named_by_every_rank(tmp_path):
                            "--steps", "2", "--val-every", "0", "--no-progress", "--run-dir", str(tmp_path / "run")],
                           env={**env(), "METALEARN_PLUGINS": str(plugin)}, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
-    assert "the batch's support_y (1 task, the first task 4) holds NaN or infinite values" in done.stderr, \
+    assert "the task source drew NaN or infinite values in support_y (1 task, the first task 4)" in done.stderr, \
         done.stderr[-3000:]
-    assert "the batch's share of another rank (whose message names it) holds NaN" in done.stderr, done.stderr[-3000:]
+    assert "the task source drew unusable data into another rank's share (whose message names it)" in done.stderr, \
+        done.stderr[-3000:]
     assert "inner-lr" not in done.stderr

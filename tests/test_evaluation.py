@@ -326,8 +326,9 @@ def test_nan_in_the_data_is_named_as_the_data_s_not_as_a_learning_rate_s(tmp_pat
                             train={"steps": 3, "val_every": 0, "meta_batch_size": 4})
     with pytest.raises(MetalearnError) as info:
         Trainer(config, MAML(MLP(1, 1), {"inner_lr": 0.01}), tasks, None, tmp_path / "run").fit(progress=False)
-    assert str(info.value).startswith("the meta-loss became nan at step 1: the batch's support_y (1 task, the first "
-                                      "task 0) holds NaN or infinite values, as the task source drew them")
+    assert str(info.value).startswith("the meta-loss became nan at step 1: the task source drew NaN or infinite "
+                                      "values in support_y (1 task, the first task 0); training stopped")
+    assert str(info.value).endswith("is kept. Clean the data, or drop such examples")
     assert "inner_lr" not in str(info.value)
     from metalearn.api import run_status
     from metalearn.cli import format_status
@@ -342,6 +343,47 @@ def test_nan_in_the_data_is_named_as_the_data_s_not_as_a_learning_rate_s(tmp_pat
     # a batch without a task axis on its targets is the learner's to refuse, in its one line
     with pytest.raises(MetalearnError, match="maml: support_y must be"):
         evaluate(MAML(MLP(1, 1)), _TasksWithoutATaskAxis(shots=5, query=5), 4, progress=False)
+
+
+class _TasksTooLarge(SinusoidTasks):
+    """Sinusoids whose second task's query targets are finite but beyond what float32 squares."""
+
+    def sample(self, num_tasks, generator, tasks=None):
+        batch = super().sample(num_tasks, generator, tasks)
+        batch.query_y[1] *= 1e25
+        return batch
+
+
+def test_data_too_large_to_square_is_named_as_the_data_s_not_as_a_learning_rate_s(tmp_path):
+    """Finite targets whose squares overflow float32 make the meta-loss infinite whatever the
+    learning rates: training names the tensor, the tasks and the largest value, and advises
+    rescaling the data (the built-in sinusoid's --noise-std where it is set); status says the
+    same; evaluate warns of it."""
+    from metalearn import Trainer, resolve_config
+    from metalearn.api import run_status, train
+    from metalearn.cli import format_status
+
+    torch.manual_seed(0)
+    config = resolve_config("maml", task={"dataset": "sinusoid"},
+                            train={"steps": 3, "val_every": 0, "meta_batch_size": 4})
+    tasks = _TasksTooLarge(shots=5, query=5)
+    with pytest.raises(MetalearnError) as info:
+        Trainer(config, MAML(MLP(1, 1), {"inner_lr": 0.01}), tasks, None, tmp_path / "run").fit(progress=False)
+    message = str(info.value)
+    assert message.startswith("the meta-loss became inf at step 1: the task source drew values too large to square: "
+                              "query_y (1 task, the first task 1) holds values as large as "), message
+    assert message.endswith("is kept. Rescale the data, or lower its noise") and "inner_lr" not in message
+    assert "which a resume repeats: rescale the data, or lower its noise" in format_status(run_status(tmp_path / "run"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = evaluate(MAML(MLP(1, 1)), tasks, 8, progress=False)
+    assert result["diverged"] == 1  # the second task
+    assert [str(w.message) for w in caught][0].startswith(
+        "the task source drew values too large to square: query_y (1 task, the first task 1) holds values as large")
+    # the built-in's own noise: named by its option
+    with pytest.raises(MetalearnError, match=r"values as large as .*is kept\. Lower the noise \(noise_std\)$"):
+        train(resolve_config("maml", task={"dataset": "sinusoid", "noise_std": 1e30},
+                             train={"steps": 2, "val_every": 0}), tmp_path / "noise", progress=False, announce=None)
 
 
 def test_scoring_a_run_s_validation_episodes_as_its_test_is_said(tmp_path):

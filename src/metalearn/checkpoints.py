@@ -484,8 +484,8 @@ def check_run_dir(config: RunConfig, run: RunDir, resume: bool) -> None:
         diverged = last_divergence(run)
         if diverged is not None:  # a resume repeats that step: advised as metalearn status advises it
             step, what = diverged
-            advice = ("clean the data, or drop such examples, then train in another {run_dir}"
-                      if "NaN or infinite values" in what else
+            fix = data_fix(what)
+            advice = (f"{fix}, then train in another {{run_dir}}" if fix is not None else
                       "train anew in another {run_dir} with other options (a smaller learning rate)")
             raise OptionError(f"{run.path} already holds a run that diverged at step {step} ({what}), which a resume "
                               f"repeats: {advice}, or with {{init_from}} to keep its last good weights",
@@ -503,6 +503,19 @@ def last_divergence(run: RunDir) -> tuple[int, str] | None:
         return None
     last = records[-1] if records else {}
     return (last["step"], last["diverged"]) if isinstance(last.get("diverged"), str) else None
+
+
+def data_fix(what: str) -> str | None:
+    """What to do where a divergence record's ``what`` is the data's doing (the trainer's record
+    of a batch that held NaN, infinite or overflowing values), which a smaller learning rate
+    would not mend; None where it is not."""
+    if "NaN or infinite values" in what:
+        return "clean the data, or drop such examples"
+    if "values too large to square" in what:
+        return "rescale the data, or lower its noise"
+    if "unusable data into another rank's share" in what:  # that rank's message says which of the two
+        return "clean or rescale the data, as the message of the rank that drew it says"
+    return None
 
 
 def untrained_attempt(run: RunDir) -> bool:

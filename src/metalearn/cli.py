@@ -21,6 +21,7 @@ from click.exceptions import NoArgsIsHelpError
 
 from metalearn.algorithms import METHODS
 from metalearn.algorithms.base import MAX_SAMPLES
+from metalearn.checkpoints import data_fix
 from metalearn.config import MAX_EPISODES, MAX_SEED, TaskConfig, TrainConfig
 from metalearn.distributed import leave_world, reports
 from metalearn.errors import (TIME_LIMIT_EXIT, ConfigError, MetalearnError, MetalearnWarning, OptionError, Options,
@@ -925,8 +926,8 @@ def format_status(status: dict) -> str:
         doing = f"stopped; {python or 'continue with '}`{status['resume']}`"
     elif state == "diverged":
         step, what = status["diverged"]["step"], status["diverged"]["what"]
-        if "NaN or infinite values" in what:  # the data's (the trainer's record of a batch that held them)
-            advice = "clean the data, or drop such examples"
+        if (fix := data_fix(what)) is not None:  # the data's, not the learning rates'
+            advice = fix
         elif step == 1:  # nothing trained: the folder takes a new run as it is
             advice = "train again into this folder with other options (a smaller learning rate)"
         else:

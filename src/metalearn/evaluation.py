@@ -178,7 +178,7 @@ def _evaluate(learner, source, episodes, seed, chunk, world, progress, per_step,
             # steps (a plain embedding) would otherwise keep each call's graph, and float() of a score warn of it
             return episode_scores(learner, part, per_step).detach()
         chunks = []  # (first episode, size) of each chunk, to put the ranks' scores back in episode order
-        unclean = None  # where the first chunk with NaN or infinite data holds them (TaskBatch.non_finite)
+        unclean = None  # what is wrong with the first chunk of unusable data (TaskBatch.data_problem)
         remaining = episodes
         bar = None
         if progress and world.is_main:
@@ -198,7 +198,7 @@ def _evaluate(learner, source, episodes, seed, chunk, world, progress, per_step,
                 require_sampled_batch(batch, source, "evaluate's source")
                 # where the task source drew it (the CPU): looked at on a GPU, each tensor would cost a sync
                 if unclean is None and isinstance(batch, TaskBatch):
-                    unclean = batch.non_finite(episodes - remaining + (share.start or 0))
+                    unclean = batch.data_problem(episodes - remaining + (share.start or 0))
                 batch = batch.to(device)
                 metric = batch_metric(batch)
                 if share.stop > share.start:  # a chunk smaller than the number of ranks
@@ -219,7 +219,7 @@ def _evaluate(learner, source, episodes, seed, chunk, world, progress, per_step,
         if bar is not None:
             bar.close()
     if unclean is not None:  # the episodes' scores are NaN for the data's sake, not the adaptation's
-        warnings.warn(MetalearnWarning(f"the task source drew NaN or infinite values in {unclean}: an episode whose "
+        warnings.warn(MetalearnWarning(f"the task source drew {unclean}: an episode whose "
                                        "score they make non-finite counts as diverged; clean the data"),
                       stacklevel=caller_level())
     # (episodes on this rank, steps + 1), in float64 so that a rank without episodes, which knows

@@ -22,7 +22,7 @@ import torch
 from metalearn.algorithms import MetaLearner, build_learner
 from metalearn.algorithms.base import device_of
 from metalearn.checkpoints import (RESUME_ENTRIES, RESUME_OPTIONAL_ENTRIES, all_finite, check_compatible,
-                                   check_entries, check_run_dir, check_test_ways, check_weights_finite,
+                                   check_entries, check_run_dir, check_test_ways, check_weights_finite, data_fix,
                                    initialise_from_run, load_learner_state, network_difference, on_cpu, own_learner,
                                    own_tasks, recorded_images, run_images, saved_config, unreadable_checkpoint,
                                    untrained_attempt, warn_of_seen_classes)
@@ -755,17 +755,20 @@ class Trainer:
             loss, metrics = meta_gradient(self.learner, batch, self.task_chunk, local_fraction)
             total_loss = float(self.world.sum(loss * local_fraction))
             if not math.isfinite(total_loss):
-                where = batch.non_finite(share.start or 0) if isinstance(batch, TaskBatch) else None
+                where = batch.data_problem(share.start or 0) if isinstance(batch, TaskBatch) else None
                 if self.world.distributed:  # every rank is here (the loss is a sum): one account for all
                     flagged = self.world.sum(torch.tensor(float(where is not None), device=self.world.device))
                     if where is None and float(flagged) > 0:
-                        where = "share of another rank (whose message names it)"
+                        where = "unusable data into another rank's share (whose message names it)"
                 if where is not None:  # the data's doing: a smaller learning rate would not help
-                    self._note_divergence(f"the batch's {where} held NaN or infinite values")
-                    raise MetalearnError(f"the meta-loss became {total_loss} at step {self.step + 1}: the batch's "
-                                         f"{where} holds NaN or infinite values, as the task source drew them; "
-                                         f"training stopped before saving it, and the last good checkpoint in "
-                                         f"{self.run_dir.path} is kept. Clean the data, or drop such examples")
+                    self._note_divergence(f"the task source drew {where}")
+                    fix = data_fix(where)
+                    if fix.startswith("rescale") and self.config.task.noise_std:  # a built-in's noise
+                        fix = "lower the noise ({noise_std})"
+                    raise OptionError(f"the meta-loss became {total_loss} at step {self.step + 1}: the task source "
+                                      f"drew {where}; training stopped before saving it, and the last good "
+                                      f"checkpoint in {self.run_dir.path} is kept. {fix[0].upper() + fix[1:]}",
+                                      noise_std="noise_std")
                 raise self._diverged(f"the meta-loss became {total_loss}", "")
             self.world.sum_gradients(parameters)
             if not gradients_finite(parameters):  # the same on every rank: gradients are summed

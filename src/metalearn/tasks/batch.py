@@ -117,6 +117,34 @@ class TaskBatch:
                 return f"{name} ({count} task{'s' if count > 1 else ''}, the first task {first})"
         return None
 
+    def too_large(self, first_task: int = 0) -> str | None:
+        """Where the examples or targets hold finite values whose squares overflow their dtype
+        (beyond 1.8e19 in float32), as ``"query_y (2 tasks, the first task 0) holds values as large
+        as 3e+30"``; None where none do. A squared error or a distance on such data is infinite
+        whatever the learning rates: the data's doing, like :meth:`non_finite`'s."""
+        for name in ("support_x", "support_y", "query_x", "query_y"):
+            t = getattr(self, name)
+            if not (isinstance(t, Tensor) and torch.is_floating_point(t)) or t.dim() < 1 or not t.numel():
+                continue
+            largest = t.reshape(t.shape[0], -1).abs().nan_to_num(0.0, 0.0, 0.0).amax(1)  # (tasks,)
+            bad = largest > torch.finfo(t.dtype).max ** 0.5
+            count = int(bad.sum())
+            if count:
+                first = first_task + int(bad.nonzero()[0])
+                return (f"{name} ({count} task{'s' if count > 1 else ''}, the first task {first}) holds values as "
+                        f"large as {float(largest.max()):.2g}")
+        return None
+
+    def data_problem(self, first_task: int = 0) -> str | None:
+        """What makes this batch's data unusable whatever the learner does, in words (``"NaN or
+        infinite values in support_y (...)"`` or ``"values too large to square: query_y (...) holds
+        values as large as 3e+30"``), or None: :meth:`non_finite`, then :meth:`too_large`."""
+        if (where := self.non_finite(first_task)) is not None:
+            return f"NaN or infinite values in {where}"
+        if (where := self.too_large(first_task)) is not None:
+            return f"values too large to square: {where}"
+        return None
+
 
 @dataclass(frozen=True)
 class Problem:

@@ -29,6 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import training_process as child  # noqa: E402
 from metalearn.algorithms import METHODS  # noqa: E402
+from metalearn.run_files import RUN_MARKERS  # noqa: E402
+from metalearn.runs import RunDir  # noqa: E402
 
 COMMON = ["--checkpoint-every", 1, "--log-every", 1, "--no-progress", "--no-eval", "--val-every", 5,
           "--val-episodes", 4]
@@ -77,7 +79,7 @@ def main() -> int:
 
     kills, in_writes, finished = 0, 0, False
     while kills < args.kills:
-        resume = ["--resume"] if (killed / "config.json").exists() else []
+        resume = ["--resume"] if RunDir(killed).config_path.exists() else []
         draw = rng.random()
         if draw < args.in_writes:  # inside the n-th checkpoint write of this process
             write = rng.randint(1, 3)
@@ -114,9 +116,7 @@ def main() -> int:
         kills += 1
         leftovers = sorted(p.name for p in killed.glob("*.tmp*")) if killed.exists() else []
         step = "none"
-        if (killed / "checkpoint.pt").exists():
-            from metalearn.runs import RunDir
-
+        if RunDir(killed).checkpoint_path.exists():
             step = RunDir(killed).read_checkpoint("step")["step"]
         print(f"kill {kills:3d}: {moment}; checkpoint at step {step}; left {leftovers or 'no temporary file'}",
               flush=True)
@@ -132,7 +132,7 @@ def main() -> int:
     names = sorted(p.name for p in killed.iterdir())
     print(f"bit-identical to the uninterrupted run after {kills} kills ({in_writes} inside checkpoint writes) "
           f"of {args.method}, {args.steps} steps; the folder holds {names}")
-    return 0 if names == ["checkpoint.pt", "config.json", "metrics.jsonl"] else 1
+    return 0 if names == sorted(RUN_MARKERS) else 1
 
 
 if __name__ == "__main__":

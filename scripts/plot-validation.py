@@ -26,13 +26,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from metalearn.plotting import save_figure  # noqa: E402
+from metalearn.runs import RunDir  # noqa: E402
 
 
 def curve(source: Path) -> tuple[list[int], list[float], list[float], bool]:
     """(steps, val accuracy %, elapsed seconds, elapsed exact?) of a run folder or summary.json;
     ValueError, with what is wrong, for a source that is neither."""
     if source.is_dir():
-        metrics = source / "metrics.jsonl"
+        metrics = RunDir(source).metrics_path
         if not metrics.is_file():
             raise ValueError(f"{source}: a folder without metrics.jsonl, not a run folder")
         try:

@@ -1312,81 +1312,131 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     values, for a listing that groups runs by their options). A damaged ``config.json``, or
     a ``checkpoint.pt`` that is unreadable or whose entries read here are damaged, raises a
     one-line :class:`MetalearnError` naming the file."""
-    import socket
     import time
-
-    from metalearn.checkpoints import check_entries, network_difference, own_learner, own_tasks, read_entries
-    from metalearn.evaluation import HIGHER_IS_BETTER
-    from metalearn.files import process_running
-    from metalearn.locking import lock_is_held, read_holder_note
 
     run = RunDir(run_dir)
     config = run.read_config()
-    task = config.task
+    status: dict[str, Any] = {"run": str(run.path), "method": config.method, "task": _task_label(config.task),
+                              "steps": config.train.steps, "step": 0, "training_time_s": 0.0, "machines": [],
+                              "config": config.to_dict()}  # what a listing of a sweep's runs groups them by
+    state = _read_checkpoint_status(run, status)
+    own = _own_parts(run, config, state)  # what config.json does not describe: the commands cannot rebuild the run
+    status["own"] = own
+    status["state"], status["holder"] = _holder_state(run, status["step"], status["steps"])
+    status["resume"], status["test"] = _status_commands(run, config, state, own)
+    status["last_write_s"] = (time.time() - run.metrics_path.stat().st_mtime) if run.metrics_path.is_file() else None
+    last, diverged, rates, validation = _read_metrics_summary(run)
+    status["last"] = last
+    status["diverged"] = None  # a resume repeats the step that diverged
+    if status["state"] == "stopped" and diverged is not None and diverged["step"] > status["step"]:
+        status["state"], status["diverged"] = "diverged", {"step": diverged["step"], "what": diverged["diverged"]}
+    _add_time_left(status, config, last, rates, validation)
+    status["validation"] = {"latest": validation[-1] if validation else None, "best": _best_validation(validation)}
+    status["evaluations"] = _evaluation_records(run, status["step"])
+    return status
+
+
+def _task_label(task: TaskConfig) -> str:
+    """The dataset and episode shape of ``task`` as ``metalearn status`` shows them: "omniglot 5-way
+    1-shot", "sinusoid K=10", an environment's name alone."""
     if get_dataset(task.dataset).reinforcement:
         shape = ""
     elif task.classification:
         shape = f"{task.ways}-way {task.shots}-shot"
     else:
         shape = f"K={task.shots}"
-    status: dict[str, Any] = {"run": str(run.path), "method": config.method,
-                              "task": " ".join(part for part in (task.dataset, shape) if part),
-                              "steps": config.train.steps, "step": 0, "training_time_s": 0.0, "machines": [],
-                              "config": config.to_dict()}  # what a listing of a sweep's runs groups them by
-    own: list[str] = []  # what config.json does not describe: the commands cannot rebuild the run
-    state: dict[str, Any] | None = None  # the checkpoint's entries, where it has one
-    if run.has_checkpoint():
-        # a damaged entry that status shows is one line naming checkpoint.pt (the listing shows it as the run's error)
-        state = read_entries(run, "step", optional=("elapsed_s", "machines", "data_dir"))
-        status.update(step=int(state["step"]), training_time_s=float(state.get("elapsed_s", 0.0)),
-                      machines=list(state.get("machines", [])))
-        if own_learner(state) is not None:  # a learner built in Python: its network may be config.json's
-            check_entries(state, run.checkpoint_path, optional=("learner",))
-            try:
-                differs = "learner" not in state or bool(network_difference(config, state["learner"]))
-            except MetalearnError:
-                differs = True
-            own += ["network"] if differs else []
-        own += ["tasks"] if own_tasks(state) is not None else []
-    status["own"] = own
+    return " ".join(part for part in (task.dataset, shape) if part)
+
+
+def _read_checkpoint_status(run: RunDir, status: dict[str, Any]) -> dict[str, Any] | None:
+    """The entries of ``run``'s checkpoint that status reads (None without one), with its
+    ``step``, ``training_time_s`` and ``machines`` set in ``status``. A damaged entry that
+    status shows is one line naming checkpoint.pt (the listing shows it as the run's error)."""
+    from metalearn.checkpoints import read_entries
+
+    if not run.has_checkpoint():
+        return None
+    state = read_entries(run, "step", optional=("elapsed_s", "machines", "data_dir"))
+    status.update(step=int(state["step"]), training_time_s=float(state.get("elapsed_s", 0.0)),
+                  machines=list(state.get("machines", [])))
+    return state
+
+
+def _own_parts(run: RunDir, config: RunConfig, state: dict[str, Any] | None) -> list[str]:
+    """What the run in ``run`` was trained on from Python that config.json does not describe
+    (``state``: its checkpoint's entries, None without one): ``"network"``, a learner of the
+    user's own whose network is not config.json's; ``"tasks"``, a task source of the user's own."""
+    from metalearn.checkpoints import check_entries, network_difference, own_learner, own_tasks
+
+    own: list[str] = []
+    if state is None:
+        return own
+    if own_learner(state) is not None:  # a learner built in Python: its network may be config.json's
+        check_entries(state, run.checkpoint_path, optional=("learner",))
+        try:
+            differs = "learner" not in state or bool(network_difference(config, state["learner"]))
+        except MetalearnError:
+            differs = True
+        own += ["network"] if differs else []
+    own += ["tasks"] if own_tasks(state) is not None else []
+    return own
+
+
+def _holder_state(run: RunDir, step: int, steps: int) -> tuple[str, dict[str, Any] | None]:
+    """The run's ``state`` as its lock and files say (its checkpoint at ``step`` of ``steps``),
+    before its metrics are read, and the lock's note while a process holds it (or may, elsewhere)."""
+    import socket
+
+    from metalearn.files import process_running
+    from metalearn.locking import lock_is_held, read_holder_note
+
     note = read_holder_note(run.lock_path)  # None without a lock file: its holder deletes it as it lets go
     holder = note if note is not None and isinstance(note.get("pid"), int) else None
     held = lock_is_held(run.lock_path) if holder is not None else False
     elsewhere = holder is not None and holder.get("host") != socket.gethostname()
     if elsewhere and held:
-        status["state"] = "training elsewhere"
-    elif elsewhere:  # free as seen from here: a killed holder, or a file system not locking between machines
-        status["state"] = "unknown"
-    elif holder is not None and (held if held is not None else process_running(holder["pid"])):
+        return "training elsewhere", holder
+    if elsewhere:  # free as seen from here: a killed holder, or a file system not locking between machines
+        return "unknown", holder
+    if holder is not None and (held if held is not None else process_running(holder["pid"])):
         # past its last step the holder is testing the run (train keeps the lock for that)
-        status["state"] = "testing" if status["step"] >= status["steps"] else "training"
-    else:  # no note, or one left by a killed holder (its process id perhaps reused since)
-        holder = None
-        status["state"] = ("not started" if not run.holds_run() else
-                           "complete" if status["step"] >= status["steps"] else
-                           "stopped" if run.has_checkpoint() else "no checkpoint")
-    status["holder"] = holder
+        return ("testing" if step >= steps else "training"), holder
+    # no note, or one left by a killed holder (its process id perhaps reused since)
+    return ("not started" if not run.holds_run() else
+            "complete" if step >= steps else
+            "stopped" if run.has_checkpoint() else "no checkpoint"), None
+
+
+def _status_commands(run: RunDir, config: RunConfig, state: dict[str, Any] | None,
+                     own: list[str]) -> tuple[str, str]:
+    """The commands that continue and evaluate the run (``state``: its checkpoint's entries;
+    ``own``: what it trained on that config.json does not describe), or the Python lines that do
+    where no command can."""
+    task = config.task
     # a folder dataset's images are not part of the run: the command needs them again, unless the
     # checkpoint records their folder and it is there (a resume then reads it)
     recorded = recorded_images(run, state) if state is not None else None
     moved = recorded is None or not recorded.is_dir()
     images = "IMAGE_FOLDER" if reads_image_folder(task.dataset) and moved else None
-    status["resume"] = resume_command(config.method, run.path, images)
+    resume = resume_command(config.method, run.path, images)
     try:
         split = run.read_split()
     except MetalearnError:  # a damaged split.json: eval names it
         split = None
     untested = split is not None and not split.get("test")  # it trained on every class: score another folder's
-    status["test"] = (f"metalearn eval {run.path}" + (" --data-dir NEW_CLASSES_FOLDER --split-fractions 0,0,1"
-                                                      if untested else f" --data-dir {images}" if images else ""))
+    test = (f"metalearn eval {run.path}" + (" --data-dir NEW_CLASSES_FOLDER --split-fractions 0,0,1"
+                                            if untested else f" --data-dir {images}" if images else ""))
     if own:  # trained from Python on what config.json does not describe: continued and scored from Python
-        status["resume"], status["test"] = python_resume(run.path), python_test(run.path)
-    elif (here := registered_in_python(config, run.config_as_it_stands())) is not None:  # a notebook's method
-        status["resume"], status["test"] = registered_resume(run.path, here), registered_test(run.path, here)
-    status["last_write_s"] = (time.time() - run.metrics_path.stat().st_mtime) if run.metrics_path.is_file() else None
-    # one pass over metrics.jsonl keeping what is read below: the last training record and the
-    # last divergence, the recent rates, the validations (a run logged at every step has as many
-    # lines as steps)
+        return python_resume(run.path), python_test(run.path)
+    if (here := registered_in_python(config, run.config_as_it_stands())) is not None:  # a notebook's method
+        return registered_resume(run.path, here), registered_test(run.path, here)
+    return resume, test
+
+
+def _read_metrics_summary(run: RunDir) -> tuple[dict | None, dict | None, collections.deque, list[dict]]:
+    """One pass over metrics.jsonl keeping what status reads: the last training record and the
+    last divergence, the recent rates (tasks per second of the last :data:`RATE_WINDOWS` logged
+    windows), the validations (a run logged at every step has as many lines as steps)."""
     last = diverged = None
     rates: collections.deque = collections.deque(maxlen=RATE_WINDOWS)
     validation = []
@@ -1399,11 +1449,14 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
             diverged = r  # a step that went non-finite (the trainer's record after its last checkpoint)
         if any(k.startswith("val_") and k != "val_ci95" and isinstance(v, (int, float)) for k, v in r.items()):
             validation.append(r)
-    status["last"] = last
-    status["diverged"] = None  # a resume repeats the step that diverged
-    if status["state"] == "stopped" and diverged is not None and diverged["step"] > status["step"]:
-        status["state"], status["diverged"] = "diverged", {"step": diverged["step"], "what": diverged["diverged"]}
-    # the time the remaining steps take at the recent rate (the validations are added below)
+    return last, diverged, rates, validation
+
+
+def _add_time_left(status: dict[str, Any], config: RunConfig, last: dict | None, rates: collections.deque,
+                   validation: list[dict]) -> None:
+    """Set ``seconds_left``, ``validation_counted``, ``validates`` and ``cost_changes`` in
+    ``status``: the time the remaining steps take at the recent ``rates``, plus the remaining
+    validations at the median length of the recent ones where the run logs it."""
     at = max(status["step"], last["step"] if last is not None else 0)
     left = status["steps"] - at
     status["seconds_left"] = (left * config.train.meta_batch_size / statistics.median(rates)
@@ -1418,16 +1471,27 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
                               if at <= step < status["steps"]]
     if status["validation_counted"]:  # one after every multiple of val_every still to come
         status["seconds_left"] += (status["steps"] // every - at // every) * statistics.median(lengths[-RATE_WINDOWS:])
-    best = None
-    if validation:
-        name = next(k for k, v in validation[-1].items() if k.startswith("val_") and k != "val_ci95"
-                    and isinstance(v, (int, float)))
-        scored = [r for r in validation if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])]
-        sign = 1.0 if HIGHER_IS_BETTER.get(name[len("val_"):], True) else -1.0
-        if scored:  # ties: the earlier step, as --keep-best ranks them
-            best = max(scored, key=lambda r: (sign * r[name], -r["step"]))
-    status["validation"] = {"latest": validation[-1] if validation else None, "best": best}
-    status["evaluations"] = {}
+
+
+def _best_validation(validation: list[dict]) -> dict | None:
+    """The best of the ``validation`` records by the method's metric (the latest record's), the
+    earlier step among ties, as --keep-best ranks them; None without a finite score."""
+    from metalearn.evaluation import HIGHER_IS_BETTER
+
+    if not validation:
+        return None
+    name = next(k for k, v in validation[-1].items() if k.startswith("val_") and k != "val_ci95"
+                and isinstance(v, (int, float)))
+    scored = [r for r in validation if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])]
+    sign = 1.0 if HIGHER_IS_BETTER.get(name[len("val_"):], True) else -1.0
+    return max(scored, key=lambda r: (sign * r[name], -r["step"])) if scored else None
+
+
+def _evaluation_records(run: RunDir, step: int) -> dict[str, dict[str, Any]]:
+    """Each evaluation file's mean, interval, episodes and step, for an ensemble its members'
+    steps, and ``outdated``: it scored an earlier checkpoint than the run's (at ``step``), or
+    other checkpoints than its best now."""
+    records = {}
     evaluations = run.read_evaluations()
     current: list[int] = []  # the run's best checkpoints now, which an ensemble's members are compared with
     if any("ensemble" in result for result in evaluations.values()):
@@ -1441,9 +1505,9 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
             record["outdated"] = not (isinstance(members, list) and all(isinstance(m, int) for m in members)
                                       and sorted(members) == current)
         else:
-            record["outdated"] = isinstance(result.get("step"), int) and result["step"] < status["step"]
-        status["evaluations"][stem] = record
-    return status
+            record["outdated"] = isinstance(result.get("step"), int) and result["step"] < step
+        records[stem] = record
+    return records
 
 
 def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | list[Path | str],

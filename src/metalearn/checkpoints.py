@@ -20,6 +20,7 @@ from metalearn.algorithms import MetaLearner, build_learner, make_method_config,
 from metalearn.config import RESUMABLE_CHANGES, RunConfig, config_differences
 from metalearn.errors import ConfigError, MetalearnError, OptionError, OptionWarning, caller_level, flag, valued
 from metalearn.options import option_defaults
+from metalearn.run_files import RUN_OWN_FILES
 from metalearn.runs import RunDir, config_from, unreadable_checkpoint
 from metalearn.runtime import own_random_state
 from metalearn.tasks import problem_of
@@ -532,9 +533,7 @@ def untrained_attempt(run: RunDir) -> bool:
         records = run.read_metrics() if run.metrics_path.is_file() else []
         if not records or any(set(record) != {"step", "diverged"} or record["step"] != 1 for record in records):
             return False
-    attempt_files = {run.config_path.name, run.checkpoint_path.name, run.split_path.name, run.lock_path.name,
-                     run.metrics_path.name}
-    if any(entry.name not in attempt_files for entry in run.path.iterdir()):
+    if any(entry.name not in RUN_OWN_FILES for entry in run.path.iterdir()):
         return False
     try:
         state = run.read_checkpoint("step", "config")
@@ -550,7 +549,7 @@ def _broken_run(run: RunDir) -> str:
     if not run.holds_run():
         return ""
     if not run.exists():
-        what = "checkpoint.pt" if run.has_checkpoint() else "metrics.jsonl"
+        what = (run.checkpoint_path if run.has_checkpoint() else run.metrics_path).name
         return (f"has a {what} but no config.json (removed): put the run's config.json back, or start afresh "
                 "in another {run_dir}")
     if not run.has_checkpoint():

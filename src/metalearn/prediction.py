@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fnmatch
 import io
 import json
 import os
@@ -23,6 +24,7 @@ from metalearn.errors import MetalearnError, MetalearnWarning, OptionError, call
 from metalearn.files import WriteError, atomic_write_files, check_writable_file, same_path, user_path
 from metalearn.locking import make_folders
 from metalearn.models.norm import BatchStatNorm
+from metalearn.run_files import EVAL_PATTERN, RUN_OWN_FILES
 
 QUERY_CHUNK = 256  # the most query images classified per pass (with the whole support set)
 # support sets larger than this are first measured: a pass's memory grows with the support set,
@@ -396,14 +398,9 @@ def check_outputs(named: list[tuple[str | tuple[str, str], Path | str]]) -> None
                                   option=option, other=other)
 
 
-# a run folder's own files, which its loading, resuming and record read (and eval*.json, its
-# evaluations); an output of a command never takes one of these names in a run folder
-RUN_OWN_FILES = ("config.json", "checkpoint.pt", "metrics.jsonl", "split.json", ".lock")
-
-
 def refuse_run_files(outputs: list[tuple[str | tuple[str, str], Path | str]]) -> None:
     """Refuse, before any checkpoint is read, an output file that is one of a run folder's own
-    files (:data:`RUN_OWN_FILES`, an evaluation ``eval*.json``) or lies in its ``best/``: the run
+    files (:data:`~metalearn.run_files.RUN_OWN_FILES`, an evaluation ``eval*.json``) or lies in its ``best/``: the run
     would no longer load, resume or show its scores. Any run's folder (one with a config.json or
     a checkpoint), not only the one read: compare reads several, and another run's folder is as
     easily mistyped. Other names in a run folder, and its ``plots/``, are the user's to write.
@@ -419,15 +416,15 @@ def refuse_run_files(outputs: list[tuple[str | tuple[str, str], Path | str]]) ->
                 continue
             if target.parent == folder and target.name in RUN_OWN_FILES:
                 raise OptionError(f"{{output}} would replace {target.name}, one of the files of the run {folder}: the "
-                                  f"run would no longer load or resume; give another file, e.g. in {folder / 'plots'}",
+                                  f"run would no longer load or resume; give another file, e.g. in {run.plots_dir}",
                                   output=given)
-            if target.parent == folder and target.name.startswith("eval") and target.suffix == ".json":
+            if target.parent == folder and fnmatch.fnmatchcase(target.name, EVAL_PATTERN):
                 raise OptionError(f"{{output}} would replace {target.name}, an evaluation of the run {folder}: its "
-                                  f"recorded score would be lost; give another file, e.g. in {folder / 'plots'}",
+                                  f"recorded score would be lost; give another file, e.g. in {run.plots_dir}",
                                   output=given)
             if target.is_relative_to(run.best_dir.resolve()):
                 raise OptionError(f"{{output}} lies in {run.best_dir}, where the run {folder} keeps its best "
-                                  f"checkpoints; give another file, e.g. in {folder / 'plots'}", output=given)
+                                  f"checkpoints; give another file, e.g. in {run.plots_dir}", output=given)
 
 
 def refuse_outputs_among_inputs(outputs: list[tuple[str | tuple[str, str], Path | str]],

@@ -30,15 +30,13 @@ from typing import Any, Callable, Iterator, TypeVar
 import torch
 
 from metalearn.config import RunConfig
-from metalearn.data.splits import PARTS, RUN_SPLIT_NAME
+from metalearn.data.splits import PARTS
 from metalearn.errors import MetalearnError, caller_level, check_count, MetalearnWarning, OptionError, spellings
 from metalearn.files import (TEMPORARY_NAME, append_line, atomic_write, atomic_write_bytes, obstacle, probe_writable,
                              remove_temporaries, user_path)
 from metalearn.locking import FolderInUse, FolderLock
-
-# what only the process holding a run folder's lock writes: a temporary file of these is never
-# a live write of someone else's
-WRITER_FILES = ("config.json", "checkpoint.pt", "metrics.jsonl", RUN_SPLIT_NAME)
+from metalearn.run_files import (BEST_INDEX_NAME, BEST_NAME, CHECKPOINT_NAME, CONFIG_NAME, EVAL_NAME, EVAL_PATTERN,
+                                 LOCK_NAME, METRICS_NAME, PLOTS_NAME, RUN_MARKERS, RUN_SPLIT_NAME, WRITER_FILES)
 
 # how often a reader of best/ reads index.json again when a file it listed vanished: the
 # training run replaces the index at most once per validation, so a second read nearly always
@@ -132,7 +130,7 @@ def _best_file(name: str) -> bool:
     temporary file of either."""
     match = TEMPORARY_NAME.fullmatch(name)
     name = match.group("name") if match else name
-    return name == "index.json" or _best_step(name) is not None
+    return name == BEST_INDEX_NAME or _best_step(name) is not None
 
 
 def _best_step(file: str) -> int | None:
@@ -273,23 +271,23 @@ class RunDir:
         self.path = user_path(path, "a run directory")
         """The run folder."""
 
-    config_path = property(lambda self: self.path / "config.json")
+    config_path = property(lambda self: self.path / CONFIG_NAME)
     """``config.json``: the run's :class:`~metalearn.config.RunConfig`."""
-    checkpoint_path = property(lambda self: self.path / "checkpoint.pt")
+    checkpoint_path = property(lambda self: self.path / CHECKPOINT_NAME)
     """``checkpoint.pt``: the latest checkpoint."""
-    metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    metrics_path = property(lambda self: self.path / METRICS_NAME)
     """``metrics.jsonl``: one JSON object per logged step."""
-    eval_path = property(lambda self: self.path / "eval.json")
+    eval_path = property(lambda self: self.path / EVAL_NAME)
     """``eval.json``: the run's own test evaluation (others: :meth:`eval_file`)."""
-    plots_dir = property(lambda self: self.path / "plots")
+    plots_dir = property(lambda self: self.path / PLOTS_NAME)
     """``plots/``: the PNGs of ``metalearn plot`` and ``sample``."""
-    best_dir = property(lambda self: self.path / "best")
+    best_dir = property(lambda self: self.path / BEST_NAME)
     """``best/``: the checkpoints :meth:`keep_best` kept, and their ``index.json``."""
     split_path = property(lambda self: self.path / RUN_SPLIT_NAME)
     """``split.json``: for a run on class folders split by fractions or a split file, the
     class names of each part as it trained (a ``--split-file``); evaluations use it."""
 
-    lock_path = property(lambda self: self.path / ".lock")
+    lock_path = property(lambda self: self.path / LOCK_NAME)
     """``.lock``: the file :meth:`lock` holds while a process trains here."""
 
     def exists(self) -> bool:
@@ -359,7 +357,7 @@ class RunDir:
             if folder == self.plots_dir:
                 raise MetalearnError(f"{folder} is a link to {target}, outside the run folder, where the run would "
                                      f"write its plots: remove the link")
-            if any((target.parent / name).exists() for name in ("config.json", "checkpoint.pt", "metrics.jsonl")):
+            if any((target.parent / name).exists() for name in RUN_MARKERS):
                 raise MetalearnError(f"{folder} is a link into another run's folder ({target}), where this run "
                                      f"would keep its best checkpoints: remove the link, or copy what it holds there")
             try:
@@ -541,7 +539,7 @@ class RunDir:
         if (best.exists() or best.is_symlink()) and not best.is_dir():  # a link to a folder is one (another disk)
             what = "a link to nothing" if best.is_symlink() and not best.exists() else "a file"
             raise MetalearnError(f"{best} is {what}, where the run keeps its best checkpoints: move it away")
-        index = best / "index.json"
+        index = best / BEST_INDEX_NAME
         what = obstacle(index, reading=True)
         if what is not None:
             raise MetalearnError(f"{index} is {what}, where the run lists its best checkpoints: move it away")
@@ -565,7 +563,7 @@ class RunDir:
         refused in one line naming it and the repair, instead of failing in keep_best's ranking
         at the first validation after steps were trained. Names are left to each user:
         :meth:`best_checkpoints` refuses one that is no ``step-N.pt``, :meth:`keep_best` drops it."""
-        index_path = self.best_dir / "index.json"
+        index_path = self.best_dir / BEST_INDEX_NAME
         if not index_path.is_file():
             return {}
         advice = self._rebuild_best_advice()
@@ -585,7 +583,7 @@ class RunDir:
         files. An index that cannot be read, or something else in its place (a folder: read as
         no index, it would have every file deleted), leaves every file alone (its next reader
         says so)."""
-        if obstacle(self.best_dir / "index.json", reading=True) is not None:
+        if obstacle(self.best_dir / BEST_INDEX_NAME, reading=True) is not None:
             return []
         try:
             index = self.read_best_index()
@@ -607,7 +605,7 @@ class RunDir:
         """Write ``kept`` as ``best/index.json``, then delete the checkpoints of ``index`` it leaves
         out. Index first: a kill in between leaves an unlisted file, never a listed missing one.
         Only ``step-N.pt`` names are deleted, whatever else an edited index names."""
-        atomic_write_bytes(self.best_dir / "index.json", (json.dumps(kept, indent=2) + "\n").encode())
+        atomic_write_bytes(self.best_dir / BEST_INDEX_NAME, (json.dumps(kept, indent=2) + "\n").encode())
         for file in set(index) - set(kept):
             if _best_step(file) is not None:
                 (self.best_dir / file).unlink(missing_ok=True)
@@ -618,7 +616,7 @@ class RunDir:
         missing is a damaged best/ only when a fresh read of the index still lists it; else the
         fresh index is used. A caller that loads the files can still find one gone by then:
         :meth:`read_best_checkpoints` loads them and reads the index again when it does."""
-        index_path = self.best_dir / "index.json"
+        index_path = self.best_dir / BEST_INDEX_NAME
 
         def read_index() -> dict[str, Any]:
             what = obstacle(index_path, reading=True)
@@ -752,15 +750,15 @@ class RunDir:
         labels = {**(labels or {}), **({"part": part} if part != "test" else {})}
         spell = lambda value: json.dumps(value) if isinstance(value, bool) else value  # true, as typed
         suffix = "".join(f"-{k}={spell(v)}" for k, v in sorted(labels.items()))
-        return self.eval_path.with_name(f"eval{suffix}.json")
+        return self.eval_path.with_stem(self.eval_path.stem + suffix)
 
     def read_evaluations(self) -> dict[str, dict[str, Any]]:
         """Every evaluation written here (``eval.json``, ``eval-*.json``), by file stem."""
         def advice(path: Path) -> str:
-            options = "" if path.stem == "eval" else " with the options its name lists"
+            options = "" if path.name == EVAL_NAME else " with the options its name lists"
             return f"delete it or rerun `metalearn eval {self.path}`{options}"
 
-        return {path.stem: read_json_object(path, advice(path)) for path in sorted(self.path.glob("eval*.json"))}
+        return {path.stem: read_json_object(path, advice(path)) for path in sorted(self.path.glob(EVAL_PATTERN))}
 
     def writable_eval_file(self, labels: dict[str, Any] | None = None, part: str = "test") -> Path:
         """:meth:`eval_file`, after making sure it can be written: refused (a one-line

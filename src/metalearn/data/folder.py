@@ -42,9 +42,10 @@ import torch
 from metalearn.data.cache import read_arrays, write_arrays
 from metalearn.data.images import IMAGE_SUFFIXES, check_channels, decode_image, is_image_file
 from metalearn.data.omniglot import default_cache_dir, file_in_the_way
-from metalearn.data.splits import PARTS, RUN_SPLIT_NAME, ClassPool
+from metalearn.data.splits import PARTS, ClassPool
 from metalearn.errors import (STOP_SIGNALS, MetalearnError, caller_level, check_count, OptionError, OptionWarning, flag,
                               valued)
+from metalearn.run_files import CHECKPOINT_NAME, CONFIG_NAME, RUN_SPLIT_NAME
 
 # 2: 16-bit images scaled by their type's range, EXIF orientation applied; 3: the cached
 # content_hash also covers the array's shape, the class sizes and the parts
@@ -883,7 +884,7 @@ def is_run_split(path: Path) -> bool:
     """Whether ``path`` is a trained run's record of its split (``split.json`` beside the run's
     ``config.json`` and ``checkpoint.pt``), for the messages that speak of the run's classes."""
     folder = path.parent
-    return path.name == RUN_SPLIT_NAME and (folder / "config.json").is_file() and (folder / "checkpoint.pt").is_file()
+    return path.name == RUN_SPLIT_NAME and (folder / CONFIG_NAME).is_file() and (folder / CHECKPOINT_NAME).is_file()
 
 
 def sets_own_split(root: Path | str | None) -> bool:

@@ -29,7 +29,6 @@ from metalearn.errors import MetalearnError
 # the existing ones keep their place in both
 SPLITS = ("vinyals", "lake", "maml", "vinyals-trainval")
 PARTS = ("train", "val", "test")
-RUN_SPLIT_NAME = "split.json"  # a run's record of its class folders' split (a --split-file), beside its config.json
 RANDOM_ROTATION = -1
 # (split of a run's starting weights, split of the run): how many characters the run is scored
 # on that the first saw, its training characters among the run's validation and test ones and

@@ -38,7 +38,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from metalearn.api import evaluate_run, evaluation_labels, export_results
+from metalearn.api import evaluate_run, export_results
+from metalearn.evaluation_setup import evaluation_labels
 from metalearn.runs import RunDir
 
 # the paper's Omniglot table (ConvNet with Memory Module), test accuracy in %

@@ -14,10 +14,10 @@ import argparse
 import torch
 from torch import nn
 
-from metalearn.api import with_split, with_test_shape
 from metalearn.datasets import get_dataset
 from metalearn.errors import MetalearnError
 from metalearn.evaluation import evaluate
+from metalearn.evaluation_setup import with_split, with_test_shape
 from metalearn.runs import RunDir
 from metalearn.tasks import build_task_source
 from metalearn.training import part_seed_offset

@@ -387,7 +387,7 @@ def test_a_dataset_refuses_augment_unless_it_says_it_takes_it():
 
 def test_none_is_no_augmentation_and_an_episode_shape_is_a_dict():
     assert TaskConfig(dataset="folder", augment="none").augment == ""
-    from metalearn.api import with_test_shape
+    from metalearn.evaluation_setup import with_test_shape
 
     config = resolve_config("protonet", {"dataset": "omniglot", "ways": 5})
     with pytest.raises(MetalearnError, match=r"^an episode shape is a dict such as \{'ways': 20, 'shots': 1\}, got a list$"):

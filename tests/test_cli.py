@@ -424,14 +424,21 @@ def test_eval_on_episodes_of_another_shape(tmp_path, capsys, omniglot_data_dir):
     assert code == 0 and "eval-episodes=4-query=1-shots=5-ways=20.json" in out
     saved = json.loads((proto / "eval-episodes=4-query=1-shots=5-ways=20.json").read_text())
     assert (saved["ways"], saved["shots"], saved["query"], saved["episodes"]) == (20, 5, 1, 4)
+    # eval's own options set the shape (it has no --test-ways): the refusal names them, not train's
     code, _, err = run(["eval", proto, "--ways", 5000, "--data-dir", omniglot_data_dir], capsys)
-    assert code == 2 and "5000" in err and "Traceback" not in err
+    assert code == 2 and err == ("error: omniglot split maml/test has 423 classes; --ways 5000 is more than that. "
+                                 "Lower --ways to 423 or fewer.\n"), err
     code, _, err = run(["eval", proto, "--shots", 19, "--query", 3, "--data-dir", omniglot_data_dir], capsys)
-    assert code == 2 and "needs 22" in err and "(in metalearn eval and compare: --shots or --query)" in err
-    shutil.copytree(proto, tmp_path / "copy")  # compare's options are eval's: the refusal names both commands
+    assert code == 2 and err == ("error: omniglot has 20 images per class; --shots 19 with --query 3 needs 22. Lower "
+                                 "--shots or --query.\n"), err
+    shutil.copytree(proto, tmp_path / "copy")  # compare's options are eval's, and so are its refusals
+    code, _, err = run(["compare", proto, tmp_path / "copy", "--ways", 500, "--data-dir", omniglot_data_dir], capsys)
+    assert code == 2 and err == ("error: omniglot split maml/test has 423 classes; --ways 500 is more than that. "
+                                 "Lower --ways to 423 or fewer.\n"), err
     code, _, err = run(["compare", proto, tmp_path / "copy", "--shots", 19, "--query", 3, "--data-dir",
                         omniglot_data_dir], capsys)
-    assert code == 2 and "needs 22" in err and "(in metalearn eval and compare: --shots or --query)" in err, err
+    assert code == 2 and "--shots 19 with --query 3 needs 22. Lower --shots or --query." in err, err
+    assert "test-" not in err and "Traceback" not in err
     code, _, err = run(["eval", proto, "--shots", 0, "--data-dir", omniglot_data_dir], capsys)
     assert code == 2 and err == "error: --shots must be a whole number of at least 1, got 0\n", err
     code, _, err = run(["eval", proto, "--ways", 1, "--data-dir", omniglot_data_dir], capsys)
@@ -440,6 +447,10 @@ def test_eval_on_episodes_of_another_shape(tmp_path, capsys, omniglot_data_dir):
 
     with pytest.raises(MetalearnError, match=r"^episode_shape's query must be a whole number of at least 1, got 0$"):
         evaluate_run(proto, episode_shape={"query": 0}, data_dir=omniglot_data_dir)
+    with pytest.raises(MetalearnError) as caught:  # from Python: the shape as evaluate_run takes it
+        evaluate_run(proto, episode_shape={"ways": 5000}, data_dir=omniglot_data_dir)
+    assert str(caught.value) == ("omniglot split maml/test has 423 classes; episode_shape's ways 5000 is more than "
+                                 "that. Lower episode_shape's ways to 423 or fewer.")
 
     assert run(["train", "maml", "--meta-batch-size", 1, "--run-dir", maml] + common, capsys)[0] == 0
     code, _, err = run(["eval", maml, "--ways", 20, "--data-dir", omniglot_data_dir], capsys)
@@ -642,6 +653,40 @@ def test_a_dry_run_refuses_the_run_folder_device_and_init_from_that_training_wou
         assert code == 2 and message in err and out == "" and "Traceback" not in err, (args, err)
     # the dry run wrote nothing
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "small"] and not any((tmp_path / "empty").iterdir())
+
+
+def test_init_from_between_an_embedding_and_a_classifier_advises_only_what_loads(tmp_path, capsys):
+    """A ProtoNets run's embedding has no output layer, which MAML's network needs: said plainly,
+    with no --model to try. MAML++'s network, which ProtoNets cannot take, is never advised: the
+    plain conv4s that take its weights are; the reference conv4's tensors no ProtoNets network
+    takes."""
+    from images import colours
+
+    images = colours(tmp_path / "images", 6, 2)
+    common = ["--dataset", "folder", "--data-dir", images, "--image-size", 16, "--ways", 2, "--shots", 1, "--query",
+              1, "--steps", 1, "--meta-batch-size", 1, "--val-every", 0, "--no-progress", "--no-eval"]
+    for method, model in (("protonet", "conv4-embedding"), ("maml", "conv4-mamlpp"), ("maml", "conv4-reference")):
+        code, _, err = run(["train", method, *common, "--model", model, "--run-dir", tmp_path / model], capsys)
+        assert code == 0, err
+
+    def refusal(method: str, model: str, source: str) -> str:
+        code, out, err = run(["train", method, *common, "--model", model, "--init-from", tmp_path / source,
+                              "--print-config"], capsys)
+        assert code == 2 and out == "" and "Traceback" not in err, err
+        return err
+
+    err = refusal("maml", "conv4", "conv4-embedding")
+    assert err == (f"error: --init-from {tmp_path / 'conv4-embedding'}: its weights cannot carry over: protonet "
+                   "trains a network without an output layer, and maml's needs one (at model.head.weight; --model "
+                   "conv4-embedding there, conv4 here); train without --init-from\n"), err
+    err = refusal("protonet", "conv4-maxpool-32", "conv4-mamlpp")
+    assert ("both runs need the same network: --model conv4 (or conv4-maxpool, conv4-embedding, conv4-flat) with "
+            "the same image size, channels and number of ways\n") in err, err
+    assert run(["train", "protonet", *common, "--model", "conv4", "--init-from", tmp_path / "conv4-mamlpp",
+                "--print-config"], capsys)[0] == 0  # the advice holds
+    err = refusal("protonet", "conv4-embedding", "conv4-reference")
+    assert "its weights cannot carry over: no network of protonet takes the weights of its maml network" in err, err
+    assert err.endswith("; train without --init-from\n"), err
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -480,8 +480,7 @@ def test_what_a_method_lacks_is_all_named_at_once(monkeypatch):
 # the imports inside functions that look forward, each named in docs/design.md's Layers:
 # (importing module or package, imported one)
 FORWARD_INSIDE_FUNCTIONS = {("datasets", "data"), ("datasets", "tasks"), ("datasets", "envs"), ("datasets", "config"),
-                            ("tasks", "envs"), ("config", "algorithms"), ("algorithms", "prediction"),
-                            ("uncertainty", "api"), ("aggregate", "api")}
+                            ("tasks", "envs"), ("config", "algorithms"), ("algorithms", "prediction")}
 
 
 def test_modules_import_at_their_top_only_what_the_design_map_lists_before_them():

@@ -240,17 +240,22 @@ def test_more_ways_than_classes(omniglot, raw):
 
 def test_an_evaluation_of_the_training_part_names_the_test_options(omniglot_data_dir, omniglot):
     """metalearn eval --part train draws test-shaped episodes from the training classes: a shape
-    they cannot fill is refused with the test options, noting the ways that follow --ways only
-    where they do."""
+    they cannot fill is refused with the options that set it, an evaluation's own (eval's --ways,
+    evaluate_run's episode_shape: it has no --test-ways); a run's test parts with train's test
+    options, noting the ways that follow --ways only where they do."""
     from metalearn.config import TaskConfig
     from metalearn.tasks import build_task_source
 
     with pytest.raises(OptionError) as info:
         build_task_source(TaskConfig(ways=5, test_ways=5000), "train", omniglot_data_dir, progress=False,
                           evaluation=True)
-    assert info.value.with_flags() == ("omniglot split maml/train has 1100 classes; --test-ways 5000 is more than "
-                                       "that. Lower --test-ways (in metalearn eval and compare: --ways) or use a split "
-                                       "part with more classes.")
+    assert info.value.with_flags() == ("omniglot split maml/train has 1100 classes; --ways 5000 is more than that. "
+                                       "Lower --ways to 1100 or fewer.")
+    assert str(info.value) == ("omniglot split maml/train has 1100 classes; episode_shape's ways 5000 is more than "
+                               "that. Lower episode_shape's ways to 1100 or fewer.")
+    with pytest.raises(OptionError) as info:  # an evaluation keeping the run's ways (no test ways of its own)
+        build_task_source(TaskConfig(ways=5000), "test", omniglot_data_dir, progress=False, evaluation=True)
+    assert "; --ways 5000 (the run's) is more than that. Lower --ways to 423 or fewer." in info.value.with_flags()
     with pytest.raises(OptionError) as info:
         build_task_source(TaskConfig(ways=5000), "test", omniglot_data_dir, progress=False)
     assert "--test-ways 5000 (it defaults to --ways) is more than that" in info.value.with_flags()

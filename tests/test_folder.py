@@ -21,13 +21,14 @@ from batches import gen
 from cli_runner import one_line_error, run
 from images import write_tiny
 from metalearn.algorithms import METHODS, build_learner
-from metalearn.api import resolve_config, with_split
+from metalearn.api import resolve_config
 from metalearn.config import TaskConfig
 from metalearn.data import folder as folder_module
 from metalearn.data.folder import class_parts, class_split, folder_split, load_image_folder
 from metalearn.data.images import decode_image, prepare_images, to_float
 from metalearn.data.splits import ClassPool
 from metalearn.errors import MetalearnError, MetalearnWarning, OptionError
+from metalearn.evaluation_setup import with_split
 from metalearn.runs import RunDir
 from metalearn.tasks import build_task_source, problem_of
 from metalearn.tasks.episodes import EpisodeSampler
@@ -1284,7 +1285,8 @@ def test_a_folder_without_val_classes_trains_with_validation_off(tmp_path, capsy
 
 def test_a_small_class_folder_names_its_split_options_and_eval_splits_another_folder(tmp_path, capsys, monkeypatch):
     """12 classes under the default split give val and test 2 each: 5-way training is refused in
-    one line naming the split options for both parts; with 0.5,0,0.5 it trains. Another folder
+    one line; no split gives train, val and test 5 each (15 classes), so none is offered for the
+    three, only for two of them, the other left out; with 0.5,0,0.5 and no validation it trains. Another folder
     of 5 classes lacks classes of the run's split (refused, naming eval's --split-fractions
     0,0,1); split 0.5,0,0.5 it has 2 test classes (refused so too); it is scored under
     --split-fractions 0,0,1 or a split file, each written
@@ -1302,8 +1304,16 @@ def test_a_small_class_folder_names_its_split_options_and_eval_splits_another_fo
     code, out, err = run([*options, "--run-dir", tmp_path / "refused"], capsys)
     one_line_error(code, out, err, "the default split 0.64,0.16,0.2 gives the val part 2 of the folder's 12 classes "
                                    "(train 8, val 2, test 2); --test-ways 5")
-    assert err.endswith("needs 5: give val and test 5 or more each with --split-fractions or --split-file; lower "
+    assert err.endswith("needs 5: no split of its 12 classes can give train 5, val 5, test 5 (15 in all); train "
+                        "without validation (metalearn train --val-every 0) on a split (--split-fractions or "
+                        "--split-file) that gives train 5, test 5; train without the test (metalearn train "
+                        "--no-eval) on a split (--split-fractions or --split-file) that gives train 5, val 5; lower "
                         "--test-ways to 2 or fewer\n"), err  # --val-every 0 alone leaves the test part short
+    code, out, err = run([*options, "--ways", 8, "--run-dir", tmp_path / "refused"], capsys)  # 24 classes needed
+    one_line_error(code, out, err, "--test-ways 8 (it defaults to --ways; in metalearn eval and compare: --ways) "
+                                   "needs 8: no split of its 12 classes can give train 8, val 8, test 8 (24 in all); "
+                                   "lower --test-ways to 2 or fewer")
+    assert "--split-fractions" not in err
     run_dir = tmp_path / "run"
     code, out, err = run([*options, "--split-fractions", "0.5,0,0.5", "--val-every", 0, "--run-dir", run_dir], capsys)
     assert code == 0, err
@@ -1497,8 +1507,8 @@ def test_the_recorded_split_meets_part_folders_restarts_and_other_runs(tmp_path,
     draw(classes / "c12", 12)  # a class the run never saw: in no part of its split
     code, out, err = run(["eval", run_a, "--data-dir", classes, "--ways", 7, "--no-progress"], capsys)
     one_line_error(code, out, err, f"the run's split ({run_a / 'split.json'}) gives the test part 6 of the folder's "
-                                   "13 classes (train 6, val 0, test 6, in no part 1); --test-ways 7")
-    assert "lower --test-ways to 6 or fewer to score the run on its own test classes; for another folder, of classes " \
+                                   "13 classes (train 6, val 0, test 6, in no part 1); --ways 7 needs 7")
+    assert "lower --ways to 6 or fewer to score the run on its own test classes; for another folder, of classes " \
            "the run never trained on, metalearn eval --split-fractions 0,0,1 scores every class" in err
     assert "--val-every" not in err
 
@@ -1508,6 +1518,17 @@ def test_the_recorded_split_meets_part_folders_restarts_and_other_runs(tmp_path,
     assert code == 0, err
     code, out, err = run(["compare", run_a, run_c, "--data-dir", classes, "--episodes", 2], capsys)
     assert code == 0, err
+    # eval's and compare's own options set the episode shape (they have no --test-*): their refusals name them
+    code, out, err = run(["compare", run_a, run_c, "--data-dir", classes, "--ways", 7, "--episodes", 2], capsys)
+    one_line_error(code, out, err, "(train 6, val 0, test 6, in no part 1); --ways 7 needs 7: lower --ways to 6 or "
+                                   "fewer to score the run on its own test classes")
+    code, out, err = run(["eval", run_a, "--data-dir", classes, "--shots", 2, "--query", 2], capsys)
+    one_line_error(code, out, err, "has 3 images; --shots 2 with --query 2 needs 4 per class: add images, or lower "
+                                   "--query to 1 or --shots to 1")
+    code, out, err = run(["eval", run_a, "--data-dir", classes, "--split-fractions", "0,0,1", "--ways", 20], capsys)
+    one_line_error(code, out, err, "--ways 20 needs 20: no split of its 13 classes can give the test part 20; lower "
+                                   "--ways to 13 or fewer")  # no new split offered: none has 20 classes
+    assert "test-" not in err
     code, out, err = run(["eval", run_c, "--data-dir", classes, "--split-file", run_a / "split.json",
                           "--no-progress"], capsys)
     assert code == 0 and "eval-split_file=a.json" in out, (out, err)

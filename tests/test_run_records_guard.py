@@ -146,7 +146,7 @@ def test_a_run_reads_the_folder_it_records_and_files_another_folders_scores_apar
                      "eval-episodes=2-split_fractions=0,0,1.json", "eval-episodes=2.json"], names
     import torch
 
-    from metalearn.api import other_images_label
+    from metalearn.evaluation_setup import other_images_label
 
     moved = shutil.copytree(run_dir, tmp_path / "moved-run")  # its folder gone: the one given is its images, moved
     state = torch.load(moved / "checkpoint.pt", weights_only=True)

@@ -16,6 +16,7 @@ from typing import Any
 
 from metalearn.config import flat_options
 from metalearn.errors import MetalearnError, OptionError
+from metalearn.evaluation_setup import episode_seed
 from metalearn.runs import RunDir
 
 # options that do not change what a run learns and scores: never a group's
@@ -129,8 +130,6 @@ def summarize_runs(run_dirs: list[Path | str], group_by: list[str] | None = None
         groups.setdefault(tuple(repr(options.get(name)) for name in grouping), []).append((path, options, scored, step))
     out = []
     short = _short(grouping)
-    from metalearn.api import episode_seed
-
     for members in groups.values():
         for what in ("part", "episodes", "episode_seed", "ways", "shots", "query"):
             # the generator's seed as every version recorded it (older files: as "seed")

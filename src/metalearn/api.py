@@ -26,24 +26,25 @@ from metalearn.config import (RESUMABLE_CHANGES, RunConfig, TaskConfig, TrainCon
 from metalearn.datasets import DATASETS, get_dataset, reads_image_folder
 from metalearn.distributed import World, init_world
 from metalearn.errors import (ConfigError, MetalearnError, MetalearnWarning, OptionError, OptionWarning, Terminated,
-                              TrainingInterrupted, caller_level, check_count, check_whole, flag, kind_of, stopped_by,
-                              valued)
+                              TrainingInterrupted, caller_level, check_count, check_whole, flag, stopped_by, valued)
 from metalearn.evaluation import EPISODE_CHUNK, evaluate
+from metalearn.evaluation_setup import (episode_seed, evaluation_labels, given_split, other_images_label, plain_shape,
+                                        plain_values, recorded_seeds, warn_of_other_images, warn_of_training_classes,
+                                        warn_of_validation_episodes, with_split, with_test_shape)
 from metalearn.options import option_defaults
 from metalearn.runs import (RunDir, claim_new_run_dir, default_runs_root, evaluation_step, json_finite,
                             new_run_name, recorded_plugins, registered_in_python)
 from metalearn.files import (WriteError, atomic_write_files, check_folder_path, obstacle, probe_writable,
-                             remove_export_temporaries, remove_stale_folders, same_path, user_path)
+                             remove_export_temporaries, remove_stale_folders, user_path)
 from metalearn.locking import make_folders
 from metalearn.models import NETWORKS
 from metalearn.plugins import load_plugins, unknown_hint
 from metalearn.runtime import cuda_devices, own_random_state
 from metalearn.tasks import has_validation, no_validation_reason, problem_of
-from metalearn.checkpoints import (check_compatible, check_same_method, check_test_ways, configuration_conflict,
-                                   load_trained, load_trained_state, recorded_images, run_images, saved_config)
-from metalearn.training import (TEST_SEED_OFFSET, VALIDATION_SEED_OFFSET, build_trainer, part_seed_offset,
-                                python_resume, python_test, registered_resume, registered_test, resume_command,
-                                resume_without_run_dir)
+from metalearn.checkpoints import (check_compatible, check_same_method, configuration_conflict, load_trained,
+                                   load_trained_state, recorded_images, run_images, saved_config)
+from metalearn.training import (TEST_SEED_OFFSET, build_trainer, part_seed_offset, python_resume, python_test,
+                                registered_resume, registered_test, resume_command, resume_without_run_dir)
 
 
 def resolve_config(method: str, task: dict[str, Any] | None = None,
@@ -475,7 +476,7 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
                  written: Callable[[Path, str], None] | None = None) -> dict[str, Any]:
     """Evaluate the checkpoint of ``run_dir`` on ``episodes`` episodes of ``part`` and write
     ``eval.json``, or ``eval-<key>=<value>.json`` named by what differs from the run's own
-    evaluation (see :func:`evaluation_labels`): ``overrides`` of the method's options, e.g.
+    evaluation (see :func:`~metalearn.evaluation_setup.evaluation_labels`): ``overrides`` of the method's options, e.g.
     ``{"test_inner_steps": 10}``, another number of episodes or seed, ``eval-part=val.json``
     for the validation split, ``eval-part=train.json`` for the training classes (in the test
     episodes' shape: how far the test score falls behind the classes trained on). The episodes
@@ -492,8 +493,9 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     ``eval-protocol=<name>.json``. ``split_fractions`` or ``split_file``: for a run on class
     folders, split ``data_dir``'s classes this way instead of as the run did (``"0,0,1"`` scores every
     class of another folder); the file is named ``eval-split_fractions=0,0,1.json`` or
-    ``eval-split_file=<file stem>.json`` (see :func:`with_split`). Without them a run on class
-    folders is scored on the split it recorded (its ``split.json``). An image folder that is not
+    ``eval-split_file=<file stem>.json`` (see :func:`~metalearn.evaluation_setup.with_split`).
+    Without them a run on class folders is scored on the split it recorded (its ``split.json``).
+    An image folder that is not
     the one the run trained on (other images, class names or parts than its checkpoint's data
     fingerprint records) is scored all the same, with a :class:`MetalearnWarning`: its classes
     are found by name, so a class renamed or replaced since may be one the run trained on.
@@ -509,7 +511,7 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     ``mean`` (accuracy in percent, MSE, or return), ``ci95``, ``per_step``, ``scores``, ...)
     with what was scored: ``part``, ``step``, ``method``, ``dataset``, ``ways``, ``shots``,
     ``query`` (``ways`` 0 for regression), ``overrides``, and ``seed`` and ``episode_seed``
-    (:func:`recorded_seeds`); a protocol's result has that protocol's scores instead.
+    (:func:`~metalearn.evaluation_setup.recorded_seeds`); a protocol's result has that protocol's scores instead.
     """
     from metalearn.config import MAX_SEED
     from metalearn.evaluation import check_seed
@@ -525,7 +527,7 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     data_given, data_dir = data_dir is not None, run_images(RunDir(run_dir), data_dir, state)
     config, own_labels = with_split(config, split_fractions, split_file, run_dir, data_dir)
     split_labels = {**split_labels, **own_labels}
-    split_record = _split_record(split_fractions, split_file) if own_labels else {}  # the run's own: nothing
+    split_record = given_split(split_fractions, split_file) if own_labels else {}  # the run's own: nothing
     # the run's own split of an image folder: the folder is expected to be the one it trained on
     trained_on = (state.get("data_fingerprint") if not own_labels and reads_image_folder(config.task.dataset)
                   else None)
@@ -569,19 +571,6 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     return result
 
 
-def recorded_seeds(seed: int, offset: int) -> dict[str, int]:
-    """What an evaluation file records of its episodes' seed: ``seed``, the one given (``metalearn
-    eval --seed``, which repeats them), and ``episode_seed``, the generator's (``seed`` plus the
-    part's offset: what :func:`metalearn.evaluate` takes to draw the same episodes)."""
-    return {"seed": seed, "episode_seed": seed + offset}
-
-
-def episode_seed(saved: dict[str, Any]) -> Any:
-    """The generator seed of a stored evaluation's episodes (files written before
-    ``episode_seed`` existed record it as ``seed``)."""
-    return saved.get("episode_seed", saved.get("seed"))
-
-
 def _evaluation_target(run: RunDir, labels: dict[str, Any], part: str, step: int) -> tuple[Path, str]:
     """The file an evaluation of checkpoint ``step`` goes to and the evaluation it holds, in
     words ("" for none), refused in one line where it could not be written or holds a later
@@ -622,7 +611,7 @@ def _evaluate_protocol(run_dir, config: RunConfig, learner, step: int, protocol:
     if protocol not in protocols:
         known = ", ".join(protocols) if protocols else "none besides the standard episodes"
         raise MetalearnError(f"{config.method} has no evaluation protocol {protocol!r} (its protocols: {known})")
-    source = build_task_source(config.task.for_testing(), part, data_dir, progress)
+    source = build_task_source(config.task, part, data_dir, progress, evaluation=True)  # test-shaped, as eval names it
     offset = part_seed_offset(part)
     n = config.train.eval_episodes if episodes is None else episodes
     if announce is not None and world.is_main:
@@ -633,131 +622,6 @@ def _evaluate_protocol(run_dir, config: RunConfig, learner, step: int, protocol:
     if world.is_main:
         RunDir(run_dir).write_eval(result, labels, part)
     return result
-
-
-def other_images_label(run: RunDir, data_dir: Path | str | None, state: dict[str, Any] | None = None
-                       ) -> dict[str, str]:
-    """``{"data": NAME-HASH}`` for an evaluation of the image folder ``data_dir`` where the run
-    trained on another that is still there (its checkpoint records which,
-    :func:`recorded_images`): its score goes to a file of its own (``eval-data=photos-1a2b3c.json``:
-    the folder's name and a hash of its absolute path, so that two folders of one name do not
-    replace each other's), never to the run's ``eval.json``. Nothing for the run's own folder, for
-    a folder given where the recorded one is gone (the run's images, moved: the data fingerprint
-    warns where they changed), without ``data_dir``, or for a run that records no folder."""
-    import hashlib
-
-    recorded = recorded_images(run, state) if data_dir is not None else None
-    if recorded is None or not recorded.is_dir():
-        return {}
-    if same_path(data_dir, recorded):
-        return {}
-    given = Path(data_dir).expanduser().resolve()
-    return {"data": f"{given.name}-{hashlib.sha256(os.fsencode(given)).hexdigest()[:6]}"}  # bytes, UTF-8 or not
-
-
-def evaluation_labels(config: RunConfig, overrides: dict[str, Any] | None = None,
-                      episode_shape: dict[str, int] | None = None, episodes: int | None = None,
-                      seed: int = 0) -> dict[str, Any]:
-    """What sets an evaluation's score apart from the run's own (its method options and episode
-    shape, ``--eval-episodes`` episodes of seed 0): these name the file it is written to, so
-    that a quick check with fewer episodes never replaces ``eval.json``."""
-    labels = {**(overrides or {}), **(episode_shape or {})}
-    if episodes is not None and episodes != config.train.eval_episodes:
-        labels["episodes"] = episodes
-    if seed:
-        labels["seed"] = seed
-    return labels
-
-
-def _split_record(fractions: str | None, split_file: Path | str | None) -> dict[str, str]:
-    """The split an evaluation was given, for its result file (the run's own: nothing)."""
-    if fractions is not None:
-        return {"split_fractions": fractions}
-    return {"split_file": str(Path(split_file).expanduser().absolute())} if split_file is not None else {}
-
-
-def with_split(config: RunConfig, fractions: str | None = None, split_file: Path | str | None = None,
-               run_dir: Path | str | None = None, data_dir: Path | str | None = None,
-               ) -> tuple[RunConfig, dict[str, str]]:
-    """``config`` with its class-folder split replaced by ``fractions`` or ``split_file`` (see
-    :func:`evaluate_run`), and the labels that name the evaluation's file. Without either: the
-    split that ``run_dir`` recorded when it trained (its ``split.json``, where it has one), so
-    that a folder changed since (classes added, removed or renamed, which reshuffles a split by
-    fractions) never puts a class the run trained on into its test, and no labels (a
-    ``data_dir`` of train/ val/ test/ folders or CSV files keeps its own split). Refused for
-    a dataset whose split is not the user's to set. ``split_file`` naming ``run_dir``'s own
-    split.json is the run's own split (no labels); another run's split.json is labelled by that
-    run's folder name, other files by their stem."""
-    if fractions is None and split_file is None:
-        return (RunDir(run_dir).with_own_split(config, data_dir) if run_dir is not None else config), {}
-    from metalearn.data.folder import SPLIT_OPTIONS
-
-    given = "split_fractions" if fractions is not None else "split_file"
-    if fractions is not None and split_file is not None:
-        raise OptionError("give {split_fractions} or {split_file}, not both", **SPLIT_OPTIONS)
-    if "split_fractions" in get_dataset(config.task.dataset).inapplicable:
-        raise OptionError(f"{{given}} applies to runs on class folders ({{dataset}}); this run's dataset is "
-                          f"{config.task.dataset}, whose split is fixed", given=given,
-                          dataset=("dataset='folder'", "--dataset folder"))
-    if fractions is not None:
-        from metalearn.data.folder import parse_fractions
-
-        if not isinstance(fractions, str):
-            raise OptionError(f"{{split_fractions}} are given as text, train,val,test (e.g. \"0,0,1\"), got "
-                              f"{fractions!r}", split_fractions="split_fractions")
-        parse_fractions(fractions)  # a clear error before the folder is read
-        task = dataclasses.replace(config.task, split_fractions=fractions, split_file="")
-        return dataclasses.replace(config, task=task), {"split_fractions": fractions}
-    from metalearn.data.folder import is_run_split
-
-    path = Path(split_file)
-    if run_dir is not None and same_path(path, RunDir(run_dir).split_path):
-        return with_split(config, run_dir=run_dir, data_dir=data_dir)  # the run's own split.json: its own evaluation
-    task = dataclasses.replace(config.task, split_fractions="", split_file=str(split_file))
-    # another run's split.json: named by that run's folder (every run's file is split.json)
-    return dataclasses.replace(config, task=task), {"split_file": path.parent.name if is_run_split(path) else path.stem}
-
-
-def plain_shape(shape: Any) -> Any:
-    """An episode shape with NumPy counts as Python's ints (they name the evaluation's file and
-    go into its JSON); anything else as it is, for :func:`with_test_shape` to refuse."""
-    from metalearn.options import plain_number
-
-    return {key: plain_number(value, (int,)) for key, value in shape.items()} if isinstance(shape, dict) else shape
-
-
-def plain_values(overrides: Any) -> Any:
-    """Method options to change with NumPy numbers as Python's (as the options take them, and
-    for the evaluation's file name and JSON); anything else as it is, to be refused where checked."""
-    from metalearn.options import plain_number
-
-    return ({key: plain_number(value, (int, float)) for key, value in overrides.items()}
-            if isinstance(overrides, dict) else overrides)
-
-
-def with_test_shape(config: RunConfig, shape: dict[str, int]) -> RunConfig:
-    """``config`` whose test episodes have ``shape``'s ways / shots / query per class."""
-    if not isinstance(shape, dict):
-        raise MetalearnError(f"an episode shape is a dict such as {{'ways': 20, 'shots': 1}}, got a {kind_of(shape)}")
-    unknown = set(shape) - {"ways", "shots", "query"}
-    if unknown:
-        raise MetalearnError(f"an episode shape has ways, shots and query, not {', '.join(sorted(map(str, unknown)))}")
-    for key, value in shape.items():
-        least = 2 if key == "ways" else 1
-        check_count(value, key, least, message="{{option}} must be a whole number of at least {least}, got {value!r}",
-                    error=lambda text, key=key: OptionError(text, option=(f"episode_shape's {key}", f"--{key}")))
-    dataset = get_dataset(config.task.dataset)
-    if dataset.reinforcement and shape:
-        raise OptionError(f"{config.task.dataset} is a reinforcement-learning environment: its tasks have no "
-                          f"{', '.join(sorted(shape))} (the trajectories per step: {{trajectories}})",
-                          trajectories=("overrides={'test_trajectories': N}", "--set test_trajectories=N"))
-    if not config.task.classification and "ways" in shape:
-        raise OptionError(f"{config.task.dataset} is regression: its tasks have no ways (leave out {{ways}})",
-                          ways=("episode_shape's ways", "--ways"))
-    task = dataclasses.replace(config.task, **{f"test_{key}": int(value) for key, value in shape.items()})
-    config = dataclasses.replace(config, task=task)
-    check_test_ways(config)
-    return config
 
 
 def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episodes: int | None, seed: int,
@@ -771,12 +635,12 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
     ``starting`` (rank 0) is told the number of episodes once everything is checked, just
     before they are scored.
     ``trained_on``: the checkpoint's data fingerprint, for a warning where ``data_dir`` holds
-    other images (:func:`warn_of_other_images`; ``data_given``: as its ``given``)."""
+    other images (:func:`~metalearn.evaluation_setup.warn_of_other_images`; ``data_given``: as its ``given``)."""
     from metalearn.tasks import build_task_source
 
     source = build_task_source(config.task, part, data_dir, progress, evaluation=True)
     if world.is_main:
-        _warn_of_training_classes(run_dir, config, source, part)
+        warn_of_training_classes(run_dir, config, source, part)
         warn_of_other_images(run_dir, config, source, trained_on, data_dir, data_given)
     learner = learner.to(world.device)
     n = config.train.eval_episodes if episodes is None else episodes
@@ -812,75 +676,6 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
             err.args = (f"{err}; the score, not saved: {format_result(result).splitlines()[0]}",)
             raise
     return result
-
-
-def warn_of_other_images(run_dir, config: RunConfig, source, trained_on: str | None, data_dir,
-                         given: bool = True) -> None:
-    """An image folder that is not the one the run trained on (its data fingerprint, over the
-    images, class names and parts, differs from the checkpoint's) is scored all the same: a
-    folder that gained classes or images is scored on the run's own test classes. But the
-    classes are found by name (its split.json, or the folder's own parts), so a class renamed or
-    replaced since may be one the run trained on: said once, beside the result, with the counts
-    then and now as a refused resume gives them. ``given``: ``data_dir`` is the user's
-    --data-dir, not the folder the checkpoint records (which then holds other images now)."""
-    now = getattr(source, "data_fingerprint", None)
-    if trained_on is None or now is None or now == trained_on:
-        return
-    run = RunDir(run_dir)
-    then_counts, now_counts = (fingerprint.split(":", 1)[-1] for fingerprint in (trained_on, now))
-    differ = (f"{then_counts}, now {now_counts}" if then_counts != now_counts
-              else f"{now_counts} either way, other images, class names or parts")
-    own_split = bool(config.task.split_file) and same_path(config.task.split_file, run.split_path)
-    named = ("taken by name from its split.json" if own_split else "the folder's own parts, found by name")
-    folder = "{data_dir}" if given else f"its folder, {data_dir}, now"  # given, or the one recorded
-    warnings.warn(OptionWarning(
-        f"{folder} holds other images than the run in {run.path} trained on ({differ}): the classes "
-        f"scored are {named}, so a class renamed or replaced since may be one it trained on",
-        data_dir=valued("data_dir", data_dir)))
-
-
-def warn_of_validation_episodes(run_dir, config: RunConfig, part: str, episode_seed: int) -> None:
-    """Scoring the run's validation episodes as another part: each part draws from the seed
-    plus its own offset (:func:`~metalearn.training.part_seed_offset`), so a seed a million
-    apart can make an evaluation's episode seed the run's validation one (a run trained with
-    ``--seed 1000000`` scored with ``eval --seed 0``). Where every part draws from one task
-    family (regression, reinforcement learning; classes keep them apart otherwise) those are
-    the very episodes the run was validated on (and, with ``keep_best``, that chose its best
-    checkpoints): said once, beside the result. A run that never validated is not warned of."""
-    if part == "val" or config.task.classification or config.train.val_every <= 0 \
-            or episode_seed != config.train.seed + VALIDATION_SEED_OFFSET:
-        return
-    run = RunDir(run_dir)
-    chose = "which chose its best checkpoints" if config.train.keep_best else "on which it was validated"
-    warnings.warn(MetalearnWarning(
-        f"these {part} episodes are the validation episodes of the run in {run.path} (trained with seed "
-        f"{config.train.seed}; its task family is one for every part), {chose}: the score "
-        f"is not one on unseen tasks: score with another seed"))
-
-
-def _warn_of_training_classes(run_dir, config: RunConfig, source, part: str) -> None:
-    """A split given at evaluation (``--split-fractions``, ``--split-file``) that scores classes
-    named as the run's training classes: on the folder it trained on, the score is not one of
-    new classes. Said once, beside the result (another folder may share class names)."""
-    run = RunDir(run_dir)
-    scored = (getattr(source, "class_split", None) or {}).get(part)
-    own = run.read_split() if run.split_path.is_file() else None
-    split_file = config.task.split_file
-    if not scored or not own or (split_file and same_path(split_file, run.split_path)):
-        return
-    trained = sorted(set(scored) & set(own.get("train", [])))
-    validated = sorted(set(scored) & set(own.get("val", []))) if part != "val" else []
-    if trained:
-        warnings.warn(OptionWarning(
-            f"{len(trained)} of the {len(scored)} classes scored have the names of classes that the run in "
-            f"{run.path} trained on (e.g. {trained[0]!r}; its split.json lists them): on the folder it trained "
-            "on, this is not a score on new classes (there, lower {ways}, or score its own test part)",
-            ways=("episode_shape's ways", "--ways")))
-    elif validated:  # they chose its best checkpoints and training length: scoring them again reuses that choice
-        warnings.warn(MetalearnWarning(
-            f"{len(validated)} of the {len(scored)} classes scored have the names of the validation classes of the "
-            f"run in {run.path} (e.g. {validated[0]!r}; its split.json lists them), which chose its checkpoints: on "
-            "the folder it trained on, this is not a score on unseen classes (score its own test part)"))
 
 
 def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,

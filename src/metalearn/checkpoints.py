@@ -372,12 +372,7 @@ def initialise_from_run(learner: MetaLearner, run_dir: Path | str, config: RunCo
                           "into", init_from="init_from")
     mismatched = [name for name, p in own.items() if name not in saved or saved[name].shape != p.shape]
     if mismatched:
-        differ = _network_options_differ(source, config) if config is not None else None
-        raise OptionError(
-            f"{{init_from}}: its network differs from this one (at {mismatched[0]}" + ("; {differ}" if differ else "")
-            + "); both runs need the same network: the same {model} (or {hidden}), image size, channels and number "
-            "of ways, or the same environment", differ=differ or ("", ""), model="model", hidden="hidden",
-            init_from=valued("init_from", source.path))
+        raise _network_mismatch(source, config, saved, mismatched[0])
     with torch.no_grad():
         for name, p in own.items():
             p.copy_(saved[name])
@@ -422,6 +417,86 @@ def warn_of_seen_classes(source: RunDir, config: RunConfig, class_split: dict[st
             f"this run starts from weights that have seen classes it will be scored on: {seen} (in training, or in "
             "the validation that chose them), which would overstate its scores; start from a run of the same split",
             init_from=valued("init_from", source.path)), stacklevel=caller_level())
+
+
+def _network_mismatch(source: RunDir, config: RunConfig | None, saved: dict[str, Any], at: str) -> OptionError:
+    """The refusal of ``--init-from`` the run in ``source`` (its learner's weights ``saved``) for
+    a run of ``config`` whose network differs from it (``at``: its first tensor that does), with
+    a fix that works, or none where none does. On the same dataset the fix is a ``model`` of
+    this method that takes the weights where the episode shape is the other run's, found by
+    building each; a network that only serves as a classifier (MAML++'s, the reference conv4) is
+    no embedding's ``model``, and a network of other tensor names takes nothing. A network with
+    an output layer (MAML, PLATIPUS, Reptile) cannot start from a run whose method trains an
+    embedding without one (ProtoNets, Matching Nets, the Memory Module) on any dataset: no
+    option gives those weights the missing layer."""
+    init_from = valued("init_from", source.path)
+    differ = _network_options_differ(source, config) if config is not None else None
+    where = f"at {at}" + ("; {differ}" if differ else "")
+    try:
+        theirs = source.read_config() if config is not None else None
+    except MetalearnError:
+        theirs = None
+    fits = _networks_taking(saved, theirs, config) if theirs is not None else None
+    no_output_layer = theirs is not None and _lacks_output_layer(theirs.method, config.method, at, saved)
+    if fits == [] or no_output_layer:
+        why = (f"{theirs.method} trains a network without an output layer, and {config.method}'s needs one"
+               if no_output_layer else
+               f"no network of {config.method} takes the weights of its {theirs.method} network")
+        return OptionError(f"{{init_from}}: its weights cannot carry over: {why} ({where}); train without {{init}}",
+                           differ=differ or ("", ""), init="init_from", init_from=init_from)
+    if fits:
+        mine, own = config.method_config.get("model"), theirs.method_config.get("model")
+        named = [own] if own in fits else fits  # the other run's network where it serves, else every one that does
+        models = "" if mine in fits else "{model} " + named[0] + (f" (or {', '.join(named[1:])})" if named[1:] else "")
+        need = (f"{models} with " if models else "") + "the same image size, channels and number of ways"
+    else:
+        need = "the same {model} (or {hidden}), image size, channels and number of ways, or the same environment"
+    return OptionError(f"{{init_from}}: its network differs from this one ({where}); both runs need the same "
+                       f"network: {need}", differ=differ or ("", ""), model="model", hidden="hidden",
+                       init_from=init_from)
+
+
+def _lacks_output_layer(theirs: str, mine: str, at: str, saved: dict[str, Any]) -> bool:
+    """Whether the run of method ``theirs`` misses the tensor ``at`` of a network of method
+    ``mine`` because it trains an embedding without an output layer and ``mine`` a network with
+    one (a method with one output per class: ``fixed_ways``)."""
+    try:
+        embedding, classifier = method_class(theirs), method_class(mine)
+    except MetalearnError:  # a method no longer registered: nothing known of its network
+        return False
+    return (at not in saved and classifier.fixed_ways and not embedding.fixed_ways
+            and not (embedding.reinforcement or classifier.reinforcement))
+
+
+def _networks_taking(saved: dict[str, Any], theirs: RunConfig, config: RunConfig) -> list[str] | None:
+    """The ``model`` values with which a run of ``config`` (with the episode shape of the run
+    ``theirs``) takes the learner weights ``saved`` of ``theirs``, that run's own first: each
+    network this method accepts is built and its tensors (names and shapes) compared. None where
+    that is not the fix to look for: another dataset (the dataset is), or a method without a
+    ``model`` option (``hidden`` of maml-rl: the generic advice names it)."""
+    from metalearn.models import NETWORKS
+
+    cls = method_class(config.method)
+    if theirs.task.dataset != config.task.dataset or "model" not in {f.name for f in dataclasses.fields(cls.Config)}:
+        return None
+    try:
+        problem = problem_of(theirs.task)
+    except MetalearnError:
+        return None
+    own = theirs.method_config.get("model")
+    fits = []
+    for name in dict.fromkeys([own, *NETWORKS] if isinstance(own, str) else NETWORKS):
+        try:
+            with own_random_state(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                learner = build_learner(config.method, {**config.method_config, "model": name}, problem)
+        except MetalearnError:  # a network this method does not take, or not for these inputs
+            continue
+        prefix = f"{learner.network_attribute}."
+        network = {key: value for key, value in learner.state_dict().items() if key.startswith(prefix)}
+        if network and all(key in saved and saved[key].shape == value.shape for key, value in network.items()):
+            fits.append(name)
+    return fits
 
 
 def _network_options_differ(source: RunDir, config: RunConfig) -> tuple[str, str] | None:
@@ -625,17 +700,22 @@ def load_trained_state(run_dir: Path | str, overrides: dict[str, Any] | None = N
         raise OptionError(f"{{given}}: the run trained {config.method_config.get('model')}; a network cannot change "
                           "at evaluation", given=override("model", overrides["model"]))
     check_weights_finite(state["learner"], run.path)
+    # the commands that change a run's method options (metalearn eval and compare) do so with --set alone:
+    # a refusal names every option of the method so on the command line, the run's own values beside the
+    # ones given too (its choose_k above a memory_size given), never as train's flags (--choose-k)
+    settable = (frozenset({*option_defaults(method_class(config.method).Config), *config.method_config, *overrides})
+                if overrides else frozenset())
+    changed = tuple(", ".join(spell.format(key) for key in overrides) for spell in ("overrides[{!r}]", "--set {}")
+                    ) if overrides else ""
     try:
         check_overrides_apply(config, overrides or {})
         check_overrides_leave_weights(config, overrides or {})
         options = {**config.method_config, **(overrides or {})}
         with own_random_state([]):  # its initial weights, replaced by the checkpoint's, drawn apart from the caller's
             learner = build_learner(config.method, options, problem_of(config.task))
-    except ConfigError as err:  # an option given as --set is named so on the command line
-        err.settings = frozenset(overrides or ())
+        load_learner_state(learner, state["learner"], run.path, changed)  # a memory of other size: a ConfigError
+    except ConfigError as err:
+        err.settings = settable
         raise
-    changed = tuple(", ".join(spell.format(key) for key in overrides) for spell in ("overrides[{!r}]", "--set {}")
-                    ) if overrides else ""
-    load_learner_state(learner, state["learner"], run.path, changed)
     return config, learner, int(state["step"]), {key: value for key, value in state.items()
                                                   if key not in ("learner", "optimizer")}

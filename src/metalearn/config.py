@@ -143,6 +143,9 @@ def sets_task_option(name: str, value) -> bool:
 # the commands whose --ways/--shots/--query replace a run's test episode shape (train's --test-*):
 # named beside the train options in the errors about that shape
 TEST_SHAPE_COMMANDS = "metalearn eval and compare"
+# those options as an evaluation's own errors name them (it has no --test-*), from Python (evaluate_run's and
+# compare_learners' episode_shape) and on the command line, as errors.Options takes an option
+EVALUATION_SHAPE = {key: (f"episode_shape's {key}", f"--{key}") for key in ("ways", "shots", "query")}
 
 
 LOG_EVERY = 50  # steps between metrics lines where the user sets none, for runs of 500 steps or more

@@ -22,7 +22,10 @@ from metalearn.runtime import own_random_state
 class Dataset:
     """One dataset: ``build(task, shape, part, data_dir, progress)`` returns the task source of
     ``part`` (train, val or test), where ``shape`` is ``task`` or, for val and test and for
-    ``metalearn eval --part train``, ``task.for_testing()`` (:func:`testing` tells which);
+    ``metalearn eval --part train``, ``task.for_testing()`` (:func:`testing` tells which); a
+    ``build`` that takes the keyword ``evaluation`` is told whether the episodes are an
+    evaluation's (:func:`metalearn.tasks.build_task_source`), whose refusals of the shape then
+    name the evaluation's options (``--ways``) rather than train's (``--test-ways``);
     ``problem(task)`` is the input shape and output size a network
     needs; ``has_part(split, part)`` whether the split has that part (no validation part: the
     run trains without validation). ``defaults`` fill task options the user left unset;
@@ -169,7 +172,7 @@ def get_dataset(name: str) -> Dataset:
 # -- the built-in datasets -------------------------------------------------------------------
 
 
-def _omniglot(task, shape, part: str, data_dir: Path | str | None, progress: bool):
+def _omniglot(task, shape, part: str, data_dir: Path | str | None, progress: bool, evaluation: bool = False):
     import torch
 
     from metalearn.data.omniglot import load_omniglot
@@ -179,7 +182,8 @@ def _omniglot(task, shape, part: str, data_dir: Path | str | None, progress: boo
     omniglot = load_omniglot(data_dir, task.image_size, progress=progress)
     pool = omniglot_split(omniglot, task.split, part)
     return EpisodeSampler(torch.from_numpy(omniglot.images), pool, shape.ways, shape.shots, shape.query,
-                          dataset="omniglot", test=testing(task, shape, part), ways_follow=task.test_ways is None)
+                          dataset="omniglot", test=testing(task, shape, part), ways_follow=task.test_ways is None,
+                          evaluation=evaluation)
 
 
 def _omniglot_has_part(split: str, part: str) -> bool:
@@ -201,12 +205,15 @@ def _drawings(images, image_size: int, channels: int):
     return prepare_drawings(images, image_size, channels)
 
 
-def _folder_checked(task, shape, part: str, data_dir: Path | str | None, progress: bool, command: str = "train"):
+def _folder_checked(task, shape, part: str, data_dir: Path | str | None, progress: bool, command: str = "train",
+                    evaluation: bool = False):
     """The folder (its images not decoded yet) and ``part``'s classes, once the episode shape is
     known to fit them. ``command``: whose remedies the refusals name (see
     :func:`metalearn.data.folder.folder_split`): as the registry's ``check``, metalearn
-    train's, which checks every part it uses before it builds any."""
-    from metalearn.config import TEST_SHAPE_COMMANDS
+    train's, which checks every part it uses before it builds any. ``evaluation``: the episodes
+    of an evaluation (see :func:`metalearn.tasks.build_task_source`), whose shape the refusals
+    name as it sets it (``--ways``, not train's ``--test-ways``)."""
+    from metalearn.config import EVALUATION_SHAPE, TEST_SHAPE_COMMANDS
     from metalearn.data.folder import check_class_sizes, check_part_classes, folder_split, load_image_folder
 
     folder = load_image_folder(data_dir, task.image_size, task.channels, progress=progress)
@@ -224,17 +231,23 @@ def _folder_checked(task, shape, part: str, data_dir: Path | str | None, progres
     # Statistician's test query) and the user's settings do not.
     follows = [key for key in ("ways", "shots", "query") if getattr(task, f"test_{key}") is None]
     names = {name: name for key in ("ways", "shots", "query") for name in (key, f"test_{key}")}
-    evaluation = {"evaluate": ("evaluate_run", TEST_SHAPE_COMMANDS), "ways_shape": ("episode_shape's ways", "--ways"),
-                  "shape": ("episode_shape's shots, query", "--shots, --query")}
+    evaluated = {"evaluate": ("evaluate_run", TEST_SHAPE_COMMANDS), "ways_shape": EVALUATION_SHAPE["ways"],
+                 "shape": ("episode_shape's shots, query", "--shots, --query")}
+    if test and evaluation:  # an evaluation's own options set the shape, the run's where not given
+        if folder.layout == "classes":
+            check_part_classes(folder, pool, part, shape.ways, task, EVALUATION_SHAPE["ways"], command,
+                               " (the run's)" if "ways" in follows else "")
+        check_class_sizes(folder, pool, shape.shots, shape.query, test, options=EVALUATION_SHAPE)
+        return folder, pool
     if folder.layout == "classes":  # too few classes: named with the split's options, which the sampler cannot
         defaulted = "it defaults to {ways}; " if "ways" in follows else ""
-        ways_note = _spellings(f" ({defaulted}in {{evaluate}}: {{ways_shape}})", **names, **evaluation) if test else ""
+        ways_note = _spellings(f" ({defaulted}in {{evaluate}}: {{ways_shape}})", **names, **evaluated) if test else ""
         check_part_classes(folder, pool, part, shape.ways, task, "test_ways" if test else "ways", command, ways_note)
     following = [key for key in ("shots", "query") if key in follows]
     default_note = (" and ".join(f"{{test_{key}}}" for key in following) + (" default to " if len(following) > 1 else
                     " defaults to ") + " and ".join(f"{{{key}}}" for key in following) + "; " if following else "")
     if test:
-        defaults = _spellings(f" ({default_note}in {{evaluate}}: {{shape}})", **names, **evaluation)
+        defaults = _spellings(f" ({default_note}in {{evaluate}}: {{shape}})", **names, **evaluated)
     else:  # said where query has the default's value: whether it was given is not in the TaskConfig, and the
         # rule holds either way
         dataset_query = get_dataset(task.dataset).defaults.get("query")
@@ -253,7 +266,7 @@ def _spellings(template: str, **options: str | tuple[str, str]) -> tuple[str, st
     return fill(template, given, flags=False), fill(template, given, flags=True)
 
 
-def _folder(task, shape, part: str, data_dir: Path | str | None, progress: bool):
+def _folder(task, shape, part: str, data_dir: Path | str | None, progress: bool, evaluation: bool = False):
     import torch
 
     from metalearn.data.folder import class_split, data_fingerprint
@@ -261,10 +274,10 @@ def _folder(task, shape, part: str, data_dir: Path | str | None, progress: bool)
 
     # metalearn train has checked the parts it builds (``check``): a refusal here is met by eval,
     # compare and plot, which score or draw one part, and by the Python API
-    folder, pool = _folder_checked(task, shape, part, data_dir, progress, command="eval")
+    folder, pool = _folder_checked(task, shape, part, data_dir, progress, command="eval", evaluation=evaluation)
     sampler = EpisodeSampler(torch.from_numpy(folder.images), pool, shape.ways, shape.shots, shape.query,
                              dataset=f"image folder {data_dir}", test=testing(task, shape, part),
-                             ways_follow=task.test_ways is None,
+                             ways_follow=task.test_ways is None, evaluation=evaluation,
                              class_sizes=torch.from_numpy(folder.class_sizes))
     sampler.data_fingerprint = data_fingerprint(folder, task.split_fractions, task.split_file)  # images and parts
     if folder.layout == "classes":  # the split a run records: its evaluations keep to it if the folder changes

@@ -40,12 +40,19 @@ from torch import Tensor
 
 from metalearn.algorithms import can, methods_that
 from metalearn.algorithms.base import average_prediction, device_of, evaluating
-from metalearn.config import task_differences
+from metalearn.checkpoints import load_trained_state, recorded_images, run_images
+from metalearn.config import MAX_SEED, task_differences
+from metalearn.datasets import get_dataset, reads_image_folder
 from metalearn.errors import MetalearnError, OptionError, check_count, spellings
-from metalearn.evaluation import scored_in_calls, tasks_per_call
+from metalearn.evaluation import check_seed, scored_in_calls, tasks_per_call
+from metalearn.evaluation_setup import (plain_shape, plain_values, warn_of_other_images, warn_of_validation_episodes,
+                                        with_test_shape)
 from metalearn.files import same_path
+from metalearn.runs import RunDir
 from metalearn.runtime import float32_default, own_random_state
+from metalearn.tasks import build_task_source, true_function as tasks_true_function
 from metalearn.tasks.batch import TaskBatch
+from metalearn.training import part_seed_offset
 
 # -- regression ------------------------------------------------------------------------------
 
@@ -250,16 +257,50 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     does (runs trained with different shots compared on one shape); ``ways``, ``shots`` and
     ``query`` in the result are those of the episodes scored, as in an evaluation's file.
     """
-    from metalearn.api import warn_of_other_images, warn_of_validation_episodes
-    from metalearn.tasks import build_task_source, true_function as tasks_true_function
-    from metalearn.checkpoints import load_trained_state, recorded_images, run_images
-    from metalearn.runs import RunDir
-    from metalearn.datasets import get_dataset, reads_image_folder
-    from metalearn.api import plain_values
-    from metalearn.config import MAX_SEED
-    from metalearn.evaluation import check_seed
-    from metalearn.training import part_seed_offset
+    episodes, chunk, grid_points, seed, overrides = _checked_arguments(runs, episodes, chunk, grid_points, seed, part,
+                                                                       overrides)
+    loaded, states = _loaded_runs(runs, overrides, episode_shape)
+    check_samples_apply([config.method for config, _, _ in loaded.values()], num_samples)
+    _check_one_supervised_dataset(runs, loaded)
+    splits = _recorded_splits(runs)
+    _check_one_test_task(loaded, splits)
+    first_label = next(iter(loaded))
+    first_task = loaded[first_label][0].task
+    data_given = data_dir is not None
+    if not data_given:
+        data_dir = _shared_images(runs, states, first_label)
+    if splits:  # the episodes are drawn from the test classes of the recorded split
+        recorded = next(iter(splits))
+        first_task = RunDir(runs[recorded]).with_own_split(loaded[recorded][0], data_dir).task
+    source = build_task_source(first_task, part, data_dir, evaluation=True)  # the episodes eval --part draws
+    for label, (config, _, _) in loaded.items():  # a folder that is not the one a run trained on: as eval says
+        if reads_image_folder(config.task.dataset):
+            warn_of_other_images(runs[label], config, source, states[label].get("data_fingerprint"), data_dir,
+                                 data_given)
+    per_task, pooled = _scores_on_shared_episodes(runs, loaded, source, first_task, part, episodes, seed, chunk,
+                                                  num_samples, grid_points, level)
+    # what was drawn, not only what was asked: None asks each sampling run for its own number
+    drawn = {label: models_drawn(learner, num_samples) for label, (_, learner, _) in loaded.items()}
+    sampled = {drawn[label] for label, (_, learner, _) in loaded.items() if can(learner, "samples models")}
+    tested = first_task.for_testing()
+    result: dict[str, Any] = {"episodes": episodes, "seed": seed, "part": part, "dataset": first_task.dataset,
+                              "num_samples": sampled.pop() if len(sampled) == 1 else None,
+                              "overrides": dict(overrides or {}),
+                              "ways": tested.ways, "shots": tested.shots, "query": tested.query}
+    for label, (config, _, step) in loaded.items():
+        result[label] = {"run_dir": str(runs[label]), "method": config.method, "step": step,
+                         "num_samples": drawn[label],
+                         **_measures(per_task[label], per_task[first_label] if label != first_label else None,
+                                     pooled[label])}
+    return result
 
+
+def _checked_arguments(runs: Any, episodes: Any, chunk: Any, grid_points: Any, seed: Any, part: str,
+                       overrides: Any) -> tuple[int, int, int, int, Any]:
+    """:func:`compare_learners`' arguments checked before any run is loaded: ``episodes``,
+    ``chunk``, ``grid_points`` and ``seed`` as Python's ints (NumPy's too), ``overrides`` with
+    plain values; ``runs`` a non-empty dict whose labels are not the result's own fields and
+    whose folders are each given once."""
     if not isinstance(runs, dict):
         raise MetalearnError(f"compare_learners takes {{label: run directory}}, got {type(runs).__name__}; e.g. "
                              "metalearn.uncertainty.run_labels(run_dirs), which labels them as metalearn compare does")
@@ -279,23 +320,32 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
         twin = next((other for other, earlier in given[:i] if same_path(earlier, path)), None)
         if twin is not None:  # scored twice, it would read as two runs that agree
             raise MetalearnError(f"runs {twin!r} and {label!r} are one run ({path}); give each run once")
-    states: dict[str, dict[str, Any]] = {}  # each checkpoint's entries, read with its weights
+    return episodes, chunk, grid_points, seed, overrides
 
-    def load(label: str, path: Path | str) -> tuple[Any, Any, int]:
+
+def _loaded_runs(runs: dict[str, Path | str], overrides: dict[str, Any] | None, episode_shape: dict[str, int] | None
+                 ) -> tuple[dict[str, tuple[Any, Any, int]], dict[str, dict[str, Any]]]:
+    """``{label: (config, learner, step)}`` of each run's checkpoint with ``overrides``, its
+    test episodes of ``episode_shape`` where given, and ``{label: state}``: each checkpoint's
+    entries, read with its weights."""
+    loaded, states = {}, {}
+    for label, path in runs.items():
         config, learner, step, states[label] = load_trained_state(path, overrides)
-        return config, learner, step
-
-    loaded = {label: load(label, path) for label, path in runs.items()}
+        loaded[label] = (config, learner, step)
     if episode_shape:
-        from metalearn.api import plain_shape, with_test_shape
-
         episode_shape = plain_shape(episode_shape)
         for label, (config, learner, step) in loaded.items():
             try:
                 loaded[label] = (with_test_shape(config, episode_shape), learner, step)
             except MetalearnError as err:  # which run cannot take the shape
                 raise OptionError(f"run {label!r}: {{error}}", error=spellings(err)) from None
-    check_samples_apply([config.method for config, _, _ in loaded.values()], num_samples)
+    return loaded, states
+
+
+def _check_one_supervised_dataset(runs: dict[str, Path | str], loaded: dict[str, tuple[Any, Any, int]]) -> None:
+    """Refuse runs of a reinforcement-learning environment, whose predictions compare does not
+    score, and runs of different datasets (before their splits, which only runs of one dataset
+    can share)."""
     for label, (config, _, _) in loaded.items():
         if get_dataset(config.task.dataset).reinforcement:
             raise MetalearnError(f"{runs[label]} learned {config.task.dataset}, a reinforcement-learning environment: "
@@ -304,11 +354,15 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     datasets = {label: config.task.dataset for label, (config, _, _) in loaded.items()}
     first_label = next(iter(datasets))
     other = next((label for label, name in datasets.items() if name != datasets[first_label]), None)
-    if other is not None:  # before their splits, which only runs of one dataset can share
+    if other is not None:
         raise MetalearnError(f"runs {first_label!r} and {other!r} are tested on different tasks (dataset "
                              f"{datasets[first_label]} vs {datasets[other]}); compare runs of the same task")
-    # class folders: the split each run recorded (split.json; none for fixed datasets). Where every
-    # run has one, the splits must be equal, and how each was given (fractions, a file) is moot
+
+
+def _recorded_splits(runs: dict[str, Path | str]) -> dict[str, dict[str, Any]]:
+    """``{label: split}`` of runs on class folders: the split each run recorded (split.json;
+    none for fixed datasets). Where every run has one, the splits must be equal, and how each
+    was given (fractions, a file) is moot; runs with and without one are refused."""
     splits = {label: split for label in runs if (split := RunDir(runs[label]).read_split()) is not None}
     unrecorded = [label for label in runs if label not in splits]
     if splits and unrecorded:  # a run on part folders or CSV files, or from before split.json
@@ -323,9 +377,16 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
                 raise MetalearnError(f"runs {recorded!r} and {label!r} split their class folders differently (see "
                                      "split.json in each): one's test classes may be the other's training classes; "
                                      "compare runs of the same split")
+    return splits
+
+
+def _check_one_test_task(loaded: dict[str, tuple[Any, Any, int]], splits: dict[str, Any]) -> None:
+    """Refuse runs whose test episodes differ (the split's options aside where the runs recorded
+    one split), advising one episode shape given where only the shape differs."""
     moot = {"split_fractions": "", "split_file": ""} if splits else {}
     tasks = {label: dataclasses.replace(config.task.for_testing(), **moot) for label, (config, _, _) in loaded.items()}
     first_label, first_task = next(iter(tasks.items()))
+
     def beside_shape(task) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(task).items() if k not in ("ways", "shots", "query")}
 
@@ -337,29 +398,33 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
                       else "compare runs of the same task")
             raise OptionError(f"runs {first_label!r} and {label!r} are tested on different tasks ({{differ}}); "
                               f"{advice}", differ=(differ, differ), shape=SHAPE_OPTIONS)
-    first_task = loaded[first_label][0].task
-    # where no folder is given, the one the runs record (a run on an image folder does): one
-    # folder for all, since every run is scored on the same episodes
-    data_given = data_dir is not None
-    if not data_given:
-        folders = {label: recorded_images(RunDir(runs[label]), states[label]) for label in runs}
-        named = {label: folder for label, folder in folders.items() if folder is not None}
-        if len({folder.resolve() for folder in named.values()}) > 1:
-            one, a = next(iter(named.items()))
-            other, b = next((label, folder) for label, folder in named.items() if folder.resolve() != a.resolve())
-            raise OptionError(f"runs {one!r} and {other!r} trained on different image folders ({a}, {b}): compare "
-                              "scores every run on the same episodes; give {data_dir}, the folder to draw them from",
-                              data_dir="data_dir")
-        recording = next(iter(named), first_label)  # a run that records it (a moved folder is refused)
-        data_dir = run_images(RunDir(runs[recording]), None, states[recording])
-    if splits:  # the episodes are drawn from the test classes of the recorded split
-        first_task = RunDir(runs[recorded]).with_own_split(loaded[recorded][0], data_dir).task
-    source = build_task_source(first_task, part, data_dir, evaluation=True)  # the episodes eval --part draws
-    for label, (config, _, _) in loaded.items():  # a folder that is not the one a run trained on: as eval says
-        if reads_image_folder(config.task.dataset):
-            warn_of_other_images(runs[label], config, source, states[label].get("data_fingerprint"), data_dir,
-                                 data_given)
-    true_function = tasks_true_function(source, first_task)  # None where its inputs are not single numbers
+
+
+def _shared_images(runs: dict[str, Path | str], states: dict[str, dict[str, Any]], first_label: str) -> Any:
+    """Where no folder is given, the one the runs record (a run on an image folder does): one
+    folder for all, since every run is scored on the same episodes; runs that record different
+    folders are refused."""
+    folders = {label: recorded_images(RunDir(runs[label]), states[label]) for label in runs}
+    named = {label: folder for label, folder in folders.items() if folder is not None}
+    if len({folder.resolve() for folder in named.values()}) > 1:
+        one, a = next(iter(named.items()))
+        other, b = next((label, folder) for label, folder in named.items() if folder.resolve() != a.resolve())
+        raise OptionError(f"runs {one!r} and {other!r} trained on different image folders ({a}, {b}): compare "
+                          "scores every run on the same episodes; give {data_dir}, the folder to draw them from",
+                          data_dir="data_dir")
+    recording = next(iter(named), first_label)  # a run that records it (a moved folder is refused)
+    return run_images(RunDir(runs[recording]), None, states[recording])
+
+
+def _scores_on_shared_episodes(runs: dict[str, Path | str], loaded: dict[str, tuple[Any, Any, int]], source,
+                               task, part: str, episodes: int, seed: int, chunk: int, num_samples: int | None,
+                               grid_points: int, level: float
+                               ) -> tuple[dict[str, dict[str, list[Tensor]]], dict[str, list[tuple[Tensor, Tensor]]]]:
+    """Every run scored on the same ``episodes`` episodes of ``source`` (those ``metalearn eval``
+    draws for ``seed`` and ``part``), ``chunk`` at a time: ``{label: {measure: [per-task
+    values, a tensor per chunk]}}`` and ``{label: [(log_probs, labels), ...]}`` for the
+    calibration error, pooled over the query examples."""
+    true_function = tasks_true_function(source, task)  # None where its inputs are not single numbers
     noise_std = getattr(source, "noise_std", None)
     x_range = getattr(source, "x_range", (-5.0, 5.0))
     grid = torch.linspace(x_range[0], x_range[1], grid_points).view(1, -1, 1)
@@ -379,8 +444,8 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
             remaining -= batch.num_tasks
             chunk_index += 1
             for label, (run_config, learner, _) in loaded.items():
-                def score(part, learner=learner):
-                    return uncertainty_scores(learner, part, true_function, noise_std, num_samples, grid, level)
+                def score(tasks, learner=learner):
+                    return uncertainty_scores(learner, tasks, true_function, noise_std, num_samples, grid, level)
 
                 if label not in per_call and batch.num_tasks > 1:  # as evaluate: measured on the first chunk
                     per_call[label] = tasks_per_call(score, batch, device_of(learner), run_config.train.memory_budget)
@@ -391,33 +456,30 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
                     pooled[label].append((scores.pop("log_probs"), scores.pop("labels")))
                 for name, values in scores.items():
                     per_task[label].setdefault(name, []).append(values)
+    return per_task, pooled
 
-    # what was drawn, not only what was asked: None asks each sampling run for its own number
-    drawn = {label: models_drawn(learner, num_samples) for label, (_, learner, _) in loaded.items()}
-    sampled = {drawn[label] for label, (_, learner, _) in loaded.items() if can(learner, "samples models")}
-    tested = first_task.for_testing()
-    result: dict[str, Any] = {"episodes": episodes, "seed": seed, "part": part, "dataset": first_task.dataset,
-                              "num_samples": sampled.pop() if len(sampled) == 1 else None,
-                              "overrides": dict(overrides or {}),
-                              "ways": tested.ways, "shots": tested.shots, "query": tested.query}
-    first = next(iter(loaded))
-    for label, (config, _, step) in loaded.items():
-        entry: dict[str, Any] = {"run_dir": str(runs[label]), "method": config.method, "step": step,
-                                 "num_samples": drawn[label]}
-        for name, chunks in per_task[label].items():
-            values = torch.cat(chunks) * (100.0 if name == "accuracy" else 1.0)
-            mean, ci95 = _mean_ci(values)
-            entry[name] = {"mean": mean, "ci95": ci95}
-            if label != first and name in per_task[first]:
-                # the same episodes: the interval of the per-episode differences, far narrower than
-                # the two runs' intervals side by side, says whether they differ
-                mean, ci95 = _mean_ci(values - torch.cat(per_task[first][name]) * (100.0 if name == "accuracy" else 1.0))
-                entry[name]["difference"] = {"mean": mean, "ci95": ci95}
-            if name in ("accuracy", "mse") and not bool(torch.isfinite(values).all()):
-                entry["diverged"] = int((~torch.isfinite(values)).sum())  # its measures are NaN: said, not hidden
-        if pooled[label]:
-            log_probs = torch.cat([lp.reshape(-1, lp.shape[-1]) for lp, _ in pooled[label]])
-            labels = torch.cat([lb.reshape(-1) for _, lb in pooled[label]])
-            entry["ece"] = {"mean": float(expected_calibration_error(log_probs, labels)), "ci95": None}
-        result[label] = entry
-    return result
+
+def _measures(per_task: dict[str, list[Tensor]], first: dict[str, list[Tensor]] | None,
+              pooled: list[tuple[Tensor, Tensor]]) -> dict[str, Any]:
+    """One run's entries of :func:`compare_learners`' result: each measure's mean and 95%
+    interval over the episodes, and, for a run after the first (``first``: that run's
+    ``per_task``), the paired ``difference`` from it; ``diverged`` where a run's accuracy or MSE
+    is not finite; ``ece`` pooled over the query examples."""
+    entry: dict[str, Any] = {}
+    for name, chunks in per_task.items():
+        scale = 100.0 if name == "accuracy" else 1.0
+        values = torch.cat(chunks) * scale
+        mean, ci95 = _mean_ci(values)
+        entry[name] = {"mean": mean, "ci95": ci95}
+        if first is not None and name in first:
+            # the same episodes: the interval of the per-episode differences, far narrower than
+            # the two runs' intervals side by side, says whether they differ
+            mean, ci95 = _mean_ci(values - torch.cat(first[name]) * scale)
+            entry[name]["difference"] = {"mean": mean, "ci95": ci95}
+        if name in ("accuracy", "mse") and not bool(torch.isfinite(values).all()):
+            entry["diverged"] = int((~torch.isfinite(values)).sum())  # its measures are NaN: said, not hidden
+    if pooled:
+        log_probs = torch.cat([lp.reshape(-1, lp.shape[-1]) for lp, _ in pooled])
+        labels = torch.cat([lb.reshape(-1) for _, lb in pooled])
+        entry["ece"] = {"mean": float(expected_calibration_error(log_probs, labels)), "ci95": None}
+    return entry

@@ -428,7 +428,8 @@ class MemoryModule(MetaLearner):
         saved = state_dict.get("memory_values")
         if saved is not None and saved.shape[0] != self.config.memory_size:
             raise ConfigError(OWNER, "memory_size", f"is {self.config.memory_size} but the checkpoint's memory has "
-                                                    f"{saved.shape[0]} slots; use the run's `memory_size`")
+                                                    f"{saved.shape[0]} slots, which it keeps: leave `memory_size` at "
+                                                    f"the run's {saved.shape[0]}")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # -- the interface -----------------------------------------------------------------------

@@ -994,9 +994,12 @@ NEW_FOLDER = ("for another folder, of classes the run never trained on, {score_e
               "folder it trained on, that would score its training classes too)")  # a template of REMEDIES' fields
 
 
-def _setting(field: str, value: object) -> tuple[str, str]:
+def _setting(field: str | tuple[str, str], value: object) -> tuple[str, str]:
     """A ``TaskConfig`` field with its value, as Python (``test_ways=5``) and the command line
-    (``--test-ways 5``) give it."""
+    (``--test-ways 5``) give it; or an option named otherwise, as (Python, command line), with
+    its value after each name (``episode_shape's ways 5``, ``--ways 5``)."""
+    if isinstance(field, tuple):
+        return f"{field[0]} {value}", f"{field[1]} {value}"
     return f"{field}={value}", f"{flag(field)} {value}"
 
 
@@ -1048,23 +1051,29 @@ def folder_split(folder: ImageFolder, part: str, fractions: str = "", split_file
     return ClassPool(part, characters, torch.zeros_like(characters))
 
 
-def check_part_classes(folder: ImageFolder, pool: ClassPool, part: str, ways: int, task, option: str = "ways",
-                       command: str = "", note: str | tuple[str, str] = "") -> None:
+def check_part_classes(folder: ImageFolder, pool: ClassPool, part: str, ways: int, task,
+                       option: str | tuple[str, str] = "ways", command: str = "",
+                       note: str | tuple[str, str] = "") -> None:
     """A part of a class-folder split with fewer classes than the episodes' ``ways``: an
     :class:`~metalearn.errors.OptionError` that names the split that gave it so few and the
     options that give it more (``task``: the run's ``TaskConfig``; ``option``: its field that set
-    ``ways``, "ways" for the training episodes, "test_ways" for validation and test; ``note``:
-    what to say after it, such as where its value came from, one text or (Python, command
-    line); ``command``: as :func:`folder_split`'s). The options and commands are named as the
+    ``ways``, "ways" for the training episodes, "test_ways" for validation and test, or for an
+    evaluation's own option its (Python, command line) names, ``("episode_shape's ways",
+    "--ways")``; ``note``: what to say after it, such as where its value came from, one text or
+    (Python, command line); ``command``: as :func:`folder_split`'s). The options and commands are named as the
     caller spells them: ``test_ways=5`` and ``split_fractions`` from Python, ``--test-ways 5``
     and ``--split-fractions`` on the command line.
 
     In training, ``test_ways`` sets the ways of both val and test, and val is checked first: a
     remedy offered for val holds for the test part too (a value to lower ``test_ways`` to that
     both parts can take, or, where the test part cannot make an episode at all, the split
-    options and leaving the test out). Under the run's recorded split (its ``split.json``:
-    evaluating the run on its own folder) the honest fix is fewer ways over the run's own test
-    classes, never a new split of the folder, which would score classes the run trained on."""
+    options and leaving the test out). A new split is offered only where the folder has classes
+    enough for it to give every part in use its ways: in training the train part ``task.ways``
+    and val and test (those with classes, or the one checked) the test ways each, in an
+    evaluation the one part scored; where it has not, the message says so, and offers the
+    remedies that can work. Under the run's recorded split (its ``split.json``: evaluating the
+    run on its own folder) the honest fix is fewer ways over the run's own test classes, never a
+    new split of the folder, which would score classes the run trained on."""
     if len(pool) >= ways:
         return
     n = len(folder.class_names)
@@ -1086,12 +1095,30 @@ def check_part_classes(folder: ImageFolder, pool: ClassPool, part: str, ways: in
     else:  # the test part's one class makes no episode at any test_ways
         lower = (f"lower {{option}} to {have} or fewer and train without the test ({{train_untested}}), whose 1 class "
                  "cannot make an episode")
+    # what a new split must give: in training every part it uses (train the training ways, val and
+    # test the test ways: those with classes now, and the one checked), else the part scored
+    test_ways = ways if part != "train" else task.test_ways or task.ways
+    used = ({"train": task.ways if part != "train" else ways,
+             **{p: test_ways for p in ("val", "test") if p == part or parts.count(p)}}
+            if command == "train" else {part: ways})
+    needed = sum(used.values())
     if recorded:
         fixes = [f"{lower} to score the run on its own {part} classes" if have >= 2 else lower]
     else:
         short = [part, *(["test"] if tested and tested < ways else [])]
-        fixes = [f"give {'it' if len(short) == 1 else ' and '.join(short)} {ways} or more"
-                 f"{' each' if len(short) > 1 else ''} with {{split_fractions}} or {{split_file}}"]
+        if needed > n:  # no split of the folder's classes gives every part its ways: none is offered
+            listed = ", ".join(f"{p} {count}" for p, count in used.items())
+            fixes = [f"no split of its {n} classes can give " + (f"{listed} ({needed} in all)" if len(used) > 1
+                                                                  else f"the {part} part {ways}")]
+            for left_out, remedy, what in (("val", "train_unvalidated", "validation"),
+                                           ("test", "train_untested", "the test")):
+                rest = {p: count for p, count in used.items() if p != left_out}
+                if command == "train" and left_out in used and len(rest) > 1 and sum(rest.values()) <= n:
+                    fixes.append(f"train without {what} ({{{remedy}}}) on a split ({{split_fractions}} or "
+                                 f"{{split_file}}) that gives " + ", ".join(f"{p} {c}" for p, c in rest.items()))
+        else:
+            fixes = [f"give {'it' if len(short) == 1 else ' and '.join(short)} {ways} or more"
+                     f"{' each' if len(short) > 1 else ''} with {{split_fractions}} or {{split_file}}"]
         if part == "val" and command != "eval":
             if len(short) == 1:
                 fixes.append("train without validation ({train_unvalidated})")
@@ -1114,14 +1141,16 @@ def check_part_classes(folder: ImageFolder, pool: ClassPool, part: str, ways: in
 
 
 def check_class_sizes(folder: ImageFolder, pool: ClassPool, shots: int, query: int, test: bool = False,
-                      note: str | tuple[str, str] = "") -> None:
+                      note: str | tuple[str, str] = "", options: dict[str, tuple[str, str]] | None = None) -> None:
     """Every class of ``pool`` has ``shots + query`` images, or an
     :class:`~metalearn.errors.OptionError` naming the smallest and the values that fit it: the
     query or the shots lowered alone where either can go low enough, else both. ``test``: the
     validation and test episodes, set by ``TaskConfig``'s ``test_shots`` and ``test_query``, not
     ``shots`` and ``query``; ``note``: what to say after them, such as where a defaulted one came
     from, one text or (Python, command line). The options are named as the caller spells them:
-    ``shots=5 with query=5`` from Python, ``--shots 5 with --query 5`` on the command line."""
+    ``shots=5 with query=5`` from Python, ``--shots 5 with --query 5`` on the command line;
+    ``options``: for options named otherwise than those fields (an evaluation's), ``shots`` and
+    ``query`` as (Python, command line), ``("episode_shape's shots", "--shots")``."""
     needed = shots + query
     sizes = folder.class_sizes[pool.characters.numpy()]
     if not (sizes < needed).any():
@@ -1129,6 +1158,7 @@ def check_class_sizes(folder: ImageFolder, pool: ClassPool, shots: int, query: i
     small = int(pool.characters[int(np.argmin(sizes))])
     count = int(folder.class_sizes[small])
     prefix = "test_" if test else ""
+    named = {key: (options or {}).get(key, prefix + key) for key in ("shots", "query")}
     lower = [f"{{{name}}} to {count - other}" for name, other in (("query", shots), ("shots", query))
              if count - other >= 1]
     if lower:
@@ -1137,11 +1167,11 @@ def check_class_sizes(folder: ImageFolder, pool: ClassPool, shots: int, query: i
         fix = f"add images, or lower {{shots}} plus {{query}} to {count} or fewer (e.g. {{example}})"
     else:
         fix = "add images: an episode takes 2 or more of each class (1 shot, 1 query), or remove the class"
-    example = [_setting(prefix + "shots", count - 1), _setting(prefix + "query", 1)]
-    given = [_setting(prefix + "shots", shots), _setting(prefix + "query", query)]
+    example = [_setting(named["shots"], count - 1), _setting(named["query"], 1)]
+    given = [_setting(named["shots"], shots), _setting(named["query"], query)]
     noted = _both(note) if isinstance(note, str) else tuple(note)
     raise OptionError(f"class {{name}} has {count} image{'' if count == 1 else 's'}; {{given}} needs {needed} per "
                       f"class: {fix}", name=_both(folder.class_names[small]),
-                      shots=prefix + "shots", query=prefix + "query",
+                      shots=named["shots"], query=named["query"],
                       example=tuple(f"{s} with {q}" for s, q in zip(*example)),
                       given=tuple(f"{s} with {q}{n}" for s, q, n in zip(*given, noted)))

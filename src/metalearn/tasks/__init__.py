@@ -115,6 +115,12 @@ def build_task_source(task: TaskConfig, part: str, data_dir: Path | str | None =
     cannot fill (more ways than the part has classes, more shots and queries than a class has
     images).
 
+    ``evaluation`` also says that the episodes are an evaluation's (``metalearn eval`` and
+    ``compare``; ``evaluate_run`` and ``compare_learners``), whose test shape their own options
+    set: a dataset whose builder takes ``evaluation`` (the built-in ones) names those options
+    (``--ways``, ``episode_shape's ways``) where the shape cannot be drawn, not train's
+    (``--test-ways``).
+
     ``task.augment`` changes the images of the training episodes only (``part`` train without
     ``evaluation``): the validation and test shapes (:meth:`TaskConfig.for_testing`) have none.
     A dataset that does not take it, or whose task source is no :class:`EpisodeSampler`, refuses
@@ -125,13 +131,24 @@ def build_task_source(task: TaskConfig, part: str, data_dir: Path | str | None =
     dataset = get_dataset(task.dataset)
     if shape.augment and "augment" in dataset.inapplicable:  # resolve_config refuses it for a run
         raise dataset.refuse(["augment"])
-    source = dataset.build(task, shape, part, data_dir, progress)
+    told = {"evaluation": True} if evaluation and takes_keyword(dataset.build, "evaluation") else {}
+    source = dataset.build(task, shape, part, data_dir, progress, **told)
     if not shape.augment:
         return source
     if not isinstance(source, EpisodeSampler):
         raise ConfigError("TaskConfig", "augment", f"changes images of the episodes an EpisodeSampler draws; "
                                                    f"{task.dataset}'s task source is a {kind_of(source)}")
     return source.augmented(shape.augment)
+
+
+def takes_keyword(function: Callable[..., Any], name: str) -> bool:
+    """Whether ``function`` takes the keyword argument ``name`` (a registered builder may not:
+    the keyword is an addition to the builders' arguments)."""
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):  # a builtin or extension: nothing to read, so nothing passed
+        return False
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def check_task_source(task: TaskConfig, part: str, data_dir: Path | str | None = None,

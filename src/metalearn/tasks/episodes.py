@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metalearn.config import TEST_SHAPE_COMMANDS, augment_parts
+from metalearn.config import EVALUATION_SHAPE, TEST_SHAPE_COMMANDS, augment_parts
 from metalearn.data.images import to_float
 from metalearn.data.splits import ClassPool
 from metalearn.errors import MetalearnError, OptionError, flag, kind_of
@@ -40,7 +40,10 @@ class EpisodeSampler:
     options that set it, as the caller spells them (an :class:`~metalearn.errors.OptionError`):
     the ``TaskConfig`` fields from Python (``test_ways=700``, ``ways``), their flags on the command
     line (``--test-ways 700``, ``--ways``); ``ways_follow``: a test sampler's ways are the
-    training ones (``TaskConfig.test_ways`` unset), which such a refusal adds. ``dtype``: the
+    training ones (``TaskConfig.test_ways`` unset), which such a refusal adds. ``evaluation``
+    (with ``test`` True): the test episodes of an evaluation, whose shape ``evaluate_run``'s
+    ``episode_shape`` sets (``metalearn eval``'s and ``compare``'s ``--ways``, ``--shots``,
+    ``--query``; they have no ``--test-*``): a refusal names those. ``dtype``: the
     floating-point type of the images drawn (float64 for a float64 model).
 
     The pool's images are rotated once, up front, into a bank of every (class, rotation) the
@@ -69,7 +72,8 @@ class EpisodeSampler:
 
     def __init__(self, images: Tensor, pool: ClassPool, ways: int, shots: int, query: int,
                  dataset: str = "your data", test: bool | None = None, class_sizes: Tensor | None = None,
-                 dtype: torch.dtype = torch.float32, augment: str = "", ways_follow: bool = False):
+                 dtype: torch.dtype = torch.float32, augment: str = "", ways_follow: bool = False,
+                 evaluation: bool = False):
         check_whole("EpisodeSampler", ways=ways, shots=shots, query=query)
         dims = (4,) if class_sizes is not None else (4, 5)
         # a tensor and a ClassPool first: the checks below read them as such, and a NumPy array
@@ -116,19 +120,24 @@ class EpisodeSampler:
         # (build_task_source) the TaskConfig fields from Python (test_ways=7) and their flags on
         # the command line (--test-ways 7), the training ones, or for test episodes the test_*
         # ones, which an evaluation sets with evaluate_run's episode_shape (metalearn eval's and
-        # compare's --ways, --shots, --query)
+        # compare's --ways, --shots, --query): named so alone in an evaluation's own sampler
         own = test is None
         prefix = "test_" if test else ""
+        evaluated = bool(test) and evaluation
 
         def option(key: str) -> str | tuple[str, str]:  # the argument "ways", or the field and flag test_ways
+            if evaluated:
+                return EVALUATION_SHAPE[key]
             return (key, key) if own else prefix + key
 
         def setting(key: str, number: int) -> tuple[str, str]:  # ways=7, or test_ways=7 and --test-ways 7
+            if evaluated:  # episode_shape's ways 7 and --ways 7
+                return tuple(f"{name} {number}" for name in EVALUATION_SHAPE[key])
             python = f"{key if own else prefix + key}={number}"
             return (python, python) if own else (python, f"{flag(prefix + key)} {number}")
 
         def also(*keys: str) -> tuple[str, str]:  # where an evaluation sets the test episodes' shape
-            if not test:
+            if not test or evaluated:
                 return "", ""
             return (f" (in evaluate_run: episode_shape's {' or '.join(keys)})",
                     f" (in {TEST_SHAPE_COMMANDS}: {' or '.join(flag(key) for key in keys)})")
@@ -150,15 +159,23 @@ class EpisodeSampler:
                 shots=option("shots"), query=option("query"), also=also("shots", "query"), **quoted)
         if ways > len(pool):
             given, noted = setting("ways", ways)
-            if test and ways_follow:  # the test episodes' ways, which the user never typed
+            if evaluated and ways_follow:  # the run's test ways, which the evaluation keeps where not given
+                given, noted = given + " (the run's)", noted + " (the run's)"
+            elif test and ways_follow:  # the test episodes' ways, which the user never typed
                 given, noted = given + " (it defaults to ways)", noted + " (it defaults to --ways)"
             where = "use a pool with" if own else "use a split part with"
             split = " split {pool}" if pool.name else ""
             if not pool.name:  # from_labels's pool: every class of the examples given
                 where = "give examples of"
+            if not evaluated:
+                fix = f"Lower {{ways}}{{also}} or {where} more classes"
+            elif len(pool) >= 2:  # an evaluation draws from the run's split part: fewer ways are its way out
+                fix = f"Lower {{ways}} to {len(pool)} or fewer"
+            else:
+                fix = "An episode takes 2 or more classes"
             raise OptionError(
-                f"{{dataset}}{split} has {len(pool)} classes; {{given}} is more than that. Lower {{ways}}{{also}} or "
-                f"{where} more classes.", given=(given, noted), ways=option("ways"), also=also("ways"), **quoted)
+                f"{{dataset}}{split} has {len(pool)} classes; {{given}} is more than that. {fix}.",
+                given=(given, noted), ways=option("ways"), also=also("ways"), **quoted)
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise MetalearnError(f"EpisodeSampler draws images as floats: dtype must be a floating-point type, got {dtype}")
         self.dtype = dtype

@@ -464,6 +464,39 @@ def test_a_stopped_and_continued_iteration_is_not_taken_for_a_long_one(tmp_path,
     assert signal.getsignal(signal.SIGCONT) == before
 
 
+def test_a_signal_during_a_validation_gives_it_up_saves_the_step_and_the_resume_validates_first(tmp_path):
+    """A validation longer than a scheduler's grace: a SIGTERM while the validation episodes of
+    step 3 are scored gives the validation up after its chunk (50 episodes), saves step 3 (not
+    a periodic checkpoint) with its validation pending and stops; the resumed run validates
+    step 3 first, and its metrics and weights equal an uninterrupted run's."""
+    config = sinusoid_config(6, val_episodes=120, checkpoint_every=100)
+    straight = build_trainer(config, tmp_path / "straight")
+    straight.fit(progress=False)
+
+    trainer = build_trainer(config, tmp_path / "stopped")
+    drawn = []
+    real_sample = trainer.val_tasks.sample
+
+    def sample(*args, **kwargs):  # the first chunk of step 3's validation brings the signal
+        drawn.append(trainer.step)
+        if trainer.step == 3 and drawn.count(3) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_sample(*args, **kwargs)
+
+    object.__setattr__(trainer.val_tasks, "sample", sample)  # a frozen dataclass
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM after step 3 of 6"):
+        trainer.fit(progress=False)
+    assert drawn == [3]  # one chunk of three: the others were not scored
+    stopped = RunDir(tmp_path / "stopped")
+    assert stopped.read_checkpoint()["step"] == 3 and stopped.read_checkpoint()["validation_pending"] is True
+    assert not any("val_loss" in r or "val_mse" in r for r in stopped.read_metrics())
+
+    resumed = build_trainer(config, tmp_path / "stopped", resume=True)
+    resumed.fit(progress=False)
+    assert "validation_pending" not in stopped.read_checkpoint()
+    assert_resumed_as_straight(straight, resumed, tmp_path)
+
+
 def test_a_signal_in_a_step_before_a_validation_stops_before_it_and_the_resume_validates_first(tmp_path):
     """A scheduler's grace after SIGTERM can be shorter than a validation: a signal in step 3
     (validation every 3 steps) saves step 3 and stops without validating; the resumed run
@@ -486,6 +519,13 @@ def test_a_signal_in_a_step_before_a_validation_stops_before_it_and_the_resume_v
     resumed = build_trainer(sinusoid_config(6), tmp_path / "stopped", resume=True)
     resumed.fit(progress=False)
     assert "validation_pending" not in stopped.read_checkpoint()
+    assert_resumed_as_straight(straight, resumed, tmp_path)
+
+
+def assert_resumed_as_straight(straight, resumed, tmp_path) -> None:
+    """The run in tmp_path/stopped, resumed after a stop at step 3 with its validation pending,
+    logged what the uninterrupted run in tmp_path/straight did (validations at 3 and 6, timings
+    aside) and holds its weights."""
     timing = {"elapsed_s", "validation_s", "tasks_per_s"}
     records = [[{k: v for k, v in r.items() if k not in timing} for r in RunDir(run).read_metrics()]
                for run in (tmp_path / "straight", tmp_path / "stopped")]

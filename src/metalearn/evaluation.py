@@ -101,7 +101,8 @@ def evaluate(
     progress: bool = False,
     per_step: bool = True,
     memory_budget: float | None = EVAL_MEMORY_BUDGET,
-) -> dict[str, Any]:
+    abandon: Callable[[], bool] | None = None,
+) -> dict[str, Any] | None:
     """Score ``learner`` on ``episodes`` test tasks drawn from ``seed`` (the same episodes for
     every method given the same seed), split across the ranks of ``world``.
 
@@ -133,11 +134,20 @@ def evaluate(
     non-finite, on purpose: a score that leaves them out would flatter the method. Where some
     but not all diverged, ``mean_of_finite`` is the mean of the others. An MSE carried by a few
     far-off episodes adds ``outliers``, ``outlier_max``, ``mean_without_outliers`` and ``median``
-    (see :func:`outliers`). The episodes are drawn, and scored, under torch's float32 default
-    dtype (:func:`metalearn.runtime.float32_default`): the same episodes whatever the caller's.
+    (see :func:`outliers`). ``evaluate_run`` and the test after ``train`` warn of both
+    (:func:`warn_of_result`); this function, which training's validation calls, only counts
+    them: ``warn_of_result(result)`` warns of them here too. The episodes are drawn, and scored,
+    under torch's float32 default dtype (:func:`metalearn.runtime.float32_default`): the same
+    episodes whatever the caller's.
+
+    ``abandon``, where given, is called on every rank before each chunk after the first (the
+    same number of times on each, so it may hold a collective); where it returns True the
+    evaluation stops there and returns None. Training's validation gives up so for a stop
+    signal, whose grace (torchrun's ``--shutdown_timeout``, SLURM's ``KillWait``) may be shorter
+    than a validation: the step's checkpoint is saved instead, and the resumed run validates.
     """
     with float32_default():
-        return _evaluate(learner, source, episodes, seed, chunk, world, progress, per_step, memory_budget)
+        return _evaluate(learner, source, episodes, seed, chunk, world, progress, per_step, memory_budget, abandon)
 
 
 def _described(learner: Any) -> str:
@@ -147,7 +157,8 @@ def _described(learner: Any) -> str:
     return f"{type(learner).__name__} {learner!r:.80}"
 
 
-def _evaluate(learner, source, episodes, seed, chunk, world, progress, per_step, memory_budget) -> dict[str, Any]:
+def _evaluate(learner, source, episodes, seed, chunk, world, progress, per_step, memory_budget,
+              abandon=None) -> dict[str, Any] | None:
     """:func:`evaluate`, under the float32 default."""
     if isinstance(learner, type) or not any(hasattr(learner, name)
                                             for name in ("episode_scores", "predict", "predict_per_step")):
@@ -191,6 +202,8 @@ def _evaluate(learner, source, episodes, seed, chunk, world, progress, per_step,
         with own_random_state(cuda_devices()):
             torch.manual_seed(seed)
             while remaining > 0:
+                if chunks and abandon is not None and abandon():
+                    break
                 size = min(chunk, remaining)
                 chunks.append((episodes - remaining, size))
                 share = world.share(size)
@@ -218,6 +231,8 @@ def _evaluate(learner, source, episodes, seed, chunk, world, progress, per_step,
                     bar.update(size)
         if bar is not None:
             bar.close()
+    if remaining > 0:  # abandoned
+        return None
     if unclean is not None:  # the episodes' scores are NaN for the data's sake, not the adaptation's
         warnings.warn(MetalearnWarning(f"the task source drew {unclean}: an episode whose "
                                        "score they make non-finite counts as diverged; clean the data"),

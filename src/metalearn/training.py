@@ -347,6 +347,7 @@ class Trainer:
         self.elapsed_s = 0.0  # training wall time so far, across resumes
         self.machines: list[dict[str, Any]] = []  # what trained which steps: see _note_machine
         self.validation_pending = False  # this step's validation was left for the resume (a signal)
+        self._abandon_validation: Callable[[], bool] | None = None  # while the loop validates: a stop came
         self.config_written = False  # by the first save: the config this Trainer continues with
         self.lock = lock  # the hold on the run folder (build_trainer's, or fit takes one; see lock_for_training)
         self.on_record: Callable[[dict[str, Any]], None] | None = None  # fit's, for the records it logs
@@ -812,8 +813,12 @@ class Trainer:
                 # --shutdown_timeout: 30 s each by default) can be shorter than a validation.
                 if self._stop_requested(stop):
                     self.validation_pending = True
-                else:
-                    self.validate()
+                else:  # a signal during the validation: given up, as above (validate() as before, for an override)
+                    self._abandon_validation = lambda: self._stop_requested(stop)
+                    try:
+                        self.validate()
+                    finally:
+                        self._abandon_validation = None
             out_of_time = False
             if deadline is not None:
                 previous, mark = mark, now()
@@ -993,13 +998,20 @@ class Trainer:
             return asked
         return bool(self.world.sum(torch.tensor(float(asked), device=self.world.device)) > 0)
 
-    def validate(self) -> dict[str, Any]:
+    def validate(self, abandon: Callable[[], bool] | None = None) -> dict[str, Any] | None:
         """Score the validation episodes; the record also holds ``validation_s``, the seconds
-        they took (``metalearn status`` counts them into the time a run has left)."""
+        they took (``metalearn status`` counts them into the time a run has left). ``abandon``:
+        as :func:`~metalearn.evaluation.evaluate`'s (by default, in the training loop, whether a
+        stop signal came); where it gives up, nothing is logged, the validation is left pending
+        for the resumed run (:attr:`validation_pending`) and None is returned."""
+        abandon = abandon if abandon is not None else self._abandon_validation
         start = time.perf_counter()
         result = evaluate(self.learner, self.val_tasks, self.config.train.val_episodes,  # final score only
                           seed=self.config.train.seed + VALIDATION_SEED_OFFSET, world=self.world, per_step=False,
-                          memory_budget=self.config.train.memory_budget)
+                          memory_budget=self.config.train.memory_budget, abandon=abandon)
+        if result is None:
+            self.validation_pending = True
+            return None
         if self.world.is_main:
             self._log({"step": self.step, f"val_{result['metric']}": result["mean"], "val_ci95": result["ci95"],
                        "elapsed_s": round(self.elapsed_s, 2), "validation_s": round(time.perf_counter() - start, 3)})

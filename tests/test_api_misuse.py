@@ -647,3 +647,124 @@ def test_a_network_that_cannot_run_as_a_batched_function_of_its_parameters_is_re
     probed, real = [], torch.func.vmap
     monkeypatch.setattr(torch.func, "vmap", lambda *args, **kwargs: (probed.append(1), real(*args, **kwargs))[1])
     assert torch.isfinite(MAML(Mine()).meta_loss(batch)[0]) and probed
+
+
+# -- the Python API's paths, on/off keywords and progress bars, as the command line takes them -----------
+
+
+def tiny_run(folder):
+    """A two-step sinusoid run in ``folder``, untested: something for the readers to read."""
+    from metalearn.api import resolve_config, train
+
+    config = resolve_config("maml", task={"dataset": "sinusoid"},
+                            train={"steps": 2, "val_every": 0, "meta_batch_size": 2, "log_every": 1})
+    train(config, run_dir=folder, progress=False, evaluate_after=False, announce=None)
+    return config
+
+
+def test_an_empty_path_is_refused_naming_its_keyword_and_never_read_as_the_current_folder(tmp_path, monkeypatch):
+    """``Path("")`` is the current folder: train, export and plot would write there unasked, and
+    the readers would read it. Each public function refuses an empty (or blank) path in one line
+    naming its keyword, as the command line refuses ``--run-dir ''``; None keeps its default."""
+    from metalearn.aggregate import summarize_runs
+    from metalearn.api import (evaluate_run, export_results, plot_run, predict_run, resolve_config, run_status,
+                               sample_run, train)
+    from metalearn.checkpoints import load_trained
+    from metalearn.tasks import build_task_source
+    from metalearn.uncertainty import compare_learners
+
+    run = tmp_path / "run"
+    config = tiny_run(run)
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "notes.txt").write_text("mine")
+    monkeypatch.chdir(here)
+    out = tmp_path / "out"
+    for call, message in (
+            (lambda: train(config, "", progress=False), "run_dir is empty; give a folder path"),
+            (lambda: train(config, "  ", progress=False), "run_dir is empty; give a folder path"),
+            (lambda: train(config, tmp_path / "new", data_dir="", progress=False),
+             "data_dir is empty; give a folder path"),
+            (lambda: export_results(run, ""), "out_dir is empty; give a folder path"),
+            (lambda: export_results("", out), "run_dir is empty; give a run folder"),
+            (lambda: export_results(run, out, compare_with=""), "compare_with is empty; give a run folder"),
+            (lambda: plot_run(run, out_dir=""), "out_dir is empty; give a folder path"),
+            (lambda: plot_run(run, data_dir=" "), "data_dir is empty; give a folder path"),
+            (lambda: evaluate_run("", progress=False), "run_dir is empty; give a run folder"),
+            (lambda: evaluate_run(run, split_file="", progress=False), "split_file is empty; give a JSON file"),
+            (lambda: run_status(""), "run_dir is empty; give a run folder"),
+            (lambda: load_trained(""), "run_dir is empty; give a run folder"),
+            (lambda: resolve_config("maml", resume_from=""), "resume_from is empty; give a run folder"),
+            (lambda: resolve_config("maml", train={"init_from": " "}),
+             "TrainConfig.init_from is blank (give a run folder, or \"\" for none), got ' '"),
+            (lambda: predict_run(run, "s", "q", json_out=""), "json_out is empty; give a file path"),
+            (lambda: sample_run(run, "s", out=""), "out is empty; give a file path"),
+            (lambda: compare_learners({"a": run, "b": ""}), "runs['b'] is empty; give a run folder"),
+            (lambda: compare_learners({"a": run}, data_dir=""), "data_dir is empty; give a folder path"),
+            (lambda: summarize_runs(["", run]), "run_dir is empty; give a run folder"),
+            (lambda: build_task_source(config.task, "test", ""), "data_dir is empty; give a folder path")):
+        assert refusal(call) == message
+    assert sorted(p.name for p in here.iterdir()) == ["notes.txt"]
+    # None is no path given: the default (a generated task reads no folder)
+    assert build_task_source(config.task, "test", None, progress=False) is not None
+    assert resolve_config("maml", task={"dataset": "sinusoid"}, train={"init_from": ""}).train.init_from == ""
+
+
+def test_on_off_keywords_are_true_or_false_as_train_s_are(tmp_path):
+    """``ensemble="False"`` is a true string: evaluate_run would run an ensemble evaluation.
+    Every on/off keyword of the public functions is refused unless True or False."""
+    from metalearn.api import evaluate_run, train
+    from metalearn.tasks import build_task_source
+
+    run = tmp_path / "run"
+    config = tiny_run(run)
+    for keyword, value in (("ensemble", "False"), ("per_step", "no"), ("exact_gpu_kernels", None)):
+        assert refusal(lambda: evaluate_run(run, episodes=3, progress=False, **{keyword: value})) == (
+            f"evaluate_run's {keyword} is True or False, got {value!r}")
+    assert refusal(lambda: evaluate_run(run, episodes=3, progress="yes")) == (
+        "evaluate_run's progress is True, False or None (bars when the error output is a terminal), got 'yes'")
+    assert refusal(lambda: train(config, tmp_path / "new", exact_gpu_kernels="no")) == (
+        "train's exact_gpu_kernels is True or False, got 'no'")
+    assert refusal(lambda: build_task_source(config.task, "test", evaluation="yes")) == (
+        "build_task_source's evaluation is True or False, got 'yes'")
+    assert not list(run.glob("eval*.json")) and not (tmp_path / "new").exists()
+    assert evaluate_run(run, episodes=3, progress=False, per_step=False, ensemble=False)["episodes"] == 3
+
+
+def test_progress_bars_by_default_in_a_notebook_whose_output_is_no_terminal(monkeypatch):
+    """A Jupyter cell's error output is no terminal but redraws a bar in place: bars by default."""
+    import sys
+
+    from metalearn.runtime import show_progress
+
+    class OutStream:  # as ipykernel's, which says it is no terminal
+        def isatty(self):
+            return False
+
+    OutStream.__module__ = "ipykernel.iostream"
+    monkeypatch.setattr(sys, "stderr", OutStream())
+    assert show_progress(None) is True and show_progress(False) is False
+    OutStream.__module__ = "somewhere.else"
+    assert show_progress(None) is False
+
+
+def test_progress_bars_from_python_by_default_only_when_the_error_output_is_a_terminal(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """train and evaluate_run draw bars by default only on a terminal, as the command line does:
+    a script's output piped into a log would fill it with redraws. True and False still decide."""
+    import sys
+
+    from metalearn.api import evaluate_run, resolve_config, train
+
+    config = resolve_config("maml", task={"dataset": "sinusoid"},
+                            train={"steps": 2, "val_every": 0, "meta_batch_size": 2, "eval_episodes": 3})
+    for given, terminal, drawn in ((None, False, False), (None, True, True), (True, False, True),
+                                   (False, True, False)):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda terminal=terminal: terminal, raising=False)
+        run = tmp_path / f"run-{given}-{terminal}"
+        train(config, run, announce=None, **({} if given is None else {"progress": given}))
+        err = capsys.readouterr().err
+        assert ("%|" in err) is drawn, (given, terminal, err)  # a tqdm bar: "  0%|"
+        evaluate_run(run, episodes=4, **({} if given is None else {"progress": given}))
+        err = capsys.readouterr().err
+        assert ("%|" in err) is drawn, (given, terminal, err)

@@ -1642,16 +1642,29 @@ def test_an_eof_error_is_a_file_that_ended_early_not_an_interruption(monkeypatch
     assert code == 2 and err.strip() == "error: a file ended before its end (EOFError: No data left in file)", err
 
 
-def test_a_score_s_warnings_go_to_the_error_output_and_the_score_alone_to_the_output(tmp_path, capsys):
-    """Diverged episodes are warned of on stderr, as every warning: a script that reads eval's
-    output reads the score."""
+def test_a_score_s_warnings_go_to_the_error_output_once_and_the_score_alone_to_the_output(tmp_path, capsys):
+    """Diverged episodes are warned of on stderr, once, as every warning (the library's
+    MetalearnWarning, spelled with the command line's flags): a script that reads eval's output
+    reads the score. So after train's test, and for compare."""
     run_dir = tmp_path / "run"
     assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 2, "--meta-batch-size", 2, "--val-every", 0,
                 "--no-progress", "--no-eval", "--run-dir", run_dir], capsys)[0] == 0
     code, out, err = run(["eval", run_dir, "--set", "inner_lr=1e6", "--episodes", 4, "--no-progress"], capsys)
     assert code == 0, err
     assert "warning:" not in out and out.startswith("MSE nan"), out
-    assert "warning: 4 of 4 episodes diverged (non-finite score)" in err, err
+    said = ("warning: 4 of 4 episodes diverged (non-finite score); try fewer test-time steps, e.g. --set "
+            "test_inner_steps=1")
+    assert err.count("diverged") == 1 and said in err.splitlines(), err
+    code, out, err = run(["train", "maml", "--dataset", "sinusoid", "--steps", 0, "--inner-lr", 1e6, "--eval-episodes",
+                          4, "--no-progress", "--run-dir", tmp_path / "untrained"], capsys)
+    assert code == 0, err
+    assert "warning:" not in out and "MSE nan" in out, out
+    assert err.count("diverged") == 1 and said in err.splitlines(), err
+    code, out, err = run(["compare", run_dir, "--set", "inner_lr=1e6", "--episodes", 4], capsys)
+    assert code == 0, err
+    assert "warning:" not in out and err.count("diverged") == 1, err
+    assert f"warning: 4 of 4 episodes of {run_dir.name} diverged (non-finite predictions), which makes its measures " \
+        "NaN; try fewer test-time steps, e.g. --set test_inner_steps=1" in err.splitlines(), err
 
 
 def test_a_sigterm_that_a_library_turned_into_its_own_error_still_ends_as_a_sigterm(monkeypatch, capsys):

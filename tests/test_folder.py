@@ -1173,7 +1173,7 @@ def test_paths_from_python_expand_a_tilde_as_the_shell_would(shapes, tmp_path, m
     assert json.loads((home / "p.json").read_text()) == json.loads(json.dumps(result))
     export_results("~/runs/r", "~/record")
     assert (home / "record" / "summary.json").is_file() and not (tmp_path / "~").exists()
-    with pytest.raises(MetalearnError, match=r"^a run directory is a path \(a str or pathlib.Path\), got int 5$"):
+    with pytest.raises(MetalearnError, match=r"^run_dir is a path \(a str or pathlib.Path\), got int 5$"):
         evaluate_run(5)
 
 
@@ -1242,8 +1242,8 @@ def test_a_folder_run_resumes_only_on_its_own_images_and_says_how(shapes, tmp_pa
         return trainer
 
     monkeypatch.setattr("metalearn.api.build_trainer", signalled)
-    with pytest.raises(TrainingInterrupted, match=rf"after step 3 of 4.*`metalearn train protonet --run-dir {run_dir} "
-                                              rf"--data-dir {shapes} --resume`"):
+    with pytest.raises(TrainingInterrupted, match=rf"after step 3 of 4.*`metalearn\.train\(config, run_dir="
+                                              rf"'{run_dir}', data_dir='{shapes}', resume=True\)`"):
         from metalearn.api import train
         train(resolve_config("protonet", train={"steps": 4}, resume_from=run_dir), run_dir, data_dir=shapes,
               resume=True, progress=False, evaluate_after=False)

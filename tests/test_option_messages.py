@@ -240,3 +240,139 @@ def test_a_warning_names_options_as_its_caller_gave_them(capsys):
                           "--print-config"], capsys)
     assert code == 0 and out.startswith("{")
     assert err == "warning: " + text.format("--keep-best 2", "--steps 1", "--val-every") + "\n"
+
+
+def test_an_evaluation_names_the_method_options_it_changes_as_overrides_or_set():
+    err = ConfigError("MAML.Config", ("choose_k", "test_inner_steps"), "must be at most `memory_size`")
+    err.name_overrides({"choose_k", "memory_size", "test_inner_steps"}, {"memory_size", "test_inner_steps"})
+    # from Python a field of the call's overrides by its key, the run's own by its config; on the command line --set
+    assert str(err) == ("MAML.Config.choose_k, overrides['test_inner_steps'] must be at most "
+                        "overrides['memory_size']")
+    assert err.with_flags() == "--set choose_k, --set test_inner_steps must be at most --set memory_size"
+
+
+def test_an_announcement_names_options_as_its_caller_gave_them():
+    from metalearn.errors import OptionLine
+
+    line = OptionLine("{said} ({steps}: no training)", said=("runs/{{x}}",) * 2, steps=("steps=0", "--steps 0"))
+    assert isinstance(line, str) and line == "runs/{{x}} (steps=0: no training)"
+    assert line.with_flags() == "runs/{{x}} (--steps 0: no training)"
+
+
+# -- messages that name a command or a flag of it: the call from Python, the command on the shell ---------
+
+
+def test_a_run_of_0_steps_is_announced_with_steps_as_given(tmp_path, capsys):
+    lines = []
+    train(sinusoid(0), tmp_path / "python", progress=False, evaluate_after=False, announce=lines.append)
+    assert lines == [f"starting: maml on sinusoid, run directory {tmp_path / 'python'} (steps=0: no training; the "
+                     "initial weights are saved)"]
+    code, out, err = run(["train", "maml", *SINUSOID, "--steps", 0, "--no-eval", "--no-progress", "--run-dir",
+                          tmp_path / "cli"], capsys)
+    assert code == 0, err
+    assert out.splitlines()[0] == (f"starting: maml on sinusoid, run directory {tmp_path / 'cli'} (--steps 0: no "
+                                   "training; the initial weights are saved)")
+
+
+def test_keep_best_without_validation_names_the_ensemble_evaluation(capsys):
+    with pytest.raises(ConfigError) as refused:
+        resolve_config("maml", task={"dataset": "sinusoid"}, train={"keep_best": 2, "val_every": 0})
+    assert str(refused.value) == ("TrainConfig.keep_best applies only with validation (TrainConfig.val_every above 0); "
+                                  "without it evaluate_run(run_dir, ensemble=True) would find none")
+    assert refusal(*run(["train", "maml", "--dataset", "sinusoid", "--keep-best", 2, "--val-every", 0,
+                         "--print-config"], capsys)) == (
+        "--keep-best applies only with validation (--val-every above 0); without it `metalearn eval --ensemble` "
+        "would find none")
+
+
+def test_a_split_of_mini_imagenet_names_the_folder_dataset(capsys):
+    text = ("{} does not apply to mini-imagenet: its split is the release's own, its train.csv, val.csv and test.csv "
+            "or its train/ val/ test/ folders (to split class folders of your own, use {})")
+    with pytest.raises(ConfigError) as refused:
+        resolve_config("protonet", task={"dataset": "mini-imagenet", "split_fractions": "0.5,0,0.5"})
+    assert str(refused.value) == text.format("TaskConfig.split_fractions", "dataset='folder'")
+    assert refusal(*run(["train", "protonet", "--dataset", "mini-imagenet", "--data-dir", "mini", "--split-fractions",
+                         "0.5,0,0.5"], capsys)) == text.format("--split-fractions", "--dataset folder")
+
+
+def test_a_folder_that_does_not_exist(folder_run, tmp_path, capsys):
+    run_dir, _ = folder_run
+    nowhere = tmp_path / "nowhere"
+    config = resolve_config("protonet", resume_from=run_dir)
+    tail = f" {nowhere} does not exist; give the folder that holds one folder per class"
+    with pytest.raises(OptionError) as refused:
+        train(config, tmp_path / "python", data_dir=nowhere, progress=False, announce=None)
+    assert str(refused.value) == "data_dir" + tail
+    assert refusal(*run(["train", "protonet", "--dataset", "folder", "--image-size", 28, "--channels", 1, "--data-dir",
+                         nowhere, "--steps", 1, "--print-config"], capsys)) == "--data-dir" + tail
+
+
+def test_a_run_scored_on_a_folder_without_its_classes(folder_run, tmp_path, capsys):
+    run_dir, _ = folder_run
+    other = tmp_path / "other"
+    for c in range(3):
+        (other / f"d{c}").mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((28, 28), 40 * c + i, np.uint8), "L").save(other / f"d{c}" / f"{i}.png")
+    with pytest.raises(OptionError) as refused:
+        evaluate_run(run_dir, data_dir=other, progress=False)
+    python = str(refused.value)
+    assert python.endswith(": give data_dir the folder it trained on, or split this folder's classes yourself "
+                           "(split_fractions, split_file; for a folder of classes the run never saw, "
+                           "split_fractions='0,0,1' in evaluate_run scores every class)"), python
+    start = python[:python.index(": give data_dir")]
+    assert refusal(*run(["eval", run_dir, "--data-dir", other, "--no-progress"], capsys)) == (
+        start + ": give --data-dir the folder it trained on, or split this folder's classes yourself "
+        "(--split-fractions, --split-file; for a folder of classes the run never saw, --split-fractions 0,0,1 in "
+        "metalearn eval scores every class)")
+
+
+def test_a_resume_as_another_method_names_the_call_that_continues_it(regression_run, capsys):
+    text = "{} is a maml run, not reptile: continue it with `{}`, or train reptile in another {}"
+    with pytest.raises(OptionError) as refused:
+        resolve_config("reptile", resume_from=regression_run)
+    path = repr(str(regression_run))
+    assert str(refused.value) == text.format(
+        regression_run, f"metalearn.train(metalearn.resolve_config('maml', resume_from={path}), run_dir={path}, "
+                        "resume=True)", "run_dir")
+    assert refusal(*run(["train", "reptile", "--resume", "--run-dir", regression_run, "--no-progress"], capsys)) == \
+        text.format(regression_run, f"metalearn train maml --resume --run-dir {regression_run}", "--run-dir")
+
+
+def test_a_stop_names_the_call_that_goes_on(tmp_path, capsys):
+    runs = {"python": tmp_path / "python", "cli": tmp_path / "cli"}
+    going_on = {"python": f"continue with `metalearn.train(config, run_dir={str(runs['python'])!r}, resume=True)`",
+                "cli": f"continue with `metalearn train maml --run-dir {runs['cli']} --resume`"}
+    with pytest.raises(TrainingStopped) as stopped:
+        train(sinusoid(3), runs["python"], stop_at=1, progress=False, announce=None)
+    assert str(stopped.value) == (f"stopped as asked (stop_at) after step 1 of 3; its checkpoint is saved in "
+                                  f"{runs['python']}: {going_on['python']}")
+    command = ["train", "maml", *SINUSOID, "--steps", 3, "--stop-at", 1, "--run-dir", runs["cli"], "--no-progress"]
+    code, _, err = run(command, capsys)
+    assert code == 0 and err == (f"stopped as asked (--stop-at) after step 1 of 3; its checkpoint is saved in "
+                                 f"{runs['cli']}: {going_on['cli']}\n"), err
+    # asked again for the step it is at: nothing to train, the same advice
+    with pytest.raises(TrainingStopped) as stopped:
+        train(sinusoid(3), runs["python"], resume=True, stop_at=1, progress=False, announce=None)
+    assert str(stopped.value) == f"the run is at step 1 of 3 already (stop_at); {going_on['python']}"
+    code, _, err = run([*command, "--resume"], capsys)
+    assert code == 0 and err == f"the run is at step 1 of 3 already (--stop-at); {going_on['cli']}\n", err
+
+
+def test_a_summary_of_runs_not_scored_names_the_evaluation(regression_run, capsys):
+    from metalearn.aggregate import summarize_runs
+
+    text = "{} holds no eval-x.json: score it first ({}, with the options the name lists)"
+    with pytest.raises(OptionError) as refused:
+        summarize_runs([regression_run], evaluation="eval-x")
+    assert str(refused.value) == text.format(regression_run, f"evaluate_run({str(regression_run)!r})")
+    assert refusal(*run(["summarize", regression_run, "--evaluation", "eval-x"], capsys)) == \
+        text.format(regression_run, f"metalearn eval {regression_run}")
+
+
+def test_an_override_of_a_value_the_method_refuses(regression_run, capsys):
+    with pytest.raises(ConfigError) as refused:
+        evaluate_run(regression_run, overrides={"test_inner_steps": -1}, progress=False)
+    assert str(refused.value) == "overrides['test_inner_steps'] must be >= 0, got -1"
+    assert refusal(*run(["eval", regression_run, "--set", "test_inner_steps=-1"], capsys)) == \
+        "--set test_inner_steps must be >= 0, got -1"

@@ -299,9 +299,14 @@ def test_a_pause_of_a_python_run_the_commands_can_rebuild_names_metalearn_train(
     config = resolve_config("maml", task={"dataset": "sinusoid"},
                             train={"steps": 2, "meta_batch_size": 2, "val_every": 0, "log_every": 1})
     learner = build_learner("maml", config.method_config, problem_of(config.task))  # the library's network
-    with pytest.raises(TrainingStopped, match="continue with `metalearn train maml --run-dir .* --resume`"):
+    with pytest.raises(TrainingStopped) as stopped:
         Trainer(config, learner, SinusoidTasks(shots=5, query=5), None, tmp_path / "lib").fit(progress=False,
                                                                                              stop_at=1)
+    # from Python the call that goes on (metalearn.train rebuilds it), on the command line the command
+    assert str(stopped.value).endswith(f"continue with `metalearn.train(config, run_dir={str(tmp_path / 'lib')!r}, "
+                                       "resume=True)`")
+    assert stopped.value.with_flags().endswith(f"continue with `metalearn train maml --run-dir {tmp_path / 'lib'} "
+                                               "--resume`")
 
 
 def test_a_run_on_examples_of_one_s_own_is_refused_by_the_commands_before_they_read_a_dataset(tmp_path, capsys,

@@ -304,7 +304,7 @@ def test_a_stop_signal_saves_the_step_and_resume_stays_exact(tmp_path, sig, caps
     trainer = build_trainer(sinusoid_config(6), tmp_path / "stopped")
     signal_during_step(trainer, 3, sig)
     handlers = [signal.getsignal(each) for each in StopRequests.SIGNALS]
-    with pytest.raises(TrainingInterrupted, match=f"stopped by {sig.name} after step 3 of 6.*--resume") as stopped:
+    with pytest.raises(TrainingInterrupted, match=f"stopped by {sig.name} after step 3 of 6.*resume=True") as stopped:
         trainer.fit(progress=False)
     assert stopped.value.exit_code == 128 + sig
     # a BaseException, as KeyboardInterrupt: a sweep's `except Exception` does not swallow the stop
@@ -342,7 +342,7 @@ def test_the_time_limit_stops_before_an_iteration_that_would_end_past_it_and_res
         return real_meta_loss(batch)
 
     trainer.learner.meta_loss = ten_seconds
-    with pytest.raises(TrainingStopped, match="stopped at its time limit after step 3 of 6.*--resume") as stopped:
+    with pytest.raises(TrainingStopped, match="stopped at its time limit after step 3 of 6.*resume=True") as stopped:
         trainer.fit(progress=False, time_limit_s=35.0)
     assert stopped.value.exit_code == 75
     assert load_trained(tmp_path / "limited")[2] == 3
@@ -364,7 +364,8 @@ def test_stop_at_pauses_after_that_step_of_the_schedule_and_resume_stays_exact(t
     straight.fit(progress=False)
 
     trainer = build_trainer(config, tmp_path / "paused")
-    with pytest.raises(TrainingStopped, match=r"stopped as asked \(stop_at\) after step 2 of 6.*--resume") as stopped:
+    with pytest.raises(TrainingStopped,
+                       match=r"stopped as asked \(stop_at\) after step 2 of 6.*resume=True") as stopped:
         trainer.fit(progress=False, stop_at=2)
     assert stopped.value.exit_code == 0
     assert load_trained(tmp_path / "paused")[2] == 2
@@ -753,21 +754,44 @@ def test_extending_a_linearly_annealed_run_is_refused(tmp_path):
         build_trainer(sinusoid_config(4, lr_anneal="linear"), tmp_path, resume=True)
 
 
-def test_diverging_episodes_are_counted_and_reported(tmp_path):
-    from metalearn.evaluation import format_result
+def test_diverging_episodes_are_counted_and_warned_of_at_the_user_s_call(tmp_path):
+    """evaluate_run, the test after train and compare_learners warn (MetalearnWarning) of what
+    the command line says of a diverged score, naming the advice as Python spells it; the
+    score's lines hold no warning, so the command line shows the warning once."""
+    from metalearn.api import train
+    from metalearn.evaluation import format_result, result_warnings
+    from metalearn.uncertainty import compare_learners
 
     build_trainer(sinusoid_config(2), tmp_path).fit(progress=False)
-    result = evaluate_run(tmp_path, episodes=10, progress=False, overrides={"inner_lr": 1e30})
-    assert result["diverged"] == 10
-    assert "10 of 10 episodes diverged" in format_result(result)
-    assert format_result(result).endswith("try fewer test-time steps, e.g. --set test_inner_steps=1")
+    with pytest.warns(MetalearnWarning, match=re.escape(
+            "10 of 10 episodes diverged (non-finite score); try fewer test-time steps, e.g. "
+            "overrides={'test_inner_steps': 1}")) as caught:
+        result = evaluate_run(tmp_path, episodes=10, progress=False, overrides={"inner_lr": 1e30})
+    assert [w.filename for w in caught] == [__file__]  # the user's line, not the library's
+    assert result["diverged"] == 10 and "diverged" not in format_result(result)
+    assert [w.with_flags() for w in result_warnings(result)] == [
+        "10 of 10 episodes diverged (non-finite score); try fewer test-time steps, e.g. --set test_inner_steps=1"]
     # the option is named only for a method that has it
-    assert format_result({**result, "method": "protonet"}).endswith("try fewer test-time steps")
-    assert evaluate_run(tmp_path, episodes=10, progress=False)["diverged"] == 0
+    assert [str(w) for w in result_warnings({**result, "method": "protonet"})] == [
+        "10 of 10 episodes diverged (non-finite score); try fewer test-time steps"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MetalearnWarning)  # a clean score: no warning
+        assert evaluate_run(tmp_path, episodes=10, progress=False)["diverged"] == 0
+    with pytest.warns(MetalearnWarning, match=re.escape(
+            "4 of 4 episodes of a diverged (non-finite predictions), which makes its measures NaN; try fewer "
+            "test-time steps, e.g. overrides={'test_inner_steps': 1}")) as caught:
+        compared = compare_learners({"a": tmp_path}, episodes=4, overrides={"inner_lr": 1e30})
+    assert compared["a"]["diverged"] == 4 and [w.filename for w in caught] == [__file__]
+    # the initial weights of a run that trains none, tested with a learning rate that diverges
+    config = resolve_config("maml", task={"dataset": "sinusoid"}, method_config={"inner_lr": 1e30},
+                            train={"steps": 0, "eval_episodes": 4})
+    with pytest.warns(MetalearnWarning, match="^4 of 4 episodes diverged") as caught:
+        _, tested = train(config, tmp_path / "untrained", progress=False, announce=None)
+    assert tested["diverged"] == 4 and [w.filename for w in caught] == [__file__]
 
 
 def test_some_diverged_episodes_make_the_mean_nan_and_the_others_are_reported():
-    from metalearn.evaluation import evaluate, format_result
+    from metalearn.evaluation import evaluate, result_warnings
     from metalearn.tasks import SinusoidTasks
 
     class EveryOtherDiverges(nn.Module):
@@ -787,12 +811,12 @@ def test_some_diverged_episodes_make_the_mean_nan_and_the_others_are_reported():
     targets = source.sample(6, torch.Generator().manual_seed(3)).query_y
     assert result["diverged"] == 3 and math.isnan(result["mean"])
     assert result["mean_of_finite"] == pytest.approx(float(targets[1::2].square().mean()), rel=1e-6)
-    assert f"3 of 6 episodes diverged (non-finite score); the other 3 score {result['mean_of_finite']:.4f}" \
-        in format_result(result)
+    assert str(result_warnings(result)[0]).startswith(
+        f"3 of 6 episodes diverged (non-finite score); the other 3 score {result['mean_of_finite']:.4f} on average")
 
 
 def test_a_few_far_off_mse_episodes_are_named_and_a_huge_mean_is_printed_in_powers_of_ten():
-    from metalearn.evaluation import evaluate, format_result, outliers
+    from metalearn.evaluation import evaluate, format_result, outliers, result_warnings
     from metalearn.tasks import SinusoidTasks
 
     class OneFarOff(nn.Module):
@@ -816,9 +840,11 @@ def test_a_few_far_off_mse_episodes_are_named_and_a_huge_mean_is_printed_in_powe
     assert result["outliers"] == 1 and result["outlier_max"] == pytest.approx(float(scores[4]))
     assert result["mean_without_outliers"] == pytest.approx(float(others.mean()))
     assert result["median"] == pytest.approx(float(scores.median())) and result["mean"] > 1000 * result["median"]
-    text = format_result(result)
-    assert "1 of 20 tasks scores an MSE over 100 times the median task's" in text
-    assert f"the other 19 score {result['mean_without_outliers']:.4f} on average" in text
+    [warning] = result_warnings(result)
+    assert str(warning).startswith("1 of 20 tasks scores an MSE over 100 times the median task's")
+    assert str(warning).endswith(f"the other 19 score {result['mean_without_outliers']:.4f} on average (per-task "
+                                 "scores: the result's `scores`, also in the evaluation file)")
+    assert warning.with_flags().endswith("(per-task scores: `scores` in the evaluation file)")
     # none where the scores are alike, where many are far off (that is the score), or for accuracy
     assert outliers(torch.tensor([1.0, 2.0, 3.0, 50.0]), "mse") == {}
     assert outliers(torch.tensor([1.0] * 8 + [500.0] * 2), "mse") == {}
@@ -830,9 +856,10 @@ def test_a_few_far_off_mse_episodes_are_named_and_a_huge_mean_is_printed_in_powe
     huge = {"metric": "mse", "mean": float("nan"), "ci95": float("nan"), "per_step": [1.0, 4.5e33], "episodes": 30,
             "diverged": 1, "mean_of_finite": 7.5e30, "outliers": 2, "outlier_max": 1e32, "median": 0.5,
             "mean_without_outliers": 0.75}
-    text = format_result(huge)
-    assert "the other 29 score 7.5e+30 on average" in text and "after 0..1 adaptation steps: 1.000 4.5e+33" in text
-    assert "the mean of the finite scores rests on them; the other 27 score 0.7500 on average" in text
+    diverged, far_off = (str(warning) for warning in result_warnings(huge))
+    assert "after 0..1 adaptation steps: 1.000 4.5e+33" in format_result(huge)
+    assert "the other 29 score 7.5e+30 on average" in diverged
+    assert "the mean of the finite scores rests on them; the other 27 score 0.7500 on average" in far_off
 
 
 def test_diverged_classification_episodes_score_nan_not_chance():
@@ -970,7 +997,8 @@ def test_a_stop_signal_in_the_last_step_saves_it_and_skips_the_test_evaluation(t
         return trainer
 
     monkeypatch.setattr("metalearn.api.build_trainer", signalled_in_the_last_step)
-    with pytest.raises(TrainingInterrupted, match=r"after step 3 of 3.*continue with .*--resume"):
+    with pytest.raises(TrainingInterrupted, match=r"after step 3 of 3.*continue with `metalearn\.train\(config, "
+                                                  r"run_dir=.*, resume=True\)`"):
         train(sinusoid_config(3), tmp_path, progress=False)
     assert load_trained(tmp_path)[2] == 3
     assert not (tmp_path / "eval.json").exists()

@@ -82,9 +82,10 @@ def summarize_runs(run_dirs: list[Path | str], group_by: list[str] | None = None
         run = RunDir(run_dir)
         config = run.read_config().to_dict()
         scores = run.read_evaluations()
-        if evaluation not in scores:
-            raise MetalearnError(f"{run.path} holds no {evaluation}.json: score it first (metalearn eval {run.path}"
-                                 + ("" if evaluation == "eval" else ", with the options the name lists") + ")")
+        if evaluation not in scores:  # the evaluation as the caller would run it: evaluate_run, or metalearn eval
+            raise OptionError(f"{run.path} holds no {evaluation}.json: score it first ({{score}}"
+                              + ("" if evaluation == "eval" else ", with the options the name lists") + ")",
+                              score=(f"evaluate_run({str(run.path)!r})", f"metalearn eval {run.path}"))
         scored = scores[evaluation]
         mean = scored.get("mean")
         if isinstance(mean, bool) or not isinstance(mean, (int, float)) or not isinstance(scored.get("metric"), str):

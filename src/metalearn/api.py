@@ -25,8 +25,9 @@ from metalearn.config import (RESUMABLE_CHANGES, RunConfig, TaskConfig, TrainCon
                               sets_task_option, task_differences)
 from metalearn.datasets import DATASETS, get_dataset, reads_image_folder
 from metalearn.distributed import World, init_world
-from metalearn.errors import (ConfigError, MetalearnError, MetalearnWarning, OptionError, OptionWarning, Terminated,
-                              TrainingInterrupted, caller_level, check_count, check_whole, flag, stopped_by, valued)
+from metalearn.errors import (ConfigError, MetalearnError, MetalearnWarning, OptionError, OptionLine, OptionWarning,
+                              Terminated, TrainingInterrupted, caller_level, check_count, check_flags, check_whole,
+                              flag, stopped_by, valued)
 from metalearn.evaluation import EPISODE_CHUNK, evaluate
 from metalearn.evaluation_setup import (episode_seed, evaluation_labels, given_split, other_images_label, plain_shape,
                                         plain_values, recorded_seeds, warn_of_other_images, warn_of_training_classes,
@@ -34,12 +35,12 @@ from metalearn.evaluation_setup import (episode_seed, evaluation_labels, given_s
 from metalearn.options import option_defaults
 from metalearn.runs import (RunDir, claim_new_run_dir, default_runs_root, evaluation_step, json_finite,
                             new_run_name, recorded_plugins, registered_in_python)
-from metalearn.files import (WriteError, atomic_write_files, check_folder_path, obstacle, probe_writable,
-                             remove_export_temporaries, remove_stale_folders, user_path)
+from metalearn.files import (FILE, FOLDER, IMAGES, RUN, WriteError, atomic_write_files, check_folder_path, check_paths,
+                             obstacle, probe_writable, remove_export_temporaries, remove_stale_folders, user_path)
 from metalearn.locking import make_folders
 from metalearn.models import NETWORKS
 from metalearn.plugins import load_plugins, unknown_hint
-from metalearn.runtime import cuda_devices, own_random_state
+from metalearn.runtime import cuda_devices, own_random_state, show_progress
 from metalearn.tasks import has_validation, no_validation_reason, problem_of
 from metalearn.checkpoints import (check_compatible, check_same_method, configuration_conflict, load_trained,
                                    load_trained_state, recorded_images, run_images, saved_config)
@@ -53,7 +54,7 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
     """A full RunConfig from the options the user gave; everything else takes the paper's value
     for this method and task (its ``paper_defaults``), or ``preset``'s (one of the method's
     ``presets``, e.g. MAML's ``"maml++"``), or, when resuming, the value saved in the run directory."""
-
+    check_paths(("resume_from", resume_from, RUN))
     for name, given, fields in (("task", task, TaskConfig), ("train", train, TrainConfig), ("method_config",
                                                                                             method_config, None)):
         if given is not None and not isinstance(given, dict):
@@ -249,7 +250,8 @@ def check_train_options(given: dict[str, Any], train: TrainConfig, method_option
     resolved Config, whose schedule steps are checked too)."""
     if train.val_every == 0 and given.get("keep_best"):  # no validation: no score to keep checkpoints by
         raise ConfigError("TrainConfig", "keep_best", "applies only with validation (`val_every` above 0); "
-                                                      "without it `metalearn eval --ensemble` would find none")
+                                                      "without it {ensemble} would find none",
+                          ensemble=("evaluate_run(run_dir, ensemble=True)", "`metalearn eval --ensemble`"))
     if warn:
         warn_of_schedule(train, method_options)
 
@@ -353,7 +355,7 @@ def check_options_apply(method: str, given_method: dict[str, Any], method_config
 
 
 def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path | str | None = None,
-          resume: bool = False, progress: bool = True, evaluate_after: bool = True,
+          resume: bool = False, progress: bool | None = None, evaluate_after: bool = True,
           announce: Callable[[str], None] | None = print, device: str = "cpu",
           exact_gpu_kernels: bool = True, time_limit_s: float | None = None,
           stop_at: int | None = None,
@@ -372,16 +374,25 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
     step (equal: nothing is trained, so that the same call can be repeated): runs of a long
     schedule (cosine annealing, derivative-order switch) compared at equal steps. ``on_record``:
     called with each training and validation record as it is logged, to send it on to
-    TensorBoard or Weights & Biases (:meth:`~metalearn.training.Trainer.fit`)."""
+    TensorBoard or Weights & Biases (:meth:`~metalearn.training.Trainer.fit`). ``progress``:
+    progress bars; None (the default) draws them only when the error output is a terminal, not
+    into a log file (:func:`~metalearn.runtime.show_progress`), as the command line does.
+
+    The test warns, as :func:`evaluate_run` does, of diverged episodes and of a mean carried by
+    a few far-off tasks (:class:`~metalearn.errors.MetalearnWarning`). Unlike the ``metalearn``
+    command (``--allocator tuned``, its default), this leaves glibc's allocator as it is: call
+    :func:`metalearn.runtime.tune_allocator` once before training for the command's speed on
+    the CPU (a 60-way ProtoNet step 681 -> 466 ms; the process then keeps its peak memory until
+    it exits; on Linux with glibc only, elsewhere it does nothing)."""
     from metalearn.training import check_stop_at, now
 
     if not isinstance(config, RunConfig):
         raise MetalearnError(f"train takes a RunConfig (from resolve_config, or RunConfig.from_dict of a saved "
                              f"config.json), got {type(config).__name__}")
     started = now()
-    for name, flag_value in (("resume", resume), ("progress", progress), ("evaluate_after", evaluate_after)):
-        if flag_value not in (True, False):  # "yes" or "false" would read as true
-            raise MetalearnError(f"train's {name} is True or False, got {flag_value!r}")
+    check_flags("train", resume=resume, evaluate_after=evaluate_after, exact_gpu_kernels=exact_gpu_kernels)
+    progress = show_progress(progress, "train")
+    check_paths(("run_dir", run_dir, FOLDER), ("data_dir", data_dir, FOLDER))
     if time_limit_s is not None and (isinstance(time_limit_s, bool) or not isinstance(time_limit_s, numbers.Real)
                                      or not time_limit_s > 0):
         raise MetalearnError(f"the time limit must be a positive number of seconds, got {time_limit_s!r}")
@@ -416,10 +427,11 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
                  f"complete already (step {trainer.step} of {config.train.steps}), nothing to train")
         # --steps 0 is allowed on purpose: the initial weights, saved and tested, are a baseline
         tested = " and tested" if evaluate_after else ""
-        untrained = (f" (--steps 0: no training; the initial weights are saved{tested})"
-                     if not config.train.steps else "")
-        if announce is not None:
-            announce(f"{start}: {config.method} on {config.task.dataset}, run directory {run_dir}{untrained}")
+        untrained = (f" ({{steps}}: no training; the initial weights are saved{tested})" if not config.train.steps
+                     else "")
+        if announce is not None:  # an OptionLine: steps=0 as Python gives it, --steps 0 on the command line
+            said = f"{start}: {config.method} on {config.task.dataset}, run directory {run_dir}"  # a field: kept as is
+            announce(OptionLine("{said}" + untrained, said=(said, said), steps=setting("steps", 0)))
     try:  # the loop turns Ctrl-C into TrainingInterrupted; before it (the first save) and after (the last) it is raw
         trainer.fit(progress=progress, time_limit_s=None if time_limit_s is None else time_limit_s - (now() - started),
                     stop_at=stop_at, keep_lock=evaluate_after, on_record=on_record)
@@ -466,7 +478,7 @@ def _next_command(config: RunConfig, run_dir, data_dir) -> str:
 
 
 def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0, part: str = "test",
-                 data_dir: Path | str | None = None, progress: bool = True, world: World | None = None,
+                 data_dir: Path | str | None = None, progress: bool | None = None, world: World | None = None,
                  overrides: dict[str, Any] | None = None, device: str = "cpu",
                  episode_shape: dict[str, int] | None = None, per_step: bool = True,
                  exact_gpu_kernels: bool = True, ensemble: bool = False,
@@ -506,6 +518,8 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     ("" for none). The file is checked before the evaluation, which can take long: refused in
     one line where it cannot be written (a read-only run folder, a folder in its place) or
     where it holds the evaluation of a later checkpoint, which this one would not replace.
+    ``progress``: progress bars; None (the default) draws them only when the error output is a
+    terminal, not into a log file, as the command line does.
 
     Returns what the file holds: :func:`metalearn.evaluation.evaluate`'s result (``metric``,
     ``mean`` (accuracy in percent, MSE, or return), ``ci95``, ``per_step``, ``scores``, ...)
@@ -516,6 +530,9 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     from metalearn.config import MAX_SEED
     from metalearn.evaluation import check_seed
 
+    check_flags("evaluate_run", per_step=per_step, exact_gpu_kernels=exact_gpu_kernels, ensemble=ensemble)
+    progress = show_progress(progress, "evaluate_run")
+    check_paths(("run_dir", run_dir, RUN), ("data_dir", data_dir, FOLDER), ("split_file", split_file, "a JSON file"))
     check_protocol_or_ensemble(protocol, ensemble)
     if episodes is not None:
         episodes = check_count(episodes, "episodes")
@@ -666,6 +683,9 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
                       if data_dir is not None and reads_image_folder(config.task.dataset) else {}),
                    **(extra or {})})
     if world.is_main:
+        from metalearn.evaluation import warn_of_result
+
+        warn_of_result(result)  # diverged episodes, outlying tasks: before the file, which may be refused
         if before_write is not None:
             before_write()
         try:
@@ -693,6 +713,8 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
     from metalearn.plotting import plot_learning_curves, plot_regression_fits
     from metalearn.tasks import build_task_source, check_data_dir, true_function
 
+    check_paths(("run_dir", run_dir, RUN), ("data_dir", data_dir, FOLDER), ("compare_with", compare_with, RUN),
+                ("out_dir", out_dir, FOLDER))
     run = RunDir(run_dir)
     plots = run.plots_dir if out_dir is None else user_path(out_dir, "out_dir")
     if until_step is not None:
@@ -935,13 +957,18 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
     trained on after it; for an ensemble, other checkpoints than the run's best now), and a plot in ``out_dir`` that this export did not write (from an
     earlier export there, left in place: nothing outside the record's own files is deleted).
     Refused with a :class:`MetalearnError` before anything is drawn: an ``out_dir`` that is
-    the run folder or lies inside it (but for its ``plots/``), and one inside ``data_dir`` or
-    inside the image folder the run trained on, which its checkpoint records (a later training
-    on that folder would read the record's files as images)."""
+    the run folder itself or lies inside its ``best/`` (the record would lie among the files
+    the run writes and deletes; any other folder inside the run folder, its ``plots/`` or a
+    ``record/`` of your own, is taken), one that is or lies inside another run's folder (a folder with a
+    checkpoint), and one inside ``data_dir`` or inside the image folder the run trained on,
+    which its checkpoint records (a later training on that folder would read the record's
+    files as images)."""
     import tempfile
 
     from metalearn.tasks import check_outside_data
 
+    check_paths(("run_dir", run_dir, RUN), ("out_dir", out_dir, FOLDER), ("data_dir", data_dir, FOLDER),
+                ("compare_with", compare_with, RUN))
     run = RunDir(run_dir)
     config = run.read_config()
     out_dir = user_path(out_dir, "out_dir")
@@ -1338,6 +1365,8 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
                                       refuse_outputs_among_inputs, refuse_run_files, write_together)
     from metalearn.uncertainty import check_samples_apply
 
+    check_paths(("run_dir", run_dir, RUN), ("json_out", json_out, FILE), ("csv_out", csv_out, FILE),
+                ("sheet", sheet, FILE))
     # ~ expanded; a str kept as a str, since "out/" names a folder
     named = [(OUTPUTS[name], os.path.expanduser(path) if isinstance(path, str) else Path(path).expanduser())
              for name, path in (("json_out", json_out), ("csv_out", csv_out), ("sheet", sheet)) if path is not None]
@@ -1390,7 +1419,7 @@ def support_files(paths: list[Path | str]) -> list[Path]:
     """The image files named by ``support`` (``--support``): files as given, folders as every
     file in them (by name)."""
     files: list[Path] = []
-    for path in (user_path(p, "support") for p in paths):  # "~/drawings" as a shell expands it
+    for path in (user_path(p, "support", what=IMAGES) for p in paths):  # "~/drawings" as a shell expands it
         if path.is_dir():
             files += sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
         elif path.is_file():
@@ -1430,6 +1459,7 @@ def sample_run(run_dir: Path | str, support: Path | str | list[Path | str], num:
     from metalearn.plotting_samples import plot_image_rows
     from metalearn.prediction import check_output_file, refuse_outputs_among_inputs, refuse_run_files
 
+    check_paths(("run_dir", run_dir, RUN), ("out", out, FILE))
     if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= MAX_SAMPLES:
         raise OptionError(f"{{num}} must be a whole number from 1 to {MAX_SAMPLES}, got {num!r}", num="num")
     if out is not None:  # found out now, not after the model has drawn
@@ -1487,6 +1517,7 @@ def plot_conditional_samples(run_dir: Path | str, data_dir: Path | str | None = 
     from metalearn.prediction import check_output_file, refuse_outputs_among_inputs, refuse_run_files
     from metalearn.tasks import build_task_source
 
+    check_paths(("run_dir", run_dir, RUN), ("data_dir", data_dir, FOLDER), ("out", out, FILE))
     if out is not None:  # found out now, not after the model has drawn
         check_output_file("out", out, "conditional_samples.png", ".png")
         refuse_run_files([("out", out)])  # before the run's checkpoint is read

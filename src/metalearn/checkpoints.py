@@ -146,12 +146,15 @@ def check_same_method(saved: RunConfig, method: str, run_path: Path | str) -> No
     if saved.method != method:
         # the images' folder, where the checkpoint records none (or it is gone): a resume needs it
         recorded = recorded_images(RunDir(run_path)) if reads_image_folder(saved.task.dataset) else None
-        folder = (" --data-dir FOLDER" if reads_image_folder(saved.task.dataset) and (recorded is None or
-                                                                                    not recorded.is_dir()) else "")
-        raise OptionError(  # the command that continues it stays a command, as the shell takes it
-            f"{run_path} is a {saved.method} run, not {method}: continue it with `metalearn train "
-            f"{saved.method} --resume --run-dir {run_path}{folder}`, or train {method} in another {{run_dir}}",
-            run_dir="run_dir")
+        folder = reads_image_folder(saved.task.dataset) and (recorded is None or not recorded.is_dir())
+        path = repr(str(run_path))
+        resume = (f"metalearn.train(metalearn.resolve_config({saved.method!r}, resume_from={path}), run_dir={path}"
+                  + (", data_dir=FOLDER" if folder else "") + ", resume=True)",
+                  f"metalearn train {saved.method} --resume --run-dir {run_path}" + (" --data-dir FOLDER" if folder
+                                                                                       else ""))
+        raise OptionError(  # the call that continues it, as the caller's: Python's, or the shell's command
+            f"{run_path} is a {saved.method} run, not {method}: continue it with `{{resume}}`, or train {method} in "
+            "another {run_dir}", resume=resume, run_dir="run_dir")
 
 
 RESUME_ADVICE = "Resume with the same options, or start a new run directory."
@@ -714,8 +717,8 @@ def load_trained_state(run_dir: Path | str, overrides: dict[str, Any] | None = N
         with own_random_state([]):  # its initial weights, replaced by the checkpoint's, drawn apart from the caller's
             learner = build_learner(config.method, options, problem_of(config.task))
         load_learner_state(learner, state["learner"], run.path, changed)  # a memory of other size: a ConfigError
-    except ConfigError as err:
-        err.settings = settable
+    except ConfigError as err:  # --set NAME on the command line, overrides['NAME'] from Python
+        err.name_overrides(settable, overrides or {})
         raise
     return config, learner, int(state["step"]), {key: value for key, value in state.items()
                                                   if key not in ("learner", "optimizer")}

@@ -25,13 +25,13 @@ from metalearn.checkpoints import data_fix
 from metalearn.config import MAX_EPISODES, MAX_SEED, TaskConfig, TrainConfig
 from metalearn.distributed import leave_world, reports
 from metalearn.errors import (TIME_LIMIT_EXIT, ConfigError, MetalearnError, MetalearnWarning, OptionError, Options,
-                              STOP_SIGNALS, Terminated, TrainingInterrupted, TrainingStopped, first_line, flag,
-                              size_overflow_in, spellings, stopped_by)
+                              OptionLine, STOP_SIGNALS, Terminated, TrainingInterrupted, TrainingStopped,
+                              first_line, flag, size_overflow_in, spellings, stopped_by)
 from metalearn.files import check_writable_file
 from metalearn.options import help_of
 from metalearn.plugins import load_plugins, unknown_hint
 from metalearn.runs import EvaluationSuperseded, RunDir, json_finite
-from metalearn.runtime import DroppingStream, tune_allocator
+from metalearn.runtime import DroppingStream, show_progress, tune_allocator
 
 FAST_GPU_HELP = ("on a GPU, keep torch's default kernels (TF32 convolutions, non-deterministic cuDNN "
                  "algorithms): faster, but MAML's meta-gradient loses accuracy and a resumed run no longer "
@@ -49,17 +49,6 @@ PLOT_DATA_DIR_HELP = (f"a Neural Statistician run's images, for its conditional 
                       "a folder run: the folder its checkpoint records); other runs need none")
 
 PROGRESS_HELP = "show progress bars (default: when the error output is a terminal, not a log file)"
-
-
-def show_progress(given: bool | None) -> bool:
-    """--progress/--no-progress as given, else bars only on a terminal: a bar redrawn into a log
-    file (nohup, a scheduler's output) writes a line per redraw."""
-    if given is not None:
-        return given
-    try:  # stderr may be closed (2>&-: None) or replaced by an object without isatty
-        return bool(sys.stderr.isatty())
-    except (AttributeError, ValueError, OSError):
-        return False
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -121,19 +110,6 @@ class OrNone(click.ParamType):
 
     def get_metavar(self, param, ctx=None):
         return f"{self.base.name.upper()}|none"
-
-
-def echo_result(text: str) -> None:
-    """A score as :func:`~metalearn.evaluation.format_result` words it: its ``warning:`` lines
-    (diverged episodes, outlying tasks) on the error output, as every other warning, so that
-    a script reading the score from the output reads the score alone."""
-    lines = text.splitlines()
-    kept = [line for line in lines if not line.startswith("warning: ")]
-    if kept:
-        click.echo("\n".join(kept))
-    for line in lines:
-        if line.startswith("warning: "):
-            click.echo(line, err=True)
 
 
 class Duration(click.ParamType):
@@ -351,7 +327,9 @@ def _make_train_command(method: str) -> click.Command:
             time_limit = max(time_limit - process_age_s(), 1e-3)
         run_dir, result = train(config, run_dir=options["run_dir"], data_dir=options["data_dir"],
                                 resume=options["resume"], progress=show_progress(options["progress"]),
-                                evaluate_after=options["eval"], announce=click.echo, device=options["device"],
+                                evaluate_after=options["eval"], device=options["device"],
+                                announce=lambda line: click.echo(line.with_flags() if isinstance(line, OptionLine)
+                                                                 else line),  # --steps 0 as the flag
                                 exact_gpu_kernels=not options["fast_gpu_kernels"],
                                 time_limit_s=time_limit, stop_at=options["stop_at"])
         if not reports():
@@ -359,7 +337,7 @@ def _make_train_command(method: str) -> click.Command:
         if result is not None:
             from metalearn.evaluation import format_result
 
-            echo_result(format_result(result))
+            click.echo(format_result(result))
         click.echo(f"run directory: {run_dir}")
 
     params = [_option_for(f, hidden=f.name in hidden,
@@ -536,10 +514,10 @@ def eval_command(run_dir, episodes, seed, part, data_dir, settings, ways, shots,
                               written=lambda path, earlier: where.update(path=path, earlier=earlier))
     except EvaluationSuperseded as err:  # the score, though not filed, is shown: the evaluation took its time
         if reports() and err.result is not None:
-            echo_result(format_result(err.result) if protocol is None else format_protocol_result(err.result))
+            click.echo(format_result(err.result) if protocol is None else format_protocol_result(err.result))
         raise
     if reports():  # under torchrun rank 0 alone writes, and says so
-        echo_result(format_result(result) if protocol is None else format_protocol_result(result))
+        click.echo(format_result(result) if protocol is None else format_protocol_result(result))
         earlier = where["earlier"]
         click.echo(f"written to {where['path']}" + (f" (replacing the earlier evaluation there: {earlier})"
                                                     if earlier else ""))
@@ -641,11 +619,6 @@ def compare(run_dirs, episodes, seed, part, num_samples, json_path, settings, da
         click.echo(json.dumps(json_finite(result), indent=2, allow_nan=False))
     else:
         echo_comparison(result, labels, measures, part, seed)
-    for label in labels:  # as eval warns of them: a diverged episode makes the run's measures NaN
-        if result[label].get("diverged"):
-            click.echo(f"warning: {result[label]['diverged']} of {result['episodes']} episodes of {label} diverged "
-                       "(non-finite predictions), which makes its measures NaN; try fewer test-time steps",
-                       err=True)
     if json_path:
         from metalearn.files import atomic_write_bytes
 

@@ -64,6 +64,10 @@ class TaskConfig:
         get_dataset(self.dataset)  # a known name
         if self.split_fractions and self.split_file:  # two splits of one folder: which one is meant?
             raise ConfigError("TaskConfig", ("split_fractions", "split_file"), "both split the classes; give one of them")
+        if isinstance(self.split_file, str) and self.split_file and not self.split_file.strip():
+            # "" is none; a blank name would be read as a file in the current folder
+            raise ConfigError("TaskConfig", "split_file", f'is blank (give a JSON file, or "" for none), got '
+                                                          f"{self.split_file!r}")
         if self.split_file:  # as an absolute path: a resume, eval or plot from another folder finds it
             object.__setattr__(self, "split_file", str(Path(self.split_file).expanduser().absolute()))
         # checked here, before any network is built for the shape (its head has `ways` outputs)
@@ -210,6 +214,8 @@ class TrainConfig:
 
         if self.steps < 0:
             refuse("steps", "must be >= 0")
+        if isinstance(self.init_from, str) and self.init_from and not self.init_from.strip():
+            refuse("init_from", 'is blank (give a run folder, or "" for none)')  # "": none; blank: the current folder
         if self.log_every is None:
             object.__setattr__(self, "log_every", default_log_every(self.steps))
         if self.meta_batch_size < 1:

@@ -31,8 +31,8 @@ class Dataset:
     run trains without validation). ``defaults`` fill task options the user left unset;
     ``fixed`` are values the tasks always take; ``inapplicable`` options are refused, each for
     its reason in ``reasons`` (the rest of "--split-fractions does not apply to mini-imagenet:
-    ...", with other options in backticks) where the dataset's kind is not the reason (see
-    :meth:`refuse`).
+    ...", with other options in backticks and an option with a value as a ``{name}`` field of
+    :data:`REASON_OPTIONS`) where the dataset's kind is not the reason (see :meth:`refuse`).
     ``prepare(images, image_size, channels)`` turns new images (files, PIL images, tensors) into
     inputs as the dataset's own were made, for ``predict``, ``fit_predict`` and ``sample``
     (None: :func:`metalearn.data.images.prepare_images`). ``reinforcement``: the tasks are MDPs
@@ -116,10 +116,12 @@ class Dataset:
                 listed = ", ".join(f"`{name}`" for name in names)
                 clauses.append(f"{listed} {verb} not apply either: "
                                + (reason or f"{self.name} is a {self.kind} dataset"))
-        return ConfigError("TaskConfig", tuple(next(iter(groups.values()))), "; ".join(clauses))
+        return ConfigError("TaskConfig", tuple(next(iter(groups.values()))), "; ".join(clauses), **REASON_OPTIONS)
 
 
 DATASETS: dict[str, Dataset] = {}
+# options with a value that a reason of Dataset.reasons names as a {name} field, spelled as the caller gives them
+REASON_OPTIONS = {"folder_dataset": ("dataset='folder'", "--dataset folder")}
 
 
 def of_photographs(name: str) -> bool:
@@ -338,7 +340,7 @@ register_dataset(Dataset("mini-imagenet", defaults={"image_size": 84, "channels"
                          inapplicable=("noise_std", "split", "split_fractions", "split_file"),
                          reasons={"split": f"{_RELEASE_SPLIT} (`split` chooses among Omniglot's published splits)",
                                   **dict.fromkeys(("split_fractions", "split_file"), f"{_RELEASE_SPLIT} (to split "
-                                                  "class folders of your own, use --dataset folder)")},
+                                                  "class folders of your own, use {folder_dataset})")},
                          **_FOLDER))
 register_dataset(Dataset("sinusoid", build=_sinusoid, **_REGRESSION))
 register_dataset(Dataset("sine-or-line", build=_sine_or_line, **_REGRESSION))

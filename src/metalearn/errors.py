@@ -12,7 +12,7 @@ import operator
 import re
 import signal
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 FLOAT32_MAX = 3.4028234663852886e38  # the networks compute in float32: a larger value overflows
 FLOAT32_TINY = 1.1754943508222875e-38  # float32's smallest normal number: a smaller one loses its digits, or is 0
@@ -69,6 +69,23 @@ def check_whole(owner: str, minimum: int | None = None, **counts: Any) -> None:
                     ", got {value!r} ({kind})")
 
 
+def is_flag(value: Any) -> bool:
+    """Whether ``value`` is True or False (NumPy's bools, 1 and 0 too), as an on/off keyword
+    takes it: a string ("no", "False") would read as true, None as false."""
+    try:
+        return value in (True, False)
+    except (TypeError, ValueError, RuntimeError):  # an array or tensor, whose truth is ambiguous
+        return False
+
+
+def check_flags(owner: str, **flags: Any) -> None:
+    """Refuse, in one line naming ``owner``'s keyword, an on/off argument that is not True or
+    False (:func:`is_flag`): ``evaluate_run(run, ensemble="False")`` would run an ensemble."""
+    for name, value in flags.items():
+        if not is_flag(value):
+            raise MetalearnError(f"{owner}'s {name} is True or False, got {value!r}")
+
+
 def require_number(value: float, owner: str, field: str, *, zero_allowed: bool = False) -> None:
     """Refuse a learning rate, scale or standard deviation that is not a finite number above 0
     (at least 0 with ``zero_allowed``): NaN, infinity or a value beyond float32 would only
@@ -116,15 +133,37 @@ class ConfigError(MetalearnError):
     field of another config is written with its owner (```MAMLRL.Config.outer```), which the
     command line spells as the flag alone (``--outer``). An option of the call that is no config
     field (``preset``) is a ``{name}`` field given in ``options``, as :class:`Options` takes it
-    (``preset=("preset='maml++'", "--preset maml++")``)."""
+    (``preset=("preset='maml++'", "--preset maml++")``).
+
+    An evaluation's refusal of its method options names them as that call changes them
+    (:meth:`name_overrides`): ``overrides['test_inner_steps']`` from Python, ``--set
+    test_inner_steps`` on the command line."""
 
     def __init__(self, owner: str, field: str | tuple[str, ...], problem: str, **options: str | tuple[str, str]):
         self.owner, self.problem = owner, problem
         self.options = spelled(options)
         self.settings: frozenset[str] = frozenset()  # fields given as `--set NAME=VALUE`, not as their flags
+        self.overridden: frozenset[str] = frozenset()  # fields given in a Python call's `overrides`
         self.fields = (field,) if isinstance(field, str) else tuple(field)
         self.field = self.fields[0]
-        super().__init__(self.render(lambda name, of=owner: f"{of}.{name}" if of else name))
+        super().__init__(self.render(self.python_name))
+
+    def python_name(self, field: str, owner: str | None = None) -> str:
+        """How the Python API names ``field`` (of ``owner``, else of this error's config):
+        ``MAML.Config.inner_lr``, or ``overrides['inner_lr']`` for a field of :attr:`overridden`."""
+        if owner is None:
+            if field in self.overridden:
+                return f"overrides[{field!r}]"
+            owner = self.owner
+        return f"{owner}.{field}" if owner else field
+
+    def name_overrides(self, settable: Iterable[str], given: Iterable[str]) -> None:
+        """Name fields as an evaluation changes a run's method options: each of ``settable`` (every
+        option that the command line changes with ``--set`` alone) as ``--set NAME`` there, and
+        each of ``given`` (the call's ``overrides``) as ``overrides['NAME']`` from Python, where
+        the others keep their config's name; the message is spelled again so."""
+        self.settings, self.overridden = frozenset(settable), frozenset(given)
+        self.args = (self.render(self.python_name),)
 
     def render(self, name: Callable[..., str], flags: bool = False) -> str:
         """The message with every field named by ``name(field)``, or ``name(field, owner)`` for a
@@ -182,6 +221,25 @@ class OptionError(Options, MetalearnError):
 class OptionWarning(Options, MetalearnWarning):
     """A :class:`MetalearnWarning` that names options (see :class:`Options`), spelled as the
     caller spells them."""
+
+
+class OptionLine(str):
+    """A line of output that names options (see :class:`Options`), as ``train`` announces a run:
+    the string itself reads as the Python API spells them, :meth:`with_flags` as the command
+    line does, so that an ``announce`` of the user's prints it as their call spells it."""
+
+    template: str
+    options: dict[str, tuple[str, str]]
+
+    def __new__(cls, template: str, **options: str | tuple[str, str]):
+        named = spelled(options)
+        line = super().__new__(cls, fill(template, named, flags=False))
+        line.template, line.options = template, named
+        return line
+
+    def with_flags(self) -> str:
+        """The line with the options spelled as the command line's flags."""
+        return fill(self.template, self.options, flags=True)
 
 
 def spelled(options: dict[str, str | tuple[str, str]]) -> dict[str, tuple[str, str]]:

@@ -14,7 +14,8 @@ from torch import nn
 from metalearn.algorithms.base import MetaLearner, device_mismatch, device_of, evaluating, prediction_scores
 from metalearn.config import FRACTION, MAX_EPISODES, TrainConfig, budget_problem
 from metalearn.distributed import World
-from metalearn.errors import MetalearnError, MetalearnWarning, OptionError, caller_level, check_count
+from metalearn.errors import (MetalearnError, MetalearnWarning, OptionError, OptionWarning, caller_level,
+                              check_count)
 from metalearn.runtime import DroppingStream, cuda_devices, float32_default, own_random_state
 from metalearn.tasks import TaskSource, require_sampled_batch, require_task_source
 from metalearn.tasks.batch import TaskBatch
@@ -348,8 +349,10 @@ def _has_option(method: str | None, option: str) -> bool:
 
 
 def format_result(result: dict[str, Any]) -> str:
-    """The lines ``metalearn eval`` prints for an evaluation's ``result``; worded for the command
-    line (its advice names ``--set``), since only the command line prints it."""
+    """The lines ``metalearn eval`` prints for an evaluation's ``result``: the score, and its
+    scores after each adaptation step. What the score hides (diverged episodes, outlying tasks)
+    is not among them: the evaluation that made the result warns of it (:func:`warn_of_result`),
+    and the command line shows those warnings as it shows every other."""
     if result["metric"] == "accuracy":
         head = f"accuracy {result['mean']:.2f}% +/- {result['ci95']:.2f}% (95% CI, {result['episodes']} episodes)"
         steps = " ".join(f"{v:.1f}" for v in result["per_step"])
@@ -369,21 +372,52 @@ def format_result(result: dict[str, Any]) -> str:
         part = {"val": "validation", "train": "training"}.get(result.get("part", "test"), "test")
         text += (f"\n{part} lower bound {bound['bound_nats_per_image']:.2f} nats per image ({bound['bound_sets']} sets of "
                  f"{bound['bound_episodes']} episodes)")
+    return text
+
+
+def fewer_steps_advice(method: str | None) -> tuple[str, dict[str, tuple[str, str]]]:
+    """The advice for diverged episodes, as an :class:`~metalearn.errors.Options` template's end and its
+    fields: fewer test-time steps, with ``test_inner_steps`` named where the registered ``method`` has it."""
+    from metalearn.checkpoints import override
+
+    if not _has_option(method, "test_inner_steps"):
+        return "; try fewer test-time steps", {}
+    return "; try fewer test-time steps, e.g. {steps}", {"steps": override("test_inner_steps", 1)}
+
+
+def result_warnings(result: dict[str, Any]) -> list[OptionWarning]:
+    """What an evaluation's ``result`` warns of, one warning each: its diverged episodes (the
+    mean is then not finite; how many, what the others score, and the advice of fewer test-time
+    steps, naming ``test_inner_steps`` for a ``method`` that has it) and its outlying tasks (an
+    MSE carried by a few far-off episodes, :func:`outliers`); none for a clean result. Each
+    reads ``str()`` as Python spells its advice (``overrides={...}``), ``with_flags()`` as the
+    command line does (``--set ...``)."""
+    found = []
+    total = result["episodes"]
     if result.get("diverged"):
-        text += (f"\nwarning: {result['diverged']} of {result['episodes']} episodes diverged (non-finite "
-                 "score)")
+        text = f"{result['diverged']} of {total} episodes diverged (non-finite score)"
         if "mean_of_finite" in result:
             unit = "%" if result["metric"] == "accuracy" else ""
-            text += (f"; the other {result['episodes'] - result['diverged']} score "
+            text += (f"; the other {total - result['diverged']} score "
                      f"{_figure(result['mean_of_finite'], 2 if unit else 4)}{unit} on average")
-        text += "; try fewer test-time steps" + (", e.g. --set test_inner_steps=1" if _has_option(
-            result.get("method"), "test_inner_steps") else "")
+        advice, steps = fewer_steps_advice(result.get("method"))
+        found.append(OptionWarning(text + advice, **steps))
     if result.get("outliers"):
-        count, rest = result["outliers"], result["episodes"] - result.get("diverged", 0) - result["outliers"]
+        count, rest = result["outliers"], total - result.get("diverged", 0) - result["outliers"]
         mean = "the mean of the finite scores" if result.get("diverged") else "the mean"
-        text += (f"\nwarning: {count} of {result['episodes']} tasks score{'s' if count == 1 else ''} an MSE over "
-                 f"{OUTLIER_FACTOR:g} times the median task's ({result['median']:.4g}), up to "
-                 f"{result['outlier_max']:.4g}: {mean} rests on {'it' if count == 1 else 'them'}; the other "
-                 f"{rest} score {_figure(result['mean_without_outliers'], 4)} on average (per-task scores: `scores` "
-                 "in the evaluation file)")
-    return text
+        found.append(OptionWarning(
+            f"{count} of {total} tasks score{'s' if count == 1 else ''} an MSE over {OUTLIER_FACTOR:g} times the "
+            f"median task's ({result['median']:.4g}), up to {result['outlier_max']:.4g}: {mean} rests on "
+            f"{'it' if count == 1 else 'them'}; the other {rest} score {_figure(result['mean_without_outliers'], 4)} "
+            "on average (per-task scores: {scores})",
+            scores=("the result's `scores`, also in the evaluation file", "`scores` in the evaluation file")))
+    return found
+
+
+def warn_of_result(result: dict[str, Any]) -> None:
+    """Warn of :func:`result_warnings` (a :class:`MetalearnWarning` each, at the user's call):
+    ``evaluate_run`` and the test after ``train`` do, once per evaluation, on the rank that
+    writes its file. :func:`evaluate` itself does not, as training's validation calls it at
+    every validation; its result holds the same counts."""
+    for warning in result_warnings(result):
+        warnings.warn(warning, stacklevel=caller_level())

@@ -63,16 +63,35 @@ def _is_plain_file(path: Path) -> bool:
 SPACE_ERRORS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
-def user_path(value: Any, name: str, optional: bool = False) -> Path | None:
+# what a path names, in the refusal of an empty one: "run_dir is empty; give a run folder"
+FOLDER, RUN, FILE = "a folder path", "a run folder", "a file path"
+IMAGES = "an image file or folder"  # predict's and sample's support and query
+
+
+def user_path(value: Any, name: str, optional: bool = False, what: str = FOLDER) -> Path | None:
     """``value``, a path as a user gives it (``str`` or ``os.PathLike``), as a :class:`Path`
     with ``~`` expanded, as a shell would have done for the command line: unexpanded, a run
     folder ``~/runs/x`` would be made as ``./~/runs/x``. ``optional``: None stays None (no
-    path given). Anything else is refused in one line naming ``name``."""
+    path given). Anything else is refused in one line naming ``name``, and so is an empty (or
+    blank) string, saying to give ``what`` instead: ``Path("")`` is the current folder, which
+    the caller did not name, so that a run, an export or a read would land there unasked (the
+    command line refuses it as ``--run-dir is empty``)."""
     if value is None and optional:
         return None
+    if isinstance(value, str) and not value.strip():
+        raise MetalearnError(f"{name} is empty; give {what}")
     if isinstance(value, (str, os.PathLike)):
         return Path(value).expanduser()
     raise MetalearnError(f"{name} is a path (a str or pathlib.Path), got {type(value).__name__} {value!r}")
+
+
+def check_paths(*given: tuple[str, Any, str]) -> None:
+    """Refuse, each in one line naming its keyword, the paths of ``given`` (keyword, value, what
+    it names: :data:`FOLDER`, :data:`RUN`, :data:`FILE`) that :func:`user_path` refuses: not a
+    path, or empty. A value of None is a path not given, left to its default. For a public
+    function's path arguments, checked before anything is read or written."""
+    for name, value, what in given:
+        user_path(value, name, optional=True, what=what)
 
 
 def check_folder_path(path: Path | str, name: str = "") -> None:

@@ -21,7 +21,7 @@ from metalearn.algorithms.base import evaluating
 from metalearn.data.folder import image_files, no_images_note, warn_of_skipped_files
 from metalearn.data.images import is_image_file
 from metalearn.errors import MetalearnError, MetalearnWarning, OptionError, caller_level, spelled, valued
-from metalearn.files import WriteError, atomic_write_files, check_writable_file, same_path, user_path
+from metalearn.files import IMAGES, WriteError, atomic_write_files, check_writable_file, same_path, user_path
 from metalearn.locking import make_folders
 from metalearn.models.norm import BatchStatNorm
 from metalearn.run_files import EVAL_PATTERN, RUN_OWN_FILES
@@ -42,8 +42,7 @@ REFUSE_ABOVE = 2.0
 def read_support(folder: Path | str) -> tuple[list[str], list[list[Path]]]:
     """(class names, image files of each class) of a folder with one sub-folder per class;
     hidden entries (a name starting with ".", at any depth) are skipped."""
-    _refuse_empty("support", folder)
-    folder = user_path(folder, "support")
+    folder = user_path(folder, "support", what=IMAGES)
     given = valued("support", folder)
     if not folder.is_dir():
         raise OptionError(f"{{support}} {_what_it_is(folder)}; give a folder with one sub-folder per class",
@@ -74,13 +73,6 @@ def read_support(folder: Path | str) -> tuple[list[str], list[list[Path]]]:
     return names, files
 
 
-def _refuse_empty(option: str, path: Path | str) -> None:
-    """An empty path: ``Path("")`` is the working directory, which the user did not name.
-    ``option``: the parameter (``support``), named as the caller spells it."""
-    if not str(path).strip():
-        raise OptionError("{option} is empty; give an image file or folder", option=option)
-
-
 def _what_it_is(path: Path) -> str:
     """What ``path`` is, for a message saying it is not what an option takes (one wording for
     --support and --query)."""
@@ -101,8 +93,7 @@ def read_query(paths: list[Path | str]) -> list[Path]:
     would mean the working directory)."""
     files: list[Path] = []
     for given in paths:
-        _refuse_empty("query", given)
-        path = user_path(given, "query")
+        path = user_path(given, "query", what=IMAGES)
         if path.is_dir():
             skipped: list[Path] = []
             found = image_files(path, skipped=skipped)

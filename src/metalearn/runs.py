@@ -32,8 +32,8 @@ import torch
 from metalearn.config import RunConfig
 from metalearn.data.splits import PARTS
 from metalearn.errors import MetalearnError, caller_level, check_count, MetalearnWarning, OptionError, spellings
-from metalearn.files import (TEMPORARY_NAME, append_line, atomic_write, atomic_write_bytes, obstacle, probe_writable,
-                             remove_temporaries, user_path)
+from metalearn.files import (RUN, TEMPORARY_NAME, append_line, atomic_write, atomic_write_bytes, obstacle,
+                             probe_writable, remove_temporaries, user_path)
 from metalearn.locking import FolderInUse, FolderLock
 from metalearn.run_files import (BEST_INDEX_NAME, BEST_NAME, CHECKPOINT_NAME, CONFIG_NAME, EVAL_NAME, EVAL_PATTERN,
                                  LOCK_NAME, METRICS_NAME, PLOTS_NAME, RUN_MARKERS, RUN_SPLIT_NAME, WRITER_FILES)
@@ -268,7 +268,8 @@ class RunDir:
     the process holding :meth:`lock` writes the run's files; reading needs no lock."""
 
     def __init__(self, path: Path | str):
-        self.path = user_path(path, "a run directory")
+        # named as every public function's run folder is: RunDir(path) is where each reads it
+        self.path = user_path(path, "run_dir", what=RUN)
         """The run folder."""
 
     config_path = property(lambda self: self.path / CONFIG_NAME)

@@ -17,6 +17,9 @@ import ctypes
 import ctypes.util
 import sys
 import threading
+from typing import Any
+
+from metalearn.errors import MetalearnError, is_flag
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -145,6 +148,27 @@ def machine(device=None, processes: int = 1) -> dict:
 # caller's state as it was. A training holds it through its fit: trainings in threads run one
 # after another, with the results they have one after another.
 PROCESS_STATE = threading.RLock()
+
+
+def show_progress(given: Any, owner: str = "") -> bool:
+    """Whether to draw progress bars: ``given`` where True or False, else (None: the default of
+    ``train``, ``evaluate_run`` and ``build_task_source``, and the commands' without
+    ``--progress/--no-progress``) only when the error output is a terminal or a Jupyter
+    notebook's cell output (which redraws a bar in place): a bar redrawn into a log file (nohup,
+    a scheduler's output, a script's output piped to a file) writes a line per redraw. Anything
+    else ("yes", which would read as true) is refused in one line naming ``owner``'s keyword."""
+    if given is None:
+        if type(sys.stderr).__module__.startswith("ipykernel"):  # a notebook: no terminal, but bars show
+            return True
+        try:  # stderr may be closed (2>&-: None) or replaced by an object without isatty
+            return bool(sys.stderr.isatty())
+        except (AttributeError, ValueError, OSError):
+            return False
+    if not is_flag(given):
+        named = f"{owner}'s progress" if owner else "progress"
+        raise MetalearnError(f"{named} is True, False or None (bars when the error output is a terminal), "
+                             f"got {given!r}")
+    return bool(given)
 
 
 class DroppingStream:

@@ -650,7 +650,7 @@ class Trainer:
                 check_stop_at(stop_at, self.step, train.steps, train.lr_anneal)
                 if stop_at == self.step:  # paused there already: the same command again does nothing
                     raise TrainingStopped(f"the run is at step {stop_at} of {train.steps} already ({{stop_at}}); "
-                                          f"{self.resume_hint()}", 0, stop_at="stop_at")
+                                          "{next}", 0, stop_at="stop_at", next=self.resume_hints())
             self._begin()
             self._note_machine()
             if self.step == 0:
@@ -846,10 +846,10 @@ class Trainer:
                     why, code = "stopped by another rank's signal", 128 + int(signal.SIGTERM)
                 else:  # another rank was signalled or ran out of time (its clock may run ahead)
                     why, code = "stopped by another rank's signal or time limit", TIME_LIMIT_EXIT
-                raise training_stop(
+                raise training_stop(  # what goes on from it, as the caller would: Python's call or the command
                     f"{why} after step {self.step} of {train.steps}; its checkpoint is "
-                    f"saved in {self.run_dir.path}: {self.resume_hint()}",
-                    code, stop_at="stop_at",
+                    f"saved in {self.run_dir.path}: {{next}}",
+                    code, stop_at="stop_at", next=self.resume_hints(),
                 )
 
     def rebuilt_by_commands(self) -> bool:
@@ -870,21 +870,33 @@ class Trainer:
     def resume_hint(self) -> str:
         """The command that goes on from this trainer's checkpoint: ``train --resume``, or
         ``eval`` once training is complete (with ``--data-dir`` for a folder run)."""
-        data = f" --data-dir {self.data_dir}" if self.data_dir is not None else ""
+        return self.resume_hints()[1]
+
+    def resume_hints(self) -> tuple[str, str]:
+        """What goes on from this trainer's checkpoint, as (the Python API, the command line) do
+        it, for a message that names it as its caller would (an :class:`~metalearn.errors.Options`
+        field): ``metalearn.train(config, ..., resume=True)`` and ``metalearn train --resume``, or
+        once training is complete ``metalearn.evaluate_run`` and ``metalearn eval``; the Python
+        lines alone where no command rebuilds the run."""
         unfinished = self.step < self.config.train.steps or self.validation_pending  # its last validation is to do
         if not self.rebuilt_by_commands():
             # tasks or a network of the user's own, which the commands cannot rebuild from config.json
             if unfinished:
-                return f"continue from Python: {python_resume(self.run_dir.path)}"
-            return f"training is complete; evaluate it from Python: {python_test(self.run_dir.path)}"
+                return (f"continue from Python: {python_resume(self.run_dir.path)}",) * 2
+            return (f"training is complete; evaluate it from Python: {python_test(self.run_dir.path)}",) * 2
         here = registered_in_python(self.config)
         if here is not None:  # a method of a notebook's or a script's: no command knows it
             if unfinished:
-                return f"continue from Python: {registered_resume(self.run_dir.path, here)}"
-            return f"training is complete; evaluate it from Python: {registered_test(self.run_dir.path, here)}"
+                return (f"continue from Python: {registered_resume(self.run_dir.path, here)}",) * 2
+            return (f"training is complete; evaluate it from Python: {registered_test(self.run_dir.path, here)}",) * 2
+        path = repr(str(self.run_dir.path))
+        images = f", data_dir={str(self.data_dir)!r}" if self.data_dir is not None else ""
         if unfinished:
-            return f"continue with `{resume_command(self.config.method, self.run_dir.path, self.data_dir)}`"
-        return f"training is complete; evaluate with `metalearn eval {self.run_dir.path}{data}`"
+            return (f"continue with `metalearn.train(config, run_dir={path}{images}, resume=True)`",
+                    f"continue with `{resume_command(self.config.method, self.run_dir.path, self.data_dir)}`")
+        data = f" --data-dir {self.data_dir}" if self.data_dir is not None else ""
+        return (f"training is complete; evaluate with `metalearn.evaluate_run({path}{images})`",
+                f"training is complete; evaluate with `metalearn eval {self.run_dir.path}{data}`")
 
     def _choose_task_chunk(self, batch, bar) -> int:
         """``task_chunk="auto"``: of the chunk sizes whose step fits in ``memory_budget`` of the

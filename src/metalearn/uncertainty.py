@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +44,11 @@ from metalearn.algorithms.base import average_prediction, device_of, evaluating
 from metalearn.checkpoints import load_trained_state, recorded_images, run_images
 from metalearn.config import MAX_SEED, task_differences
 from metalearn.datasets import get_dataset, reads_image_folder
-from metalearn.errors import MetalearnError, OptionError, check_count, spellings
-from metalearn.evaluation import check_seed, scored_in_calls, tasks_per_call
+from metalearn.errors import MetalearnError, OptionError, OptionWarning, caller_level, check_count, spellings
+from metalearn.evaluation import check_seed, fewer_steps_advice, scored_in_calls, tasks_per_call
 from metalearn.evaluation_setup import (plain_shape, plain_values, warn_of_other_images, warn_of_validation_episodes,
                                         with_test_shape)
-from metalearn.files import same_path
+from metalearn.files import FOLDER, RUN, check_paths, same_path, user_path
 from metalearn.runs import RunDir
 from metalearn.runtime import float32_default, own_random_state
 from metalearn.tasks import build_task_source, true_function as tasks_true_function
@@ -256,9 +257,13 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     every run on episodes of that shape instead of its test shape, as ``metalearn eval --ways``
     does (runs trained with different shots compared on one shape); ``ways``, ``shots`` and
     ``query`` in the result are those of the episodes scored, as in an evaluation's file.
+    A run some of whose episodes diverged (a non-finite accuracy or MSE) holds their count in
+    ``diverged``, its measures are NaN, and a :class:`~metalearn.errors.MetalearnWarning` says so
+    (``metalearn compare`` prints it as a ``warning:`` line).
     """
     episodes, chunk, grid_points, seed, overrides = _checked_arguments(runs, episodes, chunk, grid_points, seed, part,
                                                                        overrides)
+    check_paths(("data_dir", data_dir, FOLDER))
     loaded, states = _loaded_runs(runs, overrides, episode_shape)
     check_samples_apply([config.method for config, _, _ in loaded.values()], num_samples)
     _check_one_supervised_dataset(runs, loaded)
@@ -292,6 +297,11 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
                          "num_samples": drawn[label],
                          **_measures(per_task[label], per_task[first_label] if label != first_label else None,
                                      pooled[label])}
+        if result[label].get("diverged"):  # as evaluate_run warns of them, at the user's call
+            advice, steps = fewer_steps_advice(config.method)
+            warnings.warn(OptionWarning(f"{result[label]['diverged']} of {episodes} episodes of {{label}} diverged "
+                                        f"(non-finite predictions), which makes its measures NaN{advice}",
+                                        label=(label, label), **steps), stacklevel=caller_level())
     return result
 
 
@@ -306,6 +316,8 @@ def _checked_arguments(runs: Any, episodes: Any, chunk: Any, grid_points: Any, s
                              "metalearn.uncertainty.run_labels(run_dirs), which labels them as metalearn compare does")
     if not runs:
         raise MetalearnError("compare_learners needs at least one run directory")
+    for label, path in runs.items():  # before same_path reads them
+        user_path(path, f"runs[{label!r}]", what=RUN)
     for value, name in ((episodes, "episodes"), (chunk, "chunk"), (grid_points, "grid_points")):
         check_count(value, name)
     episodes, chunk, grid_points = int(episodes), int(chunk), int(grid_points)  # NumPy counts as Python's

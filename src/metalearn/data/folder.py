@@ -281,8 +281,9 @@ def scan_folder(root: Path) -> tuple[str, list[tuple[str, str, list[Path]]], lis
     an image reached twice through links."""
     root = Path(root)
     if not root.is_dir():
-        what = file_in_the_way(root, f"--data-dir {root}") or f"--data-dir {root} does not exist"
-        raise MetalearnError(f"{what}; give the folder that holds one folder per class")
+        # named as the caller gave it (OptionError): data_dir from Python, --data-dir on the command line
+        what = file_in_the_way(root, "{named}") or "{named} does not exist"
+        raise OptionError(f"{what}; give the folder that holds one folder per class", named=valued("data_dir", root))
     csvs, folders, part_dirs = _top_entries(root)
     if csvs:
         classes = _csv_classes(root, csvs)  # names one file under two rows itself, with both rows
@@ -947,12 +948,13 @@ def _parts_from_file(folder: ImageFolder, path: Path) -> tuple[str, ...]:
     if is_run_split(path):  # a run's evaluation on a folder that lost classes, or on another folder
         missing = [name for names in spec.values() for name in names if name not in index]
         if missing:
-            raise OptionError(  # the last, a command of metalearn eval, stays as the shell takes it
+            raise OptionError(  # score_all: evaluate_run's option from Python, metalearn eval's flag on the shell
                 f"the run in {path.parent} trained on classes that this folder lacks ({len(missing)} of them, "
                 f"e.g. {missing[0]!r}; its {RUN_SPLIT_NAME} lists its classes): give {{data_dir}} the folder it "
                 "trained on, or split this folder's classes yourself ({split_fractions}, {split_file}; for a "
-                "folder of classes the run never saw, --split-fractions 0,0,1 in metalearn eval scores every class)",
-                data_dir="data_dir", **SPLIT_OPTIONS)
+                "folder of classes the run never saw, {score_all} scores every class)",
+                data_dir="data_dir", **SPLIT_OPTIONS,
+                score_all=("split_fractions='0,0,1' in evaluate_run", "--split-fractions 0,0,1 in metalearn eval"))
     parts = [""] * len(index)
     for part, names in spec.items():
         for name in names:

@@ -10,8 +10,9 @@ import torch
 
 from metalearn.config import TaskConfig
 from metalearn.datasets import get_dataset
-from metalearn.errors import ConfigError, MetalearnError, OptionError, kind_of, valued
+from metalearn.errors import ConfigError, MetalearnError, OptionError, check_flags, kind_of, valued
 from metalearn.files import user_path
+from metalearn.runtime import show_progress
 from metalearn.tasks.batch import Problem, TaskBatch
 from metalearn.tasks.episodes import EpisodeSampler
 from metalearn.tasks.sinusoid import SineOrLineTasks, SinusoidTasks
@@ -100,13 +101,13 @@ def true_function(source: Any, task: TaskConfig) -> Callable[..., torch.Tensor] 
 
 
 def build_task_source(task: TaskConfig, part: str, data_dir: Path | str | None = None,
-                      progress: bool = True, evaluation: bool = False) -> TaskSource:
+                      progress: bool | None = None, evaluation: bool = False) -> TaskSource:
     """The sampler of ``part`` (train/val/test) for ``task``; val and test use the ``test_*``
     shape, and so does train with ``evaluation`` (``metalearn eval --part train``: the test
     episodes' shape on the training classes). ``data_dir``: where the dataset's images are
     (Omniglot's default: ``$METALEARN_DATA`` or the cache folder; required for ``folder`` and
     ``mini-imagenet``). ``progress``: show a bar while a dataset is preprocessed (first use
-    only).
+    only); None (the default): only when the error output is a terminal, not into a log file.
 
     Returns a task source: an object whose ``sample(num_tasks, generator, tasks=None)`` returns
     a :class:`TaskBatch` (an :class:`~metalearn.envs.MDPBatch` for a reinforcement-learning
@@ -125,6 +126,8 @@ def build_task_source(task: TaskConfig, part: str, data_dir: Path | str | None =
     ``evaluation``): the validation and test shapes (:meth:`TaskConfig.for_testing`) have none.
     A dataset that does not take it, or whose task source is no :class:`EpisodeSampler`, refuses
     it."""
+    check_flags("build_task_source", evaluation=evaluation)
+    progress = show_progress(progress, "build_task_source")  # a registered builder is given True or False
     shape = task.for_testing() if part in ("val", "test") or evaluation else task
     data_dir = user_path(data_dir, "data_dir", optional=True)
     check_data_dir(task, data_dir)

@@ -339,7 +339,7 @@ def test_nan_in_the_data_is_named_as_the_data_s_not_as_a_learning_rate_s(tmp_pat
     assert result["diverged"] == 1
     assert [str(w.message) for w in caught] == [
         "the task source drew NaN or infinite values in support_y (1 task, the first task 0): an episode whose "
-        "score they make non-finite counts as diverged; clean the data"]
+        "score they make non-finite counts as diverged; clean the data, or drop such examples"]
     # a batch without a task axis on its targets is the learner's to refuse, in its one line
     with pytest.raises(MetalearnError, match="maml: support_y must be"):
         evaluate(MAML(MLP(1, 1)), _TasksWithoutATaskAxis(shots=5, query=5), 4, progress=False)
@@ -381,7 +381,8 @@ def test_data_too_large_to_square_is_named_as_the_data_s_not_as_a_learning_rate_
     assert [str(w.message) for w in caught][0].startswith(
         "the task source drew values too large to square: query_y (1 task, the first task 1) holds values as large")
     # the built-in's own noise: named by its option
-    with pytest.raises(MetalearnError, match=r"values as large as .*is kept\. Lower the noise \(noise_std\)$"):
+    with pytest.raises(MetalearnError,
+                       match=r"values as large as .*is kept\. Rescale the data, or lower the noise \(noise_std\)$"):
         train(resolve_config("maml", task={"dataset": "sinusoid", "noise_std": 1e30},
                              train={"steps": 2, "val_every": 0}), tmp_path / "noise", progress=False, announce=None)
 

@@ -257,6 +257,11 @@ def test_an_announcement_names_options_as_its_caller_gave_them():
     line = OptionLine("{said} ({steps}: no training)", said=("runs/{{x}}",) * 2, steps=("steps=0", "--steps 0"))
     assert isinstance(line, str) and line == "runs/{{x}} (steps=0: no training)"
     assert line.with_flags() == "runs/{{x}} (--steps 0: no training)"
+    import copy
+    import pickle
+
+    for again in (copy.copy(line), copy.deepcopy(line), pickle.loads(pickle.dumps(line))):  # from the template
+        assert again == line and again.with_flags() == line.with_flags()
 
 
 # -- messages that name a command or a flag of it: the call from Python, the command on the shell ---------

@@ -498,6 +498,36 @@ def test_a_signal_during_a_validation_gives_it_up_saves_the_step_and_the_resume_
     assert_resumed_as_straight(straight, resumed, tmp_path)
 
 
+def test_an_overridden_validate_is_never_given_up_by_a_signal(tmp_path):
+    """A Trainer whose validate() reads its result (a subclass's, as a user writes one) is never
+    handed None: a signal during its validation lets it finish, then the step is saved and the
+    run stops."""
+    from metalearn.training import Trainer
+
+    class Logged(Trainer):
+        def validate(self, abandon=None):
+            result = super().validate(abandon)
+            scores.append(result["mean"])
+            return result
+
+    scores = []
+    trainer = build_trainer(sinusoid_config(6, val_episodes=120, checkpoint_every=100), tmp_path / "run")
+    trainer.__class__ = Logged
+    real_sample = trainer.val_tasks.sample
+
+    sent = []
+
+    def sample(*args, **kwargs):  # one signal (a second would stop at once), in the first chunk of step 3's
+        if trainer.step == 3 and not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))
+        return real_sample(*args, **kwargs)
+
+    object.__setattr__(trainer.val_tasks, "sample", sample)  # a frozen dataclass
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM after step 3 of 6"):
+        trainer.fit(progress=False)
+    assert len(scores) == 1 and RunDir(tmp_path / "run").read_checkpoint()["step"] == 3
+
+
 def test_a_signal_in_a_step_before_a_validation_stops_before_it_and_the_resume_validates_first(tmp_path):
     """A scheduler's grace after SIGTERM can be shorter than a validation: a signal in step 3
     (validation every 3 steps) saves step 3 and stops without validating; the resumed run

@@ -448,8 +448,8 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
                                    progress, world, None, before_write=trainer.check_folder_is_ours)
             except (KeyboardInterrupt, Terminated) as err:  # after training: saved, only the test is missing
                 said, code = stopped_by(err)
-                raise TrainingInterrupted(f"{said} during the test evaluation at step {trainer.step}; "
-                                      f"{trainer.resume_hint()}", code) from None
+                raise TrainingInterrupted(f"{said} during the test evaluation at step {trainer.step}; {{next}}",
+                                          code, next=trainer.resume_hints()) from None
     finally:
         trainer.release()
     return Path(run_dir), result

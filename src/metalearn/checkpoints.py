@@ -24,6 +24,7 @@ from metalearn.run_files import RUN_OWN_FILES
 from metalearn.runs import RunDir, config_from, unreadable_checkpoint
 from metalearn.runtime import own_random_state
 from metalearn.tasks import problem_of
+from metalearn.tasks.batch import data_fix
 
 RESUME_ENTRIES = ("step", "config", "learner", "optimizer", "scheduler", "torch_rng")  # what a resume reads
 # what a resume reads where the checkpoint has it (runs saved before an entry lack it)
@@ -582,19 +583,6 @@ def last_divergence(run: RunDir) -> tuple[int, str] | None:
         return None
     last = records[-1] if records else {}
     return (last["step"], last["diverged"]) if isinstance(last.get("diverged"), str) else None
-
-
-def data_fix(what: str) -> str | None:
-    """What to do where a divergence record's ``what`` is the data's doing (the trainer's record
-    of a batch that held NaN, infinite or overflowing values), which a smaller learning rate
-    would not mend; None where it is not."""
-    if "NaN or infinite values" in what:
-        return "clean the data, or drop such examples"
-    if "values too large to square" in what:
-        return "rescale the data, or lower its noise"
-    if "unusable data into another rank's share" in what:  # that rank's message says which of the two
-        return "clean or rescale the data, as the message of the rank that drew it says"
-    return None
 
 
 def untrained_attempt(run: RunDir) -> bool:

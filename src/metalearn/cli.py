@@ -21,7 +21,6 @@ from click.exceptions import NoArgsIsHelpError
 
 from metalearn.algorithms import METHODS
 from metalearn.algorithms.base import MAX_SAMPLES
-from metalearn.checkpoints import data_fix
 from metalearn.config import MAX_EPISODES, MAX_SEED, TaskConfig, TrainConfig
 from metalearn.distributed import leave_world, reports
 from metalearn.errors import (TIME_LIMIT_EXIT, ConfigError, MetalearnError, MetalearnWarning, OptionError, Options,
@@ -32,6 +31,7 @@ from metalearn.options import help_of
 from metalearn.plugins import load_plugins, unknown_hint
 from metalearn.runs import EvaluationSuperseded, RunDir, json_finite
 from metalearn.runtime import DroppingStream, show_progress, tune_allocator
+from metalearn.tasks.batch import data_fix
 
 FAST_GPU_HELP = ("on a GPU, keep torch's default kernels (TF32 convolutions, non-deterministic cuDNN "
                  "algorithms): faster, but MAML's meta-gradient loses accuracy and a resumed run no longer "

@@ -241,6 +241,14 @@ class OptionLine(str):
         """The line with the options spelled as the command line's flags."""
         return fill(self.template, self.options, flags=True)
 
+    def __reduce__(self):  # a copy or a pickle is built from the template, not from the filled text
+        return _option_line, (self.template, self.options)
+
+
+def _option_line(template: str, options: dict[str, tuple[str, str]]) -> OptionLine:
+    """:class:`OptionLine` again from its template and spelled options (its ``__reduce__``)."""
+    return OptionLine(template, **options)
+
 
 def spelled(options: dict[str, str | tuple[str, str]]) -> dict[str, tuple[str, str]]:
     """:class:`Options`' ``options`` as (Python, command line) pairs."""

@@ -18,7 +18,7 @@ from metalearn.errors import (MetalearnError, MetalearnWarning, OptionError, Opt
                               check_count)
 from metalearn.runtime import DroppingStream, cuda_devices, float32_default, own_random_state
 from metalearn.tasks import TaskSource, require_sampled_batch, require_task_source
-from metalearn.tasks.batch import TaskBatch
+from metalearn.tasks.batch import TaskBatch, data_fix
 
 
 def episode_scores(learner: MetaLearner, batch, per_step: bool = True) -> torch.Tensor:
@@ -236,7 +236,7 @@ def _evaluate(learner, source, episodes, seed, chunk, world, progress, per_step,
         return None
     if unclean is not None:  # the episodes' scores are NaN for the data's sake, not the adaptation's
         warnings.warn(MetalearnWarning(f"the task source drew {unclean}: an episode whose "
-                                       "score they make non-finite counts as diverged; clean the data"),
+                                       f"score they make non-finite counts as diverged; {data_fix(unclean)}"),
                       stacklevel=caller_level())
     # (episodes on this rank, steps + 1), in float64 so that a rank without episodes, which knows
     # neither the steps nor the learner's dtype, sends what the others do

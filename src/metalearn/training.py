@@ -22,7 +22,7 @@ import torch
 from metalearn.algorithms import MetaLearner, build_learner
 from metalearn.algorithms.base import device_of
 from metalearn.checkpoints import (RESUME_ENTRIES, RESUME_OPTIONAL_ENTRIES, all_finite, check_compatible,
-                                   check_entries, check_run_dir, check_test_ways, check_weights_finite, data_fix,
+                                   check_entries, check_run_dir, check_test_ways, check_weights_finite,
                                    initialise_from_run, load_learner_state, network_difference, on_cpu, own_learner,
                                    own_tasks, recorded_images, run_images, saved_config, unreadable_checkpoint,
                                    untrained_attempt, warn_of_seen_classes)
@@ -40,6 +40,7 @@ from metalearn.runtime import DroppingStream, cuda_devices, float32_default, mac
 from metalearn.data.folder import shared_scans
 from metalearn.tasks import (TaskBatch, TaskSource, build_task_source, check_outside_data, check_task_source,
                              has_validation, problem_of, require_sampled_batch, require_task_source)
+from metalearn.tasks.batch import data_fix
 
 VALIDATION_SEED_OFFSET = 1_000_003
 TEST_SEED_OFFSET = 2_000_003
@@ -765,7 +766,7 @@ class Trainer:
                     self._note_divergence(f"the task source drew {where}")
                     fix = data_fix(where)
                     if fix.startswith("rescale") and self.config.task.noise_std:  # a built-in's noise
-                        fix = "lower the noise ({noise_std})"
+                        fix = "rescale the data, or lower the noise ({noise_std})"
                     raise OptionError(f"the meta-loss became {total_loss} at step {self.step + 1}: the task source "
                                       f"drew {where}; training stopped before saving it, and the last good "
                                       f"checkpoint in {self.run_dir.path} is kept. {fix[0].upper() + fix[1:]}",
@@ -813,8 +814,9 @@ class Trainer:
                 # --shutdown_timeout: 30 s each by default) can be shorter than a validation.
                 if self._stop_requested(stop):
                     self.validation_pending = True
-                else:  # a signal during the validation: given up, as above (validate() as before, for an override)
-                    self._abandon_validation = lambda: self._stop_requested(stop)
+                else:  # a signal during the validation: given up, as above
+                    if type(self).validate is Trainer.validate:  # an override may read its result: not None
+                        self._abandon_validation = lambda: self._stop_requested(stop)
                     try:
                         self.validate()
                     finally:

@@ -24,11 +24,13 @@ from torch import Tensor
 
 from metalearn.data.omniglot import Omniglot
 from metalearn.errors import MetalearnError
+from metalearn import run_files
 
 # the order of the "valid splits" message and of `metalearn data info`: a new split goes at the end, so
 # the existing ones keep their place in both
 SPLITS = ("vinyals", "lake", "maml", "vinyals-trainval")
 PARTS = ("train", "val", "test")
+RUN_SPLIT_NAME = run_files.RUN_SPLIT_NAME  # importable from here as before; stated in metalearn.run_files
 RANDOM_ROTATION = -1
 # (split of a run's starting weights, split of the run): how many characters the run is scored
 # on that the first saw, its training characters among the run's validation and test ones and

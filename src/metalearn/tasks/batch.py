@@ -146,6 +146,19 @@ class TaskBatch:
         return None
 
 
+def data_fix(what: str) -> str | None:
+    """What to do where a divergence record's ``what`` is the data's doing (the trainer's record
+    of a batch that held NaN, infinite or overflowing values), which a smaller learning rate
+    would not mend; None where it is not."""
+    if "NaN or infinite values" in what:
+        return "clean the data, or drop such examples"
+    if "values too large to square" in what:
+        return "rescale the data, or lower its noise"
+    if "unusable data into another rank's share" in what:  # that rank's message says which of the two
+        return "clean or rescale the data, as the message of the rank that drew it says"
+    return None
+
+
 @dataclass(frozen=True)
 class Problem:
     """What a method must know of the tasks to build its network.

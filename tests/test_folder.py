@@ -1042,9 +1042,10 @@ def test_bad_predict_inputs_are_one_line_and_write_nothing(shapes, tmp_path, cap
 
 
 def test_a_pass_memory_estimate_is_near_the_pass_measured(monkeypatch):
-    """check_pass_fits extrapolates two small passes to the whole support set: within a factor
-    of 3 of the memory the pass takes (protonet, 1,000 support images at 28x28, ~0.7 GB; the
-    estimate came within 1.1 to 2.5 of it over runs on a loaded 2-core machine). In a
+    """check_pass_fits scales a small pass in proportion to the whole support set: within a
+    factor of 3 of the memory the pass takes (protonet, 1,000 support images at 28x28, ~0.8 GB;
+    the estimate came within 0.97 to 1.26 of it over runs on a 2-core machine, where the
+    extrapolation from two probe sizes it replaced once came out at 0.31). In a
     process of its own with the allocator as ``metalearn predict`` sets it (tune_allocator): the
     peak RSS of a pass depends on what the process's heap already holds, which the tests run
     before it (in-process commands tune the allocator too) would change."""

@@ -30,12 +30,15 @@ QUERY_CHUNK = 256  # the most query images classified per pass (with the whole s
 # support sets larger than this are first measured: a pass's memory grows with the support set,
 # which every pass holds whole (see check_pass_fits); smaller ones take well under a gigabyte
 MEASURE_SUPPORT_ABOVE = 512
-PROBE_SUPPORT = (128, 256)  # the support images of the two measured passes
+# the support images of the measured pass, read PROBE_READINGS times (the largest reading counts:
+# a pass that reuses pages the heap already holds reads lower, by up to half in the tests' runs)
+PROBE_SUPPORT = 256
+PROBE_READINGS = 2
 # the estimate is refused only beyond this many times the memory available: the peak RSS of a
-# small pass varies between runs (what the heap holds, pages the kernel reclaims) and the
-# extrapolation multiplies that, so the estimate is coarse (protonet's within a factor of 2.5 of
-# the measured pass in the tests' runs, which hold it within 3; MAML's and PLATIPUS's within 2):
-# only a support set that clearly cannot fit is refused
+# pass varies between runs (where the heap places its blocks, pages the kernel reclaims) and
+# the proportion counts a pass's fixed part (the queries, the model) once per probe-sized share,
+# so the estimate is coarse (protonet's within a factor of 2 of the measured pass in the tests'
+# runs, which hold it within 3): only a support set that clearly cannot fit is refused
 REFUSE_ABOVE = 2.0
 
 
@@ -200,13 +203,15 @@ def check_pass_fits(learner: MetaLearner, classify: Any, support_x: torch.Tensor
     the answers of methods that normalise with a task's batch statistics. Filling the memory
     would instead end in the kernel's out-of-memory kill, without a word (a conv4 pass holds
     megabytes of activations per support image at 84x84). Checked only above :data:`MEASURE_SUPPORT_ABOVE`
-    support images: two passes with :data:`PROBE_SUPPORT` support images (taken from the classes
-    in turns, :func:`_probe_support`) are measured (:func:`~metalearn.memory_budget.peak_memory_of`)
-    and their growth per support image extrapolated to the whole set; an estimate beyond
-    :data:`REFUSE_ABOVE` times the memory available (a coarse estimate: see there) is refused.
-    Where the memory cannot be known or measured (not Linux, no ``/proc/self/clear_refs``, a
-    device other than a CPU or CUDA GPU) nothing is checked. ``classify(support_x,
-    support_y, query_x)``: the pass."""
+    support images: a pass with :data:`PROBE_SUPPORT` support images (taken from the classes in
+    turns, :func:`_probe_support`) is measured (:func:`~metalearn.memory_budget.peak_memory_of`,
+    the largest of :data:`PROBE_READINGS` readings) and scaled in proportion to the whole set;
+    an estimate beyond :data:`REFUSE_ABOVE` times the memory available (a coarse estimate: see
+    there) is refused. In proportion, not extrapolated from the difference of two probe sizes:
+    a difference of two noisy readings, multiplied by the images beyond them, can come out near
+    zero (a reading that varies by half gave a third of the pass's memory). Where the memory
+    cannot be known or measured (not Linux, no ``/proc/self/clear_refs``, a device other than a
+    CPU or CUDA GPU) nothing is checked. ``classify(support_x, support_y, query_x)``: the pass."""
     from metalearn.algorithms.base import device_of
     from metalearn.memory_budget import available_memory, peak_memory_of
 
@@ -214,22 +219,17 @@ def check_pass_fits(learner: MetaLearner, classify: Any, support_x: torch.Tensor
     if total <= MEASURE_SUPPORT_ABOVE:
         return
     device = device_of(learner)
-    peaks, sizes = [], []
+    index = _probe_support(support_y, PROBE_SUPPORT, getattr(learner, "fixed_ways", False))
+    labels = torch.unique(support_y[index], return_inverse=True)[1]  # the classes taken, as 0..m-1
     try:
-        for size in PROBE_SUPPORT:
-            index = _probe_support(support_y, size, getattr(learner, "fixed_ways", False))
-            labels = torch.unique(support_y[index], return_inverse=True)[1]  # the classes taken, as 0..m-1
-            peaks.append(peak_memory_of(lambda: classify(support_x[index], labels, query_x), device))
-            sizes.append(len(index))
+        peak = max(peak_memory_of(lambda: classify(support_x[index], labels, query_x), device)
+                   for _ in range(PROBE_READINGS))
         available = available_memory(device)
     except OptionError:  # the memory is not known here (another system or device): nothing to check
         return
-    if sizes[1] >= total:  # the measured pass was the whole one
-        needed = peaks[1]
-    elif sizes[1] > sizes[0]:
-        needed = peaks[1] + max(peaks[1] - peaks[0], 0) / (sizes[1] - sizes[0]) * (total - sizes[1])
-    else:  # one image of each class, more classes than the passes would take: in proportion
-        needed = peaks[1] * total / sizes[1]
+    # more than PROBE_SUPPORT images where a method with fixed ways needs every class once, up
+    # to the whole set (then the measured pass was the whole one)
+    needed = peak * total / len(index)
     if needed > REFUSE_ABOVE * available:
         fewer = ("fewer images per class" if getattr(learner, "fixed_ways", False)
                  else "fewer classes or images per class")
@@ -241,8 +241,8 @@ def check_pass_fits(learner: MetaLearner, classify: Any, support_x: torch.Tensor
 
 def _probe_support(labels: torch.Tensor, size: int, fixed_ways: bool) -> torch.Tensor:
     """The indices of ``size`` support images for :func:`check_pass_fits`, taken class by class
-    in turns (the first image of every class, then the second, ...), so that the passes measured
-    differ by just their number of images; every class at least once where a method with fixed
+    in turns (the first image of every class, then the second, ...), so that the measured pass
+    holds as many of the classes as it can, as the whole one holds them all; every class at least once where a method with fixed
     ways needs them all (then more than ``size`` where it has more classes)."""
     classes = int(labels.max()) + 1
     members = [torch.nonzero(labels == c).flatten().tolist() for c in range(classes)]

@@ -750,11 +750,13 @@ def test_progress_bars_by_default_in_a_notebook_whose_output_is_no_terminal(monk
 
 def test_progress_bars_from_python_by_default_only_when_the_error_output_is_a_terminal(tmp_path, capsys,
                                                                                          monkeypatch):
-    """train and evaluate_run draw bars by default only on a terminal, as the command line does:
-    a script's output piped into a log would fill it with redraws. True and False still decide."""
+    """train, evaluate_run and a Trainer's fit draw bars by default only on a terminal, as the
+    command line does: a script's output piped into a log would fill it with redraws. True and
+    False still decide."""
     import sys
 
     from metalearn.api import evaluate_run, resolve_config, train
+    from metalearn.training import build_trainer
 
     config = resolve_config("maml", task={"dataset": "sinusoid"},
                             train={"steps": 2, "val_every": 0, "meta_batch_size": 2, "eval_episodes": 3})
@@ -766,5 +768,9 @@ def test_progress_bars_from_python_by_default_only_when_the_error_output_is_a_te
         err = capsys.readouterr().err
         assert ("%|" in err) is drawn, (given, terminal, err)  # a tqdm bar: "  0%|"
         evaluate_run(run, episodes=4, **({} if given is None else {"progress": given}))
+        err = capsys.readouterr().err
+        assert ("%|" in err) is drawn, (given, terminal, err)
+        trainer = build_trainer(config, tmp_path / f"fit-{given}-{terminal}", tested=False)
+        trainer.fit(**({} if given is None else {"progress": given}))
         err = capsys.readouterr().err
         assert ("%|" in err) is drawn, (given, terminal, err)

@@ -810,6 +810,48 @@ def test_compare_takes_runs_tested_on_the_same_episodes(tmp_path, capsys):
         assert compared == pytest.approx(evaluated, rel=1e-5), part
 
 
+
+def test_compare_takes_eval_s_device_and_progress(tmp_path, capsys, monkeypatch):
+    """compare's --device and --progress/--no-progress are eval's: the same numbers on the CPU
+    whether asked or not, a bar only where asked (or on a terminal), and a device this machine
+    cannot give refused in eval's one line, before any run is scored."""
+    import sys
+
+    from metalearn.errors import OptionError
+    from metalearn.uncertainty import compare_learners
+
+    assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--meta-batch-size", 2, "--no-progress",
+                "--no-eval", "--run-dir", tmp_path / "a"], capsys)[0] == 0
+    compare = ["compare", tmp_path / "a", "--episodes", 3, "--json", "-"]
+    code, plain, err = run(compare, capsys)
+    assert code == 0 and "%|" not in err, err  # the error output is no terminal here: no bar by default
+    code, out, err = run([*compare, "--device", "cpu", "--no-progress"], capsys)
+    assert code == 0 and json.loads(out) == json.loads(plain) and "%|" not in err, err
+    code, out, err = run([*compare, "--progress"], capsys)
+    assert code == 0 and json.loads(out) == json.loads(plain) and "comparing:" in err and "%|" in err, err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # on a terminal: a bar unless told not
+    assert "%|" in run(compare, capsys)[2] and "%|" not in run([*compare, "--no-progress"], capsys)[2]
+    monkeypatch.undo()
+    runs = {"a": tmp_path / "a"}
+    for progress, drawn in ((False, False), (True, True)):
+        result = compare_learners(runs, episodes=3, device="cpu", progress=progress)
+        assert result["a"] == json.loads(plain)["a"] and ("%|" in capsys.readouterr().err) is drawn, progress
+    # eval's refusals, word for word: a name that is no device, and a GPU this machine lacks
+    refusals = [("tpu", "{} must be cpu, cuda, cuda:N or auto, got 'tpu'", ("--device", "device"))]
+    if not torch.cuda.is_available():
+        refusals.append(("cuda", "{}: this torch build sees no GPU (torch.cuda.is_available() is False); use {}, or "
+                                 "install a CUDA build of torch", ("--device cuda", "device='cuda'"),
+                         ("--device cpu", "device='cpu'")))
+    for device, message, *names in refusals:
+        said = message.format(*(flag for flag, _ in names))
+        for command in (["eval", tmp_path / "a", "--episodes", 3], compare):
+            assert run([*command, "--device", device], capsys) == (2, "", f"error: {said}\n"), command
+        with pytest.raises(OptionError) as refused:
+            compare_learners(runs, episodes=3, device=device, progress=False)
+        assert str(refused.value) == message.format(*(keyword for _, keyword in names))
+    assert not (tmp_path / "a" / "eval-episodes=3.json").exists()  # eval refused it before writing any file
+
+
 def test_unusable_paths_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "file").write_text("not a folder")
     code, _, err = run(["train", "maml", "--dataset", "sinusoid", "--steps", 1, "--meta-batch-size", 2,
@@ -1086,6 +1128,20 @@ def test_ctrl_c_while_the_data_is_read_names_the_command_that_goes_on(tmp_path, 
     assert code == 130
     assert err.strip().splitlines()[-1] == (f"interrupted before training began; continue with `metalearn train maml "
                                             f"--run-dir {run_dir} --resume`")
+    # from Python, the same stop names the Python call that goes on
+    from metalearn.api import resolve_config, train
+    from metalearn.errors import TrainingInterrupted
+
+    config = resolve_config("maml", task={"dataset": "sinusoid"}, train={"steps": 2, "meta_batch_size": 2,
+                                                                          "val_every": 0})
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(config, run_dir, resume=True, evaluate_after=False, announce=None)
+    assert str(stopped.value) == (f"interrupted before training began; continue with `metalearn.train(config, "
+                                  f"run_dir={str(run_dir)!r}, resume=True)`")
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(config, tmp_path / "fresh", evaluate_after=False, announce=None)
+    assert str(stopped.value) == ("interrupted before training began; nothing was trained or saved: call train the "
+                                  "same way again to start")
     # a SIGTERM there (a scheduler's, in the first seconds of a job) says the same, with its status 143:
     # a requeue that follows the exit table would otherwise --resume a run that holds nothing
     from metalearn.errors import Terminated

@@ -44,8 +44,9 @@ from metalearn.runtime import cuda_devices, own_random_state, show_progress
 from metalearn.tasks import has_validation, no_validation_reason, problem_of
 from metalearn.checkpoints import (check_compatible, check_same_method, configuration_conflict, load_trained,
                                    load_trained_state, recorded_images, run_images, saved_config)
-from metalearn.training import (TEST_SEED_OFFSET, build_trainer, part_seed_offset, python_resume, python_test,
-                                registered_resume, registered_test, resume_command, resume_without_run_dir)
+from metalearn.training import (TEST_SEED_OFFSET, build_trainer, continue_lines, part_seed_offset, python_resume,
+                                python_test, registered_resume, registered_test, resume_command,
+                                resume_without_run_dir)
 
 
 def resolve_config(method: str, task: dict[str, Any] | None = None,
@@ -437,7 +438,7 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
                     stop_at=stop_at, keep_lock=evaluate_after, on_record=on_record)
     except (KeyboardInterrupt, Terminated) as err:
         said, code = stopped_by(err)
-        raise TrainingInterrupted(f"{said}; {_next_command(config, run_dir, data_dir)}", code) from None
+        raise TrainingInterrupted(f"{said}; {{next}}", code, next=_next_command(config, run_dir, data_dir)) from None
     result = None
     try:  # the run folder stays locked through its test: status says it is tested, a second writer waits
         if evaluate_after:  # the trained weights in memory: no rank needs to read the checkpoint back
@@ -465,16 +466,17 @@ def _build_or_stop(config: RunConfig, run_dir, data_dir, resume: bool, world: Wo
                              tested=tested)
     except (KeyboardInterrupt, Terminated) as err:
         said, code = stopped_by(err)
-        raise TrainingInterrupted(f"{said} before training began; {_next_command(config, run_dir, data_dir)}",
-                              code) from None
+        raise TrainingInterrupted(f"{said} before training began; {{next}}", code,
+                                  next=_next_command(config, run_dir, data_dir)) from None
 
 
-def _next_command(config: RunConfig, run_dir, data_dir) -> str:
-    """What goes on from a run stopped outside its training loop: --resume from its
-    checkpoint, or the same command again where it has none."""
+def _next_command(config: RunConfig, run_dir, data_dir) -> tuple[str, str]:
+    """What goes on from a run stopped outside its training loop, as (the Python API, the
+    command line) say it: resuming from its checkpoint, or the same call again where it has none."""
     if not RunDir(run_dir).has_checkpoint():
-        return "nothing was trained or saved: run the same command again to start"
-    return f"continue with `{resume_command(config.method, run_dir, data_dir)}`"
+        return ("nothing was trained or saved: call train the same way again to start",
+                "nothing was trained or saved: run the same command again to start")
+    return continue_lines(config, run_dir, data_dir)
 
 
 def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0, part: str = "test",

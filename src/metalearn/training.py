@@ -36,7 +36,7 @@ from metalearn.files import WriteError, check_folder_path, same_path, user_path
 from metalearn.memory_budget import (available_memory, chunk_candidates, chunk_sizes, fastest_chunk, largest_chunk,
                                      peak_memory_of, seconds_of)
 from metalearn.runs import RunDir, lock_for_training, registered_in_python
-from metalearn.runtime import DroppingStream, cuda_devices, float32_default, machine, own_random_state
+from metalearn.runtime import DroppingStream, cuda_devices, float32_default, machine, own_random_state, show_progress
 from metalearn.data.folder import shared_scans
 from metalearn.tasks import (TaskBatch, TaskSource, build_task_source, check_outside_data, check_task_source,
                              has_validation, problem_of, require_sampled_batch, require_task_source)
@@ -52,6 +52,19 @@ def resume_command(method: str, run_dir: Path | str, data_dir: Path | str | None
     --resume`` (a folder run's images are not part of the run, so it names them again)."""
     data = f" --data-dir {data_dir}" if data_dir is not None else ""
     return f"metalearn train {method} --run-dir {run_dir}{data} --resume"
+
+
+def continue_lines(config: RunConfig, run_dir: Path | str, data_dir: Path | str | None = None) -> tuple[str, str]:
+    """What continues a run of the library's tasks from its checkpoint, as (the Python API, the
+    command line) say it, for a message's ``{next}`` (an :class:`~metalearn.errors.Options`
+    field): ``metalearn.train(config, ..., resume=True)`` and ``metalearn train --resume``; the
+    Python line alone for a method registered in a notebook or a script, which no command knows."""
+    here = registered_in_python(config)
+    if here is not None:
+        return (f"continue from Python: {registered_resume(run_dir, here)}",) * 2
+    images = f", data_dir={str(data_dir)!r}" if data_dir is not None else ""
+    return (f"continue with `metalearn.train(config, run_dir={str(run_dir)!r}{images}, resume=True)`",
+            f"continue with `{resume_command(config.method, run_dir, data_dir)}`")
 
 
 def part_seed_offset(part: str) -> int:
@@ -569,7 +582,7 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def fit(self, progress: bool = True, time_limit_s: float | None = None, stop_at: int | None = None,
+    def fit(self, progress: bool | None = None, time_limit_s: float | None = None, stop_at: int | None = None,
             keep_lock: bool = False, on_record: Callable[[dict[str, Any]], None] | None = None) -> None:
         """Train to ``config.train.steps``, saving as configured. A first Ctrl-C or stop signal
         (SIGTERM, SIGUSR1, SIGUSR2) ends training after the step in progress with a checkpoint of
@@ -593,6 +606,8 @@ class Trainer:
         A fit that failed (an error or memory error in a step, a second Ctrl-C) may be called
         again once the cause is fixed: it goes on from the run's last checkpoint (:meth:`_recover`).
         Training keeps a torch random state of its own: the caller's is as it was when fit returns.
+        ``progress``: a progress bar; None (the default) draws it only when the error output is a
+        terminal or a notebook (:func:`~metalearn.runtime.show_progress`), as ``train`` does.
 
         ``on_record``: called (on rank 0) with a copy of each record as it is added to
         ``metrics.jsonl``: every logged training window (``step``, ``loss``, ``tasks_per_s``,
@@ -607,6 +622,7 @@ class Trainer:
         if on_record is not None and not callable(on_record):
             raise MetalearnError(f"on_record is a function of one record (a dict), got {type(on_record).__name__}")
         self.on_record = on_record
+        progress = show_progress(progress, "fit")
         started = None if time_limit_s is None else now()  # the clock is read only for a time limit
         if self.run_dir is None:
             raise MetalearnError("this Trainer has no run folder to write into; build it with a run_dir")
@@ -886,16 +902,13 @@ class Trainer:
             if unfinished:
                 return (f"continue from Python: {python_resume(self.run_dir.path)}",) * 2
             return (f"training is complete; evaluate it from Python: {python_test(self.run_dir.path)}",) * 2
+        if unfinished:
+            return continue_lines(self.config, self.run_dir.path, self.data_dir)
         here = registered_in_python(self.config)
         if here is not None:  # a method of a notebook's or a script's: no command knows it
-            if unfinished:
-                return (f"continue from Python: {registered_resume(self.run_dir.path, here)}",) * 2
             return (f"training is complete; evaluate it from Python: {registered_test(self.run_dir.path, here)}",) * 2
         path = repr(str(self.run_dir.path))
         images = f", data_dir={str(self.data_dir)!r}" if self.data_dir is not None else ""
-        if unfinished:
-            return (f"continue with `metalearn.train(config, run_dir={path}{images}, resume=True)`",
-                    f"continue with `{resume_command(self.config.method, self.run_dir.path, self.data_dir)}`")
         data = f" --data-dir {self.data_dir}" if self.data_dir is not None else ""
         return (f"training is complete; evaluate with `metalearn.evaluate_run({path}{images})`",
                 f"training is complete; evaluate with `metalearn eval {self.run_dir.path}{data}`")
@@ -1092,7 +1105,7 @@ def resume_without_run_dir() -> OptionError:
 
 
 def build_trainer(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path | str | None = None,
-                  resume: bool = False, world: World = World(), progress: bool = True,
+                  resume: bool = False, world: World = World(), progress: bool | None = None,
                   lock: bool = True, tested: bool = True) -> Trainer:
     """A trainer for ``config`` writing into ``run_dir``; with ``resume``, the run found there
     continues (its configuration must agree with ``config``; a run that never reached its first
@@ -1106,7 +1119,9 @@ def build_trainer(config: RunConfig, run_dir: Path | str | None = None, data_dir
     With ``lock`` (the default), rank 0 takes the run folder's lock first, so that a second
     writer is refused at once, and the trainer holds it until its :meth:`Trainer.fit` returns.
     Nothing else is written until ``fit``: ``train --print-config`` builds a trainer without the
-    lock (``run_dir`` may then be None) and drops it, so a dry run refuses what training would."""
+    lock (``run_dir`` may then be None) and drops it, so a dry run refuses what training would.
+    ``progress``: progress bars while the data is read, as :meth:`Trainer.fit`'s."""
+    progress = show_progress(progress, "build_trainer")
     run_dir = user_path(run_dir, "run_dir", optional=True)  # "~/runs/x" as a shell expands it
     data_dir = user_path(data_dir, "data_dir", optional=True)
     if resume and run_dir is None:

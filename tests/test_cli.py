@@ -829,9 +829,9 @@ def test_compare_takes_eval_s_device_and_progress(tmp_path, capsys, monkeypatch)
     assert code == 0 and json.loads(out) == json.loads(plain) and "%|" not in err, err
     code, out, err = run([*compare, "--progress"], capsys)
     assert code == 0 and json.loads(out) == json.loads(plain) and "comparing:" in err and "%|" in err, err
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # on a terminal: a bar unless told not
-    assert "%|" in run(compare, capsys)[2] and "%|" not in run([*compare, "--no-progress"], capsys)[2]
-    monkeypatch.undo()
+    with monkeypatch.context() as patched:  # on a terminal: a bar unless told not to draw one
+        patched.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+        assert "%|" in run(compare, capsys)[2] and "%|" not in run([*compare, "--no-progress"], capsys)[2]
     runs = {"a": tmp_path / "a"}
     for progress, drawn in ((False, False), (True, True)):
         result = compare_learners(runs, episodes=3, device="cpu", progress=progress)

@@ -591,7 +591,10 @@ def plot(run_dir, data_dir, compare_with):
               help="change a method option of every run for this comparison, e.g. --set test_inner_steps=1")
 @click.option("--data-dir", type=GivenPath(FOLDER), default=None, help=DATA_DIR_HELP)
 @episode_shape_options("the runs' (runs trained with other shots compared on one shape)")
-def compare(run_dirs, episodes, seed, part, num_samples, json_path, settings, data_dir, ways, shots, query):
+@click.option("--progress/--no-progress", default=None, help=PROGRESS_HELP)
+@click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
+def compare(run_dirs, episodes, seed, part, num_samples, json_path, settings, data_dir, ways, shots, query, progress,
+            device):
     """Uncertainty measures of trained runs on the same test episodes: for classification
     accuracy, NLL and expected calibration error; for regression MSE, predictive
     log-likelihood and coverage of the true function by the sampled functions."""
@@ -613,7 +616,8 @@ def compare(run_dirs, episodes, seed, part, num_samples, json_path, settings, da
                                     trained_on=[(run, recorded_images(RunDir(run))) for run in run_dirs])
     shape = given_shape(ways, shots, query)
     result = compare_learners(labels, episodes=episodes, seed=seed, part=part, num_samples=num_samples,
-                              data_dir=data_dir, overrides=overrides, episode_shape=shape)
+                              data_dir=data_dir, overrides=overrides, episode_shape=shape, device=device,
+                              progress=show_progress(progress))
     measures = [k for k, v in result[next(iter(labels))].items() if isinstance(v, dict)]
     if to_output:
         click.echo(json.dumps(json_finite(result), indent=2, allow_nan=False))

@@ -44,13 +44,14 @@ from metalearn.algorithms.base import average_prediction, device_of, evaluating
 from metalearn.checkpoints import load_trained_state, recorded_images, run_images
 from metalearn.config import MAX_SEED, task_differences
 from metalearn.datasets import get_dataset, reads_image_folder
+from metalearn.distributed import init_world
 from metalearn.errors import MetalearnError, OptionError, OptionWarning, caller_level, check_count, spellings
 from metalearn.evaluation import check_seed, fewer_steps_advice, scored_in_calls, tasks_per_call
 from metalearn.evaluation_setup import (plain_shape, plain_values, warn_of_other_images, warn_of_validation_episodes,
                                         with_test_shape)
 from metalearn.files import FOLDER, RUN, check_paths, same_path, user_path
 from metalearn.runs import RunDir
-from metalearn.runtime import float32_default, own_random_state
+from metalearn.runtime import DroppingStream, cuda_devices, float32_default, own_random_state, show_progress
 from metalearn.tasks import build_task_source, true_function as tasks_true_function
 from metalearn.tasks.batch import TaskBatch
 from metalearn.training import part_seed_offset
@@ -230,7 +231,8 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
                      num_samples: int | None = None, chunk: int = 50, grid_points: int = 100,
                      level: float = 0.95, data_dir: Path | str | None = None,
                      overrides: dict[str, Any] | None = None,
-                     episode_shape: dict[str, int] | None = None) -> dict[str, Any]:
+                     episode_shape: dict[str, int] | None = None, device: str = "cpu",
+                     progress: bool | None = None) -> dict[str, Any]:
     """Evaluate trained runs ``{label: run_dir}`` (:func:`run_labels` labels a list of folders
     as ``metalearn compare`` does) on the same ``episodes`` episodes (the ones ``metalearn eval``
     uses for ``seed``), with the model noise of sampling methods seeded by ``seed`` too, so the
@@ -260,10 +262,19 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     A run some of whose episodes diverged (a non-finite accuracy or MSE) holds their count in
     ``diverged``, its measures are NaN, and a :class:`~metalearn.errors.MetalearnWarning` says so
     (``metalearn compare`` prints it as a ``warning:`` line).
+    ``device`` (cpu, cuda, cuda:N or auto, as for :func:`~metalearn.api.evaluate_run`, and refused
+    as it refuses one, before any run is read): where the runs are scored; the episodes are drawn
+    on the CPU whatever the device, as ``evaluate_run`` draws them, so a seed gives the same
+    episodes on any device. ``progress``: a progress bar while the episodes are scored; None (the
+    default) draws it only when the error output is a terminal or a notebook
+    (:func:`~metalearn.runtime.show_progress`), as ``evaluate_run`` does.
     """
+    progress = show_progress(progress, "compare_learners")
     episodes, chunk, grid_points, seed, overrides = _checked_arguments(runs, episodes, chunk, grid_points, seed, part,
                                                                        overrides)
     check_paths(("data_dir", data_dir, FOLDER))
+    # refused as evaluate_run refuses it (a name that is none, a GPU this machine lacks), before any run is read
+    where = init_world(device).device
     loaded, states = _loaded_runs(runs, overrides, episode_shape)
     check_samples_apply([config.method for config, _, _ in loaded.values()], num_samples)
     _check_one_supervised_dataset(runs, loaded)
@@ -277,13 +288,15 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
     if splits:  # the episodes are drawn from the test classes of the recorded split
         recorded = next(iter(splits))
         first_task = RunDir(runs[recorded]).with_own_split(loaded[recorded][0], data_dir).task
-    source = build_task_source(first_task, part, data_dir, evaluation=True)  # the episodes eval --part draws
+    source = build_task_source(first_task, part, data_dir, progress, evaluation=True)  # the episodes eval --part draws
     for label, (config, _, _) in loaded.items():  # a folder that is not the one a run trained on: as eval says
         if reads_image_folder(config.task.dataset):
             warn_of_other_images(runs[label], config, source, states[label].get("data_fingerprint"), data_dir,
                                  data_given)
+    # each learner on the device, as evaluate_run moves its learner; the batches follow in the scoring
+    loaded = {label: (config, learner.to(where), step) for label, (config, learner, step) in loaded.items()}
     per_task, pooled = _scores_on_shared_episodes(runs, loaded, source, first_task, part, episodes, seed, chunk,
-                                                  num_samples, grid_points, level)
+                                                  num_samples, grid_points, level, where, progress)
     # what was drawn, not only what was asked: None asks each sampling run for its own number
     drawn = {label: models_drawn(learner, num_samples) for label, (_, learner, _) in loaded.items()}
     sampled = {drawn[label] for label, (_, learner, _) in loaded.items() if can(learner, "samples models")}
@@ -430,16 +443,19 @@ def _shared_images(runs: dict[str, Path | str], states: dict[str, dict[str, Any]
 
 def _scores_on_shared_episodes(runs: dict[str, Path | str], loaded: dict[str, tuple[Any, Any, int]], source,
                                task, part: str, episodes: int, seed: int, chunk: int, num_samples: int | None,
-                               grid_points: int, level: float
+                               grid_points: int, level: float, device: torch.device, progress: bool
                                ) -> tuple[dict[str, dict[str, list[Tensor]]], dict[str, list[tuple[Tensor, Tensor]]]]:
     """Every run scored on the same ``episodes`` episodes of ``source`` (those ``metalearn eval``
     draws for ``seed`` and ``part``), ``chunk`` at a time: ``{label: {measure: [per-task
     values, a tensor per chunk]}}`` and ``{label: [(log_probs, labels), ...]}`` for the
-    calibration error, pooled over the query examples."""
+    calibration error, pooled over the query examples. The episodes are drawn on the CPU and
+    scored on ``device`` (where the learners are); the scores come back to the CPU chunk by chunk,
+    so a GPU holds one chunk's. ``progress``: a bar over the episodes, advanced as each chunk has
+    been scored by every run."""
     true_function = tasks_true_function(source, task)  # None where its inputs are not single numbers
     noise_std = getattr(source, "noise_std", None)
     x_range = getattr(source, "x_range", (-5.0, 5.0))
-    grid = torch.linspace(x_range[0], x_range[1], grid_points).view(1, -1, 1)
+    grid = torch.linspace(x_range[0], x_range[1], grid_points).view(1, -1, 1).to(device)
 
     per_task: dict[str, dict[str, list[Tensor]]] = {label: {} for label in runs}
     pooled: dict[str, list[tuple[Tensor, Tensor]]] = {label: [] for label in runs}
@@ -449,12 +465,21 @@ def _scores_on_shared_episodes(runs: dict[str, Path | str], loaded: dict[str, tu
     generator = torch.Generator().manual_seed(seed + offset)
     remaining = episodes
     per_call: dict[str, int | None] = {}  # tasks per scoring call, where a chunk would not fit the memory at once
-    with own_random_state([]), float32_default():  # the episodes evaluate draws, whatever the default
+    bar = None
+    if progress:  # as evaluate's bar, on the error output; a failed write of it stops no scoring
+        from tqdm import tqdm
+
+        bar = tqdm(total=episodes, desc="comparing", unit="episode", leave=False,
+                   file=DroppingStream(drop_when_busy=True))
+    # the episodes evaluate draws, whatever the default; the CUDA devices' states are kept where CUDA is in use, as
+    # evaluate keeps them (torch.manual_seed below reseeds them all)
+    with own_random_state(cuda_devices()), float32_default():
         chunk_index = 0
         while remaining > 0:
-            batch = source.sample(min(chunk, remaining), generator)
+            batch = source.sample(min(chunk, remaining), generator)  # drawn on the CPU, as evaluate draws it
             remaining -= batch.num_tasks
             chunk_index += 1
+            batch = batch.to(device)
             for label, (run_config, learner, _) in loaded.items():
                 def score(tasks, learner=learner):
                     return uncertainty_scores(learner, tasks, true_function, noise_std, num_samples, grid, level)
@@ -463,11 +488,16 @@ def _scores_on_shared_episodes(runs: dict[str, Path | str], loaded: dict[str, tu
                     per_call[label] = tasks_per_call(score, batch, device_of(learner), run_config.train.memory_budget)
                 # every run sees the same model-noise stream, whichever runs it is compared with
                 torch.manual_seed(seed + offset + 7919 * chunk_index)
-                scores = scored_in_calls(score, batch, per_call.get(label))
+                scores = {name: values.cpu() for name, values in scored_in_calls(score, batch,
+                                                                                  per_call.get(label)).items()}
                 if "log_probs" in scores:
                     pooled[label].append((scores.pop("log_probs"), scores.pop("labels")))
                 for name, values in scores.items():
                     per_task[label].setdefault(name, []).append(values)
+            if bar is not None:
+                bar.update(batch.num_tasks)
+    if bar is not None:
+        bar.close()
     return per_task, pooled
 
 

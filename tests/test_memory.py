@@ -452,6 +452,9 @@ def test_the_reproduction_script_says_which_wall_times_it_knows(tmp_path, capsys
     code, _, err = run(["eval", run_dir, "--ways", 20, "--shots", 5, "--no-progress", "--data-dir", omniglot_data_dir],
                        capsys)
     assert code == 0 and (run_dir / "eval-shots=5-ways=20.json").exists(), err
+    # the shape in its own fields; overrides holds the method's options (--set) alone
+    saved = json.loads((run_dir / "eval-shots=5-ways=20.json").read_text())
+    assert (saved["ways"], saved["shots"], saved["overrides"]) == (20, 5, {})
     script = load_script("memory-reproduction.py")
 
     def table() -> dict[str, str]:

@@ -580,7 +580,7 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     scored = f"an ensemble of {len(members)} checkpoints" if ensemble else f"the checkpoint of step {step}"
     world = world or init_world(device, exact_gpu_kernels=exact_gpu_kernels)
     result = _evaluate(run_dir, config, learner, step, part, episodes, seed, data_dir, progress, world,
-                       {**(overrides or {}), **(episode_shape or {})}, per_step, labels,
+                       overrides, per_step, labels,  # the method's options: the shape has its own fields
                        {**({"ensemble": [member_step for _, _, member_step in members]} if ensemble else {}),
                         **split_record} or None, trained_on=trained_on, data_given=data_given,
                        starting=None if announce is None else

@@ -1315,6 +1315,14 @@ def test_a_small_class_folder_names_its_split_options_and_eval_splits_another_fo
                                    "needs 8: no split of its 12 classes can give train 8, val 8, test 8 (24 in all); "
                                    "lower --test-ways to 2 or fewer")
     assert "--split-fractions" not in err
+    # a split whose train and test parts hold 5 but val 1: training without validation needs no
+    # new split, and is offered once, as such
+    code, out, err = run([*options, "--split-fractions", "0.42,0.08,0.5", "--run-dir", tmp_path / "refused"], capsys)
+    one_line_error(code, out, err, "--split-fractions 0.42,0.08,0.5 gives the val part 1 of the folder's 12 classes")
+    assert err.count("--val-every 0") == 1 and err.endswith(
+        "(15 in all); train without the test (metalearn train --no-eval) on a split (--split-fractions or "
+        "--split-file) that gives train 5, val 5; train without validation (metalearn train --val-every 0); "
+        "--test-ways cannot go below 2, so this part cannot make an episode\n"), err
     run_dir = tmp_path / "run"
     code, out, err = run([*options, "--split-fractions", "0.5,0,0.5", "--val-every", 0, "--run-dir", run_dir], capsys)
     assert code == 0, err

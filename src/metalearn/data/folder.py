@@ -1115,7 +1115,11 @@ def check_part_classes(folder: ImageFolder, pool: ClassPool, part: str, ways: in
             for left_out, remedy, what in (("val", "train_unvalidated", "validation"),
                                            ("test", "train_untested", "the test")):
                 rest = {p: count for p, count in used.items() if p != left_out}
-                if command == "train" and left_out in used and len(rest) > 1 and sum(rest.values()) <= n:
+                # the part checked left out where this split's other parts hold their ways: said
+                # below without a new split (training reaches the test part after the val part)
+                as_split = left_out == part and (part == "test" or len(short) == 1)
+                if (command == "train" and not as_split and left_out in used and len(rest) > 1
+                        and sum(rest.values()) <= n):
                     fixes.append(f"train without {what} ({{{remedy}}}) on a split ({{split_fractions}} or "
                                  f"{{split_file}}) that gives " + ", ".join(f"{p} {c}" for p, c in rest.items()))
         else:

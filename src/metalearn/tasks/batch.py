@@ -99,51 +99,38 @@ class TaskBatch:
             {k: v[tasks] for k, v in self.task_params.items()},
         )
 
-    def non_finite(self, first_task: int = 0) -> str | None:
-        """Where the examples or targets hold NaN or infinite values, as ``"support_y (2 tasks,
-        the first task 3)"`` (the first such tensor; ``first_task``: the number of this batch's
-        first task in a larger one, a distributed rank's share); None where all are finite, and
-        for tensors without a task axis (a malformed batch, which the learner refuses). A
-        meta-loss or a score that is not finite on such data is the data's doing, not a learning
-        rate's. One device synchronisation per floating-point tensor."""
-        for name in ("support_x", "support_y", "query_x", "query_y"):
-            t = getattr(self, name)
-            if not (isinstance(t, Tensor) and torch.is_floating_point(t)) or t.dim() < 1 or not t.numel():
-                continue
-            bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)  # (tasks,)
-            count = int(bad.sum())
-            if count:
-                first = first_task + int(bad.nonzero()[0])
-                return f"{name} ({count} task{'s' if count > 1 else ''}, the first task {first})"
-        return None
-
-    def too_large(self, first_task: int = 0) -> str | None:
-        """Where the examples or targets hold finite values whose squares overflow their dtype
-        (beyond 1.8e19 in float32), as ``"query_y (2 tasks, the first task 0) holds values as large
-        as 3e+30"``; None where none do. A squared error or a distance on such data is infinite
-        whatever the learning rates: the data's doing, like :meth:`non_finite`'s."""
-        for name in ("support_x", "support_y", "query_x", "query_y"):
-            t = getattr(self, name)
-            if not (isinstance(t, Tensor) and torch.is_floating_point(t)) or t.dim() < 1 or not t.numel():
-                continue
-            largest = t.reshape(t.shape[0], -1).abs().nan_to_num(0.0, 0.0, 0.0).amax(1)  # (tasks,)
-            bad = largest > torch.finfo(t.dtype).max ** 0.5
-            count = int(bad.sum())
-            if count:
-                first = first_task + int(bad.nonzero()[0])
-                return (f"{name} ({count} task{'s' if count > 1 else ''}, the first task {first}) holds values as "
-                        f"large as {float(largest.max()):.2g}")
-        return None
-
     def data_problem(self, first_task: int = 0) -> str | None:
-        """What makes this batch's data unusable whatever the learner does, in words (``"NaN or
-        infinite values in support_y (...)"`` or ``"values too large to square: query_y (...) holds
-        values as large as 3e+30"``), or None: :meth:`non_finite`, then :meth:`too_large`."""
-        if (where := self.non_finite(first_task)) is not None:
-            return f"NaN or infinite values in {where}"
-        if (where := self.too_large(first_task)) is not None:
-            return f"values too large to square: {where}"
+        """What makes this batch's data unusable whatever the learner does, in words, or None: NaN
+        or infinite values (``"NaN or infinite values in support_y (2 tasks, the first task 3)"``),
+        else finite values whose squares overflow their dtype (beyond 1.8e19 in float32: ``"values
+        too large to square: query_y (2 tasks, the first task 0) holds values as large as
+        3e+30"``), each named in the first such tensor. A meta-loss or a score that is not finite
+        on such data is the data's doing, not a learning rate's. ``first_task``: the number of
+        this batch's first task in a larger one (a distributed rank's share). Tensors without a
+        task axis (a malformed batch, which the learner refuses) are passed over. One pass over
+        each floating-point tensor: its largest magnitude per task, NaN or infinite where the
+        task holds such a value."""
+        largest = []  # (name, (tasks,) largest magnitudes)
+        for name in ("support_x", "support_y", "query_x", "query_y"):
+            t = getattr(self, name)
+            if isinstance(t, Tensor) and torch.is_floating_point(t) and t.dim() >= 1 and t.numel():
+                largest.append((name, t.reshape(t.shape[0], -1).abs().amax(1)))
+        for name, most in largest:
+            if (where := _tasks_where(~most.isfinite(), first_task)) is not None:
+                return f"NaN or infinite values in {name} ({where})"
+        for name, most in largest:  # all finite: a square beyond the dtype's largest value overflows
+            if (where := _tasks_where(most > torch.finfo(most.dtype).max ** 0.5, first_task)) is not None:
+                return f"values too large to square: {name} ({where}) holds values as large as {float(most.max()):.2g}"
         return None
+
+
+def _tasks_where(bad: Tensor, first_task: int) -> str | None:
+    """``"2 tasks, the first task 3"`` for a per-task mask ``bad`` (True at tasks 3 and 5 of a
+    batch whose first task is 0), None where it holds no True."""
+    count = int(bad.sum())
+    if not count:
+        return None
+    return f"{count} task{'s' if count > 1 else ''}, the first task {first_task + int(bad.nonzero()[0])}"
 
 
 def data_fix(what: str) -> str | None:

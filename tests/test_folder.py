@@ -1125,6 +1125,10 @@ def test_predict_run_checks_its_outputs_and_writes_all_or_none(shapes, tmp_path,
                                                      "folders \\(paths\\), got a (PngImageFile|Tensor|list); for "
                                                      "images in memory use learner.fit_predict"):
                 predict_run(run_dir, bad_support, bad_query)
+    # an empty path is refused before the run is read (here a folder that does not exist)
+    for bad_support, bad_query, empty in (("", query, "support"), (support, [query, ""], "query")):
+        with pytest.raises(MetalearnError, match=f"^{empty} is empty; give an image file or folder$"):
+            predict_run(tmp_path / "no-such-run", bad_support, bad_query)
     # any iterable of paths is a query (a glob), as is one path
     globbed = predict_run(run_dir, support, Path(query).rglob("*.png"))
     assert len(globbed["predictions"]) == len(list(Path(query).rglob("*.png"))) > 0

@@ -1367,8 +1367,15 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
                                       refuse_outputs_among_inputs, refuse_run_files, write_together)
     from metalearn.uncertainty import check_samples_apply
 
-    check_paths(("run_dir", run_dir, RUN), ("json_out", json_out, FILE), ("csv_out", csv_out, FILE),
-                ("sheet", sheet, FILE))
+    paths = (str, os.PathLike)  # a query is paths: one, or any iterable of them (a list, a glob)
+    queries = [query] if isinstance(query, paths) else list(query) if isinstance(query, Iterable) else None
+    if queries is None or not all(isinstance(q, paths) for q in queries) or not isinstance(support, paths):
+        given = type(support if not isinstance(support, paths) else query).__name__
+        raise MetalearnError(f"predict_run takes a support folder and query image files or folders (paths), got a "
+                             f"{given}; for images in memory use learner.fit_predict(support_x, support_y, query_x) "
+                             "on load_trained(run_dir)[1]")
+    check_paths(("run_dir", run_dir, RUN), ("support", support, IMAGES), *(("query", q, IMAGES) for q in queries),
+                ("json_out", json_out, FILE), ("csv_out", csv_out, FILE), ("sheet", sheet, FILE))
     # ~ expanded; a str kept as a str, since "out/" names a folder
     named = [(OUTPUTS[name], os.path.expanduser(path) if isinstance(path, str) else Path(path).expanduser())
              for name, path in (("json_out", json_out), ("csv_out", csv_out), ("sheet", sheet)) if path is not None]
@@ -1384,13 +1391,6 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
                              f"{tuple(inputs)}); predict classifies image files: for examples of other kinds, give "
                              "tensors to learner.fit_predict(support_x, support_y, query_x) on load_trained(run_dir)[1]")
     check_samples_apply([config.method], num_samples)
-    paths = (str, os.PathLike)  # a query is paths: one, or any iterable of them (a list, a glob)
-    queries = [query] if isinstance(query, paths) else list(query) if isinstance(query, Iterable) else None
-    if queries is None or not all(isinstance(q, paths) for q in queries) or not isinstance(support, paths):
-        given = type(support if not isinstance(support, paths) else query).__name__
-        raise MetalearnError(f"predict_run takes a support folder and query image files or folders (paths), got a "
-                             f"{given}; for images in memory use learner.fit_predict(support_x, support_y, query_x) "
-                             "on load_trained(run_dir)[1]")
     refuse_outputs_among_inputs(named, [("support", support)] + [("query", q) for q in queries],
                                 trained_on=[(run_dir, recorded_images(RunDir(run_dir), state))])
     learner = learner.to(init_world(device).device)

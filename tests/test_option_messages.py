@@ -184,6 +184,17 @@ def test_a_device_that_is_none(capsys):
     assert str(refused.value) == "device must be cpu, cuda, cuda:N or auto, got 'gpu'"
     assert refusal(*run(["train", "maml", *SINUSOID, "--device", "gpu"], capsys)) == \
         "--device must be cpu, cuda, cuda:N or auto, got 'gpu'"
+    # from Python a torch.device is a device; anything else but text is refused in one line
+    for given in (None, 5):
+        with pytest.raises(OptionError) as refused:
+            train(sinusoid(), device=given, progress=False, announce=None)
+        assert str(refused.value) == (f"device must be cpu, cuda, cuda:N or auto (text or a torch.device), got "
+                                      f"{given!r} ({type(given).__name__})")
+    import torch
+
+    from metalearn.distributed import init_world
+
+    assert init_world(torch.device("cpu")).device == torch.device("cpu")
 
 
 def test_an_override_that_evaluation_does_not_use(regression_run, capsys):

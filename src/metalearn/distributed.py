@@ -16,6 +16,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -117,9 +118,23 @@ def current_world(device: torch.device | str = "cpu") -> World:
     return World(device=torch.device(device))
 
 
+def device_name(device: Any) -> str:
+    """``device`` as text: a ``torch.device`` (``torch.device("cuda", 1)``) as torch writes it
+    (``"cuda:1"``); anything but text refused in one line, not by a ``str`` method deep in the
+    device's resolution."""
+    if isinstance(device, torch.device):
+        return str(device)
+    if not isinstance(device, str):
+        raise OptionError(f"{{device}} must be cpu, cuda, cuda:N or auto (text or a torch.device), got {device!r} "
+                          f"({type(device).__name__})", device="device")
+    return device
+
+
 def resolve_device(name: str = "cpu", local_rank: int = 0) -> torch.device:
     """The device a process computes on: ``cpu``, ``cuda`` (the process's GPU: ``cuda:LOCAL_RANK``
-    under torchrun), ``cuda:N``, or ``auto`` (a GPU when torch sees one, else the CPU)."""
+    under torchrun), ``cuda:N``, or ``auto`` (a GPU when torch sees one, else the CPU); a
+    ``torch.device`` as its text."""
+    name = device_name(name)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
@@ -189,6 +204,7 @@ def init_world(device: str = "cpu", timeout_s: float | None = None, exact_gpu_ke
     (default ``$METALEARN_DIST_TIMEOUT`` or 300 s) fails instead of hanging, so a rank that
     dies makes the others stop. On a CUDA device, ``exact_gpu_kernels`` applies
     :func:`metalearn.runtime.configure_gpu_kernels` (process-wide torch flags)."""
+    device = device_name(device)
     size = environment_count("WORLD_SIZE", 1)
     if size > 1 and device.startswith("cuda:"):
         raise OptionError(

@@ -118,6 +118,71 @@ def test_plot_draws_the_true_functions_and_the_predictions_after_0_1_and_10_step
     assert not np.allclose(axes[0].get_lines()[0].get_ydata(), axes[0].get_lines()[2].get_ydata(), atol=1e-3)
 
 
+def test_plot_out_dir_takes_the_figures_and_until_step_ends_the_curves(tmp_path, capsys, monkeypatch):
+    import metalearn.plotting
+
+    run_dir, out = tmp_path / "run", tmp_path / "figures"
+    assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 4, "--meta-batch-size", 2, "--log-every", 1,
+                "--val-every", 0, "--no-eval", "--no-progress", "--run-dir", run_dir], capsys)[0] == 0
+    drawn, draw = [], metalearn.plotting.plot_learning_curves
+
+    def recording(records, *args, **kwargs):  # the records the curves are drawn from, then drawn
+        drawn.append([record["step"] for record in records])
+        return draw(records, *args, **kwargs)
+
+    monkeypatch.setattr(metalearn.plotting, "plot_learning_curves", recording)
+    code, printed, err = run(["plot", run_dir, "--out-dir", out, "--until-step", 2], capsys)
+    assert code == 0, err
+    assert f"wrote {out / 'learning_curves.png'}" in printed and (out / "learning_curves.png").stat().st_size > 1000
+    assert (out / "fits.png").is_file() and not (run_dir / "plots").exists()
+    assert drawn == [[1, 2]]
+    assert run(["plot", run_dir, "--out-dir", out], capsys)[0] == 0 and drawn[-1] == [1, 2, 3, 4]
+    code, _, err = run(["plot", run_dir, "--until-step", -1], capsys)
+    assert code == 2 and "Invalid value for '--until-step'" in err and len(drawn) == 2, err
+
+
+def test_plot_refuses_an_out_dir_where_export_refuses_its_out_dir(tmp_path, capsys):
+    """The image folder a run trained on (its checkpoint records it: no --data-dir needed),
+    another run's folder, the run folder itself and its best/ are refused in one line naming
+    --out-dir, before anything is drawn; a folder of one's own inside the run folder is taken."""
+    from images import colours
+    from metalearn.api import plot_run
+
+    data = colours(tmp_path / "photos", 6, 2)
+    run_dir = tmp_path / "run"
+    assert run(["train", "protonet", "--dataset", "folder", "--data-dir", data, "--ways", 2, "--shots", 1,
+                "--image-size", 16, "--steps", 1, "--log-every", 1, "--val-every", 0, "--split-fractions",
+                "0.5,0,0.5", "--no-eval", "--run-dir", run_dir, "--no-progress"], capsys)[0] == 0
+    other = shutil.copytree(run_dir, tmp_path / "other")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    images = data.resolve()
+    inside_images = (f"lies inside {images}, the image folder the run trained on (its checkpoint records it): its "
+                     f"files would be read as images of the dataset; give a folder outside {images}")
+    refusals = [(data / "figs", inside_images), (data / "class 0", inside_images),
+                (other, f"is the folder of another run, {other}: the figures would lie among that run's files; give "
+                        "another folder (e.g. results/run)"),
+                (other / "figs", f"lies inside the folder of another run, {other}: the figures would lie among that "
+                                 "run's files; give another folder (e.g. results/run)"),
+                (run_dir, f"is the run folder {run_dir}: the figures would lie among the run's own files; give "
+                          f"another folder (e.g. results/run, or {run_dir / 'plots'})"),
+                (run_dir / "best" / "x", f"lies inside the best checkpoints' folder of {run_dir}: the figures would "
+                                         "lie among the run's own files; give another folder (e.g. results/run, or "
+                                         f"{run_dir / 'plots'})")]
+    for out, why in refusals:
+        code, _, err = run(["plot", run_dir, "--out-dir", out], capsys)
+        assert code == 2 and err == f"error: --out-dir {out} {why}\n", err
+    code, _, err = run(["plot", run_dir, "--out-dir", data / "figs", "--data-dir", data], capsys)
+    assert code == 2 and err == (f"error: --out-dir {data / 'figs'} lies inside --data-dir {data}: its files would be "
+                                 f"read as images of the dataset; give a folder outside {data}\n"), err
+    with pytest.raises(MetalearnError) as refused:  # from Python, the keyword
+        plot_run(run_dir, out_dir=other / "figs")
+    assert str(refused.value).startswith(f"out_dir {other / 'figs'} lies inside the folder of another run, {other}: ")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written, nothing made
+    assert sorted(p.name for p in tmp_path.rglob("figs")) == []
+    code, _, err = run(["plot", run_dir, "--out-dir", run_dir / "figs"], capsys)  # a folder of one's own in the run's
+    assert code == 0 and (run_dir / "figs" / "learning_curves.png").is_file(), err
+
+
 def test_resume_from_the_command_line_takes_the_saved_configuration(tmp_path, capsys):
     run_dir = tmp_path / "run"
     args = ["train", "maml", "--dataset", "sinusoid", "--meta-batch-size", 4, "--run-dir", run_dir,

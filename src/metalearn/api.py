@@ -43,7 +43,7 @@ from metalearn.plugins import load_plugins, unknown_hint
 from metalearn.runtime import cuda_devices, own_random_state, show_progress
 from metalearn.tasks import has_validation, no_validation_reason, problem_of
 from metalearn.checkpoints import (check_compatible, check_same_method, configuration_conflict, load_trained,
-                                   load_trained_state, recorded_images, run_images, saved_config)
+                                   load_trained_state, read_entries, recorded_images, run_images, saved_config)
 from metalearn.training import (TEST_SEED_OFFSET, build_trainer, continue_lines, part_seed_offset, python_resume,
                                 python_test, registered_resume, registered_test, resume_command,
                                 resume_without_run_dir)
@@ -711,7 +711,12 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
     ``compare_with``'s (a run of the same environment and test settings) and the initial
     weights' (written to the run as ``eval-weights=initial.json``), and the trajectories (nav2d) or velocities (half-cheetah) before and after one step. The
     figures go to ``out_dir``, by default the run's ``plots/``. ``until_step``: the curves end at
-    that step (export draws those of its checkpoint's step, not steps a run logged after it)."""
+    that step (export draws those of its checkpoint's step, not steps a run logged after it).
+    An ``out_dir`` is refused, in one line and before anything is drawn or written, where
+    :func:`export_results` refuses its folder (:func:`check_out_dir`): the run folder itself or
+    inside its ``best/``, the folder of another run or inside it, inside ``data_dir`` or inside the
+    image folder the run trained on; a folder inside the run folder (``plots/``, one of your own) is
+    taken."""
     from metalearn.plotting import plot_learning_curves, plot_regression_fits
     from metalearn.tasks import build_task_source, check_data_dir, true_function
 
@@ -726,6 +731,12 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
         run.check_own_subfolders()  # plots/ linked out of the run: not written through
     check_folder_path(plots, "out_dir" if out_dir is not None else "")
     check_data_dir(config.task, data_dir)  # before any figure is written
+    # the default, the run's plots/, is the run's own; export's temporary folder is checked as any.
+    # The checkpoint is read only for the image folder it records: a damaged one stops no other plot
+    if out_dir is not None:
+        recorded = run.has_checkpoint() and reads_image_folder(config.task.dataset)
+        check_out_dir(run, config, plots, "out_dir", "the figures", data_dir,
+                      read_entries(run, "step", optional=("data_dir",)) if recorded else None)
     # a divergence's record (training stopped at that step) holds nothing to draw
     records = [record for record in run.read_metrics() if "diverged" not in record
                and (until_step is None or record.get("step", 0) <= until_step)]
@@ -941,6 +952,38 @@ OUT_DIR = ("out_dir", "OUT_DIR")  # export's folder: a parameter in Python, an a
 EXPORT_FOLDER_PREFIX = "metalearn-export-"  # + the process id: an export's folder of plots, in the temporary folder
 
 
+def check_out_dir(run: RunDir, config: RunConfig, out_dir: Path, option: str | tuple[str, str], what: str,
+                  data_dir: Path | str | None, state: dict[str, Any] | None) -> None:
+    """Refuse, in one line naming ``option`` (as :class:`~metalearn.errors.Options` takes it:
+    export's :data:`OUT_DIR`, plot's ``"out_dir"``), a folder where ``what`` (``"the record"``,
+    ``"the figures"``) drawn from ``run`` would lie among files that are not its own, before
+    anything is drawn or written there: the run folder itself or a folder inside its ``best/``
+    (the files the run writes, keeps and deletes itself; any other folder inside the run folder,
+    its ``plots/`` or one of your own, is taken), the folder of another run (a folder with a
+    checkpoint) or a folder inside it, and a folder inside ``data_dir`` or inside the image folder
+    the run trained on, which its checkpoint's entries ``state`` record (None: a run without a
+    checkpoint), since a later training there would read the files as images. ``config``: the
+    run's configuration, whose dataset says whether it reads files at all."""
+    from metalearn.tasks import check_outside_data
+
+    out, own = out_dir.resolve(), run.path.resolve()
+    # among the run's own files: its top level (config.json, checkpoint.pt) or best/, whose files
+    # the run keeps and deletes itself
+    if out == own or out.is_relative_to(run.best_dir.resolve()):
+        where = "is" if out == own else "lies inside"
+        mine = "the run folder" if out == own else "the best checkpoints' folder of"
+        raise OptionError(f"{{out_dir}} {where} {mine} {run.path}: {what} would lie among the run's own files; "
+                          f"give another folder (e.g. results/{own.name}, or {run.plots_dir})",
+                          out_dir=valued(option, out_dir))
+    # a run's folder is one with a checkpoint: records under results/ hold a config.json too
+    other = next((folder for folder in (out, *out.parents) if RunDir(folder).has_checkpoint()), None)
+    if other is not None and not out.is_relative_to(own):  # the run's own plots/ is a place for them
+        raise OptionError(f"{{out_dir}} {'is' if other == out else 'lies inside'} the folder of another run, "
+                          f"{other}: {what} would lie among that run's files; give another folder (e.g. "
+                          f"results/{own.name})", out_dir=valued(option, out_dir))
+    check_outside_data(config.task, data_dir, option, out_dir, recorded=(state or {}).get("data_dir"))
+
+
 def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str | None = None,
                    compare_with: Path | str | None = None, notes: list[str] | None = None) -> list[Path]:
     """A small, committable record of a run: ``summary.json`` (configuration, step, training
@@ -967,35 +1010,19 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
     files as images)."""
     import tempfile
 
-    from metalearn.tasks import check_outside_data
-
     check_paths(("run_dir", run_dir, RUN), ("out_dir", out_dir, FOLDER), ("data_dir", data_dir, FOLDER),
                 ("compare_with", compare_with, RUN))
     run = RunDir(run_dir)
     config = run.read_config()
     out_dir = user_path(out_dir, "out_dir")
-    out, own = out_dir.resolve(), run.path.resolve()
-    # the record's summary.json and plots would lie among the run's own files: its top level
-    # (config.json, checkpoint.pt) or best/, whose files the run keeps and deletes itself
-    if out == own or out.is_relative_to(run.best_dir.resolve()):
-        where = "is" if out == own else "lies inside"
-        mine = "the run folder" if out == own else "the best checkpoints' folder of"
-        raise OptionError(f"{{out_dir}} {where} {mine} {run.path}: the record would lie among the run's own files; "
-                          f"give another folder (e.g. results/{own.name}, or {run.plots_dir})",
-                          out_dir=valued(OUT_DIR, out_dir))
-    # a run's folder is one with a checkpoint: records under results/ hold a config.json too
-    other = next((folder for folder in (out, *out.parents) if RunDir(folder).has_checkpoint()), None)
-    if other is not None and not out.is_relative_to(own):  # the run's own plots/ is a place for its record
-        raise OptionError(f"{{out_dir}} {'is' if other == out else 'lies inside'} the folder of another run, "
-                          f"{other}: the record would lie among that run's files; give another folder (e.g. "
-                          f"results/{own.name})", out_dir=valued(OUT_DIR, out_dir))
     state = run.read_checkpoint("step", "config")
     # config.json copied from another run would put that run's configuration in the summary, beside
     # this one's evaluations: refused as eval and --resume refuse it
     check_compatible(saved_config(state, run.checkpoint_path), config, f"the checkpoint in {run.path}",
                      "Its config.json and checkpoint.pt come from different runs: put back the run's own files.")
-    # the folder the run trained on, recorded by its checkpoint: export needs no --data-dir
-    check_outside_data(config.task, data_dir, OUT_DIR, out_dir, recorded=state.get("data_dir"))
+    # among the run's own files or another run's, or inside the images: those of --data-dir or the folder
+    # the run trained on, recorded by its checkpoint (export needs no --data-dir)
+    check_out_dir(run, config, out_dir, OUT_DIR, "the record", data_dir, state)
     # before the drawing, which takes a while; the plots' names are known once they are drawn,
     # and every name is checked again then, just before the record is written
     check_record_targets(out_dir, [Path(out_dir) / "summary.json"])

@@ -567,13 +567,19 @@ def parse_setting(text: str) -> tuple[str, object]:
               help="another run on the same tasks: for PLATIPUS, a run (e.g. MAML) whose prediction is drawn "
                    "beside the samples; for maml-rl, a run of the same environment and test settings (e.g. "
                    "--inner-steps 0, the pretrained baseline) whose returns are drawn beside this run's")
-def plot(run_dir, data_dir, compare_with):
+@click.option("--out-dir", type=GivenPath(FOLDER), default=None,
+              help="the folder to write the figures to (default RUN_DIR/plots); not, as export's OUT_DIR, the "
+                   "run folder itself, its best/, another run's folder or the image folder it trained on")
+@click.option("--until-step", type=click.IntRange(min=0), default=None, metavar="STEP",
+              help="end the learning curves at this step (default: the last step logged)")
+def plot(run_dir, data_dir, compare_with, out_dir, until_step):
     """Draw a run's learning curves (and, for regression, fits after 0/1/10 steps; for PLATIPUS,
     sampled functions; for maml-rl, returns after each policy-gradient step, also of the
     initial weights, stored as eval-weights=initial.json, and trajectories or velocities) as PNG."""
     from metalearn.api import plot_run
 
-    for path in plot_run(run_dir, data_dir=data_dir, compare_with=compare_with):
+    for path in plot_run(run_dir, data_dir=data_dir, compare_with=compare_with, out_dir=out_dir,
+                         until_step=until_step):
         click.echo(f"wrote {path}")
 
 

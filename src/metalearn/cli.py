@@ -38,6 +38,8 @@ FAST_GPU_HELP = ("on a GPU, keep torch's default kernels (TF32 convolutions, non
                  "repeats the uninterrupted one exactly")
 DEVICE_HELP = ("cpu, cuda (under torchrun: each rank's GPU, NCCL), cuda:N or auto; not part of the run, "
                "which resumes or evaluates on any device")
+# compare and predict work in one process, not split among torchrun's ranks
+ONE_PROCESS_DEVICE_HELP = "cpu, cuda, cuda:N or auto: where this command computes, in one process; any device takes any run"
 CACHE_HELP = "the cache folder: $METALEARN_CACHE, else $XDG_CACHE_HOME/metalearn, else ~/.cache/metalearn"
 OMNIGLOT_DIR = ("the folder with images_background.zip / images_evaluation.zip (default: $METALEARN_DATA, "
                 f"else omniglot/ in {CACHE_HELP})")
@@ -598,7 +600,7 @@ def plot(run_dir, data_dir, compare_with, out_dir, until_step):
 @click.option("--data-dir", type=GivenPath(FOLDER), default=None, help=DATA_DIR_HELP)
 @episode_shape_options("the runs' (runs trained with other shots compared on one shape)")
 @click.option("--progress/--no-progress", default=None, help=PROGRESS_HELP)
-@click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
+@click.option("--device", default="cpu", show_default=True, help=ONE_PROCESS_DEVICE_HELP)
 def compare(run_dirs, episodes, seed, part, num_samples, json_path, settings, data_dir, ways, shots, query, progress,
             device):
     """Uncertainty measures of trained runs on the same test episodes: for classification
@@ -721,7 +723,7 @@ def summarize(run_dirs, group_by, evaluation, json_path):
               help="draw a contact sheet here (PNG): the support images by class, then each query with its prediction")
 @click.option("--samples", "num_samples", type=click.IntRange(min=1), default=None,
               help="models sampled per task (PLATIPUS; default the run's --num-samples)")
-@click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
+@click.option("--device", default="cpu", show_default=True, help=ONE_PROCESS_DEVICE_HELP)
 def predict(run_dir, support, queries, json_path, csv_path, sheet, num_samples, device):
     """Classify new images among new classes from a few labelled examples of each, with a trained
     run: metalearn predict RUN_DIR --support DIR --query DIR_OR_FILE."""

@@ -731,6 +731,22 @@ def test_on_off_keywords_are_true_or_false_as_train_s_are(tmp_path):
     assert evaluate_run(run, episodes=3, progress=False, per_step=False, ensemble=False)["episodes"] == 3
 
 
+def test_evaluate_run_takes_a_device_or_a_world_not_both(tmp_path):
+    """A world computes on its own device: a device given beside it would be dropped silently."""
+    from metalearn.api import evaluate_run
+    from metalearn.distributed import init_world
+
+    run = tmp_path / "run"
+    tiny_run(run)
+    world, before = init_world("cpu"), sorted(run.glob("eval*.json"))
+    assert refusal(lambda: evaluate_run(run, episodes=3, progress=False, world=world, device="cuda:7")) == (
+        "evaluate_run takes device or world, not both: a world computes on its own device (cpu), not on "
+        "device='cuda:7'")
+    assert sorted(run.glob("eval*.json")) == before  # nothing written
+    by_world = evaluate_run(run, episodes=3, progress=False, world=world)
+    assert by_world["mean"] == evaluate_run(run, episodes=3, progress=False, device="cpu")["mean"]
+
+
 def test_progress_bars_by_default_in_a_notebook_whose_output_is_no_terminal(monkeypatch):
     """A Jupyter cell's error output is no terminal but redraws a bar in place: bars by default."""
     import sys

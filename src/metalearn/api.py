@@ -481,7 +481,7 @@ def _next_command(config: RunConfig, run_dir, data_dir) -> tuple[str, str]:
 
 def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0, part: str = "test",
                  data_dir: Path | str | None = None, progress: bool | None = None, world: World | None = None,
-                 overrides: dict[str, Any] | None = None, device: str = "cpu",
+                 overrides: dict[str, Any] | None = None, device: str | None = None,
                  episode_shape: dict[str, int] | None = None, per_step: bool = True,
                  exact_gpu_kernels: bool = True, ensemble: bool = False,
                  protocol: str | None = None, split_fractions: str | None = None,
@@ -521,7 +521,12 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     one line where it cannot be written (a read-only run folder, a folder in its place) or
     where it holds the evaluation of a later checkpoint, which this one would not replace.
     ``progress``: progress bars; None (the default) draws them only when the error output is a
-    terminal, not into a log file, as the command line does.
+    terminal, not into a log file, as the command line does. ``episodes``: None (the default)
+    scores the run's ``eval_episodes``. ``device``: where it is scored (cpu, the default, cuda,
+    cuda:N or auto); or, instead, ``world``: a :class:`~metalearn.distributed.World` the caller
+    holds (:func:`~metalearn.distributed.init_world`'s, a torchrun job's group once joined),
+    whose ranks share the episodes and whose device they are scored on. Both together are
+    refused: the world's device would be taken silently.
 
     Returns what the file holds: :func:`metalearn.evaluation.evaluate`'s result (``metric``,
     ``mean`` (accuracy in percent, MSE, or return), ``ci95``, ``per_step``, ``scores``, ...)
@@ -533,6 +538,10 @@ def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0
     from metalearn.evaluation import check_seed
 
     check_flags("evaluate_run", per_step=per_step, exact_gpu_kernels=exact_gpu_kernels, ensemble=ensemble)
+    if world is not None and device is not None:
+        raise MetalearnError(f"evaluate_run takes device or world, not both: a world computes on its own device "
+                             f"({world.device}), not on device={device!r}")
+    device = device or "cpu"
     progress = show_progress(progress, "evaluate_run")
     check_paths(("run_dir", run_dir, RUN), ("data_dir", data_dir, FOLDER), ("split_file", split_file, "a JSON file"))
     check_protocol_or_ensemble(protocol, ensemble)

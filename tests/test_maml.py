@@ -730,6 +730,38 @@ def test_a_float64_model_trains_on_a_converted_classification_batch_and_refuses_
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-6, atol=1e-9)
 
 
+def test_a_float64_learner_on_a_built_in_float32_only_source_is_advised_what_it_can_do(tmp_path):
+    """The Trainer and evaluate cannot convert a batch: for a built-in source without a dtype
+    option (SinusoidTasks, SineOrLineTasks) the refusal says it draws float32 and advises the
+    learner's type or a wrapping source; an EpisodeSampler's refusal names its dtype option, and
+    a batch given directly keeps the advice to convert it."""
+    from metalearn import EpisodeSampler, Trainer, evaluate, resolve_config
+    from metalearn.data.splits import ClassPool
+    from metalearn.tasks.sinusoid import SineOrLineTasks
+
+    only = (r"^maml: the batch's inputs are torch.float32 and the network's weights torch.float64; the task source "
+            r"\({}\) draws float32 and has no dtype option: convert the learner \(learner.float\(\)\) or wrap "
+            r"the source in one whose sample\(num_tasks, generator, tasks=None\) returns its "
+            r"batch.to\(torch.float64\)$")
+    learner = MAML(MLP(1, 1, hidden=(8,)), MAML.Config(inner_lr=0.01)).double()
+    config = resolve_config("maml", task={"dataset": "sinusoid"}, train={"steps": 1, "meta_batch_size": 2,
+                                                                         "val_every": 0})
+    with pytest.raises(MetalearnError, match=only.format("SinusoidTasks")):
+        Trainer(config, learner, SinusoidTasks(), None, tmp_path / "run").fit(progress=False)
+    with pytest.raises(MetalearnError, match=only.format("SineOrLineTasks")):
+        evaluate(learner, SineOrLineTasks(), 2, progress=False)
+    with pytest.raises(MetalearnError, match=r"; convert the batch \(batch.to\(torch.float64\); EpisodeSampler"):
+        learner.meta_loss(SinusoidTasks().sample(2, torch.Generator().manual_seed(0)))
+    images = torch.randint(0, 255, (6, 3, 1, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    sampler = EpisodeSampler(images, ClassPool("test", torch.arange(6), torch.zeros(6, dtype=torch.long)), 3, 1, 1)
+    conv = MAML(Conv4(1, 3, hidden=8), MAML.Config(inner_lr=0.01)).double()
+    with pytest.raises(MetalearnError, match=r"^maml: .*; convert the batch \(batch.to\(torch.float64\); "
+                                             r"EpisodeSampler\(..., dtype=torch.float64\) draws it so\)"):
+        evaluate(conv, sampler, 2, progress=False)
+    wide = EpisodeSampler(images, sampler.pool, 3, 1, 1, dtype=torch.float64)  # the advice taken: scored
+    assert 0 <= evaluate(conv, wide, 2, progress=False)["mean"] <= 100
+
+
 @pytest.mark.parametrize("steps", [1, 3])
 def test_a_one_task_batch_runs_second_order_with_the_native_kernel_and_the_right_meta_gradient(monkeypatch, steps):
     """``--task-chunk 1``: a batch of one task skips vmap, so second-order MAML uses torch's native

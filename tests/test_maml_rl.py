@@ -417,6 +417,25 @@ def test_evaluation_scores_the_return_before_and_after_each_step():
     assert max((params[k] - theta[k]).abs().max().item() for k in theta) > 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_float64_or_bfloat16_policy_takes_the_environments_float32_tasks(dtype):
+    """The environments draw their tasks float32 (nav2d's goals); a policy converted with
+    learner.to(dtype) meets them in its own type (meta_loss, episode_scores, evaluate), not in
+    torch's "mat1 and mat2 must have the same dtype", with the numbers of a converted batch."""
+    from metalearn.evaluation import evaluate
+
+    learner, batch = small_learner(dtype, hidden=3), nav_batch(2)
+    assert batch.params["goal"].dtype == torch.float32
+    loss, metrics = learner.meta_loss(batch)
+    loss.backward()
+    assert loss.dtype == dtype and {p.grad.dtype for p in learner.parameters()} == {dtype}
+    again, converted = small_learner(dtype, hidden=3).meta_loss(batch.to(dtype))
+    assert torch.equal(loss.detach(), again.detach()) and torch.equal(metrics["return"], converted["return"])
+    scores = learner.episode_scores(batch)
+    assert scores.dtype == dtype and torch.equal(scores, learner.episode_scores(batch.to(dtype)))
+    assert math.isfinite(evaluate(learner, MDPTasks(Nav2D()), 2, progress=False)["mean"])
+
+
 # -- training through the library's trainer -----------------------------------------------------------
 
 FAST = ["--meta-batch-size", 4, "--trajectories", 4, "--test-trajectories", 4, "--horizon", 10, "--hidden", 8,

@@ -254,6 +254,35 @@ def test_a_batch_of_another_floating_point_type_than_the_network_is_one_line(met
     assert loss.dtype == torch.float64 and torch.isfinite(loss)
 
 
+def test_fit_predict_of_a_float64_or_bfloat16_learner_takes_its_own_tensors_and_prepared_images():
+    """fit_predict builds its batch in the learner's floating-point type: a float64 learner takes
+    float64 tensors, bytes and the float32 images prepare_images makes alike, and answers as the
+    float32 learner does, in float64; a bfloat16 one answers in float32 (not refused, blaming the
+    batch, as when the batch stayed float32)."""
+    import copy
+
+    from metalearn.data.images import prepare_images
+
+    pixels = torch.randint(0, 256, (9, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    support, labels, query = pixels[:6], [0, 0, 1, 1, 2, 2], pixels[6:]
+    torch.manual_seed(0)
+    built = build_learner("protonet", {}, Problem((1, 16, 16), 3, True))  # prepares images (prepare_images)
+    direct = ProtoNet(Conv4(1, None, hidden=8, pooling="max"))  # no problem: takes tensors as they are
+    for learner in (built, direct):
+        expected = learner.fit_predict(support, labels, query)
+        assert expected.dtype == torch.float32
+        wide, narrow = copy.deepcopy(learner).double(), copy.deepcopy(learner).to(torch.bfloat16)
+        for given in (support, support.double() / 255, prepare_images(support, 16, 1)):
+            queries = query.double() / 255 if given.dtype == torch.float64 else query
+            probabilities = wide.fit_predict(given, labels, queries)
+            assert probabilities.dtype == torch.float64
+            torch.testing.assert_close(probabilities, expected.double(), rtol=1e-5, atol=1e-6)
+            assert wide.task_batch(given, labels, queries).support_x.dtype == torch.float64
+        rough = narrow.fit_predict(support, labels, query)
+        assert rough.dtype == torch.float32 and rough.shape == (3, 3)
+        torch.testing.assert_close(rough.sum(-1), torch.ones(3))
+
+
 def relabelled(batch: TaskBatch, support_y=None, query_y=None, ways=None) -> TaskBatch:
     return TaskBatch(batch.support_x, batch.support_y if support_y is None else support_y, batch.query_x,
                      batch.query_y if query_y is None else query_y, batch.ways if ways is None else ways)

@@ -470,6 +470,27 @@ def test_predict_per_step():
     assert single.predict_per_step(batch).shape == (1, 2, 6, 3)
 
 
+def test_predict_is_the_same_under_a_float64_default_dtype():
+    """The test-time mini-batch order is drawn in float32 whatever torch's default dtype (a
+    float64 default draws other numbers from the same seed, so other mini-batches): a notebook
+    that set float64 gets the answers of one that did not."""
+    torch.manual_seed(0)
+    reptile = Reptile(MLP(1, 1, hidden=(8,)), Reptile.Config(inner_lr=0.01, test_inner_steps=4,
+                                                             test_inner_batch_size=3))
+    batch = SinusoidTasks(10, 10).sample(2, torch.Generator().manual_seed(0))
+    expected = reptile.predict(batch)
+    order = minibatch_indices(10, 3, 4, 2, torch.Generator().manual_seed(0))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        answers = reptile.predict(batch)
+        reordered = minibatch_indices(10, 3, 4, 2, torch.Generator().manual_seed(0))
+    finally:
+        torch.set_default_dtype(previous)
+    assert torch.equal(reordered, order)
+    assert answers.dtype == torch.float32 and torch.equal(answers, expected)
+
+
 # -- learning ----------------------------------------------------------------------------------
 
 

@@ -488,6 +488,60 @@ def test_the_test_bound_is_taken_on_the_episodes_evaluation_scores():
     assert all(torch.equal(a, b) for a, b in zip(seen["evaluate"], seen["bound"]))
 
 
+def test_a_float64_statistician_predicts_takes_prepared_images_and_bounds_as_the_float32_one():
+    """fit_predict builds its batch in the networks' type (float64 tensors, bytes, the float32 of
+    prepare_images), and test_bound binarises its sets into that type too: a float64 statistician
+    answers as the float32 one, in float64, not refusing "the images are torch.float32"."""
+    import copy
+
+    from metalearn.data.images import prepare_images
+
+    model = tiny()
+    wide = copy.deepcopy(model).double()
+    pixels = (grey_images(9, seed=3) * 255).round().to(torch.uint8)  # (9, 1, 28, 28) bytes
+    support, labels, query = pixels[:6], [0, 0, 1, 1, 2, 2], pixels[6:]
+    expected = model.fit_predict(support, labels, query)
+    for given in (support, support.double() / 255, prepare_images(support, 28, 1)):
+        queries = query.double() / 255 if given.dtype == torch.float64 else query
+        probabilities = wide.fit_predict(given, labels, queries)
+        assert probabilities.dtype == torch.float64
+        torch.testing.assert_close(probabilities, expected.double(), rtol=1e-4, atol=1e-5)
+
+    class Source:  # grey sets in a floating-point type of one's choice
+        def __init__(self, dtype):
+            self.dtype = dtype
+
+        def sample(self, size, generator, tasks=None):
+            return grey_batch(tasks=size, seed=int(torch.randint(10**6, (1,), generator=generator))).to(self.dtype)
+
+    bound = model.test_bound(Source(torch.float32), 4, chunk=2)
+    wide_bound = wide.test_bound(Source(torch.float64), 4, chunk=2)
+    assert wide_bound.keys() == bound.keys()
+    for key, value in bound.items():
+        assert wide_bound[key] == pytest.approx(value, rel=1e-4), key
+
+
+def test_the_noise_and_the_samples_are_the_same_under_a_float64_default_dtype():
+    """set_noise and sample draw float32 whatever torch's default dtype (a float64 default draws
+    other numbers from the same generator): a set's noise, and a seed's images, are the same in a
+    notebook that set float64."""
+    model = tiny(augmented(dilate=0.5, reflect=0.5))
+    raw = grey_images(4, 3, seed=1)
+    noise = model.set_noise(raw, 7, binarize=True, training=True)
+    images = model.sample(raw[0], 3, generator=torch.Generator().manual_seed(0))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        noise64 = model.set_noise(raw, 7, binarize=True, training=True)
+        images64 = model.sample(raw[0], 3, generator=torch.Generator().manual_seed(0))
+    finally:
+        torch.set_default_dtype(previous)
+    assert noise.keys() == noise64.keys()
+    for key in noise:
+        assert torch.equal(noise[key], noise64[key]), key
+    assert torch.equal(images, images64)
+
+
 @pytest.mark.parametrize("given", [{"episodes": 0}, {"episodes": -1}, {"episodes": 2.5}, {"chunk": 0},
                                    {"chunk": -4}, {"episodes": True}])
 def test_the_test_bound_refuses_a_count_below_one_in_one_line(given):

@@ -1490,6 +1490,67 @@ def test_training_into_a_run_folder_again_names_the_python_way_to_continue(tmp_p
         train(sinusoid_config(1), tmp_path / "run", progress=False, evaluate_after=False, announce=lambda _: None)
 
 
+def test_float16_weights_under_an_adam_are_refused_before_training(tmp_path):
+    """Adam's eps, 1e-8, is 0 in float16: the first step would divide 0 by 0 and the trainer
+    blame meta_lr. Refused in one line where an Adam updates float16 weights (the meta-optimiser,
+    Reptile's inner one), before anything is written; SGD and bfloat16 are taken."""
+    from metalearn import SinusoidTasks, Trainer
+
+    def trainer(method, dtype, path, options=None, **train):
+        config = resolve_config(method, task={"dataset": "sinusoid"}, method_config=options,
+                                train={"steps": 2, "meta_batch_size": 2, "val_every": 0, **train})
+        learner = build_learner(method, config.method_config, problem_of(config.task)).to(dtype)
+        return Trainer(config, learner, SinusoidTasks(), None, tmp_path / path)
+
+    with pytest.raises(MetalearnError, match=r"^the learner's weights are torch.float16, in which the meta-optimiser "
+                                             r"Adam's eps \(1e-8\) rounds to 0 and the first step divides 0 by 0: "
+                                             r"train in bfloat16 or float32 \(learner.to\(torch.bfloat16\)\), or "
+                                             r"with meta_optimizer sgd$"):
+        trainer("maml", torch.float16, "adam")
+    with pytest.raises(MetalearnError, match=r"in which reptile's inner Adam's eps .* or with inner_optimizer sgd$"):
+        trainer("reptile", torch.float16, "inner", {"model": "mlp", "inner_optimizer": "adam"}, meta_optimizer="sgd")
+    assert not (tmp_path / "adam").exists() and not (tmp_path / "inner").exists()
+    trainer("maml", torch.float16, "sgd", meta_optimizer="sgd")
+    trainer("reptile", torch.float16, "inner-sgd", {"model": "mlp", "inner_optimizer": "sgd"}, meta_optimizer="sgd")
+    trainer("maml", torch.bfloat16, "bf16")
+
+
+def test_a_float64_run_resumes_only_in_float64_and_loads_in_float64(tmp_path):
+    """A run keeps its floating-point type: a resume with a learner of another (a float32 learner
+    for a float64 run) is refused in one line, not continued in float32 by load_state_dict's
+    cast; build_trainer's resume (metalearn train --resume) and load_trained build the learner in
+    the run's type, whose weights are the saved ones, and evaluate_run scores it so (MAML-RL: its
+    tasks are converted to the policy's)."""
+    from metalearn import Trainer
+    from metalearn.envs import MDPTasks
+    from metalearn.envs.nav2d import Nav2D
+
+    config = resolve_config("maml-rl", {"dataset": "nav2d"}, {"trajectories": 2, "test_trajectories": 2, "horizon": 5,
+                                                               "hidden": 4},
+                            {"steps": 2, "meta_batch_size": 2, "val_every": 0, "checkpoint_every": 1})
+
+    def trainer(dtype, resume=False):
+        torch.manual_seed(0)
+        learner = build_learner("maml-rl", config.method_config, problem_of(config.task)).to(dtype)
+        return Trainer(config, learner, MDPTasks(Nav2D()), None, tmp_path / "run", resume=resume)
+
+    with pytest.raises(TrainingStopped):
+        trainer(torch.float64).fit(progress=False, stop_at=1)
+    with pytest.raises(MetalearnError, match=r"^the checkpoint in .*run: the run's weights are torch.float64 and this "
+                                             r"learner's torch.float32: convert the learner first "
+                                             r"\(learner.to\(torch.float64\)\)$"):
+        trainer(torch.float32, resume=True).fit(progress=False)
+    resumed = build_trainer(config, tmp_path / "run", resume=True)  # metalearn train --resume builds float32
+    resumed.fit(progress=False)
+    assert resumed.step == 2 and {p.dtype for p in resumed.learner.parameters()} == {torch.float64}
+    saved = RunDir(tmp_path / "run").read_checkpoint()["learner"]
+    _, loaded, step = load_trained(tmp_path / "run")
+    assert step == 2 and {p.dtype for p in loaded.parameters()} == {torch.float64}
+    for name, value in loaded.state_dict().items():
+        assert value.dtype == saved[name].dtype and torch.equal(value, saved[name]), name
+    assert math.isfinite(evaluate_run(tmp_path / "run", episodes=2, progress=False)["mean"])
+
+
 def test_a_trainer_built_to_resume_continues_the_run_without_an_explicit_restore(tmp_path):
     """Trainer(..., resume=True).fit() restores the checkpoint itself: it continues the run (the
     weights of an uninterrupted one), never trains over it from step 0."""

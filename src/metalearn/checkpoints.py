@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from metalearn.algorithms import MetaLearner, build_learner, make_method_config, method_class
+from metalearn.algorithms.base import floating_dtype
 from metalearn.config import RESUMABLE_CHANGES, RunConfig, config_differences
 from metalearn.errors import ConfigError, MetalearnError, OptionError, OptionWarning, caller_level, flag, valued
 from metalearn.options import option_defaults
@@ -212,7 +213,14 @@ def load_learner_state(learner: MetaLearner, state: dict[str, Any], where: Path,
                        changed: str | tuple[str, str] = "") -> None:
     """Load ``state`` into ``learner``; a mismatch is one line naming what does not fit (and
     ``changed``, the options a caller altered, as the likely cause: as Python and the command
-    line spell them, ``("overrides['hidden']", "--set hidden")``)."""
+    line spell them, ``("overrides['hidden']", "--set hidden")``). Weights of another
+    floating-point type than the learner's (a float64 run, a float32 learner) are refused:
+    ``load_state_dict`` would cast them, and a resume would go on in another precision
+    than the run's without a word."""
+    saved, mine = saved_dtype(learner, state), floating_dtype(learner)
+    if saved is not None and saved != mine:
+        raise MetalearnError(f"the checkpoint in {where}: the run's weights are {saved} and this learner's {mine}: "
+                             f"convert the learner first (learner.to({saved}))")
     try:
         learner.load_state_dict(state)
     except RuntimeError as err:
@@ -223,6 +231,15 @@ def load_learner_state(learner: MetaLearner, state: dict[str, Any], where: Path,
         raise OptionError(f"the checkpoint in {where} does not fit this model: {cause}{{detail}}",
                           changed=(changed, changed) if isinstance(changed, str) else changed,
                           detail=(detail, detail)) from None
+
+
+def saved_dtype(learner: MetaLearner, state: dict[str, Any]) -> torch.dtype | None:
+    """The floating-point type of ``state``'s copy of ``learner``'s first floating-point
+    parameter (what :func:`~metalearn.algorithms.base.floating_dtype` reads of a learner), or
+    None where ``state`` has no such tensor (a mismatch that loading names)."""
+    name = next((name for name, p in learner.named_parameters() if p.is_floating_point()), None)
+    value = state.get(name) if name is not None else None
+    return value.dtype if isinstance(value, torch.Tensor) and value.is_floating_point() else None
 
 
 def own_learner(state: dict[str, Any]) -> str | None:
@@ -625,13 +642,14 @@ def _broken_run(run: RunDir) -> str:
 
 def load_trained(run_dir: Path | str, overrides: dict[str, Any] | None = None,
                  checkpoint: Path | None = None) -> tuple[RunConfig, MetaLearner, int]:
-    """A trained run, ready to predict: returns ``(config, learner, step)``.
+    """The trained run in ``run_dir``, ready to predict: returns ``(config, learner, step)``.
 
     - ``config``: the run's :class:`RunConfig` (``config.task.image_size`` and
       ``config.task.channels`` are how its images were prepared; ``config.task.ways`` the ways
       it trained on);
     - ``learner``: the method (a :class:`MetaLearner`, in training mode, on the CPU) with the
-      checkpoint's weights; ``learner.problem`` records the tasks it was built for, so
+      checkpoint's weights, in their floating-point type (float32, or the float64 or bfloat16 of
+      a run trained so); ``learner.problem`` records the tasks it was built for, so
       ``learner.fit_predict(support_x, support_y, query_x)`` prepares new images as training did;
     - ``step``: the number of meta-updates the checkpoint holds.
 
@@ -704,6 +722,11 @@ def load_trained_state(run_dir: Path | str, overrides: dict[str, Any] | None = N
         options = {**config.method_config, **(overrides or {})}
         with own_random_state([]):  # its initial weights, replaced by the checkpoint's, drawn apart from the caller's
             learner = build_learner(config.method, options, problem_of(config.task))
+        # built float32; a run trained in float64 or bfloat16 is loaded as it trained, not rounded
+        # (or widened) into float32 weights that are not the run's
+        saved = saved_dtype(learner, state["learner"])
+        if saved is not None and saved != floating_dtype(learner):
+            learner = learner.to(saved)
         load_learner_state(learner, state["learner"], run.path, changed)  # a memory of other size: a ConfigError
     except ConfigError as err:  # --set NAME on the command line, overrides['NAME'] from Python
         err.name_overrides(settable, overrides or {})

@@ -11,7 +11,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from metalearn.algorithms.base import MetaLearner, device_mismatch, device_of, evaluating, prediction_scores
+from metalearn.algorithms.base import (MetaLearner, device_mismatch, device_of, drawing_from, evaluating,
+                                       prediction_scores)
 from metalearn.config import FRACTION, MAX_EPISODES, TrainConfig, budget_problem
 from metalearn.distributed import World
 from metalearn.errors import (MetalearnError, MetalearnWarning, OptionError, OptionWarning, caller_level,
@@ -147,7 +148,7 @@ def evaluate(
     signal, whose grace (torchrun's ``--shutdown_timeout``, SLURM's ``KillWait``) may be shorter
     than a validation: the step's checkpoint is saved instead, and the resumed run validates.
     """
-    with float32_default():
+    with float32_default(), drawing_from(source):  # drawing_from: a refusal of the batches' dtype names its remedy
         return _evaluate(learner, source, episodes, seed, chunk, world, progress, per_step, memory_budget, abandon)
 
 

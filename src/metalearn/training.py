@@ -20,12 +20,12 @@ from typing import Any, Callable
 import torch
 
 from metalearn.algorithms import MetaLearner, build_learner
-from metalearn.algorithms.base import device_of
+from metalearn.algorithms.base import device_of, drawing_from, floating_dtype
 from metalearn.checkpoints import (RESUME_ENTRIES, RESUME_OPTIONAL_ENTRIES, all_finite, check_compatible,
                                    check_entries, check_run_dir, check_test_ways, check_weights_finite,
                                    initialise_from_run, load_learner_state, network_difference, on_cpu, own_learner,
-                                   own_tasks, recorded_images, run_images, saved_config, unreadable_checkpoint,
-                                   untrained_attempt, warn_of_seen_classes)
+                                   own_tasks, recorded_images, run_images, saved_config, saved_dtype,
+                                   unreadable_checkpoint, untrained_attempt, warn_of_seen_classes)
 from metalearn.config import RunConfig
 from metalearn.distributed import RankLost, World, environment_count
 from metalearn.errors import (STOP_SIGNALS, TIME_LIMIT_EXIT, ConfigError, MetalearnError, OptionError, OptionWarning,
@@ -285,6 +285,26 @@ def check_augmentation(config: RunConfig, train_tasks: TaskSource, val_tasks: Ta
                              "images as they are; build them without augment")
 
 
+def refuse_float16_adam(learner: MetaLearner, train: Any) -> None:
+    """Refuse, before anything trains, float16 weights where an Adam updates them (the
+    meta-optimiser, ``meta_optimizer`` adam, or a method's inner Adam: Reptile's
+    ``inner_optimizer`` adam): its eps, 1e-8, is 0 in float16 (the smallest float16 is 6e-8),
+    so the first step divides a gradient of 0 by 0 and the weights turn NaN whatever the
+    learning rate, which the trainer's divergence message would blame on meta_lr. bfloat16 has
+    float32's range and trains."""
+    if not any(p.dtype == torch.float16 for p in learner.parameters()):
+        return
+    adams = {}  # each Adam's words -> the option that replaces it with SGD
+    if train.meta_optimizer == "adam":
+        adams["the meta-optimiser Adam's"] = "meta_optimizer"
+    if getattr(getattr(learner, "config", None), "inner_optimizer", None) == "adam":
+        adams[f"{learner.name}'s inner Adam's"] = "inner_optimizer"
+    if adams:
+        raise MetalearnError(f"the learner's weights are torch.float16, in which {' and '.join(adams)} eps (1e-8) "
+                             "rounds to 0 and the first step divides 0 by 0: train in bfloat16 or float32 "
+                             f"(learner.to(torch.bfloat16)), or with {' and '.join(adams.values())} sgd")
+
+
 class Trainer:
     """Trains ``learner`` on ``train_tasks`` as ``config.train`` says, writing into ``run_dir``.
 
@@ -317,6 +337,7 @@ class Trainer:
             raise MetalearnError(f"Trainer takes a MetaLearner (e.g. metalearn.MAML(network)), got "
                                  f"{type(learner).__name__}")
         config = with_learner_options(config, learner)
+        refuse_float16_adam(learner, config.train)
         require_task_source(train_tasks, "Trainer's train_tasks")
         if val_tasks is not None:
             require_task_source(val_tasks, "Trainer's val_tasks")
@@ -678,7 +699,8 @@ class Trainer:
                 self.save()  # a resume from here must not log this validation twice
             first = self.step
             say = (lambda text: print(text, file=sys.stderr, flush=True)) if self.world.is_main else None
-            with StopRequests(note_repeats=launched_by_torchrun(), announce=say) as stop:
+            with StopRequests(note_repeats=launched_by_torchrun(), announce=say) as stop, \
+                    drawing_from(self.train_tasks):  # a refusal of the batches' dtype names this source's remedy
                 self._loop(stop, bar, parameters, share, local_fraction, deadline, stop_at)
             if self.step != first:  # a complete run resumed trains nothing: its checkpoint stays as it is
                 self.save()
@@ -1169,6 +1191,12 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
         # did before training kept its own
         seeded = torch.get_rng_state()
     learner.check_run(config)
+    if state is not None and isinstance(state.get("learner"), dict):
+        # a run keeps its floating-point type: one trained in float64 or bfloat16 (a learner converted
+        # in Python) continues in it, as load_trained loads it, where restore would refuse the float32 learner
+        saved = saved_dtype(learner, state["learner"])
+        if saved is not None and saved != floating_dtype(learner):
+            learner = learner.to(saved)
     task = config.task
     gone = bool(task.split_file) and not Path(task.split_file).is_file()
     if resume and run is not None and gone and run.split_path.is_file():

@@ -8,6 +8,7 @@ fits: its ``meta_loss`` is a surrogate whose gradient is the update.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -38,6 +39,14 @@ def device_of(module: nn.Module) -> torch.device:
     for tensor in itertools.chain(module.parameters(), module.buffers()):
         return tensor.device
     return torch.device("cpu")
+
+
+def floating_dtype(module: nn.Module) -> torch.dtype:
+    """The floating-point type ``module`` computes in: its first floating-point parameter's,
+    else float32 (what metalearn's tasks and prepared images are). Batches that metalearn
+    builds for a learner (``task_batch``, MAML-RL's environments) are converted to it, so that
+    ``learner.to(torch.float64)`` takes them as they come."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
 @contextlib.contextmanager
@@ -329,17 +338,22 @@ class MetaLearner(nn.Module):
         (files, PIL images, uint8 or [0, 1] float tensors ``(n, C, H, W)``), prepared at
         ``image_size`` with ``channels``, by default the training run's (``self.problem``), and
         as the training dataset's images were (Omniglot: strokes bright on dark);
-        support_y: ``(n_support,)`` class ids in [0, ways), every class present.
+        support_y: ``(n_support,)`` class ids in [0, ways), every class present. The batch is on
+        the learner's device and in its floating-point type (:func:`floating_dtype`).
         """
         shape = self.problem.input_shape if self.problem is not None else None
         if len(shape or ()) == 3:
             channels = channels or shape[0]
             image_size = image_size or shape[-1]
 
+        # the batch is in the learner's floating-point type: a float64 (bfloat16) learner takes its
+        # own tensors and the float32 images prepare_images makes, as a float32 one does
+        device, dtype = device_of(self), floating_dtype(self)
+
         def prepare(images: Any) -> Tensor:
             if image_size is None or channels is None:  # tensors as they are: the caller's network knows
                 images = torch.as_tensor(images)
-                return images.to(torch.float32).div(255.0) if images.dtype == torch.uint8 else images.float()
+                return images.to(dtype).div(255.0) if images.dtype == torch.uint8 else images.to(dtype)
             return self.prepare_images(images, image_size, channels)
 
         support, query = prepare(support_x), prepare(query_x)
@@ -354,9 +368,8 @@ class MetaLearner(nn.Module):
             raise MetalearnError("support images of at least 2 classes are needed to tell classes apart, got 1 class")
         if self.fixed_ways and self.problem is not None and ways != self.problem.output_dim:
             raise MetalearnError(self.trained_ways_refusal(ways))
-        device = device_of(self)
         query_y = torch.full((1, query.shape[0]), -1, dtype=torch.long)
-        return TaskBatch(support[None], labels[None], query[None], query_y, ways=ways).to(device)
+        return TaskBatch(support[None], labels[None], query[None], query_y, ways=ways).to(device, dtype)
 
     def trained_ways_refusal(self, ways: int) -> str:
         """Why this :attr:`fixed_ways` learner, built for ``self.problem``'s ways (by
@@ -383,7 +396,8 @@ class MetaLearner(nn.Module):
 
     def fit_predict(self, support_x: Any, support_y: Any, query_x: Any, **prepare: Any) -> Tensor:
         """Adapt to one task's support set and classify its query images: class probabilities
-        ``(n_query, ways)``, in the order of the class ids of ``support_y``. Images and labels as
+        ``(n_query, ways)``, in the order of the class ids of ``support_y`` (float32, float64 for a
+        float64 learner). Images and labels as
         :meth:`task_batch` takes them; no query labels are needed. For a method that samples
         models (PLATIPUS) this is the mean over the samples (``sample_probabilities`` gives
         them all). Runs in eval mode (no dropout, batch norm as the method evaluates), whatever
@@ -397,7 +411,9 @@ class MetaLearner(nn.Module):
         batch = self.task_batch(support_x, support_y, query_x, **prepare)
         warn_of_few_queries(self, batch.query_x.shape[1], None)  # fewer queries than classes: a warning
         with torch.no_grad(), evaluating(self):
-            return self.predict(batch)[0].float().softmax(dim=-1)
+            logits = self.predict(batch)[0]
+            # in float32 at least (bfloat16's 3 digits would round the probabilities), float64 kept
+            return logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)
 
 
 def class_ids(labels: Any) -> Tensor:
@@ -472,12 +488,39 @@ def prediction_scores(learner: Any, batch: TaskBatch, per_step: bool = True) -> 
     return ((predictions - batch.query_y) ** 2).flatten(2).mean(-1)
 
 
+# the task source the Trainer or evaluate draws the batches from (drawing_from), for the refusal of
+# a batch of another floating-point type than the network's: its remedy depends on the source
+_DRAWING_FROM: contextvars.ContextVar[Any] = contextvars.ContextVar("metalearn_drawing_from", default=None)
+
+
+@contextlib.contextmanager
+def drawing_from(source: Any) -> Iterator[None]:
+    """Within the block the batches that methods check come from ``source`` (the Trainer's
+    training tasks, evaluate's source): :func:`check_input_dtype` then names the remedy that
+    fits it. The source outside the block is restored after it (a validation inside training)."""
+    token = _DRAWING_FROM.set(source)
+    try:
+        yield
+    finally:
+        _DRAWING_FROM.reset(token)
+
+
 def check_input_dtype(method: str, model: nn.Module, batch: TaskBatch) -> None:
     """Refuse a batch whose inputs are another floating-point type than the network's weights
-    (a float32 batch for a float64 model): torch would fail deep inside the first layer."""
+    (a float32 batch for a float64 model): torch would fail deep inside the first layer. Where
+    the Trainer or evaluate draws the batch from a built-in source that draws float32 only
+    (SinusoidTasks, SineOrLineTasks: no dtype option, unlike EpisodeSampler), the remedy is the
+    learner's type or a source that converts; elsewhere, the batch's or the learner's."""
     weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     inputs = batch.support_x.dtype
     if weights is not None and torch.is_floating_point(batch.support_x) and inputs != weights:
+        source = _DRAWING_FROM.get()
+        if (source is not None and inputs == torch.float32 and not hasattr(source, "dtype")
+                and type(source).__module__.startswith("metalearn.")):
+            raise MetalearnError(f"{method}: the batch's inputs are {inputs} and the network's weights {weights}; "
+                                 f"the task source ({type(source).__name__}) draws float32 and has no dtype option: "
+                                 f"convert the learner (learner.float()) or wrap the source in one whose "
+                                 f"sample(num_tasks, generator, tasks=None) returns its batch.to({weights})")
         # the Trainer and evaluate draw under torch's float32 default (runtime.float32_default),
         # whatever a notebook set: a source of one's own drawing with the default dtype gives float32
         drawn = (f"; the Trainer and evaluate draw under torch's float32 default, so a task source of your own "

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from metalearn.algorithms.base import MetaLearner, Problem
+from metalearn.algorithms.base import MetaLearner, Problem, floating_dtype
 from metalearn.algorithms.inner_loop import MAX_INNER_STEPS
 from metalearn.distributed import current_world
 from metalearn.errors import ConfigError, require_number
@@ -446,11 +446,18 @@ class MAMLRL(MetaLearner):
         return vmap(step, in_dims=(0 if per_task else None, 0, 0, 0, 0))(
             params, trajectories.observations, trajectories.actions, advantage, trajectories.mask)
 
+    def in_policy_type(self, batch):
+        """``batch`` with its task parameters in the policy's floating-point type: the environments
+        draw them float32 (a goal), which a float64 or bfloat16 policy (``learner.to(dtype)``)
+        would meet inside torch's first layer; a float32 policy gets the batch as it is."""
+        return batch.to(floating_dtype(self.policy))
+
     # -- meta-training -----------------------------------------------------------------------------
 
     def meta_objective(self, batch) -> "MetaObjective":
         """Sample the meta-batch's trajectories (theta's, then each adapted policy's) and return
         the meta-objective as functions of theta (see :class:`MetaObjective`)."""
+        batch = self.in_policy_type(batch)
         config = self.config
         theta = dict(self.policy.named_parameters())
         env_time, env_steps = 0.0, 0
@@ -564,6 +571,7 @@ class MAMLRL(MetaLearner):
         policy-gradient steps, each step taken on the trajectories before it. The step size is
         ``inner_lr`` for the first step and ``inner_lr * test_lr_decay`` after it (the paper
         halves it)."""
+        batch = self.in_policy_type(batch)
         config = self.config
         params, per_task = {k: v.detach() for k, v in self.policy.named_parameters()}, False
         generators = batch.generators(next(iter(params.values())).device)

@@ -401,7 +401,8 @@ class MemoryModule(MetaLearner):
         """(memories, slots) uniform in [-age_noise, age_noise] from the stored generator state."""
         generator = torch.Generator()
         generator.set_state(self.age_noise_state.cpu())
-        noise = (torch.rand(memories, slots, generator=generator) * 2 - 1) * self.config.age_noise
+        # float32 whatever torch's default dtype: a float64 default would draw other numbers from the state
+        noise = (torch.rand(memories, slots, generator=generator, dtype=torch.float32) * 2 - 1) * self.config.age_noise
         self.age_noise_state.copy_(generator.get_state())
         return noise.to(device)
 
@@ -604,8 +605,9 @@ def lifelong_accuracy(learner: MemoryModule, source: Any, episodes: int = 1000, 
             labels = torch.cat([batch.support_y, batch.query_y], dim=1)
             width, length = ways, labels.shape[1]
             order = class_rounds(labels, ways)  # (tasks, rounds, ways)
-            # a fresh class order in every round of every episode
-            shuffle = torch.rand(order.shape, generator=generator).argsort(-1).to(device)
+            # a fresh class order in every round of every episode; the draws (here and the age noise
+            # below) are float32 whatever torch's default dtype, which would change the numbers drawn
+            shuffle = torch.rand(order.shape, generator=generator, dtype=torch.float32).argsort(-1).to(device)
             sequence = order.gather(-1, shuffle).flatten(1)  # (tasks, positions)
             slots = min(config.memory_size, labels.shape[1])
             memory = empty_memory(count, slots, config.key_dim, device, examples.dtype)
@@ -620,7 +622,8 @@ def lifelong_accuracy(learner: MemoryModule, source: Any, episodes: int = 1000, 
                 v = labels[rows, safe].unsqueeze(1)
                 with torch.no_grad():
                     found = look_up(memory, q, v, config.choose_k, config.margin)
-                    noise = (torch.rand(count, slots, generator=generator) * 2 - 1).to(device) * config.age_noise
+                    noise = (torch.rand(count, slots, generator=generator, dtype=torch.float32) * 2 - 1).to(
+                        device) * config.age_noise
                     memory = update_memory(memory, q, v, noise, present.unsqueeze(1), found.similarity)
                 right = (found.prediction[:, 0] == v[:, 0]) & present
                 shot = p // ways

@@ -159,7 +159,9 @@ def minibatch_indices(n_examples: int, batch_size: int, steps: int, tasks: int,
     ``_mini_batches`` of openai/supervised-reptile draws them.
     """
     epochs = math.ceil(steps * batch_size / n_examples)
-    order = torch.rand(tasks, epochs, n_examples, generator=generator).argsort(dim=-1)
+    # float32 draws whatever torch's default dtype: a float64 default draws other numbers from the
+    # same generator, and so other mini-batches (predict's answers would depend on the notebook's dtype)
+    order = torch.rand(tasks, epochs, n_examples, generator=generator, dtype=torch.float32).argsort(dim=-1)
     return order.reshape(tasks, -1)[:, : steps * batch_size].reshape(tasks, steps, batch_size)
 
 

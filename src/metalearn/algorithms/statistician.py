@@ -467,18 +467,22 @@ class NeuralStatistician(MetaLearner):
         uniforms, context, latent, keep, dilate, reflect = [], [], [], [], [], []
         drop = cfg.sample_dropout if training else 0.0
         p_dilate, p_reflect = (cfg.dilate, cfg.reflect) if training else (0.0, 0.0)
+        # drawn in float32 whatever torch's default dtype (a float64 default draws other numbers from
+        # the same generator), then converted to the sets' type: a set's noise is the same in every process
+        f32 = torch.float32
         for key in keys:
             g = torch.Generator().manual_seed((key * 1_000_003 + step * 7_919 + 17) % 2**62)
             if binarize:
-                uniforms.append(torch.rand(pixels, generator=g))
-            context.append(torch.randn(cfg.context_dim, generator=g))
-            latent.append(torch.randn(n, cfg.latent_layers, cfg.latent_dim, generator=g))
+                uniforms.append(torch.rand(pixels, generator=g, dtype=f32))
+            context.append(torch.randn(cfg.context_dim, generator=g, dtype=f32))
+            latent.append(torch.randn(n, cfg.latent_layers, cfg.latent_dim, generator=g, dtype=f32))
             if drop > 0:
-                keep.append(torch.cat([torch.ones(1), (torch.rand(n - 1, generator=g) >= drop).float()]))
+                keep.append(torch.cat([torch.ones(1, dtype=f32), (torch.rand(n - 1, generator=g, dtype=f32) >= drop)
+                                       .to(f32)]))
             if p_dilate > 0:  # rand is in [0, 1): probability 1 dilates every image
-                dilate.append(torch.rand(n, generator=g) < p_dilate)
+                dilate.append(torch.rand(n, generator=g, dtype=f32) < p_dilate)
             if p_reflect > 0:
-                reflect.append(torch.rand(1, generator=g) < p_reflect)
+                reflect.append(torch.rand(1, generator=g, dtype=f32) < p_reflect)
         to = dict(device=sets.device, dtype=sets.dtype)
         noise = {"c": torch.stack(context).to(**to), "z": torch.stack(latent).to(**to)}
         if keep:
@@ -605,7 +609,9 @@ class NeuralStatistician(MetaLearner):
             raise MetalearnError(f"statistician.sample: num must be a whole number from 1 to {MAX_SAMPLES} (new "
                                  f"images per set), got {num!r}")
         cfg = self.config
-        draw = lambda *shape: torch.randn(*shape, generator=generator).to(sets.device, sets.dtype)  # noqa: E731
+        # float32 draws whatever torch's default dtype: a seed gives the same images in any process
+        draw = lambda *shape: torch.randn(*shape, generator=generator, dtype=torch.float32).to(  # noqa: E731
+            sets.device, sets.dtype)
         with evaluating(self), torch.no_grad():
             c_mean, c_logvar = self.context(sets)
             c = (c_mean + (0.5 * c_logvar).exp() * draw(*c_mean.shape)).unsqueeze(1)
@@ -629,14 +635,15 @@ class NeuralStatistician(MetaLearner):
         episodes = check_count(episodes, "test_bound: episodes")
         chunk = check_count(chunk, "test_bound: chunk")
         generator = torch.Generator().manual_seed(seed)
-        device = next(self.parameters()).device
+        device, weights = next(self.parameters()).device, next(self.parameters()).dtype
         totals, count = torch.zeros(4, dtype=torch.float64), 0
         with evaluating(self), torch.no_grad():
             remaining = episodes
             while remaining > 0:
                 size = min(chunk, remaining)
                 batch = source.sample(size, generator).to(device)
-                sets = (self.support_sets(batch) > 0.5).float()
+                # binarised: 0 and 1 are exact in any type, so the sets take the networks' (float64, bfloat16)
+                sets = (self.support_sets(batch) > 0.5).to(weights)
                 terms = self.bound_terms(sets, self.set_noise(sets, 0, binarize=False))
                 n = sets.shape[1]
                 r, kc, kz = terms["log_likelihood"] / n, terms["kl_context"] / n, terms["kl_latent"] / n

@@ -556,3 +556,58 @@ def test_readme_links_lead_somewhere():
     assert heading_anchors("## Sinusoid regression (paper section 5.1)\n```\n# not a heading\n```\n"
                            "### `--task-chunk`: one [link](x.md)\n") == {
         "sinusoid-regression-paper-section-51", "-task-chunk-one-link"}
+
+
+# what `metalearn.X` must hold beyond the classes and functions every tutorial imports: the
+# function of each command (docs/api.md's table) and the errors and warnings the docs tell users
+# to catch or filter
+COMMAND_FUNCTIONS = {"resolve_config", "train", "build_trainer", "evaluate_run", "plot_run", "export_results",
+                     "run_status", "predict_run", "sample_run", "summarize_runs", "compare_learners"}
+ERRORS = {"MetalearnError", "ConfigError", "OptionError", "TrainingStopped", "TrainingInterrupted",
+          "MetalearnWarning", "OptionWarning"}
+
+
+def test_every_exported_name_is_its_home_module_s_object_and_documented_by_it():
+    """Every name of ``metalearn.__all__`` imports from ``metalearn`` (also with ``import *``) as
+    the very object its home module defines, so that ``except metalearn.TrainingInterrupted``
+    catches what training raises; the commands' functions and the errors are among them; and
+    docs/api.md documents and links each exported object by its top-level name, not by the
+    module path it is also reachable under (``metalearn.api.run_status``)."""
+    import importlib
+
+    import metalearn
+
+    exported = metalearn.__all__
+    assert len(set(exported)) == len(exported), sorted(name for name in exported if exported.count(name) > 1)
+    assert COMMAND_FUNCTIONS | ERRORS <= set(exported), sorted(COMMAND_FUNCTIONS | ERRORS - set(exported))
+    star: dict = {}
+    exec("from metalearn import *", star)
+    homes = {"METHODS": "metalearn.algorithms"}  # a dict: it has no __module__ of its own
+    for name in exported:
+        obj = getattr(metalearn, name)
+        assert star[name] is obj, name
+        home = importlib.import_module(homes.get(name) or obj.__module__)
+        assert getattr(home, name) is obj, f"metalearn.{name} is not {home.__name__}.{name}"
+    api = (PROJECT / "docs" / "api.md").read_text()
+    targets = re.findall(r"^::: (\S+)", api, re.MULTILINE) + re.findall(r"\]\[([\w.]+)\]", api)
+    by_module_path = sorted({target for target in targets if target.count(".") >= 2
+                             and target.rsplit(".", 1)[1] in exported
+                             and getattr(metalearn, target.rsplit(".", 1)[1]) is _resolved(target)})
+    assert not by_module_path, f"docs/api.md: name these by their top-level names (metalearn.X): {by_module_path}"
+    assert {f"metalearn.{name}" for name in COMMAND_FUNCTIONS | ERRORS} <= set(targets)
+
+
+def _resolved(path: str):
+    """The object a dotted path names: the longest importable module, then its attributes."""
+    import importlib
+
+    parts = path.split(".")
+    for end in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:end]))
+        except ImportError:
+            continue
+        for part in parts[end:]:
+            obj = getattr(obj, part)
+        return obj
+    raise ImportError(path)

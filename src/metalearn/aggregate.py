@@ -46,7 +46,8 @@ def _short(names: list[str]) -> dict[str, str]:
 
 def summarize_runs(run_dirs: list[Path | str], group_by: list[str] | None = None,
                    evaluation: str = "eval") -> dict[str, Any]:
-    """Group trained and tested runs by setting and summarise each group over its seeds.
+    """Group trained and tested runs (``run_dirs``, a list of run folders) by setting and
+    summarise each group over its seeds.
 
     Each run's score is its evaluation ``evaluation`` (the file stem: ``eval``, the run's own
     test; ``eval-ensemble=5`` for an ensemble's), which must score the run's current

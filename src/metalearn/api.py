@@ -54,7 +54,14 @@ def resolve_config(method: str, task: dict[str, Any] | None = None,
                    resume_from: Path | str | None = None, preset: str | None = None) -> RunConfig:
     """A full RunConfig from the options the user gave; everything else takes the paper's value
     for this method and task (its ``paper_defaults``), or ``preset``'s (one of the method's
-    ``presets``, e.g. MAML's ``"maml++"``), or, when resuming, the value saved in the run directory."""
+    ``presets``, e.g. MAML's ``"maml++"``), or, when resuming, the value saved in the run directory.
+
+    ``method``: a name in :data:`~metalearn.algorithms.METHODS` (a plugin's too). ``task``,
+    ``method_config`` and ``train``: the options given, as dicts of :class:`TaskConfig`'s, the
+    method's ``Config``'s and :class:`TrainConfig`'s fields (None, the default: none given); a
+    key that is no such field is refused. ``resume_from``: a run folder whose saved configuration
+    gives every option not given, the given ones replacing its (the method must be the run's;
+    ``preset`` is refused); None (the default): a new run."""
     check_paths(("resume_from", resume_from, RUN))
     for name, given, fields in (("task", task, TaskConfig), ("train", train, TrainConfig), ("method_config",
                                                                                             method_config, None)):
@@ -378,6 +385,20 @@ def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path |
     TensorBoard or Weights & Biases (:meth:`~metalearn.training.Trainer.fit`). ``progress``:
     progress bars; None (the default) draws them only when the error output is a terminal, not
     into a log file (:func:`~metalearn.runtime.show_progress`), as the command line does.
+
+    ``run_dir``: None (the default) is a new folder named after the run in
+    :func:`~metalearn.runs.default_runs_root` (``$METALEARN_RUNS``); under torchrun it must be
+    given. ``data_dir``: where the dataset's images are (Omniglot's default: ``$METALEARN_DATA``
+    or the cache folder; required for ``folder`` and ``mini-imagenet``); None on a resume reads
+    the folder the run's checkpoint records. ``resume``: continue the run in ``run_dir`` from its
+    checkpoint (``config`` must agree with the run's); False (the default) starts a new run, and
+    a folder that holds one is refused. ``evaluate_after``: True (the default) scores the trained
+    weights on the test part after training; False skips it and returns None as the result.
+    ``announce``: called once before training with a line that says what happens (``starting:
+    METHOD on DATASET, run directory RUN_DIR``, ``resuming at step N: ...``, or that the run is
+    complete already), on rank 0 only; the default, ``print``, writes it to standard output, and
+    None says nothing. The line is a ``str`` (:class:`~metalearn.errors.OptionLine`) whose
+    ``with_flags()`` spells its options as the command line does.
 
     The test warns, as :func:`evaluate_run` does, of diverged episodes and of a mean carried by
     a few far-off tasks (:class:`~metalearn.errors.MetalearnWarning`). Unlike the ``metalearn``
@@ -718,7 +739,8 @@ def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
     beside ``compare_with``'s prediction (e.g. a MAML run on the same tasks); for a
     reinforcement-learning run the returns after each policy-gradient step beside
     ``compare_with``'s (a run of the same environment and test settings) and the initial
-    weights' (written to the run as ``eval-weights=initial.json``), and the trajectories (nav2d) or velocities (half-cheetah) before and after one step. The
+    weights' (written to the run as ``eval-weights=initial.json``), and the trajectories (nav2d)
+    or velocities (half-cheetah) before and after one step. ``run_dir``: the run's folder. The
     figures go to ``out_dir``, by default the run's ``plots/``. ``until_step``: the curves end at
     that step (export draws those of its checkpoint's step, not steps a run logged after it).
     An ``out_dir`` is refused, in one line and before anything is drawn or written, where
@@ -997,7 +1019,8 @@ def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | st
                    compare_with: Path | str | None = None, notes: list[str] | None = None) -> list[Path]:
     """A small, committable record of a run: ``summary.json`` (configuration, step, training
     wall time, the machines it trained on, every evaluation without per-episode scores, the last metrics, the validation
-    records and the :func:`training_curve`) and the plots.
+    records and the :func:`training_curve`) and the plots. ``run_dir``: the run's folder;
+    ``data_dir`` and ``compare_with``: as :func:`plot_run` takes them, for the plots.
     Everything is read and drawn (into a temporary folder: the run folder may be read-only)
     before ``out_dir`` is touched: a run that cannot be exported leaves no partial record there.
     Nor does an ``out_dir`` that cannot take the whole record: a folder, a link or a special
@@ -1139,8 +1162,8 @@ RATE_WINDOWS = 20  # logged training windows whose median rate ``run_status`` pr
 
 
 def run_status(run_dir: Path | str) -> dict[str, Any]:
-    """Where a run stands, read without disturbing it (nothing written; its lock is only
-    tried for an instant, shared, to see whether it is held): ``method``,
+    """Where the run in ``run_dir`` stands, read without disturbing it (nothing written; its lock
+    is only tried for an instant, shared, to see whether it is held): ``method``,
     ``task`` (dataset and episode shape), ``step`` of ``steps`` and ``training_time_s`` from its
     checkpoint, ``state`` (``training``: a process holds its lock, on this machine;
     ``testing``: it holds it past the last step, for the test after training;
@@ -1374,7 +1397,8 @@ def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | li
                 json_out: Path | str | None = None, csv_out: Path | str | None = None,
                 sheet: Path | str | None = None, num_samples: int | None = None,
                 device: str = "cpu") -> dict[str, Any]:
-    """Classify new images among new classes with a trained run (``metalearn predict``).
+    """Classify new images among new classes with the trained run in ``run_dir`` (``metalearn
+    predict``).
 
     ``support``: a folder with one sub-folder per new class holding 1 or more images;
     ``query``: a folder of images (searched recursively) or a list of image files and folders.

@@ -128,6 +128,8 @@ class ConfigError(MetalearnError):
     (``MAML.Config.inner_lr must be > 0, got -1``); the CLI shows the same problem with the flag
     (``--inner-lr must be > 0, got -1``) through :meth:`with_flags`, its one field-to-flag mapping.
 
+    ``owner`` is the config that names the field (``"MAML.Config"``; ``""``: the field alone),
+    ``field`` the refused field (a tuple: several named together, ``a, b must ...``), and
     ``problem`` is the rest of the sentence; other fields it mentions are written in backticks
     (``"must be at most `memory_size` (8192)"``) and are named the same way in either form; a
     field of another config is written with its owner (```MAMLRL.Config.outer```), which the
@@ -213,14 +215,15 @@ class Options:
 
 
 class OptionError(Options, MetalearnError):
-    """A refusal that names options (see :class:`Options`): ``OptionError("{resume} needs
-    {run_dir}, the run to continue", resume=("resume=True", "--resume"), run_dir="run_dir")`` reads
-    "resume=True needs run_dir, ..." from Python, "--resume needs --run-dir, ..." on the command line."""
+    """A refusal that names options (its ``template`` and options as :class:`Options` takes
+    them): ``OptionError("{resume} needs {run_dir}, the run to continue", resume=("resume=True",
+    "--resume"), run_dir="run_dir")`` reads "resume=True needs run_dir, ..." from Python,
+    "--resume needs --run-dir, ..." on the command line."""
 
 
 class OptionWarning(Options, MetalearnWarning):
-    """A :class:`MetalearnWarning` that names options (see :class:`Options`), spelled as the
-    caller spells them."""
+    """A :class:`MetalearnWarning` that names options (its ``template`` and options as
+    :class:`Options` takes them), spelled as the caller spells them."""
 
 
 class OptionLine(str):
@@ -302,7 +305,7 @@ TIME_LIMIT_EXIT = 75  # sysexits' EX_TEMPFAIL: not finished, try again later (wi
 class TrainingStopped(Options, MetalearnError):
     """Training stopped at its time limit or at its ``stop_at`` step, after saving a checkpoint
     of its last step; ``exit_code`` is :data:`TIME_LIMIT_EXIT` (75) for the time limit, 0 for
-    ``stop_at``. The message names the options it mentions as :class:`Options` does
+    ``stop_at``. The ``message`` names the options it mentions as :class:`Options`' template does
     (``stop_at`` here, ``--stop-at`` on the command line). A stop by Ctrl-C or a stop signal is
     :class:`TrainingInterrupted`."""
 
@@ -324,7 +327,7 @@ class TrainingInterrupted(Options, BaseException):
     training began; ``exit_code`` is the shell's for that signal (130, 143, 138, 140). Not an
     ``Exception``, as ``KeyboardInterrupt`` is not: a loop over runs that skips a failed one
     with ``except MetalearnError`` or ``except Exception`` (a hyper-parameter sweep) stops at
-    it, as it would at a Ctrl-C anywhere else. Its message says how to go on, with options
+    it, as it would at a Ctrl-C anywhere else. Its ``message`` says how to go on, with options
     spelled as :class:`Options` does."""
 
     def __init__(self, message: str, exit_code: int, **options: str | tuple[str, str]):

@@ -106,7 +106,12 @@ def evaluate(
     abandon: Callable[[], bool] | None = None,
 ) -> dict[str, Any] | None:
     """Score ``learner`` on ``episodes`` test tasks drawn from ``seed`` (the same episodes for
-    every method given the same seed), split across the ranks of ``world``.
+    every method given the same seed), split across the ranks of ``world``. ``source``: the task
+    source the episodes are drawn from, an object whose ``sample(num_tasks, generator,
+    tasks=None)`` returns a :class:`~metalearn.TaskBatch` (an :class:`~metalearn.envs.MDPBatch`
+    for an environment's tasks): :func:`~metalearn.build_task_source`'s, an
+    :class:`~metalearn.EpisodeSampler` or a source of one's own. ``progress``: a progress bar
+    over the episodes on rank 0; False (the default) draws none.
 
     The episodes depend on ``seed`` and ``chunk`` (episodes drawn per batch), not on the number
     of ranks: each chunk is shared out, and with more ranks than episodes in a chunk some ranks

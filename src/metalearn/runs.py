@@ -263,8 +263,8 @@ def unreadable_checkpoint(path: Path, why: str) -> OptionError:
 
 
 class RunDir:
-    """The files of one run folder (see the module's docstring for its layout), read and
-    written whole. Making a ``RunDir`` touches nothing: the folder need not exist yet. Only
+    """The files of one run folder, ``path`` (see the module's docstring for its layout), read
+    and written whole. Making a ``RunDir`` touches nothing: the folder need not exist yet. Only
     the process holding :meth:`lock` writes the run's files; reading needs no lock."""
 
     def __init__(self, path: Path | str):

@@ -316,7 +316,16 @@ class Trainer:
     it goes on from the run's last checkpoint.
 
     The run records ``learner``'s method options where they differ from ``config``'s
-    (:func:`with_learner_options`): a learner built in Python is what trained."""
+    (:func:`with_learner_options`): a learner built in Python is what trained.
+
+    ``val_tasks``: the task source scored every ``config.train.val_every`` steps, whose scores
+    pick the best checkpoints; None: no validation and no best checkpoints (:meth:`fit` warns
+    where ``val_every`` asks for one). ``world``: this process's rank and the number of processes
+    (:func:`~metalearn.distributed.init_world` under torchrun): each rank trains its share of the
+    meta-batch, the gradients are summed over the ranks, and rank 0 alone writes; the default,
+    ``World()``, is one process. The batches go to the learner's device. ``lock``: a hold on the
+    run folder taken already (:func:`build_trainer`'s), let go when :meth:`fit` returns or by
+    :meth:`release`; None (the default): :meth:`fit` takes the folder's lock itself."""
 
     def __init__(self, config: RunConfig, learner: MetaLearner, train_tasks: TaskSource,
                  val_tasks: TaskSource | None, run_dir: RunDir | Path | str | None, world: World = World(),
@@ -1142,7 +1151,13 @@ def build_trainer(config: RunConfig, run_dir: Path | str | None = None, data_dir
     writer is refused at once, and the trainer holds it until its :meth:`Trainer.fit` returns.
     Nothing else is written until ``fit``: ``train --print-config`` builds a trainer without the
     lock (``run_dir`` may then be None) and drops it, so a dry run refuses what training would.
-    ``progress``: progress bars while the data is read, as :meth:`Trainer.fit`'s."""
+    ``progress``: progress bars while the data is read, as :meth:`Trainer.fit`'s.
+
+    ``data_dir``: where the dataset's images are (Omniglot's default: ``$METALEARN_DATA`` or the
+    cache folder; required for ``folder`` and ``mini-imagenet``); None on a resume reads the
+    folder the run's checkpoint records. ``world``: this process's rank, the number of processes
+    and the device (:func:`~metalearn.distributed.init_world` under torchrun); the learner is
+    moved to ``world.device``. The default, ``World()``, is one process on the CPU."""
     progress = show_progress(progress, "build_trainer")
     run_dir = user_path(run_dir, "run_dir", optional=True)  # "~/runs/x" as a shell expands it
     data_dir = user_path(data_dir, "data_dir", optional=True)

@@ -233,10 +233,16 @@ def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int
                      overrides: dict[str, Any] | None = None,
                      episode_shape: dict[str, int] | None = None, device: str = "cpu",
                      progress: bool | None = None) -> dict[str, Any]:
-    """Evaluate trained runs ``{label: run_dir}`` (:func:`run_labels` labels a list of folders
-    as ``metalearn compare`` does) on the same ``episodes`` episodes (the ones ``metalearn eval``
-    uses for ``seed``), with the model noise of sampling methods seeded by ``seed`` too, so the
-    comparison is reproducible.
+    """Evaluate trained runs ``runs``, ``{label: run_dir}`` (:func:`run_labels` labels a list of
+    folders as ``metalearn compare`` does), on the same ``episodes`` episodes of split part
+    ``part`` ("test", the default; "val", or "train": the test episodes' shape on the training
+    classes), the ones ``metalearn eval`` uses for ``seed``, with the model noise of sampling
+    methods seeded by ``seed`` too, so the comparison is reproducible. ``chunk``: the episodes
+    drawn at a time, which every run scores before the next are drawn; the episodes depend on it,
+    and the default, 50, draws those of ``metalearn eval``. ``data_dir``: the folder the
+    episodes' images are drawn from; None (the default): the one the runs record (runs that
+    record different folders are refused), else the dataset's default (Omniglot's
+    ``$METALEARN_DATA``).
 
     Returns ``{"episodes", "seed", "part", "dataset", "num_samples", "overrides", "ways", "shots",
     "query", label: {measure: {"mean", "ci95"}, ..., "run_dir", "method", "step", "num_samples"}}``.

@@ -53,7 +53,8 @@ def download_omniglot(
 
     ``checksums`` maps an archive name (``images_background``; a trailing ``.zip`` is accepted)
     to ``(method, hexdigest)`` with any :mod:`hashlib` method; each archive is fetched
-    from ``<base_url>/<name>.zip``. An archive already in ``data_dir`` is kept when its digest
+    from ``<base_url>/<name>.zip`` (``base_url``: by default the official release's, the
+    Omniglot repository on GitHub). An archive already in ``data_dir`` is kept when its digest
     matches, and otherwise replaced, but only by a download that verifies. Returns
     ``{name: path of the verified zip}``. Raises :class:`MetalearnError` (naming the URL or file,
     and the expected and actual digest where relevant) on any failure, leaving no partial file.
@@ -61,6 +62,10 @@ def download_omniglot(
     first: those whose process is no longer running and that have not been written to for
     ``files.UNOWNED_TEMPORARY_AGE_S`` (a download in progress on another machine sharing the
     folder keeps writing to its own).
+
+    ``progress``: a progress bar over each download's bytes; False (the default) draws none.
+    ``timeout``: the seconds to wait for the connection and for each read of a download
+    (default 60), after which it fails.
     """
     data_dir = Path(data_dir).expanduser()
     base_url = base_url.rstrip("/")

@@ -1018,7 +1018,14 @@ def folder_split(folder: ImageFolder, part: str, fractions: str = "", split_file
     comparing or plotting a run, which score or draw the part that ``part`` names), or "" (a
     caller that does not say: the remedies of both, each naming its command). The remedies are
     named as the caller spells them (an :class:`~metalearn.errors.OptionError`): ``val_every=0``
-    from Python, ``metalearn train --val-every 0`` on the command line."""
+    from Python, ``metalearn train --val-every 0`` on the command line.
+
+    ``folder``: an :class:`ImageFolder` (:func:`load_image_folder`'s). ``fractions``: the
+    train,val,test fractions of a folder of classes, as text (``"0.64,0.16,0.2"``), which deal
+    out its classes shuffled with a fixed seed; ``split_file``: a JSON file ``{"train": [class,
+    ...], "val": [...], "test": [...]}`` that names each part's classes. Give one of the two or
+    neither (``""``, the default of both: the fractions 0.64, 0.16, 0.2); a folder whose
+    ``train/ val/ test/`` folders or CSV files set the split refuses either."""
     if part not in PARTS:
         raise MetalearnError(f"unknown split part {part!r}: give {', '.join(PARTS)}")
     parts = class_parts(folder, fractions, split_file)

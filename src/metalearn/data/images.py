@@ -182,6 +182,9 @@ def prepare_images(images: Any, image_size: int, channels: int) -> Tensor:
     from PIL come: the message says how to permute them), no images, NaN or values outside
     [0, 1], an ``image_size`` that is not a whole number of pixels.
 
+    ``image_size``: the side ``S`` of the square images made; ``channels``: 1 (grey) or 3 (RGB),
+    both the run's (its ``TaskConfig``'s).
+
     >>> x = prepare_images(["cat/1.jpg", "cat/2.png"], image_size=84, channels=3)   # (2, 3, 84, 84)
     """
     return _prepare(images, image_size, channels, lambda array: array)

@@ -298,7 +298,10 @@ def load_omniglot(
 
     ``data_dir`` defaults to ``$METALEARN_DATA`` or the user cache; the cache lives in
     ``cache_dir`` (default ``$METALEARN_CACHE`` or ``~/.cache/metalearn``), never beside the
-    possibly read-only data.
+    possibly read-only data. ``image_size``: the side of the square images every drawing is
+    resized to, with antialiasing (at least 4; the default, 28, is the papers'); each size is
+    cached in a file of its own. ``progress``: progress bars while the release is decoded (not
+    when the cached array is read); False (the default) draws none.
     """
     if image_size < 4:
         raise MetalearnError(f"image size must be at least 4 pixels, got {image_size}")

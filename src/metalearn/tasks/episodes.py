@@ -22,11 +22,13 @@ class EpisodeSampler:
     """Draws batches of N-way K-shot classification tasks.
 
     Each task picks ``ways`` distinct classes of the pool in random order (so the label of a
-    class is re-drawn every episode), then ``shots + query`` distinct images of each. A class
-    whose rotation is -1 gets a random quarter turn per task. Everything is drawn from the given
-    ``torch.Generator``, so a seed gives the same episodes on any run.
+    class is re-drawn every episode), then ``shots + query`` distinct images of each: ``shots``
+    for the support set, ``query`` for the query set. A class whose rotation is -1 gets a random
+    quarter turn per task. Everything is drawn from the given ``torch.Generator``, so a seed
+    gives the same episodes on any run. ``dataset``: the images' name in messages and, for a
+    sampler of one's own, in the task source a run of it records (default "your data").
 
-    images: uint8 pixels, one of
+    ``images``: uint8 pixels, one of
       - ``(classes, examples, H, W)``: one grey channel (Omniglot, strokes bright);
       - ``(classes, examples, C, H, W)``;
       - ``(n_images, C, H, W)`` with ``class_sizes`` ``(classes,)``: the images of each class
@@ -52,9 +54,12 @@ class EpisodeSampler:
     the conversion :func:`~metalearn.data.images.prepare_images` gives new images). Unrotated
     classes are read from ``images`` in place, with no copy.
 
-    ``data_fingerprint``: what identifies the images drawn from, where they come from a folder
-    of the user's (set by the ``folder`` datasets); a run stores it and refuses to resume on
-    other images. None: the dataset is fixed by its name (Omniglot, verified on download).
+    ``data_fingerprint`` and ``class_split`` are class attributes, not constructor arguments:
+    None until set on an instance, as the ``folder`` datasets set them on the samplers they
+    build; the :class:`~metalearn.Trainer` reads them. ``data_fingerprint``: what identifies the
+    images drawn from, where they come from a folder of the user's; a run stores it and refuses
+    to resume on other images. None: the dataset is fixed by its name (Omniglot, verified on
+    download).
     ``class_split``: for class folders split by fractions or a split file, the class names of
     each part (``{"train": [...], "val": [...], "test": [...]}``); a run writes it beside its
     checkpoint (``split.json``) and evaluates on it.

@@ -14,7 +14,7 @@ from batches import image_batch
 from metalearn.algorithms import MAML, MatchingNet, ProtoNet, build_learner
 from metalearn.algorithms.base import device_mismatch
 from metalearn.data.splits import ClassPool
-from metalearn.errors import MetalearnError
+from metalearn.errors import MetalearnError, keyword_only_after
 from metalearn.evaluation import evaluate
 from metalearn.models import MLP, Conv4
 from metalearn.tasks import EpisodeSampler, Problem, SinusoidTasks, TaskBatch, require_task_source
@@ -790,3 +790,123 @@ def test_progress_bars_from_python_by_default_only_when_the_error_output_is_a_te
         trainer.fit(**({} if given is None else {"progress": given}))
         err = capsys.readouterr().err
         assert ("%|" in err) is drawn, (given, terminal, err)
+
+
+# -- options by keyword: a swapped call (evaluate_run(run, 20, 1): episodes or seed?) cannot pass unseen ----------
+
+
+KEYWORD_ONLY_AFTER = {  # each public function's leading parameters, which alone are taken by position
+    "metalearn.api.train": ["config", "run_dir"], "metalearn.api.evaluate_run": ["run_dir"],
+    "metalearn.api.predict_run": ["run_dir", "support", "query"], "metalearn.api.sample_run": ["run_dir", "support"],
+    "metalearn.api.plot_run": ["run_dir"], "metalearn.api.export_results": ["run_dir", "out_dir"],
+    "metalearn.uncertainty.compare_learners": ["runs"],
+    "metalearn.evaluation.evaluate": ["learner", "source", "episodes"],
+    "metalearn.training.build_trainer": ["config", "run_dir"]}
+
+
+def deprecations(call):
+    """What ``call()`` returns, and the DeprecationWarnings it gives, each shown (not once per place)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call()
+    return result, [w for w in caught if issubclass(w.category, DeprecationWarning)]
+
+
+def test_options_given_by_position_still_work_with_one_warning_that_names_their_keywords(tmp_path):
+    """For one release, the options after the leading parameters are still taken by position, in
+    the order they had, with one DeprecationWarning per call that names them as keywords at the
+    caller's line; the result is the keyword call's."""
+    from metalearn.api import evaluate_run
+
+    run = tmp_path / "run"
+    tiny_run(run)
+    by_keyword = evaluate_run(run, episodes=3, seed=1, progress=False)
+    by_position, warned = deprecations(lambda: evaluate_run(run, 3, 1, progress=False))
+    assert [(str(w.message), w.filename) for w in warned] == [(
+        "evaluate_run: give episodes=3, seed=1 by keyword; passing them by position is deprecated and will be "
+        "refused", __file__)]
+    assert (by_position["episodes"], by_position["seed"]) == (3, 1)
+    assert by_position["scores"] == by_keyword["scores"] and by_position["mean"] == by_keyword["mean"]
+    # one option: named alone
+    learner, source = MAML(MLP(1, 1)), SinusoidTasks(shots=2, query=3)
+    by_keyword = evaluate(learner, source, 2, seed=7)
+    by_position, warned = deprecations(lambda: evaluate(learner, source, 2, 7))
+    assert [str(w.message) for w in warned] == [
+        "evaluate: give seed=7 by keyword; passing it by position is deprecated and will be refused"]
+    assert by_position["scores"] == by_keyword["scores"]
+    # within the signature: no warning
+    again, warned = deprecations(lambda: evaluate(learner, source, 2, seed=7))
+    assert warned == [] and again["scores"] == by_keyword["scores"]
+
+
+@keyword_only_after(1)
+def swapped(run_dir, *, episodes=None, seed=0):
+    """evaluate_run's leading parameters, without its work."""
+    return run_dir, episodes, seed
+
+
+def older(run_dir, episodes=None, seed=0):
+    """``swapped``'s signature without `*`."""
+    return run_dir, episodes, seed
+
+
+def test_an_option_given_both_ways_or_too_many_positionals_are_python_s_type_errors(tmp_path):
+    """The TypeError Python gives for the signature as it was without `*`, before anything is read."""
+    import inspect
+
+    from metalearn.api import evaluate_run
+
+    def type_error(call) -> str:
+        with pytest.raises(TypeError) as info:
+            call()
+        return str(info.value).replace("older(", "swapped(")
+
+    for args, kwargs in (((1, 2), {"episodes": 3}), ((1, 2, 3, 4), {}), ((1, 2, 3, 4), {"episodes": 3}),
+                         ((1, 2, 3), {"seed": 3})):
+        assert type_error(lambda: swapped(*args, **kwargs)) == type_error(lambda: older(*args, **kwargs))
+    assert type_error(lambda: swapped(1, 2, 3, 4)) == (
+        "swapped() takes from 1 to 3 positional arguments but 4 were given")
+    assert type_error(lambda: swapped(1, 2, episodes=3)) == "swapped() got multiple values for argument 'episodes'"
+    run = tmp_path / "run"
+    tiny_run(run)
+    before = sorted(run.iterdir())
+    with pytest.raises(TypeError, match=r"^evaluate_run\(\) got multiple values for argument 'episodes'$"):
+        evaluate_run(run, 3, episodes=3, progress=False)
+    most = len(inspect.signature(evaluate_run).parameters)
+    with pytest.raises(TypeError, match=rf"^evaluate_run\(\) takes from 1 to {most} positional arguments but "
+                                        rf"{most + 1} were given$"):
+        evaluate_run(run, *[None] * most)
+    assert sorted(run.iterdir()) == before  # nothing evaluated or written
+    # a long value is cut short in the warning
+    assert [str(w.message) for w in deprecations(lambda: swapped("run", "x" * 100))[1]] == [
+        f"swapped: give episodes='{'x' * 17}...{'x' * 18}' by keyword; passing it by position is deprecated and "
+        "will be refused"]
+    with pytest.raises(TypeError, match=r"^keyword_only_after\(1\) needs .*<locals>\.plain to take 1 "):
+        @keyword_only_after(1)
+        def plain(run_dir, episodes=None):  # no `*`: nothing to map
+            return run_dir, episodes
+
+
+def test_the_signatures_show_the_options_as_keyword_only(pytestconfig):
+    """inspect.signature (as editors and the API docs read it) shows the `*`; the wrapper keeps
+    the function's name and docstring; pytest's settings turn the deprecation into an error, so
+    that no caller in the library, its tests or its docs' examples passes an option by position."""
+    import importlib
+    import inspect
+    import re
+
+    for path, leading in KEYWORD_ONLY_AFTER.items():
+        module, name = path.rsplit(".", 1)
+        function = getattr(importlib.import_module(module), name)
+        parameters = inspect.signature(function).parameters.values()
+        assert [p.name for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD] == leading, path
+        assert all(p.kind is p.KEYWORD_ONLY for p in list(parameters)[len(leading):]), path
+        assert (function.__name__, function.__doc__) == (name, function.__wrapped__.__doc__), path
+    messages = [str(w.message) for call in (lambda: swapped(1, 2), lambda: swapped(1, 2, 3))
+                for w in deprecations(call)[1]]
+    errors = [text for action, text, category, *_ in (line.split(":") for line in pytestconfig.getini("filterwarnings"))
+              if action == "error" and category == "DeprecationWarning"]
+    assert len(messages) == 2 and all(any(re.match(text, message, re.I) for text in errors) for message in messages), (
+        messages, errors)

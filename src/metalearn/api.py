@@ -27,7 +27,7 @@ from metalearn.datasets import DATASETS, get_dataset, reads_image_folder
 from metalearn.distributed import World, init_world
 from metalearn.errors import (ConfigError, MetalearnError, MetalearnWarning, OptionError, OptionLine, OptionWarning,
                               Terminated, TrainingInterrupted, caller_level, check_count, check_flags, check_whole,
-                              flag, stopped_by, valued)
+                              flag, keyword_only_after, stopped_by, valued)
 from metalearn.evaluation import EPISODE_CHUNK, evaluate
 from metalearn.evaluation_setup import (episode_seed, evaluation_labels, given_split, other_images_label, plain_shape,
                                         plain_values, recorded_seeds, warn_of_other_images, warn_of_training_classes,
@@ -362,7 +362,8 @@ def check_options_apply(method: str, given_method: dict[str, Any], method_config
             raise ConfigError("TrainConfig", given, f"cannot apply: {missing}")
 
 
-def train(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path | str | None = None,
+@keyword_only_after(2)
+def train(config: RunConfig, run_dir: Path | str | None = None, *, data_dir: Path | str | None = None,
           resume: bool = False, progress: bool | None = None, evaluate_after: bool = True,
           announce: Callable[[str], None] | None = print, device: str = "cpu",
           exact_gpu_kernels: bool = True, time_limit_s: float | None = None,
@@ -500,7 +501,8 @@ def _next_command(config: RunConfig, run_dir, data_dir) -> tuple[str, str]:
     return continue_lines(config, run_dir, data_dir)
 
 
-def evaluate_run(run_dir: Path | str, episodes: int | None = None, seed: int = 0, part: str = "test",
+@keyword_only_after(1)
+def evaluate_run(run_dir: Path | str, *, episodes: int | None = None, seed: int = 0, part: str = "test",
                  data_dir: Path | str | None = None, progress: bool | None = None, world: World | None = None,
                  overrides: dict[str, Any] | None = None, device: str | None = None,
                  episode_shape: dict[str, int] | None = None, per_step: bool = True,
@@ -730,7 +732,8 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
     return result
 
 
-def plot_run(run_dir: Path | str, data_dir: Path | str | None = None,
+@keyword_only_after(1)
+def plot_run(run_dir: Path | str, *, data_dir: Path | str | None = None,
              compare_with: Path | str | None = None, out_dir: Path | str | None = None,
              until_step: int | None = None) -> list[Path]:
     """Learning curves; for regression runs whose task source tells its true functions of
@@ -1015,7 +1018,8 @@ def check_out_dir(run: RunDir, config: RunConfig, out_dir: Path, option: str | t
     check_outside_data(config.task, data_dir, option, out_dir, recorded=(state or {}).get("data_dir"))
 
 
-def export_results(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str | None = None,
+@keyword_only_after(2)
+def export_results(run_dir: Path | str, out_dir: Path | str, *, data_dir: Path | str | None = None,
                    compare_with: Path | str | None = None, notes: list[str] | None = None) -> list[Path]:
     """A small, committable record of a run: ``summary.json`` (configuration, step, training
     wall time, the machines it trained on, every evaluation without per-episode scores, the last metrics, the validation
@@ -1393,7 +1397,8 @@ def _evaluation_records(run: RunDir, step: int) -> dict[str, dict[str, Any]]:
     return records
 
 
-def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | list[Path | str],
+@keyword_only_after(3)
+def predict_run(run_dir: Path | str, support: Path | str, query: Path | str | list[Path | str], *,
                 json_out: Path | str | None = None, csv_out: Path | str | None = None,
                 sheet: Path | str | None = None, num_samples: int | None = None,
                 device: str = "cpu") -> dict[str, Any]:
@@ -1503,7 +1508,8 @@ def generative_run(run_dir: Path | str) -> RunConfig:
     return config
 
 
-def sample_run(run_dir: Path | str, support: Path | str | list[Path | str], num: int = 20,
+@keyword_only_after(2)
+def sample_run(run_dir: Path | str, support: Path | str | list[Path | str], *, num: int = 20,
                out: Path | str | None = None, seed: int = 0) -> Path:
     """Draw ``num`` new images of the character shown by the ``support`` images (files or
     folders) with the trained generative method of ``run_dir``, and save them as a PNG grid

@@ -316,8 +316,8 @@ def _make_train_command(method: str) -> click.Command:
             from metalearn.training import build_trainer, check_stop_at
 
             resolve_device(options["device"])
-            trainer = build_trainer(config, options["run_dir"], options["data_dir"], options["resume"], progress=False,
-                                    lock=False, tested=options["eval"])
+            trainer = build_trainer(config, options["run_dir"], data_dir=options["data_dir"], resume=options["resume"],
+                                    progress=False, lock=False, tested=options["eval"])
             if options["stop_at"] is not None:
                 check_stop_at(options["stop_at"], trainer.step, config.train.steps, config.train.lr_anneal)
             click.echo(json.dumps(config.to_dict(), indent=2))

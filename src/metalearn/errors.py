@@ -7,12 +7,16 @@ of showing a traceback from deep inside torch.
 """
 
 
+import functools
+import inspect
 import math
 import operator
 import re
+import reprlib
 import signal
 import sys
-from typing import Any, Callable, Iterable
+import warnings
+from typing import Any, Callable, Iterable, TypeVar
 
 FLOAT32_MAX = 3.4028234663852886e38  # the networks compute in float32: a larger value overflows
 FLOAT32_TINY = 1.1754943508222875e-38  # float32's smallest normal number: a smaller one loses its digits, or is 0
@@ -84,6 +88,70 @@ def check_flags(owner: str, **flags: Any) -> None:
     for name, value in flags.items():
         if not is_flag(value):
             raise MetalearnError(f"{owner}'s {name} is True or False, got {value!r}")
+
+
+Function = TypeVar("Function", bound=Callable[..., Any])
+
+_SHORT = reprlib.Repr()  # a value quoted in a deprecation warning: a config or a long path in a few dozen characters
+_SHORT.maxstring = _SHORT.maxother = 40
+
+
+def keyword_only_after(count: int) -> Callable[[Function], Function]:
+    """Declare that a public function takes its first ``count`` parameters (what it works on: a
+    config and a run folder, a learner and a task source) by position and its options by keyword
+    only, so that a call that swaps two options (``evaluate_run(run, 20, 1)``: episodes or seed?)
+    cannot silently do something else. The ``def`` writes the ``*`` itself
+    (``def evaluate_run(run_dir, *, episodes=None, ...)``), so that ``inspect.signature``, the API
+    docs and editors show it; a function that does not take exactly ``count``
+    positional-or-keyword parameters, then keyword-only ones, is a TypeError when decorated.
+
+    For one release, a call with more positional arguments is taken as the signature without
+    the ``*`` took it (the same parameters in the same order): the extra arguments go, in order,
+    to the keyword-only parameters, with one DeprecationWarning per call that names them as
+    keywords, at the caller's line (``evaluate_run: give episodes=20, seed=1 by keyword; passing
+    them by position is deprecated and will be refused``). A parameter given both ways, or more
+    positional arguments than that signature had, is the TypeError Python gives for it. A call
+    within the new signature goes straight through; the wrapper keeps the function's name,
+    docstring and ``__wrapped__`` (:func:`functools.wraps`)."""
+    def decorate(function: Function) -> Function:
+        parameters = list(inspect.signature(function).parameters.values())
+        positional = [p for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD]
+        keyword = [p for p in parameters if p.kind is p.KEYWORD_ONLY]
+        if len(positional) != count or positional + keyword != parameters or not keyword:
+            raise TypeError(f"keyword_only_after({count}) needs {function.__qualname__} to take {count} "
+                            "positional-or-keyword parameters, then `*` and keyword-only ones")
+        names = [p.name for p in keyword]  # the order of the signature without `*`: the def keeps them in place
+        most = len(parameters)
+        least = sum(p.default is p.empty for p in parameters)  # that signature's required positionals
+        name = function.__qualname__
+
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if len(args) <= count:
+                return function(*args, **kwargs)
+            moved = dict(zip(names, args[count:]))
+            for given in moved:  # Python checks the keywords against the filled slots before counting them
+                if given in kwargs:
+                    raise TypeError(f"{name}() got multiple values for argument '{given}'")
+            if len(args) > most:
+                raise TypeError(too_many_positionals(name, least, most, len(args)))
+            spelled = ", ".join(f"{key}={_SHORT.repr(value)}" for key, value in moved.items())
+            them = "them" if len(moved) > 1 else "it"
+            warnings.warn(f"{function.__name__}: give {spelled} by keyword; passing {them} by position is deprecated "
+                          "and will be refused", DeprecationWarning, stacklevel=2)  # at the caller's line
+            return function(*args[:count], **moved, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def too_many_positionals(name: str, least: int, most: int, given: int) -> str:
+    """CPython's words for ``given`` positional arguments to the function ``name`` that takes
+    ``least`` to ``most`` of them and no keyword-only ones."""
+    takes = (f"from {least} to {most} positional arguments" if least < most
+             else f"{most} positional argument{'s' if most != 1 else ''}")
+    return f"{name}() takes {takes} but {given} {'was' if given == 1 else 'were'} given"
 
 
 def require_number(value: float, owner: str, field: str, *, zero_allowed: bool = False) -> None:

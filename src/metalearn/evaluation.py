@@ -16,7 +16,7 @@ from metalearn.algorithms.base import (MetaLearner, device_mismatch, device_of, 
 from metalearn.config import FRACTION, MAX_EPISODES, TrainConfig, budget_problem
 from metalearn.distributed import World
 from metalearn.errors import (MetalearnError, MetalearnWarning, OptionError, OptionWarning, caller_level,
-                              check_count)
+                              check_count, keyword_only_after)
 from metalearn.runtime import DroppingStream, cuda_devices, float32_default, own_random_state
 from metalearn.tasks import TaskSource, require_sampled_batch, require_task_source
 from metalearn.tasks.batch import TaskBatch, data_fix
@@ -93,10 +93,12 @@ def check_seed(value: Any, name: str = "seed", most: int = 2**63 - 1) -> int:
     return check_count(value, name, 0, most)
 
 
+@keyword_only_after(3)
 def evaluate(
     learner: MetaLearner,
     source: TaskSource,
     episodes: int = 600,
+    *,
     seed: int = 0,
     chunk: int = EPISODE_CHUNK,
     world: World = World(),

@@ -30,7 +30,7 @@ from metalearn.config import RunConfig
 from metalearn.distributed import RankLost, World, environment_count
 from metalearn.errors import (STOP_SIGNALS, TIME_LIMIT_EXIT, ConfigError, MetalearnError, OptionError, OptionWarning,
                               TrainingInterrupted, TrainingStopped, caller_level, check_count, kind_of, spellings,
-                              training_stop, valued)
+                              keyword_only_after, training_stop, valued)
 from metalearn.evaluation import HIGHER_IS_BETTER, evaluate
 from metalearn.files import WriteError, check_folder_path, same_path, user_path
 from metalearn.memory_budget import (available_memory, chunk_candidates, chunk_sizes, fastest_chunk, largest_chunk,
@@ -1135,7 +1135,9 @@ def resume_without_run_dir() -> OptionError:
                        run_dir="run_dir")
 
 
-def build_trainer(config: RunConfig, run_dir: Path | str | None = None, data_dir: Path | str | None = None,
+@keyword_only_after(2)
+def build_trainer(config: RunConfig, run_dir: Path | str | None = None, *,
+                  data_dir: Path | str | None = None,
                   resume: bool = False, world: World = World(), progress: bool | None = None,
                   lock: bool = True, tested: bool = True) -> Trainer:
     """A trainer for ``config`` writing into ``run_dir``; with ``resume``, the run found there

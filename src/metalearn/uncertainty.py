@@ -45,7 +45,8 @@ from metalearn.checkpoints import load_trained_state, recorded_images, run_image
 from metalearn.config import MAX_SEED, task_differences
 from metalearn.datasets import get_dataset, reads_image_folder
 from metalearn.distributed import init_world
-from metalearn.errors import MetalearnError, OptionError, OptionWarning, caller_level, check_count, spellings
+from metalearn.errors import (MetalearnError, OptionError, OptionWarning, caller_level, check_count,
+                              keyword_only_after, spellings)
 from metalearn.evaluation import check_seed, fewer_steps_advice, scored_in_calls, tasks_per_call
 from metalearn.evaluation_setup import (plain_shape, plain_values, warn_of_other_images, warn_of_validation_episodes,
                                         with_test_shape)
@@ -227,7 +228,8 @@ def run_labels(run_dirs: list[Path | str] | tuple[Path | str, ...]) -> dict[str,
     return labels
 
 
-def compare_learners(runs: dict[str, Path | str], episodes: int = 600, seed: int = 0, part: str = "test",
+@keyword_only_after(1)
+def compare_learners(runs: dict[str, Path | str], *, episodes: int = 600, seed: int = 0, part: str = "test",
                      num_samples: int | None = None, chunk: int = 50, grid_points: int = 100,
                      level: float = 0.95, data_dir: Path | str | None = None,
                      overrides: dict[str, Any] | None = None,

@@ -443,3 +443,20 @@ def test_from_labels_and_float_examples_refuse_what_they_cannot_draw():
         with pytest.raises(MetalearnError) as info:
             build()
         assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_a_seed_draws_the_same_episodes_whatever_torch_s_default_dtype():
+    """A sampler called directly (not under the Trainer's or evaluate's float32 default) draws
+    the same classes, images and augmentations from a seed when a notebook set float64."""
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(8).repeat_interleave(5)
+    sampler = EpisodeSampler.from_labels(images, labels, ways=3, shots=1, query=2).augmented("crop,flip,color")
+    drawn = sampler.sample(4, torch.Generator().manual_seed(3))
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        again = sampler.sample(4, torch.Generator().manual_seed(3))
+    finally:
+        torch.set_default_dtype(before)
+    for name in ("support_x", "support_y", "query_x", "query_y"):
+        assert torch.equal(getattr(drawn, name), getattr(again, name)), name

@@ -679,3 +679,23 @@ def test_compare_scores_a_chunk_too_large_for_the_memory_in_parts(tmp_path, monk
             got = parts["maml"][name]   # platipus's samples, which depend on the chunks, as its docstring says)
             assert {k: v for k, v in got.items() if k != "difference"} == pytest.approx(
                 {k: v for k, v in value.items() if k != "difference"}, rel=1e-6), name
+
+
+def test_sample_probabilities_of_a_float64_learner_are_float64_as_fit_predict_s():
+    """sample_probabilities answers in the learner's type as fit_predict does (float64 kept, at
+    least float32), and a seed samples the same models in either type (the noise is drawn in
+    float32), so a float64 learner's answers are the float32 one's to float32's precision."""
+    import copy
+
+    from metalearn.algorithms import build_learner
+    from metalearn.tasks.batch import Problem
+
+    pixels = torch.randint(0, 256, (9, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    support, labels, query = pixels[:6], [0, 0, 1, 1, 2, 2], pixels[6:]
+    torch.manual_seed(0)
+    learner = build_learner("platipus", {"num_samples": 2}, Problem((1, 16, 16), 3, True))
+    expected = learner.sample_probabilities(support, labels, query, generator=torch.Generator().manual_seed(1))
+    wide = copy.deepcopy(learner).double()
+    found = wide.sample_probabilities(support, labels, query, generator=torch.Generator().manual_seed(1))
+    assert expected.dtype == torch.float32 and found.dtype == torch.float64
+    torch.testing.assert_close(found, expected.double(), rtol=1e-4, atol=1e-5)

@@ -233,10 +233,11 @@ class PLATIPUS(MetaLearner):
         Drawn on the generator's device (the CPU for torch's global generator, used when
         ``generator`` is None) and then moved to the weights' device: a seed gives the same
         models on any device, and a CPU generator (what the evaluators pass) works with weights
-        on a GPU."""
+        on a GPU. Drawn in float32 and then given the weights' type: a seed gives the same models
+        to a float64 or bfloat16 learner (``learner.to(dtype)``), not other draws."""
         source = generator.device if generator is not None else torch.device("cpu")
-        return {name: torch.randn((tasks, samples, *p.shape), generator=generator, dtype=p.dtype,
-                                  device=source).to(p.device)
+        return {name: torch.randn((tasks, samples, *p.shape), generator=generator, dtype=torch.float32,
+                                  device=source).to(p.device, p.dtype)
                 for name, p in self.model.named_parameters()}
 
     def kl(self, batch: TaskBatch) -> Tensor:
@@ -356,7 +357,9 @@ class PLATIPUS(MetaLearner):
         in eval mode, as :meth:`fit_predict`."""
         batch = self.task_batch(support_x, support_y, query_x, **prepare)
         with evaluating(self):
-            return self.sample_predictions(batch, num_samples, generator)[:, 0].float().softmax(dim=-1)
+            logits = self.sample_predictions(batch, num_samples, generator)[:, 0]
+            # as fit_predict's: float32 at least (bfloat16's digits would round them), float64 kept
+            return logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)
 
     def predict_per_step(self, batch: TaskBatch) -> Tensor:
         """The samples' average prediction after each step: for classification the log of the

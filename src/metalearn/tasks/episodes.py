@@ -279,7 +279,9 @@ class EpisodeSampler:
         (tasks, ways). A class with fewer images than the largest draws among its own only."""
         check_draw("EpisodeSampler", num_tasks, generator)
         classes = _distinct_classes(num_tasks, len(self.pool), self.ways, generator)
-        keys = torch.rand(num_tasks, self.ways, self.drawings, generator=generator)
+        # float32 draws whatever torch's default dtype (a float64 default draws other numbers from the
+        # same generator): a seed gives the same episodes called directly as in the Trainer and evaluate
+        keys = torch.rand(num_tasks, self.ways, self.drawings, generator=generator, dtype=torch.float32)
         sizes = self.sizes[classes]
         if bool((sizes < self.drawings).any()):  # positions beyond a class's images sort last
             keys = keys.masked_fill(torch.arange(self.drawings) >= sizes[..., None], 2.0)
@@ -329,7 +331,7 @@ def _distinct_classes(num_tasks: int, n_classes: int, ways: int, generator: torc
     n_classes) a top-k over uniform noise is used instead.
     """
     if ways * ways > n_classes:
-        return torch.rand(num_tasks, n_classes, generator=generator).topk(ways, dim=1).indices
+        return torch.rand(num_tasks, n_classes, generator=generator, dtype=torch.float32).topk(ways, dim=1).indices
     classes = torch.randint(n_classes, (num_tasks, ways), generator=generator)
     while True:
         ordered = classes.sort(dim=1).values
@@ -428,10 +430,11 @@ class Augmentation:
         if "crop" in self.parts:
             draws["offsets"] = torch.randint(0, 2 * crop_padding(side) + 1, (*shape, 2), generator=generator)
         if "flip" in self.parts:
-            draws["flips"] = torch.rand(shape, generator=generator) < 0.5
+            draws["flips"] = torch.rand(shape, generator=generator, dtype=torch.float32) < 0.5  # as the episodes
         if "color" in self.parts:
-            draws["factors"] = torch.rand((*shape, 3), generator=generator) * (2 * JITTER) + (1 - JITTER)
-            draws["orders"] = torch.rand((*shape, 3), generator=generator).argsort(dim=-1)
+            draws["factors"] = torch.rand((*shape, 3), generator=generator, dtype=torch.float32) * (2 * JITTER) + (
+                1 - JITTER)
+            draws["orders"] = torch.rand((*shape, 3), generator=generator, dtype=torch.float32).argsort(dim=-1)
         return AugmentDraws(**draws)
 
     def apply(self, images: Tensor, draws: AugmentDraws, dtype: torch.dtype | None = None) -> Tensor:

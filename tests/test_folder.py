@@ -1044,9 +1044,7 @@ def test_bad_predict_inputs_are_one_line_and_write_nothing(shapes, tmp_path, cap
 def test_a_pass_memory_estimate_is_near_the_pass_measured(monkeypatch):
     """check_pass_fits scales a small pass in proportion to the whole support set: within a
     factor of 3 of the memory the pass takes (protonet, 1,000 support images at 28x28 with 50
-    or 256 queries, ~0.7 and ~1 GB; the estimate came within 0.91 to 1.24 of it over runs on a
-    2-core machine, where the extrapolation from two probe sizes it replaced once came out at
-    0.31, and scaling the probe's 256 queries with its support at 1.8). In a
+    or 256 queries, the most a pass classifies: the queries scale with the probe's share). In a
     process of its own with the allocator as ``metalearn predict`` sets it (tune_allocator): the
     peak RSS of a pass depends on what the process's heap already holds, which the tests run
     before it (in-process commands tune the allocator too) would change."""

@@ -233,6 +233,15 @@ def load_learner_state(learner: MetaLearner, state: dict[str, Any], where: Path,
                           detail=(detail, detail)) from None
 
 
+def in_run_type(learner: MetaLearner, state: dict[str, Any]) -> MetaLearner:
+    """``learner`` (built float32) in the floating-point type of the weights ``state`` holds:
+    a run trained in float64 or bfloat16 is loaded and resumed as it trained, not rounded (or
+    widened) into float32 weights that are not the run's, which :func:`load_learner_state`
+    would refuse."""
+    saved = saved_dtype(learner, state)
+    return learner.to(saved) if saved is not None and saved != floating_dtype(learner) else learner
+
+
 def saved_dtype(learner: MetaLearner, state: dict[str, Any]) -> torch.dtype | None:
     """The floating-point type of ``state``'s copy of ``learner``'s first floating-point
     parameter (what :func:`~metalearn.algorithms.base.floating_dtype` reads of a learner), or
@@ -722,11 +731,7 @@ def load_trained_state(run_dir: Path | str, overrides: dict[str, Any] | None = N
         options = {**config.method_config, **(overrides or {})}
         with own_random_state([]):  # its initial weights, replaced by the checkpoint's, drawn apart from the caller's
             learner = build_learner(config.method, options, problem_of(config.task))
-        # built float32; a run trained in float64 or bfloat16 is loaded as it trained, not rounded
-        # (or widened) into float32 weights that are not the run's
-        saved = saved_dtype(learner, state["learner"])
-        if saved is not None and saved != floating_dtype(learner):
-            learner = learner.to(saved)
+        learner = in_run_type(learner, state["learner"])
         load_learner_state(learner, state["learner"], run.path, changed)  # a memory of other size: a ConfigError
     except ConfigError as err:  # --set NAME on the command line, overrides['NAME'] from Python
         err.name_overrides(settable, overrides or {})

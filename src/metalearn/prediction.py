@@ -31,15 +31,14 @@ QUERY_CHUNK = 256  # the most query images classified per pass (with the whole s
 # which every pass holds whole (see check_pass_fits); smaller ones take well under a gigabyte
 MEASURE_SUPPORT_ABOVE = 512
 # the support images of the measured pass, read PROBE_READINGS times (the largest reading counts:
-# a pass that reuses pages the heap already holds reads lower, by up to half in the tests' runs)
+# a pass that reuses pages the heap already holds reads lower)
 PROBE_SUPPORT = 256
 PROBE_READINGS = 2
 # the estimate is refused only beyond this many times the memory available: the peak RSS of a
 # pass varies between runs (where the heap places its blocks, pages the kernel reclaims) and
 # the proportion counts a pass's fixed part (the model, its workspace) once per probe-sized share,
-# so the estimate is coarse (protonet's 0.76 to 1.24 times the measured pass over 600 to 2,500
-# support images, 50 or 256 queries; the tests hold it within 3): only a support set that clearly
-# cannot fit is refused
+# so the estimate is coarse (test_a_pass_memory_estimate_is_near_the_pass_measured holds
+# protonet's within a factor of 3): only a support set that clearly cannot fit is refused
 REFUSE_ABOVE = 2.0
 
 
@@ -211,7 +210,7 @@ def check_pass_fits(learner: MetaLearner, classify: Any, support_x: torch.Tensor
     beyond :data:`REFUSE_ABOVE` times the memory available (a coarse estimate: see there) is
     refused. In proportion, not extrapolated from the difference of two probe sizes: a
     difference of two noisy readings, multiplied by the images beyond them, can come out near
-    zero (a reading that varies by half gave a third of the pass's memory). Where the memory
+    zero, and the estimate with it. Where the memory
     cannot be known or measured (not Linux, no ``/proc/self/clear_refs``, a device other than a
     CPU or CUDA GPU) nothing is checked. ``classify(support_x, support_y, query_x)``: the pass."""
     from metalearn.algorithms.base import device_of
@@ -223,8 +222,8 @@ def check_pass_fits(learner: MetaLearner, classify: Any, support_x: torch.Tensor
     device = device_of(learner)
     index = _probe_support(support_y, PROBE_SUPPORT, getattr(learner, "fixed_ways", False))
     labels = torch.unique(support_y[index], return_inverse=True)[1]  # the classes taken, as 0..m-1
-    # the queries in the same share as the support images, so that both parts of the pass scale
-    # (all 256 queries with 256 of 1,000 support images came out at 1.8 times the pass)
+    # the queries in the same share as the support images, so that both parts of the pass scale:
+    # all of them beside a quarter of the support images would count the queries' part four times
     queries = query_x[:max(1, round(len(query_x) * len(index) / total))]
     try:
         peak = max(peak_memory_of(lambda: classify(support_x[index], labels, queries), device)

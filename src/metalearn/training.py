@@ -20,11 +20,11 @@ from typing import Any, Callable
 import torch
 
 from metalearn.algorithms import MetaLearner, build_learner
-from metalearn.algorithms.base import device_of, drawing_from, floating_dtype
+from metalearn.algorithms.base import device_of, drawing_from
 from metalearn.checkpoints import (RESUME_ENTRIES, RESUME_OPTIONAL_ENTRIES, all_finite, check_compatible,
                                    check_entries, check_run_dir, check_test_ways, check_weights_finite,
-                                   initialise_from_run, load_learner_state, network_difference, on_cpu, own_learner,
-                                   own_tasks, recorded_images, run_images, saved_config, saved_dtype,
+                                   in_run_type, initialise_from_run, load_learner_state, network_difference, on_cpu,
+                                   own_learner, own_tasks, recorded_images, run_images, saved_config,
                                    unreadable_checkpoint, untrained_attempt, warn_of_seen_classes)
 from metalearn.config import RunConfig
 from metalearn.distributed import RankLost, World, environment_count
@@ -1208,12 +1208,8 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
         # did before training kept its own
         seeded = torch.get_rng_state()
     learner.check_run(config)
-    if state is not None and isinstance(state.get("learner"), dict):
-        # a run keeps its floating-point type: one trained in float64 or bfloat16 (a learner converted
-        # in Python) continues in it, as load_trained loads it, where restore would refuse the float32 learner
-        saved = saved_dtype(learner, state["learner"])
-        if saved is not None and saved != floating_dtype(learner):
-            learner = learner.to(saved)
+    if state is not None and isinstance(state.get("learner"), dict):  # a resume continues in the run's type
+        learner = in_run_type(learner, state["learner"])
     task = config.task
     gone = bool(task.split_file) and not Path(task.split_file).is_file()
     if resume and run is not None and gone and run.split_path.is_file():

@@ -411,9 +411,13 @@ class MetaLearner(nn.Module):
         batch = self.task_batch(support_x, support_y, query_x, **prepare)
         warn_of_few_queries(self, batch.query_x.shape[1], None)  # fewer queries than classes: a warning
         with torch.no_grad(), evaluating(self):
-            logits = self.predict(batch)[0]
-            # in float32 at least (bfloat16's 3 digits would round the probabilities), float64 kept
-            return logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)
+            return probabilities(self.predict(batch)[0])
+
+
+def probabilities(logits: Tensor) -> Tensor:
+    """The softmax of ``logits`` over their last axis, in float32 at least (bfloat16's 3 digits
+    would round the probabilities), float64 kept: what :meth:`MetaLearner.fit_predict` returns."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)
 
 
 def class_ids(labels: Any) -> Tensor:

@@ -56,6 +56,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from metalearn.algorithms.base import (MetaLearner, Problem, average_prediction, check_network_fits, evaluating,
+                                       probabilities,
                                        require_functional_model, task_loss)
 from metalearn.algorithms.inner_loop import (Params, check_inner_loop_options, gradient_descent, loss_gradient,
                                             sgd_step)
@@ -357,9 +358,7 @@ class PLATIPUS(MetaLearner):
         in eval mode, as :meth:`fit_predict`."""
         batch = self.task_batch(support_x, support_y, query_x, **prepare)
         with evaluating(self):
-            logits = self.sample_predictions(batch, num_samples, generator)[:, 0]
-            # as fit_predict's: float32 at least (bfloat16's digits would round them), float64 kept
-            return logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)
+            return probabilities(self.sample_predictions(batch, num_samples, generator)[:, 0])
 
     def predict_per_step(self, batch: TaskBatch) -> Tensor:
         """The samples' average prediction after each step: for classification the log of the

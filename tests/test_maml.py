@@ -9,6 +9,7 @@ model's parameter tensors), differentiates the inner loop with
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -730,36 +731,50 @@ def test_a_float64_model_trains_on_a_converted_classification_batch_and_refuses_
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-6, atol=1e-9)
 
 
-def test_a_float64_learner_on_a_built_in_float32_only_source_is_advised_what_it_can_do(tmp_path):
-    """The Trainer and evaluate cannot convert a batch: for a built-in source without a dtype
-    option (SinusoidTasks, SineOrLineTasks) the refusal says it draws float32 and advises the
-    learner's type or a wrapping source; an EpisodeSampler's refusal names its dtype option, and
-    a batch given directly keeps the advice to convert it."""
+def test_a_float64_learner_is_advised_the_dtype_of_its_source_and_trains_from_a_float64_one(tmp_path):
+    """The Trainer and evaluate cannot convert a batch: where the source has a dtype (SinusoidTasks,
+    SineOrLineTasks, EpisodeSampler) the refusal names it with the source's class; a source of
+    one's own without one, and a batch given directly, keep the advice to convert the batch. The
+    advice taken, a float64 MAML trains through the Trainer and is scored by evaluate."""
     from metalearn import EpisodeSampler, Trainer, evaluate, resolve_config
     from metalearn.data.splits import ClassPool
     from metalearn.tasks.sinusoid import SineOrLineTasks
 
-    only = (r"^maml: the batch's inputs are torch.float32 and the network's weights torch.float64; the task source "
-            r"\({}\) draws float32 and has no dtype option: convert the learner \(learner.float\(\)\) or wrap "
-            r"the source in one whose sample\(num_tasks, generator, tasks=None\) returns its "
-            r"batch.to\(torch.float64\)$")
+    named = (r"^maml: the batch's inputs are torch.float32 and the network's weights torch.float64; "
+             r"{}\(..., dtype=torch.float64\) draws it so, or convert the learner \(learner.to\(torch.float32\)\)$")
     learner = MAML(MLP(1, 1, hidden=(8,)), MAML.Config(inner_lr=0.01)).double()
-    config = resolve_config("maml", task={"dataset": "sinusoid"}, train={"steps": 1, "meta_batch_size": 2,
+    config = resolve_config("maml", task={"dataset": "sinusoid"}, train={"steps": 3, "meta_batch_size": 2,
                                                                          "val_every": 0})
-    with pytest.raises(MetalearnError, match=only.format("SinusoidTasks")):
-        Trainer(config, learner, SinusoidTasks(), None, tmp_path / "run").fit(progress=False)
-    with pytest.raises(MetalearnError, match=only.format("SineOrLineTasks")):
+    with pytest.raises(MetalearnError, match=named.format("SinusoidTasks")):
+        Trainer(config, learner, SinusoidTasks(), None, tmp_path / "refused").fit(progress=False)
+    with pytest.raises(MetalearnError, match=named.format("SineOrLineTasks")):
         evaluate(learner, SineOrLineTasks(), 2, progress=False)
+
+    class Own:  # a source of one's own, without a dtype
+        def sample(self, num_tasks, generator, tasks=None):
+            return SinusoidTasks().sample(num_tasks, generator, tasks)
+
+    with pytest.raises(MetalearnError, match=r"; convert the batch \(batch.to\(torch.float64\); EpisodeSampler.*"
+                                             r"; the Trainer and evaluate draw under torch's float32 default"):
+        evaluate(learner, Own(), 2, progress=False)
     with pytest.raises(MetalearnError, match=r"; convert the batch \(batch.to\(torch.float64\); EpisodeSampler"):
         learner.meta_loss(SinusoidTasks().sample(2, torch.Generator().manual_seed(0)))
     images = torch.randint(0, 255, (6, 3, 1, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     sampler = EpisodeSampler(images, ClassPool("test", torch.arange(6), torch.zeros(6, dtype=torch.long)), 3, 1, 1)
     conv = MAML(Conv4(1, 3, hidden=8), MAML.Config(inner_lr=0.01)).double()
-    with pytest.raises(MetalearnError, match=r"^maml: .*; convert the batch \(batch.to\(torch.float64\); "
-                                             r"EpisodeSampler\(..., dtype=torch.float64\) draws it so\)"):
+    with pytest.raises(MetalearnError, match=named.format("EpisodeSampler")):
         evaluate(conv, sampler, 2, progress=False)
     wide = EpisodeSampler(images, sampler.pool, 3, 1, 1, dtype=torch.float64)  # the advice taken: scored
     assert 0 <= evaluate(conv, wide, 2, progress=False)["mean"] <= 100
+
+    before = {name: p.detach().clone() for name, p in learner.named_parameters()}
+    trainer = Trainer(config, learner, SinusoidTasks(dtype=torch.float64), None, tmp_path / "run")
+    trainer.fit(progress=False)
+    assert trainer.step == 3 and {p.dtype for p in learner.parameters()} == {torch.float64}
+    assert any(not torch.equal(p, before[name]) for name, p in learner.named_parameters())
+    for source in (SinusoidTasks(dtype=torch.float64), SineOrLineTasks(dtype=torch.float64)):
+        result = evaluate(learner, source, 4, progress=False)
+        assert result["metric"] == "mse" and math.isfinite(result["mean"])
 
 
 @pytest.mark.parametrize("steps", [1, 3])

@@ -143,3 +143,83 @@ def test_sine_or_line_without_noise_is_exact():
     batch = tasks.sample(500, gen(10))
     x, y = joined(batch)
     torch.testing.assert_close(y, tasks.function(batch.task_params, x), rtol=0, atol=0)
+
+
+def recomputed(cls, shots, query, noise_std, num_tasks, seed):
+    """The tasks as ``cls`` draws them in float32, recomputed here from the generator's draws in
+    their order (uniforms scaled to the default bounds, then the standard normal noise)."""
+    g = gen(seed)
+    n = shots + query
+
+    def uniform(shape, low, high):
+        return torch.rand(shape, generator=g, dtype=torch.float32) * (high - low) + low
+
+    lines = cls is SineOrLineTasks
+    is_line = (torch.rand(num_tasks, generator=g, dtype=torch.float32) < 0.5).float() if lines else None
+    amplitude, phase = uniform(num_tasks, 0.1, 5.0), uniform(num_tasks, 0.0, math.pi)
+    slope, intercept = (uniform(num_tasks, -3.0, 3.0), uniform(num_tasks, -3.0, 3.0)) if is_line is not None else (0, 0)
+    x = uniform((num_tasks, n, 1), -5.0, 5.0)
+    noise = torch.randn(x.shape, generator=g, dtype=torch.float32) * noise_std
+    y = amplitude[:, None, None] * torch.sin(x - phase[:, None, None])
+    if is_line is not None:
+        mask = is_line[:, None, None]
+        y = mask * (slope[:, None, None] * x + intercept[:, None, None]) + (1 - mask) * y
+    return x, y + noise
+
+
+@pytest.mark.parametrize("default", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cls, noise_std", [(SinusoidTasks, 0.0), (SinusoidTasks, 0.5), (SineOrLineTasks, 0.3)])
+def test_a_seeded_float32_source_draws_what_the_draws_recomputed_give_whatever_the_default_dtype(cls, noise_std,
+                                                                                                  default):
+    """float32 (the default dtype of the source): bit for bit the generator's float32 draws, in
+    their order, under torch's float32 default and a notebook's float64 one alike."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        batch = cls(shots=3, query=4, noise_std=noise_std).sample(6, gen(11))
+    finally:
+        torch.set_default_dtype(previous)
+    x, y = recomputed(cls, 3, 4, noise_std, 6, 11)
+    got_x, got_y = joined(batch)
+    assert got_x.dtype == got_y.dtype == torch.float32
+    assert torch.equal(got_x, x) and torch.equal(got_y, y)
+
+
+def test_a_seeded_sinusoid_draw_is_pinned():
+    """The first task of seed 0 (x, y of its first support point and its amplitude), as drawn in float32."""
+    batch = SinusoidTasks().sample(2, gen(0))
+    pinned = (batch.task_params["amplitude"][0].item(), batch.support_x[0, 0, 0].item(),
+              batch.support_y[0, 0, 0].item())
+    assert pinned == (2.5316572189331055, -1.925771713256836, -2.041261672973633)
+
+
+@pytest.mark.parametrize("cls, noise_std", [(SinusoidTasks, 0.0), (SinusoidTasks, 0.5), (SineOrLineTasks, 0.3)])
+def test_a_float64_source_draws_the_float32_tasks_cast_and_computes_its_targets_in_float64(cls, noise_std):
+    wide = cls(shots=3, query=4, noise_std=noise_std, dtype=torch.float64)
+    assert wide.dtype == torch.float64 and cls().dtype == torch.float32
+    batch, narrow = wide.sample(50, gen(12)), cls(shots=3, query=4, noise_std=noise_std).sample(50, gen(12))
+    for name in ("support_x", "support_y", "query_x", "query_y"):
+        assert getattr(batch, name).dtype == torch.float64, name
+    assert set(batch.task_params) == set(narrow.task_params)
+    for name, value in batch.task_params.items():  # the same random draws, cast
+        assert value.dtype == torch.float64 and torch.equal(value, narrow.task_params[name].double()), name
+    x, y = joined(batch)
+    x32, y32 = joined(narrow)
+    assert torch.equal(x, x32.double())
+    noise = (y32 - cls.function(narrow.task_params, x32)).double() if noise_std else 0  # the float32 noise, to 1e-6
+    torch.testing.assert_close(y, cls.function(batch.task_params, x) + noise, rtol=0, atol=1e-5)
+    if not noise_std:  # the targets computed in float64 from the float64 parameters and points
+        params = batch.task_params
+        truth = torch.tensor([[a * math.sin(xi - p) for xi in row] for a, p, row in
+                              zip(params["amplitude"].tolist(), params["phase"].tolist(), x[..., 0].tolist())],
+                             dtype=torch.float64)
+        torch.testing.assert_close(y[..., 0], truth, rtol=0, atol=1e-12)
+        assert (y - y32.double()).abs().max() > 1e-9  # not the float32 targets cast
+
+
+@pytest.mark.parametrize("cls", [SinusoidTasks, SineOrLineTasks])
+@pytest.mark.parametrize("dtype", [torch.long, torch.bool, "float64"])
+def test_a_dtype_that_is_no_floating_point_type_is_refused(cls, dtype):
+    with pytest.raises(MetalearnError, match=rf"^{cls.__name__} draws inputs and targets as floats: dtype must be a "
+                                             rf"floating-point type, got {dtype!r}$"):
+        cls(dtype=dtype)

@@ -512,19 +512,18 @@ def drawing_from(source: Any) -> Iterator[None]:
 def check_input_dtype(method: str, model: nn.Module, batch: TaskBatch) -> None:
     """Refuse a batch whose inputs are another floating-point type than the network's weights
     (a float32 batch for a float64 model): torch would fail deep inside the first layer. Where
-    the Trainer or evaluate draws the batch from a built-in source that draws float32 only
-    (SinusoidTasks, SineOrLineTasks: no dtype option, unlike EpisodeSampler), the remedy is the
-    learner's type or a source that converts; elsewhere, the batch's or the learner's."""
+    the Trainer or evaluate draws the batch from a source with a ``dtype`` of the batch's type
+    (EpisodeSampler, SinusoidTasks, SineOrLineTasks), the remedy named is that source's
+    ``dtype``, as the caller cannot convert the batch there; elsewhere, the batch's or the learner's."""
     weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     inputs = batch.support_x.dtype
     if weights is not None and torch.is_floating_point(batch.support_x) and inputs != weights:
         source = _DRAWING_FROM.get()
-        if (source is not None and inputs == torch.float32 and not hasattr(source, "dtype")
-                and type(source).__module__.startswith("metalearn.")):
+        drawn_as = getattr(source, "dtype", None)  # None: no source (a batch given directly), or one without dtype
+        if isinstance(drawn_as, torch.dtype) and drawn_as == inputs:
             raise MetalearnError(f"{method}: the batch's inputs are {inputs} and the network's weights {weights}; "
-                                 f"the task source ({type(source).__name__}) draws float32 and has no dtype option: "
-                                 f"convert the learner (learner.float()) or wrap the source in one whose "
-                                 f"sample(num_tasks, generator, tasks=None) returns its batch.to({weights})")
+                                 f"{type(source).__name__}(..., dtype={weights}) draws it so, or convert the "
+                                 f"learner (learner.to({inputs}))")
         # the Trainer and evaluate draw under torch's float32 default (runtime.float32_default),
         # whatever a notebook set: a source of one's own drawing with the default dtype gives float32
         drawn = (f"; the Trainer and evaluate draw under torch's float32 default, so a task source of your own "

@@ -179,6 +179,13 @@ class Problem:
                                                            message="{name} is " + what + ", got {value!r}"))
 
 
+def check_dtype(owner: str, what: str, dtype: Any) -> None:
+    """A task source's ``dtype``, the floating-point type it draws ``what`` as ("images"), or a
+    one-line refusal (an integer type would truncate them, and torch's own error comes later)."""
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise MetalearnError(f"{owner} draws {what} as floats: dtype must be a floating-point type, got {dtype!r}")
+
+
 def check_draw(owner: str, num_tasks: Any, generator: Any) -> None:
     """The arguments of a task source's ``sample``: at least one task, drawn from a
     ``torch.Generator`` (the seed is what makes a draw repeatable)."""

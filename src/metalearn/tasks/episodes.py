@@ -15,7 +15,7 @@ from metalearn.config import EVALUATION_SHAPE, TEST_SHAPE_COMMANDS, augment_part
 from metalearn.data.images import to_float
 from metalearn.data.splits import ClassPool
 from metalearn.errors import MetalearnError, OptionError, flag, kind_of
-from metalearn.tasks.batch import TaskBatch, check_draw, check_whole
+from metalearn.tasks.batch import TaskBatch, check_draw, check_dtype, check_whole
 
 
 class EpisodeSampler:
@@ -181,8 +181,7 @@ class EpisodeSampler:
             raise OptionError(
                 f"{{dataset}}{split} has {len(pool)} classes; {{given}} is more than that. {fix}.",
                 given=(given, noted), ways=option("ways"), also=also("ways"), **quoted)
-        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise MetalearnError(f"EpisodeSampler draws images as floats: dtype must be a floating-point type, got {dtype}")
+        check_dtype("EpisodeSampler", "images", dtype)
         self.dtype = dtype
         self.augmentation = Augmentation(augment)
         if augment and images.dtype != torch.uint8:

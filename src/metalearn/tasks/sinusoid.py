@@ -5,24 +5,29 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from metalearn.errors import MetalearnError, OptionError
-from metalearn.tasks.batch import TaskBatch, check_draw, check_whole
+from metalearn.tasks.batch import TaskBatch, check_draw, check_dtype, check_whole
 
 
-# the tasks are float32 whatever torch's default dtype (a notebook's float64 would draw other
-# numbers from the same seed, and feed float64 points to a float32 network)
-DTYPE = torch.float32
+# the random draws are float32 whatever torch's default dtype (a notebook's float64 would draw other
+# numbers from the same seed) and whatever the source's dtype: a float64 source draws the float32
+# source's tasks, cast, and computes its targets from them in float64
+DRAW_DTYPE = torch.float32
 
 
-def _uniform(shape, bounds, generator) -> Tensor:
+def _uniform(shape, bounds, generator, dtype: torch.dtype) -> Tensor:
     low, high = bounds
-    return torch.rand(shape, generator=generator, dtype=DTYPE) * (high - low) + low
+    return (torch.rand(shape, generator=generator, dtype=DRAW_DTYPE) * (high - low) + low).to(dtype)
+
+
+def _noise(shape, std: float, generator, dtype: torch.dtype) -> Tensor:
+    return torch.randn(shape, generator=generator, dtype=DRAW_DTYPE).to(dtype) * std
 
 
 def _check_counts(source: Any) -> None:
@@ -37,6 +42,7 @@ def _check_counts(source: Any) -> None:
         raise MetalearnError(f"{type(source).__name__}'s noise_std is a standard deviation, 0 or more, got "
                              f"{source.noise_std!r}")
     object.__setattr__(source, "noise_std", float(noise))  # a NumPy or Fraction scale multiplies tensors as a float
+    check_dtype(type(source).__name__, "inputs and targets", source.dtype)
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,12 @@ class SinusoidTasks:
     ``(tasks, n, 1)``. ``amplitude``, ``phase`` and ``x_range`` are the ``(low, high)`` bounds
     of the uniform draws; ``noise_std`` is the standard deviation of Gaussian noise added to
     every target (0: none, as in the paper). ``task_params`` holds ``amplitude``, ``phase``
-    (each ``(tasks,)``). Raises :class:`MetalearnError` when ``shots`` or ``query`` is below 1.
+    (each ``(tasks,)``). ``dtype`` (keyword only): the floating-point type of x, y and
+    ``task_params`` (``torch.float64`` for a float64 model). The random draws are float32 whatever
+    ``dtype`` and torch's default dtype: a float64 source draws, from the same generator state,
+    the float32 source's amplitudes, phases, x and standard-normal noise, cast, and computes y
+    from them (the noise scaled by ``noise_std``) in float64. Raises :class:`MetalearnError` when
+    ``shots`` or ``query`` is below 1 or ``dtype`` is not a floating-point type.
     """
 
     shots: int = 5
@@ -56,6 +67,7 @@ class SinusoidTasks:
     phase: tuple[float, float] = (0.0, math.pi)
     x_range: tuple[float, float] = (-5.0, 5.0)
     noise_std: float = 0.0
+    dtype: torch.dtype = field(default=torch.float32, kw_only=True)
 
     def __post_init__(self):
         _check_counts(self)
@@ -66,10 +78,10 @@ class SinusoidTasks:
         that slice of them, drawn as the whole batch would be, so that a meta-batch split into
         chunks sees the tasks of the unsplit one."""
         check_draw(type(self).__name__, num_tasks, generator)
-        amplitude = _uniform((num_tasks,), self.amplitude, generator)
-        phase = _uniform((num_tasks,), self.phase, generator)
-        x = _uniform((num_tasks, self.shots + self.query, 1), self.x_range, generator)
-        noise = torch.randn(x.shape, generator=generator, dtype=DTYPE) * self.noise_std
+        amplitude = _uniform((num_tasks,), self.amplitude, generator, self.dtype)
+        phase = _uniform((num_tasks,), self.phase, generator, self.dtype)
+        x = _uniform((num_tasks, self.shots + self.query, 1), self.x_range, generator, self.dtype)
+        noise = _noise(x.shape, self.noise_std, generator, self.dtype)
         params = {"amplitude": amplitude, "phase": phase}
         return _split(x, self.function(params, x) + noise, params, self.shots, tasks)
 
@@ -87,7 +99,9 @@ class SineOrLineTasks:
     ``amplitude``, ``phase`` and ``x_range`` are as for :class:`SinusoidTasks`; ``slope`` and
     ``intercept`` are the ``(low, high)`` bounds of the lines' draws. ``task_params``:
     ``is_line`` (0/1), ``amplitude``, ``phase``, ``slope``, ``intercept``, each ``(tasks,)``.
-    Raises :class:`MetalearnError` when ``shots`` or ``query`` is below 1."""
+    ``dtype`` (keyword only) is as for :class:`SinusoidTasks`: the type of x, y and
+    ``task_params``, with the random draws float32 and cast. Raises :class:`MetalearnError`
+    when ``shots`` or ``query`` is below 1 or ``dtype`` is not a floating-point type."""
 
     shots: int = 5
     query: int = 10
@@ -97,6 +111,7 @@ class SineOrLineTasks:
     intercept: tuple[float, float] = (-3.0, 3.0)
     x_range: tuple[float, float] = (-5.0, 5.0)
     noise_std: float = 0.3
+    dtype: torch.dtype = field(default=torch.float32, kw_only=True)
 
     def __post_init__(self):
         _check_counts(self)
@@ -107,14 +122,14 @@ class SineOrLineTasks:
         of the whole batch)."""
         check_draw(type(self).__name__, num_tasks, generator)
         params = {
-            "is_line": (torch.rand(num_tasks, generator=generator, dtype=DTYPE) < 0.5).float(),
-            "amplitude": _uniform((num_tasks,), self.amplitude, generator),
-            "phase": _uniform((num_tasks,), self.phase, generator),
-            "slope": _uniform((num_tasks,), self.slope, generator),
-            "intercept": _uniform((num_tasks,), self.intercept, generator),
+            "is_line": (torch.rand(num_tasks, generator=generator, dtype=DRAW_DTYPE) < 0.5).to(self.dtype),
+            "amplitude": _uniform((num_tasks,), self.amplitude, generator, self.dtype),
+            "phase": _uniform((num_tasks,), self.phase, generator, self.dtype),
+            "slope": _uniform((num_tasks,), self.slope, generator, self.dtype),
+            "intercept": _uniform((num_tasks,), self.intercept, generator, self.dtype),
         }
-        x = _uniform((num_tasks, self.shots + self.query, 1), self.x_range, generator)
-        noise = torch.randn(x.shape, generator=generator, dtype=DTYPE) * self.noise_std
+        x = _uniform((num_tasks, self.shots + self.query, 1), self.x_range, generator, self.dtype)
+        noise = _noise(x.shape, self.noise_std, generator, self.dtype)
         return _split(x, self.function(params, x) + noise, params, self.shots, tasks)
 
     @staticmethod

@@ -366,6 +366,23 @@ def test_a_malformed_batch_is_refused_in_one_line():
         reptile.meta_loss(unknown)
 
 
+def test_float16_weights_are_refused_with_the_inner_adam_and_adapt_with_sgd():
+    """In float16 the inner Adam's eps (1e-8) rounds to 0: adapting then divides 0 by 0 where a
+    gradient is 0, and every prediction would be NaN. meta_loss and predict refuse it in one
+    line; the inner SGD adapts in float16 (finite predictions), bfloat16 adapts with Adam."""
+    batch = image_batch(tasks=2, dtype=torch.float32)
+    configs = dict(inner_steps=2, inner_batch_size=4, test_inner_steps=2, test_inner_batch_size=4)
+    adam = Reptile(Conv4(1, 3, hidden=8).half(), Reptile.Config(inner_optimizer="adam", **configs))
+    for call in (adam.meta_loss, adam.predict, adam.predict_per_step):
+        with pytest.raises(MetalearnError, match=r"^reptile: the network's weights are torch.float16, in which the "
+                                                 r"inner Adam's eps .* or inner_optimizer sgd$"):
+            call(batch.to(torch.float16))
+    sgd = Reptile(Conv4(1, 3, hidden=8).half(), Reptile.Config(inner_optimizer="sgd", inner_lr=0.1, **configs))
+    assert torch.isfinite(sgd.predict(batch.to(torch.float16)).float()).all()
+    adam.to(torch.bfloat16)
+    assert torch.isfinite(adam.predict(batch.to(torch.bfloat16)).float()).all()
+
+
 # -- evaluation --------------------------------------------------------------------------------
 
 

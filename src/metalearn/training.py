@@ -916,11 +916,6 @@ class Trainer:
         except MetalearnError:  # config.json names no network metalearn can build for these tasks
             return False
 
-    def resume_hint(self) -> str:
-        """The command that goes on from this trainer's checkpoint: ``train --resume``, or
-        ``eval`` once training is complete (with ``--data-dir`` for a folder run)."""
-        return self.resume_hints()[1]
-
     def resume_hints(self) -> tuple[str, str]:
         """What goes on from this trainer's checkpoint, as (the Python API, the command line) do
         it, for a message that names it as its caller would (an :class:`~metalearn.errors.Options`

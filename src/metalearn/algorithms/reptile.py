@@ -372,6 +372,7 @@ class Reptile(MetaLearner):
         batch's tasks, as a training step must: to score tasks without training, use
         :meth:`predict` (or :func:`metalearn.evaluate`), not this."""
         check_network_fits(self, batch, training=True, network=self.model)
+        self._refuse_float16_adam()
         theta = dict(self.model.named_parameters())
         start = {name: p.detach() for name, p in theta.items()}
         batches_x, batches_y = self.minibatches(batch.support_x, batch.support_y, self.config.inner_steps,
@@ -455,8 +456,19 @@ class Reptile(MetaLearner):
         with torch.no_grad(), first_order_batch_norm():
             return vmap(one_task, randomness="different")(batches_x, batches_y, batch.query_x).transpose(0, 1)
 
+    def _refuse_float16_adam(self) -> None:
+        """The inner Adam's eps (1e-8) is 0 in float16 (whose smallest value is 6e-8): a gradient
+        of 0 then takes 0 / 0, and the adapted weights turn NaN. Refused in one line, as the
+        Trainer refuses it before training (training.refuse_float16_adam); bfloat16 has
+        float32's range and adapts."""
+        if self.config.inner_optimizer == "adam" and any(p.dtype == torch.float16 for p in self.model.parameters()):
+            raise MetalearnError(f"{self.name}: the network's weights are torch.float16, in which the inner Adam's eps "
+                                 "(1e-8) rounds to 0 and a step divides 0 by 0: use bfloat16 or float32 "
+                                 "(learner.to(torch.bfloat16)), or inner_optimizer sgd")
+
     def _test_setup(self, batch: TaskBatch) -> tuple[Params, Tensor, Tensor]:
         check_network_fits(self, batch, network=self.model)
+        self._refuse_float16_adam()
         params = {name: p.detach() for name, p in self.model.named_parameters()}
         generator = torch.Generator().manual_seed(PREDICT_ORDER_SEED)
         # one order for every task: a task scores the same wherever it sits in the batch, so the

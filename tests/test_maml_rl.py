@@ -421,19 +421,103 @@ def test_evaluation_scores_the_return_before_and_after_each_step():
 def test_a_float64_or_bfloat16_policy_takes_the_environments_float32_tasks(dtype):
     """The environments draw their tasks float32 (nav2d's goals); a policy converted with
     learner.to(dtype) meets them in its own type (meta_loss, episode_scores, evaluate), not in
-    torch's "mat1 and mat2 must have the same dtype", with the numbers of a converted batch."""
+    torch's "mat1 and mat2 must have the same dtype", while the environment stays float32: the
+    trajectories, rewards, returns and scores are float32, the advantages, log-probabilities and
+    loss of the policy's type, and so are the gradients (float64's for gradient checks)."""
     from metalearn.evaluation import evaluate
 
-    learner, batch = small_learner(dtype, hidden=3), nav_batch(2)
-    assert batch.params["goal"].dtype == torch.float32
-    loss, metrics = learner.meta_loss(batch)
-    loss.backward()
-    assert loss.dtype == dtype and {p.grad.dtype for p in learner.parameters()} == {dtype}
-    again, converted = small_learner(dtype, hidden=3).meta_loss(batch.to(dtype))
-    assert torch.equal(loss.detach(), again.detach()) and torch.equal(metrics["return"], converted["return"])
+    for outer in ("trpo", "gradient"):
+        learner, batch = small_learner(dtype, hidden=3, outer=outer), nav_batch(2)
+        assert batch.params["goal"].dtype == torch.float32
+        loss, metrics = learner.meta_loss(batch)
+        loss.backward()
+        assert loss.dtype == dtype and {p.grad.dtype for p in learner.parameters()} == {dtype}
+        assert all(p.grad.abs().sum() > 0 for p in learner.parameters())
+        assert metrics["return"].dtype == torch.float32 and metrics["return_adapted"].dtype == torch.float32
+    meta = small_learner(dtype, hidden=3).meta_objective(batch)
+    (inner, inner_advantage), = meta.inner
+    for sampled in (inner, meta.evaluation):
+        assert {sampled.observations.dtype, sampled.actions.dtype, sampled.rewards.dtype,
+                sampled.mask.dtype} == {torch.float32}
+    assert {inner_advantage.dtype, meta.advantage.dtype, meta.old_log_prob.dtype} == {dtype}
     scores = learner.episode_scores(batch)
-    assert scores.dtype == dtype and torch.equal(scores, learner.episode_scores(batch.to(dtype)))
+    assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
     assert math.isfinite(evaluate(learner, MDPTasks(Nav2D()), 2, progress=False)["mean"])
+
+
+def fixed_action_learner(dtype, action, observation_dim=2, action_dim=2, **options) -> MAMLRL:
+    """A deterministic policy: zero weights, the last layer's bias ``action`` (exact in bfloat16),
+    a log standard deviation so low that the Gaussian noise vanishes in every type."""
+    config = MAMLRLConfig(**{"trajectories": 3, "test_trajectories": 3, "horizon": 12, "hidden": 4, **options})
+    learner = MAMLRL(GaussianMLPPolicy(observation_dim, action_dim, config.hidden), config).to(dtype)
+    with torch.no_grad():
+        for p in learner.policy.parameters():
+            p.zero_()
+        learner.policy.mean[-1].bias.copy_(torch.tensor(action))
+        learner.policy.log_std.fill_(-1000.0)
+    return learner
+
+
+def test_rollout_of_a_policy_of_another_type_steps_nav2d_in_float32():
+    """The goals as drawn (float32), one action in the policy's type: the environment gets it
+    in its own type, so that a bfloat16 or float64 policy's action, the same number, gives the
+    float32 positions, rewards and returns exactly (in bfloat16 they were rounded to -77.5, ...)."""
+    goals = MDPTasks(Nav2D()).sample(4, torch.Generator().manual_seed(0)).params
+    action = 0.0390625  # 5/128: the same number in every type
+    sampled = {dtype: rollout(Nav2D(), goals, 2, lambda obs: torch.full_like(obs, action, dtype=dtype))
+               for dtype in (torch.float32, torch.bfloat16, torch.float64)}
+    for dtype in (torch.bfloat16, torch.float64):
+        for name in ("observations", "actions", "rewards", "mask"):
+            value, expected = getattr(sampled[dtype], name), getattr(sampled[torch.float32], name)
+            assert value.dtype == torch.float32 and torch.equal(value, expected), (dtype, name)
+        assert torch.equal(sampled[dtype].returns(), sampled[torch.float32].returns())
+        assert torch.equal(sampled[dtype].rewards_to_go(0.99), sampled[torch.float32].rewards_to_go(0.99))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_policys_type_leaves_the_environments_numbers_as_float32s(dtype):
+    """With the same seed, a deterministic policy that outputs one action (the same number in
+    every type) samples in bfloat16 and float64 exactly the float32 policy's trajectories: the
+    same float32 observations, actions, rewards, returns and scores; the environment's
+    arithmetic does not depend on the policy's type. The first task's goal lies on the path:
+    its episodes end early, at the same step (the done test in float32)."""
+    drawn = nav_batch(4)
+    goal = drawn.params["goal"].clone()
+    goal[0] = torch.tensor([0.153, -0.097])  # within 0.01 of the fourth position (0.15, -0.1) in both coordinates
+    batch = MDPBatch(drawn.env, {"goal": goal}, drawn.seeds)
+    action = [0.375, -0.25]  # a step of (0.0375, -0.025)
+    trajectories, scores = {}, {}
+    for kind in (torch.float32, dtype):
+        learner = fixed_action_learner(kind, action, test_inner_steps=0, horizon=40)
+        trajectories[kind], = learner.adapted_trajectories(batch, 0)
+        scores[kind] = learner.episode_scores(batch)
+    assert trajectories[torch.float32].mask[0].sum(-1).tolist() == [4.0] * 3  # at the goal after 4 steps
+    for name in ("observations", "actions", "rewards", "mask"):
+        value, expected = getattr(trajectories[dtype], name), getattr(trajectories[torch.float32], name)
+        assert value.dtype == torch.float32 and torch.equal(value, expected), name
+    assert torch.equal(trajectories[dtype].returns(), trajectories[torch.float32].returns())
+    assert scores[dtype].dtype == torch.float32 and torch.equal(scores[dtype], scores[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_policys_type_leaves_the_half_cheetahs_numbers_as_float32s(dtype):
+    """The half-cheetah as nav2d: a deterministic policy in bfloat16 or float64 gives the float32
+    policy's observations, rewards and velocities exactly, all float32."""
+    pytest.importorskip("mujoco")
+    pytest.importorskip("gymnasium")
+    from metalearn.envs.cheetah import HalfCheetah
+
+    batch = MDPTasks(HalfCheetah("velocity")).sample(2, torch.Generator().manual_seed(0))
+    action = [0.5, -0.25, 0.75, -1.5, 0.125, 1.0]
+    sampled = {}
+    for kind in (torch.float32, dtype):
+        learner = fixed_action_learner(kind, action, observation_dim=17, action_dim=6, trajectories=2, horizon=6)
+        sampled[kind] = learner._rollout(batch, dict(learner.policy.named_parameters()), False, 2)
+    for name in ("observations", "actions", "rewards", "mask"):
+        value, expected = getattr(sampled[dtype], name), getattr(sampled[torch.float32], name)
+        assert value.dtype == torch.float32 and torch.equal(value, expected), name
+    velocity = sampled[dtype].info["velocity"]
+    assert velocity.dtype == torch.float32 and torch.equal(velocity, sampled[torch.float32].info["velocity"])
 
 
 # -- training through the library's trainer -----------------------------------------------------------
@@ -818,7 +902,8 @@ def test_cheetah_steps_as_gymnasium_does_to_the_bit(threads, monkeypatch):
     pool, sizes = cheetah.ThreadPoolExecutor(3), []
     monkeypatch.setattr(cheetah, "_threads", lambda count: sizes.append(count) or pool)
     env, reference = cheetah.HalfCheetah("direction"), cheetah.HalfCheetah("direction")
-    params = {"direction": torch.tensor([1.0, -1.0])}
+    # float64 task parameters: the environment computes in their type, which holds gymnasium's numbers exactly
+    params = {"direction": torch.tensor([1.0, -1.0], dtype=torch.float64)}
     seeds = torch.tensor([[3, 4, 5], [6, 7, 8]])
     state, obs = env.reset(params, 3, seeds)
     twins = reference.reset(params, 3, seeds)[0]["envs"]

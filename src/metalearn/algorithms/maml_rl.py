@@ -188,17 +188,32 @@ def fit_linear_baseline(observations: Tensor, mask: Tensor, targets: Tensor, reg
     return (features @ coefficients.unsqueeze(1)).squeeze(-1).to(targets.dtype)
 
 
-def advantages(trajectories, discount: float) -> Tensor:
+def advantages(trajectories, discount: float, dtype: torch.dtype | None = None) -> Tensor:
     """Per step: discounted return-to-go minus the task's fitted baseline (GAE with lambda 1),
     standardised over each task's steps (rllab's ``center_adv``); 0 on masked steps.
-    (tasks, trajectories, H)."""
-    returns = trajectories.rewards_to_go(discount)
-    mask = trajectories.mask
+    (tasks, trajectories, H), of ``dtype``: the policy's, in which they enter its loss (default:
+    the rewards').
+
+    The returns-to-go are the environment's, computed in its type (the rewards'); the baseline is
+    fitted in float64, and the standardisation is computed in the wider of the environment's type
+    and ``dtype`` (a bfloat16 policy's advantages are standardised in float32, then rounded)."""
+    env_dtype = trajectories.rewards.dtype
+    dtype = dtype or env_dtype
+    work = torch.promote_types(env_dtype, dtype)
+    returns = trajectories.rewards_to_go(discount).to(work)
+    mask = trajectories.mask.to(work)
     values = fit_linear_baseline(trajectories.observations, mask, returns)
     raw = returns - values
     mean = masked_mean(raw, mask, (1, 2)).view(-1, 1, 1)
     std = masked_mean((raw - mean).square(), mask, (1, 2)).sqrt().view(-1, 1, 1)
-    return (raw - mean) / (std + 1e-8) * mask
+    return ((raw - mean) / (std + 1e-8) * mask).to(dtype)
+
+
+def policy_inputs(trajectories, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(observations, actions, mask) of ``trajectories`` as a policy of ``dtype`` reads them: the
+    environment keeps them in its own type (float32 for the built-in ones), the policy's
+    log-probabilities and loss are computed in its type (a float64 policy's gradients float64)."""
+    return (trajectories.observations.to(dtype), trajectories.actions.to(dtype), trajectories.mask.to(dtype))
 
 
 def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, iters: int = 10,
@@ -309,7 +324,8 @@ class MetaObjective:
     - ``metrics``: returns and speed of the sampling;
     - ``inner``: the (trajectories, advantages) of each inner step; ``evaluation``, ``advantage``
       and ``old_log_prob``: the adapted policies' trajectories, their advantages and their
-      log-probabilities under the policies that drew them."""
+      log-probabilities under the policies that drew them. The trajectories are of the
+      environment's type, the advantages and log-probabilities of the policy's."""
 
     adapted: Callable[[Params], Params]
     objective: Callable[[Params], tuple[Tensor, Tensor]]
@@ -408,7 +424,9 @@ class MAMLRL(MetaLearner):
         """``trajectories`` episodes per task of the policy ``params``. Each task's draws (the
         environment's start, the actions' Gaussian noise) come from its own generator
         (default: ``batch.generators``), so that they do not depend on the other tasks of the
-        batch: a torchrun rank with a share of the tasks draws what one process would."""
+        batch: a torchrun rank with a share of the tasks draws what one process would. The
+        environment runs in its own type (its observations'): the policy reads the observations in
+        its type and hands its actions back in theirs."""
         from metalearn.envs import rollout
 
         horizon = self.config.horizon or batch.env.horizon
@@ -421,8 +439,9 @@ class MAMLRL(MetaLearner):
         step = iter(range(horizon))
 
         def act(observations: Tensor) -> Tensor:
-            mean, log_std = self._distribution(params, per_task, observations)
-            return mean + torch.exp(log_std) * noise[:, :, next(step)]
+            # the policy computes in its type; the environment gets its action in the observations' type
+            mean, log_std = self._distribution(params, per_task, observations.to(sample.dtype))
+            return (mean + torch.exp(log_std) * noise[:, :, next(step)]).to(observations.dtype)
 
         with torch.no_grad():
             return rollout(batch.env, batch.params, trajectories, act, horizon, reset_seeds)
@@ -443,21 +462,23 @@ class MAMLRL(MetaLearner):
                 grads = {name: g.detach() for name, g in grads.items()}
             return {name: p[name] - lr * grads[name] for name in p}
 
+        dtype = next(iter(params.values())).dtype
+        observations, actions, mask = policy_inputs(trajectories, dtype)
         return vmap(step, in_dims=(0 if per_task else None, 0, 0, 0, 0))(
-            params, trajectories.observations, trajectories.actions, advantage, trajectories.mask)
+            params, observations, actions, advantage.to(dtype), mask)
 
-    def in_policy_type(self, batch):
-        """``batch`` with its task parameters in the policy's floating-point type: the environments
-        draw them float32 (a goal), which a float64 or bfloat16 policy (``learner.to(dtype)``)
-        would meet inside torch's first layer; a float32 policy gets the batch as it is."""
-        return batch.to(floating_dtype(self.policy))
+    def _advantages(self, trajectories) -> Tensor:
+        """:func:`advantages` of ``trajectories`` (the environment's type) in the policy's type."""
+        return advantages(trajectories, self.config.discount, floating_dtype(self.policy))
 
     # -- meta-training -----------------------------------------------------------------------------
 
     def meta_objective(self, batch) -> "MetaObjective":
         """Sample the meta-batch's trajectories (theta's, then each adapted policy's) and return
-        the meta-objective as functions of theta (see :class:`MetaObjective`)."""
-        batch = self.in_policy_type(batch)
+        the meta-objective as functions of theta (see :class:`MetaObjective`). The environment
+        runs in its own type (float32 for the built-in ones) whatever the policy's: the
+        trajectories, their rewards and the returns of ``metrics`` are of it; the advantages,
+        log-probabilities, objective and KL are of the policy's type."""
         config = self.config
         theta = dict(self.policy.named_parameters())
         env_time, env_steps = 0.0, 0
@@ -476,18 +497,18 @@ class MAMLRL(MetaLearner):
         returns = []
         for _ in range(config.inner_steps):
             trajectories = sample(params, per_task)
-            advantage = advantages(trajectories, config.discount)
+            advantage = self._advantages(trajectories)
             gathered.append((trajectories, advantage))
             returns.append(trajectories.returns().mean())
             params = self.adapt(params, per_task, trajectories, advantage, config.inner_lr)
             params, per_task = {k: v.detach() for k, v in params.items()}, True
         evaluation = sample(params, per_task)
         returns.append(evaluation.returns().mean())
-        advantage = advantages(evaluation, config.discount)
-        mask = evaluation.mask
+        advantage = self._advantages(evaluation)
+        observations, actions, mask = policy_inputs(evaluation, advantage.dtype)
         with torch.no_grad():
-            old_mean, old_log_std = self._distribution(params, per_task, evaluation.observations)
-            old_log_prob = gaussian_log_prob(evaluation.actions, old_mean, old_log_std)
+            old_mean, old_log_std = self._distribution(params, per_task, observations)
+            old_log_prob = gaussian_log_prob(actions, old_mean, old_log_std)
 
         def adapted(theta: Params) -> Params:
             params, per_task = theta, False
@@ -499,8 +520,8 @@ class MAMLRL(MetaLearner):
             return params
 
         def objective(theta: Params) -> tuple[Tensor, Tensor]:
-            mean, log_std = self._distribution(adapted(theta), True, evaluation.observations)
-            ratio = torch.exp(gaussian_log_prob(evaluation.actions, mean, log_std) - old_log_prob)
+            mean, log_std = self._distribution(adapted(theta), True, observations)
+            ratio = torch.exp(gaussian_log_prob(actions, mean, log_std) - old_log_prob)
             surrogate = masked_mean(ratio * advantage, mask, (1, 2)).mean()
             kl = masked_mean(gaussian_kl(old_mean, old_log_std, mean, log_std), mask, (1, 2)).mean()
             return -surrogate, kl
@@ -561,7 +582,8 @@ class MAMLRL(MetaLearner):
     def episode_scores(self, batch, per_step: bool = True) -> Tensor:
         """Average return per task (over ``test_trajectories`` episodes) before each of
         ``test_inner_steps`` policy-gradient steps and after the last: (steps + 1, tasks), or
-        (1, tasks) with the final one alone."""
+        (1, tasks) with the final one alone; of the environment's type (float32 for the built-in
+        ones), whatever the policy's."""
         scores = torch.stack([sampled.returns().mean(1)
                               for sampled in self.adapted_trajectories(batch, self.config.test_inner_steps)])
         return scores if per_step else scores[-1:]
@@ -570,8 +592,7 @@ class MAMLRL(MetaLearner):
         """The ``test_trajectories`` trajectories per task of the policy after 0..``steps``
         policy-gradient steps, each step taken on the trajectories before it. The step size is
         ``inner_lr`` for the first step and ``inner_lr * test_lr_decay`` after it (the paper
-        halves it)."""
-        batch = self.in_policy_type(batch)
+        halves it). The trajectories are of the environment's type, whatever the policy's."""
         config = self.config
         params, per_task = {k: v.detach() for k, v in self.policy.named_parameters()}, False
         generators = batch.generators(next(iter(params.values())).device)
@@ -581,6 +602,6 @@ class MAMLRL(MetaLearner):
             out.append(sampled)
             if step < steps:
                 lr = config.inner_lr * (config.test_lr_decay if step else 1.0)
-                params = self.adapt(params, per_task, sampled, advantages(sampled, config.discount), lr)
+                params = self.adapt(params, per_task, sampled, self._advantages(sampled), lr)
                 params, per_task = {k: v.detach() for k, v in params.items()}, True
         return out

@@ -16,7 +16,14 @@ class Environment(Protocol):
     ``state`` is whatever the environment keeps between steps (tensors with leading axes
     ``(tasks, trajectories)``, or simulators); observations, actions, rewards and ``done`` flags
     are tensors ``(tasks, trajectories, ...)``. ``params`` are the task parameters drawn by
-    :meth:`sample_tasks`, each with a leading task axis."""
+    :meth:`sample_tasks`, each with a leading task axis.
+
+    An environment computes in its own floating-point type, its observations' (the built-in
+    ones: their task parameters', float32 as drawn): its states, observations and rewards are of
+    that type whatever the policy's, and :func:`rollout` hands :meth:`step` the actions converted
+    to it. A policy of another type (a float64 or bfloat16 learner) converts the observations to
+    its own type and its actions back, so that its type changes its own arithmetic alone, never
+    the environment's measurements."""
 
     name: str
     observation_dim: int
@@ -106,7 +113,8 @@ class Trajectories:
     """What a policy did in a batch of MDPs, padded to the horizon ``H``:
 
     observations: (tasks, trajectories, H, observation_dim), the observation each action saw
-    actions:      (tasks, trajectories, H, action_dim), as the policy drew them (before any clipping)
+    actions:      (tasks, trajectories, H, action_dim), as the policy drew them (before any clipping), in the
+                  observations' type (what the environment was given)
     rewards:      (tasks, trajectories, H), 0 after termination
     mask:         (tasks, trajectories, H), 1 up to and including the step that terminated
     info:         {name: (tasks, trajectories, H)}, what the environment reported of each step
@@ -144,14 +152,17 @@ def rollout(env: Environment, params: dict[str, Tensor], trajectories: int, act:
     (observations ``(tasks, trajectories, observation_dim)`` -> actions ``(tasks, trajectories,
     action_dim)``, sampled), one batched step for the whole batch per time step. An episode that
     terminates is masked from then on (the environment keeps stepping it: one tensor op for all).
-    ``reset_seeds`` ``(tasks, trajectories)``: the seeds of a random start (:meth:`Environment.reset`)."""
+    ``reset_seeds`` ``(tasks, trajectories)``: the seeds of a random start (:meth:`Environment.reset`).
+    Everything is kept in the environment's type, its first observations' (see :class:`Environment`):
+    actions of another type are converted to it before they reach :meth:`Environment.step`, and the
+    rewards, the mask and so the returns are of it."""
     horizon = env.horizon if horizon is None else horizon
     state, obs = env.reset(params, trajectories) if reset_seeds is None else env.reset(params, trajectories,
                                                                                          reset_seeds)
     alive = torch.ones(obs.shape[:2], dtype=obs.dtype, device=obs.device)
     observations, actions, rewards, masks, info = [], [], [], [], {}
     for _ in range(horizon):
-        action = act(obs)
+        action = act(obs).to(obs.dtype)  # the environment's type, whatever the policy computed in
         state, next_obs, reward, done = env.step(state, action)
         observations.append(obs)
         actions.append(action)

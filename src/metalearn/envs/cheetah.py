@@ -153,7 +153,10 @@ class HalfCheetah:
     def step(self, state, action: Tensor):
         envs, goal = state["envs"], state["goal"]
         tasks, trajectories = action.shape[:2]
-        clipped = action.clamp(-1.0, 1.0)  # an infinite action is clipped to the bound; NaN stays NaN
+        # observations, velocities and rewards in the environment's type, the goals' (float32 as drawn),
+        # whatever the action's (a float64 or bfloat16 policy's); MuJoCo simulates in float64 either way
+        dtype = goal.dtype
+        clipped = action.to(dtype).clamp(-1.0, 1.0)  # an infinite action is clipped to the bound; NaN stays NaN
         # a NaN action (a diverged policy) never reaches MuJoCo, which would warn on stderr and write
         # MUJOCO_LOG.TXT into the working directory: its simulator is driven by 0 instead, and the
         # reward, computed from the action itself, is NaN, so the divergence still shows in the
@@ -169,8 +172,8 @@ class HalfCheetah:
                                                                 range(bounds[k], bounds[k + 1])), range(threads)))
         else:
             self._simulate(envs, actions, observations, velocities, range(len(envs)))
-        obs = torch.as_tensor(observations, dtype=action.dtype, device=action.device)
-        velocity = torch.as_tensor(velocities, dtype=action.dtype, device=action.device).view(tasks, trajectories)
+        obs = torch.as_tensor(observations, dtype=dtype, device=action.device)
+        velocity = torch.as_tensor(velocities, dtype=dtype, device=action.device).view(tasks, trajectories)
         state["step_info"] = {"velocity": velocity}  # the v of this step's reward: Trajectories.info
         cost = self.control_cost * clipped.square().sum(-1)
         progress = -(velocity - goal).abs() if self.goal == "velocity" else goal * velocity

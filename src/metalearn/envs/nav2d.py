@@ -6,7 +6,8 @@ uniformly from the square [-0.5, 0.5]^2. As in the authors' code (``PointEnvRand
 rllab's ``normalize``): the policy's action ``a`` is scaled to a velocity ``0.1 a`` and clipped
 to [-0.1, 0.1] per coordinate; the reward of a step is minus the Euclidean distance from the new
 position to the goal; an episode ends after 100 steps, or at the step that brings the point
-within 0.01 of the goal in both coordinates. The observation is the position.
+within 0.01 of the goal in both coordinates. The observation is the position. Positions,
+distances and rewards are computed in the goals' type (float32 as drawn), whatever the action's.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ class Nav2D:
         return {"position": position, "goal": goal[:, None, :]}, position
 
     def step(self, state: dict[str, Tensor], action: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
+        # in the environment's type: an action of another type (a float64 or bfloat16 policy's) would
+        # otherwise carry the position, the done test and the reward into its own
+        action = action.to(state["position"].dtype)
         velocity = (self.max_speed * action).clamp(-self.max_speed, self.max_speed)
         position = state["position"] + velocity
         offset = position - state["goal"]

@@ -31,10 +31,73 @@ def test_a_metrics_line_cut_short_by_a_kill_is_dropped_and_resume_writes_on_clea
     assert records[2] == {"step": 3, "loss": 1 / 3} and records[-1] == {"step": 6, "val_mse": 0.5}
     # resuming from the checkpoint of step 5 drops the later records and the broken line, so the
     # next record starts a line of its own instead of being glued to the cut one (and lost)
+    inode = os.stat(run.metrics_path).st_ino
     run.truncate_metrics(5)
+    assert os.stat(run.metrics_path).st_ino == inode  # cut in place: `tail -f` goes on following it
     run.append_metrics({"step": 6, "loss": 0.25})
     assert run.read_metrics() == [*records[:5], {"step": 6, "loss": 0.25}]
     assert run.metrics_path.read_text().endswith('{"step": 6, "loss": 0.25}\n')
+
+
+def test_truncating_the_metrics_cuts_the_file_in_place_and_writes_nothing_where_nothing_must_go(tmp_path):
+    run = RunDir(tmp_path)
+    run.truncate_metrics(3)
+    assert not run.metrics_path.exists()  # no file: none made
+    lines = ['{"step": 1, "loss": 1.0}\n', "a note of the user's own\n", '{"step": 2, "loss": 0.5}\n',
+             '{"step": 2, "val_mse": 0.4}\n']
+    run.metrics_path.write_text("".join(lines))
+    before = os.stat(run.metrics_path)
+    for step in (2, 3):  # nothing past the step: not even opened for writing
+        run.truncate_metrics(step)
+        after = os.stat(run.metrics_path)
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+        assert run.metrics_path.read_text() == "".join(lines)
+    # a line that is no record stays (read as before: skipped); the cut is at the first record past the step
+    run.truncate_metrics(1)
+    assert os.stat(run.metrics_path).st_ino == before.st_ino and run.metrics_path.read_text() == "".join(lines[:2])
+    # a last line cut just before its newline holds a whole record: kept, and given its newline
+    run.metrics_path.write_text("".join(lines) + '{"step": 3, "loss": 0.25}')
+    run.truncate_metrics(3)
+    assert run.metrics_path.read_text() == "".join(lines) + '{"step": 3, "loss": 0.25}\n'
+    run.metrics_path.write_text("".join(lines) + '{"step": 3, "loss": 0.25}')
+    run.truncate_metrics(2)  # ... unless it is past the step
+    assert run.metrics_path.read_text() == "".join(lines)
+
+
+def test_truncating_the_metrics_never_writes_through_a_link(tmp_path):
+    target = tmp_path / "elsewhere.jsonl"
+    target.write_text('{"step": 1}\n{"step": 2}\n')
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.metrics_path.symlink_to(target)
+    with pytest.raises(WriteError, match="it is a symbolic link, which metalearn does not write through"):
+        run.truncate_metrics(1)
+    assert target.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_a_resume_keeps_the_metrics_file_and_cuts_only_the_steps_after_its_checkpoint(tmp_path, capsys):
+    """A pause (--stop-at) leaves nothing to drop: the resume appends to the same file, its
+    bytes untouched. A kill after logging steps its checkpoint does not hold: the resume cuts
+    them, and the cut line, off the same file, and logs those steps again."""
+    run_dir = tmp_path / "run"
+    train = ["train", "maml", "--run-dir", run_dir, "--steps", 4, *TINY_RUN]
+    code, _, err = cli_runner.run([*train, "--stop-at", 2], capsys)
+    assert code == 0, err
+    metrics = run_dir / "metrics.jsonl"
+    inode, paused = os.stat(metrics).st_ino, metrics.read_bytes()
+    assert [r["step"] for r in RunDir(run_dir).read_metrics()] == [1, 2]
+    code, _, err = cli_runner.run([*train, "--resume", "--stop-at", 3], capsys)
+    assert code == 0, err
+    assert os.stat(metrics).st_ino == inode and metrics.read_bytes().startswith(paused)
+    assert [r["step"] for r in RunDir(run_dir).read_metrics()] == [1, 2, 3]
+    # as a kill would leave it: step 4 logged after the checkpoint of step 3, and a line cut short
+    with open(metrics, "a") as f:
+        f.write('{"step": 4, "loss": 123.0}\n{"step": 4, "val_mse": 1')
+    code, _, err = cli_runner.run([*train, "--resume"], capsys)
+    assert code == 0, err
+    records = RunDir(run_dir).read_metrics()
+    assert os.stat(metrics).st_ino == inode and [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[-1]["loss"] != 123.0 and metrics.read_text().count("\n") == 4
 
 
 def test_no_metrics_file_reads_as_no_records(tmp_path):

@@ -9,6 +9,8 @@ import errno
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -302,6 +304,61 @@ def test_an_append_that_fails_claims_only_the_lines_before_it(tmp_path, monkeypa
     with pytest.raises(WriteError, match=r"No space left on device \(.* free there\); the lines before it in "
                                          r"metrics.jsonl are unchanged$"):
         append_line(path, '{"step": 2}\n')
+
+
+def test_an_append_that_fails_after_writing_part_of_its_line_takes_the_part_back(tmp_path, monkeypatch):
+    """A full disk or ``ulimit -f`` midway through the line: the file is back to its bytes
+    before the write, so that no cut-off line without newline stays for the next one to glue to."""
+    path = tmp_path / "metrics.jsonl"
+    append_line(path, '{"step": 1}\n')
+    before = path.read_bytes()
+    real_open = open
+
+    def part_then_full(file, *args, **kwargs):
+        handle = real_open(file, *args, **kwargs)
+
+        class PartThenFull:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                handle.close()
+
+            def write(self, text):
+                handle.write(text[:5])
+                handle.flush()  # the part is on disk, as a write cut off by the file-size limit leaves it
+                assert path.read_bytes() == before + text[:5].encode()
+                raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+        return PartThenFull()
+
+    monkeypatch.setattr("builtins.open", part_then_full)
+    with pytest.raises(WriteError, match=r"File too large \(beyond this process's file-size limit: ulimit -f\); the "
+                                         r"lines before it in metrics.jsonl are unchanged$"):
+        append_line(path, '{"step": 2, "loss": 0.5}\n')
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    append_line(path, '{"step": 2}\n')
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+@pytest.mark.skipif(os.name != "posix", reason="no file-size limit (RLIMIT_FSIZE) here")
+def test_an_append_beyond_the_file_size_limit_leaves_the_file_as_it_was(tmp_path):
+    """The real thing: ``ulimit -f`` lets the first bytes of the line through, then refuses."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n')
+    script = ("import resource, sys\n"
+              "from pathlib import Path\n"
+              "from metalearn.files import WriteError, append_line\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.RLIM_INFINITY))\n"
+              "try:\n"
+              "    append_line(Path(sys.argv[1]), '{\"step\": 2, \"loss\": 0.5}\\n')\n"
+              "except WriteError as err:\n"
+              "    print(err)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(path), str(path.stat().st_size + 5)],
+                          capture_output=True, text=True, timeout=60)
+    assert "beyond this process's file-size limit: ulimit -f" in done.stdout, done.stdout + done.stderr
+    assert path.read_text() == '{"step": 1}\n'
 
 
 def test_several_files_are_written_all_or_none(tmp_path, monkeypatch):

@@ -260,25 +260,59 @@ def probe_writable(path: Path) -> None:
             tmp.unlink()
 
 
-def append_line(path: Path, line: str) -> None:
-    """Append ``line`` (with its newline) to ``path``; a failure is a :class:`WriteError`.
-    A line cut short by a full disk or a kill is for the reader to skip. A symbolic link at
-    ``path`` is refused, never written through (where the system has ``O_NOFOLLOW``): the
-    file it points at is not the run's."""
+def _open_unfollowed(path: Path, flags: int, mode: int = 0o666) -> int:
+    """``os.open(path, flags)``, refusing a symbolic link at ``path`` (where the system has
+    ``O_NOFOLLOW``): the file it points at is not the run's. A failure is a :class:`WriteError`."""
     try:
-        # 0o666 as open(path, "a") uses: the umask decides the mode
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), mode)
     except OSError as err:
         # ELOOP: Linux and macOS; EMLINK: FreeBSD's answer to O_NOFOLLOW on a link
         if getattr(os, "O_NOFOLLOW", 0) and err.errno in (errno.ELOOP, errno.EMLINK):
             err = OSError(errno.ELOOP, "it is a symbolic link, which metalearn does not write through")
         raise WriteError(path, err) from None
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append ``line`` (with its newline) to ``path``; a failure is a :class:`WriteError`.
+    A write that fails (a full disk, a quota, ``ulimit -f``) cuts the file back to its size
+    before it, so that no part of the line stays; only a kill in the middle of the write can
+    leave one, for the reader to skip. A symbolic link at ``path`` is refused, never written
+    through (where the system has ``O_NOFOLLOW``). One writer at a time (the run folder's
+    lock): the size before the write is the file's size when it is opened."""
+    # 0o666 as open(path, "a") uses: the umask decides the mode
+    fd = _open_unfollowed(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     try:
-        with open(fd, "a", closefd=True) as f:
-            f.write(line)
+        size = os.fstat(fd).st_size
+        try:
+            # closefd=False: the file stays open to be cut back, also after a failed flush on close
+            with open(fd, "a", closefd=False) as f:
+                f.write(line)
+        except OSError as err:
+            with contextlib.suppress(OSError):  # where even that fails, the reader skips the part line
+                os.ftruncate(fd, size)
+            raise WriteError(path, err, kept=f"the lines before it in {Path(path).name} are unchanged") from None
+    finally:
+        os.close(fd)
+
+
+def cut_file(path: Path, size: int, newline: bool = False) -> None:
+    """Cut ``path`` in place to its first ``size`` bytes (with ``newline``: then end it with a
+    newline, for a last line that lacks one) and flush it to disk. The same file stays (its
+    inode), so that a reader following it (``tail -f``) goes on reading it. The cut is one
+    ``ftruncate`` and the newline one byte: a kill leaves the file whole or cut, never anything
+    between. A symbolic link at ``path`` is refused, as by :func:`append_line`; a failure is a
+    :class:`WriteError`. For a file that only the caller writes (its folder's lock)."""
+    fd = _open_unfollowed(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, size)
+        if newline:
+            os.lseek(fd, size, os.SEEK_SET)
+            os.write(fd, b"\n")  # one byte: written whole or not at all
+        os.fsync(fd)
     except OSError as err:
-        # part of the line may be on disk: what stays whole is what was there before
-        raise WriteError(path, err, kept=f"the lines before it in {Path(path).name} are unchanged") from None
+        raise WriteError(path, err, kept=f"the lines before the cut in {Path(path).name} are unchanged") from None
+    finally:
+        os.close(fd)
 
 
 def fsync_directory(path: Path) -> None:

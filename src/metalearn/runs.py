@@ -32,7 +32,7 @@ import torch
 from metalearn.config import RunConfig
 from metalearn.data.splits import PARTS
 from metalearn.errors import MetalearnError, caller_level, check_count, MetalearnWarning, OptionError, spellings
-from metalearn.files import (RUN, TEMPORARY_NAME, append_line, atomic_write, atomic_write_bytes, obstacle,
+from metalearn.files import (RUN, TEMPORARY_NAME, append_line, atomic_write, atomic_write_bytes, cut_file, obstacle,
                              probe_writable, remove_temporaries, user_path)
 from metalearn.locking import FolderInUse, FolderLock
 from metalearn.run_files import (BEST_INDEX_NAME, BEST_NAME, CHECKPOINT_NAME, CONFIG_NAME, EVAL_NAME, EVAL_PATTERN,
@@ -707,9 +707,9 @@ class RunDir:
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Append ``record`` to ``metrics.jsonl`` as one JSON line (the folder must exist). A
-        failure is a :class:`~metalearn.files.WriteError` naming the file; a line cut short by
-        a kill or a full disk is skipped by :meth:`read_metrics`, so ``record`` needs an
-        integer ``step`` to be read back."""
+        failure is a :class:`~metalearn.files.WriteError` naming the file, after cutting off
+        what part of the line was written (a full disk); a line cut short by a kill is skipped
+        by :meth:`read_metrics`, so ``record`` needs an integer ``step`` to be read back."""
         append_line(self.metrics_path, json.dumps(record) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
@@ -727,20 +727,46 @@ class RunDir:
         # undecodable bytes only spoil their own line, which is then skipped
         with open(self.metrics_path, encoding="utf-8", errors="replace") as lines:
             for line in lines:
-                try:
-                    record = json.loads(line)
-                except (ValueError, RecursionError):
-                    continue  # a line cut short by a kill
-                # every record the trainer writes names its step: a bare number or list, or a dict
-                # without an integer step, is no record (a hand edit, or garbage)
-                if (isinstance(record, dict) and isinstance(record.get("step"), int)
-                        and not isinstance(record["step"], bool)):
+                record = _metrics_record(line)
+                if record is not None:
                     yield record
 
     def truncate_metrics(self, step: int) -> None:
-        """Drop records after ``step`` (written after the checkpoint a resume starts from)."""
-        kept = [r for r in self.read_metrics() if r.get("step", 0) <= step]
-        atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        """Drop the records after ``step`` (written after the checkpoint a resume starts from)
+        and a last line cut short by a kill (so that the next record starts a line of its own
+        instead of being glued to it), cutting ``metrics.jsonl`` in place: the same file (its
+        inode) stays, so that ``tail -f`` goes on following it. Nothing is written where no line
+        must go (a resume after a pause at ``--stop-at`` or ``--time-limit``), nor where there is
+        no file.
+
+        The file is cut at the first record past ``step``: the trainer writes records in step
+        order (a validation after its step's training line), so everything after that record
+        is of later steps too. A line that is no record before it (a hand edit) stays, and is
+        skipped when read as before. A last line without its newline is cut off, but for one
+        that holds a whole record of ``step`` or before (a write cut just before its newline),
+        which is kept and given its newline. The cut is one ``ftruncate`` (the newline one
+        byte), then flushed to disk: a kill leaves the file as it was or cut, never anything
+        between. For the holder of the folder's lock, the file's one writer
+        (:meth:`lock`); a failure is a :class:`~metalearn.files.WriteError`, a link at the
+        file's name is refused as :meth:`append_metrics` refuses it."""
+        try:
+            handle = open(self.metrics_path, "rb")
+        except FileNotFoundError:
+            return
+        cut, end, newline = None, 0, False
+        with handle:
+            for line in handle:  # split at b"\n" alone, as the trainer ends its lines
+                record = _metrics_record(line.decode("utf-8", errors="replace"))
+                whole = line.endswith(b"\n")
+                if (record is not None and record["step"] > step) or (not whole and record is None):
+                    cut = end
+                    break
+                newline = not whole  # a whole record at the end, without its newline
+                end += len(line)
+        if cut is not None:
+            cut_file(self.metrics_path, cut)
+        elif newline:
+            cut_file(self.metrics_path, end, newline=True)
 
     def eval_file(self, labels: dict[str, Any] | None = None, part: str = "test") -> Path:
         """Where an evaluation is written: ``eval.json``, the run's own evaluation (test part,
@@ -809,6 +835,19 @@ class RunDir:
         atomic_write(path, lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()),
                      before_replace=refuse_if_superseded)
         return path
+
+
+def _metrics_record(line: str) -> dict[str, Any] | None:
+    """The record a line of ``metrics.jsonl`` holds, or None where it holds none: a line cut
+    short by a kill, a bare number or list, a dict without an integer step (a hand edit, or
+    garbage). Every record the trainer writes names its step."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool):
+        return record
+    return None
 
 
 class EvaluationSuperseded(MetalearnError):

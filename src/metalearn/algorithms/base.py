@@ -398,7 +398,13 @@ class MetaLearner(nn.Module):
         """Adapt to one task's support set and classify its query images: class probabilities
         ``(n_query, ways)``, in the order of the class ids of ``support_y`` (float32, float64 for a
         float64 learner). Images and labels as
-        :meth:`task_batch` takes them; no query labels are needed. For a method that samples
+        :meth:`task_batch` takes them; no query labels are needed. Files and PIL images are
+        prepared as the run's training files were (transparency laid on white; Omniglot: dark ink
+        on white inverted to bright strokes on dark, :func:`~metalearn.data.images.prepare_drawings`);
+        tensors and arrays are never inverted, they are taken as the network's input (Omniglot:
+        strokes bright, ``255 - x`` for a uint8 tensor of scans). A tensor ``(3, H, W)`` or
+        ``(4, H, W)`` is refused, as it reads two ways (``x[:, None]``: grey images; ``x[None]``:
+        one colour image). For a method that samples
         models (PLATIPUS) this is the mean over the samples (``sample_probabilities`` gives
         them all). Runs in eval mode (no dropout, batch norm as the method evaluates), whatever
         the learner's mode, which it keeps.

@@ -48,8 +48,9 @@ from metalearn.errors import (STOP_SIGNALS, MetalearnError, caller_level, check_
 from metalearn.run_files import CHECKPOINT_NAME, CONFIG_NAME, RUN_SPLIT_NAME
 
 # 2: 16-bit images scaled by their type's range, EXIF orientation applied; 3: the cached
-# content_hash also covers the array's shape, the class sizes and the parts
-CACHE_FORMAT_VERSION = 3
+# content_hash also covers the array's shape, the class sizes and the parts; 4: images with
+# transparency composited onto white (data.images.pil_to_array), no longer their alpha dropped
+CACHE_FORMAT_VERSION = 4
 SPLIT_SEED = 1  # the seeded shuffle of class names behind --split-fractions
 DEFAULT_FRACTIONS = (0.64, 0.16, 0.20)  # mini-ImageNet's 64 / 16 / 20 classes of 100
 

@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from metalearn.errors import MetalearnError, check_count
+from metalearn.errors import MetalearnError, MetalearnWarning, caller_level, check_count
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CHANNEL_MODES = {1: "L", 3: "RGB"}
@@ -53,12 +53,13 @@ def check_channels(channels: int) -> None:
 
 def pil_to_array(img: Image.Image, image_size: int, channels: int) -> np.ndarray:
     """A PIL image -> ``(channels, S, S)`` uint8: turned upright by its EXIF orientation (as
-    viewers show a phone photo), converted to grey or RGB (grey is repeated into three channels;
-    transparency is dropped), then stretched to ``S x S`` (no crop, as the mini-ImageNet images
-    of Ravi & Larochelle) with Lanczos antialiasing. Images of more than 8 bits are scaled by
-    their type's range (see :func:`_to_8_bits`), never by their own maximum."""
+    viewers show a phone photo), laid on a white ground where it has transparency (see
+    :func:`_on_white`), converted to grey or RGB (grey is repeated into three channels), then
+    stretched to ``S x S`` (no crop, as the mini-ImageNet images of Ravi & Larochelle) with
+    Lanczos antialiasing. Images of more than 8 bits are scaled by their type's range (see
+    :func:`_to_8_bits`), never by their own maximum."""
     check_channels(channels)
-    img = _upright(img)
+    img = _on_white(_upright(img))
     if img.mode.startswith("I") or img.mode == "F":
         img = _to_8_bits(img)
     img = img.convert(CHANNEL_MODES[channels])
@@ -78,6 +79,39 @@ def _upright(img: Image.Image) -> Image.Image:
     if orientation in (2, 3, 4, 5, 6, 7, 8):
         return ImageOps.exif_transpose(img)
     return img
+
+
+# Modes with an alpha channel ("RGBa", "La": premultiplied), and modes in which one value or one
+# palette entry can be marked transparent (``img.info["transparency"]``: PNG's tRNS, GIF's
+# transparent index); PIL's convert to "LA" / "RGBA" turns either into an alpha channel.
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+KEYED_MODES = ("1", "L", "P", "RGB", "I", "I;16", "I;16L", "I;16B", "I;16N")
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _on_white(img: Image.Image) -> Image.Image:
+    """``img`` composited onto a white ground where it has transparency (an alpha channel, or a
+    transparent value or palette entry), grey (``L``) or RGB; unchanged (no copy) where it has
+    none. Alpha is not dropped: what a transparent pixel holds is not what was meant (an HTML
+    canvas exports black ink on a transparent ground whose pixels are black too, so without its
+    alpha the drawing is black on black). White is the ground such an image is meant for: the
+    paper of scanned drawings (Omniglot's release) and the usual ground of photographs and
+    documents, so a canvas drawing is read as its opaque scan would be. Light ink on a
+    transparent ground is lost on white (:func:`_prepare` warns of images that come out blank)."""
+    if not (img.mode in ALPHA_MODES or (img.mode in KEYED_MODES and "transparency" in img.info)):
+        return img
+    if img.mode in ("RGBa", "La"):  # premultiplied: the colour unpremultiplied, as composite takes it
+        img = img.convert(img.mode.upper())
+    grey = img.mode in GREY_MODES
+    if img.mode.startswith("I"):  # more than 8 bits: PIL's convert would clip them at 255, then match the key
+        alpha = Image.fromarray(np.where(np.asarray(img) == img.info["transparency"], 0, 255).astype(np.uint8), "L")
+        colour = _to_8_bits(img)
+    else:
+        alpha = img.getchannel("A") if img.mode in ALPHA_MODES else img.convert("LA" if grey else "RGBA").getchannel("A")
+        colour = img.convert("L" if grey else "RGB")
+    ground = Image.new(colour.mode, img.size, 255 if grey else (255, 255, 255))
+    ground.paste(colour, (0, 0), alpha)  # colour * alpha + white * (1 - alpha), alpha in [0, 1]
+    return ground
 
 
 def _to_8_bits(img: Image.Image) -> Image.Image:
@@ -175,12 +209,17 @@ def prepare_images(images: Any, image_size: int, channels: int) -> Tensor:
 
     ``images``: a path or a list of paths (decoded as the dataset cache decodes files), a PIL
     image or a list of them, or a tensor / NumPy array of ``n`` images shaped ``(n, C, H, W)``
-    (or one image ``(C, H, W)`` / ``(H, W)``): uint8 pixels 0-255, or floats in [0, 1]; a list
-    may mix all of these, one image per tensor or array. A tensor of another size or channel
+    with C 1 (grey), 3 (RGB) or 4 (RGBA) (or one grey image ``(1, H, W)`` / ``(H, W)``): uint8
+    pixels 0-255, or floats in [0, 1]; a list may mix all of these, one image per tensor or
+    array (there ``(C, H, W)`` is one image of C channels). A tensor of another size or channel
     count is converted and resized as a file would be (floats are rounded to 8 bits first, as a
-    saved file would be). Refused in one line: channels last (``(H, W, C)``, as NumPy arrays
-    from PIL come: the message says how to permute them), no images, NaN or values outside
-    [0, 1], an ``image_size`` that is not a whole number of pixels.
+    saved file would be). Transparent pixels (files, PIL images, RGBA tensors) are laid on
+    white (see :func:`_on_white`). Refused in one line: channels last (``(H, W, C)``, as NumPy
+    arrays from PIL come: the message says how to permute them), a tensor ``(3, H, W)`` or
+    ``(4, H, W)`` (3 or 4 grey images, or one colour image? the message gives both spellings),
+    no images, NaN or values outside [0, 1], an ``image_size`` that is not a whole number of
+    pixels. A :class:`MetalearnWarning` says when the images are all one blank image (one value
+    throughout; float tensors of the prepared shape, images prepared before, pass unchecked).
 
     ``image_size``: the side ``S`` of the square images made; ``channels``: 1 (grey) or 3 (RGB),
     both the run's (its ``TaskConfig``'s).
@@ -193,9 +232,11 @@ def prepare_images(images: Any, image_size: int, channels: int) -> Tensor:
 def prepare_drawings(images: Any, image_size: int, channels: int = 1) -> Tensor:
     """New drawings prepared as Omniglot's training images are: ``(n, 1, S, S)`` float32 in
     [0, 1], grey, strokes bright on a dark ground (the cache inverts the release's black-on-white
-    scans). A file or PIL image on a light ground is inverted; one already bright on dark (as
-    ``metalearn sample`` writes them) is kept. Tensors and arrays are taken as the training
-    arrays are, strokes bright (see :func:`prepare_images`)."""
+    scans). A file or PIL image on a light ground (transparency counts as white: a canvas's dark
+    ink on a transparent ground is read as its opaque scan) is inverted; one already bright on
+    dark (as ``metalearn sample`` writes them) is kept. Tensors and arrays are never inverted:
+    they are taken as the training arrays are, strokes bright (see :func:`prepare_images`), so a
+    tensor of black-on-white scans must be inverted by its caller (``255 - x``)."""
     if channels != 1:
         raise MetalearnError(f"drawings are grey (1 channel), got channels {channels}")
     return _prepare(images, image_size, 1, lambda array: 255 - array if array.mean() >= 128 else array)
@@ -209,21 +250,42 @@ def _prepare(images: Any, image_size: int, channels: int, ground: Any) -> Tensor
     if isinstance(images, (str, Path, Image.Image)):
         images = [images]
     if isinstance(images, (np.ndarray, Tensor)):
-        return _prepare_tensor(_as_tensor(images), image_size, channels)
+        images = _as_tensor(images)
+        prepared = _prepare_tensor(images, image_size, channels)
+        # floats of the prepared shape pass as they are: images prepared before (metalearn predict
+        # prepares its files, then fit_predict is given the result), warned of then if blank
+        already = torch.is_floating_point(images) and tuple(images.shape[1:]) == (channels, image_size, image_size)
+        return prepared if already else _warn_if_blank(prepared)
     prepared = []
     for item in _as_list(images):
         if isinstance(item, Image.Image):
             prepared.append(to_float(_as_tensor(ground(pil_to_array(item, image_size, channels))[None])))
         elif isinstance(item, (str, Path)):
             prepared.append(to_float(_as_tensor(ground(decode_image(Path(item), image_size, channels))[None])))
-        elif isinstance(item, (np.ndarray, Tensor)):  # one image (C, H, W) or (H, W), as a tensor would be taken
-            prepared.append(_prepare_tensor(_as_tensor(item), image_size, channels))
+        elif isinstance(item, (np.ndarray, Tensor)):  # one image (C, H, W) or (H, W): a list holds one per item
+            prepared.append(_prepare_tensor(_as_tensor(item), image_size, channels, one_image=True))
         else:
             raise MetalearnError(f"prepare_images takes image files, PIL images, arrays or tensors, got "
                                  f"{type(item).__name__}")
     if not prepared:
         raise MetalearnError("prepare_images: no images given")
-    return torch.cat(prepared)
+    return _warn_if_blank(torch.cat(prepared))
+
+
+def _warn_if_blank(prepared: Tensor) -> Tensor:
+    """``prepared`` as it is, with a :class:`MetalearnWarning` where its images, two or more,
+    are all one value in every pixel: the same blank image, from which no network can tell
+    classes apart (a support set) and which all get one prediction (queries), with no error
+    to show it. The cause is in how the images were made: an empty canvas, light ink on a
+    transparent ground (laid on white by :func:`_on_white`). Flat images of different values are not warned of (their values tell them apart), nor is one
+    image alone. One warning per call; a min and a max of the images, cheap beside decoding."""
+    values = prepared.detach()  # read only: images that require grad keep it
+    if values.shape[0] >= 2 and bool(values.amin() == values.amax()):
+        warnings.warn(MetalearnWarning(
+            f"all {values.shape[0]} images given are blank, one value in every pixel of every image: they carry "
+            "nothing to tell classes apart by, and all get one prediction; look at the images (a drawing in light "
+            "ink on a transparent ground is blank: transparency is read as white)"), stacklevel=caller_level())
+    return prepared
 
 
 def _as_tensor(images: np.ndarray | Tensor) -> Tensor:
@@ -238,21 +300,28 @@ def _as_list(images: Any) -> list:
                          f"{type(images).__name__}")
 
 
-def _prepare_tensor(images: Tensor, image_size: int, channels: int) -> Tensor:
+def _prepare_tensor(images: Tensor, image_size: int, channels: int, one_image: bool = False) -> Tensor:
+    """A tensor of images ``(n, C, H, W)``, or of one image ``(H, W)`` or ``(1, H, W)``, prepared.
+    ``(3, H, W)`` and ``(4, H, W)`` read two ways, 3 or 4 grey images or one RGB or RGBA image,
+    and are refused naming both, unless ``one_image`` (an item of a list, one image each)."""
     given = tuple(images.shape)  # as the caller gave it: the message names that, not our reshaping
     if images.dim() == 2:
         images = images[None, None]
     elif images.dim() == 3:
+        if given[0] in (3, 4) and not one_image:
+            colour = "RGB" if given[0] == 3 else "RGBA"
+            raise MetalearnError(f"image tensors are (n, C, H, W), got shape {given}, which reads two ways: give "
+                                 f"x[:, None] for {given[0]} grey images, or x[None] for one {colour} image")
         images = images[None]
     if images.dim() != 4 or images.shape[1] not in (1, 3, 4):
         if len(given) in (3, 4) and given[-1] in (1, 3, 4):
-            hint = ": channels last? give x.permute(0, 3, 1, 2) (one image: x.permute(2, 0, 1))"
+            hint = ": channels last? give x.permute(0, 3, 1, 2) (one image: x.permute(2, 0, 1)[None])"
         elif len(given) == 3:  # (n, H, W): grey images without their channel axis
             hint = f": {given[0]} grey images? give x[:, None], (n, 1, H, W)"
         else:
             hint = ""
-        raise MetalearnError(f"image tensors are (n, C, H, W) with 1, 3 or 4 channels (one image: (C, H, W) or "
-                             f"(H, W)), got shape {given}{hint}")
+        raise MetalearnError(f"image tensors are (n, C, H, W) with 1, 3 or 4 channels (one image: (1, C, H, W), or "
+                             f"(H, W) grey), got shape {given}{hint}")
     if images.shape[0] == 0:
         raise MetalearnError("prepare_images: no images given (a tensor of 0 images)")
     if torch.is_floating_point(images):

@@ -51,7 +51,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the episodes")
     args = parser.parse_args(argv)
     task = TaskConfig(dataset="omniglot", ways=args.ways, shots=args.shots, query=args.shots)
-    batch = build_task_source(task, "train", None, False).sample(args.tasks, torch.Generator().manual_seed(args.seed))
+    batch = build_task_source(task, "train", progress=False).sample(args.tasks,
+                                                                   torch.Generator().manual_seed(args.seed))
     print(f"{args.ways}-way {args.shots}-shot, {args.tasks} training episodes, seed {args.seed}: mean loss after "
           f"0..{args.steps} inner steps at the initial weights")
     for model_name, adapt_norm, alpha in SET_UPS:

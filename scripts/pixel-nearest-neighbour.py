@@ -55,7 +55,7 @@ def main() -> None:
         shape = {key: value for key, value in (("ways", args.ways), ("shots", args.shots)) if value is not None}
         if shape:
             config = with_test_shape(config, shape)
-        source = build_task_source(config.task, "test", args.data_dir, False, evaluation=True)
+        source = build_task_source(config.task, "test", data_dir=args.data_dir, progress=False, evaluation=True)
         episodes = args.episodes if args.episodes is not None else config.train.eval_episodes
         result = evaluate(PixelNearestNeighbour(), source, episodes, seed=part_seed_offset("test"), per_step=False)
     except MetalearnError as err:

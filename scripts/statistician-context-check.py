@@ -31,7 +31,7 @@ def main() -> None:
     _, model, step = load_trained(args.run_dir, checkpoint=args.checkpoint)
     model.eval()
     task = TaskConfig(dataset="omniglot", split="vinyals", ways=5, shots=1, query=5)
-    batch = build_task_source(task, "test", None).sample(args.episodes, torch.Generator().manual_seed(3))
+    batch = build_task_source(task, "test").sample(args.episodes, torch.Generator().manual_seed(3))
     tasks, ways, queries = args.episodes, 5, 25
     with torch.no_grad():
         mean_s, logvar_s = model.context(model.support_sets(batch))
@@ -52,7 +52,7 @@ def main() -> None:
     print(f"nearest neighbour in pixels: {accuracy(pixels):.1f}%")
 
     task = TaskConfig(dataset="omniglot", split="vinyals", ways=5, shots=5, query=5)
-    batch = build_task_source(task, "test", None).sample(args.episodes, torch.Generator().manual_seed(4))
+    batch = build_task_source(task, "test").sample(args.episodes, torch.Generator().manual_seed(4))
     order = batch.query_y.argsort(dim=1, stable=True)  # each class's queries together, in label order
     queries = torch.take_along_dim(batch.query_x, order.view(*order.shape, 1, 1, 1), dim=1)
     with torch.no_grad():

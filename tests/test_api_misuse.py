@@ -702,11 +702,11 @@ def test_an_empty_path_is_refused_naming_its_keyword_and_never_read_as_the_curre
             (lambda: compare_learners({"a": run, "b": ""}), "runs['b'] is empty; give a run folder"),
             (lambda: compare_learners({"a": run}, data_dir=""), "data_dir is empty; give a folder path"),
             (lambda: summarize_runs(["", run]), "run_dir is empty; give a run folder"),
-            (lambda: build_task_source(config.task, "test", ""), "data_dir is empty; give a folder path")):
+            (lambda: build_task_source(config.task, "test", data_dir=""), "data_dir is empty; give a folder path")):
         assert refusal(call) == message
     assert sorted(p.name for p in here.iterdir()) == ["notes.txt"]
     # None is no path given: the default (a generated task reads no folder)
-    assert build_task_source(config.task, "test", None, progress=False) is not None
+    assert build_task_source(config.task, "test", data_dir=None, progress=False) is not None
     assert resolve_config("maml", task={"dataset": "sinusoid"}, train={"init_from": ""}).train.init_from == ""
 
 
@@ -801,7 +801,26 @@ KEYWORD_ONLY_AFTER = {  # each public function's leading parameters, which alone
     "metalearn.api.plot_run": ["run_dir"], "metalearn.api.export_results": ["run_dir", "out_dir"],
     "metalearn.uncertainty.compare_learners": ["runs"],
     "metalearn.evaluation.evaluate": ["learner", "source", "episodes"],
-    "metalearn.training.build_trainer": ["config", "run_dir"]}
+    "metalearn.training.build_trainer": ["config", "run_dir"],
+    "metalearn.training.Trainer.__init__": ["self", "config", "learner", "train_tasks", "val_tasks", "run_dir"],
+    "metalearn.training.Trainer.fit": ["self"], "metalearn.checkpoints.load_trained": ["run_dir"],
+    "metalearn.aggregate.summarize_runs": ["run_dirs"], "metalearn.tasks.build_task_source": ["task", "part"]}
+
+
+def public(path: str):
+    """The function (or method: ``module.Class.method``) that ``path`` names."""
+    import importlib
+
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):  # the longest prefix that is a module, then its attributes
+        try:
+            found = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for name in parts[cut:]:
+            found = getattr(found, name)
+        return found
+    raise LookupError(path)
 
 
 def deprecations(call):
@@ -839,6 +858,74 @@ def test_options_given_by_position_still_work_with_one_warning_that_names_their_
     # within the signature: no warning
     again, warned = deprecations(lambda: evaluate(learner, source, 2, seed=7))
     assert warned == [] and again["scores"] == by_keyword["scores"]
+
+
+def test_the_trainer_loaders_and_task_sources_take_their_options_by_keyword(tmp_path):
+    """Trainer (after what it trains: config, learner, tasks, run folder), Trainer.fit,
+    load_trained, summarize_runs and build_task_source, as the other public functions: options
+    given by position still work, in their old order, with a DeprecationWarning that names their
+    keywords; given by keyword, no warning."""
+    import warnings
+
+    from metalearn.aggregate import summarize_runs
+    from metalearn.api import resolve_config, train
+    from metalearn.checkpoints import load_trained
+    from metalearn.distributed import World
+    from metalearn.runs import RunDir
+    from metalearn.tasks import build_task_source
+    from metalearn.training import Trainer
+
+    def silent(call):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            return call()
+
+    config = resolve_config("maml", task={"dataset": "sinusoid"},
+                            train={"steps": 2, "val_every": 0, "meta_batch_size": 2, "log_every": 1})
+
+    def trained(folder, by_keyword):
+        torch.manual_seed(0)  # the same initial weights and draws for both calls
+        learner, tasks = MAML(MLP(1, 1)), SinusoidTasks(shots=2, query=3)
+        if by_keyword:
+            silent(lambda: Trainer(config, learner, tasks, None, folder, world=World(), resume=False).fit(
+                progress=False, time_limit_s=None))
+            return learner
+        with pytest.warns(DeprecationWarning, match=r"^Trainer: give world=World\(.*\), resume=False by keyword; passing "
+                                                    r"them by position is deprecated"):
+            trainer = Trainer(config, learner, tasks, None, folder, World(), False)
+        with pytest.warns(DeprecationWarning, match=r"^Trainer.fit: give progress=False, time_limit_s=None by keyword; "
+                                                    r"passing them by position is deprecated"):
+            trainer.fit(False, None)
+        return learner
+
+    by_keyword, by_position = trained(tmp_path / "keyword", True), trained(tmp_path / "position", False)
+    assert RunDir(tmp_path / "position").read_checkpoint("step")["step"] == 2
+    for (name, value), other in zip(by_keyword.state_dict().items(), by_position.state_dict().values()):
+        assert torch.equal(value, other), name
+    # load_trained(run_dir, overrides, checkpoint)
+    run = tmp_path / "keyword"
+    _, loaded, step = silent(lambda: load_trained(run, overrides={"test_inner_steps": 3}, checkpoint=None))
+    with pytest.warns(DeprecationWarning, match=r"^load_trained: give overrides=\{'test_inner_steps': 3\}, "
+                                                r"checkpoint=None by keyword; passing them by position"):
+        _, again, again_step = load_trained(run, {"test_inner_steps": 3}, None)
+    assert step == again_step == 2 and again.config.test_inner_steps == loaded.config.test_inner_steps == 3
+    # build_task_source(task, part, data_dir, progress, evaluation)
+    generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    batch = silent(lambda: build_task_source(config.task, "train", data_dir=None, progress=False, evaluation=True))
+    with pytest.warns(DeprecationWarning, match=r"^build_task_source: give data_dir=None, progress=False, "
+                                                r"evaluation=True by keyword; passing them by position"):
+        same = build_task_source(config.task, "train", None, False, True)
+    assert torch.equal(batch.sample(2, generator()).query_x, same.sample(2, generator()).query_x)
+    # summarize_runs(run_dirs, group_by, evaluation)
+    tested = tmp_path / "tested"
+    train(resolve_config("maml", task={"dataset": "sinusoid"},
+                         train={"steps": 1, "val_every": 0, "meta_batch_size": 2, "eval_episodes": 2}),
+          run_dir=tested, progress=False, announce=None)
+    summary = silent(lambda: summarize_runs([tested], group_by=None, evaluation="eval"))
+    with pytest.warns(DeprecationWarning, match=r"^summarize_runs: give group_by=None, evaluation='eval' by keyword; "
+                                                r"passing them by position"):
+        assert summarize_runs([tested], None, "eval") == summary
+    assert summary["groups"][0]["n"] == 1
 
 
 @keyword_only_after(1)
@@ -893,13 +980,12 @@ def test_the_signatures_show_the_options_as_keyword_only(pytestconfig):
     """inspect.signature (as editors and the API docs read it) shows the `*`; the wrapper keeps
     the function's name and docstring; pytest's settings turn the deprecation into an error, so
     that no caller in the library, its tests or its docs' examples passes an option by position."""
-    import importlib
     import inspect
     import re
 
     for path, leading in KEYWORD_ONLY_AFTER.items():
-        module, name = path.rsplit(".", 1)
-        function = getattr(importlib.import_module(module), name)
+        name = path.rsplit(".", 1)[1]
+        function = public(path)
         parameters = inspect.signature(function).parameters.values()
         assert [p.name for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD] == leading, path
         assert all(p.kind is p.KEYWORD_ONLY for p in list(parameters)[len(leading):]), path

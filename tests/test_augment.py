@@ -229,14 +229,14 @@ def test_only_the_training_sampler_of_a_run_augments(colours, monkeypatch):
             "split_fractions": "0.5,0.25,0.25"}
     augmented = resolve_config("protonet", {**task, "augment": "crop,flip,color"}).task
     plain = resolve_config("protonet", task).task
-    train = build_task_source(augmented, "train", colours, progress=False)
+    train = build_task_source(augmented, "train", data_dir=colours, progress=False)
     assert train.augmentation.parts == ("crop", "flip", "color")
-    assert not torch.equal(train.sample(4, gen(0)).query_x,
-                           build_task_source(plain, "train", colours, progress=False).sample(4, gen(0)).query_x)
+    plain_train = build_task_source(plain, "train", data_dir=colours, progress=False)
+    assert not torch.equal(train.sample(4, gen(0)).query_x, plain_train.sample(4, gen(0)).query_x)
     for part, evaluation in (("val", False), ("test", False), ("train", True)):  # eval --part train: test episodes
-        source = build_task_source(augmented, part, colours, progress=False, evaluation=evaluation)
+        source = build_task_source(augmented, part, data_dir=colours, progress=False, evaluation=evaluation)
         assert not source.augmentation
-        assert_batches_equal(source.sample(4, gen(0)), build_task_source(plain, part, colours, progress=False,
+        assert_batches_equal(source.sample(4, gen(0)), build_task_source(plain, part, data_dir=colours, progress=False,
                                                                          evaluation=evaluation).sample(4, gen(0)))
     # a dataset that does not take it refuses it in Python too, before reading any data, and so
     # does one whose task source draws no images

@@ -139,6 +139,17 @@ def test_plot_out_dir_takes_the_figures_and_until_step_ends_the_curves(tmp_path,
     assert run(["plot", run_dir, "--out-dir", out], capsys)[0] == 0 and drawn[-1] == [1, 2, 3, 4]
     code, _, err = run(["plot", run_dir, "--until-step", -1], capsys)
     assert code == 2 and "Invalid value for '--until-step'" in err and len(drawn) == 2, err
+    # a step before the first one logged: the run has curves, the option cuts them all off
+    code, _, err = run(["plot", run_dir, "--until-step", 0], capsys)
+    assert code == 2 and err.count("\n") == 1 and len(drawn) == 2, err
+    assert f"--until-step 0 is before the first step {run_dir} logged (1): nothing to draw; give a step from 1 on, " \
+           "or leave --until-step out" in err and "no metrics" not in err, err
+    from metalearn.api import plot_run
+    from metalearn.errors import OptionError
+
+    with pytest.raises(OptionError, match=r"^until_step=0 is before the first step .* logged \(1\): .*leave "
+                                          r"until_step out$"):
+        plot_run(run_dir, until_step=0)
 
 
 def test_plot_refuses_an_out_dir_where_export_refuses_its_out_dir(tmp_path, capsys):
@@ -387,7 +398,10 @@ def test_platipus_plot_beside_maml_and_compare(tmp_path, capsys):
     assert "| platipus |" in out and "| maml |" in out and "coverage_minmax" in out
     saved = json.loads((tmp_path / "cmp.json").read_text())
     assert saved["episodes"] == 10
-    assert saved["maml"]["coverage_minmax"]["mean"] == 0.0  # one prediction: an empty band
+    # one prediction: an empty band, 0 by definition; null as the table's n/a, and so is its difference
+    for name in ("coverage_minmax", "coverage_interval"):
+        assert saved["maml"][name] == {"mean": None, "ci95": None, "difference": {"mean": None, "ci95": None}}
+    assert re.search(r"^\| maml \|.* n/a \| n/a \|$", out, re.M), out
     assert saved["platipus"]["coverage_minmax"]["mean"] > 0.0  # sampled functions bracket the truth somewhere
     # paired on the same episodes: the differences' mean is the difference of the means, and their
     # interval is that of the per-episode differences
@@ -399,6 +413,15 @@ def test_platipus_plot_beside_maml_and_compare(tmp_path, capsys):
     code, out, err = run(["compare", tmp_path / "platipus", tmp_path / "maml", "--episodes", 10, "--samples", 4,
                           "--set", "test_inner_steps=2", "--json", "-"], capsys)
     assert code == 0 and json.loads(out) == saved, err  # `-`: the JSON alone on the output, for a script
+    # the one-model run first: the sampling run's own coverage stands, its difference from an empty band does not
+    code, out, err = run(["compare", tmp_path / "maml", tmp_path / "platipus", "--episodes", 10, "--samples", 4,
+                          "--json", "-"], capsys)
+    assert code == 0, err
+    swapped = json.loads(out)
+    assert swapped["maml"]["coverage_minmax"] == {"mean": None, "ci95": None}
+    assert swapped["platipus"]["coverage_minmax"]["mean"] > 0.0
+    assert swapped["platipus"]["coverage_minmax"]["difference"] == {"mean": None, "ci95": None}
+    assert isinstance(swapped["platipus"]["mse"]["difference"]["mean"], float)
 
 
 @pytest.mark.parametrize(
@@ -900,7 +923,12 @@ def test_compare_takes_eval_s_device_and_progress(tmp_path, capsys, monkeypatch)
     runs = {"a": tmp_path / "a"}
     for progress, drawn in ((False, False), (True, True)):
         result = compare_learners(runs, episodes=3, device="cpu", progress=progress)
-        assert result["a"] == json.loads(plain)["a"] and ("%|" in capsys.readouterr().err) is drawn, progress
+        # the JSON's coverage of a one-model run is null (the table's n/a), Python's the 0 it is by definition
+        assert {**result["a"], "coverage_minmax": None, "coverage_interval": None} == {
+            **json.loads(plain)["a"], "coverage_minmax": None, "coverage_interval": None}
+        assert result["a"]["coverage_minmax"]["mean"] == 0.0 and json.loads(plain)["a"]["coverage_minmax"] == {
+            "mean": None, "ci95": None}
+        assert ("%|" in capsys.readouterr().err) is drawn, progress
     # eval's refusals, word for word: a name that is no device, and a GPU this machine lacks
     refusals = [("tpu", "{} must be cpu, cuda, cuda:N or auto, got 'tpu'", ("--device", "device"))]
     if not torch.cuda.is_available():
@@ -1294,8 +1322,10 @@ def test_status_says_where_runs_stand_without_touching_them(tmp_path, capsys, mo
     for extra in range(1, 4):
         RunDir(stopped).append_metrics({**last, "step": last["step"] + extra, "tasks_per_s": min(rates) / 1000})
     paused = json.loads(run(["status", stopped, "--json"], capsys)[1])[0]
-    assert paused["last"]["step"] == last["step"] + 3
-    assert paused["seconds_left"] < (100 - last["step"]) * 2 / min(rates)
+    assert paused["last"]["step"] == paused["step"] == last["step"] + 3
+    # stopped: a resume goes on from the checkpoint, at the last step it logged before these
+    assert paused["checkpoint_step"] == last["step"] and paused["steps_left"] == 100 - last["step"]
+    assert paused["seconds_left"] <= (100 - last["step"]) * 2 / min(rates)
     assert not paused["validates"] and "(validation" not in out  # it never validates
     assert paused["cost_changes"] == []
     # with validation every 2 steps, the validations still to come at their recent median length
@@ -1482,18 +1512,35 @@ def test_eval_refuses_a_run_folder_it_cannot_write_before_evaluating(tmp_path, c
                                  "writes this evaluation: move it away\n"), err
 
 
-def test_status_of_a_run_past_its_checkpoint_gives_the_time_to_the_step_shown(tmp_path, capsys):
-    """A live run logs steps after its last checkpoint: the step shown is the logged one, and so
-    is the training time (the checkpoint's would read "0 s" until the next checkpoint)."""
-    from metalearn.api import run_status
-    from metalearn.cli import format_status
-
+def test_status_text_and_json_agree_on_a_run_logged_past_its_checkpoint(tmp_path, capsys):
+    """A run killed between checkpoints (or training now) logged steps after its last checkpoint:
+    the text and --json show the same step, the logged one, with its training time (the
+    checkpoint's would read "0 s" until the next checkpoint), and --json's checkpoint_step is the
+    step a resume starts from. The time left of a stopped run counts from its checkpoint (a
+    resume trains the steps logged after it again), of a live one from the step it logged."""
     run_dir = tmp_path / "run"
-    assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 4, "--meta-batch-size", 2, "--log-every", 1,
-                "--val-every", 0, "--no-eval", "--run-dir", run_dir, "--no-progress"], capsys)[0] == 0
-    status = run_status(run_dir)
-    status["last"] = {**status["last"], "step": status["step"] + 50, "elapsed_s": 2 * 3600 + 60}
-    assert "step 54 of 4" in format_status(status) and "checkpoint at 4), 2 h 1 min of training" in format_status(status)
+    assert run(["train", "maml", "--dataset", "sinusoid", "--steps", 10, "--meta-batch-size", 2, "--log-every", 1,
+                "--val-every", 0, "--no-eval", "--stop-at", 2, "--run-dir", run_dir, "--no-progress"], capsys)[0] == 0
+    last = [record for record in RunDir(run_dir).read_metrics() if "loss" in record][-1]
+    assert last["step"] == 2 and RunDir(run_dir).read_checkpoint("step")["step"] == 2
+    for step in (3, 4, 5):  # as a run killed before its next checkpoint leaves them
+        RunDir(run_dir).append_metrics({**last, "step": step, "elapsed_s": 2 * 3600 + 55 + step})
+    rates = [record["tasks_per_s"] for record in RunDir(run_dir).read_metrics() if "loss" in record]
+    status = json.loads(run(["status", run_dir, "--json"], capsys)[1])[0]
+    out = run(["status", run_dir], capsys)[1]
+    assert status["state"] == "stopped" and (status["step"], status["checkpoint_step"]) == (5, 2), status
+    assert status["training_time_s"] == 2 * 3600 + 60
+    assert "  step 5 of 10 (50%, checkpoint at 2), 2 h 1 min of training; stopped; continue with" in out, out
+    assert status["steps_left"] == 8
+    assert status["seconds_left"] == pytest.approx(8 * 2 / statistics.median(rates))
+    assert "  the remaining 8 steps from step 2, the checkpoint's: about " in out, out
+    with RunDir(run_dir).lock():  # as the process training it holds it: it goes on from the step it logged
+        status = json.loads(run(["status", run_dir, "--json"], capsys)[1])[0]
+        out = run(["status", run_dir], capsys)[1]
+    assert status["state"] == "training" and (status["step"], status["checkpoint_step"]) == (5, 2), status
+    assert "  step 5 of 10 (50%, checkpoint at 2), 2 h 1 min of training; training now" in out, out
+    assert status["steps_left"] == 5 and status["seconds_left"] == pytest.approx(5 * 2 / statistics.median(rates))
+    assert "  the remaining 5 steps: about " in out, out
 
 
 def test_status_names_an_evaluation_of_an_earlier_checkpoint(tmp_path, capsys):

@@ -247,20 +247,20 @@ def test_an_evaluation_of_the_training_part_names_the_test_options(omniglot_data
     from metalearn.tasks import build_task_source
 
     with pytest.raises(OptionError) as info:
-        build_task_source(TaskConfig(ways=5, test_ways=5000), "train", omniglot_data_dir, progress=False,
+        build_task_source(TaskConfig(ways=5, test_ways=5000), "train", data_dir=omniglot_data_dir, progress=False,
                           evaluation=True)
     assert info.value.with_flags() == ("omniglot split maml/train has 1100 classes; --ways 5000 is more than that. "
                                        "Lower --ways to 1100 or fewer.")
     assert str(info.value) == ("omniglot split maml/train has 1100 classes; episode_shape's ways 5000 is more than "
                                "that. Lower episode_shape's ways to 1100 or fewer.")
     with pytest.raises(OptionError) as info:  # an evaluation keeping the run's ways (no test ways of its own)
-        build_task_source(TaskConfig(ways=5000), "test", omniglot_data_dir, progress=False, evaluation=True)
+        build_task_source(TaskConfig(ways=5000), "test", data_dir=omniglot_data_dir, progress=False, evaluation=True)
     assert "; --ways 5000 (the run's) is more than that. Lower --ways to 423 or fewer." in info.value.with_flags()
     with pytest.raises(OptionError) as info:
-        build_task_source(TaskConfig(ways=5000), "test", omniglot_data_dir, progress=False)
+        build_task_source(TaskConfig(ways=5000), "test", data_dir=omniglot_data_dir, progress=False)
     assert "--test-ways 5000 (it defaults to --ways) is more than that" in info.value.with_flags()
     with pytest.raises(OptionError) as info:  # training episodes: the training options
-        build_task_source(TaskConfig(ways=5000), "train", omniglot_data_dir, progress=False)
+        build_task_source(TaskConfig(ways=5000), "train", data_dir=omniglot_data_dir, progress=False)
     assert info.value.with_flags().startswith("omniglot split maml/train has 1100 classes; --ways 5000 is more")
 
 

@@ -173,7 +173,7 @@ def test_the_folder_loaders_name_what_they_take(shapes, tmp_path):
     with pytest.raises(MetalearnError, match="overrides are a dict of method options"):
         from metalearn.checkpoints import load_trained
 
-        load_trained(tmp_path / "no-run", ["distance"])
+        load_trained(tmp_path / "no-run", overrides=["distance"])
 
 
 def test_files_that_are_not_images_are_named_in_one_warning(tmp_path):
@@ -213,7 +213,7 @@ def test_folder_is_read_split_and_sampled_in_colour(shapes, tmp_path):
     with pytest.raises(MetalearnError, match="three fractions train,val,test summing to 1"):
         class_parts(folder, "0.5,0.6,0.1")
     task = TaskConfig(dataset="folder", image_size=20, channels=3, ways=5, shots=2, query=3)
-    batch = build_task_source(task, "train", shapes).sample(4, gen(0))
+    batch = build_task_source(task, "train", data_dir=shapes).sample(4, gen(0))
     assert batch.support_x.shape == (4, 10, 3, 20, 20) and batch.query_x.shape == (4, 15, 3, 20, 20)
     assert problem_of(task).input_shape == (3, 20, 20)
     # colour survives: a red class's support images are redder than they are blue
@@ -357,7 +357,7 @@ def test_omniglot_written_as_class_folders_gives_the_same_episodes(omniglot, tmp
             for d in range(20):
                 Image.fromarray(omniglot.images[c, d], "L").save(folder / f"{d:02d}.png")
     task = TaskConfig(dataset="folder", image_size=28, channels=1, ways=5, shots=1, query=3)
-    from_folder = build_task_source(task, "train", root, progress=False)
+    from_folder = build_task_source(task, "train", data_dir=root, progress=False)
     images = torch.from_numpy(omniglot.images)
     pool = ClassPool("first-40", torch.arange(40), torch.zeros(40, dtype=torch.long))
     built_in = EpisodeSampler(images, pool, 5, 1, 3)
@@ -367,7 +367,7 @@ def test_omniglot_written_as_class_folders_gives_the_same_episodes(omniglot, tmp
             assert torch.equal(getattr(a, name), getattr(b, name)), name
     test_pool = ClassPool("test", torch.arange(50, 60), torch.zeros(10, dtype=torch.long))
     a = EpisodeSampler(images, test_pool, 5, 1, 3).sample(8, gen(2))
-    b = build_task_source(task, "test", root, progress=False).sample(8, gen(2))
+    b = build_task_source(task, "test", data_dir=root, progress=False).sample(8, gen(2))
     assert torch.equal(a.query_x, b.query_x)
 
 
@@ -401,7 +401,8 @@ def test_mini_imagenet_csv_layout_and_the_cache_rebuilt_after_a_change(tmp_path,
     task = resolve_config("protonet", {"dataset": "mini-imagenet", "image_size": 16, "ways": 3, "shots": 1,
                                        "query": 2}).task
     assert task.channels == 3 and task.split == "folder"
-    assert build_task_source(task, "val", root, progress=False).sample(2, gen(0)).query_x.shape == (2, 6, 3, 16, 16)
+    val = build_task_source(task, "val", data_dir=root, progress=False)
+    assert val.sample(2, gen(0)).query_x.shape == (2, 6, 3, 16, 16)
     # the paper's setting for mini-imagenet: 84x84 RGB, 15 queries per class, MAML's 32-filter network
     maml = resolve_config("maml", {"dataset": "mini-imagenet"})
     assert (maml.task.image_size, maml.task.channels, maml.task.query) == (84, 3, 15)
@@ -781,7 +782,7 @@ def test_every_method_trains_and_predicts_on_rgb_84x84(shapes, method):
             build_learner(method, config.method_config, problem_of(config.task))
         return
     learner = build_learner(method, config.method_config, problem_of(config.task))
-    batch = build_task_source(config.task, "train", shapes, progress=False).sample(1, gen(0))
+    batch = build_task_source(config.task, "train", data_dir=shapes, progress=False).sample(1, gen(0))
     assert batch.support_x.shape == (1, 3, 3, 84, 84)
     loss, _ = learner.meta_loss(batch)
     loss.backward()
@@ -1782,15 +1783,16 @@ def test_too_few_classes_or_images_are_refused_before_any_image_is_decoded(tmp_p
     folder_module._LOADED.clear()
     task = TaskConfig(dataset="folder", ways=8, shots=1, query=1, image_size=8, channels=1)
     with pytest.raises(MetalearnError, match="gives the train part 6 of the folder's 10 classes"):
-        build_task_source(task, "train", tmp_path / "d", progress=False)
+        build_task_source(task, "train", data_dir=tmp_path / "d", progress=False)
     with pytest.raises(OptionError) as caught:  # named as the TaskConfig's fields; on the command line as flags
-        build_task_source(dataclasses.replace(task, ways=3, shots=2, query=2), "train", tmp_path / "d", progress=False)
+        build_task_source(dataclasses.replace(task, ways=3, shots=2, query=2), "train", data_dir=tmp_path / "d",
+                          progress=False)
     assert re.fullmatch(r"class c0. has 3 images; shots=2 with query=2 \(query defaults to shots\) needs 4 per "
                         r"class: add images, or lower query to 1 or shots to 1", str(caught.value)), caught.value
     assert re.fullmatch(r"class c0. has 3 images; --shots 2 with --query 2 \(--query defaults to --shots\) needs 4 "
                         r"per class: add images, or lower --query to 1 or --shots to 1", caught.value.with_flags())
     assert decoded == []
-    source = build_task_source(dataclasses.replace(task, ways=3), "train", tmp_path / "d", progress=False)
+    source = build_task_source(dataclasses.replace(task, ways=3), "train", data_dir=tmp_path / "d", progress=False)
     assert len(decoded) == 30
     for seed in (0, 1):  # sampling reads the decoded images: nothing is decoded again
         batch = source.sample(2, gen(seed))

@@ -211,8 +211,8 @@ def test_predict_scores_classes_by_their_nearest_key():
 def test_a_short_omniglot_run_learns_far_above_chance(omniglot_data_dir):
     torch.manual_seed(0)
     task = TaskConfig(split="vinyals", ways=5, shots=1, query=1)
-    train = build_task_source(task, "train", omniglot_data_dir, progress=False)
-    test = build_task_source(task, "test", omniglot_data_dir, progress=False)
+    train = build_task_source(task, "train", data_dir=omniglot_data_dir, progress=False)
+    test = build_task_source(task, "test", data_dir=omniglot_data_dir, progress=False)
     learner = build_learner("memory", {**SMALL, "dropout": 0.0}, problem_of(task))
     test_batch = test.sample(40, torch.Generator().manual_seed(1))
 
@@ -231,8 +231,8 @@ def test_a_short_omniglot_run_learns_far_above_chance(omniglot_data_dir):
         optimizer.step()
     after = accuracy()
     assert after > 0.5 and after > before + 0.1, (before, after)  # chance: 0.2
-    lifelong = build_task_source(TaskConfig(split="vinyals", ways=5, shots=2, query=1), "test", omniglot_data_dir,
-                                 progress=False)
+    lifelong = build_task_source(TaskConfig(split="vinyals", ways=5, shots=2, query=1), "test",
+                                 data_dir=omniglot_data_dir, progress=False)
     result = lifelong_accuracy(learner, lifelong, episodes=10, max_shot=2)
     assert result["k_shot"][0] == 0.0  # a class's first showing finds no key of its value
     assert result["k_shot"][1] > 40 and result["episodes"] == 10

@@ -548,7 +548,7 @@ def test_omniglot_classification_run(tmp_path, omniglot_data_dir):
     assert maml_eval["episodes"] == 6 and comparison["maml"]["accuracy"]["mean"] == pytest.approx(maml_eval["mean"])
     config, platipus, _ = load_trained(run_dir)
     platipus.eval()
-    batch = build_task_source(config.task, "test", omniglot_data_dir).sample(
+    batch = build_task_source(config.task, "test", data_dir=omniglot_data_dir).sample(
         6, torch.Generator().manual_seed(TEST_SEED_OFFSET))
 
     def mixture_probabilities(model_seed: int) -> torch.Tensor:  # the samples' mean probability

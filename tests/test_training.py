@@ -1139,7 +1139,7 @@ def test_shares_too_small_for_the_ranks_are_refused_at_the_start(tmp_path, train
     learner = build_learner(config.method, config.method_config, problem_of(config.task))
     tasks = build_task_source(config.task, "train")
     with pytest.raises(MetalearnError, match=message):
-        Trainer(config, learner, tasks, build_task_source(config.task, "val"), tmp_path / "new", World(0, 8))
+        Trainer(config, learner, tasks, build_task_source(config.task, "val"), tmp_path / "new", world=World(0, 8))
     assert not (tmp_path / "new").exists()  # refused before it made a folder
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from metalearn.config import flat_options
-from metalearn.errors import MetalearnError, OptionError
+from metalearn.errors import MetalearnError, OptionError, keyword_only_after
 from metalearn.evaluation_setup import episode_seed
 from metalearn.runs import RunDir
 
@@ -44,7 +44,8 @@ def _short(names: list[str]) -> dict[str, str]:
     return {name: short if last.count(short) == 1 else name for name, short in zip(names, last)}
 
 
-def summarize_runs(run_dirs: list[Path | str], group_by: list[str] | None = None,
+@keyword_only_after(1)
+def summarize_runs(run_dirs: list[Path | str], *, group_by: list[str] | None = None,
                    evaluation: str = "eval") -> dict[str, Any]:
     """Group trained and tested runs (``run_dirs``, a list of run folders) by setting and
     summarise each group over its seeds.

@@ -601,7 +601,8 @@ def evaluate_run(run_dir: Path | str, *, episodes: int | None = None, seed: int 
         from metalearn.evaluation import Ensemble
 
         # one reading of best/index.json, read again where a training run displaced a listed file meanwhile
-        members = RunDir(run_dir).read_best_checkpoints(lambda path: load_trained(run_dir, overrides, path))
+        members = RunDir(run_dir).read_best_checkpoints(
+            lambda path: load_trained(run_dir, overrides=overrides, checkpoint=path))
         learner = Ensemble([member for _, member, _ in members])
     if episode_shape:
         config = with_test_shape(config, episode_shape)
@@ -662,7 +663,8 @@ def _evaluate_protocol(run_dir, config: RunConfig, learner, step: int, protocol:
     if protocol not in protocols:
         known = ", ".join(protocols) if protocols else "none besides the standard episodes"
         raise MetalearnError(f"{config.method} has no evaluation protocol {protocol!r} (its protocols: {known})")
-    source = build_task_source(config.task, part, data_dir, progress, evaluation=True)  # test-shaped, as eval names it
+    # test-shaped, as eval names it
+    source = build_task_source(config.task, part, data_dir=data_dir, progress=progress, evaluation=True)
     offset = part_seed_offset(part)
     n = config.train.eval_episodes if episodes is None else episodes
     if announce is not None and world.is_main:
@@ -689,7 +691,7 @@ def _evaluate(run_dir, config: RunConfig, learner, step: int, part: str, episode
     other images (:func:`~metalearn.evaluation_setup.warn_of_other_images`; ``data_given``: as its ``given``)."""
     from metalearn.tasks import build_task_source
 
-    source = build_task_source(config.task, part, data_dir, progress, evaluation=True)
+    source = build_task_source(config.task, part, data_dir=data_dir, progress=progress, evaluation=True)
     if world.is_main:
         warn_of_training_classes(run_dir, config, source, part)
         warn_of_other_images(run_dir, config, source, trained_on, data_dir, data_given)
@@ -772,8 +774,13 @@ def plot_run(run_dir: Path | str, *, data_dir: Path | str | None = None,
         check_out_dir(run, config, plots, "out_dir", "the figures", data_dir,
                       read_entries(run, "step", optional=("data_dir",)) if recorded else None)
     # a divergence's record (training stopped at that step) holds nothing to draw
-    records = [record for record in run.read_metrics() if "diverged" not in record
-               and (until_step is None or record.get("step", 0) <= until_step)]
+    logged = [record for record in run.read_metrics() if "diverged" not in record]
+    records = [record for record in logged if until_step is None or record.get("step", 0) <= until_step]
+    if logged and not records:  # the run has curves, all of them after the step asked for
+        first = min(record.get("step", 0) for record in logged)
+        raise OptionError(f"{{given}} is before the first step {run.path} logged ({first}): nothing to draw; give a "
+                          f"step from {first} on, or leave {{until_step}} out",
+                          given=setting("until_step", until_step), until_step="until_step")
     if not records and not run.has_checkpoint():
         raise MetalearnError(f"{run.path} has not trained yet (no metrics, no checkpoint): nothing to draw")
     if not records:
@@ -793,7 +800,7 @@ def plot_run(run_dir: Path | str, *, data_dir: Path | str | None = None,
         paths.append(plot_conditional_samples(run_dir, run_images(run, data_dir),
                                               out=plots / "conditional_samples.png"))
     if not config.task.classification:
-        source = build_task_source(config.task, "test", data_dir)
+        source = build_task_source(config.task, "test", data_dir=data_dir)
         function = true_function(source, config.task)
         if function is None:  # a registered dataset's tasks of other shapes, or without their functions
             warnings.warn(MetalearnWarning(
@@ -1168,9 +1175,11 @@ RATE_WINDOWS = 20  # logged training windows whose median rate ``run_status`` pr
 def run_status(run_dir: Path | str) -> dict[str, Any]:
     """Where the run in ``run_dir`` stands, read without disturbing it (nothing written; its lock
     is only tried for an instant, shared, to see whether it is held): ``method``,
-    ``task`` (dataset and episode shape), ``step`` of ``steps`` and ``training_time_s`` from its
-    checkpoint, ``state`` (``training``: a process holds its lock, on this machine;
-    ``testing``: it holds it past the last step, for the test after training;
+    ``task`` (dataset and episode shape), ``step`` of ``steps`` and ``training_time_s`` (the later
+    of the last logged training step and the checkpoint's, with its training time: a live or
+    killed run logs steps after its last checkpoint), ``checkpoint_step`` (the checkpoint's
+    step, which a resume starts from), ``state`` (``training``: a process holds its lock, on
+    this machine; ``testing``: it holds it past the last step, for the test after training;
     ``training elsewhere``: on the host the lock's note names; ``unknown``: the note names
     another host whose lock this machine sees free, a killed holder or a file system that does
     not lock between machines; ``complete``, ``stopped``, ``diverged`` (stopped by a step that
@@ -1185,10 +1194,13 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     tasks; for a run of a method, dataset or network registered in a notebook or a script, which
     no command imports, the Python lines too), ``holder`` (the lock's note while training or
     unknown), ``last_write_s`` (seconds since ``metrics.jsonl`` changed), ``last`` (the last logged training record),
-    ``seconds_left`` (the remaining steps at the recent rate: the median of the last
-    :data:`RATE_WINDOWS` logged windows' tasks per second, so that one window slowed by a pause
-    or a busy machine does not skew it; plus the remaining validations at the median length of
-    the recent ones where the run logs it, ``validation_counted``; None when done or unknown),
+    ``steps_left`` (the steps still to train: from ``step`` while a process may be training the
+    run, ``training``, ``testing``, ``training elsewhere`` or ``unknown``; else from
+    ``checkpoint_step``, where a resume goes on), ``seconds_left`` (those steps at the recent
+    rate: the median of the last :data:`RATE_WINDOWS` logged windows' tasks per second, so that
+    one window slowed by a pause or a busy machine does not skew it; plus the remaining
+    validations at the median length of the recent ones where the run logs it,
+    ``validation_counted``; None when done or unknown),
     ``cost_changes`` (the method's ``(steps taken, what)`` changes of a step's cost still
     ahead, which the recent rate does not include: :meth:`~metalearn.MetaLearner.cost_changes`),
     ``machines`` (the checkpoint's records of what trained which steps: :func:`metalearn.runtime.machine`
@@ -1204,22 +1216,25 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
     run = RunDir(run_dir)
     config = run.read_config()
     status: dict[str, Any] = {"run": str(run.path), "method": config.method, "task": _task_label(config.task),
-                              "steps": config.train.steps, "step": 0, "training_time_s": 0.0, "machines": [],
+                              "steps": config.train.steps, "step": 0, "checkpoint_step": 0, "training_time_s": 0.0,
+                              "machines": [],
                               "config": config.to_dict()}  # what a listing of a sweep's runs groups them by
     state = _read_checkpoint_status(run, status)
     own = _own_parts(run, config, state)  # what config.json does not describe: the commands cannot rebuild the run
     status["own"] = own
-    status["state"], status["holder"] = _holder_state(run, status["step"], status["steps"])
+    checkpoint = status["checkpoint_step"]
+    status["state"], status["holder"] = _holder_state(run, checkpoint, status["steps"])
     status["resume"], status["test"] = _status_commands(run, config, state, own)
     status["last_write_s"] = (time.time() - run.metrics_path.stat().st_mtime) if run.metrics_path.is_file() else None
     last, diverged, rates, validation = _read_metrics_summary(run)
     status["last"] = last
     status["diverged"] = None  # a resume repeats the step that diverged
-    if status["state"] == "stopped" and diverged is not None and diverged["step"] > status["step"]:
+    if status["state"] == "stopped" and diverged is not None and diverged["step"] > checkpoint:
         status["state"], status["diverged"] = "diverged", {"step": diverged["step"], "what": diverged["diverged"]}
-    _add_time_left(status, config, last, rates, validation)
+    _add_logged_step(status, last)
+    _add_time_left(status, config, rates, validation)
     status["validation"] = {"latest": validation[-1] if validation else None, "best": _best_validation(validation)}
-    status["evaluations"] = _evaluation_records(run, status["step"])
+    status["evaluations"] = _evaluation_records(run, checkpoint)
     return status
 
 
@@ -1237,14 +1252,16 @@ def _task_label(task: TaskConfig) -> str:
 
 def _read_checkpoint_status(run: RunDir, status: dict[str, Any]) -> dict[str, Any] | None:
     """The entries of ``run``'s checkpoint that status reads (None without one), with its
-    ``step``, ``training_time_s`` and ``machines`` set in ``status``. A damaged entry that
-    status shows is one line naming checkpoint.pt (the listing shows it as the run's error)."""
+    ``step`` (as ``step`` and ``checkpoint_step``), ``training_time_s`` and ``machines`` set in
+    ``status``. A damaged entry that status shows is one line naming checkpoint.pt (the listing
+    shows it as the run's error)."""
     from metalearn.checkpoints import read_entries
 
     if not run.has_checkpoint():
         return None
     state = read_entries(run, "step", optional=("elapsed_s", "machines", "data_dir"))
-    status.update(step=int(state["step"]), training_time_s=float(state.get("elapsed_s", 0.0)),
+    step = int(state["step"])
+    status.update(step=step, checkpoint_step=step, training_time_s=float(state.get("elapsed_s", 0.0)),
                   machines=list(state.get("machines", [])))
     return state
 
@@ -1339,13 +1356,32 @@ def _read_metrics_summary(run: RunDir) -> tuple[dict | None, dict | None, collec
     return last, diverged, rates, validation
 
 
-def _add_time_left(status: dict[str, Any], config: RunConfig, last: dict | None, rates: collections.deque,
+def _add_logged_step(status: dict[str, Any], last: dict | None) -> None:
+    """Move ``status``'s ``step`` and ``training_time_s`` on to ``last``, the last logged training
+    record, where it lies past the checkpoint (a live run, or one killed between checkpoints):
+    the one step that the text and the JSON of ``metalearn status`` show."""
+    logged = last.get("step") if last is not None else None
+    if not isinstance(logged, int) or isinstance(logged, bool) or logged <= status["checkpoint_step"]:
+        return
+    status["step"] = logged
+    elapsed = last.get("elapsed_s")
+    if isinstance(elapsed, (int, float)) and not isinstance(elapsed, bool) and math.isfinite(elapsed):
+        status["training_time_s"] = max(status["training_time_s"], float(elapsed))
+
+
+LIVE_STATES = ("training", "testing", "training elsewhere", "unknown")  # a process may be training the run now
+
+
+def _add_time_left(status: dict[str, Any], config: RunConfig, rates: collections.deque,
                    validation: list[dict]) -> None:
-    """Set ``seconds_left``, ``validation_counted``, ``validates`` and ``cost_changes`` in
-    ``status``: the time the remaining steps take at the recent ``rates``, plus the remaining
-    validations at the median length of the recent ones where the run logs it."""
-    at = max(status["step"], last["step"] if last is not None else 0)
-    left = status["steps"] - at
+    """Set ``steps_left``, ``seconds_left``, ``validation_counted``, ``validates`` and
+    ``cost_changes`` in ``status``: the time the remaining steps take at the recent ``rates``,
+    plus the remaining validations at the median length of the recent ones where the run logs
+    it. A run that a process may be training goes on from its logged step; any other from its
+    checkpoint's, where a resume starts (the steps it logged after it are trained again)."""
+    at = status["step"] if status["state"] in LIVE_STATES else status["checkpoint_step"]
+    left = max(status["steps"] - at, 0)
+    status["steps_left"] = left
     status["seconds_left"] = (left * config.train.meta_batch_size / statistics.median(rates)
                               if rates and left > 0 and status["diverged"] is None else None)  # diverged: none to go
     lengths = [r["validation_s"] for r in validation if isinstance(r.get("validation_s"), (int, float))]
@@ -1597,7 +1633,8 @@ def plot_conditional_samples(run_dir: Path | str, data_dir: Path | str | None = 
     if reads_image_folder(config.task.dataset):  # a folder's test classes may be fewer, or smaller, than the picture's
         sets, set_size = _fit_picture(config.task, data_dir, sets, set_size)
     task = dataclasses.replace(config.task, test_ways=sets, test_shots=set_size, test_query=1)
-    batch = build_task_source(task, "test", data_dir).sample(1, torch.Generator().manual_seed(TEST_SEED_OFFSET + seed))
+    batch = build_task_source(task, "test", data_dir=data_dir).sample(
+        1, torch.Generator().manual_seed(TEST_SEED_OFFSET + seed))
     inputs = learner.support_sets(batch)  # (sets, set_size, 1, H, W)
     samples = learner.sample(inputs, num, generator=torch.Generator().manual_seed(seed))
     rows = []

@@ -19,7 +19,8 @@ import torch
 from metalearn.algorithms import MetaLearner, build_learner, make_method_config, method_class
 from metalearn.algorithms.base import floating_dtype
 from metalearn.config import RESUMABLE_CHANGES, RunConfig, config_differences
-from metalearn.errors import ConfigError, MetalearnError, OptionError, OptionWarning, caller_level, flag, valued
+from metalearn.errors import (ConfigError, MetalearnError, OptionError, OptionWarning, caller_level, flag,
+                              keyword_only_after, valued)
 from metalearn.options import option_defaults
 from metalearn.run_files import RUN_OWN_FILES
 from metalearn.runs import RunDir, config_from, unreadable_checkpoint
@@ -649,7 +650,8 @@ def _broken_run(run: RunDir) -> str:
     return ""
 
 
-def load_trained(run_dir: Path | str, overrides: dict[str, Any] | None = None,
+@keyword_only_after(1)
+def load_trained(run_dir: Path | str, *, overrides: dict[str, Any] | None = None,
                  checkpoint: Path | None = None) -> tuple[RunConfig, MetaLearner, int]:
     """The trained run in ``run_dir``, ready to predict: returns ``(config, learner, step)``.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import errno
 import json
@@ -39,7 +40,8 @@ FAST_GPU_HELP = ("on a GPU, keep torch's default kernels (TF32 convolutions, non
 DEVICE_HELP = ("cpu, cuda (under torchrun: each rank's GPU, NCCL), cuda:N or auto; not part of the run, "
                "which resumes or evaluates on any device")
 # compare and predict work in one process, not split among torchrun's ranks
-ONE_PROCESS_DEVICE_HELP = "cpu, cuda, cuda:N or auto: where this command computes, in one process; any device takes any run"
+ONE_PROCESS_DEVICE_HELP = ("cpu, cuda, cuda:N or auto: where this command computes, in one process; any device "
+                           "takes any run")
 CACHE_HELP = "the cache folder: $METALEARN_CACHE, else $XDG_CACHE_HOME/metalearn, else ~/.cache/metalearn"
 OMNIGLOT_DIR = ("the folder with images_background.zip / images_evaluation.zip (default: $METALEARN_DATA, "
                 f"else omniglot/ in {CACHE_HELP})")
@@ -627,8 +629,9 @@ def compare(run_dirs, episodes, seed, part, num_samples, json_path, settings, da
                               data_dir=data_dir, overrides=overrides, episode_shape=shape, device=device,
                               progress=show_progress(progress))
     measures = [k for k, v in result[next(iter(labels))].items() if isinstance(v, dict)]
+    text = comparison_json(result, labels)
     if to_output:
-        click.echo(json.dumps(json_finite(result), indent=2, allow_nan=False))
+        click.echo(text)
     else:
         echo_comparison(result, labels, measures, part, seed)
     if json_path:
@@ -637,8 +640,31 @@ def compare(run_dirs, episodes, seed, part, num_samples, json_path, settings, da
         json_path = Path(json_path)
         json_path.parent.mkdir(parents=True, exist_ok=True)
         # never half a file; standard JSON (null for a diverged run's NaN), which any parser reads
-        atomic_write_bytes(json_path, (json.dumps(json_finite(result), indent=2, allow_nan=False) + "\n").encode())
+        atomic_write_bytes(json_path, (text + "\n").encode())
         click.echo(f"written to {json_path}")
+
+
+def one_model(result: dict, label: str) -> bool:
+    """Whether compare's run ``label`` drew one model per task (a method without samples): its
+    coverage of the true function is 0 by definition, an empty band, not a finding."""
+    return result[label].get("num_samples") == 1
+
+
+def comparison_json(result: dict, labels: dict) -> str:
+    """compare's ``result`` as standard JSON (null for a diverged run's NaN) that reads as its
+    table: a coverage that the table shows as n/a, of a run that drew one model per task, and a
+    paired difference of a coverage from or of such a run, has null for its mean and interval."""
+    result = copy.deepcopy(result)
+    first = next(iter(labels))
+    for label in labels:
+        for name, measure in result[label].items():
+            if not (name.startswith("coverage_") and isinstance(measure, dict)):
+                continue
+            if one_model(result, label):
+                measure.update(mean=None, ci95=None)
+            if isinstance(measure.get("difference"), dict) and (one_model(result, label) or one_model(result, first)):
+                measure["difference"].update(mean=None, ci95=None)
+    return json.dumps(json_finite(result), indent=2, allow_nan=False)
 
 
 def echo_comparison(result: dict, labels: dict, measures: list[str], part: str, seed: int) -> None:
@@ -651,7 +677,7 @@ def echo_comparison(result: dict, labels: dict, measures: list[str], part: str, 
         for m in measures:
             value = result[label][m]
             ci = value.get("ci95")
-            if m.startswith("coverage_") and result[label].get("num_samples") == 1:
+            if m.startswith("coverage_") and one_model(result, label):
                 cells.append("n/a")  # one function per task covers no band: 0 by definition, not a finding
                 continue
             cells.append(f"{value['mean']:.4g}" + (f" +/- {ci:#.2g}" if ci is not None else ""))
@@ -666,8 +692,7 @@ def echo_comparison(result: dict, labels: dict, measures: list[str], part: str, 
             cells = [f"{d['mean']:+.4g} +/- {d['ci95']:#.2g}" if (d := result[label][m].get("difference")) else ""
                      for m in paired]
             # a difference from (or of) a coverage that is 0 by definition measures nothing
-            cells = [cell if not (m.startswith("coverage_") and 1 in {result[label].get("num_samples"),
-                                                                      result[first].get("num_samples")})
+            cells = [cell if not (m.startswith("coverage_") and (one_model(result, label) or one_model(result, first)))
                      else "n/a" for cell, m in zip(cells, paired)]
             click.echo(f"| {label} | " + " | ".join(cells) + " |")
 
@@ -894,7 +919,6 @@ def format_status(status: dict) -> str:
     if "error" in status:
         return f"{status['run']}: error: {status['error']}"
     lines = [f"{status['run']}: {status['method']} on {status['task']}"]
-    spent = format_duration(status["training_time_s"])
     steps = max(status["steps"], 1)
     state, holder = status["state"], status["holder"]
     own = status.get("own") or []  # trained from Python on what config.json does not describe
@@ -930,12 +954,10 @@ def format_status(status: dict) -> str:
     else:
         doing = state
     last = status["last"]
-    logged = last["step"] if last is not None and isinstance(last.get("step"), int) else status["step"]
-    at = max(logged, status["step"])  # a live run logs steps after its last checkpoint
-    saved = f", checkpoint at {status['step']}" if at != status["step"] else ""
-    elapsed = last.get("elapsed_s") if last is not None else None
-    if at != status["step"] and isinstance(elapsed, (int, float)) and math.isfinite(elapsed):  # to the step shown
-        spent = format_duration(max(status["training_time_s"], elapsed))
+    # run_status's step, as --json gives it: a live or killed run logs steps after its last checkpoint
+    at, checkpoint = status["step"], status["checkpoint_step"]
+    saved = f", checkpoint at {checkpoint}" if at != checkpoint else ""
+    spent = format_duration(status["training_time_s"])  # to the step shown
     lines.append(f"  step {at} of {status['steps']} ({100 * at // steps}%{saved}), {spent} of training; {doing}")
     if status["last_write_s"] is not None:
         ago = status["last_write_s"]
@@ -954,8 +976,10 @@ def format_status(status: dict) -> str:
     if status["seconds_left"] is not None and state != "complete":
         counted = ("" if not status["validates"] else
                    " (validation included)" if status["validation_counted"] else " (validation not counted)")
-        lines.append(f"  the remaining {status['steps'] - at} steps: about {format_duration(status['seconds_left'])} "
-                     f"at the recent rate{counted}")
+        start = status["steps"] - status["steps_left"]  # a stopped run resumes from its checkpoint
+        origin = f" from step {start}, the checkpoint's" if start != at else ""
+        lines.append(f"  the remaining {status['steps_left']} steps{origin}: about "
+                     f"{format_duration(status['seconds_left'])} at the recent rate{counted}")
         for step, what in status["cost_changes"]:
             lines.append(f"  not in that estimate: after step {step}, {what}")
     latest, best = status["validation"]["latest"], status["validation"]["best"]
@@ -974,7 +998,7 @@ def format_status(status: dict) -> str:
             if result.get("outdated") and "ensemble" in result:  # evaluate again
                 step += ", other checkpoints than the run's best now"
             elif result.get("outdated"):
-                step += f", an earlier checkpoint than the run's of step {status['step']}"
+                step += f", an earlier checkpoint than the run's of step {checkpoint}"
             digits = 4 if result.get("metric") == "mse" else 2
             lines.append(f"  {stem}: {result['metric']} {result['mean']:.{digits}f} +/- {result['ci95']:.{digits}f} "
                          f"({result.get('episodes')} {unit}{step})")

@@ -124,6 +124,7 @@ def keyword_only_after(count: int) -> Callable[[Function], Function]:
         most = len(parameters)
         least = sum(p.default is p.empty for p in parameters)  # that signature's required positionals
         name = function.__qualname__
+        shown = name.removesuffix(".__init__")  # as the caller wrote it: Trainer(...), Trainer.fit(...)
 
         @functools.wraps(function)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -137,7 +138,7 @@ def keyword_only_after(count: int) -> Callable[[Function], Function]:
                 raise TypeError(too_many_positionals(name, least, most, len(args)))
             spelled = ", ".join(f"{key}={_SHORT.repr(value)}" for key, value in moved.items())
             them = "them" if len(moved) > 1 else "it"
-            warnings.warn(f"{function.__name__}: give {spelled} by keyword; passing {them} by position is deprecated "
+            warnings.warn(f"{shown}: give {spelled} by keyword; passing {them} by position is deprecated "
                           "and will be refused", DeprecationWarning, stacklevel=2)  # at the caller's line
             return function(*args[:count], **moved, **kwargs)
 

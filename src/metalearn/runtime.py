@@ -153,10 +153,11 @@ PROCESS_STATE = threading.RLock()
 def show_progress(given: Any, owner: str = "") -> bool:
     """Whether to draw progress bars: ``given`` where True or False, else (None: the default of
     ``train``, ``evaluate_run``, ``compare_learners``, ``build_task_source``, ``build_trainer``
-    and ``Trainer.fit``, and the commands' without ``--progress/--no-progress``) only when the error output is a terminal or a Jupyter
-    notebook's cell output (which redraws a bar in place): a bar redrawn into a log file (nohup,
-    a scheduler's output, a script's output piped to a file) writes a line per redraw. Anything
-    else ("yes", which would read as true) is refused in one line naming ``owner``'s keyword."""
+    and ``Trainer.fit``, and the commands' without ``--progress/--no-progress``) only when the
+    error output is a terminal or a Jupyter notebook's cell output (which redraws a bar in
+    place): a bar redrawn into a log file (nohup, a scheduler's output, a script's output piped
+    to a file) writes a line per redraw. Anything else ("yes", which would read as true) is
+    refused in one line naming ``owner``'s keyword."""
     if given is None:
         if type(sys.stderr).__module__.startswith("ipykernel"):  # a notebook: no terminal, but bars show
             return True

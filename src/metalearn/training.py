@@ -327,8 +327,9 @@ class Trainer:
     run folder taken already (:func:`build_trainer`'s), let go when :meth:`fit` returns or by
     :meth:`release`; None (the default): :meth:`fit` takes the folder's lock itself."""
 
+    @keyword_only_after(6)  # self and what it trains: the options (world, resume, lock) by keyword
     def __init__(self, config: RunConfig, learner: MetaLearner, train_tasks: TaskSource,
-                 val_tasks: TaskSource | None, run_dir: RunDir | Path | str | None, world: World = World(),
+                 val_tasks: TaskSource | None, run_dir: RunDir | Path | str | None, *, world: World = World(),
                  resume: bool = False, lock=None):
         if run_dir is not None and not isinstance(run_dir, RunDir):
             run_dir = RunDir(user_path(run_dir, "run_dir"))
@@ -612,7 +613,8 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def fit(self, progress: bool | None = None, time_limit_s: float | None = None, stop_at: int | None = None,
+    @keyword_only_after(1)
+    def fit(self, *, progress: bool | None = None, time_limit_s: float | None = None, stop_at: int | None = None,
             keep_lock: bool = False, on_record: Callable[[dict[str, Any]], None] | None = None) -> None:
         """Train to ``config.train.steps``, saving as configured. A first Ctrl-C or stop signal
         (SIGTERM, SIGUSR1, SIGUSR2) ends training after the step in progress with a checkpoint of
@@ -1219,10 +1221,10 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
         with shared_scans():  # an image folder is listed once for all these
             for part in ("train", *(("val",) if validates else ()), *(("test",) if tested else ())):
                 check_task_source(task, part, data_dir, progress)
-            train_tasks = build_task_source(task, "train", data_dir, progress)
-            val_tasks = build_task_source(task, "val", data_dir, progress) if validates else None
+            train_tasks = build_task_source(task, "train", data_dir=data_dir, progress=progress)
+            val_tasks = build_task_source(task, "val", data_dir=data_dir, progress=progress) if validates else None
             if tested:  # an impossible test episode fails now, not after training
-                build_task_source(task, "test", data_dir, progress)
+                build_task_source(task, "test", data_dir=data_dir, progress=progress)
     except MetalearnError as err:  # another folder than the run's: the folder is the news, not its split
         if recorded is None or data_dir is None or not recorded.is_dir():
             raise
@@ -1233,7 +1235,7 @@ def _build_trainer(config: RunConfig, run_dir: Path | str | None, data_dir: Path
         warn_of_seen_classes(RunDir(config.train.init_from), config, getattr(train_tasks, "class_split", None),
                              data_dir)
     learner = learner.to(world.device)
-    trainer = Trainer(config, learner, train_tasks, val_tasks, run, world, resume=resume, lock=lock)
+    trainer = Trainer(config, learner, train_tasks, val_tasks, run, world=world, resume=resume, lock=lock)
     trainer.task_source = f"dataset:{config.task.dataset}"
     trainer.learner_source = f"method:{config.method}"  # built from config.json: load_trained rebuilds it
     trainer.data_dir, trainer.data_dir_given = data_dir, given

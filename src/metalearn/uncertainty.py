@@ -296,7 +296,8 @@ def compare_learners(runs: dict[str, Path | str], *, episodes: int = 600, seed: 
     if splits:  # the episodes are drawn from the test classes of the recorded split
         recorded = next(iter(splits))
         first_task = RunDir(runs[recorded]).with_own_split(loaded[recorded][0], data_dir).task
-    source = build_task_source(first_task, part, data_dir, progress, evaluation=True)  # the episodes eval --part draws
+    # the episodes eval --part draws
+    source = build_task_source(first_task, part, data_dir=data_dir, progress=progress, evaluation=True)
     for label, (config, _, _) in loaded.items():  # a folder that is not the one a run trained on: as eval says
         if reads_image_folder(config.task.dataset):
             warn_of_other_images(runs[label], config, source, states[label].get("data_fingerprint"), data_dir,

@@ -10,7 +10,8 @@ import torch
 
 from metalearn.config import TaskConfig
 from metalearn.datasets import get_dataset
-from metalearn.errors import ConfigError, MetalearnError, OptionError, check_flags, kind_of, valued
+from metalearn.errors import (ConfigError, MetalearnError, OptionError, check_flags, keyword_only_after, kind_of,
+                              valued)
 from metalearn.files import user_path
 from metalearn.runtime import show_progress
 from metalearn.tasks.batch import Problem, TaskBatch
@@ -100,7 +101,8 @@ def true_function(source: Any, task: TaskConfig) -> Callable[..., torch.Tensor] 
     return function if tuple(problem.input_shape) == (1,) and problem.output_dim == 1 else None
 
 
-def build_task_source(task: TaskConfig, part: str, data_dir: Path | str | None = None,
+@keyword_only_after(2)
+def build_task_source(task: TaskConfig, part: str, *, data_dir: Path | str | None = None,
                       progress: bool | None = None, evaluation: bool = False) -> TaskSource:
     """The sampler of ``part`` (train/val/test) for ``task``; val and test use the ``test_*``
     shape, and so does train with ``evaluation`` (``metalearn eval --part train``: the test

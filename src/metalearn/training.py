@@ -642,10 +642,11 @@ class Trainer:
         terminal or a notebook (:func:`~metalearn.runtime.show_progress`), as ``train`` does.
 
         ``on_record``: called (on rank 0) with a copy of each record as it is added to
-        ``metrics.jsonl``: every logged training window (``step``, ``loss``, ``tasks_per_s``,
+        ``metrics.jsonl``: every logged training step (``step``, ``loss``, ``tasks_per_s``,
         ``elapsed_s`` and the method's metrics) and every validation (``step``, ``val_accuracy``
         or ``val_mse``, ``val_ci95``, ...), to send them on to TensorBoard, Weights & Biases or a
         dashboard of one's own. What it raises ends the fit as any error does (the run resumes).
+        A resume logs the steps after its checkpoint again, so their records come again.
 
         >>> from torch.utils.tensorboard import SummaryWriter
         >>> writer = SummaryWriter("runs/tb")

@@ -890,8 +890,8 @@ def test_the_trainer_loaders_and_task_sources_take_their_options_by_keyword(tmp_
             silent(lambda: Trainer(config, learner, tasks, None, folder, world=World(), resume=False).fit(
                 progress=False, time_limit_s=None))
             return learner
-        with pytest.warns(DeprecationWarning, match=r"^Trainer: give world=World\(.*\), resume=False by keyword; passing "
-                                                    r"them by position is deprecated"):
+        with pytest.warns(DeprecationWarning, match=r"^Trainer: give world=World\(.*\), resume=False by keyword; "
+                                                    r"passing them by position is deprecated"):
             trainer = Trainer(config, learner, tasks, None, folder, World(), False)
         with pytest.warns(DeprecationWarning, match=r"^Trainer.fit: give progress=False, time_limit_s=None by keyword; "
                                                     r"passing them by position is deprecated"):

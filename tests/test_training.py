@@ -1520,7 +1520,7 @@ def test_a_float64_run_resumes_only_in_float64_and_loads_in_float64(tmp_path):
     for a float64 run) is refused in one line, not continued in float32 by load_state_dict's
     cast; build_trainer's resume (metalearn train --resume) and load_trained build the learner in
     the run's type, whose weights are the saved ones, and evaluate_run scores it so (MAML-RL: its
-    tasks are converted to the policy's)."""
+    policy converts the environment's float32 observations and actions at its boundary)."""
     from metalearn import Trainer
     from metalearn.envs import MDPTasks
     from metalearn.envs.nav2d import Nav2D

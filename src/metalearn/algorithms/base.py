@@ -44,8 +44,9 @@ def device_of(module: nn.Module) -> torch.device:
 def floating_dtype(module: nn.Module) -> torch.dtype:
     """The floating-point type ``module`` computes in: its first floating-point parameter's,
     else float32 (what metalearn's tasks and prepared images are). Batches that metalearn
-    builds for a learner (``task_batch``, MAML-RL's environments) are converted to it, so that
-    ``learner.to(torch.float64)`` takes them as they come."""
+    builds for a learner (``task_batch``) are converted to it, so that
+    ``learner.to(torch.float64)`` takes them as they come; MAML-RL's environments keep their
+    own type, and its policy converts at its boundary."""
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 

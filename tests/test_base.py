@@ -5,12 +5,16 @@ MAML is named as itself in MAML's messages."""
 
 from __future__ import annotations
 
+import inspect
 import re
+import threading
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from metalearn.algorithms import (MAML, METHODS, MAMLConfig, MetaLearner, ProtoNet, accuracy, check_embedding_fits,
                                   check_network_fits, embed_episodes, num_ways, require_functional_model, task_loss)
@@ -225,3 +229,169 @@ def test_predict_leaves_the_learner_as_it_found_it(name):
     assert after.keys() == before.keys()
     changed = [key for key in before if not torch.equal(before[key], after[key])]
     assert not changed, changed
+
+
+# -- one call at a time per learner: serving from threads -------------------------------------------
+
+
+class Overlaps(Prototypes):
+    """The plugin, counting how many of its calls run at once, through a public helper of its own."""
+
+    name = "toy-overlaps"
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.running, self.most = 0, 0
+
+    def own_helper(self, batch: TaskBatch) -> torch.Tensor:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        time.sleep(0.005)  # a thread switch here lets a second call in, unless it waits
+        self.running -= 1
+        return self.logits(batch)
+
+    def predict(self, batch):
+        return self.own_helper(batch)
+
+    def _private(self):
+        return None
+
+
+def in_threads(call, threads: int = 4, calls: int = 3) -> list:
+    """``call()`` ``calls`` times in each of ``threads`` threads at once: the results, or the
+    first error raised."""
+    results, errors = [], []
+
+    def serve():
+        try:
+            for _ in range(calls):
+                results.append(call())
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    started = [threading.Thread(target=serve) for _ in range(threads)]
+    for thread in started:
+        thread.start()
+    for thread in started:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_a_learners_public_methods_run_one_call_at_a_time():
+    """Every public method a subclass defines (its own helpers too) holds the learner's lock:
+    threads sharing the learner take turns. Private methods and the input preparation are left
+    unlocked (they are called inside a locked call, or never run the network)."""
+    torch.manual_seed(0)
+    learner = Overlaps(Conv4(1, None, hidden=8, pooling="max").double())
+    batch = image_batch(tasks=1)
+    in_threads(lambda: learner.predict(batch))
+    in_threads(lambda: learner.own_helper(batch))
+    in_threads(lambda: learner.fit_predict(batch.support_x[0], batch.support_y[0], batch.query_x[0]))
+    assert learner.most == 1
+    assert Overlaps.own_helper.serialised and Overlaps.predict.serialised and MetaLearner.meta_loss.serialised
+    assert not hasattr(Overlaps._private, "serialised") and not hasattr(MetaLearner.task_batch, "serialised")
+    assert inspect.signature(Overlaps.own_helper) == inspect.signature(Overlaps.own_helper.__wrapped__)
+
+
+@pytest.mark.parametrize("name", ["maml", "platipus", "reptile", "protonet", "matchingnet"])
+def test_threads_sharing_a_learner_get_what_each_would_get_alone(name):
+    """torch.func.functional_call swaps the network's parameters in place while a call runs, and
+    fit_predict puts the learner in eval mode and back: concurrent calls would compute with each
+    other's weights, leave plain tensors in place of the parameters, or a learner in training
+    mode in eval mode. Serialised, each gets its answer and the learner stays as it was."""
+    from metalearn.algorithms import build_learner
+    from metalearn.tasks import Problem
+
+    torch.manual_seed(0)
+    learner = build_learner(name, {"test_inner_steps": 2} if name != "protonet" and name != "matchingnet" else {},
+                            Problem((1, 16, 16), 3, True))
+    support, query = torch.rand(3, 1, 16, 16), torch.rand(6, 1, 16, 16)
+    alone = learner.fit_predict(support, [0, 1, 2], query)
+    parameters = dict(learner.named_parameters())
+    learner.train()
+    results = in_threads(lambda: learner.fit_predict(support, [0, 1, 2], query))
+    assert len(results) == 12 and all(torch.equal(found, alone) for found in results)
+    assert dict(learner.named_parameters()) == parameters  # the same Parameter objects, none swapped for a tensor
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in learner.parameters())
+    assert all(module.training for module in learner.modules())
+
+
+def test_the_lock_is_in_no_state_dict_pickle_or_copy():
+    """The lock is made on the first call; a copy or an unpickled learner makes its own, and the
+    state_dict (what checkpoints hold) has no entry for it."""
+    import copy
+    import pickle
+
+    from metalearn.algorithms.base import call_lock
+
+    protonet, _ = pair()
+    batch = image_batch(tasks=1)
+    expected = protonet.predict(batch)
+    assert call_lock(protonet) is call_lock(protonet)
+    assert all(isinstance(value, torch.Tensor) for value in protonet.state_dict().values())
+    for copied in (copy.deepcopy(protonet), pickle.loads(pickle.dumps(protonet))):
+        assert "_call_lock" not in copied.__dict__
+        assert torch.equal(copied.predict(batch), expected)
+        assert call_lock(copied) is not call_lock(protonet)
+        assert copied.state_dict().keys() == protonet.state_dict().keys()
+
+
+@pytest.mark.parametrize("name", ["maml", "platipus", "reptile"])
+def test_methods_that_adapt_by_gradients_predict_under_inference_mode(name):
+    """MAML, PLATIPUS and Reptile take their inner steps with torch.func.grad, which runs under
+    torch.inference_mode(); MAML's faster task-batched path (torch.autograd) cannot, and gives way
+    to it there: the same predictions as under torch.no_grad()."""
+    from metalearn.algorithms import build_learner
+    from metalearn.tasks import Problem
+
+    torch.manual_seed(0)
+    learner = build_learner(name, {"test_inner_steps": 2}, Problem((1, 16, 16), 3, True))
+    if name == "maml":
+        assert learner._tasks_batched_by_model()  # the path that needs torch.autograd outside inference mode
+    support, query = torch.rand(3, 1, 16, 16), torch.rand(6, 1, 16, 16)
+    batch = learner.task_batch(support, [0, 1, 2], query)
+    with torch.no_grad():
+        torch.manual_seed(1)  # PLATIPUS's predict draws its models from torch's generator
+        expected, probabilities = learner.predict_per_step(batch), learner.fit_predict(support, [0, 1, 2], query)
+    with torch.inference_mode():
+        torch.manual_seed(1)
+        found = learner.predict_per_step(batch)
+        torch.testing.assert_close(learner.fit_predict(support, [0, 1, 2], query), probabilities)
+    torch.testing.assert_close(found, expected)
+    assert (found[-1] - found[0]).abs().max() > 1e-3  # the steps moved the predictions
+
+
+class AutogradStep(Prototypes):
+    """The plugin, adapting as a method of one's own may: a gradient step with torch.autograd."""
+
+    name = "toy-autograd-step"
+
+    def predict(self, batch):
+        params = {key: value.detach().requires_grad_() for key, value in self.model.named_parameters()}
+        with torch.enable_grad():
+            loss = functional_call(self.model, params, (batch.support_x.flatten(0, 1),)).square().mean()
+            steps = torch.autograd.grad(loss, list(params.values()))
+        assert all(torch.isfinite(step).all() for step in steps)
+        return self.logits(batch)
+
+
+def test_a_method_that_adapts_by_autograd_under_inference_mode_is_told_the_remedy():
+    """torch.autograd cannot differentiate under torch.inference_mode() (torch.enable_grad() does
+    not lift it): one line naming the remedy, from predict and fit_predict alike, and the learner
+    still answers afterwards."""
+    torch.manual_seed(0)
+    learner = AutogradStep(Conv4(1, None, hidden=8, pooling="max").double())
+    batch = image_batch(tasks=1)
+    with torch.no_grad():
+        expected = learner.predict(batch)
+    said = ("toy-autograd-step adapts to the support set by gradient steps, which torch.inference_mode() forbids "
+            "(torch.enable_grad() cannot lift it): call it under torch.no_grad() instead, or under neither")
+    with torch.inference_mode():
+        with pytest.raises(MetalearnError) as refused:
+            learner.predict(batch)
+        assert str(refused.value) == said and refused.value.__cause__ is None
+        with pytest.raises(MetalearnError, match=re.escape(said)):
+            learner.fit_predict(batch.support_x[0], batch.support_y[0], batch.query_x[0])
+    assert torch.equal(learner.predict(batch), expected)

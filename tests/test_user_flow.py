@@ -154,6 +154,74 @@ def test_queries_are_classified_in_chunks_of_equal_sizes(new_classes, monkeypatc
     assert learner.sizes == [4]
 
 
+def probabilities_of(result: dict) -> torch.Tensor:
+    """predict_new_classes's probabilities as fit_predict gives them: (queries, classes)."""
+    return torch.tensor([[p["probabilities"][name] for name in result["classes"]] for p in result["predictions"]])
+
+
+@pytest.mark.parametrize("name", ["maml", "protonet"])
+def test_fit_predict_classifies_more_queries_than_a_pass_takes_as_metalearn_predict_does(tmp_path, name):
+    """300 queries, more than one pass takes (QUERY_CHUNK): fit_predict splits them as metalearn
+    predict does (prediction.query_chunks, two passes of 150), so a learner whose answers depend
+    on the queries classified together (MAML's batch statistics over the queries, ProtoNets'
+    over support and queries) answers alike, to the bit, from files and from tensors; its memory
+    is a pass's of 150 queries."""
+    support, queries = tmp_path / "support", []
+    for c, colour in enumerate(COLOURS):
+        write_images(support / f"class{c}", 1, colour, seed=c)
+        queries += write_images(tmp_path / "query" / f"class{c}", 100, colour, seed=10 + c)
+    torch.manual_seed(0)
+    learner = build_learner(name, {"test_inner_steps": 1} if name == "maml" else {}, PROBLEM)
+    expected = probabilities_of(predict_new_classes(learner, support, [tmp_path / "query"], 28, 3))
+    support_files = sorted(support.rglob("*.png"))
+    passes = []
+    predict = learner.predict
+    learner.predict = lambda batch: passes.append(batch.query_x.shape[1]) or predict(batch)
+    found = learner.fit_predict(support_files, [0, 1, 2], queries, image_size=28, channels=3)
+    assert passes == [150, 150] and prediction.query_chunks(300) == [(0, 150), (150, 300)]
+    assert torch.equal(found, expected)
+    images = learner.prepare_images(queries, 28, 3)
+    assert torch.equal(learner.fit_predict(learner.prepare_images(support_files, 28, 3), [0, 1, 2], images), expected)
+    # each pass's logits, and what the chunks change: all 300 in one pass are normalised otherwise
+    def logits(start: int, stop: int) -> torch.Tensor:
+        with torch.no_grad():
+            return predict(learner.task_batch(support_files, [0, 1, 2], images[start:stop]))[0]
+
+    chunked, whole = torch.cat([logits(0, 150), logits(150, 300)]), logits(0, 300)
+    assert torch.equal(chunked.softmax(-1), found)
+    assert (whole - chunked).abs().max() > 1e-3
+
+
+def test_platipus_fit_predict_draws_its_models_as_metalearn_predict_does(new_classes, monkeypatch):
+    """PLATIPUS samples models: fit_predict draws them from a generator seeded as metalearn
+    predict's (not from torch's global one, which it leaves as it was), on from one chunk to the
+    next, so two calls agree and agree with predict_new_classes; ``generator=`` draws others."""
+    from metalearn.errors import MetalearnError
+
+    monkeypatch.setattr(prediction, "QUERY_CHUNK", 4)  # 6 queries: chunks of 3 and 3
+    support, queries = new_classes
+    torch.manual_seed(0)
+    learner = build_learner("platipus", {"num_samples": 3, "test_inner_steps": 1}, PROBLEM)
+    support_files = sorted(support.rglob("*.png"))
+    expected = probabilities_of(predict_new_classes(learner, support, queries, 28, 3))
+    state = torch.get_rng_state()
+    first = learner.fit_predict(support_files, [0, 1, 2], queries, image_size=28, channels=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(first, expected)
+    assert torch.equal(learner.fit_predict(support_files, [0, 1, 2], queries, image_size=28, channels=3), first)
+    other = learner.fit_predict(support_files, [0, 1, 2], queries, image_size=28, channels=3,
+                                generator=torch.Generator().manual_seed(1))
+    assert (other - first).abs().max() > 1e-4
+    # within one pass, the mean of sample_probabilities (seeded alike by default)
+    monkeypatch.setattr(prediction, "QUERY_CHUNK", 256)
+    one_pass = learner.fit_predict(support_files, [0, 1, 2], queries, image_size=28, channels=3)
+    samples = learner.sample_probabilities(support_files, [0, 1, 2], queries, image_size=28, channels=3)
+    assert samples.shape == (3, 6, 3) and torch.equal(samples.mean(0), one_pass)
+    assert torch.equal(torch.get_rng_state(), state)
+    with pytest.raises(MetalearnError, match=r"^generator must be a torch.Generator .*got int$"):
+        learner.fit_predict(support_files, [0, 1, 2], queries, image_size=28, channels=3, generator=0)
+
+
 def test_metalearn_predict_prints_the_few_queries_warning_as_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("METALEARN_CACHE", str(tmp_path / "cache"))
     for c in range(6):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from metalearn.algorithms import MetaLearner, can
-from metalearn.algorithms.base import evaluating
+from metalearn.algorithms.base import evaluating, prediction_generator
 from metalearn.data.folder import image_files, no_images_note, warn_of_skipped_files
 from metalearn.data.images import is_image_file
 from metalearn.errors import MetalearnError, MetalearnWarning, OptionError, caller_level, spelled, valued
@@ -26,7 +26,9 @@ from metalearn.locking import make_folders
 from metalearn.models.norm import BatchStatNorm
 from metalearn.run_files import EVAL_PATTERN, RUN_OWN_FILES
 
-QUERY_CHUNK = 256  # the most query images classified per pass (with the whole support set)
+# the most query images classified per pass (with the whole support set), by metalearn predict and
+# fit_predict alike (query_chunks): a pass's memory grows with its queries, so a call's is bounded by this
+QUERY_CHUNK = 256
 # support sets larger than this are first measured: a pass's memory grows with the support set,
 # which every pass holds whole (see check_pass_fits); smaller ones take well under a gigabyte
 MEASURE_SUPPORT_ABOVE = 512
@@ -195,6 +197,22 @@ def warn_of_few_queries(learner: MetaLearner, count: int, queries_per_task: int 
         stacklevel=caller_level())
 
 
+def query_chunks(count: int) -> list[tuple[int, int]]:
+    """(start, stop) of each chunk of ``count`` queries that one pass classifies, with the whole
+    support set: as few chunks as hold at most :data:`QUERY_CHUNK` queries each, of equal sizes
+    (to one query), in order. Equal, so that a learner that normalises its queries together
+    (batch statistics) never classifies a small last chunk (257 queries: one image) by that
+    chunk's statistics alone. The one split of ``metalearn predict`` and
+    :meth:`~metalearn.algorithms.MetaLearner.fit_predict`, which so give the same answers for any
+    number of queries (the statistics of a chunk, and the models a sampling method draws chunk
+    after chunk, are the same)."""
+    if count <= 0:
+        return []
+    chunks = -(-count // QUERY_CHUNK)
+    bounds = [count * i // chunks for i in range(chunks + 1)]
+    return list(zip(bounds, bounds[1:]))
+
+
 def check_pass_fits(learner: MetaLearner, classify: Any, support_x: torch.Tensor, support_y: torch.Tensor,
                     query_x: torch.Tensor) -> None:
     """Refuse, in one line, a support set too large for the memory a pass of
@@ -289,8 +307,10 @@ def predict_new_classes(learner: MetaLearner, support: Path | str, query: list[P
     (None: its own default). ``queries_per_task``: the query images of a task of the run (ways
     times query per class), below which a learner that normalises its queries together is
     warned of (:func:`warn_of_few_queries`; None: below one per class). Queries are classified
-    in chunks of at most ``QUERY_CHUNK`` (or ``queries_per_task``, where more), of equal sizes
-    (to one image), each with the whole support set. The learner's train / eval mode is restored afterwards. Raises
+    in the chunks of :func:`query_chunks` (at most :data:`QUERY_CHUNK`, of equal sizes), each
+    with the whole support set, as ``learner.fit_predict`` classifies them: its answers are
+    fit_predict's with all the query images (for PLATIPUS, the mean of the same sampled models).
+    The learner's train / eval mode is restored afterwards. Raises
     :class:`MetalearnError` for a support or query path that :func:`read_support` or
     :func:`read_query` refuses (missing, no class folders, one class, no images) and for a
     file that is not a readable image."""
@@ -302,13 +322,11 @@ def predict_new_classes(learner: MetaLearner, support: Path | str, query: list[P
     support_y = torch.tensor([c for c, group in enumerate(files) for _ in group])
     sampling = can(learner, "samples models")
     means, spreads, query_images = [], [], []
-    generator = torch.Generator().manual_seed(0)
+    # the models a sampling learner draws: fit_predict's stream, drawn on from one chunk to the next
+    generator = prediction_generator()
     with evaluating(learner):  # the caller's mode comes back afterwards
-        # chunks of equal sizes: a learner that normalises its queries together would classify a
-        # small last chunk (257 queries: one image) with that chunk's statistics alone
-        # and never smaller than a task of its run (the number the warning above counts against)
-        chunks = -(-len(query_files) // max(QUERY_CHUNK, queries_per_task or 0))
-        bounds = [len(query_files) * i // chunks for i in range(chunks + 1)]
+        # fit_predict's chunks (query_chunks): each chunk given to fit_predict is one pass of it, so
+        # the answers are those of fit_predict with all the queries
 
         def classify(support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
             """One pass: probabilities (samples, queries, ways) where the learner samples models."""
@@ -319,7 +337,7 @@ def predict_new_classes(learner: MetaLearner, support: Path | str, query: list[P
                 warnings.filterwarnings("ignore", FEW_QUERIES, MetalearnWarning)
                 return learner.fit_predict(support_x, support_y, query_x)
 
-        for start, stop in zip(bounds, bounds[1:]):
+        for start, stop in query_chunks(len(query_files)):
             query_x = learner.prepare_images(query_files[start:stop], image_size, channels)
             if start == 0:  # before the first pass, whose memory every pass needs
                 drawn = generator.get_state()  # the measured passes leave the models sampled as they were

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import dataclasses
 import functools
 import inspect
 import itertools
 import math
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -79,6 +81,64 @@ def _in_mode(module: nn.Module, training: bool) -> Iterator[None]:
             sub.training = was
 
 
+# where a learner keeps the lock that serialises its calls (made on first use, never copied)
+_CALL_LOCK = "_call_lock"
+# public methods that never run the network (they prepare inputs or word a message): left unlocked,
+# so that one thread prepares its images while another's pass runs
+UNSERIALISED = frozenset({"task_batch", "prepare_images", "trained_ways_refusal"})
+
+
+def call_lock(learner: nn.Module) -> threading.RLock:
+    """``learner``'s own re-entrant lock, which its public methods hold while they run
+    (:meth:`MetaLearner.__init_subclass__`). Made on first use: ``dict.setdefault`` is atomic,
+    so two threads' first calls get one lock. Kept out of pickles and copies (a copy makes its
+    own) and out of ``state_dict`` (it is no parameter or buffer)."""
+    lock = learner.__dict__.get(_CALL_LOCK)
+    return lock if lock is not None else learner.__dict__.setdefault(_CALL_LOCK, threading.RLock())
+
+
+# what torch says where a tensor made under torch.inference_mode() meets autograd: a gradient
+# asked of it, or it saved for a backward pass
+_INFERENCE_MODE_SIGNS = ("does not require grad and does not have a grad_fn", "Inference tensors cannot be saved",
+                         "Inplace update to inference tensor")
+
+
+def serialised(method: Callable) -> Callable:
+    """``method`` (of a learner) run while holding the learner's :func:`call_lock`: concurrent
+    calls from threads run one at a time. Its methods swap the network's parameters in place
+    while they run (``torch.func.functional_call``) and put it in eval or training mode and
+    back: two calls at once would run on each other's parameters, or leave them swapped (plain
+    tensors without gradients) or in the wrong mode for good. An error of torch's autograd under
+    ``torch.inference_mode()`` (a method that adapts by gradients, which inference mode forbids
+    and ``torch.enable_grad()`` cannot lift) becomes one line naming the remedy."""
+    if getattr(method, "serialised", False):
+        return method
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with call_lock(self):
+            try:
+                return method(self, *args, **kwargs)
+            except RuntimeError as err:
+                if not (torch.is_inference_mode_enabled() and any(sign in str(err) for sign in _INFERENCE_MODE_SIGNS)):
+                    raise
+                name = getattr(self, "name", type(self).__name__)
+                raise MetalearnError(f"{name} adapts to the support set by gradient steps, which "
+                                     "torch.inference_mode() forbids (torch.enable_grad() cannot lift it): call it "
+                                     "under torch.no_grad() instead, or under neither") from None
+
+    locked.serialised = True
+    return locked
+
+
+def _serialise_methods(cls: type, skip: frozenset[str] = frozenset()) -> None:
+    """Wrap every public method ``cls`` itself defines (a plain function in its body, whose name
+    does not start with ``_``) in :func:`serialised`, except :data:`UNSERIALISED` and ``skip``."""
+    for attribute, value in list(cls.__dict__.items()):
+        if inspect.isfunction(value) and not attribute.startswith("_") and attribute not in UNSERIALISED | skip:
+            setattr(cls, attribute, serialised(value))
+
+
 class MetaLearner(nn.Module):
     """Base class of all methods. A subclass sets :attr:`name` and :attr:`Config` (a frozen
     dataclass of its hyper-parameters, made with :func:`metalearn.options.options`) and defines
@@ -97,7 +157,16 @@ class MetaLearner(nn.Module):
 
     Adding an option to ``Config``, or changing a default, leaves runs saved before without it
     or with the old value; when a new default computes something else, list the old behaviour's
-    value in :attr:`legacy_defaults` so those runs still load, evaluate and resume as they trained."""
+    value in :attr:`legacy_defaults` so those runs still load, evaluate and resume as they trained.
+
+    A learner runs one call at a time: its public methods (every one a subclass defines, and
+    ``predict``, ``fit_predict``'s passes, ``state_dict``, ``load_state_dict`` and
+    ``copy.deepcopy``) hold the learner's own re-entrant lock while they run, so threads that
+    share a learner take turns, each getting what it would alone. The methods swap the network's
+    parameters while they run (``torch.func.functional_call``) and switch its mode: unserialised,
+    concurrent calls would compute with each other's weights and could leave the network broken.
+    For calls in parallel, give each thread its own copy (``copy.deepcopy(learner)``) or use
+    processes. The lock is in no pickle, copy or ``state_dict``."""
 
     name: ClassVar[str]
     """The method's command-line name (``metalearn train NAME``, ``RunConfig.method``): lower-case
@@ -110,8 +179,16 @@ class MetaLearner(nn.Module):
         """A method's constructor takes its ``config`` as its ``Config`` or as a dict of options
         (``MAML(model, {"inner_steps": 5})``), checked by :meth:`own_config` before the
         constructor runs: anything else is one clear error, not an ``AttributeError`` from
-        inside the method. Applies to every subclass that defines ``__init__(..., config, ...)``."""
+        inside the method. Applies to every subclass that defines ``__init__(..., config, ...)``.
+
+        Every public method the subclass defines (a function in its body whose name does not
+        start with ``_``; not ``task_batch``, ``prepare_images`` or ``trained_ways_refusal``,
+        which never run the network) is wrapped in :func:`serialised`: one call at a time per
+        learner, also for a method or a helper added later."""
         super().__init_subclass__(**kwargs)
+        # one call at a time per learner (serialised): every public method, so that a method's
+        # own (predict, meta_loss, sample_probabilities, a plugin's helpers) needs nothing more
+        _serialise_methods(cls)
         # its errors say MAML.Config.inner_lr; a subclass's Config that extends the parent's says
         # ANIL.Config.inner_lr; one that reuses the parent's own class leaves its name as it was
         own = cls.__dict__.get("Config")
@@ -342,21 +419,8 @@ class MetaLearner(nn.Module):
         support_y: ``(n_support,)`` class ids in [0, ways), every class present. The batch is on
         the learner's device and in its floating-point type (:func:`floating_dtype`).
         """
-        shape = self.problem.input_shape if self.problem is not None else None
-        if len(shape or ()) == 3:
-            channels = channels or shape[0]
-            image_size = image_size or shape[-1]
-
-        # the batch is in the learner's floating-point type: a float64 (bfloat16) learner takes its
-        # own tensors and the float32 images prepare_images makes, as a float32 one does
+        prepare = self._input_preparer(image_size, channels)
         device, dtype = device_of(self), floating_dtype(self)
-
-        def prepare(images: Any) -> Tensor:
-            if image_size is None or channels is None:  # tensors as they are: the caller's network knows
-                images = torch.as_tensor(images)
-                return images.to(dtype).div(255.0) if images.dtype == torch.uint8 else images.to(dtype)
-            return self.prepare_images(images, image_size, channels)
-
         support, query = prepare(support_x), prepare(query_x)
         labels = class_ids(support_y)
         if labels.numel() != support.shape[0]:
@@ -371,6 +435,27 @@ class MetaLearner(nn.Module):
             raise MetalearnError(self.trained_ways_refusal(ways))
         query_y = torch.full((1, query.shape[0]), -1, dtype=torch.long)
         return TaskBatch(support[None], labels[None], query[None], query_y, ways=ways).to(device, dtype)
+
+    def _input_preparer(self, image_size: int | None, channels: int | None) -> Callable[[Any], Tensor]:
+        """How :meth:`task_batch` prepares a set of inputs: images at ``image_size`` with
+        ``channels`` (by default the training run's, ``self.problem``) through
+        :meth:`prepare_images`; without a size (a learner of vectors, or one built directly),
+        tensors as they are (uint8 scaled to [0, 1]) in the learner's floating-point type."""
+        shape = self.problem.input_shape if self.problem is not None else None
+        if len(shape or ()) == 3:
+            channels = channels or shape[0]
+            image_size = image_size or shape[-1]
+        # the batch is in the learner's floating-point type: a float64 (bfloat16) learner takes its
+        # own tensors and the float32 images prepare_images makes, as a float32 one does
+        dtype = floating_dtype(self)
+
+        def prepare(images: Any) -> Tensor:
+            if image_size is None or channels is None:  # tensors as they are: the caller's network knows
+                images = torch.as_tensor(images)
+                return images.to(dtype).div(255.0) if images.dtype == torch.uint8 else images.to(dtype)
+            return self.prepare_images(images, image_size, channels)
+
+        return prepare
 
     def trained_ways_refusal(self, ways: int) -> str:
         """Why this :attr:`fixed_ways` learner, built for ``self.problem``'s ways (by
@@ -395,7 +480,8 @@ class MetaLearner(nn.Module):
         prepare = getattr(self.problem, "prepare", None) or prepare_images
         return prepare(images, image_size, channels)
 
-    def fit_predict(self, support_x: Any, support_y: Any, query_x: Any, **prepare: Any) -> Tensor:
+    def fit_predict(self, support_x: Any, support_y: Any, query_x: Any, *, generator: torch.Generator | None = None,
+                    **prepare: Any) -> Tensor:
         """Adapt to one task's support set and classify its query images: class probabilities
         ``(n_query, ways)``, in the order of the class ids of ``support_y`` (float32, float64 for a
         float64 learner). Images and labels as
@@ -407,18 +493,102 @@ class MetaLearner(nn.Module):
         ``(4, H, W)`` is refused, as it reads two ways (``x[:, None]``: grey images; ``x[None]``:
         one colour image). For a method that samples
         models (PLATIPUS) this is the mean over the samples (``sample_probabilities`` gives
-        them all). Runs in eval mode (no dropout, batch norm as the method evaluates), whatever
-        the learner's mode, which it keeps.
+        them all), drawn from ``generator`` (keyword only; default: one seeded as ``metalearn
+        predict`` seeds it, so that a call repeats and equals the command's, and torch's global
+        random state is left alone). Runs in eval mode (no dropout, batch norm as the method
+        evaluates), whatever the learner's mode, which it keeps.
+
+        The queries are classified in the chunks ``metalearn predict`` uses
+        (:func:`~metalearn.prediction.query_chunks`: 256 at most, a list of files read chunk by
+        chunk), so memory follows the chunk and a method that normalises its queries together
+        answers as the command does. Calls on one learner run one at a time (its lock, see
+        :class:`MetaLearner`); for calls in parallel give each thread its own ``copy.deepcopy``.
 
         >>> config, learner, step = metalearn.load_trained("runs/protonet-folder-...")
         >>> probs = learner.fit_predict(["a1.jpg", "b1.jpg"], [0, 1], ["new.jpg"])   # (1, 2)
         """
-        from metalearn.prediction import warn_of_few_queries
+        from metalearn.prediction import query_chunks, warn_of_few_queries
 
-        batch = self.task_batch(support_x, support_y, query_x, **prepare)
-        warn_of_few_queries(self, batch.query_x.shape[1], None)  # fewer queries than classes: a warning
+        generator = prediction_generator(generator)
+        if isinstance(query_x, (list, tuple)) and query_x:
+            # one image per entry: prepared chunk by chunk, so that memory follows the chunk, not the list
+            count, bounds = len(query_x), query_chunks(len(query_x))
+            batch = self.task_batch(support_x, support_y, query_x[:bounds[0][1]], **prepare)
+            prepare_query = self._input_preparer(prepare.get("image_size"), prepare.get("channels"))
+
+            def chunk(start: int, stop: int) -> TaskBatch:
+                if start == 0:
+                    return batch
+                query = prepare_query(query_x[start:stop]).to(batch.query_x.device, batch.query_x.dtype)
+                query_y = torch.full((1, query.shape[0]), -1, dtype=torch.long, device=batch.query_y.device)
+                return dataclasses.replace(batch, query_x=query[None], query_y=query_y)
+        else:
+            batch = self.task_batch(support_x, support_y, query_x, **prepare)
+            count = batch.query_x.shape[1]
+            bounds = query_chunks(count)
+
+            def chunk(start: int, stop: int) -> TaskBatch:
+                return dataclasses.replace(batch, query_x=batch.query_x[:, start:stop],
+                                           query_y=batch.query_y[:, start:stop])
+
+        warn_of_few_queries(self, count, None)  # fewer queries than classes: a warning
+        return torch.cat([self._chunk_probabilities(chunk(start, stop), generator) for start, stop in bounds])
+
+    @serialised
+    def _chunk_probabilities(self, batch: TaskBatch, generator: torch.Generator) -> Tensor:
+        """One pass of :meth:`fit_predict` (``metalearn predict`` calls fit_predict chunk by chunk,
+        each chunk one pass): the class probabilities ``(n_query, ways)`` of the batch's one task, without
+        gradients, in eval mode. A learner that samples models (``sample_predictions`` and
+        ``sample_probabilities``: the ability "samples models") gives the mean of its samples'
+        probabilities (``sample_probabilities``'s, computed as it computes them), the samples
+        drawn from ``generator``."""
         with torch.no_grad(), evaluating(self):
+            if all(callable(getattr(self, name, None)) for name in ("sample_predictions", "sample_probabilities")):
+                return probabilities(self.sample_predictions(batch, None, generator)[:, 0]).mean(0)
             return probabilities(self.predict(batch)[0])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop(_CALL_LOCK, None)  # a copy or an unpickled learner makes its own on first use
+        return state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "MetaLearner":
+        """The default deep copy, taken while holding the learner's lock: never of the
+        parameters a call in another thread has swapped in."""
+        with call_lock(self):
+            copied = type(self).__new__(type(self))
+            memo[id(self)] = copied
+            copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+            return copied
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """:meth:`torch.nn.Module.state_dict`, read while no other thread's call runs (which would
+        have swapped its own tensors in for the parameters)."""
+        return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """:meth:`torch.nn.Module.load_state_dict`, written while no other thread's call runs."""
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+# the base class's own public methods too (fit_predict serialises each pass, _chunk_probabilities)
+_serialise_methods(MetaLearner, skip=frozenset({"fit_predict"}))
+
+# the seed of the models a method that samples them (PLATIPUS) draws in fit_predict and metalearn
+# predict: a fixed one, so that two calls, and the command line and Python, give the same answer
+PREDICTION_SEED = 0
+
+
+def prediction_generator(generator: torch.Generator | None = None) -> torch.Generator:
+    """``generator``, or where it is None a new CPU generator seeded with
+    :data:`PREDICTION_SEED`: the random stream of ``fit_predict`` and ``metalearn predict``,
+    which leave torch's global random state alone."""
+    if generator is None:
+        return torch.Generator().manual_seed(PREDICTION_SEED)
+    if not isinstance(generator, torch.Generator):
+        raise MetalearnError(f"generator must be a torch.Generator (torch.Generator().manual_seed(seed)) or None, got "
+                             f"{type(generator).__name__}")
+    return generator
 
 
 def probabilities(logits: Tensor) -> Tensor:

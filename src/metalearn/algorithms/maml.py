@@ -470,7 +470,9 @@ class MAML(MetaLearner):
         params = {name: p.detach() for name, p in self.model.named_parameters()}
         steps = self.config.test_inner_steps
 
-        if self._tasks_batched_by_model():
+        # the task-batched path records its inner steps with torch.autograd, which inference mode
+        # forbids (torch.enable_grad() cannot lift it); torch.func.grad under vmap takes them there
+        if self._tasks_batched_by_model() and not torch.is_inference_mode_enabled():
             return self._predict_tasks_batched(batch, params, steps, final_only)
         scored = range(steps, steps + 1) if final_only else range(steps + 1)
 

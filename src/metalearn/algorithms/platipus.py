@@ -56,8 +56,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from metalearn.algorithms.base import (MetaLearner, Problem, average_prediction, check_network_fits, evaluating,
-                                       probabilities,
-                                       require_functional_model, task_loss)
+                                       prediction_generator, probabilities, require_functional_model, task_loss)
 from metalearn.algorithms.inner_loop import (Params, check_inner_loop_options, gradient_descent, loss_gradient,
                                             sgd_step)
 from metalearn.datasets import of_photographs
@@ -353,12 +352,16 @@ class PLATIPUS(MetaLearner):
     def sample_probabilities(self, support_x, support_y, query_x, num_samples: int | None = None,
                              generator: torch.Generator | None = None, **prepare) -> Tensor:
         """One task's class probabilities under each of ``num_samples`` sampled and adapted
-        models, ``(samples, n_query, ways)``: their mean is :meth:`fit_predict`'s answer, their
-        standard deviation the spread between models. Inputs as :meth:`task_batch` takes them;
-        in eval mode, as :meth:`fit_predict`."""
+        models, ``(samples, n_query, ways)``: their mean is :meth:`fit_predict`'s answer (for the
+        run's ``num_samples`` and up to ``QUERY_CHUNK`` queries, which fit_predict classifies in
+        one pass), their standard deviation the spread between models. Inputs as
+        :meth:`task_batch` takes them; in eval mode, as :meth:`fit_predict`. ``generator``: where
+        the models are drawn from; None: a generator seeded as fit_predict's and ``metalearn
+        predict``'s (:func:`~metalearn.algorithms.base.prediction_generator`), so two calls give the
+        same models and torch's global random state is left alone."""
         batch = self.task_batch(support_x, support_y, query_x, **prepare)
         with evaluating(self):
-            return probabilities(self.sample_predictions(batch, num_samples, generator)[:, 0])
+            return probabilities(self.sample_predictions(batch, num_samples, prediction_generator(generator))[:, 0])
 
     def predict_per_step(self, batch: TaskBatch) -> Tensor:
         """The samples' average prediction after each step: for classification the log of the

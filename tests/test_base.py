@@ -395,3 +395,23 @@ def test_a_method_that_adapts_by_autograd_under_inference_mode_is_told_the_remed
         with pytest.raises(MetalearnError, match=re.escape(said)):
             learner.fit_predict(batch.support_x[0], batch.support_y[0], batch.query_x[0])
     assert torch.equal(learner.predict(batch), expected)
+
+
+def test_a_regression_learner_is_told_how_to_predict_without_fit_predict():
+    """fit_predict and task_batch classify: a learner built for regression (load_trained of a
+    sinusoid run) is told, in one line, to build a TaskBatch of float targets and call predict,
+    not that its float support targets are no class ids."""
+    from metalearn.algorithms import build_learner, make_method_config
+    from metalearn.models import MLP
+    from metalearn.tasks.batch import Problem
+
+    learner = build_learner("maml", make_method_config("maml", {"model": "mlp"}),
+                            Problem(input_shape=(1,), output_dim=1, classification=False))
+    x, y = torch.linspace(-1, 1, 5)[:, None], torch.sin(torch.linspace(-1, 1, 5))[:, None]
+    for call in (learner.fit_predict, learner.task_batch):
+        with pytest.raises(MetalearnError, match=r"^maml: this learner was built for regression; task_batch and "
+                                                 r"fit_predict classify: .* call learner.predict\(batch\)$"):
+            call(x, y, x)
+    batch = TaskBatch(x[None], y[None], x[None], torch.zeros_like(y)[None])
+    assert learner.predict(batch).shape == (1, 5, 1)
+    assert isinstance(learner.model, MLP)

@@ -419,6 +419,11 @@ class MetaLearner(nn.Module):
         support_y: ``(n_support,)`` class ids in [0, ways), every class present. The batch is on
         the learner's device and in its floating-point type (:func:`floating_dtype`).
         """
+        if self.problem is not None and not self.problem.classification:
+            # a regression run's targets are numbers, which the class-id checks below would misname
+            raise MetalearnError(f"{self.name}: this learner was built for regression; task_batch and fit_predict "
+                                 "classify: build TaskBatch(support_x, support_y, query_x, query_y) with float targets "
+                                 "(tasks, n, 1) (query_y: zeros where unknown) and call learner.predict(batch)")
         prepare = self._input_preparer(image_size, channels)
         device, dtype = device_of(self), floating_dtype(self)
         support, query = prepare(support_x), prepare(query_x)
